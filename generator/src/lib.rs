@@ -1,0 +1,2 @@
+//! Generator (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! ckload (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! ckpmsg
+fn main() {}

@@ -1,0 +1,2 @@
+//! notifier
+fn main() {}

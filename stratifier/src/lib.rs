@@ -1,0 +1,2 @@
+//! Stratifier (being written).
+#![forbid(unsafe_code)]
