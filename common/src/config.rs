@@ -1,1 +1,449 @@
-//! (being written)
+//! ckpool.conf-compatible configuration: the raw file schema and its validated form.
+//!
+//! Differences from ckpool, on purpose: a file that does not parse is an error (ckpool carries on
+//! with defaults); integers are accepted where ckpool demanded reals and reals where it demanded
+//! integers for difficulties (fractional `mindiff`/`startdiff`/`maxdiff` are allowed); unknown keys
+//! produce a warning naming them. As in ckpool, text after the JSON object is ignored, so it can
+//! hold comments.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::target::Difficulty;
+
+/// One bitcoind RPC server.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Btcd {
+    /// `host:port` or `http://host:port`.
+    pub url: String,
+    /// RPC user name.
+    #[serde(default)]
+    pub auth: String,
+    /// RPC password.
+    #[serde(default)]
+    pub pass: String,
+    /// Cookie file to read credentials from instead of auth/pass.
+    #[serde(default)]
+    pub cookie: Option<PathBuf>,
+    /// This node runs the notifier for us, so its best block is not polled.
+    #[serde(default)]
+    pub notify: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// bitcoind servers in priority order.
+    pub btcd: Vec<Btcd>,
+    /// Address paid in pool mode (optional in solo mode).
+    pub btcaddress: Option<String>,
+    /// Coinbase signature.
+    pub btcsig: String,
+    /// `getbestblockhash` polling period.
+    pub blockpoll: Duration,
+    /// Percentage of the reward sent to `donaddress`, 0 when unset.
+    pub donation: f64,
+    /// Address receiving the donation.
+    pub donaddress: Option<String>,
+    /// extranonce1 bytes per client (2-8).
+    pub nonce1length: usize,
+    /// extranonce2 bytes given to miners (2-8).
+    pub nonce2length: usize,
+    /// Routine template refresh period.
+    pub update_interval: Duration,
+    /// Header version bits miners may roll.
+    pub version_mask: u32,
+    /// Stratum listen addresses (`host:port`).
+    pub serverurl: Vec<String>,
+    /// Vardiff floor and floor for suggested difficulties.
+    pub mindiff: Difficulty,
+    /// Starting difficulty.
+    pub startdiff: Difficulty,
+    /// Starting difficulty and floor on "highdiff" listen ports (port above 4000).
+    pub highdiff: Difficulty,
+    /// Vardiff ceiling.
+    pub maxdiff: Option<Difficulty>,
+    /// Whether `highdiff` was set in the file: only then are listen ports above 4000
+    /// high-difficulty ports (ckpool applies that rule always; here it is opt-in).
+    pub highdiff_ports: bool,
+    /// Log, stats and share-log root.
+    pub logdir: PathBuf,
+    /// Connection limit.
+    pub maxclients: Option<usize>,
+    /// bitcoind ZMQ hashblock endpoint.
+    pub zmqblock: Option<String>,
+    /// Longest accepted stratum line in bytes (ckpool: 1024; here 16 KiB by default).
+    pub maxlinelength: usize,
+    /// Connector threads; `None` = one per core.
+    pub threads: Option<usize>,
+    /// I/O backend: `auto`, `epoll` or `uring`.
+    pub io: String,
+    /// Clients that have not authorised this long after connecting are dropped (ckpool: 60 s).
+    pub authtimeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            btcd: vec![Btcd {
+                url: "localhost:8332".into(),
+                auth: "user".into(),
+                pass: "pass".into(),
+                cookie: None,
+                notify: false,
+            }],
+            btcaddress: None,
+            btcsig: String::new(),
+            blockpoll: Duration::from_millis(100),
+            donation: 0.0,
+            donaddress: None,
+            nonce1length: 4,
+            nonce2length: 8,
+            update_interval: Duration::from_secs(30),
+            version_mask: 0x1fff_e000,
+            serverurl: vec!["0.0.0.0:3333".into()],
+            mindiff: Difficulty::ONE,
+            startdiff: diff_const(42),
+            highdiff: diff_const(1_000_000),
+            maxdiff: None,
+            highdiff_ports: false,
+            logdir: PathBuf::from("logs"),
+            maxclients: None,
+            zmqblock: Some("tcp://127.0.0.1:28332".into()),
+            maxlinelength: 16 * 1024,
+            threads: None,
+            io: "auto".into(),
+            authtimeout: Duration::from_secs(60),
+        }
+    }
+}
+
+const fn diff_const(whole: u64) -> Difficulty {
+    Difficulty::from_units((whole as u128) << 32)
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is not a JSON object.
+    #[error("config is not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// The top level is not an object.
+    #[error("config must be a JSON object")]
+    NotObject,
+    /// A key has the wrong type.
+    #[error("config key {key}: {source}")]
+    Type {
+        /// The key.
+        key: &'static str,
+        /// What was wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value is out of range or malformed.
+    #[error("config key {key}: {why}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What was wrong.
+        why: String,
+    },
+}
+
+/// Every key this loader knows.
+const KNOWN_KEYS: &[&str] = &[
+    "btcd",
+    "proxy",
+    "btcaddress",
+    "btcsig",
+    "blockpoll",
+    "donation",
+    "donaddress",
+    "nonce1length",
+    "nonce2length",
+    "update_interval",
+    "version_mask",
+    "serverurl",
+    "nodeserver",
+    "trusted",
+    "upstream",
+    "mindiff",
+    "startdiff",
+    "highdiff",
+    "maxdiff",
+    "logdir",
+    "maxclients",
+    "zmqblock",
+    "redirecturl",
+    "maxlinelength",
+    "threads",
+    "io",
+    "authtimeout",
+];
+
+/// A loaded configuration plus the warnings to log.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The validated configuration.
+    pub config: Config,
+    /// Human-readable warnings (unknown keys, clamped values).
+    pub warnings: Vec<String>,
+}
+
+/// Parses ckpool.conf text. Text after the first JSON value is ignored.
+pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    let value = match stream.next() {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => return Err(ConfigError::Json(e)),
+        None => return Err(ConfigError::NotObject),
+    };
+    let Value::Object(map) = value else {
+        return Err(ConfigError::NotObject);
+    };
+    let mut warnings = Vec::new();
+    for key in map.keys() {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            warnings.push(format!("unknown config key \"{key}\" ignored"));
+        }
+    }
+    let mut c = Config::default();
+    if let Some(v) = map.get("btcd") {
+        c.btcd = typed::<Vec<Btcd>>("btcd", v)?;
+        if c.btcd.is_empty() {
+            return Err(invalid("btcd", "must list at least one server"));
+        }
+    }
+    if let Some(v) = map.get("btcaddress") {
+        c.btcaddress = Some(typed::<String>("btcaddress", v)?);
+    }
+    if let Some(v) = map.get("btcsig") {
+        c.btcsig = typed::<String>("btcsig", v)?;
+    }
+    if let Some(v) = map.get("blockpoll") {
+        c.blockpoll = Duration::from_millis(whole("blockpoll", v, 1, 3_600_000)?);
+    }
+    if let Some(v) = map.get("donation") {
+        let d = typed::<f64>("donation", v)?;
+        if !(0.0..=100.0).contains(&d) {
+            return Err(invalid("donation", "must be a percentage from 0 to 100"));
+        }
+        c.donation = if d < 0.1 { 0.0 } else { d.min(99.9) };
+    }
+    if let Some(v) = map.get("donaddress") {
+        c.donaddress = Some(typed::<String>("donaddress", v)?);
+    }
+    if let Some(v) = map.get("nonce1length") {
+        c.nonce1length = usize::try_from(whole("nonce1length", v, 2, 8)?).unwrap_or(4);
+    }
+    if let Some(v) = map.get("nonce2length") {
+        c.nonce2length = usize::try_from(whole("nonce2length", v, 2, 8)?).unwrap_or(8);
+    }
+    if let Some(v) = map.get("update_interval") {
+        c.update_interval = Duration::from_secs(whole("update_interval", v, 1, 86_400)?);
+    }
+    if let Some(v) = map.get("version_mask") {
+        let s = typed::<String>("version_mask", v)?;
+        c.version_mask = u32::from_str_radix(s.trim_start_matches("0x"), 16)
+            .map_err(|_| invalid("version_mask", "must be a hex string such as \"1fffe000\""))?;
+    }
+    if let Some(v) = map.get("serverurl") {
+        c.serverurl = match v {
+            Value::String(s) => vec![s.clone()],
+            other => typed::<Vec<String>>("serverurl", other)?,
+        };
+        if c.serverurl.is_empty() {
+            return Err(invalid("serverurl", "must list at least one address"));
+        }
+    }
+    if let Some(v) = map.get("mindiff") {
+        c.mindiff = difficulty("mindiff", v)?;
+    }
+    if let Some(v) = map.get("startdiff") {
+        c.startdiff = difficulty("startdiff", v)?;
+    }
+    if let Some(v) = map.get("highdiff") {
+        c.highdiff = difficulty("highdiff", v)?;
+        c.highdiff_ports = true;
+    }
+    if let Some(v) = map.get("maxdiff") {
+        // ckpool treats 0 as "no cap".
+        if typed::<f64>("maxdiff", v)? != 0.0 {
+            c.maxdiff = Some(difficulty("maxdiff", v)?);
+        }
+    }
+    if let Some(v) = map.get("logdir") {
+        c.logdir = PathBuf::from(typed::<String>("logdir", v)?);
+    }
+    if let Some(v) = map.get("maxclients") {
+        c.maxclients =
+            Some(usize::try_from(whole("maxclients", v, 1, u64::MAX)?).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = map.get("zmqblock") {
+        c.zmqblock = match v {
+            Value::Null => None,
+            other => Some(typed::<String>("zmqblock", other)?),
+        };
+    }
+    if let Some(v) = map.get("maxlinelength") {
+        c.maxlinelength =
+            usize::try_from(whole("maxlinelength", v, 256, 1 << 24)?).unwrap_or(16 * 1024);
+    }
+    if let Some(v) = map.get("threads") {
+        c.threads = Some(usize::try_from(whole("threads", v, 1, 1024)?).unwrap_or(1));
+    }
+    if let Some(v) = map.get("io") {
+        let s = typed::<String>("io", v)?;
+        if !matches!(s.as_str(), "auto" | "epoll" | "uring") {
+            return Err(invalid("io", "must be \"auto\", \"epoll\" or \"uring\""));
+        }
+        c.io = s;
+    }
+    if let Some(v) = map.get("authtimeout") {
+        c.authtimeout = Duration::from_secs(whole("authtimeout", v, 1, 86_400)?);
+    }
+    if c.startdiff < c.mindiff {
+        warnings.push(format!(
+            "startdiff {} is below mindiff {}; using mindiff",
+            c.startdiff, c.mindiff
+        ));
+        c.startdiff = c.mindiff;
+    }
+    if let Some(max) = c.maxdiff
+        && max < c.mindiff
+    {
+        return Err(invalid("maxdiff", "must not be below mindiff"));
+    }
+    Ok(Loaded {
+        config: c,
+        warnings,
+    })
+}
+
+fn typed<T: serde::de::DeserializeOwned>(key: &'static str, v: &Value) -> Result<T, ConfigError> {
+    T::deserialize(v).map_err(|source| ConfigError::Type { key, source })
+}
+
+fn invalid(key: &'static str, why: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
+/// A whole number in `[min, max]`; a real with no fractional part is accepted too.
+fn whole(key: &'static str, v: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n = match v {
+        Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1.8e19)
+                .map(|f| f as u64)
+        }),
+        _ => None,
+    };
+    let n = n.ok_or_else(|| invalid(key, "must be a non-negative whole number"))?;
+    if n < min || n > max {
+        return Err(invalid(key, &format!("{n} is outside {min}..={max}")));
+    }
+    Ok(n)
+}
+
+/// A difficulty: integer or real, above zero.
+fn difficulty(key: &'static str, v: &Value) -> Result<Difficulty, ConfigError> {
+    let f = typed::<f64>(key, v)?;
+    Difficulty::from_f64(f).ok_or_else(|| invalid(key, "must be a number above 0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_shipped_example() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../ckpool.conf.example"
+        ))
+        .unwrap();
+        let l = parse(&text).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert!(!l.config.btcd.is_empty());
+    }
+
+    #[test]
+    fn ckpool_style_file_with_trailing_comments() {
+        let l = parse(
+            r#"{
+            "btcd": [{"url": "127.0.0.1:8332", "auth": "user", "pass": "p", "notify": true}],
+            "btcaddress": "14BMjogz69qe8hk9thyzbmR5pg34mVKB1e",
+            "btcsig": "/mined by ck/",
+            "blockpoll": 100,
+            "donation": 2,
+            "update_interval": 30,
+            "serverurl": ["0.0.0.0:3333", "0.0.0.0:4334"],
+            "mindiff": 1, "startdiff": 42.0, "maxdiff": 0,
+            "logdir": "logs",
+            "typo_key": 1
+        }
+        Comments after the object are ignored, as ckpool does.
+        "#,
+        )
+        .unwrap();
+        let c = l.config;
+        assert_eq!(c.donation, 2.0);
+        assert_eq!(c.startdiff, diff_const(42));
+        assert_eq!(c.maxdiff, None);
+        assert_eq!(c.serverurl.len(), 2);
+        assert!(c.btcd[0].notify);
+        assert_eq!(l.warnings.len(), 1);
+        assert!(l.warnings[0].contains("typo_key"));
+    }
+
+    #[test]
+    fn fractional_difficulties() {
+        let c = parse(r#"{"mindiff": 0.001, "startdiff": 0.5, "maxdiff": 1e6}"#)
+            .unwrap()
+            .config;
+        assert!(c.mindiff < Difficulty::ONE);
+        assert_eq!(c.startdiff.to_f64(), 0.5);
+        assert_eq!(c.maxdiff.map(Difficulty::to_f64), Some(1e6));
+    }
+
+    #[test]
+    fn bad_files_are_errors() {
+        assert!(matches!(parse("{\"btcd\": "), Err(ConfigError::Json(_))));
+        assert!(matches!(parse("[1]"), Err(ConfigError::NotObject)));
+        assert!(matches!(parse(""), Err(ConfigError::NotObject)));
+        assert!(matches!(
+            parse(r#"{"btcaddress": 5}"#),
+            Err(ConfigError::Type {
+                key: "btcaddress",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(r#"{"nonce1length": 9}"#),
+            Err(ConfigError::Invalid {
+                key: "nonce1length",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(r#"{"mindiff": -1}"#),
+            Err(ConfigError::Invalid { key: "mindiff", .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"version_mask": "zz"}"#),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn serverurl_string_or_array() {
+        let c = parse(r#"{"serverurl": "127.0.0.1:3333"}"#).unwrap().config;
+        assert_eq!(c.serverurl, vec!["127.0.0.1:3333".to_string()]);
+    }
+}

@@ -65,7 +65,8 @@ impl Template {
             .get("bits")
             .and_then(Value::as_str)
             .ok_or(TemplateError::Field("bits"))?;
-        let bits = u32::from_str_radix(bits_hex, 16).map_err(|_| TemplateError::Malformed("bits"))?;
+        let bits =
+            u32::from_str_radix(bits_hex, 16).map_err(|_| TemplateError::Malformed("bits"))?;
         let curtime = v
             .get("curtime")
             .and_then(Value::as_u64)
@@ -96,7 +97,8 @@ impl Template {
                 .get("data")
                 .and_then(Value::as_str)
                 .ok_or(TemplateError::Field("transactions[].data"))?;
-            let data = hex::decode(data).map_err(|_| TemplateError::Malformed("transactions[].data"))?;
+            let data =
+                hex::decode(data).map_err(|_| TemplateError::Malformed("transactions[].data"))?;
             // Core gives `txid` and `hash` (wtxid); older nodes and some forks give only `hash`.
             let txid = match tx.get("txid") {
                 Some(_) => hash_field(tx, "txid")?,
@@ -110,12 +112,16 @@ impl Template {
         }
         let default_witness_commitment = match v.get("default_witness_commitment") {
             Some(Value::String(s)) => Some(
-                hex::decode(s).map_err(|_| TemplateError::Malformed("default_witness_commitment"))?,
+                hex::decode(s)
+                    .map_err(|_| TemplateError::Malformed("default_witness_commitment"))?,
             ),
             _ => None,
         };
         let rules = match v.get("rules") {
-            Some(Value::Array(a)) => a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect(),
             _ => Vec::new(),
         };
         Ok(Self {
@@ -140,7 +146,10 @@ impl Template {
 
 /// Reads a 64-hex-digit hash field (RPC byte order) and returns it in internal byte order.
 fn hash_field(v: &Value, name: &'static str) -> Result<[u8; 32], TemplateError> {
-    let s = v.get(name).and_then(Value::as_str).ok_or(TemplateError::Field(name))?;
+    let s = v
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or(TemplateError::Field(name))?;
     parse_rpc_hash(s).ok_or(TemplateError::Malformed(name))
 }
 
@@ -182,7 +191,10 @@ mod tests {
     #[test]
     fn missing_fields_are_errors() {
         let v: Value = serde_json::json!({"version": 1});
-        assert_eq!(Template::from_gbt(&v), Err(TemplateError::Field("previousblockhash")));
+        assert_eq!(
+            Template::from_gbt(&v),
+            Err(TemplateError::Field("previousblockhash"))
+        );
     }
 
     #[test]

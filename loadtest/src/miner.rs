@@ -1,0 +1,1274 @@
+//! A small real CPU stratum v1 miner.
+//!
+//! [`Miner::start`] connects to a pool and runs two threads:
+//!
+//! * the **reader** owns the session: it sends `mining.configure` (when version rolling is asked
+//!   for), `mining.subscribe` and `mining.authorize` one after the other, handles the pool's
+//!   notifications and matches replies to requests by id;
+//! * the **grinder** hashes the newest job (extranonce2 counter, then rolled version, then nonce),
+//!   submitting every hash that meets the share target or the network target, under a rate limit.
+//!   A job's shares must meet the harder of the difficulty in force when the job arrived and the
+//!   current one, so a share is valid whether the pool applies a difficulty change to older jobs
+//!   or only to later ones.
+//!
+//! Counting is exact: every submit is counted once in [`MinerReport::submitted`] and, once its
+//! reply arrives, once in either `accepted` or `rejected`. Submits still unanswered when the miner
+//! stops are counted in [`MinerReport::unanswered`] only.
+//!
+//! Events ([`MinerEvent`]) go to every receiver obtained from [`Miner::start_with_events`] (which
+//! sees everything from the first byte) or [`Miner::events`] (which sees events from the call on).
+//! Without receivers nothing is queued, so a long-running miner does not grow.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::hash::sha256d_header;
+use common::{Difficulty, Target};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tracing::{debug, info, trace, warn};
+
+use crate::work::{self, Job, VersionRoller};
+
+/// Longest line accepted from the pool before the connection is given up.
+const MAX_LINE: usize = 1 << 20;
+/// Hashes per grinding batch between checks for new work, stop and the current difficulty.
+const BATCH: u32 = 2048;
+/// How long the reader blocks on the socket before checking timers and the stop flag.
+const READ_POLL: Duration = Duration::from_millis(50);
+
+/// Settings for one miner.
+#[derive(Clone, Debug)]
+pub struct MinerConfig {
+    /// Pool address.
+    pub addr: SocketAddr,
+    /// Worker name for `mining.authorize` and `mining.submit` (e.g. `"addr.worker1"` or `"alice"`).
+    pub user: String,
+    /// Password for `mining.authorize`.
+    pub pass: String,
+    /// User agent sent as the first `mining.subscribe` parameter.
+    pub user_agent: String,
+    /// `Some(mask)`: send `mining.configure` first and roll version bits inside the mask the
+    /// pool grants (intersected with this one).
+    pub version_rolling: Option<u32>,
+    /// Most submits per second; grinding pauses while over the rate. Zero, negative or infinite
+    /// means unlimited.
+    pub max_shares_per_sec: f64,
+    /// After submitting a hash that meets the network target, stop grinding that job until a new
+    /// job arrives.
+    pub pause_after_block: bool,
+    /// Stop after this many block solutions were accepted by the pool.
+    pub stop_after_blocks: Option<u64>,
+    /// Overall time limit, counted from [`Miner::start`].
+    pub duration: Option<Duration>,
+    /// Session id to resume, sent as the second `mining.subscribe` parameter.
+    pub session_id: Option<String>,
+    /// Limit for the TCP connect.
+    pub connect_timeout: Duration,
+    /// Limit for each handshake reply (configure, subscribe, authorize). A pool that does not
+    /// answer `mining.configure` in time is used without version rolling; no answer to subscribe
+    /// or authorize stops the miner with an error.
+    pub handshake_timeout: Duration,
+    /// When stopping, how long to keep reading for the replies to outstanding submits.
+    pub drain_timeout: Duration,
+}
+
+impl MinerConfig {
+    /// Defaults: password `"x"`, user agent `"ckload/0.1"`, no version rolling, 20 shares/s,
+    /// pause after a block, no block or time limit, no session resume.
+    pub fn new(addr: SocketAddr, user: impl Into<String>) -> Self {
+        Self {
+            addr,
+            user: user.into(),
+            pass: "x".to_owned(),
+            user_agent: "ckload/0.1".to_owned(),
+            version_rolling: None,
+            max_shares_per_sec: 20.0,
+            pause_after_block: true,
+            stop_after_blocks: None,
+            duration: None,
+            session_id: None,
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Something that happened on a miner's connection.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MinerEvent {
+    /// The subscribe reply arrived.
+    Subscribed {
+        /// Extranonce1 as hex.
+        extranonce1: String,
+        /// Extranonce2 size in bytes.
+        nonce2_len: usize,
+        /// The session id the pool gave for `mining.notify`, if any.
+        session: Option<String>,
+    },
+    /// The authorize reply arrived (true when accepted).
+    Authorized(bool),
+    /// A `mining.set_difficulty` arrived.
+    Difficulty(f64),
+    /// A `mining.notify` arrived and was decoded.
+    Notify {
+        /// When the line was read.
+        at: Instant,
+        /// The pool's job id.
+        job_id: String,
+        /// Previous block hash in RPC hex order.
+        prevhash_rpc: String,
+        /// The clean-jobs flag.
+        clean: bool,
+    },
+    /// The reply to a submit arrived.
+    ShareResult {
+        /// Whether the pool accepted it.
+        accepted: bool,
+        /// The reject reason, when rejected.
+        reason: Option<String>,
+        /// Whether the share met the network target.
+        block: bool,
+    },
+    /// The connection ended (closed by the pool, broken, or the miner stopped). Always the last
+    /// event.
+    Disconnected,
+}
+
+/// Counters and state of a miner; a snapshot while it runs, final after it stops.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MinerReport {
+    /// Submits the pool accepted.
+    pub accepted: u64,
+    /// Submits the pool rejected.
+    pub rejected: u64,
+    /// Rejects by reason text.
+    pub reject_reasons: BTreeMap<String, u64>,
+    /// Submits sent.
+    pub submitted: u64,
+    /// Submits still waiting for a reply (at the end: never answered).
+    pub unanswered: u64,
+    /// Submits that met the network target.
+    pub blocks_submitted: u64,
+    /// Of those, the ones the pool accepted.
+    pub blocks_accepted: u64,
+    /// Hashes (RPC hex order) of the block solutions the pool accepted.
+    pub block_hashes: Vec<String>,
+    /// Jobs received.
+    pub notifies: u64,
+    /// The last difficulty the pool set.
+    pub last_difficulty: Option<f64>,
+    /// Extranonce1 (hex) from the subscribe reply or the last `mining.set_extranonce`.
+    pub extranonce1: Option<String>,
+    /// Session id from the subscribe reply.
+    pub session_id: Option<String>,
+    /// Authorize result, once known.
+    pub authorized: Option<bool>,
+    /// The version-rolling mask in use, if negotiated (JSON: 8 hex digits).
+    #[serde(serialize_with = "ser_hex_mask")]
+    pub version_mask: Option<u32>,
+    /// Hashes computed.
+    pub hashes: u64,
+    /// Seconds since the miner started.
+    pub elapsed_secs: f64,
+    /// Why the miner stopped early or what went wrong (first error only).
+    pub error: Option<String>,
+}
+
+fn ser_hex_mask<S: serde::Serializer>(mask: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match mask {
+        Some(m) => s.serialize_some(&format!("{m:08x}")),
+        None => s.serialize_none(),
+    }
+}
+
+/// A running miner. Dropping it stops it without waiting for outstanding replies.
+pub struct Miner {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    reader: Option<JoinHandle<()>>,
+    grinder: Option<JoinHandle<()>>,
+}
+
+impl Miner {
+    /// Connects and spawns the reader and grinder threads.
+    pub fn start(cfg: MinerConfig) -> io::Result<Self> {
+        Self::spawn(cfg, Vec::new())
+    }
+
+    /// Like [`Miner::start`], returning a receiver that sees every event from the start.
+    pub fn start_with_events(cfg: MinerConfig) -> io::Result<(Self, Receiver<MinerEvent>)> {
+        let (tx, rx) = mpsc::channel();
+        Ok((Self::spawn(cfg, vec![tx])?, rx))
+    }
+
+    /// A new receiver for the events from now on (earlier events are not replayed).
+    pub fn events(&self) -> Receiver<MinerEvent> {
+        let (tx, rx) = mpsc::channel();
+        lock(&self.shared.subscribers).push(tx);
+        rx
+    }
+
+    /// A snapshot of the counters.
+    pub fn report(&self) -> MinerReport {
+        self.shared.snapshot()
+    }
+
+    /// Whether the miner has stopped by itself (limit reached, error or disconnect).
+    pub fn is_finished(&self) -> bool {
+        self.shared.done.load(Ordering::Acquire)
+    }
+
+    /// Asks the miner to stop without waiting; [`Miner::stop`] or [`Miner::wait`] collect it.
+    pub fn request_stop(&self) {
+        self.shared.request_stop();
+    }
+
+    /// Stops grinding, waits up to [`MinerConfig::drain_timeout`] for outstanding replies, closes
+    /// the connection and returns the final report.
+    pub fn stop(mut self) -> MinerReport {
+        self.shared.request_stop();
+        self.join();
+        self.shared.snapshot()
+    }
+
+    /// Waits until the miner stops by itself or `deadline` passes, then stops it.
+    pub fn wait(self, deadline: Duration) -> MinerReport {
+        let end = Instant::now() + deadline;
+        while !self.is_finished() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.stop()
+    }
+
+    fn spawn(cfg: MinerConfig, subscribers: Vec<Sender<MinerEvent>>) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&cfg.addr, cfg.connect_timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let read_stream = stream.try_clone()?;
+        read_stream.set_read_timeout(Some(READ_POLL))?;
+        let writer = stream.try_clone()?;
+        let shared = Arc::new(Shared {
+            started: Instant::now(),
+            stop: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            hashes: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            work: Mutex::new(WorkState {
+                job: None,
+                generation: 0,
+                share_target: Difficulty::ONE.target(),
+                authorized: false,
+                extranonce1: None,
+                nonce2_len: 0,
+                mask: None,
+            }),
+            work_cv: Condvar::new(),
+            stats: Mutex::new(Stats::default()),
+            writer: Mutex::new(writer),
+            subscribers: Mutex::new(subscribers),
+            cfg,
+        });
+        let mut miner = Self {
+            shared: Arc::clone(&shared),
+            stream,
+            reader: None,
+            grinder: None,
+        };
+        let s = Arc::clone(&shared);
+        miner.reader = Some(
+            std::thread::Builder::new()
+                .name("ckload-reader".into())
+                .spawn(move || Reader::new(s, read_stream).run())?,
+        );
+        let s = Arc::clone(&shared);
+        miner.grinder = Some(
+            std::thread::Builder::new()
+                .name("ckload-grinder".into())
+                .spawn(move || grind(&s))?,
+        );
+        Ok(miner)
+    }
+
+    fn join(&mut self) {
+        if let Some(g) = self.grinder.take()
+            && g.join().is_err()
+        {
+            self.shared.set_error("grinder thread panicked".into());
+        }
+        if let Some(r) = self.reader.take()
+            && r.join().is_err()
+        {
+            self.shared.set_error("reader thread panicked".into());
+        }
+        // Already closed by the peer in most cases; errors here change nothing.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Miner {
+    fn drop(&mut self) {
+        if self.reader.is_some() || self.grinder.is_some() {
+            self.shared.request_stop();
+            // Unblock the reader at once instead of draining.
+            let _ = self.stream.shutdown(Shutdown::Both);
+            self.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A job as the grinder works it: the decoded notify plus what applied when it arrived.
+#[derive(Debug)]
+struct ActiveJob {
+    job: Job,
+    generation: u64,
+    extranonce1: Vec<u8>,
+    nonce2_len: usize,
+    share_target: Target,
+    net_target: Target,
+    roller: VersionRoller,
+    rolling: bool,
+}
+
+struct WorkState {
+    job: Option<Arc<ActiveJob>>,
+    generation: u64,
+    share_target: Target,
+    authorized: bool,
+    extranonce1: Option<Vec<u8>>,
+    nonce2_len: usize,
+    mask: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PendingSubmit {
+    block: bool,
+    hash: [u8; 32],
+}
+
+#[derive(Default)]
+struct Stats {
+    report: MinerReport,
+    pending: HashMap<u64, PendingSubmit>,
+}
+
+struct Shared {
+    cfg: MinerConfig,
+    started: Instant,
+    stop: AtomicBool,
+    done: AtomicBool,
+    hashes: AtomicU64,
+    next_id: AtomicU64,
+    work: Mutex<WorkState>,
+    work_cv: Condvar,
+    stats: Mutex<Stats>,
+    writer: Mutex<TcpStream>,
+    subscribers: Mutex<Vec<Sender<MinerEvent>>>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = lock(&self.work);
+        self.work_cv.notify_all();
+    }
+
+    fn set_error(&self, msg: String) {
+        let mut st = lock(&self.stats);
+        if st.report.error.is_none() {
+            st.report.error = Some(msg);
+        }
+    }
+
+    fn fail(&self, msg: String) {
+        warn!("{msg}");
+        self.set_error(msg);
+        self.request_stop();
+    }
+
+    fn emit(&self, ev: MinerEvent) {
+        let mut subs = lock(&self.subscribers);
+        if !subs.is_empty() {
+            subs.retain(|s| s.send(ev.clone()).is_ok());
+        }
+    }
+
+    fn snapshot(&self) -> MinerReport {
+        let mut r = {
+            let st = lock(&self.stats);
+            let mut r = st.report.clone();
+            r.unanswered = st.pending.len() as u64;
+            r
+        };
+        r.hashes = self.hashes.load(Ordering::Relaxed);
+        r.elapsed_secs = self.started.elapsed().as_secs_f64();
+        r
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, msg: &Value) -> io::Result<()> {
+        let mut line = msg.to_string();
+        trace!(">> {line}");
+        line.push('\n');
+        lock(&self.writer).write_all(line.as_bytes())
+    }
+
+    /// Sends a request and returns its id.
+    fn request(&self, method: &str, params: Value) -> io::Result<u64> {
+        let id = self.next_id();
+        self.send(&json!({"id": id, "method": method, "params": params}))?;
+        Ok(id)
+    }
+
+    fn submit(&self, job: &ActiveJob, found: &Found) {
+        let id = self.next_id();
+        let mut params = vec![
+            json!(self.cfg.user),
+            json!(job.job.job_id),
+            json!(hex::encode(&found.extranonce2)),
+            json!(format!("{:08x}", job.job.ntime)),
+            json!(format!("{:08x}", found.nonce)),
+        ];
+        if job.rolling {
+            params.push(json!(format!("{:08x}", found.version_bits)));
+        }
+        {
+            let mut st = lock(&self.stats);
+            st.pending.insert(
+                id,
+                PendingSubmit {
+                    block: found.block,
+                    hash: found.hash,
+                },
+            );
+            st.report.submitted += 1;
+            if found.block {
+                st.report.blocks_submitted += 1;
+            }
+        }
+        if found.block {
+            info!(
+                "block solution {} for job {}, submitting",
+                work::hash_to_rpc_hex(&found.hash),
+                job.job.job_id
+            );
+        }
+        let msg = json!({"id": id, "method": "mining.submit", "params": params});
+        if let Err(e) = self.send(&msg) {
+            // It stays pending and ends up as unanswered.
+            self.fail(format!("writing mining.submit: {e}"));
+        }
+    }
+}
+
+/// Extracts a reject reason from a reply: `error` as `[code, msg, …]`, a string or an object with
+/// `message`, else ckpool's `reject-reason`, else `"unknown"`.
+pub fn reject_reason(reply: &Value) -> String {
+    let from_error = match reply.get("error") {
+        Some(Value::Array(a)) => Some(match a.get(1) {
+            Some(Value::String(s)) => s.clone(),
+            _ => Value::Array(a.clone()).to_string(),
+        }),
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Object(o)) => Some(match o.get("message") {
+            Some(Value::String(s)) => s.clone(),
+            _ => Value::Object(o.clone()).to_string(),
+        }),
+        Some(Value::Null) | None => None,
+        Some(other) => Some(other.to_string()),
+    };
+    from_error
+        .or_else(|| {
+            reply
+                .get("reject-reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Reads a difficulty given as a number or a numeric string.
+fn parse_difficulty(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handshake {
+    Configure,
+    Subscribe,
+    Authorize,
+}
+
+struct Reader {
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Ids of the handshake requests in flight.
+    handshake: HashMap<u64, Handshake>,
+    /// The handshake step waited for, and until when.
+    waiting: Option<(Handshake, Instant)>,
+}
+
+impl Reader {
+    fn new(shared: Arc<Shared>, stream: TcpStream) -> Self {
+        Self {
+            shared,
+            stream,
+            buf: Vec::new(),
+            handshake: HashMap::new(),
+            waiting: None,
+        }
+    }
+
+    fn run(mut self) {
+        self.begin();
+        self.read_loop();
+        self.shared.request_stop();
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.shared.done.store(true, Ordering::Release);
+        debug!("reader finished");
+        self.shared.emit(MinerEvent::Disconnected);
+    }
+
+    fn begin(&mut self) {
+        match self.shared.cfg.version_rolling {
+            Some(mask) => {
+                let params = json!([
+                    ["version-rolling"],
+                    {"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2}
+                ]);
+                self.send_handshake(Handshake::Configure, "mining.configure", params);
+            }
+            None => self.send_subscribe(),
+        }
+    }
+
+    fn send_handshake(&mut self, step: Handshake, method: &str, params: Value) {
+        match self.shared.request(method, params) {
+            Ok(id) => {
+                self.handshake.insert(id, step);
+                self.waiting = Some((step, Instant::now() + self.shared.cfg.handshake_timeout));
+            }
+            Err(e) => self.shared.fail(format!("writing {method}: {e}")),
+        }
+    }
+
+    fn send_subscribe(&mut self) {
+        let cfg = &self.shared.cfg;
+        let params = match &cfg.session_id {
+            Some(s) => json!([cfg.user_agent, s]),
+            None => json!([cfg.user_agent]),
+        };
+        self.send_handshake(Handshake::Subscribe, "mining.subscribe", params);
+    }
+
+    fn send_authorize(&mut self) {
+        let params = json!([self.shared.cfg.user, self.shared.cfg.pass]);
+        self.send_handshake(Handshake::Authorize, "mining.authorize", params);
+    }
+
+    fn read_loop(&mut self) {
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if let Some(d) = self.shared.cfg.duration
+                && now >= self.shared.started + d
+                && !self.shared.stopping()
+            {
+                info!("time limit reached");
+                self.shared.request_stop();
+            }
+            self.check_handshake_timeout(now);
+            if self.shared.stopping() {
+                let until = *drain_until.get_or_insert(now + self.shared.cfg.drain_timeout);
+                if lock(&self.shared.stats).pending.is_empty() || now >= until {
+                    return;
+                }
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    if !self.shared.stopping() {
+                        self.shared.fail("connection closed by the pool".into());
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                        self.handle_line(&line);
+                    }
+                    if self.buf.len() > MAX_LINE {
+                        self.shared
+                            .fail(format!("line from the pool longer than {MAX_LINE} bytes"));
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    if !self.shared.stopping() {
+                        self.shared.fail(format!("reading from the pool: {e}"));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check_handshake_timeout(&mut self, now: Instant) {
+        let Some((step, until)) = self.waiting else {
+            return;
+        };
+        if now < until || self.shared.stopping() {
+            return;
+        }
+        self.waiting = None;
+        self.handshake.retain(|_, s| *s != step);
+        match step {
+            Handshake::Configure => {
+                warn!("no reply to mining.configure, continuing without version rolling");
+                self.send_subscribe();
+            }
+            Handshake::Subscribe => self.shared.fail("no reply to mining.subscribe".into()),
+            Handshake::Authorize => self.shared.fail("no reply to mining.authorize".into()),
+        }
+    }
+
+    fn handle_line(&mut self, raw: &[u8]) {
+        let Ok(text) = std::str::from_utf8(raw) else {
+            warn!("skipping a line from the pool that is not UTF-8");
+            return;
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return;
+        }
+        trace!("<< {text}");
+        let msg: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("skipping a bad line from the pool ({e}): {text:.200}");
+                return;
+            }
+        };
+        if !msg.is_object() {
+            warn!("skipping a line from the pool that is not an object: {text:.200}");
+            return;
+        }
+        match msg.get("method").and_then(Value::as_str) {
+            Some(method) => {
+                let method = method.to_owned();
+                self.handle_method(&method, &msg);
+            }
+            None => self.handle_reply(&msg),
+        }
+    }
+
+    fn handle_method(&mut self, method: &str, msg: &Value) {
+        let params = msg.get("params").unwrap_or(&Value::Null);
+        match method {
+            "mining.notify" => self.on_notify(params),
+            "mining.set_difficulty" => self.on_set_difficulty(params),
+            "mining.set_extranonce" => self.on_set_extranonce(params),
+            "mining.set_version_mask" => self.on_set_version_mask(params),
+            "mining.ping" => {
+                let id = msg.get("id").cloned().unwrap_or(Value::Null);
+                if let Err(e) = self
+                    .shared
+                    .send(&json!({"id": id, "result": "pong", "error": null}))
+                {
+                    self.shared.fail(format!("writing the pong: {e}"));
+                }
+            }
+            "client.reconnect" => {
+                info!("pool sent client.reconnect {params}; stopping");
+                self.shared
+                    .set_error(format!("pool sent client.reconnect {params}"));
+                self.shared.request_stop();
+            }
+            "client.show_message" => info!("pool message: {params}"),
+            other => debug!("ignoring method {other:?} from the pool"),
+        }
+    }
+
+    fn on_notify(&mut self, params: &Value) {
+        let at = Instant::now();
+        let job = match Job::from_notify_params(params) {
+            Ok(j) => j,
+            Err(e) => {
+                warn!("skipping a bad mining.notify: {e}");
+                return;
+            }
+        };
+        let event = MinerEvent::Notify {
+            at,
+            job_id: job.job_id.clone(),
+            prevhash_rpc: job.prevhash_rpc(),
+            clean: job.clean,
+        };
+        {
+            let mut ws = lock(&self.shared.work);
+            let Some(extranonce1) = ws.extranonce1.clone() else {
+                warn!("skipping a mining.notify before the subscribe reply");
+                return;
+            };
+            ws.generation += 1;
+            let mask = ws.mask.unwrap_or(0);
+            let active = ActiveJob {
+                generation: ws.generation,
+                extranonce1,
+                nonce2_len: ws.nonce2_len,
+                share_target: ws.share_target,
+                net_target: Target::from_compact(job.nbits),
+                roller: VersionRoller::new(job.version, mask),
+                rolling: ws.mask.is_some(),
+                job,
+            };
+            debug!(
+                "new job {} (generation {})",
+                active.job.job_id, active.generation
+            );
+            ws.job = Some(Arc::new(active));
+            self.shared.work_cv.notify_all();
+        }
+        lock(&self.shared.stats).report.notifies += 1;
+        self.shared.emit(event);
+    }
+
+    fn on_set_difficulty(&mut self, params: &Value) {
+        let Some(diff) = params.get(0).and_then(parse_difficulty) else {
+            warn!("skipping a bad mining.set_difficulty: {params}");
+            return;
+        };
+        let Some(d) = Difficulty::from_f64(diff) else {
+            warn!("skipping mining.set_difficulty with unusable value {diff}");
+            return;
+        };
+        debug!("difficulty {diff}");
+        lock(&self.shared.work).share_target = d.target();
+        lock(&self.shared.stats).report.last_difficulty = Some(diff);
+        self.shared.emit(MinerEvent::Difficulty(diff));
+    }
+
+    fn on_set_extranonce(&mut self, params: &Value) {
+        let en1 = params
+            .get(0)
+            .and_then(Value::as_str)
+            .and_then(|s| hex::decode(s).ok());
+        let n2 = params
+            .get(1)
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok());
+        let (Some(en1), Some(n2)) = (en1, n2) else {
+            warn!("skipping a bad mining.set_extranonce: {params}");
+            return;
+        };
+        info!(
+            "new extranonce1 {} with {n2} byte extranonce2 (from the next job)",
+            hex::encode(&en1)
+        );
+        lock(&self.shared.stats).report.extranonce1 = Some(hex::encode(&en1));
+        let mut ws = lock(&self.shared.work);
+        ws.extranonce1 = Some(en1);
+        ws.nonce2_len = n2;
+    }
+
+    fn on_set_version_mask(&mut self, params: &Value) {
+        let Some(requested) = self.shared.cfg.version_rolling else {
+            debug!("ignoring mining.set_version_mask: version rolling not asked for");
+            return;
+        };
+        let Some(mask) = params
+            .get(0)
+            .and_then(Value::as_str)
+            .and_then(|s| u32::from_str_radix(s, 16).ok())
+        else {
+            warn!("skipping a bad mining.set_version_mask: {params}");
+            return;
+        };
+        let mask = mask & requested;
+        info!("version mask now {mask:08x} (from the next job)");
+        lock(&self.shared.work).mask = Some(mask);
+        lock(&self.shared.stats).report.version_mask = Some(mask);
+    }
+
+    fn handle_reply(&mut self, msg: &Value) {
+        let id = match msg.get("id") {
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::String(s)) => s.parse().ok(),
+            _ => None,
+        };
+        let Some(id) = id else {
+            debug!("ignoring a message without method or usable id: {msg}");
+            return;
+        };
+        if let Some(step) = self.handshake.remove(&id) {
+            if self.waiting.is_some_and(|(s, _)| s == step) {
+                self.waiting = None;
+            }
+            match step {
+                Handshake::Configure => self.on_configure_reply(msg),
+                Handshake::Subscribe => self.on_subscribe_reply(msg),
+                Handshake::Authorize => self.on_authorize_reply(msg),
+            }
+            return;
+        }
+        let pending = lock(&self.shared.stats).pending.remove(&id);
+        match pending {
+            Some(p) => self.on_submit_reply(msg, p),
+            None => debug!("ignoring a reply to unknown id {id}: {msg}"),
+        }
+    }
+
+    fn on_configure_reply(&mut self, msg: &Value) {
+        let requested = self.shared.cfg.version_rolling.unwrap_or(0);
+        let result = msg.get("result").unwrap_or(&Value::Null);
+        if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
+            let granted = match result.get("version-rolling.mask").and_then(Value::as_str) {
+                Some(s) => u32::from_str_radix(s, 16).ok(),
+                None => Some(requested),
+            };
+            match granted {
+                Some(g) => {
+                    let mask = g & requested;
+                    info!("version rolling with mask {mask:08x}");
+                    lock(&self.shared.work).mask = Some(mask);
+                    lock(&self.shared.stats).report.version_mask = Some(mask);
+                }
+                None => warn!("bad version-rolling.mask in {msg}; not rolling"),
+            }
+        } else {
+            info!("pool refused version rolling: {msg}");
+        }
+        self.send_subscribe();
+    }
+
+    fn on_subscribe_reply(&mut self, msg: &Value) {
+        let result = msg.get("result").unwrap_or(&Value::Null);
+        let en1 = result
+            .get(1)
+            .and_then(Value::as_str)
+            .and_then(|s| hex::decode(s).ok());
+        let n2 = result
+            .get(2)
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok());
+        let (Some(en1), Some(n2)) = (en1, n2) else {
+            let err = msg.get("error").unwrap_or(&Value::Null);
+            self.shared
+                .fail(format!("subscribe failed: result {result}, error {err}"));
+            return;
+        };
+        let session = session_from_subscriptions(result.get(0).unwrap_or(&Value::Null));
+        let en1_hex = hex::encode(&en1);
+        info!("subscribed: extranonce1 {en1_hex}, extranonce2 {n2} bytes, session {session:?}");
+        {
+            let mut ws = lock(&self.shared.work);
+            ws.extranonce1 = Some(en1);
+            ws.nonce2_len = n2;
+        }
+        {
+            let mut st = lock(&self.shared.stats);
+            st.report.extranonce1 = Some(en1_hex.clone());
+            st.report.session_id.clone_from(&session);
+        }
+        self.shared.emit(MinerEvent::Subscribed {
+            extranonce1: en1_hex,
+            nonce2_len: n2,
+            session,
+        });
+        self.send_authorize();
+    }
+
+    fn on_authorize_reply(&mut self, msg: &Value) {
+        let ok = msg.get("result").and_then(Value::as_bool) == Some(true);
+        lock(&self.shared.stats).report.authorized = Some(ok);
+        self.shared.emit(MinerEvent::Authorized(ok));
+        if ok {
+            info!("authorized as {}", self.shared.cfg.user);
+            let mut ws = lock(&self.shared.work);
+            ws.authorized = true;
+            self.shared.work_cv.notify_all();
+        } else {
+            self.shared
+                .fail(format!("authorize failed: {}", reject_reason(msg)));
+        }
+    }
+
+    fn on_submit_reply(&mut self, msg: &Value, p: PendingSubmit) {
+        let accepted = msg.get("result").and_then(Value::as_bool) == Some(true);
+        let reason = (!accepted).then(|| reject_reason(msg));
+        let mut stop = false;
+        {
+            let mut st = lock(&self.shared.stats);
+            let r = &mut st.report;
+            if accepted {
+                r.accepted += 1;
+                if p.block {
+                    r.blocks_accepted += 1;
+                    r.block_hashes.push(work::hash_to_rpc_hex(&p.hash));
+                    stop = self
+                        .shared
+                        .cfg
+                        .stop_after_blocks
+                        .is_some_and(|n| r.blocks_accepted >= n);
+                }
+            } else {
+                r.rejected += 1;
+                *r.reject_reasons
+                    .entry(reason.clone().unwrap_or_default())
+                    .or_default() += 1;
+            }
+        }
+        match (&reason, p.block) {
+            (None, true) => info!("block {} accepted", work::hash_to_rpc_hex(&p.hash)),
+            (None, false) => debug!("share accepted"),
+            (Some(r), block) => debug!("share rejected ({r}), block {block}"),
+        }
+        self.shared.emit(MinerEvent::ShareResult {
+            accepted,
+            reason,
+            block: p.block,
+        });
+        if stop {
+            info!("block limit reached");
+            self.shared.request_stop();
+        }
+    }
+}
+
+/// The session id in a subscribe reply's first element: the id paired with `mining.notify`,
+/// else the first pair's id. Accepts `[[method, id], …]` and a bare `[method, id]`.
+fn session_from_subscriptions(subs: &Value) -> Option<String> {
+    let pairs: Vec<&Value> = match subs.as_array() {
+        Some(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
+        Some(_) => vec![subs],
+        None => return None,
+    };
+    let id_of = |p: &Value| p.get(1).and_then(Value::as_str).map(str::to_owned);
+    pairs
+        .iter()
+        .find(|p| p.get(0).and_then(Value::as_str) == Some("mining.notify"))
+        .and_then(|p| id_of(p))
+        .or_else(|| pairs.first().and_then(|p| id_of(p)))
+}
+
+/// Token bucket for submits: up to one second's worth of burst.
+struct RateLimiter {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            tokens: rate.max(1.0),
+            last: Instant::now(),
+        }
+    }
+
+    fn unlimited(&self) -> bool {
+        !self.rate.is_finite() || self.rate <= 0.0
+    }
+
+    /// `None` when a submit may go out now, else how long until one may.
+    fn delay(&mut self, now: Instant) -> Option<Duration> {
+        if self.unlimited() {
+            return None;
+        }
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate.max(1.0));
+        if self.tokens >= 1.0 {
+            None
+        } else {
+            Some(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    fn take(&mut self) {
+        if !self.unlimited() {
+            self.tokens -= 1.0;
+        }
+    }
+}
+
+/// A hash worth submitting.
+struct Found {
+    extranonce2: Vec<u8>,
+    version_bits: u32,
+    nonce: u32,
+    hash: [u8; 32],
+    block: bool,
+}
+
+enum Grind {
+    Nothing,
+    Exhausted,
+    Found(Found),
+}
+
+/// Position in a job's search space: extranonce2, then rolled version, then nonce.
+struct Cursor {
+    job: Arc<ActiveJob>,
+    en2: u64,
+    en2_bytes: Vec<u8>,
+    root: [u8; 32],
+    roll: u64,
+    version_bits: u32,
+    header: [u8; 80],
+    nonce: u64,
+    exhausted: bool,
+}
+
+impl Cursor {
+    fn new(job: Arc<ActiveJob>) -> Self {
+        let en2_bytes = work::extranonce2_bytes(0, job.nonce2_len);
+        let root = job.job.merkle_root(&job.extranonce1, &en2_bytes);
+        let mut c = Self {
+            job,
+            en2: 0,
+            en2_bytes,
+            root,
+            roll: 0,
+            version_bits: 0,
+            header: [0; 80],
+            nonce: 0,
+            exhausted: false,
+        };
+        c.rebuild_header();
+        c
+    }
+
+    fn rebuild_header(&mut self) {
+        // Roll a non-zero pattern first so rolled submits are exercised early.
+        let n = (self.roll + 1) % self.job.roller.count();
+        let (version, bits) = self.job.roller.rolled(n);
+        self.version_bits = bits;
+        self.header = self.job.job.header(&self.root, version, 0);
+    }
+
+    fn advance(&mut self) {
+        self.nonce += 1;
+        if self.nonce <= u64::from(u32::MAX) {
+            return;
+        }
+        self.nonce = 0;
+        self.roll += 1;
+        if self.roll >= self.job.roller.count() {
+            self.roll = 0;
+            self.en2 += 1;
+            if self.en2 >= work::extranonce2_space(self.job.nonce2_len) {
+                self.exhausted = true;
+                return;
+            }
+            self.en2_bytes = work::extranonce2_bytes(self.en2, self.job.nonce2_len);
+            self.root = self
+                .job
+                .job
+                .merkle_root(&self.job.extranonce1, &self.en2_bytes);
+        }
+        self.rebuild_header();
+    }
+
+    fn grind(&mut self, share_target: &Target, hashes: &AtomicU64) -> Grind {
+        let mut done = 0u64;
+        let mut out = Grind::Nothing;
+        for _ in 0..BATCH {
+            if self.exhausted {
+                out = Grind::Exhausted;
+                break;
+            }
+            let nonce = u32::try_from(self.nonce).unwrap_or(u32::MAX);
+            self.header[76..80].copy_from_slice(&nonce.to_le_bytes());
+            let hash = sha256d_header(&self.header);
+            done += 1;
+            let block = self.job.net_target.is_met_by(&hash);
+            if block || share_target.is_met_by(&hash) {
+                out = Grind::Found(Found {
+                    extranonce2: self.en2_bytes.clone(),
+                    version_bits: self.version_bits,
+                    nonce,
+                    hash,
+                    block,
+                });
+                self.advance();
+                break;
+            }
+            self.advance();
+        }
+        hashes.fetch_add(done, Ordering::Relaxed);
+        out
+    }
+}
+
+/// The grinder thread.
+fn grind(shared: &Shared) {
+    let mut limiter = RateLimiter::new(shared.cfg.max_shares_per_sec);
+    let mut cursor: Option<Cursor> = None;
+    // Generation of a job that is finished (block submitted or space exhausted).
+    let mut parked: Option<u64> = None;
+    loop {
+        let (job, current_target) = {
+            let mut ws = lock(&shared.work);
+            loop {
+                if shared.stopping() {
+                    return;
+                }
+                let wait = match &ws.job {
+                    Some(job) if ws.authorized && Some(job.generation) != parked => {
+                        match limiter.delay(Instant::now()) {
+                            None => break (Arc::clone(job), ws.share_target),
+                            Some(d) => d.min(Duration::from_millis(100)),
+                        }
+                    }
+                    _ => Duration::from_millis(100),
+                };
+                ws = shared
+                    .work_cv
+                    .wait_timeout(ws, wait)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        let c = match &mut cursor {
+            Some(c) if c.job.generation == job.generation => c,
+            _ => cursor.insert(Cursor::new(job)),
+        };
+        // Shares for a job must meet the harder of the difficulty when it arrived and now.
+        let target = c.job.share_target.min(current_target);
+        match c.grind(&target, &shared.hashes) {
+            Grind::Nothing => {}
+            Grind::Exhausted => {
+                warn!(
+                    "search space of job {} exhausted; waiting for a new job",
+                    c.job.job.job_id
+                );
+                parked = Some(c.job.generation);
+            }
+            Grind::Found(found) => {
+                limiter.take();
+                shared.submit(&c.job, &found);
+                if found.block && shared.cfg.pause_after_block {
+                    parked = Some(c.job.generation);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_reasons_in_all_shapes() {
+        assert_eq!(
+            reject_reason(&json!({"result": false, "error": [23, "Above target", null]})),
+            "Above target"
+        );
+        assert_eq!(
+            reject_reason(&json!({"result": false, "error": null, "reject-reason": "Stale"})),
+            "Stale"
+        );
+        assert_eq!(
+            reject_reason(&json!({"error": "-3:method not found"})),
+            "-3:method not found"
+        );
+        assert_eq!(
+            reject_reason(
+                &json!({"result": null, "error": {"code": 21, "message": "Job not found"}})
+            ),
+            "Job not found"
+        );
+        assert_eq!(
+            reject_reason(&json!({"result": false, "error": null})),
+            "unknown"
+        );
+    }
+
+    #[test]
+    fn difficulty_shapes() {
+        assert_eq!(parse_difficulty(&json!(1)), Some(1.0));
+        assert_eq!(
+            parse_difficulty(&json!(2.3283064365386963e-10)),
+            Some(2.3283064365386963e-10)
+        );
+        assert_eq!(parse_difficulty(&json!("512")), Some(512.0));
+        assert_eq!(parse_difficulty(&json!(null)), None);
+    }
+
+    #[test]
+    fn session_ids() {
+        assert_eq!(
+            session_from_subscriptions(&json!([["mining.notify", "abcd1234"]])),
+            Some("abcd1234".into())
+        );
+        assert_eq!(
+            session_from_subscriptions(&json!([
+                ["mining.set_difficulty", "d1"],
+                ["mining.notify", "n1"]
+            ])),
+            Some("n1".into())
+        );
+        assert_eq!(
+            session_from_subscriptions(&json!(["mining.notify", "x"])),
+            Some("x".into())
+        );
+        assert_eq!(session_from_subscriptions(&json!([])), None);
+        assert_eq!(session_from_subscriptions(&json!(null)), None);
+    }
+
+    #[test]
+    fn rate_limiter_paces() {
+        let mut rl = RateLimiter::new(2.0);
+        let t0 = Instant::now();
+        assert!(rl.delay(t0).is_none());
+        rl.take();
+        assert!(rl.delay(t0).is_none());
+        rl.take();
+        let d = rl.delay(t0).unwrap();
+        assert!(
+            d > Duration::from_millis(400) && d <= Duration::from_millis(500),
+            "{d:?}"
+        );
+        assert!(rl.delay(t0 + Duration::from_millis(500)).is_none());
+        let mut free = RateLimiter::new(0.0);
+        for _ in 0..1000 {
+            assert!(free.delay(t0).is_none());
+            free.take();
+        }
+    }
+}

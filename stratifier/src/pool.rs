@@ -1,0 +1,420 @@
+//! State shared by every shard: configuration, the job table, extranonce1 allocation, session
+//! resume, statistics, and the sinks for block candidates and share records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Difficulty;
+use common::address::Network;
+use common::template::Template;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::job::{CoinbaseConfig, Job, JobError};
+
+/// Pool-wide settings the stratifier needs (built by the daemon from the config file).
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Solo mode: each user mines to the address in their username.
+    pub solo: bool,
+    /// Network of the node (for address checks in solo mode).
+    pub network: Network,
+    /// Script paid in pool mode.
+    pub payout: Option<Vec<u8>>,
+    /// Coinbase settings.
+    pub coinbase: CoinbaseConfig,
+    /// Version bits miners may roll.
+    pub version_mask: u32,
+    /// Vardiff floor.
+    pub mindiff: Difficulty,
+    /// Starting difficulty.
+    pub startdiff: Difficulty,
+    /// Starting difficulty and floor on high-difficulty listeners.
+    pub highdiff: Difficulty,
+    /// Vardiff ceiling.
+    pub maxdiff: Option<Difficulty>,
+    /// Which listener indexes are high-difficulty ones.
+    pub highdiff_listeners: Vec<bool>,
+    /// Rate limit of `mining.get_txnhashes`.
+    pub update_interval: Duration,
+    /// Clients not authorised this long after connecting are dropped.
+    pub auth_timeout: Duration,
+    /// How long a disconnected session's extranonce1 is kept for resume.
+    pub resume_window: Duration,
+    /// Instance name used in messages to miners.
+    pub name: String,
+    /// Jobs are kept this long (at least the last few).
+    pub job_lifetime: Duration,
+}
+
+impl PoolConfig {
+    /// Defaults suitable for tests: pool mode paying `payout`.
+    pub fn new(network: Network, payout: Option<Vec<u8>>) -> Self {
+        Self {
+            solo: payout.is_none(),
+            network,
+            payout,
+            coinbase: CoinbaseConfig {
+                tag: b"ckpool-rs".to_vec(),
+                btcsig: Vec::new(),
+                nonce1_len: 4,
+                nonce2_len: 8,
+                donation: None,
+            },
+            version_mask: 0x1fff_e000,
+            mindiff: Difficulty::ONE,
+            startdiff: Difficulty::from_units(42 << 32),
+            highdiff: Difficulty::from_units(1_000_000 << 32),
+            maxdiff: None,
+            highdiff_listeners: Vec::new(),
+            update_interval: Duration::from_secs(30),
+            auth_timeout: Duration::from_secs(60),
+            resume_window: Duration::from_secs(600),
+            name: "ckpool-rs".into(),
+            job_lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A share that meets the network target, assembled into a block.
+#[derive(Debug, Clone)]
+pub struct BlockCandidate {
+    /// Block height.
+    pub height: u64,
+    /// Block hash in RPC (reversed hex) order.
+    pub hash: String,
+    /// The whole block, hex.
+    pub hex: String,
+    /// Worker that found it.
+    pub worker: String,
+    /// Job id.
+    pub job_id: u64,
+}
+
+/// One share for the share log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShareRecord {
+    /// Job id.
+    pub workinfoid: u64,
+    /// Height of the job's block.
+    pub height: u64,
+    /// extranonce1 hex.
+    pub enonce1: String,
+    /// extranonce2 hex.
+    pub nonce2: String,
+    /// nonce hex.
+    pub nonce: String,
+    /// ntime hex.
+    pub ntime: String,
+    /// Difficulty the share was judged at.
+    pub diff: f64,
+    /// Difficulty the hash achieved.
+    pub sdiff: f64,
+    /// Share hash, RPC order.
+    pub hash: String,
+    /// Accepted or not.
+    pub result: bool,
+    /// Reject reason.
+    #[serde(rename = "reject-reason", skip_serializing_if = "Option::is_none")]
+    pub reject_reason: Option<&'static str>,
+    /// Full worker name.
+    pub workername: String,
+    /// User name.
+    pub username: String,
+    /// Peer address.
+    pub address: String,
+    /// Client user agent.
+    pub agent: String,
+}
+
+type BlockSink = Box<dyn Fn(BlockCandidate) + Send + Sync>;
+type ShareSink = Box<dyn Fn(ShareRecord) + Send + Sync>;
+
+#[derive(Debug, Default)]
+struct JobTable {
+    jobs: BTreeMap<u64, Arc<Job>>,
+    current: Option<Arc<Job>>,
+    /// First job of the current block: older jobs are stale.
+    block_start: u64,
+}
+
+/// Per-worker statistics.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct WorkerStats {
+    /// Accepted shares.
+    pub accepted: u64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share difficulty.
+    pub bestshare: f64,
+}
+
+/// Per-user statistics.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct UserStats {
+    /// Accepted shares.
+    pub accepted: u64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share difficulty.
+    pub bestshare: f64,
+    /// Blocks found.
+    pub blocks: u64,
+    /// Workers by full name.
+    pub workers: BTreeMap<String, WorkerStats>,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    accepted: u64,
+    rejected: u64,
+    accepted_diff: f64,
+    bestshare: f64,
+    reject_reasons: BTreeMap<&'static str, u64>,
+    blocks: Vec<String>,
+    users: BTreeMap<String, UserStats>,
+}
+
+/// A snapshot of the pool's statistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    /// Accepted shares.
+    pub accepted: u64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share difficulty.
+    pub bestshare: f64,
+    /// Rejects by reason.
+    pub reject_reasons: BTreeMap<&'static str, u64>,
+    /// Hashes of blocks found (RPC order).
+    pub blocks: Vec<String>,
+    /// Connected clients.
+    pub clients: u64,
+    /// Current job id, height and network difficulty.
+    pub job: Option<(String, u64, f64)>,
+    /// Users.
+    pub users: BTreeMap<String, UserStats>,
+}
+
+/// Pool-wide shared state.
+pub struct Pool {
+    pub(crate) cfg: PoolConfig,
+    pub(crate) cb_cfg: CoinbaseConfig,
+    jobs: RwLock<JobTable>,
+    next_job_id: AtomicU64,
+    next_enonce1: AtomicU64,
+    next_session: AtomicU64,
+    resume: Mutex<HashMap<u32, (u64, Instant)>>,
+    stats: Mutex<Stats>,
+    pub(crate) clients: AtomicU64,
+    block_sink: BlockSink,
+    share_sink: Option<ShareSink>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool. `seed` (e.g. the start time in seconds) keeps job, session and extranonce ids
+    /// from repeating across restarts; `block_sink` receives block candidates.
+    pub fn new(
+        cfg: PoolConfig,
+        seed: u64,
+        block_sink: impl Fn(BlockCandidate) + Send + Sync + 'static,
+        share_sink: Option<Box<dyn Fn(ShareRecord) + Send + Sync>>,
+    ) -> Arc<Self> {
+        let cb_cfg = cfg.coinbase.clone();
+        Arc::new(Self {
+            cb_cfg,
+            cfg,
+            jobs: RwLock::new(JobTable::default()),
+            next_job_id: AtomicU64::new(seed << 32),
+            next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
+            next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
+            resume: Mutex::new(HashMap::new()),
+            stats: Mutex::new(Stats::default()),
+            clients: AtomicU64::new(0),
+            block_sink: Box::new(block_sink),
+            share_sink,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// Turns a new template into the current job. A changed previous block makes it a clean
+    /// job and every older job stale.
+    pub fn new_template(
+        &self,
+        template: Arc<Template>,
+        now: Instant,
+    ) -> Result<Arc<Job>, JobError> {
+        let id = self.next_job_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let clean = {
+            let t = self.jobs.read();
+            t.current
+                .as_ref()
+                .is_none_or(|c| c.template.prev_hash != template.prev_hash)
+        };
+        let job = Arc::new(Job::build(
+            id,
+            template,
+            clean,
+            self.cfg.payout.as_deref(),
+            &self.cb_cfg,
+            now,
+        )?);
+        let mut t = self.jobs.write();
+        if clean {
+            t.block_start = id;
+        }
+        t.jobs.insert(id, Arc::clone(&job));
+        t.current = Some(Arc::clone(&job));
+        // Keep jobs younger than the lifetime, and always the last three.
+        let keep_from = t.jobs.len().saturating_sub(3);
+        let lifetime = self.cfg.job_lifetime;
+        let old: Vec<u64> = t
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, j))| {
+                *i < keep_from && now.saturating_duration_since(j.created) > lifetime
+            })
+            .map(|(_, (id, _))| *id)
+            .collect();
+        for id in old {
+            t.jobs.remove(&id);
+        }
+        Ok(job)
+    }
+
+    /// The current job.
+    pub fn current_job(&self) -> Option<Arc<Job>> {
+        self.jobs.read().current.clone()
+    }
+
+    /// A live job by id, and whether it is stale (from before the current block).
+    pub(crate) fn job(&self, id: u64) -> Option<(Arc<Job>, bool)> {
+        let t = self.jobs.read();
+        t.jobs.get(&id).map(|j| (Arc::clone(j), id < t.block_start))
+    }
+
+    pub(crate) fn alloc_enonce1(&self) -> u64 {
+        self.next_enonce1.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn alloc_session(&self) -> u32 {
+        self.next_session.fetch_add(1, Ordering::Relaxed) as u32
+    }
+
+    /// Remembers a session for resume.
+    pub(crate) fn park_session(&self, session: u32, enonce1: u64, now: Instant) {
+        let mut r = self.resume.lock();
+        if r.len() > 4096 {
+            let window = self.cfg.resume_window;
+            r.retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
+        }
+        r.insert(session, (enonce1, now));
+    }
+
+    /// Takes a parked session's extranonce1 if it is still within the resume window.
+    pub(crate) fn resume_session(&self, session: u32, now: Instant) -> Option<u64> {
+        let (en1, t) = self.resume.lock().remove(&session)?;
+        (now.saturating_duration_since(t) < self.cfg.resume_window).then_some(en1)
+    }
+
+    pub(crate) fn submit_block(&self, b: BlockCandidate) {
+        self.stats.lock().blocks.push(b.hash.clone());
+        if let Some(u) = self
+            .stats
+            .lock()
+            .users
+            .get_mut(b.worker.split(['.', '_']).next().unwrap_or(""))
+        {
+            u.blocks += 1;
+        }
+        (self.block_sink)(b);
+    }
+
+    pub(crate) fn log_share(&self, rec: impl FnOnce() -> ShareRecord) {
+        if let Some(sink) = &self.share_sink {
+            sink(rec());
+        }
+    }
+
+    pub(crate) fn record_share(
+        &self,
+        user: &str,
+        worker: &str,
+        accepted: Option<f64>,
+        sdiff: f64,
+        reason: Option<&'static str>,
+    ) {
+        let mut s = self.stats.lock();
+        let s = &mut *s;
+        let u = s.users.entry(user.to_owned()).or_default();
+        let w = u.workers.entry(worker.to_owned()).or_default();
+        match accepted {
+            Some(diff) => {
+                s.accepted += 1;
+                s.accepted_diff += diff;
+                u.accepted += 1;
+                u.accepted_diff += diff;
+                w.accepted += 1;
+                w.accepted_diff += diff;
+                s.bestshare = s.bestshare.max(sdiff);
+                u.bestshare = u.bestshare.max(sdiff);
+                w.bestshare = w.bestshare.max(sdiff);
+            }
+            None => {
+                s.rejected += 1;
+                u.rejected += 1;
+                w.rejected += 1;
+                if let Some(r) = reason {
+                    *s.reject_reasons.entry(r).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Counts a rejected submission from a client that is not authorised (no user to charge).
+    pub(crate) fn record_anonymous_reject(&self, reason: &'static str) {
+        let mut s = self.stats.lock();
+        s.rejected += 1;
+        *s.reject_reasons.entry(reason).or_default() += 1;
+    }
+
+    /// A statistics snapshot.
+    pub fn stats(&self) -> StatsSnapshot {
+        let job = self
+            .current_job()
+            .map(|j| (j.id_hex.clone(), j.height(), j.network_diff.to_f64()));
+        let s = self.stats.lock();
+        StatsSnapshot {
+            accepted: s.accepted,
+            rejected: s.rejected,
+            accepted_diff: s.accepted_diff,
+            bestshare: s.bestshare,
+            reject_reasons: s.reject_reasons.clone(),
+            blocks: s.blocks.clone(),
+            clients: self.clients.load(Ordering::Relaxed),
+            job,
+            users: s.users.clone(),
+        }
+    }
+}

@@ -1,0 +1,830 @@
+//! One shard of the stratifier: the sessions of one connector thread and every stratum method.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::stratum::{self, Method, Parser, Request, Value, codes, value_as_f64};
+use common::target::hash_difficulty;
+use common::{ConnId, Difficulty, Target, address, block};
+use simd_json::prelude::*;
+use tracing::{debug, info, warn};
+
+use crate::Out;
+use crate::job::Job;
+use crate::pool::{BlockCandidate, Pool, ShareRecord};
+use crate::share::{ShareInput, hash_share, roll_version};
+use crate::vardiff::{Bounds, VarDiff};
+
+/// The longest worker name kept (ckpool's limit).
+const MAX_WORKER_LEN: usize = 127;
+/// The longest user agent kept.
+const MAX_AGENT_LEN: usize = 255;
+/// Largest ntime roll accepted past the job's time, in seconds (ckpool's value).
+const MAX_NTIME_ROLL: u32 = 7000;
+
+/// The sessions of one connector thread.
+pub struct Shard {
+    parser: Parser,
+    st: State,
+}
+
+struct State {
+    pool: Arc<Pool>,
+    sessions: HashMap<ConnId, Session>,
+    auth_deadlines: VecDeque<(Instant, ConnId)>,
+    scratch: Vec<u8>,
+    solo_work: HashMap<(u64, Arc<str>), Arc<SoloWork>>,
+    last_prune: Option<Instant>,
+}
+
+/// A solo user's coinbase tail and notify lines for one job.
+struct SoloWork {
+    coinb2: Vec<u8>,
+    notify: Arc<[u8]>,
+    notify_clean: Arc<[u8]>,
+}
+
+struct Auth {
+    worker: Arc<str>,
+    user: Arc<str>,
+}
+
+struct Session {
+    peer: SocketAddr,
+    subscribed: bool,
+    session_id: u32,
+    enonce1: u64,
+    enonce1_bytes: Vec<u8>,
+    enonce1_hex: String,
+    agent: String,
+    auth: Option<Auth>,
+    mask: u32,
+    diff: Difficulty,
+    old_diff: Difficulty,
+    diff_change_job: u64,
+    suggested: Option<Difficulty>,
+    vardiff: VarDiff,
+    last_job: u64,
+    last_txnhashes: Option<Instant>,
+    highdiff: bool,
+}
+
+impl Shard {
+    /// A shard using the shared pool state.
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self {
+            parser: Parser::new(),
+            st: State {
+                pool,
+                sessions: HashMap::new(),
+                auth_deadlines: VecDeque::new(),
+                scratch: Vec::with_capacity(512),
+                solo_work: HashMap::new(),
+                last_prune: None,
+            },
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn sessions(&self) -> usize {
+        self.st.sessions.len()
+    }
+
+    /// A new connection.
+    pub fn on_open(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, listener: usize) {
+        let cfg = &self.st.pool.cfg;
+        let highdiff = cfg
+            .highdiff_listeners
+            .get(listener)
+            .copied()
+            .unwrap_or(false);
+        let diff = if highdiff {
+            cfg.startdiff.max(cfg.highdiff)
+        } else {
+            cfg.startdiff
+        };
+        self.st.sessions.insert(
+            conn,
+            Session {
+                peer,
+                subscribed: false,
+                session_id: 0,
+                enonce1: 0,
+                enonce1_bytes: Vec::new(),
+                enonce1_hex: String::new(),
+                agent: String::new(),
+                auth: None,
+                mask: cfg.version_mask,
+                diff,
+                old_diff: diff,
+                diff_change_job: 0,
+                suggested: highdiff.then_some(cfg.highdiff),
+                vardiff: VarDiff::new(now),
+                last_job: 0,
+                last_txnhashes: None,
+                highdiff,
+            },
+        );
+        self.st.pool.clients.fetch_add(1, Ordering::Relaxed);
+        self.st
+            .auth_deadlines
+            .push_back((now + cfg.auth_timeout, conn));
+    }
+
+    /// A connection went away.
+    pub fn on_close(&mut self, now: Instant, conn: ConnId) {
+        if let Some(s) = self.st.sessions.remove(&conn) {
+            self.st.pool.clients.fetch_sub(1, Ordering::Relaxed);
+            if s.subscribed {
+                self.st.pool.park_session(s.session_id, s.enonce1, now);
+            }
+            debug!(%conn, peer = %s.peer, "session closed");
+        }
+    }
+
+    /// One line from a connection.
+    pub fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut impl Out) {
+        if !self.st.sessions.contains_key(&conn) {
+            return;
+        }
+        match self.parser.parse(line) {
+            Ok(req) => self.st.dispatch(now, conn, &req, out),
+            Err(e) => {
+                let peer = self.st.sessions.get(&conn).map(|s| s.peer);
+                warn!(%conn, ?peer, error = %e, "unparseable line from client, disconnecting");
+                let mut buf = Vec::new();
+                stratum::reply_error(
+                    &mut buf,
+                    &Value::null(),
+                    codes::OTHER,
+                    "Invalid JSON, disconnecting",
+                );
+                out.send(conn, buf);
+                out.close(conn);
+            }
+        }
+    }
+
+    /// A new job: notify every session that should have it.
+    pub fn on_job(&mut self, job: &Arc<Job>, out: &mut impl Out) {
+        let solo = self.st.pool.cfg.solo;
+        let conns: Vec<ConnId> = self.st.sessions.keys().copied().collect();
+        for conn in conns {
+            let Some(s) = self.st.sessions.get(&conn) else {
+                continue;
+            };
+            if !s.subscribed || s.last_job >= job.id || (solo && s.auth.is_none()) {
+                continue;
+            }
+            self.st.send_job(conn, job, out);
+        }
+    }
+
+    /// Periodic work: drop clients that did not authorise in time, prune caches.
+    pub fn on_tick(&mut self, now: Instant, out: &mut impl Out) {
+        while let Some(&(deadline, conn)) = self.st.auth_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.st.auth_deadlines.pop_front();
+            if let Some(s) = self.st.sessions.get(&conn)
+                && s.auth.is_none()
+            {
+                info!(%conn, peer = %s.peer, "client did not authorise in time, dropping");
+                out.close(conn);
+            }
+        }
+        let prune = self
+            .st
+            .last_prune
+            .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(30));
+        if prune && !self.st.solo_work.is_empty() {
+            let pool = Arc::clone(&self.st.pool);
+            self.st
+                .solo_work
+                .retain(|(id, _), _| pool.job(*id).is_some());
+            self.st.last_prune = Some(now);
+        }
+    }
+}
+
+/// How a submit went wrong: the reason text, its code, and whether it counts against the user.
+type Reject = (i32, &'static str);
+
+impl State {
+    fn dispatch(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+        let method = match &req.method {
+            Method::Name(m) => m.as_ref(),
+            Method::Missing => {
+                if !req.is_response {
+                    reply_err(out, conn, req, codes::METHOD_NOT_FOUND, "Method not found");
+                }
+                // Otherwise a reply from the miner (e.g. to mining.ping): nothing to do.
+                return;
+            }
+            Method::NotString => {
+                reply_err(out, conn, req, codes::OTHER, "Method is not a string");
+                return;
+            }
+        };
+        match method {
+            "mining.submit" => self.submit(now, conn, req, out),
+            "mining.subscribe" => self.subscribe(now, conn, req, out),
+            "mining.authorize" | "mining.authorise" => self.authorize(conn, req, out),
+            "mining.configure" => self.configure(now, conn, req, out),
+            "mining.suggest_difficulty" => {
+                let d = req
+                    .param(0)
+                    .and_then(value_as_f64)
+                    .and_then(Difficulty::from_f64);
+                self.suggest(now, conn, req, d, out);
+            }
+            "mining.suggest_target" => {
+                let d = req
+                    .param_str(0)
+                    .and_then(stratum::hex_exact::<32>)
+                    .map(|be| Target(ruint_from_be(&be)).difficulty());
+                self.suggest(now, conn, req, d, out);
+            }
+            "mining.extranonce.subscribe" => reply_raw(out, conn, req, b"true"),
+            "mining.get_transactions" => self.get_transactions(conn, req, false, now, out),
+            "mining.get_txnhashes" => self.get_transactions(conn, req, true, now, out),
+            "mining.ping" => reply_raw(out, conn, req, b"\"pong\""),
+            "mining.term" => out.close(conn),
+            other => {
+                debug!(%conn, method = other, "unknown method");
+                reply_err(out, conn, req, codes::METHOD_NOT_FOUND, "Method not found");
+            }
+        }
+    }
+
+    fn subscribe(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+        if req.has_params && !matches!(req.params, Value::Array(_) | Value::Static(_)) {
+            reply_err(out, conn, req, codes::OTHER, "params not an array");
+            return;
+        }
+        let Some(job) = self.pool.current_job() else {
+            reply_err(out, conn, req, codes::OTHER, "Initialising");
+            return;
+        };
+        let n1 = self.pool.cfg.coinbase.nonce1_len;
+        let n2 = self.pool.cfg.coinbase.nonce2_len;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if !s.subscribed {
+            s.agent = truncate(req.param_str(0).unwrap_or(""), MAX_AGENT_LEN).to_owned();
+            let resumed = req
+                .param_str(1)
+                .filter(|h| (1..=8).contains(&h.len()))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .and_then(|sid| self.pool.resume_session(sid, now).map(|en1| (sid, en1)));
+            let (sid, en1) = match resumed {
+                Some(r) => {
+                    debug!(%conn, session = r.0, "session resumed");
+                    r
+                }
+                None => (self.pool.alloc_session(), self.pool.alloc_enonce1()),
+            };
+            s.session_id = sid;
+            s.enonce1 = en1;
+            let bytes = en1.to_be_bytes();
+            s.enonce1_bytes = bytes.get(8 - n1.min(8)..).unwrap_or(&bytes).to_vec();
+            s.enonce1_hex = hex::encode(&s.enonce1_bytes);
+            s.subscribed = true;
+            if s.suggested.is_none() {
+                // A share never needs to be harder than a block (regtest, signet, testnet).
+                s.diff = s.diff.min(job.network_diff).max(self.pool.cfg.mindiff);
+                s.old_diff = s.diff;
+            }
+        }
+        let mut buf = Vec::with_capacity(256);
+        let result = format!(
+            "[[[\"mining.notify\",\"{:08x}\"]],\"{}\",{}]",
+            s.session_id, s.enonce1_hex, n2
+        );
+        stratum::reply_result(&mut buf, &req.id, result.as_bytes());
+        stratum::set_difficulty(&mut buf, s.diff);
+        out.send(conn, buf);
+        if !self.pool.cfg.solo {
+            self.send_job(conn, &job, out);
+        }
+    }
+
+    fn authorize(&mut self, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if !s.subscribed {
+            reply_auth_fail(out, conn, req, codes::NOT_SUBSCRIBED, "Not subscribed");
+            return;
+        }
+        if s.auth.is_some() {
+            reply_raw(out, conn, req, b"true");
+            return;
+        }
+        let worker = match req.params_array() {
+            None => return reply_auth_fail(out, conn, req, codes::OTHER, "params not an array"),
+            Some([]) => {
+                return reply_auth_fail(
+                    out,
+                    conn,
+                    req,
+                    codes::OTHER,
+                    "params missing array entries",
+                );
+            }
+            Some([first, ..]) => match first.as_str() {
+                None => {
+                    return reply_auth_fail(
+                        out,
+                        conn,
+                        req,
+                        codes::OTHER,
+                        "Invalid workername parameter",
+                    );
+                }
+                Some("") => {
+                    return reply_auth_fail(
+                        out,
+                        conn,
+                        req,
+                        codes::OTHER,
+                        "Empty workername parameter",
+                    );
+                }
+                Some(w) => truncate(w, MAX_WORKER_LEN),
+            },
+        };
+        if worker.starts_with(['.', '_']) {
+            return reply_auth_fail(out, conn, req, codes::OTHER, "Empty username parameter");
+        }
+        if worker.contains('/') {
+            return reply_auth_fail(
+                out,
+                conn,
+                req,
+                codes::OTHER,
+                "Invalid character in username",
+            );
+        }
+        let user = worker.split(['.', '_']).next().unwrap_or(worker);
+        if self.pool.cfg.solo
+            && let Err(e) = address::script_for_address(user, self.pool.cfg.network)
+        {
+            info!(%conn, peer = %s.peer, user, error = %e, "solo authorisation refused");
+            return reply_auth_fail(out, conn, req, codes::UNAUTHORIZED, "Invalid address");
+        }
+        info!(%conn, peer = %s.peer, worker, agent = %s.agent, "authorised");
+        s.auth = Some(Auth {
+            worker: worker.into(),
+            user: user.into(),
+        });
+        let mut buf = Vec::with_capacity(128);
+        stratum::reply_result(&mut buf, &req.id, b"true");
+        if s.agent.contains("gminer") {
+            let msg = format!("Authorised, welcome to {} {user}!", self.pool.cfg.name);
+            stratum::show_message(&mut buf, &msg);
+        }
+        out.send(conn, buf);
+        if self.pool.cfg.solo
+            && let Some(job) = self.pool.current_job()
+        {
+            self.send_job(conn, &job, out);
+        }
+    }
+
+    fn configure(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+        let exts: Vec<&str> = req
+            .param(0)
+            .and_then(ValueAsArray::as_array)
+            .map(|a| a.iter().filter_map(ValueAsScalar::as_str).collect())
+            .unwrap_or_default();
+        let opts = req.param(1);
+        let opt = |k: &str| opts.and_then(|o| o.get(k));
+        let mut result = serde_json::Map::new();
+        let mut min_diff = None;
+        for ext in exts {
+            match ext {
+                "version-rolling" => {
+                    let requested = opt("version-rolling.mask")
+                        .and_then(ValueAsScalar::as_str)
+                        .and_then(stratum::hex_u32)
+                        .unwrap_or(u32::MAX);
+                    let mask = requested & self.pool.cfg.version_mask;
+                    if let Some(s) = self.sessions.get_mut(&conn) {
+                        s.mask = mask;
+                    }
+                    result.insert("version-rolling".into(), true.into());
+                    result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                }
+                "minimum-difficulty" => {
+                    min_diff = opt("minimum-difficulty.value")
+                        .and_then(value_as_f64)
+                        .and_then(Difficulty::from_f64);
+                    result.insert("minimum-difficulty".into(), min_diff.is_some().into());
+                }
+                "subscribe-extranonce" => {
+                    result.insert("subscribe-extranonce".into(), true.into());
+                }
+                other => {
+                    result.insert(other.into(), false.into());
+                }
+            }
+        }
+        let raw = serde_json::Value::Object(result).to_string();
+        reply_raw(out, conn, req, raw.as_bytes());
+        if let Some(d) = min_diff {
+            self.apply_suggestion(now, conn, d, out);
+        }
+    }
+
+    fn suggest(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        req: &Request<'_>,
+        d: Option<Difficulty>,
+        out: &mut impl Out,
+    ) {
+        let Some(d) = d else {
+            reply_err(out, conn, req, codes::OTHER, "Invalid difficulty");
+            return;
+        };
+        reply_raw(out, conn, req, b"true");
+        self.apply_suggestion(now, conn, d, out);
+    }
+
+    /// A miner asked for a difficulty: it becomes its floor and, if subscribed, its difficulty now.
+    fn apply_suggestion(&mut self, now: Instant, conn: ConnId, d: Difficulty, out: &mut impl Out) {
+        let cfg = &self.pool.cfg;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let mut d = d.max(cfg.mindiff);
+        if s.highdiff {
+            d = d.max(cfg.highdiff);
+        }
+        s.suggested = Some(d);
+        if s.diff == d {
+            return;
+        }
+        let current = self.pool.current_job().map_or(0, |j| j.id);
+        change_diff(s, d, current, now);
+        if s.subscribed {
+            let mut buf = Vec::with_capacity(80);
+            stratum::set_difficulty(&mut buf, d);
+            out.send(conn, buf);
+        }
+    }
+
+    fn get_transactions(
+        &mut self,
+        conn: ConnId,
+        req: &Request<'_>,
+        hashes: bool,
+        now: Instant,
+        out: &mut impl Out,
+    ) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if s.auth.is_none() {
+            reply_err(out, conn, req, codes::UNAUTHORIZED, "Unauthorized worker");
+            return;
+        }
+        let job = match req.param_str(0) {
+            Some(h) => u64::from_str_radix(h, 16)
+                .ok()
+                .and_then(|id| self.pool.job(id))
+                .map(|(j, _)| j),
+            None => self.pool.current_job(),
+        };
+        let Some(job) = job else {
+            reply_err(out, conn, req, codes::JOB_NOT_FOUND, "Invalid job_id");
+            return;
+        };
+        if !hashes {
+            reply_raw(
+                out,
+                conn,
+                req,
+                job.template.transactions.len().to_string().as_bytes(),
+            );
+            return;
+        }
+        if s.last_txnhashes
+            .is_some_and(|t| now.saturating_duration_since(t) < self.pool.cfg.update_interval)
+        {
+            reply_err(out, conn, req, codes::OTHER, "Ratelimit");
+            return;
+        }
+        s.last_txnhashes = Some(now);
+        let mut list = String::with_capacity(job.template.transactions.len() * 65);
+        for (i, tx) in job.template.transactions.iter().enumerate() {
+            if i > 0 {
+                list.push(' ');
+            }
+            list.push_str(&common::template::rpc_hash_hex(&tx.txid));
+        }
+        let mut raw = Vec::with_capacity(list.len() + 2);
+        stratum::write_str(&mut raw, &list);
+        reply_raw(out, conn, req, &raw);
+    }
+
+    /// Sends a job to one session (its own coinbase in solo mode).
+    fn send_job(&mut self, conn: ConnId, job: &Arc<Job>, out: &mut impl Out) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let first = s.last_job == 0;
+        s.last_job = job.id;
+        if !self.pool.cfg.solo {
+            let line = if first {
+                &job.notify_clean
+            } else {
+                &job.notify
+            };
+            out.send_shared(conn, Arc::clone(line));
+            return;
+        }
+        let Some(user) = s.auth.as_ref().map(|a| Arc::clone(&a.user)) else {
+            return;
+        };
+        match solo_work(&mut self.solo_work, &self.pool, job, &user) {
+            Some(w) => out.send_shared(
+                conn,
+                Arc::clone(if first { &w.notify_clean } else { &w.notify }),
+            ),
+            None => warn!(%conn, user = %user, "cannot build a coinbase for this user"),
+        }
+    }
+
+    fn submit(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+        match self.check_submit(now, conn, req, out) {
+            Ok(()) => {}
+            Err((code, reason)) => {
+                let mut buf = Vec::with_capacity(128);
+                stratum::reply_reject(&mut buf, &req.id, code, reason);
+                out.send(conn, buf);
+                match self.sessions.get(&conn).and_then(|s| s.auth.as_ref()) {
+                    Some(a) => self
+                        .pool
+                        .record_share(&a.user, &a.worker, None, 0.0, Some(reason)),
+                    None => self.pool.record_anonymous_reject(reason),
+                }
+                debug!(%conn, reason, "share rejected");
+            }
+        }
+    }
+
+    /// Every check of a submission, in ckpool's order plus a real nonce2 length check. A share
+    /// that solves a block is submitted before stale/duplicate bookkeeping.
+    fn check_submit(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        req: &Request<'_>,
+        out: &mut impl Out,
+    ) -> Result<(), Reject> {
+        let pool = Arc::clone(&self.pool);
+        let cfg = &pool.cfg;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return Ok(());
+        };
+        if !s.subscribed {
+            return Err((codes::NOT_SUBSCRIBED, "Not subscribed"));
+        }
+        let Some(auth) = s.auth.as_ref() else {
+            return Err((codes::UNAUTHORIZED, "Unauthorized worker"));
+        };
+        let params = req
+            .params_array()
+            .ok_or((codes::OTHER, "Params not array"))?;
+        let [worker, job_id, nonce2, ntime, nonce, rest @ ..] = params else {
+            return Err((codes::OTHER, "Invalid array size"));
+        };
+        let worker = worker
+            .as_str()
+            .filter(|w| !w.is_empty())
+            .ok_or((codes::OTHER, "No username"))?;
+        let job_id = job_id
+            .as_str()
+            .filter(|j| !j.is_empty())
+            .ok_or((codes::OTHER, "No job_id"))?;
+        let nonce2 = nonce2
+            .as_str()
+            .filter(|n| {
+                !n.is_empty() && n.len() % 2 == 0 && n.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .ok_or((codes::OTHER, "No nonce2"))?;
+        let ntime = ntime
+            .as_str()
+            .filter(|n| n.len() % 2 == 0)
+            .and_then(stratum::hex_u32)
+            .ok_or((codes::OTHER, "No ntime"))?;
+        let nonce = nonce
+            .as_str()
+            .filter(|n| n.len() >= 8)
+            .and_then(|n| n.get(..8))
+            .and_then(stratum::hex_u32)
+            .ok_or((codes::OTHER, "No nonce"))?;
+        let version_bits = match rest.first() {
+            None => None,
+            Some(v) if v.is_null() => None,
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(stratum::hex_u32)
+                    .ok_or((codes::OTHER, "Invalid version mask"))?,
+            ),
+        };
+        if let Some(bits) = version_bits
+            && bits & !s.mask != 0
+        {
+            return Err((codes::OTHER, "Invalid version mask"));
+        }
+        if worker != truncate(&auth.worker, MAX_WORKER_LEN) && worker != &*auth.worker {
+            return Err((codes::OTHER, "Worker mismatch"));
+        }
+        let (job, stale) = u64::from_str_radix(job_id, 16)
+            .ok()
+            .and_then(|id| pool.job(id))
+            .ok_or((codes::JOB_NOT_FOUND, "Invalid JobID"))?;
+        let n2len = cfg.coinbase.nonce2_len;
+        let mut en2 = [0u8; 8];
+        let en2 = en2
+            .get_mut(..n2len)
+            .ok_or((codes::OTHER, "Invalid nonce2 length"))?;
+        if nonce2.len() != n2len * 2 || hex::decode_to_slice(nonce2, en2).is_err() {
+            return Err((codes::OTHER, "Invalid nonce2 length"));
+        }
+        let user = Arc::clone(&auth.user);
+        let worker_name = Arc::clone(&auth.worker);
+        let solo;
+        let coinb2: &[u8] = if cfg.solo {
+            solo = solo_work(&mut self.solo_work, &pool, &job, &user)
+                .ok_or((codes::OTHER, "No coinbase for user"))?;
+            &solo.coinb2
+        } else {
+            &job.coinb2
+        };
+        let version = roll_version(job.version, version_bits.unwrap_or(0), s.mask);
+        let input = ShareInput {
+            coinb1: &job.coinb1,
+            enonce1: &s.enonce1_bytes,
+            enonce2: en2,
+            coinb2,
+            branch: &job.branch,
+            version,
+            prev_hash: &job.template.prev_hash,
+            ntime,
+            bits: job.bits,
+            nonce,
+        };
+        let hashed = hash_share(&input, &mut self.scratch);
+        let sdiff = hash_difficulty(&hashed.hash);
+        if job.network_target.is_met_by(&hashed.hash) {
+            let block = block::assemble(
+                &hashed.header,
+                &self.scratch,
+                job.template.has_witness_commitment(),
+                &job.template.transactions,
+            );
+            let hash = common::template::rpc_hash_hex(&hashed.hash);
+            info!(height = job.height(), %hash, worker = %worker_name, "BLOCK SOLVED, submitting");
+            pool.submit_block(BlockCandidate {
+                height: job.height(),
+                hash,
+                hex: hex::encode(block),
+                worker: worker_name.to_string(),
+                job_id: job.id,
+            });
+        }
+        let judged = if job.id < s.diff_change_job {
+            s.old_diff.min(s.diff)
+        } else {
+            s.diff
+        };
+        let verdict: Result<(), Reject> = if stale {
+            Err((codes::JOB_NOT_FOUND, "Stale"))
+        } else if ntime < job.ntime || ntime > job.ntime.saturating_add(MAX_NTIME_ROLL) {
+            Err((codes::OTHER, "Ntime out of range"))
+        } else if !judged.target().is_met_by(&hashed.hash) {
+            Err((codes::LOW_DIFFICULTY, "Above target"))
+        } else if !job.first_sighting(&hashed.hash) {
+            Err((codes::DUPLICATE, "Duplicate"))
+        } else {
+            Ok(())
+        };
+        pool.log_share(|| ShareRecord {
+            workinfoid: job.id,
+            height: job.height(),
+            enonce1: s.enonce1_hex.clone(),
+            nonce2: nonce2.to_owned(),
+            nonce: format!("{nonce:08x}"),
+            ntime: format!("{ntime:08x}"),
+            diff: judged.to_f64(),
+            sdiff,
+            hash: common::template::rpc_hash_hex(&hashed.hash),
+            result: verdict.is_ok(),
+            reject_reason: verdict.err().map(|(_, r)| r),
+            workername: worker_name.to_string(),
+            username: user.to_string(),
+            address: s.peer.ip().to_string(),
+            agent: s.agent.clone(),
+        });
+        verdict?;
+        let mut buf = Vec::with_capacity(96);
+        stratum::reply_result(&mut buf, &req.id, b"true");
+        pool.record_share(&user, &worker_name, Some(judged.to_f64()), sdiff, None);
+        let current = pool.current_job();
+        let network = current
+            .as_ref()
+            .map_or(job.network_diff, |c| c.network_diff);
+        let bounds = Bounds {
+            min: cfg.mindiff,
+            suggested: s.suggested,
+            max: cfg.maxdiff,
+            network,
+        };
+        if let Some(new) = s.vardiff.on_share(now, judged, s.diff, bounds) {
+            debug!(%conn, old = %s.diff, new = %new, "vardiff");
+            change_diff(s, new, current.map_or(job.id, |c| c.id), now);
+            stratum::set_difficulty(&mut buf, new);
+        }
+        out.send(conn, buf);
+        Ok(())
+    }
+}
+
+/// Changes a session's difficulty; work from jobs up to `current_job` is judged at the easier of
+/// the old and new difficulty, so nothing in flight is rejected by the change.
+fn change_diff(s: &mut Session, new: Difficulty, current_job: u64, now: Instant) {
+    s.old_diff = s.diff;
+    s.diff = new;
+    s.diff_change_job = current_job.saturating_add(1);
+    s.vardiff.changed(now);
+}
+
+/// The solo work of `user` for `job`, built on first use.
+fn solo_work(
+    cache: &mut HashMap<(u64, Arc<str>), Arc<SoloWork>>,
+    pool: &Pool,
+    job: &Job,
+    user: &Arc<str>,
+) -> Option<Arc<SoloWork>> {
+    if let Some(w) = cache.get(&(job.id, Arc::clone(user))) {
+        return Some(Arc::clone(w));
+    }
+    let script = address::script_for_address(user, pool.cfg.network).ok()?;
+    let coinb2 = job.coinb2_for(&script, &pool.cb_cfg).ok()?;
+    let w = Arc::new(SoloWork {
+        notify: job.notify_with(&coinb2, job.clean),
+        notify_clean: job.notify_with(&coinb2, true),
+        coinb2,
+    });
+    cache.insert((job.id, Arc::clone(user)), Arc::clone(&w));
+    Some(w)
+}
+
+fn reply_raw(out: &mut impl Out, conn: ConnId, req: &Request<'_>, raw: &[u8]) {
+    let mut buf = Vec::with_capacity(64 + raw.len());
+    stratum::reply_result(&mut buf, &req.id, raw);
+    out.send(conn, buf);
+}
+
+fn reply_err(out: &mut impl Out, conn: ConnId, req: &Request<'_>, code: i32, msg: &str) {
+    let mut buf = Vec::with_capacity(96);
+    stratum::reply_error(&mut buf, &req.id, code, msg);
+    out.send(conn, buf);
+}
+
+/// A failed authorisation: `result` false and an error, as both client conventions expect.
+fn reply_auth_fail(out: &mut impl Out, conn: ConnId, req: &Request<'_>, code: i32, msg: &str) {
+    let mut buf = Vec::with_capacity(96);
+    buf.extend_from_slice(b"{\"id\":");
+    stratum::write_value(&mut buf, &req.id);
+    buf.extend_from_slice(format!(",\"result\":false,\"error\":[{code},").as_bytes());
+    stratum::write_str(&mut buf, msg);
+    buf.extend_from_slice(b",null]}\n");
+    out.send(conn, buf);
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
+}
+
+/// A big-endian 32-byte target as a 256-bit integer.
+fn ruint_from_be(be: &[u8; 32]) -> ruint::aliases::U256 {
+    ruint::aliases::U256::from_be_bytes(*be)
+}

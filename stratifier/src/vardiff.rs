@@ -1,0 +1,229 @@
+//! Variable difficulty, as ckpool does it: aim for 0.3 shares per second per client, judged on a
+//! 5-minute decaying average of accepted difficulty, with ckpool's hysteresis. A pure function of
+//! its events and `now`.
+
+use std::time::{Duration, Instant};
+
+use common::Difficulty;
+
+/// Target share rate (shares per second).
+pub const TARGET_RATE: f64 = 0.3;
+/// Window of the decaying average used for decisions.
+const WINDOW: f64 = 300.0;
+
+/// Per-client vardiff state.
+#[derive(Debug, Clone)]
+pub struct VarDiff {
+    /// Decaying average of accepted difficulty per second over ~5 minutes.
+    dsps: f64,
+    /// When `dsps` was last updated.
+    last_decay: Instant,
+    /// First share seen (for the start-up bias).
+    first_share: Option<Instant>,
+    /// Shares since the last difficulty change.
+    ssdc: u32,
+    /// Time of the last difficulty change.
+    last_change: Instant,
+}
+
+/// Bounds a vardiff decision is clamped to.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Pool minimum.
+    pub min: Difficulty,
+    /// Client's suggested (or configured) minimum, if any.
+    pub suggested: Option<Difficulty>,
+    /// Pool maximum, if any.
+    pub max: Option<Difficulty>,
+    /// Network difficulty (a share never needs to be harder than a block).
+    pub network: Difficulty,
+}
+
+impl VarDiff {
+    /// Fresh state at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            dsps: 0.0,
+            last_decay: now,
+            first_share: None,
+            ssdc: 0,
+            last_change: now,
+        }
+    }
+
+    /// The decaying average of accepted difficulty per second.
+    pub fn dsps(&self, now: Instant) -> f64 {
+        let mut f = self.dsps;
+        decay(
+            &mut f,
+            0.0,
+            secs(now.saturating_duration_since(self.last_decay)),
+        );
+        f
+    }
+
+    /// Records a difficulty change made elsewhere (suggest_difficulty).
+    pub fn changed(&mut self, now: Instant) {
+        self.ssdc = 0;
+        self.last_change = now;
+    }
+
+    /// Accounts an accepted share credited at `credited` while the client's difficulty is
+    /// `current`; returns the new difficulty when it should change.
+    pub fn on_share(
+        &mut self,
+        now: Instant,
+        credited: Difficulty,
+        current: Difficulty,
+        bounds: Bounds,
+    ) -> Option<Difficulty> {
+        let elapsed = secs(now.saturating_duration_since(self.last_decay));
+        decay(&mut self.dsps, credited.to_f64(), elapsed);
+        self.last_decay = now;
+        let first = *self.first_share.get_or_insert(now);
+        self.ssdc = self.ssdc.saturating_add(1);
+        let since_change = now.saturating_duration_since(self.last_change);
+        if self.ssdc < 72 && since_change < Duration::from_secs(240) {
+            return None;
+        }
+        if credited != current {
+            // A share from before the last change: wait for shares at the new difficulty.
+            self.ssdc = 0;
+            return None;
+        }
+        let bias = 1.0 - (-secs(now.saturating_duration_since(first)) / WINDOW).exp();
+        if bias <= 0.0 {
+            return None;
+        }
+        let dsps = self.dsps / bias;
+        let current_f = current.to_f64();
+        let drr = dsps / current_f;
+        if drr > 0.15 && drr < 0.4 {
+            return None;
+        }
+        let optimal = if bounds.suggested.is_some() {
+            if drr < 0.5 {
+                return None;
+            }
+            dsps * 2.4
+        } else {
+            dsps * (1.0 / TARGET_RATE)
+        };
+        // Whole difficulties are rounded as ckpool does; below 1 they stay fractional.
+        let optimal = if optimal >= 1.0 {
+            optimal.round()
+        } else {
+            optimal
+        };
+        let mut new = Difficulty::from_f64(optimal)?;
+        new = new.max(bounds.min);
+        if let Some(s) = bounds.suggested {
+            new = new.max(s);
+        }
+        if let Some(m) = bounds.max {
+            new = new.min(m);
+        }
+        new = new.min(bounds.network.max(bounds.min));
+        if new == current {
+            return None;
+        }
+        if new < current && self.ssdc == 1 {
+            // The client just came back after a gap: give it a moment before lowering.
+            self.last_change = now;
+            return None;
+        }
+        self.ssdc = 0;
+        self.last_change = now;
+        Some(new)
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// ckpool's decaying average: `f = (f + add/t * p) / (1 + p)`, `p = 1 - e^(-min(t/window, 36))`.
+fn decay(f: &mut f64, add: f64, elapsed: f64) {
+    let t = elapsed.max(0.001);
+    let p = 1.0 - (-(t / WINDOW).min(36.0)).exp();
+    *f = (*f + add / t * p) / (1.0 + p);
+    if *f < 2e-16 {
+        *f = 0.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn d(x: f64) -> Difficulty {
+        Difficulty::from_f64(x).unwrap()
+    }
+
+    fn bounds() -> Bounds {
+        Bounds {
+            min: d(1.0),
+            suggested: None,
+            max: None,
+            network: d(1e12),
+        }
+    }
+
+    /// Simulates a miner of `hashrate_diff_per_sec` submitting shares at its current difficulty.
+    fn simulate(rate: f64, start: f64, secs_total: u64, b: Bounds) -> Difficulty {
+        let t0 = Instant::now();
+        let mut v = VarDiff::new(t0);
+        let mut diff = d(start);
+        let mut t = 0.0f64;
+        while t < secs_total as f64 {
+            // Time to the next share at this difficulty, deterministic.
+            t += diff.to_f64() / rate;
+            let now = t0 + Duration::from_secs_f64(t);
+            if let Some(n) = v.on_share(now, diff, diff, b) {
+                diff = n;
+            }
+        }
+        diff
+    }
+
+    #[test]
+    fn converges_up_to_target_rate() {
+        // 1000 diff-1 shares per second of work: the right difficulty is ~3333.
+        let got = simulate(1000.0, 1.0, 3600, bounds()).to_f64();
+        assert!((2000.0..=5000.0).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn converges_down() {
+        let got = simulate(10.0, 10_000.0, 7200, bounds()).to_f64();
+        assert!((15.0..=60.0).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn stays_within_bounds() {
+        let b = Bounds {
+            min: d(1.0),
+            suggested: None,
+            max: Some(d(500.0)),
+            network: d(1e12),
+        };
+        assert_eq!(simulate(1000.0, 1.0, 3600, b), d(500.0));
+        let b = Bounds {
+            min: d(1.0),
+            suggested: None,
+            max: None,
+            network: d(100.0),
+        };
+        assert_eq!(simulate(1000.0, 1.0, 3600, b), d(100.0));
+    }
+
+    proptest! {
+        #[test]
+        fn never_leaves_bounds(rate in 0.01f64..1e6, start in 1.0f64..1e6, min in 0.001f64..10.0, max in 10.0f64..1e5) {
+            let b = Bounds { min: d(min), suggested: None, max: Some(d(max)), network: d(1e9) };
+            let got = simulate(rate, start.clamp(min, max), 1200, b);
+            prop_assert!(got >= d(min) && got <= d(max), "{:?}", got);
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! Deterministic simulation: a shard driven in memory by a fake miner on a manual clock.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "test code"
+)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ckpool_stratifier::share::{ShareInput, hash_share, roll_version};
+use ckpool_stratifier::{BlockCandidate, Pool, PoolConfig, RecordingOut, Shard};
+use common::address::{Network, script_for_address};
+use common::template::{Template, TemplateTx};
+use common::{ConnId, Difficulty, Target};
+use serde_json::{Value, json};
+
+const PAYOUT: &str = "mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ";
+/// Network difficulty 1: CPU shares at 2^-32 never solve blocks.
+const HARD_BITS: u32 = 0x1d00ffff;
+/// Regtest: half of all hashes solve a block.
+const EASY_BITS: u32 = 0x207fffff;
+
+fn template(prev: u8, bits: u32, txs: usize) -> Arc<Template> {
+    use bitcoin::hashes::Hash as _;
+    let transactions = (0..txs)
+        .map(|i| {
+            let tx = bitcoin::Transaction {
+                version: bitcoin::transaction::Version::ONE,
+                lock_time: bitcoin::absolute::LockTime::ZERO,
+                input: vec![bitcoin::TxIn {
+                    previous_output: bitcoin::OutPoint::new(
+                        bitcoin::Txid::from_byte_array([i as u8 + 1; 32]),
+                        0,
+                    ),
+                    ..Default::default()
+                }],
+                output: vec![bitcoin::TxOut {
+                    value: bitcoin::Amount::from_sat(1000),
+                    script_pubkey: bitcoin::ScriptBuf::new(),
+                }],
+            };
+            let txid = tx.compute_txid().to_byte_array();
+            TemplateTx {
+                data: bitcoin::consensus::serialize(&tx),
+                txid,
+                wtxid: txid,
+            }
+        })
+        .collect();
+    Arc::new(Template {
+        version: 0x2000_0000,
+        prev_hash: [prev; 32],
+        bits,
+        curtime: 1_700_000_000,
+        height: 1000,
+        coinbase_value: 50_0000_0000,
+        coinbase_flags: Vec::new(),
+        transactions,
+        default_witness_commitment: None,
+        rules: Vec::new(),
+    })
+}
+
+struct Sim {
+    pool: Arc<Pool>,
+    shard: Shard,
+    out: RecordingOut,
+    now: Instant,
+    blocks: Arc<Mutex<Vec<BlockCandidate>>>,
+}
+
+fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
+    let payout = (!solo).then(|| script_for_address(PAYOUT, Network::Regtest).unwrap());
+    let mut cfg = PoolConfig::new(Network::Regtest, payout);
+    cfg.solo = solo;
+    cfg.mindiff = Difficulty::MIN;
+    cfg.startdiff = Difficulty::MIN;
+    tweak(&mut cfg);
+    let blocks = Arc::new(Mutex::new(Vec::new()));
+    let b2 = Arc::clone(&blocks);
+    let pool = Pool::new(cfg, 1, move |b| b2.lock().unwrap().push(b), None);
+    let now = Instant::now();
+    pool.new_template(template(1, bits, 3), now).unwrap();
+    Sim {
+        shard: Shard::new(Arc::clone(&pool)),
+        pool,
+        out: RecordingOut::default(),
+        now,
+        blocks,
+    }
+}
+
+fn sim() -> Sim {
+    sim_with(false, HARD_BITS, |_| {})
+}
+
+fn peer() -> SocketAddr {
+    "127.0.0.1:5000".parse().unwrap()
+}
+
+/// What a miner learnt from the pool.
+#[derive(Default, Clone)]
+struct Work {
+    en1: Vec<u8>,
+    n2len: usize,
+    diff: f64,
+    job: Option<Vec<Value>>,
+}
+
+impl Sim {
+    fn open(&mut self, n: u32) -> ConnId {
+        let c = ConnId::new(0, 0, n);
+        self.shard.on_open(self.now, c, peer(), 0);
+        c
+    }
+
+    fn line(&mut self, c: ConnId, v: Value) -> Vec<Value> {
+        self.raw(c, v.to_string().as_bytes())
+    }
+
+    fn raw(&mut self, c: ConnId, bytes: &[u8]) -> Vec<Value> {
+        self.shard.on_line(self.now, c, bytes, &mut self.out);
+        self.out.take_json(c)
+    }
+
+    fn connect(&mut self, n: u32, user: &str) -> (ConnId, Work) {
+        let c = self.open(n);
+        let mut w = Work::default();
+        let r = self.line(
+            c,
+            json!({"id":1,"method":"mining.subscribe","params":["test/1.0"]}),
+        );
+        absorb(&mut w, &r);
+        let r = self.line(
+            c,
+            json!({"id":2,"method":"mining.authorize","params":[user,"x"]}),
+        );
+        assert_eq!(r[0]["result"], true, "{r:?}");
+        absorb(&mut w, &r);
+        (c, w)
+    }
+
+    fn new_block(&mut self, prev: u8, bits: u32) -> Vec<Value> {
+        let job = self
+            .pool
+            .new_template(template(prev, bits, 0), self.now)
+            .unwrap();
+        self.shard.on_job(&job, &mut self.out);
+        Vec::new()
+    }
+}
+
+fn absorb(w: &mut Work, msgs: &[Value]) {
+    for m in msgs {
+        if m["method"] == "mining.set_difficulty" {
+            w.diff = m["params"][0].as_f64().unwrap();
+        } else if m["method"] == "mining.notify" {
+            w.job = Some(m["params"].as_array().unwrap().clone());
+        } else if m["id"] == 1 && m["result"].is_array() {
+            w.en1 = hex::decode(m["result"][1].as_str().unwrap()).unwrap();
+            w.n2len = m["result"][2].as_u64().unwrap() as usize;
+        }
+    }
+}
+
+fn h32(s: &str) -> [u8; 32] {
+    hex::decode(s).unwrap().try_into().unwrap()
+}
+
+/// Hashes a share from notify params the way a miner does.
+fn share_hash(w: &Work, en2: &[u8], ntime: u32, nonce: u32, vbits: u32, mask: u32) -> [u8; 32] {
+    let job = w.job.as_ref().unwrap();
+    let coinb1 = hex::decode(job[2].as_str().unwrap()).unwrap();
+    let coinb2 = hex::decode(job[3].as_str().unwrap()).unwrap();
+    let branch: Vec<[u8; 32]> = job[4]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| h32(b.as_str().unwrap()))
+        .collect();
+    let mut prev = h32(job[1].as_str().unwrap());
+    for c in prev.chunks_exact_mut(4) {
+        c.reverse();
+    }
+    let version = u32::from_str_radix(job[5].as_str().unwrap(), 16).unwrap();
+    let bits = u32::from_str_radix(job[6].as_str().unwrap(), 16).unwrap();
+    let input = ShareInput {
+        coinb1: &coinb1,
+        enonce1: &w.en1,
+        enonce2: en2,
+        coinb2: &coinb2,
+        branch: &branch,
+        version: roll_version(version, vbits, mask),
+        prev_hash: &prev,
+        ntime,
+        bits,
+        nonce,
+    };
+    hash_share(&input, &mut Vec::new()).hash
+}
+
+/// Finds a nonce whose hash meets `want` and (optionally) does not meet `avoid`.
+fn grind(w: &Work, en2: &[u8], want: Target, avoid: Option<Target>) -> u32 {
+    let ntime = u32::from_str_radix(w.job.as_ref().unwrap()[7].as_str().unwrap(), 16).unwrap();
+    (0u32..)
+        .find(|&n| {
+            let h = share_hash(w, en2, ntime, n, 0, 0);
+            want.is_met_by(&h) && avoid.is_none_or(|a| !a.is_met_by(&h))
+        })
+        .unwrap()
+}
+
+fn submit(w: &Work, user: &str, en2: &[u8], nonce: u32) -> Value {
+    let job = w.job.as_ref().unwrap();
+    json!({"id": 9, "method": "mining.submit",
+        "params": [user, job[0], hex::encode(en2), job[7], format!("{nonce:08x}")]})
+}
+
+fn good_share(w: &Work, user: &str, en2: &[u8]) -> Value {
+    let nonce = grind(w, en2, Difficulty::from_f64(w.diff).unwrap().target(), None);
+    submit(w, user, en2, nonce)
+}
+
+fn assert_reject(r: &[Value], code: i64, reason: &str) {
+    let reply = r
+        .iter()
+        .find(|m| m["id"] == 9)
+        .unwrap_or_else(|| panic!("no reply in {r:?}"));
+    assert_eq!(reply["result"], false, "{reply}");
+    assert_eq!(reply["error"][0], code, "{reply}");
+    assert_eq!(reply["error"][1], reason, "{reply}");
+    assert_eq!(reply["reject-reason"], reason, "{reply}");
+}
+
+#[test]
+fn subscribe_reply_shape_then_difficulty_then_clean_notify() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id":"a","method":"mining.subscribe","params":["cgminer/4.10"]}),
+    );
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(r[0]["id"], "a");
+    assert_eq!(r[0]["error"], Value::Null);
+    assert_eq!(r[0]["result"][0][0][0], "mining.notify");
+    assert_eq!(r[0]["result"][1].as_str().unwrap().len(), 8);
+    assert_eq!(r[0]["result"][2], 8);
+    assert_eq!(r[1]["method"], "mining.set_difficulty");
+    assert_eq!(r[2]["method"], "mining.notify");
+    assert_eq!(r[2]["params"][8], true);
+}
+
+#[test]
+fn accepted_share_and_stats() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice.rig1");
+    let r = s.line(c, good_share(&w, "alice.rig1", &[0; 8]));
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    assert_eq!(r[0]["error"], Value::Null);
+    let st = s.pool.stats();
+    assert_eq!((st.accepted, st.rejected), (1, 0));
+    assert_eq!(st.users["alice"].workers["alice.rig1"].accepted, 1);
+}
+
+#[test]
+fn duplicate_share() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let share = good_share(&w, "alice", &[1; 8]);
+    assert_eq!(s.line(c, share.clone())[0]["result"], true);
+    assert_reject(&s.line(c, share), 22, "Duplicate");
+    assert_eq!(s.pool.stats().reject_reasons["Duplicate"], 1);
+}
+
+#[test]
+fn stale_share_after_new_block() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let share = good_share(&w, "alice", &[2; 8]);
+    s.new_block(2, HARD_BITS);
+    assert_reject(&s.line(c, share), 21, "Stale");
+}
+
+#[test]
+fn bad_nonce2_length() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let mut share = good_share(&w, "alice", &[3; 8]);
+    share["params"][2] = json!("0303030303");
+    assert_reject(&s.line(c, share), 20, "Invalid nonce2 length");
+}
+
+#[test]
+fn above_target() {
+    let mut s = sim();
+    let (c, mut w) = s.connect(1, "alice");
+    // Raise the difficulty far above what nonce 0..N reach, then submit an easy hash.
+    let r = s.line(
+        c,
+        json!({"id":5,"method":"mining.suggest_difficulty","params":[1_000_000]}),
+    );
+    assert_eq!(r[0]["result"], true);
+    absorb(&mut w, &r);
+    assert_eq!(w.diff, 1_000_000.0);
+    // A fresh job, so the old-difficulty window no longer applies.
+    s.new_block(3, HARD_BITS);
+    absorb(&mut w, &s.out.take_json(c));
+    let nonce = grind(
+        &w,
+        &[4; 8],
+        Difficulty::MIN.target(),
+        Some(Difficulty::from_f64(1e6).unwrap().target()),
+    );
+    assert_reject(
+        &s.line(c, submit(&w, "alice", &[4; 8], nonce)),
+        23,
+        "Above target",
+    );
+}
+
+#[test]
+fn bad_job_id() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let mut share = good_share(&w, "alice", &[5; 8]);
+    share["params"][1] = json!("deadbeef");
+    assert_reject(&s.line(c, share.clone()), 21, "Invalid JobID");
+    share["params"][1] = json!("not hex");
+    assert_reject(&s.line(c, share), 21, "Invalid JobID");
+}
+
+#[test]
+fn malformed_submits() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let good = good_share(&w, "alice", &[6; 8]);
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"id":9,"method":"mining.submit","params":"x"}),
+            "Params not array",
+        ),
+        (json!({"id":9,"method":"mining.submit"}), "Params not array"),
+        (
+            json!({"id":9,"method":"mining.submit","params":["alice","1","00"]}),
+            "Invalid array size",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":[5, good["params"][1], good["params"][2], good["params"][3], good["params"][4]]}),
+            "No username",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":["alice", "", good["params"][2], good["params"][3], good["params"][4]]}),
+            "No job_id",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":["alice", good["params"][1], "xyz", good["params"][3], good["params"][4]]}),
+            "No nonce2",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":["alice", good["params"][1], good["params"][2], [], good["params"][4]]}),
+            "No ntime",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":["alice", good["params"][1], good["params"][2], good["params"][3], "12"]}),
+            "No nonce",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":["alice", good["params"][1], good["params"][2], good["params"][3], "zzzzzzzz"]}),
+            "No nonce",
+        ),
+        (
+            json!({"id":9,"method":"mining.submit","params":["bob", good["params"][1], good["params"][2], good["params"][3], good["params"][4]]}),
+            "Worker mismatch",
+        ),
+    ];
+    for (msg, reason) in cases {
+        assert_reject(&s.line(c, msg), 20, reason);
+    }
+    // The honest share still goes through afterwards.
+    assert_eq!(s.line(c, good)[0]["result"], true);
+}
+
+#[test]
+fn ntime_out_of_range() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let mut share = good_share(&w, "alice", &[7; 8]);
+    share["params"][3] = json!(format!("{:08x}", 1_700_000_000u32 - 1));
+    assert_reject(&s.line(c, share.clone()), 20, "Ntime out of range");
+    share["params"][3] = json!(format!("{:08x}", 1_700_000_000u32 + 7001));
+    assert_reject(&s.line(c, share), 20, "Ntime out of range");
+}
+
+#[test]
+fn version_rolling_within_and_outside_mask() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(c, json!({"id":3,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"ffffffff","version-rolling.min-bit-count":2}]}));
+    assert_eq!(r[0]["result"]["version-rolling"], true);
+    assert_eq!(r[0]["result"]["version-rolling.mask"], "1fffe000");
+    let mut w = Work::default();
+    absorb(
+        &mut w,
+        &s.line(c, json!({"id":1,"method":"mining.subscribe","params":[]})),
+    );
+    absorb(
+        &mut w,
+        &s.line(
+            c,
+            json!({"id":2,"method":"mining.authorize","params":["v","x"]}),
+        ),
+    );
+    let ntime = u32::from_str_radix(w.job.as_ref().unwrap()[7].as_str().unwrap(), 16).unwrap();
+    let vbits = 0x0000_2000;
+    let target = Difficulty::from_f64(w.diff).unwrap().target();
+    let nonce = (0u32..)
+        .find(|&n| target.is_met_by(&share_hash(&w, &[8; 8], ntime, n, vbits, 0x1fff_e000)))
+        .unwrap();
+    let mut share = submit(&w, "v", &[8; 8], nonce);
+    share["params"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("00002000"));
+    assert_eq!(s.line(c, share.clone())[0]["result"], true);
+    share["params"][5] = json!("e0000000");
+    assert_reject(&s.line(c, share), 20, "Invalid version mask");
+}
+
+#[test]
+fn configure_intersects_masks() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(c, json!({"id":3,"method":"mining.configure","params":[["version-rolling","unknown-ext"],{"version-rolling.mask":"00ffe000"}]}));
+    assert_eq!(r[0]["result"]["version-rolling.mask"], "00ffe000");
+    assert_eq!(r[0]["result"]["unknown-ext"], false);
+}
+
+#[test]
+fn suggest_difficulty_before_subscribe_is_applied_and_answered() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id":4,"method":"mining.suggest_difficulty","params":[0.5]}),
+    );
+    assert_eq!(r[0]["result"], true);
+    let r = s.line(c, json!({"id":1,"method":"mining.subscribe","params":[]}));
+    assert_eq!(r[1]["method"], "mining.set_difficulty");
+    assert_eq!(r[1]["params"][0], 0.5);
+}
+
+#[test]
+fn messages_before_subscribe_get_errors_not_disconnects() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id":2,"method":"mining.authorize","params":["a","x"]}),
+    );
+    assert_eq!(r[0]["result"], false);
+    assert_eq!(r[0]["error"][0], 25);
+    let r = s.line(
+        c,
+        json!({"id":9,"method":"mining.submit","params":["a","1","00","00","00"]}),
+    );
+    assert_eq!(r[0]["error"][0], 25);
+    let r = s.line(c, json!({"id":7,"method":"mining.nonsense","params":[]}));
+    assert_eq!(r[0]["error"][1], "Method not found");
+    assert!(s.out.closed.is_empty());
+}
+
+#[test]
+fn unauthorised_submit_gets_error_24() {
+    let mut s = sim();
+    let c = s.open(1);
+    s.line(c, json!({"id":1,"method":"mining.subscribe","params":[]}));
+    let r = s.line(
+        c,
+        json!({"id":9,"method":"mining.submit","params":["a","1","00","00","00"]}),
+    );
+    assert_eq!(r[0]["error"][0], 24);
+}
+
+#[test]
+fn garbage_line_gets_error_and_disconnect() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.raw(c, b"GET / HTTP/1.1");
+    assert_eq!(r[0]["error"][0], 20);
+    assert_eq!(s.out.closed, vec![c]);
+}
+
+#[test]
+fn never_authorising_client_dropped_after_60s() {
+    let mut s = sim();
+    let lazy = s.open(1);
+    s.line(
+        lazy,
+        json!({"id":1,"method":"mining.subscribe","params":[]}),
+    );
+    let (good, _) = s.connect(2, "alice");
+    s.now += Duration::from_secs(59);
+    s.shard.on_tick(s.now, &mut s.out);
+    assert!(s.out.closed.is_empty());
+    s.now += Duration::from_secs(2);
+    s.shard.on_tick(s.now, &mut s.out);
+    assert_eq!(s.out.closed, vec![lazy]);
+    assert!(!s.out.closed.contains(&good));
+}
+
+#[test]
+fn session_resume_reuses_enonce1() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["x"]}),
+    );
+    let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
+    let en1 = r[0]["result"][1].clone();
+    s.shard.on_close(s.now, c);
+    s.now += Duration::from_secs(100);
+    let c2 = s.open(2);
+    let r = s.line(
+        c2,
+        json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
+    );
+    assert_eq!(r[0]["result"][1], en1);
+    // A third connection asking for the same (now taken) session gets a fresh one.
+    let c3 = s.open(3);
+    let r = s.line(
+        c3,
+        json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
+    );
+    assert_ne!(r[0]["result"][1], en1);
+}
+
+#[test]
+fn new_job_notifies_subscribed_miners_once() {
+    let mut s = sim();
+    let (c, _) = s.connect(1, "alice");
+    let job = s
+        .pool
+        .new_template(template(9, HARD_BITS, 0), s.now)
+        .unwrap();
+    s.shard.on_job(&job, &mut s.out);
+    s.shard.on_job(&job, &mut s.out);
+    let msgs = s.out.take_json(c);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["params"][8], true);
+}
+
+#[test]
+fn block_solution_is_assembled_and_submitted_before_stale_check() {
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let (c, w) = s.connect(1, "alice.rig");
+    let net = Target::from_compact(EASY_BITS);
+    let nonce = grind(&w, &[9; 8], net, None);
+    let share = submit(&w, "alice.rig", &[9; 8], nonce);
+    // Make the job stale first: the block must still be submitted.
+    s.new_block(7, EASY_BITS);
+    assert_reject(&s.line(c, share), 21, "Stale");
+    let blocks = s.blocks.lock().unwrap();
+    assert_eq!(blocks.len(), 1);
+    let raw = hex::decode(&blocks[0].hex).unwrap();
+    let block: bitcoin::Block = bitcoin::consensus::deserialize(&raw).unwrap();
+    assert!(block.check_merkle_root());
+    assert_eq!(block.txdata.len(), 4);
+    assert_eq!(block.block_hash().to_string(), blocks[0].hash);
+    let payout = script_for_address(PAYOUT, Network::Regtest).unwrap();
+    assert_eq!(
+        block.txdata[0].output[0].script_pubkey.as_bytes(),
+        &payout[..]
+    );
+}
+
+#[test]
+fn solo_mode_pays_each_user() {
+    let mut s = sim_with(true, EASY_BITS, |_| {});
+    let c = s.open(1);
+    s.line(c, json!({"id":1,"method":"mining.subscribe","params":[]}));
+    let r = s.line(
+        c,
+        json!({"id":2,"method":"mining.authorize","params":["not-an-address.w","x"]}),
+    );
+    assert_eq!(r[0]["result"], false);
+    let addr = "mzBc4XEFSdzCDcTxAgf6EZXgsZWpztRhef";
+    let (c2, w) = s.connect(2, &format!("{addr}.w1"));
+    let _ = c;
+    let net = Target::from_compact(EASY_BITS);
+    let nonce = grind(&w, &[1; 8], net, None);
+    let r = s.line(c2, submit(&w, &format!("{addr}.w1"), &[1; 8], nonce));
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    let blocks = s.blocks.lock().unwrap();
+    let block: bitcoin::Block =
+        bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
+    let script = script_for_address(addr, Network::Regtest).unwrap();
+    assert_eq!(
+        block.txdata[0].output[0].script_pubkey.as_bytes(),
+        &script[..]
+    );
+}
+
+#[test]
+fn vardiff_raises_difficulty_for_a_fast_miner() {
+    let mut s = sim();
+    let (c, mut w) = s.connect(1, "fast");
+    let start = w.diff;
+    for i in 0..100u32 {
+        s.now += Duration::from_millis(10);
+        let en2 = i.to_be_bytes().repeat(2);
+        let r = s.line(c, good_share(&w, "fast", &en2));
+        assert_eq!(r[0]["result"], true, "{r:?}");
+        absorb(&mut w, &r);
+    }
+    assert!(w.diff > start, "difficulty stayed at {start}");
+}
