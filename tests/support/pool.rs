@@ -1,0 +1,258 @@
+//! Runs the real `ckpool-rs` binary for integration tests, and a raw stratum client.
+#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different part of this module")]
+#![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used, reason = "test support")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::node::{RPC_PASS, RPC_USER, RegtestNode, WAIT, wait_until};
+
+/// A running ckpool-rs.
+pub struct PoolProcess {
+    child: Child,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub sockdir: PathBuf,
+    pub log: PathBuf,
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh temp directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "ckpool-rs-test-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ u128::from(free_port())
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The `btcd` config entry for a node.
+pub fn btcd_entry(node: &RegtestNode) -> Value {
+    json!({"url": node.rpc_url().trim_start_matches("http://"), "auth": RPC_USER, "pass": RPC_PASS})
+}
+
+/// A pool config for regtest: every hash is a share (difficulty 2^-32).
+pub fn regtest_config(btcd: Vec<Value>, btcaddress: Option<&str>, port: u16) -> Value {
+    let mut c = json!({
+        "btcd": btcd,
+        "btcsig": "/ckpool-rs test/",
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "mindiff": 0.00000000023283064365386963,
+        "startdiff": 0.00000000023283064365386963,
+        "blockpoll": 100,
+        "update_interval": 30,
+        "zmqblock": null,
+        "threads": 2,
+    });
+    if let Some(a) = btcaddress {
+        c["btcaddress"] = json!(a);
+    }
+    c
+}
+
+impl PoolProcess {
+    /// Starts the pool with `config` and extra flags; waits until it answers `ping` and accepts
+    /// stratum connections.
+    pub fn start(tag: &str, config: &Value, flags: &[&str]) -> Self {
+        let dir = temp_dir(tag);
+        let cfg_path = dir.join("ckpool.conf");
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        let sockdir = dir.join("sock");
+        let log = dir.join("pool.log");
+        let port: u16 = config["serverurl"][0].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpool-rs"));
+        cmd.arg("-c").arg(&cfg_path).arg("-s").arg(&sockdir).arg("-n").arg(tag).arg("-l").arg("7");
+        cmd.args(flags);
+        cmd.env("RUST_LOG", "debug");
+        cmd.current_dir(&dir);
+        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        let mut p = Self { child, dir, addr: SocketAddr::from(([127, 0, 0, 1], port)), sockdir, log };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("pool exited with {status} during start-up; log:\n{}", p.log_text());
+            }
+            if p.admin("ping").as_deref() == Some("pong") && TcpStream::connect(p.addr).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pool did not start; log:\n{}", p.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    /// Sends an admin command; `None` if the socket is not there (yet).
+    pub fn admin(&self, cmd: &str) -> Option<String> {
+        let mut s = UnixStream::connect(self.sockdir.join("listener")).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        common::admin::write_message(&mut s, cmd.as_bytes()).ok()?;
+        let reply = common::admin::read_message(&mut s).ok()??;
+        Some(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// The pool's statistics.
+    pub fn stats(&self) -> Value {
+        serde_json::from_str(&self.admin("stats").expect("stats")).unwrap()
+    }
+
+    /// The pool's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Asks the pool to shut down and waits for it.
+    pub fn shutdown(&mut self) {
+        let _ = self.admin("shutdown");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PoolProcess {
+    fn drop(&mut self) {
+        self.shutdown();
+        if std::thread::panicking() {
+            eprintln!("--- pool log ({}) ---\n{}", self.log.display(), tail(&self.log_text(), 200));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A raw stratum client speaking lines.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    pub seen: Vec<Value>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Self { stream, reader, seen: Vec::new() }
+    }
+
+    pub fn send(&mut self, v: &Value) {
+        self.send_raw(format!("{v}\n").as_bytes());
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one line, or `None` on timeout; `Err(())` when the server closed the connection.
+    pub fn read_line(&mut self) -> Result<Option<Value>, ()> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err(()),
+            Ok(_) => {
+                let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::String(line));
+                self.seen.push(v.clone());
+                Ok(Some(v))
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(None),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// Waits for a message matching `pred`.
+    pub fn wait_for(&mut self, what: &str, deadline: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            match self.read_line() {
+                Ok(Some(v)) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(()) => panic!("connection closed while waiting for {what}; seen {:?}", self.seen),
+            }
+        }
+        panic!("timed out waiting for {what}; seen {:?}", self.seen);
+    }
+
+    /// Waits for the reply with this id.
+    pub fn reply(&mut self, id: u64) -> Value {
+        self.wait_for(&format!("reply {id}"), WAIT, |v| v["id"] == id)
+    }
+
+    /// Waits until the server closes the connection.
+    pub fn wait_closed(&mut self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if self.read_line().is_err() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Subscribes and authorises; returns (extranonce1, nonce2 length).
+    pub fn login(&mut self, user: &str) -> (String, usize) {
+        self.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw-test/1"]}));
+        let r = self.reply(1);
+        let en1 = r["result"][1].as_str().unwrap().to_owned();
+        let n2 = r["result"][2].as_u64().unwrap() as usize;
+        self.send(&json!({"id": 2, "method": "mining.authorize", "params": [user, "x"]}));
+        assert_eq!(self.reply(2)["result"], true);
+        (en1, n2)
+    }
+}
+
+/// Polls the pool's stats until `pred` holds.
+pub fn wait_stats(pool: &PoolProcess, what: &str, deadline: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Some(s) = pool.admin("stats").and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+            if pred(&s) {
+                return s;
+            }
+            last = s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}; last stats {last}");
+}
+
+/// Unused helper kept for symmetry with node.rs waits.
+pub fn wait(what: &str, cond: impl FnMut() -> bool) {
+    wait_until(what, WAIT, cond);
+}
+
+/// Path helper.
+pub fn p(path: &Path) -> String {
+    path.display().to_string()
+}
