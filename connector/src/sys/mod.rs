@@ -1,0 +1,242 @@
+//! Platform layer: the I/O backends and the few OS calls the connector needs.
+//!
+//! Everything platform-specific lives under this module: every `cfg` and every `unsafe` block of
+//! the crate. The per-thread event loop in `worker.rs` is generic over [`Backend`] and never
+//! touches a file descriptor.
+//!
+//! # The backend contract
+//!
+//! The interface is *completion-based* (io_uring's model). The loop asks for operations (arm an
+//! accept, arm a receive, send these buffers, close) and later collects what finished with
+//! [`Backend::complete`]. A readiness backend (epoll) performs the syscall when the socket is
+//! ready and reports the result the same way, so the loop cannot tell the two apart.
+//!
+//! * **Accept** and **receive** are *multishot*: armed once, they keep producing completions until
+//!   one says it has stopped (`more == false` for accept, [`Completion::RecvEnd`] for receive).
+//! * **Received bytes live in backend-owned memory** (a per-thread scratch buffer for epoll, a
+//!   provided-buffer ring for io_uring), so an idle connection holds no read buffer. A
+//!   [`Completion::Recv`] carries a handle; the loop reads the bytes with [`Backend::recv_bytes`]
+//!   and must hand the handle back with [`Backend::release`] before its next call to
+//!   [`Backend::complete`].
+//! * **A send owns its buffers while in flight**: [`Backend::send`] takes a [`SendOp`] by value and
+//!   the matching [`Completion::Send`] gives it back, so no borrowed slice crosses a submit. At most
+//!   one send is in flight per connection.
+//! * **Errors of an operation are completions**, never return values of the submitting call:
+//!   `accept`, `recv` and `send` cannot fail synchronously.
+//! * After [`Backend::close`] no completion for that connection is reported any more, and the
+//!   backend frees the socket and any buffers it still holds for it once the kernel is done with
+//!   them.
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("ckpool-connector supports Linux only (epoll, and io_uring later)");
+
+pub(crate) mod epoll;
+mod os;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::ConnId;
+
+use crate::SendBuf;
+
+pub(crate) use os::{Waker, listener_socket, raise_nofile_limit};
+
+/// Capacity of completion lists kept between rounds (a broadcast to many connections produces one
+/// completion each; that much memory is not kept for good).
+pub(crate) const KEEP_COMPLETIONS: usize = 1024;
+
+/// Index of a listener: its position in `Config::listen`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ListenerId(pub(crate) usize);
+
+/// Contract every backend in `sys/` meets (see the module documentation).
+pub(crate) trait Backend: Sized {
+    /// An accepted connection that is not yet registered with the backend.
+    type Socket;
+    /// Handle to received bytes held by the backend.
+    type RecvBuf;
+
+    /// Arms a multishot accept on `listener`. Accepted sockets and errors arrive as
+    /// [`Completion::Accept`]; one with `more == false` means the accept stopped and must be
+    /// armed again with this call to resume.
+    fn accept(&mut self, listener: ListenerId);
+
+    /// Registers an accepted socket under `conn`. No operation runs on it until asked.
+    fn open(&mut self, conn: ConnId, sock: Self::Socket) -> io::Result<()>;
+
+    /// Arms a multishot receive on `conn`: data arrives as [`Completion::Recv`] until a
+    /// [`Completion::RecvEnd`] (end of stream or error) after which the caller closes `conn`.
+    fn recv(&mut self, conn: ConnId);
+
+    /// The bytes behind a received-data handle.
+    fn recv_bytes(&self, buf: &Self::RecvBuf) -> &[u8];
+
+    /// Gives a received-data handle back to the backend.
+    fn release(&mut self, buf: Self::RecvBuf);
+
+    /// Starts writing `op` to `conn`; the outcome arrives as [`Completion::Send`] with `op`. At most
+    /// one send may be in flight per connection.
+    fn send(&mut self, conn: ConnId, op: SendOp);
+
+    /// Closes `conn`: cancels its operations and closes the socket. Unknown ids are ignored.
+    fn close(&mut self, conn: ConnId);
+
+    /// Waits up to `timeout` (`None`: no limit) for operations to finish and appends them to `out`.
+    /// May return early with nothing (a wake-up or an interrupted wait). An error means the backend
+    /// itself is broken.
+    fn complete(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion<Self>>,
+    ) -> io::Result<()>;
+}
+
+/// A finished operation, reported by [`Backend::complete`].
+pub(crate) enum Completion<B: Backend> {
+    /// A connection was accepted (or accepting failed). `more == false`: the accept is no longer
+    /// armed.
+    Accept {
+        /// The listener it came from.
+        listener: ListenerId,
+        /// The socket and the peer's address, or why accepting failed.
+        result: io::Result<(B::Socket, SocketAddr)>,
+        /// Whether the multishot accept is still armed.
+        more: bool,
+    },
+    /// Bytes were received on a connection.
+    Recv {
+        /// The connection.
+        conn: ConnId,
+        /// The bytes, held by the backend until released.
+        buf: B::RecvBuf,
+    },
+    /// Receiving stopped: end of stream (`error == None`) or an error. The caller must close `conn`.
+    RecvEnd {
+        /// The connection.
+        conn: ConnId,
+        /// The error, if it was not a clean end of stream.
+        error: Option<io::Error>,
+    },
+    /// A send finished: `Ok(n)` bytes of `op` were written (all of it unless the backend allows
+    /// short sends; the caller requeues the rest), or it failed.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The operation, with its buffers, given back.
+        op: SendOp,
+        /// Bytes written, or the error.
+        result: io::Result<usize>,
+    },
+}
+
+/// Buffers to write to one connection, in order, starting `offset` bytes into the buffer at
+/// `first`. Owned by the backend while in flight.
+#[derive(Default)]
+pub(crate) struct SendOp {
+    /// The buffers (those before `first` are already written).
+    pub(crate) bufs: Vec<SendBuf>,
+    /// Index of the first buffer not completely written.
+    pub(crate) first: usize,
+    /// Bytes of `bufs[first]` already written.
+    pub(crate) offset: usize,
+    /// Bytes written by this operation so far.
+    pub(crate) written: usize,
+}
+
+impl SendOp {
+    /// Whether everything has been written.
+    pub(crate) fn is_done(&self) -> bool {
+        self.first >= self.bufs.len()
+    }
+
+    /// Records that `n` more bytes were written.
+    pub(crate) fn advance(&mut self, mut n: usize) {
+        self.written += n;
+        while n > 0 {
+            let Some(buf) = self.bufs.get(self.first) else {
+                break;
+            };
+            let left = buf.len().saturating_sub(self.offset);
+            if n >= left {
+                n -= left;
+                self.first += 1;
+                self.offset = 0;
+            } else {
+                self.offset += n;
+                n = 0;
+            }
+        }
+        // Skip empty buffers so that `is_done` is exact.
+        while self
+            .bufs
+            .get(self.first)
+            .is_some_and(|b| b.len() <= self.offset)
+        {
+            self.first += 1;
+            self.offset = 0;
+        }
+    }
+
+    /// The unwritten part of each remaining buffer, in order.
+    pub(crate) fn remaining(&self) -> impl Iterator<Item = &[u8]> {
+        self.bufs.iter().skip(self.first).enumerate().map(|(i, b)| {
+            let s = b.as_slice();
+            if i == 0 {
+                s.get(self.offset..).unwrap_or(&[])
+            } else {
+                s
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn op(parts: &[&[u8]]) -> SendOp {
+        SendOp {
+            bufs: parts.iter().map(|p| SendBuf::from(p.to_vec())).collect(),
+            ..SendOp::default()
+        }
+    }
+
+    fn rest(op: &SendOp) -> Vec<u8> {
+        op.remaining().flatten().copied().collect()
+    }
+
+    #[test]
+    fn advance_across_buffers() {
+        let mut o = op(&[b"abc", b"", b"defg", b"h"]);
+        assert_eq!(rest(&o), b"abcdefgh");
+        o.advance(2);
+        assert_eq!(rest(&o), b"cdefgh");
+        o.advance(1);
+        // The empty buffer is skipped.
+        assert_eq!(o.first, 2);
+        o.advance(3);
+        assert_eq!(rest(&o), b"gh");
+        assert!(!o.is_done());
+        o.advance(2);
+        assert!(o.is_done());
+        assert_eq!(o.written, 8);
+        assert_eq!(rest(&o), b"");
+    }
+
+    #[test]
+    fn shared_buffers_are_not_copied() {
+        let shared: Arc<[u8]> = Arc::from(&b"notify\n"[..]);
+        let mut o = SendOp::default();
+        o.bufs.push(SendBuf::from(Arc::clone(&shared)));
+        o.bufs.push(SendBuf::from(Arc::clone(&shared)));
+        assert_eq!(Arc::strong_count(&shared), 3);
+        assert_eq!(
+            o.remaining().next().map(<[u8]>::as_ptr),
+            Some(shared.as_ptr())
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! OS helpers shared by every backend: the eventfd waker, listener sockets, RLIMIT_NOFILE.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Wakes a connector thread blocked in its backend: an eventfd the backend watches.
+pub(crate) struct Waker {
+    /// The eventfd (non-blocking), as a `File` for safe `read`/`write`.
+    file: File,
+}
+
+impl Waker {
+    /// Creates a non-blocking eventfd.
+    pub(crate) fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory-safety preconditions; the flags are valid constants.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd, is open, and nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self {
+            file: File::from(owned),
+        })
+    }
+
+    /// Makes the eventfd readable, waking whoever waits on it.
+    pub(crate) fn wake(&self) {
+        // EAGAIN means the counter is saturated: the thread is already due to wake.
+        if let Err(e) = (&self.file).write(&1u64.to_ne_bytes())
+            && e.kind() != io::ErrorKind::WouldBlock
+        {
+            tracing::error!(error = %e, "eventfd write failed");
+        }
+    }
+
+    /// Resets the eventfd after it woke a thread.
+    pub(crate) fn drain(&self) {
+        let mut buf = [0u8; 8];
+        // One read resets the counter; EAGAIN means it was already zero.
+        let _ = (&self.file).read(&mut buf);
+    }
+}
+
+impl AsFd for Waker {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Creates a non-blocking TCP listener bound to `addr` with `SO_REUSEPORT`, so that each connector
+/// thread can bind its own socket to the same address and the kernel spreads connections.
+pub(crate) fn listener_socket(addr: SocketAddr, backlog: i32) -> io::Result<(Socket, SocketAddr)> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    let local = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+    Ok((sock, local))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit read just above; setrlimit only reads it.
+        let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}

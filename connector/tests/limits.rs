@@ -1,0 +1,244 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+//! Resource limits: running out of descriptors on accept (EMFILE) and the bounded wait of a
+//! handler-requested close. The EMFILE scenario runs in a child process started with a low
+//! `ulimit -n`, so it cannot disturb other tests.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ckpool_connector::{BackendKind, CloseReason, Config, ConnId, Handler, Outbox};
+use crossbeam_channel::{Receiver, Sender};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// Set in the child process that runs the EMFILE scenario.
+const CHILD_ENV: &str = "CKPOOL_CONNECTOR_EMFILE_CHILD";
+
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn epoll() {
+                    super::$name(ckpool_connector::BackendKind::Epoll, "epoll");
+                }
+            }
+        )*
+    };
+}
+
+backend_tests!(
+    emfile_pauses_accepts_without_spinning,
+    handler_close_is_bounded_in_time
+);
+
+/// The child half of `emfile_pauses_accepts_without_spinning`; ignored unless run by it.
+mod emfile_child {
+    #[test]
+    #[ignore = "run by emfile_pauses_accepts_without_spinning in a process with a low fd limit"]
+    fn epoll() {
+        super::emfile_scenario(ckpool_connector::BackendKind::Epoll);
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Opened(ConnId, SocketAddr),
+    Closed(ConnId, CloseReason),
+}
+
+/// Echoes lines; `big` queues 8 MiB and then asks for a close.
+struct TestHandler {
+    events: Sender<Event>,
+}
+
+impl Handler for TestHandler {
+    type Msg = ();
+
+    fn on_open(&mut self, _: Instant, conn: ConnId, peer: SocketAddr, _: usize, _: &mut Outbox) {
+        self.events.send(Event::Opened(conn, peer)).unwrap();
+    }
+
+    fn on_line(&mut self, _: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
+        if line == b"big" {
+            let chunk: Arc<[u8]> = vec![b'b'; 1024 * 1024].into();
+            for _ in 0..8 {
+                out.send(conn, Arc::clone(&chunk));
+            }
+            out.close(conn);
+        } else {
+            let mut reply = line.to_vec();
+            reply.push(b'\n');
+            out.send(conn, reply);
+        }
+    }
+
+    fn on_close(&mut self, _: Instant, conn: ConnId, reason: CloseReason) {
+        self.events.send(Event::Closed(conn, reason)).unwrap();
+    }
+
+    fn on_msg(&mut self, _: Instant, (): (), _: &mut Outbox) {}
+
+    fn on_tick(&mut self, _: Instant, _: &mut Outbox) {}
+}
+
+fn start(
+    backend: BackendKind,
+    tweak: impl FnOnce(&mut Config),
+) -> (ckpool_connector::Connector<()>, Receiver<Event>, SocketAddr) {
+    let mut cfg = Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        threads: 1,
+        backend,
+        ..Config::default()
+    };
+    tweak(&mut cfg);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let connector =
+        ckpool_connector::start(cfg, move |_| TestHandler { events: tx.clone() }).unwrap();
+    let addr = connector.local_addrs()[0];
+    (connector, rx, addr)
+}
+
+fn opened(events: &Receiver<Event>, client: &TcpStream) -> ConnId {
+    let local = client.local_addr().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Opened(conn, peer)) if peer == local => return conn,
+            Ok(_) => {}
+            Err(_) => panic!("timed out waiting for on_open of {local}"),
+        }
+    }
+}
+
+fn closed(events: &Receiver<Event>, conn: ConnId) -> CloseReason {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Closed(c, reason)) if c == conn => return reason,
+            Ok(_) => {}
+            Err(_) => panic!("timed out waiting for on_close of {conn}"),
+        }
+    }
+}
+
+/// CPU time used by this process so far (user + system), from `/proc/self/stat` (opened
+/// beforehand: there may be no descriptor left to open it).
+fn cpu_time(proc_stat: &File) -> Duration {
+    let mut buf = vec![0u8; 4096];
+    let n = proc_stat.read_at(&mut buf, 0).unwrap();
+    let stat = String::from_utf8_lossy(&buf[..n]);
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) (utime, stime), counted from field 3 here, in 1/100 s.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn emfile_pauses_accepts_without_spinning(_backend: BackendKind, name: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 64 && exec \"$0\" \"$@\"")
+        .arg(&exe)
+        .args([
+            "--exact",
+            &format!("emfile_child::{name}"),
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{stderr}"
+    );
+}
+
+fn emfile_scenario(backend: BackendKind) {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        eprintln!("skipped: only meaningful in the child process with a low fd limit");
+        return;
+    }
+    // No tick during the test: only a closing connection can resume accepting.
+    let (connector, events, addr) = start(backend, |cfg| cfg.tick = Duration::from_secs(3600));
+
+    let proc_stat = File::open("/proc/self/stat").unwrap();
+    // Use up every descriptor, then free two: one for a client, one for the server side.
+    let mut filler = Vec::new();
+    loop {
+        match File::open("/dev/null") {
+            Ok(f) => filler.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    filler.truncate(filler.len() - 2);
+    let mut first = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    let first_id = opened(&events, &first);
+
+    // Free one more: the client gets it, the server's accept fails with EMFILE.
+    filler.pop();
+    let mut second = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    second.set_read_timeout(Some(WAIT)).unwrap();
+
+    // The connector thread must not spin on the listener while it cannot accept.
+    let window = Duration::from_millis(500);
+    let cpu_before = cpu_time(&proc_stat);
+    let started = Instant::now();
+    while started.elapsed() < window {
+        std::thread::sleep(window / 5);
+    }
+    let used = cpu_time(&proc_stat) - cpu_before;
+    assert!(
+        used < window / 2,
+        "{used:?} of CPU in {window:?} while accepts are paused"
+    );
+
+    // Closing a connection frees a descriptor and resumes accepting.
+    first.write_all(b"ping\n").unwrap();
+    drop(first);
+    assert_eq!(closed(&events, first_id), CloseReason::Peer);
+    let second_id = opened(&events, &second);
+    second.write_all(b"pong\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&second).read_line(&mut line).unwrap();
+    assert_eq!(line, "pong\n");
+    drop(filler);
+    connector.shutdown();
+    assert_eq!(closed(&events, second_id), CloseReason::Shutdown);
+}
+
+fn handler_close_is_bounded_in_time(backend: BackendKind, _name: &str) {
+    let (connector, events, addr) = start(backend, |cfg| {
+        cfg.max_outbound = 16 * 1024 * 1024;
+        cfg.tick = Duration::from_millis(50);
+    });
+    let mut client = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    let id = opened(&events, &client);
+    // 8 MiB queued then a close requested, and the client never reads: the bytes cannot all be
+    // written, so the close happens when the wait runs out (5 s).
+    let started = Instant::now();
+    client.write_all(b"big\n").unwrap();
+    assert_eq!(closed(&events, id), CloseReason::Handler);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    connector.shutdown();
+}
