@@ -33,7 +33,9 @@ pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle
                         debug!(error = %e, "admin request failed");
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(50)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => {
                     warn!(error = %e, "admin accept failed");
                     thread::sleep(Duration::from_millis(200));
@@ -47,7 +49,9 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let Some(msg) = common::admin::read_message(&mut stream)? else { return Ok(()) };
+    let Some(msg) = common::admin::read_message(&mut stream)? else {
+        return Ok(());
+    };
     let cmd = String::from_utf8_lossy(&msg);
     let cmd = cmd.trim();
     let reply: Vec<u8> = match cmd {

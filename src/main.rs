@@ -20,7 +20,11 @@ use tracing::{error, info, warn};
 
 /// Command line, compatible with ckpool's flags for the modes implemented so far.
 #[derive(Debug, Parser)]
-#[command(name = "ckpool-rs", version, about = "A bitcoin mining pool server in the spirit of ckpool")]
+#[command(
+    name = "ckpool-rs",
+    version,
+    about = "A bitcoin mining pool server in the spirit of ckpool"
+)]
 struct Cli {
     /// Solo mode: each user mines to the address given as their username.
     #[arg(short = 'B', long = "btcsolo")]
@@ -99,7 +103,6 @@ struct ConfigFailure(String);
 
 impl std::error::Error for ConfigFailure {}
 
-
 impl std::fmt::Display for ConfigFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -112,7 +115,10 @@ fn config_err(msg: String) -> anyhow::Error {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.proxy || cli.passthrough || cli.node || cli.redirector || cli.userproxy {
-        return Err(config_err("proxy, passthrough, node, redirector and userproxy modes are not implemented yet".into()));
+        return Err(config_err(
+            "proxy, passthrough, node, redirector and userproxy modes are not implemented yet"
+                .into(),
+        ));
     }
     if cli.daemonise && std::env::var_os("CKPOOL_RS_DAEMONISED").is_none() {
         return daemonise();
@@ -125,16 +131,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         warn!("-g is accepted for compatibility; socket group ownership is not changed");
     }
 
-    let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(format!("{}.conf", cli.name)));
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.conf", cli.name)));
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| config_err(format!("cannot read config {}: {e}", config_path.display())))?;
-    let loaded = common::config::parse(&text).map_err(|e| config_err(format!("{}: {e}", config_path.display())))?;
+    let loaded = common::config::parse(&text)
+        .map_err(|e| config_err(format!("{}: {e}", config_path.display())))?;
     for w in &loaded.warnings {
         warn!("{}: {w}", config_path.display());
     }
     let cfg = loaded.config;
     if !cli.btcsolo && cfg.btcaddress.is_none() {
-        return Err(config_err("pool mode needs a btcaddress in the config".into()));
+        return Err(config_err(
+            "pool mode needs a btcaddress in the config".into(),
+        ));
     }
     let listen = resolve_listen(&cfg.serverurl)?;
 
@@ -143,7 +155,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "cannot raise the open files limit"),
     }
 
-    let sockdir = cli.sockdir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/{}", cli.name)));
+    let sockdir = cli
+        .sockdir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/{}", cli.name)));
     std::fs::create_dir_all(&sockdir).with_context(|| format!("creating {}", sockdir.display()))?;
     let pidfile = sockdir.join("main.pid");
     manage_old_instance(&pidfile, cli.killold || cli.handover)?;
@@ -151,7 +166,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&shutdown)).context("installing signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&shutdown))
+            .context("installing signal handlers")?;
     }
 
     // The generator: bitcoind RPC, ZMQ and failover.
@@ -184,13 +200,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         match gen_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(GenEvent::Template { template, server, .. }) => break (template, server),
+            Ok(GenEvent::Template {
+                template, server, ..
+            }) => break (template, server),
             Ok(GenEvent::ServerUp { index, url }) => info!(index, url, "bitcoind up"),
             Ok(GenEvent::NoServers) => warn!("CRITICAL: no bitcoinds active"),
-            Ok(GenEvent::BlockResult { .. }) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Ok(GenEvent::BlockResult { .. })
+            | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => bail!("generator stopped"),
         }
-        if started.elapsed() > Duration::from_secs(5) && started.elapsed().as_millis() % 5000 < 200 {
+        if started.elapsed() > Duration::from_secs(5) && started.elapsed().as_millis() % 5000 < 200
+        {
             warn!("still waiting for a bitcoind to give a block template");
         }
     };
@@ -230,13 +250,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     pcfg.startdiff = cfg.startdiff;
     pcfg.highdiff = cfg.highdiff;
     pcfg.maxdiff = cfg.maxdiff;
-    pcfg.highdiff_listeners = listen.iter().map(|a| cfg.highdiff_ports && a.port() > 4000).collect();
+    pcfg.highdiff_listeners = listen
+        .iter()
+        .map(|a| cfg.highdiff_ports && a.port() > 4000)
+        .collect();
     pcfg.update_interval = cfg.update_interval;
     pcfg.auth_timeout = cfg.authtimeout;
     pcfg.name = cli.name.clone();
 
     let share_log = if cli.log_shares {
-        let (tx, _handle) = sharelog::start(cfg.logdir.clone()).context("starting the share log")?;
+        let (tx, _handle) =
+            sharelog::start(cfg.logdir.clone()).context("starting the share log")?;
         let sink: Box<dyn Fn(stratifier::ShareRecord) + Send + Sync> = Box::new(move |rec| {
             if tx.try_send(rec).is_err() {
                 warn!("share log queue full; a share log line was dropped");
@@ -246,25 +270,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         None
     };
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let gen_for_blocks = Arc::clone(&generator);
     let pool = Pool::new(
         pcfg,
         seed,
         move |b| {
-            gen_for_blocks.submit_block(BlockSubmission { hash: b.hash, height: b.height, hex: b.hex });
+            gen_for_blocks.submit_block(BlockSubmission {
+                hash: b.hash,
+                height: b.height,
+                hex: b.hex,
+            });
         },
         share_log,
     );
-    pool.new_template(first.0, Instant::now()).context("building the first job")?;
+    pool.new_template(first.0, Instant::now())
+        .context("building the first job")?;
 
     // The connector threads, each with its stratifier shard.
-    let backend = match cli.io.clone().or_else(|| std::env::var("POOL_BACKEND").ok()).unwrap_or(cfg.io.clone()).as_str() {
+    let backend = match cli
+        .io
+        .clone()
+        .or_else(|| std::env::var("POOL_BACKEND").ok())
+        .unwrap_or(cfg.io.clone())
+        .as_str()
+    {
         "auto" => connector::BackendKind::Auto,
         "epoll" => connector::BackendKind::Epoll,
-        other => return Err(config_err(format!("io backend {other} is not available (auto, epoll)"))),
+        other => {
+            return Err(config_err(format!(
+                "io backend {other} is not available (auto, epoll)"
+            )));
+        }
     };
-    let threads = cfg.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cfg
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let conn_cfg = connector::Config {
         listen: listen.clone(),
         threads,
@@ -273,8 +316,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ..connector::Config::default()
     };
     let pool_for_shards = Arc::clone(&pool);
-    let conns = connector::start(conn_cfg, move |_| StratumHandler { shard: Shard::new(Arc::clone(&pool_for_shards)) })
-        .context("starting the connector")?;
+    let conns = connector::start(conn_cfg, move |_| StratumHandler {
+        shard: Shard::new(Arc::clone(&pool_for_shards)),
+    })
+    .context("starting the connector")?;
     for a in conns.local_addrs() {
         info!(addr = %a, threads, "listening for miners");
     }
@@ -282,7 +327,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let admin_path = sockdir.join("listener");
     let _admin = admin::start(
         &admin_path,
-        admin::AdminCtx { pool: Arc::clone(&pool), generator: Arc::clone(&generator), shutdown: Arc::clone(&shutdown) },
+        admin::AdminCtx {
+            pool: Arc::clone(&pool),
+            generator: Arc::clone(&generator),
+            shutdown: Arc::clone(&shutdown),
+        },
     )
     .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
 
@@ -290,23 +339,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut last_status = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         match gen_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(GenEvent::Template { template, new_block, server }) => {
-                match pool.new_template(template, Instant::now()) {
-                    Ok(job) => {
-                        info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.template.transactions.len(), "new job");
-                        conns.broadcast(Msg::Job(job));
-                    }
-                    Err(e) => error!(error = %e, "cannot build a job from the template"),
+            Ok(GenEvent::Template {
+                template,
+                new_block,
+                server,
+            }) => match pool.new_template(template, Instant::now()) {
+                Ok(job) => {
+                    info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.template.transactions.len(), "new job");
+                    conns.broadcast(Msg::Job(job));
                 }
-            }
+                Err(e) => error!(error = %e, "cannot build a job from the template"),
+            },
             Ok(GenEvent::ServerUp { index, url }) => info!(index, url, "bitcoind active"),
             Ok(GenEvent::NoServers) => error!("CRITICAL: no bitcoinds active"),
-            Ok(GenEvent::BlockResult { hash, height, accepted, reason }) => {
-                if accepted {
-                    info!(height, hash, "BLOCK ACCEPTED by bitcoind");
-                } else {
-                    error!(height, hash, reason = reason.as_deref().unwrap_or(""), "block REJECTED by bitcoind");
-                }
+            Ok(GenEvent::BlockResult {
+                hash,
+                height,
+                accepted,
+                reason,
+            }) => {
+                // The generator has logged the outcome (with the full hex on a refusal).
+                tracing::debug!(
+                    height,
+                    hash,
+                    accepted,
+                    reason = reason.as_deref().unwrap_or(""),
+                    "block result"
+                );
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -366,7 +425,14 @@ impl stratifier::Out for OutAdapter<'_> {
 impl connector::Handler for StratumHandler {
     type Msg = Msg;
 
-    fn on_open(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, listener: usize, _out: &mut connector::Outbox) {
+    fn on_open(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        _out: &mut connector::Outbox,
+    ) {
         self.shard.on_open(now, conn, peer, listener);
     }
 
@@ -402,15 +468,25 @@ fn resolve_listen(urls: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// ckpool's `-k` handling: refuse to start beside a live instance unless asked to kill it.
 fn manage_old_instance(pidfile: &Path, kill: bool) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(pidfile) else { return Ok(()) };
-    let Some(pid) = text.trim().parse::<i32>().ok().and_then(rustix::process::Pid::from_raw) else {
+    let Ok(text) = std::fs::read_to_string(pidfile) else {
+        return Ok(());
+    };
+    let Some(pid) = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return Ok(());
     };
     if pid == rustix::process::getpid() || rustix::process::test_kill_process(pid).is_err() {
         return Ok(());
     }
     if !kill {
-        bail!("an instance is already running (pid {}): start with -k to kill it", pid.as_raw_nonzero());
+        bail!(
+            "an instance is already running (pid {}): start with -k to kill it",
+            pid.as_raw_nonzero()
+        );
     }
     warn!(pid = pid.as_raw_nonzero().get(), "killing the old instance");
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
@@ -430,7 +506,10 @@ fn manage_old_instance(pidfile: &Path, kill: bool) -> anyhow::Result<()> {
 fn daemonise() -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("locating own executable")?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "-D" && a != "--daemonise").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "-D" && a != "--daemonise")
+        .collect();
     let child = std::process::Command::new(exe)
         .args(args)
         .env("CKPOOL_RS_DAEMONISED", "1")
@@ -453,5 +532,10 @@ fn init_logging(level: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

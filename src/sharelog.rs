@@ -11,9 +11,13 @@ use stratifier::ShareRecord;
 use tracing::error;
 
 /// Starts the writer; returns the sender the stratifier's share sink feeds.
-pub(crate) fn start(logdir: PathBuf) -> std::io::Result<(Sender<ShareRecord>, thread::JoinHandle<()>)> {
+pub(crate) fn start(
+    logdir: PathBuf,
+) -> std::io::Result<(Sender<ShareRecord>, thread::JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded::<ShareRecord>(65_536);
-    let handle = thread::Builder::new().name("sharelog".into()).spawn(move || run(&logdir, &rx))?;
+    let handle = thread::Builder::new()
+        .name("sharelog".into())
+        .spawn(move || run(&logdir, &rx))?;
     Ok((tx, handle))
 }
 
@@ -26,7 +30,9 @@ fn run(logdir: &std::path::Path, rx: &Receiver<ShareRecord>) {
             }
             let dir = logdir.join(format!("{:08x}", rec.height));
             let path = dir.join(format!("{:016x}.sharelog", rec.workinfoid));
-            match fs::create_dir_all(&dir).and_then(|()| OpenOptions::new().create(true).append(true).open(&path)) {
+            match fs::create_dir_all(&dir)
+                .and_then(|()| OpenOptions::new().create(true).append(true).open(&path))
+            {
                 Ok(f) => current = Some((rec.workinfoid, BufWriter::new(f))),
                 Err(e) => {
                     error!(path = %path.display(), error = %e, "cannot open share log");

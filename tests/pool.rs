@@ -1,6 +1,13 @@
 //! End to end against real regtest nodes: the ckpool-rs binary, the ckload test miner, and raw
 //! stratum clients. Without a node these print "skipped" (locally) or fail (in CI).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_docs, reason = "test code")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "test code"
+)]
 
 #[path = "support/node.rs"]
 mod node;
@@ -25,7 +32,10 @@ fn decode_block(node: &RegtestNode, hash: &str) -> bitcoin::Block {
 }
 
 fn in_main_chain(node: &RegtestNode, hash: &str) -> bool {
-    node.rpc("getblockheader", json!([hash]))["confirmations"].as_i64().unwrap_or(-1) >= 1
+    node.rpc("getblockheader", json!([hash]))["confirmations"]
+        .as_i64()
+        .unwrap_or(-1)
+        >= 1
 }
 
 fn mine_blocks(pool: &PoolProcess, user: &str, blocks: u64) -> MinerReport {
@@ -37,17 +47,25 @@ fn mine_blocks(pool: &PoolProcess, user: &str, blocks: u64) -> MinerReport {
 
 #[test]
 fn pool_mode_mines_blocks_paying_the_configured_address() {
-    let Some(exe) = bitcoind_or_skip("pool_mode_mines_blocks_paying_the_configured_address") else { return };
+    let Some(exe) = bitcoind_or_skip("pool_mode_mines_blocks_paying_the_configured_address") else {
+        return;
+    };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
     let addr = node.new_address();
-    let pool = PoolProcess::start("poolmode", &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()), &[]);
+    let pool = PoolProcess::start(
+        "poolmode",
+        &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()),
+        &[],
+    );
     let h0 = node.height();
 
     let report = mine_blocks(&pool, "tester.w1", 5);
     assert!(report.blocks_accepted >= 5, "{report:?}");
     assert!(report.error.is_none(), "{report:?}");
-    wait_until("the node to take 5 blocks", WAIT, || node.height() >= h0 + 5);
+    wait_until("the node to take 5 blocks", WAIT, || {
+        node.height() >= h0 + 5
+    });
 
     let payout = script_for_address(&addr, Network::Regtest).unwrap();
     let mut in_chain = 0;
@@ -56,29 +74,53 @@ fn pool_mode_mines_blocks_paying_the_configured_address() {
         assert!(block.check_merkle_root(), "{hash}");
         let coinbase = &block.txdata[0];
         assert!(coinbase.is_coinbase());
-        assert_eq!(coinbase.output[0].script_pubkey.as_bytes(), &payout[..], "block {hash} pays elsewhere");
+        assert_eq!(
+            coinbase.output[0].script_pubkey.as_bytes(),
+            &payout[..],
+            "block {hash} pays elsewhere"
+        );
         let sig = coinbase.input[0].script_sig.as_bytes();
-        assert!(sig.windows(BTCSIG.len()).any(|w| w == BTCSIG), "block {hash} lacks btcsig");
+        assert!(
+            sig.windows(BTCSIG.len()).any(|w| w == BTCSIG),
+            "block {hash} lacks btcsig"
+        );
         in_chain += usize::from(in_main_chain(node, hash));
     }
-    assert!(in_chain >= 5, "only {in_chain} of {:?} are in the main chain", report.block_hashes);
-    assert_eq!(node.height() - h0, in_chain as u64, "height rose by another amount than our blocks");
+    assert!(
+        in_chain >= 5,
+        "only {in_chain} of {:?} are in the main chain",
+        report.block_hashes
+    );
+    assert_eq!(
+        node.height() - h0,
+        in_chain as u64,
+        "height rose by another amount than our blocks"
+    );
 
     // The pool counted exactly what the miner saw.
     let stats = wait_stats(&pool, "pool counts to match the miner", WAIT, |s| {
         s["accepted"] == report.accepted && s["rejected"] == report.rejected
     });
     assert!(report.accepted >= 5);
-    assert_eq!(stats["users"]["tester"]["workers"]["tester.w1"]["accepted"], report.accepted);
+    assert_eq!(
+        stats["users"]["tester"]["workers"]["tester.w1"]["accepted"],
+        report.accepted
+    );
     println!("pool mode: {report:?}");
 }
 
 #[test]
 fn solo_mode_pays_each_user_their_own_address() {
-    let Some(exe) = bitcoind_or_skip("solo_mode_pays_each_user_their_own_address") else { return };
+    let Some(exe) = bitcoind_or_skip("solo_mode_pays_each_user_their_own_address") else {
+        return;
+    };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let pool = PoolProcess::start("solo", &regtest_config(vec![btcd_entry(node)], None, free_port()), &["-B"]);
+    let pool = PoolProcess::start(
+        "solo",
+        &regtest_config(vec![btcd_entry(node)], None, free_port()),
+        &["-B"],
+    );
     let alice = node.new_address();
     let bob = node.new_address();
     assert_ne!(alice, bob);
@@ -90,20 +132,35 @@ fn solo_mode_pays_each_user_their_own_address() {
     c.send(&json!({"id": 2, "method": "mining.authorize", "params": ["not-an-address", "x"]}));
     assert_eq!(c.reply(2)["result"], false);
 
-    for (user, addr) in [(format!("{alice}.rig"), &alice), (format!("{bob}_rig"), &bob)] {
+    for (user, addr) in [
+        (format!("{alice}.rig"), &alice),
+        (format!("{bob}_rig"), &bob),
+    ] {
         let report = mine_blocks(&pool, &user, 1);
         assert!(report.blocks_accepted >= 1, "{user}: {report:?}");
         let script = script_for_address(addr, Network::Regtest).unwrap();
         let hash = report.block_hashes.last().unwrap();
-        wait_until("the block to reach the node", WAIT, || node.try_rpc("getblockheader", json!([hash])).is_ok());
+        wait_until("the block to reach the node", WAIT, || {
+            node.try_rpc("getblockheader", json!([hash])).is_ok()
+        });
         let block = decode_block(node, hash);
-        assert_eq!(block.txdata[0].output[0].script_pubkey.as_bytes(), &script[..], "{user}'s block pays elsewhere");
+        assert_eq!(
+            block.txdata[0].output[0].script_pubkey.as_bytes(),
+            &script[..],
+            "{user}'s block pays elsewhere"
+        );
         assert!(in_main_chain(node, hash));
     }
 }
 
 /// Grinds a share for `job` meeting `want` (and not `avoid`).
-fn grind(job: &loadtest::work::Job, en1: &[u8], en2: &[u8], want: Target, avoid: Option<Target>) -> u32 {
+fn grind(
+    job: &loadtest::work::Job,
+    en1: &[u8],
+    en2: &[u8],
+    want: Target,
+    avoid: Option<Target>,
+) -> u32 {
     (0u32..)
         .find(|&n| {
             let h = job.share_hash(en1, en2, job.version, n);
@@ -122,7 +179,13 @@ fn latest_job(c: &mut Client, after: Option<&str>) -> loadtest::work::Job {
         v["method"] == "mining.notify" && after.is_none_or(|a| v["params"][0] != a)
     });
     // Take the newest notify seen so far.
-    let newest = c.seen.iter().rev().find(|m| m["method"] == "mining.notify").cloned().unwrap_or(v);
+    let newest = c
+        .seen
+        .iter()
+        .rev()
+        .find(|m| m["method"] == "mining.notify")
+        .cloned()
+        .unwrap_or(v);
     loadtest::work::Job::from_notify_params(&newest["params"]).unwrap()
 }
 
@@ -135,7 +198,11 @@ fn assert_reject(reply: &Value, code: i64, reason: &str) {
 
 #[test]
 fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
-    let Some(exe) = bitcoind_or_skip("bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining") else { return };
+    let Some(exe) =
+        bitcoind_or_skip("bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining")
+    else {
+        return;
+    };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
     let addr = node.new_address();
@@ -149,26 +216,41 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     honest_cfg.max_shares_per_sec = 10.0;
     honest_cfg.pause_after_block = true;
     let honest = Miner::start(honest_cfg).unwrap();
-    wait_until("the honest miner to get shares accepted", WAIT, || honest.report().accepted >= 3);
+    wait_until("the honest miner to get shares accepted", WAIT, || {
+        honest.report().accepted >= 3
+    });
 
     // Garbage: an error reply, then the connection is closed.
     let mut garbage = Client::connect(pool.addr);
     garbage.send_raw(b"GET / HTTP/1.1\r\n");
     assert!(garbage.wait_closed(WAIT), "garbage client not disconnected");
-    assert_eq!(garbage.seen.first().map(|v| v["error"][0].clone()), Some(json!(20)));
+    assert_eq!(
+        garbage.seen.first().map(|v| v["error"][0].clone()),
+        Some(json!(20))
+    );
 
     // An oversized line (over the 16 KiB limit, no newline): disconnected.
     let mut big = Client::connect(pool.addr);
     let _ = std::io::Write::write_all(&mut big.stream, &vec![b'a'; 20 * 1024]);
-    assert!(big.wait_closed(WAIT), "oversized-line client not disconnected");
+    assert!(
+        big.wait_closed(WAIT),
+        "oversized-line client not disconnected"
+    );
 
     // A client that subscribes but never authorises: dropped after authtimeout (2 s).
     let mut lazy = Client::connect(pool.addr);
     lazy.send(&json!({"id": 1, "method": "mining.subscribe", "params": []}));
     lazy.reply(1);
     let t = Instant::now();
-    assert!(lazy.wait_closed(Duration::from_secs(10)), "never-authorising client not dropped");
-    assert!(t.elapsed() >= Duration::from_millis(1500), "dropped too early: {:?}", t.elapsed());
+    assert!(
+        lazy.wait_closed(Duration::from_secs(10)),
+        "never-authorising client not dropped"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "dropped too early: {:?}",
+        t.elapsed()
+    );
 
     // A raw client submitting each kind of bad share.
     let mut c = Client::connect(pool.addr);
@@ -205,56 +287,99 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     let old_job = job;
     node.generate(1);
     let job = latest_job(&mut c, Some(&old_job.job_id));
-    let easy = grind(&job, &en1, &en2, share_target, Some(Difficulty::from_f64(1e6).unwrap().target()));
+    let easy = grind(
+        &job,
+        &en1,
+        &en2,
+        share_target,
+        Some(Difficulty::from_f64(1e6).unwrap().target()),
+    );
     c.send(&submit(17, "raw.1", &job, &en2, easy));
     assert_reject(&c.reply(17), 23, "Above target");
 
     // Stale: a share for the job before the block we just made.
-    let stale_nonce = grind(&old_job, &en1, &[8u8; 8][..n2], share_target, Some(net_target));
+    let stale_nonce = grind(
+        &old_job,
+        &en1,
+        &[8u8; 8][..n2],
+        share_target,
+        Some(net_target),
+    );
     c.send(&submit(18, "raw.1", &old_job, &[8u8; 8][..n2], stale_nonce));
     assert_reject(&c.reply(18), 21, "Stale");
 
     // Through all of it the honest miner kept mining and the pool kept running.
     let before = honest.report().accepted;
-    wait_until("the honest miner to keep getting shares accepted", WAIT, || honest.report().accepted > before + 3);
+    wait_until(
+        "the honest miner to keep getting shares accepted",
+        WAIT,
+        || honest.report().accepted > before + 3,
+    );
     assert!(pool.is_running());
     let report = honest.stop();
     assert_eq!(report.rejected, 0, "{report:?}");
     let log = pool.log_text();
-    assert!(log.contains("unparseable line") && log.contains("did not authorise in time"), "log lacks the bad-client lines");
+    assert!(
+        log.contains("unparseable line") && log.contains("did not authorise in time"),
+        "log lacks the bad-client lines"
+    );
 }
 
 #[test]
 fn failover_to_the_second_node_and_back() {
-    let Some(exe) = bitcoind_or_skip("failover_to_the_second_node_and_back") else { return };
+    let Some(exe) = bitcoind_or_skip("failover_to_the_second_node_and_back") else {
+        return;
+    };
     let mut net = RegtestNet::start(&exe, 3);
     let addr = net.nodes[0].new_address();
     let btcd = vec![btcd_entry(&net.nodes[0]), btcd_entry(&net.nodes[1])];
-    let pool = PoolProcess::start("failover", &regtest_config(btcd, Some(&addr), free_port()), &[]);
+    let pool = PoolProcess::start(
+        "failover",
+        &regtest_config(btcd, Some(&addr), free_port()),
+        &[],
+    );
     assert_eq!(pool.stats()["server"], 0);
 
     let mut cfg = MinerConfig::new(pool.addr, "failover.1");
     cfg.duration = Some(Duration::from_secs(150));
     cfg.max_shares_per_sec = 10.0;
     let miner = Miner::start(cfg).unwrap();
-    wait_until("shares before failover", WAIT, || miner.report().accepted >= 3);
+    wait_until("shares before failover", WAIT, || {
+        miner.report().accepted >= 3
+    });
 
     net.nodes[0].stop();
     let t = Instant::now();
-    wait_stats(&pool, "the pool to move to node 1", Duration::from_secs(10), |s| s["server"] == 1);
+    wait_stats(
+        &pool,
+        "the pool to move to node 1",
+        Duration::from_secs(10),
+        |s| s["server"] == 1,
+    );
     let moved = t.elapsed();
     println!("failover took {moved:?}");
     assert!(moved <= Duration::from_secs(2), "failover took {moved:?}");
     let before = miner.report();
-    wait_until("blocks found through node 1", WAIT, || miner.report().blocks_accepted > before.blocks_accepted);
-    wait_until("node 1 to have the new blocks", WAIT, || net.nodes[1].height() > 1);
+    wait_until("blocks found through node 1", WAIT, || {
+        miner.report().blocks_accepted > before.blocks_accepted
+    });
+    wait_until("node 1 to have the new blocks", WAIT, || {
+        net.nodes[1].height() > 1
+    });
 
-    net.nodes[0].start_again();
+    net.start_again(0);
     let t = Instant::now();
-    wait_stats(&pool, "the pool to move back to node 0", Duration::from_secs(60), |s| s["server"] == 0);
+    wait_stats(
+        &pool,
+        "the pool to move back to node 0",
+        Duration::from_secs(60),
+        |s| s["server"] == 0,
+    );
     println!("fail-back took {:?} after restart", t.elapsed());
     let before = miner.report().accepted;
-    wait_until("shares after fail-back", WAIT, || miner.report().accepted > before + 3);
+    wait_until("shares after fail-back", WAIT, || {
+        miner.report().accepted > before + 3
+    });
     let report = miner.stop();
     assert!(report.error.is_none(), "{report:?}");
 }
@@ -273,10 +398,61 @@ fn unparseable_config_exits_2_with_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.conf") && err.contains("not valid JSON"), "{err}");
+    assert!(
+        err.contains("bad.conf") && err.contains("not valid JSON"),
+        "{err}"
+    );
     std::fs::write(&cfg, "{\"mindiff\": \"one\"}").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckpool-rs")).arg("-c").arg(&cfg).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckpool-rs"))
+        .arg("-c")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mindiff"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn notifier_and_ckpmsg_reach_the_running_pool() {
+    let Some(exe) = bitcoind_or_skip("notifier_and_ckpmsg_reach_the_running_pool") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let addr = node.new_address();
+    let mut config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    // No ZMQ, polling once an hour, routine refresh every 10 minutes: only the notifier can
+    // tell the pool about a new block within the deadline below.
+    config["blockpoll"] = json!(3_600_000);
+    config["update_interval"] = json!(600);
+    let pool = PoolProcess::start("notifier", &config, &[]);
+    let mut c = Client::connect(pool.addr);
+    c.login("watcher");
+    let first = latest_job(&mut c, None);
+
+    let hash = node.generate(1).pop().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_notifier"))
+        .arg("-s")
+        .arg(&pool.sockdir)
+        .arg(&hash)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let job = latest_job(&mut c, Some(&first.job_id));
+    assert_eq!(job.prevhash_rpc(), hash);
+    assert!(job.clean);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckpmsg"))
+        .arg("-s")
+        .arg(&pool.sockdir)
+        .args(["ping", "stats", "bogus"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "pong");
+    let stats: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(stats["clients"], 1);
+    assert_eq!(lines[2], "unknown");
 }

@@ -33,7 +33,10 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let sockdir = cli.sockdir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/{}", cli.name)));
+    let sockdir = cli
+        .sockdir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/{}", cli.name)));
     let path = sockdir.join(&cli.sockname);
     let mut commands = cli.commands.clone();
     if commands.is_empty() {
@@ -46,7 +49,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     for cmd in commands {
-        let mut s = UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+        let mut s = UnixStream::connect(&path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(cli.timeout)))?;
         common::admin::write_message(&mut s, cmd.as_bytes())?;
         match common::admin::read_message(&mut s)? {

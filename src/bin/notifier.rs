@@ -27,9 +27,13 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let sockdir = cli.sockdir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/{}", cli.name)));
+    let sockdir = cli
+        .sockdir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/{}", cli.name)));
     let path = sockdir.join("listener");
-    let mut s = UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+    let mut s =
+        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     common::admin::write_message(&mut s, b"update")?;
     let _ = common::admin::read_message(&mut s);

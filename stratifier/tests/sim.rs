@@ -620,3 +620,96 @@ fn vardiff_raises_difficulty_for_a_fast_miner() {
     }
     assert!(w.diff > start, "difficulty stayed at {start}");
 }
+
+fn core_template(name: &str) -> Arc<Template> {
+    let text =
+        std::fs::read_to_string(format!("{}/../testdata/{name}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+    Arc::new(Template::from_gbt(&serde_json::from_str(&text).unwrap()).unwrap())
+}
+
+#[test]
+fn core_segwit_template_block_passes_merkle_and_witness_checks() {
+    // Real Bitcoin Core output: 12 mempool transactions (legacy, P2SH-P2WPKH, P2WPKH, P2TR spends).
+    let t = core_template("core-regtest-gbt-12tx-segwit.json");
+    let payout_addr = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
+    let payout = script_for_address(payout_addr, Network::Regtest).unwrap();
+    let mut cfg = PoolConfig::new(Network::Regtest, Some(payout.clone()));
+    cfg.mindiff = Difficulty::MIN;
+    cfg.startdiff = Difficulty::MIN;
+    cfg.coinbase.btcsig = b"/segwit test/".to_vec();
+    let blocks = Arc::new(Mutex::new(Vec::new()));
+    let b2 = Arc::clone(&blocks);
+    let pool = Pool::new(cfg, 1, move |b| b2.lock().unwrap().push(b), None);
+    let now = Instant::now();
+    pool.new_template(Arc::clone(&t), now).unwrap();
+    let mut s = Sim {
+        shard: Shard::new(Arc::clone(&pool)),
+        pool,
+        out: RecordingOut::default(),
+        now,
+        blocks,
+    };
+    let (c, w) = s.connect(1, "segwit.rig");
+    assert_eq!(
+        w.job.as_ref().unwrap()[4].as_array().unwrap().len(),
+        4,
+        "12 txs + coinbase: 4 branch levels"
+    );
+    let nonce = grind(&w, &[3; 8], Target::from_compact(t.bits), None);
+    let r = s.line(c, submit(&w, "segwit.rig", &[3; 8], nonce));
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    let blocks = s.blocks.lock().unwrap();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].height, 111);
+    let block: bitcoin::Block =
+        bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
+    assert_eq!(block.txdata.len(), 13);
+    assert!(block.check_merkle_root(), "merkle root must be over txids");
+    assert!(
+        block.check_witness_commitment(),
+        "witness commitment must be over wtxids"
+    );
+    assert_eq!(block.bip34_block_height().unwrap(), 111);
+    let cb = &block.txdata[0];
+    assert_eq!(cb.output[0].script_pubkey.as_bytes(), &payout[..]);
+    assert_eq!(cb.output[0].value.to_sat(), t.coinbase_value);
+    assert_eq!(
+        cb.input[0].witness.len(),
+        1,
+        "coinbase carries the witness reserved value"
+    );
+    for (tx, tt) in block.txdata[1..].iter().zip(&t.transactions) {
+        assert_eq!(
+            bitcoin::hashes::Hash::to_byte_array(tx.compute_txid()),
+            tt.txid
+        );
+    }
+}
+
+#[test]
+fn get_transactions_and_txnhashes() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice");
+    let job_id = w.job.as_ref().unwrap()[0].clone();
+    let r = s.line(
+        c,
+        json!({"id":5,"method":"mining.get_transactions","params":[job_id]}),
+    );
+    assert_eq!(r[0]["result"], 3);
+    let r = s.line(
+        c,
+        json!({"id":6,"method":"mining.get_txnhashes","params":[job_id]}),
+    );
+    assert_eq!(r[0]["result"].as_str().unwrap().split(' ').count(), 3);
+    let r = s.line(
+        c,
+        json!({"id":7,"method":"mining.get_txnhashes","params":[job_id]}),
+    );
+    assert_eq!(r[0]["error"][1], "Ratelimit");
+    let r = s.line(
+        c,
+        json!({"id":8,"method":"mining.get_transactions","params":["ffff"]}),
+    );
+    assert_eq!(r[0]["error"][0], 21);
+}

@@ -1,6 +1,15 @@
 //! Runs the real `ckpool-rs` binary for integration tests, and a raw stratum client.
-#![allow(dead_code, unreachable_pub, reason = "each test binary uses a different part of this module")]
-#![allow(clippy::panic, clippy::expect_used, clippy::unwrap_used, reason = "test support")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses a different part of this module"
+)]
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test support"
+)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,7 +33,11 @@ pub struct PoolProcess {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh temp directory.
@@ -71,24 +84,52 @@ impl PoolProcess {
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let sockdir = dir.join("sock");
         let log = dir.join("pool.log");
-        let port: u16 = config["serverurl"][0].as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+        let port: u16 = config["serverurl"][0]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpool-rs"));
-        cmd.arg("-c").arg(&cfg_path).arg("-s").arg(&sockdir).arg("-n").arg(tag).arg("-l").arg("7");
+        cmd.arg("-c")
+            .arg(&cfg_path)
+            .arg("-s")
+            .arg(&sockdir)
+            .arg("-n")
+            .arg(tag)
+            .arg("-l")
+            .arg("7");
         cmd.args(flags);
         cmd.env("RUST_LOG", "debug");
         cmd.current_dir(&dir);
-        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().unwrap();
-        let mut p = Self { child, dir, addr: SocketAddr::from(([127, 0, 0, 1], port)), sockdir, log };
+        let mut p = Self {
+            child,
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            sockdir,
+            log,
+        };
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = p.child.try_wait().unwrap() {
-                panic!("pool exited with {status} during start-up; log:\n{}", p.log_text());
+                panic!(
+                    "pool exited with {status} during start-up; log:\n{}",
+                    p.log_text()
+                );
             }
             if p.admin("ping").as_deref() == Some("pong") && TcpStream::connect(p.addr).is_ok() {
                 break;
             }
-            assert!(Instant::now() < deadline, "pool did not start; log:\n{}", p.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "pool did not start; log:\n{}",
+                p.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         p
@@ -137,7 +178,11 @@ impl Drop for PoolProcess {
     fn drop(&mut self) {
         self.shutdown();
         if std::thread::panicking() {
-            eprintln!("--- pool log ({}) ---\n{}", self.log.display(), tail(&self.log_text(), 200));
+            eprintln!(
+                "--- pool log ({}) ---\n{}",
+                self.log.display(),
+                tail(&self.log_text(), 200)
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -159,9 +204,15 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
-        Self { stream, reader, seen: Vec::new() }
+        Self {
+            stream,
+            reader,
+            seen: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, v: &Value) {
@@ -182,13 +233,25 @@ impl Client {
                 self.seen.push(v.clone());
                 Ok(Some(v))
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
             Err(_) => Err(()),
         }
     }
 
     /// Waits for a message matching `pred`.
-    pub fn wait_for(&mut self, what: &str, deadline: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         if let Some(v) = self.seen.iter().find(|v| pred(v)) {
             return v.clone();
         }
@@ -197,7 +260,10 @@ impl Client {
             match self.read_line() {
                 Ok(Some(v)) if pred(&v) => return v,
                 Ok(_) => {}
-                Err(()) => panic!("connection closed while waiting for {what}; seen {:?}", self.seen),
+                Err(()) => panic!(
+                    "connection closed while waiting for {what}; seen {:?}",
+                    self.seen
+                ),
             }
         }
         panic!("timed out waiting for {what}; seen {:?}", self.seen);
@@ -232,11 +298,19 @@ impl Client {
 }
 
 /// Polls the pool's stats until `pred` holds.
-pub fn wait_stats(pool: &PoolProcess, what: &str, deadline: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+pub fn wait_stats(
+    pool: &PoolProcess,
+    what: &str,
+    deadline: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let mut last = Value::Null;
     let end = Instant::now() + deadline;
     while Instant::now() < end {
-        if let Some(s) = pool.admin("stats").and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+        if let Some(s) = pool
+            .admin("stats")
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        {
             if pred(&s) {
                 return s;
             }
