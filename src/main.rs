@@ -148,7 +148,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             "pool mode needs a btcaddress in the config".into(),
         ));
     }
-    let listen = resolve_listen(&cfg.serverurl)?;
+    let mut urls = cfg.serverurl.clone();
+    for rule in &cfg.listendiff {
+        if !urls.contains(&rule.url) {
+            urls.push(rule.url.clone());
+        }
+    }
+    let listen = resolve_listen(&urls)?;
 
     match connector::raise_nofile_limit() {
         Ok(n) => info!(nofile = n, "open files limit raised to the hard limit"),
@@ -248,12 +254,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     pcfg.version_mask = cfg.version_mask;
     pcfg.mindiff = cfg.mindiff;
     pcfg.startdiff = cfg.startdiff;
-    pcfg.highdiff = cfg.highdiff;
     pcfg.maxdiff = cfg.maxdiff;
-    pcfg.highdiff_listeners = listen
+    pcfg.listener_diff = urls
         .iter()
-        .map(|a| cfg.highdiff_ports && a.port() > 4000)
+        .zip(&listen)
+        .map(
+            |(url, addr)| match cfg.listendiff.iter().find(|r| &r.url == url) {
+                Some(r) => stratifier::ListenerDiff {
+                    start: r.startdiff,
+                    min: r.mindiff,
+                },
+                // ckpool's rule: ports above 4000 start at and never go below `highdiff` (opt-in here).
+                None if cfg.highdiff_ports && addr.port() > 4000 => stratifier::ListenerDiff {
+                    start: Some(cfg.startdiff.max(cfg.highdiff)),
+                    min: Some(cfg.highdiff),
+                },
+                None => stratifier::ListenerDiff::default(),
+            },
+        )
         .collect();
+    pcfg.agent_diff = cfg
+        .useragentdiff
+        .iter()
+        .map(|r| stratifier::AgentDiff {
+            pattern: r.pattern.clone(),
+            min: r.mindiff,
+        })
+        .collect();
+    pcfg.diff_pow2 = cfg.diffpow2;
     pcfg.update_interval = cfg.update_interval;
     pcfg.auth_timeout = cfg.authtimeout;
     pcfg.name = cli.name.clone();

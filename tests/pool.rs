@@ -456,3 +456,51 @@ fn notifier_and_ckpmsg_reach_the_running_pool() {
     assert_eq!(stats["clients"], 1);
     assert_eq!(lines[2], "unknown");
 }
+
+#[test]
+fn plain_and_version_rolling_miners_both_mine_blocks() {
+    let Some(exe) = bitcoind_or_skip("plain_and_version_rolling_miners_both_mine_blocks") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let addr = node.new_address();
+    let pool = PoolProcess::start(
+        "compat",
+        &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()),
+        &[],
+    );
+
+    // cpuminer style: subscribe, authorize, submit; no configure, no version bits.
+    let plain = mine_blocks(&pool, "cpuminer.1", 2);
+    assert!(
+        plain.blocks_accepted >= 2 && plain.rejected == 0,
+        "{plain:?}"
+    );
+    assert_eq!(plain.version_mask, None);
+
+    // A version-rolling client (BIP310 configure, asks for the whole mask).
+    let mut cfg = MinerConfig::new(pool.addr, "asic.1");
+    cfg.version_rolling = Some(0xffff_ffff);
+    cfg.stop_after_blocks = Some(2);
+    cfg.duration = Some(Duration::from_secs(150));
+    let rolling = Miner::start(cfg).unwrap().wait(Duration::from_secs(180));
+    assert!(
+        rolling.blocks_accepted >= 2 && rolling.rejected == 0,
+        "{rolling:?}"
+    );
+    assert_eq!(
+        rolling.version_mask,
+        Some(0x1fff_e000),
+        "configure must answer the intersection"
+    );
+    let mut rolled_any = false;
+    for hash in plain.block_hashes.iter().chain(&rolling.block_hashes) {
+        wait_until("the block to reach the node", WAIT, || {
+            in_main_chain(node, hash)
+        });
+        let block = decode_block(node, hash);
+        rolled_any |= block.header.version.to_consensus() & 0x1fff_e000 != 0;
+    }
+    println!("blocks with rolled version bits among them: {rolled_any}");
+}

@@ -33,6 +33,26 @@ pub struct Btcd {
     pub notify: bool,
 }
 
+/// Difficulty rules for one listen address (`listendiff`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenDiff {
+    /// The listen address (`host:port`); added to the listeners if `serverurl` lacks it.
+    pub url: String,
+    /// Starting difficulty of clients on it.
+    pub startdiff: Option<Difficulty>,
+    /// Minimum difficulty of clients on it.
+    pub mindiff: Option<Difficulty>,
+}
+
+/// A minimum difficulty by user agent (`useragentdiff`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentDiff {
+    /// Case-insensitive substring of the user agent.
+    pub pattern: String,
+    /// Minimum (and starting) difficulty for matching clients.
+    pub mindiff: Difficulty,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -83,6 +103,12 @@ pub struct Config {
     pub io: String,
     /// Clients that have not authorised this long after connecting are dropped (ckpool: 60 s).
     pub authtimeout: Duration,
+    /// Per-listen-address start/minimum difficulties.
+    pub listendiff: Vec<ListenDiff>,
+    /// Minimum difficulties by user agent, first match wins.
+    pub useragentdiff: Vec<AgentDiff>,
+    /// Send whole difficulties as powers of two.
+    pub diffpow2: bool,
 }
 
 impl Default for Config {
@@ -117,6 +143,9 @@ impl Default for Config {
             threads: None,
             io: "auto".into(),
             authtimeout: Duration::from_secs(60),
+            listendiff: Vec::new(),
+            useragentdiff: Vec::new(),
+            diffpow2: false,
         }
     }
 }
@@ -182,6 +211,9 @@ const KNOWN_KEYS: &[&str] = &[
     "threads",
     "io",
     "authtimeout",
+    "listendiff",
+    "useragentdiff",
+    "diffpow2",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -240,7 +272,8 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
         c.nonce1length = usize::try_from(whole("nonce1length", v, 2, 8)?).unwrap_or(4);
     }
     if let Some(v) = map.get("nonce2length") {
-        c.nonce2length = usize::try_from(whole("nonce2length", v, 2, 8)?).unwrap_or(8);
+        // At least 4 (NiceHash and others need the room), at most 8 (WhatsMiner fails above).
+        c.nonce2length = usize::try_from(whole("nonce2length", v, 4, 8)?).unwrap_or(8);
     }
     if let Some(v) = map.get("update_interval") {
         c.update_interval = Duration::from_secs(whole("update_interval", v, 1, 86_400)?);
@@ -304,6 +337,64 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     }
     if let Some(v) = map.get("authtimeout") {
         c.authtimeout = Duration::from_secs(whole("authtimeout", v, 1, 86_400)?);
+    }
+    if let Some(v) = map.get("listendiff") {
+        let Value::Array(items) = v else {
+            return Err(invalid(
+                "listendiff",
+                "must be an array of {\"url\", \"startdiff\", \"mindiff\"}",
+            ));
+        };
+        for item in items {
+            let url = item
+                .get("url")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("listendiff", "each entry needs a \"url\" string"))?;
+            let startdiff = item
+                .get("startdiff")
+                .map(|d| difficulty("listendiff", d))
+                .transpose()?;
+            let mindiff = item
+                .get("mindiff")
+                .map(|d| difficulty("listendiff", d))
+                .transpose()?;
+            c.listendiff.push(ListenDiff {
+                url: url.to_owned(),
+                startdiff,
+                mindiff,
+            });
+        }
+    }
+    if let Some(v) = map.get("useragentdiff") {
+        let Value::Array(items) = v else {
+            return Err(invalid(
+                "useragentdiff",
+                "must be an array of {\"match\", \"mindiff\"}",
+            ));
+        };
+        for item in items {
+            let pattern = item
+                .get("match")
+                .and_then(Value::as_str)
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "useragentdiff",
+                        "each entry needs a non-empty \"match\" string",
+                    )
+                })?;
+            let mindiff = item
+                .get("mindiff")
+                .ok_or_else(|| invalid("useragentdiff", "each entry needs \"mindiff\""))
+                .and_then(|d| difficulty("useragentdiff", d))?;
+            c.useragentdiff.push(AgentDiff {
+                pattern: pattern.to_ascii_lowercase(),
+                mindiff,
+            });
+        }
+    }
+    if let Some(v) = map.get("diffpow2") {
+        c.diffpow2 = typed::<bool>("diffpow2", v)?;
     }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
@@ -438,6 +529,30 @@ mod tests {
         assert!(matches!(
             parse(r#"{"version_mask": "zz"}"#),
             Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn difficulty_rules() {
+        let c = parse(
+            r#"{"listendiff": [{"url": "0.0.0.0:4334", "startdiff": 65536, "mindiff": 1024}],
+                "useragentdiff": [{"match": "NiceHash", "mindiff": 500000}],
+                "diffpow2": true}"#,
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.listendiff[0].url, "0.0.0.0:4334");
+        assert_eq!(c.listendiff[0].mindiff, Some(diff_const(1024)));
+        assert_eq!(c.useragentdiff[0].pattern, "nicehash");
+        assert!(c.diffpow2);
+        assert!(parse(r#"{"useragentdiff": [{"match": "x"}]}"#).is_err());
+        assert!(parse(r#"{"listendiff": {"url": "x"}}"#).is_err());
+        assert!(matches!(
+            parse(r#"{"nonce2length": 3}"#),
+            Err(ConfigError::Invalid {
+                key: "nonce2length",
+                ..
+            })
         ));
     }
 

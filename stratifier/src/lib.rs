@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 pub use common::ConnId;
 pub use job::{CoinbaseConfig, Job, JobError, stratum_prevhash};
-pub use pool::{BlockCandidate, Pool, PoolConfig, ShareRecord, StatsSnapshot};
+pub use pool::{
+    AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord, StatsSnapshot,
+};
 pub use shard::Shard;
 
 /// Where a shard's output goes: replies and notifications to connections, and closes.

@@ -31,12 +31,14 @@ pub struct PoolConfig {
     pub mindiff: Difficulty,
     /// Starting difficulty.
     pub startdiff: Difficulty,
-    /// Starting difficulty and floor on high-difficulty listeners.
-    pub highdiff: Difficulty,
     /// Vardiff ceiling.
     pub maxdiff: Option<Difficulty>,
-    /// Which listener indexes are high-difficulty ones.
-    pub highdiff_listeners: Vec<bool>,
+    /// Per-listener difficulty rules, by listener index (ckpool's "highdiff port" made general).
+    pub listener_diff: Vec<ListenerDiff>,
+    /// Minimum difficulties by user agent (first match wins).
+    pub agent_diff: Vec<AgentDiff>,
+    /// Send only powers of two at or above 1 (for firmware that rounds difficulty down).
+    pub diff_pow2: bool,
     /// Rate limit of `mining.get_txnhashes`.
     pub update_interval: Duration,
     /// Clients not authorised this long after connecting are dropped.
@@ -66,9 +68,10 @@ impl PoolConfig {
             version_mask: 0x1fff_e000,
             mindiff: Difficulty::ONE,
             startdiff: Difficulty::from_units(42 << 32),
-            highdiff: Difficulty::from_units(1_000_000 << 32),
             maxdiff: None,
-            highdiff_listeners: Vec::new(),
+            listener_diff: Vec::new(),
+            agent_diff: Vec::new(),
+            diff_pow2: false,
             update_interval: Duration::from_secs(30),
             auth_timeout: Duration::from_secs(60),
             resume_window: Duration::from_secs(600),
@@ -76,6 +79,24 @@ impl PoolConfig {
             job_lifetime: Duration::from_secs(600),
         }
     }
+}
+
+/// Difficulty rules of one listen address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerDiff {
+    /// Starting difficulty of its clients (instead of `startdiff`).
+    pub start: Option<Difficulty>,
+    /// Minimum difficulty of its clients (on top of `mindiff`).
+    pub min: Option<Difficulty>,
+}
+
+/// A minimum difficulty for clients whose user agent contains `pattern` (case-insensitive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentDiff {
+    /// Lower-case substring to look for in the user agent.
+    pub pattern: String,
+    /// The minimum (and starting) difficulty for such clients.
+    pub min: Difficulty,
 }
 
 /// A share that meets the network target, assembled into a block.

@@ -65,11 +65,17 @@ struct Session {
     diff: Difficulty,
     old_diff: Difficulty,
     diff_change_job: u64,
+    /// The miner's own minimum (suggest_difficulty, minimum-difficulty, `d=`).
     suggested: Option<Difficulty>,
+    /// The operator's minimum for this client: pool, listener and user-agent rules.
+    floor: Difficulty,
+    /// A fixed difficulty (`fd=` in the password): no vardiff.
+    fixed: Option<Difficulty>,
+    /// The miner sent `mining.extranonce.subscribe`.
+    extranonce_subscribed: bool,
     vardiff: VarDiff,
     last_job: u64,
     last_txnhashes: Option<Instant>,
-    highdiff: bool,
 }
 
 impl Shard {
@@ -96,16 +102,9 @@ impl Shard {
     /// A new connection.
     pub fn on_open(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, listener: usize) {
         let cfg = &self.st.pool.cfg;
-        let highdiff = cfg
-            .highdiff_listeners
-            .get(listener)
-            .copied()
-            .unwrap_or(false);
-        let diff = if highdiff {
-            cfg.startdiff.max(cfg.highdiff)
-        } else {
-            cfg.startdiff
-        };
+        let rule = cfg.listener_diff.get(listener).copied().unwrap_or_default();
+        let floor = rule.min.map_or(cfg.mindiff, |m| m.max(cfg.mindiff));
+        let diff = rule.start.unwrap_or(cfg.startdiff).max(floor);
         self.st.sessions.insert(
             conn,
             Session {
@@ -121,11 +120,13 @@ impl Shard {
                 diff,
                 old_diff: diff,
                 diff_change_job: 0,
-                suggested: highdiff.then_some(cfg.highdiff),
+                suggested: None,
+                floor,
+                fixed: None,
+                extranonce_subscribed: false,
                 vardiff: VarDiff::new(now),
                 last_job: 0,
                 last_txnhashes: None,
-                highdiff,
             },
         );
         self.st.pool.clients.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +234,7 @@ impl State {
         match method {
             "mining.submit" => self.submit(now, conn, req, out),
             "mining.subscribe" => self.subscribe(now, conn, req, out),
-            "mining.authorize" | "mining.authorise" => self.authorize(conn, req, out),
+            "mining.authorize" | "mining.authorise" => self.authorize(now, conn, req, out),
             "mining.configure" => self.configure(now, conn, req, out),
             "mining.suggest_difficulty" => {
                 let d = req
@@ -249,7 +250,12 @@ impl State {
                     .map(|be| Target(ruint_from_be(&be)).difficulty());
                 self.suggest(now, conn, req, d, out);
             }
-            "mining.extranonce.subscribe" => reply_raw(out, conn, req, b"true"),
+            "mining.extranonce.subscribe" => {
+                if let Some(s) = self.sessions.get_mut(&conn) {
+                    s.extranonce_subscribed = true;
+                }
+                reply_raw(out, conn, req, b"true");
+            }
             "mining.get_transactions" => self.get_transactions(conn, req, false, now, out),
             "mining.get_txnhashes" => self.get_transactions(conn, req, true, now, out),
             "mining.ping" => reply_raw(out, conn, req, b"\"pong\""),
@@ -295,11 +301,23 @@ impl State {
             s.enonce1_bytes = bytes.get(8 - n1.min(8)..).unwrap_or(&bytes).to_vec();
             s.enonce1_hex = hex::encode(&s.enonce1_bytes);
             s.subscribed = true;
+            let agent = s.agent.to_ascii_lowercase();
+            if let Some(rule) = self
+                .pool
+                .cfg
+                .agent_diff
+                .iter()
+                .find(|r| agent.contains(&r.pattern))
+            {
+                s.floor = s.floor.max(rule.min);
+                s.diff = s.diff.max(rule.min);
+            }
             if s.suggested.is_none() {
                 // A share never needs to be harder than a block (regtest, signet, testnet).
-                s.diff = s.diff.min(job.network_diff).max(self.pool.cfg.mindiff);
-                s.old_diff = s.diff;
+                s.diff = s.diff.min(job.network_diff).max(s.floor);
             }
+            s.diff = presentable(&self.pool.cfg, s.diff, s.floor);
+            s.old_diff = s.diff;
         }
         let mut buf = Vec::with_capacity(256);
         let result = format!(
@@ -314,7 +332,7 @@ impl State {
         }
     }
 
-    fn authorize(&mut self, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+    fn authorize(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
@@ -390,6 +408,16 @@ impl State {
             stratum::show_message(&mut buf, &msg);
         }
         out.send(conn, buf);
+        // Password options, as public-pool, BTCPool and p2poolv2 take them: `d=N` a minimum,
+        // `fd=N` a fixed difficulty (rentals often can set nothing but the password).
+        let opts = PasswordOptions::parse(req.param_str(1).unwrap_or(""));
+        if let Some(fd) = opts.fixed {
+            let fd = fd.max(s.floor);
+            s.fixed = Some(fd);
+            self.set_diff(now, conn, fd, out);
+        } else if let Some(d) = opts.min {
+            self.apply_suggestion(now, conn, d, out);
+        }
         if self.pool.cfg.solo
             && let Some(job) = self.pool.current_job()
         {
@@ -458,26 +486,42 @@ impl State {
         self.apply_suggestion(now, conn, d, out);
     }
 
-    /// A miner asked for a difficulty: it becomes its floor and, if subscribed, its difficulty now.
+    /// A miner asked for a difficulty: it becomes its own minimum and, unless its difficulty is
+    /// fixed, its difficulty now.
     fn apply_suggestion(&mut self, now: Instant, conn: ConnId, d: Difficulty, out: &mut impl Out) {
-        let cfg = &self.pool.cfg;
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
-        let mut d = d.max(cfg.mindiff);
-        if s.highdiff {
-            d = d.max(cfg.highdiff);
-        }
+        let d = d.max(s.floor);
         s.suggested = Some(d);
-        if s.diff == d {
+        if s.fixed.is_none() {
+            self.set_diff(now, conn, d, out);
+        }
+    }
+
+    /// Changes a session's difficulty and tells the miner: `mining.set_difficulty`, then at once
+    /// the current job again with clean=true, since some firmware applies a new difficulty only
+    /// with the next notify. Work already sent stays valid (see [`change_diff`]).
+    fn set_diff(&mut self, now: Instant, conn: ConnId, d: Difficulty, out: &mut impl Out) {
+        let current = self.pool.current_job();
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        let d = presentable(&self.pool.cfg, d, s.floor);
+        if d == s.diff {
             return;
         }
-        let current = self.pool.current_job().map_or(0, |j| j.id);
-        change_diff(s, d, current, now);
-        if s.subscribed {
-            let mut buf = Vec::with_capacity(80);
-            stratum::set_difficulty(&mut buf, d);
-            out.send(conn, buf);
+        change_diff(s, d, current.as_ref().map_or(0, |j| j.id), now);
+        if !s.subscribed {
+            return;
+        }
+        let mut buf = Vec::with_capacity(80);
+        stratum::set_difficulty(&mut buf, d);
+        out.send(conn, buf);
+        if s.last_job != 0
+            && let Some(job) = current
+        {
+            self.send_job_with(conn, &job, true, out);
         }
     }
 
@@ -537,10 +581,15 @@ impl State {
 
     /// Sends a job to one session (its own coinbase in solo mode).
     fn send_job(&mut self, conn: ConnId, job: &Arc<Job>, out: &mut impl Out) {
+        self.send_job_with(conn, job, false, out);
+    }
+
+    /// Sends a job; `clean` forces clean=true (a miner's first job always has it).
+    fn send_job_with(&mut self, conn: ConnId, job: &Arc<Job>, clean: bool, out: &mut impl Out) {
         let Some(s) = self.sessions.get_mut(&conn) else {
             return;
         };
-        let first = s.last_job == 0;
+        let first = s.last_job == 0 || clean;
         s.last_job = job.id;
         if !self.pool.cfg.solo {
             let line = if first {
@@ -565,7 +614,8 @@ impl State {
 
     fn submit(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
         match self.check_submit(now, conn, req, out) {
-            Ok(()) => {}
+            Ok(None) => {}
+            Ok(Some(new)) => self.set_diff(now, conn, new, out),
             Err((code, reason)) => {
                 let mut buf = Vec::with_capacity(128);
                 stratum::reply_reject(&mut buf, &req.id, code, reason);
@@ -589,11 +639,11 @@ impl State {
         conn: ConnId,
         req: &Request<'_>,
         out: &mut impl Out,
-    ) -> Result<(), Reject> {
+    ) -> Result<Option<Difficulty>, Reject> {
         let pool = Arc::clone(&self.pool);
         let cfg = &pool.cfg;
         let Some(s) = self.sessions.get_mut(&conn) else {
-            return Ok(());
+            return Ok(None);
         };
         if !s.subscribed {
             return Err((codes::NOT_SUBSCRIBED, "Not subscribed"));
@@ -745,18 +795,19 @@ impl State {
             .as_ref()
             .map_or(job.network_diff, |c| c.network_diff);
         let bounds = Bounds {
-            min: cfg.mindiff,
+            min: s.floor,
             suggested: s.suggested,
             max: cfg.maxdiff,
             network,
         };
-        if let Some(new) = s.vardiff.on_share(now, judged, s.diff, bounds) {
-            debug!(%conn, old = %s.diff, new = %new, "vardiff");
-            change_diff(s, new, current.map_or(job.id, |c| c.id), now);
-            stratum::set_difficulty(&mut buf, new);
-        }
         out.send(conn, buf);
-        Ok(())
+        if s.fixed.is_none()
+            && let Some(new) = s.vardiff.on_share(now, judged, s.diff, bounds)
+        {
+            debug!(%conn, old = %s.diff, new = %new, "vardiff");
+            return Ok(Some(new));
+        }
+        Ok(None)
     }
 }
 
@@ -767,6 +818,51 @@ fn change_diff(s: &mut Session, new: Difficulty, current_job: u64, now: Instant)
     s.diff = new;
     s.diff_change_job = current_job.saturating_add(1);
     s.vardiff.changed(now);
+}
+
+/// Rounds a difficulty to what is sent: with `diff_pow2`, whole difficulties become the power of
+/// two at or below them (firmware that rounds down then loses nothing), but never below `floor`.
+fn presentable(cfg: &crate::PoolConfig, d: Difficulty, floor: Difficulty) -> Difficulty {
+    if !cfg.diff_pow2 || d < Difficulty::ONE {
+        return d;
+    }
+    let pow2_at_or_below = |units: u128| 1u128 << (127 - units.leading_zeros());
+    let down = Difficulty::from_units(pow2_at_or_below(d.units()));
+    if down >= floor {
+        return down;
+    }
+    let f = floor.units();
+    let up = if f.is_power_of_two() {
+        f
+    } else {
+        pow2_at_or_below(f).saturating_mul(2)
+    };
+    Difficulty::from_units(up)
+}
+
+/// Difficulty options in a miner's password (`x,d=1024`, `fd=65536;x`, …).
+#[derive(Debug, Default, PartialEq)]
+struct PasswordOptions {
+    min: Option<Difficulty>,
+    fixed: Option<Difficulty>,
+}
+
+impl PasswordOptions {
+    fn parse(pass: &str) -> Self {
+        let mut o = Self::default();
+        for part in pass.split([',', ';', ' ', '&']) {
+            let Some((k, v)) = part.split_once('=') else {
+                continue;
+            };
+            let d = v.trim().parse::<f64>().ok().and_then(Difficulty::from_f64);
+            match k.trim().to_ascii_lowercase().as_str() {
+                "d" | "diff" | "md" => o.min = d.or(o.min),
+                "fd" => o.fixed = d.or(o.fixed),
+                _ => {}
+            }
+        }
+        o
+    }
 }
 
 /// The solo work of `user` for `job`, built on first use.

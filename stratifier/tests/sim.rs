@@ -713,3 +713,289 @@ fn get_transactions_and_txnhashes() {
     );
     assert_eq!(r[0]["error"][0], 21);
 }
+
+// ---- Miner compatibility (issue 5): one test per quirk ------------------------------------
+
+/// Network difficulty 2^32: no clamp to the network gets in the way of high difficulties.
+const HUGE_BITS: u32 = 0x1900_ffff;
+
+/// The raw lines sent to `c` since the last drain.
+fn raw_lines(s: &mut Sim, c: ConnId) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut keep = Vec::new();
+    for (conn, bytes) in s.out.sent.drain(..) {
+        if conn == c {
+            lines.extend(String::from_utf8(bytes).unwrap().lines().map(str::to_owned));
+        } else {
+            keep.push((conn, bytes));
+        }
+    }
+    s.out.sent = keep;
+    lines
+}
+
+#[test]
+fn compat_bitaxe_session_replay() {
+    // A real Bitaxe (AxeOS v2.2) session: subscribe, configure asking mask ffffffff, authorize
+    // with a bech32 testnet address, suggest_difficulty 512 after authorize, a submit with
+    // version bits. Solo mode on testnet with a real testnet template.
+    let t = core_template("core-testnet3-gbt-2442185.json");
+    let mut cfg = PoolConfig::new(Network::Testnet, None);
+    cfg.solo = true;
+    let pool = Pool::new(cfg, 1, |_| {}, None);
+    let now = Instant::now();
+    pool.new_template(t, now).unwrap();
+    let mut s = Sim {
+        shard: Shard::new(Arc::clone(&pool)),
+        pool,
+        out: RecordingOut::default(),
+        now,
+        blocks: Arc::default(),
+    };
+    let c = s.open(1);
+    let session = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../testdata/bitaxe-v2.2-session.jsonl"
+    ))
+    .unwrap();
+    let mut replies = Vec::new();
+    for line in session.lines().filter(|l| !l.trim().is_empty()) {
+        replies.push(s.raw(c, line.as_bytes()));
+    }
+    // subscribe
+    assert_eq!(replies[0][0]["id"], 1);
+    assert!(replies[0][0]["result"][1].is_string(), "{:?}", replies[0]);
+    assert_eq!(replies[0][0]["result"][2], 8);
+    // configure: the intersection of ffffffff and our 1fffe000
+    assert_eq!(replies[1][0]["result"]["version-rolling"], true);
+    assert_eq!(replies[1][0]["result"]["version-rolling.mask"], "1fffe000");
+    // authorize: the bech32 address is a valid solo user; its own job follows
+    assert_eq!(replies[2][0]["result"], true, "{:?}", replies[2]);
+    assert!(replies[2].iter().any(|m| m["method"] == "mining.notify"));
+    // suggest_difficulty 512: answered, applied, and a clean notify follows the new difficulty
+    assert_eq!(replies[3][0]["result"], true);
+    assert_eq!(replies[3][1]["method"], "mining.set_difficulty");
+    assert_eq!(replies[3][1]["params"][0], 512);
+    assert_eq!(replies[3][2]["method"], "mining.notify");
+    assert_eq!(replies[3][2]["params"][8], true);
+    // the submit was made against another pool's job: a well-formed reject with a reason
+    let r = &replies[4][0];
+    assert_eq!(r["id"], 5);
+    assert_eq!(r["result"], false);
+    assert_eq!(r["error"][0], 21);
+    assert_eq!(r["reject-reason"], "Invalid JobID");
+}
+
+#[test]
+fn compat_version_bits_without_configure() {
+    // Antminer S21 through rentals: rolls version bits without ever sending mining.configure.
+    let mut s = sim();
+    let (c, w) = s.connect(1, "s21");
+    // The job carries the template's version, never rolled bits.
+    assert_eq!(w.job.as_ref().unwrap()[5], "20000000");
+    let ntime = u32::from_str_radix(w.job.as_ref().unwrap()[7].as_str().unwrap(), 16).unwrap();
+    let target = Difficulty::from_f64(w.diff).unwrap().target();
+    let nonce = (0u32..)
+        .find(|&n| target.is_met_by(&share_hash(&w, &[5; 8], ntime, n, 0x0040_0000, 0x1fff_e000)))
+        .unwrap();
+    let mut share = submit(&w, "s21", &[5; 8], nonce);
+    share["params"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("00400000"));
+    assert_eq!(
+        s.line(c, share.clone())[0]["result"],
+        true,
+        "bits inside the default mask are accepted"
+    );
+    share["params"][5] = json!("80000000");
+    assert_reject(&s.line(c, share), 20, "Invalid version mask");
+}
+
+#[test]
+fn compat_suggest_target() {
+    let mut s = sim_with(false, HUGE_BITS, |_| {});
+    let c = s.open(1);
+    // Target of difficulty 256: diff1 / 256.
+    let target = format!("{:064x}", Difficulty::from_f64(256.0).unwrap().target().0);
+    let r = s.line(
+        c,
+        json!({"id": 3, "method": "mining.suggest_target", "params": [target]}),
+    );
+    assert_eq!(r[0]["result"], true);
+    let r = s.line(
+        c,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    assert_eq!(r[1]["params"][0], 256);
+}
+
+#[test]
+fn compat_minimum_difficulty_in_configure() {
+    let mut s = sim_with(false, HUGE_BITS, |_| {});
+    let c = s.open(1);
+    let r = s.line(c, json!({"id": 3, "method": "mining.configure",
+        "params": [["minimum-difficulty", "subscribe-extranonce"], {"minimum-difficulty.value": 2048}]}));
+    assert_eq!(r[0]["result"]["minimum-difficulty"], true);
+    let r = s.line(
+        c,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    assert_eq!(r[1]["params"][0], 2048);
+    let r = s.line(
+        c,
+        json!({"id": 4, "method": "mining.extranonce.subscribe", "params": []}),
+    );
+    assert_eq!(r[0]["result"], true);
+}
+
+#[test]
+fn compat_password_minimum_and_fixed_difficulty() {
+    let mut s = sim_with(false, HUGE_BITS, |_| {});
+    let c = s.open(1);
+    s.line(
+        c,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    let r = s.line(
+        c,
+        json!({"id": 2, "method": "mining.authorize", "params": ["rental", "x,d=1024"]}),
+    );
+    assert_eq!(r[0]["result"], true);
+    assert_eq!(r[1]["method"], "mining.set_difficulty");
+    assert_eq!(r[1]["params"][0], 1024);
+    assert_eq!(r[2]["method"], "mining.notify");
+
+    // fd= fixes the difficulty: vardiff leaves it alone however fast the shares come.
+    let mut s = sim();
+    let c = s.open(1);
+    let mut w = Work::default();
+    absorb(
+        &mut w,
+        &s.line(
+            c,
+            json!({"id": 1, "method": "mining.subscribe", "params": []}),
+        ),
+    );
+    // 2^-30: four hashes per share on average, cheap to grind here.
+    let r = s.line(c, json!({"id": 2, "method": "mining.authorize", "params": ["fixed", "fd=0.000000000931322574615478515625"]}));
+    absorb(&mut w, &r);
+    assert_eq!(w.diff, 2f64.powi(-30));
+    for i in 0..100u32 {
+        s.now += Duration::from_millis(10);
+        let r = s.line(c, good_share(&w, "fixed", &i.to_be_bytes().repeat(2)));
+        assert_eq!(r[0]["result"], true);
+        assert!(
+            !r.iter().any(|m| m["method"] == "mining.set_difficulty"),
+            "vardiff moved a fixed difficulty"
+        );
+    }
+}
+
+#[test]
+fn compat_per_listener_difficulty() {
+    let mut s = sim_with(false, HUGE_BITS, |cfg| {
+        cfg.listener_diff = vec![
+            ckpool_stratifier::ListenerDiff::default(),
+            ckpool_stratifier::ListenerDiff {
+                start: Some(Difficulty::from_f64(65536.0).unwrap()),
+                min: Some(Difficulty::from_f64(1024.0).unwrap()),
+            },
+        ];
+    });
+    let low = ConnId::new(0, 0, 1);
+    let high = ConnId::new(0, 0, 2);
+    s.shard.on_open(s.now, low, peer(), 0);
+    s.shard.on_open(s.now, high, peer(), 1);
+    let r = s.line(
+        low,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    assert!(r[1]["params"][0].as_f64().unwrap() < 1.0);
+    let r = s.line(
+        high,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    assert_eq!(r[1]["params"][0], 65536);
+    // A suggestion below the listener's minimum is raised to it.
+    let r = s.line(
+        high,
+        json!({"id": 3, "method": "mining.suggest_difficulty", "params": [1]}),
+    );
+    assert_eq!(r[1]["params"][0], 1024);
+}
+
+#[test]
+fn compat_per_user_agent_minimum() {
+    let mut s = sim_with(false, HUGE_BITS, |cfg| {
+        cfg.agent_diff = vec![ckpool_stratifier::AgentDiff {
+            pattern: "nicehash".into(),
+            min: Difficulty::from_f64(500_000.0).unwrap(),
+        }];
+    });
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id": 1, "method": "mining.subscribe", "params": ["NiceHash/1.0.0"]}),
+    );
+    assert_eq!(r[1]["params"][0], 500_000);
+    let other = s.open(2);
+    let r = s.line(
+        other,
+        json!({"id": 1, "method": "mining.subscribe", "params": ["cgminer/4.12"]}),
+    );
+    assert!(r[1]["params"][0].as_f64().unwrap() < 1.0);
+}
+
+#[test]
+fn compat_powers_of_two_and_integer_json() {
+    let mut s = sim_with(false, HUGE_BITS, |cfg| cfg.diff_pow2 = true);
+    let c = s.open(1);
+    s.line(
+        c,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    raw_lines(&mut s, c);
+    let line =
+        json!({"id": 3, "method": "mining.suggest_difficulty", "params": [1000]}).to_string();
+    s.shard.on_line(s.now, c, line.as_bytes(), &mut s.out);
+    // Sent as the JSON integer 512, not 512.0 or 1000.
+    let lines = raw_lines(&mut s, c);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"mining.set_difficulty\",\"params\":[512]")),
+        "{lines:?}"
+    );
+    // Fractional difficulties only where the configuration allows them (mindiff below 1 here).
+    let mut s = sim_with(false, HUGE_BITS, |cfg| cfg.mindiff = Difficulty::ONE);
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id": 3, "method": "mining.suggest_difficulty", "params": [0.001]}),
+    );
+    assert_eq!(r[0]["result"], true);
+    let r = s.line(
+        c,
+        json!({"id": 1, "method": "mining.subscribe", "params": []}),
+    );
+    assert_eq!(r[1]["params"][0], 1);
+}
+
+#[test]
+fn compat_difficulty_change_sends_notify_and_keeps_inflight_work_valid() {
+    let mut s = sim_with(false, HUGE_BITS, |_| {});
+    let (c, w) = s.connect(1, "nerdqaxe");
+    // Work found at the current (low) difficulty on the current job...
+    let share = good_share(&w, "nerdqaxe", &[6; 8]);
+    // ...then the difficulty rises. The new difficulty comes with a clean notify at once.
+    let r = s.line(
+        c,
+        json!({"id": 3, "method": "mining.suggest_difficulty", "params": [1_000_000]}),
+    );
+    assert_eq!(r[1]["method"], "mining.set_difficulty");
+    assert_eq!(r[2]["method"], "mining.notify");
+    assert_eq!(r[2]["params"][8], true);
+    // The share on the job sent before the change is still accepted at the old difficulty.
+    assert_eq!(s.line(c, share)[0]["result"], true);
+}
