@@ -10,7 +10,9 @@
 //! the [`Handler`] interface.
 //!
 //! Backends sit behind one completion-based interface in `sys/` (the only place with `unsafe` or
-//! `cfg`): epoll today, io_uring later. See [`BackendKind`].
+//! `cfg`): io_uring (multishot accept into direct descriptors, multishot receive into a
+//! per-thread provided-buffer ring) and epoll, chosen once at [`start`]. See [`BackendKind`],
+//! [`probe_uring`] and [`resolved_backend`].
 //!
 //! ```no_run
 //! use std::time::Instant;
@@ -52,12 +54,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use tracing::{debug, error};
+use tracing::{debug, error, info, warn};
 
 pub use common::ConnId;
 pub use outbox::{Action, Outbox, SendBuf};
 
-use crate::sys::{Backend, Waker};
+use crate::sys::{Backend, Waker, WithBackend};
 use crate::worker::{Limits, Shared, Worker};
 
 /// Connector settings.
@@ -79,6 +81,8 @@ pub struct Config {
     pub tick: Duration,
     /// Which I/O backend to use.
     pub backend: BackendKind,
+    /// Settings of the io_uring backend (ignored by epoll).
+    pub uring: UringConfig,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             backlog: 4096,
             tick: Duration::from_secs(1),
             backend: BackendKind::Auto,
+            uring: UringConfig::default(),
         }
     }
 }
@@ -111,6 +116,56 @@ impl Config {
         if self.tick.is_zero() {
             return invalid("connector: tick must be positive");
         }
+        self.uring.validate()
+    }
+}
+
+/// Settings of the io_uring backend, per connector thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UringConfig {
+    /// Size of the thread's table of direct descriptors: the most connections the thread can hold
+    /// at once. Accepted sockets live only in this table and take no regular file descriptor, so
+    /// one process can hold more connections than `RLIMIT_NOFILE`. The kernel caps each table at
+    /// the soft `RLIMIT_NOFILE` at the time the connector starts (call [`raise_nofile_limit`]
+    /// first), so the size used is the smaller of the two. When the table is full the thread
+    /// stops accepting until a connection closes.
+    pub files: u32,
+    /// Number of receive buffers in the thread's provided-buffer ring (a power of two, at most
+    /// 32,768). Shared by all of the thread's connections: an idle connection holds none.
+    pub recv_buffers: u16,
+    /// Size of each receive buffer in bytes (at least 64).
+    pub recv_buffer_size: u32,
+    /// Submission queue entries (a power of two); the completion queue gets four times as many.
+    pub sq_entries: u32,
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        Self {
+            files: 65_536,
+            recv_buffers: 1024,
+            recv_buffer_size: 2048,
+            sq_entries: 1024,
+        }
+    }
+}
+
+impl UringConfig {
+    fn validate(&self) -> io::Result<()> {
+        let invalid =
+            |what: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, what.to_owned()));
+        if self.files == 0 {
+            return invalid("connector: uring.files must be positive");
+        }
+        if !self.recv_buffers.is_power_of_two() || self.recv_buffers > 32_768 {
+            return invalid("connector: uring.recv_buffers must be a power of two up to 32768");
+        }
+        if self.recv_buffer_size < 64 || u64::from(self.recv_buffer_size) > 1 << 24 {
+            return invalid("connector: uring.recv_buffer_size must be between 64 and 16 MiB");
+        }
+        if !self.sq_entries.is_power_of_two() || self.sq_entries > 32_768 {
+            return invalid("connector: uring.sq_entries must be a power of two up to 32768");
+        }
         Ok(())
     }
 }
@@ -118,30 +173,42 @@ impl Config {
 /// The I/O backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendKind {
-    /// The best backend this kernel allows (epoll for now).
+    /// io_uring when [`probe_uring`] accepts this kernel, epoll otherwise (the reason is logged
+    /// once, at `warn`).
     #[default]
     Auto,
     /// Level-triggered epoll.
     Epoll,
+    /// io_uring; [`start`] fails when this kernel (or the build) does not allow it.
+    Uring,
 }
 
 impl BackendKind {
-    /// The name used in configuration files (`"auto"`, `"epoll"`).
+    /// The name used in configuration files (`"auto"`, `"epoll"`, `"uring"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Auto => "auto",
             Self::Epoll => "epoll",
+            Self::Uring => "uring",
         }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
 impl FromStr for BackendKind {
     type Err = UnknownBackend;
 
+    /// Accepts `"auto"`, `"epoll"`, and `"uring"`, `"io-uring"` or `"io_uring"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(Self::Auto),
             "epoll" => Ok(Self::Epoll),
+            "uring" | "io-uring" | "io_uring" => Ok(Self::Uring),
             _ => Err(UnknownBackend(s.to_owned())),
         }
     }
@@ -149,8 +216,40 @@ impl FromStr for BackendKind {
 
 /// A backend name that [`BackendKind::from_str`] does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown I/O backend {0:?} (expected \"auto\" or \"epoll\")")]
+#[error("unknown I/O backend {0:?} (expected \"auto\", \"epoll\" or \"uring\")")]
 pub struct UnknownBackend(pub String);
+
+/// Whether the io_uring backend can run here; `Err` says why not.
+///
+/// Checked once per process (later calls return the first answer, so it is cheap): ring creation
+/// with the flags the backend uses (`SINGLE_ISSUER | DEFER_TASKRUN`), `IORING_REGISTER_PROBE` for
+/// every opcode it submits, a sparse fixed-file table, a provided-buffer ring, and the socket
+/// `getsockopt` command it reads peer addresses with (Linux 6.7). Fails as if the kernel refused
+/// when the environment variable `CKPOOL_IO_URING_DISABLE` is set to anything but `""` or `"0"`,
+/// and always when the crate is built without its `io-uring` feature.
+pub fn probe_uring() -> Result<(), String> {
+    sys::probe_uring()
+}
+
+/// The backend [`start`] runs for `kind`: `Auto` becomes [`BackendKind::Uring`] or
+/// [`BackendKind::Epoll`] according to [`probe_uring`] (logging why io_uring is not used, once,
+/// at `warn`); the others are returned as they are (a forced `Uring` that is unavailable makes
+/// [`start`] fail).
+pub fn resolved_backend(kind: BackendKind) -> BackendKind {
+    match kind {
+        BackendKind::Auto => match probe_uring() {
+            Ok(()) => BackendKind::Uring,
+            Err(reason) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    warn!(%reason, "io_uring is not available; the connector uses epoll");
+                });
+                BackendKind::Epoll
+            }
+        },
+        other => other,
+    }
+}
 
 /// Why a connection was closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,30 +310,121 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// Starts the connector threads. `make(thread_index)` builds each thread's handler (on that
 /// thread).
 ///
-/// Listeners are bound before this returns, so errors (address in use, bad configuration, no
-/// epoll) are reported here.
+/// Listeners are bound and every thread's backend is set up before this returns, so errors
+/// (address in use, bad configuration, a forced io_uring backend that this kernel refuses) are
+/// reported here. With [`BackendKind::Auto`], a failure to set up io_uring that the probe did not
+/// foresee (e.g. out of memory for a ring) falls back to epoll with a warning.
 pub fn start<H, F>(cfg: Config, make: F) -> io::Result<Connector<H::Msg>>
 where
     H: Handler,
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
     cfg.validate()?;
-    match cfg.backend {
-        BackendKind::Auto | BackendKind::Epoll => start_with(&cfg, make, sys::epoll::Epoll::new),
+    let make = Arc::new(make);
+    let kind = match cfg.backend {
+        BackendKind::Uring => {
+            if let Err(reason) = probe_uring() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("connector: the io_uring backend is not available: {reason}"),
+                ));
+            }
+            BackendKind::Uring
+        }
+        kind => resolved_backend(kind),
+    };
+    match start_on(&cfg, kind, Arc::clone(&make)) {
+        Ok(connector) => {
+            info!(backend = %kind, threads = cfg.threads, "connector started");
+            Ok(connector)
+        }
+        Err(StartError::Backend(e))
+            if cfg.backend == BackendKind::Auto && kind != BackendKind::Epoll =>
+        {
+            warn!(error = %e, "io_uring backend could not be set up; the connector uses epoll");
+            start_on(&cfg, BackendKind::Epoll, make).map_err(StartError::into_io)
+        }
+        Err(e) => Err(e.into_io()),
     }
 }
 
-fn start_with<B, H, F, N>(cfg: &Config, make: F, new_backend: N) -> io::Result<Connector<H::Msg>>
+/// Why starting failed: setting up a backend (which `Auto` may retry with epoll) or anything else.
+enum StartError {
+    Backend(io::Error),
+    Other(io::Error),
+}
+
+impl StartError {
+    fn into_io(self) -> io::Error {
+        match self {
+            Self::Backend(e) | Self::Other(e) => e,
+        }
+    }
+}
+
+impl From<io::Error> for StartError {
+    fn from(e: io::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+fn start_on<H, F>(
+    cfg: &Config,
+    kind: BackendKind,
+    make: Arc<F>,
+) -> Result<Connector<H::Msg>, StartError>
 where
-    B: Backend + Send + 'static,
     H: Handler,
     F: Fn(usize) -> H + Send + Sync + 'static,
-    N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B>,
+{
+    sys::with_backend(kind, cfg.uring, Starter { cfg, kind, make }).unwrap_or_else(|| {
+        Err(StartError::Other(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("connector: the {kind} backend is not compiled in"),
+        )))
+    })
+}
+
+/// Starts the threads once the backend type is known.
+struct Starter<'a, F> {
+    cfg: &'a Config,
+    kind: BackendKind,
+    make: Arc<F>,
+}
+
+impl<H, F> WithBackend for Starter<'_, F>
+where
+    H: Handler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    type Output = Result<Connector<H::Msg>, StartError>;
+
+    fn run<B, N>(self, new_backend: N) -> Self::Output
+    where
+        B: Backend + 'static,
+        N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static,
+    {
+        start_with(self.cfg, self.kind, self.make, Arc::new(new_backend))
+    }
+}
+
+fn start_with<B, H, F, N>(
+    cfg: &Config,
+    kind: BackendKind,
+    make: Arc<F>,
+    new_backend: Arc<N>,
+) -> Result<Connector<H::Msg>, StartError>
+where
+    B: Backend + 'static,
+    H: Handler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+    N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static,
 {
     // One listener per thread and address; the first thread's fixes the port when it is 0.
     let mut listeners: Vec<Vec<socket2::Socket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
     let mut addrs = Vec::with_capacity(cfg.listen.len());
     for &addr in &cfg.listen {
+        sys::ensure_port_free(addr)?;
         let mut local = addr;
         for (t, per_thread) in listeners.iter_mut().enumerate() {
             let (sock, bound) = sys::listener_socket(local, cfg.backlog)?;
@@ -252,24 +442,35 @@ where
         tick: cfg.tick,
     };
     let listen_count = cfg.listen.len();
-    let make = Arc::new(make);
     let mut connector = Connector {
         threads: Vec::with_capacity(cfg.threads),
         addrs,
+        backend: kind,
     };
     for (t, socks) in listeners.into_iter().enumerate() {
         let thread = u16::try_from(t).map_err(io::Error::other)?;
         let waker = Arc::new(Waker::new()?);
-        let backend = new_backend(Arc::clone(&waker), socks)?;
-        let shared = Arc::new(Shared::new(waker));
+        let shared = Arc::new(Shared::new(Arc::clone(&waker)));
         let (tx, rx) = crossbeam_channel::unbounded();
+        // The backend is created on its own thread (an io_uring ring belongs to the thread that
+        // submits to it), which reports how that went before this goes on.
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<io::Result<()>>(1);
         let make = Arc::clone(&make);
+        let new_backend = Arc::clone(&new_backend);
         let worker_shared = Arc::clone(&shared);
         let join = std::thread::Builder::new()
             .name(format!("connector-{t}"))
             .spawn(move || {
                 let span = tracing::info_span!("connector", thread = t);
                 let _entered = span.enter();
+                let backend = match new_backend(waker, socks) {
+                    Ok(backend) => backend,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
                 let handler = make(t);
                 Worker::new(
                     thread,
@@ -282,12 +483,21 @@ where
                 )
                 .run();
             })?;
-        // On an error later in this loop, dropping `connector` stops and joins this thread.
+        // On an error from here on, dropping `connector` stops and joins the threads started.
         connector.threads.push(ThreadHandle {
             tx,
             shared,
             join: Some(join),
         });
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError::Backend(e)),
+            Err(_) => {
+                return Err(StartError::Backend(io::Error::other(
+                    "connector thread exited while setting up its backend",
+                )));
+            }
+        }
     }
     Ok(connector)
 }
@@ -296,6 +506,7 @@ where
 pub struct Connector<M> {
     threads: Vec<ThreadHandle<M>>,
     addrs: Vec<SocketAddr>,
+    backend: BackendKind,
 }
 
 struct ThreadHandle<M> {
@@ -313,6 +524,12 @@ impl<M: Send + Clone + 'static> Connector<M> {
     /// The bound addresses, one per [`Config::listen`] entry (with the real port when it was 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.addrs.clone()
+    }
+
+    /// The backend the threads run: [`BackendKind::Epoll`] or [`BackendKind::Uring`], never
+    /// `Auto`.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
     }
 
     /// Sends `msg` to thread `thread`'s handler ([`Handler::on_msg`]) and wakes the thread.
@@ -436,10 +653,21 @@ mod tests {
 
     #[test]
     fn backend_names_round_trip() {
-        for kind in [BackendKind::Auto, BackendKind::Epoll] {
+        for kind in [BackendKind::Auto, BackendKind::Epoll, BackendKind::Uring] {
             assert_eq!(kind.as_str().parse::<BackendKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), kind.as_str());
         }
+        assert_eq!("io-uring".parse::<BackendKind>(), Ok(BackendKind::Uring));
+        assert_eq!("io_uring".parse::<BackendKind>(), Ok(BackendKind::Uring));
         assert!("uring2".parse::<BackendKind>().is_err());
+    }
+
+    #[test]
+    fn explicit_backends_resolve_to_themselves() {
+        assert_eq!(resolved_backend(BackendKind::Epoll), BackendKind::Epoll);
+        assert_eq!(resolved_backend(BackendKind::Uring), BackendKind::Uring);
+        let auto = resolved_backend(BackendKind::Auto);
+        assert_eq!(auto == BackendKind::Uring, probe_uring().is_ok());
     }
 
     #[test]
@@ -464,6 +692,27 @@ mod tests {
             },
             Config {
                 tick: Duration::ZERO,
+                ..ok.clone()
+            },
+            Config {
+                uring: UringConfig {
+                    recv_buffers: 1000,
+                    ..UringConfig::default()
+                },
+                ..ok.clone()
+            },
+            Config {
+                uring: UringConfig {
+                    files: 0,
+                    ..UringConfig::default()
+                },
+                ..ok.clone()
+            },
+            Config {
+                uring: UringConfig {
+                    sq_entries: 100,
+                    ..UringConfig::default()
+                },
                 ..ok.clone()
             },
         ] {

@@ -295,6 +295,11 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                             c.queue.push_front(buf);
                         }
                     }
+                    if c.queue.is_empty() && c.queue.capacity() > 0 {
+                        // Everything is written: an idle connection keeps no queue allocation
+                        // (about 100 bytes each, which adds up over 100k connections).
+                        c.queue = VecDeque::new();
+                    }
                     if (!c.queue.is_empty() || c.close_by.is_some()) && !c.dirty {
                         c.dirty = true;
                         self.dirty.push(conn);

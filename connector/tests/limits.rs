@@ -4,15 +4,16 @@
     clippy::panic,
     reason = "test code"
 )]
-//! Resource limits: running out of descriptors on accept (EMFILE) and the bounded wait of a
-//! handler-requested close. The EMFILE scenario runs in a child process started with a low
-//! `ulimit -n`, so it cannot disturb other tests.
+//! Resource limits: running out of descriptors on accept (EMFILE), a full io_uring table of direct
+//! descriptors, and the bounded wait of a handler-requested close. The scenarios that watch the
+//! process's CPU time or exhaust its descriptors run in a child process (started with a low
+//! `ulimit -n` where needed), so they cannot disturb other tests.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use ckpool_connector::{BackendKind, CloseReason, Config, ConnId, Handler, Outbox
 use crossbeam_channel::{Receiver, Sender};
 
 const WAIT: Duration = Duration::from_secs(20);
-/// Set in the child process that runs the EMFILE scenario.
+/// Set in the child processes that run the scenarios below.
 const CHILD_ENV: &str = "CKPOOL_CONNECTOR_EMFILE_CHILD";
 
 macro_rules! backend_tests {
@@ -30,6 +31,13 @@ macro_rules! backend_tests {
                 #[test]
                 fn epoll() {
                     super::$name(ckpool_connector::BackendKind::Epoll, "epoll");
+                }
+
+                #[test]
+                fn uring() {
+                    if super::uring_available() {
+                        super::$name(ckpool_connector::BackendKind::Uring, "uring");
+                    }
                 }
             }
         )*
@@ -48,6 +56,90 @@ mod emfile_child {
     fn epoll() {
         super::emfile_scenario(ckpool_connector::BackendKind::Epoll);
     }
+
+    #[test]
+    #[ignore = "run by emfile_pauses_accepts_without_spinning in a process with a low fd limit"]
+    fn uring() {
+        super::emfile_scenario(ckpool_connector::BackendKind::Uring);
+    }
+}
+
+/// The child half of `uring_full_table_pauses_accepts_without_spinning`.
+mod table_full_child {
+    #[test]
+    #[ignore = "run by uring_full_table_pauses_accepts_without_spinning in its own process"]
+    fn uring() {
+        super::table_full_scenario();
+    }
+}
+
+/// Whether the io_uring variant of a test can run (see `tests/loopback.rs`).
+fn uring_available() -> bool {
+    let Err(reason) = ckpool_connector::probe_uring() else {
+        return true;
+    };
+    let deliberate = !cfg!(feature = "io-uring")
+        || std::env::var_os("CKPOOL_IO_URING_DISABLE").is_some_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        deliberate || std::env::var("CI").map_or(true, |v| v != "true"),
+        "io_uring is not available in CI: {reason}"
+    );
+    eprintln!("skipped: io_uring is not available: {reason}");
+    false
+}
+
+/// Runs test `name` of this binary in a child process (with `ulimit -Sn` set to `nofile` if
+/// given) and checks that it passed.
+fn run_child(name: &str, nofile: Option<u32>) {
+    let exe = std::env::current_exe().unwrap();
+    let ulimit = nofile.map_or(String::new(), |n| format!("ulimit -Sn {n} && "));
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{ulimit}exec \"$0\" \"$@\""))
+        .arg(&exe)
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the pipes on their own threads so the child never blocks on a full pipe.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + 3 * WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().unwrap();
+    let stderr = err.join().unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()) && stdout.contains("1 passed"),
+        "child {name} failed ({status:?}):\n{stdout}\n{stderr}"
+    );
 }
 
 #[derive(Debug)]
@@ -145,28 +237,19 @@ fn cpu_time(proc_stat: &File) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// Epoll: when no descriptor is left, accepting pauses (without spinning) until a connection
+/// closes. io_uring: accepted connections take no descriptor, so accepting goes on.
 fn emfile_pauses_accepts_without_spinning(_backend: BackendKind, name: &str) {
-    let exe = std::env::current_exe().unwrap();
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -Sn 64 && exec \"$0\" \"$@\"")
-        .arg(&exe)
-        .args([
-            "--exact",
-            &format!("emfile_child::{name}"),
-            "--ignored",
-            "--test-threads=1",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "child failed:\n{stdout}\n{stderr}"
-    );
+    run_child(&format!("emfile_child::{name}"), Some(64));
+}
+
+/// io_uring: when the table of direct descriptors is full, accepting pauses (the connection waits
+/// in the listen backlog instead of being refused) until a connection closes.
+#[test]
+fn uring_full_table_pauses_accepts_without_spinning() {
+    if uring_available() {
+        run_child("table_full_child::uring", None);
+    }
 }
 
 fn emfile_scenario(backend: BackendKind) {
@@ -188,6 +271,9 @@ fn emfile_scenario(backend: BackendKind) {
         }
     }
     filler.truncate(filler.len() - 2);
+    if backend == BackendKind::Uring {
+        return direct_descriptors_scenario(connector, &events, addr, filler);
+    }
     let mut first = TcpStream::connect_timeout(&addr, WAIT).unwrap();
     let first_id = opened(&events, &first);
 
@@ -209,8 +295,13 @@ fn emfile_scenario(backend: BackendKind) {
         "{used:?} of CPU in {window:?} while accepts are paused"
     );
 
-    // Closing a connection frees a descriptor and resumes accepting.
+    // Closing a connection frees a descriptor and resumes accepting. The echo is read before the
+    // close, or the unread echo would make the close a reset (`CloseReason::Error`).
     first.write_all(b"ping\n").unwrap();
+    first.set_read_timeout(Some(WAIT)).unwrap();
+    let mut echo = String::new();
+    BufReader::new(&first).read_line(&mut echo).unwrap();
+    assert_eq!(echo, "ping\n");
     drop(first);
     assert_eq!(closed(&events, first_id), CloseReason::Peer);
     let second_id = opened(&events, &second);
@@ -221,6 +312,100 @@ fn emfile_scenario(backend: BackendKind) {
     drop(filler);
     connector.shutdown();
     assert_eq!(closed(&events, second_id), CloseReason::Shutdown);
+}
+
+/// Uring half of `emfile_scenario`: with no descriptor left in the process but two for the
+/// clients, both are accepted, since the server side takes none.
+fn direct_descriptors_scenario(
+    connector: ckpool_connector::Connector<()>,
+    events: &Receiver<Event>,
+    addr: SocketAddr,
+    filler: Vec<File>,
+) {
+    let mut clients = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let client = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+        ids.push(opened(events, &client));
+        clients.push(client);
+    }
+    assert_eq!(
+        File::open("/dev/null").unwrap_err().raw_os_error(),
+        Some(libc::EMFILE),
+        "every descriptor of the process is in use"
+    );
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&*client).read_line(&mut line).unwrap();
+        assert_eq!(line, format!("hello {i}\n"));
+    }
+    drop(filler);
+    connector.shutdown();
+    for id in ids {
+        assert_eq!(closed(events, id), CloseReason::Shutdown);
+    }
+}
+
+fn table_full_scenario() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        eprintln!("skipped: only meaningful in its own child process");
+        return;
+    }
+    // Two direct descriptors; no tick, so only a closing connection can resume accepting.
+    let (connector, events, addr) = start(BackendKind::Uring, |cfg| {
+        cfg.tick = Duration::from_secs(3600);
+        cfg.uring.files = 2;
+    });
+    let proc_stat = File::open("/proc/self/stat").unwrap();
+    let first = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    let first_id = opened(&events, &first);
+    let second = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    let second_id = opened(&events, &second);
+
+    // The table is full: the third connection completes its handshake in the listen backlog
+    // and waits there.
+    let mut third = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    third.set_read_timeout(Some(WAIT)).unwrap();
+    let window = Duration::from_millis(500);
+    let cpu_before = cpu_time(&proc_stat);
+    let started = Instant::now();
+    while started.elapsed() < window {
+        std::thread::sleep(window / 5);
+    }
+    let used = cpu_time(&proc_stat) - cpu_before;
+    assert!(
+        used < window / 2,
+        "{used:?} of CPU in {window:?} while accepts are paused"
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "nothing is accepted while the table is full"
+    );
+
+    // Closing a connection frees a slot and resumes accepting; the waiting connection was kept.
+    drop(first);
+    assert_eq!(closed(&events, first_id), CloseReason::Peer);
+    let third_id = opened(&events, &third);
+    third.write_all(b"still here\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&third).read_line(&mut line).unwrap();
+    assert_eq!(line, "still here\n");
+    connector.shutdown();
+    let mut shut = [second_id, third_id].map(|id| (id, false));
+    let deadline = Instant::now() + WAIT;
+    while shut.iter().any(|(_, done)| !done) {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Closed(c, CloseReason::Shutdown)) => {
+                for (id, done) in &mut shut {
+                    *done |= *id == c;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => panic!("timed out waiting for the shutdown closes"),
+        }
+    }
 }
 
 fn handler_close_is_bounded_in_time(backend: BackendKind, _name: &str) {

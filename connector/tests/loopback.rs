@@ -25,7 +25,8 @@ const BULK_PAD: &str = "pppppppppppppppppppppppppppppppppppppppppppppppppppppppp
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Expands each test function `name(BackendKind)` into `name::<backend>` tests, one per backend.
+/// Expands each test function `name(BackendKind)` into `name::<backend>` tests, one per backend
+/// (`name::epoll`, `name::uring`).
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
         $(
@@ -34,9 +35,33 @@ macro_rules! backend_tests {
                 fn epoll() {
                     super::$name(ckpool_connector::BackendKind::Epoll);
                 }
+
+                #[test]
+                fn uring() {
+                    if super::uring_available() {
+                        super::$name(ckpool_connector::BackendKind::Uring);
+                    }
+                }
             }
         )*
     };
+}
+
+/// Whether the io_uring variant of a test can run. Where it cannot, the test says "skipped";
+/// in CI (`CI=true`) that is a failure unless io_uring was left out on purpose (the `io-uring`
+/// feature off, or `CKPOOL_IO_URING_DISABLE` set).
+fn uring_available() -> bool {
+    let Err(reason) = ckpool_connector::probe_uring() else {
+        return true;
+    };
+    let deliberate = !cfg!(feature = "io-uring")
+        || std::env::var_os("CKPOOL_IO_URING_DISABLE").is_some_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        deliberate || std::env::var("CI").map_or(true, |v| v != "true"),
+        "io_uring is not available in CI: {reason}"
+    );
+    eprintln!("skipped: io_uring is not available: {reason}");
+    false
 }
 
 backend_tests!(
@@ -51,6 +76,7 @@ backend_tests!(
     bulk_output_arrives_complete_and_in_order,
     stale_ids_are_ignored,
     two_listeners_on_port_zero,
+    ipv6_peer_addresses,
     shutdown_closes_and_joins,
 );
 
@@ -576,6 +602,22 @@ fn two_listeners_on_port_zero(backend: BackendKind) {
         c.send(b"hi\n");
         assert_eq!(c.line(), "hi");
     }
+}
+
+fn ipv6_peer_addresses(backend: BackendKind) {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let srv = server(backend, 1, |cfg| {
+        cfg.listen = vec!["[::1]:0".parse().unwrap()]
+    });
+    assert!(srv.addr().is_ipv6());
+    let mut c = Client::connect(srv.addr());
+    // `opened` matches the address the server reports with the client's own.
+    srv.opened(&c);
+    c.send(b"six\n");
+    assert_eq!(c.line(), "six");
 }
 
 fn shutdown_closes_and_joins(backend: BackendKind) {

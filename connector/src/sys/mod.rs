@@ -4,6 +4,10 @@
 //! the crate. The per-thread event loop in `worker.rs` is generic over [`Backend`] and never
 //! touches a file descriptor.
 //!
+//! Two backends meet the contract below: `uring` (io_uring, behind the `io-uring` cargo feature,
+//! on by default) and `epoll` (always built: the fallback and the reference). Which one runs is
+//! decided once, at [`crate::start`], through [`with_backend`]; `Auto` asks [`probe_uring`].
+//!
 //! # The backend contract
 //!
 //! The interface is *completion-based* (io_uring's model). The loop asks for operations (arm an
@@ -18,6 +22,9 @@
 //!   [`Completion::Recv`] carries a handle; the loop reads the bytes with [`Backend::recv_bytes`]
 //!   and must hand the handle back with [`Backend::release`] before its next call to
 //!   [`Backend::complete`].
+//! * **An accepted socket** reported by [`Completion::Accept`] must be passed to [`Backend::open`]
+//!   before the next call to [`Backend::complete`], or be dropped; the backend closes one that was
+//!   not opened by then (io_uring direct descriptors cannot close themselves on drop).
 //! * **A send owns its buffers while in flight**: [`Backend::send`] takes a [`SendOp`] by value and
 //!   the matching [`Completion::Send`] gives it back, so no borrowed slice crosses a submit. At most
 //!   one send is in flight per connection.
@@ -26,22 +33,94 @@
 //! * After [`Backend::close`] no completion for that connection is reported any more, and the
 //!   backend frees the socket and any buffers it still holds for it once the kernel is done with
 //!   them.
+//! * **Dropping a backend** closes its listeners and sockets; a backend whose kernel holds
+//!   user memory (io_uring) cancels every operation and waits for their completions first.
+//! * A backend is created on the thread that runs it and never leaves it (an io_uring ring is
+//!   created `SINGLE_ISSUER`), so it need not be `Send`.
 
 #[cfg(not(target_os = "linux"))]
-compile_error!("ckpool-connector supports Linux only (epoll, and io_uring later)");
+compile_error!("ckpool-connector supports Linux only (io_uring and epoll)");
 
 pub(crate) mod epoll;
 mod os;
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+mod uring;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::ConnId;
 
-use crate::SendBuf;
+use crate::{BackendKind, SendBuf, UringConfig};
 
-pub(crate) use os::{Waker, listener_socket, raise_nofile_limit};
+pub(crate) use os::{Waker, ensure_port_free, listener_socket, raise_nofile_limit};
+
+/// Environment variable that, set to anything but `""` or `"0"`, makes [`probe_uring`] fail as if
+/// the kernel refused io_uring (so tests and CI can exercise the epoll fallback).
+pub(crate) const DISABLE_URING_ENV: &str = "CKPOOL_IO_URING_DISABLE";
+
+/// Whether io_uring can run the connector here: checked once per process (later calls return the
+/// first answer). See the `uring` module for what is checked.
+pub(crate) fn probe_uring() -> Result<(), String> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if std::env::var_os(DISABLE_URING_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+                return Err(format!("disabled by {DISABLE_URING_ENV}"));
+            }
+            probe_kernel()
+        })
+        .clone()
+}
+
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+fn probe_kernel() -> Result<(), String> {
+    uring::probe()
+}
+
+#[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+fn probe_kernel() -> Result<(), String> {
+    Err("built without the io-uring feature".to_owned())
+}
+
+/// Something to run with a concrete backend type, such as starting the per-thread loops (which
+/// are generic over the backend, so there is no dispatch per operation).
+pub(crate) trait WithBackend {
+    /// What [`WithBackend::run`] returns.
+    type Output;
+
+    /// Runs with `new_backend`, which creates one backend instance from a thread's waker and
+    /// listeners (indexed by [`ListenerId`]); it is called on the thread that will use it.
+    fn run<B, N>(self, new_backend: N) -> Self::Output
+    where
+        B: Backend + 'static,
+        N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static;
+}
+
+/// Calls `w` with the constructor of the backend `kind` (`Auto` must be resolved before; it is
+/// taken as epoll here). `None`: `kind` is not compiled in.
+pub(crate) fn with_backend<W: WithBackend>(
+    kind: BackendKind,
+    uring: UringConfig,
+    w: W,
+) -> Option<W::Output> {
+    match kind {
+        BackendKind::Auto | BackendKind::Epoll => Some(w.run(epoll::Epoll::new)),
+        BackendKind::Uring => run_uring(uring, w),
+    }
+}
+
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+fn run_uring<W: WithBackend>(cfg: UringConfig, w: W) -> Option<W::Output> {
+    Some(w.run(move |waker, listeners| uring::Uring::new(waker, listeners, &cfg)))
+}
+
+#[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+fn run_uring<W: WithBackend>(_cfg: UringConfig, _w: W) -> Option<W::Output> {
+    None
+}
 
 /// Capacity of completion lists kept between rounds (a broadcast to many connections produces one
 /// completion each; that much memory is not kept for good).

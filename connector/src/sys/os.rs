@@ -54,6 +54,9 @@ impl AsFd for Waker {
 
 /// Creates a non-blocking TCP listener bound to `addr` with `SO_REUSEPORT`, so that each connector
 /// thread can bind its own socket to the same address and the kernel spreads connections.
+///
+/// `TCP_NODELAY` is set on the listener: Linux copies it to every accepted socket, which is how
+/// the io_uring backend's direct descriptors (which no `setsockopt` call can reach) get it.
 pub(crate) fn listener_socket(addr: SocketAddr, backlog: i32) -> io::Result<(Socket, SocketAddr)> {
     let sock = Socket::new(
         Domain::for_address(addr),
@@ -62,6 +65,7 @@ pub(crate) fn listener_socket(addr: SocketAddr, backlog: i32) -> io::Result<(Soc
     )?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(backlog)?;
     let local = sock
@@ -71,17 +75,35 @@ pub(crate) fn listener_socket(addr: SocketAddr, backlog: i32) -> io::Result<(Soc
     Ok((sock, local))
 }
 
+/// Fails with `AddrInUse` when another socket already listens on `addr`. The listeners use
+/// `SO_REUSEPORT` (one per thread), which would otherwise let a second process (say, a second
+/// ckpool-rs started by mistake) silently share the port and take half the miners. A probe bound
+/// without `SO_REUSEPORT` is refused whenever anyone listens there.
+pub(crate) fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{addr} is already in use by another process"),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut lim = nofile_limit()?;
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: `lim` is a valid rlimit read just above; setrlimit only reads it.
@@ -91,4 +113,19 @@ pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// The current `RLIMIT_NOFILE` (the soft limit also caps the size of an io_uring fixed-file
+/// table).
+pub(crate) fn nofile_limit() -> io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim)
 }
