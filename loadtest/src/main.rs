@@ -1,10 +1,16 @@
-//! `ckload`: stratum v1 CPU test miner and (later) load generator for ckpool-rs.
+//! `ckload`: stratum v1 load generator and CPU test miner, for ckpool-rs and any stratum v1 pool
+//! on this machine (loopback only).
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ckload::rpc::RpcTarget;
+use ckload::run::{self, Launcher, RunSpec, Scenario};
+use ckload::swarm::{WorkerMessage, WorkerSpec};
 use ckload::{Miner, MinerConfig, MinerReport};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -24,6 +30,125 @@ struct Cli {
 enum Command {
     /// Run one real CPU miner against a pool.
     Mine(MineArgs),
+    /// Connect N miners within T seconds (`--within`); report connect, subscribe and authorize
+    /// latencies and every failure.
+    Storm(LoadArgs),
+    /// Hold N miners submitting `--rate` shares/s in total for `--duration` seconds.
+    Steady(LoadArgs),
+    /// Force `--blocks` new blocks over RPC and measure, per job, the time from the first to the
+    /// last miner receiving its `mining.notify`.
+    Fanout(LoadArgs),
+    /// Disconnect and reconnect `--churn` of the miners per second, resuming sessions, and check
+    /// that the same extranonce1 comes back.
+    Churn(LoadArgs),
+    /// Internal: run one worker (spec as JSON on stdin, JSON lines on stdout).
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Settings shared by the load scenarios. Unset values take the scenario's defaults.
+#[derive(Args, Clone, Debug)]
+struct LoadArgs {
+    /// Pool address, host:port (optionally stratum+tcp://); must be loopback.
+    #[arg(long, default_value = "127.0.0.1:3333")]
+    url: String,
+    /// Miners in total.
+    #[arg(long, default_value_t = 1000)]
+    miners: u32,
+    /// Worker processes (default: one per 10,000 miners, at least 2 from 2 miners up).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Source addresses to bind, comma separated (default 127.0.0.2, 127.0.0.3, … one per
+    /// worker).
+    #[arg(long, value_delimiter = ',')]
+    source_addrs: Vec<IpAddr>,
+    /// Seconds until miners stop submitting (the run then drains and ends).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds over which the miners connect (storm: the storm window).
+    #[arg(long, alias = "within")]
+    ramp: Option<f64>,
+    /// Seconds to wait for outstanding replies after --duration.
+    #[arg(long, default_value_t = 2.0)]
+    drain: f64,
+    /// Shares per second over all miners (storm, fanout and churn default to 0).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Fraction of submits sent as stale shares (a job from before the current block).
+    #[arg(long, default_value_t = 0.0)]
+    stale_rate: f64,
+    /// Fraction of submits sent as duplicates of an earlier share.
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_rate: f64,
+    /// Fraction of submits sent as low-difficulty shares.
+    #[arg(long, default_value_t = 0.0)]
+    low_difficulty_rate: f64,
+    /// Fraction of the miners to disconnect and reconnect per second (churn default 0.01).
+    #[arg(long)]
+    churn: Option<f64>,
+    /// Seconds between a churn disconnect and the reconnect.
+    #[arg(long, default_value_t = 0.25)]
+    churn_pause: f64,
+    /// Send mining.configure asking for version rolling with this hex mask.
+    #[arg(long, value_parser = parse_hex_u32)]
+    version_rolling: Option<u32>,
+    /// Worker names are <user>.<miner number>.
+    #[arg(long, default_value = "ckload")]
+    user: String,
+    /// Password.
+    #[arg(long, default_value = "x")]
+    pass: String,
+    /// User agent for mining.subscribe.
+    #[arg(long, default_value = "ckload/0.1")]
+    user_agent: String,
+    /// New blocks to force with `generate 1` over RPC after the ramp (fanout default 20).
+    #[arg(long)]
+    blocks: Option<u32>,
+    /// Seconds between forced blocks.
+    #[arg(long, default_value_t = 2.0)]
+    block_interval: f64,
+    /// The node's RPC URL (loopback), e.g. http://127.0.0.1:18443.
+    #[arg(long)]
+    rpc_url: Option<String>,
+    /// RPC user.
+    #[arg(long, default_value = "")]
+    rpc_user: String,
+    /// RPC password.
+    #[arg(long, default_value = "")]
+    rpc_pass: String,
+    /// The pool's pid: sample its CPU time and RSS from /proc.
+    #[arg(long)]
+    pool_pid: Option<u32>,
+    /// Runtime threads per worker.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds allowed for a TCP connect.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Seconds allowed for each handshake reply.
+    #[arg(long, default_value_t = 30.0)]
+    handshake_timeout: f64,
+    /// Most hashes ground for one share before it is skipped.
+    #[arg(long, default_value_t = 1 << 22)]
+    grind_budget: u64,
+    /// Also submit hashes that solve a block (off: they are skipped while grinding).
+    #[arg(long)]
+    allow_blocks: bool,
+    /// Write the merged report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// Run workers as threads of this process instead of child processes.
+    #[arg(long)]
+    in_process: bool,
+    /// Exit with status 1 if anything went wrong (errors, failed connects, unexpected replies).
+    #[arg(long)]
+    strict: bool,
+    /// Seed for the schedule's randomness.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -68,16 +193,140 @@ fn parse_hex_u32(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s, 16).map_err(|e| format!("{s:?} is not a hex mask: {e}"))
 }
 
+fn secs(what: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v >= 0.0 && v <= run::MAX_DURATION.as_secs_f64()) {
+        bail!(
+            "{what} must be a number of seconds in 0..={}",
+            run::MAX_DURATION.as_secs()
+        );
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Turns the command line into a run, with the scenario's defaults.
+fn plan(scenario: Scenario, a: &LoadArgs) -> Result<RunSpec> {
+    let target = run::resolve_loopback(&a.url)?;
+    let mut spec = RunSpec::new(scenario, target, a.miners);
+    spec.workers = a
+        .workers
+        .unwrap_or_else(|| a.miners.div_ceil(10_000).max(2).min(a.miners.max(1)));
+    spec.sources.clone_from(&a.source_addrs);
+    let ramp = match (a.ramp, scenario) {
+        (Some(r), _) => secs("--ramp", r)?,
+        (None, Scenario::Storm) => Duration::from_secs(10),
+        (None, _) => spec.ramp,
+    };
+    spec.ramp = ramp;
+    spec.blocks = a
+        .blocks
+        .unwrap_or(if scenario == Scenario::Fanout { 20 } else { 0 });
+    spec.block_interval = secs("--block-interval", a.block_interval)?;
+    spec.duration = match a.duration {
+        Some(d) => secs("--duration", d)?,
+        None => match scenario {
+            Scenario::Storm => ramp + Duration::from_secs(10),
+            Scenario::Fanout if spec.blocks > 0 => {
+                spec.block_time(spec.blocks - 1) + Duration::from_secs(3)
+            }
+            _ => ramp + Duration::from_secs(60),
+        },
+    };
+    spec.drain = secs("--drain", a.drain)?;
+    spec.rate = a.rate.unwrap_or(match scenario {
+        Scenario::Steady => f64::from(a.miners) * 0.2,
+        _ => 0.0,
+    });
+    spec.stale_rate = a.stale_rate;
+    spec.duplicate_rate = a.duplicate_rate;
+    spec.low_difficulty_rate = a.low_difficulty_rate;
+    spec.churn_per_sec = a.churn.unwrap_or(if scenario == Scenario::Churn {
+        0.01
+    } else {
+        0.0
+    });
+    spec.churn_pause = secs("--churn-pause", a.churn_pause)?;
+    spec.version_rolling = a.version_rolling;
+    if a.user.is_empty() || a.user.chars().any(char::is_control) {
+        bail!("--user must be a non-empty name without control characters");
+    }
+    spec.user_prefix.clone_from(&a.user);
+    spec.pass.clone_from(&a.pass);
+    spec.user_agent.clone_from(&a.user_agent);
+    spec.rpc = match &a.rpc_url {
+        Some(url) => Some(RpcTarget::new(url, &a.rpc_user, &a.rpc_pass)?),
+        None => None,
+    };
+    spec.pool_pid = a.pool_pid;
+    spec.threads_per_worker = a.threads;
+    spec.connect_timeout = secs("--connect-timeout", a.connect_timeout)?;
+    spec.handshake_timeout = secs("--handshake-timeout", a.handshake_timeout)?;
+    spec.grind_budget = a.grind_budget;
+    spec.allow_blocks = a.allow_blocks;
+    spec.progress = !a.quiet;
+    spec.seed = a.seed;
+    spec.validate()?;
+    Ok(spec)
+}
+
+fn load(scenario: Scenario, a: &LoadArgs) -> Result<()> {
+    let spec = plan(scenario, a)?;
+    let launcher = if a.in_process {
+        Launcher::InProcess
+    } else {
+        Launcher::Processes {
+            exe: std::env::current_exe().context("finding the ckload executable")?,
+        }
+    };
+    eprintln!(
+        "ckload {}: {} miners, {} worker(s), sources {:?}, target {}, ramp {:.1} s, duration {:.1} s, rate {}/s",
+        scenario.as_str(),
+        spec.miners,
+        spec.workers,
+        spec.effective_sources(),
+        spec.target,
+        spec.ramp.as_secs_f64(),
+        spec.duration.as_secs_f64(),
+        spec.rate
+    );
+    let report = run::run(&spec, &launcher)?;
+    print!("{}", run::summary(&report));
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.strict && (report.error_count() > 0 || report.unexpected_replies > 0) {
+        bail!(
+            "{} errors and {} unexpected replies",
+            report.error_count(),
+            report.unexpected_replies
+        );
+    }
+    Ok(())
+}
+
+/// The hidden `worker` subcommand: one JSON spec line in, JSON lines out.
+fn worker() -> Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the worker spec")?;
+    let spec: WorkerSpec = serde_json::from_str(&line).context("parsing the worker spec")?;
+    run::ensure_loopback(&spec.target)?;
+    let sink = |m: WorkerMessage| {
+        if let Ok(text) = serde_json::to_string(&m) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+    };
+    ckload::swarm::run_worker(&spec, &sink);
+    Ok(())
+}
+
+/// The pool address for `mine`: loopback only, like every ckload target.
 fn resolve(url: &str) -> Result<SocketAddr> {
-    let hostport = url
-        .strip_prefix("stratum+tcp://")
-        .unwrap_or(url)
-        .trim_end_matches('/');
-    hostport
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {hostport}"))?
-        .next()
-        .with_context(|| format!("{hostport} resolved to no address"))
+    Ok(run::resolve_loopback(url)?)
 }
 
 fn live_line(r: &MinerReport, prev_hashes: u64, dt: f64) -> String {
@@ -167,6 +416,11 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Storm(a) => load(Scenario::Storm, &a)?,
+        Command::Steady(a) => load(Scenario::Steady, &a)?,
+        Command::Fanout(a) => load(Scenario::Fanout, &a)?,
+        Command::Churn(a) => load(Scenario::Churn, &a)?,
+        Command::Worker => worker()?,
         Command::Mine(args) => {
             let json = args.json;
             let report = mine(args)?;

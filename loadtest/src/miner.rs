@@ -60,8 +60,8 @@ pub struct MinerConfig {
     /// Most submits per second; grinding pauses while over the rate. Zero, negative or infinite
     /// means unlimited.
     pub max_shares_per_sec: f64,
-    /// After submitting a hash that meets the network target, stop grinding that job until a new
-    /// job arrives.
+    /// After submitting a hash that meets the network target, stop grinding until a job with
+    /// another id arrives (the same job re-sent, e.g. after a difficulty change, stays paused).
     pub pause_after_block: bool,
     /// Stop after this many block solutions were accepted by the pool.
     pub stop_after_blocks: Option<u64>,
@@ -1139,6 +1139,10 @@ fn grind(shared: &Shared) {
     let mut cursor: Option<Cursor> = None;
     // Generation of a job that is finished (block submitted or space exhausted).
     let mut parked: Option<u64> = None;
+    // After a block solution, the job id it was found on: pools re-send the same job (e.g. with a
+    // new difficulty), and grinding it again would only solve the same height twice. A different
+    // job, even on the same previous block (a lagging node after failover), is new work.
+    let mut solved_job: Option<String> = None;
     loop {
         let (job, current_target) = {
             let mut ws = lock(&shared.work);
@@ -1147,7 +1151,11 @@ fn grind(shared: &Shared) {
                     return;
                 }
                 let wait = match &ws.job {
-                    Some(job) if ws.authorized && Some(job.generation) != parked => {
+                    Some(job)
+                        if ws.authorized
+                            && Some(job.generation) != parked
+                            && solved_job.as_deref() != Some(job.job.job_id.as_str()) =>
+                    {
                         match limiter.delay(Instant::now()) {
                             None => break (Arc::clone(job), ws.share_target),
                             Some(d) => d.min(Duration::from_millis(100)),
@@ -1182,6 +1190,7 @@ fn grind(shared: &Shared) {
                 shared.submit(&c.job, &found);
                 if found.block && shared.cfg.pause_after_block {
                     parked = Some(c.job.generation);
+                    solved_job = Some(c.job.job.job_id.clone());
                 }
             }
         }

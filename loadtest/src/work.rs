@@ -3,6 +3,7 @@
 //!
 //! Everything here is pure and has no I/O, so the pieces can be unit tested against real blocks.
 
+use common::Target;
 use common::block;
 use common::hash::{sha256d, sha256d_header};
 use common::merkle::merkle_root_from_branch;
@@ -241,11 +242,307 @@ impl VersionRoller {
     }
 }
 
+/// What a share search looks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// A hash that meets the share target. One that also meets the network target (a block) is
+    /// taken only with `allow_block`; otherwise the search skips it, which is how load runs on
+    /// regtest (where half of all hashes are blocks) avoid flooding the node with blocks.
+    Valid {
+        /// Whether a block solution may be returned.
+        allow_block: bool,
+    },
+    /// A hash that misses the share target and is not a block: a low-difficulty share.
+    LowDifficulty,
+}
+
+/// Position in a job's search space: the extranonce2 counter and the next nonce.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchCursor {
+    /// Extranonce2 counter (encoded with [`extranonce2_bytes`]).
+    pub extranonce2: u64,
+    /// Next nonce to try.
+    pub nonce: u32,
+}
+
+/// A hash found by [`search_share`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FoundShare {
+    /// Extranonce2 counter of the share.
+    pub extranonce2: u64,
+    /// Its nonce.
+    pub nonce: u32,
+    /// The header hash (internal byte order).
+    pub hash: [u8; 32],
+    /// Whether it meets the network target.
+    pub block: bool,
+}
+
+/// Why [`search_share`] found nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchMiss {
+    /// No hash of the wanted kind exists at these targets (e.g. a valid non-block share when
+    /// the share target is at or below the network target).
+    Impossible,
+    /// The hash budget ran out; the cursor is where the search stopped.
+    Budget,
+    /// The extranonce2 space is used up.
+    Exhausted,
+}
+
+/// Searches `job` from `cursor` for a hash of the wanted kind, trying at most `budget` hashes.
+///
+/// The cursor advances past every hash tried (nonce first, then extranonce2), so successive
+/// searches never return the same share. `hashes` is increased by the hashes computed.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one pure function over the whole share input"
+)]
+pub fn search_share(
+    job: &Job,
+    extranonce1: &[u8],
+    nonce2_len: usize,
+    version: u32,
+    share_target: &Target,
+    want: Want,
+    cursor: &mut SearchCursor,
+    budget: u64,
+    hashes: &mut u64,
+) -> Result<FoundShare, SearchMiss> {
+    let net = Target::from_compact(job.nbits);
+    match want {
+        Want::Valid { allow_block: false } if share_target.0 <= net.0 => {
+            return Err(SearchMiss::Impossible);
+        }
+        Want::LowDifficulty if share_target.0.max(net.0) == Target::MAX.0 => {
+            return Err(SearchMiss::Impossible);
+        }
+        _ => {}
+    }
+    let space = extranonce2_space(nonce2_len);
+    if cursor.extranonce2 >= space {
+        return Err(SearchMiss::Exhausted);
+    }
+    let mut en2 = extranonce2_bytes(cursor.extranonce2, nonce2_len);
+    let mut header = job.header(&job.merkle_root(extranonce1, &en2), version, 0);
+    for _ in 0..budget {
+        let nonce = cursor.nonce;
+        header[76..80].copy_from_slice(&nonce.to_le_bytes());
+        let hash = sha256d_header(&header);
+        *hashes += 1;
+        let found = FoundShare {
+            extranonce2: cursor.extranonce2,
+            nonce,
+            hash,
+            block: net.is_met_by(&hash),
+        };
+        // Advance past this hash before judging it.
+        match cursor.nonce.checked_add(1) {
+            Some(n) => cursor.nonce = n,
+            None => {
+                cursor.nonce = 0;
+                cursor.extranonce2 += 1;
+                if cursor.extranonce2 >= space {
+                    return Err(SearchMiss::Exhausted);
+                }
+                en2 = extranonce2_bytes(cursor.extranonce2, nonce2_len);
+                header = job.header(&job.merkle_root(extranonce1, &en2), version, 0);
+            }
+        }
+        let meets = share_target.is_met_by(&hash);
+        let wanted = match want {
+            Want::Valid { allow_block } => meets && (allow_block || !found.block),
+            Want::LowDifficulty => !meets && !found.block,
+        };
+        if wanted {
+            return Ok(found);
+        }
+    }
+    Err(SearchMiss::Budget)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "test code")]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn regtest_job() -> Job {
+        Job::from_notify_params(&json!([
+            "1",
+            GENESIS_STRATUM,
+            "02000000010000000000000000000000000000000000000000000000000000000000000000ffffffff0a5108",
+            format!("ffffffff0100f2052a01000000160014{}00000000", "00".repeat(20)),
+            [],
+            "20000000",
+            "207fffff",
+            "5f5e1000",
+            true
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn share_search_at_regtest_difficulties() {
+        let job = regtest_job();
+        let en1 = [1, 2, 3, 4];
+        let net = Target::from_compact(job.nbits);
+        let min_diff = common::Difficulty::MIN.target();
+        let mut cursor = SearchCursor::default();
+        let mut hashes = 0;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let f = search_share(
+                &job,
+                &en1,
+                4,
+                job.version,
+                &min_diff,
+                Want::Valid { allow_block: false },
+                &mut cursor,
+                1000,
+                &mut hashes,
+            )
+            .unwrap();
+            assert!(!f.block && min_diff.is_met_by(&f.hash) && !net.is_met_by(&f.hash));
+            let en2 = extranonce2_bytes(f.extranonce2, 4);
+            assert_eq!(job.share_hash(&en1, &en2, job.version, f.nonce), f.hash);
+            assert!(seen.insert((f.extranonce2, f.nonce)));
+        }
+        // About two hashes per share: half of regtest hashes are blocks.
+        assert!(hashes < 50 * 6, "{hashes} hashes for 50 shares");
+        // A low-difficulty share at 2^-32 needs a hash in the top 2^-16 of the range.
+        let f = search_share(
+            &job,
+            &en1,
+            4,
+            job.version,
+            &min_diff,
+            Want::LowDifficulty,
+            &mut cursor,
+            1 << 24,
+            &mut hashes,
+        )
+        .unwrap();
+        assert!(!min_diff.is_met_by(&f.hash) && !f.block);
+        // At the network difficulty every share is a block.
+        let net_diff = net;
+        assert_eq!(
+            search_share(
+                &job,
+                &en1,
+                4,
+                job.version,
+                &net_diff,
+                Want::Valid { allow_block: false },
+                &mut cursor,
+                100,
+                &mut hashes
+            ),
+            Err(SearchMiss::Impossible)
+        );
+        let f = search_share(
+            &job,
+            &en1,
+            4,
+            job.version,
+            &net_diff,
+            Want::Valid { allow_block: true },
+            &mut cursor,
+            1000,
+            &mut hashes,
+        )
+        .unwrap();
+        assert!(f.block);
+        assert_eq!(
+            search_share(
+                &job,
+                &en1,
+                4,
+                job.version,
+                &Target::MAX,
+                Want::LowDifficulty,
+                &mut cursor,
+                100,
+                &mut hashes
+            ),
+            Err(SearchMiss::Impossible)
+        );
+        let mut tiny = SearchCursor::default();
+        assert_eq!(
+            search_share(
+                &job,
+                &en1,
+                4,
+                job.version,
+                &common::Difficulty::ONE.target(),
+                Want::Valid { allow_block: false },
+                &mut tiny,
+                10,
+                &mut hashes
+            ),
+            Err(SearchMiss::Impossible)
+        );
+    }
+
+    #[test]
+    fn share_search_wraps_nonce_into_extranonce2() {
+        let job = regtest_job();
+        let mut cursor = SearchCursor {
+            extranonce2: 0,
+            nonce: u32::MAX,
+        };
+        let mut hashes = 0;
+        let f = search_share(
+            &job,
+            &[0; 4],
+            1,
+            job.version,
+            &Target::MAX,
+            Want::Valid { allow_block: true },
+            &mut cursor,
+            10,
+            &mut hashes,
+        )
+        .unwrap();
+        assert_eq!((f.extranonce2, f.nonce), (0, u32::MAX));
+        assert_eq!(
+            cursor,
+            SearchCursor {
+                extranonce2: 1,
+                nonce: 0
+            }
+        );
+        let mut end = SearchCursor {
+            extranonce2: 255,
+            nonce: u32::MAX,
+        };
+        let _ = search_share(
+            &job,
+            &[0; 4],
+            1,
+            job.version,
+            &Target::MAX,
+            Want::Valid { allow_block: true },
+            &mut end,
+            10,
+            &mut hashes,
+        );
+        assert_eq!(
+            search_share(
+                &job,
+                &[0; 4],
+                1,
+                job.version,
+                &Target::MAX,
+                Want::Valid { allow_block: true },
+                &mut end,
+                10,
+                &mut hashes
+            ),
+            Err(SearchMiss::Exhausted)
+        );
+    }
 
     const GENESIS_RPC: &str = "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f";
     /// Genesis hash in stratum's word-swapped form (computed independently with Python).

@@ -1,0 +1,1460 @@
+//! Load scenarios: one command line drives many workers and merges their results.
+//!
+//! [`run`] plans the run ([`RunSpec::worker_specs`]: miners dealt round-robin to workers, each
+//! worker bound to its own loopback source address), starts the workers — child processes
+//! running `ckload worker` (spec as JSON on stdin, progress and the final report as JSON lines
+//! on stdout) or threads of this process — and meanwhile:
+//!
+//! * prints a live progress line every second (stderr),
+//! * samples the pool's CPU time and RSS from `/proc/<pid>` when given its pid,
+//! * forces new blocks with `generate 1` over RPC on the scenario's schedule,
+//!
+//! then merges the workers' counters and histograms (exactly: V2-serialized hdrhistograms) into
+//! one [`Report`].
+//!
+//! Every run is bounded: miners stop at `duration`, wait at most `drain` for replies, and
+//! worker processes still alive well after that are killed. Every address is checked to be
+//! loopback before anything is sent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tracing::warn;
+
+use crate::Error;
+use crate::rpc::{RpcTarget, resolve};
+use crate::stats::{Counters, ErrorCounts, Hist, KindStats, LatencySummary, ShareKind};
+use crate::swarm::{HISTOGRAMS, JobSeen, Progress, WorkerMessage, WorkerReport, WorkerSpec};
+use crate::sys::{
+    MachineCpu, ProcSample, cpu_count, ephemeral_port_count, mono_ns, nofile_hard_limit,
+};
+
+/// Longest run accepted.
+pub const MAX_DURATION: Duration = Duration::from_secs(6 * 3600);
+/// Most miners in one run.
+pub const MAX_MINERS: u32 = 1_000_000;
+/// Most workers in one run.
+pub const MAX_WORKERS: u32 = 64;
+/// File descriptors a worker keeps for itself besides its miners' sockets.
+const FD_SLACK: u64 = 64;
+/// Ephemeral ports left free per source address.
+const PORT_SLACK: u64 = 512;
+/// Time between planning and miner 0's connect, for the workers to start.
+const START_DELAY: Duration = Duration::from_millis(1500);
+/// Wait after the ramp before the first forced block.
+const BLOCK_SETTLE: Duration = Duration::from_secs(2);
+/// A worker still running this long after the drain ends is killed.
+const KILL_GRACE: Duration = Duration::from_secs(20);
+
+/// What a run is for; each sets its own defaults in the CLI and its own summary emphasis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// Connect N miners within T seconds; measure connect/subscribe/authorize and failures.
+    Storm,
+    /// Hold N miners submitting R shares/s in total for D seconds.
+    Steady,
+    /// Force new blocks; measure the first-to-last `mining.notify` spread per job.
+    Fanout,
+    /// Disconnect and reconnect (with session resume) a fraction of the miners per second.
+    Churn,
+}
+
+impl Scenario {
+    /// The scenario's name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Storm => "storm",
+            Self::Steady => "steady",
+            Self::Fanout => "fanout",
+            Self::Churn => "churn",
+        }
+    }
+}
+
+/// Everything one run needs.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// Pool address (loopback).
+    pub target: SocketAddr,
+    /// Miners in total.
+    pub miners: u32,
+    /// Worker processes (or threads).
+    pub workers: u32,
+    /// Source addresses, dealt to workers round-robin; empty: 127.0.0.2, 127.0.0.3, … one per
+    /// worker (IPv4 targets), none for `::1`.
+    pub sources: Vec<IpAddr>,
+    /// Miners connect evenly over this time (the storm window).
+    pub ramp: Duration,
+    /// Total time until miners stop submitting; the measurement window is `ramp..duration`.
+    pub duration: Duration,
+    /// After `duration`, how long to wait for outstanding replies.
+    pub drain: Duration,
+    /// Submits per second over all miners (0: none).
+    pub rate: f64,
+    /// Fraction of submits sent as stale shares.
+    pub stale_rate: f64,
+    /// Fraction of submits sent as duplicates.
+    pub duplicate_rate: f64,
+    /// Fraction of submits sent as low-difficulty shares.
+    pub low_difficulty_rate: f64,
+    /// Fraction of the miners disconnected and reconnected (with resume) per second.
+    pub churn_per_sec: f64,
+    /// Pause between a churn disconnect and the reconnect. ckpool-rs parks a session for
+    /// resume when its connector thread handles the close; a reconnect that reaches another
+    /// thread first finds nothing to resume.
+    pub churn_pause: Duration,
+    /// Send `mining.configure` for version rolling with this mask.
+    pub version_rolling: Option<u32>,
+    /// Worker names are `<user_prefix>.<miner number>`.
+    pub user_prefix: String,
+    /// Password for `mining.authorize`.
+    pub pass: String,
+    /// User agent for `mining.subscribe`.
+    pub user_agent: String,
+    /// New blocks to force through RPC after the ramp.
+    pub blocks: u32,
+    /// Time between forced blocks.
+    pub block_interval: Duration,
+    /// The node to force blocks on.
+    pub rpc: Option<RpcTarget>,
+    /// The pool's pid, for CPU and RSS samples.
+    pub pool_pid: Option<u32>,
+    /// Runtime threads per worker.
+    pub threads_per_worker: usize,
+    /// Limit for a TCP connect.
+    pub connect_timeout: Duration,
+    /// Limit for each handshake reply.
+    pub handshake_timeout: Duration,
+    /// Most hashes ground for one share.
+    pub grind_budget: u64,
+    /// Submit hashes that solve a block.
+    pub allow_blocks: bool,
+    /// Print the live progress line to stderr.
+    pub progress: bool,
+    /// Seed for the schedule's randomness.
+    pub seed: u64,
+}
+
+impl RunSpec {
+    /// A spec with defaults: one worker per 10,000 miners, no submits, 30 s, 2 s drain, ramp
+    /// of 1 ms per miner (at most 10 s).
+    pub fn new(scenario: Scenario, target: SocketAddr, miners: u32) -> Self {
+        Self {
+            scenario,
+            target,
+            miners,
+            workers: miners.div_ceil(10_000).max(1),
+            sources: Vec::new(),
+            ramp: Duration::from_millis(u64::from(miners)).min(Duration::from_secs(10)),
+            duration: Duration::from_secs(30),
+            drain: Duration::from_secs(2),
+            rate: 0.0,
+            stale_rate: 0.0,
+            duplicate_rate: 0.0,
+            low_difficulty_rate: 0.0,
+            churn_per_sec: 0.0,
+            churn_pause: Duration::from_millis(250),
+            version_rolling: None,
+            user_prefix: "ckload".to_owned(),
+            pass: "x".to_owned(),
+            user_agent: "ckload/0.1".to_owned(),
+            blocks: 0,
+            block_interval: Duration::from_secs(2),
+            rpc: None,
+            pool_pid: None,
+            threads_per_worker: 1,
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(30),
+            grind_budget: 1 << 22,
+            allow_blocks: false,
+            progress: true,
+            seed: 1,
+        }
+    }
+
+    /// The source addresses workers use.
+    pub fn effective_sources(&self) -> Vec<IpAddr> {
+        if !self.sources.is_empty() {
+            return self.sources.clone();
+        }
+        if self.target.is_ipv6() {
+            return Vec::new();
+        }
+        (0..self.workers)
+            .map(|w| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (w % 250) as u8)))
+            .collect()
+    }
+
+    /// When forced block `i` (0-based) is generated, from the start.
+    pub fn block_time(&self, i: u32) -> Duration {
+        self.ramp + BLOCK_SETTLE + self.block_interval * i
+    }
+
+    /// Checks every setting, including that all addresses are loopback and that the plan fits
+    /// this machine's file and port limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        ensure_loopback(&self.target)?;
+        if self.miners == 0 || self.miners > MAX_MINERS {
+            return bad(format!("--miners must be 1..={MAX_MINERS}"));
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS || self.workers > self.miners {
+            return bad(format!(
+                "--workers must be 1..={MAX_WORKERS} and at most the number of miners"
+            ));
+        }
+        if self.duration.is_zero() || self.duration > MAX_DURATION {
+            return bad(format!(
+                "--duration must be positive and at most {} s",
+                MAX_DURATION.as_secs()
+            ));
+        }
+        if self.ramp >= self.duration {
+            return bad("the ramp (connect window) must end before --duration".to_owned());
+        }
+        if self.drain > Duration::from_secs(60) {
+            return bad("--drain is at most 60 s".to_owned());
+        }
+        for (name, v) in [
+            ("--stale-rate", self.stale_rate),
+            ("--duplicate-rate", self.duplicate_rate),
+            ("--low-difficulty-rate", self.low_difficulty_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!("{name} must be a fraction in 0..=1"));
+            }
+        }
+        if self.stale_rate + self.duplicate_rate + self.low_difficulty_rate > 1.0 {
+            return bad(
+                "the stale, duplicate and low-difficulty rates add up to more than 1".into(),
+            );
+        }
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            return bad("--rate must be a non-negative number".to_owned());
+        }
+        if self.rate / f64::from(self.miners) > 1000.0 {
+            return bad("--rate is more than 1000 shares/s per miner".to_owned());
+        }
+        if self.churn_pause > Duration::from_secs(60) {
+            return bad("--churn-pause is at most 60 s".to_owned());
+        }
+        if !(0.0..=10.0).contains(&self.churn_per_sec) {
+            return bad("--churn must be a fraction per second in 0..=10".to_owned());
+        }
+        if self.threads_per_worker == 0 || self.threads_per_worker > 64 {
+            return bad("--threads must be 1..=64".to_owned());
+        }
+        if self.grind_budget == 0 {
+            return bad("--grind-budget must be positive".to_owned());
+        }
+        let sources = self.effective_sources();
+        for s in &sources {
+            if !s.is_loopback() {
+                return bad(format!(
+                    "source address {s} is not loopback (ckload only uses 127.0.0.0/8 and ::1)"
+                ));
+            }
+            if s.is_ipv4() != self.target.is_ipv4() {
+                return bad(format!(
+                    "source address {s} is not of the target's family ({})",
+                    self.target
+                ));
+            }
+        }
+        let per_worker = u64::from(self.miners.div_ceil(self.workers));
+        let fd_limit = nofile_hard_limit();
+        if per_worker + FD_SLACK > fd_limit {
+            return bad(format!(
+                "{per_worker} miners per worker do not fit the hard open-files limit {fd_limit}: \
+                 use more --workers (at least {})",
+                u64::from(self.miners).div_ceil(fd_limit.saturating_sub(FD_SLACK).max(1))
+            ));
+        }
+        if let Some(ports) = ephemeral_port_count() {
+            let addrs = u64::try_from(sources.len().max(1)).unwrap_or(1);
+            // Workers share source addresses round-robin; count the busiest address.
+            let workers_per_addr = u64::from(self.workers).div_ceil(addrs);
+            let per_addr = per_worker * workers_per_addr;
+            if per_addr + PORT_SLACK > ports {
+                return bad(format!(
+                    "about {per_addr} connections per source address exceed the {ports} \
+                     ephemeral ports (net.ipv4.ip_local_port_range): use more --workers or \
+                     --source-addrs"
+                ));
+            }
+        }
+        if self.blocks > 0 {
+            let Some(rpc) = &self.rpc else {
+                return bad("forcing blocks needs --rpc-url".to_owned());
+            };
+            ensure_loopback(&rpc.addr)?;
+            let last = self.block_time(self.blocks - 1);
+            if last + Duration::from_secs(1) > self.duration {
+                return bad(format!(
+                    "{} blocks every {:.1} s after the ramp end at {:.1} s; raise --duration \
+                     to at least {:.0} s",
+                    self.blocks,
+                    self.block_interval.as_secs_f64(),
+                    last.as_secs_f64(),
+                    (last + Duration::from_secs(2)).as_secs_f64().ceil()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The workers' specs for a run whose miner 0 connects at `start_mono_ns`.
+    pub fn worker_specs(&self, start_mono_ns: u64, in_process: bool) -> Vec<WorkerSpec> {
+        let sources = self.effective_sources();
+        (0..self.workers)
+            .map(|w| WorkerSpec {
+                worker: w,
+                workers: self.workers,
+                total_miners: self.miners,
+                target: self.target,
+                source: sources.get(w as usize % sources.len().max(1)).copied(),
+                user_prefix: self.user_prefix.clone(),
+                pass: self.pass.clone(),
+                user_agent: self.user_agent.clone(),
+                version_rolling: self.version_rolling,
+                start_mono_ns,
+                ramp: self.ramp,
+                duration: self.duration,
+                drain: self.drain,
+                rate_per_miner: self.rate / f64::from(self.miners.max(1)),
+                stale_rate: self.stale_rate,
+                duplicate_rate: self.duplicate_rate,
+                low_difficulty_rate: self.low_difficulty_rate,
+                churn_per_sec: self.churn_per_sec,
+                churn_pause: self.churn_pause,
+                connect_timeout: self.connect_timeout,
+                handshake_timeout: self.handshake_timeout,
+                grind_budget: self.grind_budget,
+                allow_blocks: self.allow_blocks,
+                threads: self.threads_per_worker,
+                seed: self
+                    .seed
+                    .wrapping_mul(0x9e37_79b9)
+                    .wrapping_add(u64::from(w)),
+                in_process,
+            })
+            .collect()
+    }
+}
+
+/// Where workers run.
+#[derive(Clone, Debug)]
+pub enum Launcher {
+    /// Child processes of this executable, started as `<exe> worker`.
+    Processes {
+        /// The ckload executable.
+        exe: PathBuf,
+    },
+    /// Threads of this process (one tokio runtime each); for tests and small runs.
+    InProcess,
+}
+
+/// Refuses anything but loopback (127.0.0.0/8, ::1, and IPv4-mapped loopback).
+pub fn ensure_loopback(addr: &SocketAddr) -> Result<(), Error> {
+    if addr.ip().to_canonical().is_loopback() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{addr} is not a loopback address: ckload only sends load to 127.0.0.0/8 or ::1"
+        )))
+    }
+}
+
+/// Resolves `host:port` (optionally `stratum+tcp://host:port`); every address it resolves to
+/// must be loopback.
+pub fn resolve_loopback(hostport: &str) -> Result<SocketAddr, Error> {
+    let hostport = hostport
+        .strip_prefix("stratum+tcp://")
+        .unwrap_or(hostport)
+        .trim_end_matches('/');
+    let addrs = resolve(hostport)?;
+    let first = *addrs
+        .first()
+        .ok_or_else(|| Error::Config(format!("{hostport} resolved to no address")))?;
+    for a in &addrs {
+        ensure_loopback(a)?;
+    }
+    Ok(first)
+}
+
+/// A forced block.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GeneratedBlock {
+    /// `CLOCK_MONOTONIC` ns when the `generate` call started.
+    pub at_ns: u64,
+    /// Seconds from the start of the run.
+    pub at_secs: f64,
+    /// The block hash, when the call worked.
+    pub hash: Option<String>,
+    /// The error, when it did not.
+    pub error: Option<String>,
+}
+
+/// One job's fan-out.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FanoutJob {
+    /// The pool's job id.
+    pub job_id: String,
+    /// Previous block hash (RPC hex).
+    pub prevhash: String,
+    /// The clean-jobs flag.
+    pub clean: bool,
+    /// Miners that received it.
+    pub receivers: u64,
+    /// First to last receipt, µs.
+    pub spread_us: u64,
+    /// From the start of the run to the first receipt, s.
+    pub first_at_secs: f64,
+}
+
+/// Notify fan-out over the run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Fanout {
+    /// Jobs received after the ramp.
+    pub jobs_seen: u64,
+    /// Jobs received by (nearly) every miner: the ones in `spread`.
+    pub jobs_measured: u64,
+    /// First-to-last receipt spread over the measured jobs.
+    pub spread: LatencySummary,
+    /// From the `generate` call to the first miner receiving the new block's job.
+    pub block_to_first: LatencySummary,
+    /// From the `generate` call to the last miner receiving it.
+    pub block_to_last: LatencySummary,
+    /// Forced blocks.
+    pub blocks: Vec<GeneratedBlock>,
+    /// The jobs (at most 1000).
+    pub jobs: Vec<FanoutJob>,
+}
+
+/// The pool process's CPU and memory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PoolUsage {
+    /// Its pid.
+    pub pid: u32,
+    /// CPU seconds in the measurement window.
+    pub cpu_secs: f64,
+    /// Average CPU in the window, % of one core.
+    pub cpu_pct: f64,
+    /// CPU seconds over the whole run.
+    pub cpu_secs_run: f64,
+    /// RSS before any miner connected, KiB.
+    pub rss_kib_start: u64,
+    /// RSS at the end of the window, KiB.
+    pub rss_kib_end: u64,
+    /// Largest RSS sampled, KiB.
+    pub rss_kib_max: u64,
+    /// (RSS at the end of the window − RSS at the start) / peak authorized miners, bytes.
+    pub rss_bytes_per_miner: f64,
+    /// CPU seconds per million shares accepted in the window.
+    pub cpu_secs_per_million_shares: Option<f64>,
+    /// Threads.
+    pub threads: u64,
+    /// Samples, one per second: (seconds from start, CPU seconds, RSS KiB).
+    pub samples: Vec<(f64, f64, u64)>,
+}
+
+/// ckload's own cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LoadUsage {
+    /// CPU seconds of all workers over the run.
+    pub cpu_secs: f64,
+    /// CPU seconds of all workers in the measurement window (each worker samples its own
+    /// process, or its own thread when in-process).
+    pub cpu_secs_window: f64,
+    /// Average CPU in the window, % of one core.
+    pub cpu_pct_window: f64,
+    /// Largest worker peak RSS, KiB.
+    pub max_worker_rss_kib: u64,
+}
+
+/// The machine during the run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cpus: usize,
+    /// All cores' busy % in the measurement window (steal included).
+    pub busy_pct_window: f64,
+    /// All cores' time stolen by the hypervisor in the window, %.
+    pub steal_pct_window: f64,
+    /// Hard open-files limit.
+    pub nofile_hard: u64,
+    /// Ephemeral ports per source address.
+    pub ephemeral_ports: Option<u64>,
+}
+
+/// Achieved rates in the measurement window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Rates {
+    /// Window length, s.
+    pub window_secs: f64,
+    /// Submits sent per second.
+    pub submitted_per_sec: f64,
+    /// Submits accepted per second.
+    pub accepted_per_sec: f64,
+}
+
+/// Settings echoed in the report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Settings {
+    /// Connect window, s.
+    pub ramp_secs: f64,
+    /// Run length, s.
+    pub duration_secs: f64,
+    /// Drain, s.
+    pub drain_secs: f64,
+    /// Total submits/s asked for.
+    pub rate: f64,
+    /// Stale fraction.
+    pub stale_rate: f64,
+    /// Duplicate fraction.
+    pub duplicate_rate: f64,
+    /// Low-difficulty fraction.
+    pub low_difficulty_rate: f64,
+    /// Churn fraction per second.
+    pub churn_per_sec: f64,
+    /// Pause before a churn reconnect, s.
+    pub churn_pause_secs: f64,
+    /// Forced blocks.
+    pub blocks: u32,
+    /// Between forced blocks, s.
+    pub block_interval_secs: f64,
+    /// Version-rolling mask asked for (hex).
+    pub version_rolling: Option<String>,
+    /// Runtime threads per worker.
+    pub threads_per_worker: usize,
+    /// In-process workers instead of processes.
+    pub in_process: bool,
+}
+
+/// The merged result of a run (what `--json` writes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Pool address.
+    pub target: String,
+    /// Miners asked for.
+    pub miners: u32,
+    /// Workers.
+    pub workers: u32,
+    /// Source addresses used.
+    pub sources: Vec<String>,
+    /// The settings.
+    pub settings: Settings,
+    /// From planning to the last report, s.
+    pub elapsed_secs: f64,
+    /// Most connections open at once (sum over workers at a progress tick).
+    pub peak_open: u64,
+    /// Most miners authorized at once.
+    pub peak_authorized: u64,
+    /// Merged counters.
+    pub counters: Counters,
+    /// Submit results by kind (`valid`, `stale`, `duplicate`, `low_difficulty`).
+    pub shares: BTreeMap<String, KindStats>,
+    /// Replies that were not what their kind should get (see [`KindStats::unexpected`]).
+    pub unexpected_replies: u64,
+    /// Rejections by reason, all kinds.
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Achieved rates.
+    pub rates: Rates,
+    /// Latencies (µs): `connect`, `subscribe`, `authorize`, `login` (connect start to authorize
+    /// reply), `submit` (all submits), `submit_window` (submits sent after the ramp).
+    pub latency: BTreeMap<String, LatencySummary>,
+    /// Notify fan-out.
+    pub fanout: Fanout,
+    /// The pool's CPU and memory, with `--pool-pid`.
+    pub pool: Option<PoolUsage>,
+    /// ckload's own cost.
+    pub ckload: LoadUsage,
+    /// The machine.
+    pub machine: Machine,
+    /// Errors by text.
+    pub errors: ErrorCounts,
+    /// Workers that failed or never reported.
+    pub worker_failures: Vec<String>,
+    /// The merged histograms, hdrhistogram V2 in hex.
+    pub histograms_v2: BTreeMap<String, String>,
+}
+
+impl Report {
+    /// Errors that mean the run did not go as planned: failed connects, refused handshakes,
+    /// timeouts, disconnects, protocol errors, unanswered submits and failed workers.
+    pub fn error_count(&self) -> u64 {
+        let c = &self.counters;
+        c.connect_failures
+            + c.subscribe_failures
+            + c.authorize_failures
+            + c.handshake_timeouts
+            + c.disconnects
+            + c.protocol_errors
+            + c.unanswered
+            + self.worker_failures.len() as u64
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+enum Event {
+    Message(u32, WorkerMessage),
+    Closed(u32, Option<String>),
+}
+
+/// Runs a scenario to its end and returns the merged report.
+pub fn run(spec: &RunSpec, launcher: &Launcher) -> Result<Report, Error> {
+    spec.validate()?;
+    let t0 = Instant::now();
+    let start_ns = mono_ns() + u64::try_from(START_DELAY.as_nanos()).unwrap_or(0);
+    let start = t0 + START_DELAY;
+    let specs = spec.worker_specs(start_ns, matches!(launcher, Launcher::InProcess));
+    let pool_start = spec.pool_pid.and_then(ProcSample::read);
+    if spec.pool_pid.is_some() && pool_start.is_none() {
+        return Err(Error::Config(format!(
+            "no process with pid {} to sample (--pool-pid)",
+            spec.pool_pid.unwrap_or(0)
+        )));
+    }
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut children: Vec<(u32, Child)> = Vec::new();
+    let mut threads = Vec::new();
+    for ws in &specs {
+        match launcher {
+            Launcher::Processes { exe } => {
+                let child = spawn_worker_process(exe, ws, tx.clone())?;
+                children.push((ws.worker, child));
+            }
+            Launcher::InProcess => {
+                let tx = tx.clone();
+                let ws = ws.clone();
+                let worker = ws.worker;
+                let handle = std::thread::Builder::new()
+                    .name(format!("ckload-worker-{worker}"))
+                    .spawn(move || {
+                        let sink_tx = Mutex::new(tx.clone());
+                        let sink = move |m: WorkerMessage| {
+                            let _ = lock(&sink_tx).send(Event::Message(worker, m));
+                        };
+                        let _ = crate::swarm::run_worker(&ws, &sink);
+                        let _ = tx.send(Event::Closed(worker, None));
+                    })
+                    .map_err(|source| Error::Io {
+                        what: "starting a worker thread".into(),
+                        source,
+                    })?;
+                threads.push(handle);
+            }
+        }
+    }
+    drop(tx);
+
+    let blocks: Arc<Mutex<Vec<GeneratedBlock>>> = Arc::default();
+    let block_thread = match (&spec.rpc, spec.blocks) {
+        (Some(rpc), n) if n > 0 => {
+            let rpc = rpc.clone();
+            let blocks = Arc::clone(&blocks);
+            let times: Vec<Duration> = (0..n).map(|i| spec.block_time(i)).collect();
+            Some(std::thread::spawn(move || {
+                for at in times {
+                    let when = start + at;
+                    std::thread::sleep(when.saturating_duration_since(Instant::now()));
+                    let at_ns = mono_ns();
+                    let r = rpc.generate_one();
+                    let at_secs = start.elapsed().as_secs_f64();
+                    if let Err(e) = &r {
+                        warn!("forcing a block failed: {e}");
+                    }
+                    lock(&blocks).push(GeneratedBlock {
+                        at_ns,
+                        at_secs,
+                        hash: r.as_ref().ok().cloned(),
+                        error: r.err().map(|e| e.to_string()),
+                    });
+                }
+            }))
+        }
+        _ => None,
+    };
+
+    let mut mon = Monitor::new(spec, start, pool_start);
+    let mut reports: HashMap<u32, WorkerReport> = HashMap::new();
+    let mut failures = Vec::new();
+    let mut open = specs.len();
+    let hard_end = start + spec.duration + spec.drain + KILL_GRACE;
+    let mut next_tick = start.min(Instant::now() + Duration::from_secs(1));
+    while open > 0 {
+        let now = Instant::now();
+        if now >= hard_end {
+            failures.push(format!(
+                "{open} worker(s) still running {} s after the drain; killed",
+                KILL_GRACE.as_secs()
+            ));
+            break;
+        }
+        let wait = next_tick.min(hard_end).saturating_duration_since(now);
+        match rx.recv_timeout(wait) {
+            Ok(Event::Message(w, WorkerMessage::Progress(p))) => mon.progress(w, *p),
+            Ok(Event::Message(w, WorkerMessage::Report(r))) => {
+                if let Some(f) = &r.fatal {
+                    failures.push(format!("worker {w}: {f}"));
+                }
+                reports.insert(w, *r);
+            }
+            Ok(Event::Closed(w, err)) => {
+                open -= 1;
+                if let Some(e) = err {
+                    failures.push(format!("worker {w}: {e}"));
+                }
+                if !reports.contains_key(&w) {
+                    failures.push(format!("worker {w} ended without a report"));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            mon.tick(now);
+            while next_tick <= now {
+                next_tick += Duration::from_secs(1);
+            }
+        }
+    }
+    for (w, mut child) in children {
+        // A worker that closed its output is exiting; give it until the hard deadline.
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < hard_end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+            failures.push(format!("worker {w} killed after the deadline"));
+        }
+        let _ = child.wait();
+    }
+    for t in threads {
+        if Instant::now() < hard_end {
+            let _ = t.join();
+        }
+    }
+    if let Some(t) = block_thread {
+        let _ = t.join();
+    }
+    mon.finish(Instant::now());
+    let generated = std::mem::take(&mut *lock(&blocks));
+    Ok(merge(
+        spec,
+        launcher,
+        &specs,
+        reports,
+        failures,
+        &mon,
+        generated,
+        start_ns,
+        t0.elapsed(),
+    ))
+}
+
+fn spawn_worker_process(
+    exe: &PathBuf,
+    ws: &WorkerSpec,
+    tx: mpsc::Sender<Event>,
+) -> Result<Child, Error> {
+    let io = |what: &str| {
+        let what = format!("{what} (worker {}, {})", ws.worker, exe.display());
+        move |source| Error::Io { what, source }
+    };
+    let mut child = Command::new(exe)
+        .arg("worker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(io("starting a worker process"))?;
+    let spec_line = serde_json::to_string(ws).map_err(|e| Error::Protocol(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(format!("{spec_line}\n").as_bytes())
+            .map_err(io("writing the worker spec"))?;
+    }
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Worker("no stdout pipe".into()))?;
+    let worker = ws.worker;
+    std::thread::spawn(move || {
+        let mut err = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    err = Some(format!("reading its output: {e}"));
+                    break;
+                }
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<WorkerMessage>(&line) {
+                Ok(m) => {
+                    if tx.send(Event::Message(worker, m)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    err = Some(format!("unreadable output line ({e}): {line:.200}"));
+                }
+            }
+        }
+        let _ = tx.send(Event::Closed(worker, err));
+    });
+    Ok(child)
+}
+
+/// Live state: latest progress per worker, pool and machine samples.
+struct Monitor {
+    progress_line: bool,
+    start: Instant,
+    hold_at: Instant,
+    end_at: Instant,
+    pool_pid: Option<u32>,
+    pool_start: Option<ProcSample>,
+    pool_last: Option<(Instant, ProcSample)>,
+    pool_hold: Option<ProcSample>,
+    pool_end: Option<ProcSample>,
+    pool_rss_max: u64,
+    pool_samples: Vec<(f64, f64, u64)>,
+    machine_hold: Option<MachineCpu>,
+    machine_end: Option<MachineCpu>,
+    latest: BTreeMap<u32, Progress>,
+    prev_sum: Counters,
+    prev_at: Instant,
+    peak_open: u64,
+    peak_authorized: u64,
+}
+
+impl Monitor {
+    fn new(spec: &RunSpec, start: Instant, pool_start: Option<ProcSample>) -> Self {
+        Self {
+            progress_line: spec.progress,
+            start,
+            hold_at: start + spec.ramp,
+            end_at: start + spec.duration,
+            pool_pid: spec.pool_pid,
+            pool_start,
+            pool_last: pool_start.map(|s| (Instant::now(), s)),
+            pool_hold: None,
+            pool_end: None,
+            pool_rss_max: pool_start.map_or(0, |s| s.rss_kib),
+            pool_samples: Vec::new(),
+            machine_hold: None,
+            machine_end: None,
+            latest: BTreeMap::new(),
+            prev_sum: Counters::default(),
+            prev_at: Instant::now(),
+            peak_open: 0,
+            peak_authorized: 0,
+        }
+    }
+
+    fn progress(&mut self, w: u32, p: Progress) {
+        self.latest.insert(w, p);
+    }
+
+    /// Samples at window edges and once a second; prints the progress line.
+    fn tick(&mut self, now: Instant) {
+        let pool = self.pool_pid.and_then(ProcSample::read);
+        if let Some(s) = pool {
+            self.pool_rss_max = self.pool_rss_max.max(s.rss_kib);
+            self.pool_samples.push((
+                now.saturating_duration_since(self.start).as_secs_f64(),
+                s.cpu_secs,
+                s.rss_kib,
+            ));
+        }
+        if now >= self.hold_at && self.machine_hold.is_none() {
+            self.pool_hold = pool;
+            self.machine_hold = MachineCpu::read();
+        }
+        if now >= self.end_at && self.machine_end.is_none() {
+            self.pool_end = pool;
+            self.machine_end = MachineCpu::read();
+        }
+        let mut sum = Counters::default();
+        let (mut open, mut authed, mut errors, mut p99) = (0, 0, 0, 0);
+        for p in self.latest.values() {
+            sum.merge(&p.counters);
+            open += p.open;
+            authed += p.authorized;
+            errors += p.errors;
+            p99 = p99.max(p.submit_p99_us);
+        }
+        self.peak_open = self.peak_open.max(open);
+        self.peak_authorized = self.peak_authorized.max(authed);
+        let dt = now.saturating_duration_since(self.prev_at).as_secs_f64();
+        let per_sec = |a: u64, b: u64| {
+            if dt > 0.0 {
+                a.saturating_sub(b) as f64 / dt
+            } else {
+                0.0
+            }
+        };
+        if self.progress_line && now >= self.start {
+            let mut line = format!(
+                "[{:>6.1}s] open {open} auth {authed} | submit/s {:.0} acc/s {:.0} rej {} | \
+                 submit p99 {:.2} ms | err {errors} disc {}",
+                now.saturating_duration_since(self.start).as_secs_f64(),
+                per_sec(sum.submitted, self.prev_sum.submitted),
+                per_sec(sum.accepted, self.prev_sum.accepted),
+                sum.rejected,
+                p99 as f64 / 1000.0,
+                sum.disconnects,
+            );
+            if let (Some(s), Some((at, last))) = (pool, self.pool_last) {
+                let pdt = now.saturating_duration_since(at).as_secs_f64();
+                let pct = if pdt > 0.0 {
+                    100.0 * (s.cpu_secs - last.cpu_secs) / pdt
+                } else {
+                    0.0
+                };
+                line.push_str(&format!(
+                    " | pool cpu {pct:.0}% rss {:.1} MiB",
+                    s.rss_kib as f64 / 1024.0
+                ));
+            }
+            eprintln!("{line}");
+        }
+        if let Some(s) = pool {
+            self.pool_last = Some((now, s));
+        }
+        self.prev_sum = sum;
+        self.prev_at = now;
+    }
+
+    fn finish(&mut self, now: Instant) {
+        if self.machine_end.is_none() {
+            self.tick(now);
+            if self.machine_end.is_none() {
+                self.pool_end = self.pool_pid.and_then(ProcSample::read);
+                self.machine_end = MachineCpu::read();
+            }
+        }
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "everything a report is made of")]
+fn merge(
+    spec: &RunSpec,
+    launcher: &Launcher,
+    specs: &[WorkerSpec],
+    reports: HashMap<u32, WorkerReport>,
+    failures: Vec<String>,
+    mon: &Monitor,
+    blocks: Vec<GeneratedBlock>,
+    start_ns: u64,
+    elapsed: Duration,
+) -> Report {
+    let mut counters = Counters::default();
+    let mut kinds: BTreeMap<String, KindStats> = BTreeMap::new();
+    let mut hists: BTreeMap<&str, Hist> = HISTOGRAMS.iter().map(|n| (*n, Hist::new())).collect();
+    let mut errors = ErrorCounts::default();
+    let mut jobs: HashMap<String, JobSeen> = HashMap::new();
+    let mut failures = failures;
+    let mut ckload_cpu = 0.0;
+    let mut ckload_window = 0.0;
+    let mut max_rss = 0;
+    for w in specs {
+        let Some(r) = reports.get(&w.worker) else {
+            continue;
+        };
+        counters.merge(&r.counters);
+        for (k, s) in &r.shares {
+            kinds.entry(k.clone()).or_default().merge(s);
+        }
+        for (name, text) in &r.histograms {
+            match crate::stats::Hist::from_v2_hex(text) {
+                Ok(h) => {
+                    if let Some(into) = hists.get_mut(name.as_str()) {
+                        into.merge(&h);
+                    }
+                }
+                Err(e) => failures.push(format!("worker {}: histogram {name}: {e}", w.worker)),
+            }
+        }
+        errors.merge(&r.errors);
+        for j in &r.jobs {
+            jobs.entry(j.job_id.clone())
+                .and_modify(|m| m.merge(j))
+                .or_insert_with(|| j.clone());
+        }
+        ckload_cpu += r.cpu_secs;
+        ckload_window += r.cpu_secs_window;
+        max_rss = max_rss.max(r.max_rss_kib);
+    }
+    let unexpected_replies = ShareKind::ALL
+        .iter()
+        .map(|k| kinds.get(k.as_str()).map_or(0, |s| s.unexpected(*k)))
+        .sum();
+    let mut rejected_by_reason = BTreeMap::new();
+    for s in kinds.values() {
+        for (r, n) in &s.rejected {
+            *rejected_by_reason.entry(r.clone()).or_default() += n;
+        }
+    }
+    let window = spec.duration.saturating_sub(spec.ramp).as_secs_f64();
+    let rates = Rates {
+        window_secs: window,
+        submitted_per_sec: counters.hold_submitted as f64 / window.max(1e-9),
+        accepted_per_sec: counters.hold_accepted as f64 / window.max(1e-9),
+    };
+    let fanout = fanout(jobs, blocks, start_ns);
+    let pool = spec.pool_pid.map(|pid| {
+        let start = mon.pool_start.unwrap_or_default();
+        let hold = mon.pool_hold.unwrap_or(start);
+        let end = mon.pool_end.unwrap_or(hold);
+        let cpu = (end.cpu_secs - hold.cpu_secs).max(0.0);
+        let per_miner = if mon.peak_authorized > 0 {
+            (end.rss_kib.saturating_sub(start.rss_kib) as f64 * 1024.0) / mon.peak_authorized as f64
+        } else {
+            0.0
+        };
+        PoolUsage {
+            pid,
+            cpu_secs: cpu,
+            cpu_pct: 100.0 * cpu / window.max(1e-9),
+            cpu_secs_run: (end.cpu_secs - start.cpu_secs).max(0.0),
+            rss_kib_start: start.rss_kib,
+            rss_kib_end: end.rss_kib,
+            rss_kib_max: mon.pool_rss_max,
+            rss_bytes_per_miner: per_miner,
+            cpu_secs_per_million_shares: (counters.hold_accepted > 0)
+                .then(|| cpu * 1e6 / counters.hold_accepted as f64),
+            threads: end.threads,
+            samples: mon.pool_samples.clone(),
+        }
+    });
+    let machine = Machine {
+        cpus: cpu_count(),
+        busy_pct_window: match (mon.machine_hold, mon.machine_end) {
+            (Some(a), Some(b)) => b.busy_pct_since(&a),
+            _ => 0.0,
+        },
+        steal_pct_window: match (mon.machine_hold, mon.machine_end) {
+            (Some(a), Some(b)) => b.steal_pct_since(&a),
+            _ => 0.0,
+        },
+        nofile_hard: nofile_hard_limit(),
+        ephemeral_ports: ephemeral_port_count(),
+    };
+    let latency = hists
+        .iter()
+        .map(|(n, h)| ((*n).to_owned(), h.summary()))
+        .collect();
+    let histograms_v2 = hists
+        .iter()
+        .map(|(n, h)| ((*n).to_owned(), h.to_v2_hex()))
+        .collect();
+    Report {
+        scenario: spec.scenario.as_str().to_owned(),
+        target: spec.target.to_string(),
+        miners: spec.miners,
+        workers: spec.workers,
+        sources: spec
+            .effective_sources()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        settings: Settings {
+            ramp_secs: spec.ramp.as_secs_f64(),
+            duration_secs: spec.duration.as_secs_f64(),
+            drain_secs: spec.drain.as_secs_f64(),
+            rate: spec.rate,
+            stale_rate: spec.stale_rate,
+            duplicate_rate: spec.duplicate_rate,
+            low_difficulty_rate: spec.low_difficulty_rate,
+            churn_per_sec: spec.churn_per_sec,
+            churn_pause_secs: spec.churn_pause.as_secs_f64(),
+            blocks: spec.blocks,
+            block_interval_secs: spec.block_interval.as_secs_f64(),
+            version_rolling: spec.version_rolling.map(|m| format!("{m:08x}")),
+            threads_per_worker: spec.threads_per_worker,
+            in_process: matches!(launcher, Launcher::InProcess),
+        },
+        elapsed_secs: elapsed.as_secs_f64(),
+        peak_open: mon.peak_open,
+        peak_authorized: mon.peak_authorized.max(if counters.disconnects == 0 {
+            counters.authorized.min(u64::from(spec.miners))
+        } else {
+            0
+        }),
+        counters,
+        shares: kinds,
+        unexpected_replies,
+        rejected_by_reason,
+        rates,
+        latency,
+        fanout,
+        pool,
+        ckload: LoadUsage {
+            cpu_secs: ckload_cpu,
+            cpu_secs_window: ckload_window,
+            cpu_pct_window: 100.0 * ckload_window / window.max(1e-9),
+            max_worker_rss_kib: max_rss,
+        },
+        machine,
+        errors,
+        worker_failures: failures,
+        histograms_v2,
+    }
+}
+
+fn fanout(jobs: HashMap<String, JobSeen>, blocks: Vec<GeneratedBlock>, start_ns: u64) -> Fanout {
+    let mut jobs: Vec<JobSeen> = jobs.into_values().collect();
+    jobs.sort_by_key(|j| j.first_ns);
+    let max_count = jobs.iter().map(|j| j.count).max().unwrap_or(0);
+    // "Nearly every miner": at least 99% of the best-received job's count.
+    let threshold = max_count - max_count / 100;
+    let mut spread = Hist::new();
+    let mut measured = 0;
+    for j in &jobs {
+        if j.count >= threshold && j.count > 0 {
+            spread.record_us((j.last_ns - j.first_ns) / 1000);
+            measured += 1;
+        }
+    }
+    let mut to_first = Hist::new();
+    let mut to_last = Hist::new();
+    for b in &blocks {
+        let Some(hash) = &b.hash else {
+            continue;
+        };
+        if let Some(j) = jobs
+            .iter()
+            .filter(|j| &j.prevhash == hash && j.first_ns >= b.at_ns)
+            .min_by_key(|j| j.first_ns)
+        {
+            to_first.record_us((j.first_ns - b.at_ns) / 1000);
+            to_last.record_us((j.last_ns - b.at_ns) / 1000);
+        }
+    }
+    let list = jobs
+        .iter()
+        .take(1000)
+        .map(|j| FanoutJob {
+            job_id: j.job_id.clone(),
+            prevhash: j.prevhash.clone(),
+            clean: j.clean,
+            receivers: j.count,
+            spread_us: (j.last_ns - j.first_ns) / 1000,
+            first_at_secs: j.first_ns.saturating_sub(start_ns) as f64 / 1e9,
+        })
+        .collect();
+    Fanout {
+        jobs_seen: jobs.len() as u64,
+        jobs_measured: measured,
+        spread: spread.summary(),
+        block_to_first: to_first.summary(),
+        block_to_last: to_last.summary(),
+        blocks,
+        jobs: list,
+    }
+}
+
+/// The human summary printed at the end of a run.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let c = &r.counters;
+    let ms = |us: u64| us as f64 / 1000.0;
+    s.push_str(&format!(
+        "ckload {}: {} miners on {} worker(s) from {} -> {}; {:.0} s (ramp {:.1} s, window {:.1} s)\n",
+        r.scenario,
+        r.miners,
+        r.workers,
+        if r.sources.is_empty() {
+            "the default address".to_owned()
+        } else {
+            r.sources.join(", ")
+        },
+        r.target,
+        r.settings.duration_secs,
+        r.settings.ramp_secs,
+        r.rates.window_secs,
+    ));
+    s.push_str(&format!(
+        "connections: {} attempts, {} failed, {} connected, peak open {}, peak authorized {}, \
+         disconnects {}, handshake timeouts {}, reconnects {}\n",
+        c.connect_attempts,
+        c.connect_failures,
+        c.connected,
+        r.peak_open,
+        r.peak_authorized,
+        c.disconnects,
+        c.handshake_timeouts,
+        c.reconnects,
+    ));
+    if c.resume_attempts > 0 || c.churn_disconnects > 0 {
+        s.push_str(&format!(
+            "churn: {} disconnects on purpose, {} resumes: {} same extranonce1, {} different\n",
+            c.churn_disconnects, c.resume_attempts, c.resume_ok, c.resume_mismatch
+        ));
+    }
+    s.push_str(&format!(
+        "shares: {} submitted, {} accepted, {} rejected, {} unanswered, {} skipped; \
+         in the window {:.1} submitted/s, {:.1} accepted/s\n",
+        c.submitted,
+        c.accepted,
+        c.rejected,
+        c.unanswered,
+        c.shares_skipped,
+        r.rates.submitted_per_sec,
+        r.rates.accepted_per_sec
+    ));
+    for k in ShareKind::ALL {
+        if let Some(st) = r.shares.get(k.as_str())
+            && st.submitted > 0
+        {
+            s.push_str(&format!(
+                "  {:<15} submitted {:>9}  accepted {:>9}  rejected {:?}{}\n",
+                k.as_str(),
+                st.submitted,
+                st.accepted,
+                st.rejected,
+                if st.raced_block > 0 {
+                    format!(" ({} raced a new block)", st.raced_block)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    if r.unexpected_replies > 0 {
+        s.push_str(&format!(
+            "  UNEXPECTED replies (a kind got a reply it should not): {}\n",
+            r.unexpected_replies
+        ));
+    }
+    s.push_str("latency (ms)        count       p50       p90       p99     p99.9       max\n");
+    for name in HISTOGRAMS {
+        if let Some(l) = r.latency.get(name)
+            && l.count > 0
+        {
+            s.push_str(&format!(
+                "  {name:<12} {:>10} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
+                l.count,
+                ms(l.p50_us),
+                ms(l.p90_us),
+                ms(l.p99_us),
+                ms(l.p999_us),
+                ms(l.max_us)
+            ));
+        }
+    }
+    let f = &r.fanout;
+    if f.jobs_seen > 0 {
+        s.push_str(&format!(
+            "fan-out: {} jobs seen, {} measured; first->last spread p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
+            f.jobs_seen,
+            f.jobs_measured,
+            ms(f.spread.p50_us),
+            ms(f.spread.p99_us),
+            ms(f.spread.max_us)
+        ));
+    }
+    if !f.blocks.is_empty() {
+        let failed = f.blocks.iter().filter(|b| b.hash.is_none()).count();
+        s.push_str(&format!(
+            "forced blocks: {} ({} failed); generate->first notify p50 {:.1} ms p99 {:.1} ms, \
+             generate->last notify p50 {:.1} ms p99 {:.1} ms\n",
+            f.blocks.len(),
+            failed,
+            ms(f.block_to_first.p50_us),
+            ms(f.block_to_first.p99_us),
+            ms(f.block_to_last.p50_us),
+            ms(f.block_to_last.p99_us)
+        ));
+    }
+    if let Some(p) = &r.pool {
+        s.push_str(&format!(
+            "pool (pid {}): {:.2} CPU s in the window ({:.1}% of one core), RSS {:.1} -> {:.1} MiB \
+             (max {:.1}), {:.0} B per miner, {} threads",
+            p.pid,
+            p.cpu_secs,
+            p.cpu_pct,
+            p.rss_kib_start as f64 / 1024.0,
+            p.rss_kib_end as f64 / 1024.0,
+            p.rss_kib_max as f64 / 1024.0,
+            p.rss_bytes_per_miner,
+            p.threads
+        ));
+        if let Some(m) = p.cpu_secs_per_million_shares {
+            s.push_str(&format!(", {m:.1} CPU s per 1M accepted shares"));
+        }
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "ckload: {:.2} CPU s in the window ({:.1}% of one core), {:.2} CPU s in all, worker peak RSS {:.1} MiB; \
+         machine ({} CPUs) {:.1}% busy in the window ({:.1}% stolen)\n",
+        r.ckload.cpu_secs_window,
+        r.ckload.cpu_pct_window,
+        r.ckload.cpu_secs,
+        r.ckload.max_worker_rss_kib as f64 / 1024.0,
+        r.machine.cpus,
+        r.machine.busy_pct_window,
+        r.machine.steal_pct_window
+    ));
+    if r.errors.total() > 0 {
+        s.push_str("errors:\n");
+        for (e, n) in &r.errors.0 {
+            s.push_str(&format!("  {n:>8}  {e}\n"));
+        }
+    }
+    for f in &r.worker_failures {
+        s.push_str(&format!("worker failure: {f}\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+
+    fn spec(miners: u32) -> RunSpec {
+        RunSpec::new(Scenario::Steady, "127.0.0.1:3333".parse().unwrap(), miners)
+    }
+
+    #[test]
+    fn only_loopback_targets_and_sources() {
+        assert!(resolve_loopback("127.0.0.1:3333").is_ok());
+        assert!(resolve_loopback("stratum+tcp://127.0.0.5:3333/").is_ok());
+        assert!(resolve_loopback("[::1]:3333").is_ok());
+        assert!(resolve_loopback("localhost:3333").is_ok());
+        for bad in [
+            "10.0.0.1:3333",
+            "192.168.0.1:3333",
+            "8.8.8.8:53",
+            "[2001:db8::1]:3333",
+        ] {
+            assert!(resolve_loopback(bad).is_err(), "{bad}");
+        }
+        assert!(ensure_loopback(&"[::ffff:127.0.0.1]:1".parse().unwrap()).is_ok());
+        let mut s = spec(10);
+        s.target = "10.1.1.1:3333".parse().unwrap();
+        assert!(s.validate().is_err());
+        let mut s = spec(10);
+        s.sources = vec!["10.0.0.2".parse().unwrap()];
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn plans_workers_and_sources() {
+        let mut s = spec(30_000);
+        assert_eq!(s.workers, 3);
+        s.validate().unwrap();
+        let ws = s.worker_specs(5, false);
+        assert_eq!(ws.len(), 3);
+        assert_eq!(ws.iter().map(WorkerSpec::miner_count).sum::<u32>(), 30_000);
+        assert_eq!(ws[1].source, Some("127.0.0.3".parse().unwrap()));
+        s.workers = 1;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("open-files") || err.contains("ephemeral"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_settings() {
+        let mut s = spec(10);
+        s.stale_rate = 0.6;
+        s.duplicate_rate = 0.6;
+        assert!(s.validate().is_err());
+        let mut s = spec(10);
+        s.blocks = 3;
+        assert!(s.validate().unwrap_err().to_string().contains("rpc"));
+        s.rpc = Some(RpcTarget::new("127.0.0.1:18443", "u", "p").unwrap());
+        s.duration = Duration::from_secs(5);
+        assert!(s.validate().unwrap_err().to_string().contains("duration"));
+        s.duration = Duration::from_secs(30);
+        s.validate().unwrap();
+        let mut s = spec(10);
+        s.ramp = s.duration;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn samples_a_child_process() {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 1",
+            ])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let s = ProcSample::read(child.id()).unwrap();
+        assert!(s.rss_kib > 0, "{s:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn fanout_spread_and_block_latency() {
+        let mut jobs = HashMap::new();
+        jobs.insert(
+            "a".to_owned(),
+            JobSeen {
+                job_id: "a".into(),
+                prevhash: "h1".into(),
+                clean: true,
+                first_ns: 2_000_000,
+                last_ns: 7_000_000,
+                count: 100,
+            },
+        );
+        jobs.insert(
+            "b".to_owned(),
+            JobSeen {
+                job_id: "b".into(),
+                prevhash: "h1".into(),
+                clean: false,
+                first_ns: 9_000_000,
+                last_ns: 9_500_000,
+                count: 50,
+            },
+        );
+        let blocks = vec![GeneratedBlock {
+            at_ns: 1_000_000,
+            at_secs: 1.0,
+            hash: Some("h1".into()),
+            error: None,
+        }];
+        let f = fanout(jobs, blocks, 0);
+        assert_eq!((f.jobs_seen, f.jobs_measured), (2, 1));
+        // hdrhistogram keeps 3 significant figures.
+        let near = |a: u64, b: u64| a.abs_diff(b) * 500 <= b;
+        assert!(near(f.spread.p50_us, 5000), "{:?}", f.spread);
+        assert!(
+            near(f.block_to_first.p50_us, 1000),
+            "{:?}",
+            f.block_to_first
+        );
+        assert!(near(f.block_to_last.p50_us, 6000), "{:?}", f.block_to_last);
+        assert_eq!(f.jobs[0].job_id, "a");
+    }
+}

@@ -1,0 +1,1558 @@
+//! One worker: many simulated stratum v1 miners on one tokio runtime, one small task each.
+//!
+//! A worker is what `ckload worker` runs in a child process (and what [`crate::run`] runs on a
+//! thread when asked to stay in-process). Each miner connects (from the worker's source
+//! address), optionally sends `mining.configure`, subscribes (resuming its session after a
+//! disconnect), authorizes, follows `mining.notify`/`mining.set_difficulty`, and submits shares
+//! on a fixed schedule. Every share is ground for real with sha256d against the difficulty the
+//! pool set: valid shares meet the share target and (unless blocks are allowed) miss the network
+//! target; knobs turn a fraction of submits into stale, duplicate or low-difficulty shares.
+//!
+//! Memory per idle miner is a few hundred bytes plus the kernel's socket: reads go through one
+//! scratch buffer per runtime thread, and only an incomplete line is kept per miner. Parsed jobs
+//! are shared between the miners of a worker when the pool sends everyone the same line.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use common::{Difficulty, Target};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, warn};
+
+use crate::miner::reject_reason;
+use crate::stats::{Counters, ErrorCounts, Hist, KindStats, ShareKind};
+use crate::sys::{ProcSample, mono_ns, raise_nofile_limit};
+use crate::work::{self, Job, SearchCursor, SearchMiss, VersionRoller, Want};
+
+/// Longest line accepted from the pool.
+const MAX_LINE: usize = 1 << 20;
+/// Read scratch buffer per runtime thread.
+const SCRATCH: usize = 64 * 1024;
+/// Parsed notify lines kept for sharing between miners.
+const NOTIFY_CACHE: usize = 8;
+/// How long after a "Stale" reply a new-block notify still explains it as a race.
+const RACE_WINDOW: Duration = Duration::from_secs(5);
+/// Pause before reconnecting after a failed connect or a lost connection.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// Request ids of the handshake; submits use ids from [`FIRST_SUBMIT_ID`] on.
+const ID_CONFIGURE: u64 = 1;
+const ID_SUBSCRIBE: u64 = 2;
+const ID_AUTHORIZE: u64 = 3;
+const FIRST_SUBMIT_ID: u64 = 10;
+
+/// What one worker does: its share of the miners and the common schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// This worker's number (0-based).
+    pub worker: u32,
+    /// Number of workers; this one runs miners `worker, worker + workers, …`.
+    pub workers: u32,
+    /// Miners in the whole run.
+    pub total_miners: u32,
+    /// Pool address (loopback).
+    pub target: SocketAddr,
+    /// Local address to bind before connecting (loopback), if any.
+    pub source: Option<IpAddr>,
+    /// Worker names are `<user_prefix>.<miner number>`.
+    pub user_prefix: String,
+    /// Password for `mining.authorize`.
+    pub pass: String,
+    /// First `mining.subscribe` parameter.
+    pub user_agent: String,
+    /// Send `mining.configure` asking for version rolling with this mask.
+    pub version_rolling: Option<u32>,
+    /// `CLOCK_MONOTONIC` nanoseconds at which miner 0 connects.
+    pub start_mono_ns: u64,
+    /// Miners connect evenly spread over this time from the start.
+    pub ramp: Duration,
+    /// From the start to when miners stop submitting.
+    pub duration: Duration,
+    /// After `duration`, how long to wait for replies to outstanding submits.
+    pub drain: Duration,
+    /// Submits per second per miner (0: none).
+    pub rate_per_miner: f64,
+    /// Fraction of submits sent as stale shares.
+    pub stale_rate: f64,
+    /// Fraction of submits sent as duplicates.
+    pub duplicate_rate: f64,
+    /// Fraction of submits sent as low-difficulty shares.
+    pub low_difficulty_rate: f64,
+    /// Expected disconnect/reconnect steps per miner per second (0: none).
+    pub churn_per_sec: f64,
+    /// Pause between a churn disconnect and the reconnect.
+    pub churn_pause: Duration,
+    /// Limit for a TCP connect.
+    pub connect_timeout: Duration,
+    /// Limit for each handshake reply.
+    pub handshake_timeout: Duration,
+    /// Most hashes ground for one share before giving up on it.
+    pub grind_budget: u64,
+    /// Submit block solutions (hashes that meet the network target) as shares.
+    pub allow_blocks: bool,
+    /// Runtime threads (1: a current-thread runtime).
+    pub threads: usize,
+    /// Seed for the schedule's randomness.
+    pub seed: u64,
+    /// The worker is a thread of a bigger process: it measures its own CPU from its thread
+    /// (`/proc/thread-self`) instead of the process.
+    #[serde(default)]
+    pub in_process: bool,
+}
+
+impl WorkerSpec {
+    /// The miner numbers this worker runs.
+    pub fn miner_numbers(&self) -> impl Iterator<Item = u32> + '_ {
+        (self.worker..self.total_miners).step_by(self.workers.max(1) as usize)
+    }
+
+    /// Number of miners this worker runs.
+    pub fn miner_count(&self) -> u32 {
+        u32::try_from(self.miner_numbers().count()).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a worker sends to the process that drives it, one JSON object per line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// Sent every second.
+    Progress(Box<Progress>),
+    /// Sent once at the end.
+    Report(Box<WorkerReport>),
+}
+
+/// A worker's state, every second.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The worker.
+    pub worker: u32,
+    /// Connections open now.
+    pub open: u64,
+    /// Miners authorized now.
+    pub authorized: u64,
+    /// Counts so far.
+    pub counters: Counters,
+    /// Errors so far.
+    pub errors: u64,
+    /// 99th percentile of the submit replies of the last second, µs.
+    pub submit_p99_us: u64,
+}
+
+/// When the miners of a worker saw one job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSeen {
+    /// The pool's job id.
+    pub job_id: String,
+    /// Previous block hash, RPC hex.
+    pub prevhash: String,
+    /// The clean-jobs flag.
+    pub clean: bool,
+    /// `CLOCK_MONOTONIC` ns of the first miner reading it.
+    pub first_ns: u64,
+    /// … of the last.
+    pub last_ns: u64,
+    /// Miners that read it.
+    pub count: u64,
+}
+
+impl JobSeen {
+    /// Adds another worker's sightings of the same job.
+    pub fn merge(&mut self, other: &Self) {
+        self.first_ns = self.first_ns.min(other.first_ns);
+        self.last_ns = self.last_ns.max(other.last_ns);
+        self.count += other.count;
+    }
+}
+
+/// Everything a worker measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// The worker.
+    pub worker: u32,
+    /// Miners it ran.
+    pub miners: u32,
+    /// Source address it bound.
+    pub source: Option<IpAddr>,
+    /// Event counts.
+    pub counters: Counters,
+    /// Submit results by [`ShareKind`] name.
+    pub shares: BTreeMap<String, KindStats>,
+    /// Latency histograms (µs) by name, hdrhistogram V2 in hex: `connect`, `subscribe`,
+    /// `authorize`, `login` (connect start to authorize reply), `submit`, `submit_window`
+    /// (submits sent after the ramp).
+    pub histograms: BTreeMap<String, String>,
+    /// Jobs seen after the ramp, with first and last arrival.
+    pub jobs: Vec<JobSeen>,
+    /// Errors by text.
+    pub errors: ErrorCounts,
+    /// The worker's own CPU seconds (user + system).
+    pub cpu_secs: f64,
+    /// Of those, the ones spent in the measurement window (ramp end to duration).
+    pub cpu_secs_window: f64,
+    /// The worker's peak RSS, KiB.
+    pub max_rss_kib: u64,
+    /// Its soft open-files limit after raising it.
+    pub nofile_limit: u64,
+    /// A failure that stopped the worker.
+    pub fatal: Option<String>,
+}
+
+/// Names of the histograms a worker keeps: `submit_window` holds only the submits sent after
+/// the ramp (the steady state), `submit` all of them.
+pub const HISTOGRAMS: [&str; 6] = [
+    "connect",
+    "subscribe",
+    "authorize",
+    "login",
+    "submit",
+    "submit_window",
+];
+
+/// Runs a worker to the end of its schedule, calling `sink` with progress every second and the
+/// final report once; also returns the report.
+pub fn run_worker(spec: &WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync)) -> WorkerReport {
+    let nofile = raise_nofile_limit();
+    let runtime = if spec.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(spec.threads)
+            .enable_all()
+            .build()
+    };
+    let mut report = match runtime {
+        Ok(rt) => rt.block_on(run_async(spec.clone(), sink)),
+        Err(e) => WorkerReport {
+            worker: spec.worker,
+            fatal: Some(format!("cannot start a tokio runtime: {e}")),
+            ..WorkerReport::default()
+        },
+    };
+    report.nofile_limit = nofile;
+    if let Some(me) = own_usage(spec) {
+        report.cpu_secs = me.cpu_secs;
+    }
+    if let Some(me) = ProcSample::read_self() {
+        report.max_rss_kib = me.hwm_kib;
+    }
+    sink(WorkerMessage::Report(Box::new(report.clone())));
+    report
+}
+
+/// The worker's own CPU: its process, or its thread when it runs in-process.
+fn own_usage(spec: &WorkerSpec) -> Option<ProcSample> {
+    if spec.in_process {
+        ProcSample::read_thread_self()
+    } else {
+        ProcSample::read_self()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The tokio instant for a `CLOCK_MONOTONIC` timestamp.
+fn instant_at(mono: u64) -> Instant {
+    let now_ns = mono_ns();
+    let now = Instant::now();
+    if mono >= now_ns {
+        now + Duration::from_nanos(mono - now_ns)
+    } else {
+        now.checked_sub(Duration::from_nanos(now_ns - mono))
+            .unwrap_or(now)
+    }
+}
+
+#[derive(Default)]
+struct Agg {
+    counters: Counters,
+    kinds: [KindStats; 4],
+    hists: [Hist; 6],
+    interval_submit: Hist,
+    errors: ErrorCounts,
+    jobs: HashMap<String, JobSeen>,
+}
+
+#[derive(Clone, Copy)]
+enum H {
+    Connect = 0,
+    Subscribe = 1,
+    Authorize = 2,
+    Login = 3,
+    Submit = 4,
+    SubmitWindow = 5,
+}
+
+/// A job as the pool sent it, shared by the miners of a worker.
+struct SharedJob {
+    job: Job,
+    id_json: String,
+    prevhash_rpc: String,
+}
+
+/// Recent notify lines (raw bytes) and their parsed jobs.
+type NotifyCache = VecDeque<(Box<[u8]>, Arc<SharedJob>)>;
+
+struct Ctx {
+    spec: WorkerSpec,
+    hold: Instant,
+    hold_ns: u64,
+    end: Instant,
+    drain_end: Instant,
+    agg: Mutex<Agg>,
+    open: AtomicU64,
+    authorized: AtomicU64,
+    cache: Mutex<NotifyCache>,
+    warned_skip: std::sync::atomic::AtomicBool,
+    ports: PortCursor,
+}
+
+impl Ctx {
+    fn agg(&self) -> MutexGuard<'_, Agg> {
+        lock(&self.agg)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        f(&mut self.agg().counters);
+    }
+
+    fn error(&self, what: &str) {
+        self.agg().errors.add(what);
+    }
+
+    fn record(&self, h: H, d: Duration) {
+        self.agg().hists[h as usize].record(d);
+    }
+}
+
+async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync)) -> WorkerReport {
+    let start = instant_at(spec.start_mono_ns);
+    let ctx = Arc::new(Ctx {
+        hold: start + spec.ramp,
+        hold_ns: spec.start_mono_ns + u64::try_from(spec.ramp.as_nanos()).unwrap_or(u64::MAX),
+        end: start + spec.duration,
+        drain_end: start + spec.duration + spec.drain,
+        agg: Mutex::new(Agg::default()),
+        open: AtomicU64::new(0),
+        authorized: AtomicU64::new(0),
+        cache: Mutex::new(VecDeque::new()),
+        warned_skip: std::sync::atomic::AtomicBool::new(false),
+        ports: PortCursor::new(spec.worker, spec.workers),
+        spec,
+    });
+    let mut set = JoinSet::new();
+    let total = f64::from(ctx.spec.total_miners.max(1));
+    for g in ctx.spec.miner_numbers() {
+        let at = start + ctx.spec.ramp.mul_f64(f64::from(g) / total);
+        set.spawn(miner_task(Arc::clone(&ctx), g, at));
+    }
+    let window_cpu = tokio::spawn({
+        let (spec, hold, end) = (ctx.spec.clone(), ctx.hold, ctx.end);
+        async move {
+            sleep_until(hold).await;
+            let a = own_usage(&spec).map_or(0.0, |s| s.cpu_secs);
+            sleep_until(end).await;
+            let b = own_usage(&spec).map_or(a, |s| s.cpu_secs);
+            (b - a).max(0.0)
+        }
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<WorkerMessage>();
+    let progress = tokio::spawn(progress_task(Arc::clone(&ctx), start, tx));
+    let hard_end = ctx.drain_end + Duration::from_secs(5);
+    let deadline = sleep_until(hard_end);
+    tokio::pin!(deadline);
+    let mut overran = false;
+    loop {
+        tokio::select! {
+            r = set.join_next() => if r.is_none() { break },
+            Some(msg) = rx.recv() => sink(msg),
+            () = &mut deadline => {
+                overran = true;
+                break;
+            }
+        }
+    }
+    if overran {
+        warn!(
+            worker = ctx.spec.worker,
+            "miners still running at the hard deadline; aborting them"
+        );
+        set.abort_all();
+    }
+    progress.abort();
+    let _ = progress.await;
+    let mut report = build_report(&ctx);
+    if window_cpu.is_finished() {
+        report.cpu_secs_window = window_cpu.await.unwrap_or(0.0);
+    } else {
+        window_cpu.abort();
+    }
+    report
+}
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+}
+
+async fn progress_task(
+    ctx: Arc<Ctx>,
+    start: Instant,
+    tx: tokio::sync::mpsc::UnboundedSender<WorkerMessage>,
+) {
+    let mut tick = start + Duration::from_secs(1);
+    while tick <= ctx.drain_end + Duration::from_secs(1) {
+        sleep_until(tick).await;
+        tick += Duration::from_secs(1);
+        let p = {
+            let mut a = ctx.agg();
+            let p99 = a.interval_submit.quantile_us(0.99);
+            a.interval_submit.reset();
+            Progress {
+                worker: ctx.spec.worker,
+                open: ctx.open.load(Ordering::Relaxed),
+                authorized: ctx.authorized.load(Ordering::Relaxed),
+                counters: a.counters.clone(),
+                errors: a.errors.total(),
+                submit_p99_us: p99,
+            }
+        };
+        if tx.send(WorkerMessage::Progress(Box::new(p))).is_err() {
+            return;
+        }
+    }
+}
+
+fn build_report(ctx: &Ctx) -> WorkerReport {
+    let a = ctx.agg();
+    let mut shares = BTreeMap::new();
+    for k in ShareKind::ALL {
+        if let Some(s) = a.kinds.get(k.index()) {
+            shares.insert(k.as_str().to_owned(), s.clone());
+        }
+    }
+    let histograms = HISTOGRAMS
+        .iter()
+        .zip(a.hists.iter())
+        .map(|(name, h)| ((*name).to_owned(), h.to_v2_hex()))
+        .collect();
+    let mut jobs: Vec<JobSeen> = a.jobs.values().cloned().collect();
+    jobs.sort_by_key(|j| j.first_ns);
+    WorkerReport {
+        worker: ctx.spec.worker,
+        miners: ctx.spec.miner_count(),
+        source: ctx.spec.source,
+        counters: a.counters.clone(),
+        shares,
+        histograms,
+        jobs,
+        errors: a.errors.clone(),
+        ..WorkerReport::default()
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The run is over.
+    Done,
+    /// A churn step: reconnect at once, resuming the session.
+    Churn,
+    /// The pool closed or broke the connection, or the handshake failed.
+    Lost,
+    /// The TCP connect failed.
+    ConnectFailed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Configuring,
+    Subscribing,
+    Authorizing,
+    Ready,
+}
+
+struct Pending {
+    id: u64,
+    sent: Instant,
+    kind: ShareKind,
+    epoch: u32,
+    hold: bool,
+}
+
+struct LastShare {
+    job: Arc<SharedJob>,
+    cursor: SearchCursor,
+    version_bits: Option<u32>,
+    epoch: u32,
+}
+
+/// One miner's state; kept across reconnects (session id, extranonce1 for the resume check).
+struct MinerState {
+    user: Box<str>,
+    user_json: Box<str>,
+    rng: u64,
+    phase: Phase,
+    phase_sent: Instant,
+    login_start: Instant,
+    en1: Vec<u8>,
+    nonce2_len: usize,
+    session: Option<Box<str>>,
+    resume_en1: Option<Vec<u8>>,
+    share_target: Target,
+    mask: Option<u32>,
+    job: Option<Arc<SharedJob>>,
+    prev_block_job: Option<Arc<SharedJob>>,
+    epoch: u32,
+    cursor: SearchCursor,
+    last_valid: Option<LastShare>,
+    pending: VecDeque<Pending>,
+    unconfirmed_stale: Vec<(ShareKind, Instant)>,
+    next_id: u64,
+    next_submit: Option<Instant>,
+    churn_at: Option<Instant>,
+    partial: Vec<u8>,
+}
+
+impl MinerState {
+    fn new(ctx: &Ctx, g: u32) -> Self {
+        let user = format!("{}.{g}", ctx.spec.user_prefix);
+        let user_json = serde_json::to_string(&user).unwrap_or_else(|_| "\"ckload\"".to_owned());
+        let now = Instant::now();
+        Self {
+            user: user.into(),
+            user_json: user_json.into(),
+            rng: ctx.spec.seed ^ (u64::from(g) << 20) ^ 0x5eed,
+            phase: Phase::Subscribing,
+            phase_sent: now,
+            login_start: now,
+            en1: Vec::new(),
+            nonce2_len: 0,
+            session: None,
+            resume_en1: None,
+            share_target: Difficulty::ONE.target(),
+            mask: None,
+            job: None,
+            prev_block_job: None,
+            epoch: 0,
+            cursor: SearchCursor::default(),
+            last_valid: None,
+            pending: VecDeque::new(),
+            unconfirmed_stale: Vec::new(),
+            next_id: FIRST_SUBMIT_ID,
+            next_submit: None,
+            churn_at: None,
+            partial: Vec::new(),
+        }
+    }
+
+    /// splitmix64 step.
+    fn next_u64(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Starts a session on a fresh connection: forgets the old connection's jobs and requests.
+    fn reset_session(&mut self, now: Instant) {
+        self.phase = Phase::Subscribing;
+        self.phase_sent = now;
+        self.login_start = now;
+        self.en1.clear();
+        self.share_target = Difficulty::ONE.target();
+        self.mask = None;
+        self.job = None;
+        self.prev_block_job = None;
+        self.last_valid = None;
+        self.pending.clear();
+        self.unconfirmed_stale.clear();
+        self.next_id = FIRST_SUBMIT_ID;
+        self.next_submit = None;
+        self.churn_at = None;
+        self.partial = Vec::new();
+    }
+
+    fn handshake_deadline(&self, ctx: &Ctx) -> Option<Instant> {
+        (self.phase != Phase::Ready).then(|| self.phase_sent + ctx.spec.handshake_timeout)
+    }
+}
+
+async fn miner_task(ctx: Arc<Ctx>, g: u32, connect_at: Instant) {
+    sleep_until(connect_at).await;
+    let mut m = MinerState::new(&ctx, g);
+    let mut first = true;
+    while Instant::now() < ctx.end {
+        if !first {
+            ctx.count(|c| c.reconnects += 1);
+        }
+        first = false;
+        let end = session(&ctx, &mut m).await;
+        let pause = match end {
+            SessionEnd::Done => break,
+            SessionEnd::Churn => Some(ctx.spec.churn_pause),
+            SessionEnd::Lost | SessionEnd::ConnectFailed => Some(RECONNECT_PAUSE),
+        };
+        if let Some(p) = pause {
+            let until = (Instant::now() + p).min(ctx.end);
+            sleep_until(until).await;
+        }
+    }
+}
+
+/// Ports tried for one connect before giving up.
+const PORT_TRIES: u32 = 64;
+
+/// Local ports for a worker's source address, handed out in turn.
+///
+/// `bind(ip, 0)` makes the kernel search for a free port, which costs more the more ports the
+/// address already uses (hundreds of µs per connect at 10k sockets, measured here). The worker
+/// owns its source address, so it picks ports itself from the ephemeral range, starting at its
+/// own offset, and skips any that are taken.
+struct PortCursor {
+    first: u32,
+    span: u32,
+    next: AtomicU64,
+}
+
+impl PortCursor {
+    fn new(worker: u32, workers: u32) -> Self {
+        let (lo, hi) = crate::sys::ephemeral_port_range().unwrap_or((32768, 60999));
+        let span = u32::from(hi - lo) + 1;
+        Self {
+            first: u32::from(lo),
+            span,
+            next: AtomicU64::new(u64::from(span / workers.max(1) * worker)),
+        }
+    }
+
+    fn take(&self) -> u16 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % u64::from(self.span);
+        u16::try_from(u64::from(self.first) + n).unwrap_or(u16::MAX)
+    }
+}
+
+async fn connect(ctx: &Ctx) -> io::Result<TcpStream> {
+    let target = ctx.spec.target;
+    let new_socket = || {
+        if target.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    let stream = match ctx.spec.source {
+        None => new_socket()?.connect(target).await?,
+        Some(ip) => {
+            let mut last = None;
+            let mut found = None;
+            for _ in 0..PORT_TRIES {
+                let sock = new_socket()?;
+                sock.set_reuseaddr(true)?;
+                if let Err(e) = sock.bind(SocketAddr::new(ip, ctx.ports.take())) {
+                    if e.kind() == io::ErrorKind::AddrInUse {
+                        last = Some(e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+                match sock.connect(target).await {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                        ) =>
+                    {
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match found {
+                Some(s) => s,
+                None => {
+                    return Err(last.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::AddrNotAvailable, "no free local port")
+                    }));
+                }
+            }
+        }
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Decrements a gauge when dropped.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Step {
+    Continue,
+    Eof,
+    Lost(String),
+}
+
+async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
+    use tokio::io::AsyncWriteExt as _;
+
+    let t0 = Instant::now();
+    ctx.count(|c| c.connect_attempts += 1);
+    let mut stream = match timeout(ctx.spec.connect_timeout, connect(ctx)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            ctx.count(|c| c.connect_failures += 1);
+            ctx.error(&format!("connect: {e}"));
+            return SessionEnd::ConnectFailed;
+        }
+        Err(_) => {
+            ctx.count(|c| c.connect_failures += 1);
+            ctx.error("connect: timed out");
+            return SessionEnd::ConnectFailed;
+        }
+    };
+    let connected = Instant::now();
+    ctx.record(H::Connect, connected - t0);
+    ctx.count(|c| c.connected += 1);
+    let _open = Gauge::up(&ctx.open);
+    let mut authorized_gauge: Option<Gauge<'_>> = None;
+
+    m.resume_en1 = m.session.is_some().then(|| m.en1.clone());
+    m.reset_session(t0);
+    let mut out = Vec::with_capacity(256);
+    begin(ctx, m, connected, &mut out);
+    let mut end = None;
+    if let Err(e) = stream.write_all(&out).await {
+        end = Some(Step::Lost(format!("write: {e}")));
+    }
+    while end.is_none() {
+        out.clear();
+        let now = Instant::now();
+        let draining = now >= ctx.end;
+        if draining && (m.pending.is_empty() || now >= ctx.drain_end || m.phase != Phase::Ready) {
+            break;
+        }
+        let submit_at = if draining { None } else { m.next_submit };
+        let churn_at = if draining { None } else { m.churn_at };
+        let mut wake = if draining { ctx.drain_end } else { ctx.end };
+        for t in [submit_at, churn_at, m.handshake_deadline(ctx)]
+            .into_iter()
+            .flatten()
+        {
+            wake = wake.min(t);
+        }
+        tokio::select! {
+            biased;
+            r = stream.readable() => {
+                let step = match r {
+                    Ok(()) => read_lines(ctx, m, &stream, &mut out),
+                    Err(e) => Step::Lost(format!("read: {e}")),
+                };
+                match step {
+                    Step::Continue => {}
+                    other => end = Some(other),
+                }
+                if m.phase == Phase::Ready && authorized_gauge.is_none() {
+                    authorized_gauge = Some(Gauge::up(&ctx.authorized));
+                }
+            }
+            () = sleep_until(wake) => {
+                let now = Instant::now();
+                if m.handshake_deadline(ctx).is_some_and(|d| d <= now) && now < ctx.end {
+                    ctx.count(|c| c.handshake_timeouts += 1);
+                    end = Some(Step::Lost(format!("no reply in handshake phase {:?}", m.phase)));
+                } else if churn_at.is_some_and(|t| t <= now) {
+                    if m.pending.is_empty() {
+                        ctx.count(|c| c.churn_disconnects += 1);
+                        finish_session(ctx, m);
+                        return SessionEnd::Churn;
+                    }
+                    // Leave once the submits in flight are answered.
+                    m.churn_at = Some(now + Duration::from_millis(20));
+                } else if submit_at.is_some_and(|t| t <= now) {
+                    submit(ctx, m, now, &mut out).await;
+                }
+            }
+        }
+        if !out.is_empty()
+            && end.is_none()
+            && let Err(e) = stream.write_all(&out).await
+        {
+            end = Some(Step::Lost(format!("write: {e}")));
+        }
+    }
+    finish_session(ctx, m);
+    let now = Instant::now();
+    match end {
+        None => SessionEnd::Done,
+        Some(_) if now >= ctx.end => SessionEnd::Done,
+        Some(Step::Eof) => {
+            ctx.count(|c| c.disconnects += 1);
+            ctx.error("connection closed by the pool");
+            SessionEnd::Lost
+        }
+        Some(Step::Lost(why)) => {
+            ctx.count(|c| c.disconnects += 1);
+            ctx.error(&why);
+            SessionEnd::Lost
+        }
+        Some(Step::Continue) => SessionEnd::Lost,
+    }
+}
+
+/// Counts what a closing connection leaves unanswered.
+fn finish_session(ctx: &Ctx, m: &mut MinerState) {
+    if m.pending.is_empty() {
+        return;
+    }
+    let mut a = ctx.agg();
+    for p in m.pending.drain(..) {
+        a.counters.unanswered += 1;
+        if let Some(k) = a.kinds.get_mut(p.kind.index()) {
+            k.unanswered += 1;
+        }
+    }
+}
+
+fn begin(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) {
+    match ctx.spec.version_rolling {
+        Some(mask) => {
+            m.phase = Phase::Configuring;
+            m.phase_sent = now;
+            let params = json!([
+                ["version-rolling"],
+                {"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2}
+            ]);
+            push_request(out, ID_CONFIGURE, "mining.configure", &params);
+        }
+        None => send_subscribe(ctx, m, now, out),
+    }
+}
+
+fn send_subscribe(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) {
+    m.phase = Phase::Subscribing;
+    m.phase_sent = now;
+    let params = match &m.session {
+        Some(s) => {
+            ctx.count(|c| c.resume_attempts += 1);
+            json!([ctx.spec.user_agent, s])
+        }
+        None => json!([ctx.spec.user_agent]),
+    };
+    push_request(out, ID_SUBSCRIBE, "mining.subscribe", &params);
+}
+
+fn push_request(out: &mut Vec<u8>, id: u64, method: &str, params: &Value) {
+    let msg = json!({"id": id, "method": method, "params": params});
+    out.extend_from_slice(msg.to_string().as_bytes());
+    out.push(b'\n');
+}
+
+/// Reads what the socket has and handles every complete line.
+fn read_lines(ctx: &Ctx, m: &mut MinerState, stream: &TcpStream, out: &mut Vec<u8>) -> Step {
+    SCRATCH_BUF.with_borrow_mut(|scratch| {
+        loop {
+            match stream.try_read(scratch) {
+                Ok(0) => return Step::Eof,
+                Ok(n) => {
+                    let ts = mono_ns();
+                    let now = Instant::now();
+                    let Some(chunk) = scratch.get(..n) else {
+                        return Step::Continue;
+                    };
+                    if let Some(step) = split_lines(ctx, m, chunk, ts, now, out) {
+                        return step;
+                    }
+                    if n < scratch.len() {
+                        return Step::Continue;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Step::Lost(format!("read: {e}")),
+            }
+        }
+    })
+}
+
+fn split_lines(
+    ctx: &Ctx,
+    m: &mut MinerState,
+    mut chunk: &[u8],
+    ts: u64,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<Step> {
+    while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
+        let (line, rest) = chunk.split_at(pos);
+        chunk = rest.get(1..).unwrap_or_default();
+        let step = if m.partial.is_empty() {
+            handle_line(ctx, m, line, ts, now, out)
+        } else {
+            let mut whole = std::mem::take(&mut m.partial);
+            whole.extend_from_slice(line);
+            handle_line(ctx, m, &whole, ts, now, out)
+        };
+        if let Some(s) = step {
+            return Some(s);
+        }
+    }
+    if m.partial.len() + chunk.len() > MAX_LINE {
+        return Some(Step::Lost(format!(
+            "line from the pool longer than {MAX_LINE} bytes"
+        )));
+    }
+    m.partial.extend_from_slice(chunk);
+    None
+}
+
+fn handle_line(
+    ctx: &Ctx,
+    m: &mut MinerState,
+    line: &[u8],
+    ts: u64,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<Step> {
+    let line = line.trim_ascii();
+    if line.is_empty() {
+        return None;
+    }
+    let cached = lock(&ctx.cache)
+        .iter()
+        .find(|(raw, _)| **raw == *line)
+        .map(|(_, j)| Arc::clone(j));
+    if let Some(job) = cached {
+        on_notify(ctx, m, job, ts, now);
+        return None;
+    }
+    let msg: Value = match serde_json::from_slice(line) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            ctx.count(|c| c.protocol_errors += 1);
+            ctx.error("unparseable line from the pool");
+            return None;
+        }
+    };
+    match msg.get("method").and_then(Value::as_str) {
+        Some(method) => handle_method(ctx, m, method, &msg, line, ts, now, out),
+        None => handle_reply(ctx, m, &msg, now, out),
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "the line's context, passed down")]
+fn handle_method(
+    ctx: &Ctx,
+    m: &mut MinerState,
+    method: &str,
+    msg: &Value,
+    raw: &[u8],
+    ts: u64,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<Step> {
+    let params = msg.get("params").unwrap_or(&Value::Null);
+    match method {
+        "mining.notify" => match Job::from_notify_params(params) {
+            Ok(job) => {
+                let shared = Arc::new(SharedJob {
+                    id_json: serde_json::to_string(&job.job_id).unwrap_or_default(),
+                    prevhash_rpc: job.prevhash_rpc(),
+                    job,
+                });
+                {
+                    let mut cache = lock(&ctx.cache);
+                    if cache.len() >= NOTIFY_CACHE {
+                        cache.pop_front();
+                    }
+                    cache.push_back((raw.into(), Arc::clone(&shared)));
+                }
+                on_notify(ctx, m, shared, ts, now);
+            }
+            Err(e) => {
+                ctx.count(|c| c.protocol_errors += 1);
+                ctx.error(&format!("bad mining.notify: {e}"));
+            }
+        },
+        "mining.set_difficulty" => {
+            let d = params.get(0).and_then(|v| match v {
+                Value::Number(n) => n.as_f64(),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            });
+            match d.and_then(Difficulty::from_f64) {
+                Some(d) => {
+                    m.share_target = d.target();
+                    ctx.count(|c| c.difficulty_changes += 1);
+                }
+                None => {
+                    ctx.count(|c| c.protocol_errors += 1);
+                    ctx.error("bad mining.set_difficulty");
+                }
+            }
+        }
+        "mining.set_extranonce" => {
+            let en1 = params
+                .get(0)
+                .and_then(Value::as_str)
+                .and_then(|s| hex::decode(s).ok());
+            let n2 = params
+                .get(1)
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok());
+            if let (Some(en1), Some(n2)) = (en1, n2) {
+                m.en1 = en1;
+                m.nonce2_len = n2;
+            }
+        }
+        "mining.set_version_mask" => {
+            if let (Some(requested), Some(mask)) = (
+                ctx.spec.version_rolling,
+                params
+                    .get(0)
+                    .and_then(Value::as_str)
+                    .and_then(|s| u32::from_str_radix(s, 16).ok()),
+            ) {
+                m.mask = Some(mask & requested);
+            }
+        }
+        "mining.ping" => {
+            ctx.count(|c| c.pings += 1);
+            let id = msg.get("id").cloned().unwrap_or(Value::Null);
+            out.extend_from_slice(
+                json!({"id": id, "result": "pong", "error": null})
+                    .to_string()
+                    .as_bytes(),
+            );
+            out.push(b'\n');
+        }
+        "client.reconnect" => {
+            ctx.count(|c| c.reconnect_requests += 1);
+            return Some(Step::Lost("pool sent client.reconnect".to_owned()));
+        }
+        other => debug!(method = other, "ignoring a method from the pool"),
+    }
+    None
+}
+
+fn on_notify(ctx: &Ctx, m: &mut MinerState, job: Arc<SharedJob>, ts: u64, now: Instant) {
+    let new_block = m
+        .job
+        .as_ref()
+        .is_some_and(|cur| cur.job.prev_hash != job.job.prev_hash);
+    let broadcast = m.phase == Phase::Ready && m.job.is_some();
+    let mut a = ctx.agg();
+    a.counters.notifies += 1;
+    if new_block {
+        m.prev_block_job = m.job.take();
+        m.epoch = m.epoch.wrapping_add(1);
+        for (kind, at) in m.unconfirmed_stale.drain(..) {
+            if now.saturating_duration_since(at) <= RACE_WINDOW
+                && let Some(k) = a.kinds.get_mut(kind.index())
+            {
+                k.raced_block += 1;
+            }
+        }
+    }
+    // Fan-out counts broadcasts only: a miner that already had a job when this one came (the
+    // job sent right after authorize is part of the login, not of a broadcast).
+    if ts >= ctx.hold_ns && broadcast {
+        let seen = a
+            .jobs
+            .entry(job.job.job_id.clone())
+            .or_insert_with(|| JobSeen {
+                job_id: job.job.job_id.clone(),
+                prevhash: job.prevhash_rpc.clone(),
+                clean: job.job.clean,
+                first_ns: ts,
+                last_ns: ts,
+                count: 0,
+            });
+        seen.first_ns = seen.first_ns.min(ts);
+        seen.last_ns = seen.last_ns.max(ts);
+        seen.count += 1;
+    }
+    m.job = Some(job);
+}
+
+fn handle_reply(
+    ctx: &Ctx,
+    m: &mut MinerState,
+    msg: &Value,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<Step> {
+    let id = match msg.get("id") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    };
+    let result = msg.get("result").unwrap_or(&Value::Null);
+    match id {
+        Some(ID_CONFIGURE) if m.phase == Phase::Configuring => {
+            let requested = ctx.spec.version_rolling.unwrap_or(0);
+            if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
+                let granted = result
+                    .get("version-rolling.mask")
+                    .and_then(Value::as_str)
+                    .and_then(|s| u32::from_str_radix(s, 16).ok())
+                    .unwrap_or(requested);
+                m.mask = Some(granted & requested);
+            }
+            send_subscribe(ctx, m, now, out);
+            None
+        }
+        Some(ID_SUBSCRIBE) if m.phase == Phase::Subscribing => {
+            let en1 = result
+                .get(1)
+                .and_then(Value::as_str)
+                .and_then(|s| hex::decode(s).ok());
+            let n2 = result
+                .get(2)
+                .and_then(Value::as_u64)
+                .and_then(|n| usize::try_from(n).ok());
+            let (Some(en1), Some(n2)) = (en1, n2) else {
+                ctx.count(|c| c.subscribe_failures += 1);
+                return Some(Step::Lost(format!(
+                    "subscribe failed: {}",
+                    reject_reason(msg)
+                )));
+            };
+            ctx.record(H::Subscribe, now - m.phase_sent);
+            {
+                let mut a = ctx.agg();
+                a.counters.subscribed += 1;
+                if let Some(old) = m.resume_en1.take() {
+                    if old == en1 {
+                        a.counters.resume_ok += 1;
+                    } else {
+                        a.counters.resume_mismatch += 1;
+                    }
+                }
+            }
+            m.en1 = en1;
+            m.nonce2_len = n2;
+            m.session = session_id(result.get(0).unwrap_or(&Value::Null)).map(Into::into);
+            m.phase = Phase::Authorizing;
+            m.phase_sent = now;
+            let params = json!([&*m.user, ctx.spec.pass]);
+            push_request(out, ID_AUTHORIZE, "mining.authorize", &params);
+            None
+        }
+        Some(ID_AUTHORIZE) if m.phase == Phase::Authorizing => {
+            if result.as_bool() != Some(true) {
+                ctx.count(|c| c.authorize_failures += 1);
+                return Some(Step::Lost(format!(
+                    "authorize refused: {}",
+                    reject_reason(msg)
+                )));
+            }
+            {
+                let mut a = ctx.agg();
+                a.counters.authorized += 1;
+                a.hists[H::Authorize as usize].record(now - m.phase_sent);
+                a.hists[H::Login as usize].record(now - m.login_start);
+            }
+            m.phase = Phase::Ready;
+            let rate = ctx.spec.rate_per_miner;
+            if rate > 0.0 && rate.is_finite() {
+                let phase = Duration::from_secs_f64(m.unit() / rate);
+                m.next_submit = Some(now.max(ctx.hold.min(now + phase)) + phase);
+            }
+            m.churn_at = churn_delay(m, ctx.spec.churn_per_sec).map(|d| now + d);
+            None
+        }
+        Some(id) if id >= FIRST_SUBMIT_ID => {
+            let Some(pos) = m.pending.iter().position(|p| p.id == id) else {
+                ctx.count(|c| c.protocol_errors += 1);
+                ctx.error("reply to an unknown submit id");
+                return None;
+            };
+            let p = m.pending.remove(pos)?;
+            let accepted = result.as_bool() == Some(true);
+            let latency = now - p.sent;
+            let mut a = ctx.agg();
+            a.hists[H::Submit as usize].record(latency);
+            if p.hold {
+                a.hists[H::SubmitWindow as usize].record(latency);
+            }
+            a.interval_submit.record(latency);
+            if accepted {
+                a.counters.accepted += 1;
+                if p.hold {
+                    a.counters.hold_accepted += 1;
+                }
+                if let Some(k) = a.kinds.get_mut(p.kind.index()) {
+                    k.accepted += 1;
+                }
+            } else {
+                let reason = reject_reason(msg);
+                a.counters.rejected += 1;
+                if reason == "Stale" && p.kind != ShareKind::Stale {
+                    if p.epoch != m.epoch {
+                        if let Some(k) = a.kinds.get_mut(p.kind.index()) {
+                            k.raced_block += 1;
+                        }
+                    } else {
+                        m.unconfirmed_stale
+                            .retain(|(_, t)| now.saturating_duration_since(*t) <= RACE_WINDOW);
+                        m.unconfirmed_stale.push((p.kind, now));
+                    }
+                }
+                if let Some(k) = a.kinds.get_mut(p.kind.index()) {
+                    *k.rejected.entry(reason).or_default() += 1;
+                }
+            }
+            None
+        }
+        _ => {
+            ctx.count(|c| c.protocol_errors += 1);
+            ctx.error("reply to an unknown request id");
+            debug!(?id, phase = ?m.phase, %msg, "reply to an unknown request id");
+            None
+        }
+    }
+}
+
+fn churn_delay(m: &mut MinerState, per_sec: f64) -> Option<Duration> {
+    if !(per_sec > 0.0 && per_sec.is_finite()) {
+        return None;
+    }
+    // Exponential waiting time: on average `per_sec` steps per miner per second.
+    let u = 1.0 - m.unit();
+    Some(Duration::from_secs_f64((-u.ln() / per_sec).min(1e6)))
+}
+
+/// The session id in a subscribe reply's first element (the `mining.notify` pair's id, else
+/// the first pair's).
+fn session_id(subs: &Value) -> Option<String> {
+    let pairs: Vec<&Value> = match subs.as_array() {
+        Some(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
+        Some(_) => vec![subs],
+        None => return None,
+    };
+    let id_of = |p: &Value| p.get(1).and_then(Value::as_str).map(str::to_owned);
+    pairs
+        .iter()
+        .find(|p| p.get(0).and_then(Value::as_str) == Some("mining.notify"))
+        .and_then(|p| id_of(p))
+        .or_else(|| pairs.first().and_then(|p| id_of(p)))
+}
+
+/// Sends one submit (of a kind picked by the knobs) and schedules the next.
+async fn submit(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) {
+    let spec = &ctx.spec;
+    if let Some(next) = m.next_submit {
+        let interval = Duration::from_secs_f64(1.0 / spec.rate_per_miner);
+        let mut t = next + interval;
+        if t + Duration::from_secs(1) < now {
+            // Far behind (the machine is saturated): do not burst to catch up.
+            t = now + interval;
+        }
+        m.next_submit = Some(t);
+    }
+    let Some(job) = m.job.clone() else {
+        return;
+    };
+    if m.en1.is_empty() && m.nonce2_len == 0 {
+        return;
+    }
+    let u = m.unit();
+    let mut kind = if u < spec.stale_rate {
+        ShareKind::Stale
+    } else if u < spec.stale_rate + spec.duplicate_rate {
+        ShareKind::Duplicate
+    } else if u < spec.stale_rate + spec.duplicate_rate + spec.low_difficulty_rate {
+        ShareKind::LowDifficulty
+    } else {
+        ShareKind::Valid
+    };
+    let mut fallback = false;
+    // The share to send: job, cursor position, version bits.
+    let mut chosen: Option<(Arc<SharedJob>, SearchCursor, Option<u32>, bool)> = None;
+    if kind == ShareKind::Duplicate {
+        match &m.last_valid {
+            Some(last) if last.epoch == m.epoch => {
+                chosen = Some((Arc::clone(&last.job), last.cursor, last.version_bits, false));
+            }
+            _ => {
+                kind = ShareKind::Valid;
+                fallback = true;
+            }
+        }
+    }
+    let grind_job = match kind {
+        ShareKind::Stale => match &m.prev_block_job {
+            Some(old) => Arc::clone(old),
+            None => {
+                kind = ShareKind::Valid;
+                fallback = true;
+                Arc::clone(&job)
+            }
+        },
+        _ => Arc::clone(&job),
+    };
+    let mut hashes = 0;
+    if chosen.is_none() {
+        let (version, bits) = match m.mask {
+            Some(mask) => {
+                let (v, b) = VersionRoller::new(grind_job.job.version, mask).rolled(1);
+                (v, Some(b))
+            }
+            None => (grind_job.job.version, None),
+        };
+        let want = if kind == ShareKind::LowDifficulty {
+            Want::LowDifficulty
+        } else {
+            Want::Valid {
+                allow_block: spec.allow_blocks,
+            }
+        };
+        let mut found = if want == Want::LowDifficulty {
+            // At the lowest difficulty a low-difficulty hash is 1 in 65,536: grind it on the
+            // blocking pool so the other miners of this runtime are not held up.
+            let (job, en1, n2, target, mut cursor, budget) = (
+                Arc::clone(&grind_job),
+                m.en1.clone(),
+                m.nonce2_len,
+                m.share_target,
+                m.cursor,
+                spec.grind_budget,
+            );
+            let ground = tokio::task::spawn_blocking(move || {
+                let mut h = 0;
+                let r = work::search_share(
+                    &job.job,
+                    &en1,
+                    n2,
+                    version,
+                    &target,
+                    Want::LowDifficulty,
+                    &mut cursor,
+                    budget,
+                    &mut h,
+                );
+                (r, cursor, h)
+            })
+            .await;
+            match ground {
+                Ok((r, c, h)) => {
+                    m.cursor = c;
+                    hashes += h;
+                    r
+                }
+                Err(_) => Err(SearchMiss::Budget),
+            }
+        } else {
+            work::search_share(
+                &grind_job.job,
+                &m.en1,
+                m.nonce2_len,
+                version,
+                &m.share_target,
+                want,
+                &mut m.cursor,
+                spec.grind_budget,
+                &mut hashes,
+            )
+        };
+        if found == Err(SearchMiss::Exhausted) {
+            m.cursor = SearchCursor::default();
+        }
+        if kind == ShareKind::LowDifficulty && found.is_err() {
+            // No low-difficulty share exists (or none within the budget): send a valid one.
+            kind = ShareKind::Valid;
+            fallback = true;
+            found = work::search_share(
+                &grind_job.job,
+                &m.en1,
+                m.nonce2_len,
+                version,
+                &m.share_target,
+                Want::Valid {
+                    allow_block: spec.allow_blocks,
+                },
+                &mut m.cursor,
+                spec.grind_budget,
+                &mut hashes,
+            );
+        }
+        match found {
+            Ok(f) => {
+                let at = SearchCursor {
+                    extranonce2: f.extranonce2,
+                    nonce: f.nonce,
+                };
+                chosen = Some((grind_job, at, bits, f.block));
+            }
+            Err(miss) => {
+                let mut a = ctx.agg();
+                a.counters.hashes += hashes;
+                a.counters.shares_skipped += 1;
+                a.errors.add(match miss {
+                    SearchMiss::Impossible => {
+                        "no valid non-block share exists at the pool's difficulty"
+                    }
+                    SearchMiss::Budget => "grind budget exhausted",
+                    SearchMiss::Exhausted => "extranonce2 space exhausted",
+                });
+                drop(a);
+                if !ctx.warned_skip.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        ?miss,
+                        "cannot produce a share; skipping (counted in shares_skipped)"
+                    );
+                }
+                return;
+            }
+        }
+    }
+    let Some((sjob, at, bits, block)) = chosen else {
+        return;
+    };
+    let id = m.next_id;
+    m.next_id += 1;
+    let en2 = hex::encode(work::extranonce2_bytes(at.extranonce2, m.nonce2_len));
+    let vb = bits.map_or_else(String::new, |b| format!(",\"{b:08x}\""));
+    let line = format!(
+        "{{\"id\":{id},\"method\":\"mining.submit\",\"params\":[{},{},\"{en2}\",\"{:08x}\",\"{:08x}\"{vb}]}}\n",
+        m.user_json, sjob.id_json, sjob.job.ntime, at.nonce
+    );
+    out.extend_from_slice(line.as_bytes());
+    let now = Instant::now();
+    let hold = now >= ctx.hold;
+    m.pending.push_back(Pending {
+        id,
+        sent: now,
+        kind,
+        epoch: m.epoch,
+        hold,
+    });
+    if kind == ShareKind::Valid {
+        m.last_valid = Some(LastShare {
+            job: sjob,
+            cursor: at,
+            version_bits: bits,
+            epoch: m.epoch,
+        });
+    }
+    let mut a = ctx.agg();
+    a.counters.hashes += hashes;
+    a.counters.submitted += 1;
+    if hold {
+        a.counters.hold_submitted += 1;
+    }
+    if block {
+        a.counters.blocks_submitted += 1;
+    }
+    if fallback {
+        a.counters.knob_fallbacks += 1;
+    }
+    if let Some(k) = a.kinds.get_mut(kind.index()) {
+        k.submitted += 1;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_split_miners_round_robin() {
+        let mut spec = test_spec();
+        spec.total_miners = 10;
+        spec.workers = 3;
+        spec.worker = 1;
+        assert_eq!(spec.miner_numbers().collect::<Vec<_>>(), vec![1, 4, 7]);
+        assert_eq!(spec.miner_count(), 3);
+        spec.worker = 0;
+        assert_eq!(spec.miner_count(), 4);
+    }
+
+    #[test]
+    fn session_ids_from_subscribe_replies() {
+        assert_eq!(
+            session_id(&json!([
+                ["mining.set_difficulty", "a"],
+                ["mining.notify", "b"]
+            ])),
+            Some("b".into())
+        );
+        assert_eq!(session_id(&json!(["mining.notify", "x"])), Some("x".into()));
+        assert_eq!(session_id(&json!(null)), None);
+    }
+
+    #[test]
+    fn spec_round_trips_through_json() {
+        let spec = test_spec();
+        let text = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<WorkerSpec>(&text).unwrap(), spec);
+        let msg = WorkerMessage::Progress(Box::default());
+        let text = serde_json::to_string(&msg).unwrap();
+        assert!(text.starts_with(r#"{"type":"progress""#), "{text}");
+        assert_eq!(serde_json::from_str::<WorkerMessage>(&text).unwrap(), msg);
+    }
+
+    pub(crate) fn test_spec() -> WorkerSpec {
+        WorkerSpec {
+            worker: 0,
+            workers: 1,
+            total_miners: 1,
+            target: "127.0.0.1:3333".parse().unwrap(),
+            source: None,
+            user_prefix: "ckload".into(),
+            pass: "x".into(),
+            user_agent: "ckload/test".into(),
+            version_rolling: None,
+            start_mono_ns: 0,
+            ramp: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            drain: Duration::from_secs(1),
+            rate_per_miner: 1.0,
+            stale_rate: 0.0,
+            duplicate_rate: 0.0,
+            low_difficulty_rate: 0.0,
+            churn_per_sec: 0.0,
+            churn_pause: Duration::ZERO,
+            connect_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+            grind_budget: 1000,
+            allow_blocks: false,
+            threads: 1,
+            seed: 1,
+            in_process: false,
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! What ckload reads from the operating system: the system-wide monotonic clock (shared by all
+//! worker processes, so their timestamps compare), `/proc` samples of a process's CPU time and
+//! memory and of the machine's CPU, kernel limits, and raising `RLIMIT_NOFILE`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+use rustix::time::{ClockId, clock_gettime};
+use serde::{Deserialize, Serialize};
+
+/// Nanoseconds on `CLOCK_MONOTONIC`: the same clock in every process on the machine.
+pub fn mono_ns() -> u64 {
+    let t = clock_gettime(ClockId::Monotonic);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+}
+
+/// Raises the soft open-files limit to the hard one; returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let lim = getrlimit(Resource::Nofile);
+    let Some(hard) = lim.maximum else {
+        // Unlimited hard limit: ask for a large soft one.
+        let want = 1 << 20;
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(want),
+                maximum: None,
+            },
+        );
+        return getrlimit(Resource::Nofile).current.unwrap_or(want);
+    };
+    if lim.current != Some(hard) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(hard)
+}
+
+/// The hard open-files limit (`u64::MAX` when unlimited).
+pub fn nofile_hard_limit() -> u64 {
+    getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX)
+}
+
+/// How many local ports `net.ipv4.ip_local_port_range` offers (per source address and
+/// destination), or `None` if it cannot be read.
+pub fn ephemeral_port_count() -> Option<u64> {
+    let (lo, hi) = ephemeral_port_range()?;
+    Some(u64::from(hi - lo) + 1)
+}
+
+/// `net.ipv4.ip_local_port_range` (first, last), or `None` if it cannot be read.
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let lo = it.next()?.ok()?;
+    let hi = it.next()?.ok()?;
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// CPU time and memory of one process at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcSample {
+    /// User plus system CPU seconds since the process started.
+    pub cpu_secs: f64,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+    /// Peak resident set size, KiB.
+    pub hwm_kib: u64,
+    /// Threads.
+    pub threads: u64,
+}
+
+impl ProcSample {
+    /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`; `None` if the process is gone.
+    pub fn read(pid: u32) -> Option<Self> {
+        Self::read_dir(&Path::new("/proc").join(pid.to_string()))
+    }
+
+    /// The calling process.
+    pub fn read_self() -> Option<Self> {
+        Self::read_dir(Path::new("/proc/self"))
+    }
+
+    /// The calling thread (CPU time of this thread only).
+    pub fn read_thread_self() -> Option<Self> {
+        Self::read_dir(Path::new("/proc/thread-self"))
+    }
+
+    fn read_dir(dir: &Path) -> Option<Self> {
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        let ticks = parse_stat_cpu_ticks(&stat)?;
+        Some(Self {
+            cpu_secs: ticks as f64 / clock_ticks() as f64,
+            rss_kib: status_kib(&status, "VmRSS:").unwrap_or(0),
+            hwm_kib: status_kib(&status, "VmHWM:").unwrap_or(0),
+            threads: status_kib(&status, "Threads:").unwrap_or(0),
+        })
+    }
+}
+
+/// The machine's CPU counters from `/proc/stat` (all cores), in clock ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// Busy ticks (everything but idle and iowait).
+    pub busy: u64,
+    /// All ticks.
+    pub total: u64,
+    /// Ticks stolen by the hypervisor (included in `busy`).
+    pub steal: u64,
+}
+
+impl MachineCpu {
+    /// Reads the first line of `/proc/stat`.
+    pub fn read() -> Option<Self> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        parse_proc_stat(&text)
+    }
+
+    /// Percentage of all cores' time stolen by the hypervisor between `earlier` and `self`.
+    pub fn steal_pct_since(&self, earlier: &Self) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+
+    /// Percentage of all cores busy between `earlier` and `self`.
+    pub fn busy_pct_since(&self, earlier: &Self) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * self.busy.saturating_sub(earlier.busy) as f64 / total as f64
+    }
+}
+
+/// Number of online CPUs as the scheduler sees them.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// `CLK_TCK`.
+fn clock_ticks() -> u64 {
+    rustix::param::clock_ticks_per_second().max(1)
+}
+
+/// A duration as fractional seconds, for reports.
+pub fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// utime + stime (fields 14 and 15) from a `/proc/<pid>/stat` line. The command name may hold
+/// spaces and parentheses, so fields are counted after the last `)`.
+fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let after = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = after.split_whitespace();
+    // After ")": field 3 (state) is index 0, so utime (14) is index 11 and stime (15) index 12.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+fn parse_proc_stat(text: &str) -> Option<MachineCpu> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let vals: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = vals.iter().take(8).sum();
+    let idle = vals.get(3).copied().unwrap_or(0) + vals.get(4).copied().unwrap_or(0);
+    Some(MachineCpu {
+        busy: total.saturating_sub(idle),
+        total,
+        steal: vals.get(7).copied().unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_line_with_odd_command_name() {
+        let line = "1234 (a (b) c) S 1 1 1 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 200";
+        assert_eq!(parse_stat_cpu_ticks(line), Some(300));
+        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn status_fields() {
+        let s = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nThreads:\t5\n";
+        assert_eq!(status_kib(s, "VmRSS:"), Some(1024));
+        assert_eq!(status_kib(s, "VmHWM:"), Some(2048));
+        assert_eq!(status_kib(s, "Threads:"), Some(5));
+        assert_eq!(status_kib(s, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn machine_cpu() {
+        let a = parse_proc_stat("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!((a.busy, a.total), (200, 1000));
+        let b = MachineCpu {
+            busy: 300,
+            total: 1200,
+            steal: 0,
+        };
+        assert!((b.busy_pct_since(&a) - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn own_process_and_clock() {
+        let s = ProcSample::read_self().unwrap();
+        assert!(s.rss_kib > 0 && s.threads >= 1);
+        let a = mono_ns();
+        let b = mono_ns();
+        assert!(b >= a && a > 0);
+        assert!(raise_nofile_limit() >= 1);
+    }
+}
