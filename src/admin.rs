@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 /// What the admin socket can reach.
 pub(crate) struct AdminCtx {
+    pub(crate) io: String,
     pub(crate) pool: Arc<stratifier::Pool>,
     pub(crate) generator: Arc<generator::Generator>,
     pub(crate) shutdown: Arc<AtomicBool>,
@@ -60,6 +61,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             let mut stats = serde_json::to_value(ctx.pool.stats()).unwrap_or_default();
             if let Some(obj) = stats.as_object_mut() {
                 obj.insert("server".into(), ctx.generator.active_server().into());
+                obj.insert("io".into(), ctx.io.clone().into());
             }
             stats.to_string().into_bytes()
         }

@@ -74,7 +74,8 @@ struct Cli {
     /// User proxy mode (not implemented yet).
     #[arg(short = 'u', long = "userproxy")]
     userproxy: bool,
-    /// I/O backend: auto, epoll or uring (overrides the config's "io" and POOL_BACKEND).
+    /// I/O backend: auto (io_uring where the kernel allows it, else epoll), uring or epoll.
+    /// Overrides the config's "io" and the POOL_BACKEND environment variable.
     #[arg(long = "io")]
     io: Option<String>,
 }
@@ -318,21 +319,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("building the first job")?;
 
     // The connector threads, each with its stratifier shard.
-    let backend = match cli
+    let io = cli
         .io
         .clone()
         .or_else(|| std::env::var("POOL_BACKEND").ok())
-        .unwrap_or(cfg.io.clone())
-        .as_str()
-    {
-        "auto" => connector::BackendKind::Auto,
-        "epoll" => connector::BackendKind::Epoll,
-        other => {
-            return Err(config_err(format!(
-                "io backend {other} is not available (auto, epoll)"
-            )));
-        }
-    };
+        .unwrap_or(cfg.io.clone());
+    let backend: connector::BackendKind = io
+        .parse()
+        .map_err(|_| config_err(format!("io backend {io} is not one of auto, uring, epoll")))?;
     let threads = cfg
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -348,14 +342,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         shard: Shard::new(Arc::clone(&pool_for_shards)),
     })
     .context("starting the connector")?;
+    let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
-        info!(addr = %a, threads, "listening for miners");
+        info!(addr = %a, threads, io = %io_backend, "listening for miners");
     }
 
     let admin_path = sockdir.join("listener");
     let _admin = admin::start(
         &admin_path,
         admin::AdminCtx {
+            io: io_backend.clone(),
             pool: Arc::clone(&pool),
             generator: Arc::clone(&generator),
             shutdown: Arc::clone(&shutdown),

@@ -79,6 +79,11 @@ impl PoolProcess {
     /// Starts the pool with `config` and extra flags; waits until it answers `ping` and accepts
     /// stratum connections.
     pub fn start(tag: &str, config: &Value, flags: &[&str]) -> Self {
+        Self::start_with_env(tag, config, flags, &[])
+    }
+
+    /// [`PoolProcess::start`] with extra environment variables.
+    pub fn start_with_env(tag: &str, config: &Value, flags: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = temp_dir(tag);
         let cfg_path = dir.join("ckpool.conf");
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
@@ -103,6 +108,7 @@ impl PoolProcess {
             .arg("7");
         cmd.args(flags);
         cmd.env("RUST_LOG", "debug");
+        cmd.envs(env.iter().copied());
         cmd.current_dir(&dir);
         cmd.stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
