@@ -360,14 +360,11 @@ impl Pool {
     }
 
     pub(crate) fn submit_block(&self, b: BlockCandidate) {
-        self.stats.lock().blocks.push(b.hash.clone());
-        if let Some(u) = self
-            .stats
-            .lock()
-            .users
-            .get_mut(b.worker.split(['.', '_']).next().unwrap_or(""))
         {
-            u.blocks += 1;
+            let mut stats = self.stats.lock();
+            stats.blocks.push(b.hash.clone());
+            let user = b.worker.split(['.', '_']).next().unwrap_or("");
+            stats.users.entry(user.to_owned()).or_default().blocks += 1;
         }
         (self.block_sink)(b);
     }
