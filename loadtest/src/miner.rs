@@ -968,7 +968,7 @@ impl Reader {
 
 /// The session id in a subscribe reply's first element: the id paired with `mining.notify`,
 /// else the first pair's id. Accepts `[[method, id], …]` and a bare `[method, id]`.
-fn session_from_subscriptions(subs: &Value) -> Option<String> {
+pub(crate) fn session_from_subscriptions(subs: &Value) -> Option<String> {
     let pairs: Vec<&Value> = match subs.as_array() {
         Some(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
         Some(_) => vec![subs],

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
-use crate::miner::reject_reason;
+use crate::miner::{reject_reason, session_from_subscriptions as session_id};
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, ShareKind};
 use crate::sys::{ProcSample, mono_ns, raise_nofile_limit};
 use crate::work::{self, Job, SearchCursor, SearchMiss, VersionRoller, Want};
@@ -1252,22 +1252,6 @@ fn churn_delay(m: &mut MinerState, per_sec: f64) -> Option<Duration> {
     // Exponential waiting time: on average `per_sec` steps per miner per second.
     let u = 1.0 - m.unit();
     Some(Duration::from_secs_f64((-u.ln() / per_sec).min(1e6)))
-}
-
-/// The session id in a subscribe reply's first element (the `mining.notify` pair's id, else
-/// the first pair's).
-fn session_id(subs: &Value) -> Option<String> {
-    let pairs: Vec<&Value> = match subs.as_array() {
-        Some(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
-        Some(_) => vec![subs],
-        None => return None,
-    };
-    let id_of = |p: &Value| p.get(1).and_then(Value::as_str).map(str::to_owned);
-    pairs
-        .iter()
-        .find(|p| p.get(0).and_then(Value::as_str) == Some("mining.notify"))
-        .and_then(|p| id_of(p))
-        .or_else(|| pairs.first().and_then(|p| id_of(p)))
 }
 
 /// Sends one submit (of a kind picked by the knobs) and schedules the next.
