@@ -285,7 +285,14 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     c.send(&json!({"id": 16, "method": "mining.suggest_difficulty", "params": [1000000]}));
     assert_eq!(c.reply(16)["result"], true);
     let old_job = job;
-    node.generate(1);
+    let new_block = node.generate(1).pop().unwrap();
+    // The job that builds on the block just made (not a refresh of the previous one).
+    c.wait_for("a notify on the new block", WAIT, |v| {
+        v["method"] == "mining.notify"
+            && loadtest::work::Job::from_notify_params(&v["params"])
+                .is_ok_and(|j| j.prevhash_rpc() == new_block)
+    });
+    // The newest job (the honest miner may have found a block on top already).
     let job = latest_job(&mut c, Some(&old_job.job_id));
     let easy = grind(
         &job,
