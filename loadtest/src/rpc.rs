@@ -99,34 +99,18 @@ impl RpcTarget {
     }
 }
 
-/// Standard base64 with padding (for the Basic auth header).
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Resolves `host:port` to its first address.
 pub(crate) fn resolve(hostport: &str) -> Result<Vec<SocketAddr>, Error> {
     hostport
         .to_socket_addrs()
         .map(Iterator::collect)
         .map_err(|e| Error::Config(format!("cannot resolve {hostport:?}: {e}")))
+}
+
+/// Standard base64 with padding (RFC 4648), through the `base64` crate.
+fn base64(input: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(input)
 }
 
 #[cfg(test)]
