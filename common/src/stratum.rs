@@ -221,6 +221,21 @@ pub fn reconnect(out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"id\":null,\"method\":\"client.reconnect\",\"params\":[]}\n");
 }
 
+/// `{"id":null,"method":"mining.set_extranonce","params":["<enonce1 hex>",<nonce2 size>]}\n`:
+/// the miner uses the new extranonce1 from the next `mining.notify` on.
+pub fn set_extranonce(out: &mut Vec<u8>, enonce1: &[u8], nonce2_len: usize) {
+    out.extend_from_slice(b"{\"id\":null,\"method\":\"mining.set_extranonce\",\"params\":[\"");
+    let start = out.len();
+    out.resize(start + enonce1.len() * 2, 0);
+    if let Some(dst) = out.get_mut(start..) {
+        // The destination is exactly twice the input long, so this cannot fail.
+        let _ = hex::encode_to_slice(enonce1, dst);
+    }
+    out.extend_from_slice(b"\",");
+    out.extend_from_slice(nonce2_len.to_string().as_bytes());
+    out.extend_from_slice(b"]}\n");
+}
+
 /// Parses a hex string of exactly `2 * N` digits into `N` bytes.
 pub fn hex_exact<const N: usize>(s: &str) -> Option<[u8; N]> {
     let mut out = [0u8; N];
@@ -240,6 +255,16 @@ pub fn hex_u32(s: &str) -> Option<u32> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn set_extranonce_line() {
+        let mut out = Vec::new();
+        set_extranonce(&mut out, &[0x00, 0xab, 0x12, 0xff], 8);
+        assert_eq!(
+            out,
+            b"{\"id\":null,\"method\":\"mining.set_extranonce\",\"params\":[\"00ab12ff\",8]}\n"
+        );
+    }
 
     #[test]
     fn parses_submit() {

@@ -5,27 +5,32 @@
 //! `0xffff * 2^208` (bitcoin's "truediffone").
 
 use std::fmt;
+use std::num::NonZeroU128;
 
 use ruint::aliases::U256;
 
 /// Share or network difficulty, fixed point in units of 2^-32.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub struct Difficulty(u128);
+pub struct Difficulty(NonZeroU128);
 
 impl Difficulty {
     /// Difficulty 1.
-    pub const ONE: Self = Self(1 << 32);
+    pub const ONE: Self = Self::from_units(1 << 32);
     /// The smallest difficulty, 2^-32.
-    pub const MIN: Self = Self(1);
+    pub const MIN: Self = Self(NonZeroU128::MIN);
 
-    /// From raw units of 2^-32 (0 is raised to [`Difficulty::MIN`]).
+    /// From raw units of 2^-32 (0 is raised to [`Difficulty::MIN`]). Never zero, so an
+    /// `Option<Difficulty>` is as small as a `Difficulty`.
     pub const fn from_units(units: u128) -> Self {
-        if units == 0 { Self::MIN } else { Self(units) }
+        match NonZeroU128::new(units) {
+            Some(u) => Self(u),
+            None => Self::MIN,
+        }
     }
 
     /// Raw units of 2^-32.
     pub const fn units(self) -> u128 {
-        self.0
+        self.0.get()
     }
 
     /// From a float; `None` for NaN, infinities, zero, negatives and values above 2^95.
@@ -41,12 +46,12 @@ impl Difficulty {
 
     /// As a float (for estimates and display).
     pub fn to_f64(self) -> f64 {
-        self.0 as f64 / UNIT_F64
+        self.units() as f64 / UNIT_F64
     }
 
     /// Whether the value is a whole number.
     pub const fn is_whole(self) -> bool {
-        self.0 & 0xffff_ffff == 0
+        self.units() & 0xffff_ffff == 0
     }
 
     /// The share target for this difficulty: `floor(diff1 * 2^32 / units)`.
@@ -54,7 +59,7 @@ impl Difficulty {
         // `units` is never 0 (constructors raise it to MIN), so the division cannot fail.
         Target(
             DIFF1_SHIFTED
-                .checked_div(U256::from(self.0))
+                .checked_div(U256::from(self.units()))
                 .unwrap_or(U256::MAX),
         )
     }
@@ -70,7 +75,7 @@ impl Difficulty {
         use std::io::Write as _;
         // Writing to a Vec cannot fail.
         let _ = if self.is_whole() {
-            write!(out, "{}", self.0 >> 32)
+            write!(out, "{}", self.units() >> 32)
         } else {
             write!(out, "{}", self.to_f64())
         };
@@ -152,7 +157,7 @@ impl Target {
     /// Difficulty of this target, rounded down to a whole unit of 2^-32 (at least [`Difficulty::MIN`]).
     pub fn difficulty(&self) -> Difficulty {
         match DIFF1_SHIFTED.checked_div(self.0) {
-            None => Difficulty(u128::MAX),
+            None => Difficulty(NonZeroU128::MAX),
             Some(units) => Difficulty::from_units(u128::try_from(units).unwrap_or(u128::MAX)),
         }
     }

@@ -385,8 +385,19 @@ impl Pool {
     ) {
         let mut s = self.stats.lock();
         let s = &mut *s;
-        let u = s.users.entry(user.to_owned()).or_default();
-        let w = u.workers.entry(worker.to_owned()).or_default();
+        // Look up before inserting: no allocation per share once the names are known.
+        if !s.users.contains_key(user) {
+            s.users.insert(user.to_owned(), UserStats::default());
+        }
+        let Some(u) = s.users.get_mut(user) else {
+            return;
+        };
+        if !u.workers.contains_key(worker) {
+            u.workers.insert(worker.to_owned(), WorkerStats::default());
+        }
+        let Some(w) = u.workers.get_mut(worker) else {
+            return;
+        };
         match accepted {
             Some(diff) => {
                 s.accepted += 1;

@@ -33,7 +33,11 @@ pub struct Shard {
 
 struct State {
     pool: Arc<Pool>,
-    sessions: HashMap<ConnId, Session>,
+    /// Boxed: the table then holds 16 bytes per slot, and its spare capacity (up to half of it
+    /// after a resize) costs pointers rather than whole sessions.
+    sessions: HashMap<ConnId, Box<Session>>,
+    /// Shared copies of user names and user agents (most miners share both).
+    names: Interner,
     auth_deadlines: VecDeque<(Instant, ConnId)>,
     scratch: Vec<u8>,
     solo_work: HashMap<(u64, Arc<str>), Arc<SoloWork>>,
@@ -56,10 +60,13 @@ struct Session {
     peer: SocketAddr,
     subscribed: bool,
     session_id: u32,
+    /// Extranonce1 as a number; the miner sees its low `nonce1_len` bytes, big-endian.
     enonce1: u64,
-    enonce1_bytes: Vec<u8>,
-    enonce1_hex: String,
-    agent: String,
+    /// The extranonce1 before the last `mining.set_extranonce`, still valid for shares on jobs
+    /// before `enonce1_change_job` (work already in flight when it changed).
+    old_enonce1: u64,
+    enonce1_change_job: u64,
+    agent: Arc<str>,
     auth: Option<Auth>,
     mask: u32,
     diff: Difficulty,
@@ -86,6 +93,7 @@ impl Shard {
             st: State {
                 pool,
                 sessions: HashMap::new(),
+                names: Interner::default(),
                 auth_deadlines: VecDeque::new(),
                 scratch: Vec::with_capacity(512),
                 solo_work: HashMap::new(),
@@ -107,14 +115,14 @@ impl Shard {
         let diff = rule.start.unwrap_or(cfg.startdiff).max(floor);
         self.st.sessions.insert(
             conn,
-            Session {
+            Box::new(Session {
                 peer,
                 subscribed: false,
                 session_id: 0,
                 enonce1: 0,
-                enonce1_bytes: Vec::new(),
-                enonce1_hex: String::new(),
-                agent: String::new(),
+                old_enonce1: 0,
+                enonce1_change_job: 0,
+                agent: Arc::from(""),
                 auth: None,
                 mask: cfg.version_mask,
                 diff,
@@ -127,7 +135,7 @@ impl Shard {
                 vardiff: VarDiff::new(now),
                 last_job: 0,
                 last_txnhashes: None,
-            },
+            }),
         );
         self.st.pool.clients.fetch_add(1, Ordering::Relaxed);
         self.st
@@ -184,6 +192,26 @@ impl Shard {
         }
     }
 
+    /// Gives a subscribed session a new extranonce1, as a proxy must when its upstream changes.
+    ///
+    /// A miner that sent `mining.extranonce.subscribe` gets `mining.set_extranonce` and at once
+    /// a clean `mining.notify`; its shares on jobs sent before still count with the old
+    /// extranonce1. Any other miner cannot learn the new value on this connection: it gets
+    /// `client.reconnect` and is disconnected, and resuming its session on the new connection
+    /// gives it the new extranonce1. Returns the new extranonce1, or `None` for an unknown or
+    /// unsubscribed connection.
+    pub fn renew_extranonce1(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        out: &mut impl Out,
+    ) -> Option<u64> {
+        let en1 = self.st.pool.alloc_enonce1();
+        self.st
+            .change_extranonce1(now, conn, en1, out)
+            .then_some(en1)
+    }
+
     /// Periodic work: drop clients that did not authorise in time, prune caches.
     pub fn on_tick(&mut self, now: Instant, out: &mut impl Out) {
         while let Some(&(deadline, conn)) = self.st.auth_deadlines.front() {
@@ -202,11 +230,12 @@ impl Shard {
             .st
             .last_prune
             .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(30));
-        if prune && !self.st.solo_work.is_empty() {
+        if prune {
             let pool = Arc::clone(&self.st.pool);
             self.st
                 .solo_work
                 .retain(|(id, _), _| pool.job(*id).is_some());
+            self.st.names.prune();
             self.st.last_prune = Some(now);
         }
     }
@@ -282,7 +311,9 @@ impl State {
             return;
         };
         if !s.subscribed {
-            s.agent = truncate(req.param_str(0).unwrap_or(""), MAX_AGENT_LEN).to_owned();
+            s.agent = self
+                .names
+                .get(truncate(req.param_str(0).unwrap_or(""), MAX_AGENT_LEN));
             let resumed = req
                 .param_str(1)
                 .filter(|h| (1..=8).contains(&h.len()))
@@ -297,9 +328,7 @@ impl State {
             };
             s.session_id = sid;
             s.enonce1 = en1;
-            let bytes = en1.to_be_bytes();
-            s.enonce1_bytes = bytes.get(8 - n1.min(8)..).unwrap_or(&bytes).to_vec();
-            s.enonce1_hex = hex::encode(&s.enonce1_bytes);
+            s.old_enonce1 = en1;
             s.subscribed = true;
             let agent = s.agent.to_ascii_lowercase();
             if let Some(rule) = self
@@ -322,7 +351,9 @@ impl State {
         let mut buf = Vec::with_capacity(256);
         let result = format!(
             "[[[\"mining.notify\",\"{:08x}\"]],\"{}\",{}]",
-            s.session_id, s.enonce1_hex, n2
+            s.session_id,
+            hex::encode(enonce1_bytes(s.enonce1, n1).as_ref()),
+            n2
         );
         stratum::reply_result(&mut buf, &req.id, result.as_bytes());
         stratum::set_difficulty(&mut buf, s.diff);
@@ -399,7 +430,7 @@ impl State {
         info!(%conn, peer = %s.peer, worker, agent = %s.agent, "authorised");
         s.auth = Some(Auth {
             worker: worker.into(),
-            user: user.into(),
+            user: self.names.get(user),
         });
         let mut buf = Vec::with_capacity(128);
         stratum::reply_result(&mut buf, &req.id, b"true");
@@ -502,6 +533,45 @@ impl State {
     /// Changes a session's difficulty and tells the miner: `mining.set_difficulty`, then at once
     /// the current job again with clean=true, since some firmware applies a new difficulty only
     /// with the next notify. Work already sent stays valid (see [`change_diff`]).
+    fn change_extranonce1(
+        &mut self,
+        _now: Instant,
+        conn: ConnId,
+        en1: u64,
+        out: &mut impl Out,
+    ) -> bool {
+        let current = self.pool.current_job();
+        let n1 = self.pool.cfg.coinbase.nonce1_len;
+        let n2 = self.pool.cfg.coinbase.nonce2_len;
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return false;
+        };
+        if !s.subscribed {
+            return false;
+        }
+        let old = s.enonce1;
+        s.old_enonce1 = old;
+        s.enonce1 = en1;
+        s.enonce1_change_job = current.as_ref().map_or(0, |j| j.id).saturating_add(1);
+        let mut buf = Vec::with_capacity(96);
+        if !s.extranonce_subscribed {
+            info!(%conn, peer = %s.peer, "extranonce1 changed; client cannot be told, reconnecting it");
+            stratum::reconnect(&mut buf);
+            out.send(conn, buf);
+            out.close(conn);
+            return true;
+        }
+        debug!(%conn, old = old, new = en1, "extranonce1 changed; sending mining.set_extranonce");
+        stratum::set_extranonce(&mut buf, enonce1_bytes(en1, n1).as_ref(), n2);
+        out.send(conn, buf);
+        if s.last_job != 0
+            && let Some(job) = current
+        {
+            self.send_job_with(conn, &job, true, out);
+        }
+        true
+    }
+
     fn set_diff(&mut self, now: Instant, conn: ConnId, d: Difficulty, out: &mut impl Out) {
         let current = self.pool.current_job();
         let Some(s) = self.sessions.get_mut(&conn) else {
@@ -722,9 +792,15 @@ impl State {
             &job.coinb2
         };
         let version = roll_version(job.version, version_bits.unwrap_or(0), s.mask);
-        let input = ShareInput {
+        let judged = if job.id < s.diff_change_job {
+            s.old_diff.min(s.diff)
+        } else {
+            s.diff
+        };
+        let mut enonce1 = enonce1_bytes(s.enonce1, cfg.coinbase.nonce1_len);
+        let mut input = ShareInput {
             coinb1: &job.coinb1,
-            enonce1: &s.enonce1_bytes,
+            enonce1: enonce1.as_ref(),
             enonce2: en2,
             coinb2,
             branch: &job.branch,
@@ -734,7 +810,23 @@ impl State {
             bits: job.bits,
             nonce,
         };
-        let hashed = hash_share(&input, &mut self.scratch);
+        let mut hashed = hash_share(&input, &mut self.scratch);
+        let counts = |h: &[u8; 32]| judged.target().is_met_by(h) || job.network_target.is_met_by(h);
+        if job.id < s.enonce1_change_job && s.old_enonce1 != s.enonce1 && !counts(&hashed.hash) {
+            // Sent before the extranonce1 changed (or re-sent right after, under the same id):
+            // the miner may have used either value.
+            let old = enonce1_bytes(s.old_enonce1, cfg.coinbase.nonce1_len);
+            input.enonce1 = old.as_ref();
+            let alt = hash_share(&input, &mut self.scratch);
+            if counts(&alt.hash) {
+                hashed = alt;
+                enonce1 = old;
+            } else {
+                // Leave the coinbase of the current extranonce1 in `scratch`.
+                input.enonce1 = enonce1.as_ref();
+                hashed = hash_share(&input, &mut self.scratch);
+            }
+        }
         let sdiff = hash_difficulty(&hashed.hash);
         if job.network_target.is_met_by(&hashed.hash) {
             let block = block::assemble(
@@ -753,11 +845,6 @@ impl State {
                 job_id: job.id,
             });
         }
-        let judged = if job.id < s.diff_change_job {
-            s.old_diff.min(s.diff)
-        } else {
-            s.diff
-        };
         let verdict: Result<(), Reject> = if stale {
             Err((codes::JOB_NOT_FOUND, "Stale"))
         } else if ntime < job.ntime || ntime > job.ntime.saturating_add(MAX_NTIME_ROLL) {
@@ -772,7 +859,7 @@ impl State {
         pool.log_share(|| ShareRecord {
             workinfoid: job.id,
             height: job.height(),
-            enonce1: s.enonce1_hex.clone(),
+            enonce1: hex::encode(enonce1.as_ref()),
             nonce2: nonce2.to_owned(),
             nonce: format!("{nonce:08x}"),
             ntime: format!("{ntime:08x}"),
@@ -784,7 +871,7 @@ impl State {
             workername: worker_name.to_string(),
             username: user.to_string(),
             address: s.peer.ip().to_string(),
-            agent: s.agent.clone(),
+            agent: s.agent.to_string(),
         });
         verdict?;
         let mut buf = Vec::with_capacity(96);
@@ -923,4 +1010,65 @@ fn truncate(s: &str, max: usize) -> &str {
 /// A big-endian 32-byte target as a 256-bit integer.
 fn ruint_from_be(be: &[u8; 32]) -> ruint::aliases::U256 {
     ruint::aliases::U256::from_be_bytes(*be)
+}
+
+/// The extranonce1 bytes a miner sees: the low `len` bytes of `en1`, big-endian.
+struct Enonce1 {
+    bytes: [u8; 8],
+    start: usize,
+}
+
+impl AsRef<[u8]> for Enonce1 {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes.get(self.start..).unwrap_or(&self.bytes)
+    }
+}
+
+fn enonce1_bytes(en1: u64, len: usize) -> Enonce1 {
+    Enonce1 {
+        bytes: en1.to_be_bytes(),
+        start: 8 - len.min(8),
+    }
+}
+
+/// Shared copies of strings that many sessions repeat (user names, user agents), so that 10,000
+/// rigs of one farm hold one copy. Entries no session uses any more go at the next [`prune`].
+///
+/// [`prune`]: Interner::prune
+#[derive(Default)]
+struct Interner {
+    set: std::collections::HashSet<Arc<str>>,
+}
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.set.get(s) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.set.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// Forgets the strings only the interner still holds.
+    fn prune(&mut self) {
+        self.set.retain(|s| Arc::strong_count(s) > 1);
+        if self.set.capacity() > 4 * self.set.len().max(64) {
+            self.set.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_stays_small() {
+        // What an idle miner costs the stratifier besides its names: a few hundred bytes
+        // (DESIGN.md's budget). 304 today; the `memory` test counts the whole heap.
+        let size = std::mem::size_of::<Session>();
+        println!("Session is {size} bytes");
+        assert!(size <= 320, "Session is {size} bytes");
+    }
 }

@@ -999,3 +999,117 @@ fn compat_difficulty_change_sends_notify_and_keeps_inflight_work_valid() {
     // The share on the job sent before the change is still accepted at the old difficulty.
     assert_eq!(s.line(c, share)[0]["result"], true);
 }
+
+/// A difficulty that one hash in about 1,024 meets: a share hashed with the wrong extranonce1
+/// then fails, while grinding a good one stays quick.
+fn one_in_1024() -> Difficulty {
+    Difficulty::from_f64(2f64.powi(-22)).unwrap()
+}
+
+/// Grinds a nonce on `w`'s job that meets `d` with `w`'s extranonce1 and not with `other`'s.
+fn grind_only_for(w: &Work, other: &Work, en2: &[u8], d: Difficulty) -> u32 {
+    let ntime = u32::from_str_radix(w.job.as_ref().unwrap()[7].as_str().unwrap(), 16).unwrap();
+    (0u32..)
+        .find(|&n| {
+            d.target().is_met_by(&share_hash(w, en2, ntime, n, 0, 0))
+                && !d
+                    .target()
+                    .is_met_by(&share_hash(other, en2, ntime, n, 0, 0))
+        })
+        .unwrap()
+}
+
+#[test]
+fn compat_set_extranonce_for_subscribed_miners() {
+    // NiceHash and rentals subscribe with mining.extranonce.subscribe; when the pool must change
+    // a session's extranonce1 (a proxy whose upstream changed), they get mining.set_extranonce
+    // instead of a reconnect, and work already in flight still counts.
+    let d = one_in_1024();
+    let mut s = sim_with(false, HARD_BITS, |c| {
+        c.mindiff = d;
+        c.startdiff = d;
+    });
+    let (c, old) = s.connect(1, "rental");
+    let r = s.line(
+        c,
+        json!({"id": 3, "method": "mining.extranonce.subscribe", "params": []}),
+    );
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    let inflight = good_share(&old, "rental", &[1; 8]);
+
+    let en1 = s.shard.renew_extranonce1(s.now, c, &mut s.out).unwrap();
+    let r = s.out.take_json(c);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0]["method"], "mining.set_extranonce");
+    assert_eq!(r[0]["id"], Value::Null);
+    let hex1 = r[0]["params"][0].as_str().unwrap();
+    assert_eq!(hex1, format!("{:08x}", en1 as u32));
+    assert_ne!(hex::decode(hex1).unwrap(), old.en1);
+    assert_eq!(r[0]["params"][1], 8);
+    assert_eq!(r[1]["method"], "mining.notify");
+    assert_eq!(r[1]["params"][8], true, "the next notify is clean");
+    assert!(s.out.closed.is_empty());
+    let mut new = old.clone();
+    new.en1 = hex::decode(hex1).unwrap();
+    absorb(&mut new, &r);
+
+    // Found with the old extranonce1 on the job sent before the change: accepted.
+    assert_eq!(s.line(c, inflight)[0]["result"], true);
+    // With the new one on the same job (re-sent clean under its id): accepted.
+    let r = s.line(c, good_share(&new, "rental", &[2; 8]));
+    assert_eq!(r[0]["result"], true, "{r:?}");
+
+    // On a job sent after the change only the new extranonce1 counts.
+    s.new_block(2, HARD_BITS);
+    let r = s.out.take_json(c);
+    absorb(&mut new, &r);
+    let mut old_on_new_job = old.clone();
+    absorb(&mut old_on_new_job, &r);
+    let nonce = grind_only_for(&old_on_new_job, &new, &[3; 8], d);
+    assert_reject(
+        &s.line(c, submit(&old_on_new_job, "rental", &[3; 8], nonce)),
+        23,
+        "Above target",
+    );
+    let nonce = grind_only_for(&new, &old_on_new_job, &[4; 8], d);
+    assert_eq!(
+        s.line(c, submit(&new, "rental", &[4; 8], nonce))[0]["result"],
+        true
+    );
+    let st = s.pool.stats();
+    assert_eq!((st.accepted, st.rejected), (3, 1));
+}
+
+#[test]
+fn compat_new_extranonce1_reconnects_miners_that_did_not_subscribe_to_it() {
+    let mut s = sim();
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["cgminer/4.10"]}),
+    );
+    let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
+    let old_en1 = r[0]["result"][1].as_str().unwrap().to_owned();
+
+    let en1 = s.shard.renew_extranonce1(s.now, c, &mut s.out).unwrap();
+    let r = s.out.take_json(c);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["method"], "client.reconnect");
+    assert_eq!(s.out.closed, vec![c]);
+    s.shard.on_close(s.now, c);
+
+    // Resuming the session on the new connection gives the new extranonce1.
+    let c2 = s.open(2);
+    let r = s.line(
+        c2,
+        json!({"id":1,"method":"mining.subscribe","params":["cgminer/4.10", sid]}),
+    );
+    let resumed = r[0]["result"][1].as_str().unwrap();
+    assert_eq!(resumed, format!("{:08x}", en1 as u32));
+    assert_ne!(resumed, old_en1);
+
+    // Nothing to change on a connection that has not subscribed.
+    let c3 = s.open(3);
+    assert_eq!(s.shard.renew_extranonce1(s.now, c3, &mut s.out), None);
+    assert!(s.out.take_json(c3).is_empty());
+}

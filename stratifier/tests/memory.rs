@@ -1,0 +1,114 @@
+//! Heap held per idle, authorised session, counted by a global allocator: the stratifier's part
+//! of the user memory an idle miner costs (the connector's part is measured with `hold`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "test code"
+)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Instant;
+
+use ckpool_stratifier::{Out, Pool, PoolConfig, Shard};
+use common::address::{Network, script_for_address};
+use common::template::Template;
+use common::{ConnId, Difficulty};
+
+/// Counts live heap bytes (requested sizes; malloc's own overhead is not included).
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call forwards to the system allocator with the same layout; the counter is a
+// side effect that does not touch the memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: the caller's contract for `realloc` is passed on unchanged.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Drops everything sent: the connector owns outbound bytes, not the stratifier.
+struct Sink;
+
+impl Out for Sink {
+    fn send(&mut self, _: ConnId, _: Vec<u8>) {}
+    fn send_shared(&mut self, _: ConnId, _: Arc<[u8]>) {}
+    fn close(&mut self, _: ConnId) {}
+}
+
+fn template() -> Arc<Template> {
+    Arc::new(Template {
+        version: 0x2000_0000,
+        prev_hash: [1; 32],
+        bits: 0x1d00_ffff,
+        curtime: 1_700_000_000,
+        height: 1000,
+        coinbase_value: 50_0000_0000,
+        coinbase_flags: Vec::new(),
+        transactions: Vec::new(),
+        default_witness_commitment: None,
+        rules: Vec::new(),
+    })
+}
+
+#[test]
+fn idle_authorised_session_heap() {
+    const N: u32 = 20_000;
+    let payout =
+        script_for_address("mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ", Network::Regtest).unwrap();
+    let mut cfg = PoolConfig::new(Network::Regtest, Some(payout));
+    cfg.mindiff = Difficulty::MIN;
+    let pool = Pool::new(cfg, 1, |_| {}, None);
+    let now = Instant::now();
+    pool.new_template(template(), now).unwrap();
+    let mut shard = Shard::new(Arc::clone(&pool));
+    let peer = "127.0.0.1:5000".parse().unwrap();
+    let mut out = Sink;
+    // Warm up: the first sessions size the parser's and the shard's scratch buffers.
+    let mut open = |shard: &mut Shard, i: u32| {
+        let c = ConnId::new(0, 0, i);
+        shard.on_open(now, c, peer, 0);
+        let sub = br#"{"id":1,"method":"mining.subscribe","params":["bitaxe/BM1368/v2.4.2"]}"#;
+        shard.on_line(now, c, sub, &mut out);
+        let auth = format!(
+            r#"{{"id":2,"method":"mining.authorize","params":["bc1qfarmowner0000000000000000000000000000.rig{i:06}","x"]}}"#
+        );
+        shard.on_line(now, c, auth.as_bytes(), &mut out);
+    };
+    for i in 0..64 {
+        open(&mut shard, i);
+    }
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 64..64 + N {
+        open(&mut shard, i);
+    }
+    let after = LIVE.load(Ordering::Relaxed);
+    assert_eq!(shard.sessions(), N as usize + 64);
+    let per = (after - before) as f64 / f64::from(N);
+    println!("heap per idle authorised session: {per:.0} B");
+    // 836 B before sessions were boxed and their strings shared or derived; 443 B after (the
+    // worker name here is 47 characters; the rest is the boxed session and its table slot).
+    assert!(per <= 512.0, "{per} B of heap per idle session");
+}
