@@ -83,6 +83,10 @@ pub struct Config {
     pub backend: BackendKind,
     /// Settings of the io_uring backend (ignored by epoll).
     pub uring: UringConfig,
+    /// Pin connector thread `t` to one CPU: the `t`-th of the CPUs this process may run on
+    /// (wrapping around when there are more threads than CPUs); see [`pin_current_thread`]. A
+    /// failure to pin is logged once, at `warn`, and the thread runs unpinned.
+    pub pin: bool,
 }
 
 impl Default for Config {
@@ -96,6 +100,7 @@ impl Default for Config {
             tick: Duration::from_secs(1),
             backend: BackendKind::Auto,
             uring: UringConfig::default(),
+            pin: true,
         }
     }
 }
@@ -300,11 +305,35 @@ pub trait Handler: Send + 'static {
 
     /// Called every [`Config::tick`].
     fn on_tick(&mut self, now: Instant, out: &mut Outbox);
+
+    /// Called once per round of the thread's event loop, after that round's callbacks (the
+    /// completions of one wait on the backend, then the queued messages, then the tick if one was
+    /// due) and before the writes they queued go out. It runs on every round that handled
+    /// anything and on rounds that handled nothing (a wake-up or a timeout), and once more after
+    /// the [`Handler::on_close`] calls of a shutdown (whose outbox is then dropped).
+    ///
+    /// A handler that passes events on to another thread collects them in the other callbacks
+    /// and hands them over here, as one batch per round. The default does nothing.
+    fn on_batch_end(&mut self, now: Instant, out: &mut Outbox) {
+        let _ = (now, out);
+    }
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     sys::raise_nofile_limit()
+}
+
+/// Pins the calling thread to one CPU: the `index`-th (counting from 0, wrapping around) of the
+/// CPUs this process may run on (its main thread's `sched_getaffinity` set, so `taskset` and
+/// cpusets are respected). Returns the CPU chosen.
+///
+/// Connector thread `t` calls this with `t` when [`Config::pin`] is set, so another thread that
+/// calls it with the same index (say, the consumer of that connector thread's events) runs on
+/// the same CPU. Fails when the allowed set cannot be read or the kernel refuses the new mask;
+/// machines with more than 1,024 CPUs are not supported.
+pub fn pin_current_thread(index: usize) -> io::Result<usize> {
+    sys::pin_current_thread(index)
 }
 
 /// Starts the connector threads. `make(thread_index)` builds each thread's handler (on that
@@ -442,6 +471,7 @@ where
         tick: cfg.tick,
     };
     let listen_count = cfg.listen.len();
+    let pin = cfg.pin;
     let mut connector = Connector {
         threads: Vec::with_capacity(cfg.threads),
         addrs,
@@ -463,6 +493,9 @@ where
             .spawn(move || {
                 let span = tracing::info_span!("connector", thread = t);
                 let _entered = span.enter();
+                if pin {
+                    pin_worker(t);
+                }
                 let backend = match new_backend(waker, socks) {
                     Ok(backend) => backend,
                     Err(e) => {
@@ -500,6 +533,19 @@ where
         }
     }
     Ok(connector)
+}
+
+/// Pins connector thread `t` (see [`Config::pin`]); a failure is logged once per process.
+fn pin_worker(t: usize) {
+    match sys::pin_current_thread(t) {
+        Ok(cpu) => debug!(cpu, "connector thread pinned"),
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(error = %e, "cannot pin connector threads to CPUs; they run unpinned");
+            });
+        }
+    }
 }
 
 /// The running connector threads. Dropping it shuts them down, like [`Connector::shutdown`].

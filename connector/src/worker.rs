@@ -157,6 +157,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             if let Err(e) = result {
                 error!(thread = self.thread, error = %e, "I/O backend failed; stopping this thread");
                 self.close_all(now, CloseReason::Error(e.kind()));
+                self.end_batch(now);
                 return;
             }
             self.drain_messages(now);
@@ -167,10 +168,19 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                     next_tick = now + tick;
                 }
             }
+            self.end_batch(now);
             self.flush(now);
         }
         self.shared.parked.store(false, Ordering::SeqCst);
-        self.close_all(Instant::now(), CloseReason::Shutdown);
+        let now = Instant::now();
+        self.close_all(now, CloseReason::Shutdown);
+        self.end_batch(now);
+    }
+
+    /// The end of a round of callbacks: [`Handler::on_batch_end`], then its requests.
+    fn end_batch(&mut self, now: Instant) {
+        self.handler.on_batch_end(now, &mut self.out);
+        self.apply_outbox(now);
     }
 
     fn on_completion(&mut self, now: Instant, c: Completion<B>) {

@@ -78,6 +78,7 @@ backend_tests!(
     two_listeners_on_port_zero,
     ipv6_peer_addresses,
     shutdown_closes_and_joins,
+    batch_end_sends_what_the_round_collected,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -118,6 +119,8 @@ struct TestHandler {
     conns: Vec<ConnId>,
     flood: Vec<(ConnId, usize)>,
     chunk: Arc<[u8]>,
+    /// Replies to `later ...` lines, held until the end of the round.
+    later: Vec<(ConnId, Vec<u8>)>,
 }
 
 impl Handler for TestHandler {
@@ -154,6 +157,11 @@ impl Handler for TestHandler {
                 out.send(conn, b"after close\n".to_vec());
             }
             b"flood" => self.flood.push((conn, 0)),
+            _ if line.starts_with(b"later ") => {
+                let mut reply = line.to_vec();
+                reply.push(b'\n');
+                self.later.push((conn, reply));
+            }
             b"thread" => out.send(conn, format!("thread {}\n", self.thread)),
             b"bulk" => {
                 // Many small owned buffers with a shared one every 1000: more than the socket
@@ -215,6 +223,12 @@ impl Handler for TestHandler {
             }
         }
     }
+
+    fn on_batch_end(&mut self, _now: Instant, out: &mut Outbox) {
+        for (conn, reply) in self.later.drain(..) {
+            out.send(conn, reply);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,6 +257,7 @@ fn server(backend: BackendKind, threads: usize, tweak: impl FnOnce(&mut Config))
         conns: Vec::new(),
         flood: Vec::new(),
         chunk: vec![b'f'; 64 * 1024].into(),
+        later: Vec::new(),
     })
     .unwrap();
     assert_eq!(connector.threads(), threads);
@@ -646,4 +661,18 @@ fn shutdown_closes_and_joins(backend: BackendKind) {
     // The listeners are closed too.
     let err = TcpStream::connect_timeout(&addr, WAIT).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+}
+
+fn batch_end_sends_what_the_round_collected(backend: BackendKind) {
+    let srv = server(backend, 1, |_| {});
+    let mut c = Client::connect(srv.addr());
+    // Held in `on_line`, sent from `on_batch_end`, in order.
+    c.send(b"later one\nlater two\n");
+    assert_eq!(c.line(), "later one");
+    assert_eq!(c.line(), "later two");
+    // One small write on loopback arrives in one read, so both lines are handled in one round;
+    // `on_batch_end` runs after that round's `on_line` calls, so the echo is queued first.
+    c.send(b"later three\nnow\n");
+    assert_eq!(c.line(), "now");
+    assert_eq!(c.line(), "later three");
 }

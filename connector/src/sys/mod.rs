@@ -55,7 +55,9 @@ use common::ConnId;
 
 use crate::{BackendKind, SendBuf, UringConfig};
 
-pub(crate) use os::{Waker, ensure_port_free, listener_socket, raise_nofile_limit};
+pub(crate) use os::{
+    Waker, ensure_port_free, listener_socket, pin_current_thread, raise_nofile_limit,
+};
 
 /// Environment variable that, set to anything but `""` or `"0"`, makes [`probe_uring`] fail as if
 /// the kernel refused io_uring (so tests and CI can exercise the epoll fallback).

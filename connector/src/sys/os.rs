@@ -1,4 +1,5 @@
-//! OS helpers shared by every backend: the eventfd waker, listener sockets, RLIMIT_NOFILE.
+//! OS helpers shared by every backend: the eventfd waker, listener sockets, RLIMIT_NOFILE, CPU
+//! affinity.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -128,4 +129,80 @@ pub(crate) fn nofile_limit() -> io::Result<libc::rlimit> {
         return Err(io::Error::last_os_error());
     }
     Ok(lim)
+}
+
+/// Pins the calling thread to the `index`-th CPU (wrapping around) of the CPUs the process may
+/// run on; returns that CPU. See [`crate::pin_current_thread`].
+pub(crate) fn pin_current_thread(index: usize) -> io::Result<usize> {
+    // The main thread's mask (pid = tgid) is the process's set: a thread pinned earlier (this
+    // one, or the thread that spawned it) has only one CPU left in its own mask.
+    // SAFETY: getpid has no preconditions and cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let allowed = affinity(pid)?;
+    if allowed.is_empty() {
+        return Err(io::Error::other("the process may run on no CPU"));
+    }
+    let cpu = allowed
+        .get(index % allowed.len())
+        .copied()
+        .ok_or_else(|| io::Error::other("CPU index out of range"))?;
+    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` came from `affinity`, which only reports CPUs below CPU_SETSIZE, so CPU_SET
+    // stays inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid, initialised cpu_set_t of the size passed; pid 0 is the calling
+    // thread; the kernel only reads the mask.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cpu)
+}
+
+/// The CPUs thread `tid` may run on (0: the calling thread), in increasing order.
+pub(crate) fn affinity(tid: libc::pid_t) -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed, for the whole call.
+    let rc = unsafe { libc::sched_getaffinity(tid, size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bits = 8 * size_of::<libc::cpu_set_t>();
+    Ok((0..bits)
+        // SAFETY: `cpu` is below the number of bits in `set`, so CPU_ISSET reads inside it.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinning_leaves_one_cpu_in_the_thread_mask() {
+        // On a thread of its own, so the test harness's threads keep their masks.
+        std::thread::spawn(|| {
+            let before = affinity(0).unwrap();
+            assert!(!before.is_empty());
+            let cpu = pin_current_thread(0).unwrap();
+            assert_eq!(affinity(0).unwrap(), vec![cpu]);
+            assert_eq!(
+                Some(&cpu),
+                before.first(),
+                "index 0 is the first allowed CPU"
+            );
+            // Indices wrap around the allowed set; pinning again works from the process's set,
+            // not from this thread's (now single-CPU) mask.
+            let again = pin_current_thread(before.len()).unwrap();
+            assert_eq!(again, cpu);
+            if let Some(&second) = before.get(1) {
+                assert_eq!(pin_current_thread(1).unwrap(), second);
+                assert_eq!(affinity(0).unwrap(), vec![second]);
+            }
+        })
+        .join()
+        .unwrap();
+    }
 }
