@@ -16,6 +16,8 @@ use tracing::{debug, warn};
 /// What the admin socket can reach.
 pub(crate) struct AdminCtx {
     pub(crate) io: String,
+    /// How connector threads hand events to the stratifier (`inline` or `queue`).
+    pub(crate) handoff: String,
     pub(crate) pool: Arc<stratifier::Pool>,
     pub(crate) generator: Arc<generator::Generator>,
     pub(crate) shutdown: Arc<AtomicBool>,
@@ -62,6 +64,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             if let Some(obj) = stats.as_object_mut() {
                 obj.insert("server".into(), ctx.generator.active_server().into());
                 obj.insert("io".into(), ctx.io.clone().into());
+                obj.insert("handoff".into(), ctx.handoff.clone().into());
             }
             stats.to_string().into_bytes()
         }

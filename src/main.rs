@@ -2,6 +2,7 @@
 //! (bitcoind), the stratifier shards and the connector threads, and connects them.
 
 mod admin;
+mod handoff;
 mod sharelog;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -13,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use common::ConnId;
 use generator::{BlockSubmission, BtcdConfig, GenEvent, Generator, GeneratorConfig};
-use stratifier::{Job, Pool, PoolConfig, Shard};
+use stratifier::{Pool, PoolConfig};
 use tracing::{error, info, warn};
+
+use crate::handoff::{Handoff, Msg};
 
 /// Command line, compatible with ckpool's flags for the modes implemented so far.
 #[derive(Debug, Parser)]
@@ -78,6 +80,12 @@ struct Cli {
     /// Overrides the config's "io" and the POOL_BACKEND environment variable.
     #[arg(long = "io")]
     io: Option<String>,
+    /// How connector threads hand events to the stratifier: inline (the stratifier runs on the
+    /// connector thread) or queue (batches through a queue to a stratifier thread per connector
+    /// thread, on the same CPU). Overrides the config's "handoff" and the POOL_HANDOFF
+    /// environment variable.
+    #[arg(long = "handoff")]
+    handoff: Option<String>,
 }
 
 /// Exit code for configuration errors.
@@ -144,6 +152,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         warn!("{}: {w}", config_path.display());
     }
     let cfg = loaded.config;
+    let handoff_name = cli
+        .handoff
+        .clone()
+        .or_else(|| std::env::var("POOL_HANDOFF").ok())
+        .unwrap_or(cfg.handoff.clone());
+    let handoff = Handoff::from_name(&handoff_name).ok_or_else(|| {
+        config_err(format!(
+            "handoff {handoff_name} is not one of inline, queue"
+        ))
+    })?;
     if !cli.btcsolo && cfg.btcaddress.is_none() {
         return Err(config_err(
             "pool mode needs a btcaddress in the config".into(),
@@ -337,14 +355,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         backend,
         ..connector::Config::default()
     };
-    let pool_for_shards = Arc::clone(&pool);
-    let conns = connector::start(conn_cfg, move |_| StratumHandler {
-        shard: Shard::new(Arc::clone(&pool_for_shards)),
-    })
-    .context("starting the connector")?;
+    info!(%handoff, threads, "stratifier handoff");
+    let conns =
+        handoff::start(handoff, conn_cfg, Arc::clone(&pool)).context("starting the connector")?;
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
-        info!(addr = %a, threads, io = %io_backend, "listening for miners");
+        info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");
     }
 
     let admin_path = sockdir.join("listener");
@@ -352,6 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         &admin_path,
         admin::AdminCtx {
             io: io_backend.clone(),
+            handoff: handoff.to_string(),
             pool: Arc::clone(&pool),
             generator: Arc::clone(&generator),
             shutdown: Arc::clone(&shutdown),
@@ -418,65 +435,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&admin_path);
     let _ = std::fs::remove_file(&pidfile);
     Ok(())
-}
-
-/// Message from the daemon to every connector thread.
-#[derive(Clone)]
-enum Msg {
-    /// A new job to notify.
-    Job(Arc<Job>),
-}
-
-/// Adapts a stratifier shard to the connector's handler interface.
-struct StratumHandler {
-    shard: Shard,
-}
-
-struct OutAdapter<'a>(&'a mut connector::Outbox);
-
-impl stratifier::Out for OutAdapter<'_> {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
-        self.0.send(conn, bytes);
-    }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
-        self.0.send(conn, bytes);
-    }
-    fn close(&mut self, conn: ConnId) {
-        self.0.close(conn);
-    }
-}
-
-impl connector::Handler for StratumHandler {
-    type Msg = Msg;
-
-    fn on_open(
-        &mut self,
-        now: Instant,
-        conn: ConnId,
-        peer: SocketAddr,
-        listener: usize,
-        _out: &mut connector::Outbox,
-    ) {
-        self.shard.on_open(now, conn, peer, listener);
-    }
-
-    fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut connector::Outbox) {
-        self.shard.on_line(now, conn, line, &mut OutAdapter(out));
-    }
-
-    fn on_close(&mut self, now: Instant, conn: ConnId, _reason: connector::CloseReason) {
-        self.shard.on_close(now, conn);
-    }
-
-    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut connector::Outbox) {
-        match msg {
-            Msg::Job(job) => self.shard.on_job(&job, &mut OutAdapter(out)),
-        }
-    }
-
-    fn on_tick(&mut self, now: Instant, out: &mut connector::Outbox) {
-        self.shard.on_tick(now, &mut OutAdapter(out));
-    }
 }
 
 fn resolve_listen(urls: &[String]) -> anyhow::Result<Vec<SocketAddr>> {

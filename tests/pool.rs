@@ -417,6 +417,29 @@ fn unparseable_config_exits_2_with_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mindiff"));
+    // A bad handoff, from the file, the flag or the environment.
+    std::fs::write(&cfg, "{\"handoff\": \"spin\"}").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckpool-rs"))
+        .arg("-c")
+        .arg(&cfg)
+        .env_remove("POOL_HANDOFF")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("handoff"));
+    std::fs::write(&cfg, "{}").unwrap();
+    for (flags, env) in [(&["--handoff", "spin"][..], None), (&[][..], Some("spin"))] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ckpool-rs"));
+        cmd.arg("-c").arg(&cfg).args(flags);
+        match env {
+            Some(v) => cmd.env("POOL_HANDOFF", v),
+            None => cmd.env_remove("POOL_HANDOFF"),
+        };
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flags:?} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("handoff spin is not one of"), "{err}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -461,6 +484,9 @@ fn notifier_and_ckpmsg_reach_the_running_pool() {
     assert_eq!(lines[0], "pong");
     let stats: Value = serde_json::from_str(lines[1]).unwrap();
     assert_eq!(stats["clients"], 1);
+    // POOL_HANDOFF reaches the pool (the suite can be rerun with the queue handoff).
+    let handoff = std::env::var("POOL_HANDOFF").unwrap_or_else(|_| "inline".into());
+    assert_eq!(stats["handoff"], handoff.as_str());
     assert_eq!(lines[2], "unknown");
 }
 
@@ -575,4 +601,101 @@ fn io_uring_refused_falls_back_to_epoll_and_serves_miners() {
             "{report:?}"
         );
     }
+}
+
+#[test]
+fn queue_handoff_serves_miners_and_drops_bad_clients() {
+    let Some(exe) = bitcoind_or_skip("queue_handoff_serves_miners_and_drops_bad_clients") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let addr = node.new_address();
+    let config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    // The flag wins over POOL_HANDOFF, so this runs the queue variant in every suite run.
+    let pool = PoolProcess::start("queue", &config, &["--handoff", "queue"]);
+    assert_eq!(pool.stats()["handoff"], "queue");
+    assert!(
+        pool.log_text().contains("stratifier handoff"),
+        "the handoff is logged at start"
+    );
+
+    // A raw client: subscribe, authorise, a notify, an accepted share, a duplicate refused.
+    let mut c = Client::connect(pool.addr);
+    let (en1, n2) = c.login("queue.raw");
+    let en1 = hex::decode(en1).unwrap();
+    let job = latest_job(&mut c, None);
+    let en2 = vec![5u8; n2];
+    let nonce = grind(
+        &job,
+        &en1,
+        &en2,
+        Difficulty::MIN.target(),
+        Some(Target::from_compact(job.nbits)),
+    );
+    c.send(&submit(10, "queue.raw", &job, &en2, nonce));
+    assert_eq!(c.reply(10)["result"], true);
+    c.send(&submit(11, "queue.raw", &job, &en2, nonce));
+    assert_reject(&c.reply(11), 22, "Duplicate");
+
+    // A miner finds a block and the node takes it.
+    let h0 = node.height();
+    let report = mine_blocks(&pool, "queue.1", 1);
+    assert!(
+        report.blocks_accepted >= 1 && report.accepted >= 1 && report.rejected == 0,
+        "{report:?}"
+    );
+    let hash = report.block_hashes.last().unwrap();
+    wait_until("the block to reach the node", WAIT, || {
+        node.try_rpc("getblockheader", json!([hash])).is_ok()
+    });
+    assert!(node.height() > h0);
+    let block = decode_block(node, hash);
+    assert!(block.check_merkle_root());
+    assert_eq!(
+        block.txdata[0].output[0].script_pubkey.as_bytes(),
+        &script_for_address(&addr, Network::Regtest).unwrap()[..],
+    );
+
+    // An honest miner keeps mining while a client sends a malformed line. It starts once the
+    // pool's job builds on the block just found, so its shares do not race that block.
+    wait_stats(
+        &pool,
+        "the pool's job to build on the node's tip",
+        WAIT,
+        |s| s["job"][1].as_u64() == Some(node.height() + 1),
+    );
+    let mut honest_cfg = MinerConfig::new(pool.addr, "queue.honest");
+    honest_cfg.duration = Some(Duration::from_secs(120));
+    honest_cfg.max_shares_per_sec = 10.0;
+    honest_cfg.pause_after_block = true;
+    let honest = Miner::start(honest_cfg).unwrap();
+    wait_until("the honest miner to get shares accepted", WAIT, || {
+        honest.report().accepted >= 3
+    });
+    let mut garbage = Client::connect(pool.addr);
+    // The valid request after the malformed line (same write, so the same batch) is not answered:
+    // the stratifier thread drops a connection's input once it has closed it.
+    garbage.send_raw(
+        b"GET / HTTP/1.1\r\n{\"id\": 1, \"method\": \"mining.subscribe\", \"params\": []}\n",
+    );
+    assert!(garbage.wait_closed(WAIT), "garbage client not disconnected");
+    assert_eq!(garbage.seen.len(), 1, "{:?}", garbage.seen);
+    assert_eq!(garbage.seen[0]["error"][0], 20, "{:?}", garbage.seen);
+    let before = honest.report().accepted;
+    wait_until(
+        "the honest miner to keep getting shares accepted",
+        WAIT,
+        || honest.report().accepted > before + 3,
+    );
+    let report = honest.stop();
+    // Only a share racing a block the honest miner found itself may be refused.
+    assert!(
+        report.reject_reasons.keys().all(|r| r == "Stale"),
+        "{report:?}"
+    );
+    // The raw client's session is still served too.
+    c.send(&json!({"id": 12, "method": "mining.suggest_difficulty", "params": [1]}));
+    assert_eq!(c.reply(12)["result"], true);
+    assert!(pool.log_text().contains("unparseable line"));
 }

@@ -101,6 +101,10 @@ pub struct Config {
     pub threads: Option<usize>,
     /// I/O backend: `auto`, `epoll` or `uring`.
     pub io: String,
+    /// How connector threads hand events to the stratifier: `inline` (the stratifier runs on the
+    /// connector thread) or `queue` (batches through a queue to a stratifier thread per
+    /// connector thread, on the same CPU).
+    pub handoff: String,
     /// Clients that have not authorised this long after connecting are dropped (ckpool: 60 s).
     pub authtimeout: Duration,
     /// Per-listen-address start/minimum difficulties.
@@ -142,6 +146,7 @@ impl Default for Config {
             maxlinelength: 16 * 1024,
             threads: None,
             io: "auto".into(),
+            handoff: "inline".into(),
             authtimeout: Duration::from_secs(60),
             listendiff: Vec::new(),
             useragentdiff: Vec::new(),
@@ -210,6 +215,7 @@ const KNOWN_KEYS: &[&str] = &[
     "maxlinelength",
     "threads",
     "io",
+    "handoff",
     "authtimeout",
     "listendiff",
     "useragentdiff",
@@ -334,6 +340,13 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
             return Err(invalid("io", "must be \"auto\", \"epoll\" or \"uring\""));
         }
         c.io = s;
+    }
+    if let Some(v) = map.get("handoff") {
+        let s = typed::<String>("handoff", v)?;
+        if !matches!(s.as_str(), "inline" | "queue") {
+            return Err(invalid("handoff", "must be \"inline\" or \"queue\""));
+        }
+        c.handoff = s;
     }
     if let Some(v) = map.get("authtimeout") {
         c.authtimeout = Duration::from_secs(whole("authtimeout", v, 1, 86_400)?);
@@ -553,6 +566,22 @@ mod tests {
                 key: "nonce2length",
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn handoff_inline_or_queue() {
+        assert_eq!(parse("{}").unwrap().config.handoff, "inline");
+        let l = parse(r#"{"handoff": "queue", "io": "epoll"}"#).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.handoff, "queue");
+        assert!(matches!(
+            parse(r#"{"handoff": "spin"}"#),
+            Err(ConfigError::Invalid { key: "handoff", .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"handoff": 1}"#),
+            Err(ConfigError::Type { key: "handoff", .. })
         ));
     }
 

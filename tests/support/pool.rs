@@ -107,6 +107,8 @@ impl PoolProcess {
             .arg("-l")
             .arg("7");
         cmd.args(flags);
+        // The environment is inherited, so POOL_BACKEND and POOL_HANDOFF reach the pool: the
+        // whole suite reruns with another backend or handoff (flags given here still win).
         cmd.env("RUST_LOG", "debug");
         cmd.envs(env.iter().copied());
         cmd.current_dir(&dir);

@@ -1,0 +1,586 @@
+//! How the connector threads hand their events to the stratifier: two variants, chosen at start
+//! (`"handoff"` in the config, `--handoff`, `POOL_HANDOFF`), so that they can be measured side by
+//! side.
+//!
+//! * **inline**: each connector thread runs its own [`Shard`] in its callbacks. No queue, no
+//!   wake-up, no copy; share checking runs on the thread that does the I/O.
+//! * **queue** (DESIGN.md's layout): each connector thread `t` has a stratifier thread
+//!   `stratifier-t`, pinned to the same CPU, that owns the shard. See [`QueueHandler`] for the
+//!   connector side and [`run_shard`] for the stratifier side.
+//!
+//! ## The queue variant
+//!
+//! During one round of its event loop the connector thread appends what happened (opens with
+//! the peer and listener, lines, closes, ticks, jobs) to a [`Batch`]. A line's bytes are copied
+//! into the batch's one byte arena and the event keeps a range into it, so a line costs no
+//! allocation of its own. At the end of the round ([`connector::Handler::on_batch_end`]) a
+//! non-empty batch goes to the stratifier thread over a crossbeam channel, one message per round.
+//!
+//! The stratifier thread blocks in `recv`. Crossbeam parks it (after a short bounded backoff:
+//! about a hundred spin hints and a few `sched_yield`s, never an open-ended spin) and a `send`
+//! wakes it only when it is registered as waiting (the sender checks an atomic flag before
+//! taking the lock or making a system call), so a busy stratifier thread costs the connector a
+//! queue push per round and no system call. Once awake it drains what is queued (up to
+//! [`DRAIN_BATCHES`] batches), runs the shard on every event, and sends everything the shard
+//! wrote (replies, shared notifies, closes, in order) back as one [`Msg::Output`] through
+//! [`connector::ConnectorHandle::send`], which wakes the connector thread only if it is parked
+//! too. The connector applies the output to its outbox in order, so per connection a reply never
+//! overtakes an earlier one and a close comes after its replies. Once the shard has closed a
+//! connection, the stratifier thread drops the rest of its input and output, as the connector
+//! does inline.
+//!
+//! Emptied buffers travel back: the stratifier thread returns each batch (cleared, its capacity
+//! kept up to a cap) over a small bounded channel, and the connector returns each output vector
+//! the same way, so in steady state the handoff allocates nothing per line.
+//!
+//! Each connector thread starts its own stratifier thread when it builds its handler, and joins
+//! it when it drops the handler: a start that `connector::start` abandons (io_uring set up on
+//! some threads, then refused, then epoll) leaves no stratifier state behind for the next one.
+//!
+//! The [`connector::ConnectorHandle`] only exists once `connector::start` has returned, while
+//! connections may be accepted before that: [`start`] broadcasts it as [`Msg::Start`], each
+//! connector thread forwards it in its event stream, and a stratifier thread keeps what the shard
+//! wrote until it has the handle. Nothing is lost and nothing races.
+//!
+//! Shutdown: a connector thread closes its connections (closes into its last batch, which it
+//! sends), then drops its handler, which drops the channel's only sender and joins the
+//! stratifier thread; that one drains what is queued and exits on the disconnect. Output it
+//! sends after the connector is gone is dropped, and a close for a connection the connector has
+//! already closed is ignored (ids carry a generation, so it cannot reach a newer connection).
+
+use std::collections::HashSet;
+use std::io;
+use std::mem;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use common::ConnId;
+use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
+use crossbeam_channel::{Receiver, Sender};
+use stratifier::{Job, Pool, Shard};
+use tracing::{debug, error, warn};
+
+/// Batches a stratifier thread handles before it sends what they produced back, so replies go
+/// out even when the connector keeps it busy.
+const DRAIN_BATCHES: usize = 64;
+/// Emptied batches and output vectors kept for reuse, per direction and thread.
+const SPARE: usize = 8;
+/// Events a recycled batch keeps room for (a burst may leave far more capacity).
+const KEEP_EVENTS: usize = 4096;
+/// Arena bytes a recycled batch keeps.
+const KEEP_ARENA: usize = 256 * 1024;
+/// Actions a recycled output vector keeps (a job notify to every miner may leave more).
+const KEEP_ACTIONS: usize = 4096;
+
+/// How connector threads hand events to the stratifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Handoff {
+    /// The shard runs inside the connector thread's callbacks.
+    Inline,
+    /// Batches through a queue to a stratifier thread per connector thread.
+    Queue,
+}
+
+impl Handoff {
+    /// From its configuration name (`"inline"`, `"queue"`).
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "inline" => Some(Self::Inline),
+            "queue" => Some(Self::Queue),
+            _ => None,
+        }
+    }
+
+    /// Its configuration name.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Inline => "inline",
+            Self::Queue => "queue",
+        }
+    }
+}
+
+impl std::fmt::Display for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Message from the daemon (or a stratifier thread) to a connector thread.
+#[derive(Clone)]
+pub(crate) enum Msg {
+    /// A new job to notify.
+    Job(Arc<Job>),
+    /// Queue mode: what this thread's stratifier thread wrote, in order.
+    Output(Vec<Action>),
+    /// Queue mode: the handle the stratifier threads answer through (sent once, after start).
+    Start(ConnectorHandle<Self>),
+}
+
+/// Starts the connector threads with the stratifier attached as `handoff` says.
+pub(crate) fn start(
+    handoff: Handoff,
+    cfg: connector::Config,
+    pool: Arc<Pool>,
+) -> io::Result<Connector<Msg>> {
+    let pin = cfg.pin;
+    let conns = connector::start(cfg, move |t| match handoff {
+        Handoff::Inline => StratumHandler::Inline(InlineHandler {
+            shard: Shard::new(Arc::clone(&pool)),
+        }),
+        Handoff::Queue => match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), pin) {
+            Ok(h) => StratumHandler::Queue(h),
+            Err(e) => {
+                // Only when the system is out of threads; this thread's miners are still served.
+                error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
+                StratumHandler::Inline(InlineHandler {
+                    shard: Shard::new(Arc::clone(&pool)),
+                })
+            }
+        },
+    })?;
+    if handoff == Handoff::Queue {
+        conns.broadcast(Msg::Start(conns.handle()));
+    }
+    Ok(conns)
+}
+
+/// The connector thread's handler: one of the two variants (a predictable branch per callback).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per connector thread, built once; boxing would add a pointer chase per event inline"
+)]
+enum StratumHandler {
+    Inline(InlineHandler),
+    Queue(QueueHandler),
+}
+
+impl connector::Handler for StratumHandler {
+    type Msg = Msg;
+
+    fn on_open(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        out: &mut Outbox,
+    ) {
+        match self {
+            Self::Inline(h) => h.shard.on_open(now, conn, peer, listener),
+            Self::Queue(h) => h.on_open(now, conn, peer, listener, out),
+        }
+    }
+
+    fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
+        match self {
+            Self::Inline(h) => h.shard.on_line(now, conn, line, &mut OutboxOut(out)),
+            Self::Queue(h) => h.on_line(now, conn, line, out),
+        }
+    }
+
+    fn on_close(&mut self, now: Instant, conn: ConnId, _reason: CloseReason) {
+        match self {
+            Self::Inline(h) => h.shard.on_close(now, conn),
+            Self::Queue(h) => h.push(Event::Close { now, conn }),
+        }
+    }
+
+    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
+        match self {
+            Self::Inline(h) => match msg {
+                Msg::Job(job) => h.shard.on_job(&job, &mut OutboxOut(out)),
+                Msg::Output(_) | Msg::Start(_) => debug!("queue-mode message ignored inline"),
+            },
+            Self::Queue(h) => h.on_msg(msg, out),
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant, out: &mut Outbox) {
+        match self {
+            Self::Inline(h) => h.shard.on_tick(now, &mut OutboxOut(out)),
+            Self::Queue(h) => h.push(Event::Tick { now }),
+        }
+    }
+
+    fn on_batch_end(&mut self, _now: Instant, _out: &mut Outbox) {
+        if let Self::Queue(h) = self {
+            h.send_batch();
+        }
+    }
+}
+
+/// Inline: the shard runs in the connector's callbacks.
+struct InlineHandler {
+    shard: Shard,
+}
+
+/// The shard's output written straight into the connector's outbox.
+struct OutboxOut<'a>(&'a mut Outbox);
+
+impl stratifier::Out for OutboxOut<'_> {
+    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
+        self.0.send(conn, bytes);
+    }
+    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
+        self.0.send(conn, bytes);
+    }
+    fn close(&mut self, conn: ConnId) {
+        self.0.close(conn);
+    }
+}
+
+/// One connector thread's events of one loop round, for its stratifier thread.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Event>,
+    /// The bytes of every line in `events`, back to back.
+    arena: Vec<u8>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Empties the batch for reuse, keeping a bounded amount of its capacity.
+    fn recycle(&mut self) {
+        self.events.clear();
+        self.events.shrink_to(KEEP_EVENTS);
+        self.arena.clear();
+        self.arena.shrink_to(KEEP_ARENA);
+    }
+}
+
+/// Something that happened on a connector thread, in the order it happened.
+enum Event {
+    Open {
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+    },
+    /// A line: its bytes are `arena[range]` of the batch.
+    Line {
+        now: Instant,
+        conn: ConnId,
+        range: Range<usize>,
+    },
+    Close {
+        now: Instant,
+        conn: ConnId,
+    },
+    Tick {
+        now: Instant,
+    },
+    /// Forwarded through the connector thread rather than sent to the stratifier threads
+    /// directly: each queue then has a single producer, the job is ordered with the connection
+    /// events of the same thread, and shutdown needs no other sender to be dropped. It costs one
+    /// more hop on a message that comes a few times a minute.
+    Job(Arc<Job>),
+    Start(ConnectorHandle<Msg>),
+}
+
+/// Queue mode, connector side: collects events into a batch and applies the stratifier thread's
+/// output.
+struct QueueHandler {
+    thread: usize,
+    batch: Batch,
+    /// `None` once dropped (see `Drop`).
+    link: Option<Link>,
+    /// The stratifier thread is gone (it panicked): this thread's connections are closed.
+    shard_gone: bool,
+}
+
+/// The connector side's ends of the channels to and from one stratifier thread.
+struct Link {
+    to_shard: Sender<Batch>,
+    spare_batches: Receiver<Batch>,
+    spare_outputs: Sender<Vec<Action>>,
+    join: JoinHandle<()>,
+}
+
+impl QueueHandler {
+    /// Starts the stratifier thread of connector thread `thread`, owning `shard`.
+    fn new(thread: usize, shard: Shard, pin: bool) -> io::Result<Self> {
+        let (to_shard, batches) = crossbeam_channel::unbounded();
+        let (spare_batch_tx, spare_batches) = crossbeam_channel::bounded(SPARE);
+        let (spare_outputs, spare_output_rx) = crossbeam_channel::bounded(SPARE);
+        let join = std::thread::Builder::new()
+            .name(format!("stratifier-{thread}"))
+            .spawn(move || {
+                let span = tracing::info_span!("stratifier", thread);
+                let _entered = span.enter();
+                if pin {
+                    pin_shard_thread(thread);
+                }
+                run_shard(thread, shard, &batches, &spare_batch_tx, &spare_output_rx);
+                debug!("stratifier thread stopped");
+            })?;
+        Ok(Self {
+            thread,
+            batch: Batch::default(),
+            link: Some(Link {
+                to_shard,
+                spare_batches,
+                spare_outputs,
+                join,
+            }),
+            shard_gone: false,
+        })
+    }
+
+    fn push(&mut self, event: Event) {
+        self.batch.events.push(event);
+    }
+
+    fn on_open(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        out: &mut Outbox,
+    ) {
+        if self.shard_gone {
+            out.close(conn);
+            return;
+        }
+        self.push(Event::Open {
+            now,
+            conn,
+            peer,
+            listener,
+        });
+    }
+
+    fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
+        if self.shard_gone {
+            out.close(conn);
+            return;
+        }
+        let start = self.batch.arena.len();
+        self.batch.arena.extend_from_slice(line);
+        self.push(Event::Line {
+            now,
+            conn,
+            range: start..self.batch.arena.len(),
+        });
+    }
+
+    fn on_msg(&mut self, msg: Msg, out: &mut Outbox) {
+        match msg {
+            Msg::Output(mut actions) => {
+                for action in actions.drain(..) {
+                    match action {
+                        Action::Send(conn, buf) => out.send(conn, buf),
+                        Action::Close(conn) => out.close(conn),
+                    }
+                }
+                actions.shrink_to(KEEP_ACTIONS);
+                if let Some(link) = &self.link {
+                    // Full (or the stratifier thread is gone): let this one go.
+                    let _ = link.spare_outputs.try_send(actions);
+                }
+            }
+            Msg::Job(job) => self.push(Event::Job(job)),
+            Msg::Start(handle) => self.push(Event::Start(handle)),
+        }
+    }
+
+    /// Hands the round's events to the stratifier thread, if there are any.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let Some(link) = &self.link else {
+            return;
+        };
+        let spare = link.spare_batches.try_recv().unwrap_or_default();
+        let batch = mem::replace(&mut self.batch, spare);
+        if let Err(e) = link.to_shard.send(batch) {
+            // The stratifier thread has exited, which it only does on a panic while the
+            // connector runs: stop taking miners on this thread rather than leave them unanswered.
+            if !self.shard_gone {
+                error!(
+                    thread = self.thread,
+                    "the stratifier thread is gone; closing this thread's connections"
+                );
+                self.shard_gone = true;
+            }
+            let mut batch = e.into_inner();
+            batch.recycle();
+            self.batch = batch;
+        }
+    }
+}
+
+impl Drop for QueueHandler {
+    fn drop(&mut self) {
+        // The connector calls `on_batch_end` after its last callbacks; this is for the case where
+        // it could not.
+        self.send_batch();
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        // The only sender: the stratifier thread sees the disconnect once it has drained the
+        // queue, and exits.
+        drop(link.to_shard);
+        if link.join.join().is_err() {
+            error!(thread = self.thread, "stratifier thread panicked");
+        }
+    }
+}
+
+/// Pins a stratifier thread to its connector thread's CPU; a failure is logged once.
+fn pin_shard_thread(thread: usize) {
+    match connector::pin_current_thread(thread) {
+        Ok(cpu) => debug!(cpu, "stratifier thread pinned"),
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(error = %e, "cannot pin stratifier threads to CPUs; they run unpinned");
+            });
+        }
+    }
+}
+
+/// Queue mode, stratifier side: the loop of thread `stratifier-<thread>`. Returns when the
+/// connector side drops its sender.
+fn run_shard(
+    thread: usize,
+    mut shard: Shard,
+    batches: &Receiver<Batch>,
+    spare_batches: &Sender<Batch>,
+    spare_outputs: &Receiver<Vec<Action>>,
+) {
+    let mut handle: Option<ConnectorHandle<Msg>> = None;
+    let mut out = ShardOut::default();
+    // Blocks (parked, not spinning) until the connector thread sends or goes away.
+    while let Ok(first) = batches.recv() {
+        let mut next = Some(first);
+        let mut drained = 0;
+        while let Some(mut batch) = next.take() {
+            run_batch(&mut shard, &batch, &mut out, &mut handle);
+            batch.recycle();
+            // Full (enough spares already) or the connector is gone: let this one go.
+            let _ = spare_batches.try_send(batch);
+            drained += 1;
+            if drained < DRAIN_BATCHES {
+                next = batches.try_recv().ok();
+            }
+        }
+        // One message per round; kept until the handle is known (connections can be accepted
+        // before `connector::start` returns).
+        if let Some(h) = &handle
+            && !out.actions.is_empty()
+        {
+            let fresh = spare_outputs.try_recv().unwrap_or_default();
+            h.send(thread, Msg::Output(mem::replace(&mut out.actions, fresh)));
+        }
+    }
+}
+
+/// Runs the shard on every event of `batch`.
+fn run_batch(
+    shard: &mut Shard,
+    batch: &Batch,
+    out: &mut ShardOut,
+    handle: &mut Option<ConnectorHandle<Msg>>,
+) {
+    for event in &batch.events {
+        match event {
+            Event::Open {
+                now,
+                conn,
+                peer,
+                listener,
+            } => shard.on_open(*now, *conn, *peer, *listener),
+            Event::Line { now, conn, range } => {
+                // After the shard closed a connection, the rest of its input is dropped, as the
+                // connector does inline.
+                if out.closing.contains(conn) {
+                    continue;
+                }
+                if let Some(line) = batch.arena.get(range.clone()) {
+                    shard.on_line(*now, *conn, line, out);
+                }
+            }
+            Event::Close { now, conn } => {
+                out.closing.remove(conn);
+                shard.on_close(*now, *conn);
+            }
+            Event::Tick { now } => shard.on_tick(*now, out),
+            Event::Job(job) => shard.on_job(job, out),
+            Event::Start(h) => *handle = Some(h.clone()),
+        }
+    }
+}
+
+/// The shard's output on a stratifier thread: actions for the connector thread, in order.
+#[derive(Default)]
+struct ShardOut {
+    actions: Vec<Action>,
+    /// Connections the shard closed whose close the connector has not reported back yet.
+    closing: HashSet<ConnId>,
+}
+
+impl stratifier::Out for ShardOut {
+    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
+        if !self.closing.contains(&conn) {
+            self.actions.push(Action::Send(conn, SendBuf::Owned(bytes)));
+        }
+    }
+    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
+        if !self.closing.contains(&conn) {
+            self.actions
+                .push(Action::Send(conn, SendBuf::Shared(bytes)));
+        }
+    }
+    fn close(&mut self, conn: ConnId) {
+        if self.closing.insert(conn) {
+            self.actions.push(Action::Close(conn));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_names_round_trip() {
+        for h in [Handoff::Inline, Handoff::Queue] {
+            assert_eq!(Handoff::from_name(h.as_str()), Some(h));
+            assert_eq!(h.to_string(), h.as_str());
+        }
+        assert_eq!(Handoff::from_name("spin"), None);
+    }
+
+    #[test]
+    fn shard_output_drops_sends_after_a_close() {
+        use stratifier::Out;
+        let a = ConnId::new(0, 0, 1);
+        let b = ConnId::new(0, 0, 2);
+        let mut out = ShardOut::default();
+        out.send(a, b"reply\n".to_vec());
+        out.close(a);
+        out.close(a);
+        out.send(a, b"late\n".to_vec());
+        out.send_shared(b, Arc::from(&b"notify\n"[..]));
+        let got: Vec<String> = out
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::Send(c, buf) => {
+                    format!("{}:{}", c.slot(), String::from_utf8_lossy(buf.as_slice()))
+                }
+                Action::Close(c) => format!("{}:close", c.slot()),
+            })
+            .collect();
+        assert_eq!(got, ["1:reply\n", "1:close", "2:notify\n"]);
+    }
+}
