@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Scenario "sidebyside": the pool on each I/O backend (and hand-off) against the null-stratum floor,
+# same machine, same ckload runs, interleaved so drift and host noise fall on every server alike.
+#
+# Servers (SBS_SERVERS, default "pool:uring:inline pool:epoll:inline null:uring null:epoll"):
+#   pool:<io>:<handoff>  ckpool-rs with --io <io> --handoff <handoff> on the regtest node pair
+#   null:<io>            connector/examples/nullstratum with --backend <io> (canned replies)
+# A fresh server process for every run. Four measurements, each a table:
+#   1. cpu: SBS_REPS rounds; in each, every server once at SBS_RATE shares/s from SBS_MINERS
+#      miners: server CPU µs per accepted share and submit p99 (median and all values).
+#   2. max: every server at each of SBS_MAX_RATES in turn until a step misses submit p99 <=
+#      SBS_P99_MS, or accepts < 98 % of the asked rate, or has a reject or an unanswered submit.
+#   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
+#      the floor broadcasts a notify every SBS_BLOCK_INTERVAL s; first->last miner receipt per job.
+#   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner.
+#
+# Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
+# (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 30000 40000 50000 60000"],
+# SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
+# SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
+# BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
+set -euo pipefail
+SCENARIO=sidebyside
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+SERVERS=${SBS_SERVERS:-pool:uring:inline pool:epoll:inline null:uring null:epoll}
+MINERS=${SBS_MINERS:-15000}
+RATE=${SBS_RATE:-20000}
+REPS=${SBS_REPS:-3}
+SECS=${SBS_SECONDS:-20}
+RAMP=${SBS_RAMP:-5}
+MAX_RATES=${SBS_MAX_RATES:-20000 30000 40000 50000 60000}
+P99_MS=${SBS_P99_MS:-5}
+BLOCKS=${SBS_BLOCKS:-8}
+BLOCK_INTERVAL=${SBS_BLOCK_INTERVAL:-2}
+IDLE_SECS=${SBS_IDLE_SECONDS:-10}
+WORKERS=${SBS_WORKERS:-2}
+PHASES=${SBS_PHASES:-cpu max fanout idle}
+NULL_PORT=${SBS_NULL_PORT:-23335}
+NULL_BIN=$ROOT/target/release/examples/nullstratum
+POOL_PORT=$PORT
+
+if [[ -z ${BENCH_NO_BUILD:-} ]]; then
+	log "building the null-stratum floor (release)"
+	(cd "$ROOT" && cargo build --release --locked -p ckpool-connector --example nullstratum >&2)
+fi
+# Starts the node pair and writes the pool's config; the pool it starts is stopped at once, as
+# every run below starts its own server.
+bench_setup
+stop_pool() {
+	if [[ -n $pool_pid ]] && kill -0 "$pool_pid" 2>/dev/null; then
+		"$CKPMSG" -s "$DIR/sock" shutdown >/dev/null 2>&1 || kill "$pool_pid" 2>/dev/null || true
+		for _ in $(seq 1 100); do
+			kill -0 "$pool_pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		kill -KILL "$pool_pid" 2>/dev/null || true
+		wait "$pool_pid" 2>/dev/null || true
+	fi
+	pool_pid=""
+}
+stop_pool
+
+# start_server SERVER: starts it on its port; sets pool_pid (the server's pid) and PORT.
+start_server() {
+	local kind io handoff
+	IFS=: read -r kind io handoff <<<"$1"
+	if [[ $kind == null ]]; then
+		PORT=$NULL_PORT
+		"$NULL_BIN" --listen "127.0.0.1:$PORT" --threads "$THREADS" --backend "$io" \
+			--notify-every "$BLOCK_INTERVAL" --duration 3600 >"$DIR/null.log" 2>&1 &
+		pool_pid=$!
+		for _ in $(seq 1 100); do
+			if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+				return 0
+			fi
+			sleep 0.05
+		done
+		log "nullstratum did not start"
+		exit 1
+	fi
+	PORT=$POOL_PORT
+	"$POOL" -c "$DIR/ckpool.conf" -s "$DIR/sock" -n "bench-$SCENARIO" -k -q --io "$io" \
+		--handoff "${handoff:-inline}" >"$DIR/pool.log" 2>&1 &
+	pool_pid=$!
+	for _ in $(seq 1 200); do
+		if "$CKPMSG" -s "$DIR/sock" ping 2>/dev/null | grep -q pong; then
+			return 0
+		fi
+		if ! kill -0 "$pool_pid" 2>/dev/null; then
+			cat "$DIR/pool.log" >&2
+			log "ckpool-rs exited during start-up"
+			exit 1
+		fi
+		sleep 0.1
+	done
+	log "ckpool-rs did not answer ping"
+	exit 1
+}
+
+tag_of() { tr ':' '-' <<<"$1"; }
+
+# steady_run SERVER NAME RATE: one ckload steady run against a fresh server.
+steady_run() {
+	start_server "$1"
+	ckload_run "$2" steady --miners "$MINERS" --workers "$WORKERS" --rate "$3" \
+		--ramp "$RAMP" --duration "$((RAMP + SECS))" --quiet || true
+	stop_pool
+}
+
+declare -A CPU P99
+# median of the arguments (numbers).
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+if [[ " $PHASES " == *" cpu "* ]]; then
+	for rep in $(seq 1 "$REPS"); do
+		for srv in $SERVERS; do
+			name=cpu-$(tag_of "$srv")-$rep
+			steady_run "$srv" "$name" "$RATE"
+			J=$DIR/$name.json
+			CPU[$srv]+="$(jget "$J" 'round(r["pool"]["cpu_secs_per_million_shares"] or 0, 2)') "
+			P99[$srv]+="$(jget "$J" 'round(r["latency"]["submit_window"]["p99_us"]/1000, 2)') "
+		done
+	done
+fi
+
+declare -A BEST
+if [[ " $PHASES " == *" max "* ]]; then
+	for srv in $SERVERS; do
+		BEST[$srv]=none
+		for rate in $MAX_RATES; do
+			name=max-$(tag_of "$srv")-$rate
+			steady_run "$srv" "$name" "$rate"
+			J=$DIR/$name.json
+			ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
+			[[ $ok == 1 ]] || break
+			BEST[$srv]=$rate
+		done
+	done
+fi
+
+declare -A FAN
+if [[ " $PHASES " == *" fanout "* ]]; then
+	for srv in $SERVERS; do
+		name=fanout-$(tag_of "$srv")
+		start_server "$srv"
+		if [[ $srv == pool:* ]]; then
+			ckload_run "$name" fanout --miners "$MINERS" --workers "$WORKERS" --ramp "$RAMP" \
+				--blocks "$BLOCKS" --block-interval "$BLOCK_INTERVAL" \
+				--rpc-url "$RPC_URL" --rpc-user "$RPC_USER" --rpc-pass "$RPC_PASS" --quiet || true
+		else
+			ckload_run "$name" steady --miners "$MINERS" --workers "$WORKERS" --rate 0 \
+				--ramp "$RAMP" --duration "$((RAMP + 3 + BLOCKS * BLOCK_INTERVAL))" --quiet || true
+		fi
+		stop_pool
+		J=$DIR/$name.json
+		FAN[$srv]=$(jget "$J" '"%d jobs, p50 %.1f / p99 %.1f ms" % (r["fanout"]["jobs_measured"], r["fanout"]["spread"]["p50_us"]/1000, r["fanout"]["spread"]["p99_us"]/1000)')
+	done
+fi
+
+declare -A RSS
+if [[ " $PHASES " == *" idle "* ]]; then
+	for srv in $SERVERS; do
+		name=idle-$(tag_of "$srv")
+		start_server "$srv"
+		ckload_run "$name" steady --miners "$MINERS" --workers "$WORKERS" --rate 0 \
+			--ramp "$RAMP" --duration "$((RAMP + IDLE_SECS))" --quiet || true
+		stop_pool
+		J=$DIR/$name.json
+		RSS[$srv]=$(jget "$J" '"%d B (RSS %.1f -> %.1f MiB, %d miners)" % (r["pool"]["rss_bytes_per_miner"], r["pool"]["rss_kib_start"]/1024, r["pool"]["rss_kib_end"]/1024, r["peak_authorized"])')
+	done
+fi
+
+printf '\nsidebyside: %s; %s miners, %s ckload workers\n\n' "$(machine)" "$MINERS" "$WORKERS"
+printf '| server | CPU µs per share at %s/s (median; each run) | submit p99 ms (median; each run) | max shares/s with p99 <= %s ms | fan-out first->last | RSS per idle miner |\n' "$RATE" "$P99_MS"
+printf '| --- | --- | --- | --- | --- | --- |\n'
+for srv in $SERVERS; do
+	cpu=${CPU[$srv]:-}
+	p99=${P99[$srv]:-}
+	# shellcheck disable=SC2086 # word splitting wanted: one value per run
+	printf '| %s | %s (%s) | %s (%s) | %s | %s | %s |\n' "$srv" \
+		"$( [[ -n $cpu ]] && median $cpu || echo -)" "${cpu% }" \
+		"$( [[ -n $p99 ]] && median $p99 || echo -)" "${p99% }" \
+		"${BEST[$srv]:--}" "${FAN[$srv]:--}" "${RSS[$srv]:--}"
+done
