@@ -353,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         threads,
         max_line: cfg.maxlinelength,
         backend,
+        pin: cfg.pin,
         ..connector::Config::default()
     };
     info!(%handoff, threads, "stratifier handoff");

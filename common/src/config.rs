@@ -113,6 +113,9 @@ pub struct Config {
     pub useragentdiff: Vec<AgentDiff>,
     /// Send whole difficulties as powers of two.
     pub diffpow2: bool,
+    /// Pin connector thread t (and its stratifier thread) to the t-th CPU the process may use.
+    /// Turn off when several processes share the CPUs without `taskset` masks of their own.
+    pub pin: bool,
 }
 
 impl Default for Config {
@@ -151,6 +154,7 @@ impl Default for Config {
             listendiff: Vec::new(),
             useragentdiff: Vec::new(),
             diffpow2: false,
+            pin: true,
         }
     }
 }
@@ -220,6 +224,7 @@ const KNOWN_KEYS: &[&str] = &[
     "listendiff",
     "useragentdiff",
     "diffpow2",
+    "pin",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -409,6 +414,9 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("diffpow2") {
         c.diffpow2 = typed::<bool>("diffpow2", v)?;
     }
+    if let Some(v) = map.get("pin") {
+        c.pin = typed::<bool>("pin", v)?;
+    }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
             "startdiff {} is below mindiff {}; using mindiff",
@@ -558,6 +566,8 @@ mod tests {
         assert_eq!(c.listendiff[0].mindiff, Some(diff_const(1024)));
         assert_eq!(c.useragentdiff[0].pattern, "nicehash");
         assert!(c.diffpow2);
+        assert!(c.pin);
+        assert!(!parse(r#"{"pin": false}"#).unwrap().config.pin);
         assert!(parse(r#"{"useragentdiff": [{"match": "x"}]}"#).is_err());
         assert!(parse(r#"{"listendiff": {"url": "x"}}"#).is_err());
         assert!(matches!(

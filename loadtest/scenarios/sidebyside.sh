@@ -62,14 +62,16 @@ stop_pool() {
 }
 stop_pool
 
-# start_server SERVER: starts it on its port; sets pool_pid (the server's pid) and PORT.
+# start_server SERVER [NOTIFY_EVERY]: starts it on its port; sets pool_pid (the server's pid) and
+# PORT. The floor broadcasts a notify every NOTIFY_EVERY s (default 60, the pool's
+# update_interval here); only the fan-out runs ask for more.
 start_server() {
-	local kind io handoff
+	local kind io handoff every=${2:-60}
 	IFS=: read -r kind io handoff <<<"$1"
 	if [[ $kind == null ]]; then
 		PORT=$NULL_PORT
 		"$NULL_BIN" --listen "127.0.0.1:$PORT" --threads "$THREADS" --backend "$io" \
-			--notify-every "$BLOCK_INTERVAL" --duration 3600 >"$DIR/null.log" 2>&1 &
+			--notify-every "$every" --duration 3600 >"$DIR/null.log" 2>&1 &
 		pool_pid=$!
 		for _ in $(seq 1 100); do
 			if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
@@ -109,9 +111,9 @@ steady_run() {
 	stop_pool
 }
 
-declare -A CPU P99
-# median of the arguments (numbers).
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+declare -A CPU P99 STEAL
+# median of the space-separated numbers in $1.
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 if [[ " $PHASES " == *" cpu "* ]]; then
 	for rep in $(seq 1 "$REPS"); do
@@ -121,6 +123,7 @@ if [[ " $PHASES " == *" cpu "* ]]; then
 			J=$DIR/$name.json
 			CPU[$srv]+="$(jget "$J" 'round(r["pool"]["cpu_secs_per_million_shares"] or 0, 2)') "
 			P99[$srv]+="$(jget "$J" 'round(r["latency"]["submit_window"]["p99_us"]/1000, 2)') "
+			STEAL[$srv]+="$(jget "$J" 'round(r["machine"]["steal_pct_window"], 1)') "
 		done
 	done
 fi
@@ -144,7 +147,7 @@ declare -A FAN
 if [[ " $PHASES " == *" fanout "* ]]; then
 	for srv in $SERVERS; do
 		name=fanout-$(tag_of "$srv")
-		start_server "$srv"
+		start_server "$srv" "$BLOCK_INTERVAL"
 		if [[ $srv == pool:* ]]; then
 			ckload_run "$name" fanout --miners "$MINERS" --workers "$WORKERS" --ramp "$RAMP" \
 				--blocks "$BLOCKS" --block-interval "$BLOCK_INTERVAL" \
@@ -173,14 +176,14 @@ if [[ " $PHASES " == *" idle "* ]]; then
 fi
 
 printf '\nsidebyside: %s; %s miners, %s ckload workers\n\n' "$(machine)" "$MINERS" "$WORKERS"
-printf '| server | CPU µs per share at %s/s (median; each run) | submit p99 ms (median; each run) | max shares/s with p99 <= %s ms | fan-out first->last | RSS per idle miner |\n' "$RATE" "$P99_MS"
-printf '| --- | --- | --- | --- | --- | --- |\n'
+printf '| server | CPU µs per share at %s/s (median; each run) | submit p99 ms (median; each run) | host steal %% in those runs | max shares/s with p99 <= %s ms | fan-out first->last | RSS per idle miner |\n' "$RATE" "$P99_MS"
+printf '| --- | --- | --- | --- | --- | --- | --- |\n'
 for srv in $SERVERS; do
 	cpu=${CPU[$srv]:-}
 	p99=${P99[$srv]:-}
-	# shellcheck disable=SC2086 # word splitting wanted: one value per run
-	printf '| %s | %s (%s) | %s (%s) | %s | %s | %s |\n' "$srv" \
-		"$( [[ -n $cpu ]] && median $cpu || echo -)" "${cpu% }" \
-		"$( [[ -n $p99 ]] && median $p99 || echo -)" "${p99% }" \
+	steal=${STEAL[$srv]:-}
+	printf '| %s | %s (%s) | %s (%s) | %s | %s | %s | %s |\n' "$srv" \
+		"$( [[ -n $cpu ]] && median "$cpu" || echo -)" "${cpu% }" \
+		"$( [[ -n $p99 ]] && median "$p99" || echo -)" "${p99% }" "${steal% }" \
 		"${BEST[$srv]:--}" "${FAN[$srv]:--}" "${RSS[$srv]:--}"
 done
