@@ -324,7 +324,12 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     );
     assert!(pool.is_running());
     let report = honest.stop();
-    assert_eq!(report.rejected, 0, "{report:?}");
+    // The honest miner finds blocks itself (half of all regtest hashes are blocks), so a share
+    // in flight when its own block or the test's changes the tip may be stale; nothing else.
+    assert!(
+        report.reject_reasons.keys().all(|r| r == "Stale") && report.rejected <= 3,
+        "{report:?}"
+    );
     let log = pool.log_text();
     assert!(
         log.contains("unparseable line") && log.contains("did not authorise in time"),

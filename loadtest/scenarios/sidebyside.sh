@@ -10,6 +10,8 @@
 #      miners: server CPU µs per accepted share and submit p99 (median and all values).
 #   2. max: every server at each of SBS_MAX_RATES in turn until a step misses submit p99 <=
 #      SBS_P99_MS, or accepts < 98 % of the asked rate, or has a reject or an unanswered submit.
+#      A step that misses while the host stole >= SBS_MAX_STEAL % of the machine is run again
+#      (SBS_MAX_TRIES runs in all).
 #   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
 #      the floor broadcasts a notify every SBS_BLOCK_INTERVAL s; first->last miner receipt per job.
 #   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner.
@@ -38,6 +40,8 @@ IDLE_SECS=${SBS_IDLE_SECONDS:-10}
 WORKERS=${SBS_WORKERS:-2}
 PHASES=${SBS_PHASES:-cpu max fanout idle}
 NULL_PORT=${SBS_NULL_PORT:-23335}
+MAX_STEAL=${SBS_MAX_STEAL:-5}
+MAX_TRIES=${SBS_MAX_TRIES:-3}
 NULL_BIN=$ROOT/target/release/examples/nullstratum
 POOL_PORT=$PORT
 
@@ -133,10 +137,16 @@ if [[ " $PHASES " == *" max "* ]]; then
 	for srv in $SERVERS; do
 		BEST[$srv]=none
 		for rate in $MAX_RATES; do
-			name=max-$(tag_of "$srv")-$rate
-			steady_run "$srv" "$name" "$rate"
-			J=$DIR/$name.json
-			ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
+			ok=0
+			for try in $(seq 1 "$MAX_TRIES"); do
+				name=max-$(tag_of "$srv")-$rate-$try
+				steady_run "$srv" "$name" "$rate"
+				J=$DIR/$name.json
+				ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
+				# A miss is believed only when the host stole little of the machine meanwhile.
+				noisy=$(jget "$J" "int(r['machine']['steal_pct_window'] >= $MAX_STEAL)")
+				[[ $ok == 0 && $noisy == 1 ]] || break
+			done
 			[[ $ok == 1 ]] || break
 			BEST[$srv]=$rate
 		done

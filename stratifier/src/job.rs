@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,8 +44,10 @@ pub struct Job {
     pub notify: Arc<[u8]>,
     /// The same line with clean=true, for a miner's first job.
     pub notify_clean: Arc<[u8]>,
-    /// Share hashes seen, for duplicate detection.
-    seen: Mutex<HashSet<[u8; 32]>>,
+    /// Share hashes seen, for duplicate detection: their first 8 bytes, which sha256d makes
+    /// uniform (the zeros a share's hash needs are at the other end), used as their own hash.
+    /// A false duplicate needs two shares of one job agreeing in 64 random bits.
+    seen: Mutex<HashSet<u64, BuildHasherDefault<PrehashedU64>>>,
     /// Pieces of the notify line around coinb2, for solo mode's per-user lines.
     notify_prefix: String,
     notify_suffix: String,
@@ -144,7 +147,7 @@ impl Job {
             created: now,
             notify,
             notify_clean,
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(HashSet::default()),
             notify_prefix: prefix,
             notify_suffix: suffix,
             notify_suffix_clean: suffix_clean,
@@ -175,7 +178,9 @@ impl Job {
 
     /// Records a share hash; false when it was seen before.
     pub fn first_sighting(&self, hash: &[u8; 32]) -> bool {
-        self.seen.lock().insert(*hash)
+        let mut low = [0u8; 8];
+        low.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
+        self.seen.lock().insert(u64::from_le_bytes(low))
     }
 
     /// Height of the block this job builds.
@@ -250,5 +255,24 @@ mod tests {
         let s = stratum_prevhash(&internal);
         assert!(s.ends_with("0000000000000000"), "{s}");
         assert_eq!(&s[..8], "a6b7c8d9");
+    }
+}
+
+/// A [`Hasher`](std::hash::Hasher) for keys that are already uniformly random `u64`s.
+#[derive(Default)]
+struct PrehashedU64(u64);
+
+impl std::hash::Hasher for PrehashedU64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `HashSet<u64>`; fold anything else in so it still works.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }

@@ -191,6 +191,7 @@ pub struct UserStats {
     pub workers: BTreeMap<String, WorkerStats>,
 }
 
+/// Pool totals: one small lock per share.
 #[derive(Debug, Default)]
 struct Stats {
     accepted: u64,
@@ -199,7 +200,43 @@ struct Stats {
     bestshare: f64,
     reject_reasons: BTreeMap<&'static str, u64>,
     blocks: Vec<String>,
-    users: BTreeMap<String, UserStats>,
+}
+
+/// Share counters of one user or worker.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    accepted: u64,
+    rejected: u64,
+    accepted_diff: f64,
+    bestshare: f64,
+}
+
+impl Counters {
+    fn add(&mut self, accepted: Option<f64>, sdiff: f64) {
+        match accepted {
+            Some(diff) => {
+                self.accepted += 1;
+                self.accepted_diff += diff;
+                self.bestshare = self.bestshare.max(sdiff);
+            }
+            None => self.rejected += 1,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct UserCell {
+    counters: Mutex<Counters>,
+    blocks: AtomicU64,
+    workers: Mutex<BTreeMap<String, Arc<Mutex<Counters>>>>,
+}
+
+/// Where a worker's shares are counted: looked up by name once (at its first share), then
+/// held by its session, so counting a share compares no strings.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerStatsRef {
+    user: Arc<UserCell>,
+    worker: Arc<Mutex<Counters>>,
 }
 
 /// A snapshot of the pool's statistics.
@@ -235,6 +272,7 @@ pub struct Pool {
     next_session: AtomicU64,
     resume: Mutex<HashMap<u32, (u64, Instant)>>,
     stats: Mutex<Stats>,
+    users: Mutex<BTreeMap<String, Arc<UserCell>>>,
     pub(crate) clients: AtomicU64,
     block_sink: BlockSink,
     share_sink: Option<ShareSink>,
@@ -267,6 +305,7 @@ impl Pool {
             next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
             resume: Mutex::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
+            users: Mutex::new(BTreeMap::new()),
             clients: AtomicU64::new(0),
             block_sink: Box::new(block_sink),
             share_sink,
@@ -360,12 +399,9 @@ impl Pool {
     }
 
     pub(crate) fn submit_block(&self, b: BlockCandidate) {
-        {
-            let mut stats = self.stats.lock();
-            stats.blocks.push(b.hash.clone());
-            let user = b.worker.split(['.', '_']).next().unwrap_or("");
-            stats.users.entry(user.to_owned()).or_default().blocks += 1;
-        }
+        self.stats.lock().blocks.push(b.hash.clone());
+        let user = b.worker.split(['.', '_']).next().unwrap_or("");
+        self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
         (self.block_sink)(b);
     }
 
@@ -375,50 +411,59 @@ impl Pool {
         }
     }
 
+    fn user_cell(&self, user: &str) -> Arc<UserCell> {
+        let mut users = self.users.lock();
+        if let Some(u) = users.get(user) {
+            return Arc::clone(u);
+        }
+        let u = Arc::new(UserCell::default());
+        users.insert(user.to_owned(), Arc::clone(&u));
+        u
+    }
+
+    /// The counters of `worker` (of `user`), created on first use.
+    pub(crate) fn worker_stats(&self, user: &str, worker: &str) -> WorkerStatsRef {
+        let user = self.user_cell(user);
+        let worker = {
+            let mut workers = user.workers.lock();
+            match workers.get(worker) {
+                Some(w) => Arc::clone(w),
+                None => {
+                    let w = Arc::new(Mutex::new(Counters::default()));
+                    workers.insert(worker.to_owned(), Arc::clone(&w));
+                    w
+                }
+            }
+        };
+        WorkerStatsRef { user, worker }
+    }
+
+    /// Counts a share: accepted at difficulty `accepted`, or rejected for `reason`.
     pub(crate) fn record_share(
         &self,
-        user: &str,
-        worker: &str,
+        w: &WorkerStatsRef,
         accepted: Option<f64>,
         sdiff: f64,
         reason: Option<&'static str>,
     ) {
-        let mut s = self.stats.lock();
-        let s = &mut *s;
-        // Look up before inserting: no allocation per share once the names are known.
-        if !s.users.contains_key(user) {
-            s.users.insert(user.to_owned(), UserStats::default());
-        }
-        let Some(u) = s.users.get_mut(user) else {
-            return;
-        };
-        if !u.workers.contains_key(worker) {
-            u.workers.insert(worker.to_owned(), WorkerStats::default());
-        }
-        let Some(w) = u.workers.get_mut(worker) else {
-            return;
-        };
-        match accepted {
-            Some(diff) => {
-                s.accepted += 1;
-                s.accepted_diff += diff;
-                u.accepted += 1;
-                u.accepted_diff += diff;
-                w.accepted += 1;
-                w.accepted_diff += diff;
-                s.bestshare = s.bestshare.max(sdiff);
-                u.bestshare = u.bestshare.max(sdiff);
-                w.bestshare = w.bestshare.max(sdiff);
-            }
-            None => {
-                s.rejected += 1;
-                u.rejected += 1;
-                w.rejected += 1;
-                if let Some(r) = reason {
-                    *s.reject_reasons.entry(r).or_default() += 1;
+        {
+            let mut s = self.stats.lock();
+            match accepted {
+                Some(diff) => {
+                    s.accepted += 1;
+                    s.accepted_diff += diff;
+                    s.bestshare = s.bestshare.max(sdiff);
+                }
+                None => {
+                    s.rejected += 1;
+                    if let Some(r) = reason {
+                        *s.reject_reasons.entry(r).or_default() += 1;
+                    }
                 }
             }
         }
+        w.user.counters.lock().add(accepted, sdiff);
+        w.worker.lock().add(accepted, sdiff);
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
@@ -433,6 +478,40 @@ impl Pool {
         let job = self
             .current_job()
             .map(|j| (j.id_hex.clone(), j.height(), j.network_diff.to_f64()));
+        let users = self
+            .users
+            .lock()
+            .iter()
+            .map(|(name, u)| {
+                let c = *u.counters.lock();
+                let workers = u
+                    .workers
+                    .lock()
+                    .iter()
+                    .map(|(name, w)| {
+                        let c = *w.lock();
+                        (
+                            name.clone(),
+                            WorkerStats {
+                                accepted: c.accepted,
+                                rejected: c.rejected,
+                                accepted_diff: c.accepted_diff,
+                                bestshare: c.bestshare,
+                            },
+                        )
+                    })
+                    .collect();
+                let stats = UserStats {
+                    accepted: c.accepted,
+                    rejected: c.rejected,
+                    accepted_diff: c.accepted_diff,
+                    bestshare: c.bestshare,
+                    blocks: u.blocks.load(Ordering::Relaxed),
+                    workers,
+                };
+                (name.clone(), stats)
+            })
+            .collect();
         let s = self.stats.lock();
         StatsSnapshot {
             accepted: s.accepted,
@@ -443,7 +522,7 @@ impl Pool {
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
             job,
-            users: s.users.clone(),
+            users,
         }
     }
 }

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::Out;
 use crate::job::Job;
-use crate::pool::{BlockCandidate, Pool, ShareRecord};
+use crate::pool::{BlockCandidate, Pool, ShareRecord, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
 use crate::vardiff::{Bounds, VarDiff};
 
@@ -54,6 +54,15 @@ struct SoloWork {
 struct Auth {
     worker: Arc<str>,
     user: Arc<str>,
+    /// Where its shares are counted; looked up at the first share (idle miners cost nothing).
+    stats: Option<WorkerStatsRef>,
+}
+
+impl Auth {
+    fn stats(&mut self, pool: &Pool) -> &WorkerStatsRef {
+        self.stats
+            .get_or_insert_with(|| pool.worker_stats(&self.user, &self.worker))
+    }
 }
 
 struct Session {
@@ -431,6 +440,7 @@ impl State {
         s.auth = Some(Auth {
             worker: worker.into(),
             user: self.names.get(user),
+            stats: None,
         });
         let mut buf = Vec::with_capacity(128);
         stratum::reply_result(&mut buf, &req.id, b"true");
@@ -690,10 +700,11 @@ impl State {
                 let mut buf = Vec::with_capacity(128);
                 stratum::reply_reject(&mut buf, &req.id, code, reason);
                 out.send(conn, buf);
-                match self.sessions.get(&conn).and_then(|s| s.auth.as_ref()) {
-                    Some(a) => self
-                        .pool
-                        .record_share(&a.user, &a.worker, None, 0.0, Some(reason)),
+                match self.sessions.get_mut(&conn).and_then(|s| s.auth.as_mut()) {
+                    Some(a) => {
+                        self.pool
+                            .record_share(a.stats(&self.pool), None, 0.0, Some(reason));
+                    }
                     None => self.pool.record_anonymous_reject(reason),
                 }
                 debug!(%conn, reason, "share rejected");
@@ -876,7 +887,9 @@ impl State {
         verdict?;
         let mut buf = Vec::with_capacity(96);
         stratum::reply_result(&mut buf, &req.id, b"true");
-        pool.record_share(&user, &worker_name, Some(judged.to_f64()), sdiff, None);
+        if let Some(a) = s.auth.as_mut() {
+            pool.record_share(a.stats(&pool), Some(judged.to_f64()), sdiff, None);
+        }
         let current = pool.current_job();
         let network = current
             .as_ref()
