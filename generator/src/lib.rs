@@ -361,8 +361,9 @@ fn auth_of(b: &BtcdConfig) -> RpcAuth {
 enum Command {
     /// Fetch a template now.
     Update,
-    /// ZMQ announced this block hash (RPC order).
-    ZmqBlock(String),
+    /// A block with this hash (RPC order) is new: announced over ZMQ, or ours and accepted.
+    /// Fetch a template unless the tip already is that block.
+    NewBlock(String),
     /// The prober found this better-ranked server alive.
     ServerAlive(usize),
 }

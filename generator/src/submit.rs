@@ -164,8 +164,14 @@ impl Submitter {
             accepted,
             reason,
         });
-        // The tip has moved (or our block lost): either way new work is due.
-        let _ = self.commands.send(Command::Update);
+        // Accepted: new work is due unless the template thread already has this tip (ZMQ is
+        // often faster than the submitblock reply; a second template for the same tip would be
+        // a needless broadcast to every miner). Refused: fetch anyway, the tip may have moved.
+        let _ = self.commands.send(if accepted {
+            Command::NewBlock(block.hash.clone())
+        } else {
+            Command::Update
+        });
     }
 
     /// After a failure: did the block get in anyway?

@@ -191,9 +191,9 @@ impl TemplateWorker {
         for cmd in std::iter::once(first).chain(self.commands.try_iter()) {
             match cmd {
                 Command::Update => update = true,
-                Command::ZmqBlock(hash) => {
+                Command::NewBlock(hash) => {
                     if !self.tip.is_current(&hash) {
-                        tracing::debug!(hash, "new block announced over ZMQ");
+                        tracing::debug!(hash, "new block announced");
                         update = true;
                     }
                 }

@@ -108,7 +108,7 @@ async fn subscribe_loop(endpoint: &str, commands: &Sender<Command>, stop: &Recei
                 Ok(Ok(message)) => match block_hash(&message) {
                     Some(hash) => {
                         tracing::debug!(hash, "ZMQ hashblock");
-                        if commands.send(Command::ZmqBlock(hash)).is_err() {
+                        if commands.send(Command::NewBlock(hash)).is_err() {
                             return;
                         }
                     }
