@@ -194,13 +194,35 @@ pub struct UserStats {
 /// Pool totals: one small lock per share.
 #[derive(Debug, Default)]
 struct Stats {
+    blocks: Vec<String>,
+}
+
+/// Pool share totals, kept in stripes: each shard counts into its own (cache-line aligned, so
+/// shards on different cores do not bounce one line per share), and a snapshot adds them up.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Stripe(Mutex<Totals>);
+
+#[derive(Debug, Default)]
+struct Totals {
     accepted: u64,
     rejected: u64,
     accepted_diff: f64,
     bestshare: f64,
     reject_reasons: BTreeMap<&'static str, u64>,
-    blocks: Vec<String>,
 }
+
+impl Totals {
+    fn reject(&mut self, reason: Option<&'static str>) {
+        self.rejected += 1;
+        if let Some(r) = reason {
+            *self.reject_reasons.entry(r).or_default() += 1;
+        }
+    }
+}
+
+/// Stripes of pool totals (shards beyond this share them).
+const STRIPES: usize = 64;
 
 /// Share counters of one user or worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -272,6 +294,8 @@ pub struct Pool {
     next_session: AtomicU64,
     resume: Mutex<HashMap<u32, (u64, Instant)>>,
     stats: Mutex<Stats>,
+    totals: Box<[Arc<Stripe>]>,
+    next_stripe: AtomicU64,
     users: Mutex<BTreeMap<String, Arc<UserCell>>>,
     pub(crate) clients: AtomicU64,
     block_sink: BlockSink,
@@ -305,6 +329,8 @@ impl Pool {
             next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
             resume: Mutex::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
+            totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
+            next_stripe: AtomicU64::new(0),
             users: Mutex::new(BTreeMap::new()),
             clients: AtomicU64::new(0),
             block_sink: Box::new(block_sink),
@@ -438,28 +464,31 @@ impl Pool {
         WorkerStatsRef { user, worker }
     }
 
-    /// Counts a share: accepted at difficulty `accepted`, or rejected for `reason`.
+    /// A stripe of the pool totals for a new shard to count into.
+    pub(crate) fn totals_stripe(&self) -> Arc<Stripe> {
+        let n = self.next_stripe.fetch_add(1, Ordering::Relaxed) % STRIPES as u64;
+        // `n < STRIPES`, the length of `totals`.
+        Arc::clone(&self.totals[usize::try_from(n).unwrap_or(0)])
+    }
+
+    /// Counts a share in `stripe`: accepted at difficulty `accepted`, or rejected for `reason`.
     pub(crate) fn record_share(
         &self,
+        stripe: &Stripe,
         w: &WorkerStatsRef,
         accepted: Option<f64>,
         sdiff: f64,
         reason: Option<&'static str>,
     ) {
         {
-            let mut s = self.stats.lock();
+            let mut t = stripe.0.lock();
             match accepted {
                 Some(diff) => {
-                    s.accepted += 1;
-                    s.accepted_diff += diff;
-                    s.bestshare = s.bestshare.max(sdiff);
+                    t.accepted += 1;
+                    t.accepted_diff += diff;
+                    t.bestshare = t.bestshare.max(sdiff);
                 }
-                None => {
-                    s.rejected += 1;
-                    if let Some(r) = reason {
-                        *s.reject_reasons.entry(r).or_default() += 1;
-                    }
-                }
+                None => t.reject(reason),
             }
         }
         w.user.counters.lock().add(accepted, sdiff);
@@ -467,10 +496,8 @@ impl Pool {
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
-    pub(crate) fn record_anonymous_reject(&self, reason: &'static str) {
-        let mut s = self.stats.lock();
-        s.rejected += 1;
-        *s.reject_reasons.entry(reason).or_default() += 1;
+    pub(crate) fn record_anonymous_reject(&self, stripe: &Stripe, reason: &'static str) {
+        stripe.0.lock().reject(Some(reason));
     }
 
     /// A statistics snapshot.
@@ -512,13 +539,24 @@ impl Pool {
                 (name.clone(), stats)
             })
             .collect();
+        let mut sum = Totals::default();
+        for stripe in &self.totals {
+            let t = stripe.0.lock();
+            sum.accepted += t.accepted;
+            sum.rejected += t.rejected;
+            sum.accepted_diff += t.accepted_diff;
+            sum.bestshare = sum.bestshare.max(t.bestshare);
+            for (r, n) in &t.reject_reasons {
+                *sum.reject_reasons.entry(r).or_default() += n;
+            }
+        }
         let s = self.stats.lock();
         StatsSnapshot {
-            accepted: s.accepted,
-            rejected: s.rejected,
-            accepted_diff: s.accepted_diff,
-            bestshare: s.bestshare,
-            reject_reasons: s.reject_reasons.clone(),
+            accepted: sum.accepted,
+            rejected: sum.rejected,
+            accepted_diff: sum.accepted_diff,
+            bestshare: sum.bestshare,
+            reject_reasons: sum.reject_reasons,
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
             job,

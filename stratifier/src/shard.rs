@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::Out;
 use crate::job::Job;
-use crate::pool::{BlockCandidate, Pool, ShareRecord, WorkerStatsRef};
+use crate::pool::{BlockCandidate, Pool, ShareRecord, Stripe, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
 use crate::vardiff::{Bounds, VarDiff};
 
@@ -38,6 +38,8 @@ struct State {
     sessions: HashMap<ConnId, Box<Session>>,
     /// Shared copies of user names and user agents (most miners share both).
     names: Interner,
+    /// This shard's stripe of the pool totals.
+    stripe: Arc<Stripe>,
     auth_deadlines: VecDeque<(Instant, ConnId)>,
     scratch: Vec<u8>,
     solo_work: HashMap<(u64, Arc<str>), Arc<SoloWork>>,
@@ -100,6 +102,7 @@ impl Shard {
         Self {
             parser: Parser::new(),
             st: State {
+                stripe: pool.totals_stripe(),
                 pool,
                 sessions: HashMap::new(),
                 names: Interner::default(),
@@ -702,10 +705,15 @@ impl State {
                 out.send(conn, buf);
                 match self.sessions.get_mut(&conn).and_then(|s| s.auth.as_mut()) {
                     Some(a) => {
-                        self.pool
-                            .record_share(a.stats(&self.pool), None, 0.0, Some(reason));
+                        self.pool.record_share(
+                            &self.stripe,
+                            a.stats(&self.pool),
+                            None,
+                            0.0,
+                            Some(reason),
+                        );
                     }
-                    None => self.pool.record_anonymous_reject(reason),
+                    None => self.pool.record_anonymous_reject(&self.stripe, reason),
                 }
                 debug!(%conn, reason, "share rejected");
             }
@@ -888,7 +896,13 @@ impl State {
         let mut buf = Vec::with_capacity(96);
         stratum::reply_result(&mut buf, &req.id, b"true");
         if let Some(a) = s.auth.as_mut() {
-            pool.record_share(a.stats(&pool), Some(judged.to_f64()), sdiff, None);
+            pool.record_share(
+                &self.stripe,
+                a.stats(&pool),
+                Some(judged.to_f64()),
+                sdiff,
+                None,
+            );
         }
         let current = pool.current_job();
         let network = current

@@ -1113,3 +1113,34 @@ fn compat_new_extranonce1_reconnects_miners_that_did_not_subscribe_to_it() {
     assert_eq!(s.shard.renew_extranonce1(s.now, c3, &mut s.out), None);
     assert!(s.out.take_json(c3).is_empty());
 }
+
+#[test]
+fn totals_add_up_across_shards() {
+    // Each shard counts into its own stripe of the pool totals; a snapshot adds them up.
+    let mut a = sim();
+    let mut b = Sim {
+        shard: Shard::new(Arc::clone(&a.pool)),
+        pool: Arc::clone(&a.pool),
+        out: RecordingOut::default(),
+        now: a.now,
+        blocks: Arc::clone(&a.blocks),
+    };
+    let (ca, wa) = a.connect(1, "alice.a");
+    let (cb, wb) = b.connect(2, "alice.b");
+    assert_eq!(
+        a.line(ca, good_share(&wa, "alice.a", &[1; 8]))[0]["result"],
+        true
+    );
+    assert_eq!(
+        b.line(cb, good_share(&wb, "alice.b", &[2; 8]))[0]["result"],
+        true
+    );
+    let mut bad = good_share(&wb, "alice.b", &[3; 8]);
+    bad["params"][1] = json!("ffffffffffffffff");
+    assert_reject(&b.line(cb, bad), 21, "Invalid JobID");
+    let st = a.pool.stats();
+    assert_eq!((st.accepted, st.rejected), (2, 1));
+    assert_eq!(st.reject_reasons["Invalid JobID"], 1);
+    assert_eq!(st.users["alice"].accepted, 2);
+    assert_eq!(st.users["alice"].workers["alice.b"].rejected, 1);
+}
