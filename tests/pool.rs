@@ -45,6 +45,20 @@ fn mine_blocks(pool: &PoolProcess, user: &str, blocks: u64) -> MinerReport {
     Miner::start(cfg).unwrap().wait(Duration::from_secs(180))
 }
 
+/// A miner that sends 10 shares/s and stops at a block (so a raw client's jobs stay current),
+/// once it has had 3 shares accepted.
+fn start_honest_miner(addr: std::net::SocketAddr, user: &str) -> Miner {
+    let mut cfg = MinerConfig::new(addr, user);
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    cfg.pause_after_block = true;
+    let honest = Miner::start(cfg).unwrap();
+    wait_until("the honest miner to get shares accepted", WAIT, || {
+        honest.report().accepted >= 3
+    });
+    honest
+}
+
 #[test]
 fn pool_mode_mines_blocks_paying_the_configured_address() {
     let Some(exe) = bitcoind_or_skip("pool_mode_mines_blocks_paying_the_configured_address") else {
@@ -211,14 +225,7 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     let mut pool = PoolProcess::start("badclients", &config, &[]);
 
     // The honest miner: shares only, no blocks (so the raw client's jobs stay current).
-    let mut honest_cfg = MinerConfig::new(pool.addr, "honest.1");
-    honest_cfg.duration = Some(Duration::from_secs(120));
-    honest_cfg.max_shares_per_sec = 10.0;
-    honest_cfg.pause_after_block = true;
-    let honest = Miner::start(honest_cfg).unwrap();
-    wait_until("the honest miner to get shares accepted", WAIT, || {
-        honest.report().accepted >= 3
-    });
+    let honest = start_honest_miner(pool.addr, "honest.1");
 
     // Garbage: an error reply, then the connection is closed.
     let mut garbage = Client::connect(pool.addr);
@@ -670,14 +677,7 @@ fn queue_handoff_serves_miners_and_drops_bad_clients() {
         WAIT,
         |s| s["job"][1].as_u64() == Some(node.height() + 1),
     );
-    let mut honest_cfg = MinerConfig::new(pool.addr, "queue.honest");
-    honest_cfg.duration = Some(Duration::from_secs(120));
-    honest_cfg.max_shares_per_sec = 10.0;
-    honest_cfg.pause_after_block = true;
-    let honest = Miner::start(honest_cfg).unwrap();
-    wait_until("the honest miner to get shares accepted", WAIT, || {
-        honest.report().accepted >= 3
-    });
+    let honest = start_honest_miner(pool.addr, "queue.honest");
     let mut garbage = Client::connect(pool.addr);
     // The valid request after the malformed line (same write, so the same batch) is not answered:
     // the stratifier thread drops a connection's input once it has closed it.

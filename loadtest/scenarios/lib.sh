@@ -38,6 +38,17 @@ bench_cleanup() {
 		kill "$ckload_pid" 2>/dev/null || true
 		wait "$ckload_pid" 2>/dev/null || true
 	fi
+	pool_stop
+	if [[ -n $nodes_started ]]; then
+		bash "$ROOT/scripts/regtest-node.sh" stop || true
+	fi
+	log "logs and reports are in $DIR"
+	exit "$status"
+}
+
+# pool_stop: asks the server under test to shut down (ckpmsg, then a signal), waits up to 10 s,
+# then kills it.
+pool_stop() {
 	if [[ -n $pool_pid ]] && kill -0 "$pool_pid" 2>/dev/null; then
 		"$CKPMSG" -s "$DIR/sock" shutdown >/dev/null 2>&1 || kill "$pool_pid" 2>/dev/null || true
 		for _ in $(seq 1 100); do
@@ -45,12 +56,9 @@ bench_cleanup() {
 			sleep 0.1
 		done
 		kill -KILL "$pool_pid" 2>/dev/null || true
+		wait "$pool_pid" 2>/dev/null || true
 	fi
-	if [[ -n $nodes_started ]]; then
-		bash "$ROOT/scripts/regtest-node.sh" stop || true
-	fi
-	log "logs and reports are in $DIR"
-	exit "$status"
+	pool_pid=""
 }
 
 # bench_setup: build, start the nodes and the pool; sets pool_pid, RPC_URL, RPC_USER, RPC_PASS.
@@ -93,8 +101,14 @@ bench_setup() {
 }
 Benchmark config: difficulty pinned at 2^-32 so every share ckload grinds is cheap and not a block.
 CONF
-	log "starting ckpool-rs on 127.0.0.1:$PORT ($IO)"
-	"$POOL" -c "$DIR/ckpool.conf" -s "$DIR/sock" -n "bench-$SCENARIO" -k -q --io "$IO" \
+	pool_start --io "$IO"
+}
+
+# pool_start ARGS...: starts ckpool-rs on the config bench_setup wrote, with extra ARGS; sets
+# pool_pid once it answers ping.
+pool_start() {
+	log "starting ckpool-rs on 127.0.0.1:$PORT ($*)"
+	"$POOL" -c "$DIR/ckpool.conf" -s "$DIR/sock" -n "bench-$SCENARIO" -k -q "$@" \
 		>"$DIR/pool.log" 2>&1 &
 	pool_pid=$!
 	for _ in $(seq 1 200); do

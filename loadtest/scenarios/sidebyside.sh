@@ -52,19 +52,7 @@ fi
 # Starts the node pair and writes the pool's config; the pool it starts is stopped at once, as
 # every run below starts its own server.
 bench_setup
-stop_pool() {
-	if [[ -n $pool_pid ]] && kill -0 "$pool_pid" 2>/dev/null; then
-		"$CKPMSG" -s "$DIR/sock" shutdown >/dev/null 2>&1 || kill "$pool_pid" 2>/dev/null || true
-		for _ in $(seq 1 100); do
-			kill -0 "$pool_pid" 2>/dev/null || break
-			sleep 0.1
-		done
-		kill -KILL "$pool_pid" 2>/dev/null || true
-		wait "$pool_pid" 2>/dev/null || true
-	fi
-	pool_pid=""
-}
-stop_pool
+pool_stop
 
 # start_server SERVER [NOTIFY_EVERY]: starts it on its port; sets pool_pid (the server's pid) and
 # PORT. The floor broadcasts a notify every NOTIFY_EVERY s (default 60, the pool's
@@ -87,22 +75,7 @@ start_server() {
 		exit 1
 	fi
 	PORT=$POOL_PORT
-	"$POOL" -c "$DIR/ckpool.conf" -s "$DIR/sock" -n "bench-$SCENARIO" -k -q --io "$io" \
-		--handoff "${handoff:-inline}" >"$DIR/pool.log" 2>&1 &
-	pool_pid=$!
-	for _ in $(seq 1 200); do
-		if "$CKPMSG" -s "$DIR/sock" ping 2>/dev/null | grep -q pong; then
-			return 0
-		fi
-		if ! kill -0 "$pool_pid" 2>/dev/null; then
-			cat "$DIR/pool.log" >&2
-			log "ckpool-rs exited during start-up"
-			exit 1
-		fi
-		sleep 0.1
-	done
-	log "ckpool-rs did not answer ping"
-	exit 1
+	pool_start --io "$io" --handoff "${handoff:-inline}"
 }
 
 tag_of() { tr ':' '-' <<<"$1"; }
@@ -112,7 +85,7 @@ steady_run() {
 	start_server "$1"
 	ckload_run "$2" steady --miners "$MINERS" --workers "$WORKERS" --rate "$3" \
 		--ramp "$RAMP" --duration "$((RAMP + SECS))" --quiet || true
-	stop_pool
+	pool_stop
 }
 
 declare -A CPU P99 STEAL
@@ -166,7 +139,7 @@ if [[ " $PHASES " == *" fanout "* ]]; then
 			ckload_run "$name" steady --miners "$MINERS" --workers "$WORKERS" --rate 0 \
 				--ramp "$RAMP" --duration "$((RAMP + 3 + BLOCKS * BLOCK_INTERVAL))" --quiet || true
 		fi
-		stop_pool
+		pool_stop
 		J=$DIR/$name.json
 		FAN[$srv]=$(jget "$J" '"%d jobs, p50 %.1f / p99 %.1f ms" % (r["fanout"]["jobs_measured"], r["fanout"]["spread"]["p50_us"]/1000, r["fanout"]["spread"]["p99_us"]/1000)')
 	done
@@ -179,7 +152,7 @@ if [[ " $PHASES " == *" idle "* ]]; then
 		start_server "$srv"
 		ckload_run "$name" steady --miners "$MINERS" --workers "$WORKERS" --rate 0 \
 			--ramp "$RAMP" --duration "$((RAMP + IDLE_SECS))" --quiet || true
-		stop_pool
+		pool_stop
 		J=$DIR/$name.json
 		RSS[$srv]=$(jget "$J" '"%d B (RSS %.1f -> %.1f MiB, %d miners)" % (r["pool"]["rss_bytes_per_miner"], r["pool"]["rss_kib_start"]/1024, r["pool"]["rss_kib_end"]/1024, r["peak_authorized"])')
 	done
