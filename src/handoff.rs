@@ -61,7 +61,7 @@ use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use stratifier::{Job, Pool, Shard};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
 /// out even when the connector keeps it busy.
@@ -315,7 +315,8 @@ impl QueueHandler {
                 let span = tracing::info_span!("stratifier", thread);
                 let _entered = span.enter();
                 if pin {
-                    pin_shard_thread(thread);
+                    // The same CPU as its connector thread.
+                    connector::pin_current_thread_or_warn(thread, "stratifier");
                 }
                 run_shard(thread, shard, &batches, &spare_batch_tx, &spare_output_rx);
                 debug!("stratifier thread stopped");
@@ -431,19 +432,6 @@ impl Drop for QueueHandler {
         drop(link.to_shard);
         if link.join.join().is_err() {
             error!(thread = self.thread, "stratifier thread panicked");
-        }
-    }
-}
-
-/// Pins a stratifier thread to its connector thread's CPU; a failure is logged once.
-fn pin_shard_thread(thread: usize) {
-    match connector::pin_current_thread(thread) {
-        Ok(cpu) => debug!(cpu, "stratifier thread pinned"),
-        Err(e) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                warn!(error = %e, "cannot pin stratifier threads to CPUs; they run unpinned");
-            });
         }
     }
 }

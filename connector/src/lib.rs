@@ -336,6 +336,20 @@ pub fn pin_current_thread(index: usize) -> io::Result<usize> {
     sys::pin_current_thread(index)
 }
 
+/// [`pin_current_thread`] for a thread playing `role` (e.g. `"connector"`), logging the CPU at
+/// `debug`; a failure is a warning, once per process, and the thread runs unpinned.
+pub fn pin_current_thread_or_warn(index: usize, role: &str) {
+    match sys::pin_current_thread(index) {
+        Ok(cpu) => debug!(cpu, role, "thread pinned"),
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(error = %e, role, "cannot pin threads to CPUs; they run unpinned");
+            });
+        }
+    }
+}
+
 /// Starts the connector threads. `make(thread_index)` builds each thread's handler (on that
 /// thread).
 ///
@@ -494,7 +508,7 @@ where
                 let span = tracing::info_span!("connector", thread = t);
                 let _entered = span.enter();
                 if pin {
-                    pin_worker(t);
+                    pin_current_thread_or_warn(t, "connector");
                 }
                 let backend = match new_backend(waker, socks) {
                     Ok(backend) => backend,
@@ -533,19 +547,6 @@ where
         }
     }
     Ok(connector)
-}
-
-/// Pins connector thread `t` (see [`Config::pin`]); a failure is logged once per process.
-fn pin_worker(t: usize) {
-    match sys::pin_current_thread(t) {
-        Ok(cpu) => debug!(cpu, "connector thread pinned"),
-        Err(e) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                warn!(error = %e, "cannot pin connector threads to CPUs; they run unpinned");
-            });
-        }
-    }
 }
 
 /// The running connector threads. Dropping it shuts them down, like [`Connector::shutdown`].
