@@ -260,6 +260,22 @@ fn generator_templates_zmq_and_submission() {
     assert!(!accepted);
     let reason = reason.unwrap();
     assert!(reason.contains("decode"), "{reason}");
+    // A refused block makes the generator fetch a fresh template (the tip may have moved). Wait
+    // for it here: it can arrive after the next submission's result, and must not be taken for
+    // a template that followed that one.
+    let (_, ev) = expect_event(&rx, Duration::from_secs(10), "refresh after refusal", |e| {
+        matches!(e, GenEvent::Template { .. })
+    });
+    assert!(
+        matches!(
+            ev,
+            GenEvent::Template {
+                new_block: false,
+                ..
+            }
+        ),
+        "the refusal's refresh is for the same tip: {ev:?}"
+    );
 
     // A block the node already has: "duplicate" counts as accepted.
     let height = n0.height();
