@@ -8,16 +8,18 @@
 # A fresh server process for every run. Four measurements, each a table:
 #   1. cpu: SBS_REPS rounds; in each, every server once at SBS_RATE shares/s from SBS_MINERS
 #      miners: server CPU µs per accepted share and submit p99 (median and all values).
-#   2. max: every server at each of SBS_MAX_RATES in turn until a step misses submit p99 <=
-#      SBS_P99_MS, or accepts < 98 % of the asked rate, or has a reject or an unanswered submit.
-#      A step that misses while the host stole >= SBS_MAX_STEAL % of the machine is run again
-#      (SBS_MAX_TRIES runs in all).
+#   2. max: the rates of SBS_MAX_RATES in turn. At each, every server still in the race runs up
+#      to SBS_MAX_RUNS times (odd; runs interleaved across servers, order rotated each round); a
+#      run passes with submit p99 <= SBS_P99_MS, >= 98 % of the asked rate accepted, no reject and
+#      no unanswered submit. A server passes the step with a majority of passing runs (it stops
+#      running once the majority is decided) and leaves the race at its first failed step.
 #   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
 #      the floor broadcasts a notify every SBS_BLOCK_INTERVAL s; first->last miner receipt per job.
 #   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner.
 #
 # Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
-# (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 30000 40000 50000 60000"],
+# (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 25000 30000 35000 40000 45000 50000"],
+# SBS_MAX_RUNS [3],
 # SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
 # SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
 # BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
@@ -32,7 +34,7 @@ RATE=${SBS_RATE:-20000}
 REPS=${SBS_REPS:-3}
 SECS=${SBS_SECONDS:-20}
 RAMP=${SBS_RAMP:-5}
-MAX_RATES=${SBS_MAX_RATES:-20000 30000 40000 50000 60000}
+MAX_RATES=${SBS_MAX_RATES:-20000 25000 30000 35000 40000 45000 50000}
 P99_MS=${SBS_P99_MS:-5}
 BLOCKS=${SBS_BLOCKS:-8}
 BLOCK_INTERVAL=${SBS_BLOCK_INTERVAL:-2}
@@ -40,8 +42,7 @@ IDLE_SECS=${SBS_IDLE_SECONDS:-10}
 WORKERS=${SBS_WORKERS:-2}
 PHASES=${SBS_PHASES:-cpu max fanout idle}
 NULL_PORT=${SBS_NULL_PORT:-23335}
-MAX_STEAL=${SBS_MAX_STEAL:-5}
-MAX_TRIES=${SBS_MAX_TRIES:-3}
+MAX_RUNS=${SBS_MAX_RUNS:-3}
 NULL_BIN=$ROOT/target/release/examples/nullstratum
 POOL_PORT=$PORT
 
@@ -105,24 +106,42 @@ if [[ " $PHASES " == *" cpu "* ]]; then
 	done
 fi
 
-declare -A BEST
+declare -A BEST STEPS
 if [[ " $PHASES " == *" max "* ]]; then
-	for srv in $SERVERS; do
-		BEST[$srv]=none
-		for rate in $MAX_RATES; do
-			ok=0
-			for try in $(seq 1 "$MAX_TRIES"); do
-				name=max-$(tag_of "$srv")-$rate-$try
+	racing=$SERVERS
+	need=$(((MAX_RUNS + 1) / 2))
+	for rate in $MAX_RATES; do
+		[[ -n ${racing// /} ]] || break
+		declare -A PASS=() FAIL=() RUNS=()
+		for run in $(seq 1 "$MAX_RUNS"); do
+			# Rotate the order each round so no server always runs first (or last).
+			read -r -a order <<<"$racing"
+			shift_by=$(((run - 1) % ${#order[@]}))
+			order=("${order[@]:shift_by}" "${order[@]:0:shift_by}")
+			for srv in "${order[@]}"; do
+				((${PASS[$srv]:-0} < need && ${FAIL[$srv]:-0} < need)) || continue
+				name=max-$(tag_of "$srv")-$rate-$run
 				steady_run "$srv" "$name" "$rate"
 				J=$DIR/$name.json
 				ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
-				# A miss is believed only when the host stole little of the machine meanwhile.
-				noisy=$(jget "$J" "int(r['machine']['steal_pct_window'] >= $MAX_STEAL)")
-				[[ $ok == 0 && $noisy == 1 ]] || break
+				RUNS[$srv]+="$(jget "$J" '"%.2f ms (%.1f %% steal)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["machine"]["steal_pct_window"])'), "
+				if [[ $ok == 1 ]]; then
+					PASS[$srv]=$((${PASS[$srv]:-0} + 1))
+				else
+					FAIL[$srv]=$((${FAIL[$srv]:-0} + 1))
+				fi
 			done
-			[[ $ok == 1 ]] || break
-			BEST[$srv]=$rate
 		done
+		still=
+		for srv in $racing; do
+			STEPS[$srv]+="$rate: ${RUNS[$srv]%, }; "
+			if ((${PASS[$srv]:-0} >= need)); then
+				BEST[$srv]=$rate
+				still+="$srv "
+			fi
+		done
+		racing=$still
+		unset PASS FAIL RUNS
 	done
 fi
 
@@ -170,3 +189,10 @@ for srv in $SERVERS; do
 		"$( [[ -n $p99 ]] && median "$p99" || echo -)" "${p99% }" "${steal% }" \
 		"${BEST[$srv]:--}" "${FAN[$srv]:--}" "${RSS[$srv]:--}"
 done
+
+if [[ " $PHASES " == *" max "* ]]; then
+	printf '\nmaximum rate, submit p99 of each run at each step (a step passes with a majority of runs within %s ms):\n\n' "$P99_MS"
+	for srv in $SERVERS; do
+		printf -- '- %s: best %s; %s\n' "$srv" "${BEST[$srv]:-none}" "${STEPS[$srv]%; }"
+	done
+fi
