@@ -11,16 +11,18 @@
 #   2. max: the rates of SBS_MAX_RATES in turn. At each, every server still in the race runs up
 #      to SBS_MAX_RUNS times (runs interleaved across servers, order rotated each round); a run
 #      passes with submit p99 <= SBS_P99_MS, >= 98 % of the asked rate accepted, no reject and no
-#      unanswered submit. A server passes the step with its first passing run (best of N: the
-#      VM's host steals the CPU in bursts of milliseconds, which only ever adds latency, so the
-#      least disturbed run is the server's own) and leaves the race at its first failed step.
+#      unanswered submit. The VM's host steals the CPU in bursts of milliseconds, which only ever
+#      adds latency: a failed run counts only if the host stole < SBS_MAX_STEAL % of the machine
+#      meanwhile, otherwise it is run again. A server passes the step with its first passing run,
+#      fails it with its first counted failure (or SBS_MAX_RUNS noisy failures, marked so), and
+#      leaves the race at its first failed step.
 #   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
 #      the floor broadcasts a notify every SBS_BLOCK_INTERVAL s; first->last miner receipt per job.
 #   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner.
 #
 # Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
 # (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 25000 30000 35000 40000 45000 50000"],
-# SBS_MAX_RUNS [3],
+# SBS_MAX_RUNS [5], SBS_MAX_STEAL [2],
 # SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
 # SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
 # BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
@@ -43,7 +45,8 @@ IDLE_SECS=${SBS_IDLE_SECONDS:-10}
 WORKERS=${SBS_WORKERS:-2}
 PHASES=${SBS_PHASES:-cpu max fanout idle}
 NULL_PORT=${SBS_NULL_PORT:-23335}
-MAX_RUNS=${SBS_MAX_RUNS:-3}
+MAX_RUNS=${SBS_MAX_RUNS:-5}
+MAX_STEAL=${SBS_MAX_STEAL:-2}
 NULL_BIN=$ROOT/target/release/examples/nullstratum
 POOL_PORT=$PORT
 
@@ -125,13 +128,19 @@ if [[ " $PHASES " == *" max "* ]]; then
 				J=$DIR/$name.json
 				ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
 				RUNS[$srv]+="$(jget "$J" '"%.2f ms (%.1f %% steal)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["machine"]["steal_pct_window"])'), "
-				[[ $ok == 0 ]] || PASS[$srv]=1
+				if [[ $ok == 1 ]]; then
+					PASS[$srv]=1
+				elif [[ $(jget "$J" "int(r['machine']['steal_pct_window'] < $MAX_STEAL)") == 1 ]]; then
+					PASS[$srv]=0
+				elif ((run == MAX_RUNS)); then
+					RUNS[$srv]+="all failed with steal >= $MAX_STEAL %, "
+				fi
 			done
 		done
 		still=
 		for srv in $racing; do
 			STEPS[$srv]+="$rate: ${RUNS[$srv]%, }; "
-			if [[ -n ${PASS[$srv]:-} ]]; then
+			if [[ ${PASS[$srv]:-} == 1 ]]; then
 				BEST[$srv]=$rate
 				still+="$srv "
 			fi
@@ -187,7 +196,7 @@ for srv in $SERVERS; do
 done
 
 if [[ " $PHASES " == *" max "* ]]; then
-	printf '\nmaximum rate, submit p99 of each run at each step (a step passes with its first run within %s ms, at most SBS_MAX_RUNS runs):\n\n' "$P99_MS"
+	printf '\nmaximum rate, submit p99 of each run at each step (within %s ms passes a step; a failed run counts only below %s %% steal):\n\n' "$P99_MS" "$MAX_STEAL"
 	for srv in $SERVERS; do
 		printf -- '- %s: best %s; %s\n' "$srv" "${BEST[$srv]:-none}" "${STEPS[$srv]%; }"
 	done
