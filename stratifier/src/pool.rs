@@ -246,9 +246,11 @@ impl Counters {
     }
 }
 
+/// A user's blocks and workers. Its share counters are the sums of its workers', added up when a
+/// snapshot is taken: a farm mines under one user from every core, and a per-user lock taken
+/// for each share would be shared by all connector threads.
 #[derive(Debug, Default)]
 struct UserCell {
-    counters: Mutex<Counters>,
     blocks: AtomicU64,
     workers: Mutex<BTreeMap<String, Arc<Mutex<Counters>>>>,
 }
@@ -257,7 +259,6 @@ struct UserCell {
 /// held by its session, so counting a share compares no strings.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerStatsRef {
-    user: Arc<UserCell>,
     worker: Arc<Mutex<Counters>>,
 }
 
@@ -461,7 +462,7 @@ impl Pool {
                 }
             }
         };
-        WorkerStatsRef { user, worker }
+        WorkerStatsRef { worker }
     }
 
     /// A stripe of the pool totals for a new shard to count into.
@@ -491,7 +492,6 @@ impl Pool {
                 None => t.reject(reason),
             }
         }
-        w.user.counters.lock().add(accepted, sdiff);
         w.worker.lock().add(accepted, sdiff);
     }
 
@@ -510,13 +510,18 @@ impl Pool {
             .lock()
             .iter()
             .map(|(name, u)| {
-                let c = *u.counters.lock();
+                let mut c = Counters::default();
                 let workers = u
                     .workers
                     .lock()
                     .iter()
                     .map(|(name, w)| {
-                        let c = *w.lock();
+                        let w = *w.lock();
+                        c.accepted += w.accepted;
+                        c.rejected += w.rejected;
+                        c.accepted_diff += w.accepted_diff;
+                        c.bestshare = c.bestshare.max(w.bestshare);
+                        let c = w;
                         (
                             name.clone(),
                             WorkerStats {
