@@ -47,7 +47,13 @@ pub struct Job {
     /// Share hashes seen, for duplicate detection: their first 8 bytes, which sha256d makes
     /// uniform (the zeros a share's hash needs are at the other end), used as their own hash.
     /// A false duplicate needs two shares of one job agreeing in 64 random bits.
-    seen: Mutex<HashSet<u64, BuildHasherDefault<PrehashedU64>>>,
+    ///
+    /// Split in [`SEEN_STRIPES`] sets by another byte of the hash: every connector thread
+    /// checks shares of the current job, and one lock would be taken by all of them for every
+    /// share, and held through each doubling of a set that reaches a million entries (a
+    /// stall of milliseconds for every thread). Striped, two threads rarely meet, and each
+    /// set grows in steps 64 times smaller.
+    seen: Box<[SeenStripe]>,
     /// Pieces of the notify line around coinb2, for solo mode's per-user lines.
     notify_prefix: String,
     notify_suffix: String,
@@ -147,7 +153,7 @@ impl Job {
             created: now,
             notify,
             notify_clean,
-            seen: Mutex::new(HashSet::default()),
+            seen: new_seen(),
             notify_prefix: prefix,
             notify_suffix: suffix,
             notify_suffix_clean: suffix_clean,
@@ -178,9 +184,7 @@ impl Job {
 
     /// Records a share hash; false when it was seen before.
     pub fn first_sighting(&self, hash: &[u8; 32]) -> bool {
-        let mut low = [0u8; 8];
-        low.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
-        self.seen.lock().insert(u64::from_le_bytes(low))
+        first_sighting(&self.seen, hash)
     }
 
     /// Height of the block this job builds.
@@ -256,11 +260,62 @@ mod tests {
         assert!(s.ends_with("0000000000000000"), "{s}");
         assert_eq!(&s[..8], "a6b7c8d9");
     }
+
+    fn hash_of(i: u64) -> [u8; 32] {
+        common::hash::sha256d(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn duplicates_are_found_across_stripes_and_threads() {
+        let seen = new_seen();
+        // Two threads sight the same 20,000 hashes: each hash is new to exactly one of them.
+        let firsts: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..20_000u64)
+                            .filter(|&i| first_sighting(&seen, &hash_of(i)))
+                            .count()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(firsts, 20_000);
+        assert!(!first_sighting(&seen, &hash_of(7)));
+        assert!(first_sighting(&seen, &hash_of(20_000)));
+        // Every stripe got some of them.
+        assert!(seen.iter().all(|s| !s.0.lock().is_empty()));
+    }
 }
 
 /// A [`Hasher`](std::hash::Hasher) for keys that are already uniformly random `u64`s.
 #[derive(Default)]
 struct PrehashedU64(u64);
+
+/// Number of duplicate-detection sets per job.
+const SEEN_STRIPES: usize = 64;
+
+/// One duplicate-detection set, on its own cache line so stripes used by different threads do
+/// not share one (4 KiB per job for the 64).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct SeenStripe(Mutex<HashSet<u64, BuildHasherDefault<PrehashedU64>>>);
+
+fn new_seen() -> Box<[SeenStripe]> {
+    (0..SEEN_STRIPES).map(|_| SeenStripe::default()).collect()
+}
+
+/// Records `hash` in `seen`; false when it was there already.
+fn first_sighting(seen: &[SeenStripe], hash: &[u8; 32]) -> bool {
+    let mut low = [0u8; 8];
+    low.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
+    // A byte the key does not contain picks the stripe, so each set's keys keep all their bits
+    // (the set uses the key as its own hash).
+    let stripe = usize::from(hash.get(8).copied().unwrap_or(0)) % SEEN_STRIPES;
+    seen.get(stripe)
+        .is_none_or(|s| s.0.lock().insert(u64::from_le_bytes(low)))
+}
 
 impl std::hash::Hasher for PrehashedU64 {
     fn finish(&self) -> u64 {
