@@ -9,6 +9,8 @@
 #   BENCH_DIR [<repo>/.regtest/bench/<scenario>]  config, logs and JSON reports
 #   BENCH_IO [epoll]       the pool's I/O backend (--io): the committed pool runs on epoll
 #   BENCH_NO_BUILD         set to skip `cargo build --release`
+#   BENCH_CKLOAD_NICE      run ckload at this nice value (e.g. 10), so that on a shared machine
+#                          the server under test is not queued behind the load generator
 #   BENCH_POOL_BIN, BENCH_CKPMSG_BIN  other ckpool-rs/ckpmsg binaries to test (e.g. another build)
 set -euo pipefail
 
@@ -132,7 +134,9 @@ ckload_run() {
 	local name=$1
 	shift
 	log "ckload $*"
-	"$CKLOAD" "$@" --url "127.0.0.1:$PORT" --pool-pid "$pool_pid" --json "$DIR/$name.json" \
+	local nice=()
+	[[ -z ${BENCH_CKLOAD_NICE:-} ]] || nice=(nice -n "$BENCH_CKLOAD_NICE")
+	"${nice[@]}" "$CKLOAD" "$@" --url "127.0.0.1:$PORT" --pool-pid "$pool_pid" --json "$DIR/$name.json" \
 		>"$DIR/$name.txt" &
 	ckload_pid=$!
 	local status=0
