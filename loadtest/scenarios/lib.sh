@@ -11,8 +11,17 @@
 #   BENCH_NO_BUILD         set to skip `cargo build --release`
 #   BENCH_CKLOAD_NICE      run ckload at this nice value (e.g. 10), so that on a shared machine
 #                          the server under test is not queued behind the load generator
+#   BENCH_SERVER_CPUS, BENCH_CKLOAD_CPUS  CPU lists (taskset -c) for the server and for ckload,
+#                          e.g. 0 and 1: the server on one core, the load generator on the other
 #   BENCH_POOL_BIN, BENCH_CKPMSG_BIN  other ckpool-rs/ckpmsg binaries to test (e.g. another build)
 set -euo pipefail
+
+# Command prefixes: the CPUs the server and ckload may run on, and ckload's nice value.
+SERVER_PREFIX=()
+[[ -z ${BENCH_SERVER_CPUS:-} ]] || SERVER_PREFIX=(taskset -c "$BENCH_SERVER_CPUS")
+CKLOAD_PREFIX=()
+[[ -z ${BENCH_CKLOAD_CPUS:-} ]] || CKLOAD_PREFIX+=(taskset -c "$BENCH_CKLOAD_CPUS")
+[[ -z ${BENCH_CKLOAD_NICE:-} ]] || CKLOAD_PREFIX+=(nice -n "$BENCH_CKLOAD_NICE")
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SCENARIO=${SCENARIO:?set SCENARIO before sourcing lib.sh}
@@ -110,7 +119,7 @@ CONF
 # pool_pid once it answers ping.
 pool_start() {
 	log "starting ckpool-rs on 127.0.0.1:$PORT ($*)"
-	"$POOL" -c "$DIR/ckpool.conf" -s "$DIR/sock" -n "bench-$SCENARIO" -k -q "$@" \
+	"${SERVER_PREFIX[@]}" "$POOL" -c "$DIR/ckpool.conf" -s "$DIR/sock" -n "bench-$SCENARIO" -k -q "$@" \
 		>"$DIR/pool.log" 2>&1 &
 	pool_pid=$!
 	for _ in $(seq 1 200); do
@@ -134,9 +143,7 @@ ckload_run() {
 	local name=$1
 	shift
 	log "ckload $*"
-	local nice=()
-	[[ -z ${BENCH_CKLOAD_NICE:-} ]] || nice=(nice -n "$BENCH_CKLOAD_NICE")
-	"${nice[@]}" "$CKLOAD" "$@" --url "127.0.0.1:$PORT" --pool-pid "$pool_pid" --json "$DIR/$name.json" \
+	"${CKLOAD_PREFIX[@]}" "$CKLOAD" "$@" --url "127.0.0.1:$PORT" --pool-pid "$pool_pid" --json "$DIR/$name.json" \
 		>"$DIR/$name.txt" &
 	ckload_pid=$!
 	local status=0

@@ -67,7 +67,7 @@ start_server() {
 	IFS=: read -r kind io handoff <<<"$1"
 	if [[ $kind == null ]]; then
 		PORT=$NULL_PORT
-		"$NULL_BIN" --listen "127.0.0.1:$PORT" --threads "$THREADS" --backend "$io" \
+		"${SERVER_PREFIX[@]}" "$NULL_BIN" --listen "127.0.0.1:$PORT" --threads "$THREADS" --backend "$io" \
 			--notify-every "$every" --duration 3600 >"$DIR/null.log" 2>&1 &
 		pool_pid=$!
 		for _ in $(seq 1 100); do
