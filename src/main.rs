@@ -4,6 +4,7 @@
 mod admin;
 mod handoff;
 mod sharelog;
+mod status;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -335,6 +336,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     );
     pool.new_template(first.0, Instant::now())
         .context("building the first job")?;
+    // Hashrate sampling and the stats files (pool.status, users/<name>).
+    let stats_writer = status::start(
+        Arc::clone(&pool),
+        cfg.logdir.clone(),
+        cfg.statsupdate,
+        started,
+    )
+    .context("starting the stats writer")?;
 
     // The connector threads, each with its stratifier shard.
     let io = cli
@@ -430,6 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     info!("shutting down");
     conns.shutdown();
+    stats_writer.stop();
     if let Ok(g) = Arc::try_unwrap(generator) {
         g.shutdown();
     }

@@ -123,6 +123,105 @@ fn pool_mode_mines_blocks_paying_the_configured_address() {
     println!("pool mode: {report:?}");
 }
 
+/// The stats files ckpool operators watch: `logs/pool/pool.status` (three JSON lines) and
+/// `logs/users/<user>`, rewritten every `statsupdate` (1 s here) while a miner mines.
+#[test]
+fn stats_files_show_hashrate_and_users_while_a_miner_mines() {
+    let Some(exe) = bitcoind_or_skip("stats_files_show_hashrate_and_users_while_a_miner_mines")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let addr = node.new_address();
+    let mut config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    config["statsupdate"] = json!(1);
+    let pool = PoolProcess::start("statsfiles", &config, &[]);
+    let miner = start_honest_miner(pool.addr, "statsuser.rig1");
+
+    let logs = pool.dir.join("logs");
+    let status_path = logs.join("pool/pool.status");
+    let user_path = logs.join("users/statsuser");
+    let read_json_lines = |path: &std::path::Path| -> Option<Vec<Value>> {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    };
+    let mut status = Vec::new();
+    wait_until(
+        "pool.status with a hashrate and accepted shares",
+        WAIT,
+        || {
+            status = read_json_lines(&status_path).unwrap_or_default();
+            status.len() == 3
+                && status[1]["hashrate1m"].as_str().is_some_and(|h| h != "0")
+                && status[2]["accepted"].as_f64().is_some_and(|a| a > 0.0)
+        },
+    );
+    assert!(status[0]["runtime"].as_u64().is_some(), "{status:?}");
+    assert!(status[0]["lastupdate"].as_u64().unwrap() > 1_600_000_000);
+    assert!(status[0]["Users"].as_u64().unwrap() >= 1, "{status:?}");
+    assert!(status[0]["Workers"].as_u64().unwrap() >= 1, "{status:?}");
+    for key in [
+        "hashrate5m",
+        "hashrate15m",
+        "hashrate1hr",
+        "hashrate6hr",
+        "hashrate1d",
+        "hashrate7d",
+    ] {
+        assert!(status[1][key].is_string(), "{key}: {status:?}");
+    }
+    for key in [
+        "diff",
+        "rejected",
+        "bestshare",
+        "SPS1m",
+        "SPS5m",
+        "SPS15m",
+        "SPS1h",
+    ] {
+        assert!(status[2][key].is_number(), "{key}: {status:?}");
+    }
+
+    let mut user = Value::Null;
+    wait_until("users/statsuser listing the miner's worker", WAIT, || {
+        user = std::fs::read_to_string(&user_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        user["worker"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["workername"] == "statsuser.rig1"))
+    });
+    assert!(user["hashrate1m"].is_string(), "{user}");
+    assert!(
+        user["lastshare"].as_u64().unwrap() > 1_600_000_000,
+        "{user}"
+    );
+    assert!(user["shares"].as_f64().unwrap() > 0.0, "{user}");
+    let worker = &user["worker"][0];
+    assert_eq!(worker["workername"], "statsuser.rig1");
+    assert!(worker["hashrate7d"].is_string(), "{user}");
+
+    // The admin socket's stats carry the same figures as numbers.
+    let stats = wait_stats(&pool, "hashrates in the admin stats", WAIT, |s| {
+        s["hashrate1m"].as_f64().is_some_and(|h| h > 0.0)
+            && s["users"]["statsuser"]["workers"]["statsuser.rig1"]["lastshare"]
+                .as_u64()
+                .is_some_and(|t| t > 0)
+    });
+    assert!(stats["users"]["statsuser"]["hashrate1m"].as_f64().unwrap() > 0.0);
+    let report = miner.stop();
+    assert!(report.accepted >= 3, "{report:?}");
+    println!(
+        "pool.status:\n{}users/statsuser:\n{}",
+        std::fs::read_to_string(&status_path).unwrap_or_default(),
+        std::fs::read_to_string(&user_path).unwrap_or_default()
+    );
+}
+
 #[test]
 fn solo_mode_pays_each_user_their_own_address() {
     let Some(exe) = bitcoind_or_skip("solo_mode_pays_each_user_their_own_address") else {

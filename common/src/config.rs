@@ -116,6 +116,9 @@ pub struct Config {
     /// Pin connector thread t (and its stratifier thread) to the t-th CPU the process may use.
     /// Turn off when several processes share the CPUs without `taskset` masks of their own.
     pub pin: bool,
+    /// How often `<logdir>/pool/pool.status` and `<logdir>/users/*` are rewritten (ckpool's
+    /// `statsupdate`, 60 s by default).
+    pub statsupdate: Duration,
 }
 
 impl Default for Config {
@@ -155,6 +158,7 @@ impl Default for Config {
             useragentdiff: Vec::new(),
             diffpow2: false,
             pin: true,
+            statsupdate: Duration::from_secs(60),
         }
     }
 }
@@ -225,6 +229,7 @@ const KNOWN_KEYS: &[&str] = &[
     "useragentdiff",
     "diffpow2",
     "pin",
+    "statsupdate",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -417,6 +422,9 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("pin") {
         c.pin = typed::<bool>("pin", v)?;
     }
+    if let Some(v) = map.get("statsupdate") {
+        c.statsupdate = Duration::from_secs(whole("statsupdate", v, 1, 3600)?);
+    }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
             "startdiff {} is below mindiff {}; using mindiff",
@@ -593,6 +601,35 @@ mod tests {
             parse(r#"{"handoff": 1}"#),
             Err(ConfigError::Type { key: "handoff", .. })
         ));
+    }
+
+    #[test]
+    fn statsupdate_seconds() {
+        assert_eq!(
+            parse("{}").unwrap().config.statsupdate,
+            Duration::from_secs(60)
+        );
+        let l = parse(r#"{"statsupdate": 5}"#).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.statsupdate, Duration::from_secs(5));
+        for bad in [
+            r#"{"statsupdate": 0}"#,
+            r#"{"statsupdate": 3601}"#,
+            r#"{"statsupdate": -1}"#,
+            r#"{"statsupdate": 1.5}"#,
+            r#"{"statsupdate": "60"}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse(bad),
+                    Err(ConfigError::Invalid {
+                        key: "statsupdate",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

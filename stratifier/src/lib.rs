@@ -11,6 +11,7 @@
 
 mod job;
 mod pool;
+pub mod rates;
 mod shard;
 pub mod share;
 pub mod vardiff;
@@ -20,7 +21,8 @@ use std::sync::Arc;
 pub use common::ConnId;
 pub use job::{CoinbaseConfig, Job, JobError, stratum_prevhash};
 pub use pool::{
-    AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord, StatsSnapshot,
+    AgentDiff, BlockCandidate, Hashrates, ListenerDiff, Pool, PoolConfig, PoolRates, ShareRecord,
+    StatsSnapshot, UserStats, WorkerStats,
 };
 pub use shard::Shard;
 

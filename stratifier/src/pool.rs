@@ -13,6 +13,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::job::{CoinbaseConfig, Job, JobError};
+use crate::rates::{Decay, Ema, HASHES_PER_DIFF, POOL_WINDOWS, SPS_WINDOWS, USER_WINDOWS};
 
 /// Pool-wide settings the stratifier needs (built by the daemon from the config file).
 #[derive(Debug, Clone)]
@@ -161,6 +162,67 @@ struct JobTable {
     block_start: u64,
 }
 
+/// Hashrates of a user or worker in hashes per second: moving averages over 1 and 5 minutes,
+/// 1 hour, 1 and 7 days (zero until the rates have been sampled).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Hashrates {
+    /// Over 1 minute.
+    pub hashrate1m: f64,
+    /// Over 5 minutes.
+    pub hashrate5m: f64,
+    /// Over 1 hour.
+    pub hashrate1hr: f64,
+    /// Over 1 day.
+    pub hashrate1d: f64,
+    /// Over 7 days.
+    pub hashrate7d: f64,
+}
+
+impl Hashrates {
+    fn from_ema(e: &Ema<5>) -> Self {
+        let [m1, m5, h1, d1, d7] = e.rates().map(|r| r * HASHES_PER_DIFF);
+        Self {
+            hashrate1m: m1,
+            hashrate5m: m5,
+            hashrate1hr: h1,
+            hashrate1d: d1,
+            hashrate7d: d7,
+        }
+    }
+}
+
+/// Pool hashrates in hashes per second and accepted shares per second, as moving averages (zero
+/// until the rates have been sampled). Field names as in ckpool's `pool.status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct PoolRates {
+    /// Hashrate over 1 minute.
+    pub hashrate1m: f64,
+    /// Over 5 minutes.
+    pub hashrate5m: f64,
+    /// Over 15 minutes.
+    pub hashrate15m: f64,
+    /// Over 1 hour.
+    pub hashrate1hr: f64,
+    /// Over 6 hours.
+    pub hashrate6hr: f64,
+    /// Over 1 day.
+    pub hashrate1d: f64,
+    /// Over 7 days.
+    pub hashrate7d: f64,
+    /// Accepted shares per second over 1 minute.
+    #[serde(rename = "SPS1m")]
+    pub sps1m: f64,
+    /// Over 5 minutes.
+    #[serde(rename = "SPS5m")]
+    pub sps5m: f64,
+    /// Over 15 minutes.
+    #[serde(rename = "SPS15m")]
+    pub sps15m: f64,
+    /// Over 1 hour.
+    #[serde(rename = "SPS1h")]
+    pub sps1h: f64,
+}
+
 /// Per-worker statistics.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct WorkerStats {
@@ -172,6 +234,12 @@ pub struct WorkerStats {
     pub accepted_diff: f64,
     /// Best share difficulty.
     pub bestshare: f64,
+    /// Time of the last accepted share, unix seconds; 0 if none (or if the daemon has not told
+    /// the pool the wall-clock time, see [`Pool::set_wall_clock`]).
+    pub lastshare: u64,
+    /// Hashrates.
+    #[serde(flatten)]
+    pub hashrate: Hashrates,
 }
 
 /// Per-user statistics.
@@ -185,6 +253,11 @@ pub struct UserStats {
     pub accepted_diff: f64,
     /// Best share difficulty.
     pub bestshare: f64,
+    /// Time of the last accepted share of any of its workers, unix seconds; 0 if none.
+    pub lastshare: u64,
+    /// Hashrates: the sums of its workers'.
+    #[serde(flatten)]
+    pub hashrate: Hashrates,
     /// Blocks found.
     pub blocks: u64,
     /// Workers by full name.
@@ -231,19 +304,56 @@ struct Counters {
     rejected: u64,
     accepted_diff: f64,
     bestshare: f64,
+    last_share: Option<Instant>,
 }
 
 impl Counters {
-    fn add(&mut self, accepted: Option<f64>, sdiff: f64) {
+    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant) {
         match accepted {
             Some(diff) => {
                 self.accepted += 1;
                 self.accepted_diff += diff;
                 self.bestshare = self.bestshare.max(sdiff);
+                self.last_share = Some(now);
             }
             None => self.rejected += 1,
         }
     }
+}
+
+/// One worker: its share counters, written by the share path, and its moving averages, written
+/// by the rate sampler. Each has its own lock, so a share never waits for the sampler.
+#[derive(Debug, Default)]
+struct WorkerCell {
+    counters: Mutex<Counters>,
+    rates: Mutex<WorkerRates>,
+}
+
+/// The sampler's state for one worker.
+#[derive(Debug, Default, Clone, Copy)]
+struct WorkerRates {
+    /// Its cumulative accepted difficulty at the previous sample (0 for a worker the sampler
+    /// has not seen yet: all its shares are new).
+    sampled_diff: f64,
+    /// Accepted difficulty per second.
+    ema: Ema<5>,
+}
+
+/// The sampler's state for the pool.
+#[derive(Debug, Default)]
+struct PoolSampler {
+    /// Time of the previous sample; `None` before the first, which only records a baseline.
+    last: Option<Instant>,
+    sampled_diff: f64,
+    sampled_shares: u64,
+    /// Accepted difficulty per second.
+    diff: Ema<7>,
+    /// Accepted shares per second.
+    shares: Ema<4>,
+    /// Blocks found as of the previous sample, and the pool's cumulative accepted difficulty
+    /// when that number last changed: the start of the current round.
+    blocks_seen: usize,
+    round_start_diff: f64,
 }
 
 /// A user's blocks and workers. Its share counters are the sums of its workers', added up when a
@@ -252,14 +362,14 @@ impl Counters {
 #[derive(Debug, Default)]
 struct UserCell {
     blocks: AtomicU64,
-    workers: Mutex<BTreeMap<String, Arc<Mutex<Counters>>>>,
+    workers: Mutex<BTreeMap<String, Arc<WorkerCell>>>,
 }
 
 /// Where a worker's shares are counted: looked up by name once (at its first share), then
 /// held by its session, so counting a share compares no strings.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerStatsRef {
-    worker: Arc<Mutex<Counters>>,
+    worker: Arc<WorkerCell>,
 }
 
 /// A snapshot of the pool's statistics.
@@ -281,6 +391,14 @@ pub struct StatsSnapshot {
     pub clients: u64,
     /// Current job id, height and network difficulty.
     pub job: Option<(String, u64, f64)>,
+    /// Difficulty accepted since the pool's last block (from start-up until it finds one), as
+    /// of the last rate sample.
+    pub round_diff: f64,
+    /// Disconnected sessions kept for resume, as of the last rate sample.
+    pub disconnected: u64,
+    /// Hashrates and shares per second.
+    #[serde(flatten)]
+    pub rates: PoolRates,
     /// Users.
     pub users: BTreeMap<String, UserStats>,
 }
@@ -298,6 +416,11 @@ pub struct Pool {
     totals: Box<[Arc<Stripe>]>,
     next_stripe: AtomicU64,
     users: Mutex<BTreeMap<String, Arc<UserCell>>>,
+    sampler: Mutex<PoolSampler>,
+    /// An instant and the wall-clock time then (since the unix epoch), to report share times.
+    wall_clock: Mutex<Option<(Instant, Duration)>>,
+    /// Parked sessions within the resume window, counted by the sampler.
+    parked: AtomicU64,
     pub(crate) clients: AtomicU64,
     block_sink: BlockSink,
     share_sink: Option<ShareSink>,
@@ -333,6 +456,9 @@ impl Pool {
             totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
             next_stripe: AtomicU64::new(0),
             users: Mutex::new(BTreeMap::new()),
+            sampler: Mutex::new(PoolSampler::default()),
+            wall_clock: Mutex::new(None),
+            parked: AtomicU64::new(0),
             clients: AtomicU64::new(0),
             block_sink: Box::new(block_sink),
             share_sink,
@@ -456,7 +582,7 @@ impl Pool {
             match workers.get(worker) {
                 Some(w) => Arc::clone(w),
                 None => {
-                    let w = Arc::new(Mutex::new(Counters::default()));
+                    let w = Arc::new(WorkerCell::default());
                     workers.insert(worker.to_owned(), Arc::clone(&w));
                     w
                 }
@@ -480,6 +606,7 @@ impl Pool {
         accepted: Option<f64>,
         sdiff: f64,
         reason: Option<&'static str>,
+        now: Instant,
     ) {
         {
             let mut t = stripe.0.lock();
@@ -492,7 +619,7 @@ impl Pool {
                 None => t.reject(reason),
             }
         }
-        w.worker.lock().add(accepted, sdiff);
+        w.worker.counters.lock().add(accepted, sdiff, now);
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
@@ -500,35 +627,138 @@ impl Pool {
         stripe.0.lock().reject(Some(reason));
     }
 
+    /// Tells the pool the wall-clock time (since the unix epoch) at `now`, so snapshots can give
+    /// share times as unix seconds. The daemon calls it before each sample (the stratifier
+    /// itself never reads a clock).
+    pub fn set_wall_clock(&self, now: Instant, since_epoch: Duration) {
+        *self.wall_clock.lock() = Some((now, since_epoch));
+    }
+
+    /// Folds the shares accepted since the previous call into the moving averages of the pool
+    /// and every worker, and forgets parked sessions past the resume window. Called every few
+    /// seconds from one thread (calls are serialised); the first call only records a baseline.
+    ///
+    /// The share path only adds to cumulative counters; this reads them and takes differences,
+    /// so a share never computes an average or waits for this.
+    pub fn sample_rates(&self, now: Instant) {
+        let window = self.cfg.resume_window;
+        let parked = {
+            let mut r = self.resume.lock();
+            r.retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
+            r.len()
+        };
+        self.parked
+            .store(u64::try_from(parked).unwrap_or(u64::MAX), Ordering::Relaxed);
+
+        let mut p = self.sampler.lock();
+        let (diff, shares) = self.totals.iter().fold((0.0, 0u64), |(d, n), stripe| {
+            let t = stripe.0.lock();
+            (d + t.accepted_diff, n + t.accepted)
+        });
+        let blocks = self.stats.lock().blocks.len();
+        if blocks != p.blocks_seen {
+            p.blocks_seen = blocks;
+            p.round_start_diff = diff;
+        }
+        let workers = self.worker_cells();
+        let Some(last) = p.last else {
+            p.last = Some(now);
+            p.sampled_diff = diff;
+            p.sampled_shares = shares;
+            for w in workers {
+                let d = w.counters.lock().accepted_diff;
+                w.rates.lock().sampled_diff = d;
+            }
+            return;
+        };
+        let dt = now.saturating_duration_since(last);
+        let (Some(pool_decay), Some(sps_decay), Some(user_decay)) = (
+            Decay::new(dt, &POOL_WINDOWS),
+            Decay::new(dt, &SPS_WINDOWS),
+            Decay::new(dt, &USER_WINDOWS),
+        ) else {
+            // No time has passed: keep the previous sample as the baseline.
+            return;
+        };
+        p.last = Some(now);
+        let new_diff = (diff - p.sampled_diff).max(0.0);
+        let new_shares = shares.saturating_sub(p.sampled_shares);
+        p.diff.update(new_diff, &pool_decay);
+        // Share counts are far below 2^53: exact as f64.
+        p.shares.update(new_shares as f64, &sps_decay);
+        p.sampled_diff = diff;
+        p.sampled_shares = shares;
+        drop(p);
+        for w in workers {
+            let d = w.counters.lock().accepted_diff;
+            let mut r = w.rates.lock();
+            let new = (d - r.sampled_diff).max(0.0);
+            r.ema.update(new, &user_decay);
+            r.sampled_diff = d;
+        }
+    }
+
+    /// Every worker, without holding the user table's lock while the caller works on them.
+    fn worker_cells(&self) -> Vec<Arc<WorkerCell>> {
+        let users: Vec<Arc<UserCell>> = self.users.lock().values().cloned().collect();
+        let mut out = Vec::new();
+        for u in users {
+            out.extend(u.workers.lock().values().cloned());
+        }
+        out
+    }
+
+    /// `t` as unix seconds, if the wall clock is known.
+    fn unix_secs(&self, t: Option<Instant>) -> u64 {
+        let (Some(t), Some((at, wall))) = (t, *self.wall_clock.lock()) else {
+            return 0;
+        };
+        let secs = if t >= at {
+            wall.saturating_add(t.duration_since(at))
+        } else {
+            wall.saturating_sub(at.duration_since(t))
+        };
+        secs.as_secs()
+    }
+
     /// A statistics snapshot.
     pub fn stats(&self) -> StatsSnapshot {
         let job = self
             .current_job()
             .map(|j| (j.id_hex.clone(), j.height(), j.network_diff.to_f64()));
-        let users = self
+        let user_cells: Vec<(String, Arc<UserCell>)> = self
             .users
             .lock()
             .iter()
+            .map(|(name, u)| (name.clone(), Arc::clone(u)))
+            .collect();
+        let users = user_cells
+            .into_iter()
             .map(|(name, u)| {
                 let mut c = Counters::default();
+                let mut ema = Ema::<5>::default();
                 let workers = u
                     .workers
                     .lock()
                     .iter()
-                    .map(|(name, w)| {
-                        let w = *w.lock();
+                    .map(|(name, cell)| {
+                        let w = *cell.counters.lock();
+                        let r = cell.rates.lock().ema;
                         c.accepted += w.accepted;
                         c.rejected += w.rejected;
                         c.accepted_diff += w.accepted_diff;
                         c.bestshare = c.bestshare.max(w.bestshare);
-                        let c = w;
+                        c.last_share = c.last_share.max(w.last_share);
+                        ema.add(&r);
                         (
                             name.clone(),
                             WorkerStats {
-                                accepted: c.accepted,
-                                rejected: c.rejected,
-                                accepted_diff: c.accepted_diff,
-                                bestshare: c.bestshare,
+                                accepted: w.accepted,
+                                rejected: w.rejected,
+                                accepted_diff: w.accepted_diff,
+                                bestshare: w.bestshare,
+                                lastshare: self.unix_secs(w.last_share),
+                                hashrate: Hashrates::from_ema(&r),
                             },
                         )
                     })
@@ -538,10 +768,12 @@ impl Pool {
                     rejected: c.rejected,
                     accepted_diff: c.accepted_diff,
                     bestshare: c.bestshare,
+                    lastshare: self.unix_secs(c.last_share),
+                    hashrate: Hashrates::from_ema(&ema),
                     blocks: u.blocks.load(Ordering::Relaxed),
                     workers,
                 };
-                (name.clone(), stats)
+                (name, stats)
             })
             .collect();
         let mut sum = Totals::default();
@@ -555,6 +787,25 @@ impl Pool {
                 *sum.reject_reasons.entry(r).or_default() += n;
             }
         }
+        let (rates, round_diff) = {
+            let p = self.sampler.lock();
+            let [m1, m5, m15, h1, h6, d1, d7] = p.diff.rates().map(|r| r * HASHES_PER_DIFF);
+            let [s1, s5, s15, sh1] = p.shares.rates();
+            let rates = PoolRates {
+                hashrate1m: m1,
+                hashrate5m: m5,
+                hashrate15m: m15,
+                hashrate1hr: h1,
+                hashrate6hr: h6,
+                hashrate1d: d1,
+                hashrate7d: d7,
+                sps1m: s1,
+                sps5m: s5,
+                sps15m: s15,
+                sps1h: sh1,
+            };
+            (rates, (p.sampled_diff - p.round_start_diff).max(0.0))
+        };
         let s = self.stats.lock();
         StatsSnapshot {
             accepted: sum.accepted,
@@ -565,7 +816,137 @@ impl Pool {
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
             job,
+            round_diff,
+            disconnected: self.parked.load(Ordering::Relaxed),
+            rates,
             users,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(PoolConfig::new(Network::Regtest, None), 1, |_| {}, None)
+    }
+
+    fn within(actual: f64, expected: f64) -> bool {
+        (actual - expected).abs() <= 0.01 * expected.abs()
+    }
+
+    #[test]
+    fn sampled_rates_reach_the_snapshot() {
+        let pool = pool();
+        let t0 = Instant::now();
+        pool.set_wall_clock(t0, Duration::from_secs(1_700_000_000));
+        let stripe = pool.totals_stripe();
+        let rig1 = pool.worker_stats("alice", "alice.rig1");
+        let rig2 = pool.worker_stats("alice", "alice.rig2");
+        pool.sample_rates(t0);
+        // Five minutes: every 2 s rig1 has two shares of 1000 accepted and rig2 one of 500.
+        let mut now = t0;
+        for _ in 0..150 {
+            now += Duration::from_secs(2);
+            for _ in 0..2 {
+                pool.record_share(&stripe, &rig1, Some(1000.0), 1500.0, None, now);
+            }
+            pool.record_share(&stripe, &rig2, Some(500.0), 600.0, None, now);
+            pool.record_share(&stripe, &rig2, None, 0.0, Some("Stale"), now);
+            pool.sample_rates(now);
+        }
+        let s = pool.stats();
+        let h = HASHES_PER_DIFF;
+        assert!(within(s.rates.hashrate1m, 1250.0 * h), "{:?}", s.rates);
+        assert!(within(s.rates.sps1m, 1.5), "{:?}", s.rates);
+        assert!(s.rates.hashrate1d > 0.0 && s.rates.hashrate1d < s.rates.hashrate1m);
+        let alice = &s.users["alice"];
+        let w1 = &alice.workers["alice.rig1"];
+        let w2 = &alice.workers["alice.rig2"];
+        assert!(within(w1.hashrate.hashrate1m, 1000.0 * h));
+        assert!(within(w2.hashrate.hashrate1m, 250.0 * h));
+        assert!(within(
+            alice.hashrate.hashrate1m,
+            w1.hashrate.hashrate1m + w2.hashrate.hashrate1m
+        ));
+        assert_eq!(w1.lastshare, 1_700_000_300);
+        assert_eq!(alice.lastshare, 1_700_000_300);
+        assert_eq!(w2.rejected, 150);
+        assert!(within(s.round_diff, 150.0 * 2500.0));
+    }
+
+    #[test]
+    fn shares_before_a_zero_interval_sample_are_not_lost() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let stripe = pool.totals_stripe();
+        let w = pool.worker_stats("bob", "bob");
+        pool.sample_rates(t0);
+        let mut now = t0;
+        for _ in 0..150 {
+            now += Duration::from_secs(2);
+            pool.record_share(&stripe, &w, Some(20.0), 20.0, None, now);
+            // A second sample at the same instant folds nothing in and drops nothing.
+            pool.sample_rates(now);
+            pool.sample_rates(now);
+        }
+        let s = pool.stats();
+        assert!(within(s.rates.hashrate1m, 10.0 * HASHES_PER_DIFF));
+        assert!(within(
+            s.users["bob"].workers["bob"].hashrate.hashrate1m,
+            10.0 * HASHES_PER_DIFF
+        ));
+        // Without a wall clock, share times are unknown.
+        assert_eq!(s.users["bob"].lastshare, 0);
+    }
+
+    #[test]
+    fn a_worker_first_seen_after_the_baseline_counts_from_zero() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let stripe = pool.totals_stripe();
+        pool.sample_rates(t0);
+        let w = pool.worker_stats("carol", "carol.a");
+        pool.record_share(&stripe, &w, Some(120.0), 120.0, None, t0);
+        pool.sample_rates(t0 + Duration::from_secs(2));
+        let s = pool.stats();
+        let expected = 60.0 * HASHES_PER_DIFF * (1.0 - (-2.0f64 / 60.0).exp());
+        assert!(within(
+            s.users["carol"].workers["carol.a"].hashrate.hashrate1m,
+            expected
+        ));
+        assert!(within(s.rates.hashrate1m, expected));
+    }
+
+    #[test]
+    fn round_restarts_at_a_block_and_parked_sessions_expire() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let stripe = pool.totals_stripe();
+        let w = pool.worker_stats("dave", "dave");
+        pool.record_share(&stripe, &w, Some(100.0), 100.0, None, t0);
+        pool.sample_rates(t0);
+        assert!(within(pool.stats().round_diff, 100.0));
+        pool.submit_block(BlockCandidate {
+            height: 1,
+            hash: "00".into(),
+            hex: String::new(),
+            worker: "dave".into(),
+            job_id: 1,
+        });
+        pool.record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+        pool.sample_rates(t0 + Duration::from_secs(2));
+        assert_eq!(pool.stats().round_diff, 0.0);
+        pool.record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+        pool.sample_rates(t0 + Duration::from_secs(4));
+        assert!(within(pool.stats().round_diff, 7.0));
+
+        pool.park_session(1, 11, t0);
+        pool.park_session(2, 12, t0 + Duration::from_secs(300));
+        pool.sample_rates(t0 + Duration::from_secs(400));
+        assert_eq!(pool.stats().disconnected, 2);
+        pool.sample_rates(t0 + pool.cfg.resume_window + Duration::from_secs(1));
+        assert_eq!(pool.stats().disconnected, 1);
     }
 }

@@ -711,6 +711,7 @@ impl State {
                             None,
                             0.0,
                             Some(reason),
+                            now,
                         );
                     }
                     None => self.pool.record_anonymous_reject(&self.stripe, reason),
@@ -902,6 +903,7 @@ impl State {
                 Some(judged.to_f64()),
                 sdiff,
                 None,
+                now,
             );
         }
         let current = pool.current_job();

@@ -1,0 +1,714 @@
+//! The stats files operators watch, as ckpool writes them: `<logdir>/pool/pool.status` (three
+//! JSON lines, also logged as `Pool:` lines) and `<logdir>/users/<username>` (indented JSON).
+//!
+//! A thread of its own samples the pool's moving averages every 2 s (`Pool::sample_rates`, off
+//! the share path) and writes the files every `statsupdate`. Each file is written to
+//! `<file>.tmp` and renamed over the old one, so a reader never sees half a file. An I/O error is
+//! logged (at most once a minute) and the pool carries on.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::Serialize;
+use stratifier::{Pool, StatsSnapshot, UserStats};
+use tracing::{info, warn};
+
+/// How often the moving averages are sampled.
+pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A worker with no accepted share for this long is idle (ckpool's 10 minutes).
+const IDLE_SECS: u64 = 600;
+
+/// Workers idle this long are left out of user files (ckpool's limit).
+const STALE_WORKER_SECS: u64 = 600_000;
+
+/// At most one I/O error is logged per this period.
+const ERROR_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// At most this many refused user names are remembered (each is warned about once).
+const MAX_REFUSED_NAMES: usize = 1024;
+
+/// The running writer; [`StatusWriter::stop`] ends it.
+pub(crate) struct StatusWriter {
+    stop: Sender<()>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl StatusWriter {
+    /// Stops the thread and waits for it.
+    pub(crate) fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            warn!("the stats writer thread panicked");
+        }
+    }
+}
+
+/// Starts the sampler and writer. `started` is the pool's start (for `runtime`); files are
+/// written every `every`, the first time `every` after the start of this thread.
+pub(crate) fn start(
+    pool: Arc<Pool>,
+    logdir: PathBuf,
+    every: Duration,
+    started: Instant,
+) -> io::Result<StatusWriter> {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let thread = thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || run(&pool, &logdir, every, started, &stopped))?;
+    Ok(StatusWriter { stop, thread })
+}
+
+fn run(pool: &Pool, logdir: &Path, every: Duration, started: Instant, stopped: &Receiver<()>) {
+    let mut writer = Writer {
+        logdir: logdir.to_owned(),
+        errors: ErrorLog::default(),
+        refused: HashSet::new(),
+    };
+    let now = Instant::now();
+    sample(pool, now);
+    let mut next_sample = now + SAMPLE_INTERVAL;
+    let mut next_write = now + every;
+    loop {
+        let deadline = next_sample.min(next_write);
+        match stopped.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if now >= next_sample {
+            sample(pool, now);
+            next_sample = next_after(next_sample, SAMPLE_INTERVAL, now);
+        }
+        if now >= next_write {
+            writer.write_all(pool, now.saturating_duration_since(started), now);
+            next_write = next_after(next_write, every, now);
+        }
+    }
+}
+
+/// The next tick of a period, skipping ticks already missed.
+fn next_after(tick: Instant, period: Duration, now: Instant) -> Instant {
+    let next = tick + period;
+    if next > now { next } else { now + period }
+}
+
+fn sample(pool: &Pool, now: Instant) {
+    pool.set_wall_clock(now, unix_now());
+    pool.sample_rates(now);
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+struct Writer {
+    logdir: PathBuf,
+    errors: ErrorLog,
+    /// User names already warned about as unusable file names.
+    refused: HashSet<String>,
+}
+
+impl Writer {
+    fn write_all(&mut self, pool: &Pool, runtime: Duration, now: Instant) {
+        let snap = pool.stats();
+        self.write_snapshot(&snap, runtime, unix_now().as_secs(), now);
+    }
+
+    fn write_snapshot(
+        &mut self,
+        snap: &StatsSnapshot,
+        runtime: Duration,
+        lastupdate: u64,
+        now: Instant,
+    ) {
+        let lines = pool_status_lines(snap, runtime.as_secs(), lastupdate);
+        for line in &lines {
+            info!("Pool:{line}");
+        }
+        let dir = self.logdir.join("pool");
+        let mut text = lines.join("\n");
+        text.push('\n');
+        if let Err(e) = write_atomic(&dir, "pool.status", text.as_bytes()) {
+            self.errors.log(now, &dir.join("pool.status"), &e);
+        }
+        let dir = self.logdir.join("users");
+        for (name, user) in &snap.users {
+            if user.accepted == 0 {
+                continue;
+            }
+            if !file_name_ok(name) {
+                if self.refused.len() < MAX_REFUSED_NAMES && self.refused.insert(name.clone()) {
+                    warn!(user = %name.escape_debug(), "user name cannot be a file name; no stats file for it");
+                }
+                continue;
+            }
+            let file = user_file(user, lastupdate);
+            let json = match serde_json::to_vec_pretty(&file) {
+                Ok(mut j) => {
+                    j.push(b'\n');
+                    j
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot encode user stats");
+                    continue;
+                }
+            };
+            if let Err(e) = write_atomic(&dir, name, &json) {
+                self.errors.log(now, &dir.join(name), &e);
+            }
+        }
+    }
+}
+
+/// Rate-limited logging of write errors.
+#[derive(Default)]
+struct ErrorLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    fn log(&mut self, now: Instant, path: &Path, e: &io::Error) {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < ERROR_LOG_PERIOD)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        warn!(path = %path.display(), error = %e, suppressed = self.suppressed, "cannot write stats file");
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Whether `name` (from the network) can safely name a file in the users directory.
+fn file_name_ok(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
+}
+
+/// Writes `dir/name` through `dir/name.tmp` and a rename, creating `dir` if needed.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    drop(f);
+    fs::rename(&tmp, &path)
+}
+
+/// First line of `pool.status`.
+#[derive(Serialize)]
+struct PoolLine1 {
+    runtime: u64,
+    lastupdate: u64,
+    /// Users with at least one worker active (an accepted share in the last 10 minutes).
+    #[serde(rename = "Users")]
+    users: u64,
+    /// Workers (by name) with an accepted share in the last 10 minutes. ckpool counts
+    /// connected clients; ckpool-rs counts worker names by their last share.
+    #[serde(rename = "Workers")]
+    workers: u64,
+    /// Workers that have submitted shares but had none accepted in the last 10 minutes.
+    #[serde(rename = "Idle")]
+    idle: u64,
+    /// Disconnected sessions kept for resume.
+    #[serde(rename = "Disconnected")]
+    disconnected: u64,
+}
+
+/// Second line: hashrates as ckpool's suffixed strings.
+#[derive(Serialize)]
+struct PoolLine2 {
+    hashrate1m: String,
+    hashrate5m: String,
+    hashrate15m: String,
+    hashrate1hr: String,
+    hashrate6hr: String,
+    hashrate1d: String,
+    hashrate7d: String,
+}
+
+/// Third line: the round and shares.
+#[derive(Serialize)]
+struct PoolLine3 {
+    /// Difficulty accepted this round as a percentage of the network difficulty.
+    diff: f64,
+    /// Sum of accepted difficulty.
+    accepted: Amount,
+    /// ckpool gives the sum of rejected difficulty; ckpool-rs counts rejected shares, not their
+    /// difficulty, so this is the number of rejected shares.
+    rejected: u64,
+    bestshare: Amount,
+    #[serde(rename = "SPS1m")]
+    sps1m: f64,
+    #[serde(rename = "SPS5m")]
+    sps5m: f64,
+    #[serde(rename = "SPS15m")]
+    sps15m: f64,
+    #[serde(rename = "SPS1h")]
+    sps1h: f64,
+}
+
+/// The three lines of `pool.status`, without newlines.
+fn pool_status_lines(s: &StatsSnapshot, runtime: u64, lastupdate: u64) -> Vec<String> {
+    let active =
+        |lastshare: u64| lastshare > 0 && lastupdate.saturating_sub(lastshare) <= IDLE_SECS;
+    let (mut users, mut workers, mut idle) = (0u64, 0u64, 0u64);
+    for u in s.users.values() {
+        let mut user_active = false;
+        for w in u.workers.values() {
+            if active(w.lastshare) {
+                workers += 1;
+                user_active = true;
+            } else {
+                idle += 1;
+            }
+        }
+        users += u64::from(user_active);
+    }
+    let network_diff = s.job.as_ref().map_or(0.0, |j| j.2);
+    let diff = if network_diff > 0.0 {
+        round_to(s.round_diff / network_diff * 100.0, 1)
+    } else {
+        0.0
+    };
+    let r = &s.rates;
+    let line1 = PoolLine1 {
+        runtime,
+        lastupdate,
+        users,
+        workers,
+        idle,
+        disconnected: s.disconnected,
+    };
+    let line2 = PoolLine2 {
+        hashrate1m: suffix_string(r.hashrate1m),
+        hashrate5m: suffix_string(r.hashrate5m),
+        hashrate15m: suffix_string(r.hashrate15m),
+        hashrate1hr: suffix_string(r.hashrate1hr),
+        hashrate6hr: suffix_string(r.hashrate6hr),
+        hashrate1d: suffix_string(r.hashrate1d),
+        hashrate7d: suffix_string(r.hashrate7d),
+    };
+    let line3 = PoolLine3 {
+        diff,
+        accepted: Amount::of(s.accepted_diff),
+        rejected: s.rejected,
+        bestshare: Amount::of(s.bestshare),
+        sps1m: round_to(r.sps1m, 3),
+        sps5m: round_to(r.sps5m, 3),
+        sps15m: round_to(r.sps15m, 3),
+        sps1h: round_to(r.sps1h, 3),
+    };
+    [
+        serde_json::to_string(&line1),
+        serde_json::to_string(&line2),
+        serde_json::to_string(&line3),
+    ]
+    .into_iter()
+    .map(|l| l.unwrap_or_default())
+    .collect()
+}
+
+/// `<logdir>/users/<name>`.
+#[derive(Serialize)]
+struct UserFile<'a> {
+    hashrate1m: String,
+    hashrate5m: String,
+    hashrate1hr: String,
+    hashrate1d: String,
+    hashrate7d: String,
+    lastshare: u64,
+    /// Workers with an accepted share in the last 10 minutes.
+    workers: u64,
+    /// Sum of accepted difficulty.
+    shares: Amount,
+    bestshare: f64,
+    /// ckpool resets `bestshare` when the pool finds a block and keeps `bestever`; ckpool-rs
+    /// keeps only the best since start-up, so both give it.
+    bestever: Amount,
+    /// Time of the user's first authorisation in ckpool; not tracked here, so 0.
+    authorised: u64,
+    worker: Vec<WorkerEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct WorkerEntry<'a> {
+    workername: &'a str,
+    hashrate1m: String,
+    hashrate5m: String,
+    hashrate1hr: String,
+    hashrate1d: String,
+    hashrate7d: String,
+    lastshare: u64,
+    shares: Amount,
+    bestshare: f64,
+    bestever: Amount,
+}
+
+fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
+    let worker: Vec<WorkerEntry<'_>> = u
+        .workers
+        .iter()
+        .filter(|(_, w)| {
+            w.accepted > 0 && lastupdate.saturating_sub(w.lastshare) <= STALE_WORKER_SECS
+        })
+        .map(|(name, w)| WorkerEntry {
+            workername: name,
+            hashrate1m: suffix_string(w.hashrate.hashrate1m),
+            hashrate5m: suffix_string(w.hashrate.hashrate5m),
+            hashrate1hr: suffix_string(w.hashrate.hashrate1hr),
+            hashrate1d: suffix_string(w.hashrate.hashrate1d),
+            hashrate7d: suffix_string(w.hashrate.hashrate7d),
+            lastshare: w.lastshare,
+            shares: Amount::of(w.accepted_diff),
+            bestshare: w.bestshare,
+            bestever: Amount::of(w.bestshare),
+        })
+        .collect();
+    let active = u
+        .workers
+        .values()
+        .filter(|w| w.lastshare > 0 && lastupdate.saturating_sub(w.lastshare) <= IDLE_SECS)
+        .count();
+    UserFile {
+        hashrate1m: suffix_string(u.hashrate.hashrate1m),
+        hashrate5m: suffix_string(u.hashrate.hashrate5m),
+        hashrate1hr: suffix_string(u.hashrate.hashrate1hr),
+        hashrate1d: suffix_string(u.hashrate.hashrate1d),
+        hashrate7d: suffix_string(u.hashrate.hashrate7d),
+        lastshare: u.lastshare,
+        workers: u64::try_from(active).unwrap_or(u64::MAX),
+        shares: Amount::of(u.accepted_diff),
+        bestshare: u.bestshare,
+        bestever: Amount::of(u.bestshare),
+        authorised: 0,
+        worker,
+    }
+}
+
+/// A sum of difficulty as ckpool writes it: a whole number. Difficulties below 1 are allowed
+/// here (ckpool's minimum is 1), so a sum below 1 is written as the exact fraction rather than
+/// as a misleading 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+enum Amount {
+    Whole(u64),
+    Fraction(f64),
+}
+
+impl Amount {
+    fn of(x: f64) -> Self {
+        if x >= 1.0 {
+            // `as` saturates, which is what a figure in a stats file wants.
+            Self::Whole(x.round() as u64)
+        } else if x > 0.0 {
+            Self::Fraction(x)
+        } else {
+            Self::Whole(0)
+        }
+    }
+}
+
+fn round_to(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// A number as ckpool shows hashrates: three significant digits and an SI suffix (k, M, G, T,
+/// P, E), e.g. `1.23T`; trailing zeros dropped (`1k`, `4.5P`); below 1000 no suffix; zero,
+/// negative or not-a-number values as `0`.
+pub(crate) fn suffix_string(value: f64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "k", "M", "G", "T", "P", "E"];
+    if value.is_nan() || value <= 0.0 {
+        return "0".into();
+    }
+    let mut idx = 0;
+    let mut scaled = value;
+    while scaled >= 1000.0 && idx + 1 < SUFFIXES.len() {
+        scaled /= 1000.0;
+        idx += 1;
+    }
+    // 999.5 and up rounds to 1000 at three significant digits: that is 1 of the next unit.
+    if scaled >= 999.5 && idx + 1 < SUFFIXES.len() {
+        scaled = 1.0;
+        idx += 1;
+    }
+    let decimals = if scaled >= 100.0 {
+        0
+    } else if scaled >= 10.0 {
+        1
+    } else if scaled >= 1.0 {
+        2
+    } else {
+        3
+    };
+    let mut s = format!("{scaled:.decimals$}");
+    if s.contains('.') {
+        let trimmed = s.trim_end_matches('0').trim_end_matches('.').len();
+        s.truncate(trimmed);
+    }
+    if s == "0" {
+        return s;
+    }
+    s.push_str(SUFFIXES.get(idx).copied().unwrap_or(""));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_strings_as_ckpool() {
+        let cases: &[(f64, &str)] = &[
+            (0.0, "0"),
+            (-5.0, "0"),
+            (f64::NAN, "0"),
+            (0.0001, "0"),
+            (0.5, "0.5"),
+            (1.0, "1"),
+            (12.34, "12.3"),
+            (999.0, "999"),
+            (999.7, "1k"),
+            (1000.0, "1k"),
+            (1234.0, "1.23k"),
+            (12_345.0, "12.3k"),
+            (123_456.0, "123k"),
+            (2.5e6, "2.5M"),
+            (9.999e8, "1G"),
+            (1.23e12, "1.23T"),
+            (4.5e15, "4.5P"),
+            (1e18, "1E"),
+            (1.5e21, "1500E"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(suffix_string(*v), *want, "{v}");
+        }
+    }
+
+    #[test]
+    fn amounts_are_whole_unless_below_one() {
+        let json = |x: f64| serde_json::to_string(&Amount::of(x)).unwrap();
+        assert_eq!(json(1500.4), "1500");
+        assert_eq!(json(1.0), "1");
+        assert_eq!(json(0.0), "0");
+        assert_eq!(json(f64::NAN), "0");
+        assert_eq!(json(0.25), "0.25");
+    }
+
+    #[test]
+    fn unsafe_file_names_are_refused() {
+        assert!(file_name_ok("bc1qexample"));
+        assert!(file_name_ok("user-1"));
+        for bad in ["", ".", "..", ".hidden", "a/b", "a\\b", "a\0b"] {
+            assert!(!file_name_ok(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pool_status_has_ckpools_three_lines() {
+        let mut s = snapshot();
+        s.round_diff = 50.0;
+        s.job = Some(("00".into(), 100, 200.0));
+        let lines = pool_status_lines(&s, 42, 1_700_000_100);
+        assert_eq!(lines.len(), 3);
+        let keys = |l: &str| -> Vec<String> {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            // serde_json's map sorts keys; check the raw order in the text instead.
+            let obj = v.as_object().unwrap();
+            let mut ks: Vec<(usize, String)> = obj
+                .keys()
+                .map(|k| (l.find(&format!("\"{k}\"")).unwrap(), k.clone()))
+                .collect();
+            ks.sort();
+            ks.into_iter().map(|(_, k)| k).collect()
+        };
+        assert_eq!(
+            keys(&lines[0]),
+            [
+                "runtime",
+                "lastupdate",
+                "Users",
+                "Workers",
+                "Idle",
+                "Disconnected"
+            ]
+        );
+        assert_eq!(
+            keys(&lines[1]),
+            [
+                "hashrate1m",
+                "hashrate5m",
+                "hashrate15m",
+                "hashrate1hr",
+                "hashrate6hr",
+                "hashrate1d",
+                "hashrate7d"
+            ]
+        );
+        assert_eq!(
+            keys(&lines[2]),
+            [
+                "diff",
+                "accepted",
+                "rejected",
+                "bestshare",
+                "SPS1m",
+                "SPS5m",
+                "SPS15m",
+                "SPS1h"
+            ]
+        );
+        let l1: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(l1["runtime"], 42);
+        assert_eq!(l1["Users"], 1);
+        assert_eq!(l1["Workers"], 1);
+        // rig2's last share is 1100 s old; rig3 never had one accepted.
+        assert_eq!(l1["Idle"], 2);
+        assert_eq!(l1["Disconnected"], 3);
+        let l2: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!(l2["hashrate1m"], "1.23T");
+        let l3: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!(l3["diff"], 25.0);
+        assert_eq!(l3["accepted"], 1500);
+        assert_eq!(l3["rejected"], 2);
+        assert_eq!(l3["bestshare"], 900);
+        assert_eq!(l3["SPS1m"], 0.5);
+    }
+
+    #[test]
+    fn user_file_lists_workers_with_accepted_shares() {
+        let s = snapshot();
+        let f = user_file(&s.users["alice"], 1_700_000_100);
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["hashrate1m"], "1.23T");
+        assert_eq!(v["lastshare"], 1_700_000_090);
+        assert_eq!(v["workers"], 1);
+        assert_eq!(v["shares"], 1500);
+        assert_eq!(v["authorised"], 0);
+        let workers = v["worker"].as_array().unwrap();
+        // rig3 has only rejects and is left out.
+        assert_eq!(workers.len(), 2);
+        assert_eq!(workers[0]["workername"], "alice.rig1");
+        assert_eq!(workers[0]["hashrate1m"], "1.23T");
+        assert_eq!(workers[1]["workername"], "alice.rig2");
+        assert_eq!(workers[1]["lastshare"], 1_699_999_000);
+    }
+
+    #[test]
+    fn files_are_written_atomically_and_bad_names_skipped() {
+        let dir = std::env::temp_dir().join(format!("ckpool-rs-status-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        write_atomic(&dir.join("users"), "alice", b"one").unwrap();
+        write_atomic(&dir.join("users"), "alice", b"two").unwrap();
+        assert_eq!(fs::read(dir.join("users/alice")).unwrap(), b"two");
+        assert!(!dir.join("users/alice.tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+
+        let mut snap = snapshot();
+        let alice = snap.users["alice"].clone();
+        for bad in [".hidden", "back\\slash", "nul\0"] {
+            snap.users.insert(bad.into(), alice.clone());
+        }
+        // A user with no accepted share gets no file.
+        snap.users.insert("idle".into(), UserStats::default());
+        let mut w = Writer {
+            logdir: dir.clone(),
+            errors: ErrorLog::default(),
+            refused: HashSet::new(),
+        };
+        let now = Instant::now();
+        w.write_snapshot(&snap, Duration::from_secs(5), 1_700_000_100, now);
+        w.write_snapshot(&snap, Duration::from_secs(6), 1_700_000_101, now);
+        let status = fs::read_to_string(dir.join("pool/pool.status")).unwrap();
+        assert_eq!(status.lines().count(), 3);
+        assert!(
+            status.starts_with(r#"{"runtime":6,"lastupdate":1700000101,"#),
+            "{status}"
+        );
+        let mut users: Vec<String> = fs::read_dir(dir.join("users"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        users.sort();
+        assert_eq!(users, ["alice"]);
+        assert_eq!(w.refused.len(), 3);
+        let file: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("users/alice")).unwrap()).unwrap();
+        assert_eq!(file["worker"][0]["workername"], "alice.rig1");
+
+        // A directory in the way of the status file is an error, logged, not a panic.
+        fs::remove_file(dir.join("pool/pool.status")).unwrap();
+        fs::create_dir_all(dir.join("pool/pool.status")).unwrap();
+        assert!(write_atomic(&dir.join("pool"), "pool.status", b"x").is_err());
+        w.write_snapshot(&snap, Duration::from_secs(7), 1_700_000_102, now);
+        w.write_snapshot(&snap, Duration::from_secs(8), 1_700_000_103, now);
+        assert_eq!(w.errors.suppressed, 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn snapshot() -> StatsSnapshot {
+        let now = 1_700_000_100u64;
+        let worker = |accepted: u64, diff: f64, lastshare: u64, hr: f64| stratifier::WorkerStats {
+            accepted,
+            rejected: 1,
+            accepted_diff: diff,
+            bestshare: diff / 2.0 + 150.0,
+            lastshare,
+            hashrate: stratifier::Hashrates {
+                hashrate1m: hr,
+                ..Default::default()
+            },
+        };
+        let mut user = UserStats {
+            accepted: 3,
+            rejected: 2,
+            accepted_diff: 1500.0,
+            bestshare: 900.0,
+            lastshare: now - 10,
+            hashrate: stratifier::Hashrates {
+                hashrate1m: 1.23e12,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        user.workers
+            .insert("alice.rig1".into(), worker(2, 1000.0, now - 10, 1.23e12));
+        user.workers
+            .insert("alice.rig2".into(), worker(1, 500.0, now - 1100, 0.0));
+        user.workers
+            .insert("alice.rig3".into(), worker(0, 0.0, 0, 0.0));
+        let mut users = std::collections::BTreeMap::new();
+        users.insert("alice".to_string(), user);
+        StatsSnapshot {
+            accepted: 3,
+            rejected: 2,
+            accepted_diff: 1500.0,
+            bestshare: 900.0,
+            reject_reasons: Default::default(),
+            blocks: Vec::new(),
+            clients: 2,
+            job: None,
+            round_diff: 0.0,
+            disconnected: 3,
+            rates: stratifier::PoolRates {
+                hashrate1m: 1.23e12,
+                sps1m: 0.5,
+                ..Default::default()
+            },
+            users,
+        }
+    }
+}
