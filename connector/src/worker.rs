@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::ConnId;
 use crossbeam_channel::Receiver;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::framing::{self, LineTooLong};
 use crate::sys::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
@@ -28,6 +28,11 @@ const OP_BUFS: usize = 1024;
 const SPARE_OPS: usize = 64;
 /// Minimum interval between two logs of accepts paused by an error (EMFILE).
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
+/// A loop round that keeps the thread busy this long delays every connection of the thread:
+/// logged at `info` (a notify broadcast to many thousands of miners takes this long too), at
+/// most once per [`SLOW_WARN_EVERY`].
+const SLOW_ROUND: Duration = Duration::from_millis(20);
+const SLOW_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// State shared between a connector thread and the [`crate::Connector`] that controls it.
 pub(crate) struct Shared {
@@ -93,6 +98,8 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     any_paused: bool,
     /// When a paused accept was last logged (logged at most once per [`ACCEPT_WARN_EVERY`]).
     accept_warned: Option<Instant>,
+    /// Rounds that kept the thread busy for [`SLOW_ROUND`] or more.
+    slow: SlowRounds,
     spare_ops: Vec<Vec<SendBuf>>,
 }
 
@@ -121,6 +128,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             paused: vec![false; listeners],
             any_paused: false,
             accept_warned: None,
+            slow: SlowRounds::default(),
             spare_ops: Vec::new(),
         }
     }
@@ -147,6 +155,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             let result = self.backend.complete(Some(timeout), &mut done);
             self.shared.parked.store(false, Ordering::SeqCst);
             let now = Instant::now();
+            let events = done.len();
             for c in done.drain(..) {
                 self.on_completion(now, c);
             }
@@ -170,6 +179,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             self.end_batch(now);
             self.flush(now);
+            self.slow.check(self.thread, now, events);
         }
         self.shared.parked.store(false, Ordering::SeqCst);
         let now = Instant::now();
@@ -484,6 +494,49 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 }
 
+/// Loop rounds that took [`SLOW_ROUND`] or more, from the backend's return to the next wait:
+/// handler work, sends and closes together. Each such round stalls all of the thread's
+/// connections; they are logged so an operator sees the stalls behind latency tails.
+#[derive(Debug, Default)]
+struct SlowRounds {
+    /// When the last one was logged.
+    warned: Option<Instant>,
+    /// Slow rounds since then, and the longest of them.
+    unlogged: u64,
+    longest: Duration,
+}
+
+impl SlowRounds {
+    /// `started`: when the round's work began; `events`: completions it handled.
+    fn check(&mut self, thread: u16, started: Instant, events: usize) {
+        let took = started.elapsed();
+        if took < SLOW_ROUND {
+            return;
+        }
+        self.unlogged += 1;
+        self.longest = self.longest.max(took);
+        let now = Instant::now();
+        if self
+            .warned
+            .is_some_and(|t| now.duration_since(t) < SLOW_WARN_EVERY)
+        {
+            return;
+        }
+        info!(
+            thread,
+            took_ms = took.as_secs_f64() * 1e3,
+            events,
+            slow_rounds = self.unlogged,
+            longest_ms = self.longest.as_secs_f64() * 1e3,
+            "slow loop round: every connection of this thread waited (slow_rounds and longest \
+             since the last such line)"
+        );
+        self.warned = Some(now);
+        self.unlogged = 0;
+        self.longest = Duration::ZERO;
+    }
+}
+
 /// A connection as the loop sees it (the socket itself belongs to the backend).
 struct Conn {
     peer: SocketAddr,
@@ -591,6 +644,26 @@ impl<T> Slab<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_rounds_are_counted_and_logged_at_most_every_ten_seconds() {
+        let mut slow = SlowRounds::default();
+        let now = Instant::now();
+        // A quick round: nothing.
+        slow.check(0, now, 5);
+        assert_eq!((slow.warned, slow.unlogged), (None, 0));
+        let Some(long_ago) = now.checked_sub(Duration::from_millis(30)) else {
+            return; // the clock started less than 30 ms ago: nothing to test with
+        };
+        // A slow one is logged at once and the tally starts again.
+        slow.check(0, long_ago, 5);
+        assert!(slow.warned.is_some());
+        assert_eq!(slow.unlogged, 0);
+        // The next within 10 s is only counted, with the longest kept.
+        slow.check(0, long_ago, 7);
+        assert_eq!(slow.unlogged, 1);
+        assert!(slow.longest >= Duration::from_millis(30));
+    }
 
     #[test]
     fn slab_generations_reject_stale_ids() {
