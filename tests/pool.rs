@@ -263,6 +263,14 @@ fn solo_mode_pays_each_user_their_own_address() {
             "{user}'s block pays elsewhere"
         );
         assert!(in_main_chain(node, hash));
+        // The next user must not start on a job whose block was just found: on regtest its first
+        // share would be a second block for the same height, off the best chain.
+        wait_stats(
+            &pool,
+            "the pool's job to build on the node's tip",
+            WAIT,
+            |s| s["job"][1].as_u64() == Some(node.height() + 1),
+        );
     }
 }
 
