@@ -363,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_line: cfg.maxlinelength,
         backend,
         pin: cfg.pin,
+        max_conns: cfg.maxclients,
         ..connector::Config::default()
     };
     info!(%handoff, threads, "stratifier handoff");

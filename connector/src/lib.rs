@@ -87,6 +87,10 @@ pub struct Config {
     /// (wrapping around when there are more threads than CPUs); see [`pin_current_thread`]. A
     /// failure to pin is logged once, at `warn`, and the thread runs unpinned.
     pub pin: bool,
+    /// The most connections all threads hold at once (`maxclients`); `None`: only the tables
+    /// and the open-files limit bound them. A connection accepted beyond it is closed at once
+    /// (the handler never sees it), and a line is logged at most once a minute per thread.
+    pub max_conns: Option<usize>,
 }
 
 impl Default for Config {
@@ -101,6 +105,7 @@ impl Default for Config {
             backend: BackendKind::Auto,
             uring: UringConfig::default(),
             pin: true,
+            max_conns: None,
         }
     }
 }
@@ -483,6 +488,8 @@ where
         max_line: cfg.max_line,
         max_outbound: cfg.max_outbound,
         tick: cfg.tick,
+        max_conns: cfg.max_conns,
+        open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     let listen_count = cfg.listen.len();
     let pin = cfg.pin;
@@ -502,6 +509,7 @@ where
         let make = Arc::clone(&make);
         let new_backend = Arc::clone(&new_backend);
         let worker_shared = Arc::clone(&shared);
+        let limits = limits.clone();
         let join = std::thread::Builder::new()
             .name(format!("connector-{t}"))
             .spawn(move || {

@@ -6,7 +6,7 @@ use std::mem;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use common::ConnId;
@@ -70,11 +70,15 @@ impl Shared {
 }
 
 /// Limits from the configuration.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Limits {
     pub(crate) max_line: usize,
     pub(crate) max_outbound: usize,
     pub(crate) tick: Duration,
+    /// [`Config::max_conns`](crate::Config::max_conns).
+    pub(crate) max_conns: Option<usize>,
+    /// Connections open on all threads (counted whether or not there is a maximum).
+    pub(crate) open: Arc<AtomicUsize>,
 }
 
 /// One connector thread.
@@ -100,6 +104,10 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     accept_warned: Option<Instant>,
     /// Rounds that kept the thread busy for [`SLOW_ROUND`] or more.
     slow: SlowRounds,
+    /// Connections closed at once because `max_conns` was reached, since the last line about it,
+    /// and when that line was logged.
+    refused: u64,
+    refused_warned: Option<Instant>,
     spare_ops: Vec<Vec<SendBuf>>,
 }
 
@@ -129,6 +137,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             any_paused: false,
             accept_warned: None,
             slow: SlowRounds::default(),
+            refused: 0,
+            refused_warned: None,
             spare_ops: Vec::new(),
         }
     }
@@ -251,6 +261,33 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         if let Err(e) = self.backend.open(id, sock) {
             self.conns.remove(id);
             warn!(%peer, error = %e, "could not register connection");
+            return;
+        }
+        let open = self.limits.open.fetch_add(1, Ordering::Relaxed);
+        if let Some(max) = self.limits.max_conns
+            && open >= max
+        {
+            // Accepted and closed at once: the miner sees the close and can go to its next pool
+            // at once, instead of waiting in the listen backlog (and a pending connection left
+            // there would keep a level-triggered listener ready for good).
+            self.limits.open.fetch_sub(1, Ordering::Relaxed);
+            self.conns.remove(id);
+            self.backend.close(id);
+            self.refused += 1;
+            if self
+                .refused_warned
+                .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+            {
+                warn!(
+                    %peer,
+                    max,
+                    refused = self.refused,
+                    "maxclients reached: connection closed at once (refused is this thread's \
+                     count since the last such line)"
+                );
+                self.refused_warned = Some(now);
+                self.refused = 0;
+            }
             return;
         }
         debug!(conn = %id, %peer, listener = listener.0, "connection opened");
@@ -466,6 +503,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let Some(conn) = self.conns.remove(id) else {
             return;
         };
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
         self.backend.close(id);
         debug!(conn = %id, peer = %conn.peer, ?reason, "connection closed");
         self.handler.on_close(now, id, reason);
@@ -487,6 +525,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     fn close_all(&mut self, now: Instant, reason: CloseReason) {
         for id in self.conns.ids(self.thread) {
             if self.conns.remove(id).is_some() {
+                self.limits.open.fetch_sub(1, Ordering::Relaxed);
                 self.backend.close(id);
                 self.handler.on_close(now, id, reason);
             }

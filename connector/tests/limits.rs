@@ -46,7 +46,8 @@ macro_rules! backend_tests {
 
 backend_tests!(
     emfile_pauses_accepts_without_spinning,
-    handler_close_is_bounded_in_time
+    handler_close_is_bounded_in_time,
+    max_conns_closes_the_excess_and_serves_again_after_a_close
 );
 
 /// The child half of `emfile_pauses_accepts_without_spinning`; ignored unless run by it.
@@ -425,5 +426,54 @@ fn handler_close_is_bounded_in_time(backend: BackendKind, _name: &str) {
         waited >= Duration::from_secs(4) && waited < Duration::from_secs(10),
         "closed after {waited:?}"
     );
+    connector.shutdown();
+}
+
+fn max_conns_closes_the_excess_and_serves_again_after_a_close(backend: BackendKind, _name: &str) {
+    // Two threads: the limit counts the connections of both.
+    let (connector, events, addr) = start(backend, |cfg| {
+        cfg.threads = 2;
+        cfg.max_conns = Some(2);
+    });
+    let a = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    let a_id = opened(&events, &a);
+    let mut b = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    opened(&events, &b);
+    // A third is accepted and closed at once: the client reads end of file (or a reset).
+    let mut c = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let refused_at = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf);
+    assert!(
+        matches!(n, Ok(0))
+            || n.as_ref()
+                .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the connection over the limit was not closed: {n:?}"
+    );
+    assert!(refused_at.elapsed() < WAIT);
+    // The two served ones still work.
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    b.write_all(b"still here\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&b).read_line(&mut line).unwrap();
+    assert_eq!(line, "still here\n");
+    // One closes; then a new connection is served. The handler never heard of the refused one.
+    drop(a);
+    assert_eq!(closed(&events, a_id), CloseReason::Peer);
+    let d = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    let refused = c.local_addr().unwrap();
+    let wanted = d.local_addr().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Opened(_, peer)) if peer == wanted => break,
+            Ok(Event::Opened(_, peer)) => {
+                assert_ne!(peer, refused, "the refused connection was opened")
+            }
+            Ok(_) => {}
+            Err(_) => panic!("the connection after a close was not served"),
+        }
+    }
     connector.shutdown();
 }
