@@ -25,6 +25,13 @@ use serde_json::{Value, json};
 
 const BTCSIG: &[u8] = b"/ckpool-rs test/";
 
+/// A fresh payout address of `node` and a pool config mining to it through `node` alone.
+fn pool_config(node: &RegtestNode) -> (String, Value) {
+    let addr = node.new_address();
+    let config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    (addr, config)
+}
+
 fn decode_block(node: &RegtestNode, hash: &str) -> bitcoin::Block {
     let hex = node.rpc("getblock", json!([hash, 0]));
     let raw = hex::decode(hex.as_str().expect("raw block hex")).unwrap();
@@ -66,12 +73,8 @@ fn pool_mode_mines_blocks_paying_the_configured_address() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let pool = PoolProcess::start(
-        "poolmode",
-        &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()),
-        &[],
-    );
+    let (addr, config) = pool_config(node);
+    let pool = PoolProcess::start("poolmode", &config, &[]);
     let h0 = node.height();
 
     let report = mine_blocks(&pool, "tester.w1", 5);
@@ -133,8 +136,7 @@ fn stats_files_show_hashrate_and_users_while_a_miner_mines() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let mut config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    let (_, mut config) = pool_config(node);
     config["statsupdate"] = json!(1);
     let pool = PoolProcess::start("statsfiles", &config, &[]);
     let miner = start_honest_miner(pool.addr, "statsuser.rig1");
@@ -326,8 +328,7 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let mut config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    let (_, mut config) = pool_config(node);
     config["authtimeout"] = json!(2);
     let mut pool = PoolProcess::start("badclients", &config, &[]);
 
@@ -569,8 +570,7 @@ fn notifier_and_ckpmsg_reach_the_running_pool() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let mut config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    let (_, mut config) = pool_config(node);
     // No ZMQ, polling once an hour, routine refresh every 10 minutes: only the notifier can
     // tell the pool about a new block within the deadline below.
     config["blockpoll"] = json!(3_600_000);
@@ -616,12 +616,8 @@ fn plain_and_version_rolling_miners_both_mine_blocks() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let pool = PoolProcess::start(
-        "compat",
-        &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()),
-        &[],
-    );
+    let (_, config) = pool_config(node);
+    let pool = PoolProcess::start("compat", &config, &[]);
 
     // cpuminer style: subscribe, authorize, submit; no configure, no version bits.
     let plain = mine_blocks(&pool, "cpuminer.1", 2);
@@ -688,8 +684,7 @@ fn io_uring_refused_falls_back_to_epoll_and_serves_miners() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    let (addr, config) = pool_config(node);
     // The probe fails as when seccomp or kernel.io_uring_disabled refuses io_uring.
     let pool = PoolProcess::start_with_env(
         "fallback",
@@ -729,8 +724,7 @@ fn queue_handoff_serves_miners_and_drops_bad_clients() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    let (addr, config) = pool_config(node);
     // The flag wins over POOL_HANDOFF, so this runs the queue variant in every suite run.
     let pool = PoolProcess::start("queue", &config, &["--handoff", "queue"]);
     assert_eq!(pool.stats()["handoff"], "queue");
