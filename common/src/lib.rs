@@ -15,9 +15,11 @@ pub mod config;
 pub mod hash;
 pub mod ids;
 pub mod merkle;
+pub mod peer;
 pub mod stratum;
 pub mod target;
 pub mod template;
 
 pub use ids::ConnId;
+pub use peer::Peer;
 pub use target::{Difficulty, Target};

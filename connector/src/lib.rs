@@ -42,6 +42,7 @@
 
 mod framing;
 mod outbox;
+mod sendbufs;
 mod sys;
 mod worker;
 
@@ -73,7 +74,7 @@ pub struct Config {
     /// connection ([`CloseReason::LineTooLong`]).
     pub max_line: usize,
     /// Cap on the bytes queued and not yet written to one connection; exceeding it closes the
-    /// connection ([`CloseReason::Outbound`]).
+    /// connection ([`CloseReason::Outbound`]). Values above 4 GiB count as 4 GiB.
     pub max_outbound: usize,
     /// Listen backlog (the kernel caps it at `net.core.somaxconn`).
     pub backlog: i32,

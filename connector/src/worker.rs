@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use common::ConnId;
+use common::{ConnId, Peer};
 use crossbeam_channel::Receiver;
 use tracing::{debug, error, info, warn};
 
 use crate::framing::{self, LineTooLong};
+use crate::sendbufs::SendBufs;
 use crate::sys::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
 use crate::{Action, CloseReason, Handler, Outbox, SendBuf};
 
@@ -24,8 +25,16 @@ const CLOSE_LINGER: Duration = Duration::from_secs(5);
 const MSG_BATCH: usize = 1024;
 /// Queued buffers handed to the backend per send operation.
 const OP_BUFS: usize = 1024;
-/// Spare send-operation vectors kept for reuse.
-const SPARE_OPS: usize = 64;
+/// Emptied [`Pending`] boxes kept for reuse: enough for the connections that have something
+/// pending in a usual round (replies to submits), few enough to be negligible (about 100 KiB).
+const SPARE_PENDING: usize = 1024;
+/// Emptied vectors for the buffers after the first of a queue (see [`SendBufs`]) kept for reuse,
+/// and the largest capacity kept.
+const SPARE_ROOMS: usize = 64;
+const ROOM_KEPT: usize = 64;
+/// The most bytes a connection can have queued and not yet written ([`Conn::queued`] is a `u32`);
+/// a larger [`Limits::max_outbound`] counts as this.
+const MAX_QUEUED: usize = u32::MAX as usize;
 /// Minimum interval between two logs of accepts paused by an error (EMFILE).
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 /// A loop round that keeps the thread busy this long delays every connection of the thread:
@@ -108,7 +117,10 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// and when that line was logged.
     refused: u64,
     refused_warned: Option<Instant>,
-    spare_ops: Vec<Vec<SendBuf>>,
+    spare_pending: SparePending,
+    /// Emptied vectors from finished sends, to queue a second buffer without allocating (at
+    /// most [`SPARE_ROOMS`]).
+    spare_rooms: Vec<Vec<SendBuf>>,
 }
 
 impl<B: Backend, H: Handler> Worker<B, H> {
@@ -139,7 +151,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             slow: SlowRounds::default(),
             refused: 0,
             refused_warned: None,
-            spare_ops: Vec::new(),
+            spare_pending: SparePending::default(),
+            spare_rooms: Vec::new(),
         }
     }
 
@@ -254,7 +267,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn open(&mut self, now: Instant, listener: ListenerId, sock: B::Socket, peer: SocketAddr) {
-        let Some(id) = self.conns.insert(self.thread, Conn::new(peer)) else {
+        let Some(id) = self.conns.insert(self.thread, Conn::new(Peer::from(peer))) else {
             warn!(%peer, "connection table full; dropping connection");
             return;
         };
@@ -303,11 +316,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
-        if c.close_by.is_some() {
+        let mut partial = match c.pending.as_deref_mut() {
             // Closing: input is read (so the close does not reset the connection) and dropped.
-            return;
-        }
-        let mut partial = mem::take(&mut c.partial);
+            Some(p) if p.close_by.is_some() => return,
+            Some(p) => mem::take(&mut p.partial),
+            None => Vec::new(),
+        };
         let data = self.backend.recv_bytes(buf);
         let handler = &mut self.handler;
         let out = &mut self.out;
@@ -322,7 +336,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         });
         // The table is untouched until the outbox is applied, so `conn` is still there.
         if let Some(c) = self.conns.get_mut(conn) {
-            c.partial = partial;
+            if partial.is_empty() {
+                // A completed line leaves `partial` unallocated (see `framing::feed`).
+                c.release_if_idle(&mut self.spare_pending);
+            } else {
+                c.pending_mut(&mut self.spare_pending).partial = partial;
+            }
         }
         self.apply_outbox(now);
         if result == Err(LineTooLong) {
@@ -344,23 +363,29 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             c.sending = false;
             match result {
                 Ok(n) => {
-                    c.queued = c.queued.saturating_sub(n);
+                    c.queued = c
+                        .queued
+                        .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
                     if !op.is_done() {
-                        // A short send: put the rest back in front, in order.
-                        c.offset = op.offset;
-                        for buf in op.bufs.drain(op.first..).rev() {
-                            c.queue.push_front(buf);
-                        }
+                        // A short send: put the rest back in front, in order, before what was
+                        // queued meanwhile.
+                        let p = c.pending_mut(&mut self.spare_pending);
+                        let mut rest = op.bufs.split_off(op.first);
+                        rest.append(&mut p.queue);
+                        p.queue = rest;
+                        p.offset = op.offset;
                     }
-                    if c.queue.is_empty() && c.queue.capacity() > 0 {
-                        // Everything is written: an idle connection keeps no queue allocation
-                        // (about 100 bytes each, which adds up over 100k connections).
-                        c.queue = VecDeque::new();
-                    }
-                    if (!c.queue.is_empty() || c.close_by.is_some()) && !c.dirty {
+                    let more = c
+                        .pending
+                        .as_deref()
+                        .is_some_and(|p| !p.queue.is_empty() || p.close_by.is_some());
+                    if more && !c.dirty {
                         c.dirty = true;
                         self.dirty.push(conn);
                     }
+                    // Everything is written and nothing else is pending: an idle connection
+                    // keeps no allocation (a hundred bytes each adds up over 100k connections).
+                    c.release_if_idle(&mut self.spare_pending);
                 }
                 Err(e) => {
                     debug!(conn = %conn, error = %e, "send failed");
@@ -368,9 +393,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 }
             }
         }
-        if self.spare_ops.len() < SPARE_OPS {
-            op.bufs.clear();
-            self.spare_ops.push(op.bufs);
+        let room = op.bufs.into_room();
+        if room.capacity() > 0
+            && room.capacity() <= ROOM_KEPT
+            && self.spare_rooms.len() < SPARE_ROOMS
+        {
+            self.spare_rooms.push(room);
         }
     }
 
@@ -389,7 +417,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         self.apply_outbox(now);
         let mut closing = mem::take(&mut self.closing);
         closing.retain(
-            |&id| match self.conns.get_mut(id).and_then(|c| c.close_by) {
+            |&id| match self.conns.get_mut(id).and_then(|c| c.close_by()) {
                 Some(deadline) if now >= deadline => {
                     debug!(conn = %id, "queued bytes not written in time; closing anyway");
                     self.close(now, id, CloseReason::Handler);
@@ -427,24 +455,35 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if c.close_by.is_some() || buf.is_empty() {
+        if c.close_by().is_some() || buf.is_empty() {
             return;
         }
         let len = buf.len();
-        if c.queued.saturating_add(len) > self.limits.max_outbound {
+        let limit = self.limits.max_outbound.min(MAX_QUEUED);
+        let queued = usize::try_from(c.queued)
+            .unwrap_or(MAX_QUEUED)
+            .saturating_add(len);
+        if queued > limit {
             warn!(
                 conn = %id,
                 peer = %c.peer,
                 queued = c.queued,
                 len,
-                limit = self.limits.max_outbound,
+                limit,
                 "outbound queue over limit; closing"
             );
             self.close(now, id, CloseReason::Outbound);
             return;
         }
-        c.queue.push_back(buf);
-        c.queued += len;
+        // At most `limit`, which fits.
+        c.queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        let p = c.pending_mut(&mut self.spare_pending);
+        if !p.queue.has_room()
+            && let Some(room) = self.spare_rooms.pop()
+        {
+            p.queue.give_room(room);
+        }
+        p.queue.push(buf);
         if !c.dirty {
             c.dirty = true;
             self.dirty.push(id);
@@ -455,11 +494,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if c.close_by.is_some() {
+        if c.close_by().is_some() {
             return;
         }
-        c.close_by = Some(now + CLOSE_LINGER);
-        c.partial = Vec::new();
+        let p = c.pending_mut(&mut self.spare_pending);
+        p.close_by = Some(now + CLOSE_LINGER);
+        p.partial = Vec::new();
         self.closing.push(id);
         if !c.dirty {
             c.dirty = true;
@@ -478,19 +518,29 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             if c.sending {
                 continue;
             }
-            if !c.queue.is_empty() {
-                let mut bufs = self.spare_ops.pop().unwrap_or_default();
-                let take = c.queue.len().min(OP_BUFS);
-                bufs.extend(c.queue.drain(..take));
+            let Some(p) = c.pending.as_deref_mut() else {
+                continue;
+            };
+            if !p.queue.is_empty() {
+                // The queue itself becomes the operation's list (no copy, no allocation), up
+                // to `OP_BUFS` buffers.
+                let rest = if p.queue.len() > OP_BUFS {
+                    p.queue.split_off(OP_BUFS)
+                } else {
+                    SendBufs::default()
+                };
                 let op = SendOp {
-                    bufs,
+                    bufs: mem::replace(&mut p.queue, rest),
                     first: 0,
-                    offset: mem::take(&mut c.offset),
+                    offset: mem::take(&mut p.offset),
                     written: 0,
                 };
                 c.sending = true;
+                // The common case (a notify, a reply) leaves nothing pending: the box goes back
+                // to the spares for the next connection in this round.
+                c.release_if_idle(&mut self.spare_pending);
                 self.backend.send(id, op);
-            } else if c.close_by.is_some() {
+            } else if p.close_by.is_some() {
                 self.close(now, id, CloseReason::Handler);
             }
         }
@@ -500,9 +550,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn close(&mut self, now: Instant, id: ConnId, reason: CloseReason) {
-        let Some(conn) = self.conns.remove(id) else {
+        let Some(mut conn) = self.conns.remove(id) else {
             return;
         };
+        if let Some(p) = conn.pending.take() {
+            self.spare_pending.put(p);
+        }
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
         self.backend.close(id);
         debug!(conn = %id, peer = %conn.peer, ?reason, "connection closed");
@@ -576,36 +629,96 @@ impl SlowRounds {
     }
 }
 
-/// A connection as the loop sees it (the socket itself belongs to the backend).
+/// A connection as the loop sees it (the socket itself belongs to the backend): 32 bytes, and no
+/// heap memory while idle (nothing queued, no partial line, no close pending). A send in flight
+/// needs none either: the backend owns its buffers.
 struct Conn {
-    peer: SocketAddr,
-    /// Incomplete line from earlier reads; unallocated when none is pending.
-    partial: Vec<u8>,
-    /// Buffers not yet handed to the backend.
-    queue: VecDeque<SendBuf>,
-    /// Bytes of `queue[0]` already written.
-    offset: usize,
-    /// Bytes not yet written, including those of the send in flight.
-    queued: usize,
+    /// What exists only while something is pending; `None` when idle.
+    pending: Option<Box<Pending>>,
+    peer: Peer,
+    /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
+    queued: u32,
     /// Whether a send is in flight.
     sending: bool,
     /// Whether the connection is in the dirty list.
     dirty: bool,
+}
+
+impl Conn {
+    fn new(peer: Peer) -> Self {
+        Self {
+            pending: None,
+            peer,
+            queued: 0,
+            sending: false,
+            dirty: false,
+        }
+    }
+
+    /// The deadline of a handler-requested close, if one is pending.
+    fn close_by(&self) -> Option<Instant> {
+        self.pending.as_deref().and_then(|p| p.close_by)
+    }
+
+    /// The pending state, taken from `spares` (or allocated) if there is none.
+    fn pending_mut(&mut self, spares: &mut SparePending) -> &mut Pending {
+        self.pending.get_or_insert_with(|| spares.take())
+    }
+
+    /// Gives the pending state back to `spares` if nothing is pending any more.
+    fn release_if_idle(&mut self, spares: &mut SparePending) {
+        if self.pending.as_deref().is_some_and(Pending::is_idle)
+            && let Some(p) = self.pending.take()
+        {
+            spares.put(p);
+        }
+    }
+}
+
+/// What a connection holds only while something is pending: a partial line, buffers not yet
+/// handed to the backend, or a close. Allocated (or taken from the worker's spares) when the
+/// first of these appears, and given back as soon as none is left.
+#[derive(Default)]
+struct Pending {
+    /// Incomplete line from earlier reads.
+    partial: Vec<u8>,
+    /// Buffers not yet handed to the backend (the first inline, so one buffer needs no other
+    /// allocation).
+    queue: SendBufs,
+    /// Bytes of the first queued buffer already written (the rest of a short send).
+    offset: usize,
     /// Set when the handler asked to close: the deadline for writing what is queued.
     close_by: Option<Instant>,
 }
 
-impl Conn {
-    fn new(peer: SocketAddr) -> Self {
-        Self {
-            peer,
-            partial: Vec::new(),
-            queue: VecDeque::new(),
-            offset: 0,
-            queued: 0,
-            sending: false,
-            dirty: false,
-            close_by: None,
+impl Pending {
+    fn is_idle(&self) -> bool {
+        self.partial.is_empty() && self.queue.is_empty() && self.close_by.is_none()
+    }
+}
+
+/// Emptied [`Pending`] boxes kept for reuse (at most [`SPARE_PENDING`]), so that queueing a send
+/// to an idle connection usually allocates nothing.
+#[derive(Default)]
+struct SparePending {
+    #[expect(
+        clippy::vec_box,
+        reason = "the boxes themselves are reused: a connection holds one, not a `Pending`"
+    )]
+    boxes: Vec<Box<Pending>>,
+}
+
+impl SparePending {
+    /// An empty box: a spare one, or a new one.
+    fn take(&mut self) -> Box<Pending> {
+        self.boxes.pop().unwrap_or_default()
+    }
+
+    /// Empties `p` (dropping what it held) and keeps it if there is room.
+    fn put(&mut self, mut p: Box<Pending>) {
+        if self.boxes.len() < SPARE_PENDING {
+            *p = Pending::default();
+            self.boxes.push(p);
         }
     }
 }
@@ -744,11 +857,300 @@ mod tests {
 
     #[test]
     fn connection_state_stays_small() {
-        // DESIGN.md budget: a few hundred bytes of user memory per idle connection, no buffers.
-        assert!(
-            size_of::<Slot<Conn>>() <= 160,
-            "{}",
-            size_of::<Slot<Conn>>()
+        // Budget: at most 256 bytes of user memory per idle authorised miner for the whole pool,
+        // connector and stratifier together; the connector's share is this slot (an idle
+        // connection has no `Pending`) and the backend's entry.
+        assert!(size_of::<Slot<Conn>>() <= 40, "{}", size_of::<Slot<Conn>>());
+    }
+
+    /// A backend that does nothing: it records sends and closes, and the test plays the kernel
+    /// by handing completions to the worker.
+    #[derive(Default)]
+    struct Fake {
+        received: Vec<Vec<u8>>,
+        sent: VecDeque<(ConnId, SendOp)>,
+        closed: Vec<ConnId>,
+    }
+
+    impl Backend for Fake {
+        type Socket = ();
+        type RecvBuf = usize;
+
+        fn accept(&mut self, _: ListenerId) {}
+
+        fn open(&mut self, _: ConnId, (): ()) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        fn recv(&mut self, _: ConnId) {}
+
+        fn recv_bytes(&self, buf: &usize) -> &[u8] {
+            self.received.get(*buf).map_or(&[], Vec::as_slice)
+        }
+
+        fn release(&mut self, _: usize) {}
+
+        fn send(&mut self, conn: ConnId, op: SendOp) {
+            self.sent.push_back((conn, op));
+        }
+
+        fn close(&mut self, conn: ConnId) {
+            self.closed.push(conn);
+        }
+
+        fn complete(
+            &mut self,
+            _: Option<Duration>,
+            _: &mut Vec<Completion<Self>>,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Records lines and closes.
+    #[derive(Default)]
+    struct Recorder {
+        lines: Vec<Vec<u8>>,
+        closed: Vec<(ConnId, CloseReason)>,
+    }
+
+    impl Handler for Recorder {
+        type Msg = ();
+
+        fn on_open(&mut self, _: Instant, _: ConnId, _: SocketAddr, _: usize, _: &mut Outbox) {}
+
+        fn on_line(&mut self, _: Instant, _: ConnId, line: &[u8], _: &mut Outbox) {
+            self.lines.push(line.to_vec());
+        }
+
+        fn on_close(&mut self, _: Instant, conn: ConnId, reason: CloseReason) {
+            self.closed.push((conn, reason));
+        }
+
+        fn on_msg(&mut self, _: Instant, (): (), _: &mut Outbox) {}
+
+        fn on_tick(&mut self, _: Instant, _: &mut Outbox) {}
+    }
+
+    type TestWorker = Worker<Fake, Recorder>;
+
+    fn worker(max_outbound: usize) -> TestWorker {
+        let (_tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared::new(Arc::new(Waker::new().unwrap())));
+        let limits = Limits {
+            max_line: 64,
+            max_outbound,
+            tick: Duration::from_secs(1),
+            max_conns: None,
+            open: Arc::new(AtomicUsize::new(0)),
+        };
+        Worker::new(
+            0,
+            Fake::default(),
+            Recorder::default(),
+            rx,
+            shared,
+            limits,
+            1,
+        )
+    }
+
+    impl TestWorker {
+        /// Accepts a connection; returns its id.
+        fn accept(&mut self, now: Instant) -> ConnId {
+            let before = self.conns.ids(0);
+            let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+            self.on_completion(
+                now,
+                Completion::Accept {
+                    listener: ListenerId(0),
+                    result: Ok(((), peer)),
+                    more: true,
+                },
+            );
+            let id = self
+                .conns
+                .ids(0)
+                .into_iter()
+                .find(|id| !before.contains(id))
+                .unwrap();
+            assert_eq!(self.conn(id).peer.addr(), peer);
+            id
+        }
+
+        fn receive(&mut self, now: Instant, conn: ConnId, data: &[u8]) {
+            self.backend.received.push(data.to_vec());
+            let buf = self.backend.received.len() - 1;
+            self.on_completion(now, Completion::Recv { conn, buf });
+        }
+
+        /// What a handler callback would do: queue `data` for `conn`.
+        fn queue(&mut self, now: Instant, conn: ConnId, data: &[u8]) {
+            self.out.send(conn, data.to_vec());
+            self.apply_outbox(now);
+        }
+
+        /// Finishes the oldest send in flight with `n` bytes written (`None`: all of them);
+        /// returns the bytes.
+        fn finish_send(&mut self, now: Instant, n: Option<usize>) -> Vec<u8> {
+            let (conn, mut op) = self.backend.sent.pop_front().unwrap();
+            let all: Vec<u8> = op.remaining().flatten().copied().collect();
+            let n = n.unwrap_or(all.len());
+            op.advance(n);
+            self.on_completion(
+                now,
+                Completion::Send {
+                    conn,
+                    op,
+                    result: Ok(n),
+                },
+            );
+            all[..n].to_vec()
+        }
+
+        fn conn(&mut self, id: ConnId) -> &mut Conn {
+            self.conns.get_mut(id).unwrap()
+        }
+
+        fn pending(&mut self, id: ConnId) -> Option<&Pending> {
+            self.conn(id).pending.as_deref()
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_holds_no_pending_state_after_a_send() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        let id = w.accept(now);
+        assert!(w.pending(id).is_none());
+
+        w.queue(now, id, b"notify\n");
+        let first = w.pending(id).map(std::ptr::from_ref).unwrap();
+        w.flush(now);
+        // The queue went to the backend as it was: nothing is left pending, and the box is kept
+        // for the next connection that queues something.
+        assert!(w.pending(id).is_none());
+        assert_eq!(w.spare_pending.boxes.len(), 1);
+        assert_eq!((w.conn(id).queued, w.conn(id).sending), (7, true));
+        assert_eq!(w.backend.sent.front().map(|(_, op)| op.bufs.len()), Some(1));
+        assert_eq!(w.finish_send(now, None), b"notify\n");
+        assert!(w.pending(id).is_none());
+        assert_eq!((w.conn(id).queued, w.conn(id).sending), (0, false));
+        assert!(w.dirty.is_empty());
+
+        // The next send reuses the spare box rather than allocating one.
+        w.queue(now, id, b"again\n");
+        assert_eq!(w.pending(id).map(std::ptr::from_ref), Some(first));
+        assert!(w.spare_pending.boxes.is_empty());
+        w.flush(now);
+        assert_eq!(w.finish_send(now, None), b"again\n");
+        assert!(w.pending(id).is_none());
+    }
+
+    #[test]
+    fn an_idle_connection_holds_no_pending_state_after_a_partial_line() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        let id = w.accept(now);
+        // Complete lines alone never create one.
+        w.receive(now, id, b"one\n");
+        assert!(w.pending(id).is_none());
+        w.receive(now, id, b"ab");
+        assert_eq!(
+            w.pending(id).map(|p| p.partial.as_slice()),
+            Some(&b"ab"[..])
         );
+        w.receive(now, id, b"c\nde");
+        assert_eq!(
+            w.pending(id).map(|p| p.partial.as_slice()),
+            Some(&b"de"[..])
+        );
+        w.receive(now, id, b"f\r\n");
+        assert!(w.pending(id).is_none());
+        assert_eq!(w.handler.lines, [&b"one"[..], b"abc", b"def"]);
+        // A partial line keeps the state while a send completes.
+        w.queue(now, id, b"x\n");
+        w.receive(now, id, b"g");
+        w.flush(now);
+        w.finish_send(now, None);
+        assert_eq!(w.pending(id).map(|p| p.partial.as_slice()), Some(&b"g"[..]));
+        w.receive(now, id, b"\n");
+        assert!(w.pending(id).is_none());
+    }
+
+    #[test]
+    fn short_sends_put_the_rest_back_in_order() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        let id = w.accept(now);
+        w.queue(now, id, b"abc");
+        w.queue(now, id, b"def");
+        w.flush(now);
+        // Queued while the send is in flight.
+        w.queue(now, id, b"gh");
+        assert_eq!(w.conn(id).queued, 8);
+        w.flush(now);
+        assert_eq!(w.backend.sent.len(), 1, "one send in flight at a time");
+        assert_eq!(w.finish_send(now, Some(4)), b"abcd");
+        assert_eq!(w.conn(id).queued, 4);
+        assert_eq!(w.pending(id).map(|p| p.offset), Some(1));
+        w.flush(now);
+        assert_eq!(w.finish_send(now, Some(1)), b"e");
+        w.flush(now);
+        assert_eq!(w.finish_send(now, None), b"fgh");
+        assert!(w.pending(id).is_none());
+        assert_eq!(w.conn(id).queued, 0);
+        assert!(w.backend.sent.is_empty() && w.handler.closed.is_empty());
+    }
+
+    #[test]
+    fn the_outbound_cap_counts_bytes_in_flight() {
+        let now = Instant::now();
+        let mut w = worker(10);
+        let id = w.accept(now);
+        w.queue(now, id, b"123456");
+        w.flush(now);
+        assert!(w.pending(id).is_none());
+        w.queue(now, id, b"7890");
+        assert!(w.handler.closed.is_empty(), "exactly the cap is fine");
+        w.queue(now, id, b"x");
+        assert_eq!(w.handler.closed, [(id, CloseReason::Outbound)]);
+        assert_eq!(w.backend.closed, [id]);
+        assert!(w.conns.get_mut(id).is_none());
+        // The box of the closed connection is kept for reuse.
+        assert_eq!(w.spare_pending.boxes.len(), 1);
+    }
+
+    #[test]
+    fn a_handler_close_waits_for_queued_bytes_then_lingers_at_most_its_limit() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        let a = w.accept(now);
+        w.receive(now, a, b"partial");
+        w.queue(now, a, b"bye\n");
+        w.out.close(a);
+        w.out.send(a, b"ignored\n".to_vec());
+        w.apply_outbox(now);
+        assert_eq!(w.conn(a).queued, 4);
+        assert!(w.pending(a).is_some_and(|p| p.partial.is_empty()));
+        // Input is dropped while closing.
+        w.receive(now, a, b"more\n");
+        assert!(w.handler.lines.is_empty());
+        w.flush(now);
+        assert!(w.handler.closed.is_empty(), "waits for the send");
+        assert_eq!(w.finish_send(now, None), b"bye\n");
+        w.flush(now);
+        assert_eq!(w.handler.closed, [(a, CloseReason::Handler)]);
+
+        // A peer that does not read: closed on the first tick after the linger.
+        let b = w.accept(now);
+        w.queue(now, b, b"stuck\n");
+        w.out.close(b);
+        w.apply_outbox(now);
+        w.flush(now);
+        w.tick(now + CLOSE_LINGER / 2);
+        assert_eq!(w.handler.closed.len(), 1);
+        w.tick(now + CLOSE_LINGER);
+        assert_eq!(w.handler.closed.last(), Some(&(b, CloseReason::Handler)));
     }
 }

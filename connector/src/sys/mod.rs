@@ -53,7 +53,8 @@ use std::time::Duration;
 
 use common::ConnId;
 
-use crate::{BackendKind, SendBuf, UringConfig};
+use crate::sendbufs::SendBufs;
+use crate::{BackendKind, UringConfig};
 
 pub(crate) use os::{
     Waker, ensure_port_free, listener_socket, pin_current_thread, raise_nofile_limit,
@@ -213,11 +214,12 @@ pub(crate) enum Completion<B: Backend> {
 }
 
 /// Buffers to write to one connection, in order, starting `offset` bytes into the buffer at
-/// `first`. Owned by the backend while in flight.
+/// `first`. Owned by the backend while in flight. An operation of one buffer allocates nothing
+/// (see [`SendBufs`]).
 #[derive(Default)]
 pub(crate) struct SendOp {
     /// The buffers (those before `first` are already written).
-    pub(crate) bufs: Vec<SendBuf>,
+    pub(crate) bufs: SendBufs,
     /// Index of the first buffer not completely written.
     pub(crate) first: usize,
     /// Bytes of `bufs[first]` already written.
@@ -278,6 +280,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::SendBuf;
 
     fn op(parts: &[&[u8]]) -> SendOp {
         SendOp {

@@ -1197,6 +1197,16 @@ mod tests {
     use crate::SendBuf;
 
     #[test]
+    fn connection_state_stays_small() {
+        // Per connection, next to the worker's slot: the send in flight lives in `ops`.
+        assert!(
+            size_of::<Option<UConn>>() <= 16,
+            "{}",
+            size_of::<Option<UConn>>()
+        );
+    }
+
+    #[test]
     fn getsockopt_entry_changes_only_the_command() {
         let mut storage = SockAddrStorage::zeroed();
         let set = opcode::SetSockOpt::new(
@@ -1305,10 +1315,12 @@ mod tests {
         ring.send(
             id,
             SendOp {
-                bufs: vec![
+                bufs: [
                     SendBuf::from(Arc::clone(&big)),
                     SendBuf::from(vec![1u8; 10]),
-                ],
+                ]
+                .into_iter()
+                .collect(),
                 ..SendOp::default()
             },
         );
