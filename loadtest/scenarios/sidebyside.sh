@@ -18,7 +18,10 @@
 #      leaves the race at its first failed step.
 #   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
 #      the floor broadcasts a notify every SBS_BLOCK_INTERVAL s; first->last miner receipt per job.
-#   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner.
+#   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner. With
+#      SBS_IDLE_MINERS="A B" (two counts) the run is repeated at each, and the RSS slope between
+#      them, (RSS(B) - RSS(A)) / (B - A), is reported too: the cost of one more connection, without
+#      the fixed costs (io_uring's receive-buffer rings) that the first thousands of miners touch.
 #
 # Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
 # (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 25000 30000 35000 40000 45000 50000"],
@@ -42,6 +45,7 @@ P99_MS=${SBS_P99_MS:-5}
 BLOCKS=${SBS_BLOCKS:-8}
 BLOCK_INTERVAL=${SBS_BLOCK_INTERVAL:-2}
 IDLE_SECS=${SBS_IDLE_SECONDS:-10}
+IDLE_MINERS=${SBS_IDLE_MINERS:-$MINERS}
 WORKERS=${SBS_WORKERS:-2}
 PHASES=${SBS_PHASES:-cpu max fanout idle}
 NULL_PORT=${SBS_NULL_PORT:-23335}
@@ -169,16 +173,26 @@ if [[ " $PHASES " == *" fanout "* ]]; then
 	done
 fi
 
-declare -A RSS
+declare -A RSS SLOPE
 if [[ " $PHASES " == *" idle "* ]]; then
 	for srv in $SERVERS; do
-		name=idle-$(tag_of "$srv")
-		start_server "$srv"
-		ckload_run "$name" steady --miners "$MINERS" --workers "$WORKERS" --rate 0 \
-			--ramp "$RAMP" --duration "$((RAMP + IDLE_SECS))" --quiet || true
-		pool_stop
-		J=$DIR/$name.json
-		RSS[$srv]=$(jget "$J" '"%d B (RSS %.1f -> %.1f MiB, %d miners)" % (r["pool"]["rss_bytes_per_miner"], r["pool"]["rss_kib_start"]/1024, r["pool"]["rss_kib_end"]/1024, r["peak_authorized"])')
+		ends=()
+		counts=()
+		for n in $IDLE_MINERS; do
+			name=idle-$(tag_of "$srv")-$n
+			start_server "$srv"
+			ckload_run "$name" steady --miners "$n" --workers "$WORKERS" --rate 0 \
+				--ramp "$RAMP" --duration "$((RAMP + IDLE_SECS))" --quiet || true
+			pool_stop
+			J=$DIR/$name.json
+			RSS[$srv]+="$(jget "$J" '"%d B (RSS %.1f -> %.1f MiB, %d miners)" % (r["pool"]["rss_bytes_per_miner"], r["pool"]["rss_kib_start"]/1024, r["pool"]["rss_kib_end"]/1024, r["peak_authorized"])'); "
+			ends+=("$(jget "$J" 'r["pool"]["rss_kib_end"]')")
+			counts+=("$(jget "$J" 'r["peak_authorized"]')")
+		done
+		RSS[$srv]=${RSS[$srv]%; }
+		if ((${#ends[@]} == 2 && counts[1] > counts[0])); then
+			SLOPE[$srv]="$(((ends[1] - ends[0]) * 1024 / (counts[1] - counts[0]))) B per miner from ${counts[0]} to ${counts[1]} miners"
+		fi
 	done
 fi
 
@@ -194,6 +208,13 @@ for srv in $SERVERS; do
 		"$( [[ -n $p99 ]] && median "$p99" || echo -)" "${p99% }" "${steal% }" \
 		"${BEST[$srv]:--}" "${FAN[$srv]:--}" "${RSS[$srv]:--}"
 done
+
+if ((${#SLOPE[@]} > 0)); then
+	printf '\nRSS of one more idle miner (slope between the idle runs):\n\n'
+	for srv in $SERVERS; do
+		printf -- '- %s: %s\n' "$srv" "${SLOPE[$srv]:--}"
+	done
+fi
 
 if [[ " $PHASES " == *" max "* ]]; then
 	printf '\nmaximum rate, submit p99 of each run at each step (within %s ms passes a step; a failed run counts only below %s %% steal):\n\n' "$P99_MS" "$MAX_STEAL"

@@ -9,6 +9,7 @@
 //! sessions of that thread's connections.
 #![forbid(unsafe_code)]
 
+mod compact;
 mod job;
 mod pool;
 pub mod rates;

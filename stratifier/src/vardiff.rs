@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use common::Difficulty;
 
+use crate::compact::Stamp;
+
 /// Target share rate (shares per second).
 pub const TARGET_RATE: f64 = 0.3;
 /// Window of the decaying average used for decisions.
@@ -17,13 +19,13 @@ pub struct VarDiff {
     /// Decaying average of accepted difficulty per second over ~5 minutes.
     dsps: f64,
     /// When `dsps` was last updated.
-    last_decay: Instant,
-    /// First share seen (for the start-up bias).
-    first_share: Option<Instant>,
+    last_decay: Stamp,
+    /// First share seen (for the start-up bias); [`Stamp::NEVER`] before it.
+    first_share: Stamp,
+    /// Time of the last difficulty change.
+    last_change: Stamp,
     /// Shares since the last difficulty change.
     ssdc: u32,
-    /// Time of the last difficulty change.
-    last_change: Instant,
 }
 
 /// Bounds a vardiff decision is clamped to.
@@ -42,30 +44,27 @@ pub struct Bounds {
 impl VarDiff {
     /// Fresh state at `now`.
     pub fn new(now: Instant) -> Self {
+        let now = Stamp::of(now);
         Self {
             dsps: 0.0,
             last_decay: now,
-            first_share: None,
-            ssdc: 0,
+            first_share: Stamp::NEVER,
             last_change: now,
+            ssdc: 0,
         }
     }
 
     /// The decaying average of accepted difficulty per second.
     pub fn dsps(&self, now: Instant) -> f64 {
         let mut f = self.dsps;
-        decay(
-            &mut f,
-            0.0,
-            secs(now.saturating_duration_since(self.last_decay)),
-        );
+        decay(&mut f, 0.0, secs(self.last_decay.until(now)));
         f
     }
 
     /// Records a difficulty change made elsewhere (suggest_difficulty).
     pub fn changed(&mut self, now: Instant) {
         self.ssdc = 0;
-        self.last_change = now;
+        self.last_change = Stamp::of(now);
     }
 
     /// Accounts an accepted share credited at `credited` while the client's difficulty is
@@ -77,12 +76,16 @@ impl VarDiff {
         current: Difficulty,
         bounds: Bounds,
     ) -> Option<Difficulty> {
-        let elapsed = secs(now.saturating_duration_since(self.last_decay));
+        let stamp = Stamp::of(now);
+        let elapsed = secs(self.last_decay.until(now));
         decay(&mut self.dsps, credited.to_f64(), elapsed);
-        self.last_decay = now;
-        let first = *self.first_share.get_or_insert(now);
+        self.last_decay = stamp;
+        if self.first_share == Stamp::NEVER {
+            self.first_share = stamp;
+        }
+        let first = self.first_share;
         self.ssdc = self.ssdc.saturating_add(1);
-        let since_change = now.saturating_duration_since(self.last_change);
+        let since_change = self.last_change.until(now);
         if self.ssdc < 72 && since_change < Duration::from_secs(240) {
             return None;
         }
@@ -91,7 +94,7 @@ impl VarDiff {
             self.ssdc = 0;
             return None;
         }
-        let bias = 1.0 - (-secs(now.saturating_duration_since(first)) / WINDOW).exp();
+        let bias = 1.0 - (-secs(first.until(now)) / WINDOW).exp();
         if bias <= 0.0 {
             return None;
         }
@@ -129,11 +132,11 @@ impl VarDiff {
         }
         if new < current && self.ssdc == 1 {
             // The client just came back after a gap: give it a moment before lowering.
-            self.last_change = now;
+            self.last_change = stamp;
             return None;
         }
         self.ssdc = 0;
-        self.last_change = now;
+        self.last_change = stamp;
         Some(new)
     }
 }

@@ -1,0 +1,199 @@
+//! Small forms of the values every session keeps, so that an idle miner costs the stratifier
+//! under 200 bytes: difficulties in 8 bytes, instants in 8, shared names behind thin pointers.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::num::NonZeroU64;
+use std::ops::Deref;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use common::Difficulty;
+
+/// A [`Difficulty`] in 8 bytes (a `Difficulty` is a 16-byte, 16-aligned `u128` of 2^-32 units).
+///
+/// Up to 2^63 units (difficulty 2^31, a share per few seconds from about 3 EH/s) it is exact.
+/// Above, it keeps the 55 leading bits and rounds down; the miner is told the packed value
+/// (`mining.set_difficulty` carries a 53-bit float anyway), so pool and miner always agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PackedDiff(NonZeroU64);
+
+const WIDE: u64 = 1 << 63;
+const MANTISSA_BITS: u32 = 55;
+const MANTISSA: u64 = (1 << MANTISSA_BITS) - 1;
+
+impl PackedDiff {
+    pub(crate) fn new(d: Difficulty) -> Self {
+        let units = d.units();
+        let packed = match u64::try_from(units) {
+            Ok(u) if u < WIDE => u,
+            _ => {
+                let bits = 128 - units.leading_zeros();
+                let shift = bits - MANTISSA_BITS;
+                // At most 55 significant bits remain, so the cast keeps them all.
+                #[allow(clippy::cast_possible_truncation, reason = "55 bits by construction")]
+                let mantissa = (units >> shift) as u64;
+                WIDE | (u64::from(shift) << MANTISSA_BITS) | (mantissa & MANTISSA)
+            }
+        };
+        // A difficulty is never zero units, and the wide form has its top bit set.
+        Self(NonZeroU64::new(packed).unwrap_or(NonZeroU64::MIN))
+    }
+
+    pub(crate) fn get(self) -> Difficulty {
+        let p = self.0.get();
+        if p & WIDE == 0 {
+            return Difficulty::from_units(u128::from(p));
+        }
+        let shift = (p >> MANTISSA_BITS) & 0xff;
+        // The wide form always had bit 54 set: restore it along with the stored bits.
+        let mantissa = u128::from((p & MANTISSA) | (1 << (MANTISSA_BITS - 1)));
+        Difficulty::from_units(mantissa << shift)
+    }
+
+    /// `d` as it is kept (and so as the miner must be told it).
+    pub(crate) fn round(d: Difficulty) -> Difficulty {
+        Self::new(d).get()
+    }
+}
+
+/// The process's reference instant for [`Stamp`]s.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// An instant in 8 bytes (an `Instant` takes 16): signed nanoseconds from a process-wide
+/// reference, so instants before the reference are kept exactly too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Stamp(i64);
+
+impl Stamp {
+    /// Never set; further back than any real instant.
+    pub(crate) const NEVER: Self = Self(i64::MIN);
+
+    pub(crate) fn of(t: Instant) -> Self {
+        let epoch = *EPOCH;
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        if t >= epoch {
+            Self(nanos(t - epoch))
+        } else {
+            Self(nanos(epoch - t).saturating_neg().max(i64::MIN + 1))
+        }
+    }
+
+    /// Time from `self` to `now`, zero if `now` is earlier.
+    pub(crate) fn until(self, now: Instant) -> Duration {
+        let d = Self::of(now).0.saturating_sub(self.0);
+        Duration::from_nanos(u64::try_from(d).unwrap_or(0))
+    }
+}
+
+/// A shared string behind a thin pointer (8 bytes, where an `Arc<str>` takes 16): user names and
+/// user agents, of which a farm's miners share a few.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Name(Arc<Box<str>>);
+
+impl Name {
+    pub(crate) fn new(s: &str) -> Self {
+        Self(Arc::new(Box::from(s)))
+    }
+
+    /// Holders of this copy (an interner prunes the names only it holds).
+    pub(crate) fn holders(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
+}
+
+impl Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size_of::<PackedDiff>(), 8);
+        assert_eq!(size_of::<Option<PackedDiff>>(), 8);
+        assert_eq!(size_of::<Stamp>(), 8);
+        assert_eq!(size_of::<Name>(), 8);
+        assert_eq!(size_of::<Option<Name>>(), 8);
+    }
+
+    #[test]
+    fn packed_difficulties_at_the_edges() {
+        for units in [1u128, 2, (1 << 32) + 1, (1 << 63) - 1] {
+            let d = Difficulty::from_units(units);
+            assert_eq!(PackedDiff::new(d).get(), d, "{units} is exact");
+        }
+        for units in [1u128 << 63, u128::MAX, (1 << 100) + (1 << 45), 3 << 70] {
+            let d = Difficulty::from_units(units);
+            let got = PackedDiff::new(d).get();
+            assert!(got <= d, "rounds down");
+            assert!(
+                got.units() >= units - (units >> 54),
+                "keeps 55 bits of {units}"
+            );
+            assert_eq!(PackedDiff::round(got), got, "a kept value packs exactly");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn packing_is_monotonic_and_idempotent(a in 1u128.., b in 1u128..) {
+            let (pa, pb) = (PackedDiff::round(Difficulty::from_units(a)), PackedDiff::round(Difficulty::from_units(b)));
+            if a <= b {
+                prop_assert!(pa <= pb);
+            }
+            prop_assert_eq!(PackedDiff::round(pa), pa);
+            prop_assert!(pa.units() <= a);
+        }
+    }
+
+    #[test]
+    fn stamps_measure_time_either_side_of_the_epoch() {
+        let now = Instant::now();
+        let earlier = now.checked_sub(Duration::from_secs(5));
+        let s = Stamp::of(now);
+        assert_eq!(
+            s.until(now + Duration::from_millis(1500)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(s.until(now), Duration::ZERO);
+        if let Some(e) = earlier {
+            assert_eq!(Stamp::of(e).until(now), Duration::from_secs(5));
+            assert_eq!(s.until(e), Duration::ZERO, "never negative");
+        }
+        assert!(Stamp::NEVER < Stamp::of(now));
+    }
+
+    #[test]
+    fn names_compare_and_hash_as_their_text() {
+        let mut set = std::collections::HashSet::new();
+        set.insert(Name::new("alice"));
+        assert!(set.contains("alice"));
+        assert_eq!(&*Name::new("bob"), "bob");
+        assert_eq!(Name::new("x").to_string(), "x");
+    }
+}
