@@ -40,6 +40,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod chunked;
 mod framing;
 mod outbox;
 mod sendbufs;
@@ -369,6 +370,8 @@ where
     F: Fn(usize) -> H + Send + Sync + 'static,
 {
     cfg.validate()?;
+    // Transient buffers of a broadcast are given back to the kernel, not kept resident.
+    sys::fix_mmap_threshold();
     let make = Arc::new(make);
     let kind = match cfg.backend {
         BackendKind::Uring => {

@@ -122,6 +122,11 @@ impl Outbox {
     pub(crate) fn len(&self) -> usize {
         self.actions.len()
     }
+
+    /// Frees the room beyond `keep` requests (a broadcast records one per connection).
+    pub(crate) fn shrink_to(&mut self, keep: usize) {
+        self.actions.shrink_to(keep);
+    }
 }
 
 #[cfg(test)]

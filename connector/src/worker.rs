@@ -13,6 +13,7 @@ use common::{ConnId, Peer};
 use crossbeam_channel::Receiver;
 use tracing::{debug, error, info, warn};
 
+use crate::chunked::Chunked;
 use crate::framing::{self, LineTooLong};
 use crate::sendbufs::SendBufs;
 use crate::sys::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
@@ -42,6 +43,14 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 /// most once per [`SLOW_WARN_EVERY`].
 const SLOW_ROUND: Duration = Duration::from_millis(20);
 const SLOW_WARN_EVERY: Duration = Duration::from_secs(10);
+/// A round with this many completions (a broadcast) leaves freed buffers behind: the heap's free
+/// pages are given back [`TRIM_DELAY`] later (once its sends have completed), at most once per
+/// [`TRIM_EVERY`] per thread.
+const BIG_ROUND: usize = 4096;
+/// Room kept in the outbox and the dirty list once emptied.
+const KEEP_LIST: usize = 4096;
+const TRIM_DELAY: Duration = Duration::from_secs(1);
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// State shared between a connector thread and the [`crate::Connector`] that controls it.
 pub(crate) struct Shared {
@@ -121,6 +130,9 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// Emptied vectors from finished sends, to queue a second buffer without allocating (at
     /// most [`SPARE_ROOMS`]).
     spare_rooms: Vec<Vec<SendBuf>>,
+    /// When to give free heap pages back after a big round, and when that was last done.
+    trim_at: Option<Instant>,
+    trimmed: Option<Instant>,
 }
 
 impl<B: Backend, H: Handler> Worker<B, H> {
@@ -153,6 +165,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             refused_warned: None,
             spare_pending: SparePending::default(),
             spare_rooms: Vec::new(),
+            trim_at: None,
+            trimmed: None,
         }
     }
 
@@ -179,6 +193,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.shared.parked.store(false, Ordering::SeqCst);
             let now = Instant::now();
             let events = done.len();
+            if events >= BIG_ROUND {
+                self.trim_at = Some(now + TRIM_DELAY);
+            }
             for c in done.drain(..) {
                 self.on_completion(now, c);
             }
@@ -415,6 +432,16 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     fn tick(&mut self, now: Instant) {
         self.handler.on_tick(now, &mut self.out);
         self.apply_outbox(now);
+        if self.trim_at.is_some_and(|t| now >= t)
+            && self
+                .trimmed
+                .is_none_or(|t| now.duration_since(t) >= TRIM_EVERY)
+        {
+            self.trim_at = None;
+            self.trimmed = Some(now);
+            crate::sys::release_free_heap();
+            debug!(thread = self.thread, took = ?now.elapsed(), "free heap given back after a big round");
+        }
         let mut closing = mem::take(&mut self.closing);
         closing.retain(
             |&id| match self.conns.get_mut(id).and_then(|c| c.close_by()) {
@@ -444,6 +471,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 Action::Close(id) => self.request_close(now, id),
             }
         }
+        // A broadcast records a send per connection: do not keep that much room for good.
+        out.shrink_to(KEEP_LIST);
         self.out = out;
     }
 
@@ -544,8 +573,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 self.close(now, id, CloseReason::Handler);
             }
         }
-        // Nothing above marks connections dirty, so the list is empty: keep its allocation.
+        // Nothing above marks connections dirty, so the list is empty: keep its allocation, up
+        // to `KEEP_LIST` entries (a broadcast marks every connection).
         dirty.append(&mut self.dirty);
+        dirty.shrink_to(KEEP_LIST);
         self.dirty = dirty;
     }
 
@@ -724,9 +755,10 @@ impl SparePending {
 }
 
 /// Connection table: slots reused through a FIFO free list (so a slot rests as long as possible
-/// before reuse), each with a generation bumped on every close so stale ids are recognised.
+/// before reuse), each with a generation bumped on every close so stale ids are recognised. The
+/// slots grow in chunks (see [`Chunked`]), never by copying the table.
 struct Slab<T = Conn> {
-    slots: Vec<Slot<T>>,
+    slots: Chunked<Slot<T>>,
     free: VecDeque<u32>,
 }
 
@@ -738,7 +770,7 @@ struct Slot<T> {
 impl<T> Default for Slab<T> {
     fn default() -> Self {
         Self {
-            slots: Vec::new(),
+            slots: Chunked::new(),
             free: VecDeque::new(),
         }
     }

@@ -26,7 +26,9 @@ use std::time::Duration;
 use common::ConnId;
 use socket2::{SockAddr, SockAddrStorage, Socket};
 
-use super::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
+use super::{
+    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenerId, SendOp, Waker,
+};
 
 /// Size of the per-thread scratch buffer that all reads of one round share.
 const SCRATCH: usize = 256 * 1024;
@@ -66,8 +68,8 @@ pub(crate) struct Epoll {
     scratch: Box<[u8]>,
     /// Bytes of `scratch` handed out this round.
     used: usize,
-    /// Connections by slot.
-    conns: Vec<Option<EConn>>,
+    /// Connections by slot of their [`ConnId`].
+    conns: ConnTable<EConn>,
     listeners: Vec<EListener>,
     /// Completions produced outside `complete` (immediate sends, failed arming).
     ready: Vec<Completion<Self>>,
@@ -79,14 +81,21 @@ pub(crate) struct Epoll {
 
 struct EConn {
     sock: Socket,
-    id: ConnId,
+    /// Generation of the connection's [`ConnId`] (see [`ConnTable`]).
+    generation: u16,
     /// Events currently registered (meaningful when `registered`).
     interest: u32,
     registered: bool,
     recv_armed: bool,
     /// The send waiting for `EPOLLOUT`: boxed, since most sends complete at once and a
-    /// connection is far more often without one (this keeps `Option<EConn>` at 32 bytes).
+    /// connection is far more often without one (this keeps `Option<EConn>` at 24 bytes).
     op: Option<Box<SendOp>>,
+}
+
+impl ConnEntry for EConn {
+    fn generation(&self) -> u16 {
+        self.generation
+    }
 }
 
 struct EListener {
@@ -118,7 +127,7 @@ impl Epoll {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             used: 0,
-            conns: Vec::new(),
+            conns: ConnTable::default(),
             listeners: listeners
                 .into_iter()
                 .map(|sock| EListener { sock, armed: false })
@@ -129,27 +138,13 @@ impl Epoll {
         })
     }
 
-    fn conn_mut(conns: &mut [Option<EConn>], id: ConnId) -> Option<&mut EConn> {
-        let slot = usize::try_from(id.slot()).ok()?;
-        conns
-            .get_mut(slot)
-            .and_then(Option::as_mut)
-            .filter(|c| c.id == id)
-    }
-
     /// Handles one readiness event of a connection.
     fn conn_event(&mut self, token: u64, events: u32, out: &mut Vec<Completion<Self>>) {
-        let slot = token as u32 as usize;
+        let slot = token as u32;
         let generation = (token >> 32) as u16;
-        let Some(c) = self
-            .conns
-            .get_mut(slot)
-            .and_then(Option::as_mut)
-            .filter(|c| c.id.generation() == generation)
-        else {
+        let Some((id, c)) = self.conns.by_slot(generation, slot) else {
             return;
         };
-        let id = c.id;
 
         if events & (EV_OUT | EV_ERR) != 0
             && let Some(op) = c.op.as_mut()
@@ -302,29 +297,28 @@ impl Backend for Epoll {
     }
 
     fn open(&mut self, conn: ConnId, sock: Socket) -> io::Result<()> {
-        let slot = usize::try_from(conn.slot()).map_err(io::Error::other)?;
-        if self.conns.len() <= slot {
-            self.conns.resize_with(slot + 1, || None);
-        }
-        if let Some(entry) = self.conns.get_mut(slot) {
-            *entry = Some(EConn {
+        // A connection left in the slot (the loop closes one before reusing its slot) is closed
+        // by dropping it.
+        drop(self.conns.insert(
+            conn,
+            EConn {
                 sock,
-                id: conn,
+                generation: conn.generation(),
                 interest: 0,
                 registered: false,
                 recv_armed: false,
                 op: None,
-            });
-        }
+            },
+        )?);
         Ok(())
     }
 
     fn recv(&mut self, conn: ConnId) {
-        let Some(c) = Self::conn_mut(&mut self.conns, conn) else {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         c.recv_armed = true;
-        if let Err(e) = sync_interest(&self.epfd, c) {
+        if let Err(e) = sync_interest(&self.epfd, conn, c) {
             c.recv_armed = false;
             self.ready.push(Completion::RecvEnd {
                 conn,
@@ -344,7 +338,7 @@ impl Backend for Epoll {
     }
 
     fn send(&mut self, conn: ConnId, mut op: SendOp) {
-        let Some(c) = Self::conn_mut(&mut self.conns, conn) else {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         if c.op.is_some() {
@@ -366,7 +360,7 @@ impl Backend for Epoll {
             }
             Ok(false) => {
                 c.op = Some(Box::new(op));
-                if let Err(e) = sync_interest(&self.epfd, c)
+                if let Err(e) = sync_interest(&self.epfd, conn, c)
                     && let Some(op) = c.op.take()
                 {
                     self.ready.push(Completion::Send {
@@ -385,16 +379,9 @@ impl Backend for Epoll {
     }
 
     fn close(&mut self, conn: ConnId) {
-        let Ok(slot) = usize::try_from(conn.slot()) else {
-            return;
-        };
-        if let Some(entry) = self.conns.get_mut(slot)
-            && entry.as_ref().is_some_and(|c| c.id == conn)
-        {
-            // Dropping the socket closes it, which also removes it from the epoll set (the
-            // descriptor is never duplicated). A pending send's buffers are dropped with it.
-            *entry = None;
-        }
+        // Dropping the socket closes it, which also removes it from the epoll set (the descriptor
+        // is never duplicated). A pending send's buffers are dropped with it.
+        drop(self.conns.remove(conn));
     }
 
     fn complete(
@@ -407,8 +394,8 @@ impl Backend for Epoll {
         self.ready.shrink_to(KEEP_COMPLETIONS);
 
         for id in std::mem::take(&mut self.lazy) {
-            if let Some(c) = Self::conn_mut(&mut self.conns, id)
-                && let Err(e) = sync_interest(&self.epfd, c)
+            if let Some(c) = self.conns.get_mut(id)
+                && let Err(e) = sync_interest(&self.epfd, id, c)
             {
                 // Left with EPOLLOUT armed, the socket would be reported without end.
                 c.recv_armed = false;
@@ -474,8 +461,8 @@ fn conn_token(id: ConnId) -> u64 {
     (TAG_CONN << TAG_SHIFT) | (u64::from(id.generation()) << 32) | u64::from(id.slot())
 }
 
-/// Brings a connection's registered events in line with its armed operations.
-fn sync_interest(epfd: &OwnedFd, c: &mut EConn) -> io::Result<()> {
+/// Brings the registered events of connection `id` in line with its armed operations.
+fn sync_interest(epfd: &OwnedFd, id: ConnId, c: &mut EConn) -> io::Result<()> {
     let mut want = 0;
     if c.recv_armed {
         want |= EV_IN;
@@ -490,7 +477,7 @@ fn sync_interest(epfd: &OwnedFd, c: &mut EConn) -> io::Result<()> {
                 libc::EPOLL_CTL_MOD,
                 c.sock.as_raw_fd(),
                 want,
-                conn_token(c.id),
+                conn_token(id),
             )?;
             c.interest = want;
         }
@@ -500,7 +487,7 @@ fn sync_interest(epfd: &OwnedFd, c: &mut EConn) -> io::Result<()> {
             libc::EPOLL_CTL_ADD,
             c.sock.as_raw_fd(),
             want,
-            conn_token(c.id),
+            conn_token(id),
         )?;
         c.registered = true;
         c.interest = want;
@@ -656,7 +643,7 @@ mod tests {
     #[test]
     fn connection_state_stays_small() {
         assert!(
-            size_of::<Option<EConn>>() <= 32,
+            size_of::<Option<EConn>>() <= 24,
             "{}",
             size_of::<Option<EConn>>()
         );

@@ -36,7 +36,9 @@
 //! * **Dropping a backend** closes its listeners and sockets; a backend whose kernel holds
 //!   user memory (io_uring) cancels every operation and waits for their completions first.
 //! * A backend is created on the thread that runs it and never leaves it (an io_uring ring is
-//!   created `SINGLE_ISSUER`), so it need not be `Send`.
+//!   created `SINGLE_ISSUER`), so it need not be `Send`. Every [`ConnId`] given to one backend
+//!   instance is of that thread (the same [`ConnId::thread`]), so a backend keeps the thread once
+//!   and only a generation per connection ([`ConnTable`]); `open` fails for an id of another.
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("ckpool-connector supports Linux only (io_uring and epoll)");
@@ -53,11 +55,13 @@ use std::time::Duration;
 
 use common::ConnId;
 
+use crate::chunked::Chunked;
 use crate::sendbufs::SendBufs;
 use crate::{BackendKind, UringConfig};
 
 pub(crate) use os::{
-    Waker, ensure_port_free, listener_socket, pin_current_thread, raise_nofile_limit,
+    Waker, ensure_port_free, fix_mmap_threshold, listener_socket, pin_current_thread,
+    raise_nofile_limit, release_free_heap,
 };
 
 /// Environment variable that, set to anything but `""` or `"0"`, makes [`probe_uring`] fail as if
@@ -275,6 +279,85 @@ impl SendOp {
     }
 }
 
+/// A backend's open connections by the slot of their [`ConnId`], for the backends to share.
+///
+/// An entry keeps only the generation of its id: the slot is its index, and the thread is the
+/// same for every id given to one backend instance (they all come from the loop that runs it), so
+/// it is kept once, learnt from the first [`ConnTable::insert`]. The table grows in chunks
+/// ([`Chunked`]), never by copying, and never shrinks (slots are reused).
+pub(crate) struct ConnTable<T> {
+    entries: Chunked<Option<T>>,
+    thread: Option<u16>,
+}
+
+/// An entry of a [`ConnTable`].
+pub(crate) trait ConnEntry {
+    /// The generation of the entry's [`ConnId`].
+    fn generation(&self) -> u16;
+}
+
+impl<T> Default for ConnTable<T> {
+    fn default() -> Self {
+        Self {
+            entries: Chunked::new(),
+            thread: None,
+        }
+    }
+}
+
+impl<T: ConnEntry> ConnTable<T> {
+    /// Stores `conn` (whose generation must be `id`'s) in `id`'s slot; returns what the slot held.
+    /// Fails for an id of another thread than the ids stored before.
+    pub(crate) fn insert(&mut self, id: ConnId, conn: T) -> io::Result<Option<T>> {
+        debug_assert_eq!(conn.generation(), id.generation());
+        match self.thread {
+            None => self.thread = Some(id.thread()),
+            Some(thread) if thread != id.thread() => {
+                return Err(io::Error::other(format!(
+                    "connection {id} is not of this backend's thread ({thread})"
+                )));
+            }
+            Some(_) => {}
+        }
+        let slot = usize::try_from(id.slot()).map_err(io::Error::other)?;
+        self.entries.grow_with(slot + 1, || None);
+        let entry = self
+            .entries
+            .get_mut(slot)
+            .ok_or_else(|| io::Error::other("connection table did not grow"))?;
+        Ok(entry.replace(conn))
+    }
+
+    /// The open connection `id` (same thread, slot and generation).
+    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
+        self.entry(id)?.as_mut()
+    }
+
+    /// Removes the open connection `id`; any other id is ignored.
+    pub(crate) fn remove(&mut self, id: ConnId) -> Option<T> {
+        self.entry(id)?.take()
+    }
+
+    /// The open connection in `slot` if its generation is `generation`, with its id (for user data
+    /// that carries only the generation and slot).
+    pub(crate) fn by_slot(&mut self, generation: u16, slot: u32) -> Option<(ConnId, &mut T)> {
+        let id = ConnId::new(self.thread?, generation, slot);
+        Some((id, self.get_mut(id)?))
+    }
+
+    /// The entry of `id`'s slot if it holds `id`.
+    fn entry(&mut self, id: ConnId) -> Option<&mut Option<T>> {
+        if self.thread != Some(id.thread()) {
+            return None;
+        }
+        let slot = usize::try_from(id.slot()).ok()?;
+        self.entries.get_mut(slot).filter(|e| {
+            e.as_ref()
+                .is_some_and(|c| c.generation() == id.generation())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -287,6 +370,37 @@ mod tests {
             bufs: parts.iter().map(|p| SendBuf::from(p.to_vec())).collect(),
             ..SendOp::default()
         }
+    }
+
+    impl ConnEntry for (u16, &'static str) {
+        fn generation(&self) -> u16 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn conn_table_rebuilds_ids_and_rejects_stale_ones() {
+        let mut t = ConnTable::default();
+        let a = ConnId::new(3, 7, 1000);
+        assert_eq!(t.by_slot(7, 1000).map(|(id, _)| id), None, "empty");
+        assert!(t.insert(a, (7, "a")).unwrap().is_none());
+        assert_eq!(t.get_mut(a).map(|c| c.1), Some("a"));
+        assert_eq!(t.by_slot(7, 1000).map(|(id, c)| (id, c.1)), Some((a, "a")));
+        // Another generation, slot or thread does not reach it.
+        assert!(t.get_mut(ConnId::new(3, 8, 1000)).is_none());
+        assert!(t.get_mut(ConnId::new(3, 7, 999)).is_none());
+        assert!(t.get_mut(ConnId::new(4, 7, 1000)).is_none());
+        assert!(t.by_slot(8, 1000).is_none());
+        assert!(t.remove(ConnId::new(3, 8, 1000)).is_none());
+        // Ids of another thread are refused.
+        assert!(t.insert(ConnId::new(4, 0, 0), (0, "x")).is_err());
+        assert_eq!(t.remove(a).map(|c| c.1), Some("a"));
+        assert!(t.remove(a).is_none(), "double close is a no-op");
+        // The slot reused with the next generation; a leftover entry is handed back.
+        let b = ConnId::new(3, 8, 1000);
+        assert!(t.insert(b, (8, "b")).unwrap().is_none());
+        assert!(t.get_mut(a).is_none());
+        assert_eq!(t.insert(b, (8, "c")).unwrap().map(|c| c.1), Some("b"));
     }
 
     fn rest(op: &SendOp) -> Vec<u8> {

@@ -29,9 +29,11 @@
 //! * **Send** is `IORING_OP_SEND` for one buffer and `IORING_OP_SENDMSG` (an iovec array, up to
 //!   [`MAX_IOV`] buffers) otherwise, on the direct descriptor, with `MSG_NOSIGNAL | MSG_WAITALL`
 //!   so the kernel itself finishes a send the socket could not take at once. The [`SendOp`] (its
-//!   owned and shared `Arc<[u8]>` buffers), the iovecs and the `msghdr` stay in the operation table
-//!   until the completion, which gives the operation back; a short count is reported as such and
-//!   the loop requeues the rest.
+//!   owned and shared `Arc<[u8]>` buffers) and, for `IORING_OP_SENDMSG` only, a boxed gather list
+//!   (the iovecs and the `msghdr`) stay in the operation table until the completion, which gives
+//!   the operation back; a short count is reported as such and the loop requeues the rest. A send
+//!   of one buffer (a notify broadcast sends one shared buffer to every connection) allocates
+//!   nothing: its entry points straight at the buffer's bytes.
 //! * **Close** cancels the connection's operations (`IORING_OP_ASYNC_CANCEL` by fixed file, all
 //!   of them) and then closes the table slot (`IORING_OP_CLOSE` on the fixed index); the socket is
 //!   released once the cancelled operations are done. Completions that arrive later for the
@@ -60,8 +62,11 @@ use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
 use tracing::{debug, error, warn};
 
 use self::buf_ring::BufRing;
-use super::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
+use super::{
+    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenerId, SendOp, Waker,
+};
 use crate::UringConfig;
+use crate::chunked::{CHUNK, Chunked};
 
 mod buf_ring;
 
@@ -120,7 +125,7 @@ pub(crate) struct Uring {
     waker: Arc<Waker>,
     listeners: Vec<UListener>,
     /// Connections by slot of their [`ConnId`].
-    conns: Vec<Option<UConn>>,
+    conns: ConnTable<UConn>,
     /// Size of the fixed-file table.
     files: u32,
     /// Table slots in use: accepted sockets being looked up, handed out, or open.
@@ -135,7 +140,12 @@ pub(crate) struct Uring {
     cqes: Vec<cqueue::Entry>,
     /// Counted operations whose final completion has not been reaped yet.
     inflight: usize,
-    spare: Vec<Gather>,
+    /// Gather lists of finished `sendmsg`s, kept for reuse (at most [`SPARE_GATHERS`]).
+    #[expect(
+        clippy::vec_box,
+        reason = "the boxes move to and from `Op::Send`, which keeps them boxed to stay small"
+    )]
+    spare: Vec<Box<Gather>>,
     /// A failure that leaves the backend unusable, reported by the next `complete`.
     broken: Option<io::Error>,
 }
@@ -158,7 +168,8 @@ enum AcceptState {
 }
 
 struct UConn {
-    id: ConnId,
+    /// Generation of the connection's [`ConnId`] (see [`ConnTable`]).
+    generation: u16,
     file: u32,
     /// A multishot receive is in flight.
     recv: bool,
@@ -166,13 +177,20 @@ struct UConn {
     sending: bool,
 }
 
+impl ConnEntry for UConn {
+    fn generation(&self) -> u16 {
+        self.generation
+    }
+}
+
 /// An operation whose memory the kernel uses until its completion.
 enum Op {
     Send {
         conn: ConnId,
         op: SendOp,
-        gather: Gather,
-        total: usize,
+        /// The iovecs and `msghdr` of an `IORING_OP_SENDMSG`; `None` for an `IORING_OP_SEND` (one
+        /// buffer), which points straight at the bytes.
+        gather: Option<Box<Gather>>,
     },
     Peer {
         listener: usize,
@@ -181,21 +199,21 @@ enum Op {
     },
 }
 
-/// The iovecs and `msghdr` of one `sendmsg`.
+/// The iovecs and `msghdr` of one `sendmsg`, boxed so that the `msghdr` does not move.
 struct Gather {
     iov: Vec<libc::iovec>,
-    msg: Box<libc::msghdr>,
+    msg: libc::msghdr,
 }
 
 impl Gather {
-    fn new() -> Self {
+    fn new() -> Box<Self> {
         // SAFETY: `msghdr` is a plain C struct of integers and pointers, for which all-zero bytes
         // are a valid value (no name, no iovecs, no control data, no flags).
         let msg: libc::msghdr = unsafe { mem::zeroed() };
-        Self {
+        Box::new(Self {
             iov: Vec::new(),
-            msg: Box::new(msg),
-        }
+            msg,
+        })
     }
 }
 
@@ -240,7 +258,7 @@ impl Uring {
             ops: Slab::default(),
             waker,
             listeners,
-            conns: Vec::new(),
+            conns: ConnTable::default(),
             files,
             in_use: 0,
             owned,
@@ -298,7 +316,7 @@ impl Uring {
     }
 
     fn arm_recv(&mut self, id: ConnId) {
-        let Some(c) = conn_mut(&mut self.conns, id) else {
+        let Some(c) = self.conns.get_mut(id) else {
             return;
         };
         if c.recv {
@@ -311,7 +329,7 @@ impl Uring {
         // keeps mapped and registered until `Drop` has drained every operation.
         match unsafe { self.push(&entry, true) } {
             Ok(()) => {
-                if let Some(c) = conn_mut(&mut self.conns, id) {
+                if let Some(c) = self.conns.get_mut(id) {
                     c.recv = true;
                 }
             }
@@ -560,21 +578,15 @@ impl Uring {
             self.inflight = self.inflight.saturating_sub(1);
         }
         let bid = cqueue::buffer_select(flags);
-        let slot = usize::try_from(low & 0xFFFF_FFFF).unwrap_or(usize::MAX);
+        let slot = (low & 0xFFFF_FFFF) as u32;
         let generation = ((low >> 32) & 0xFFFF) as u16;
-        let live = self
-            .conns
-            .get_mut(slot)
-            .and_then(Option::as_mut)
-            .filter(|c| c.id.generation() == generation);
-        let Some(c) = live else {
+        let Some((id, c)) = self.conns.by_slot(generation, slot) else {
             // A completion for a closed connection.
             if let Some(bid) = bid {
                 self.bufs.give_back(bid);
             }
             return;
         };
-        let id = c.id;
         if !more {
             c.recv = false;
         }
@@ -620,18 +632,20 @@ impl Uring {
                 conn,
                 mut op,
                 gather,
-                total,
             } => {
-                if self.spare.len() < SPARE_GATHERS {
+                if let Some(gather) = gather
+                    && self.spare.len() < SPARE_GATHERS
+                {
                     self.spare.push(gather);
                 }
-                let Some(c) = conn_mut(&mut self.conns, conn) else {
+                let Some(c) = self.conns.get_mut(conn) else {
                     // Closed meanwhile: the kernel is done with the buffers, which drop here.
                     return;
                 };
                 c.sending = false;
                 let result = match usize::try_from(res) {
-                    Ok(0) if total > 0 => Err(io::Error::from(io::ErrorKind::WriteZero)),
+                    // A send is submitted only with bytes to write (see `send`).
+                    Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
                     Ok(n) => {
                         op.advance(n);
                         Ok(n)
@@ -722,6 +736,18 @@ impl Uring {
         }
     }
 
+    /// Takes back send `idx`, which was not submitted, and reports it with `result`.
+    fn fail_send(&mut self, idx: u32, result: io::Result<usize>) {
+        if let Some(Op::Send { conn, op, gather }) = self.ops.remove(idx) {
+            if let Some(gather) = gather
+                && self.spare.len() < SPARE_GATHERS
+            {
+                self.spare.push(gather);
+            }
+            self.ready.push(Completion::Send { conn, op, result });
+        }
+    }
+
     fn table_full(&self) -> io::Error {
         io::Error::other(format!(
             "the io_uring direct descriptor table of this thread is full ({} connections)",
@@ -775,19 +801,16 @@ impl Backend for Uring {
     }
 
     fn open(&mut self, conn: ConnId, sock: UringSocket) -> io::Result<()> {
-        let slot = usize::try_from(conn.slot()).map_err(io::Error::other)?;
         let file = usize::try_from(sock.file).map_err(io::Error::other)?;
-        if self.conns.len() <= slot {
-            self.conns.resize_with(slot + 1, || None);
-        }
-        let previous = self.conns.get_mut(slot).and_then(|entry| {
-            entry.replace(UConn {
-                id: conn,
+        let previous = self.conns.insert(
+            conn,
+            UConn {
+                generation: conn.generation(),
                 file: sock.file,
                 recv: false,
                 sending: false,
-            })
-        });
+            },
+        )?;
         if let Some(old) = previous {
             // The loop closes a connection before reusing its slot; be safe anyway.
             self.release_file(old.file, true);
@@ -811,7 +834,7 @@ impl Backend for Uring {
     }
 
     fn send(&mut self, conn: ConnId, op: SendOp) {
-        let Some(c) = conn_mut(&mut self.conns, conn) else {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         if c.sending {
@@ -823,95 +846,75 @@ impl Backend for Uring {
             return;
         }
         let file = c.file;
-        let gather = self.spare.pop().unwrap_or_else(Gather::new);
+        let (any, several) = {
+            let mut parts = op.remaining().filter(|p| !p.is_empty());
+            (parts.next().is_some(), parts.next().is_some())
+        };
+        if !any {
+            // Nothing left to write.
+            self.ready.push(Completion::Send {
+                conn,
+                op,
+                result: Ok(0),
+            });
+            return;
+        }
+        // Only a send of several buffers needs a gather list.
+        let gather = several.then(|| self.spare.pop().unwrap_or_else(Gather::new));
         // Stored first, so that nothing the entry points to moves afterwards.
-        let idx = self.ops.insert(Op::Send {
-            conn,
-            op,
-            gather,
-            total: 0,
-        });
-        let Some(Op::Send {
-            op, gather, total, ..
-        }) = self.ops.get_mut(idx)
-        else {
+        let idx = self.ops.insert(Op::Send { conn, op, gather });
+        let Some(Op::Send { op, gather, .. }) = self.ops.get_mut(idx) else {
             return;
         };
-        gather.iov.clear();
-        for part in op.remaining().filter(|p| !p.is_empty()).take(MAX_IOV) {
-            gather.iov.push(libc::iovec {
-                iov_base: part.as_ptr().cast_mut().cast::<c_void>(),
-                iov_len: part.len(),
-            });
-            *total += part.len();
-        }
-        let entry = match gather.iov.as_slice() {
-            [] => None,
-            [one] => Some(
+        let entry = match gather {
+            None => op.remaining().find(|p| !p.is_empty()).map(|part| {
                 opcode::Send::new(
                     types::Fixed(file),
-                    one.iov_base.cast::<u8>().cast_const(),
-                    u32::try_from(one.iov_len).unwrap_or(u32::MAX),
+                    part.as_ptr(),
+                    u32::try_from(part.len()).unwrap_or(u32::MAX),
                 )
                 .flags(SEND_FLAGS)
-                .build(),
-            ),
-            _ => {
+                .build()
+            }),
+            Some(gather) => {
+                gather.iov.clear();
+                for part in op.remaining().filter(|p| !p.is_empty()).take(MAX_IOV) {
+                    gather.iov.push(libc::iovec {
+                        iov_base: part.as_ptr().cast_mut().cast::<c_void>(),
+                        iov_len: part.len(),
+                    });
+                }
                 gather.msg.msg_iov = gather.iov.as_mut_ptr();
                 gather.msg.msg_iovlen = gather.iov.len();
                 Some(
-                    opcode::SendMsg::new(types::Fixed(file), ptr::from_ref(&*gather.msg))
+                    opcode::SendMsg::new(types::Fixed(file), ptr::from_ref(&gather.msg))
                         .flags(SEND_FLAGS as u32)
                         .build(),
                 )
             }
         };
         let Some(entry) = entry else {
-            // Nothing left to write.
-            if let Some(Op::Send { op, gather, .. }) = self.ops.remove(idx) {
-                self.spare.push(gather);
-                self.ready.push(Completion::Send {
-                    conn,
-                    op,
-                    result: Ok(0),
-                });
-            }
+            // Not reached: there are bytes to write (checked above).
+            self.fail_send(idx, Ok(0));
             return;
         };
         let entry = entry.user_data(op_data(idx));
-        // SAFETY: the bytes (heap memory of the `SendOp`'s owned and shared buffers, which does not
-        // move with it), the iovecs and the `msghdr` (heap memory of the gather list) stay in
-        // `self.ops`, unmodified, until this entry's completion is reaped (or `Drop` has drained).
+        // SAFETY: the entry points to the bytes of the `SendOp`'s owned and shared buffers (heap
+        // memory, which does not move when the `SendOp` does) and, for `SENDMSG`, to the iovecs
+        // and `msghdr` of the boxed gather list (heap memory too). All of them stay in `self.ops`,
+        // unmodified, until this entry's completion is reaped (or `Drop` has drained).
         match unsafe { self.push(&entry, true) } {
             Ok(()) => {
-                if let Some(c) = conn_mut(&mut self.conns, conn) {
+                if let Some(c) = self.conns.get_mut(conn) {
                     c.sending = true;
                 }
             }
-            Err(e) => {
-                if let Some(Op::Send { op, gather, .. }) = self.ops.remove(idx) {
-                    self.spare.push(gather);
-                    self.ready.push(Completion::Send {
-                        conn,
-                        op,
-                        result: Err(e),
-                    });
-                }
-            }
+            Err(e) => self.fail_send(idx, Err(e)),
         }
     }
 
     fn close(&mut self, conn: ConnId) {
-        let Ok(slot) = usize::try_from(conn.slot()) else {
-            return;
-        };
-        let Some(entry) = self.conns.get_mut(slot) else {
-            return;
-        };
-        if entry.as_ref().is_none_or(|c| c.id != conn) {
-            return;
-        }
-        if let Some(c) = entry.take() {
+        if let Some(c) = self.conns.remove(conn) {
             self.release_file(c.file, c.recv || c.sending);
         }
     }
@@ -1128,14 +1131,6 @@ fn os_error(res: i32) -> io::Error {
     io::Error::from_raw_os_error(res.saturating_neg())
 }
 
-fn conn_mut(conns: &mut [Option<UConn>], id: ConnId) -> Option<&mut UConn> {
-    let slot = usize::try_from(id.slot()).ok()?;
-    conns
-        .get_mut(slot)
-        .and_then(Option::as_mut)
-        .filter(|c| c.id == id)
-}
-
 fn accept_data(listener: usize) -> u64 {
     (TAG_ACCEPT << TAG_SHIFT) | (listener as u64 & LOW_BITS)
 }
@@ -1148,17 +1143,21 @@ fn op_data(index: u32) -> u64 {
     (TAG_OP << TAG_SHIFT) | u64::from(index)
 }
 
-/// A table of values indexed by `u32`, reusing free entries.
+/// A table of values indexed by `u32`, reusing free entries. It grows in chunks ([`Chunked`]):
+/// a broadcast puts a send in flight on every connection at once.
 struct Slab<T> {
-    entries: Vec<Option<T>>,
+    entries: Chunked<Option<T>>,
     free: Vec<u32>,
+    /// Entries in use.
+    live: usize,
 }
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
         Self {
-            entries: Vec::new(),
+            entries: Chunked::new(),
             free: Vec::new(),
+            live: 0,
         }
     }
 }
@@ -1171,10 +1170,12 @@ impl<T> Slab<T> {
                 .and_then(|i| self.entries.get_mut(i))
         {
             *entry = Some(value);
+            self.live += 1;
             return index;
         }
         let index = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
         self.entries.push(Some(value));
+        self.live += 1;
         index
     }
 
@@ -1187,6 +1188,13 @@ impl<T> Slab<T> {
     fn remove(&mut self, index: u32) -> Option<T> {
         let value = self.entries.get_mut(usize::try_from(index).ok()?)?.take()?;
         self.free.push(index);
+        self.live -= 1;
+        if self.live == 0 && self.entries.len() > CHUNK {
+            // A broadcast had a send in flight on every connection at once; with none left, the
+            // table's memory goes rather than staying resident until the next one (no index is
+            // held anywhere, as nothing is in flight).
+            *self = Self::default();
+        }
         Some(value)
     }
 }
@@ -1200,10 +1208,13 @@ mod tests {
     fn connection_state_stays_small() {
         // Per connection, next to the worker's slot: the send in flight lives in `ops`.
         assert!(
-            size_of::<Option<UConn>>() <= 16,
+            size_of::<Option<UConn>>() <= 8,
             "{}",
             size_of::<Option<UConn>>()
         );
+        // An entry of `ops` per send in flight: a broadcast has one per connection at once, and
+        // the table keeps its size after.
+        assert!(size_of::<Option<Op>>() <= 88, "{}", size_of::<Option<Op>>());
     }
 
     #[test]
@@ -1256,6 +1267,22 @@ mod tests {
         assert_eq!(slab.remove(a), None);
         assert_eq!(slab.insert("c"), a);
         assert_eq!(slab.get_mut(b).copied(), Some("b"));
+    }
+
+    #[test]
+    fn slab_gives_its_memory_back_once_empty_after_a_burst() {
+        let mut slab = Slab::default();
+        let ids: Vec<u32> = (0..3 * CHUNK).map(|i| slab.insert(i)).collect();
+        assert_eq!(slab.entries.len(), 3 * CHUNK);
+        for &id in &ids[1..] {
+            assert!(slab.remove(id).is_some());
+        }
+        assert_eq!(slab.entries.len(), 3 * CHUNK, "one still in use: kept");
+        assert_eq!(slab.get_mut(ids[0]).copied(), Some(0));
+        assert_eq!(slab.remove(ids[0]), Some(0));
+        assert_eq!((slab.entries.len(), slab.free.len(), slab.live), (0, 0, 0));
+        assert_eq!(slab.remove(ids[0]), None);
+        assert_eq!(slab.insert(7), 0);
     }
 
     /// Completes until `pick` takes a completion out of the list; bounded in time.
@@ -1347,6 +1374,121 @@ mod tests {
             1,
             "freed once the kernel was done, not leaked"
         );
+    }
+
+    #[test]
+    fn sends_of_one_and_several_buffers_resume_where_they_stopped() {
+        if let Err(reason) = super::super::probe_uring() {
+            eprintln!("skipped: io_uring is not available: {reason}");
+            return;
+        }
+        let (listener, addr) =
+            super::super::listener_socket("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let waker = Arc::new(Waker::new().unwrap());
+        let mut ring = Uring::new(waker, vec![listener], &UringConfig::default()).unwrap();
+        ring.accept(ListenerId(0));
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = Vec::new();
+        let sock = wait_for(&mut ring, &mut out, |out| {
+            let i = out
+                .iter()
+                .position(|c| matches!(c, Completion::Accept { result: Ok(_), .. }))?;
+            match out.remove(i) {
+                Completion::Accept {
+                    result: Ok((sock, _)),
+                    ..
+                } => Some(sock),
+                _ => None,
+            }
+        });
+        let id = ConnId::new(2, 5, 0);
+        ring.open(id, sock).unwrap();
+
+        let shared: Arc<[u8]> = Arc::from(&b"shared\n"[..]);
+        // (buffers, bytes already written as by an earlier short send, gather list used)
+        let cases: [(Vec<SendBuf>, usize, bool); 5] = [
+            (vec![SendBuf::from(Arc::clone(&shared))], 0, false),
+            (vec![SendBuf::from(b"0123456789".to_vec())], 4, false),
+            (
+                vec![
+                    SendBuf::from(b"abc".to_vec()),
+                    SendBuf::from(b"defg".to_vec()),
+                ],
+                1,
+                true,
+            ),
+            // The first buffer was written: one left, sent without a gather list.
+            (
+                vec![
+                    SendBuf::from(b"xyz".to_vec()),
+                    SendBuf::from(b"tail".to_vec()),
+                ],
+                4,
+                false,
+            ),
+            (
+                vec![
+                    SendBuf::from(Vec::new()),
+                    SendBuf::from(b"one".to_vec()),
+                    SendBuf::from(Vec::new()),
+                ],
+                0,
+                false,
+            ),
+        ];
+        for (bufs, written, gathered) in cases {
+            let mut op = SendOp {
+                bufs: bufs.into_iter().collect(),
+                ..SendOp::default()
+            };
+            op.advance(written);
+            let expected: Vec<u8> = op.remaining().flatten().copied().collect();
+            let spare = ring.spare.len();
+            ring.send(id, op);
+            assert_eq!(
+                ring.spare.len(),
+                spare.saturating_sub(usize::from(gathered)),
+                "a gather list only for several buffers"
+            );
+            let (op, result) = wait_for(&mut ring, &mut out, |out| {
+                let i = out
+                    .iter()
+                    .position(|c| matches!(c, Completion::Send { .. }))?;
+                match out.remove(i) {
+                    Completion::Send { conn, op, result } => {
+                        assert_eq!(conn, id);
+                        Some((op, result))
+                    }
+                    _ => None,
+                }
+            });
+            assert_eq!(result.unwrap(), expected.len());
+            assert!(op.is_done());
+            assert_eq!(op.written, written + expected.len());
+            let mut got = vec![0; expected.len()];
+            std::io::Read::read_exact(&mut client, &mut got).unwrap();
+            assert_eq!(got, expected);
+            assert_eq!(ring.spare.len(), spare.max(usize::from(gathered)));
+        }
+
+        // Nothing left to write: reported at once, nothing submitted.
+        let mut op = SendOp {
+            bufs: std::iter::once(SendBuf::from(b"done".to_vec())).collect(),
+            ..SendOp::default()
+        };
+        op.advance(4);
+        let inflight = ring.inflight;
+        ring.send(id, op);
+        assert_eq!(ring.inflight, inflight);
+        ring.complete(Some(Duration::ZERO), &mut out).unwrap();
+        assert!(matches!(
+            out.as_slice(),
+            [Completion::Send { result: Ok(0), .. }]
+        ));
+        assert_eq!(Arc::strong_count(&shared), 1, "buffers given back");
     }
 
     #[test]
