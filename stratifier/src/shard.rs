@@ -14,7 +14,7 @@ use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
 use crate::Out;
-use crate::compact::{Name, PackedDiff};
+use crate::compact::{Name, PackedDiff, Stamp};
 use crate::job::Job;
 use crate::pool::{BlockCandidate, Pool, ShareRecord, Stripe, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
@@ -40,7 +40,8 @@ struct State {
     names: Interner,
     /// This shard's stripe of the pool totals.
     stripe: Arc<Stripe>,
-    auth_deadlines: VecDeque<(Instant, ConnId)>,
+    /// When each connection must have authorised by (16 bytes an entry, gone once past).
+    auth_deadlines: VecDeque<(Stamp, ConnId)>,
     scratch: Vec<u8>,
     solo_work: HashMap<(u64, Name), Arc<SoloWork>>,
     last_prune: Option<Instant>,
@@ -79,14 +80,15 @@ impl Auth {
     }
 }
 
-/// One connection's stratum state: about 180 bytes for an idle miner, all inline in the shard's
+/// One connection's stratum state: 168 bytes for an idle miner, all inline in the shard's
 /// table (a farm has hundreds of thousands). What few miners use is in [`Extras`].
 struct Session {
     /// Extranonce1 as a number; the miner sees its low `nonce1_len` bytes, big-endian.
     enonce1: u64,
-    last_job: u64,
+    /// The sequence number ([`job_seq`]) of the last job sent; 0 before the first.
+    last_job: u32,
     /// Shares on jobs before this one are judged at the easier of `old_diff` and `diff`.
-    diff_change_job: u64,
+    diff_change_job: u32,
     diff: PackedDiff,
     old_diff: PackedDiff,
     /// The operator's minimum for this client: pool, listener and user-agent rules.
@@ -311,7 +313,7 @@ impl Shard {
         self.st.pool.clients.fetch_add(1, Ordering::Relaxed);
         self.st
             .auth_deadlines
-            .push_back((now + cfg.auth_timeout, conn));
+            .push_back((Stamp::of(now + cfg.auth_timeout), conn));
     }
 
     /// A connection went away.
@@ -356,7 +358,7 @@ impl Shard {
             let Some(s) = self.st.sessions.get(conn) else {
                 continue;
             };
-            if !s.subscribed || s.last_job >= job.id || (solo && s.auth.is_none()) {
+            if !s.subscribed || s.last_job >= job_seq(job.id) || (solo && s.auth.is_none()) {
                 continue;
             }
             self.st.send_job(conn, job, out);
@@ -386,7 +388,7 @@ impl Shard {
     /// Periodic work: drop clients that did not authorise in time, prune caches.
     pub fn on_tick(&mut self, now: Instant, out: &mut impl Out) {
         while let Some(&(deadline, conn)) = self.st.auth_deadlines.front() {
-            if deadline > now {
+            if deadline > Stamp::of(now) {
                 break;
             }
             self.st.auth_deadlines.pop_front();
@@ -840,7 +842,7 @@ impl State {
             return;
         };
         let first = s.last_job == 0 || clean;
-        s.last_job = job.id;
+        s.last_job = job_seq(job.id);
         if !self.pool.cfg.solo {
             let line = if first {
                 &job.notify_clean
@@ -979,7 +981,7 @@ impl State {
             &job.coinb2
         };
         let version = roll_version(job.version, version_bits.unwrap_or(0), s.mask);
-        let judged = if job.id < s.diff_change_job {
+        let judged = if job_seq(job.id) < s.diff_change_job {
             s.old_diff.get().min(s.diff())
         } else {
             s.diff()
@@ -1107,8 +1109,20 @@ impl State {
 fn change_diff(s: &mut Session, new: Difficulty, current_job: u64, now: Instant) {
     s.old_diff = s.diff;
     s.diff = PackedDiff::new(new);
-    s.diff_change_job = current_job.saturating_add(1);
+    s.diff_change_job = job_seq(current_job).saturating_add(1);
     s.vardiff.changed(now);
+}
+
+/// A job's sequence number within this pool: the low 32 bits of its id, which count up from 1
+/// (the high bits are the pool's random seed, the same for all its jobs). Sessions keep these
+/// 4-byte numbers rather than 8-byte ids; at a job per second they last 136 years.
+fn job_seq(id: u64) -> u32 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the low 32 bits are the sequence"
+    )]
+    let seq = id as u32;
+    seq
 }
 
 /// Rounds a difficulty to what is sent: with `diff_pow2`, whole difficulties become the power of
@@ -1340,11 +1354,11 @@ mod tests {
 
     #[test]
     fn session_stays_small() {
-        // What an idle miner costs the stratifier: 184 bytes (320 before packing), stored
+        // What an idle miner costs the stratifier: 168 bytes (320 before packing), stored
         // inline in the table; the `memory` test counts the whole heap. The goal for the
         // whole process is 256 B per idle connection (reference/perf.md G4).
         let size = std::mem::size_of::<Option<Session>>();
         println!("Session is {size} bytes");
-        assert!(size <= 184, "Session is {size} bytes");
+        assert!(size <= 168, "Session is {size} bytes");
     }
 }
