@@ -268,6 +268,22 @@ fn accepted_share_and_stats() {
 }
 
 #[test]
+fn long_worker_names_are_kept_truncated_and_match_in_full_or_truncated() {
+    let mut s = sim();
+    let long = format!("alice.{}", "r".repeat(200));
+    let kept = &long[..127];
+    let (c, w) = s.connect(1, &long);
+    let r = s.line(c, good_share(&w, &long, &[2; 8]));
+    assert_eq!(r[0]["result"], true, "the full name: {r:?}");
+    let r = s.line(c, good_share(&w, kept, &[3; 8]));
+    assert_eq!(r[0]["result"], true, "the kept name: {r:?}");
+    let r = s.line(c, good_share(&w, "alice.rig1", &[4; 8]));
+    assert_reject(&r, 20, "Worker mismatch");
+    let st = s.pool.stats();
+    assert_eq!(st.users["alice"].workers[kept].accepted, 2);
+}
+
+#[test]
 fn duplicate_share() {
     let mut s = sim();
     let (c, w) = s.connect(1, "alice");
