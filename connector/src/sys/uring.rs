@@ -1301,17 +1301,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn drop_cancels_and_drains_a_send_in_flight() {
+    /// Completes until a connection is accepted; returns its socket.
+    fn accepted(ring: &mut Uring, out: &mut Vec<Completion<Uring>>) -> UringSocket {
+        wait_for(ring, out, |out| {
+            let i = out
+                .iter()
+                .position(|c| matches!(c, Completion::Accept { result: Ok(_), .. }))?;
+            match out.remove(i) {
+                Completion::Accept {
+                    result: Ok((sock, _)),
+                    ..
+                } => Some(sock),
+                _ => None,
+            }
+        })
+    }
+
+    /// A ring with one loopback listener, accepting; `None` (the test is skipped) where io_uring
+    /// is not available.
+    fn listening_ring() -> Option<(Uring, std::net::SocketAddr)> {
         if let Err(reason) = super::super::probe_uring() {
             eprintln!("skipped: io_uring is not available: {reason}");
-            return;
+            return None;
         }
         let (listener, addr) =
             super::super::listener_socket("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let waker = Arc::new(Waker::new().unwrap());
         let mut ring = Uring::new(waker, vec![listener], &UringConfig::default()).unwrap();
         ring.accept(ListenerId(0));
+        Some((ring, addr))
+    }
+
+    #[test]
+    fn drop_cancels_and_drains_a_send_in_flight() {
+        let Some((mut ring, addr)) = listening_ring() else {
+            return;
+        };
         // A client that never reads, with a small receive buffer.
         let client = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         client.set_recv_buffer_size(4096).unwrap();
@@ -1378,32 +1403,15 @@ mod tests {
 
     #[test]
     fn sends_of_one_and_several_buffers_resume_where_they_stopped() {
-        if let Err(reason) = super::super::probe_uring() {
-            eprintln!("skipped: io_uring is not available: {reason}");
+        let Some((mut ring, addr)) = listening_ring() else {
             return;
-        }
-        let (listener, addr) =
-            super::super::listener_socket("127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let waker = Arc::new(Waker::new().unwrap());
-        let mut ring = Uring::new(waker, vec![listener], &UringConfig::default()).unwrap();
-        ring.accept(ListenerId(0));
+        };
         let mut client = std::net::TcpStream::connect(addr).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut out = Vec::new();
-        let sock = wait_for(&mut ring, &mut out, |out| {
-            let i = out
-                .iter()
-                .position(|c| matches!(c, Completion::Accept { result: Ok(_), .. }))?;
-            match out.remove(i) {
-                Completion::Accept {
-                    result: Ok((sock, _)),
-                    ..
-                } => Some(sock),
-                _ => None,
-            }
-        });
+        let sock = accepted(&mut ring, &mut out);
         let id = ConnId::new(2, 5, 0);
         ring.open(id, sock).unwrap();
 
@@ -1511,18 +1519,7 @@ mod tests {
         // Twice through the one table slot: close frees it for the next connection.
         for generation in 0..2u16 {
             let mut client = std::net::TcpStream::connect(addr).unwrap();
-            let sock = wait_for(&mut ring, &mut out, |out| {
-                let i = out
-                    .iter()
-                    .position(|c| matches!(c, Completion::Accept { result: Ok(_), .. }))?;
-                match out.remove(i) {
-                    Completion::Accept {
-                        result: Ok((sock, _)),
-                        ..
-                    } => Some(sock),
-                    _ => None,
-                }
-            });
+            let sock = accepted(&mut ring, &mut out);
             let id = ConnId::new(0, generation, 0);
             ids.push(id);
             ring.open(id, sock).unwrap();
