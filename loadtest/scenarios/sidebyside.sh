@@ -209,7 +209,7 @@ for srv in $SERVERS; do
 		"${BEST[$srv]:--}" "${FAN[$srv]:--}" "${RSS[$srv]:--}"
 done
 
-if ((${#SLOPE[@]} > 0)); then
+if [[ -n ${SLOPE[*]:-} ]]; then
 	printf '\nRSS of one more idle miner (slope between the idle runs):\n\n'
 	for srv in $SERVERS; do
 		printf -- '- %s: %s\n' "$srv" "${SLOPE[$srv]:--}"
