@@ -163,7 +163,7 @@ struct Sessions {
 #[derive(Debug)]
 struct SlotOutOfRange;
 
-/// Sessions per chunk of the table (about 46 KiB).
+/// Sessions per chunk of the table (about 42 KiB).
 const CHUNK: usize = 256;
 /// Slots beyond this are refused (the connector never gets near: 16M connections per thread).
 const MAX_SLOT: usize = 1 << 24;
