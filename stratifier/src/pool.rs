@@ -372,6 +372,21 @@ pub(crate) struct WorkerStatsRef {
     worker: Arc<WorkerCell>,
 }
 
+/// One username's authorisation back-off.
+#[derive(Debug, Clone, Copy)]
+struct AuthBackoff {
+    /// Refused until then.
+    until: Instant,
+    /// The length of the last refusal.
+    last: Duration,
+}
+
+/// The first refusal after a failed authorisation, and the longest (ckpool's values).
+const AUTH_BACKOFF_START: Duration = Duration::from_secs(3);
+const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// Usernames remembered at most (a flood of random names cannot grow the table beyond this).
+const AUTH_BACKOFF_USERS: usize = 65_536;
+
 /// A snapshot of the pool's statistics.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatsSnapshot {
@@ -412,6 +427,8 @@ pub struct Pool {
     next_enonce1: AtomicU64,
     next_session: AtomicU64,
     resume: Mutex<HashMap<u32, (u64, Instant)>>,
+    /// Usernames whose authorisation failed, and until when they are refused (ckpool's back-off).
+    auth_backoff: Mutex<HashMap<Box<str>, AuthBackoff>>,
     stats: Mutex<Stats>,
     totals: Box<[Arc<Stripe>]>,
     next_stripe: AtomicU64,
@@ -452,6 +469,7 @@ impl Pool {
             next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
             next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
             resume: Mutex::new(HashMap::new()),
+            auth_backoff: Mutex::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
             totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
             next_stripe: AtomicU64::new(0),
@@ -529,6 +547,49 @@ impl Pool {
 
     pub(crate) fn alloc_enonce1(&self) -> u64 {
         self.next_enonce1.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// How long `user` is still refused after failed authorisations, if it is.
+    pub(crate) fn auth_refused(&self, user: &str, now: Instant) -> Option<Duration> {
+        let b = self.auth_backoff.lock();
+        let until = b.get(user)?.until;
+        (until > now).then(|| until - now)
+    }
+
+    /// A failed authorisation of `user`: it is refused for 3 s, and for twice as long after each
+    /// further failure that follows a refusal's end within 10 minutes, up to 600 s (ckpool's
+    /// back-off). Returns the refusal's length.
+    pub(crate) fn auth_failed(&self, user: &str, now: Instant) -> Duration {
+        let mut b = self.auth_backoff.lock();
+        if b.len() >= AUTH_BACKOFF_USERS && !b.contains_key(user) {
+            b.retain(|_, e| now.saturating_duration_since(e.until) < AUTH_BACKOFF_MAX);
+            if b.len() >= AUTH_BACKOFF_USERS {
+                // A flood of distinct names: refuse this one without remembering it.
+                return AUTH_BACKOFF_START;
+            }
+        }
+        let e = b.entry(user.into()).or_insert(AuthBackoff {
+            until: now,
+            last: Duration::ZERO,
+        });
+        let wait = if now.saturating_duration_since(e.until) < AUTH_BACKOFF_MAX {
+            (e.last * 2).clamp(AUTH_BACKOFF_START, AUTH_BACKOFF_MAX)
+        } else {
+            AUTH_BACKOFF_START
+        };
+        *e = AuthBackoff {
+            until: now + wait,
+            last: wait,
+        };
+        wait
+    }
+
+    /// `user` authorised: its back-off ends.
+    pub(crate) fn auth_succeeded(&self, user: &str) {
+        let mut b = self.auth_backoff.lock();
+        if !b.is_empty() {
+            b.remove(user);
+        }
     }
 
     pub(crate) fn alloc_session(&self) -> u32 {
@@ -830,6 +891,30 @@ mod tests {
 
     fn pool() -> Arc<Pool> {
         Pool::new(PoolConfig::new(Network::Regtest, None), 1, |_| {}, None)
+    }
+
+    #[test]
+    fn auth_backoff_doubles_up_to_ten_minutes_then_starts_again() {
+        let p = pool();
+        let mut now = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let w = p.auth_failed("bob", now);
+            assert_eq!(p.auth_refused("bob", now), Some(w));
+            assert_eq!(p.auth_refused("bob", now + w), None);
+            waits.push(w.as_secs());
+            now += w;
+        }
+        assert_eq!(waits, [3, 6, 12, 24, 48, 96, 192, 384, 600, 600]);
+        // Ten quiet minutes after the last refusal: from 3 s again.
+        assert_eq!(p.auth_failed("bob", now + AUTH_BACKOFF_MAX).as_secs(), 3);
+        p.auth_succeeded("bob");
+        assert_eq!(p.auth_refused("bob", now), None);
+        // A flood of names is bounded: the table never holds more than its cap.
+        for i in 0..AUTH_BACKOFF_USERS + 10 {
+            p.auth_failed(&format!("u{i}"), now);
+        }
+        assert!(p.auth_backoff.lock().len() <= AUTH_BACKOFF_USERS);
     }
 
     fn within(actual: f64, expected: f64) -> bool {

@@ -599,12 +599,28 @@ impl State {
             );
         }
         let user = worker.split(['.', '_']).next().unwrap_or(worker);
+        if let Some(left) = self.pool.auth_refused(user, now) {
+            // ckpool's throttle: a name that just failed is refused and its client dropped, so
+            // a misconfigured rig reconnecting in a loop costs one line per back-off, not per try.
+            debug!(%conn, peer = %s.peer, user, left_s = left.as_secs_f64(), "authorisation throttled");
+            reply_auth_fail(
+                out,
+                conn,
+                req,
+                codes::UNAUTHORIZED,
+                "Failed authorisation, retry later",
+            );
+            out.close(conn);
+            return;
+        }
         if self.pool.cfg.solo
             && let Err(e) = address::script_for_address(user, self.pool.cfg.network)
         {
-            info!(%conn, peer = %s.peer, user, error = %e, "solo authorisation refused");
+            let wait = self.pool.auth_failed(user, now);
+            info!(%conn, peer = %s.peer, user, error = %e, refused_for_s = wait.as_secs(), "solo authorisation refused");
             return reply_auth_fail(out, conn, req, codes::UNAUTHORIZED, "Invalid address");
         }
+        self.pool.auth_succeeded(user);
         info!(%conn, peer = %s.peer, worker, agent = %s.agent, "authorised");
         s.auth = Some(Auth {
             user: self.names.get(user),

@@ -596,6 +596,41 @@ fn block_solution_is_assembled_and_submitted_before_stale_check() {
 }
 
 #[test]
+fn failed_solo_authorisations_back_off_per_username() {
+    let mut s = sim_with(true, EASY_BITS, |_| {});
+    let auth = |s: &mut Sim, n: u32, user: &str| -> (ConnId, Vec<Value>) {
+        let c = s.open(n);
+        s.line(c, json!({"id":1,"method":"mining.subscribe","params":[]}));
+        let r = s.line(
+            c,
+            json!({"id":2,"method":"mining.authorize","params":[user,"x"]}),
+        );
+        (c, r)
+    };
+    let throttled = "Failed authorisation, retry later";
+    let (_, r) = auth(&mut s, 1, "bad.w1");
+    assert_eq!(r[0]["error"][1], "Invalid address", "{r:?}");
+    // Within 3 s the name (any worker of it) is refused unchecked, and the client dropped.
+    let (c, r) = auth(&mut s, 2, "bad.w2");
+    assert_eq!(r[0]["result"], false);
+    assert_eq!(r[0]["error"][1], throttled, "{r:?}");
+    assert!(s.out.closed.contains(&c));
+    // Other names are not affected.
+    let (_, r) = auth(&mut s, 3, "mzBc4XEFSdzCDcTxAgf6EZXgsZWpztRhef.w");
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    // After 3 s it is checked again; a second failure refuses it for 6 s.
+    s.now += Duration::from_secs(3);
+    let (_, r) = auth(&mut s, 4, "bad");
+    assert_eq!(r[0]["error"][1], "Invalid address", "{r:?}");
+    s.now += Duration::from_secs(5);
+    let (_, r) = auth(&mut s, 5, "bad");
+    assert_eq!(r[0]["error"][1], throttled, "{r:?}");
+    s.now += Duration::from_secs(1);
+    let (_, r) = auth(&mut s, 6, "bad");
+    assert_eq!(r[0]["error"][1], "Invalid address", "{r:?}");
+}
+
+#[test]
 fn solo_mode_pays_each_user() {
     let mut s = sim_with(true, EASY_BITS, |_| {});
     let c = s.open(1);
