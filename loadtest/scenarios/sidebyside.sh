@@ -13,7 +13,9 @@
 #      passes with submit p99 <= SBS_P99_MS, >= 98 % of the asked rate accepted, no reject and no
 #      unanswered submit. The VM's host steals the CPU in bursts of milliseconds, which only ever
 #      adds latency: a failed run counts only if the host stole < SBS_MAX_STEAL % of the machine
-#      meanwhile, otherwise it is run again. A server passes the step with its first passing run,
+#      meanwhile and never held one CPU for SBS_MAX_STEAL_BURST ms or more at a stretch (ckload
+#      samples each CPU's steal every 10 ms; a 150 ms burst on the server's CPU delays ~0.75 %
+#      of a run's submits by itself), otherwise it is run again. A server passes the step with its first passing run,
 #      fails it with its first counted failure (or SBS_MAX_RUNS noisy failures, marked so), and
 #      leaves the race at its first failed step.
 #   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
@@ -25,7 +27,7 @@
 #
 # Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
 # (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 25000 30000 35000 40000 45000 50000"],
-# SBS_MAX_RUNS [5], SBS_MAX_STEAL [2],
+# SBS_MAX_RUNS [5], SBS_MAX_STEAL [2], SBS_MAX_STEAL_BURST [50],
 # SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
 # SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
 # BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
@@ -51,6 +53,7 @@ PHASES=${SBS_PHASES:-cpu max fanout idle}
 NULL_PORT=${SBS_NULL_PORT:-23335}
 MAX_RUNS=${SBS_MAX_RUNS:-5}
 MAX_STEAL=${SBS_MAX_STEAL:-2}
+MAX_STEAL_BURST=${SBS_MAX_STEAL_BURST:-50}
 NULL_BIN=$ROOT/target/release/examples/nullstratum
 POOL_PORT=$PORT
 
@@ -131,13 +134,13 @@ if [[ " $PHASES " == *" max "* ]]; then
 				steady_run "$srv" "$name" "$rate"
 				J=$DIR/$name.json
 				ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
-				RUNS[$srv]+="$(jget "$J" '"%.2f ms (%.1f %% steal)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["machine"]["steal_pct_window"])'), "
+				RUNS[$srv]+="$(jget "$J" '"%.2f ms (%.1f %% steal, longest %d ms)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["machine"]["steal_pct_window"], r["machine"].get("max_steal_burst_ms", 0))'), "
 				if [[ $ok == 1 ]]; then
 					PASS[$srv]=1
-				elif [[ $(jget "$J" "int(r['machine']['steal_pct_window'] < $MAX_STEAL)") == 1 ]]; then
+				elif [[ $(jget "$J" "int(r['machine']['steal_pct_window'] < $MAX_STEAL and r['machine'].get('max_steal_burst_ms', 0) < $MAX_STEAL_BURST)") == 1 ]]; then
 					PASS[$srv]=0
 				elif ((run == MAX_RUNS)); then
-					RUNS[$srv]+="all failed with steal >= $MAX_STEAL %, "
+					RUNS[$srv]+="all failed with steal >= $MAX_STEAL % or a burst >= $MAX_STEAL_BURST ms, "
 				fi
 			done
 		done

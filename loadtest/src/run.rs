@@ -21,6 +21,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -31,9 +32,13 @@ use tracing::warn;
 use crate::Error;
 use crate::rpc::{RpcTarget, resolve};
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, LatencySummary, ShareKind};
-use crate::swarm::{HISTOGRAMS, JobSeen, Progress, WorkerMessage, WorkerReport, WorkerSpec};
+use crate::swarm::{
+    HISTOGRAMS, JobSeen, MAX_SLOW_SUBMITS, Progress, SLOW_SUBMIT_MS, WorkerMessage, WorkerReport,
+    WorkerSpec,
+};
 use crate::sys::{
-    MachineCpu, ProcSample, cpu_count, ephemeral_port_count, mono_ns, nofile_hard_limit,
+    MachineCpu, NetCounters, ProcSample, cpu_count, ephemeral_port_count, mono_ns, ms_per_tick,
+    nofile_hard_limit, steal_per_cpu,
 };
 
 /// Longest run accepted.
@@ -491,6 +496,19 @@ pub struct Machine {
     pub busy_pct_window: f64,
     /// All cores' time stolen by the hypervisor in the window, %.
     pub steal_pct_window: f64,
+    /// Packets the kernel dropped in the window because a CPU's input queue was full
+    /// (`net.core.netdev_max_backlog`; loopback traffic goes through it too), machine-wide.
+    /// Each one costs its connection a retransmission ~200 ms later.
+    pub backlog_drops_window: u64,
+    /// TCP segments retransmitted in the window, SYNs left out, machine-wide.
+    pub tcp_retrans_window: u64,
+    /// TCP tail-loss probes sent in the window, machine-wide.
+    pub tcp_loss_probes_window: u64,
+    /// The longest time the host kept one CPU from running in the window ([`StealBurst`]), ms.
+    pub max_steal_burst_ms: u64,
+    /// The longest steal bursts of the window (at least [`MIN_STEAL_BURST_MS`]), at most
+    /// [`MAX_BURSTS`], in time order.
+    pub steal_bursts: Vec<StealBurst>,
     /// Hard open-files limit.
     pub nofile_hard: u64,
     /// Ephemeral ports per source address.
@@ -589,6 +607,214 @@ pub struct Report {
     pub worker_failures: Vec<String>,
     /// The merged histograms, hdrhistogram V2 in hex.
     pub histograms_v2: BTreeMap<String, String>,
+    /// When in the window the slow submits were sent.
+    pub slow_submits: SlowSubmits,
+}
+
+/// The submits of the window that took [`SLOW_SUBMIT_MS`] or longer, grouped into bursts: a
+/// stall of the server, the host or the network shows as many miners' submits sent within a few
+/// ms of each other, all slow; a single slow connection as bursts of one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SlowSubmits {
+    /// The threshold, ms.
+    pub threshold_ms: u32,
+    /// Slow submits listed (each worker lists at most [`MAX_SLOW_SUBMITS`]).
+    pub count: u64,
+    /// Bursts found: slow submits sent at most [`BURST_GAP_MS`] apart belong to one.
+    pub bursts: u64,
+    /// The largest bursts (at most [`MAX_BURSTS`]), in time order.
+    pub largest: Vec<SlowBurst>,
+}
+
+/// One burst of slow submits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SlowBurst {
+    /// When its first submit was sent, s after the ramp.
+    pub at_secs: f64,
+    /// From its first submit sent to its last, ms.
+    pub span_ms: u32,
+    /// Slow submits in it.
+    pub count: u64,
+    /// The slowest reply, ms.
+    pub max_ms: u32,
+    /// Workers (ckload processes) whose miners it hit.
+    pub workers: u32,
+    /// Time the host stole from this VM's CPUs ([`StealBurst`]s) between its first submit and
+    /// its last reply, ms.
+    pub stolen_ms: u64,
+}
+
+/// Fills in each slow burst's [`SlowBurst::stolen_ms`] from the steal bursts that overlap it.
+fn add_steal(slow: &mut SlowSubmits, steal: &[StealBurst]) {
+    for b in &mut slow.largest {
+        let from = b.at_secs;
+        let to = b.at_secs + f64::from(b.span_ms.saturating_add(b.max_ms)) / 1000.0;
+        b.stolen_ms = steal
+            .iter()
+            .filter(|s| s.at_secs <= to && s.at_secs + s.span_ms as f64 / 1000.0 >= from)
+            .map(|s| s.ms)
+            .sum();
+    }
+}
+
+/// A stretch of the window in which the hypervisor ran something else on one of this VM's CPUs:
+/// `/proc/stat` sampled every [`STEAL_SAMPLE`], consecutive samples with stolen time (gaps of up
+/// to [`STEAL_GAP_SAMPLES`] samples bridged). The steal percentage of a whole run hides these; a
+/// 150 ms one delays every miner served on that CPU, enough on its own to move a run's p99.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StealBurst {
+    /// When it began, s after the ramp.
+    pub at_secs: f64,
+    /// The CPU.
+    pub cpu: u32,
+    /// Time stolen in it, ms (`/proc/stat` counts in clock ticks, 10 ms here).
+    pub ms: u64,
+    /// From its first sample with steal to its last, ms.
+    pub span_ms: u64,
+}
+
+/// How often the steal sampler reads `/proc/stat`.
+pub const STEAL_SAMPLE: Duration = Duration::from_millis(10);
+/// Samples without steal bridged inside one burst.
+pub const STEAL_GAP_SAMPLES: u32 = 2;
+/// Bursts shorter than this are not listed.
+pub const MIN_STEAL_BURST_MS: u64 = 20;
+
+/// Per-CPU state of the steal sampler.
+#[derive(Clone, Copy, Default)]
+struct OpenBurst {
+    start: Option<Instant>,
+    last: Option<Instant>,
+    ticks: u64,
+    quiet: u32,
+}
+
+/// Samples every CPU's stolen time from `from` to `until` (see [`StealBurst`]), times relative
+/// to `from`.
+fn sample_steal(from: Instant, until: Instant, stop: &AtomicBool) -> Vec<StealBurst> {
+    while Instant::now() < from {
+        if stop.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        std::thread::sleep(
+            from.saturating_duration_since(Instant::now())
+                .min(STEAL_SAMPLE),
+        );
+    }
+    let Some(mut prev) = steal_per_cpu() else {
+        return Vec::new();
+    };
+    let tick_ms = ms_per_tick();
+    let mut open = vec![OpenBurst::default(); prev.len()];
+    let mut out = Vec::new();
+    let close = |b: &mut OpenBurst, cpu: usize, out: &mut Vec<StealBurst>| {
+        if let (Some(start), Some(last)) = (b.start, b.last) {
+            let ms = b.ticks * tick_ms;
+            if ms >= MIN_STEAL_BURST_MS {
+                out.push(StealBurst {
+                    at_secs: start.saturating_duration_since(from).as_secs_f64(),
+                    cpu: u32::try_from(cpu).unwrap_or(u32::MAX),
+                    ms,
+                    span_ms: u64::try_from(last.saturating_duration_since(start).as_millis())
+                        .unwrap_or(u64::MAX),
+                });
+            }
+        }
+        *b = OpenBurst::default();
+    };
+    let mut next = Instant::now() + STEAL_SAMPLE;
+    while next <= until && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next += STEAL_SAMPLE;
+        let now = Instant::now();
+        let Some(cur) = steal_per_cpu() else {
+            break;
+        };
+        for (cpu, (b, (c, p))) in open.iter_mut().zip(cur.iter().zip(&prev)).enumerate() {
+            let d = c.saturating_sub(*p);
+            if d > 0 {
+                if b.start.is_none() {
+                    b.start = Some(now.checked_sub(STEAL_SAMPLE).unwrap_or(now));
+                }
+                b.last = Some(now);
+                b.ticks += d;
+                b.quiet = 0;
+            } else if b.start.is_some() {
+                b.quiet += 1;
+                if b.quiet > STEAL_GAP_SAMPLES {
+                    close(b, cpu, &mut out);
+                }
+            }
+        }
+        prev = cur;
+    }
+    for (cpu, b) in open.iter_mut().enumerate() {
+        close(b, cpu, &mut out);
+    }
+    out
+}
+
+/// The [`MAX_BURSTS`] longest, in time order.
+fn largest_steal_bursts(all: &[StealBurst]) -> Vec<StealBurst> {
+    let mut v = all.to_vec();
+    v.sort_by_key(|b| std::cmp::Reverse(b.ms));
+    v.truncate(MAX_BURSTS);
+    v.sort_by(|a, b| a.at_secs.total_cmp(&b.at_secs));
+    v
+}
+
+/// Slow submits sent this close (ms) belong to one burst.
+pub const BURST_GAP_MS: u32 = 50;
+/// Bursts a report lists.
+pub const MAX_BURSTS: usize = 8;
+
+/// Groups `(sent ms, latency ms, worker)` into bursts.
+fn slow_bursts(mut slow: Vec<(u32, u32, u32)>) -> SlowSubmits {
+    slow.sort_unstable();
+    let mut bursts: Vec<(SlowBurst, Vec<u32>)> = Vec::new();
+    let mut last_sent: Option<u32> = None;
+    for (sent, ms, worker) in &slow {
+        let joins = last_sent.is_some_and(|l| sent.saturating_sub(l) <= BURST_GAP_MS);
+        match bursts.last_mut() {
+            Some((b, workers)) if joins => {
+                b.span_ms = sent.saturating_sub((b.at_secs * 1000.0).round() as u32);
+                b.count += 1;
+                b.max_ms = b.max_ms.max(*ms);
+                if !workers.contains(worker) {
+                    workers.push(*worker);
+                }
+            }
+            _ => bursts.push((
+                SlowBurst {
+                    at_secs: f64::from(*sent) / 1000.0,
+                    span_ms: 0,
+                    count: 1,
+                    max_ms: *ms,
+                    workers: 1,
+                    stolen_ms: 0,
+                },
+                vec![*worker],
+            )),
+        }
+        last_sent = Some(*sent);
+    }
+    let total = bursts.len() as u64;
+    let mut largest: Vec<SlowBurst> = bursts
+        .into_iter()
+        .map(|(mut b, w)| {
+            b.workers = u32::try_from(w.len()).unwrap_or(u32::MAX);
+            b
+        })
+        .collect();
+    largest.sort_by(|a, b| b.count.cmp(&a.count).then(b.max_ms.cmp(&a.max_ms)));
+    largest.truncate(MAX_BURSTS);
+    largest.sort_by(|a, b| a.at_secs.total_cmp(&b.at_secs));
+    SlowSubmits {
+        threshold_ms: SLOW_SUBMIT_MS,
+        count: slow.len() as u64,
+        bursts: total,
+        largest,
+    }
 }
 
 impl Report {
@@ -692,6 +918,15 @@ pub fn run(spec: &RunSpec, launcher: &Launcher) -> Result<Report, Error> {
         _ => None,
     };
 
+    let steal_stop = Arc::new(AtomicBool::new(false));
+    let steal_thread = {
+        let (from, until) = (start + spec.ramp, start + spec.duration);
+        let stop = Arc::clone(&steal_stop);
+        std::thread::Builder::new()
+            .name("ckload-steal".into())
+            .spawn(move || sample_steal(from, until, &stop))
+            .ok()
+    };
     let mut mon = Monitor::new(spec, start, pool_start);
     let mut reports: HashMap<u32, WorkerReport> = HashMap::new();
     let mut failures = Vec::new();
@@ -754,6 +989,10 @@ pub fn run(spec: &RunSpec, launcher: &Launcher) -> Result<Report, Error> {
     }
     if let Some(t) = block_thread {
         let _ = t.join();
+    }
+    steal_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = steal_thread {
+        mon.steal_bursts = t.join().unwrap_or_default();
     }
     mon.finish(Instant::now());
     let generated = std::mem::take(&mut *lock(&blocks));
@@ -841,6 +1080,9 @@ struct Monitor {
     pool_samples: Vec<(f64, f64, u64)>,
     machine_hold: Option<MachineCpu>,
     machine_end: Option<MachineCpu>,
+    net_hold: Option<NetCounters>,
+    net_end: Option<NetCounters>,
+    steal_bursts: Vec<StealBurst>,
     latest: BTreeMap<u32, Progress>,
     prev_sum: Counters,
     prev_at: Instant,
@@ -864,6 +1106,9 @@ impl Monitor {
             pool_samples: Vec::new(),
             machine_hold: None,
             machine_end: None,
+            net_hold: None,
+            net_end: None,
+            steal_bursts: Vec::new(),
             latest: BTreeMap::new(),
             prev_sum: Counters::default(),
             prev_at: Instant::now(),
@@ -890,10 +1135,12 @@ impl Monitor {
         if now >= self.hold_at && self.machine_hold.is_none() {
             self.pool_hold = pool;
             self.machine_hold = MachineCpu::read();
+            self.net_hold = NetCounters::read();
         }
         if now >= self.end_at && self.machine_end.is_none() {
             self.pool_end = pool;
             self.machine_end = MachineCpu::read();
+            self.net_end = NetCounters::read();
         }
         let mut sum = Counters::default();
         let (mut open, mut authed, mut errors, mut p99) = (0, 0, 0, 0);
@@ -952,6 +1199,7 @@ impl Monitor {
             if self.machine_end.is_none() {
                 self.pool_end = self.pool_pid.and_then(ProcSample::read);
                 self.machine_end = MachineCpu::read();
+                self.net_end = NetCounters::read();
             }
         }
     }
@@ -974,6 +1222,7 @@ fn merge(
     let mut hists: BTreeMap<&str, Hist> = HISTOGRAMS.iter().map(|n| (*n, Hist::new())).collect();
     let mut errors = ErrorCounts::default();
     let mut jobs: HashMap<String, JobSeen> = HashMap::new();
+    let mut slow = Vec::new();
     let mut failures = failures;
     let mut ckload_cpu = 0.0;
     let mut ckload_window = 0.0;
@@ -1002,6 +1251,12 @@ fn merge(
                 .and_modify(|m| m.merge(j))
                 .or_insert_with(|| j.clone());
         }
+        slow.extend(
+            r.slow_submits
+                .iter()
+                .take(MAX_SLOW_SUBMITS)
+                .map(|[sent, ms]| (*sent, *ms, w.worker)),
+        );
         ckload_cpu += r.cpu_secs;
         ckload_window += r.cpu_secs_window;
         max_rss = max_rss.max(r.max_rss_kib);
@@ -1048,6 +1303,10 @@ fn merge(
             samples: mon.pool_samples.clone(),
         }
     });
+    let net = match (mon.net_hold, mon.net_end) {
+        (Some(a), Some(b)) => b.since(&a),
+        _ => NetCounters::default(),
+    };
     let machine = Machine {
         cpus: cpu_count(),
         busy_pct_window: match (mon.machine_hold, mon.machine_end) {
@@ -1058,6 +1317,11 @@ fn merge(
             (Some(a), Some(b)) => b.steal_pct_since(&a),
             _ => 0.0,
         },
+        backlog_drops_window: net.backlog_drops,
+        tcp_retrans_window: net.retrans_segs.saturating_sub(net.syn_retrans),
+        tcp_loss_probes_window: net.loss_probes,
+        max_steal_burst_ms: mon.steal_bursts.iter().map(|b| b.ms).max().unwrap_or(0),
+        steal_bursts: largest_steal_bursts(&mon.steal_bursts),
         nofile_hard: nofile_hard_limit(),
         ephemeral_ports: ephemeral_port_count(),
     };
@@ -1120,6 +1384,11 @@ fn merge(
         errors,
         worker_failures: failures,
         histograms_v2,
+        slow_submits: {
+            let mut s = slow_bursts(slow);
+            add_steal(&mut s, &mon.steal_bursts);
+            s
+        },
     }
 }
 
@@ -1308,15 +1577,46 @@ pub fn summary(r: &Report) -> String {
     }
     s.push_str(&format!(
         "ckload: {:.2} CPU s in the window ({:.1}% of one core), {:.2} CPU s in all, worker peak RSS {:.1} MiB; \
-         machine ({} CPUs) {:.1}% busy in the window ({:.1}% stolen)\n",
+         machine ({} CPUs) {:.1}% busy in the window ({:.1}% stolen); in the window the kernel dropped {} \
+         packets on full input queues and resent {} TCP segments ({} loss probes)\n",
         r.ckload.cpu_secs_window,
         r.ckload.cpu_pct_window,
         r.ckload.cpu_secs,
         r.ckload.max_worker_rss_kib as f64 / 1024.0,
         r.machine.cpus,
         r.machine.busy_pct_window,
-        r.machine.steal_pct_window
+        r.machine.steal_pct_window,
+        r.machine.backlog_drops_window,
+        r.machine.tcp_retrans_window,
+        r.machine.tcp_loss_probes_window
     ));
+    let slow = &r.slow_submits;
+    if slow.count > 0 {
+        s.push_str(&format!(
+            "submits of the window answered in {} ms or more: {} in {} burst(s); the largest:",
+            slow.threshold_ms, slow.count, slow.bursts
+        ));
+        for b in &slow.largest {
+            s.push_str(&format!(
+                " {} at {:.2} s over {} ms (max {} ms, {} worker(s), {} ms stolen meanwhile);",
+                b.count, b.at_secs, b.span_ms, b.max_ms, b.workers, b.stolen_ms
+            ));
+        }
+        s.push('\n');
+    }
+    if !r.machine.steal_bursts.is_empty() {
+        s.push_str(&format!(
+            "the host stole a CPU for {} ms or more at a stretch in the window: longest {} ms;",
+            MIN_STEAL_BURST_MS, r.machine.max_steal_burst_ms
+        ));
+        for b in &r.machine.steal_bursts {
+            s.push_str(&format!(
+                " {} ms of CPU {} at {:.2} s (over {} ms);",
+                b.ms, b.cpu, b.at_secs, b.span_ms
+            ));
+        }
+        s.push('\n');
+    }
     if r.errors.total() > 0 {
         s.push_str("errors:\n");
         for (e, n) in &r.errors.0 {
@@ -1456,5 +1756,77 @@ mod tests {
         );
         assert!(near(f.block_to_last.p50_us, 6000), "{:?}", f.block_to_last);
         assert_eq!(f.jobs[0].job_id, "a");
+    }
+
+    #[test]
+    fn slow_submits_group_into_bursts() {
+        // A stall at 1 s hitting both workers' miners, a lone slow reply at 5 s, a second
+        // stall at 9 s on one worker.
+        let mut slow = Vec::new();
+        for i in 0..30 {
+            slow.push((1000 + i * 3, 150 - i, i % 2));
+        }
+        slow.push((5000, 25, 0));
+        for i in 0..10 {
+            slow.push((9000 + i * 40, 60, 1));
+        }
+        let s = slow_bursts(slow);
+        assert_eq!((s.threshold_ms, s.count, s.bursts), (SLOW_SUBMIT_MS, 41, 3));
+        assert_eq!(s.largest.len(), 3);
+        let first = &s.largest[0];
+        assert!((first.at_secs - 1.0).abs() < 1e-9);
+        assert_eq!(
+            (first.span_ms, first.count, first.max_ms, first.workers),
+            (87, 30, 150, 2)
+        );
+        assert_eq!((s.largest[1].count, s.largest[1].workers), (1, 1));
+        assert_eq!((s.largest[2].span_ms, s.largest[2].count), (360, 10));
+        // Only the largest are kept, in time order.
+        let many: Vec<_> = (0..20u32).map(|i| (i * 1000, 30 + i, 0)).collect();
+        let s = slow_bursts(many);
+        assert_eq!((s.bursts, s.largest.len()), (20, MAX_BURSTS));
+        assert!(s.largest.windows(2).all(|w| w[0].at_secs < w[1].at_secs));
+        assert_eq!(s.largest[0].max_ms, 30 + 20 - MAX_BURSTS as u32);
+        assert_eq!(
+            slow_bursts(Vec::new()),
+            SlowSubmits {
+                threshold_ms: SLOW_SUBMIT_MS,
+                ..SlowSubmits::default()
+            }
+        );
+        // Steal that overlaps a burst (from its first send to its last reply) is added to it.
+        let mut s = slow_bursts(vec![(1000, 100, 0), (1010, 90, 1), (5000, 30, 0)]);
+        let steal = [
+            StealBurst {
+                at_secs: 0.95,
+                cpu: 0,
+                ms: 80,
+                span_ms: 90,
+            },
+            StealBurst {
+                at_secs: 1.10,
+                cpu: 1,
+                ms: 30,
+                span_ms: 30,
+            },
+            StealBurst {
+                at_secs: 3.0,
+                cpu: 0,
+                ms: 200,
+                span_ms: 200,
+            },
+        ];
+        add_steal(&mut s, &steal);
+        assert_eq!(
+            s.largest.iter().map(|b| b.stolen_ms).collect::<Vec<_>>(),
+            vec![110, 0]
+        );
+        assert_eq!(
+            largest_steal_bursts(&steal)
+                .iter()
+                .map(|b| b.ms)
+                .collect::<Vec<_>>(),
+            vec![80, 30, 200]
+        );
     }
 }

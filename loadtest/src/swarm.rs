@@ -204,7 +204,21 @@ pub struct WorkerReport {
     pub nofile_limit: u64,
     /// A failure that stopped the worker.
     pub fatal: Option<String>,
+    /// The submits sent in the window whose reply took [`SLOW_SUBMIT_MS`] or more, as
+    /// `[sent, latency]` in ms (sent counted from the end of the ramp), in reply order; at most
+    /// [`MAX_SLOW_SUBMITS`]. When in the window a latency tail happened, and how many miners it
+    /// hit at once.
+    #[serde(default)]
+    pub slow_submits: Vec<[u32; 2]>,
 }
+
+/// How often a drained miner looks whether the others are, at the end of a run.
+const DRAIN_POLL: Duration = Duration::from_millis(2);
+
+/// A submit whose reply takes this long (ms) or longer is listed in [`WorkerReport::slow_submits`].
+pub const SLOW_SUBMIT_MS: u32 = 20;
+/// At most this many slow submits are listed per worker.
+pub const MAX_SLOW_SUBMITS: usize = 20_000;
 
 /// Names of the histograms a worker keeps: `submit_window` holds only the submits sent after
 /// the ramp (the steady state), `submit` all of them.
@@ -282,6 +296,7 @@ struct Agg {
     hists: [Hist; 6],
     interval_submit: Hist,
     errors: ErrorCounts,
+    slow: Vec<[u32; 2]>,
     jobs: HashMap<String, JobSeen>,
 }
 
@@ -317,6 +332,8 @@ struct Ctx {
     cache: Mutex<NotifyCache>,
     warned_skip: std::sync::atomic::AtomicBool,
     ports: PortCursor,
+    /// Submits sent and not yet answered (or given up), all of this worker's miners.
+    in_flight: AtomicU64,
 }
 
 impl Ctx {
@@ -350,6 +367,7 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
         cache: Mutex::new(VecDeque::new()),
         warned_skip: std::sync::atomic::AtomicBool::new(false),
         ports: PortCursor::new(spec.worker, spec.workers),
+        in_flight: AtomicU64::new(0),
         spec,
     });
     let mut set = JoinSet::new();
@@ -458,6 +476,7 @@ fn build_report(ctx: &Ctx) -> WorkerReport {
         histograms,
         jobs,
         errors: a.errors.clone(),
+        slow_submits: a.slow.clone(),
         ..WorkerReport::default()
     }
 }
@@ -760,12 +779,20 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
         out.clear();
         let now = Instant::now();
         let draining = now >= ctx.end;
-        if draining && (m.pending.is_empty() || now >= ctx.drain_end || m.phase != Phase::Ready) {
+        // At the end, a miner whose submits are answered keeps its connection until every
+        // miner's are (or the drain time is up): closing thousands of sockets at once would
+        // delay reading the last replies, and count ckload's own teardown as their latency.
+        let drained = m.pending.is_empty() && ctx.in_flight.load(Ordering::Relaxed) == 0;
+        if draining && (drained || now >= ctx.drain_end || m.phase != Phase::Ready) {
             break;
         }
         let submit_at = if draining { None } else { m.next_submit };
         let churn_at = if draining { None } else { m.churn_at };
-        let mut wake = if draining { ctx.drain_end } else { ctx.end };
+        let mut wake = match (draining, m.pending.is_empty()) {
+            (false, _) => ctx.end,
+            (true, false) => ctx.drain_end,
+            (true, true) => (now + DRAIN_POLL).min(ctx.drain_end),
+        };
         for t in [submit_at, churn_at, m.handshake_deadline(ctx)]
             .into_iter()
             .flatten()
@@ -836,6 +863,8 @@ fn finish_session(ctx: &Ctx, m: &mut MinerState) {
     if m.pending.is_empty() {
         return;
     }
+    ctx.in_flight
+        .fetch_sub(m.pending.len() as u64, Ordering::Relaxed);
     let mut a = ctx.agg();
     for p in m.pending.drain(..) {
         a.counters.unanswered += 1;
@@ -1200,12 +1229,18 @@ fn handle_reply(
                 return None;
             };
             let p = m.pending.remove(pos)?;
+            ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
             let accepted = result.as_bool() == Some(true);
             let latency = now - p.sent;
             let mut a = ctx.agg();
             a.hists[H::Submit as usize].record(latency);
             if p.hold {
                 a.hists[H::SubmitWindow as usize].record(latency);
+                let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
+                if ms >= SLOW_SUBMIT_MS && a.slow.len() < MAX_SLOW_SUBMITS {
+                    let sent = p.sent.saturating_duration_since(ctx.hold).as_millis();
+                    a.slow.push([u32::try_from(sent).unwrap_or(u32::MAX), ms]);
+                }
             }
             a.interval_submit.record(latency);
             if accepted {
@@ -1436,6 +1471,7 @@ async fn submit(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) 
     out.extend_from_slice(line.as_bytes());
     let now = Instant::now();
     let hold = now >= ctx.hold;
+    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
     m.pending.push_back(Pending {
         id,
         sent: now,

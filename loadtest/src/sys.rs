@@ -145,6 +145,90 @@ impl MachineCpu {
     }
 }
 
+/// The kernel's packet-loss counters, machine-wide: what makes a loopback benchmark's latency
+/// tail. A packet dropped on loopback is resent only after TCP's loss probe or retransmission
+/// timer, ~200 ms later (`tcp_rto_min`), which one run's p99 may or may not catch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Packets dropped because a CPU's input queue was full (`netdev_max_backlog`): the second
+    /// column of `/proc/net/softnet_stat`, summed over CPUs.
+    pub backlog_drops: u64,
+    /// TCP segments retransmitted (`/proc/net/snmp` Tcp RetransSegs), SYNs included.
+    pub retrans_segs: u64,
+    /// SYNs retransmitted (`/proc/net/netstat` TcpExt TCPSynRetrans).
+    pub syn_retrans: u64,
+    /// Tail-loss probes sent (TcpExt TCPLossProbes).
+    pub loss_probes: u64,
+}
+
+impl NetCounters {
+    /// Reads the three files; `None` when one is missing or unreadable.
+    pub fn read() -> Option<Self> {
+        let softnet = std::fs::read_to_string("/proc/net/softnet_stat").ok()?;
+        let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+        let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+        Some(Self {
+            backlog_drops: parse_softnet_drops(&softnet)?,
+            retrans_segs: proc_net_field(&snmp, "Tcp:", "RetransSegs")?,
+            syn_retrans: proc_net_field(&netstat, "TcpExt:", "TCPSynRetrans").unwrap_or(0),
+            loss_probes: proc_net_field(&netstat, "TcpExt:", "TCPLossProbes").unwrap_or(0),
+        })
+    }
+
+    /// What happened between `earlier` and `self` (each counter's difference).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            backlog_drops: self.backlog_drops.saturating_sub(earlier.backlog_drops),
+            retrans_segs: self.retrans_segs.saturating_sub(earlier.retrans_segs),
+            syn_retrans: self.syn_retrans.saturating_sub(earlier.syn_retrans),
+            loss_probes: self.loss_probes.saturating_sub(earlier.loss_probes),
+        }
+    }
+}
+
+/// Sum of the second (hexadecimal) column of `/proc/net/softnet_stat`.
+fn parse_softnet_drops(text: &str) -> Option<u64> {
+    let mut sum = 0u64;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let field = line.split_whitespace().nth(1)?;
+        sum = sum.saturating_add(u64::from_str_radix(field, 16).ok()?);
+    }
+    Some(sum)
+}
+
+/// A counter from the two-line tables of `/proc/net/snmp` and `/proc/net/netstat` (a line of
+/// names, then a line of values, both starting with `prefix`).
+fn proc_net_field(text: &str, prefix: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// Each CPU's stolen time from `/proc/stat` (`cpuN` lines), in clock ticks, in CPU order.
+pub fn steal_per_cpu() -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    Some(parse_steal_per_cpu(&text))
+}
+
+fn parse_steal_per_cpu(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(8)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Milliseconds per clock tick of `/proc/stat`.
+pub fn ms_per_tick() -> u64 {
+    1000 / clock_ticks()
+}
+
 /// Number of online CPUs as the scheduler sees them.
 pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
@@ -226,6 +310,48 @@ mod tests {
             steal: 0,
         };
         assert!((b.busy_pct_since(&a) - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn net_counters_parse() {
+        let softnet = "0000abcd 0000036d 000009ad 00000000\n1299b18d 000000fb 000009f3 00000000\n";
+        assert_eq!(parse_softnet_drops(softnet), Some(0x36d + 0xfb));
+        assert_eq!(parse_softnet_drops("zz"), None);
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin RetransSegs\nTcp: 1 200 16282\n";
+        assert_eq!(proc_net_field(snmp, "Tcp:", "RetransSegs"), Some(16282));
+        assert_eq!(proc_net_field(snmp, "Tcp:", "Missing"), None);
+        assert_eq!(proc_net_field(snmp, "Udp:", "RetransSegs"), None);
+        let a = NetCounters {
+            backlog_drops: 5,
+            retrans_segs: 10,
+            syn_retrans: 2,
+            loss_probes: 1,
+        };
+        let b = NetCounters {
+            backlog_drops: 9,
+            retrans_segs: 30,
+            syn_retrans: 2,
+            loss_probes: 4,
+        };
+        assert_eq!(
+            b.since(&a),
+            NetCounters {
+                backlog_drops: 4,
+                retrans_segs: 20,
+                syn_retrans: 0,
+                loss_probes: 3
+            }
+        );
+        // This machine has the files (Linux).
+        assert!(NetCounters::read().is_some());
+    }
+
+    #[test]
+    fn steal_per_cpu_lines() {
+        let text = "cpu  1 2 3 4 5 6 7 99 0 0\ncpu0 1 2 3 4 5 6 7 40 0 0\ncpu1 1 2 3 4 5 6 7 59 0 0\nintr 5\n";
+        assert_eq!(parse_steal_per_cpu(text), vec![40, 59]);
+        assert!(!steal_per_cpu().unwrap().is_empty());
+        assert!(ms_per_tick() >= 1);
     }
 
     #[test]

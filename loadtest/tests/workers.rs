@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ckload::run::{Launcher, RunSpec, Scenario, run, summary};
 use ckload::stats::ShareKind;
@@ -51,6 +51,10 @@ struct Seen {
     accepted: u64,
     above_target: u64,
     blocks: u64,
+    /// When each connection (by extranonce1) reached end of file.
+    closed_at: Vec<(u32, Instant)>,
+    /// When the slow connection's last reply was written.
+    last_slow_reply: Option<Instant>,
 }
 
 struct FakePool {
@@ -61,6 +65,11 @@ struct FakePool {
 
 impl FakePool {
     fn start() -> Self {
+        Self::start_with(Duration::ZERO)
+    }
+
+    /// A pool that answers the submits of its first connection (extranonce1 1) `slow` late.
+    fn start_with(slow: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -75,7 +84,8 @@ impl FakePool {
                         seen2.lock().unwrap().peers.insert(peer.ip());
                         let en1 = u32::try_from(next_en1.fetch_add(1, Ordering::Relaxed)).unwrap();
                         let (seen3, stop3) = (Arc::clone(&seen2), Arc::clone(&stop2));
-                        std::thread::spawn(move || serve(s, en1, &seen3, &stop3));
+                        let delay = if en1 == 1 { slow } else { Duration::ZERO };
+                        std::thread::spawn(move || serve(s, en1, &seen3, &stop3, delay));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -91,7 +101,7 @@ impl Drop for FakePool {
     }
 }
 
-fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool) {
+fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool, delay: Duration) {
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut w = s.try_clone().unwrap();
@@ -103,7 +113,10 @@ fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         line.clear();
         match r.read_line(&mut line) {
-            Ok(0) => return,
+            Ok(0) => {
+                seen.lock().unwrap().closed_at.push((en1, Instant::now()));
+                return;
+            }
             Ok(_) => {}
             Err(_) => continue,
         }
@@ -159,8 +172,15 @@ fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool) {
             }
             _ => json!({"id": id, "result": null, "error": [20, "Method not found", null]}),
         };
+        let submit = msg["method"].as_str() == Some("mining.submit");
+        if submit && !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
             return;
+        }
+        if submit && !delay.is_zero() {
+            seen.lock().unwrap().last_slow_reply = Some(Instant::now());
         }
     }
 }
@@ -220,6 +240,52 @@ fn worker_processes_from_two_source_addresses_merge_exactly() {
     );
     assert_eq!(report.latency["login"].count, 40);
     assert!(report.ckload.cpu_secs > 0.0);
+}
+
+/// Slow replies are listed with when they were sent; at the end no miner closes its connection
+/// while another still waits for a reply (the close storm would delay reading it, and count
+/// ckload's own teardown as the pool's latency).
+#[test]
+fn slow_submits_are_reported_and_the_end_waits_for_every_reply() {
+    let slow = Duration::from_millis(150);
+    let pool = FakePool::start_with(slow);
+    let mut spec = RunSpec::new(Scenario::Steady, pool.addr, 8);
+    spec.workers = 1;
+    spec.ramp = Duration::from_millis(300);
+    spec.duration = Duration::from_secs(2);
+    spec.drain = Duration::from_secs(2);
+    spec.rate = 80.0;
+    spec.progress = false;
+    let report = run(&spec, &Launcher::InProcess).unwrap();
+    println!("{}", summary(&report));
+    assert_eq!(report.error_count(), 0, "{}", summary(&report));
+    let s = &report.slow_submits;
+    assert!(s.count >= 2, "{s:?}");
+    assert!(
+        s.largest
+            .iter()
+            .all(|b| u128::from(b.max_ms) >= slow.as_millis()
+                && b.workers == 1
+                && b.at_secs >= 0.0),
+        "{s:?}"
+    );
+    // The fast miners never took as long.
+    assert!(
+        report.latency["submit_window"].count > s.count,
+        "{report:?}"
+    );
+
+    let seen = pool.seen.lock().unwrap();
+    let last = seen.last_slow_reply.expect("the slow miner was answered");
+    let fast_closes: Vec<_> = seen.closed_at.iter().filter(|(en1, _)| *en1 != 1).collect();
+    assert_eq!(fast_closes.len(), 7, "{:?}", seen.closed_at);
+    for (en1, at) in fast_closes {
+        assert!(
+            *at >= last,
+            "miner {en1} closed {:?} before the last slow reply",
+            last.duration_since(*at)
+        );
+    }
 }
 
 #[test]
