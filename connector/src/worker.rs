@@ -47,6 +47,10 @@ const SLOW_WARN_EVERY: Duration = Duration::from_secs(10);
 /// pages are given back [`TRIM_DELAY`] later (once its sends have completed), at most once per
 /// [`TRIM_EVERY`] per thread.
 const BIG_ROUND: usize = 4096;
+
+/// Completions handled between two flushes of the outbox within one round
+/// ([`Worker::handle_round`]): ~1 ms of share checking.
+const ROUND_FLUSH: usize = 64;
 /// Room kept in the outbox and the dirty list once emptied.
 const KEEP_LIST: usize = 4096;
 const TRIM_DELAY: Duration = Duration::from_secs(1);
@@ -196,9 +200,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             if events >= BIG_ROUND {
                 self.trim_at = Some(now + TRIM_DELAY);
             }
-            for c in done.drain(..) {
-                self.on_completion(now, c);
-            }
+            self.handle_round(now, &mut done);
             // A broadcast to many connections produces one completion each: do not keep that
             // much memory for good.
             done.shrink_to(KEEP_COMPLETIONS);
@@ -225,6 +227,22 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let now = Instant::now();
         self.close_all(now, CloseReason::Shutdown);
         self.end_batch(now);
+    }
+
+    /// Handles one round's completions. Every [`ROUND_FLUSH`] of them, what the handler asked
+    /// for so far is applied and sent: after a stall (the host's, a burst of miners) a round can
+    /// hold thousands of lines, and the replies to the first of them should not wait for the
+    /// last to be handled.
+    fn handle_round(&mut self, now: Instant, done: &mut Vec<Completion<B>>) {
+        let n = done.len();
+        for (i, c) in done.drain(..).enumerate() {
+            self.on_completion(now, c);
+            if (i + 1) % ROUND_FLUSH == 0 && i + 1 < n {
+                self.end_batch(now);
+                self.flush(now);
+                self.backend.submit_now();
+            }
+        }
     }
 
     /// The end of a round of callbacks: [`Handler::on_batch_end`], then its requests.
@@ -902,6 +920,8 @@ mod tests {
         received: Vec<Vec<u8>>,
         sent: VecDeque<(ConnId, SendOp)>,
         closed: Vec<ConnId>,
+        /// Sends started before each `submit_now`.
+        submits: Vec<usize>,
     }
 
     impl Backend for Fake {
@@ -930,6 +950,10 @@ mod tests {
             self.closed.push(conn);
         }
 
+        fn submit_now(&mut self) {
+            self.submits.push(self.sent.len());
+        }
+
         fn complete(
             &mut self,
             _: Option<Duration>,
@@ -944,6 +968,8 @@ mod tests {
     struct Recorder {
         lines: Vec<Vec<u8>>,
         closed: Vec<(ConnId, CloseReason)>,
+        /// Answer every line with itself.
+        echo: bool,
     }
 
     impl Handler for Recorder {
@@ -951,8 +977,11 @@ mod tests {
 
         fn on_open(&mut self, _: Instant, _: ConnId, _: SocketAddr, _: usize, _: &mut Outbox) {}
 
-        fn on_line(&mut self, _: Instant, _: ConnId, line: &[u8], _: &mut Outbox) {
+        fn on_line(&mut self, _: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
             self.lines.push(line.to_vec());
+            if self.echo {
+                out.send(conn, line.to_vec());
+            }
         }
 
         fn on_close(&mut self, _: Instant, conn: ConnId, reason: CloseReason) {
@@ -1047,6 +1076,37 @@ mod tests {
         fn pending(&mut self, id: ConnId) -> Option<&Pending> {
             self.conn(id).pending.as_deref()
         }
+    }
+
+    #[test]
+    fn a_long_round_sends_replies_before_its_end() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        w.handler.echo = true;
+        let ids: Vec<ConnId> = (0..200).map(|_| w.accept(now)).collect();
+        let mut round = Vec::new();
+        for id in &ids {
+            w.backend.received.push(b"hi\n".to_vec());
+            let buf = w.backend.received.len() - 1;
+            round.push(Completion::Recv { conn: *id, buf });
+        }
+        w.handle_round(now, &mut round);
+        assert!(round.is_empty());
+        assert_eq!(w.handler.lines.len(), 200);
+        // Flushed after 64, 128 and 192 lines, each time with the replies so far.
+        assert_eq!(w.backend.submits, [64, 128, 192]);
+        assert_eq!(w.backend.sent.len(), 192);
+        // The rest go at the end of the round, as before.
+        w.end_batch(now);
+        w.flush(now);
+        assert_eq!(w.backend.sent.len(), 200);
+        // A short round is not split.
+        let id = ids[0];
+        w.finish_send(now, None);
+        w.backend.received.push(b"again\n".to_vec());
+        let buf = w.backend.received.len() - 1;
+        w.handle_round(now, &mut vec![Completion::Recv { conn: id, buf }]);
+        assert_eq!(w.backend.submits.len(), 3);
     }
 
     #[test]

@@ -418,6 +418,45 @@ pub struct StatsSnapshot {
     pub users: BTreeMap<String, UserStats>,
 }
 
+/// Disconnected sessions kept for resume: session id → (extranonce1, when parked).
+///
+/// The rate sampler forgets expired ones every few seconds. Parking also prunes, for when no
+/// sampler runs, but only once the table has doubled since the last pass: a pass at every park
+/// above a fixed size made a mass disconnect quadratic (100,000 miners dropping at once scanned
+/// the table 100,000 times, under a lock every connector thread takes on a disconnect).
+#[derive(Debug)]
+struct Parked {
+    map: HashMap<u32, (u64, Instant)>,
+    /// Parking prunes first when the table holds this many.
+    prune_at: usize,
+    /// Pruning passes so far.
+    passes: u64,
+}
+
+/// Parked sessions below which parking never prunes.
+const PARKED_PRUNE_MIN: usize = 4096;
+
+impl Default for Parked {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            prune_at: PARKED_PRUNE_MIN,
+            passes: 0,
+        }
+    }
+}
+
+impl Parked {
+    /// Forgets the sessions parked `window` or longer before `now`; the next pass at parking
+    /// waits until the table has doubled.
+    fn prune(&mut self, now: Instant, window: Duration) {
+        self.map
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
+        self.prune_at = (2 * self.map.len()).max(PARKED_PRUNE_MIN);
+        self.passes += 1;
+    }
+}
+
 /// Pool-wide shared state.
 pub struct Pool {
     pub(crate) cfg: PoolConfig,
@@ -426,9 +465,12 @@ pub struct Pool {
     next_job_id: AtomicU64,
     next_enonce1: AtomicU64,
     next_session: AtomicU64,
-    resume: Mutex<HashMap<u32, (u64, Instant)>>,
+    resume: Mutex<Parked>,
     /// Usernames whose authorisation failed, and until when they are refused (ckpool's back-off).
     auth_backoff: Mutex<HashMap<Box<str>, AuthBackoff>>,
+    /// When a full back-off table was last pruned: at most once a second, so that a flood of
+    /// distinct failing names costs a table scan per second, not one per name.
+    auth_backoff_pruned: Mutex<Option<Instant>>,
     stats: Mutex<Stats>,
     totals: Box<[Arc<Stripe>]>,
     next_stripe: AtomicU64,
@@ -468,8 +510,9 @@ impl Pool {
             next_job_id: AtomicU64::new(seed << 32),
             next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
             next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
-            resume: Mutex::new(HashMap::new()),
+            resume: Mutex::new(Parked::default()),
             auth_backoff: Mutex::new(HashMap::new()),
+            auth_backoff_pruned: Mutex::new(None),
             stats: Mutex::new(Stats::default()),
             totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
             next_stripe: AtomicU64::new(0),
@@ -562,7 +605,11 @@ impl Pool {
     pub(crate) fn auth_failed(&self, user: &str, now: Instant) -> Duration {
         let mut b = self.auth_backoff.lock();
         if b.len() >= AUTH_BACKOFF_USERS && !b.contains_key(user) {
-            b.retain(|_, e| now.saturating_duration_since(e.until) < AUTH_BACKOFF_MAX);
+            let mut pruned = self.auth_backoff_pruned.lock();
+            if pruned.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                b.retain(|_, e| now.saturating_duration_since(e.until) < AUTH_BACKOFF_MAX);
+                *pruned = Some(now);
+            }
             if b.len() >= AUTH_BACKOFF_USERS {
                 // A flood of distinct names: refuse this one without remembering it.
                 return AUTH_BACKOFF_START;
@@ -599,16 +646,15 @@ impl Pool {
     /// Remembers a session for resume.
     pub(crate) fn park_session(&self, session: u32, enonce1: u64, now: Instant) {
         let mut r = self.resume.lock();
-        if r.len() > 4096 {
-            let window = self.cfg.resume_window;
-            r.retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
+        if r.map.len() >= r.prune_at {
+            r.prune(now, self.cfg.resume_window);
         }
-        r.insert(session, (enonce1, now));
+        r.map.insert(session, (enonce1, now));
     }
 
     /// Takes a parked session's extranonce1 if it is still within the resume window.
     pub(crate) fn resume_session(&self, session: u32, now: Instant) -> Option<u64> {
-        let (en1, t) = self.resume.lock().remove(&session)?;
+        let (en1, t) = self.resume.lock().map.remove(&session)?;
         (now.saturating_duration_since(t) < self.cfg.resume_window).then_some(en1)
     }
 
@@ -705,8 +751,8 @@ impl Pool {
         let window = self.cfg.resume_window;
         let parked = {
             let mut r = self.resume.lock();
-            r.retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
-            r.len()
+            r.prune(now, window);
+            r.map.len()
         };
         self.parked
             .store(u64::try_from(parked).unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -915,6 +961,37 @@ mod tests {
             p.auth_failed(&format!("u{i}"), now);
         }
         assert!(p.auth_backoff.lock().len() <= AUTH_BACKOFF_USERS);
+        // The full table was scanned once for that flood, not once per name; a second later,
+        // with every entry expired, one scan empties it.
+        let first_scan = p.auth_backoff_pruned.lock().expect("pruned when full");
+        assert_eq!(first_scan, now);
+        let later = now + AUTH_BACKOFF_MAX + Duration::from_secs(700);
+        p.auth_failed("late", later);
+        assert_eq!(*p.auth_backoff_pruned.lock(), Some(later));
+        assert_eq!(p.auth_backoff.lock().len(), 1);
+    }
+
+    #[test]
+    fn a_mass_disconnect_prunes_parked_sessions_a_logarithmic_number_of_times() {
+        let p = pool();
+        let t0 = Instant::now();
+        for i in 0..100_000u32 {
+            p.park_session(i, u64::from(i), t0);
+        }
+        {
+            let r = p.resume.lock();
+            assert_eq!(r.map.len(), 100_000);
+            // 4096, 8192, ..., 65536: one pass at each doubling, none in between.
+            assert_eq!(r.passes, 5, "{} passes", r.passes);
+        }
+        assert_eq!(p.resume_session(7, t0), Some(7));
+        // Past the window, the next pass (the sampler's, or parking's) forgets them all.
+        let late = t0 + p.cfg.resume_window;
+        assert_eq!(p.resume_session(8, late), None);
+        p.sample_rates(late);
+        let r = p.resume.lock();
+        assert!(r.map.is_empty());
+        assert_eq!(r.prune_at, PARKED_PRUNE_MIN);
     }
 
     fn within(actual: f64, expected: f64) -> bool {

@@ -169,6 +169,12 @@ pub(crate) trait Backend: Sized {
     /// Closes `conn`: cancels its operations and closes the socket. Unknown ids are ignored.
     fn close(&mut self, conn: ConnId);
 
+    /// Hands the operations started so far to the kernel now, without waiting for any, where the
+    /// backend would otherwise hold them until the next [`Backend::complete`] (io_uring's queued
+    /// submissions). The worker calls it in the middle of a long round, so that replies to the
+    /// first lines of a big batch do not wait for the whole batch.
+    fn submit_now(&mut self) {}
+
     /// Waits up to `timeout` (`None`: no limit) for operations to finish and appends them to `out`.
     /// May return early with nothing (a wake-up or an interrupted wait). An error means the backend
     /// itself is broken.
