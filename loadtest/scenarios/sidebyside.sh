@@ -220,7 +220,7 @@ if [[ -n ${SLOPE[*]:-} ]]; then
 fi
 
 if [[ " $PHASES " == *" max "* ]]; then
-	printf '\nmaximum rate, submit p99 of each run at each step (within %s ms passes a step; a failed run counts only below %s %% steal):\n\n' "$P99_MS" "$MAX_STEAL"
+	printf '\nmaximum rate, submit p99 of each run at each step (within %s ms passes a step; a failed run counts only below %s %% steal and with no CPU stolen for %s ms or more at a stretch):\n\n' "$P99_MS" "$MAX_STEAL" "$MAX_STEAL_BURST"
 	for srv in $SERVERS; do
 		printf -- '- %s: best %s; %s\n' "$srv" "${BEST[$srv]:-none}" "${STEPS[$srv]%; }"
 	done

@@ -669,7 +669,7 @@ pub struct StealBurst {
     pub cpu: u32,
     /// Time stolen in it, ms (`/proc/stat` counts in clock ticks, 10 ms here).
     pub ms: u64,
-    /// From its first sample with steal to its last, ms.
+    /// From the reading before its first with steal to its last, ms.
     pub span_ms: u64,
 }
 
@@ -689,25 +689,60 @@ struct OpenBurst {
     quiet: u32,
 }
 
-/// Samples every CPU's stolen time from `from` to `until` (see [`StealBurst`]), times relative
-/// to `from`.
-fn sample_steal(from: Instant, until: Instant, stop: &AtomicBool) -> Vec<StealBurst> {
-    while Instant::now() < from {
-        if stop.load(Ordering::Relaxed) {
-            return Vec::new();
+/// Turns successive per-CPU steal readings into [`StealBurst`]s.
+struct StealTracker {
+    /// Burst times are counted from here.
+    from: Instant,
+    tick_ms: u64,
+    prev: Vec<u64>,
+    open: Vec<OpenBurst>,
+    out: Vec<StealBurst>,
+}
+
+impl StealTracker {
+    fn new(from: Instant, first: Vec<u64>, tick_ms: u64) -> Self {
+        Self {
+            from,
+            tick_ms,
+            open: vec![OpenBurst::default(); first.len()],
+            prev: first,
+            out: Vec::new(),
         }
-        std::thread::sleep(
-            from.saturating_duration_since(Instant::now())
-                .min(STEAL_SAMPLE),
-        );
     }
-    let Some(mut prev) = steal_per_cpu() else {
-        return Vec::new();
-    };
-    let tick_ms = ms_per_tick();
-    let mut open = vec![OpenBurst::default(); prev.len()];
-    let mut out = Vec::new();
-    let close = |b: &mut OpenBurst, cpu: usize, out: &mut Vec<StealBurst>| {
+
+    /// A reading taken at `now`, [`STEAL_SAMPLE`] after the previous one.
+    fn observe(&mut self, now: Instant, cur: Vec<u64>) {
+        for (cpu, (b, (c, p))) in self
+            .open
+            .iter_mut()
+            .zip(cur.iter().zip(&self.prev))
+            .enumerate()
+        {
+            let d = c.saturating_sub(*p);
+            if d > 0 {
+                if b.start.is_none() {
+                    b.start = Some(now.checked_sub(STEAL_SAMPLE).unwrap_or(now));
+                }
+                b.last = Some(now);
+                b.ticks += d;
+                b.quiet = 0;
+            } else if b.start.is_some() {
+                b.quiet += 1;
+                if b.quiet > STEAL_GAP_SAMPLES {
+                    Self::close(self.from, self.tick_ms, b, cpu, &mut self.out);
+                }
+            }
+        }
+        self.prev = cur;
+    }
+
+    fn close(
+        from: Instant,
+        tick_ms: u64,
+        b: &mut OpenBurst,
+        cpu: usize,
+        out: &mut Vec<StealBurst>,
+    ) {
         if let (Some(start), Some(last)) = (b.start, b.last) {
             let ms = b.ticks * tick_ms;
             if ms >= MIN_STEAL_BURST_MS {
@@ -721,37 +756,43 @@ fn sample_steal(from: Instant, until: Instant, stop: &AtomicBool) -> Vec<StealBu
             }
         }
         *b = OpenBurst::default();
+    }
+
+    /// Closes what is still open; the bursts in the order they ended.
+    fn finish(mut self) -> Vec<StealBurst> {
+        for (cpu, b) in self.open.iter_mut().enumerate() {
+            Self::close(self.from, self.tick_ms, b, cpu, &mut self.out);
+        }
+        self.out
+    }
+}
+
+/// Samples every CPU's stolen time from `from` to `until` (see [`StealBurst`]), times relative
+/// to `from`.
+fn sample_steal(from: Instant, until: Instant, stop: &AtomicBool) -> Vec<StealBurst> {
+    while Instant::now() < from {
+        if stop.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        std::thread::sleep(
+            from.saturating_duration_since(Instant::now())
+                .min(STEAL_SAMPLE),
+        );
+    }
+    let Some(first) = steal_per_cpu() else {
+        return Vec::new();
     };
+    let mut tracker = StealTracker::new(from, first, ms_per_tick());
     let mut next = Instant::now() + STEAL_SAMPLE;
     while next <= until && !stop.load(Ordering::Relaxed) {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next += STEAL_SAMPLE;
-        let now = Instant::now();
         let Some(cur) = steal_per_cpu() else {
             break;
         };
-        for (cpu, (b, (c, p))) in open.iter_mut().zip(cur.iter().zip(&prev)).enumerate() {
-            let d = c.saturating_sub(*p);
-            if d > 0 {
-                if b.start.is_none() {
-                    b.start = Some(now.checked_sub(STEAL_SAMPLE).unwrap_or(now));
-                }
-                b.last = Some(now);
-                b.ticks += d;
-                b.quiet = 0;
-            } else if b.start.is_some() {
-                b.quiet += 1;
-                if b.quiet > STEAL_GAP_SAMPLES {
-                    close(b, cpu, &mut out);
-                }
-            }
-        }
-        prev = cur;
+        tracker.observe(Instant::now(), cur);
     }
-    for (cpu, b) in open.iter_mut().enumerate() {
-        close(b, cpu, &mut out);
-    }
-    out
+    tracker.finish()
 }
 
 /// The [`MAX_BURSTS`] longest, in time order.
@@ -1756,6 +1797,32 @@ mod tests {
         );
         assert!(near(f.block_to_last.p50_us, 6000), "{:?}", f.block_to_last);
         assert_eq!(f.jobs[0].job_id, "a");
+    }
+
+    #[test]
+    fn steal_readings_become_bursts() {
+        let t0 = Instant::now();
+        let mut t = StealTracker::new(t0, vec![100, 500], 10);
+        // CPU 0: 2 ticks, a quiet sample, 1 tick, then quiet: one burst of 30 ms (the gap of one
+        // sample is bridged). CPU 1: a single tick (10 ms, too short to list), later 3 ticks
+        // still open at the end.
+        let steal0 = [0, 2, 0, 1, 0, 0, 0, 0, 0, 0];
+        let steal1 = [1, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+        let (mut c0, mut c1) = (100, 500);
+        for (i, (d0, d1)) in steal0.iter().zip(&steal1).enumerate() {
+            c0 += d0;
+            c1 += d1;
+            let now = t0 + STEAL_SAMPLE * u32::try_from(i + 1).unwrap();
+            t.observe(now, vec![c0, c1]);
+        }
+        let bursts = t.finish();
+        assert_eq!(bursts.len(), 2, "{bursts:?}");
+        let b0 = &bursts[0];
+        assert_eq!((b0.cpu, b0.ms, b0.span_ms), (0, 30, 30));
+        assert!((b0.at_secs - 0.010).abs() < 1e-6, "{b0:?}");
+        let b1 = &bursts[1];
+        assert_eq!((b1.cpu, b1.ms, b1.span_ms), (1, 30, 10));
+        assert!((b1.at_secs - 0.090).abs() < 1e-6, "{b1:?}");
     }
 
     #[test]
