@@ -131,7 +131,22 @@ impl Parser {
     }
 
     /// Parses one line (without its newline). Never panics, whatever the bytes.
+    ///
+    /// The common shape of a request (`{"id":…,"method":"…","params":["…",…]}`: plain strings, an
+    /// integer or string id, nothing else) is read by a scanner that builds the same [`Request`]
+    /// simd-json would, without its tape or its object map; anything else goes to simd-json.
     pub fn parse<'p>(&'p mut self, line: &[u8]) -> Result<Request<'p>, ParseError> {
+        if let Some(shape) = fast::scan(line) {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(line);
+            return Ok(shape.build(&self.scratch));
+        }
+        self.parse_slow(line)
+    }
+
+    /// The general path alone: simd-json (public for the parse benchmark).
+    #[doc(hidden)]
+    pub fn parse_slow<'p>(&'p mut self, line: &[u8]) -> Result<Request<'p>, ParseError> {
         self.scratch.clear();
         self.scratch.extend_from_slice(line);
         let value =
@@ -158,6 +173,207 @@ impl Parser {
             has_params,
             is_response,
         })
+    }
+}
+
+/// The scanner behind [`Parser::parse`]'s fast path.
+mod fast {
+    use std::borrow::Cow;
+
+    use simd_json::prelude::*;
+
+    use super::{Method, Request, Value};
+
+    /// Most params a request may have on the fast path (`mining.submit` has 5 or 6).
+    const MAX_PARAMS: usize = 8;
+    /// Longest integer id taken (simd-json reads it as the same u64).
+    const MAX_ID_DIGITS: usize = 15;
+
+    /// Where the parts of a request are in its line.
+    pub(super) struct Shape {
+        id: Option<Id>,
+        method: Option<(usize, usize)>,
+        params: Option<([(usize, usize); MAX_PARAMS], usize)>,
+    }
+
+    enum Id {
+        Null,
+        Int(u64),
+        Str(usize, usize),
+    }
+
+    /// The object's members, if the line has the fast path's shape.
+    pub(super) fn scan(line: &[u8]) -> Option<Shape> {
+        let mut p = Cursor { b: line, i: 0 };
+        let mut shape = Shape {
+            id: None,
+            method: None,
+            params: None,
+        };
+        p.ws();
+        p.byte(b'{')?;
+        p.ws();
+        if p.peek()? == b'}' {
+            return None;
+        }
+        loop {
+            let (ks, ke) = p.string()?;
+            p.ws();
+            p.byte(b':')?;
+            p.ws();
+            match line.get(ks..ke)? {
+                b"id" if shape.id.is_none() => shape.id = Some(p.id()?),
+                b"method" if shape.method.is_none() => shape.method = Some(p.string()?),
+                b"params" if shape.params.is_none() => shape.params = Some(p.strings()?),
+                _ => return None,
+            }
+            p.ws();
+            match p.next()? {
+                b',' => p.ws(),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        p.ws();
+        (p.i == line.len()).then_some(shape)
+    }
+
+    impl Shape {
+        /// The request, borrowing from `line` (the same bytes [`scan`] read).
+        pub(super) fn build(self, line: &[u8]) -> Request<'_> {
+            let text = |(s, e): (usize, usize)| {
+                // Checked ASCII by the scanner; the fallback never fires.
+                Cow::Borrowed(
+                    line.get(s..e)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .unwrap_or(""),
+                )
+            };
+            let has_id = self.id.is_some();
+            let id = match self.id {
+                None | Some(Id::Null) => Value::null(),
+                Some(Id::Int(n)) => Value::from(n),
+                Some(Id::Str(s, e)) => Value::String(text((s, e))),
+            };
+            let has_params = self.params.is_some();
+            let params = match self.params {
+                None => Value::null(),
+                Some((spans, n)) => Value::Array(Box::new(
+                    spans
+                        .iter()
+                        .take(n)
+                        .map(|&span| Value::String(text(span)))
+                        .collect(),
+                )),
+            };
+            Request {
+                id,
+                has_id,
+                method: self
+                    .method
+                    .map_or(Method::Missing, |m| Method::Name(text(m))),
+                params,
+                has_params,
+                is_response: false,
+            }
+        }
+    }
+
+    struct Cursor<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    impl Cursor<'_> {
+        fn peek(&self) -> Option<u8> {
+            self.b.get(self.i).copied()
+        }
+
+        fn next(&mut self) -> Option<u8> {
+            let c = self.peek()?;
+            self.i += 1;
+            Some(c)
+        }
+
+        fn byte(&mut self, want: u8) -> Option<()> {
+            (self.next()? == want).then_some(())
+        }
+
+        fn ws(&mut self) {
+            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.i += 1;
+            }
+        }
+
+        /// A string of printable ASCII without escapes; its contents' span.
+        fn string(&mut self) -> Option<(usize, usize)> {
+            self.byte(b'"')?;
+            let start = self.i;
+            let rest = self.b.get(start..)?;
+            let len = rest
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || !(0x20..0x7f).contains(&c))?;
+            if rest.get(len) != Some(&b'"') {
+                return None;
+            }
+            self.i = start + len + 1;
+            Some((start, start + len))
+        }
+
+        /// `null`, a non-negative integer without leading zeros, or a plain string.
+        fn id(&mut self) -> Option<Id> {
+            match self.peek()? {
+                b'"' => self.string().map(|(s, e)| Id::Str(s, e)),
+                b'n' => {
+                    let end = self.i.checked_add(4)?;
+                    (self.b.get(self.i..end)? == b"null").then(|| {
+                        self.i = end;
+                        Id::Null
+                    })
+                }
+                b'0'..=b'9' => {
+                    let start = self.i;
+                    while matches!(self.peek(), Some(b'0'..=b'9')) {
+                        self.i += 1;
+                    }
+                    let digits = self.b.get(start..self.i)?;
+                    if digits.len() > MAX_ID_DIGITS || (digits.len() > 1 && digits[0] == b'0') {
+                        return None;
+                    }
+                    // A fraction or an exponent: simd-json's number rules.
+                    if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+                        return None;
+                    }
+                    let n = digits
+                        .iter()
+                        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                    Some(Id::Int(n))
+                }
+                _ => None,
+            }
+        }
+
+        /// An array of up to [`MAX_PARAMS`] plain strings.
+        fn strings(&mut self) -> Option<([(usize, usize); MAX_PARAMS], usize)> {
+            let mut spans = [(0, 0); MAX_PARAMS];
+            let mut n = 0;
+            self.byte(b'[')?;
+            self.ws();
+            if self.peek()? == b']' {
+                self.i += 1;
+                return Some((spans, 0));
+            }
+            loop {
+                *spans.get_mut(n)? = self.string()?;
+                n += 1;
+                self.ws();
+                match self.next()? {
+                    b',' => self.ws(),
+                    b']' => return Some((spans, n)),
+                    _ => return None,
+                }
+            }
+        }
     }
 }
 
@@ -255,6 +471,137 @@ pub fn hex_u32(s: &str) -> Option<u32> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A line of the fast path's shape, or near it (escapes, other keys, numbers, nesting,
+    /// non-ASCII, spacing), from a small alphabet of parts.
+    fn request_line() -> impl Strategy<Value = String> {
+        let text = prop_oneof![
+            20 => "[a-zA-Z0-9._]{0,12}",
+            1 => Just("with space".to_owned()),
+            1 => Just("esc\\\"aped".to_owned()),
+            1 => Just("\\u0041".to_owned()),
+            1 => Just("ünï".to_owned()),
+        ];
+        let value = prop_oneof![
+            text.clone().prop_map(|t| format!("\"{t}\"")),
+            (0u64..1_000_000_000_000_000_000).prop_map(|n| n.to_string()),
+            Just("null".to_owned()),
+            Just("-5".to_owned()),
+            Just("1.5".to_owned()),
+            Just("1e3".to_owned()),
+            Just("007".to_owned()),
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+        ];
+        let params =
+            prop::collection::vec(value.clone(), 0..10).prop_map(|v| format!("[{}]", v.join(",")));
+        let key = prop_oneof![
+            Just("id"),
+            Just("method"),
+            Just("params"),
+            Just("result"),
+            Just("jsonrpc"),
+        ];
+        let member =
+            (key, value, params, any::<bool>(), " {0,2}").prop_map(|(k, v, p, use_p, sp)| {
+                let v = if k == "params" && use_p { p } else { v };
+                format!("{sp}\"{k}\"{sp}:{sp}{v}{sp}")
+            });
+        let anything = (prop::collection::vec(member, 0..5), " {0,2}")
+            .prop_map(|(m, sp)| format!("{sp}{{{}}}{sp}", m.join(",")));
+        // A request as miners send it, members in any order, some left out; the strings may
+        // still hold escapes or non-ASCII.
+        let id = prop_oneof![
+            (0u64..1_000_000_000_000_000_000).prop_map(|n| n.to_string()),
+            text.clone().prop_map(|t| format!("\"{t}\"")),
+            Just("null".to_owned()),
+        ];
+        let strings = prop::collection::vec(text.clone(), 0..7).prop_map(|v| {
+            let quoted: Vec<String> = v.iter().map(|t| format!("\"{t}\"")).collect();
+            format!("[{}]", quoted.join(", "))
+        });
+        let usual = (id, text, strings, any::<u8>(), " {0,1}").prop_map(|(id, m, p, pick, sp)| {
+            let mut members = vec![
+                format!("\"id\":{sp}{id}"),
+                format!("\"method\":{sp}\"{m}\""),
+                format!("\"params\":{sp}{p}"),
+            ];
+            members.rotate_left(usize::from(pick % 3));
+            if pick >= 240 {
+                members.pop();
+            }
+            format!("{{{}}}", members.join(&format!(",{sp}")))
+        });
+        prop_oneof![3 => usual, 1 => anything]
+    }
+
+    proptest! {
+        /// Whatever the fast path takes, it reads exactly as simd-json does.
+        #[test]
+        fn fast_path_agrees_with_simd_json(line in request_line()) {
+            let mut p = Parser::new();
+            let slow = format!("{:?}", p.parse_slow(line.as_bytes()));
+            if let Some(shape) = fast::scan(line.as_bytes()) {
+                let fast = format!("{:?}", Ok::<_, ParseError>(shape.build(line.as_bytes())));
+                prop_assert_eq!(fast, slow.clone(), "{}", line);
+            }
+            prop_assert_eq!(format!("{:?}", p.parse(line.as_bytes())), slow);
+        }
+
+        /// Arbitrary bytes: never a panic, and the fast path agrees whenever it answers.
+        #[test]
+        fn fast_path_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
+            let mut p = Parser::new();
+            let slow = format!("{:?}", p.parse_slow(&bytes));
+            if let Some(shape) = fast::scan(&bytes) {
+                prop_assert_eq!(format!("{:?}", Ok::<_, ParseError>(shape.build(&bytes))), slow);
+            }
+        }
+    }
+
+    /// The generator above reaches both paths often (else the agreement test shows little).
+    #[test]
+    fn request_lines_exercise_both_paths() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let strategy = request_line();
+        let (mut fast_hits, mut slow_hits) = (0, 0);
+        for _ in 0..2000 {
+            let line = strategy.new_tree(&mut runner).unwrap().current();
+            if fast::scan(line.as_bytes()).is_some() {
+                fast_hits += 1;
+            } else {
+                slow_hits += 1;
+            }
+        }
+        assert!(
+            fast_hits > 200 && slow_hits > 200,
+            "{fast_hits} fast, {slow_hits} slow"
+        );
+    }
+
+    #[test]
+    fn fast_path_takes_the_usual_requests() {
+        for line in [
+            r#"{"params": ["ckload.1", "1a2b", "00000000", "6500abcd", "1234abcd"], "id": 17, "method": "mining.submit"}"#,
+            r#"{"id":4,"method":"mining.submit","params":["w","j","0001","5e00","9a8b7c6d","1fffe000"]}"#,
+            r#"{"id":"x1","method":"mining.authorize","params":["user.worker","x"]}"#,
+            r#"{"id":null,"method":"mining.subscribe","params":[]}"#,
+        ] {
+            assert!(fast::scan(line.as_bytes()).is_some(), "{line}");
+        }
+        for line in [
+            r#"{"id":1,"method":"mining.submit","params":["w","j","0001",5,"9a"]}"#,
+            r#"{"id":1,"method":"mining.suggest_difficulty","params":[8]}"#,
+            r#"{"id":1,"result":true,"error":null}"#,
+            r#"{"id":1,"id":2,"method":"m","params":[]}"#,
+            r#"{"id":1.0,"method":"m"}"#,
+            r#"{}"#,
+        ] {
+            assert!(fast::scan(line.as_bytes()).is_none(), "{line}");
+        }
+    }
 
     #[test]
     fn set_extranonce_line() {
