@@ -171,6 +171,15 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
+    // The connector's own log lines (e.g. a slow loop round), as the pool prints them at its
+    // default level; RUST_LOG overrides.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
     let args = parse_args()?;
     let nofile = ckpool_connector::raise_nofile_limit()?;
     let mut cfg = Config {

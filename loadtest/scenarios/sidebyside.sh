@@ -5,7 +5,7 @@
 # Servers (SBS_SERVERS, default "pool:uring:inline pool:epoll:inline null:uring null:epoll"):
 #   pool:<io>:<handoff>  ckpool-rs with --io <io> --handoff <handoff> on the regtest node pair
 #   null:<io>            connector/examples/nullstratum with --backend <io> (canned replies)
-# A fresh server process for every run (the pool's log of each kept as NAME.pool.log). Four
+# A fresh server process for every run (its log kept as NAME.pool.log or NAME.null.log). Four
 # measurements, each a table:
 #   1. cpu: SBS_REPS rounds; in each, every server once at SBS_RATE shares/s from SBS_MINERS
 #      miners: server CPU µs per accepted share and submit p99 (median and all values).
@@ -99,10 +99,13 @@ steady_run() {
 	ckload_run "$2" steady --miners "$MINERS" --workers "$WORKERS" --rate "$3" \
 		--ramp "$RAMP" --duration "$((RAMP + SECS))" --quiet || true
 	pool_stop
-	# Each run's server log next to its report: the pool logs every loop round that kept its
-	# thread busy for 20 ms or more, which tells its own stalls from the host's or ckload's.
+	# Each run's server log next to its report: both servers log every loop round that kept a
+	# connector thread busy for 20 ms or more, which tells their own stalls from the host's or
+	# ckload's.
 	if [[ $1 == pool:* && -f $DIR/pool.log ]]; then
 		cp "$DIR/pool.log" "$DIR/$2.pool.log"
+	elif [[ $1 == null:* && -f $DIR/null.log ]]; then
+		cp "$DIR/null.log" "$DIR/$2.null.log"
 	fi
 }
 
