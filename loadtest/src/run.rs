@@ -797,10 +797,18 @@ fn sample_steal(from: Instant, until: Instant, stop: &AtomicBool) -> Vec<StealBu
 
 /// The [`MAX_BURSTS`] longest, in time order.
 fn largest_steal_bursts(all: &[StealBurst]) -> Vec<StealBurst> {
-    let mut v = all.to_vec();
-    v.sort_by_key(|b| std::cmp::Reverse(b.ms));
+    largest_in_time_order(all.to_vec(), |a, b| b.ms.cmp(&a.ms), |b| b.at_secs)
+}
+
+/// The [`MAX_BURSTS`] first of `v` in `order`, then sorted by `at`.
+fn largest_in_time_order<T>(
+    mut v: Vec<T>,
+    order: impl FnMut(&T, &T) -> std::cmp::Ordering,
+    at: impl Fn(&T) -> f64,
+) -> Vec<T> {
+    v.sort_by(order);
     v.truncate(MAX_BURSTS);
-    v.sort_by(|a, b| a.at_secs.total_cmp(&b.at_secs));
+    v.sort_by(|a, b| at(a).total_cmp(&at(b)));
     v
 }
 
@@ -812,13 +820,14 @@ pub const MAX_BURSTS: usize = 8;
 /// Groups `(sent ms, latency ms, worker)` into bursts.
 fn slow_bursts(mut slow: Vec<(u32, u32, u32)>) -> SlowSubmits {
     slow.sort_unstable();
-    let mut bursts: Vec<(SlowBurst, Vec<u32>)> = Vec::new();
+    // Each burst with the ms its first submit was sent and the workers it hit.
+    let mut bursts: Vec<(SlowBurst, u32, Vec<u32>)> = Vec::new();
     let mut last_sent: Option<u32> = None;
     for (sent, ms, worker) in &slow {
         let joins = last_sent.is_some_and(|l| sent.saturating_sub(l) <= BURST_GAP_MS);
         match bursts.last_mut() {
-            Some((b, workers)) if joins => {
-                b.span_ms = sent.saturating_sub((b.at_secs * 1000.0).round() as u32);
+            Some((b, first, workers)) if joins => {
+                b.span_ms = sent.saturating_sub(*first);
                 b.count += 1;
                 b.max_ms = b.max_ms.max(*ms);
                 if !workers.contains(worker) {
@@ -834,22 +843,25 @@ fn slow_bursts(mut slow: Vec<(u32, u32, u32)>) -> SlowSubmits {
                     workers: 1,
                     stolen_ms: 0,
                 },
+                *sent,
                 vec![*worker],
             )),
         }
         last_sent = Some(*sent);
     }
     let total = bursts.len() as u64;
-    let mut largest: Vec<SlowBurst> = bursts
+    let all: Vec<SlowBurst> = bursts
         .into_iter()
-        .map(|(mut b, w)| {
+        .map(|(mut b, _, w)| {
             b.workers = u32::try_from(w.len()).unwrap_or(u32::MAX);
             b
         })
         .collect();
-    largest.sort_by(|a, b| b.count.cmp(&a.count).then(b.max_ms.cmp(&a.max_ms)));
-    largest.truncate(MAX_BURSTS);
-    largest.sort_by(|a, b| a.at_secs.total_cmp(&b.at_secs));
+    let largest = largest_in_time_order(
+        all,
+        |a, b| b.count.cmp(&a.count).then(b.max_ms.cmp(&a.max_ms)),
+        |b| b.at_secs,
+    );
     SlowSubmits {
         threshold_ms: SLOW_SUBMIT_MS,
         count: slow.len() as u64,
