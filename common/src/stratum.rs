@@ -241,14 +241,9 @@ mod fast {
     impl Shape {
         /// The request, borrowing from `line` (the same bytes [`scan`] read).
         pub(super) fn build(self, line: &[u8]) -> Request<'_> {
-            let text = |(s, e): (usize, usize)| {
-                // Checked ASCII by the scanner; the fallback never fires.
-                Cow::Borrowed(
-                    line.get(s..e)
-                        .and_then(|b| std::str::from_utf8(b).ok())
-                        .unwrap_or(""),
-                )
-            };
+            // The scanner took only ASCII, so this is checked once and never fails.
+            let line = std::str::from_utf8(line).unwrap_or("");
+            let text = |(s, e): (usize, usize)| Cow::Borrowed(line.get(s..e).unwrap_or(""));
             let has_id = self.id.is_some();
             let id = match self.id {
                 None | Some(Id::Null) => Value::null(),

@@ -1,15 +1,14 @@
 //! Jobs (ckpool's workbases): a template turned into the pieces stratum sends and checks against.
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::Instant;
 
 use common::coinbase::{self, CoinbaseSpec, TxOutput};
 use common::template::Template;
 use common::{Difficulty, Target, merkle};
-use parking_lot::Mutex;
+
+use crate::seen::Seen;
 
 /// One job sent to miners.
 #[derive(Debug)]
@@ -44,16 +43,8 @@ pub struct Job {
     pub notify: Arc<[u8]>,
     /// The same line with clean=true, for a miner's first job.
     pub notify_clean: Arc<[u8]>,
-    /// Share hashes seen, for duplicate detection: their first 8 bytes, which sha256d makes
-    /// uniform (the zeros a share's hash needs are at the other end), used as their own hash.
-    /// A false duplicate needs two shares of one job agreeing in 64 random bits.
-    ///
-    /// Split in [`SEEN_STRIPES`] sets by another byte of the hash: every connector thread
-    /// checks shares of the current job, and one lock would be taken by all of them for every
-    /// share, and held through each doubling of a set that reaches a million entries (a
-    /// stall of milliseconds for every thread). Striped, two threads rarely meet, and each
-    /// set grows in steps 64 times smaller.
-    seen: Box<[SeenStripe]>,
+    /// Share hashes seen, for duplicate detection.
+    seen: Seen,
     /// Pieces of the notify line around coinb2, for solo mode's per-user lines.
     notify_prefix: String,
     notify_suffix: String,
@@ -153,7 +144,7 @@ impl Job {
             created: now,
             notify,
             notify_clean,
-            seen: new_seen(),
+            seen: Seen::default(),
             notify_prefix: prefix,
             notify_suffix: suffix,
             notify_suffix_clean: suffix_clean,
@@ -184,7 +175,7 @@ impl Job {
 
     /// Records a share hash; false when it was seen before.
     pub fn first_sighting(&self, hash: &[u8; 32]) -> bool {
-        first_sighting(&self.seen, hash)
+        self.seen.first_sighting(hash)
     }
 
     /// Height of the block this job builds.
@@ -259,75 +250,5 @@ mod tests {
         let s = stratum_prevhash(&internal);
         assert!(s.ends_with("0000000000000000"), "{s}");
         assert_eq!(&s[..8], "a6b7c8d9");
-    }
-
-    fn hash_of(i: u64) -> [u8; 32] {
-        common::hash::sha256d(&i.to_le_bytes())
-    }
-
-    #[test]
-    fn duplicates_are_found_across_stripes_and_threads() {
-        let seen = new_seen();
-        // Two threads sight the same 20,000 hashes: each hash is new to exactly one of them.
-        let firsts: usize = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..2)
-                .map(|_| {
-                    scope.spawn(|| {
-                        (0..20_000u64)
-                            .filter(|&i| first_sighting(&seen, &hash_of(i)))
-                            .count()
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap()).sum()
-        });
-        assert_eq!(firsts, 20_000);
-        assert!(!first_sighting(&seen, &hash_of(7)));
-        assert!(first_sighting(&seen, &hash_of(20_000)));
-        // Every stripe got some of them.
-        assert!(seen.iter().all(|s| !s.0.lock().is_empty()));
-    }
-}
-
-/// A [`Hasher`](std::hash::Hasher) for keys that are already uniformly random `u64`s.
-#[derive(Default)]
-struct PrehashedU64(u64);
-
-/// Number of duplicate-detection sets per job.
-const SEEN_STRIPES: usize = 64;
-
-/// One duplicate-detection set, on its own cache line so stripes used by different threads do
-/// not share one (4 KiB per job for the 64).
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct SeenStripe(Mutex<HashSet<u64, BuildHasherDefault<PrehashedU64>>>);
-
-fn new_seen() -> Box<[SeenStripe]> {
-    (0..SEEN_STRIPES).map(|_| SeenStripe::default()).collect()
-}
-
-/// Records `hash` in `seen`; false when it was there already.
-fn first_sighting(seen: &[SeenStripe], hash: &[u8; 32]) -> bool {
-    let mut low = [0u8; 8];
-    low.copy_from_slice(hash.get(..8).unwrap_or(&[0; 8]));
-    // A byte the key does not contain picks the stripe, so each set's keys keep all their bits
-    // (the set uses the key as its own hash).
-    let stripe = usize::from(hash.get(8).copied().unwrap_or(0)) % SEEN_STRIPES;
-    seen.get(stripe)
-        .is_none_or(|s| s.0.lock().insert(u64::from_le_bytes(low)))
-}
-
-impl std::hash::Hasher for PrehashedU64 {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used by `HashSet<u64>`; fold anything else in so it still works.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }

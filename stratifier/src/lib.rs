@@ -13,6 +13,7 @@ mod compact;
 mod job;
 mod pool;
 pub mod rates;
+mod seen;
 mod shard;
 pub mod share;
 pub mod vardiff;

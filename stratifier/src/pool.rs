@@ -162,6 +162,31 @@ struct JobTable {
     block_start: u64,
 }
 
+/// A thread's copy of the live jobs ([`Pool::refresh`]): checking a share then takes no lock
+/// and touches no reference count that the other threads write.
+#[derive(Debug, Default)]
+pub(crate) struct JobView {
+    generation: u64,
+    /// Sorted by id (copied from the pool's ordered table).
+    jobs: Vec<Arc<Job>>,
+    current: Option<Arc<Job>>,
+    block_start: u64,
+}
+
+impl JobView {
+    /// A live job by id, and whether it is stale (from before the current block), as of the
+    /// last refresh.
+    pub(crate) fn get(&self, id: u64) -> Option<(&Arc<Job>, bool)> {
+        let i = self.jobs.binary_search_by_key(&id, |j| j.id).ok()?;
+        self.jobs.get(i).map(|j| (j, id < self.block_start))
+    }
+
+    /// The current job, as of the last refresh.
+    pub(crate) fn current(&self) -> Option<&Arc<Job>> {
+        self.current.as_ref()
+    }
+}
+
 /// Hashrates of a user or worker in hashes per second: moving averages over 1 and 5 minutes,
 /// 1 hour, 1 and 7 days (zero until the rates have been sampled).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
@@ -462,6 +487,9 @@ pub struct Pool {
     pub(crate) cfg: PoolConfig,
     pub(crate) cb_cfg: CoinbaseConfig,
     jobs: RwLock<JobTable>,
+    /// Bumped (under the write lock) at every change of `jobs`, so a [`JobView`] knows when to
+    /// copy the table again without taking its lock.
+    jobs_gen: AtomicU64,
     next_job_id: AtomicU64,
     next_enonce1: AtomicU64,
     next_session: AtomicU64,
@@ -507,6 +535,7 @@ impl Pool {
             cb_cfg,
             cfg,
             jobs: RwLock::new(JobTable::default()),
+            jobs_gen: AtomicU64::new(0),
             next_job_id: AtomicU64::new(seed << 32),
             next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
             next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
@@ -574,12 +603,27 @@ impl Pool {
         for id in old {
             t.jobs.remove(&id);
         }
+        self.jobs_gen.fetch_add(1, Ordering::Release);
         Ok(job)
     }
 
     /// The current job.
     pub fn current_job(&self) -> Option<Arc<Job>> {
         self.jobs.read().current.clone()
+    }
+
+    /// Brings `view` up to date with the live jobs: a load of one atomic when nothing changed.
+    pub(crate) fn refresh(&self, view: &mut JobView) {
+        if self.jobs_gen.load(Ordering::Acquire) == view.generation {
+            return;
+        }
+        let t = self.jobs.read();
+        // Read under the lock, which every change holds: the copy and its number agree.
+        view.generation = self.jobs_gen.load(Ordering::Relaxed);
+        view.jobs.clear();
+        view.jobs.extend(t.jobs.values().cloned());
+        view.current.clone_from(&t.current);
+        view.block_start = t.block_start;
     }
 
     /// A live job by id, and whether it is stale (from before the current block).
@@ -937,6 +981,71 @@ mod tests {
 
     fn pool() -> Arc<Pool> {
         Pool::new(PoolConfig::new(Network::Regtest, None), 1, |_| {}, None)
+    }
+
+    fn template(prev: u8) -> Arc<Template> {
+        Arc::new(Template {
+            version: 0x2000_0000,
+            prev_hash: [prev; 32],
+            bits: 0x207f_ffff,
+            curtime: 1_700_000_000,
+            height: 1000,
+            coinbase_value: 50_0000_0000,
+            coinbase_flags: Vec::new(),
+            transactions: Vec::new(),
+            default_witness_commitment: None,
+            rules: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_job_view_follows_the_pools_jobs_and_lets_dropped_ones_go() {
+        let payout = common::address::script_for_address(
+            "mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ",
+            Network::Regtest,
+        )
+        .unwrap();
+        let mut cfg = PoolConfig::new(Network::Regtest, Some(payout));
+        cfg.job_lifetime = Duration::from_secs(30);
+        let p = Pool::new(cfg, 1, |_| {}, None);
+        let mut view = JobView::default();
+        p.refresh(&mut view);
+        assert!(view.current().is_none());
+        let now = Instant::now();
+        let a = p.new_template(template(1), now).unwrap();
+        // A view is a copy: it sees the new job only once refreshed.
+        assert!(view.get(a.id).is_none());
+        p.refresh(&mut view);
+        let seen = |view: &JobView, id: u64| view.get(id).map(|(j, stale)| (j.id, stale));
+        assert_eq!(seen(&view, a.id), Some((a.id, false)));
+        assert_eq!(view.current().map(|j| j.id), Some(a.id));
+        // Same previous block: the older job stays fresh.
+        let b = p
+            .new_template(template(1), now + Duration::from_secs(1))
+            .unwrap();
+        p.refresh(&mut view);
+        assert_eq!(seen(&view, a.id), Some((a.id, false)));
+        assert_eq!(view.current().map(|j| j.id), Some(b.id));
+        // A new block: every older job is stale.
+        let c = p
+            .new_template(template(2), now + Duration::from_secs(2))
+            .unwrap();
+        p.refresh(&mut view);
+        assert_eq!(seen(&view, a.id), Some((a.id, true)));
+        assert_eq!(seen(&view, b.id), Some((b.id, true)));
+        assert_eq!(seen(&view, c.id), Some((c.id, false)));
+        assert!(view.get(c.id + 1).is_none());
+        // Past its lifetime, with three younger jobs, `a` leaves the pool and then the view,
+        // which holds no reference to it any more.
+        let d = p
+            .new_template(template(2), now + Duration::from_secs(100))
+            .unwrap();
+        assert_eq!(Arc::strong_count(&a), 2, "the test's and the view's");
+        p.refresh(&mut view);
+        assert!(view.get(a.id).is_none());
+        assert_eq!(Arc::strong_count(&a), 1);
+        assert_eq!(seen(&view, b.id), Some((b.id, true)));
+        assert_eq!(seen(&view, d.id), Some((d.id, false)));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::Out;
 use crate::compact::{Name, PackedDiff, Stamp};
 use crate::job::Job;
-use crate::pool::{BlockCandidate, Pool, ShareRecord, Stripe, WorkerStatsRef};
+use crate::pool::{BlockCandidate, JobView, Pool, ShareRecord, Stripe, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
 use crate::vardiff::{Bounds, VarDiff};
 
@@ -45,6 +45,8 @@ struct State {
     scratch: Vec<u8>,
     solo_work: HashMap<(u64, Name), Arc<SoloWork>>,
     last_prune: Option<Instant>,
+    /// This thread's copy of the live jobs, for checking shares.
+    jobs: JobView,
 }
 
 /// A solo user's coinbase tail and notify lines for one job.
@@ -262,6 +264,7 @@ impl Shard {
                 scratch: Vec::with_capacity(512),
                 solo_work: HashMap::new(),
                 last_prune: None,
+                jobs: JobView::default(),
             },
         }
     }
@@ -408,6 +411,8 @@ impl Shard {
             .st
             .last_prune
             .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(30));
+        // Let go of jobs the pool dropped, even when no share came to look them up.
+        self.st.pool.refresh(&mut self.st.jobs);
         if prune {
             let pool = Arc::clone(&self.st.pool);
             self.st
@@ -915,7 +920,8 @@ impl State {
         req: &Request<'_>,
         out: &mut impl Out,
     ) -> Result<Option<Difficulty>, Reject> {
-        let pool = Arc::clone(&self.pool);
+        self.pool.refresh(&mut self.jobs);
+        let pool: &Pool = &self.pool;
         let cfg = &pool.cfg;
         let Some(s) = self.sessions.get_mut(conn) else {
             return Ok(None);
@@ -977,7 +983,7 @@ impl State {
         }
         let (job, stale) = u64::from_str_radix(job_id, 16)
             .ok()
-            .and_then(|id| pool.job(id))
+            .and_then(|id| self.jobs.get(id))
             .ok_or((codes::JOB_NOT_FOUND, "Invalid JobID"))?;
         let n2len = cfg.coinbase.nonce2_len;
         let mut en2 = [0u8; 8];
@@ -987,10 +993,10 @@ impl State {
         if nonce2.len() != n2len * 2 || hex::decode_to_slice(nonce2, en2).is_err() {
             return Err((codes::OTHER, "Invalid nonce2 length"));
         }
-        let user = auth.user.clone();
+        let user = &auth.user;
         let solo;
         let coinb2: &[u8] = if cfg.solo {
-            solo = solo_work(&mut self.solo_work, &pool, &job, &user)
+            solo = solo_work(&mut self.solo_work, pool, job, user)
                 .ok_or((codes::OTHER, "No coinbase for user"))?;
             &solo.coinb2
         } else {
@@ -1092,16 +1098,16 @@ impl State {
         if let Some(a) = s.auth.as_mut() {
             pool.record_share(
                 &self.stripe,
-                a.stats(&pool),
+                a.stats(pool),
                 Some(judged.to_f64()),
                 sdiff,
                 None,
                 now,
             );
         }
-        let current = pool.current_job();
-        let network = current
-            .as_ref()
+        let network = self
+            .jobs
+            .current()
             .map_or(job.network_diff, |c| c.network_diff);
         let bounds = Bounds {
             min: s.floor(),
