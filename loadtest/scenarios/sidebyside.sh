@@ -12,7 +12,9 @@
 #   2. max: the rates of SBS_MAX_RATES in turn. At each, every server still in the race runs up
 #      to SBS_MAX_RUNS times (runs interleaved across servers, order rotated each round); a run
 #      passes with submit p99 <= SBS_P99_MS, >= 98 % of the asked rate accepted, no reject and no
-#      unanswered submit. The VM's host steals the CPU in bursts of milliseconds, which only ever
+#      unanswered submit. The p99 is the window's (SBS_MAX_BY=window, the default) or the median
+#      of the window's per-second p99s (SBS_MAX_BY=seconds: a few bad seconds, such as a stall of
+#      the host, do not fail a step; a server at its limit is slow in most seconds). The VM's host steals the CPU in bursts of milliseconds, which only ever
 #      adds latency: a failed run counts only if the host stole < SBS_MAX_STEAL % of the machine
 #      meanwhile and never held one CPU for SBS_MAX_STEAL_BURST ms or more at a stretch (ckload
 #      samples each CPU's steal every 10 ms; a 150 ms burst on the server's CPU delays ~0.75 %
@@ -28,7 +30,7 @@
 #
 # Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
 # (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 25000 30000 35000 40000 45000 50000"],
-# SBS_MAX_RUNS [5], SBS_MAX_STEAL [2], SBS_MAX_STEAL_BURST [50],
+# SBS_MAX_RUNS [5], SBS_MAX_STEAL [2], SBS_MAX_STEAL_BURST [50], SBS_MAX_BY [window],
 # SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
 # SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
 # BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
@@ -55,6 +57,15 @@ NULL_PORT=${SBS_NULL_PORT:-23335}
 MAX_RUNS=${SBS_MAX_RUNS:-5}
 MAX_STEAL=${SBS_MAX_STEAL:-2}
 MAX_STEAL_BURST=${SBS_MAX_STEAL_BURST:-50}
+MAX_BY=${SBS_MAX_BY:-window}
+case $MAX_BY in
+window) P99_OF="r['latency']['submit_window']['p99_us']" ;;
+seconds) P99_OF="r['submit_seconds']['median_p99_us']" ;;
+*)
+	echo "SBS_MAX_BY must be window or seconds" >&2
+	exit 2
+	;;
+esac
 NULL_BIN=$ROOT/target/release/examples/nullstratum
 POOL_PORT=$PORT
 
@@ -142,8 +153,8 @@ if [[ " $PHASES " == *" max "* ]]; then
 				name=max-$(tag_of "$srv")-$rate-$run
 				steady_run "$srv" "$name" "$rate"
 				J=$DIR/$name.json
-				ok=$(jget "$J" "int(r['latency']['submit_window']['p99_us'] <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
-				RUNS[$srv]+="$(jget "$J" '"%.2f ms (%.1f %% steal, longest %d ms)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["machine"]["steal_pct_window"], r["machine"].get("max_steal_burst_ms", 0))'), "
+				ok=$(jget "$J" "int($P99_OF <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
+				RUNS[$srv]+="$(jget "$J" '"%.2f ms (seconds: median %.2f, worst %.2f ms; %.1f %% steal, longest %d ms)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["submit_seconds"]["median_p99_us"]/1000, r["submit_seconds"]["worst_p99_us"]/1000, r["machine"]["steal_pct_window"], r["machine"].get("max_steal_burst_ms", 0))'), "
 				if [[ $ok == 1 ]]; then
 					PASS[$srv]=1
 				elif [[ $(jget "$J" "int(r['machine']['steal_pct_window'] < $MAX_STEAL and r['machine'].get('max_steal_burst_ms', 0) < $MAX_STEAL_BURST)") == 1 ]]; then
@@ -229,7 +240,8 @@ if [[ -n ${SLOPE[*]:-} ]]; then
 fi
 
 if [[ " $PHASES " == *" max "* ]]; then
-	printf '\nmaximum rate, submit p99 of each run at each step (within %s ms passes a step; a failed run counts only below %s %% steal and with no CPU stolen for %s ms or more at a stretch):\n\n' "$P99_MS" "$MAX_STEAL" "$MAX_STEAL_BURST"
+	printf '\nmaximum rate, submit p99 of each run at each step (the %s within %s ms passes a step; a failed run counts only below %s %% steal and with no CPU stolen for %s ms or more at a stretch):\n\n' \
+		"$([[ $MAX_BY == window ]] && echo "window's p99" || echo "median of the per-second p99s")" "$P99_MS" "$MAX_STEAL" "$MAX_STEAL_BURST"
 	for srv in $SERVERS; do
 		printf -- '- %s: best %s; %s\n' "$srv" "${BEST[$srv]:-none}" "${STEPS[$srv]%; }"
 	done

@@ -33,8 +33,8 @@ use crate::Error;
 use crate::rpc::{RpcTarget, resolve};
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, LatencySummary, ShareKind};
 use crate::swarm::{
-    HISTOGRAMS, JobSeen, MAX_SLOW_SUBMITS, Progress, SLOW_SUBMIT_MS, WorkerMessage, WorkerReport,
-    WorkerSpec,
+    HISTOGRAMS, JobSeen, MAX_SECOND_HISTS, MAX_SLOW_SUBMITS, Progress, SLOW_SUBMIT_MS,
+    WorkerMessage, WorkerReport, WorkerSpec,
 };
 use crate::sys::{
     MachineCpu, NetCounters, ProcSample, cpu_count, ephemeral_port_count, mono_ns, ms_per_tick,
@@ -609,6 +609,41 @@ pub struct Report {
     pub histograms_v2: BTreeMap<String, String>,
     /// When in the window the slow submits were sent.
     pub slow_submits: SlowSubmits,
+    /// Submit p99 of each second of the window.
+    pub submit_seconds: SubmitSeconds,
+}
+
+/// The window's submit latency second by second (by when each submit was sent): whether a
+/// window's p99 comes from a few bad seconds (a stall of the host, the server or ckload) or from
+/// all of them (a server at its limit).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SubmitSeconds {
+    /// p99 of each second, µs, in order (the last one may be partial).
+    pub p99_us: Vec<u64>,
+    /// Median of those p99s, over the full seconds (those with at least half the submits of
+    /// the busiest second).
+    pub median_p99_us: u64,
+    /// The largest of them.
+    pub worst_p99_us: u64,
+}
+
+impl SubmitSeconds {
+    fn of(seconds: &[Hist]) -> Self {
+        let p99_us: Vec<u64> = seconds.iter().map(|h| h.quantile_us(0.99)).collect();
+        let busiest = seconds.iter().map(Hist::len).max().unwrap_or(0);
+        let mut full: Vec<u64> = seconds
+            .iter()
+            .zip(&p99_us)
+            .filter(|(h, _)| !h.is_empty() && h.len() * 2 >= busiest)
+            .map(|(_, p)| *p)
+            .collect();
+        full.sort_unstable();
+        Self {
+            median_p99_us: full.get(full.len() / 2).copied().unwrap_or(0),
+            worst_p99_us: full.last().copied().unwrap_or(0),
+            p99_us,
+        }
+    }
 }
 
 /// The submits of the window that took [`SLOW_SUBMIT_MS`] or longer, grouped into bursts: a
@@ -1276,6 +1311,7 @@ fn merge(
     let mut errors = ErrorCounts::default();
     let mut jobs: HashMap<String, JobSeen> = HashMap::new();
     let mut slow = Vec::new();
+    let mut seconds: Vec<Hist> = Vec::new();
     let mut failures = failures;
     let mut ckload_cpu = 0.0;
     let mut ckload_window = 0.0;
@@ -1310,6 +1346,19 @@ fn merge(
                 .take(MAX_SLOW_SUBMITS)
                 .map(|[sent, ms]| (*sent, *ms, w.worker)),
         );
+        for (i, text) in r.submit_seconds.iter().take(MAX_SECOND_HISTS).enumerate() {
+            match Hist::from_v2_hex(text) {
+                Ok(h) => {
+                    if seconds.len() <= i {
+                        seconds.resize_with(i + 1, Hist::coarse);
+                    }
+                    if let Some(into) = seconds.get_mut(i) {
+                        into.merge(&h);
+                    }
+                }
+                Err(e) => failures.push(format!("worker {}: second {i}: {e}", w.worker)),
+            }
+        }
         ckload_cpu += r.cpu_secs;
         ckload_window += r.cpu_secs_window;
         max_rss = max_rss.max(r.max_rss_kib);
@@ -1437,6 +1486,7 @@ fn merge(
         errors,
         worker_failures: failures,
         histograms_v2,
+        submit_seconds: SubmitSeconds::of(&seconds),
         slow_submits: {
             let mut s = slow_bursts(slow);
             add_steal(&mut s, &mon.steal_bursts);
@@ -1643,6 +1693,18 @@ pub fn summary(r: &Report) -> String {
         r.machine.tcp_retrans_window,
         r.machine.tcp_loss_probes_window
     ));
+    let secs = &r.submit_seconds;
+    if !secs.p99_us.is_empty() {
+        s.push_str(&format!(
+            "submit p99 second by second: median {:.3} ms, worst {:.3} ms (ms:",
+            ms(secs.median_p99_us),
+            ms(secs.worst_p99_us)
+        ));
+        for p in &secs.p99_us {
+            s.push_str(&format!(" {:.1}", ms(*p)));
+        }
+        s.push_str(")\n");
+    }
     let slow = &r.slow_submits;
     if slow.count > 0 {
         s.push_str(&format!(
@@ -1835,6 +1897,29 @@ mod tests {
         let b1 = &bursts[1];
         assert_eq!((b1.cpu, b1.ms, b1.span_ms), (1, 30, 10));
         assert!((b1.at_secs - 0.090).abs() < 1e-6, "{b1:?}");
+    }
+
+    #[test]
+    fn one_bad_second_moves_the_worst_second_not_the_median() {
+        let mut seconds: Vec<Hist> = (0..10).map(|_| Hist::coarse()).collect();
+        for (i, h) in seconds.iter_mut().enumerate() {
+            for _ in 0..1000 {
+                h.record_us(if i == 3 { 40_000 } else { 1_000 });
+            }
+        }
+        // A partial last second, with its own slow tail: left out of median and worst.
+        let mut last = Hist::coarse();
+        for _ in 0..100 {
+            last.record_us(90_000);
+        }
+        seconds.push(last);
+        let s = SubmitSeconds::of(&seconds);
+        assert_eq!(s.p99_us.len(), 11);
+        // 2 significant figures: within 1 %.
+        assert!(s.median_p99_us.abs_diff(1_000) <= 10, "{s:?}");
+        assert!(s.worst_p99_us.abs_diff(40_000) <= 400, "{s:?}");
+        assert!(s.p99_us[10] >= 89_000, "{s:?}");
+        assert_eq!(SubmitSeconds::of(&[]), SubmitSeconds::default());
     }
 
     #[test]

@@ -39,6 +39,16 @@ impl Hist {
         Self(Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("valid histogram bounds"))
     }
 
+    /// An empty histogram at 2 significant figures (a tenth of the memory), for the many
+    /// short ones of a run: one per second of the window.
+    #[expect(
+        clippy::expect_used,
+        reason = "constant bounds that hdrhistogram accepts"
+    )]
+    pub fn coarse() -> Self {
+        Self(Histogram::new_with_bounds(1, HIST_MAX_US, 2).expect("valid histogram bounds"))
+    }
+
     /// Records one duration.
     pub fn record(&mut self, d: Duration) {
         self.record_us(u64::try_from(d.as_micros()).unwrap_or(HIST_MAX_US));

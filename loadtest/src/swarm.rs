@@ -210,7 +210,15 @@ pub struct WorkerReport {
     /// hit at once.
     #[serde(default)]
     pub slow_submits: Vec<[u32; 2]>,
+    /// The window's submits by the second (from the end of the ramp) they were sent in, one
+    /// histogram each (hdrhistogram V2 in hex), for the first [`MAX_SECOND_HISTS`] seconds: a
+    /// window's p99 can come from one bad second or from all of them.
+    #[serde(default)]
+    pub submit_seconds: Vec<String>,
 }
+
+/// Seconds of the window with a latency histogram of their own.
+pub const MAX_SECOND_HISTS: usize = 600;
 
 /// How often a drained miner looks whether the others are, at the end of a run.
 const DRAIN_POLL: Duration = Duration::from_millis(2);
@@ -295,6 +303,8 @@ struct Agg {
     kinds: [KindStats; 4],
     hists: [Hist; 6],
     interval_submit: Hist,
+    /// Submits of the window by the second they were sent in.
+    seconds: Vec<Hist>,
     errors: ErrorCounts,
     slow: Vec<[u32; 2]>,
     jobs: HashMap<String, JobSeen>,
@@ -477,6 +487,7 @@ fn build_report(ctx: &Ctx) -> WorkerReport {
         jobs,
         errors: a.errors.clone(),
         slow_submits: a.slow.clone(),
+        submit_seconds: a.seconds.iter().map(Hist::to_v2_hex).collect(),
         ..WorkerReport::default()
     }
 }
@@ -1237,9 +1248,19 @@ fn handle_reply(
             if p.hold {
                 a.hists[H::SubmitWindow as usize].record(latency);
                 let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
+                let sent = p.sent.saturating_duration_since(ctx.hold);
                 if ms >= SLOW_SUBMIT_MS && a.slow.len() < MAX_SLOW_SUBMITS {
-                    let sent = p.sent.saturating_duration_since(ctx.hold).as_millis();
-                    a.slow.push([u32::try_from(sent).unwrap_or(u32::MAX), ms]);
+                    a.slow
+                        .push([u32::try_from(sent.as_millis()).unwrap_or(u32::MAX), ms]);
+                }
+                let second = usize::try_from(sent.as_secs()).unwrap_or(usize::MAX);
+                if second < MAX_SECOND_HISTS {
+                    if a.seconds.len() <= second {
+                        a.seconds.resize_with(second + 1, Hist::coarse);
+                    }
+                    if let Some(h) = a.seconds.get_mut(second) {
+                        h.record(latency);
+                    }
                 }
             }
             a.interval_submit.record(latency);

@@ -274,6 +274,13 @@ fn slow_submits_are_reported_and_the_end_waits_for_every_reply() {
         report.latency["submit_window"].count > s.count,
         "{report:?}"
     );
+    // One miner in eight is slow: more than 1 % of every second's submits, so each second's
+    // p99 is the slow reply's latency (2 significant figures).
+    let secs = &report.submit_seconds;
+    assert!(!secs.p99_us.is_empty(), "{secs:?}");
+    let slow_us = u64::try_from(slow.as_micros()).unwrap() * 99 / 100;
+    assert!(secs.median_p99_us >= slow_us, "{secs:?}");
+    assert!(secs.worst_p99_us >= secs.median_p99_us, "{secs:?}");
 
     let seen = pool.seen.lock().unwrap();
     let last = seen.last_slow_reply.expect("the slow miner was answered");
