@@ -4,7 +4,8 @@
 //! Parse, session lookup, checks, coinbase and header sha256d, duplicate set, counters, vardiff
 //! and the reply; no sockets. Each of 5 rounds starts a fresh job; the median round is printed.
 //!
-//! `cargo bench -p ckpool-stratifier --bench submit_path`
+//! `cargo bench -p ckpool-stratifier --bench submit_path`; under `cargo test --benches` (no
+//! `--bench` argument) a few hundred shares, to check that it runs.
 #![allow(
     missing_docs,
     clippy::unwrap_used,
@@ -23,10 +24,9 @@ use common::address::{Network, script_for_address};
 use common::template::Template;
 use common::{ConnId, Difficulty};
 
-const MINERS: u32 = 10_000;
-/// Shares per job: 60 per miner.
-const PER_MINER: u32 = 60;
-const ROUNDS: usize = 5;
+/// Miners, shares per miner and job, jobs: for a measurement, and for a test run.
+const FULL: (u32, u32, usize) = (10_000, 60, 5);
+const QUICK: (u32, u32, usize) = (100, 3, 2);
 
 /// Keeps the last broadcast notify and counts the rest.
 #[derive(Default)]
@@ -76,6 +76,9 @@ fn job_of(notify: &[u8]) -> (String, String) {
 }
 
 fn main() {
+    let measure = std::env::args().any(|a| a == "--bench");
+    #[allow(non_snake_case, reason = "the constants of a run")]
+    let (MINERS, PER_MINER, ROUNDS) = if measure { FULL } else { QUICK };
     let payout =
         script_for_address("mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ", Network::Regtest).unwrap();
     let mut cfg = PoolConfig::new(Network::Regtest, Some(payout));

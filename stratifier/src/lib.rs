@@ -13,7 +13,8 @@ mod compact;
 mod job;
 mod pool;
 pub mod rates;
-mod seen;
+#[doc(hidden)]
+pub mod seen;
 mod shard;
 pub mod share;
 pub mod vardiff;

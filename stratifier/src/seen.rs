@@ -1,49 +1,38 @@
 //! Duplicate-share detection: the share hashes one job has accepted so far.
 //!
 //! A share's sha256d is uniform in its first 8 bytes (the zeros a share needs are at the other
-//! end), so those bytes are the key and their low bits its slot, with no hashing of our own. A
-//! false duplicate needs two shares of one job agreeing in 64 random bits.
+//! end), so those bytes are the key and their own hash. A false duplicate needs two shares of
+//! one job agreeing in 64 random bits.
 //!
 //! Every connector thread checks shares of the current job, so the set is split in
-//! [`STRIPES`] tables by another byte of the hash, each behind its own lock: two threads rarely
-//! meet, and a table doubles in steps 64 times smaller than one set would (a set of a million
+//! [`STRIPES`] sets by another byte of the hash, each behind its own lock: two threads rarely
+//! meet, and a set doubles in steps 64 times smaller than one set would (a set of a million
 //! entries doubling under one lock stalls every thread for milliseconds).
 //!
-//! Each table is open addressing with linear probing over the keys themselves (0 marks a free
-//! slot; the key 0 has a flag of its own). Checking a new key, the common case, touches one
-//! cache line and writes the line it read. `hashbrown`'s set touched two: its control bytes and
-//! then, for the insert, the bucket, a second cache miss that the unlock, a locked instruction,
-//! had to wait for (the profile in BENCHMARKS.md §11).
+//! An open-addressing table of our own (linear probing over the keys, one cache line per new
+//! key instead of the standard set's two) was measured slower than the standard set:
+//! `cargo bench -p ckpool-stratifier --bench seen` and BENCHMARKS.md §11. Public only for that
+//! benchmark.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use parking_lot::Mutex;
 
-/// Number of tables per job.
-pub(crate) const STRIPES: usize = 64;
-
-/// Slots of a table at its first key (512 bytes).
-const FIRST_SLOTS: usize = 64;
+/// Number of sets per job.
+pub const STRIPES: usize = 64;
 
 /// A job's set of share hashes.
 #[derive(Debug)]
-pub(crate) struct Seen {
+pub struct Seen {
     stripes: Box<[Stripe]>,
 }
 
-/// One table, on its own cache line so the locks of tables used by different threads do not
-/// share one (4 KiB per job for the 64).
+/// One set, on its own cache line so the locks of sets used by different threads do not share
+/// one (4 KiB per job for the 64).
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct Stripe(Mutex<Table>);
-
-#[derive(Debug, Default)]
-struct Table {
-    /// Keys, 0 for a free slot; a power of two long, or empty before the first key.
-    slots: Box<[u64]>,
-    /// Keys in `slots`.
-    len: usize,
-    /// Whether the key 0 was seen.
-    zero: bool,
-}
+struct Stripe(Mutex<HashSet<u64, BuildHasherDefault<PrehashedU64>>>);
 
 impl Default for Seen {
     fn default() -> Self {
@@ -55,78 +44,40 @@ impl Default for Seen {
 
 impl Seen {
     /// Records `hash`; false when it was recorded before.
-    pub(crate) fn first_sighting(&self, hash: &[u8; 32]) -> bool {
+    pub fn first_sighting(&self, hash: &[u8; 32]) -> bool {
         let [k0, k1, k2, k3, k4, k5, k6, k7, pick, ..] = *hash;
         let key = u64::from_le_bytes([k0, k1, k2, k3, k4, k5, k6, k7]);
-        // A byte the key does not contain picks the table, so each table's keys keep all
-        // their bits for the slot.
+        // A byte the key does not contain picks the set, so each set's keys keep all their
+        // bits for its own hashing.
         self.stripes
             .get(usize::from(pick) % STRIPES)
             .is_none_or(|s| s.0.lock().insert(key))
     }
 
-    /// Keys recorded, over every table.
+    /// Keys recorded, over every set.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.stripes
-            .iter()
-            .map(|s| {
-                let t = s.0.lock();
-                t.len + usize::from(t.zero)
-            })
-            .sum()
+        self.stripes.iter().map(|s| s.0.lock().len()).sum()
     }
 }
 
-impl Table {
-    /// Inserts `key`; false when it was there.
-    fn insert(&mut self, key: u64) -> bool {
-        if key == 0 {
-            return !std::mem::replace(&mut self.zero, true);
-        }
-        // At most 3/4 full: a miss then probes ~8 slots, one or two cache lines.
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
-            self.grow();
-        }
-        if place(&mut self.slots, key) {
-            self.len += 1;
-            true
-        } else {
-            false
-        }
-    }
+/// A [`Hasher`] for keys that are already uniformly random `u64`s.
+#[derive(Default)]
+struct PrehashedU64(u64);
 
-    fn grow(&mut self) {
-        let n = (self.slots.len() * 2).max(FIRST_SLOTS);
-        let old = std::mem::replace(&mut self.slots, vec![0; n].into_boxed_slice());
-        for key in old.iter().copied().filter(|&k| k != 0) {
-            place(&mut self.slots, key);
+impl Hasher for PrehashedU64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `HashSet<u64>`; fold anything else in so it still works.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
-}
-
-/// Puts `key` (not 0) in the first free slot from its own, unless it is there already; `slots`
-/// is a power of two long and never full. False when it was there.
-fn place(slots: &mut [u64], key: u64) -> bool {
-    let mask = slots.len().wrapping_sub(1);
-    // The key's low bits are uniform: they are the slot. Truncation is the point.
-    #[allow(
-        clippy::cast_possible_truncation,
-        reason = "the low bits pick the slot"
-    )]
-    let mut i = key as usize & mask;
-    for _ in 0..slots.len() {
-        match slots.get_mut(i) {
-            Some(s) if *s == key => return false,
-            Some(s) if *s == 0 => {
-                *s = key;
-                return true;
-            }
-            _ => i = (i + 1) & mask,
-        }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
-    // Unreachable while the table is kept under 3/4 full: say "seen" rather than loop.
-    false
 }
 
 #[cfg(test)]
@@ -151,38 +102,6 @@ mod tests {
     }
 
     #[test]
-    fn colliding_slots_and_the_zero_key_are_kept_apart() {
-        let mut t = Table::default();
-        // Same low bits, hence the same slot at every size: a chain of probes.
-        let keys: Vec<u64> = (1..=200u64).map(|i| i << 40).collect();
-        for &k in &keys {
-            assert!(t.insert(k));
-        }
-        assert!(t.insert(0));
-        assert!(!t.insert(0));
-        for &k in &keys {
-            assert!(!t.insert(k));
-        }
-        assert!(t.insert(5 << 40 | 1));
-        assert_eq!(t.len, 201);
-        assert!(t.slots.len() >= 256 && t.slots.len().is_power_of_two());
-    }
-
-    #[test]
-    fn tables_stay_at_most_three_quarters_full() {
-        let mut t = Table::default();
-        for k in 1..=10_000u64 {
-            assert!(t.insert(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-            assert!(
-                t.len * 4 <= t.slots.len() * 3,
-                "{} in {}",
-                t.len,
-                t.slots.len()
-            );
-        }
-    }
-
-    #[test]
     fn duplicates_are_found_across_stripes_and_threads() {
         let seen = Seen::default();
         let firsts: usize = std::thread::scope(|s| {
@@ -201,6 +120,6 @@ mod tests {
         assert!(!seen.first_sighting(&hash_of(7)));
         assert!(seen.first_sighting(&hash_of(20_000)));
         // Every stripe got some of them.
-        assert!(seen.stripes.iter().all(|s| s.0.lock().len > 0));
+        assert!(seen.stripes.iter().all(|s| !s.0.lock().is_empty()));
     }
 }
