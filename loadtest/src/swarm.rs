@@ -220,9 +220,6 @@ pub struct WorkerReport {
 /// Seconds of the window with a latency histogram of their own.
 pub const MAX_SECOND_HISTS: usize = 600;
 
-/// How often a drained miner looks whether the others are, at the end of a run.
-const DRAIN_POLL: Duration = Duration::from_millis(2);
-
 /// A submit whose reply takes this long (ms) or longer is listed in [`WorkerReport::slow_submits`].
 pub const SLOW_SUBMIT_MS: u32 = 20;
 /// At most this many slow submits are listed per worker.
@@ -344,6 +341,10 @@ struct Ctx {
     ports: PortCursor,
     /// Submits sent and not yet answered (or given up), all of this worker's miners.
     in_flight: AtomicU64,
+    /// Set once `in_flight` reaches 0 after the end: the drained miners then close. (They used
+    /// to look every 2 ms: thousands of wake-ups per ms at the end of a big run, which delayed
+    /// reading the last replies and counted as their latency.)
+    all_answered: tokio::sync::watch::Sender<bool>,
 }
 
 impl Ctx {
@@ -362,6 +363,13 @@ impl Ctx {
     fn record(&self, h: H, d: Duration) {
         self.agg().hists[h as usize].record(d);
     }
+
+    /// `n` submits in flight were answered or given up, at `now`.
+    fn answered(&self, n: u64, now: Instant) {
+        if self.in_flight.fetch_sub(n, Ordering::Relaxed) == n && now >= self.end {
+            self.all_answered.send_replace(true);
+        }
+    }
 }
 
 async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync)) -> WorkerReport {
@@ -378,6 +386,7 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
         warned_skip: std::sync::atomic::AtomicBool::new(false),
         ports: PortCursor::new(spec.worker, spec.workers),
         in_flight: AtomicU64::new(0),
+        all_answered: tokio::sync::watch::Sender::new(false),
         spec,
     });
     let mut set = JoinSet::new();
@@ -786,6 +795,7 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
     if let Err(e) = stream.write_all(&out).await {
         end = Some(Step::Lost(format!("write: {e}")));
     }
+    let mut all_answered = ctx.all_answered.subscribe();
     while end.is_none() {
         out.clear();
         let now = Instant::now();
@@ -799,19 +809,22 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
         }
         let submit_at = if draining { None } else { m.next_submit };
         let churn_at = if draining { None } else { m.churn_at };
-        let mut wake = match (draining, m.pending.is_empty()) {
-            (false, _) => ctx.end,
-            (true, false) => ctx.drain_end,
-            (true, true) => (now + DRAIN_POLL).min(ctx.drain_end),
-        };
+        let mut wake = if draining { ctx.drain_end } else { ctx.end };
         for t in [submit_at, churn_at, m.handshake_deadline(ctx)]
             .into_iter()
             .flatten()
         {
             wake = wake.min(t);
         }
+        let waits_for_others = draining && m.pending.is_empty();
         tokio::select! {
             biased;
+            r = all_answered.changed(), if waits_for_others => {
+                // The sender lives in `ctx`, so this never fails; if it did, leave.
+                if r.is_err() {
+                    break;
+                }
+            }
             r = stream.readable() => {
                 let step = match r {
                     Ok(()) => read_lines(ctx, m, &stream, &mut out),
@@ -874,8 +887,7 @@ fn finish_session(ctx: &Ctx, m: &mut MinerState) {
     if m.pending.is_empty() {
         return;
     }
-    ctx.in_flight
-        .fetch_sub(m.pending.len() as u64, Ordering::Relaxed);
+    ctx.answered(m.pending.len() as u64, Instant::now());
     let mut a = ctx.agg();
     for p in m.pending.drain(..) {
         a.counters.unanswered += 1;
@@ -1240,7 +1252,7 @@ fn handle_reply(
                 return None;
             };
             let p = m.pending.remove(pos)?;
-            ctx.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.answered(1, now);
             let accepted = result.as_bool() == Some(true);
             let latency = now - p.sent;
             let mut a = ctx.agg();

@@ -292,6 +292,12 @@ fn slow_submits_are_reported_and_the_end_waits_for_every_reply() {
             "miner {en1} closed {:?} before the last slow reply",
             last.duration_since(*at)
         );
+        // ... and soon after it: told, not waiting for the drain time (2 s) to run out.
+        assert!(
+            at.duration_since(last) < Duration::from_millis(300),
+            "miner {en1} closed {:?} after the last slow reply",
+            at.duration_since(last)
+        );
     }
 }
 
