@@ -53,6 +53,24 @@ pub enum TemplateError {
 }
 
 impl Template {
+    /// A template without transactions at height 1000, version 0x20000000, curtime 1,700,000,000
+    /// and a 50 BTC coinbase, on `prev_hash` with `bits`: for tests and benchmarks.
+    #[doc(hidden)]
+    pub fn empty(prev_hash: [u8; 32], bits: u32) -> Self {
+        Self {
+            version: 0x2000_0000,
+            prev_hash,
+            bits,
+            curtime: 1_700_000_000,
+            height: 1000,
+            coinbase_value: 50_0000_0000,
+            coinbase_flags: Vec::new(),
+            transactions: Vec::new(),
+            default_witness_commitment: None,
+            rules: Vec::new(),
+        }
+    }
+
     /// Parses the `result` object of `getblocktemplate`.
     pub fn from_gbt(v: &Value) -> Result<Self, TemplateError> {
         let version = v

@@ -49,20 +49,9 @@ impl Out for Keep {
     }
 }
 
+/// Network difficulty 1: shares at 2^-32 never solve a block.
 fn template(prev: u8) -> Arc<Template> {
-    Arc::new(Template {
-        version: 0x2000_0000,
-        prev_hash: [prev; 32],
-        // Network difficulty 1: shares at 2^-32 never solve a block.
-        bits: 0x1d00_ffff,
-        curtime: 1_700_000_000,
-        height: 1000,
-        coinbase_value: 50_0000_0000,
-        coinbase_flags: Vec::new(),
-        transactions: Vec::new(),
-        default_witness_commitment: None,
-        rules: Vec::new(),
-    })
+    Arc::new(Template::empty([prev; 32], 0x1d00_ffff))
 }
 
 /// The job id and ntime of a `mining.notify` line.

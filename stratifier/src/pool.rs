@@ -984,18 +984,7 @@ mod tests {
     }
 
     fn template(prev: u8) -> Arc<Template> {
-        Arc::new(Template {
-            version: 0x2000_0000,
-            prev_hash: [prev; 32],
-            bits: 0x207f_ffff,
-            curtime: 1_700_000_000,
-            height: 1000,
-            coinbase_value: 50_0000_0000,
-            coinbase_flags: Vec::new(),
-            transactions: Vec::new(),
-            default_witness_commitment: None,
-            rules: Vec::new(),
-        })
+        Arc::new(Template::empty([prev; 32], 0x207f_ffff))
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! entries doubling under one lock stalls every thread for milliseconds).
 //!
 //! An open-addressing table of our own (linear probing over the keys, one cache line per new
-//! key instead of the standard set's two) was measured slower than the standard set:
+//! key instead of the standard set's two) was measured no faster than the standard set:
 //! `cargo bench -p ckpool-stratifier --bench seen` and BENCHMARKS.md §11. Public only for that
 //! benchmark.
 

@@ -59,18 +59,7 @@ impl Out for Sink {
 }
 
 fn template() -> Arc<Template> {
-    Arc::new(Template {
-        version: 0x2000_0000,
-        prev_hash: [1; 32],
-        bits: 0x1d00_ffff,
-        curtime: 1_700_000_000,
-        height: 1000,
-        coinbase_value: 50_0000_0000,
-        coinbase_flags: Vec::new(),
-        transactions: Vec::new(),
-        default_witness_commitment: None,
-        rules: Vec::new(),
-    })
+    Arc::new(Template::empty([1; 32], 0x1d00_ffff))
 }
 
 #[test]
