@@ -332,7 +332,8 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     config["authtimeout"] = json!(2);
     let mut pool = PoolProcess::start("badclients", &config, &[]);
 
-    // The honest miner: shares only, no blocks (so the raw client's jobs stay current).
+    // The honest miner: it finds blocks too (half of regtest's hashes are), each making the
+    // raw client's job stale; the checks below that need a current job go again when it is.
     let honest = start_honest_miner(pool.addr, "honest.1");
 
     // Garbage: an error reply, then the connection is closed.
@@ -391,10 +392,29 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
     c.send(&short_n2);
     assert_reject(&c.reply(13), 20, "Invalid nonce2 length");
 
-    c.send(&submit(14, "raw.1", &job, &en2, nonce));
-    assert_eq!(c.reply(14)["result"], true);
-    c.send(&submit(15, "raw.1", &job, &en2, nonce));
-    assert_reject(&c.reply(15), 22, "Duplicate");
+    // A valid share, then the same again: a duplicate. A block of the honest miner can make the
+    // job stale between two lines; then both go again on the newest job, under new ids.
+    let (mut job, mut nonce) = (job, nonce);
+    let mut checked = false;
+    for attempt in 0..10u64 {
+        let (first, again) = (100 + 2 * attempt, 101 + 2 * attempt);
+        c.send(&submit(first, "raw.1", &job, &en2, nonce));
+        let r = c.reply(first);
+        if r["result"] == true {
+            c.send(&submit(again, "raw.1", &job, &en2, nonce));
+            let r = c.reply(again);
+            if r["reject-reason"] != "Stale" {
+                assert_reject(&r, 22, "Duplicate");
+                checked = true;
+                break;
+            }
+        } else {
+            assert_reject(&r, 21, "Stale");
+        }
+        job = latest_job(&mut c, Some(&job.job_id));
+        nonce = grind(&job, &en1, &en2, share_target, Some(net_target));
+    }
+    assert!(checked, "the job went stale before every attempt");
 
     // Above target: ask for a huge difficulty, wait for a fresh job, submit an easy hash.
     c.send(&json!({"id": 16, "method": "mining.suggest_difficulty", "params": [1000000]}));
@@ -407,17 +427,28 @@ fn bad_shares_and_bad_clients_while_an_honest_miner_keeps_mining() {
             && loadtest::work::Job::from_notify_params(&v["params"])
                 .is_ok_and(|j| j.prevhash_rpc() == new_block)
     });
-    // The newest job (the honest miner may have found a block on top already).
-    let job = latest_job(&mut c, Some(&old_job.job_id));
-    let easy = grind(
-        &job,
-        &en1,
-        &en2,
-        share_target,
-        Some(Difficulty::from_f64(1e6).unwrap().target()),
-    );
-    c.send(&submit(17, "raw.1", &job, &en2, easy));
-    assert_reject(&c.reply(17), 23, "Above target");
+    // The newest job (the honest miner may have found a block on top already, or find one
+    // before the share arrives: then it goes again on the next job).
+    let mut job = latest_job(&mut c, Some(&old_job.job_id));
+    let mut checked = false;
+    for id in 200..210u64 {
+        let easy = grind(
+            &job,
+            &en1,
+            &en2,
+            share_target,
+            Some(Difficulty::from_f64(1e6).unwrap().target()),
+        );
+        c.send(&submit(id, "raw.1", &job, &en2, easy));
+        let r = c.reply(id);
+        if r["reject-reason"] != "Stale" {
+            assert_reject(&r, 23, "Above target");
+            checked = true;
+            break;
+        }
+        job = latest_job(&mut c, Some(&job.job_id));
+    }
+    assert!(checked, "the job went stale before every attempt");
 
     // Stale: a share for the job before the block we just made.
     let stale_nonce = grind(
