@@ -53,7 +53,7 @@ struct Seen {
     blocks: u64,
     /// When each connection (by extranonce1) reached end of file.
     closed_at: Vec<(u32, Instant)>,
-    /// When the slow connection's last reply was written.
+    /// When the slow connection's last reply began to be written.
     last_slow_reply: Option<Instant>,
 }
 
@@ -176,11 +176,14 @@ fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool, delay: D
         if submit && !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        // Taken before the write: whatever the reply causes (the other miners closing) comes
+        // after it, however late this thread runs again.
+        let writing = Instant::now();
         if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
             return;
         }
         if submit && !delay.is_zero() {
-            seen.lock().unwrap().last_slow_reply = Some(Instant::now());
+            seen.lock().unwrap().last_slow_reply = Some(writing);
         }
     }
 }
