@@ -18,9 +18,12 @@
 #      adds latency: a failed run counts only if the host stole < SBS_MAX_STEAL % of the machine
 #      meanwhile and never held one CPU for SBS_MAX_STEAL_BURST ms or more at a stretch (ckload
 #      samples each CPU's steal every 10 ms; a 150 ms burst on the server's CPU delays ~0.75 %
-#      of a run's submits by itself), otherwise it is run again. A server passes the step with its first passing run,
-#      fails it with its first counted failure (or SBS_MAX_RUNS noisy failures, marked so), and
-#      leaves the race at its first failed step.
+#      of a run's submits by itself), otherwise it is run again. With SBS_MAX_VOTES=1 (the
+#      default) a server passes the step with its first passing run and fails it with its first
+#      counted failure; with SBS_MAX_VOTES=N (odd) the step is a majority vote of N runs: it
+#      passes with (N+1)/2 passing runs and fails with (N+1)/2 counted failures, so that one run
+#      spoilt by the host decides nothing. A server with neither after SBS_MAX_RUNS runs fails
+#      the step (marked so), and it leaves the race at its first failed step.
 #   3. fanout: SBS_MINERS idle miners; the pool gets SBS_BLOCKS forced blocks (`generate 1`),
 #      the floor broadcasts a notify every SBS_BLOCK_INTERVAL s; first->last miner receipt per job.
 #   4. idle: SBS_MINERS authorized idle miners for SBS_IDLE_SECONDS: server RSS per miner. With
@@ -30,7 +33,7 @@
 #
 # Environment: SBS_SERVERS, SBS_MINERS [15000], SBS_RATE [20000], SBS_REPS [3], SBS_SECONDS [20]
 # (measurement window), SBS_RAMP [5], SBS_MAX_RATES ["20000 25000 30000 35000 40000 45000 50000"],
-# SBS_MAX_RUNS [5], SBS_MAX_STEAL [2], SBS_MAX_STEAL_BURST [50], SBS_MAX_BY [window],
+# SBS_MAX_RUNS [5], SBS_MAX_VOTES [1], SBS_MAX_STEAL [2], SBS_MAX_STEAL_BURST [50], SBS_MAX_BY [window],
 # SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
 # SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
 # BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
@@ -58,6 +61,15 @@ MAX_RUNS=${SBS_MAX_RUNS:-5}
 MAX_STEAL=${SBS_MAX_STEAL:-2}
 MAX_STEAL_BURST=${SBS_MAX_STEAL_BURST:-50}
 MAX_BY=${SBS_MAX_BY:-window}
+MAX_VOTES=${SBS_MAX_VOTES:-1}
+if ! [[ $MAX_VOTES =~ ^[0-9]+$ ]] || ((MAX_VOTES % 2 == 0)); then
+	echo "SBS_MAX_VOTES must be an odd number" >&2
+	exit 2
+fi
+MAX_NEED=$(((MAX_VOTES + 1) / 2))
+if ((MAX_RUNS < MAX_VOTES)); then
+	MAX_RUNS=$MAX_VOTES
+fi
 case $MAX_BY in
 window) P99_OF="r['latency']['submit_window']['p99_us']" ;;
 seconds) P99_OF="r['submit_seconds']['median_p99_us']" ;;
@@ -142,7 +154,8 @@ if [[ " $PHASES " == *" max "* ]]; then
 	racing=$SERVERS
 	for rate in $MAX_RATES; do
 		[[ -n ${racing// /} ]] || break
-		declare -A PASS=() RUNS=()
+		# PASS[srv]: 1 or 0 once the step is decided; YES/NO: passing and counted failing runs.
+		declare -A PASS=() RUNS=() YES=() NO=()
 		for run in $(seq 1 "$MAX_RUNS"); do
 			# Rotate the order each round so no server always runs first (or last).
 			read -r -a order <<<"$racing"
@@ -156,11 +169,18 @@ if [[ " $PHASES " == *" max "* ]]; then
 				ok=$(jget "$J" "int($P99_OF <= $P99_MS * 1000 and r['rates']['accepted_per_sec'] >= 0.98 * $rate and r['counters']['rejected'] == 0 and r['counters']['unanswered'] == 0)")
 				RUNS[$srv]+="$(jget "$J" '"%.2f ms (seconds: median %.2f, worst %.2f ms; %.1f %% steal, longest %d ms)" % (r["latency"]["submit_window"]["p99_us"]/1000, r["submit_seconds"]["median_p99_us"]/1000, r["submit_seconds"]["worst_p99_us"]/1000, r["machine"]["steal_pct_window"], r["machine"].get("max_steal_burst_ms", 0))'), "
 				if [[ $ok == 1 ]]; then
-					PASS[$srv]=1
+					YES[$srv]=$((${YES[$srv]:-0} + 1))
 				elif [[ $(jget "$J" "int(r['machine']['steal_pct_window'] < $MAX_STEAL and r['machine'].get('max_steal_burst_ms', 0) < $MAX_STEAL_BURST)") == 1 ]]; then
+					NO[$srv]=$((${NO[$srv]:-0} + 1))
+				else
+					RUNS[$srv]="${RUNS[$srv]%, } (not counted), "
+				fi
+				if ((${YES[$srv]:-0} >= MAX_NEED)); then
+					PASS[$srv]=1
+				elif ((${NO[$srv]:-0} >= MAX_NEED)); then
 					PASS[$srv]=0
 				elif ((run == MAX_RUNS)); then
-					RUNS[$srv]+="all failed with steal >= $MAX_STEAL % or a burst >= $MAX_STEAL_BURST ms, "
+					RUNS[$srv]+="undecided after $MAX_RUNS runs (failed runs with steal >= $MAX_STEAL % or a burst >= $MAX_STEAL_BURST ms do not count), "
 				fi
 			done
 		done
@@ -173,7 +193,7 @@ if [[ " $PHASES " == *" max "* ]]; then
 			fi
 		done
 		racing=$still
-		unset PASS RUNS
+		unset PASS RUNS YES NO
 	done
 fi
 
@@ -240,8 +260,8 @@ if [[ -n ${SLOPE[*]:-} ]]; then
 fi
 
 if [[ " $PHASES " == *" max "* ]]; then
-	printf '\nmaximum rate, submit p99 of each run at each step (the %s within %s ms passes a step; a failed run counts only below %s %% steal and with no CPU stolen for %s ms or more at a stretch):\n\n' \
-		"$([[ $MAX_BY == window ]] && echo "window's p99" || echo "median of the per-second p99s")" "$P99_MS" "$MAX_STEAL" "$MAX_STEAL_BURST"
+	printf '\nmaximum rate, submit p99 of each run at each step (the %s within %s ms passes a run; %s of %s runs decide a step; a failed run counts only below %s %% steal and with no CPU stolen for %s ms or more at a stretch):\n\n' \
+		"$([[ $MAX_BY == window ]] && echo "window's p99" || echo "median of the per-second p99s")" "$P99_MS" "$MAX_NEED" "$MAX_VOTES" "$MAX_STEAL" "$MAX_STEAL_BURST"
 	for srv in $SERVERS; do
 		printf -- '- %s: best %s; %s\n' "$srv" "${BEST[$srv]:-none}" "${STEPS[$srv]%; }"
 	done
