@@ -38,6 +38,12 @@ for crate in ckpool-stratifier ckpool-connector ckpool-generator; do
 	fi
 done
 
+echo "== the connector compiles no bitcoin, JSON or hashing code"
+if cargo tree --locked -p ckpool-connector -e normal --prefix none | grep -Eq '^(bitcoin|simd-json|sha2|ckpool-common) '; then
+	echo "ckpool-connector depends on bitcoin, simd-json, sha2 or ckpool-common" >&2
+	exit 1
+fi
+
 echo "== benchmarks compile and run once"
 cargo test --locked --workspace --benches -q
 

@@ -321,12 +321,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let gen_for_blocks = Arc::clone(&generator);
+    let blocks = generator.block_submitter();
     let pool = Pool::new(
         pcfg,
         seed,
         move |b| {
-            gen_for_blocks.submit_block(BlockSubmission {
+            blocks.submit(BlockSubmission {
                 hash: b.hash,
                 height: b.height,
                 hex: b.hex,

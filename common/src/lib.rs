@@ -13,13 +13,10 @@ pub mod block;
 pub mod coinbase;
 pub mod config;
 pub mod hash;
-pub mod ids;
 pub mod merkle;
-pub mod peer;
 pub mod stratum;
 pub mod target;
 pub mod template;
 
-pub use ids::ConnId;
-pub use peer::Peer;
+pub use ids::{ConnId, Peer};
 pub use target::{Difficulty, Target};

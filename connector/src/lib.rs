@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use tracing::{debug, error, info, warn};
 
-pub use common::ConnId;
+pub use ids::ConnId;
 pub use outbox::{Action, Outbox, SendBuf};
 
 use crate::sys::{Backend, Waker, WithBackend};

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use common::ConnId;
+use ids::ConnId;
 
 /// Bytes to send to a connection: owned, or shared between many connections without copying
 /// (a `mining.notify` built once and sent to every miner).

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use common::{ConnId, Peer};
 use crossbeam_channel::Receiver;
+use ids::{ConnId, Peer};
 use tracing::{debug, error, info, warn};
 
 use crate::chunked::Chunked;

@@ -177,6 +177,28 @@ pub enum GenError {
     Spawn(#[source] std::io::Error),
 }
 
+/// Queues solved blocks for the generator's submitter thread ([`Generator::block_submitter`]).
+#[derive(Debug, Clone)]
+pub struct BlockSubmitter {
+    submissions: Sender<BlockSubmission>,
+}
+
+impl BlockSubmitter {
+    /// Queues a solved block for submission; the outcome comes back as
+    /// [`GenEvent::BlockResult`]. Never blocks.
+    pub fn submit(&self, block: BlockSubmission) {
+        if let Err(err) = self.submissions.send(block) {
+            let block = err.into_inner();
+            tracing::error!(
+                hash = %block.hash,
+                height = block.height,
+                block_hex = %block.hex,
+                "generator is shut down; block NOT submitted"
+            );
+        }
+    }
+}
+
 /// The running pool-mode generator. Dropping it stops its threads without waiting for them;
 /// [`shutdown`](Self::shutdown) also waits.
 #[derive(Debug)]
@@ -300,6 +322,15 @@ impl Generator {
                 block_hex = %block.hex,
                 "generator is shutting down; block NOT submitted"
             );
+        }
+    }
+
+    /// A handle that queues blocks for submission, for the stratifier's side of the daemon. It
+    /// holds only the queue, not the generator, so the daemon can still [`shutdown`](Self::shutdown)
+    /// the generator (which submits what is queued) while handles are alive.
+    pub fn block_submitter(&self) -> BlockSubmitter {
+        BlockSubmitter {
+            submissions: self.submissions.clone(),
         }
     }
 

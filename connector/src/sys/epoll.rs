@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::ConnId;
+use ids::ConnId;
 use socket2::{SockAddr, SockAddrStorage, Socket};
 
 use super::{

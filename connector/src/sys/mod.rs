@@ -53,7 +53,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::ConnId;
+use ids::ConnId;
 
 use crate::chunked::Chunked;
 use crate::sendbufs::SendBufs;

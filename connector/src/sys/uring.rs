@@ -56,7 +56,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ConnId;
+use ids::ConnId;
 use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
 use tracing::{debug, error, warn};
