@@ -5,6 +5,8 @@
 # Servers (SBS_SERVERS, default "pool:uring:inline pool:epoll:inline null:uring null:epoll"):
 #   pool:<io>:<handoff>  ckpool-rs with --io <io> --handoff <handoff> on the regtest node pair
 #   null:<io>            connector/examples/nullstratum with --backend <io> (canned replies)
+#   old:<io>:<handoff>   another ckpool-rs build (SBS_OLD_POOL_BIN, e.g. the previous commit's release
+#                        binary) on the same node pair and config: old and new commit in one batch
 # A fresh server process for every run (its log kept as NAME.pool.log or NAME.null.log). Four
 # measurements, each a table:
 #   1. cpu: SBS_REPS rounds; in each, every server once at SBS_RATE shares/s from SBS_MINERS
@@ -36,7 +38,7 @@
 # SBS_MAX_RUNS [5], SBS_MAX_VOTES [1], SBS_MAX_STEAL [2], SBS_MAX_STEAL_BURST [50], SBS_MAX_BY [window],
 # SBS_P99_MS [5], SBS_BLOCKS [8], SBS_BLOCK_INTERVAL [2], SBS_IDLE_SECONDS [10], SBS_WORKERS [2],
 # SBS_PHASES ["cpu max fanout idle"], SBS_NULL_PORT [23335]; and those of lib.sh (BENCH_PORT,
-# BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN).
+# BENCH_THREADS, BENCH_DIR, BENCH_NO_BUILD, BENCH_POOL_BIN), SBS_OLD_POOL_BIN for old:* servers.
 set -euo pipefail
 SCENARIO=sidebyside
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -111,6 +113,14 @@ start_server() {
 		exit 1
 	fi
 	PORT=$POOL_PORT
+	if [[ $kind == old ]]; then
+		if [[ -z ${SBS_OLD_POOL_BIN:-} || ! -x $SBS_OLD_POOL_BIN ]]; then
+			log "old:* servers need SBS_OLD_POOL_BIN, an executable ckpool-rs"
+			exit 2
+		fi
+		POOL=$SBS_OLD_POOL_BIN pool_start --io "$io" --handoff "${handoff:-inline}"
+		return
+	fi
 	pool_start --io "$io" --handoff "${handoff:-inline}"
 }
 
@@ -125,7 +135,7 @@ steady_run() {
 	# Each run's server log next to its report: both servers log every loop round that kept a
 	# connector thread busy for 20 ms or more, which tells their own stalls from the host's or
 	# ckload's.
-	if [[ $1 == pool:* && -f $DIR/pool.log ]]; then
+	if [[ $1 == pool:* || $1 == old:* ]] && [[ -f $DIR/pool.log ]]; then
 		cp "$DIR/pool.log" "$DIR/$2.pool.log"
 	elif [[ $1 == null:* && -f $DIR/null.log ]]; then
 		cp "$DIR/null.log" "$DIR/$2.null.log"
@@ -202,7 +212,7 @@ if [[ " $PHASES " == *" fanout "* ]]; then
 	for srv in $SERVERS; do
 		name=fanout-$(tag_of "$srv")
 		start_server "$srv" "$BLOCK_INTERVAL"
-		if [[ $srv == pool:* ]]; then
+		if [[ $srv == pool:* || $srv == old:* ]]; then
 			ckload_run "$name" fanout --miners "$MINERS" --workers "$WORKERS" --ramp "$RAMP" \
 				--blocks "$BLOCKS" --block-interval "$BLOCK_INTERVAL" \
 				--rpc-url "$RPC_URL" --rpc-user "$RPC_USER" --rpc-pass "$RPC_PASS" --quiet || true
