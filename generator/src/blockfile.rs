@@ -369,6 +369,32 @@ mod tests {
     }
 
     #[test]
+    fn a_hung_disk_holds_a_block_up_once_and_briefly() {
+        let dir = temp_dir("hung");
+        // The file thread is not running: as if it were stuck in a write.
+        let (mut files, thread) = Files::new(dir.clone());
+        let started = std::time::Instant::now();
+        assert!(!files.write(&block(1, HASH)));
+        let first = started.elapsed();
+        assert!(first >= WRITE_WAIT && first < WRITE_WAIT * 2, "{first:?}");
+        // While that write hangs, later blocks do not wait at all.
+        let started = std::time::Instant::now();
+        assert!(!files.write(&block(2, HASH)));
+        assert!(
+            started.elapsed() < WRITE_WAIT / 4,
+            "{:?}",
+            started.elapsed()
+        );
+        // Once the disk is back, both writes land, in order.
+        let handle = std::thread::spawn(move || thread.run());
+        drop(files);
+        handle.join().unwrap();
+        let found = scan(&dir).unwrap();
+        assert_eq!(found.len(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn write_failures_are_reported_not_fatal() {
         let dir = temp_dir("broken");
         fs::create_dir_all(&dir).unwrap();

@@ -374,6 +374,7 @@ impl Submitter {
     /// moved past the block's height without it?
     fn look_up(&mut self, block: &BlockSubmission, order: &[usize]) -> Option<Attempt> {
         for &server in order {
+            self.take_queued();
             match self.call(
                 server,
                 "getblockheader",

@@ -314,8 +314,18 @@ fn a_pending_block_reaches_the_node_once_it_is_back() {
     let block = solve_block(&node, b"retried");
     node.stop();
     let dir = block_dir("retried");
+    // Server 0 never answers (nothing listens on its port): every attempt goes on to server 1.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let cfg = GeneratorConfig {
+        btcd: vec![btcd(dead), btcd(node.rpc_url())],
+        ..config(node.rpc_url(), &dir)
+    };
     let (tx, rx) = stamped();
-    let generator = Generator::start(config(node.rpc_url(), &dir), tx).unwrap();
+    let generator = Generator::start(cfg, tx).unwrap();
     generator.submit_block(block.clone());
     let pending = dir.join(file_of(&block));
     wait_until("the pending block file", WAIT, || pending.exists());
