@@ -6,19 +6,26 @@
 //! Results come back as [`GenEvent`] messages on a channel; no method ever blocks its caller on
 //! the network.
 //!
-//! Threads (all joined by [`Generator::shutdown`]):
+//! Found blocks are the pool's income: each is written to `block_dir` before it is submitted and
+//! retried until a node has it (see [`GeneratorConfig::block_dir`]).
+//!
+//! Threads (joined by [`Generator::shutdown`], which waits at most `shutdown_grace` and a
+//! little for them):
 //! - `gen-template`: owns one RPC connection per server; fetches templates, polls the tip,
 //!   switches servers on failure;
 //! - `gen-probe`: every `failover_check`, probes the servers ranked above the active one (or all
 //!   of them when none is up) so that a slow or black-holed server never stalls templates;
 //! - `gen-submit`: block submission on its own connections, so a found block never waits behind
-//!   a template fetch;
+//!   a template fetch; it retries every block until a node has it;
+//! - `gen-blockfile` (when `block_dir` is set): writes and settles block files, so a hung disk
+//!   never holds a submission up for long;
 //! - `gen-zmq` (when `zmqblock` is set): the ZMQ subscriber on a current-thread tokio runtime.
 //!
 //! This crate never touches miners or shares; it knows templates (types from `common`) and
 //! bitcoind only.
 #![forbid(unsafe_code)]
 
+mod blockfile;
 #[cfg(test)]
 mod fake_node;
 pub mod rpc;
@@ -27,12 +34,12 @@ mod template;
 mod zmq;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::template::Template;
-use crossbeam_channel::{Sender, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use parking_lot::Mutex;
 
 use crate::rpc::{RpcAuth, RpcClient, RpcError};
@@ -81,8 +88,20 @@ pub struct GeneratorConfig {
     /// is checked at least (so a dead server is left within about this long even when it is
     /// `notify` and not polled).
     pub failover_check: Duration,
-    /// How many times a block submission is retried after a transport failure.
-    pub submit_retries: u32,
+    /// Where solved blocks are kept (the daemon uses `<logdir>/blocks`); `None` keeps them in
+    /// memory only.
+    ///
+    /// Each block is written to `<block_dir>/<height>-<hash>.hex` (the block hex) and fsynced,
+    /// file and directory, before its first `submitblock`; a failed write is logged (with the
+    /// hex) and the block is submitted anyway. The file stays *pending* until the block is
+    /// settled, then is renamed, keeping the hex, with a suffix saying how: `.hex.done` (a node
+    /// has it), `.hex.stale` (the best chain moved past its height without it; given up) or
+    /// `.hex.rejected` (a node refused it). Pending files are submitted again by
+    /// [`Generator::start`].
+    pub block_dir: Option<PathBuf>,
+    /// How long [`Generator::shutdown`] keeps trying to submit queued and pending blocks before
+    /// it leaves them pending on disk for the next start.
+    pub shutdown_grace: Duration,
     /// Timeout of one RPC call (connecting alone is bounded by [`rpc::CONNECT_TIMEOUT`]).
     pub rpc_timeout: Duration,
 }
@@ -95,7 +114,8 @@ impl Default for GeneratorConfig {
             update_interval: Duration::from_secs(30),
             zmqblock: None,
             failover_check: Duration::from_secs(1),
-            submit_retries: 5,
+            block_dir: None,
+            shutdown_grace: Duration::from_secs(3),
             rpc_timeout: Duration::from_secs(30),
         }
     }
@@ -122,15 +142,18 @@ pub enum GenEvent {
     },
     /// No server answers; the generator keeps trying every `failover_check`.
     NoServers,
-    /// What became of a [`Generator::submit_block`].
+    /// What became of a [`Generator::submit_block`], once settled: a node has it, refused it,
+    /// or the chain moved past its height without it. One per block; none for a duplicate, and
+    /// none for a block still unsettled at shutdown.
     BlockResult {
-        /// Block hash, RPC (reversed hex) order.
+        /// Block hash, RPC (reversed hex) order, lower case.
         hash: String,
         /// Block height.
         height: u64,
-        /// The block is in the node's best chain (or the node already had it).
+        /// The block is in a node's best chain (or the node already had it there).
         accepted: bool,
-        /// Why it was refused (the node's reject string or the last error), if it was.
+        /// Why not: the node's reject string, `inconclusive` (a node has it outside its best
+        /// chain) or `stale: …` (given up).
         reason: Option<String>,
     },
 }
@@ -180,39 +203,62 @@ pub enum GenError {
 /// Queues solved blocks for the generator's submitter thread ([`Generator::block_submitter`]).
 #[derive(Debug, Clone)]
 pub struct BlockSubmitter {
-    submissions: Sender<BlockSubmission>,
+    submissions: Sender<submit::Queued>,
+    block_dir: Option<Arc<PathBuf>>,
 }
 
 impl BlockSubmitter {
     /// Queues a solved block for submission; the outcome comes back as
-    /// [`GenEvent::BlockResult`]. Never blocks.
+    /// [`GenEvent::BlockResult`]. A block whose hash is already pending or already taken by a
+    /// node is dropped. Never blocks, except once the generator is shut down: then the block is
+    /// written to `block_dir` as pending (for the next start) before this returns.
     pub fn submit(&self, block: BlockSubmission) {
-        if let Err(err) = self.submissions.send(block) {
-            let block = err.into_inner();
-            tracing::error!(
-                hash = %block.hash,
-                height = block.height,
-                block_hex = %block.hex,
-                "generator is shut down; block NOT submitted"
-            );
+        let queued = submit::Queued {
+            block,
+            on_disk: false,
+        };
+        let Err(err) = self.submissions.send(queued) else {
+            return;
+        };
+        let block = err.into_inner().block;
+        let (hash, height) = (&block.hash, block.height);
+        match self
+            .block_dir
+            .as_deref()
+            .map(|dir| blockfile::write_pending(dir, &block))
+        {
+            Some(Ok(path)) => tracing::error!(%hash, height, path = %path.display(),
+                "generator is shut down; block NOT submitted, left pending on disk for the next start"),
+            Some(Err(error)) => tracing::error!(%hash, height, %error, block_hex = %block.hex,
+                "generator is shut down and the block file cannot be written; block NOT submitted"),
+            None => tracing::error!(%hash, height, block_hex = %block.hex,
+                "generator is shut down; block NOT submitted"),
         }
     }
 }
+
+/// How long [`Generator::shutdown`] waits for its threads beyond `shutdown_grace`.
+const JOIN_MARGIN: Duration = Duration::from_secs(1);
 
 /// The running pool-mode generator. Dropping it stops its threads without waiting for them;
 /// [`shutdown`](Self::shutdown) also waits.
 #[derive(Debug)]
 pub struct Generator {
     commands: Sender<Command>,
-    submissions: Sender<BlockSubmission>,
+    submitter: BlockSubmitter,
     shared: Arc<Shared>,
     /// Dropping this sender tells every thread to stop.
     stop: Option<Sender<()>>,
+    grace: Duration,
+    /// Each thread holds a clone; the channel disconnects when every thread has ended.
+    alive: Option<Sender<()>>,
+    ended: Receiver<()>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Generator {
-    /// Checks `cfg` and starts the generator's threads; returns at once. Events (the first
+    /// Checks `cfg` and starts the generator's threads; returns at once (after reading the
+    /// pending files in `block_dir`, which are queued for submission again). Events (the first
     /// [`GenEvent::ServerUp`] and template, or [`GenEvent::NoServers`]) follow on `events`.
     pub fn start(cfg: GeneratorConfig, events: Sender<GenEvent>) -> Result<Self, GenError> {
         if cfg.btcd.is_empty() {
@@ -255,15 +301,42 @@ impl Generator {
                 chain: None,
                 height: None,
             }),
+            stop_deadline: OnceLock::new(),
         });
         let (commands, command_rx) = unbounded();
         let (submissions, submission_rx) = unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let (alive, ended) = crossbeam_channel::bounded::<()>(0);
+        if let Some(dir) = &cfg.block_dir {
+            if let Err(error) = std::fs::create_dir_all(dir) {
+                tracing::error!(dir = %dir.display(), %error, "CANNOT CREATE THE BLOCK DIRECTORY; found blocks will not be kept on disk");
+            }
+            match blockfile::scan(dir) {
+                Ok(blocks) => {
+                    for block in blocks {
+                        tracing::warn!(hash = %block.hash, height = block.height,
+                            "a block from an earlier run is still pending; submitting it again");
+                        let _ = submissions.send(submit::Queued {
+                            block,
+                            on_disk: true,
+                        });
+                    }
+                }
+                Err(error) => tracing::error!(dir = %dir.display(), %error,
+                    "CANNOT READ THE BLOCK DIRECTORY; blocks pending from an earlier run are NOT submitted"),
+            }
+        }
         let mut generator = Self {
             commands: commands.clone(),
-            submissions,
+            submitter: BlockSubmitter {
+                submissions,
+                block_dir: cfg.block_dir.clone().map(Arc::new),
+            },
             shared: Arc::clone(&shared),
             stop: Some(stop),
+            grace: cfg.shutdown_grace,
+            alive: Some(alive),
+            ended,
             threads: Vec::new(),
         };
 
@@ -286,14 +359,23 @@ impl Generator {
         );
         generator.spawn("gen-probe", move || prober.run())?;
 
+        let files = match &cfg.block_dir {
+            Some(dir) => {
+                let (files, thread) = blockfile::Files::new(dir.clone());
+                generator.spawn("gen-blockfile", move || thread.run())?;
+                Some(files)
+            }
+            None => None,
+        };
         let submitter = submit::Submitter::new(
             submit_clients,
-            cfg.submit_retries,
             Arc::clone(&shared),
             events,
             commands.clone(),
             submission_rx,
             stop_rx.clone(),
+            files,
+            cfg.shutdown_grace,
         );
         generator.spawn("gen-submit", move || submitter.run())?;
 
@@ -311,27 +393,17 @@ impl Generator {
         let _ = self.commands.send(Command::Update);
     }
 
-    /// Queues a solved block for submission; the outcome comes back as
-    /// [`GenEvent::BlockResult`]. Never blocks.
+    /// Queues a solved block for submission, as [`BlockSubmitter::submit`]; the outcome comes
+    /// back as [`GenEvent::BlockResult`]. Never blocks.
     pub fn submit_block(&self, block: BlockSubmission) {
-        if let Err(err) = self.submissions.send(block) {
-            let block = err.into_inner();
-            tracing::error!(
-                hash = %block.hash,
-                height = block.height,
-                block_hex = %block.hex,
-                "generator is shutting down; block NOT submitted"
-            );
-        }
+        self.submitter.submit(block);
     }
 
     /// A handle that queues blocks for submission, for the stratifier's side of the daemon. It
     /// holds only the queue, not the generator, so the daemon can still [`shutdown`](Self::shutdown)
     /// the generator (which submits what is queued) while handles are alive.
     pub fn block_submitter(&self) -> BlockSubmitter {
-        BlockSubmitter {
-            submissions: self.submissions.clone(),
-        }
+        self.submitter.clone()
     }
 
     /// The active server's chain name from `getblockchaininfo` (`main`, `test`, `signet`,
@@ -350,20 +422,52 @@ impl Generator {
         self.shared.state.lock().active
     }
 
-    /// Stops every thread and waits for them. A block already queued is still submitted first.
+    /// Stops every thread and waits for them, at most `shutdown_grace` plus a second. Blocks
+    /// queued or pending are still submitted until `shutdown_grace` has passed; those no node
+    /// has confirmed by then stay pending in `block_dir` for the next start. A thread still
+    /// stuck after that (in an RPC call to a hung node) is left to end by itself.
     pub fn shutdown(mut self) {
-        self.stop.take();
+        let deadline = self.begin_stop();
+        self.alive.take();
+        let all_ended = matches!(
+            self.ended.recv_deadline(deadline + JOIN_MARGIN),
+            Err(RecvTimeoutError::Disconnected)
+        );
         for handle in self.threads.drain(..) {
-            if handle.join().is_err() {
-                tracing::error!("a generator thread panicked");
+            let name = handle.thread().name().unwrap_or("generator").to_owned();
+            if all_ended || handle.is_finished() {
+                if handle.join().is_err() {
+                    tracing::error!(thread = name, "a generator thread panicked");
+                }
+            } else {
+                tracing::warn!(
+                    thread = name,
+                    "generator thread still busy after the shutdown grace (a hung bitcoind?); not waiting for it"
+                );
             }
         }
     }
 
+    /// Sets the shutdown deadline (now plus the grace) and closes the stop channel; returns the
+    /// deadline.
+    fn begin_stop(&mut self) -> Instant {
+        let grace = self.grace;
+        let deadline = *self
+            .shared
+            .stop_deadline
+            .get_or_init(|| Instant::now() + grace);
+        self.stop.take();
+        deadline
+    }
+
     fn spawn(&mut self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), GenError> {
+        let alive = self.alive.clone();
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(body)
+            .spawn(move || {
+                let _alive = alive;
+                body();
+            })
             .map_err(GenError::Spawn)?;
         self.threads.push(handle);
         Ok(())
@@ -372,8 +476,9 @@ impl Generator {
 
 impl Drop for Generator {
     fn drop(&mut self) {
-        // Threads see the stop channel close and end by themselves.
-        self.stop.take();
+        // Threads see the stop channel close and end by themselves (the submitter after the
+        // shutdown grace at most).
+        self.begin_stop();
     }
 }
 
@@ -403,6 +508,8 @@ enum Command {
 #[derive(Debug)]
 struct Shared {
     state: Mutex<SharedState>,
+    /// When stopping threads must give up (set once, just before the stop channel closes).
+    stop_deadline: OnceLock<Instant>,
 }
 
 #[derive(Debug)]
@@ -418,6 +525,7 @@ struct SharedState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn config_is_checked_before_anything_starts() {
@@ -663,7 +771,6 @@ mod tests {
         use fake_node::{ok, start};
         use parking_lot::Mutex;
         use serde_json::json;
-        const OURS: &str = "00000000000000000000000000000000000000000000000000000000000000cc";
         let common = |m: &str| match m {
             "getblockchaininfo" => Some(ok(json!({"chain": "regtest"}))),
             "getbestblockhash" => Some(ok(json!(PREV_A))),
@@ -686,46 +793,324 @@ mod tests {
             (None, _) => ok(json!(null)),
         });
         let (tx, rx) = unbounded();
+        let generator =
+            Generator::start(fast(vec![fake_btcd(&first), fake_btcd(&second)]), tx).unwrap();
+        assert!(matches!(
+            next_event(&rx),
+            GenEvent::ServerUp { index: 0, .. }
+        ));
+        let mut n = 0u8;
+        let mut submit = |reply: serde_json::Value, in_chain: bool| {
+            // A new hash each time: a hash already taken is not submitted again.
+            n += 1;
+            let ours = format!("{:064x}", 0xc0 + u32::from(n));
+            let at_height = if in_chain {
+                ours.clone()
+            } else {
+                PREV_A.to_owned()
+            };
+            *script.lock() = (reply, json!(at_height));
+            generator.submit_block(BlockSubmission {
+                hash: ours.clone(),
+                height: 3,
+                hex: "00".to_owned(),
+            });
+            loop {
+                if let GenEvent::BlockResult {
+                    hash,
+                    accepted,
+                    reason,
+                    ..
+                } = next_event(&rx)
+                {
+                    assert_eq!(hash, ours);
+                    return (accepted, reason);
+                }
+            }
+        };
+        // Server 0 hangs up; server 1 takes it.
+        assert_eq!(submit(json!(null), false), (true, None));
+        assert_eq!(submit(json!("duplicate"), false), (true, None));
+        // "inconclusive": accepted only if it is at its height in the chain.
+        assert_eq!(submit(json!("inconclusive"), true), (true, None));
+        assert_eq!(
+            submit(json!("inconclusive"), false),
+            (false, Some("inconclusive".to_owned()))
+        );
+        // Refused, unless it got in anyway.
+        assert_eq!(
+            submit(json!("high-hash"), false),
+            (false, Some("high-hash".to_owned()))
+        );
+        assert_eq!(submit(json!("high-hash"), true), (true, None));
+        generator.shutdown();
+    }
+
+    /// A scratch directory for block files, removed first.
+    fn block_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ckpool-rs-gen-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn files_in(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn block_result(rx: &crossbeam_channel::Receiver<GenEvent>) -> (String, bool, Option<String>) {
+        loop {
+            if let GenEvent::BlockResult {
+                hash,
+                accepted,
+                reason,
+                ..
+            } = next_event(rx)
+            {
+                return (hash, accepted, reason);
+            }
+        }
+    }
+
+    /// A node whose `submitblock` hangs up until `up` is set, then accepts; counts the
+    /// `submitblock` calls it answered.
+    fn flaky_node(
+        up: Arc<std::sync::atomic::AtomicBool>,
+        answered: Arc<std::sync::atomic::AtomicU32>,
+    ) -> String {
+        use fake_node::{ok, rpc_error, start};
+        use serde_json::json;
+        start(move |m| match m {
+            "getblockchaininfo" => ok(json!({"chain": "regtest"})),
+            "getbestblockhash" => ok(json!(PREV_A)),
+            "getblocktemplate" => ok(fake_node::template(3, PREV_A)),
+            "getblockcount" => ok(json!(2)),
+            "getblockheader" => rpc_error(-5, "Block not found"),
+            "submitblock" if up.load(Ordering::SeqCst) => {
+                answered.fetch_add(1, Ordering::SeqCst);
+                ok(json!(null))
+            }
+            "submitblock" => (0, String::new()),
+            _ => ok(json!(null)),
+        })
+    }
+
+    #[test]
+    fn blocks_are_retried_until_taken_and_submitted_once() {
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let node = flaky_node(Arc::clone(&up), Arc::clone(&answered));
+        let dir = block_dir("retry");
+        let (tx, rx) = unbounded();
         let cfg = GeneratorConfig {
-            submit_retries: 2,
-            ..fast(vec![fake_btcd(&first), fake_btcd(&second)])
+            block_dir: Some(dir.clone()),
+            ..fast(vec![fake_btcd(&node)])
+        };
+        let generator = Generator::start(cfg, tx).unwrap();
+        let submitter = generator.block_submitter();
+        let hash = "ab".repeat(32);
+        let block = BlockSubmission {
+            hash: hash.clone(),
+            height: 3,
+            hex: "0011".to_owned(),
+        };
+        submitter.submit(block.clone());
+        // On disk while the node refuses the connection; a replay meanwhile is dropped.
+        let pending = dir.join(format!("3-{hash}.hex"));
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !pending.exists() {
+            assert!(std::time::Instant::now() < end, "no pending file");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(std::fs::read_to_string(&pending).unwrap(), "0011");
+        submitter.submit(block.clone());
+        generator.submit_block(BlockSubmission {
+            hash: hash.to_ascii_uppercase(),
+            ..block.clone()
+        });
+        up.store(true, Ordering::SeqCst);
+        assert_eq!(block_result(&rx), (hash.clone(), true, None));
+        // Replays after it was taken are dropped too: the next result is for another block.
+        submitter.submit(block.clone());
+        let other = "cd".repeat(32);
+        submitter.submit(BlockSubmission {
+            hash: other.clone(),
+            ..block.clone()
+        });
+        assert_eq!(block_result(&rx), (other.clone(), true, None));
+        assert_eq!(
+            answered.load(Ordering::SeqCst),
+            2,
+            "one submitblock per block"
+        );
+        generator.shutdown();
+        assert_eq!(
+            files_in(&dir),
+            vec![format!("3-{hash}.hex.done"), format!("3-{other}.hex.done")]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_broken_block_dir_does_not_stop_submission() {
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let node = flaky_node(up, Arc::clone(&answered));
+        let dir = block_dir("broken");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A regular file where the block directory should be.
+        let not_a_dir = dir.join("blocks");
+        std::fs::write(&not_a_dir, "").unwrap();
+        let (tx, rx) = unbounded();
+        let cfg = GeneratorConfig {
+            block_dir: Some(not_a_dir),
+            ..fast(vec![fake_btcd(&node)])
+        };
+        let generator = Generator::start(cfg, tx).unwrap();
+        let hash = "ef".repeat(32);
+        generator.submit_block(BlockSubmission {
+            hash: hash.clone(),
+            height: 3,
+            hex: "00".to_owned(),
+        });
+        assert_eq!(block_result(&rx), (hash, true, None));
+        assert_eq!(answered.load(Ordering::SeqCst), 1);
+        generator.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_and_refused_blocks_are_settled_on_disk() {
+        use fake_node::{ok, rpc_error, start};
+        use serde_json::json;
+        const OURS_STALE: &str = "00000000000000000000000000000000000000000000000000000000000000d1";
+        const OURS_BAD: &str = "00000000000000000000000000000000000000000000000000000000000000d2";
+        // Never takes a block (hangs up); its chain is at height 5 with another block at 4.
+        let node = start(move |m| match m {
+            "getblockchaininfo" => ok(json!({"chain": "regtest"})),
+            "getbestblockhash" => ok(json!(PREV_A)),
+            "getblocktemplate" => ok(fake_node::template(6, PREV_A)),
+            "getblockheader" => rpc_error(-5, "Block not found"),
+            "getblockcount" => ok(json!(5)),
+            "getblockhash" => ok(json!(PREV_B)),
+            _ => (0, String::new()),
+        });
+        // Refuses every block.
+        let refusing = start(move |m| match m {
+            "submitblock" => ok(json!("bad-txnmrklroot")),
+            "getblockhash" => ok(json!(PREV_B)),
+            _ => (0, String::new()),
+        });
+        let dir = block_dir("settled");
+        let (tx, rx) = unbounded();
+        let generator = Generator::start(
+            GeneratorConfig {
+                block_dir: Some(dir.clone()),
+                ..fast(vec![fake_btcd(&node)])
+            },
+            tx,
+        )
+        .unwrap();
+        generator.submit_block(BlockSubmission {
+            hash: OURS_STALE.to_owned(),
+            height: 4,
+            hex: "aa".to_owned(),
+        });
+        let (hash, accepted, reason) = block_result(&rx);
+        assert_eq!((hash.as_str(), accepted), (OURS_STALE, false));
+        assert!(reason.unwrap().starts_with("stale"));
+        generator.shutdown();
+
+        let (tx, rx) = unbounded();
+        let generator = Generator::start(
+            GeneratorConfig {
+                block_dir: Some(dir.clone()),
+                ..fast(vec![fake_btcd(&refusing)])
+            },
+            tx,
+        )
+        .unwrap();
+        generator.submit_block(BlockSubmission {
+            hash: OURS_BAD.to_owned(),
+            height: 4,
+            hex: "bb".to_owned(),
+        });
+        assert_eq!(
+            block_result(&rx),
+            (
+                OURS_BAD.to_owned(),
+                false,
+                Some("bad-txnmrklroot".to_owned())
+            )
+        );
+        generator.shutdown();
+        assert_eq!(
+            files_in(&dir),
+            vec![
+                format!("4-{OURS_STALE}.hex.stale"),
+                format!("4-{OURS_BAD}.hex.rejected")
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(format!("4-{OURS_BAD}.hex.rejected"))).unwrap(),
+            "bb"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shutdown_is_bounded_when_every_node_hangs() {
+        use fake_node::{ok, start};
+        use serde_json::json;
+        // Templates work; submitblock and every look-up hang far longer than the grace.
+        let node = start(move |m| match m {
+            "getblockchaininfo" => ok(json!({"chain": "regtest"})),
+            "getbestblockhash" => ok(json!(PREV_A)),
+            "getblocktemplate" => ok(fake_node::template(3, PREV_A)),
+            _ => {
+                std::thread::sleep(Duration::from_secs(60));
+                ok(json!(null))
+            }
+        });
+        let dir = block_dir("hang");
+        let (tx, rx) = unbounded();
+        let cfg = GeneratorConfig {
+            block_dir: Some(dir.clone()),
+            rpc_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_millis(500),
+            ..fast(vec![fake_btcd(&node)])
         };
         let generator = Generator::start(cfg, tx).unwrap();
         assert!(matches!(
             next_event(&rx),
             GenEvent::ServerUp { index: 0, .. }
         ));
-        let submit = |reply: serde_json::Value, in_chain: &str| {
-            *script.lock() = (reply, json!(in_chain));
-            generator.submit_block(BlockSubmission {
-                hash: OURS.to_owned(),
-                height: 3,
-                hex: "00".to_owned(),
-            });
-            loop {
-                if let GenEvent::BlockResult {
-                    accepted, reason, ..
-                } = next_event(&rx)
-                {
-                    return (accepted, reason);
-                }
-            }
-        };
-        // Server 0 hangs up; server 1 takes it.
-        assert_eq!(submit(json!(null), PREV_A), (true, None));
-        assert_eq!(submit(json!("duplicate"), PREV_A), (true, None));
-        // "inconclusive": accepted only if it is at its height in the chain.
-        assert_eq!(submit(json!("inconclusive"), OURS), (true, None));
-        assert_eq!(
-            submit(json!("inconclusive"), PREV_A),
-            (false, Some("inconclusive".to_owned()))
-        );
-        // Refused, unless it got in anyway.
-        assert_eq!(
-            submit(json!("high-hash"), PREV_A),
-            (false, Some("high-hash".to_owned()))
-        );
-        assert_eq!(submit(json!("high-hash"), OURS), (true, None));
+        let hash = "12".repeat(32);
+        generator.submit_block(BlockSubmission {
+            hash: hash.clone(),
+            height: 3,
+            hex: "00".to_owned(),
+        });
+        // Its file is written before the submitblock that hangs.
+        let pending = dir.join(format!("3-{hash}.hex"));
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !pending.exists() {
+            assert!(std::time::Instant::now() < end, "no pending file");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stopping = std::time::Instant::now();
         generator.shutdown();
+        let took = stopping.elapsed();
+        assert!(
+            took < Duration::from_millis(500) + JOIN_MARGIN + Duration::from_millis(300),
+            "{took:?}"
+        );
+        // Unconfirmed: still pending for the next start.
+        assert_eq!(files_in(&dir), vec![format!("3-{hash}.hex")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
