@@ -19,7 +19,9 @@ use generator::{BlockSubmission, BtcdConfig, GenEvent, Generator, GeneratorConfi
 use stratifier::{Pool, PoolConfig};
 use tracing::{error, info, warn};
 
+use crate::admin::GenLink;
 use crate::handoff::{Handoff, Msg};
+use crate::sharelog::ShareLog;
 
 /// Command line, compatible with ckpool's flags for the modes implemented so far.
 #[derive(Debug, Parser)]
@@ -189,6 +191,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let pidfile = sockdir.join("main.pid");
     manage_old_instance(&pidfile, cli.killold || cli.handover)?;
     std::fs::write(&pidfile, format!("{}\n", std::process::id())).context("writing pid file")?;
+    let admin_path = sockdir.join("listener");
+    // Removes the pid file and the admin socket on every way out from here.
+    let _files = RunFiles(vec![pidfile.clone(), admin_path.clone()]);
 
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -215,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         zmqblock: cfg.zmqblock.clone(),
         ..GeneratorConfig::default()
     };
-    let generator = Arc::new(Generator::start(gen_cfg, gen_tx).context("starting the generator")?);
+    let generator = Generator::start(gen_cfg, gen_tx).context("starting the generator")?;
 
     // Wait for the first template: no miner is accepted before a bitcoind is alive.
     info!("waiting for a live bitcoind");
@@ -223,6 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let first = loop {
         if shutdown.load(Ordering::Relaxed) {
             info!("shutdown before any bitcoind answered");
+            generator.shutdown();
             return Ok(());
         }
         match gen_rx.recv_timeout(Duration::from_millis(200)) {
@@ -307,14 +313,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     pcfg.name = cli.name.clone();
 
     let share_log = if cli.log_shares {
-        let (tx, _handle) =
-            sharelog::start(cfg.logdir.clone()).context("starting the share log")?;
-        let sink: Box<dyn Fn(stratifier::ShareRecord) + Send + Sync> = Box::new(move |rec| {
-            if tx.try_send(rec).is_err() {
-                warn!("share log queue full; a share log line was dropped");
-            }
-        });
-        Some(sink)
+        Some(ShareLog::start(cfg.logdir.clone()).context("starting the share log")?)
     } else {
         None
     };
@@ -332,7 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 hex: b.hex,
             });
         },
-        share_log,
+        share_log.as_ref().map(ShareLog::sink),
     );
     pool.new_template(first.0, Instant::now())
         .context("building the first job")?;
@@ -374,42 +373,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");
     }
 
-    let admin_path = sockdir.join("listener");
-    let _admin = admin::start(
+    let (gen_link, update_rx) = GenLink::new();
+    gen_link.set_active(generator.active_server());
+    let admin = admin::start(
         &admin_path,
         admin::AdminCtx {
             io: io_backend.clone(),
             handoff: handoff.to_string(),
             pool: Arc::clone(&pool),
-            generator: Arc::clone(&generator),
+            generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(&shutdown),
         },
     )
     .with_context(|| format!("binding admin socket {}", admin_path.display()))?;
 
-    // Main loop: templates to jobs, block results, status.
+    // Main loop: templates to jobs, block results, update requests, status.
     let mut last_status = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
-        match gen_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(GenEvent::Template {
+        let event = crossbeam_channel::select! {
+            recv(gen_rx) -> event => Some(event.map_err(|_| ())),
+            recv(update_rx) -> _ => {
+                generator.request_update();
+                None
+            },
+            default(MAIN_LOOP_WAKE) => None,
+        };
+        gen_link.set_active(generator.active_server());
+        match event {
+            None => {}
+            Some(Ok(GenEvent::Template {
                 template,
                 new_block,
                 server,
-            }) => match pool.new_template(template, Instant::now()) {
+            })) => match pool.new_template(template, Instant::now()) {
                 Ok(job) => {
                     info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.template.transactions.len(), "new job");
                     conns.broadcast(Msg::Job(job));
                 }
                 Err(e) => error!(error = %e, "cannot build a job from the template"),
             },
-            Ok(GenEvent::ServerUp { index, url }) => info!(index, url, "bitcoind active"),
-            Ok(GenEvent::NoServers) => error!("CRITICAL: no bitcoinds active"),
-            Ok(GenEvent::BlockResult {
+            Some(Ok(GenEvent::ServerUp { index, url })) => info!(index, url, "bitcoind active"),
+            Some(Ok(GenEvent::NoServers)) => error!("CRITICAL: no bitcoinds active"),
+            Some(Ok(GenEvent::BlockResult {
                 hash,
                 height,
                 accepted,
                 reason,
-            }) => {
+            })) => {
                 // The generator has logged the outcome (with the full hex on a refusal).
                 tracing::debug!(
                     height,
@@ -419,8 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "block result"
                 );
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            Some(Err(())) => {
                 error!("generator stopped");
                 break;
             }
@@ -438,15 +447,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    // Also tells the admin thread, when the loop ended for another reason.
+    shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
+    // No connection, no share, hence no block after this (in queue mode the stratifier threads
+    // have drained their queues too).
     conns.shutdown();
-    stats_writer.stop();
-    if let Ok(g) = Arc::try_unwrap(generator) {
-        g.shutdown();
+    // Submits every block still queued.
+    generator.shutdown();
+    if let Some(log) = share_log {
+        log.stop();
     }
-    let _ = std::fs::remove_file(&admin_path);
-    let _ = std::fs::remove_file(&pidfile);
+    stats_writer.stop();
+    if admin.join().is_err() {
+        error!("the admin thread panicked");
+    }
+    info!("shutdown complete");
     Ok(())
+}
+
+/// How long the main loop waits for an event before it looks at the shutdown flag again.
+const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);
+
+/// Files that exist while the daemon runs (pid file, admin socket): removed when dropped.
+struct RunFiles(Vec<PathBuf>);
+
+impl Drop for RunFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            if let Err(e) = std::fs::remove_file(path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(path = %path.display(), error = %e, "cannot remove");
+            }
+        }
+    }
 }
 
 fn resolve_listen(urls: &[String]) -> anyhow::Result<Vec<SocketAddr>> {

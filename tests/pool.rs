@@ -836,3 +836,66 @@ fn queue_handoff_serves_miners_and_drops_bad_clients() {
     assert_eq!(c.reply(12)["result"], true);
     assert!(pool.log_text().contains("unparseable line"));
 }
+
+/// SIGTERM right after the pool answered the share that solved a block: the pool still hands the
+/// block to the node (the generator's shutdown submits what is queued), joins its threads,
+/// removes its pid file and admin socket, and exits 0 within 5 s.
+#[test]
+fn sigterm_right_after_a_block_still_submits_it_and_exits_0() {
+    let Some(exe) = bitcoind_or_skip("sigterm_right_after_a_block_still_submits_it_and_exits_0")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (addr, mut config) = pool_config(node);
+    config["statsupdate"] = json!(3600);
+    let mut pool = PoolProcess::start("sigterm", &config, &["-L"]);
+    let tip = node.rpc("getbestblockhash", json!([]));
+
+    let mut c = Client::connect(pool.addr);
+    let (en1, n2) = c.login("sigterm.1");
+    let en1 = hex::decode(en1).unwrap();
+    let job = latest_job(&mut c, None);
+    assert_eq!(json!(job.prevhash_rpc()), tip, "the job builds on the tip");
+    let en2 = vec![9u8; n2];
+    let nonce = grind(&job, &en1, &en2, Target::from_compact(job.nbits), None);
+    let mut hash = job.share_hash(&en1, &en2, job.version, nonce);
+    hash.reverse();
+    let hash = hex::encode(hash);
+
+    c.send(&submit(10, "sigterm.1", &job, &en2, nonce));
+    assert_eq!(c.reply(10)["result"], true);
+    pool.signal(libc::SIGTERM);
+    let t = Instant::now();
+    let status = pool.wait_exit(Duration::from_secs(5));
+    let took = t.elapsed();
+    let status = status.unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    println!("the pool exited {took:?} after SIGTERM");
+
+    // The node has the block, as its best block, paying the pool.
+    assert_eq!(node.rpc("getbestblockhash", json!([])), json!(hash));
+    let block = decode_block(node, &hash);
+    assert_eq!(
+        block.txdata[0].output[0].script_pubkey.as_bytes(),
+        &script_for_address(&addr, Network::Regtest).unwrap()[..],
+    );
+    // It cleaned up after itself and flushed its logs.
+    assert!(!pool.sockdir.join("main.pid").exists(), "pid file left");
+    assert!(!pool.sockdir.join("listener").exists(), "admin socket left");
+    let log = pool.log_text();
+    assert!(log.contains("shutdown complete"), "{log}");
+    let status_file = std::fs::read_to_string(pool.dir.join("logs/pool/pool.status")).unwrap();
+    assert!(
+        status_file.lines().count() == 3,
+        "pool.status written at shutdown: {status_file}"
+    );
+    let height_dir = pool.dir.join(format!("logs/{:08x}", node.height()));
+    let shares: usize = std::fs::read_dir(&height_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", height_dir.display()))
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .map(|text| text.lines().filter(|l| l.contains(&hash)).count())
+        .sum();
+    assert_eq!(shares, 1, "the block's share is in the share log");
+}
