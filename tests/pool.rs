@@ -899,3 +899,63 @@ fn sigterm_right_after_a_block_still_submits_it_and_exits_0() {
         .sum();
     assert_eq!(shares, 1, "the block's share is in the share log");
 }
+
+/// The proxy modes have no runner yet: a mode flag, or the binary run as ckproxy and the like,
+/// exits 2 naming the mode, before any config file is read.
+#[test]
+fn unimplemented_modes_exit_2_naming_the_mode() {
+    let dir = pool::temp_dir("modes");
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ckpool-rs"));
+    let run = |program: &std::path::Path, flags: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(flags)
+            .arg("-s")
+            .arg(dir.join("sock"))
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (flag, mode) in [
+        ("-p", "proxy"),
+        ("-u", "userproxy"),
+        ("-P", "passthrough"),
+        ("-N", "node"),
+        ("-R", "redirector"),
+    ] {
+        let (code, err) = run(exe, &[flag]);
+        assert_eq!(code, Some(2), "{flag}: {err}");
+        assert!(
+            err.contains(&format!("{mode} mode is not implemented")),
+            "{flag}: {err}"
+        );
+    }
+    for (name, mode) in [
+        ("ckproxy", "proxy"),
+        ("ckpassthrough", "passthrough"),
+        ("cknode", "node"),
+        ("ckredirector", "redirector"),
+    ] {
+        let link = dir.join(name);
+        std::os::unix::fs::symlink(exe, &link).unwrap();
+        let (code, err) = run(&link, &[]);
+        assert_eq!(code, Some(2), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{mode} mode is not implemented")),
+            "{name}: {err}"
+        );
+    }
+    // Two mode flags, or solo with a proxy mode, are refused too.
+    for flags in [&["-p", "-P"][..], &["-B", "-p"][..]] {
+        let (code, err) = run(exe, flags);
+        assert_eq!(code, Some(2), "{flags:?}: {err}");
+    }
+    // Without a mode flag, the plain binary goes on to read its config (absent here).
+    let (code, err) = run(exe, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read config ckpool.conf"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
