@@ -7,6 +7,7 @@ mod cli;
 mod handoff;
 mod instance;
 mod modes;
+mod relay;
 mod settings;
 mod sharelog;
 mod status;
