@@ -87,6 +87,7 @@ pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle
         while !ctx.shutdown.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, _)) => {
+                    debug!("admin client connected");
                     if let Err(e) = serve(stream, &ctx) {
                         debug!(error = %e, "admin request failed");
                     }

@@ -13,6 +13,8 @@
 mod node;
 #[path = "support/pool.rs"]
 mod pool;
+#[path = "support/rpc_proxy.rs"]
+mod rpc_proxy;
 
 use std::time::{Duration, Instant};
 
@@ -958,4 +960,67 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot read config ckpool.conf"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// As above, but bitcoind cannot be reached for the block at first: the generator is still
+/// retrying it when SIGTERM arrives, and an admin client is connected and silent (as a stuck
+/// monitoring script would be). The pool keeps at the block until the node has it (here: after
+/// four refusals, about 350 ms of retries), and only then exits, 0, within 5 s.
+#[test]
+fn sigterm_while_the_block_is_being_retried_waits_for_it() {
+    let Some(exe) = bitcoind_or_skip("sigterm_while_the_block_is_being_retried_waits_for_it")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let proxy = rpc_proxy::RpcProxy::start(
+        node.rpc_url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
+        true,
+    );
+    let addr = node.new_address();
+    let btcd =
+        json!({"url": proxy.addr.to_string(), "auth": node.rpc_user(), "pass": node.rpc_pass()});
+    let config = regtest_config(vec![btcd], Some(&addr), free_port());
+    let mut pool = PoolProcess::start("sigtermretry", &config, &[]);
+    // A silent admin client, holding the admin thread in its request read.
+    let _silent = std::os::unix::net::UnixStream::connect(pool.sockdir.join("listener")).unwrap();
+    wait_until("the admin thread to take the silent client", WAIT, || {
+        pool.log_text().contains("admin client connected")
+    });
+
+    let mut c = Client::connect(pool.addr);
+    let (en1, n2) = c.login("retry.1");
+    let en1 = hex::decode(en1).unwrap();
+    let job = latest_job(&mut c, None);
+    let en2 = vec![4u8; n2];
+    let nonce = grind(&job, &en1, &en2, Target::from_compact(job.nbits), None);
+    let mut hash = job.share_hash(&en1, &en2, job.version, nonce);
+    hash.reverse();
+    let hash = hex::encode(hash);
+
+    c.send(&submit(10, "retry.1", &job, &en2, nonce));
+    assert_eq!(c.reply(10)["result"], true);
+    pool.signal(libc::SIGTERM);
+    let t = Instant::now();
+    // Four refused attempts while the pool shuts down: it is still trying, it has not exited.
+    wait_until(
+        "four refused submissions (the pool gave up on the block?)",
+        Duration::from_secs(4),
+        || proxy.refused() >= 4,
+    );
+    proxy.set_refuse(false);
+    let status = pool.wait_exit(Duration::from_secs(5).saturating_sub(t.elapsed()));
+    let took = t.elapsed();
+    let status = status.unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let refusals: Vec<Duration> = proxy
+        .refusals()
+        .iter()
+        .map(|r| r.saturating_duration_since(t))
+        .collect();
+    println!("the pool exited {took:?} after SIGTERM; refusals at {refusals:?}");
+    assert_eq!(node.rpc("getbestblockhash", json!([])), json!(hash));
 }
