@@ -45,7 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mode = Mode::select(&cli, &argv0)?;
     modes::check_implemented(mode)?;
     if cli.daemonise && std::env::var_os("CKPOOL_RS_DAEMONISED").is_none() {
-        return daemonise();
+        return daemonise(&argv0);
     }
     init_logging(cli.loglevel);
     if cli.handover {
@@ -55,6 +55,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         warn!("-g is accepted for compatibility; socket group ownership is not changed");
     }
     let settings = Settings::load(&cli, mode, &settings::process_env)?;
+    info!(mode = %settings.mode, name = %settings.name, config = %settings.config_path.display(), "starting");
     match connector::raise_nofile_limit() {
         Ok(n) => info!(nofile = n, "open files limit raised to the hard limit"),
         Err(e) => warn!(error = %e, "cannot raise the open files limit"),
@@ -64,8 +65,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `-D`: runs this program again detached (its own process group, no terminal, stdio to
-/// /dev/null) and returns, so the parent exits.
-fn daemonise() -> anyhow::Result<()> {
+/// /dev/null), under the same `argv[0]` (which may select the mode), and returns, so the parent
+/// exits.
+fn daemonise(argv0: &str) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("locating own executable")?;
     let args: Vec<String> = std::env::args()
@@ -73,6 +75,7 @@ fn daemonise() -> anyhow::Result<()> {
         .filter(|a| a != "-D" && a != "--daemonise")
         .collect();
     let child = std::process::Command::new(exe)
+        .arg0(argv0)
         .args(args)
         .env("CKPOOL_RS_DAEMONISED", "1")
         .stdin(std::process::Stdio::null())

@@ -182,11 +182,7 @@ impl Settings {
     /// Reads the config file the command line names (default `<name>.conf`) and makes the
     /// settings; logs the file's warnings.
     pub(crate) fn load(cli: &Cli, mode: Mode, env: Env<'_>) -> Result<Self, ConfigError> {
-        let name = instance_name(cli, mode);
-        let path = cli
-            .config
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("{name}.conf")));
+        let path = config_path(cli, mode);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
         let loaded = common::config::parse(&text)
@@ -194,9 +190,7 @@ impl Settings {
         for w in &loaded.warnings {
             warn!("{}: {w}", path.display());
         }
-        let mut settings = Self::new(cli, mode, loaded.config, env)?;
-        settings.config_path = path;
-        Ok(settings)
+        Self::new(cli, mode, loaded.config, env)
     }
 
     /// The settings from a command line, a mode and a parsed config file.
@@ -207,10 +201,7 @@ impl Settings {
         env: Env<'_>,
     ) -> Result<Self, ConfigError> {
         let name = instance_name(cli, mode).to_owned();
-        let config_path = cli
-            .config
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("{name}.conf")));
+        let config_path = config_path(cli, mode);
         let sockdir = cli
             .sockdir
             .clone()
@@ -359,6 +350,13 @@ impl Settings {
 
 fn instance_name(cli: &Cli, mode: Mode) -> &str {
     cli.name.as_deref().unwrap_or(mode.default_name())
+}
+
+/// `-c`, else `<name>.conf` in the current directory.
+fn config_path(cli: &Cli, mode: Mode) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.conf", instance_name(cli, mode))))
 }
 
 /// The command line's value, else the environment's, else the config file's.
