@@ -1024,3 +1024,27 @@ fn sigterm_while_the_block_is_being_retried_waits_for_it() {
     println!("the pool exited {took:?} after SIGTERM; refusals at {refusals:?}");
     assert_eq!(node.rpc("getbestblockhash", json!([])), json!(hash));
 }
+
+/// SIGINT stops the pool as SIGTERM does: miners are disconnected, the pid file and the admin
+/// socket are removed, and it exits 0 within 5 s.
+#[test]
+fn sigint_disconnects_miners_and_exits_0() {
+    let Some(exe) = bitcoind_or_skip("sigint_disconnects_miners_and_exits_0") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (_, config) = pool_config(&net.nodes[0]);
+    let mut pool = PoolProcess::start("sigint", &config, &[]);
+    assert!(pool.sockdir.join("main.pid").exists());
+    let mut c = Client::connect(pool.addr);
+    c.login("sigint.1");
+    pool.signal(libc::SIGINT);
+    let status = pool
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the pool still runs 5 s after SIGINT"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(c.wait_closed(WAIT), "the miner was not disconnected");
+    assert!(!pool.sockdir.join("main.pid").exists(), "pid file left");
+    assert!(!pool.sockdir.join("listener").exists(), "admin socket left");
+    assert!(pool.log_text().contains("shutdown complete"));
+}
