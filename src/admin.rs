@@ -2,16 +2,70 @@
 //!
 //! Commands: `ping` → `pong`; `stats` → JSON statistics; `update` → asks the generator for a new
 //! template (what the notifier sends); `shutdown` → `exiting`; anything else → `unknown`.
+//!
+//! The admin thread never holds the generator: the daemon must own it alone to shut it down
+//! (which submits the blocks still queued). It reaches it through a [`GenLink`] instead.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender};
 use tracing::{debug, warn};
+
+/// How long one admin client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one admin client may take to read its reply.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the accept loop looks at the shutdown flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// What the admin socket needs of the generator, without holding it: the active server as the
+/// daemon's main loop last read it, and a request for a fresh template that the main loop passes
+/// on ([`GenLink::updates`]).
+#[derive(Debug)]
+pub(crate) struct GenLink {
+    /// Index of the active server, [`GenLink::NONE`] when none is up.
+    active: AtomicUsize,
+    /// Update requests; bounded to one, so a burst of requests coalesces.
+    update_tx: Sender<()>,
+}
+
+impl GenLink {
+    const NONE: usize = usize::MAX;
+
+    /// A link and the receiver of its update requests (for the main loop).
+    pub(crate) fn new() -> (Arc<Self>, Receiver<()>) {
+        let (update_tx, update_rx) = crossbeam_channel::bounded(1);
+        let link = Self {
+            active: AtomicUsize::new(Self::NONE),
+            update_tx,
+        };
+        (Arc::new(link), update_rx)
+    }
+
+    /// Records the generator's active server (the main loop calls this).
+    pub(crate) fn set_active(&self, active: Option<usize>) {
+        self.active
+            .store(active.unwrap_or(Self::NONE), Ordering::Relaxed);
+    }
+
+    /// The active server, as last recorded.
+    pub(crate) fn active(&self) -> Option<usize> {
+        let a = self.active.load(Ordering::Relaxed);
+        (a != Self::NONE).then_some(a)
+    }
+
+    /// Asks the main loop to ask the generator for a fresh template. Never blocks.
+    pub(crate) fn request_update(&self) {
+        // Full: a request is already pending, which is as good.
+        let _ = self.update_tx.try_send(());
+    }
+}
 
 /// What the admin socket can reach.
 pub(crate) struct AdminCtx {
@@ -19,11 +73,12 @@ pub(crate) struct AdminCtx {
     /// How connector threads hand events to the stratifier (`inline` or `queue`).
     pub(crate) handoff: String,
     pub(crate) pool: Arc<stratifier::Pool>,
-    pub(crate) generator: Arc<generator::Generator>,
+    pub(crate) generator: Arc<GenLink>,
+    /// Set by `shutdown` (and by the signal handlers); the admin thread exits once it is set.
     pub(crate) shutdown: Arc<AtomicBool>,
 }
 
-/// Binds the socket and serves it on its own thread.
+/// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
 pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle<()>> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
@@ -32,26 +87,26 @@ pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle
         while !ctx.shutdown.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, _)) => {
+                    debug!("admin client connected");
                     if let Err(e) = serve(stream, &ctx) {
                         debug!(error = %e, "admin request failed");
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    thread::sleep(Duration::from_millis(50))
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
                 Err(e) => {
                     warn!(error = %e, "admin accept failed");
                     thread::sleep(Duration::from_millis(200));
                 }
             }
         }
+        debug!("admin thread stopped");
     })
 }
 
 fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let Some(msg) = common::admin::read_message(&mut stream)? else {
         return Ok(());
     };
@@ -62,7 +117,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
         "stats" | "stratifierstats" => {
             let mut stats = serde_json::to_value(ctx.pool.stats()).unwrap_or_default();
             if let Some(obj) = stats.as_object_mut() {
-                obj.insert("server".into(), ctx.generator.active_server().into());
+                obj.insert("server".into(), ctx.generator.active().into());
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
             }
@@ -79,4 +134,24 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
         _ => b"unknown".to_vec(),
     };
     common::admin::write_message(&mut stream, &reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gen_link_records_the_active_server_and_coalesces_updates() {
+        let (link, updates) = GenLink::new();
+        assert_eq!(link.active(), None);
+        link.set_active(Some(1));
+        assert_eq!(link.active(), Some(1));
+        link.set_active(None);
+        assert_eq!(link.active(), None);
+        link.request_update();
+        link.request_update();
+        assert_eq!(updates.try_iter().count(), 1);
+        link.request_update();
+        assert!(updates.try_recv().is_ok());
+    }
 }

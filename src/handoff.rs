@@ -14,24 +14,22 @@
 //! the peer and listener, lines, closes, ticks, jobs) to a [`Batch`]. A line's bytes are copied
 //! into the batch's one byte arena and the event keeps a range into it, so a line costs no
 //! allocation of its own. At the end of the round ([`connector::Handler::on_batch_end`]) a
-//! non-empty batch goes to the stratifier thread over a crossbeam channel, one message per round.
+//! non-empty batch goes to the stratifier thread, one message per round.
 //!
-//! The stratifier thread blocks in `recv`. Crossbeam parks it (after a short bounded backoff:
-//! about a hundred spin hints and a few `sched_yield`s, never an open-ended spin) and a `send`
-//! wakes it only when it is registered as waiting (the sender checks an atomic flag before
-//! taking the lock or making a system call), so a busy stratifier thread costs the connector a
-//! queue push per round and no system call. Once awake it drains what is queued (up to
-//! [`DRAIN_BATCHES`] batches), runs the shard on every event, and sends everything the shard
-//! wrote (replies, shared notifies, closes, in order) back as one [`Msg::Output`] through
-//! [`connector::ConnectorHandle::send`], which wakes the connector thread only if it is parked
-//! too. The connector applies the output to its outbox in order, so per connection a reply never
-//! overtakes an earlier one and a close comes after its replies. Once the shard has closed a
-//! connection, the stratifier thread drops the rest of its input and output, as the connector
+//! The batches travel through a [`crate::relay`] queue: the stratifier thread blocks in it,
+//! parked, and a send wakes it only when it is registered as parked, so a busy stratifier thread
+//! costs the connector a queue push per round and no system call. Once awake it takes what is
+//! queued (up to [`DRAIN_BATCHES`] batches), runs the shard on every event, and sends everything
+//! the shard wrote (replies, shared notifies, closes, in order) back as one [`Msg::Output`]
+//! through [`connector::ConnectorHandle::send`], which wakes the connector thread only if it is
+//! parked too. The connector applies the output to its outbox in order, so per connection a reply
+//! never overtakes an earlier one and a close comes after its replies. Once the shard has closed
+//! a connection, the stratifier thread drops the rest of its input and output, as the connector
 //! does inline.
 //!
-//! Emptied buffers travel back: the stratifier thread returns each batch (cleared, its capacity
-//! kept up to a cap) over a small bounded channel, and the connector returns each output vector
-//! the same way, so in steady state the handoff allocates nothing per line.
+//! Emptied buffers travel back: the relay returns each batch (cleared, its capacity kept up to a
+//! cap) to the connector thread, and the connector returns each output vector the same way
+//! ([`relay::spares`]), so in steady state the handoff allocates nothing per line.
 //!
 //! Each connector thread starts its own stratifier thread when it builds its handler, and joins
 //! it when it drops the handler: a start that `connector::start` abandons (io_uring set up on
@@ -43,10 +41,10 @@
 //! wrote until it has the handle. Nothing is lost and nothing races.
 //!
 //! Shutdown: a connector thread closes its connections (closes into its last batch, which it
-//! sends), then drops its handler, which drops the channel's only sender and joins the
-//! stratifier thread; that one drains what is queued and exits on the disconnect. Output it
-//! sends after the connector is gone is dropped, and a close for a connection the connector has
-//! already closed is ignored (ids carry a generation, so it cannot reach a newer connection).
+//! sends), then drops its handler, which closes the queue and joins the stratifier thread; that
+//! one runs what is queued and exits at the end of the queue. Output it sends after the connector
+//! is gone is dropped, and a close for a connection the connector has already closed is ignored
+//! (ids carry a generation, so it cannot reach a newer connection).
 
 use std::collections::HashSet;
 use std::io;
@@ -59,9 +57,10 @@ use std::time::Instant;
 
 use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
-use crossbeam_channel::{Receiver, Sender};
 use stratifier::{Job, Pool, Shard};
 use tracing::{debug, error};
+
+use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
 /// out even when the connector keeps it busy.
@@ -241,17 +240,31 @@ struct Batch {
     arena: Vec<u8>,
 }
 
-impl Batch {
+impl Recycle for Batch {
     fn is_empty(&self) -> bool {
         self.events.is_empty()
     }
 
-    /// Empties the batch for reuse, keeping a bounded amount of its capacity.
     fn recycle(&mut self) {
         self.events.clear();
         self.events.shrink_to(KEEP_EVENTS);
         self.arena.clear();
         self.arena.shrink_to(KEEP_ARENA);
+    }
+}
+
+/// What a stratifier thread wrote for its connector thread, in order.
+#[derive(Default)]
+struct Actions(Vec<Action>);
+
+impl Recycle for Actions {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn recycle(&mut self) {
+        self.0.clear();
+        self.0.shrink_to(KEEP_ACTIONS);
     }
 }
 
@@ -288,27 +301,21 @@ enum Event {
 /// output.
 struct QueueHandler {
     thread: usize,
-    batch: Batch,
-    /// `None` once dropped (see `Drop`).
-    link: Option<Link>,
+    /// The queue to the stratifier thread, and the batch being filled.
+    to_shard: Producer<Batch>,
+    /// Emptied output vectors, back to the stratifier thread.
+    spare_outputs: SpareReturn<Actions>,
+    /// `None` once joined (see `Drop`).
+    join: Option<JoinHandle<()>>,
     /// The stratifier thread is gone (it panicked): this thread's connections are closed.
     shard_gone: bool,
-}
-
-/// The connector side's ends of the channels to and from one stratifier thread.
-struct Link {
-    to_shard: Sender<Batch>,
-    spare_batches: Receiver<Batch>,
-    spare_outputs: Sender<Vec<Action>>,
-    join: JoinHandle<()>,
 }
 
 impl QueueHandler {
     /// Starts the stratifier thread of connector thread `thread`, owning `shard`.
     fn new(thread: usize, shard: Shard, pin: bool) -> io::Result<Self> {
-        let (to_shard, batches) = crossbeam_channel::unbounded();
-        let (spare_batch_tx, spare_batches) = crossbeam_channel::bounded(SPARE);
-        let (spare_outputs, spare_output_rx) = crossbeam_channel::bounded(SPARE);
+        let (to_shard, batches) = relay::queue(SPARE);
+        let (spare_outputs, outputs) = relay::spares(SPARE);
         let join = std::thread::Builder::new()
             .name(format!("stratifier-{thread}"))
             .spawn(move || {
@@ -318,24 +325,20 @@ impl QueueHandler {
                     // The same CPU as its connector thread.
                     connector::pin_current_thread_or_warn(thread, "stratifier");
                 }
-                run_shard(thread, shard, &batches, &spare_batch_tx, &spare_output_rx);
+                run_shard(thread, shard, &batches, &outputs);
                 debug!("stratifier thread stopped");
             })?;
         Ok(Self {
             thread,
-            batch: Batch::default(),
-            link: Some(Link {
-                to_shard,
-                spare_batches,
-                spare_outputs,
-                join,
-            }),
+            to_shard,
+            spare_outputs,
+            join: Some(join),
             shard_gone: false,
         })
     }
 
     fn push(&mut self, event: Event) {
-        self.batch.events.push(event);
+        self.to_shard.batch().events.push(event);
     }
 
     fn on_open(
@@ -363,13 +366,11 @@ impl QueueHandler {
             out.close(conn);
             return;
         }
-        let start = self.batch.arena.len();
-        self.batch.arena.extend_from_slice(line);
-        self.push(Event::Line {
-            now,
-            conn,
-            range: start..self.batch.arena.len(),
-        });
+        let batch = self.to_shard.batch();
+        let start = batch.arena.len();
+        batch.arena.extend_from_slice(line);
+        let range = start..batch.arena.len();
+        batch.events.push(Event::Line { now, conn, range });
     }
 
     fn on_msg(&mut self, msg: Msg, out: &mut Outbox) {
@@ -381,11 +382,7 @@ impl QueueHandler {
                         Action::Close(conn) => out.close(conn),
                     }
                 }
-                actions.shrink_to(KEEP_ACTIONS);
-                if let Some(link) = &self.link {
-                    // Full (or the stratifier thread is gone): let this one go.
-                    let _ = link.spare_outputs.try_send(actions);
-                }
+                self.spare_outputs.give(Actions(actions));
             }
             Msg::Job(job) => self.push(Event::Job(job)),
             Msg::Start(handle) => self.push(Event::Start(handle)),
@@ -394,27 +391,14 @@ impl QueueHandler {
 
     /// Hands the round's events to the stratifier thread, if there are any.
     fn send_batch(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let Some(link) = &self.link else {
-            return;
-        };
-        let spare = link.spare_batches.try_recv().unwrap_or_default();
-        let batch = mem::replace(&mut self.batch, spare);
-        if let Err(e) = link.to_shard.send(batch) {
+        if self.to_shard.flush().is_err() && !self.shard_gone {
             // The stratifier thread has exited, which it only does on a panic while the
             // connector runs: stop taking miners on this thread rather than leave them unanswered.
-            if !self.shard_gone {
-                error!(
-                    thread = self.thread,
-                    "the stratifier thread is gone; closing this thread's connections"
-                );
-                self.shard_gone = true;
-            }
-            let mut batch = e.into_inner();
-            batch.recycle();
-            self.batch = batch;
+            error!(
+                thread = self.thread,
+                "the stratifier thread is gone; closing this thread's connections"
+            );
+            self.shard_gone = true;
         }
     }
 }
@@ -424,49 +408,36 @@ impl Drop for QueueHandler {
         // The connector calls `on_batch_end` after its last callbacks; this is for the case where
         // it could not.
         self.send_batch();
-        let Some(link) = self.link.take() else {
-            return;
-        };
-        // The only sender: the stratifier thread sees the disconnect once it has drained the
-        // queue, and exits.
-        drop(link.to_shard);
-        if link.join.join().is_err() {
+        // The stratifier thread sees the end once it has drained the queue, and exits.
+        self.to_shard.close();
+        if let Some(join) = self.join.take()
+            && join.join().is_err()
+        {
             error!(thread = self.thread, "stratifier thread panicked");
         }
     }
 }
 
 /// Queue mode, stratifier side: the loop of thread `stratifier-<thread>`. Returns when the
-/// connector side drops its sender.
+/// connector side closes the queue, once it has run everything queued.
 fn run_shard(
     thread: usize,
     mut shard: Shard,
-    batches: &Receiver<Batch>,
-    spare_batches: &Sender<Batch>,
-    spare_outputs: &Receiver<Vec<Action>>,
+    batches: &Consumer<Batch>,
+    spare_outputs: &SpareTake<Actions>,
 ) {
     let mut handle: Option<ConnectorHandle<Msg>> = None;
     let mut out = ShardOut::default();
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
-    while let Ok(first) = batches.recv() {
-        let mut next = Some(first);
-        let mut drained = 0;
-        while let Some(mut batch) = next.take() {
-            run_batch(&mut shard, &batch, &mut out, &mut handle);
-            batch.recycle();
-            // Full (enough spares already) or the connector is gone: let this one go.
-            let _ = spare_batches.try_send(batch);
-            drained += 1;
-            if drained < DRAIN_BATCHES {
-                next = batches.try_recv().ok();
-            }
-        }
+    while batches.next_round(DRAIN_BATCHES, |batch| {
+        run_batch(&mut shard, batch, &mut out, &mut handle);
+    }) {
         // One message per round; kept until the handle is known (connections can be accepted
         // before `connector::start` returns).
         if let Some(h) = &handle
             && !out.actions.is_empty()
         {
-            let fresh = spare_outputs.try_recv().unwrap_or_default();
+            let fresh = spare_outputs.take().0;
             h.send(thread, Msg::Output(mem::replace(&mut out.actions, fresh)));
         }
     }

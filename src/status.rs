@@ -2,9 +2,9 @@
 //! JSON lines, also logged as `Pool:` lines) and `<logdir>/users/<username>` (indented JSON).
 //!
 //! A thread of its own samples the pool's moving averages every 2 s (`Pool::sample_rates`, off
-//! the share path) and writes the files every `statsupdate`. Each file is written to
-//! `<file>.tmp` and renamed over the old one, so a reader never sees half a file. An I/O error is
-//! logged (at most once a minute) and the pool carries on.
+//! the share path) and writes the files every `statsupdate`, and once more when it is stopped at
+//! shutdown. Each file is written to `<file>.tmp` and renamed over the old one, so a reader never
+//! sees half a file. An I/O error is logged (at most once a minute) and the pool carries on.
 
 use std::collections::HashSet;
 use std::fs;
@@ -34,14 +34,14 @@ const ERROR_LOG_PERIOD: Duration = Duration::from_secs(60);
 /// At most this many refused user names are remembered (each is warned about once).
 const MAX_REFUSED_NAMES: usize = 1024;
 
-/// The running writer; [`StatusWriter::stop`] ends it.
+/// The running writer; [`StatusWriter::stop`] writes the files a last time and ends it.
 pub(crate) struct StatusWriter {
     stop: Sender<()>,
     thread: thread::JoinHandle<()>,
 }
 
 impl StatusWriter {
-    /// Stops the thread and waits for it.
+    /// Writes the files a last time, stops the thread and waits for it.
     pub(crate) fn stop(self) {
         drop(self.stop);
         if self.thread.join().is_err() {
@@ -79,7 +79,13 @@ fn run(pool: &Pool, logdir: &Path, every: Duration, started: Instant, stopped: &
         let deadline = next_sample.min(next_write);
         match stopped.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                // The files end with the pool's final figures.
+                let now = Instant::now();
+                sample(pool, now);
+                writer.write_all(pool, now.saturating_duration_since(started), now);
+                break;
+            }
         }
         let now = Instant::now();
         if now >= next_sample {

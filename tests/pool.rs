@@ -13,6 +13,8 @@
 mod node;
 #[path = "support/pool.rs"]
 mod pool;
+#[path = "support/rpc_proxy.rs"]
+mod rpc_proxy;
 
 use std::time::{Duration, Instant};
 
@@ -835,4 +837,214 @@ fn queue_handoff_serves_miners_and_drops_bad_clients() {
     c.send(&json!({"id": 12, "method": "mining.suggest_difficulty", "params": [1]}));
     assert_eq!(c.reply(12)["result"], true);
     assert!(pool.log_text().contains("unparseable line"));
+}
+
+/// SIGTERM right after the pool answered the share that solved a block: the pool still hands the
+/// block to the node (the generator's shutdown submits what is queued), joins its threads,
+/// removes its pid file and admin socket, and exits 0 within 5 s.
+#[test]
+fn sigterm_right_after_a_block_still_submits_it_and_exits_0() {
+    let Some(exe) = bitcoind_or_skip("sigterm_right_after_a_block_still_submits_it_and_exits_0")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (addr, mut config) = pool_config(node);
+    config["statsupdate"] = json!(3600);
+    let mut pool = PoolProcess::start("sigterm", &config, &["-L"]);
+    let tip = node.rpc("getbestblockhash", json!([]));
+
+    let mut c = Client::connect(pool.addr);
+    let (en1, n2) = c.login("sigterm.1");
+    let en1 = hex::decode(en1).unwrap();
+    let job = latest_job(&mut c, None);
+    assert_eq!(json!(job.prevhash_rpc()), tip, "the job builds on the tip");
+    let en2 = vec![9u8; n2];
+    let nonce = grind(&job, &en1, &en2, Target::from_compact(job.nbits), None);
+    let mut hash = job.share_hash(&en1, &en2, job.version, nonce);
+    hash.reverse();
+    let hash = hex::encode(hash);
+
+    c.send(&submit(10, "sigterm.1", &job, &en2, nonce));
+    assert_eq!(c.reply(10)["result"], true);
+    pool.signal(libc::SIGTERM);
+    let t = Instant::now();
+    let status = pool.wait_exit(Duration::from_secs(5));
+    let took = t.elapsed();
+    let status = status.unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    println!("the pool exited {took:?} after SIGTERM");
+
+    // The node has the block, as its best block, paying the pool.
+    assert_eq!(node.rpc("getbestblockhash", json!([])), json!(hash));
+    let block = decode_block(node, &hash);
+    assert_eq!(
+        block.txdata[0].output[0].script_pubkey.as_bytes(),
+        &script_for_address(&addr, Network::Regtest).unwrap()[..],
+    );
+    // It cleaned up after itself and flushed its logs.
+    assert!(!pool.sockdir.join("main.pid").exists(), "pid file left");
+    assert!(!pool.sockdir.join("listener").exists(), "admin socket left");
+    let log = pool.log_text();
+    assert!(log.contains("shutdown complete"), "{log}");
+    let status_file = std::fs::read_to_string(pool.dir.join("logs/pool/pool.status")).unwrap();
+    assert!(
+        status_file.lines().count() == 3,
+        "pool.status written at shutdown: {status_file}"
+    );
+    let height_dir = pool.dir.join(format!("logs/{:08x}", node.height()));
+    let shares: usize = std::fs::read_dir(&height_dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", height_dir.display()))
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .map(|text| text.lines().filter(|l| l.contains(&hash)).count())
+        .sum();
+    assert_eq!(shares, 1, "the block's share is in the share log");
+}
+
+/// The proxy modes have no runner yet: a mode flag, or the binary run as ckproxy and the like,
+/// exits 2 naming the mode, before any config file is read.
+#[test]
+fn unimplemented_modes_exit_2_naming_the_mode() {
+    let dir = pool::temp_dir("modes");
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ckpool-rs"));
+    let run = |program: &std::path::Path, flags: &[&str]| {
+        let out = std::process::Command::new(program)
+            .args(flags)
+            .arg("-s")
+            .arg(dir.join("sock"))
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (flag, mode) in [
+        ("-p", "proxy"),
+        ("-u", "userproxy"),
+        ("-P", "passthrough"),
+        ("-N", "node"),
+        ("-R", "redirector"),
+    ] {
+        let (code, err) = run(exe, &[flag]);
+        assert_eq!(code, Some(2), "{flag}: {err}");
+        assert!(
+            err.contains(&format!("{mode} mode is not implemented")),
+            "{flag}: {err}"
+        );
+    }
+    for (name, mode) in [
+        ("ckproxy", "proxy"),
+        ("ckpassthrough", "passthrough"),
+        ("cknode", "node"),
+        ("ckredirector", "redirector"),
+    ] {
+        let link = dir.join(name);
+        std::os::unix::fs::symlink(exe, &link).unwrap();
+        let (code, err) = run(&link, &[]);
+        assert_eq!(code, Some(2), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{mode} mode is not implemented")),
+            "{name}: {err}"
+        );
+    }
+    // Two mode flags, or solo with a proxy mode, are refused too.
+    for flags in [&["-p", "-P"][..], &["-B", "-p"][..]] {
+        let (code, err) = run(exe, flags);
+        assert_eq!(code, Some(2), "{flags:?}: {err}");
+    }
+    // Without a mode flag, the plain binary goes on to read its config (absent here).
+    let (code, err) = run(exe, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read config ckpool.conf"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// As above, but bitcoind cannot be reached for the block at first: the generator is still
+/// retrying it when SIGTERM arrives, and an admin client is connected and silent (as a stuck
+/// monitoring script would be). The pool keeps at the block until the node has it (here: after
+/// four refusals, about 350 ms of retries), and only then exits, 0, within 5 s.
+#[test]
+fn sigterm_while_the_block_is_being_retried_waits_for_it() {
+    let Some(exe) = bitcoind_or_skip("sigterm_while_the_block_is_being_retried_waits_for_it")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let proxy = rpc_proxy::RpcProxy::start(
+        node.rpc_url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
+        true,
+    );
+    let addr = node.new_address();
+    let btcd =
+        json!({"url": proxy.addr.to_string(), "auth": node.rpc_user(), "pass": node.rpc_pass()});
+    let config = regtest_config(vec![btcd], Some(&addr), free_port());
+    let mut pool = PoolProcess::start("sigtermretry", &config, &[]);
+    // A silent admin client, holding the admin thread in its request read.
+    let _silent = std::os::unix::net::UnixStream::connect(pool.sockdir.join("listener")).unwrap();
+    wait_until("the admin thread to take the silent client", WAIT, || {
+        pool.log_text().contains("admin client connected")
+    });
+
+    let mut c = Client::connect(pool.addr);
+    let (en1, n2) = c.login("retry.1");
+    let en1 = hex::decode(en1).unwrap();
+    let job = latest_job(&mut c, None);
+    let en2 = vec![4u8; n2];
+    let nonce = grind(&job, &en1, &en2, Target::from_compact(job.nbits), None);
+    let mut hash = job.share_hash(&en1, &en2, job.version, nonce);
+    hash.reverse();
+    let hash = hex::encode(hash);
+
+    c.send(&submit(10, "retry.1", &job, &en2, nonce));
+    assert_eq!(c.reply(10)["result"], true);
+    pool.signal(libc::SIGTERM);
+    let t = Instant::now();
+    // Four refused attempts while the pool shuts down: it is still trying, it has not exited.
+    wait_until(
+        "four refused submissions (the pool gave up on the block?)",
+        Duration::from_secs(4),
+        || proxy.refused() >= 4,
+    );
+    proxy.set_refuse(false);
+    let status = pool.wait_exit(Duration::from_secs(5).saturating_sub(t.elapsed()));
+    let took = t.elapsed();
+    let status = status.unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let refusals: Vec<Duration> = proxy
+        .refusals()
+        .iter()
+        .map(|r| r.saturating_duration_since(t))
+        .collect();
+    println!("the pool exited {took:?} after SIGTERM; refusals at {refusals:?}");
+    assert_eq!(node.rpc("getbestblockhash", json!([])), json!(hash));
+}
+
+/// SIGINT stops the pool as SIGTERM does: miners are disconnected, the pid file and the admin
+/// socket are removed, and it exits 0 within 5 s.
+#[test]
+fn sigint_disconnects_miners_and_exits_0() {
+    let Some(exe) = bitcoind_or_skip("sigint_disconnects_miners_and_exits_0") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (_, config) = pool_config(&net.nodes[0]);
+    let mut pool = PoolProcess::start("sigint", &config, &[]);
+    assert!(pool.sockdir.join("main.pid").exists());
+    let mut c = Client::connect(pool.addr);
+    c.login("sigint.1");
+    pool.signal(libc::SIGINT);
+    let status = pool
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the pool still runs 5 s after SIGINT"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(c.wait_closed(WAIT), "the miner was not disconnected");
+    assert!(!pool.sockdir.join("main.pid").exists(), "pid file left");
+    assert!(!pool.sockdir.join("listener").exists(), "admin socket left");
+    assert!(pool.log_text().contains("shutdown complete"));
 }

@@ -162,6 +162,29 @@ impl PoolProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends the process a signal (`libc::SIGTERM`, `libc::SIGINT`...).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) takes plain integers; `pid` is our own child, not yet reaped (the
+        // `Child` is alive and `wait` has not returned a status for it).
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
+    /// Waits up to `deadline` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

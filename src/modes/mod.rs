@@ -1,0 +1,55 @@
+//! One runner per mode. Pool and solo mode run [`pool::run`]; the proxy modes have none yet.
+
+pub(crate) mod pool;
+
+use crate::instance::Instance;
+use crate::settings::{ConfigError, Mode, Settings};
+
+/// Whether `mode` has a runner: checked before the config file is read, so that the error
+/// names what is missing rather than a config key.
+pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
+    match mode {
+        Mode::Pool | Mode::Solo => Ok(()),
+        Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
+            Err(ConfigError(format!(
+                "{mode} mode is not implemented yet (only pool and solo mode are)"
+            )))
+        }
+    }
+}
+
+/// Runs the daemon in `settings.mode` until `instance.shutdown` is set, and stops it.
+pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
+    check_implemented(settings.mode)?;
+    match settings.mode {
+        Mode::Pool | Mode::Solo => pool::run(settings, &instance.shutdown),
+        Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
+            Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pool_and_solo_are_implemented() {
+        assert!(check_implemented(Mode::Pool).is_ok());
+        assert!(check_implemented(Mode::Solo).is_ok());
+        for mode in [
+            Mode::Proxy,
+            Mode::UserProxy,
+            Mode::Passthrough,
+            Mode::Node,
+            Mode::Redirector,
+        ] {
+            let err = check_implemented(mode).expect_err("not implemented");
+            assert!(
+                err.0
+                    .starts_with(&format!("{mode} mode is not implemented")),
+                "{err}"
+            );
+        }
+    }
+}

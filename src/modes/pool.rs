@@ -1,0 +1,256 @@
+//! Pool and solo mode: bitcoind templates through the generator, the stratifier's shards on the
+//! connector threads (see `crate::handoff`), the admin socket, the share log and the stats files.
+//!
+//! Shutdown (SIGTERM, SIGINT or admin `shutdown`), in this order: the connector stops accepting,
+//! closes every connection and joins its threads (and, in queue mode, the stratifier threads,
+//! which drain their queues first), so no share and hence no block comes after it; then
+//! `Generator::shutdown` submits every block still queued; then the share log is written out,
+//! the stats files are written a last time, and the admin thread is joined.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use common::template::Template;
+use connector::Connector;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use generator::{BlockSubmission, GenEvent, Generator};
+use stratifier::Pool;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, GenLink};
+use crate::handoff::{self, Msg};
+use crate::settings::Settings;
+use crate::sharelog::ShareLog;
+use crate::status::{self, StatusWriter};
+
+/// Pool and solo mode: bitcoind templates through the generator, the stratifier's shards on
+/// the connector threads, the admin socket, the share log and the stats files. Returns when
+/// `shutdown` is set (SIGTERM, SIGINT, admin `shutdown`), having stopped all of it.
+pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    // The generator: bitcoind RPC, ZMQ and failover.
+    let (gen_tx, gen_rx) = crossbeam_channel::unbounded();
+    let generator =
+        Generator::start(settings.generator(), gen_tx).context("starting the generator")?;
+
+    // No miner is accepted before a bitcoind is alive.
+    let started = Instant::now();
+    let Some(first) = first_template(&gen_rx, shutdown, started)? else {
+        info!("shutdown before any bitcoind answered");
+        generator.shutdown();
+        return Ok(());
+    };
+    let network = generator
+        .network()
+        .ok_or_else(|| anyhow::anyhow!("the node did not say which chain it is on"))?;
+    info!(?network, height = first.height, "first block template");
+
+    // The stratifier's shared state.
+    let pcfg = settings.pool(network)?;
+    let share_log = if settings.log_shares {
+        Some(ShareLog::start(settings.logdir().to_owned()).context("starting the share log")?)
+    } else {
+        None
+    };
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let blocks = generator.block_submitter();
+    let pool = Pool::new(
+        pcfg,
+        seed,
+        move |b| {
+            blocks.submit(BlockSubmission {
+                hash: b.hash,
+                height: b.height,
+                hex: b.hex,
+            });
+        },
+        share_log.as_ref().map(ShareLog::sink),
+    );
+    pool.new_template(first, Instant::now())
+        .context("building the first job")?;
+    // Hashrate sampling and the stats files (pool.status, users/<name>).
+    let stats_writer = status::start(
+        Arc::clone(&pool),
+        settings.logdir().to_owned(),
+        settings.statsupdate(),
+        started,
+    )
+    .context("starting the stats writer")?;
+
+    // The connector threads, each with its stratifier shard.
+    let handoff = settings.handoff;
+    let threads = settings.threads;
+    info!(%handoff, threads, "stratifier handoff");
+    let conns = handoff::start(handoff, settings.connector(), Arc::clone(&pool))
+        .context("starting the connector")?;
+    let io_backend = conns.backend().to_string();
+    for a in conns.local_addrs() {
+        info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");
+    }
+
+    let running = Running {
+        conns,
+        generator,
+        share_log,
+        stats_writer,
+    };
+
+    let admin_path = settings.admin_socket();
+    let (gen_link, update_rx) = GenLink::new();
+    gen_link.set_active(running.generator.active_server());
+    let admin = admin::start(
+        &admin_path,
+        admin::AdminCtx {
+            io: io_backend.clone(),
+            handoff: handoff.to_string(),
+            pool: Arc::clone(&pool),
+            generator: Arc::clone(&gen_link),
+            shutdown: Arc::clone(shutdown),
+        },
+    );
+    let admin = match admin {
+        Ok(admin) => admin,
+        Err(e) => {
+            // Miners may have found a block already: stop in order all the same.
+            running.stop();
+            return Err(e)
+                .with_context(|| format!("binding admin socket {}", admin_path.display()));
+        }
+    };
+
+    running.serve(settings, shutdown, &pool, &gen_rx, &update_rx, &gen_link);
+    // Also tells the admin thread, when the loop ended for another reason.
+    shutdown.store(true, Ordering::Relaxed);
+    info!("shutting down");
+    running.stop();
+    if admin.join().is_err() {
+        error!("the admin thread panicked");
+    }
+    info!("shutdown complete");
+    Ok(())
+}
+
+/// The parts of a running pool that must be stopped in order.
+struct Running {
+    conns: Connector<Msg>,
+    generator: Generator,
+    share_log: Option<ShareLog>,
+    stats_writer: StatusWriter,
+}
+
+impl Running {
+    /// The main loop: templates to jobs, block results, update requests, status lines. Returns
+    /// once `shutdown` is set (or the generator is gone).
+    fn serve(
+        &self,
+        settings: &Settings,
+        shutdown: &AtomicBool,
+        pool: &Pool,
+        gen_rx: &Receiver<GenEvent>,
+        update_rx: &Receiver<()>,
+        gen_link: &GenLink,
+    ) {
+        let mut last_status = Instant::now();
+        while !shutdown.load(Ordering::Relaxed) {
+            let event = crossbeam_channel::select! {
+                recv(gen_rx) -> event => Some(event.map_err(|_| ())),
+                recv(update_rx) -> _ => {
+                    self.generator.request_update();
+                    None
+                },
+                default(MAIN_LOOP_WAKE) => None,
+            };
+            gen_link.set_active(self.generator.active_server());
+            match event {
+                None => {}
+                Some(Ok(GenEvent::Template {
+                    template,
+                    new_block,
+                    server,
+                })) => match pool.new_template(template, Instant::now()) {
+                    Ok(job) => {
+                        info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.template.transactions.len(), "new job");
+                        self.conns.broadcast(Msg::Job(job));
+                    }
+                    Err(e) => error!(error = %e, "cannot build a job from the template"),
+                },
+                Some(Ok(GenEvent::ServerUp { index, url })) => info!(index, url, "bitcoind active"),
+                Some(Ok(GenEvent::NoServers)) => error!("CRITICAL: no bitcoinds active"),
+                Some(Ok(GenEvent::BlockResult {
+                    hash,
+                    height,
+                    accepted,
+                    reason,
+                })) => {
+                    // The generator has logged the outcome (with the full hex on a refusal).
+                    tracing::debug!(
+                        height,
+                        hash,
+                        accepted,
+                        reason = reason.as_deref().unwrap_or(""),
+                        "block result"
+                    );
+                }
+                Some(Err(())) => {
+                    error!("generator stopped");
+                    return;
+                }
+            }
+            if !settings.quiet && last_status.elapsed() >= Duration::from_secs(5) {
+                last_status = Instant::now();
+                let s = pool.stats();
+                info!(
+                    clients = s.clients,
+                    accepted = s.accepted,
+                    rejected = s.rejected,
+                    blocks = s.blocks.len(),
+                    height = s.job.as_ref().map_or(0, |j| j.1),
+                    "status"
+                );
+            }
+        }
+    }
+
+    /// Stops everything in the order that loses nothing (see the module's documentation).
+    fn stop(self) {
+        // No connection, no share, hence no block after this (in queue mode the stratifier
+        // threads have drained their queues too).
+        self.conns.shutdown();
+        // Submits every block still queued.
+        self.generator.shutdown();
+        if let Some(log) = self.share_log {
+            log.stop();
+        }
+        self.stats_writer.stop();
+    }
+}
+
+/// How long the main loop waits for an event before it looks at the shutdown flag again.
+const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);
+
+/// Waits for the generator's first template; `None` if `shutdown` is set first.
+fn first_template(
+    gen_rx: &Receiver<GenEvent>,
+    shutdown: &AtomicBool,
+    started: Instant,
+) -> anyhow::Result<Option<Arc<Template>>> {
+    info!("waiting for a live bitcoind");
+    let mut next_warning = started + Duration::from_secs(5);
+    while !shutdown.load(Ordering::Relaxed) {
+        match gen_rx.recv_timeout(MAIN_LOOP_WAKE) {
+            Ok(GenEvent::Template { template, .. }) => return Ok(Some(template)),
+            Ok(GenEvent::ServerUp { index, url }) => info!(index, url, "bitcoind up"),
+            Ok(GenEvent::NoServers) => warn!("CRITICAL: no bitcoinds active"),
+            Ok(GenEvent::BlockResult { .. }) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => bail!("generator stopped"),
+        }
+        if Instant::now() >= next_warning {
+            warn!("still waiting for a bitcoind to give a block template");
+            next_warning += Duration::from_secs(5);
+        }
+    }
+    Ok(None)
+}
