@@ -294,6 +294,9 @@ impl Settings {
             blockpoll: self.file.blockpoll,
             update_interval: self.file.update_interval,
             zmqblock: self.file.zmqblock.clone(),
+            // Every block candidate is written here (fsynced) before it is submitted, and what is
+            // still pending at start-up is submitted again.
+            block_dir: Some(self.file.logdir.join("blocks")),
             ..GeneratorConfig::default()
         }
     }
@@ -670,7 +673,8 @@ mod tests {
         assert_eq!(g.blockpoll, Duration::from_millis(250));
         assert_eq!(g.update_interval, Duration::from_secs(20));
         assert_eq!(g.zmqblock, None);
-        assert_eq!(g.submit_retries, GeneratorConfig::default().submit_retries);
+        assert_eq!(g.block_dir, Some(s.logdir().join("blocks")));
+        assert_eq!(g.shutdown_grace, GeneratorConfig::default().shutdown_grace);
 
         let c = s.connector();
         assert_eq!(
