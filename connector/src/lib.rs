@@ -119,6 +119,9 @@ impl Config {
         if self.listen.is_empty() {
             return invalid("connector: no listen address");
         }
+        if self.listen.len() > worker::MAX_LISTENERS {
+            return invalid("connector: at most 254 listeners");
+        }
         if self.threads == 0 || self.threads > usize::from(u16::MAX) + 1 {
             return invalid("connector: threads must be between 1 and 65536");
         }
@@ -280,6 +283,57 @@ pub enum CloseReason {
     Handler,
     /// The connector is shutting down.
     Shutdown,
+    /// The connection was handed over ([`Connector::export`]): its socket lives on elsewhere and
+    /// the peer saw no close. Given to [`Handler::on_close`] by the default
+    /// [`Handler::on_export`].
+    Exported,
+}
+
+/// A snapshot of one connector thread's counters ([`Connector::counters`]). Counts are since the
+/// thread started; each field is read on its own, so a snapshot taken while connections come and
+/// go need not add up exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCounters {
+    /// Connections open now (accepted or adopted, not yet closed or exported).
+    pub open: u64,
+    /// Connections accepted, including those refused at once (`accepted - refused` reached the
+    /// handler).
+    pub accepted: u64,
+    /// Connections closed at once because [`Config::max_conns`] was reached.
+    pub refused: u64,
+    /// Connections taken over from another instance ([`Connector::adopt`]).
+    pub adopted: u64,
+    /// Connections handed over to another instance ([`Connector::export`]).
+    pub exported: u64,
+    /// Loop rounds that kept the thread busy for 20 ms or more (each delays every connection of
+    /// the thread; logged at `info`, at most once per 10 s).
+    pub slow_rounds: u64,
+    /// Connections closed, by reason (those refused at once are not counted here).
+    pub closed: ClosedCounters,
+}
+
+/// Connections closed, by [`CloseReason`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosedCounters {
+    /// [`CloseReason::Peer`].
+    pub peer: u64,
+    /// [`CloseReason::Error`].
+    pub error: u64,
+    /// [`CloseReason::LineTooLong`].
+    pub line_too_long: u64,
+    /// [`CloseReason::Outbound`].
+    pub outbound: u64,
+    /// [`CloseReason::Handler`].
+    pub handler: u64,
+    /// [`CloseReason::Shutdown`].
+    pub shutdown: u64,
+}
+
+impl ClosedCounters {
+    /// All closes together.
+    pub fn total(&self) -> u64 {
+        self.peer + self.error + self.line_too_long + self.outbound + self.handler + self.shutdown
+    }
 }
 
 /// Runs on the connector thread that owns the connections (one handler instance per thread).
@@ -597,6 +651,14 @@ impl<M: Send + Clone + 'static> Connector<M> {
         send_to(&self.threads, thread, msg, |t| (&t.tx, &*t.shared));
     }
 
+    /// Each thread's counters, by thread index: a few atomic loads per thread, from any thread.
+    pub fn counters(&self) -> Vec<ThreadCounters> {
+        self.threads
+            .iter()
+            .map(|t| t.shared.counters.snapshot())
+            .collect()
+    }
+
     /// Sends a clone of `msg` to every thread's handler.
     pub fn broadcast(&self, msg: M) {
         broadcast_to(&self.threads, msg, |t| (&t.tx, &*t.shared));
@@ -661,6 +723,14 @@ impl<M: Send + Clone + 'static> ConnectorHandle<M> {
     /// Number of connector threads.
     pub fn threads(&self) -> usize {
         self.threads.len()
+    }
+
+    /// Like [`Connector::counters`] (still readable after the connector shut down).
+    pub fn counters(&self) -> Vec<ThreadCounters> {
+        self.threads
+            .iter()
+            .map(|(_, shared)| shared.counters.snapshot())
+            .collect()
     }
 
     /// Like [`Connector::send`].

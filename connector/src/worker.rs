@@ -4,9 +4,10 @@
 use std::collections::VecDeque;
 use std::mem;
 use std::net::SocketAddr;
+use std::num::NonZeroU8;
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -17,7 +18,7 @@ use crate::chunked::Chunked;
 use crate::framing::{self, LineTooLong};
 use crate::sendbufs::SendBufs;
 use crate::sys::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
-use crate::{Action, CloseReason, Handler, Outbox, SendBuf};
+use crate::{Action, CloseReason, ClosedCounters, Handler, Outbox, SendBuf, ThreadCounters};
 
 /// How long a handler-requested close waits for the queued bytes to be written before the
 /// connection is closed anyway (checked on ticks).
@@ -56,12 +57,92 @@ const KEEP_LIST: usize = 4096;
 const TRIM_DELAY: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
+/// The most listeners a connector serves (a connection keeps its listener's index in a byte).
+pub(crate) const MAX_LISTENERS: usize = 254;
+
+/// One thread's counters: written by that thread alone (a load and a store, no read-modify-write
+/// and no lock), read by any thread ([`Counters::snapshot`]). Updated when a connection opens or
+/// closes and once per slow round, never per line.
+#[derive(Default)]
+pub(crate) struct Counters {
+    open: AtomicU64,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    adopted: AtomicU64,
+    exported: AtomicU64,
+    slow_rounds: AtomicU64,
+    /// By [`close_index`].
+    closed: [AtomicU64; 6],
+}
+
+/// Adds one to a counter that only the calling thread writes.
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
+/// Takes one from a counter that only the calling thread writes.
+fn drop_one(c: &AtomicU64) {
+    c.store(
+        c.load(Ordering::Relaxed).saturating_sub(1),
+        Ordering::Relaxed,
+    );
+}
+
+/// The index of `reason` in [`Counters::closed`] (`None`: not a close, see
+/// [`CloseReason::Exported`]).
+fn close_index(reason: CloseReason) -> Option<usize> {
+    Some(match reason {
+        CloseReason::Peer => 0,
+        CloseReason::Error(_) => 1,
+        CloseReason::LineTooLong => 2,
+        CloseReason::Outbound => 3,
+        CloseReason::Handler => 4,
+        CloseReason::Shutdown => 5,
+        CloseReason::Exported => return None,
+    })
+}
+
+impl Counters {
+    /// The counters now (each read on its own: they are not one consistent cut).
+    pub(crate) fn snapshot(&self) -> ThreadCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let [peer, error, line_too_long, outbound, handler, shutdown] = &self.closed;
+        ThreadCounters {
+            open: get(&self.open),
+            accepted: get(&self.accepted),
+            refused: get(&self.refused),
+            adopted: get(&self.adopted),
+            exported: get(&self.exported),
+            slow_rounds: get(&self.slow_rounds),
+            closed: ClosedCounters {
+                peer: get(peer),
+                error: get(error),
+                line_too_long: get(line_too_long),
+                outbound: get(outbound),
+                handler: get(handler),
+                shutdown: get(shutdown),
+            },
+        }
+    }
+
+    /// A connection went away for `reason`.
+    fn closed(&self, reason: CloseReason) {
+        drop_one(&self.open);
+        match close_index(reason).and_then(|i| self.closed.get(i)) {
+            Some(c) => bump(c),
+            None => bump(&self.exported),
+        }
+    }
+}
+
 /// State shared between a connector thread and the [`crate::Connector`] that controls it.
 pub(crate) struct Shared {
     pub(crate) waker: Arc<Waker>,
     /// Set by the thread just before it may block in the backend.
     parked: AtomicBool,
     stop: AtomicBool,
+    /// The thread's counters.
+    pub(crate) counters: Counters,
 }
 
 impl Shared {
@@ -70,6 +151,7 @@ impl Shared {
             waker,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            counters: Counters::default(),
         }
     }
 
@@ -221,7 +303,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             self.end_batch(now);
             self.flush(now);
-            self.slow.check(self.thread, now, events);
+            if self.slow.check(self.thread, now, events) {
+                bump(&self.shared.counters.slow_rounds);
+            }
         }
         self.shared.parked.store(false, Ordering::SeqCst);
         let now = Instant::now();
@@ -302,7 +386,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn open(&mut self, now: Instant, listener: ListenerId, sock: B::Socket, peer: SocketAddr) {
-        let Some(id) = self.conns.insert(self.thread, Conn::new(Peer::from(peer))) else {
+        let Some(id) = self
+            .conns
+            .insert(self.thread, Conn::new(Peer::from(peer), listener.0))
+        else {
             warn!(%peer, "connection table full; dropping connection");
             return;
         };
@@ -311,6 +398,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             warn!(%peer, error = %e, "could not register connection");
             return;
         }
+        bump(&self.shared.counters.accepted);
         let open = self.limits.open.fetch_add(1, Ordering::Relaxed);
         if let Some(max) = self.limits.max_conns
             && open >= max
@@ -322,6 +410,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.conns.remove(id);
             self.backend.close(id);
             self.refused += 1;
+            bump(&self.shared.counters.refused);
             if self
                 .refused_warned
                 .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
@@ -338,6 +427,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             return;
         }
+        bump(&self.shared.counters.open);
         debug!(conn = %id, %peer, listener = listener.0, "connection opened");
         self.handler
             .on_open(now, id, peer, listener.0, &mut self.out);
@@ -395,7 +485,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         result: std::io::Result<usize>,
     ) {
         if let Some(c) = self.conns.get_mut(conn) {
-            c.sending = false;
+            c.set_sending(false);
             match result {
                 Ok(n) => {
                     c.queued = c
@@ -414,8 +504,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                         .pending
                         .as_deref()
                         .is_some_and(|p| !p.queue.is_empty() || p.close_by.is_some());
-                    if more && !c.dirty {
-                        c.dirty = true;
+                    if more && !c.dirty() {
+                        c.set_dirty(true);
                         self.dirty.push(conn);
                     }
                     // Everything is written and nothing else is pending: an idle connection
@@ -531,8 +621,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             p.queue.give_room(room);
         }
         p.queue.push(buf);
-        if !c.dirty {
-            c.dirty = true;
+        if !c.dirty() {
+            c.set_dirty(true);
             self.dirty.push(id);
         }
     }
@@ -548,8 +638,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         p.close_by = Some(now + CLOSE_LINGER);
         p.partial = Vec::new();
         self.closing.push(id);
-        if !c.dirty {
-            c.dirty = true;
+        if !c.dirty() {
+            c.set_dirty(true);
             self.dirty.push(id);
         }
     }
@@ -561,8 +651,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            c.dirty = false;
-            if c.sending {
+            c.set_dirty(false);
+            if c.sending() {
                 continue;
             }
             let Some(p) = c.pending.as_deref_mut() else {
@@ -582,7 +672,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                     offset: mem::take(&mut p.offset),
                     written: 0,
                 };
-                c.sending = true;
+                c.set_sending(true);
                 // The common case (a notify, a reply) leaves nothing pending: the box goes back
                 // to the spares for the next connection in this round.
                 c.release_if_idle(&mut self.spare_pending);
@@ -606,8 +696,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.spare_pending.put(p);
         }
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        self.shared.counters.closed(reason);
         self.backend.close(id);
-        debug!(conn = %id, peer = %conn.peer, ?reason, "connection closed");
+        debug!(conn = %id, peer = %conn.peer, listener = conn.listener(), ?reason, "connection closed");
         self.handler.on_close(now, id, reason);
         self.resume_accepts();
     }
@@ -628,6 +719,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         for id in self.conns.ids(self.thread) {
             if self.conns.remove(id).is_some() {
                 self.limits.open.fetch_sub(1, Ordering::Relaxed);
+                self.shared.counters.closed(reason);
                 self.backend.close(id);
                 self.handler.on_close(now, id, reason);
             }
@@ -648,11 +740,12 @@ struct SlowRounds {
 }
 
 impl SlowRounds {
-    /// `started`: when the round's work began; `events`: completions it handled.
-    fn check(&mut self, thread: u16, started: Instant, events: usize) {
+    /// `started`: when the round's work began; `events`: completions it handled. Returns whether
+    /// the round was slow.
+    fn check(&mut self, thread: u16, started: Instant, events: usize) -> bool {
         let took = started.elapsed();
         if took < SLOW_ROUND {
-            return;
+            return false;
         }
         self.unlogged += 1;
         self.longest = self.longest.max(took);
@@ -661,7 +754,7 @@ impl SlowRounds {
             .warned
             .is_some_and(|t| now.duration_since(t) < SLOW_WARN_EVERY)
         {
-            return;
+            return true;
         }
         info!(
             thread,
@@ -675,6 +768,7 @@ impl SlowRounds {
         self.warned = Some(now);
         self.unlogged = 0;
         self.longest = Duration::ZERO;
+        true
     }
 }
 
@@ -687,20 +781,60 @@ struct Conn {
     peer: Peer,
     /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
     queued: u32,
-    /// Whether a send is in flight.
-    sending: bool,
-    /// Whether the connection is in the dirty list.
-    dirty: bool,
+    /// [`SENDING`] and [`DIRTY`].
+    flags: u8,
+    /// The listener it came from, plus one (at most [`MAX_LISTENERS`] listeners; the niche also
+    /// keeps `Option<Conn>` at 32 bytes).
+    listener: NonZeroU8,
 }
 
+/// [`Conn::flags`]: a send is in flight.
+const SENDING: u8 = 1;
+/// [`Conn::flags`]: the connection is in the dirty list.
+const DIRTY: u8 = 2;
+
 impl Conn {
-    fn new(peer: Peer) -> Self {
+    fn new(peer: Peer, listener: usize) -> Self {
         Self {
             pending: None,
             peer,
             queued: 0,
-            sending: false,
-            dirty: false,
+            flags: 0,
+            listener: u8::try_from(listener.saturating_add(1))
+                .ok()
+                .and_then(NonZeroU8::new)
+                .unwrap_or(NonZeroU8::MAX),
+        }
+    }
+
+    /// The index of the listener it came from.
+    fn listener(&self) -> usize {
+        usize::from(self.listener.get() - 1)
+    }
+
+    /// Whether a send is in flight.
+    fn sending(&self) -> bool {
+        self.flags & SENDING != 0
+    }
+
+    fn set_sending(&mut self, on: bool) {
+        self.set_flag(SENDING, on);
+    }
+
+    /// Whether the connection is in the dirty list.
+    fn dirty(&self) -> bool {
+        self.flags & DIRTY != 0
+    }
+
+    fn set_dirty(&mut self, on: bool) {
+        self.set_flag(DIRTY, on);
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
         }
     }
 
@@ -1123,11 +1257,11 @@ mod tests {
         // for the next connection that queues something.
         assert!(w.pending(id).is_none());
         assert_eq!(w.spare_pending.boxes.len(), 1);
-        assert_eq!((w.conn(id).queued, w.conn(id).sending), (7, true));
+        assert_eq!((w.conn(id).queued, w.conn(id).sending()), (7, true));
         assert_eq!(w.backend.sent.front().map(|(_, op)| op.bufs.len()), Some(1));
         assert_eq!(w.finish_send(now, None), b"notify\n");
         assert!(w.pending(id).is_none());
-        assert_eq!((w.conn(id).queued, w.conn(id).sending), (0, false));
+        assert_eq!((w.conn(id).queued, w.conn(id).sending()), (0, false));
         assert!(w.dirty.is_empty());
 
         // The next send reuses the spare box rather than allocating one.
