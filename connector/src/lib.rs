@@ -50,6 +50,7 @@ mod worker;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -62,13 +63,22 @@ pub use ids::ConnId;
 pub use outbox::{Action, Outbox, SendBuf};
 
 use crate::sys::{Backend, Waker, WithBackend};
-use crate::worker::{Limits, Shared, Worker};
+use crate::worker::{Control, Limits, Shared, Worker};
 
 /// Connector settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Addresses to listen on (at least one); port 0 picks a free port, the same for every thread.
+    /// Addresses to listen on; port 0 picks a free port, the same for every thread. Each thread
+    /// binds its own `SO_REUSEPORT` socket per address, after checking that no other socket
+    /// listens there. There must be at least one listener here or in [`Config::inherited`].
     pub listen: Vec<SocketAddr>,
+    /// Listening sockets already bound (handed over by an earlier instance, or by a service
+    /// manager), served as they are: nothing is bound, and the check that the address is free is
+    /// not made. Every thread serves each of them (on a duplicate descriptor of the same socket),
+    /// so connections in that socket's accept queue go to whichever thread accepts first. Their
+    /// listener indices follow those of [`Config::listen`] (`listen.len() + i` for the `i`-th).
+    /// At most 254 listeners in all.
+    pub inherited: Vec<InheritedListener>,
     /// Number of connector threads (one per core by default; at most 65,536).
     pub threads: usize,
     /// Maximum line length in bytes, without the `"\n"` or `"\r\n"`; a longer line closes the
@@ -99,6 +109,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 3333))],
+            inherited: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             max_line: 16 * 1024,
             max_outbound: 1024 * 1024,
@@ -116,10 +127,11 @@ impl Config {
     fn validate(&self) -> io::Result<()> {
         let invalid =
             |what: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, what.to_owned()));
-        if self.listen.is_empty() {
+        let listeners = self.listen.len() + self.inherited.len();
+        if listeners == 0 {
             return invalid("connector: no listen address");
         }
-        if self.listen.len() > worker::MAX_LISTENERS {
+        if listeners > worker::MAX_LISTENERS {
             return invalid("connector: at most 254 listeners");
         }
         if self.threads == 0 || self.threads > usize::from(u16::MAX) + 1 {
@@ -132,6 +144,33 @@ impl Config {
             return invalid("connector: tick must be positive");
         }
         self.uring.validate()
+    }
+}
+
+/// A listening TCP socket that is already bound, for [`Config::inherited`]; cheap to clone (the
+/// clones share the descriptor, which is closed when the last clone and the connector that
+/// serves it are gone).
+#[derive(Clone, Debug)]
+pub struct InheritedListener(Arc<OwnedFd>);
+
+impl InheritedListener {
+    /// The descriptor.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl From<OwnedFd> for InheritedListener {
+    /// A listening socket's descriptor (e.g. received over `SCM_RIGHTS`); [`start`] checks that it
+    /// is a listening TCP socket.
+    fn from(fd: OwnedFd) -> Self {
+        Self(Arc::new(fd))
+    }
+}
+
+impl From<std::net::TcpListener> for InheritedListener {
+    fn from(listener: std::net::TcpListener) -> Self {
+        Self(Arc::new(OwnedFd::from(listener)))
     }
 }
 
@@ -378,6 +417,75 @@ pub trait Handler: Send + 'static {
     fn on_batch_end(&mut self, now: Instant, out: &mut Outbox) {
         let _ = (now, out);
     }
+
+    /// The connection is being handed over to another instance ([`Connector::export`]): its
+    /// socket leaves this one, still open, and its id is stale from now on. Called instead of
+    /// [`Handler::on_close`]; whatever the handler puts in `state` travels with the connection
+    /// ([`ConnState::user`]) and is given to the adopting handler's [`Handler::on_adopt`].
+    ///
+    /// The default calls [`Handler::on_close`] with [`CloseReason::Exported`] and adds nothing.
+    fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        let _ = state;
+        self.on_close(now, conn, CloseReason::Exported);
+    }
+
+    /// A connection handed over by another instance was adopted ([`Connector::adopt`]): like
+    /// [`Handler::on_open`], with `state` as the exporting handler left it
+    /// ([`Handler::on_export`]). The bytes it had not yet sent are already queued (they go
+    /// first), and its partial line is the start of its input.
+    ///
+    /// The default calls [`Handler::on_open`].
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        state: &[u8],
+        out: &mut Outbox,
+    ) {
+        let _ = state;
+        self.on_open(now, conn, peer, listener, out);
+    }
+}
+
+/// What a thread found when it finished quiescing ([`Connector::quiesce`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuiesceReport {
+    /// Connections the thread holds.
+    pub connections: usize,
+    /// Bytes queued for them and not written (they travel with an export).
+    pub unsent: u64,
+    /// Whether every queued byte was written before the deadline (otherwise the sends still in
+    /// flight were cancelled and the rest is `unsent`).
+    pub flushed: bool,
+}
+
+/// The state of a connection that travels with its socket from one instance to another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnState {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The listener it was accepted on (an index into the exporting instance's listeners).
+    pub listener: usize,
+    /// The line read so far and not terminated: the start of the adopted connection's input.
+    pub partial: Vec<u8>,
+    /// Bytes queued and not written, in order: written first by the adopting instance.
+    pub unsent: Vec<u8>,
+    /// What the exporting handler added ([`Handler::on_export`]), for [`Handler::on_adopt`].
+    pub user: Vec<u8>,
+}
+
+/// A connection taken out of a connector by [`Connector::export`]: its socket, open (a regular
+/// descriptor of this process, close-on-exec), and its state.
+#[derive(Debug)]
+pub struct ExportedConn {
+    /// Its id in the exporting connector (stale there from now on).
+    pub conn: ConnId,
+    /// The socket.
+    pub fd: OwnedFd,
+    /// Its state.
+    pub state: ConnState,
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
@@ -541,6 +649,18 @@ where
             per_thread.push(sock);
         }
     }
+    // Inherited listeners: every thread gets its own descriptor of the one socket (epoll sets
+    // and rings watch descriptors; a duplicate is closed with its thread's backend).
+    for inherited in &cfg.inherited {
+        let (sock, local) = sys::inherited_listener(&inherited.0)?;
+        addrs.push(local);
+        for per_thread in listeners.iter_mut().skip(1) {
+            per_thread.push(sock.try_clone()?);
+        }
+        if let Some(first) = listeners.first_mut() {
+            first.push(sock);
+        }
+    }
 
     let limits = Limits {
         max_line: cfg.max_line,
@@ -549,11 +669,17 @@ where
         max_conns: cfg.max_conns,
         open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
-    let listen_count = cfg.listen.len();
+    let listen_count = cfg.listen.len() + cfg.inherited.len();
+    // A descriptor of each listener kept here, to hand over ([`Connector::listeners`]).
+    let kept = listeners
+        .first()
+        .map(|socks| socks.iter().map(socket2::Socket::try_clone).collect())
+        .unwrap_or_else(|| Ok(Vec::new()))?;
     let pin = cfg.pin;
     let mut connector = Connector {
         threads: Vec::with_capacity(cfg.threads),
         addrs,
+        kept,
         backend: kind,
     };
     for (t, socks) in listeners.into_iter().enumerate() {
@@ -561,6 +687,7 @@ where
         let waker = Arc::new(Waker::new()?);
         let shared = Arc::new(Shared::new(Arc::clone(&waker)));
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         // The backend is created on its own thread (an io_uring ring belongs to the thread that
         // submits to it), which reports how that went before this goes on.
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<io::Result<()>>(1);
@@ -589,7 +716,7 @@ where
                     thread,
                     backend,
                     handler,
-                    rx,
+                    (rx, ctl_rx),
                     worker_shared,
                     limits,
                     listen_count,
@@ -599,6 +726,7 @@ where
         // On an error from here on, dropping `connector` stops and joins the threads started.
         connector.threads.push(ThreadHandle {
             tx,
+            ctl: ctl_tx,
             shared,
             join: Some(join),
         });
@@ -619,11 +747,14 @@ where
 pub struct Connector<M> {
     threads: Vec<ThreadHandle<M>>,
     addrs: Vec<SocketAddr>,
+    /// A descriptor of each listening socket (of the first thread's, for `listen` addresses).
+    kept: Vec<socket2::Socket>,
     backend: BackendKind,
 }
 
 struct ThreadHandle<M> {
     tx: Sender<M>,
+    ctl: Sender<Control>,
     shared: Arc<Shared>,
     join: Option<JoinHandle<()>>,
 }
@@ -634,9 +765,23 @@ impl<M: Send + Clone + 'static> Connector<M> {
         self.threads.len()
     }
 
-    /// The bound addresses, one per [`Config::listen`] entry (with the real port when it was 0).
+    /// The listeners' addresses, by listener index: one per [`Config::listen`] entry (with the
+    /// real port when it was 0), then one per [`Config::inherited`] socket.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.addrs.clone()
+    }
+
+    /// A new descriptor of each listening socket, by listener index, to hand to another instance
+    /// (which serves them with [`Config::inherited`]). For a [`Config::listen`] address this is
+    /// the first thread's `SO_REUSEPORT` socket: the kernel keeps spreading new connections over
+    /// every socket of that group, so this instance should stop accepting
+    /// ([`Connector::quiesce`]) and be gone soon after; connections waiting in the accept queue
+    /// of one of its other sockets when it exits are reset.
+    pub fn listeners(&self) -> io::Result<Vec<OwnedFd>> {
+        self.kept
+            .iter()
+            .map(|s| s.try_clone().map(OwnedFd::from))
+            .collect()
     }
 
     /// The backend the threads run: [`BackendKind::Epoll`] or [`BackendKind::Uring`], never
@@ -672,6 +817,102 @@ impl<M: Send + Clone + 'static> Connector<M> {
                 .iter()
                 .map(|t| (t.tx.clone(), Arc::clone(&t.shared)))
                 .collect(),
+        }
+    }
+
+    /// The first step of a handover: every thread stops accepting and reading, and writes what
+    /// is queued. Returns once every thread has written everything, or at `deadline`, when the
+    /// sends still in flight are cancelled (what they did not write stays queued: it travels
+    /// with [`Connector::export`]); a thread whose cancellations do not finish within a second
+    /// after that reports anyway, with `flushed` false. One report per thread.
+    ///
+    /// From then on the threads write nothing and read nothing: handlers still get messages
+    /// and ticks, and what they queue is kept for the export. [`Connector::resume`] undoes it.
+    /// Must not be called from a connector thread (it waits for them all).
+    pub fn quiesce(&self, deadline: Instant) -> Vec<QuiesceReport> {
+        let replies: Vec<_> = self
+            .threads
+            .iter()
+            .map(|t| {
+                let (reply, rx) = crossbeam_channel::bounded(1);
+                self.control(t, Control::Quiesce { deadline, reply });
+                rx
+            })
+            .collect();
+        replies
+            .into_iter()
+            .map(|rx| rx.recv().unwrap_or_default())
+            .collect()
+    }
+
+    /// Takes a quiesce back (a handover that failed before its commit point): the threads
+    /// accept, read and write again. Returns at once.
+    pub fn resume(&self) {
+        for t in &self.threads {
+            self.control(t, Control::Resume);
+        }
+    }
+
+    /// Takes up to `max` connections out of a quiesced connector (thread 0's first), each with
+    /// its socket and state, calling [`Handler::on_export`] for each. Call it again for the next
+    /// batch; an empty result means none is left. Batches keep the descriptors this process
+    /// holds at once under `RLIMIT_NOFILE` (on io_uring a connection has no regular descriptor
+    /// until it is exported: one is installed with `IORING_OP_FIXED_FD_INSTALL` and its table
+    /// slot freed): hand a batch over and close it before asking for the next.
+    ///
+    /// Fails with `InvalidInput` unless [`Connector::quiesce`] returned before, and with
+    /// `Unsupported` when io_uring cannot install descriptors on this kernel (Linux 6.8 is
+    /// needed), leaving every connection in place. A connection whose socket cannot be
+    /// exported is closed ([`CloseReason::Error`]) and left out. Connections whose handler
+    /// asked for a close are closed, not exported. Must not be called from a connector thread.
+    pub fn export(&self, max: usize) -> io::Result<Vec<ExportedConn>> {
+        let mut all = Vec::new();
+        for t in &self.threads {
+            let want = max.saturating_sub(all.len());
+            if want == 0 {
+                break;
+            }
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            self.control(t, Control::Export { max: want, reply });
+            let batch = rx
+                .recv()
+                .map_err(|_| io::Error::other("a connector thread has stopped"))??;
+            all.extend(batch);
+        }
+        Ok(all)
+    }
+
+    /// Installs connections exported by another instance on thread `thread` (one of the
+    /// adopting connector's threads, wrapping around): each socket joins the thread's backend
+    /// (on io_uring as a direct descriptor; the descriptor given here is closed), its unsent
+    /// bytes are queued first, its partial line starts its input, [`Handler::on_adopt`] runs,
+    /// and reading resumes (unless this connector is quiesced). Returns each connection's new id
+    /// or why it could not be adopted (its socket is then closed), in order.
+    ///
+    /// Adopted connections count towards [`Config::max_conns`] but are never refused. Must not
+    /// be called from a connector thread.
+    pub fn adopt(
+        &self,
+        thread: usize,
+        conns: Vec<(OwnedFd, ConnState)>,
+    ) -> Vec<io::Result<ConnId>> {
+        let count = conns.len();
+        let gone = || {
+            (0..count)
+                .map(|_| Err(io::Error::other("the connector thread has stopped")))
+                .collect()
+        };
+        let Some(t) = self.threads.get(thread % self.threads.len().max(1)) else {
+            return gone();
+        };
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.control(t, Control::Adopt { conns, reply });
+        rx.recv().unwrap_or_else(|_| gone())
+    }
+
+    fn control(&self, t: &ThreadHandle<M>, ctl: Control) {
+        if t.ctl.send(ctl).is_ok() {
+            t.shared.notify();
         }
     }
 

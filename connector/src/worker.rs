@@ -2,15 +2,17 @@
 //! queues, messages and ticks.
 
 use std::collections::VecDeque;
+use std::io;
 use std::mem;
 use std::net::SocketAddr;
 use std::num::NonZeroU8;
 use std::ops::ControlFlow;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use ids::{ConnId, Peer};
 use tracing::{debug, error, info, warn};
 
@@ -18,7 +20,10 @@ use crate::chunked::Chunked;
 use crate::framing::{self, LineTooLong};
 use crate::sendbufs::SendBufs;
 use crate::sys::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
-use crate::{Action, CloseReason, ClosedCounters, Handler, Outbox, SendBuf, ThreadCounters};
+use crate::{
+    Action, CloseReason, ClosedCounters, ConnState, ExportedConn, Handler, Outbox, QuiesceReport,
+    SendBuf, ThreadCounters,
+};
 
 /// How long a handler-requested close waits for the queued bytes to be written before the
 /// connection is closed anyway (checked on ticks).
@@ -56,6 +61,42 @@ const ROUND_FLUSH: usize = 64;
 const KEEP_LIST: usize = 4096;
 const TRIM_DELAY: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// How long after a quiesce's deadline a thread waits for its cancelled sends to come back.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+/// How often a quiescing thread checks whether it is done.
+const QUIESCE_CHECK: Duration = Duration::from_millis(5);
+
+/// A request from the [`crate::Connector`] to one thread (a handover's steps).
+pub(crate) enum Control {
+    /// Stop accepting and reading, write what is queued; reply when done or at the deadline.
+    Quiesce {
+        deadline: Instant,
+        reply: Sender<QuiesceReport>,
+    },
+    /// Undo a quiesce.
+    Resume,
+    /// Take up to `max` connections out (after a quiesce).
+    Export {
+        max: usize,
+        reply: Sender<io::Result<Vec<ExportedConn>>>,
+    },
+    /// Install connections exported elsewhere.
+    Adopt {
+        conns: Vec<(OwnedFd, ConnState)>,
+        reply: Sender<Vec<io::Result<ConnId>>>,
+    },
+}
+
+/// A quiesce in progress.
+struct Quiescing {
+    deadline: Instant,
+    reply: Sender<QuiesceReport>,
+    /// The deadline passed and the sends in flight were cancelled.
+    cancelled: bool,
+    /// When to check next.
+    next_check: Instant,
+}
 
 /// The most listeners a connector serves (a connection keeps its listener's index in a byte).
 pub(crate) const MAX_LISTENERS: usize = 254;
@@ -191,6 +232,7 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     backend: B,
     handler: H,
     rx: Receiver<H::Msg>,
+    ctl: Receiver<Control>,
     shared: Arc<Shared>,
     limits: Limits,
     conns: Slab,
@@ -219,6 +261,13 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// When to give free heap pages back after a big round, and when that was last done.
     trim_at: Option<Instant>,
     trimmed: Option<Instant>,
+    /// Accepting and reading are stopped (a quiesce).
+    stopped: bool,
+    /// Nothing is written: queued bytes are kept for an export (a quiesce past its deadline or
+    /// finished).
+    hold: bool,
+    /// The quiesce in progress.
+    quiescing: Option<Quiescing>,
 }
 
 impl<B: Backend, H: Handler> Worker<B, H> {
@@ -226,7 +275,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         thread: u16,
         backend: B,
         handler: H,
-        rx: Receiver<H::Msg>,
+        (rx, ctl): (Receiver<H::Msg>, Receiver<Control>),
         shared: Arc<Shared>,
         limits: Limits,
         listeners: usize,
@@ -236,6 +285,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             backend,
             handler,
             rx,
+            ctl,
             shared,
             limits,
             conns: Slab::default(),
@@ -253,6 +303,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             spare_rooms: Vec::new(),
             trim_at: None,
             trimmed: None,
+            stopped: false,
+            hold: false,
+            quiescing: None,
         }
     }
 
@@ -271,8 +324,11 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             if self.shared.stop.load(Ordering::SeqCst) {
                 break;
             }
-            if !self.rx.is_empty() {
+            if !self.rx.is_empty() || !self.ctl.is_empty() {
                 timeout = Duration::ZERO;
+            }
+            if let Some(q) = &self.quiescing {
+                timeout = timeout.min(q.next_check.saturating_duration_since(Instant::now()));
             }
             let mut done = mem::take(&mut self.completions);
             let result = self.backend.complete(Some(timeout), &mut done);
@@ -294,6 +350,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 return;
             }
             self.drain_messages(now);
+            self.drain_control(now);
             if now >= next_tick {
                 self.tick(now);
                 next_tick += tick;
@@ -303,6 +360,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             self.end_batch(now);
             self.flush(now);
+            if self.quiescing.is_some() {
+                self.check_quiesce();
+            }
             if self.slow.check(self.thread, now, events) {
                 bump(&self.shared.counters.slow_rounds);
             }
@@ -368,7 +428,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                             *p = true;
                             self.any_paused = true;
                         }
-                    } else {
+                    } else if !self.stopped {
                         self.backend.accept(listener);
                     }
                 }
@@ -432,7 +492,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         self.handler
             .on_open(now, id, peer, listener.0, &mut self.out);
         self.apply_outbox(now);
-        if self.conns.get_mut(id).is_some() {
+        if !self.stopped && self.conns.get_mut(id).is_some() {
             self.backend.recv(id);
         }
     }
@@ -535,6 +595,279 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.handler.on_msg(now, msg, &mut self.out);
             self.apply_outbox(now);
         }
+    }
+
+    fn drain_control(&mut self, now: Instant) {
+        while let Ok(ctl) = self.ctl.try_recv() {
+            match ctl {
+                Control::Quiesce { deadline, reply } => self.start_quiesce(now, deadline, reply),
+                Control::Resume => self.resume(),
+                Control::Export { max, reply } => {
+                    let exported = self.export(now, max);
+                    let _ = reply.send(exported);
+                }
+                Control::Adopt { conns, reply } => {
+                    let adopted = self.adopt(now, conns);
+                    let _ = reply.send(adopted);
+                }
+            }
+        }
+    }
+
+    /// Stops accepting and reading; [`Worker::check_quiesce`] finishes the quiesce.
+    fn start_quiesce(&mut self, now: Instant, deadline: Instant, reply: Sender<QuiesceReport>) {
+        if !self.stopped {
+            self.stopped = true;
+            self.backend.stop_accepts();
+            for id in self.conns.ids(self.thread) {
+                self.backend.stop_recv(id);
+            }
+        }
+        // Bytes held by an earlier quiesce are written again until the deadline.
+        self.hold = false;
+        debug!(thread = self.thread, "quiescing");
+        // A quiesce still in progress is replaced; its caller gets an empty report.
+        self.quiescing = Some(Quiescing {
+            deadline,
+            reply,
+            cancelled: false,
+            next_check: now,
+        });
+    }
+
+    /// Reports the quiesce done once everything queued is written and the backend has stopped
+    /// accepting and receiving; at the deadline, cancels the sends still in flight and reports
+    /// once they are back (or [`CANCEL_GRACE`] later).
+    fn check_quiesce(&mut self) {
+        let now = Instant::now();
+        let Some(q) = &mut self.quiescing else {
+            return;
+        };
+        if now < q.next_check {
+            return;
+        }
+        q.next_check = now + QUIESCE_CHECK;
+        let (mut connections, mut unsent, mut sending) = (0, 0u64, false);
+        for c in self.conns.values() {
+            connections += 1;
+            unsent += u64::from(c.queued);
+            sending |= c.sending();
+        }
+        let settled = self.backend.settled();
+        let flushed = if !q.cancelled {
+            if unsent == 0 && settled {
+                Some(true)
+            } else if now >= q.deadline {
+                q.cancelled = true;
+                self.hold = true;
+                for id in self.conns.ids(self.thread) {
+                    if self.conns.get_mut(id).is_some_and(|c| c.sending()) {
+                        self.backend.cancel_send(id);
+                    }
+                }
+                None
+            } else {
+                None
+            }
+        } else if (!sending && settled) || now >= q.deadline + CANCEL_GRACE {
+            if sending || !settled {
+                warn!(
+                    thread = self.thread,
+                    "quiesce: operations still in flight after cancellation; reporting anyway"
+                );
+            }
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(flushed) = flushed
+            && let Some(q) = self.quiescing.take()
+        {
+            self.hold = true;
+            debug!(
+                thread = self.thread,
+                connections, unsent, flushed, "quiesced"
+            );
+            let _ = q.reply.send(QuiesceReport {
+                connections,
+                unsent,
+                flushed,
+            });
+        }
+    }
+
+    /// Undoes a quiesce: accepting, reading and writing again.
+    fn resume(&mut self) {
+        self.quiescing = None;
+        self.hold = false;
+        if !self.stopped {
+            return;
+        }
+        self.stopped = false;
+        self.any_paused = false;
+        for (l, paused) in self.paused.iter_mut().enumerate() {
+            *paused = false;
+            self.backend.accept(ListenerId(l));
+        }
+        for id in self.conns.ids(self.thread) {
+            self.backend.recv(id);
+        }
+        debug!(thread = self.thread, "resumed");
+    }
+
+    /// Takes up to `max` connections out, with their sockets (see [`crate::Connector::export`]).
+    fn export(&mut self, now: Instant, max: usize) -> io::Result<Vec<ExportedConn>> {
+        if !self.hold || self.quiescing.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "connector: quiesce before exporting connections",
+            ));
+        }
+        self.backend.can_export()?;
+        let mut ids = Vec::new();
+        let mut states = Vec::new();
+        for id in self.conns.ids(self.thread) {
+            if ids.len() >= max {
+                break;
+            }
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.sending() {
+                // The kernel never gave this send back: the connection stays.
+                continue;
+            }
+            if c.close_by().is_some() {
+                self.close(now, id, CloseReason::Handler);
+                continue;
+            }
+            let Some(mut conn) = self.conns.remove(id) else {
+                continue;
+            };
+            let (partial, unsent) = match conn.pending.take() {
+                Some(mut p) => {
+                    let partial = mem::take(&mut p.partial);
+                    let mut unsent = Vec::with_capacity(usize::try_from(conn.queued).unwrap_or(0));
+                    for (i, buf) in p.queue.iter().enumerate() {
+                        let bytes = buf.as_slice();
+                        let bytes = if i == 0 {
+                            bytes.get(p.offset..).unwrap_or(&[])
+                        } else {
+                            bytes
+                        };
+                        unsent.extend_from_slice(bytes);
+                    }
+                    self.spare_pending.put(p);
+                    (partial, unsent)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            self.limits.open.fetch_sub(1, Ordering::Relaxed);
+            ids.push(id);
+            states.push(ConnState {
+                peer: conn.peer.addr(),
+                listener: conn.listener(),
+                partial,
+                unsent,
+                user: Vec::new(),
+            });
+        }
+        let fds = self.backend.export(&ids);
+        let mut exported = Vec::with_capacity(ids.len());
+        for ((id, fd), mut state) in ids.into_iter().zip(fds).zip(states) {
+            match fd {
+                Ok(fd) => {
+                    self.shared.counters.closed(CloseReason::Exported);
+                    self.handler.on_export(now, id, &mut state.user);
+                    exported.push(ExportedConn {
+                        conn: id,
+                        fd,
+                        state,
+                    });
+                }
+                Err(e) => {
+                    warn!(conn = %id, peer = %state.peer, error = %e, "could not export a connection; it is closed");
+                    let reason = CloseReason::Error(e.kind());
+                    self.shared.counters.closed(reason);
+                    self.handler.on_close(now, id, reason);
+                }
+            }
+        }
+        debug!(
+            thread = self.thread,
+            exported = exported.len(),
+            "connections exported"
+        );
+        Ok(exported)
+    }
+
+    /// Installs connections exported elsewhere (see [`crate::Connector::adopt`]).
+    fn adopt(&mut self, now: Instant, conns: Vec<(OwnedFd, ConnState)>) -> Vec<io::Result<ConnId>> {
+        let (fds, states): (Vec<OwnedFd>, Vec<ConnState>) = conns.into_iter().unzip();
+        let count = states.len();
+        let mut socks = self.backend.adopt(fds).into_iter();
+        let mut results = Vec::with_capacity(count);
+        for state in states {
+            let result = match socks.next() {
+                Some(sock) => sock.and_then(|sock| self.adopt_one(now, sock, state)),
+                None => Err(io::Error::other("the backend did not take the socket")),
+            };
+            if let Err(e) = &result {
+                warn!(error = %e, "could not adopt a connection; it is closed");
+            }
+            results.push(result);
+        }
+        self.apply_outbox(now);
+        results
+    }
+
+    fn adopt_one(&mut self, now: Instant, sock: B::Socket, state: ConnState) -> io::Result<ConnId> {
+        if state.listener >= MAX_LISTENERS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an adopted connection's listener index is out of range",
+            ));
+        }
+        let ConnState {
+            peer,
+            listener,
+            partial,
+            unsent,
+            user,
+        } = state;
+        let id = self
+            .conns
+            .insert(self.thread, Conn::new(Peer::from(peer), listener))
+            .ok_or_else(|| io::Error::other("connection table full"))?;
+        if let Err(e) = self.backend.open(id, sock) {
+            self.conns.remove(id);
+            return Err(e);
+        }
+        self.limits.open.fetch_add(1, Ordering::Relaxed);
+        bump(&self.shared.counters.open);
+        bump(&self.shared.counters.adopted);
+        if let Some(c) = self.conns.get_mut(id)
+            && (!partial.is_empty() || !unsent.is_empty())
+        {
+            let queued = u32::try_from(unsent.len()).unwrap_or(u32::MAX);
+            let p = c.pending_mut(&mut self.spare_pending);
+            p.partial = partial;
+            if !unsent.is_empty() {
+                // First in the queue: before anything the handler sends.
+                p.queue.push(SendBuf::from(unsent));
+                c.queued = queued;
+                c.set_dirty(true);
+                self.dirty.push(id);
+            }
+        }
+        debug!(conn = %id, %peer, listener, "connection adopted");
+        self.handler
+            .on_adopt(now, id, peer, listener, &user, &mut self.out);
+        self.apply_outbox(now);
+        if !self.stopped && self.conns.get_mut(id).is_some() {
+            self.backend.recv(id);
+        }
+        Ok(id)
     }
 
     fn tick(&mut self, now: Instant) {
@@ -646,6 +979,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
 
     /// Starts writing queued bytes and finishes closes whose bytes are written.
     fn flush(&mut self, now: Instant) {
+        if self.hold {
+            // Quiesced: what is queued stays for an export (the list is kept for a resume).
+            return;
+        }
         let mut dirty = mem::take(&mut self.dirty);
         for id in dirty.drain(..) {
             let Some(c) = self.conns.get_mut(id) else {
@@ -704,7 +1041,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn resume_accepts(&mut self) {
-        if !self.any_paused {
+        if !self.any_paused || self.stopped {
             return;
         }
         self.any_paused = false;
@@ -966,6 +1303,11 @@ impl<T> Slab<T> {
         value
     }
 
+    /// All live entries.
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().filter_map(|s| s.value.as_ref())
+    }
+
     /// Ids of all live entries.
     fn ids(&self, thread: u16) -> Vec<ConnId> {
         self.slots
@@ -1088,6 +1430,27 @@ mod tests {
             self.submits.push(self.sent.len());
         }
 
+        fn stop_accepts(&mut self) {}
+
+        fn stop_recv(&mut self, _: ConnId) {}
+
+        fn cancel_send(&mut self, _: ConnId) {}
+
+        fn settled(&self) -> bool {
+            true
+        }
+
+        fn export(&mut self, conns: &[ConnId]) -> Vec<std::io::Result<OwnedFd>> {
+            conns
+                .iter()
+                .map(|_| Err(std::io::ErrorKind::Unsupported.into()))
+                .collect()
+        }
+
+        fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<std::io::Result<()>> {
+            fds.into_iter().map(|_| Ok(())).collect()
+        }
+
         fn complete(
             &mut self,
             _: Option<Duration>,
@@ -1131,6 +1494,7 @@ mod tests {
 
     fn worker(max_outbound: usize) -> TestWorker {
         let (_tx, rx) = crossbeam_channel::unbounded();
+        let (_ctl_tx, ctl) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(Arc::new(Waker::new().unwrap())));
         let limits = Limits {
             max_line: 64,
@@ -1143,7 +1507,7 @@ mod tests {
             0,
             Fake::default(),
             Recorder::default(),
-            rx,
+            (rx, ctl),
             shared,
             limits,
             1,

@@ -384,6 +384,76 @@ impl Backend for Epoll {
         drop(self.conns.remove(conn));
     }
 
+    fn stop_accepts(&mut self) {
+        for l in &mut self.listeners {
+            if l.armed {
+                l.armed = false;
+                if let Err(e) = ctl(&self.epfd, libc::EPOLL_CTL_DEL, l.sock.as_raw_fd(), 0, 0) {
+                    tracing::error!(error = %e, "epoll_ctl(DEL) on a listener failed");
+                }
+            }
+        }
+    }
+
+    fn stop_recv(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        c.recv_armed = false;
+        if let Err(e) = sync_interest(&self.epfd, conn, c) {
+            // Still watched for input, which is ignored (`recv_armed` is off): harmless.
+            tracing::debug!(conn = %conn, error = %e, "epoll_ctl(MOD) failed while stopping reads");
+        }
+    }
+
+    fn cancel_send(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        let Some(op) = c.op.take() else {
+            return;
+        };
+        let n = op.written;
+        self.ready.push(Completion::Send {
+            conn,
+            op: *op,
+            result: Ok(n),
+        });
+        self.lazy.push(conn);
+    }
+
+    fn settled(&self) -> bool {
+        // Accepts and receives stop at once; only reported completions may be left.
+        self.ready.is_empty()
+    }
+
+    fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>> {
+        conns
+            .iter()
+            .map(|&id| {
+                let c = self
+                    .conns
+                    .remove(id)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
+                if c.registered {
+                    // The descriptor stays open (it is handed over), so it must leave the set.
+                    ctl(&self.epfd, libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0)?;
+                }
+                Ok(OwnedFd::from(c.sock))
+            })
+            .collect()
+    }
+
+    fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<io::Result<Socket>> {
+        fds.into_iter()
+            .map(|fd| {
+                let sock = Socket::from(fd);
+                sock.set_nonblocking(true)?;
+                Ok(sock)
+            })
+            .collect()
+    }
+
     fn complete(
         &mut self,
         timeout: Option<Duration>,

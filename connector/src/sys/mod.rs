@@ -50,6 +50,7 @@ mod uring;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -60,8 +61,8 @@ use crate::sendbufs::SendBufs;
 use crate::{BackendKind, UringConfig};
 
 pub(crate) use os::{
-    Waker, ensure_port_free, fix_mmap_threshold, listener_socket, pin_current_thread,
-    raise_nofile_limit, release_free_heap,
+    Waker, ensure_port_free, fix_mmap_threshold, inherited_listener, listener_socket,
+    pin_current_thread, raise_nofile_limit, release_free_heap,
 };
 
 /// Environment variable that, set to anything but `""` or `"0"`, makes [`probe_uring`] fail as if
@@ -174,6 +175,37 @@ pub(crate) trait Backend: Sized {
     /// submissions). The worker calls it in the middle of a long round, so that replies to the
     /// first lines of a big batch do not wait for the whole batch.
     fn submit_now(&mut self) {}
+
+    /// Stops every listener's accept (a handover): no accept completion is reported for them
+    /// once [`Backend::settled`] says so, until [`Backend::accept`] arms one again.
+    fn stop_accepts(&mut self);
+
+    /// Stops `conn`'s receive without ending the connection: no [`Completion::RecvEnd`] is
+    /// reported for the stop, and bytes received meanwhile are reported as usual until
+    /// [`Backend::settled`]. Received bytes not yet read stay in the socket.
+    fn stop_recv(&mut self, conn: ConnId);
+
+    /// Ends `conn`'s send in flight early: its [`Completion::Send`] comes back with `Ok(n)`, `n`
+    /// the bytes written so far (possibly 0), and the rest of the operation unwritten.
+    fn cancel_send(&mut self, conn: ConnId);
+
+    /// Whether no accept or receive is in flight or being stopped (sends may be).
+    fn settled(&self) -> bool;
+
+    /// Whether [`Backend::export`] can work here; `Err` says why not.
+    fn can_export(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Takes `conns` (stopped, no send in flight) out of the backend and hands each socket back
+    /// as a regular descriptor of this process, in order. A connection whose descriptor cannot
+    /// be made is closed and its error returned.
+    fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>>;
+
+    /// Turns connected sockets of this process into sockets of the backend, in order, for
+    /// [`Backend::open`] (the rules of accepted sockets apply: one not opened before the next
+    /// [`Backend::complete`] is closed). The descriptors are consumed.
+    fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<io::Result<Self::Socket>>;
 
     /// Waits up to `timeout` (`None`: no limit) for operations to finish and appends them to `out`.
     /// May return early with nothing (a wake-up or an interrupted wait). An error means the backend
