@@ -11,7 +11,7 @@
 //! Every wait is bounded: socket reads have a timeout and handler events are awaited with a
 //! deadline.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -24,8 +24,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(20);
-/// Lines queued in reply to `flood` (about 4 MB: more than the socket buffers take).
-const FLOOD_LINES: usize = 50_000;
+/// Lines queued in reply to `flood` (about 10 MB: more than the socket buffers take).
+const FLOOD_LINES: usize = 100_000;
 
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -80,12 +80,10 @@ enum Event {
         thread: usize,
     },
     Line {
-        conn: ConnId,
         line: Vec<u8>,
     },
     Closed {
         conn: ConnId,
-        reason: CloseReason,
     },
     Exported {
         conn: ConnId,
@@ -137,13 +135,12 @@ impl Handler for Tagged {
             out.send(conn, reply);
         }
         let _ = self.events.send(Event::Line {
-            conn,
             line: line.to_vec(),
         });
     }
 
-    fn on_close(&mut self, _: Instant, conn: ConnId, reason: CloseReason) {
-        let _ = self.events.send(Event::Closed { conn, reason });
+    fn on_close(&mut self, _: Instant, conn: ConnId, _: CloseReason) {
+        let _ = self.events.send(Event::Closed { conn });
     }
 
     fn on_msg(&mut self, _: Instant, (): (), _: &mut Outbox) {}
@@ -361,12 +358,238 @@ fn inherited_listener_is_served_by_every_thread(backend: BackendKind) {
     }
 }
 
+/// Reads the [`FLOOD_LINES`] lines of a `flood` from `name`, checking their order.
+fn read_flood(reader: &mut BufReader<TcpStream>, name: &str) {
+    for i in 0..FLOOD_LINES {
+        let line = read_line(reader);
+        let want = format!("{name} flood {i:08} ");
+        assert!(line.starts_with(&want), "line {i}: {line:?}");
+    }
+}
+
+/// A client with a small receive buffer, so that a flood mostly stays queued in the server.
+fn connect_small(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect_timeout(&addr.into(), WAIT).unwrap();
+    let stream = TcpStream::from(sock);
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    let reader = BufReader::new(stream.try_clone().unwrap());
+    (stream, reader)
+}
+
+/// Asserts that no event matching `pred` arrives for `quiet` (the check of something that must
+/// not happen).
+fn assert_quiet(s: &mut Server, quiet: Duration, what: &str, mut pred: impl FnMut(&Event) -> bool) {
+    let until = Instant::now() + quiet;
+    while Instant::now() < until {
+        assert!(!s.saw(&mut pred), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!s.saw(&mut pred), "{what}");
+}
+
 fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
-    todo_test(backend);
+    let mut s = server("A", backend, 2, |_| {});
+    let addr = s.connector.local_addrs()[0];
+    let (mut reader_stream, mut reader) = connect(addr);
+    assert_eq!(ask(&mut reader_stream, &mut reader, "one"), "A:one\n");
+    // A client that does not read: its flood cannot be written by the deadline.
+    let (mut stuck, mut stuck_reader) = connect_small(addr);
+    stuck.write_all(b"flood\n").unwrap();
+    s.wait_for(
+        "the flood",
+        |ev| matches!(ev, Event::Line { line, .. } if line == b"flood"),
+    );
+    let (stuck_id, _, stuck_thread) = s.opened(&stuck);
+
+    let started = Instant::now();
+    let reports = s.connector.quiesce(started + Duration::from_millis(300));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited for the deadline"
+    );
+    assert!(started.elapsed() < WAIT);
+    assert_eq!(reports.len(), 2, "one report per thread");
+    assert_eq!(reports.iter().map(|r| r.connections).sum::<usize>(), 2);
+    for (t, r) in reports.iter().enumerate() {
+        if t != stuck_thread {
+            assert!(r.flushed && r.unsent == 0, "{reports:?}");
+        }
+    }
+    let stuck_report = reports[stuck_thread];
+    assert!(!stuck_report.flushed, "{reports:?}");
+    assert!(stuck_report.unsent > 0, "{reports:?}");
+    assert!(
+        stuck_report.unsent < (FLOOD_LINES * 100) as u64,
+        "part of it was written: {reports:?}"
+    );
+
+    // Reading and accepting have stopped: a line and a new connection wait.
+    reader_stream.write_all(b"during\n").unwrap();
+    let (mut late, mut late_reader) = connect(addr);
+    late.write_all(b"late\n").unwrap();
+    let late_addr = late.local_addr().unwrap();
+    assert_quiet(
+        &mut s,
+        Duration::from_millis(300),
+        "nothing is read or accepted while quiesced",
+        |ev| match ev {
+            Event::Line { line, .. } => line == b"during",
+            Event::Opened { peer, .. } => *peer == late_addr,
+            _ => false,
+        },
+    );
+    // A second quiesce writes again until its deadline, and stops at it.
+    let again = s
+        .connector
+        .quiesce(Instant::now() + Duration::from_millis(100));
+    assert!(!again[stuck_thread].flushed);
+    assert!(again[stuck_thread].unsent > 0);
+    assert!(again[stuck_thread].unsent <= stuck_report.unsent);
+
+    // Resumed: everything goes on where it stopped, nobody was disconnected.
+    s.connector.resume();
+    assert_eq!(read_line(&mut reader), "A:during\n");
+    assert_eq!(read_line(&mut late_reader), "A:late\n");
+    read_flood(&mut stuck_reader, "A");
+    assert_eq!(ask(&mut stuck, &mut stuck_reader, "done"), "A:done\n");
+    assert!(!s.saw(|ev| matches!(ev, Event::Closed { conn, .. } if *conn == stuck_id)));
+    let c = s.connector.counters();
+    assert_eq!(c.iter().map(|c| c.open).sum::<u64>(), 3);
+    assert_eq!(c.iter().map(|c| c.closed.total()).sum::<u64>(), 0);
 }
 
 fn exported_connections_live_on_in_another_connector(backend: BackendKind) {
-    todo_test(backend);
+    let mut a = server("A", backend, 2, |_| {});
+    let mut b = server("B", backend, 2, |_| {});
+    let addr = a.connector.local_addrs()[0];
+
+    // A line answered, then the start of another one.
+    let (mut partial, mut partial_reader) = connect(addr);
+    partial.write_all(b"first\nhel").unwrap();
+    assert_eq!(read_line(&mut partial_reader), "A:first\n");
+    let (partial_id, _, _) = a.opened(&partial);
+    // A client that does not read: most of its flood is still queued when A stops.
+    let (mut stuck, mut stuck_reader) = connect_small(addr);
+    stuck.write_all(b"flood\n").unwrap();
+    a.wait_for(
+        "the flood",
+        |ev| matches!(ev, Event::Line { line, .. } if line == b"flood"),
+    );
+    let (stuck_id, _, _) = a.opened(&stuck);
+    // An idle one.
+    let (mut idle, mut idle_reader) = connect(addr);
+    assert_eq!(ask(&mut idle, &mut idle_reader, "x"), "A:x\n");
+    let (idle_id, _, _) = a.opened(&idle);
+
+    // Export requires a quiesce.
+    let err = a.connector.export(10).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let reports = a
+        .connector
+        .quiesce(Instant::now() + Duration::from_millis(300));
+    let unsent: u64 = reports.iter().map(|r| r.unsent).sum();
+    assert!(unsent > 0, "{reports:?}");
+
+    // In batches of two, each adopted by B before the next is asked for.
+    let mut states = Vec::new();
+    let mut adopted = Vec::new();
+    for round in 0.. {
+        let batch = a.connector.export(2).unwrap();
+        assert!(batch.len() <= 2);
+        if batch.is_empty() {
+            break;
+        }
+        let conns: Vec<(OwnedFd, ConnState)> = batch
+            .into_iter()
+            .map(|e| {
+                states.push((e.conn, e.state.clone()));
+                (e.fd, e.state)
+            })
+            .collect();
+        for id in b.connector.adopt(round, conns) {
+            adopted.push(id.unwrap());
+        }
+    }
+    assert_eq!(states.len(), 3);
+    assert_eq!(adopted.len(), 3);
+    let state_of = |id: ConnId| {
+        states
+            .iter()
+            .find(|(c, _)| *c == id)
+            .map(|(_, s)| s)
+            .unwrap()
+    };
+    let st = state_of(partial_id);
+    assert_eq!(st.partial, b"hel", "the unterminated line travels");
+    assert!(st.unsent.is_empty());
+    assert_eq!(st.peer, partial.local_addr().unwrap());
+    assert_eq!(st.listener, 0);
+    assert_eq!(st.user, format!("session of {partial_id}").into_bytes());
+    let st = state_of(stuck_id);
+    assert_eq!(
+        st.unsent.len() as u64,
+        unsent,
+        "the bytes not written travel"
+    );
+    assert!(st.unsent.ends_with(b"................\n"), "whole lines");
+    assert!(state_of(idle_id).partial.is_empty() && state_of(idle_id).unsent.is_empty());
+
+    // A let go of them without closing anything.
+    for id in [partial_id, stuck_id, idle_id] {
+        a.wait_for(
+            "on_export",
+            |ev| matches!(ev, Event::Exported { conn } if *conn == id),
+        );
+    }
+    assert!(!a.saw(|ev| matches!(ev, Event::Closed { .. })));
+    let c = a.connector.counters();
+    assert_eq!(c.iter().map(|c| c.exported).sum::<u64>(), 3);
+    assert_eq!(c.iter().map(|c| c.open).sum::<u64>(), 0);
+    drop(a);
+
+    // B adopted them with the state A's handler left.
+    for (old, st) in &states {
+        let want = format!("session of {old}").into_bytes();
+        a_adopted(&mut b, st.peer, &want);
+    }
+    let c = b.connector.counters();
+    assert_eq!(c.iter().map(|c| c.adopted).sum::<u64>(), 3);
+    assert_eq!(c.iter().map(|c| c.open).sum::<u64>(), 3);
+
+    // The partial line is completed and answered by B (after B's welcome).
+    partial.write_all(b"lo\n").unwrap();
+    assert_eq!(read_line(&mut partial_reader), "B:welcome\n");
+    assert_eq!(read_line(&mut partial_reader), "B:hello\n");
+    // The flood arrives whole and in order, then what B sent.
+    read_flood(&mut stuck_reader, "A");
+    assert_eq!(read_line(&mut stuck_reader), "B:welcome\n");
+    assert_eq!(ask(&mut stuck, &mut stuck_reader, "after"), "B:after\n");
+    assert_eq!(read_line(&mut idle_reader), "B:welcome\n");
+    assert_eq!(ask(&mut idle, &mut idle_reader, "y"), "B:y\n");
+    assert!(!b.saw(|ev| matches!(ev, Event::Closed { .. })));
+    let c = b.connector.counters();
+    assert_eq!(c.iter().map(|c| c.closed.total()).sum::<u64>(), 0);
 }
 
-fn todo_test(_: BackendKind) {}
+/// Waits for `b` to report an adopted connection from `peer` with `state`.
+fn a_adopted(b: &mut Server, peer: SocketAddr, state: &[u8]) {
+    match b.wait_for(
+        "on_adopt",
+        |ev| matches!(ev, Event::Adopted { peer: p, .. } if *p == peer),
+    ) {
+        Event::Adopted {
+            conn,
+            listener,
+            state: got,
+            ..
+        } => {
+            assert_eq!(got, state);
+            assert_eq!(listener, 0);
+            assert!(usize::from(conn.thread()) < 2);
+        }
+        ev => unreachable!("{ev:?}"),
+    }
+}
