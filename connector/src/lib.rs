@@ -14,6 +14,37 @@
 //! per-thread provided-buffer ring) and epoll, chosen once at [`start`]. See [`BackendKind`],
 //! [`probe_uring`] and [`resolved_backend`].
 //!
+//! Each thread keeps counters (opens, accepts, refusals, closes by reason, slow rounds) that
+//! any thread can read ([`Connector::counters`]).
+//!
+//! # Handover
+//!
+//! A zero-disconnect upgrade moves the listening sockets and the live connections to a new
+//! process; the connector provides the socket side of it, the daemon carries the descriptors
+//! (`SCM_RIGHTS`) and the rest of the state:
+//!
+//! 1. the old instance hands its listeners over ([`Connector::listeners`]); the new one serves
+//!    them as they are ([`Config::inherited`]);
+//! 2. the old instance quiesces ([`Connector::quiesce`]): no accepting, no reading, queued bytes
+//!    written until a deadline, the rest kept;
+//! 3. the old instance exports its connections in batches ([`Connector::export`]: socket, peer,
+//!    listener, partial line, unsent bytes, and what [`Handler::on_export`] adds); the new one
+//!    adopts each batch ([`Connector::adopt`], [`Handler::on_adopt`]) and the peers notice
+//!    nothing. Until the first export, [`Connector::resume`] takes the quiesce back.
+//!
+//! # Upstream connections
+//!
+//! The connector only accepts: it has no `connect`. Upstream links (a passthrough or proxy
+//! instance's link to its pool, links to nodes) live on threads of their own with plain
+//! sockets, blocking with timeouts or non-blocking with `poll`. There are few of them (one to a
+//! handful per process), so a ring or an epoll set per core buys them nothing; their
+//! back-pressure is of another kind (a slow upstream should stall its one link, which a thread
+//! of its own does naturally, while a connector thread serving thousands of miners must never
+//! wait for one peer); they need what a server loop does not (connect timeouts, name
+//! resolution, reconnecting with backoff); and keeping them out keeps client-side code and a
+//! second kind of connection off the connector's hot path. Such a thread reaches the connector
+//! threads by message ([`Connector::send`], [`ConnectorHandle`]).
+//!
 //! ```no_run
 //! use std::time::Instant;
 //!
