@@ -1443,7 +1443,7 @@ mod tests {
         fn export(&mut self, conns: &[ConnId]) -> Vec<std::io::Result<OwnedFd>> {
             conns
                 .iter()
-                .map(|_| Err(std::io::ErrorKind::Unsupported.into()))
+                .map(|_| std::fs::File::open("/dev/null").map(OwnedFd::from))
                 .collect()
         }
 
@@ -1709,6 +1709,53 @@ mod tests {
         assert!(w.conns.get_mut(id).is_none());
         // The box of the closed connection is kept for reuse.
         assert_eq!(w.spare_pending.boxes.len(), 1);
+    }
+
+    #[test]
+    fn export_carries_the_partial_line_and_the_unwritten_bytes_to_the_adopter() {
+        let now = Instant::now();
+        let mut a = worker(1024);
+        let id = a.accept(now);
+        a.receive(now, id, b"abc\nde");
+        a.queue(now, id, b"0123456789");
+        a.flush(now);
+        // A short send: four bytes written, the rest put back with an offset.
+        assert_eq!(a.finish_send(now, Some(4)), b"0123");
+        a.queue(now, id, b"xyz");
+        // Not quiesced: refused, nothing taken.
+        let err = a.export(now, 10).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(a.conns.get_mut(id).is_some());
+        // Quiesced and held (what `check_quiesce` leaves): nothing more is written.
+        a.stopped = true;
+        a.hold = true;
+        a.flush(now);
+        assert!(a.backend.sent.is_empty(), "held: no send");
+        let mut out = a.export(now, 10).unwrap();
+        assert_eq!(out.len(), 1);
+        let e = out.remove(0);
+        assert_eq!(e.conn, id);
+        assert_eq!(e.state.partial, b"de");
+        assert_eq!(e.state.unsent, b"456789xyz");
+        assert_eq!(e.state.peer, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(e.state.listener, 0);
+        assert!(a.conns.get_mut(id).is_none());
+        assert_eq!(a.handler.closed, [(id, CloseReason::Exported)]);
+        let c = a.shared.counters.snapshot();
+        assert_eq!((c.open, c.exported, c.closed.total()), (0, 1, 0));
+        assert!(a.export(now, 10).unwrap().is_empty(), "none left");
+
+        // Adopted: the unsent bytes go first, the partial line starts the input.
+        let mut b = worker(1024);
+        b.handler.echo = true;
+        let ids = b.adopt(now, vec![(e.fd, e.state)]);
+        let nid = ids.into_iter().next().unwrap().unwrap();
+        b.receive(now, nid, b"f\n");
+        assert_eq!(b.handler.lines, [&b"def"[..]]);
+        b.flush(now);
+        assert_eq!(b.finish_send(now, None), b"456789xyzdef");
+        let c = b.shared.counters.snapshot();
+        assert_eq!((c.open, c.adopted), (1, 1));
     }
 
     #[test]

@@ -1235,6 +1235,20 @@ impl Backend for Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        // Completions reaped by a handover's wait and not handled yet: count the final ones.
+        for cqe in mem::take(&mut self.deferred) {
+            let last = match cqe.user_data() >> TAG_SHIFT {
+                TAG_WAKER | TAG_ACCEPT | TAG_RECV => !cqueue::more(cqe.flags()),
+                TAG_OP | TAG_SYNC => true,
+                _ => false,
+            };
+            if last {
+                self.inflight = self.inflight.saturating_sub(1);
+            }
+            if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                self.bufs.give_back(bid);
+            }
+        }
         // Queued closes are submitted with the cancellation, which ends everything else.
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
