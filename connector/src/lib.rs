@@ -893,9 +893,12 @@ impl<M: Send + Clone + 'static> Connector<M> {
     ///
     /// Fails with `InvalidInput` unless [`Connector::quiesce`] returned before, and with
     /// `Unsupported` when io_uring cannot install descriptors on this kernel (Linux 6.8 is
-    /// needed), leaving every connection in place. A connection whose socket cannot be
-    /// exported is closed ([`CloseReason::Error`]) and left out. Connections whose handler
-    /// asked for a close are closed, not exported. Must not be called from a connector thread.
+    /// needed), leaving every connection in place. A connection whose socket cannot be exported
+    /// now (`EMFILE`: the batch was too big for the descriptors left) stays in place for a later
+    /// call; when nothing at all could be exported, that error is returned. Connections whose
+    /// handler asked for a close are closed, not exported; one whose send was still in flight
+    /// when a quiesce gave up waiting (`flushed` false) stays and is closed at shutdown. Must not
+    /// be called from a connector thread.
     pub fn export(&self, max: usize) -> io::Result<Vec<ExportedConn>> {
         let mut all = Vec::new();
         for t in &self.threads {
@@ -907,8 +910,15 @@ impl<M: Send + Clone + 'static> Connector<M> {
             self.control(t, Control::Export { max: want, reply });
             let batch = rx
                 .recv()
-                .map_err(|_| io::Error::other("a connector thread has stopped"))??;
-            all.extend(batch);
+                .map_err(|_| io::Error::other("a connector thread has stopped"))
+                .and_then(|batch| batch);
+            match batch {
+                Ok(batch) => all.extend(batch),
+                // What was exported already must reach the caller; the error comes back on the
+                // next call.
+                Err(_) if !all.is_empty() => break,
+                Err(e) => return Err(e),
+            }
         }
         Ok(all)
     }

@@ -725,7 +725,6 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         }
         self.backend.can_export()?;
         let mut ids = Vec::new();
-        let mut states = Vec::new();
         for id in self.conns.ids(self.thread) {
             if ids.len() >= max {
                 break;
@@ -741,6 +740,20 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 self.close(now, id, CloseReason::Handler);
                 continue;
             }
+            ids.push(id);
+        }
+        let fds = self.backend.export(&ids);
+        let mut exported = Vec::with_capacity(ids.len());
+        let mut failed = None;
+        for (id, fd) in ids.into_iter().zip(fds) {
+            let fd = match fd {
+                Ok(fd) => fd,
+                Err(e) => {
+                    // Still the backend's and still here: a later export may take it.
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
             let Some(mut conn) = self.conns.remove(id) else {
                 continue;
             };
@@ -763,34 +776,30 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 None => (Vec::new(), Vec::new()),
             };
             self.limits.open.fetch_sub(1, Ordering::Relaxed);
-            ids.push(id);
-            states.push(ConnState {
+            self.shared.counters.closed(CloseReason::Exported);
+            let mut state = ConnState {
                 peer: conn.peer.addr(),
                 listener: conn.listener(),
                 partial,
                 unsent,
                 user: Vec::new(),
+            };
+            self.handler.on_export(now, id, &mut state.user);
+            exported.push(ExportedConn {
+                conn: id,
+                fd,
+                state,
             });
         }
-        let fds = self.backend.export(&ids);
-        let mut exported = Vec::with_capacity(ids.len());
-        for ((id, fd), mut state) in ids.into_iter().zip(fds).zip(states) {
-            match fd {
-                Ok(fd) => {
-                    self.shared.counters.closed(CloseReason::Exported);
-                    self.handler.on_export(now, id, &mut state.user);
-                    exported.push(ExportedConn {
-                        conn: id,
-                        fd,
-                        state,
-                    });
-                }
-                Err(e) => {
-                    warn!(conn = %id, peer = %state.peer, error = %e, "could not export a connection; it is closed");
-                    let reason = CloseReason::Error(e.kind());
-                    self.shared.counters.closed(reason);
-                    self.handler.on_close(now, id, reason);
-                }
+        if let Some(e) = failed {
+            warn!(
+                thread = self.thread,
+                exported = exported.len(),
+                error = %e,
+                "some connections could not be exported now; they stay"
+            );
+            if exported.is_empty() {
+                return Err(e);
             }
         }
         debug!(

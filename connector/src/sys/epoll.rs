@@ -433,12 +433,16 @@ impl Backend for Epoll {
             .map(|&id| {
                 let c = self
                     .conns
-                    .remove(id)
+                    .get_mut(id)
                     .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
                 if c.registered {
                     // The descriptor stays open (it is handed over), so it must leave the set.
                     ctl(&self.epfd, libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0)?;
                 }
+                let c = self
+                    .conns
+                    .remove(id)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
                 Ok(OwnedFd::from(c.sock))
             })
             .collect()

@@ -199,7 +199,7 @@ pub(crate) trait Backend: Sized {
 
     /// Takes `conns` (stopped, no send in flight) out of the backend and hands each socket back
     /// as a regular descriptor of this process, in order. A connection whose descriptor cannot
-    /// be made is closed and its error returned.
+    /// be made (e.g. `EMFILE`) stays in the backend as it was, and its error is returned.
     fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>>;
 
     /// Turns connected sockets of this process into sockets of the backend, in order, for

@@ -1085,11 +1085,12 @@ impl Backend for Uring {
     fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>> {
         let files: Vec<Option<u32>> = conns
             .iter()
-            .map(|&id| self.conns.remove(id).map(|c| c.file))
+            .map(|&id| self.conns.get_mut(id).map(|c| c.file))
             .collect();
         let mut results: Vec<Option<i32>> = vec![None; files.len()];
         for (i, (file, result)) in files.iter().zip(results.iter_mut()).enumerate() {
             let Some(file) = *file else {
+                *result = Some(-libc::ENOENT);
                 continue;
             };
             let entry = opcode::FixedFdInstall::new(types::Fixed(file), 0)
@@ -1101,7 +1102,7 @@ impl Backend for Uring {
             }
         }
         if let Err(e) = self.wait_sync(&mut results) {
-            // The table slots stay as they are (an install may still be running on them).
+            // Every connection stays (an install may still be running on its slot).
             error!(error = %e, "io_uring descriptor installs did not finish");
             self.broken = Some(e);
             return results
@@ -1109,21 +1110,25 @@ impl Backend for Uring {
                 .map(|_| Err(io::Error::from(io::ErrorKind::TimedOut)))
                 .collect();
         }
-        files
-            .into_iter()
+        conns
+            .iter()
+            .zip(files)
             .zip(results)
-            .map(|(file, res)| {
-                let file = file
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
-                // The regular descriptor (if any) holds the socket from now on.
-                self.release_file(file, false);
+            .map(|((&id, file), res)| {
                 let res = res.unwrap_or(-libc::EIO);
                 if res < 0 {
+                    // The connection stays as it is (e.g. `EMFILE`: a smaller batch may work).
                     return Err(os_error(res));
                 }
                 // SAFETY: the kernel has just installed this descriptor for us and nothing else
                 // knows of it.
-                Ok(unsafe { OwnedFd::from_raw_fd(res) })
+                let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                // The regular descriptor holds the socket from now on: the slot goes.
+                self.conns.remove(id);
+                if let Some(file) = file {
+                    self.release_file(file, false);
+                }
+                Ok(fd)
             })
             .collect()
     }
