@@ -93,7 +93,7 @@ use tracing::{debug, error, info, warn};
 pub use ids::ConnId;
 pub use outbox::{Action, Outbox, SendBuf};
 
-use crate::sys::{Backend, Waker, WithBackend};
+use crate::sys::{Backend, ListenSocket, Waker, WithBackend};
 use crate::worker::{Control, Limits, Shared, Worker};
 
 /// Connector settings.
@@ -105,10 +105,11 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Listening sockets already bound (handed over by an earlier instance, or by a service
     /// manager), served as they are: nothing is bound, and the check that the address is free is
-    /// not made. Every thread serves each of them (on a duplicate descriptor of the same socket),
-    /// so connections in that socket's accept queue go to whichever thread accepts first. Their
-    /// listener indices follow those of [`Config::listen`] (`listen.len() + i` for the `i`-th).
-    /// At most 254 listeners in all.
+    /// not made. Every thread serves each of them (on a duplicate descriptor of the same socket):
+    /// with epoll every thread is woken and the first to accept wins; with io_uring, whose
+    /// accepts wait exclusively, each thread arms one accept at a time (instead of a multishot
+    /// accept) so the threads take the connections in turn. Their listener indices follow those
+    /// of [`Config::listen`] (`listen.len() + i` for the `i`-th). At most 254 listeners in all.
     pub inherited: Vec<InheritedListener>,
     /// Number of connector threads (one per core by default; at most 65,536).
     pub threads: usize,
@@ -647,7 +648,7 @@ where
     fn run<B, N>(self, new_backend: N) -> Self::Output
     where
         B: Backend + 'static,
-        N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static,
+        N: Fn(Arc<Waker>, Vec<ListenSocket>) -> io::Result<B> + Send + Sync + 'static,
     {
         start_with(self.cfg, self.kind, self.make, Arc::new(new_backend))
     }
@@ -663,10 +664,10 @@ where
     B: Backend + 'static,
     H: Handler,
     F: Fn(usize) -> H + Send + Sync + 'static,
-    N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static,
+    N: Fn(Arc<Waker>, Vec<ListenSocket>) -> io::Result<B> + Send + Sync + 'static,
 {
     // One listener per thread and address; the first thread's fixes the port when it is 0.
-    let mut listeners: Vec<Vec<socket2::Socket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
+    let mut listeners: Vec<Vec<ListenSocket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
     let mut addrs = Vec::with_capacity(cfg.listen.len());
     for &addr in &cfg.listen {
         sys::ensure_port_free(addr)?;
@@ -677,7 +678,7 @@ where
                 local = bound;
                 addrs.push(bound);
             }
-            per_thread.push(sock);
+            per_thread.push(sock.into());
         }
     }
     // Inherited listeners: every thread gets its own descriptor of the one socket (epoll sets
@@ -685,11 +686,15 @@ where
     for inherited in &cfg.inherited {
         let (sock, local) = sys::inherited_listener(&inherited.0)?;
         addrs.push(local);
+        let shared = cfg.threads > 1;
         for per_thread in listeners.iter_mut().skip(1) {
-            per_thread.push(sock.try_clone()?);
+            per_thread.push(ListenSocket {
+                sock: sock.try_clone()?,
+                shared,
+            });
         }
         if let Some(first) = listeners.first_mut() {
-            first.push(sock);
+            first.push(ListenSocket { sock, shared });
         }
     }
 
@@ -704,7 +709,7 @@ where
     // A descriptor of each listener kept here, to hand over ([`Connector::listeners`]).
     let kept = listeners
         .first()
-        .map(|socks| socks.iter().map(socket2::Socket::try_clone).collect())
+        .map(|socks| socks.iter().map(|l| l.sock.try_clone()).collect())
         .unwrap_or_else(|| Ok(Vec::new()))?;
     let pin = cfg.pin;
     let mut connector = Connector {

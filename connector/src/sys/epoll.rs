@@ -27,7 +27,8 @@ use ids::ConnId;
 use socket2::{SockAddr, SockAddrStorage, Socket};
 
 use super::{
-    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenerId, SendOp, Waker,
+    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenSocket, ListenerId, SendOp,
+    Waker,
 };
 
 /// Size of the per-thread scratch buffer that all reads of one round share.
@@ -106,7 +107,7 @@ struct EListener {
 impl Epoll {
     /// Creates an epoll instance watching `waker`, with `listeners` (indexed by [`ListenerId`])
     /// registered lazily by [`Backend::accept`].
-    pub(crate) fn new(waker: Arc<Waker>, listeners: Vec<Socket>) -> io::Result<Self> {
+    pub(crate) fn new(waker: Arc<Waker>, listeners: Vec<ListenSocket>) -> io::Result<Self> {
         // SAFETY: epoll_create1 has no memory-safety preconditions; EPOLL_CLOEXEC is a valid flag.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -130,7 +131,12 @@ impl Epoll {
             conns: ConnTable::default(),
             listeners: listeners
                 .into_iter()
-                .map(|sock| EListener { sock, armed: false })
+                // Level-triggered and not exclusive: every thread watching a shared listener is
+                // woken and the first to accept wins, which spreads connections well enough.
+                .map(|l| EListener {
+                    sock: l.sock,
+                    armed: false,
+                })
                 .collect(),
             ready: Vec::new(),
             lazy: Vec::new(),

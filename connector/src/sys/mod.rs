@@ -104,7 +104,7 @@ pub(crate) trait WithBackend {
     fn run<B, N>(self, new_backend: N) -> Self::Output
     where
         B: Backend + 'static,
-        N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static;
+        N: Fn(Arc<Waker>, Vec<ListenSocket>) -> io::Result<B> + Send + Sync + 'static;
 }
 
 /// Calls `w` with the constructor of the backend `kind` (`Auto` must be resolved before; it is
@@ -133,6 +133,25 @@ fn run_uring<W: WithBackend>(_cfg: UringConfig, _w: W) -> Option<W::Output> {
 /// Capacity of completion lists kept between rounds (a broadcast to many connections produces one
 /// completion each; that much memory is not kept for good).
 pub(crate) const KEEP_COMPLETIONS: usize = 1024;
+
+/// A thread's listening socket.
+pub(crate) struct ListenSocket {
+    pub(crate) sock: socket2::Socket,
+    /// Whether other threads accept on the same socket (an inherited listener): io_uring then
+    /// arms one accept at a time, so that the kernel, which wakes one waiting accept per
+    /// connection (the first in line), spreads the connections over the threads in turn.
+    pub(crate) shared: bool,
+}
+
+impl From<socket2::Socket> for ListenSocket {
+    /// A socket of this thread alone.
+    fn from(sock: socket2::Socket) -> Self {
+        Self {
+            sock,
+            shared: false,
+        }
+    }
+}
 
 /// Index of a listener: its position in `Config::listen`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -63,7 +63,8 @@ use tracing::{debug, error, warn};
 
 use self::buf_ring::BufRing;
 use super::{
-    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenerId, SendOp, Waker,
+    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenSocket, ListenerId, SendOp,
+    Waker,
 };
 use crate::UringConfig;
 use crate::chunked::{CHUNK, Chunked};
@@ -169,6 +170,8 @@ pub(crate) struct Uring {
 
 struct UListener {
     sock: Socket,
+    /// Other threads accept on it too: one single-shot accept at a time (see [`ListenSocket`]).
+    shared: bool,
     /// Length of the listener family's socket address (`SO_PEERNAME` wants exactly that).
     peer_len: u32,
     state: AcceptState,
@@ -241,12 +244,12 @@ impl Uring {
     /// with `listeners` indexed by [`ListenerId`] and `waker` watched for cross-thread wake-ups.
     pub(crate) fn new(
         waker: Arc<Waker>,
-        listeners: Vec<Socket>,
+        listeners: Vec<ListenSocket>,
         cfg: &UringConfig,
     ) -> io::Result<Self> {
         let listeners = listeners
             .into_iter()
-            .map(|sock| {
+            .map(|ListenSocket { sock, shared }| {
                 let local = sock.local_addr()?;
                 let peer_len = if local.is_ipv6() {
                     mem::size_of::<libc::sockaddr_in6>()
@@ -257,6 +260,7 @@ impl Uring {
                     sock,
                     peer_len: u32::try_from(peer_len).map_err(io::Error::other)?,
                     state: AcceptState::Idle,
+                    shared,
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -860,10 +864,19 @@ impl Backend for Uring {
             });
             return;
         }
-        let entry = opcode::AcceptMulti::new(types::Fd(l.sock.as_raw_fd()))
-            .allocate_file_index(true)
-            .build()
-            .user_data(accept_data(listener.0));
+        let fd = types::Fd(l.sock.as_raw_fd());
+        let entry = if l.shared {
+            // Re-armed by each completion, at the end of the kernel's queue of waiting accepts:
+            // the threads take connections in turn.
+            opcode::Accept::new(fd, ptr::null_mut(), ptr::null_mut())
+                .file_index(Some(types::DestinationSlot::auto_target()))
+                .build()
+        } else {
+            opcode::AcceptMulti::new(fd)
+                .allocate_file_index(true)
+                .build()
+        }
+        .user_data(accept_data(listener.0));
         // SAFETY: a multishot accept into direct descriptors refers to no memory of ours (no
         // address buffer); the listener is kept open by `self.listeners`.
         match unsafe { self.push(&entry, true) } {
@@ -1631,7 +1644,7 @@ mod tests {
         let (listener, addr) =
             super::super::listener_socket("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let waker = Arc::new(Waker::new().unwrap());
-        let mut ring = Uring::new(waker, vec![listener], &UringConfig::default()).unwrap();
+        let mut ring = Uring::new(waker, vec![listener.into()], &UringConfig::default()).unwrap();
         ring.accept(ListenerId(0));
         Some((ring, addr))
     }
@@ -1816,7 +1829,7 @@ mod tests {
             files: 1,
             ..UringConfig::default()
         };
-        let mut ring = Uring::new(waker, vec![listener], &cfg).unwrap();
+        let mut ring = Uring::new(waker, vec![listener.into()], &cfg).unwrap();
         ring.accept(ListenerId(0));
         let mut out = Vec::new();
         let mut ids = Vec::new();
