@@ -140,6 +140,10 @@ pub(crate) struct ListenSocket {
     /// Whether other threads accept on the same socket (an inherited listener): io_uring then
     /// arms one accept at a time, so that the kernel, which wakes one waiting accept per
     /// connection (the first in line), spreads the connections over the threads in turn.
+    #[cfg_attr(
+        not(all(target_os = "linux", feature = "io-uring")),
+        expect(dead_code, reason = "only io_uring reads it")
+    )]
     pub(crate) shared: bool,
 }
 
