@@ -429,7 +429,8 @@ pub trait Handler: Send + 'static {
     /// A line arrived: without the `'\n'` and without a trailing `'\r'`; never empty.
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox);
 
-    /// The connection is closed; its id is stale from now on. Called once per connection.
+    /// The connection is closed; its id is stale from now on. Called once per connection
+    /// (for one handed over to another instance, [`Handler::on_export`] is called instead).
     fn on_close(&mut self, now: Instant, conn: ConnId, reason: CloseReason);
 
     /// A message arrived for this thread.

@@ -853,8 +853,17 @@ impl Backend for Uring {
             });
             return;
         };
-        if l.state != AcceptState::Idle {
-            return;
+        match l.state {
+            AcceptState::Idle => {}
+            // Resumed while the stop is still being cancelled: it goes on once that ends (as
+            // after a pause for a full table).
+            AcceptState::Stopping => {
+                if let Some(l) = self.listeners.get_mut(listener.0) {
+                    l.state = AcceptState::Cancelling;
+                }
+                return;
+            }
+            AcceptState::Armed | AcceptState::Cancelling => return,
         }
         if self.in_use >= self.files {
             self.ready.push(Completion::Accept {
@@ -877,8 +886,8 @@ impl Backend for Uring {
                 .build()
         }
         .user_data(accept_data(listener.0));
-        // SAFETY: a multishot accept into direct descriptors refers to no memory of ours (no
-        // address buffer); the listener is kept open by `self.listeners`.
+        // SAFETY: an accept into direct descriptors refers to no memory of ours (no address
+        // buffer); the listener is kept open by `self.listeners`.
         match unsafe { self.push(&entry, true) } {
             Ok(()) => {
                 if let Some(l) = self.listeners.get_mut(listener.0) {
