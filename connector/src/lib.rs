@@ -509,6 +509,97 @@ pub struct ConnState {
     pub user: Vec<u8>,
 }
 
+/// Version byte of [`ConnState::encode`]'s format.
+const CONN_STATE_V1: u8 = 1;
+
+impl ConnState {
+    /// Appends the state to `out` in a compact binary form for the wire (what a handover sends
+    /// next to the descriptors): a version byte; the peer (`4` or `6`, the address bytes, the
+    /// port, big-endian; an IPv6 flow label and scope id are not kept); the listener index
+    /// (`u32`); then `partial`, `unsent` and `user`, each as a `u64` length and its bytes (all
+    /// big-endian). [`ConnState::decode`] reads it back.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(CONN_STATE_V1);
+        match self.peer {
+            SocketAddr::V4(a) => {
+                out.push(4);
+                out.extend_from_slice(&a.ip().octets());
+            }
+            SocketAddr::V6(a) => {
+                out.push(6);
+                out.extend_from_slice(&a.ip().octets());
+            }
+        }
+        out.extend_from_slice(&self.peer.port().to_be_bytes());
+        out.extend_from_slice(
+            &u32::try_from(self.listener)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        for part in [&self.partial, &self.unsent, &self.user] {
+            out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+
+    /// Reads a state written by [`ConnState::encode`] from the start of `bytes`; returns it and
+    /// the number of bytes it took (so several can follow each other). Fails with `InvalidData`
+    /// on an unknown version or truncated or malformed input.
+    pub fn decode(bytes: &[u8]) -> io::Result<(Self, usize)> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(1)? != [CONN_STATE_V1] {
+            return Err(invalid_data("unknown connection state version"));
+        }
+        let ip = match r.take(1)? {
+            [4] => std::net::IpAddr::from(<[u8; 4]>::try_from(r.take(4)?).map_err(invalid_data)?),
+            [6] => std::net::IpAddr::from(<[u8; 16]>::try_from(r.take(16)?).map_err(invalid_data)?),
+            _ => return Err(invalid_data("bad address family in a connection state")),
+        };
+        let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(invalid_data)?);
+        let listener = u32::from_be_bytes(r.take(4)?.try_into().map_err(invalid_data)?);
+        let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+        for part in &mut parts {
+            let len = u64::from_be_bytes(r.take(8)?.try_into().map_err(invalid_data)?);
+            let len = usize::try_from(len).map_err(invalid_data)?;
+            *part = r.take(len)?.to_vec();
+        }
+        let [partial, unsent, user] = parts;
+        let state = Self {
+            peer: SocketAddr::new(ip, port),
+            listener: usize::try_from(listener).map_err(invalid_data)?,
+            partial,
+            unsent,
+            user,
+        };
+        Ok((state, r.at))
+    }
+}
+
+/// Reads a byte string front to back.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .ok_or_else(|| invalid_data("connection state length overflows"))?;
+        let part = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| invalid_data("truncated connection state"))?;
+        self.at = end;
+        Ok(part)
+    }
+}
+
+fn invalid_data(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
 /// A connection taken out of a connector by [`Connector::export`]: its socket, open (a regular
 /// descriptor of this process, close-on-exec), and its state.
 #[derive(Debug)]
@@ -1085,6 +1176,46 @@ mod tests {
         assert_eq!(resolved_backend(BackendKind::Uring), BackendKind::Uring);
         let auto = resolved_backend(BackendKind::Auto);
         assert_eq!(auto == BackendKind::Uring, probe_uring().is_ok());
+    }
+
+    #[test]
+    fn conn_states_round_trip_through_their_encoding() {
+        let states = [
+            ConnState {
+                peer: "192.0.2.7:4000".parse().unwrap(),
+                listener: 3,
+                partial: b"{\"id\":1,".to_vec(),
+                unsent: b"notify\n".repeat(3),
+                user: vec![0, 1, 2, 255],
+            },
+            ConnState {
+                peer: "[2001:db8::1]:3333".parse().unwrap(),
+                listener: 0,
+                partial: Vec::new(),
+                unsent: Vec::new(),
+                user: Vec::new(),
+            },
+        ];
+        let mut wire = Vec::new();
+        for st in &states {
+            st.encode(&mut wire);
+        }
+        let (first, used) = ConnState::decode(&wire).unwrap();
+        assert_eq!(first, states[0]);
+        let (second, rest) = ConnState::decode(&wire[used..]).unwrap();
+        assert_eq!(second, states[1]);
+        assert_eq!(used + rest, wire.len());
+        // Every truncation is refused, as are an unknown version and family.
+        for end in 0..used {
+            let err = ConnState::decode(&wire[..end]).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        }
+        let mut bad = wire.clone();
+        bad[0] = 9;
+        assert!(ConnState::decode(&bad).is_err());
+        let mut bad = wire;
+        bad[1] = 5;
+        assert!(ConnState::decode(&bad).is_err());
     }
 
     #[test]

@@ -507,7 +507,12 @@ fn exported_connections_live_on_in_another_connector(backend: BackendKind) {
             .into_iter()
             .map(|e| {
                 states.push((e.conn, e.state.clone()));
-                (e.fd, e.state)
+                // Through the wire format, as a handover between processes sends it.
+                let mut wire = Vec::new();
+                e.state.encode(&mut wire);
+                let (state, used) = ConnState::decode(&wire).unwrap();
+                assert_eq!((&state, used), (&e.state, wire.len()));
+                (e.fd, state)
             })
             .collect();
         for id in b.connector.adopt(round, conns) {
