@@ -30,7 +30,8 @@
 //! 3. the old instance exports its connections in batches ([`Connector::export`]: socket, peer,
 //!    listener, partial line, unsent bytes, and what [`Handler::on_export`] adds); the new one
 //!    adopts each batch ([`Connector::adopt`], [`Handler::on_adopt`]) and the peers notice
-//!    nothing. Until the first export, [`Connector::resume`] takes the quiesce back.
+//!    nothing. If the handover fails, [`Connector::resume`] takes the quiesce back for the
+//!    connections not exported yet.
 //!
 //! # Upstream connections
 //!
@@ -180,8 +181,9 @@ impl Config {
 }
 
 /// A listening TCP socket that is already bound, for [`Config::inherited`]; cheap to clone (the
-/// clones share the descriptor, which is closed when the last clone and the connector that
-/// serves it are gone).
+/// clones share the descriptor, closed when the last clone is dropped; a connector serves
+/// duplicates of it, closed when it stops). [`start`] makes the socket non-blocking and sets
+/// `TCP_NODELAY` on it (so on every descriptor of it, in any process).
 #[derive(Clone, Debug)]
 pub struct InheritedListener(Arc<OwnedFd>);
 
