@@ -319,6 +319,19 @@ pub fn probe_uring() -> Result<(), String> {
     sys::probe_uring()
 }
 
+/// Whether connections of backend `kind` can be handed over here ([`Connector::export`]);
+/// `Err` says why not. Epoll always can; io_uring needs `IORING_OP_FIXED_FD_INSTALL` (Linux 6.8)
+/// to export and `IORING_OP_FILES_UPDATE` to adopt (checked once per process; the environment
+/// variable `CKPOOL_IO_URING_NO_HANDOVER`, set to anything but `""` or `"0"`, makes it fail as if
+/// the kernel lacked them). `Auto` is resolved first ([`resolved_backend`]). Where it fails,
+/// [`Connector::export`] fails with `Unsupported` and leaves every connection in place.
+pub fn probe_handover(kind: BackendKind) -> Result<(), String> {
+    match resolved_backend(kind) {
+        BackendKind::Epoll | BackendKind::Auto => Ok(()),
+        BackendKind::Uring => probe_uring().and_then(|()| sys::uring_handover()),
+    }
+}
+
 /// The backend [`start`] runs for `kind`: `Auto` becomes [`BackendKind::Uring`] or
 /// [`BackendKind::Epoll`] according to [`probe_uring`] (logging why io_uring is not used, once,
 /// at `warn`); the others are returned as they are (a forced `Uring` that is unavailable makes

@@ -88,6 +88,34 @@ fn probe_kernel() -> Result<(), String> {
     uring::probe()
 }
 
+/// Environment variable that, set to anything but `""` or `"0"`, makes [`uring_handover`] fail as
+/// if the kernel lacked `IORING_OP_FIXED_FD_INSTALL` (so tests can exercise that refusal).
+pub(crate) const NO_URING_HANDOVER_ENV: &str = "CKPOOL_IO_URING_NO_HANDOVER";
+
+/// Whether the io_uring backend can export connections here (`IORING_OP_FIXED_FD_INSTALL`, Linux
+/// 6.8, and `IORING_OP_FILES_UPDATE` to adopt them): checked once per process.
+pub(crate) fn uring_handover() -> Result<(), String> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if std::env::var_os(NO_URING_HANDOVER_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+                return Err(format!("disabled by {NO_URING_HANDOVER_ENV}"));
+            }
+            probe_handover_kernel()
+        })
+        .clone()
+}
+
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+fn probe_handover_kernel() -> Result<(), String> {
+    uring::probe_handover()
+}
+
+#[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+fn probe_handover_kernel() -> Result<(), String> {
+    Err("built without the io-uring feature".to_owned())
+}
+
 #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
 fn probe_kernel() -> Result<(), String> {
     Err("built without the io-uring feature".to_owned())

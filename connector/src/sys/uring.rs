@@ -164,8 +164,8 @@ pub(crate) struct Uring {
     /// Completions reaped while waiting for a handover's operations, handled by the next
     /// `complete`.
     deferred: Vec<cqueue::Entry>,
-    /// Whether the kernel has `IORING_OP_FIXED_FD_INSTALL` (Linux 6.8), which export needs.
-    fd_install: bool,
+    /// Whether connections can be exported (see [`super::uring_handover`]), and why not.
+    handover: Result<(), String>,
 }
 
 struct UListener {
@@ -273,10 +273,7 @@ impl Uring {
 
         let ring = new_ring(cfg.sq_entries)?;
         ring.submitter().register_files_sparse(files)?;
-        let mut probe = io_uring::Probe::new();
-        let fd_install = ring.submitter().register_probe(&mut probe).is_ok()
-            && probe.is_supported(opcode::FixedFdInstall::CODE)
-            && probe.is_supported(opcode::FilesUpdate::CODE);
+        let handover = super::uring_handover();
         let bufs = BufRing::new(cfg.recv_buffers, cfg.recv_buffer_size)?;
         // From here on, dropping `this` unregisters the buffer ring before unmapping it.
         let mut this = Self {
@@ -298,7 +295,7 @@ impl Uring {
             reads_stopped: false,
             sends: 0,
             deferred: Vec::new(),
-            fd_install,
+            handover,
         };
         this.bufs.register(&this.ring, BGID)?;
         this.arm_waker()?;
@@ -1093,15 +1090,15 @@ impl Backend for Uring {
     }
 
     fn can_export(&self) -> io::Result<()> {
-        if self.fd_install {
-            Ok(())
-        } else {
-            Err(io::Error::new(
+        self.handover.clone().map_err(|reason| {
+            io::Error::new(
                 io::ErrorKind::Unsupported,
-                "this kernel lacks IORING_OP_FIXED_FD_INSTALL (Linux 6.8): io_uring connections \
-                 cannot be handed over (run the epoll backend to hand them over)",
-            ))
-        }
+                format!(
+                    "io_uring connections cannot be handed over here ({reason}); the epoll \
+                     backend can hand them over"
+                ),
+            )
+        })
     }
 
     fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>> {
@@ -1359,6 +1356,27 @@ fn getsockopt_entry(setsockopt: squeue::Entry) -> squeue::Entry {
     // SAFETY: every bit pattern is a valid `io_uring_sqe` (integers only); these are the bytes of
     // a valid entry with its `cmd_op` changed.
     unsafe { mem::transmute::<[u8; 64], squeue::Entry>(bytes) }
+}
+
+/// Checks that this kernel can hand io_uring connections over: `IORING_OP_FIXED_FD_INSTALL`
+/// (Linux 6.8) to export them, `IORING_OP_FILES_UPDATE` to adopt them.
+pub(super) fn probe_handover() -> Result<(), String> {
+    let ring = new_ring(8).map_err(|e| describe_setup_error(&e))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    for (code, name) in [
+        (opcode::FixedFdInstall::CODE, "FIXED_FD_INSTALL (Linux 6.8)"),
+        (opcode::FilesUpdate::CODE, "FILES_UPDATE"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!(
+                "this kernel does not support io_uring opcode IORING_OP_{name}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that io_uring can run the backend (see [`crate::probe_uring`]).
