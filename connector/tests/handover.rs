@@ -463,8 +463,23 @@ fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
 }
 
 fn exported_connections_live_on_in_another_connector(backend: BackendKind) {
-    let mut a = server("A", backend, 2, |_| {});
-    let mut b = server("B", backend, 2, |_| {});
+    hand_over(backend, backend);
+}
+
+/// From one backend to the other (an upgrade may switch), both ways.
+#[test]
+fn connections_move_between_backends() {
+    if uring_available() {
+        hand_over(BackendKind::Epoll, BackendKind::Uring);
+        hand_over(BackendKind::Uring, BackendKind::Epoll);
+    }
+}
+
+/// Connections with a partial line, unsent bytes or nothing pending move from a connector on
+/// `from` to one on `to`.
+fn hand_over(from: BackendKind, to: BackendKind) {
+    let mut a = server("A", from, 2, |_| {});
+    let mut b = server("B", to, 2, |_| {});
     let addr = a.connector.local_addrs()[0];
 
     // A line answered, then the start of another one.
