@@ -14,6 +14,8 @@
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ckpool_connector::{
@@ -102,6 +104,8 @@ struct Tagged {
     name: &'static str,
     thread: usize,
     events: Sender<Event>,
+    /// Event loop rounds of all the connector's threads.
+    rounds: Arc<AtomicU64>,
 }
 
 impl Handler for Tagged {
@@ -147,6 +151,10 @@ impl Handler for Tagged {
 
     fn on_tick(&mut self, _: Instant, _: &mut Outbox) {}
 
+    fn on_batch_end(&mut self, _: Instant, _: &mut Outbox) {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn on_export(&mut self, _: Instant, conn: ConnId, state: &mut Vec<u8>) {
         state.extend_from_slice(format!("session of {conn}").as_bytes());
         let _ = self.events.send(Event::Exported { conn });
@@ -175,6 +183,7 @@ struct Server {
     connector: Connector<()>,
     events: Receiver<Event>,
     backlog: Vec<Event>,
+    rounds: Arc<AtomicU64>,
 }
 
 fn server(
@@ -194,10 +203,13 @@ fn server(
     };
     tweak(&mut cfg);
     let (tx, events) = crossbeam_channel::unbounded();
+    let rounds = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&rounds);
     let connector = ckpool_connector::start(cfg, move |thread| Tagged {
         name,
         thread,
         events: tx.clone(),
+        rounds: Arc::clone(&counted),
     })
     .unwrap();
     assert_eq!(connector.backend(), backend);
@@ -205,6 +217,7 @@ fn server(
         connector,
         events,
         backlog: Vec::new(),
+        rounds,
     }
 }
 
@@ -344,6 +357,7 @@ fn inherited_listener_is_served_by_every_thread(backend: BackendKind) {
             name: "X",
             thread: 0,
             events: crossbeam_channel::unbounded().0,
+            rounds: Arc::default(),
         })
         .err()
         .expect("not a listener");
@@ -396,6 +410,8 @@ fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
     let addr = s.connector.local_addrs()[0];
     let (mut reader_stream, mut reader) = connect(addr);
     assert_eq!(ask(&mut reader_stream, &mut reader, "one"), "A:one\n");
+    let (reset, _) = connect(addr);
+    let (reset_id, _, _) = s.opened(&reset);
     // A client that does not read: its flood cannot be written by the deadline.
     let (mut stuck, mut stuck_reader) = connect_small(addr);
     stuck.write_all(b"flood\n").unwrap();
@@ -413,7 +429,7 @@ fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
     );
     assert!(started.elapsed() < WAIT);
     assert_eq!(reports.len(), 2, "one report per thread");
-    assert_eq!(reports.iter().map(|r| r.connections).sum::<usize>(), 2);
+    assert_eq!(reports.iter().map(|r| r.connections).sum::<usize>(), 3);
     for (t, r) in reports.iter().enumerate() {
         if t != stuck_thread {
             assert!(r.flushed && r.unsent == 0, "{reports:?}");
@@ -425,6 +441,25 @@ fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
     assert!(
         stuck_report.unsent < flood_bytes("A"),
         "part of it was written: {reports:?}"
+    );
+
+    // A peer that resets its connection while nobody reads it costs nothing (epoll reports a
+    // reset whatever the interest: a connection left in the set would be reported on every
+    // wait, and the thread would spin).
+    let rounds_before = s.rounds.load(Ordering::Relaxed);
+    socket2::SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset);
+    let idle_from = Instant::now();
+    while idle_from.elapsed() < Duration::from_millis(400) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Two threads ticking every 50 ms: about 16 rounds (a spinning thread makes thousands).
+    let rounds = s.rounds.load(Ordering::Relaxed) - rounds_before;
+    assert!(
+        rounds < 100,
+        "quiesced threads busy: {rounds} loop rounds in 400 ms"
     );
 
     // Reading and accepting have stopped: a line and a new connection wait.
@@ -457,9 +492,14 @@ fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
     read_flood(&mut stuck_reader, "A");
     assert_eq!(ask(&mut stuck, &mut stuck_reader, "done"), "A:done\n");
     assert!(!s.saw(|ev| matches!(ev, Event::Closed { conn, .. } if *conn == stuck_id)));
+    // The reset connection is closed once read again.
+    s.wait_for(
+        "the reset's close",
+        |ev| matches!(ev, Event::Closed { conn } if *conn == reset_id),
+    );
     let c = s.connector.counters();
     assert_eq!(c.iter().map(|c| c.open).sum::<u64>(), 3);
-    assert_eq!(c.iter().map(|c| c.closed.total()).sum::<u64>(), 0);
+    assert_eq!(c.iter().map(|c| c.closed.total()).sum::<u64>(), 1);
 }
 
 fn exported_connections_live_on_in_another_connector(backend: BackendKind) {

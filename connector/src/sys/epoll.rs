@@ -550,7 +550,14 @@ fn sync_interest(epfd: &OwnedFd, id: ConnId, c: &mut EConn) -> io::Result<()> {
     if c.op.is_some() {
         want |= EV_OUT;
     }
-    if c.registered {
+    if c.registered && want == 0 {
+        // Out of the set rather than watched for nothing: epoll reports hang-ups and errors
+        // whatever the interest, and level-triggered, a reset connection that nobody reads
+        // (reads stopped for a handover) would be reported on every wait.
+        ctl(epfd, libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0)?;
+        c.registered = false;
+        c.interest = 0;
+    } else if c.registered {
         if want != c.interest {
             ctl(
                 epfd,
