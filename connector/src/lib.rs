@@ -1001,7 +1001,8 @@ impl<M: Send + Clone + 'static> Connector<M> {
     /// batch; an empty result means none is left. Batches keep the descriptors this process
     /// holds at once under `RLIMIT_NOFILE` (on io_uring a connection has no regular descriptor
     /// until it is exported: one is installed with `IORING_OP_FIXED_FD_INSTALL` and its table
-    /// slot freed): hand a batch over and close it before asking for the next.
+    /// slot freed): hand a batch over and close it before asking for the next. (One
+    /// `SCM_RIGHTS` message carries at most 253 descriptors, a natural batch size.)
     ///
     /// Fails with `InvalidInput` unless [`Connector::quiesce`] returned before, and with
     /// `Unsupported` when io_uring cannot install descriptors on this kernel (Linux 6.8 is
