@@ -1,4 +1,6 @@
-//! Stratum v1 codec: a line parser on simd-json that cannot panic, and reply/notification writers.
+//! Stratum v1 codec: a line parser on simd-json that cannot panic, writers for both ends
+//! ([`write`]), client-side decoders (`decode`), a sans-IO stratum client (`client`) and
+//! ckpool's passthrough framing (`passthrough`).
 //!
 //! The parser copies each line into a reused buffer (simd-json parses in place) and hands out a
 //! [`Request`] borrowing from it. Writers append one `\n`-terminated JSON line to a `Vec<u8>`.
@@ -7,11 +9,18 @@
 //! ckpool's `"reject-reason"` key so clients written for either convention understand them.
 
 use std::borrow::Cow;
-use std::io::Write as _;
 
 use simd_json::prelude::*;
 
-use crate::target::Difficulty;
+// pub mod client;
+// pub mod decode;
+// pub mod passthrough;
+pub mod write;
+
+pub use write::{
+    reconnect, reply_error, reply_reject, reply_result, set_difficulty, set_extranonce,
+    show_message, write_str, write_value,
+};
 
 /// A parsed JSON value borrowing from the line.
 pub type Value<'a> = simd_json::BorrowedValue<'a>;
@@ -370,81 +379,6 @@ mod fast {
             }
         }
     }
-}
-
-/// Appends a JSON value (an echoed id) exactly as parsed.
-pub fn write_value(out: &mut Vec<u8>, v: &Value<'_>) {
-    // Writing into a Vec cannot fail.
-    let _ = v.write(out);
-}
-
-/// Appends a JSON string literal with escaping.
-pub fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Serialising a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
-}
-
-/// `{"id":ID,"result":RAW,"error":null}\n`, where `raw` is already JSON.
-pub fn reply_result(out: &mut Vec<u8>, id: &Value<'_>, raw: &[u8]) {
-    out.extend_from_slice(b"{\"id\":");
-    write_value(out, id);
-    out.extend_from_slice(b",\"result\":");
-    out.extend_from_slice(raw);
-    out.extend_from_slice(b",\"error\":null}\n");
-}
-
-/// `{"id":ID,"result":null,"error":[code,"msg",null]}\n`.
-pub fn reply_error(out: &mut Vec<u8>, id: &Value<'_>, code: i32, msg: &str) {
-    out.extend_from_slice(b"{\"id\":");
-    write_value(out, id);
-    let _ = write!(out, ",\"result\":null,\"error\":[{code},");
-    write_str(out, msg);
-    out.extend_from_slice(b",null]}\n");
-}
-
-/// A rejected share: `{"id":ID,"result":false,"error":[code,"msg",null],"reject-reason":"msg"}\n`.
-pub fn reply_reject(out: &mut Vec<u8>, id: &Value<'_>, code: i32, msg: &str) {
-    out.extend_from_slice(b"{\"id\":");
-    write_value(out, id);
-    let _ = write!(out, ",\"result\":false,\"error\":[{code},");
-    write_str(out, msg);
-    out.extend_from_slice(b",null],\"reject-reason\":");
-    write_str(out, msg);
-    out.extend_from_slice(b"}\n");
-}
-
-/// `{"id":null,"method":"mining.set_difficulty","params":[D]}\n`.
-pub fn set_difficulty(out: &mut Vec<u8>, diff: Difficulty) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"mining.set_difficulty\",\"params\":[");
-    diff.write_json(out);
-    out.extend_from_slice(b"]}\n");
-}
-
-/// `{"id":null,"method":"client.show_message","params":["text"]}\n`.
-pub fn show_message(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"client.show_message\",\"params\":[");
-    write_str(out, text);
-    out.extend_from_slice(b"]}\n");
-}
-
-/// `{"id":null,"method":"client.reconnect","params":[]}\n`.
-pub fn reconnect(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"client.reconnect\",\"params\":[]}\n");
-}
-
-/// `{"id":null,"method":"mining.set_extranonce","params":["<enonce1 hex>",<nonce2 size>]}\n`:
-/// the miner uses the new extranonce1 from the next `mining.notify` on.
-pub fn set_extranonce(out: &mut Vec<u8>, enonce1: &[u8], nonce2_len: usize) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"mining.set_extranonce\",\"params\":[\"");
-    let start = out.len();
-    out.resize(start + enonce1.len() * 2, 0);
-    if let Some(dst) = out.get_mut(start..) {
-        // The destination is exactly twice the input long, so this cannot fail.
-        let _ = hex::encode_to_slice(enonce1, dst);
-    }
-    out.extend_from_slice(b"\",");
-    out.extend_from_slice(nonce2_len.to_string().as_bytes());
-    out.extend_from_slice(b"]}\n");
 }
 
 /// Parses a hex string of exactly `2 * N` digits into `N` bytes.
