@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 use tracing::{debug, info, trace, warn};
 
 use crate::work::{self, Job, VersionRoller};
+use common::stratum::decode;
 
 /// Longest line accepted from the pool before the connection is given up.
 const MAX_LINE: usize = 1 << 20;
@@ -482,36 +483,11 @@ impl Shared {
 /// Extracts a reject reason from a reply: `error` as `[code, msg, …]`, a string or an object with
 /// `message`, else ckpool's `reject-reason`, else `"unknown"`.
 pub fn reject_reason(reply: &Value) -> String {
-    let from_error = match reply.get("error") {
-        Some(Value::Array(a)) => Some(match a.get(1) {
-            Some(Value::String(s)) => s.clone(),
-            _ => Value::Array(a.clone()).to_string(),
-        }),
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Object(o)) => Some(match o.get("message") {
-            Some(Value::String(s)) => s.clone(),
-            _ => Value::Object(o.clone()).to_string(),
-        }),
-        Some(Value::Null) | None => None,
-        Some(other) => Some(other.to_string()),
-    };
-    from_error
-        .or_else(|| {
-            reply
-                .get("reject-reason")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Reads a difficulty given as a number or a numeric string.
-fn parse_difficulty(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
+    decode::reject_reason(
+        reply.get("error"),
+        reply.get("reject-reason").and_then(Value::as_str),
+    )
+    .into_owned()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -765,7 +741,7 @@ impl Reader {
     }
 
     fn on_set_difficulty(&mut self, params: &Value) {
-        let Some(diff) = params.get(0).and_then(parse_difficulty) else {
+        let Ok(diff) = decode::set_difficulty(params) else {
             warn!("skipping a bad mining.set_difficulty: {params}");
             return;
         };
@@ -780,15 +756,7 @@ impl Reader {
     }
 
     fn on_set_extranonce(&mut self, params: &Value) {
-        let en1 = params
-            .get(0)
-            .and_then(Value::as_str)
-            .and_then(|s| hex::decode(s).ok());
-        let n2 = params
-            .get(1)
-            .and_then(Value::as_u64)
-            .and_then(|n| usize::try_from(n).ok());
-        let (Some(en1), Some(n2)) = (en1, n2) else {
+        let Ok((en1, n2)) = decode::set_extranonce(params) else {
             warn!("skipping a bad mining.set_extranonce: {params}");
             return;
         };
@@ -807,11 +775,7 @@ impl Reader {
             debug!("ignoring mining.set_version_mask: version rolling not asked for");
             return;
         };
-        let Some(mask) = params
-            .get(0)
-            .and_then(Value::as_str)
-            .and_then(|s| u32::from_str_radix(s, 16).ok())
-        else {
+        let Ok(mask) = decode::set_version_mask(params) else {
             warn!("skipping a bad mining.set_version_mask: {params}");
             return;
         };
@@ -822,12 +786,7 @@ impl Reader {
     }
 
     fn handle_reply(&mut self, msg: &Value) {
-        let id = match msg.get("id") {
-            Some(Value::Number(n)) => n.as_u64(),
-            Some(Value::String(s)) => s.parse().ok(),
-            _ => None,
-        };
-        let Some(id) = id else {
+        let Some(id) = msg.get("id").and_then(decode::id_u64) else {
             debug!("ignoring a message without method or usable id: {msg}");
             return;
         };
@@ -853,13 +812,8 @@ impl Reader {
         let requested = self.shared.cfg.version_rolling.unwrap_or(0);
         let result = msg.get("result").unwrap_or(&Value::Null);
         if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
-            let granted = match result.get("version-rolling.mask").and_then(Value::as_str) {
-                Some(s) => u32::from_str_radix(s, 16).ok(),
-                None => Some(requested),
-            };
-            match granted {
-                Some(g) => {
-                    let mask = g & requested;
+            match decode::configure_result(result, requested) {
+                Some(mask) => {
                     info!("version rolling with mask {mask:08x}");
                     lock(&self.shared.work).mask = Some(mask);
                     lock(&self.shared.stats).report.version_mask = Some(mask);
@@ -874,21 +828,17 @@ impl Reader {
 
     fn on_subscribe_reply(&mut self, msg: &Value) {
         let result = msg.get("result").unwrap_or(&Value::Null);
-        let en1 = result
-            .get(1)
-            .and_then(Value::as_str)
-            .and_then(|s| hex::decode(s).ok());
-        let n2 = result
-            .get(2)
-            .and_then(Value::as_u64)
-            .and_then(|n| usize::try_from(n).ok());
-        let (Some(en1), Some(n2)) = (en1, n2) else {
+        let Ok(decode::Subscribed {
+            extranonce1: en1,
+            nonce2_len: n2,
+            session,
+        }) = decode::subscribe_result(result)
+        else {
             let err = msg.get("error").unwrap_or(&Value::Null);
             self.shared
                 .fail(format!("subscribe failed: result {result}, error {err}"));
             return;
         };
-        let session = session_from_subscriptions(result.get(0).unwrap_or(&Value::Null));
         let en1_hex = hex::encode(&en1);
         info!("subscribed: extranonce1 {en1_hex}, extranonce2 {n2} bytes, session {session:?}");
         {
@@ -964,22 +914,6 @@ impl Reader {
             self.shared.request_stop();
         }
     }
-}
-
-/// The session id in a subscribe reply's first element: the id paired with `mining.notify`,
-/// else the first pair's id. Accepts `[[method, id], …]` and a bare `[method, id]`.
-pub(crate) fn session_from_subscriptions(subs: &Value) -> Option<String> {
-    let pairs: Vec<&Value> = match subs.as_array() {
-        Some(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
-        Some(_) => vec![subs],
-        None => return None,
-    };
-    let id_of = |p: &Value| p.get(1).and_then(Value::as_str).map(str::to_owned);
-    pairs
-        .iter()
-        .find(|p| p.get(0).and_then(Value::as_str) == Some("mining.notify"))
-        .and_then(|p| id_of(p))
-        .or_else(|| pairs.first().and_then(|p| id_of(p)))
 }
 
 /// Token bucket for submits: up to one second's worth of burst.
@@ -1226,38 +1160,6 @@ mod tests {
             reject_reason(&json!({"result": false, "error": null})),
             "unknown"
         );
-    }
-
-    #[test]
-    fn difficulty_shapes() {
-        assert_eq!(parse_difficulty(&json!(1)), Some(1.0));
-        assert_eq!(
-            parse_difficulty(&json!(2.3283064365386963e-10)),
-            Some(2.3283064365386963e-10)
-        );
-        assert_eq!(parse_difficulty(&json!("512")), Some(512.0));
-        assert_eq!(parse_difficulty(&json!(null)), None);
-    }
-
-    #[test]
-    fn session_ids() {
-        assert_eq!(
-            session_from_subscriptions(&json!([["mining.notify", "abcd1234"]])),
-            Some("abcd1234".into())
-        );
-        assert_eq!(
-            session_from_subscriptions(&json!([
-                ["mining.set_difficulty", "d1"],
-                ["mining.notify", "n1"]
-            ])),
-            Some("n1".into())
-        );
-        assert_eq!(
-            session_from_subscriptions(&json!(["mining.notify", "x"])),
-            Some("x".into())
-        );
-        assert_eq!(session_from_subscriptions(&json!([])), None);
-        assert_eq!(session_from_subscriptions(&json!(null)), None);
     }
 
     #[test]

@@ -28,10 +28,11 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
-use crate::miner::{reject_reason, session_from_subscriptions as session_id};
+use crate::miner::reject_reason;
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, ShareKind};
 use crate::sys::{ProcSample, mono_ns, raise_nofile_limit};
 use crate::work::{self, Job, SearchCursor, SearchMiss, VersionRoller, Want};
+use common::stratum::decode;
 
 /// Longest line accepted from the pool.
 const MAX_LINE: usize = 1 << 20;
@@ -1058,11 +1059,7 @@ fn handle_method(
             }
         },
         "mining.set_difficulty" => {
-            let d = params.get(0).and_then(|v| match v {
-                Value::Number(n) => n.as_f64(),
-                Value::String(s) => s.trim().parse().ok(),
-                _ => None,
-            });
+            let d = decode::set_difficulty(params).ok();
             match d.and_then(Difficulty::from_f64) {
                 Some(d) => {
                     m.share_target = d.target();
@@ -1075,15 +1072,7 @@ fn handle_method(
             }
         }
         "mining.set_extranonce" => {
-            let en1 = params
-                .get(0)
-                .and_then(Value::as_str)
-                .and_then(|s| hex::decode(s).ok());
-            let n2 = params
-                .get(1)
-                .and_then(Value::as_u64)
-                .and_then(|n| usize::try_from(n).ok());
-            if let (Some(en1), Some(n2)) = (en1, n2) {
+            if let Ok((en1, n2)) = decode::set_extranonce(params) {
                 m.en1 = en1;
                 m.nonce2_len = n2;
             }
@@ -1091,10 +1080,7 @@ fn handle_method(
         "mining.set_version_mask" => {
             if let (Some(requested), Some(mask)) = (
                 ctx.spec.version_rolling,
-                params
-                    .get(0)
-                    .and_then(Value::as_str)
-                    .and_then(|s| u32::from_str_radix(s, 16).ok()),
+                decode::set_version_mask(params).ok(),
             ) {
                 m.mask = Some(mask & requested);
             }
@@ -1165,36 +1151,24 @@ fn handle_reply(
     now: Instant,
     out: &mut Vec<u8>,
 ) -> Option<Step> {
-    let id = match msg.get("id") {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.parse().ok(),
-        _ => None,
-    };
+    let id = msg.get("id").and_then(decode::id_u64);
     let result = msg.get("result").unwrap_or(&Value::Null);
     match id {
         Some(ID_CONFIGURE) if m.phase == Phase::Configuring => {
             let requested = ctx.spec.version_rolling.unwrap_or(0);
-            if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
-                let granted = result
-                    .get("version-rolling.mask")
-                    .and_then(Value::as_str)
-                    .and_then(|s| u32::from_str_radix(s, 16).ok())
-                    .unwrap_or(requested);
-                m.mask = Some(granted & requested);
+            if let Some(mask) = decode::configure_result(result, requested) {
+                m.mask = Some(mask);
             }
             send_subscribe(ctx, m, now, out);
             None
         }
         Some(ID_SUBSCRIBE) if m.phase == Phase::Subscribing => {
-            let en1 = result
-                .get(1)
-                .and_then(Value::as_str)
-                .and_then(|s| hex::decode(s).ok());
-            let n2 = result
-                .get(2)
-                .and_then(Value::as_u64)
-                .and_then(|n| usize::try_from(n).ok());
-            let (Some(en1), Some(n2)) = (en1, n2) else {
+            let Ok(decode::Subscribed {
+                extranonce1: en1,
+                nonce2_len: n2,
+                session,
+            }) = decode::subscribe_result(result)
+            else {
                 ctx.count(|c| c.subscribe_failures += 1);
                 return Some(Step::Lost(format!(
                     "subscribe failed: {}",
@@ -1215,7 +1189,7 @@ fn handle_reply(
             }
             m.en1 = en1;
             m.nonce2_len = n2;
-            m.session = session_id(result.get(0).unwrap_or(&Value::Null)).map(Into::into);
+            m.session = session.map(Into::into);
             m.phase = Phase::Authorizing;
             m.phase_sent = now;
             let params = json!([&*m.user, ctx.spec.pass]);
@@ -1552,19 +1526,6 @@ mod tests {
         assert_eq!(spec.miner_count(), 3);
         spec.worker = 0;
         assert_eq!(spec.miner_count(), 4);
-    }
-
-    #[test]
-    fn session_ids_from_subscribe_replies() {
-        assert_eq!(
-            session_id(&json!([
-                ["mining.set_difficulty", "a"],
-                ["mining.notify", "b"]
-            ])),
-            Some("b".into())
-        );
-        assert_eq!(session_id(&json!(["mining.notify", "x"])), Some("x".into()));
-        assert_eq!(session_id(&json!(null)), None);
     }
 
     #[test]

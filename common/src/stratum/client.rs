@@ -1,1 +1,1 @@
-
+//! A sans-IO stratum client (in progress).

@@ -1,1 +1,1 @@
-
+//! ckpool's passthrough framing (in progress).
