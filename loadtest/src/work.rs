@@ -14,11 +14,20 @@ pub use common::stratum::decode::{
 /// Extranonce2 for a counter: `len` bytes, big-endian (the counter is truncated to fit; bytes
 /// beyond eight are zero).
 pub fn extranonce2_bytes(counter: u64, len: usize) -> Vec<u8> {
-    let be = counter.to_be_bytes();
     let mut out = vec![0u8; len];
-    let n = len.min(8);
-    out[len - n..].copy_from_slice(&be[8 - n..]);
+    extranonce2_into(counter, &mut out);
     out
+}
+
+/// [`extranonce2_bytes`] into a buffer of the extranonce2's length.
+pub fn extranonce2_into(counter: u64, out: &mut [u8]) {
+    let be = counter.to_be_bytes();
+    let len = out.len();
+    let n = len.min(8);
+    out.fill(0);
+    if let (Some(dst), Some(src)) = (out.get_mut(len - n..), be.get(8 - n..)) {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// How many distinct extranonce2 values `len` bytes hold (saturating at `u64::MAX`).
