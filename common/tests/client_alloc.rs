@@ -1,7 +1,7 @@
 //! A stratum client's submit and its accepted verdict allocate nothing (ckload drives the
 //! benchmarks with it: its cost per share must stay flat).
 #![allow(missing_docs, reason = "tests")]
-#![allow(clippy::unwrap_used, reason = "tests")]
+#![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

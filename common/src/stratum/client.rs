@@ -553,7 +553,7 @@ fn refusal(msg: &Message<'_>, what: &str) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "test code")]
+#[allow(clippy::unwrap_used, clippy::panic, reason = "test code")]
 mod tests {
     use super::*;
     use proptest::prelude::*;
