@@ -2,9 +2,10 @@
 //!
 //! [`Miner::start`] connects to a pool and runs two threads:
 //!
-//! * the **reader** owns the session: it sends `mining.configure` (when version rolling is asked
-//!   for), `mining.subscribe` and `mining.authorize` one after the other, handles the pool's
-//!   notifications and matches replies to requests by id;
+//! * the **reader** drives the session through `common::stratum::client`: it sends
+//!   `mining.configure` (when version rolling is asked for), `mining.subscribe` (retried once
+//!   without params if refused) and `mining.authorize` one after the other, handles the pool's
+//!   notifications and gets each submit's verdict matched to it by id;
 //! * the **grinder** hashes the newest job (extranonce2 counter, then rolled version, then nonce),
 //!   submitting every hash that meets the share target or the network target, under a rate limit.
 //!   A job's shares must meet the harder of the difficulty in force when the job arrived and the

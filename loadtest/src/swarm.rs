@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use common::stratum::Parser;
-use common::stratum::client::{self, Client, ClientConfig, Event, Verdict};
+use common::stratum::client::{self, Client, ClientConfig, Event, RequestKind, Verdict};
 use common::{Difficulty, Target};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
@@ -911,7 +911,7 @@ fn handshake_timeout(
     out: &mut Vec<u8>,
 ) -> Option<Step> {
     while let Some(ev) = m.client.poll(now.into_std(), out) {
-        if let Event::TimedOut(kind) = ev {
+        if let Event::TimedOut(kind @ (RequestKind::Subscribe | RequestKind::Authorize)) = ev {
             ctx.count(|c| c.handshake_timeouts += 1);
             return Some(Step::Lost(format!("no reply to {kind:?}")));
         }
@@ -1115,11 +1115,12 @@ fn on_event(
             return Some(Step::Lost(format!("authorize refused: {reason}")));
         }
         Event::Verdict(v) => on_verdict(ctx, m, &v, now),
-        Event::TimedOut(kind) => {
+        Event::TimedOut(kind @ (RequestKind::Subscribe | RequestKind::Authorize)) => {
             ctx.count(|c| c.handshake_timeouts += 1);
             return Some(Step::Lost(format!("no reply to {kind:?}")));
         }
-        Event::VersionRolling(_)
+        Event::TimedOut(_)
+        | Event::VersionRolling(_)
         | Event::VersionMask(_)
         | Event::ExtranonceSubscribed(_)
         | Event::SubmitTimedOut { .. } => {}

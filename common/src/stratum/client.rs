@@ -454,7 +454,7 @@ impl<T: Copy> Client<T> {
                 tag: p.tag,
                 sent: p.sent,
                 accepted,
-                reason: (!accepted).then(|| msg.reject_reason()),
+                reason: (!accepted).then(|| msg.reason()),
             }));
         }
         let Some(pos) = self.requests.iter().position(|r| r.id == id) else {
@@ -507,7 +507,7 @@ impl<T: Copy> Client<T> {
                 } else {
                     self.phase = Phase::Failed;
                     Event::Refused {
-                        reason: msg.reject_reason().into_owned(),
+                        reason: msg.reason().into_owned(),
                     }
                 }
             }
@@ -544,7 +544,7 @@ fn refusal(msg: &Message<'_>, what: &str) -> String {
     use super::decode::Json as _;
     use simd_json::prelude::*;
     if !msg.error.is_null() {
-        return msg.reject_reason().into_owned();
+        return msg.reason().into_owned();
     }
     match msg.result.as_text() {
         Some(s) => s.to_owned(),

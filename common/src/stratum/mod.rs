@@ -222,7 +222,7 @@ impl Message<'_> {
     }
 
     /// Why the reply says no (see [`decode::reject_reason`]).
-    pub fn reject_reason(&self) -> Cow<'static, str> {
+    pub fn reason(&self) -> Cow<'static, str> {
         decode::reject_reason(Some(&self.error), self.reject_reason.as_deref())
     }
 }
@@ -829,13 +829,13 @@ mod tests {
                 .parse_message(br#"{"id":"9","result":false,"error":null,"reject-reason":"Stale"}"#)
                 .unwrap();
             assert_eq!((m.id_u64(), m.accepted()), (Some(9), false));
-            assert_eq!(m.reject_reason(), "Stale");
+            assert_eq!(m.reason(), "Stale");
         }
         {
             let m = p
                 .parse_message(br#"{"id":5,"result":null,"error":[21,"Job not found",null]}"#)
                 .unwrap();
-            assert_eq!(m.reject_reason(), "Job not found");
+            assert_eq!(m.reason(), "Job not found");
         }
         {
             let m = p
