@@ -146,7 +146,7 @@ proptest! {
                 Just("version-rolling.mask".to_owned()),
                 "[a-z\"\\\\é.-]{0,12}",
             ],
-            0..8,
+            0..40,
         ),
         mask in any::<u32>(),
         min_ok in any::<bool>(),

@@ -145,36 +145,20 @@ pub enum ConfigureAnswer<'a> {
     Unknown(&'a str),
 }
 
-/// Most members a `mining.configure` reply carries before the rest are dropped (a miner asking
-/// for hundreds of extensions gets the first ones answered).
-const MAX_CONFIGURE_MEMBERS: usize = 32;
-
 /// The `mining.configure` reply `{"id":ID,"result":{…},"error":null}\n`.
 ///
 /// The members are written sorted by name and a name answered twice keeps its last answer (the
-/// object the stratifier has always built was a sorted map).
+/// object the stratifier has always built was a sorted map). It allocates once (configure comes
+/// once per connection).
 pub fn configure_result(out: &mut Vec<u8>, id: &Value<'_>, answers: &[ConfigureAnswer<'_>]) {
     #[derive(Clone, Copy)]
     enum Member {
         Bool(bool),
         Mask(u32),
     }
-    let mut members: [(&str, Member); MAX_CONFIGURE_MEMBERS] =
-        [("", Member::Bool(false)); MAX_CONFIGURE_MEMBERS];
-    let mut n = 0;
-    let mut put = |key, m| {
-        if let Some(slot) = members
-            .get(..n)
-            .and_then(|s| s.iter().position(|(k, _)| *k == key))
-        {
-            if let Some(e) = members.get_mut(slot) {
-                e.1 = m;
-            }
-        } else if let Some(e) = members.get_mut(n) {
-            *e = (key, m);
-            n += 1;
-        }
-    };
+    // Once per connection, not on the share path: a vector holds every answer.
+    let mut members: Vec<(&str, Member)> = Vec::with_capacity(answers.len() + 1);
+    let mut put = |key, m| members.push((key, m));
     for a in answers {
         match *a {
             ConfigureAnswer::VersionRolling { mask } => {
@@ -186,15 +170,20 @@ pub fn configure_result(out: &mut Vec<u8>, id: &Value<'_>, answers: &[ConfigureA
             ConfigureAnswer::Unknown(name) => put(name, Member::Bool(false)),
         }
     }
-    let members = members.get_mut(..n).unwrap_or_default();
-    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    // A stable sort keeps a name's answers in order: the last one is written.
+    members.sort_by(|a, b| a.0.cmp(b.0));
     out.extend_from_slice(b"{\"id\":");
     write_value(out, id);
     out.extend_from_slice(b",\"result\":{");
+    let mut first = true;
     for (i, (k, m)) in members.iter().enumerate() {
-        if i > 0 {
+        if members.get(i + 1).is_some_and(|(next, _)| next == k) {
+            continue;
+        }
+        if !first {
             out.push(b',');
         }
+        first = false;
         write_str(out, k);
         out.push(b':');
         match m {
