@@ -723,6 +723,7 @@ impl Reader {
             }
             Event::Message(text) => info!("pool message: {text}"),
             Event::Ping => debug!("answered mining.ping"),
+            Event::GetVersion => debug!("answered client.get_version"),
             Event::Verdict(v) => {
                 self.on_submit_reply(v.accepted, v.reason.map(Cow::into_owned), v.tag);
             }

@@ -1120,6 +1120,7 @@ fn on_event(
             return Some(Step::Lost(format!("no reply to {kind:?}")));
         }
         Event::TimedOut(_)
+        | Event::GetVersion
         | Event::VersionRolling(_)
         | Event::VersionMask(_)
         | Event::ExtranonceSubscribed(_)

@@ -156,8 +156,10 @@ pub enum Event<T> {
     Reconnect(Reconnect),
     /// `client.show_message`.
     Message(String),
-    /// `mining.ping`, already answered.
+    /// `mining.ping`, already answered (`"pong"`).
     Ping,
+    /// `client.get_version`, already answered (with the user agent).
+    GetVersion,
     /// A share verdict.
     Verdict(Verdict<T>),
     /// A submit that stayed unanswered past [`ClientConfig::submit_timeout`].
@@ -435,7 +437,7 @@ impl<T: Copy> Client<T> {
                 let mut raw = Vec::with_capacity(self.cfg.user_agent.len() + 2);
                 write::write_str(&mut raw, &self.cfg.user_agent);
                 write::reply_result(out, &msg.id, &raw);
-                Event::Unhandled(method.to_owned())
+                Event::GetVersion
             }
             other => Event::Unhandled(other.to_owned()),
         }
@@ -972,11 +974,14 @@ mod tests {
             text(&mut out),
             "{\"id\":42,\"result\":\"pong\",\"error\":null}\n"
         );
-        c.feed(
-            &mut p,
-            br#"{"params":[],"id":"v","method":"client.get_version"}"#,
-            t0,
-            &mut out,
+        assert_eq!(
+            c.feed(
+                &mut p,
+                br#"{"params":[],"id":"v","method":"client.get_version"}"#,
+                t0,
+                &mut out,
+            ),
+            Some(Event::GetVersion)
         );
         assert_eq!(
             text(&mut out),
