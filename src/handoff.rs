@@ -60,8 +60,9 @@ use std::time::Instant;
 use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
-use stratifier::{Job, Pool, Shard};
-use tracing::{debug, error};
+use generator::{BlockSubmission, BlockSubmitter};
+use stratifier::{Job, Pool, Shard, ShareRecord};
+use tracing::{debug, error, warn};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
 /// out even when the connector keeps it busy.
@@ -120,27 +121,70 @@ pub(crate) enum Msg {
     Start(ConnectorHandle<Self>),
 }
 
+/// Where the stratifier's events go: block candidates to the generator's submitter, share
+/// records to the share log's writer (when `-L` is on). Each shard has its own copy.
+#[derive(Clone, Debug)]
+pub(crate) struct Sinks {
+    /// Solved blocks (`None` only in unit tests, where a block is logged as not submitted).
+    pub(crate) blocks: Option<BlockSubmitter>,
+    /// The share log's queue, if the share log is on.
+    pub(crate) shares: Option<Sender<ShareRecord>>,
+}
+
+impl Sinks {
+    fn wants_shares(&self) -> bool {
+        self.shares.is_some()
+    }
+
+    fn event(&self, ev: stratifier::Event) {
+        match ev {
+            stratifier::Event::Block(b) => match &self.blocks {
+                Some(blocks) => blocks.submit(BlockSubmission {
+                    hash: b.hash,
+                    height: b.height,
+                    hex: b.hex,
+                }),
+                None => {
+                    error!(hash = %b.hash, height = b.height, block_hex = %b.hex, "no block submitter; block NOT submitted")
+                }
+            },
+            stratifier::Event::Share(rec) => {
+                if let Some(tx) = &self.shares
+                    && tx.try_send(rec).is_err()
+                {
+                    warn!("share log queue full; a share log line was dropped");
+                }
+            }
+        }
+    }
+}
+
 /// Starts the connector threads with the stratifier attached as `handoff` says.
 pub(crate) fn start(
     handoff: Handoff,
     cfg: connector::Config,
     pool: Arc<Pool>,
+    sinks: Sinks,
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
     let conns = connector::start(cfg, move |t| match handoff {
         Handoff::Inline => StratumHandler::Inline(InlineHandler {
             shard: Shard::new(Arc::clone(&pool)),
+            sinks: sinks.clone(),
         }),
-        Handoff::Queue => match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), pin) {
-            Ok(h) => StratumHandler::Queue(h),
-            Err(e) => {
-                // Only when the system is out of threads; this thread's miners are still served.
-                error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
-                StratumHandler::Inline(InlineHandler {
-                    shard: Shard::new(Arc::clone(&pool)),
-                })
+        Handoff::Queue => {
+            match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), sinks.clone(), pin) {
+                Ok(h) => StratumHandler::Queue(h),
+                Err(e) => {
+                    // Only when the system is out of threads; this thread's miners are still served.
+                    error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
+                    StratumHandler::Inline(InlineHandler {
+                        shard: Shard::new(Arc::clone(&pool)),
+                        sinks: sinks.clone(),
+                    })
+                }
             }
-        },
+        }
     })?;
     if handoff == Handoff::Queue {
         conns.broadcast(Msg::Start(conns.handle()));
@@ -177,7 +221,10 @@ impl connector::Handler for StratumHandler {
 
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         match self {
-            Self::Inline(h) => h.shard.on_line(now, conn, line, &mut OutboxOut(out)),
+            Self::Inline(h) => {
+                let InlineHandler { shard, sinks } = h;
+                shard.on_line(now, conn, line, &mut OutboxOut { outbox: out, sinks });
+            }
             Self::Queue(h) => h.on_line(now, conn, line, out),
         }
     }
@@ -192,7 +239,10 @@ impl connector::Handler for StratumHandler {
     fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
         match self {
             Self::Inline(h) => match msg {
-                Msg::Job(job) => h.shard.on_job(&job, &mut OutboxOut(out)),
+                Msg::Job(job) => {
+                    let InlineHandler { shard, sinks } = h;
+                    shard.on_job(&job, &mut OutboxOut { outbox: out, sinks });
+                }
                 Msg::Output(_) | Msg::Start(_) => debug!("queue-mode message ignored inline"),
             },
             Self::Queue(h) => h.on_msg(msg, out),
@@ -201,7 +251,10 @@ impl connector::Handler for StratumHandler {
 
     fn on_tick(&mut self, now: Instant, out: &mut Outbox) {
         match self {
-            Self::Inline(h) => h.shard.on_tick(now, &mut OutboxOut(out)),
+            Self::Inline(h) => {
+                let InlineHandler { shard, sinks } = h;
+                shard.on_tick(now, &mut OutboxOut { outbox: out, sinks });
+            }
             Self::Queue(h) => h.push(Event::Tick { now }),
         }
     }
@@ -216,20 +269,30 @@ impl connector::Handler for StratumHandler {
 /// Inline: the shard runs in the connector's callbacks.
 struct InlineHandler {
     shard: Shard,
+    sinks: Sinks,
 }
 
-/// The shard's output written straight into the connector's outbox.
-struct OutboxOut<'a>(&'a mut Outbox);
+/// The shard's output written straight into the connector's outbox; events to the sinks.
+struct OutboxOut<'a> {
+    outbox: &'a mut Outbox,
+    sinks: &'a Sinks,
+}
 
 impl stratifier::Out for OutboxOut<'_> {
     fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
-        self.0.send(conn, bytes);
+        self.outbox.send(conn, bytes);
     }
     fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
-        self.0.send(conn, bytes);
+        self.outbox.send(conn, bytes);
     }
     fn close(&mut self, conn: ConnId) {
-        self.0.close(conn);
+        self.outbox.close(conn);
+    }
+    fn event(&mut self, ev: stratifier::Event) {
+        self.sinks.event(ev);
+    }
+    fn wants_shares(&self) -> bool {
+        self.sinks.wants_shares()
     }
 }
 
@@ -305,7 +368,7 @@ struct Link {
 
 impl QueueHandler {
     /// Starts the stratifier thread of connector thread `thread`, owning `shard`.
-    fn new(thread: usize, shard: Shard, pin: bool) -> io::Result<Self> {
+    fn new(thread: usize, shard: Shard, sinks: Sinks, pin: bool) -> io::Result<Self> {
         let (to_shard, batches) = crossbeam_channel::unbounded();
         let (spare_batch_tx, spare_batches) = crossbeam_channel::bounded(SPARE);
         let (spare_outputs, spare_output_rx) = crossbeam_channel::bounded(SPARE);
@@ -318,7 +381,14 @@ impl QueueHandler {
                     // The same CPU as its connector thread.
                     connector::pin_current_thread_or_warn(thread, "stratifier");
                 }
-                run_shard(thread, shard, &batches, &spare_batch_tx, &spare_output_rx);
+                run_shard(
+                    thread,
+                    shard,
+                    sinks,
+                    &batches,
+                    &spare_batch_tx,
+                    &spare_output_rx,
+                );
                 debug!("stratifier thread stopped");
             })?;
         Ok(Self {
@@ -441,12 +511,13 @@ impl Drop for QueueHandler {
 fn run_shard(
     thread: usize,
     mut shard: Shard,
+    sinks: Sinks,
     batches: &Receiver<Batch>,
     spare_batches: &Sender<Batch>,
     spare_outputs: &Receiver<Vec<Action>>,
 ) {
     let mut handle: Option<ConnectorHandle<Msg>> = None;
-    let mut out = ShardOut::default();
+    let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while let Ok(first) = batches.recv() {
         let mut next = Some(first);
@@ -508,12 +579,23 @@ fn run_batch(
     }
 }
 
-/// The shard's output on a stratifier thread: actions for the connector thread, in order.
-#[derive(Default)]
+/// The shard's output on a stratifier thread: actions for the connector thread, in order;
+/// events straight to the sinks.
 struct ShardOut {
     actions: Vec<Action>,
     /// Connections the shard closed whose close the connector has not reported back yet.
     closing: HashSet<ConnId>,
+    sinks: Sinks,
+}
+
+impl ShardOut {
+    fn new(sinks: Sinks) -> Self {
+        Self {
+            actions: Vec::new(),
+            closing: HashSet::new(),
+            sinks,
+        }
+    }
 }
 
 impl stratifier::Out for ShardOut {
@@ -532,6 +614,12 @@ impl stratifier::Out for ShardOut {
         if self.closing.insert(conn) {
             self.actions.push(Action::Close(conn));
         }
+    }
+    fn event(&mut self, ev: stratifier::Event) {
+        self.sinks.event(ev);
+    }
+    fn wants_shares(&self) -> bool {
+        self.sinks.wants_shares()
     }
 }
 
@@ -553,7 +641,10 @@ mod tests {
         use stratifier::Out;
         let a = ConnId::new(0, 0, 1);
         let b = ConnId::new(0, 0, 2);
-        let mut out = ShardOut::default();
+        let mut out = ShardOut::new(Sinks {
+            blocks: None,
+            shares: None,
+        });
         out.send(a, b"reply\n".to_vec());
         out.close(a);
         out.close(a);

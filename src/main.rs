@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use generator::{BlockSubmission, BtcdConfig, GenEvent, Generator, GeneratorConfig};
+use generator::{BtcdConfig, GenEvent, Generator, GeneratorConfig};
 use stratifier::{Pool, PoolConfig};
 use tracing::{error, info, warn};
 
@@ -309,31 +309,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let share_log = if cli.log_shares {
         let (tx, _handle) =
             sharelog::start(cfg.logdir.clone()).context("starting the share log")?;
-        let sink: Box<dyn Fn(stratifier::ShareRecord) + Send + Sync> = Box::new(move |rec| {
-            if tx.try_send(rec).is_err() {
-                warn!("share log queue full; a share log line was dropped");
-            }
-        });
-        Some(sink)
+        Some(tx)
     } else {
         None
     };
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let blocks = generator.block_submitter();
-    let pool = Pool::new(
-        pcfg,
-        seed,
-        move |b| {
-            blocks.submit(BlockSubmission {
-                hash: b.hash,
-                height: b.height,
-                hex: b.hex,
-            });
-        },
-        share_log,
-    );
+    let sinks = handoff::Sinks {
+        blocks: Some(generator.block_submitter()),
+        shares: share_log,
+    };
+    let pool = Pool::new(pcfg, seed, Instant::now());
     pool.new_template(first.0, Instant::now())
         .context("building the first job")?;
     // Hashrate sampling and the stats files (pool.status, users/<name>).
@@ -367,8 +354,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ..connector::Config::default()
     };
     info!(%handoff, threads, "stratifier handoff");
-    let conns =
-        handoff::start(handoff, conn_cfg, Arc::clone(&pool)).context("starting the connector")?;
+    let conns = handoff::start(handoff, conn_cfg, Arc::clone(&pool), sinks)
+        .context("starting the connector")?;
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
         info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");

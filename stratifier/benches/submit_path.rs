@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ckpool_stratifier::{Out, Pool, PoolConfig, Shard};
+use ckpool_stratifier::{Event, Out, Pool, PoolConfig, Shard};
 use common::address::{Network, script_for_address};
 use common::template::Template;
 use common::{ConnId, Difficulty};
@@ -46,6 +46,9 @@ impl Out for Keep {
     }
     fn close(&mut self, _: ConnId) {
         self.closes += 1;
+    }
+    fn event(&mut self, ev: Event) {
+        black_box(ev);
     }
 }
 
@@ -76,8 +79,8 @@ fn main() {
     cfg.startdiff = Difficulty::MIN;
     cfg.maxdiff = Some(Difficulty::MIN);
     let n2len = cfg.coinbase.nonce2_len;
-    let pool = Pool::new(cfg, 1, |_| {}, None);
     let mut now = Instant::now();
+    let pool = Pool::new(cfg, 1, now);
     pool.new_template(template(1), now).unwrap();
     let mut shard = Shard::new(Arc::clone(&pool));
     let mut out = Keep::default();

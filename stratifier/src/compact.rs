@@ -5,7 +5,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::num::NonZeroU64;
 use std::ops::Deref;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Difficulty;
@@ -57,11 +57,10 @@ impl PackedDiff {
     }
 }
 
-/// The process's reference instant for [`Stamp`]s.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// An instant in 8 bytes (an `Instant` takes 16): signed nanoseconds from a process-wide
-/// reference, so instants before the reference are kept exactly too.
+/// An instant in 8 bytes (an `Instant` takes 16): signed nanoseconds from a reference instant
+/// (the pool's epoch, given to [`crate::Pool::new`]; the stratifier reads no clock), so instants
+/// before the reference are kept exactly too. Stamps are only compared with stamps of the same
+/// epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Stamp(i64);
 
@@ -69,8 +68,7 @@ impl Stamp {
     /// Never set; further back than any real instant.
     pub(crate) const NEVER: Self = Self(i64::MIN);
 
-    pub(crate) fn of(t: Instant) -> Self {
-        let epoch = *EPOCH;
+    pub(crate) fn of(t: Instant, epoch: Instant) -> Self {
         let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         if t >= epoch {
             Self(nanos(t - epoch))
@@ -80,8 +78,8 @@ impl Stamp {
     }
 
     /// Time from `self` to `now`, zero if `now` is earlier.
-    pub(crate) fn until(self, now: Instant) -> Duration {
-        let d = Self::of(now).0.saturating_sub(self.0);
+    pub(crate) fn until(self, now: Instant, epoch: Instant) -> Duration {
+        let d = Self::of(now, epoch).0.saturating_sub(self.0);
         Duration::from_nanos(u64::try_from(d).unwrap_or(0))
     }
 }
@@ -173,19 +171,25 @@ mod tests {
 
     #[test]
     fn stamps_measure_time_either_side_of_the_epoch() {
-        let now = Instant::now();
+        let epoch = Instant::now();
+        let now = epoch + Duration::from_secs(1);
+        // Before the epoch too.
         let earlier = now.checked_sub(Duration::from_secs(5));
-        let s = Stamp::of(now);
+        let s = Stamp::of(now, epoch);
         assert_eq!(
-            s.until(now + Duration::from_millis(1500)),
+            s.until(now + Duration::from_millis(1500), epoch),
             Duration::from_millis(1500)
         );
-        assert_eq!(s.until(now), Duration::ZERO);
+        assert_eq!(s.until(now, epoch), Duration::ZERO);
         if let Some(e) = earlier {
-            assert_eq!(Stamp::of(e).until(now), Duration::from_secs(5));
-            assert_eq!(s.until(e), Duration::ZERO, "never negative");
+            assert!(Stamp::of(e, epoch) < Stamp::of(epoch, epoch));
+            assert_eq!(
+                Stamp::of(e, epoch).until(now, epoch),
+                Duration::from_secs(5)
+            );
+            assert_eq!(s.until(e, epoch), Duration::ZERO, "never negative");
         }
-        assert!(Stamp::NEVER < Stamp::of(now));
+        assert!(Stamp::NEVER < Stamp::of(now, epoch));
     }
 
     #[test]

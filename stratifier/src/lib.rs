@@ -1,8 +1,10 @@
 //! Stratifier of ckpool-rs: the sans-IO stratum v1 state machine.
 //!
 //! It holds sessions, jobs, vardiff, share validation, user/worker statistics and block
-//! candidates. It never touches sockets, threads or the clock: the caller passes `now` in and
-//! receives its output through the [`Out`] trait, so tests drive it deterministically in memory.
+//! candidates. It never touches sockets, threads or the clock: the caller passes `now` in (and
+//! the pool's epoch once, at [`Pool::new`]) and receives all its output as values through the
+//! [`Out`] trait (lines, closes, and [`Event`]s: block candidates and shares), so tests drive it
+//! deterministically in memory.
 //!
 //! Shape: one [`Pool`] (shared by every core: configuration, the job table, extranonce
 //! allocation, session resume and statistics) and one [`Shard`] per connector thread holding the
@@ -13,6 +15,7 @@ mod compact;
 mod job;
 mod pool;
 pub mod rates;
+mod reject;
 #[doc(hidden)]
 pub mod seen;
 mod shard;
@@ -27,9 +30,22 @@ pub use pool::{
     AgentDiff, BlockCandidate, Hashrates, ListenerDiff, Pool, PoolConfig, PoolRates, ShareRecord,
     StatsSnapshot, UserStats, WorkerStats,
 };
+pub use reject::Reject;
 pub use shard::Shard;
 
-/// Where a shard's output goes: replies and notifications to connections, and closes.
+/// Something the stratifier produced for the rest of the daemon (not for a miner).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A share met the network target: a block to write down and submit. A block-solving share
+    /// sent again is a duplicate and makes no second candidate.
+    Block(BlockCandidate),
+    /// A share that was hashed, accepted or rejected (the share log's line). Only produced when
+    /// [`Out::wants_shares`] says so.
+    Share(ShareRecord),
+}
+
+/// Where a shard's output goes: replies and notifications to connections, closes, and
+/// [`Event`]s.
 pub trait Out {
     /// Queues bytes (one or more complete lines) for a connection.
     fn send(&mut self, conn: ConnId, bytes: Vec<u8>);
@@ -37,6 +53,14 @@ pub trait Out {
     fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>);
     /// Closes a connection after its queued bytes.
     fn close(&mut self, conn: ConnId);
+    /// An event for the daemon. Block candidates always come this way; share events only
+    /// when [`Out::wants_shares`] is true.
+    fn event(&mut self, ev: Event);
+    /// Whether [`Event::Share`]s are wanted. When false (the default) the share path builds
+    /// none: no allocation or formatting per share for a consumer that does not exist.
+    fn wants_shares(&self) -> bool {
+        false
+    }
 }
 
 /// A recording [`Out`] for tests and simulations.
@@ -46,9 +70,39 @@ pub struct RecordingOut {
     pub sent: Vec<(ConnId, Vec<u8>)>,
     /// Connections closed.
     pub closed: Vec<ConnId>,
+    /// Events, in order.
+    pub events: Vec<Event>,
+    /// What [`Out::wants_shares`] answers.
+    pub shares: bool,
 }
 
 impl RecordingOut {
+    /// The block candidates among the events, draining them (other events stay).
+    pub fn take_blocks(&mut self) -> Vec<BlockCandidate> {
+        let mut blocks = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Block(b) => {
+                blocks.push(b.clone());
+                false
+            }
+            Event::Share(_) => true,
+        });
+        blocks
+    }
+
+    /// The share records among the events, draining them (other events stay).
+    pub fn take_shares(&mut self) -> Vec<ShareRecord> {
+        let mut shares = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Share(s) => {
+                shares.push(s.clone());
+                false
+            }
+            Event::Block(_) => true,
+        });
+        shares
+    }
+
     /// Lines sent to `conn`, parsed as JSON, draining them.
     pub fn take_json(&mut self, conn: ConnId) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
@@ -78,5 +132,11 @@ impl Out for RecordingOut {
     }
     fn close(&mut self, conn: ConnId) {
         self.closed.push(conn);
+    }
+    fn event(&mut self, ev: Event) {
+        self.events.push(ev);
+    }
+    fn wants_shares(&self) -> bool {
+        self.shares
     }
 }

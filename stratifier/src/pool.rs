@@ -1,5 +1,5 @@
 //! State shared by every shard: configuration, the job table, extranonce1 allocation, session
-//! resume, statistics, and the sinks for block candidates and share records.
+//! resume and statistics. Block candidates and share records leave through [`crate::Out`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::job::{CoinbaseConfig, Job, JobError};
 use crate::rates::{Decay, Ema, HASHES_PER_DIFF, POOL_WINDOWS, SPS_WINDOWS, USER_WINDOWS};
+use crate::reject::Reject;
 
 /// Pool-wide settings the stratifier needs (built by the daemon from the config file).
 #[derive(Debug, Clone)]
@@ -140,7 +141,7 @@ pub struct ShareRecord {
     pub result: bool,
     /// Reject reason.
     #[serde(rename = "reject-reason", skip_serializing_if = "Option::is_none")]
-    pub reject_reason: Option<&'static str>,
+    pub reject_reason: Option<Reject>,
     /// Full worker name.
     pub workername: String,
     /// User name.
@@ -150,9 +151,6 @@ pub struct ShareRecord {
     /// Client user agent.
     pub agent: String,
 }
-
-type BlockSink = Box<dyn Fn(BlockCandidate) + Send + Sync>;
-type ShareSink = Box<dyn Fn(ShareRecord) + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct JobTable {
@@ -311,10 +309,10 @@ struct Totals {
 }
 
 impl Totals {
-    fn reject(&mut self, reason: Option<&'static str>) {
+    fn reject(&mut self, reason: Option<Reject>) {
         self.rejected += 1;
         if let Some(r) = reason {
-            *self.reject_reasons.entry(r).or_default() += 1;
+            *self.reject_reasons.entry(r.message()).or_default() += 1;
         }
     }
 }
@@ -509,8 +507,8 @@ pub struct Pool {
     /// Parked sessions within the resume window, counted by the sampler.
     parked: AtomicU64,
     pub(crate) clients: AtomicU64,
-    block_sink: BlockSink,
-    share_sink: Option<ShareSink>,
+    /// The reference instant of every stamp kept (given by the caller: no clock is read here).
+    pub(crate) epoch: Instant,
 }
 
 impl std::fmt::Debug for Pool {
@@ -523,13 +521,10 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A pool. `seed` (e.g. the start time in seconds) keeps job, session and extranonce ids
-    /// from repeating across restarts; `block_sink` receives block candidates.
-    pub fn new(
-        cfg: PoolConfig,
-        seed: u64,
-        block_sink: impl Fn(BlockCandidate) + Send + Sync + 'static,
-        share_sink: Option<Box<dyn Fn(ShareRecord) + Send + Sync>>,
-    ) -> Arc<Self> {
+    /// from repeating across restarts. `epoch` is the reference instant the pool and its shards
+    /// keep times against (any instant near the start; the stratifier itself reads no clock).
+    /// Block candidates and share records leave through each shard's [`crate::Out`].
+    pub fn new(cfg: PoolConfig, seed: u64, epoch: Instant) -> Arc<Self> {
         let cb_cfg = cfg.coinbase.clone();
         Arc::new(Self {
             cb_cfg,
@@ -550,8 +545,7 @@ impl Pool {
             wall_clock: Mutex::new(None),
             parked: AtomicU64::new(0),
             clients: AtomicU64::new(0),
-            block_sink: Box::new(block_sink),
-            share_sink,
+            epoch,
         })
     }
 
@@ -702,17 +696,11 @@ impl Pool {
         (now.saturating_duration_since(t) < self.cfg.resume_window).then_some(en1)
     }
 
-    pub(crate) fn submit_block(&self, b: BlockCandidate) {
+    /// Counts a block found (the candidate itself leaves as an [`crate::Event::Block`]).
+    pub(crate) fn record_block(&self, b: &BlockCandidate) {
         self.stats.lock().blocks.push(b.hash.clone());
         let user = b.worker.split(['.', '_']).next().unwrap_or("");
         self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
-        (self.block_sink)(b);
-    }
-
-    pub(crate) fn log_share(&self, rec: impl FnOnce() -> ShareRecord) {
-        if let Some(sink) = &self.share_sink {
-            sink(rec());
-        }
     }
 
     fn user_cell(&self, user: &str) -> Arc<UserCell> {
@@ -756,7 +744,7 @@ impl Pool {
         w: &WorkerStatsRef,
         accepted: Option<f64>,
         sdiff: f64,
-        reason: Option<&'static str>,
+        reason: Option<Reject>,
         now: Instant,
     ) {
         {
@@ -774,7 +762,7 @@ impl Pool {
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
-    pub(crate) fn record_anonymous_reject(&self, stripe: &Stripe, reason: &'static str) {
+    pub(crate) fn record_anonymous_reject(&self, stripe: &Stripe, reason: Reject) {
         stripe.0.lock().reject(Some(reason));
     }
 
@@ -980,7 +968,7 @@ mod tests {
     use super::*;
 
     fn pool() -> Arc<Pool> {
-        Pool::new(PoolConfig::new(Network::Regtest, None), 1, |_| {}, None)
+        Pool::new(PoolConfig::new(Network::Regtest, None), 1, Instant::now())
     }
 
     fn template(prev: u8) -> Arc<Template> {
@@ -996,7 +984,7 @@ mod tests {
         .unwrap();
         let mut cfg = PoolConfig::new(Network::Regtest, Some(payout));
         cfg.job_lifetime = Duration::from_secs(30);
-        let p = Pool::new(cfg, 1, |_| {}, None);
+        let p = Pool::new(cfg, 1, Instant::now());
         let mut view = JobView::default();
         p.refresh(&mut view);
         assert!(view.current().is_none());
@@ -1113,7 +1101,7 @@ mod tests {
                 pool.record_share(&stripe, &rig1, Some(1000.0), 1500.0, None, now);
             }
             pool.record_share(&stripe, &rig2, Some(500.0), 600.0, None, now);
-            pool.record_share(&stripe, &rig2, None, 0.0, Some("Stale"), now);
+            pool.record_share(&stripe, &rig2, None, 0.0, Some(Reject::Stale), now);
             pool.sample_rates(now);
         }
         let s = pool.stats();
@@ -1188,7 +1176,7 @@ mod tests {
         pool.record_share(&stripe, &w, Some(100.0), 100.0, None, t0);
         pool.sample_rates(t0);
         assert!(within(pool.stats().round_diff, 100.0));
-        pool.submit_block(BlockCandidate {
+        pool.record_block(&BlockCandidate {
             height: 1,
             hash: "00".into(),
             hex: String::new(),

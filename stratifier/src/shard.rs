@@ -13,12 +13,12 @@ use compact_str::CompactString;
 use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
-use crate::Out;
 use crate::compact::{Name, PackedDiff, Stamp};
 use crate::job::Job;
 use crate::pool::{BlockCandidate, JobView, Pool, ShareRecord, Stripe, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
 use crate::vardiff::{Bounds, VarDiff};
+use crate::{Event, Out, Reject};
 
 /// The longest worker name kept (ckpool's limit).
 const MAX_WORKER_LEN: usize = 127;
@@ -291,7 +291,7 @@ impl Shard {
             suggested: None,
             agent: self.st.names.get(""),
             auth: None,
-            vardiff: VarDiff::new(now),
+            vardiff: VarDiff::new(self.st.pool.epoch, now),
             extras: None,
             session_id: 0,
             mask: cfg.version_mask,
@@ -316,7 +316,7 @@ impl Shard {
         self.st.pool.clients.fetch_add(1, Ordering::Relaxed);
         self.st
             .auth_deadlines
-            .push_back((Stamp::of(now + cfg.auth_timeout), conn));
+            .push_back((Stamp::of(now + cfg.auth_timeout, self.st.pool.epoch), conn));
     }
 
     /// A connection went away.
@@ -390,8 +390,9 @@ impl Shard {
 
     /// Periodic work: drop clients that did not authorise in time, prune caches.
     pub fn on_tick(&mut self, now: Instant, out: &mut impl Out) {
+        let now_stamp = Stamp::of(now, self.st.pool.epoch);
         while let Some(&(deadline, conn)) = self.st.auth_deadlines.front() {
-            if deadline > Stamp::of(now) {
+            if deadline > now_stamp {
                 break;
             }
             self.st.auth_deadlines.pop_front();
@@ -423,9 +424,6 @@ impl Shard {
         }
     }
 }
-
-/// How a submit went wrong: the reason text, its code, and whether it counts against the user.
-type Reject = (i32, &'static str);
 
 impl State {
     fn dispatch(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
@@ -782,7 +780,13 @@ impl State {
         if d == s.diff() {
             return;
         }
-        change_diff(s, d, current.as_ref().map_or(0, |j| j.id), now);
+        change_diff(
+            s,
+            d,
+            current.as_ref().map_or(0, |j| j.id),
+            self.pool.epoch,
+            now,
+        );
         if !s.subscribed {
             return;
         }
@@ -889,9 +893,9 @@ impl State {
         match self.check_submit(now, conn, req, out) {
             Ok(None) => {}
             Ok(Some(new)) => self.set_diff(now, conn, new, out),
-            Err((code, reason)) => {
+            Err(reason) => {
                 let mut buf = Vec::with_capacity(128);
-                stratum::reply_reject(&mut buf, &req.id, code, reason);
+                stratum::reply_reject(&mut buf, &req.id, reason.code(), reason.message());
                 out.send(conn, buf);
                 match self.sessions.get_mut(conn).and_then(|s| s.auth.as_mut()) {
                     Some(a) => {
@@ -906,13 +910,14 @@ impl State {
                     }
                     None => self.pool.record_anonymous_reject(&self.stripe, reason),
                 }
-                debug!(%conn, reason, "share rejected");
+                debug!(%conn, %reason, "share rejected");
             }
         }
     }
 
     /// Every check of a submission, in ckpool's order plus a real nonce2 length check. A share
-    /// that solves a block is submitted before stale/duplicate bookkeeping.
+    /// that solves a block is submitted before the stale, ntime and target checks (a stale
+    /// block may still win a race), but never twice: a duplicate makes no candidate.
     fn check_submit(
         &mut self,
         now: Instant,
@@ -927,77 +932,73 @@ impl State {
             return Ok(None);
         };
         if !s.subscribed {
-            return Err((codes::NOT_SUBSCRIBED, "Not subscribed"));
+            return Err(Reject::NotSubscribed);
         }
         let Some(auth) = s.auth.as_ref() else {
-            return Err((codes::UNAUTHORIZED, "Unauthorized worker"));
+            return Err(Reject::Unauthorized);
         };
-        let params = req
-            .params_array()
-            .ok_or((codes::OTHER, "Params not array"))?;
+        let params = req.params_array().ok_or(Reject::ParamsNotArray)?;
         let [worker, job_id, nonce2, ntime, nonce, rest @ ..] = params else {
-            return Err((codes::OTHER, "Invalid array size"));
+            return Err(Reject::InvalidArraySize);
         };
         let worker = worker
             .as_str()
             .filter(|w| !w.is_empty())
-            .ok_or((codes::OTHER, "No username"))?;
+            .ok_or(Reject::NoUsername)?;
         let job_id = job_id
             .as_str()
             .filter(|j| !j.is_empty())
-            .ok_or((codes::OTHER, "No job_id"))?;
+            .ok_or(Reject::NoJobId)?;
         let nonce2 = nonce2
             .as_str()
             .filter(|n| {
                 !n.is_empty() && n.len() % 2 == 0 && n.bytes().all(|b| b.is_ascii_hexdigit())
             })
-            .ok_or((codes::OTHER, "No nonce2"))?;
+            .ok_or(Reject::NoNonce2)?;
         let ntime = ntime
             .as_str()
             .filter(|n| n.len() % 2 == 0)
             .and_then(stratum::hex_u32)
-            .ok_or((codes::OTHER, "No ntime"))?;
+            .ok_or(Reject::NoNtime)?;
         let nonce = nonce
             .as_str()
             .filter(|n| n.len() >= 8)
             .and_then(|n| n.get(..8))
             .and_then(stratum::hex_u32)
-            .ok_or((codes::OTHER, "No nonce"))?;
+            .ok_or(Reject::NoNonce)?;
         let version_bits = match rest.first() {
             None => None,
             Some(v) if v.is_null() => None,
             Some(v) => Some(
                 v.as_str()
                     .and_then(stratum::hex_u32)
-                    .ok_or((codes::OTHER, "Invalid version mask"))?,
+                    .ok_or(Reject::InvalidVersionMask)?,
             ),
         };
         if let Some(bits) = version_bits
             && bits & !s.mask != 0
         {
-            return Err((codes::OTHER, "Invalid version mask"));
+            return Err(Reject::InvalidVersionMask);
         }
         // A name longer than kept was truncated at authorisation: compare the same prefix.
         if !auth.is_worker(truncate(worker, MAX_WORKER_LEN)) {
-            return Err((codes::OTHER, "Worker mismatch"));
+            return Err(Reject::WorkerMismatch);
         }
         let (job, stale) = u64::from_str_radix(job_id, 16)
             .ok()
             .and_then(|id| self.jobs.get(id))
-            .ok_or((codes::JOB_NOT_FOUND, "Invalid JobID"))?;
+            .ok_or(Reject::InvalidJobId)?;
         let n2len = cfg.coinbase.nonce2_len;
         let mut en2 = [0u8; 8];
-        let en2 = en2
-            .get_mut(..n2len)
-            .ok_or((codes::OTHER, "Invalid nonce2 length"))?;
+        let en2 = en2.get_mut(..n2len).ok_or(Reject::InvalidNonce2Length)?;
         if nonce2.len() != n2len * 2 || hex::decode_to_slice(nonce2, en2).is_err() {
-            return Err((codes::OTHER, "Invalid nonce2 length"));
+            return Err(Reject::InvalidNonce2Length);
         }
         let user = &auth.user;
         let solo;
         let coinb2: &[u8] = if cfg.solo {
-            solo = solo_work(&mut self.solo_work, pool, job, user)
-                .ok_or((codes::OTHER, "No coinbase for user"))?;
+            solo =
+                solo_work(&mut self.solo_work, pool, job, user).ok_or(Reject::NoCoinbaseForUser)?;
             &solo.coinb2
         } else {
             &job.coinb2
@@ -1046,7 +1047,15 @@ impl State {
             }
         }
         let sdiff = hash_difficulty(&hashed.hash);
-        if job.network_target.is_met_by(&hashed.hash) {
+        // A block-solving share is looked up in the duplicate set before its block is built:
+        // the same solution sent again makes no second candidate. (Recording it here, whatever
+        // the verdict, changes no verdict: a resent share meets the same stale, ntime and target
+        // checks, which come before the duplicate check.)
+        let first_sighting = job
+            .network_target
+            .is_met_by(&hashed.hash)
+            .then(|| job.first_sighting(&hashed.hash));
+        if first_sighting == Some(true) {
             let block = block::assemble(
                 &hashed.header,
                 &self.scratch,
@@ -1056,42 +1065,46 @@ impl State {
             let hash = common::template::rpc_hash_hex(&hashed.hash);
             let worker = auth.worker();
             info!(height = job.height(), %hash, %worker, "BLOCK SOLVED, submitting");
-            pool.submit_block(BlockCandidate {
+            let candidate = BlockCandidate {
                 height: job.height(),
                 hash,
                 hex: hex::encode(block),
                 worker,
                 job_id: job.id,
-            });
+            };
+            pool.record_block(&candidate);
+            out.event(Event::Block(candidate));
         }
         let verdict: Result<(), Reject> = if stale {
-            Err((codes::JOB_NOT_FOUND, "Stale"))
+            Err(Reject::Stale)
         } else if ntime < job.ntime || ntime > job.ntime.saturating_add(MAX_NTIME_ROLL) {
-            Err((codes::OTHER, "Ntime out of range"))
+            Err(Reject::NtimeOutOfRange)
         } else if !judged.target().is_met_by(&hashed.hash) {
-            Err((codes::LOW_DIFFICULTY, "Above target"))
-        } else if !job.first_sighting(&hashed.hash) {
-            Err((codes::DUPLICATE, "Duplicate"))
+            Err(Reject::AboveTarget)
+        } else if !first_sighting.unwrap_or_else(|| job.first_sighting(&hashed.hash)) {
+            Err(Reject::Duplicate)
         } else {
             Ok(())
         };
-        pool.log_share(|| ShareRecord {
-            workinfoid: job.id,
-            height: job.height(),
-            enonce1: hex::encode(enonce1.as_ref()),
-            nonce2: nonce2.to_owned(),
-            nonce: format!("{nonce:08x}"),
-            ntime: format!("{ntime:08x}"),
-            diff: judged.to_f64(),
-            sdiff,
-            hash: common::template::rpc_hash_hex(&hashed.hash),
-            result: verdict.is_ok(),
-            reject_reason: verdict.err().map(|(_, r)| r),
-            workername: auth.worker(),
-            username: user.to_string(),
-            address: s.peer.ip().to_string(),
-            agent: s.agent.to_string(),
-        });
+        if out.wants_shares() {
+            out.event(Event::Share(ShareRecord {
+                workinfoid: job.id,
+                height: job.height(),
+                enonce1: hex::encode(enonce1.as_ref()),
+                nonce2: nonce2.to_owned(),
+                nonce: format!("{nonce:08x}"),
+                ntime: format!("{ntime:08x}"),
+                diff: judged.to_f64(),
+                sdiff,
+                hash: common::template::rpc_hash_hex(&hashed.hash),
+                result: verdict.is_ok(),
+                reject_reason: verdict.err(),
+                workername: auth.worker(),
+                username: user.to_string(),
+                address: s.peer.ip().to_string(),
+                agent: s.agent.to_string(),
+            }));
+        }
         verdict?;
         let mut buf = Vec::with_capacity(96);
         stratum::reply_result(&mut buf, &req.id, b"true");
@@ -1117,7 +1130,9 @@ impl State {
         };
         out.send(conn, buf);
         if s.fixed().is_none()
-            && let Some(new) = s.vardiff.on_share(now, judged, s.diff(), bounds)
+            && let Some(new) = s
+                .vardiff
+                .on_share(pool.epoch, now, judged, s.diff(), bounds)
         {
             debug!(%conn, old = %s.diff(), new = %new, "vardiff");
             return Ok(Some(new));
@@ -1128,11 +1143,11 @@ impl State {
 
 /// Changes a session's difficulty; work from jobs up to `current_job` is judged at the easier of
 /// the old and new difficulty, so nothing in flight is rejected by the change.
-fn change_diff(s: &mut Session, new: Difficulty, current_job: u64, now: Instant) {
+fn change_diff(s: &mut Session, new: Difficulty, current_job: u64, epoch: Instant, now: Instant) {
     s.old_diff = s.diff;
     s.diff = PackedDiff::new(new);
     s.diff_change_job = job_seq(current_job).saturating_add(1);
-    s.vardiff.changed(now);
+    s.vardiff.changed(epoch, now);
 }
 
 /// A job's sequence number within this pool: the low 32 bits of its id, which count up from 1
@@ -1317,7 +1332,7 @@ mod tests {
             suggested: None,
             agent: names.get(""),
             auth: None,
-            vardiff: VarDiff::new(now),
+            vardiff: VarDiff::new(now, now),
             extras: None,
             session_id: 0,
             mask: 0,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ckpool_stratifier::{Out, Pool, PoolConfig, Shard};
+use ckpool_stratifier::{Event, Out, Pool, PoolConfig, Shard};
 use common::address::{Network, script_for_address};
 use common::template::Template;
 use common::{ConnId, Difficulty};
@@ -56,6 +56,7 @@ impl Out for Sink {
     fn send(&mut self, _: ConnId, _: Vec<u8>) {}
     fn send_shared(&mut self, _: ConnId, _: Arc<[u8]>) {}
     fn close(&mut self, _: ConnId) {}
+    fn event(&mut self, _: Event) {}
 }
 
 fn template() -> Arc<Template> {
@@ -69,7 +70,7 @@ fn idle_authorised_session_heap() {
         script_for_address("mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ", Network::Regtest).unwrap();
     let mut cfg = PoolConfig::new(Network::Regtest, Some(payout));
     cfg.mindiff = Difficulty::MIN;
-    let pool = Pool::new(cfg, 1, |_| {}, None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(template(), now).unwrap();
     let mut shard = Shard::new(Arc::clone(&pool));

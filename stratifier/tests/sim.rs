@@ -8,11 +8,11 @@
 )]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckpool_stratifier::share::{ShareInput, hash_share, roll_version};
-use ckpool_stratifier::{BlockCandidate, Pool, PoolConfig, RecordingOut, Shard};
+use ckpool_stratifier::{Pool, PoolConfig, RecordingOut, Shard};
 use common::address::{Network, script_for_address};
 use common::template::{Template, TemplateTx};
 use common::{ConnId, Difficulty, Target};
@@ -70,7 +70,6 @@ struct Sim {
     shard: Shard,
     out: RecordingOut,
     now: Instant,
-    blocks: Arc<Mutex<Vec<BlockCandidate>>>,
 }
 
 fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
@@ -80,9 +79,7 @@ fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
     cfg.mindiff = Difficulty::MIN;
     cfg.startdiff = Difficulty::MIN;
     tweak(&mut cfg);
-    let blocks = Arc::new(Mutex::new(Vec::new()));
-    let b2 = Arc::clone(&blocks);
-    let pool = Pool::new(cfg, 1, move |b| b2.lock().unwrap().push(b), None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(template(1, bits, 3), now).unwrap();
     Sim {
@@ -90,7 +87,6 @@ fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
         pool,
         out: RecordingOut::default(),
         now,
-        blocks,
     }
 }
 
@@ -581,7 +577,7 @@ fn block_solution_is_assembled_and_submitted_before_stale_check() {
     // Make the job stale first: the block must still be submitted.
     s.new_block(7, EASY_BITS);
     assert_reject(&s.line(c, share), 21, "Stale");
-    let blocks = s.blocks.lock().unwrap();
+    let blocks = s.out.take_blocks();
     assert_eq!(blocks.len(), 1);
     let raw = hex::decode(&blocks[0].hex).unwrap();
     let block: bitcoin::Block = bitcoin::consensus::deserialize(&raw).unwrap();
@@ -592,6 +588,92 @@ fn block_solution_is_assembled_and_submitted_before_stale_check() {
     assert_eq!(
         block.txdata[0].output[0].script_pubkey.as_bytes(),
         &payout[..]
+    );
+}
+
+#[test]
+fn a_replayed_block_solution_is_a_duplicate_and_makes_no_second_candidate() {
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let (c, w) = s.connect(1, "alice.rig");
+    let nonce = grind(&w, &[5; 8], Target::from_compact(EASY_BITS), None);
+    let share = submit(&w, "alice.rig", &[5; 8], nonce);
+    assert_eq!(s.line(c, share.clone())[0]["result"], true);
+    assert_eq!(
+        s.out.take_blocks().len(),
+        1,
+        "the first sighting is a block"
+    );
+    assert_reject(&s.line(c, share.clone()), 22, "Duplicate");
+    assert_reject(&s.line(c, share), 22, "Duplicate");
+    assert!(
+        s.out.take_blocks().is_empty(),
+        "a replay builds and queues no block"
+    );
+    let st = s.pool.stats();
+    assert_eq!(st.blocks.len(), 1, "counted once");
+    assert_eq!(st.users["alice"].blocks, 1);
+    assert_eq!(st.reject_reasons["Duplicate"], 2);
+}
+
+#[test]
+fn a_replayed_stale_block_solution_is_submitted_once() {
+    // A block share on a job made stale by a new block is still submitted (it may win a race),
+    // once: sent again, it stays "Stale" and makes no candidate.
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let (c, w) = s.connect(1, "alice.rig");
+    let nonce = grind(&w, &[6; 8], Target::from_compact(EASY_BITS), None);
+    let share = submit(&w, "alice.rig", &[6; 8], nonce);
+    s.new_block(7, EASY_BITS);
+    assert_reject(&s.line(c, share.clone()), 21, "Stale");
+    assert_reject(&s.line(c, share), 21, "Stale");
+    assert_eq!(s.out.take_blocks().len(), 1);
+}
+
+#[test]
+fn share_events_only_when_wanted() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice.rig1");
+    let share = good_share(&w, "alice.rig1", &[1; 8]);
+    assert_eq!(s.line(c, share.clone())[0]["result"], true);
+    assert!(
+        s.out.events.is_empty(),
+        "nobody asked for shares: none built"
+    );
+    s.out.shares = true;
+    let share2 = good_share(&w, "alice.rig1", &[2; 8]);
+    assert_eq!(s.line(c, share2.clone())[0]["result"], true);
+    assert_reject(&s.line(c, share2.clone()), 22, "Duplicate");
+    // A submit refused before hashing (no such job) is not a share record.
+    let mut bad = share;
+    bad["params"][1] = json!("ffffffffffffffff");
+    assert_reject(&s.line(c, bad), 21, "Invalid JobID");
+    let recs = s.out.take_shares();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    let (ok, dup) = (&recs[0], &recs[1]);
+    assert!(ok.result && ok.reject_reason.is_none());
+    assert!(!dup.result);
+    assert_eq!(
+        dup.reject_reason,
+        Some(ckpool_stratifier::Reject::Duplicate)
+    );
+    let job = w.job.as_ref().unwrap();
+    assert_eq!(format!("{:016x}", ok.workinfoid), job[0].as_str().unwrap());
+    assert_eq!(ok.enonce1, hex::encode(&w.en1));
+    assert_eq!(ok.nonce2, hex::encode([2u8; 8]));
+    assert_eq!(ok.nonce, share2["params"][4].as_str().unwrap());
+    assert_eq!(ok.workername, "alice.rig1");
+    assert_eq!(ok.username, "alice");
+    assert_eq!(ok.address, "127.0.0.1");
+    assert_eq!(ok.agent, "test/1.0");
+    assert_eq!(ok.diff, w.diff);
+    assert!(ok.sdiff >= ok.diff);
+    let line = serde_json::to_value(dup).unwrap();
+    assert_eq!(line["reject-reason"], "Duplicate");
+    assert!(
+        serde_json::to_value(ok)
+            .unwrap()
+            .get("reject-reason")
+            .is_none()
     );
 }
 
@@ -647,7 +729,7 @@ fn solo_mode_pays_each_user() {
     let nonce = grind(&w, &[1; 8], net, None);
     let r = s.line(c2, submit(&w, &format!("{addr}.w1"), &[1; 8], nonce));
     assert_eq!(r[0]["result"], true, "{r:?}");
-    let blocks = s.blocks.lock().unwrap();
+    let blocks = s.out.take_blocks();
     let block: bitcoin::Block =
         bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
     let script = script_for_address(addr, Network::Regtest).unwrap();
@@ -689,9 +771,7 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
     cfg.mindiff = Difficulty::MIN;
     cfg.startdiff = Difficulty::MIN;
     cfg.coinbase.btcsig = b"/segwit test/".to_vec();
-    let blocks = Arc::new(Mutex::new(Vec::new()));
-    let b2 = Arc::clone(&blocks);
-    let pool = Pool::new(cfg, 1, move |b| b2.lock().unwrap().push(b), None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(Arc::clone(&t), now).unwrap();
     let mut s = Sim {
@@ -699,7 +779,6 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
         pool,
         out: RecordingOut::default(),
         now,
-        blocks,
     };
     let (c, w) = s.connect(1, "segwit.rig");
     assert_eq!(
@@ -710,7 +789,7 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
     let nonce = grind(&w, &[3; 8], Target::from_compact(t.bits), None);
     let r = s.line(c, submit(&w, "segwit.rig", &[3; 8], nonce));
     assert_eq!(r[0]["result"], true, "{r:?}");
-    let blocks = s.blocks.lock().unwrap();
+    let blocks = s.out.take_blocks();
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].height, 111);
     let block: bitcoin::Block =
@@ -793,7 +872,7 @@ fn compat_bitaxe_session_replay() {
     let t = core_template("core-testnet3-gbt-2442185.json");
     let mut cfg = PoolConfig::new(Network::Testnet, None);
     cfg.solo = true;
-    let pool = Pool::new(cfg, 1, |_| {}, None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(t, now).unwrap();
     let mut s = Sim {
@@ -801,7 +880,6 @@ fn compat_bitaxe_session_replay() {
         pool,
         out: RecordingOut::default(),
         now,
-        blocks: Arc::default(),
     };
     let c = s.open(1);
     let session = std::fs::read_to_string(concat!(
@@ -1174,7 +1252,6 @@ fn totals_add_up_across_shards() {
         pool: Arc::clone(&a.pool),
         out: RecordingOut::default(),
         now: a.now,
-        blocks: Arc::clone(&a.blocks),
     };
     let (ca, wa) = a.connect(1, "alice.a");
     let (cb, wb) = b.connect(2, "alice.b");
