@@ -61,7 +61,7 @@ use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::{BlockSubmission, BlockSubmitter};
-use stratifier::{Job, Pool, Shard, ShareRecord};
+use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
 use tracing::{debug, error, warn};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
@@ -155,6 +155,18 @@ impl Sinks {
                     warn!("share log queue full; a share log line was dropped");
                 }
             }
+        }
+    }
+}
+
+/// The connection of a direct client. Sub-clients (miners behind a passthrough) are not served
+/// by this daemon yet: nothing makes one, and output for one is dropped with a debug line.
+fn direct(client: ClientId) -> Option<ConnId> {
+    match client {
+        ClientId::Direct(conn) => Some(conn),
+        ClientId::Sub(..) => {
+            debug!(%client, "output for a sub-client dropped: passthrough framing is not supported");
+            None
         }
     }
 }
@@ -279,14 +291,20 @@ struct OutboxOut<'a> {
 }
 
 impl stratifier::Out for OutboxOut<'_> {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
-        self.outbox.send(conn, bytes);
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>) {
+        if let Some(conn) = direct(client) {
+            self.outbox.send(conn, bytes);
+        }
     }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
-        self.outbox.send(conn, bytes);
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>) {
+        if let Some(conn) = direct(client) {
+            self.outbox.send(conn, bytes);
+        }
     }
-    fn close(&mut self, conn: ConnId) {
-        self.outbox.close(conn);
+    fn close(&mut self, client: ClientId) {
+        if let Some(conn) = direct(client) {
+            self.outbox.close(conn);
+        }
     }
     fn event(&mut self, ev: stratifier::Event) {
         self.sinks.event(ev);
@@ -599,19 +617,25 @@ impl ShardOut {
 }
 
 impl stratifier::Out for ShardOut {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
-        if !self.closing.contains(&conn) {
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>) {
+        if let Some(conn) = direct(client)
+            && !self.closing.contains(&conn)
+        {
             self.actions.push(Action::Send(conn, SendBuf::Owned(bytes)));
         }
     }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
-        if !self.closing.contains(&conn) {
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>) {
+        if let Some(conn) = direct(client)
+            && !self.closing.contains(&conn)
+        {
             self.actions
                 .push(Action::Send(conn, SendBuf::Shared(bytes)));
         }
     }
-    fn close(&mut self, conn: ConnId) {
-        if self.closing.insert(conn) {
+    fn close(&mut self, client: ClientId) {
+        if let Some(conn) = direct(client)
+            && self.closing.insert(conn)
+        {
             self.actions.push(Action::Close(conn));
         }
     }
@@ -645,10 +669,12 @@ mod tests {
             blocks: None,
             shares: None,
         });
+        let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());
         out.close(a);
         out.close(a);
         out.send(a, b"late\n".to_vec());
+        out.send(ClientId::Sub(a.conn(), 1), b"sub\n".to_vec());
         out.send_shared(b, Arc::from(&b"notify\n"[..]));
         let got: Vec<String> = out
             .actions

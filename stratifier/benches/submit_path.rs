@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ckpool_stratifier::{Event, Out, Pool, PoolConfig, Shard};
+use ckpool_stratifier::{ClientId, Event, Out, Pool, PoolConfig, Shard};
 use common::address::{Network, script_for_address};
 use common::template::Template;
 use common::{ConnId, Difficulty};
@@ -37,14 +37,14 @@ struct Keep {
 }
 
 impl Out for Keep {
-    fn send(&mut self, _: ConnId, buf: Vec<u8>) {
+    fn send(&mut self, _: ClientId, buf: Vec<u8>) {
         self.replies += 1;
         black_box(buf);
     }
-    fn send_shared(&mut self, _: ConnId, bytes: Arc<[u8]>) {
+    fn send_shared(&mut self, _: ClientId, bytes: Arc<[u8]>) {
         self.notify = Some(bytes);
     }
-    fn close(&mut self, _: ConnId) {
+    fn close(&mut self, _: ClientId) {
         self.closes += 1;
     }
     fn event(&mut self, ev: Event) {

@@ -11,6 +11,7 @@
 //! sessions of that thread's connections.
 #![forbid(unsafe_code)]
 
+mod client;
 mod compact;
 mod job;
 mod pool;
@@ -24,6 +25,7 @@ pub mod vardiff;
 
 use std::sync::Arc;
 
+pub use client::ClientId;
 pub use common::ConnId;
 pub use job::{CoinbaseConfig, Job, JobError, stratum_prevhash};
 pub use pool::{
@@ -44,15 +46,18 @@ pub enum Event {
     Share(ShareRecord),
 }
 
-/// Where a shard's output goes: replies and notifications to connections, closes, and
-/// [`Event`]s.
+/// Where a shard's output goes: replies and notifications to clients, closes, and [`Event`]s.
+///
+/// Clients are addressed by [`ClientId`]: a direct client's lines go to its connection; a
+/// sub-client's go to its passthrough's connection, framed for it.
 pub trait Out {
-    /// Queues bytes (one or more complete lines) for a connection.
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>);
+    /// Queues bytes (one or more complete lines) for a client.
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>);
     /// Queues a shared line (a job notification built once for everybody).
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>);
-    /// Closes a connection after its queued bytes.
-    fn close(&mut self, conn: ConnId);
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>);
+    /// Closes a client after its queued bytes (a direct client's connection; a sub-client
+    /// alone, its passthrough's connection staying up).
+    fn close(&mut self, client: ClientId);
     /// An event for the daemon. Block candidates always come this way; share events only
     /// when [`Out::wants_shares`] is true.
     fn event(&mut self, ev: Event);
@@ -66,10 +71,10 @@ pub trait Out {
 /// A recording [`Out`] for tests and simulations.
 #[derive(Debug, Default)]
 pub struct RecordingOut {
-    /// Everything sent, in order, with the connection.
-    pub sent: Vec<(ConnId, Vec<u8>)>,
-    /// Connections closed.
-    pub closed: Vec<ConnId>,
+    /// Everything sent, in order, with the client.
+    pub sent: Vec<(ClientId, Vec<u8>)>,
+    /// Clients closed.
+    pub closed: Vec<ClientId>,
     /// Events, in order.
     pub events: Vec<Event>,
     /// What [`Out::wants_shares`] answers.
@@ -104,7 +109,8 @@ impl RecordingOut {
     }
 
     /// Lines sent to `conn`, parsed as JSON, draining them.
-    pub fn take_json(&mut self, conn: ConnId) -> Vec<serde_json::Value> {
+    pub fn take_json(&mut self, conn: impl Into<ClientId>) -> Vec<serde_json::Value> {
+        let conn = conn.into();
         let mut out = Vec::new();
         let mut keep = Vec::new();
         for (c, bytes) in self.sent.drain(..) {
@@ -124,13 +130,13 @@ impl RecordingOut {
 }
 
 impl Out for RecordingOut {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
+    fn send(&mut self, conn: ClientId, bytes: Vec<u8>) {
         self.sent.push((conn, bytes));
     }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
+    fn send_shared(&mut self, conn: ClientId, bytes: Arc<[u8]>) {
         self.sent.push((conn, bytes.to_vec()));
     }
-    fn close(&mut self, conn: ConnId) {
+    fn close(&mut self, conn: ClientId) {
         self.closed.push(conn);
     }
     fn event(&mut self, ev: Event) {

@@ -1,6 +1,6 @@
 //! One shard of the stratifier: the sessions of one connector thread and every stratum method.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +18,7 @@ use crate::job::Job;
 use crate::pool::{BlockCandidate, JobView, Pool, ShareRecord, Stripe, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
 use crate::vardiff::{Bounds, VarDiff};
-use crate::{Event, Out, Reject};
+use crate::{ClientId, Event, Out, Reject};
 
 /// The longest worker name kept (ckpool's limit).
 const MAX_WORKER_LEN: usize = 127;
@@ -41,7 +41,7 @@ struct State {
     /// This shard's stripe of the pool totals.
     stripe: Arc<Stripe>,
     /// When each connection must have authorised by (16 bytes an entry, gone once past).
-    auth_deadlines: VecDeque<(Stamp, ConnId)>,
+    auth_deadlines: VecDeque<(Stamp, ClientId)>,
     scratch: Vec<u8>,
     solo_work: HashMap<(u64, Name), Arc<SoloWork>>,
     last_prune: Option<Instant>,
@@ -104,7 +104,7 @@ struct Session {
     session_id: u32,
     mask: u32,
     peer: Peer,
-    /// The connection id's generation (the table is indexed by its slot).
+    /// The generation of its connection's id (a stale id finds no session).
     generation: u16,
     subscribed: bool,
     /// The miner sent `mining.extranonce.subscribe`.
@@ -148,65 +148,105 @@ impl Session {
     }
 }
 
-/// The sessions of one connector thread, indexed by the slot of their connection id: the
-/// connector hands out slots densely and reuses them, so the table is as long as the most
-/// connections the thread has had at once, with no per-session allocation or hash slot. It grows
-/// in chunks, so growing never copies the sessions (a copy of 100,000 would stall the thread) and
+/// The sessions of one connector thread, in a slab of their own: a session gets the first free
+/// index, so the table is as long as the most sessions the thread has had at once, whatever the
+/// connector's slots or a passthrough's ids, with no per-session allocation. The slab grows in
+/// chunks, so growing never copies the sessions (a copy of 100,000 would stall the thread) and
 /// leaves no spare capacity beyond one chunk.
+///
+/// A direct client is found through a chunked array indexed by its connection's slot (4 bytes
+/// per slot, no hashing on the share path; the session keeps the slot's generation, so a stale
+/// id finds nothing); a sub-client through a map keyed by its connection and remote id.
 #[derive(Default)]
 struct Sessions {
     chunks: Vec<Box<[Option<Session>]>>,
+    /// Slab indices below this have been handed out.
+    next: u32,
+    /// Handed-out indices free again.
+    free: Vec<u32>,
     len: usize,
+    /// Slab index + 1 of the direct session by connection slot (0: none).
+    direct: Vec<Box<[u32]>>,
+    /// Slab index of each sub-client.
+    subs: HashMap<(ConnId, u64), u32>,
+    /// The sub-clients of each connection, in the order they came.
+    subs_of: BTreeMap<ConnId, Vec<u64>>,
     /// The connector thread of every id (taken from the first).
     thread: u16,
 }
 
-/// A connection id whose slot is beyond [`MAX_SLOT`].
+/// A connection id whose slot is beyond [`MAX_SLOT`], or a slab that is full.
 #[derive(Debug)]
 struct SlotOutOfRange;
 
-/// Sessions per chunk of the table (about 42 KiB).
+/// Sessions per chunk of the slab (about 42 KiB).
 const CHUNK: usize = 256;
-/// Slots beyond this are refused (the connector never gets near: 16M connections per thread).
+/// Entries per chunk of the slot index (4 KiB).
+const DIRECT_CHUNK: usize = 1024;
+/// Slots beyond this are refused (the connector never gets near: 16M connections per thread),
+/// and so are sessions beyond this many.
 const MAX_SLOT: usize = 1 << 24;
 
 impl Sessions {
-    fn index(conn: ConnId) -> (usize, usize) {
+    fn entry(&self, i: u32) -> Option<&Option<Session>> {
+        let i = usize::try_from(i).ok()?;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)
+    }
+
+    fn entry_mut(&mut self, i: u32) -> Option<&mut Option<Session>> {
+        let i = usize::try_from(i).ok()?;
+        self.chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)
+    }
+
+    fn direct_index(conn: ConnId) -> (usize, usize) {
         let slot = usize::try_from(conn.slot()).unwrap_or(usize::MAX);
-        (slot / CHUNK, slot % CHUNK)
+        (slot / DIRECT_CHUNK, slot % DIRECT_CHUNK)
     }
 
-    fn slot_mut(&mut self, conn: ConnId) -> Option<&mut Option<Session>> {
-        let (chunk, i) = Self::index(conn);
-        self.chunks.get_mut(chunk)?.get_mut(i)
+    /// The slot index's entry for `conn` (slab index + 1, or 0).
+    fn direct_slot(&self, conn: ConnId) -> u32 {
+        let (chunk, i) = Self::direct_index(conn);
+        self.direct
+            .get(chunk)
+            .and_then(|c| c.get(i))
+            .copied()
+            .unwrap_or(0)
     }
 
-    fn get(&self, conn: ConnId) -> Option<&Session> {
-        let (chunk, i) = Self::index(conn);
-        self.chunks
-            .get(chunk)?
-            .get(i)?
-            .as_ref()
-            .filter(|s| s.generation == conn.generation())
+    /// The slab index of `client`'s session, whatever its generation.
+    fn index(&self, client: ClientId) -> Option<u32> {
+        match client {
+            ClientId::Direct(conn) => self.direct_slot(conn).checked_sub(1),
+            ClientId::Sub(conn, remote) => self.subs.get(&(conn, remote)).copied(),
+        }
     }
 
-    fn get_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
-        self.slot_mut(conn)?
+    fn get(&self, client: ClientId) -> Option<&Session> {
+        let s = self.entry(self.index(client)?)?.as_ref()?;
+        (s.generation == client.conn().generation()).then_some(s)
+    }
+
+    fn get_mut(&mut self, client: ClientId) -> Option<&mut Session> {
+        let i = self.index(client)?;
+        self.entry_mut(i)?
             .as_mut()
-            .filter(|s| s.generation == conn.generation())
+            .filter(|s| s.generation == client.conn().generation())
     }
 
-    fn contains(&self, conn: ConnId) -> bool {
-        self.get(conn).is_some()
+    fn contains(&self, client: ClientId) -> bool {
+        self.get(client).is_some()
     }
 
-    /// Stores `s` for `conn`; returns the session it replaced (a close that never arrived).
-    fn insert(&mut self, conn: ConnId, s: Session) -> Result<Option<Session>, SlotOutOfRange> {
-        let (chunk, _) = Self::index(conn);
-        if chunk >= MAX_SLOT / CHUNK {
+    /// A free slab index, the chunk it is in allocated.
+    fn alloc(&mut self) -> Result<u32, SlotOutOfRange> {
+        if let Some(i) = self.free.pop() {
+            return Ok(i);
+        }
+        let i = self.next;
+        if usize::try_from(i).map_or(true, |i| i >= MAX_SLOT) {
             return Err(SlotOutOfRange);
         }
-        while self.chunks.len() <= chunk {
+        if usize::try_from(i).unwrap_or(usize::MAX) / CHUNK >= self.chunks.len() {
             self.chunks.push(
                 (0..CHUNK)
                     .map(|_| None)
@@ -214,39 +254,121 @@ impl Sessions {
                     .into_boxed_slice(),
             );
         }
-        self.thread = conn.thread();
-        let slot = self.slot_mut(conn).ok_or(SlotOutOfRange)?;
-        let old = slot.replace(s);
-        if old.is_none() {
-            self.len += 1;
-        }
-        Ok(old)
+        self.next += 1;
+        Ok(i)
     }
 
-    fn remove(&mut self, conn: ConnId) -> Option<Session> {
-        let slot = self.slot_mut(conn)?;
-        if slot.as_ref()?.generation != conn.generation() {
+    /// Stores `s` for `client`; returns the session it replaced (a close that never arrived).
+    fn insert(&mut self, client: ClientId, s: Session) -> Result<Option<Session>, SlotOutOfRange> {
+        if let Some(i) = self.index(client) {
+            let old = self.entry_mut(i).ok_or(SlotOutOfRange)?.replace(s);
+            if old.is_none() {
+                self.len += 1;
+            }
+            return Ok(old);
+        }
+        match client {
+            ClientId::Direct(conn) => {
+                let (chunk, _) = Self::direct_index(conn);
+                if chunk >= MAX_SLOT / DIRECT_CHUNK {
+                    return Err(SlotOutOfRange);
+                }
+                while self.direct.len() <= chunk {
+                    self.direct.push(vec![0; DIRECT_CHUNK].into_boxed_slice());
+                }
+                self.thread = conn.thread();
+            }
+            ClientId::Sub(..) => {}
+        }
+        let i = self.alloc()?;
+        if let Some(e) = self.entry_mut(i) {
+            *e = Some(s);
+        }
+        self.len += 1;
+        match client {
+            ClientId::Direct(conn) => {
+                let (chunk, j) = Self::direct_index(conn);
+                if let Some(e) = self.direct.get_mut(chunk).and_then(|c| c.get_mut(j)) {
+                    *e = i + 1;
+                }
+            }
+            ClientId::Sub(conn, remote) => {
+                self.subs.insert((conn, remote), i);
+                self.subs_of.entry(conn).or_default().push(remote);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Frees slab index `i`, returning its session.
+    fn release(&mut self, i: u32) -> Option<Session> {
+        let s = self.entry_mut(i)?.take()?;
+        self.len -= 1;
+        self.free.push(i);
+        Some(s)
+    }
+
+    /// Removes `client`'s session (only `client`'s: a direct client's sub-clients stay).
+    fn remove(&mut self, client: ClientId) -> Option<Session> {
+        let i = self.index(client)?;
+        if self.entry(i)?.as_ref()?.generation != client.conn().generation() {
             return None;
         }
-        let s = slot.take();
-        self.len -= 1;
-        s
+        match client {
+            ClientId::Direct(conn) => {
+                let (chunk, j) = Self::direct_index(conn);
+                if let Some(e) = self.direct.get_mut(chunk).and_then(|c| c.get_mut(j)) {
+                    *e = 0;
+                }
+            }
+            ClientId::Sub(conn, remote) => {
+                self.subs.remove(&(conn, remote));
+                if let Some(list) = self.subs_of.get_mut(&conn) {
+                    list.retain(|&r| r != remote);
+                    if list.is_empty() {
+                        self.subs_of.remove(&conn);
+                    }
+                }
+            }
+        }
+        self.release(i)
+    }
+
+    /// Removes the sub-clients of `conn`, calling `f` on each.
+    fn remove_subs(&mut self, conn: ConnId, mut f: impl FnMut(ClientId, Session)) {
+        let Some(remotes) = self.subs_of.remove(&conn) else {
+            return;
+        };
+        for remote in remotes {
+            if let Some(i) = self.subs.remove(&(conn, remote))
+                && let Some(s) = self.release(i)
+            {
+                f(ClientId::Sub(conn, remote), s);
+            }
+        }
     }
 
     fn len(&self) -> usize {
         self.len
     }
 
-    /// The ids of the sessions.
-    fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+    /// The ids of the sessions: direct clients by slot, then sub-clients by connection.
+    fn ids(&self) -> impl Iterator<Item = ClientId> + '_ {
         let thread = self.thread;
-        self.chunks
+        let direct = self
+            .direct
             .iter()
             .flat_map(|c| c.iter())
             .zip(0u32..)
-            .filter_map(move |(s, slot)| {
-                s.as_ref().map(|s| ConnId::new(thread, s.generation, slot))
-            })
+            .filter_map(move |(&i, slot)| {
+                let s = self.entry(i.checked_sub(1)?)?.as_ref()?;
+                Some(ClientId::Direct(ConnId::new(thread, s.generation, slot)))
+            });
+        let subs = self
+            .subs_of
+            .iter()
+            .flat_map(|(&conn, remotes)| remotes.iter().map(move |&r| ClientId::Sub(conn, r)));
+        direct.chain(subs)
     }
 }
 
@@ -274,8 +396,16 @@ impl Shard {
         self.st.sessions.len()
     }
 
-    /// A new connection.
-    pub fn on_open(&mut self, now: Instant, conn: ConnId, peer: SocketAddr, listener: usize) {
+    /// A new client: a connection, or a sub-client of one (see [`ClientId`]), from `peer` on
+    /// listener `listener`.
+    pub fn on_open(
+        &mut self,
+        now: Instant,
+        conn: impl Into<ClientId>,
+        peer: SocketAddr,
+        listener: usize,
+    ) {
+        let conn = conn.into();
         let cfg = &self.st.pool.cfg;
         let rule = cfg.listener_diff.get(listener).copied().unwrap_or_default();
         let floor = rule.min.map_or(cfg.mindiff, |m| m.max(cfg.mindiff));
@@ -296,7 +426,7 @@ impl Shard {
             session_id: 0,
             mask: cfg.version_mask,
             peer: Peer::from(peer),
-            generation: conn.generation(),
+            generation: conn.conn().generation(),
             subscribed: false,
             extranonce_subscribed: false,
         };
@@ -319,19 +449,29 @@ impl Shard {
             .push_back((Stamp::of(now + cfg.auth_timeout, self.st.pool.epoch), conn));
     }
 
-    /// A connection went away.
-    pub fn on_close(&mut self, now: Instant, conn: ConnId) {
+    /// A client went away. A connection's close ends its direct session and every
+    /// sub-client on it; a sub-client's, only that sub-client's.
+    pub fn on_close(&mut self, now: Instant, conn: impl Into<ClientId>) {
+        let conn = conn.into();
         if let Some(s) = self.st.sessions.remove(conn) {
-            self.st.pool.clients.fetch_sub(1, Ordering::Relaxed);
-            if s.subscribed {
-                self.st.pool.park_session(s.session_id, s.enonce1, now);
-            }
-            debug!(%conn, peer = %s.peer, "session closed");
+            self.st.closed(now, conn, &s);
+        }
+        if let ClientId::Direct(c) = conn {
+            let st = &mut self.st;
+            let (pool, sessions) = (&st.pool, &mut st.sessions);
+            sessions.remove_subs(c, |sub, s| closed(pool, now, sub, &s));
         }
     }
 
-    /// One line from a connection.
-    pub fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut impl Out) {
+    /// One line from a client.
+    pub fn on_line(
+        &mut self,
+        now: Instant,
+        conn: impl Into<ClientId>,
+        line: &[u8],
+        out: &mut impl Out,
+    ) {
+        let conn = conn.into();
         if !self.st.sessions.contains(conn) {
             return;
         }
@@ -356,7 +496,7 @@ impl Shard {
     /// A new job: notify every session that should have it.
     pub fn on_job(&mut self, job: &Arc<Job>, out: &mut impl Out) {
         let solo = self.st.pool.cfg.solo;
-        let conns: Vec<ConnId> = self.st.sessions.ids().collect();
+        let conns: Vec<ClientId> = self.st.sessions.ids().collect();
         for conn in conns {
             let Some(s) = self.st.sessions.get(conn) else {
                 continue;
@@ -379,9 +519,10 @@ impl Shard {
     pub fn renew_extranonce1(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        conn: impl Into<ClientId>,
         out: &mut impl Out,
     ) -> Option<u64> {
+        let conn = conn.into();
         let en1 = self.st.pool.alloc_enonce1();
         self.st
             .change_extranonce1(now, conn, en1, out)
@@ -425,8 +566,21 @@ impl Shard {
     }
 }
 
+/// Accounts for a closed session.
+fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
+    pool.clients.fetch_sub(1, Ordering::Relaxed);
+    if s.subscribed {
+        pool.park_session(s.session_id, s.enonce1, now);
+    }
+    debug!(%client, peer = %s.peer, "session closed");
+}
+
 impl State {
-    fn dispatch(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+    fn closed(&self, now: Instant, client: ClientId, s: &Session) {
+        closed(&self.pool, now, client, s);
+    }
+
+    fn dispatch(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
         let method = match &req.method {
             Method::Name(m) => m.as_ref(),
             Method::Missing => {
@@ -477,7 +631,7 @@ impl State {
         }
     }
 
-    fn subscribe(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+    fn subscribe(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
         if req.has_params && !matches!(req.params, Value::Array(_) | Value::Static(_)) {
             reply_err(out, conn, req, codes::OTHER, "params not an array");
             return;
@@ -544,7 +698,7 @@ impl State {
         }
     }
 
-    fn authorize(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+    fn authorize(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
@@ -654,7 +808,7 @@ impl State {
         }
     }
 
-    fn configure(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+    fn configure(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
         let exts: Vec<&str> = req
             .param(0)
             .and_then(ValueAsArray::as_array)
@@ -702,7 +856,7 @@ impl State {
     fn suggest(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        conn: ClientId,
         req: &Request<'_>,
         d: Option<Difficulty>,
         out: &mut impl Out,
@@ -717,7 +871,13 @@ impl State {
 
     /// A miner asked for a difficulty: it becomes its own minimum and, unless its difficulty is
     /// fixed, its difficulty now.
-    fn apply_suggestion(&mut self, now: Instant, conn: ConnId, d: Difficulty, out: &mut impl Out) {
+    fn apply_suggestion(
+        &mut self,
+        now: Instant,
+        conn: ClientId,
+        d: Difficulty,
+        out: &mut impl Out,
+    ) {
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
@@ -734,7 +894,7 @@ impl State {
     fn change_extranonce1(
         &mut self,
         _now: Instant,
-        conn: ConnId,
+        conn: ClientId,
         en1: u64,
         out: &mut impl Out,
     ) -> bool {
@@ -771,7 +931,7 @@ impl State {
         true
     }
 
-    fn set_diff(&mut self, now: Instant, conn: ConnId, d: Difficulty, out: &mut impl Out) {
+    fn set_diff(&mut self, now: Instant, conn: ClientId, d: Difficulty, out: &mut impl Out) {
         let current = self.pool.current_job();
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
@@ -802,7 +962,7 @@ impl State {
 
     fn get_transactions(
         &mut self,
-        conn: ConnId,
+        conn: ClientId,
         req: &Request<'_>,
         hashes: bool,
         now: Instant,
@@ -857,12 +1017,12 @@ impl State {
     }
 
     /// Sends a job to one session (its own coinbase in solo mode).
-    fn send_job(&mut self, conn: ConnId, job: &Arc<Job>, out: &mut impl Out) {
+    fn send_job(&mut self, conn: ClientId, job: &Arc<Job>, out: &mut impl Out) {
         self.send_job_with(conn, job, false, out);
     }
 
     /// Sends a job; `clean` forces clean=true (a miner's first job always has it).
-    fn send_job_with(&mut self, conn: ConnId, job: &Arc<Job>, clean: bool, out: &mut impl Out) {
+    fn send_job_with(&mut self, conn: ClientId, job: &Arc<Job>, clean: bool, out: &mut impl Out) {
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
@@ -889,7 +1049,7 @@ impl State {
         }
     }
 
-    fn submit(&mut self, now: Instant, conn: ConnId, req: &Request<'_>, out: &mut impl Out) {
+    fn submit(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
         match self.check_submit(now, conn, req, out) {
             Ok(None) => {}
             Ok(Some(new)) => self.set_diff(now, conn, new, out),
@@ -921,7 +1081,7 @@ impl State {
     fn check_submit(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        conn: ClientId,
         req: &Request<'_>,
         out: &mut impl Out,
     ) -> Result<Option<Difficulty>, Reject> {
@@ -1228,20 +1388,20 @@ fn solo_work(
     Some(w)
 }
 
-fn reply_raw(out: &mut impl Out, conn: ConnId, req: &Request<'_>, raw: &[u8]) {
+fn reply_raw(out: &mut impl Out, conn: ClientId, req: &Request<'_>, raw: &[u8]) {
     let mut buf = Vec::with_capacity(64 + raw.len());
     stratum::reply_result(&mut buf, &req.id, raw);
     out.send(conn, buf);
 }
 
-fn reply_err(out: &mut impl Out, conn: ConnId, req: &Request<'_>, code: i32, msg: &str) {
+fn reply_err(out: &mut impl Out, conn: ClientId, req: &Request<'_>, code: i32, msg: &str) {
     let mut buf = Vec::with_capacity(96);
     stratum::reply_error(&mut buf, &req.id, code, msg);
     out.send(conn, buf);
 }
 
 /// A failed authorisation: `result` false and an error, as both client conventions expect.
-fn reply_auth_fail(out: &mut impl Out, conn: ConnId, req: &Request<'_>, code: i32, msg: &str) {
+fn reply_auth_fail(out: &mut impl Out, conn: ClientId, req: &Request<'_>, code: i32, msg: &str) {
     let mut buf = Vec::with_capacity(96);
     buf.extend_from_slice(b"{\"id\":");
     stratum::write_value(&mut buf, &req.id);
@@ -1346,26 +1506,65 @@ mod tests {
     #[test]
     fn session_table_checks_generations_and_lists_its_ids() {
         let mut t = Sessions::default();
-        let a = ConnId::new(2, 7, 3);
-        let b = ConnId::new(2, 0, (CHUNK + 5) as u32);
+        let a = ClientId::Direct(ConnId::new(2, 7, 3));
+        let b = ClientId::Direct(ConnId::new(2, 0, (DIRECT_CHUNK + 5) as u32));
         assert!(matches!(t.insert(a, session(7)), Ok(None)));
         assert!(matches!(t.insert(b, session(0)), Ok(None)));
         assert_eq!(t.len(), 2);
         assert_eq!(t.ids().collect::<Vec<_>>(), vec![a, b]);
-        let stale = ConnId::new(2, 6, 3);
+        let stale = ClientId::Direct(ConnId::new(2, 6, 3));
         assert!(t.get(stale).is_none() && t.remove(stale).is_none());
         assert_eq!(t.len(), 2);
         assert!(t.remove(a).is_some());
         assert!(t.get(a).is_none() && t.remove(a).is_none());
         // A slot reused without the close: the old session comes back, counted once.
-        let c = ConnId::new(2, 1, (CHUNK + 5) as u32);
+        let c = ClientId::Direct(ConnId::new(2, 1, (DIRECT_CHUNK + 5) as u32));
         assert!(matches!(t.insert(c, session(1)), Ok(Some(_))));
         assert_eq!(t.len(), 1);
         assert!(t.get(b).is_none() && t.contains(c));
         assert!(
-            t.insert(ConnId::new(2, 0, MAX_SLOT as u32), session(0))
-                .is_err()
+            t.insert(
+                ClientId::Direct(ConnId::new(2, 0, MAX_SLOT as u32)),
+                session(0)
+            )
+            .is_err()
         );
+    }
+
+    #[test]
+    fn the_slab_reuses_indices_and_keeps_sub_clients_apart() {
+        let mut t = Sessions::default();
+        let (p, q) = (ConnId::new(0, 3, 10_000), ConnId::new(0, 0, 11));
+        // The slab is dense whatever the slots: a high slot takes index 0.
+        t.insert(ClientId::Direct(p), session(3)).unwrap();
+        assert_eq!(t.index(ClientId::Direct(p)), Some(0));
+        for r in [1, 2] {
+            t.insert(ClientId::Sub(p, r), session(3)).unwrap();
+            t.insert(ClientId::Sub(q, r), session(0)).unwrap();
+        }
+        assert_eq!(t.len(), 5);
+        assert_eq!(t.next, 5);
+        assert!(t.contains(ClientId::Sub(q, 2)) && !t.contains(ClientId::Sub(q, 3)));
+        assert!(!t.contains(ClientId::Direct(q)), "no direct session on q");
+        // One sub-client leaves; its index is the next one handed out.
+        let gone = t.index(ClientId::Sub(p, 1)).unwrap();
+        assert!(t.remove(ClientId::Sub(p, 1)).is_some());
+        t.insert(ClientId::Sub(p, 9), session(3)).unwrap();
+        assert_eq!(t.index(ClientId::Sub(p, 9)), Some(gone));
+        assert_eq!(t.next, 5, "no growth");
+        let mut dropped = Vec::new();
+        t.remove_subs(q, |c, _| dropped.push(c));
+        assert_eq!(dropped, [ClientId::Sub(q, 1), ClientId::Sub(q, 2)]);
+        assert_eq!(
+            t.ids().collect::<Vec<_>>(),
+            [
+                ClientId::Direct(p),
+                ClientId::Sub(p, 2),
+                ClientId::Sub(p, 9)
+            ]
+        );
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.free.len(), 2);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckpool_stratifier::share::{ShareInput, hash_share, roll_version};
-use ckpool_stratifier::{Pool, PoolConfig, RecordingOut, Shard};
+use ckpool_stratifier::{ClientId, Pool, PoolConfig, RecordingOut, Shard};
 use common::address::{Network, script_for_address};
 use common::template::{Template, TemplateTx};
 use common::{ConnId, Difficulty, Target};
@@ -114,17 +114,22 @@ impl Sim {
         c
     }
 
-    fn line(&mut self, c: ConnId, v: Value) -> Vec<Value> {
+    fn line(&mut self, c: impl Into<ClientId> + Copy, v: Value) -> Vec<Value> {
         self.raw(c, v.to_string().as_bytes())
     }
 
-    fn raw(&mut self, c: ConnId, bytes: &[u8]) -> Vec<Value> {
+    fn raw(&mut self, c: impl Into<ClientId> + Copy, bytes: &[u8]) -> Vec<Value> {
         self.shard.on_line(self.now, c, bytes, &mut self.out);
         self.out.take_json(c)
     }
 
     fn connect(&mut self, n: u32, user: &str) -> (ConnId, Work) {
         let c = self.open(n);
+        (c, self.login(c, user))
+    }
+
+    /// Subscribes and authorises `c` as `user`.
+    fn login(&mut self, c: impl Into<ClientId> + Copy, user: &str) -> Work {
         let mut w = Work::default();
         let r = self.line(
             c,
@@ -137,7 +142,7 @@ impl Sim {
         );
         assert_eq!(r[0]["result"], true, "{r:?}");
         absorb(&mut w, &r);
-        (c, w)
+        w
     }
 
     fn new_block(&mut self, prev: u8, bits: u32) -> Vec<Value> {
@@ -522,7 +527,7 @@ fn never_authorising_client_dropped_after_60s() {
     s.now += Duration::from_secs(2);
     s.shard.on_tick(s.now, &mut s.out);
     assert_eq!(s.out.closed, vec![lazy]);
-    assert!(!s.out.closed.contains(&good));
+    assert!(!s.out.closed.contains(&good.into()));
 }
 
 #[test]
@@ -696,7 +701,7 @@ fn failed_solo_authorisations_back_off_per_username() {
     let (c, r) = auth(&mut s, 2, "bad.w2");
     assert_eq!(r[0]["result"], false);
     assert_eq!(r[0]["error"][1], throttled, "{r:?}");
-    assert!(s.out.closed.contains(&c));
+    assert!(s.out.closed.contains(&c.into()));
     // Other names are not affected.
     let (_, r) = auth(&mut s, 3, "mzBc4XEFSdzCDcTxAgf6EZXgsZWpztRhef.w");
     assert_eq!(r[0]["result"], true, "{r:?}");
@@ -1271,4 +1276,79 @@ fn totals_add_up_across_shards() {
     assert_eq!(st.reject_reasons["Invalid JobID"], 1);
     assert_eq!(st.users["alice"].accepted, 2);
     assert_eq!(st.users["alice"].workers["alice.b"].rejected, 1);
+}
+
+#[test]
+fn sub_clients_are_sessions_of_their_own_and_close_with_their_connection() {
+    let mut s = sim();
+    let (p, q) = (ConnId::new(0, 0, 1), ConnId::new(0, 0, 2));
+    // Two passthrough connections, each with sub-clients 1 and 2 (the same remote ids).
+    let subs = [
+        ClientId::Sub(p, 1),
+        ClientId::Sub(p, 2),
+        ClientId::Sub(q, 1),
+        ClientId::Sub(q, 2),
+    ];
+    let mut work = Vec::new();
+    for (i, &c) in subs.iter().enumerate() {
+        s.shard.on_open(s.now, c, peer(), 0);
+        work.push(s.login(c, &format!("user{i}.w")));
+    }
+    assert_eq!(s.shard.sessions(), 4);
+    assert_eq!(s.pool.stats().clients, 4);
+    // Four distinct sessions: four extranonce1s, and each sub-client's lines go to it alone.
+    let mut en1s: Vec<_> = work.iter().map(|w| w.en1.clone()).collect();
+    en1s.sort();
+    en1s.dedup();
+    assert_eq!(en1s.len(), 4);
+    for (i, (&c, w)) in subs.iter().zip(&work).enumerate() {
+        let user = format!("user{i}.w");
+        let r = s.line(c, good_share(w, &user, &[i as u8; 8]));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0]["result"], true, "{r:?}");
+        // Another sub-client's share is not this one's: its worker does not match.
+        let other = (i + 1) % 4;
+        let r = s.line(
+            c,
+            good_share(&work[other], &format!("user{other}.w"), &[9; 8]),
+        );
+        assert_eq!(r[0]["error"][1], "Worker mismatch", "{r:?}");
+    }
+    assert!(s.out.sent.is_empty(), "nothing went to anybody else");
+    // A new job reaches every sub-client once.
+    let job = s
+        .pool
+        .new_template(template(1, HARD_BITS, 1), s.now)
+        .unwrap();
+    s.shard.on_job(&job, &mut s.out);
+    for &c in &subs {
+        assert_eq!(s.out.take_json(c).len(), 1, "{c}");
+    }
+    // Closing p drops only p's sub-clients; q's keep working.
+    s.shard.on_close(s.now, p);
+    assert_eq!(s.shard.sessions(), 2);
+    assert_eq!(s.pool.stats().clients, 2);
+    assert!(
+        s.line(subs[0], json!({"id":5,"method":"mining.ping"}))
+            .is_empty()
+    );
+    for &c in &subs[2..] {
+        assert_eq!(
+            s.line(c, json!({"id":5,"method":"mining.ping"}))[0]["result"],
+            "pong"
+        );
+    }
+    // A sub-client alone can go; its connection's other sub-client stays.
+    s.shard.on_close(s.now, subs[2]);
+    assert_eq!(s.shard.sessions(), 1);
+    assert_eq!(
+        s.line(subs[3], json!({"id":6,"method":"mining.ping"}))[0]["result"],
+        "pong"
+    );
+    // The same remote id on a new connection is a new client.
+    let r = ConnId::new(0, 1, 1);
+    s.shard.on_open(s.now, ClientId::Sub(r, 1), peer(), 0);
+    let w = s.login(ClientId::Sub(r, 1), "late.w");
+    assert!(!en1s.contains(&w.en1));
+    assert_eq!(s.shard.sessions(), 2);
 }
