@@ -138,14 +138,18 @@ impl Sinks {
 
     fn event(&self, ev: stratifier::Event) {
         match ev {
-            stratifier::Event::Block(b) => match &self.blocks {
-                Some(blocks) => blocks.submit(BlockSubmission {
+            stratifier::Event::Block(b) => match (&self.blocks, b.hex) {
+                (Some(blocks), Some(hex)) => blocks.submit(BlockSubmission {
                     hash: b.hash,
                     height: b.height,
-                    hex: b.hex,
+                    hex,
                 }),
-                None => {
-                    error!(hash = %b.hash, height = b.height, block_hex = %b.hex, "no block submitter; block NOT submitted")
+                // Upstream work (not served by this daemon yet): the upstream submits it.
+                (_, None) => {
+                    warn!(hash = %b.hash, source = b.source.0, "block solved on upstream work; not submitted here");
+                }
+                (None, Some(hex)) => {
+                    error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
                 }
             },
             stratifier::Event::Share(rec) => {

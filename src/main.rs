@@ -384,7 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server,
             }) => match pool.new_template(template, Instant::now()) {
                 Ok(job) => {
-                    info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.template.transactions.len(), "new job");
+                    info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.transactions().len(), "new job");
                     conns.broadcast(Msg::Job(job));
                 }
                 Err(e) => error!(error = %e, "cannot build a job from the template"),

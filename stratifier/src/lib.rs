@@ -6,8 +6,8 @@
 //! [`Out`] trait (lines, closes, and [`Event`]s: block candidates and shares), so tests drive it
 //! deterministically in memory.
 //!
-//! Shape: one [`Pool`] (shared by every core: configuration, the job table, extranonce
-//! allocation, session resume and statistics) and one [`Shard`] per connector thread holding the
+//! Shape: one [`Pool`] (shared by every core: configuration, a job book per work source,
+//! extranonce allocation, session resume and statistics) and one [`Shard`] per connector thread holding the
 //! sessions of that thread's connections.
 #![forbid(unsafe_code)]
 
@@ -27,7 +27,10 @@ use std::sync::Arc;
 
 pub use client::ClientId;
 pub use common::ConnId;
-pub use job::{CoinbaseConfig, Job, JobError, stratum_prevhash};
+pub use job::{
+    CoinbaseConfig, ExtranonceLayout, Job, JobError, LayoutError, Origin, SourceId, Work,
+    stratum_prevhash,
+};
 pub use pool::{
     AgentDiff, BlockCandidate, Hashrates, ListenerDiff, Pool, PoolConfig, PoolRates, ShareRecord,
     StatsSnapshot, UserStats, WorkerStats,

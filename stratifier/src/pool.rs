@@ -12,7 +12,7 @@ use common::template::Template;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::job::{CoinbaseConfig, Job, JobError};
+use crate::job::{CoinbaseConfig, ExtranonceLayout, Job, JobError, SourceId, Work};
 use crate::rates::{Decay, Ema, HASHES_PER_DIFF, POOL_WINDOWS, SPS_WINDOWS, USER_WINDOWS};
 use crate::reject::Reject;
 
@@ -104,12 +104,15 @@ pub struct AgentDiff {
 /// A share that meets the network target, assembled into a block.
 #[derive(Debug, Clone)]
 pub struct BlockCandidate {
-    /// Block height.
+    /// Block height (0 when the work's source did not say).
     pub height: u64,
     /// Block hash in RPC (reversed hex) order.
     pub hash: String,
-    /// The whole block, hex.
-    pub hex: String,
+    /// The whole block, hex; `None` for upstream work, whose transactions only the upstream
+    /// pool has (the share goes upstream, and the upstream submits the block).
+    pub hex: Option<String>,
+    /// The work source of its job.
+    pub source: SourceId,
     /// Worker that found it.
     pub worker: String,
     /// Job id.
@@ -152,36 +155,79 @@ pub struct ShareRecord {
     pub agent: String,
 }
 
-#[derive(Debug, Default)]
-struct JobTable {
+/// The job book of one work source: its live jobs, its current job, and the extranonce layout
+/// of its miners.
+#[derive(Debug)]
+struct JobBook {
+    layout: Arc<ExtranonceLayout>,
     jobs: BTreeMap<u64, Arc<Job>>,
     current: Option<Arc<Job>>,
     /// First job of the current block: older jobs are stale.
     block_start: u64,
 }
 
+impl JobBook {
+    fn new(layout: ExtranonceLayout) -> Self {
+        Self {
+            layout: Arc::new(layout),
+            jobs: BTreeMap::new(),
+            current: None,
+            block_start: 0,
+        }
+    }
+}
+
+/// Every source's job book, by [`SourceId`].
+#[derive(Debug)]
+struct JobTable {
+    books: Vec<JobBook>,
+}
+
+/// Work sources at most (source ids are 16 bits).
+const MAX_SOURCES: usize = 1 << 16;
+
 /// A thread's copy of the live jobs ([`Pool::refresh`]): checking a share then takes no lock
 /// and touches no reference count that the other threads write.
 #[derive(Debug, Default)]
 pub(crate) struct JobView {
     generation: u64,
+    books: Vec<BookView>,
+}
+
+/// A thread's copy of one job book.
+#[derive(Debug)]
+pub(crate) struct BookView {
     /// Sorted by id (copied from the pool's ordered table).
     jobs: Vec<Arc<Job>>,
     current: Option<Arc<Job>>,
     block_start: u64,
+    pub(crate) layout: Arc<ExtranonceLayout>,
 }
 
 impl JobView {
-    /// A live job by id, and whether it is stale (from before the current block), as of the
-    /// last refresh.
-    pub(crate) fn get(&self, id: u64) -> Option<(&Arc<Job>, bool)> {
-        let i = self.jobs.binary_search_by_key(&id, |j| j.id).ok()?;
-        self.jobs.get(i).map(|j| (j, id < self.block_start))
+    /// A source's book, as of the last refresh.
+    pub(crate) fn book(&self, source: SourceId) -> Option<&BookView> {
+        self.books.get(source.index())
     }
 
-    /// The current job, as of the last refresh.
-    pub(crate) fn current(&self) -> Option<&Arc<Job>> {
-        self.current.as_ref()
+    /// A live job of `source` by id, and whether it is stale (from before the current block),
+    /// as of the last refresh.
+    pub(crate) fn get(&self, source: SourceId, id: u64) -> Option<(&Arc<Job>, bool)> {
+        let b = self.book(source)?;
+        let i = b.jobs.binary_search_by_key(&id, |j| j.id).ok()?;
+        b.jobs.get(i).map(|j| (j, id < b.block_start))
+    }
+
+    /// The current job of `source`, as of the last refresh.
+    pub(crate) fn current(&self, source: SourceId) -> Option<&Arc<Job>> {
+        self.book(source)?.current.as_ref()
+    }
+
+    /// Whether job `id` of any source is live, as of the last refresh.
+    pub(crate) fn is_live(&self, id: u64) -> bool {
+        self.books
+            .iter()
+            .any(|b| b.jobs.binary_search_by_key(&id, |j| j.id).is_ok())
     }
 }
 
@@ -441,7 +487,8 @@ pub struct StatsSnapshot {
     pub users: BTreeMap<String, UserStats>,
 }
 
-/// Disconnected sessions kept for resume: session id → (extranonce1, when parked).
+/// Disconnected sessions kept for resume: session id → (work source, local extranonce1 number,
+/// when parked).
 ///
 /// The rate sampler forgets expired ones every few seconds. Parking also prunes, for when no
 /// sampler runs, but only once the table has doubled since the last pass: a pass at every park
@@ -449,7 +496,7 @@ pub struct StatsSnapshot {
 /// the table 100,000 times, under a lock every connector thread takes on a disconnect).
 #[derive(Debug)]
 struct Parked {
-    map: HashMap<u32, (u64, Instant)>,
+    map: HashMap<u32, (SourceId, u64, Instant)>,
     /// Parking prunes first when the table holds this many.
     prune_at: usize,
     /// Pruning passes so far.
@@ -474,7 +521,7 @@ impl Parked {
     /// waits until the table has doubled.
     fn prune(&mut self, now: Instant, window: Duration) {
         self.map
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
+            .retain(|_, (_, _, t)| now.saturating_duration_since(*t) < window);
         self.prune_at = (2 * self.map.len()).max(PARKED_PRUNE_MIN);
         self.passes += 1;
     }
@@ -526,10 +573,11 @@ impl Pool {
     /// Block candidates and share records leave through each shard's [`crate::Out`].
     pub fn new(cfg: PoolConfig, seed: u64, epoch: Instant) -> Arc<Self> {
         let cb_cfg = cfg.coinbase.clone();
+        let own = JobBook::new(ExtranonceLayout::own(&cb_cfg));
         Arc::new(Self {
             cb_cfg,
             cfg,
-            jobs: RwLock::new(JobTable::default()),
+            jobs: RwLock::new(JobTable { books: vec![own] }),
             jobs_gen: AtomicU64::new(0),
             next_job_id: AtomicU64::new(seed << 32),
             next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
@@ -554,20 +602,41 @@ impl Pool {
         &self.cfg
     }
 
-    /// Turns a new template into the current job. A changed previous block makes it a clean
-    /// job and every older job stale.
+    /// Adds a work source with its own job book and extranonce layout (proxy modes: one per
+    /// upstream connection; node mode: the parent pool). Its miners are opened with
+    /// [`crate::Shard::on_open_in`] and get work from [`Pool::new_work`].
+    pub fn add_source(&self, layout: ExtranonceLayout) -> Result<SourceId, JobError> {
+        let mut t = self.jobs.write();
+        let n = t.books.len();
+        let id = u16::try_from(n)
+            .ok()
+            .filter(|_| n < MAX_SOURCES)
+            .ok_or(JobError::NoSource(u16::MAX))?;
+        t.books.push(JobBook::new(layout));
+        self.jobs_gen.fetch_add(1, Ordering::Release);
+        Ok(SourceId(id))
+    }
+
+    /// The extranonce layout of `source`.
+    pub fn layout(&self, source: SourceId) -> Option<Arc<ExtranonceLayout>> {
+        self.jobs
+            .read()
+            .books
+            .get(source.index())
+            .map(|b| Arc::clone(&b.layout))
+    }
+
+    /// Turns a new template into the current job of the pool's own source. A changed previous
+    /// block makes it a clean job and every older job stale.
     pub fn new_template(
         &self,
         template: Arc<Template>,
         now: Instant,
     ) -> Result<Arc<Job>, JobError> {
         let id = self.next_job_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let clean = {
-            let t = self.jobs.read();
-            t.current
-                .as_ref()
-                .is_none_or(|c| c.template.prev_hash != template.prev_hash)
-        };
+        let clean = self
+            .current_job()
+            .is_none_or(|c| c.prev_hash != template.prev_hash);
         let job = Arc::new(Job::build(
             id,
             template,
@@ -576,11 +645,43 @@ impl Pool {
             &self.cb_cfg,
             now,
         )?);
-        let mut t = self.jobs.write();
-        if clean {
-            t.block_start = id;
+        self.install(job, now)
+    }
+
+    /// Turns `work` into the current job of `source`. Clean work, or a changed previous block,
+    /// makes every older job of the source stale.
+    pub fn new_work(
+        &self,
+        source: SourceId,
+        mut work: Work,
+        now: Instant,
+    ) -> Result<Arc<Job>, JobError> {
+        let id = self.next_job_id.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let t = self.jobs.read();
+            let book = t
+                .books
+                .get(source.index())
+                .ok_or(JobError::NoSource(source.0))?;
+            work.clean |= book
+                .current
+                .as_ref()
+                .is_none_or(|c| c.prev_hash != work.prev_hash);
         }
-        t.jobs.insert(id, Arc::clone(&job));
+        self.install(Arc::new(Job::from_work(id, source, work, now)), now)
+    }
+
+    /// Makes `job` the current job of its source's book.
+    fn install(&self, job: Arc<Job>, now: Instant) -> Result<Arc<Job>, JobError> {
+        let mut t = self.jobs.write();
+        let t = t
+            .books
+            .get_mut(job.source.index())
+            .ok_or(JobError::NoSource(job.source.0))?;
+        if job.clean {
+            t.block_start = job.id;
+        }
+        t.jobs.insert(job.id, Arc::clone(&job));
         t.current = Some(Arc::clone(&job));
         // Keep jobs younger than the lifetime, and always the last three.
         let keep_from = t.jobs.len().saturating_sub(3);
@@ -601,9 +702,14 @@ impl Pool {
         Ok(job)
     }
 
-    /// The current job.
+    /// The current job of the pool's own source.
     pub fn current_job(&self) -> Option<Arc<Job>> {
-        self.jobs.read().current.clone()
+        self.current_job_of(SourceId::TEMPLATE)
+    }
+
+    /// The current job of `source`.
+    pub fn current_job_of(&self, source: SourceId) -> Option<Arc<Job>> {
+        self.jobs.read().books.get(source.index())?.current.clone()
     }
 
     /// Brings `view` up to date with the live jobs: a load of one atomic when nothing changed.
@@ -614,16 +720,30 @@ impl Pool {
         let t = self.jobs.read();
         // Read under the lock, which every change holds: the copy and its number agree.
         view.generation = self.jobs_gen.load(Ordering::Relaxed);
-        view.jobs.clear();
-        view.jobs.extend(t.jobs.values().cloned());
-        view.current.clone_from(&t.current);
-        view.block_start = t.block_start;
+        view.books.truncate(t.books.len());
+        for (i, book) in t.books.iter().enumerate() {
+            if view.books.len() <= i {
+                view.books.push(BookView {
+                    jobs: Vec::new(),
+                    current: None,
+                    block_start: 0,
+                    layout: Arc::clone(&book.layout),
+                });
+            }
+            if let Some(v) = view.books.get_mut(i) {
+                v.jobs.clear();
+                v.jobs.extend(book.jobs.values().cloned());
+                v.current.clone_from(&book.current);
+                v.block_start = book.block_start;
+            }
+        }
     }
 
-    /// A live job by id, and whether it is stale (from before the current block).
-    pub(crate) fn job(&self, id: u64) -> Option<(Arc<Job>, bool)> {
+    /// A live job of `source` by id, and whether it is stale (from before the current block).
+    pub(crate) fn job(&self, source: SourceId, id: u64) -> Option<(Arc<Job>, bool)> {
         let t = self.jobs.read();
-        t.jobs.get(&id).map(|j| (Arc::clone(j), id < t.block_start))
+        let b = t.books.get(source.index())?;
+        b.jobs.get(&id).map(|j| (Arc::clone(j), id < b.block_start))
     }
 
     pub(crate) fn alloc_enonce1(&self) -> u64 {
@@ -682,18 +802,24 @@ impl Pool {
     }
 
     /// Remembers a session for resume.
-    pub(crate) fn park_session(&self, session: u32, enonce1: u64, now: Instant) {
+    pub(crate) fn park_session(&self, session: u32, source: SourceId, enonce1: u64, now: Instant) {
         let mut r = self.resume.lock();
         if r.map.len() >= r.prune_at {
             r.prune(now, self.cfg.resume_window);
         }
-        r.map.insert(session, (enonce1, now));
+        r.map.insert(session, (source, enonce1, now));
     }
 
-    /// Takes a parked session's extranonce1 if it is still within the resume window.
-    pub(crate) fn resume_session(&self, session: u32, now: Instant) -> Option<u64> {
-        let (en1, t) = self.resume.lock().map.remove(&session)?;
-        (now.saturating_duration_since(t) < self.cfg.resume_window).then_some(en1)
+    /// Takes a parked session's extranonce1 number if it is still within the resume window and
+    /// was on `source` (another source's extranonce1 means nothing here).
+    pub(crate) fn resume_session(
+        &self,
+        session: u32,
+        source: SourceId,
+        now: Instant,
+    ) -> Option<u64> {
+        let (src, en1, t) = self.resume.lock().map.remove(&session)?;
+        (src == source && now.saturating_duration_since(t) < self.cfg.resume_window).then_some(en1)
     }
 
     /// Counts a block found (the candidate itself leaves as an [`crate::Event::Block`]).
@@ -987,22 +1113,25 @@ mod tests {
         let p = Pool::new(cfg, 1, Instant::now());
         let mut view = JobView::default();
         p.refresh(&mut view);
-        assert!(view.current().is_none());
+        assert!(view.current(SourceId::TEMPLATE).is_none());
         let now = Instant::now();
         let a = p.new_template(template(1), now).unwrap();
         // A view is a copy: it sees the new job only once refreshed.
-        assert!(view.get(a.id).is_none());
+        assert!(view.get(SourceId::TEMPLATE, a.id).is_none());
         p.refresh(&mut view);
-        let seen = |view: &JobView, id: u64| view.get(id).map(|(j, stale)| (j.id, stale));
+        let seen = |view: &JobView, id: u64| {
+            view.get(SourceId::TEMPLATE, id)
+                .map(|(j, stale)| (j.id, stale))
+        };
         assert_eq!(seen(&view, a.id), Some((a.id, false)));
-        assert_eq!(view.current().map(|j| j.id), Some(a.id));
+        assert_eq!(view.current(SourceId::TEMPLATE).map(|j| j.id), Some(a.id));
         // Same previous block: the older job stays fresh.
         let b = p
             .new_template(template(1), now + Duration::from_secs(1))
             .unwrap();
         p.refresh(&mut view);
         assert_eq!(seen(&view, a.id), Some((a.id, false)));
-        assert_eq!(view.current().map(|j| j.id), Some(b.id));
+        assert_eq!(view.current(SourceId::TEMPLATE).map(|j| j.id), Some(b.id));
         // A new block: every older job is stale.
         let c = p
             .new_template(template(2), now + Duration::from_secs(2))
@@ -1011,7 +1140,7 @@ mod tests {
         assert_eq!(seen(&view, a.id), Some((a.id, true)));
         assert_eq!(seen(&view, b.id), Some((b.id, true)));
         assert_eq!(seen(&view, c.id), Some((c.id, false)));
-        assert!(view.get(c.id + 1).is_none());
+        assert!(view.get(SourceId::TEMPLATE, c.id + 1).is_none());
         // Past its lifetime, with three younger jobs, `a` leaves the pool and then the view,
         // which holds no reference to it any more.
         let d = p
@@ -1019,7 +1148,7 @@ mod tests {
             .unwrap();
         assert_eq!(Arc::strong_count(&a), 2, "the test's and the view's");
         p.refresh(&mut view);
-        assert!(view.get(a.id).is_none());
+        assert!(view.get(SourceId::TEMPLATE, a.id).is_none());
         assert_eq!(Arc::strong_count(&a), 1);
         assert_eq!(seen(&view, b.id), Some((b.id, true)));
         assert_eq!(seen(&view, d.id), Some((d.id, false)));
@@ -1062,7 +1191,7 @@ mod tests {
         let p = pool();
         let t0 = Instant::now();
         for i in 0..100_000u32 {
-            p.park_session(i, u64::from(i), t0);
+            p.park_session(i, SourceId::TEMPLATE, u64::from(i), t0);
         }
         {
             let r = p.resume.lock();
@@ -1070,10 +1199,15 @@ mod tests {
             // 4096, 8192, ..., 65536: one pass at each doubling, none in between.
             assert_eq!(r.passes, 5, "{} passes", r.passes);
         }
-        assert_eq!(p.resume_session(7, t0), Some(7));
+        assert_eq!(
+            p.resume_session(7, SourceId(1), t0),
+            None,
+            "another source's"
+        );
+        assert_eq!(p.resume_session(9, SourceId::TEMPLATE, t0), Some(9));
         // Past the window, the next pass (the sampler's, or parking's) forgets them all.
         let late = t0 + p.cfg.resume_window;
-        assert_eq!(p.resume_session(8, late), None);
+        assert_eq!(p.resume_session(8, SourceId::TEMPLATE, late), None);
         p.sample_rates(late);
         let r = p.resume.lock();
         assert!(r.map.is_empty());
@@ -1179,7 +1313,8 @@ mod tests {
         pool.record_block(&BlockCandidate {
             height: 1,
             hash: "00".into(),
-            hex: String::new(),
+            hex: None,
+            source: SourceId::TEMPLATE,
             worker: "dave".into(),
             job_id: 1,
         });
@@ -1190,8 +1325,8 @@ mod tests {
         pool.sample_rates(t0 + Duration::from_secs(4));
         assert!(within(pool.stats().round_diff, 7.0));
 
-        pool.park_session(1, 11, t0);
-        pool.park_session(2, 12, t0 + Duration::from_secs(300));
+        pool.park_session(1, SourceId::TEMPLATE, 11, t0);
+        pool.park_session(2, SourceId::TEMPLATE, 12, t0 + Duration::from_secs(300));
         pool.sample_rates(t0 + Duration::from_secs(400));
         assert_eq!(pool.stats().disconnected, 2);
         pool.sample_rates(t0 + pool.cfg.resume_window + Duration::from_secs(1));

@@ -14,7 +14,7 @@ use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
 use crate::compact::{Name, PackedDiff, Stamp};
-use crate::job::Job;
+use crate::job::{ExtranonceLayout, Job, SourceId};
 use crate::pool::{BlockCandidate, JobView, Pool, ShareRecord, Stripe, WorkerStatsRef};
 use crate::share::{ShareInput, hash_share, roll_version};
 use crate::vardiff::{Bounds, VarDiff};
@@ -85,7 +85,8 @@ impl Auth {
 /// One connection's stratum state: 168 bytes for an idle miner, all inline in the shard's
 /// table (a farm has hundreds of thousands). What few miners use is in [`Extras`].
 struct Session {
-    /// Extranonce1 as a number; the miner sees its low `nonce1_len` bytes, big-endian.
+    /// The local part of extranonce1 as a number: the miner sees its source's prefix, then the
+    /// low bytes of this, big-endian, as many as the source's layout says.
     enonce1: u64,
     /// The sequence number ([`job_seq`]) of the last job sent; 0 before the first.
     last_job: u32,
@@ -106,6 +107,8 @@ struct Session {
     peer: Peer,
     /// The generation of its connection's id (a stale id finds no session).
     generation: u16,
+    /// Its work source: the job book it mines on and its extranonce layout.
+    source: SourceId,
     subscribed: bool,
     /// The miner sent `mining.extranonce.subscribe`.
     extranonce_subscribed: bool,
@@ -397,13 +400,25 @@ impl Shard {
     }
 
     /// A new client: a connection, or a sub-client of one (see [`ClientId`]), from `peer` on
-    /// listener `listener`.
+    /// listener `listener`, mining on the pool's own work.
     pub fn on_open(
         &mut self,
         now: Instant,
         conn: impl Into<ClientId>,
         peer: SocketAddr,
         listener: usize,
+    ) {
+        self.on_open_in(now, conn, peer, listener, SourceId::TEMPLATE);
+    }
+
+    /// A new client mining on the work of `source` (see [`Pool::add_source`]).
+    pub fn on_open_in(
+        &mut self,
+        now: Instant,
+        conn: impl Into<ClientId>,
+        peer: SocketAddr,
+        listener: usize,
+        source: SourceId,
     ) {
         let conn = conn.into();
         let cfg = &self.st.pool.cfg;
@@ -427,6 +442,7 @@ impl Shard {
             mask: cfg.version_mask,
             peer: Peer::from(peer),
             generation: conn.conn().generation(),
+            source,
             subscribed: false,
             extranonce_subscribed: false,
         };
@@ -501,7 +517,11 @@ impl Shard {
             let Some(s) = self.st.sessions.get(conn) else {
                 continue;
             };
-            if !s.subscribed || s.last_job >= job_seq(job.id) || (solo && s.auth.is_none()) {
+            if !s.subscribed
+                || s.source != job.source
+                || s.last_job >= job_seq(job.id)
+                || (solo && s.auth.is_none())
+            {
                 continue;
             }
             self.st.send_job(conn, job, out);
@@ -556,10 +576,8 @@ impl Shard {
         // Let go of jobs the pool dropped, even when no share came to look them up.
         self.st.pool.refresh(&mut self.st.jobs);
         if prune {
-            let pool = Arc::clone(&self.st.pool);
-            self.st
-                .solo_work
-                .retain(|(id, _), _| pool.job(*id).is_some());
+            let jobs = &self.st.jobs;
+            self.st.solo_work.retain(|(id, _), _| jobs.is_live(*id));
             self.st.names.prune();
             self.st.last_prune = Some(now);
         }
@@ -570,7 +588,7 @@ impl Shard {
 fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
     pool.clients.fetch_sub(1, Ordering::Relaxed);
     if s.subscribed {
-        pool.park_session(s.session_id, s.enonce1, now);
+        pool.park_session(s.session_id, s.source, s.enonce1, now);
     }
     debug!(%client, peer = %s.peer, "session closed");
 }
@@ -636,12 +654,15 @@ impl State {
             reply_err(out, conn, req, codes::OTHER, "params not an array");
             return;
         }
-        let Some(job) = self.pool.current_job() else {
+        let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
+            return;
+        };
+        let (Some(job), Some(layout)) =
+            (self.pool.current_job_of(source), self.pool.layout(source))
+        else {
             reply_err(out, conn, req, codes::OTHER, "Initialising");
             return;
         };
-        let n1 = self.pool.cfg.coinbase.nonce1_len;
-        let n2 = self.pool.cfg.coinbase.nonce2_len;
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
@@ -653,7 +674,11 @@ impl State {
                 .param_str(1)
                 .filter(|h| (1..=8).contains(&h.len()))
                 .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .and_then(|sid| self.pool.resume_session(sid, now).map(|en1| (sid, en1)));
+                .and_then(|sid| {
+                    self.pool
+                        .resume_session(sid, source, now)
+                        .map(|en1| (sid, en1))
+                });
             let (sid, en1) = match resumed {
                 Some(r) => {
                     debug!(%conn, session = r.0, "session resumed");
@@ -687,8 +712,8 @@ impl State {
         let result = format!(
             "[[[\"mining.notify\",\"{:08x}\"]],\"{}\",{}]",
             s.session_id,
-            hex::encode(enonce1_bytes(s.enonce1, n1).as_ref()),
-            n2
+            hex::encode(layout.enonce1(s.enonce1).as_ref()),
+            layout.nonce2_len()
         );
         stratum::reply_result(&mut buf, &req.id, result.as_bytes());
         stratum::set_difficulty(&mut buf, s.diff());
@@ -702,6 +727,7 @@ impl State {
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
+        let source = s.source;
         if !s.subscribed {
             reply_auth_fail(out, conn, req, codes::NOT_SUBSCRIBED, "Not subscribed");
             return;
@@ -802,7 +828,7 @@ impl State {
             self.apply_suggestion(now, conn, d, out);
         }
         if self.pool.cfg.solo
-            && let Some(job) = self.pool.current_job()
+            && let Some(job) = self.pool.current_job_of(source)
         {
             self.send_job(conn, &job, out);
         }
@@ -898,9 +924,13 @@ impl State {
         en1: u64,
         out: &mut impl Out,
     ) -> bool {
-        let current = self.pool.current_job();
-        let n1 = self.pool.cfg.coinbase.nonce1_len;
-        let n2 = self.pool.cfg.coinbase.nonce2_len;
+        let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
+            return false;
+        };
+        let current = self.pool.current_job_of(source);
+        let Some(layout) = self.pool.layout(source) else {
+            return false;
+        };
         let Some(s) = self.sessions.get_mut(conn) else {
             return false;
         };
@@ -921,7 +951,7 @@ impl State {
             return true;
         }
         debug!(%conn, old = old, new = en1, "extranonce1 changed; sending mining.set_extranonce");
-        stratum::set_extranonce(&mut buf, enonce1_bytes(en1, n1).as_ref(), n2);
+        stratum::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
         out.send(conn, buf);
         if s.last_job != 0
             && let Some(job) = current
@@ -932,7 +962,10 @@ impl State {
     }
 
     fn set_diff(&mut self, now: Instant, conn: ClientId, d: Difficulty, out: &mut impl Out) {
-        let current = self.pool.current_job();
+        let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
+            return;
+        };
+        let current = self.pool.current_job_of(source);
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
@@ -978,9 +1011,9 @@ impl State {
         let job = match req.param_str(0) {
             Some(h) => u64::from_str_radix(h, 16)
                 .ok()
-                .and_then(|id| self.pool.job(id))
+                .and_then(|id| self.pool.job(s.source, id))
                 .map(|(j, _)| j),
-            None => self.pool.current_job(),
+            None => self.pool.current_job_of(s.source),
         };
         let Some(job) = job else {
             reply_err(out, conn, req, codes::JOB_NOT_FOUND, "Invalid job_id");
@@ -991,7 +1024,7 @@ impl State {
                 out,
                 conn,
                 req,
-                job.template.transactions.len().to_string().as_bytes(),
+                job.transactions().len().to_string().as_bytes(),
             );
             return;
         }
@@ -1004,8 +1037,8 @@ impl State {
             return;
         }
         s.extras().last_txnhashes = Some(now);
-        let mut list = String::with_capacity(job.template.transactions.len() * 65);
-        for (i, tx) in job.template.transactions.iter().enumerate() {
+        let mut list = String::with_capacity(job.transactions().len() * 65);
+        for (i, tx) in job.transactions().iter().enumerate() {
             if i > 0 {
                 list.push(' ');
             }
@@ -1146,10 +1179,15 @@ impl State {
         }
         let (job, stale) = u64::from_str_radix(job_id, 16)
             .ok()
-            .and_then(|id| self.jobs.get(id))
+            .and_then(|id| self.jobs.get(s.source, id))
             .ok_or(Reject::InvalidJobId)?;
-        let n2len = cfg.coinbase.nonce2_len;
-        let mut en2 = [0u8; 8];
+        let layout = self
+            .jobs
+            .book(s.source)
+            .map(|b| &*b.layout)
+            .ok_or(Reject::InvalidJobId)?;
+        let n2len = layout.nonce2_len();
+        let mut en2 = [0u8; ExtranonceLayout::MAX_NONCE2];
         let en2 = en2.get_mut(..n2len).ok_or(Reject::InvalidNonce2Length)?;
         if nonce2.len() != n2len * 2 || hex::decode_to_slice(nonce2, en2).is_err() {
             return Err(Reject::InvalidNonce2Length);
@@ -1169,7 +1207,7 @@ impl State {
         } else {
             s.diff()
         };
-        let mut enonce1 = enonce1_bytes(s.enonce1, cfg.coinbase.nonce1_len);
+        let mut enonce1 = layout.enonce1(s.enonce1);
         let mut input = ShareInput {
             coinb1: &job.coinb1,
             enonce1: enonce1.as_ref(),
@@ -1177,7 +1215,7 @@ impl State {
             coinb2,
             branch: &job.branch,
             version,
-            prev_hash: &job.template.prev_hash,
+            prev_hash: &job.prev_hash,
             ntime,
             bits: job.bits,
             nonce,
@@ -1194,7 +1232,7 @@ impl State {
         {
             // Sent before the extranonce1 changed (or re-sent right after, under the same id):
             // the miner may have used either value.
-            let old = enonce1_bytes(old_enonce1, cfg.coinbase.nonce1_len);
+            let old = layout.enonce1(old_enonce1);
             input.enonce1 = old.as_ref();
             let alt = hash_share(&input, &mut self.scratch);
             if counts(&alt.hash) {
@@ -1216,19 +1254,24 @@ impl State {
             .is_met_by(&hashed.hash)
             .then(|| job.first_sighting(&hashed.hash));
         if first_sighting == Some(true) {
-            let block = block::assemble(
-                &hashed.header,
-                &self.scratch,
-                job.template.has_witness_commitment(),
-                &job.template.transactions,
-            );
+            // Upstream work has no transactions here: the share goes upstream, which builds and
+            // submits the block.
+            let hex = job.can_assemble().then(|| {
+                hex::encode(block::assemble(
+                    &hashed.header,
+                    &self.scratch,
+                    job.has_witness_commitment(),
+                    job.transactions(),
+                ))
+            });
             let hash = common::template::rpc_hash_hex(&hashed.hash);
             let worker = auth.worker();
-            info!(height = job.height(), %hash, %worker, "BLOCK SOLVED, submitting");
+            info!(height = job.height(), %hash, %worker, source = job.source.0, "BLOCK SOLVED, submitting");
             let candidate = BlockCandidate {
                 height: job.height(),
                 hash,
-                hex: hex::encode(block),
+                hex,
+                source: job.source,
                 worker,
                 job_id: job.id,
             };
@@ -1280,7 +1323,7 @@ impl State {
         }
         let network = self
             .jobs
-            .current()
+            .current(s.source)
             .map_or(job.network_diff, |c| c.network_diff);
         let bounds = Bounds {
             min: s.floor(),
@@ -1427,25 +1470,6 @@ fn ruint_from_be(be: &[u8; 32]) -> ruint::aliases::U256 {
     ruint::aliases::U256::from_be_bytes(*be)
 }
 
-/// The extranonce1 bytes a miner sees: the low `len` bytes of `en1`, big-endian.
-struct Enonce1 {
-    bytes: [u8; 8],
-    start: usize,
-}
-
-impl AsRef<[u8]> for Enonce1 {
-    fn as_ref(&self) -> &[u8] {
-        self.bytes.get(self.start..).unwrap_or(&self.bytes)
-    }
-}
-
-fn enonce1_bytes(en1: u64, len: usize) -> Enonce1 {
-    Enonce1 {
-        bytes: en1.to_be_bytes(),
-        start: 8 - len.min(8),
-    }
-}
-
 /// Shared copies of strings that many sessions repeat (user names, user agents), so that 10,000
 /// rigs of one farm hold one copy. Entries no session uses any more go at the next [`prune`].
 ///
@@ -1498,6 +1522,7 @@ mod tests {
             mask: 0,
             peer: Peer::from(SocketAddr::from(([127, 0, 0, 1], 1))),
             generation,
+            source: SourceId::TEMPLATE,
             subscribed: false,
             extranonce_subscribed: false,
         }

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckpool_stratifier::share::{ShareInput, hash_share, roll_version};
-use ckpool_stratifier::{ClientId, Pool, PoolConfig, RecordingOut, Shard};
+use ckpool_stratifier::{
+    ClientId, ExtranonceLayout, Origin, Pool, PoolConfig, RecordingOut, Shard, SourceId,
+    Work as SourceWork,
+};
 use common::address::{Network, script_for_address};
 use common::template::{Template, TemplateTx};
 use common::{ConnId, Difficulty, Target};
@@ -584,7 +587,7 @@ fn block_solution_is_assembled_and_submitted_before_stale_check() {
     assert_reject(&s.line(c, share), 21, "Stale");
     let blocks = s.out.take_blocks();
     assert_eq!(blocks.len(), 1);
-    let raw = hex::decode(&blocks[0].hex).unwrap();
+    let raw = hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap();
     let block: bitcoin::Block = bitcoin::consensus::deserialize(&raw).unwrap();
     assert!(block.check_merkle_root());
     assert_eq!(block.txdata.len(), 4);
@@ -736,7 +739,8 @@ fn solo_mode_pays_each_user() {
     assert_eq!(r[0]["result"], true, "{r:?}");
     let blocks = s.out.take_blocks();
     let block: bitcoin::Block =
-        bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
     let script = script_for_address(addr, Network::Regtest).unwrap();
     assert_eq!(
         block.txdata[0].output[0].script_pubkey.as_bytes(),
@@ -798,7 +802,8 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].height, 111);
     let block: bitcoin::Block =
-        bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
     assert_eq!(block.txdata.len(), 13);
     assert!(block.check_merkle_root(), "merkle root must be over txids");
     assert!(
@@ -1351,4 +1356,213 @@ fn sub_clients_are_sessions_of_their_own_and_close_with_their_connection() {
     let w = s.login(ClientId::Sub(r, 1), "late.w");
     assert!(!en1s.contains(&w.en1));
     assert_eq!(s.shard.sessions(), 2);
+}
+
+/// Upstream-style work (proxy mode): the upstream's coinbase halves and branch, as a
+/// `mining.notify` gives them.
+fn upstream_work(job_id: &str, prev: u8, clean: bool) -> SourceWork {
+    SourceWork {
+        origin: Origin::Upstream {
+            job_id: job_id.into(),
+        },
+        prev_hash: [prev; 32],
+        coinb1: (0..41u8).collect(),
+        coinb2: vec![0xee; 30],
+        branch: vec![[3; 32], [4; 32]],
+        version: 0x2000_0000,
+        bits: EASY_BITS,
+        ntime: 1_700_000_100,
+        clean,
+        height: 0,
+    }
+}
+
+#[test]
+fn two_work_sources_feed_one_shard_each_miner_on_its_own() {
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let layout = ExtranonceLayout::new(&[0xaa, 0xbb, 0xcc], 2, 6).unwrap();
+    let up = s.pool.add_source(layout).unwrap();
+    assert_eq!(up, SourceId(1));
+    let up_job = s
+        .pool
+        .new_work(up, upstream_work("up-1", 9, true), s.now)
+        .unwrap();
+    assert_eq!(up_job.source, up);
+    // A miner on the pool's own work, and one on the upstream's.
+    let (a, wa) = s.connect(1, "alice.a");
+    let b = ConnId::new(0, 0, 2);
+    s.shard.on_open_in(s.now, b, peer(), 0, up);
+    let wb = s.login(b, "bob.b");
+    assert_eq!((wa.en1.len(), wa.n2len), (4, 8));
+    assert_eq!((wb.en1.len(), wb.n2len), (5, 6));
+    assert_eq!(&wb.en1[..3], &[0xaa, 0xbb, 0xcc], "the upstream's prefix");
+    let (ja, jb) = (wa.job.clone().unwrap(), wb.job.clone().unwrap());
+    assert_eq!(jb[0], up_job.id_hex.as_str());
+    assert_eq!(jb[2], hex::encode((0..41u8).collect::<Vec<_>>()));
+    assert_eq!(jb[3], hex::encode([0xee; 30]));
+    assert_eq!(jb[4].as_array().unwrap().len(), 2);
+    assert_eq!(jb[7], "6553f164");
+    assert_ne!(ja[0], jb[0]);
+    assert_eq!(
+        ja[0],
+        s.pool.current_job().unwrap().id_hex.as_str(),
+        "source 0 is the template's"
+    );
+
+    // Shares are checked against each miner's own source: its job, extranonce and nonce2 length.
+    let net = Target::from_compact(EASY_BITS);
+    let share_of = |w: &Work, user: &str, en2: &[u8]| {
+        let d = Difficulty::from_f64(w.diff).unwrap().target();
+        submit(w, user, en2, grind(w, en2, d, Some(net)))
+    };
+    assert_eq!(
+        s.line(a, share_of(&wa, "alice.a", &[1; 8]))[0]["result"],
+        true
+    );
+    assert_eq!(
+        s.line(b, share_of(&wb, "bob.b", &[1; 6]))[0]["result"],
+        true
+    );
+    // B's nonce2 is 6 bytes: 8 is wrong for it, and A's job is not B's.
+    let mut wrong = share_of(&wb, "bob.b", &[2; 6]);
+    wrong["params"][2] = json!(hex::encode([2u8; 8]));
+    assert_reject(&s.line(b, wrong), 20, "Invalid nonce2 length");
+    let mut other = share_of(&wb, "bob.b", &[3; 6]);
+    other["params"][1] = ja[0].clone();
+    assert_reject(&s.line(b, other), 21, "Invalid JobID");
+    assert!(s.out.take_blocks().is_empty());
+
+    // New work reaches only the miners of its source.
+    let up2 = s
+        .pool
+        .new_work(up, upstream_work("up-2", 9, false), s.now)
+        .unwrap();
+    s.shard.on_job(&up2, &mut s.out);
+    assert!(s.out.take_json(a).is_empty());
+    let got = s.out.take_json(b);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["params"][0], up2.id_hex.as_str());
+    assert_eq!(got[0]["params"][8], false, "same previous block, not clean");
+    let mut wb = wb;
+    absorb(&mut wb, &got);
+    let t2 = s
+        .pool
+        .new_template(template(1, EASY_BITS, 3), s.now)
+        .unwrap();
+    s.shard.on_job(&t2, &mut s.out);
+    assert!(s.out.take_json(b).is_empty());
+    let mut wa = wa;
+    absorb(&mut wa, &s.out.take_json(a));
+    assert_eq!(wa.job.as_ref().unwrap()[0], t2.id_hex.as_str());
+
+    // A block on each source: the template's is assembled, the upstream's is left to the
+    // upstream (no transactions here).
+    let nonce = grind(&wa, &[7; 8], net, None);
+    assert_eq!(
+        s.line(a, submit(&wa, "alice.a", &[7; 8], nonce))[0]["result"],
+        true
+    );
+    let nonce = grind(&wb, &[7; 6], net, None);
+    assert_eq!(
+        s.line(b, submit(&wb, "bob.b", &[7; 6], nonce))[0]["result"],
+        true
+    );
+    let blocks = s.out.take_blocks();
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    assert_eq!(
+        (blocks[0].source, blocks[0].job_id),
+        (SourceId::TEMPLATE, t2.id)
+    );
+    let block: bitcoin::Block =
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
+    assert!(block.check_merkle_root());
+    assert_eq!((blocks[1].source, blocks[1].job_id), (up, up2.id));
+    assert!(blocks[1].hex.is_none());
+    assert_eq!(s.pool.stats().blocks.len(), 2);
+
+    // A session parked on one source does not resume on another.
+    let sid = {
+        let c = ConnId::new(0, 0, 3);
+        s.shard.on_open_in(s.now, c, peer(), 0, up);
+        let r = s.line(
+            c,
+            json!({"id":1,"method":"mining.subscribe","params":["x"]}),
+        );
+        s.shard.on_close(s.now, c);
+        r[0]["result"][0][0][1].as_str().unwrap().to_owned()
+    };
+    let c = s.open(4);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
+    );
+    assert_ne!(
+        r[0]["result"][0][0][1],
+        sid.as_str(),
+        "a new session on source 0"
+    );
+}
+
+#[test]
+fn parent_workinfo_source_assembles_its_blocks() {
+    // Node mode: work rebuilt from a parent pool's workinfo, transactions included. Here the
+    // workinfo is made from a template with 3 transactions; the parent gave this node the
+    // extranonce1 prefix 0x5a5b and leaves 2 local bytes and 8 of extranonce2.
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let t = template(4, EASY_BITS, 3);
+    let payout = script_for_address(PAYOUT, Network::Regtest).unwrap();
+    let cfg = s.pool.config().clone();
+    let wi =
+        ckpool_stratifier::Job::build(1, Arc::clone(&t), true, Some(&payout), &cfg.coinbase, s.now)
+            .unwrap();
+    let parent = s
+        .pool
+        .add_source(ExtranonceLayout::new(&[0x5a, 0x5b], 2, 8).unwrap())
+        .unwrap();
+    let job = s
+        .pool
+        .new_work(
+            parent,
+            SourceWork {
+                origin: Origin::Parent {
+                    workinfo_id: 77,
+                    transactions: t.transactions.clone().into(),
+                    witness: t.has_witness_commitment(),
+                },
+                prev_hash: t.prev_hash,
+                coinb1: wi.coinb1.clone(),
+                coinb2: wi.coinb2.clone(),
+                branch: wi.branch.clone(),
+                version: t.version,
+                bits: t.bits,
+                ntime: t.curtime,
+                clean: true,
+                height: t.height,
+            },
+            s.now,
+        )
+        .unwrap();
+    let c = ConnId::new(0, 0, 1);
+    s.shard.on_open_in(s.now, c, peer(), 0, parent);
+    let w = s.login(c, "carol.n");
+    assert_eq!(&w.en1[..2], &[0x5a, 0x5b]);
+    let nonce = grind(&w, &[1; 8], Target::from_compact(EASY_BITS), None);
+    assert_eq!(
+        s.line(c, submit(&w, "carol.n", &[1; 8], nonce))[0]["result"],
+        true
+    );
+    let blocks = s.out.take_blocks();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(
+        (blocks[0].source, blocks[0].job_id, blocks[0].height),
+        (parent, job.id, 1000)
+    );
+    let block: bitcoin::Block =
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(block.txdata.len(), 4);
+    assert!(block.check_merkle_root());
+    assert_eq!(block.block_hash().to_string(), blocks[0].hash);
+    assert_eq!(job.transactions().len(), 3);
 }
