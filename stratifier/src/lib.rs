@@ -11,6 +11,7 @@
 //! sessions of that thread's connections.
 #![forbid(unsafe_code)]
 
+mod book;
 mod client;
 mod compact;
 mod job;
@@ -21,6 +22,8 @@ mod reject;
 pub mod seen;
 mod shard;
 pub mod share;
+mod stats;
+mod tables;
 pub mod vardiff;
 
 use std::sync::Arc;
@@ -31,12 +34,10 @@ pub use job::{
     CoinbaseConfig, ExtranonceLayout, Job, JobError, LayoutError, Origin, SourceId, Work,
     stratum_prevhash,
 };
-pub use pool::{
-    AgentDiff, BlockCandidate, Hashrates, ListenerDiff, Pool, PoolConfig, PoolRates, ShareRecord,
-    StatsSnapshot, UserStats, WorkerStats,
-};
+pub use pool::{AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord};
 pub use reject::Reject;
 pub use shard::Shard;
+pub use stats::{Hashrates, PoolRates, StatsRegistry, StatsSnapshot, UserStats, WorkerStats};
 
 /// Something the stratifier produced for the rest of the daemon (not for a miner).
 #[derive(Debug, Clone)]

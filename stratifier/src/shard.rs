@@ -13,10 +13,12 @@ use compact_str::CompactString;
 use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
+use crate::book::JobView;
 use crate::compact::{Name, PackedDiff, Stamp};
 use crate::job::{ExtranonceLayout, Job, SourceId};
-use crate::pool::{BlockCandidate, JobView, Pool, ShareRecord, Stripe, WorkerStatsRef};
+use crate::pool::{BlockCandidate, Pool, ShareRecord};
 use crate::share::{ShareInput, hash_share, roll_version};
+use crate::stats::{Stripe, WorkerStatsRef};
 use crate::vardiff::{Bounds, VarDiff};
 use crate::{ClientId, Event, Out, Reject};
 
@@ -69,7 +71,7 @@ impl Auth {
     fn stats(&mut self, pool: &Pool) -> &WorkerStatsRef {
         let (user, rest) = (&self.user, &self.rest);
         self.stats
-            .get_or_insert_with(|| pool.worker_stats(user, &format!("{user}{rest}")))
+            .get_or_insert_with(|| pool.registry.worker_stats(user, &format!("{user}{rest}")))
     }
 
     /// Whether `name` is this worker's name.
@@ -381,7 +383,7 @@ impl Shard {
         Self {
             parser: Parser::new(),
             st: State {
-                stripe: pool.totals_stripe(),
+                stripe: pool.registry.totals_stripe(),
                 pool,
                 sessions: Sessions::default(),
                 names: Interner::default(),
@@ -452,14 +454,22 @@ impl Shard {
                 // The connector closes a connection before reusing its slot, so this is a
                 // close that was lost: account for it.
                 warn!(%conn, old_peer = %old.peer, "session replaced without a close");
-                self.st.pool.clients.fetch_sub(1, Ordering::Relaxed);
+                self.st
+                    .pool
+                    .registry
+                    .clients
+                    .fetch_sub(1, Ordering::Relaxed);
             }
             Err(_) => {
                 warn!(%conn, %peer, "connection slot out of range; ignoring the connection");
                 return;
             }
         }
-        self.st.pool.clients.fetch_add(1, Ordering::Relaxed);
+        self.st
+            .pool
+            .registry
+            .clients
+            .fetch_add(1, Ordering::Relaxed);
         self.st
             .auth_deadlines
             .push_back((Stamp::of(now + cfg.auth_timeout, self.st.pool.epoch), conn));
@@ -543,7 +553,7 @@ impl Shard {
         out: &mut impl Out,
     ) -> Option<u64> {
         let conn = conn.into();
-        let en1 = self.st.pool.alloc_enonce1();
+        let en1 = self.st.pool.tables.alloc_enonce1();
         self.st
             .change_extranonce1(now, conn, en1, out)
             .then_some(en1)
@@ -574,7 +584,7 @@ impl Shard {
             .last_prune
             .is_none_or(|t| now.saturating_duration_since(t) > Duration::from_secs(30));
         // Let go of jobs the pool dropped, even when no share came to look them up.
-        self.st.pool.refresh(&mut self.st.jobs);
+        self.st.pool.books.refresh(&mut self.st.jobs);
         if prune {
             let jobs = &self.st.jobs;
             self.st.solo_work.retain(|(id, _), _| jobs.is_live(*id));
@@ -586,9 +596,10 @@ impl Shard {
 
 /// Accounts for a closed session.
 fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
-    pool.clients.fetch_sub(1, Ordering::Relaxed);
+    pool.registry.clients.fetch_sub(1, Ordering::Relaxed);
     if s.subscribed {
-        pool.park_session(s.session_id, s.source, s.enonce1, now);
+        pool.tables
+            .park_session(s.session_id, s.source, s.enonce1, now);
     }
     debug!(%client, peer = %s.peer, "session closed");
 }
@@ -676,6 +687,7 @@ impl State {
                 .and_then(|h| u32::from_str_radix(h, 16).ok())
                 .and_then(|sid| {
                     self.pool
+                        .tables
                         .resume_session(sid, source, now)
                         .map(|en1| (sid, en1))
                 });
@@ -684,7 +696,10 @@ impl State {
                     debug!(%conn, session = r.0, "session resumed");
                     r
                 }
-                None => (self.pool.alloc_session(), self.pool.alloc_enonce1()),
+                None => (
+                    self.pool.tables.alloc_session(),
+                    self.pool.tables.alloc_enonce1(),
+                ),
             };
             s.session_id = sid;
             s.enonce1 = en1;
@@ -782,7 +797,7 @@ impl State {
             );
         }
         let user = worker.split(['.', '_']).next().unwrap_or(worker);
-        if let Some(left) = self.pool.auth_refused(user, now) {
+        if let Some(left) = self.pool.tables.auth_refused(user, now) {
             // ckpool's throttle: a name that just failed is refused and its client dropped, so
             // a misconfigured rig reconnecting in a loop costs one line per back-off, not per try.
             debug!(%conn, peer = %s.peer, user, left_s = left.as_secs_f64(), "authorisation throttled");
@@ -799,11 +814,11 @@ impl State {
         if self.pool.cfg.solo
             && let Err(e) = address::script_for_address(user, self.pool.cfg.network)
         {
-            let wait = self.pool.auth_failed(user, now);
+            let wait = self.pool.tables.auth_failed(user, now);
             info!(%conn, peer = %s.peer, user, error = %e, refused_for_s = wait.as_secs(), "solo authorisation refused");
             return reply_auth_fail(out, conn, req, codes::UNAUTHORIZED, "Invalid address");
         }
-        self.pool.auth_succeeded(user);
+        self.pool.tables.auth_succeeded(user);
         info!(%conn, peer = %s.peer, worker, agent = %s.agent, "authorised");
         s.auth = Some(Auth {
             user: self.names.get(user),
@@ -1011,7 +1026,7 @@ impl State {
         let job = match req.param_str(0) {
             Some(h) => u64::from_str_radix(h, 16)
                 .ok()
-                .and_then(|id| self.pool.job(s.source, id))
+                .and_then(|id| self.pool.books.job(s.source, id))
                 .map(|(j, _)| j),
             None => self.pool.current_job_of(s.source),
         };
@@ -1092,7 +1107,7 @@ impl State {
                 out.send(conn, buf);
                 match self.sessions.get_mut(conn).and_then(|s| s.auth.as_mut()) {
                     Some(a) => {
-                        self.pool.record_share(
+                        self.pool.registry.record_share(
                             &self.stripe,
                             a.stats(&self.pool),
                             None,
@@ -1101,7 +1116,10 @@ impl State {
                             now,
                         );
                     }
-                    None => self.pool.record_anonymous_reject(&self.stripe, reason),
+                    None => self
+                        .pool
+                        .registry
+                        .record_anonymous_reject(&self.stripe, reason),
                 }
                 debug!(%conn, %reason, "share rejected");
             }
@@ -1118,7 +1136,7 @@ impl State {
         req: &Request<'_>,
         out: &mut impl Out,
     ) -> Result<Option<Difficulty>, Reject> {
-        self.pool.refresh(&mut self.jobs);
+        self.pool.books.refresh(&mut self.jobs);
         let pool: &Pool = &self.pool;
         let cfg = &pool.cfg;
         let Some(s) = self.sessions.get_mut(conn) else {
@@ -1275,7 +1293,7 @@ impl State {
                 worker,
                 job_id: job.id,
             };
-            pool.record_block(&candidate);
+            pool.registry.record_block(&candidate);
             out.event(Event::Block(candidate));
         }
         let verdict: Result<(), Reject> = if stale {
@@ -1312,7 +1330,7 @@ impl State {
         let mut buf = Vec::with_capacity(96);
         stratum::reply_result(&mut buf, &req.id, b"true");
         if let Some(a) = s.auth.as_mut() {
-            pool.record_share(
+            pool.registry.record_share(
                 &self.stripe,
                 a.stats(pool),
                 Some(judged.to_f64()),
