@@ -23,6 +23,7 @@ pub mod seen;
 mod shard;
 pub mod share;
 mod stats;
+mod submit;
 mod tables;
 pub mod vardiff;
 

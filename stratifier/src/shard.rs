@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::stratum::{self, Method, Parser, Request, Value, codes, value_as_f64};
-use common::target::hash_difficulty;
-use common::{ConnId, Difficulty, Peer, Target, address, block};
+use common::{ConnId, Difficulty, Peer, Target, address};
 use compact_str::CompactString;
 use simd_json::prelude::*;
 use tracing::{debug, info, warn};
@@ -16,9 +15,10 @@ use tracing::{debug, info, warn};
 use crate::book::JobView;
 use crate::compact::{Name, PackedDiff, Stamp};
 use crate::job::{ExtranonceLayout, Job, SourceId};
-use crate::pool::{BlockCandidate, Pool, ShareRecord};
-use crate::share::{ShareInput, hash_share, roll_version};
+use crate::pool::Pool;
+use crate::share::roll_version;
 use crate::stats::{Stripe, WorkerStatsRef};
+use crate::submit;
 use crate::vardiff::{Bounds, VarDiff};
 use crate::{ClientId, Event, Out, Reject};
 
@@ -26,8 +26,6 @@ use crate::{ClientId, Event, Out, Reject};
 const MAX_WORKER_LEN: usize = 127;
 /// The longest user agent kept.
 const MAX_AGENT_LEN: usize = 255;
-/// Largest ntime roll accepted past the job's time, in seconds (ckpool's value).
-const MAX_NTIME_ROLL: u32 = 7000;
 
 /// The sessions of one connector thread.
 pub struct Shard {
@@ -1126,9 +1124,10 @@ impl State {
         }
     }
 
-    /// Every check of a submission, in ckpool's order plus a real nonce2 length check. A share
-    /// that solves a block is submitted before the stale, ntime and target checks (a stale
-    /// block may still win a race), but never twice: a duplicate makes no candidate.
+    /// Every check of a submission, in ckpool's order plus a real nonce2 length check: the
+    /// steps of [`crate::submit`] with the session's bookkeeping around them. A share that
+    /// solves a block is submitted before the stale, ntime and target checks (a stale block may
+    /// still win a race), but never twice: a duplicate makes no candidate.
     fn check_submit(
         &mut self,
         now: Instant,
@@ -1148,54 +1147,12 @@ impl State {
         let Some(auth) = s.auth.as_ref() else {
             return Err(Reject::Unauthorized);
         };
-        let params = req.params_array().ok_or(Reject::ParamsNotArray)?;
-        let [worker, job_id, nonce2, ntime, nonce, rest @ ..] = params else {
-            return Err(Reject::InvalidArraySize);
-        };
-        let worker = worker
-            .as_str()
-            .filter(|w| !w.is_empty())
-            .ok_or(Reject::NoUsername)?;
-        let job_id = job_id
-            .as_str()
-            .filter(|j| !j.is_empty())
-            .ok_or(Reject::NoJobId)?;
-        let nonce2 = nonce2
-            .as_str()
-            .filter(|n| {
-                !n.is_empty() && n.len() % 2 == 0 && n.bytes().all(|b| b.is_ascii_hexdigit())
-            })
-            .ok_or(Reject::NoNonce2)?;
-        let ntime = ntime
-            .as_str()
-            .filter(|n| n.len() % 2 == 0)
-            .and_then(stratum::hex_u32)
-            .ok_or(Reject::NoNtime)?;
-        let nonce = nonce
-            .as_str()
-            .filter(|n| n.len() >= 8)
-            .and_then(|n| n.get(..8))
-            .and_then(stratum::hex_u32)
-            .ok_or(Reject::NoNonce)?;
-        let version_bits = match rest.first() {
-            None => None,
-            Some(v) if v.is_null() => None,
-            Some(v) => Some(
-                v.as_str()
-                    .and_then(stratum::hex_u32)
-                    .ok_or(Reject::InvalidVersionMask)?,
-            ),
-        };
-        if let Some(bits) = version_bits
-            && bits & !s.mask != 0
-        {
-            return Err(Reject::InvalidVersionMask);
-        }
+        let sub = submit::parse(req.params_array(), s.mask)?;
         // A name longer than kept was truncated at authorisation: compare the same prefix.
-        if !auth.is_worker(truncate(worker, MAX_WORKER_LEN)) {
+        if !auth.is_worker(truncate(sub.worker, MAX_WORKER_LEN)) {
             return Err(Reject::WorkerMismatch);
         }
-        let (job, stale) = u64::from_str_radix(job_id, 16)
+        let (job, stale) = u64::from_str_radix(sub.job_id, 16)
             .ok()
             .and_then(|id| self.jobs.get(s.source, id))
             .ok_or(Reject::InvalidJobId)?;
@@ -1204,12 +1161,8 @@ impl State {
             .book(s.source)
             .map(|b| &*b.layout)
             .ok_or(Reject::InvalidJobId)?;
-        let n2len = layout.nonce2_len();
         let mut en2 = [0u8; ExtranonceLayout::MAX_NONCE2];
-        let en2 = en2.get_mut(..n2len).ok_or(Reject::InvalidNonce2Length)?;
-        if nonce2.len() != n2len * 2 || hex::decode_to_slice(nonce2, en2).is_err() {
-            return Err(Reject::InvalidNonce2Length);
-        }
+        let en2 = submit::nonce2(sub.nonce2, layout, &mut en2)?;
         let user = &auth.user;
         let solo;
         let coinb2: &[u8] = if cfg.solo {
@@ -1219,112 +1172,59 @@ impl State {
         } else {
             &job.coinb2
         };
-        let version = roll_version(job.version, version_bits.unwrap_or(0), s.mask);
         let judged = if job_seq(job.id) < s.diff_change_job {
             s.old_diff.get().min(s.diff())
         } else {
             s.diff()
         };
-        let mut enonce1 = layout.enonce1(s.enonce1);
-        let mut input = ShareInput {
-            coinb1: &job.coinb1,
-            enonce1: enonce1.as_ref(),
-            enonce2: en2,
+        let input = submit::HashInput {
+            layout,
+            enonce1: s.enonce1,
+            old_enonce1: s
+                .extras
+                .as_ref()
+                .filter(|e| job.id < e.enonce1_change_job)
+                .map(|e| e.old_enonce1),
             coinb2,
-            branch: &job.branch,
-            version,
-            prev_hash: &job.prev_hash,
-            ntime,
-            bits: job.bits,
-            nonce,
+            enonce2: en2,
+            version: roll_version(job.version, sub.version_bits.unwrap_or(0), s.mask),
+            ntime: sub.ntime,
+            nonce: sub.nonce,
+            judged,
         };
-        let mut hashed = hash_share(&input, &mut self.scratch);
-        let counts = |h: &[u8; 32]| judged.target().is_met_by(h) || job.network_target.is_met_by(h);
-        let old_enonce1 = s
-            .extras
-            .as_ref()
-            .filter(|e| job.id < e.enonce1_change_job && e.old_enonce1 != s.enonce1)
-            .map(|e| e.old_enonce1);
-        if let Some(old_enonce1) = old_enonce1
-            && !counts(&hashed.hash)
-        {
-            // Sent before the extranonce1 changed (or re-sent right after, under the same id):
-            // the miner may have used either value.
-            let old = layout.enonce1(old_enonce1);
-            input.enonce1 = old.as_ref();
-            let alt = hash_share(&input, &mut self.scratch);
-            if counts(&alt.hash) {
-                hashed = alt;
-                enonce1 = old;
-            } else {
-                // Leave the coinbase of the current extranonce1 in `scratch`.
-                input.enonce1 = enonce1.as_ref();
-                hashed = hash_share(&input, &mut self.scratch);
-            }
-        }
-        let sdiff = hash_difficulty(&hashed.hash);
+        let hashed = submit::hash(job, &input, &mut self.scratch);
         // A block-solving share is looked up in the duplicate set before its block is built:
         // the same solution sent again makes no second candidate. (Recording it here, whatever
         // the verdict, changes no verdict: a resent share meets the same stale, ntime and target
         // checks, which come before the duplicate check.)
         let first_sighting = job
             .network_target
-            .is_met_by(&hashed.hash)
-            .then(|| job.first_sighting(&hashed.hash));
+            .is_met_by(&hashed.share.hash)
+            .then(|| job.first_sighting(&hashed.share.hash));
         if first_sighting == Some(true) {
-            // Upstream work has no transactions here: the share goes upstream, which builds and
-            // submits the block.
-            let hex = job.can_assemble().then(|| {
-                hex::encode(block::assemble(
-                    &hashed.header,
-                    &self.scratch,
-                    job.has_witness_commitment(),
-                    job.transactions(),
-                ))
-            });
-            let hash = common::template::rpc_hash_hex(&hashed.hash);
-            let worker = auth.worker();
-            info!(height = job.height(), %hash, %worker, source = job.source.0, "BLOCK SOLVED, submitting");
-            let candidate = BlockCandidate {
-                height: job.height(),
-                hash,
-                hex,
-                source: job.source,
-                worker,
-                job_id: job.id,
-            };
+            let candidate =
+                submit::block_candidate(job, &hashed.share, &self.scratch, auth.worker());
+            info!(height = candidate.height, hash = %candidate.hash, worker = %candidate.worker, source = job.source.0, "BLOCK SOLVED, submitting");
             pool.registry.record_block(&candidate);
             out.event(Event::Block(candidate));
         }
-        let verdict: Result<(), Reject> = if stale {
-            Err(Reject::Stale)
-        } else if ntime < job.ntime || ntime > job.ntime.saturating_add(MAX_NTIME_ROLL) {
-            Err(Reject::NtimeOutOfRange)
-        } else if !judged.target().is_met_by(&hashed.hash) {
-            Err(Reject::AboveTarget)
-        } else if !first_sighting.unwrap_or_else(|| job.first_sighting(&hashed.hash)) {
-            Err(Reject::Duplicate)
-        } else {
-            Ok(())
-        };
+        let verdict = submit::decide(
+            stale,
+            sub.ntime,
+            job.ntime,
+            judged.target().is_met_by(&hashed.share.hash),
+            || first_sighting.unwrap_or_else(|| job.first_sighting(&hashed.share.hash)),
+        );
         if out.wants_shares() {
-            out.event(Event::Share(ShareRecord {
-                workinfoid: job.id,
-                height: job.height(),
-                enonce1: hex::encode(enonce1.as_ref()),
-                nonce2: nonce2.to_owned(),
-                nonce: format!("{nonce:08x}"),
-                ntime: format!("{ntime:08x}"),
-                diff: judged.to_f64(),
-                sdiff,
-                hash: common::template::rpc_hash_hex(&hashed.hash),
-                result: verdict.is_ok(),
-                reject_reason: verdict.err(),
-                workername: auth.worker(),
-                username: user.to_string(),
+            let from = submit::Submitter {
+                worker: auth.worker(),
+                user,
                 address: s.peer.ip().to_string(),
-                agent: s.agent.to_string(),
-            }));
+                agent: &s.agent,
+            };
+            out.event(Event::Share(submit::share_record(
+                job, &sub, &hashed, judged, verdict, from,
+            )));
         }
         verdict?;
         let mut buf = Vec::with_capacity(96);
@@ -1334,7 +1234,7 @@ impl State {
                 &self.stripe,
                 a.stats(pool),
                 Some(judged.to_f64()),
-                sdiff,
+                hashed.sdiff,
                 None,
                 now,
             );
