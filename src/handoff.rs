@@ -665,6 +665,44 @@ mod tests {
     }
 
     #[test]
+    fn share_events_reach_the_share_log_only_when_it_is_on() {
+        use stratifier::Out;
+        let rec = stratifier::ShareRecord {
+            workinfoid: 1,
+            height: 2,
+            enonce1: String::new(),
+            nonce2: String::new(),
+            nonce: String::new(),
+            ntime: String::new(),
+            diff: 1.0,
+            sdiff: 1.0,
+            hash: String::new(),
+            result: true,
+            reject_reason: None,
+            workername: "w".into(),
+            username: "u".into(),
+            address: String::new(),
+            agent: String::new(),
+        };
+        let off = ShardOut::new(Sinks {
+            blocks: None,
+            shares: None,
+        });
+        assert!(!off.wants_shares());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut on = ShardOut::new(Sinks {
+            blocks: None,
+            shares: Some(tx),
+        });
+        assert!(on.wants_shares());
+        on.event(stratifier::Event::Share(rec.clone()));
+        // Full: dropped with a warning, never blocking the shard.
+        on.event(stratifier::Event::Share(rec));
+        assert_eq!(rx.try_recv().map(|r| r.workinfoid).ok(), Some(1));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
     fn shard_output_drops_sends_after_a_close() {
         use stratifier::Out;
         let a = ConnId::new(0, 0, 1);
