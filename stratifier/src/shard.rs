@@ -355,7 +355,31 @@ impl Sessions {
         self.len
     }
 
+    /// Calls `f` on every session with its id, in the order of [`Sessions::ids`], with no
+    /// lookup per session and nothing collected (a job goes to 100,000 miners this way).
+    fn for_each_mut(&mut self, mut f: impl FnMut(ClientId, &mut Session)) {
+        let thread = self.thread;
+        let chunks = &mut self.chunks;
+        for (&i, slot) in self.direct.iter().flat_map(|c| c.iter()).zip(0u32..) {
+            if let Some(s) = i.checked_sub(1).and_then(|i| slab_entry(chunks, i)) {
+                f(ClientId::Direct(ConnId::new(thread, s.generation, slot)), s);
+            }
+        }
+        for (&conn, remotes) in &self.subs_of {
+            for &remote in remotes {
+                if let Some(s) = self
+                    .subs
+                    .get(&(conn, remote))
+                    .and_then(|&i| slab_entry(chunks, i))
+                {
+                    f(ClientId::Sub(conn, remote), s);
+                }
+            }
+        }
+    }
+
     /// The ids of the sessions: direct clients by slot, then sub-clients by connection.
+    #[cfg(test)]
     fn ids(&self) -> impl Iterator<Item = ClientId> + '_ {
         let thread = self.thread;
         let direct = self
@@ -373,6 +397,12 @@ impl Sessions {
             .flat_map(|(&conn, remotes)| remotes.iter().map(move |&r| ClientId::Sub(conn, r)));
         direct.chain(subs)
     }
+}
+
+/// The session at slab index `i`, if there is one.
+fn slab_entry(chunks: &mut [Box<[Option<Session>]>], i: u32) -> Option<&mut Session> {
+    let i = usize::try_from(i).ok()?;
+    chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)?.as_mut()
 }
 
 impl Shard {
@@ -519,21 +549,19 @@ impl Shard {
 
     /// A new job: notify every session that should have it.
     pub fn on_job(&mut self, job: &Arc<Job>, out: &mut impl Out) {
-        let solo = self.st.pool.cfg.solo;
-        let conns: Vec<ClientId> = self.st.sessions.ids().collect();
-        for conn in conns {
-            let Some(s) = self.st.sessions.get(conn) else {
-                continue;
-            };
+        let st = &mut self.st;
+        let (pool, solo_work) = (&st.pool, &mut st.solo_work);
+        let solo = pool.cfg.solo;
+        st.sessions.for_each_mut(|client, s| {
             if !s.subscribed
                 || s.source != job.source
                 || s.last_job >= job_seq(job.id)
                 || (solo && s.auth.is_none())
             {
-                continue;
+                return;
             }
-            self.st.send_job(conn, job, out);
-        }
+            deliver_job(pool, solo_work, client, s, job, false, out);
+        });
     }
 
     /// Gives a subscribed session a new extranonce1, as a proxy must when its upstream changes.
@@ -1069,29 +1097,8 @@ impl State {
 
     /// Sends a job; `clean` forces clean=true (a miner's first job always has it).
     fn send_job_with(&mut self, conn: ClientId, job: &Arc<Job>, clean: bool, out: &mut impl Out) {
-        let Some(s) = self.sessions.get_mut(conn) else {
-            return;
-        };
-        let first = s.last_job == 0 || clean;
-        s.last_job = job_seq(job.id);
-        if !self.pool.cfg.solo {
-            let line = if first {
-                &job.notify_clean
-            } else {
-                &job.notify
-            };
-            out.send_shared(conn, Arc::clone(line));
-            return;
-        }
-        let Some(user) = s.auth.as_ref().map(|a| a.user.clone()) else {
-            return;
-        };
-        match solo_work(&mut self.solo_work, &self.pool, job, &user) {
-            Some(w) => out.send_shared(
-                conn,
-                Arc::clone(if first { &w.notify_clean } else { &w.notify }),
-            ),
-            None => warn!(%conn, user = %user, "cannot build a coinbase for this user"),
+        if let Some(s) = self.sessions.get_mut(conn) {
+            deliver_job(&self.pool, &mut self.solo_work, conn, s, job, clean, out);
         }
     }
 
@@ -1259,6 +1266,40 @@ impl State {
             return Ok(Some(new));
         }
         Ok(None)
+    }
+}
+
+/// Sends `job` to session `s` of `client` (its own coinbase in solo mode); `clean` forces
+/// clean=true (a miner's first job always has it).
+fn deliver_job(
+    pool: &Pool,
+    solo_cache: &mut HashMap<(u64, Name), Arc<SoloWork>>,
+    client: ClientId,
+    s: &mut Session,
+    job: &Arc<Job>,
+    clean: bool,
+    out: &mut impl Out,
+) {
+    let first = s.last_job == 0 || clean;
+    s.last_job = job_seq(job.id);
+    if !pool.cfg.solo {
+        let line = if first {
+            &job.notify_clean
+        } else {
+            &job.notify
+        };
+        out.send_shared(client, Arc::clone(line));
+        return;
+    }
+    let Some(user) = s.auth.as_ref().map(|a| &a.user) else {
+        return;
+    };
+    match solo_work(solo_cache, pool, job, user) {
+        Some(w) => out.send_shared(
+            client,
+            Arc::clone(if first { &w.notify_clean } else { &w.notify }),
+        ),
+        None => warn!(%client, user = %user, "cannot build a coinbase for this user"),
     }
 }
 
@@ -1508,6 +1549,10 @@ mod tests {
         );
         assert_eq!(t.len(), 3);
         assert_eq!(t.free.len(), 2);
+        // The fan-out walk visits the same sessions in the same order.
+        let mut walked = Vec::new();
+        t.for_each_mut(|c, _| walked.push(c));
+        assert_eq!(walked, t.ids().collect::<Vec<_>>());
     }
 
     #[test]
