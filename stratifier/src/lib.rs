@@ -6,9 +6,10 @@
 //! [`Out`] trait (lines, closes, and [`Event`]s: block candidates and shares), so tests drive it
 //! deterministically in memory.
 //!
-//! Shape: one [`Pool`] (shared by every core: configuration, a job book per work source,
-//! extranonce allocation, session resume and statistics) and one [`Shard`] per connector thread holding the
-//! sessions of that thread's connections.
+//! Shape: one [`Pool`] (shared by every core: configuration, a job book per work source, the
+//! session tables for extranonce allocation, resume and authorisation back-off, and the
+//! [`StatsRegistry`]) and one [`Shard`] per connector thread holding the sessions of that
+//! thread's clients ([`ClientId`]: its connections, and the miners behind a passthrough on one).
 #![forbid(unsafe_code)]
 
 mod book;

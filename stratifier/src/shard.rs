@@ -456,6 +456,7 @@ impl Shard {
         let floor = rule.min.map_or(cfg.mindiff, |m| m.max(cfg.mindiff));
         let diff = rule.start.unwrap_or(cfg.startdiff).max(floor);
         let diff = PackedDiff::new(diff);
+        let auth_timeout = cfg.auth_timeout;
         let session = Session {
             enonce1: 0,
             last_job: 0,
@@ -487,6 +488,13 @@ impl Shard {
                     .registry
                     .clients
                     .fetch_sub(1, Ordering::Relaxed);
+                // The lost close also ended the old connection's sub-clients.
+                if let ClientId::Direct(c) = conn {
+                    let gone = ConnId::new(c.thread(), old.generation, c.slot());
+                    let st = &mut self.st;
+                    let (pool, sessions) = (&st.pool, &mut st.sessions);
+                    sessions.remove_subs(gone, |sub, s| closed(pool, now, sub, &s));
+                }
             }
             Err(_) => {
                 warn!(%conn, %peer, "connection slot out of range; ignoring the connection");
@@ -500,7 +508,7 @@ impl Shard {
             .fetch_add(1, Ordering::Relaxed);
         self.st
             .auth_deadlines
-            .push_back((Stamp::of(now + cfg.auth_timeout, self.st.pool.epoch), conn));
+            .push_back((Stamp::of(now + auth_timeout, self.st.pool.epoch), conn));
     }
 
     /// A client went away. A connection's close ends its direct session and every

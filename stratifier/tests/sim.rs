@@ -1356,6 +1356,20 @@ fn sub_clients_are_sessions_of_their_own_and_close_with_their_connection() {
     let w = s.login(ClientId::Sub(r, 1), "late.w");
     assert!(!en1s.contains(&w.en1));
     assert_eq!(s.shard.sessions(), 2);
+    // A passthrough connection (a direct session with a sub-client) whose close was lost: the
+    // connector's next connection on its slot replaces both.
+    let x = ConnId::new(0, 0, 9);
+    s.shard.on_open(s.now, x, peer(), 0);
+    s.shard.on_open(s.now, ClientId::Sub(x, 1), peer(), 0);
+    assert_eq!(s.shard.sessions(), 4);
+    let x2 = ConnId::new(0, 1, 9);
+    s.shard.on_open(s.now, x2, peer(), 0);
+    assert_eq!(s.shard.sessions(), 3);
+    assert_eq!(s.pool.stats().clients, 3);
+    assert!(
+        s.line(ClientId::Sub(x, 1), json!({"id":5,"method":"mining.ping"}))
+            .is_empty()
+    );
 }
 
 /// Upstream-style work (proxy mode): the upstream's coinbase halves and branch, as a
