@@ -125,6 +125,67 @@ impl fmt::Debug for Name {
     }
 }
 
+/// A short string in 16 bytes: up to 14 bytes inline (a worker name's suffix after its user:
+/// `.rig1`, `_s19-07`), longer ones behind a thin pointer. `CompactString` takes 24.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum ShortStr {
+    /// Up to [`ShortStr::INLINE`] bytes of UTF-8 (a whole string, so a char boundary).
+    Inline {
+        /// Bytes used.
+        len: u8,
+        /// The text, then zeros.
+        buf: [u8; 14],
+    },
+    /// Longer text.
+    Heap(Box<Box<str>>),
+}
+
+impl ShortStr {
+    /// Bytes kept inline.
+    pub(crate) const INLINE: usize = 14;
+
+    pub(crate) fn new(s: &str) -> Self {
+        let mut buf = [0u8; Self::INLINE];
+        match (buf.get_mut(..s.len()), u8::try_from(s.len())) {
+            (Some(dst), Ok(len)) => {
+                dst.copy_from_slice(s.as_bytes());
+                Self::Inline { len, buf }
+            }
+            _ => Self::Heap(Box::new(Box::from(s))),
+        }
+    }
+
+    /// The bytes, without the UTF-8 check of [`ShortStr::as_str`] (for comparisons).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, buf } => buf.get(..usize::from(*len)).unwrap_or(&[]),
+            Self::Heap(s) => s.as_bytes(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Self::Inline { len, buf } => buf
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or(""),
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for ShortStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ShortStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +198,7 @@ mod tests {
         assert_eq!(size_of::<Stamp>(), 8);
         assert_eq!(size_of::<Name>(), 8);
         assert_eq!(size_of::<Option<Name>>(), 8);
+        assert_eq!(size_of::<ShortStr>(), 16);
     }
 
     #[test]
@@ -190,6 +252,29 @@ mod tests {
             assert_eq!(s.until(e, epoch), Duration::ZERO, "never negative");
         }
         assert!(Stamp::NEVER < Stamp::of(now, epoch));
+    }
+
+    #[test]
+    fn short_strings_keep_their_text_inline_or_not() {
+        for s in [
+            "",
+            ".rig1",
+            "_fourteen-byte",
+            "é.rig",
+            ".a-much-longer-worker-name",
+            "ü",
+        ] {
+            let k = ShortStr::new(s);
+            assert_eq!(k.as_str(), s);
+            assert_eq!(k.as_bytes(), s.as_bytes());
+            assert_eq!(k.to_string(), s);
+            assert_eq!(
+                matches!(k, ShortStr::Inline { .. }),
+                s.len() <= ShortStr::INLINE,
+                "{s}"
+            );
+        }
+        assert_eq!(ShortStr::new("_fourteen-byte").as_str().len(), 14);
     }
 
     #[test]

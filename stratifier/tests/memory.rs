@@ -104,7 +104,8 @@ fn idle_authorised_session_heap() {
     // 836 B before sessions were boxed and their strings shared or derived; 459 B after; 168 B
     // once sessions were packed (8-byte difficulties and instants, thin shared names, the worker
     // name kept as its short suffix inline, rare fields boxed) and stored inline in a chunked
-    // table; 172 B with the shard's own slab (4 bytes of slot index per connection). The goal
-    // (reference/perf.md G4) is 256 B for the whole process, connector included.
+    // table; 164 B with the shard's own slab (4 bytes of slot index per connection) and a
+    // 16-byte worker suffix (was 24). The goal (reference/perf.md G4) is 256 B for the whole
+    // process, connector included.
     assert!(per <= 184.0, "{per} B of heap per idle session");
 }
