@@ -123,7 +123,7 @@ impl JobBooks {
         let id = u16::try_from(n)
             .ok()
             .filter(|_| n < MAX_SOURCES)
-            .ok_or(JobError::NoSource(u16::MAX))?;
+            .ok_or(JobError::TooManySources)?;
         t.books.push(JobBook::new(layout));
         self.generation.fetch_add(1, Ordering::Release);
         Ok(SourceId(id))

@@ -76,6 +76,71 @@ pub struct Work {
     pub height: u64,
 }
 
+impl Work {
+    /// Upstream work from the parameters of an upstream pool's `mining.notify`: job id,
+    /// previous hash (stratum's word-swapped form), coinb1, coinb2, merkle branch, version,
+    /// nBits, ntime, clean. `None` if any is missing or malformed. The height is read from the
+    /// coinbase's BIP34 push when there is one (0 otherwise).
+    pub fn from_notify(params: &[serde_json::Value]) -> Option<Self> {
+        let [
+            job_id,
+            prev,
+            coinb1,
+            coinb2,
+            branch,
+            version,
+            bits,
+            ntime,
+            clean,
+            ..,
+        ] = params
+        else {
+            return None;
+        };
+        let hex32 = |v: &serde_json::Value| -> Option<[u8; 32]> {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(v.as_str()?, &mut b).ok()?;
+            Some(b)
+        };
+        let word = |v: &serde_json::Value| common::stratum::hex_u32(v.as_str()?);
+        let coinb1 = hex::decode(coinb1.as_str()?).ok()?;
+        Some(Self {
+            origin: Origin::Upstream {
+                job_id: job_id.as_str()?.to_owned(),
+            },
+            prev_hash: prevhash_from_stratum(prev.as_str()?)?,
+            height: bip34_height(&coinb1).unwrap_or(0),
+            coinb1,
+            coinb2: hex::decode(coinb2.as_str()?).ok()?,
+            branch: branch
+                .as_array()?
+                .iter()
+                .map(hex32)
+                .collect::<Option<Vec<_>>>()?,
+            version: word(version)?,
+            bits: word(bits)?,
+            ntime: word(ntime)?,
+            clean: clean.as_bool()?,
+        })
+    }
+}
+
+/// The height a coinbase's script starts with (BIP34), from coinb1: version (4), one input
+/// (1), its outpoint (36), the script length (1 byte: coinbase scripts are under 253 bytes),
+/// then a push of the height.
+fn bip34_height(coinb1: &[u8]) -> Option<u64> {
+    let script = coinb1.get(42..)?;
+    let (&n, rest) = script.split_first()?;
+    let n = usize::from(n);
+    if !(1..=8).contains(&n) {
+        return None;
+    }
+    let bytes = rest.get(..n)?;
+    let mut le = [0u8; 8];
+    le.get_mut(..n)?.copy_from_slice(bytes);
+    Some(u64::from_le_bytes(le))
+}
+
 /// How the extranonce of a source's miners is laid out: `extranonce1 = prefix ‖ local part`,
 /// then `extranonce2` of `nonce2_len` bytes. The prefix is what the upstream gave (empty for
 /// the pool's own source); the local part tells the source's miners apart.
@@ -248,6 +313,9 @@ pub enum JobError {
     /// No such work source.
     #[error("no work source {0}")]
     NoSource(u16),
+    /// Every source id is taken (65,536 sources).
+    #[error("too many work sources")]
+    TooManySources,
 }
 
 /// What a coinbase needs besides the template.
@@ -471,6 +539,16 @@ fn build_coinbase(
     Ok(coinbase::build(&spec)?)
 }
 
+/// The previous-block hash from stratum's form (the inverse of [`stratum_prevhash`]).
+pub fn prevhash_from_stratum(s: &str) -> Option<[u8; 32]> {
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(s, &mut b).ok()?;
+    for w in b.chunks_exact_mut(4) {
+        w.reverse();
+    }
+    Some(b)
+}
+
 /// The previous-block hash in stratum's form: internal byte order with each 4-byte word reversed.
 pub fn stratum_prevhash(prev: &[u8; 32]) -> String {
     let mut b = *prev;
@@ -524,6 +602,44 @@ mod tests {
         assert_eq!(
             own.enonce1(0x1122_3344_5566_7788).as_ref(),
             [0x55, 0x66, 0x77, 0x88]
+        );
+    }
+
+    #[test]
+    fn upstream_work_from_a_notify_rebuilds_the_same_job() {
+        // Our own notify, read back as an upstream's: the same work, notify for notify.
+        let mut t = Template::empty([9; 32], 0x207f_ffff);
+        t.height = 321;
+        let cfg = CoinbaseConfig {
+            tag: b"up".to_vec(),
+            btcsig: Vec::new(),
+            nonce1_len: 4,
+            nonce2_len: 8,
+            donation: None,
+        };
+        let now = Instant::now();
+        let own = Job::build(0x77, Arc::new(t), true, Some(&[0x51]), &cfg, now).unwrap();
+        let line: serde_json::Value = serde_json::from_slice(&own.notify).unwrap();
+        let params = line["params"].as_array().unwrap();
+        let work = Work::from_notify(params).unwrap();
+        assert!(matches!(&work.origin, Origin::Upstream { job_id } if job_id == &own.id_hex));
+        assert_eq!(work.prev_hash, own.prev_hash);
+        assert_eq!(work.height, 321, "from the coinbase's BIP34 push");
+        let again = Job::from_work(0x77, SourceId(1), work, now);
+        assert_eq!(again.notify, own.notify);
+        assert_eq!((&again.coinb1, &again.coinb2), (&own.coinb1, &own.coinb2));
+        assert!(!again.can_assemble() && again.transactions().is_empty());
+        // Malformed: a short list, a bad hash, a non-boolean clean.
+        assert!(Work::from_notify(&params[..8]).is_none());
+        let mut bad = params.clone();
+        bad[1] = "00".into();
+        assert!(Work::from_notify(&bad).is_none());
+        let mut bad = params.clone();
+        bad[8] = "yes".into();
+        assert!(Work::from_notify(&bad).is_none());
+        assert_eq!(
+            prevhash_from_stratum(&stratum_prevhash(&[3; 32])),
+            Some([3; 32])
         );
     }
 

@@ -34,7 +34,7 @@ pub use client::ClientId;
 pub use common::ConnId;
 pub use job::{
     CoinbaseConfig, ExtranonceLayout, Job, JobError, LayoutError, Origin, SourceId, Work,
-    stratum_prevhash,
+    prevhash_from_stratum, stratum_prevhash,
 };
 pub use pool::{AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord};
 pub use reject::Reject;
