@@ -131,6 +131,12 @@ impl Work {
 fn bip34_height(coinb1: &[u8]) -> Option<u64> {
     let script = coinb1.get(42..)?;
     let (&n, rest) = script.split_first()?;
+    // OP_0 and OP_1..OP_16 for the lowest heights, as Core writes them.
+    match n {
+        0x00 => return Some(0),
+        0x51..=0x60 => return Some(u64::from(n - 0x50)),
+        _ => {}
+    }
     let n = usize::from(n);
     if !(1..=8).contains(&n) {
         return None;
@@ -641,6 +647,13 @@ mod tests {
             prevhash_from_stratum(&stratum_prevhash(&[3; 32])),
             Some([3; 32])
         );
+        // The height push, every form Core writes.
+        for h in [0u64, 1, 16, 17, 255, 256, 70_000, 900_000] {
+            let mut cb = vec![0u8; 42];
+            cb.extend(common::coinbase::bip34_height(h));
+            cb.extend([0xff; 8]);
+            assert_eq!(bip34_height(&cb), Some(h), "{h}");
+        }
     }
 
     #[test]
