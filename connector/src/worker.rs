@@ -406,6 +406,10 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     queued: usize,
     /// `queued` went over [`Limits::outbound_share`]: checked at the next flush.
     over_budget: bool,
+    /// Connections closed for the outbound budget since the last line about it, and when that
+    /// line was logged (at most once per [`ACCEPT_WARN_EVERY`]).
+    budget_closed: u64,
+    budget_warned: Option<Instant>,
     /// The idle sweeps, when [`Limits::idle_timeout`] is set.
     idle: Option<IdleSweep>,
     spare_pending: SparePending,
@@ -460,6 +464,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             ip_refused_warned: None,
             queued: 0,
             over_budget: false,
+            budget_closed: 0,
+            budget_warned: None,
             idle,
             spare_pending: SparePending::default(),
             spare_rooms: Vec::new(),
@@ -1368,22 +1374,28 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             })
             .collect();
         by_size.sort_unstable_by_key(|&(queued, _)| std::cmp::Reverse(queued));
-        let mut closed = 0usize;
         for (_, id) in by_size {
             if self.queued <= target {
                 break;
             }
             self.close(now, id, CloseReason::OutboundBudget);
-            closed += 1;
+            self.budget_closed += 1;
         }
-        warn!(
-            thread = self.thread,
-            share,
-            queued = before,
-            closed,
-            "outbound budget (maxoutbound) exceeded: closed the connections with the most unsent \
-             bytes"
-        );
+        if self
+            .budget_warned
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+        {
+            warn!(
+                thread = self.thread,
+                share,
+                queued = before,
+                closed = self.budget_closed,
+                "outbound budget (maxoutbound) exceeded: closed the connections with the most \
+                 unsent bytes (closed is this thread's count since the last such line)"
+            );
+            self.budget_warned = Some(now);
+            self.budget_closed = 0;
+        }
     }
 
     /// One idle sweep: every connection's idle count goes up by one, and those reaching `limit`
