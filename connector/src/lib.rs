@@ -14,8 +14,17 @@
 //! per-thread provided-buffer ring) and epoll, chosen once at [`start`]. See [`BackendKind`],
 //! [`probe_uring`] and [`resolved_backend`].
 //!
-//! Each thread keeps counters (opens, accepts, refusals, closes by reason, slow rounds) that
-//! any thread can read ([`Connector::counters`]).
+//! Each thread keeps counters (opens, accepts, refusals, closes by reason, slow rounds, handler
+//! panics, queued bytes) that any thread can read ([`Connector::counters`]).
+//!
+//! # Hostile peers and broken handlers
+//!
+//! Besides the caps per connection ([`Config::max_line`], [`Config::max_outbound`]) and in all
+//! ([`Config::max_conns`]), the connector bounds what many connections can do together: the
+//! bytes queued for all of them ([`Config::max_outbound_total`]), the connections of one
+//! address ([`Config::max_conns_per_ip`]), and how long a connection may send no complete line
+//! ([`Config::idle_timeout`]). A [`Handler`] callback that panics closes only the connection it
+//! was called for ([`CloseReason::HandlerPanic`]); the thread goes on serving the others.
 //!
 //! # Handover
 //!

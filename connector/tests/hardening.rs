@@ -321,7 +321,7 @@ fn the_outbound_budget_closes_peers_that_do_not_read(backend: BackendKind) {
 }
 
 fn the_idle_timeout_closes_silent_and_trickling_peers(backend: BackendKind) {
-    let timeout = Duration::from_secs(1);
+    let timeout = Duration::from_secs(2);
     let (connector, events, addr) = start(backend, |cfg| {
         cfg.idle_timeout = Some(timeout);
         cfg.tick = Duration::from_millis(50);
