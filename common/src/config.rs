@@ -100,7 +100,7 @@ pub struct Config {
     /// bytes (peers that do not read) are closed.
     pub maxoutbound: usize,
     /// Connections that send no complete line for this long are closed (`idletimeout`, in
-    /// seconds; 600 by default, 0 turns it off: `None`).
+    /// seconds; 3600 by default, 0 turns it off: `None`).
     pub idletimeout: Option<Duration>,
     /// bitcoind ZMQ hashblock endpoint.
     pub zmqblock: Option<String>,
@@ -159,7 +159,7 @@ impl Default for Config {
             maxclients: None,
             maxclientsperip: None,
             maxoutbound: 1024 << 20,
-            idletimeout: Some(Duration::from_secs(600)),
+            idletimeout: Some(Duration::from_secs(3600)),
             zmqblock: Some("tcp://127.0.0.1:28332".into()),
             maxlinelength: 16 * 1024,
             threads: None,
@@ -664,7 +664,7 @@ mod tests {
         let d = parse("{}").unwrap().config;
         assert_eq!(
             (d.maxclientsperip, d.maxoutbound, d.idletimeout),
-            (None, 1 << 30, Some(Duration::from_secs(600)))
+            (None, 1 << 30, Some(Duration::from_secs(3600)))
         );
         let l = parse(r#"{"maxclientsperip": 3, "maxoutbound": 64, "idletimeout": 30}"#).unwrap();
         assert!(l.warnings.is_empty(), "{:?}", l.warnings);

@@ -176,10 +176,11 @@ pub struct Config {
 /// pools raise it (`maxoutbound`).
 pub const DEFAULT_MAX_OUTBOUND_TOTAL: usize = 1 << 30;
 
-/// Default of [`Config::idle_timeout`]: 10 minutes. A miner submits shares every few seconds to
-/// a minute and receives work at least every `update_interval`; ten minutes without a complete
-/// line is a dead or hostile (slowloris) peer.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default of [`Config::idle_timeout`]: one hour. A miner under vardiff submits shares every few
+/// seconds to a minute; an hour without a complete line is a dead or hostile (slowloris) peer,
+/// while a slow miner on a high fixed difficulty (ckpool has no idle drop at all) still has
+/// room. Ten minutes was too close to what such a miner can take between shares.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for Config {
     fn default() -> Self {
