@@ -1,0 +1,656 @@
+//! The failover engine shared by [`super::Pool`] and [`super::PassthroughLink`]: connections,
+//! reader threads, the active link and the fail-back probe. The protocol is a [`Session`].
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, Sender, bounded, never};
+
+use super::{SendError, Shared, UpstreamError, check, host_port};
+
+/// Longest line read from an upstream (a notify with thousands of merkle branches is far
+/// shorter); a longer one takes the connection down.
+pub(crate) const MAX_LINE: usize = 1 << 20;
+
+/// What a line (or the passing of time) does to a connection.
+pub(crate) enum Outcome {
+    /// Nothing more.
+    Continue,
+    /// Close the connection (a refusal, a timeout, garbage).
+    Close(String),
+    /// The upstream asks us to go elsewhere (`client.reconnect`); `None` host: the same server.
+    Redirect {
+        /// Host, if given.
+        host: Option<String>,
+        /// Port, if given.
+        port: Option<u16>,
+    },
+}
+
+/// The protocol half of a link.
+pub(crate) trait Session: Send + Sized + 'static {
+    /// A command from the owner.
+    type Cmd: Send + 'static;
+    /// An event for the owner.
+    type Event: Send + 'static;
+
+    /// What else a session is made from (the passthrough's role).
+    type Params: Send + 'static;
+
+    /// A session for server `index`.
+    fn new(cfg: &Shared, params: &Self::Params, index: usize) -> Self;
+    /// Writes the first lines of the handshake.
+    fn start(&mut self, now: Instant, out: &mut Vec<u8>);
+    /// The handshake is complete: the connection may become active.
+    fn ready(&self) -> bool;
+    /// Handles one line (without its newline).
+    fn line(
+        &mut self,
+        line: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+        events: &mut Vec<Self::Event>,
+    ) -> Outcome;
+    /// When [`Session::poll`] has something to do.
+    fn deadline(&self) -> Option<Instant>;
+    /// Ages out what is overdue.
+    fn poll(&mut self, now: Instant, out: &mut Vec<u8>, events: &mut Vec<Self::Event>) -> Outcome;
+    /// Carries out a command on the active, ready connection.
+    fn command(
+        &mut self,
+        cmd: Self::Cmd,
+        now: Instant,
+        out: &mut Vec<u8>,
+        events: &mut Vec<Self::Event>,
+    );
+    /// A command that cannot be carried out (no active link, a switch, shutdown).
+    fn lose(cmd: Self::Cmd, reason: &'static str, events: &mut Vec<Self::Event>);
+    /// The connection is closing: report what was in flight on it.
+    fn drain(&mut self, reason: &'static str, events: &mut Vec<Self::Event>);
+    /// Commands still queued when the link switches to another server are lost (they belong
+    /// to the old server's jobs).
+    const LOSE_QUEUED_ON_SWITCH: bool;
+    /// Server `index` became the active link.
+    fn up_event(index: usize, url: &str) -> Self::Event;
+    /// The active link on server `index` went down.
+    fn down_event(index: usize, reason: String) -> Self::Event;
+    /// A connection attempt to server `index` failed (before it became active).
+    fn failed_event(index: usize, reason: String) -> Self::Event;
+    /// A `client.reconnect` was honoured (`true`) or refused.
+    fn reconnect_event(
+        host: Option<String>,
+        port: Option<u16>,
+        honoured: bool,
+    ) -> Option<Self::Event>;
+}
+
+/// From a reader thread.
+enum ReadMsg {
+    Line(Vec<u8>),
+    Closed(String),
+}
+
+/// One TCP connection to an upstream.
+struct Conn<S: Session> {
+    index: usize,
+    stream: TcpStream,
+    lines: Receiver<ReadMsg>,
+    session: S,
+    last_line: Instant,
+    /// The handshake must be complete by then (while not active).
+    handshake_by: Instant,
+    /// Events held until the connection becomes active.
+    held: Vec<<S as Session>::Event>,
+    out: Vec<u8>,
+    _reader: JoinHandle<()>,
+}
+
+impl<S: Session> Drop for Conn<S> {
+    fn drop(&mut self) {
+        // Ends the reader thread (its read fails) and tells the upstream we are gone.
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// The owner's handle: a bounded command queue and the engine thread.
+#[derive(Debug)]
+pub(crate) struct Handle<C> {
+    cmds: Sender<C>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    block: Duration,
+}
+
+impl<C: Send + 'static> Handle<C> {
+    /// Checks `cfg` and starts the engine thread.
+    pub(crate) fn start<S: Session<Cmd = C>>(
+        cfg: Shared,
+        params: S::Params,
+        name: &str,
+        events: Sender<S::Event>,
+    ) -> Result<Self, UpstreamError> {
+        check(&cfg)?;
+        let (cmds, cmd_rx) = bounded(cfg.queue);
+        let (stop, stop_rx) = bounded(0);
+        let block = cfg.send_block;
+        let engine = Engine::<S> {
+            cfg,
+            params,
+            events,
+            cmds: cmd_rx,
+            stop: stop_rx,
+            active: None,
+            candidate: None,
+            next_try: 0,
+            tried: 0,
+            retry_at: Instant::now(),
+            probe_at: Instant::now(),
+            probe_next: 0,
+            redirect: None,
+            scratch: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || engine.run())
+            .map_err(UpstreamError::Spawn)?;
+        Ok(Self {
+            cmds,
+            stop: Some(stop),
+            thread: Some(thread),
+            block,
+        })
+    }
+
+    /// Queues `cmd`, waiting at most `send_block` for room.
+    pub(crate) fn send(&self, cmd: C) -> Result<(), SendError<C>> {
+        use crossbeam_channel::SendTimeoutError;
+        match self.cmds.send_timeout(cmd, self.block) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Timeout(c)) => Err(SendError::Full(c)),
+            Err(SendTimeoutError::Disconnected(c)) => Err(SendError::Closed(c)),
+        }
+    }
+
+    /// Queues `cmd` if there is room now.
+    pub(crate) fn try_send(&self, cmd: C) -> Result<(), SendError<C>> {
+        use crossbeam_channel::TrySendError;
+        match self.cmds.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(c)) => Err(SendError::Full(c)),
+            Err(TrySendError::Disconnected(c)) => Err(SendError::Closed(c)),
+        }
+    }
+
+    /// Commands waiting in the queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.cmds.len()
+    }
+
+    /// Stops the engine and waits for it (at most a connect or a write timeout when it is in
+    /// one).
+    pub(crate) fn shutdown(mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<C> Drop for Handle<C> {
+    fn drop(&mut self) {
+        // Dropping the stop sender ends the engine; it is not waited for here.
+        self.stop.take();
+    }
+}
+
+struct Engine<S: Session> {
+    cfg: Shared,
+    params: S::Params,
+    events: Sender<S::Event>,
+    cmds: Receiver<S::Cmd>,
+    stop: Receiver<()>,
+    active: Option<Conn<S>>,
+    /// A connection still in its handshake: a failover attempt (no active link) or a fail-back
+    /// probe.
+    candidate: Option<Conn<S>>,
+    /// The next server to try while no link is active.
+    next_try: usize,
+    /// Servers tried since the last active link went down (or since the start).
+    tried: usize,
+    retry_at: Instant,
+    probe_at: Instant,
+    /// The next better-ranked server to probe.
+    probe_next: usize,
+    /// A `client.reconnect` target for server `.0`, used for its next connection.
+    redirect: Option<(usize, String, u16)>,
+    scratch: Vec<S::Event>,
+}
+
+/// What the select woke for.
+enum Wake<C> {
+    Stop,
+    Cmd(Option<C>),
+    Active(ReadMsg),
+    Candidate(ReadMsg),
+    Timer,
+}
+
+impl<S: Session> Engine<S> {
+    fn run(mut self) {
+        loop {
+            let now = Instant::now();
+            self.maybe_connect(now);
+            // A new connection's handshake goes out before waiting.
+            self.flush();
+            self.emit_scratch();
+            let deadline = self.deadline();
+            match self.wait(deadline) {
+                Wake::Stop => break,
+                Wake::Cmd(None) => break,
+                Wake::Cmd(Some(cmd)) => {
+                    self.command(cmd);
+                    // Take what else is queued now, then write once.
+                    for _ in 0..self.cfg.queue {
+                        let Ok(cmd) = self.cmds.try_recv() else {
+                            break;
+                        };
+                        self.command(cmd);
+                    }
+                }
+                Wake::Active(msg) => self.read(true, msg),
+                Wake::Candidate(msg) => self.read(false, msg),
+                Wake::Timer => {}
+            }
+            self.timers(Instant::now());
+            self.flush();
+            self.emit_scratch();
+        }
+        // Shutdown: report what was in flight and what is still queued.
+        if let Some(mut a) = self.active.take() {
+            a.session.drain("shutdown", &mut self.scratch);
+        }
+        while let Ok(cmd) = self.cmds.try_recv() {
+            S::lose(cmd, "shutdown", &mut self.scratch);
+        }
+        self.emit_scratch();
+    }
+
+    fn wait(&self, deadline: Option<Instant>) -> Wake<S::Cmd> {
+        let none = never();
+        let active = self.active.as_ref().map_or(&none, |c| &c.lines);
+        let candidate = self.candidate.as_ref().map_or(&none, |c| &c.lines);
+        let mut sel = Select::new();
+        let i_stop = sel.recv(&self.stop);
+        let i_cmd = sel.recv(&self.cmds);
+        let i_active = sel.recv(active);
+        let i_cand = sel.recv(candidate);
+        let op = match deadline {
+            Some(d) => match sel.select_deadline(d) {
+                Ok(op) => op,
+                Err(_) => return Wake::Timer,
+            },
+            None => sel.select(),
+        };
+        match op.index() {
+            i if i == i_stop => {
+                let _ = op.recv(&self.stop);
+                Wake::Stop
+            }
+            i if i == i_cmd => Wake::Cmd(op.recv(&self.cmds).ok()),
+            i if i == i_active => Wake::Active(
+                op.recv(active)
+                    .unwrap_or_else(|_| ReadMsg::Closed("reader ended".to_owned())),
+            ),
+            i if i == i_cand => Wake::Candidate(
+                op.recv(candidate)
+                    .unwrap_or_else(|_| ReadMsg::Closed("reader ended".to_owned())),
+            ),
+            _ => Wake::Timer,
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let mut d: Option<Instant> = None;
+        let mut at = |t: Option<Instant>| {
+            if let Some(t) = t {
+                d = Some(d.map_or(t, |d| d.min(t)));
+            }
+        };
+        if let Some(a) = &self.active {
+            at(a.session.deadline());
+            at(self.cfg.idle_timeout.map(|t| a.last_line + t));
+            if a.index > 0 && self.candidate.is_none() {
+                at(Some(self.probe_at));
+            }
+        } else if self.candidate.is_none() {
+            at(Some(self.retry_at));
+        }
+        if let Some(c) = &self.candidate {
+            at(c.session.deadline());
+            at(Some(c.handshake_by));
+        }
+        d
+    }
+
+    /// Starts a failover attempt or a fail-back probe when one is due.
+    fn maybe_connect(&mut self, now: Instant) {
+        if self.candidate.is_some() {
+            return;
+        }
+        let n = self.cfg.servers.len();
+        match &self.active {
+            None if now >= self.retry_at => {
+                let index = self.next_try % n;
+                self.next_try = (index + 1) % n;
+                self.tried += 1;
+                if self.tried >= n {
+                    // A whole round: pause before the next one.
+                    self.tried = 0;
+                    self.retry_at = now + self.cfg.retry_interval;
+                }
+                self.candidate = self.connect(index, now);
+            }
+            Some(a) if a.index > 0 && now >= self.probe_at => {
+                let index = self.probe_next % a.index;
+                self.probe_next = (index + 1) % a.index;
+                self.probe_at = now + self.cfg.failback_interval;
+                tracing::debug!(index, "probing a better upstream for fail-back");
+                self.candidate = self.connect(index, now);
+            }
+            _ => {}
+        }
+    }
+
+    fn connect(&mut self, index: usize, now: Instant) -> Option<Conn<S>> {
+        let server = self.cfg.servers.get(index)?;
+        let (host, port) = match self.redirect.take() {
+            Some((i, host, port)) if i == index => (host, port),
+            _ => host_port(&server.url)?,
+        };
+        let stream = match open(&host, port, self.cfg.connect_timeout) {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = format!("connect to {host}:{port}: {e}");
+                tracing::warn!(index, url = %server.url, %reason, "upstream unreachable");
+                self.scratch.push(S::failed_event(index, reason));
+                return None;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(self.cfg.write_timeout));
+        let reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                self.scratch
+                    .push(S::failed_event(index, format!("socket: {e}")));
+                return None;
+            }
+        };
+        let (tx, lines) = bounded(self.cfg.queue);
+        let spawned = std::thread::Builder::new()
+            .name(format!("up-read-{index}"))
+            .spawn(move || read_lines(reader, &tx));
+        let reader = match spawned {
+            Ok(r) => r,
+            Err(e) => {
+                self.scratch
+                    .push(S::failed_event(index, format!("thread: {e}")));
+                return None;
+            }
+        };
+        tracing::info!(index, %host, port, "connected to upstream");
+        let mut conn = Conn {
+            index,
+            stream,
+            lines,
+            session: S::new(&self.cfg, &self.params, index),
+            last_line: now,
+            handshake_by: now + self.cfg.handshake_timeout,
+            held: Vec::new(),
+            out: Vec::with_capacity(1024),
+            _reader: reader,
+        };
+        conn.session.start(now, &mut conn.out);
+        Some(conn)
+    }
+
+    fn command(&mut self, cmd: S::Cmd) {
+        match &mut self.active {
+            Some(a) => a
+                .session
+                .command(cmd, Instant::now(), &mut a.out, &mut self.scratch),
+            None => S::lose(cmd, "upstream down", &mut self.scratch),
+        }
+    }
+
+    fn read(&mut self, active: bool, msg: ReadMsg) {
+        let now = Instant::now();
+        let slot = if active {
+            &mut self.active
+        } else {
+            &mut self.candidate
+        };
+        let Some(conn) = slot.as_mut() else {
+            return;
+        };
+        let outcome = match msg {
+            ReadMsg::Line(line) => {
+                conn.last_line = now;
+                let events = if active {
+                    &mut self.scratch
+                } else {
+                    &mut conn.held
+                };
+                conn.session.line(&line, now, &mut conn.out, events)
+            }
+            ReadMsg::Closed(reason) => Outcome::Close(reason),
+        };
+        self.outcome(active, outcome);
+        if !active && self.candidate.as_ref().is_some_and(|c| c.session.ready()) {
+            self.switch();
+        }
+    }
+
+    fn outcome(&mut self, active: bool, outcome: Outcome) {
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Close(reason) => self.close(active, reason),
+            Outcome::Redirect { host, port } => {
+                let index = match (active, &self.active, &self.candidate) {
+                    (true, Some(c), _) | (false, _, Some(c)) => c.index,
+                    _ => return,
+                };
+                let allowed = host.as_deref().is_none_or(|h| self.allowed(h));
+                self.scratch
+                    .extend(S::reconnect_event(host.clone(), port, allowed));
+                if !allowed {
+                    tracing::warn!(
+                        index,
+                        host = host.as_deref().unwrap_or(""),
+                        port,
+                        "client.reconnect to a host neither configured nor allowed: refused"
+                    );
+                    return;
+                }
+                let (cur_host, cur_port) = self
+                    .cfg
+                    .servers
+                    .get(index)
+                    .and_then(|s| host_port(&s.url))
+                    .unwrap_or_default();
+                let host = host.unwrap_or(cur_host);
+                let port = port.unwrap_or(cur_port);
+                tracing::info!(index, %host, port, "client.reconnect honoured");
+                self.redirect = Some((index, host, port));
+                self.close(active, "client.reconnect".to_owned());
+                // Reconnect to the same entry at once.
+                if self.active.is_none() && self.candidate.is_none() {
+                    self.next_try = index;
+                    self.tried = 0;
+                    self.retry_at = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Whether `client.reconnect` may send us to `host`.
+    fn allowed(&self, host: &str) -> bool {
+        let listed = self
+            .cfg
+            .servers
+            .iter()
+            .filter_map(|s| host_port(&s.url))
+            .any(|(h, _)| h.eq_ignore_ascii_case(host));
+        listed
+            || self
+                .cfg
+                .reconnect_allow
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    fn close(&mut self, active: bool, reason: String) {
+        if active {
+            let Some(mut a) = self.active.take() else {
+                return;
+            };
+            tracing::warn!(index = a.index, %reason, "upstream down");
+            a.session.drain("upstream down", &mut self.scratch);
+            self.scratch.push(S::down_event(a.index, reason));
+            self.next_try = (a.index + 1) % self.cfg.servers.len();
+            self.tried = 0;
+            self.retry_at = Instant::now();
+        } else if let Some(c) = self.candidate.take() {
+            tracing::warn!(index = c.index, %reason, "upstream handshake failed");
+            self.scratch.push(S::failed_event(c.index, reason));
+        }
+    }
+
+    /// The candidate completed its handshake: it becomes the active link.
+    fn switch(&mut self) {
+        let Some(mut c) = self.candidate.take() else {
+            return;
+        };
+        if let Some(mut old) = self.active.take() {
+            tracing::info!(from = old.index, to = c.index, "upstream fail-back");
+            old.session.drain("upstream switched", &mut self.scratch);
+            if S::LOSE_QUEUED_ON_SWITCH {
+                while let Ok(cmd) = self.cmds.try_recv() {
+                    S::lose(cmd, "upstream switched", &mut self.scratch);
+                }
+            }
+        }
+        let url = self
+            .cfg
+            .servers
+            .get(c.index)
+            .map(|s| s.url.as_str())
+            .unwrap_or_default();
+        tracing::info!(index = c.index, %url, "upstream active");
+        self.scratch.push(S::up_event(c.index, url));
+        self.scratch.append(&mut c.held);
+        self.probe_next = 0;
+        self.probe_at = Instant::now() + self.cfg.failback_interval;
+        self.tried = 0;
+        self.active = Some(c);
+    }
+
+    fn timers(&mut self, now: Instant) {
+        if let Some(a) = &mut self.active {
+            let mut outcome = Outcome::Continue;
+            if a.session.deadline().is_some_and(|d| d <= now) {
+                outcome = a.session.poll(now, &mut a.out, &mut self.scratch);
+            }
+            if let (Outcome::Continue, Some(idle)) = (&outcome, self.cfg.idle_timeout)
+                && now.saturating_duration_since(a.last_line) >= idle
+            {
+                outcome = Outcome::Close(format!("no line for {} s", idle.as_secs_f64()));
+            }
+            self.outcome(true, outcome);
+        }
+        if let Some(c) = &mut self.candidate {
+            let mut outcome = Outcome::Continue;
+            if c.session.deadline().is_some_and(|d| d <= now) {
+                outcome = c.session.poll(now, &mut c.out, &mut c.held);
+            }
+            if matches!(outcome, Outcome::Continue) && now >= c.handshake_by {
+                outcome = Outcome::Close("handshake timed out".to_owned());
+            }
+            self.outcome(false, outcome);
+            if self.candidate.as_ref().is_some_and(|c| c.session.ready()) {
+                self.switch();
+            }
+        }
+    }
+
+    /// Writes what the sessions produced; a failed write closes its connection.
+    fn flush(&mut self) {
+        for active in [true, false] {
+            let slot = if active {
+                &mut self.active
+            } else {
+                &mut self.candidate
+            };
+            let Some(c) = slot.as_mut() else {
+                continue;
+            };
+            if c.out.is_empty() {
+                continue;
+            }
+            let res = c.stream.write_all(&c.out);
+            c.out.clear();
+            if let Err(e) = res {
+                self.close(active, format!("write: {e}"));
+            }
+        }
+    }
+
+    fn emit_scratch(&mut self) {
+        for ev in self.scratch.drain(..) {
+            // The owner is gone: nothing to tell; the stop channel ends the loop soon.
+            let _ = self.events.send(ev);
+        }
+    }
+}
+
+/// Connects to `host:port` (each address it resolves to in turn) within `timeout` each.
+fn open(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The reader thread: lines (without newline) to `tx` until the stream ends.
+fn read_lines(stream: TcpStream, tx: &Sender<ReadMsg>) {
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    loop {
+        let mut line = Vec::new();
+        let res = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line);
+        let msg = match res {
+            Ok(0) => ReadMsg::Closed("connection closed by upstream".to_owned()),
+            Ok(_) if line.last() == Some(&b'\n') => {
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                ReadMsg::Line(line)
+            }
+            Ok(_) if line.len() > MAX_LINE => ReadMsg::Closed("line too long".to_owned()),
+            Ok(_) => ReadMsg::Closed("connection closed by upstream mid-line".to_owned()),
+            Err(e) => ReadMsg::Closed(format!("read: {e}")),
+        };
+        let end = matches!(msg, ReadMsg::Closed(_));
+        if tx.send(msg).is_err() || end {
+            return;
+        }
+    }
+}
