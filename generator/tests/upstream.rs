@@ -117,6 +117,15 @@ fn fast(servers: Vec<UpstreamServer>) -> UpstreamConfig {
     }
 }
 
+/// For tests driving the pool by hand: no idle detector, a generous handshake.
+fn steady(servers: Vec<UpstreamServer>) -> UpstreamConfig {
+    UpstreamConfig {
+        handshake_timeout: Duration::from_secs(5),
+        idle_timeout: None,
+        ..fast(servers)
+    }
+}
+
 fn submit(tag: u64, nonce: u32) -> Submit {
     Submit::new(
         Arc::from("6b12471e00000001"),
@@ -137,7 +146,7 @@ fn handshake_lines_jobs_and_verdicts() {
     let cfg = UpstreamConfig {
         version_rolling: Some(0x1fff_e000),
         extranonce_subscribe: true,
-        ..fast(vec![server(&listener, "user.w", "p\"w")])
+        ..steady(vec![server(&listener, "user.w", "p\"w")])
     };
     let link = Link::start(cfg.servers[0].clone(), cfg, tx).unwrap();
     let mut pool = Peer::accept(&listener);
@@ -259,7 +268,7 @@ fn replays_the_captured_ckpool_proxy_link() {
         .collect();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (tx, rx) = unbounded();
-    let cfg = fast(vec![server(&listener, "capture.proxy", "x")]);
+    let cfg = steady(vec![server(&listener, "capture.proxy", "x")]);
     let link = Link::start(cfg.servers[0].clone(), cfg, tx).unwrap();
     let mut pool = Peer::accept(&listener);
     // ckpool's request ids (0, 42) are ours (1, 2) here: replies are re-addressed.
@@ -595,8 +604,7 @@ fn reconnect_policy() {
 fn passthrough_cfg(servers: Vec<UpstreamServer>) -> UpstreamConfig {
     UpstreamConfig {
         user_agent: "ckpool/0.9.9".to_owned(),
-        idle_timeout: None,
-        ..fast(servers)
+        ..steady(servers)
     }
 }
 
@@ -783,4 +791,35 @@ fn passthrough_back_pressure_is_bounded() {
     drop(up);
     link.shutdown();
     assert!(stopping.elapsed() < Duration::from_secs(35));
+}
+
+#[test]
+fn a_stalled_owner_does_not_hang_shutdown() {
+    init_logs();
+    let a = FakePool::start();
+    // Room for one event; nobody reads: the link blocks on its second event (and stops
+    // reading from the pool) until it is shut down.
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let pool = Pool::start(fast(vec![a.server()]), tx).unwrap();
+    let end = Instant::now() + WAIT;
+    while !rx.is_full() {
+        assert!(Instant::now() < end, "no event");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopping = Instant::now();
+    pool.shutdown();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert!(matches!(next(&rx), UpstreamEvent::Up { index: 0, .. }));
+}
+
+#[test]
+fn submits_carry_at_most_sixteen_bytes_of_extranonce2() {
+    let job: Arc<str> = Arc::from("j");
+    let s = Submit::new(Arc::clone(&job), &[1; 16], 0, 0, 0, 1).unwrap();
+    assert_eq!(s.extranonce2(), &[1; 16]);
+    assert!(Submit::new(job, &[1; 17], 0, 0, 0, 1).is_none());
 }

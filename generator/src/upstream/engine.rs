@@ -150,6 +150,7 @@ impl<C: Send + 'static> Handle<C> {
             probe_next: 0,
             redirect: None,
             scratch: Vec::new(),
+            stopping: false,
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -226,6 +227,8 @@ struct Engine<S: Session> {
     /// A `client.reconnect` target for server `.0`, used for its next connection.
     redirect: Option<(usize, String, u16)>,
     scratch: Vec<S::Event>,
+    /// Shutting down: events are no longer waited for.
+    stopping: bool,
 }
 
 /// What the select woke for.
@@ -239,7 +242,7 @@ enum Wake<C> {
 
 impl<S: Session> Engine<S> {
     fn run(mut self) {
-        loop {
+        while !self.stopping {
             let now = Instant::now();
             self.maybe_connect(now);
             // A new connection's handshake goes out before waiting.
@@ -247,8 +250,7 @@ impl<S: Session> Engine<S> {
             self.emit_scratch();
             let deadline = self.deadline();
             match self.wait(deadline) {
-                Wake::Stop => break,
-                Wake::Cmd(None) => break,
+                Wake::Stop | Wake::Cmd(None) => break,
                 Wake::Cmd(Some(cmd)) => {
                     self.command(cmd);
                     // Take what else is queued now, then write once.
@@ -268,6 +270,7 @@ impl<S: Session> Engine<S> {
             self.emit_scratch();
         }
         // Shutdown: report what was in flight and what is still queued.
+        self.stopping = true;
         if let Some(mut a) = self.active.take() {
             a.session.drain("shutdown", &mut self.scratch);
         }
@@ -607,10 +610,29 @@ impl<S: Session> Engine<S> {
         }
     }
 
+    /// Hands the events over. A full `events` channel blocks the engine (back-pressure)
+    /// until the owner reads or stops the link; once stopping, events that find no room are
+    /// counted and logged instead.
     fn emit_scratch(&mut self) {
+        let mut undelivered = 0usize;
         for ev in self.scratch.drain(..) {
-            // The owner is gone: nothing to tell; the stop channel ends the loop soon.
-            let _ = self.events.send(ev);
+            if self.stopping {
+                undelivered += usize::from(self.events.try_send(ev).is_err());
+                continue;
+            }
+            crossbeam_channel::select! {
+                send(self.events, ev) -> sent => undelivered += usize::from(sent.is_err()),
+                recv(self.stop) -> _ => {
+                    self.stopping = true;
+                    undelivered += 1;
+                }
+            }
+        }
+        if undelivered > 0 {
+            tracing::warn!(
+                undelivered,
+                "upstream events not delivered: the owner is gone or stopped"
+            );
         }
     }
 }
