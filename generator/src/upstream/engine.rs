@@ -86,8 +86,10 @@ pub(crate) trait Session: Send + Sized + 'static {
     ) -> Option<Self::Event>;
 }
 
-/// From a reader thread.
+/// From a connection's thread.
 enum ReadMsg {
+    /// Connected: the stream to write to.
+    Connected(TcpStream),
     Line(Vec<u8>),
     Closed(String),
 }
@@ -95,7 +97,8 @@ enum ReadMsg {
 /// One TCP connection to an upstream.
 struct Conn<S: Session> {
     index: usize,
-    stream: TcpStream,
+    /// `None` while connecting.
+    stream: Option<TcpStream>,
     lines: Receiver<ReadMsg>,
     session: S,
     last_line: Instant,
@@ -109,8 +112,11 @@ struct Conn<S: Session> {
 
 impl<S: Session> Drop for Conn<S> {
     fn drop(&mut self) {
-        // Ends the reader thread (its read fails) and tells the upstream we are gone.
-        let _ = self.stream.shutdown(Shutdown::Both);
+        // Ends the reader thread (its read fails) and tells the upstream we are gone. A thread
+        // still connecting finds the engine gone when it connects and closes the stream.
+        if let Some(s) = &self.stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -366,35 +372,20 @@ impl<S: Session> Engine<S> {
         }
     }
 
+    /// Starts a connection to server `index` (or where a honoured `client.reconnect` sent
+    /// it): its thread resolves, connects and then reads, so a black-holed server never stalls
+    /// the active link. The handshake starts on [`ReadMsg::Connected`].
     fn connect(&mut self, index: usize, now: Instant) -> Option<Conn<S>> {
         let server = self.cfg.servers.get(index)?;
         let (host, port) = match self.redirect.take() {
             Some((i, host, port)) if i == index => (host, port),
             _ => host_port(&server.url)?,
         };
-        let stream = match open(&host, port, self.cfg.connect_timeout) {
-            Ok(s) => s,
-            Err(e) => {
-                let reason = format!("connect to {host}:{port}: {e}");
-                tracing::warn!(index, url = %server.url, %reason, "upstream unreachable");
-                self.scratch.push(S::failed_event(index, reason));
-                return None;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(self.cfg.write_timeout));
-        let reader = match stream.try_clone() {
-            Ok(r) => r,
-            Err(e) => {
-                self.scratch
-                    .push(S::failed_event(index, format!("socket: {e}")));
-                return None;
-            }
-        };
         let (tx, lines) = bounded(self.cfg.queue);
+        let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
         let spawned = std::thread::Builder::new()
             .name(format!("up-read-{index}"))
-            .spawn(move || read_lines(reader, &tx));
+            .spawn(move || connect_and_read(&host, port, connect_timeout, write_timeout, &tx));
         let reader = match spawned {
             Ok(r) => r,
             Err(e) => {
@@ -403,20 +394,17 @@ impl<S: Session> Engine<S> {
                 return None;
             }
         };
-        tracing::info!(index, %host, port, "connected to upstream");
-        let mut conn = Conn {
+        Some(Conn {
             index,
-            stream,
+            stream: None,
             lines,
             session: S::new(&self.cfg, &self.params, index),
             last_line: now,
-            handshake_by: now + self.cfg.handshake_timeout,
+            handshake_by: now + connect_timeout + self.cfg.handshake_timeout,
             held: Vec::new(),
             out: Vec::with_capacity(1024),
             _reader: reader,
-        };
-        conn.session.start(now, &mut conn.out);
-        Some(conn)
+        })
     }
 
     fn command(&mut self, cmd: S::Cmd) {
@@ -439,6 +427,15 @@ impl<S: Session> Engine<S> {
             return;
         };
         let outcome = match msg {
+            ReadMsg::Connected(stream) => {
+                let url = self.cfg.servers.get(conn.index).map(|s| s.url.as_str());
+                tracing::info!(index = conn.index, url, peer = ?stream.peer_addr().ok(),
+                    "connected to upstream");
+                conn.stream = Some(stream);
+                conn.last_line = now;
+                conn.session.start(now, &mut conn.out);
+                Outcome::Continue
+            }
             ReadMsg::Line(line) => {
                 conn.last_line = now;
                 let events = if active {
@@ -602,7 +599,10 @@ impl<S: Session> Engine<S> {
             if c.out.is_empty() {
                 continue;
             }
-            let res = c.stream.write_all(&c.out);
+            let Some(stream) = &mut c.stream else {
+                continue;
+            };
+            let res = stream.write_all(&c.out);
             c.out.clear();
             if let Err(e) = res {
                 self.close(active, format!("write: {e}"));
@@ -649,8 +649,35 @@ fn open(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> 
     Err(last)
 }
 
-/// The reader thread: lines (without newline) to `tx` until the stream ends.
-fn read_lines(stream: TcpStream, tx: &Sender<ReadMsg>) {
+/// A connection's thread: connects, hands a clone of the stream over, then sends lines
+/// (without newline) to `tx` until the stream ends or the engine drops the connection.
+fn connect_and_read(
+    host: &str,
+    port: u16,
+    connect_timeout: Duration,
+    write_timeout: Duration,
+    tx: &Sender<ReadMsg>,
+) {
+    let opened = open(host, port, connect_timeout).and_then(|stream| {
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(write_timeout))?;
+        let writer = stream.try_clone()?;
+        Ok((stream, writer))
+    });
+    let stream = match opened {
+        Ok((stream, writer)) => {
+            if tx.send(ReadMsg::Connected(writer)).is_err() {
+                // The engine gave up on this connection meanwhile.
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            stream
+        }
+        Err(e) => {
+            let _ = tx.send(ReadMsg::Closed(format!("connect to {host}:{port}: {e}")));
+            return;
+        }
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     loop {
         let mut line = Vec::new();

@@ -108,6 +108,10 @@ impl PassthroughLink {
     /// stratum settings (version rolling, submit timeout). A bounded `events` channel slows
     /// reading from the upstream when the owner falls behind.
     ///
+    /// `idle_timeout` applies here too, but a ckpool upstream sends nothing on a link with no
+    /// miners behind it: set it to `None` unless the upstream is known to talk regularly (a
+    /// node link gets a workinfo per template).
+    ///
     /// The sockets use the system's buffer sizes (ckpool asks for 1 MiB each way).
     pub fn start(
         cfg: UpstreamConfig,
