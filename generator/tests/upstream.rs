@@ -823,3 +823,66 @@ fn submits_carry_at_most_sixteen_bytes_of_extranonce2() {
     assert_eq!(s.extranonce2(), &[1; 16]);
     assert!(Submit::new(job, &[1; 17], 0, 0, 0, 1).is_none());
 }
+
+/// A listener whose accept queue is full and never drained: connects to it hang (SYNs are
+/// dropped), like a black-holed server. `None` if the queue does not fill here.
+fn black_hole() -> Option<(TcpListener, Vec<TcpStream>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4096 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => held.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Some((listener, held)),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[test]
+fn probing_a_black_holed_server_does_not_stall_submits() {
+    init_logs();
+    let Some((hole, _held)) = black_hole() else {
+        eprintln!("skipped: the accept queue never filled");
+        return;
+    };
+    let b = FakePool::start();
+    let (tx, rx) = unbounded();
+    let connect_timeout = Duration::from_secs(4);
+    let cfg = UpstreamConfig {
+        connect_timeout,
+        ..fast(vec![server(&hole, "u", "x"), b.server()])
+    };
+    let pool = Pool::start(cfg, tx).unwrap();
+    let failed = expect(&rx, "Failed 0", |e| {
+        matches!(e, UpstreamEvent::Failed { .. })
+    });
+    assert!(
+        matches!(&failed, UpstreamEvent::Failed { index: 0, reason } if reason.starts_with("connect to")),
+        "{failed:?}"
+    );
+    expect(&rx, "Up 1", |e| {
+        matches!(e, UpstreamEvent::Up { index: 1, .. })
+    });
+    // Probes of server 0 hang in connect for `connect_timeout` each, every 200 ms; meanwhile
+    // submits on server 1 are answered at loopback speed.
+    for tag in 0..6 {
+        let sent = Instant::now();
+        pool.submit(submit(tag, 1)).unwrap();
+        let verdict = expect(&rx, "a verdict", |e| {
+            matches!(e, UpstreamEvent::Verdict { .. })
+        });
+        assert_eq!(
+            verdict,
+            UpstreamEvent::Verdict {
+                tag,
+                accepted: true,
+                reason: None
+            }
+        );
+        assert!(sent.elapsed() < connect_timeout / 2, "{:?}", sent.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    pool.shutdown();
+}
