@@ -428,9 +428,10 @@ fn serve(stream: TcpStream, silent: &Arc<AtomicBool>, answer: &AtomicBool, tx: &
             "mining.subscribe" => {
                 json!({"id": id, "result": [[["mining.notify", "ab"]], "0a0b0c0d", 8], "error": null})
             }
-            "mining.authorize" => {
-                json!({"id": id, "result": v["params"][1] != "bad", "error": null})
+            "mining.authorize" if v["params"][1] == "bad" => {
+                json!({"id": id, "result": false, "error": [24, "Unauthorized worker", null]})
             }
+            "mining.authorize" => json!({"id": id, "result": true, "error": null}),
             "mining.submit" if answer.load(Ordering::SeqCst) => {
                 json!({"id": id, "result": true, "error": null})
             }
@@ -540,12 +541,13 @@ fn refused_authorisation_fails_over() {
     let bad = UpstreamServer::new(a.listener_addr.clone(), "u", "bad");
     let (tx, rx) = unbounded();
     let pool = Pool::start(fast(vec![bad, b.server()]), tx).unwrap();
-    let failed = expect(&rx, "Failed 0", |e| {
-        matches!(e, UpstreamEvent::Failed { .. })
-    });
-    assert!(
-        matches!(&failed, UpstreamEvent::Failed { index: 0, reason } if reason.starts_with("authorisation refused")),
-        "{failed:?}"
+    // The first event: the refusal (no Failed, no Up before it).
+    assert_eq!(
+        next(&rx),
+        UpstreamEvent::Refused {
+            index: 0,
+            reason: "Unauthorized worker".to_owned()
+        }
     );
     expect(&rx, "Up 1", |e| {
         matches!(e, UpstreamEvent::Up { index: 1, .. })

@@ -20,6 +20,8 @@ pub(crate) enum Outcome {
     Continue,
     /// Close the connection (a refusal, a timeout, garbage).
     Close(String),
+    /// The upstream refused our credentials: close, reported as such.
+    Refused(String),
     /// The upstream asks us to go elsewhere (`client.reconnect`); `None` host: the same server.
     Redirect {
         /// Host, if given.
@@ -78,6 +80,10 @@ pub(crate) trait Session: Send + Sized + 'static {
     fn down_event(index: usize, reason: String) -> Self::Event;
     /// A connection attempt to server `index` failed (before it became active).
     fn failed_event(index: usize, reason: String) -> Self::Event;
+    /// Server `index` refused the credentials (before it became active).
+    fn refused_event(index: usize, reason: String) -> Self::Event {
+        Self::failed_event(index, reason)
+    }
     /// A `client.reconnect` was honoured (`true`) or refused.
     fn reconnect_event(
         host: Option<String>,
@@ -456,7 +462,8 @@ impl<S: Session> Engine<S> {
     fn outcome(&mut self, active: bool, outcome: Outcome) {
         match outcome {
             Outcome::Continue => {}
-            Outcome::Close(reason) => self.close(active, reason),
+            Outcome::Close(reason) => self.close(active, reason, false),
+            Outcome::Refused(reason) => self.close(active, reason, true),
             Outcome::Redirect { host, port } => {
                 let index = match (active, &self.active, &self.candidate) {
                     (true, Some(c), _) | (false, _, Some(c)) => c.index,
@@ -484,7 +491,7 @@ impl<S: Session> Engine<S> {
                 let port = port.unwrap_or(cur_port);
                 tracing::info!(index, %host, port, "client.reconnect honoured");
                 self.redirect = Some((index, host, port));
-                self.close(active, "client.reconnect".to_owned());
+                self.close(active, "client.reconnect".to_owned(), false);
                 // Reconnect to the same entry at once.
                 if self.active.is_none() && self.candidate.is_none() {
                     self.next_try = index;
@@ -511,7 +518,7 @@ impl<S: Session> Engine<S> {
                 .any(|h| h.eq_ignore_ascii_case(host))
     }
 
-    fn close(&mut self, active: bool, reason: String) {
+    fn close(&mut self, active: bool, reason: String, refused: bool) {
         if active {
             let Some(mut a) = self.active.take() else {
                 return;
@@ -524,7 +531,11 @@ impl<S: Session> Engine<S> {
             self.retry_at = Instant::now();
         } else if let Some(c) = self.candidate.take() {
             tracing::warn!(index = c.index, %reason, "upstream handshake failed");
-            self.scratch.push(S::failed_event(c.index, reason));
+            self.scratch.push(if refused {
+                S::refused_event(c.index, reason)
+            } else {
+                S::failed_event(c.index, reason)
+            });
         }
     }
 
@@ -605,7 +616,7 @@ impl<S: Session> Engine<S> {
             let res = stream.write_all(&c.out);
             c.out.clear();
             if let Err(e) = res {
-                self.close(active, format!("write: {e}"));
+                self.close(active, format!("write: {e}"), false);
             }
         }
     }

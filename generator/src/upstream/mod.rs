@@ -4,8 +4,9 @@
 //! outbound connections):
 //! - an engine thread (`upstream` / `passthrough`) owns the protocol state, writes to the
 //!   socket and takes commands from a bounded channel;
-//! - a reader thread per TCP connection (`up-read-<index>`) reads lines and hands them to the
-//!   engine through a bounded channel, so a slow owner slows reading from the upstream (TCP
+//! - a thread per TCP connection (`up-read-<index>`) resolves and connects (so a black-holed
+//!   server never stalls the active link), then reads lines and hands them to the engine
+//!   through a bounded channel, so a slow owner slows reading from the upstream (TCP
 //!   back-pressure) instead of buffering without limit.
 //!
 //! Both kinds fail over along a list of servers in priority order: the first that connects and

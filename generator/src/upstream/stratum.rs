@@ -63,8 +63,8 @@ impl Submit {
     }
 }
 
-/// What a stratum upstream link reports. Events other than `Up`, `Down`, `Failed` and
-/// `Verdict` are about the active link (the last `Up`); those a connection produced during its
+/// What a stratum upstream link reports. Events other than `Up`, `Down`, `Failed`, `Refused`
+/// and `Verdict` are about the active link (the last `Up`); those a connection produced during its
 /// handshake (`Subscribed`, the first `Difficulty` and `Job`, …) follow its `Up`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamEvent {
@@ -85,12 +85,19 @@ pub enum UpstreamEvent {
         reason: String,
     },
     /// A connection to server `index` failed before it became active (unreachable, refused
-    /// subscription (`subscribe refused: …`) or authorisation (`authorisation refused: …`),
-    /// handshake timeout).
+    /// subscription (`subscribe refused: …`), unusable subscription, handshake timeout).
     Failed {
         /// Index in `servers`.
         index: usize,
         /// Why.
+        reason: String,
+    },
+    /// Server `index` refused the authorisation (`auth`/`pass` are wrong for it); like
+    /// `Failed`, the next server is tried, and this one again later.
+    Refused {
+        /// Index in `servers`.
+        index: usize,
+        /// The upstream's reason.
         reason: String,
     },
     /// The answer to `mining.configure`: the version-rolling mask granted, if any.
@@ -258,7 +265,7 @@ impl StratumSession {
             }
             Event::Authorized { .. } => events.push(UpstreamEvent::Authorised),
             Event::Refused { reason } => {
-                return Outcome::Close(format!("authorisation refused: {reason}"));
+                return Outcome::Refused(reason);
             }
             Event::ExtranonceSubscribed(ok) => {
                 tracing::debug!(index, ok, "mining.extranonce.subscribe answered");
@@ -366,7 +373,9 @@ impl Session for StratumSession {
         events: &mut Vec<UpstreamEvent>,
     ) -> Outcome {
         while let Some(ev) = self.client.poll(now, out) {
-            if let o @ (Outcome::Close(_) | Outcome::Redirect { .. }) = self.event(ev, events) {
+            if let o @ (Outcome::Close(_) | Outcome::Refused(_) | Outcome::Redirect { .. }) =
+                self.event(ev, events)
+            {
                 return o;
             }
         }
@@ -431,6 +440,10 @@ impl Session for StratumSession {
 
     fn failed_event(index: usize, reason: String) -> UpstreamEvent {
         UpstreamEvent::Failed { index, reason }
+    }
+
+    fn refused_event(index: usize, reason: String) -> UpstreamEvent {
+        UpstreamEvent::Refused { index, reason }
     }
 
     fn reconnect_event(
