@@ -849,12 +849,12 @@ fn probing_a_black_holed_server_does_not_stall_submits() {
         eprintln!("skipped: the accept queue never filled");
         return;
     };
-    let b = FakePool::start();
+    let (b, c) = (FakePool::start(), FakePool::start());
     let (tx, rx) = unbounded();
     let connect_timeout = Duration::from_secs(4);
     let cfg = UpstreamConfig {
         connect_timeout,
-        ..fast(vec![server(&hole, "u", "x"), b.server()])
+        ..fast(vec![server(&hole, "u", "x"), b.server(), c.server()])
     };
     let pool = Pool::start(cfg, tx).unwrap();
     let failed = expect(&rx, "Failed 0", |e| {
@@ -884,7 +884,19 @@ fn probing_a_black_holed_server_does_not_stall_submits() {
             }
         );
         assert!(sent.elapsed() < connect_timeout / 2, "{:?}", sent.elapsed());
+        // Spread the submits over several probes.
         std::thread::sleep(Duration::from_millis(300));
     }
+    // Server 1 dies while a probe of server 0 hangs: failover to server 2 does not wait for
+    // the probe.
+    b.kill();
+    expect(&rx, "Down 1", |e| {
+        matches!(e, UpstreamEvent::Down { index: 1, .. })
+    });
+    let down = Instant::now();
+    expect(&rx, "Up 2", |e| {
+        matches!(e, UpstreamEvent::Up { index: 2, .. })
+    });
+    assert!(down.elapsed() < connect_timeout / 2, "{:?}", down.elapsed());
     pool.shutdown();
 }

@@ -154,7 +154,8 @@ impl<C: Send + 'static> Handle<C> {
             cmds: cmd_rx,
             stop: stop_rx,
             active: None,
-            candidate: None,
+            attempt: None,
+            probe: None,
             next_try: 0,
             tried: 0,
             retry_at: Instant::now(),
@@ -224,10 +225,13 @@ struct Engine<S: Session> {
     events: Sender<S::Event>,
     cmds: Receiver<S::Cmd>,
     stop: Receiver<()>,
+    /// The link in use: its handshake is complete.
     active: Option<Conn<S>>,
-    /// A connection still in its handshake: a failover attempt (no active link) or a fail-back
-    /// probe.
-    candidate: Option<Conn<S>>,
+    /// A failover attempt (no active link) still in its handshake.
+    attempt: Option<Conn<S>>,
+    /// A fail-back probe of a better-ranked server still in its handshake (it goes on when
+    /// the active link goes down meanwhile, alongside the failover attempts).
+    probe: Option<Conn<S>>,
     /// The next server to try while no link is active.
     next_try: usize,
     /// Servers tried since the last active link went down (or since the start).
@@ -243,12 +247,21 @@ struct Engine<S: Session> {
     stopping: bool,
 }
 
+/// Which connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Active,
+    Attempt,
+    Probe,
+}
+
+const CANDIDATES: [Slot; 2] = [Slot::Attempt, Slot::Probe];
+
 /// What the select woke for.
 enum Wake<C> {
     Stop,
     Cmd(Option<C>),
-    Active(ReadMsg),
-    Candidate(ReadMsg),
+    Read(Slot, ReadMsg),
     Timer,
 }
 
@@ -257,9 +270,6 @@ impl<S: Session> Engine<S> {
         while !self.stopping {
             let now = Instant::now();
             self.maybe_connect(now);
-            // A new connection's handshake goes out before waiting.
-            self.flush();
-            self.emit_scratch();
             let deadline = self.deadline();
             match self.wait(deadline) {
                 Wake::Stop | Wake::Cmd(None) => break,
@@ -273,8 +283,7 @@ impl<S: Session> Engine<S> {
                         self.command(cmd);
                     }
                 }
-                Wake::Active(msg) => self.read(true, msg),
-                Wake::Candidate(msg) => self.read(false, msg),
+                Wake::Read(slot, msg) => self.read(slot, msg),
                 Wake::Timer => {}
             }
             self.timers(Instant::now());
@@ -292,15 +301,31 @@ impl<S: Session> Engine<S> {
         self.emit_scratch();
     }
 
+    fn slot(&mut self, slot: Slot) -> &mut Option<Conn<S>> {
+        match slot {
+            Slot::Active => &mut self.active,
+            Slot::Attempt => &mut self.attempt,
+            Slot::Probe => &mut self.probe,
+        }
+    }
+
     fn wait(&self, deadline: Option<Instant>) -> Wake<S::Cmd> {
         let none = never();
-        let active = self.active.as_ref().map_or(&none, |c| &c.lines);
-        let candidate = self.candidate.as_ref().map_or(&none, |c| &c.lines);
+        let readers = [
+            (
+                Slot::Active,
+                self.active.as_ref().map_or(&none, |c| &c.lines),
+            ),
+            (
+                Slot::Attempt,
+                self.attempt.as_ref().map_or(&none, |c| &c.lines),
+            ),
+            (Slot::Probe, self.probe.as_ref().map_or(&none, |c| &c.lines)),
+        ];
         let mut sel = Select::new();
         let i_stop = sel.recv(&self.stop);
         let i_cmd = sel.recv(&self.cmds);
-        let i_active = sel.recv(active);
-        let i_cand = sel.recv(candidate);
+        let first_reader = readers.map(|(_, rx)| sel.recv(rx))[0];
         let op = match deadline {
             Some(d) => match sel.select_deadline(d) {
                 Ok(op) => op,
@@ -308,21 +333,21 @@ impl<S: Session> Engine<S> {
             },
             None => sel.select(),
         };
-        match op.index() {
-            i if i == i_stop => {
-                let _ = op.recv(&self.stop);
-                Wake::Stop
-            }
-            i if i == i_cmd => Wake::Cmd(op.recv(&self.cmds).ok()),
-            i if i == i_active => Wake::Active(
-                op.recv(active)
+        let i = op.index();
+        if i == i_stop {
+            let _ = op.recv(&self.stop);
+            return Wake::Stop;
+        }
+        if i == i_cmd {
+            return Wake::Cmd(op.recv(&self.cmds).ok());
+        }
+        match readers.get(i.wrapping_sub(first_reader)) {
+            Some(&(slot, rx)) => Wake::Read(
+                slot,
+                op.recv(rx)
                     .unwrap_or_else(|_| ReadMsg::Closed("reader ended".to_owned())),
             ),
-            i if i == i_cand => Wake::Candidate(
-                op.recv(candidate)
-                    .unwrap_or_else(|_| ReadMsg::Closed("reader ended".to_owned())),
-            ),
-            _ => Wake::Timer,
+            None => Wake::Timer,
         }
     }
 
@@ -333,16 +358,18 @@ impl<S: Session> Engine<S> {
                 d = Some(d.map_or(t, |d| d.min(t)));
             }
         };
-        if let Some(a) = &self.active {
-            at(a.session.deadline());
-            at(self.cfg.idle_timeout.map(|t| a.last_line + t));
-            if a.index > 0 && self.candidate.is_none() {
-                at(Some(self.probe_at));
+        match &self.active {
+            Some(a) => {
+                at(a.session.deadline());
+                at(self.cfg.idle_timeout.map(|t| a.last_line + t));
+                if a.index > 0 && self.probe.is_none() {
+                    at(Some(self.probe_at));
+                }
             }
-        } else if self.candidate.is_none() {
-            at(Some(self.retry_at));
+            None if self.attempt.is_none() => at(Some(self.retry_at)),
+            None => {}
         }
-        if let Some(c) = &self.candidate {
+        for c in [&self.attempt, &self.probe].into_iter().flatten() {
             at(c.session.deadline());
             at(Some(c.handshake_by));
         }
@@ -351,12 +378,9 @@ impl<S: Session> Engine<S> {
 
     /// Starts a failover attempt or a fail-back probe when one is due.
     fn maybe_connect(&mut self, now: Instant) {
-        if self.candidate.is_some() {
-            return;
-        }
         let n = self.cfg.servers.len();
         match &self.active {
-            None if now >= self.retry_at => {
+            None if self.attempt.is_none() && now >= self.retry_at => {
                 let index = self.next_try % n;
                 self.next_try = (index + 1) % n;
                 self.tried += 1;
@@ -365,14 +389,14 @@ impl<S: Session> Engine<S> {
                     self.tried = 0;
                     self.retry_at = now + self.cfg.retry_interval;
                 }
-                self.candidate = self.connect(index, now);
+                self.attempt = self.connect(index, now);
             }
-            Some(a) if a.index > 0 && now >= self.probe_at => {
+            Some(a) if a.index > 0 && self.probe.is_none() && now >= self.probe_at => {
                 let index = self.probe_next % a.index;
                 self.probe_next = (index + 1) % a.index;
                 self.probe_at = now + self.cfg.failback_interval;
                 tracing::debug!(index, "probing a better upstream for fail-back");
-                self.candidate = self.connect(index, now);
+                self.probe = self.connect(index, now);
             }
             _ => {}
         }
@@ -422,21 +446,20 @@ impl<S: Session> Engine<S> {
         }
     }
 
-    fn read(&mut self, active: bool, msg: ReadMsg) {
+    fn read(&mut self, slot: Slot, msg: ReadMsg) {
         let now = Instant::now();
-        let slot = if active {
-            &mut self.active
-        } else {
-            &mut self.candidate
+        let (conn, scratch, cfg) = match slot {
+            Slot::Active => (&mut self.active, &mut self.scratch, &self.cfg),
+            Slot::Attempt => (&mut self.attempt, &mut self.scratch, &self.cfg),
+            Slot::Probe => (&mut self.probe, &mut self.scratch, &self.cfg),
         };
-        let Some(conn) = slot.as_mut() else {
+        let Some(conn) = conn.as_mut() else {
             return;
         };
         let outcome = match msg {
             ReadMsg::Connected(stream) => {
-                let url = self.cfg.servers.get(conn.index).map(|s| s.url.as_str());
-                tracing::info!(index = conn.index, url, peer = ?stream.peer_addr().ok(),
-                    "connected to upstream");
+                tracing::info!(index = conn.index, url = cfg.servers.get(conn.index).map(|s| s.url.as_str()),
+                    peer = ?stream.peer_addr().ok(), "connected to upstream");
                 conn.stream = Some(stream);
                 conn.last_line = now;
                 conn.session.start(now, &mut conn.out);
@@ -444,8 +467,8 @@ impl<S: Session> Engine<S> {
             }
             ReadMsg::Line(line) => {
                 conn.last_line = now;
-                let events = if active {
-                    &mut self.scratch
+                let events = if slot == Slot::Active {
+                    scratch
                 } else {
                     &mut conn.held
                 };
@@ -453,21 +476,18 @@ impl<S: Session> Engine<S> {
             }
             ReadMsg::Closed(reason) => Outcome::Close(reason),
         };
-        self.outcome(active, outcome);
-        if !active && self.candidate.as_ref().is_some_and(|c| c.session.ready()) {
-            self.switch();
-        }
+        self.outcome(slot, outcome);
+        self.switch_if_ready(slot);
     }
 
-    fn outcome(&mut self, active: bool, outcome: Outcome) {
+    fn outcome(&mut self, slot: Slot, outcome: Outcome) {
         match outcome {
             Outcome::Continue => {}
-            Outcome::Close(reason) => self.close(active, reason, false),
-            Outcome::Refused(reason) => self.close(active, reason, true),
+            Outcome::Close(reason) => self.close(slot, reason, false),
+            Outcome::Refused(reason) => self.close(slot, reason, true),
             Outcome::Redirect { host, port } => {
-                let index = match (active, &self.active, &self.candidate) {
-                    (true, Some(c), _) | (false, _, Some(c)) => c.index,
-                    _ => return,
+                let Some(index) = self.slot(slot).as_ref().map(|c| c.index) else {
+                    return;
                 };
                 let allowed = host.as_deref().is_none_or(|h| self.allowed(h));
                 self.scratch
@@ -491,9 +511,9 @@ impl<S: Session> Engine<S> {
                 let port = port.unwrap_or(cur_port);
                 tracing::info!(index, %host, port, "client.reconnect honoured");
                 self.redirect = Some((index, host, port));
-                self.close(active, "client.reconnect".to_owned(), false);
+                self.close(slot, "client.reconnect".to_owned(), false);
                 // Reconnect to the same entry at once.
-                if self.active.is_none() && self.candidate.is_none() {
+                if self.active.is_none() && self.attempt.is_none() {
                     self.next_try = index;
                     self.tried = 0;
                     self.retry_at = Instant::now();
@@ -518,18 +538,18 @@ impl<S: Session> Engine<S> {
                 .any(|h| h.eq_ignore_ascii_case(host))
     }
 
-    fn close(&mut self, active: bool, reason: String, refused: bool) {
-        if active {
-            let Some(mut a) = self.active.take() else {
-                return;
-            };
-            tracing::warn!(index = a.index, %reason, "upstream down");
-            a.session.drain("upstream down", &mut self.scratch);
-            self.scratch.push(S::down_event(a.index, reason));
-            self.next_try = (a.index + 1) % self.cfg.servers.len();
+    fn close(&mut self, slot: Slot, reason: String, refused: bool) {
+        let Some(mut c) = self.slot(slot).take() else {
+            return;
+        };
+        if slot == Slot::Active {
+            tracing::warn!(index = c.index, %reason, "upstream down");
+            c.session.drain("upstream down", &mut self.scratch);
+            self.scratch.push(S::down_event(c.index, reason));
+            self.next_try = (c.index + 1) % self.cfg.servers.len();
             self.tried = 0;
             self.retry_at = Instant::now();
-        } else if let Some(c) = self.candidate.take() {
+        } else {
             tracing::warn!(index = c.index, %reason, "upstream handshake failed");
             self.scratch.push(if refused {
                 S::refused_event(c.index, reason)
@@ -539,9 +559,13 @@ impl<S: Session> Engine<S> {
         }
     }
 
-    /// The candidate completed its handshake: it becomes the active link.
-    fn switch(&mut self) {
-        let Some(mut c) = self.candidate.take() else {
+    /// A candidate that completed its handshake becomes the active link; candidates no better
+    /// than it are dropped.
+    fn switch_if_ready(&mut self, slot: Slot) {
+        if slot == Slot::Active || !self.slot(slot).as_ref().is_some_and(|c| c.session.ready()) {
+            return;
+        }
+        let Some(mut c) = self.slot(slot).take() else {
             return;
         };
         if let Some(mut old) = self.active.take() {
@@ -551,6 +575,15 @@ impl<S: Session> Engine<S> {
                 while let Ok(cmd) = self.cmds.try_recv() {
                     S::lose(cmd, "upstream switched", &mut self.scratch);
                 }
+            }
+        }
+        for other in CANDIDATES {
+            if self
+                .slot(other)
+                .as_ref()
+                .is_some_and(|o| o.index >= c.index)
+            {
+                self.slot(other).take();
             }
         }
         let url = self
@@ -579,9 +612,12 @@ impl<S: Session> Engine<S> {
             {
                 outcome = Outcome::Close(format!("no line for {} s", idle.as_secs_f64()));
             }
-            self.outcome(true, outcome);
+            self.outcome(Slot::Active, outcome);
         }
-        if let Some(c) = &mut self.candidate {
+        for slot in CANDIDATES {
+            let Some(c) = self.slot(slot).as_mut() else {
+                continue;
+            };
             let mut outcome = Outcome::Continue;
             if c.session.deadline().is_some_and(|d| d <= now) {
                 outcome = c.session.poll(now, &mut c.out, &mut c.held);
@@ -589,34 +625,27 @@ impl<S: Session> Engine<S> {
             if matches!(outcome, Outcome::Continue) && now >= c.handshake_by {
                 outcome = Outcome::Close("handshake timed out".to_owned());
             }
-            self.outcome(false, outcome);
-            if self.candidate.as_ref().is_some_and(|c| c.session.ready()) {
-                self.switch();
-            }
+            self.outcome(slot, outcome);
+            self.switch_if_ready(slot);
         }
     }
 
     /// Writes what the sessions produced; a failed write closes its connection.
     fn flush(&mut self) {
-        for active in [true, false] {
-            let slot = if active {
-                &mut self.active
-            } else {
-                &mut self.candidate
+        for slot in [Slot::Active, Slot::Attempt, Slot::Probe] {
+            let Some(c) = self.slot(slot).as_mut() else {
+                continue;
             };
-            let Some(c) = slot.as_mut() else {
+            let Some(stream) = &mut c.stream else {
                 continue;
             };
             if c.out.is_empty() {
                 continue;
             }
-            let Some(stream) = &mut c.stream else {
-                continue;
-            };
             let res = stream.write_all(&c.out);
             c.out.clear();
             if let Err(e) = res {
-                self.close(active, format!("write: {e}"), false);
+                self.close(slot, format!("write: {e}"), false);
             }
         }
     }
