@@ -561,7 +561,12 @@ fn reconnect_policy() {
     let (a, b) = (FakePool::start(), FakePool::start());
     let (tx, rx) = unbounded();
     // Only A is configured; B listens on the same host, so it is a listed host.
-    let pool = Pool::start(fast(vec![a.server()]), tx).unwrap();
+    // "localhost" is not a configured host: only the allow-list lets it in.
+    let cfg = UpstreamConfig {
+        reconnect_allow: vec!["localhost".to_owned()],
+        ..fast(vec![a.server()])
+    };
+    let pool = Pool::start(cfg, tx).unwrap();
     expect(&rx, "Up 0", |e| {
         matches!(e, UpstreamEvent::Up { index: 0, .. })
     });
@@ -600,6 +605,27 @@ fn reconnect_policy() {
     });
     b.expect_line(|v| v["method"] == "mining.authorize");
     assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+
+    // An allowed host (case aside) is honoured too: back to A by the name "LocalHost".
+    let a_port: u16 = a.listener_addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    b.broadcast(&format!(
+        r#"{{"id":null,"method":"client.reconnect","params":["LocalHost","{a_port}"]}}"#
+    ));
+    assert_eq!(
+        expect(&rx, "allowed reconnect", |e| {
+            matches!(e, UpstreamEvent::Reconnect { .. })
+        }),
+        UpstreamEvent::Reconnect {
+            host: Some("LocalHost".to_owned()),
+            port: Some(a_port),
+            honoured: true
+        }
+    );
+    expect(&rx, "Up 0 (at A)", |e| {
+        matches!(e, UpstreamEvent::Up { index: 0, .. })
+    });
+    // The Up came from a second connection to A.
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
     pool.shutdown();
 }
 

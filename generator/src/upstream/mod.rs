@@ -78,7 +78,8 @@ pub struct UpstreamConfig {
     /// Bound on one TCP connect (per address the host resolves to). Default 5 s.
     pub connect_timeout: Duration,
     /// A new connection must complete its handshake (subscribe and authorise, or the
-    /// passthrough's `{"result":true}`) within this long. Default 10 s.
+    /// passthrough's `{"result":true}`) within `connect_timeout` plus this long of starting;
+    /// also the time each handshake request may go unanswered. Default 10 s.
     pub handshake_timeout: Duration,
     /// A submit unanswered this long is reported as a lost verdict (`None`: never). Default
     /// 120 s, as ckpool.

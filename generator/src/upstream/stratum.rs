@@ -156,7 +156,8 @@ pub struct Pool {
 
 impl Pool {
     /// Checks `cfg` and starts the link's thread; returns at once. Events follow on `events`
-    /// (an `Up` once a server completes its handshake, or `Failed` for each that does not).
+    /// (an `Up` once a server completes its handshake, or `Failed`/`Refused` for each that
+    /// does not).
     /// A bounded `events` channel slows the link (and so reading from the upstream) when the
     /// owner falls behind.
     pub fn start(
