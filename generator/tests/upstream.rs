@@ -926,3 +926,34 @@ fn probing_a_black_holed_server_does_not_stall_submits() {
     assert!(down.elapsed() < connect_timeout / 2, "{:?}", down.elapsed());
     pool.shutdown();
 }
+
+#[test]
+fn an_endless_line_takes_the_link_down() {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (tx, rx) = unbounded();
+    let cfg = steady(vec![server(&listener, "u", "x")]);
+    let link = Link::start(cfg.servers[0].clone(), cfg, tx).unwrap();
+    let mut pool = Peer::accept(&listener);
+    let id = pool.json()["id"].clone();
+    pool.send(&json!({"id": id, "result": [[], "00", 4], "error": null}).to_string());
+    let id = pool.json()["id"].clone();
+    pool.send(&json!({"id": id, "result": true, "error": null}).to_string());
+    assert!(matches!(next(&rx), UpstreamEvent::Up { index: 0, .. }));
+    // 17 MiB without a newline: over the 16 MiB a line may have.
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..17 {
+        if pool.writer.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let down = expect(&rx, "Down", |e| matches!(e, UpstreamEvent::Down { .. }));
+    assert_eq!(
+        down,
+        UpstreamEvent::Down {
+            index: 0,
+            reason: "line too long".to_owned()
+        }
+    );
+    link.shutdown();
+}

@@ -10,9 +10,12 @@ use crossbeam_channel::{Receiver, Select, Sender, bounded, never};
 
 use super::{SendError, Shared, UpstreamError, check, host_port};
 
-/// Longest line read from an upstream (a notify with thousands of merkle branches is far
-/// shorter); a longer one takes the connection down.
-pub(crate) const MAX_LINE: usize = 1 << 20;
+/// Longest line read from an upstream: room for a node link's `transactions` or `workinfo`
+/// carrying a whole block's transactions in hex; a longer line takes the connection down.
+pub(crate) const MAX_LINE: usize = 16 << 20;
+/// Lines a connection's thread reads ahead of the engine. With [`MAX_LINE`] this bounds the
+/// memory a connection holds; usual lines are a few hundred bytes.
+const READ_AHEAD: usize = 16;
 
 /// What a line (or the passing of time) does to a connection.
 pub(crate) enum Outcome {
@@ -411,7 +414,7 @@ impl<S: Session> Engine<S> {
             Some((i, host, port)) if i == index => (host, port),
             _ => host_port(&server.url)?,
         };
-        let (tx, lines) = bounded(self.cfg.queue);
+        let (tx, lines) = bounded(READ_AHEAD);
         let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
         let spawned = std::thread::Builder::new()
             .name(format!("up-read-{index}"))

@@ -6,8 +6,8 @@
 //!   socket and takes commands from a bounded channel;
 //! - a thread per TCP connection (`up-read-<index>`) resolves and connects (so a black-holed
 //!   server never stalls the active link), then reads lines and hands them to the engine
-//!   through a bounded channel, so a slow owner slows reading from the upstream (TCP
-//!   back-pressure) instead of buffering without limit.
+//!   through a bounded channel (16 lines of at most 16 MiB), so a slow owner slows reading
+//!   from the upstream (TCP back-pressure) instead of buffering without limit.
 //!
 //! Both kinds fail over along a list of servers in priority order: the first that connects and
 //! completes its handshake becomes active; when it goes down (a TCP error, end of stream, or no
@@ -96,8 +96,8 @@ pub struct UpstreamConfig {
     /// A write to the upstream that makes no progress for this long takes the link down.
     /// Default 30 s.
     pub write_timeout: Duration,
-    /// Capacity of the command queue (submits or miner lines) and of the line queue from each
-    /// connection's reader. Default 1024.
+    /// Capacity of the command queue (submits or miner lines). Default 1024. (Each connection
+    /// reads at most 16 lines ahead of the engine, each at most 16 MiB.)
     pub queue: usize,
     /// How long `submit`/`send` block on a full queue before returning
     /// [`SendError::Full`]. Default 50 ms.

@@ -124,8 +124,9 @@ pub enum UpstreamEvent {
     },
     /// `mining.set_version_mask`, limited to the mask asked for.
     VersionMask(u32),
-    /// `client.reconnect`: honoured (the link reconnects there; `Down` and `Up` follow) or
-    /// refused (the host is neither configured nor in `reconnect_allow`; logged).
+    /// `client.reconnect`: honoured (the link reconnects there at once, with the same
+    /// credentials, for that one connection; `Down` and `Up` follow; a wait parameter is not
+    /// obeyed) or refused (the host is neither configured nor in `reconnect_allow`; logged).
     Reconnect {
         /// Host asked for (`None`: the same server).
         host: Option<String>,
