@@ -109,8 +109,8 @@ fn fast(servers: Vec<UpstreamServer>) -> UpstreamConfig {
     UpstreamConfig {
         servers,
         connect_timeout: Duration::from_secs(2),
-        handshake_timeout: Duration::from_millis(800),
-        idle_timeout: Some(Duration::from_millis(600)),
+        handshake_timeout: Duration::from_secs(1),
+        idle_timeout: Some(Duration::from_secs(1)),
         failback_interval: Duration::from_millis(200),
         retry_interval: Duration::from_millis(100),
         ..UpstreamConfig::default()
