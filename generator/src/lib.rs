@@ -31,6 +31,7 @@ mod fake_node;
 pub mod rpc;
 mod submit;
 mod template;
+pub mod upstream;
 mod zmq;
 
 use std::path::PathBuf;

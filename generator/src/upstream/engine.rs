@@ -1,0 +1,748 @@
+//! The failover engine shared by [`super::Pool`] and [`super::PassthroughLink`]: connections,
+//! reader threads, the active link and the fail-back probe. The protocol is a [`Session`].
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, Sender, bounded, never};
+
+use super::{SendError, Shared, UpstreamError, check, host_port};
+
+/// Longest line read from an upstream: room for a node link's `transactions` or `workinfo`
+/// carrying a whole block's transactions in hex; a longer line takes the connection down.
+pub(crate) const MAX_LINE: usize = 16 << 20;
+/// Lines a connection's thread reads ahead of the engine. With [`MAX_LINE`] this bounds the
+/// memory a connection holds; usual lines are a few hundred bytes.
+const READ_AHEAD: usize = 16;
+
+/// What a line (or the passing of time) does to a connection.
+pub(crate) enum Outcome {
+    /// Nothing more.
+    Continue,
+    /// Close the connection (a refusal, a timeout, garbage).
+    Close(String),
+    /// The upstream refused our credentials: close, reported as such.
+    Refused(String),
+    /// The upstream asks us to go elsewhere (`client.reconnect`); `None` host: the same server.
+    Redirect {
+        /// Host, if given.
+        host: Option<String>,
+        /// Port, if given.
+        port: Option<u16>,
+    },
+}
+
+/// The protocol half of a link.
+pub(crate) trait Session: Send + Sized + 'static {
+    /// A command from the owner.
+    type Cmd: Send + 'static;
+    /// An event for the owner.
+    type Event: Send + 'static;
+
+    /// What else a session is made from (the passthrough's role).
+    type Params: Send + 'static;
+
+    /// A session for server `index`.
+    fn new(cfg: &Shared, params: &Self::Params, index: usize) -> Self;
+    /// Writes the first lines of the handshake.
+    fn start(&mut self, now: Instant, out: &mut Vec<u8>);
+    /// The handshake is complete: the connection may become active.
+    fn ready(&self) -> bool;
+    /// Handles one line (without its newline).
+    fn line(
+        &mut self,
+        line: &[u8],
+        now: Instant,
+        out: &mut Vec<u8>,
+        events: &mut Vec<Self::Event>,
+    ) -> Outcome;
+    /// When [`Session::poll`] has something to do.
+    fn deadline(&self) -> Option<Instant>;
+    /// Ages out what is overdue.
+    fn poll(&mut self, now: Instant, out: &mut Vec<u8>, events: &mut Vec<Self::Event>) -> Outcome;
+    /// Carries out a command on the active, ready connection.
+    fn command(
+        &mut self,
+        cmd: Self::Cmd,
+        now: Instant,
+        out: &mut Vec<u8>,
+        events: &mut Vec<Self::Event>,
+    );
+    /// A command that cannot be carried out (no active link, a switch, shutdown).
+    fn lose(cmd: Self::Cmd, reason: &'static str, events: &mut Vec<Self::Event>);
+    /// The connection is closing: report what was in flight on it.
+    fn drain(&mut self, reason: &'static str, events: &mut Vec<Self::Event>);
+    /// Commands still queued when the link switches to another server are lost (they belong
+    /// to the old server's jobs).
+    const LOSE_QUEUED_ON_SWITCH: bool;
+    /// Server `index` became the active link.
+    fn up_event(index: usize, url: &str) -> Self::Event;
+    /// The active link on server `index` went down.
+    fn down_event(index: usize, reason: String) -> Self::Event;
+    /// A connection attempt to server `index` failed (before it became active).
+    fn failed_event(index: usize, reason: String) -> Self::Event;
+    /// Server `index` refused the credentials (before it became active).
+    fn refused_event(index: usize, reason: String) -> Self::Event {
+        Self::failed_event(index, reason)
+    }
+    /// A `client.reconnect` was honoured (`true`) or refused.
+    fn reconnect_event(
+        host: Option<String>,
+        port: Option<u16>,
+        honoured: bool,
+    ) -> Option<Self::Event>;
+}
+
+/// From a connection's thread.
+enum ReadMsg {
+    /// Connected: the stream to write to.
+    Connected(TcpStream),
+    Line(Vec<u8>),
+    Closed(String),
+}
+
+/// One TCP connection to an upstream.
+struct Conn<S: Session> {
+    index: usize,
+    /// `None` while connecting.
+    stream: Option<TcpStream>,
+    lines: Receiver<ReadMsg>,
+    session: S,
+    last_line: Instant,
+    /// The handshake must be complete by then (while not active).
+    handshake_by: Instant,
+    /// Events held until the connection becomes active.
+    held: Vec<<S as Session>::Event>,
+    out: Vec<u8>,
+    _reader: JoinHandle<()>,
+}
+
+impl<S: Session> Drop for Conn<S> {
+    fn drop(&mut self) {
+        // Ends the reader thread (its read fails) and tells the upstream we are gone. A thread
+        // still connecting finds the engine gone when it connects and closes the stream.
+        if let Some(s) = &self.stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// The owner's handle: a bounded command queue and the engine thread.
+#[derive(Debug)]
+pub(crate) struct Handle<C> {
+    cmds: Sender<C>,
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    block: Duration,
+}
+
+impl<C: Send + 'static> Handle<C> {
+    /// Checks `cfg` and starts the engine thread.
+    pub(crate) fn start<S: Session<Cmd = C>>(
+        cfg: Shared,
+        params: S::Params,
+        name: &str,
+        events: Sender<S::Event>,
+    ) -> Result<Self, UpstreamError> {
+        check(&cfg)?;
+        let (cmds, cmd_rx) = bounded(cfg.queue);
+        let (stop, stop_rx) = bounded(0);
+        let block = cfg.send_block;
+        let engine = Engine::<S> {
+            cfg,
+            params,
+            events,
+            cmds: cmd_rx,
+            stop: stop_rx,
+            active: None,
+            attempt: None,
+            probe: None,
+            next_try: 0,
+            tried: 0,
+            retry_at: Instant::now(),
+            probe_at: Instant::now(),
+            probe_next: 0,
+            redirect: None,
+            scratch: Vec::new(),
+            stopping: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || engine.run())
+            .map_err(UpstreamError::Spawn)?;
+        Ok(Self {
+            cmds,
+            stop: Some(stop),
+            thread: Some(thread),
+            block,
+        })
+    }
+
+    /// Queues `cmd`, waiting at most `send_block` for room.
+    pub(crate) fn send(&self, cmd: C) -> Result<(), SendError<C>> {
+        use crossbeam_channel::SendTimeoutError;
+        match self.cmds.send_timeout(cmd, self.block) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Timeout(c)) => Err(SendError::Full(c)),
+            Err(SendTimeoutError::Disconnected(c)) => Err(SendError::Closed(c)),
+        }
+    }
+
+    /// Queues `cmd` if there is room now.
+    pub(crate) fn try_send(&self, cmd: C) -> Result<(), SendError<C>> {
+        use crossbeam_channel::TrySendError;
+        match self.cmds.try_send(cmd) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(c)) => Err(SendError::Full(c)),
+            Err(TrySendError::Disconnected(c)) => Err(SendError::Closed(c)),
+        }
+    }
+
+    /// Commands waiting in the queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.cmds.len()
+    }
+
+    /// Stops the engine and waits for it (at most a connect or a write timeout when it is in
+    /// one).
+    pub(crate) fn shutdown(mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<C> Drop for Handle<C> {
+    fn drop(&mut self) {
+        // Dropping the stop sender ends the engine; it is not waited for here.
+        self.stop.take();
+    }
+}
+
+struct Engine<S: Session> {
+    cfg: Shared,
+    params: S::Params,
+    events: Sender<S::Event>,
+    cmds: Receiver<S::Cmd>,
+    stop: Receiver<()>,
+    /// The link in use: its handshake is complete.
+    active: Option<Conn<S>>,
+    /// A failover attempt (no active link) still in its handshake.
+    attempt: Option<Conn<S>>,
+    /// A fail-back probe of a better-ranked server still in its handshake (it goes on when
+    /// the active link goes down meanwhile, alongside the failover attempts).
+    probe: Option<Conn<S>>,
+    /// The next server to try while no link is active.
+    next_try: usize,
+    /// Servers tried since the last active link went down (or since the start).
+    tried: usize,
+    retry_at: Instant,
+    probe_at: Instant,
+    /// The next better-ranked server to probe.
+    probe_next: usize,
+    /// A `client.reconnect` target for server `.0`, used for its next connection.
+    redirect: Option<(usize, String, u16)>,
+    scratch: Vec<S::Event>,
+    /// Shutting down: events are no longer waited for.
+    stopping: bool,
+}
+
+/// Which connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Active,
+    Attempt,
+    Probe,
+}
+
+const CANDIDATES: [Slot; 2] = [Slot::Attempt, Slot::Probe];
+
+/// What the select woke for.
+enum Wake<C> {
+    Stop,
+    Cmd(Option<C>),
+    Read(Slot, ReadMsg),
+    Timer,
+}
+
+impl<S: Session> Engine<S> {
+    fn run(mut self) {
+        while !self.stopping {
+            let now = Instant::now();
+            self.maybe_connect(now);
+            let deadline = self.deadline();
+            match self.wait(deadline) {
+                Wake::Stop | Wake::Cmd(None) => break,
+                Wake::Cmd(Some(cmd)) => {
+                    self.command(cmd);
+                    // Take what else is queued now, then write once.
+                    for _ in 0..self.cfg.queue {
+                        let Ok(cmd) = self.cmds.try_recv() else {
+                            break;
+                        };
+                        self.command(cmd);
+                    }
+                }
+                Wake::Read(slot, msg) => self.read(slot, msg),
+                Wake::Timer => {}
+            }
+            self.timers(Instant::now());
+            self.flush();
+            self.emit_scratch();
+        }
+        // Shutdown: report what was in flight and what is still queued.
+        self.stopping = true;
+        if let Some(mut a) = self.active.take() {
+            a.session.drain("shutdown", &mut self.scratch);
+        }
+        while let Ok(cmd) = self.cmds.try_recv() {
+            S::lose(cmd, "shutdown", &mut self.scratch);
+        }
+        self.emit_scratch();
+    }
+
+    fn slot(&mut self, slot: Slot) -> &mut Option<Conn<S>> {
+        match slot {
+            Slot::Active => &mut self.active,
+            Slot::Attempt => &mut self.attempt,
+            Slot::Probe => &mut self.probe,
+        }
+    }
+
+    fn wait(&self, deadline: Option<Instant>) -> Wake<S::Cmd> {
+        let none = never();
+        let readers = [
+            (
+                Slot::Active,
+                self.active.as_ref().map_or(&none, |c| &c.lines),
+            ),
+            (
+                Slot::Attempt,
+                self.attempt.as_ref().map_or(&none, |c| &c.lines),
+            ),
+            (Slot::Probe, self.probe.as_ref().map_or(&none, |c| &c.lines)),
+        ];
+        let mut sel = Select::new();
+        let i_stop = sel.recv(&self.stop);
+        let i_cmd = sel.recv(&self.cmds);
+        let first_reader = readers.map(|(_, rx)| sel.recv(rx))[0];
+        let op = match deadline {
+            Some(d) => match sel.select_deadline(d) {
+                Ok(op) => op,
+                Err(_) => return Wake::Timer,
+            },
+            None => sel.select(),
+        };
+        let i = op.index();
+        if i == i_stop {
+            let _ = op.recv(&self.stop);
+            return Wake::Stop;
+        }
+        if i == i_cmd {
+            return Wake::Cmd(op.recv(&self.cmds).ok());
+        }
+        match readers.get(i.wrapping_sub(first_reader)) {
+            Some(&(slot, rx)) => Wake::Read(
+                slot,
+                op.recv(rx)
+                    .unwrap_or_else(|_| ReadMsg::Closed("reader ended".to_owned())),
+            ),
+            None => Wake::Timer,
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let mut d: Option<Instant> = None;
+        let mut at = |t: Option<Instant>| {
+            if let Some(t) = t {
+                d = Some(d.map_or(t, |d| d.min(t)));
+            }
+        };
+        match &self.active {
+            Some(a) => {
+                at(a.session.deadline());
+                at(self.cfg.idle_timeout.map(|t| a.last_line + t));
+                if a.index > 0 && self.probe.is_none() {
+                    at(Some(self.probe_at));
+                }
+            }
+            None if self.attempt.is_none() => at(Some(self.retry_at)),
+            None => {}
+        }
+        for c in [&self.attempt, &self.probe].into_iter().flatten() {
+            at(c.session.deadline());
+            at(Some(c.handshake_by));
+        }
+        d
+    }
+
+    /// Starts a failover attempt or a fail-back probe when one is due.
+    fn maybe_connect(&mut self, now: Instant) {
+        let n = self.cfg.servers.len();
+        match &self.active {
+            None if self.attempt.is_none() && now >= self.retry_at => {
+                let index = self.next_try % n;
+                self.next_try = (index + 1) % n;
+                self.tried += 1;
+                if self.tried >= n {
+                    // A whole round: pause before the next one.
+                    self.tried = 0;
+                    self.retry_at = now + self.cfg.retry_interval;
+                }
+                self.attempt = self.connect(index, now);
+            }
+            Some(a) if a.index > 0 && self.probe.is_none() && now >= self.probe_at => {
+                let index = self.probe_next % a.index;
+                self.probe_next = (index + 1) % a.index;
+                self.probe_at = now + self.cfg.failback_interval;
+                tracing::debug!(index, "probing a better upstream for fail-back");
+                self.probe = self.connect(index, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a connection to server `index` (or where a honoured `client.reconnect` sent
+    /// it): its thread resolves, connects and then reads, so a black-holed server never stalls
+    /// the active link. The handshake starts on [`ReadMsg::Connected`].
+    fn connect(&mut self, index: usize, now: Instant) -> Option<Conn<S>> {
+        let server = self.cfg.servers.get(index)?;
+        let (host, port) = match self.redirect.take() {
+            Some((i, host, port)) if i == index => (host, port),
+            _ => host_port(&server.url)?,
+        };
+        let (tx, lines) = bounded(READ_AHEAD);
+        let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
+        let spawned = std::thread::Builder::new()
+            .name(format!("up-read-{index}"))
+            .spawn(move || connect_and_read(&host, port, connect_timeout, write_timeout, &tx));
+        let reader = match spawned {
+            Ok(r) => r,
+            Err(e) => {
+                self.scratch
+                    .push(S::failed_event(index, format!("thread: {e}")));
+                return None;
+            }
+        };
+        Some(Conn {
+            index,
+            stream: None,
+            lines,
+            session: S::new(&self.cfg, &self.params, index),
+            last_line: now,
+            handshake_by: now + connect_timeout + self.cfg.handshake_timeout,
+            held: Vec::new(),
+            out: Vec::with_capacity(1024),
+            _reader: reader,
+        })
+    }
+
+    fn command(&mut self, cmd: S::Cmd) {
+        match &mut self.active {
+            Some(a) => a
+                .session
+                .command(cmd, Instant::now(), &mut a.out, &mut self.scratch),
+            None => S::lose(cmd, "upstream down", &mut self.scratch),
+        }
+    }
+
+    fn read(&mut self, slot: Slot, msg: ReadMsg) {
+        let now = Instant::now();
+        let (conn, scratch, cfg) = match slot {
+            Slot::Active => (&mut self.active, &mut self.scratch, &self.cfg),
+            Slot::Attempt => (&mut self.attempt, &mut self.scratch, &self.cfg),
+            Slot::Probe => (&mut self.probe, &mut self.scratch, &self.cfg),
+        };
+        let Some(conn) = conn.as_mut() else {
+            return;
+        };
+        let outcome = match msg {
+            ReadMsg::Connected(stream) => {
+                tracing::info!(index = conn.index, url = cfg.servers.get(conn.index).map(|s| s.url.as_str()),
+                    peer = ?stream.peer_addr().ok(), "connected to upstream");
+                conn.stream = Some(stream);
+                conn.last_line = now;
+                conn.session.start(now, &mut conn.out);
+                Outcome::Continue
+            }
+            ReadMsg::Line(line) => {
+                conn.last_line = now;
+                let events = if slot == Slot::Active {
+                    scratch
+                } else {
+                    &mut conn.held
+                };
+                conn.session.line(&line, now, &mut conn.out, events)
+            }
+            ReadMsg::Closed(reason) => Outcome::Close(reason),
+        };
+        self.outcome(slot, outcome);
+        self.switch_if_ready(slot);
+    }
+
+    fn outcome(&mut self, slot: Slot, outcome: Outcome) {
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Close(reason) => self.close(slot, reason, false),
+            Outcome::Refused(reason) => self.close(slot, reason, true),
+            Outcome::Redirect { host, port } => {
+                let Some(index) = self.slot(slot).as_ref().map(|c| c.index) else {
+                    return;
+                };
+                let allowed = host.as_deref().is_none_or(|h| self.allowed(h));
+                self.scratch
+                    .extend(S::reconnect_event(host.clone(), port, allowed));
+                if !allowed {
+                    tracing::warn!(
+                        index,
+                        host = host.as_deref().unwrap_or(""),
+                        port,
+                        "client.reconnect to a host neither configured nor allowed: refused"
+                    );
+                    return;
+                }
+                let (cur_host, cur_port) = self
+                    .cfg
+                    .servers
+                    .get(index)
+                    .and_then(|s| host_port(&s.url))
+                    .unwrap_or_default();
+                let host = host.unwrap_or(cur_host);
+                let port = port.unwrap_or(cur_port);
+                tracing::info!(index, %host, port, "client.reconnect honoured");
+                self.redirect = Some((index, host, port));
+                self.close(slot, "client.reconnect".to_owned(), false);
+                // Reconnect to the same entry at once.
+                if self.active.is_none() && self.attempt.is_none() {
+                    self.next_try = index;
+                    self.tried = 0;
+                    self.retry_at = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Whether `client.reconnect` may send us to `host`.
+    fn allowed(&self, host: &str) -> bool {
+        let listed = self
+            .cfg
+            .servers
+            .iter()
+            .filter_map(|s| host_port(&s.url))
+            .any(|(h, _)| h.eq_ignore_ascii_case(host));
+        listed
+            || self
+                .cfg
+                .reconnect_allow
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    fn close(&mut self, slot: Slot, reason: String, refused: bool) {
+        let Some(mut c) = self.slot(slot).take() else {
+            return;
+        };
+        if slot == Slot::Active {
+            tracing::warn!(index = c.index, %reason, "upstream down");
+            c.session.drain("upstream down", &mut self.scratch);
+            self.scratch.push(S::down_event(c.index, reason));
+            self.next_try = (c.index + 1) % self.cfg.servers.len();
+            self.tried = 0;
+            self.retry_at = Instant::now();
+        } else {
+            tracing::warn!(index = c.index, %reason, "upstream handshake failed");
+            self.scratch.push(if refused {
+                S::refused_event(c.index, reason)
+            } else {
+                S::failed_event(c.index, reason)
+            });
+        }
+    }
+
+    /// A candidate that completed its handshake becomes the active link; candidates no better
+    /// than it are dropped.
+    fn switch_if_ready(&mut self, slot: Slot) {
+        if slot == Slot::Active || !self.slot(slot).as_ref().is_some_and(|c| c.session.ready()) {
+            return;
+        }
+        let Some(mut c) = self.slot(slot).take() else {
+            return;
+        };
+        if let Some(mut old) = self.active.take() {
+            tracing::info!(from = old.index, to = c.index, "upstream fail-back");
+            old.session.drain("upstream switched", &mut self.scratch);
+            if S::LOSE_QUEUED_ON_SWITCH {
+                while let Ok(cmd) = self.cmds.try_recv() {
+                    S::lose(cmd, "upstream switched", &mut self.scratch);
+                }
+            }
+        }
+        for other in CANDIDATES {
+            if self
+                .slot(other)
+                .as_ref()
+                .is_some_and(|o| o.index >= c.index)
+            {
+                self.slot(other).take();
+            }
+        }
+        let url = self
+            .cfg
+            .servers
+            .get(c.index)
+            .map(|s| s.url.as_str())
+            .unwrap_or_default();
+        tracing::info!(index = c.index, %url, "upstream active");
+        self.scratch.push(S::up_event(c.index, url));
+        self.scratch.append(&mut c.held);
+        self.probe_next = 0;
+        self.probe_at = Instant::now() + self.cfg.failback_interval;
+        self.tried = 0;
+        self.active = Some(c);
+    }
+
+    fn timers(&mut self, now: Instant) {
+        if let Some(a) = &mut self.active {
+            let mut outcome = Outcome::Continue;
+            if a.session.deadline().is_some_and(|d| d <= now) {
+                outcome = a.session.poll(now, &mut a.out, &mut self.scratch);
+            }
+            if let (Outcome::Continue, Some(idle)) = (&outcome, self.cfg.idle_timeout)
+                && now.saturating_duration_since(a.last_line) >= idle
+            {
+                outcome = Outcome::Close(format!("no line for {} s", idle.as_secs_f64()));
+            }
+            self.outcome(Slot::Active, outcome);
+        }
+        for slot in CANDIDATES {
+            let Some(c) = self.slot(slot).as_mut() else {
+                continue;
+            };
+            let mut outcome = Outcome::Continue;
+            if c.session.deadline().is_some_and(|d| d <= now) {
+                outcome = c.session.poll(now, &mut c.out, &mut c.held);
+            }
+            if matches!(outcome, Outcome::Continue) && now >= c.handshake_by {
+                outcome = Outcome::Close("handshake timed out".to_owned());
+            }
+            self.outcome(slot, outcome);
+            self.switch_if_ready(slot);
+        }
+    }
+
+    /// Writes what the sessions produced; a failed write closes its connection.
+    fn flush(&mut self) {
+        for slot in [Slot::Active, Slot::Attempt, Slot::Probe] {
+            let Some(c) = self.slot(slot).as_mut() else {
+                continue;
+            };
+            let Some(stream) = &mut c.stream else {
+                continue;
+            };
+            if c.out.is_empty() {
+                continue;
+            }
+            let res = stream.write_all(&c.out);
+            c.out.clear();
+            if let Err(e) = res {
+                self.close(slot, format!("write: {e}"), false);
+            }
+        }
+    }
+
+    /// Hands the events over. A full `events` channel blocks the engine (back-pressure)
+    /// until the owner reads or stops the link; once stopping, events that find no room are
+    /// counted and logged instead.
+    fn emit_scratch(&mut self) {
+        let mut undelivered = 0usize;
+        for ev in self.scratch.drain(..) {
+            if self.stopping {
+                undelivered += usize::from(self.events.try_send(ev).is_err());
+                continue;
+            }
+            crossbeam_channel::select! {
+                send(self.events, ev) -> sent => undelivered += usize::from(sent.is_err()),
+                recv(self.stop) -> _ => {
+                    self.stopping = true;
+                    undelivered += 1;
+                }
+            }
+        }
+        if undelivered > 0 {
+            tracing::warn!(
+                undelivered,
+                "upstream events not delivered: the owner is gone or stopped"
+            );
+        }
+    }
+}
+
+/// Connects to `host:port` (each address it resolves to in turn) within `timeout` each.
+fn open(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A connection's thread: connects, hands a clone of the stream over, then sends lines
+/// (without newline) to `tx` until the stream ends or the engine drops the connection.
+fn connect_and_read(
+    host: &str,
+    port: u16,
+    connect_timeout: Duration,
+    write_timeout: Duration,
+    tx: &Sender<ReadMsg>,
+) {
+    let opened = open(host, port, connect_timeout).and_then(|stream| {
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(write_timeout))?;
+        let writer = stream.try_clone()?;
+        Ok((stream, writer))
+    });
+    let stream = match opened {
+        Ok((stream, writer)) => {
+            if tx.send(ReadMsg::Connected(writer)).is_err() {
+                // The engine gave up on this connection meanwhile.
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            stream
+        }
+        Err(e) => {
+            let _ = tx.send(ReadMsg::Closed(format!("connect to {host}:{port}: {e}")));
+            return;
+        }
+    };
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    loop {
+        let mut line = Vec::new();
+        let res = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line);
+        let msg = match res {
+            Ok(0) => ReadMsg::Closed("connection closed by upstream".to_owned()),
+            Ok(_) if line.last() == Some(&b'\n') => {
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                ReadMsg::Line(line)
+            }
+            Ok(_) if line.len() > MAX_LINE => ReadMsg::Closed("line too long".to_owned()),
+            Ok(_) => ReadMsg::Closed("connection closed by upstream mid-line".to_owned()),
+            Err(e) => ReadMsg::Closed(format!("read: {e}")),
+        };
+        let end = matches!(msg, ReadMsg::Closed(_));
+        if tx.send(msg).is_err() || end {
+            return;
+        }
+    }
+}

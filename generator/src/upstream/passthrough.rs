@@ -1,0 +1,289 @@
+//! A passthrough (`-P`) or node (`-N`) link: ckpool's framing over one TCP connection, with
+//! failover along the server list.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::stratum::passthrough::{self, FromUpstream, Role};
+use crossbeam_channel::Sender;
+
+use super::engine::{Handle, Outcome, Session};
+use super::{SendError, Shared, UpstreamConfig, UpstreamError};
+
+/// What the passthrough sends up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MinerLine {
+    /// A miner's line (as it sent it, without its newline), sent up compacted with
+    /// `"client_id":N,"address":"…","server":S` appended. A line that is not a JSON object is
+    /// dropped (logged).
+    Line {
+        /// The miner's id on this passthrough.
+        client_id: u64,
+        /// The miner's IP address (ckpool's upstream trusts it).
+        address: Arc<str>,
+        /// Index of the listening server the miner came in on.
+        server: u64,
+        /// The line.
+        line: Vec<u8>,
+    },
+    /// The miner left (`mining.term`).
+    Term {
+        /// The miner's id on this passthrough.
+        client_id: u64,
+        /// The miner's IP address.
+        address: Arc<str>,
+        /// Index of the listening server.
+        server: u64,
+    },
+}
+
+/// What a passthrough link reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassthroughEvent {
+    /// Server `index` accepted the handshake and is the active link. Its miners have no
+    /// sessions there yet: replay each miner's configure/subscribe/authorize lines.
+    Up {
+        /// Index in `servers`.
+        index: usize,
+        /// Its URL as configured.
+        url: String,
+    },
+    /// The active link went down. Miner lines sent while no link is active are dropped
+    /// (logged at debug), as ckpool drops its miners then.
+    Down {
+        /// Index in `servers`.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A connection to server `index` failed before its handshake completed.
+    Failed {
+        /// Index in `servers`.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A line for miner `client_id`: what the miner gets (without `client_id` and
+    /// `node.method`), newline included.
+    Client {
+        /// The miner's id on this passthrough.
+        client_id: u64,
+        /// The line to write to the miner.
+        line: Vec<u8>,
+    },
+    /// A JSON object for the link itself (no `client_id`: a node's `workinfo`, …), as it came
+    /// (without newline).
+    Link {
+        /// The line.
+        line: Vec<u8>,
+    },
+    /// A line that is not JSON, such as `dropclient=N` (see
+    /// [`PassthroughEvent::dropclient`]): data for the owner to judge, never run as a command.
+    Text {
+        /// The line (without newline).
+        line: Vec<u8>,
+    },
+}
+
+impl PassthroughEvent {
+    /// For a `Text` event `dropclient=N`: the client the upstream dropped.
+    pub fn dropclient(&self) -> Option<u64> {
+        match self {
+            Self::Text { line } => FromUpstream::Text(line).dropclient(),
+            _ => None,
+        }
+    }
+}
+
+/// A passthrough link (see the module docs). Dropping it stops its threads without waiting;
+/// [`PassthroughLink::shutdown`] waits.
+#[derive(Debug)]
+pub struct PassthroughLink {
+    handle: Handle<MinerLine>,
+}
+
+impl PassthroughLink {
+    /// Starts the link: `role` picks `mining.passthrough` or `mining.node`; the handshake's
+    /// parameter is `cfg.user_agent`. `auth`/`pass` of the servers are unused, and so are the
+    /// stratum settings (version rolling, submit timeout). A bounded `events` channel slows
+    /// reading from the upstream when the owner falls behind.
+    ///
+    /// `idle_timeout` applies here too, but a ckpool upstream sends nothing on a link with no
+    /// miners behind it: set it to `None` unless the upstream is known to talk regularly (a
+    /// node link gets a workinfo per template).
+    ///
+    /// The sockets use the system's buffer sizes (ckpool asks for 1 MiB each way).
+    pub fn start(
+        cfg: UpstreamConfig,
+        role: Role,
+        events: Sender<PassthroughEvent>,
+    ) -> Result<Self, UpstreamError> {
+        let name = match role {
+            Role::Passthrough => "passthrough",
+            Role::Node => "node-link",
+        };
+        let handle = Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events)?;
+        Ok(Self { handle })
+    }
+
+    /// Queues a line for the upstream, waiting at most `send_block` for room, then giving it
+    /// back as [`SendError::Full`]: the upstream is not reading fast enough, so the caller
+    /// should stop reading from its miners for a while. Memory stays bounded by `queue` lines.
+    pub fn send(&self, line: MinerLine) -> Result<(), SendError<MinerLine>> {
+        self.handle.send(line)
+    }
+
+    /// [`PassthroughLink::send`] without waiting.
+    pub fn try_send(&self, line: MinerLine) -> Result<(), SendError<MinerLine>> {
+        self.handle.try_send(line)
+    }
+
+    /// Lines waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.handle.queued()
+    }
+
+    /// Closes the link and waits for its thread (at most `write_timeout` when a write is
+    /// blocked).
+    pub fn shutdown(self) {
+        self.handle.shutdown();
+    }
+}
+
+pub(crate) struct PassthroughSession {
+    index: usize,
+    role: Role,
+    agent: String,
+    ready: bool,
+}
+
+impl Session for PassthroughSession {
+    type Cmd = MinerLine;
+    type Event = PassthroughEvent;
+    type Params = Role;
+    const LOSE_QUEUED_ON_SWITCH: bool = false;
+
+    fn new(cfg: &Shared, role: &Role, index: usize) -> Self {
+        Self {
+            index,
+            role: *role,
+            agent: cfg.user_agent.clone(),
+            ready: false,
+        }
+    }
+
+    fn start(&mut self, _now: Instant, out: &mut Vec<u8>) {
+        passthrough::handshake(out, self.role, &self.agent);
+    }
+
+    fn ready(&self) -> bool {
+        self.ready
+    }
+
+    fn line(
+        &mut self,
+        line: &[u8],
+        _now: Instant,
+        _out: &mut Vec<u8>,
+        events: &mut Vec<PassthroughEvent>,
+    ) -> Outcome {
+        let mut for_miner = Vec::with_capacity(line.len() + 1);
+        let decoded = passthrough::decode_upstream(line, &mut for_miner);
+        if !self.ready {
+            return match decoded {
+                FromUpstream::HandshakeOk => {
+                    self.ready = true;
+                    Outcome::Continue
+                }
+                _ => Outcome::Close(format!(
+                    "handshake answered with {:?}",
+                    String::from_utf8_lossy(line.get(..80).unwrap_or(line))
+                )),
+            };
+        }
+        events.push(match decoded {
+            FromUpstream::Client { client_id, .. } => PassthroughEvent::Client {
+                client_id,
+                line: for_miner,
+            },
+            FromUpstream::HandshakeOk | FromUpstream::Link { .. } => PassthroughEvent::Link {
+                line: line.to_vec(),
+            },
+            FromUpstream::Text(t) => PassthroughEvent::Text { line: t.to_vec() },
+        });
+        Outcome::Continue
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn poll(&mut self, _: Instant, _: &mut Vec<u8>, _: &mut Vec<PassthroughEvent>) -> Outcome {
+        Outcome::Continue
+    }
+
+    fn command(
+        &mut self,
+        cmd: MinerLine,
+        _now: Instant,
+        out: &mut Vec<u8>,
+        events: &mut Vec<PassthroughEvent>,
+    ) {
+        if !self.ready {
+            return Self::lose(cmd, "upstream down", events);
+        }
+        match cmd {
+            MinerLine::Line {
+                client_id,
+                address,
+                server,
+                line,
+            } => {
+                let mark = out.len();
+                if passthrough::encode_miner_line(out, &line, client_id, &address, server).is_err()
+                {
+                    out.truncate(mark);
+                    tracing::debug!(
+                        index = self.index,
+                        client_id,
+                        "miner line is not a JSON object: not sent up"
+                    );
+                }
+            }
+            MinerLine::Term {
+                client_id,
+                address,
+                server,
+            } => passthrough::term(out, client_id, &address, server),
+        }
+    }
+
+    fn lose(cmd: MinerLine, reason: &'static str, _events: &mut Vec<PassthroughEvent>) {
+        let client_id = match cmd {
+            MinerLine::Line { client_id, .. } | MinerLine::Term { client_id, .. } => client_id,
+        };
+        tracing::debug!(client_id, reason, "miner line dropped: no upstream link");
+    }
+
+    fn drain(&mut self, _reason: &'static str, _events: &mut Vec<PassthroughEvent>) {}
+
+    fn up_event(index: usize, url: &str) -> PassthroughEvent {
+        PassthroughEvent::Up {
+            index,
+            url: url.to_owned(),
+        }
+    }
+
+    fn down_event(index: usize, reason: String) -> PassthroughEvent {
+        PassthroughEvent::Down { index, reason }
+    }
+
+    fn failed_event(index: usize, reason: String) -> PassthroughEvent {
+        PassthroughEvent::Failed { index, reason }
+    }
+
+    fn reconnect_event(_: Option<String>, _: Option<u16>, _: bool) -> Option<PassthroughEvent> {
+        // Never asked: a passthrough session does not redirect (client.reconnect is a miner's).
+        None
+    }
+}
