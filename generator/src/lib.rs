@@ -21,8 +21,10 @@
 //!   never holds a submission up for long;
 //! - `gen-zmq` (when `zmqblock` is set): the ZMQ subscriber on a current-thread tokio runtime.
 //!
-//! This crate never touches miners or shares; it knows templates (types from `common`) and
-//! bitcoind only.
+//! In the proxy and passthrough modes it also holds the links to upstream pools ([`upstream`]):
+//! a stratum client per link with failover and fail-back, and ckpool's passthrough/node link,
+//! each on threads of its own with plain sockets. It never touches miners' sockets or shares'
+//! validation.
 #![forbid(unsafe_code)]
 
 mod blockfile;

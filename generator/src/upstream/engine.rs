@@ -684,12 +684,38 @@ impl<S: Session> Engine<S> {
 fn open(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     for addr in (host, port).to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        match connect_one(addr, timeout) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// Socket buffers of an upstream link, each way (ckpool's 1 MiB): one link carries the lines of
+/// thousands of miners, so bursts (a notify fan-out to every sub-client) fit in the kernel.
+const LINK_BUFFER: usize = 1 << 20;
+
+/// Connects to one address with large buffers (set before the connect, so the window scale
+/// allows them) and TCP keep-alive (a silent link whose peer vanished is noticed by the kernel).
+fn connect_one(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // The kernel caps these at net.core.{w,r}mem_max; a smaller buffer is not an error.
+    if let Err(e) = socket.set_send_buffer_size(LINK_BUFFER) {
+        tracing::debug!(error = %e, "upstream link: cannot set the send buffer");
+    }
+    if let Err(e) = socket.set_recv_buffer_size(LINK_BUFFER) {
+        tracing::debug!(error = %e, "upstream link: cannot set the receive buffer");
+    }
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "upstream link: cannot set TCP keep-alive");
+    }
+    socket.connect_timeout(&SockAddr::from(addr), timeout)?;
+    Ok(socket.into())
 }
 
 /// A connection's thread: connects, hands a clone of the stream over, then sends lines

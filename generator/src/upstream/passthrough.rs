@@ -112,7 +112,8 @@ impl PassthroughLink {
     /// miners behind it: set it to `None` unless the upstream is known to talk regularly (a
     /// node link gets a workinfo per template).
     ///
-    /// The sockets use the system's buffer sizes (ckpool asks for 1 MiB each way).
+    /// The sockets ask for 1 MiB buffers each way, as ckpool's (capped by the kernel's
+    /// `net.core.wmem_max`/`rmem_max`), and use TCP keep-alive.
     pub fn start(
         cfg: UpstreamConfig,
         role: Role,
