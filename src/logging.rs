@@ -382,7 +382,8 @@ struct EscapingVisitor<'w> {
 
 impl EscapingVisitor<'_> {
     fn put(&mut self, field: &Field, value: fmt::Arguments<'_>) {
-        if self.result.is_err() {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            // `log.*`: where a `log` crate record came from, as the default formatter hides.
             return;
         }
         let sep = if self.first { "" } else { " " };
