@@ -78,6 +78,8 @@ pub(crate) struct AdminCtx {
     pub(crate) generator: Arc<GenLink>,
     /// Set by `shutdown` (and by the signal handlers); the admin thread exits once it is set.
     pub(crate) shutdown: Arc<AtomicBool>,
+    /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
+    pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -123,6 +125,12 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
                 obj.insert("log_dropped".into(), crate::logging::dropped().into());
+                if let Some(log) = &ctx.share_log {
+                    obj.insert(
+                        "sharelog".into(),
+                        serde_json::to_value(log.snapshot()).unwrap_or_default(),
+                    );
+                }
             }
             stats.to_string().into_bytes()
         }

@@ -17,7 +17,6 @@ mod node;
 mod pool;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
 use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config};
