@@ -17,9 +17,11 @@ mod node;
 mod pool;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use loadtest::{Miner, MinerConfig};
 use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
-use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config};
+use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
 use serde_json::{Value, json};
 
 fn pool_config(node: &RegtestNode) -> Value {
@@ -120,4 +122,133 @@ fn sighup_and_loglevel_reopen_the_log_file() {
     assert_eq!(pool.admin("loglevel=x").as_deref(), Some("Invalid"));
     // The pool still runs after all this.
     assert_eq!(pool.admin("ping").as_deref(), Some("pong"));
+}
+
+/// A miner at `rate` shares/s (it finds regtest blocks too: half of all hashes are).
+fn start_miner(pool: &PoolProcess, user: &str, rate: f64) -> Miner {
+    let mut cfg = MinerConfig::new(pool.addr, user);
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = rate;
+    Miner::start(cfg).unwrap()
+}
+
+/// The share log's lines: (accepted, rejected), over every `<height>/<job>.sharelog` under
+/// `logdir`; every line must be whole JSON.
+fn share_log_lines(logdir: &Path) -> (u64, u64) {
+    let (mut accepted, mut rejected) = (0, 0);
+    for dir in std::fs::read_dir(logdir)
+        .unwrap()
+        .map(|d| d.unwrap().path())
+    {
+        let is_height = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.len() == 8 && u64::from_str_radix(n, 16).is_ok());
+        if !is_height || !dir.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir).unwrap().map(|f| f.unwrap().path()) {
+            assert_eq!(file.extension().and_then(|e| e.to_str()), Some("sharelog"));
+            for line in read(&file).lines() {
+                let v: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
+                match v["result"].as_bool() {
+                    Some(true) => accepted += 1,
+                    Some(false) => rejected += 1,
+                    None => panic!("no result in {line}"),
+                }
+            }
+        }
+    }
+    (accepted, rejected)
+}
+
+#[test]
+fn every_accepted_share_is_in_the_share_log_after_sigterm() {
+    let Some(exe) = bitcoind_or_skip("every_accepted_share_is_in_the_share_log_after_sigterm")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let mut pool = PoolProcess::start("sharelogterm", &pool_config(&net.nodes[0]), &["-L"]);
+    let miner = start_miner(&pool, "sharelog.1", 50.0);
+    wait_until("40 accepted shares", WAIT, || miner.report().accepted >= 40);
+    // Every reply read, then SIGTERM at once: the last lines are still only in memory.
+    let report = miner.stop();
+    pool.signal(libc::SIGTERM);
+    let status = pool
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_eq!(report.unanswered, 0, "{report:?}");
+    assert!(report.blocks_accepted >= 1, "{report:?}");
+
+    let (accepted, rejected) = share_log_lines(&pool.dir.join("logs"));
+    assert_eq!(accepted, report.accepted, "{report:?}");
+    println!(
+        "{accepted} accepted and {rejected} rejected lines; the miner had {} and {}",
+        report.accepted, report.rejected
+    );
+}
+
+#[test]
+fn an_unwritable_share_log_keeps_the_pool_mining_and_shows_in_stats() {
+    let Some(exe) =
+        bitcoind_or_skip("an_unwritable_share_log_keeps_the_pool_mining_and_shows_in_stats")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let mut pool = PoolProcess::start("sharelogfail", &pool_config(node), &["-L"]);
+    let logdir = pool.dir.join("logs");
+    let miner = start_miner(&pool, "sharelog.2", 20.0);
+    wait_until("5 accepted shares", WAIT, || miner.report().accepted >= 5);
+
+    // Tests run as root, where a read-only mode does not stop writes: put a file where each
+    // next height's share-log directory goes instead, so creating it fails. The miner finds
+    // blocks, so the pool soon works on those heights.
+    let tip = node.height();
+    let blockers: Vec<PathBuf> = (tip + 2..tip + 1000)
+        .map(|h| logdir.join(format!("{h:08x}")))
+        .collect();
+    for b in &blockers {
+        std::fs::write(b, b"in the way").unwrap();
+    }
+    let failing = wait_stats(&pool, "a share-log write error", WAIT, |s| {
+        s["sharelog"]["write_errors"].as_u64() >= Some(1)
+    });
+    let accepted_then = miner.report().accepted;
+    println!("failing: {}", failing["sharelog"]);
+    // The pool keeps mining: shares accepted, blocks found, lines kept for the retry.
+    wait_until("20 more accepted shares while failing", WAIT, || {
+        miner.report().accepted >= accepted_then + 20
+    });
+    let s = pool.stats();
+    assert!(s["sharelog"]["pending"].as_u64() >= Some(1), "{s}");
+    assert!(
+        s["sharelog"]["write_errors"].as_u64() >= Some(2),
+        "retried every second: {s}"
+    );
+    assert!(node.height() > tip + 1, "no block found while failing");
+    wait_until("the failure in the log file", WAIT, || {
+        read(&log_file(&pool, "sharelogfail")).contains("cannot write the share log")
+    });
+
+    // Fixed: the kept lines are written, and nothing was lost.
+    for b in &blockers {
+        std::fs::remove_file(b).unwrap();
+    }
+    let report = miner.stop();
+    wait_stats(&pool, "the share log to catch up", WAIT, |s| {
+        s["sharelog"]["pending"] == 0 && s["sharelog"]["written"].as_u64() >= Some(report.accepted)
+    });
+    pool.signal(libc::SIGTERM);
+    let status = pool
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_eq!(report.unanswered, 0, "{report:?}");
+    let (accepted, _) = share_log_lines(&logdir);
+    assert_eq!(accepted, report.accepted, "{report:?}");
 }
