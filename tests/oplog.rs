@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use loadtest::{Miner, MinerConfig};
 use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
-use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
+use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, temp_dir, wait_stats};
 use serde_json::{Value, json};
 
 fn pool_config(node: &RegtestNode) -> Value {
@@ -251,4 +251,68 @@ fn an_unwritable_share_log_keeps_the_pool_mining_and_shows_in_stats() {
     assert_eq!(report.unanswered, 0, "{report:?}");
     let (accepted, _) = share_log_lines(&logdir);
     assert_eq!(accepted, report.accepted, "{report:?}");
+}
+
+/// Sends an admin command to the socket in `sockdir`; `None` if it is not there (yet).
+fn admin(sockdir: &Path, cmd: &str) -> Option<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(sockdir.join("listener")).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    common::admin::write_message(&mut s, cmd.as_bytes()).ok()?;
+    let reply = common::admin::read_message(&mut s).ok()??;
+    Some(String::from_utf8_lossy(&reply).into_owned())
+}
+
+#[test]
+fn daemonised_the_pool_logs_to_its_file_only() {
+    let Some(exe) = bitcoind_or_skip("daemonised_the_pool_logs_to_its_file_only") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let dir = temp_dir("logdaemon");
+    let cfg = dir.join("ckpool.conf");
+    std::fs::write(&cfg, pool_config(&net.nodes[0]).to_string()).unwrap();
+    let sockdir = dir.join("sock");
+    let stderr = dir.join("stderr");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckpool-rs"))
+        .args(["-D", "-c"])
+        .arg(&cfg)
+        .arg("-s")
+        .arg(&sockdir)
+        .args(["-n", "logdaemon", "-l", "7"])
+        .current_dir(&dir)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Whatever happens below, the daemon is stopped: by admin, else by its pid.
+    struct Stop(PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if admin(&self.0, "shutdown").is_none()
+                && let Ok(pid) = std::fs::read_to_string(self.0.join("main.pid"))
+                && let Ok(pid) = pid.trim().parse::<libc::pid_t>()
+            {
+                // SAFETY: kill(2) takes plain integers; the pid file names the daemon this
+                // test started (it is removed when that daemon exits).
+                let _ = unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+    let stop = Stop(sockdir.clone());
+    wait_until("the daemon to answer", WAIT, || {
+        admin(&sockdir, "ping").as_deref() == Some("pong")
+    });
+    let file = dir.join("logs/logdaemon.log");
+    wait_until("the log file", WAIT, || {
+        read(&file).contains("listening for miners")
+    });
+    assert!(read(&file).contains("starting"), "{}", read(&file));
+    drop(stop);
+    wait_until("the daemon to exit", WAIT, || {
+        !sockdir.join("main.pid").exists()
+    });
+    assert!(read(&file).contains("shutdown complete"), "flushed at exit");
+    // The parent printed the pid; nothing was logged to the terminal.
+    assert_eq!(read(&stderr), "");
+    let _ = std::fs::remove_dir_all(&dir);
 }
