@@ -108,11 +108,22 @@ impl ShareLog {
             .first()
             .map(|l| l.url.clone())
             .unwrap_or_default();
-        Self::start_in(settings.logdir().to_owned(), inet, Arc::clone(shutdown))
+        Self::start_in(
+            settings.logdir().to_owned(),
+            inet,
+            Arc::clone(shutdown),
+            (QUEUE, PENDING_MAX),
+        )
     }
 
-    fn start_in(logdir: PathBuf, inet: String, shutdown: Arc<AtomicBool>) -> io::Result<Self> {
-        let (tx, rx) = crossbeam_channel::bounded::<ShareRecord>(QUEUE);
+    /// [`ShareLog::start`] with the queue's length and the bytes kept while failing.
+    fn start_in(
+        logdir: PathBuf,
+        inet: String,
+        shutdown: Arc<AtomicBool>,
+        (queue, pending_max): (usize, usize),
+    ) -> io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<ShareRecord>(queue);
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let counters = Arc::new(Counters::default());
         let writer = Writer {
@@ -121,6 +132,7 @@ impl ShareLog {
             files: Vec::new(),
             counters: Arc::clone(&counters),
             pending_bytes: 0,
+            pending_max,
             failing: None,
             last_warning: None,
         };
@@ -226,7 +238,7 @@ fn run(mut w: Writer, rx: &Receiver<ShareRecord>, stopped: &Receiver<()>, shutdo
         let wait = next_flush.saturating_duration_since(Instant::now());
         // While the disk fails and memory is at its bound, leave records in the queue:
         // accepted shares then wait in the sink (back-pressure). Not during shutdown.
-        let room = w.pending_bytes < PENDING_MAX || shutdown.load(Ordering::Relaxed);
+        let room = w.pending_bytes < w.pending_max || shutdown.load(Ordering::Relaxed);
         if room {
             select! {
                 recv(rx) -> rec => match rec {
@@ -319,6 +331,8 @@ struct Writer {
     counters: Arc<Counters>,
     /// Bytes in all the buffers.
     pending_bytes: usize,
+    /// Beyond this many, no more records are taken from the queue ([`PENDING_MAX`]).
+    pending_max: usize,
     /// Since when writing fails (`None` while it works).
     failing: Option<Instant>,
     last_warning: Option<Instant>,
@@ -598,6 +612,7 @@ mod tests {
             dir.to_owned(),
             "127.0.0.1:3333".into(),
             Arc::new(AtomicBool::new(false)),
+            (QUEUE, PENDING_MAX),
         )
         .expect("start")
     }
@@ -835,6 +850,7 @@ mod tests {
             files: Vec::new(),
             counters: Arc::clone(&counters),
             pending_bytes: 0,
+            pending_max: PENDING_MAX,
             failing: None,
             last_warning: None,
         };
@@ -851,6 +867,97 @@ mod tests {
                 .count(),
             1
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Runs `f` on a thread; whether it returned within `wait`, and a receiver that says when
+    /// it does.
+    fn call_on_thread(
+        f: impl FnOnce() + Send + 'static,
+        wait: Duration,
+    ) -> (bool, crossbeam_channel::Receiver<()>) {
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            f();
+            let _ = done_tx.send(());
+        });
+        (done.recv_timeout(wait).is_ok(), done)
+    }
+
+    #[test]
+    fn a_failing_disk_at_the_memory_bound_holds_accepted_shares_back_until_it_is_fixed() {
+        let dir = temp_dir("bound");
+        fs::create_dir_all(&dir).expect("dir");
+        let blocker = dir.join("00000065");
+        fs::write(&blocker, b"in the way").expect("blocker");
+        let shutdown = Arc::new(AtomicBool::new(false));
+        // A queue of 2, and one line in memory is the bound.
+        let log = ShareLog::start_in(dir.clone(), String::new(), Arc::clone(&shutdown), (2, 1))
+            .expect("start");
+        let sink = Arc::new(log.sink());
+        let stats = log.stats_handle();
+        sink(record(7, 0));
+        wait_for("the first line kept after a failed write", || {
+            let s = stats.snapshot();
+            s.write_errors >= 1 && s.pending == 1
+        });
+        // The writer takes no more: two fill the queue, the next accepted share waits.
+        sink(record(7, 1));
+        sink(record(7, 2));
+        let s = Arc::clone(&sink);
+        let (returned, done) = call_on_thread(move || s(record(7, 3)), Duration::from_millis(500));
+        assert!(!returned, "an accepted share was not held back");
+        assert_eq!(stats.snapshot().pending, 3);
+        // A rejected one is summarised instead of waiting.
+        let mut stale = record(7, 4);
+        stale.result = false;
+        stale.reject_reason = Some("Stale");
+        let s = Arc::clone(&sink);
+        let (returned, _) = call_on_thread(move || s(stale), Duration::from_secs(10));
+        assert!(returned, "a rejected share waited");
+        assert_eq!(stats.snapshot().rejects_summarised, 1);
+
+        fs::remove_file(&blocker).expect("unblock");
+        done.recv_timeout(Duration::from_secs(20))
+            .expect("the held share went in once the disk was fixed");
+        wait_for("everything written", || stats.snapshot().written == 4);
+        log.stop();
+        let text = fs::read_to_string(dir.join(format!("00000065/{:016x}.sharelog", 7)))
+            .expect("share log file");
+        assert_eq!(text.lines().count(), 4);
+        let summary = fs::read_to_string(dir.join("sharelog.summary")).expect("summary");
+        assert!(summary.contains(r#""Stale":1"#), "{summary}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn at_shutdown_held_shares_are_taken_whatever_the_bound() {
+        let dir = temp_dir("shutdown");
+        fs::create_dir_all(&dir).expect("dir");
+        let blocker = dir.join("00000065");
+        fs::write(&blocker, b"in the way").expect("blocker");
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let log = ShareLog::start_in(dir.clone(), String::new(), Arc::clone(&shutdown), (1, 1))
+            .expect("start");
+        let sink = Arc::new(log.sink());
+        let stats = log.stats_handle();
+        sink(record(7, 0));
+        wait_for("a failed write", || stats.snapshot().write_errors >= 1);
+        sink(record(7, 1));
+        let s = Arc::clone(&sink);
+        let (returned, done) = call_on_thread(move || s(record(7, 2)), Duration::from_millis(500));
+        assert!(!returned, "an accepted share was not held back");
+        // The daemon stops: the connector threads must not stay blocked.
+        shutdown.store(true, Ordering::Relaxed);
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("the sink returned once shutdown began");
+        assert_eq!(stats.snapshot().pending, 3);
+        // Fixed in time: stop writes all of it.
+        fs::remove_file(&blocker).expect("unblock");
+        log.stop();
+        let text = fs::read_to_string(dir.join(format!("00000065/{:016x}.sharelog", 7)))
+            .expect("share log file");
+        assert_eq!(text.lines().count(), 3);
         let _ = fs::remove_dir_all(&dir);
     }
 }
