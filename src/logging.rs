@@ -21,12 +21,12 @@
 //!     missingok
 //!     notifempty
 //!     postrotate
-//!         kill -HUP "$(cat /tmp/ckpool/ckpool.pid)" 2>/dev/null || true
+//!         kill -HUP "$(cat /tmp/ckpool/main.pid)" 2>/dev/null || true
 //!     endscript
 //! }
 //! ```
 //!
-//! (`/tmp/ckpool/` is the socket directory, `-s`, where the pid file lives; the log file is
+//! (`/tmp/ckpool/` is the socket directory, `-s`, where the pid file `main.pid` lives; the log file is
 //! `<logdir>/<name>.log`.) Lines written between the rename and the signal still go to the
 //! renamed file; none is lost.
 
