@@ -57,8 +57,9 @@ use std::time::Instant;
 
 use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
-use stratifier::{Job, Pool, Shard};
-use tracing::{debug, error};
+use generator::{BlockSubmission, BlockSubmitter};
+use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
+use tracing::{debug, error, warn};
 
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
@@ -119,27 +120,93 @@ pub(crate) enum Msg {
     Start(ConnectorHandle<Self>),
 }
 
+/// Where the stratifier's events go: block candidates to the generator's submitter, share
+/// records to the share log's writer (when `-L` is on). Each shard has its own copy.
+#[derive(Clone)]
+pub(crate) struct Sinks {
+    /// Solved blocks (`None` only in unit tests, where a block is logged as not submitted).
+    pub(crate) blocks: Option<BlockSubmitter>,
+    /// The share log's sink, if the share log is on.
+    pub(crate) shares: Option<Arc<dyn Fn(ShareRecord) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Sinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sinks")
+            .field("blocks", &self.blocks)
+            .field("shares", &self.shares.is_some())
+            .finish()
+    }
+}
+
+impl Sinks {
+    fn wants_shares(&self) -> bool {
+        self.shares.is_some()
+    }
+
+    fn event(&self, ev: stratifier::Event) {
+        match ev {
+            stratifier::Event::Block(b) => match (&self.blocks, b.hex) {
+                (Some(blocks), Some(hex)) => blocks.submit(BlockSubmission {
+                    hash: b.hash,
+                    height: b.height,
+                    hex,
+                }),
+                // Upstream work (not served by this daemon yet): the upstream submits it.
+                (_, None) => {
+                    warn!(hash = %b.hash, source = b.source.0, "block solved on upstream work; not submitted here");
+                }
+                (None, Some(hex)) => {
+                    error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
+                }
+            },
+            stratifier::Event::Share(rec) => {
+                if let Some(sink) = &self.shares {
+                    sink(rec);
+                }
+            }
+        }
+    }
+}
+
+/// The connection of a direct client. Sub-clients (miners behind a passthrough) are not served
+/// by this daemon yet: nothing makes one, and output for one is dropped with a debug line.
+fn direct(client: ClientId) -> Option<ConnId> {
+    match client {
+        ClientId::Direct(conn) => Some(conn),
+        ClientId::Sub(..) => {
+            debug!(%client, "output for a sub-client dropped: passthrough framing is not supported");
+            None
+        }
+    }
+}
+
 /// Starts the connector threads with the stratifier attached as `handoff` says.
 pub(crate) fn start(
     handoff: Handoff,
     cfg: connector::Config,
     pool: Arc<Pool>,
+    sinks: Sinks,
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
     let conns = connector::start(cfg, move |t| match handoff {
         Handoff::Inline => StratumHandler::Inline(InlineHandler {
             shard: Shard::new(Arc::clone(&pool)),
+            sinks: sinks.clone(),
         }),
-        Handoff::Queue => match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), pin) {
-            Ok(h) => StratumHandler::Queue(h),
-            Err(e) => {
-                // Only when the system is out of threads; this thread's miners are still served.
-                error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
-                StratumHandler::Inline(InlineHandler {
-                    shard: Shard::new(Arc::clone(&pool)),
-                })
+        Handoff::Queue => {
+            match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), sinks.clone(), pin) {
+                Ok(h) => StratumHandler::Queue(h),
+                Err(e) => {
+                    // Only when the system is out of threads; this thread's miners are still served.
+                    error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
+                    StratumHandler::Inline(InlineHandler {
+                        shard: Shard::new(Arc::clone(&pool)),
+                        sinks: sinks.clone(),
+                    })
+                }
             }
-        },
+        }
     })?;
     if handoff == Handoff::Queue {
         conns.broadcast(Msg::Start(conns.handle()));
@@ -176,7 +243,10 @@ impl connector::Handler for StratumHandler {
 
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         match self {
-            Self::Inline(h) => h.shard.on_line(now, conn, line, &mut OutboxOut(out)),
+            Self::Inline(h) => {
+                let InlineHandler { shard, sinks } = h;
+                shard.on_line(now, conn, line, &mut OutboxOut { outbox: out, sinks });
+            }
             Self::Queue(h) => h.on_line(now, conn, line, out),
         }
     }
@@ -191,7 +261,10 @@ impl connector::Handler for StratumHandler {
     fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
         match self {
             Self::Inline(h) => match msg {
-                Msg::Job(job) => h.shard.on_job(&job, &mut OutboxOut(out)),
+                Msg::Job(job) => {
+                    let InlineHandler { shard, sinks } = h;
+                    shard.on_job(&job, &mut OutboxOut { outbox: out, sinks });
+                }
                 Msg::Output(_) | Msg::Start(_) => debug!("queue-mode message ignored inline"),
             },
             Self::Queue(h) => h.on_msg(msg, out),
@@ -200,7 +273,10 @@ impl connector::Handler for StratumHandler {
 
     fn on_tick(&mut self, now: Instant, out: &mut Outbox) {
         match self {
-            Self::Inline(h) => h.shard.on_tick(now, &mut OutboxOut(out)),
+            Self::Inline(h) => {
+                let InlineHandler { shard, sinks } = h;
+                shard.on_tick(now, &mut OutboxOut { outbox: out, sinks });
+            }
             Self::Queue(h) => h.push(Event::Tick { now }),
         }
     }
@@ -215,20 +291,36 @@ impl connector::Handler for StratumHandler {
 /// Inline: the shard runs in the connector's callbacks.
 struct InlineHandler {
     shard: Shard,
+    sinks: Sinks,
 }
 
-/// The shard's output written straight into the connector's outbox.
-struct OutboxOut<'a>(&'a mut Outbox);
+/// The shard's output written straight into the connector's outbox; events to the sinks.
+struct OutboxOut<'a> {
+    outbox: &'a mut Outbox,
+    sinks: &'a Sinks,
+}
 
 impl stratifier::Out for OutboxOut<'_> {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
-        self.0.send(conn, bytes);
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>) {
+        if let Some(conn) = direct(client) {
+            self.outbox.send(conn, bytes);
+        }
     }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
-        self.0.send(conn, bytes);
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>) {
+        if let Some(conn) = direct(client) {
+            self.outbox.send(conn, bytes);
+        }
     }
-    fn close(&mut self, conn: ConnId) {
-        self.0.close(conn);
+    fn close(&mut self, client: ClientId) {
+        if let Some(conn) = direct(client) {
+            self.outbox.close(conn);
+        }
+    }
+    fn event(&mut self, ev: stratifier::Event) {
+        self.sinks.event(ev);
+    }
+    fn wants_shares(&self) -> bool {
+        self.sinks.wants_shares()
     }
 }
 
@@ -313,7 +405,7 @@ struct QueueHandler {
 
 impl QueueHandler {
     /// Starts the stratifier thread of connector thread `thread`, owning `shard`.
-    fn new(thread: usize, shard: Shard, pin: bool) -> io::Result<Self> {
+    fn new(thread: usize, shard: Shard, sinks: Sinks, pin: bool) -> io::Result<Self> {
         let (to_shard, batches) = relay::queue(SPARE);
         let (spare_outputs, outputs) = relay::spares(SPARE);
         let join = std::thread::Builder::new()
@@ -325,7 +417,7 @@ impl QueueHandler {
                     // The same CPU as its connector thread.
                     connector::pin_current_thread_or_warn(thread, "stratifier");
                 }
-                run_shard(thread, shard, &batches, &outputs);
+                run_shard(thread, shard, sinks, &batches, &outputs);
                 debug!("stratifier thread stopped");
             })?;
         Ok(Self {
@@ -423,11 +515,12 @@ impl Drop for QueueHandler {
 fn run_shard(
     thread: usize,
     mut shard: Shard,
+    sinks: Sinks,
     batches: &Consumer<Batch>,
     spare_outputs: &SpareTake<Actions>,
 ) {
     let mut handle: Option<ConnectorHandle<Msg>> = None;
-    let mut out = ShardOut::default();
+    let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while batches.next_round(DRAIN_BATCHES, |batch| {
         run_batch(&mut shard, batch, &mut out, &mut handle);
@@ -479,30 +572,53 @@ fn run_batch(
     }
 }
 
-/// The shard's output on a stratifier thread: actions for the connector thread, in order.
-#[derive(Default)]
+/// The shard's output on a stratifier thread: actions for the connector thread, in order;
+/// events straight to the sinks.
 struct ShardOut {
     actions: Vec<Action>,
     /// Connections the shard closed whose close the connector has not reported back yet.
     closing: HashSet<ConnId>,
+    sinks: Sinks,
+}
+
+impl ShardOut {
+    fn new(sinks: Sinks) -> Self {
+        Self {
+            actions: Vec::new(),
+            closing: HashSet::new(),
+            sinks,
+        }
+    }
 }
 
 impl stratifier::Out for ShardOut {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
-        if !self.closing.contains(&conn) {
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>) {
+        if let Some(conn) = direct(client)
+            && !self.closing.contains(&conn)
+        {
             self.actions.push(Action::Send(conn, SendBuf::Owned(bytes)));
         }
     }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
-        if !self.closing.contains(&conn) {
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>) {
+        if let Some(conn) = direct(client)
+            && !self.closing.contains(&conn)
+        {
             self.actions
                 .push(Action::Send(conn, SendBuf::Shared(bytes)));
         }
     }
-    fn close(&mut self, conn: ConnId) {
-        if self.closing.insert(conn) {
+    fn close(&mut self, client: ClientId) {
+        if let Some(conn) = direct(client)
+            && self.closing.insert(conn)
+        {
             self.actions.push(Action::Close(conn));
         }
+    }
+    fn event(&mut self, ev: stratifier::Event) {
+        self.sinks.event(ev);
+    }
+    fn wants_shares(&self) -> bool {
+        self.sinks.wants_shares()
     }
 }
 
@@ -520,15 +636,60 @@ mod tests {
     }
 
     #[test]
+    fn share_events_reach_the_share_log_only_when_it_is_on() {
+        use stratifier::Out;
+        let rec = stratifier::ShareRecord {
+            workinfoid: 1,
+            height: 2,
+            enonce1: String::new(),
+            nonce2: String::new(),
+            nonce: String::new(),
+            ntime: String::new(),
+            diff: 1.0,
+            sdiff: 1.0,
+            hash: String::new(),
+            result: true,
+            reject_reason: None,
+            workername: "w".into(),
+            username: "u".into(),
+            address: String::new(),
+            agent: String::new(),
+        };
+        let off = ShardOut::new(Sinks {
+            blocks: None,
+            shares: None,
+        });
+        assert!(!off.wants_shares());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut on = ShardOut::new(Sinks {
+            blocks: None,
+            shares: Some(Arc::new(move |r: ShareRecord| {
+                let _ = tx.send(r);
+            })),
+        });
+        assert!(on.wants_shares());
+        on.event(stratifier::Event::Share(rec.clone()));
+        on.event(stratifier::Event::Share(rec));
+        assert_eq!(rx.try_recv().map(|r| r.workinfoid).ok(), Some(1));
+        assert_eq!(rx.try_recv().map(|r| r.workinfoid).ok(), Some(1));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
     fn shard_output_drops_sends_after_a_close() {
         use stratifier::Out;
         let a = ConnId::new(0, 0, 1);
         let b = ConnId::new(0, 0, 2);
-        let mut out = ShardOut::default();
+        let mut out = ShardOut::new(Sinks {
+            blocks: None,
+            shares: None,
+        });
+        let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());
         out.close(a);
         out.close(a);
         out.send(a, b"late\n".to_vec());
+        out.send(ClientId::Sub(a.conn(), 1), b"sub\n".to_vec());
         out.send_shared(b, Arc::from(&b"notify\n"[..]));
         let got: Vec<String> = out
             .actions

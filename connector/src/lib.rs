@@ -14,6 +14,38 @@
 //! per-thread provided-buffer ring) and epoll, chosen once at [`start`]. See [`BackendKind`],
 //! [`probe_uring`] and [`resolved_backend`].
 //!
+//! Each thread keeps counters (opens, accepts, refusals, closes by reason, slow rounds) that
+//! any thread can read ([`Connector::counters`]).
+//!
+//! # Handover
+//!
+//! A zero-disconnect upgrade moves the listening sockets and the live connections to a new
+//! process; the connector provides the socket side of it, the daemon carries the descriptors
+//! (`SCM_RIGHTS`) and the rest of the state:
+//!
+//! 1. the old instance hands its listeners over ([`Connector::listeners`]); the new one serves
+//!    them as they are ([`Config::inherited`]);
+//! 2. the old instance quiesces ([`Connector::quiesce`]): no accepting, no reading, queued bytes
+//!    written until a deadline, the rest kept;
+//! 3. the old instance exports its connections in batches ([`Connector::export`]: socket, peer,
+//!    listener, partial line, unsent bytes, and what [`Handler::on_export`] adds); the new one
+//!    adopts each batch ([`Connector::adopt`], [`Handler::on_adopt`]) and the peers notice
+//!    nothing. If the handover fails, [`Connector::resume`] takes the quiesce back for the
+//!    connections not exported yet.
+//!
+//! # Upstream connections
+//!
+//! The connector only accepts: it has no `connect`. Upstream links (a passthrough or proxy
+//! instance's link to its pool, links to nodes) live on threads of their own with plain
+//! sockets, blocking with timeouts or non-blocking with `poll`. There are few of them (one to a
+//! handful per process), so a ring or an epoll set per core buys them nothing; their
+//! back-pressure is of another kind (a slow upstream should stall its one link, which a thread
+//! of its own does naturally, while a connector thread serving thousands of miners must never
+//! wait for one peer); they need what a server loop does not (connect timeouts, name
+//! resolution, reconnecting with backoff); and keeping them out keeps client-side code and a
+//! second kind of connection off the connector's hot path. Such a thread reaches the connector
+//! threads by message ([`Connector::send`], [`ConnectorHandle`]).
+//!
 //! ```no_run
 //! use std::time::Instant;
 //!
@@ -50,6 +82,7 @@ mod worker;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -61,14 +94,24 @@ use tracing::{debug, error, info, warn};
 pub use ids::ConnId;
 pub use outbox::{Action, Outbox, SendBuf};
 
-use crate::sys::{Backend, Waker, WithBackend};
-use crate::worker::{Limits, Shared, Worker};
+use crate::sys::{Backend, ListenSocket, Waker, WithBackend};
+use crate::worker::{Control, Limits, Shared, Worker};
 
 /// Connector settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Addresses to listen on (at least one); port 0 picks a free port, the same for every thread.
+    /// Addresses to listen on; port 0 picks a free port, the same for every thread. Each thread
+    /// binds its own `SO_REUSEPORT` socket per address, after checking that no other socket
+    /// listens there. There must be at least one listener here or in [`Config::inherited`].
     pub listen: Vec<SocketAddr>,
+    /// Listening sockets already bound (handed over by an earlier instance, or by a service
+    /// manager), served as they are: nothing is bound, and the check that the address is free is
+    /// not made. Every thread serves each of them (on a duplicate descriptor of the same socket):
+    /// with epoll every thread is woken and the first to accept wins; with io_uring, whose
+    /// accepts wait exclusively, each thread arms one accept at a time (instead of a multishot
+    /// accept) so the threads take the connections in turn. Their listener indices follow those
+    /// of [`Config::listen`] (`listen.len() + i` for the `i`-th). At most 254 listeners in all.
+    pub inherited: Vec<InheritedListener>,
     /// Number of connector threads (one per core by default; at most 65,536).
     pub threads: usize,
     /// Maximum line length in bytes, without the `"\n"` or `"\r\n"`; a longer line closes the
@@ -99,6 +142,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: vec![SocketAddr::from(([0, 0, 0, 0], 3333))],
+            inherited: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             max_line: 16 * 1024,
             max_outbound: 1024 * 1024,
@@ -116,8 +160,12 @@ impl Config {
     fn validate(&self) -> io::Result<()> {
         let invalid =
             |what: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, what.to_owned()));
-        if self.listen.is_empty() {
+        let listeners = self.listen.len() + self.inherited.len();
+        if listeners == 0 {
             return invalid("connector: no listen address");
+        }
+        if listeners > worker::MAX_LISTENERS {
+            return invalid("connector: at most 254 listeners");
         }
         if self.threads == 0 || self.threads > usize::from(u16::MAX) + 1 {
             return invalid("connector: threads must be between 1 and 65536");
@@ -129,6 +177,34 @@ impl Config {
             return invalid("connector: tick must be positive");
         }
         self.uring.validate()
+    }
+}
+
+/// A listening TCP socket that is already bound, for [`Config::inherited`]; cheap to clone (the
+/// clones share the descriptor, closed when the last clone is dropped; a connector serves
+/// duplicates of it, closed when it stops). [`start`] makes the socket non-blocking and sets
+/// `TCP_NODELAY` on it (so on every descriptor of it, in any process).
+#[derive(Clone, Debug)]
+pub struct InheritedListener(Arc<OwnedFd>);
+
+impl InheritedListener {
+    /// The descriptor.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl From<OwnedFd> for InheritedListener {
+    /// A listening socket's descriptor (e.g. received over `SCM_RIGHTS`); [`start`] checks that it
+    /// is a listening TCP socket.
+    fn from(fd: OwnedFd) -> Self {
+        Self(Arc::new(fd))
+    }
+}
+
+impl From<std::net::TcpListener> for InheritedListener {
+    fn from(listener: std::net::TcpListener) -> Self {
+        Self(Arc::new(OwnedFd::from(listener)))
     }
 }
 
@@ -243,6 +319,19 @@ pub fn probe_uring() -> Result<(), String> {
     sys::probe_uring()
 }
 
+/// Whether connections of backend `kind` can be handed over here ([`Connector::export`]);
+/// `Err` says why not. Epoll always can; io_uring needs `IORING_OP_FIXED_FD_INSTALL` (Linux 6.8)
+/// to export and `IORING_OP_FILES_UPDATE` to adopt (checked once per process; the environment
+/// variable `CKPOOL_IO_URING_NO_HANDOVER`, set to anything but `""` or `"0"`, makes it fail as if
+/// the kernel lacked them). `Auto` is resolved first ([`resolved_backend`]). Where it fails,
+/// [`Connector::export`] fails with `Unsupported` and leaves every connection in place.
+pub fn probe_handover(kind: BackendKind) -> Result<(), String> {
+    match resolved_backend(kind) {
+        BackendKind::Epoll | BackendKind::Auto => Ok(()),
+        BackendKind::Uring => probe_uring().and_then(|()| sys::uring_handover()),
+    }
+}
+
 /// The backend [`start`] runs for `kind`: `Auto` becomes [`BackendKind::Uring`] or
 /// [`BackendKind::Epoll`] according to [`probe_uring`] (logging why io_uring is not used, once,
 /// at `warn`); the others are returned as they are (a forced `Uring` that is unavailable makes
@@ -280,6 +369,57 @@ pub enum CloseReason {
     Handler,
     /// The connector is shutting down.
     Shutdown,
+    /// The connection was handed over ([`Connector::export`]): its socket lives on elsewhere and
+    /// the peer saw no close. Given to [`Handler::on_close`] by the default
+    /// [`Handler::on_export`].
+    Exported,
+}
+
+/// A snapshot of one connector thread's counters ([`Connector::counters`]). Counts are since the
+/// thread started; each field is read on its own, so a snapshot taken while connections come and
+/// go need not add up exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCounters {
+    /// Connections open now (accepted or adopted, not yet closed or exported).
+    pub open: u64,
+    /// Connections accepted, including those refused at once (`accepted - refused` reached the
+    /// handler).
+    pub accepted: u64,
+    /// Connections closed at once because [`Config::max_conns`] was reached.
+    pub refused: u64,
+    /// Connections taken over from another instance ([`Connector::adopt`]).
+    pub adopted: u64,
+    /// Connections handed over to another instance ([`Connector::export`]).
+    pub exported: u64,
+    /// Loop rounds that kept the thread busy for 20 ms or more (each delays every connection of
+    /// the thread; logged at `info`, at most once per 10 s).
+    pub slow_rounds: u64,
+    /// Connections closed, by reason (those refused at once are not counted here).
+    pub closed: ClosedCounters,
+}
+
+/// Connections closed, by [`CloseReason`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClosedCounters {
+    /// [`CloseReason::Peer`].
+    pub peer: u64,
+    /// [`CloseReason::Error`].
+    pub error: u64,
+    /// [`CloseReason::LineTooLong`].
+    pub line_too_long: u64,
+    /// [`CloseReason::Outbound`].
+    pub outbound: u64,
+    /// [`CloseReason::Handler`].
+    pub handler: u64,
+    /// [`CloseReason::Shutdown`].
+    pub shutdown: u64,
+}
+
+impl ClosedCounters {
+    /// All closes together.
+    pub fn total(&self) -> u64 {
+        self.peer + self.error + self.line_too_long + self.outbound + self.handler + self.shutdown
+    }
 }
 
 /// Runs on the connector thread that owns the connections (one handler instance per thread).
@@ -304,7 +444,8 @@ pub trait Handler: Send + 'static {
     /// A line arrived: without the `'\n'` and without a trailing `'\r'`; never empty.
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox);
 
-    /// The connection is closed; its id is stale from now on. Called once per connection.
+    /// The connection is closed; its id is stale from now on. Called once per connection
+    /// (for one handed over to another instance, [`Handler::on_export`] is called instead).
     fn on_close(&mut self, now: Instant, conn: ConnId, reason: CloseReason);
 
     /// A message arrived for this thread.
@@ -324,6 +465,166 @@ pub trait Handler: Send + 'static {
     fn on_batch_end(&mut self, now: Instant, out: &mut Outbox) {
         let _ = (now, out);
     }
+
+    /// The connection is being handed over to another instance ([`Connector::export`]): its
+    /// socket leaves this one, still open, and its id is stale from now on. Called instead of
+    /// [`Handler::on_close`]; whatever the handler puts in `state` travels with the connection
+    /// ([`ConnState::user`]) and is given to the adopting handler's [`Handler::on_adopt`].
+    ///
+    /// The default calls [`Handler::on_close`] with [`CloseReason::Exported`] and adds nothing.
+    fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        let _ = state;
+        self.on_close(now, conn, CloseReason::Exported);
+    }
+
+    /// A connection handed over by another instance was adopted ([`Connector::adopt`]): like
+    /// [`Handler::on_open`], with `state` as the exporting handler left it
+    /// ([`Handler::on_export`]). The bytes it had not yet sent are already queued (they go
+    /// first), and its partial line is the start of its input.
+    ///
+    /// The default calls [`Handler::on_open`].
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        state: &[u8],
+        out: &mut Outbox,
+    ) {
+        let _ = state;
+        self.on_open(now, conn, peer, listener, out);
+    }
+}
+
+/// What a thread found when it finished quiescing ([`Connector::quiesce`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuiesceReport {
+    /// Connections the thread holds.
+    pub connections: usize,
+    /// Bytes queued for them and not written (they travel with an export).
+    pub unsent: u64,
+    /// Whether every queued byte was written before the deadline (otherwise the sends still in
+    /// flight were cancelled and the rest is `unsent`).
+    pub flushed: bool,
+}
+
+/// The state of a connection that travels with its socket from one instance to another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnState {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The listener it was accepted on (an index into the exporting instance's listeners).
+    pub listener: usize,
+    /// The line read so far and not terminated: the start of the adopted connection's input.
+    pub partial: Vec<u8>,
+    /// Bytes queued and not written, in order: written first by the adopting instance.
+    pub unsent: Vec<u8>,
+    /// What the exporting handler added ([`Handler::on_export`]), for [`Handler::on_adopt`].
+    pub user: Vec<u8>,
+}
+
+/// Version byte of [`ConnState::encode`]'s format.
+const CONN_STATE_V1: u8 = 1;
+
+impl ConnState {
+    /// Appends the state to `out` in a compact binary form for the wire (what a handover sends
+    /// next to the descriptors): a version byte; the peer (`4` or `6`, the address bytes, the
+    /// port, big-endian; an IPv6 flow label and scope id are not kept); the listener index
+    /// (`u32`); then `partial`, `unsent` and `user`, each as a `u64` length and its bytes (all
+    /// big-endian). [`ConnState::decode`] reads it back.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(CONN_STATE_V1);
+        match self.peer {
+            SocketAddr::V4(a) => {
+                out.push(4);
+                out.extend_from_slice(&a.ip().octets());
+            }
+            SocketAddr::V6(a) => {
+                out.push(6);
+                out.extend_from_slice(&a.ip().octets());
+            }
+        }
+        out.extend_from_slice(&self.peer.port().to_be_bytes());
+        out.extend_from_slice(
+            &u32::try_from(self.listener)
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        for part in [&self.partial, &self.unsent, &self.user] {
+            out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+
+    /// Reads a state written by [`ConnState::encode`] from the start of `bytes`; returns it and
+    /// the number of bytes it took (so several can follow each other). Fails with `InvalidData`
+    /// on an unknown version or truncated or malformed input.
+    pub fn decode(bytes: &[u8]) -> io::Result<(Self, usize)> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(1)? != [CONN_STATE_V1] {
+            return Err(invalid_data("unknown connection state version"));
+        }
+        let ip = match r.take(1)? {
+            [4] => std::net::IpAddr::from(<[u8; 4]>::try_from(r.take(4)?).map_err(invalid_data)?),
+            [6] => std::net::IpAddr::from(<[u8; 16]>::try_from(r.take(16)?).map_err(invalid_data)?),
+            _ => return Err(invalid_data("bad address family in a connection state")),
+        };
+        let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(invalid_data)?);
+        let listener = u32::from_be_bytes(r.take(4)?.try_into().map_err(invalid_data)?);
+        let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+        for part in &mut parts {
+            let len = u64::from_be_bytes(r.take(8)?.try_into().map_err(invalid_data)?);
+            let len = usize::try_from(len).map_err(invalid_data)?;
+            *part = r.take(len)?.to_vec();
+        }
+        let [partial, unsent, user] = parts;
+        let state = Self {
+            peer: SocketAddr::new(ip, port),
+            listener: usize::try_from(listener).map_err(invalid_data)?,
+            partial,
+            unsent,
+            user,
+        };
+        Ok((state, r.at))
+    }
+}
+
+/// Reads a byte string front to back.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .ok_or_else(|| invalid_data("connection state length overflows"))?;
+        let part = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| invalid_data("truncated connection state"))?;
+        self.at = end;
+        Ok(part)
+    }
+}
+
+fn invalid_data(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// A connection taken out of a connector by [`Connector::export`]: its socket, open (a regular
+/// descriptor of this process, close-on-exec), and its state.
+#[derive(Debug)]
+pub struct ExportedConn {
+    /// Its id in the exporting connector (stale there from now on).
+    pub conn: ConnId,
+    /// The socket.
+    pub fd: OwnedFd,
+    /// Its state.
+    pub state: ConnState,
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
@@ -454,7 +755,7 @@ where
     fn run<B, N>(self, new_backend: N) -> Self::Output
     where
         B: Backend + 'static,
-        N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static,
+        N: Fn(Arc<Waker>, Vec<ListenSocket>) -> io::Result<B> + Send + Sync + 'static,
     {
         start_with(self.cfg, self.kind, self.make, Arc::new(new_backend))
     }
@@ -470,10 +771,10 @@ where
     B: Backend + 'static,
     H: Handler,
     F: Fn(usize) -> H + Send + Sync + 'static,
-    N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static,
+    N: Fn(Arc<Waker>, Vec<ListenSocket>) -> io::Result<B> + Send + Sync + 'static,
 {
     // One listener per thread and address; the first thread's fixes the port when it is 0.
-    let mut listeners: Vec<Vec<socket2::Socket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
+    let mut listeners: Vec<Vec<ListenSocket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
     let mut addrs = Vec::with_capacity(cfg.listen.len());
     for &addr in &cfg.listen {
         sys::ensure_port_free(addr)?;
@@ -484,7 +785,23 @@ where
                 local = bound;
                 addrs.push(bound);
             }
-            per_thread.push(sock);
+            per_thread.push(sock.into());
+        }
+    }
+    // Inherited listeners: every thread gets its own descriptor of the one socket (epoll sets
+    // and rings watch descriptors; a duplicate is closed with its thread's backend).
+    for inherited in &cfg.inherited {
+        let (sock, local) = sys::inherited_listener(&inherited.0)?;
+        addrs.push(local);
+        let shared = cfg.threads > 1;
+        for per_thread in listeners.iter_mut().skip(1) {
+            per_thread.push(ListenSocket {
+                sock: sock.try_clone()?,
+                shared,
+            });
+        }
+        if let Some(first) = listeners.first_mut() {
+            first.push(ListenSocket { sock, shared });
         }
     }
 
@@ -495,11 +812,17 @@ where
         max_conns: cfg.max_conns,
         open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
-    let listen_count = cfg.listen.len();
+    let listen_count = cfg.listen.len() + cfg.inherited.len();
+    // A descriptor of each listener kept here, to hand over ([`Connector::listeners`]).
+    let kept = listeners
+        .first()
+        .map(|socks| socks.iter().map(|l| l.sock.try_clone()).collect())
+        .unwrap_or_else(|| Ok(Vec::new()))?;
     let pin = cfg.pin;
     let mut connector = Connector {
         threads: Vec::with_capacity(cfg.threads),
         addrs,
+        kept,
         backend: kind,
     };
     for (t, socks) in listeners.into_iter().enumerate() {
@@ -507,6 +830,7 @@ where
         let waker = Arc::new(Waker::new()?);
         let shared = Arc::new(Shared::new(Arc::clone(&waker)));
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         // The backend is created on its own thread (an io_uring ring belongs to the thread that
         // submits to it), which reports how that went before this goes on.
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<io::Result<()>>(1);
@@ -535,7 +859,7 @@ where
                     thread,
                     backend,
                     handler,
-                    rx,
+                    (rx, ctl_rx),
                     worker_shared,
                     limits,
                     listen_count,
@@ -545,6 +869,7 @@ where
         // On an error from here on, dropping `connector` stops and joins the threads started.
         connector.threads.push(ThreadHandle {
             tx,
+            ctl: ctl_tx,
             shared,
             join: Some(join),
         });
@@ -565,11 +890,14 @@ where
 pub struct Connector<M> {
     threads: Vec<ThreadHandle<M>>,
     addrs: Vec<SocketAddr>,
+    /// A descriptor of each listening socket (of the first thread's, for `listen` addresses).
+    kept: Vec<socket2::Socket>,
     backend: BackendKind,
 }
 
 struct ThreadHandle<M> {
     tx: Sender<M>,
+    ctl: Sender<Control>,
     shared: Arc<Shared>,
     join: Option<JoinHandle<()>>,
 }
@@ -580,9 +908,23 @@ impl<M: Send + Clone + 'static> Connector<M> {
         self.threads.len()
     }
 
-    /// The bound addresses, one per [`Config::listen`] entry (with the real port when it was 0).
+    /// The listeners' addresses, by listener index: one per [`Config::listen`] entry (with the
+    /// real port when it was 0), then one per [`Config::inherited`] socket.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.addrs.clone()
+    }
+
+    /// A new descriptor of each listening socket, by listener index, to hand to another instance
+    /// (which serves them with [`Config::inherited`]). For a [`Config::listen`] address this is
+    /// the first thread's `SO_REUSEPORT` socket: the kernel keeps spreading new connections over
+    /// every socket of that group, so this instance should stop accepting
+    /// ([`Connector::quiesce`]) and be gone soon after; connections waiting in the accept queue
+    /// of one of its other sockets when it exits are reset.
+    pub fn listeners(&self) -> io::Result<Vec<OwnedFd>> {
+        self.kept
+            .iter()
+            .map(|s| s.try_clone().map(OwnedFd::from))
+            .collect()
     }
 
     /// The backend the threads run: [`BackendKind::Epoll`] or [`BackendKind::Uring`], never
@@ -595,6 +937,14 @@ impl<M: Send + Clone + 'static> Connector<M> {
     /// Ignored if there is no such thread.
     pub fn send(&self, thread: usize, msg: M) {
         send_to(&self.threads, thread, msg, |t| (&t.tx, &*t.shared));
+    }
+
+    /// Each thread's counters, by thread index: a few atomic loads per thread, from any thread.
+    pub fn counters(&self) -> Vec<ThreadCounters> {
+        self.threads
+            .iter()
+            .map(|t| t.shared.counters.snapshot())
+            .collect()
     }
 
     /// Sends a clone of `msg` to every thread's handler.
@@ -610,6 +960,113 @@ impl<M: Send + Clone + 'static> Connector<M> {
                 .iter()
                 .map(|t| (t.tx.clone(), Arc::clone(&t.shared)))
                 .collect(),
+        }
+    }
+
+    /// The first step of a handover: every thread stops accepting and reading, and writes what
+    /// is queued. Returns once every thread has written everything, or at `deadline`, when the
+    /// sends still in flight are cancelled (what they did not write stays queued: it travels
+    /// with [`Connector::export`]); a thread whose cancellations do not finish within a second
+    /// after that reports anyway, with `flushed` false. One report per thread.
+    ///
+    /// From then on the threads write nothing and read nothing: handlers still get messages
+    /// and ticks, and what they queue is kept for the export. [`Connector::resume`] undoes it.
+    /// Must not be called from a connector thread (it waits for them all).
+    pub fn quiesce(&self, deadline: Instant) -> Vec<QuiesceReport> {
+        let replies: Vec<_> = self
+            .threads
+            .iter()
+            .map(|t| {
+                let (reply, rx) = crossbeam_channel::bounded(1);
+                self.control(t, Control::Quiesce { deadline, reply });
+                rx
+            })
+            .collect();
+        replies
+            .into_iter()
+            .map(|rx| rx.recv().unwrap_or_default())
+            .collect()
+    }
+
+    /// Takes a quiesce back (a handover that failed before its commit point): the threads
+    /// accept, read and write again. Returns at once.
+    pub fn resume(&self) {
+        for t in &self.threads {
+            self.control(t, Control::Resume);
+        }
+    }
+
+    /// Takes up to `max` connections out of a quiesced connector (thread 0's first), each with
+    /// its socket and state, calling [`Handler::on_export`] for each. Call it again for the next
+    /// batch; an empty result means none is left. Batches keep the descriptors this process
+    /// holds at once under `RLIMIT_NOFILE` (on io_uring a connection has no regular descriptor
+    /// until it is exported: one is installed with `IORING_OP_FIXED_FD_INSTALL` and its table
+    /// slot freed): hand a batch over and close it before asking for the next. (One
+    /// `SCM_RIGHTS` message carries at most 253 descriptors, a natural batch size.)
+    ///
+    /// Fails with `InvalidInput` unless [`Connector::quiesce`] returned before, and with
+    /// `Unsupported` when io_uring cannot install descriptors on this kernel (Linux 6.8 is
+    /// needed), leaving every connection in place. A connection whose socket cannot be exported
+    /// now (`EMFILE`: the batch was too big for the descriptors left) stays in place for a later
+    /// call; when nothing at all could be exported, that error is returned. Connections whose
+    /// handler asked for a close are closed, not exported; one whose send was still in flight
+    /// when a quiesce gave up waiting (`flushed` false) stays and is closed at shutdown. Must not
+    /// be called from a connector thread.
+    pub fn export(&self, max: usize) -> io::Result<Vec<ExportedConn>> {
+        let mut all = Vec::new();
+        for t in &self.threads {
+            let want = max.saturating_sub(all.len());
+            if want == 0 {
+                break;
+            }
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            self.control(t, Control::Export { max: want, reply });
+            let batch = rx
+                .recv()
+                .map_err(|_| io::Error::other("a connector thread has stopped"))
+                .and_then(|batch| batch);
+            match batch {
+                Ok(batch) => all.extend(batch),
+                // What was exported already must reach the caller; the error comes back on the
+                // next call.
+                Err(_) if !all.is_empty() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(all)
+    }
+
+    /// Installs connections exported by another instance on thread `thread` (one of the
+    /// adopting connector's threads, wrapping around): each socket joins the thread's backend
+    /// (on io_uring as a direct descriptor; the descriptor given here is closed), its unsent
+    /// bytes are queued first, its partial line starts its input, [`Handler::on_adopt`] runs,
+    /// and reading resumes (unless this connector is quiesced). Returns each connection's new id
+    /// or why it could not be adopted (its socket is then closed), in order.
+    ///
+    /// Adopted connections count towards [`Config::max_conns`] but are never refused. Must not
+    /// be called from a connector thread.
+    pub fn adopt(
+        &self,
+        thread: usize,
+        conns: Vec<(OwnedFd, ConnState)>,
+    ) -> Vec<io::Result<ConnId>> {
+        let count = conns.len();
+        let gone = || {
+            (0..count)
+                .map(|_| Err(io::Error::other("the connector thread has stopped")))
+                .collect()
+        };
+        let Some(t) = self.threads.get(thread % self.threads.len().max(1)) else {
+            return gone();
+        };
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.control(t, Control::Adopt { conns, reply });
+        rx.recv().unwrap_or_else(|_| gone())
+    }
+
+    fn control(&self, t: &ThreadHandle<M>, ctl: Control) {
+        if t.ctl.send(ctl).is_ok() {
+            t.shared.notify();
         }
     }
 
@@ -661,6 +1118,14 @@ impl<M: Send + Clone + 'static> ConnectorHandle<M> {
     /// Number of connector threads.
     pub fn threads(&self) -> usize {
         self.threads.len()
+    }
+
+    /// Like [`Connector::counters`] (still readable after the connector shut down).
+    pub fn counters(&self) -> Vec<ThreadCounters> {
+        self.threads
+            .iter()
+            .map(|(_, shared)| shared.counters.snapshot())
+            .collect()
     }
 
     /// Like [`Connector::send`].
@@ -727,6 +1192,46 @@ mod tests {
         assert_eq!(resolved_backend(BackendKind::Uring), BackendKind::Uring);
         let auto = resolved_backend(BackendKind::Auto);
         assert_eq!(auto == BackendKind::Uring, probe_uring().is_ok());
+    }
+
+    #[test]
+    fn conn_states_round_trip_through_their_encoding() {
+        let states = [
+            ConnState {
+                peer: "192.0.2.7:4000".parse().unwrap(),
+                listener: 3,
+                partial: b"{\"id\":1,".to_vec(),
+                unsent: b"notify\n".repeat(3),
+                user: vec![0, 1, 2, 255],
+            },
+            ConnState {
+                peer: "[2001:db8::1]:3333".parse().unwrap(),
+                listener: 0,
+                partial: Vec::new(),
+                unsent: Vec::new(),
+                user: Vec::new(),
+            },
+        ];
+        let mut wire = Vec::new();
+        for st in &states {
+            st.encode(&mut wire);
+        }
+        let (first, used) = ConnState::decode(&wire).unwrap();
+        assert_eq!(first, states[0]);
+        let (second, rest) = ConnState::decode(&wire[used..]).unwrap();
+        assert_eq!(second, states[1]);
+        assert_eq!(used + rest, wire.len());
+        // Every truncation is refused, as are an unknown version and family.
+        for end in 0..used {
+            let err = ConnState::decode(&wire[..end]).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        }
+        let mut bad = wire.clone();
+        bad[0] = 9;
+        assert!(ConnState::decode(&bad).is_err());
+        let mut bad = wire;
+        bad[1] = 5;
+        assert!(ConnState::decode(&bad).is_err());
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! queues, messages and ticks.
 
 use std::collections::VecDeque;
+use std::io;
 use std::mem;
 use std::net::SocketAddr;
+use std::num::NonZeroU8;
 use std::ops::ControlFlow;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use ids::{ConnId, Peer};
 use tracing::{debug, error, info, warn};
 
@@ -17,7 +20,10 @@ use crate::chunked::Chunked;
 use crate::framing::{self, LineTooLong};
 use crate::sendbufs::SendBufs;
 use crate::sys::{Backend, Completion, KEEP_COMPLETIONS, ListenerId, SendOp, Waker};
-use crate::{Action, CloseReason, Handler, Outbox, SendBuf};
+use crate::{
+    Action, CloseReason, ClosedCounters, ConnState, ExportedConn, Handler, Outbox, QuiesceReport,
+    SendBuf, ThreadCounters,
+};
 
 /// How long a handler-requested close waits for the queued bytes to be written before the
 /// connection is closed anyway (checked on ticks).
@@ -56,12 +62,128 @@ const KEEP_LIST: usize = 4096;
 const TRIM_DELAY: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
+/// How long after a quiesce's deadline a thread waits for its cancelled sends to come back.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+/// How often a quiescing thread checks whether it is done.
+const QUIESCE_CHECK: Duration = Duration::from_millis(5);
+
+/// A request from the [`crate::Connector`] to one thread (a handover's steps).
+pub(crate) enum Control {
+    /// Stop accepting and reading, write what is queued; reply when done or at the deadline.
+    Quiesce {
+        deadline: Instant,
+        reply: Sender<QuiesceReport>,
+    },
+    /// Undo a quiesce.
+    Resume,
+    /// Take up to `max` connections out (after a quiesce).
+    Export {
+        max: usize,
+        reply: Sender<io::Result<Vec<ExportedConn>>>,
+    },
+    /// Install connections exported elsewhere.
+    Adopt {
+        conns: Vec<(OwnedFd, ConnState)>,
+        reply: Sender<Vec<io::Result<ConnId>>>,
+    },
+}
+
+/// A quiesce in progress.
+struct Quiescing {
+    deadline: Instant,
+    reply: Sender<QuiesceReport>,
+    /// The deadline passed and the sends in flight were cancelled.
+    cancelled: bool,
+    /// When to check next.
+    next_check: Instant,
+}
+
+/// The most listeners a connector serves (a connection keeps its listener's index in a byte).
+pub(crate) const MAX_LISTENERS: usize = 254;
+
+/// One thread's counters: written by that thread alone (a load and a store, no read-modify-write
+/// and no lock), read by any thread ([`Counters::snapshot`]). Updated when a connection opens or
+/// closes and once per slow round, never per line.
+#[derive(Default)]
+pub(crate) struct Counters {
+    open: AtomicU64,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    adopted: AtomicU64,
+    exported: AtomicU64,
+    slow_rounds: AtomicU64,
+    /// By [`close_index`].
+    closed: [AtomicU64; 6],
+}
+
+/// Adds one to a counter that only the calling thread writes.
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
+/// Takes one from a counter that only the calling thread writes.
+fn drop_one(c: &AtomicU64) {
+    c.store(
+        c.load(Ordering::Relaxed).saturating_sub(1),
+        Ordering::Relaxed,
+    );
+}
+
+/// The index of `reason` in [`Counters::closed`] (`None`: not a close, see
+/// [`CloseReason::Exported`]).
+fn close_index(reason: CloseReason) -> Option<usize> {
+    Some(match reason {
+        CloseReason::Peer => 0,
+        CloseReason::Error(_) => 1,
+        CloseReason::LineTooLong => 2,
+        CloseReason::Outbound => 3,
+        CloseReason::Handler => 4,
+        CloseReason::Shutdown => 5,
+        CloseReason::Exported => return None,
+    })
+}
+
+impl Counters {
+    /// The counters now (each read on its own: they are not one consistent cut).
+    pub(crate) fn snapshot(&self) -> ThreadCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let [peer, error, line_too_long, outbound, handler, shutdown] = &self.closed;
+        ThreadCounters {
+            open: get(&self.open),
+            accepted: get(&self.accepted),
+            refused: get(&self.refused),
+            adopted: get(&self.adopted),
+            exported: get(&self.exported),
+            slow_rounds: get(&self.slow_rounds),
+            closed: ClosedCounters {
+                peer: get(peer),
+                error: get(error),
+                line_too_long: get(line_too_long),
+                outbound: get(outbound),
+                handler: get(handler),
+                shutdown: get(shutdown),
+            },
+        }
+    }
+
+    /// A connection went away for `reason`.
+    fn closed(&self, reason: CloseReason) {
+        drop_one(&self.open);
+        match close_index(reason).and_then(|i| self.closed.get(i)) {
+            Some(c) => bump(c),
+            None => bump(&self.exported),
+        }
+    }
+}
+
 /// State shared between a connector thread and the [`crate::Connector`] that controls it.
 pub(crate) struct Shared {
     pub(crate) waker: Arc<Waker>,
     /// Set by the thread just before it may block in the backend.
     parked: AtomicBool,
     stop: AtomicBool,
+    /// The thread's counters.
+    pub(crate) counters: Counters,
 }
 
 impl Shared {
@@ -70,6 +192,7 @@ impl Shared {
             waker,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            counters: Counters::default(),
         }
     }
 
@@ -109,6 +232,7 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     backend: B,
     handler: H,
     rx: Receiver<H::Msg>,
+    ctl: Receiver<Control>,
     shared: Arc<Shared>,
     limits: Limits,
     conns: Slab,
@@ -137,6 +261,13 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// When to give free heap pages back after a big round, and when that was last done.
     trim_at: Option<Instant>,
     trimmed: Option<Instant>,
+    /// Accepting and reading are stopped (a quiesce).
+    stopped: bool,
+    /// Nothing is written: queued bytes are kept for an export (a quiesce past its deadline or
+    /// finished).
+    hold: bool,
+    /// The quiesce in progress.
+    quiescing: Option<Quiescing>,
 }
 
 impl<B: Backend, H: Handler> Worker<B, H> {
@@ -144,7 +275,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         thread: u16,
         backend: B,
         handler: H,
-        rx: Receiver<H::Msg>,
+        (rx, ctl): (Receiver<H::Msg>, Receiver<Control>),
         shared: Arc<Shared>,
         limits: Limits,
         listeners: usize,
@@ -154,6 +285,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             backend,
             handler,
             rx,
+            ctl,
             shared,
             limits,
             conns: Slab::default(),
@@ -171,6 +303,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             spare_rooms: Vec::new(),
             trim_at: None,
             trimmed: None,
+            stopped: false,
+            hold: false,
+            quiescing: None,
         }
     }
 
@@ -189,8 +324,11 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             if self.shared.stop.load(Ordering::SeqCst) {
                 break;
             }
-            if !self.rx.is_empty() {
+            if !self.rx.is_empty() || !self.ctl.is_empty() {
                 timeout = Duration::ZERO;
+            }
+            if let Some(q) = &self.quiescing {
+                timeout = timeout.min(q.next_check.saturating_duration_since(Instant::now()));
             }
             let mut done = mem::take(&mut self.completions);
             let result = self.backend.complete(Some(timeout), &mut done);
@@ -212,6 +350,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 return;
             }
             self.drain_messages(now);
+            self.drain_control(now);
             if now >= next_tick {
                 self.tick(now);
                 next_tick += tick;
@@ -221,7 +360,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             self.end_batch(now);
             self.flush(now);
-            self.slow.check(self.thread, now, events);
+            if self.quiescing.is_some() {
+                self.check_quiesce();
+            }
+            if self.slow.check(self.thread, now, events) {
+                bump(&self.shared.counters.slow_rounds);
+            }
         }
         self.shared.parked.store(false, Ordering::SeqCst);
         let now = Instant::now();
@@ -284,7 +428,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                             *p = true;
                             self.any_paused = true;
                         }
-                    } else {
+                    } else if !self.stopped {
                         self.backend.accept(listener);
                     }
                 }
@@ -302,7 +446,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn open(&mut self, now: Instant, listener: ListenerId, sock: B::Socket, peer: SocketAddr) {
-        let Some(id) = self.conns.insert(self.thread, Conn::new(Peer::from(peer))) else {
+        let Some(id) = self
+            .conns
+            .insert(self.thread, Conn::new(Peer::from(peer), listener.0))
+        else {
             warn!(%peer, "connection table full; dropping connection");
             return;
         };
@@ -311,6 +458,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             warn!(%peer, error = %e, "could not register connection");
             return;
         }
+        bump(&self.shared.counters.accepted);
         let open = self.limits.open.fetch_add(1, Ordering::Relaxed);
         if let Some(max) = self.limits.max_conns
             && open >= max
@@ -322,6 +470,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.conns.remove(id);
             self.backend.close(id);
             self.refused += 1;
+            bump(&self.shared.counters.refused);
             if self
                 .refused_warned
                 .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
@@ -338,11 +487,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             return;
         }
+        bump(&self.shared.counters.open);
         debug!(conn = %id, %peer, listener = listener.0, "connection opened");
         self.handler
             .on_open(now, id, peer, listener.0, &mut self.out);
         self.apply_outbox(now);
-        if self.conns.get_mut(id).is_some() {
+        if !self.stopped && self.conns.get_mut(id).is_some() {
             self.backend.recv(id);
         }
     }
@@ -395,7 +545,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         result: std::io::Result<usize>,
     ) {
         if let Some(c) = self.conns.get_mut(conn) {
-            c.sending = false;
+            c.set_sending(false);
             match result {
                 Ok(n) => {
                     c.queued = c
@@ -414,8 +564,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                         .pending
                         .as_deref()
                         .is_some_and(|p| !p.queue.is_empty() || p.close_by.is_some());
-                    if more && !c.dirty {
-                        c.dirty = true;
+                    if more && !c.dirty() {
+                        c.set_dirty(true);
                         self.dirty.push(conn);
                     }
                     // Everything is written and nothing else is pending: an idle connection
@@ -445,6 +595,288 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.handler.on_msg(now, msg, &mut self.out);
             self.apply_outbox(now);
         }
+    }
+
+    fn drain_control(&mut self, now: Instant) {
+        while let Ok(ctl) = self.ctl.try_recv() {
+            match ctl {
+                Control::Quiesce { deadline, reply } => self.start_quiesce(now, deadline, reply),
+                Control::Resume => self.resume(),
+                Control::Export { max, reply } => {
+                    let exported = self.export(now, max);
+                    let _ = reply.send(exported);
+                }
+                Control::Adopt { conns, reply } => {
+                    let adopted = self.adopt(now, conns);
+                    let _ = reply.send(adopted);
+                }
+            }
+        }
+    }
+
+    /// Stops accepting and reading; [`Worker::check_quiesce`] finishes the quiesce.
+    fn start_quiesce(&mut self, now: Instant, deadline: Instant, reply: Sender<QuiesceReport>) {
+        if !self.stopped {
+            self.stopped = true;
+            self.backend.stop_accepts();
+            for id in self.conns.ids(self.thread) {
+                self.backend.stop_recv(id);
+            }
+        }
+        // Bytes held by an earlier quiesce are written again until the deadline.
+        self.hold = false;
+        debug!(thread = self.thread, "quiescing");
+        // A quiesce still in progress is replaced; its caller gets an empty report.
+        self.quiescing = Some(Quiescing {
+            deadline,
+            reply,
+            cancelled: false,
+            next_check: now,
+        });
+    }
+
+    /// Reports the quiesce done once everything queued is written and the backend has stopped
+    /// accepting and receiving; at the deadline, cancels the sends still in flight and reports
+    /// once they are back (or [`CANCEL_GRACE`] later).
+    fn check_quiesce(&mut self) {
+        let now = Instant::now();
+        let Some(q) = &mut self.quiescing else {
+            return;
+        };
+        if now < q.next_check {
+            return;
+        }
+        q.next_check = now + QUIESCE_CHECK;
+        let (mut connections, mut unsent, mut sending) = (0, 0u64, false);
+        for c in self.conns.values() {
+            connections += 1;
+            unsent += u64::from(c.queued);
+            sending |= c.sending();
+        }
+        let settled = self.backend.settled();
+        let flushed = if !q.cancelled {
+            if unsent == 0 && settled {
+                Some(true)
+            } else if now >= q.deadline {
+                q.cancelled = true;
+                self.hold = true;
+                for id in self.conns.ids(self.thread) {
+                    if self.conns.get_mut(id).is_some_and(|c| c.sending()) {
+                        self.backend.cancel_send(id);
+                    }
+                }
+                None
+            } else {
+                None
+            }
+        } else if (!sending && settled) || now >= q.deadline + CANCEL_GRACE {
+            if sending || !settled {
+                warn!(
+                    thread = self.thread,
+                    "quiesce: operations still in flight after cancellation; reporting anyway"
+                );
+            }
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(flushed) = flushed
+            && let Some(q) = self.quiescing.take()
+        {
+            self.hold = true;
+            debug!(
+                thread = self.thread,
+                connections, unsent, flushed, "quiesced"
+            );
+            let _ = q.reply.send(QuiesceReport {
+                connections,
+                unsent,
+                flushed,
+            });
+        }
+    }
+
+    /// Undoes a quiesce: accepting, reading and writing again.
+    fn resume(&mut self) {
+        self.quiescing = None;
+        self.hold = false;
+        if !self.stopped {
+            return;
+        }
+        self.stopped = false;
+        self.any_paused = false;
+        for (l, paused) in self.paused.iter_mut().enumerate() {
+            *paused = false;
+            self.backend.accept(ListenerId(l));
+        }
+        for id in self.conns.ids(self.thread) {
+            self.backend.recv(id);
+        }
+        debug!(thread = self.thread, "resumed");
+    }
+
+    /// Takes up to `max` connections out, with their sockets (see [`crate::Connector::export`]).
+    fn export(&mut self, now: Instant, max: usize) -> io::Result<Vec<ExportedConn>> {
+        if !self.hold || self.quiescing.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "connector: quiesce before exporting connections",
+            ));
+        }
+        self.backend.can_export()?;
+        let mut ids = Vec::new();
+        for id in self.conns.ids(self.thread) {
+            if ids.len() >= max {
+                break;
+            }
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.sending() {
+                // The kernel never gave this send back: the connection stays.
+                continue;
+            }
+            if c.close_by().is_some() {
+                self.close(now, id, CloseReason::Handler);
+                continue;
+            }
+            ids.push(id);
+        }
+        let fds = self.backend.export(&ids);
+        let mut exported = Vec::with_capacity(ids.len());
+        let mut failed = None;
+        for (id, fd) in ids.into_iter().zip(fds) {
+            let fd = match fd {
+                Ok(fd) => fd,
+                Err(e) => {
+                    // Still the backend's and still here: a later export may take it.
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            let Some(mut conn) = self.conns.remove(id) else {
+                continue;
+            };
+            let (partial, unsent) = match conn.pending.take() {
+                Some(mut p) => {
+                    let partial = mem::take(&mut p.partial);
+                    let mut unsent = Vec::with_capacity(usize::try_from(conn.queued).unwrap_or(0));
+                    for (i, buf) in p.queue.iter().enumerate() {
+                        let bytes = buf.as_slice();
+                        let bytes = if i == 0 {
+                            bytes.get(p.offset..).unwrap_or(&[])
+                        } else {
+                            bytes
+                        };
+                        unsent.extend_from_slice(bytes);
+                    }
+                    self.spare_pending.put(p);
+                    (partial, unsent)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            self.limits.open.fetch_sub(1, Ordering::Relaxed);
+            self.shared.counters.closed(CloseReason::Exported);
+            let mut state = ConnState {
+                peer: conn.peer.addr(),
+                listener: conn.listener(),
+                partial,
+                unsent,
+                user: Vec::new(),
+            };
+            self.handler.on_export(now, id, &mut state.user);
+            exported.push(ExportedConn {
+                conn: id,
+                fd,
+                state,
+            });
+        }
+        if let Some(e) = failed {
+            warn!(
+                thread = self.thread,
+                exported = exported.len(),
+                error = %e,
+                "some connections could not be exported now; they stay"
+            );
+            if exported.is_empty() {
+                return Err(e);
+            }
+        }
+        debug!(
+            thread = self.thread,
+            exported = exported.len(),
+            "connections exported"
+        );
+        Ok(exported)
+    }
+
+    /// Installs connections exported elsewhere (see [`crate::Connector::adopt`]).
+    fn adopt(&mut self, now: Instant, conns: Vec<(OwnedFd, ConnState)>) -> Vec<io::Result<ConnId>> {
+        let (fds, states): (Vec<OwnedFd>, Vec<ConnState>) = conns.into_iter().unzip();
+        let count = states.len();
+        let mut socks = self.backend.adopt(fds).into_iter();
+        let mut results = Vec::with_capacity(count);
+        for state in states {
+            let result = match socks.next() {
+                Some(sock) => sock.and_then(|sock| self.adopt_one(now, sock, state)),
+                None => Err(io::Error::other("the backend did not take the socket")),
+            };
+            if let Err(e) = &result {
+                warn!(error = %e, "could not adopt a connection; it is closed");
+            }
+            results.push(result);
+        }
+        self.apply_outbox(now);
+        results
+    }
+
+    fn adopt_one(&mut self, now: Instant, sock: B::Socket, state: ConnState) -> io::Result<ConnId> {
+        if state.listener >= MAX_LISTENERS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an adopted connection's listener index is out of range",
+            ));
+        }
+        let ConnState {
+            peer,
+            listener,
+            partial,
+            unsent,
+            user,
+        } = state;
+        let id = self
+            .conns
+            .insert(self.thread, Conn::new(Peer::from(peer), listener))
+            .ok_or_else(|| io::Error::other("connection table full"))?;
+        if let Err(e) = self.backend.open(id, sock) {
+            self.conns.remove(id);
+            return Err(e);
+        }
+        self.limits.open.fetch_add(1, Ordering::Relaxed);
+        bump(&self.shared.counters.open);
+        bump(&self.shared.counters.adopted);
+        if let Some(c) = self.conns.get_mut(id)
+            && (!partial.is_empty() || !unsent.is_empty())
+        {
+            let queued = u32::try_from(unsent.len()).unwrap_or(u32::MAX);
+            let p = c.pending_mut(&mut self.spare_pending);
+            p.partial = partial;
+            if !unsent.is_empty() {
+                // First in the queue: before anything the handler sends.
+                p.queue.push(SendBuf::from(unsent));
+                c.queued = queued;
+                c.set_dirty(true);
+                self.dirty.push(id);
+            }
+        }
+        debug!(conn = %id, %peer, listener, "connection adopted");
+        self.handler
+            .on_adopt(now, id, peer, listener, &user, &mut self.out);
+        self.apply_outbox(now);
+        if !self.stopped && self.conns.get_mut(id).is_some() {
+            self.backend.recv(id);
+        }
+        Ok(id)
     }
 
     fn tick(&mut self, now: Instant) {
@@ -531,8 +963,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             p.queue.give_room(room);
         }
         p.queue.push(buf);
-        if !c.dirty {
-            c.dirty = true;
+        if !c.dirty() {
+            c.set_dirty(true);
             self.dirty.push(id);
         }
     }
@@ -548,21 +980,25 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         p.close_by = Some(now + CLOSE_LINGER);
         p.partial = Vec::new();
         self.closing.push(id);
-        if !c.dirty {
-            c.dirty = true;
+        if !c.dirty() {
+            c.set_dirty(true);
             self.dirty.push(id);
         }
     }
 
     /// Starts writing queued bytes and finishes closes whose bytes are written.
     fn flush(&mut self, now: Instant) {
+        if self.hold {
+            // Quiesced: what is queued stays for an export (the list is kept for a resume).
+            return;
+        }
         let mut dirty = mem::take(&mut self.dirty);
         for id in dirty.drain(..) {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            c.dirty = false;
-            if c.sending {
+            c.set_dirty(false);
+            if c.sending() {
                 continue;
             }
             let Some(p) = c.pending.as_deref_mut() else {
@@ -582,7 +1018,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                     offset: mem::take(&mut p.offset),
                     written: 0,
                 };
-                c.sending = true;
+                c.set_sending(true);
                 // The common case (a notify, a reply) leaves nothing pending: the box goes back
                 // to the spares for the next connection in this round.
                 c.release_if_idle(&mut self.spare_pending);
@@ -606,14 +1042,15 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.spare_pending.put(p);
         }
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        self.shared.counters.closed(reason);
         self.backend.close(id);
-        debug!(conn = %id, peer = %conn.peer, ?reason, "connection closed");
+        debug!(conn = %id, peer = %conn.peer, listener = conn.listener(), ?reason, "connection closed");
         self.handler.on_close(now, id, reason);
         self.resume_accepts();
     }
 
     fn resume_accepts(&mut self) {
-        if !self.any_paused {
+        if !self.any_paused || self.stopped {
             return;
         }
         self.any_paused = false;
@@ -628,6 +1065,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         for id in self.conns.ids(self.thread) {
             if self.conns.remove(id).is_some() {
                 self.limits.open.fetch_sub(1, Ordering::Relaxed);
+                self.shared.counters.closed(reason);
                 self.backend.close(id);
                 self.handler.on_close(now, id, reason);
             }
@@ -648,11 +1086,12 @@ struct SlowRounds {
 }
 
 impl SlowRounds {
-    /// `started`: when the round's work began; `events`: completions it handled.
-    fn check(&mut self, thread: u16, started: Instant, events: usize) {
+    /// `started`: when the round's work began; `events`: completions it handled. Returns whether
+    /// the round was slow.
+    fn check(&mut self, thread: u16, started: Instant, events: usize) -> bool {
         let took = started.elapsed();
         if took < SLOW_ROUND {
-            return;
+            return false;
         }
         self.unlogged += 1;
         self.longest = self.longest.max(took);
@@ -661,7 +1100,7 @@ impl SlowRounds {
             .warned
             .is_some_and(|t| now.duration_since(t) < SLOW_WARN_EVERY)
         {
-            return;
+            return true;
         }
         info!(
             thread,
@@ -675,6 +1114,7 @@ impl SlowRounds {
         self.warned = Some(now);
         self.unlogged = 0;
         self.longest = Duration::ZERO;
+        true
     }
 }
 
@@ -687,20 +1127,60 @@ struct Conn {
     peer: Peer,
     /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
     queued: u32,
-    /// Whether a send is in flight.
-    sending: bool,
-    /// Whether the connection is in the dirty list.
-    dirty: bool,
+    /// [`SENDING`] and [`DIRTY`].
+    flags: u8,
+    /// The listener it came from, plus one (at most [`MAX_LISTENERS`] listeners; the niche also
+    /// keeps `Option<Conn>` at 32 bytes).
+    listener: NonZeroU8,
 }
 
+/// [`Conn::flags`]: a send is in flight.
+const SENDING: u8 = 1;
+/// [`Conn::flags`]: the connection is in the dirty list.
+const DIRTY: u8 = 2;
+
 impl Conn {
-    fn new(peer: Peer) -> Self {
+    fn new(peer: Peer, listener: usize) -> Self {
         Self {
             pending: None,
             peer,
             queued: 0,
-            sending: false,
-            dirty: false,
+            flags: 0,
+            listener: u8::try_from(listener.saturating_add(1))
+                .ok()
+                .and_then(NonZeroU8::new)
+                .unwrap_or(NonZeroU8::MAX),
+        }
+    }
+
+    /// The index of the listener it came from.
+    fn listener(&self) -> usize {
+        usize::from(self.listener.get() - 1)
+    }
+
+    /// Whether a send is in flight.
+    fn sending(&self) -> bool {
+        self.flags & SENDING != 0
+    }
+
+    fn set_sending(&mut self, on: bool) {
+        self.set_flag(SENDING, on);
+    }
+
+    /// Whether the connection is in the dirty list.
+    fn dirty(&self) -> bool {
+        self.flags & DIRTY != 0
+    }
+
+    fn set_dirty(&mut self, on: bool) {
+        self.set_flag(DIRTY, on);
+    }
+
+    fn set_flag(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
         }
     }
 
@@ -832,6 +1312,11 @@ impl<T> Slab<T> {
         value
     }
 
+    /// All live entries.
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().filter_map(|s| s.value.as_ref())
+    }
+
     /// Ids of all live entries.
     fn ids(&self, thread: u16) -> Vec<ConnId> {
         self.slots
@@ -954,6 +1439,27 @@ mod tests {
             self.submits.push(self.sent.len());
         }
 
+        fn stop_accepts(&mut self) {}
+
+        fn stop_recv(&mut self, _: ConnId) {}
+
+        fn cancel_send(&mut self, _: ConnId) {}
+
+        fn settled(&self) -> bool {
+            true
+        }
+
+        fn export(&mut self, conns: &[ConnId]) -> Vec<std::io::Result<OwnedFd>> {
+            conns
+                .iter()
+                .map(|_| std::fs::File::open("/dev/null").map(OwnedFd::from))
+                .collect()
+        }
+
+        fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<std::io::Result<()>> {
+            fds.into_iter().map(|_| Ok(())).collect()
+        }
+
         fn complete(
             &mut self,
             _: Option<Duration>,
@@ -997,6 +1503,7 @@ mod tests {
 
     fn worker(max_outbound: usize) -> TestWorker {
         let (_tx, rx) = crossbeam_channel::unbounded();
+        let (_ctl_tx, ctl) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(Arc::new(Waker::new().unwrap())));
         let limits = Limits {
             max_line: 64,
@@ -1009,7 +1516,7 @@ mod tests {
             0,
             Fake::default(),
             Recorder::default(),
-            rx,
+            (rx, ctl),
             shared,
             limits,
             1,
@@ -1123,11 +1630,11 @@ mod tests {
         // for the next connection that queues something.
         assert!(w.pending(id).is_none());
         assert_eq!(w.spare_pending.boxes.len(), 1);
-        assert_eq!((w.conn(id).queued, w.conn(id).sending), (7, true));
+        assert_eq!((w.conn(id).queued, w.conn(id).sending()), (7, true));
         assert_eq!(w.backend.sent.front().map(|(_, op)| op.bufs.len()), Some(1));
         assert_eq!(w.finish_send(now, None), b"notify\n");
         assert!(w.pending(id).is_none());
-        assert_eq!((w.conn(id).queued, w.conn(id).sending), (0, false));
+        assert_eq!((w.conn(id).queued, w.conn(id).sending()), (0, false));
         assert!(w.dirty.is_empty());
 
         // The next send reuses the spare box rather than allocating one.
@@ -1211,6 +1718,53 @@ mod tests {
         assert!(w.conns.get_mut(id).is_none());
         // The box of the closed connection is kept for reuse.
         assert_eq!(w.spare_pending.boxes.len(), 1);
+    }
+
+    #[test]
+    fn export_carries_the_partial_line_and_the_unwritten_bytes_to_the_adopter() {
+        let now = Instant::now();
+        let mut a = worker(1024);
+        let id = a.accept(now);
+        a.receive(now, id, b"abc\nde");
+        a.queue(now, id, b"0123456789");
+        a.flush(now);
+        // A short send: four bytes written, the rest put back with an offset.
+        assert_eq!(a.finish_send(now, Some(4)), b"0123");
+        a.queue(now, id, b"xyz");
+        // Not quiesced: refused, nothing taken.
+        let err = a.export(now, 10).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(a.conns.get_mut(id).is_some());
+        // Quiesced and held (what `check_quiesce` leaves): nothing more is written.
+        a.stopped = true;
+        a.hold = true;
+        a.flush(now);
+        assert!(a.backend.sent.is_empty(), "held: no send");
+        let mut out = a.export(now, 10).unwrap();
+        assert_eq!(out.len(), 1);
+        let e = out.remove(0);
+        assert_eq!(e.conn, id);
+        assert_eq!(e.state.partial, b"de");
+        assert_eq!(e.state.unsent, b"456789xyz");
+        assert_eq!(e.state.peer, "192.0.2.7:4000".parse().unwrap());
+        assert_eq!(e.state.listener, 0);
+        assert!(a.conns.get_mut(id).is_none());
+        assert_eq!(a.handler.closed, [(id, CloseReason::Exported)]);
+        let c = a.shared.counters.snapshot();
+        assert_eq!((c.open, c.exported, c.closed.total()), (0, 1, 0));
+        assert!(a.export(now, 10).unwrap().is_empty(), "none left");
+
+        // Adopted: the unsent bytes go first, the partial line starts the input.
+        let mut b = worker(1024);
+        b.handler.echo = true;
+        let ids = b.adopt(now, vec![(e.fd, e.state)]);
+        let nid = ids.into_iter().next().unwrap().unwrap();
+        b.receive(now, nid, b"f\n");
+        assert_eq!(b.handler.lines, [&b"def"[..]]);
+        b.flush(now);
+        assert_eq!(b.finish_send(now, None), b"456789xyzdef");
+        let c = b.shared.counters.snapshot();
+        assert_eq!((c.open, c.adopted), (1, 1));
     }
 
     #[test]

@@ -8,8 +8,12 @@
 //!   real shares at the difficulty the pool set;
 //! * [`stats`]: latency histograms (hdrhistogram, merged exactly) and counters;
 //! * [`miner`]: one real blocking CPU miner ([`miner::Miner`]) that reports exact share counts;
-//! * [`work`]: the pure stratum work maths (notify decoding, coinbase, merkle root, header,
-//!   share search);
+//! * [`work`]: the pure stratum work maths (extranonce2 and version-rolling encodings, share
+//!   search; the decoded notify with its coinbase, merkle root and header is
+//!   `common::stratum::decode::Job`, re-exported);
+//!
+//! Both kinds of miner speak stratum through `common::stratum::client`, the sans-IO client the
+//! proxy mode uses too.
 //! * [`sys`] and [`rpc`]: `/proc` sampling, the shared monotonic clock, file limits, and a tiny
 //!   bitcoind RPC client for `generate`.
 //!

@@ -2,9 +2,10 @@
 //!
 //! [`Miner::start`] connects to a pool and runs two threads:
 //!
-//! * the **reader** owns the session: it sends `mining.configure` (when version rolling is asked
-//!   for), `mining.subscribe` and `mining.authorize` one after the other, handles the pool's
-//!   notifications and matches replies to requests by id;
+//! * the **reader** drives the session through `common::stratum::client`: it sends
+//!   `mining.configure` (when version rolling is asked for), `mining.subscribe` (retried once
+//!   without params if refused) and `mining.authorize` one after the other, handles the pool's
+//!   notifications and gets each submit's verdict matched to it by id;
 //! * the **grinder** hashes the newest job (extranonce2 counter, then rolled version, then nonce),
 //!   submitting every hash that meets the share target or the network target, under a rate limit.
 //!   A job's shares must meet the harder of the difficulty in force when the job arrived and the
@@ -19,7 +20,8 @@
 //! sees everything from the first byte) or [`Miner::events`] (which sees events from the call on).
 //! Without receivers nothing is queued, so a long-running miner does not grow.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,8 +33,11 @@ use std::time::{Duration, Instant};
 use common::hash::sha256d_header;
 use common::{Difficulty, Target};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{debug, info, trace, warn};
+
+use common::stratum::client::{Client, ClientConfig, Event, RequestKind};
+use common::stratum::{Parser, decode, write};
 
 use crate::work::{self, Job, VersionRoller};
 
@@ -260,7 +265,6 @@ impl Miner {
             stop: AtomicBool::new(false),
             done: AtomicBool::new(false),
             hashes: AtomicU64::new(0),
-            next_id: AtomicU64::new(1),
             work: Mutex::new(WorkState {
                 job: None,
                 generation: 0,
@@ -272,6 +276,15 @@ impl Miner {
             }),
             work_cv: Condvar::new(),
             stats: Mutex::new(Stats::default()),
+            proto: Mutex::new(Proto {
+                client: Client::new(
+                    Arc::new(client_config(&cfg)),
+                    &cfg.user,
+                    cfg.session_id.as_deref(),
+                ),
+                parser: Parser::new(),
+                out: Vec::with_capacity(512),
+            }),
             writer: Mutex::new(writer),
             subscribers: Mutex::new(subscribers),
             cfg,
@@ -324,6 +337,17 @@ impl Drop for Miner {
     }
 }
 
+/// The stratum client settings for a miner: submits are never given up (those unanswered when it
+/// stops are counted as such).
+fn client_config(cfg: &MinerConfig) -> ClientConfig {
+    let mut c = ClientConfig::new(cfg.user_agent.clone());
+    c.pass.clone_from(&cfg.pass);
+    c.version_rolling = cfg.version_rolling;
+    c.request_timeout = cfg.handshake_timeout;
+    c.submit_timeout = None;
+    c
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -332,13 +356,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 struct ActiveJob {
     job: Job,
+    /// The job id as a JSON string literal, for submits.
+    id_json: String,
     generation: u64,
     extranonce1: Vec<u8>,
     nonce2_len: usize,
     share_target: Target,
     net_target: Target,
     roller: VersionRoller,
-    rolling: bool,
 }
 
 struct WorkState {
@@ -360,7 +385,14 @@ struct PendingSubmit {
 #[derive(Default)]
 struct Stats {
     report: MinerReport,
-    pending: HashMap<u64, PendingSubmit>,
+}
+
+/// The stratum client with its buffers: the reader feeds it lines, the grinder submits through
+/// it (lock order: `proto` before `stats` and `work`).
+struct Proto {
+    client: Client<PendingSubmit>,
+    parser: Parser,
+    out: Vec<u8>,
 }
 
 struct Shared {
@@ -369,10 +401,10 @@ struct Shared {
     stop: AtomicBool,
     done: AtomicBool,
     hashes: AtomicU64,
-    next_id: AtomicU64,
     work: Mutex<WorkState>,
     work_cv: Condvar,
     stats: Mutex<Stats>,
+    proto: Mutex<Proto>,
     writer: Mutex<TcpStream>,
     subscribers: Mutex<Vec<Sender<MinerEvent>>>,
 }
@@ -409,61 +441,53 @@ impl Shared {
     }
 
     fn snapshot(&self) -> MinerReport {
-        let mut r = {
-            let st = lock(&self.stats);
-            let mut r = st.report.clone();
-            r.unanswered = st.pending.len() as u64;
-            r
-        };
+        let mut r = lock(&self.stats).report.clone();
+        r.unanswered = lock(&self.proto).client.pending_submits() as u64;
         r.hashes = self.hashes.load(Ordering::Relaxed);
         r.elapsed_secs = self.started.elapsed().as_secs_f64();
         r
     }
 
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn send(&self, msg: &Value) -> io::Result<()> {
-        let mut line = msg.to_string();
-        trace!(">> {line}");
-        line.push('\n');
-        lock(&self.writer).write_all(line.as_bytes())
-    }
-
-    /// Sends a request and returns its id.
-    fn request(&self, method: &str, params: Value) -> io::Result<u64> {
-        let id = self.next_id();
-        self.send(&json!({"id": id, "method": method, "params": params}))?;
-        Ok(id)
+    /// Writes what the client queued in `out` (if anything) and empties it.
+    fn flush(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            trace!(">> {}", String::from_utf8_lossy(out).trim_end());
+        }
+        let r = lock(&self.writer).write_all(out);
+        out.clear();
+        r
     }
 
     fn submit(&self, job: &ActiveJob, found: &Found) {
-        let id = self.next_id();
-        let mut params = vec![
-            json!(self.cfg.user),
-            json!(job.job.job_id),
-            json!(hex::encode(&found.extranonce2)),
-            json!(format!("{:08x}", job.job.ntime)),
-            json!(format!("{:08x}", found.nonce)),
-        ];
-        if job.rolling {
-            params.push(json!(format!("{:08x}", found.version_bits)));
-        }
-        {
-            let mut st = lock(&self.stats);
-            st.pending.insert(
-                id,
+        let written = {
+            let mut p = lock(&self.proto);
+            let Proto { client, out, .. } = &mut *p;
+            out.clear();
+            client.submit(
+                Instant::now(),
+                out,
+                &job.id_json,
+                &found.extranonce2,
+                job.job.ntime,
+                found.nonce,
+                found.version_bits,
                 PendingSubmit {
                     block: found.block,
                     hash: found.hash,
                 },
             );
-            st.report.submitted += 1;
-            if found.block {
-                st.report.blocks_submitted += 1;
+            {
+                let mut st = lock(&self.stats);
+                st.report.submitted += 1;
+                if found.block {
+                    st.report.blocks_submitted += 1;
+                }
             }
-        }
+            self.flush(out)
+        };
         if found.block {
             info!(
                 "block solution {} for job {}, submitting",
@@ -471,8 +495,7 @@ impl Shared {
                 job.job.job_id
             );
         }
-        let msg = json!({"id": id, "method": "mining.submit", "params": params});
-        if let Err(e) = self.send(&msg) {
+        if let Err(e) = written {
             // It stays pending and ends up as unanswered.
             self.fail(format!("writing mining.submit: {e}"));
         }
@@ -482,53 +505,17 @@ impl Shared {
 /// Extracts a reject reason from a reply: `error` as `[code, msg, …]`, a string or an object with
 /// `message`, else ckpool's `reject-reason`, else `"unknown"`.
 pub fn reject_reason(reply: &Value) -> String {
-    let from_error = match reply.get("error") {
-        Some(Value::Array(a)) => Some(match a.get(1) {
-            Some(Value::String(s)) => s.clone(),
-            _ => Value::Array(a.clone()).to_string(),
-        }),
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Object(o)) => Some(match o.get("message") {
-            Some(Value::String(s)) => s.clone(),
-            _ => Value::Object(o.clone()).to_string(),
-        }),
-        Some(Value::Null) | None => None,
-        Some(other) => Some(other.to_string()),
-    };
-    from_error
-        .or_else(|| {
-            reply
-                .get("reject-reason")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Reads a difficulty given as a number or a numeric string.
-fn parse_difficulty(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Handshake {
-    Configure,
-    Subscribe,
-    Authorize,
+    decode::reject_reason(
+        reply.get("error"),
+        reply.get("reject-reason").and_then(Value::as_str),
+    )
+    .into_owned()
 }
 
 struct Reader {
     shared: Arc<Shared>,
     stream: TcpStream,
     buf: Vec<u8>,
-    /// Ids of the handshake requests in flight.
-    handshake: HashMap<u64, Handshake>,
-    /// The handshake step waited for, and until when.
-    waiting: Option<(Handshake, Instant)>,
 }
 
 impl Reader {
@@ -537,8 +524,6 @@ impl Reader {
             shared,
             stream,
             buf: Vec::new(),
-            handshake: HashMap::new(),
-            waiting: None,
         }
     }
 
@@ -553,40 +538,15 @@ impl Reader {
     }
 
     fn begin(&mut self) {
-        match self.shared.cfg.version_rolling {
-            Some(mask) => {
-                let params = json!([
-                    ["version-rolling"],
-                    {"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2}
-                ]);
-                self.send_handshake(Handshake::Configure, "mining.configure", params);
-            }
-            None => self.send_subscribe(),
-        }
-    }
-
-    fn send_handshake(&mut self, step: Handshake, method: &str, params: Value) {
-        match self.shared.request(method, params) {
-            Ok(id) => {
-                self.handshake.insert(id, step);
-                self.waiting = Some((step, Instant::now() + self.shared.cfg.handshake_timeout));
-            }
-            Err(e) => self.shared.fail(format!("writing {method}: {e}")),
-        }
-    }
-
-    fn send_subscribe(&mut self) {
-        let cfg = &self.shared.cfg;
-        let params = match &cfg.session_id {
-            Some(s) => json!([cfg.user_agent, s]),
-            None => json!([cfg.user_agent]),
+        let written = {
+            let mut p = lock(&self.shared.proto);
+            let Proto { client, out, .. } = &mut *p;
+            client.start(Instant::now(), out);
+            self.shared.flush(out)
         };
-        self.send_handshake(Handshake::Subscribe, "mining.subscribe", params);
-    }
-
-    fn send_authorize(&mut self) {
-        let params = json!([self.shared.cfg.user, self.shared.cfg.pass]);
-        self.send_handshake(Handshake::Authorize, "mining.authorize", params);
+        if let Err(e) = written {
+            self.shared.fail(format!("writing the handshake: {e}"));
+        }
     }
 
     fn read_loop(&mut self) {
@@ -604,7 +564,7 @@ impl Reader {
             self.check_handshake_timeout(now);
             if self.shared.stopping() {
                 let until = *drain_until.get_or_insert(now + self.shared.cfg.drain_timeout);
-                if lock(&self.shared.stats).pending.is_empty() || now >= until {
+                if lock(&self.shared.proto).client.pending_submits() == 0 || now >= until {
                     return;
                 }
             }
@@ -617,10 +577,15 @@ impl Reader {
                 }
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
-                    while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                        self.handle_line(&line);
+                    let mut start = 0;
+                    while let Some(pos) = self.buf[start..].iter().position(|&b| b == b'\n') {
+                        let end = start + pos;
+                        let line = std::mem::take(&mut self.buf);
+                        self.handle_line(&line[start..end]);
+                        self.buf = line;
+                        start = end + 1;
                     }
+                    self.buf.drain(..start);
                     if self.buf.len() > MAX_LINE {
                         self.shared
                             .fail(format!("line from the pool longer than {MAX_LINE} bytes"));
@@ -645,250 +610,147 @@ impl Reader {
     }
 
     fn check_handshake_timeout(&mut self, now: Instant) {
-        let Some((step, until)) = self.waiting else {
-            return;
-        };
-        if now < until || self.shared.stopping() {
+        if self.shared.stopping() {
             return;
         }
-        self.waiting = None;
-        self.handshake.retain(|_, s| *s != step);
-        match step {
-            Handshake::Configure => {
-                warn!("no reply to mining.configure, continuing without version rolling");
-                self.send_subscribe();
+        let mut events = Vec::new();
+        let written = {
+            let mut p = lock(&self.shared.proto);
+            if p.client.deadline().is_none_or(|d| d > now) {
+                return;
             }
-            Handshake::Subscribe => self.shared.fail("no reply to mining.subscribe".into()),
-            Handshake::Authorize => self.shared.fail("no reply to mining.authorize".into()),
+            let Proto { client, out, .. } = &mut *p;
+            while let Some(ev) = client.poll(now, out) {
+                events.push(ev);
+            }
+            self.shared.flush(out)
+        };
+        if let Err(e) = written {
+            self.shared.fail(format!("writing to the pool: {e}"));
+        }
+        for ev in events {
+            match ev {
+                Event::VersionRolling(None) => {
+                    warn!("no reply to mining.configure, continuing without version rolling");
+                }
+                Event::TimedOut(RequestKind::Subscribe) => {
+                    self.shared.fail("no reply to mining.subscribe".into());
+                }
+                Event::TimedOut(RequestKind::Authorize) => {
+                    self.shared.fail("no reply to mining.authorize".into());
+                }
+                other => self.on_event(other),
+            }
         }
     }
 
     fn handle_line(&mut self, raw: &[u8]) {
-        let Ok(text) = std::str::from_utf8(raw) else {
-            warn!("skipping a line from the pool that is not UTF-8");
-            return;
-        };
-        let text = text.trim();
-        if text.is_empty() {
-            return;
+        if tracing::enabled!(tracing::Level::TRACE) {
+            trace!("<< {}", String::from_utf8_lossy(raw).trim());
         }
-        trace!("<< {text}");
-        let msg: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!("skipping a bad line from the pool ({e}): {text:.200}");
-                return;
-            }
+        let (event, written) = {
+            let mut p = lock(&self.shared.proto);
+            let Proto {
+                client,
+                parser,
+                out,
+            } = &mut *p;
+            let ev = client.feed(parser, raw, Instant::now(), out);
+            (ev, self.shared.flush(out))
         };
-        if !msg.is_object() {
-            warn!("skipping a line from the pool that is not an object: {text:.200}");
-            return;
+        if let Err(e) = written {
+            self.shared.fail(format!("writing to the pool: {e}"));
         }
-        match msg.get("method").and_then(Value::as_str) {
-            Some(method) => {
-                let method = method.to_owned();
-                self.handle_method(&method, &msg);
-            }
-            None => self.handle_reply(&msg),
+        if let Some(ev) = event {
+            self.on_event(ev);
         }
     }
 
-    fn handle_method(&mut self, method: &str, msg: &Value) {
-        let params = msg.get("params").unwrap_or(&Value::Null);
-        match method {
-            "mining.notify" => self.on_notify(params),
-            "mining.set_difficulty" => self.on_set_difficulty(params),
-            "mining.set_extranonce" => self.on_set_extranonce(params),
-            "mining.set_version_mask" => self.on_set_version_mask(params),
-            "mining.ping" => {
-                let id = msg.get("id").cloned().unwrap_or(Value::Null);
-                if let Err(e) = self
-                    .shared
-                    .send(&json!({"id": id, "result": "pong", "error": null}))
-                {
-                    self.shared.fail(format!("writing the pong: {e}"));
-                }
+    fn on_event(&mut self, ev: Event<PendingSubmit>) {
+        match ev {
+            Event::VersionRolling(mask) => self.on_version_rolling(mask),
+            Event::Subscribed {
+                extranonce1,
+                nonce2_len,
+                session,
+                ..
+            } => self.on_subscribed(extranonce1, nonce2_len, session),
+            Event::SubscribeFailed { reason } => {
+                self.shared.fail(format!("subscribe failed: {reason}"));
             }
-            "client.reconnect" => {
-                info!("pool sent client.reconnect {params}; stopping");
+            Event::Authorized { .. } => {
+                lock(&self.shared.stats).report.authorized = Some(true);
+                self.shared.emit(MinerEvent::Authorized(true));
+                info!("authorized as {}", self.shared.cfg.user);
+                let mut ws = lock(&self.shared.work);
+                ws.authorized = true;
+                self.shared.work_cv.notify_all();
+            }
+            Event::Refused { reason } => {
+                lock(&self.shared.stats).report.authorized = Some(false);
+                self.shared.emit(MinerEvent::Authorized(false));
+                self.shared.fail(format!("authorize failed: {reason}"));
+            }
+            Event::Job(job) => self.on_notify(*job),
+            Event::Difficulty(diff) => self.on_set_difficulty(diff),
+            Event::Extranonce {
+                extranonce1,
+                nonce2_len,
+            } => {
+                info!(
+                    "new extranonce1 {} with {nonce2_len} byte extranonce2 (from the next job)",
+                    hex::encode(&extranonce1)
+                );
+                lock(&self.shared.stats).report.extranonce1 = Some(hex::encode(&extranonce1));
+                let mut ws = lock(&self.shared.work);
+                ws.extranonce1 = Some(extranonce1);
+                ws.nonce2_len = nonce2_len;
+            }
+            Event::VersionMask(mask) => {
+                if self.shared.cfg.version_rolling.is_none() {
+                    debug!("ignoring mining.set_version_mask: version rolling not asked for");
+                    return;
+                }
+                info!("version mask now {mask:08x} (from the next job)");
+                lock(&self.shared.work).mask = Some(mask);
+                lock(&self.shared.stats).report.version_mask = Some(mask);
+            }
+            Event::Reconnect(to) => {
+                info!("pool sent client.reconnect {to:?}; stopping");
                 self.shared
-                    .set_error(format!("pool sent client.reconnect {params}"));
+                    .set_error(format!("pool sent client.reconnect {to:?}"));
                 self.shared.request_stop();
             }
-            "client.show_message" => info!("pool message: {params}"),
-            other => debug!("ignoring method {other:?} from the pool"),
-        }
-    }
-
-    fn on_notify(&mut self, params: &Value) {
-        let at = Instant::now();
-        let job = match Job::from_notify_params(params) {
-            Ok(j) => j,
-            Err(e) => {
-                warn!("skipping a bad mining.notify: {e}");
-                return;
+            Event::Message(text) => info!("pool message: {text}"),
+            Event::Ping => debug!("answered mining.ping"),
+            Event::GetVersion => debug!("answered client.get_version"),
+            Event::Verdict(v) => {
+                self.on_submit_reply(v.accepted, v.reason.map(Cow::into_owned), v.tag);
             }
-        };
-        let event = MinerEvent::Notify {
-            at,
-            job_id: job.job_id.clone(),
-            prevhash_rpc: job.prevhash_rpc(),
-            clean: job.clean,
-        };
-        {
-            let mut ws = lock(&self.shared.work);
-            let Some(extranonce1) = ws.extranonce1.clone() else {
-                warn!("skipping a mining.notify before the subscribe reply");
-                return;
-            };
-            ws.generation += 1;
-            let mask = ws.mask.unwrap_or(0);
-            let active = ActiveJob {
-                generation: ws.generation,
-                extranonce1,
-                nonce2_len: ws.nonce2_len,
-                share_target: ws.share_target,
-                net_target: Target::from_compact(job.nbits),
-                roller: VersionRoller::new(job.version, mask),
-                rolling: ws.mask.is_some(),
-                job,
-            };
-            debug!(
-                "new job {} (generation {})",
-                active.job.job_id, active.generation
-            );
-            ws.job = Some(Arc::new(active));
-            self.shared.work_cv.notify_all();
-        }
-        lock(&self.shared.stats).report.notifies += 1;
-        self.shared.emit(event);
-    }
-
-    fn on_set_difficulty(&mut self, params: &Value) {
-        let Some(diff) = params.get(0).and_then(parse_difficulty) else {
-            warn!("skipping a bad mining.set_difficulty: {params}");
-            return;
-        };
-        let Some(d) = Difficulty::from_f64(diff) else {
-            warn!("skipping mining.set_difficulty with unusable value {diff}");
-            return;
-        };
-        debug!("difficulty {diff}");
-        lock(&self.shared.work).share_target = d.target();
-        lock(&self.shared.stats).report.last_difficulty = Some(diff);
-        self.shared.emit(MinerEvent::Difficulty(diff));
-    }
-
-    fn on_set_extranonce(&mut self, params: &Value) {
-        let en1 = params
-            .get(0)
-            .and_then(Value::as_str)
-            .and_then(|s| hex::decode(s).ok());
-        let n2 = params
-            .get(1)
-            .and_then(Value::as_u64)
-            .and_then(|n| usize::try_from(n).ok());
-        let (Some(en1), Some(n2)) = (en1, n2) else {
-            warn!("skipping a bad mining.set_extranonce: {params}");
-            return;
-        };
-        info!(
-            "new extranonce1 {} with {n2} byte extranonce2 (from the next job)",
-            hex::encode(&en1)
-        );
-        lock(&self.shared.stats).report.extranonce1 = Some(hex::encode(&en1));
-        let mut ws = lock(&self.shared.work);
-        ws.extranonce1 = Some(en1);
-        ws.nonce2_len = n2;
-    }
-
-    fn on_set_version_mask(&mut self, params: &Value) {
-        let Some(requested) = self.shared.cfg.version_rolling else {
-            debug!("ignoring mining.set_version_mask: version rolling not asked for");
-            return;
-        };
-        let Some(mask) = params
-            .get(0)
-            .and_then(Value::as_str)
-            .and_then(|s| u32::from_str_radix(s, 16).ok())
-        else {
-            warn!("skipping a bad mining.set_version_mask: {params}");
-            return;
-        };
-        let mask = mask & requested;
-        info!("version mask now {mask:08x} (from the next job)");
-        lock(&self.shared.work).mask = Some(mask);
-        lock(&self.shared.stats).report.version_mask = Some(mask);
-    }
-
-    fn handle_reply(&mut self, msg: &Value) {
-        let id = match msg.get("id") {
-            Some(Value::Number(n)) => n.as_u64(),
-            Some(Value::String(s)) => s.parse().ok(),
-            _ => None,
-        };
-        let Some(id) = id else {
-            debug!("ignoring a message without method or usable id: {msg}");
-            return;
-        };
-        if let Some(step) = self.handshake.remove(&id) {
-            if self.waiting.is_some_and(|(s, _)| s == step) {
-                self.waiting = None;
+            Event::UnknownReply { id } => debug!("ignoring a reply to unknown id {id:?}"),
+            Event::BadNotification { method, what } => {
+                warn!("skipping a bad {method}: {what}");
             }
-            match step {
-                Handshake::Configure => self.on_configure_reply(msg),
-                Handshake::Subscribe => self.on_subscribe_reply(msg),
-                Handshake::Authorize => self.on_authorize_reply(msg),
-            }
-            return;
-        }
-        let pending = lock(&self.shared.stats).pending.remove(&id);
-        match pending {
-            Some(p) => self.on_submit_reply(msg, p),
-            None => debug!("ignoring a reply to unknown id {id}: {msg}"),
+            Event::Unparseable(e) => warn!("skipping a bad line from the pool: {e}"),
+            Event::Unhandled(method) => debug!("ignoring method {method:?} from the pool"),
+            Event::TimedOut(kind) => debug!("no reply to {kind:?}"),
+            Event::SubmitTimedOut { id, .. } => debug!("submit {id} given up"),
+            Event::ExtranonceSubscribed(ok) => debug!("extranonce subscription: {ok}"),
         }
     }
 
-    fn on_configure_reply(&mut self, msg: &Value) {
-        let requested = self.shared.cfg.version_rolling.unwrap_or(0);
-        let result = msg.get("result").unwrap_or(&Value::Null);
-        if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
-            let granted = match result.get("version-rolling.mask").and_then(Value::as_str) {
-                Some(s) => u32::from_str_radix(s, 16).ok(),
-                None => Some(requested),
-            };
-            match granted {
-                Some(g) => {
-                    let mask = g & requested;
-                    info!("version rolling with mask {mask:08x}");
-                    lock(&self.shared.work).mask = Some(mask);
-                    lock(&self.shared.stats).report.version_mask = Some(mask);
-                }
-                None => warn!("bad version-rolling.mask in {msg}; not rolling"),
+    fn on_version_rolling(&mut self, mask: Option<u32>) {
+        match mask {
+            Some(mask) => {
+                info!("version rolling with mask {mask:08x}");
+                lock(&self.shared.work).mask = Some(mask);
+                lock(&self.shared.stats).report.version_mask = Some(mask);
             }
-        } else {
-            info!("pool refused version rolling: {msg}");
+            None => info!("pool refused version rolling (or did not answer)"),
         }
-        self.send_subscribe();
     }
 
-    fn on_subscribe_reply(&mut self, msg: &Value) {
-        let result = msg.get("result").unwrap_or(&Value::Null);
-        let en1 = result
-            .get(1)
-            .and_then(Value::as_str)
-            .and_then(|s| hex::decode(s).ok());
-        let n2 = result
-            .get(2)
-            .and_then(Value::as_u64)
-            .and_then(|n| usize::try_from(n).ok());
-        let (Some(en1), Some(n2)) = (en1, n2) else {
-            let err = msg.get("error").unwrap_or(&Value::Null);
-            self.shared
-                .fail(format!("subscribe failed: result {result}, error {err}"));
-            return;
-        };
-        let session = session_from_subscriptions(result.get(0).unwrap_or(&Value::Null));
+    fn on_subscribed(&mut self, en1: Vec<u8>, n2: usize, session: Option<String>) {
         let en1_hex = hex::encode(&en1);
         info!("subscribed: extranonce1 {en1_hex}, extranonce2 {n2} bytes, session {session:?}");
         {
@@ -906,27 +768,57 @@ impl Reader {
             nonce2_len: n2,
             session,
         });
-        self.send_authorize();
     }
 
-    fn on_authorize_reply(&mut self, msg: &Value) {
-        let ok = msg.get("result").and_then(Value::as_bool) == Some(true);
-        lock(&self.shared.stats).report.authorized = Some(ok);
-        self.shared.emit(MinerEvent::Authorized(ok));
-        if ok {
-            info!("authorized as {}", self.shared.cfg.user);
+    fn on_notify(&mut self, job: Job) {
+        let at = Instant::now();
+        let event = MinerEvent::Notify {
+            at,
+            job_id: job.job_id.clone(),
+            prevhash_rpc: job.prevhash_rpc(),
+            clean: job.clean,
+        };
+        {
             let mut ws = lock(&self.shared.work);
-            ws.authorized = true;
+            let Some(extranonce1) = ws.extranonce1.clone() else {
+                warn!("skipping a mining.notify before the subscribe reply");
+                return;
+            };
+            ws.generation += 1;
+            let mask = ws.mask.unwrap_or(0);
+            let active = ActiveJob {
+                id_json: write::json_string(&job.job_id),
+                generation: ws.generation,
+                extranonce1,
+                nonce2_len: ws.nonce2_len,
+                share_target: ws.share_target,
+                net_target: Target::from_compact(job.nbits),
+                roller: VersionRoller::new(job.version, mask),
+                job,
+            };
+            debug!(
+                "new job {} (generation {})",
+                active.job.job_id, active.generation
+            );
+            ws.job = Some(Arc::new(active));
             self.shared.work_cv.notify_all();
-        } else {
-            self.shared
-                .fail(format!("authorize failed: {}", reject_reason(msg)));
         }
+        lock(&self.shared.stats).report.notifies += 1;
+        self.shared.emit(event);
     }
 
-    fn on_submit_reply(&mut self, msg: &Value, p: PendingSubmit) {
-        let accepted = msg.get("result").and_then(Value::as_bool) == Some(true);
-        let reason = (!accepted).then(|| reject_reason(msg));
+    fn on_set_difficulty(&mut self, diff: f64) {
+        let Some(d) = Difficulty::from_f64(diff) else {
+            warn!("skipping mining.set_difficulty with unusable value {diff}");
+            return;
+        };
+        debug!("difficulty {diff}");
+        lock(&self.shared.work).share_target = d.target();
+        lock(&self.shared.stats).report.last_difficulty = Some(diff);
+        self.shared.emit(MinerEvent::Difficulty(diff));
+    }
+
+    fn on_submit_reply(&mut self, accepted: bool, reason: Option<String>, p: PendingSubmit) {
         let mut stop = false;
         {
             let mut st = lock(&self.shared.stats);
@@ -964,22 +856,6 @@ impl Reader {
             self.shared.request_stop();
         }
     }
-}
-
-/// The session id in a subscribe reply's first element: the id paired with `mining.notify`,
-/// else the first pair's id. Accepts `[[method, id], …]` and a bare `[method, id]`.
-pub(crate) fn session_from_subscriptions(subs: &Value) -> Option<String> {
-    let pairs: Vec<&Value> = match subs.as_array() {
-        Some(a) if a.first().is_some_and(Value::is_array) => a.iter().collect(),
-        Some(_) => vec![subs],
-        None => return None,
-    };
-    let id_of = |p: &Value| p.get(1).and_then(Value::as_str).map(str::to_owned);
-    pairs
-        .iter()
-        .find(|p| p.get(0).and_then(Value::as_str) == Some("mining.notify"))
-        .and_then(|p| id_of(p))
-        .or_else(|| pairs.first().and_then(|p| id_of(p)))
 }
 
 /// Token bucket for submits: up to one second's worth of burst.
@@ -1201,6 +1077,7 @@ fn grind(shared: &Shared) {
 #[allow(clippy::unwrap_used, reason = "test code")]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn reject_reasons_in_all_shapes() {
@@ -1226,38 +1103,6 @@ mod tests {
             reject_reason(&json!({"result": false, "error": null})),
             "unknown"
         );
-    }
-
-    #[test]
-    fn difficulty_shapes() {
-        assert_eq!(parse_difficulty(&json!(1)), Some(1.0));
-        assert_eq!(
-            parse_difficulty(&json!(2.3283064365386963e-10)),
-            Some(2.3283064365386963e-10)
-        );
-        assert_eq!(parse_difficulty(&json!("512")), Some(512.0));
-        assert_eq!(parse_difficulty(&json!(null)), None);
-    }
-
-    #[test]
-    fn session_ids() {
-        assert_eq!(
-            session_from_subscriptions(&json!([["mining.notify", "abcd1234"]])),
-            Some("abcd1234".into())
-        );
-        assert_eq!(
-            session_from_subscriptions(&json!([
-                ["mining.set_difficulty", "d1"],
-                ["mining.notify", "n1"]
-            ])),
-            Some("n1".into())
-        );
-        assert_eq!(
-            session_from_subscriptions(&json!(["mining.notify", "x"])),
-            Some("x".into())
-        );
-        assert_eq!(session_from_subscriptions(&json!([])), None);
-        assert_eq!(session_from_subscriptions(&json!(null)), None);
     }
 
     #[test]

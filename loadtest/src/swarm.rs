@@ -20,15 +20,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use common::stratum::Parser;
+use common::stratum::client::{self, Client, ClientConfig, Event, RequestKind, Verdict};
 use common::{Difficulty, Target};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
-use crate::miner::{reject_reason, session_from_subscriptions as session_id};
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, ShareKind};
 use crate::sys::{ProcSample, mono_ns, raise_nofile_limit};
 use crate::work::{self, Job, SearchCursor, SearchMiss, VersionRoller, Want};
@@ -43,11 +43,8 @@ const NOTIFY_CACHE: usize = 8;
 const RACE_WINDOW: Duration = Duration::from_secs(5);
 /// Pause before reconnecting after a failed connect or a lost connection.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
-/// Request ids of the handshake; submits use ids from [`FIRST_SUBMIT_ID`] on.
-const ID_CONFIGURE: u64 = 1;
-const ID_SUBSCRIBE: u64 = 2;
-const ID_AUTHORIZE: u64 = 3;
-const FIRST_SUBMIT_ID: u64 = 10;
+/// Longest extranonce2 built on the stack for a submit (longer ones are built on the heap).
+const EN2_STACK: usize = 32;
 
 /// What one worker does: its share of the miners and the common schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -329,6 +326,8 @@ type NotifyCache = VecDeque<(Box<[u8]>, Arc<SharedJob>)>;
 
 struct Ctx {
     spec: WorkerSpec,
+    /// The stratum client settings every miner shares.
+    client: Arc<ClientConfig>,
     hold: Instant,
     hold_ns: u64,
     end: Instant,
@@ -387,6 +386,7 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
         ports: PortCursor::new(spec.worker, spec.workers),
         in_flight: AtomicU64::new(0),
         all_answered: tokio::sync::watch::Sender::new(false),
+        client: Arc::new(client_config(&spec)),
         spec,
     });
     let mut set = JoinSet::new();
@@ -441,6 +441,18 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+    static PARSER: RefCell<Parser> = RefCell::new(Parser::new());
+}
+
+/// The stratum client settings of a worker's miners: submits are never given up (what a
+/// closing connection leaves unanswered is counted as such).
+fn client_config(spec: &WorkerSpec) -> ClientConfig {
+    let mut c = ClientConfig::new(spec.user_agent.clone());
+    c.pass.clone_from(&spec.pass);
+    c.version_rolling = spec.version_rolling;
+    c.request_timeout = spec.handshake_timeout;
+    c.submit_timeout = None;
+    c
 }
 
 async fn progress_task(
@@ -513,17 +525,9 @@ enum SessionEnd {
     ConnectFailed,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Configuring,
-    Subscribing,
-    Authorizing,
-    Ready,
-}
-
+/// What a miner keeps with each submit in flight (the client keeps its id and send time).
+#[derive(Clone, Copy, Debug)]
 struct Pending {
-    id: u64,
-    sent: Instant,
     kind: ShareKind,
     epoch: u32,
     hold: bool,
@@ -539,25 +543,20 @@ struct LastShare {
 /// One miner's state; kept across reconnects (session id, extranonce1 for the resume check).
 struct MinerState {
     user: Box<str>,
-    user_json: Box<str>,
     rng: u64,
-    phase: Phase,
-    phase_sent: Instant,
+    client: Client<Pending>,
     login_start: Instant,
     en1: Vec<u8>,
     nonce2_len: usize,
     session: Option<Box<str>>,
     resume_en1: Option<Vec<u8>>,
     share_target: Target,
-    mask: Option<u32>,
     job: Option<Arc<SharedJob>>,
     prev_block_job: Option<Arc<SharedJob>>,
     epoch: u32,
     cursor: SearchCursor,
     last_valid: Option<LastShare>,
-    pending: VecDeque<Pending>,
     unconfirmed_stale: Vec<(ShareKind, Instant)>,
-    next_id: u64,
     next_submit: Option<Instant>,
     churn_at: Option<Instant>,
     partial: Vec<u8>,
@@ -566,29 +565,23 @@ struct MinerState {
 impl MinerState {
     fn new(ctx: &Ctx, g: u32) -> Self {
         let user = format!("{}.{g}", ctx.spec.user_prefix);
-        let user_json = serde_json::to_string(&user).unwrap_or_else(|_| "\"ckload\"".to_owned());
         let now = Instant::now();
         Self {
+            client: Client::new(Arc::clone(&ctx.client), &user, None),
             user: user.into(),
-            user_json: user_json.into(),
             rng: ctx.spec.seed ^ (u64::from(g) << 20) ^ 0x5eed,
-            phase: Phase::Subscribing,
-            phase_sent: now,
             login_start: now,
             en1: Vec::new(),
             nonce2_len: 0,
             session: None,
             resume_en1: None,
             share_target: Difficulty::ONE.target(),
-            mask: None,
             job: None,
             prev_block_job: None,
             epoch: 0,
             cursor: SearchCursor::default(),
             last_valid: None,
-            pending: VecDeque::new(),
             unconfirmed_stale: Vec::new(),
-            next_id: FIRST_SUBMIT_ID,
             next_submit: None,
             churn_at: None,
             partial: Vec::new(),
@@ -609,27 +602,32 @@ impl MinerState {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Starts a session on a fresh connection: forgets the old connection's jobs and requests.
-    fn reset_session(&mut self, now: Instant) {
-        self.phase = Phase::Subscribing;
-        self.phase_sent = now;
+    /// Starts a session on a fresh connection: forgets the old connection's jobs and requests
+    /// (a new stratum client, resuming the session id of the last one).
+    fn reset_session(&mut self, ctx: &Ctx, now: Instant) {
+        self.client = Client::new(Arc::clone(&ctx.client), &self.user, self.session.as_deref());
         self.login_start = now;
         self.en1.clear();
         self.share_target = Difficulty::ONE.target();
-        self.mask = None;
         self.job = None;
         self.prev_block_job = None;
         self.last_valid = None;
-        self.pending.clear();
         self.unconfirmed_stale.clear();
-        self.next_id = FIRST_SUBMIT_ID;
         self.next_submit = None;
         self.churn_at = None;
         self.partial = Vec::new();
     }
 
-    fn handshake_deadline(&self, ctx: &Ctx) -> Option<Instant> {
-        (self.phase != Phase::Ready).then(|| self.phase_sent + ctx.spec.handshake_timeout)
+    /// When a handshake request in flight times out.
+    fn handshake_deadline(&self) -> Option<Instant> {
+        if self.ready() {
+            return None;
+        }
+        self.client.deadline().map(Instant::from_std)
+    }
+
+    fn ready(&self) -> bool {
+        self.client.phase() == client::Phase::Ready
     }
 }
 
@@ -788,7 +786,7 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
     let mut authorized_gauge: Option<Gauge<'_>> = None;
 
     m.resume_en1 = m.session.is_some().then(|| m.en1.clone());
-    m.reset_session(t0);
+    m.reset_session(ctx, t0);
     let mut out = Vec::with_capacity(256);
     begin(ctx, m, connected, &mut out);
     let mut end = None;
@@ -803,20 +801,20 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
         // At the end, a miner whose submits are answered keeps its connection until every
         // miner's are (or the drain time is up): closing thousands of sockets at once would
         // delay reading the last replies, and count ckload's own teardown as their latency.
-        let drained = m.pending.is_empty() && ctx.in_flight.load(Ordering::Relaxed) == 0;
-        if draining && (drained || now >= ctx.drain_end || m.phase != Phase::Ready) {
+        let drained = m.client.pending_submits() == 0 && ctx.in_flight.load(Ordering::Relaxed) == 0;
+        if draining && (drained || now >= ctx.drain_end || !m.ready()) {
             break;
         }
         let submit_at = if draining { None } else { m.next_submit };
         let churn_at = if draining { None } else { m.churn_at };
         let mut wake = if draining { ctx.drain_end } else { ctx.end };
-        for t in [submit_at, churn_at, m.handshake_deadline(ctx)]
+        for t in [submit_at, churn_at, m.handshake_deadline()]
             .into_iter()
             .flatten()
         {
             wake = wake.min(t);
         }
-        let waits_for_others = draining && m.pending.is_empty();
+        let waits_for_others = draining && m.client.pending_submits() == 0;
         tokio::select! {
             biased;
             r = all_answered.changed(), if waits_for_others => {
@@ -834,17 +832,16 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
                     Step::Continue => {}
                     other => end = Some(other),
                 }
-                if m.phase == Phase::Ready && authorized_gauge.is_none() {
+                if m.ready() && authorized_gauge.is_none() {
                     authorized_gauge = Some(Gauge::up(&ctx.authorized));
                 }
             }
             () = sleep_until(wake) => {
                 let now = Instant::now();
-                if m.handshake_deadline(ctx).is_some_and(|d| d <= now) && now < ctx.end {
-                    ctx.count(|c| c.handshake_timeouts += 1);
-                    end = Some(Step::Lost(format!("no reply in handshake phase {:?}", m.phase)));
+                if m.handshake_deadline().is_some_and(|d| d <= now) && now < ctx.end {
+                    end = handshake_timeout(ctx, m, now, &mut out);
                 } else if churn_at.is_some_and(|t| t <= now) {
-                    if m.pending.is_empty() {
+                    if m.client.pending_submits() == 0 {
                         ctx.count(|c| c.churn_disconnects += 1);
                         finish_session(ctx, m);
                         return SessionEnd::Churn;
@@ -884,12 +881,13 @@ async fn session(ctx: &Ctx, m: &mut MinerState) -> SessionEnd {
 
 /// Counts what a closing connection leaves unanswered.
 fn finish_session(ctx: &Ctx, m: &mut MinerState) {
-    if m.pending.is_empty() {
+    let n = m.client.pending_submits();
+    if n == 0 {
         return;
     }
-    ctx.answered(m.pending.len() as u64, Instant::now());
+    ctx.answered(n as u64, Instant::now());
     let mut a = ctx.agg();
-    for p in m.pending.drain(..) {
+    for (_, p) in m.client.drain_submits() {
         a.counters.unanswered += 1;
         if let Some(k) = a.kinds.get_mut(p.kind.index()) {
             k.unanswered += 1;
@@ -898,37 +896,27 @@ fn finish_session(ctx: &Ctx, m: &mut MinerState) {
 }
 
 fn begin(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) {
-    match ctx.spec.version_rolling {
-        Some(mask) => {
-            m.phase = Phase::Configuring;
-            m.phase_sent = now;
-            let params = json!([
-                ["version-rolling"],
-                {"version-rolling.mask": format!("{mask:08x}"), "version-rolling.min-bit-count": 2}
-            ]);
-            push_request(out, ID_CONFIGURE, "mining.configure", &params);
-        }
-        None => send_subscribe(ctx, m, now, out),
+    if m.session.is_some() {
+        ctx.count(|c| c.resume_attempts += 1);
     }
+    m.client.start(now.into_std(), out);
 }
 
-fn send_subscribe(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) {
-    m.phase = Phase::Subscribing;
-    m.phase_sent = now;
-    let params = match &m.session {
-        Some(s) => {
-            ctx.count(|c| c.resume_attempts += 1);
-            json!([ctx.spec.user_agent, s])
+/// A handshake request went unanswered: without `mining.configure`'s answer the handshake goes
+/// on without version rolling; without the others the session is lost.
+fn handshake_timeout(
+    ctx: &Ctx,
+    m: &mut MinerState,
+    now: Instant,
+    out: &mut Vec<u8>,
+) -> Option<Step> {
+    while let Some(ev) = m.client.poll(now.into_std(), out) {
+        if let Event::TimedOut(kind @ (RequestKind::Subscribe | RequestKind::Authorize)) = ev {
+            ctx.count(|c| c.handshake_timeouts += 1);
+            return Some(Step::Lost(format!("no reply to {kind:?}")));
         }
-        None => json!([ctx.spec.user_agent]),
-    };
-    push_request(out, ID_SUBSCRIBE, "mining.subscribe", &params);
-}
-
-fn push_request(out: &mut Vec<u8>, id: u64, method: &str, params: &Value) {
-    let msg = json!({"id": id, "method": method, "params": params});
-    out.extend_from_slice(msg.to_string().as_bytes());
-    out.push(b'\n');
+    }
+    None
 }
 
 /// Reads what the socket has and handles every complete line.
@@ -1009,111 +997,136 @@ fn handle_line(
         on_notify(ctx, m, job, ts, now);
         return None;
     }
-    let msg: Value = match serde_json::from_slice(line) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            ctx.count(|c| c.protocol_errors += 1);
-            ctx.error("unparseable line from the pool");
-            return None;
-        }
-    };
-    match msg.get("method").and_then(Value::as_str) {
-        Some(method) => handle_method(ctx, m, method, &msg, line, ts, now, out),
-        None => handle_reply(ctx, m, &msg, now, out),
-    }
+    let event =
+        PARSER.with_borrow_mut(|parser| m.client.feed(parser, line, now.into_std(), out))?;
+    on_event(ctx, m, event, line, ts, now)
 }
 
-#[expect(clippy::too_many_arguments, reason = "the line's context, passed down")]
-fn handle_method(
+/// What the stratum client made of a line.
+fn on_event(
     ctx: &Ctx,
     m: &mut MinerState,
-    method: &str,
-    msg: &Value,
+    event: Event<Pending>,
     raw: &[u8],
     ts: u64,
     now: Instant,
-    out: &mut Vec<u8>,
 ) -> Option<Step> {
-    let params = msg.get("params").unwrap_or(&Value::Null);
-    match method {
-        "mining.notify" => match Job::from_notify_params(params) {
-            Ok(job) => {
-                let shared = Arc::new(SharedJob {
-                    id_json: serde_json::to_string(&job.job_id).unwrap_or_default(),
-                    prevhash_rpc: job.prevhash_rpc(),
-                    job,
-                });
-                {
-                    let mut cache = lock(&ctx.cache);
-                    if cache.len() >= NOTIFY_CACHE {
-                        cache.pop_front();
-                    }
-                    cache.push_back((raw.into(), Arc::clone(&shared)));
+    match event {
+        Event::Job(job) => {
+            let job = *job;
+            let shared = Arc::new(SharedJob {
+                id_json: serde_json::to_string(&job.job_id).unwrap_or_default(),
+                prevhash_rpc: job.prevhash_rpc(),
+                job,
+            });
+            {
+                let mut cache = lock(&ctx.cache);
+                if cache.len() >= NOTIFY_CACHE {
+                    cache.pop_front();
                 }
-                on_notify(ctx, m, shared, ts, now);
+                cache.push_back((raw.into(), Arc::clone(&shared)));
             }
-            Err(e) => {
+            on_notify(ctx, m, shared, ts, now);
+        }
+        Event::Difficulty(d) => match Difficulty::from_f64(d) {
+            Some(d) => {
+                m.share_target = d.target();
+                ctx.count(|c| c.difficulty_changes += 1);
+            }
+            None => {
                 ctx.count(|c| c.protocol_errors += 1);
-                ctx.error(&format!("bad mining.notify: {e}"));
+                ctx.error("bad mining.set_difficulty");
             }
         },
-        "mining.set_difficulty" => {
-            let d = params.get(0).and_then(|v| match v {
-                Value::Number(n) => n.as_f64(),
-                Value::String(s) => s.trim().parse().ok(),
-                _ => None,
-            });
-            match d.and_then(Difficulty::from_f64) {
-                Some(d) => {
-                    m.share_target = d.target();
-                    ctx.count(|c| c.difficulty_changes += 1);
-                }
-                None => {
-                    ctx.count(|c| c.protocol_errors += 1);
-                    ctx.error("bad mining.set_difficulty");
-                }
+        Event::BadNotification { method, what } => match method.as_str() {
+            "mining.notify" => {
+                ctx.count(|c| c.protocol_errors += 1);
+                ctx.error(&format!("bad mining.notify: {what}"));
             }
-        }
-        "mining.set_extranonce" => {
-            let en1 = params
-                .get(0)
-                .and_then(Value::as_str)
-                .and_then(|s| hex::decode(s).ok());
-            let n2 = params
-                .get(1)
-                .and_then(Value::as_u64)
-                .and_then(|n| usize::try_from(n).ok());
-            if let (Some(en1), Some(n2)) = (en1, n2) {
-                m.en1 = en1;
-                m.nonce2_len = n2;
+            "mining.set_difficulty" => {
+                ctx.count(|c| c.protocol_errors += 1);
+                ctx.error("bad mining.set_difficulty");
             }
+            _ => debug!(method, what, "ignoring a bad notification"),
+        },
+        Event::Extranonce {
+            extranonce1,
+            nonce2_len,
+        } => {
+            m.en1 = extranonce1;
+            m.nonce2_len = nonce2_len;
         }
-        "mining.set_version_mask" => {
-            if let (Some(requested), Some(mask)) = (
-                ctx.spec.version_rolling,
-                params
-                    .get(0)
-                    .and_then(Value::as_str)
-                    .and_then(|s| u32::from_str_radix(s, 16).ok()),
-            ) {
-                m.mask = Some(mask & requested);
-            }
-        }
-        "mining.ping" => {
-            ctx.count(|c| c.pings += 1);
-            let id = msg.get("id").cloned().unwrap_or(Value::Null);
-            out.extend_from_slice(
-                json!({"id": id, "result": "pong", "error": null})
-                    .to_string()
-                    .as_bytes(),
-            );
-            out.push(b'\n');
-        }
-        "client.reconnect" => {
+        Event::Ping => ctx.count(|c| c.pings += 1),
+        Event::Reconnect(_) => {
             ctx.count(|c| c.reconnect_requests += 1);
             return Some(Step::Lost("pool sent client.reconnect".to_owned()));
         }
-        other => debug!(method = other, "ignoring a method from the pool"),
+        Event::Unparseable(_) => {
+            ctx.count(|c| c.protocol_errors += 1);
+            ctx.error("unparseable line from the pool");
+        }
+        Event::UnknownReply { id } => {
+            ctx.count(|c| c.protocol_errors += 1);
+            ctx.error("reply to an unknown request id");
+            debug!(?id, "reply to an unknown request id");
+        }
+        Event::Subscribed {
+            extranonce1,
+            nonce2_len,
+            session,
+            latency,
+        } => {
+            ctx.record(H::Subscribe, latency);
+            {
+                let mut a = ctx.agg();
+                a.counters.subscribed += 1;
+                if let Some(old) = m.resume_en1.take() {
+                    if old == extranonce1 {
+                        a.counters.resume_ok += 1;
+                    } else {
+                        a.counters.resume_mismatch += 1;
+                    }
+                }
+            }
+            m.en1 = extranonce1;
+            m.nonce2_len = nonce2_len;
+            m.session = session.map(Into::into);
+        }
+        Event::SubscribeFailed { reason } => {
+            ctx.count(|c| c.subscribe_failures += 1);
+            return Some(Step::Lost(format!("subscribe failed: {reason}")));
+        }
+        Event::Authorized { latency } => {
+            {
+                let mut a = ctx.agg();
+                a.counters.authorized += 1;
+                a.hists[H::Authorize as usize].record(latency);
+                a.hists[H::Login as usize].record(now - m.login_start);
+            }
+            let rate = ctx.spec.rate_per_miner;
+            if rate > 0.0 && rate.is_finite() {
+                let phase = Duration::from_secs_f64(m.unit() / rate);
+                m.next_submit = Some(now.max(ctx.hold.min(now + phase)) + phase);
+            }
+            m.churn_at = churn_delay(m, ctx.spec.churn_per_sec).map(|d| now + d);
+        }
+        Event::Refused { reason } => {
+            ctx.count(|c| c.authorize_failures += 1);
+            return Some(Step::Lost(format!("authorize refused: {reason}")));
+        }
+        Event::Verdict(v) => on_verdict(ctx, m, &v, now),
+        Event::TimedOut(kind @ (RequestKind::Subscribe | RequestKind::Authorize)) => {
+            ctx.count(|c| c.handshake_timeouts += 1);
+            return Some(Step::Lost(format!("no reply to {kind:?}")));
+        }
+        Event::TimedOut(_)
+        | Event::GetVersion
+        | Event::VersionRolling(_)
+        | Event::VersionMask(_)
+        | Event::ExtranonceSubscribed(_)
+        | Event::SubmitTimedOut { .. } => {}
+        Event::Message(text) => debug!(%text, "message from the pool"),
+        Event::Unhandled(method) => debug!(method, "ignoring a method from the pool"),
     }
     None
 }
@@ -1123,7 +1136,7 @@ fn on_notify(ctx: &Ctx, m: &mut MinerState, job: Arc<SharedJob>, ts: u64, now: I
         .job
         .as_ref()
         .is_some_and(|cur| cur.job.prev_hash != job.job.prev_hash);
-    let broadcast = m.phase == Phase::Ready && m.job.is_some();
+    let broadcast = m.ready() && m.job.is_some();
     let mut a = ctx.agg();
     a.counters.notifies += 1;
     if new_block {
@@ -1158,157 +1171,57 @@ fn on_notify(ctx: &Ctx, m: &mut MinerState, job: Arc<SharedJob>, ts: u64, now: I
     m.job = Some(job);
 }
 
-fn handle_reply(
-    ctx: &Ctx,
-    m: &mut MinerState,
-    msg: &Value,
-    now: Instant,
-    out: &mut Vec<u8>,
-) -> Option<Step> {
-    let id = match msg.get("id") {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.parse().ok(),
-        _ => None,
-    };
-    let result = msg.get("result").unwrap_or(&Value::Null);
-    match id {
-        Some(ID_CONFIGURE) if m.phase == Phase::Configuring => {
-            let requested = ctx.spec.version_rolling.unwrap_or(0);
-            if result.get("version-rolling").and_then(Value::as_bool) == Some(true) {
-                let granted = result
-                    .get("version-rolling.mask")
-                    .and_then(Value::as_str)
-                    .and_then(|s| u32::from_str_radix(s, 16).ok())
-                    .unwrap_or(requested);
-                m.mask = Some(granted & requested);
-            }
-            send_subscribe(ctx, m, now, out);
-            None
+/// The pool's answer to one of this miner's submits.
+fn on_verdict(ctx: &Ctx, m: &mut MinerState, v: &Verdict<Pending>, now: Instant) {
+    let p = v.tag;
+    ctx.answered(1, now);
+    let accepted = v.accepted;
+    let latency = now.into_std().saturating_duration_since(v.sent);
+    let mut a = ctx.agg();
+    a.hists[H::Submit as usize].record(latency);
+    if p.hold {
+        a.hists[H::SubmitWindow as usize].record(latency);
+        let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
+        let sent = v.sent.saturating_duration_since(ctx.hold.into_std());
+        if ms >= SLOW_SUBMIT_MS && a.slow.len() < MAX_SLOW_SUBMITS {
+            a.slow
+                .push([u32::try_from(sent.as_millis()).unwrap_or(u32::MAX), ms]);
         }
-        Some(ID_SUBSCRIBE) if m.phase == Phase::Subscribing => {
-            let en1 = result
-                .get(1)
-                .and_then(Value::as_str)
-                .and_then(|s| hex::decode(s).ok());
-            let n2 = result
-                .get(2)
-                .and_then(Value::as_u64)
-                .and_then(|n| usize::try_from(n).ok());
-            let (Some(en1), Some(n2)) = (en1, n2) else {
-                ctx.count(|c| c.subscribe_failures += 1);
-                return Some(Step::Lost(format!(
-                    "subscribe failed: {}",
-                    reject_reason(msg)
-                )));
-            };
-            ctx.record(H::Subscribe, now - m.phase_sent);
-            {
-                let mut a = ctx.agg();
-                a.counters.subscribed += 1;
-                if let Some(old) = m.resume_en1.take() {
-                    if old == en1 {
-                        a.counters.resume_ok += 1;
-                    } else {
-                        a.counters.resume_mismatch += 1;
-                    }
-                }
+        let second = usize::try_from(sent.as_secs()).unwrap_or(usize::MAX);
+        if second < MAX_SECOND_HISTS {
+            if a.seconds.len() <= second {
+                a.seconds.resize_with(second + 1, Hist::coarse);
             }
-            m.en1 = en1;
-            m.nonce2_len = n2;
-            m.session = session_id(result.get(0).unwrap_or(&Value::Null)).map(Into::into);
-            m.phase = Phase::Authorizing;
-            m.phase_sent = now;
-            let params = json!([&*m.user, ctx.spec.pass]);
-            push_request(out, ID_AUTHORIZE, "mining.authorize", &params);
-            None
+            if let Some(h) = a.seconds.get_mut(second) {
+                h.record(latency);
+            }
         }
-        Some(ID_AUTHORIZE) if m.phase == Phase::Authorizing => {
-            if result.as_bool() != Some(true) {
-                ctx.count(|c| c.authorize_failures += 1);
-                return Some(Step::Lost(format!(
-                    "authorize refused: {}",
-                    reject_reason(msg)
-                )));
-            }
-            {
-                let mut a = ctx.agg();
-                a.counters.authorized += 1;
-                a.hists[H::Authorize as usize].record(now - m.phase_sent);
-                a.hists[H::Login as usize].record(now - m.login_start);
-            }
-            m.phase = Phase::Ready;
-            let rate = ctx.spec.rate_per_miner;
-            if rate > 0.0 && rate.is_finite() {
-                let phase = Duration::from_secs_f64(m.unit() / rate);
-                m.next_submit = Some(now.max(ctx.hold.min(now + phase)) + phase);
-            }
-            m.churn_at = churn_delay(m, ctx.spec.churn_per_sec).map(|d| now + d);
-            None
+    }
+    a.interval_submit.record(latency);
+    if accepted {
+        a.counters.accepted += 1;
+        if p.hold {
+            a.counters.hold_accepted += 1;
         }
-        Some(id) if id >= FIRST_SUBMIT_ID => {
-            let Some(pos) = m.pending.iter().position(|p| p.id == id) else {
-                ctx.count(|c| c.protocol_errors += 1);
-                ctx.error("reply to an unknown submit id");
-                return None;
-            };
-            let p = m.pending.remove(pos)?;
-            ctx.answered(1, now);
-            let accepted = result.as_bool() == Some(true);
-            let latency = now - p.sent;
-            let mut a = ctx.agg();
-            a.hists[H::Submit as usize].record(latency);
-            if p.hold {
-                a.hists[H::SubmitWindow as usize].record(latency);
-                let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
-                let sent = p.sent.saturating_duration_since(ctx.hold);
-                if ms >= SLOW_SUBMIT_MS && a.slow.len() < MAX_SLOW_SUBMITS {
-                    a.slow
-                        .push([u32::try_from(sent.as_millis()).unwrap_or(u32::MAX), ms]);
-                }
-                let second = usize::try_from(sent.as_secs()).unwrap_or(usize::MAX);
-                if second < MAX_SECOND_HISTS {
-                    if a.seconds.len() <= second {
-                        a.seconds.resize_with(second + 1, Hist::coarse);
-                    }
-                    if let Some(h) = a.seconds.get_mut(second) {
-                        h.record(latency);
-                    }
-                }
-            }
-            a.interval_submit.record(latency);
-            if accepted {
-                a.counters.accepted += 1;
-                if p.hold {
-                    a.counters.hold_accepted += 1;
-                }
+        if let Some(k) = a.kinds.get_mut(p.kind.index()) {
+            k.accepted += 1;
+        }
+    } else {
+        let reason = v.reason.as_deref().unwrap_or("unknown").to_owned();
+        a.counters.rejected += 1;
+        if reason == "Stale" && p.kind != ShareKind::Stale {
+            if p.epoch != m.epoch {
                 if let Some(k) = a.kinds.get_mut(p.kind.index()) {
-                    k.accepted += 1;
+                    k.raced_block += 1;
                 }
             } else {
-                let reason = reject_reason(msg);
-                a.counters.rejected += 1;
-                if reason == "Stale" && p.kind != ShareKind::Stale {
-                    if p.epoch != m.epoch {
-                        if let Some(k) = a.kinds.get_mut(p.kind.index()) {
-                            k.raced_block += 1;
-                        }
-                    } else {
-                        m.unconfirmed_stale
-                            .retain(|(_, t)| now.saturating_duration_since(*t) <= RACE_WINDOW);
-                        m.unconfirmed_stale.push((p.kind, now));
-                    }
-                }
-                if let Some(k) = a.kinds.get_mut(p.kind.index()) {
-                    *k.rejected.entry(reason).or_default() += 1;
-                }
+                m.unconfirmed_stale
+                    .retain(|(_, t)| now.saturating_duration_since(*t) <= RACE_WINDOW);
+                m.unconfirmed_stale.push((p.kind, now));
             }
-            None
         }
-        _ => {
-            ctx.count(|c| c.protocol_errors += 1);
-            ctx.error("reply to an unknown request id");
-            debug!(?id, phase = ?m.phase, %msg, "reply to an unknown request id");
-            None
+        if let Some(k) = a.kinds.get_mut(p.kind.index()) {
+            *k.rejected.entry(reason).or_default() += 1;
         }
     }
 }
@@ -1377,7 +1290,7 @@ async fn submit(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) 
     };
     let mut hashes = 0;
     if chosen.is_none() {
-        let (version, bits) = match m.mask {
+        let (version, bits) = match m.client.version_mask() {
             Some(mask) => {
                 let (v, b) = VersionRoller::new(grind_job.job.version, mask).rolled(1);
                 (v, Some(b))
@@ -1493,25 +1406,36 @@ async fn submit(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) 
     let Some((sjob, at, bits, block)) = chosen else {
         return;
     };
-    let id = m.next_id;
-    m.next_id += 1;
-    let en2 = hex::encode(work::extranonce2_bytes(at.extranonce2, m.nonce2_len));
-    let vb = bits.map_or_else(String::new, |b| format!(",\"{b:08x}\""));
-    let line = format!(
-        "{{\"id\":{id},\"method\":\"mining.submit\",\"params\":[{},{},\"{en2}\",\"{:08x}\",\"{:08x}\"{vb}]}}\n",
-        m.user_json, sjob.id_json, sjob.job.ntime, at.nonce
-    );
-    out.extend_from_slice(line.as_bytes());
     let now = Instant::now();
     let hold = now >= ctx.hold;
-    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
-    m.pending.push_back(Pending {
-        id,
-        sent: now,
+    let tag = Pending {
         kind,
         epoch: m.epoch,
         hold,
-    });
+    };
+    let mut stack = [0u8; EN2_STACK];
+    let heap;
+    let en2: &[u8] = match stack.get_mut(..m.nonce2_len) {
+        Some(buf) => {
+            work::extranonce2_into(at.extranonce2, buf);
+            buf
+        }
+        None => {
+            heap = work::extranonce2_bytes(at.extranonce2, m.nonce2_len);
+            &heap
+        }
+    };
+    m.client.submit(
+        now.into_std(),
+        out,
+        &sjob.id_json,
+        en2,
+        sjob.job.ntime,
+        at.nonce,
+        bits.unwrap_or(0),
+        tag,
+    );
+    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
     if kind == ShareKind::Valid {
         m.last_valid = Some(LastShare {
             job: sjob,
@@ -1552,19 +1476,6 @@ mod tests {
         assert_eq!(spec.miner_count(), 3);
         spec.worker = 0;
         assert_eq!(spec.miner_count(), 4);
-    }
-
-    #[test]
-    fn session_ids_from_subscribe_replies() {
-        assert_eq!(
-            session_id(&json!([
-                ["mining.set_difficulty", "a"],
-                ["mining.notify", "b"]
-            ])),
-            Some("b".into())
-        );
-        assert_eq!(session_id(&json!(["mining.notify", "x"])), Some("x".into()));
-        assert_eq!(session_id(&json!(null)), None);
     }
 
     #[test]

@@ -1,188 +1,33 @@
-//! Stratum v1 work maths for the miner: parsing `mining.notify`, the prevhash word swap, coinbase
-//! and header building, extranonce2 and version-rolling encodings.
+//! Stratum v1 work maths for the miner: extranonce2 and version-rolling encodings and the share
+//! search. The decoded job ([`Job`]: `mining.notify`, coinbase, merkle root, header) and the
+//! prevhash conversions live in `common::stratum::decode` and are re-exported here.
 //!
 //! Everything here is pure and has no I/O, so the pieces can be unit tested against real blocks.
 
 use common::Target;
-use common::block;
-use common::hash::{sha256d, sha256d_header};
-use common::merkle::merkle_root_from_branch;
-use serde_json::Value;
+use common::hash::sha256d_header;
 
-/// One job from a `mining.notify`, decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Job {
-    /// The pool's job id, echoed in submits.
-    pub job_id: String,
-    /// Previous block hash in internal byte order.
-    pub prev_hash: [u8; 32],
-    /// Coinbase part before extranonce1.
-    pub coinb1: Vec<u8>,
-    /// Coinbase part after extranonce2.
-    pub coinb2: Vec<u8>,
-    /// Merkle branch (internal byte order hashes) the coinbase txid is folded through.
-    pub branch: Vec<[u8; 32]>,
-    /// Block version from the template.
-    pub version: u32,
-    /// Compact network target.
-    pub nbits: u32,
-    /// Block time.
-    pub ntime: u32,
-    /// Whether the pool asked to drop older work.
-    pub clean: bool,
-}
-
-fn hex_u32(v: &Value, what: &str) -> Result<u32, String> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| format!("{what} is not a string"))?;
-    if s.is_empty() || s.len() > 8 {
-        return Err(format!("{what} {s:?} is not 1-8 hex digits"));
-    }
-    u32::from_str_radix(s, 16).map_err(|e| format!("{what} {s:?}: {e}"))
-}
-
-fn hex_bytes(v: &Value, what: &str) -> Result<Vec<u8>, String> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| format!("{what} is not a string"))?;
-    hex::decode(s).map_err(|e| format!("{what}: {e}"))
-}
-
-fn hex_hash(v: &Value, what: &str) -> Result<[u8; 32], String> {
-    let bytes = hex_bytes(v, what)?;
-    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("{what} is not 32 bytes"))
-}
-
-impl Job {
-    /// Decodes the params array of a `mining.notify`:
-    /// `[job_id, prevhash, coinb1, coinb2, [branch…], version, nbits, ntime, clean]`.
-    pub fn from_notify_params(params: &Value) -> Result<Self, String> {
-        let p = params.as_array().ok_or("params is not an array")?;
-        if p.len() < 9 {
-            return Err(format!("params has {} entries, want 9", p.len()));
-        }
-        let job_id = match &p[0] {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            _ => return Err("job_id is not a string".into()),
-        };
-        let prev_str = p[1].as_str().ok_or("prevhash is not a string")?;
-        let prev_hash = stratum_prevhash_to_internal(prev_str)
-            .ok_or_else(|| format!("prevhash {prev_str:?} is not 64 hex digits"))?;
-        let coinb1 = hex_bytes(&p[2], "coinb1")?;
-        let coinb2 = hex_bytes(&p[3], "coinb2")?;
-        let branch = p[4]
-            .as_array()
-            .ok_or("merkle branch is not an array")?
-            .iter()
-            .map(|h| hex_hash(h, "merkle branch entry"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let version = hex_u32(&p[5], "version")?;
-        let nbits = hex_u32(&p[6], "nbits")?;
-        let ntime = hex_u32(&p[7], "ntime")?;
-        let clean = match &p[8] {
-            Value::Bool(b) => *b,
-            Value::Null => false,
-            Value::Number(n) => n.as_u64().is_some_and(|n| n != 0),
-            _ => return Err("clean is not a boolean".into()),
-        };
-        Ok(Self {
-            job_id,
-            prev_hash,
-            coinb1,
-            coinb2,
-            branch,
-            version,
-            nbits,
-            ntime,
-            clean,
-        })
-    }
-
-    /// The previous block hash as bitcoind's RPC prints it.
-    pub fn prevhash_rpc(&self) -> String {
-        hash_to_rpc_hex(&self.prev_hash)
-    }
-
-    /// The full coinbase: coinb1 ‖ extranonce1 ‖ extranonce2 ‖ coinb2.
-    pub fn coinbase(&self, extranonce1: &[u8], extranonce2: &[u8]) -> Vec<u8> {
-        let mut cb = Vec::with_capacity(
-            self.coinb1.len() + extranonce1.len() + extranonce2.len() + self.coinb2.len(),
-        );
-        cb.extend_from_slice(&self.coinb1);
-        cb.extend_from_slice(extranonce1);
-        cb.extend_from_slice(extranonce2);
-        cb.extend_from_slice(&self.coinb2);
-        cb
-    }
-
-    /// Merkle root (internal byte order) for the given extranonces.
-    pub fn merkle_root(&self, extranonce1: &[u8], extranonce2: &[u8]) -> [u8; 32] {
-        let txid = sha256d(&self.coinbase(extranonce1, extranonce2));
-        merkle_root_from_branch(&txid, &self.branch)
-    }
-
-    /// The 80-byte header for a merkle root, the (possibly rolled) version and a nonce.
-    pub fn header(&self, merkle_root: &[u8; 32], version: u32, nonce: u32) -> [u8; 80] {
-        block::header(
-            version,
-            &self.prev_hash,
-            merkle_root,
-            self.ntime,
-            self.nbits,
-            nonce,
-        )
-    }
-
-    /// The header hash (internal byte order) for the given submit fields, as a pool recomputes it.
-    pub fn share_hash(
-        &self,
-        extranonce1: &[u8],
-        extranonce2: &[u8],
-        version: u32,
-        nonce: u32,
-    ) -> [u8; 32] {
-        let root = self.merkle_root(extranonce1, extranonce2);
-        sha256d_header(&self.header(&root, version, nonce))
-    }
-}
-
-/// Converts stratum's word-swapped prevhash (each 4-byte group byte-reversed) to internal order.
-/// `None` unless the input is exactly 64 hex digits.
-pub fn stratum_prevhash_to_internal(hex_str: &str) -> Option<[u8; 32]> {
-    let bytes = hex::decode(hex_str).ok()?;
-    let mut out = <[u8; 32]>::try_from(bytes.as_slice()).ok()?;
-    for word in out.chunks_exact_mut(4) {
-        word.reverse();
-    }
-    Some(out)
-}
-
-/// Converts an internal-order hash to stratum's word-swapped prevhash hex.
-pub fn internal_to_stratum_prevhash(hash: &[u8; 32]) -> String {
-    let mut out = *hash;
-    for word in out.chunks_exact_mut(4) {
-        word.reverse();
-    }
-    hex::encode(out)
-}
-
-/// An internal-order hash as bitcoind's RPC prints it (byte-reversed hex).
-pub fn hash_to_rpc_hex(hash: &[u8; 32]) -> String {
-    let mut out = *hash;
-    out.reverse();
-    hex::encode(out)
-}
+pub use common::stratum::decode::{
+    Job, hash_to_rpc_hex, internal_to_stratum_prevhash, stratum_prevhash_to_internal,
+};
 
 /// Extranonce2 for a counter: `len` bytes, big-endian (the counter is truncated to fit; bytes
 /// beyond eight are zero).
 pub fn extranonce2_bytes(counter: u64, len: usize) -> Vec<u8> {
-    let be = counter.to_be_bytes();
     let mut out = vec![0u8; len];
-    let n = len.min(8);
-    out[len - n..].copy_from_slice(&be[8 - n..]);
+    extranonce2_into(counter, &mut out);
     out
+}
+
+/// [`extranonce2_bytes`] into a buffer of the extranonce2's length.
+pub fn extranonce2_into(counter: u64, out: &mut [u8]) {
+    let be = counter.to_be_bytes();
+    let len = out.len();
+    let n = len.min(8);
+    out.fill(0);
+    if let (Some(dst), Some(src)) = (out.get_mut(len - n..), be.get(8 - n..)) {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// How many distinct extranonce2 values `len` bytes hold (saturating at `u64::MAX`).
@@ -544,30 +389,9 @@ mod tests {
         );
     }
 
-    const GENESIS_RPC: &str = "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f";
     /// Genesis hash in stratum's word-swapped form (computed independently with Python).
     const GENESIS_STRATUM: &str =
         "0a8ce26f72b3f1b646a2a6c14ff763ae65831e939c085ae10019d66800000000";
-    const GENESIS_COINBASE: &str = "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff4d04ffff001d0104455468652054696d65732030332f4a616e2f32303039204368616e63656c6c6f72206f6e206272696e6b206f66207365636f6e64206261696c6f757420666f722062616e6b73ffffffff0100f2052a01000000434104678afdb0fe5548271967f1a67130b7105cd6a828e03909a67962e0ea1f61deb649f6bc3f4cef38c4f35504e51ec112de5c384df7ba0b8d578a4c702b6bf11d5fac00000000";
-
-    fn rpc_to_internal(rpc: &str) -> [u8; 32] {
-        let mut h: [u8; 32] = hex::decode(rpc).unwrap().try_into().unwrap();
-        h.reverse();
-        h
-    }
-
-    #[test]
-    fn prevhash_word_swap_round_trips() {
-        let internal = rpc_to_internal(GENESIS_RPC);
-        assert_eq!(
-            stratum_prevhash_to_internal(GENESIS_STRATUM),
-            Some(internal)
-        );
-        assert_eq!(internal_to_stratum_prevhash(&internal), GENESIS_STRATUM);
-        assert_eq!(hash_to_rpc_hex(&internal), GENESIS_RPC);
-        assert_eq!(stratum_prevhash_to_internal("00"), None);
-        assert_eq!(stratum_prevhash_to_internal(&"zz".repeat(32)), None);
-    }
 
     #[test]
     fn simple_word_swap() {
@@ -618,102 +442,5 @@ mod tests {
             VersionRoller::new(0x2000_0000, 0).rolled(0),
             (0x2000_0000, 0)
         );
-    }
-
-    /// The genesis block rebuilt from a notify that splits its coinbase around the extranonces.
-    #[test]
-    fn genesis_from_notify() {
-        let cb = hex::decode(GENESIS_COINBASE).unwrap();
-        // Take 4 + 4 bytes out of the middle of the scriptSig text as extranonce1 ‖ extranonce2.
-        let (coinb1, rest) = cb.split_at(60);
-        let (en1, rest) = rest.split_at(4);
-        let (en2, coinb2) = rest.split_at(4);
-        let notify = json!([
-            "abc",
-            "00".repeat(32),
-            hex::encode(coinb1),
-            hex::encode(coinb2),
-            [],
-            "00000001",
-            "1d00ffff",
-            "495fab29",
-            true
-        ]);
-        let job = Job::from_notify_params(&notify).unwrap();
-        assert_eq!(job.job_id, "abc");
-        assert!(job.clean);
-        assert_eq!(
-            (job.version, job.nbits, job.ntime),
-            (1, 0x1d00_ffff, 0x495f_ab29)
-        );
-        assert_eq!(job.prev_hash, [0; 32]);
-        assert_eq!(job.coinbase(en1, en2), cb);
-        let root = job.merkle_root(en1, en2);
-        assert_eq!(
-            hash_to_rpc_hex(&root),
-            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b"
-        );
-        let header = job.header(&root, 1, 2_083_236_893);
-        assert_eq!(&header[..4], &[1, 0, 0, 0]);
-        assert_eq!(&header[76..], &2_083_236_893u32.to_le_bytes());
-        let hash = job.share_hash(en1, en2, 1, 2_083_236_893);
-        assert_eq!(hash_to_rpc_hex(&hash), GENESIS_RPC);
-        assert!(common::Target::from_compact(0x1d00_ffff).is_met_by(&hash));
-    }
-
-    #[test]
-    fn notify_errors_are_reported() {
-        assert!(Job::from_notify_params(&json!("x")).is_err());
-        assert!(Job::from_notify_params(&json!(["a", "b"])).is_err());
-        let bad_prev = json!([
-            "a",
-            "00",
-            "",
-            "",
-            [],
-            "20000000",
-            "207fffff",
-            "00000000",
-            true
-        ]);
-        assert!(Job::from_notify_params(&bad_prev).is_err());
-        let bad_branch = json!([
-            "a",
-            GENESIS_STRATUM,
-            "",
-            "",
-            ["0011"],
-            "20000000",
-            "207fffff",
-            "00000000",
-            true
-        ]);
-        assert!(Job::from_notify_params(&bad_branch).is_err());
-        let bad_version = json!([
-            "a",
-            GENESIS_STRATUM,
-            "",
-            "",
-            [],
-            "2000000g",
-            "207fffff",
-            "00000000",
-            true
-        ]);
-        assert!(Job::from_notify_params(&bad_version).is_err());
-        let ok = json!([
-            "a",
-            GENESIS_STRATUM,
-            "",
-            "",
-            [],
-            "20000000",
-            "207fffff",
-            "00000000",
-            false
-        ]);
-        let job = Job::from_notify_params(&ok).unwrap();
-        assert_eq!(job.prevhash_rpc(), GENESIS_RPC);
-        assert!(!job.clean);
     }
 }

@@ -29,6 +29,8 @@ use serde_json::{Value, json};
 const NBITS: u32 = 0x207f_ffff;
 const VERSION: u32 = 0x2000_0000;
 const NTIME: u32 = 0x6500_0000;
+/// The version bits the fake pool lets miners roll (BIP320's).
+const POOL_MASK: u32 = 0x1fff_e000;
 
 fn coinb1() -> Vec<u8> {
     hex::decode(
@@ -55,6 +57,10 @@ struct Seen {
     closed_at: Vec<(u32, Instant)>,
     /// When the slow connection's last reply began to be written.
     last_slow_reply: Option<Instant>,
+    /// Accepted submits that carried non-zero version bits.
+    rolled: u64,
+    /// Submits with version bits outside the mask, or without bits after rolling was granted.
+    bad_version_bits: u64,
 }
 
 struct FakePool {
@@ -110,6 +116,7 @@ fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool, delay: D
     let share_target = Difficulty::MIN.target();
     let net = Target::from_compact(NBITS);
     let mut line = String::new();
+    let mut rolling = false;
     while !stop.load(Ordering::Relaxed) {
         line.clear();
         match r.read_line(&mut line) {
@@ -125,6 +132,10 @@ fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool, delay: D
         };
         let id = msg["id"].clone();
         let reply = match msg["method"].as_str() {
+            Some("mining.configure") => {
+                rolling = true;
+                json!({"id": id, "result": {"version-rolling": true, "version-rolling.mask": format!("{POOL_MASK:08x}")}, "error": null})
+            }
             Some("mining.subscribe") => {
                 json!({"id": id, "result": [[["mining.notify", "5e55"]], format!("{en1:08x}"), 4], "error": null})
             }
@@ -152,18 +163,27 @@ fn serve(s: TcpStream, en1: u32, seen: &Mutex<Seen>, stop: &AtomicBool, delay: D
                 let en2 = hex::decode(p[2].as_str().unwrap()).unwrap();
                 let ntime = u32::from_str_radix(p[3].as_str().unwrap(), 16).unwrap();
                 let nonce = u32::from_str_radix(p[4].as_str().unwrap(), 16).unwrap();
+                let bits = p[5].as_str().map(|b| u32::from_str_radix(b, 16).unwrap());
+                if bits.is_some() != rolling || bits.is_some_and(|b| b & !POOL_MASK != 0) {
+                    seen.lock().unwrap().bad_version_bits += 1;
+                }
+                // ckpool's formula: the job's version with the bits ORed in.
+                let version = VERSION | bits.unwrap_or(0);
                 let mut cb = coinb1();
                 cb.extend_from_slice(&en1.to_be_bytes());
                 cb.extend_from_slice(&en2);
                 cb.extend_from_slice(&coinb2());
                 let root = merkle_root_from_branch(&sha256d(&cb), &[]);
-                let hash = sha256d_header(&header(VERSION, &prev, &root, ntime, NBITS, nonce));
+                let hash = sha256d_header(&header(version, &prev, &root, ntime, NBITS, nonce));
                 let mut st = seen.lock().unwrap();
                 if net.is_met_by(&hash) {
                     st.blocks += 1;
                 }
                 if share_target.is_met_by(&hash) && ntime == NTIME {
                     st.accepted += 1;
+                    if bits.is_some_and(|b| b != 0) {
+                        st.rolled += 1;
+                    }
                     json!({"id": id, "result": true, "error": null})
                 } else {
                     st.above_target += 1;
@@ -302,6 +322,34 @@ fn slow_submits_are_reported_and_the_end_waits_for_every_reply() {
             at.duration_since(last)
         );
     }
+}
+
+/// Miners that negotiate version rolling submit rolled versions the pool recomputes the same
+/// share hash from (and only bits inside the granted mask).
+#[test]
+fn version_rolling_miners_submit_rolled_shares() {
+    let pool = FakePool::start();
+    let mut spec = RunSpec::new(Scenario::Steady, pool.addr, 6);
+    spec.workers = 1;
+    spec.version_rolling = Some(0xffff_ffff);
+    spec.ramp = Duration::from_millis(300);
+    spec.duration = Duration::from_secs(2);
+    spec.drain = Duration::from_secs(2);
+    spec.rate = 60.0;
+    spec.progress = false;
+    let report = run(&spec, &Launcher::InProcess).unwrap();
+    println!("{}", summary(&report));
+    assert_eq!(report.error_count(), 0, "{}", summary(&report));
+    assert_eq!(report.counters.authorized, 6);
+    let seen = pool.seen.lock().unwrap();
+    assert_eq!(seen.bad_version_bits, 0);
+    assert_eq!(
+        seen.above_target, 0,
+        "rolled shares judged at another version"
+    );
+    assert!(seen.accepted > 20, "{} accepted", seen.accepted);
+    assert_eq!(seen.rolled, seen.accepted);
+    assert_eq!(report.counters.accepted, seen.accepted);
 }
 
 #[test]

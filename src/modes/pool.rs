@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use common::template::Template;
 use connector::Connector;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use generator::{BlockSubmission, GenEvent, Generator};
+use generator::{GenEvent, Generator};
 use stratifier::Pool;
 use tracing::{error, info, warn};
 
@@ -56,19 +56,11 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let blocks = generator.block_submitter();
-    let pool = Pool::new(
-        pcfg,
-        seed,
-        move |b| {
-            blocks.submit(BlockSubmission {
-                hash: b.hash,
-                height: b.height,
-                hex: b.hex,
-            });
-        },
-        share_log.as_ref().map(ShareLog::sink),
-    );
+    let sinks = handoff::Sinks {
+        blocks: Some(generator.block_submitter()),
+        shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
+    };
+    let pool = Pool::new(pcfg, seed, Instant::now());
     pool.new_template(first, Instant::now())
         .context("building the first job")?;
     // Hashrate sampling and the stats files (pool.status, users/<name>).
@@ -84,7 +76,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     let handoff = settings.handoff;
     let threads = settings.threads;
     info!(%handoff, threads, "stratifier handoff");
-    let conns = handoff::start(handoff, settings.connector(), Arc::clone(&pool))
+    let conns = handoff::start(handoff, settings.connector(), Arc::clone(&pool), sinks)
         .context("starting the connector")?;
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
@@ -173,7 +165,7 @@ impl Running {
                     server,
                 })) => match pool.new_template(template, Instant::now()) {
                     Ok(job) => {
-                        info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.template.transactions.len(), "new job");
+                        info!(job = %job.id_hex, height = job.height(), new_block, server, txs = job.transactions().len(), "new job");
                         self.conns.broadcast(Msg::Job(job));
                     }
                     Err(e) => error!(error = %e, "cannot build a job from the template"),

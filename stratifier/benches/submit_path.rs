@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ckpool_stratifier::{Out, Pool, PoolConfig, Shard};
+use ckpool_stratifier::{ClientId, Event, Out, Pool, PoolConfig, Shard};
 use common::address::{Network, script_for_address};
 use common::template::Template;
 use common::{ConnId, Difficulty};
@@ -37,15 +37,18 @@ struct Keep {
 }
 
 impl Out for Keep {
-    fn send(&mut self, _: ConnId, buf: Vec<u8>) {
+    fn send(&mut self, _: ClientId, buf: Vec<u8>) {
         self.replies += 1;
         black_box(buf);
     }
-    fn send_shared(&mut self, _: ConnId, bytes: Arc<[u8]>) {
+    fn send_shared(&mut self, _: ClientId, bytes: Arc<[u8]>) {
         self.notify = Some(bytes);
     }
-    fn close(&mut self, _: ConnId) {
+    fn close(&mut self, _: ClientId) {
         self.closes += 1;
+    }
+    fn event(&mut self, ev: Event) {
+        black_box(ev);
     }
 }
 
@@ -76,8 +79,8 @@ fn main() {
     cfg.startdiff = Difficulty::MIN;
     cfg.maxdiff = Some(Difficulty::MIN);
     let n2len = cfg.coinbase.nonce2_len;
-    let pool = Pool::new(cfg, 1, |_| {}, None);
     let mut now = Instant::now();
+    let pool = Pool::new(cfg, 1, now);
     pool.new_template(template(1), now).unwrap();
     let mut shard = Shard::new(Arc::clone(&pool));
     let mut out = Keep::default();

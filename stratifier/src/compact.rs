@@ -5,7 +5,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::num::NonZeroU64;
 use std::ops::Deref;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Difficulty;
@@ -57,11 +57,10 @@ impl PackedDiff {
     }
 }
 
-/// The process's reference instant for [`Stamp`]s.
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// An instant in 8 bytes (an `Instant` takes 16): signed nanoseconds from a process-wide
-/// reference, so instants before the reference are kept exactly too.
+/// An instant in 8 bytes (an `Instant` takes 16): signed nanoseconds from a reference instant
+/// (the pool's epoch, given to [`crate::Pool::new`]; the stratifier reads no clock), so instants
+/// before the reference are kept exactly too. Stamps are only compared with stamps of the same
+/// epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Stamp(i64);
 
@@ -69,8 +68,7 @@ impl Stamp {
     /// Never set; further back than any real instant.
     pub(crate) const NEVER: Self = Self(i64::MIN);
 
-    pub(crate) fn of(t: Instant) -> Self {
-        let epoch = *EPOCH;
+    pub(crate) fn of(t: Instant, epoch: Instant) -> Self {
         let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
         if t >= epoch {
             Self(nanos(t - epoch))
@@ -80,8 +78,8 @@ impl Stamp {
     }
 
     /// Time from `self` to `now`, zero if `now` is earlier.
-    pub(crate) fn until(self, now: Instant) -> Duration {
-        let d = Self::of(now).0.saturating_sub(self.0);
+    pub(crate) fn until(self, now: Instant, epoch: Instant) -> Duration {
+        let d = Self::of(now, epoch).0.saturating_sub(self.0);
         Duration::from_nanos(u64::try_from(d).unwrap_or(0))
     }
 }
@@ -127,6 +125,67 @@ impl fmt::Debug for Name {
     }
 }
 
+/// A short string in 16 bytes: up to 14 bytes inline (a worker name's suffix after its user:
+/// `.rig1`, `_s19-07`), longer ones behind a thin pointer. `CompactString` takes 24.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum ShortStr {
+    /// Up to [`ShortStr::INLINE`] bytes of UTF-8 (a whole string, so a char boundary).
+    Inline {
+        /// Bytes used.
+        len: u8,
+        /// The text, then zeros.
+        buf: [u8; 14],
+    },
+    /// Longer text.
+    Heap(Box<Box<str>>),
+}
+
+impl ShortStr {
+    /// Bytes kept inline.
+    pub(crate) const INLINE: usize = 14;
+
+    pub(crate) fn new(s: &str) -> Self {
+        let mut buf = [0u8; Self::INLINE];
+        match (buf.get_mut(..s.len()), u8::try_from(s.len())) {
+            (Some(dst), Ok(len)) => {
+                dst.copy_from_slice(s.as_bytes());
+                Self::Inline { len, buf }
+            }
+            _ => Self::Heap(Box::new(Box::from(s))),
+        }
+    }
+
+    /// The bytes, without the UTF-8 check of [`ShortStr::as_str`] (for comparisons).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, buf } => buf.get(..usize::from(*len)).unwrap_or(&[]),
+            Self::Heap(s) => s.as_bytes(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Self::Inline { len, buf } => buf
+                .get(..usize::from(*len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or(""),
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for ShortStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ShortStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +198,7 @@ mod tests {
         assert_eq!(size_of::<Stamp>(), 8);
         assert_eq!(size_of::<Name>(), 8);
         assert_eq!(size_of::<Option<Name>>(), 8);
+        assert_eq!(size_of::<ShortStr>(), 16);
     }
 
     #[test]
@@ -173,19 +233,48 @@ mod tests {
 
     #[test]
     fn stamps_measure_time_either_side_of_the_epoch() {
-        let now = Instant::now();
+        let epoch = Instant::now();
+        let now = epoch + Duration::from_secs(1);
+        // Before the epoch too.
         let earlier = now.checked_sub(Duration::from_secs(5));
-        let s = Stamp::of(now);
+        let s = Stamp::of(now, epoch);
         assert_eq!(
-            s.until(now + Duration::from_millis(1500)),
+            s.until(now + Duration::from_millis(1500), epoch),
             Duration::from_millis(1500)
         );
-        assert_eq!(s.until(now), Duration::ZERO);
+        assert_eq!(s.until(now, epoch), Duration::ZERO);
         if let Some(e) = earlier {
-            assert_eq!(Stamp::of(e).until(now), Duration::from_secs(5));
-            assert_eq!(s.until(e), Duration::ZERO, "never negative");
+            assert!(Stamp::of(e, epoch) < Stamp::of(epoch, epoch));
+            assert_eq!(
+                Stamp::of(e, epoch).until(now, epoch),
+                Duration::from_secs(5)
+            );
+            assert_eq!(s.until(e, epoch), Duration::ZERO, "never negative");
         }
-        assert!(Stamp::NEVER < Stamp::of(now));
+        assert!(Stamp::NEVER < Stamp::of(now, epoch));
+    }
+
+    #[test]
+    fn short_strings_keep_their_text_inline_or_not() {
+        for s in [
+            "",
+            ".rig1",
+            "_fourteen-byte",
+            "é.rig",
+            ".a-much-longer-worker-name",
+            "ü",
+        ] {
+            let k = ShortStr::new(s);
+            assert_eq!(k.as_str(), s);
+            assert_eq!(k.as_bytes(), s.as_bytes());
+            assert_eq!(k.to_string(), s);
+            assert_eq!(
+                matches!(k, ShortStr::Inline { .. }),
+                s.len() <= ShortStr::INLINE,
+                "{s}"
+            );
+        }
+        assert_eq!(ShortStr::new("_fourteen-byte").as_str().len(), 14);
     }
 
     #[test]

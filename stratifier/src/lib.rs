@@ -1,56 +1,122 @@
 //! Stratifier of ckpool-rs: the sans-IO stratum v1 state machine.
 //!
 //! It holds sessions, jobs, vardiff, share validation, user/worker statistics and block
-//! candidates. It never touches sockets, threads or the clock: the caller passes `now` in and
-//! receives its output through the [`Out`] trait, so tests drive it deterministically in memory.
+//! candidates. It never touches sockets, threads or the clock: the caller passes `now` in (and
+//! the pool's epoch once, at [`Pool::new`]) and receives all its output as values through the
+//! [`Out`] trait (lines, closes, and [`Event`]s: block candidates and shares), so tests drive it
+//! deterministically in memory.
 //!
-//! Shape: one [`Pool`] (shared by every core: configuration, the job table, extranonce
-//! allocation, session resume and statistics) and one [`Shard`] per connector thread holding the
-//! sessions of that thread's connections.
+//! Shape: one [`Pool`] (shared by every core: configuration, a job book per work source, the
+//! session tables for extranonce allocation, resume and authorisation back-off, and the
+//! [`StatsRegistry`]) and one [`Shard`] per connector thread holding the sessions of that
+//! thread's clients ([`ClientId`]: its connections, and the miners behind a passthrough on one).
 #![forbid(unsafe_code)]
 
+mod book;
+mod client;
 mod compact;
 mod job;
 mod pool;
 pub mod rates;
+mod reject;
 #[doc(hidden)]
 pub mod seen;
 mod shard;
 pub mod share;
+mod stats;
+mod submit;
+mod tables;
 pub mod vardiff;
 
 use std::sync::Arc;
 
+pub use client::ClientId;
 pub use common::ConnId;
-pub use job::{CoinbaseConfig, Job, JobError, stratum_prevhash};
-pub use pool::{
-    AgentDiff, BlockCandidate, Hashrates, ListenerDiff, Pool, PoolConfig, PoolRates, ShareRecord,
-    StatsSnapshot, UserStats, WorkerStats,
+pub use job::{
+    CoinbaseConfig, ExtranonceLayout, Job, JobError, LayoutError, Origin, SourceId, Work,
+    prevhash_from_stratum, stratum_prevhash,
 };
+pub use pool::{AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord};
+pub use reject::Reject;
 pub use shard::Shard;
+pub use stats::{Hashrates, PoolRates, StatsRegistry, StatsSnapshot, UserStats, WorkerStats};
 
-/// Where a shard's output goes: replies and notifications to connections, and closes.
+/// Something the stratifier produced for the rest of the daemon (not for a miner).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A share met the network target: a block to write down and submit. A block-solving share
+    /// sent again is a duplicate and makes no second candidate.
+    Block(BlockCandidate),
+    /// A share that was hashed, accepted or rejected (the share log's line). Only produced when
+    /// [`Out::wants_shares`] says so.
+    Share(ShareRecord),
+}
+
+/// Where a shard's output goes: replies and notifications to clients, closes, and [`Event`]s.
+///
+/// Clients are addressed by [`ClientId`]: a direct client's lines go to its connection; a
+/// sub-client's go to its passthrough's connection, framed for it.
 pub trait Out {
-    /// Queues bytes (one or more complete lines) for a connection.
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>);
+    /// Queues bytes (one or more complete lines) for a client.
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>);
     /// Queues a shared line (a job notification built once for everybody).
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>);
-    /// Closes a connection after its queued bytes.
-    fn close(&mut self, conn: ConnId);
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>);
+    /// Closes a client after its queued bytes (a direct client's connection; a sub-client
+    /// alone, its passthrough's connection staying up).
+    fn close(&mut self, client: ClientId);
+    /// An event for the daemon. Block candidates always come this way; share events only
+    /// when [`Out::wants_shares`] is true.
+    fn event(&mut self, ev: Event);
+    /// Whether [`Event::Share`]s are wanted. When false (the default) the share path builds
+    /// none: no allocation or formatting per share for a consumer that does not exist.
+    fn wants_shares(&self) -> bool {
+        false
+    }
 }
 
 /// A recording [`Out`] for tests and simulations.
 #[derive(Debug, Default)]
 pub struct RecordingOut {
-    /// Everything sent, in order, with the connection.
-    pub sent: Vec<(ConnId, Vec<u8>)>,
-    /// Connections closed.
-    pub closed: Vec<ConnId>,
+    /// Everything sent, in order, with the client.
+    pub sent: Vec<(ClientId, Vec<u8>)>,
+    /// Clients closed.
+    pub closed: Vec<ClientId>,
+    /// Events, in order.
+    pub events: Vec<Event>,
+    /// What [`Out::wants_shares`] answers.
+    pub shares: bool,
 }
 
 impl RecordingOut {
+    /// The block candidates among the events, draining them (other events stay).
+    pub fn take_blocks(&mut self) -> Vec<BlockCandidate> {
+        let mut blocks = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Block(b) => {
+                blocks.push(b.clone());
+                false
+            }
+            Event::Share(_) => true,
+        });
+        blocks
+    }
+
+    /// The share records among the events, draining them (other events stay).
+    pub fn take_shares(&mut self) -> Vec<ShareRecord> {
+        let mut shares = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Share(s) => {
+                shares.push(s.clone());
+                false
+            }
+            Event::Block(_) => true,
+        });
+        shares
+    }
+
     /// Lines sent to `conn`, parsed as JSON, draining them.
-    pub fn take_json(&mut self, conn: ConnId) -> Vec<serde_json::Value> {
+    pub fn take_json(&mut self, conn: impl Into<ClientId>) -> Vec<serde_json::Value> {
+        let conn = conn.into();
         let mut out = Vec::new();
         let mut keep = Vec::new();
         for (c, bytes) in self.sent.drain(..) {
@@ -70,13 +136,19 @@ impl RecordingOut {
 }
 
 impl Out for RecordingOut {
-    fn send(&mut self, conn: ConnId, bytes: Vec<u8>) {
+    fn send(&mut self, conn: ClientId, bytes: Vec<u8>) {
         self.sent.push((conn, bytes));
     }
-    fn send_shared(&mut self, conn: ConnId, bytes: Arc<[u8]>) {
+    fn send_shared(&mut self, conn: ClientId, bytes: Arc<[u8]>) {
         self.sent.push((conn, bytes.to_vec()));
     }
-    fn close(&mut self, conn: ConnId) {
+    fn close(&mut self, conn: ClientId) {
         self.closed.push(conn);
+    }
+    fn event(&mut self, ev: Event) {
+        self.events.push(ev);
+    }
+    fn wants_shares(&self) -> bool {
+        self.shares
     }
 }

@@ -1,19 +1,21 @@
-//! State shared by every shard: configuration, the job table, extranonce1 allocation, session
-//! resume, statistics, and the sinks for block candidates and share records.
+//! State shared by every shard: the configuration, and three parts each with its own locks: the
+//! job books (one per work source, [`crate::book`]), the session tables (extranonce1 and session
+//! ids, resume, authorisation back-off, [`crate::tables`]) and the stats registry
+//! ([`StatsRegistry`]). Block candidates and share records leave through [`crate::Out`].
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Difficulty;
 use common::address::Network;
 use common::template::Template;
-use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
-use crate::job::{CoinbaseConfig, Job, JobError};
-use crate::rates::{Decay, Ema, HASHES_PER_DIFF, POOL_WINDOWS, SPS_WINDOWS, USER_WINDOWS};
+use crate::book::JobBooks;
+use crate::job::{CoinbaseConfig, ExtranonceLayout, Job, JobError, SourceId, Work};
+use crate::reject::Reject;
+use crate::stats::{StatsRegistry, StatsSnapshot};
+use crate::tables::SessionTables;
 
 /// Pool-wide settings the stratifier needs (built by the daemon from the config file).
 #[derive(Debug, Clone)]
@@ -103,12 +105,15 @@ pub struct AgentDiff {
 /// A share that meets the network target, assembled into a block.
 #[derive(Debug, Clone)]
 pub struct BlockCandidate {
-    /// Block height.
+    /// Block height (0 when the work's source did not say).
     pub height: u64,
     /// Block hash in RPC (reversed hex) order.
     pub hash: String,
-    /// The whole block, hex.
-    pub hex: String,
+    /// The whole block, hex; `None` for upstream work, whose transactions only the upstream
+    /// pool has (the share goes upstream, and the upstream submits the block).
+    pub hex: Option<String>,
+    /// The work source of its job.
+    pub source: SourceId,
     /// Worker that found it.
     pub worker: String,
     /// Job id.
@@ -140,7 +145,7 @@ pub struct ShareRecord {
     pub result: bool,
     /// Reject reason.
     #[serde(rename = "reject-reason", skip_serializing_if = "Option::is_none")]
-    pub reject_reason: Option<&'static str>,
+    pub reject_reason: Option<Reject>,
     /// Full worker name.
     pub workername: String,
     /// User name.
@@ -151,366 +156,18 @@ pub struct ShareRecord {
     pub agent: String,
 }
 
-type BlockSink = Box<dyn Fn(BlockCandidate) + Send + Sync>;
-type ShareSink = Box<dyn Fn(ShareRecord) + Send + Sync>;
-
-#[derive(Debug, Default)]
-struct JobTable {
-    jobs: BTreeMap<u64, Arc<Job>>,
-    current: Option<Arc<Job>>,
-    /// First job of the current block: older jobs are stale.
-    block_start: u64,
-}
-
-/// A thread's copy of the live jobs ([`Pool::refresh`]): checking a share then takes no lock
-/// and touches no reference count that the other threads write.
-#[derive(Debug, Default)]
-pub(crate) struct JobView {
-    generation: u64,
-    /// Sorted by id (copied from the pool's ordered table).
-    jobs: Vec<Arc<Job>>,
-    current: Option<Arc<Job>>,
-    block_start: u64,
-}
-
-impl JobView {
-    /// A live job by id, and whether it is stale (from before the current block), as of the
-    /// last refresh.
-    pub(crate) fn get(&self, id: u64) -> Option<(&Arc<Job>, bool)> {
-        let i = self.jobs.binary_search_by_key(&id, |j| j.id).ok()?;
-        self.jobs.get(i).map(|j| (j, id < self.block_start))
-    }
-
-    /// The current job, as of the last refresh.
-    pub(crate) fn current(&self) -> Option<&Arc<Job>> {
-        self.current.as_ref()
-    }
-}
-
-/// Hashrates of a user or worker in hashes per second: moving averages over 1 and 5 minutes,
-/// 1 hour, 1 and 7 days (zero until the rates have been sampled).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
-pub struct Hashrates {
-    /// Over 1 minute.
-    pub hashrate1m: f64,
-    /// Over 5 minutes.
-    pub hashrate5m: f64,
-    /// Over 1 hour.
-    pub hashrate1hr: f64,
-    /// Over 1 day.
-    pub hashrate1d: f64,
-    /// Over 7 days.
-    pub hashrate7d: f64,
-}
-
-impl Hashrates {
-    fn from_ema(e: &Ema<5>) -> Self {
-        let [m1, m5, h1, d1, d7] = e.rates().map(|r| r * HASHES_PER_DIFF);
-        Self {
-            hashrate1m: m1,
-            hashrate5m: m5,
-            hashrate1hr: h1,
-            hashrate1d: d1,
-            hashrate7d: d7,
-        }
-    }
-}
-
-/// Pool hashrates in hashes per second and accepted shares per second, as moving averages (zero
-/// until the rates have been sampled). Field names as in ckpool's `pool.status`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
-pub struct PoolRates {
-    /// Hashrate over 1 minute.
-    pub hashrate1m: f64,
-    /// Over 5 minutes.
-    pub hashrate5m: f64,
-    /// Over 15 minutes.
-    pub hashrate15m: f64,
-    /// Over 1 hour.
-    pub hashrate1hr: f64,
-    /// Over 6 hours.
-    pub hashrate6hr: f64,
-    /// Over 1 day.
-    pub hashrate1d: f64,
-    /// Over 7 days.
-    pub hashrate7d: f64,
-    /// Accepted shares per second over 1 minute.
-    #[serde(rename = "SPS1m")]
-    pub sps1m: f64,
-    /// Over 5 minutes.
-    #[serde(rename = "SPS5m")]
-    pub sps5m: f64,
-    /// Over 15 minutes.
-    #[serde(rename = "SPS15m")]
-    pub sps15m: f64,
-    /// Over 1 hour.
-    #[serde(rename = "SPS1h")]
-    pub sps1h: f64,
-}
-
-/// Per-worker statistics.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct WorkerStats {
-    /// Accepted shares.
-    pub accepted: u64,
-    /// Rejected shares.
-    pub rejected: u64,
-    /// Sum of accepted difficulty.
-    pub accepted_diff: f64,
-    /// Best share difficulty.
-    pub bestshare: f64,
-    /// Time of the last accepted share, unix seconds; 0 if none (or if the daemon has not told
-    /// the pool the wall-clock time, see [`Pool::set_wall_clock`]).
-    pub lastshare: u64,
-    /// Hashrates.
-    #[serde(flatten)]
-    pub hashrate: Hashrates,
-}
-
-/// Per-user statistics.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct UserStats {
-    /// Accepted shares.
-    pub accepted: u64,
-    /// Rejected shares.
-    pub rejected: u64,
-    /// Sum of accepted difficulty.
-    pub accepted_diff: f64,
-    /// Best share difficulty.
-    pub bestshare: f64,
-    /// Time of the last accepted share of any of its workers, unix seconds; 0 if none.
-    pub lastshare: u64,
-    /// Hashrates: the sums of its workers'.
-    #[serde(flatten)]
-    pub hashrate: Hashrates,
-    /// Blocks found.
-    pub blocks: u64,
-    /// Workers by full name.
-    pub workers: BTreeMap<String, WorkerStats>,
-}
-
-/// Pool totals: one small lock per share.
-#[derive(Debug, Default)]
-struct Stats {
-    blocks: Vec<String>,
-}
-
-/// Pool share totals, kept in stripes: each shard counts into its own (cache-line aligned, so
-/// shards on different cores do not bounce one line per share), and a snapshot adds them up.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct Stripe(Mutex<Totals>);
-
-#[derive(Debug, Default)]
-struct Totals {
-    accepted: u64,
-    rejected: u64,
-    accepted_diff: f64,
-    bestshare: f64,
-    reject_reasons: BTreeMap<&'static str, u64>,
-}
-
-impl Totals {
-    fn reject(&mut self, reason: Option<&'static str>) {
-        self.rejected += 1;
-        if let Some(r) = reason {
-            *self.reject_reasons.entry(r).or_default() += 1;
-        }
-    }
-}
-
-/// Stripes of pool totals (shards beyond this share them).
-const STRIPES: usize = 64;
-
-/// Share counters of one user or worker.
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    accepted: u64,
-    rejected: u64,
-    accepted_diff: f64,
-    bestshare: f64,
-    last_share: Option<Instant>,
-}
-
-impl Counters {
-    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant) {
-        match accepted {
-            Some(diff) => {
-                self.accepted += 1;
-                self.accepted_diff += diff;
-                self.bestshare = self.bestshare.max(sdiff);
-                self.last_share = Some(now);
-            }
-            None => self.rejected += 1,
-        }
-    }
-}
-
-/// One worker: its share counters, written by the share path, and its moving averages, written
-/// by the rate sampler. Each has its own lock, so a share never waits for the sampler.
-#[derive(Debug, Default)]
-struct WorkerCell {
-    counters: Mutex<Counters>,
-    rates: Mutex<WorkerRates>,
-}
-
-/// The sampler's state for one worker.
-#[derive(Debug, Default, Clone, Copy)]
-struct WorkerRates {
-    /// Its cumulative accepted difficulty at the previous sample (0 for a worker the sampler
-    /// has not seen yet: all its shares are new).
-    sampled_diff: f64,
-    /// Accepted difficulty per second.
-    ema: Ema<5>,
-}
-
-/// The sampler's state for the pool.
-#[derive(Debug, Default)]
-struct PoolSampler {
-    /// Time of the previous sample; `None` before the first, which only records a baseline.
-    last: Option<Instant>,
-    sampled_diff: f64,
-    sampled_shares: u64,
-    /// Accepted difficulty per second.
-    diff: Ema<7>,
-    /// Accepted shares per second.
-    shares: Ema<4>,
-    /// Blocks found as of the previous sample, and the pool's cumulative accepted difficulty
-    /// when that number last changed: the start of the current round.
-    blocks_seen: usize,
-    round_start_diff: f64,
-}
-
-/// A user's blocks and workers. Its share counters are the sums of its workers', added up when a
-/// snapshot is taken: a farm mines under one user from every core, and a per-user lock taken
-/// for each share would be shared by all connector threads.
-#[derive(Debug, Default)]
-struct UserCell {
-    blocks: AtomicU64,
-    workers: Mutex<BTreeMap<String, Arc<WorkerCell>>>,
-}
-
-/// Where a worker's shares are counted: looked up by name once (at its first share), then
-/// held by its session, so counting a share compares no strings.
-#[derive(Debug, Clone)]
-pub(crate) struct WorkerStatsRef {
-    worker: Arc<WorkerCell>,
-}
-
-/// One username's authorisation back-off.
-#[derive(Debug, Clone, Copy)]
-struct AuthBackoff {
-    /// Refused until then.
-    until: Instant,
-    /// The length of the last refusal.
-    last: Duration,
-}
-
-/// The first refusal after a failed authorisation, and the longest (ckpool's values).
-const AUTH_BACKOFF_START: Duration = Duration::from_secs(3);
-const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(600);
-/// Usernames remembered at most (a flood of random names cannot grow the table beyond this).
-const AUTH_BACKOFF_USERS: usize = 65_536;
-
-/// A snapshot of the pool's statistics.
-#[derive(Debug, Clone, Serialize)]
-pub struct StatsSnapshot {
-    /// Accepted shares.
-    pub accepted: u64,
-    /// Rejected shares.
-    pub rejected: u64,
-    /// Sum of accepted difficulty.
-    pub accepted_diff: f64,
-    /// Best share difficulty.
-    pub bestshare: f64,
-    /// Rejects by reason.
-    pub reject_reasons: BTreeMap<&'static str, u64>,
-    /// Hashes of blocks found (RPC order).
-    pub blocks: Vec<String>,
-    /// Connected clients.
-    pub clients: u64,
-    /// Current job id, height and network difficulty.
-    pub job: Option<(String, u64, f64)>,
-    /// Difficulty accepted since the pool's last block (from start-up until it finds one), as
-    /// of the last rate sample.
-    pub round_diff: f64,
-    /// Disconnected sessions kept for resume, as of the last rate sample.
-    pub disconnected: u64,
-    /// Hashrates and shares per second.
-    #[serde(flatten)]
-    pub rates: PoolRates,
-    /// Users.
-    pub users: BTreeMap<String, UserStats>,
-}
-
-/// Disconnected sessions kept for resume: session id → (extranonce1, when parked).
-///
-/// The rate sampler forgets expired ones every few seconds. Parking also prunes, for when no
-/// sampler runs, but only once the table has doubled since the last pass: a pass at every park
-/// above a fixed size made a mass disconnect quadratic (100,000 miners dropping at once scanned
-/// the table 100,000 times, under a lock every connector thread takes on a disconnect).
-#[derive(Debug)]
-struct Parked {
-    map: HashMap<u32, (u64, Instant)>,
-    /// Parking prunes first when the table holds this many.
-    prune_at: usize,
-    /// Pruning passes so far.
-    passes: u64,
-}
-
-/// Parked sessions below which parking never prunes.
-const PARKED_PRUNE_MIN: usize = 4096;
-
-impl Default for Parked {
-    fn default() -> Self {
-        Self {
-            map: HashMap::new(),
-            prune_at: PARKED_PRUNE_MIN,
-            passes: 0,
-        }
-    }
-}
-
-impl Parked {
-    /// Forgets the sessions parked `window` or longer before `now`; the next pass at parking
-    /// waits until the table has doubled.
-    fn prune(&mut self, now: Instant, window: Duration) {
-        self.map
-            .retain(|_, (_, t)| now.saturating_duration_since(*t) < window);
-        self.prune_at = (2 * self.map.len()).max(PARKED_PRUNE_MIN);
-        self.passes += 1;
-    }
-}
-
 /// Pool-wide shared state.
 pub struct Pool {
     pub(crate) cfg: PoolConfig,
     pub(crate) cb_cfg: CoinbaseConfig,
-    jobs: RwLock<JobTable>,
-    /// Bumped (under the write lock) at every change of `jobs`, so a [`JobView`] knows when to
-    /// copy the table again without taking its lock.
-    jobs_gen: AtomicU64,
-    next_job_id: AtomicU64,
-    next_enonce1: AtomicU64,
-    next_session: AtomicU64,
-    resume: Mutex<Parked>,
-    /// Usernames whose authorisation failed, and until when they are refused (ckpool's back-off).
-    auth_backoff: Mutex<HashMap<Box<str>, AuthBackoff>>,
-    /// When a full back-off table was last pruned: at most once a second, so that a flood of
-    /// distinct failing names costs a table scan per second, not one per name.
-    auth_backoff_pruned: Mutex<Option<Instant>>,
-    stats: Mutex<Stats>,
-    totals: Box<[Arc<Stripe>]>,
-    next_stripe: AtomicU64,
-    users: Mutex<BTreeMap<String, Arc<UserCell>>>,
-    sampler: Mutex<PoolSampler>,
-    /// An instant and the wall-clock time then (since the unix epoch), to report share times.
-    wall_clock: Mutex<Option<(Instant, Duration)>>,
-    /// Parked sessions within the resume window, counted by the sampler.
-    parked: AtomicU64,
-    pub(crate) clients: AtomicU64,
-    block_sink: BlockSink,
-    share_sink: Option<ShareSink>,
+    /// The job books.
+    pub(crate) books: JobBooks,
+    /// Session ids, resume and authorisation back-off.
+    pub(crate) tables: SessionTables,
+    /// Every statistic.
+    pub(crate) registry: StatsRegistry,
+    /// The reference instant of every stamp kept (given by the caller: no clock is read here).
+    pub(crate) epoch: Instant,
 }
 
 impl std::fmt::Debug for Pool {
@@ -523,35 +180,18 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A pool. `seed` (e.g. the start time in seconds) keeps job, session and extranonce ids
-    /// from repeating across restarts; `block_sink` receives block candidates.
-    pub fn new(
-        cfg: PoolConfig,
-        seed: u64,
-        block_sink: impl Fn(BlockCandidate) + Send + Sync + 'static,
-        share_sink: Option<Box<dyn Fn(ShareRecord) + Send + Sync>>,
-    ) -> Arc<Self> {
+    /// from repeating across restarts. `epoch` is the reference instant the pool and its shards
+    /// keep times against (any instant near the start; the stratifier itself reads no clock).
+    /// Block candidates and share records leave through each shard's [`crate::Out`].
+    pub fn new(cfg: PoolConfig, seed: u64, epoch: Instant) -> Arc<Self> {
         let cb_cfg = cfg.coinbase.clone();
         Arc::new(Self {
+            books: JobBooks::new(ExtranonceLayout::own(&cb_cfg), seed, cfg.job_lifetime),
+            tables: SessionTables::new(seed, cfg.resume_window),
+            registry: StatsRegistry::default(),
             cb_cfg,
             cfg,
-            jobs: RwLock::new(JobTable::default()),
-            jobs_gen: AtomicU64::new(0),
-            next_job_id: AtomicU64::new(seed << 32),
-            next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
-            next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
-            resume: Mutex::new(Parked::default()),
-            auth_backoff: Mutex::new(HashMap::new()),
-            auth_backoff_pruned: Mutex::new(None),
-            stats: Mutex::new(Stats::default()),
-            totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
-            next_stripe: AtomicU64::new(0),
-            users: Mutex::new(BTreeMap::new()),
-            sampler: Mutex::new(PoolSampler::default()),
-            wall_clock: Mutex::new(None),
-            parked: AtomicU64::new(0),
-            clients: AtomicU64::new(0),
-            block_sink: Box::new(block_sink),
-            share_sink,
+            epoch,
         })
     }
 
@@ -560,20 +200,29 @@ impl Pool {
         &self.cfg
     }
 
-    /// Turns a new template into the current job. A changed previous block makes it a clean
-    /// job and every older job stale.
+    /// Adds a work source with its own job book and extranonce layout (proxy modes: one per
+    /// upstream connection; node mode: the parent pool). Its miners are opened with
+    /// [`crate::Shard::on_open_in`] and get work from [`Pool::new_work`].
+    pub fn add_source(&self, layout: ExtranonceLayout) -> Result<SourceId, JobError> {
+        self.books.add_source(layout)
+    }
+
+    /// The extranonce layout of `source`.
+    pub fn layout(&self, source: SourceId) -> Option<Arc<ExtranonceLayout>> {
+        self.books.layout(source)
+    }
+
+    /// Turns a new template into the current job of the pool's own source. A changed previous
+    /// block makes it a clean job and every older job stale.
     pub fn new_template(
         &self,
         template: Arc<Template>,
         now: Instant,
     ) -> Result<Arc<Job>, JobError> {
-        let id = self.next_job_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let clean = {
-            let t = self.jobs.read();
-            t.current
-                .as_ref()
-                .is_none_or(|c| c.template.prev_hash != template.prev_hash)
-        };
+        let id = self.books.next_id();
+        let clean = self
+            .books
+            .new_block(SourceId::TEMPLATE, &template.prev_hash)?;
         let job = Arc::new(Job::build(
             id,
             template,
@@ -582,405 +231,74 @@ impl Pool {
             &self.cb_cfg,
             now,
         )?);
-        let mut t = self.jobs.write();
-        if clean {
-            t.block_start = id;
+        self.install(job, now)
+    }
+
+    /// Turns `work` into the current job of `source`. Clean work, or a changed previous block,
+    /// makes every older job of the source stale.
+    pub fn new_work(
+        &self,
+        source: SourceId,
+        mut work: Work,
+        now: Instant,
+    ) -> Result<Arc<Job>, JobError> {
+        let id = self.books.next_id();
+        work.clean |= self.books.new_block(source, &work.prev_hash)?;
+        self.install(Arc::new(Job::from_work(id, source, work, now)), now)
+    }
+
+    fn install(&self, job: Arc<Job>, now: Instant) -> Result<Arc<Job>, JobError> {
+        let job = self.books.install(job, now)?;
+        if job.source == SourceId::TEMPLATE {
+            self.registry.set_job(&job);
         }
-        t.jobs.insert(id, Arc::clone(&job));
-        t.current = Some(Arc::clone(&job));
-        // Keep jobs younger than the lifetime, and always the last three.
-        let keep_from = t.jobs.len().saturating_sub(3);
-        let lifetime = self.cfg.job_lifetime;
-        let old: Vec<u64> = t
-            .jobs
-            .iter()
-            .enumerate()
-            .filter(|(i, (_, j))| {
-                *i < keep_from && now.saturating_duration_since(j.created) > lifetime
-            })
-            .map(|(_, (id, _))| *id)
-            .collect();
-        for id in old {
-            t.jobs.remove(&id);
-        }
-        self.jobs_gen.fetch_add(1, Ordering::Release);
         Ok(job)
     }
 
-    /// The current job.
+    /// The current job of the pool's own source.
     pub fn current_job(&self) -> Option<Arc<Job>> {
-        self.jobs.read().current.clone()
+        self.books.current(SourceId::TEMPLATE)
     }
 
-    /// Brings `view` up to date with the live jobs: a load of one atomic when nothing changed.
-    pub(crate) fn refresh(&self, view: &mut JobView) {
-        if self.jobs_gen.load(Ordering::Acquire) == view.generation {
-            return;
-        }
-        let t = self.jobs.read();
-        // Read under the lock, which every change holds: the copy and its number agree.
-        view.generation = self.jobs_gen.load(Ordering::Relaxed);
-        view.jobs.clear();
-        view.jobs.extend(t.jobs.values().cloned());
-        view.current.clone_from(&t.current);
-        view.block_start = t.block_start;
+    /// The current job of `source`.
+    pub fn current_job_of(&self, source: SourceId) -> Option<Arc<Job>> {
+        self.books.current(source)
     }
 
-    /// A live job by id, and whether it is stale (from before the current block).
-    pub(crate) fn job(&self, id: u64) -> Option<(Arc<Job>, bool)> {
-        let t = self.jobs.read();
-        t.jobs.get(&id).map(|j| (Arc::clone(j), id < t.block_start))
+    /// The stats registry.
+    pub fn registry(&self) -> &StatsRegistry {
+        &self.registry
     }
 
-    pub(crate) fn alloc_enonce1(&self) -> u64 {
-        self.next_enonce1.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// How long `user` is still refused after failed authorisations, if it is.
-    pub(crate) fn auth_refused(&self, user: &str, now: Instant) -> Option<Duration> {
-        let b = self.auth_backoff.lock();
-        let until = b.get(user)?.until;
-        (until > now).then(|| until - now)
-    }
-
-    /// A failed authorisation of `user`: it is refused for 3 s, and for twice as long after each
-    /// further failure that follows a refusal's end within 10 minutes, up to 600 s (ckpool's
-    /// back-off). Returns the refusal's length.
-    pub(crate) fn auth_failed(&self, user: &str, now: Instant) -> Duration {
-        let mut b = self.auth_backoff.lock();
-        if b.len() >= AUTH_BACKOFF_USERS && !b.contains_key(user) {
-            let mut pruned = self.auth_backoff_pruned.lock();
-            if pruned.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
-                b.retain(|_, e| now.saturating_duration_since(e.until) < AUTH_BACKOFF_MAX);
-                *pruned = Some(now);
-            }
-            if b.len() >= AUTH_BACKOFF_USERS {
-                // A flood of distinct names: refuse this one without remembering it.
-                return AUTH_BACKOFF_START;
-            }
-        }
-        let e = b.entry(user.into()).or_insert(AuthBackoff {
-            until: now,
-            last: Duration::ZERO,
-        });
-        let wait = if now.saturating_duration_since(e.until) < AUTH_BACKOFF_MAX {
-            (e.last * 2).clamp(AUTH_BACKOFF_START, AUTH_BACKOFF_MAX)
-        } else {
-            AUTH_BACKOFF_START
-        };
-        *e = AuthBackoff {
-            until: now + wait,
-            last: wait,
-        };
-        wait
-    }
-
-    /// `user` authorised: its back-off ends.
-    pub(crate) fn auth_succeeded(&self, user: &str) {
-        let mut b = self.auth_backoff.lock();
-        if !b.is_empty() {
-            b.remove(user);
-        }
-    }
-
-    pub(crate) fn alloc_session(&self) -> u32 {
-        self.next_session.fetch_add(1, Ordering::Relaxed) as u32
-    }
-
-    /// Remembers a session for resume.
-    pub(crate) fn park_session(&self, session: u32, enonce1: u64, now: Instant) {
-        let mut r = self.resume.lock();
-        if r.map.len() >= r.prune_at {
-            r.prune(now, self.cfg.resume_window);
-        }
-        r.map.insert(session, (enonce1, now));
-    }
-
-    /// Takes a parked session's extranonce1 if it is still within the resume window.
-    pub(crate) fn resume_session(&self, session: u32, now: Instant) -> Option<u64> {
-        let (en1, t) = self.resume.lock().map.remove(&session)?;
-        (now.saturating_duration_since(t) < self.cfg.resume_window).then_some(en1)
-    }
-
-    pub(crate) fn submit_block(&self, b: BlockCandidate) {
-        self.stats.lock().blocks.push(b.hash.clone());
-        let user = b.worker.split(['.', '_']).next().unwrap_or("");
-        self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
-        (self.block_sink)(b);
-    }
-
-    pub(crate) fn log_share(&self, rec: impl FnOnce() -> ShareRecord) {
-        if let Some(sink) = &self.share_sink {
-            sink(rec());
-        }
-    }
-
-    fn user_cell(&self, user: &str) -> Arc<UserCell> {
-        let mut users = self.users.lock();
-        if let Some(u) = users.get(user) {
-            return Arc::clone(u);
-        }
-        let u = Arc::new(UserCell::default());
-        users.insert(user.to_owned(), Arc::clone(&u));
-        u
-    }
-
-    /// The counters of `worker` (of `user`), created on first use.
-    pub(crate) fn worker_stats(&self, user: &str, worker: &str) -> WorkerStatsRef {
-        let user = self.user_cell(user);
-        let worker = {
-            let mut workers = user.workers.lock();
-            match workers.get(worker) {
-                Some(w) => Arc::clone(w),
-                None => {
-                    let w = Arc::new(WorkerCell::default());
-                    workers.insert(worker.to_owned(), Arc::clone(&w));
-                    w
-                }
-            }
-        };
-        WorkerStatsRef { worker }
-    }
-
-    /// A stripe of the pool totals for a new shard to count into.
-    pub(crate) fn totals_stripe(&self) -> Arc<Stripe> {
-        let n = self.next_stripe.fetch_add(1, Ordering::Relaxed) % STRIPES as u64;
-        // `n < STRIPES`, the length of `totals`.
-        Arc::clone(&self.totals[usize::try_from(n).unwrap_or(0)])
-    }
-
-    /// Counts a share in `stripe`: accepted at difficulty `accepted`, or rejected for `reason`.
-    pub(crate) fn record_share(
-        &self,
-        stripe: &Stripe,
-        w: &WorkerStatsRef,
-        accepted: Option<f64>,
-        sdiff: f64,
-        reason: Option<&'static str>,
-        now: Instant,
-    ) {
-        {
-            let mut t = stripe.0.lock();
-            match accepted {
-                Some(diff) => {
-                    t.accepted += 1;
-                    t.accepted_diff += diff;
-                    t.bestshare = t.bestshare.max(sdiff);
-                }
-                None => t.reject(reason),
-            }
-        }
-        w.worker.counters.lock().add(accepted, sdiff, now);
-    }
-
-    /// Counts a rejected submission from a client that is not authorised (no user to charge).
-    pub(crate) fn record_anonymous_reject(&self, stripe: &Stripe, reason: &'static str) {
-        stripe.0.lock().reject(Some(reason));
+    /// A statistics snapshot ([`StatsRegistry::snapshot`]).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.registry.snapshot()
     }
 
     /// Tells the pool the wall-clock time (since the unix epoch) at `now`, so snapshots can give
     /// share times as unix seconds. The daemon calls it before each sample (the stratifier
     /// itself never reads a clock).
     pub fn set_wall_clock(&self, now: Instant, since_epoch: Duration) {
-        *self.wall_clock.lock() = Some((now, since_epoch));
+        self.registry.set_wall_clock(now, since_epoch);
     }
 
     /// Folds the shares accepted since the previous call into the moving averages of the pool
     /// and every worker, and forgets parked sessions past the resume window. Called every few
     /// seconds from one thread (calls are serialised); the first call only records a baseline.
-    ///
-    /// The share path only adds to cumulative counters; this reads them and takes differences,
-    /// so a share never computes an average or waits for this.
     pub fn sample_rates(&self, now: Instant) {
-        let window = self.cfg.resume_window;
-        let parked = {
-            let mut r = self.resume.lock();
-            r.prune(now, window);
-            r.map.len()
-        };
-        self.parked
-            .store(u64::try_from(parked).unwrap_or(u64::MAX), Ordering::Relaxed);
-
-        let mut p = self.sampler.lock();
-        let (diff, shares) = self.totals.iter().fold((0.0, 0u64), |(d, n), stripe| {
-            let t = stripe.0.lock();
-            (d + t.accepted_diff, n + t.accepted)
-        });
-        let blocks = self.stats.lock().blocks.len();
-        if blocks != p.blocks_seen {
-            p.blocks_seen = blocks;
-            p.round_start_diff = diff;
-        }
-        let workers = self.worker_cells();
-        let Some(last) = p.last else {
-            p.last = Some(now);
-            p.sampled_diff = diff;
-            p.sampled_shares = shares;
-            for w in workers {
-                let d = w.counters.lock().accepted_diff;
-                w.rates.lock().sampled_diff = d;
-            }
-            return;
-        };
-        let dt = now.saturating_duration_since(last);
-        let (Some(pool_decay), Some(sps_decay), Some(user_decay)) = (
-            Decay::new(dt, &POOL_WINDOWS),
-            Decay::new(dt, &SPS_WINDOWS),
-            Decay::new(dt, &USER_WINDOWS),
-        ) else {
-            // No time has passed: keep the previous sample as the baseline.
-            return;
-        };
-        p.last = Some(now);
-        let new_diff = (diff - p.sampled_diff).max(0.0);
-        let new_shares = shares.saturating_sub(p.sampled_shares);
-        p.diff.update(new_diff, &pool_decay);
-        // Share counts are far below 2^53: exact as f64.
-        p.shares.update(new_shares as f64, &sps_decay);
-        p.sampled_diff = diff;
-        p.sampled_shares = shares;
-        drop(p);
-        for w in workers {
-            let d = w.counters.lock().accepted_diff;
-            let mut r = w.rates.lock();
-            let new = (d - r.sampled_diff).max(0.0);
-            r.ema.update(new, &user_decay);
-            r.sampled_diff = d;
-        }
-    }
-
-    /// Every worker, without holding the user table's lock while the caller works on them.
-    fn worker_cells(&self) -> Vec<Arc<WorkerCell>> {
-        let users: Vec<Arc<UserCell>> = self.users.lock().values().cloned().collect();
-        let mut out = Vec::new();
-        for u in users {
-            out.extend(u.workers.lock().values().cloned());
-        }
-        out
-    }
-
-    /// `t` as unix seconds, if the wall clock is known.
-    fn unix_secs(&self, t: Option<Instant>) -> u64 {
-        let (Some(t), Some((at, wall))) = (t, *self.wall_clock.lock()) else {
-            return 0;
-        };
-        let secs = if t >= at {
-            wall.saturating_add(t.duration_since(at))
-        } else {
-            wall.saturating_sub(at.duration_since(t))
-        };
-        secs.as_secs()
-    }
-
-    /// A statistics snapshot.
-    pub fn stats(&self) -> StatsSnapshot {
-        let job = self
-            .current_job()
-            .map(|j| (j.id_hex.clone(), j.height(), j.network_diff.to_f64()));
-        let user_cells: Vec<(String, Arc<UserCell>)> = self
-            .users
-            .lock()
-            .iter()
-            .map(|(name, u)| (name.clone(), Arc::clone(u)))
-            .collect();
-        let users = user_cells
-            .into_iter()
-            .map(|(name, u)| {
-                let mut c = Counters::default();
-                let mut ema = Ema::<5>::default();
-                let workers = u
-                    .workers
-                    .lock()
-                    .iter()
-                    .map(|(name, cell)| {
-                        let w = *cell.counters.lock();
-                        let r = cell.rates.lock().ema;
-                        c.accepted += w.accepted;
-                        c.rejected += w.rejected;
-                        c.accepted_diff += w.accepted_diff;
-                        c.bestshare = c.bestshare.max(w.bestshare);
-                        c.last_share = c.last_share.max(w.last_share);
-                        ema.add(&r);
-                        (
-                            name.clone(),
-                            WorkerStats {
-                                accepted: w.accepted,
-                                rejected: w.rejected,
-                                accepted_diff: w.accepted_diff,
-                                bestshare: w.bestshare,
-                                lastshare: self.unix_secs(w.last_share),
-                                hashrate: Hashrates::from_ema(&r),
-                            },
-                        )
-                    })
-                    .collect();
-                let stats = UserStats {
-                    accepted: c.accepted,
-                    rejected: c.rejected,
-                    accepted_diff: c.accepted_diff,
-                    bestshare: c.bestshare,
-                    lastshare: self.unix_secs(c.last_share),
-                    hashrate: Hashrates::from_ema(&ema),
-                    blocks: u.blocks.load(Ordering::Relaxed),
-                    workers,
-                };
-                (name, stats)
-            })
-            .collect();
-        let mut sum = Totals::default();
-        for stripe in &self.totals {
-            let t = stripe.0.lock();
-            sum.accepted += t.accepted;
-            sum.rejected += t.rejected;
-            sum.accepted_diff += t.accepted_diff;
-            sum.bestshare = sum.bestshare.max(t.bestshare);
-            for (r, n) in &t.reject_reasons {
-                *sum.reject_reasons.entry(r).or_default() += n;
-            }
-        }
-        let (rates, round_diff) = {
-            let p = self.sampler.lock();
-            let [m1, m5, m15, h1, h6, d1, d7] = p.diff.rates().map(|r| r * HASHES_PER_DIFF);
-            let [s1, s5, s15, sh1] = p.shares.rates();
-            let rates = PoolRates {
-                hashrate1m: m1,
-                hashrate5m: m5,
-                hashrate15m: m15,
-                hashrate1hr: h1,
-                hashrate6hr: h6,
-                hashrate1d: d1,
-                hashrate7d: d7,
-                sps1m: s1,
-                sps5m: s5,
-                sps15m: s15,
-                sps1h: sh1,
-            };
-            (rates, (p.sampled_diff - p.round_start_diff).max(0.0))
-        };
-        let s = self.stats.lock();
-        StatsSnapshot {
-            accepted: sum.accepted,
-            rejected: sum.rejected,
-            accepted_diff: sum.accepted_diff,
-            bestshare: sum.bestshare,
-            reject_reasons: sum.reject_reasons,
-            blocks: s.blocks.clone(),
-            clients: self.clients.load(Ordering::Relaxed),
-            job,
-            round_diff,
-            disconnected: self.parked.load(Ordering::Relaxed),
-            rates,
-            users,
-        }
+        let parked = self.tables.prune_parked(now);
+        self.registry.sample(now, parked);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::book::JobView;
+    use crate::rates::HASHES_PER_DIFF;
 
     fn pool() -> Arc<Pool> {
-        Pool::new(PoolConfig::new(Network::Regtest, None), 1, |_| {}, None)
+        Pool::new(PoolConfig::new(Network::Regtest, None), 1, Instant::now())
     }
 
     fn template(prev: u8) -> Arc<Template> {
@@ -996,100 +314,48 @@ mod tests {
         .unwrap();
         let mut cfg = PoolConfig::new(Network::Regtest, Some(payout));
         cfg.job_lifetime = Duration::from_secs(30);
-        let p = Pool::new(cfg, 1, |_| {}, None);
+        let p = Pool::new(cfg, 1, Instant::now());
         let mut view = JobView::default();
-        p.refresh(&mut view);
-        assert!(view.current().is_none());
+        p.books.refresh(&mut view);
+        assert!(view.current(SourceId::TEMPLATE).is_none());
         let now = Instant::now();
         let a = p.new_template(template(1), now).unwrap();
         // A view is a copy: it sees the new job only once refreshed.
-        assert!(view.get(a.id).is_none());
-        p.refresh(&mut view);
-        let seen = |view: &JobView, id: u64| view.get(id).map(|(j, stale)| (j.id, stale));
+        assert!(view.get(SourceId::TEMPLATE, a.id).is_none());
+        p.books.refresh(&mut view);
+        let seen = |view: &JobView, id: u64| {
+            view.get(SourceId::TEMPLATE, id)
+                .map(|(j, stale)| (j.id, stale))
+        };
         assert_eq!(seen(&view, a.id), Some((a.id, false)));
-        assert_eq!(view.current().map(|j| j.id), Some(a.id));
+        assert_eq!(view.current(SourceId::TEMPLATE).map(|j| j.id), Some(a.id));
         // Same previous block: the older job stays fresh.
         let b = p
             .new_template(template(1), now + Duration::from_secs(1))
             .unwrap();
-        p.refresh(&mut view);
+        p.books.refresh(&mut view);
         assert_eq!(seen(&view, a.id), Some((a.id, false)));
-        assert_eq!(view.current().map(|j| j.id), Some(b.id));
+        assert_eq!(view.current(SourceId::TEMPLATE).map(|j| j.id), Some(b.id));
         // A new block: every older job is stale.
         let c = p
             .new_template(template(2), now + Duration::from_secs(2))
             .unwrap();
-        p.refresh(&mut view);
+        p.books.refresh(&mut view);
         assert_eq!(seen(&view, a.id), Some((a.id, true)));
         assert_eq!(seen(&view, b.id), Some((b.id, true)));
         assert_eq!(seen(&view, c.id), Some((c.id, false)));
-        assert!(view.get(c.id + 1).is_none());
+        assert!(view.get(SourceId::TEMPLATE, c.id + 1).is_none());
         // Past its lifetime, with three younger jobs, `a` leaves the pool and then the view,
         // which holds no reference to it any more.
         let d = p
             .new_template(template(2), now + Duration::from_secs(100))
             .unwrap();
         assert_eq!(Arc::strong_count(&a), 2, "the test's and the view's");
-        p.refresh(&mut view);
-        assert!(view.get(a.id).is_none());
+        p.books.refresh(&mut view);
+        assert!(view.get(SourceId::TEMPLATE, a.id).is_none());
         assert_eq!(Arc::strong_count(&a), 1);
         assert_eq!(seen(&view, b.id), Some((b.id, true)));
         assert_eq!(seen(&view, d.id), Some((d.id, false)));
-    }
-
-    #[test]
-    fn auth_backoff_doubles_up_to_ten_minutes_then_starts_again() {
-        let p = pool();
-        let mut now = Instant::now();
-        let mut waits = Vec::new();
-        for _ in 0..10 {
-            let w = p.auth_failed("bob", now);
-            assert_eq!(p.auth_refused("bob", now), Some(w));
-            assert_eq!(p.auth_refused("bob", now + w), None);
-            waits.push(w.as_secs());
-            now += w;
-        }
-        assert_eq!(waits, [3, 6, 12, 24, 48, 96, 192, 384, 600, 600]);
-        // Ten quiet minutes after the last refusal: from 3 s again.
-        assert_eq!(p.auth_failed("bob", now + AUTH_BACKOFF_MAX).as_secs(), 3);
-        p.auth_succeeded("bob");
-        assert_eq!(p.auth_refused("bob", now), None);
-        // A flood of names is bounded: the table never holds more than its cap.
-        for i in 0..AUTH_BACKOFF_USERS + 10 {
-            p.auth_failed(&format!("u{i}"), now);
-        }
-        assert!(p.auth_backoff.lock().len() <= AUTH_BACKOFF_USERS);
-        // The full table was scanned once for that flood, not once per name; a second later,
-        // with every entry expired, one scan empties it.
-        let first_scan = p.auth_backoff_pruned.lock().expect("pruned when full");
-        assert_eq!(first_scan, now);
-        let later = now + AUTH_BACKOFF_MAX + Duration::from_secs(700);
-        p.auth_failed("late", later);
-        assert_eq!(*p.auth_backoff_pruned.lock(), Some(later));
-        assert_eq!(p.auth_backoff.lock().len(), 1);
-    }
-
-    #[test]
-    fn a_mass_disconnect_prunes_parked_sessions_a_logarithmic_number_of_times() {
-        let p = pool();
-        let t0 = Instant::now();
-        for i in 0..100_000u32 {
-            p.park_session(i, u64::from(i), t0);
-        }
-        {
-            let r = p.resume.lock();
-            assert_eq!(r.map.len(), 100_000);
-            // 4096, 8192, ..., 65536: one pass at each doubling, none in between.
-            assert_eq!(r.passes, 5, "{} passes", r.passes);
-        }
-        assert_eq!(p.resume_session(7, t0), Some(7));
-        // Past the window, the next pass (the sampler's, or parking's) forgets them all.
-        let late = t0 + p.cfg.resume_window;
-        assert_eq!(p.resume_session(8, late), None);
-        p.sample_rates(late);
-        let r = p.resume.lock();
-        assert!(r.map.is_empty());
-        assert_eq!(r.prune_at, PARKED_PRUNE_MIN);
     }
 
     fn within(actual: f64, expected: f64) -> bool {
@@ -1101,19 +367,22 @@ mod tests {
         let pool = pool();
         let t0 = Instant::now();
         pool.set_wall_clock(t0, Duration::from_secs(1_700_000_000));
-        let stripe = pool.totals_stripe();
-        let rig1 = pool.worker_stats("alice", "alice.rig1");
-        let rig2 = pool.worker_stats("alice", "alice.rig2");
+        let stripe = pool.registry.totals_stripe();
+        let rig1 = pool.registry.worker_stats("alice", "alice.rig1");
+        let rig2 = pool.registry.worker_stats("alice", "alice.rig2");
         pool.sample_rates(t0);
         // Five minutes: every 2 s rig1 has two shares of 1000 accepted and rig2 one of 500.
         let mut now = t0;
         for _ in 0..150 {
             now += Duration::from_secs(2);
             for _ in 0..2 {
-                pool.record_share(&stripe, &rig1, Some(1000.0), 1500.0, None, now);
+                pool.registry
+                    .record_share(&stripe, &rig1, Some(1000.0), 1500.0, None, now);
             }
-            pool.record_share(&stripe, &rig2, Some(500.0), 600.0, None, now);
-            pool.record_share(&stripe, &rig2, None, 0.0, Some("Stale"), now);
+            pool.registry
+                .record_share(&stripe, &rig2, Some(500.0), 600.0, None, now);
+            pool.registry
+                .record_share(&stripe, &rig2, None, 0.0, Some(Reject::Stale), now);
             pool.sample_rates(now);
         }
         let s = pool.stats();
@@ -1140,13 +409,14 @@ mod tests {
     fn shares_before_a_zero_interval_sample_are_not_lost() {
         let pool = pool();
         let t0 = Instant::now();
-        let stripe = pool.totals_stripe();
-        let w = pool.worker_stats("bob", "bob");
+        let stripe = pool.registry.totals_stripe();
+        let w = pool.registry.worker_stats("bob", "bob");
         pool.sample_rates(t0);
         let mut now = t0;
         for _ in 0..150 {
             now += Duration::from_secs(2);
-            pool.record_share(&stripe, &w, Some(20.0), 20.0, None, now);
+            pool.registry
+                .record_share(&stripe, &w, Some(20.0), 20.0, None, now);
             // A second sample at the same instant folds nothing in and drops nothing.
             pool.sample_rates(now);
             pool.sample_rates(now);
@@ -1165,10 +435,11 @@ mod tests {
     fn a_worker_first_seen_after_the_baseline_counts_from_zero() {
         let pool = pool();
         let t0 = Instant::now();
-        let stripe = pool.totals_stripe();
+        let stripe = pool.registry.totals_stripe();
         pool.sample_rates(t0);
-        let w = pool.worker_stats("carol", "carol.a");
-        pool.record_share(&stripe, &w, Some(120.0), 120.0, None, t0);
+        let w = pool.registry.worker_stats("carol", "carol.a");
+        pool.registry
+            .record_share(&stripe, &w, Some(120.0), 120.0, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(2));
         let s = pool.stats();
         let expected = 60.0 * HASHES_PER_DIFF * (1.0 - (-2.0f64 / 60.0).exp());
@@ -1183,27 +454,32 @@ mod tests {
     fn round_restarts_at_a_block_and_parked_sessions_expire() {
         let pool = pool();
         let t0 = Instant::now();
-        let stripe = pool.totals_stripe();
-        let w = pool.worker_stats("dave", "dave");
-        pool.record_share(&stripe, &w, Some(100.0), 100.0, None, t0);
+        let stripe = pool.registry.totals_stripe();
+        let w = pool.registry.worker_stats("dave", "dave");
+        pool.registry
+            .record_share(&stripe, &w, Some(100.0), 100.0, None, t0);
         pool.sample_rates(t0);
         assert!(within(pool.stats().round_diff, 100.0));
-        pool.submit_block(BlockCandidate {
+        pool.registry.record_block(&BlockCandidate {
             height: 1,
             hash: "00".into(),
-            hex: String::new(),
+            hex: None,
+            source: SourceId::TEMPLATE,
             worker: "dave".into(),
             job_id: 1,
         });
-        pool.record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+        pool.registry
+            .record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(2));
         assert_eq!(pool.stats().round_diff, 0.0);
-        pool.record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+        pool.registry
+            .record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(4));
         assert!(within(pool.stats().round_diff, 7.0));
 
-        pool.park_session(1, 11, t0);
-        pool.park_session(2, 12, t0 + Duration::from_secs(300));
+        pool.tables.park_session(1, SourceId::TEMPLATE, 11, t0);
+        pool.tables
+            .park_session(2, SourceId::TEMPLATE, 12, t0 + Duration::from_secs(300));
         pool.sample_rates(t0 + Duration::from_secs(400));
         assert_eq!(pool.stats().disconnected, 2);
         pool.sample_rates(t0 + pool.cfg.resume_window + Duration::from_secs(1));

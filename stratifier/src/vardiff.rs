@@ -1,6 +1,7 @@
 //! Variable difficulty, as ckpool does it: aim for 0.3 shares per second per client, judged on a
 //! 5-minute decaying average of accepted difficulty, with ckpool's hysteresis. A pure function of
-//! its events and `now`.
+//! its events and `now` (instants are kept relative to an `epoch`, the pool's, the same for every
+//! call on one state).
 
 use std::time::{Duration, Instant};
 
@@ -46,8 +47,8 @@ pub struct Bounds {
 
 impl VarDiff {
     /// Fresh state at `now`.
-    pub fn new(now: Instant) -> Self {
-        let now = Stamp::of(now);
+    pub fn new(epoch: Instant, now: Instant) -> Self {
+        let now = Stamp::of(now, epoch);
         Self {
             dsps: 0.0,
             last_decay: now,
@@ -58,29 +59,30 @@ impl VarDiff {
     }
 
     /// The decaying average of accepted difficulty per second.
-    pub fn dsps(&self, now: Instant) -> f64 {
+    pub fn dsps(&self, epoch: Instant, now: Instant) -> f64 {
         let mut f = f64::from(self.dsps);
-        decay(&mut f, 0.0, secs(self.last_decay.until(now)));
+        decay(&mut f, 0.0, secs(self.last_decay.until(now, epoch)));
         f
     }
 
     /// Records a difficulty change made elsewhere (suggest_difficulty).
-    pub fn changed(&mut self, now: Instant) {
+    pub fn changed(&mut self, epoch: Instant, now: Instant) {
         self.ssdc = 0;
-        self.last_change = Stamp::of(now);
+        self.last_change = Stamp::of(now, epoch);
     }
 
     /// Accounts an accepted share credited at `credited` while the client's difficulty is
     /// `current`; returns the new difficulty when it should change.
     pub fn on_share(
         &mut self,
+        epoch: Instant,
         now: Instant,
         credited: Difficulty,
         current: Difficulty,
         bounds: Bounds,
     ) -> Option<Difficulty> {
-        let stamp = Stamp::of(now);
-        let elapsed = secs(self.last_decay.until(now));
+        let stamp = Stamp::of(now, epoch);
+        let elapsed = secs(self.last_decay.until(now, epoch));
         let mut f = f64::from(self.dsps);
         decay(&mut f, credited.to_f64(), elapsed);
         #[allow(clippy::cast_possible_truncation, reason = "stored at f32 precision")]
@@ -93,7 +95,7 @@ impl VarDiff {
         }
         let first = self.first_share;
         self.ssdc = self.ssdc.saturating_add(1);
-        let since_change = self.last_change.until(now);
+        let since_change = self.last_change.until(now, epoch);
         if self.ssdc < 72 && since_change < Duration::from_secs(240) {
             return None;
         }
@@ -102,7 +104,7 @@ impl VarDiff {
             self.ssdc = 0;
             return None;
         }
-        let bias = 1.0 - (-secs(first.until(now)) / WINDOW).exp();
+        let bias = 1.0 - (-secs(first.until(now, epoch)) / WINDOW).exp();
         if bias <= 0.0 {
             return None;
         }
@@ -184,14 +186,14 @@ mod tests {
     /// Simulates a miner of `hashrate_diff_per_sec` submitting shares at its current difficulty.
     fn simulate(rate: f64, start: f64, secs_total: u64, b: Bounds) -> Difficulty {
         let t0 = Instant::now();
-        let mut v = VarDiff::new(t0);
+        let mut v = VarDiff::new(t0, t0);
         let mut diff = d(start);
         let mut t = 0.0f64;
         while t < secs_total as f64 {
             // Time to the next share at this difficulty, deterministic.
             t += diff.to_f64() / rate;
             let now = t0 + Duration::from_secs_f64(t);
-            if let Some(n) = v.on_share(now, diff, diff, b) {
+            if let Some(n) = v.on_share(t0, now, diff, diff, b) {
                 diff = n;
             }
         }

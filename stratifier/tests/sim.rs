@@ -8,11 +8,14 @@
 )]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ckpool_stratifier::share::{ShareInput, hash_share, roll_version};
-use ckpool_stratifier::{BlockCandidate, Pool, PoolConfig, RecordingOut, Shard};
+use ckpool_stratifier::{
+    ClientId, ExtranonceLayout, Origin, Pool, PoolConfig, RecordingOut, Shard, SourceId,
+    Work as SourceWork,
+};
 use common::address::{Network, script_for_address};
 use common::template::{Template, TemplateTx};
 use common::{ConnId, Difficulty, Target};
@@ -70,7 +73,6 @@ struct Sim {
     shard: Shard,
     out: RecordingOut,
     now: Instant,
-    blocks: Arc<Mutex<Vec<BlockCandidate>>>,
 }
 
 fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
@@ -80,9 +82,7 @@ fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
     cfg.mindiff = Difficulty::MIN;
     cfg.startdiff = Difficulty::MIN;
     tweak(&mut cfg);
-    let blocks = Arc::new(Mutex::new(Vec::new()));
-    let b2 = Arc::clone(&blocks);
-    let pool = Pool::new(cfg, 1, move |b| b2.lock().unwrap().push(b), None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(template(1, bits, 3), now).unwrap();
     Sim {
@@ -90,7 +90,6 @@ fn sim_with(solo: bool, bits: u32, tweak: impl FnOnce(&mut PoolConfig)) -> Sim {
         pool,
         out: RecordingOut::default(),
         now,
-        blocks,
     }
 }
 
@@ -118,17 +117,22 @@ impl Sim {
         c
     }
 
-    fn line(&mut self, c: ConnId, v: Value) -> Vec<Value> {
+    fn line(&mut self, c: impl Into<ClientId> + Copy, v: Value) -> Vec<Value> {
         self.raw(c, v.to_string().as_bytes())
     }
 
-    fn raw(&mut self, c: ConnId, bytes: &[u8]) -> Vec<Value> {
+    fn raw(&mut self, c: impl Into<ClientId> + Copy, bytes: &[u8]) -> Vec<Value> {
         self.shard.on_line(self.now, c, bytes, &mut self.out);
         self.out.take_json(c)
     }
 
     fn connect(&mut self, n: u32, user: &str) -> (ConnId, Work) {
         let c = self.open(n);
+        (c, self.login(c, user))
+    }
+
+    /// Subscribes and authorises `c` as `user`.
+    fn login(&mut self, c: impl Into<ClientId> + Copy, user: &str) -> Work {
         let mut w = Work::default();
         let r = self.line(
             c,
@@ -141,7 +145,7 @@ impl Sim {
         );
         assert_eq!(r[0]["result"], true, "{r:?}");
         absorb(&mut w, &r);
-        (c, w)
+        w
     }
 
     fn new_block(&mut self, prev: u8, bits: u32) -> Vec<Value> {
@@ -526,7 +530,7 @@ fn never_authorising_client_dropped_after_60s() {
     s.now += Duration::from_secs(2);
     s.shard.on_tick(s.now, &mut s.out);
     assert_eq!(s.out.closed, vec![lazy]);
-    assert!(!s.out.closed.contains(&good));
+    assert!(!s.out.closed.contains(&good.into()));
 }
 
 #[test]
@@ -581,9 +585,9 @@ fn block_solution_is_assembled_and_submitted_before_stale_check() {
     // Make the job stale first: the block must still be submitted.
     s.new_block(7, EASY_BITS);
     assert_reject(&s.line(c, share), 21, "Stale");
-    let blocks = s.blocks.lock().unwrap();
+    let blocks = s.out.take_blocks();
     assert_eq!(blocks.len(), 1);
-    let raw = hex::decode(&blocks[0].hex).unwrap();
+    let raw = hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap();
     let block: bitcoin::Block = bitcoin::consensus::deserialize(&raw).unwrap();
     assert!(block.check_merkle_root());
     assert_eq!(block.txdata.len(), 4);
@@ -592,6 +596,92 @@ fn block_solution_is_assembled_and_submitted_before_stale_check() {
     assert_eq!(
         block.txdata[0].output[0].script_pubkey.as_bytes(),
         &payout[..]
+    );
+}
+
+#[test]
+fn a_replayed_block_solution_is_a_duplicate_and_makes_no_second_candidate() {
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let (c, w) = s.connect(1, "alice.rig");
+    let nonce = grind(&w, &[5; 8], Target::from_compact(EASY_BITS), None);
+    let share = submit(&w, "alice.rig", &[5; 8], nonce);
+    assert_eq!(s.line(c, share.clone())[0]["result"], true);
+    assert_eq!(
+        s.out.take_blocks().len(),
+        1,
+        "the first sighting is a block"
+    );
+    assert_reject(&s.line(c, share.clone()), 22, "Duplicate");
+    assert_reject(&s.line(c, share), 22, "Duplicate");
+    assert!(
+        s.out.take_blocks().is_empty(),
+        "a replay builds and queues no block"
+    );
+    let st = s.pool.stats();
+    assert_eq!(st.blocks.len(), 1, "counted once");
+    assert_eq!(st.users["alice"].blocks, 1);
+    assert_eq!(st.reject_reasons["Duplicate"], 2);
+}
+
+#[test]
+fn a_replayed_stale_block_solution_is_submitted_once() {
+    // A block share on a job made stale by a new block is still submitted (it may win a race),
+    // once: sent again, it stays "Stale" and makes no candidate.
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let (c, w) = s.connect(1, "alice.rig");
+    let nonce = grind(&w, &[6; 8], Target::from_compact(EASY_BITS), None);
+    let share = submit(&w, "alice.rig", &[6; 8], nonce);
+    s.new_block(7, EASY_BITS);
+    assert_reject(&s.line(c, share.clone()), 21, "Stale");
+    assert_reject(&s.line(c, share), 21, "Stale");
+    assert_eq!(s.out.take_blocks().len(), 1);
+}
+
+#[test]
+fn share_events_only_when_wanted() {
+    let mut s = sim();
+    let (c, w) = s.connect(1, "alice.rig1");
+    let share = good_share(&w, "alice.rig1", &[1; 8]);
+    assert_eq!(s.line(c, share.clone())[0]["result"], true);
+    assert!(
+        s.out.events.is_empty(),
+        "nobody asked for shares: none built"
+    );
+    s.out.shares = true;
+    let share2 = good_share(&w, "alice.rig1", &[2; 8]);
+    assert_eq!(s.line(c, share2.clone())[0]["result"], true);
+    assert_reject(&s.line(c, share2.clone()), 22, "Duplicate");
+    // A submit refused before hashing (no such job) is not a share record.
+    let mut bad = share;
+    bad["params"][1] = json!("ffffffffffffffff");
+    assert_reject(&s.line(c, bad), 21, "Invalid JobID");
+    let recs = s.out.take_shares();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    let (ok, dup) = (&recs[0], &recs[1]);
+    assert!(ok.result && ok.reject_reason.is_none());
+    assert!(!dup.result);
+    assert_eq!(
+        dup.reject_reason,
+        Some(ckpool_stratifier::Reject::Duplicate)
+    );
+    let job = w.job.as_ref().unwrap();
+    assert_eq!(format!("{:016x}", ok.workinfoid), job[0].as_str().unwrap());
+    assert_eq!(ok.enonce1, hex::encode(&w.en1));
+    assert_eq!(ok.nonce2, hex::encode([2u8; 8]));
+    assert_eq!(ok.nonce, share2["params"][4].as_str().unwrap());
+    assert_eq!(ok.workername, "alice.rig1");
+    assert_eq!(ok.username, "alice");
+    assert_eq!(ok.address, "127.0.0.1");
+    assert_eq!(ok.agent, "test/1.0");
+    assert_eq!(ok.diff, w.diff);
+    assert!(ok.sdiff >= ok.diff);
+    let line = serde_json::to_value(dup).unwrap();
+    assert_eq!(line["reject-reason"], "Duplicate");
+    assert!(
+        serde_json::to_value(ok)
+            .unwrap()
+            .get("reject-reason")
+            .is_none()
     );
 }
 
@@ -614,7 +704,7 @@ fn failed_solo_authorisations_back_off_per_username() {
     let (c, r) = auth(&mut s, 2, "bad.w2");
     assert_eq!(r[0]["result"], false);
     assert_eq!(r[0]["error"][1], throttled, "{r:?}");
-    assert!(s.out.closed.contains(&c));
+    assert!(s.out.closed.contains(&c.into()));
     // Other names are not affected.
     let (_, r) = auth(&mut s, 3, "mzBc4XEFSdzCDcTxAgf6EZXgsZWpztRhef.w");
     assert_eq!(r[0]["result"], true, "{r:?}");
@@ -647,9 +737,10 @@ fn solo_mode_pays_each_user() {
     let nonce = grind(&w, &[1; 8], net, None);
     let r = s.line(c2, submit(&w, &format!("{addr}.w1"), &[1; 8], nonce));
     assert_eq!(r[0]["result"], true, "{r:?}");
-    let blocks = s.blocks.lock().unwrap();
+    let blocks = s.out.take_blocks();
     let block: bitcoin::Block =
-        bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
     let script = script_for_address(addr, Network::Regtest).unwrap();
     assert_eq!(
         block.txdata[0].output[0].script_pubkey.as_bytes(),
@@ -689,9 +780,7 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
     cfg.mindiff = Difficulty::MIN;
     cfg.startdiff = Difficulty::MIN;
     cfg.coinbase.btcsig = b"/segwit test/".to_vec();
-    let blocks = Arc::new(Mutex::new(Vec::new()));
-    let b2 = Arc::clone(&blocks);
-    let pool = Pool::new(cfg, 1, move |b| b2.lock().unwrap().push(b), None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(Arc::clone(&t), now).unwrap();
     let mut s = Sim {
@@ -699,7 +788,6 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
         pool,
         out: RecordingOut::default(),
         now,
-        blocks,
     };
     let (c, w) = s.connect(1, "segwit.rig");
     assert_eq!(
@@ -710,11 +798,12 @@ fn core_segwit_template_block_passes_merkle_and_witness_checks() {
     let nonce = grind(&w, &[3; 8], Target::from_compact(t.bits), None);
     let r = s.line(c, submit(&w, "segwit.rig", &[3; 8], nonce));
     assert_eq!(r[0]["result"], true, "{r:?}");
-    let blocks = s.blocks.lock().unwrap();
+    let blocks = s.out.take_blocks();
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].height, 111);
     let block: bitcoin::Block =
-        bitcoin::consensus::deserialize(&hex::decode(&blocks[0].hex).unwrap()).unwrap();
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
     assert_eq!(block.txdata.len(), 13);
     assert!(block.check_merkle_root(), "merkle root must be over txids");
     assert!(
@@ -793,7 +882,7 @@ fn compat_bitaxe_session_replay() {
     let t = core_template("core-testnet3-gbt-2442185.json");
     let mut cfg = PoolConfig::new(Network::Testnet, None);
     cfg.solo = true;
-    let pool = Pool::new(cfg, 1, |_| {}, None);
+    let pool = Pool::new(cfg, 1, Instant::now());
     let now = Instant::now();
     pool.new_template(t, now).unwrap();
     let mut s = Sim {
@@ -801,7 +890,6 @@ fn compat_bitaxe_session_replay() {
         pool,
         out: RecordingOut::default(),
         now,
-        blocks: Arc::default(),
     };
     let c = s.open(1);
     let session = std::fs::read_to_string(concat!(
@@ -1174,7 +1262,6 @@ fn totals_add_up_across_shards() {
         pool: Arc::clone(&a.pool),
         out: RecordingOut::default(),
         now: a.now,
-        blocks: Arc::clone(&a.blocks),
     };
     let (ca, wa) = a.connect(1, "alice.a");
     let (cb, wb) = b.connect(2, "alice.b");
@@ -1194,4 +1281,302 @@ fn totals_add_up_across_shards() {
     assert_eq!(st.reject_reasons["Invalid JobID"], 1);
     assert_eq!(st.users["alice"].accepted, 2);
     assert_eq!(st.users["alice"].workers["alice.b"].rejected, 1);
+}
+
+#[test]
+fn sub_clients_are_sessions_of_their_own_and_close_with_their_connection() {
+    let mut s = sim();
+    let (p, q) = (ConnId::new(0, 0, 1), ConnId::new(0, 0, 2));
+    // Two passthrough connections, each with sub-clients 1 and 2 (the same remote ids).
+    let subs = [
+        ClientId::Sub(p, 1),
+        ClientId::Sub(p, 2),
+        ClientId::Sub(q, 1),
+        ClientId::Sub(q, 2),
+    ];
+    let mut work = Vec::new();
+    for (i, &c) in subs.iter().enumerate() {
+        s.shard.on_open(s.now, c, peer(), 0);
+        work.push(s.login(c, &format!("user{i}.w")));
+    }
+    assert_eq!(s.shard.sessions(), 4);
+    assert_eq!(s.pool.stats().clients, 4);
+    // Four distinct sessions: four extranonce1s, and each sub-client's lines go to it alone.
+    let mut en1s: Vec<_> = work.iter().map(|w| w.en1.clone()).collect();
+    en1s.sort();
+    en1s.dedup();
+    assert_eq!(en1s.len(), 4);
+    for (i, (&c, w)) in subs.iter().zip(&work).enumerate() {
+        let user = format!("user{i}.w");
+        let r = s.line(c, good_share(w, &user, &[i as u8; 8]));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0]["result"], true, "{r:?}");
+        // Another sub-client's share is not this one's: its worker does not match.
+        let other = (i + 1) % 4;
+        let r = s.line(
+            c,
+            good_share(&work[other], &format!("user{other}.w"), &[9; 8]),
+        );
+        assert_eq!(r[0]["error"][1], "Worker mismatch", "{r:?}");
+    }
+    assert!(s.out.sent.is_empty(), "nothing went to anybody else");
+    // A new job reaches every sub-client once.
+    let job = s
+        .pool
+        .new_template(template(1, HARD_BITS, 1), s.now)
+        .unwrap();
+    s.shard.on_job(&job, &mut s.out);
+    for &c in &subs {
+        assert_eq!(s.out.take_json(c).len(), 1, "{c}");
+    }
+    // Closing p drops only p's sub-clients; q's keep working.
+    s.shard.on_close(s.now, p);
+    assert_eq!(s.shard.sessions(), 2);
+    assert_eq!(s.pool.stats().clients, 2);
+    assert!(
+        s.line(subs[0], json!({"id":5,"method":"mining.ping"}))
+            .is_empty()
+    );
+    for &c in &subs[2..] {
+        assert_eq!(
+            s.line(c, json!({"id":5,"method":"mining.ping"}))[0]["result"],
+            "pong"
+        );
+    }
+    // A sub-client alone can go; its connection's other sub-client stays.
+    s.shard.on_close(s.now, subs[2]);
+    assert_eq!(s.shard.sessions(), 1);
+    assert_eq!(
+        s.line(subs[3], json!({"id":6,"method":"mining.ping"}))[0]["result"],
+        "pong"
+    );
+    // The same remote id on a new connection is a new client.
+    let r = ConnId::new(0, 1, 1);
+    s.shard.on_open(s.now, ClientId::Sub(r, 1), peer(), 0);
+    let w = s.login(ClientId::Sub(r, 1), "late.w");
+    assert!(!en1s.contains(&w.en1));
+    assert_eq!(s.shard.sessions(), 2);
+    // A passthrough connection (a direct session with a sub-client) whose close was lost: the
+    // connector's next connection on its slot replaces both.
+    let x = ConnId::new(0, 0, 9);
+    s.shard.on_open(s.now, x, peer(), 0);
+    s.shard.on_open(s.now, ClientId::Sub(x, 1), peer(), 0);
+    assert_eq!(s.shard.sessions(), 4);
+    let x2 = ConnId::new(0, 1, 9);
+    s.shard.on_open(s.now, x2, peer(), 0);
+    assert_eq!(s.shard.sessions(), 3);
+    assert_eq!(s.pool.stats().clients, 3);
+    assert!(
+        s.line(ClientId::Sub(x, 1), json!({"id":5,"method":"mining.ping"}))
+            .is_empty()
+    );
+}
+
+/// Upstream-style work (proxy mode): the upstream's coinbase halves and branch, as a
+/// `mining.notify` gives them.
+fn upstream_work(job_id: &str, prev: u8, clean: bool) -> SourceWork {
+    SourceWork {
+        origin: Origin::Upstream {
+            job_id: job_id.into(),
+        },
+        prev_hash: [prev; 32],
+        coinb1: (0..41u8).collect(),
+        coinb2: vec![0xee; 30],
+        branch: vec![[3; 32], [4; 32]],
+        version: 0x2000_0000,
+        bits: EASY_BITS,
+        ntime: 1_700_000_100,
+        clean,
+        height: 0,
+    }
+}
+
+#[test]
+fn two_work_sources_feed_one_shard_each_miner_on_its_own() {
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let layout = ExtranonceLayout::new(&[0xaa, 0xbb, 0xcc], 2, 6).unwrap();
+    let up = s.pool.add_source(layout).unwrap();
+    assert_eq!(up, SourceId(1));
+    let up_job = s
+        .pool
+        .new_work(up, upstream_work("up-1", 9, true), s.now)
+        .unwrap();
+    assert_eq!(up_job.source, up);
+    // A miner on the pool's own work, and one on the upstream's.
+    let (a, wa) = s.connect(1, "alice.a");
+    let b = ConnId::new(0, 0, 2);
+    s.shard.on_open_in(s.now, b, peer(), 0, up);
+    let wb = s.login(b, "bob.b");
+    assert_eq!((wa.en1.len(), wa.n2len), (4, 8));
+    assert_eq!((wb.en1.len(), wb.n2len), (5, 6));
+    assert_eq!(&wb.en1[..3], &[0xaa, 0xbb, 0xcc], "the upstream's prefix");
+    let (ja, jb) = (wa.job.clone().unwrap(), wb.job.clone().unwrap());
+    assert_eq!(jb[0], up_job.id_hex.as_str());
+    assert_eq!(jb[2], hex::encode((0..41u8).collect::<Vec<_>>()));
+    assert_eq!(jb[3], hex::encode([0xee; 30]));
+    assert_eq!(jb[4].as_array().unwrap().len(), 2);
+    assert_eq!(jb[7], "6553f164");
+    assert_ne!(ja[0], jb[0]);
+    assert_eq!(
+        ja[0],
+        s.pool.current_job().unwrap().id_hex.as_str(),
+        "source 0 is the template's"
+    );
+
+    // Shares are checked against each miner's own source: its job, extranonce and nonce2 length.
+    let net = Target::from_compact(EASY_BITS);
+    let share_of = |w: &Work, user: &str, en2: &[u8]| {
+        let d = Difficulty::from_f64(w.diff).unwrap().target();
+        submit(w, user, en2, grind(w, en2, d, Some(net)))
+    };
+    assert_eq!(
+        s.line(a, share_of(&wa, "alice.a", &[1; 8]))[0]["result"],
+        true
+    );
+    assert_eq!(
+        s.line(b, share_of(&wb, "bob.b", &[1; 6]))[0]["result"],
+        true
+    );
+    // B's nonce2 is 6 bytes: 8 is wrong for it, and A's job is not B's.
+    let mut wrong = share_of(&wb, "bob.b", &[2; 6]);
+    wrong["params"][2] = json!(hex::encode([2u8; 8]));
+    assert_reject(&s.line(b, wrong), 20, "Invalid nonce2 length");
+    let mut other = share_of(&wb, "bob.b", &[3; 6]);
+    other["params"][1] = ja[0].clone();
+    assert_reject(&s.line(b, other), 21, "Invalid JobID");
+    assert!(s.out.take_blocks().is_empty());
+
+    // New work reaches only the miners of its source.
+    let up2 = s
+        .pool
+        .new_work(up, upstream_work("up-2", 9, false), s.now)
+        .unwrap();
+    s.shard.on_job(&up2, &mut s.out);
+    assert!(s.out.take_json(a).is_empty());
+    let got = s.out.take_json(b);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["params"][0], up2.id_hex.as_str());
+    assert_eq!(got[0]["params"][8], false, "same previous block, not clean");
+    let mut wb = wb;
+    absorb(&mut wb, &got);
+    let t2 = s
+        .pool
+        .new_template(template(1, EASY_BITS, 3), s.now)
+        .unwrap();
+    s.shard.on_job(&t2, &mut s.out);
+    assert!(s.out.take_json(b).is_empty());
+    let mut wa = wa;
+    absorb(&mut wa, &s.out.take_json(a));
+    assert_eq!(wa.job.as_ref().unwrap()[0], t2.id_hex.as_str());
+
+    // A block on each source: the template's is assembled, the upstream's is left to the
+    // upstream (no transactions here).
+    let nonce = grind(&wa, &[7; 8], net, None);
+    assert_eq!(
+        s.line(a, submit(&wa, "alice.a", &[7; 8], nonce))[0]["result"],
+        true
+    );
+    let nonce = grind(&wb, &[7; 6], net, None);
+    assert_eq!(
+        s.line(b, submit(&wb, "bob.b", &[7; 6], nonce))[0]["result"],
+        true
+    );
+    let blocks = s.out.take_blocks();
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    assert_eq!(
+        (blocks[0].source, blocks[0].job_id),
+        (SourceId::TEMPLATE, t2.id)
+    );
+    let block: bitcoin::Block =
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
+    assert!(block.check_merkle_root());
+    assert_eq!((blocks[1].source, blocks[1].job_id), (up, up2.id));
+    assert!(blocks[1].hex.is_none());
+    assert_eq!(s.pool.stats().blocks.len(), 2);
+
+    // A session parked on one source does not resume on another.
+    let sid = {
+        let c = ConnId::new(0, 0, 3);
+        s.shard.on_open_in(s.now, c, peer(), 0, up);
+        let r = s.line(
+            c,
+            json!({"id":1,"method":"mining.subscribe","params":["x"]}),
+        );
+        s.shard.on_close(s.now, c);
+        r[0]["result"][0][0][1].as_str().unwrap().to_owned()
+    };
+    let c = s.open(4);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
+    );
+    assert_ne!(
+        r[0]["result"][0][0][1],
+        sid.as_str(),
+        "a new session on source 0"
+    );
+}
+
+#[test]
+fn parent_workinfo_source_assembles_its_blocks() {
+    // Node mode: work rebuilt from a parent pool's workinfo, transactions included. Here the
+    // workinfo is made from a template with 3 transactions; the parent gave this node the
+    // extranonce1 prefix 0x5a5b and leaves 2 local bytes and 8 of extranonce2.
+    let mut s = sim_with(false, EASY_BITS, |_| {});
+    let t = template(4, EASY_BITS, 3);
+    let payout = script_for_address(PAYOUT, Network::Regtest).unwrap();
+    let cfg = s.pool.config().clone();
+    let wi =
+        ckpool_stratifier::Job::build(1, Arc::clone(&t), true, Some(&payout), &cfg.coinbase, s.now)
+            .unwrap();
+    let parent = s
+        .pool
+        .add_source(ExtranonceLayout::new(&[0x5a, 0x5b], 2, 8).unwrap())
+        .unwrap();
+    let job = s
+        .pool
+        .new_work(
+            parent,
+            SourceWork {
+                origin: Origin::Parent {
+                    workinfo_id: 77,
+                    transactions: t.transactions.clone().into(),
+                    witness: t.has_witness_commitment(),
+                },
+                prev_hash: t.prev_hash,
+                coinb1: wi.coinb1.clone(),
+                coinb2: wi.coinb2.clone(),
+                branch: wi.branch.clone(),
+                version: t.version,
+                bits: t.bits,
+                ntime: t.curtime,
+                clean: true,
+                height: t.height,
+            },
+            s.now,
+        )
+        .unwrap();
+    let c = ConnId::new(0, 0, 1);
+    s.shard.on_open_in(s.now, c, peer(), 0, parent);
+    let w = s.login(c, "carol.n");
+    assert_eq!(&w.en1[..2], &[0x5a, 0x5b]);
+    let nonce = grind(&w, &[1; 8], Target::from_compact(EASY_BITS), None);
+    assert_eq!(
+        s.line(c, submit(&w, "carol.n", &[1; 8], nonce))[0]["result"],
+        true
+    );
+    let blocks = s.out.take_blocks();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(
+        (blocks[0].source, blocks[0].job_id, blocks[0].height),
+        (parent, job.id, 1000)
+    );
+    let block: bitcoin::Block =
+        bitcoin::consensus::deserialize(&hex::decode(blocks[0].hex.as_ref().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(block.txdata.len(), 4);
+    assert!(block.check_merkle_root());
+    assert_eq!(block.block_hash().to_string(), blocks[0].hash);
+    assert_eq!(job.transactions().len(), 3);
 }

@@ -27,7 +27,8 @@ use ids::ConnId;
 use socket2::{SockAddr, SockAddrStorage, Socket};
 
 use super::{
-    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenerId, SendOp, Waker,
+    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenSocket, ListenerId, SendOp,
+    Waker,
 };
 
 /// Size of the per-thread scratch buffer that all reads of one round share.
@@ -106,7 +107,7 @@ struct EListener {
 impl Epoll {
     /// Creates an epoll instance watching `waker`, with `listeners` (indexed by [`ListenerId`])
     /// registered lazily by [`Backend::accept`].
-    pub(crate) fn new(waker: Arc<Waker>, listeners: Vec<Socket>) -> io::Result<Self> {
+    pub(crate) fn new(waker: Arc<Waker>, listeners: Vec<ListenSocket>) -> io::Result<Self> {
         // SAFETY: epoll_create1 has no memory-safety preconditions; EPOLL_CLOEXEC is a valid flag.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -130,7 +131,12 @@ impl Epoll {
             conns: ConnTable::default(),
             listeners: listeners
                 .into_iter()
-                .map(|sock| EListener { sock, armed: false })
+                // Level-triggered and not exclusive: every thread watching a shared listener is
+                // woken and the first to accept wins, which spreads connections well enough.
+                .map(|l| EListener {
+                    sock: l.sock,
+                    armed: false,
+                })
                 .collect(),
             ready: Vec::new(),
             lazy: Vec::new(),
@@ -384,6 +390,80 @@ impl Backend for Epoll {
         drop(self.conns.remove(conn));
     }
 
+    fn stop_accepts(&mut self) {
+        for l in &mut self.listeners {
+            if l.armed {
+                l.armed = false;
+                if let Err(e) = ctl(&self.epfd, libc::EPOLL_CTL_DEL, l.sock.as_raw_fd(), 0, 0) {
+                    tracing::error!(error = %e, "epoll_ctl(DEL) on a listener failed");
+                }
+            }
+        }
+    }
+
+    fn stop_recv(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        c.recv_armed = false;
+        if let Err(e) = sync_interest(&self.epfd, conn, c) {
+            // Still watched for input, which is ignored (`recv_armed` is off): harmless.
+            tracing::debug!(conn = %conn, error = %e, "epoll_ctl(MOD) failed while stopping reads");
+        }
+    }
+
+    fn cancel_send(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        let Some(op) = c.op.take() else {
+            return;
+        };
+        let n = op.written;
+        self.ready.push(Completion::Send {
+            conn,
+            op: *op,
+            result: Ok(n),
+        });
+        self.lazy.push(conn);
+    }
+
+    fn settled(&self) -> bool {
+        // Accepts and receives stop at once; only reported completions may be left.
+        self.ready.is_empty()
+    }
+
+    fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>> {
+        conns
+            .iter()
+            .map(|&id| {
+                let c = self
+                    .conns
+                    .get_mut(id)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
+                if c.registered {
+                    // The descriptor stays open (it is handed over), so it must leave the set.
+                    ctl(&self.epfd, libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0)?;
+                }
+                let c = self
+                    .conns
+                    .remove(id)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
+                Ok(OwnedFd::from(c.sock))
+            })
+            .collect()
+    }
+
+    fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<io::Result<Socket>> {
+        fds.into_iter()
+            .map(|fd| {
+                let sock = Socket::from(fd);
+                sock.set_nonblocking(true)?;
+                Ok(sock)
+            })
+            .collect()
+    }
+
     fn complete(
         &mut self,
         timeout: Option<Duration>,
@@ -470,7 +550,14 @@ fn sync_interest(epfd: &OwnedFd, id: ConnId, c: &mut EConn) -> io::Result<()> {
     if c.op.is_some() {
         want |= EV_OUT;
     }
-    if c.registered {
+    if c.registered && want == 0 {
+        // Out of the set rather than watched for nothing: epoll reports hang-ups and errors
+        // whatever the interest, and level-triggered, a reset connection that nobody reads
+        // (reads stopped for a handover) would be reported on every wait.
+        ctl(epfd, libc::EPOLL_CTL_DEL, c.sock.as_raw_fd(), 0, 0)?;
+        c.registered = false;
+        c.interest = 0;
+    } else if c.registered {
         if want != c.interest {
             ctl(
                 epfd,

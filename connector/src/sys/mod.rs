@@ -50,6 +50,7 @@ mod uring;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -60,8 +61,8 @@ use crate::sendbufs::SendBufs;
 use crate::{BackendKind, UringConfig};
 
 pub(crate) use os::{
-    Waker, ensure_port_free, fix_mmap_threshold, listener_socket, pin_current_thread,
-    raise_nofile_limit, release_free_heap,
+    Waker, ensure_port_free, fix_mmap_threshold, inherited_listener, listener_socket,
+    pin_current_thread, raise_nofile_limit, release_free_heap,
 };
 
 /// Environment variable that, set to anything but `""` or `"0"`, makes [`probe_uring`] fail as if
@@ -87,6 +88,34 @@ fn probe_kernel() -> Result<(), String> {
     uring::probe()
 }
 
+/// Environment variable that, set to anything but `""` or `"0"`, makes [`uring_handover`] fail as
+/// if the kernel lacked `IORING_OP_FIXED_FD_INSTALL` (so tests can exercise that refusal).
+pub(crate) const NO_URING_HANDOVER_ENV: &str = "CKPOOL_IO_URING_NO_HANDOVER";
+
+/// Whether the io_uring backend can export connections here (`IORING_OP_FIXED_FD_INSTALL`, Linux
+/// 6.8, and `IORING_OP_FILES_UPDATE` to adopt them): checked once per process.
+pub(crate) fn uring_handover() -> Result<(), String> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if std::env::var_os(NO_URING_HANDOVER_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+                return Err(format!("disabled by {NO_URING_HANDOVER_ENV}"));
+            }
+            probe_handover_kernel()
+        })
+        .clone()
+}
+
+#[cfg(all(target_os = "linux", feature = "io-uring"))]
+fn probe_handover_kernel() -> Result<(), String> {
+    uring::probe_handover()
+}
+
+#[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+fn probe_handover_kernel() -> Result<(), String> {
+    Err("built without the io-uring feature".to_owned())
+}
+
 #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
 fn probe_kernel() -> Result<(), String> {
     Err("built without the io-uring feature".to_owned())
@@ -103,7 +132,7 @@ pub(crate) trait WithBackend {
     fn run<B, N>(self, new_backend: N) -> Self::Output
     where
         B: Backend + 'static,
-        N: Fn(Arc<Waker>, Vec<socket2::Socket>) -> io::Result<B> + Send + Sync + 'static;
+        N: Fn(Arc<Waker>, Vec<ListenSocket>) -> io::Result<B> + Send + Sync + 'static;
 }
 
 /// Calls `w` with the constructor of the backend `kind` (`Auto` must be resolved before; it is
@@ -132,6 +161,29 @@ fn run_uring<W: WithBackend>(_cfg: UringConfig, _w: W) -> Option<W::Output> {
 /// Capacity of completion lists kept between rounds (a broadcast to many connections produces one
 /// completion each; that much memory is not kept for good).
 pub(crate) const KEEP_COMPLETIONS: usize = 1024;
+
+/// A thread's listening socket.
+pub(crate) struct ListenSocket {
+    pub(crate) sock: socket2::Socket,
+    /// Whether other threads accept on the same socket (an inherited listener): io_uring then
+    /// arms one accept at a time, so that the kernel, which wakes one waiting accept per
+    /// connection (the first in line), spreads the connections over the threads in turn.
+    #[cfg_attr(
+        not(all(target_os = "linux", feature = "io-uring")),
+        expect(dead_code, reason = "only io_uring reads it")
+    )]
+    pub(crate) shared: bool,
+}
+
+impl From<socket2::Socket> for ListenSocket {
+    /// A socket of this thread alone.
+    fn from(sock: socket2::Socket) -> Self {
+        Self {
+            sock,
+            shared: false,
+        }
+    }
+}
 
 /// Index of a listener: its position in `Config::listen`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,6 +226,37 @@ pub(crate) trait Backend: Sized {
     /// submissions). The worker calls it in the middle of a long round, so that replies to the
     /// first lines of a big batch do not wait for the whole batch.
     fn submit_now(&mut self) {}
+
+    /// Stops every listener's accept (a handover): no accept completion is reported for them
+    /// once [`Backend::settled`] says so, until [`Backend::accept`] arms one again.
+    fn stop_accepts(&mut self);
+
+    /// Stops `conn`'s receive without ending the connection: no [`Completion::RecvEnd`] is
+    /// reported for the stop, and bytes received meanwhile are reported as usual until
+    /// [`Backend::settled`]. Received bytes not yet read stay in the socket.
+    fn stop_recv(&mut self, conn: ConnId);
+
+    /// Ends `conn`'s send in flight early: its [`Completion::Send`] comes back with `Ok(n)`, `n`
+    /// the bytes written so far (possibly 0), and the rest of the operation unwritten.
+    fn cancel_send(&mut self, conn: ConnId);
+
+    /// Whether no accept or receive is in flight or being stopped (sends may be).
+    fn settled(&self) -> bool;
+
+    /// Whether [`Backend::export`] can work here; `Err` says why not.
+    fn can_export(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Takes `conns` (stopped, no send in flight) out of the backend and hands each socket back
+    /// as a regular descriptor of this process, in order. A connection whose descriptor cannot
+    /// be made (e.g. `EMFILE`) stays in the backend as it was, and its error is returned.
+    fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>>;
+
+    /// Turns connected sockets of this process into sockets of the backend, in order, for
+    /// [`Backend::open`] (the rules of accepted sockets apply: one not opened before the next
+    /// [`Backend::complete`] is closed). The descriptors are consumed.
+    fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<io::Result<Self::Socket>>;
 
     /// Waits up to `timeout` (`None`: no limit) for operations to finish and appends them to `out`.
     /// May return early with nothing (a wake-up or an interrupted wait). An error means the backend

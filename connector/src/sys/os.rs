@@ -76,6 +76,28 @@ pub(crate) fn listener_socket(addr: SocketAddr, backlog: i32) -> io::Result<(Soc
     Ok((sock, local))
 }
 
+/// A socket of this process for an inherited listening socket `fd` (a duplicate, sharing the
+/// kernel socket), made non-blocking with `TCP_NODELAY` (see [`listener_socket`]); with its
+/// local address. Fails unless `fd` is a listening TCP socket with an IP address.
+pub(crate) fn inherited_listener(fd: &OwnedFd) -> io::Result<(Socket, SocketAddr)> {
+    let sock = Socket::from(fd.try_clone()?);
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    if sock.r#type()? != Type::STREAM {
+        return Err(invalid("an inherited listener is not a stream socket"));
+    }
+    if !sock.is_listener()? {
+        return Err(invalid("an inherited socket is not listening"));
+    }
+    let local = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| invalid("an inherited listener has no IP address"))?;
+    // Shared with whoever else holds the socket (the instance that handed it over).
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    Ok((sock, local))
+}
+
 /// Fails with `AddrInUse` when another socket already listens on `addr`. The listeners use
 /// `SO_REUSEPORT` (one per thread), which would otherwise let a second process (say, a second
 /// ckpool-rs started by mistake) silently share the port and take half the miners. A probe bound

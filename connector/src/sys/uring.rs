@@ -50,7 +50,7 @@ use std::ffi::c_void;
 use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,7 +63,8 @@ use tracing::{debug, error, warn};
 
 use self::buf_ring::BufRing;
 use super::{
-    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenerId, SendOp, Waker,
+    Backend, Completion, ConnEntry, ConnTable, KEEP_COMPLETIONS, ListenSocket, ListenerId, SendOp,
+    Waker,
 };
 use crate::UringConfig;
 use crate::chunked::{CHUNK, Chunked};
@@ -99,6 +100,14 @@ const TAG_RECV: u64 = 3;
 const TAG_OP: u64 = 4;
 /// Cancellations and closes: submitted with `SKIP_SUCCESS`, hold no memory, not counted.
 const TAG_UNTRACKED: u64 = 5;
+/// An operation waited for on the spot (a handover's descriptor installs and table updates); the
+/// low bits index its batch.
+const TAG_SYNC: u64 = 6;
+/// `IORING_FILE_INDEX_ALLOC` (`~0U`) as the `i32` offset of `IORING_OP_FILES_UPDATE`: the kernel
+/// picks free table slots and writes them back into the descriptor array.
+const FILE_INDEX_ALLOC: i32 = -1;
+/// The longest wait for a handover's operations (they need no peer, so they finish at once).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 const LOW_BITS: u64 = (1 << TAG_SHIFT) - 1;
 
 /// An accepted connection: a slot of the ring's fixed-file table.
@@ -148,10 +157,21 @@ pub(crate) struct Uring {
     spare: Vec<Box<Gather>>,
     /// A failure that leaves the backend unusable, reported by the next `complete`.
     broken: Option<io::Error>,
+    /// Receives are being stopped (a handover): one that ends is not re-armed.
+    reads_stopped: bool,
+    /// Sends in flight.
+    sends: usize,
+    /// Completions reaped while waiting for a handover's operations, handled by the next
+    /// `complete`.
+    deferred: Vec<cqueue::Entry>,
+    /// Whether connections can be exported (see [`super::uring_handover`]), and why not.
+    handover: Result<(), String>,
 }
 
 struct UListener {
     sock: Socket,
+    /// Other threads accept on it too: one single-shot accept at a time (see [`ListenSocket`]).
+    shared: bool,
     /// Length of the listener family's socket address (`SO_PEERNAME` wants exactly that).
     peer_len: u32,
     state: AcceptState,
@@ -165,6 +185,8 @@ enum AcceptState {
     Armed,
     /// Cancelled because the table is full; reported stopped when its last completion arrives.
     Cancelling,
+    /// Cancelled for a handover; idle, and not reported, when its last completion arrives.
+    Stopping,
 }
 
 struct UConn {
@@ -222,12 +244,12 @@ impl Uring {
     /// with `listeners` indexed by [`ListenerId`] and `waker` watched for cross-thread wake-ups.
     pub(crate) fn new(
         waker: Arc<Waker>,
-        listeners: Vec<Socket>,
+        listeners: Vec<ListenSocket>,
         cfg: &UringConfig,
     ) -> io::Result<Self> {
         let listeners = listeners
             .into_iter()
-            .map(|sock| {
+            .map(|ListenSocket { sock, shared }| {
                 let local = sock.local_addr()?;
                 let peer_len = if local.is_ipv6() {
                     mem::size_of::<libc::sockaddr_in6>()
@@ -238,6 +260,7 @@ impl Uring {
                     sock,
                     peer_len: u32::try_from(peer_len).map_err(io::Error::other)?,
                     state: AcceptState::Idle,
+                    shared,
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -250,6 +273,7 @@ impl Uring {
 
         let ring = new_ring(cfg.sq_entries)?;
         ring.submitter().register_files_sparse(files)?;
+        let handover = super::uring_handover();
         let bufs = BufRing::new(cfg.recv_buffers, cfg.recv_buffer_size)?;
         // From here on, dropping `this` unregisters the buffer ring before unmapping it.
         let mut this = Self {
@@ -268,6 +292,10 @@ impl Uring {
             inflight: 0,
             spare: Vec::new(),
             broken: None,
+            reads_stopped: false,
+            sends: 0,
+            deferred: Vec::new(),
+            handover,
         };
         this.bufs.register(&this.ring, BGID)?;
         this.arm_waker()?;
@@ -488,6 +516,8 @@ impl Uring {
                 self.on_accept(listener, res, flags, out);
             }
             TAG_RECV => self.on_recv(low, res, flags, out),
+            // Its wait gave up (see `wait_sync`); the memory it used was leaked.
+            TAG_SYNC => self.inflight = self.inflight.saturating_sub(1),
             TAG_OP => {
                 self.inflight = self.inflight.saturating_sub(1);
                 if let Some(op) = u32::try_from(low).ok().and_then(|i| self.ops.remove(i)) {
@@ -523,13 +553,17 @@ impl Uring {
                     // Stopped without an error (e.g. the completion queue overflowed): go on.
                     AcceptState::Armed => self.accept(listener),
                     AcceptState::Cancelling => self.cancelled_accept_ended(listener, out),
-                    AcceptState::Idle => {}
+                    AcceptState::Idle | AcceptState::Stopping => {}
                 }
             }
             return;
         }
         if was == AcceptState::Cancelling && !more {
             self.cancelled_accept_ended(listener, out);
+            return;
+        }
+        if was == AcceptState::Stopping {
+            // The cancellation's own completion, or a failure nobody waits for any more.
             return;
         }
         let transient = matches!(
@@ -602,7 +636,7 @@ impl Uring {
                 conn: id,
                 buf: UringBuf { bid, len },
             });
-            if !more {
+            if !more && !self.reads_stopped {
                 self.arm_recv(id);
             }
             return;
@@ -617,8 +651,11 @@ impl Uring {
             }),
             // The buffer ring ran dry: the loop gives buffers back before the re-armed receive
             // is submitted (by the next `complete`).
-            libc::ENOBUFS if !more => self.arm_recv(id),
-            libc::ENOBUFS => {}
+            //
+            // `ECANCELED`: stopped for a handover (`stop_recv`); the connection stays open (a
+            // closed one has left the table), and reads again if it was resumed meanwhile.
+            libc::ENOBUFS | libc::ECANCELED if !more && !self.reads_stopped => self.arm_recv(id),
+            libc::ENOBUFS | libc::ECANCELED => {}
             _ => out.push(Completion::RecvEnd {
                 conn: id,
                 error: Some(os_error(res)),
@@ -633,6 +670,7 @@ impl Uring {
                 mut op,
                 gather,
             } => {
+                self.sends = self.sends.saturating_sub(1);
                 if let Some(gather) = gather
                     && self.spare.len() < SPARE_GATHERS
                 {
@@ -646,6 +684,9 @@ impl Uring {
                 let result = match usize::try_from(res) {
                     // A send is submitted only with bytes to write (see `send`).
                     Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+                    // A send cut short by `cancel_send` reports what it wrote before (the
+                    // kernel's partial count), or this when it wrote nothing.
+                    Err(_) if res == -libc::ECANCELED => Ok(0),
                     Ok(n) => {
                         op.advance(n);
                         Ok(n)
@@ -748,6 +789,46 @@ impl Uring {
         }
     }
 
+    /// Submits what is queued and waits until every `results` entry that is `None` has its
+    /// [`TAG_SYNC`] completion (indexed by the user data's low bits), for at most
+    /// [`SYNC_TIMEOUT`]. Other completions reaped meanwhile are kept for the next `complete`.
+    fn wait_sync(&mut self, results: &mut [Option<i32>]) -> io::Result<()> {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        let mut reaped = Vec::new();
+        while results.iter().any(Option::is_none) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "io_uring operations of a handover did not complete",
+                ));
+            }
+            let ts = types::Timespec::from(deadline.duration_since(now).min(DRAIN_STEP));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.ring.submitter().submit_with_args(1, &args)
+                && !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                )
+            {
+                return Err(e);
+            }
+            reaped.extend(self.ring.completion());
+            for cqe in reaped.drain(..) {
+                if cqe.user_data() >> TAG_SHIFT == TAG_SYNC {
+                    self.inflight = self.inflight.saturating_sub(1);
+                    let index = usize::try_from(cqe.user_data() & LOW_BITS).unwrap_or(usize::MAX);
+                    if let Some(slot) = results.get_mut(index) {
+                        *slot = Some(cqe.result());
+                    }
+                } else {
+                    self.deferred.push(cqe);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn table_full(&self) -> io::Error {
         io::Error::other(format!(
             "the io_uring direct descriptor table of this thread is full ({} connections)",
@@ -769,8 +850,17 @@ impl Backend for Uring {
             });
             return;
         };
-        if l.state != AcceptState::Idle {
-            return;
+        match l.state {
+            AcceptState::Idle => {}
+            // Resumed while the stop is still being cancelled: it goes on once that ends (as
+            // after a pause for a full table).
+            AcceptState::Stopping => {
+                if let Some(l) = self.listeners.get_mut(listener.0) {
+                    l.state = AcceptState::Cancelling;
+                }
+                return;
+            }
+            AcceptState::Armed | AcceptState::Cancelling => return,
         }
         if self.in_use >= self.files {
             self.ready.push(Completion::Accept {
@@ -780,12 +870,21 @@ impl Backend for Uring {
             });
             return;
         }
-        let entry = opcode::AcceptMulti::new(types::Fd(l.sock.as_raw_fd()))
-            .allocate_file_index(true)
-            .build()
-            .user_data(accept_data(listener.0));
-        // SAFETY: a multishot accept into direct descriptors refers to no memory of ours (no
-        // address buffer); the listener is kept open by `self.listeners`.
+        let fd = types::Fd(l.sock.as_raw_fd());
+        let entry = if l.shared {
+            // Re-armed by each completion, at the end of the kernel's queue of waiting accepts:
+            // the threads take connections in turn.
+            opcode::Accept::new(fd, ptr::null_mut(), ptr::null_mut())
+                .file_index(Some(types::DestinationSlot::auto_target()))
+                .build()
+        } else {
+            opcode::AcceptMulti::new(fd)
+                .allocate_file_index(true)
+                .build()
+        }
+        .user_data(accept_data(listener.0));
+        // SAFETY: an accept into direct descriptors refers to no memory of ours (no address
+        // buffer); the listener is kept open by `self.listeners`.
         match unsafe { self.push(&entry, true) } {
             Ok(()) => {
                 if let Some(l) = self.listeners.get_mut(listener.0) {
@@ -822,6 +921,9 @@ impl Backend for Uring {
     }
 
     fn recv(&mut self, conn: ConnId) {
+        // Reading again (a handover taken back, or a connection opened after): receives that
+        // end are re-armed again.
+        self.reads_stopped = false;
         self.arm_recv(conn);
     }
 
@@ -905,6 +1007,7 @@ impl Backend for Uring {
         // unmodified, until this entry's completion is reaped (or `Drop` has drained).
         match unsafe { self.push(&entry, true) } {
             Ok(()) => {
+                self.sends += 1;
                 if let Some(c) = self.conns.get_mut(conn) {
                     c.sending = true;
                 }
@@ -917,6 +1020,196 @@ impl Backend for Uring {
         if let Some(c) = self.conns.remove(conn) {
             self.release_file(c.file, c.recv || c.sending);
         }
+    }
+
+    fn stop_accepts(&mut self) {
+        for index in 0..self.listeners.len() {
+            let Some(l) = self.listeners.get_mut(index) else {
+                continue;
+            };
+            match l.state {
+                AcceptState::Idle | AcceptState::Stopping => continue,
+                // Already being cancelled: its end is now not reported.
+                AcceptState::Cancelling => {
+                    l.state = AcceptState::Stopping;
+                    continue;
+                }
+                AcceptState::Armed => l.state = AcceptState::Stopping,
+            }
+            let entry =
+                opcode::AsyncCancel2::new(types::CancelBuilder::user_data(accept_data(index)))
+                    .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS)
+                    .user_data(TAG_UNTRACKED << TAG_SHIFT);
+            // SAFETY: a cancellation refers to no memory of ours.
+            if let Err(e) = unsafe { self.push(&entry, false) } {
+                error!(listener = index, error = %e, "could not stop accepting");
+            }
+        }
+    }
+
+    fn stop_recv(&mut self, conn: ConnId) {
+        self.reads_stopped = true;
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        if !c.recv {
+            return;
+        }
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv_data(conn)))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(TAG_UNTRACKED << TAG_SHIFT);
+        // SAFETY: a cancellation refers to no memory of ours.
+        if let Err(e) = unsafe { self.push(&entry, false) } {
+            error!(conn = %conn, error = %e, "could not stop a receive");
+        }
+    }
+
+    fn cancel_send(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        if !c.sending {
+            return;
+        }
+        // Every operation on the socket: its receive is stopped already.
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(c.file)).all())
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(TAG_UNTRACKED << TAG_SHIFT);
+        // SAFETY: a cancellation refers to no memory of ours.
+        if let Err(e) = unsafe { self.push(&entry, false) } {
+            error!(conn = %conn, error = %e, "could not cancel a send");
+        }
+    }
+
+    fn settled(&self) -> bool {
+        // Only the waker's poll and the sends left in flight, nothing left to report.
+        self.inflight <= 1 + self.sends && self.ready.is_empty() && self.deferred.is_empty()
+    }
+
+    fn can_export(&self) -> io::Result<()> {
+        self.handover.clone().map_err(|reason| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "io_uring connections cannot be handed over here ({reason}); the epoll \
+                     backend can hand them over"
+                ),
+            )
+        })
+    }
+
+    fn export(&mut self, conns: &[ConnId]) -> Vec<io::Result<OwnedFd>> {
+        let files: Vec<Option<u32>> = conns
+            .iter()
+            .map(|&id| self.conns.get_mut(id).map(|c| c.file))
+            .collect();
+        let mut results: Vec<Option<i32>> = vec![None; files.len()];
+        for (i, (file, result)) in files.iter().zip(results.iter_mut()).enumerate() {
+            let Some(file) = *file else {
+                *result = Some(-libc::ENOENT);
+                continue;
+            };
+            let entry = opcode::FixedFdInstall::new(types::Fixed(file), 0)
+                .build()
+                .user_data(sync_data(i));
+            // SAFETY: installing a descriptor refers to no memory of ours.
+            if let Err(e) = unsafe { self.push(&entry, true) } {
+                *result = Some(-e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
+        if let Err(e) = self.wait_sync(&mut results) {
+            // Every connection stays (an install may still be running on its slot).
+            error!(error = %e, "io_uring descriptor installs did not finish");
+            self.broken = Some(e);
+            return results
+                .iter()
+                .map(|_| Err(io::Error::from(io::ErrorKind::TimedOut)))
+                .collect();
+        }
+        conns
+            .iter()
+            .zip(files)
+            .zip(results)
+            .map(|((&id, file), res)| {
+                let res = res.unwrap_or(-libc::EIO);
+                if res < 0 {
+                    // The connection stays as it is (e.g. `EMFILE`: a smaller batch may work).
+                    return Err(os_error(res));
+                }
+                // SAFETY: the kernel has just installed this descriptor for us and nothing else
+                // knows of it.
+                let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                // The regular descriptor holds the socket from now on: the slot goes.
+                self.conns.remove(id);
+                if let Some(file) = file {
+                    self.release_file(file, false);
+                }
+                Ok(fd)
+            })
+            .collect()
+    }
+
+    fn adopt(&mut self, fds: Vec<OwnedFd>) -> Vec<io::Result<UringSocket>> {
+        let room = usize::try_from(self.files.saturating_sub(self.in_use)).unwrap_or(0);
+        let take = fds.len().min(room);
+        let mut raw: Box<[i32]> = fds.iter().take(take).map(AsRawFd::as_raw_fd).collect();
+        let mut installed = 0;
+        if take > 0 {
+            for fd in fds.iter().take(take) {
+                // Epoll sockets are non-blocking: the same everywhere keeps handovers simple.
+                let _ = socket2::SockRef::from(fd).set_nonblocking(true);
+            }
+            let entry = opcode::FilesUpdate::new(raw.as_ptr(), u32::try_from(take).unwrap_or(0))
+                .offset(FILE_INDEX_ALLOC)
+                .build()
+                .user_data(sync_data(0));
+            let mut result = [None];
+            let failed = |fds: &[OwnedFd], e: &io::Error| -> Vec<io::Result<UringSocket>> {
+                fds.iter()
+                    .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                    .collect()
+            };
+            // SAFETY: the kernel reads the descriptors from `raw` and writes the table slots
+            // back into it; `raw` (and the descriptors, in `fds`) stay alive and untouched until
+            // the completion is reaped by `wait_sync`, or are leaked if it never comes.
+            if let Err(e) = unsafe { self.push(&entry, true) } {
+                return failed(&fds, &e);
+            }
+            if let Err(e) = self.wait_sync(&mut result) {
+                error!(error = %e, "io_uring table update did not finish; leaking its memory");
+                let errors = failed(&fds, &e);
+                mem::forget(mem::take(&mut raw));
+                mem::forget(fds);
+                self.broken = Some(e);
+                return errors;
+            }
+            match result {
+                [Some(n)] if n >= 0 => installed = usize::try_from(n).unwrap_or(0).min(take),
+                [Some(n)] => return failed(&fds, &os_error(n)),
+                [None] => {}
+            }
+        }
+        // The table holds its own reference to each socket installed: the descriptors go.
+        let count = fds.len();
+        drop(fds);
+        (0..count)
+            .map(|i| {
+                if i >= installed {
+                    return Err(self.table_full());
+                }
+                let file = raw
+                    .get(i)
+                    .and_then(|&f| u32::try_from(f).ok())
+                    .ok_or_else(|| io::Error::other("io_uring gave no table slot"))?;
+                self.in_use += 1;
+                // Closed by the next `complete` unless opened.
+                self.handed.push(file);
+                Ok(UringSocket { file })
+            })
+            .collect()
     }
 
     fn submit_now(&mut self) {
@@ -939,7 +1232,7 @@ impl Backend for Uring {
             return Err(e);
         }
         self.sweep_handed();
-        let had_ready = !self.ready.is_empty();
+        let had_ready = !self.ready.is_empty() || !self.deferred.is_empty();
         out.append(&mut self.ready);
         self.ready.shrink_to(KEEP_COMPLETIONS);
 
@@ -950,6 +1243,7 @@ impl Backend for Uring {
         })?;
 
         let mut cqes = mem::take(&mut self.cqes);
+        cqes.append(&mut self.deferred);
         cqes.extend(self.ring.completion());
         for cqe in &cqes {
             self.on_cqe(cqe, out);
@@ -965,6 +1259,20 @@ impl Backend for Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        // Completions reaped by a handover's wait and not handled yet: count the final ones.
+        for cqe in mem::take(&mut self.deferred) {
+            let last = match cqe.user_data() >> TAG_SHIFT {
+                TAG_WAKER | TAG_ACCEPT | TAG_RECV => !cqueue::more(cqe.flags()),
+                TAG_OP | TAG_SYNC => true,
+                _ => false,
+            };
+            if last {
+                self.inflight = self.inflight.saturating_sub(1);
+            }
+            if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                self.bufs.give_back(bid);
+            }
+        }
         // Queued closes are submitted with the cancellation, which ends everything else.
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
@@ -998,7 +1306,7 @@ impl Drop for Uring {
                 let tag = cqe.user_data() >> TAG_SHIFT;
                 let last = match tag {
                     TAG_WAKER | TAG_ACCEPT | TAG_RECV => !cqueue::more(cqe.flags()),
-                    TAG_OP => true,
+                    TAG_OP | TAG_SYNC => true,
                     _ => false,
                 };
                 if last {
@@ -1048,6 +1356,27 @@ fn getsockopt_entry(setsockopt: squeue::Entry) -> squeue::Entry {
     // SAFETY: every bit pattern is a valid `io_uring_sqe` (integers only); these are the bytes of
     // a valid entry with its `cmd_op` changed.
     unsafe { mem::transmute::<[u8; 64], squeue::Entry>(bytes) }
+}
+
+/// Checks that this kernel can hand io_uring connections over: `IORING_OP_FIXED_FD_INSTALL`
+/// (Linux 6.8) to export them, `IORING_OP_FILES_UPDATE` to adopt them.
+pub(super) fn probe_handover() -> Result<(), String> {
+    let ring = new_ring(8).map_err(|e| describe_setup_error(&e))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    for (code, name) in [
+        (opcode::FixedFdInstall::CODE, "FIXED_FD_INSTALL (Linux 6.8)"),
+        (opcode::FilesUpdate::CODE, "FILES_UPDATE"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!(
+                "this kernel does not support io_uring opcode IORING_OP_{name}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that io_uring can run the backend (see [`crate::probe_uring`]).
@@ -1152,6 +1481,10 @@ fn recv_data(id: ConnId) -> u64 {
 
 fn op_data(index: u32) -> u64 {
     (TAG_OP << TAG_SHIFT) | u64::from(index)
+}
+
+fn sync_data(index: usize) -> u64 {
+    (TAG_SYNC << TAG_SHIFT) | (index as u64 & LOW_BITS)
 }
 
 /// A table of values indexed by `u32`, reusing free entries. It grows in chunks ([`Chunked`]):
@@ -1338,7 +1671,7 @@ mod tests {
         let (listener, addr) =
             super::super::listener_socket("127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let waker = Arc::new(Waker::new().unwrap());
-        let mut ring = Uring::new(waker, vec![listener], &UringConfig::default()).unwrap();
+        let mut ring = Uring::new(waker, vec![listener.into()], &UringConfig::default()).unwrap();
         ring.accept(ListenerId(0));
         Some((ring, addr))
     }
@@ -1523,7 +1856,7 @@ mod tests {
             files: 1,
             ..UringConfig::default()
         };
-        let mut ring = Uring::new(waker, vec![listener], &cfg).unwrap();
+        let mut ring = Uring::new(waker, vec![listener.into()], &cfg).unwrap();
         ring.accept(ListenerId(0));
         let mut out = Vec::new();
         let mut ids = Vec::new();

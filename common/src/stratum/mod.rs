@@ -1,4 +1,6 @@
-//! Stratum v1 codec: a line parser on simd-json that cannot panic, and reply/notification writers.
+//! Stratum v1 codec: a line parser on simd-json that cannot panic, writers for both ends
+//! ([`write`]), client-side decoders ([`decode`]), a sans-IO stratum client ([`client`]) and
+//! ckpool's passthrough framing ([`passthrough`]).
 //!
 //! The parser copies each line into a reused buffer (simd-json parses in place) and hands out a
 //! [`Request`] borrowing from it. Writers append one `\n`-terminated JSON line to a `Vec<u8>`.
@@ -7,11 +9,18 @@
 //! ckpool's `"reject-reason"` key so clients written for either convention understand them.
 
 use std::borrow::Cow;
-use std::io::Write as _;
 
 use simd_json::prelude::*;
 
-use crate::target::Difficulty;
+pub mod client;
+pub mod decode;
+pub mod passthrough;
+pub mod write;
+
+pub use write::{
+    reconnect, reply_error, reply_reject, reply_result, set_difficulty, set_extranonce,
+    show_message, write_str, write_value,
+};
 
 /// A parsed JSON value borrowing from the line.
 pub type Value<'a> = simd_json::BorrowedValue<'a>;
@@ -176,6 +185,93 @@ impl Parser {
     }
 }
 
+/// One message a client reads from a pool: a notification (`method` set) or a reply.
+#[derive(Debug)]
+pub struct Message<'a> {
+    /// The `id` member (`null` when absent).
+    pub id: Value<'a>,
+    /// The method; [`Method::Missing`] for a reply.
+    pub method: Method<'a>,
+    /// The `params` member (`null` when absent).
+    pub params: Value<'a>,
+    /// The `result` member (`null` when absent).
+    pub result: Value<'a>,
+    /// The `error` member (`null` when absent).
+    pub error: Value<'a>,
+    /// ckpool's `reject-reason` member, when it is a string.
+    pub reject_reason: Option<Cow<'a, str>>,
+}
+
+impl Message<'_> {
+    /// The method name, if it is a string.
+    pub fn method_name(&self) -> Option<&str> {
+        match &self.method {
+            Method::Name(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The id as a number (also from a numeric string).
+    pub fn id_u64(&self) -> Option<u64> {
+        decode::id_u64(&self.id)
+    }
+
+    /// Whether the reply says yes (`result` is `true`).
+    pub fn accepted(&self) -> bool {
+        decode::accepted(&self.result)
+    }
+
+    /// Why the reply says no (see [`decode::reject_reason`]).
+    pub fn reason(&self) -> Cow<'static, str> {
+        decode::reject_reason(Some(&self.error), self.reject_reason.as_deref())
+    }
+}
+
+impl Parser {
+    /// Parses one line a pool sent to a client (without its newline). Never panics.
+    ///
+    /// The usual share verdict (`{"id":N,"result":true|false|null,"error":null}`, members in any
+    /// order) is read by a scanner without building a map; anything else goes to simd-json.
+    pub fn parse_message<'p>(&'p mut self, line: &[u8]) -> Result<Message<'p>, ParseError> {
+        if let Some((id, result)) = fast::scan_verdict(line) {
+            return Ok(Message {
+                id,
+                method: Method::Missing,
+                params: Value::null(),
+                result,
+                error: Value::null(),
+                reject_reason: None,
+            });
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(line);
+        let value =
+            simd_json::value::borrowed::to_value_with_buffers(&mut self.scratch, &mut self.buffers)
+                .map_err(|_| ParseError::Json)?;
+        let Value::Object(mut obj) = value else {
+            return Err(ParseError::NotObject);
+        };
+        let method = match obj.remove("method") {
+            Some(Value::String(s)) => Method::Name(s),
+            Some(Value::Static(simd_json::StaticNode::Null)) | None => Method::Missing,
+            Some(_) => Method::NotString,
+        };
+        let reject_reason = match obj.remove("reject-reason") {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let mut take = |k: &str| obj.remove(k).unwrap_or_else(Value::null);
+        Ok(Message {
+            id: take("id"),
+            method,
+            params: take("params"),
+            result: take("result"),
+            error: take("error"),
+            reject_reason,
+        })
+    }
+}
+
 /// The scanner behind [`Parser::parse`]'s fast path.
 mod fast {
     use std::borrow::Cow;
@@ -236,6 +332,47 @@ mod fast {
         }
         p.ws();
         (p.i == line.len()).then_some(shape)
+    }
+
+    /// A share verdict `{"id":N,"result":true|false|null,"error":null}` (members in any order,
+    /// each once, `id` a plain integer or `null`): its id and result.
+    pub(super) fn scan_verdict(line: &[u8]) -> Option<(Value<'static>, Value<'static>)> {
+        let mut p = Cursor { b: line, i: 0 };
+        let (mut id, mut result, mut error) = (None, None, false);
+        p.ws();
+        p.byte(b'{')?;
+        p.ws();
+        loop {
+            let (ks, ke) = p.string()?;
+            p.ws();
+            p.byte(b':')?;
+            p.ws();
+            match line.get(ks..ke)? {
+                b"id" if id.is_none() => {
+                    id = Some(match p.id()? {
+                        Id::Null => Value::null(),
+                        Id::Int(n) => Value::from(n),
+                        Id::Str(..) => return None,
+                    });
+                }
+                b"result" if result.is_none() => result = Some(p.literal()?),
+                b"error" if !error => {
+                    if !matches!(p.literal()?, Value::Static(simd_json::StaticNode::Null)) {
+                        return None;
+                    }
+                    error = true;
+                }
+                _ => return None,
+            }
+            p.ws();
+            match p.next()? {
+                b',' => p.ws(),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        p.ws();
+        (p.i == line.len() && error).then_some((id?, result?))
     }
 
     impl Shape {
@@ -315,6 +452,22 @@ mod fast {
             Some((start, start + len))
         }
 
+        /// `true`, `false` or `null`.
+        fn literal(&mut self) -> Option<Value<'static>> {
+            for (word, v) in [
+                (&b"true"[..], Value::from(true)),
+                (b"false", Value::from(false)),
+                (b"null", Value::null()),
+            ] {
+                let end = self.i.checked_add(word.len())?;
+                if self.b.get(self.i..end) == Some(word) {
+                    self.i = end;
+                    return Some(v);
+                }
+            }
+            None
+        }
+
         /// `null`, a non-negative integer without leading zeros, or a plain string.
         fn id(&mut self) -> Option<Id> {
             match self.peek()? {
@@ -370,81 +523,6 @@ mod fast {
             }
         }
     }
-}
-
-/// Appends a JSON value (an echoed id) exactly as parsed.
-pub fn write_value(out: &mut Vec<u8>, v: &Value<'_>) {
-    // Writing into a Vec cannot fail.
-    let _ = v.write(out);
-}
-
-/// Appends a JSON string literal with escaping.
-pub fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Serialising a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
-}
-
-/// `{"id":ID,"result":RAW,"error":null}\n`, where `raw` is already JSON.
-pub fn reply_result(out: &mut Vec<u8>, id: &Value<'_>, raw: &[u8]) {
-    out.extend_from_slice(b"{\"id\":");
-    write_value(out, id);
-    out.extend_from_slice(b",\"result\":");
-    out.extend_from_slice(raw);
-    out.extend_from_slice(b",\"error\":null}\n");
-}
-
-/// `{"id":ID,"result":null,"error":[code,"msg",null]}\n`.
-pub fn reply_error(out: &mut Vec<u8>, id: &Value<'_>, code: i32, msg: &str) {
-    out.extend_from_slice(b"{\"id\":");
-    write_value(out, id);
-    let _ = write!(out, ",\"result\":null,\"error\":[{code},");
-    write_str(out, msg);
-    out.extend_from_slice(b",null]}\n");
-}
-
-/// A rejected share: `{"id":ID,"result":false,"error":[code,"msg",null],"reject-reason":"msg"}\n`.
-pub fn reply_reject(out: &mut Vec<u8>, id: &Value<'_>, code: i32, msg: &str) {
-    out.extend_from_slice(b"{\"id\":");
-    write_value(out, id);
-    let _ = write!(out, ",\"result\":false,\"error\":[{code},");
-    write_str(out, msg);
-    out.extend_from_slice(b",null],\"reject-reason\":");
-    write_str(out, msg);
-    out.extend_from_slice(b"}\n");
-}
-
-/// `{"id":null,"method":"mining.set_difficulty","params":[D]}\n`.
-pub fn set_difficulty(out: &mut Vec<u8>, diff: Difficulty) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"mining.set_difficulty\",\"params\":[");
-    diff.write_json(out);
-    out.extend_from_slice(b"]}\n");
-}
-
-/// `{"id":null,"method":"client.show_message","params":["text"]}\n`.
-pub fn show_message(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"client.show_message\",\"params\":[");
-    write_str(out, text);
-    out.extend_from_slice(b"]}\n");
-}
-
-/// `{"id":null,"method":"client.reconnect","params":[]}\n`.
-pub fn reconnect(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"client.reconnect\",\"params\":[]}\n");
-}
-
-/// `{"id":null,"method":"mining.set_extranonce","params":["<enonce1 hex>",<nonce2 size>]}\n`:
-/// the miner uses the new extranonce1 from the next `mining.notify` on.
-pub fn set_extranonce(out: &mut Vec<u8>, enonce1: &[u8], nonce2_len: usize) {
-    out.extend_from_slice(b"{\"id\":null,\"method\":\"mining.set_extranonce\",\"params\":[\"");
-    let start = out.len();
-    out.resize(start + enonce1.len() * 2, 0);
-    if let Some(dst) = out.get_mut(start..) {
-        // The destination is exactly twice the input long, so this cannot fail.
-        let _ = hex::encode_to_slice(enonce1, dst);
-    }
-    out.extend_from_slice(b"\",");
-    out.extend_from_slice(nonce2_len.to_string().as_bytes());
-    out.extend_from_slice(b"]}\n");
 }
 
 /// Parses a hex string of exactly `2 * N` digits into `N` bytes.
@@ -680,6 +758,98 @@ mod tests {
         assert_eq!(hex_u32("123456789"), None);
         assert_eq!(hex_exact::<2>("abcd"), Some([0xab, 0xcd]));
         assert_eq!(hex_exact::<2>("abc"), None);
+    }
+
+    /// The slow path of [`Parser::parse_message`] alone, for comparison.
+    fn message_slow(p: &mut Parser, line: &[u8]) -> String {
+        p.scratch.clear();
+        p.scratch.extend_from_slice(line);
+        // Make the fast path miss: a line with a leading member it does not take.
+        let mut padded = b"{\"zz\":0,".to_vec();
+        match line.iter().position(|&c| c == b'{') {
+            Some(i)
+                if line
+                    .get(i + 1..)
+                    .is_some_and(|r| !r.trim_ascii_start().starts_with(b"}")) =>
+            {
+                padded.extend_from_slice(line.get(i + 1..).unwrap_or_default());
+            }
+            _ => return format!("{:?}", p.parse_message(line).map(|_| ())),
+        }
+        format!("{:?}", p.parse_message(&padded))
+    }
+
+    proptest! {
+        /// The verdict fast path reads exactly what simd-json reads.
+        #[test]
+        fn verdict_fast_path_agrees(
+            id in prop_oneof![Just("null".to_owned()), (0u64..1_000_000_000_000_000).prop_map(|n| n.to_string()), Just("\"7\"".to_owned()), Just("1.5".to_owned())],
+            result in prop_oneof![Just("true"), Just("false"), Just("null"), Just("1"), Just("\"x\"")],
+            error in prop_oneof![Just("null"), Just("[21,\"Stale\",null]"), Just("true")],
+            order in 0usize..6,
+            sp in " {0,1}",
+            extra in any::<bool>(),
+        ) {
+            let mut members = vec![
+                format!("\"id\":{sp}{id}"),
+                format!("\"result\":{sp}{result}"),
+                format!("\"error\":{sp}{error}"),
+            ];
+            members.swap(0, order % 3);
+            members.swap(1, 1 + order % 2);
+            if extra {
+                members.push("\"reject-reason\":\"Stale\"".to_owned());
+            }
+            let line = format!("{{{}}}", members.join(&format!(",{sp}")));
+            let mut p = Parser::new();
+            let fast = format!("{:?}", p.parse_message(line.as_bytes()));
+            prop_assert_eq!(fast, message_slow(&mut p, line.as_bytes()), "{}", line);
+        }
+
+        #[test]
+        fn parse_message_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut p = Parser::new();
+            let _ = p.parse_message(&bytes);
+        }
+    }
+
+    #[test]
+    fn messages_from_a_pool() {
+        let mut p = Parser::new();
+        {
+            let m = p
+                .parse_message(br#"{"result":true,"error":null,"id":4}"#)
+                .unwrap();
+            assert!(m.accepted() && m.method_name().is_none());
+            assert_eq!(m.id_u64(), Some(4));
+        }
+        assert!(fast::scan_verdict(br#"{"result":true,"error":null,"id":4}"#).is_some());
+        {
+            let m = p
+                .parse_message(br#"{"id":"9","result":false,"error":null,"reject-reason":"Stale"}"#)
+                .unwrap();
+            assert_eq!((m.id_u64(), m.accepted()), (Some(9), false));
+            assert_eq!(m.reason(), "Stale");
+        }
+        {
+            let m = p
+                .parse_message(br#"{"id":5,"result":null,"error":[21,"Job not found",null]}"#)
+                .unwrap();
+            assert_eq!(m.reason(), "Job not found");
+        }
+        {
+            let m = p
+                .parse_message(br#"{"params":[0.001],"id":null,"method":"mining.set_difficulty"}"#)
+                .unwrap();
+            assert_eq!(m.method_name(), Some("mining.set_difficulty"));
+            assert_eq!(decode::set_difficulty(&m.params), Ok(0.001));
+            assert!(m.id.is_null());
+        }
+        assert_eq!(
+            p.parse_message(b"dropclient=5").unwrap_err(),
+            ParseError::Json
+        );
+        assert_eq!(p.parse_message(b"[1]").unwrap_err(), ParseError::NotObject);
     }
 
     proptest! {

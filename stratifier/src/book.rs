@@ -1,0 +1,228 @@
+//! Job books: the live jobs of each work source, and the per-thread copies shards check shares
+//! against.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+
+use crate::job::{ExtranonceLayout, Job, JobError, SourceId};
+
+/// The job book of one work source: its live jobs, its current job, and the extranonce layout
+/// of its miners.
+#[derive(Debug)]
+struct JobBook {
+    layout: Arc<ExtranonceLayout>,
+    jobs: BTreeMap<u64, Arc<Job>>,
+    current: Option<Arc<Job>>,
+    /// First job of the current block: older jobs are stale.
+    block_start: u64,
+}
+
+impl JobBook {
+    fn new(layout: ExtranonceLayout) -> Self {
+        Self {
+            layout: Arc::new(layout),
+            jobs: BTreeMap::new(),
+            current: None,
+            block_start: 0,
+        }
+    }
+}
+
+/// Every source's job book, by [`SourceId`].
+#[derive(Debug)]
+struct JobTable {
+    books: Vec<JobBook>,
+}
+
+/// Work sources at most (source ids are 16 bits).
+const MAX_SOURCES: usize = 1 << 16;
+
+/// A thread's copy of the live jobs ([`Pool::refresh`]): checking a share then takes no lock
+/// and touches no reference count that the other threads write.
+#[derive(Debug, Default)]
+pub(crate) struct JobView {
+    generation: u64,
+    books: Vec<BookView>,
+}
+
+/// A thread's copy of one job book.
+#[derive(Debug)]
+pub(crate) struct BookView {
+    /// Sorted by id (copied from the pool's ordered table).
+    jobs: Vec<Arc<Job>>,
+    current: Option<Arc<Job>>,
+    block_start: u64,
+    pub(crate) layout: Arc<ExtranonceLayout>,
+}
+
+impl JobView {
+    /// A source's book, as of the last refresh.
+    pub(crate) fn book(&self, source: SourceId) -> Option<&BookView> {
+        self.books.get(source.index())
+    }
+
+    /// A live job of `source` by id, and whether it is stale (from before the current block),
+    /// as of the last refresh.
+    pub(crate) fn get(&self, source: SourceId, id: u64) -> Option<(&Arc<Job>, bool)> {
+        let b = self.book(source)?;
+        let i = b.jobs.binary_search_by_key(&id, |j| j.id).ok()?;
+        b.jobs.get(i).map(|j| (j, id < b.block_start))
+    }
+
+    /// The current job of `source`, as of the last refresh.
+    pub(crate) fn current(&self, source: SourceId) -> Option<&Arc<Job>> {
+        self.book(source)?.current.as_ref()
+    }
+
+    /// Whether job `id` of any source is live, as of the last refresh.
+    pub(crate) fn is_live(&self, id: u64) -> bool {
+        self.books
+            .iter()
+            .any(|b| b.jobs.binary_search_by_key(&id, |j| j.id).is_ok())
+    }
+}
+
+/// Every source's job book, shared by the shards.
+#[derive(Debug)]
+pub(crate) struct JobBooks {
+    table: RwLock<JobTable>,
+    /// Bumped (under the write lock) at every change of `table`, so a [`JobView`] knows when
+    /// to copy the table again without taking its lock.
+    generation: AtomicU64,
+    next_job_id: AtomicU64,
+    /// Jobs are kept this long (at least the last three of each source).
+    lifetime: Duration,
+}
+
+impl JobBooks {
+    /// The books, with the pool's own source (0) laid out as `own`; job ids from `seed`.
+    pub(crate) fn new(own: ExtranonceLayout, seed: u64, lifetime: Duration) -> Self {
+        Self {
+            table: RwLock::new(JobTable {
+                books: vec![JobBook::new(own)],
+            }),
+            generation: AtomicU64::new(0),
+            next_job_id: AtomicU64::new(seed << 32),
+            lifetime,
+        }
+    }
+
+    /// A new job id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_job_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds a source's book.
+    pub(crate) fn add_source(&self, layout: ExtranonceLayout) -> Result<SourceId, JobError> {
+        let mut t = self.table.write();
+        let n = t.books.len();
+        let id = u16::try_from(n)
+            .ok()
+            .filter(|_| n < MAX_SOURCES)
+            .ok_or(JobError::TooManySources)?;
+        t.books.push(JobBook::new(layout));
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(SourceId(id))
+    }
+
+    /// The extranonce layout of `source`.
+    pub(crate) fn layout(&self, source: SourceId) -> Option<Arc<ExtranonceLayout>> {
+        self.table
+            .read()
+            .books
+            .get(source.index())
+            .map(|b| Arc::clone(&b.layout))
+    }
+
+    /// The current job of `source`.
+    pub(crate) fn current(&self, source: SourceId) -> Option<Arc<Job>> {
+        self.table.read().books.get(source.index())?.current.clone()
+    }
+
+    /// Whether work on `prev_hash` starts a new block for `source` (its first work, or a
+    /// changed previous block).
+    pub(crate) fn new_block(
+        &self,
+        source: SourceId,
+        prev_hash: &[u8; 32],
+    ) -> Result<bool, JobError> {
+        let t = self.table.read();
+        let book = t
+            .books
+            .get(source.index())
+            .ok_or(JobError::NoSource(source.0))?;
+        Ok(book
+            .current
+            .as_ref()
+            .is_none_or(|c| &c.prev_hash != prev_hash))
+    }
+
+    /// Makes `job` the current job of its source's book; a clean job makes the older ones
+    /// stale. Jobs older than the lifetime go, but always the last three stay.
+    pub(crate) fn install(&self, job: Arc<Job>, now: Instant) -> Result<Arc<Job>, JobError> {
+        let mut t = self.table.write();
+        let t = t
+            .books
+            .get_mut(job.source.index())
+            .ok_or(JobError::NoSource(job.source.0))?;
+        if job.clean {
+            t.block_start = job.id;
+        }
+        t.jobs.insert(job.id, Arc::clone(&job));
+        t.current = Some(Arc::clone(&job));
+        let keep_from = t.jobs.len().saturating_sub(3);
+        let lifetime = self.lifetime;
+        let old: Vec<u64> = t
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, j))| {
+                *i < keep_from && now.saturating_duration_since(j.created) > lifetime
+            })
+            .map(|(_, (id, _))| *id)
+            .collect();
+        for id in old {
+            t.jobs.remove(&id);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(job)
+    }
+
+    /// Brings `view` up to date with the live jobs: a load of one atomic when nothing changed.
+    pub(crate) fn refresh(&self, view: &mut JobView) {
+        if self.generation.load(Ordering::Acquire) == view.generation {
+            return;
+        }
+        let t = self.table.read();
+        // Read under the lock, which every change holds: the copy and its number agree.
+        view.generation = self.generation.load(Ordering::Relaxed);
+        view.books.truncate(t.books.len());
+        for (i, book) in t.books.iter().enumerate() {
+            if view.books.len() <= i {
+                view.books.push(BookView {
+                    jobs: Vec::new(),
+                    current: None,
+                    block_start: 0,
+                    layout: Arc::clone(&book.layout),
+                });
+            }
+            if let Some(v) = view.books.get_mut(i) {
+                v.jobs.clear();
+                v.jobs.extend(book.jobs.values().cloned());
+                v.current.clone_from(&book.current);
+                v.block_start = book.block_start;
+            }
+        }
+    }
+
+    /// A live job of `source` by id, and whether it is stale (from before the current block).
+    pub(crate) fn job(&self, source: SourceId, id: u64) -> Option<(Arc<Job>, bool)> {
+        let t = self.table.read();
+        let b = t.books.get(source.index())?;
+        b.jobs.get(&id).map(|j| (Arc::clone(j), id < b.block_start))
+    }
+}

@@ -1,0 +1,562 @@
+//! The stats registry: counters where they change (a stripe of pool totals per shard, a cell
+//! per worker), moving averages the sampler folds in, and a snapshot that every view (admin
+//! `stats`, the stats files) renders.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::job::Job;
+use crate::pool::BlockCandidate;
+use crate::rates::{Decay, Ema, HASHES_PER_DIFF, POOL_WINDOWS, SPS_WINDOWS, USER_WINDOWS};
+use crate::reject::Reject;
+
+/// Hashrates of a user or worker in hashes per second: moving averages over 1 and 5 minutes,
+/// 1 hour, 1 and 7 days (zero until the rates have been sampled).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Hashrates {
+    /// Over 1 minute.
+    pub hashrate1m: f64,
+    /// Over 5 minutes.
+    pub hashrate5m: f64,
+    /// Over 1 hour.
+    pub hashrate1hr: f64,
+    /// Over 1 day.
+    pub hashrate1d: f64,
+    /// Over 7 days.
+    pub hashrate7d: f64,
+}
+
+impl Hashrates {
+    fn from_ema(e: &Ema<5>) -> Self {
+        let [m1, m5, h1, d1, d7] = e.rates().map(|r| r * HASHES_PER_DIFF);
+        Self {
+            hashrate1m: m1,
+            hashrate5m: m5,
+            hashrate1hr: h1,
+            hashrate1d: d1,
+            hashrate7d: d7,
+        }
+    }
+}
+
+/// Pool hashrates in hashes per second and accepted shares per second, as moving averages (zero
+/// until the rates have been sampled). Field names as in ckpool's `pool.status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct PoolRates {
+    /// Hashrate over 1 minute.
+    pub hashrate1m: f64,
+    /// Over 5 minutes.
+    pub hashrate5m: f64,
+    /// Over 15 minutes.
+    pub hashrate15m: f64,
+    /// Over 1 hour.
+    pub hashrate1hr: f64,
+    /// Over 6 hours.
+    pub hashrate6hr: f64,
+    /// Over 1 day.
+    pub hashrate1d: f64,
+    /// Over 7 days.
+    pub hashrate7d: f64,
+    /// Accepted shares per second over 1 minute.
+    #[serde(rename = "SPS1m")]
+    pub sps1m: f64,
+    /// Over 5 minutes.
+    #[serde(rename = "SPS5m")]
+    pub sps5m: f64,
+    /// Over 15 minutes.
+    #[serde(rename = "SPS15m")]
+    pub sps15m: f64,
+    /// Over 1 hour.
+    #[serde(rename = "SPS1h")]
+    pub sps1h: f64,
+}
+
+/// Per-worker statistics.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct WorkerStats {
+    /// Accepted shares.
+    pub accepted: u64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share difficulty.
+    pub bestshare: f64,
+    /// Time of the last accepted share, unix seconds; 0 if none (or if the daemon has not told
+    /// the pool the wall-clock time, see [`crate::Pool::set_wall_clock`]).
+    pub lastshare: u64,
+    /// Hashrates.
+    #[serde(flatten)]
+    pub hashrate: Hashrates,
+}
+
+/// Per-user statistics.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct UserStats {
+    /// Accepted shares.
+    pub accepted: u64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share difficulty.
+    pub bestshare: f64,
+    /// Time of the last accepted share of any of its workers, unix seconds; 0 if none.
+    pub lastshare: u64,
+    /// Hashrates: the sums of its workers'.
+    #[serde(flatten)]
+    pub hashrate: Hashrates,
+    /// Blocks found.
+    pub blocks: u64,
+    /// Workers by full name.
+    pub workers: BTreeMap<String, WorkerStats>,
+}
+
+/// Pool totals: one small lock per share.
+#[derive(Debug, Default)]
+struct Stats {
+    blocks: Vec<String>,
+}
+
+/// Pool share totals, kept in stripes: each shard counts into its own (cache-line aligned, so
+/// shards on different cores do not bounce one line per share), and a snapshot adds them up.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Stripe(Mutex<Totals>);
+
+#[derive(Debug, Default)]
+struct Totals {
+    accepted: u64,
+    rejected: u64,
+    accepted_diff: f64,
+    bestshare: f64,
+    reject_reasons: BTreeMap<&'static str, u64>,
+}
+
+impl Totals {
+    fn reject(&mut self, reason: Option<Reject>) {
+        self.rejected += 1;
+        if let Some(r) = reason {
+            *self.reject_reasons.entry(r.message()).or_default() += 1;
+        }
+    }
+}
+
+/// Stripes of pool totals (shards beyond this share them).
+const STRIPES: usize = 64;
+
+/// Share counters of one user or worker.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    accepted: u64,
+    rejected: u64,
+    accepted_diff: f64,
+    bestshare: f64,
+    last_share: Option<Instant>,
+}
+
+impl Counters {
+    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant) {
+        match accepted {
+            Some(diff) => {
+                self.accepted += 1;
+                self.accepted_diff += diff;
+                self.bestshare = self.bestshare.max(sdiff);
+                self.last_share = Some(now);
+            }
+            None => self.rejected += 1,
+        }
+    }
+}
+
+/// One worker: its share counters, written by the share path, and its moving averages, written
+/// by the rate sampler. Each has its own lock, so a share never waits for the sampler.
+#[derive(Debug, Default)]
+struct WorkerCell {
+    counters: Mutex<Counters>,
+    rates: Mutex<WorkerRates>,
+}
+
+/// The sampler's state for one worker.
+#[derive(Debug, Default, Clone, Copy)]
+struct WorkerRates {
+    /// Its cumulative accepted difficulty at the previous sample (0 for a worker the sampler
+    /// has not seen yet: all its shares are new).
+    sampled_diff: f64,
+    /// Accepted difficulty per second.
+    ema: Ema<5>,
+}
+
+/// The sampler's state for the pool.
+#[derive(Debug, Default)]
+struct PoolSampler {
+    /// Time of the previous sample; `None` before the first, which only records a baseline.
+    last: Option<Instant>,
+    sampled_diff: f64,
+    sampled_shares: u64,
+    /// Accepted difficulty per second.
+    diff: Ema<7>,
+    /// Accepted shares per second.
+    shares: Ema<4>,
+    /// Blocks found as of the previous sample, and the pool's cumulative accepted difficulty
+    /// when that number last changed: the start of the current round.
+    blocks_seen: usize,
+    round_start_diff: f64,
+}
+
+/// A user's blocks and workers. Its share counters are the sums of its workers', added up when a
+/// snapshot is taken: a farm mines under one user from every core, and a per-user lock taken
+/// for each share would be shared by all connector threads.
+#[derive(Debug, Default)]
+struct UserCell {
+    blocks: AtomicU64,
+    workers: Mutex<BTreeMap<String, Arc<WorkerCell>>>,
+}
+
+/// Where a worker's shares are counted: looked up by name once (at its first share), then
+/// held by its session, so counting a share compares no strings.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerStatsRef {
+    worker: Arc<WorkerCell>,
+}
+
+/// A snapshot of the pool's statistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    /// Accepted shares.
+    pub accepted: u64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share difficulty.
+    pub bestshare: f64,
+    /// Rejects by reason.
+    pub reject_reasons: BTreeMap<&'static str, u64>,
+    /// Hashes of blocks found (RPC order).
+    pub blocks: Vec<String>,
+    /// Connected clients.
+    pub clients: u64,
+    /// Current job id, height and network difficulty.
+    pub job: Option<(String, u64, f64)>,
+    /// Difficulty accepted since the pool's last block (from start-up until it finds one), as
+    /// of the last rate sample.
+    pub round_diff: f64,
+    /// Disconnected sessions kept for resume, as of the last rate sample.
+    pub disconnected: u64,
+    /// Hashrates and shares per second.
+    #[serde(flatten)]
+    pub rates: PoolRates,
+    /// Users.
+    pub users: BTreeMap<String, UserStats>,
+}
+
+/// Every statistic of the pool.
+pub struct StatsRegistry {
+    stats: Mutex<Stats>,
+    totals: Box<[Arc<Stripe>]>,
+    next_stripe: AtomicU64,
+    users: Mutex<BTreeMap<String, Arc<UserCell>>>,
+    sampler: Mutex<PoolSampler>,
+    /// An instant and the wall-clock time then (since the unix epoch), to report share times.
+    wall_clock: Mutex<Option<(Instant, Duration)>>,
+    /// Parked sessions within the resume window, as of the last sample.
+    parked: AtomicU64,
+    /// Connected clients.
+    pub(crate) clients: AtomicU64,
+    /// The current job of the pool's own source: id, height and network difficulty.
+    job: Mutex<Option<(String, u64, f64)>>,
+}
+
+impl std::fmt::Debug for StatsRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsRegistry").finish_non_exhaustive()
+    }
+}
+
+impl Default for StatsRegistry {
+    fn default() -> Self {
+        Self {
+            stats: Mutex::new(Stats::default()),
+            totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
+            next_stripe: AtomicU64::new(0),
+            users: Mutex::new(BTreeMap::new()),
+            sampler: Mutex::new(PoolSampler::default()),
+            wall_clock: Mutex::new(None),
+            parked: AtomicU64::new(0),
+            clients: AtomicU64::new(0),
+            job: Mutex::new(None),
+        }
+    }
+}
+
+impl StatsRegistry {
+    /// Records the current job of the pool's own source, for snapshots.
+    pub(crate) fn set_job(&self, j: &Job) {
+        *self.job.lock() = Some((j.id_hex.clone(), j.height(), j.network_diff.to_f64()));
+    }
+
+    /// Counts a block found (the candidate itself leaves as an [`crate::Event::Block`]).
+    pub(crate) fn record_block(&self, b: &BlockCandidate) {
+        self.stats.lock().blocks.push(b.hash.clone());
+        let user = b.worker.split(['.', '_']).next().unwrap_or("");
+        self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn user_cell(&self, user: &str) -> Arc<UserCell> {
+        let mut users = self.users.lock();
+        if let Some(u) = users.get(user) {
+            return Arc::clone(u);
+        }
+        let u = Arc::new(UserCell::default());
+        users.insert(user.to_owned(), Arc::clone(&u));
+        u
+    }
+
+    /// The counters of `worker` (of `user`), created on first use.
+    pub(crate) fn worker_stats(&self, user: &str, worker: &str) -> WorkerStatsRef {
+        let user = self.user_cell(user);
+        let worker = {
+            let mut workers = user.workers.lock();
+            match workers.get(worker) {
+                Some(w) => Arc::clone(w),
+                None => {
+                    let w = Arc::new(WorkerCell::default());
+                    workers.insert(worker.to_owned(), Arc::clone(&w));
+                    w
+                }
+            }
+        };
+        WorkerStatsRef { worker }
+    }
+
+    /// A stripe of the pool totals for a new shard to count into.
+    pub(crate) fn totals_stripe(&self) -> Arc<Stripe> {
+        let n = self.next_stripe.fetch_add(1, Ordering::Relaxed) % STRIPES as u64;
+        // `n < STRIPES`, the length of `totals`.
+        Arc::clone(&self.totals[usize::try_from(n).unwrap_or(0)])
+    }
+
+    /// Counts a share in `stripe`: accepted at difficulty `accepted`, or rejected for `reason`.
+    pub(crate) fn record_share(
+        &self,
+        stripe: &Stripe,
+        w: &WorkerStatsRef,
+        accepted: Option<f64>,
+        sdiff: f64,
+        reason: Option<Reject>,
+        now: Instant,
+    ) {
+        {
+            let mut t = stripe.0.lock();
+            match accepted {
+                Some(diff) => {
+                    t.accepted += 1;
+                    t.accepted_diff += diff;
+                    t.bestshare = t.bestshare.max(sdiff);
+                }
+                None => t.reject(reason),
+            }
+        }
+        w.worker.counters.lock().add(accepted, sdiff, now);
+    }
+
+    /// Counts a rejected submission from a client that is not authorised (no user to charge).
+    pub(crate) fn record_anonymous_reject(&self, stripe: &Stripe, reason: Reject) {
+        stripe.0.lock().reject(Some(reason));
+    }
+
+    /// Tells the pool the wall-clock time (since the unix epoch) at `now`, so snapshots can give
+    /// share times as unix seconds. The daemon calls it before each sample (the stratifier
+    /// itself never reads a clock).
+    pub fn set_wall_clock(&self, now: Instant, since_epoch: Duration) {
+        *self.wall_clock.lock() = Some((now, since_epoch));
+    }
+
+    /// Folds the shares accepted since the previous call into the moving averages of the pool
+    /// and every worker, and records `parked`, the sessions kept for resume. Called every few
+    /// seconds from one thread (calls are serialised); the first call only records a baseline.
+    ///
+    /// The share path only adds to cumulative counters; this reads them and takes differences,
+    /// so a share never computes an average or waits for this.
+    pub(crate) fn sample(&self, now: Instant, parked: usize) {
+        self.parked
+            .store(u64::try_from(parked).unwrap_or(u64::MAX), Ordering::Relaxed);
+
+        let mut p = self.sampler.lock();
+        let (diff, shares) = self.totals.iter().fold((0.0, 0u64), |(d, n), stripe| {
+            let t = stripe.0.lock();
+            (d + t.accepted_diff, n + t.accepted)
+        });
+        let blocks = self.stats.lock().blocks.len();
+        if blocks != p.blocks_seen {
+            p.blocks_seen = blocks;
+            p.round_start_diff = diff;
+        }
+        let workers = self.worker_cells();
+        let Some(last) = p.last else {
+            p.last = Some(now);
+            p.sampled_diff = diff;
+            p.sampled_shares = shares;
+            for w in workers {
+                let d = w.counters.lock().accepted_diff;
+                w.rates.lock().sampled_diff = d;
+            }
+            return;
+        };
+        let dt = now.saturating_duration_since(last);
+        let (Some(pool_decay), Some(sps_decay), Some(user_decay)) = (
+            Decay::new(dt, &POOL_WINDOWS),
+            Decay::new(dt, &SPS_WINDOWS),
+            Decay::new(dt, &USER_WINDOWS),
+        ) else {
+            // No time has passed: keep the previous sample as the baseline.
+            return;
+        };
+        p.last = Some(now);
+        let new_diff = (diff - p.sampled_diff).max(0.0);
+        let new_shares = shares.saturating_sub(p.sampled_shares);
+        p.diff.update(new_diff, &pool_decay);
+        // Share counts are far below 2^53: exact as f64.
+        p.shares.update(new_shares as f64, &sps_decay);
+        p.sampled_diff = diff;
+        p.sampled_shares = shares;
+        drop(p);
+        for w in workers {
+            let d = w.counters.lock().accepted_diff;
+            let mut r = w.rates.lock();
+            let new = (d - r.sampled_diff).max(0.0);
+            r.ema.update(new, &user_decay);
+            r.sampled_diff = d;
+        }
+    }
+
+    /// Every worker, without holding the user table's lock while the caller works on them.
+    fn worker_cells(&self) -> Vec<Arc<WorkerCell>> {
+        let users: Vec<Arc<UserCell>> = self.users.lock().values().cloned().collect();
+        let mut out = Vec::new();
+        for u in users {
+            out.extend(u.workers.lock().values().cloned());
+        }
+        out
+    }
+
+    /// `t` as unix seconds, if the wall clock is known.
+    fn unix_secs(&self, t: Option<Instant>) -> u64 {
+        let (Some(t), Some((at, wall))) = (t, *self.wall_clock.lock()) else {
+            return 0;
+        };
+        let secs = if t >= at {
+            wall.saturating_add(t.duration_since(at))
+        } else {
+            wall.saturating_sub(at.duration_since(t))
+        };
+        secs.as_secs()
+    }
+
+    /// A snapshot of every counter: pool totals, rates, users and workers. It takes each
+    /// counter's own small lock in turn, never one that the share path waits on for long.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let job = self.job.lock().clone();
+        let user_cells: Vec<(String, Arc<UserCell>)> = self
+            .users
+            .lock()
+            .iter()
+            .map(|(name, u)| (name.clone(), Arc::clone(u)))
+            .collect();
+        let users = user_cells
+            .into_iter()
+            .map(|(name, u)| {
+                let mut c = Counters::default();
+                let mut ema = Ema::<5>::default();
+                let workers = u
+                    .workers
+                    .lock()
+                    .iter()
+                    .map(|(name, cell)| {
+                        let w = *cell.counters.lock();
+                        let r = cell.rates.lock().ema;
+                        c.accepted += w.accepted;
+                        c.rejected += w.rejected;
+                        c.accepted_diff += w.accepted_diff;
+                        c.bestshare = c.bestshare.max(w.bestshare);
+                        c.last_share = c.last_share.max(w.last_share);
+                        ema.add(&r);
+                        (
+                            name.clone(),
+                            WorkerStats {
+                                accepted: w.accepted,
+                                rejected: w.rejected,
+                                accepted_diff: w.accepted_diff,
+                                bestshare: w.bestshare,
+                                lastshare: self.unix_secs(w.last_share),
+                                hashrate: Hashrates::from_ema(&r),
+                            },
+                        )
+                    })
+                    .collect();
+                let stats = UserStats {
+                    accepted: c.accepted,
+                    rejected: c.rejected,
+                    accepted_diff: c.accepted_diff,
+                    bestshare: c.bestshare,
+                    lastshare: self.unix_secs(c.last_share),
+                    hashrate: Hashrates::from_ema(&ema),
+                    blocks: u.blocks.load(Ordering::Relaxed),
+                    workers,
+                };
+                (name, stats)
+            })
+            .collect();
+        let mut sum = Totals::default();
+        for stripe in &self.totals {
+            let t = stripe.0.lock();
+            sum.accepted += t.accepted;
+            sum.rejected += t.rejected;
+            sum.accepted_diff += t.accepted_diff;
+            sum.bestshare = sum.bestshare.max(t.bestshare);
+            for (r, n) in &t.reject_reasons {
+                *sum.reject_reasons.entry(r).or_default() += n;
+            }
+        }
+        let (rates, round_diff) = {
+            let p = self.sampler.lock();
+            let [m1, m5, m15, h1, h6, d1, d7] = p.diff.rates().map(|r| r * HASHES_PER_DIFF);
+            let [s1, s5, s15, sh1] = p.shares.rates();
+            let rates = PoolRates {
+                hashrate1m: m1,
+                hashrate5m: m5,
+                hashrate15m: m15,
+                hashrate1hr: h1,
+                hashrate6hr: h6,
+                hashrate1d: d1,
+                hashrate7d: d7,
+                sps1m: s1,
+                sps5m: s5,
+                sps15m: s15,
+                sps1h: sh1,
+            };
+            (rates, (p.sampled_diff - p.round_start_diff).max(0.0))
+        };
+        let s = self.stats.lock();
+        StatsSnapshot {
+            accepted: sum.accepted,
+            rejected: sum.rejected,
+            accepted_diff: sum.accepted_diff,
+            bestshare: sum.bestshare,
+            reject_reasons: sum.reject_reasons,
+            blocks: s.blocks.clone(),
+            clients: self.clients.load(Ordering::Relaxed),
+            job,
+            round_diff,
+            disconnected: self.parked.load(Ordering::Relaxed),
+            rates,
+            users,
+        }
+    }
+}
