@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use serde::Serialize;
-use stratifier::ShareRecord;
+use stratifier::{Reject, ShareRecord};
 use tracing::{error, info, warn};
 
 use crate::settings::Settings;
@@ -158,7 +158,7 @@ impl ShareLog {
                 // Err only once the writer has stopped.
                 let _ = tx.send(rec);
             } else if let Err(TrySendError::Full(rec)) = tx.try_send(rec) {
-                counters.summarise(reject_reason(&rec));
+                counters.summarise(rec.reject_reason);
             }
         })
     }
@@ -182,8 +182,8 @@ impl ShareLog {
 }
 
 /// The reject reason's text (ckpool's), `None` for an accepted share.
-fn reject_reason(rec: &ShareRecord) -> Option<&str> {
-    rec.reject_reason
+fn reject_reason(rec: &ShareRecord) -> Option<&'static str> {
+    rec.reject_reason.map(Reject::message)
 }
 
 /// ckpool's reject reasons and their `errn` (its `share_err` numbers).
@@ -205,11 +205,19 @@ const REASONS: [(&str, i32); 15] = [
     ("Invalid nonce2 length", -9),
 ];
 
-/// Index into [`REASONS`], or `REASONS.len()` for a reason ckpool does not have.
-fn reason_index(reason: Option<&str>) -> usize {
+/// ckpool's `errn` for a reject reason (its text), `None` for a reason ckpool does not have.
+fn errn(reason: &str) -> Option<i32> {
+    REASONS
+        .iter()
+        .find(|(text, _)| *text == reason)
+        .map(|r| r.1)
+}
+
+/// Index into `Reject::ALL`, or its length for an accepted share.
+fn reason_slot(reason: Option<Reject>) -> usize {
     reason
-        .and_then(|r| REASONS.iter().position(|(text, _)| *text == r))
-        .unwrap_or(REASONS.len())
+        .and_then(|r| Reject::ALL.iter().position(|a| *a == r))
+        .unwrap_or(Reject::ALL.len())
 }
 
 #[derive(Debug, Default)]
@@ -220,12 +228,12 @@ struct Counters {
     buffered: AtomicU64,
     rejects_summarised: AtomicU64,
     /// Summarised rejects by reason, since the last summary line.
-    by_reason: [AtomicU64; REASONS.len() + 1],
+    by_reason: [AtomicU64; Reject::ALL.len() + 1],
 }
 
 impl Counters {
-    fn summarise(&self, reason: Option<&str>) {
-        if let Some(c) = self.by_reason.get(reason_index(reason)) {
+    fn summarise(&self, reason: Option<Reject>) {
+        if let Some(c) = self.by_reason.get(reason_slot(reason)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
         self.rejects_summarised.fetch_add(1, Ordering::Relaxed);
@@ -375,7 +383,7 @@ impl Writer {
             errn: if rec.result {
                 Some(0)
             } else {
-                REASONS.get(reason_index(reason)).map(|r| r.1)
+                reason.and_then(errn)
             },
             createdate: &now.0,
             createby: "code",
@@ -532,7 +540,7 @@ impl Writer {
         for (i, c) in self.counters.by_reason.iter().enumerate() {
             let n = c.swap(0, Ordering::Relaxed);
             if n > 0 {
-                let reason = REASONS.get(i).map_or("other", |r| r.0);
+                let reason = Reject::ALL.get(i).map_or("other", |r| r.message());
                 rejected.insert(reason.to_owned(), n.into());
             }
         }
@@ -661,7 +669,7 @@ mod tests {
         sink(record(7, 1));
         let mut rejected = record(7, 2);
         rejected.result = false;
-        rejected.reject_reason = Some("Above target");
+        rejected.reject_reason = Some(Reject::AboveTarget);
         sink(rejected);
         log.stop();
         let text = fs::read_to_string(dir.join(format!("00000065/{:016x}.sharelog", 7)))
@@ -817,12 +825,12 @@ mod tests {
         sink(record(7, 1));
         let mut stale = record(7, 2);
         stale.result = false;
-        stale.reject_reason = Some("Stale");
+        stale.reject_reason = Some(Reject::Stale);
         sink(stale.clone());
         sink(stale);
         assert_eq!(counters.rejects_summarised.load(Ordering::Relaxed), 2);
         assert_eq!(
-            counters.by_reason[reason_index(Some("Stale"))].load(Ordering::Relaxed),
+            counters.by_reason[reason_slot(Some(Reject::Stale))].load(Ordering::Relaxed),
             2
         );
         // An accepted share waits for room.
@@ -911,7 +919,7 @@ mod tests {
         // A rejected one is summarised instead of waiting.
         let mut stale = record(7, 4);
         stale.result = false;
-        stale.reject_reason = Some("Stale");
+        stale.reject_reason = Some(Reject::Stale);
         let s = Arc::clone(&sink);
         let (returned, _) = call_on_thread(move || s(stale), Duration::from_secs(10));
         assert!(returned, "a rejected share waited");
