@@ -125,6 +125,10 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
                 obj.insert("log_dropped".into(), crate::logging::dropped().into());
+                obj.insert(
+                    "log_write_errors".into(),
+                    crate::logging::write_errors().into(),
+                );
                 if let Some(log) = &ctx.share_log {
                     obj.insert(
                         "sharelog".into(),

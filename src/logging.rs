@@ -10,7 +10,10 @@
 //!   out as `\n`, `\r`, `\x1b`... so a peer's user agent or worker name cannot start a line of its
 //!   own or drive the operator's terminal. No call site has to remember it.
 //! - **Rotation.** SIGHUP (and the admin `loglevel` command) reopen the file by its name, so an
-//!   external `logrotate` can move it away without `copytruncate`:
+//!   external `logrotate` can move it away without `copytruncate`; it is also reopened every
+//!   minute, as ckpool's is, which picks up a rotation nobody signalled (and retries a file
+//!   that could not be opened). Failures of the file are counted ([`write_errors`], admin
+//!   `stats` key `log_write_errors`) and said on stderr once a minute:
 //!
 //! ```text
 //! /var/log/ckpool/ckpool.log {
@@ -55,6 +58,8 @@ const QUEUE: usize = 8192;
 const EARLY_LINES: usize = 1024;
 /// How often the writer thread looks at the reopen flag and the drop counter when idle.
 const WAKE: Duration = Duration::from_millis(200);
+/// The file is reopened by its name this often even without a signal, as ckpool's is.
+const REOPEN_EVERY: Duration = Duration::from_secs(60);
 /// How long [`LogGuard`]'s drop waits for the queued lines to be written.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
@@ -89,6 +94,7 @@ pub(crate) fn init(level: u8, stderr: bool) -> Option<LogGuard> {
     let (tx, rx) = crossbeam_channel::bounded(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     let reopen = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .fmt_fields(EscapingFields)
@@ -105,13 +111,18 @@ pub(crate) fn init(level: u8, stderr: bool) -> Option<LogGuard> {
         tx,
         dropped: Arc::clone(&dropped),
         reopen: Arc::clone(&reopen),
+        errors: Arc::clone(&errors),
         filter: handle,
     };
     CONTROL.set(control).ok()?;
     let out = Outputs {
         stderr,
         file: None,
+        opened: Instant::now(),
+        reopen_every: REOPEN_EVERY,
         early: Some(Vec::new()),
+        errors,
+        last_said: None,
     };
     let thread = thread::Builder::new()
         .name("logger".into())
@@ -124,8 +135,8 @@ pub(crate) fn init(level: u8, stderr: bool) -> Option<LogGuard> {
 }
 
 /// Starts writing to the log file `path` too (creating its directory), with the lines logged
-/// so far (up to a thousand). The file is opened for appending; an error is logged and
-/// retried at the next reopen.
+/// so far (up to a thousand). The file is opened for appending; if it cannot be, that is
+/// counted and said on stderr, and the next reopen (within a minute) tries again.
 pub(crate) fn open_file(path: PathBuf) {
     if let Some(ctl) = CONTROL.get() {
         // Blocks only while the writer thread catches up: this is not a connector thread.
@@ -165,6 +176,13 @@ pub(crate) fn dropped() -> u64 {
         .map_or(0, |c| c.dropped.load(Ordering::Relaxed))
 }
 
+/// How many times opening, writing or flushing the log file failed so far.
+pub(crate) fn write_errors() -> u64 {
+    CONTROL
+        .get()
+        .map_or(0, |c| c.errors.load(Ordering::Relaxed))
+}
+
 /// ckpool's syslog-like `-l` level as a filter.
 fn level_filter(level: u8) -> EnvFilter {
     EnvFilter::new(match level {
@@ -180,6 +198,7 @@ struct Control {
     tx: Sender<Msg>,
     dropped: Arc<AtomicU64>,
     reopen: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
     filter: reload::Handle<EnvFilter, Registry>,
 }
 
@@ -229,8 +248,16 @@ impl io::Write for &QueueWriter {
 struct Outputs {
     stderr: bool,
     file: Option<(PathBuf, Option<io::BufWriter<File>>)>,
+    /// When the file was last (re)opened.
+    opened: Instant,
+    /// [`REOPEN_EVERY`].
+    reopen_every: Duration,
     /// Lines from before the file was named (`None` once it has been).
     early: Option<Vec<Vec<u8>>>,
+    /// Failed opens, writes and flushes of the file ([`write_errors`]).
+    errors: Arc<AtomicU64>,
+    /// When a file error was last said on stderr.
+    last_said: Option<Instant>,
 }
 
 impl Outputs {
@@ -238,8 +265,11 @@ impl Outputs {
         if self.stderr {
             let _ = io::stderr().lock().write_all(line);
         }
-        if let Some((_, Some(f))) = &mut self.file {
-            let _ = f.write_all(line);
+        if let Some((path, Some(f))) = &mut self.file
+            && let Err(e) = f.write_all(line)
+        {
+            let path = path.clone();
+            self.file_error(&path, &e);
         }
         if let Some(early) = &mut self.early
             && early.len() < EARLY_LINES
@@ -251,9 +281,23 @@ impl Outputs {
     fn flush(&mut self) {
         if let Some((path, Some(f))) = &mut self.file
             && let Err(e) = f.flush()
-            && self.stderr
         {
-            eprintln!("ckpool-rs: writing {}: {e}", path.display());
+            let path = path.clone();
+            self.file_error(&path, &e);
+        }
+    }
+
+    /// Counts a failure of the log file, and says it on stderr at most once a minute (it
+    /// cannot go to the file).
+    fn file_error(&mut self, path: &std::path::Path, e: &io::Error) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if self
+            .last_said
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            self.last_said = Some(now);
+            eprintln!("ckpool-rs: log file {}: {e}", path.display());
         }
     }
 
@@ -264,30 +308,37 @@ impl Outputs {
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| OpenOptions::new().create(true).append(true).open(&path));
+        self.opened = Instant::now();
         let file = match file {
             Ok(f) => Some(io::BufWriter::new(f)),
             Err(e) => {
-                // Said where someone may see it; the next reopen tries again.
-                eprintln!("ckpool-rs: cannot open log file {}: {e}", path.display());
+                // The next reopen, at the latest a minute on, tries again.
+                self.file_error(&path, &e);
                 None
             }
         };
         self.file = Some((path, file));
-        if let Some(early) = self.early.take()
-            && let Some((_, Some(f))) = &mut self.file
+        // Kept while the file cannot be opened, for the next try.
+        if let Some((_, Some(f))) = &mut self.file
+            && let Some(early) = self.early.take()
         {
             for line in early {
-                let _ = f.write_all(&line);
+                if f.write_all(&line).is_err() {
+                    break;
+                }
             }
         }
         self.flush();
     }
 
-    fn reopen(&mut self) {
+    /// Reopens the file by its name: `say` logs it (on a signal or command, not every minute).
+    fn reopen(&mut self, say: bool) {
         if let Some((path, _)) = &self.file {
             let path = path.clone();
             self.open(path.clone());
-            tracing::info!(path = %path.display(), "log file reopened");
+            if say {
+                tracing::info!(path = %path.display(), "log file reopened");
+            }
         }
     }
 }
@@ -315,7 +366,10 @@ fn run(rx: &Receiver<Msg>, mut out: Outputs, dropped: &AtomicU64, reopen: &Atomi
             Err(RecvTimeoutError::Disconnected) => break,
         }
         if reopen.swap(false, Ordering::Relaxed) {
-            out.reopen();
+            out.reopen(true);
+        } else if out.opened.elapsed() >= out.reopen_every {
+            // As ckpool: a rotation without a signal is picked up within a minute.
+            out.reopen(false);
         }
         let d = dropped.load(Ordering::Relaxed);
         if d > reported && last_report.elapsed() >= Duration::from_secs(1) {
@@ -545,7 +599,11 @@ mod tests {
         let out = Outputs {
             stderr: false,
             file: None,
+            opened: Instant::now(),
+            reopen_every: REOPEN_EVERY,
             early: Some(Vec::new()),
+            errors: Arc::new(AtomicU64::new(0)),
+            last_said: None,
         };
         let thread = {
             let (dropped, reopen) = (Arc::clone(&dropped), Arc::clone(&reopen));
@@ -584,6 +642,71 @@ mod tests {
         assert_eq!(read(&rotated), "early\nfirst\nto the old file\n");
         assert!(read(&path).ends_with("second\n"), "{:?}", read(&path));
         assert!(!read(&path).contains("first"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_file_is_reopened_every_interval_unasked_and_its_failures_counted() {
+        let dir = std::env::temp_dir().join(format!("ckpool-rs-logging-r-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // A file where the log's directory should be: the first open fails.
+        std::fs::write(dir.join("logs"), b"in the way").expect("blocker");
+        let path = dir.join("logs/pool.log");
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let errors = Arc::new(AtomicU64::new(0));
+        let out = Outputs {
+            stderr: false,
+            file: None,
+            opened: Instant::now(),
+            reopen_every: Duration::from_millis(100),
+            early: Some(Vec::new()),
+            errors: Arc::clone(&errors),
+            last_said: None,
+        };
+        let thread = thread::spawn(move || {
+            run(&rx, out, &AtomicU64::new(0), &AtomicBool::new(false));
+        });
+        let send = |m| tx.send(m).expect("writer alive");
+        send(Msg::Line(b"kept\n".to_vec()));
+        send(Msg::OpenFile(path.clone()));
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while errors.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the failed open not counted");
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Fixed: a later periodic reopen gets the file, with no signal.
+        std::fs::remove_file(dir.join("logs")).expect("unblock");
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "not retried");
+            thread::sleep(Duration::from_millis(5));
+        }
+        send(Msg::Line(b"first\n".to_vec()));
+        while !read(&path).contains("first") {
+            assert!(Instant::now() < deadline, "{:?}", read(&path));
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Rotated without a signal: the next periodic reopen makes a new file.
+        let rotated = dir.join("logs/pool.log.1");
+        std::fs::rename(&path, &rotated).expect("rename");
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "not reopened");
+            thread::sleep(Duration::from_millis(5));
+        }
+        send(Msg::Line(b"second\n".to_vec()));
+        let (ack, acked) = crossbeam_channel::bounded(1);
+        send(Msg::Stop(ack));
+        acked
+            .recv_timeout(Duration::from_secs(10))
+            .expect("stopped");
+        thread.join().expect("writer thread");
+        assert_eq!(
+            read(&rotated),
+            "kept\nfirst\n",
+            "early lines wait for the file"
+        );
+        assert_eq!(read(&path), "second\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
