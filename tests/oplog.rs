@@ -118,6 +118,23 @@ fn sighup_and_loglevel_reopen_the_log_file() {
     wait_until("the file reopened by loglevel", WAIT, || {
         read(&file).contains("log file reopened")
     });
+    // ... and the level: at 4 (warning) an authorisation (info) is not logged, back at 7 it is.
+    assert_eq!(pool.admin("loglevel=4").as_deref(), Some("success"));
+    let login = |agent: &str| {
+        let mut c = Client::connect(pool.addr);
+        c.send(&json!({"id": 1, "method": "mining.subscribe", "params": [agent]}));
+        c.reply(1);
+        c.send(&json!({"id": 2, "method": "mining.authorize", "params": ["level.1", "x"]}));
+        assert_eq!(c.reply(2)["result"], true);
+    };
+    login("quiet-agent");
+    assert_eq!(pool.admin("loglevel=7").as_deref(), Some("success"));
+    login("loud-agent");
+    // One writer, in order: had the first been logged, it would be there by now.
+    wait_until("the second authorisation logged", WAIT, || {
+        read(&file).contains("loud-agent")
+    });
+    assert!(!read(&file).contains("quiet-agent"), "logged at level 4");
     assert_eq!(pool.admin("loglevel=9").as_deref(), Some("Invalid"));
     assert_eq!(pool.admin("loglevel=x").as_deref(), Some("Invalid"));
     // The pool still runs after all this.
