@@ -968,4 +968,57 @@ mod tests {
         assert_eq!(text.lines().count(), 3);
         let _ = fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_failing_disk_is_warned_about_once_a_minute_and_its_end_said() {
+        use std::sync::Mutex;
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().expect("not poisoned").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        let mut w = Writer {
+            logdir: PathBuf::from("/nonexistent"),
+            inet: String::new(),
+            files: Vec::new(),
+            counters: Arc::new(Counters::default()),
+            pending_bytes: 1,
+            pending_max: PENDING_MAX,
+            failing: None,
+            last_warning: None,
+        };
+        let e = io::Error::from(io::ErrorKind::StorageFull);
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..5 {
+                w.failed(std::path::Path::new("/x"), &e);
+            }
+            // A minute on, it is said again.
+            w.last_warning = w.last_warning.and_then(|t| t.checked_sub(WARN_EVERY));
+            w.failed(std::path::Path::new("/x"), &e);
+            w.pending_bytes = 0;
+            w.recovered();
+        });
+        let text = String::from_utf8(buf.0.lock().expect("not poisoned").clone()).expect("utf8");
+        assert_eq!(
+            text.matches("cannot write the share log").count(),
+            2,
+            "{text}"
+        );
+        assert_eq!(text.matches("share log written again").count(), 1, "{text}");
+        assert_eq!(w.counters.write_errors.load(Ordering::Relaxed), 6);
+        assert!(w.failing.is_none());
+    }
 }
