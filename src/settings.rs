@@ -272,6 +272,9 @@ impl Settings {
             backend: self.backend,
             pin: self.file.pin,
             max_conns: self.file.maxclients,
+            max_conns_per_ip: self.file.maxclientsperip,
+            max_outbound_total: self.file.maxoutbound,
+            idle_timeout: self.file.idletimeout,
             ..connector::Config::default()
         }
     }
@@ -654,6 +657,7 @@ mod tests {
             r#"{"btcd": [{"url": "127.0.0.1:18443", "auth": "u", "pass": "p", "notify": true}],
                 "blockpoll": 250, "update_interval": 20, "zmqblock": null,
                 "threads": 3, "maxlinelength": 4096, "maxclients": 10, "pin": false,
+                "maxclientsperip": 4, "maxoutbound": 256, "idletimeout": 90,
                 "btcsig": "/sig/", "nonce1length": 6, "nonce2length": 4,
                 "mindiff": 2, "startdiff": 4, "maxdiff": 64, "diffpow2": true,
                 "version_mask": "1fff0000", "authtimeout": 7,
@@ -680,6 +684,10 @@ mod tests {
         assert_eq!(
             (c.threads, c.max_line, c.max_conns, c.pin),
             (3, 4096, Some(10), false)
+        );
+        assert_eq!(
+            (c.max_conns_per_ip, c.max_outbound_total, c.idle_timeout),
+            (Some(4), 256 << 20, Some(Duration::from_secs(90)))
         );
 
         let p = s.pool(Network::Bitcoin).expect("pool config");

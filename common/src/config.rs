@@ -93,6 +93,15 @@ pub struct Config {
     pub logdir: PathBuf,
     /// Connection limit.
     pub maxclients: Option<usize>,
+    /// Connection limit per client IP address (`maxclientsperip`); `None`: no limit.
+    pub maxclientsperip: Option<usize>,
+    /// Cap in bytes on what all connections together have queued and not yet sent (the key
+    /// `maxoutbound` is in MiB; 1024 by default); over it, the connections with the most unsent
+    /// bytes (peers that do not read) are closed.
+    pub maxoutbound: usize,
+    /// Connections that send no complete line for this long are closed (`idletimeout`, in
+    /// seconds; 3600 by default, 0 turns it off: `None`).
+    pub idletimeout: Option<Duration>,
     /// bitcoind ZMQ hashblock endpoint.
     pub zmqblock: Option<String>,
     /// Longest accepted stratum line in bytes (ckpool: 1024; here 16 KiB by default).
@@ -148,6 +157,9 @@ impl Default for Config {
             highdiff_ports: false,
             logdir: PathBuf::from("logs"),
             maxclients: None,
+            maxclientsperip: None,
+            maxoutbound: 1024 << 20,
+            idletimeout: Some(Duration::from_secs(3600)),
             zmqblock: Some("tcp://127.0.0.1:28332".into()),
             maxlinelength: 16 * 1024,
             threads: None,
@@ -218,6 +230,9 @@ const KNOWN_KEYS: &[&str] = &[
     "maxdiff",
     "logdir",
     "maxclients",
+    "maxclientsperip",
+    "maxoutbound",
+    "idletimeout",
     "zmqblock",
     "redirecturl",
     "maxlinelength",
@@ -330,6 +345,18 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("maxclients") {
         c.maxclients =
             Some(usize::try_from(whole("maxclients", v, 1, u64::MAX)?).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = map.get("maxclientsperip") {
+        c.maxclientsperip =
+            Some(usize::try_from(whole("maxclientsperip", v, 1, u64::MAX)?).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = map.get("maxoutbound") {
+        let mib = whole("maxoutbound", v, 1, 1 << 20)?;
+        c.maxoutbound = usize::try_from(mib << 20).unwrap_or(usize::MAX);
+    }
+    if let Some(v) = map.get("idletimeout") {
+        let secs = whole("idletimeout", v, 0, 7 * 86_400)?;
+        c.idletimeout = (secs > 0).then(|| Duration::from_secs(secs));
     }
     if let Some(v) = map.get("zmqblock") {
         c.zmqblock = match v {
@@ -627,6 +654,42 @@ mod tests {
                         ..
                     })
                 ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_hardening_keys() {
+        let d = parse("{}").unwrap().config;
+        assert_eq!(
+            (d.maxclientsperip, d.maxoutbound, d.idletimeout),
+            (None, 1 << 30, Some(Duration::from_secs(3600)))
+        );
+        let l = parse(r#"{"maxclientsperip": 3, "maxoutbound": 64, "idletimeout": 30}"#).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(
+            (
+                l.config.maxclientsperip,
+                l.config.maxoutbound,
+                l.config.idletimeout
+            ),
+            (Some(3), 64 << 20, Some(Duration::from_secs(30)))
+        );
+        // 0 turns the idle timeout off.
+        assert_eq!(
+            parse(r#"{"idletimeout": 0}"#).unwrap().config.idletimeout,
+            None
+        );
+        for (bad, key) in [
+            (r#"{"maxclientsperip": 0}"#, "maxclientsperip"),
+            (r#"{"maxoutbound": 0}"#, "maxoutbound"),
+            (r#"{"maxoutbound": -1}"#, "maxoutbound"),
+            (r#"{"idletimeout": 1.5}"#, "idletimeout"),
+            (r#"{"idletimeout": 604801}"#, "idletimeout"),
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ConfigError::Invalid { key: k, .. }) if k == key),
                 "{bad}"
             );
         }

@@ -14,8 +14,17 @@
 //! per-thread provided-buffer ring) and epoll, chosen once at [`start`]. See [`BackendKind`],
 //! [`probe_uring`] and [`resolved_backend`].
 //!
-//! Each thread keeps counters (opens, accepts, refusals, closes by reason, slow rounds) that
-//! any thread can read ([`Connector::counters`]).
+//! Each thread keeps counters (opens, accepts, refusals, closes by reason, slow rounds, handler
+//! panics, queued bytes) that any thread can read ([`Connector::counters`]).
+//!
+//! # Hostile peers and broken handlers
+//!
+//! Besides the caps per connection ([`Config::max_line`], [`Config::max_outbound`]) and in all
+//! ([`Config::max_conns`]), the connector bounds what many connections can do together: the
+//! bytes queued for all of them ([`Config::max_outbound_total`]), the connections of one
+//! address ([`Config::max_conns_per_ip`]), and how long a connection may send no complete line
+//! ([`Config::idle_timeout`]). A [`Handler`] callback that panics closes only the connection it
+//! was called for ([`CloseReason::HandlerPanic`]); the thread goes on serving the others.
 //!
 //! # Handover
 //!
@@ -95,7 +104,7 @@ pub use ids::ConnId;
 pub use outbox::{Action, Outbox, SendBuf};
 
 use crate::sys::{Backend, ListenSocket, Waker, WithBackend};
-use crate::worker::{Control, Limits, Shared, Worker};
+use crate::worker::{Control, IpCounts, Limits, Shared, Worker};
 
 /// Connector settings.
 #[derive(Clone, Debug)]
@@ -136,7 +145,42 @@ pub struct Config {
     /// and the open-files limit bound them. A connection accepted beyond it is closed at once
     /// (the handler never sees it), and a line is logged at most once a minute per thread.
     pub max_conns: Option<usize>,
+    /// The most connections one IP address holds at once, on all threads together
+    /// (`maxclientsperip`; IPv4-mapped IPv6 addresses count as their IPv4 address); `None`: no
+    /// limit. Like [`Config::max_conns`], a connection accepted beyond it is closed at once (the
+    /// handler never sees it; counted in [`ThreadCounters::refused`]) and a line is logged at
+    /// most once a minute per thread. Adopted connections count but are never refused.
+    pub max_conns_per_ip: Option<usize>,
+    /// Cap on the bytes queued and not yet written across all connections (`maxoutbound`): each
+    /// thread gets an equal share of it (`max_outbound_total / threads`). When a thread's
+    /// connections together hold more than its share, the connections with the most unsent bytes
+    /// are closed ([`CloseReason::OutboundBudget`], the close is immediate) until they hold at
+    /// most three quarters of it. A peer that reads keeps next to nothing queued, so only peers
+    /// that stopped reading are closed. Checked each time queued bytes are handed to the
+    /// backend (no clock read, no lock, no shared counter per send).
+    pub max_outbound_total: usize,
+    /// A connection that has sent no complete line for this long is closed
+    /// ([`CloseReason::Idle`]): a client that sends nothing, or a line a byte at a time
+    /// (slowloris), holds its slot no longer. `None` (or zero): never. Checked on ticks by a
+    /// sweep over the thread's connections every quarter of the timeout (or every tick, if
+    /// that is longer), so a connection is closed between the timeout and a quarter of it (or
+    /// a tick) later. Connections with a handler-requested close pending are left to it.
+    pub idle_timeout: Option<Duration>,
 }
+
+/// Default of [`Config::max_outbound_total`]: 1 GiB. A pool that keeps up queues about one
+/// `mining.notify` (a few KiB) per connection, so 100,000 miners need a few hundred MiB at the
+/// peak of a broadcast; 1 GiB leaves room for that while 1,024 peers that stopped reading, each at
+/// its own cap ([`Config::max_outbound`], 1 MiB), are enough to trigger closes. A fixed value
+/// rather than a fraction of RAM: it is the same on every host, and operators of very large
+/// pools raise it (`maxoutbound`).
+pub const DEFAULT_MAX_OUTBOUND_TOTAL: usize = 1 << 30;
+
+/// Default of [`Config::idle_timeout`]: one hour. A miner under vardiff submits shares every few
+/// seconds to a minute; an hour without a complete line is a dead or hostile (slowloris) peer,
+/// while a slow miner on a high fixed difficulty (ckpool has no idle drop at all) still has
+/// room. Ten minutes was too close to what such a miner can take between shares.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for Config {
     fn default() -> Self {
@@ -152,6 +196,9 @@ impl Default for Config {
             uring: UringConfig::default(),
             pin: true,
             max_conns: None,
+            max_conns_per_ip: None,
+            max_outbound_total: DEFAULT_MAX_OUTBOUND_TOTAL,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -170,8 +217,13 @@ impl Config {
         if self.threads == 0 || self.threads > usize::from(u16::MAX) + 1 {
             return invalid("connector: threads must be between 1 and 65536");
         }
-        if self.max_line == 0 || self.max_outbound == 0 {
-            return invalid("connector: max_line and max_outbound must be positive");
+        if self.max_line == 0 || self.max_outbound == 0 || self.max_outbound_total == 0 {
+            return invalid(
+                "connector: max_line, max_outbound and max_outbound_total must be positive",
+            );
+        }
+        if self.max_conns_per_ip == Some(0) {
+            return invalid("connector: max_conns_per_ip must be positive");
         }
         if self.tick.is_zero() {
             return invalid("connector: tick must be positive");
@@ -369,6 +421,15 @@ pub enum CloseReason {
     Handler,
     /// The connector is shutting down.
     Shutdown,
+    /// The connector's connections together held more than [`Config::max_outbound_total`]
+    /// unsent bytes and this one held among the most. The close is immediate.
+    OutboundBudget,
+    /// No complete line arrived for [`Config::idle_timeout`].
+    Idle,
+    /// A [`Handler`] callback for this connection panicked. The panic was caught (the thread
+    /// goes on serving its other connections), logged at `error` and counted
+    /// ([`ThreadCounters::handler_panics`]); the close is immediate.
+    HandlerPanic,
     /// The connection was handed over ([`Connector::export`]): its socket lives on elsewhere and
     /// the peer saw no close. Given to [`Handler::on_close`] by the default
     /// [`Handler::on_export`].
@@ -385,7 +446,8 @@ pub struct ThreadCounters {
     /// Connections accepted, including those refused at once (`accepted - refused` reached the
     /// handler).
     pub accepted: u64,
-    /// Connections closed at once because [`Config::max_conns`] was reached.
+    /// Connections closed at once because [`Config::max_conns`] or [`Config::max_conns_per_ip`]
+    /// was reached.
     pub refused: u64,
     /// Connections taken over from another instance ([`Connector::adopt`]).
     pub adopted: u64,
@@ -394,6 +456,13 @@ pub struct ThreadCounters {
     /// Loop rounds that kept the thread busy for 20 ms or more (each delays every connection of
     /// the thread; logged at `info`, at most once per 10 s).
     pub slow_rounds: u64,
+    /// Handler callbacks that panicked (each caught: a connection's callback closes that
+    /// connection with [`CloseReason::HandlerPanic`]; a panic in [`Handler::on_tick`],
+    /// [`Handler::on_msg`] or another callback of no connection is only logged).
+    pub handler_panics: u64,
+    /// Bytes queued for the thread's connections and not yet written, as of the end of the
+    /// thread's last loop round (at most its share of [`Config::max_outbound_total`] then).
+    pub queued: u64,
     /// Connections closed, by reason (those refused at once are not counted here).
     pub closed: ClosedCounters,
 }
@@ -413,18 +482,36 @@ pub struct ClosedCounters {
     pub handler: u64,
     /// [`CloseReason::Shutdown`].
     pub shutdown: u64,
+    /// [`CloseReason::OutboundBudget`].
+    pub outbound_budget: u64,
+    /// [`CloseReason::Idle`].
+    pub idle: u64,
+    /// [`CloseReason::HandlerPanic`].
+    pub handler_panic: u64,
 }
 
 impl ClosedCounters {
     /// All closes together.
     pub fn total(&self) -> u64 {
-        self.peer + self.error + self.line_too_long + self.outbound + self.handler + self.shutdown
+        self.peer
+            + self.error
+            + self.line_too_long
+            + self.outbound
+            + self.handler
+            + self.shutdown
+            + self.outbound_budget
+            + self.idle
+            + self.handler_panic
     }
 }
 
 /// Runs on the connector thread that owns the connections (one handler instance per thread).
 ///
-/// Callbacks must not block: the whole thread waits for them. Requests put in the [`Outbox`] are
+/// Callbacks must not block: the whole thread waits for them. A callback that panics does not
+/// stop the thread: the panic is caught, logged and counted, and the connection the callback was
+/// for (if any) is closed with [`CloseReason::HandlerPanic`]. The handler must cope with whatever
+/// state the panicking callback left behind (it is not unwind-safe in general); it still gets
+/// [`Handler::on_close`] for that connection. This needs the default `panic = "unwind"`. Requests put in the [`Outbox`] are
 /// carried out after each callback, in order; writes go out once the current batch of events is
 /// handled.
 pub trait Handler: Send + 'static {
@@ -811,6 +898,9 @@ where
         tick: cfg.tick,
         max_conns: cfg.max_conns,
         open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        per_ip: cfg.max_conns_per_ip.map(|max| Arc::new(IpCounts::new(max))),
+        outbound_share: (cfg.max_outbound_total / cfg.threads).max(1),
+        idle_timeout: cfg.idle_timeout.filter(|t| !t.is_zero()),
     };
     let listen_count = cfg.listen.len() + cfg.inherited.len();
     // A descriptor of each listener kept here, to hand over ([`Connector::listeners`]).

@@ -1,15 +1,17 @@
 //! The per-thread event loop, generic over the backend: connection table, line framing, outbound
 //! queues, messages and ticks.
 
-use std::collections::VecDeque;
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU8;
 use std::ops::ControlFlow;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -112,8 +114,11 @@ pub(crate) struct Counters {
     adopted: AtomicU64,
     exported: AtomicU64,
     slow_rounds: AtomicU64,
+    handler_panics: AtomicU64,
+    /// Bytes queued and not written, published once per round.
+    queued: AtomicU64,
     /// By [`close_index`].
-    closed: [AtomicU64; 6],
+    closed: [AtomicU64; 9],
 }
 
 /// Adds one to a counter that only the calling thread writes.
@@ -139,6 +144,9 @@ fn close_index(reason: CloseReason) -> Option<usize> {
         CloseReason::Outbound => 3,
         CloseReason::Handler => 4,
         CloseReason::Shutdown => 5,
+        CloseReason::OutboundBudget => 6,
+        CloseReason::Idle => 7,
+        CloseReason::HandlerPanic => 8,
         CloseReason::Exported => return None,
     })
 }
@@ -147,7 +155,17 @@ impl Counters {
     /// The counters now (each read on its own: they are not one consistent cut).
     pub(crate) fn snapshot(&self) -> ThreadCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let [peer, error, line_too_long, outbound, handler, shutdown] = &self.closed;
+        let [
+            peer,
+            error,
+            line_too_long,
+            outbound,
+            handler,
+            shutdown,
+            outbound_budget,
+            idle,
+            handler_panic,
+        ] = &self.closed;
         ThreadCounters {
             open: get(&self.open),
             accepted: get(&self.accepted),
@@ -155,6 +173,8 @@ impl Counters {
             adopted: get(&self.adopted),
             exported: get(&self.exported),
             slow_rounds: get(&self.slow_rounds),
+            handler_panics: get(&self.handler_panics),
+            queued: get(&self.queued),
             closed: ClosedCounters {
                 peer: get(peer),
                 error: get(error),
@@ -162,6 +182,9 @@ impl Counters {
                 outbound: get(outbound),
                 handler: get(handler),
                 shutdown: get(shutdown),
+                outbound_budget: get(outbound_budget),
+                idle: get(idle),
+                handler_panic: get(handler_panic),
             },
         }
     }
@@ -224,6 +247,128 @@ pub(crate) struct Limits {
     pub(crate) max_conns: Option<usize>,
     /// Connections open on all threads (counted whether or not there is a maximum).
     pub(crate) open: Arc<AtomicUsize>,
+    /// Connections by IP address, when [`Config::max_conns_per_ip`](crate::Config) is set.
+    pub(crate) per_ip: Option<Arc<IpCounts>>,
+    /// This thread's share of [`Config::max_outbound_total`](crate::Config).
+    pub(crate) outbound_share: usize,
+    /// [`Config::idle_timeout`](crate::Config), `None` when off.
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+/// Shards of [`IpCounts`] (a power of two).
+const IP_SHARDS: usize = 16;
+
+/// Open connections per IP address, shared by every thread: touched only when a connection
+/// opens or closes, under the lock of one of [`IP_SHARDS`] shards.
+pub(crate) struct IpCounts {
+    max: usize,
+    shards: [Mutex<HashMap<IpAddr, u32>>; IP_SHARDS],
+}
+
+impl IpCounts {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        let fold = match ip {
+            IpAddr::V4(a) => a
+                .octets()
+                .iter()
+                .fold(0usize, |h, &b| h.wrapping_mul(31) ^ usize::from(b)),
+            IpAddr::V6(a) => a
+                .octets()
+                .iter()
+                .fold(0usize, |h, &b| h.wrapping_mul(31) ^ usize::from(b)),
+        };
+        let shard = &self.shards[fold & (IP_SHARDS - 1)];
+        // The map stays consistent whatever panicked while holding it (no code here panics).
+        shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one more connection from `ip` unless it has the maximum already (`force`: count
+    /// it anyway, for adopted connections). Returns whether it was counted.
+    fn add(&self, ip: IpAddr, force: bool) -> bool {
+        let ip = ip.to_canonical();
+        let mut map = self.shard(ip);
+        let n = map.entry(ip).or_insert(0);
+        if !force && usize::try_from(*n).unwrap_or(usize::MAX) >= self.max {
+            return false;
+        }
+        *n = n.saturating_add(1);
+        true
+    }
+
+    /// One connection from `ip` went away.
+    fn remove(&self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        let mut map = self.shard(ip);
+        if let Some(n) = map.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+
+    /// Connections counted for `ip` (for tests).
+    #[cfg(test)]
+    fn count(&self, ip: IpAddr) -> u32 {
+        let ip = ip.to_canonical();
+        self.shard(ip).get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// Idle sweeps ([`Worker::sweep_idle`]) per [`Config::idle_timeout`](crate::Config): a connection
+/// is closed between the timeout and a quarter of it later.
+const IDLE_SWEEPS: u32 = 4;
+
+/// When and how the idle sweeps run: one every `period`; a connection whose idle count (sweeps
+/// since its last complete line) reaches `limit` is closed.
+#[derive(Clone, Copy)]
+struct IdleSweep {
+    period: Duration,
+    limit: u8,
+    next: Instant,
+}
+
+impl IdleSweep {
+    /// Sweeps for `timeout` on a thread ticking every `tick` (sweeps run on ticks).
+    fn new(now: Instant, timeout: Duration, tick: Duration) -> Self {
+        let period = (timeout / IDLE_SWEEPS)
+            .max(tick)
+            .max(Duration::from_millis(1));
+        // The idle count goes up at each sweep and back to 0 at each line; it reaches `limit`
+        // after at least `(limit - 1) * period >= timeout` without a line.
+        let whole = timeout.as_nanos().div_ceil(period.as_nanos().max(1));
+        let limit = u8::try_from(whole.saturating_add(1))
+            .unwrap_or(u8::MAX)
+            .clamp(2, IDLE_MAX);
+        Self {
+            period,
+            limit,
+            next: now + period,
+        }
+    }
+}
+
+/// Catches a panic of a handler callback.
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, Box<dyn Any + Send>> {
+    catch_unwind(AssertUnwindSafe(f))
+}
+
+/// The message of a panic payload, if it has one.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// One connector thread.
@@ -254,6 +399,19 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// and when that line was logged.
     refused: u64,
     refused_warned: Option<Instant>,
+    /// The same for [`Limits::per_ip`].
+    ip_refused: u64,
+    ip_refused_warned: Option<Instant>,
+    /// Bytes queued for this thread's connections and not written (the sum of [`Conn::queued`]).
+    queued: usize,
+    /// `queued` went over [`Limits::outbound_share`]: checked at the next flush.
+    over_budget: bool,
+    /// Connections closed for the outbound budget since the last line about it, and when that
+    /// line was logged (at most once per [`ACCEPT_WARN_EVERY`]).
+    budget_closed: u64,
+    budget_warned: Option<Instant>,
+    /// The idle sweeps, when [`Limits::idle_timeout`] is set.
+    idle: Option<IdleSweep>,
     spare_pending: SparePending,
     /// Emptied vectors from finished sends, to queue a second buffer without allocating (at
     /// most [`SPARE_ROOMS`]).
@@ -280,6 +438,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         limits: Limits,
         listeners: usize,
     ) -> Self {
+        let idle = limits
+            .idle_timeout
+            .map(|t| IdleSweep::new(Instant::now(), t, limits.tick));
         Self {
             thread,
             backend,
@@ -299,6 +460,13 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             slow: SlowRounds::default(),
             refused: 0,
             refused_warned: None,
+            ip_refused: 0,
+            ip_refused_warned: None,
+            queued: 0,
+            over_budget: false,
+            budget_closed: 0,
+            budget_warned: None,
+            idle,
             spare_pending: SparePending::default(),
             spare_rooms: Vec::new(),
             trim_at: None,
@@ -360,6 +528,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             self.end_batch(now);
             self.flush(now);
+            self.shared
+                .counters
+                .queued
+                .store(self.queued as u64, Ordering::Relaxed);
             if self.quiescing.is_some() {
                 self.check_quiesce();
             }
@@ -391,8 +563,37 @@ impl<B: Backend, H: Handler> Worker<B, H> {
 
     /// The end of a round of callbacks: [`Handler::on_batch_end`], then its requests.
     fn end_batch(&mut self, now: Instant) {
-        self.handler.on_batch_end(now, &mut self.out);
+        let (handler, out) = (&mut self.handler, &mut self.out);
+        if let Err(p) = guarded(|| handler.on_batch_end(now, out)) {
+            self.handler_panicked(None, "on_batch_end", &*p);
+        }
         self.apply_outbox(now);
+    }
+
+    /// Logs and counts a handler callback's panic (the caller closes `conn`, if any).
+    fn handler_panicked(
+        &mut self,
+        conn: Option<ConnId>,
+        callback: &str,
+        payload: &(dyn Any + Send),
+    ) {
+        bump(&self.shared.counters.handler_panics);
+        let message = panic_message(payload);
+        match conn {
+            Some(conn) => error!(
+                thread = self.thread,
+                conn = %conn,
+                callback,
+                panic = message,
+                "handler panicked; closing the connection"
+            ),
+            None => error!(
+                thread = self.thread,
+                callback,
+                panic = message,
+                "handler panicked; going on"
+            ),
+        }
     }
 
     fn on_completion(&mut self, now: Instant, c: Completion<B>) {
@@ -487,10 +688,38 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
             return;
         }
+        if let Some(per_ip) = &self.limits.per_ip
+            && !per_ip.add(peer.ip(), false)
+        {
+            let max = per_ip.max;
+            self.limits.open.fetch_sub(1, Ordering::Relaxed);
+            self.conns.remove(id);
+            self.backend.close(id);
+            self.ip_refused += 1;
+            bump(&self.shared.counters.refused);
+            if self
+                .ip_refused_warned
+                .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+            {
+                warn!(
+                    %peer,
+                    max,
+                    refused = self.ip_refused,
+                    "maxclientsperip reached: connection closed at once (refused is this \
+                     thread's count since the last such line)"
+                );
+                self.ip_refused_warned = Some(now);
+                self.ip_refused = 0;
+            }
+            return;
+        }
         bump(&self.shared.counters.open);
         debug!(conn = %id, %peer, listener = listener.0, "connection opened");
-        self.handler
-            .on_open(now, id, peer, listener.0, &mut self.out);
+        let (handler, out) = (&mut self.handler, &mut self.out);
+        if let Err(p) = guarded(|| handler.on_open(now, id, peer, listener.0, out)) {
+            self.handler_panicked(Some(id), "on_open", &*p);
+            self.close(now, id, CloseReason::HandlerPanic);
+        }
         self.apply_outbox(now);
         if !self.stopped && self.conns.get_mut(id).is_some() {
             self.backend.recv(id);
@@ -510,17 +739,33 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let data = self.backend.recv_bytes(buf);
         let handler = &mut self.handler;
         let out = &mut self.out;
+        let mut lines = false;
+        let mut panicked = None;
         let result = framing::feed(&mut partial, data, self.limits.max_line, |line| {
+            lines = true;
             let before = out.len();
-            handler.on_line(now, conn, line, out);
+            // Zero-cost unless it panics (no clock, no allocation, no lock).
+            if let Err(p) = guarded(|| handler.on_line(now, conn, line, out)) {
+                panicked = Some(p);
+                return ControlFlow::Break(());
+            }
             if out.closes_since(before, conn) {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
         });
+        if let Some(p) = panicked {
+            self.handler_panicked(Some(conn), "on_line", &*p);
+            self.close(now, conn, CloseReason::HandlerPanic);
+            self.apply_outbox(now);
+            return;
+        }
         // The table is untouched until the outbox is applied, so `conn` is still there.
         if let Some(c) = self.conns.get_mut(conn) {
+            if lines {
+                c.set_idle(0);
+            }
             if partial.is_empty() {
                 // A completed line leaves `partial` unallocated (see `framing::feed`).
                 c.release_if_idle(&mut self.spare_pending);
@@ -548,9 +793,13 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             c.set_sending(false);
             match result {
                 Ok(n) => {
-                    c.queued = c
+                    let left = c
                         .queued
                         .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+                    self.queued = self
+                        .queued
+                        .saturating_sub(usize::try_from(c.queued - left).unwrap_or(0));
+                    c.queued = left;
                     if !op.is_done() {
                         // A short send: put the rest back in front, in order, before what was
                         // queued meanwhile.
@@ -592,7 +841,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             let Ok(msg) = self.rx.try_recv() else {
                 break;
             };
-            self.handler.on_msg(now, msg, &mut self.out);
+            let (handler, out) = (&mut self.handler, &mut self.out);
+            if let Err(p) = guarded(|| handler.on_msg(now, msg, out)) {
+                self.handler_panicked(None, "on_msg", &*p);
+            }
             self.apply_outbox(now);
         }
     }
@@ -775,7 +1027,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 }
                 None => (Vec::new(), Vec::new()),
             };
-            self.limits.open.fetch_sub(1, Ordering::Relaxed);
+            self.forget(&conn);
             self.shared.counters.closed(CloseReason::Exported);
             let mut state = ConnState {
                 peer: conn.peer.addr(),
@@ -784,7 +1036,11 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 unsent,
                 user: Vec::new(),
             };
-            self.handler.on_export(now, id, &mut state.user);
+            let (handler, user) = (&mut self.handler, &mut state.user);
+            if let Err(p) = guarded(|| handler.on_export(now, id, user)) {
+                // The connection goes anyway, with what the handler added before the panic.
+                self.handler_panicked(Some(id), "on_export", &*p);
+            }
             exported.push(ExportedConn {
                 conn: id,
                 fd,
@@ -853,6 +1109,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             return Err(e);
         }
         self.limits.open.fetch_add(1, Ordering::Relaxed);
+        if let Some(per_ip) = &self.limits.per_ip {
+            per_ip.add(peer.ip(), true);
+        }
         bump(&self.shared.counters.open);
         bump(&self.shared.counters.adopted);
         if let Some(c) = self.conns.get_mut(id)
@@ -865,13 +1124,20 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                 // First in the queue: before anything the handler sends.
                 p.queue.push(SendBuf::from(unsent));
                 c.queued = queued;
+                self.queued = self.queued.saturating_add(queued as usize);
+                if self.queued > self.limits.outbound_share {
+                    self.over_budget = true;
+                }
                 c.set_dirty(true);
                 self.dirty.push(id);
             }
         }
         debug!(conn = %id, %peer, listener, "connection adopted");
-        self.handler
-            .on_adopt(now, id, peer, listener, &user, &mut self.out);
+        let (handler, out) = (&mut self.handler, &mut self.out);
+        if let Err(p) = guarded(|| handler.on_adopt(now, id, peer, listener, &user, out)) {
+            self.handler_panicked(Some(id), "on_adopt", &*p);
+            self.close(now, id, CloseReason::HandlerPanic);
+        }
         self.apply_outbox(now);
         if !self.stopped && self.conns.get_mut(id).is_some() {
             self.backend.recv(id);
@@ -880,8 +1146,19 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn tick(&mut self, now: Instant) {
-        self.handler.on_tick(now, &mut self.out);
+        let (handler, out) = (&mut self.handler, &mut self.out);
+        if let Err(p) = guarded(|| handler.on_tick(now, out)) {
+            self.handler_panicked(None, "on_tick", &*p);
+        }
         self.apply_outbox(now);
+        if let Some(sweep) = &mut self.idle
+            && now >= sweep.next
+            && !self.stopped
+        {
+            sweep.next = now + sweep.period;
+            let limit = sweep.limit;
+            self.sweep_idle(now, limit);
+        }
         if self.trim_at.is_some_and(|t| now >= t)
             && self
                 .trimmed
@@ -956,6 +1233,10 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         }
         // At most `limit`, which fits.
         c.queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        self.queued = self.queued.saturating_add(len);
+        if self.queued > self.limits.outbound_share {
+            self.over_budget = true;
+        }
         let p = c.pending_mut(&mut self.spare_pending);
         if !p.queue.has_room()
             && let Some(room) = self.spare_rooms.pop()
@@ -988,6 +1269,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
 
     /// Starts writing queued bytes and finishes closes whose bytes are written.
     fn flush(&mut self, now: Instant) {
+        if self.over_budget {
+            self.enforce_budget(now);
+        }
         if self.hold {
             // Quiesced: what is queued stays for an export (the list is kept for a resume).
             return;
@@ -1041,12 +1325,106 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         if let Some(p) = conn.pending.take() {
             self.spare_pending.put(p);
         }
-        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        self.forget(&conn);
         self.shared.counters.closed(reason);
         self.backend.close(id);
         debug!(conn = %id, peer = %conn.peer, listener = conn.listener(), ?reason, "connection closed");
-        self.handler.on_close(now, id, reason);
+        self.on_close(now, id, reason);
         self.resume_accepts();
+    }
+
+    /// [`Handler::on_close`], guarded.
+    fn on_close(&mut self, now: Instant, id: ConnId, reason: CloseReason) {
+        let handler = &mut self.handler;
+        if let Err(p) = guarded(|| handler.on_close(now, id, reason)) {
+            self.handler_panicked(Some(id), "on_close", &*p);
+        }
+    }
+
+    /// Takes a connection that leaves the table out of the totals: open connections, queued
+    /// bytes, connections per IP address.
+    fn forget(&mut self, conn: &Conn) {
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        self.queued = self
+            .queued
+            .saturating_sub(usize::try_from(conn.queued).unwrap_or(0));
+        if let Some(per_ip) = &self.limits.per_ip {
+            per_ip.remove(conn.peer.ip());
+        }
+    }
+
+    /// The thread's connections hold more than its share of the outbound budget: closes those
+    /// with the most unsent bytes until they hold three quarters of it at most. A scan of the
+    /// thread's connections, run only when the share is exceeded.
+    fn enforce_budget(&mut self, now: Instant) {
+        self.over_budget = false;
+        let share = self.limits.outbound_share;
+        if self.queued <= share {
+            return;
+        }
+        let target = share - share / 4;
+        let before = self.queued;
+        let mut by_size: Vec<(u32, ConnId)> = self
+            .conns
+            .ids(self.thread)
+            .into_iter()
+            .filter_map(|id| {
+                let c = self.conns.get_mut(id)?;
+                (c.queued > 0).then_some((c.queued, id))
+            })
+            .collect();
+        by_size.sort_unstable_by_key(|&(queued, _)| std::cmp::Reverse(queued));
+        for (_, id) in by_size {
+            if self.queued <= target {
+                break;
+            }
+            self.close(now, id, CloseReason::OutboundBudget);
+            self.budget_closed += 1;
+        }
+        if self
+            .budget_warned
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+        {
+            warn!(
+                thread = self.thread,
+                share,
+                queued = before,
+                closed = self.budget_closed,
+                "outbound budget (maxoutbound) exceeded: closed the connections with the most \
+                 unsent bytes (closed is this thread's count since the last such line)"
+            );
+            self.budget_warned = Some(now);
+            self.budget_closed = 0;
+        }
+    }
+
+    /// One idle sweep: every connection's idle count goes up by one, and those reaching `limit`
+    /// (no complete line for the idle timeout) are closed.
+    fn sweep_idle(&mut self, now: Instant, limit: u8) {
+        let mut idle = Vec::new();
+        for id in self.conns.ids(self.thread) {
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.close_by().is_some() {
+                continue;
+            }
+            let n = c.idle().saturating_add(1).min(IDLE_MAX);
+            c.set_idle(n);
+            if n >= limit {
+                idle.push(id);
+            }
+        }
+        if !idle.is_empty() {
+            debug!(
+                thread = self.thread,
+                closed = idle.len(),
+                "idle connections closed"
+            );
+        }
+        for id in idle {
+            self.close(now, id, CloseReason::Idle);
+        }
     }
 
     fn resume_accepts(&mut self) {
@@ -1063,11 +1441,11 @@ impl<B: Backend, H: Handler> Worker<B, H> {
 
     fn close_all(&mut self, now: Instant, reason: CloseReason) {
         for id in self.conns.ids(self.thread) {
-            if self.conns.remove(id).is_some() {
-                self.limits.open.fetch_sub(1, Ordering::Relaxed);
+            if let Some(conn) = self.conns.remove(id) {
+                self.forget(&conn);
                 self.shared.counters.closed(reason);
                 self.backend.close(id);
-                self.handler.on_close(now, id, reason);
+                self.on_close(now, id, reason);
             }
         }
     }
@@ -1127,7 +1505,7 @@ struct Conn {
     peer: Peer,
     /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
     queued: u32,
-    /// [`SENDING`] and [`DIRTY`].
+    /// [`SENDING`], [`DIRTY`] and the idle count ([`IDLE_MASK`]).
     flags: u8,
     /// The listener it came from, plus one (at most [`MAX_LISTENERS`] listeners; the niche also
     /// keeps `Option<Conn>` at 32 bytes).
@@ -1138,6 +1516,11 @@ struct Conn {
 const SENDING: u8 = 1;
 /// [`Conn::flags`]: the connection is in the dirty list.
 const DIRTY: u8 = 2;
+/// [`Conn::flags`]: the idle count (idle sweeps since the last complete line), three bits.
+const IDLE_SHIFT: u8 = 2;
+const IDLE_MASK: u8 = 0b111 << IDLE_SHIFT;
+/// The largest idle count.
+const IDLE_MAX: u8 = IDLE_MASK >> IDLE_SHIFT;
 
 impl Conn {
     fn new(peer: Peer, listener: usize) -> Self {
@@ -1174,6 +1557,15 @@ impl Conn {
 
     fn set_dirty(&mut self, on: bool) {
         self.set_flag(DIRTY, on);
+    }
+
+    /// Idle sweeps since the last complete line.
+    fn idle(&self) -> u8 {
+        (self.flags & IDLE_MASK) >> IDLE_SHIFT
+    }
+
+    fn set_idle(&mut self, n: u8) {
+        self.flags = (self.flags & !IDLE_MASK) | ((n.min(IDLE_MAX) << IDLE_SHIFT) & IDLE_MASK);
     }
 
     fn set_flag(&mut self, flag: u8, on: bool) {
@@ -1484,6 +1876,10 @@ mod tests {
         fn on_open(&mut self, _: Instant, _: ConnId, _: SocketAddr, _: usize, _: &mut Outbox) {}
 
         fn on_line(&mut self, _: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
+            if line == b"boom" {
+                out.send(conn, b"half done\n".to_vec());
+                panic!("boom");
+            }
             self.lines.push(line.to_vec());
             if self.echo {
                 out.send(conn, line.to_vec());
@@ -1511,6 +1907,9 @@ mod tests {
             tick: Duration::from_secs(1),
             max_conns: None,
             open: Arc::new(AtomicUsize::new(0)),
+            per_ip: None,
+            outbound_share: usize::MAX,
+            idle_timeout: None,
         };
         Worker::new(
             0,
@@ -1798,5 +2197,123 @@ mod tests {
         assert_eq!(w.handler.closed.len(), 1);
         w.tick(now + CLOSE_LINGER);
         assert_eq!(w.handler.closed.last(), Some(&(b, CloseReason::Handler)));
+    }
+
+    #[test]
+    fn ip_counts_limit_each_address_and_forget_closed_ones() {
+        let counts = IpCounts::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(counts.add(a, false));
+        assert!(
+            counts.add(mapped, false),
+            "a mapped address is the IPv4 one"
+        );
+        assert!(!counts.add(a, false), "the third is refused");
+        assert!(counts.add(b, false), "another address is not");
+        assert!(counts.add(a, true), "adopted ones are counted anyway");
+        assert_eq!(counts.count(a), 3);
+        counts.remove(a);
+        assert!(!counts.add(a, false), "still two");
+        counts.remove(mapped);
+        assert!(counts.add(a, false), "one left: room for another");
+        counts.remove(a);
+        counts.remove(a);
+        counts.remove(b);
+        assert_eq!((counts.count(a), counts.count(b)), (0, 0));
+        assert!(counts.shards.iter().all(|s| s.lock().unwrap().is_empty()));
+    }
+
+    #[test]
+    fn idle_sweeps_close_connections_without_a_complete_line_after_the_timeout() {
+        let start = Instant::now();
+        let mut w = worker(1024);
+        // 4 s: a sweep a second; closed at the fifth sweep without a line (4 to 5 s idle).
+        let sweep = IdleSweep::new(start, Duration::from_secs(4), Duration::from_secs(1));
+        assert_eq!((sweep.period, sweep.limit), (Duration::from_secs(1), 5));
+        w.idle = Some(sweep);
+        let silent = w.accept(start);
+        let trickle = w.accept(start);
+        let talker = w.accept(start);
+        for s in 1..=4 {
+            let now = start + Duration::from_secs(s);
+            w.receive(now, trickle, b"x");
+            w.receive(now, talker, b"line\n");
+            w.tick(now);
+            assert!(w.handler.closed.is_empty(), "closed after {s} s");
+        }
+        let now = start + Duration::from_secs(5);
+        w.receive(now, trickle, b"x");
+        w.tick(now);
+        assert_eq!(
+            w.handler.closed,
+            [(silent, CloseReason::Idle), (trickle, CloseReason::Idle)]
+        );
+        assert!(w.conns.get_mut(talker).is_some());
+        assert_eq!(w.shared.counters.snapshot().closed.idle, 2);
+        // Ticks between sweeps do nothing; the talker's count restarts at each line.
+        w.tick(now + Duration::from_millis(500));
+        for s in 6..=12 {
+            w.tick(start + Duration::from_secs(s));
+        }
+        assert_eq!(w.handler.closed.last(), Some(&(talker, CloseReason::Idle)));
+        // Sweeps take a tick at least, and the limit keeps the timeout.
+        let coarse = IdleSweep::new(start, Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!((coarse.period, coarse.limit), (Duration::from_secs(1), 3));
+    }
+
+    #[test]
+    fn the_outbound_budget_closes_the_biggest_queues_first() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        w.limits.outbound_share = 100;
+        let a = w.accept(now);
+        let b = w.accept(now);
+        let c = w.accept(now);
+        w.queue(now, a, &[b'a'; 60]);
+        w.queue(now, b, &[b'b'; 30]);
+        w.queue(now, c, &[b'c'; 5]);
+        w.flush(now);
+        assert_eq!(w.queued, 95);
+        assert!(w.handler.closed.is_empty(), "within the budget");
+        // In flight counts: 20 more for `b` go over 100; the biggest queue goes until 75 at most.
+        w.queue(now, b, &[b'b'; 20]);
+        w.flush(now);
+        assert_eq!(w.handler.closed, [(a, CloseReason::OutboundBudget)]);
+        assert_eq!(w.queued, 55);
+        assert_eq!(w.shared.counters.snapshot().closed.outbound_budget, 1);
+        // Written bytes leave the total.
+        while let Some((conn, _)) = w.backend.sent.front() {
+            if *conn == a {
+                w.backend.sent.pop_front();
+            } else {
+                w.finish_send(now, None);
+            }
+        }
+        assert_eq!(w.queued, 20);
+        w.flush(now);
+        w.finish_send(now, None);
+        assert_eq!(w.queued, 0);
+    }
+
+    #[test]
+    fn a_panicking_handler_closes_only_its_connection() {
+        let now = Instant::now();
+        let mut w = worker(1024);
+        w.handler.echo = true;
+        let bad = w.accept(now);
+        let good = w.accept(now);
+        w.receive(now, bad, b"one\nboom\nnever\n");
+        assert_eq!(w.handler.lines, [&b"one"[..]], "nothing after the panic");
+        assert_eq!(w.handler.closed, [(bad, CloseReason::HandlerPanic)]);
+        assert!(w.conns.get_mut(bad).is_none());
+        w.receive(now, good, b"still\n");
+        assert_eq!(w.handler.lines, [&b"one"[..], b"still"]);
+        let c = w.shared.counters.snapshot();
+        assert_eq!(
+            (c.handler_panics, c.closed.handler_panic, c.open),
+            (1, 1, 1)
+        );
     }
 }
