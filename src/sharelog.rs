@@ -1,8 +1,9 @@
 //! The share log (`-L`): one JSON line per share in ckpool's fields, in
 //! `<logdir>/<height %08x>/<job id %016x>.sharelog` as ckpool's, written by its own thread.
 //!
-//! - **An accepted share is never dropped.** The sink blocks the connector thread while the queue
-//!   is full (back-pressure: that thread reads no more from its miners until there is room);
+//! - **An accepted share is never dropped.** The sink blocks its caller (a connector thread, or
+//!   with the queue handoff a stratifier thread) while the queue is full (back-pressure: that
+//!   thread reads no more from its miners until there is room);
 //!   a rejected share is only tried, and when the queue is full it is counted by reason and
 //!   summarised in `<logdir>/sharelog.summary` instead.
 //! - **Buffered, files kept open.** Lines are written in batches to the files of the last few
@@ -17,7 +18,7 @@
 //!
 //! A line: `workinfoid, enonce1, nonce2, nonce, ntime, diff, sdiff, hash, result,
 //! reject-reason` (rejected shares only), `error` (null), `errn` (ckpool's number for the reject
-//! reason, 0 when accepted), `createdate` (`"secs,nsecs"`, when the writer took it), `createby`
+//! reason, 0 when accepted, left out for a reason ckpool does not have), `createdate` (`"secs,nsecs"`, when the writer took it), `createby`
 //! (`"code"`), `createcode` (`"parse_submit"`), `createinet` (the pool's first `serverurl`),
 //! `workername, username, address, agent`. ckpool's `clientid` is missing: share records do not
 //! carry it yet.
