@@ -12,8 +12,7 @@
 //! - **Rotation.** SIGHUP (and the admin `loglevel` command) reopen the file by its name, so an
 //!   external `logrotate` can move it away without `copytruncate`; it is also reopened every
 //!   minute, as ckpool's is, which picks up a rotation nobody signalled (and retries a file
-//!   that could not be opened). Failures of the file are counted ([`write_errors`], admin
-//!   `stats` key `log_write_errors`) and said on stderr once a minute:
+//!   that could not be opened). A `logrotate` stanza:
 //!
 //! ```text
 //! /var/log/ckpool/ckpool.log {
@@ -33,6 +32,10 @@
 //! file is `<logdir>/<name>.log`.) Lines written between the rename and the signal still go to
 //! the renamed file (hence `delaycompress`); none is lost. The file is reopened within 200 ms of
 //! the signal.
+//!
+//! Failures of the file (open, write, flush) are counted ([`write_errors`], admin `stats` key
+//! `log_write_errors`) and said on stderr at most once a minute; dropped lines are in admin
+//! `stats` as `log_dropped`.
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
