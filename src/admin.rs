@@ -1,7 +1,9 @@
 //! The admin unix socket (`<sockdir>/listener`), framed as ckpool's (see `common::admin`).
 //!
 //! Commands: `ping` → `pong`; `stats` → JSON statistics; `update` → asks the generator for a new
-//! template (what the notifier sends); `shutdown` → `exiting`; anything else → `unknown`.
+//! template (what the notifier sends); `loglevel=N` → `success` (sets the log level as `-l N`
+//! does and reopens the log file), `Invalid` or `Failed`, as ckpool's; `shutdown` → `exiting`;
+//! anything else → `unknown`.
 //!
 //! The admin thread never holds the generator: the daemon must own it alone to shut it down
 //! (which submits the blocks still queued). It reaches it through a [`GenLink`] instead.
@@ -76,6 +78,8 @@ pub(crate) struct AdminCtx {
     pub(crate) generator: Arc<GenLink>,
     /// Set by `shutdown` (and by the signal handlers); the admin thread exits once it is set.
     pub(crate) shutdown: Arc<AtomicBool>,
+    /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
+    pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -120,6 +124,17 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                 obj.insert("server".into(), ctx.generator.active().into());
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
+                obj.insert("log_dropped".into(), crate::logging::dropped().into());
+                obj.insert(
+                    "log_write_errors".into(),
+                    crate::logging::write_errors().into(),
+                );
+                if let Some(log) = &ctx.share_log {
+                    obj.insert(
+                        "sharelog".into(),
+                        serde_json::to_value(log.snapshot()).unwrap_or_default(),
+                    );
+                }
             }
             stats.to_string().into_bytes()
         }
@@ -127,6 +142,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             ctx.generator.request_update();
             b"updating".to_vec()
         }
+        _ if cmd.starts_with("loglevel=") => loglevel(cmd.trim_start_matches("loglevel=")),
         "shutdown" => {
             ctx.shutdown.store(true, Ordering::Relaxed);
             b"exiting".to_vec()
@@ -134,6 +150,21 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
         _ => b"unknown".to_vec(),
     };
     common::admin::write_message(&mut stream, &reply)
+}
+
+/// `loglevel=N`: ckpool's replies.
+fn loglevel(arg: &str) -> Vec<u8> {
+    match arg.trim().parse::<u8>() {
+        Ok(level) if level <= 7 => {
+            if crate::logging::set_level(level) {
+                crate::logging::reopen();
+                b"success".to_vec()
+            } else {
+                b"Failed".to_vec()
+            }
+        }
+        _ => b"Invalid".to_vec(),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! This instance on the machine: its socket directory, its pid file (ckpool's `-k` handling of
-//! an old instance with the same name) and the signals that stop it.
+//! an old instance with the same name) and its signals: SIGTERM and SIGINT stop it, SIGHUP
+//! reopens the log file (see `crate::logging`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub(crate) struct Instance {
 impl Instance {
     /// Creates the socket directory, deals with an old instance of the same name (refuses to
     /// start beside it unless told to kill it), writes the pid file and installs the SIGTERM and
-    /// SIGINT handlers.
+    /// SIGINT handlers, and the SIGHUP one that reopens the log file.
     pub(crate) fn claim(settings: &Settings) -> anyhow::Result<Self> {
         let sockdir = &settings.sockdir;
         std::fs::create_dir_all(sockdir)
@@ -37,6 +38,8 @@ impl Instance {
             signal_hook::flag::register(sig, Arc::clone(&shutdown))
                 .context("installing signal handlers")?;
         }
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, crate::logging::reopen_flag())
+            .context("installing the SIGHUP handler")?;
         Ok(Self {
             _files: files,
             shutdown,

@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod handoff;
 mod instance;
+mod logging;
 mod modes;
 mod relay;
 mod settings;
@@ -27,7 +28,9 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    // Kept until the end, so that the error below reaches the log file too.
+    let mut log = None;
+    let code = match run(cli, &mut log) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -37,17 +40,21 @@ fn main() -> ExitCode {
                 None => ExitCode::FAILURE,
             }
         }
-    }
+    };
+    drop(log);
+    code
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, log: &mut Option<logging::LogGuard>) -> anyhow::Result<()> {
     let argv0 = std::env::args().next().unwrap_or_default();
     let mode = Mode::select(&cli, &argv0)?;
     modes::check_implemented(mode)?;
     if cli.daemonise && std::env::var_os("CKPOOL_RS_DAEMONISED").is_none() {
         return daemonise(&argv0);
     }
-    init_logging(cli.loglevel);
+    // With -D the daemon's stderr is /dev/null: it logs to the file only.
+    let daemonised = std::env::var_os("CKPOOL_RS_DAEMONISED").is_some();
+    *log = logging::init(cli.loglevel, !daemonised);
     if cli.handover {
         warn!("-H handover is not implemented yet; killing the old instance instead (-k)");
     }
@@ -55,6 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         warn!("-g is accepted for compatibility; socket group ownership is not changed");
     }
     let settings = Settings::load(&cli, mode, &settings::process_env)?;
+    logging::open_file(settings.logdir().join(format!("{}.log", settings.name)));
     info!(mode = %settings.mode, name = %settings.name, config = %settings.config_path.display(), "starting");
     match connector::raise_nofile_limit() {
         Ok(n) => info!(nofile = n, "open files limit raised to the hard limit"),
@@ -86,21 +94,4 @@ fn daemonise(argv0: &str) -> anyhow::Result<()> {
         .context("starting the daemon")?;
     println!("ckpool-rs daemonised, pid {}", child.id());
     Ok(())
-}
-
-fn init_logging(level: u8) {
-    let default = match level {
-        0..=3 => "error",
-        4 => "warn",
-        5 | 6 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

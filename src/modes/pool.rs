@@ -49,7 +49,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     // The stratifier's shared state.
     let pcfg = settings.pool(network)?;
     let share_log = if settings.log_shares {
-        Some(ShareLog::start(settings.logdir().to_owned()).context("starting the share log")?)
+        Some(ShareLog::start(settings, shutdown).context("starting the share log")?)
     } else {
         None
     };
@@ -101,6 +101,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             pool: Arc::clone(&pool),
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
+            share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
         },
     );
     let admin = match admin {
