@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::stratum::write::{self, ConfigureAnswer};
 use common::stratum::{self, Method, Parser, Request, Value, codes, value_as_f64};
 use common::{ConnId, Difficulty, Peer, Target, address};
 use simd_json::prelude::*;
@@ -542,7 +543,7 @@ impl Shard {
                 let peer = self.st.sessions.get(conn).map(|s| s.peer);
                 warn!(%conn, ?peer, error = %e, "unparseable line from client, disconnecting");
                 let mut buf = Vec::new();
-                stratum::reply_error(
+                write::reply_error(
                     &mut buf,
                     &Value::null(),
                     codes::OTHER,
@@ -680,11 +681,15 @@ impl State {
                 if let Some(s) = self.sessions.get_mut(conn) {
                     s.extranonce_subscribed = true;
                 }
-                reply_raw(out, conn, req, b"true");
+                reply_true(out, conn, req);
             }
             "mining.get_transactions" => self.get_transactions(conn, req, false, now, out),
             "mining.get_txnhashes" => self.get_transactions(conn, req, true, now, out),
-            "mining.ping" => reply_raw(out, conn, req, b"\"pong\""),
+            "mining.ping" => {
+                let mut buf = Vec::with_capacity(64);
+                write::reply_pong(&mut buf, &req.id);
+                out.send(conn, buf);
+            }
             "mining.term" => out.close(conn),
             other => {
                 debug!(%conn, method = other, "unknown method");
@@ -757,14 +762,14 @@ impl State {
             s.old_diff = s.diff;
         }
         let mut buf = Vec::with_capacity(256);
-        let result = format!(
-            "[[[\"mining.notify\",\"{:08x}\"]],\"{}\",{}]",
+        write::subscribe_result(
+            &mut buf,
+            &req.id,
             s.session_id,
-            hex::encode(layout.enonce1(s.enonce1).as_ref()),
-            layout.nonce2_len()
+            layout.enonce1(s.enonce1).as_ref(),
+            layout.nonce2_len(),
         );
-        stratum::reply_result(&mut buf, &req.id, result.as_bytes());
-        stratum::set_difficulty(&mut buf, s.diff());
+        write::set_difficulty(&mut buf, s.diff());
         out.send(conn, buf);
         if !self.pool.cfg.solo {
             self.send_job(conn, &job, out);
@@ -781,7 +786,7 @@ impl State {
             return;
         }
         if s.auth.is_some() {
-            reply_raw(out, conn, req, b"true");
+            reply_true(out, conn, req);
             return;
         }
         let worker = match req.params_array() {
@@ -859,10 +864,10 @@ impl State {
             stats: None,
         });
         let mut buf = Vec::with_capacity(128);
-        stratum::reply_result(&mut buf, &req.id, b"true");
+        write::reply_true(&mut buf, &req.id);
         if s.agent.contains("gminer") {
             let msg = format!("Authorised, welcome to {} {user}!", self.pool.cfg.name);
-            stratum::show_message(&mut buf, &msg);
+            write::show_message(&mut buf, &msg);
         }
         out.send(conn, buf);
         // Password options, as public-pool, BTCPool and p2poolv2 take them: `d=N` a minimum,
@@ -890,7 +895,7 @@ impl State {
             .unwrap_or_default();
         let opts = req.param(1);
         let opt = |k: &str| opts.and_then(|o| o.get(k));
-        let mut result = serde_json::Map::new();
+        let mut answers = Vec::with_capacity(exts.len());
         let mut min_diff = None;
         for ext in exts {
             match ext {
@@ -903,25 +908,25 @@ impl State {
                     if let Some(s) = self.sessions.get_mut(conn) {
                         s.mask = mask;
                     }
-                    result.insert("version-rolling".into(), true.into());
-                    result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                    answers.push(ConfigureAnswer::VersionRolling { mask });
                 }
                 "minimum-difficulty" => {
                     min_diff = opt("minimum-difficulty.value")
                         .and_then(value_as_f64)
                         .and_then(Difficulty::from_f64);
-                    result.insert("minimum-difficulty".into(), min_diff.is_some().into());
+                    answers.push(ConfigureAnswer::MinimumDifficulty(min_diff.is_some()));
                 }
                 "subscribe-extranonce" => {
-                    result.insert("subscribe-extranonce".into(), true.into());
+                    answers.push(ConfigureAnswer::SubscribeExtranonce);
                 }
                 other => {
-                    result.insert(other.into(), false.into());
+                    answers.push(ConfigureAnswer::Unknown(other));
                 }
             }
         }
-        let raw = serde_json::Value::Object(result).to_string();
-        reply_raw(out, conn, req, raw.as_bytes());
+        let mut buf = Vec::with_capacity(128);
+        write::configure_result(&mut buf, &req.id, &answers);
+        out.send(conn, buf);
         if let Some(d) = min_diff {
             self.apply_suggestion(now, conn, d, out);
         }
@@ -939,7 +944,7 @@ impl State {
             reply_err(out, conn, req, codes::OTHER, "Invalid difficulty");
             return;
         };
-        reply_raw(out, conn, req, b"true");
+        reply_true(out, conn, req);
         self.apply_suggestion(now, conn, d, out);
     }
 
@@ -993,13 +998,13 @@ impl State {
         let mut buf = Vec::with_capacity(96);
         if !s.extranonce_subscribed {
             info!(%conn, peer = %s.peer, "extranonce1 changed; client cannot be told, reconnecting it");
-            stratum::reconnect(&mut buf);
+            write::reconnect(&mut buf);
             out.send(conn, buf);
             out.close(conn);
             return true;
         }
         debug!(%conn, old = old, new = en1, "extranonce1 changed; sending mining.set_extranonce");
-        stratum::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
+        write::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
         out.send(conn, buf);
         if s.last_job != 0
             && let Some(job) = current
@@ -1032,7 +1037,7 @@ impl State {
             return;
         }
         let mut buf = Vec::with_capacity(80);
-        stratum::set_difficulty(&mut buf, d);
+        write::set_difficulty(&mut buf, d);
         out.send(conn, buf);
         if s.last_job != 0
             && let Some(job) = current
@@ -1068,12 +1073,9 @@ impl State {
             return;
         };
         if !hashes {
-            reply_raw(
-                out,
-                conn,
-                req,
-                job.transactions().len().to_string().as_bytes(),
-            );
+            let mut n = Vec::with_capacity(20);
+            write::write_u64(&mut n, job.transactions().len() as u64);
+            reply_raw(out, conn, req, &n);
             return;
         }
         if s.extras
@@ -1093,7 +1095,7 @@ impl State {
             list.push_str(&common::template::rpc_hash_hex(&tx.txid));
         }
         let mut raw = Vec::with_capacity(list.len() + 2);
-        stratum::write_str(&mut raw, &list);
+        write::write_str(&mut raw, &list);
         reply_raw(out, conn, req, &raw);
     }
 
@@ -1115,7 +1117,7 @@ impl State {
             Ok(Some(new)) => self.set_diff(now, conn, new, out),
             Err(reason) => {
                 let mut buf = Vec::with_capacity(128);
-                stratum::reply_reject(&mut buf, &req.id, reason.code(), reason.message());
+                write::reply_reject(&mut buf, &req.id, reason.code(), reason.message());
                 out.send(conn, buf);
                 match self.sessions.get_mut(conn).and_then(|s| s.auth.as_mut()) {
                     Some(a) => {
@@ -1242,7 +1244,7 @@ impl State {
         }
         verdict?;
         let mut buf = Vec::with_capacity(96);
-        stratum::reply_result(&mut buf, &req.id, b"true");
+        write::reply_true(&mut buf, &req.id);
         if let Some(a) = s.auth.as_mut() {
             pool.registry.record_share(
                 &self.stripe,
@@ -1397,26 +1399,29 @@ fn solo_work(
     Some(w)
 }
 
+/// `result` true (an authorisation again, a suggestion, `mining.extranonce.subscribe`).
+fn reply_true(out: &mut impl Out, conn: ClientId, req: &Request<'_>) {
+    let mut buf = Vec::with_capacity(64);
+    write::reply_true(&mut buf, &req.id);
+    out.send(conn, buf);
+}
+
 fn reply_raw(out: &mut impl Out, conn: ClientId, req: &Request<'_>, raw: &[u8]) {
     let mut buf = Vec::with_capacity(64 + raw.len());
-    stratum::reply_result(&mut buf, &req.id, raw);
+    write::reply_result(&mut buf, &req.id, raw);
     out.send(conn, buf);
 }
 
 fn reply_err(out: &mut impl Out, conn: ClientId, req: &Request<'_>, code: i32, msg: &str) {
     let mut buf = Vec::with_capacity(96);
-    stratum::reply_error(&mut buf, &req.id, code, msg);
+    write::reply_error(&mut buf, &req.id, code, msg);
     out.send(conn, buf);
 }
 
 /// A failed authorisation: `result` false and an error, as both client conventions expect.
 fn reply_auth_fail(out: &mut impl Out, conn: ClientId, req: &Request<'_>, code: i32, msg: &str) {
     let mut buf = Vec::with_capacity(96);
-    buf.extend_from_slice(b"{\"id\":");
-    stratum::write_value(&mut buf, &req.id);
-    buf.extend_from_slice(format!(",\"result\":false,\"error\":[{code},").as_bytes());
-    stratum::write_str(&mut buf, msg);
-    buf.extend_from_slice(b",null]}\n");
+    write::reply_refused(&mut buf, &req.id, code, msg);
     out.send(conn, buf);
 }
 
