@@ -48,6 +48,8 @@ pub struct PoolConfig {
     pub auth_timeout: Duration,
     /// How long a disconnected session's extranonce1 is kept for resume.
     pub resume_window: Duration,
+    /// The most disconnected sessions kept for resume at once (the oldest go first).
+    pub max_parked: usize,
     /// Instance name used in messages to miners.
     pub name: String,
     /// Jobs are kept this long (at least the last few).
@@ -78,6 +80,7 @@ impl PoolConfig {
             update_interval: Duration::from_secs(30),
             auth_timeout: Duration::from_secs(60),
             resume_window: Duration::from_secs(600),
+            max_parked: 100_000,
             name: "ckpool-rs".into(),
             job_lifetime: Duration::from_secs(600),
         }
@@ -187,7 +190,7 @@ impl Pool {
         let cb_cfg = cfg.coinbase.clone();
         Arc::new(Self {
             books: JobBooks::new(ExtranonceLayout::own(&cb_cfg), seed, cfg.job_lifetime),
-            tables: SessionTables::new(seed, cfg.resume_window),
+            tables: SessionTables::new(seed, cfg.resume_window, cfg.max_parked),
             registry: StatsRegistry::default(),
             cb_cfg,
             cfg,
@@ -477,9 +480,16 @@ mod tests {
         pool.sample_rates(t0 + Duration::from_secs(4));
         assert!(within(pool.stats().round_diff, 7.0));
 
-        pool.tables.park_session(1, SourceId::TEMPLATE, 11, t0);
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         pool.tables
-            .park_session(2, SourceId::TEMPLATE, 12, t0 + Duration::from_secs(300));
+            .park_session(1, SourceId::TEMPLATE, (11, 4), ip, t0);
+        pool.tables.park_session(
+            2,
+            SourceId::TEMPLATE,
+            (12, 4),
+            ip,
+            t0 + Duration::from_secs(300),
+        );
         pool.sample_rates(t0 + Duration::from_secs(400));
         assert_eq!(pool.stats().disconnected, 2);
         pool.sample_rates(t0 + pool.cfg.resume_window + Duration::from_secs(1));

@@ -587,10 +587,19 @@ impl Shard {
         out: &mut impl Out,
     ) -> Option<u64> {
         let conn = conn.into();
-        let en1 = self.st.pool.tables.alloc_enonce1();
-        self.st
-            .change_extranonce1(now, conn, en1, out)
-            .then_some(en1)
+        let source = self.st.sessions.get(conn)?.source;
+        let width = self.st.pool.layout(source)?.local_len();
+        let en1 = self.st.pool.tables.alloc_enonce1(source, width)?;
+        match self.st.change_extranonce1(now, conn, en1, out) {
+            Some(old) => {
+                self.st.pool.tables.release_enonce1(source, width, old);
+                Some(en1)
+            }
+            None => {
+                self.st.pool.tables.release_enonce1(source, width, en1);
+                None
+            }
+        }
     }
 
     /// Periodic work: drop clients that did not authorise in time, prune caches.
@@ -632,8 +641,9 @@ impl Shard {
 fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
     pool.registry.clients.fetch_sub(1, Ordering::Relaxed);
     if s.subscribed {
+        let width = pool.layout(s.source).map_or(8, |l| l.local_len());
         pool.tables
-            .park_session(s.session_id, s.source, s.enonce1, now);
+            .park_session(s.session_id, s.source, (s.enonce1, width), s.peer.ip(), now);
     }
     debug!(%client, peer = %s.peer, "session closed");
 }
@@ -719,6 +729,8 @@ impl State {
             s.agent = self
                 .names
                 .get(truncate(req.param_str(0).unwrap_or(""), MAX_AGENT_LEN));
+            // Resume is bound to the address the session came from (ckpool's is not).
+            let ip = s.peer.ip();
             let resumed = req
                 .param_str(1)
                 .filter(|h| (1..=8).contains(&h.len()))
@@ -726,7 +738,7 @@ impl State {
                 .and_then(|sid| {
                     self.pool
                         .tables
-                        .resume_session(sid, source, now)
+                        .resume_session(sid, source, ip, now)
                         .map(|en1| (sid, en1))
                 });
             let (sid, en1) = match resumed {
@@ -734,10 +746,16 @@ impl State {
                     debug!(%conn, session = r.0, "session resumed");
                     r
                 }
-                None => (
-                    self.pool.tables.alloc_session(),
-                    self.pool.tables.alloc_enonce1(),
-                ),
+                None => {
+                    let Some(en1) = self.pool.tables.alloc_enonce1(source, layout.local_len())
+                    else {
+                        warn!(%conn, source = source.0, "every extranonce1 is in use");
+                        reply_err(out, conn, req, codes::OTHER, "Server full");
+                        out.close(conn);
+                        return;
+                    };
+                    (self.pool.tables.alloc_session(), en1)
+                }
             };
             s.session_id = sid;
             s.enonce1 = en1;
@@ -967,28 +985,22 @@ impl State {
         }
     }
 
-    /// Changes a session's difficulty and tells the miner: `mining.set_difficulty`, then at once
-    /// the current job again with clean=true, since some firmware applies a new difficulty only
-    /// with the next notify. Work already sent stays valid (see [`change_diff`]).
+    /// Gives a subscribed session extranonce1 `en1` and tells the miner (see
+    /// [`Shard::renew_extranonce1`]); returns the one it replaced, `None` for an unknown or
+    /// unsubscribed client.
     fn change_extranonce1(
         &mut self,
         _now: Instant,
         conn: ClientId,
         en1: u64,
         out: &mut impl Out,
-    ) -> bool {
-        let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
-            return false;
-        };
+    ) -> Option<u64> {
+        let source = self.sessions.get(conn)?.source;
         let current = self.pool.current_job_of(source);
-        let Some(layout) = self.pool.layout(source) else {
-            return false;
-        };
-        let Some(s) = self.sessions.get_mut(conn) else {
-            return false;
-        };
+        let layout = self.pool.layout(source)?;
+        let s = self.sessions.get_mut(conn)?;
         if !s.subscribed {
-            return false;
+            return None;
         }
         let old = s.enonce1;
         s.enonce1 = en1;
@@ -1001,7 +1013,7 @@ impl State {
             write::reconnect(&mut buf);
             out.send(conn, buf);
             out.close(conn);
-            return true;
+            return Some(old);
         }
         debug!(%conn, old = old, new = en1, "extranonce1 changed; sending mining.set_extranonce");
         write::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
@@ -1011,9 +1023,12 @@ impl State {
         {
             self.send_job_with(conn, &job, true, out);
         }
-        true
+        Some(old)
     }
 
+    /// Changes a session's difficulty and tells the miner: `mining.set_difficulty`, then at once
+    /// the current job again with clean=true, since some firmware applies a new difficulty only
+    /// with the next notify. Work already sent stays valid (see [`change_diff`]).
     fn set_diff(&mut self, now: Instant, conn: ClientId, d: Difficulty, out: &mut impl Out) {
         let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
             return;

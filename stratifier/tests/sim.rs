@@ -1580,3 +1580,88 @@ fn parent_workinfo_source_assembles_its_blocks() {
     assert_eq!(block.block_hash().to_string(), blocks[0].hash);
     assert_eq!(job.transactions().len(), 3);
 }
+
+fn open_from(s: &mut Sim, n: u32, ip: [u8; 4]) -> ConnId {
+    let c = ConnId::new(0, 0, n);
+    s.shard.on_open(s.now, c, SocketAddr::from((ip, 40_000)), 0);
+    c
+}
+
+/// Subscribes `c`, resuming `session` if given: (session id, extranonce1 hex).
+fn subscribe_as(s: &mut Sim, c: ConnId, session: Option<&str>) -> (String, String) {
+    let params = match session {
+        Some(sid) => json!(["x", sid]),
+        None => json!(["x"]),
+    };
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":params}),
+    );
+    (
+        r[0]["result"][0][0][1].as_str().unwrap().to_owned(),
+        r[0]["result"][1].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn a_session_id_sweep_from_another_address_resumes_nothing() {
+    let mut s = sim();
+    let mut victims = Vec::new();
+    for i in 0..5u32 {
+        let c = open_from(&mut s, i, [10, 0, 0, 1 + i as u8]);
+        let (sid, en1) = subscribe_as(&mut s, c, None);
+        s.shard.on_close(s.now, c);
+        victims.push((sid, en1));
+    }
+    // Ids are not sequential: nothing to sweep from one's own id.
+    let ids: Vec<u32> = victims
+        .iter()
+        .map(|(sid, _)| u32::from_str_radix(sid, 16).unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0].abs_diff(w[1]) > 16), "{ids:x?}");
+    // The attacker even knows every id exactly, and tries each several times.
+    let mut n = 100;
+    for (sid, en1) in &victims {
+        for _ in 0..3 {
+            let c = open_from(&mut s, n, [192, 0, 2, 66]);
+            n += 1;
+            let (got_sid, got_en1) = subscribe_as(&mut s, c, Some(sid));
+            assert_ne!(
+                &got_en1, en1,
+                "a victim's extranonce1 went to another address"
+            );
+            assert_ne!(&got_sid, sid);
+            s.shard.on_close(s.now, c);
+        }
+    }
+    // The victims, back from their own addresses, resume their sessions.
+    for (i, (sid, en1)) in victims.iter().enumerate() {
+        let c = open_from(&mut s, 1000 + i as u32, [10, 0, 0, 1 + i as u8]);
+        let got = subscribe_as(&mut s, c, Some(sid));
+        assert_eq!(&got, &(sid.clone(), en1.clone()));
+    }
+}
+
+#[test]
+fn a_wrapped_two_byte_extranonce1_is_never_one_in_use() {
+    let mut s = sim_with(false, HARD_BITS, |c| {
+        c.coinbase.nonce1_len = 2;
+        c.max_parked = 64;
+    });
+    let mut live = std::collections::HashSet::new();
+    for i in 0..2000u32 {
+        let c = open_from(&mut s, i, [10, 1, 0, 1]);
+        let (_, en1) = subscribe_as(&mut s, c, None);
+        assert_eq!(en1.len(), 4);
+        assert!(live.insert(en1));
+    }
+    // 70,000 more come and go: the 65,536 values wrap, none of the live ones is handed out.
+    let c = ConnId::new(0, 0, 5000);
+    for g in 0..70_000u32 {
+        let c = ConnId::new(0, (g % 60_000) as u16, c.slot());
+        s.shard.on_open(s.now, c, "10.2.0.1:1".parse().unwrap(), 0);
+        let (_, en1) = subscribe_as(&mut s, c, None);
+        assert!(!live.contains(&en1), "{en1} is in use (round {g})");
+        s.shard.on_close(s.now, c);
+    }
+}
