@@ -50,6 +50,13 @@ pub struct PoolConfig {
     pub resume_window: Duration,
     /// The most disconnected sessions kept for resume at once (the oldest go first).
     pub max_parked: usize,
+    /// A client is dropped after this many invalid shares in a row (stale ones do not count,
+    /// an accepted share ends the run); from half as many on, one share in 8 is checked and the
+    /// others are rejected unchecked. 0: never.
+    pub max_invalid_shares: u32,
+    /// Users and workers with no connection and no accepted share for this long are forgotten
+    /// by the rate sampler.
+    pub stats_idle: Duration,
     /// Instance name used in messages to miners.
     pub name: String,
     /// Jobs are kept this long (at least the last few).
@@ -81,6 +88,8 @@ impl PoolConfig {
             auth_timeout: Duration::from_secs(60),
             resume_window: Duration::from_secs(600),
             max_parked: 100_000,
+            max_invalid_shares: 100,
+            stats_idle: Duration::from_secs(3 * 86_400),
             name: "ckpool-rs".into(),
             job_lifetime: Duration::from_secs(600),
         }
