@@ -129,6 +129,9 @@ pub struct Config {
     /// A user or worker with no connection and no accepted share for this long is forgotten from
     /// memory (its figures stay in the stats files).
     pub statsidle: Duration,
+    /// Distinct users the clients of one address may add to the statistics (their shares count
+    /// in the pool totals either way). 0: no limit.
+    pub maxusersperip: usize,
 }
 
 impl Default for Config {
@@ -172,6 +175,7 @@ impl Default for Config {
             maxparked: 100_000,
             maxinvalidshares: 100,
             statsidle: Duration::from_secs(3 * 86_400),
+            maxusersperip: 256,
         }
     }
 }
@@ -246,6 +250,7 @@ const KNOWN_KEYS: &[&str] = &[
     "maxparked",
     "maxinvalidshares",
     "statsidle",
+    "maxusersperip",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -451,6 +456,10 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("statsidle") {
         c.statsidle = Duration::from_secs(whole("statsidle", v, 60, 365 * 86_400)?);
     }
+    if let Some(v) = map.get("maxusersperip") {
+        c.maxusersperip =
+            usize::try_from(whole("maxusersperip", v, 0, 100_000_000)?).unwrap_or(usize::MAX);
+    }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
             "startdiff {} is below mindiff {}; using mindiff",
@@ -617,10 +626,19 @@ mod tests {
     fn hardening_limits() {
         let d = parse("{}").unwrap().config;
         assert_eq!(
-            (d.maxparked, d.maxinvalidshares, d.statsidle),
-            (100_000, 100, Duration::from_secs(259_200))
+            (
+                d.maxparked,
+                d.maxinvalidshares,
+                d.statsidle,
+                d.maxusersperip
+            ),
+            (100_000, 100, Duration::from_secs(259_200), 256)
         );
-        let l = parse(r#"{"maxparked": 0, "maxinvalidshares": 30, "statsidle": 3600}"#).unwrap();
+        let l = parse(
+            r#"{"maxparked": 0, "maxinvalidshares": 30, "statsidle": 3600, "maxusersperip": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(l.config.maxusersperip, 0);
         assert!(l.warnings.is_empty(), "{:?}", l.warnings);
         assert_eq!(
             (

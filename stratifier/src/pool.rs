@@ -57,6 +57,9 @@ pub struct PoolConfig {
     /// Users and workers with no connection and no accepted share for this long are forgotten
     /// by the rate sampler.
     pub stats_idle: Duration,
+    /// Distinct users the clients of one address may add to the stats (0: no limit); the
+    /// shares of further users count in the pool totals only.
+    pub max_users_per_ip: usize,
     /// Instance name used in messages to miners.
     pub name: String,
     /// Jobs are kept this long (at least the last few).
@@ -90,6 +93,7 @@ impl PoolConfig {
             max_parked: 100_000,
             max_invalid_shares: 100,
             stats_idle: Duration::from_secs(3 * 86_400),
+            max_users_per_ip: 256,
             name: "ckpool-rs".into(),
             job_lifetime: Duration::from_secs(600),
         }
@@ -197,10 +201,12 @@ impl Pool {
     /// Block candidates and share records leave through each shard's [`crate::Out`].
     pub fn new(cfg: PoolConfig, seed: u64, epoch: Instant) -> Arc<Self> {
         let cb_cfg = cfg.coinbase.clone();
+        let registry = StatsRegistry::default();
+        registry.set_max_users_per_ip(cfg.max_users_per_ip);
         Arc::new(Self {
             books: JobBooks::new(ExtranonceLayout::own(&cb_cfg), seed, cfg.job_lifetime),
             tables: SessionTables::new(seed, cfg.resume_window, cfg.max_parked),
-            registry: StatsRegistry::default(),
+            registry,
             cb_cfg,
             cfg,
             epoch,
@@ -295,11 +301,13 @@ impl Pool {
     }
 
     /// Folds the shares accepted since the previous call into the moving averages of the pool
-    /// and every worker, and forgets parked sessions past the resume window. Called every few
+    /// and every worker, forgets parked sessions past the resume window, and users and workers
+    /// idle for [`PoolConfig::stats_idle`] (at most once a minute). Called every few
     /// seconds from one thread (calls are serialised); the first call only records a baseline.
     pub fn sample_rates(&self, now: Instant) {
         let parked = self.tables.prune_parked(now);
         self.registry.sample(now, parked);
+        self.registry.forget_idle(now, self.cfg.stats_idle);
     }
 }
 

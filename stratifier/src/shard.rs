@@ -1,7 +1,7 @@
 //! One shard of the stratifier: the sessions of one connector thread and every stratum method.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -66,10 +66,14 @@ struct Auth {
 }
 
 impl Auth {
-    fn stats(&mut self, pool: &Pool) -> &WorkerStatsRef {
+    /// Where its shares are counted, looked up (or created, for a client from `ip`) at the
+    /// first.
+    fn stats(&mut self, pool: &Pool, ip: IpAddr) -> &WorkerStatsRef {
         let (user, rest) = (&self.user, &self.rest);
-        self.stats
-            .get_or_insert_with(|| pool.registry.worker_stats(user, &format!("{user}{rest}")))
+        self.stats.get_or_insert_with(|| {
+            pool.registry
+                .worker_stats_from(user, &format!("{user}{rest}"), Some(ip))
+        })
     }
 
     /// Whether `name` is this worker's name.
@@ -479,7 +483,7 @@ impl Shard {
         };
         match self.st.sessions.insert(conn, session) {
             Ok(None) => {}
-            Ok(Some(old)) => {
+            Ok(Some(mut old)) => {
                 // The connector closes a connection before reusing its slot, so this is a
                 // close that was lost: account for it.
                 warn!(%conn, old_peer = %old.peer, "session replaced without a close");
@@ -488,12 +492,13 @@ impl Shard {
                     .registry
                     .clients
                     .fetch_sub(1, Ordering::Relaxed);
+                forget_stats(&self.st.pool, &mut old);
                 // The lost close also ended the old connection's sub-clients.
                 if let ClientId::Direct(c) = conn {
                     let gone = ConnId::new(c.thread(), old.generation, c.slot());
                     let st = &mut self.st;
                     let (pool, sessions) = (&st.pool, &mut st.sessions);
-                    sessions.remove_subs(gone, |sub, s| closed(pool, now, sub, &s));
+                    sessions.remove_subs(gone, |sub, s| closed(pool, now, sub, s));
                 }
             }
             Err(_) => {
@@ -516,12 +521,12 @@ impl Shard {
     pub fn on_close(&mut self, now: Instant, conn: impl Into<ClientId>) {
         let conn = conn.into();
         if let Some(s) = self.st.sessions.remove(conn) {
-            self.st.closed(now, conn, &s);
+            self.st.closed(now, conn, s);
         }
         if let ClientId::Direct(c) = conn {
             let st = &mut self.st;
             let (pool, sessions) = (&st.pool, &mut st.sessions);
-            sessions.remove_subs(c, |sub, s| closed(pool, now, sub, &s));
+            sessions.remove_subs(c, |sub, s| closed(pool, now, sub, s));
         }
     }
 
@@ -638,8 +643,9 @@ impl Shard {
 }
 
 /// Accounts for a closed session.
-fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
+fn closed(pool: &Pool, now: Instant, client: ClientId, mut s: Session) {
     pool.registry.clients.fetch_sub(1, Ordering::Relaxed);
+    forget_stats(pool, &mut s);
     if s.subscribed {
         let width = pool.layout(s.source).map_or(8, |l| l.local_len());
         pool.tables
@@ -648,8 +654,18 @@ fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
     debug!(%client, peer = %s.peer, "session closed");
 }
 
+/// Lets go of where a session's shares were counted: a worker no session counts into any more
+/// and with no accepted share is forgotten ([`crate::StatsRegistry`]).
+fn forget_stats(pool: &Pool, s: &mut Session) {
+    if let Some(a) = s.auth.as_mut()
+        && let Some(w) = a.stats.take()
+    {
+        pool.registry.release(&a.user, &a.worker(), w);
+    }
+}
+
 impl State {
-    fn closed(&self, now: Instant, client: ClientId, s: &Session) {
+    fn closed(&self, now: Instant, client: ClientId, s: Session) {
         closed(&self.pool, now, client, s);
     }
 
@@ -1134,11 +1150,13 @@ impl State {
                 let mut buf = Vec::with_capacity(128);
                 write::reply_reject(&mut buf, &req.id, reason.code(), reason.message());
                 out.send(conn, buf);
-                match self.sessions.get_mut(conn).and_then(|s| s.auth.as_mut()) {
-                    Some(a) => {
+                let session = self.sessions.get_mut(conn);
+                let ip = session.as_ref().map(|s| s.peer.ip());
+                match session.and_then(|s| s.auth.as_mut()).zip(ip) {
+                    Some((a, ip)) => {
                         self.pool.registry.record_share(
                             &self.stripe,
-                            a.stats(&self.pool),
+                            a.stats(&self.pool, ip),
                             None,
                             0.0,
                             Some(reason),
@@ -1260,10 +1278,11 @@ impl State {
         verdict?;
         let mut buf = Vec::with_capacity(96);
         write::reply_true(&mut buf, &req.id);
+        let ip = s.peer.ip();
         if let Some(a) = s.auth.as_mut() {
             pool.registry.record_share(
                 &self.stripe,
-                a.stats(pool),
+                a.stats(pool, ip),
                 Some(judged.to_f64()),
                 hashed.sdiff,
                 None,

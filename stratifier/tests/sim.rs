@@ -1665,3 +1665,102 @@ fn a_wrapped_two_byte_extranonce1_is_never_one_in_use() {
         s.shard.on_close(s.now, c);
     }
 }
+
+/// Authorises `c` as `user` (already open) and sends one share with a bad job id.
+fn login_and_bad_share(s: &mut Sim, c: ConnId, user: &str) {
+    s.login(c, user);
+    let r = s.line(
+        c,
+        json!({"id":9,"method":"mining.submit","params":[user,"ffff","0000000000000000","00000000","00000000"]}),
+    );
+    assert_reject(&r, 21, "Invalid JobID");
+}
+
+#[test]
+fn throwaway_usernames_with_a_bad_share_each_are_forgotten_on_close() {
+    let mut s = sim();
+    let (a, wa) = s.connect(1, "alice.rig1");
+    let r = s.line(a, good_share(&wa, "alice.rig1", &[0; 8]));
+    assert_eq!(r[0]["result"], true);
+    let (b, wb) = s.connect(2, "bob");
+    let r = s.line(b, good_share(&wb, "bob", &[1; 8]));
+    assert_eq!(r[0]["result"], true);
+    // Bob also has a rig that only ever sent a bad share: it goes when it closes, bob stays.
+    let b2 = s.open(3);
+    login_and_bad_share(&mut s, b2, "bob.broken");
+    assert_eq!(s.pool.stats().users["bob"].workers.len(), 2);
+    s.shard.on_close(s.now, b2);
+    assert_eq!(s.pool.stats().users["bob"].workers.len(), 1);
+    let registry = s.pool.registry();
+    assert_eq!(registry.users(), 2);
+    // 3,000 throw-away names from as many addresses, one bad share each, then gone.
+    for i in 0..3000u32 {
+        let c = open_from(&mut s, 100 + i, [10, 9, (i >> 8) as u8, i as u8]);
+        login_and_bad_share(&mut s, c, &format!("junk{i}"));
+        if i == 2999 {
+            assert_eq!(s.pool.registry().users(), 3, "a connected one is listed");
+        }
+        s.shard.on_close(s.now, c);
+    }
+    assert_eq!(s.pool.registry().users(), 2);
+    let st = s.pool.stats();
+    assert_eq!(st.users.keys().collect::<Vec<_>>(), ["alice", "bob"]);
+    // Their shares still count in the pool totals.
+    assert_eq!((st.accepted, st.rejected), (2, 3001));
+}
+
+#[test]
+fn one_address_creates_a_bounded_number_of_users() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.max_users_per_ip = 50);
+    let mut conns = Vec::new();
+    for i in 0..200u32 {
+        let c = open_from(&mut s, i, [192, 0, 2, 7]);
+        login_and_bad_share(&mut s, c, &format!("flood{i}"));
+        conns.push(c);
+    }
+    // All still connected: 50 users, the other 150's shares in the totals only.
+    assert_eq!(s.pool.registry().users(), 50);
+    assert_eq!(s.pool.stats().rejected, 200);
+    // Another address is not held back by that one.
+    let c = open_from(&mut s, 500, [192, 0, 2, 8]);
+    login_and_bad_share(&mut s, c, "other");
+    assert_eq!(s.pool.registry().users(), 51);
+    // Once they go, the address can create users again.
+    for c in conns {
+        s.shard.on_close(s.now, c);
+    }
+    assert_eq!(s.pool.registry().users(), 1);
+    let c = open_from(&mut s, 600, [192, 0, 2, 7]);
+    login_and_bad_share(&mut s, c, "again");
+    assert_eq!(s.pool.registry().users(), 2);
+}
+
+#[test]
+fn users_idle_past_stats_idle_are_forgotten() {
+    let mut s = sim_with(false, HARD_BITS, |c| {
+        c.stats_idle = Duration::from_secs(3600);
+    });
+    let (a, wa) = s.connect(1, "alice");
+    assert_eq!(
+        s.line(a, good_share(&wa, "alice", &[0; 8]))[0]["result"],
+        true
+    );
+    let (b, wb) = s.connect(2, "bob");
+    assert_eq!(
+        s.line(b, good_share(&wb, "bob", &[0; 8]))[0]["result"],
+        true
+    );
+    // Alice leaves; bob stays connected, idle.
+    s.shard.on_close(s.now, a);
+    s.pool.sample_rates(s.now);
+    s.pool.sample_rates(s.now + Duration::from_secs(1800));
+    assert_eq!(s.pool.registry().users(), 2, "not idle long enough");
+    s.pool.sample_rates(s.now + Duration::from_secs(3601));
+    let st = s.pool.stats();
+    assert_eq!(
+        st.users.keys().collect::<Vec<_>>(),
+        ["bob"],
+        "bob is connected"
+    );
+    assert_eq!(st.accepted, 2, "the totals keep alice's share");
+}
