@@ -128,6 +128,9 @@ struct Extras {
     /// A fixed difficulty (`fd=` in the password): no vardiff.
     fixed: Option<PackedDiff>,
     last_txnhashes: Option<Instant>,
+    /// Invalid shares in a row (stale ones not counted; an accepted share resets it). Here, not
+    /// in the session: only a client that sent an invalid share pays for it.
+    invalid_streak: u32,
 }
 
 impl Session {
@@ -152,6 +155,10 @@ impl Session {
 
     fn extras(&mut self) -> &mut Extras {
         self.extras.get_or_insert_with(Box::default)
+    }
+
+    fn invalid_streak(&self) -> u32 {
+        self.extras.as_ref().map_or(0, |e| e.invalid_streak)
     }
 }
 
@@ -1143,7 +1150,49 @@ impl State {
     }
 
     fn submit(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
-        match self.check_submit(now, conn, req, out) {
+        let max = self.pool.cfg.max_invalid_shares;
+        // A client past half its run of invalid shares has one share in 8 checked; the others
+        // are refused unchecked (no parse, no hash), until a checked one is accepted.
+        let unchecked = max != 0
+            && self.sessions.get(conn).is_some_and(|s| {
+                let streak = s.invalid_streak();
+                streak >= (max / 2).max(1) && streak % 8 != 0
+            });
+        let verdict = if unchecked {
+            Err(Reject::TooManyInvalid)
+        } else {
+            self.check_submit(now, conn, req, out)
+        };
+        let mut drop_client = false;
+        if max != 0
+            && let Some(s) = self.sessions.get_mut(conn)
+        {
+            match verdict {
+                // No allocation for an accepted share: only a run already started is reset.
+                Ok(_) => {
+                    if let Some(e) = s.extras.as_mut() {
+                        e.invalid_streak = 0;
+                    }
+                }
+                Err(Reject::Stale) => {}
+                Err(_) => {
+                    let e = s.extras();
+                    e.invalid_streak = e.invalid_streak.saturating_add(1);
+                }
+            }
+            let streak = s.invalid_streak();
+            // Once, at the share that reaches the limit (what comes before the close is
+            // refused as before).
+            if streak == max {
+                info!(%conn, peer = %s.peer, streak, "too many invalid shares in a row, dropping the client");
+                self.pool
+                    .registry
+                    .dropped_invalid
+                    .fetch_add(1, Ordering::Relaxed);
+                drop_client = true;
+            }
+        }
+        match verdict {
             Ok(None) => {}
             Ok(Some(new)) => self.set_diff(now, conn, new, out),
             Err(reason) => {
@@ -1170,6 +1219,9 @@ impl State {
                 }
                 debug!(%conn, %reason, "share rejected");
             }
+        }
+        if drop_client {
+            out.close(conn);
         }
     }
 

@@ -267,6 +267,8 @@ pub struct StatsSnapshot {
     pub blocks: Vec<String>,
     /// Connected clients.
     pub clients: u64,
+    /// Clients dropped for a run of invalid shares (`PoolConfig::max_invalid_shares`).
+    pub dropped_invalid: u64,
     /// Current job id, height and network difficulty.
     pub job: Option<(String, u64, f64)>,
     /// Difficulty accepted since the pool's last block (from start-up until it finds one), as
@@ -301,6 +303,8 @@ pub struct StatsRegistry {
     parked: AtomicU64,
     /// Connected clients.
     pub(crate) clients: AtomicU64,
+    /// Clients dropped for a run of invalid shares.
+    pub(crate) dropped_invalid: AtomicU64,
     /// The current job of the pool's own source: id, height and network difficulty.
     job: Mutex<Option<(String, u64, f64)>>,
 }
@@ -325,6 +329,7 @@ impl Default for StatsRegistry {
             wall_clock: Mutex::new(None),
             parked: AtomicU64::new(0),
             clients: AtomicU64::new(0),
+            dropped_invalid: AtomicU64::new(0),
             job: Mutex::new(None),
         }
     }
@@ -695,6 +700,7 @@ impl StatsRegistry {
             reject_reasons: sum.reject_reasons,
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
+            dropped_invalid: self.dropped_invalid.load(Ordering::Relaxed),
             job,
             round_diff,
             disconnected: self.parked.load(Ordering::Relaxed),

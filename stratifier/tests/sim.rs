@@ -1764,3 +1764,75 @@ fn users_idle_past_stats_idle_are_forgotten() {
     );
     assert_eq!(st.accepted, 2, "the totals keep alice's share");
 }
+
+#[test]
+fn a_flood_of_invalid_shares_is_slowed_then_dropped_and_counted() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.max_invalid_shares = 40);
+    let (c, w) = s.connect(1, "flood");
+    let bad = json!({"id":9,"method":"mining.submit","params":["flood","ffff","0000000000000000","00000000","00000000"]});
+    // Up to half the limit, every share is checked.
+    for _ in 0..20 {
+        assert_reject(&s.line(c, bad.clone()), 21, "Invalid JobID");
+    }
+    // Then one in 8 is checked; the others are refused unchecked.
+    let mut reasons = Vec::new();
+    for _ in 20..39 {
+        let r = s.line(c, bad.clone());
+        reasons.push(r[0]["error"][1].as_str().unwrap().to_owned());
+    }
+    assert!(s.out.closed.is_empty(), "dropped early");
+    let checked = reasons.iter().filter(|r| *r == "Invalid JobID").count();
+    assert_eq!(checked, 2, "{reasons:?}");
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| *r == "Too many invalid shares")
+            .count(),
+        17
+    );
+    // The 40th in a row: refused, then the client is dropped, once, and counted.
+    let r = s.line(c, bad.clone());
+    assert_eq!(r[0]["result"], false);
+    assert_eq!(s.out.closed, [ClientId::Direct(c)]);
+    s.line(c, bad.clone());
+    assert_eq!(s.out.closed.len(), 1, "dropped once");
+    let st = s.pool.stats();
+    assert_eq!(st.dropped_invalid, 1);
+    assert_eq!(st.rejected, 41);
+    assert_eq!(st.reject_reasons["Too many invalid shares"], 17 + 1);
+    let _ = w;
+}
+
+#[test]
+fn an_accepted_share_ends_a_run_and_stale_shares_do_not_count() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.max_invalid_shares = 10);
+    let (c, w) = s.connect(1, "miner");
+    let bad = json!({"id":9,"method":"mining.submit","params":["miner","ffff","0000000000000000","00000000","00000000"]});
+    for round in 0..5u8 {
+        for _ in 0..6 {
+            s.line(c, bad.clone());
+        }
+        // Past half the limit only one share in 8 is checked (refusals unchecked count too):
+        // the good share is refused twice unchecked, then checked and accepted at the 8th.
+        let good = good_share(&w, "miner", &[round; 8]);
+        let replies: Vec<Value> = (0..3).map(|_| s.line(c, good.clone())[0].clone()).collect();
+        assert_eq!(
+            replies[0]["error"][1], "Too many invalid shares",
+            "round {round}"
+        );
+        assert_eq!(
+            replies[1]["error"][1], "Too many invalid shares",
+            "round {round}"
+        );
+        assert_eq!(replies[2]["result"], true, "round {round}: {replies:?}");
+    }
+    assert!(s.out.closed.is_empty());
+    // Stale shares (after a new block) are not invalid: 30 of them drop nobody.
+    let stale = good_share(&w, "miner", &[9; 8]);
+    s.new_block(2, HARD_BITS);
+    for _ in 0..30 {
+        assert_reject(&s.line(c, stale.clone()), 21, "Stale");
+    }
+    assert!(s.out.closed.is_empty());
+    assert_eq!(s.pool.stats().dropped_invalid, 0);
+}
