@@ -267,8 +267,6 @@ pub struct StatsSnapshot {
     pub blocks: Vec<String>,
     /// Connected clients.
     pub clients: u64,
-    /// Clients dropped for a run of invalid shares (`PoolConfig::max_invalid_shares`).
-    pub dropped_invalid: u64,
     /// Current job id, height and network difficulty.
     pub job: Option<(String, u64, f64)>,
     /// Difficulty accepted since the pool's last block (from start-up until it finds one), as
@@ -475,6 +473,12 @@ impl StatsRegistry {
         for name in gone {
             users.remove(&name);
         }
+    }
+
+    /// Clients dropped so far for a run of invalid shares
+    /// ([`crate::PoolConfig::max_invalid_shares`]).
+    pub fn dropped_invalid(&self) -> u64 {
+        self.dropped_invalid.load(Ordering::Relaxed)
     }
 
     /// Users in the table.
@@ -700,7 +704,6 @@ impl StatsRegistry {
             reject_reasons: sum.reject_reasons,
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
-            dropped_invalid: self.dropped_invalid.load(Ordering::Relaxed),
             job,
             round_diff,
             disconnected: self.parked.load(Ordering::Relaxed),

@@ -1797,7 +1797,7 @@ fn a_flood_of_invalid_shares_is_slowed_then_dropped_and_counted() {
     s.line(c, bad.clone());
     assert_eq!(s.out.closed.len(), 1, "dropped once");
     let st = s.pool.stats();
-    assert_eq!(st.dropped_invalid, 1);
+    assert_eq!(s.pool.registry().dropped_invalid(), 1);
     assert_eq!(st.rejected, 41);
     assert_eq!(st.reject_reasons["Too many invalid shares"], 17 + 1);
     let _ = w;
@@ -1834,5 +1834,5 @@ fn an_accepted_share_ends_a_run_and_stale_shares_do_not_count() {
         assert_reject(&s.line(c, stale.clone()), 21, "Stale");
     }
     assert!(s.out.closed.is_empty());
-    assert_eq!(s.pool.stats().dropped_invalid, 0);
+    assert_eq!(s.pool.registry().dropped_invalid(), 0);
 }
