@@ -591,7 +591,8 @@ impl Shard {
     /// extranonce1. Any other miner cannot learn the new value on this connection: it gets
     /// `client.reconnect` and is disconnected, and resuming its session on the new connection
     /// gives it the new extranonce1. Returns the new extranonce1, or `None` for an unknown or
-    /// unsubscribed connection.
+    /// unsubscribed connection, or when every extranonce1 of its source is in use. The old one
+    /// is free for others again (its shares on earlier jobs still count for this session).
     pub fn renew_extranonce1(
         &mut self,
         now: Instant,
