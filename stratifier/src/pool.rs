@@ -471,6 +471,23 @@ mod tests {
     }
 
     #[test]
+    fn a_bounded_snapshot_keeps_the_biggest_users() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let stripe = pool.registry.totals_stripe();
+        for (i, name) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            let w = pool.registry.worker_stats(name, name);
+            pool.registry
+                .record_share(&stripe, &w, Some(10.0 * (i as f64 + 1.0)), 1.0, None, t0);
+        }
+        let top = pool.registry.snapshot_top(2);
+        assert_eq!(top.users.keys().collect::<Vec<_>>(), ["d", "e"]);
+        assert_eq!(pool.registry.users(), 5);
+        assert_eq!(top.accepted, 5, "the totals are the whole pool's");
+        assert_eq!(pool.registry.snapshot_top(10).users.len(), 5);
+    }
+
+    #[test]
     fn round_restarts_at_a_block_and_parked_sessions_expire() {
         let pool = pool();
         let t0 = Instant::now();

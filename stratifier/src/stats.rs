@@ -610,6 +610,27 @@ impl StatsRegistry {
         secs.as_secs()
     }
 
+    /// A [`StatsRegistry::snapshot`] with at most `max_users` users: those with the highest
+    /// 1-minute hashrate (then accepted difficulty, then name), for replies that must stay
+    /// bounded whatever the number of users ([`StatsRegistry::users`] gives the total).
+    pub fn snapshot_top(&self, max_users: usize) -> StatsSnapshot {
+        let mut snap = self.snapshot();
+        if snap.users.len() > max_users {
+            let mut ranked: Vec<(String, UserStats)> =
+                std::mem::take(&mut snap.users).into_iter().collect();
+            ranked.sort_by(|(an, a), (bn, b)| {
+                b.hashrate
+                    .hashrate1m
+                    .total_cmp(&a.hashrate.hashrate1m)
+                    .then(b.accepted_diff.total_cmp(&a.accepted_diff))
+                    .then(an.cmp(bn))
+            });
+            ranked.truncate(max_users);
+            snap.users = ranked.into_iter().collect();
+        }
+        snap
+    }
+
     /// A snapshot of every counter: pool totals, rates, users and workers. It takes each
     /// counter's own small lock in turn, never one that the share path waits on for long.
     pub fn snapshot(&self) -> StatsSnapshot {
