@@ -349,6 +349,10 @@ impl Settings {
         p.diff_pow2 = f.diffpow2;
         p.update_interval = f.update_interval;
         p.auth_timeout = f.authtimeout;
+        p.max_parked = f.maxparked;
+        p.max_invalid_shares = f.maxinvalidshares;
+        p.stats_idle = f.statsidle;
+        p.max_users_per_ip = f.maxusersperip;
         p.name.clone_from(&self.name);
         Ok(p)
     }
@@ -661,6 +665,7 @@ mod tests {
                 "btcsig": "/sig/", "nonce1length": 6, "nonce2length": 4,
                 "mindiff": 2, "startdiff": 4, "maxdiff": 64, "diffpow2": true,
                 "version_mask": "1fff0000", "authtimeout": 7,
+                "maxparked": 500, "maxinvalidshares": 40, "statsidle": 7200, "maxusersperip": 9,
                 "useragentdiff": [{"match": "NiceHash", "mindiff": 512}]}"#,
         );
         assert!(s.log_shares && s.quiet && s.kill_old);
@@ -700,6 +705,11 @@ mod tests {
         assert!(p.diff_pow2);
         assert_eq!(p.version_mask, 0x1fff_0000);
         assert_eq!(p.auth_timeout, Duration::from_secs(7));
+        assert_eq!(
+            (p.max_parked, p.max_invalid_shares, p.stats_idle),
+            (500, 40, Duration::from_secs(7200))
+        );
+        assert_eq!(p.max_users_per_ip, 9);
         assert_eq!(p.update_interval, Duration::from_secs(20));
         assert_eq!(p.agent_diff[0].pattern, "nicehash");
         assert_eq!(p.name, "ckpool");
@@ -716,6 +726,11 @@ mod tests {
         );
         assert_eq!(p.coinbase.nonce2_len, d.nonce2length);
         assert_eq!(p.auth_timeout, d.authtimeout);
+        assert_eq!(
+            (p.max_parked, p.max_invalid_shares, p.stats_idle),
+            (d.maxparked, d.maxinvalidshares, d.statsidle)
+        );
+        assert_eq!(p.max_users_per_ip, d.maxusersperip);
         assert_eq!(s.generator().blockpoll, d.blockpoll);
         assert_eq!(s.generator().zmqblock, d.zmqblock);
         assert_eq!(s.connector().max_line, d.maxlinelength);

@@ -128,6 +128,19 @@ pub struct Config {
     /// How often `<logdir>/pool/pool.status` and `<logdir>/users/*` are rewritten (ckpool's
     /// `statsupdate`, 60 s by default).
     pub statsupdate: Duration,
+    /// The most disconnected sessions kept for resume at once; the oldest are forgotten first
+    /// (ckpool keeps any number). 0 turns resume off.
+    pub maxparked: usize,
+    /// A client is dropped after this many invalid shares in a row (stale shares do not count;
+    /// an accepted share ends the run); from half as many on, only one of its shares in 8 is
+    /// checked, the others are rejected unchecked. 0: never.
+    pub maxinvalidshares: u32,
+    /// A user or worker with no connection and no accepted share for this long is forgotten from
+    /// memory (its figures stay in the stats files).
+    pub statsidle: Duration,
+    /// Distinct users the clients of one address may add to the statistics (their shares count
+    /// in the pool totals either way). 0: no limit.
+    pub maxusersperip: usize,
 }
 
 impl Default for Config {
@@ -171,6 +184,10 @@ impl Default for Config {
             diffpow2: false,
             pin: true,
             statsupdate: Duration::from_secs(60),
+            maxparked: 100_000,
+            maxinvalidshares: 100,
+            statsidle: Duration::from_secs(3 * 86_400),
+            maxusersperip: 256,
         }
     }
 }
@@ -245,6 +262,10 @@ const KNOWN_KEYS: &[&str] = &[
     "diffpow2",
     "pin",
     "statsupdate",
+    "maxparked",
+    "maxinvalidshares",
+    "statsidle",
+    "maxusersperip",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -452,6 +473,20 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("statsupdate") {
         c.statsupdate = Duration::from_secs(whole("statsupdate", v, 1, 3600)?);
     }
+    if let Some(v) = map.get("maxparked") {
+        c.maxparked = usize::try_from(whole("maxparked", v, 0, 10_000_000)?).unwrap_or(usize::MAX);
+    }
+    if let Some(v) = map.get("maxinvalidshares") {
+        c.maxinvalidshares =
+            u32::try_from(whole("maxinvalidshares", v, 0, 1_000_000)?).unwrap_or(u32::MAX);
+    }
+    if let Some(v) = map.get("statsidle") {
+        c.statsidle = Duration::from_secs(whole("statsidle", v, 60, 365 * 86_400)?);
+    }
+    if let Some(v) = map.get("maxusersperip") {
+        c.maxusersperip =
+            usize::try_from(whole("maxusersperip", v, 0, 100_000_000)?).unwrap_or(usize::MAX);
+    }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
             "startdiff {} is below mindiff {}; using mindiff",
@@ -609,6 +644,48 @@ mod tests {
             parse(r#"{"nonce2length": 3}"#),
             Err(ConfigError::Invalid {
                 key: "nonce2length",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn hardening_limits() {
+        let d = parse("{}").unwrap().config;
+        assert_eq!(
+            (
+                d.maxparked,
+                d.maxinvalidshares,
+                d.statsidle,
+                d.maxusersperip
+            ),
+            (100_000, 100, Duration::from_secs(259_200), 256)
+        );
+        let l = parse(
+            r#"{"maxparked": 0, "maxinvalidshares": 30, "statsidle": 3600, "maxusersperip": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(l.config.maxusersperip, 0);
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(
+            (
+                l.config.maxparked,
+                l.config.maxinvalidshares,
+                l.config.statsidle
+            ),
+            (0, 30, Duration::from_secs(3600))
+        );
+        assert!(matches!(
+            parse(r#"{"statsidle": 10}"#),
+            Err(ConfigError::Invalid {
+                key: "statsidle",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(r#"{"maxparked": -1}"#),
+            Err(ConfigError::Invalid {
+                key: "maxparked",
                 ..
             })
         ));

@@ -3,11 +3,11 @@
 //! from ([`Origin`]): a bitcoind template, an upstream pool's `mining.notify`, or a parent pool's
 //! workinfo.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
 use common::coinbase::{self, CoinbaseSpec, TxOutput};
+use common::stratum::write;
 use common::template::{Template, TemplateTx};
 use common::{Difficulty, Target, merkle};
 
@@ -301,9 +301,9 @@ pub struct Job {
     /// Share hashes seen, for duplicate detection.
     seen: Seen,
     /// Pieces of the notify line around coinb2, for solo mode's per-user lines.
-    notify_prefix: String,
-    notify_suffix: String,
-    notify_suffix_clean: String,
+    notify_prefix: Vec<u8>,
+    notify_suffix: Vec<u8>,
+    notify_suffix_clean: Vec<u8>,
     coinbase_extra: [u8; 8],
 }
 
@@ -380,37 +380,32 @@ impl Job {
     pub fn from_work(id: u64, source: SourceId, work: Work, now: Instant) -> Self {
         let network_target = Target::from_compact(work.bits);
         let id_hex = format!("{id:016x}");
-        let mut prefix = String::with_capacity(512);
-        prefix.push_str("{\"params\":[\"");
-        prefix.push_str(&id_hex);
-        prefix.push_str("\",\"");
-        prefix.push_str(&stratum_prevhash(&work.prev_hash));
-        prefix.push_str("\",\"");
-        prefix.push_str(&hex::encode(&work.coinb1));
-        prefix.push_str("\",\"");
-        let mut suffix = String::with_capacity(256 + work.branch.len() * 67);
-        suffix.push_str("\",[");
-        for (i, b) in work.branch.iter().enumerate() {
-            if i > 0 {
-                suffix.push(',');
-            }
-            suffix.push('"');
-            suffix.push_str(&hex::encode(b));
-            suffix.push('"');
-        }
-        let _ = write!(
-            suffix,
-            "],\"{:08x}\",\"{:08x}\",\"{:08x}\",",
-            work.version, work.bits, work.ntime
-        );
-        let tail = "],\"id\":null,\"method\":\"mining.notify\"}\n";
-        let suffix_clean = format!("{suffix}true{tail}");
-        let suffix = format!("{suffix}{}{tail}", work.clean);
-        let coinb2_hex = hex::encode(&work.coinb2);
-        let notify: Arc<[u8]> = format!("{prefix}{coinb2_hex}{suffix}").into_bytes().into();
-        let notify_clean: Arc<[u8]> = format!("{prefix}{coinb2_hex}{suffix_clean}")
-            .into_bytes()
-            .into();
+        // Every line goes through the stratum codec's writers: the prefix up to coinb2, then
+        // coinb2, then the tail (once as sent, once with clean=true for a miner's first job).
+        let mut prefix = Vec::with_capacity(512);
+        write::notify_prefix(&mut prefix, &id_hex, &work.prev_hash, &work.coinb1);
+        let tail = |clean| {
+            let mut t = Vec::with_capacity(128 + work.branch.len() * 67);
+            write::notify_suffix(
+                &mut t,
+                &work.branch,
+                work.version,
+                work.bits,
+                work.ntime,
+                clean,
+            );
+            t
+        };
+        let (suffix, suffix_clean) = (tail(work.clean), tail(true));
+        let line = |suffix: &[u8]| -> Arc<[u8]> {
+            let mut l = Vec::with_capacity(prefix.len() + work.coinb2.len() * 2 + suffix.len());
+            l.extend_from_slice(&prefix);
+            write::write_hex(&mut l, &work.coinb2);
+            l.extend_from_slice(suffix);
+            l.into()
+        };
+        let notify = line(&suffix);
+        let notify_clean = line(&suffix_clean);
         Self {
             id,
             id_hex,
@@ -482,12 +477,11 @@ impl Job {
         } else {
             &self.notify_suffix
         };
-        let mut s =
-            String::with_capacity(self.notify_prefix.len() + coinb2.len() * 2 + suffix.len());
-        s.push_str(&self.notify_prefix);
-        s.push_str(&hex::encode(coinb2));
-        s.push_str(suffix);
-        s.into_bytes().into()
+        let mut l = Vec::with_capacity(self.notify_prefix.len() + coinb2.len() * 2 + suffix.len());
+        l.extend_from_slice(&self.notify_prefix);
+        write::write_hex(&mut l, coinb2);
+        l.extend_from_slice(suffix);
+        l.into()
     }
 
     /// Records a share hash; false when it was seen before.

@@ -10,6 +10,23 @@
 //! session tables for extranonce allocation, resume and authorisation back-off, and the
 //! [`StatsRegistry`]) and one [`Shard`] per connector thread holding the sessions of that
 //! thread's clients ([`ClientId`]: its connections, and the miners behind a passthrough on one).
+//! Every line it writes is built by the stratum codec's writers (`common::stratum::write`).
+//!
+//! Against hostile clients (where it differs from ckpool):
+//! - Session ids are a keyed permutation of a counter (random keys per process), not
+//!   sequential, and a session is resumed only by a client from the address it was parked from
+//!   (the peer address without its port; for a passthrough's sub-client, the address given at
+//!   [`Shard::on_open`]). ckpool resumes by session id alone.
+//! - At most [`PoolConfig::max_parked`] sessions are parked; the oldest go first, and expiry
+//!   costs what expires.
+//! - Extranonce1 allocation skips values a live or parked session of the same source holds
+//!   (local parts up to 4 bytes), so a wrapped counter never hands out one in use.
+//! - A user or worker with no accepted share is forgotten when its last session closes; others
+//!   after [`PoolConfig::stats_idle`] with no session; one address adds at most
+//!   [`PoolConfig::max_users_per_ip`] users.
+//! - A run of invalid shares is slowed (past half of [`PoolConfig::max_invalid_shares`], one
+//!   share in 8 is checked, the others refused unchecked) and at the limit the client is dropped
+//!   and counted ([`StatsRegistry::dropped_invalid`]).
 #![forbid(unsafe_code)]
 
 mod book;

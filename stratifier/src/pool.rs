@@ -48,6 +48,18 @@ pub struct PoolConfig {
     pub auth_timeout: Duration,
     /// How long a disconnected session's extranonce1 is kept for resume.
     pub resume_window: Duration,
+    /// The most disconnected sessions kept for resume at once (the oldest go first).
+    pub max_parked: usize,
+    /// A client is dropped after this many invalid shares in a row (stale ones do not count,
+    /// an accepted share ends the run); from half as many on, one share in 8 is checked and the
+    /// others are rejected unchecked. 0: never.
+    pub max_invalid_shares: u32,
+    /// Users and workers with no connection and no accepted share for this long are forgotten
+    /// by the rate sampler.
+    pub stats_idle: Duration,
+    /// Distinct users the clients of one address may add to the stats (0: no limit); the
+    /// shares of further users count in the pool totals only.
+    pub max_users_per_ip: usize,
     /// Instance name used in messages to miners.
     pub name: String,
     /// Jobs are kept this long (at least the last few).
@@ -78,6 +90,10 @@ impl PoolConfig {
             update_interval: Duration::from_secs(30),
             auth_timeout: Duration::from_secs(60),
             resume_window: Duration::from_secs(600),
+            max_parked: 100_000,
+            max_invalid_shares: 100,
+            stats_idle: Duration::from_secs(3 * 86_400),
+            max_users_per_ip: 256,
             name: "ckpool-rs".into(),
             job_lifetime: Duration::from_secs(600),
         }
@@ -185,10 +201,12 @@ impl Pool {
     /// Block candidates and share records leave through each shard's [`crate::Out`].
     pub fn new(cfg: PoolConfig, seed: u64, epoch: Instant) -> Arc<Self> {
         let cb_cfg = cfg.coinbase.clone();
+        let registry = StatsRegistry::default();
+        registry.set_max_users_per_ip(cfg.max_users_per_ip);
         Arc::new(Self {
             books: JobBooks::new(ExtranonceLayout::own(&cb_cfg), seed, cfg.job_lifetime),
-            tables: SessionTables::new(seed, cfg.resume_window),
-            registry: StatsRegistry::default(),
+            tables: SessionTables::new(seed, cfg.resume_window, cfg.max_parked),
+            registry,
             cb_cfg,
             cfg,
             epoch,
@@ -283,11 +301,13 @@ impl Pool {
     }
 
     /// Folds the shares accepted since the previous call into the moving averages of the pool
-    /// and every worker, and forgets parked sessions past the resume window. Called every few
+    /// and every worker, forgets parked sessions past the resume window, and users and workers
+    /// idle for [`PoolConfig::stats_idle`] (at most once a minute). Called every few
     /// seconds from one thread (calls are serialised); the first call only records a baseline.
     pub fn sample_rates(&self, now: Instant) {
         let parked = self.tables.prune_parked(now);
         self.registry.sample(now, parked);
+        self.registry.forget_idle(now, self.cfg.stats_idle);
     }
 }
 
@@ -451,6 +471,23 @@ mod tests {
     }
 
     #[test]
+    fn a_bounded_snapshot_keeps_the_biggest_users() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let stripe = pool.registry.totals_stripe();
+        for (i, name) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            let w = pool.registry.worker_stats(name, name);
+            pool.registry
+                .record_share(&stripe, &w, Some(10.0 * (i as f64 + 1.0)), 1.0, None, t0);
+        }
+        let top = pool.registry.snapshot_top(2);
+        assert_eq!(top.users.keys().collect::<Vec<_>>(), ["d", "e"]);
+        assert_eq!(pool.registry.users(), 5);
+        assert_eq!(top.accepted, 5, "the totals are the whole pool's");
+        assert_eq!(pool.registry.snapshot_top(10).users.len(), 5);
+    }
+
+    #[test]
     fn round_restarts_at_a_block_and_parked_sessions_expire() {
         let pool = pool();
         let t0 = Instant::now();
@@ -477,9 +514,16 @@ mod tests {
         pool.sample_rates(t0 + Duration::from_secs(4));
         assert!(within(pool.stats().round_diff, 7.0));
 
-        pool.tables.park_session(1, SourceId::TEMPLATE, 11, t0);
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         pool.tables
-            .park_session(2, SourceId::TEMPLATE, 12, t0 + Duration::from_secs(300));
+            .park_session(1, SourceId::TEMPLATE, (11, 4), ip, t0);
+        pool.tables.park_session(
+            2,
+            SourceId::TEMPLATE,
+            (12, 4),
+            ip,
+            t0 + Duration::from_secs(300),
+        );
         pool.sample_rates(t0 + Duration::from_secs(400));
         assert_eq!(pool.stats().disconnected, 2);
         pool.sample_rates(t0 + pool.cfg.resume_window + Duration::from_secs(1));

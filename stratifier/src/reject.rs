@@ -44,6 +44,9 @@ pub enum Reject {
     AboveTarget,
     /// The same share was accepted before.
     Duplicate,
+    /// Not checked: the client sent too many invalid shares in a row, and only one of its
+    /// shares in 8 is checked until one is accepted (see `PoolConfig::max_invalid_shares`).
+    TooManyInvalid,
 }
 
 impl Reject {
@@ -66,7 +69,8 @@ impl Reject {
             | Self::WorkerMismatch
             | Self::InvalidNonce2Length
             | Self::NoCoinbaseForUser
-            | Self::NtimeOutOfRange => codes::OTHER,
+            | Self::NtimeOutOfRange
+            | Self::TooManyInvalid => codes::OTHER,
         }
     }
 
@@ -91,11 +95,12 @@ impl Reject {
             Self::NtimeOutOfRange => "Ntime out of range",
             Self::AboveTarget => "Above target",
             Self::Duplicate => "Duplicate",
+            Self::TooManyInvalid => "Too many invalid shares",
         }
     }
 
     /// Every reason, for tests and tables.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::NotSubscribed,
         Self::Unauthorized,
         Self::ParamsNotArray,
@@ -114,6 +119,7 @@ impl Reject {
         Self::NtimeOutOfRange,
         Self::AboveTarget,
         Self::Duplicate,
+        Self::TooManyInvalid,
     ];
 }
 
@@ -161,6 +167,7 @@ mod tests {
                 (20, "Ntime out of range"),
                 (23, "Above target"),
                 (22, "Duplicate"),
+                (20, "Too many invalid shares"),
             ]
         );
         assert_eq!(

@@ -1,11 +1,12 @@
 //! One shard of the stratifier: the sessions of one connector thread and every stratum method.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::stratum::write::{self, ConfigureAnswer};
 use common::stratum::{self, Method, Parser, Request, Value, codes, value_as_f64};
 use common::{ConnId, Difficulty, Peer, Target, address};
 use simd_json::prelude::*;
@@ -65,10 +66,14 @@ struct Auth {
 }
 
 impl Auth {
-    fn stats(&mut self, pool: &Pool) -> &WorkerStatsRef {
+    /// Where its shares are counted, looked up (or created, for a client from `ip`) at the
+    /// first.
+    fn stats(&mut self, pool: &Pool, ip: IpAddr) -> &WorkerStatsRef {
         let (user, rest) = (&self.user, &self.rest);
-        self.stats
-            .get_or_insert_with(|| pool.registry.worker_stats(user, &format!("{user}{rest}")))
+        self.stats.get_or_insert_with(|| {
+            pool.registry
+                .worker_stats_from(user, &format!("{user}{rest}"), Some(ip))
+        })
     }
 
     /// Whether `name` is this worker's name.
@@ -123,6 +128,9 @@ struct Extras {
     /// A fixed difficulty (`fd=` in the password): no vardiff.
     fixed: Option<PackedDiff>,
     last_txnhashes: Option<Instant>,
+    /// Invalid shares in a row (stale ones not counted; an accepted share resets it). Here, not
+    /// in the session: only a client that sent an invalid share pays for it.
+    invalid_streak: u32,
 }
 
 impl Session {
@@ -147,6 +155,10 @@ impl Session {
 
     fn extras(&mut self) -> &mut Extras {
         self.extras.get_or_insert_with(Box::default)
+    }
+
+    fn invalid_streak(&self) -> u32 {
+        self.extras.as_ref().map_or(0, |e| e.invalid_streak)
     }
 }
 
@@ -478,7 +490,7 @@ impl Shard {
         };
         match self.st.sessions.insert(conn, session) {
             Ok(None) => {}
-            Ok(Some(old)) => {
+            Ok(Some(mut old)) => {
                 // The connector closes a connection before reusing its slot, so this is a
                 // close that was lost: account for it.
                 warn!(%conn, old_peer = %old.peer, "session replaced without a close");
@@ -487,12 +499,13 @@ impl Shard {
                     .registry
                     .clients
                     .fetch_sub(1, Ordering::Relaxed);
+                forget_stats(&self.st.pool, &mut old);
                 // The lost close also ended the old connection's sub-clients.
                 if let ClientId::Direct(c) = conn {
                     let gone = ConnId::new(c.thread(), old.generation, c.slot());
                     let st = &mut self.st;
                     let (pool, sessions) = (&st.pool, &mut st.sessions);
-                    sessions.remove_subs(gone, |sub, s| closed(pool, now, sub, &s));
+                    sessions.remove_subs(gone, |sub, s| closed(pool, now, sub, s));
                 }
             }
             Err(_) => {
@@ -515,12 +528,12 @@ impl Shard {
     pub fn on_close(&mut self, now: Instant, conn: impl Into<ClientId>) {
         let conn = conn.into();
         if let Some(s) = self.st.sessions.remove(conn) {
-            self.st.closed(now, conn, &s);
+            self.st.closed(now, conn, s);
         }
         if let ClientId::Direct(c) = conn {
             let st = &mut self.st;
             let (pool, sessions) = (&st.pool, &mut st.sessions);
-            sessions.remove_subs(c, |sub, s| closed(pool, now, sub, &s));
+            sessions.remove_subs(c, |sub, s| closed(pool, now, sub, s));
         }
     }
 
@@ -542,7 +555,7 @@ impl Shard {
                 let peer = self.st.sessions.get(conn).map(|s| s.peer);
                 warn!(%conn, ?peer, error = %e, "unparseable line from client, disconnecting");
                 let mut buf = Vec::new();
-                stratum::reply_error(
+                write::reply_error(
                     &mut buf,
                     &Value::null(),
                     codes::OTHER,
@@ -578,7 +591,8 @@ impl Shard {
     /// extranonce1. Any other miner cannot learn the new value on this connection: it gets
     /// `client.reconnect` and is disconnected, and resuming its session on the new connection
     /// gives it the new extranonce1. Returns the new extranonce1, or `None` for an unknown or
-    /// unsubscribed connection.
+    /// unsubscribed connection, or when every extranonce1 of its source is in use. The old one
+    /// is free for others again (its shares on earlier jobs still count for this session).
     pub fn renew_extranonce1(
         &mut self,
         now: Instant,
@@ -586,10 +600,19 @@ impl Shard {
         out: &mut impl Out,
     ) -> Option<u64> {
         let conn = conn.into();
-        let en1 = self.st.pool.tables.alloc_enonce1();
-        self.st
-            .change_extranonce1(now, conn, en1, out)
-            .then_some(en1)
+        let source = self.st.sessions.get(conn)?.source;
+        let width = self.st.pool.layout(source)?.local_len();
+        let en1 = self.st.pool.tables.alloc_enonce1(source, width)?;
+        match self.st.change_extranonce1(now, conn, en1, out) {
+            Some(old) => {
+                self.st.pool.tables.release_enonce1(source, width, old);
+                Some(en1)
+            }
+            None => {
+                self.st.pool.tables.release_enonce1(source, width, en1);
+                None
+            }
+        }
     }
 
     /// Periodic work: drop clients that did not authorise in time, prune caches.
@@ -628,17 +651,29 @@ impl Shard {
 }
 
 /// Accounts for a closed session.
-fn closed(pool: &Pool, now: Instant, client: ClientId, s: &Session) {
+fn closed(pool: &Pool, now: Instant, client: ClientId, mut s: Session) {
     pool.registry.clients.fetch_sub(1, Ordering::Relaxed);
+    forget_stats(pool, &mut s);
     if s.subscribed {
+        let width = pool.layout(s.source).map_or(8, |l| l.local_len());
         pool.tables
-            .park_session(s.session_id, s.source, s.enonce1, now);
+            .park_session(s.session_id, s.source, (s.enonce1, width), s.peer.ip(), now);
     }
     debug!(%client, peer = %s.peer, "session closed");
 }
 
+/// Lets go of where a session's shares were counted: a worker no session counts into any more
+/// and with no accepted share is forgotten ([`crate::StatsRegistry`]).
+fn forget_stats(pool: &Pool, s: &mut Session) {
+    if let Some(a) = s.auth.as_mut()
+        && let Some(w) = a.stats.take()
+    {
+        pool.registry.release(&a.user, &a.worker(), w);
+    }
+}
+
 impl State {
-    fn closed(&self, now: Instant, client: ClientId, s: &Session) {
+    fn closed(&self, now: Instant, client: ClientId, s: Session) {
         closed(&self.pool, now, client, s);
     }
 
@@ -680,11 +715,15 @@ impl State {
                 if let Some(s) = self.sessions.get_mut(conn) {
                     s.extranonce_subscribed = true;
                 }
-                reply_raw(out, conn, req, b"true");
+                reply_true(out, conn, req);
             }
             "mining.get_transactions" => self.get_transactions(conn, req, false, now, out),
             "mining.get_txnhashes" => self.get_transactions(conn, req, true, now, out),
-            "mining.ping" => reply_raw(out, conn, req, b"\"pong\""),
+            "mining.ping" => {
+                let mut buf = Vec::with_capacity(64);
+                write::reply_pong(&mut buf, &req.id);
+                out.send(conn, buf);
+            }
             "mining.term" => out.close(conn),
             other => {
                 debug!(%conn, method = other, "unknown method");
@@ -714,6 +753,8 @@ impl State {
             s.agent = self
                 .names
                 .get(truncate(req.param_str(0).unwrap_or(""), MAX_AGENT_LEN));
+            // Resume is bound to the address the session came from (ckpool's is not).
+            let ip = s.peer.ip();
             let resumed = req
                 .param_str(1)
                 .filter(|h| (1..=8).contains(&h.len()))
@@ -721,7 +762,7 @@ impl State {
                 .and_then(|sid| {
                     self.pool
                         .tables
-                        .resume_session(sid, source, now)
+                        .resume_session(sid, source, ip, now)
                         .map(|en1| (sid, en1))
                 });
             let (sid, en1) = match resumed {
@@ -729,10 +770,16 @@ impl State {
                     debug!(%conn, session = r.0, "session resumed");
                     r
                 }
-                None => (
-                    self.pool.tables.alloc_session(),
-                    self.pool.tables.alloc_enonce1(),
-                ),
+                None => {
+                    let Some(en1) = self.pool.tables.alloc_enonce1(source, layout.local_len())
+                    else {
+                        warn!(%conn, source = source.0, "every extranonce1 is in use");
+                        reply_err(out, conn, req, codes::OTHER, "Server full");
+                        out.close(conn);
+                        return;
+                    };
+                    (self.pool.tables.alloc_session(), en1)
+                }
             };
             s.session_id = sid;
             s.enonce1 = en1;
@@ -757,14 +804,14 @@ impl State {
             s.old_diff = s.diff;
         }
         let mut buf = Vec::with_capacity(256);
-        let result = format!(
-            "[[[\"mining.notify\",\"{:08x}\"]],\"{}\",{}]",
+        write::subscribe_result(
+            &mut buf,
+            &req.id,
             s.session_id,
-            hex::encode(layout.enonce1(s.enonce1).as_ref()),
-            layout.nonce2_len()
+            layout.enonce1(s.enonce1).as_ref(),
+            layout.nonce2_len(),
         );
-        stratum::reply_result(&mut buf, &req.id, result.as_bytes());
-        stratum::set_difficulty(&mut buf, s.diff());
+        write::set_difficulty(&mut buf, s.diff());
         out.send(conn, buf);
         if !self.pool.cfg.solo {
             self.send_job(conn, &job, out);
@@ -781,7 +828,7 @@ impl State {
             return;
         }
         if s.auth.is_some() {
-            reply_raw(out, conn, req, b"true");
+            reply_true(out, conn, req);
             return;
         }
         let worker = match req.params_array() {
@@ -859,10 +906,10 @@ impl State {
             stats: None,
         });
         let mut buf = Vec::with_capacity(128);
-        stratum::reply_result(&mut buf, &req.id, b"true");
+        write::reply_true(&mut buf, &req.id);
         if s.agent.contains("gminer") {
             let msg = format!("Authorised, welcome to {} {user}!", self.pool.cfg.name);
-            stratum::show_message(&mut buf, &msg);
+            write::show_message(&mut buf, &msg);
         }
         out.send(conn, buf);
         // Password options, as public-pool, BTCPool and p2poolv2 take them: `d=N` a minimum,
@@ -890,7 +937,7 @@ impl State {
             .unwrap_or_default();
         let opts = req.param(1);
         let opt = |k: &str| opts.and_then(|o| o.get(k));
-        let mut result = serde_json::Map::new();
+        let mut answers = Vec::with_capacity(exts.len());
         let mut min_diff = None;
         for ext in exts {
             match ext {
@@ -903,25 +950,25 @@ impl State {
                     if let Some(s) = self.sessions.get_mut(conn) {
                         s.mask = mask;
                     }
-                    result.insert("version-rolling".into(), true.into());
-                    result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                    answers.push(ConfigureAnswer::VersionRolling { mask });
                 }
                 "minimum-difficulty" => {
                     min_diff = opt("minimum-difficulty.value")
                         .and_then(value_as_f64)
                         .and_then(Difficulty::from_f64);
-                    result.insert("minimum-difficulty".into(), min_diff.is_some().into());
+                    answers.push(ConfigureAnswer::MinimumDifficulty(min_diff.is_some()));
                 }
                 "subscribe-extranonce" => {
-                    result.insert("subscribe-extranonce".into(), true.into());
+                    answers.push(ConfigureAnswer::SubscribeExtranonce);
                 }
                 other => {
-                    result.insert(other.into(), false.into());
+                    answers.push(ConfigureAnswer::Unknown(other));
                 }
             }
         }
-        let raw = serde_json::Value::Object(result).to_string();
-        reply_raw(out, conn, req, raw.as_bytes());
+        let mut buf = Vec::with_capacity(128);
+        write::configure_result(&mut buf, &req.id, &answers);
+        out.send(conn, buf);
         if let Some(d) = min_diff {
             self.apply_suggestion(now, conn, d, out);
         }
@@ -939,7 +986,7 @@ impl State {
             reply_err(out, conn, req, codes::OTHER, "Invalid difficulty");
             return;
         };
-        reply_raw(out, conn, req, b"true");
+        reply_true(out, conn, req);
         self.apply_suggestion(now, conn, d, out);
     }
 
@@ -962,28 +1009,22 @@ impl State {
         }
     }
 
-    /// Changes a session's difficulty and tells the miner: `mining.set_difficulty`, then at once
-    /// the current job again with clean=true, since some firmware applies a new difficulty only
-    /// with the next notify. Work already sent stays valid (see [`change_diff`]).
+    /// Gives a subscribed session extranonce1 `en1` and tells the miner (see
+    /// [`Shard::renew_extranonce1`]); returns the one it replaced, `None` for an unknown or
+    /// unsubscribed client.
     fn change_extranonce1(
         &mut self,
         _now: Instant,
         conn: ClientId,
         en1: u64,
         out: &mut impl Out,
-    ) -> bool {
-        let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
-            return false;
-        };
+    ) -> Option<u64> {
+        let source = self.sessions.get(conn)?.source;
         let current = self.pool.current_job_of(source);
-        let Some(layout) = self.pool.layout(source) else {
-            return false;
-        };
-        let Some(s) = self.sessions.get_mut(conn) else {
-            return false;
-        };
+        let layout = self.pool.layout(source)?;
+        let s = self.sessions.get_mut(conn)?;
         if !s.subscribed {
-            return false;
+            return None;
         }
         let old = s.enonce1;
         s.enonce1 = en1;
@@ -993,22 +1034,25 @@ impl State {
         let mut buf = Vec::with_capacity(96);
         if !s.extranonce_subscribed {
             info!(%conn, peer = %s.peer, "extranonce1 changed; client cannot be told, reconnecting it");
-            stratum::reconnect(&mut buf);
+            write::reconnect(&mut buf);
             out.send(conn, buf);
             out.close(conn);
-            return true;
+            return Some(old);
         }
         debug!(%conn, old = old, new = en1, "extranonce1 changed; sending mining.set_extranonce");
-        stratum::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
+        write::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
         out.send(conn, buf);
         if s.last_job != 0
             && let Some(job) = current
         {
             self.send_job_with(conn, &job, true, out);
         }
-        true
+        Some(old)
     }
 
+    /// Changes a session's difficulty and tells the miner: `mining.set_difficulty`, then at once
+    /// the current job again with clean=true, since some firmware applies a new difficulty only
+    /// with the next notify. Work already sent stays valid (see [`change_diff`]).
     fn set_diff(&mut self, now: Instant, conn: ClientId, d: Difficulty, out: &mut impl Out) {
         let Some(source) = self.sessions.get(conn).map(|s| s.source) else {
             return;
@@ -1032,7 +1076,7 @@ impl State {
             return;
         }
         let mut buf = Vec::with_capacity(80);
-        stratum::set_difficulty(&mut buf, d);
+        write::set_difficulty(&mut buf, d);
         out.send(conn, buf);
         if s.last_job != 0
             && let Some(job) = current
@@ -1068,12 +1112,9 @@ impl State {
             return;
         };
         if !hashes {
-            reply_raw(
-                out,
-                conn,
-                req,
-                job.transactions().len().to_string().as_bytes(),
-            );
+            let mut n = Vec::with_capacity(20);
+            write::write_u64(&mut n, job.transactions().len() as u64);
+            reply_raw(out, conn, req, &n);
             return;
         }
         if s.extras
@@ -1093,7 +1134,7 @@ impl State {
             list.push_str(&common::template::rpc_hash_hex(&tx.txid));
         }
         let mut raw = Vec::with_capacity(list.len() + 2);
-        stratum::write_str(&mut raw, &list);
+        write::write_str(&mut raw, &list);
         reply_raw(out, conn, req, &raw);
     }
 
@@ -1110,18 +1151,62 @@ impl State {
     }
 
     fn submit(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
-        match self.check_submit(now, conn, req, out) {
+        let max = self.pool.cfg.max_invalid_shares;
+        // A client past half its run of invalid shares has one share in 8 checked; the others
+        // are refused unchecked (no parse, no hash), until a checked one is accepted.
+        let unchecked = max != 0
+            && self.sessions.get(conn).is_some_and(|s| {
+                let streak = s.invalid_streak();
+                streak >= (max / 2).max(1) && streak % 8 != 0
+            });
+        let verdict = if unchecked {
+            Err(Reject::TooManyInvalid)
+        } else {
+            self.check_submit(now, conn, req, out)
+        };
+        let mut drop_client = false;
+        if max != 0
+            && let Some(s) = self.sessions.get_mut(conn)
+        {
+            match verdict {
+                // No allocation for an accepted share: only a run already started is reset.
+                Ok(_) => {
+                    if let Some(e) = s.extras.as_mut() {
+                        e.invalid_streak = 0;
+                    }
+                }
+                Err(Reject::Stale) => {}
+                Err(_) => {
+                    let e = s.extras();
+                    e.invalid_streak = e.invalid_streak.saturating_add(1);
+                }
+            }
+            let streak = s.invalid_streak();
+            // Once, at the share that reaches the limit (what comes before the close is
+            // refused as before).
+            if streak == max {
+                info!(%conn, peer = %s.peer, streak, "too many invalid shares in a row, dropping the client");
+                self.pool
+                    .registry
+                    .dropped_invalid
+                    .fetch_add(1, Ordering::Relaxed);
+                drop_client = true;
+            }
+        }
+        match verdict {
             Ok(None) => {}
             Ok(Some(new)) => self.set_diff(now, conn, new, out),
             Err(reason) => {
                 let mut buf = Vec::with_capacity(128);
-                stratum::reply_reject(&mut buf, &req.id, reason.code(), reason.message());
+                write::reply_reject(&mut buf, &req.id, reason.code(), reason.message());
                 out.send(conn, buf);
-                match self.sessions.get_mut(conn).and_then(|s| s.auth.as_mut()) {
-                    Some(a) => {
+                let session = self.sessions.get_mut(conn);
+                let ip = session.as_ref().map(|s| s.peer.ip());
+                match session.and_then(|s| s.auth.as_mut()).zip(ip) {
+                    Some((a, ip)) => {
                         self.pool.registry.record_share(
                             &self.stripe,
-                            a.stats(&self.pool),
+                            a.stats(&self.pool, ip),
                             None,
                             0.0,
                             Some(reason),
@@ -1135,6 +1220,9 @@ impl State {
                 }
                 debug!(%conn, %reason, "share rejected");
             }
+        }
+        if drop_client {
+            out.close(conn);
         }
     }
 
@@ -1242,11 +1330,12 @@ impl State {
         }
         verdict?;
         let mut buf = Vec::with_capacity(96);
-        stratum::reply_result(&mut buf, &req.id, b"true");
+        write::reply_true(&mut buf, &req.id);
+        let ip = s.peer.ip();
         if let Some(a) = s.auth.as_mut() {
             pool.registry.record_share(
                 &self.stripe,
-                a.stats(pool),
+                a.stats(pool, ip),
                 Some(judged.to_f64()),
                 hashed.sdiff,
                 None,
@@ -1397,26 +1486,29 @@ fn solo_work(
     Some(w)
 }
 
+/// `result` true (an authorisation again, a suggestion, `mining.extranonce.subscribe`).
+fn reply_true(out: &mut impl Out, conn: ClientId, req: &Request<'_>) {
+    let mut buf = Vec::with_capacity(64);
+    write::reply_true(&mut buf, &req.id);
+    out.send(conn, buf);
+}
+
 fn reply_raw(out: &mut impl Out, conn: ClientId, req: &Request<'_>, raw: &[u8]) {
     let mut buf = Vec::with_capacity(64 + raw.len());
-    stratum::reply_result(&mut buf, &req.id, raw);
+    write::reply_result(&mut buf, &req.id, raw);
     out.send(conn, buf);
 }
 
 fn reply_err(out: &mut impl Out, conn: ClientId, req: &Request<'_>, code: i32, msg: &str) {
     let mut buf = Vec::with_capacity(96);
-    stratum::reply_error(&mut buf, &req.id, code, msg);
+    write::reply_error(&mut buf, &req.id, code, msg);
     out.send(conn, buf);
 }
 
 /// A failed authorisation: `result` false and an error, as both client conventions expect.
 fn reply_auth_fail(out: &mut impl Out, conn: ClientId, req: &Request<'_>, code: i32, msg: &str) {
     let mut buf = Vec::with_capacity(96);
-    buf.extend_from_slice(b"{\"id\":");
-    stratum::write_value(&mut buf, &req.id);
-    buf.extend_from_slice(format!(",\"result\":false,\"error\":[{code},").as_bytes());
-    stratum::write_str(&mut buf, msg);
-    buf.extend_from_slice(b",null]}\n");
+    write::reply_refused(&mut buf, &req.id, code, msg);
     out.send(conn, buf);
 }
 

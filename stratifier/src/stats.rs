@@ -2,7 +2,8 @@
 //! per worker), moving averages the sampler folds in, and a snapshot that every view (admin
 //! `stats`, the stats files) renders.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -216,6 +217,30 @@ struct PoolSampler {
 struct UserCell {
     blocks: AtomicU64,
     workers: Mutex<BTreeMap<String, Arc<WorkerCell>>>,
+    /// The address of the client whose share created it (counted against that address's cap).
+    creator: Option<IpAddr>,
+}
+
+/// The users, and how many of them each client address created.
+#[derive(Debug, Default)]
+struct Users {
+    map: BTreeMap<String, Arc<UserCell>>,
+    by_ip: HashMap<IpAddr, u32>,
+}
+
+impl Users {
+    /// Removes `name` and gives its creator's count back.
+    fn remove(&mut self, name: &str) {
+        if let Some(u) = self.map.remove(name)
+            && let Some(ip) = u.creator
+            && let Some(n) = self.by_ip.get_mut(&ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
 }
 
 /// Where a worker's shares are counted: looked up by name once (at its first share), then
@@ -261,7 +286,14 @@ pub struct StatsRegistry {
     stats: Mutex<Stats>,
     totals: Box<[Arc<Stripe>]>,
     next_stripe: AtomicU64,
-    users: Mutex<BTreeMap<String, Arc<UserCell>>>,
+    users: Mutex<Users>,
+    /// Where the shares of workers refused a cell of their own are counted (in the pool
+    /// totals only: it is in no user's table).
+    overflow: Arc<WorkerCell>,
+    /// Distinct users one client address may create (0: no limit).
+    max_users_per_ip: AtomicU64,
+    /// When idle users were last looked for.
+    last_forget: Mutex<Option<Instant>>,
     sampler: Mutex<PoolSampler>,
     /// An instant and the wall-clock time then (since the unix epoch), to report share times.
     wall_clock: Mutex<Option<(Instant, Duration)>>,
@@ -269,6 +301,8 @@ pub struct StatsRegistry {
     parked: AtomicU64,
     /// Connected clients.
     pub(crate) clients: AtomicU64,
+    /// Clients dropped for a run of invalid shares.
+    pub(crate) dropped_invalid: AtomicU64,
     /// The current job of the pool's own source: id, height and network difficulty.
     job: Mutex<Option<(String, u64, f64)>>,
 }
@@ -285,11 +319,15 @@ impl Default for StatsRegistry {
             stats: Mutex::new(Stats::default()),
             totals: (0..STRIPES).map(|_| Arc::new(Stripe::default())).collect(),
             next_stripe: AtomicU64::new(0),
-            users: Mutex::new(BTreeMap::new()),
+            users: Mutex::new(Users::default()),
+            overflow: Arc::new(WorkerCell::default()),
+            max_users_per_ip: AtomicU64::new(0),
+            last_forget: Mutex::new(None),
             sampler: Mutex::new(PoolSampler::default()),
             wall_clock: Mutex::new(None),
             parked: AtomicU64::new(0),
             clients: AtomicU64::new(0),
+            dropped_invalid: AtomicU64::new(0),
             job: Mutex::new(None),
         }
     }
@@ -310,29 +348,142 @@ impl StatsRegistry {
 
     fn user_cell(&self, user: &str) -> Arc<UserCell> {
         let mut users = self.users.lock();
-        if let Some(u) = users.get(user) {
+        if let Some(u) = users.map.get(user) {
             return Arc::clone(u);
         }
         let u = Arc::new(UserCell::default());
-        users.insert(user.to_owned(), Arc::clone(&u));
+        users.map.insert(user.to_owned(), Arc::clone(&u));
         u
     }
 
-    /// The counters of `worker` (of `user`), created on first use.
+    /// Limits the distinct users one client address may create (0: no limit).
+    pub(crate) fn set_max_users_per_ip(&self, n: usize) {
+        self.max_users_per_ip
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The counters of `worker` (of `user`), created on first use, with no limit per address.
+    #[cfg(test)]
     pub(crate) fn worker_stats(&self, user: &str, worker: &str) -> WorkerStatsRef {
-        let user = self.user_cell(user);
-        let worker = {
-            let mut workers = user.workers.lock();
-            match workers.get(worker) {
-                Some(w) => Arc::clone(w),
-                None => {
-                    let w = Arc::new(WorkerCell::default());
-                    workers.insert(worker.to_owned(), Arc::clone(&w));
-                    w
+        self.worker_stats_from(user, worker, None)
+    }
+
+    /// The counters of `worker` (of `user`), created on first use by a client from `ip`. A new
+    /// user beyond the address's limit gets no entry: its shares count in the pool totals only.
+    pub(crate) fn worker_stats_from(
+        &self,
+        user: &str,
+        worker: &str,
+        ip: Option<IpAddr>,
+    ) -> WorkerStatsRef {
+        let mut users = self.users.lock();
+        let cell = match users.map.get(user) {
+            Some(u) => Arc::clone(u),
+            None => {
+                let max = self.max_users_per_ip.load(Ordering::Relaxed);
+                if let Some(ip) = ip {
+                    let n = users.by_ip.entry(ip).or_default();
+                    if max != 0 && u64::from(*n) >= max {
+                        if *n == 0 {
+                            users.by_ip.remove(&ip);
+                        }
+                        return WorkerStatsRef {
+                            worker: Arc::clone(&self.overflow),
+                        };
+                    }
+                    *n += 1;
                 }
+                let u = Arc::new(UserCell {
+                    creator: ip,
+                    ..UserCell::default()
+                });
+                users.map.insert(user.to_owned(), Arc::clone(&u));
+                u
+            }
+        };
+        let mut workers = cell.workers.lock();
+        let worker = match workers.get(worker) {
+            Some(w) => Arc::clone(w),
+            None => {
+                let w = Arc::new(WorkerCell::default());
+                workers.insert(worker.to_owned(), Arc::clone(&w));
+                w
             }
         };
         WorkerStatsRef { worker }
+    }
+
+    /// A session counting into `w` (for `worker` of `user`) closed: a worker no session counts
+    /// into any more and with no accepted share is forgotten, and so is its user once it has no
+    /// worker and no block.
+    pub(crate) fn release(&self, user: &str, worker: &str, w: WorkerStatsRef) {
+        let cell = w.worker;
+        if Arc::ptr_eq(&cell, &self.overflow) {
+            return;
+        }
+        let mut users = self.users.lock();
+        let Some(u) = users.map.get(user).map(Arc::clone) else {
+            return;
+        };
+        let mut workers = u.workers.lock();
+        let held = workers.get(worker).is_some_and(|c| Arc::ptr_eq(c, &cell));
+        drop(cell);
+        if held
+            && let Some(c) = workers.get(worker)
+            // The table's reference only: no session counts into it.
+            && Arc::strong_count(c) == 1
+            && c.counters.lock().accepted == 0
+        {
+            workers.remove(worker);
+        }
+        let empty = workers.is_empty();
+        drop(workers);
+        if empty && u.blocks.load(Ordering::Relaxed) == 0 {
+            drop(u);
+            users.remove(user);
+        }
+    }
+
+    /// Forgets the workers no session counts into whose last accepted share is older than
+    /// `idle` (or that have none), and the users left with no worker and no block. The sampler
+    /// calls it; it walks every worker under the users' lock, so at most once a minute.
+    pub(crate) fn forget_idle(&self, now: Instant, idle: Duration) {
+        {
+            let mut last = self.last_forget.lock();
+            if last.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(60)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let mut users = self.users.lock();
+        let mut gone = Vec::new();
+        for (name, u) in &users.map {
+            let mut workers = u.workers.lock();
+            workers.retain(|_, c| {
+                Arc::strong_count(c) > 1
+                    || c.counters
+                        .lock()
+                        .last_share
+                        .is_some_and(|t| now.saturating_duration_since(t) < idle)
+            });
+            if workers.is_empty() && u.blocks.load(Ordering::Relaxed) == 0 {
+                gone.push(name.clone());
+            }
+        }
+        for name in gone {
+            users.remove(&name);
+        }
+    }
+
+    /// Clients dropped so far for a run of invalid shares
+    /// ([`crate::PoolConfig::max_invalid_shares`]).
+    pub fn dropped_invalid(&self) -> u64 {
+        self.dropped_invalid.load(Ordering::Relaxed)
+    }
+
+    /// Users in the table.
+    pub fn users(&self) -> usize {
+        self.users.lock().map.len()
     }
 
     /// A stripe of the pool totals for a new shard to count into.
@@ -438,7 +589,7 @@ impl StatsRegistry {
 
     /// Every worker, without holding the user table's lock while the caller works on them.
     fn worker_cells(&self) -> Vec<Arc<WorkerCell>> {
-        let users: Vec<Arc<UserCell>> = self.users.lock().values().cloned().collect();
+        let users: Vec<Arc<UserCell>> = self.users.lock().map.values().cloned().collect();
         let mut out = Vec::new();
         for u in users {
             out.extend(u.workers.lock().values().cloned());
@@ -459,6 +610,27 @@ impl StatsRegistry {
         secs.as_secs()
     }
 
+    /// A [`StatsRegistry::snapshot`] with at most `max_users` users: those with the highest
+    /// 1-minute hashrate (then accepted difficulty, then name), for replies that must stay
+    /// bounded whatever the number of users ([`StatsRegistry::users`] gives the total).
+    pub fn snapshot_top(&self, max_users: usize) -> StatsSnapshot {
+        let mut snap = self.snapshot();
+        if snap.users.len() > max_users {
+            let mut ranked: Vec<(String, UserStats)> =
+                std::mem::take(&mut snap.users).into_iter().collect();
+            ranked.sort_by(|(an, a), (bn, b)| {
+                b.hashrate
+                    .hashrate1m
+                    .total_cmp(&a.hashrate.hashrate1m)
+                    .then(b.accepted_diff.total_cmp(&a.accepted_diff))
+                    .then(an.cmp(bn))
+            });
+            ranked.truncate(max_users);
+            snap.users = ranked.into_iter().collect();
+        }
+        snap
+    }
+
     /// A snapshot of every counter: pool totals, rates, users and workers. It takes each
     /// counter's own small lock in turn, never one that the share path waits on for long.
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -466,6 +638,7 @@ impl StatsRegistry {
         let user_cells: Vec<(String, Arc<UserCell>)> = self
             .users
             .lock()
+            .map
             .iter()
             .map(|(name, u)| (name.clone(), Arc::clone(u)))
             .collect();

@@ -1,7 +1,9 @@
 //! The session tables shared by every shard: extranonce1 and session id allocation, sessions
 //! parked for resume, and the authorisation back-off.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,43 +26,147 @@ pub(crate) const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// Usernames remembered at most (a flood of random names cannot grow the table beyond this).
 pub(crate) const AUTH_BACKOFF_USERS: usize = 65_536;
 
-/// Disconnected sessions kept for resume: session id → (work source, local extranonce1 number,
-/// when parked).
-///
-/// The rate sampler forgets expired ones every few seconds. Parking also prunes, for when no
-/// sampler runs, but only once the table has doubled since the last pass: a pass at every park
-/// above a fixed size made a mass disconnect quadratic (100,000 miners dropping at once scanned
-/// the table 100,000 times, under a lock every connector thread takes on a disconnect).
-#[derive(Debug)]
-pub(crate) struct Parked {
-    pub(crate) map: HashMap<u32, (SourceId, u64, Instant)>,
-    /// Parking prunes first when the table holds this many.
-    pub(crate) prune_at: usize,
-    /// Pruning passes so far.
-    pub(crate) passes: u64,
+/// A disconnected session kept for resume.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ParkedSession {
+    source: SourceId,
+    /// Its local extranonce1 number (still counted in use while parked).
+    enonce1: u64,
+    /// Bytes of the local extranonce1 part of its source's layout.
+    width: u8,
+    /// The address it connected from (without the port): only a client from there resumes it.
+    ip: IpAddr,
+    parked: Instant,
 }
 
-/// Parked sessions below which parking never prunes.
-pub(crate) const PARKED_PRUNE_MIN: usize = 4096;
+/// Disconnected sessions kept for resume, by session id, and the same ids in the order parked:
+/// expiry pops from the front, so forgetting expired sessions costs what expired, and a full
+/// table forgets its oldest. At most `cap` are kept.
+#[derive(Debug, Default)]
+pub(crate) struct Parked {
+    pub(crate) map: HashMap<u32, ParkedSession>,
+    /// (when parked, session id), oldest first. An id resumed or parked again leaves a stale
+    /// entry here (its time no longer matches the map's), skipped when it reaches the front.
+    order: VecDeque<(Instant, u32)>,
+    /// Sessions forgotten because the table was full.
+    pub(crate) evicted: u64,
+    /// Entries looked at by expiry and eviction so far (a test's measure of their cost).
+    pub(crate) visited: u64,
+}
 
-impl Default for Parked {
-    fn default() -> Self {
-        Self {
-            map: HashMap::new(),
-            prune_at: PARKED_PRUNE_MIN,
-            passes: 0,
+/// Extranonce1 local parts in use (by live and parked sessions) for each work source whose
+/// local part is at most 4 bytes: allocation skips them, so a counter that wrapped never hands
+/// out a value in use. Wider local parts are not tracked: 2^40 subscriptions do not happen.
+#[derive(Debug, Default)]
+struct InUse {
+    by_source: Vec<HashSet<u32>>,
+}
+
+/// The widest local extranonce1 part whose values in use are tracked.
+const TRACKED_WIDTH: usize = 4;
+
+impl InUse {
+    fn set(&mut self, source: SourceId) -> Option<&mut HashSet<u32>> {
+        let i = source.index();
+        if self.by_source.len() <= i {
+            self.by_source.resize_with(i + 1, HashSet::new);
+        }
+        self.by_source.get_mut(i)
+    }
+
+    fn release(&mut self, source: SourceId, width: usize, en1: u64) {
+        if width <= TRACKED_WIDTH
+            && let Some(set) = self.by_source.get_mut(source.index())
+        {
+            set.remove(&masked(en1, width));
         }
     }
 }
 
+/// The low `width` (at most 4) bytes of `en1`: what the miner sees of it.
+fn masked(en1: u64, width: usize) -> u32 {
+    let bits = 8 * width.min(TRACKED_WIDTH);
+    let m = if bits >= 32 {
+        u64::from(u32::MAX)
+    } else {
+        (1u64 << bits) - 1
+    };
+    // Masked to at most 32 bits.
+    u32::try_from(en1 & m).unwrap_or(u32::MAX)
+}
+
 impl Parked {
-    /// Forgets the sessions parked `window` or longer before `now`; the next pass at parking
-    /// waits until the table has doubled.
-    fn prune(&mut self, now: Instant, window: Duration) {
-        self.map
-            .retain(|_, (_, _, t)| now.saturating_duration_since(*t) < window);
-        self.prune_at = (2 * self.map.len()).max(PARKED_PRUNE_MIN);
-        self.passes += 1;
+    /// Forgets the sessions parked `window` or longer before `now`, oldest first, stopping at
+    /// the first still within the window: the cost is the number expired (plus stale entries).
+    fn expire(&mut self, now: Instant, window: Duration, in_use: &mut InUse) {
+        while let Some(&(t, sid)) = self.order.front() {
+            if now.saturating_duration_since(t) < window {
+                break;
+            }
+            self.order.pop_front();
+            self.visited += 1;
+            self.forget(t, sid, in_use);
+        }
+    }
+
+    /// Removes `sid` if it is the session parked at `t` (not a later one under the same id).
+    fn forget(&mut self, t: Instant, sid: u32, in_use: &mut InUse) -> bool {
+        if self.map.get(&sid).is_some_and(|p| p.parked == t)
+            && let Some(p) = self.map.remove(&sid)
+        {
+            in_use.release(p.source, usize::from(p.width), p.enonce1);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets the oldest sessions until fewer than `cap` are left.
+    fn evict(&mut self, cap: usize, in_use: &mut InUse) {
+        while self.map.len() >= cap.max(1) {
+            let Some((t, sid)) = self.order.pop_front() else {
+                break;
+            };
+            self.visited += 1;
+            if self.forget(t, sid, in_use) {
+                self.evicted += 1;
+            }
+        }
+    }
+
+    /// Drops the stale entries of `order` once they outnumber the live ones (amortised: each
+    /// pass at least halves the queue).
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order
+                .retain(|(t, sid)| map.get(sid).is_some_and(|p| p.parked == *t));
+        }
+    }
+}
+
+/// A keyed permutation of `u32` (a four-round Feistel network on 16-bit halves with SipHash
+/// under random keys as its round function): session ids from a counter that are all distinct
+/// until the counter wraps, and that tell nothing of the ids before or after them.
+#[derive(Debug)]
+struct IdPermutation {
+    keys: RandomState,
+}
+
+impl IdPermutation {
+    fn new() -> Self {
+        Self {
+            keys: RandomState::new(),
+        }
+    }
+
+    fn apply(&self, x: u32) -> u32 {
+        let (mut l, mut r) = ((x >> 16) as u16, x as u16);
+        for round in 0u8..4 {
+            // The low 16 bits of the round's hash.
+            let f = self.keys.hash_one((round, r)) as u16;
+            (l, r) = (r, l ^ f);
+        }
+        (u32::from(l) << 16) | u32::from(r)
     }
 }
 
@@ -69,9 +175,14 @@ impl Parked {
 pub(crate) struct SessionTables {
     next_enonce1: AtomicU64,
     next_session: AtomicU64,
+    session_ids: IdPermutation,
     pub(crate) resume: Mutex<Parked>,
+    /// Extranonce1 values in use. Taken after `resume` when both are.
+    in_use: Mutex<InUse>,
     /// How long a parked session can be resumed.
     resume_window: Duration,
+    /// The most sessions parked at once.
+    max_parked: usize,
     /// Usernames whose authorisation failed, and until when they are refused (ckpool's back-off).
     pub(crate) auth_backoff: Mutex<HashMap<Box<str>, AuthBackoff>>,
     /// When a full back-off table was last pruned: at most once a second, so that a flood of
@@ -80,20 +191,46 @@ pub(crate) struct SessionTables {
 }
 
 impl SessionTables {
-    /// Tables whose ids start from `seed` (so they do not repeat across restarts).
-    pub(crate) fn new(seed: u64, resume_window: Duration) -> Self {
+    /// Tables whose extranonce1 counter starts from `seed`, keeping a session parked for
+    /// `resume_window`, at most `max_parked` at once. Session ids are random.
+    pub(crate) fn new(seed: u64, resume_window: Duration, max_parked: usize) -> Self {
         Self {
             next_enonce1: AtomicU64::new(seed.wrapping_mul(0x9e37_79b9)),
             next_session: AtomicU64::new(seed.wrapping_mul(0x85eb_ca6b)),
+            session_ids: IdPermutation::new(),
             resume: Mutex::new(Parked::default()),
+            in_use: Mutex::new(InUse::default()),
             resume_window,
+            max_parked,
             auth_backoff: Mutex::new(HashMap::new()),
             auth_backoff_pruned: Mutex::new(None),
         }
     }
 
-    pub(crate) fn alloc_enonce1(&self) -> u64 {
-        self.next_enonce1.fetch_add(1, Ordering::Relaxed)
+    /// A local extranonce1 number for a session of `source`, whose layout has `width` local
+    /// bytes: one whose low `width` bytes no live or parked session of the source has. `None`
+    /// when every value is in use (a 1- or 2-byte local part has only 256 or 65,536).
+    pub(crate) fn alloc_enonce1(&self, source: SourceId, width: usize) -> Option<u64> {
+        if width > TRACKED_WIDTH {
+            return Some(self.next_enonce1.fetch_add(1, Ordering::Relaxed));
+        }
+        let space = 1u64 << (8 * width);
+        let mut in_use = self.in_use.lock();
+        let set = in_use.set(source)?;
+        if set.len() as u64 >= space {
+            return None;
+        }
+        loop {
+            let en1 = self.next_enonce1.fetch_add(1, Ordering::Relaxed);
+            if set.insert(masked(en1, width)) {
+                return Some(en1);
+            }
+        }
+    }
+
+    /// A session's extranonce1 is no longer in use (closed without parking, or replaced).
+    pub(crate) fn release_enonce1(&self, source: SourceId, width: usize, en1: u64) {
+        self.in_use.lock().release(source, width, en1);
     }
 
     /// How long `user` is still refused after failed authorisations, if it is.
@@ -143,36 +280,89 @@ impl SessionTables {
         }
     }
 
+    /// A new session id: unpredictable, and distinct from the last 2^32 handed out.
     pub(crate) fn alloc_session(&self) -> u32 {
-        self.next_session.fetch_add(1, Ordering::Relaxed) as u32
+        // The counter's low 32 bits, permuted.
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed) as u32;
+        self.session_ids.apply(n)
     }
 
-    /// Remembers a session for resume.
-    pub(crate) fn park_session(&self, session: u32, source: SourceId, enonce1: u64, now: Instant) {
+    /// Remembers a session for resume from `ip` (its extranonce1 stays in use until it is
+    /// resumed or forgotten). Expired sessions are forgotten first, then the oldest while the
+    /// table is full.
+    pub(crate) fn park_session(
+        &self,
+        session: u32,
+        source: SourceId,
+        (enonce1, width): (u64, usize),
+        ip: IpAddr,
+        now: Instant,
+    ) {
         let mut r = self.resume.lock();
-        if r.map.len() >= r.prune_at {
-            r.prune(now, self.resume_window);
+        let mut in_use = self.in_use.lock();
+        r.expire(now, self.resume_window, &mut in_use);
+        if self.max_parked == 0 {
+            in_use.release(source, width, enonce1);
+            return;
         }
-        r.map.insert(session, (source, enonce1, now));
+        r.evict(self.max_parked, &mut in_use);
+        let entry = ParkedSession {
+            source,
+            enonce1,
+            width: u8::try_from(width).unwrap_or(u8::MAX),
+            ip,
+            parked: now,
+        };
+        if let Some(old) = r.map.insert(session, entry) {
+            // An id seen again only after the counter wrapped: the older session goes.
+            in_use.release(old.source, usize::from(old.width), old.enonce1);
+        }
+        r.order.push_back((now, session));
+        r.compact();
     }
 
-    /// Takes a parked session's extranonce1 number if it is still within the resume window and
-    /// was on `source` (another source's extranonce1 means nothing here).
+    /// Takes a parked session's extranonce1 number if it is still within the resume window,
+    /// was on `source` (another source's extranonce1 means nothing here) and was parked by a
+    /// client from `ip`. A request from another address leaves the session parked: guessing
+    /// ids neither takes nor evicts anybody's session.
     pub(crate) fn resume_session(
         &self,
         session: u32,
         source: SourceId,
+        ip: IpAddr,
         now: Instant,
     ) -> Option<u64> {
-        let (src, en1, t) = self.resume.lock().map.remove(&session)?;
-        (src == source && now.saturating_duration_since(t) < self.resume_window).then_some(en1)
+        let mut r = self.resume.lock();
+        let p = *r.map.get(&session)?;
+        if now.saturating_duration_since(p.parked) >= self.resume_window {
+            let mut in_use = self.in_use.lock();
+            r.forget(p.parked, session, &mut in_use);
+            return None;
+        }
+        if p.source != source || p.ip != ip {
+            return None;
+        }
+        r.map.remove(&session);
+        Some(p.enonce1)
     }
 
     /// Forgets the parked sessions past the resume window; returns how many are left.
     pub(crate) fn prune_parked(&self, now: Instant) -> usize {
         let mut r = self.resume.lock();
-        r.prune(now, self.resume_window);
+        let mut in_use = self.in_use.lock();
+        r.expire(now, self.resume_window, &mut in_use);
+        r.compact();
         r.map.len()
+    }
+
+    /// Extranonce1 values of `source` counted in use (tests).
+    #[cfg(test)]
+    pub(crate) fn enonce1s_in_use(&self, source: SourceId) -> usize {
+        self.in_use
+            .lock()
+            .by_source
+            .get(source.index())
+            .map_or(0, HashSet::len)
     }
 }
 
@@ -181,9 +371,11 @@ mod tests {
     use super::*;
 
     fn tables() -> SessionTables {
-        SessionTables::new(1, Duration::from_secs(600))
+        SessionTables::new(1, Duration::from_secs(600), 1_000_000)
     }
 
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
     #[test]
     fn auth_backoff_doubles_up_to_ten_minutes_then_starts_again() {
         let p = tables();
@@ -217,30 +409,116 @@ mod tests {
     }
 
     #[test]
-    fn a_mass_disconnect_prunes_parked_sessions_a_logarithmic_number_of_times() {
+    fn a_mass_disconnect_then_expiry_costs_what_expires() {
         let p = tables();
         let t0 = Instant::now();
         for i in 0..100_000u32 {
-            p.park_session(i, SourceId::TEMPLATE, u64::from(i), t0);
+            let t = t0 + Duration::from_millis(u64::from(i));
+            p.park_session(i, SourceId::TEMPLATE, (u64::from(i), 8), IP, t);
         }
         {
             let r = p.resume.lock();
             assert_eq!(r.map.len(), 100_000);
-            // 4096, 8192, ..., 65536: one pass at each doubling, none in between.
-            assert_eq!(r.passes, 5, "{} passes", r.passes);
+            // Parking 100,000 looked at no entry: nothing had expired and the cap was not met.
+            assert_eq!(r.visited, 0);
         }
         assert_eq!(
-            p.resume_session(7, SourceId(1), t0),
+            p.resume_session(7, SourceId(1), IP, t0),
             None,
             "another source's"
         );
-        assert_eq!(p.resume_session(9, SourceId::TEMPLATE, t0), Some(9));
-        // Past the window, the next pass (the sampler's, or parking's) forgets them all.
-        let late = t0 + p.resume_window;
-        assert_eq!(p.resume_session(8, SourceId::TEMPLATE, late), None);
-        p.prune_parked(late);
+        assert_eq!(p.resume_session(9, SourceId::TEMPLATE, IP, t0), Some(9));
+        // Just under 10 s past the window of the first: the first 10,000 (less the one resumed)
+        // expire, and expiry looked at those 10,000 entries, not at the 100,000.
+        let late = t0 + p.resume_window + Duration::from_millis(9_999);
+        assert_eq!(p.prune_parked(late), 90_000);
+        assert_eq!(p.resume.lock().visited, 10_000);
+        assert_eq!(p.prune_parked(late), 90_000);
+        assert_eq!(p.resume.lock().visited, 10_000, "nothing more to look at");
+        // Past every window, all go.
+        assert_eq!(p.prune_parked(late + p.resume_window), 0);
+        assert_eq!(p.resume_session(50_000, SourceId::TEMPLATE, IP, late), None);
+    }
+
+    #[test]
+    fn the_parked_table_holds_its_cap_forgetting_the_oldest() {
+        let p = SessionTables::new(1, Duration::from_secs(600), 1000);
+        let t0 = Instant::now();
+        for i in 0..5000u32 {
+            let t = t0 + Duration::from_millis(u64::from(i));
+            let en1 = p.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
+            p.park_session(i, SourceId::TEMPLATE, (en1, 2), IP, t);
+            assert!(p.resume.lock().map.len() <= 1000);
+        }
         let r = p.resume.lock();
-        assert!(r.map.is_empty());
-        assert_eq!(r.prune_at, PARKED_PRUNE_MIN);
+        assert_eq!(r.map.len(), 1000);
+        assert_eq!(r.evicted, 4000);
+        // Each park evicted one, looking at one entry.
+        assert_eq!(r.visited, 4000);
+        assert!(r.map.contains_key(&4999) && !r.map.contains_key(&3999));
+        drop(r);
+        // The forgotten sessions' extranonce1s were given back.
+        assert_eq!(p.enonce1s_in_use(SourceId::TEMPLATE), 1000);
+    }
+
+    #[test]
+    fn resume_is_bound_to_the_parking_address() {
+        let p = tables();
+        let t0 = Instant::now();
+        p.park_session(42, SourceId::TEMPLATE, (4242, 4), IP, t0);
+        // From elsewhere: nothing, and the session stays parked for its owner.
+        for _ in 0..3 {
+            assert_eq!(p.resume_session(42, SourceId::TEMPLATE, OTHER, t0), None);
+        }
+        assert_eq!(p.resume_session(42, SourceId::TEMPLATE, IP, t0), Some(4242));
+        assert_eq!(
+            p.resume_session(42, SourceId::TEMPLATE, IP, t0),
+            None,
+            "taken"
+        );
+    }
+
+    #[test]
+    fn session_ids_are_distinct_and_not_sequential() {
+        let p = tables();
+        let ids: Vec<u32> = (0..100_000).map(|_| p.alloc_session()).collect();
+        let distinct: HashSet<u32> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Neighbours are far apart: fewer than 1% within 1,000 of the previous id.
+        let close = ids
+            .windows(2)
+            .filter(|w| w[0].abs_diff(w[1]) < 1000)
+            .count();
+        assert!(close < 1000, "{close} consecutive ids within 1,000");
+        // Another pool (another process) with the same seed has other ids.
+        let q = tables();
+        let theirs: Vec<u32> = (0..16).map(|_| q.alloc_session()).collect();
+        assert_ne!(theirs[..], ids[..16]);
+    }
+
+    #[test]
+    fn a_wrapped_two_byte_counter_never_hands_out_an_extranonce1_in_use() {
+        let p = tables();
+        let src = SourceId::TEMPLATE;
+        // 40,000 sessions stay (live or parked); 200,000 more come and go, wrapping the
+        // 65,536 values three times.
+        let mut held = HashSet::new();
+        for _ in 0..40_000 {
+            let en1 = p.alloc_enonce1(src, 2).unwrap();
+            assert!(held.insert(en1 & 0xffff));
+        }
+        for _ in 0..200_000 {
+            let en1 = p.alloc_enonce1(src, 2).unwrap();
+            assert!(!held.contains(&(en1 & 0xffff)), "{en1:x} is in use");
+            p.release_enonce1(src, 2, en1);
+        }
+        // Full: every value in use, none handed out.
+        for _ in 40_000..65_536 {
+            assert!(p.alloc_enonce1(src, 2).is_some());
+        }
+        assert_eq!(p.alloc_enonce1(src, 2), None);
+        // Another source has its own values; wide local parts are not tracked.
+        assert!(p.alloc_enonce1(SourceId(1), 2).is_some());
+        assert!(p.alloc_enonce1(src, 8).is_some());
     }
 }

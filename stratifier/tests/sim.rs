@@ -1580,3 +1580,259 @@ fn parent_workinfo_source_assembles_its_blocks() {
     assert_eq!(block.block_hash().to_string(), blocks[0].hash);
     assert_eq!(job.transactions().len(), 3);
 }
+
+fn open_from(s: &mut Sim, n: u32, ip: [u8; 4]) -> ConnId {
+    let c = ConnId::new(0, 0, n);
+    s.shard.on_open(s.now, c, SocketAddr::from((ip, 40_000)), 0);
+    c
+}
+
+/// Subscribes `c`, resuming `session` if given: (session id, extranonce1 hex).
+fn subscribe_as(s: &mut Sim, c: ConnId, session: Option<&str>) -> (String, String) {
+    let params = match session {
+        Some(sid) => json!(["x", sid]),
+        None => json!(["x"]),
+    };
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":params}),
+    );
+    (
+        r[0]["result"][0][0][1].as_str().unwrap().to_owned(),
+        r[0]["result"][1].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn a_session_id_sweep_from_another_address_resumes_nothing() {
+    let mut s = sim();
+    let mut victims = Vec::new();
+    for i in 0..5u32 {
+        let c = open_from(&mut s, i, [10, 0, 0, 1 + i as u8]);
+        let (sid, en1) = subscribe_as(&mut s, c, None);
+        s.shard.on_close(s.now, c);
+        victims.push((sid, en1));
+    }
+    // Ids are not sequential: nothing to sweep from one's own id.
+    let ids: Vec<u32> = victims
+        .iter()
+        .map(|(sid, _)| u32::from_str_radix(sid, 16).unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0].abs_diff(w[1]) > 16), "{ids:x?}");
+    // The attacker even knows every id exactly, and tries each several times.
+    let mut n = 100;
+    for (sid, en1) in &victims {
+        for _ in 0..3 {
+            let c = open_from(&mut s, n, [192, 0, 2, 66]);
+            n += 1;
+            let (got_sid, got_en1) = subscribe_as(&mut s, c, Some(sid));
+            assert_ne!(
+                &got_en1, en1,
+                "a victim's extranonce1 went to another address"
+            );
+            assert_ne!(&got_sid, sid);
+            s.shard.on_close(s.now, c);
+        }
+    }
+    // The victims, back from their own addresses, resume their sessions.
+    for (i, (sid, en1)) in victims.iter().enumerate() {
+        let c = open_from(&mut s, 1000 + i as u32, [10, 0, 0, 1 + i as u8]);
+        let got = subscribe_as(&mut s, c, Some(sid));
+        assert_eq!(&got, &(sid.clone(), en1.clone()));
+    }
+}
+
+#[test]
+fn a_wrapped_two_byte_extranonce1_is_never_one_in_use() {
+    let mut s = sim_with(false, HARD_BITS, |c| {
+        c.coinbase.nonce1_len = 2;
+        c.max_parked = 64;
+    });
+    let mut live = std::collections::HashSet::new();
+    for i in 0..2000u32 {
+        let c = open_from(&mut s, i, [10, 1, 0, 1]);
+        let (_, en1) = subscribe_as(&mut s, c, None);
+        assert_eq!(en1.len(), 4);
+        assert!(live.insert(en1));
+    }
+    // 70,000 more come and go: the 65,536 values wrap, none of the live ones is handed out.
+    let c = ConnId::new(0, 0, 5000);
+    for g in 0..70_000u32 {
+        let c = ConnId::new(0, (g % 60_000) as u16, c.slot());
+        s.shard.on_open(s.now, c, "10.2.0.1:1".parse().unwrap(), 0);
+        let (_, en1) = subscribe_as(&mut s, c, None);
+        assert!(!live.contains(&en1), "{en1} is in use (round {g})");
+        s.shard.on_close(s.now, c);
+    }
+}
+
+/// Authorises `c` as `user` (already open) and sends one share with a bad job id.
+fn login_and_bad_share(s: &mut Sim, c: ConnId, user: &str) {
+    s.login(c, user);
+    let r = s.line(
+        c,
+        json!({"id":9,"method":"mining.submit","params":[user,"ffff","0000000000000000","00000000","00000000"]}),
+    );
+    assert_reject(&r, 21, "Invalid JobID");
+}
+
+#[test]
+fn throwaway_usernames_with_a_bad_share_each_are_forgotten_on_close() {
+    let mut s = sim();
+    let (a, wa) = s.connect(1, "alice.rig1");
+    let r = s.line(a, good_share(&wa, "alice.rig1", &[0; 8]));
+    assert_eq!(r[0]["result"], true);
+    let (b, wb) = s.connect(2, "bob");
+    let r = s.line(b, good_share(&wb, "bob", &[1; 8]));
+    assert_eq!(r[0]["result"], true);
+    // Bob also has a rig that only ever sent a bad share: it goes when it closes, bob stays.
+    let b2 = s.open(3);
+    login_and_bad_share(&mut s, b2, "bob.broken");
+    assert_eq!(s.pool.stats().users["bob"].workers.len(), 2);
+    s.shard.on_close(s.now, b2);
+    assert_eq!(s.pool.stats().users["bob"].workers.len(), 1);
+    let registry = s.pool.registry();
+    assert_eq!(registry.users(), 2);
+    // 3,000 throw-away names from as many addresses, one bad share each, then gone.
+    for i in 0..3000u32 {
+        let c = open_from(&mut s, 100 + i, [10, 9, (i >> 8) as u8, i as u8]);
+        login_and_bad_share(&mut s, c, &format!("junk{i}"));
+        if i == 2999 {
+            assert_eq!(s.pool.registry().users(), 3, "a connected one is listed");
+        }
+        s.shard.on_close(s.now, c);
+    }
+    assert_eq!(s.pool.registry().users(), 2);
+    let st = s.pool.stats();
+    assert_eq!(st.users.keys().collect::<Vec<_>>(), ["alice", "bob"]);
+    // Their shares still count in the pool totals.
+    assert_eq!((st.accepted, st.rejected), (2, 3001));
+}
+
+#[test]
+fn one_address_creates_a_bounded_number_of_users() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.max_users_per_ip = 50);
+    let mut conns = Vec::new();
+    for i in 0..200u32 {
+        let c = open_from(&mut s, i, [192, 0, 2, 7]);
+        login_and_bad_share(&mut s, c, &format!("flood{i}"));
+        conns.push(c);
+    }
+    // All still connected: 50 users, the other 150's shares in the totals only.
+    assert_eq!(s.pool.registry().users(), 50);
+    assert_eq!(s.pool.stats().rejected, 200);
+    // Another address is not held back by that one.
+    let c = open_from(&mut s, 500, [192, 0, 2, 8]);
+    login_and_bad_share(&mut s, c, "other");
+    assert_eq!(s.pool.registry().users(), 51);
+    // Once they go, the address can create users again.
+    for c in conns {
+        s.shard.on_close(s.now, c);
+    }
+    assert_eq!(s.pool.registry().users(), 1);
+    let c = open_from(&mut s, 600, [192, 0, 2, 7]);
+    login_and_bad_share(&mut s, c, "again");
+    assert_eq!(s.pool.registry().users(), 2);
+}
+
+#[test]
+fn users_idle_past_stats_idle_are_forgotten() {
+    let mut s = sim_with(false, HARD_BITS, |c| {
+        c.stats_idle = Duration::from_secs(3600);
+    });
+    let (a, wa) = s.connect(1, "alice");
+    assert_eq!(
+        s.line(a, good_share(&wa, "alice", &[0; 8]))[0]["result"],
+        true
+    );
+    let (b, wb) = s.connect(2, "bob");
+    assert_eq!(
+        s.line(b, good_share(&wb, "bob", &[0; 8]))[0]["result"],
+        true
+    );
+    // Alice leaves; bob stays connected, idle.
+    s.shard.on_close(s.now, a);
+    s.pool.sample_rates(s.now);
+    s.pool.sample_rates(s.now + Duration::from_secs(1800));
+    assert_eq!(s.pool.registry().users(), 2, "not idle long enough");
+    s.pool.sample_rates(s.now + Duration::from_secs(3601));
+    let st = s.pool.stats();
+    assert_eq!(
+        st.users.keys().collect::<Vec<_>>(),
+        ["bob"],
+        "bob is connected"
+    );
+    assert_eq!(st.accepted, 2, "the totals keep alice's share");
+}
+
+#[test]
+fn a_flood_of_invalid_shares_is_slowed_then_dropped_and_counted() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.max_invalid_shares = 40);
+    let (c, w) = s.connect(1, "flood");
+    let bad = json!({"id":9,"method":"mining.submit","params":["flood","ffff","0000000000000000","00000000","00000000"]});
+    // Up to half the limit, every share is checked.
+    for _ in 0..20 {
+        assert_reject(&s.line(c, bad.clone()), 21, "Invalid JobID");
+    }
+    // Then one in 8 is checked; the others are refused unchecked.
+    let mut reasons = Vec::new();
+    for _ in 20..39 {
+        let r = s.line(c, bad.clone());
+        reasons.push(r[0]["error"][1].as_str().unwrap().to_owned());
+    }
+    assert!(s.out.closed.is_empty(), "dropped early");
+    let checked = reasons.iter().filter(|r| *r == "Invalid JobID").count();
+    assert_eq!(checked, 2, "{reasons:?}");
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| *r == "Too many invalid shares")
+            .count(),
+        17
+    );
+    // The 40th in a row: refused, then the client is dropped, once, and counted.
+    let r = s.line(c, bad.clone());
+    assert_eq!(r[0]["result"], false);
+    assert_eq!(s.out.closed, [ClientId::Direct(c)]);
+    s.line(c, bad.clone());
+    assert_eq!(s.out.closed.len(), 1, "dropped once");
+    let st = s.pool.stats();
+    assert_eq!(s.pool.registry().dropped_invalid(), 1);
+    assert_eq!(st.rejected, 41);
+    assert_eq!(st.reject_reasons["Too many invalid shares"], 17 + 1);
+    let _ = w;
+}
+
+#[test]
+fn an_accepted_share_ends_a_run_and_stale_shares_do_not_count() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.max_invalid_shares = 10);
+    let (c, w) = s.connect(1, "miner");
+    let bad = json!({"id":9,"method":"mining.submit","params":["miner","ffff","0000000000000000","00000000","00000000"]});
+    for round in 0..5u8 {
+        for _ in 0..6 {
+            s.line(c, bad.clone());
+        }
+        // Past half the limit only one share in 8 is checked (refusals unchecked count too):
+        // the good share is refused twice unchecked, then checked and accepted at the 8th.
+        let good = good_share(&w, "miner", &[round; 8]);
+        let replies: Vec<Value> = (0..3).map(|_| s.line(c, good.clone())[0].clone()).collect();
+        assert_eq!(
+            replies[0]["error"][1], "Too many invalid shares",
+            "round {round}"
+        );
+        assert_eq!(
+            replies[1]["error"][1], "Too many invalid shares",
+            "round {round}"
+        );
+        assert_eq!(replies[2]["result"], true, "round {round}: {replies:?}");
+    }
+    assert!(s.out.closed.is_empty());
+    // Stale shares (after a new block) are not invalid: 30 of them drop nobody.
+    let stale = good_share(&w, "miner", &[9; 8]);
+    s.new_block(2, HARD_BITS);
+    for _ in 0..30 {
+        assert_reject(&s.line(c, stale.clone()), 21, "Stale");
+    }
+    assert!(s.out.closed.is_empty());
+    assert_eq!(s.pool.registry().dropped_invalid(), 0);
+}
