@@ -107,6 +107,10 @@ pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle
     })
 }
 
+/// Users listed in an admin `stats` reply (the busiest, by 1-minute hashrate); `users_total`
+/// counts them all.
+const STATS_MAX_USERS: usize = 1_000;
+
 fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
@@ -119,8 +123,13 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
     let reply: Vec<u8> = match cmd {
         "ping" => b"pong".to_vec(),
         "stats" | "stratifierstats" => {
-            let mut stats = serde_json::to_value(ctx.pool.stats()).unwrap_or_default();
+            // Bounded: the busiest users only, with the total count, so a pool with a million
+            // throw-away names still answers in a small reply.
+            let registry = ctx.pool.registry();
+            let mut stats =
+                serde_json::to_value(registry.snapshot_top(STATS_MAX_USERS)).unwrap_or_default();
             if let Some(obj) = stats.as_object_mut() {
+                obj.insert("users_total".into(), registry.users().into());
                 obj.insert("server".into(), ctx.generator.active().into());
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
