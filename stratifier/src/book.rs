@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
+use crate::handover::{HandoverError, Reader, Writer};
 use crate::job::{ExtranonceLayout, Job, JobError, SourceId};
 
 /// The job book of one work source: its live jobs, its current job, and the extranonce layout
@@ -225,4 +226,123 @@ impl JobBooks {
         let b = t.books.get(source.index())?;
         b.jobs.get(&id).map(|j| (Arc::clone(j), id < b.block_start))
     }
+
+    /// Writes every book for a handover: the job id counter, each source's layout, block
+    /// start, current job and live jobs (with their duplicate sets).
+    pub(crate) fn save(&self, w: &mut Writer, now: Instant) {
+        let t = self.table.read();
+        w.u64(self.next_job_id.load(Ordering::Relaxed));
+        w.len(t.books.len());
+        for b in &t.books {
+            w.bytes(b.layout.prefix());
+            w.len(b.layout.local_len());
+            w.len(b.layout.nonce2_len());
+            w.u64(b.block_start);
+            w.u64(b.current.as_ref().map_or(0, |j| j.id));
+            w.len(b.jobs.len());
+            for j in b.jobs.values() {
+                j.save(w, now);
+            }
+        }
+    }
+
+    /// Reads what [`JobBooks::save`] wrote into books to install with [`JobBooks::restore`].
+    pub(crate) fn load(r: &mut Reader<'_>, now: Instant) -> Result<SavedBooks, HandoverError> {
+        let next_job_id = r.u64()?;
+        let n = r.count(24)?;
+        if n == 0 || n > MAX_SOURCES {
+            return Err(HandoverError::Malformed("source count"));
+        }
+        let mut books = Vec::with_capacity(n);
+        for i in 0..n {
+            let prefix = r.bytes()?.to_vec();
+            let local = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+            let nonce2 = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+            let block_start = r.u64()?;
+            let current = r.u64()?;
+            let count = r.count(100)?;
+            let mut jobs = BTreeMap::new();
+            for _ in 0..count {
+                let j = Job::load(r, now)?;
+                if j.source.index() != i {
+                    return Err(HandoverError::Malformed("job source"));
+                }
+                jobs.insert(j.id, Arc::new(j));
+            }
+            let current = if current == 0 {
+                None
+            } else {
+                Some(Arc::clone(
+                    jobs.get(&current)
+                        .ok_or(HandoverError::Malformed("current job"))?,
+                ))
+            };
+            books.push(SavedBook {
+                prefix,
+                local,
+                nonce2,
+                jobs,
+                current,
+                block_start,
+            });
+        }
+        Ok(SavedBooks { next_job_id, books })
+    }
+
+    /// Installs books [`JobBooks::load`] read, in a pool with only its own source so far
+    /// whose layout must match. Returns the current job of the pool's own source.
+    pub(crate) fn restore(&self, saved: SavedBooks) -> Result<Option<Arc<Job>>, HandoverError> {
+        let mut t = self.table.write();
+        if t.books.len() != 1 || t.books.first().is_some_and(|b| b.current.is_some()) {
+            return Err(HandoverError::Mismatch("the pool is not fresh"));
+        }
+        let mut books = Vec::with_capacity(saved.books.len());
+        for (i, b) in saved.books.into_iter().enumerate() {
+            let own = t.books.first().map(|o| Arc::clone(&o.layout));
+            let layout = match own {
+                Some(own) if i == 0 => {
+                    if own.prefix() != b.prefix.as_slice()
+                        || own.local_len() != b.local
+                        || own.nonce2_len() != b.nonce2
+                    {
+                        return Err(HandoverError::Mismatch("extranonce layout"));
+                    }
+                    own
+                }
+                _ => Arc::new(
+                    ExtranonceLayout::new(&b.prefix, b.local, b.nonce2)
+                        .map_err(|_| HandoverError::Malformed("extranonce layout"))?,
+                ),
+            };
+            books.push(JobBook {
+                layout,
+                jobs: b.jobs,
+                current: b.current,
+                block_start: b.block_start,
+            });
+        }
+        let own_current = books.first().and_then(|b| b.current.clone());
+        t.books = books;
+        self.next_job_id.store(saved.next_job_id, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(own_current)
+    }
+}
+
+/// Job books read from a handover blob, not yet installed.
+#[derive(Debug)]
+pub(crate) struct SavedBooks {
+    next_job_id: u64,
+    books: Vec<SavedBook>,
+}
+
+/// One book read from a handover blob, with its layout's parts as read.
+#[derive(Debug)]
+struct SavedBook {
+    prefix: Vec<u8>,
+    local: usize,
+    nonce2: usize,
+    jobs: BTreeMap<u64, Arc<Job>>,
+    current: Option<Arc<Job>>,
+    block_start: u64,
 }

@@ -55,6 +55,16 @@ impl PackedDiff {
     pub(crate) fn round(d: Difficulty) -> Difficulty {
         Self::new(d).get()
     }
+
+    /// Its packed bits, for a handover blob.
+    pub(crate) fn raw(self) -> u64 {
+        self.0.get()
+    }
+
+    /// A difficulty from [`PackedDiff::raw`]'s bits; `None` for zero.
+    pub(crate) fn from_raw(raw: u64) -> Option<Self> {
+        NonZeroU64::new(raw).map(Self)
+    }
 }
 
 /// An instant in 8 bytes (an `Instant` takes 16): signed nanoseconds from a reference instant
@@ -75,6 +85,23 @@ impl Stamp {
         } else {
             Self(nanos(epoch - t).saturating_neg().max(i64::MIN + 1))
         }
+    }
+
+    /// Nanoseconds from this stamp to `now` (negative for a stamp after `now`), or `i64::MIN`
+    /// for [`Stamp::NEVER`]: what a handover blob carries.
+    pub(crate) fn age(self, now: Instant, epoch: Instant) -> i64 {
+        if self == Self::NEVER {
+            return i64::MIN;
+        }
+        Self::of(now, epoch).0.saturating_sub(self.0)
+    }
+
+    /// The stamp [`Stamp::age`] gave `age`, against this `now` and `epoch`.
+    pub(crate) fn from_age(age: i64, now: Instant, epoch: Instant) -> Self {
+        if age == i64::MIN {
+            return Self::NEVER;
+        }
+        Self(Self::of(now, epoch).0.saturating_sub(age).max(i64::MIN + 1))
     }
 
     /// Time from `self` to `now`, zero if `now` is earlier.

@@ -11,6 +11,7 @@ use common::stratum::write;
 use common::template::{Template, TemplateTx};
 use common::{Difficulty, Target, merkle};
 
+use crate::handover::{HandoverError, Reader, Writer};
 use crate::seen::Seen;
 
 /// A work source: the index of its job book in the pool. Source 0 is the pool's own
@@ -493,6 +494,181 @@ impl Job {
     pub fn height(&self) -> u64 {
         self.height
     }
+
+    /// Writes the job for a handover: its id, its work and origin, its age before `now` and
+    /// the share hashes it has seen.
+    pub(crate) fn save(&self, w: &mut Writer, now: Instant) {
+        w.u64(self.id);
+        w.u16(self.source.0);
+        save_origin(w, &self.origin);
+        w.array(&self.prev_hash);
+        w.bytes(&self.coinb1);
+        w.bytes(&self.coinb2);
+        w.len(self.branch.len());
+        for b in &self.branch {
+            w.array(b);
+        }
+        w.u32(self.version);
+        w.u32(self.bits);
+        w.u32(self.ntime);
+        w.bool(self.clean);
+        w.u64(self.height);
+        w.age(self.created, now);
+        w.array(&self.coinbase_extra);
+        let keys = self.seen.keys();
+        w.len(keys.len());
+        for (stripe, key) in keys {
+            w.u8(stripe);
+            w.u64(key);
+        }
+    }
+
+    /// Rebuilds a job [`Job::save`] wrote, with the same id, lines and duplicate set.
+    pub(crate) fn load(r: &mut Reader<'_>, now: Instant) -> Result<Self, HandoverError> {
+        let id = r.u64()?;
+        let source = SourceId(r.u16()?);
+        let origin = load_origin(r)?;
+        let prev_hash = r.array()?;
+        let coinb1 = r.bytes()?.to_vec();
+        let coinb2 = r.bytes()?.to_vec();
+        let n = r.count(32)?;
+        let mut branch = Vec::with_capacity(n);
+        for _ in 0..n {
+            branch.push(r.array()?);
+        }
+        let work = Work {
+            origin,
+            prev_hash,
+            coinb1,
+            coinb2,
+            branch,
+            version: r.u32()?,
+            bits: r.u32()?,
+            ntime: r.u32()?,
+            clean: r.bool("clean")?,
+            height: r.u64()?,
+        };
+        let created = r.age(now)?;
+        let mut job = Self::from_work(id, source, work, created);
+        job.coinbase_extra = r.array()?;
+        let n = r.count(9)?;
+        for _ in 0..n {
+            let (stripe, key) = (r.u8()?, r.u64()?);
+            if !job.seen.insert_key(stripe, key) {
+                return Err(HandoverError::Malformed("duplicate set"));
+            }
+        }
+        Ok(job)
+    }
+}
+
+fn save_txs(w: &mut Writer, txs: &[TemplateTx]) {
+    w.len(txs.len());
+    for t in txs {
+        w.bytes(&t.data);
+        w.array(&t.txid);
+        w.array(&t.wtxid);
+    }
+}
+
+fn load_txs(r: &mut Reader<'_>) -> Result<Vec<TemplateTx>, HandoverError> {
+    let n = r.count(68)?;
+    let mut txs = Vec::with_capacity(n);
+    for _ in 0..n {
+        txs.push(TemplateTx {
+            data: r.bytes()?.to_vec(),
+            txid: r.array()?,
+            wtxid: r.array()?,
+        });
+    }
+    Ok(txs)
+}
+
+fn save_origin(w: &mut Writer, origin: &Origin) {
+    match origin {
+        Origin::Template(t) => {
+            w.u8(0);
+            w.u32(t.version);
+            w.array(&t.prev_hash);
+            w.u32(t.bits);
+            w.u32(t.curtime);
+            w.u64(t.height);
+            w.u64(t.coinbase_value);
+            w.bytes(&t.coinbase_flags);
+            save_txs(w, &t.transactions);
+            match &t.default_witness_commitment {
+                None => w.u8(0),
+                Some(c) => {
+                    w.u8(1);
+                    w.bytes(c);
+                }
+            }
+            w.len(t.rules.len());
+            for rule in &t.rules {
+                w.str(rule);
+            }
+        }
+        Origin::Upstream { job_id } => {
+            w.u8(1);
+            w.str(job_id);
+        }
+        Origin::Parent {
+            workinfo_id,
+            transactions,
+            witness,
+        } => {
+            w.u8(2);
+            w.u64(*workinfo_id);
+            save_txs(w, transactions);
+            w.bool(*witness);
+        }
+    }
+}
+
+fn load_origin(r: &mut Reader<'_>) -> Result<Origin, HandoverError> {
+    Ok(match r.u8()? {
+        0 => {
+            let version = r.u32()?;
+            let prev_hash = r.array()?;
+            let bits = r.u32()?;
+            let curtime = r.u32()?;
+            let height = r.u64()?;
+            let coinbase_value = r.u64()?;
+            let coinbase_flags = r.bytes()?.to_vec();
+            let transactions = load_txs(r)?;
+            let default_witness_commitment = if r.bool("witness commitment")? {
+                Some(r.bytes()?.to_vec())
+            } else {
+                None
+            };
+            let n = r.count(4)?;
+            let mut rules = Vec::with_capacity(n);
+            for _ in 0..n {
+                rules.push(r.str("rule")?.to_owned());
+            }
+            Origin::Template(Arc::new(Template {
+                version,
+                prev_hash,
+                bits,
+                curtime,
+                height,
+                coinbase_value,
+                coinbase_flags,
+                transactions,
+                default_witness_commitment,
+                rules,
+            }))
+        }
+        1 => Origin::Upstream {
+            job_id: r.str("upstream job id")?.to_owned(),
+        },
+        2 => Origin::Parent {
+            workinfo_id: r.u64()?,
+            transactions: load_txs(r)?.into(),
+            witness: r.bool("witness")?,
+        },
+        _ => return Err(HandoverError::Malformed("job origin")),
+    })
 }
 
 fn build_coinbase(

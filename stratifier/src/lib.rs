@@ -32,6 +32,7 @@
 mod book;
 mod client;
 mod compact;
+mod handover;
 mod job;
 mod pool;
 pub mod rates;
@@ -49,6 +50,7 @@ use std::sync::Arc;
 
 pub use client::ClientId;
 pub use common::ConnId;
+pub use handover::HandoverError;
 pub use job::{
     CoinbaseConfig, ExtranonceLayout, Job, JobError, LayoutError, Origin, SourceId, Work,
     prevhash_from_stratum, stratum_prevhash,

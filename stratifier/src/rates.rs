@@ -88,6 +88,11 @@ impl<const N: usize> Ema<N> {
         }
     }
 
+    /// Averages as [`Ema::rates`] gave them (a state handed over from another process).
+    pub fn from_rates(rates: [f64; N]) -> Self {
+        Self { rates }
+    }
+
     /// The averages per second, in window order.
     pub fn rates(&self) -> [f64; N] {
         self.rates

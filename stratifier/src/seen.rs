@@ -54,6 +54,25 @@ impl Seen {
             .is_none_or(|s| s.0.lock().insert(key))
     }
 
+    /// Every key recorded, with its set's index (for a handover).
+    pub(crate) fn keys(&self) -> Vec<(u8, u64)> {
+        let mut out = Vec::new();
+        for (i, s) in self.stripes.iter().enumerate() {
+            let i = u8::try_from(i).unwrap_or(u8::MAX);
+            out.extend(s.0.lock().iter().map(|&k| (i, k)));
+        }
+        out
+    }
+
+    /// Records `key` in set `stripe`, as [`Seen::keys`] gave it; false for a set that does not
+    /// exist.
+    pub(crate) fn insert_key(&self, stripe: u8, key: u64) -> bool {
+        self.stripes.get(usize::from(stripe)).is_some_and(|s| {
+            s.0.lock().insert(key);
+            true
+        })
+    }
+
     /// Keys recorded, over every set.
     #[cfg(test)]
     fn len(&self) -> usize {

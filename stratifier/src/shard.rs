@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::book::JobView;
 use crate::compact::{Name, PackedDiff, ShortStr, Stamp};
+use crate::handover::{HandoverError, Reader, SESSION_FORMAT, Writer};
 use crate::job::{ExtranonceLayout, Job, SourceId};
 use crate::pool::Pool;
 use crate::share::roll_version;
@@ -615,6 +616,87 @@ impl Shard {
         }
     }
 
+    /// Takes `client`'s session out of this shard for a zero-disconnect upgrade and returns it
+    /// serialised, for the next process's [`Shard::adopt_session`]; `None` for an unknown
+    /// client. The session is not parked and no disconnect is counted (the miner stays
+    /// connected, in the other process); its extranonce1 is given back to this pool's tables
+    /// (the next process claims it). Only this client's session: a passthrough's sub-clients
+    /// are exported one by one.
+    ///
+    /// The blob holds the session's extranonce1 (and the one before a `set_extranonce`),
+    /// difficulties (current, previous with the job it changed at, floor, suggested, fixed),
+    /// vardiff state, authorised user and worker, version mask, user agent, session id,
+    /// subscription flags, last job sent and invalid-share run: some 100 bytes.
+    pub fn export_session(&mut self, now: Instant, client: impl Into<ClientId>) -> Option<Vec<u8>> {
+        let client = client.into();
+        let mut s = self.st.sessions.remove(client)?;
+        let pool = &self.st.pool;
+        pool.registry.clients.fetch_sub(1, Ordering::Relaxed);
+        if s.subscribed {
+            let width = pool.layout(s.source).map_or(8, |l| l.local_len());
+            pool.tables.release_enonce1(s.source, width, s.enonce1);
+        }
+        // Where its shares were counted is looked up again in the next process: the worker's
+        // counters travel in the pool's state.
+        if let Some(a) = s.auth.as_mut() {
+            a.stats = None;
+        }
+        let mut w = Writer::default();
+        save_session(&mut w, &s, pool.epoch, now);
+        debug!(%client, peer = %s.peer, "session exported");
+        Some(w.buf)
+    }
+
+    /// Recreates a session [`Shard::export_session`] wrote in another process, for `client` (a
+    /// connection of this process, handed over) from `peer` on `listener`, as it was: the next
+    /// share on a job it had is judged as the old process would have. Its extranonce1 is
+    /// counted in use again; its session id needs nothing (ids come from the counter and keys
+    /// the pool took over with [`Pool::import_state`], which should come first, so that its
+    /// jobs are live). A client that is not yet authorised gets a fresh authorisation
+    /// deadline. Refused with an error, with nothing changed, for a blob that cannot be read,
+    /// an unknown source, a client that already has a session, or an extranonce1 in use.
+    pub fn adopt_session(
+        &mut self,
+        now: Instant,
+        client: impl Into<ClientId>,
+        peer: SocketAddr,
+        listener: usize,
+        bytes: &[u8],
+    ) -> Result<(), HandoverError> {
+        let client = client.into();
+        let st = &mut self.st;
+        let epoch = st.pool.epoch;
+        let mut r = Reader::new(bytes, SESSION_FORMAT)?;
+        let s = load_session(&mut r, &mut st.names, epoch, now, client, peer)?;
+        r.finish()?;
+        let layout = st
+            .pool
+            .layout(s.source)
+            .ok_or(HandoverError::Mismatch("unknown work source"))?;
+        if st.sessions.contains(client) {
+            return Err(HandoverError::InUse("client id"));
+        }
+        let width = layout.local_len();
+        if s.subscribed && !st.pool.tables.claim_enonce1(s.source, width, s.enonce1) {
+            return Err(HandoverError::InUse("extranonce1"));
+        }
+        let authorised = s.auth.is_some();
+        let (source, en1, subscribed) = (s.source, s.enonce1, s.subscribed);
+        if st.sessions.insert(client, s).is_err() {
+            if subscribed {
+                st.pool.tables.release_enonce1(source, width, en1);
+            }
+            return Err(HandoverError::Mismatch("connection slot out of range"));
+        }
+        st.pool.registry.clients.fetch_add(1, Ordering::Relaxed);
+        if !authorised {
+            let deadline = Stamp::of(now + st.pool.cfg.auth_timeout, epoch);
+            st.auth_deadlines.push_back((deadline, client));
+        }
+        debug!(%client, %peer, listener, "session adopted");
+        Ok(())
+    }
+
     /// Periodic work: drop clients that did not authorise in time, prune caches.
     pub fn on_tick(&mut self, now: Instant, out: &mut impl Out) {
         let now_stamp = Stamp::of(now, self.st.pool.epoch);
@@ -648,6 +730,133 @@ impl Shard {
             self.st.last_prune = Some(now);
         }
     }
+}
+
+/// Writes a session for a handover (format [`SESSION_FORMAT`]).
+fn save_session(w: &mut Writer, s: &Session, epoch: Instant, now: Instant) {
+    w.u8(SESSION_FORMAT);
+    w.u16(s.source.0);
+    w.u64(s.enonce1);
+    w.u32(s.last_job);
+    w.u32(s.diff_change_job);
+    w.u64(s.diff.raw());
+    w.u64(s.old_diff.raw());
+    w.u64(s.floor.raw());
+    w.u64(s.suggested.map_or(0, PackedDiff::raw));
+    w.str(&s.agent);
+    match &s.auth {
+        None => w.u8(0),
+        Some(a) => {
+            w.u8(1);
+            w.str(&a.user);
+            w.str(a.rest.as_str());
+        }
+    }
+    s.vardiff.save(w, epoch, now);
+    match s.extras.as_deref() {
+        None => w.u8(0),
+        Some(e) => {
+            w.u8(1);
+            w.u64(e.old_enonce1);
+            w.u64(e.enonce1_change_job);
+            w.u64(e.fixed.map_or(0, PackedDiff::raw));
+            w.opt_age(e.last_txnhashes, now);
+            w.u32(e.invalid_streak);
+        }
+    }
+    w.u32(s.session_id);
+    w.u32(s.mask);
+    w.u8(u8::from(s.subscribed) | (u8::from(s.extranonce_subscribed) << 1));
+}
+
+/// A difficulty of a handover blob: `None` for 0 when `optional`, an error otherwise.
+fn read_diff(
+    r: &mut Reader<'_>,
+    optional: bool,
+    what: &'static str,
+) -> Result<Option<PackedDiff>, HandoverError> {
+    match PackedDiff::from_raw(r.u64()?) {
+        None if !optional => Err(HandoverError::Malformed(what)),
+        d => Ok(d),
+    }
+}
+
+/// Reads a session [`save_session`] wrote (after its version byte), for `client` from `peer`.
+fn load_session(
+    r: &mut Reader<'_>,
+    names: &mut Interner,
+    epoch: Instant,
+    now: Instant,
+    client: ClientId,
+    peer: SocketAddr,
+) -> Result<Session, HandoverError> {
+    let source = SourceId(r.u16()?);
+    let enonce1 = r.u64()?;
+    let last_job = r.u32()?;
+    let diff_change_job = r.u32()?;
+    let required =
+        |r: &mut Reader<'_>, what| read_diff(r, false, what)?.ok_or(HandoverError::Malformed(what));
+    let diff = required(r, "difficulty")?;
+    let old_diff = required(r, "previous difficulty")?;
+    let floor = required(r, "minimum difficulty")?;
+    let suggested = read_diff(r, true, "suggested difficulty")?;
+    let agent = r.str("user agent")?;
+    if agent.len() > MAX_AGENT_LEN {
+        return Err(HandoverError::Malformed("user agent"));
+    }
+    let agent = names.get(agent);
+    let auth = if r.bool("authorised")? {
+        let user = r.str("user")?;
+        let rest = r.str("worker")?;
+        if user.is_empty() || user.len() + rest.len() > MAX_WORKER_LEN {
+            return Err(HandoverError::Malformed("worker"));
+        }
+        Some(Auth {
+            user: names.get(user),
+            rest: ShortStr::new(rest),
+            stats: None,
+        })
+    } else {
+        None
+    };
+    let vardiff = VarDiff::load(r, epoch, now)?;
+    let extras = if r.bool("extras")? {
+        Some(Box::new(Extras {
+            old_enonce1: r.u64()?,
+            enonce1_change_job: r.u64()?,
+            fixed: read_diff(r, true, "fixed difficulty")?,
+            last_txnhashes: r.opt_age(now)?,
+            invalid_streak: r.u32()?,
+        }))
+    } else {
+        None
+    };
+    let session_id = r.u32()?;
+    let mask = r.u32()?;
+    let flags = r.u8()?;
+    if flags > 3 {
+        return Err(HandoverError::Malformed("session flags"));
+    }
+    Ok(Session {
+        enonce1,
+        last_job,
+        diff_change_job,
+        diff,
+        old_diff,
+        floor,
+        suggested,
+        agent,
+        auth,
+        vardiff,
+        extras,
+        session_id,
+        mask,
+        peer: Peer::from(peer),
+        generation: client.conn().generation(),
+        source,
+        subscribed: flags & 1 != 0,
+        extranonce_subscribed: flags & 2 != 0,
+    })
 }
 
 /// Accounts for a closed session.

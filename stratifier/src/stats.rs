@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::handover::{HandoverError, Reader, Writer};
 use crate::job::Job;
 use crate::pool::BlockCandidate;
 use crate::rates::{Decay, Ema, HASHES_PER_DIFF, POOL_WINDOWS, SPS_WINDOWS, USER_WINDOWS};
@@ -279,6 +280,17 @@ pub struct StatsSnapshot {
     pub rates: PoolRates,
     /// Users.
     pub users: BTreeMap<String, UserStats>,
+}
+
+/// Counters read from a handover blob, not yet installed.
+#[derive(Debug)]
+pub(crate) struct SavedStats {
+    totals: Totals,
+    blocks: Vec<String>,
+    sampler: PoolSampler,
+    dropped_invalid: u64,
+    parked: u64,
+    users: Users,
 }
 
 /// Every statistic of the pool.
@@ -585,6 +597,208 @@ impl StatsRegistry {
             r.ema.update(new, &user_decay);
             r.sampled_diff = d;
         }
+    }
+
+    /// Writes every counter for a handover: the pool totals (the stripes added up), the
+    /// blocks found, the sampler's state (rates and round), and each user's and worker's
+    /// counters and rates. Times as ages before `now`.
+    pub(crate) fn save(&self, w: &mut Writer, now: Instant) {
+        let mut t = Totals::default();
+        for stripe in &*self.totals {
+            let s = stripe.0.lock();
+            t.accepted += s.accepted;
+            t.rejected += s.rejected;
+            t.accepted_diff += s.accepted_diff;
+            t.bestshare = t.bestshare.max(s.bestshare);
+            for (k, v) in &s.reject_reasons {
+                *t.reject_reasons.entry(k).or_default() += v;
+            }
+        }
+        w.u64(t.accepted);
+        w.u64(t.rejected);
+        w.f64(t.accepted_diff);
+        w.f64(t.bestshare);
+        w.len(t.reject_reasons.len());
+        for (k, v) in &t.reject_reasons {
+            w.str(k);
+            w.u64(*v);
+        }
+        {
+            let stats = self.stats.lock();
+            w.len(stats.blocks.len());
+            for b in &stats.blocks {
+                w.str(b);
+            }
+        }
+        {
+            let p = self.sampler.lock();
+            w.opt_age(p.last, now);
+            w.f64(p.sampled_diff);
+            w.u64(p.sampled_shares);
+            for r in p.diff.rates() {
+                w.f64(r);
+            }
+            for r in p.shares.rates() {
+                w.f64(r);
+            }
+            w.u64(u64::try_from(p.blocks_seen).unwrap_or(u64::MAX));
+            w.f64(p.round_start_diff);
+        }
+        w.u64(self.dropped_invalid.load(Ordering::Relaxed));
+        w.u64(self.parked.load(Ordering::Relaxed));
+        let users: Vec<(String, Arc<UserCell>)> = self
+            .users
+            .lock()
+            .map
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect();
+        w.len(users.len());
+        for (name, u) in users {
+            w.str(&name);
+            w.u64(u.blocks.load(Ordering::Relaxed));
+            match u.creator {
+                None => w.u8(0),
+                Some(ip) => {
+                    w.u8(1);
+                    w.ip(ip);
+                }
+            }
+            let workers = u.workers.lock();
+            w.len(workers.len());
+            for (wname, cell) in workers.iter() {
+                w.str(wname);
+                let c = *cell.counters.lock();
+                w.u64(c.accepted);
+                w.u64(c.rejected);
+                w.f64(c.accepted_diff);
+                w.f64(c.bestshare);
+                w.opt_age(c.last_share, now);
+                let r = *cell.rates.lock();
+                w.f64(r.sampled_diff);
+                for x in r.ema.rates() {
+                    w.f64(x);
+                }
+            }
+        }
+    }
+
+    /// Reads what [`StatsRegistry::save`] wrote, to install with [`StatsRegistry::restore`].
+    pub(crate) fn load(r: &mut Reader<'_>, now: Instant) -> Result<SavedStats, HandoverError> {
+        let mut totals = Totals {
+            accepted: r.u64()?,
+            rejected: r.u64()?,
+            accepted_diff: r.f64()?,
+            bestshare: r.f64()?,
+            reject_reasons: BTreeMap::new(),
+        };
+        let n = r.count(12)?;
+        for _ in 0..n {
+            let msg = r.str("reject reason")?;
+            let count = r.u64()?;
+            let reason = Reject::ALL
+                .iter()
+                .find(|x| x.message() == msg)
+                .ok_or(HandoverError::Malformed("reject reason"))?;
+            *totals.reject_reasons.entry(reason.message()).or_default() += count;
+        }
+        let n = r.count(4)?;
+        let mut blocks = Vec::with_capacity(n);
+        for _ in 0..n {
+            blocks.push(r.str("block hash")?.to_owned());
+        }
+        let last = r.opt_age(now)?;
+        let sampled_diff = r.f64()?;
+        let sampled_shares = r.u64()?;
+        let mut diff = [0.0; 7];
+        for x in &mut diff {
+            *x = r.f64()?;
+        }
+        let mut shares = [0.0; 4];
+        for x in &mut shares {
+            *x = r.f64()?;
+        }
+        let sampler = PoolSampler {
+            last,
+            sampled_diff,
+            sampled_shares,
+            diff: Ema::from_rates(diff),
+            shares: Ema::from_rates(shares),
+            blocks_seen: usize::try_from(r.u64()?).unwrap_or(usize::MAX),
+            round_start_diff: r.f64()?,
+        };
+        let dropped_invalid = r.u64()?;
+        let parked = r.u64()?;
+        let n = r.count(17)?;
+        let mut users = Users::default();
+        for _ in 0..n {
+            let name = r.str("user")?.to_owned();
+            let blocks = r.u64()?;
+            let creator = if r.bool("creator")? {
+                Some(r.ip()?)
+            } else {
+                None
+            };
+            let count = r.count(85)?;
+            let mut workers = BTreeMap::new();
+            for _ in 0..count {
+                let wname = r.str("worker")?.to_owned();
+                let counters = Counters {
+                    accepted: r.u64()?,
+                    rejected: r.u64()?,
+                    accepted_diff: r.f64()?,
+                    bestshare: r.f64()?,
+                    last_share: r.opt_age(now)?,
+                };
+                let sampled_diff = r.f64()?;
+                let mut ema = [0.0; 5];
+                for x in &mut ema {
+                    *x = r.f64()?;
+                }
+                let cell = WorkerCell {
+                    counters: Mutex::new(counters),
+                    rates: Mutex::new(WorkerRates {
+                        sampled_diff,
+                        ema: Ema::from_rates(ema),
+                    }),
+                };
+                workers.insert(wname, Arc::new(cell));
+            }
+            if let Some(ip) = creator {
+                *users.by_ip.entry(ip).or_default() += 1;
+            }
+            let cell = UserCell {
+                blocks: AtomicU64::new(blocks),
+                workers: Mutex::new(workers),
+                creator,
+            };
+            users.map.insert(name, Arc::new(cell));
+        }
+        Ok(SavedStats {
+            totals,
+            blocks,
+            sampler,
+            dropped_invalid,
+            parked,
+            users,
+        })
+    }
+
+    /// Installs counters [`StatsRegistry::load`] read, in place of this registry's (a fresh
+    /// pool's). The totals go into the first stripe.
+    pub(crate) fn restore(&self, saved: SavedStats) {
+        for stripe in &*self.totals {
+            *stripe.0.lock() = Totals::default();
+        }
+        if let Some(first) = self.totals.first() {
+            *first.0.lock() = saved.totals;
+        }
+        self.stats.lock().blocks = saved.blocks;
+        *self.sampler.lock() = saved.sampler;
+        self.dropped_invalid
+            .store(saved.dropped_invalid, Ordering::Relaxed);
+        self.parked.store(saved.parked, Ordering::Relaxed);
+        *self.users.lock() = saved.users;
     }
 
     /// Every worker, without holding the user table's lock while the caller works on them.

@@ -7,7 +7,11 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bitcoin::hashes::siphash24;
 use parking_lot::Mutex;
+use tracing::warn;
+
+use crate::handover::{HandoverError, Reader, Writer};
 
 use crate::job::SourceId;
 
@@ -144,30 +148,54 @@ impl Parked {
     }
 }
 
-/// A keyed permutation of `u32` (a four-round Feistel network on 16-bit halves with SipHash
+/// A keyed permutation of `u32` (a four-round Feistel network on 16-bit halves with SipHash-2-4
 /// under random keys as its round function): session ids from a counter that are all distinct
-/// until the counter wraps, and that tell nothing of the ids before or after them.
+/// until the counter wraps, and that tell nothing of the ids before or after them. The keys are
+/// explicit (and SipHash a fixed function), so a handover gives the next process the same
+/// permutation: its ids stay distinct from the ones handed out before.
 #[derive(Debug)]
 struct IdPermutation {
-    keys: RandomState,
+    k0: AtomicU64,
+    k1: AtomicU64,
 }
 
 impl IdPermutation {
     fn new() -> Self {
+        // Two random words from the standard library's per-process random hasher keys.
+        let r = RandomState::new();
         Self {
-            keys: RandomState::new(),
+            k0: AtomicU64::new(r.hash_one(0x6b30u16)),
+            k1: AtomicU64::new(r.hash_one(0x6b31u16)),
         }
     }
 
+    fn keys(&self) -> (u64, u64) {
+        (
+            self.k0.load(Ordering::Relaxed),
+            self.k1.load(Ordering::Relaxed),
+        )
+    }
+
     fn apply(&self, x: u32) -> u32 {
+        let (k0, k1) = self.keys();
         let (mut l, mut r) = ((x >> 16) as u16, x as u16);
         for round in 0u8..4 {
+            let [r0, r1] = r.to_le_bytes();
             // The low 16 bits of the round's hash.
-            let f = self.keys.hash_one((round, r)) as u16;
+            let f = siphash24::Hash::hash_to_u64_with_keys(k0, k1, &[round, r0, r1]) as u16;
             (l, r) = (r, l ^ f);
         }
         (u32::from(l) << 16) | u32::from(r)
     }
+}
+
+/// Session tables read from a handover blob, not yet installed.
+#[derive(Debug)]
+pub(crate) struct SavedTables {
+    counters: (u64, u64),
+    keys: (u64, u64),
+    parked: Vec<(u32, ParkedSession)>,
+    backoff: Vec<(Box<str>, AuthBackoff)>,
 }
 
 /// The pool's session tables.
@@ -353,6 +381,122 @@ impl SessionTables {
         r.expire(now, self.resume_window, &mut in_use);
         r.compact();
         r.map.len()
+    }
+
+    /// Counts `en1` in use for a session handed over from another process; false when a live
+    /// or parked session of `source` here already has it.
+    pub(crate) fn claim_enonce1(&self, source: SourceId, width: usize, en1: u64) -> bool {
+        if width > TRACKED_WIDTH {
+            return true;
+        }
+        let mut in_use = self.in_use.lock();
+        in_use
+            .set(source)
+            .is_some_and(|set| set.insert(masked(en1, width)))
+    }
+
+    /// Writes the tables for a handover: the counters, the session id keys, the sessions
+    /// parked within the resume window (oldest first, with their ages) and the authorisation
+    /// back-offs. The extranonce1s of live sessions travel with the sessions.
+    pub(crate) fn save(&self, w: &mut Writer, now: Instant) {
+        w.u64(self.next_enonce1.load(Ordering::Relaxed));
+        w.u64(self.next_session.load(Ordering::Relaxed));
+        let (k0, k1) = self.session_ids.keys();
+        w.u64(k0);
+        w.u64(k1);
+        {
+            let r = self.resume.lock();
+            let mut parked: Vec<(&u32, &ParkedSession)> = r
+                .map
+                .iter()
+                .filter(|(_, p)| now.saturating_duration_since(p.parked) < self.resume_window)
+                .collect();
+            parked.sort_by_key(|(_, p)| p.parked);
+            w.len(parked.len());
+            for (&sid, p) in parked {
+                w.u32(sid);
+                w.u16(p.source.0);
+                w.u64(p.enonce1);
+                w.u8(p.width);
+                w.ip(p.ip);
+                w.age(p.parked, now);
+            }
+        }
+        let b = self.auth_backoff.lock();
+        w.len(b.len());
+        for (user, e) in b.iter() {
+            w.str(user);
+            w.duration(e.until.saturating_duration_since(now));
+            w.duration(e.last);
+        }
+    }
+
+    /// Reads what [`SessionTables::save`] wrote, to install with [`SessionTables::restore`].
+    pub(crate) fn load(r: &mut Reader<'_>, now: Instant) -> Result<SavedTables, HandoverError> {
+        let counters = (r.u64()?, r.u64()?);
+        let keys = (r.u64()?, r.u64()?);
+        let n = r.count(24)?;
+        let mut parked = Vec::with_capacity(n);
+        for _ in 0..n {
+            let sid = r.u32()?;
+            let p = ParkedSession {
+                source: SourceId(r.u16()?),
+                enonce1: r.u64()?,
+                width: r.u8()?,
+                ip: r.ip()?,
+                parked: r.age(now)?,
+            };
+            parked.push((sid, p));
+        }
+        let n = r.count(20)?;
+        let mut backoff = Vec::with_capacity(n);
+        for _ in 0..n {
+            let user: Box<str> = r.str("user")?.into();
+            let until = now + r.duration()?.min(AUTH_BACKOFF_MAX);
+            let last = r.duration()?.min(AUTH_BACKOFF_MAX);
+            backoff.push((user, AuthBackoff { until, last }));
+        }
+        Ok(SavedTables {
+            counters,
+            keys,
+            parked,
+            backoff,
+        })
+    }
+
+    /// Installs tables [`SessionTables::load`] read (into fresh tables: what they held before
+    /// is replaced). A parked session whose extranonce1 another already holds (only in a
+    /// corrupt blob) is left out.
+    pub(crate) fn restore(&self, saved: SavedTables) {
+        self.next_enonce1.store(saved.counters.0, Ordering::Relaxed);
+        self.next_session.store(saved.counters.1, Ordering::Relaxed);
+        self.session_ids.k0.store(saved.keys.0, Ordering::Relaxed);
+        self.session_ids.k1.store(saved.keys.1, Ordering::Relaxed);
+        let mut r = self.resume.lock();
+        let mut in_use = self.in_use.lock();
+        // Over the cap (a smaller one here), the newest are kept.
+        let skip = saved.parked.len().saturating_sub(self.max_parked);
+        for (sid, p) in saved.parked.into_iter().skip(skip) {
+            let width = usize::from(p.width);
+            if width <= TRACKED_WIDTH
+                && !in_use
+                    .set(p.source)
+                    .is_some_and(|set| set.insert(masked(p.enonce1, width)))
+            {
+                warn!(
+                    session = sid,
+                    "handed-over parked session's extranonce1 in use, dropped"
+                );
+                continue;
+            }
+            if let Some(old) = r.map.insert(sid, p) {
+                in_use.release(old.source, usize::from(old.width), old.enonce1);
+            }
+            r.order.push_back((p.parked, sid));
+        }
+        drop((r, in_use));
+        let mut b = self.auth_backoff.lock();
+        b.extend(saved.backoff.into_iter().take(AUTH_BACKOFF_USERS));
     }
 
     /// Extranonce1 values of `source` counted in use (tests).

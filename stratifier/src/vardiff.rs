@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::Difficulty;
 
 use crate::compact::Stamp;
+use crate::handover::{HandoverError, Reader, Writer};
 
 /// Target share rate (shares per second).
 pub const TARGET_RATE: f64 = 0.3;
@@ -46,6 +47,34 @@ pub struct Bounds {
 }
 
 impl VarDiff {
+    /// Writes its state for a handover, its times as ages before `now`.
+    pub(crate) fn save(&self, w: &mut Writer, epoch: Instant, now: Instant) {
+        w.u32(self.dsps.to_bits());
+        w.i64(self.last_decay.age(now, epoch));
+        w.i64(self.first_share.age(now, epoch));
+        w.i64(self.last_change.age(now, epoch));
+        w.u32(self.ssdc);
+    }
+
+    /// Reads what [`VarDiff::save`] wrote, its times rebuilt against `now`.
+    pub(crate) fn load(
+        r: &mut Reader<'_>,
+        epoch: Instant,
+        now: Instant,
+    ) -> Result<Self, HandoverError> {
+        let dsps = f32::from_bits(r.u32()?);
+        if !dsps.is_finite() || dsps < 0.0 {
+            return Err(HandoverError::Malformed("vardiff rate"));
+        }
+        Ok(Self {
+            dsps,
+            last_decay: Stamp::from_age(r.i64()?, now, epoch),
+            first_share: Stamp::from_age(r.i64()?, now, epoch),
+            last_change: Stamp::from_age(r.i64()?, now, epoch),
+            ssdc: r.u32()?,
+        })
+    }
+
     /// Fresh state at `now`.
     pub fn new(epoch: Instant, now: Instant) -> Self {
         let now = Stamp::of(now, epoch);
