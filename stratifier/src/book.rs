@@ -130,6 +130,11 @@ impl JobBooks {
         Ok(SourceId(id))
     }
 
+    /// The number of work sources.
+    pub(crate) fn sources(&self) -> usize {
+        self.table.read().books.len()
+    }
+
     /// The extranonce layout of `source`.
     pub(crate) fn layout(&self, source: SourceId) -> Option<Arc<ExtranonceLayout>> {
         self.table

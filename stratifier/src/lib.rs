@@ -12,8 +12,14 @@
 //! thread's clients ([`ClientId`]: its connections, and the miners behind a passthrough on one).
 //! Every line it writes is built by the stratum codec's writers (`common::stratum::write`).
 //!
+//! Upgrades without disconnecting: [`Pool::export_state`] and [`Shard::export_session`] write
+//! the pool's state and each live session as versioned binary blobs, which a fresh pool of the
+//! next process takes over with [`Pool::import_state`] and [`Shard::adopt_session`]; shares in
+//! flight are then judged as the old process would have ([`HandoverError`] for a blob refused).
+//!
 //! Against hostile clients (where it differs from ckpool):
-//! - Session ids are a keyed permutation of a counter (random keys per process), not
+//! - Session ids are a keyed permutation of a counter (random keys per pool, taken over by the
+//!   next process at an upgrade), not
 //!   sequential, and a session is resumed only by a client from the address it was parked from
 //!   (the peer address without its port; for a passthrough's sub-client, the address given at
 //!   [`Shard::on_open`]). ckpool resumes by session id alone.

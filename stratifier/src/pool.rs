@@ -334,7 +334,7 @@ impl Pool {
         let stats = StatsRegistry::load(&mut r, now)?;
         r.finish()?;
         let current = self.books.restore(books)?;
-        self.tables.restore(tables);
+        self.tables.restore(tables, self.books.sources());
         self.registry.restore(stats);
         if let Some(job) = current {
             self.registry.set_job(&job);

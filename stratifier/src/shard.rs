@@ -653,7 +653,9 @@ impl Shard {
     /// counted in use again; its session id needs nothing (ids come from the counter and keys
     /// the pool took over with [`Pool::import_state`], which should come first, so that its
     /// jobs are live). A client that is not yet authorised gets a fresh authorisation
-    /// deadline. Refused with an error, with nothing changed, for a blob that cannot be read,
+    /// deadline. The session keeps the difficulty floor it had (the rules of its listener and
+    /// user agent were applied in the old process); `listener` is only logged. Refused with
+    /// an error, with nothing changed, for a blob that cannot be read,
     /// an unknown source, a client that already has a session, or an extranonce1 in use.
     pub fn adopt_session(
         &mut self,

@@ -465,9 +465,9 @@ impl SessionTables {
     }
 
     /// Installs tables [`SessionTables::load`] read (into fresh tables: what they held before
-    /// is replaced). A parked session whose extranonce1 another already holds (only in a
-    /// corrupt blob) is left out.
-    pub(crate) fn restore(&self, saved: SavedTables) {
+    /// is replaced). A parked session of a source beyond the pool's `sources`, or whose
+    /// extranonce1 another already holds (only in a corrupt blob), is left out.
+    pub(crate) fn restore(&self, saved: SavedTables, sources: usize) {
         self.next_enonce1.store(saved.counters.0, Ordering::Relaxed);
         self.next_session.store(saved.counters.1, Ordering::Relaxed);
         self.session_ids.k0.store(saved.keys.0, Ordering::Relaxed);
@@ -477,6 +477,13 @@ impl SessionTables {
         // Over the cap (a smaller one here), the newest are kept.
         let skip = saved.parked.len().saturating_sub(self.max_parked);
         for (sid, p) in saved.parked.into_iter().skip(skip) {
+            if p.source.index() >= sources {
+                warn!(
+                    session = sid,
+                    "handed-over parked session of an unknown source, dropped"
+                );
+                continue;
+            }
             let width = usize::from(p.width);
             if width <= TRACKED_WIDTH
                 && !in_use
