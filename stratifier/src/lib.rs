@@ -19,10 +19,10 @@
 //!
 //! Against hostile clients (where it differs from ckpool):
 //! - Session ids are a keyed permutation of a counter (random keys per pool, taken over by the
-//!   next process at an upgrade), not
-//!   sequential, and a session is resumed only by a client from the address it was parked from
-//!   (the peer address without its port; for a passthrough's sub-client, the address given at
-//!   [`Shard::on_open`]). ckpool resumes by session id alone.
+//!   next process at an upgrade), not sequential, and a session is resumed only by a client
+//!   from the address it was parked from (the peer address without its port; for a
+//!   passthrough's sub-client, the address given at [`Shard::on_open`]). ckpool resumes by
+//!   session id alone.
 //! - At most [`PoolConfig::max_parked`] sessions are parked; the oldest go first, and expiry
 //!   costs what expires.
 //! - Extranonce1 allocation skips values a live or parked session of the same source holds

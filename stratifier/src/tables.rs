@@ -426,7 +426,14 @@ impl SessionTables {
         w.len(b.len());
         for (user, e) in b.iter() {
             w.str(user);
-            w.duration(e.until.saturating_duration_since(now));
+            // Signed: a refusal that ended still doubles the next one for 10 minutes.
+            let until = match e.until.checked_duration_since(now) {
+                Some(left) => i64::try_from(left.as_nanos()).unwrap_or(i64::MAX),
+                None => {
+                    i64::try_from(now.duration_since(e.until).as_nanos()).map_or(i64::MIN, |d| -d)
+                }
+            };
+            w.i64(until);
             w.duration(e.last);
         }
     }
@@ -452,7 +459,13 @@ impl SessionTables {
         let mut backoff = Vec::with_capacity(n);
         for _ in 0..n {
             let user: Box<str> = r.str("user")?.into();
-            let until = now + r.duration()?.min(AUTH_BACKOFF_MAX);
+            let until = r.i64()?;
+            let until = if until >= 0 {
+                now + Duration::from_nanos(until.unsigned_abs()).min(AUTH_BACKOFF_MAX)
+            } else {
+                let ago = Duration::from_nanos(until.unsigned_abs()).min(2 * AUTH_BACKOFF_MAX);
+                now.checked_sub(ago).unwrap_or(now)
+            };
             let last = r.duration()?.min(AUTH_BACKOFF_MAX);
             backoff.push((user, AuthBackoff { until, last }));
         }
@@ -626,6 +639,53 @@ mod tests {
             p.resume_session(42, SourceId::TEMPLATE, IP, t0),
             None,
             "taken"
+        );
+    }
+
+    #[test]
+    fn handed_over_tables_continue_the_ids_parked_sessions_and_back_offs() {
+        let old = tables();
+        let t0 = Instant::now();
+        let _ = (0..10).map(|_| old.alloc_session()).count();
+        let en1 = old.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
+        old.park_session(77, SourceId::TEMPLATE, (en1, 2), IP, t0);
+        old.auth_failed("bob", t0);
+        let mut w = Writer::default();
+        w.u8(9);
+        old.save(&mut w, t0 + Duration::from_secs(5));
+        let new = SessionTables::new(2, Duration::from_secs(600), 1_000_000);
+        let t1 = Instant::now() + Duration::from_secs(5);
+        let mut r = Reader::new(&w.buf, 9).unwrap();
+        let saved = SessionTables::load(&mut r, t1).unwrap();
+        r.finish().unwrap();
+        new.restore(saved, 1);
+        // The same ids, in the same order, as the old tables would have given.
+        let theirs: Vec<u32> = (0..100).map(|_| old.alloc_session()).collect();
+        let ours: Vec<u32> = (0..100).map(|_| new.alloc_session()).collect();
+        assert_eq!(ours, theirs);
+        assert_eq!(
+            new.alloc_enonce1(SourceId::TEMPLATE, 2),
+            old.alloc_enonce1(SourceId::TEMPLATE, 2)
+        );
+        // The parked session's extranonce1 is still in use, and it resumes from its address.
+        assert!(!new.claim_enonce1(SourceId::TEMPLATE, 2, en1));
+        assert_eq!(new.resume_session(77, SourceId::TEMPLATE, OTHER, t1), None);
+        assert_eq!(
+            new.resume_session(77, SourceId::TEMPLATE, IP, t1),
+            Some(en1)
+        );
+        // bob's refusal ended 2 s before the handover: a failure 599 s after it is 601 s past
+        // that end, so the back-off starts again at 3 s, in the old process as in the new.
+        let later = Duration::from_secs(599);
+        assert_eq!(
+            old.auth_failed("bob", t0 + Duration::from_secs(5) + later),
+            AUTH_BACKOFF_START
+        );
+        assert_eq!(new.auth_failed("bob", t1 + later), AUTH_BACKOFF_START);
+        // The new refusal is in force.
+        assert_eq!(
+            new.auth_refused("bob", t1 + later),
+            Some(AUTH_BACKOFF_START)
         );
     }
 
