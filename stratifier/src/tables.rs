@@ -646,7 +646,9 @@ mod tests {
     fn handed_over_tables_continue_the_ids_parked_sessions_and_back_offs() {
         let old = tables();
         let t0 = Instant::now();
-        let _ = (0..10).map(|_| old.alloc_session()).count();
+        for _ in 0..10 {
+            old.alloc_session();
+        }
         let en1 = old.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
         old.park_session(77, SourceId::TEMPLATE, (en1, 2), IP, t0);
         old.auth_failed("bob", t0);
