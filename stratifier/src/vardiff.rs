@@ -230,6 +230,48 @@ mod tests {
     }
 
     #[test]
+    fn a_handed_over_vardiff_decides_as_the_original_would() {
+        // A miner 60 s into its work, then handed to a process with another epoch and clock.
+        let t0 = Instant::now();
+        let mut a = VarDiff::new(t0, t0);
+        let mut diff = d(1.0);
+        let mut t = 0.0f64;
+        while t < 60.0 {
+            t += diff.to_f64() / 1000.0;
+            if let Some(n) = a.on_share(t0, t0 + Duration::from_secs_f64(t), diff, diff, bounds()) {
+                diff = n;
+            }
+        }
+        assert!(diff > d(1.0), "moved before the handover");
+        let at = t0 + Duration::from_secs_f64(t);
+        let mut w = Writer::default();
+        w.u8(1);
+        a.save(&mut w, t0, at);
+        assert_eq!(w.buf.len(), 1 + 32);
+        let (epoch, now) = (at + Duration::from_secs(7), at + Duration::from_secs(1000));
+        let mut r = Reader::new(&w.buf, 1).unwrap();
+        let mut b = VarDiff::load(&mut r, epoch, now).unwrap();
+        r.finish().unwrap();
+        // From here on, both see the same shares at the same offsets: same decisions.
+        let (mut da, mut db) = (diff, diff);
+        let (mut changes, mut dt) = (0, Duration::ZERO);
+        for i in 1..2000u32 {
+            dt += Duration::from_millis(u64::from(i % 7) * 40 + 5);
+            let (ra, rb) = (
+                a.on_share(t0, at + dt, da, da, bounds()),
+                b.on_share(epoch, now + dt, db, db, bounds()),
+            );
+            assert_eq!(ra, rb, "share {i}");
+            if let (Some(x), Some(y)) = (ra, rb) {
+                (da, db) = (x, y);
+                changes += 1;
+            }
+        }
+        assert!(changes > 0, "no decision was compared");
+        assert!((a.dsps(t0, at) - b.dsps(epoch, now)).abs() <= 1e-9 * a.dsps(t0, at).max(1.0));
+    }
+
+    #[test]
     fn converges_up_to_target_rate() {
         // 1000 diff-1 shares per second of work: the right difficulty is ~3333.
         let got = simulate(1000.0, 1.0, 3600, bounds()).to_f64();
