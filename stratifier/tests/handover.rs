@@ -467,3 +467,33 @@ proptest! {
         prop_assert!(shard.sessions() <= 1);
     }
 }
+
+#[test]
+fn a_session_is_adopted_as_a_passthroughs_sub_client_and_judged_the_same() {
+    let t0 = Instant::now();
+    let mut old = Proc::new(1, t0);
+    old.pool.new_template(template(1), t0).unwrap();
+    let (a, w) = old.connect(1, "dave.x");
+    let first = share(&w, "dave.x", &[3; 8], w.diff, None);
+    assert_eq!(reply(&old.line(a, first.clone()))["result"], true);
+    let blob = old.shard.export_session(old.now, a).unwrap();
+    let state = old.pool.export_state(old.now);
+    let mut new = Proc::new(2, old.now);
+    new.pool.import_state(new.now, &state).unwrap();
+    let sub = ClientId::Sub(ConnId::new(0, 0, 40), 5);
+    new.shard
+        .adopt_session(new.now, sub, peer(), 0, &blob)
+        .unwrap();
+    assert_reject_reason(&new.line(sub, first), "Duplicate");
+    let r = new.line(sub, share(&w, "dave.x", &[4; 8], w.diff, None));
+    assert_eq!(reply(&r)["result"], true, "{r:?}");
+    assert_eq!(new.pool.stats().users["dave"].workers["dave.x"].accepted, 2);
+    // Closing it parks it, as any session.
+    new.shard.on_close(new.now, sub);
+    new.pool.sample_rates(new.now);
+    assert_eq!(new.pool.stats().disconnected, 1);
+}
+
+fn assert_reject_reason(r: &[Value], reason: &str) {
+    assert_eq!(reply(r)["reject-reason"], reason, "{r:?}");
+}
