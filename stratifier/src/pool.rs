@@ -310,8 +310,9 @@ impl Pool {
     ///
     /// The live sessions travel apart, one blob each ([`crate::Shard::export_session`]).
     /// Shares and new work should be held while the state is exported (a share counted after
-    /// it would be lost to the next process). A few hundred bytes plus each job and parked
-    /// session; the duplicate sets cost 9 bytes a share.
+    /// it would be lost to the next process). About 200 bytes, plus each job (its coinbase,
+    /// branch and, for a template, its transactions), 9 bytes per share in the duplicate
+    /// sets, 28 per parked session and about 100 per worker.
     pub fn export_state(&self, now: Instant) -> Vec<u8> {
         let mut w = Writer::default();
         w.u8(POOL_FORMAT);
