@@ -128,6 +128,9 @@ pub struct Config {
     /// How often `<logdir>/pool/pool.status` and `<logdir>/users/*` are rewritten (ckpool's
     /// `statsupdate`, 60 s by default).
     pub statsupdate: Duration,
+    /// Address (`host:port`) of the read-only HTTP listener (`/metrics`, `/api/...`, the
+    /// dashboard at `/`); `None` (the default): no HTTP listener.
+    pub webserver: Option<String>,
 }
 
 impl Default for Config {
@@ -171,6 +174,7 @@ impl Default for Config {
             diffpow2: false,
             pin: true,
             statsupdate: Duration::from_secs(60),
+            webserver: None,
         }
     }
 }
@@ -245,6 +249,7 @@ const KNOWN_KEYS: &[&str] = &[
     "diffpow2",
     "pin",
     "statsupdate",
+    "webserver",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -452,6 +457,13 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("statsupdate") {
         c.statsupdate = Duration::from_secs(whole("statsupdate", v, 1, 3600)?);
     }
+    if let Some(v) = map.get("webserver") {
+        let addr = typed::<String>("webserver", v)?;
+        if addr.trim().is_empty() {
+            return Err(invalid("webserver", "must be an address (host:port)"));
+        }
+        c.webserver = Some(addr);
+    }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
             "startdiff {} is below mindiff {}; using mindiff",
@@ -627,6 +639,28 @@ mod tests {
         assert!(matches!(
             parse(r#"{"handoff": 1}"#),
             Err(ConfigError::Type { key: "handoff", .. })
+        ));
+    }
+
+    #[test]
+    fn webserver_off_by_default() {
+        assert_eq!(parse("{}").unwrap().config.webserver, None);
+        let l = parse(r#"{"webserver": "127.0.0.1:8080"}"#).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.webserver.as_deref(), Some("127.0.0.1:8080"));
+        assert!(matches!(
+            parse(r#"{"webserver": ""}"#),
+            Err(ConfigError::Invalid {
+                key: "webserver",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(r#"{"webserver": 8080}"#),
+            Err(ConfigError::Type {
+                key: "webserver",
+                ..
+            })
         ));
     }
 
