@@ -218,7 +218,6 @@ impl Reply {
 }
 
 fn answer(req: Request, shared: &Shared) {
-    let head = *req.method() == Method::Head;
     let reply = if !matches!(req.method(), Method::Get | Method::Head)
         || req.body_length().is_some_and(|n| n > 0)
     {
@@ -228,16 +227,12 @@ fn answer(req: Request, shared: &Shared) {
     } else {
         route(req.url(), shared)
     };
-    let len = reply.body.len();
-    let mut resp = Response::from_data(if head { Vec::new() } else { reply.body })
-        .with_status_code(reply.status);
+    // tiny_http leaves the body out for HEAD and sets Content-Length itself.
+    let mut resp = Response::from_data(reply.body).with_status_code(reply.status);
     if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
         resp.add_header(h);
     }
     if let Ok(h) = Header::from_bytes(&b"Cache-Control"[..], &b"no-store"[..]) {
-        resp.add_header(h);
-    }
-    if head && let Ok(h) = Header::from_bytes(&b"Content-Length"[..], len.to_string().as_bytes()) {
         resp.add_header(h);
     }
     if let Err(e) = req.respond(resp) {
