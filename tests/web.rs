@@ -284,3 +284,69 @@ fn without_webserver_only_the_stratum_port_listens() {
     assert!(!pool.log_text().contains("web server listening"));
     assert!(pool2.log_text().contains("web server listening"));
 }
+
+/// The dashboard in headless Chromium: the worker table lists the miner and the chart has
+/// points. Skipped (with a note) when `chromium` is not installed.
+#[test]
+fn dashboard_lists_the_worker_and_charts_the_hashrate() {
+    let Some(exe) = bitcoind_or_skip("dashboard_lists_the_worker_and_charts_the_hashrate") else {
+        return;
+    };
+    let chromium = ["chromium", "chromium-browser"].into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(chromium) = chromium else {
+        println!("dashboard_lists_the_worker_and_charts_the_hashrate: skipped, no chromium");
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let mut config = regtest_config(
+        vec![btcd_entry(node)],
+        Some(&node.new_address()),
+        free_port(),
+    );
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config["webserver"] = web.to_string().into();
+    let pool = PoolProcess::start("webdash", &config, &[]);
+    let report = mine_shares(&pool, "dashuser.rig7", 5);
+    assert!(report.accepted >= 5, "{report:?}");
+
+    let profile = pool.dir.join("chromium-profile");
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!("http://{web}/"))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let workers = dom
+        .split("id=\"workers\"")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or_else(|| panic!("no worker table in {dom}"));
+    assert!(workers.contains("dashuser.rig7"), "{workers}");
+    let points: usize = dom
+        .split("data-points=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the chart has no points: {dom}"));
+    assert!(points >= 1, "{dom}");
+    assert!(dom.contains("uplot"), "uPlot did not draw: {dom}");
+}

@@ -72,6 +72,7 @@
       fill("threads", cl.threads.map(function (t) { return [t.thread, t.open, t.accepted, t.refused, t.closed]; }));
       addPoint(Math.floor(Date.now() / 1000), pool.hashrate5m);
       if (plot) plot.setData([xs, ys]);
+      document.getElementById("chart").setAttribute("data-points", String(xs.length));
     }).catch(function (e) { document.getElementById("err").textContent = "refresh failed: " + e.message; });
   }
   get("/api/history").then(function (h) {
