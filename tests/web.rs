@@ -219,6 +219,8 @@ fn metrics_and_api_show_what_the_miner_did() {
     assert_eq!(http(web, "GET", "/api/users/nobody").0, 404);
     assert_eq!(http(web, "GET", "/api/workers/nobody.rig").0, 404);
     assert_eq!(http(web, "HEAD", "/api/pool"), (200, String::new()));
+    let long = format!("/api/users/{}", "x".repeat(2000));
+    assert_eq!(http(web, "GET", &long).0, 414);
     assert_eq!(http(web, "POST", "/api/pool").0, 405);
     assert_eq!(http(web, "DELETE", "/metrics").0, 405);
 }
@@ -316,24 +318,45 @@ fn dashboard_lists_the_worker_and_charts_the_hashrate() {
     assert!(report.accepted >= 5, "{report:?}");
 
     let profile = pool.dir.join("chromium-profile");
-    let out = std::process::Command::new(chromium)
+    let dom_path = pool.dir.join("dom.html");
+    let err_path = pool.dir.join("chromium.err");
+    let started = Instant::now();
+    let mut child = std::process::Command::new(chromium)
         .args([
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
             "--disable-dev-shm-usage",
+            "--no-first-run",
             "--virtual-time-budget=5000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--dump-dom")
         .arg(format!("http://{web}/"))
-        .output()
+        .stdout(std::fs::File::create(&dom_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
         .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "chromium did not finish in 120 s: {}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("chromium took {:?}", started.elapsed());
+    let dom = std::fs::read_to_string(&dom_path).unwrap();
     assert!(
-        out.status.success(),
+        status.success(),
         "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        std::fs::read_to_string(&err_path).unwrap_or_default()
     );
     let workers = dom
         .split("id=\"workers\"")

@@ -10,8 +10,9 @@
 //! Bounds: [`WORKERS`] threads answer requests, so at most that many are served at once and one
 //! slow client holds up only its own thread; only `GET` and `HEAD` with no body and a URL of at
 //! most [`MAX_URL`] bytes are served (anything else: 405 or 414). Reading a request is tiny_http's
-//! own affair (its connection threads); tiny_http sets no socket timeouts, so a client that
-//! never reads a response larger than the socket buffers holds a worker thread until it goes.
+//! own affair: a thread of its pool per open connection, a pool that grows with the connections,
+//! and no socket timeouts; so a client that never reads a response larger than the socket
+//! buffers holds a worker thread until it goes. Bind it to loopback (or firewall it).
 //!
 //! Endpoints: `/metrics`; `/api/pool`; `/api/users` and `/api/users/<name>`; `/api/workers` and
 //! `/api/workers/<name>`; `/api/clients`; `/api/blocks`; `/api/upstreams`; `/api/history` (the
