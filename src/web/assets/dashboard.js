@@ -65,7 +65,7 @@
       }));
       fill("workers", Object.keys(workers).map(function (n) {
         var w = workers[n];
-        return [n, si(w.hashrate5m), si(w.hashrate1hr), w.accepted, w.rejected, w.bestshare, ago(w.lastshare)];
+        return [n, si(w.hashrate5m), si(w.hashrate1hr), w.accepted, w.rejected, Number(w.bestshare).toPrecision(4), ago(w.lastshare)];
       }));
       fill("blocks", blocks.blocks.slice().reverse().map(function (h) { return [h]; }));
       fill("upstreams", ups.servers.map(function (s) { return [s.url, s.active ? "active" : "standby"]; }));
