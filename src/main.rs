@@ -12,6 +12,7 @@ mod relay;
 mod settings;
 mod sharelog;
 mod status;
+mod web;
 
 use std::process::ExitCode;
 

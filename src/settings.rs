@@ -263,6 +263,11 @@ impl Settings {
         self.file.statsupdate
     }
 
+    /// The read-only HTTP listener's address (`webserver`), `None` when it is off.
+    pub(crate) fn webserver(&self) -> Option<&str> {
+        self.file.webserver.as_deref()
+    }
+
     /// The connector's configuration.
     pub(crate) fn connector(&self) -> connector::Config {
         connector::Config {

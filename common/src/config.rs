@@ -141,6 +141,9 @@ pub struct Config {
     /// Distinct users the clients of one address may add to the statistics (their shares count
     /// in the pool totals either way). 0: no limit.
     pub maxusersperip: usize,
+    /// Address (`host:port`) of the read-only HTTP listener (`/metrics`, `/api/...`, the
+    /// dashboard at `/`); `None` (the default): no HTTP listener.
+    pub webserver: Option<String>,
 }
 
 impl Default for Config {
@@ -188,6 +191,7 @@ impl Default for Config {
             maxinvalidshares: 100,
             statsidle: Duration::from_secs(3 * 86_400),
             maxusersperip: 256,
+            webserver: None,
         }
     }
 }
@@ -266,6 +270,7 @@ const KNOWN_KEYS: &[&str] = &[
     "maxinvalidshares",
     "statsidle",
     "maxusersperip",
+    "webserver",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -487,6 +492,13 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
         c.maxusersperip =
             usize::try_from(whole("maxusersperip", v, 0, 100_000_000)?).unwrap_or(usize::MAX);
     }
+    if let Some(v) = map.get("webserver") {
+        let addr = typed::<String>("webserver", v)?;
+        if addr.trim().is_empty() {
+            return Err(invalid("webserver", "must be an address (host:port)"));
+        }
+        c.webserver = Some(addr);
+    }
     if c.startdiff < c.mindiff {
         warnings.push(format!(
             "startdiff {} is below mindiff {}; using mindiff",
@@ -704,6 +716,28 @@ mod tests {
         assert!(matches!(
             parse(r#"{"handoff": 1}"#),
             Err(ConfigError::Type { key: "handoff", .. })
+        ));
+    }
+
+    #[test]
+    fn webserver_off_by_default() {
+        assert_eq!(parse("{}").unwrap().config.webserver, None);
+        let l = parse(r#"{"webserver": "127.0.0.1:8080"}"#).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.webserver.as_deref(), Some("127.0.0.1:8080"));
+        assert!(matches!(
+            parse(r#"{"webserver": ""}"#),
+            Err(ConfigError::Invalid {
+                key: "webserver",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(r#"{"webserver": 8080}"#),
+            Err(ConfigError::Type {
+                key: "webserver",
+                ..
+            })
         ));
     }
 

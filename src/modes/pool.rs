@@ -24,6 +24,7 @@ use crate::handoff::{self, Msg};
 use crate::settings::Settings;
 use crate::sharelog::ShareLog;
 use crate::status::{self, StatusWriter};
+use crate::web;
 
 /// Pool and solo mode: bitcoind templates through the generator, the stratifier's shards on
 /// the connector threads, the admin socket, the share log and the stats files. Returns when
@@ -114,10 +115,46 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         }
     };
 
+    // The read-only HTTP listener (`webserver`), if configured.
+    let web = match settings.webserver() {
+        None => None,
+        Some(addr) => {
+            let ctx = web::WebCtx {
+                pool: Arc::clone(&pool),
+                conns: running.conns.handle(),
+                generator: Arc::clone(&gen_link),
+                servers: settings
+                    .generator()
+                    .btcd
+                    .iter()
+                    .map(|b| b.url.clone())
+                    .collect(),
+                share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+                io: io_backend,
+                handoff: handoff.to_string(),
+                started,
+            };
+            match web::start(addr, ctx) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    shutdown.store(true, Ordering::Relaxed);
+                    running.stop();
+                    if admin.join().is_err() {
+                        error!("the admin thread panicked");
+                    }
+                    return Err(e).with_context(|| format!("binding webserver {addr}"));
+                }
+            }
+        }
+    };
+
     running.serve(settings, shutdown, &pool, &gen_rx, &update_rx, &gen_link);
     // Also tells the admin thread, when the loop ended for another reason.
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
+    if let Some(web) = web {
+        web.stop();
+    }
     running.stop();
     if admin.join().is_err() {
         error!("the admin thread panicked");

@@ -1,0 +1,298 @@
+//! `/metrics`: Prometheus text (OpenMetrics) through `prometheus-client`, rendered from one
+//! snapshot of the pool's statistics and the connector threads' counters per scrape. Every metric
+//! is named `ckpool_...`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use super::WebCtx;
+
+type Labels = Vec<(&'static str, String)>;
+type CounterFamily = Family<Labels, Counter>;
+type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// The hashrate windows and the `PoolRates` figures behind them.
+const WINDOWS: [&str; 7] = ["1m", "5m", "15m", "1h", "6h", "1d", "7d"];
+
+/// Renders every metric; `Err` only if the encoder fails.
+pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
+    let s = ctx.pool.stats();
+    let threads = ctx.conns.counters();
+    let mut reg = Registry::with_prefix("ckpool");
+
+    // Connections, per connector thread.
+    let open = Family::<Labels, Gauge>::default();
+    let accepted = CounterFamily::default();
+    let refused = CounterFamily::default();
+    let closed = CounterFamily::default();
+    let adopted = CounterFamily::default();
+    let exported = CounterFamily::default();
+    let slow = CounterFamily::default();
+    let panics = CounterFamily::default();
+    let queued = Family::<Labels, Gauge>::default();
+    for (i, c) in threads.iter().enumerate() {
+        let t = || vec![("thread", i.to_string())];
+        open.get_or_create(&t()).set(sat_i64(c.open));
+        accepted.get_or_create(&t()).inc_by(c.accepted);
+        refused.get_or_create(&t()).inc_by(c.refused);
+        adopted.get_or_create(&t()).inc_by(c.adopted);
+        exported.get_or_create(&t()).inc_by(c.exported);
+        slow.get_or_create(&t()).inc_by(c.slow_rounds);
+        panics.get_or_create(&t()).inc_by(c.handler_panics);
+        queued.get_or_create(&t()).set(sat_i64(c.queued));
+        let k = &c.closed;
+        for (reason, n) in [
+            ("peer", k.peer),
+            ("error", k.error),
+            ("line_too_long", k.line_too_long),
+            ("outbound", k.outbound),
+            ("handler", k.handler),
+            ("shutdown", k.shutdown),
+            ("outbound_budget", k.outbound_budget),
+            ("idle", k.idle),
+            ("handler_panic", k.handler_panic),
+        ] {
+            closed
+                .get_or_create(&vec![("thread", i.to_string()), ("reason", reason.into())])
+                .inc_by(n);
+        }
+    }
+    reg.register(
+        "connections_open",
+        "Connections open now, per connector thread",
+        open,
+    );
+    reg.register(
+        "connections_accepted",
+        "Connections accepted (including those refused at once), per connector thread",
+        accepted,
+    );
+    reg.register(
+        "connections_refused",
+        "Connections refused at once (maxclients, maxclientsperip), per connector thread",
+        refused,
+    );
+    reg.register(
+        "connections_closed",
+        "Connections closed, per connector thread and reason",
+        closed,
+    );
+    reg.register(
+        "connections_adopted",
+        "Connections taken over from another instance (handovers in), per connector thread",
+        adopted,
+    );
+    reg.register(
+        "connections_exported",
+        "Connections handed over to another instance (handovers out), per connector thread",
+        exported,
+    );
+    reg.register(
+        "connector_slow_rounds",
+        "Connector loop rounds that took 20 ms or more, per connector thread",
+        slow,
+    );
+    reg.register(
+        "connector_handler_panics",
+        "Handler callbacks that panicked, per connector thread",
+        panics,
+    );
+    reg.register(
+        "connector_queued_bytes",
+        "Bytes queued for the thread's connections and not yet written",
+        queued,
+    );
+    reg.register(
+        "connector_threads",
+        "Connector threads",
+        ConstGauge::new(sat_i64(threads.len() as u64)),
+    );
+
+    // Shares.
+    let shares = CounterFamily::default();
+    shares
+        .get_or_create(&vec![("result", "accepted".into())])
+        .inc_by(s.accepted);
+    shares
+        .get_or_create(&vec![("result", "rejected".into())])
+        .inc_by(s.rejected);
+    reg.register("shares", "Shares by result", shares);
+    let rejects = CounterFamily::default();
+    let mut with_reason = 0u64;
+    for (reason, n) in &s.reject_reasons {
+        rejects
+            .get_or_create(&vec![("reason", (*reason).to_owned())])
+            .inc_by(*n);
+        with_reason += n;
+    }
+    let other = s.rejected.saturating_sub(with_reason);
+    if other > 0 {
+        rejects
+            .get_or_create(&vec![("reason", "other".into())])
+            .inc_by(other);
+    }
+    reg.register(
+        "shares_rejected_by_reason",
+        "Rejected shares by reason",
+        rejects,
+    );
+    reg.register(
+        "accepted_difficulty",
+        "Sum of the difficulty of accepted shares",
+        ConstCounter::new(s.accepted_diff),
+    );
+    reg.register(
+        "best_share",
+        "Best share difficulty",
+        ConstGauge::new(s.bestshare),
+    );
+    reg.register(
+        "round_difficulty",
+        "Difficulty accepted since the pool's last block, as of the last rate sample",
+        ConstGauge::new(s.round_diff),
+    );
+
+    // Rates.
+    let r = &s.rates;
+    let hashrate = GaugeFamily::default();
+    let rates = [
+        r.hashrate1m,
+        r.hashrate5m,
+        r.hashrate15m,
+        r.hashrate1hr,
+        r.hashrate6hr,
+        r.hashrate1d,
+        r.hashrate7d,
+    ];
+    for (w, v) in WINDOWS.iter().zip(rates) {
+        hashrate
+            .get_or_create(&vec![("window", (*w).into())])
+            .set(v);
+    }
+    reg.register(
+        "hashrate",
+        "Pool hashrate (hashes per second), moving average over the window",
+        hashrate,
+    );
+    let sps = GaugeFamily::default();
+    for (w, v) in ["1m", "5m", "15m", "1h"]
+        .iter()
+        .zip([r.sps1m, r.sps5m, r.sps15m, r.sps1h])
+    {
+        sps.get_or_create(&vec![("window", (*w).into())]).set(v);
+    }
+    reg.register(
+        "shares_per_second",
+        "Accepted shares per second, moving average over the window",
+        sps,
+    );
+
+    // Clients, users, workers.
+    reg.register(
+        "clients",
+        "Connected (subscribed) clients",
+        ConstGauge::new(sat_i64(s.clients)),
+    );
+    reg.register(
+        "disconnected_sessions",
+        "Disconnected sessions kept for resume, as of the last rate sample",
+        ConstGauge::new(sat_i64(s.disconnected)),
+    );
+    reg.register(
+        "users",
+        "Users with statistics",
+        ConstGauge::new(sat_i64(s.users.len() as u64)),
+    );
+    let workers: usize = s.users.values().map(|u| u.workers.len()).sum();
+    reg.register(
+        "workers",
+        "Workers with statistics",
+        ConstGauge::new(sat_i64(workers as u64)),
+    );
+
+    // Blocks and the job.
+    reg.register(
+        "blocks_found",
+        "Blocks found by the pool's miners",
+        ConstCounter::new(s.blocks.len() as u64),
+    );
+    if let Some((_, height, netdiff)) = &s.job {
+        reg.register(
+            "job_height",
+            "Height of the current job's block",
+            ConstGauge::new(sat_i64(*height)),
+        );
+        reg.register(
+            "network_difficulty",
+            "Network difficulty of the current job",
+            ConstGauge::new(*netdiff),
+        );
+    }
+
+    // bitcoinds.
+    let active = ctx.generator.active();
+    let up = Family::<Labels, Gauge>::default();
+    for (i, url) in ctx.servers.iter().enumerate() {
+        up.get_or_create(&vec![("server", i.to_string()), ("url", url.clone())])
+            .set(i64::from(active == Some(i)));
+    }
+    reg.register(
+        "bitcoind_active",
+        "1 for the bitcoind the generator uses now, 0 for the others",
+        up,
+    );
+
+    // The share log.
+    if let Some(log) = &ctx.share_log {
+        let l = log.snapshot();
+        reg.register(
+            "sharelog_written",
+            "Share-log records written",
+            ConstCounter::new(l.written),
+        );
+        reg.register(
+            "sharelog_write_errors",
+            "Share-log write errors",
+            ConstCounter::new(l.write_errors),
+        );
+        reg.register(
+            "sharelog_backlog",
+            "Share-log records queued or buffered, not yet written",
+            ConstGauge::new(sat_i64(l.pending)),
+        );
+        reg.register(
+            "sharelog_rejects_summarised",
+            "Rejected shares summarised instead of logged one by one",
+            ConstCounter::new(l.rejects_summarised),
+        );
+    }
+
+    // The process.
+    reg.register(
+        "log_dropped",
+        "Log lines dropped (the log writer was behind)",
+        ConstCounter::new(crate::logging::dropped()),
+    );
+    reg.register(
+        "log_write_errors",
+        "Log file write errors",
+        ConstCounter::new(crate::logging::write_errors()),
+    );
+    reg.register(
+        "uptime_seconds",
+        "Seconds since the daemon started",
+        ConstGauge::new(sat_i64(ctx.started.elapsed().as_secs())),
+    );
+
+    let mut out = String::with_capacity(16 * 1024);
+    encode(&mut out, &reg).map_err(|_| ())?;
+    Ok(out)
+}
+
+fn sat_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
