@@ -328,6 +328,8 @@ struct Work {
     nonce2_len: usize,
     /// The lowest difficulty the pool ever set (shares are judged at most this hard).
     min_diff: Option<f64>,
+    /// The last difficulty set (shares are judged at least this easy).
+    last_diff: Option<f64>,
     mask: u32,
     notify: Vec<Value>,
 }
@@ -337,8 +339,8 @@ struct Work {
 ///
 /// Asserts: exactly one reply, echoing the id; an accepted share has the right worker, job,
 /// nonce2 length, ntime range and version bits, and its hash (computed here from the notify the
-/// miner saw) meets the difficulty sent; a share whose hash meets the network target produced a
-/// block, and every block candidate is a valid block (merkle root, witness commitment, proof of
+/// miner saw) meets the difficulty sent; a share with all that right and a hash meeting the
+/// difficulty is accepted; a valid share whose hash meets the network target produced a block, and every block candidate is a valid block (merkle root, witness commitment, proof of
 /// work, hash, height) on the template's previous block; a second identical submit of an
 /// accepted share is a duplicate.
 pub fn submit(data: &[u8]) {
@@ -371,6 +373,13 @@ pub fn submit(data: &[u8]) {
     let auth = json!({"id": 3, "method": "mining.authorize", "params": [user, "x"]});
     rig.line(c, auth.to_string().as_bytes());
     learn(&mut rig, c, &mut w);
+    if flags & 16 == 16 {
+        // A harder difficulty, so that some shares fall short of it.
+        let d = f64::from(r.u8() % 24 + 1) * 1e-9;
+        let line = json!({"id": 4, "method": "mining.suggest_difficulty", "params": [d]});
+        rig.line(c, line.to_string().as_bytes());
+        learn(&mut rig, c, &mut w);
+    }
     let job = rig.pool.current_job().expect("the rig has a job");
     assert!(
         !w.notify.is_empty(),
@@ -383,7 +392,7 @@ pub fn submit(data: &[u8]) {
     } else {
         json!(r.u16())
     };
-    let worker = match r.below(5) {
+    let worker = match r.below(8) {
         0 => json!(r.string()),
         1 => json!("fuzz"),
         2 => json!(r.u8()),
@@ -430,20 +439,33 @@ pub fn submit(data: &[u8]) {
     rig.line(c, line.as_bytes());
     let reply = one_reply(&mut rig, c, &id, &line);
     let accepted = reply.get("result") == Some(&json!(true));
-    let computed = if accepted {
-        Some(check_accepted(&w, &job, &user, &params))
-    } else {
-        None
-    };
+    let diff = w.min_diff.expect("a difficulty was set");
+    let fields = valid_fields(&w, &job, &user, &params);
+    let hash = fields.as_ref().map(|f| share_hash(&w, &job, f));
+    if accepted {
+        let hash = hash.unwrap_or_else(|| panic!("accepted {line}, whose fields are wrong"));
+        assert!(
+            hash_difficulty(&hash) >= diff * (1.0 - 1e-9),
+            "accepted a share of difficulty {} at {diff}: {line}",
+            hash_difficulty(&hash)
+        );
+    } else if let Some(hash) = hash
+        && hash_difficulty(&hash) >= w.last_diff.unwrap_or(diff) * (1.0 + 1e-9)
+    {
+        panic!(
+            "rejected a good share of difficulty {}: {line}: {reply}",
+            hash_difficulty(&hash)
+        );
+    }
     let blocks = std::mem::take(&mut *rig.blocks.lock().expect("not poisoned"));
     assert!(blocks.len() <= 1, "one share, {} blocks", blocks.len());
-    if let Some(hash) = computed
+    if let Some(hash) = hash
         && job.network_target.is_met_by(&hash)
     {
         assert_eq!(
             blocks.len(),
             1,
-            "an accepted share solving a block made no block"
+            "a valid share solving a block made no block: {line}"
         );
     }
     for b in &blocks {
@@ -468,6 +490,7 @@ fn learn(rig: &mut Rig, c: ConnId, w: &mut Work) {
                 Some("mining.set_difficulty") => {
                     let d = m["params"][0].as_f64().expect("a number");
                     w.min_diff = Some(w.min_diff.map_or(d, |old: f64| old.min(d)));
+                    w.last_diff = Some(d);
                 }
                 Some("mining.notify") => {
                     w.notify = m["params"].as_array().cloned().unwrap_or_default();
@@ -503,33 +526,46 @@ fn one_reply(rig: &mut Rig, c: ConnId, id: &Value, line: &str) -> Value {
     reply
 }
 
-/// Checks an accepted share independently of the stratifier; returns its hash.
-fn check_accepted(w: &Work, job: &Job, user: &str, params: &[Value]) -> [u8; 32] {
-    let s = |i: usize| params.get(i).and_then(Value::as_str).unwrap_or("");
-    assert_eq!(s(0), user, "accepted a share from another worker");
-    assert_eq!(
-        u64::from_str_radix(s(1), 16).ok(),
-        Some(job.id),
-        "accepted a share on another job"
-    );
-    let en2 = hex::decode(s(2)).expect("accepted nonce2 is hex");
-    assert_eq!(
-        en2.len(),
-        w.nonce2_len,
-        "accepted a nonce2 of the wrong length"
-    );
-    let ntime = u32::from_str_radix(s(3), 16).expect("accepted ntime is hex");
-    assert!(
-        ntime >= job.ntime && ntime - job.ntime <= MAX_NTIME_ROLL,
-        "accepted ntime {ntime} for a job of {}",
-        job.ntime
-    );
-    let nonce = u32::from_str_radix(s(4).get(..8).unwrap_or(""), 16).expect("accepted nonce");
-    let vbits = match params.get(5).and_then(Value::as_str) {
-        Some(v) => u32::from_str_radix(v, 16).expect("accepted version bits are hex"),
-        None => 0,
+/// A submission's fields as this harness reads them, independently of the stratifier.
+struct Fields {
+    enonce2: Vec<u8>,
+    ntime: u32,
+    nonce: u32,
+    version_bits: u32,
+}
+
+/// The fields of a valid submission from `user` on `job`, or `None` if any is wrong.
+fn valid_fields(w: &Work, job: &Job, user: &str, params: &[Value]) -> Option<Fields> {
+    let hex_u32 = |s: &str| {
+        (!s.is_empty() && s.len() <= 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(s, 16).ok())
+            .flatten()
     };
-    assert_eq!(vbits & !w.mask, 0, "accepted version bits outside the mask");
+    let s = |i: usize| params.get(i).and_then(Value::as_str);
+    if s(0)? != user || u64::from_str_radix(s(1)?, 16).ok()? != job.id {
+        return None;
+    }
+    let enonce2 = s(2).filter(|n| n.len() == 2 * w.nonce2_len)?;
+    let enonce2 = hex::decode(enonce2).ok()?;
+    let ntime = s(3).filter(|n| n.len() % 2 == 0).and_then(hex_u32)?;
+    if ntime < job.ntime || ntime - job.ntime > MAX_NTIME_ROLL {
+        return None;
+    }
+    let nonce = s(4).and_then(|n| n.get(..8)).and_then(hex_u32)?;
+    let version_bits = match params.get(5) {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_str().and_then(hex_u32)?,
+    };
+    (version_bits & !w.mask == 0).then_some(Fields {
+        enonce2,
+        ntime,
+        nonce,
+        version_bits,
+    })
+}
+
+/// The hash of a share with `f`, computed from the notify the miner saw.
+fn share_hash(w: &Work, job: &Job, f: &Fields) -> [u8; 32] {
     let n = |i: usize| w.notify.get(i).and_then(Value::as_str).unwrap_or("");
     assert_eq!(n(0), job.id_hex);
     let coinb1 = hex::decode(n(2)).expect("coinb1 hex");
@@ -549,23 +585,16 @@ fn check_accepted(w: &Work, job: &Job, user: &str, params: &[Value]) -> [u8; 32]
     let input = ShareInput {
         coinb1: &coinb1,
         enonce1: &w.enonce1,
-        enonce2: &en2,
+        enonce2: &f.enonce2,
         coinb2: &coinb2,
         branch: &branch,
-        version: roll_version(version, vbits, w.mask),
+        version: roll_version(version, f.version_bits, w.mask),
         prev_hash: &prev,
-        ntime,
+        ntime: f.ntime,
         bits,
-        nonce,
+        nonce: f.nonce,
     };
-    let hash = hash_share(&input, &mut Vec::new()).hash;
-    let diff = w.min_diff.expect("a difficulty was set");
-    assert!(
-        hash_difficulty(&hash) >= diff * (1.0 - 1e-9),
-        "accepted a share of difficulty {} at {diff}",
-        hash_difficulty(&hash)
-    );
-    hash
+    hash_share(&input, &mut Vec::new()).hash
 }
 
 /// A block candidate is a valid block on the job's template.
