@@ -80,6 +80,11 @@ fn admin_frame() {
 }
 
 #[test]
+fn rpc_reply() {
+    replay("rpc_reply", bodies::rpc_reply);
+}
+
+#[test]
 fn config() {
     replay("config", bodies::config);
 }

@@ -841,3 +841,60 @@ fn json_lines(bytes: &[u8]) -> Vec<Value> {
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+// ---- rpc_reply --------------------------------------------------------------------------------
+
+/// A `getblocktemplate` call through `generator::rpc::RpcClient` to a loopback HTTP server
+/// answering with a fuzzed status and body (whole or chunked): the client's HTTP reading and
+/// its JSON-RPC reply handling together.
+///
+/// Asserts what a JSON-RPC 1.0 reply means, as bitcoind sends them: the call returns `Ok` exactly
+/// when the status is 200, the body is a JSON object whose `error` is absent or null and which
+/// has a `result`, and then returns that `result`; a non-null `error` in an object is an
+/// [`RpcError::Rpc`](generator::rpc::RpcError::Rpc) whatever the status. A result that parses
+/// as a template goes on to [`Template::from_gbt`].
+pub fn rpc_reply(data: &[u8]) {
+    use generator::rpc::RpcError;
+    let mut r = Reader::new(data);
+    let status = match r.below(8) {
+        0 => 500,
+        1 => 404,
+        2 => 401,
+        3 => 503,
+        // Any final status but those that carry no body by definition.
+        4 => match 200 + r.u16() % 400 {
+            204 | 205 | 304 => 200,
+            s => s,
+        },
+        _ => 200,
+    };
+    let chunk = match r.u8() {
+        0..=127 => None,
+        c => Some(usize::from(c & 0x3f) + 1),
+    };
+    let body = r.take(usize::MAX);
+    let got = crate::setup::rpc_call(status, chunk, body);
+    let reply = serde_json::from_slice::<Value>(body).ok();
+    let reply = reply.as_ref().and_then(Value::as_object);
+    let error = reply.and_then(|o| o.get("error")).filter(|e| !e.is_null());
+    let result = reply.and_then(|o| o.get("result"));
+    match (&got, error, result) {
+        (Ok(v), None, Some(result)) if status == 200 => {
+            assert_eq!(v, result, "the result is not the reply's");
+            let _ = Template::from_gbt(v);
+        }
+        (Err(e), None, Some(_)) if status == 200 => {
+            panic!("a good reply {} failed: {e:?}", lossy(body))
+        }
+        (Err(RpcError::Rpc { .. }), Some(_), _) => {}
+        (Err(RpcError::Rpc { .. }), None, _) => {
+            panic!(
+                "status {status}, body {}: {got:?} without an error member",
+                lossy(body)
+            )
+        }
+        (Err(e), Some(_), _) => panic!("an RPC error reply read as {e:?}: {}", lossy(body)),
+        (Ok(v), _, _) => panic!("status {status}, body {}: Ok({v})", lossy(body)),
+        (Err(_), None, _) => {}
+    }
+}

@@ -154,3 +154,82 @@ impl Rig {
             .map_or_else(|| (String::new(), 0), |j| (j.id_hex.clone(), j.ntime))
     }
 }
+
+/// Calls `getblocktemplate` through a [`generator::rpc::RpcClient`] on a loopback HTTP server
+/// that answers with `status` and `body`, sent whole or in chunks of `chunk` bytes.
+pub fn rpc_call(
+    status: u16,
+    chunk: Option<usize>,
+    body: &[u8],
+) -> Result<serde_json::Value, generator::rpc::RpcError> {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    type Reply = Mutex<(u16, Option<usize>, Vec<u8>)>;
+    static SERVER: OnceLock<(generator::rpc::RpcClient, Arc<Reply>, Mutex<()>)> = OnceLock::new();
+    let (client, reply, one_at_a_time) = SERVER.get_or_init(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let addr = listener.local_addr().expect("a bound address");
+        let reply: Arc<Reply> = Arc::new(Mutex::new((200, None, Vec::new())));
+        let answer = Arc::clone(&reply);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(&stream);
+                let mut length = 0usize;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let header = line.to_ascii_lowercase();
+                    if let Some(v) = header.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut request = vec![0; length];
+                let _ = reader.read_exact(&mut request);
+                let (status, chunk, body) = answer.lock().map(|a| a.clone()).unwrap_or_default();
+                let mut out = format!("HTTP/1.1 {status} Whatever\r\nConnection: close\r\n");
+                match chunk {
+                    None => {
+                        out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+                        let mut out = out.into_bytes();
+                        out.extend_from_slice(&body);
+                        let _ = (&stream).write_all(&out);
+                    }
+                    Some(size) => {
+                        out.push_str("Transfer-Encoding: chunked\r\n\r\n");
+                        let mut out = out.into_bytes();
+                        for piece in body.chunks(size) {
+                            out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                            out.extend_from_slice(piece);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        out.extend_from_slice(b"0\r\n\r\n");
+                        let _ = (&stream).write_all(&out);
+                    }
+                }
+            }
+        });
+        let client = generator::rpc::RpcClient::new(
+            &addr.to_string(),
+            generator::rpc::RpcAuth::UserPass {
+                user: "fuzz".into(),
+                pass: "fuzz".into(),
+            },
+            Duration::from_secs(5),
+        )
+        .expect("a loopback url");
+        (client, reply, Mutex::new(()))
+    });
+    let _turn = one_at_a_time.lock();
+    if let Ok(mut r) = reply.lock() {
+        *r = (status, chunk, body.to_vec());
+    }
+    client.call(
+        "getblocktemplate",
+        serde_json::json!([{"rules": ["segwit"]}]),
+    )
+}
