@@ -148,3 +148,19 @@ put("config", "full", json.dumps({
     "statsupdate": 10, "unknown_key": 1}, indent=1) + "\ntrailing comment")
 put("config", "bad-types", '{"btcd": {}, "mindiff": "1", "nonce2length": 2.5}')
 put("config", "startdiff-below-mindiff", '{"mindiff": 100, "startdiff": 1, "maxdiff": 50}')
+
+# ---- rpc_reply: status choice byte, chunking byte, then the body (see bodies::rpc_reply) -------
+for name in ["core-regtest-gbt-height1-empty.json", "core-signet51-gbt-height1.json",
+             "core-testnet3-gbt-2442185.json"]:
+    t = template_json(name)
+    t = t.get("result", t)
+    body = json.dumps({"result": t, "error": None, "id": 1}).encode()
+    put("rpc_reply", name, bytes([7, 0]) + body)
+    put("rpc_reply", "chunked-" + name, bytes([7, 0x85]) + body)
+put("rpc_reply", "rpc-error-500", bytes([0, 0]) + b'{"result":null,"error":{"code":-10,"message":"Bitcoin Core is in initial sync"},"id":1}')
+put("rpc_reply", "method-not-found-404", bytes([1, 0]) + b'{"result":null,"error":{"code":-32601,"message":"Method not found"},"id":1}')
+put("rpc_reply", "unauthorized-401", bytes([2, 0]))
+put("rpc_reply", "work-queue-503", bytes([3, 0]) + b"Work queue depth exceeded")
+put("rpc_reply", "no-result", bytes([7, 0]) + b'{"error":null,"id":1}')
+put("rpc_reply", "not-object", bytes([7, 0]) + b"[1,2,3]")
+put("rpc_reply", "error-string", bytes([7, 0]) + b'{"result":1,"error":"bad","id":1}')
