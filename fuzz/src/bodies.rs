@@ -600,7 +600,13 @@ fn share_hash(w: &Work, job: &Job, f: &Fields) -> [u8; 32] {
 /// A block candidate is a valid block on the job's template.
 fn check_block(b: &stratifier::BlockCandidate, job: &Job, solo: bool) {
     use bitcoin::hashes::Hash as _;
-    let bytes = hex::decode(&b.hex).expect("block hex");
+    let bytes = hex::decode(
+        b.hex
+            .as_deref()
+            .expect("a template job's block has its hex"),
+    )
+    .expect("block hex");
+    let template = job.template().expect("the rig's jobs come from a template");
     let block: bitcoin::Block = bitcoin::consensus::deserialize(&bytes).expect("a block");
     assert!(block.check_merkle_root(), "bad merkle root");
     assert!(block.check_witness_commitment(), "bad witness commitment");
@@ -611,18 +617,18 @@ fn check_block(b: &stratifier::BlockCandidate, job: &Job, solo: bool) {
     );
     assert_eq!(
         block.header.prev_blockhash.to_byte_array(),
-        job.template.prev_hash
+        template.prev_hash
     );
     assert_eq!(block.bip34_block_height().ok(), Some(job.height()));
     assert_eq!(b.height, job.height());
-    assert_eq!(block.txdata.len(), job.template.transactions.len() + 1);
+    assert_eq!(block.txdata.len(), template.transactions.len() + 1);
     let paid: u64 = block.txdata[0]
         .output
         .iter()
         .map(|o| o.value.to_sat())
         .sum();
     assert_eq!(
-        paid, job.template.coinbase_value,
+        paid, template.coinbase_value,
         "coinbase pays the wrong total"
     );
     let payee = if solo { SOLO_USER } else { setup::PAYOUT };

@@ -66,17 +66,7 @@ impl Rig {
         cfg.mindiff = Difficulty::MIN;
         cfg.startdiff = Difficulty::MIN;
         let blocks = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&blocks);
-        let pool = Pool::new(
-            cfg,
-            1,
-            move |b| {
-                if let Ok(mut v) = sink.lock() {
-                    v.push(b);
-                }
-            },
-            None,
-        );
+        let pool = Pool::new(cfg, 1, Instant::now());
         let now = Instant::now();
         pool.new_template(template(), now)
             .expect("the shipped template makes a job");
@@ -102,11 +92,23 @@ impl Rig {
     /// Delivers one line.
     pub fn line(&mut self, c: ConnId, line: &[u8]) {
         self.shard.on_line(self.now, c, line, &mut self.out);
+        self.collect_blocks();
     }
 
     /// Periodic work.
     pub fn tick(&mut self) {
         self.shard.on_tick(self.now, &mut self.out);
+        self.collect_blocks();
+    }
+
+    /// Moves the block candidates the shard emitted into [`Rig::blocks`].
+    fn collect_blocks(&mut self) {
+        let found = self.out.take_blocks();
+        if !found.is_empty()
+            && let Ok(mut v) = self.blocks.lock()
+        {
+            v.extend(found);
+        }
     }
 
     /// A new template on the same or a new previous block, sent to the shard.
@@ -140,11 +142,17 @@ impl Rig {
     /// Takes everything sent so far, as (connection, bytes).
     pub fn take_sent(&mut self) -> Vec<(ConnId, Vec<u8>)> {
         std::mem::take(&mut self.out.sent)
+            .into_iter()
+            .map(|(c, bytes)| (c.conn(), bytes))
+            .collect()
     }
 
     /// Takes the connections the shard asked to close.
     pub fn take_closed(&mut self) -> Vec<ConnId> {
         std::mem::take(&mut self.out.closed)
+            .into_iter()
+            .map(|c| c.conn())
+            .collect()
     }
 
     /// The current job's id as sent to miners, and its ntime.
