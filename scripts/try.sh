@@ -5,13 +5,15 @@
 #
 # Environment: TRY_PORT [3333] stratum port; TRY_RATE [2] miner submits per second (each job's
 # block solution counts, so this is also about the block rate); TRY_SECONDS stops by itself after
-# that many seconds (default: run until Ctrl-C).
+# that many seconds (default: run until Ctrl-C); TRY_WEB [127.0.0.1:8080] the dashboard and metrics
+# address (empty: off).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PORT=${TRY_PORT:-3333}
 RATE=${TRY_RATE:-2}
+WEB=${TRY_WEB-127.0.0.1:8080}
 DIR=$ROOT/.regtest/try
 mkdir -p "$DIR"
 
@@ -56,7 +58,8 @@ cat >"$DIR/ckpool.conf" <<CONF
 "mindiff" : 0.00000000023283064365386963,
 "startdiff" : 0.00000000023283064365386963,
 "zmqblock" : "$zmq",
-"logdir" : "$DIR/logs"
+"logdir" : "$DIR/logs"${WEB:+,
+"webserver" : "$WEB"}
 }
 Regtest: half of all hashes solve a block, so the lowest difficulty (2^-32) makes every hash a share.
 CONF
@@ -79,6 +82,9 @@ target/release/ckload mine --url "127.0.0.1:$PORT" --user "$address.try" --rate 
 miner_pid=$!
 
 start_height=$(height)
+if [[ -n $WEB ]]; then
+	echo "== dashboard: http://$WEB/  metrics: http://$WEB/metrics  API: http://$WEB/api/pool"
+fi
 echo "== mining from height $start_height; Ctrl-C to stop"
 # The pool's own log of solved blocks and its periodic share counts.
 tail -n 0 -F "$DIR/pool.log" 2>/dev/null | grep --line-buffered -E "BLOCK|status" &

@@ -288,7 +288,8 @@ fn without_webserver_only_the_stratum_port_listens() {
 }
 
 /// The dashboard in headless Chromium: the worker table lists the miner and the chart has
-/// points. Skipped (with a note) when `chromium` is not installed.
+/// points. Skipped (with a note) when `chromium` is not installed; under `CI=true` (where `.ci/run`
+/// installs it) a missing browser fails the test.
 #[test]
 fn dashboard_lists_the_worker_and_charts_the_hashrate() {
     let Some(exe) = bitcoind_or_skip("dashboard_lists_the_worker_and_charts_the_hashrate") else {
@@ -301,6 +302,11 @@ fn dashboard_lists_the_worker_and_charts_the_hashrate() {
             .is_ok_and(|o| o.status.success())
     });
     let Some(chromium) = chromium else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true and no chromium: .ci/run installs it"
+        );
         println!("dashboard_lists_the_worker_and_charts_the_hashrate: skipped, no chromium");
         return;
     };
