@@ -49,6 +49,10 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+web_key=""
+if [[ -n $WEB ]]; then
+	web_key=$(printf ',\n"webserver" : "%s"' "$WEB")
+fi
 cat >"$DIR/ckpool.conf" <<CONF
 {
 "btcd" : [ { "url" : "${rpc_url#http://}", "auth" : "$rpc_user", "pass" : "$rpc_pass" } ],
@@ -58,8 +62,7 @@ cat >"$DIR/ckpool.conf" <<CONF
 "mindiff" : 0.00000000023283064365386963,
 "startdiff" : 0.00000000023283064365386963,
 "zmqblock" : "$zmq",
-"logdir" : "$DIR/logs"${WEB:+,
-"webserver" : "$WEB"}
+"logdir" : "$DIR/logs"$web_key
 }
 Regtest: half of all hashes solve a block, so the lowest difficulty (2^-32) makes every hash a share.
 CONF

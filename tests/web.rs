@@ -335,6 +335,10 @@ fn dashboard_lists_the_worker_and_charts_the_hashrate() {
             "--disable-dev-shm-usage",
             "--no-first-run",
             "--virtual-time-budget=5000",
+            // On a loaded machine the virtual clock was seen to take minutes to run its 5 s
+            // (chromium idle, the page's requests answered): stop in real time as well and
+            // dump what the page shows by then (its first refresh takes well under a second).
+            "--timeout=30000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--dump-dom")
