@@ -87,8 +87,11 @@ pub struct WorkerStats {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty.
+    /// Best share difficulty of the current round (since the pool's last block was noticed by
+    /// the rate sampler).
     pub bestshare: f64,
+    /// Best share difficulty ever (kept across rounds and, through the stats files, restarts).
+    pub bestever: f64,
     /// Time of the last accepted share, unix seconds; 0 if none (or if the daemon has not told
     /// the pool the wall-clock time, see [`crate::Pool::set_wall_clock`]).
     pub lastshare: u64,
@@ -106,8 +109,10 @@ pub struct UserStats {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty.
+    /// Best share difficulty of the current round.
     pub bestshare: f64,
+    /// Best share difficulty ever.
+    pub bestever: f64,
     /// Time of the last accepted share of any of its workers, unix seconds; 0 if none.
     pub lastshare: u64,
     /// Hashrates: the sums of its workers'.
@@ -137,6 +142,7 @@ struct Totals {
     rejected: u64,
     accepted_diff: f64,
     bestshare: f64,
+    bestever: f64,
     reject_reasons: BTreeMap<&'static str, u64>,
 }
 
@@ -158,7 +164,9 @@ struct Counters {
     accepted: u64,
     rejected: u64,
     accepted_diff: f64,
+    /// Best of the current round.
     bestshare: f64,
+    bestever: f64,
     last_share: Option<Instant>,
 }
 
@@ -169,10 +177,17 @@ impl Counters {
                 self.accepted += 1;
                 self.accepted_diff += diff;
                 self.bestshare = self.bestshare.max(sdiff);
+                self.bestever = self.bestever.max(sdiff);
                 self.last_share = Some(now);
             }
             None => self.rejected += 1,
         }
+    }
+
+    /// Whether it has accepted difficulty: shares counted here, or figures seeded from a stats
+    /// file (which give the difficulty but not the number of shares).
+    fn has_accepted(&self) -> bool {
+        self.accepted > 0 || self.accepted_diff > 0.0
     }
 }
 
@@ -260,8 +275,11 @@ pub struct StatsSnapshot {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty.
+    /// Best share difficulty of the current round (since the rate sampler noticed the pool's
+    /// last block).
     pub bestshare: f64,
+    /// Best share difficulty ever.
+    pub bestever: f64,
     /// Rejects by reason.
     pub reject_reasons: BTreeMap<&'static str, u64>,
     /// Hashes of blocks found (RPC order).
@@ -291,6 +309,70 @@ pub(crate) struct SavedStats {
     dropped_invalid: u64,
     parked: u64,
     users: Users,
+}
+
+/// The pool's figures as a stats file saved them, to seed a fresh registry with
+/// ([`StatsRegistry::seed_pool`]). Rates are as they were when saved; seeding decays them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeedPool {
+    /// Hashrates in hashes per second over 1, 5 and 15 minutes, 1 and 6 hours, 1 and 7 days.
+    pub hashrates: [f64; 7],
+    /// Accepted shares per second over 1, 5 and 15 minutes and 1 hour.
+    pub sps: [f64; 4],
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Best share of the current round.
+    pub bestshare: f64,
+    /// Difficulty accepted in the current round (since the pool's last block).
+    pub round_diff: f64,
+}
+
+/// One worker's figures as a user's stats file saved them ([`StatsRegistry::seed_worker`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeedWorker {
+    /// Hashrates in hashes per second over 1 and 5 minutes, 1 hour, 1 and 7 days.
+    pub hashrates: [f64; 5],
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share of the current round.
+    pub bestshare: f64,
+    /// Best share ever.
+    pub bestever: f64,
+    /// Time of its last accepted share, unix seconds (0: none).
+    pub lastshare: u64,
+}
+
+/// When seeded figures were saved and what time it is now, to decay them by the gap and place
+/// their share times on this process's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedClock {
+    /// This process's present...
+    pub now: Instant,
+    /// ...and the wall-clock time then, since the unix epoch.
+    pub since_epoch: Duration,
+    /// When the figures were saved, unix seconds (a file's `lastupdate`).
+    pub saved: u64,
+}
+
+impl SeedClock {
+    /// How long ago the figures were saved (zero if the clock says they come from the future).
+    pub fn gap(&self) -> Duration {
+        self.since_epoch
+            .saturating_sub(Duration::from_secs(self.saved))
+    }
+
+    /// `unix` seconds on this process's clock; `None` for 0 (never).
+    fn instant(&self, unix: u64) -> Option<Instant> {
+        if unix == 0 {
+            return None;
+        }
+        let age = self.since_epoch.saturating_sub(Duration::from_secs(unix));
+        // An instant before the machine's boot may not be representable: the oldest one that
+        // is stands in (it is forgotten as idle just the same).
+        Some(self.now.checked_sub(age).unwrap_or(self.now))
+    }
 }
 
 /// Every statistic of the pool.
@@ -444,7 +526,7 @@ impl StatsRegistry {
             && let Some(c) = workers.get(worker)
             // The table's reference only: no session counts into it.
             && Arc::strong_count(c) == 1
-            && c.counters.lock().accepted == 0
+            && !c.counters.lock().has_accepted()
         {
             workers.remove(worker);
         }
@@ -522,6 +604,7 @@ impl StatsRegistry {
                     t.accepted += 1;
                     t.accepted_diff += diff;
                     t.bestshare = t.bestshare.max(sdiff);
+                    t.bestever = t.bestever.max(sdiff);
                 }
                 None => t.reject(reason),
             }
@@ -557,11 +640,20 @@ impl StatsRegistry {
             (d + t.accepted_diff, n + t.accepted)
         });
         let blocks = self.stats.lock().blocks.len();
+        let workers = self.worker_cells();
         if blocks != p.blocks_seen {
+            // A new round: the best shares of the pool, every user and every worker start
+            // again (the best ever stays). Done here, off the share path, so the shard that
+            // found the block hands it on without walking every worker.
             p.blocks_seen = blocks;
             p.round_start_diff = diff;
+            for stripe in &*self.totals {
+                stripe.0.lock().bestshare = 0.0;
+            }
+            for w in &workers {
+                w.counters.lock().bestshare = 0.0;
+            }
         }
-        let workers = self.worker_cells();
         let Some(last) = p.last else {
             p.last = Some(now);
             p.sampled_diff = diff;
@@ -610,6 +702,7 @@ impl StatsRegistry {
             t.rejected += s.rejected;
             t.accepted_diff += s.accepted_diff;
             t.bestshare = t.bestshare.max(s.bestshare);
+            t.bestever = t.bestever.max(s.bestever);
             for (k, v) in &s.reject_reasons {
                 *t.reject_reasons.entry(k).or_default() += v;
             }
@@ -618,6 +711,7 @@ impl StatsRegistry {
         w.u64(t.rejected);
         w.f64(t.accepted_diff);
         w.f64(t.bestshare);
+        w.f64(t.bestever);
         w.len(t.reject_reasons.len());
         for (k, v) in &t.reject_reasons {
             w.str(k);
@@ -673,6 +767,7 @@ impl StatsRegistry {
                 w.u64(c.rejected);
                 w.f64(c.accepted_diff);
                 w.f64(c.bestshare);
+                w.f64(c.bestever);
                 w.opt_age(c.last_share, now);
                 let r = *cell.rates.lock();
                 w.f64(r.sampled_diff);
@@ -690,6 +785,7 @@ impl StatsRegistry {
             rejected: r.u64()?,
             accepted_diff: r.f64()?,
             bestshare: r.f64()?,
+            bestever: r.f64()?,
             reject_reasons: BTreeMap::new(),
         };
         let n = r.count(12)?;
@@ -748,6 +844,7 @@ impl StatsRegistry {
                     rejected: r.u64()?,
                     accepted_diff: r.f64()?,
                     bestshare: r.f64()?,
+                    bestever: r.f64()?,
                     last_share: r.opt_age(now)?,
                 };
                 let sampled_diff = r.f64()?;
@@ -799,6 +896,90 @@ impl StatsRegistry {
             .store(saved.dropped_invalid, Ordering::Relaxed);
         self.parked.store(saved.parked, Ordering::Relaxed);
         *self.users.lock() = saved.users;
+    }
+
+    /// Seeds a fresh registry's pool figures from a stats file (start-up, before the first
+    /// share and the first [`crate::Pool::sample_rates`]): the totals, best share and round
+    /// are added to what is counted, and the moving averages take the saved rates decayed by
+    /// the time since they were saved, as a share-less interval of that length would decay
+    /// them ([`Ema::idle`]). The next sample then goes on from `clock.now`.
+    pub fn seed_pool(&self, seed: &SeedPool, clock: &SeedClock) {
+        let finite = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        if let Some(first) = self.totals.first() {
+            let mut t = first.0.lock();
+            t.accepted_diff += finite(seed.accepted_diff);
+            t.rejected = t.rejected.saturating_add(seed.rejected);
+            t.bestshare = t.bestshare.max(finite(seed.bestshare));
+            t.bestever = t.bestever.max(finite(seed.bestshare));
+        }
+        let gap = clock.gap();
+        let mut diff = Ema::from_rates(seed.hashrates.map(|h| finite(h) / HASHES_PER_DIFF));
+        diff.idle(gap, &POOL_WINDOWS);
+        let mut shares = Ema::from_rates(seed.sps.map(finite));
+        shares.idle(gap, &SPS_WINDOWS);
+        let (total_diff, total_shares) = self.totals.iter().fold((0.0, 0u64), |(d, n), s| {
+            let t = s.0.lock();
+            (d + t.accepted_diff, n + t.accepted)
+        });
+        let blocks = self.stats.lock().blocks.len();
+        let mut p = self.sampler.lock();
+        p.diff = diff;
+        p.shares = shares;
+        p.last = Some(clock.now);
+        p.sampled_diff = total_diff;
+        p.sampled_shares = total_shares;
+        p.blocks_seen = blocks;
+        p.round_start_diff = total_diff - finite(seed.round_diff).min(total_diff);
+    }
+
+    /// Seeds worker `worker` of user `user` from a user's stats file (start-up, see
+    /// [`StatsRegistry::seed_pool`]): its accepted difficulty, best shares, last share and
+    /// hashrates decayed by the time since they were saved. The user's own figures are the
+    /// sums of its workers', as for any user. A seeded user is created by no address (it
+    /// counts against no `maxusersperip`), and a seeded worker is held by no session, so the
+    /// usual pruning forgets it once its last share is older than `statsidle`. A worker the
+    /// registry already has is left as it is; returns whether this one was added.
+    pub fn seed_worker(
+        &self,
+        user: &str,
+        worker: &str,
+        seed: &SeedWorker,
+        clock: &SeedClock,
+    ) -> bool {
+        let finite = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        let cell = self.user_cell(user);
+        let mut workers = cell.workers.lock();
+        if workers.contains_key(worker) {
+            return false;
+        }
+        let mut ema = Ema::from_rates(seed.hashrates.map(|h| finite(h) / HASHES_PER_DIFF));
+        ema.idle(clock.gap(), &USER_WINDOWS);
+        let accepted_diff = finite(seed.accepted_diff);
+        let bestshare = finite(seed.bestshare);
+        let bestever = finite(seed.bestever).max(bestshare);
+        let w = WorkerCell {
+            counters: Mutex::new(Counters {
+                accepted: 0,
+                rejected: 0,
+                accepted_diff,
+                bestshare,
+                bestever,
+                last_share: clock.instant(seed.lastshare),
+            }),
+            rates: Mutex::new(WorkerRates {
+                // Already counted: the next sample folds in only what comes after it.
+                sampled_diff: accepted_diff,
+                ema,
+            }),
+        };
+        workers.insert(worker.to_owned(), Arc::new(w));
+        drop(workers);
+        // The pool's best ever is at least its users' (`pool.status` does not save it).
+        if let Some(first) = self.totals.first() {
+            let mut t = first.0.lock();
+            t.bestever = t.bestever.max(bestever);
+        }
+        true
     }
 
     /// Every worker, without holding the user table's lock while the caller works on them.
@@ -872,6 +1053,7 @@ impl StatsRegistry {
                         c.rejected += w.rejected;
                         c.accepted_diff += w.accepted_diff;
                         c.bestshare = c.bestshare.max(w.bestshare);
+                        c.bestever = c.bestever.max(w.bestever);
                         c.last_share = c.last_share.max(w.last_share);
                         ema.add(&r);
                         (
@@ -881,6 +1063,7 @@ impl StatsRegistry {
                                 rejected: w.rejected,
                                 accepted_diff: w.accepted_diff,
                                 bestshare: w.bestshare,
+                                bestever: w.bestever,
                                 lastshare: self.unix_secs(w.last_share),
                                 hashrate: Hashrates::from_ema(&r),
                             },
@@ -892,6 +1075,7 @@ impl StatsRegistry {
                     rejected: c.rejected,
                     accepted_diff: c.accepted_diff,
                     bestshare: c.bestshare,
+                    bestever: c.bestever,
                     lastshare: self.unix_secs(c.last_share),
                     hashrate: Hashrates::from_ema(&ema),
                     blocks: u.blocks.load(Ordering::Relaxed),
@@ -907,6 +1091,7 @@ impl StatsRegistry {
             sum.rejected += t.rejected;
             sum.accepted_diff += t.accepted_diff;
             sum.bestshare = sum.bestshare.max(t.bestshare);
+            sum.bestever = sum.bestever.max(t.bestever);
             for (r, n) in &t.reject_reasons {
                 *sum.reject_reasons.entry(r).or_default() += n;
             }
@@ -936,6 +1121,7 @@ impl StatsRegistry {
             rejected: sum.rejected,
             accepted_diff: sum.accepted_diff,
             bestshare: sum.bestshare,
+            bestever: sum.bestever,
             reject_reasons: sum.reject_reasons,
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
