@@ -440,12 +440,12 @@ mod tests {
             now += Duration::from_secs(2);
             for _ in 0..2 {
                 pool.registry
-                    .record_share(&stripe, &rig1, Some(1000.0), 1500.0, None, now);
+                    .record_share(&stripe, &rig1, Some(1000.0), 1500.0, false, None, now);
             }
             pool.registry
-                .record_share(&stripe, &rig2, Some(500.0), 600.0, None, now);
+                .record_share(&stripe, &rig2, Some(500.0), 600.0, false, None, now);
             pool.registry
-                .record_share(&stripe, &rig2, None, 0.0, Some(Reject::Stale), now);
+                .record_share(&stripe, &rig2, None, 0.0, false, Some(Reject::Stale), now);
             pool.sample_rates(now);
         }
         let s = pool.stats();
@@ -479,7 +479,7 @@ mod tests {
         for _ in 0..150 {
             now += Duration::from_secs(2);
             pool.registry
-                .record_share(&stripe, &w, Some(20.0), 20.0, None, now);
+                .record_share(&stripe, &w, Some(20.0), 20.0, false, None, now);
             // A second sample at the same instant folds nothing in and drops nothing.
             pool.sample_rates(now);
             pool.sample_rates(now);
@@ -502,7 +502,7 @@ mod tests {
         pool.sample_rates(t0);
         let w = pool.registry.worker_stats("carol", "carol.a");
         pool.registry
-            .record_share(&stripe, &w, Some(120.0), 120.0, None, t0);
+            .record_share(&stripe, &w, Some(120.0), 120.0, false, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(2));
         let s = pool.stats();
         let expected = 60.0 * HASHES_PER_DIFF * (1.0 - (-2.0f64 / 60.0).exp());
@@ -520,8 +520,15 @@ mod tests {
         let stripe = pool.registry.totals_stripe();
         for (i, name) in ["a", "b", "c", "d", "e"].iter().enumerate() {
             let w = pool.registry.worker_stats(name, name);
-            pool.registry
-                .record_share(&stripe, &w, Some(10.0 * (i as f64 + 1.0)), 1.0, None, t0);
+            pool.registry.record_share(
+                &stripe,
+                &w,
+                Some(10.0 * (i as f64 + 1.0)),
+                1.0,
+                false,
+                None,
+                t0,
+            );
         }
         let top = pool.registry.snapshot_top(2);
         assert_eq!(top.users.keys().collect::<Vec<_>>(), ["d", "e"]);
@@ -537,7 +544,7 @@ mod tests {
         let stripe = pool.registry.totals_stripe();
         let w = pool.registry.worker_stats("dave", "dave");
         pool.registry
-            .record_share(&stripe, &w, Some(100.0), 100.0, None, t0);
+            .record_share(&stripe, &w, Some(100.0), 100.0, false, None, t0);
         pool.sample_rates(t0);
         assert!(within(pool.stats().round_diff, 100.0));
         pool.registry.record_block(&BlockCandidate {
@@ -549,11 +556,11 @@ mod tests {
             job_id: 1,
         });
         pool.registry
-            .record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+            .record_share(&stripe, &w, Some(7.0), 7.0, false, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(2));
         assert_eq!(pool.stats().round_diff, 0.0);
         pool.registry
-            .record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+            .record_share(&stripe, &w, Some(7.0), 7.0, false, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(4));
         assert!(within(pool.stats().round_diff, 7.0));
 
@@ -580,10 +587,11 @@ mod tests {
         let stripe = pool.registry.totals_stripe();
         let w = pool.registry.worker_stats("erin", "erin.a");
         pool.registry
-            .record_share(&stripe, &w, Some(1.0), 500.0, None, t0);
-        pool.sample_rates(t0);
+            .record_share(&stripe, &w, Some(1.0), 500.0, false, None, t0);
         let s = pool.stats();
         assert_eq!((s.bestshare, s.bestever), (500.0, 500.0));
+        // A block ends the round at once; the share that found it counts in the best ever
+        // only.
         pool.registry.record_block(&BlockCandidate {
             height: 1,
             hash: "00".into(),
@@ -592,24 +600,47 @@ mod tests {
             worker: "erin.a".into(),
             job_id: 1,
         });
-        // The sampler notices the block: a new round for the pool, the user and the worker.
-        pool.sample_rates(t0 + Duration::from_secs(2));
+        pool.registry
+            .record_share(&stripe, &w, Some(1.0), 9000.0, true, None, t0);
         let s = pool.stats();
         let erin = &s.users["erin"];
         let a = &erin.workers["erin.a"];
-        assert_eq!((s.bestshare, s.bestever), (0.0, 500.0));
-        assert_eq!((erin.bestshare, erin.bestever), (0.0, 500.0));
-        assert_eq!((a.bestshare, a.bestever), (0.0, 500.0));
+        assert_eq!((s.bestshare, s.bestever), (0.0, 9000.0));
+        assert_eq!((erin.bestshare, erin.bestever), (0.0, 9000.0));
+        assert_eq!((a.bestshare, a.bestever), (0.0, 9000.0));
+        // A worker with no share since the block reads as a new round too.
+        let other = pool.registry.worker_stats("erin", "erin.b");
+        pool.registry.record_block(&BlockCandidate {
+            height: 2,
+            hash: "01".into(),
+            hex: None,
+            source: SourceId::TEMPLATE,
+            worker: "erin.b".into(),
+            job_id: 2,
+        });
         pool.registry
-            .record_share(&stripe, &w, Some(1.0), 30.0, None, t0);
-        pool.sample_rates(t0 + Duration::from_secs(4));
+            .record_share(&stripe, &other, Some(1.0), 30.0, false, None, t0);
         let s = pool.stats();
-        assert_eq!((s.bestshare, s.bestever), (30.0, 500.0));
-        let a = &s.users["erin"].workers["erin.a"];
-        assert_eq!((a.bestshare, a.bestever), (30.0, 500.0));
-        // The same block seen again is no new round.
-        pool.sample_rates(t0 + Duration::from_secs(6));
-        assert_eq!(pool.stats().bestshare, 30.0);
+        assert_eq!((s.bestshare, s.bestever), (30.0, 9000.0));
+        let erin = &s.users["erin"];
+        assert_eq!((erin.bestshare, erin.bestever), (30.0, 9000.0));
+        assert_eq!(erin.workers["erin.a"].bestshare, 0.0);
+        assert_eq!(erin.workers["erin.b"].bestshare, 30.0);
+        // Rounds survive a handover: the best of the current round and ever travel.
+        let blob = pool.export_state(t0);
+        let next = Pool::new(PoolConfig::new(Network::Regtest, None), 2, t0);
+        next.import_state(t0, &blob).unwrap();
+        let s = next.stats();
+        assert_eq!((s.bestshare, s.bestever), (30.0, 9000.0));
+        let erin = &s.users["erin"];
+        assert_eq!(
+            (
+                erin.workers["erin.a"].bestshare,
+                erin.workers["erin.a"].bestever
+            ),
+            (0.0, 9000.0)
+        );
+        assert_eq!(erin.workers["erin.b"].bestshare, 30.0);
     }
 
     #[test]
@@ -688,7 +719,7 @@ mod tests {
         let stripe = pool.registry.totals_stripe();
         let w = pool.registry.worker_stats("fred", "fred.1");
         pool.registry
-            .record_share(&stripe, &w, Some(60.0), 5000.0, None, t1);
+            .record_share(&stripe, &w, Some(60.0), 5000.0, false, None, t1);
         pool.sample_rates(t1 + Duration::from_secs(2));
         let s = pool.stats();
         let one = &s.users["fred"].workers["fred.1"];
@@ -735,12 +766,12 @@ mod tests {
         let mine = pool.registry.worker_stats_from("mine", "mine", Some(ip));
         let stripe = pool.registry.totals_stripe();
         pool.registry
-            .record_share(&stripe, &mine, Some(1.0), 1.0, None, t0);
+            .record_share(&stripe, &mine, Some(1.0), 1.0, false, None, t0);
         let again = pool
             .registry
             .worker_stats_from("recent", "recent", Some(ip));
         pool.registry
-            .record_share(&stripe, &again, Some(1.0), 1.0, None, t0);
+            .record_share(&stripe, &again, Some(1.0), 1.0, false, None, t0);
         assert_eq!(pool.stats().users["recent"].accepted_diff, 11.0);
         // A seeded worker whose session closes keeps its figures (it has accepted difficulty).
         pool.registry.release("recent", "recent", again);

@@ -87,8 +87,8 @@ pub struct WorkerStats {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty of the current round (since the pool's last block was noticed by
-    /// the rate sampler).
+    /// Best share difficulty of the current round (since the pool's last block; the share that
+    /// found it counts in the round it ended, as in ckpool).
     pub bestshare: f64,
     /// Best share difficulty ever (kept across rounds and, through the stats files, restarts).
     pub bestever: f64,
@@ -141,12 +141,25 @@ struct Totals {
     accepted: u64,
     rejected: u64,
     accepted_diff: f64,
+    /// Best of round `round`.
     bestshare: f64,
+    round: u64,
     bestever: f64,
     reject_reasons: BTreeMap<&'static str, u64>,
 }
 
 impl Totals {
+    fn accept(&mut self, diff: f64, sdiff: f64, round: u64, solved: bool) {
+        self.accepted += 1;
+        self.accepted_diff += diff;
+        self.bestshare = best_of_round(self.bestshare, self.round, round);
+        self.round = round;
+        if !solved {
+            self.bestshare = self.bestshare.max(sdiff);
+        }
+        self.bestever = self.bestever.max(sdiff);
+    }
+
     fn reject(&mut self, reason: Option<Reject>) {
         self.rejected += 1;
         if let Some(r) = reason {
@@ -154,6 +167,17 @@ impl Totals {
         }
     }
 }
+
+/// A best share kept for round `of`, as of round `now`: gone once a block has ended its round.
+fn best_of_round(best: f64, of: u64, now: u64) -> f64 {
+    if of == now { best } else { 0.0 }
+}
+
+/// The number of blocks found so far: the current round. Only a block writes it, every share
+/// reads it, so it has a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Round(AtomicU64);
 
 /// Stripes of pool totals (shards beyond this share them).
 const STRIPES: usize = 64;
@@ -164,19 +188,26 @@ struct Counters {
     accepted: u64,
     rejected: u64,
     accepted_diff: f64,
-    /// Best of the current round.
+    /// Best of round `round`.
     bestshare: f64,
+    round: u64,
     bestever: f64,
     last_share: Option<Instant>,
 }
 
 impl Counters {
-    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant) {
+    /// Counts a share: accepted at difficulty `accepted` (`solved`: it found a block, which
+    /// ended round `round - 1`: it stays out of the new round's best), or rejected.
+    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant, round: u64, solved: bool) {
         match accepted {
             Some(diff) => {
                 self.accepted += 1;
                 self.accepted_diff += diff;
-                self.bestshare = self.bestshare.max(sdiff);
+                self.bestshare = best_of_round(self.bestshare, self.round, round);
+                self.round = round;
+                if !solved {
+                    self.bestshare = self.bestshare.max(sdiff);
+                }
                 self.bestever = self.bestever.max(sdiff);
                 self.last_share = Some(now);
             }
@@ -275,8 +306,7 @@ pub struct StatsSnapshot {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty of the current round (since the rate sampler noticed the pool's
-    /// last block).
+    /// Best share difficulty of the current round (since the pool's last block).
     pub bestshare: f64,
     /// Best share difficulty ever.
     pub bestever: f64,
@@ -368,7 +398,10 @@ impl SeedClock {
         if unix == 0 {
             return None;
         }
-        let age = self.since_epoch.saturating_sub(Duration::from_secs(unix));
+        // Half way through that second, so that turning it back into unix seconds (which
+        // truncates) gives `unix` again despite any drift between the two clocks.
+        let at = Duration::from_secs(unix) + Duration::from_millis(500);
+        let age = self.since_epoch.saturating_sub(at);
         // An instant before the machine's boot may not be representable: the oldest one that
         // is stands in (it is forgotten as idle just the same).
         Some(self.now.checked_sub(age).unwrap_or(self.now))
@@ -389,6 +422,8 @@ pub struct StatsRegistry {
     /// When idle users were last looked for.
     last_forget: Mutex<Option<Instant>>,
     sampler: Mutex<PoolSampler>,
+    /// The current round (best shares are per round).
+    round: Round,
     /// An instant and the wall-clock time then (since the unix epoch), to report share times.
     wall_clock: Mutex<Option<(Instant, Duration)>>,
     /// Parked sessions within the resume window, as of the last sample.
@@ -418,6 +453,7 @@ impl Default for StatsRegistry {
             max_users_per_ip: AtomicU64::new(0),
             last_forget: Mutex::new(None),
             sampler: Mutex::new(PoolSampler::default()),
+            round: Round::default(),
             wall_clock: Mutex::new(None),
             parked: AtomicU64::new(0),
             clients: AtomicU64::new(0),
@@ -434,7 +470,10 @@ impl StatsRegistry {
     }
 
     /// Counts a block found (the candidate itself leaves as an [`crate::Event::Block`]).
+    /// A new round starts: best shares of the pool, every user and every worker start again
+    /// (each is reset when next counted or read, so nothing is walked here).
     pub(crate) fn record_block(&self, b: &BlockCandidate) {
+        self.round.0.fetch_add(1, Ordering::Relaxed);
         self.stats.lock().blocks.push(b.hash.clone());
         let user = b.worker.split(['.', '_']).next().unwrap_or("");
         self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
@@ -588,28 +627,34 @@ impl StatsRegistry {
     }
 
     /// Counts a share in `stripe`: accepted at difficulty `accepted`, or rejected for `reason`.
+    /// `solved`: it found a block (recorded first with [`StatsRegistry::record_block`]); it
+    /// counts in the best ever but not in the best of the round it started.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the share path: no struct to build"
+    )]
     pub(crate) fn record_share(
         &self,
         stripe: &Stripe,
         w: &WorkerStatsRef,
         accepted: Option<f64>,
         sdiff: f64,
+        solved: bool,
         reason: Option<Reject>,
         now: Instant,
     ) {
+        let round = self.round.0.load(Ordering::Relaxed);
         {
             let mut t = stripe.0.lock();
             match accepted {
-                Some(diff) => {
-                    t.accepted += 1;
-                    t.accepted_diff += diff;
-                    t.bestshare = t.bestshare.max(sdiff);
-                    t.bestever = t.bestever.max(sdiff);
-                }
+                Some(diff) => t.accept(diff, sdiff, round, solved),
                 None => t.reject(reason),
             }
         }
-        w.worker.counters.lock().add(accepted, sdiff, now);
+        w.worker
+            .counters
+            .lock()
+            .add(accepted, sdiff, now, round, solved);
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
@@ -640,20 +685,11 @@ impl StatsRegistry {
             (d + t.accepted_diff, n + t.accepted)
         });
         let blocks = self.stats.lock().blocks.len();
-        let workers = self.worker_cells();
         if blocks != p.blocks_seen {
-            // A new round: the best shares of the pool, every user and every worker start
-            // again (the best ever stays). Done here, off the share path, so the shard that
-            // found the block hands it on without walking every worker.
             p.blocks_seen = blocks;
             p.round_start_diff = diff;
-            for stripe in &*self.totals {
-                stripe.0.lock().bestshare = 0.0;
-            }
-            for w in &workers {
-                w.counters.lock().bestshare = 0.0;
-            }
         }
+        let workers = self.worker_cells();
         let Some(last) = p.last else {
             p.last = Some(now);
             p.sampled_diff = diff;
@@ -695,13 +731,14 @@ impl StatsRegistry {
     /// blocks found, the sampler's state (rates and round), and each user's and worker's
     /// counters and rates. Times as ages before `now`.
     pub(crate) fn save(&self, w: &mut Writer, now: Instant) {
+        let round = self.round.0.load(Ordering::Relaxed);
         let mut t = Totals::default();
         for stripe in &*self.totals {
             let s = stripe.0.lock();
             t.accepted += s.accepted;
             t.rejected += s.rejected;
             t.accepted_diff += s.accepted_diff;
-            t.bestshare = t.bestshare.max(s.bestshare);
+            t.bestshare = t.bestshare.max(best_of_round(s.bestshare, s.round, round));
             t.bestever = t.bestever.max(s.bestever);
             for (k, v) in &s.reject_reasons {
                 *t.reject_reasons.entry(k).or_default() += v;
@@ -766,7 +803,7 @@ impl StatsRegistry {
                 w.u64(c.accepted);
                 w.u64(c.rejected);
                 w.f64(c.accepted_diff);
-                w.f64(c.bestshare);
+                w.f64(best_of_round(c.bestshare, c.round, round));
                 w.f64(c.bestever);
                 w.opt_age(c.last_share, now);
                 let r = *cell.rates.lock();
@@ -785,6 +822,8 @@ impl StatsRegistry {
             rejected: r.u64()?,
             accepted_diff: r.f64()?,
             bestshare: r.f64()?,
+            // The round counts from zero again in the registry restored into.
+            round: 0,
             bestever: r.f64()?,
             reject_reasons: BTreeMap::new(),
         };
@@ -844,6 +883,7 @@ impl StatsRegistry {
                     rejected: r.u64()?,
                     accepted_diff: r.f64()?,
                     bestshare: r.f64()?,
+                    round: 0,
                     bestever: r.f64()?,
                     last_share: r.opt_age(now)?,
                 };
@@ -891,6 +931,7 @@ impl StatsRegistry {
             *first.0.lock() = saved.totals;
         }
         self.stats.lock().blocks = saved.blocks;
+        self.round.0.store(0, Ordering::Relaxed);
         *self.sampler.lock() = saved.sampler;
         self.dropped_invalid
             .store(saved.dropped_invalid, Ordering::Relaxed);
@@ -905,11 +946,13 @@ impl StatsRegistry {
     /// them ([`Ema::idle`]). The next sample then goes on from `clock.now`.
     pub fn seed_pool(&self, seed: &SeedPool, clock: &SeedClock) {
         let finite = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        let round = self.round.0.load(Ordering::Relaxed);
         if let Some(first) = self.totals.first() {
             let mut t = first.0.lock();
             t.accepted_diff += finite(seed.accepted_diff);
             t.rejected = t.rejected.saturating_add(seed.rejected);
-            t.bestshare = t.bestshare.max(finite(seed.bestshare));
+            t.bestshare = best_of_round(t.bestshare, t.round, round).max(finite(seed.bestshare));
+            t.round = round;
             t.bestever = t.bestever.max(finite(seed.bestshare));
         }
         let gap = clock.gap();
@@ -963,6 +1006,7 @@ impl StatsRegistry {
                 rejected: 0,
                 accepted_diff,
                 bestshare,
+                round: self.round.0.load(Ordering::Relaxed),
                 bestever,
                 last_share: clock.instant(seed.lastshare),
             }),
@@ -1029,6 +1073,7 @@ impl StatsRegistry {
     /// A snapshot of every counter: pool totals, rates, users and workers. It takes each
     /// counter's own small lock in turn, never one that the share path waits on for long.
     pub fn snapshot(&self) -> StatsSnapshot {
+        let round = self.round.0.load(Ordering::Relaxed);
         let job = self.job.lock().clone();
         let user_cells: Vec<(String, Arc<UserCell>)> = self
             .users
@@ -1047,7 +1092,8 @@ impl StatsRegistry {
                     .lock()
                     .iter()
                     .map(|(name, cell)| {
-                        let w = *cell.counters.lock();
+                        let mut w = *cell.counters.lock();
+                        w.bestshare = best_of_round(w.bestshare, w.round, round);
                         let r = cell.rates.lock().ema;
                         c.accepted += w.accepted;
                         c.rejected += w.rejected;
@@ -1090,7 +1136,9 @@ impl StatsRegistry {
             sum.accepted += t.accepted;
             sum.rejected += t.rejected;
             sum.accepted_diff += t.accepted_diff;
-            sum.bestshare = sum.bestshare.max(t.bestshare);
+            sum.bestshare = sum
+                .bestshare
+                .max(best_of_round(t.bestshare, t.round, round));
             sum.bestever = sum.bestever.max(t.bestever);
             for (r, n) in &t.reject_reasons {
                 *sum.reject_reasons.entry(r).or_default() += n;
