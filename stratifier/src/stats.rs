@@ -1,6 +1,18 @@
 //! The stats registry: counters where they change (a stripe of pool totals per shard, a cell
 //! per worker), moving averages the sampler folds in, and a snapshot that every view (admin
 //! `stats`, the stats files) renders.
+//!
+//! Best shares are kept per round and ever. The round is the number of blocks found
+//! ([`StatsRegistry::record_block`] bumps it); each counter remembers the round of its best
+//! share, and one from an older round reads and counts as zero, so a block resets every best
+//! share without walking any worker. The share that found the block is left out of the new
+//! round's best (ckpool's rule) but not out of the best ever.
+//!
+//! At start-up the daemon may seed a fresh registry from the stats files
+//! ([`StatsRegistry::seed_pool`], [`StatsRegistry::seed_worker`]): totals and best shares as
+//! saved, moving averages decayed by the time since they were saved with the same formula the
+//! sampler uses ([`Ema::idle`]), share times placed on this process's clock ([`SeedClock`]).
+//! Seeded workers are ordinary cells held by no session: the usual pruning applies to them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
