@@ -5,6 +5,13 @@
 //! the share path) and writes the files every `statsupdate`, and once more when it is stopped at
 //! shutdown. Each file is written to `<file>.tmp` and renamed over the old one, so a reader never
 //! sees half a file. An I/O error is logged (at most once a minute) and the pool carries on.
+//!
+//! At start-up, before the stratifier serves anyone, [`restore`] reads the files back (ours or
+//! ckpool's: the same format) and seeds the stats registry with them, each moving average
+//! decayed by the time since `lastupdate`, so a restart does not reset what miners and operators
+//! see. Reading is tolerant and bounded: a missing, oversized, truncated or garbage file is
+//! logged and skipped, never fatal; user files are capped in number, size and total bytes, and
+//! users idle for longer than `statsidle` (which the pool would forget at once) are not read.
 
 use std::collections::HashSet;
 use std::fs;
@@ -16,7 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
-use stratifier::{Pool, StatsSnapshot, UserStats};
+use serde_json::Value;
+use stratifier::{Pool, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats};
 use tracing::{info, warn};
 
 /// How often the moving averages are sampled.
@@ -148,7 +156,7 @@ impl Writer {
         }
         let dir = self.logdir.join("users");
         for (name, user) in &snap.users {
-            if user.accepted == 0 {
+            if user.accepted == 0 && user.accepted_diff <= 0.0 {
                 continue;
             }
             if !file_name_ok(name) {
@@ -211,6 +219,373 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     drop(f);
     fs::rename(&tmp, &path)
+}
+
+/// Most user files read back at start-up.
+const MAX_USER_FILES: usize = 100_000;
+
+/// The largest stats file read back (a user file of this size lists some 30,000 workers).
+const MAX_FILE_BYTES: u64 = 8 << 20;
+
+/// Most bytes of user files read back in all.
+const MAX_TOTAL_BYTES: u64 = 256 << 20;
+
+/// The longest user or worker name (the stratifier's own limit).
+const MAX_NAME_LEN: usize = 127;
+
+/// Files skipped at start-up are warned about one by one up to this many, then only counted.
+const MAX_SKIP_WARNINGS: usize = 20;
+
+/// What [`restore`] read back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Restored {
+    /// Whether `pool.status` was read.
+    pub(crate) pool: bool,
+    /// Users seeded.
+    pub(crate) users: usize,
+    /// Workers seeded.
+    pub(crate) workers: usize,
+    /// Files skipped: unreadable, too big, garbage, or badly named.
+    pub(crate) skipped: usize,
+    /// User files not read because the user was idle past `statsidle` or a cap was reached.
+    pub(crate) left: usize,
+}
+
+/// Reads `<logdir>/pool/pool.status` and `<logdir>/users/*` back into `pool`'s registry, each
+/// figure decayed from when it was saved to now. Called at start-up, after the first job and
+/// before the stats writer and the stratifier start. Never fails: what cannot be read is
+/// logged and skipped.
+pub(crate) fn restore(pool: &Pool, logdir: &Path) -> Restored {
+    let network_diff = pool.stats().job.map_or(0.0, |j| j.2);
+    let r = restore_at(
+        pool.registry(),
+        logdir,
+        pool.config().stats_idle,
+        network_diff,
+        Instant::now(),
+        unix_now(),
+    );
+    if r.pool || r.users > 0 || r.skipped > 0 {
+        info!(
+            pool = r.pool,
+            users = r.users,
+            workers = r.workers,
+            skipped = r.skipped,
+            not_read = r.left,
+            "stats read back from {}",
+            logdir.display()
+        );
+    }
+    r
+}
+
+fn restore_at(
+    registry: &StatsRegistry,
+    logdir: &Path,
+    stats_idle: Duration,
+    network_diff: f64,
+    now: Instant,
+    since_epoch: Duration,
+) -> Restored {
+    let mut out = Restored::default();
+    let mut skips = SkipLog::default();
+    let status_path = logdir.join("pool").join("pool.status");
+    // When the files were written: pool.status's `lastupdate`, else each file's own time.
+    let mut saved = None;
+    match read_bounded(&status_path) {
+        Ok(None) => {}
+        Ok(Some((text, _))) => match parse_pool_status(&text, network_diff) {
+            Ok((lastupdate, seed)) => {
+                saved = Some(lastupdate);
+                let clock = SeedClock {
+                    now,
+                    since_epoch,
+                    saved: lastupdate,
+                };
+                registry.seed_pool(&seed, &clock);
+                out.pool = true;
+            }
+            Err(why) => skips.skip(&mut out, &status_path, &why),
+        },
+        Err(why) => skips.skip(&mut out, &status_path, &why),
+    }
+
+    let dir = logdir.join("users");
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
+        Err(e) => {
+            warn!(path = %dir.display(), error = %e, "cannot list the user stats files; none read back");
+            return out;
+        }
+    };
+    let oldest = since_epoch.as_secs().saturating_sub(stats_idle.as_secs());
+    let (mut files, mut total) = (0usize, 0u64);
+    for entry in entries {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            skips.skip(&mut out, &path, "not a user name");
+            continue;
+        };
+        if !user_name_ok(&name) {
+            // Left-over `<name>.tmp` files end here too: a user name has no dot.
+            skips.skip(&mut out, &path, "not a user name");
+            continue;
+        }
+        if files >= MAX_USER_FILES || total >= MAX_TOTAL_BYTES {
+            out.left += 1;
+            continue;
+        }
+        files += 1;
+        let (bytes, mtime) = match read_bounded(&path) {
+            Ok(Some(x)) => x,
+            Ok(None) => continue,
+            Err(why) => {
+                skips.skip(&mut out, &path, &why);
+                continue;
+            }
+        };
+        total += u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        let workers = match parse_user_file(&name, &bytes) {
+            Ok(w) => w,
+            Err(why) => {
+                skips.skip(&mut out, &path, &why);
+                continue;
+            }
+        };
+        let clock = SeedClock {
+            now,
+            since_epoch,
+            saved: saved.or(mtime).unwrap_or(since_epoch.as_secs()),
+        };
+        let mut seeded = 0;
+        for (wname, w) in &workers {
+            // The pool would forget it at once.
+            if w.lastshare < oldest {
+                continue;
+            }
+            if registry.seed_worker(&name, wname, w, &clock) {
+                seeded += 1;
+            }
+        }
+        if seeded > 0 {
+            out.users += 1;
+            out.workers += seeded;
+        } else {
+            out.left += 1;
+        }
+    }
+    if out.left > 0 && (files >= MAX_USER_FILES || total >= MAX_TOTAL_BYTES) {
+        warn!(
+            read = files,
+            bytes = total,
+            "too many user stats files: {} not read back",
+            out.left
+        );
+    }
+    if skips.quiet > 0 {
+        warn!("{} more stats files skipped", skips.quiet);
+    }
+    out
+}
+
+/// Warns about skipped files, the first few one by one.
+#[derive(Default)]
+struct SkipLog {
+    warned: usize,
+    quiet: usize,
+}
+
+impl SkipLog {
+    fn skip(&mut self, out: &mut Restored, path: &Path, why: &str) {
+        out.skipped += 1;
+        if self.warned < MAX_SKIP_WARNINGS {
+            self.warned += 1;
+            warn!(path = %path.display().to_string().escape_debug(), why = %why.escape_debug(), "stats file not read back");
+        } else {
+            self.quiet += 1;
+        }
+    }
+}
+
+/// A file's bytes and its modification time in unix seconds (if known).
+type FileRead = (Vec<u8>, Option<u64>);
+
+/// A file's bytes (at most [`MAX_FILE_BYTES`]) and its modification time; `None` if there is
+/// no such file.
+fn read_bounded(path: &Path) -> Result<Option<FileRead>, String> {
+    let f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!("{} bytes, more than {MAX_FILE_BYTES}", meta.len()));
+    }
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(f, MAX_FILE_BYTES + 1), &mut bytes)
+        .map_err(|e| e.to_string())?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE_BYTES {
+        return Err("grew past the size limit while read".into());
+    }
+    Ok(Some((bytes, mtime)))
+}
+
+/// A user name as the stratifier makes them (the part of a worker name before the first `.`
+/// or `_`) that [`file_name_ok`] would have written.
+fn user_name_ok(name: &str) -> bool {
+    file_name_ok(name) && name.len() <= MAX_NAME_LEN && !name.contains(['.', '_'])
+}
+
+/// A worker name that belongs to `user`: the user itself, or `user.x` / `user_x`.
+fn worker_name_ok(user: &str, worker: &str) -> bool {
+    worker.len() <= MAX_NAME_LEN
+        && worker
+            .strip_prefix(user)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '_']))
+}
+
+/// A figure of a stats file: a JSON number, or a string with an SI suffix as ckpool writes
+/// hashrates (`"1.23T"`, `"512k"`, `"0"`). Negative, non-finite or malformed: `None`.
+fn figure(v: &Value) -> Option<f64> {
+    let x = match v {
+        Value::Number(n) => n.as_f64()?,
+        Value::String(s) => parse_suffixed(s)?,
+        _ => return None,
+    };
+    (x.is_finite() && x >= 0.0).then_some(x)
+}
+
+/// The inverse of [`suffix_string`] (either case of `k`; also ckpool's `Z` and `Y`).
+fn parse_suffixed(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1e3),
+        'M' => (&s[..s.len() - 1], 1e6),
+        'G' => (&s[..s.len() - 1], 1e9),
+        'T' => (&s[..s.len() - 1], 1e12),
+        'P' => (&s[..s.len() - 1], 1e15),
+        'E' => (&s[..s.len() - 1], 1e18),
+        'Z' => (&s[..s.len() - 1], 1e21),
+        'Y' => (&s[..s.len() - 1], 1e24),
+        _ => (s, 1.0),
+    };
+    let x: f64 = num.trim().parse().ok()?;
+    Some(x * scale)
+}
+
+/// `obj[key]` as a figure; 0 if absent or unreadable.
+fn get(obj: &Value, key: &str) -> f64 {
+    obj.get(key).and_then(figure).unwrap_or(0.0)
+}
+
+/// `obj[key]` as whole seconds; 0 if absent or unreadable.
+fn get_secs(obj: &Value, key: &str) -> u64 {
+    // `as` saturates; a time in a stats file is far below 2^53.
+    get(obj, key).round() as u64
+}
+
+/// The three JSON lines of `pool.status`: its `lastupdate` and the figures to seed. The
+/// round (`diff`, a percentage of the network difficulty) is rebuilt against `network_diff`.
+fn parse_pool_status(bytes: &[u8], network_diff: f64) -> Result<(u64, SeedPool), String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let mut next = |what: &str| -> Result<Value, String> {
+        let line = lines
+            .next()
+            .ok_or_else(|| format!("truncated: no {what} line"))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("{what} line: {e}"))?;
+        if v.is_object() {
+            Ok(v)
+        } else {
+            Err(format!("{what} line is not an object"))
+        }
+    };
+    let l1 = next("first")?;
+    let l2 = next("hashrate")?;
+    let l3 = next("shares")?;
+    let lastupdate = l1
+        .get("lastupdate")
+        .and_then(figure)
+        .ok_or_else(|| "no lastupdate".to_owned())?
+        .round() as u64;
+    let hashrates = [
+        "hashrate1m",
+        "hashrate5m",
+        "hashrate15m",
+        "hashrate1hr",
+        "hashrate6hr",
+        "hashrate1d",
+        "hashrate7d",
+    ]
+    .map(|k| get(&l2, k));
+    let sps = ["SPS1m", "SPS5m", "SPS15m", "SPS1h"].map(|k| get(&l3, k));
+    let accepted_diff = get(&l3, "accepted");
+    let round_diff = (get(&l3, "diff") / 100.0 * network_diff).min(accepted_diff);
+    Ok((
+        lastupdate,
+        SeedPool {
+            hashrates,
+            sps,
+            accepted_diff,
+            // Ours counts rejected shares; ckpool's sums their difficulty (taken as it is).
+            rejected: get(&l3, "rejected").round() as u64,
+            bestshare: get(&l3, "bestshare"),
+            round_diff,
+        },
+    ))
+}
+
+/// The workers of `<logdir>/users/<user>`, each with the figures to seed. A file with no
+/// worker array (or none of its workers valid) but with shares seeds one worker named after
+/// the user (the worker of a miner that authorised with the bare user name).
+fn parse_user_file(user: &str, bytes: &[u8]) -> Result<Vec<(String, SeedWorker)>, String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if !v.is_object() {
+        return Err("not a JSON object".into());
+    }
+    let seed = |o: &Value| SeedWorker {
+        hashrates: [
+            "hashrate1m",
+            "hashrate5m",
+            "hashrate1hr",
+            "hashrate1d",
+            "hashrate7d",
+        ]
+        .map(|k| get(o, k)),
+        accepted_diff: get(o, "shares"),
+        bestshare: get(o, "bestshare"),
+        bestever: get(o, "bestever"),
+        lastshare: get_secs(o, "lastshare"),
+    };
+    let mut out = Vec::new();
+    if let Some(list) = v.get("worker").and_then(Value::as_array) {
+        for w in list {
+            match w.get("workername").and_then(Value::as_str) {
+                Some(name) if worker_name_ok(user, name) => out.push((name.to_owned(), seed(w))),
+                _ => {
+                    warn!(user = %user.escape_debug(), "a worker in a user stats file has no usable name; skipped")
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        let s = seed(&v);
+        if s.accepted_diff > 0.0 {
+            out.push((user.to_owned(), s));
+        }
+    }
+    Ok(out)
 }
 
 /// First line of `pool.status`.
@@ -340,9 +715,9 @@ struct UserFile<'a> {
     workers: u64,
     /// Sum of accepted difficulty.
     shares: Amount,
+    /// Best share of the current round (reset when the pool finds a block, as ckpool does).
     bestshare: f64,
-    /// ckpool resets `bestshare` when the pool finds a block and keeps `bestever`; ckpool-rs
-    /// keeps only the best since start-up, so both give it.
+    /// Best share ever (kept across rounds and restarts).
     bestever: Amount,
     /// Time of the user's first authorisation in ckpool; not tracked here, so 0.
     authorised: u64,
@@ -368,7 +743,8 @@ fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
         .workers
         .iter()
         .filter(|(_, w)| {
-            w.accepted > 0 && lastupdate.saturating_sub(w.lastshare) <= STALE_WORKER_SECS
+            (w.accepted > 0 || w.accepted_diff > 0.0)
+                && lastupdate.saturating_sub(w.lastshare) <= STALE_WORKER_SECS
         })
         .map(|(name, w)| WorkerEntry {
             workername: name,
@@ -380,7 +756,7 @@ fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
             lastshare: w.lastshare,
             shares: Amount::of(w.accepted_diff),
             bestshare: w.bestshare,
-            bestever: Amount::of(w.bestshare),
+            bestever: Amount::of(w.bestever),
         })
         .collect();
     let active = u
@@ -398,7 +774,7 @@ fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
         workers: u64::try_from(active).unwrap_or(u64::MAX),
         shares: Amount::of(u.accepted_diff),
         bestshare: u.bestshare,
-        bestever: Amount::of(u.bestshare),
+        bestever: Amount::of(u.bestever),
         authorised: 0,
         worker,
     }
@@ -665,6 +1041,213 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn suffixed_figures_read_back() {
+        for (text, want) in [
+            ("0", 0.0),
+            ("0.5", 0.5),
+            ("999", 999.0),
+            ("1.23k", 1230.0),
+            ("1.23K", 1230.0),
+            ("2.5M", 2.5e6),
+            ("1G", 1e9),
+            ("1.23T", 1.23e12),
+            ("4.5P", 4.5e15),
+            ("1500E", 1.5e21),
+            (" 7Z ", 7e21),
+        ] {
+            let got = parse_suffixed(text).unwrap();
+            assert!((got - want).abs() <= want * 1e-12, "{text}: {got}");
+        }
+        for bad in ["", "T", "abc", "1.2.3k", "1x"] {
+            assert_eq!(parse_suffixed(bad), None, "{bad:?}");
+        }
+        // Negative and non-finite figures are refused; numbers are taken as they are.
+        assert_eq!(figure(&serde_json::json!("-5k")), None);
+        assert_eq!(figure(&serde_json::json!("inf")), None);
+        assert_eq!(figure(&serde_json::json!(12.5)), Some(12.5));
+        assert_eq!(figure(&serde_json::json!(null)), None);
+        // What we write reads back within the three significant digits kept.
+        for x in [0.75, 12.34, 999.0, 1234.0, 123_456.0, 9.87e15] {
+            let back = parse_suffixed(&suffix_string(x)).unwrap();
+            assert!((back - x).abs() <= x * 0.005, "{x} -> {back}");
+        }
+    }
+
+    #[test]
+    fn ckpools_pool_status_reads_back() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/ckpool-0.9.9-pool.status"
+        );
+        let bytes = fs::read(path).unwrap();
+        let (lastupdate, seed) = parse_pool_status(&bytes, 1.0).unwrap();
+        assert_eq!(lastupdate, 1_796_360_026);
+        assert_eq!(seed, SeedPool::default());
+        // And a ckpool file with figures: suffixed hashrates, sums of difficulty, the round.
+        let text = concat!(
+            r#"{"runtime": 60, "lastupdate": 1700000000, "Users": 1, "Workers": 1, "Idle": 0, "Disconnected": 0}"#,
+            "\n",
+            r#"{"hashrate1m": "1.23T", "hashrate5m": "2P", "hashrate15m": "3", "hashrate1hr": "4k", "hashrate6hr": "5M", "hashrate1d": "6G", "hashrate7d": "7E"}"#,
+            "\n",
+            r#"{"diff": 12.5, "accepted": 5000, "rejected": 40, "bestshare": 77, "SPS1m": 1.5, "SPS5m": 2.5, "SPS15m": 3.5, "SPS1h": 4.5}"#,
+            "\n"
+        );
+        let (lastupdate, seed) = parse_pool_status(text.as_bytes(), 1000.0).unwrap();
+        assert_eq!(lastupdate, 1_700_000_000);
+        let want = [1.23e12, 2e15, 3.0, 4e3, 5e6, 6e9, 7e18];
+        for (got, want) in seed.hashrates.iter().zip(want) {
+            assert!((got - want).abs() <= want * 1e-12, "{got} vs {want}");
+        }
+        assert_eq!(seed.sps, [1.5, 2.5, 3.5, 4.5]);
+        assert_eq!(
+            (seed.accepted_diff, seed.rejected, seed.bestshare),
+            (5000.0, 40, 77.0)
+        );
+        assert_eq!(seed.round_diff, 125.0);
+        // Truncated or garbage: refused.
+        let cut = &text.as_bytes()[..text.len() - 30];
+        assert!(parse_pool_status(cut, 1.0).is_err());
+        assert!(parse_pool_status(b"garbage", 1.0).is_err());
+        assert!(parse_pool_status(b"", 1.0).is_err());
+        assert!(parse_pool_status(b"[1]\n[2]\n[3]\n", 1.0).is_err());
+    }
+
+    #[test]
+    fn user_files_read_back_with_their_workers() {
+        let s = snapshot();
+        let file = user_file(&s.users["alice"], 1_700_000_100);
+        let bytes = serde_json::to_vec_pretty(&file).unwrap();
+        let workers = parse_user_file("alice", &bytes).unwrap();
+        let names: Vec<&str> = workers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["alice.rig1", "alice.rig2"]);
+        let rig1 = &workers[0].1;
+        assert!((rig1.hashrates[0] - 1.23e12).abs() < 1.0);
+        assert_eq!(rig1.accepted_diff, 1000.0);
+        assert_eq!(rig1.bestshare, 650.0);
+        assert_eq!(rig1.bestever, 700.0);
+        assert_eq!(rig1.lastshare, 1_700_000_090);
+        // A worker not of this user, or with no name, is skipped; a file with no usable
+        // worker but with shares is the user's own worker.
+        let other = br#"{"shares": 50, "bestever": 9, "lastshare": 5, "hashrate1m": "1k",
+            "worker": [{"workername": "bob.rig", "shares": 1}, {"shares": 2}]}"#;
+        let w = parse_user_file("alice", other).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].0, "alice");
+        assert_eq!(
+            (w[0].1.accepted_diff, w[0].1.bestever, w[0].1.hashrates[0]),
+            (50.0, 9.0, 1000.0)
+        );
+        assert!(parse_user_file("alice", b"{\"shares\": 1").is_err());
+        assert!(parse_user_file("alice", b"[]").is_err());
+        assert!(worker_name_ok("alice", "alice_2"));
+        assert!(!worker_name_ok("alice", "alicex"));
+        assert!(!user_name_ok("alice.rig1"));
+        assert!(!user_name_ok("alice.tmp"));
+        assert!(user_name_ok("bc1qexample"));
+    }
+
+    #[test]
+    fn files_written_read_back_into_a_registry_decayed_and_garbage_skipped() {
+        let dir = std::env::temp_dir().join(format!("ckpool-rs-restore-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut w = Writer {
+            logdir: dir.clone(),
+            errors: ErrorLog::default(),
+            refused: HashSet::new(),
+        };
+        let snap = snapshot();
+        let saved = 1_700_000_100;
+        w.write_snapshot(&snap, Duration::from_secs(5), saved, Instant::now());
+        let users = dir.join("users");
+        fs::write(users.join("garbage"), b"\x00\xffnot json").unwrap();
+        fs::write(users.join("truncated"), b"{\"hashrate1m\": \"1k\", \"shar").unwrap();
+        fs::write(users.join("alice.tmp"), b"{}").unwrap();
+        fs::write(
+            users.join("big"),
+            vec![b' '; usize::try_from(MAX_FILE_BYTES).unwrap() + 1],
+        )
+        .unwrap();
+        fs::create_dir_all(users.join("adir")).unwrap();
+
+        let registry = StatsRegistry::default();
+        let now = Instant::now();
+        // Five minutes after the save.
+        let since_epoch = Duration::from_secs(saved + 300);
+        let r = restore_at(
+            &registry,
+            &dir,
+            Duration::from_secs(86_400),
+            0.0,
+            now,
+            since_epoch,
+        );
+        assert!(r.pool);
+        assert_eq!((r.users, r.workers), (1, 2));
+        assert_eq!(r.skipped, 5, "{r:?}");
+        registry.set_wall_clock(now, since_epoch);
+        let back = registry.snapshot();
+        let decay = (-300.0f64 / 60.0).exp();
+        // Saved as "1.23T": three significant digits.
+        let want = 1.23e12 * decay;
+        assert!(
+            (back.rates.hashrate1m - want).abs() <= want * 1e-9,
+            "{:?}",
+            back.rates
+        );
+        assert_eq!(back.accepted_diff, 1500.0);
+        assert_eq!(back.rejected, 2);
+        assert_eq!(back.bestshare, 900.0);
+        let alice = &back.users["alice"];
+        assert_eq!(alice.accepted_diff, 1500.0);
+        assert_eq!(alice.lastshare, saved - 10);
+        assert_eq!(alice.bestever, 700.0);
+        let rig1 = &alice.workers["alice.rig1"];
+        assert!((rig1.hashrate.hashrate1m - want).abs() <= want * 1e-9);
+        assert_eq!(alice.workers["alice.rig2"].lastshare, saved - 1100);
+        // The pool's best ever is at least its users'.
+        assert_eq!(back.bestever, 900.0);
+
+        // Written again, the files say the same (hashrates decayed).
+        let mut w2 = Writer {
+            logdir: dir.join("again"),
+            errors: ErrorLog::default(),
+            refused: HashSet::new(),
+        };
+        w2.write_snapshot(&back, Duration::from_secs(1), saved + 300, now);
+        let old: Value = serde_json::from_slice(&fs::read(users.join("alice")).unwrap()).unwrap();
+        let new: Value =
+            serde_json::from_slice(&fs::read(dir.join("again/users/alice")).unwrap()).unwrap();
+        for k in ["shares", "bestshare", "bestever", "lastshare"] {
+            assert_eq!(old[k], new[k], "{k}");
+        }
+        assert_eq!(new["hashrate1m"], suffix_string(want));
+
+        // Users idle past statsidle are not read at all.
+        let registry = StatsRegistry::default();
+        let r = restore_at(
+            &registry,
+            &dir,
+            Duration::from_secs(60),
+            0.0,
+            now,
+            since_epoch,
+        );
+        assert_eq!((r.users, r.left), (0, 1), "{r:?}");
+        assert_eq!(registry.users(), 0);
+        // No files at all: nothing, quietly.
+        let r = restore_at(
+            &StatsRegistry::default(),
+            &dir.join("nowhere"),
+            Duration::from_secs(60),
+            0.0,
+            now,
+            since_epoch,
+        );
+        assert_eq!(r, Restored::default());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     fn snapshot() -> StatsSnapshot {
         let now = 1_700_000_100u64;
         let worker = |accepted: u64, diff: f64, lastshare: u64, hr: f64| stratifier::WorkerStats {
@@ -672,6 +1255,7 @@ mod tests {
             rejected: 1,
             accepted_diff: diff,
             bestshare: diff / 2.0 + 150.0,
+            bestever: diff / 2.0 + 200.0,
             lastshare,
             hashrate: stratifier::Hashrates {
                 hashrate1m: hr,
@@ -682,7 +1266,9 @@ mod tests {
             accepted: 3,
             rejected: 2,
             accepted_diff: 1500.0,
-            bestshare: 900.0,
+            // The best of its workers'.
+            bestshare: 650.0,
+            bestever: 700.0,
             lastshare: now - 10,
             hashrate: stratifier::Hashrates {
                 hashrate1m: 1.23e12,
@@ -703,6 +1289,7 @@ mod tests {
             rejected: 2,
             accepted_diff: 1500.0,
             bestshare: 900.0,
+            bestever: 900.0,
             reject_reasons: Default::default(),
             blocks: Vec::new(),
             clients: 2,

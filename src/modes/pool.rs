@@ -5,7 +5,8 @@
 //! closes every connection and joins its threads (and, in queue mode, the stratifier threads,
 //! which drain their queues first), so no share and hence no block comes after it; then
 //! `Generator::shutdown` submits every block still queued; then the share log is written out,
-//! the stats files are written a last time, and the admin thread is joined.
+//! the stats files are written a last time, and the admin thread is joined. At start-up the
+//! stats files are read back (`status::restore`) before the stats writer and the connector start.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,8 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     let pool = Pool::new(pcfg, seed, Instant::now());
     pool.new_template(first, Instant::now())
         .context("building the first job")?;
+    // The figures the stats files saved (decayed since), before anyone is served.
+    status::restore(&pool, settings.logdir());
     // Hashrate sampling and the stats files (pool.status, users/<name>).
     let stats_writer = status::start(
         Arc::clone(&pool),

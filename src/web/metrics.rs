@@ -147,8 +147,13 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
     );
     reg.register(
         "best_share",
-        "Best share difficulty",
+        "Best share difficulty of the current round (since the pool's last block)",
         ConstGauge::new(s.bestshare),
+    );
+    reg.register(
+        "best_share_ever",
+        "Best share difficulty ever (kept across restarts through the stats files)",
+        ConstGauge::new(s.bestever),
     );
     reg.register(
         "round_difficulty",

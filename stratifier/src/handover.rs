@@ -10,8 +10,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-/// The format version of a pool state blob.
-pub(crate) const POOL_FORMAT: u8 = 1;
+/// The format version of a pool state blob (2: best shares per round and ever).
+pub(crate) const POOL_FORMAT: u8 = 2;
 /// The format version of a session blob.
 pub(crate) const SESSION_FORMAT: u8 = 1;
 

@@ -64,7 +64,10 @@ pub use job::{
 pub use pool::{AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord};
 pub use reject::Reject;
 pub use shard::Shard;
-pub use stats::{Hashrates, PoolRates, StatsRegistry, StatsSnapshot, UserStats, WorkerStats};
+pub use stats::{
+    Hashrates, PoolRates, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats,
+    WorkerStats,
+};
 
 /// Something the stratifier produced for the rest of the daemon (not for a miner).
 #[derive(Debug, Clone)]

@@ -440,12 +440,12 @@ mod tests {
             now += Duration::from_secs(2);
             for _ in 0..2 {
                 pool.registry
-                    .record_share(&stripe, &rig1, Some(1000.0), 1500.0, None, now);
+                    .record_share(&stripe, &rig1, Some(1000.0), 1500.0, false, None, now);
             }
             pool.registry
-                .record_share(&stripe, &rig2, Some(500.0), 600.0, None, now);
+                .record_share(&stripe, &rig2, Some(500.0), 600.0, false, None, now);
             pool.registry
-                .record_share(&stripe, &rig2, None, 0.0, Some(Reject::Stale), now);
+                .record_share(&stripe, &rig2, None, 0.0, false, Some(Reject::Stale), now);
             pool.sample_rates(now);
         }
         let s = pool.stats();
@@ -479,7 +479,7 @@ mod tests {
         for _ in 0..150 {
             now += Duration::from_secs(2);
             pool.registry
-                .record_share(&stripe, &w, Some(20.0), 20.0, None, now);
+                .record_share(&stripe, &w, Some(20.0), 20.0, false, None, now);
             // A second sample at the same instant folds nothing in and drops nothing.
             pool.sample_rates(now);
             pool.sample_rates(now);
@@ -502,7 +502,7 @@ mod tests {
         pool.sample_rates(t0);
         let w = pool.registry.worker_stats("carol", "carol.a");
         pool.registry
-            .record_share(&stripe, &w, Some(120.0), 120.0, None, t0);
+            .record_share(&stripe, &w, Some(120.0), 120.0, false, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(2));
         let s = pool.stats();
         let expected = 60.0 * HASHES_PER_DIFF * (1.0 - (-2.0f64 / 60.0).exp());
@@ -520,8 +520,15 @@ mod tests {
         let stripe = pool.registry.totals_stripe();
         for (i, name) in ["a", "b", "c", "d", "e"].iter().enumerate() {
             let w = pool.registry.worker_stats(name, name);
-            pool.registry
-                .record_share(&stripe, &w, Some(10.0 * (i as f64 + 1.0)), 1.0, None, t0);
+            pool.registry.record_share(
+                &stripe,
+                &w,
+                Some(10.0 * (i as f64 + 1.0)),
+                1.0,
+                false,
+                None,
+                t0,
+            );
         }
         let top = pool.registry.snapshot_top(2);
         assert_eq!(top.users.keys().collect::<Vec<_>>(), ["d", "e"]);
@@ -537,7 +544,7 @@ mod tests {
         let stripe = pool.registry.totals_stripe();
         let w = pool.registry.worker_stats("dave", "dave");
         pool.registry
-            .record_share(&stripe, &w, Some(100.0), 100.0, None, t0);
+            .record_share(&stripe, &w, Some(100.0), 100.0, false, None, t0);
         pool.sample_rates(t0);
         assert!(within(pool.stats().round_diff, 100.0));
         pool.registry.record_block(&BlockCandidate {
@@ -549,11 +556,11 @@ mod tests {
             job_id: 1,
         });
         pool.registry
-            .record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+            .record_share(&stripe, &w, Some(7.0), 7.0, false, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(2));
         assert_eq!(pool.stats().round_diff, 0.0);
         pool.registry
-            .record_share(&stripe, &w, Some(7.0), 7.0, None, t0);
+            .record_share(&stripe, &w, Some(7.0), 7.0, false, None, t0);
         pool.sample_rates(t0 + Duration::from_secs(4));
         assert!(within(pool.stats().round_diff, 7.0));
 
@@ -571,5 +578,213 @@ mod tests {
         assert_eq!(pool.stats().disconnected, 2);
         pool.sample_rates(t0 + pool.cfg.resume_window + Duration::from_secs(1));
         assert_eq!(pool.stats().disconnected, 1);
+    }
+
+    #[test]
+    fn best_shares_restart_each_round_and_the_best_ever_stays() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let stripe = pool.registry.totals_stripe();
+        let w = pool.registry.worker_stats("erin", "erin.a");
+        pool.registry
+            .record_share(&stripe, &w, Some(1.0), 500.0, false, None, t0);
+        let s = pool.stats();
+        assert_eq!((s.bestshare, s.bestever), (500.0, 500.0));
+        // A block ends the round at once; the share that found it counts in the best ever
+        // only.
+        pool.registry.record_block(&BlockCandidate {
+            height: 1,
+            hash: "00".into(),
+            hex: None,
+            source: SourceId::TEMPLATE,
+            worker: "erin.a".into(),
+            job_id: 1,
+        });
+        pool.registry
+            .record_share(&stripe, &w, Some(1.0), 9000.0, true, None, t0);
+        let s = pool.stats();
+        let erin = &s.users["erin"];
+        let a = &erin.workers["erin.a"];
+        assert_eq!((s.bestshare, s.bestever), (0.0, 9000.0));
+        assert_eq!((erin.bestshare, erin.bestever), (0.0, 9000.0));
+        assert_eq!((a.bestshare, a.bestever), (0.0, 9000.0));
+        // A worker with no share since the block reads as a new round too.
+        let other = pool.registry.worker_stats("erin", "erin.b");
+        pool.registry.record_block(&BlockCandidate {
+            height: 2,
+            hash: "01".into(),
+            hex: None,
+            source: SourceId::TEMPLATE,
+            worker: "erin.b".into(),
+            job_id: 2,
+        });
+        pool.registry
+            .record_share(&stripe, &other, Some(1.0), 30.0, false, None, t0);
+        let s = pool.stats();
+        assert_eq!((s.bestshare, s.bestever), (30.0, 9000.0));
+        let erin = &s.users["erin"];
+        assert_eq!((erin.bestshare, erin.bestever), (30.0, 9000.0));
+        assert_eq!(erin.workers["erin.a"].bestshare, 0.0);
+        assert_eq!(erin.workers["erin.b"].bestshare, 30.0);
+        // Rounds survive a handover: the best of the current round and ever travel.
+        let blob = pool.export_state(t0);
+        let next = Pool::new(PoolConfig::new(Network::Regtest, None), 2, t0);
+        next.import_state(t0, &blob).unwrap();
+        let s = next.stats();
+        assert_eq!((s.bestshare, s.bestever), (30.0, 9000.0));
+        let erin = &s.users["erin"];
+        assert_eq!(
+            (
+                erin.workers["erin.a"].bestshare,
+                erin.workers["erin.a"].bestever
+            ),
+            (0.0, 9000.0)
+        );
+        assert_eq!(erin.workers["erin.b"].bestshare, 30.0);
+    }
+
+    #[test]
+    fn seeded_figures_are_decayed_by_the_gap_and_carry_on() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let wall = Duration::from_secs(1_700_000_000);
+        pool.set_wall_clock(t0, wall);
+        // Saved 120 s ago.
+        let clock = crate::SeedClock {
+            now: t0,
+            since_epoch: wall,
+            saved: 1_700_000_000 - 120,
+        };
+        assert_eq!(clock.gap(), Duration::from_secs(120));
+        let h = 1e12;
+        pool.registry.seed_pool(
+            &crate::SeedPool {
+                hashrates: [h; 7],
+                sps: [2.0; 4],
+                accepted_diff: 5000.0,
+                rejected: 3,
+                bestshare: 900.0,
+                round_diff: 1000.0,
+            },
+            &clock,
+        );
+        let rig = crate::SeedWorker {
+            hashrates: [h; 5],
+            accepted_diff: 2000.0,
+            bestshare: 800.0,
+            bestever: 4000.0,
+            lastshare: 1_700_000_000 - 125,
+        };
+        assert!(pool.registry.seed_worker("fred", "fred.1", &rig, &clock));
+        assert!(pool.registry.seed_worker("fred", "fred.2", &rig, &clock));
+        // A worker already there is left alone.
+        assert!(!pool.registry.seed_worker("fred", "fred.2", &rig, &clock));
+
+        let decayed = |w: u64| h * (-120.0 / w as f64).exp();
+        let s = pool.stats();
+        assert!(within(s.rates.hashrate1m, decayed(60)), "{:?}", s.rates);
+        assert!(within(s.rates.hashrate15m, decayed(900)), "{:?}", s.rates);
+        assert!(
+            within(s.rates.hashrate7d, decayed(7 * 86_400)),
+            "{:?}",
+            s.rates
+        );
+        assert!(within(s.rates.sps1m, 2.0 * (-2.0f64).exp()));
+        assert_eq!((s.accepted_diff, s.rejected), (5000.0, 3));
+        assert_eq!((s.bestshare, s.bestever), (900.0, 4000.0));
+        assert!(within(s.round_diff, 1000.0), "{}", s.round_diff);
+        let fred = &s.users["fred"];
+        let one = &fred.workers["fred.1"];
+        assert!(within(one.hashrate.hashrate1m, decayed(60)));
+        assert!(within(one.hashrate.hashrate1hr, decayed(3600)));
+        assert!(within(fred.hashrate.hashrate1m, 2.0 * decayed(60)));
+        assert_eq!(one.accepted_diff, 2000.0);
+        assert_eq!((one.bestshare, one.bestever), (800.0, 4000.0));
+        assert_eq!(one.lastshare, 1_700_000_000 - 125);
+        assert_eq!(fred.accepted_diff, 4000.0);
+        assert_eq!(fred.lastshare, 1_700_000_000 - 125);
+
+        // The first sample goes on from the seed: 2 s more of decay, no spike from the
+        // seeded totals.
+        let t1 = t0 + Duration::from_secs(2);
+        pool.sample_rates(t1);
+        let s = pool.stats();
+        let later = h * (-122.0f64 / 60.0).exp();
+        assert!(within(s.rates.hashrate1m, later), "{:?}", s.rates);
+        assert!(within(
+            s.users["fred"].workers["fred.1"].hashrate.hashrate1m,
+            later
+        ));
+        // New shares add to the seeded figures.
+        let stripe = pool.registry.totals_stripe();
+        let w = pool.registry.worker_stats("fred", "fred.1");
+        pool.registry
+            .record_share(&stripe, &w, Some(60.0), 5000.0, false, None, t1);
+        pool.sample_rates(t1 + Duration::from_secs(2));
+        let s = pool.stats();
+        let one = &s.users["fred"].workers["fred.1"];
+        assert_eq!((one.accepted, one.accepted_diff), (1, 2060.0));
+        assert_eq!((one.bestshare, one.bestever), (5000.0, 5000.0));
+        assert_eq!(s.accepted_diff, 5060.0);
+        let want = later * (-2.0f64 / 60.0).exp()
+            + 30.0 * HASHES_PER_DIFF * (1.0 - (-2.0f64 / 60.0).exp());
+        assert!(
+            within(one.hashrate.hashrate1m, want),
+            "{} vs {want}",
+            one.hashrate.hashrate1m
+        );
+    }
+
+    #[test]
+    fn seeded_users_follow_the_pruning_rules() {
+        let mut cfg = PoolConfig::new(Network::Regtest, None);
+        cfg.stats_idle = Duration::from_secs(3600);
+        cfg.max_users_per_ip = 1;
+        let pool = Pool::new(cfg, 1, Instant::now());
+        let t0 = Instant::now();
+        let wall = Duration::from_secs(1_700_000_000);
+        let clock = crate::SeedClock {
+            now: t0,
+            since_epoch: wall,
+            saved: 1_700_000_000 - 10,
+        };
+        let seed = |age: u64| crate::SeedWorker {
+            accepted_diff: 10.0,
+            lastshare: 1_700_000_000 - age,
+            ..Default::default()
+        };
+        assert!(pool.registry.seed_worker("old", "old", &seed(3000), &clock));
+        assert!(
+            pool.registry
+                .seed_worker("recent", "recent", &seed(60), &clock)
+        );
+        pool.sample_rates(t0);
+        assert_eq!(pool.registry.users(), 2);
+        // A seeded user counts against no address: one address may still add a user of its
+        // own, and take up a seeded one, beyond its limit of one.
+        let ip = std::net::IpAddr::from([10, 0, 0, 1]);
+        let mine = pool.registry.worker_stats_from("mine", "mine", Some(ip));
+        let stripe = pool.registry.totals_stripe();
+        pool.registry
+            .record_share(&stripe, &mine, Some(1.0), 1.0, false, None, t0);
+        let again = pool
+            .registry
+            .worker_stats_from("recent", "recent", Some(ip));
+        pool.registry
+            .record_share(&stripe, &again, Some(1.0), 1.0, false, None, t0);
+        assert_eq!(pool.stats().users["recent"].accepted_diff, 11.0);
+        // A seeded worker whose session closes keeps its figures (it has accepted difficulty).
+        pool.registry.release("recent", "recent", again);
+        assert_eq!(pool.registry.users(), 3);
+        // 601 s on: "old" (last share 3601 s ago) is forgotten; the others are not.
+        pool.sample_rates(t0 + Duration::from_secs(601));
+        let s = pool.stats();
+        assert_eq!(
+            s.users.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["mine", "recent"]
+        );
+        // An hour after its last share, "recent" goes too; "mine" is still connected.
+        pool.sample_rates(t0 + Duration::from_secs(3600));
+        assert_eq!(pool.stats().users.keys().collect::<Vec<_>>(), ["mine"]);
     }
 }

@@ -93,6 +93,15 @@ impl<const N: usize> Ema<N> {
         Self { rates }
     }
 
+    /// Decays the averages as an interval of `gap` with nothing accepted would (the same
+    /// [`Ema::update`], with an amount of zero): how figures saved before a restart are brought
+    /// up to date. A zero gap changes nothing.
+    pub fn idle(&mut self, gap: Duration, windows: &[Duration; N]) {
+        if let Some(decay) = Decay::new(gap, windows) {
+            self.update(0.0, &decay);
+        }
+    }
+
     /// The averages per second, in window order.
     pub fn rates(&self) -> [f64; N] {
         self.rates
@@ -198,6 +207,34 @@ mod tests {
         for (a, b) in regular.rates().iter().zip(sparse.rates()) {
             assert!(within(b, *a, 0.01), "{b} vs {a}");
         }
+    }
+
+    #[test]
+    fn an_idle_gap_decays_as_that_many_empty_samples() {
+        let mut sampled = Ema::<5>::from_rates([1000.0; 5]);
+        let mut idled = sampled;
+        // Ten minutes of 2 s samples with nothing accepted...
+        run(&mut sampled, &USER_WINDOWS, 0.0, 2.0, 300);
+        // ...and one idle gap of ten minutes: the same figures, e^(-600/W) of each.
+        idled.idle(Duration::from_secs(600), &USER_WINDOWS);
+        for ((w, a), b) in USER_WINDOWS.iter().zip(sampled.rates()).zip(idled.rates()) {
+            let want = 1000.0 * (-600.0 / w.as_secs_f64()).exp();
+            assert!(
+                (a - want).abs() < 1e-9 * 1000.0,
+                "window {w:?}: {a} vs {want}"
+            );
+            assert!(
+                (b - want).abs() < 1e-9 * 1000.0,
+                "window {w:?}: {b} vs {want}"
+            );
+        }
+        // The 1-minute figure is all but gone; the 7-day one barely moved.
+        assert!(idled.rates()[0] < 0.05);
+        assert!(idled.rates()[4] > 999.0);
+        // No gap, no change.
+        let mut same = Ema::<5>::from_rates([5.0; 5]);
+        same.idle(Duration::ZERO, &USER_WINDOWS);
+        assert_eq!(same.rates(), [5.0; 5]);
     }
 
     #[test]

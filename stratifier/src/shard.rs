@@ -1421,6 +1421,7 @@ impl State {
                             a.stats(&self.pool, ip),
                             None,
                             0.0,
+                            false,
                             Some(reason),
                             now,
                         );
@@ -1550,6 +1551,7 @@ impl State {
                 a.stats(pool, ip),
                 Some(judged.to_f64()),
                 hashed.sdiff,
+                first_sighting == Some(true),
                 None,
                 now,
             );

@@ -1,6 +1,18 @@
 //! The stats registry: counters where they change (a stripe of pool totals per shard, a cell
 //! per worker), moving averages the sampler folds in, and a snapshot that every view (admin
 //! `stats`, the stats files) renders.
+//!
+//! Best shares are kept per round and ever. The round is the number of blocks found
+//! ([`StatsRegistry::record_block`] bumps it); each counter remembers the round of its best
+//! share, and one from an older round reads and counts as zero, so a block resets every best
+//! share without walking any worker. The share that found the block is left out of the new
+//! round's best (ckpool's rule) but not out of the best ever.
+//!
+//! At start-up the daemon may seed a fresh registry from the stats files
+//! ([`StatsRegistry::seed_pool`], [`StatsRegistry::seed_worker`]): totals and best shares as
+//! saved, moving averages decayed by the time since they were saved with the same formula the
+//! sampler uses ([`Ema::idle`]), share times placed on this process's clock ([`SeedClock`]).
+//! Seeded workers are ordinary cells held by no session: the usual pruning applies to them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -87,8 +99,11 @@ pub struct WorkerStats {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty.
+    /// Best share difficulty of the current round (since the pool's last block; the share that
+    /// found it counts in the round it ended, as in ckpool).
     pub bestshare: f64,
+    /// Best share difficulty ever (kept across rounds and, through the stats files, restarts).
+    pub bestever: f64,
     /// Time of the last accepted share, unix seconds; 0 if none (or if the daemon has not told
     /// the pool the wall-clock time, see [`crate::Pool::set_wall_clock`]).
     pub lastshare: u64,
@@ -106,8 +121,10 @@ pub struct UserStats {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty.
+    /// Best share difficulty of the current round.
     pub bestshare: f64,
+    /// Best share difficulty ever.
+    pub bestever: f64,
     /// Time of the last accepted share of any of its workers, unix seconds; 0 if none.
     pub lastshare: u64,
     /// Hashrates: the sums of its workers'.
@@ -136,11 +153,25 @@ struct Totals {
     accepted: u64,
     rejected: u64,
     accepted_diff: f64,
+    /// Best of round `round`.
     bestshare: f64,
+    round: u64,
+    bestever: f64,
     reject_reasons: BTreeMap<&'static str, u64>,
 }
 
 impl Totals {
+    fn accept(&mut self, diff: f64, sdiff: f64, round: u64, solved: bool) {
+        self.accepted += 1;
+        self.accepted_diff += diff;
+        self.bestshare = best_of_round(self.bestshare, self.round, round);
+        self.round = round;
+        if !solved {
+            self.bestshare = self.bestshare.max(sdiff);
+        }
+        self.bestever = self.bestever.max(sdiff);
+    }
+
     fn reject(&mut self, reason: Option<Reject>) {
         self.rejected += 1;
         if let Some(r) = reason {
@@ -148,6 +179,17 @@ impl Totals {
         }
     }
 }
+
+/// A best share kept for round `of`, as of round `now`: gone once a block has ended its round.
+fn best_of_round(best: f64, of: u64, now: u64) -> f64 {
+    if of == now { best } else { 0.0 }
+}
+
+/// The number of blocks found so far: the current round. Only a block writes it, every share
+/// reads it, so it has a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Round(AtomicU64);
 
 /// Stripes of pool totals (shards beyond this share them).
 const STRIPES: usize = 64;
@@ -158,21 +200,37 @@ struct Counters {
     accepted: u64,
     rejected: u64,
     accepted_diff: f64,
+    /// Best of round `round`.
     bestshare: f64,
+    round: u64,
+    bestever: f64,
     last_share: Option<Instant>,
 }
 
 impl Counters {
-    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant) {
+    /// Counts a share: accepted at difficulty `accepted` (`solved`: it found a block, which
+    /// ended round `round - 1`: it stays out of the new round's best), or rejected.
+    fn add(&mut self, accepted: Option<f64>, sdiff: f64, now: Instant, round: u64, solved: bool) {
         match accepted {
             Some(diff) => {
                 self.accepted += 1;
                 self.accepted_diff += diff;
-                self.bestshare = self.bestshare.max(sdiff);
+                self.bestshare = best_of_round(self.bestshare, self.round, round);
+                self.round = round;
+                if !solved {
+                    self.bestshare = self.bestshare.max(sdiff);
+                }
+                self.bestever = self.bestever.max(sdiff);
                 self.last_share = Some(now);
             }
             None => self.rejected += 1,
         }
+    }
+
+    /// Whether it has accepted difficulty: shares counted here, or figures seeded from a stats
+    /// file (which give the difficulty but not the number of shares).
+    fn has_accepted(&self) -> bool {
+        self.accepted > 0 || self.accepted_diff > 0.0
     }
 }
 
@@ -260,8 +318,10 @@ pub struct StatsSnapshot {
     pub rejected: u64,
     /// Sum of accepted difficulty.
     pub accepted_diff: f64,
-    /// Best share difficulty.
+    /// Best share difficulty of the current round (since the pool's last block).
     pub bestshare: f64,
+    /// Best share difficulty ever.
+    pub bestever: f64,
     /// Rejects by reason.
     pub reject_reasons: BTreeMap<&'static str, u64>,
     /// Hashes of blocks found (RPC order).
@@ -293,6 +353,73 @@ pub(crate) struct SavedStats {
     users: Users,
 }
 
+/// The pool's figures as a stats file saved them, to seed a fresh registry with
+/// ([`StatsRegistry::seed_pool`]). Rates are as they were when saved; seeding decays them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeedPool {
+    /// Hashrates in hashes per second over 1, 5 and 15 minutes, 1 and 6 hours, 1 and 7 days.
+    pub hashrates: [f64; 7],
+    /// Accepted shares per second over 1, 5 and 15 minutes and 1 hour.
+    pub sps: [f64; 4],
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Rejected shares.
+    pub rejected: u64,
+    /// Best share of the current round.
+    pub bestshare: f64,
+    /// Difficulty accepted in the current round (since the pool's last block).
+    pub round_diff: f64,
+}
+
+/// One worker's figures as a user's stats file saved them ([`StatsRegistry::seed_worker`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeedWorker {
+    /// Hashrates in hashes per second over 1 and 5 minutes, 1 hour, 1 and 7 days.
+    pub hashrates: [f64; 5],
+    /// Sum of accepted difficulty.
+    pub accepted_diff: f64,
+    /// Best share of the current round.
+    pub bestshare: f64,
+    /// Best share ever.
+    pub bestever: f64,
+    /// Time of its last accepted share, unix seconds (0: none).
+    pub lastshare: u64,
+}
+
+/// When seeded figures were saved and what time it is now, to decay them by the gap and place
+/// their share times on this process's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedClock {
+    /// This process's present...
+    pub now: Instant,
+    /// ...and the wall-clock time then, since the unix epoch.
+    pub since_epoch: Duration,
+    /// When the figures were saved, unix seconds (a file's `lastupdate`).
+    pub saved: u64,
+}
+
+impl SeedClock {
+    /// How long ago the figures were saved (zero if the clock says they come from the future).
+    pub fn gap(&self) -> Duration {
+        self.since_epoch
+            .saturating_sub(Duration::from_secs(self.saved))
+    }
+
+    /// `unix` seconds on this process's clock; `None` for 0 (never).
+    fn instant(&self, unix: u64) -> Option<Instant> {
+        if unix == 0 {
+            return None;
+        }
+        // Half way through that second, so that turning it back into unix seconds (which
+        // truncates) gives `unix` again despite any drift between the two clocks.
+        let at = Duration::from_secs(unix) + Duration::from_millis(500);
+        let age = self.since_epoch.saturating_sub(at);
+        // An instant before the machine's boot may not be representable: the oldest one that
+        // is stands in (it is forgotten as idle just the same).
+        Some(self.now.checked_sub(age).unwrap_or(self.now))
+    }
+}
+
 /// Every statistic of the pool.
 pub struct StatsRegistry {
     stats: Mutex<Stats>,
@@ -307,6 +434,8 @@ pub struct StatsRegistry {
     /// When idle users were last looked for.
     last_forget: Mutex<Option<Instant>>,
     sampler: Mutex<PoolSampler>,
+    /// The current round (best shares are per round).
+    round: Round,
     /// An instant and the wall-clock time then (since the unix epoch), to report share times.
     wall_clock: Mutex<Option<(Instant, Duration)>>,
     /// Parked sessions within the resume window, as of the last sample.
@@ -336,6 +465,7 @@ impl Default for StatsRegistry {
             max_users_per_ip: AtomicU64::new(0),
             last_forget: Mutex::new(None),
             sampler: Mutex::new(PoolSampler::default()),
+            round: Round::default(),
             wall_clock: Mutex::new(None),
             parked: AtomicU64::new(0),
             clients: AtomicU64::new(0),
@@ -352,7 +482,10 @@ impl StatsRegistry {
     }
 
     /// Counts a block found (the candidate itself leaves as an [`crate::Event::Block`]).
+    /// A new round starts: best shares of the pool, every user and every worker start again
+    /// (each is reset when next counted or read, so nothing is walked here).
     pub(crate) fn record_block(&self, b: &BlockCandidate) {
+        self.round.0.fetch_add(1, Ordering::Relaxed);
         self.stats.lock().blocks.push(b.hash.clone());
         let user = b.worker.split(['.', '_']).next().unwrap_or("");
         self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
@@ -444,7 +577,7 @@ impl StatsRegistry {
             && let Some(c) = workers.get(worker)
             // The table's reference only: no session counts into it.
             && Arc::strong_count(c) == 1
-            && c.counters.lock().accepted == 0
+            && !c.counters.lock().has_accepted()
         {
             workers.remove(worker);
         }
@@ -506,27 +639,34 @@ impl StatsRegistry {
     }
 
     /// Counts a share in `stripe`: accepted at difficulty `accepted`, or rejected for `reason`.
+    /// `solved`: it found a block (recorded first with [`StatsRegistry::record_block`]); it
+    /// counts in the best ever but not in the best of the round it started.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the share path: no struct to build"
+    )]
     pub(crate) fn record_share(
         &self,
         stripe: &Stripe,
         w: &WorkerStatsRef,
         accepted: Option<f64>,
         sdiff: f64,
+        solved: bool,
         reason: Option<Reject>,
         now: Instant,
     ) {
+        let round = self.round.0.load(Ordering::Relaxed);
         {
             let mut t = stripe.0.lock();
             match accepted {
-                Some(diff) => {
-                    t.accepted += 1;
-                    t.accepted_diff += diff;
-                    t.bestshare = t.bestshare.max(sdiff);
-                }
+                Some(diff) => t.accept(diff, sdiff, round, solved),
                 None => t.reject(reason),
             }
         }
-        w.worker.counters.lock().add(accepted, sdiff, now);
+        w.worker
+            .counters
+            .lock()
+            .add(accepted, sdiff, now, round, solved);
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
@@ -603,13 +743,15 @@ impl StatsRegistry {
     /// blocks found, the sampler's state (rates and round), and each user's and worker's
     /// counters and rates. Times as ages before `now`.
     pub(crate) fn save(&self, w: &mut Writer, now: Instant) {
+        let round = self.round.0.load(Ordering::Relaxed);
         let mut t = Totals::default();
         for stripe in &*self.totals {
             let s = stripe.0.lock();
             t.accepted += s.accepted;
             t.rejected += s.rejected;
             t.accepted_diff += s.accepted_diff;
-            t.bestshare = t.bestshare.max(s.bestshare);
+            t.bestshare = t.bestshare.max(best_of_round(s.bestshare, s.round, round));
+            t.bestever = t.bestever.max(s.bestever);
             for (k, v) in &s.reject_reasons {
                 *t.reject_reasons.entry(k).or_default() += v;
             }
@@ -618,6 +760,7 @@ impl StatsRegistry {
         w.u64(t.rejected);
         w.f64(t.accepted_diff);
         w.f64(t.bestshare);
+        w.f64(t.bestever);
         w.len(t.reject_reasons.len());
         for (k, v) in &t.reject_reasons {
             w.str(k);
@@ -672,7 +815,8 @@ impl StatsRegistry {
                 w.u64(c.accepted);
                 w.u64(c.rejected);
                 w.f64(c.accepted_diff);
-                w.f64(c.bestshare);
+                w.f64(best_of_round(c.bestshare, c.round, round));
+                w.f64(c.bestever);
                 w.opt_age(c.last_share, now);
                 let r = *cell.rates.lock();
                 w.f64(r.sampled_diff);
@@ -690,6 +834,9 @@ impl StatsRegistry {
             rejected: r.u64()?,
             accepted_diff: r.f64()?,
             bestshare: r.f64()?,
+            // The round counts from zero again in the registry restored into.
+            round: 0,
+            bestever: r.f64()?,
             reject_reasons: BTreeMap::new(),
         };
         let n = r.count(12)?;
@@ -748,6 +895,8 @@ impl StatsRegistry {
                     rejected: r.u64()?,
                     accepted_diff: r.f64()?,
                     bestshare: r.f64()?,
+                    round: 0,
+                    bestever: r.f64()?,
                     last_share: r.opt_age(now)?,
                 };
                 let sampled_diff = r.f64()?;
@@ -794,11 +943,99 @@ impl StatsRegistry {
             *first.0.lock() = saved.totals;
         }
         self.stats.lock().blocks = saved.blocks;
+        self.round.0.store(0, Ordering::Relaxed);
         *self.sampler.lock() = saved.sampler;
         self.dropped_invalid
             .store(saved.dropped_invalid, Ordering::Relaxed);
         self.parked.store(saved.parked, Ordering::Relaxed);
         *self.users.lock() = saved.users;
+    }
+
+    /// Seeds a fresh registry's pool figures from a stats file (start-up, before the first
+    /// share and the first [`crate::Pool::sample_rates`]): the totals, best share and round
+    /// are added to what is counted, and the moving averages take the saved rates decayed by
+    /// the time since they were saved, as a share-less interval of that length would decay
+    /// them ([`Ema::idle`]). The next sample then goes on from `clock.now`.
+    pub fn seed_pool(&self, seed: &SeedPool, clock: &SeedClock) {
+        let finite = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        let round = self.round.0.load(Ordering::Relaxed);
+        if let Some(first) = self.totals.first() {
+            let mut t = first.0.lock();
+            t.accepted_diff += finite(seed.accepted_diff);
+            t.rejected = t.rejected.saturating_add(seed.rejected);
+            t.bestshare = best_of_round(t.bestshare, t.round, round).max(finite(seed.bestshare));
+            t.round = round;
+            t.bestever = t.bestever.max(finite(seed.bestshare));
+        }
+        let gap = clock.gap();
+        let mut diff = Ema::from_rates(seed.hashrates.map(|h| finite(h) / HASHES_PER_DIFF));
+        diff.idle(gap, &POOL_WINDOWS);
+        let mut shares = Ema::from_rates(seed.sps.map(finite));
+        shares.idle(gap, &SPS_WINDOWS);
+        let (total_diff, total_shares) = self.totals.iter().fold((0.0, 0u64), |(d, n), s| {
+            let t = s.0.lock();
+            (d + t.accepted_diff, n + t.accepted)
+        });
+        let blocks = self.stats.lock().blocks.len();
+        let mut p = self.sampler.lock();
+        p.diff = diff;
+        p.shares = shares;
+        p.last = Some(clock.now);
+        p.sampled_diff = total_diff;
+        p.sampled_shares = total_shares;
+        p.blocks_seen = blocks;
+        p.round_start_diff = total_diff - finite(seed.round_diff).min(total_diff);
+    }
+
+    /// Seeds worker `worker` of user `user` from a user's stats file (start-up, see
+    /// [`StatsRegistry::seed_pool`]): its accepted difficulty, best shares, last share and
+    /// hashrates decayed by the time since they were saved. The user's own figures are the
+    /// sums of its workers', as for any user. A seeded user is created by no address (it
+    /// counts against no `maxusersperip`), and a seeded worker is held by no session, so the
+    /// usual pruning forgets it once its last share is older than `statsidle`. A worker the
+    /// registry already has is left as it is; returns whether this one was added.
+    pub fn seed_worker(
+        &self,
+        user: &str,
+        worker: &str,
+        seed: &SeedWorker,
+        clock: &SeedClock,
+    ) -> bool {
+        let finite = |x: f64| if x.is_finite() && x > 0.0 { x } else { 0.0 };
+        let cell = self.user_cell(user);
+        let mut workers = cell.workers.lock();
+        if workers.contains_key(worker) {
+            return false;
+        }
+        let mut ema = Ema::from_rates(seed.hashrates.map(|h| finite(h) / HASHES_PER_DIFF));
+        ema.idle(clock.gap(), &USER_WINDOWS);
+        let accepted_diff = finite(seed.accepted_diff);
+        let bestshare = finite(seed.bestshare);
+        let bestever = finite(seed.bestever).max(bestshare);
+        let w = WorkerCell {
+            counters: Mutex::new(Counters {
+                accepted: 0,
+                rejected: 0,
+                accepted_diff,
+                bestshare,
+                round: self.round.0.load(Ordering::Relaxed),
+                bestever,
+                last_share: clock.instant(seed.lastshare),
+            }),
+            rates: Mutex::new(WorkerRates {
+                // Already counted: the next sample folds in only what comes after it.
+                sampled_diff: accepted_diff,
+                ema,
+            }),
+        };
+        workers.insert(worker.to_owned(), Arc::new(w));
+        drop(workers);
+        // The pool's best ever is at least its users' (`pool.status` does not save it).
+        if let Some(first) = self.totals.first() {
+            let mut t = first.0.lock();
+            t.bestever = t.bestever.max(bestever);
+        }
+        true
     }
 
     /// Every worker, without holding the user table's lock while the caller works on them.
@@ -848,6 +1085,7 @@ impl StatsRegistry {
     /// A snapshot of every counter: pool totals, rates, users and workers. It takes each
     /// counter's own small lock in turn, never one that the share path waits on for long.
     pub fn snapshot(&self) -> StatsSnapshot {
+        let round = self.round.0.load(Ordering::Relaxed);
         let job = self.job.lock().clone();
         let user_cells: Vec<(String, Arc<UserCell>)> = self
             .users
@@ -866,12 +1104,14 @@ impl StatsRegistry {
                     .lock()
                     .iter()
                     .map(|(name, cell)| {
-                        let w = *cell.counters.lock();
+                        let mut w = *cell.counters.lock();
+                        w.bestshare = best_of_round(w.bestshare, w.round, round);
                         let r = cell.rates.lock().ema;
                         c.accepted += w.accepted;
                         c.rejected += w.rejected;
                         c.accepted_diff += w.accepted_diff;
                         c.bestshare = c.bestshare.max(w.bestshare);
+                        c.bestever = c.bestever.max(w.bestever);
                         c.last_share = c.last_share.max(w.last_share);
                         ema.add(&r);
                         (
@@ -881,6 +1121,7 @@ impl StatsRegistry {
                                 rejected: w.rejected,
                                 accepted_diff: w.accepted_diff,
                                 bestshare: w.bestshare,
+                                bestever: w.bestever,
                                 lastshare: self.unix_secs(w.last_share),
                                 hashrate: Hashrates::from_ema(&r),
                             },
@@ -892,6 +1133,7 @@ impl StatsRegistry {
                     rejected: c.rejected,
                     accepted_diff: c.accepted_diff,
                     bestshare: c.bestshare,
+                    bestever: c.bestever,
                     lastshare: self.unix_secs(c.last_share),
                     hashrate: Hashrates::from_ema(&ema),
                     blocks: u.blocks.load(Ordering::Relaxed),
@@ -906,7 +1148,10 @@ impl StatsRegistry {
             sum.accepted += t.accepted;
             sum.rejected += t.rejected;
             sum.accepted_diff += t.accepted_diff;
-            sum.bestshare = sum.bestshare.max(t.bestshare);
+            sum.bestshare = sum
+                .bestshare
+                .max(best_of_round(t.bestshare, t.round, round));
+            sum.bestever = sum.bestever.max(t.bestever);
             for (r, n) in &t.reject_reasons {
                 *sum.reject_reasons.entry(r).or_default() += n;
             }
@@ -936,6 +1181,7 @@ impl StatsRegistry {
             rejected: sum.rejected,
             accepted_diff: sum.accepted_diff,
             bestshare: sum.bestshare,
+            bestever: sum.bestever,
             reject_reasons: sum.reject_reasons,
             blocks: s.blocks.clone(),
             clients: self.clients.load(Ordering::Relaxed),
