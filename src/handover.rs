@@ -29,15 +29,16 @@
 //! keeps serving; the new one exits with the reason. Connections already acked belong to the new
 //! instance.
 //!
-//! ## Not carried yet (TODO for the integrator)
+//! ## What moves
 //!
-//! The stratifier's pool state and sessions: [`PoolHooks`] sends an empty pool state and ignores
-//! the one it receives, and `crate::handoff`'s handler does not implement `on_export` /
-//! `on_adopt`, so an adopted connection starts as a fresh one (its miner must subscribe and
-//! authorise again), on the new instance and on the old one when it takes a connection back.
-//! Filling [`PoolHooks`] with `Pool::export_state` / `import_state` and the handler's
-//! `on_export` / `on_adopt` with `Shard::export_session` / `adopt_session` carries them; the
-//! protocol needs no change (bump [`VERSION`] when the formats change).
+//! The pool state ([`PoolHooks`]: `stratifier::Pool::export_state` / `import_state`: the job
+//! books with their duplicate sets, the extranonce1 and session-id counters and keys, the
+//! parked sessions, the share totals and the users' and workers' figures) and each
+//! connection's session (`crate::handoff`'s handler: `Shard::export_session` in `on_export`,
+//! `adopt_session` in `on_adopt`). Before the pool state is taken, the old instance settles
+//! (`crate::handoff::settle`): every line it read has been judged and its reply queued, so the
+//! totals are final and no reply is lost. The generator is not handed over: the new instance
+//! starts its own (blocks waiting on disk are resubmitted as at every start).
 
 pub(crate) mod wire;
 
@@ -53,6 +54,7 @@ use connector::{ConnState, Connector, ExportedConn, InheritedListener};
 use tracing::{error, info, warn};
 
 use self::wire::{Frame, Kind};
+use crate::handoff::{self, Msg};
 
 /// Version of the state a handover carries (frames, connection states, pool state, sessions).
 /// Two builds hand over only when they agree on it.
@@ -61,6 +63,9 @@ pub(crate) const VERSION: u32 = 1;
 pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the old instance tries to write what it owes before it exports the rest.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The environment variable that makes a new instance ask with another version (for tests of
+/// the refusal).
+pub(crate) const TEST_VERSION: &str = "CKPOOL_RS_HANDOVER_TEST_VERSION";
 /// The environment variable that makes a new instance exit on purpose once it has received the
 /// given number of batches, before adopting the last one (for tests of the failure path).
 pub(crate) const TEST_EXIT_AFTER_BATCHES: &str = "CKPOOL_RS_HANDOVER_TEST_EXIT_AFTER_BATCHES";
@@ -75,29 +80,17 @@ pub(crate) trait StateHooks {
 }
 
 /// The daemon's [`StateHooks`]: the stratifier's pool.
-pub(crate) struct PoolHooks(
-    #[expect(
-        dead_code,
-        reason = "used once the stratifier can export its state (TODO)"
-    )]
-    pub(crate) Arc<stratifier::Pool>,
-);
+pub(crate) struct PoolHooks(pub(crate) Arc<stratifier::Pool>);
 
 impl StateHooks for PoolHooks {
     fn export_pool_state(&self) -> Vec<u8> {
-        // TODO(integrator): `self.0.export_state()` once the stratifier has it.
-        Vec::new()
+        self.0.export_state(Instant::now())
     }
 
     fn import_pool_state(&self, blob: &[u8]) -> anyhow::Result<()> {
-        // TODO(integrator): `self.0.import_state(blob)` once the stratifier has it.
-        if !blob.is_empty() {
-            warn!(
-                bytes = blob.len(),
-                "the old instance sent a pool state this build cannot import yet; ignored"
-            );
-        }
-        Ok(())
+        self.0
+            .import_state(Instant::now(), blob)
+            .context("importing the old instance's pool state")
     }
 }
 
@@ -130,13 +123,17 @@ pub(crate) enum Outcome {
 
 /// Hands the connector's listeners and connections over on `stream` (whose `handover` request
 /// has been answered `ok`). Blocks until the commit or the failure.
-pub(crate) fn give<M: Send + Clone + 'static>(
-    conns: &Connector<M>,
-    stream: &UnixStream,
-    hooks: &dyn StateHooks,
-) -> Outcome {
+pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn StateHooks) -> Outcome {
     let started = Instant::now();
     let reports = conns.quiesce(Instant::now() + FLUSH_TIMEOUT);
+    if !handoff::settle(conns, Instant::now() + FLUSH_TIMEOUT) {
+        let e = anyhow!("the stratifier did not settle in time");
+        let _ = wire::send(stream, Kind::Abort, format!("{e:#}").as_bytes(), &[]);
+        handoff::release(conns);
+        conns.resume();
+        error!(error = %e, "handover failed; serving on");
+        return Outcome::Failed(e);
+    }
     let held: usize = reports.iter().map(|r| r.connections).sum();
     let unflushed = reports.iter().filter(|r| !r.flushed).count();
     info!(
@@ -158,6 +155,7 @@ pub(crate) fn give<M: Send + Clone + 'static>(
         }
         Err((e, pending)) => {
             let _ = wire::send(stream, Kind::Abort, format!("{e:#}").as_bytes(), &[]);
+            handoff::release(conns);
             conns.resume();
             let back = take_back(conns, pending);
             error!(error = %format!("{e:#}"), handed_over = handed, taken_back = back, "handover failed; serving on");
@@ -167,8 +165,8 @@ pub(crate) fn give<M: Send + Clone + 'static>(
 }
 
 /// The old side's steps; on failure, the error and the connections exported and not acked.
-fn give_all<M: Send + Clone + 'static>(
-    conns: &Connector<M>,
+fn give_all(
+    conns: &Connector<Msg>,
     stream: &UnixStream,
     hooks: &dyn StateHooks,
     handed: &mut usize,
@@ -323,7 +321,11 @@ pub(crate) fn request(admin: &Path) -> anyhow::Result<Option<Incoming>> {
     stream.set_read_timeout(Some(ACK_TIMEOUT))?;
     stream.set_write_timeout(Some(ACK_TIMEOUT))?;
     let mut s = &stream;
-    common::admin::write_message(&mut s, format!("handover {VERSION}").as_bytes())
+    let version = std::env::var(TEST_VERSION)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(VERSION);
+    common::admin::write_message(&mut s, format!("handover {version}").as_bytes())
         .context("asking the running instance for a handover")?;
     let reply = common::admin::read_message(&mut s)
         .context("reading the running instance's answer")?

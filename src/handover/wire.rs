@@ -233,9 +233,13 @@ mod tests {
         // Real sockets: the receiver's copies must reach the same connection.
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let clients: Vec<TcpStream> = (0..MAX_FDS)
-            .map(|_| TcpStream::connect(addr).expect("connect"))
-            .collect();
+        // Each accepted at once: the backlog may be shorter than 253.
+        let (clients, _accepted): (Vec<TcpStream>, Vec<TcpStream>) = (0..MAX_FDS)
+            .map(|_| {
+                let c = TcpStream::connect(addr).expect("connect");
+                (c, listener.accept().expect("accept").0)
+            })
+            .unzip();
         let borrowed: Vec<BorrowedFd<'_>> = clients.iter().map(AsFd::as_fd).collect();
         send(&a, Kind::Batch, b"states", &borrowed).expect("send batch");
         send(&a, Kind::Commit, b"", &[]).expect("send commit");

@@ -73,8 +73,28 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
-    pool.new_template(first, Instant::now())
-        .context("building the first job")?;
+    let hooks = PoolHooks(Arc::clone(&pool));
+    let admin_path = settings.admin_socket();
+    // -H: the running instance's listeners and pool state come first (the pool must be fresh
+    // to take its state); its connections once the connector runs. Its own first template
+    // then becomes a job, as a template update would.
+    let incoming = if instance.pending_handover() {
+        let incoming = handover::request(&admin_path)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "-H: the running instance does not answer on {}",
+                admin_path.display()
+            )
+        })?;
+        info!(listeners = ?incoming.addrs, "handover: listeners received");
+        incoming
+            .import_pool_state(&hooks)
+            .context("-H: the handover failed; the old instance serves on")?;
+        Some(incoming)
+    } else {
+        pool.new_template(Arc::clone(&first), Instant::now())
+            .context("building the first job")?;
+        None
+    };
     // Hashrate sampling and the stats files (pool.status, users/<name>).
     let stats_writer = status::start(
         Arc::clone(&pool),
@@ -88,24 +108,11 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     let handoff = settings.handoff;
     let threads = settings.threads;
     info!(%handoff, threads, "stratifier handoff");
-    let admin_path = settings.admin_socket();
-    let hooks = PoolHooks(Arc::clone(&pool));
     let mut ccfg = settings.connector();
-    let incoming = if instance.pending_handover() {
-        let incoming = handover::request(&admin_path)?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "-H: the running instance does not answer on {}",
-                admin_path.display()
-            )
-        })?;
-        info!(listeners = ?incoming.addrs, "handover: listeners received");
-        incoming.import_pool_state(&hooks)?;
+    if let Some(incoming) = &incoming {
         ccfg.listen.clear();
         ccfg.inherited.clone_from(&incoming.listeners);
-        Some(incoming)
-    } else {
-        None
-    };
+    }
     let conns = match handoff::start(handoff, ccfg, Arc::clone(&pool), sinks) {
         Ok(conns) => conns,
         Err(e) => {
@@ -138,6 +145,10 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         if let Err(e) = instance.take_over(settings) {
             running.stop();
             return Err(e);
+        }
+        match pool.new_template(first, Instant::now()) {
+            Ok(job) => running.conns.broadcast(Msg::Job(job)),
+            Err(e) => error!(error = %e, "cannot build a job from the first template"),
         }
     }
 
