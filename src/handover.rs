@@ -11,11 +11,14 @@
 //! 1. old → new `Listeners`: a descriptor per listening socket (`SCM_RIGHTS`), their addresses
 //!    one a line;
 //! 2. old → new `PoolState`: the stratifier's state, opaque ([`StateHooks`]);
-//! 3. old → new `Batch`, as many as needed: at most [`wire::MAX_FDS`] connections, their
-//!    descriptors and their `connector::ConnState::encode` bytes (whose `user` part is the
-//!    session as the handler's `on_export` left it); new → old `Ack` with the count adopted,
-//!    after which the old instance closes its copies;
-//! 4. old → new `Commit`, new → old `Ack`: the new instance owns everything, the old one exits 0.
+//! 3. new → old `Ack` once its connector runs (ready), carrying how many descriptors it can
+//!    take in the next batch (its open-files limit less what it has open, at most
+//!    [`wire::MAX_FDS`]);
+//! 4. old → new `Batch`, as many as needed: at most that many connections, their descriptors
+//!    and their `connector::ConnState::encode` bytes (whose `user` part is the session as the
+//!    handler's `on_export` left it); new → old `Ack` with the count adopted and the room for
+//!    the next batch, after which the old instance closes its copies;
+//! 5. old → new `Commit`, new → old `Ack`: the new instance owns everything, the old one exits 0.
 //!
 //! The old instance quiesces its connector when it says `ok` (no accepting, no reading, what it
 //! owes flushed), so nothing is read twice or lost: a connection's unread bytes stay in its
@@ -51,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use connector::{ConnState, Connector, ExportedConn, InheritedListener};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::wire::{Frame, Kind};
 use crate::handoff::{self, Msg};
@@ -194,9 +197,20 @@ fn give_all(
     wire::send(stream, Kind::PoolState, &hooks.export_pool_state(), &[])
         .context("sending the pool state")
         .map_err(fail)?;
+    // The new instance says when its connector runs, and after each batch, how many
+    // descriptors it can take next (its open-files limit): a batch never exceeds it.
+    let (_, mut room) = expect_ack(stream)
+        .context("waiting for the new instance to be ready")
+        .map_err(fail)?;
     loop {
+        let want = room.min(wire::MAX_FDS);
+        if want == 0 {
+            return Err(fail(anyhow!(
+                "the new instance has no descriptor left for the next batch (its open-files limit)"
+            )));
+        }
         let batch = conns
-            .export(wire::MAX_FDS)
+            .export(want)
             .context("exporting connections")
             .map_err(fail)?;
         if batch.is_empty() {
@@ -209,7 +223,7 @@ fn give_all(
         drop(fds);
         let acked = sent.and_then(|()| expect_ack(stream));
         match acked {
-            Ok(n) => {
+            Ok((n, next_room)) => {
                 if n != batch.len() {
                     warn!(
                         sent = batch.len(),
@@ -218,6 +232,11 @@ fn give_all(
                     );
                 }
                 *handed += batch.len();
+                debug!(
+                    connections = batch.len(),
+                    next_room, "handover: batch acked"
+                );
+                room = next_room;
                 // Our copies close here: the new instance has them.
                 drop(batch);
             }
@@ -233,18 +252,12 @@ fn give_all(
     Ok(())
 }
 
-/// Waits for an `Ack` and returns its count.
-fn expect_ack(stream: &UnixStream) -> anyhow::Result<usize> {
+/// Waits for an `Ack`: the count it acknowledges and the descriptors the new instance can
+/// take in the next batch.
+fn expect_ack(stream: &UnixStream) -> anyhow::Result<(usize, usize)> {
     let frame = wire::recv(stream).context("waiting for the new instance's ack")?;
     match frame.kind {
-        Kind::Ack => {
-            let n = frame
-                .payload
-                .first_chunk::<4>()
-                .map(|b| u32::from_be_bytes(*b) as usize)
-                .ok_or_else(|| anyhow!("short ack"))?;
-            Ok(n)
-        }
+        Kind::Ack => wire::parse_ack(&frame.payload).ok_or_else(|| anyhow!("short ack")),
         Kind::Abort => bail!(
             "the new instance gave up: {}",
             String::from_utf8_lossy(&frame.payload)
@@ -373,6 +386,14 @@ impl Incoming {
             .ok()
             .and_then(|v| v.parse().ok());
         let (mut adopted, mut batches) = (0, 0usize);
+        // Ready: the connector runs.
+        wire::send(
+            &self.stream,
+            Kind::Ack,
+            &wire::ack_payload(0, fd_room()),
+            &[],
+        )
+        .context("telling the old instance this one is ready")?;
         loop {
             let frame = wire::recv(&self.stream).context("receiving from the old instance")?;
             match frame.kind {
@@ -401,11 +422,16 @@ impl Incoming {
                         }
                     }
                     adopted += n;
-                    wire::send(&self.stream, Kind::Ack, &wire::ack_payload(n), &[])
-                        .context("acking a batch")?;
+                    wire::send(
+                        &self.stream,
+                        Kind::Ack,
+                        &wire::ack_payload(n, fd_room()),
+                        &[],
+                    )
+                    .context("acking a batch")?;
                 }
                 Kind::Commit => {
-                    wire::send(&self.stream, Kind::Ack, &wire::ack_payload(adopted), &[])
+                    wire::send(&self.stream, Kind::Ack, &wire::ack_payload(adopted, 0), &[])
                         .context("acking the commit")?;
                     return Ok(adopted);
                 }
@@ -417,6 +443,23 @@ impl Incoming {
             }
         }
     }
+}
+
+/// Descriptors this process can still open, less a margin for what it opens meanwhile (log
+/// files, sockets to bitcoind, the admin socket): the most the next batch may carry (a
+/// received descriptor past the open-files limit would be lost). On io_uring an adopted
+/// connection's descriptor is closed once installed, so this comes back after each batch.
+fn fd_room() -> usize {
+    /// Descriptors kept free for everything else.
+    const MARGIN: u64 = 32;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count) as u64;
+    let room = limit.saturating_sub(open).saturating_sub(MARGIN);
+    usize::try_from(room)
+        .unwrap_or(usize::MAX)
+        .min(wire::MAX_FDS)
 }
 
 /// Receives a frame of kind `want` (an `Abort` is an error with its reason).

@@ -363,3 +363,107 @@ fn admin_restart_upgrades_in_place() {
         rustix::process::test_kill_process(pid).is_err()
     });
 }
+
+/// More connections than the new instance's open-files limit (io_uring: a connection holds no
+/// regular descriptor once installed): the batches follow the room the new instance reports,
+/// and every miner is handed over.
+#[test]
+fn handover_beyond_the_open_files_limit_goes_in_batches() {
+    let tag = "handover_beyond_the_open_files_limit_goes_in_batches";
+    if bitcoind_or_skip(tag).is_none() {
+        return;
+    }
+    if std::env::var("POOL_BACKEND").as_deref() == Ok("epoll") || connector::probe_uring().is_err()
+    {
+        eprintln!("{tag}: skipped (needs io_uring: with epoll each connection is a descriptor)");
+        return;
+    }
+    const CONNS: usize = 400;
+    const NOFILE: u64 = 256;
+    let (_node, mut old) = start_pool("ho-limit");
+    assert_eq!(old.stats()["io"], "uring");
+    // A few miners that submit, and many that are only logged in.
+    let mut ms = miners(&old, "limit");
+    let before: Vec<(String, Option<f64>)> = ms.iter().map(|m| (m.en1.clone(), m.diff)).collect();
+    let mut idle: Vec<Client> = (0..CONNS - MINERS)
+        .map(|i| {
+            let mut c = Client::connect(old.addr);
+            c.login(&format!("limit.idle{i}"));
+            c
+        })
+        .collect();
+    let mut new = old.spawn_sibling_limited(&["-H"], &[], "new.log", Some(NOFILE));
+    let status = exited(&mut old, "the old instance");
+    assert!(
+        status.success(),
+        "{status}; old log:\n{}\nnew log:\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    assert!(new.is_running(), "new log:\n{}", new.log_text());
+    let log = new.log_text();
+    assert!(
+        log.contains(&format!(
+            "took the running instance over connections={CONNS}"
+        )),
+        "new log:\n{log}"
+    );
+    check_sessions_survived(&mut ms, &before);
+    // The idle ones too: still open, and their session answers a subscribe as before.
+    for c in &mut idle {
+        assert!(c.read_line().is_ok(), "an idle connection was closed");
+    }
+    let stats = new.stats();
+    assert_eq!(stats["clients"], CONNS, "{stats}");
+    // More than one batch went, none above the limit.
+    let sizes: Vec<u64> = old
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("handover: batch acked"))
+        .filter_map(|l| {
+            let at = l.find("connections=")? + "connections=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(sizes.len() >= 2, "batches {sizes:?}");
+    assert_eq!(sizes.iter().sum::<u64>(), CONNS as u64, "batches {sizes:?}");
+    assert!(sizes.iter().all(|&n| n < NOFILE), "batches {sizes:?}");
+}
+
+/// As ckpool: a second instance with neither `-k` nor `-H` refuses to start beside a live one
+/// (exit non-zero, saying which flags to use); with `-k` it stops the old one and takes its
+/// place.
+#[test]
+fn without_k_or_h_a_second_instance_refuses_and_k_replaces_the_old() {
+    let tag = "without_k_or_h_a_second_instance_refuses_and_k_replaces_the_old";
+    if bitcoind_or_skip(tag).is_none() {
+        return;
+    }
+    let (_node, mut old) = start_pool("ho-flags");
+    let mut plain = old.spawn_sibling(&[], &[], "plain.log");
+    let status = exited(&mut plain, "the second instance");
+    assert!(!status.success(), "{status}");
+    let log = plain.log_text();
+    assert!(
+        log.contains("already running") && log.contains("-k") && log.contains("-H"),
+        "log:\n{log}"
+    );
+    assert!(old.is_running());
+    assert_eq!(old.pidfile_pid(), Some(old.pid()));
+
+    let mut killer = old.spawn_sibling(&["-k"], &[], "killer.log");
+    exited(&mut old, "the old instance, killed by -k");
+    wait_until("the -k instance's pid file", WAIT, || {
+        killer.pidfile_pid() == Some(killer.pid())
+    });
+    wait_until("the -k instance to serve", WAIT, || {
+        killer.admin("ping").as_deref() == Some("pong")
+    });
+    assert!(killer.is_running(), "log:\n{}", killer.log_text());
+    let mut m = RawMiner::connect(&killer, "flags.1");
+    assert_eq!(m.share()["result"], true);
+}

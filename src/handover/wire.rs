@@ -31,7 +31,8 @@ pub(crate) enum Kind {
     Batch,
     /// Old → new: nothing follows; the new instance owns everything once it acks this.
     Commit,
-    /// New → old: the last frame was taken over (payload: the count adopted, `u32`).
+    /// New → old: ready (first), or the last frame was taken over (payload: the count adopted
+    /// and the descriptors the next batch may carry, `u32` each).
     Ack,
     /// Either way: the handover is off (payload: the reason, text).
     Abort,
@@ -215,9 +216,23 @@ pub(crate) fn decode_batch(payload: &[u8], expect: usize) -> io::Result<Vec<conn
     Ok(states)
 }
 
-/// An ack's payload: the count adopted.
-pub(crate) fn ack_payload(count: usize) -> [u8; 4] {
-    u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes()
+/// An ack's payload: the count adopted, then the descriptors the sender can take in the next
+/// batch (both `u32`, big-endian).
+pub(crate) fn ack_payload(count: usize, room: usize) -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p[..4].copy_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_be_bytes());
+    p[4..].copy_from_slice(&u32::try_from(room).unwrap_or(u32::MAX).to_be_bytes());
+    p
+}
+
+/// Reads [`ack_payload`] back: (count, room); `None` when short.
+pub(crate) fn parse_ack(payload: &[u8]) -> Option<(usize, usize)> {
+    let (count, rest) = payload.split_first_chunk::<4>()?;
+    let room = rest.first_chunk::<4>()?;
+    Some((
+        u32::from_be_bytes(*count) as usize,
+        u32::from_be_bytes(*room) as usize,
+    ))
 }
 
 #[cfg(test)]

@@ -155,6 +155,18 @@ impl PoolProcess {
     /// `flags` (e.g. `-H`) and `env`, logging to `log_name` in the same directory; does not
     /// wait for it. Its drop leaves the directory to this one.
     pub fn spawn_sibling(&self, flags: &[&str], env: &[(&str, &str)], log_name: &str) -> Self {
+        self.spawn_sibling_limited(flags, env, log_name, None)
+    }
+
+    /// [`PoolProcess::spawn_sibling`] with its open-files limit (soft and hard) set to `nofile`.
+    pub fn spawn_sibling_limited(
+        &self,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        log_name: &str,
+        nofile: Option<u64>,
+    ) -> Self {
+        use std::os::unix::process::CommandExt;
         let log = self.dir.join(log_name);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpool-rs"));
         cmd.arg("-c")
@@ -171,6 +183,25 @@ impl PoolProcess {
         cmd.current_dir(&self.dir);
         cmd.stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(n) = nofile {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            let set = move || {
+                // SAFETY: setrlimit(2) only reads `lim`, a valid rlimit owned by the closure.
+                if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            // SAFETY: the hook runs in the forked child before exec; it only calls
+            // setrlimit(2), which is async-signal-safe, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(set);
+            }
+        }
         Self {
             child: cmd.spawn().unwrap(),
             dir: self.dir.clone(),
