@@ -917,6 +917,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handed_over_state_round_trips_and_bad_state_is_refused() {
+        let mut state = Vec::new();
+        wrap_session(&mut state, None, &[], false);
+        assert!(state.is_empty(), "nothing to carry: nothing written");
+        assert_eq!(unwrap_session(&state), Some((None, &[][..], false)));
+        wrap_session(&mut state, Some(b"session"), b"{\"id\":1}\n", true);
+        assert_eq!(
+            unwrap_session(&state),
+            Some((Some(&b"session"[..]), &b"{\"id\":1}\n"[..], true))
+        );
+        // Truncated inside the session, or inside its length: refused, never a panic.
+        for n in 1..8 {
+            assert_eq!(unwrap_session(&state[..n]), None, "{n} bytes");
+        }
+        let mut only_extra = Vec::new();
+        wrap_session(&mut only_extra, None, b"x\n", false);
+        assert_eq!(
+            unwrap_session(&only_extra),
+            Some((None, &b"x\n"[..], false))
+        );
+    }
+
+    #[test]
+    fn held_output_is_taken_per_connection_in_order() {
+        let (a, b) = (ConnId::new(0, 0, 1), ConnId::new(0, 0, 2));
+        let mut out = ShardOut::new(Sinks {
+            blocks: None,
+            shares: None,
+        });
+        out.hold = true;
+        {
+            use stratifier::Out;
+            out.send(ClientId::Direct(a), b"one\n".to_vec());
+            out.send(ClientId::Direct(b), b"other\n".to_vec());
+            out.send_shared(ClientId::Direct(a), Arc::from(&b"two\n"[..]));
+        }
+        assert_eq!(out.take_held(a), (b"one\ntwo\n".to_vec(), false));
+        assert_eq!(out.actions.len(), 1, "b's output stays");
+        {
+            use stratifier::Out;
+            out.close(ClientId::Direct(b));
+        }
+        assert_eq!(out.take_held(b), (b"other\n".to_vec(), true));
+        assert!(out.actions.is_empty() && out.closing.is_empty());
+    }
+
+    #[test]
     fn handoff_names_round_trip() {
         for h in [Handoff::Inline, Handoff::Queue] {
             assert_eq!(Handoff::from_name(h.as_str()), Some(h));
