@@ -3,7 +3,10 @@
 //! Commands: `ping` → `pong`; `stats` → JSON statistics; `update` → asks the generator for a new
 //! template (what the notifier sends); `loglevel=N` → `success` (sets the log level as `-l N`
 //! does and reopens the log file), `Invalid` or `Failed`, as ckpool's; `shutdown` → `exiting`;
-//! anything else → `unknown`.
+//! `restart` → `restarting <pid>` (starts this binary again with `-H`, which takes this instance
+//! over: see `crate::handover`) or `failed: <reason>`; `handover <version>` → a new instance's
+//! request, answered `refused: <reason>` here or `ok` by the main loop, which then hands over on
+//! the same connection; anything else → `unknown`.
 //!
 //! The admin thread never holds the generator: the daemon must own it alone to shut it down
 //! (which submits the blocks still queued). It reaches it through a [`GenLink`] instead.
@@ -80,6 +83,8 @@ pub(crate) struct AdminCtx {
     pub(crate) shutdown: Arc<AtomicBool>,
     /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
     pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
+    /// Where a `handover` request's connection goes (to the main loop; bounded to one).
+    pub(crate) handover: Sender<UnixStream>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -155,6 +160,22 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
         "shutdown" => {
             ctx.shutdown.store(true, Ordering::Relaxed);
             b"exiting".to_vec()
+        }
+        "restart" => match crate::handover::restart() {
+            Ok(pid) => format!("restarting {pid}").into_bytes(),
+            Err(e) => format!("failed: {e}").into_bytes(),
+        },
+        _ if cmd.starts_with("handover ") => {
+            let refusal = crate::handover::version_refusal(cmd.trim_start_matches("handover "));
+            let Some(refusal) = refusal else {
+                let busy = "refused: a handover is already under way";
+                return match ctx.handover.try_send(stream) {
+                    Ok(()) => Ok(()),
+                    Err(e) => common::admin::write_message(&mut e.into_inner(), busy.as_bytes()),
+                };
+            };
+            warn!(%refusal, "handover request refused");
+            refusal.into_bytes()
         }
         _ => b"unknown".to_vec(),
     };

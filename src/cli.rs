@@ -25,7 +25,8 @@ pub(crate) struct Cli {
     /// Group for the unix sockets (accepted for compatibility).
     #[arg(short = 'g', long = "group")]
     pub(crate) group: Option<String>,
-    /// Take over a running instance (not implemented yet: behaves as -k).
+    /// Take over a running instance's listeners and connections without disconnecting anyone
+    /// (starts normally, with a warning, when none is running).
     #[arg(short = 'H', long = "handover")]
     pub(crate) handover: bool,
     /// Kill a running instance with the same name.

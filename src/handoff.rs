@@ -118,6 +118,110 @@ pub(crate) enum Msg {
     Output(Vec<Action>),
     /// Queue mode: the handle the stratifier threads answer through (sent once, after start).
     Start(ConnectorHandle<Self>),
+    /// Handover ([`settle`]): answer on the sender once every line read so far has been judged
+    /// and its replies are in the connector's outbox; from then on a stratifier thread holds its
+    /// output (for the exports) until [`Msg::Release`].
+    Settle(crossbeam_channel::Sender<()>),
+    /// Queue mode: a stratifier thread's answer to [`Msg::Settle`], after its output.
+    Settled(crossbeam_channel::Sender<()>),
+    /// Handover called off ([`release`]): stratifier threads send their output again.
+    Release,
+}
+
+/// A handover's first step after the connector's quiesce: waits (until `deadline`) until every
+/// line the connector threads read has been judged and what the shards wrote is in the
+/// connector's outboxes (travelling with the exported connections), and makes the queue
+/// variant's stratifier threads hold their output from then on. False at the deadline.
+pub(crate) fn settle(conns: &Connector<Msg>, deadline: Instant) -> bool {
+    let threads = conns.threads();
+    let (tx, rx) = crossbeam_channel::bounded(threads);
+    conns.broadcast(Msg::Settle(tx));
+    (0..threads).all(|_| rx.recv_deadline(deadline).is_ok())
+}
+
+/// Undoes [`settle`] (the handover failed): the stratifier threads send their output again.
+pub(crate) fn release(conns: &Connector<Msg>) {
+    conns.broadcast(Msg::Release);
+}
+
+/// How long a queue-mode connector thread waits for its stratifier thread to export a session.
+const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What travels in a handed-over connection's [`connector::ConnState::user`]: a flags byte
+/// ([`CLOSE_AFTER`]), the session's length (`u32`, little-endian, 0 for none) and bytes
+/// ([`Shard::export_session`]), then the bytes the shard had written for it and the connector
+/// had not yet taken (queue variant), to send first. Empty for a connection with no session.
+fn wrap_session(state: &mut Vec<u8>, session: Option<&[u8]>, extra: &[u8], close: bool) {
+    if session.is_none() && extra.is_empty() && !close {
+        return;
+    }
+    let session = session.unwrap_or_default();
+    state.push(if close { CLOSE_AFTER } else { 0 });
+    state.extend_from_slice(
+        &u32::try_from(session.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    state.extend_from_slice(session);
+    state.extend_from_slice(extra);
+}
+
+/// Flag of [`wrap_session`]: the shard had closed the connection (close it after the bytes).
+const CLOSE_AFTER: u8 = 1;
+
+/// A handed-over connection's state read back: (session, bytes to send first, close after).
+type Wrapped<'a> = (Option<&'a [u8]>, &'a [u8], bool);
+
+/// Reads what [`wrap_session`] wrote (`None`: malformed).
+fn unwrap_session(state: &[u8]) -> Option<Wrapped<'_>> {
+    if state.is_empty() {
+        return Some((None, &[], false));
+    }
+    let (&flags, rest) = state.split_first()?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let (session, extra) = rest.split_at(len);
+    Some((
+        (len > 0).then_some(session),
+        extra,
+        flags & CLOSE_AFTER != 0,
+    ))
+}
+
+/// Adopts a handed-over session into `shard` for connection `conn`; on failure (another
+/// build's format, an extranonce1 in use...) the connection starts afresh and is closed, so
+/// its miner reconnects cleanly rather than submit on a session this process does not know.
+#[expect(clippy::too_many_arguments, reason = "the callback's own arguments")]
+fn adopt_into(
+    shard: &mut Shard,
+    now: Instant,
+    conn: ConnId,
+    peer: SocketAddr,
+    listener: usize,
+    session: Option<&[u8]>,
+    close: bool,
+    out: &mut dyn stratifier::Out,
+) {
+    let adopted = match session {
+        None => {
+            shard.on_open(now, conn, peer, listener);
+            true
+        }
+        Some(s) => match shard.adopt_session(now, conn, peer, listener, s) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%conn, %peer, error = %e, "handed-over session refused; closing the connection");
+                shard.on_open(now, conn, peer, listener);
+                false
+            }
+        },
+    };
+    if close || !adopted {
+        out.close(ClientId::Direct(conn));
+    }
 }
 
 /// Where the stratifier's events go: block candidates to the generator's submitter, share
@@ -265,7 +369,14 @@ impl connector::Handler for StratumHandler {
                     let InlineHandler { shard, sinks } = h;
                     shard.on_job(&job, &mut OutboxOut { outbox: out, sinks });
                 }
-                Msg::Output(_) | Msg::Start(_) => debug!("queue-mode message ignored inline"),
+                // Inline, what the shard wrote is in the outbox already.
+                Msg::Settle(tx) => {
+                    let _ = tx.send(());
+                }
+                Msg::Release => {}
+                Msg::Output(_) | Msg::Start(_) | Msg::Settled(_) => {
+                    debug!("queue-mode message ignored inline");
+                }
             },
             Self::Queue(h) => h.on_msg(msg, out),
         }
@@ -284,6 +395,44 @@ impl connector::Handler for StratumHandler {
     fn on_batch_end(&mut self, _now: Instant, _out: &mut Outbox) {
         if let Self::Queue(h) = self {
             h.send_batch();
+        }
+    }
+
+    fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        match self {
+            Self::Inline(h) => {
+                let session = h.shard.export_session(now, conn);
+                wrap_session(state, session.as_deref(), &[], false);
+            }
+            Self::Queue(h) => h.on_export(now, conn, state),
+        }
+    }
+
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        state: &[u8],
+        out: &mut Outbox,
+    ) {
+        let Some((session, extra, close)) = unwrap_session(state) else {
+            warn!(%conn, %peer, "malformed handed-over connection state; closing the connection");
+            self.on_open(now, conn, peer, listener, out);
+            out.close(conn);
+            return;
+        };
+        if !extra.is_empty() {
+            out.send(conn, extra.to_vec());
+        }
+        match self {
+            Self::Inline(h) => {
+                let InlineHandler { shard, sinks } = h;
+                let mut o = OutboxOut { outbox: out, sinks };
+                adopt_into(shard, now, conn, peer, listener, session, close, &mut o);
+            }
+            Self::Queue(h) => h.on_adopt(now, conn, peer, listener, session, close, out),
         }
     }
 }
@@ -387,6 +536,25 @@ enum Event {
     /// more hop on a message that comes a few times a minute.
     Job(Arc<Job>),
     Start(ConnectorHandle<Msg>),
+    /// A handed-over connection: its session is `arena[range]` (empty range: none).
+    Adopt {
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        range: Option<Range<usize>>,
+        close: bool,
+    },
+    /// Export the connection's session (and take its held output) and answer on the sender.
+    Export {
+        now: Instant,
+        conn: ConnId,
+        reply: crossbeam_channel::Sender<Vec<u8>>,
+    },
+    /// See [`Msg::Settle`].
+    Settle(crossbeam_channel::Sender<()>),
+    /// See [`Msg::Release`].
+    Release,
 }
 
 /// Queue mode, connector side: collects events into a batch and applies the stratifier thread's
@@ -478,7 +646,70 @@ impl QueueHandler {
             }
             Msg::Job(job) => self.push(Event::Job(job)),
             Msg::Start(handle) => self.push(Event::Start(handle)),
+            Msg::Settle(tx) => {
+                if self.shard_gone {
+                    let _ = tx.send(());
+                } else {
+                    self.push(Event::Settle(tx));
+                    self.send_batch();
+                }
+            }
+            Msg::Settled(tx) => {
+                let _ = tx.send(());
+            }
+            Msg::Release => {
+                self.push(Event::Release);
+                self.send_batch();
+            }
         }
+    }
+
+    /// Handover: the stratifier thread exports the session (a round trip, the connector being
+    /// quiesced); what it held for the connection travels too.
+    fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        if self.shard_gone {
+            return;
+        }
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.push(Event::Export { now, conn, reply });
+        self.send_batch();
+        match rx.recv_timeout(EXPORT_WAIT) {
+            Ok(wrapped) => state.extend_from_slice(&wrapped),
+            Err(_) => {
+                warn!(thread = self.thread, %conn, "the stratifier thread did not export the session; it is lost");
+            }
+        }
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "the callback's own arguments")]
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        session: Option<&[u8]>,
+        close: bool,
+        out: &mut Outbox,
+    ) {
+        if self.shard_gone {
+            out.close(conn);
+            return;
+        }
+        let batch = self.to_shard.batch();
+        let range = session.map(|s| {
+            let start = batch.arena.len();
+            batch.arena.extend_from_slice(s);
+            start..batch.arena.len()
+        });
+        batch.events.push(Event::Adopt {
+            now,
+            conn,
+            peer,
+            listener,
+            range,
+            close,
+        });
     }
 
     /// Hands the round's events to the stratifier thread, if there are any.
@@ -523,11 +754,12 @@ fn run_shard(
     let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while batches.next_round(DRAIN_BATCHES, |batch| {
-        run_batch(&mut shard, batch, &mut out, &mut handle);
+        run_batch(thread, &mut shard, batch, &mut out, &mut handle);
     }) {
         // One message per round; kept until the handle is known (connections can be accepted
-        // before `connector::start` returns).
+        // before `connector::start` returns), and while a handover holds it.
         if let Some(h) = &handle
+            && !out.hold
             && !out.actions.is_empty()
         {
             let fresh = spare_outputs.take().0;
@@ -538,6 +770,7 @@ fn run_shard(
 
 /// Runs the shard on every event of `batch`.
 fn run_batch(
+    thread: usize,
     shard: &mut Shard,
     batch: &Batch,
     out: &mut ShardOut,
@@ -568,6 +801,40 @@ fn run_batch(
             Event::Tick { now } => shard.on_tick(*now, out),
             Event::Job(job) => shard.on_job(job, out),
             Event::Start(h) => *handle = Some(h.clone()),
+            Event::Adopt {
+                now,
+                conn,
+                peer,
+                listener,
+                range,
+                close,
+            } => {
+                let session = range.as_ref().and_then(|r| batch.arena.get(r.clone()));
+                adopt_into(shard, *now, *conn, *peer, *listener, session, *close, out);
+            }
+            Event::Export { now, conn, reply } => {
+                let session = shard.export_session(*now, *conn);
+                let (extra, close) = out.take_held(*conn);
+                let mut state = Vec::new();
+                wrap_session(&mut state, session.as_deref(), &extra, close);
+                let _ = reply.send(state);
+            }
+            Event::Settle(tx) => {
+                out.hold = true;
+                match handle {
+                    // The output first: the answer follows it through the same queue.
+                    Some(h) => {
+                        if !out.actions.is_empty() {
+                            h.send(thread, Msg::Output(mem::take(&mut out.actions)));
+                        }
+                        h.send(thread, Msg::Settled(tx.clone()));
+                    }
+                    None => {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+            Event::Release => out.hold = false,
         }
     }
 }
@@ -579,6 +846,8 @@ struct ShardOut {
     /// Connections the shard closed whose close the connector has not reported back yet.
     closing: HashSet<ConnId>,
     sinks: Sinks,
+    /// A handover is under way ([`Msg::Settle`]): the actions stay here for the exports.
+    hold: bool,
 }
 
 impl ShardOut {
@@ -587,7 +856,28 @@ impl ShardOut {
             actions: Vec::new(),
             closing: HashSet::new(),
             sinks,
+            hold: false,
         }
+    }
+
+    /// Takes the actions held for `conn`: the bytes to send, in order, and whether it was
+    /// closed.
+    fn take_held(&mut self, conn: ConnId) -> (Vec<u8>, bool) {
+        let mut bytes = Vec::new();
+        let mut close = false;
+        self.actions.retain(|a| match a {
+            Action::Send(c, buf) if *c == conn => {
+                bytes.extend_from_slice(buf.as_slice());
+                false
+            }
+            Action::Close(c) if *c == conn => {
+                close = true;
+                false
+            }
+            _ => true,
+        });
+        self.closing.remove(&conn);
+        (bytes, close)
     }
 }
 
@@ -625,6 +915,53 @@ impl stratifier::Out for ShardOut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handed_over_state_round_trips_and_bad_state_is_refused() {
+        let mut state = Vec::new();
+        wrap_session(&mut state, None, &[], false);
+        assert!(state.is_empty(), "nothing to carry: nothing written");
+        assert_eq!(unwrap_session(&state), Some((None, &[][..], false)));
+        wrap_session(&mut state, Some(b"session"), b"{\"id\":1}\n", true);
+        assert_eq!(
+            unwrap_session(&state),
+            Some((Some(&b"session"[..]), &b"{\"id\":1}\n"[..], true))
+        );
+        // Truncated inside the session, or inside its length: refused, never a panic.
+        for n in 1..8 {
+            assert_eq!(unwrap_session(&state[..n]), None, "{n} bytes");
+        }
+        let mut only_extra = Vec::new();
+        wrap_session(&mut only_extra, None, b"x\n", false);
+        assert_eq!(
+            unwrap_session(&only_extra),
+            Some((None, &b"x\n"[..], false))
+        );
+    }
+
+    #[test]
+    fn held_output_is_taken_per_connection_in_order() {
+        let (a, b) = (ConnId::new(0, 0, 1), ConnId::new(0, 0, 2));
+        let mut out = ShardOut::new(Sinks {
+            blocks: None,
+            shares: None,
+        });
+        out.hold = true;
+        {
+            use stratifier::Out;
+            out.send(ClientId::Direct(a), b"one\n".to_vec());
+            out.send(ClientId::Direct(b), b"other\n".to_vec());
+            out.send_shared(ClientId::Direct(a), Arc::from(&b"two\n"[..]));
+        }
+        assert_eq!(out.take_held(a), (b"one\ntwo\n".to_vec(), false));
+        assert_eq!(out.actions.len(), 1, "b's output stays");
+        {
+            use stratifier::Out;
+            out.close(ClientId::Direct(b));
+        }
+        assert_eq!(out.take_held(b), (b"other\n".to_vec(), true));
+        assert!(out.actions.is_empty() && out.closing.is_empty());
+    }
 
     #[test]
     fn handoff_names_round_trip() {

@@ -1,58 +1,108 @@
 //! This instance on the machine: its socket directory, its pid file (ckpool's `-k` handling of
-//! an old instance with the same name) and its signals: SIGTERM and SIGINT stop it, SIGHUP
+//! an old instance with the same name, or `-H` taking it over) and its signals: SIGTERM and SIGINT stop it, SIGHUP
 //! reopens the log file (see `crate::logging`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use parking_lot::Mutex;
 use tracing::warn;
 
 use crate::settings::Settings;
 
 /// This instance's claim on its name: the pid file exists while it lives, and it and the admin
-/// socket are removed when it is dropped, on every way out.
+/// socket are removed when it is dropped, on every way out (unless the instance handed itself
+/// over: then they are the new instance's).
 pub(crate) struct Instance {
-    _files: RunFiles,
+    files: RunFiles,
+    /// `-H` found a live instance: this one takes it over ([`crate::handover`]) and claims the
+    /// files only once that is done ([`Instance::take_over`]).
+    pending_handover: bool,
     /// Set by SIGTERM and SIGINT (and by whoever else wants the daemon to stop).
     pub(crate) shutdown: Arc<AtomicBool>,
 }
 
 impl Instance {
     /// Creates the socket directory, deals with an old instance of the same name (refuses to
-    /// start beside it unless told to kill it), writes the pid file and installs the SIGTERM and
-    /// SIGINT handlers, and the SIGHUP one that reopens the log file.
+    /// start beside it unless told to kill it or to take it over), writes the pid file (not yet
+    /// when taking over) and installs the SIGTERM and SIGINT handlers, and the SIGHUP one that
+    /// reopens the log file.
     pub(crate) fn claim(settings: &Settings) -> anyhow::Result<Self> {
         let sockdir = &settings.sockdir;
         std::fs::create_dir_all(sockdir)
             .with_context(|| format!("creating {}", sockdir.display()))?;
         let pidfile = settings.pidfile();
-        manage_old_instance(&pidfile, settings.kill_old)?;
-        std::fs::write(&pidfile, format!("{}\n", std::process::id()))
-            .context("writing pid file")?;
-        let files = RunFiles(vec![pidfile, settings.admin_socket()]);
-        let shutdown = Arc::new(AtomicBool::new(false));
+        let pending_handover = match live_old_instance(&pidfile) {
+            Some(_) if settings.handover => true,
+            Some(pid) => {
+                kill_old_instance(pid, settings.kill_old)?;
+                false
+            }
+            None => {
+                if settings.handover {
+                    warn!("-H: no running instance to take over; starting normally");
+                }
+                false
+            }
+        };
+        let instance = Self {
+            files: RunFiles {
+                paths: Mutex::new(Vec::new()),
+                disowned: AtomicBool::new(false),
+            },
+            pending_handover,
+            shutdown: Arc::new(AtomicBool::new(false)),
+        };
+        if !pending_handover {
+            instance.take_over(settings)?;
+        }
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::flag::register(sig, Arc::clone(&shutdown))
+            signal_hook::flag::register(sig, Arc::clone(&instance.shutdown))
                 .context("installing signal handlers")?;
         }
         signal_hook::flag::register(signal_hook::consts::SIGHUP, crate::logging::reopen_flag())
             .context("installing the SIGHUP handler")?;
-        Ok(Self {
-            _files: files,
-            shutdown,
-        })
+        Ok(instance)
+    }
+
+    /// Whether this instance is to take a running one over (`-H` found it alive).
+    pub(crate) fn pending_handover(&self) -> bool {
+        self.pending_handover
+    }
+
+    /// Writes the pid file and takes charge of it and the admin socket (removed on drop). Done by
+    /// [`Instance::claim`], or after a handover by the instance that took over.
+    pub(crate) fn take_over(&self, settings: &Settings) -> anyhow::Result<()> {
+        let pidfile = settings.pidfile();
+        std::fs::write(&pidfile, format!("{}\n", std::process::id()))
+            .context("writing pid file")?;
+        *self.files.paths.lock() = vec![pidfile, settings.admin_socket()];
+        Ok(())
+    }
+
+    /// This instance handed itself over: the pid file and the admin socket are the new
+    /// instance's, and are left in place on drop.
+    pub(crate) fn disown(&self) {
+        self.files.disowned.store(true, Ordering::Relaxed);
     }
 }
 
-/// Files that exist while the daemon runs (pid file, admin socket): removed when dropped.
-struct RunFiles(Vec<PathBuf>);
+/// Files that exist while the daemon runs (pid file, admin socket): removed when dropped, unless
+/// disowned.
+struct RunFiles {
+    paths: Mutex<Vec<PathBuf>>,
+    disowned: AtomicBool,
+}
 
 impl Drop for RunFiles {
     fn drop(&mut self) {
-        for path in &self.0 {
+        if self.disowned.load(Ordering::Relaxed) {
+            return;
+        }
+        for path in self.paths.lock().iter() {
             if let Err(e) = std::fs::remove_file(path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -62,25 +112,23 @@ impl Drop for RunFiles {
     }
 }
 
-/// ckpool's `-k` handling: refuse to start beside a live instance unless asked to kill it.
-fn manage_old_instance(pidfile: &Path, kill: bool) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(pidfile) else {
-        return Ok(());
-    };
-    let Some(pid) = text
+/// The live instance named in the pid file, if there is one (not this process).
+fn live_old_instance(pidfile: &Path) -> Option<rustix::process::Pid> {
+    let text = std::fs::read_to_string(pidfile).ok()?;
+    let pid = text
         .trim()
         .parse::<i32>()
         .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return Ok(());
-    };
-    if pid == rustix::process::getpid() || rustix::process::test_kill_process(pid).is_err() {
-        return Ok(());
-    }
+        .and_then(rustix::process::Pid::from_raw)?;
+    (pid != rustix::process::getpid() && rustix::process::test_kill_process(pid).is_ok())
+        .then_some(pid)
+}
+
+/// ckpool's `-k` handling: refuse to start beside a live instance unless asked to kill it.
+fn kill_old_instance(pid: rustix::process::Pid, kill: bool) -> anyhow::Result<()> {
     if !kill {
         bail!(
-            "an instance is already running (pid {}): start with -k to kill it",
+            "an instance is already running (pid {}): start with -k to kill it or -H to take it over",
             pid.as_raw_nonzero()
         );
     }

@@ -5,6 +5,7 @@
 mod admin;
 mod cli;
 mod handoff;
+mod handover;
 mod instance;
 mod logging;
 mod modes;
@@ -56,9 +57,6 @@ fn run(cli: Cli, log: &mut Option<logging::LogGuard>) -> anyhow::Result<()> {
     // With -D the daemon's stderr is /dev/null: it logs to the file only.
     let daemonised = std::env::var_os("CKPOOL_RS_DAEMONISED").is_some();
     *log = logging::init(cli.loglevel, !daemonised);
-    if cli.handover {
-        warn!("-H handover is not implemented yet; killing the old instance instead (-k)");
-    }
     if cli.group.is_some() {
         warn!("-g is accepted for compatibility; socket group ownership is not changed");
     }

@@ -156,8 +156,10 @@ pub(crate) struct Settings {
     pub(crate) quiet: bool,
     /// Write the share log.
     pub(crate) log_shares: bool,
-    /// Kill a running instance of the same name (`-k`, or `-H` for now).
+    /// Kill a running instance of the same name (`-k`).
     pub(crate) kill_old: bool,
+    /// Take the listeners and connections over from a running instance of the same name (`-H`).
+    pub(crate) handover: bool,
     /// I/O backend.
     pub(crate) backend: BackendKind,
     /// How connector threads hand events to the stratifier.
@@ -234,7 +236,8 @@ impl Settings {
             sockdir,
             quiet: cli.quiet,
             log_shares: cli.log_shares,
-            kill_old: cli.killold || cli.handover,
+            kill_old: cli.killold,
+            handover: cli.handover,
             backend,
             handoff,
             threads,

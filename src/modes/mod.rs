@@ -22,7 +22,7 @@ pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
 pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
     check_implemented(settings.mode)?;
     match settings.mode {
-        Mode::Pool | Mode::Solo => pool::run(settings, &instance.shutdown),
+        Mode::Pool | Mode::Solo => pool::run(settings, instance),
         Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
             Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
         }

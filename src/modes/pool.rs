@@ -6,8 +6,17 @@
 //! which drain their queues first), so no share and hence no block comes after it; then
 //! `Generator::shutdown` submits every block still queued; then the share log is written out,
 //! the stats files are written a last time, and the admin thread is joined. At start-up the
-//! stats files are read back (`status::restore`) before the stats writer and the connector start.
+//! stats files are read back (`status::restore`) before the stats writer and the connector start
+//! (not after a handover: the statistics come with the pool state).
+//!
+//! Handover (`-H`, see `crate::handover`): a new instance asks for it on the admin socket once
+//! its pool is ready, and the main loop hands the listeners and the connections over; after the
+//! commit this instance stops as above (it has no connection left to close) and exits 0, leaving
+//! the pid file and the admin socket to the new one. The new instance serves the listeners it
+//! received instead of binding its own, and writes its pid file and binds the admin socket once
+//! it has everything.
 
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +31,8 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, GenLink};
 use crate::handoff::{self, Msg};
+use crate::handover::{self, PoolHooks};
+use crate::instance::Instance;
 use crate::settings::Settings;
 use crate::sharelog::ShareLog;
 use crate::status::{self, StatusWriter};
@@ -30,7 +41,8 @@ use crate::web;
 /// Pool and solo mode: bitcoind templates through the generator, the stratifier's shards on
 /// the connector threads, the admin socket, the share log and the stats files. Returns when
 /// `shutdown` is set (SIGTERM, SIGINT, admin `shutdown`), having stopped all of it.
-pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
+    let shutdown = &instance.shutdown;
     // The generator: bitcoind RPC, ZMQ and failover.
     let (gen_tx, gen_rx) = crossbeam_channel::unbounded();
     let generator =
@@ -63,10 +75,30 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
-    pool.new_template(first, Instant::now())
-        .context("building the first job")?;
-    // The figures the stats files saved (decayed since), before anyone is served.
-    status::restore(&pool, settings.logdir());
+    let hooks = PoolHooks(Arc::clone(&pool));
+    let admin_path = settings.admin_socket();
+    // -H: the running instance's listeners and pool state come first (the pool must be fresh
+    // to take its state); its connections once the connector runs. Its own first template
+    // then becomes a job, as a template update would.
+    let incoming = if instance.pending_handover() {
+        let incoming = handover::request(&admin_path)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "-H: the running instance does not answer on {}",
+                admin_path.display()
+            )
+        })?;
+        info!(listeners = ?incoming.addrs, "handover: listeners received");
+        incoming
+            .import_pool_state(&hooks)
+            .context("-H: the handover failed; the old instance serves on")?;
+        Some(incoming)
+    } else {
+        pool.new_template(Arc::clone(&first), Instant::now())
+            .context("building the first job")?;
+        // The figures the stats files saved (decayed since), before anyone is served.
+        status::restore(&pool, settings.logdir());
+        None
+    };
     // Hashrate sampling and the stats files (pool.status, users/<name>).
     let stats_writer = status::start(
         Arc::clone(&pool),
@@ -80,8 +112,20 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     let handoff = settings.handoff;
     let threads = settings.threads;
     info!(%handoff, threads, "stratifier handoff");
-    let conns = handoff::start(handoff, settings.connector(), Arc::clone(&pool), sinks)
-        .context("starting the connector")?;
+    let mut ccfg = settings.connector();
+    if let Some(incoming) = &incoming {
+        ccfg.listen.clear();
+        ccfg.inherited.clone_from(&incoming.listeners);
+    }
+    let conns = match handoff::start(handoff, ccfg, Arc::clone(&pool), sinks) {
+        Ok(conns) => conns,
+        Err(e) => {
+            if let Some(incoming) = &incoming {
+                incoming.abort(&format!("the new instance cannot start its connector: {e}"));
+            }
+            return Err(e).context("starting the connector");
+        }
+    };
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
         info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");
@@ -94,8 +138,26 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         stats_writer,
     };
 
-    let admin_path = settings.admin_socket();
+    if let Some(incoming) = incoming {
+        match incoming.adopt_all(&running.conns) {
+            Ok(n) => info!(connections = n, "handover: took the running instance over"),
+            Err(e) => {
+                running.stop();
+                return Err(e).context("-H: the handover failed; the old instance serves on");
+            }
+        }
+        if let Err(e) = instance.take_over(settings) {
+            running.stop();
+            return Err(e);
+        }
+        match pool.new_template(first, Instant::now()) {
+            Ok(job) => running.conns.broadcast(Msg::Job(job)),
+            Err(e) => error!(error = %e, "cannot build a job from the first template"),
+        }
+    }
+
     let (gen_link, update_rx) = GenLink::new();
+    let (handover_tx, handover_rx) = crossbeam_channel::bounded(1);
     gen_link.set_active(running.generator.active_server());
     let admin = admin::start(
         &admin_path,
@@ -106,6 +168,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+            handover: handover_tx,
         },
     );
     let admin = match admin {
@@ -151,9 +214,21 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         }
     };
 
-    running.serve(settings, shutdown, &pool, &gen_rx, &update_rx, &gen_link);
+    let links = Links {
+        gen_rx: &gen_rx,
+        update_rx: &update_rx,
+        gen_link: &gen_link,
+        handover_rx: &handover_rx,
+        hooks: &hooks,
+    };
+    let handed_over = running.serve(settings, shutdown, &pool, &links);
     // Also tells the admin thread, when the loop ended for another reason.
     shutdown.store(true, Ordering::Relaxed);
+    if handed_over {
+        // The pid file and the admin socket are the new instance's now.
+        instance.disown();
+        info!("handed over to the new instance; exiting");
+    }
     info!("shutting down");
     if let Some(web) = web {
         web.stop();
@@ -166,6 +241,16 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     Ok(())
 }
 
+/// What the main loop listens to besides the pool.
+struct Links<'a> {
+    gen_rx: &'a Receiver<GenEvent>,
+    update_rx: &'a Receiver<()>,
+    gen_link: &'a GenLink,
+    /// Admin connections that asked for a handover (and have had no answer yet).
+    handover_rx: &'a Receiver<UnixStream>,
+    hooks: &'a PoolHooks,
+}
+
 /// The parts of a running pool that must be stopped in order.
 struct Running {
     conns: Connector<Msg>,
@@ -175,23 +260,37 @@ struct Running {
 }
 
 impl Running {
-    /// The main loop: templates to jobs, block results, update requests, status lines. Returns
-    /// once `shutdown` is set (or the generator is gone).
+    /// The main loop: templates to jobs, block results, update requests, handover requests,
+    /// status lines. Returns once `shutdown` is set (or the generator is gone): false, or true
+    /// once a handover committed.
     fn serve(
         &self,
         settings: &Settings,
         shutdown: &AtomicBool,
         pool: &Pool,
-        gen_rx: &Receiver<GenEvent>,
-        update_rx: &Receiver<()>,
-        gen_link: &GenLink,
-    ) {
+        links: &Links<'_>,
+    ) -> bool {
+        let Links {
+            gen_rx,
+            update_rx,
+            gen_link,
+            handover_rx,
+            hooks,
+        } = *links;
         let mut last_status = Instant::now();
         while !shutdown.load(Ordering::Relaxed) {
             let event = crossbeam_channel::select! {
                 recv(gen_rx) -> event => Some(event.map_err(|_| ())),
                 recv(update_rx) -> _ => {
                     self.generator.request_update();
+                    None
+                },
+                recv(handover_rx) -> stream => {
+                    if let Ok(stream) = stream
+                        && self.hand_over(&stream, hooks)
+                    {
+                        return true;
+                    }
                     None
                 },
                 default(MAIN_LOOP_WAKE) => None,
@@ -229,7 +328,7 @@ impl Running {
                 }
                 Some(Err(())) => {
                     error!("generator stopped");
-                    return;
+                    return false;
                 }
             }
             if !settings.quiet && last_status.elapsed() >= Duration::from_secs(5) {
@@ -243,6 +342,28 @@ impl Running {
                     height = s.job.as_ref().map_or(0, |j| j.1),
                     "status"
                 );
+            }
+        }
+        false
+    }
+
+    /// Answers a handover request `ok` and hands over on it; true once committed (false: this
+    /// instance serves on, with every connection it had).
+    fn hand_over(&self, stream: &UnixStream, hooks: &PoolHooks) -> bool {
+        info!("handover requested by a new instance");
+        let mut s = stream;
+        if let Err(e) = common::admin::write_message(&mut s, b"ok") {
+            warn!(error = %e, "handover: cannot answer the new instance");
+            return false;
+        }
+        match handover::give(&self.conns, stream, hooks) {
+            handover::Outcome::Committed { connections } => {
+                info!(connections, "handover: the new instance has everything");
+                true
+            }
+            handover::Outcome::Failed(e) => {
+                warn!(reason = %format!("{e:#}"), "handover failed; this instance serves on");
+                false
             }
         }
     }

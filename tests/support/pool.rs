@@ -29,6 +29,11 @@ pub struct PoolProcess {
     pub addr: SocketAddr,
     pub sockdir: PathBuf,
     pub log: PathBuf,
+    /// The `-n` name and the config file, for a second instance of the same pool.
+    name: String,
+    cfg_path: PathBuf,
+    /// Another instance's directory: left in place on drop.
+    borrowed_dir: bool,
 }
 
 /// A free loopback port (bound then released).
@@ -121,6 +126,9 @@ impl PoolProcess {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             sockdir,
             log,
+            name: tag.to_owned(),
+            cfg_path,
+            borrowed_dir: false,
         };
         let deadline = Instant::now() + WAIT;
         loop {
@@ -141,6 +149,83 @@ impl PoolProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         p
+    }
+
+    /// Starts a second instance of this pool (same config, socket directory and name) with
+    /// `flags` (e.g. `-H`) and `env`, logging to `log_name` in the same directory; does not
+    /// wait for it. Its drop leaves the directory to this one.
+    pub fn spawn_sibling(&self, flags: &[&str], env: &[(&str, &str)], log_name: &str) -> Self {
+        self.spawn_sibling_limited(flags, env, log_name, None)
+    }
+
+    /// [`PoolProcess::spawn_sibling`] with its open-files limit (soft and hard) set to `nofile`.
+    pub fn spawn_sibling_limited(
+        &self,
+        flags: &[&str],
+        env: &[(&str, &str)],
+        log_name: &str,
+        nofile: Option<u64>,
+    ) -> Self {
+        use std::os::unix::process::CommandExt;
+        let log = self.dir.join(log_name);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpool-rs"));
+        cmd.arg("-c")
+            .arg(&self.cfg_path)
+            .arg("-s")
+            .arg(&self.sockdir)
+            .arg("-n")
+            .arg(&self.name)
+            .arg("-l")
+            .arg("7");
+        cmd.args(flags);
+        cmd.env("RUST_LOG", "debug");
+        cmd.envs(env.iter().copied());
+        cmd.current_dir(&self.dir);
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(n) = nofile {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            let set = move || {
+                // SAFETY: setrlimit(2) only reads `lim`, a valid rlimit owned by the closure.
+                if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            // SAFETY: the hook runs in the forked child before exec; it only calls
+            // setrlimit(2), which is async-signal-safe, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(set);
+            }
+        }
+        Self {
+            child: cmd.spawn().unwrap(),
+            dir: self.dir.clone(),
+            addr: self.addr,
+            sockdir: self.sockdir.clone(),
+            log,
+            name: self.name.clone(),
+            cfg_path: self.cfg_path.clone(),
+            borrowed_dir: true,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pid in the instance's pid file, if it holds one.
+    pub fn pidfile_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.sockdir.join("main.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Sends an admin command; `None` if the socket is not there (yet).
@@ -192,6 +277,10 @@ impl PoolProcess {
 
     /// Asks the pool to shut down and waits for it.
     pub fn shutdown(&mut self) {
+        // The admin socket may be another instance's by now (a handover).
+        if !self.is_running() {
+            return;
+        }
         let _ = self.admin("shutdown");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -214,7 +303,7 @@ impl Drop for PoolProcess {
                 self.log.display(),
                 tail(&self.log_text(), 200)
             );
-        } else {
+        } else if !self.borrowed_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
