@@ -61,6 +61,7 @@ use generator::{BlockSubmission, BlockSubmitter};
 use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
 use tracing::{debug, error, warn};
 
+use crate::links::Links;
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
@@ -169,41 +170,46 @@ impl Sinks {
     }
 }
 
-/// The connection of a direct client. Sub-clients (miners behind a passthrough) are not served
-/// by this daemon yet: nothing makes one, and output for one is dropped with a debug line.
+/// The connection of a direct client. Output for a sub-client (a miner behind a passthrough)
+/// is framed for its link by [`crate::links`] and reaches here addressed to the link's
+/// connection; one that was not is dropped with a debug line.
 fn direct(client: ClientId) -> Option<ConnId> {
     match client {
         ClientId::Direct(conn) => Some(conn),
         ClientId::Sub(..) => {
-            debug!(%client, "output for a sub-client dropped: passthrough framing is not supported");
+            debug!(%client, "unframed output for a sub-client dropped");
             None
         }
     }
 }
 
 /// Starts the connector threads with the stratifier attached as `handoff` says.
+/// `passthrough[i]`: clients on listener `i` may become passthroughs ([`crate::links`]).
 pub(crate) fn start(
     handoff: Handoff,
     cfg: connector::Config,
     pool: Arc<Pool>,
     sinks: Sinks,
+    passthrough: Arc<[bool]>,
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
-    let conns = connector::start(cfg, move |t| match handoff {
-        Handoff::Inline => StratumHandler::Inline(InlineHandler {
-            shard: Shard::new(Arc::clone(&pool)),
+    let inline = move |pool: &Arc<Pool>, sinks: &Sinks, passthrough: &Arc<[bool]>| {
+        StratumHandler::Inline(InlineHandler {
+            shard: Shard::new(Arc::clone(pool)),
+            links: Links::new(Arc::clone(passthrough)),
             sinks: sinks.clone(),
-        }),
+        })
+    };
+    let conns = connector::start(cfg, move |t| match handoff {
+        Handoff::Inline => inline(&pool, &sinks, &passthrough),
         Handoff::Queue => {
-            match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), sinks.clone(), pin) {
+            let links = Links::new(Arc::clone(&passthrough));
+            match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), links, sinks.clone(), pin) {
                 Ok(h) => StratumHandler::Queue(h),
                 Err(e) => {
                     // Only when the system is out of threads; this thread's miners are still served.
                     error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
-                    StratumHandler::Inline(InlineHandler {
-                        shard: Shard::new(Arc::clone(&pool)),
-                        sinks: sinks.clone(),
-                    })
+                    inline(&pool, &sinks, &passthrough)
                 }
             }
         }
@@ -236,7 +242,7 @@ impl connector::Handler for StratumHandler {
         out: &mut Outbox,
     ) {
         match self {
-            Self::Inline(h) => h.shard.on_open(now, conn, peer, listener),
+            Self::Inline(h) => h.links.on_open(&mut h.shard, now, conn, peer, listener),
             Self::Queue(h) => h.on_open(now, conn, peer, listener, out),
         }
     }
@@ -244,8 +250,18 @@ impl connector::Handler for StratumHandler {
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         match self {
             Self::Inline(h) => {
-                let InlineHandler { shard, sinks } = h;
-                shard.on_line(now, conn, line, &mut OutboxOut { outbox: out, sinks });
+                let InlineHandler {
+                    shard,
+                    links,
+                    sinks,
+                } = h;
+                links.on_line(
+                    shard,
+                    now,
+                    conn,
+                    line,
+                    &mut OutboxOut { outbox: out, sinks },
+                );
             }
             Self::Queue(h) => h.on_line(now, conn, line, out),
         }
@@ -253,29 +269,38 @@ impl connector::Handler for StratumHandler {
 
     fn on_close(&mut self, now: Instant, conn: ConnId, _reason: CloseReason) {
         match self {
-            Self::Inline(h) => h.shard.on_close(now, conn),
+            Self::Inline(h) => h.links.on_close(&mut h.shard, now, conn),
             Self::Queue(h) => h.push(Event::Close { now, conn }),
         }
     }
 
-    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match self {
             Self::Inline(h) => match msg {
                 Msg::Job(job) => {
-                    let InlineHandler { shard, sinks } = h;
-                    shard.on_job(&job, &mut OutboxOut { outbox: out, sinks });
+                    let InlineHandler {
+                        shard,
+                        links,
+                        sinks,
+                    } = h;
+                    let out = &mut OutboxOut { outbox: out, sinks };
+                    links.on_job(shard, now, &job, out);
                 }
                 Msg::Output(_) | Msg::Start(_) => debug!("queue-mode message ignored inline"),
             },
-            Self::Queue(h) => h.on_msg(msg, out),
+            Self::Queue(h) => h.on_msg(now, msg, out),
         }
     }
 
     fn on_tick(&mut self, now: Instant, out: &mut Outbox) {
         match self {
             Self::Inline(h) => {
-                let InlineHandler { shard, sinks } = h;
-                shard.on_tick(now, &mut OutboxOut { outbox: out, sinks });
+                let InlineHandler {
+                    shard,
+                    links,
+                    sinks,
+                } = h;
+                links.on_tick(shard, now, &mut OutboxOut { outbox: out, sinks });
             }
             Self::Queue(h) => h.push(Event::Tick { now }),
         }
@@ -291,6 +316,7 @@ impl connector::Handler for StratumHandler {
 /// Inline: the shard runs in the connector's callbacks.
 struct InlineHandler {
     shard: Shard,
+    links: Links,
     sinks: Sinks,
 }
 
@@ -385,7 +411,10 @@ enum Event {
     /// directly: each queue then has a single producer, the job is ordered with the connection
     /// events of the same thread, and shutdown needs no other sender to be dropped. It costs one
     /// more hop on a message that comes a few times a minute.
-    Job(Arc<Job>),
+    Job {
+        now: Instant,
+        job: Arc<Job>,
+    },
     Start(ConnectorHandle<Msg>),
 }
 
@@ -405,7 +434,7 @@ struct QueueHandler {
 
 impl QueueHandler {
     /// Starts the stratifier thread of connector thread `thread`, owning `shard`.
-    fn new(thread: usize, shard: Shard, sinks: Sinks, pin: bool) -> io::Result<Self> {
+    fn new(thread: usize, shard: Shard, links: Links, sinks: Sinks, pin: bool) -> io::Result<Self> {
         let (to_shard, batches) = relay::queue(SPARE);
         let (spare_outputs, outputs) = relay::spares(SPARE);
         let join = std::thread::Builder::new()
@@ -417,7 +446,7 @@ impl QueueHandler {
                     // The same CPU as its connector thread.
                     connector::pin_current_thread_or_warn(thread, "stratifier");
                 }
-                run_shard(thread, shard, sinks, &batches, &outputs);
+                run_shard(thread, shard, links, sinks, &batches, &outputs);
                 debug!("stratifier thread stopped");
             })?;
         Ok(Self {
@@ -465,7 +494,7 @@ impl QueueHandler {
         batch.events.push(Event::Line { now, conn, range });
     }
 
-    fn on_msg(&mut self, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Output(mut actions) => {
                 for action in actions.drain(..) {
@@ -476,7 +505,7 @@ impl QueueHandler {
                 }
                 self.spare_outputs.give(Actions(actions));
             }
-            Msg::Job(job) => self.push(Event::Job(job)),
+            Msg::Job(job) => self.push(Event::Job { now, job }),
             Msg::Start(handle) => self.push(Event::Start(handle)),
         }
     }
@@ -515,6 +544,7 @@ impl Drop for QueueHandler {
 fn run_shard(
     thread: usize,
     mut shard: Shard,
+    mut links: Links,
     sinks: Sinks,
     batches: &Consumer<Batch>,
     spare_outputs: &SpareTake<Actions>,
@@ -523,7 +553,7 @@ fn run_shard(
     let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while batches.next_round(DRAIN_BATCHES, |batch| {
-        run_batch(&mut shard, batch, &mut out, &mut handle);
+        run_batch(&mut shard, &mut links, batch, &mut out, &mut handle);
     }) {
         // One message per round; kept until the handle is known (connections can be accepted
         // before `connector::start` returns).
@@ -539,6 +569,7 @@ fn run_shard(
 /// Runs the shard on every event of `batch`.
 fn run_batch(
     shard: &mut Shard,
+    links: &mut Links,
     batch: &Batch,
     out: &mut ShardOut,
     handle: &mut Option<ConnectorHandle<Msg>>,
@@ -550,7 +581,7 @@ fn run_batch(
                 conn,
                 peer,
                 listener,
-            } => shard.on_open(*now, *conn, *peer, *listener),
+            } => links.on_open(shard, *now, *conn, *peer, *listener),
             Event::Line { now, conn, range } => {
                 // After the shard closed a connection, the rest of its input is dropped, as the
                 // connector does inline.
@@ -558,15 +589,15 @@ fn run_batch(
                     continue;
                 }
                 if let Some(line) = batch.arena.get(range.clone()) {
-                    shard.on_line(*now, *conn, line, out);
+                    links.on_line(shard, *now, *conn, line, out);
                 }
             }
             Event::Close { now, conn } => {
                 out.closing.remove(conn);
-                shard.on_close(*now, *conn);
+                links.on_close(shard, *now, *conn);
             }
-            Event::Tick { now } => shard.on_tick(*now, out),
-            Event::Job(job) => shard.on_job(job, out),
+            Event::Tick { now } => links.on_tick(shard, *now, out),
+            Event::Job { now, job } => links.on_job(shard, *now, job, out),
             Event::Start(h) => *handle = Some(h.clone()),
         }
     }

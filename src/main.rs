@@ -6,6 +6,7 @@ mod admin;
 mod cli;
 mod handoff;
 mod instance;
+mod links;
 mod logging;
 mod modes;
 mod relay;

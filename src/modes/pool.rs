@@ -77,8 +77,14 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     let handoff = settings.handoff;
     let threads = settings.threads;
     info!(%handoff, threads, "stratifier handoff");
-    let conns = handoff::start(handoff, settings.connector(), Arc::clone(&pool), sinks)
-        .context("starting the connector")?;
+    let conns = handoff::start(
+        handoff,
+        settings.connector(),
+        Arc::clone(&pool),
+        sinks,
+        settings.passthrough_listeners(),
+    )
+    .context("starting the connector")?;
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
         info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");
