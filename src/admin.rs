@@ -162,7 +162,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
 }
 
 /// `loglevel=N`: ckpool's replies.
-fn loglevel(arg: &str) -> Vec<u8> {
+pub(crate) fn loglevel(arg: &str) -> Vec<u8> {
     match arg.trim().parse::<u8>() {
         Ok(level) if level <= 7 => {
             if crate::logging::set_level(level) {

@@ -20,6 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use loadtest::{Miner, MinerConfig};
 use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
 use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
 use serde_json::{Value, json};
@@ -222,4 +223,224 @@ fn pool_side_speaks_ckpool_passthrough_framing() {
 fn drop_link(link: Client) {
     let _ = link.stream.shutdown(std::net::Shutdown::Both);
     drop(link);
+}
+
+/// A ckpool-rs passthrough (`-P`) with listeners `addrs` in front of `upstream`.
+fn start_passthrough(tag: &str, addrs: &[String], upstream: &[SocketAddr]) -> PoolProcess {
+    let proxies: Vec<Value> = upstream
+        .iter()
+        .map(|a| json!({"url": a.to_string(), "auth": "unused", "pass": "x"}))
+        .collect();
+    let config = json!({
+        "serverurl": addrs,
+        "proxy": proxies,
+        "threads": 2,
+        "zmqblock": null,
+    });
+    PoolProcess::start(tag, &config, &["-P"])
+}
+
+fn wait_upstream_up(pt: &PoolProcess) -> Value {
+    wait_stats(pt, "the passthrough's upstream to be up", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+    })
+}
+
+fn miner(addr: SocketAddr, user: &str) -> Miner {
+    let mut cfg = MinerConfig::new(addr, user);
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    Miner::start(cfg).unwrap()
+}
+
+#[test]
+fn miners_mine_through_a_ckpool_rs_passthrough() {
+    let Some(exe) = bitcoind_or_skip("miners_mine_through_a_ckpool_rs_passthrough") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-chain-pool", &json!({}));
+    let (v4, v6) = (free_port(), free_port());
+    let pt = start_passthrough(
+        "pt-chain-pt",
+        &[format!("127.0.0.1:{v4}"), format!("[::1]:{v6}")],
+        &[link_addr],
+    );
+    let up = wait_upstream_up(&pt);
+    assert_eq!(up["upstream"]["url"], link_addr.to_string(), "{up}");
+    let pt4 = SocketAddr::from(([127, 0, 0, 1], v4));
+    let pt6: SocketAddr = format!("[::1]:{v6}").parse().unwrap();
+
+    // (a) Three miners through the passthrough, one of them from ::1: shares accepted, blocks
+    // reach the node, and the pool counts them as its own users with their own addresses.
+    let h0 = node.height();
+    let a = miner(pt4, "ptA.1");
+    let b = miner(pt4, "ptB.1");
+    let c = miner(pt6, "ptC.1");
+    for (m, name) in [(&a, "ptA"), (&b, "ptB"), (&c, "ptC")] {
+        wait_until(&format!("{name} to get shares accepted"), WAIT, || {
+            m.report().accepted >= 3
+        });
+    }
+    wait_until(
+        "blocks mined through the passthrough to reach the node",
+        WAIT,
+        || node.height() > h0,
+    );
+    let stats = wait_stats(&pool, "the passthrough's miners as users", WAIT, |s| {
+        ["ptA", "ptB", "ptC"]
+            .iter()
+            .all(|u| s["users"].get(*u).is_some())
+            && s["clients"].as_u64() == Some(3)
+    });
+    assert!(stats["accepted"].as_u64().unwrap() >= 9, "{stats}");
+    wait_until("the ::1 miner's address at the pool", WAIT, || {
+        pool.log_text()
+            .lines()
+            .any(|l| l.contains("address via peer") && l.contains("ip=::1"))
+    });
+    let pts = pt.stats();
+    assert_eq!(pts["miners"], 3, "{pts}");
+    assert_eq!(pts["ignored_commands"], 0, "{pts}");
+
+    // (b) One miner leaves: only its sub-client ends; the others keep mining.
+    let ra = a.stop();
+    assert_eq!(
+        ra.rejected,
+        ra.reject_reasons.get("Stale").copied().unwrap_or(0),
+        "{ra:?}"
+    );
+    wait_stats(&pool, "the leaving miner's sub-client to end", WAIT, |s| {
+        s["clients"].as_u64() == Some(2)
+    });
+    let before = b.report().accepted;
+    wait_until("the others to keep mining", WAIT, || {
+        b.report().accepted > before + 2
+    });
+
+    // A direct miner beside the passthrough; then the passthrough goes away: only its
+    // sub-clients end, the direct miner keeps mining.
+    let direct = miner(pool.addr, "direct.1");
+    wait_until("the direct miner to get shares accepted", WAIT, || {
+        direct.report().accepted >= 3
+    });
+    wait_stats(&pool, "two sub-clients and a direct client", WAIT, |s| {
+        s["clients"].as_u64() == Some(3)
+    });
+    drop(pt);
+    wait_stats(&pool, "the passthrough's sub-clients to end", WAIT, |s| {
+        s["clients"].as_u64() == Some(1)
+    });
+    let before = direct.report().accepted;
+    wait_until("the direct miner to keep mining", WAIT, || {
+        direct.report().accepted > before + 2
+    });
+    let _ = (b.stop(), c.stop());
+    let rd = direct.stop();
+    assert_eq!(
+        rd.rejected,
+        rd.reject_reasons.get("Stale").copied().unwrap_or(0),
+        "{rd:?}"
+    );
+}
+
+/// A fake upstream: accepts one passthrough link and answers its handshake as ckpool does.
+struct FakeUpstream {
+    listener: std::net::TcpListener,
+}
+
+impl FakeUpstream {
+    fn start() -> Self {
+        Self {
+            listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap()
+    }
+
+    /// The passthrough's connection, after its handshake (checked to the byte) got ckpool's reply.
+    fn accept(&self) -> Client {
+        let (stream, _) = self.listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut c = Client::from_stream(stream);
+        let hs = c.wait_for("the handshake", WAIT, |v| {
+            v["method"] == "mining.passthrough"
+        });
+        assert_eq!(
+            hs["params"][0].as_str().unwrap().split('/').next(),
+            Some("ckpool-rs")
+        );
+        c.send_raw(b"{\"result\":true}\n");
+        c
+    }
+}
+
+#[test]
+fn upstream_raw_commands_do_nothing_harmful() {
+    // No node needed: the upstream is played by the test.
+    let up = FakeUpstream::start();
+    let port = free_port();
+    let pt = start_passthrough("pt-raw", &[format!("127.0.0.1:{port}")], &[up.addr()]);
+    let mut link = up.accept();
+    wait_upstream_up(&pt);
+    let pt_addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    // A miner's line reaches the upstream with ckpool's routing members.
+    let mut m1 = Client::connect(pt_addr);
+    m1.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}));
+    let got = link.wait_for("the miner's subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe"
+    });
+    let id1 = got["client_id"].as_u64().unwrap();
+    assert_eq!(got["address"], "127.0.0.1");
+    assert_eq!(got["server"], 0);
+    let mut m2 = Client::connect(pt_addr);
+    m2.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/2"]}));
+    let got = link.wait_for("the second subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe" && v["client_id"] != id1
+    });
+    let id2 = got["client_id"].as_u64().unwrap();
+
+    // Raw commands and a dropclient for an id the passthrough does not have: nothing happens.
+    for raw in [
+        format!("dropclient={}", id1 + id2 + 1000),
+        "reject".to_owned(),
+        "shutdown".to_owned(),
+        "loglevel=0".to_owned(),
+        "dropall".to_owned(),
+        "passthrough=1".to_owned(),
+        format!("dropclient={id1}x"),
+    ] {
+        link.send_raw(format!("{raw}\n").as_bytes());
+    }
+    // A reply for miner 1 comes to it without the routing members, and only to it.
+    link.send_raw(
+        format!("{{\"result\":true,\"error\":null,\"id\":1,\"node.method\":\"auth.result\",\"client_id\":{id1}}}\n")
+            .as_bytes(),
+    );
+    let r = m1.reply(1);
+    assert_eq!(r, json!({"result": true, "error": null, "id": 1}));
+    let stats = wait_stats(&pt, "the raw lines to be counted", WAIT, |s| {
+        s["ignored_commands"].as_u64() >= Some(6)
+    });
+    assert_eq!(stats["miners"], 2, "{stats}");
+    assert_eq!(stats["dropclients"], 0, "{stats}");
+    assert!(pt.admin("ping").as_deref() == Some("pong"));
+
+    // `dropclient=<id2>` drops miner 2 only; the upstream hears mining.term for it.
+    link.send_raw(format!("dropclient={id2}\n").as_bytes());
+    assert!(m2.wait_closed(WAIT), "miner 2 was not dropped");
+    let term = link.wait_for("mining.term", WAIT, |v| v["method"] == "mining.term");
+    assert_eq!(term["client_id"], id2);
+    assert_eq!(term["id"], 42);
+    m1.send(&json!({"id": 2, "method": "mining.authorize", "params": ["u.1", "x"]}));
+    link.wait_for("miner 1 still forwarded", WAIT, |v| {
+        v["method"] == "mining.authorize" && v["client_id"] == id1
+    });
+    wait_stats(&pt, "one miner left", WAIT, |s| s["miners"] == 1);
 }
