@@ -453,3 +453,43 @@ fn upstream_raw_commands_do_nothing_harmful() {
     });
     wait_stats(&pt, "one miner left", WAIT, |s| s["miners"] == 1);
 }
+
+#[test]
+fn passthrough_fails_over_to_the_next_upstream() {
+    let Some(exe) = bitcoind_or_skip("passthrough_fails_over_to_the_next_upstream") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (first, first_link) = pool_with_passthrough_port(node, "pt-fo-1", &json!({}));
+    let (second, second_link) = pool_with_passthrough_port(node, "pt-fo-2", &json!({}));
+    let port = free_port();
+    let pt = start_passthrough(
+        "pt-fo-pt",
+        &[format!("127.0.0.1:{port}")],
+        &[first_link, second_link],
+    );
+    let s = wait_upstream_up(&pt);
+    assert_eq!(s["upstream"]["index"], 0, "{s}");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let m = miner(addr, "fo.1");
+    wait_until("shares through the first upstream", WAIT, || {
+        m.report().accepted >= 3
+    });
+
+    // The first upstream goes away: its miners are dropped (as ckpool does), the link moves to
+    // the second entry, and miners mine there.
+    drop(first);
+    wait_stats(&pt, "the second upstream to be active", WAIT, |s| {
+        s["upstream"]["state"] == "up" && s["upstream"]["index"] == 1
+    });
+    wait_until("the old miner to be dropped", WAIT, || m.is_finished());
+    let m2 = miner(addr, "fo.2");
+    wait_until("shares through the second upstream", WAIT, || {
+        m2.report().accepted >= 3
+    });
+    wait_stats(&second, "the miner at the second pool", WAIT, |s| {
+        s["users"].get("fo").is_some()
+    });
+    let _ = (m.stop(), m2.stop());
+}
