@@ -65,6 +65,9 @@ struct Pending {
     closed: Vec<ClientId>,
     /// `node.method` of a reply (a line without a method) in the current call.
     reply: &'static str,
+    /// The last shared line framed and its `node.method`: a job's notify is one buffer for
+    /// every session, so its type is found once per job, not once per sub-client.
+    last_shared: Option<(Arc<[u8]>, &'static str)>,
 }
 
 impl Pending {
@@ -313,6 +316,7 @@ impl Links {
             }
         }
         self.pending.reply = "error";
+        self.pending.last_shared = None;
     }
 }
 
@@ -333,7 +337,22 @@ impl<O: Out> Out for Framer<'_, O> {
     fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>) {
         match client {
             ClientId::Direct(_) => self.inner.send_shared(client, bytes),
-            ClientId::Sub(conn, id) => self.p.frame_lines(conn, &bytes, id),
+            ClientId::Sub(conn, id) => {
+                let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+                if body.contains(&b'\n') {
+                    self.p.frame_lines(conn, &bytes, id);
+                    return;
+                }
+                let kind = match &self.p.last_shared {
+                    Some((last, kind)) if Arc::ptr_eq(last, &bytes) => kind,
+                    _ => {
+                        let kind = method_of(body).map_or(self.p.reply, notify_type);
+                        self.p.last_shared = Some((Arc::clone(&bytes), kind));
+                        kind
+                    }
+                };
+                frame(self.p.buf(conn), body, kind, id);
+            }
         }
     }
 
