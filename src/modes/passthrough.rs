@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use common::ConnId;
 use common::stratum::passthrough::Role;
 use connector::{CloseReason, ConnectorHandle, Outbox};
@@ -46,7 +46,7 @@ use generator::upstream::{
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
-use crate::settings::Settings;
+use crate::settings::{ConfigError, Settings};
 
 /// How long a connector thread waits for room in the upstream queue before it drops the miner
 /// whose line does not fit.
@@ -239,7 +239,10 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         .map(|p| UpstreamServer::new(p.url.clone(), p.auth.clone(), p.pass.clone()))
         .collect();
     if servers.is_empty() {
-        bail!("passthrough mode needs at least one \"proxy\" entry (the upstream pool)");
+        return Err(ConfigError(
+            "passthrough mode needs at least one \"proxy\" entry (the upstream pool)".into(),
+        )
+        .into());
     }
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let cfg = UpstreamConfig {
