@@ -80,6 +80,8 @@ pub(crate) struct AdminCtx {
     pub(crate) shutdown: Arc<AtomicBool>,
     /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
     pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
+    /// The passthrough links open now, shown as `passthroughs` in `stats`.
+    pub(crate) links: Arc<crate::links::LinkRegistry>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -133,6 +135,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                 obj.insert("server".into(), ctx.generator.active().into());
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
+                obj.insert("passthroughs".into(), ctx.links.snapshot());
                 obj.insert("log_dropped".into(), crate::logging::dropped().into());
                 obj.insert(
                     "log_write_errors".into(),

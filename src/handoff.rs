@@ -61,7 +61,7 @@ use generator::{BlockSubmission, BlockSubmitter};
 use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
 use tracing::{debug, error, warn};
 
-use crate::links::Links;
+use crate::links::{LinkConfig, Links};
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
@@ -184,32 +184,38 @@ fn direct(client: ClientId) -> Option<ConnId> {
 }
 
 /// Starts the connector threads with the stratifier attached as `handoff` says.
-/// `passthrough[i]`: clients on listener `i` may become passthroughs ([`crate::links`]).
+/// `links` says on which listeners clients may become passthroughs ([`crate::links`]).
 pub(crate) fn start(
     handoff: Handoff,
     cfg: connector::Config,
     pool: Arc<Pool>,
     sinks: Sinks,
-    passthrough: Arc<[bool]>,
+    links: LinkConfig,
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
-    let inline = move |pool: &Arc<Pool>, sinks: &Sinks, passthrough: &Arc<[bool]>| {
+    let inline = move |pool: &Arc<Pool>, sinks: &Sinks, links: &LinkConfig| {
         StratumHandler::Inline(InlineHandler {
             shard: Shard::new(Arc::clone(pool)),
-            links: Links::new(Arc::clone(passthrough)),
+            links: Links::new(links),
             sinks: sinks.clone(),
         })
     };
     let conns = connector::start(cfg, move |t| match handoff {
-        Handoff::Inline => inline(&pool, &sinks, &passthrough),
+        Handoff::Inline => inline(&pool, &sinks, &links),
         Handoff::Queue => {
-            let links = Links::new(Arc::clone(&passthrough));
-            match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), links, sinks.clone(), pin) {
+            let shard_links = Links::new(&links);
+            match QueueHandler::new(
+                t,
+                Shard::new(Arc::clone(&pool)),
+                shard_links,
+                sinks.clone(),
+                pin,
+            ) {
                 Ok(h) => StratumHandler::Queue(h),
                 Err(e) => {
                     // Only when the system is out of threads; this thread's miners are still served.
                     error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
-                    inline(&pool, &sinks, &passthrough)
+                    inline(&pool, &sinks, &links)
                 }
             }
         }

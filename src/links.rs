@@ -24,7 +24,8 @@
 use std::collections::HashMap;
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use common::ConnId;
@@ -39,10 +40,64 @@ pub(crate) const CHUNK: usize = 256 * 1024;
 /// Sub-clients one link may have at once; a line for a new one beyond it gets `dropclient`.
 pub(crate) const MAX_SUBS_PER_LINK: usize = 262_144;
 
+/// What every shard's [`Links`] share: which listeners take passthroughs, and the registry.
+#[derive(Clone, Default)]
+pub(crate) struct LinkConfig {
+    /// Per listener index: whether it is a `passthroughserver` address.
+    pub(crate) allowed: Arc<[bool]>,
+    /// The open links of every shard, for the admin `stats`.
+    pub(crate) registry: Arc<LinkRegistry>,
+}
+
+/// The passthrough links open on every shard (locked when a link opens or closes, and by the
+/// admin `stats`).
+#[derive(Default)]
+pub(crate) struct LinkRegistry {
+    links: Mutex<HashMap<ConnId, Arc<LinkInfo>>>,
+}
+
+/// One link as the registry shows it.
+struct LinkInfo {
+    peer: SocketAddr,
+    agent: String,
+    /// Its sub-clients now (written by its shard only).
+    subs: AtomicUsize,
+}
+
+impl LinkRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<LinkInfo>>> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `[{"peer","agent","subclients"}…]`, by peer.
+    pub(crate) fn snapshot(&self) -> serde_json::Value {
+        let mut list: Vec<(String, String, usize)> = self
+            .lock()
+            .values()
+            .map(|l| {
+                (
+                    l.peer.to_string(),
+                    l.agent.clone(),
+                    l.subs.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        list.sort();
+        list.into_iter()
+            .map(|(peer, agent, subs)| {
+                serde_json::json!({"peer": peer, "agent": agent, "subclients": subs})
+            })
+            .collect()
+    }
+}
+
 /// One shard's passthrough links (one per connector thread, next to its shard).
 pub(crate) struct Links {
     /// Per listener index: whether it is a `passthroughserver` address.
     allowed: Arc<[bool]>,
+    registry: Arc<LinkRegistry>,
     /// Connections on a passthrough listener that have not sent a line yet.
     candidates: HashMap<ConnId, (usize, SocketAddr)>,
     links: HashMap<ConnId, Link>,
@@ -54,6 +109,14 @@ struct Link {
     peer: SocketAddr,
     listener: usize,
     subs: usize,
+    info: Arc<LinkInfo>,
+}
+
+impl Link {
+    fn set_subs(&mut self, subs: usize) {
+        self.subs = subs;
+        self.info.subs.store(subs, Ordering::Relaxed);
+    }
 }
 
 /// Framed output collected during one shard call, sent when it returns.
@@ -96,10 +159,11 @@ impl Pending {
 }
 
 impl Links {
-    /// `allowed[i]`: listener `i` is a `passthroughserver` address.
-    pub(crate) fn new(allowed: Arc<[bool]>) -> Self {
+    /// Links on the listeners `cfg.allowed` names, registered in `cfg.registry`.
+    pub(crate) fn new(cfg: &LinkConfig) -> Self {
         Self {
-            allowed,
+            allowed: Arc::clone(&cfg.allowed),
+            registry: Arc::clone(&cfg.registry),
             candidates: HashMap::new(),
             links: HashMap::new(),
             scratch: Vec::new(),
@@ -149,13 +213,21 @@ impl Links {
             } = passthrough::decode_downstream(line, &mut self.scratch)
             {
                 shard.on_close(now, conn);
-                info!(%conn, %peer, agent = agent.unwrap_or(""), "passthrough connected");
+                let agent = agent.unwrap_or("");
+                info!(%conn, %peer, agent, "passthrough connected");
+                let info = Arc::new(LinkInfo {
+                    peer,
+                    agent: agent.chars().take(64).collect(),
+                    subs: AtomicUsize::new(0),
+                });
+                self.registry.lock().insert(conn, Arc::clone(&info));
                 self.links.insert(
                     conn,
                     Link {
                         peer,
                         listener,
                         subs: 0,
+                        info,
                     },
                 );
                 out.send(ClientId::Direct(conn), passthrough::HANDSHAKE_OK.to_vec());
@@ -173,6 +245,7 @@ impl Links {
         if !self.links.is_empty()
             && let Some(link) = self.links.remove(&conn)
         {
+            self.registry.lock().remove(&conn);
             info!(%conn, peer = %link.peer, subs = link.subs, "passthrough disconnected; its sub-clients end");
         }
         shard.on_close(now, conn);
@@ -237,7 +310,7 @@ impl Links {
                 if shard.has_client(client) {
                     shard.on_close(now, client);
                     if let Some(link) = self.links.get_mut(&conn) {
-                        link.subs = link.subs.saturating_sub(1);
+                        link.set_subs(link.subs.saturating_sub(1));
                     }
                 }
             }
@@ -295,7 +368,7 @@ impl Links {
             .and_then(|a| a.parse::<IpAddr>().ok())
             .unwrap_or(link.peer.ip());
         debug!(%client, %ip, via = %link.peer, "address via peer");
-        link.subs += 1;
+        link.set_subs(link.subs + 1);
         shard.on_open(now, client, SocketAddr::new(ip, 0), link.listener);
         true
     }
@@ -311,7 +384,7 @@ impl Links {
             if shard.has_client(client) {
                 shard.on_close(now, client);
                 if let Some(link) = self.links.get_mut(&client.conn()) {
-                    link.subs = link.subs.saturating_sub(1);
+                    link.set_subs(link.subs.saturating_sub(1));
                 }
             }
         }

@@ -293,8 +293,14 @@ fn miners_mine_through_a_ckpool_rs_passthrough() {
             .iter()
             .all(|u| s["users"].get(*u).is_some())
             && s["clients"].as_u64() == Some(3)
+            && s["passthroughs"][0]["subclients"] == 3
     });
     assert!(stats["accepted"].as_u64().unwrap() >= 9, "{stats}");
+    assert_eq!(
+        stats["passthroughs"].as_array().map(Vec::len),
+        Some(1),
+        "{stats}"
+    );
     wait_until("the ::1 miner's address at the pool", WAIT, || {
         pool.log_text()
             .lines()
@@ -330,7 +336,7 @@ fn miners_mine_through_a_ckpool_rs_passthrough() {
     });
     drop(pt);
     wait_stats(&pool, "the passthrough's sub-clients to end", WAIT, |s| {
-        s["clients"].as_u64() == Some(1)
+        s["clients"].as_u64() == Some(1) && s["passthroughs"] == json!([])
     });
     let before = direct.report().accepted;
     wait_until("the direct miner to keep mining", WAIT, || {

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, GenLink};
 use crate::handoff::{self, Msg};
+use crate::links::LinkConfig;
 use crate::settings::Settings;
 use crate::sharelog::ShareLog;
 use crate::status::{self, StatusWriter};
@@ -76,13 +77,17 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     // The connector threads, each with its stratifier shard.
     let handoff = settings.handoff;
     let threads = settings.threads;
+    let links = LinkConfig {
+        allowed: settings.passthrough_listeners(),
+        registry: Arc::default(),
+    };
     info!(%handoff, threads, "stratifier handoff");
     let conns = handoff::start(
         handoff,
         settings.connector(),
         Arc::clone(&pool),
         sinks,
-        settings.passthrough_listeners(),
+        links.clone(),
     )
     .context("starting the connector")?;
     let io_backend = conns.backend().to_string();
@@ -109,6 +114,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+            links: Arc::clone(&links.registry),
         },
     );
     let admin = match admin {
