@@ -20,8 +20,9 @@
 //!   in turn stops the link reading from the upstream. Memory stays bounded both ways.
 //! * Upstream loss: as ckpool, every miner is dropped (their sessions lived on that upstream),
 //!   and miners that connect while no upstream is up are closed at once; the link connects to
-//!   the next `proxy` entry by itself and fails back to better ones. Replaying miners'
-//!   sessions onto the new upstream is not done.
+//!   the next `proxy` entry by itself and fails back to better ones (a switch drops the
+//!   miners of the old upstream too). Replaying miners' sessions onto the new upstream is not
+//!   done.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
 //!   connector counters), `loglevel=N`, `shutdown`.
 
@@ -70,6 +71,9 @@ struct Shared {
     /// Per connector thread: bytes routed to it and not yet handed to its outbox.
     inflight: Vec<AtomicUsize>,
     state: AtomicUsize,
+    /// Bumped whenever the upstream goes down or is switched: miners opened before that had
+    /// their sessions at the old upstream.
+    epoch: AtomicU64,
     /// Index of the active upstream (meaningful when up).
     active: AtomicUsize,
     lines_up: AtomicU64,
@@ -109,12 +113,13 @@ enum Msg {
     Lines(Vec<(ConnId, Vec<u8>)>, usize),
     /// Close this miner (the upstream sent `dropclient`).
     Drop(ConnId),
-    /// The upstream went down: close every miner.
-    DropAll,
+    /// The upstream went down or was switched: close every miner opened before this epoch.
+    DropAll(u64),
 }
 
 struct Miner {
     client_id: u32,
+    epoch: u64,
     address: Arc<str>,
     server: u64,
 }
@@ -148,6 +153,7 @@ impl connector::Handler for MinerSide {
             conn,
             Miner {
                 client_id,
+                epoch: self.shared.epoch.load(Ordering::Relaxed),
                 address: Arc::from(peer.ip().to_string()),
                 server: u64::try_from(listener).unwrap_or(0),
             },
@@ -219,9 +225,11 @@ impl connector::Handler for MinerSide {
                     out.close(conn);
                 }
             }
-            Msg::DropAll => {
-                for conn in self.miners.keys() {
-                    out.close(*conn);
+            Msg::DropAll(epoch) => {
+                for (conn, m) in &self.miners {
+                    if m.epoch < epoch {
+                        out.close(*conn);
+                    }
                 }
             }
         }
@@ -262,6 +270,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         next_id: AtomicU32::new(1),
         inflight: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
         state: AtomicUsize::new(DOWN),
+        epoch: AtomicU64::new(0),
         active: AtomicUsize::new(0),
         lines_up: AtomicU64::new(0),
         lines_down: AtomicU64::new(0),
@@ -425,17 +434,30 @@ fn handle_event(
             }
         },
         PassthroughEvent::Up { index, url } => {
+            // A switch to a better upstream (fail-back) comes without a `Down` for the old one.
+            let switched = shared.state.load(Ordering::Relaxed) == UP;
+            let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
             shared.active.store(index, Ordering::Relaxed);
             shared.state.store(UP, Ordering::Relaxed);
-            info!(index, url, "upstream up");
+            if switched {
+                warn!(
+                    index,
+                    url,
+                    "upstream switched; dropping the old one's miners (their sessions were there)"
+                );
+                conns.broadcast(Msg::DropAll(epoch));
+            } else {
+                info!(index, url, "upstream up");
+            }
         }
         PassthroughEvent::Down { index, reason } => {
             shared.state.store(DOWN, Ordering::Relaxed);
+            let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
             warn!(
                 index,
                 reason, "upstream down; dropping every miner (their sessions were there)"
             );
-            conns.broadcast(Msg::DropAll);
+            conns.broadcast(Msg::DropAll(epoch));
         }
         PassthroughEvent::Failed { index, reason } => {
             warn!(index, reason, "upstream connection failed");
