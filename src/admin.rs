@@ -85,6 +85,8 @@ pub(crate) struct AdminCtx {
     pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
     /// Where a `handover` request's connection goes (to the main loop; bounded to one).
     pub(crate) handover: Sender<UnixStream>,
+    /// The passthrough links open now, shown as `passthroughs` in `stats`.
+    pub(crate) links: Arc<crate::links::LinkRegistry>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -138,6 +140,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                 obj.insert("server".into(), ctx.generator.active().into());
                 obj.insert("io".into(), ctx.io.clone().into());
                 obj.insert("handoff".into(), ctx.handoff.clone().into());
+                obj.insert("passthroughs".into(), ctx.links.snapshot());
                 obj.insert("log_dropped".into(), crate::logging::dropped().into());
                 obj.insert(
                     "log_write_errors".into(),
@@ -183,7 +186,7 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
 }
 
 /// `loglevel=N`: ckpool's replies.
-fn loglevel(arg: &str) -> Vec<u8> {
+pub(crate) fn loglevel(arg: &str) -> Vec<u8> {
     match arg.trim().parse::<u8>() {
         Ok(level) if level <= 7 => {
             if crate::logging::set_level(level) {

@@ -61,6 +61,7 @@ use generator::{BlockSubmission, BlockSubmitter};
 use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
 use tracing::{debug, error, warn};
 
+use crate::links::{LinkConfig, Links};
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
 /// Batches a stratifier thread handles before it sends what they produced back, so replies go
@@ -273,41 +274,52 @@ impl Sinks {
     }
 }
 
-/// The connection of a direct client. Sub-clients (miners behind a passthrough) are not served
-/// by this daemon yet: nothing makes one, and output for one is dropped with a debug line.
+/// The connection of a direct client. Output for a sub-client (a miner behind a passthrough)
+/// is framed for its link by [`crate::links`] and reaches here addressed to the link's
+/// connection; one that was not is dropped with a debug line.
 fn direct(client: ClientId) -> Option<ConnId> {
     match client {
         ClientId::Direct(conn) => Some(conn),
         ClientId::Sub(..) => {
-            debug!(%client, "output for a sub-client dropped: passthrough framing is not supported");
+            debug!(%client, "unframed output for a sub-client dropped");
             None
         }
     }
 }
 
 /// Starts the connector threads with the stratifier attached as `handoff` says.
+/// `links` says on which listeners clients may become passthroughs ([`crate::links`]).
 pub(crate) fn start(
     handoff: Handoff,
     cfg: connector::Config,
     pool: Arc<Pool>,
     sinks: Sinks,
+    links: LinkConfig,
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
-    let conns = connector::start(cfg, move |t| match handoff {
-        Handoff::Inline => StratumHandler::Inline(InlineHandler {
-            shard: Shard::new(Arc::clone(&pool)),
+    let inline = move |pool: &Arc<Pool>, sinks: &Sinks, links: &LinkConfig| {
+        StratumHandler::Inline(InlineHandler {
+            shard: Shard::new(Arc::clone(pool)),
+            links: Links::new(links),
             sinks: sinks.clone(),
-        }),
+        })
+    };
+    let conns = connector::start(cfg, move |t| match handoff {
+        Handoff::Inline => inline(&pool, &sinks, &links),
         Handoff::Queue => {
-            match QueueHandler::new(t, Shard::new(Arc::clone(&pool)), sinks.clone(), pin) {
+            let shard_links = Links::new(&links);
+            match QueueHandler::new(
+                t,
+                Shard::new(Arc::clone(&pool)),
+                shard_links,
+                sinks.clone(),
+                pin,
+            ) {
                 Ok(h) => StratumHandler::Queue(h),
                 Err(e) => {
                     // Only when the system is out of threads; this thread's miners are still served.
                     error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
-                    StratumHandler::Inline(InlineHandler {
-                        shard: Shard::new(Arc::clone(&pool)),
-                        sinks: sinks.clone(),
-                    })
+                    inline(&pool, &sinks, &links)
                 }
             }
         }
@@ -340,7 +352,7 @@ impl connector::Handler for StratumHandler {
         out: &mut Outbox,
     ) {
         match self {
-            Self::Inline(h) => h.shard.on_open(now, conn, peer, listener),
+            Self::Inline(h) => h.links.on_open(&mut h.shard, now, conn, peer, listener),
             Self::Queue(h) => h.on_open(now, conn, peer, listener, out),
         }
     }
@@ -348,8 +360,18 @@ impl connector::Handler for StratumHandler {
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         match self {
             Self::Inline(h) => {
-                let InlineHandler { shard, sinks } = h;
-                shard.on_line(now, conn, line, &mut OutboxOut { outbox: out, sinks });
+                let InlineHandler {
+                    shard,
+                    links,
+                    sinks,
+                } = h;
+                links.on_line(
+                    shard,
+                    now,
+                    conn,
+                    line,
+                    &mut OutboxOut { outbox: out, sinks },
+                );
             }
             Self::Queue(h) => h.on_line(now, conn, line, out),
         }
@@ -357,17 +379,22 @@ impl connector::Handler for StratumHandler {
 
     fn on_close(&mut self, now: Instant, conn: ConnId, _reason: CloseReason) {
         match self {
-            Self::Inline(h) => h.shard.on_close(now, conn),
+            Self::Inline(h) => h.links.on_close(&mut h.shard, now, conn),
             Self::Queue(h) => h.push(Event::Close { now, conn }),
         }
     }
 
-    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match self {
             Self::Inline(h) => match msg {
                 Msg::Job(job) => {
-                    let InlineHandler { shard, sinks } = h;
-                    shard.on_job(&job, &mut OutboxOut { outbox: out, sinks });
+                    let InlineHandler {
+                        shard,
+                        links,
+                        sinks,
+                    } = h;
+                    let out = &mut OutboxOut { outbox: out, sinks };
+                    links.on_job(shard, now, &job, out);
                 }
                 // Inline, what the shard wrote is in the outbox already.
                 Msg::Settle(tx) => {
@@ -378,15 +405,19 @@ impl connector::Handler for StratumHandler {
                     debug!("queue-mode message ignored inline");
                 }
             },
-            Self::Queue(h) => h.on_msg(msg, out),
+            Self::Queue(h) => h.on_msg(now, msg, out),
         }
     }
 
     fn on_tick(&mut self, now: Instant, out: &mut Outbox) {
         match self {
             Self::Inline(h) => {
-                let InlineHandler { shard, sinks } = h;
-                shard.on_tick(now, &mut OutboxOut { outbox: out, sinks });
+                let InlineHandler {
+                    shard,
+                    links,
+                    sinks,
+                } = h;
+                links.on_tick(shard, now, &mut OutboxOut { outbox: out, sinks });
             }
             Self::Queue(h) => h.push(Event::Tick { now }),
         }
@@ -402,7 +433,11 @@ impl connector::Handler for StratumHandler {
         match self {
             Self::Inline(h) => {
                 let session = h.shard.export_session(now, conn);
-                wrap_session(state, session.as_deref(), &[], false);
+                let close = h.links.is_link(conn);
+                if close {
+                    warn!(%conn, "handover: a passthrough link's sub-clients are not carried; the link is closed");
+                }
+                wrap_session(state, session.as_deref(), &[], close);
             }
             Self::Queue(h) => h.on_export(now, conn, state),
         }
@@ -428,7 +463,7 @@ impl connector::Handler for StratumHandler {
         }
         match self {
             Self::Inline(h) => {
-                let InlineHandler { shard, sinks } = h;
+                let InlineHandler { shard, sinks, .. } = h;
                 let mut o = OutboxOut { outbox: out, sinks };
                 adopt_into(shard, now, conn, peer, listener, session, close, &mut o);
             }
@@ -440,6 +475,7 @@ impl connector::Handler for StratumHandler {
 /// Inline: the shard runs in the connector's callbacks.
 struct InlineHandler {
     shard: Shard,
+    links: Links,
     sinks: Sinks,
 }
 
@@ -534,7 +570,10 @@ enum Event {
     /// directly: each queue then has a single producer, the job is ordered with the connection
     /// events of the same thread, and shutdown needs no other sender to be dropped. It costs one
     /// more hop on a message that comes a few times a minute.
-    Job(Arc<Job>),
+    Job {
+        now: Instant,
+        job: Arc<Job>,
+    },
     Start(ConnectorHandle<Msg>),
     /// A handed-over connection: its session is `arena[range]` (empty range: none).
     Adopt {
@@ -573,7 +612,7 @@ struct QueueHandler {
 
 impl QueueHandler {
     /// Starts the stratifier thread of connector thread `thread`, owning `shard`.
-    fn new(thread: usize, shard: Shard, sinks: Sinks, pin: bool) -> io::Result<Self> {
+    fn new(thread: usize, shard: Shard, links: Links, sinks: Sinks, pin: bool) -> io::Result<Self> {
         let (to_shard, batches) = relay::queue(SPARE);
         let (spare_outputs, outputs) = relay::spares(SPARE);
         let join = std::thread::Builder::new()
@@ -585,7 +624,7 @@ impl QueueHandler {
                     // The same CPU as its connector thread.
                     connector::pin_current_thread_or_warn(thread, "stratifier");
                 }
-                run_shard(thread, shard, sinks, &batches, &outputs);
+                run_shard(thread, shard, links, sinks, &batches, &outputs);
                 debug!("stratifier thread stopped");
             })?;
         Ok(Self {
@@ -633,7 +672,7 @@ impl QueueHandler {
         batch.events.push(Event::Line { now, conn, range });
     }
 
-    fn on_msg(&mut self, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Output(mut actions) => {
                 for action in actions.drain(..) {
@@ -644,7 +683,7 @@ impl QueueHandler {
                 }
                 self.spare_outputs.give(Actions(actions));
             }
-            Msg::Job(job) => self.push(Event::Job(job)),
+            Msg::Job(job) => self.push(Event::Job { now, job }),
             Msg::Start(handle) => self.push(Event::Start(handle)),
             Msg::Settle(tx) => {
                 if self.shard_gone {
@@ -746,6 +785,7 @@ impl Drop for QueueHandler {
 fn run_shard(
     thread: usize,
     mut shard: Shard,
+    mut links: Links,
     sinks: Sinks,
     batches: &Consumer<Batch>,
     spare_outputs: &SpareTake<Actions>,
@@ -754,7 +794,7 @@ fn run_shard(
     let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while batches.next_round(DRAIN_BATCHES, |batch| {
-        run_batch(thread, &mut shard, batch, &mut out, &mut handle);
+        run_batch(thread, &mut shard, &mut links, batch, &mut out, &mut handle);
     }) {
         // One message per round; kept until the handle is known (connections can be accepted
         // before `connector::start` returns), and while a handover holds it.
@@ -772,6 +812,7 @@ fn run_shard(
 fn run_batch(
     thread: usize,
     shard: &mut Shard,
+    links: &mut Links,
     batch: &Batch,
     out: &mut ShardOut,
     handle: &mut Option<ConnectorHandle<Msg>>,
@@ -783,7 +824,7 @@ fn run_batch(
                 conn,
                 peer,
                 listener,
-            } => shard.on_open(*now, *conn, *peer, *listener),
+            } => links.on_open(shard, *now, *conn, *peer, *listener),
             Event::Line { now, conn, range } => {
                 // After the shard closed a connection, the rest of its input is dropped, as the
                 // connector does inline.
@@ -791,15 +832,15 @@ fn run_batch(
                     continue;
                 }
                 if let Some(line) = batch.arena.get(range.clone()) {
-                    shard.on_line(*now, *conn, line, out);
+                    links.on_line(shard, *now, *conn, line, out);
                 }
             }
             Event::Close { now, conn } => {
                 out.closing.remove(conn);
-                shard.on_close(*now, *conn);
+                links.on_close(shard, *now, *conn);
             }
-            Event::Tick { now } => shard.on_tick(*now, out),
-            Event::Job(job) => shard.on_job(job, out),
+            Event::Tick { now } => links.on_tick(shard, *now, out),
+            Event::Job { now, job } => links.on_job(shard, *now, job, out),
             Event::Start(h) => *handle = Some(h.clone()),
             Event::Adopt {
                 now,
@@ -814,7 +855,11 @@ fn run_batch(
             }
             Event::Export { now, conn, reply } => {
                 let session = shard.export_session(*now, *conn);
-                let (extra, close) = out.take_held(*conn);
+                let (extra, mut close) = out.take_held(*conn);
+                if links.is_link(*conn) {
+                    warn!(%conn, "handover: a passthrough link's sub-clients are not carried; the link is closed");
+                    close = true;
+                }
                 let mut state = Vec::new();
                 wrap_session(&mut state, session.as_deref(), &extra, close);
                 let _ = reply.send(state);

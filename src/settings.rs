@@ -8,6 +8,7 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::address::Network;
@@ -139,6 +140,8 @@ pub(crate) struct Listener {
     pub(crate) addr: SocketAddr,
     /// Its start/minimum difficulty rule.
     pub(crate) diff: ListenerDiff,
+    /// Named in `passthroughserver`: clients on it may become passthroughs.
+    pub(crate) passthrough: bool,
 }
 
 /// Everything the daemon was told, typed and checked.
@@ -271,6 +274,11 @@ impl Settings {
         self.file.webserver.as_deref()
     }
 
+    /// For each listener, whether clients on it may become passthroughs.
+    pub(crate) fn passthrough_listeners(&self) -> Arc<[bool]> {
+        self.listeners.iter().map(|l| l.passthrough).collect()
+    }
+
     /// The connector's configuration.
     pub(crate) fn connector(&self) -> connector::Config {
         connector::Config {
@@ -384,12 +392,18 @@ fn first_of(cli: Option<&str>, env: Env<'_>, key: &str, file: &str) -> String {
         .unwrap_or_else(|| file.to_owned())
 }
 
-/// The listen addresses (`serverurl`, then each `listendiff` address it lacks) with their rules.
+/// The listen addresses (`serverurl`, then each `listendiff` and `passthroughserver` address
+/// it lacks) with their rules.
 fn listeners(f: &Config) -> Result<Vec<Listener>, ConfigError> {
     let mut urls = f.serverurl.clone();
-    for rule in &f.listendiff {
-        if !urls.contains(&rule.url) {
-            urls.push(rule.url.clone());
+    for url in f
+        .listendiff
+        .iter()
+        .map(|r| &r.url)
+        .chain(&f.passthroughserver)
+    {
+        if !urls.contains(url) {
+            urls.push(url.clone());
         }
     }
     urls.into_iter()
@@ -414,7 +428,13 @@ fn listeners(f: &Config) -> Result<Vec<Listener>, ConfigError> {
                 },
                 None => ListenerDiff::default(),
             };
-            Ok(Listener { url, addr, diff })
+            let passthrough = f.passthroughserver.contains(&url);
+            Ok(Listener {
+                url,
+                addr,
+                diff,
+                passthrough,
+            })
         })
         .collect()
 }
@@ -519,6 +539,30 @@ mod tests {
         let s = settings(&["-B"], &format!(r#"{{"btcaddress": "{PAYOUT}"}}"#));
         let p = s.pool(Network::Bitcoin).expect("pool config");
         assert!(p.solo && p.payout.is_none());
+    }
+
+    #[test]
+    fn passthroughserver_addresses_are_listened_on_and_flagged() {
+        let s = settings(
+            &["-B"],
+            r#"{"serverurl": ["127.0.0.1:3333", "127.0.0.1:3334"],
+                "passthroughserver": ["127.0.0.1:3334", "127.0.0.1:3335"]}"#,
+        );
+        let urls: Vec<(&str, bool)> = s
+            .listeners
+            .iter()
+            .map(|l| (l.url.as_str(), l.passthrough))
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                ("127.0.0.1:3333", false),
+                ("127.0.0.1:3334", true),
+                ("127.0.0.1:3335", true)
+            ]
+        );
+        assert_eq!(&*s.passthrough_listeners(), &[false, true, true]);
+        assert_eq!(s.connector().listen.len(), 3);
     }
 
     #[test]

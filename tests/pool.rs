@@ -902,8 +902,8 @@ fn sigterm_right_after_a_block_still_submits_it_and_exits_0() {
     assert_eq!(shares, 1, "the block's share is in the share log");
 }
 
-/// The proxy modes have no runner yet: a mode flag, or the binary run as ckproxy and the like,
-/// exits 2 naming the mode, before any config file is read.
+/// The proxy modes but passthrough have no runner yet: a mode flag, or the binary run as ckproxy
+/// and the like, exits 2 naming the mode, before any config file is read.
 #[test]
 fn unimplemented_modes_exit_2_naming_the_mode() {
     let dir = pool::temp_dir("modes");
@@ -924,7 +924,6 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
     for (flag, mode) in [
         ("-p", "proxy"),
         ("-u", "userproxy"),
-        ("-P", "passthrough"),
         ("-N", "node"),
         ("-R", "redirector"),
     ] {
@@ -937,7 +936,6 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
     }
     for (name, mode) in [
         ("ckproxy", "proxy"),
-        ("ckpassthrough", "passthrough"),
         ("cknode", "node"),
         ("ckredirector", "redirector"),
     ] {
@@ -950,6 +948,24 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             "{name}: {err}"
         );
     }
+    // Passthrough mode is implemented: it goes on to read its config (absent here), and one
+    // without a "proxy" entry is refused, exit 2.
+    let (code, err) = run(exe, &["-P"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot read config ckpassthrough.conf"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("ckpassthrough.conf"),
+        r#"{"serverurl": "127.0.0.1:0"}"#,
+    )
+    .unwrap();
+    let link = dir.join("ckpassthrough");
+    std::os::unix::fs::symlink(exe, &link).unwrap();
+    let (code, err) = run(&link, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("\"proxy\" entry"), "{err}");
     // Two mode flags, or solo with a proxy mode, are refused too.
     for flags in [&["-p", "-P"][..], &["-B", "-p"][..]] {
         let (code, err) = run(exe, flags);

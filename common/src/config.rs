@@ -33,6 +33,29 @@ pub struct Btcd {
     pub notify: bool,
 }
 
+/// One upstream pool of the `proxy` array (proxy and passthrough modes).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+pub struct Proxy {
+    /// `host:port`, optionally `stratum+tcp://host:port`.
+    pub url: String,
+    /// Worker name to authorise as (unused by a passthrough).
+    #[serde(default)]
+    pub auth: String,
+    /// Its password (unused by a passthrough).
+    #[serde(default)]
+    pub pass: String,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("url", &self.url)
+            .field("auth", &self.auth)
+            .field("pass", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Difficulty rules for one listen address (`listendiff`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenDiff {
@@ -78,6 +101,11 @@ pub struct Config {
     pub version_mask: u32,
     /// Stratum listen addresses (`host:port`).
     pub serverurl: Vec<String>,
+    /// Listen addresses on which a client may become a passthrough (`mining.passthrough`);
+    /// each is listened on too (it may also be in `serverurl`). Empty: no passthroughs.
+    pub passthroughserver: Vec<String>,
+    /// Upstream pools of the proxy and passthrough modes, best first (`proxy`).
+    pub proxy: Vec<Proxy>,
     /// Vardiff floor and floor for suggested difficulties.
     pub mindiff: Difficulty,
     /// Starting difficulty.
@@ -166,6 +194,8 @@ impl Default for Config {
             update_interval: Duration::from_secs(30),
             version_mask: 0x1fff_e000,
             serverurl: vec!["0.0.0.0:3333".into()],
+            passthroughserver: Vec::new(),
+            proxy: Vec::new(),
             mindiff: Difficulty::ONE,
             startdiff: diff_const(42),
             highdiff: diff_const(1_000_000),
@@ -242,6 +272,7 @@ const KNOWN_KEYS: &[&str] = &[
     "update_interval",
     "version_mask",
     "serverurl",
+    "passthroughserver",
     "nodeserver",
     "trusted",
     "upstream",
@@ -348,6 +379,15 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
         if c.serverurl.is_empty() {
             return Err(invalid("serverurl", "must list at least one address"));
         }
+    }
+    if let Some(v) = map.get("passthroughserver") {
+        c.passthroughserver = match v {
+            Value::String(s) => vec![s.clone()],
+            other => typed::<Vec<String>>("passthroughserver", other)?,
+        };
+    }
+    if let Some(v) = map.get("proxy") {
+        c.proxy = typed::<Vec<Proxy>>("proxy", v)?;
     }
     if let Some(v) = map.get("mindiff") {
         c.mindiff = difficulty("mindiff", v)?;
@@ -804,6 +844,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn passthroughserver_and_proxy() {
+        let c = parse(
+            r#"{"passthroughserver": "127.0.0.1:3334",
+                "proxy": [{"url": "pool.example:3333", "auth": "u", "pass": "p"}, {"url": "b:1"}]}"#,
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.passthroughserver, vec!["127.0.0.1:3334".to_string()]);
+        assert_eq!(c.proxy.len(), 2);
+        assert_eq!(c.proxy[0].auth, "u");
+        assert_eq!(c.proxy[1].pass, "");
+        assert!(!format!("{:?}", c.proxy[0]).contains("\"p\""));
+        assert!(parse(r#"{"proxy": [{"auth": "u"}]}"#).is_err());
+        assert!(parse(r#"{"passthroughserver": 5}"#).is_err());
+        assert!(Config::default().passthroughserver.is_empty());
     }
 
     #[test]

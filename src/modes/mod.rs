@@ -1,5 +1,7 @@
-//! One runner per mode. Pool and solo mode run [`pool::run`]; the proxy modes have none yet.
+//! One runner per mode. Pool and solo mode run [`pool::run`], passthrough mode
+//! [`passthrough::run`]; the other proxy modes have none yet.
 
+pub(crate) mod passthrough;
 pub(crate) mod pool;
 
 use crate::instance::Instance;
@@ -9,12 +11,10 @@ use crate::settings::{ConfigError, Mode, Settings};
 /// names what is missing rather than a config key.
 pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
     match mode {
-        Mode::Pool | Mode::Solo => Ok(()),
-        Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
-            Err(ConfigError(format!(
-                "{mode} mode is not implemented yet (only pool and solo mode are)"
-            )))
-        }
+        Mode::Pool | Mode::Solo | Mode::Passthrough => Ok(()),
+        Mode::Proxy | Mode::UserProxy | Mode::Node | Mode::Redirector => Err(ConfigError(format!(
+            "{mode} mode is not implemented yet (only pool, solo and passthrough mode are)"
+        ))),
     }
 }
 
@@ -23,7 +23,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     check_implemented(settings.mode)?;
     match settings.mode {
         Mode::Pool | Mode::Solo => pool::run(settings, instance),
-        Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
+        Mode::Passthrough => passthrough::run(settings, &instance.shutdown),
+        Mode::Proxy | Mode::UserProxy | Mode::Node | Mode::Redirector => {
             Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
         }
     }
@@ -34,16 +35,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_pool_and_solo_are_implemented() {
+    fn only_pool_solo_and_passthrough_are_implemented() {
         assert!(check_implemented(Mode::Pool).is_ok());
         assert!(check_implemented(Mode::Solo).is_ok());
-        for mode in [
-            Mode::Proxy,
-            Mode::UserProxy,
-            Mode::Passthrough,
-            Mode::Node,
-            Mode::Redirector,
-        ] {
+        assert!(check_implemented(Mode::Passthrough).is_ok());
+        for mode in [Mode::Proxy, Mode::UserProxy, Mode::Node, Mode::Redirector] {
             let err = check_implemented(mode).expect_err("not implemented");
             assert!(
                 err.0

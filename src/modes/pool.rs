@@ -33,6 +33,7 @@ use crate::admin::{self, GenLink};
 use crate::handoff::{self, Msg};
 use crate::handover::{self, PoolHooks};
 use crate::instance::Instance;
+use crate::links::LinkConfig;
 use crate::settings::Settings;
 use crate::sharelog::ShareLog;
 use crate::status::{self, StatusWriter};
@@ -111,13 +112,17 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     // The connector threads, each with its stratifier shard.
     let handoff = settings.handoff;
     let threads = settings.threads;
+    let links = LinkConfig {
+        allowed: settings.passthrough_listeners(),
+        registry: Arc::default(),
+    };
     info!(%handoff, threads, "stratifier handoff");
     let mut ccfg = settings.connector();
     if let Some(incoming) = &incoming {
         ccfg.listen.clear();
         ccfg.inherited.clone_from(&incoming.listeners);
     }
-    let conns = match handoff::start(handoff, ccfg, Arc::clone(&pool), sinks) {
+    let conns = match handoff::start(handoff, ccfg, Arc::clone(&pool), sinks, links.clone()) {
         Ok(conns) => conns,
         Err(e) => {
             if let Some(incoming) = &incoming {
@@ -169,6 +174,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
             shutdown: Arc::clone(shutdown),
             share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
             handover: handover_tx,
+            links: Arc::clone(&links.registry),
         },
     );
     let admin = match admin {

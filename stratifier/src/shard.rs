@@ -441,6 +441,11 @@ impl Shard {
         self.st.sessions.len()
     }
 
+    /// Whether `client` has a session here.
+    pub fn has_client(&self, client: impl Into<ClientId>) -> bool {
+        self.st.sessions.contains(client.into())
+    }
+
     /// A new client: a connection, or a sub-client of one (see [`ClientId`]), from `peer` on
     /// listener `listener`, mining on the pool's own work.
     pub fn on_open(
@@ -937,6 +942,12 @@ impl State {
                 out.send(conn, buf);
             }
             "mining.term" => out.close(conn),
+            // The daemon turns a connection on a `passthroughserver` address into a passthrough
+            // before its lines reach a shard; anywhere else (and for a sub-client) it is refused.
+            "mining.passthrough" | "mining.node" => {
+                info!(%conn, method, "link handshake refused on this listener");
+                reply_err(out, conn, req, codes::OTHER, "Not allowed on this port");
+            }
             other => {
                 debug!(%conn, method = other, "unknown method");
                 reply_err(out, conn, req, codes::METHOD_NOT_FOUND, "Method not found");

@@ -327,6 +327,11 @@ impl Client {
         stream
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
+        Self::from_stream(stream)
+    }
+
+    /// A client on a connected stream (with a read timeout set).
+    pub fn from_stream(stream: TcpStream) -> Self {
         let reader = BufReader::new(stream.try_clone().unwrap());
         Self {
             stream,

@@ -1,0 +1,559 @@
+//! The pool side of ckpool's passthrough links (`mining.passthrough`, ckpool.md §5.1).
+//!
+//! A connection that came in on a `passthroughserver` address and whose first line is the
+//! handshake `{"method":"mining.passthrough",…}` gets ckpool's bare `{"result":true}` and
+//! becomes a link: its own session is closed, and every later line is a miner's line tagged
+//! with `client_id` (plus `address` and `server`), given to the shard as the sub-client
+//! [`ClientId::Sub`]`(conn, client_id)`. A sub-client's session is opened with its first line;
+//! the `address` the passthrough gives is believed as that sub-client's address only (logged as
+//! "address via peer"). `mining.term` from the link ends that sub-client; when the pool drops a
+//! sub-client it writes the raw line `dropclient=N` on the link, as ckpool does; the link
+//! closing ends its own sub-clients only (ids are per connection, so a passthrough can neither
+//! name nor drop another's).
+//!
+//! Output for a sub-client is framed as ckpool frames it: `"node.method":"<type>","client_id":N`
+//! appended to the line. The type of a reply comes from the request it answers (set while the
+//! shard handles that request), that of a notification from its method. A job broadcast to a
+//! link's sub-clients is written once per sub-client into one buffer per link (the notify's
+//! bytes, spliced, no other allocation), sent in chunks of at most [`CHUNK`] bytes.
+//!
+//! Connections on other listeners never reach this code's branches: the shard refuses
+//! `mining.passthrough` and `mining.node` there with a stratum error. `mining.node` (ckpool's
+//! `nodeserver`) is not implemented and is refused on every listener.
+
+use std::collections::HashMap;
+use std::mem;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::ConnId;
+use common::stratum::passthrough::{self, FromDownstream, Role};
+use common::stratum::write::write_u64;
+use stratifier::{ClientId, Event, Out, Shard};
+use tracing::{debug, info, warn};
+
+/// A link's output is sent in pieces of about this many bytes (a job fanned out to 20,000
+/// sub-clients is about 14 MB).
+pub(crate) const CHUNK: usize = 256 * 1024;
+/// Sub-clients one link may have at once; a line for a new one beyond it gets `dropclient`.
+pub(crate) const MAX_SUBS_PER_LINK: usize = 262_144;
+
+/// What every shard's [`Links`] share: which listeners take passthroughs, and the registry.
+#[derive(Clone, Default)]
+pub(crate) struct LinkConfig {
+    /// Per listener index: whether it is a `passthroughserver` address.
+    pub(crate) allowed: Arc<[bool]>,
+    /// The open links of every shard, for the admin `stats`.
+    pub(crate) registry: Arc<LinkRegistry>,
+}
+
+/// The passthrough links open on every shard (locked when a link opens or closes, and by the
+/// admin `stats`).
+#[derive(Default)]
+pub(crate) struct LinkRegistry {
+    links: Mutex<HashMap<ConnId, Arc<LinkInfo>>>,
+}
+
+/// One link as the registry shows it.
+struct LinkInfo {
+    peer: SocketAddr,
+    agent: String,
+    /// Its sub-clients now (written by its shard only).
+    subs: AtomicUsize,
+}
+
+impl LinkRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<LinkInfo>>> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `[{"peer","agent","subclients"}…]`, by peer.
+    pub(crate) fn snapshot(&self) -> serde_json::Value {
+        let mut list: Vec<(String, String, usize)> = self
+            .lock()
+            .values()
+            .map(|l| {
+                (
+                    l.peer.to_string(),
+                    l.agent.clone(),
+                    l.subs.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        list.sort();
+        list.into_iter()
+            .map(|(peer, agent, subs)| {
+                serde_json::json!({"peer": peer, "agent": agent, "subclients": subs})
+            })
+            .collect()
+    }
+}
+
+/// One shard's passthrough links (one per connector thread, next to its shard).
+pub(crate) struct Links {
+    /// Per listener index: whether it is a `passthroughserver` address.
+    allowed: Arc<[bool]>,
+    registry: Arc<LinkRegistry>,
+    /// Connections on a passthrough listener that have not sent a line yet.
+    candidates: HashMap<ConnId, (usize, SocketAddr)>,
+    links: HashMap<ConnId, Link>,
+    scratch: Vec<u8>,
+    pending: Pending,
+}
+
+struct Link {
+    peer: SocketAddr,
+    listener: usize,
+    subs: usize,
+    info: Arc<LinkInfo>,
+}
+
+impl Link {
+    fn set_subs(&mut self, subs: usize) {
+        self.subs = subs;
+        self.info.subs.store(subs, Ordering::Relaxed);
+    }
+}
+
+/// Framed output collected during one shard call, sent when it returns.
+#[derive(Default)]
+struct Pending {
+    /// Per link, in order; a link may have several entries (chunks).
+    bufs: Vec<(ConnId, Vec<u8>)>,
+    /// Sub-clients the shard closed: their sessions end once the call returns.
+    closed: Vec<ClientId>,
+    /// `node.method` of a reply (a line without a method) in the current call.
+    reply: &'static str,
+    /// The last shared line framed and its `node.method`: a job's notify is one buffer for
+    /// every session, so its type is found once per job, not once per sub-client.
+    last_shared: Option<(Arc<[u8]>, &'static str)>,
+}
+
+impl Pending {
+    /// Frames each line of `bytes` (the shard may write a reply and a notification in one
+    /// buffer) for sub-client `id` of link `conn`.
+    fn frame_lines(&mut self, conn: ConnId, bytes: &[u8], id: u64) {
+        for body in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let kind = method_of(body).map_or(self.reply, notify_type);
+            frame(self.buf(conn), body, kind, id);
+        }
+    }
+
+    /// The buffer to append to for link `conn`.
+    fn buf(&mut self, conn: ConnId) -> &mut Vec<u8> {
+        let pos = self.bufs.iter().rposition(|(c, _)| *c == conn);
+        let i = match pos {
+            Some(i) if self.bufs.get(i).is_some_and(|(_, b)| b.len() < CHUNK) => i,
+            _ => {
+                self.bufs.push((conn, Vec::with_capacity(4096)));
+                self.bufs.len() - 1
+            }
+        };
+        // The index is in range: found or just pushed.
+        &mut self.bufs[i].1
+    }
+}
+
+impl Links {
+    /// Links on the listeners `cfg.allowed` names, registered in `cfg.registry`.
+    pub(crate) fn new(cfg: &LinkConfig) -> Self {
+        Self {
+            allowed: Arc::clone(&cfg.allowed),
+            registry: Arc::clone(&cfg.registry),
+            candidates: HashMap::new(),
+            links: HashMap::new(),
+            scratch: Vec::new(),
+            pending: Pending {
+                reply: "error",
+                ..Pending::default()
+            },
+        }
+    }
+
+    /// A new connection.
+    pub(crate) fn on_open(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+    ) {
+        if self.allowed.get(listener).copied().unwrap_or(false) {
+            self.candidates.insert(conn, (listener, peer));
+        }
+        shard.on_open(now, conn, peer, listener);
+    }
+
+    /// A line from connection `conn`.
+    pub(crate) fn on_line(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        conn: ConnId,
+        line: &[u8],
+        out: &mut impl Out,
+    ) {
+        if !self.links.is_empty() && self.links.contains_key(&conn) {
+            self.link_line(shard, now, conn, line, out);
+            return;
+        }
+        if !self.candidates.is_empty()
+            && let Some((listener, peer)) = self.candidates.remove(&conn)
+            && contains(line, b"\"mining.passthrough\"")
+        {
+            self.scratch.clear();
+            if let FromDownstream::Handshake {
+                role: Role::Passthrough,
+                agent,
+            } = passthrough::decode_downstream(line, &mut self.scratch)
+            {
+                shard.on_close(now, conn);
+                let agent = agent.unwrap_or("");
+                info!(%conn, %peer, agent, "passthrough connected");
+                let info = Arc::new(LinkInfo {
+                    peer,
+                    agent: agent.chars().take(64).collect(),
+                    subs: AtomicUsize::new(0),
+                });
+                self.registry.lock().insert(conn, Arc::clone(&info));
+                self.links.insert(
+                    conn,
+                    Link {
+                        peer,
+                        listener,
+                        subs: 0,
+                        info,
+                    },
+                );
+                out.send(ClientId::Direct(conn), passthrough::HANDSHAKE_OK.to_vec());
+                return;
+            }
+        }
+        shard.on_line(now, conn, line, out);
+    }
+
+    /// Whether `conn` is a passthrough link. A handover does not carry a link's sub-clients
+    /// yet: such a connection is handed over to be closed, and its passthrough reconnects.
+    pub(crate) fn is_link(&self, conn: ConnId) -> bool {
+        !self.links.is_empty() && self.links.contains_key(&conn)
+    }
+
+    /// A connection closed: a link takes its sub-clients with it.
+    pub(crate) fn on_close(&mut self, shard: &mut Shard, now: Instant, conn: ConnId) {
+        if !self.candidates.is_empty() {
+            self.candidates.remove(&conn);
+        }
+        if !self.links.is_empty()
+            && let Some(link) = self.links.remove(&conn)
+        {
+            self.registry.lock().remove(&conn);
+            info!(%conn, peer = %link.peer, subs = link.subs, "passthrough disconnected; its sub-clients end");
+        }
+        shard.on_close(now, conn);
+    }
+
+    /// A new job for every session, sub-clients included.
+    pub(crate) fn on_job(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        job: &Arc<stratifier::Job>,
+        out: &mut impl Out,
+    ) {
+        if self.links.is_empty() {
+            shard.on_job(job, out);
+            return;
+        }
+        self.pending.reply = "error";
+        shard.on_job(
+            job,
+            &mut Framer {
+                inner: out,
+                p: &mut self.pending,
+            },
+        );
+        self.finish(shard, now, out);
+    }
+
+    /// The shard's periodic work.
+    pub(crate) fn on_tick(&mut self, shard: &mut Shard, now: Instant, out: &mut impl Out) {
+        if self.links.is_empty() {
+            shard.on_tick(now, out);
+            return;
+        }
+        self.pending.reply = "error";
+        shard.on_tick(
+            now,
+            &mut Framer {
+                inner: out,
+                p: &mut self.pending,
+            },
+        );
+        self.finish(shard, now, out);
+    }
+
+    fn link_line(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        conn: ConnId,
+        line: &[u8],
+        out: &mut impl Out,
+    ) {
+        let mut scratch = mem::take(&mut self.scratch);
+        scratch.clear();
+        match passthrough::decode_downstream(line, &mut scratch) {
+            FromDownstream::Handshake { .. } => {
+                debug!(%conn, "repeated handshake on a passthrough link ignored");
+            }
+            FromDownstream::Term { client_id } => {
+                let client = ClientId::Sub(conn, client_id);
+                if shard.has_client(client) {
+                    shard.on_close(now, client);
+                    if let Some(link) = self.links.get_mut(&conn) {
+                        link.set_subs(link.subs.saturating_sub(1));
+                    }
+                }
+            }
+            FromDownstream::Miner {
+                client_id, address, ..
+            } => {
+                let client = ClientId::Sub(conn, client_id);
+                if self.open_sub(shard, now, client, address, out) {
+                    let body = scratch.strip_suffix(b"\n").unwrap_or(&scratch);
+                    self.pending.reply = reply_type(method_of(body));
+                    shard.on_line(
+                        now,
+                        client,
+                        body,
+                        &mut Framer {
+                            inner: out,
+                            p: &mut self.pending,
+                        },
+                    );
+                    self.finish(shard, now, out);
+                }
+            }
+            FromDownstream::Invalid => {
+                debug!(%conn, len = line.len(), "line from a passthrough without a usable client_id ignored");
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Opens `client`'s session if it has none; `false` if the link is full.
+    fn open_sub(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        client: ClientId,
+        address: Option<&str>,
+        out: &mut impl Out,
+    ) -> bool {
+        if shard.has_client(client) {
+            return true;
+        }
+        let conn = client.conn();
+        let Some(link) = self.links.get_mut(&conn) else {
+            return false;
+        };
+        if link.subs >= MAX_SUBS_PER_LINK {
+            warn!(%client, peer = %link.peer, "passthrough has too many sub-clients; new one dropped");
+            let mut line = b"dropclient=".to_vec();
+            write_u64(&mut line, client.remote().unwrap_or(0));
+            line.push(b'\n');
+            out.send(ClientId::Direct(conn), line);
+            return false;
+        }
+        let ip = address
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .unwrap_or(link.peer.ip());
+        debug!(%client, %ip, via = %link.peer, "address via peer");
+        link.set_subs(link.subs + 1);
+        shard.on_open(now, client, SocketAddr::new(ip, 0), link.listener);
+        true
+    }
+
+    /// Sends what the shard wrote for sub-clients and ends the sessions it closed.
+    fn finish(&mut self, shard: &mut Shard, now: Instant, out: &mut impl Out) {
+        for (conn, buf) in self.pending.bufs.drain(..) {
+            if !buf.is_empty() {
+                out.send(ClientId::Direct(conn), buf);
+            }
+        }
+        for client in self.pending.closed.drain(..) {
+            if shard.has_client(client) {
+                shard.on_close(now, client);
+                if let Some(link) = self.links.get_mut(&client.conn()) {
+                    link.set_subs(link.subs.saturating_sub(1));
+                }
+            }
+        }
+        self.pending.reply = "error";
+        self.pending.last_shared = None;
+    }
+}
+
+/// The shard's output with sub-clients' lines framed for their link.
+struct Framer<'a, O> {
+    inner: &'a mut O,
+    p: &'a mut Pending,
+}
+
+impl<O: Out> Out for Framer<'_, O> {
+    fn send(&mut self, client: ClientId, bytes: Vec<u8>) {
+        match client {
+            ClientId::Direct(_) => self.inner.send(client, bytes),
+            ClientId::Sub(conn, id) => self.p.frame_lines(conn, &bytes, id),
+        }
+    }
+
+    fn send_shared(&mut self, client: ClientId, bytes: Arc<[u8]>) {
+        match client {
+            ClientId::Direct(_) => self.inner.send_shared(client, bytes),
+            ClientId::Sub(conn, id) => {
+                let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+                if body.contains(&b'\n') {
+                    self.p.frame_lines(conn, &bytes, id);
+                    return;
+                }
+                let kind = match &self.p.last_shared {
+                    Some((last, kind)) if Arc::ptr_eq(last, &bytes) => kind,
+                    _ => {
+                        let kind = method_of(body).map_or(self.p.reply, notify_type);
+                        self.p.last_shared = Some((Arc::clone(&bytes), kind));
+                        kind
+                    }
+                };
+                frame(self.p.buf(conn), body, kind, id);
+            }
+        }
+    }
+
+    fn close(&mut self, client: ClientId) {
+        match client {
+            ClientId::Direct(_) => self.inner.close(client),
+            ClientId::Sub(conn, id) => {
+                let buf = self.p.buf(conn);
+                buf.extend_from_slice(b"dropclient=");
+                write_u64(buf, id);
+                buf.push(b'\n');
+                if !self.p.closed.contains(&client) {
+                    self.p.closed.push(client);
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        self.inner.event(ev);
+    }
+
+    fn wants_shares(&self) -> bool {
+        self.inner.wants_shares()
+    }
+}
+
+/// Appends `body` (one compact JSON object, no newline) with `"node.method":"<kind>",
+/// "client_id":<id>` added last. Our own writers end every object with `}`, so that is a
+/// splice; anything else goes through the general framer.
+fn frame(buf: &mut Vec<u8>, body: &[u8], kind: &str, id: u64) {
+    match body.strip_suffix(b"}") {
+        Some(open) if open.len() > 1 => {
+            buf.extend_from_slice(open);
+            buf.extend_from_slice(b",\"node.method\":\"");
+            buf.extend_from_slice(kind.as_bytes());
+            buf.extend_from_slice(b"\",\"client_id\":");
+            write_u64(buf, id);
+            buf.extend_from_slice(b"}\n");
+        }
+        _ => {
+            if passthrough::encode_for_client(buf, body, kind, id).is_err() {
+                debug!(client_id = id, "unframable line for a sub-client dropped");
+            }
+        }
+    }
+}
+
+/// The value of a compact line's `"method":"…"` member, if it has one.
+fn method_of(line: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"\"method\":\"";
+    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = line.get(at..)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    rest.get(..end)
+}
+
+/// ckpool's `node.method` of a notification, by its method.
+fn notify_type(method: &[u8]) -> &'static str {
+    match method {
+        b"mining.notify" => "update",
+        b"mining.set_difficulty" => "diff",
+        b"client.reconnect" => "reconnect",
+        b"client.show_message" => "message",
+        b"mining.ping" => "ping",
+        b"mining.set_extranonce" => "mining.set_extranonce",
+        _ => "message",
+    }
+}
+
+/// ckpool's `node.method` of the reply to a request, by the request's method.
+fn reply_type(method: Option<&[u8]>) -> &'static str {
+    match method {
+        Some(b"mining.subscribe") => "subscribe.result",
+        Some(b"mining.authorize" | b"mining.authorise") => "auth.result",
+        Some(b"mining.submit") => "share.result",
+        Some(b"mining.configure") => "mining.configure",
+        Some(b"mining.ping") => "pong",
+        _ => "error",
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_splices_node_method_and_client_id() {
+        let mut buf = Vec::new();
+        frame(
+            &mut buf,
+            br#"{"params":[0.001],"id":null,"method":"mining.set_difficulty"}"#,
+            notify_type(b"mining.set_difficulty"),
+            7,
+        );
+        frame(&mut buf, b"{}", "error", 1);
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            "{\"params\":[0.001],\"id\":null,\"method\":\"mining.set_difficulty\",\"node.method\":\"diff\",\"client_id\":7}\n{\"node.method\":\"error\",\"client_id\":1}\n"
+        );
+        assert_eq!(
+            method_of(br#"{"id":1,"method":"mining.submit","params":[]}"#),
+            Some(&b"mining.submit"[..])
+        );
+        assert_eq!(method_of(br#"{"id":1,"result":true}"#), None);
+        assert_eq!(reply_type(Some(b"mining.subscribe")), "subscribe.result");
+        assert_eq!(reply_type(None), "error");
+    }
+
+    #[test]
+    fn pending_chunks_large_output_per_link() {
+        let a = ConnId::new(0, 0, 1);
+        let b = ConnId::new(0, 0, 2);
+        let mut p = Pending::default();
+        p.buf(a).extend_from_slice(&[b'x'; CHUNK]);
+        p.buf(b).push(b'y');
+        p.buf(a).push(b'z');
+        let shape: Vec<(u32, usize)> = p.bufs.iter().map(|(c, v)| (c.slot(), v.len())).collect();
+        assert_eq!(shape, [(1, CHUNK), (2, 1), (1, 1)]);
+    }
+}

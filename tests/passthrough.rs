@@ -1,0 +1,501 @@
+//! ckpool's passthrough protocol against the real binary on a regtest node: the pool side
+//! (`passthroughserver`) replaying the lines a real ckpool 0.9.9 passthrough sent, refusals on
+//! ordinary listeners, and passthrough mode (`-P`) in front of a ckpool-rs pool with miners
+//! behind it. Without a node these print "skipped" (locally) or fail (in CI).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "test code"
+)]
+
+#[path = "support/node.rs"]
+mod node;
+#[path = "support/pool.rs"]
+mod pool;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use loadtest::{Miner, MinerConfig};
+use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
+use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
+use serde_json::{Value, json};
+
+const CAPTURE: &str = include_str!("../common/tests/data/ckpool-0.9.9-passthrough-link.jsonl");
+
+/// The capture's lines in one direction, as sent.
+fn capture(dir: &str) -> Vec<String> {
+    CAPTURE
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["dir"] == dir)
+        .map(|v| v["line"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// A pool with an ordinary listener and a `passthroughserver` listener.
+fn pool_with_passthrough_port(
+    node: &RegtestNode,
+    tag: &str,
+    extra: &Value,
+) -> (PoolProcess, SocketAddr) {
+    let payout = node.new_address();
+    let (direct, link) = (free_port(), free_port());
+    let mut config = regtest_config(vec![btcd_entry(node)], Some(&payout), direct);
+    config["passthroughserver"] = json!([format!("127.0.0.1:{link}")]);
+    if let Some(o) = extra.as_object() {
+        for (k, v) in o {
+            config[k] = v.clone();
+        }
+    }
+    let pool = PoolProcess::start(tag, &config, &[]);
+    (pool, SocketAddr::from(([127, 0, 0, 1], link)))
+}
+
+/// Reads lines from a link until `pred` holds for one; returns it.
+fn link_wait(c: &mut Client, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    c.wait_for(what, WAIT, pred)
+}
+
+#[test]
+fn pool_side_speaks_ckpool_passthrough_framing() {
+    let Some(exe) = bitcoind_or_skip("pool_side_speaks_ckpool_passthrough_framing") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) =
+        pool_with_passthrough_port(node, "pt-pool-side", &json!({"authtimeout": 2}));
+    let to_pool = capture("to_pool");
+    let to_pt = capture("to_passthrough");
+
+    // (c) On the ordinary listener the handshake is refused with a stratum error, and so is
+    // mining.node on the passthrough listener; both stay ordinary connections.
+    let mut plain = Client::connect(pool.addr);
+    plain.send_raw(format!("{}\n", to_pool[0]).as_bytes());
+    plain.send(&json!({"id": 5, "method": "mining.configure", "params": [[], {}]}));
+    let refused = plain.wait_for("a refusal", WAIT, |v| {
+        v.get("error").is_some_and(|e| !e.is_null())
+    });
+    assert!(
+        refused.get("result").is_none_or(|r| r != &json!(true)),
+        "{refused}"
+    );
+    assert!(
+        plain.reply(5)["result"].is_object(),
+        "still an ordinary client"
+    );
+    let mut node_try = Client::connect(link_addr);
+    node_try.send_raw(b"{\"method\": \"mining.node\", \"params\": [\"ckpool\\/0.9.9\"]}\n");
+    let refused = node_try.wait_for("a refusal", WAIT, |v| {
+        v.get("error").is_some_and(|e| !e.is_null())
+    });
+    assert_ne!(refused.get("result"), Some(&json!(true)), "{refused}");
+    // (authtimeout is 2 s here, for client 77 below)
+    plain.login("direct");
+    node_try.login("nodetry");
+
+    // (d) The capture's pool-bound lines on the passthrough listener. The handshake gets
+    // ckpool's exact bytes.
+    let mut link = Client::connect(link_addr);
+    link.send_raw(format!("{}\n", to_pool[0]).as_bytes());
+    let mut raw = String::new();
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(link.stream.try_clone().unwrap());
+        link.stream.set_read_timeout(Some(WAIT)).unwrap();
+        r.read_line(&mut raw).unwrap();
+        link.stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+    }
+    assert_eq!(raw, "{\"result\":true}\n");
+
+    // The miners' lines, submits rewritten onto our jobs (every hash is a share here).
+    let mut jobs: HashMap<u64, (String, String, usize)> = HashMap::new();
+    let mut submitted = 0;
+    for line in &to_pool[1..] {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        let cid = v["client_id"].as_u64().unwrap();
+        if v["method"] == "mining.submit" {
+            let (job, ntime, n2) = match jobs.get(&cid) {
+                Some(j) => j.clone(),
+                None => {
+                    let n = link_wait(&mut link, "a notify", |m| {
+                        m["client_id"] == cid && m["method"] == "mining.notify"
+                    });
+                    let s = link_wait(&mut link, "a subscribe result", |m| {
+                        m["client_id"] == cid && m["node.method"] == "subscribe.result"
+                    });
+                    let j = (
+                        n["params"][0].as_str().unwrap().to_owned(),
+                        n["params"][7].as_str().unwrap().to_owned(),
+                        s["result"][2].as_u64().unwrap() as usize,
+                    );
+                    jobs.insert(cid, j.clone());
+                    j
+                }
+            };
+            v["params"][1] = json!(job);
+            v["params"][2] = json!(format!("{:0w$x}", submitted + 1, w = n2 * 2));
+            v["params"][3] = json!(ntime);
+            submitted += 1;
+        }
+        link.send(&v);
+    }
+    assert!(submitted >= 2, "the capture has submits");
+    // Every kind of line ckpool sent has its counterpart with the same members, for a client.
+    let mut kinds: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for l in &to_pt[1..] {
+        let v: Value = serde_json::from_str(l).unwrap();
+        kinds.insert(v["node.method"].as_str().unwrap().to_owned(), keys(&v));
+    }
+    for (kind, want) in &kinds {
+        let got = link_wait(&mut link, kind, |m| m["node.method"] == kind.as_str());
+        assert_eq!(&keys(&got), want, "{kind}: {got}");
+        assert!(got["client_id"].is_u64(), "{got}");
+    }
+    let share = link_wait(&mut link, "an accepted share", |m| {
+        m["node.method"] == "share.result" && m["result"] == true
+    });
+    assert_eq!(share["error"], Value::Null);
+
+    // The sub-clients are users in the pool's stats, with the address the passthrough gave.
+    wait_stats(&pool, "the capture's users", WAIT, |s| {
+        s["users"].get("bench").is_some() && s["accepted"].as_u64().unwrap_or(0) >= 1
+    });
+    link.send(
+        &json!({"id": 1, "method": "mining.subscribe", "params": ["x/1"],
+        "client_id": 77, "address": "10.9.8.7", "server": 0}),
+    );
+    link_wait(&mut link, "client 77's subscribe result", |m| {
+        m["client_id"] == 77 && m["node.method"] == "subscribe.result"
+    });
+    // (the log is written by a thread of its own)
+    wait_until("an 'address via peer' line for 10.9.8.7", WAIT, || {
+        pool.log_text()
+            .lines()
+            .any(|l| l.contains("address via peer") && l.contains("10.9.8.7"))
+    });
+    // Client 77 never authorises: the pool drops it with ckpool's raw `dropclient=77`.
+    let drop = link_wait(&mut link, "dropclient=77", |m| {
+        m.as_str().is_some_and(|s| s.trim_end() == "dropclient=77")
+    });
+    assert!(drop.is_string());
+
+    // The capture ended with mining.term for its three miners: those sessions are gone, the
+    // pool keeps the direct clients, and a new sub-client works. Closing the link ends it.
+    link.send(
+        &json!({"id": 1, "method": "mining.subscribe", "params": ["x/1"],
+        "client_id": 88, "address": "10.9.8.8", "server": 0}),
+    );
+    link.send(
+        &json!({"id": 2, "method": "mining.authorize", "params": ["late.w", "x"],
+        "client_id": 88, "address": "10.9.8.8", "server": 0}),
+    );
+    link_wait(&mut link, "client 88's authorisation", |m| {
+        m["client_id"] == 88 && m["node.method"] == "auth.result" && m["result"] == true
+    });
+    wait_stats(&pool, "two direct clients and one sub-client", WAIT, |s| {
+        s["clients"].as_u64() == Some(3)
+    });
+    drop_link(link);
+    wait_stats(&pool, "the link's sub-client to end", WAIT, |s| {
+        s["clients"].as_u64() == Some(2)
+    });
+    plain.send(&json!({"id": 6, "method": "mining.configure", "params": [[], {}]}));
+    assert!(plain.reply(6)["result"].is_object());
+    wait_until("the link's close in the log", WAIT, || {
+        pool.log_text().contains("passthrough disconnected")
+    });
+}
+
+fn drop_link(link: Client) {
+    let _ = link.stream.shutdown(std::net::Shutdown::Both);
+    drop(link);
+}
+
+/// A ckpool-rs passthrough (`-P`) with listeners `addrs` in front of `upstream`.
+fn start_passthrough(tag: &str, addrs: &[String], upstream: &[SocketAddr]) -> PoolProcess {
+    let proxies: Vec<Value> = upstream
+        .iter()
+        .map(|a| json!({"url": a.to_string(), "auth": "unused", "pass": "x"}))
+        .collect();
+    let config = json!({
+        "serverurl": addrs,
+        "proxy": proxies,
+        "threads": 2,
+        "zmqblock": null,
+    });
+    PoolProcess::start(tag, &config, &["-P"])
+}
+
+fn wait_upstream_up(pt: &PoolProcess) -> Value {
+    wait_stats(pt, "the passthrough's upstream to be up", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+    })
+}
+
+fn miner(addr: SocketAddr, user: &str) -> Miner {
+    let mut cfg = MinerConfig::new(addr, user);
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    Miner::start(cfg).unwrap()
+}
+
+#[test]
+fn miners_mine_through_a_ckpool_rs_passthrough() {
+    let Some(exe) = bitcoind_or_skip("miners_mine_through_a_ckpool_rs_passthrough") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-chain-pool", &json!({}));
+    let (v4, v6) = (free_port(), free_port());
+    let pt = start_passthrough(
+        "pt-chain-pt",
+        &[format!("127.0.0.1:{v4}"), format!("[::1]:{v6}")],
+        &[link_addr],
+    );
+    let up = wait_upstream_up(&pt);
+    assert_eq!(up["upstream"]["url"], link_addr.to_string(), "{up}");
+    let pt4 = SocketAddr::from(([127, 0, 0, 1], v4));
+    let pt6: SocketAddr = format!("[::1]:{v6}").parse().unwrap();
+
+    // (a) Three miners through the passthrough, one of them from ::1: shares accepted, blocks
+    // reach the node, and the pool counts them as its own users with their own addresses.
+    let h0 = node.height();
+    let a = miner(pt4, "ptA.1");
+    let b = miner(pt4, "ptB.1");
+    let c = miner(pt6, "ptC.1");
+    for (m, name) in [(&a, "ptA"), (&b, "ptB"), (&c, "ptC")] {
+        wait_until(&format!("{name} to get shares accepted"), WAIT, || {
+            m.report().accepted >= 3
+        });
+    }
+    wait_until(
+        "blocks mined through the passthrough to reach the node",
+        WAIT,
+        || node.height() > h0,
+    );
+    let stats = wait_stats(&pool, "the passthrough's miners as users", WAIT, |s| {
+        ["ptA", "ptB", "ptC"]
+            .iter()
+            .all(|u| s["users"].get(*u).is_some())
+            && s["clients"].as_u64() == Some(3)
+            && s["passthroughs"][0]["subclients"] == 3
+    });
+    assert!(stats["accepted"].as_u64().unwrap() >= 9, "{stats}");
+    assert_eq!(
+        stats["passthroughs"].as_array().map(Vec::len),
+        Some(1),
+        "{stats}"
+    );
+    wait_until("the ::1 miner's address at the pool", WAIT, || {
+        pool.log_text()
+            .lines()
+            .any(|l| l.contains("address via peer") && l.contains("ip=::1"))
+    });
+    let pts = pt.stats();
+    assert_eq!(pts["miners"], 3, "{pts}");
+    assert_eq!(pts["ignored_commands"], 0, "{pts}");
+
+    // (b) One miner leaves: only its sub-client ends; the others keep mining.
+    let ra = a.stop();
+    assert_eq!(
+        ra.rejected,
+        ra.reject_reasons.get("Stale").copied().unwrap_or(0),
+        "{ra:?}"
+    );
+    wait_stats(&pool, "the leaving miner's sub-client to end", WAIT, |s| {
+        s["clients"].as_u64() == Some(2)
+    });
+    let before = b.report().accepted;
+    wait_until("the others to keep mining", WAIT, || {
+        b.report().accepted > before + 2
+    });
+
+    // A direct miner beside the passthrough; then the passthrough goes away: only its
+    // sub-clients end, the direct miner keeps mining.
+    let direct = miner(pool.addr, "direct.1");
+    wait_until("the direct miner to get shares accepted", WAIT, || {
+        direct.report().accepted >= 3
+    });
+    wait_stats(&pool, "two sub-clients and a direct client", WAIT, |s| {
+        s["clients"].as_u64() == Some(3)
+    });
+    drop(pt);
+    wait_stats(&pool, "the passthrough's sub-clients to end", WAIT, |s| {
+        s["clients"].as_u64() == Some(1) && s["passthroughs"] == json!([])
+    });
+    let before = direct.report().accepted;
+    wait_until("the direct miner to keep mining", WAIT, || {
+        direct.report().accepted > before + 2
+    });
+    let _ = (b.stop(), c.stop());
+    let rd = direct.stop();
+    assert_eq!(
+        rd.rejected,
+        rd.reject_reasons.get("Stale").copied().unwrap_or(0),
+        "{rd:?}"
+    );
+}
+
+/// A fake upstream: accepts one passthrough link and answers its handshake as ckpool does.
+struct FakeUpstream {
+    listener: std::net::TcpListener,
+}
+
+impl FakeUpstream {
+    fn start() -> Self {
+        Self {
+            listener: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap()
+    }
+
+    /// The passthrough's connection, after its handshake (checked to the byte) got ckpool's reply.
+    fn accept(&self) -> Client {
+        let (stream, _) = self.listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut c = Client::from_stream(stream);
+        let hs = c.wait_for("the handshake", WAIT, |v| {
+            v["method"] == "mining.passthrough"
+        });
+        assert_eq!(
+            hs["params"][0].as_str().unwrap().split('/').next(),
+            Some("ckpool-rs")
+        );
+        c.send_raw(b"{\"result\":true}\n");
+        c
+    }
+}
+
+#[test]
+fn upstream_raw_commands_do_nothing_harmful() {
+    // No node needed: the upstream is played by the test.
+    let up = FakeUpstream::start();
+    let port = free_port();
+    let pt = start_passthrough("pt-raw", &[format!("127.0.0.1:{port}")], &[up.addr()]);
+    let mut link = up.accept();
+    wait_upstream_up(&pt);
+    let pt_addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    // A miner's line reaches the upstream with ckpool's routing members.
+    let mut m1 = Client::connect(pt_addr);
+    m1.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}));
+    let got = link.wait_for("the miner's subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe"
+    });
+    let id1 = got["client_id"].as_u64().unwrap();
+    assert_eq!(got["address"], "127.0.0.1");
+    assert_eq!(got["server"], 0);
+    let mut m2 = Client::connect(pt_addr);
+    m2.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/2"]}));
+    let got = link.wait_for("the second subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe" && v["client_id"] != id1
+    });
+    let id2 = got["client_id"].as_u64().unwrap();
+
+    // Raw commands and a dropclient for an id the passthrough does not have: nothing happens.
+    for raw in [
+        format!("dropclient={}", id1 + id2 + 1000),
+        "reject".to_owned(),
+        "shutdown".to_owned(),
+        "loglevel=0".to_owned(),
+        "dropall".to_owned(),
+        "passthrough=1".to_owned(),
+        format!("dropclient={id1}x"),
+    ] {
+        link.send_raw(format!("{raw}\n").as_bytes());
+    }
+    // A reply for miner 1 comes to it without the routing members, and only to it.
+    link.send_raw(
+        format!("{{\"result\":true,\"error\":null,\"id\":1,\"node.method\":\"auth.result\",\"client_id\":{id1}}}\n")
+            .as_bytes(),
+    );
+    let r = m1.reply(1);
+    assert_eq!(r, json!({"result": true, "error": null, "id": 1}));
+    let stats = wait_stats(&pt, "the raw lines to be counted", WAIT, |s| {
+        s["ignored_commands"].as_u64() >= Some(6)
+    });
+    assert_eq!(stats["miners"], 2, "{stats}");
+    assert_eq!(stats["dropclients"], 0, "{stats}");
+    assert!(pt.admin("ping").as_deref() == Some("pong"));
+
+    // `dropclient=<id2>` drops miner 2 only; the upstream hears mining.term for it.
+    link.send_raw(format!("dropclient={id2}\n").as_bytes());
+    assert!(m2.wait_closed(WAIT), "miner 2 was not dropped");
+    // (the start-up probe's connection may have its own term)
+    let term = link.wait_for("mining.term", WAIT, |v| {
+        v["method"] == "mining.term" && v["client_id"] == id2
+    });
+    assert!(
+        !link
+            .seen
+            .iter()
+            .any(|v| v["method"] == "mining.term" && v["client_id"] == id1),
+        "miner 1 was ended too"
+    );
+    assert_eq!(term["id"], 42);
+    m1.send(&json!({"id": 2, "method": "mining.authorize", "params": ["u.1", "x"]}));
+    link.wait_for("miner 1 still forwarded", WAIT, |v| {
+        v["method"] == "mining.authorize" && v["client_id"] == id1
+    });
+    wait_stats(&pt, "one miner left", WAIT, |s| s["miners"] == 1);
+}
+
+#[test]
+fn passthrough_fails_over_to_the_next_upstream() {
+    let Some(exe) = bitcoind_or_skip("passthrough_fails_over_to_the_next_upstream") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (first, first_link) = pool_with_passthrough_port(node, "pt-fo-1", &json!({}));
+    let (second, second_link) = pool_with_passthrough_port(node, "pt-fo-2", &json!({}));
+    let port = free_port();
+    let pt = start_passthrough(
+        "pt-fo-pt",
+        &[format!("127.0.0.1:{port}")],
+        &[first_link, second_link],
+    );
+    let s = wait_upstream_up(&pt);
+    assert_eq!(s["upstream"]["index"], 0, "{s}");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let m = miner(addr, "fo.1");
+    wait_until("shares through the first upstream", WAIT, || {
+        m.report().accepted >= 3
+    });
+
+    // The first upstream goes away: its miners are dropped (as ckpool does), the link moves to
+    // the second entry, and miners mine there.
+    drop(first);
+    wait_stats(&pt, "the second upstream to be active", WAIT, |s| {
+        s["upstream"]["state"] == "up" && s["upstream"]["index"] == 1
+    });
+    wait_until("the old miner to be dropped", WAIT, || m.is_finished());
+    let m2 = miner(addr, "fo.2");
+    wait_until("shares through the second upstream", WAIT, || {
+        m2.report().accepted >= 3
+    });
+    wait_stats(&second, "the miner at the second pool", WAIT, |s| {
+        s["users"].get("fo").is_some()
+    });
+    let _ = (m.stop(), m2.stop());
+}
