@@ -80,6 +80,8 @@ pub(crate) struct AdminCtx {
     pub(crate) shutdown: Arc<AtomicBool>,
     /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
     pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
+    /// Proxy modes: the upstream links' state, shown as `upstreams` in `stats`.
+    pub(crate) upstreams: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -138,6 +140,9 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                     "log_write_errors".into(),
                     crate::logging::write_errors().into(),
                 );
+                if let Some(up) = &ctx.upstreams {
+                    obj.insert("upstreams".into(), up());
+                }
                 if let Some(log) = &ctx.share_log {
                     obj.insert(
                         "sharelog".into(),

@@ -58,7 +58,9 @@ use std::time::Instant;
 use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use generator::{BlockSubmission, BlockSubmitter};
-use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use stratifier::{ClientId, Job, Pool, Shard, ShareRecord, SourceId, UpstreamShare};
 use tracing::{debug, error, warn};
 
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
@@ -118,6 +120,54 @@ pub(crate) enum Msg {
     Output(Vec<Action>),
     /// Queue mode: the handle the stratifier threads answer through (sent once, after start).
     Start(ConnectorHandle<Self>),
+    /// A change to every shard's sessions (proxy modes).
+    Cmd(ShardCmd),
+}
+
+/// A change the daemon makes to every shard's sessions (proxy modes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ShardCmd {
+    /// [`Shard::limit_source_diff`].
+    LimitDiff {
+        /// The work source.
+        source: SourceId,
+        /// The upstream's difficulty.
+        max: common::Difficulty,
+    },
+    /// [`Shard::move_source`].
+    Move {
+        /// The old source.
+        from: SourceId,
+        /// The new one.
+        to: SourceId,
+    },
+}
+
+impl ShardCmd {
+    fn run(self, now: Instant, shard: &mut Shard, out: &mut impl stratifier::Out) {
+        match self {
+            Self::LimitDiff { source, max } => {
+                let n = shard.limit_source_diff(now, source, max, out);
+                if n > 0 {
+                    debug!(
+                        source = source.0,
+                        lowered = n,
+                        "miners lowered to the upstream difficulty"
+                    );
+                }
+            }
+            Self::Move { from, to } => {
+                let (told, reconnected) = shard.move_source(now, from, to, out);
+                debug!(
+                    from = from.0,
+                    to = to.0,
+                    told,
+                    reconnected,
+                    "miners moved to a new work source"
+                );
+            }
+        }
+    }
 }
 
 /// Where the stratifier's events go: block candidates to the generator's submitter, share
@@ -128,6 +178,10 @@ pub(crate) struct Sinks {
     pub(crate) blocks: Option<BlockSubmitter>,
     /// The share log's sink, if the share log is on.
     pub(crate) shares: Option<Arc<dyn Fn(ShareRecord) + Send + Sync>>,
+    /// Proxy modes: shares for the upstream.
+    pub(crate) upstream: Option<Arc<dyn Fn(UpstreamShare) + Send + Sync>>,
+    /// Proxy modes: the work source new connections mine on (the pool's own when `None`).
+    pub(crate) source: Option<Arc<AtomicU16>>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -135,13 +189,21 @@ impl std::fmt::Debug for Sinks {
         f.debug_struct("Sinks")
             .field("blocks", &self.blocks)
             .field("shares", &self.shares.is_some())
-            .finish()
+            .field("upstream", &self.upstream.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl Sinks {
     fn wants_shares(&self) -> bool {
         self.shares.is_some()
+    }
+
+    /// The work source a new connection mines on.
+    fn open_source(&self) -> SourceId {
+        self.source
+            .as_ref()
+            .map_or(SourceId::TEMPLATE, |s| SourceId(s.load(Ordering::Acquire)))
     }
 
     fn event(&self, ev: stratifier::Event) {
@@ -165,6 +227,12 @@ impl Sinks {
                     sink(rec);
                 }
             }
+            stratifier::Event::Upstream(share) => match &self.upstream {
+                Some(sink) => sink(share),
+                None => {
+                    debug!(client = %share.client, "share for an upstream with no upstream link; dropped")
+                }
+            },
         }
     }
 }
@@ -236,7 +304,10 @@ impl connector::Handler for StratumHandler {
         out: &mut Outbox,
     ) {
         match self {
-            Self::Inline(h) => h.shard.on_open(now, conn, peer, listener),
+            Self::Inline(h) => {
+                let source = h.sinks.open_source();
+                h.shard.on_open_in(now, conn, peer, listener, source);
+            }
             Self::Queue(h) => h.on_open(now, conn, peer, listener, out),
         }
     }
@@ -258,16 +329,20 @@ impl connector::Handler for StratumHandler {
         }
     }
 
-    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match self {
             Self::Inline(h) => match msg {
                 Msg::Job(job) => {
                     let InlineHandler { shard, sinks } = h;
                     shard.on_job(&job, &mut OutboxOut { outbox: out, sinks });
                 }
+                Msg::Cmd(cmd) => {
+                    let InlineHandler { shard, sinks } = h;
+                    cmd.run(now, shard, &mut OutboxOut { outbox: out, sinks });
+                }
                 Msg::Output(_) | Msg::Start(_) => debug!("queue-mode message ignored inline"),
             },
-            Self::Queue(h) => h.on_msg(msg, out),
+            Self::Queue(h) => h.on_msg(now, msg, out),
         }
     }
 
@@ -387,6 +462,10 @@ enum Event {
     /// more hop on a message that comes a few times a minute.
     Job(Arc<Job>),
     Start(ConnectorHandle<Msg>),
+    Cmd {
+        now: Instant,
+        cmd: ShardCmd,
+    },
 }
 
 /// Queue mode, connector side: collects events into a batch and applies the stratifier thread's
@@ -465,7 +544,7 @@ impl QueueHandler {
         batch.events.push(Event::Line { now, conn, range });
     }
 
-    fn on_msg(&mut self, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Output(mut actions) => {
                 for action in actions.drain(..) {
@@ -478,6 +557,7 @@ impl QueueHandler {
             }
             Msg::Job(job) => self.push(Event::Job(job)),
             Msg::Start(handle) => self.push(Event::Start(handle)),
+            Msg::Cmd(cmd) => self.push(Event::Cmd { now, cmd }),
         }
     }
 
@@ -550,7 +630,10 @@ fn run_batch(
                 conn,
                 peer,
                 listener,
-            } => shard.on_open(*now, *conn, *peer, *listener),
+            } => {
+                let source = out.sinks.open_source();
+                shard.on_open_in(*now, *conn, *peer, *listener, source);
+            }
             Event::Line { now, conn, range } => {
                 // After the shard closed a connection, the rest of its input is dropped, as the
                 // connector does inline.
@@ -568,6 +651,7 @@ fn run_batch(
             Event::Tick { now } => shard.on_tick(*now, out),
             Event::Job(job) => shard.on_job(job, out),
             Event::Start(h) => *handle = Some(h.clone()),
+            Event::Cmd { now, cmd } => cmd.run(*now, shard, out),
         }
     }
 }
@@ -658,6 +742,8 @@ mod tests {
         let off = ShardOut::new(Sinks {
             blocks: None,
             shares: None,
+            upstream: None,
+            source: None,
         });
         assert!(!off.wants_shares());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -666,6 +752,8 @@ mod tests {
             shares: Some(Arc::new(move |r: ShareRecord| {
                 let _ = tx.send(r);
             })),
+            upstream: None,
+            source: None,
         });
         assert!(on.wants_shares());
         on.event(stratifier::Event::Share(rec.clone()));
@@ -683,6 +771,8 @@ mod tests {
         let mut out = ShardOut::new(Sinks {
             blocks: None,
             shares: None,
+            upstream: None,
+            source: None,
         });
         let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());

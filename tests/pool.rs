@@ -922,7 +922,6 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
         )
     };
     for (flag, mode) in [
-        ("-p", "proxy"),
         ("-u", "userproxy"),
         ("-P", "passthrough"),
         ("-N", "node"),
@@ -936,7 +935,6 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
         );
     }
     for (name, mode) in [
-        ("ckproxy", "proxy"),
         ("ckpassthrough", "passthrough"),
         ("cknode", "node"),
         ("ckredirector", "redirector"),
@@ -955,6 +953,10 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
         let (code, err) = run(exe, flags);
         assert_eq!(code, Some(2), "{flags:?}: {err}");
     }
+    // Proxy mode is implemented: it goes on to read its config (absent here).
+    let (code, err) = run(exe, &["-p"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read config ckproxy.conf"), "{err}");
     // Without a mode flag, the plain binary goes on to read its config (absent here).
     let (code, err) = run(exe, &[]);
     assert_eq!(code, Some(2), "{err}");

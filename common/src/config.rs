@@ -14,6 +14,28 @@ use serde_json::Value;
 
 use crate::target::Difficulty;
 
+/// One upstream pool in the `proxy` array (proxy modes).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+pub struct Proxy {
+    /// `host:port`, optionally with `stratum+tcp://`.
+    pub url: String,
+    /// Worker name to authorise as upstream.
+    #[serde(default)]
+    pub auth: String,
+    /// Its password.
+    #[serde(default)]
+    pub pass: String,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("url", &self.url)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One bitcoind RPC server.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Btcd {
@@ -58,6 +80,11 @@ pub struct AgentDiff {
 pub struct Config {
     /// bitcoind servers in priority order.
     pub btcd: Vec<Btcd>,
+    /// Upstream pools of the proxy modes, best first.
+    pub proxy: Vec<Proxy>,
+    /// Whether `nonce2length` was given (the proxy modes split the upstream's extranonce2
+    /// themselves when it was not).
+    pub nonce2length_given: bool,
     /// Address paid in pool mode (optional in solo mode).
     pub btcaddress: Option<String>,
     /// Coinbase signature.
@@ -156,6 +183,8 @@ impl Default for Config {
                 cookie: None,
                 notify: false,
             }],
+            proxy: Vec::new(),
+            nonce2length_given: false,
             btcaddress: None,
             btcsig: String::new(),
             blockpoll: Duration::from_millis(100),
@@ -328,7 +357,11 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("nonce1length") {
         c.nonce1length = usize::try_from(whole("nonce1length", v, 2, 8)?).unwrap_or(4);
     }
+    if let Some(v) = map.get("proxy") {
+        c.proxy = typed::<Vec<Proxy>>("proxy", v)?;
+    }
     if let Some(v) = map.get("nonce2length") {
+        c.nonce2length_given = true;
         // At least 4 (NiceHash and others need the room), at most 8 (WhatsMiner fails above).
         c.nonce2length = usize::try_from(whole("nonce2length", v, 4, 8)?).unwrap_or(8);
     }

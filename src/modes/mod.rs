@@ -1,6 +1,7 @@
-//! One runner per mode. Pool and solo mode run [`pool::run`]; the proxy modes have none yet.
+//! One runner per mode. Pool and solo mode run [`pool::run`], proxy mode [`proxy::run`].
 
 pub(crate) mod pool;
+pub(crate) mod proxy;
 
 use crate::instance::Instance;
 use crate::settings::{ConfigError, Mode, Settings};
@@ -9,12 +10,10 @@ use crate::settings::{ConfigError, Mode, Settings};
 /// names what is missing rather than a config key.
 pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
     match mode {
-        Mode::Pool | Mode::Solo => Ok(()),
-        Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
-            Err(ConfigError(format!(
-                "{mode} mode is not implemented yet (only pool and solo mode are)"
-            )))
-        }
+        Mode::Pool | Mode::Solo | Mode::Proxy => Ok(()),
+        Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => Err(ConfigError(
+            format!("{mode} mode is not implemented yet (only pool, solo and proxy mode are)"),
+        )),
     }
 }
 
@@ -23,7 +22,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     check_implemented(settings.mode)?;
     match settings.mode {
         Mode::Pool | Mode::Solo => pool::run(settings, &instance.shutdown),
-        Mode::Proxy | Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
+        Mode::Proxy => proxy::run(settings, &instance.shutdown),
+        Mode::UserProxy | Mode::Passthrough | Mode::Node | Mode::Redirector => {
             Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
         }
     }
@@ -34,11 +34,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_pool_and_solo_are_implemented() {
+    fn only_pool_solo_and_proxy_are_implemented() {
         assert!(check_implemented(Mode::Pool).is_ok());
         assert!(check_implemented(Mode::Solo).is_ok());
+        assert!(check_implemented(Mode::Proxy).is_ok());
         for mode in [
-            Mode::Proxy,
             Mode::UserProxy,
             Mode::Passthrough,
             Mode::Node,

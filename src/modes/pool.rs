@@ -60,6 +60,8 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     let sinks = handoff::Sinks {
         blocks: Some(generator.block_submitter()),
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
+        upstream: None,
+        source: None,
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
     pool.new_template(first, Instant::now())
@@ -103,6 +105,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+            upstreams: None,
         },
     );
     let admin = match admin {
