@@ -111,7 +111,10 @@ impl UpstreamShare {
         self.en2.get(..usize::from(self.en2_len)).unwrap_or(&[])
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one share's fields, built in one place")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one share's fields, built in one place"
+    )]
     pub(crate) fn new(
         job: Arc<Job>,
         client: ClientId,
