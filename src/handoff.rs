@@ -61,7 +61,7 @@ use generator::{BlockSubmission, BlockSubmitter};
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use stratifier::{ClientId, Job, Pool, Shard, ShareRecord, SourceId, UpstreamShare};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info};
 
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
@@ -214,9 +214,10 @@ impl Sinks {
                     height: b.height,
                     hex,
                 }),
-                // Upstream work (not served by this daemon yet): the upstream submits it.
+                // Upstream work (proxy mode): the share goes upstream, which has the
+                // transactions and submits the block.
                 (_, None) => {
-                    warn!(hash = %b.hash, source = b.source.0, "block solved on upstream work; not submitted here");
+                    info!(hash = %b.hash, source = b.source.0, "block solved on upstream work; the share goes upstream");
                 }
                 (None, Some(hex)) => {
                     error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");

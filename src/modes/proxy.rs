@@ -135,6 +135,9 @@ struct Proxy {
     pending: Option<SourceId>,
     /// Index of the entry the link is on.
     active: Option<usize>,
+    /// The source of the active upstream connection's subscription: only its work is
+    /// submitted (another connection's job ids mean nothing to it).
+    linked: Option<SourceId>,
     nonce2length: Option<usize>,
     /// Submits in flight: tag → (server index, user).
     inflight: HashMap<u64, (usize, Arc<Box<str>>)>,
@@ -186,6 +189,7 @@ impl Proxy {
                     "new upstream work source"
                 );
                 self.pending = Some(source);
+                self.linked = Some(source);
             }
             Err(e) => error!(error = %e, "cannot add a work source"),
         }
@@ -276,12 +280,15 @@ impl Proxy {
                 }
                 self.server_state(index, "active");
                 self.stats().active = Some(index);
+                // Its subscription follows; until then nothing is submitted.
+                self.linked = None;
             }
             UpstreamEvent::Down { index, reason } => {
                 warn!(index, reason, "upstream down; miners stay connected");
                 self.server_state(index, "down");
                 if self.active == Some(index) {
                     self.active = None;
+                    self.linked = None;
                     self.stats().active = None;
                 }
             }
@@ -360,12 +367,12 @@ impl Proxy {
 
     /// A share from the shards for the upstream.
     fn submit(&mut self, share: &UpstreamShare, link: &upstream::Pool) {
-        let (Some(index), Some(current)) = (self.active, self.current) else {
+        let (Some(index), Some(linked)) = (self.active, self.linked) else {
             self.stats().dropped += 1;
             return;
         };
         // Work of an earlier upstream connection is not valid on this one.
-        if share.job.source != current {
+        if share.job.source != linked {
             debug!(
                 source = share.job.source.0,
                 "share on a previous upstream's work; not submitted"
@@ -463,6 +470,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         current: None,
         pending: None,
         active: None,
+        linked: None,
         nonce2length: settings
             .file
             .nonce2length_given
