@@ -83,10 +83,13 @@ pub(crate) struct AdminCtx {
     pub(crate) shutdown: Arc<AtomicBool>,
     /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
     pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
-    /// Where a `handover` request's connection goes (to the main loop; bounded to one).
-    pub(crate) handover: Sender<UnixStream>,
+    /// Where a `handover` request's connection goes (to the main loop; bounded to one);
+    /// `None` in the modes that cannot hand over yet (`restart` and `handover` are refused).
+    pub(crate) handover: Option<Sender<UnixStream>>,
     /// The passthrough links open now, shown as `passthroughs` in `stats`.
     pub(crate) links: Arc<crate::links::LinkRegistry>,
+    /// Proxy modes: the upstream links' state, shown as `upstreams` in `stats`.
+    pub(crate) upstreams: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -146,6 +149,9 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
                     "log_write_errors".into(),
                     crate::logging::write_errors().into(),
                 );
+                if let Some(up) = &ctx.upstreams {
+                    obj.insert("upstreams".into(), up());
+                }
                 if let Some(log) = &ctx.share_log {
                     obj.insert(
                         "sharelog".into(),
@@ -164,6 +170,13 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             ctx.shutdown.store(true, Ordering::Relaxed);
             b"exiting".to_vec()
         }
+        "restart" | "handover" if ctx.handover.is_none() => {
+            b"refused: this mode cannot hand over yet".to_vec()
+        }
+        _ if cmd.starts_with("handover ") && ctx.handover.is_none() => {
+            warn!("handover request refused: this mode cannot hand over yet");
+            b"refused: this mode cannot hand over yet".to_vec()
+        }
         "restart" => match crate::handover::restart() {
             Ok(pid) => format!("restarting {pid}").into_bytes(),
             Err(e) => format!("failed: {e}").into_bytes(),
@@ -172,9 +185,12 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             let refusal = crate::handover::version_refusal(cmd.trim_start_matches("handover "));
             let Some(refusal) = refusal else {
                 let busy = "refused: a handover is already under way";
-                return match ctx.handover.try_send(stream) {
-                    Ok(()) => Ok(()),
-                    Err(e) => common::admin::write_message(&mut e.into_inner(), busy.as_bytes()),
+                return match ctx.handover.as_ref().map(|h| h.try_send(stream)) {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => {
+                        common::admin::write_message(&mut e.into_inner(), busy.as_bytes())
+                    }
+                    None => Ok(()),
                 };
             };
             warn!(%refusal, "handover request refused");

@@ -49,7 +49,7 @@ pub(crate) struct Cli {
     /// `ckpassthrough`.
     #[arg(short = 'P', long = "passthrough")]
     pub(crate) passthrough: bool,
-    /// Proxy mode (not implemented yet). Also selected by running the binary as `ckproxy`.
+    /// Proxy mode: work from the upstream pools of the `proxy` array. Also selected by running the binary as `ckproxy`.
     #[arg(short = 'p', long = "proxy")]
     pub(crate) proxy: bool,
     /// Quiet: no periodic status line.

@@ -58,8 +58,10 @@ use std::time::Instant;
 use common::ConnId;
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use generator::{BlockSubmission, BlockSubmitter};
-use stratifier::{ClientId, Job, Pool, Shard, ShareRecord};
-use tracing::{debug, error, warn};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use stratifier::{ClientId, Job, Pool, Shard, ShareRecord, SourceId, UpstreamShare};
+use tracing::{debug, error, info, warn};
 
 use crate::links::{LinkConfig, Links};
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
@@ -127,6 +129,8 @@ pub(crate) enum Msg {
     Settled(crossbeam_channel::Sender<()>),
     /// Handover called off ([`release`]): stratifier threads send their output again.
     Release,
+    /// A change to every shard's sessions (proxy modes).
+    Cmd(ShardCmd),
 }
 
 /// A handover's first step after the connector's quiesce: waits (until `deadline`) until every
@@ -225,6 +229,52 @@ fn adopt_into(
     }
 }
 
+/// A change the daemon makes to every shard's sessions (proxy modes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ShardCmd {
+    /// [`Shard::limit_source_diff`].
+    LimitDiff {
+        /// The work source.
+        source: SourceId,
+        /// The upstream's difficulty.
+        max: common::Difficulty,
+    },
+    /// [`Shard::move_source`].
+    Move {
+        /// The old source.
+        from: SourceId,
+        /// The new one.
+        to: SourceId,
+    },
+}
+
+impl ShardCmd {
+    fn run(self, now: Instant, shard: &mut Shard, out: &mut impl stratifier::Out) {
+        match self {
+            Self::LimitDiff { source, max } => {
+                let n = shard.limit_source_diff(now, source, max, out);
+                if n > 0 {
+                    debug!(
+                        source = source.0,
+                        lowered = n,
+                        "miners lowered to the upstream difficulty"
+                    );
+                }
+            }
+            Self::Move { from, to } => {
+                let (told, reconnected) = shard.move_source(now, from, to, out);
+                debug!(
+                    from = from.0,
+                    to = to.0,
+                    told,
+                    reconnected,
+                    "miners moved to a new work source"
+                );
+            }
+        }
+    }
+}
+
 /// Where the stratifier's events go: block candidates to the generator's submitter, share
 /// records to the share log's writer (when `-L` is on). Each shard has its own copy.
 #[derive(Clone)]
@@ -233,6 +283,10 @@ pub(crate) struct Sinks {
     pub(crate) blocks: Option<BlockSubmitter>,
     /// The share log's sink, if the share log is on.
     pub(crate) shares: Option<Arc<dyn Fn(ShareRecord) + Send + Sync>>,
+    /// Proxy modes: shares for the upstream.
+    pub(crate) upstream: Option<Arc<dyn Fn(UpstreamShare) + Send + Sync>>,
+    /// Proxy modes: the work source new connections mine on (the pool's own when `None`).
+    pub(crate) source: Option<Arc<AtomicU16>>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -240,13 +294,21 @@ impl std::fmt::Debug for Sinks {
         f.debug_struct("Sinks")
             .field("blocks", &self.blocks)
             .field("shares", &self.shares.is_some())
-            .finish()
+            .field("upstream", &self.upstream.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl Sinks {
     fn wants_shares(&self) -> bool {
         self.shares.is_some()
+    }
+
+    /// The work source a new connection mines on.
+    fn open_source(&self) -> SourceId {
+        self.source
+            .as_ref()
+            .map_or(SourceId::TEMPLATE, |s| SourceId(s.load(Ordering::Acquire)))
     }
 
     fn event(&self, ev: stratifier::Event) {
@@ -257,9 +319,10 @@ impl Sinks {
                     height: b.height,
                     hex,
                 }),
-                // Upstream work (not served by this daemon yet): the upstream submits it.
+                // Upstream work (proxy mode): the share goes upstream, which has the
+                // transactions and submits the block.
                 (_, None) => {
-                    warn!(hash = %b.hash, source = b.source.0, "block solved on upstream work; not submitted here");
+                    info!(hash = %b.hash, source = b.source.0, "block solved on upstream work; the share goes upstream");
                 }
                 (None, Some(hex)) => {
                     error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
@@ -270,6 +333,12 @@ impl Sinks {
                     sink(rec);
                 }
             }
+            stratifier::Event::Upstream(share) => match &self.upstream {
+                Some(sink) => sink(share),
+                None => {
+                    debug!(client = %share.client, "share for an upstream with no upstream link; dropped")
+                }
+            },
         }
     }
 }
@@ -352,7 +421,11 @@ impl connector::Handler for StratumHandler {
         out: &mut Outbox,
     ) {
         match self {
-            Self::Inline(h) => h.links.on_open(&mut h.shard, now, conn, peer, listener),
+            Self::Inline(h) => {
+                let source = h.sinks.open_source();
+                h.links
+                    .on_open(&mut h.shard, now, conn, peer, listener, source);
+            }
             Self::Queue(h) => h.on_open(now, conn, peer, listener, out),
         }
     }
@@ -403,6 +476,10 @@ impl connector::Handler for StratumHandler {
                 Msg::Release => {}
                 Msg::Output(_) | Msg::Start(_) | Msg::Settled(_) => {
                     debug!("queue-mode message ignored inline");
+                }
+                Msg::Cmd(cmd) => {
+                    let InlineHandler { shard, sinks, .. } = h;
+                    cmd.run(now, shard, &mut OutboxOut { outbox: out, sinks });
                 }
             },
             Self::Queue(h) => h.on_msg(now, msg, out),
@@ -594,6 +671,10 @@ enum Event {
     Settle(crossbeam_channel::Sender<()>),
     /// See [`Msg::Release`].
     Release,
+    Cmd {
+        now: Instant,
+        cmd: ShardCmd,
+    },
 }
 
 /// Queue mode, connector side: collects events into a batch and applies the stratifier thread's
@@ -700,6 +781,7 @@ impl QueueHandler {
                 self.push(Event::Release);
                 self.send_batch();
             }
+            Msg::Cmd(cmd) => self.push(Event::Cmd { now, cmd }),
         }
     }
 
@@ -824,7 +906,10 @@ fn run_batch(
                 conn,
                 peer,
                 listener,
-            } => links.on_open(shard, *now, *conn, *peer, *listener),
+            } => {
+                let source = out.sinks.open_source();
+                links.on_open(shard, *now, *conn, *peer, *listener, source);
+            }
             Event::Line { now, conn, range } => {
                 // After the shard closed a connection, the rest of its input is dropped, as the
                 // connector does inline.
@@ -880,6 +965,7 @@ fn run_batch(
                 }
             }
             Event::Release => out.hold = false,
+            Event::Cmd { now, cmd } => cmd.run(*now, shard, out),
         }
     }
 }
@@ -990,6 +1076,8 @@ mod tests {
         let mut out = ShardOut::new(Sinks {
             blocks: None,
             shares: None,
+            upstream: None,
+            source: None,
         });
         out.hold = true;
         {
@@ -1040,6 +1128,8 @@ mod tests {
         let off = ShardOut::new(Sinks {
             blocks: None,
             shares: None,
+            upstream: None,
+            source: None,
         });
         assert!(!off.wants_shares());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1048,6 +1138,8 @@ mod tests {
             shares: Some(Arc::new(move |r: ShareRecord| {
                 let _ = tx.send(r);
             })),
+            upstream: None,
+            source: None,
         });
         assert!(on.wants_shares());
         on.event(stratifier::Event::Share(rec.clone()));
@@ -1065,6 +1157,8 @@ mod tests {
         let mut out = ShardOut::new(Sinks {
             blocks: None,
             shares: None,
+            upstream: None,
+            source: None,
         });
         let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());

@@ -174,7 +174,7 @@ impl Links {
         }
     }
 
-    /// A new connection.
+    /// A new connection, mining on the work of `source`.
     pub(crate) fn on_open(
         &mut self,
         shard: &mut Shard,
@@ -182,11 +182,12 @@ impl Links {
         conn: ConnId,
         peer: SocketAddr,
         listener: usize,
+        source: stratifier::SourceId,
     ) {
         if self.allowed.get(listener).copied().unwrap_or(false) {
             self.candidates.insert(conn, (listener, peer));
         }
-        shard.on_open(now, conn, peer, listener);
+        shard.on_open_in(now, conn, peer, listener, source);
     }
 
     /// A line from connection `conn`.

@@ -921,12 +921,7 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    for (flag, mode) in [
-        ("-p", "proxy"),
-        ("-u", "userproxy"),
-        ("-N", "node"),
-        ("-R", "redirector"),
-    ] {
+    for (flag, mode) in [("-u", "userproxy"), ("-N", "node"), ("-R", "redirector")] {
         let (code, err) = run(exe, &[flag]);
         assert_eq!(code, Some(2), "{flag}: {err}");
         assert!(
@@ -934,11 +929,7 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             "{flag}: {err}"
         );
     }
-    for (name, mode) in [
-        ("ckproxy", "proxy"),
-        ("cknode", "node"),
-        ("ckredirector", "redirector"),
-    ] {
+    for (name, mode) in [("cknode", "node"), ("ckredirector", "redirector")] {
         let link = dir.join(name);
         std::os::unix::fs::symlink(exe, &link).unwrap();
         let (code, err) = run(&link, &[]);
@@ -971,6 +962,10 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
         let (code, err) = run(exe, flags);
         assert_eq!(code, Some(2), "{flags:?}: {err}");
     }
+    // Proxy mode is implemented: it goes on to read its config (absent here).
+    let (code, err) = run(exe, &["-p"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read config ckproxy.conf"), "{err}");
     // Without a mode flag, the plain binary goes on to read its config (absent here).
     let (code, err) = run(exe, &[]);
     assert_eq!(code, Some(2), "{err}");

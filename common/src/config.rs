@@ -81,6 +81,9 @@ pub struct AgentDiff {
 pub struct Config {
     /// bitcoind servers in priority order.
     pub btcd: Vec<Btcd>,
+    /// Whether `nonce2length` was given (the proxy modes split the upstream's extranonce2
+    /// themselves when it was not).
+    pub nonce2length_given: bool,
     /// Address paid in pool mode (optional in solo mode).
     pub btcaddress: Option<String>,
     /// Coinbase signature.
@@ -184,6 +187,8 @@ impl Default for Config {
                 cookie: None,
                 notify: false,
             }],
+            proxy: Vec::new(),
+            nonce2length_given: false,
             btcaddress: None,
             btcsig: String::new(),
             blockpoll: Duration::from_millis(100),
@@ -195,7 +200,6 @@ impl Default for Config {
             version_mask: 0x1fff_e000,
             serverurl: vec!["0.0.0.0:3333".into()],
             passthroughserver: Vec::new(),
-            proxy: Vec::new(),
             mindiff: Difficulty::ONE,
             startdiff: diff_const(42),
             highdiff: diff_const(1_000_000),
@@ -359,7 +363,11 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("nonce1length") {
         c.nonce1length = usize::try_from(whole("nonce1length", v, 2, 8)?).unwrap_or(4);
     }
+    if let Some(v) = map.get("proxy") {
+        c.proxy = typed::<Vec<Proxy>>("proxy", v)?;
+    }
     if let Some(v) = map.get("nonce2length") {
+        c.nonce2length_given = true;
         // At least 4 (NiceHash and others need the room), at most 8 (WhatsMiner fails above).
         c.nonce2length = usize::try_from(whole("nonce2length", v, 4, 8)?).unwrap_or(8);
     }
@@ -385,9 +393,6 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
             Value::String(s) => vec![s.clone()],
             other => typed::<Vec<String>>("passthroughserver", other)?,
         };
-    }
-    if let Some(v) = map.get("proxy") {
-        c.proxy = typed::<Vec<Proxy>>("proxy", v)?;
     }
     if let Some(v) = map.get("mindiff") {
         c.mindiff = difficulty("mindiff", v)?;

@@ -82,6 +82,9 @@ pub struct MinerConfig {
     pub handshake_timeout: Duration,
     /// When stopping, how long to keep reading for the replies to outstanding submits.
     pub drain_timeout: Duration,
+    /// Send `mining.extranonce.subscribe` after subscribing (and so take
+    /// `mining.set_extranonce` from the pool).
+    pub extranonce_subscribe: bool,
 }
 
 impl MinerConfig {
@@ -102,6 +105,7 @@ impl MinerConfig {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(2),
+            extranonce_subscribe: false,
         }
     }
 }
@@ -343,6 +347,7 @@ fn client_config(cfg: &MinerConfig) -> ClientConfig {
     let mut c = ClientConfig::new(cfg.user_agent.clone());
     c.pass.clone_from(&cfg.pass);
     c.version_rolling = cfg.version_rolling;
+    c.extranonce_subscribe = cfg.extranonce_subscribe;
     c.request_timeout = cfg.handshake_timeout;
     c.submit_timeout = None;
     c

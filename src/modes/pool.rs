@@ -74,6 +74,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     let sinks = handoff::Sinks {
         blocks: Some(generator.block_submitter()),
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
+        upstream: None,
+        source: None,
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
     let hooks = PoolHooks(Arc::clone(&pool));
@@ -173,8 +175,9 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
-            handover: handover_tx,
+            handover: Some(handover_tx),
             links: Arc::clone(&links.registry),
+            upstreams: None,
         },
     );
     let admin = match admin {

@@ -20,6 +20,8 @@ struct JobBook {
     current: Option<Arc<Job>>,
     /// First job of the current block: older jobs are stale.
     block_start: u64,
+    /// The upstream's difficulty for this source (proxy modes), as `f64` bits; 0: none.
+    cap: Arc<AtomicU64>,
 }
 
 impl JobBook {
@@ -29,6 +31,7 @@ impl JobBook {
             jobs: BTreeMap::new(),
             current: None,
             block_start: 0,
+            cap: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -58,6 +61,17 @@ pub(crate) struct BookView {
     current: Option<Arc<Job>>,
     block_start: u64,
     pub(crate) layout: Arc<ExtranonceLayout>,
+    /// The source's upstream difficulty (shared with the pool's book).
+    cap: Arc<AtomicU64>,
+}
+
+impl BookView {
+    /// The upstream's difficulty for this source (proxy modes): shares meeting it go
+    /// upstream, and no miner of the source is given a higher one. `None` for other sources.
+    pub(crate) fn upstream_diff(&self) -> Option<f64> {
+        let d = f64::from_bits(self.cap.load(Ordering::Relaxed));
+        (d > 0.0).then_some(d)
+    }
 }
 
 impl JobView {
@@ -128,6 +142,29 @@ impl JobBooks {
         t.books.push(JobBook::new(layout));
         self.generation.fetch_add(1, Ordering::Release);
         Ok(SourceId(id))
+    }
+
+    /// Sets the upstream difficulty of `source` (see [`BookView::upstream_diff`]).
+    pub(crate) fn set_upstream_diff(&self, source: SourceId, diff: f64) -> Result<(), JobError> {
+        let t = self.table.read();
+        let book = t
+            .books
+            .get(source.index())
+            .ok_or(JobError::NoSource(source.0))?;
+        let bits = if diff.is_finite() && diff > 0.0 {
+            diff.to_bits()
+        } else {
+            0
+        };
+        book.cap.store(bits, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The upstream difficulty of `source`, if it has one.
+    pub(crate) fn upstream_diff(&self, source: SourceId) -> Option<f64> {
+        let t = self.table.read();
+        let d = f64::from_bits(t.books.get(source.index())?.cap.load(Ordering::Relaxed));
+        (d > 0.0).then_some(d)
     }
 
     /// The number of work sources.
@@ -214,6 +251,7 @@ impl JobBooks {
                     current: None,
                     block_start: 0,
                     layout: Arc::clone(&book.layout),
+                    cap: Arc::clone(&book.cap),
                 });
             }
             if let Some(v) = view.books.get_mut(i) {
@@ -324,6 +362,7 @@ impl JobBooks {
                 jobs: b.jobs,
                 current: b.current,
                 block_start: b.block_start,
+                cap: Arc::new(AtomicU64::new(0)),
             });
         }
         let own_current = books.first().and_then(|b| b.current.clone());

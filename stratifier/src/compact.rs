@@ -121,6 +121,11 @@ impl Name {
         Self(Arc::new(Box::from(s)))
     }
 
+    /// The shared string itself (no copy).
+    pub(crate) fn shared(&self) -> Arc<Box<str>> {
+        Arc::clone(&self.0)
+    }
+
     /// Holders of this copy (an interner prunes the names only it holds).
     pub(crate) fn holders(&self) -> usize {
         Arc::strong_count(&self.0)

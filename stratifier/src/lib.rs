@@ -78,6 +78,76 @@ pub enum Event {
     /// A share that was hashed, accepted or rejected (the share log's line). Only produced when
     /// [`Out::wants_shares`] says so.
     Share(ShareRecord),
+    /// A share on upstream work (proxy modes) that meets the upstream's difficulty (or the
+    /// network target), accepted here or stale: to submit upstream. Always produced; no
+    /// allocation (the job is shared, the worker name an interned string).
+    Upstream(UpstreamShare),
+}
+
+/// A share for the upstream pool ([`Event::Upstream`]): what its `mining.submit` carries.
+#[derive(Debug, Clone)]
+pub struct UpstreamShare {
+    /// The job it was made on (its [`Origin::Upstream`] job id is the upstream's).
+    pub job: Arc<Job>,
+    /// The miner who sent it.
+    pub client: ClientId,
+    /// The miner's user name.
+    pub user: Arc<Box<str>>,
+    en2: [u8; 24],
+    en2_len: u8,
+    /// ntime.
+    pub ntime: u32,
+    /// nonce.
+    pub nonce: u32,
+    /// The rolled version bits (the header's version bits within the miner's mask), when the
+    /// miner rolled any.
+    pub version_bits: Option<u32>,
+    /// The difficulty the hash achieved.
+    pub sdiff: f64,
+    /// Judged stale here (the upstream may still take it).
+    pub stale: bool,
+}
+
+impl UpstreamShare {
+    /// The upstream's extranonce2: the miner's local extranonce1 part, then its extranonce2.
+    pub fn extranonce2(&self) -> &[u8] {
+        self.en2.get(..usize::from(self.en2_len)).unwrap_or(&[])
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one share's fields, built in one place"
+    )]
+    pub(crate) fn new(
+        job: Arc<Job>,
+        client: ClientId,
+        user: Arc<Box<str>>,
+        local: &[u8],
+        en2: &[u8],
+        (ntime, nonce, version_bits): (u32, u32, Option<u32>),
+        sdiff: f64,
+        stale: bool,
+    ) -> Self {
+        let mut buf = [0u8; 24];
+        let n = (local.len() + en2.len()).min(24);
+        if let Some(dst) = buf.get_mut(..n) {
+            for (d, s) in dst.iter_mut().zip(local.iter().chain(en2)) {
+                *d = *s;
+            }
+        }
+        Self {
+            job,
+            client,
+            user,
+            en2: buf,
+            en2_len: u8::try_from(n).unwrap_or(0),
+            ntime,
+            nonce,
+            version_bits,
+            sdiff,
+            stale,
+        }
+    }
 }
 
 /// Where a shard's output goes: replies and notifications to clients, closes, and [`Event`]s.
@@ -124,7 +194,7 @@ impl RecordingOut {
                 blocks.push(b.clone());
                 false
             }
-            Event::Share(_) => true,
+            Event::Share(_) | Event::Upstream(_) => true,
         });
         blocks
     }
@@ -137,7 +207,20 @@ impl RecordingOut {
                 shares.push(s.clone());
                 false
             }
-            Event::Block(_) => true,
+            Event::Block(_) | Event::Upstream(_) => true,
+        });
+        shares
+    }
+
+    /// The shares for the upstream among the events, draining them (other events stay).
+    pub fn take_upstream(&mut self) -> Vec<UpstreamShare> {
+        let mut shares = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Upstream(s) => {
+                shares.push(s.clone());
+                false
+            }
+            Event::Block(_) | Event::Share(_) => true,
         });
         shares
     }

@@ -226,6 +226,19 @@ impl Pool {
         self.books.add_source(layout)
     }
 
+    /// Sets the upstream pool's difficulty for `source` (proxy modes; fractional as sent, a
+    /// non-positive value removes it). Shares of the source's miners that meet it leave as
+    /// [`crate::Event::Upstream`], and their vardiff never goes above it; miners already above
+    /// are lowered with [`crate::Shard::limit_source_diff`].
+    pub fn set_upstream_diff(&self, source: SourceId, diff: f64) -> Result<(), JobError> {
+        self.books.set_upstream_diff(source, diff)
+    }
+
+    /// The upstream difficulty of `source`, if set.
+    pub fn upstream_diff(&self, source: SourceId) -> Option<f64> {
+        self.books.upstream_diff(source)
+    }
+
     /// The extranonce layout of `source`.
     pub fn layout(&self, source: SourceId) -> Option<Arc<ExtranonceLayout>> {
         self.books.layout(source)

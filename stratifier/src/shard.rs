@@ -12,16 +12,16 @@ use common::{ConnId, Difficulty, Peer, Target, address};
 use simd_json::prelude::*;
 use tracing::{debug, info, warn};
 
-use crate::book::JobView;
+use crate::book::{BookView, JobView};
 use crate::compact::{Name, PackedDiff, ShortStr, Stamp};
 use crate::handover::{HandoverError, Reader, SESSION_FORMAT, Writer};
-use crate::job::{ExtranonceLayout, Job, SourceId};
+use crate::job::{ExtranonceLayout, Job, Origin, SourceId};
 use crate::pool::Pool;
 use crate::share::roll_version;
 use crate::stats::{Stripe, WorkerStatsRef};
 use crate::submit;
 use crate::vardiff::{Bounds, VarDiff};
-use crate::{ClientId, Event, Out, Reject};
+use crate::{ClientId, Event, Out, Reject, UpstreamShare};
 
 /// The longest worker name kept (ckpool's limit).
 const MAX_WORKER_LEN: usize = 127;
@@ -621,6 +621,100 @@ impl Shard {
         }
     }
 
+    /// Lowers every session of `source` whose difficulty is above `max` to `max` at once
+    /// (`mining.set_difficulty` and the current job again, clean): a proxy's miners never mine
+    /// above the upstream's difficulty. Returns how many were lowered.
+    pub fn limit_source_diff(
+        &mut self,
+        now: Instant,
+        source: SourceId,
+        max: Difficulty,
+        out: &mut impl Out,
+    ) -> usize {
+        let mut above = Vec::new();
+        self.st.sessions.for_each_mut(|client, s| {
+            if s.source == source && s.diff() > max {
+                above.push(client);
+            }
+        });
+        for &client in &above {
+            self.st.set_diff(now, client, max, out);
+        }
+        above.len()
+    }
+
+    /// Moves every session of source `from` to source `to` (a proxy whose upstream failed
+    /// over, or changed its extranonce1): each gets an extranonce1 of `to` and, when it sent
+    /// `mining.extranonce.subscribe`, `mining.set_extranonce` and `to`'s current job, clean;
+    /// any other subscribed miner gets `client.reconnect` and is disconnected (it comes back on
+    /// `to`). Sessions not yet subscribed just move. Work of `from` in flight is lost. Returns
+    /// (told with `mining.set_extranonce`, reconnected).
+    pub fn move_source(
+        &mut self,
+        _now: Instant,
+        from: SourceId,
+        to: SourceId,
+        out: &mut impl Out,
+    ) -> (usize, usize) {
+        let (Some(old_layout), Some(layout)) = (self.st.pool.layout(from), self.st.pool.layout(to))
+        else {
+            return (0, 0);
+        };
+        let current = self.st.pool.current_job_of(to);
+        let mut moving = Vec::new();
+        self.st.sessions.for_each_mut(|client, s| {
+            if s.source == from {
+                moving.push(client);
+            }
+        });
+        let (mut told, mut reconnected) = (0, 0);
+        for client in moving {
+            let st = &mut self.st;
+            let Some(s) = st.sessions.get_mut(client) else {
+                continue;
+            };
+            s.source = to;
+            if !s.subscribed {
+                continue;
+            }
+            st.pool
+                .tables
+                .release_enonce1(from, old_layout.local_len(), s.enonce1);
+            let Some(en1) = st.pool.tables.alloc_enonce1(to, layout.local_len()) else {
+                warn!(%client, source = to.0, "every extranonce1 is in use; reconnecting the client");
+                s.subscribed = false;
+                let mut buf = Vec::with_capacity(64);
+                write::reconnect(&mut buf);
+                out.send(client, buf);
+                out.close(client);
+                reconnected += 1;
+                continue;
+            };
+            s.enonce1 = en1;
+            // Nothing of the old source's work is valid any more.
+            s.extras = s.extras.take().map(|mut e| {
+                e.enonce1_change_job = 0;
+                e
+            });
+            let mut buf = Vec::with_capacity(128);
+            if !s.extranonce_subscribed {
+                debug!(%client, peer = %s.peer, "work source changed; client cannot be told, reconnecting it");
+                write::reconnect(&mut buf);
+                out.send(client, buf);
+                out.close(client);
+                reconnected += 1;
+                continue;
+            }
+            write::set_extranonce(&mut buf, layout.enonce1(en1).as_ref(), layout.nonce2_len());
+            out.send(client, buf);
+            told += 1;
+            if let Some(job) = &current {
+                deliver_job(&st.pool, &mut st.solo_work, client, s, job, true, out);
+            }
+        }
+        (told, reconnected)
+    }
+
     /// Takes `client`'s session out of this shard for a zero-disconnect upgrade and returns it
     /// serialised, for the next process's [`Shard::adopt_session`]; `None` for an unknown
     /// client. The session is not parked and no disconnect is counted (the miner stays
@@ -1023,7 +1117,12 @@ impl State {
                 // A share never needs to be harder than a block (regtest, signet, testnet).
                 diff = diff.min(job.network_diff).max(floor);
             }
-            s.diff = PackedDiff::new(presentable(&self.pool.cfg, diff, floor));
+            let mut diff = presentable(&self.pool.cfg, diff, floor);
+            // Never above the upstream's difficulty (proxy modes).
+            if let Some(cap) = cap_diff(None, self.pool.upstream_diff(source)) {
+                diff = diff.min(cap);
+            }
+            s.diff = PackedDiff::new(diff);
             s.old_diff = s.diff;
         }
         let mut buf = Vec::with_capacity(256);
@@ -1541,6 +1640,32 @@ impl State {
             judged.target().is_met_by(&hashed.share.hash),
             || first_sighting.unwrap_or_else(|| job.first_sighting(&hashed.share.hash)),
         );
+        let upstream_diff = self.jobs.book(s.source).and_then(BookView::upstream_diff);
+        if matches!(job.origin, Origin::Upstream { .. })
+            && matches!(verdict, Ok(()) | Err(Reject::Stale))
+            && (hashed.sdiff >= upstream_diff.unwrap_or(1.0)
+                || job.network_target.is_met_by(&hashed.share.hash))
+        {
+            let local = hashed
+                .enonce1
+                .as_ref()
+                .get(layout.prefix().len()..)
+                .unwrap_or(&[]);
+            out.event(Event::Upstream(UpstreamShare::new(
+                Arc::clone(job),
+                conn,
+                auth.user.shared(),
+                local,
+                en2,
+                (
+                    sub.ntime,
+                    sub.nonce,
+                    sub.version_bits.map(|_| input.version & s.mask),
+                ),
+                hashed.sdiff,
+                stale,
+            )));
+        }
         if out.wants_shares() {
             let from = submit::Submitter {
                 worker: auth.worker(),
@@ -1574,7 +1699,7 @@ impl State {
         let bounds = Bounds {
             min: s.floor(),
             suggested: s.suggested(),
-            max: cfg.maxdiff,
+            max: cap_diff(cfg.maxdiff, upstream_diff),
             network,
         };
         out.send(conn, buf);
@@ -1663,6 +1788,15 @@ fn presentable(cfg: &crate::PoolConfig, d: Difficulty, floor: Difficulty) -> Dif
         pow2_at_or_below(f).saturating_mul(2)
     };
     Difficulty::from_units(up)
+}
+
+/// The lower of a configured maximum and an upstream's difficulty.
+fn cap_diff(max: Option<Difficulty>, upstream: Option<f64>) -> Option<Difficulty> {
+    let up = upstream.and_then(Difficulty::from_f64);
+    match (max, up) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Difficulty options in a miner's password (`x,d=1024`, `fd=65536;x`, …).

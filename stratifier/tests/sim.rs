@@ -1836,3 +1836,128 @@ fn an_accepted_share_ends_a_run_and_stale_shares_do_not_count() {
     assert!(s.out.closed.is_empty());
     assert_eq!(s.pool.registry().dropped_invalid(), 0);
 }
+
+/// Proxy mode: a share meeting the upstream's difficulty leaves as `Event::Upstream` with the
+/// upstream job id, local extranonce1 part ‖ extranonce2 and the version bits; one below it does
+/// not; the upstream's difficulty caps the miners' (at subscribe, and at once when it falls);
+/// moving the miners to a new source tells the extranonce-subscribed one and reconnects the
+/// other.
+#[test]
+fn upstream_shares_diff_cap_and_moving_miners_to_a_new_source() {
+    let mut s = sim_with(false, HARD_BITS, |c| c.startdiff = Difficulty::ONE);
+    let up = s
+        .pool
+        .add_source(ExtranonceLayout::new(&[0xaa, 0xbb], 2, 6).unwrap())
+        .unwrap();
+    let mut work = upstream_work("up-1", 9, true);
+    work.bits = HARD_BITS;
+    let cap = 2f64.powi(-28);
+    s.pool.set_upstream_diff(up, cap).unwrap();
+    assert_eq!(s.pool.upstream_diff(up), Some(cap));
+    s.pool.new_work(up, work, s.now).unwrap();
+    let a = ConnId::new(0, 0, 1);
+    s.shard.on_open_in(s.now, a, peer(), 0, up);
+    let r = s.line(
+        a,
+        json!({"id":3,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"ffffffff"}]}),
+    );
+    assert_eq!(r[0]["result"]["version-rolling"], true);
+    let mut wa = s.login(a, "farm.a");
+    assert_eq!(
+        wa.diff, cap,
+        "startdiff 1 capped by the upstream's difficulty"
+    );
+    assert_eq!(
+        s.line(
+            a,
+            json!({"id":4,"method":"mining.extranonce.subscribe","params":[]})
+        )[0]["result"],
+        true
+    );
+    let b = ConnId::new(0, 0, 2);
+    s.shard.on_open_in(s.now, b, peer(), 0, up);
+    s.login(b, "farm.b");
+
+    // A rolled share meeting the cap goes upstream with everything the upstream needs.
+    let ntime = u32::from_str_radix(wa.job.as_ref().unwrap()[7].as_str().unwrap(), 16).unwrap();
+    let en2 = [5u8; 6];
+    let (vbits, mask) = (0x0000_4000, 0x1fff_e000);
+    let want = Difficulty::from_f64(cap).unwrap().target();
+    let nonce = (0u32..)
+        .find(|&n| want.is_met_by(&share_hash(&wa, &en2, ntime, n, vbits, mask)))
+        .unwrap();
+    let mut share = submit(&wa, "farm.a", &en2, nonce);
+    share["params"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!(format!("{vbits:08x}")));
+    assert_eq!(s.line(a, share)[0]["result"], true);
+    let ups = s.out.take_upstream();
+    assert_eq!(ups.len(), 1);
+    let u = &ups[0];
+    assert!(matches!(&u.job.origin, Origin::Upstream { job_id } if job_id == "up-1"));
+    assert_eq!(u.extranonce2(), [&wa.en1[2..], &en2[..]].concat());
+    assert_eq!((u.ntime, u.nonce), (ntime, nonce));
+    assert_eq!(u.version_bits, Some(vbits));
+    assert_eq!(&**u.user, "farm");
+    assert!(u.sdiff >= cap && !u.stale);
+
+    // A higher upstream difficulty lowers nobody; a share below it stays here.
+    let high = 2f64.powi(-20);
+    s.pool.set_upstream_diff(up, high).unwrap();
+    assert_eq!(
+        s.shard
+            .limit_source_diff(s.now, up, Difficulty::from_f64(high).unwrap(), &mut s.out),
+        0
+    );
+    let nonce = grind(
+        &wa,
+        &[6; 6],
+        want,
+        Some(Difficulty::from_f64(high).unwrap().target()),
+    );
+    assert_eq!(
+        s.line(a, submit(&wa, "farm.a", &[6; 6], nonce))[0]["result"],
+        true
+    );
+    assert!(s.out.take_upstream().is_empty());
+    // A lower one lowers both miners at once.
+    let low = 2f64.powi(-30);
+    s.pool.set_upstream_diff(up, low).unwrap();
+    assert_eq!(
+        s.shard
+            .limit_source_diff(s.now, up, Difficulty::from_f64(low).unwrap(), &mut s.out),
+        2
+    );
+    let got = s.out.take_json(a);
+    assert_eq!(got[0]["method"], "mining.set_difficulty");
+    assert_eq!(got[0]["params"][0].as_f64(), Some(low));
+    absorb(&mut wa, &got);
+
+    // The upstream changed: a new source; A is told, B is reconnected.
+    let up2 = s
+        .pool
+        .add_source(ExtranonceLayout::new(&[0xcc, 0xdd, 0xee], 2, 6).unwrap())
+        .unwrap();
+    let j2 = s
+        .pool
+        .new_work(up2, upstream_work("up2-1", 10, true), s.now)
+        .unwrap();
+    s.out.take_json(b);
+    assert_eq!(s.shard.move_source(s.now, up, up2, &mut s.out), (1, 1));
+    let got = s.out.take_json(a);
+    assert_eq!(got[0]["method"], "mining.set_extranonce");
+    let en1 = hex::decode(got[0]["params"][0].as_str().unwrap()).unwrap();
+    assert_eq!(&en1[..3], &[0xcc, 0xdd, 0xee]);
+    assert_eq!(got[0]["params"][1], 6);
+    assert_eq!(got[1]["params"][0], j2.id_hex.as_str());
+    assert_eq!(got[1]["params"][8], true);
+    assert_eq!(s.out.take_json(b)[0]["method"], "client.reconnect");
+    assert_eq!(s.out.closed, vec![ClientId::Direct(b)]);
+    // New work of the new source reaches A; a share on it with the new extranonce1 is accepted.
+    let mut wa = wa;
+    wa.en1 = en1;
+    absorb(&mut wa, &got);
+    let share = good_share(&wa, "farm.a", &[1; 6]);
+    assert_eq!(s.line(a, share)[0]["result"], true);
+}

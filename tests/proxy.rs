@@ -1,0 +1,337 @@
+//! Proxy mode (`-p`) end to end: ckpool-rs pools on a regtest node as the upstream, a ckpool-rs
+//! proxy in front of them, ckload miners and raw stratum clients behind it; and a scripted
+//! upstream for the difficulty clamp. Without a node the node tests print "skipped" (locally)
+//! or fail (in CI).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "test code"
+)]
+
+#[path = "support/node.rs"]
+mod node;
+#[path = "support/pool.rs"]
+mod pool;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::Target;
+use loadtest::{Miner, MinerConfig};
+use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
+use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
+use serde_json::{Value, json};
+
+/// Difficulty 2^-32: every hash is a share.
+const TINY: f64 = 0.000_000_000_232_830_643_653_869_63;
+
+/// A ckpool-rs pool on `node`.
+fn start_pool(tag: &str, node: &RegtestNode) -> PoolProcess {
+    let addr = node.new_address();
+    let config = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
+    PoolProcess::start(tag, &config, &[])
+}
+
+/// A proxy config over `upstreams` (`host:port`), authorising as `proxyuser.<i>`.
+fn proxy_config(upstreams: &[String], startdiff: f64) -> Value {
+    let proxies: Vec<Value> = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| json!({"url": u, "auth": format!("proxyuser.{i}"), "pass": "x"}))
+        .collect();
+    json!({
+        "proxy": proxies,
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "mindiff": TINY,
+        "startdiff": startdiff,
+        "threads": 2,
+    })
+}
+
+fn start_proxy(tag: &str, config: &Value) -> PoolProcess {
+    PoolProcess::start(tag, config, &["-p"])
+}
+
+/// The proxy's `upstreams` object from its admin stats.
+fn upstreams(proxy: &PoolProcess) -> Value {
+    proxy.stats()["upstreams"].clone()
+}
+
+fn latest_job(c: &mut Client) -> loadtest::work::Job {
+    c.wait_for("a mining.notify", WAIT, |v| v["method"] == "mining.notify");
+    let newest = c
+        .seen
+        .iter()
+        .rev()
+        .find(|m| m["method"] == "mining.notify")
+        .cloned()
+        .unwrap();
+    loadtest::work::Job::from_notify_params(&newest["params"]).unwrap()
+}
+
+/// (a) and (b): miners' shares are accepted by the proxy, those meeting the upstream
+/// difficulty (every one here) are accepted by the pool under the proxy's user, blocks found
+/// through the proxy reach the node, and a version-rolled share goes up with its version bits:
+/// the block it solves is in the node with the rolled version.
+#[test]
+fn proxy_forwards_shares_and_blocks_with_version_bits_to_the_upstream_pool() {
+    let Some(exe) =
+        bitcoind_or_skip("proxy_forwards_shares_and_blocks_with_version_bits_to_the_upstream_pool")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let pool = start_pool("pxup", node);
+    let proxy = start_proxy("pxa", &proxy_config(&[pool.addr.to_string()], TINY));
+
+    // A plain miner through the proxy mines a block.
+    let mut cfg = MinerConfig::new(proxy.addr, "farm.rig1");
+    cfg.stop_after_blocks = Some(1);
+    cfg.duration = Some(Duration::from_secs(40));
+    let report = Miner::start(cfg).unwrap().wait(Duration::from_secs(50));
+    assert!(report.error.is_none(), "{report:?}");
+    assert!(report.accepted >= 1, "{report:?}");
+    assert!(report.blocks_accepted >= 1, "{report:?}");
+    let hash = report.block_hashes[0].clone();
+    wait_until("the proxied block to reach the node", WAIT, || {
+        node.try_rpc("getblockheader", json!([hash])).is_ok()
+    });
+    // The pool counted the proxy's shares under the proxy's upstream user.
+    let stats = wait_stats(&pool, "the proxy's shares at the pool", WAIT, |s| {
+        s["users"]["proxyuser"]["workers"]["proxyuser.0"]["accepted"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+    assert_eq!(stats["users"].as_object().unwrap().len(), 1, "{stats}");
+    let up = upstreams(&proxy);
+    assert!(up["servers"][0]["accepted"].as_u64().unwrap() >= 1, "{up}");
+    assert_eq!(up["servers"][0]["state"], "active", "{up}");
+    assert!(
+        up["users"]["farm"]["accepted"].as_u64().unwrap() >= 1,
+        "{up}"
+    );
+    assert_eq!(up["active"], 0, "{up}");
+
+    // A version-rolling client: the mask it is offered is the pool's answer to the proxy
+    // (ckpool-rs grants 1fffe000) within the proxy's own version_mask (the same by default).
+    wait_stats(&pool, "the pool's job on the new tip", WAIT, |s| {
+        s["job"][1].as_u64() == Some(node.height() + 1)
+    });
+    let mut c = Client::connect(proxy.addr);
+    c.send(&json!({"id": 1, "method": "mining.configure",
+        "params": [["version-rolling"], {"version-rolling.mask": "ffffffff"}]}));
+    let conf = c.reply(1);
+    assert_eq!(conf["result"]["version-rolling.mask"], "1fffe000", "{conf}");
+    c.seen.clear();
+    let (en1, n2len) = c.login("asic.1");
+    let en1 = hex::decode(en1).unwrap();
+    // Wait for the proxy's job on the tip the first block made.
+    let tip = node.rpc("getbestblockhash", json!([]));
+    let job = loop {
+        let job = latest_job(&mut c);
+        let mut prev = job.prev_hash;
+        prev.reverse();
+        if hex::encode(prev) == tip.as_str().unwrap() {
+            break job;
+        }
+        c.seen.clear();
+    };
+    let bits = 0x0000_6000u32;
+    let version = job.version | bits;
+    let en2 = vec![7u8; n2len];
+    let network = Target::from_compact(job.nbits);
+    let nonce = (0u32..)
+        .find(|&n| network.is_met_by(&job.share_hash(&en1, &en2, version, n)))
+        .unwrap();
+    let mut header_hash = job.share_hash(&en1, &en2, version, nonce);
+    c.send(&json!({"id": 5, "method": "mining.submit",
+        "params": ["asic.1", job.job_id, hex::encode(&en2), format!("{:08x}", job.ntime),
+                   format!("{nonce:08x}"), format!("{bits:08x}")]}));
+    assert_eq!(c.reply(5)["result"], true);
+    header_hash.reverse();
+    let block_hash = hex::encode(header_hash);
+    wait_until("the rolled block to reach the node", WAIT, || {
+        node.try_rpc("getblockheader", json!([block_hash])).is_ok()
+    });
+    let header = node.rpc("getblockheader", json!([block_hash]));
+    assert_eq!(
+        header["version"].as_u64().unwrap() as u32 & 0x1fff_e000,
+        bits,
+        "{header}"
+    );
+    wait_until("the rolled share's upstream verdict", WAIT, || {
+        upstreams(&proxy)["users"]["asic"]["accepted"].as_u64() >= Some(1)
+    });
+}
+
+/// (c): two upstream pools; the first stops. The miners stay on their connections: one that
+/// sent `mining.extranonce.subscribe` gets `mining.set_extranonce` and a clean notify, and
+/// the ckload miner keeps having shares accepted, now at the second pool.
+#[test]
+fn proxy_fails_over_to_the_second_upstream_keeping_its_miners() {
+    let Some(exe) = bitcoind_or_skip("proxy_fails_over_to_the_second_upstream_keeping_its_miners")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let mut first = start_pool("pxfo1", node);
+    let second = start_pool("pxfo2", node);
+    let proxy = start_proxy(
+        "pxfo",
+        &proxy_config(&[first.addr.to_string(), second.addr.to_string()], TINY),
+    );
+
+    let mut cfg = MinerConfig::new(proxy.addr, "farm.rig1");
+    cfg.duration = Some(Duration::from_secs(45));
+    cfg.max_shares_per_sec = 20.0;
+    cfg.pause_after_block = false;
+    cfg.extranonce_subscribe = true;
+    let miner = Miner::start(cfg).unwrap();
+    let mut c = Client::connect(proxy.addr);
+    c.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}));
+    let en1_before = c.reply(1)["result"][1].as_str().unwrap().to_owned();
+    c.send(&json!({"id": 2, "method": "mining.extranonce.subscribe", "params": []}));
+    assert_eq!(c.reply(2)["result"], true);
+    c.send(&json!({"id": 3, "method": "mining.authorize", "params": ["raw.1", "x"]}));
+    assert_eq!(c.reply(3)["result"], true);
+
+    wait_until("shares accepted by the first upstream", WAIT, || {
+        upstreams(&proxy)["servers"][0]["accepted"].as_u64() >= Some(3)
+    });
+    first.shutdown();
+    // The raw client hears of its new extranonce1 on the same connection.
+    let set = c.wait_for("mining.set_extranonce", WAIT, |v| {
+        v["method"] == "mining.set_extranonce"
+    });
+    let en1_after = set["params"][0].as_str().unwrap();
+    assert_ne!(en1_after, en1_before);
+    c.seen.clear();
+    let notify = c.wait_for("a notify after the switch", WAIT, |v| {
+        v["method"] == "mining.notify"
+    });
+    assert_eq!(notify["params"][8], true, "{notify}");
+    // The ckload miner keeps mining on its connection; its shares now reach the second pool.
+    let before = miner.report().accepted;
+    wait_until("shares accepted by the second upstream", WAIT, || {
+        upstreams(&proxy)["servers"][1]["accepted"].as_u64() >= Some(3)
+    });
+    wait_until("the miner's shares accepted after the switch", WAIT, || {
+        miner.report().accepted >= before + 3
+    });
+    let up = upstreams(&proxy);
+    assert_eq!(up["active"], 1, "{up}");
+    assert_eq!(up["servers"][1]["state"], "active", "{up}");
+    let report = miner.report();
+    assert!(report.error.is_none(), "{report:?}");
+    assert!(
+        !miner.is_finished(),
+        "the miner was disconnected: {report:?}"
+    );
+    miner.request_stop();
+    let stats = wait_stats(
+        &second,
+        "the proxy's shares at the second pool",
+        WAIT,
+        |s| {
+            s["users"]["proxyuser"]["workers"]["proxyuser.1"]["accepted"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        },
+    );
+    assert!(
+        stats["users"]["proxyuser"]["workers"]
+            .get("proxyuser.0")
+            .is_none(),
+        "{stats}"
+    );
+    // Only the shares in flight at the switch may be lost.
+    assert!(miner.report().rejected <= 2 * 20, "{:?}", miner.report());
+}
+
+/// A scripted upstream pool: answers the handshake, sends difficulty 16 and a job, then
+/// whatever lines the test sends through `more`.
+fn scripted_upstream(more: std::sync::mpsc::Receiver<String>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        let notify = json!({"id": null, "method": "mining.notify", "params": [
+            "j1", "00".repeat(32), "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff20020a00",
+            "ffffffff0100f2052a010000001600146f16fe7c495ba8261016383a1d4b5bf0e185c85100000000",
+            [], "20000000", "17034219", "6553f100", true]});
+        let mut sent_work = false;
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < end {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+                    let result = match v["method"].as_str() {
+                        Some("mining.configure") => {
+                            json!({"version-rolling": true, "version-rolling.mask": "1fffe000"})
+                        }
+                        Some("mining.subscribe") => {
+                            json!([[["mining.notify", "1"]], "aabbccdd", 8])
+                        }
+                        _ => json!(true),
+                    };
+                    let reply = json!({"id": v["id"], "result": result, "error": null});
+                    if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                    if v["method"] == "mining.authorize" && !sent_work {
+                        sent_work = true;
+                        let diff =
+                            json!({"id": null, "method": "mining.set_difficulty", "params": [16]});
+                        let _ = w.write_all(format!("{diff}\n{notify}\n").as_bytes());
+                    }
+                }
+                Err(_) => {}
+            }
+            while let Ok(l) = more.try_recv() {
+                let _ = w.write_all(format!("{l}\n").as_bytes());
+            }
+        }
+    });
+    addr
+}
+
+/// (d): the upstream's difficulty caps the miners': a miner starting above it is given the
+/// upstream's at subscribe, and a lower upstream difficulty lowers it at once (fractional,
+/// not clamped to 1).
+#[test]
+fn upstream_difficulty_below_a_miners_lowers_the_miner() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let upstream = scripted_upstream(rx);
+    let proxy = start_proxy("pxdiff", &proxy_config(&[upstream], 64.0));
+    let mut c = Client::connect(proxy.addr);
+    c.login("farm.rig1");
+    let first = c.wait_for("set_difficulty", WAIT, |v| {
+        v["method"] == "mining.set_difficulty"
+    });
+    assert_eq!(first["params"][0].as_f64(), Some(16.0), "{first}");
+    c.seen.clear();
+    tx.send(json!({"id": null, "method": "mining.set_difficulty", "params": [0.5]}).to_string())
+        .unwrap();
+    let lowered = c.wait_for("the lowered difficulty", WAIT, |v| {
+        v["method"] == "mining.set_difficulty"
+    });
+    assert_eq!(lowered["params"][0].as_f64(), Some(0.5), "{lowered}");
+    let up = upstreams(&proxy);
+    assert_eq!(up["difficulty"].as_f64(), Some(0.5), "{up}");
+    assert_eq!(up["version_mask"], "1fffe000", "{up}");
+}
