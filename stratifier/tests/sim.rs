@@ -1955,7 +1955,6 @@ fn upstream_shares_diff_cap_and_moving_miners_to_a_new_source() {
     assert_eq!(s.out.take_json(b)[0]["method"], "client.reconnect");
     assert_eq!(s.out.closed, vec![ClientId::Direct(b)]);
     // New work of the new source reaches A; a share on it with the new extranonce1 is accepted.
-    let mut wa = wa;
     wa.en1 = en1;
     absorb(&mut wa, &got);
     let share = good_share(&wa, "farm.a", &[1; 6]);
