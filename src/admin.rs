@@ -17,7 +17,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use connector::ConnectorHandle;
+
+use crate::handoff::Msg;
+
+mod clients;
 
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{debug, warn};
@@ -90,6 +96,10 @@ pub(crate) struct AdminCtx {
     pub(crate) links: Arc<crate::links::LinkRegistry>,
     /// Proxy modes: the upstream links' state, shown as `upstreams` in `stats`.
     pub(crate) upstreams: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// The connector threads, for ckpool's client commands (`accept`, `reject`, `dropclient`,
+    /// `reconnect`, `clients`...) and `connectorstats`; `None` where the mode has none of them
+    /// (those commands answer `unknown`).
+    pub(crate) conns: Option<ConnectorHandle<Msg>>,
 }
 
 /// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
@@ -97,12 +107,14 @@ pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
+    restrict(path);
+    let started = Instant::now();
     thread::Builder::new().name("admin".into()).spawn(move || {
         while !ctx.shutdown.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, _)) => {
                     debug!("admin client connected");
-                    if let Err(e) = serve(stream, &ctx) {
+                    if let Err(e) = serve(stream, &ctx, started) {
                         debug!(error = %e, "admin request failed");
                     }
                 }
@@ -117,11 +129,27 @@ pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle
     })
 }
 
+/// Gives the socket ckpool's mode (0770) and its directory's group (the `-g` group when given,
+/// see `crate::instance`). Failing that is logged: the directory's own mode still guards it.
+fn restrict(path: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)) {
+        warn!(path = %path.display(), error = %e, "cannot set the admin socket's mode");
+    }
+    let gid = path
+        .parent()
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| m.gid());
+    if let Err(e) = std::os::unix::fs::chown(path, None, gid) {
+        warn!(path = %path.display(), error = %e, "cannot set the admin socket's group");
+    }
+}
+
 /// Users listed in an admin `stats` reply (the busiest, by 1-minute hashrate); `users_total`
 /// counts them all.
 const STATS_MAX_USERS: usize = 1_000;
 
-fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
+fn serve(mut stream: UnixStream, ctx: &AdminCtx, started: Instant) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
@@ -196,7 +224,12 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             warn!(%refusal, "handover request refused");
             refusal.into_bytes()
         }
-        _ => b"unknown".to_vec(),
+        _ => match clients::command(cmd, ctx, started) {
+            clients::Reply::Text(text) => text,
+            // ckpool's stratifier commands that close with no reply.
+            clients::Reply::None => return Ok(()),
+            clients::Reply::Unknown => b"unknown".to_vec(),
+        },
     };
     common::admin::write_message(&mut stream, &reply)
 }
