@@ -78,7 +78,9 @@ impl Instance {
         let pidfile = settings.pidfile();
         std::fs::write(&pidfile, format!("{}\n", std::process::id()))
             .context("writing pid file")?;
-        *self.files.paths.lock() = vec![pidfile, settings.admin_socket()];
+        let admin = settings.admin_socket();
+        let others = crate::admin::OTHER_SOCKETS.map(|n| admin.with_file_name(n));
+        *self.files.paths.lock() = [pidfile, admin].into_iter().chain(others).collect();
         Ok(())
     }
 

@@ -74,6 +74,15 @@ fn json_of(pool: &PoolProcess, cmd: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{cmd}: {e}: {text}"))
 }
 
+/// A request on `<sockdir>/<socket>`: the reply, `None` when it closed with none.
+fn ask(pool: &PoolProcess, socket: &str, cmd: &str) -> Option<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(pool.sockdir.join(socket)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    common::admin::write_message(&mut s, cmd.as_bytes()).unwrap();
+    let reply = common::admin::read_message(&mut s).unwrap()?;
+    Some(String::from_utf8_lossy(&reply).into_owned())
+}
+
 /// The `clients` entry of the client authorised as `worker`.
 fn client_of(pool: &PoolProcess, worker: &str) -> Option<Value> {
     json_of(pool, "clients")["clients"]
@@ -151,6 +160,35 @@ fn replies_as_ckpool_and_accept_gating() {
         }
     }
     assert_eq!(pool.admin("loglevel=7").as_deref(), Some("success"));
+
+    // The stratifier, connector and generator sockets, as ckpool's processes of those names.
+    for socket in ["stratifier", "connector", "generator"] {
+        assert_eq!(
+            ask(&pool, socket, "ping").as_deref(),
+            Some("pong"),
+            "{socket}"
+        );
+        // No reply, as ckpool's.
+        assert_eq!(ask(&pool, socket, "loglevel=7"), None, "{socket}");
+        // The listener's own commands are not theirs.
+        assert_eq!(
+            ask(&pool, socket, "shutdown").as_deref(),
+            Some("unknown"),
+            "{socket}"
+        );
+    }
+    let connector_stats = captured
+        .iter()
+        .find(|(r, _)| r == "connectorstats")
+        .and_then(|(_, s)| s.clone())
+        .unwrap();
+    let ours = ask(&pool, "connector", "stats").unwrap();
+    assert_eq!(shape(&ours), shape(&connector_stats), "{ours}");
+    let stats: Value = serde_json::from_str(&ask(&pool, "stratifier", "stats").unwrap()).unwrap();
+    assert!(stats["accepted"].is_u64(), "{stats}");
+    assert!(ask(&pool, "stratifier", "users").is_some_and(|u| u.starts_with('{')));
+    assert_eq!(ask(&pool, "stratifier", "dropall"), None);
+    assert_eq!(pool.admin("ping").as_deref(), Some("pong"));
 
     // The socket directory and the socket: mode 0770, and the -g group.
     let dir = std::fs::metadata(&pool.sockdir).unwrap();
