@@ -6,7 +6,12 @@
 //! `restart` → `restarting <pid>` (starts this binary again with `-H`, which takes this instance
 //! over: see `crate::handover`) or `failed: <reason>`; `handover <version>` → a new instance's
 //! request, answered `refused: <reason>` here or `ok` by the main loop, which then hands over on
-//! the same connection; anything else → `unknown`.
+//! the same connection; ckpool's client commands and the JSON queries (`accept`, `reject`,
+//! `reconnect`, `dropclient`, `clients`, `users`...: see [`clients`]); anything else → `unknown`.
+//!
+//! Beside `listener`, the `stratifier`, `connector` and `generator` sockets answer the commands
+//! ckpool's processes of those names do ([`Role::map`]); every socket gets mode 0770 and its
+//! directory's group (`-g`).
 //!
 //! The admin thread never holds the generator: the daemon must own it alone to shut it down
 //! (which submits the blocks still queued). It reaches it through a [`GenLink`] instead.
