@@ -6,7 +6,12 @@
 //! `restart` → `restarting <pid>` (starts this binary again with `-H`, which takes this instance
 //! over: see `crate::handover`) or `failed: <reason>`; `handover <version>` → a new instance's
 //! request, answered `refused: <reason>` here or `ok` by the main loop, which then hands over on
-//! the same connection; anything else → `unknown`.
+//! the same connection; ckpool's client commands and the JSON queries (`accept`, `reject`,
+//! `reconnect`, `dropclient`, `clients`, `users`...: see [`clients`]); anything else → `unknown`.
+//!
+//! Beside `listener`, the `stratifier`, `connector` and `generator` sockets answer the commands
+//! ckpool's processes of those names do ([`Role::map`]); every socket gets mode 0770 and its
+//! directory's group (`-g`).
 //!
 //! The admin thread never holds the generator: the daemon must own it alone to shut it down
 //! (which submits the blocks still queued). It reaches it through a [`GenLink`] instead.
@@ -17,7 +22,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use connector::ConnectorHandle;
+
+use crate::handoff::Msg;
+
+mod clients;
 
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{debug, warn};
@@ -90,38 +101,138 @@ pub(crate) struct AdminCtx {
     pub(crate) links: Arc<crate::links::LinkRegistry>,
     /// Proxy modes: the upstream links' state, shown as `upstreams` in `stats`.
     pub(crate) upstreams: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// The connector threads, for ckpool's client commands (`accept`, `reject`, `dropclient`,
+    /// `reconnect`, `clients`...) and `connectorstats`; `None` where the mode has none of them
+    /// (those commands answer `unknown`).
+    pub(crate) conns: Option<ConnectorHandle<Msg>>,
 }
 
-/// Binds the socket and serves it on its own thread, which returns once `ctx.shutdown` is set.
+/// ckpool's sockets in `<sockdir>`: `listener` (every command) and the `stratifier`,
+/// `connector` and `generator` ones, each answering the commands ckpool's process of that name
+/// does ([`Role::map`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Listener,
+    Stratifier,
+    Connector,
+    Generator,
+}
+
+/// The sockets besides `listener`, by file name.
+pub(crate) const OTHER_SOCKETS: [&str; 3] = ["stratifier", "connector", "generator"];
+
+impl Role {
+    /// What a request on this socket runs: the listener's command and whether a reply goes
+    /// back (ckpool's stratifier, connector and generator answer few of their commands), or
+    /// `None` for `unknown`.
+    fn map(self, cmd: &str) -> Option<(&str, bool)> {
+        let prefixed = |p: &[&str]| p.iter().any(|p| cmd.starts_with(p));
+        match self {
+            Self::Listener => Some((cmd, true)),
+            _ if cmd == "ping" => Some((cmd, true)),
+            _ if cmd.starts_with("loglevel=") => Some((cmd, false)),
+            Self::Stratifier => match cmd {
+                "stats" => Some(("stratifierstats", true)),
+                "update" | "resetshares" | "dropall" => Some((cmd, false)),
+                _ if cmd == "reconnect"
+                    || prefixed(&["reconnect:", "dropclient=", "reconnclient="]) =>
+                {
+                    Some((cmd, false))
+                }
+                "clients" | "users" | "workers" | "poolstats" | "uptime" => Some((cmd, true)),
+                _ if prefixed(&[
+                    "getclient",
+                    "getuser",
+                    "getworker",
+                    "userclients",
+                    "workerclients",
+                ]) =>
+                {
+                    Some((cmd, true))
+                }
+                _ => None,
+            },
+            Self::Connector => match cmd {
+                "stats" => Some(("connectorstats", true)),
+                "accept" | "reject" => Some((cmd, false)),
+                _ if cmd.starts_with("dropclient=") => Some((cmd, false)),
+                _ => None,
+            },
+            Self::Generator => None,
+        }
+    }
+}
+
+/// Binds the sockets and serves them on their own thread, which returns once `ctx.shutdown` is
+/// set. `path` is the `listener` socket; the others go beside it (one that cannot be bound is
+/// logged and left out).
 pub(crate) fn start(path: &Path, ctx: AdminCtx) -> io::Result<thread::JoinHandle<()>> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
+    let mut sockets = vec![(bind(path)?, Role::Listener)];
+    let others = [Role::Stratifier, Role::Connector, Role::Generator];
+    for (name, role) in OTHER_SOCKETS.into_iter().zip(others) {
+        let p = path.with_file_name(name);
+        match bind(&p) {
+            Ok(l) => sockets.push((l, role)),
+            Err(e) => warn!(path = %p.display(), error = %e, "cannot bind an admin socket"),
+        }
+    }
+    let started = Instant::now();
     thread::Builder::new().name("admin".into()).spawn(move || {
         while !ctx.shutdown.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    debug!("admin client connected");
-                    if let Err(e) = serve(stream, &ctx) {
-                        debug!(error = %e, "admin request failed");
+            let mut idle = true;
+            for (listener, role) in &sockets {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        idle = false;
+                        debug!(socket = ?role, "admin client connected");
+                        if let Err(e) = serve(stream, &ctx, started, *role) {
+                            debug!(error = %e, "admin request failed");
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        warn!(error = %e, "admin accept failed");
+                        thread::sleep(Duration::from_millis(200));
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    thread::sleep(Duration::from_millis(200));
-                }
+            }
+            if idle {
+                thread::sleep(ACCEPT_POLL);
             }
         }
         debug!("admin thread stopped");
     })
 }
 
+fn bind(path: &Path) -> io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    restrict(path);
+    Ok(listener)
+}
+
+/// Gives the socket ckpool's mode (0770) and its directory's group (the `-g` group when given,
+/// see `crate::instance`). Failing that is logged: the directory's own mode still guards it.
+fn restrict(path: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)) {
+        warn!(path = %path.display(), error = %e, "cannot set the admin socket's mode");
+    }
+    let gid = path
+        .parent()
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| m.gid());
+    if let Err(e) = std::os::unix::fs::chown(path, None, gid) {
+        warn!(path = %path.display(), error = %e, "cannot set the admin socket's group");
+    }
+}
+
 /// Users listed in an admin `stats` reply (the busiest, by 1-minute hashrate); `users_total`
 /// counts them all.
 const STATS_MAX_USERS: usize = 1_000;
 
-fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
+fn serve(mut stream: UnixStream, ctx: &AdminCtx, started: Instant, role: Role) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
@@ -129,7 +240,9 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
         return Ok(());
     };
     let cmd = String::from_utf8_lossy(&msg);
-    let cmd = cmd.trim();
+    let Some((cmd, answer)) = role.map(cmd.trim()) else {
+        return common::admin::write_message(&mut stream, b"unknown");
+    };
     let reply: Vec<u8> = match cmd {
         "ping" => b"pong".to_vec(),
         "stats" | "stratifierstats" => {
@@ -196,8 +309,16 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx) -> io::Result<()> {
             warn!(%refusal, "handover request refused");
             refusal.into_bytes()
         }
-        _ => b"unknown".to_vec(),
+        _ => match clients::command(cmd, ctx, started) {
+            clients::Reply::Text(text) => text,
+            // ckpool's stratifier commands that close with no reply.
+            clients::Reply::None => return Ok(()),
+            clients::Reply::Unknown => b"unknown".to_vec(),
+        },
     };
+    if !answer {
+        return Ok(());
+    }
     common::admin::write_message(&mut stream, &reply)
 }
 

@@ -229,8 +229,9 @@ fn adopt_into(
     }
 }
 
-/// A change the daemon makes to every shard's sessions (proxy modes).
-#[derive(Clone, Copy, Debug)]
+/// A change the daemon makes to every shard's sessions (proxy modes), or an admin command
+/// (`crate::admin`) run on the shards.
+#[derive(Clone, Debug)]
 pub(crate) enum ShardCmd {
     /// [`Shard::limit_source_diff`].
     LimitDiff {
@@ -245,6 +246,28 @@ pub(crate) enum ShardCmd {
         from: SourceId,
         /// The new one.
         to: SourceId,
+    },
+    /// Admin `dropclient=ID` / `reconnclient=ID` ([`Shard::drop_client`]): sent to the thread
+    /// that owns `conn`.
+    Drop {
+        /// The client's connection.
+        conn: ConnId,
+        /// `reconnclient`: `client.reconnect` first.
+        reconnect: Option<Arc<stratifier::ReconnectTo>>,
+    },
+    /// Admin `dropall` / `reconnect[:url,port]` ([`Shard::drop_all`]).
+    DropAll {
+        /// `reconnect`: `client.reconnect` with these params first.
+        reconnect: Option<Arc<stratifier::ReconnectTo>>,
+    },
+    /// Admin `clients` / `getclient` ([`Shard::client_infos`]): the answer goes on `reply`.
+    Clients {
+        /// At most this many clients listed.
+        max: usize,
+        /// Only this client.
+        only: Option<ConnId>,
+        /// (clients of the shard, the listed ones).
+        reply: crossbeam_channel::Sender<(usize, Vec<stratifier::ClientInfo>)>,
     },
 }
 
@@ -270,6 +293,23 @@ impl ShardCmd {
                     reconnected,
                     "miners moved to a new work source"
                 );
+            }
+            Self::Drop { conn, reconnect } => {
+                if !shard.drop_client(conn, reconnect.as_deref(), out) {
+                    debug!(%conn, "admin: no such client to drop");
+                }
+            }
+            Self::DropAll { reconnect } => {
+                let n = shard.drop_all(reconnect.as_deref(), out);
+                debug!(
+                    clients = n,
+                    reconnect = reconnect.is_some(),
+                    "admin: clients dropped"
+                );
+            }
+            Self::Clients { max, only, reply } => {
+                // The admin thread may have given up waiting: nothing to do then.
+                let _ = reply.send(shard.client_infos(max, only));
             }
         }
     }
@@ -965,7 +1005,7 @@ fn run_batch(
                 }
             }
             Event::Release => out.hold = false,
-            Event::Cmd { now, cmd } => cmd.run(*now, shard, out),
+            Event::Cmd { now, cmd } => cmd.clone().run(*now, shard, out),
         }
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use parking_lot::Mutex;
 use tracing::warn;
 
-use crate::settings::Settings;
+use crate::settings::{ConfigError, Settings};
 
 /// This instance's claim on its name: the pid file exists while it lives, and it and the admin
 /// socket are removed when it is dropped, on every way out (unless the instance handed itself
@@ -32,8 +32,7 @@ impl Instance {
     /// reopens the log file.
     pub(crate) fn claim(settings: &Settings) -> anyhow::Result<Self> {
         let sockdir = &settings.sockdir;
-        std::fs::create_dir_all(sockdir)
-            .with_context(|| format!("creating {}", sockdir.display()))?;
+        prepare_sockdir(sockdir, settings.group.as_deref())?;
         let pidfile = settings.pidfile();
         let pending_handover = match live_old_instance(&pidfile) {
             Some(_) if settings.handover => true,
@@ -79,7 +78,9 @@ impl Instance {
         let pidfile = settings.pidfile();
         std::fs::write(&pidfile, format!("{}\n", std::process::id()))
             .context("writing pid file")?;
-        *self.files.paths.lock() = vec![pidfile, settings.admin_socket()];
+        let admin = settings.admin_socket();
+        let others = crate::admin::OTHER_SOCKETS.map(|n| admin.with_file_name(n));
+        *self.files.paths.lock() = [pidfile, admin].into_iter().chain(others).collect();
         Ok(())
     }
 
@@ -88,6 +89,69 @@ impl Instance {
     pub(crate) fn disown(&self) {
         self.files.disowned.store(true, Ordering::Relaxed);
     }
+}
+
+/// Creates the socket directory as ckpool does: mode 0770, group `group` (`-g`, a name or a
+/// number) when given. Refuses (a [`ConfigError`], exit 2) a directory that exists and belongs
+/// to another user, even when run as root: its sockets could be someone else's.
+fn prepare_sockdir(dir: &Path, group: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let gid = group.map(group_id).transpose()?;
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let me = rustix::process::geteuid().as_raw();
+            if meta.uid() != me {
+                return Err(ConfigError(format!(
+                    "socket directory {} belongs to uid {}, not to this user (uid {me}); \
+                     choose another with -s or -n",
+                    dir.display(),
+                    meta.uid()
+                ))
+                .into());
+            }
+            if !meta.is_dir() {
+                return Err(ConfigError(format!("{} is not a directory", dir.display())).into());
+            }
+        }
+        Err(_) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(dir, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A group's id from its name or number (`-g`).
+fn group_id(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| ConfigError(format!("-g {group:?}: not a group name")))?;
+    let mut grp = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local of the right type and `buf.len()` is the size of
+    // `buf`; getgrnam_r writes the entry into `grp` and `buf` and sets `found` to `grp` or null.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            grp.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &raw mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(ConfigError(format!("-g {group}: no such group")).into());
+    }
+    // SAFETY: getgrnam_r succeeded and `found` points at `grp`, which it filled in.
+    Ok(unsafe { (*found).gr_gid })
 }
 
 /// Files that exist while the daemon runs (pid file, admin socket): removed when dropped, unless

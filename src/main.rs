@@ -58,9 +58,6 @@ fn run(cli: Cli, log: &mut Option<logging::LogGuard>) -> anyhow::Result<()> {
     // With -D the daemon's stderr is /dev/null: it logs to the file only.
     let daemonised = std::env::var_os("CKPOOL_RS_DAEMONISED").is_some();
     *log = logging::init(cli.loglevel, !daemonised);
-    if cli.group.is_some() {
-        warn!("-g is accepted for compatibility; socket group ownership is not changed");
-    }
     let settings = Settings::load(&cli, mode, &settings::process_env)?;
     logging::open_file(settings.logdir().join(format!("{}.log", settings.name)));
     info!(mode = %settings.mode, name = %settings.name, config = %settings.config_path.display(), "starting");

@@ -155,6 +155,8 @@ pub(crate) struct Settings {
     pub(crate) config_path: PathBuf,
     /// Socket directory: admin socket `listener`, pid file `main.pid`.
     pub(crate) sockdir: PathBuf,
+    /// `-g`: the group given the socket directory and sockets.
+    pub(crate) group: Option<String>,
     /// No periodic status line.
     pub(crate) quiet: bool,
     /// Write the share log.
@@ -237,6 +239,7 @@ impl Settings {
             name,
             config_path,
             sockdir,
+            group: cli.group.clone(),
             quiet: cli.quiet,
             log_shares: cli.log_shares,
             kill_old: cli.killold,

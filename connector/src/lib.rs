@@ -1218,6 +1218,45 @@ impl<M: Send + Clone + 'static> ConnectorHandle<M> {
             .collect()
     }
 
+    /// The operator's accept gate (ckpool's admin `accept` / `reject`): with `false` every
+    /// thread stops accepting new connections (they wait in the listen backlog, and are reset
+    /// by the kernel once it is full); with `true` they are accepted again. Connections already
+    /// open are not touched, and a handover's quiesce is independent of it. Returns once every
+    /// thread has applied it (and a round of its loop has passed, so the backend has been
+    /// told), or after a second; false then.
+    pub fn set_accepting(&self, accepting: bool) -> bool {
+        use std::sync::atomic::Ordering;
+        for (_, shared) in &self.threads {
+            shared.reject.store(!accepting, Ordering::Relaxed);
+            shared.notify();
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut done = true;
+            for (_, shared) in &self.threads {
+                if shared.rejecting.load(Ordering::Acquire) == accepting {
+                    done = false;
+                    // Another round of its loop.
+                    shared.notify();
+                }
+            }
+            if done {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Whether the threads accept new connections (see [`ConnectorHandle::set_accepting`]).
+    pub fn accepting(&self) -> bool {
+        self.threads
+            .iter()
+            .all(|(_, s)| !s.reject.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Like [`Connector::send`].
     pub fn send(&self, thread: usize, msg: M) {
         send_to(&self.threads, thread, msg, |(tx, shared)| (tx, &**shared));

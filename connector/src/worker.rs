@@ -205,6 +205,12 @@ pub(crate) struct Shared {
     /// Set by the thread just before it may block in the backend.
     parked: AtomicBool,
     stop: AtomicBool,
+    /// The operator's accept gate (admin `reject`): set, the thread stops accepting until it is
+    /// cleared ([`crate::ConnectorHandle::set_accepting`]).
+    pub(crate) reject: AtomicBool,
+    /// The gate as the thread has applied it: set one loop round after it stopped accepting
+    /// (so the backend has been told), cleared once it accepts again.
+    pub(crate) rejecting: AtomicBool,
     /// The thread's counters.
     pub(crate) counters: Counters,
 }
@@ -215,6 +221,8 @@ impl Shared {
             waker,
             parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            reject: AtomicBool::new(false),
+            rejecting: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -391,6 +399,8 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// next tick.
     paused: Vec<bool>,
     any_paused: bool,
+    /// Accepting stopped by the operator ([`Shared::reject`]); separate from a quiesce.
+    gated: bool,
     /// When a paused accept was last logged (logged at most once per [`ACCEPT_WARN_EVERY`]).
     accept_warned: Option<Instant>,
     /// Rounds that kept the thread busy for [`SLOW_ROUND`] or more.
@@ -456,6 +466,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             closing: Vec::new(),
             paused: vec![false; listeners],
             any_paused: false,
+            gated: false,
             accept_warned: None,
             slow: SlowRounds::default(),
             refused: 0,
@@ -629,7 +640,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                             *p = true;
                             self.any_paused = true;
                         }
-                    } else if !self.stopped {
+                    } else if !self.stopped && !self.gated {
                         self.backend.accept(listener);
                     }
                 }
@@ -850,6 +861,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn drain_control(&mut self, now: Instant) {
+        self.apply_gate();
         while let Ok(ctl) = self.ctl.try_recv() {
             match ctl {
                 Control::Quiesce { deadline, reply } => self.start_quiesce(now, deadline, reply),
@@ -863,6 +875,33 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                     let _ = reply.send(adopted);
                 }
             }
+        }
+    }
+
+    /// Follows the operator's accept gate ([`Shared::reject`]): stops accepting when it is set
+    /// (new connections wait in the listen backlog) and accepts again when it is cleared. A
+    /// quiesce's own stop is left alone.
+    fn apply_gate(&mut self) {
+        let reject = self.shared.reject.load(Ordering::Relaxed);
+        if reject == self.gated {
+            // Told the backend in an earlier round: say so.
+            self.shared.rejecting.store(reject, Ordering::Release);
+            return;
+        }
+        self.gated = reject;
+        if self.stopped {
+            return;
+        }
+        if reject {
+            self.backend.stop_accepts();
+            debug!(thread = self.thread, "accepting stopped (reject)");
+        } else {
+            self.any_paused = false;
+            for (l, paused) in self.paused.iter_mut().enumerate() {
+                *paused = false;
+                self.backend.accept(ListenerId(l));
+            }
+            debug!(thread = self.thread, "accepting again (accept)");
         }
     }
 
@@ -959,7 +998,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         self.any_paused = false;
         for (l, paused) in self.paused.iter_mut().enumerate() {
             *paused = false;
-            self.backend.accept(ListenerId(l));
+            if !self.gated {
+                self.backend.accept(ListenerId(l));
+            }
         }
         for id in self.conns.ids(self.thread) {
             self.backend.recv(id);
@@ -1428,7 +1469,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     }
 
     fn resume_accepts(&mut self) {
-        if !self.any_paused || self.stopped {
+        if !self.any_paused || self.stopped || self.gated {
             return;
         }
         self.any_paused = false;

@@ -178,6 +178,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
             handover: Some(handover_tx),
             links: Arc::clone(&links.registry),
             upstreams: None,
+            conns: Some(running.conns.handle()),
         },
     );
     let admin = match admin {

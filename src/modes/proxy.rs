@@ -549,6 +549,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 serde_json::to_value(&*st).unwrap_or_default()
             })),
+            conns: Some(conns.handle()),
         },
     );
     let admin = match admin {

@@ -63,7 +63,7 @@ pub use job::{
 };
 pub use pool::{AgentDiff, BlockCandidate, ListenerDiff, Pool, PoolConfig, ShareRecord};
 pub use reject::Reject;
-pub use shard::Shard;
+pub use shard::{ClientInfo, ReconnectTo, Shard};
 pub use stats::{
     Hashrates, PoolRates, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats,
     WorkerStats,

@@ -23,6 +23,9 @@ use crate::submit;
 use crate::vardiff::{Bounds, VarDiff};
 use crate::{ClientId, Event, Out, Reject, UpstreamShare};
 
+mod admin;
+pub use admin::{ClientInfo, ReconnectTo};
+
 /// The longest worker name kept (ckpool's limit).
 const MAX_WORKER_LEN: usize = 127;
 /// The longest user agent kept.

@@ -491,6 +491,13 @@ impl StatsRegistry {
         self.user_cell(user).blocks.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// ckpool's admin `resetshares`: the best shares of the round (the pool's, every user's
+    /// and every worker's) start again from zero, as after a block, but no block is counted
+    /// and the best ever stay. Nothing is walked: the round moves on.
+    pub fn reset_best_shares(&self) {
+        self.round.0.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn user_cell(&self, user: &str) -> Arc<UserCell> {
         let mut users = self.users.lock();
         if let Some(u) = users.map.get(user) {
