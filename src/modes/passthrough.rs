@@ -18,11 +18,23 @@
 //!   that miner. Towards miners, the router stops taking upstream events while a connector
 //!   thread has more than [`MAX_INFLIGHT`] bytes from it not yet queued on its sockets, which
 //!   in turn stops the link reading from the upstream. Memory stays bounded both ways.
-//! * Upstream loss: as ckpool, every miner is dropped (their sessions lived on that upstream),
-//!   and miners that connect while no upstream is up are closed at once; the link connects to
-//!   the next `proxy` entry by itself and fails back to better ones (a switch drops the
-//!   miners of the old upstream too). Replaying miners' sessions onto the new upstream is not
-//!   done.
+//! * Upstream loss (ckpool drops every miner; we keep them, see [`Handshake`]): each miner's
+//!   last `mining.configure`, `mining.subscribe`, `mining.authorize` (and whether it sent
+//!   `mining.extranonce.subscribe`) are kept, at most [`MAX_KEPT_LINE`] bytes each, with the
+//!   session id and extranonce its subscribe reply gave. When the link comes up on another
+//!   `proxy` entry (failover, or fail-back to a better one) every live miner is replayed
+//!   there: configure, subscribe with its session id as `params[1]` (to resume), authorize,
+//!   extranonce.subscribe, with ids of our own whose replies the passthrough consumes. If the
+//!   new subscribe reply gives another extranonce1 or extranonce2 size, the miner gets
+//!   `mining.set_extranonce` when it subscribed to it, else `client.reconnect`. A miner that
+//!   was mid-handshake (a subscribe or authorize unanswered) when the upstream went, or whose
+//!   replayed subscribe/authorize is refused, is closed (it reconnects). The replay happens
+//!   on the miner's connector thread when the router tells it the link is up, or earlier if
+//!   the miner sends a line first, so its lines never reach the new upstream before its
+//!   session does. While no upstream is up, a miner's request with an id is answered with
+//!   the stratum error `[20,"Upstream down",null]` (submits with `"result":false`) and other
+//!   lines are dropped: nothing is buffered. Miners that connect while no upstream is up are
+//!   closed at once, as ckpool.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
 //!   connector counters), `loglevel=N`, `shutdown`.
 
@@ -54,6 +66,13 @@ use crate::settings::{ConfigError, Settings};
 pub(crate) const UPSTREAM_BLOCK: Duration = Duration::from_secs(2);
 /// Bytes routed to one connector thread and not yet queued on its sockets, at most.
 pub(crate) const MAX_INFLIGHT: usize = 8 << 20;
+/// A kept handshake line longer than this is not kept (the miner cannot be replayed and is
+/// closed on failover).
+pub(crate) const MAX_KEPT_LINE: usize = 4096;
+/// Unanswered handshake requests tracked per miner, at most.
+const MAX_AWAITING: usize = 4;
+/// Ids of replayed requests start with this (a miner never sees them).
+const REPLAY_ID: &str = "ckrs.replay.";
 /// Upstream events waiting for the router, at most.
 const EVENTS: usize = 4096;
 /// Events the router handles before it sends what it has.
@@ -81,6 +100,12 @@ struct Shared {
     ignored_commands: AtomicU64,
     dropclients: AtomicU64,
     dropped_slow_upstream: AtomicU64,
+    /// Miners re-established on a new upstream.
+    replayed: AtomicU64,
+    /// Miners closed because they could not be re-established.
+    replay_closed: AtomicU64,
+    /// Miner lines that came while no upstream was up (answered with an error or dropped).
+    rejected_down: AtomicU64,
 }
 
 impl Shared {
@@ -113,15 +138,184 @@ enum Msg {
     Lines(Vec<(ConnId, Vec<u8>)>, usize),
     /// Close this miner (the upstream sent `dropclient`).
     Drop(ConnId),
-    /// The upstream went down or was switched: close every miner opened before this epoch.
-    DropAll(u64),
+    /// The link is up on a (new) upstream since this epoch: replay every miner older than it.
+    Replay(u64),
 }
 
 struct Miner {
     client_id: u32,
+    /// The upstream epoch its session lives in (older than the current one: replay it).
     epoch: u64,
     address: Arc<str>,
     server: u64,
+    /// What a replay needs; `None` until it sends a handshake line.
+    hs: Option<Box<Handshake>>,
+}
+
+/// Which handshake request a line is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Configure,
+    Subscribe,
+    Authorize,
+    ExtranonceSubscribe,
+}
+
+impl Kind {
+    /// The kind of a miner's line, from a cheap look at its bytes (submits match none).
+    fn of(line: &[u8]) -> Option<Self> {
+        if find(line, b"\"mining.submit\"") {
+            return None;
+        }
+        [
+            (
+                b"\"mining.extranonce.subscribe\"".as_slice(),
+                Self::ExtranonceSubscribe,
+            ),
+            (b"\"mining.subscribe\"", Self::Subscribe),
+            (b"\"mining.authorize\"", Self::Authorize),
+            (b"\"mining.configure\"", Self::Configure),
+        ]
+        .into_iter()
+        .find(|(pat, _)| find(line, pat))
+        .map(|(_, k)| k)
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Configure => "configure",
+            Self::Subscribe => "subscribe",
+            Self::Authorize => "authorize",
+            Self::ExtranonceSubscribe => "xsubscribe",
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A miner's handshake, kept to replay it on another upstream. Bounded: one line of each kind
+/// (the last), each at most [`MAX_KEPT_LINE`] bytes, and at most [`MAX_AWAITING`] ids.
+#[derive(Default)]
+struct Handshake {
+    configure: Option<serde_json::Value>,
+    subscribe: Option<serde_json::Value>,
+    authorize: Option<serde_json::Value>,
+    /// It sent `mining.extranonce.subscribe`.
+    xsub: bool,
+    /// A kept line was too long or not JSON: it cannot be replayed.
+    unreplayable: bool,
+    /// Its subscribe/authorize requests not answered yet (their ids).
+    awaiting: Vec<(serde_json::Value, Kind)>,
+    /// From the subscribe reply the miner got (or the last `set_extranonce` we sent it).
+    session: Option<String>,
+    extranonce1: Option<String>,
+    nonce2_len: Option<u64>,
+}
+
+impl Handshake {
+    /// Notes a handshake line the miner sent.
+    fn keep(&mut self, kind: Kind, line: &[u8]) {
+        let v = (line.len() <= MAX_KEPT_LINE)
+            .then(|| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .flatten()
+            .filter(serde_json::Value::is_object);
+        let Some(v) = v else {
+            if kind != Kind::ExtranonceSubscribe {
+                self.unreplayable = true;
+            }
+            return;
+        };
+        // Only these make a replay impossible while unanswered (a ckpool upstream never
+        // answers mining.extranonce.subscribe).
+        let answered = matches!(kind, Kind::Subscribe | Kind::Authorize);
+        if let Some(id) = v.get("id").filter(|id| answered && !id.is_null()) {
+            if self.awaiting.len() >= MAX_AWAITING {
+                self.awaiting.remove(0);
+            }
+            self.awaiting.push((id.clone(), kind));
+        }
+        match kind {
+            Kind::Configure => self.configure = Some(v),
+            Kind::Subscribe => self.subscribe = Some(v),
+            Kind::Authorize => self.authorize = Some(v),
+            Kind::ExtranonceSubscribe => self.xsub = true,
+        }
+    }
+
+    /// Reads the subscribe reply `r`: session id, extranonce1, extranonce2 size.
+    fn subscribed(&mut self, r: &serde_json::Value) -> Option<(String, u64)> {
+        let res = r.get("result")?;
+        let en1 = res.get(1)?.as_str()?.to_owned();
+        let n2 = res.get(2)?.as_u64()?;
+        let session = res
+            .get(0)
+            .and_then(serde_json::Value::as_array)
+            .and_then(|subs| {
+                subs.iter().find_map(|s| {
+                    (s.get(0)?.as_str()? == "mining.notify")
+                        .then(|| s.get(1)?.as_str().map(str::to_owned))
+                        .flatten()
+                })
+            })
+            .unwrap_or_else(|| en1.clone());
+        self.session = Some(session);
+        Some((en1, n2))
+    }
+
+    /// The lines to send up to re-establish the session, or `None` if that is impossible (a
+    /// request still unanswered, a line not kept). Empty when it never subscribed.
+    fn replay(&mut self) -> Option<Vec<Vec<u8>>> {
+        if self.unreplayable || !self.awaiting.is_empty() {
+            return None;
+        }
+        let Some(sub) = self.subscribe.as_ref() else {
+            return Some(Vec::new());
+        };
+        let mut lines = Vec::with_capacity(4);
+        let with_id = |v: &serde_json::Value, k: Kind| {
+            let mut v = v.clone();
+            v["id"] = json!(format!("{REPLAY_ID}{}", k.tag()));
+            v
+        };
+        if let Some(c) = &self.configure {
+            lines.push(with_id(c, Kind::Configure));
+        }
+        let mut s = with_id(sub, Kind::Subscribe);
+        let agent = s
+            .get("params")
+            .and_then(|p| p.get(0))
+            .cloned()
+            .unwrap_or_else(|| json!(""));
+        s["params"] = match &self.session {
+            Some(sid) => json!([agent, sid]),
+            None => json!([agent]),
+        };
+        lines.push(s);
+        if let Some(a) = &self.authorize {
+            lines.push(with_id(a, Kind::Authorize));
+        }
+        if self.xsub {
+            lines.push(
+                json!({"id": format!("{REPLAY_ID}{}", Kind::ExtranonceSubscribe.tag()),
+                "method": "mining.extranonce.subscribe", "params": []}),
+            );
+        }
+        Some(lines.iter().map(|v| v.to_string().into_bytes()).collect())
+    }
+}
+
+/// What to do with a line from the upstream for a miner with a handshake.
+enum Down {
+    /// Pass it on.
+    Forward,
+    /// A reply to a replay: swallow it.
+    Consume,
+    /// Swallow it and send the miner this instead.
+    Replace(Vec<u8>),
+    /// The replayed session was refused: close the miner.
+    Close,
 }
 
 /// A connector thread's side: its miners and the link.
@@ -130,6 +324,149 @@ struct MinerSide {
     link: Arc<PassthroughLink>,
     shared: Arc<Shared>,
     miners: HashMap<ConnId, Miner>,
+}
+
+impl Handshake {
+    /// What to do with `line` from the upstream for this miner.
+    fn downstream(&mut self, line: &[u8]) -> Down {
+        // Cheap filters first: most lines (notifies, share verdicts) are for neither.
+        if self.awaiting.is_empty() && !find(line, REPLAY_ID.as_bytes()) {
+            return Down::Forward;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return Down::Forward;
+        };
+        let Some(id) = v.get("id").filter(|id| !id.is_null()) else {
+            return Down::Forward;
+        };
+        if let Some(tag) = id.as_str().and_then(|i| i.strip_prefix(REPLAY_ID)) {
+            let refused = v.get("error").is_some_and(|e| !e.is_null());
+            return match tag {
+                "subscribe" => {
+                    let before = (self.extranonce1.clone(), self.nonce2_len);
+                    let Some((en1, n2)) = (!refused).then(|| self.subscribed(&v)).flatten() else {
+                        return Down::Close;
+                    };
+                    let same = before == (Some(en1.clone()), Some(n2));
+                    self.extranonce1 = Some(en1.clone());
+                    self.nonce2_len = Some(n2);
+                    if same {
+                        Down::Consume
+                    } else if self.xsub {
+                        let mut l = json!({"id": null, "method": "mining.set_extranonce",
+                            "params": [en1, n2]})
+                        .to_string()
+                        .into_bytes();
+                        l.push(b'\n');
+                        Down::Replace(l)
+                    } else {
+                        Down::Replace(
+                            b"{\"id\":null,\"method\":\"client.reconnect\",\"params\":[]}\n"
+                                .to_vec(),
+                        )
+                    }
+                }
+                "authorize" if refused || v.get("result") != Some(&json!(true)) => Down::Close,
+                _ => Down::Consume,
+            };
+        }
+        if let Some(i) = self.awaiting.iter().position(|(a, _)| a == id) {
+            let (_, kind) = self.awaiting.remove(i);
+            if kind == Kind::Subscribe
+                && let Some((en1, n2)) = self.subscribed(&v)
+            {
+                self.extranonce1 = Some(en1);
+                self.nonce2_len = Some(n2);
+            }
+        }
+        Down::Forward
+    }
+}
+
+impl MinerSide {
+    fn up(&self) -> bool {
+        self.shared.state.load(Ordering::SeqCst) == UP
+    }
+
+    /// Queues `cmd` for the upstream, waiting up to [`UPSTREAM_BLOCK`]; closes the miner and
+    /// returns false if it cannot.
+    fn send_up(&self, mut cmd: MinerLine, conn: ConnId, out: &mut Outbox) -> bool {
+        let until = Instant::now() + UPSTREAM_BLOCK;
+        loop {
+            match self.link.send(cmd) {
+                Ok(()) => {
+                    self.shared.lines_up.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(SendError::Full(back)) if Instant::now() < until => cmd = back,
+                Err(SendError::Full(_)) => {
+                    self.shared
+                        .dropped_slow_upstream
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%conn, "upstream not reading; miner dropped");
+                    out.close(conn);
+                    return false;
+                }
+                Err(SendError::Closed(_)) => {
+                    out.close(conn);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Re-establishes the miner's session on the upstream of `epoch`; false if it was closed.
+    fn replay(&mut self, conn: ConnId, epoch: u64, out: &mut Outbox) -> bool {
+        let Some(m) = self.miners.get_mut(&conn) else {
+            return false;
+        };
+        m.epoch = epoch;
+        let lines = match m.hs.as_mut() {
+            None => Some(Vec::new()),
+            Some(hs) => hs.replay(),
+        };
+        let Some(lines) = lines else {
+            self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+            info!(%conn, "miner cannot be replayed on the new upstream (mid-handshake); closed");
+            out.close(conn);
+            return false;
+        };
+        if lines.is_empty() {
+            return true;
+        }
+        let (client_id, address, server) =
+            (u64::from(m.client_id), Arc::clone(&m.address), m.server);
+        for line in lines {
+            let cmd = MinerLine::Line {
+                client_id,
+                address: Arc::clone(&address),
+                server,
+                line,
+            };
+            if !self.send_up(cmd, conn, out) {
+                return false;
+            }
+        }
+        self.shared.replayed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Answers a miner's request while no upstream is up: `[20,"Upstream down",null]`.
+fn reject_down(line: &[u8], conn: ConnId, out: &mut Outbox) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return;
+    };
+    let Some(id) = v.get("id").filter(|id| !id.is_null()) else {
+        return;
+    };
+    let submit = v.get("method").and_then(serde_json::Value::as_str) == Some("mining.submit");
+    let result = if submit { json!(false) } else { json!(null) };
+    let mut r = json!({"id": id, "result": result, "error": [20, "Upstream down", null]})
+        .to_string()
+        .into_bytes();
+    r.push(b'\n');
+    out.send(conn, r);
 }
 
 impl connector::Handler for MinerSide {
@@ -143,7 +480,7 @@ impl connector::Handler for MinerSide {
         listener: usize,
         out: &mut Outbox,
     ) {
-        if self.shared.state.load(Ordering::Relaxed) != UP {
+        if !self.up() {
             debug!(%conn, %peer, "no upstream; miner closed");
             out.close(conn);
             return;
@@ -153,45 +490,41 @@ impl connector::Handler for MinerSide {
             conn,
             Miner {
                 client_id,
-                epoch: self.shared.epoch.load(Ordering::Relaxed),
+                epoch: self.shared.epoch.load(Ordering::SeqCst),
                 address: Arc::from(peer.ip().to_string()),
                 server: u64::try_from(listener).unwrap_or(0),
+                hs: None,
             },
         );
     }
 
     fn on_line(&mut self, _now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
-        let Some(m) = self.miners.get(&conn) else {
+        if !self.miners.contains_key(&conn) {
+            return;
+        }
+        if !self.up() {
+            self.shared.rejected_down.fetch_add(1, Ordering::Relaxed);
+            reject_down(line, conn, out);
+            return;
+        }
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        if self.miners.get(&conn).is_some_and(|m| m.epoch < epoch) && !self.replay(conn, epoch, out)
+        {
+            return;
+        }
+        let Some(m) = self.miners.get_mut(&conn) else {
             return;
         };
-        let mut cmd = MinerLine::Line {
+        if let Some(kind) = Kind::of(line) {
+            m.hs.get_or_insert_default().keep(kind, line);
+        }
+        let cmd = MinerLine::Line {
             client_id: u64::from(m.client_id),
             address: Arc::clone(&m.address),
             server: m.server,
             line: line.to_vec(),
         };
-        let until = Instant::now() + UPSTREAM_BLOCK;
-        loop {
-            match self.link.send(cmd) {
-                Ok(()) => {
-                    self.shared.lines_up.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Err(SendError::Full(back)) if Instant::now() < until => cmd = back,
-                Err(SendError::Full(_)) => {
-                    self.shared
-                        .dropped_slow_upstream
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(%conn, "upstream not reading; miner dropped");
-                    out.close(conn);
-                    return;
-                }
-                Err(SendError::Closed(_)) => {
-                    out.close(conn);
-                    return;
-                }
-            }
-        }
+        self.send_up(cmd, conn, out);
     }
 
     fn on_close(&mut self, _now: Instant, conn: ConnId, _reason: CloseReason) {
@@ -212,8 +545,25 @@ impl connector::Handler for MinerSide {
         match msg {
             Msg::Lines(lines, bytes) => {
                 for (conn, line) in lines {
-                    if self.miners.contains_key(&conn) {
-                        out.send(conn, line);
+                    let Some(m) = self.miners.get_mut(&conn) else {
+                        continue;
+                    };
+                    match m
+                        .hs
+                        .as_mut()
+                        .map_or(Down::Forward, |hs| hs.downstream(&line))
+                    {
+                        Down::Forward => out.send(conn, line),
+                        Down::Consume => {}
+                        Down::Replace(l) => {
+                            info!(%conn, "miner's extranonce changed on the new upstream");
+                            out.send(conn, l);
+                        }
+                        Down::Close => {
+                            self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+                            info!(%conn, "new upstream refused the miner's replayed session; closed");
+                            out.close(conn);
+                        }
                     }
                 }
                 if let Some(f) = self.shared.inflight.get(self.thread) {
@@ -225,11 +575,19 @@ impl connector::Handler for MinerSide {
                     out.close(conn);
                 }
             }
-            Msg::DropAll(epoch) => {
-                for (conn, m) in &self.miners {
-                    if m.epoch < epoch {
-                        out.close(*conn);
-                    }
+            Msg::Replay(epoch) => {
+                if !self.up() || self.shared.epoch.load(Ordering::SeqCst) != epoch {
+                    // Down again, or a newer switch whose own message follows.
+                    return;
+                }
+                let stale: Vec<ConnId> = self
+                    .miners
+                    .iter()
+                    .filter(|(_, m)| m.epoch < epoch)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for conn in stale {
+                    self.replay(conn, epoch, out);
                 }
             }
         }
@@ -277,6 +635,9 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         ignored_commands: AtomicU64::new(0),
         dropclients: AtomicU64::new(0),
         dropped_slow_upstream: AtomicU64::new(0),
+        replayed: AtomicU64::new(0),
+        replay_closed: AtomicU64::new(0),
+        rejected_down: AtomicU64::new(0),
     });
     let conns = {
         let (link, shared) = (Arc::clone(&link), Arc::clone(&shared));
@@ -435,29 +796,33 @@ fn handle_event(
         },
         PassthroughEvent::Up { index, url } => {
             // A switch to a better upstream (fail-back) comes without a `Down` for the old one.
-            let switched = shared.state.load(Ordering::Relaxed) == UP;
-            let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            // The epoch is bumped before the state says up, so a miner opened once it reads
+            // "up" gets the new epoch.
+            let switched = shared.state.load(Ordering::SeqCst) == UP;
+            let epoch = shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
             shared.active.store(index, Ordering::Relaxed);
-            shared.state.store(UP, Ordering::Relaxed);
+            shared.state.store(UP, Ordering::SeqCst);
             if switched {
                 warn!(
                     index,
-                    url,
-                    "upstream switched; dropping the old one's miners (their sessions were there)"
+                    url, "upstream switched; replaying every miner's session there"
                 );
-                conns.broadcast(Msg::DropAll(epoch));
             } else {
-                info!(index, url, "upstream up");
+                info!(
+                    index,
+                    url, "upstream up; replaying live miners' sessions there"
+                );
             }
+            conns.broadcast(Msg::Replay(epoch));
         }
         PassthroughEvent::Down { index, reason } => {
-            shared.state.store(DOWN, Ordering::Relaxed);
-            let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            shared.state.store(DOWN, Ordering::SeqCst);
+            shared.epoch.fetch_add(1, Ordering::SeqCst);
             warn!(
                 index,
-                reason, "upstream down; dropping every miner (their sessions were there)"
+                reason,
+                "upstream down; miners kept, their requests answered with an error until it is back"
             );
-            conns.broadcast(Msg::DropAll(epoch));
         }
         PassthroughEvent::Failed { index, reason } => {
             warn!(index, reason, "upstream connection failed");
@@ -493,6 +858,9 @@ fn stats_json(
         "dropclients": shared.dropclients.load(Ordering::Relaxed),
         "ignored_commands": shared.ignored_commands.load(Ordering::Relaxed),
         "dropped_slow_upstream": shared.dropped_slow_upstream.load(Ordering::Relaxed),
+        "replayed": shared.replayed.load(Ordering::Relaxed),
+        "replay_closed": shared.replay_closed.load(Ordering::Relaxed),
+        "rejected_down": shared.rejected_down.load(Ordering::Relaxed),
         "log_dropped": crate::logging::dropped(),
     })
 }
