@@ -922,3 +922,166 @@ fn serve_admin(
     };
     common::admin::write_message(&mut stream, &reply)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
+
+    use super::*;
+
+    fn sub_reply(id: &serde_json::Value, sid: &str, en1: &str, n2: u64) -> Vec<u8> {
+        json!({"id": id, "result": [[["mining.notify", sid]], en1, n2], "error": null})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// A miner that configured, subscribed, authorised and subscribed to extranonce changes.
+    fn handshaken(xsub: bool) -> Handshake {
+        let mut hs = Handshake::default();
+        for (kind, line) in [
+            (
+                Kind::Configure,
+                r#"{"id":1,"method":"mining.configure","params":[["version-rolling"],{}]}"#,
+            ),
+            (
+                Kind::Subscribe,
+                r#"{"id":2,"method":"mining.subscribe","params":["cgminer/4"]}"#,
+            ),
+            (
+                Kind::Authorize,
+                r#"{"id":3,"method":"mining.authorize","params":["u.w","x"]}"#,
+            ),
+        ] {
+            assert_eq!(Kind::of(line.as_bytes()), Some(kind));
+            hs.keep(kind, line.as_bytes());
+        }
+        if xsub {
+            let l = br#"{"id":4,"method":"mining.extranonce.subscribe","params":[]}"#;
+            assert_eq!(Kind::of(l), Some(Kind::ExtranonceSubscribe));
+            hs.keep(Kind::ExtranonceSubscribe, l);
+        }
+        // Mid-handshake: no replay possible.
+        assert!(hs.replay().is_none());
+        assert!(matches!(
+            hs.downstream(&sub_reply(&json!(2), "aa01", "0a0b0c0d", 8)),
+            Down::Forward
+        ));
+        assert!(hs.replay().is_none());
+        let auth = br#"{"id":3,"result":true,"error":null}"#;
+        assert!(matches!(hs.downstream(auth), Down::Forward));
+        hs
+    }
+
+    #[test]
+    fn submits_are_not_handshake_lines() {
+        let l = br#"{"id":9,"method":"mining.submit","params":["mining.subscribe","1","00","00","00"]}"#;
+        assert_eq!(Kind::of(l), None);
+        assert_eq!(
+            Kind::of(br#"{"id":9,"method":"mining.suggest_difficulty","params":[8]}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn replay_resumes_and_swallows_its_replies() {
+        let mut hs = handshaken(true);
+        let lines = hs.replay().unwrap();
+        let vs: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        let methods: Vec<&str> = vs.iter().map(|v| v["method"].as_str().unwrap()).collect();
+        assert_eq!(
+            methods,
+            [
+                "mining.configure",
+                "mining.subscribe",
+                "mining.authorize",
+                "mining.extranonce.subscribe"
+            ]
+        );
+        assert_eq!(vs[1]["params"], json!(["cgminer/4", "aa01"]));
+        assert_eq!(vs[2]["params"], json!(["u.w", "x"]));
+        for v in &vs {
+            assert!(v["id"].as_str().unwrap().starts_with(REPLAY_ID), "{v}");
+        }
+        // Same extranonce: every reply swallowed.
+        let conf = json!({"id": vs[0]["id"], "result": {"version-rolling": true}, "error": null});
+        assert!(matches!(
+            hs.downstream(conf.to_string().as_bytes()),
+            Down::Consume
+        ));
+        assert!(matches!(
+            hs.downstream(&sub_reply(&vs[1]["id"], "bb02", "0a0b0c0d", 8)),
+            Down::Consume
+        ));
+        let auth = json!({"id": vs[2]["id"], "result": true, "error": null});
+        assert!(matches!(
+            hs.downstream(auth.to_string().as_bytes()),
+            Down::Consume
+        ));
+        // Notifies and ordinary replies pass.
+        assert!(matches!(
+            hs.downstream(br#"{"id":null,"method":"mining.notify","params":[]}"#),
+            Down::Forward
+        ));
+        // The next replay resumes the new session.
+        let again = hs.replay().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&again[1]).unwrap();
+        assert_eq!(v["params"], json!(["cgminer/4", "bb02"]));
+        // Another extranonce: set_extranonce to a subscribed miner.
+        match hs.downstream(&sub_reply(&v["id"], "cc03", "01020304", 4)) {
+            Down::Replace(l) => {
+                let l: serde_json::Value = serde_json::from_slice(&l).unwrap();
+                assert_eq!(l["method"], "mining.set_extranonce");
+                assert_eq!(l["params"], json!(["01020304", 4]));
+            }
+            _ => panic!("expected set_extranonce"),
+        }
+    }
+
+    #[test]
+    fn changed_extranonce_without_subscription_reconnects_and_refusals_close() {
+        let mut hs = handshaken(false);
+        let lines = hs.replay().unwrap();
+        assert_eq!(lines.len(), 3);
+        let id = json!(format!("{REPLAY_ID}subscribe"));
+        match hs.downstream(&sub_reply(&id, "dd04", "ffffffff", 8)) {
+            Down::Replace(l) => assert!(find(&l, b"client.reconnect")),
+            _ => panic!("expected client.reconnect"),
+        }
+        let auth = json!({"id": format!("{REPLAY_ID}authorize"), "result": false, "error": null});
+        assert!(matches!(
+            hs.downstream(auth.to_string().as_bytes()),
+            Down::Close
+        ));
+        let refused = json!({"id": id, "result": null, "error": [20, "no", null]});
+        assert!(matches!(
+            hs.downstream(refused.to_string().as_bytes()),
+            Down::Close
+        ));
+    }
+
+    #[test]
+    fn too_long_or_bad_lines_make_a_miner_unreplayable() {
+        let mut hs = Handshake::default();
+        let long = format!(
+            r#"{{"id":2,"method":"mining.subscribe","params":["{}"]}}"#,
+            "a".repeat(MAX_KEPT_LINE)
+        );
+        hs.keep(Kind::Subscribe, long.as_bytes());
+        assert!(hs.replay().is_none());
+        let mut hs = Handshake::default();
+        hs.keep(Kind::Authorize, b"not json \"mining.authorize\"");
+        assert!(hs.replay().is_none());
+        // Never subscribed: nothing to replay.
+        assert_eq!(Handshake::default().replay(), Some(Vec::new()));
+        // Awaiting ids stay bounded.
+        let mut hs = Handshake::default();
+        for i in 0..100 {
+            let l = format!(r#"{{"id":{i},"method":"mining.authorize","params":["u","x"]}}"#);
+            hs.keep(Kind::Authorize, l.as_bytes());
+        }
+        assert_eq!(hs.awaiting.len(), MAX_AWAITING);
+    }
+}
