@@ -563,3 +563,84 @@ fn passthrough_fails_over_to_the_next_upstream() {
     assert_eq!(r.error, None, "{r:?}");
     drop(direct);
 }
+
+#[test]
+fn passthrough_keeps_miners_through_an_upstream_outage() {
+    let Some(exe) = bitcoind_or_skip("passthrough_keeps_miners_through_an_upstream_outage") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let payout = node.new_address();
+    let (direct, link) = (free_port(), free_port());
+    let mut config = regtest_config(vec![btcd_entry(node)], Some(&payout), direct);
+    config["passthroughserver"] = json!([format!("127.0.0.1:{link}")]);
+    let pool = PoolProcess::start("pt-out-1", &config, &[]);
+    let port = free_port();
+    let pt = start_passthrough(
+        "pt-out-pt",
+        &[format!("127.0.0.1:{port}")],
+        &[SocketAddr::from(([127, 0, 0, 1], link))],
+    );
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cfg = MinerConfig::new(addr, "out.x");
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    cfg.extranonce_subscribe = true;
+    let mx = Miner::start(cfg).unwrap();
+    let mut raw = Client::connect(addr);
+    raw.login("out.raw");
+    wait_until("shares through the pool", WAIT, || {
+        mx.report().accepted >= 3
+    });
+
+    // The only upstream goes away: nothing is buffered, a request is answered with an error,
+    // and the miners stay connected.
+    drop(pool);
+    wait_stats(&pt, "the upstream to be down", WAIT, |s| {
+        s["upstream"]["state"] == "down"
+    });
+    raw.send(&json!({"id": 7, "method": "mining.submit",
+        "params": ["out.raw", "00", "00000000", "00000000", "00000000"]}));
+    let r = raw.reply(7);
+    assert_eq!(r["result"], false, "{r}");
+    assert_eq!(r["error"], json!([20, "Upstream down", null]), "{r}");
+    // Miners connecting now are closed at once, as ckpool does.
+    let mut late = Client::connect(addr);
+    assert!(
+        late.wait_closed(WAIT),
+        "a miner connecting while down is closed"
+    );
+
+    // The pool comes back (a new process on the same addresses): the link retries it and the
+    // miners' sessions are replayed there; the ckload miner's shares are accepted again.
+    let pool = PoolProcess::start("pt-out-2", &config, &[]);
+    wait_stats(
+        &pt,
+        "the upstream back with the miners replayed",
+        WAIT,
+        |s| s["upstream"]["state"] == "up" && s["replayed"] == 2,
+    );
+    let accepted = mx.report().accepted;
+    wait_until("shares accepted after the outage", WAIT, || {
+        mx.report().accepted >= accepted + 3
+    });
+    wait_stats(&pool, "the miners at the restarted pool", WAIT, |s| {
+        s["users"].get("out").is_some()
+    });
+    assert!(!mx.is_finished(), "the miner kept its connection");
+    assert!(
+        !raw.wait_closed(Duration::from_millis(300)),
+        "the raw miner kept its connection"
+    );
+    assert!(
+        !raw.seen.iter().any(|v| v["id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("ckrs.replay."))),
+        "a replayed request's reply reached the miner: {:?}",
+        raw.seen
+    );
+    let r = mx.stop();
+    assert_eq!(r.error, None, "{r:?}");
+}
