@@ -71,6 +71,8 @@ pub(crate) const MAX_INFLIGHT: usize = 8 << 20;
 pub(crate) const MAX_KEPT_LINE: usize = 4096;
 /// Unanswered handshake requests tracked per miner, at most.
 const MAX_AWAITING: usize = 4;
+/// How long after a replay its replies are looked for.
+const REPLAY_WINDOW: Duration = Duration::from_secs(60);
 /// Ids of replayed requests start with this (a miner never sees them).
 const REPLAY_ID: &str = "ckrs.replay.";
 /// Upstream events waiting for the router, at most.
@@ -208,6 +210,9 @@ struct Handshake {
     unreplayable: bool,
     /// Its subscribe/authorize requests not answered yet (their ids).
     awaiting: Vec<(serde_json::Value, Kind)>,
+    /// Until when replies to a replay may come (lines are searched for [`REPLAY_ID`] only
+    /// then, so a miner's notifies are not searched for long).
+    replay_until: Option<Instant>,
     /// From the subscribe reply the miner got (or the last `set_extranonce` we sent it).
     session: Option<String>,
     extranonce1: Option<String>,
@@ -266,13 +271,20 @@ impl Handshake {
 
     /// The lines to send up to re-establish the session, or `None` if that is impossible (a
     /// request still unanswered, a line not kept). Empty when it never subscribed.
+    #[cfg(test)]
     fn replay(&mut self) -> Option<Vec<Vec<u8>>> {
+        self.replay_at(Instant::now())
+    }
+
+    /// [`Handshake::replay`] at `now`.
+    fn replay_at(&mut self, now: Instant) -> Option<Vec<Vec<u8>>> {
         if self.unreplayable || !self.awaiting.is_empty() {
             return None;
         }
         let Some(sub) = self.subscribe.as_ref() else {
             return Some(Vec::new());
         };
+        self.replay_until = Some(now + REPLAY_WINDOW);
         let mut lines = Vec::with_capacity(4);
         let with_id = |v: &serde_json::Value, k: Kind| {
             let mut v = v.clone();
@@ -328,9 +340,23 @@ struct MinerSide {
 
 impl Handshake {
     /// What to do with `line` from the upstream for this miner.
+    #[cfg(test)]
     fn downstream(&mut self, line: &[u8]) -> Down {
+        self.downstream_at(line, Instant::now())
+    }
+
+    /// [`Handshake::downstream`] at `now`.
+    fn downstream_at(&mut self, line: &[u8], now: Instant) -> Down {
+        let replaying = match self.replay_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.replay_until = None;
+                false
+            }
+            None => false,
+        };
         // Cheap filters first: most lines (notifies, share verdicts) are for neither.
-        if self.awaiting.is_empty() && !find(line, REPLAY_ID.as_bytes()) {
+        if self.awaiting.is_empty() && !(replaying && find(line, REPLAY_ID.as_bytes())) {
             return Down::Forward;
         }
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
@@ -416,14 +442,14 @@ impl MinerSide {
     }
 
     /// Re-establishes the miner's session on the upstream of `epoch`; false if it was closed.
-    fn replay(&mut self, conn: ConnId, epoch: u64, out: &mut Outbox) -> bool {
+    fn replay(&mut self, conn: ConnId, epoch: u64, now: Instant, out: &mut Outbox) -> bool {
         let Some(m) = self.miners.get_mut(&conn) else {
             return false;
         };
         m.epoch = epoch;
         let lines = match m.hs.as_mut() {
             None => Some(Vec::new()),
-            Some(hs) => hs.replay(),
+            Some(hs) => hs.replay_at(now),
         };
         let Some(lines) = lines else {
             self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
@@ -498,7 +524,7 @@ impl connector::Handler for MinerSide {
         );
     }
 
-    fn on_line(&mut self, _now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
+    fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         if !self.miners.contains_key(&conn) {
             return;
         }
@@ -508,7 +534,8 @@ impl connector::Handler for MinerSide {
             return;
         }
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
-        if self.miners.get(&conn).is_some_and(|m| m.epoch < epoch) && !self.replay(conn, epoch, out)
+        if self.miners.get(&conn).is_some_and(|m| m.epoch < epoch)
+            && !self.replay(conn, epoch, now, out)
         {
             return;
         }
@@ -541,7 +568,7 @@ impl connector::Handler for MinerSide {
         });
     }
 
-    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Lines(lines, bytes) => {
                 for (conn, line) in lines {
@@ -551,7 +578,7 @@ impl connector::Handler for MinerSide {
                     match m
                         .hs
                         .as_mut()
-                        .map_or(Down::Forward, |hs| hs.downstream(&line))
+                        .map_or(Down::Forward, |hs| hs.downstream_at(&line, now))
                     {
                         Down::Forward => out.send(conn, line),
                         Down::Consume => {}
@@ -587,7 +614,7 @@ impl connector::Handler for MinerSide {
                     .map(|(c, _)| *c)
                     .collect();
                 for conn in stale {
-                    self.replay(conn, epoch, out);
+                    self.replay(conn, epoch, now, out);
                 }
             }
         }
@@ -1060,6 +1087,21 @@ mod tests {
             hs.downstream(refused.to_string().as_bytes()),
             Down::Close
         ));
+    }
+
+    #[test]
+    fn replay_ids_are_looked_for_only_for_a_while() {
+        let mut hs = handshaken(false);
+        let t = Instant::now();
+        assert_eq!(hs.replay_at(t).unwrap().len(), 3);
+        let conf = json!({"id": format!("{REPLAY_ID}configure"), "result": true, "error": null});
+        let conf = conf.to_string().into_bytes();
+        assert!(matches!(hs.downstream_at(&conf, t), Down::Consume));
+        assert!(matches!(
+            hs.downstream_at(&conf, t + REPLAY_WINDOW),
+            Down::Forward
+        ));
+        assert_eq!(hs.replay_until, None);
     }
 
     #[test]
