@@ -478,24 +478,169 @@ fn passthrough_fails_over_to_the_next_upstream() {
     let s = wait_upstream_up(&pt);
     assert_eq!(s["upstream"]["index"], 0, "{s}");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let m = miner(addr, "fo.1");
-    wait_until("shares through the first upstream", WAIT, || {
-        m.report().accepted >= 3
-    });
 
-    // The first upstream goes away: its miners are dropped (as ckpool does), the link moves to
-    // the second entry, and miners mine there.
-    drop(first);
-    wait_stats(&pt, "the second upstream to be active", WAIT, |s| {
-        s["upstream"]["state"] == "up" && s["upstream"]["index"] == 1
+    // A pool's extranonce1s follow a sequence seeded with its start second, and both pools may
+    // have started in the same second: three direct sessions at the second pool make sure the
+    // replayed miners get other extranonce1s there than they had at the first.
+    let direct: Vec<Client> = (0..3)
+        .map(|i| {
+            let mut c = Client::connect(second.addr);
+            c.login(&format!("direct.{i}"));
+            c
+        })
+        .collect();
+
+    // A mining miner that subscribed to extranonce changes, and two raw ones: one with
+    // mining.extranonce.subscribe, one without.
+    let mut cfg = MinerConfig::new(addr, "fo.x");
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    cfg.extranonce_subscribe = true;
+    let (mx, mx_events) = Miner::start_with_events(cfg).unwrap();
+    let mut xsub = Client::connect(addr);
+    let (x_en1, x_n2) = xsub.login("fo.rx");
+    xsub.send(&json!({"id": 3, "method": "mining.extranonce.subscribe", "params": []}));
+    let mut plain = Client::connect(addr);
+    plain.login("fo.rp");
+    wait_until("shares through the first upstream", WAIT, || {
+        mx.report().accepted >= 3
     });
-    wait_until("the old miner to be dropped", WAIT, || m.is_finished());
-    let m2 = miner(addr, "fo.2");
-    wait_until("shares through the second upstream", WAIT, || {
-        m2.report().accepted >= 3
-    });
-    wait_stats(&second, "the miner at the second pool", WAIT, |s| {
+    let mx_en1 = mx.report().extranonce1.unwrap();
+    wait_stats(&first, "the miners at the first pool", WAIT, |s| {
         s["users"].get("fo").is_some()
     });
-    let _ = (m.stop(), m2.stop());
+
+    // The first upstream goes away: the link moves to the second entry and every live miner's
+    // session is replayed there; no miner's connection to the passthrough ends.
+    drop(first);
+    wait_stats(&pt, "the second upstream to be active", WAIT, |s| {
+        s["upstream"]["state"] == "up" && s["upstream"]["index"] == 1 && s["replayed"] == 3
+    });
+    let accepted = mx.report().accepted;
+    wait_until("shares accepted through the second upstream", WAIT, || {
+        mx.report().accepted >= accepted + 3
+    });
+    wait_stats(&second, "the miners at the second pool", WAIT, |s| {
+        s["users"].get("fo").is_some()
+    });
+    assert!(!mx.is_finished(), "the miner kept its connection");
+    assert!(
+        !mx_events
+            .try_iter()
+            .any(|e| e == loadtest::MinerEvent::Disconnected),
+        "the miner kept its connection"
+    );
+    // The second pool handed out other extranonce1s: the subscribed miners are told with
+    // mining.set_extranonce, the other is asked to reconnect; replies to the replayed requests
+    // never reach them.
+    let set = xsub.wait_for("mining.set_extranonce", WAIT, |v| {
+        v["method"] == "mining.set_extranonce"
+    });
+    assert_ne!(set["params"][0], x_en1, "{set}");
+    assert_eq!(set["params"][1], x_n2, "{set}");
+    let new_mx_en1 = mx.report().extranonce1.unwrap();
+    assert_ne!(new_mx_en1, mx_en1, "the miner got mining.set_extranonce");
+    let reconnect = plain.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(reconnect["params"], json!([]), "{reconnect}");
+    for c in [&xsub, &plain] {
+        assert!(
+            !c.seen.iter().any(|v| v["id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("ckrs.replay."))),
+            "a replayed request's reply reached a miner: {:?}",
+            c.seen
+        );
+    }
+    assert!(
+        !xsub.wait_closed(Duration::from_millis(300))
+            && !plain.wait_closed(Duration::from_millis(300)),
+        "raw miners kept their connections"
+    );
+    assert!(!mx.is_finished(), "the miner kept its connection");
+    let r = mx.stop();
+    assert_eq!(r.error, None, "{r:?}");
+    drop(direct);
+}
+
+#[test]
+fn passthrough_keeps_miners_through_an_upstream_outage() {
+    let Some(exe) = bitcoind_or_skip("passthrough_keeps_miners_through_an_upstream_outage") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let payout = node.new_address();
+    let (direct, link) = (free_port(), free_port());
+    let mut config = regtest_config(vec![btcd_entry(node)], Some(&payout), direct);
+    config["passthroughserver"] = json!([format!("127.0.0.1:{link}")]);
+    let pool = PoolProcess::start("pt-out-1", &config, &[]);
+    let port = free_port();
+    let pt = start_passthrough(
+        "pt-out-pt",
+        &[format!("127.0.0.1:{port}")],
+        &[SocketAddr::from(([127, 0, 0, 1], link))],
+    );
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut cfg = MinerConfig::new(addr, "out.x");
+    cfg.duration = Some(Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    cfg.extranonce_subscribe = true;
+    let mx = Miner::start(cfg).unwrap();
+    let mut raw = Client::connect(addr);
+    raw.login("out.raw");
+    wait_until("shares through the pool", WAIT, || {
+        mx.report().accepted >= 3
+    });
+
+    // The only upstream goes away: nothing is buffered, a request is answered with an error,
+    // and the miners stay connected.
+    drop(pool);
+    wait_stats(&pt, "the upstream to be down", WAIT, |s| {
+        s["upstream"]["state"] == "down"
+    });
+    raw.send(&json!({"id": 7, "method": "mining.submit",
+        "params": ["out.raw", "00", "00000000", "00000000", "00000000"]}));
+    let r = raw.reply(7);
+    assert_eq!(r["result"], false, "{r}");
+    assert_eq!(r["error"], json!([20, "Upstream down", null]), "{r}");
+    // Miners connecting now are closed at once, as ckpool does.
+    let mut late = Client::connect(addr);
+    assert!(
+        late.wait_closed(WAIT),
+        "a miner connecting while down is closed"
+    );
+
+    // The pool comes back (a new process on the same addresses): the link retries it and the
+    // miners' sessions are replayed there; the ckload miner's shares are accepted again.
+    let pool = PoolProcess::start("pt-out-2", &config, &[]);
+    wait_stats(
+        &pt,
+        "the upstream back with the miners replayed",
+        WAIT,
+        |s| s["upstream"]["state"] == "up" && s["replayed"] == 2,
+    );
+    let accepted = mx.report().accepted;
+    wait_until("shares accepted after the outage", WAIT, || {
+        mx.report().accepted >= accepted + 3
+    });
+    wait_stats(&pool, "the miners at the restarted pool", WAIT, |s| {
+        s["users"].get("out").is_some()
+    });
+    assert!(!mx.is_finished(), "the miner kept its connection");
+    assert!(
+        !raw.wait_closed(Duration::from_millis(300)),
+        "the raw miner kept its connection"
+    );
+    assert!(
+        !raw.seen.iter().any(|v| v["id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("ckrs.replay."))),
+        "a replayed request's reply reached the miner: {:?}",
+        raw.seen
+    );
+    let r = mx.stop();
+    assert_eq!(r.error, None, "{r:?}");
 }

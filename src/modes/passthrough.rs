@@ -18,11 +18,23 @@
 //!   that miner. Towards miners, the router stops taking upstream events while a connector
 //!   thread has more than [`MAX_INFLIGHT`] bytes from it not yet queued on its sockets, which
 //!   in turn stops the link reading from the upstream. Memory stays bounded both ways.
-//! * Upstream loss: as ckpool, every miner is dropped (their sessions lived on that upstream),
-//!   and miners that connect while no upstream is up are closed at once; the link connects to
-//!   the next `proxy` entry by itself and fails back to better ones (a switch drops the
-//!   miners of the old upstream too). Replaying miners' sessions onto the new upstream is not
-//!   done.
+//! * Upstream loss (ckpool drops every miner; we keep them, see [`Handshake`]): each miner's
+//!   last `mining.configure`, `mining.subscribe`, `mining.authorize` (and whether it sent
+//!   `mining.extranonce.subscribe`) are kept, at most [`MAX_KEPT_LINE`] bytes each, with the
+//!   session id and extranonce its subscribe reply gave. When the link comes up on another
+//!   `proxy` entry (failover, or fail-back to a better one) every live miner is replayed
+//!   there: configure, subscribe with its session id as `params[1]` (to resume), authorize,
+//!   extranonce.subscribe, with ids of our own whose replies the passthrough consumes. If the
+//!   new subscribe reply gives another extranonce1 or extranonce2 size, the miner gets
+//!   `mining.set_extranonce` when it subscribed to it, else `client.reconnect`. A miner that
+//!   was mid-handshake (a subscribe or authorize unanswered) when the upstream went, or whose
+//!   replayed subscribe/authorize is refused, is closed (it reconnects). The replay happens
+//!   on the miner's connector thread when the router tells it the link is up, or earlier if
+//!   the miner sends a line first, so its lines never reach the new upstream before its
+//!   session does. While no upstream is up, a miner's request with an id is answered with
+//!   the stratum error `[20,"Upstream down",null]` (submits with `"result":false`) and other
+//!   lines are dropped: nothing is buffered. Miners that connect while no upstream is up are
+//!   closed at once, as ckpool.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
 //!   connector counters), `loglevel=N`, `shutdown`.
 
@@ -54,6 +66,15 @@ use crate::settings::{ConfigError, Settings};
 pub(crate) const UPSTREAM_BLOCK: Duration = Duration::from_secs(2);
 /// Bytes routed to one connector thread and not yet queued on its sockets, at most.
 pub(crate) const MAX_INFLIGHT: usize = 8 << 20;
+/// A kept handshake line longer than this is not kept (the miner cannot be replayed and is
+/// closed on failover).
+pub(crate) const MAX_KEPT_LINE: usize = 4096;
+/// Unanswered handshake requests tracked per miner, at most.
+const MAX_AWAITING: usize = 4;
+/// How long after a replay its replies are looked for.
+const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+/// Ids of replayed requests start with this (a miner never sees them).
+const REPLAY_ID: &str = "ckrs.replay.";
 /// Upstream events waiting for the router, at most.
 const EVENTS: usize = 4096;
 /// Events the router handles before it sends what it has.
@@ -81,6 +102,12 @@ struct Shared {
     ignored_commands: AtomicU64,
     dropclients: AtomicU64,
     dropped_slow_upstream: AtomicU64,
+    /// Miners re-established on a new upstream.
+    replayed: AtomicU64,
+    /// Miners closed because they could not be re-established.
+    replay_closed: AtomicU64,
+    /// Miner lines that came while no upstream was up (answered with an error or dropped).
+    rejected_down: AtomicU64,
 }
 
 impl Shared {
@@ -113,15 +140,194 @@ enum Msg {
     Lines(Vec<(ConnId, Vec<u8>)>, usize),
     /// Close this miner (the upstream sent `dropclient`).
     Drop(ConnId),
-    /// The upstream went down or was switched: close every miner opened before this epoch.
-    DropAll(u64),
+    /// The link is up on a (new) upstream since this epoch: replay every miner older than it.
+    Replay(u64),
 }
 
 struct Miner {
     client_id: u32,
+    /// The upstream epoch its session lives in (older than the current one: replay it).
     epoch: u64,
     address: Arc<str>,
     server: u64,
+    /// What a replay needs; `None` until it sends a handshake line.
+    hs: Option<Box<Handshake>>,
+}
+
+/// Which handshake request a line is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Configure,
+    Subscribe,
+    Authorize,
+    ExtranonceSubscribe,
+}
+
+impl Kind {
+    /// The kind of a miner's line, from a cheap look at its bytes (submits match none).
+    fn of(line: &[u8]) -> Option<Self> {
+        if find(line, b"\"mining.submit\"") {
+            return None;
+        }
+        [
+            (
+                b"\"mining.extranonce.subscribe\"".as_slice(),
+                Self::ExtranonceSubscribe,
+            ),
+            (b"\"mining.subscribe\"", Self::Subscribe),
+            (b"\"mining.authorize\"", Self::Authorize),
+            (b"\"mining.configure\"", Self::Configure),
+        ]
+        .into_iter()
+        .find(|(pat, _)| find(line, pat))
+        .map(|(_, k)| k)
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Configure => "configure",
+            Self::Subscribe => "subscribe",
+            Self::Authorize => "authorize",
+            Self::ExtranonceSubscribe => "xsubscribe",
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A miner's handshake, kept to replay it on another upstream. Bounded: one line of each kind
+/// (the last), each at most [`MAX_KEPT_LINE`] bytes, and at most [`MAX_AWAITING`] ids.
+#[derive(Default)]
+struct Handshake {
+    configure: Option<serde_json::Value>,
+    subscribe: Option<serde_json::Value>,
+    authorize: Option<serde_json::Value>,
+    /// It sent `mining.extranonce.subscribe`.
+    xsub: bool,
+    /// A kept line was too long or not JSON: it cannot be replayed.
+    unreplayable: bool,
+    /// Its subscribe/authorize requests not answered yet (their ids).
+    awaiting: Vec<(serde_json::Value, Kind)>,
+    /// Until when replies to a replay may come (lines are searched for [`REPLAY_ID`] only
+    /// then, so a miner's notifies are not searched for long).
+    replay_until: Option<Instant>,
+    /// From the subscribe reply the miner got (or the last `set_extranonce` we sent it).
+    session: Option<String>,
+    extranonce1: Option<String>,
+    nonce2_len: Option<u64>,
+}
+
+impl Handshake {
+    /// Notes a handshake line the miner sent.
+    fn keep(&mut self, kind: Kind, line: &[u8]) {
+        let v = (line.len() <= MAX_KEPT_LINE)
+            .then(|| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .flatten()
+            .filter(serde_json::Value::is_object);
+        let Some(v) = v else {
+            if kind != Kind::ExtranonceSubscribe {
+                self.unreplayable = true;
+            }
+            return;
+        };
+        // Only these make a replay impossible while unanswered (a ckpool upstream never
+        // answers mining.extranonce.subscribe).
+        let answered = matches!(kind, Kind::Subscribe | Kind::Authorize);
+        if let Some(id) = v.get("id").filter(|id| answered && !id.is_null()) {
+            if self.awaiting.len() >= MAX_AWAITING {
+                self.awaiting.remove(0);
+            }
+            self.awaiting.push((id.clone(), kind));
+        }
+        match kind {
+            Kind::Configure => self.configure = Some(v),
+            Kind::Subscribe => self.subscribe = Some(v),
+            Kind::Authorize => self.authorize = Some(v),
+            Kind::ExtranonceSubscribe => self.xsub = true,
+        }
+    }
+
+    /// Reads the subscribe reply `r`: session id, extranonce1, extranonce2 size.
+    fn subscribed(&mut self, r: &serde_json::Value) -> Option<(String, u64)> {
+        let res = r.get("result")?;
+        let en1 = res.get(1)?.as_str()?.to_owned();
+        let n2 = res.get(2)?.as_u64()?;
+        let session = res
+            .get(0)
+            .and_then(serde_json::Value::as_array)
+            .and_then(|subs| {
+                subs.iter().find_map(|s| {
+                    (s.get(0)?.as_str()? == "mining.notify")
+                        .then(|| s.get(1)?.as_str().map(str::to_owned))
+                        .flatten()
+                })
+            })
+            .unwrap_or_else(|| en1.clone());
+        self.session = Some(session);
+        Some((en1, n2))
+    }
+
+    /// The lines to send up to re-establish the session, or `None` if that is impossible (a
+    /// request still unanswered, a line not kept). Empty when it never subscribed.
+    #[cfg(test)]
+    fn replay(&mut self) -> Option<Vec<Vec<u8>>> {
+        self.replay_at(Instant::now())
+    }
+
+    /// [`Handshake::replay`] at `now`.
+    fn replay_at(&mut self, now: Instant) -> Option<Vec<Vec<u8>>> {
+        if self.unreplayable || !self.awaiting.is_empty() {
+            return None;
+        }
+        let Some(sub) = self.subscribe.as_ref() else {
+            return Some(Vec::new());
+        };
+        self.replay_until = Some(now + REPLAY_WINDOW);
+        let mut lines = Vec::with_capacity(4);
+        let with_id = |v: &serde_json::Value, k: Kind| {
+            let mut v = v.clone();
+            v["id"] = json!(format!("{REPLAY_ID}{}", k.tag()));
+            v
+        };
+        if let Some(c) = &self.configure {
+            lines.push(with_id(c, Kind::Configure));
+        }
+        let mut s = with_id(sub, Kind::Subscribe);
+        let agent = s
+            .get("params")
+            .and_then(|p| p.get(0))
+            .cloned()
+            .unwrap_or_else(|| json!(""));
+        s["params"] = match &self.session {
+            Some(sid) => json!([agent, sid]),
+            None => json!([agent]),
+        };
+        lines.push(s);
+        if let Some(a) = &self.authorize {
+            lines.push(with_id(a, Kind::Authorize));
+        }
+        if self.xsub {
+            lines.push(
+                json!({"id": format!("{REPLAY_ID}{}", Kind::ExtranonceSubscribe.tag()),
+                "method": "mining.extranonce.subscribe", "params": []}),
+            );
+        }
+        Some(lines.iter().map(|v| v.to_string().into_bytes()).collect())
+    }
+}
+
+/// What to do with a line from the upstream for a miner with a handshake.
+enum Down {
+    /// Pass it on.
+    Forward,
+    /// A reply to a replay: swallow it.
+    Consume,
+    /// Swallow it and send the miner this instead.
+    Replace(Vec<u8>),
+    /// The replayed session was refused: close the miner.
+    Close,
 }
 
 /// A connector thread's side: its miners and the link.
@@ -130,6 +336,163 @@ struct MinerSide {
     link: Arc<PassthroughLink>,
     shared: Arc<Shared>,
     miners: HashMap<ConnId, Miner>,
+}
+
+impl Handshake {
+    /// What to do with `line` from the upstream for this miner.
+    #[cfg(test)]
+    fn downstream(&mut self, line: &[u8]) -> Down {
+        self.downstream_at(line, Instant::now())
+    }
+
+    /// [`Handshake::downstream`] at `now`.
+    fn downstream_at(&mut self, line: &[u8], now: Instant) -> Down {
+        let replaying = match self.replay_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.replay_until = None;
+                false
+            }
+            None => false,
+        };
+        // Cheap filters first: most lines (notifies, share verdicts) are for neither.
+        if self.awaiting.is_empty() && !(replaying && find(line, REPLAY_ID.as_bytes())) {
+            return Down::Forward;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return Down::Forward;
+        };
+        let Some(id) = v.get("id").filter(|id| !id.is_null()) else {
+            return Down::Forward;
+        };
+        if let Some(tag) = id.as_str().and_then(|i| i.strip_prefix(REPLAY_ID)) {
+            let refused = v.get("error").is_some_and(|e| !e.is_null());
+            return match tag {
+                "subscribe" => {
+                    let before = (self.extranonce1.clone(), self.nonce2_len);
+                    let Some((en1, n2)) = (!refused).then(|| self.subscribed(&v)).flatten() else {
+                        return Down::Close;
+                    };
+                    let same = before == (Some(en1.clone()), Some(n2));
+                    self.extranonce1 = Some(en1.clone());
+                    self.nonce2_len = Some(n2);
+                    if same {
+                        Down::Consume
+                    } else if self.xsub {
+                        let mut l = json!({"id": null, "method": "mining.set_extranonce",
+                            "params": [en1, n2]})
+                        .to_string()
+                        .into_bytes();
+                        l.push(b'\n');
+                        Down::Replace(l)
+                    } else {
+                        Down::Replace(
+                            b"{\"id\":null,\"method\":\"client.reconnect\",\"params\":[]}\n"
+                                .to_vec(),
+                        )
+                    }
+                }
+                "authorize" if refused || v.get("result") != Some(&json!(true)) => Down::Close,
+                _ => Down::Consume,
+            };
+        }
+        if let Some(i) = self.awaiting.iter().position(|(a, _)| a == id) {
+            let (_, kind) = self.awaiting.remove(i);
+            if kind == Kind::Subscribe
+                && let Some((en1, n2)) = self.subscribed(&v)
+            {
+                self.extranonce1 = Some(en1);
+                self.nonce2_len = Some(n2);
+            }
+        }
+        Down::Forward
+    }
+}
+
+impl MinerSide {
+    fn up(&self) -> bool {
+        self.shared.state.load(Ordering::SeqCst) == UP
+    }
+
+    /// Queues `cmd` for the upstream, waiting up to [`UPSTREAM_BLOCK`]; closes the miner and
+    /// returns false if it cannot.
+    fn send_up(&self, mut cmd: MinerLine, conn: ConnId, out: &mut Outbox) -> bool {
+        let until = Instant::now() + UPSTREAM_BLOCK;
+        loop {
+            match self.link.send(cmd) {
+                Ok(()) => {
+                    self.shared.lines_up.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(SendError::Full(back)) if Instant::now() < until => cmd = back,
+                Err(SendError::Full(_)) => {
+                    self.shared
+                        .dropped_slow_upstream
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(%conn, "upstream not reading; miner dropped");
+                    out.close(conn);
+                    return false;
+                }
+                Err(SendError::Closed(_)) => {
+                    out.close(conn);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Re-establishes the miner's session on the upstream of `epoch`; false if it was closed.
+    fn replay(&mut self, conn: ConnId, epoch: u64, now: Instant, out: &mut Outbox) -> bool {
+        let Some(m) = self.miners.get_mut(&conn) else {
+            return false;
+        };
+        m.epoch = epoch;
+        let lines = match m.hs.as_mut() {
+            None => Some(Vec::new()),
+            Some(hs) => hs.replay_at(now),
+        };
+        let Some(lines) = lines else {
+            self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+            info!(%conn, "miner cannot be replayed on the new upstream (mid-handshake); closed");
+            out.close(conn);
+            return false;
+        };
+        if lines.is_empty() {
+            return true;
+        }
+        let (client_id, address, server) =
+            (u64::from(m.client_id), Arc::clone(&m.address), m.server);
+        for line in lines {
+            let cmd = MinerLine::Line {
+                client_id,
+                address: Arc::clone(&address),
+                server,
+                line,
+            };
+            if !self.send_up(cmd, conn, out) {
+                return false;
+            }
+        }
+        self.shared.replayed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Answers a miner's request while no upstream is up: `[20,"Upstream down",null]`.
+fn reject_down(line: &[u8], conn: ConnId, out: &mut Outbox) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return;
+    };
+    let Some(id) = v.get("id").filter(|id| !id.is_null()) else {
+        return;
+    };
+    let submit = v.get("method").and_then(serde_json::Value::as_str) == Some("mining.submit");
+    let result = if submit { json!(false) } else { json!(null) };
+    let mut r = json!({"id": id, "result": result, "error": [20, "Upstream down", null]})
+        .to_string()
+        .into_bytes();
+    r.push(b'\n');
+    out.send(conn, r);
 }
 
 impl connector::Handler for MinerSide {
@@ -143,7 +506,7 @@ impl connector::Handler for MinerSide {
         listener: usize,
         out: &mut Outbox,
     ) {
-        if self.shared.state.load(Ordering::Relaxed) != UP {
+        if !self.up() {
             debug!(%conn, %peer, "no upstream; miner closed");
             out.close(conn);
             return;
@@ -153,45 +516,42 @@ impl connector::Handler for MinerSide {
             conn,
             Miner {
                 client_id,
-                epoch: self.shared.epoch.load(Ordering::Relaxed),
+                epoch: self.shared.epoch.load(Ordering::SeqCst),
                 address: Arc::from(peer.ip().to_string()),
                 server: u64::try_from(listener).unwrap_or(0),
+                hs: None,
             },
         );
     }
 
-    fn on_line(&mut self, _now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
-        let Some(m) = self.miners.get(&conn) else {
+    fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
+        if !self.miners.contains_key(&conn) {
+            return;
+        }
+        if !self.up() {
+            self.shared.rejected_down.fetch_add(1, Ordering::Relaxed);
+            reject_down(line, conn, out);
+            return;
+        }
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        if self.miners.get(&conn).is_some_and(|m| m.epoch < epoch)
+            && !self.replay(conn, epoch, now, out)
+        {
+            return;
+        }
+        let Some(m) = self.miners.get_mut(&conn) else {
             return;
         };
-        let mut cmd = MinerLine::Line {
+        if let Some(kind) = Kind::of(line) {
+            m.hs.get_or_insert_default().keep(kind, line);
+        }
+        let cmd = MinerLine::Line {
             client_id: u64::from(m.client_id),
             address: Arc::clone(&m.address),
             server: m.server,
             line: line.to_vec(),
         };
-        let until = Instant::now() + UPSTREAM_BLOCK;
-        loop {
-            match self.link.send(cmd) {
-                Ok(()) => {
-                    self.shared.lines_up.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                Err(SendError::Full(back)) if Instant::now() < until => cmd = back,
-                Err(SendError::Full(_)) => {
-                    self.shared
-                        .dropped_slow_upstream
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(%conn, "upstream not reading; miner dropped");
-                    out.close(conn);
-                    return;
-                }
-                Err(SendError::Closed(_)) => {
-                    out.close(conn);
-                    return;
-                }
-            }
-        }
+        self.send_up(cmd, conn, out);
     }
 
     fn on_close(&mut self, _now: Instant, conn: ConnId, _reason: CloseReason) {
@@ -208,12 +568,29 @@ impl connector::Handler for MinerSide {
         });
     }
 
-    fn on_msg(&mut self, _now: Instant, msg: Msg, out: &mut Outbox) {
+    fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Lines(lines, bytes) => {
                 for (conn, line) in lines {
-                    if self.miners.contains_key(&conn) {
-                        out.send(conn, line);
+                    let Some(m) = self.miners.get_mut(&conn) else {
+                        continue;
+                    };
+                    match m
+                        .hs
+                        .as_mut()
+                        .map_or(Down::Forward, |hs| hs.downstream_at(&line, now))
+                    {
+                        Down::Forward => out.send(conn, line),
+                        Down::Consume => {}
+                        Down::Replace(l) => {
+                            info!(%conn, "miner's extranonce changed on the new upstream");
+                            out.send(conn, l);
+                        }
+                        Down::Close => {
+                            self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+                            info!(%conn, "new upstream refused the miner's replayed session; closed");
+                            out.close(conn);
+                        }
                     }
                 }
                 if let Some(f) = self.shared.inflight.get(self.thread) {
@@ -225,11 +602,19 @@ impl connector::Handler for MinerSide {
                     out.close(conn);
                 }
             }
-            Msg::DropAll(epoch) => {
-                for (conn, m) in &self.miners {
-                    if m.epoch < epoch {
-                        out.close(*conn);
-                    }
+            Msg::Replay(epoch) => {
+                if !self.up() || self.shared.epoch.load(Ordering::SeqCst) != epoch {
+                    // Down again, or a newer switch whose own message follows.
+                    return;
+                }
+                let stale: Vec<ConnId> = self
+                    .miners
+                    .iter()
+                    .filter(|(_, m)| m.epoch < epoch)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for conn in stale {
+                    self.replay(conn, epoch, now, out);
                 }
             }
         }
@@ -277,6 +662,9 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         ignored_commands: AtomicU64::new(0),
         dropclients: AtomicU64::new(0),
         dropped_slow_upstream: AtomicU64::new(0),
+        replayed: AtomicU64::new(0),
+        replay_closed: AtomicU64::new(0),
+        rejected_down: AtomicU64::new(0),
     });
     let conns = {
         let (link, shared) = (Arc::clone(&link), Arc::clone(&shared));
@@ -435,29 +823,33 @@ fn handle_event(
         },
         PassthroughEvent::Up { index, url } => {
             // A switch to a better upstream (fail-back) comes without a `Down` for the old one.
-            let switched = shared.state.load(Ordering::Relaxed) == UP;
-            let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            // The epoch is bumped before the state says up, so a miner opened once it reads
+            // "up" gets the new epoch.
+            let switched = shared.state.load(Ordering::SeqCst) == UP;
+            let epoch = shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
             shared.active.store(index, Ordering::Relaxed);
-            shared.state.store(UP, Ordering::Relaxed);
+            shared.state.store(UP, Ordering::SeqCst);
             if switched {
                 warn!(
                     index,
-                    url,
-                    "upstream switched; dropping the old one's miners (their sessions were there)"
+                    url, "upstream switched; replaying every miner's session there"
                 );
-                conns.broadcast(Msg::DropAll(epoch));
             } else {
-                info!(index, url, "upstream up");
+                info!(
+                    index,
+                    url, "upstream up; replaying live miners' sessions there"
+                );
             }
+            conns.broadcast(Msg::Replay(epoch));
         }
         PassthroughEvent::Down { index, reason } => {
-            shared.state.store(DOWN, Ordering::Relaxed);
-            let epoch = shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            shared.state.store(DOWN, Ordering::SeqCst);
+            shared.epoch.fetch_add(1, Ordering::SeqCst);
             warn!(
                 index,
-                reason, "upstream down; dropping every miner (their sessions were there)"
+                reason,
+                "upstream down; miners kept, their requests answered with an error until it is back"
             );
-            conns.broadcast(Msg::DropAll(epoch));
         }
         PassthroughEvent::Failed { index, reason } => {
             warn!(index, reason, "upstream connection failed");
@@ -493,6 +885,9 @@ fn stats_json(
         "dropclients": shared.dropclients.load(Ordering::Relaxed),
         "ignored_commands": shared.ignored_commands.load(Ordering::Relaxed),
         "dropped_slow_upstream": shared.dropped_slow_upstream.load(Ordering::Relaxed),
+        "replayed": shared.replayed.load(Ordering::Relaxed),
+        "replay_closed": shared.replay_closed.load(Ordering::Relaxed),
+        "rejected_down": shared.rejected_down.load(Ordering::Relaxed),
         "log_dropped": crate::logging::dropped(),
     })
 }
@@ -553,4 +948,182 @@ fn serve_admin(
         _ => b"unknown".to_vec(),
     };
     common::admin::write_message(&mut stream, &reply)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
+
+    use super::*;
+
+    fn sub_reply(id: &serde_json::Value, sid: &str, en1: &str, n2: u64) -> Vec<u8> {
+        json!({"id": id, "result": [[["mining.notify", sid]], en1, n2], "error": null})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// A miner that configured, subscribed, authorised and subscribed to extranonce changes.
+    fn handshaken(xsub: bool) -> Handshake {
+        let mut hs = Handshake::default();
+        for (kind, line) in [
+            (
+                Kind::Configure,
+                r#"{"id":1,"method":"mining.configure","params":[["version-rolling"],{}]}"#,
+            ),
+            (
+                Kind::Subscribe,
+                r#"{"id":2,"method":"mining.subscribe","params":["cgminer/4"]}"#,
+            ),
+            (
+                Kind::Authorize,
+                r#"{"id":3,"method":"mining.authorize","params":["u.w","x"]}"#,
+            ),
+        ] {
+            assert_eq!(Kind::of(line.as_bytes()), Some(kind));
+            hs.keep(kind, line.as_bytes());
+        }
+        if xsub {
+            let l = br#"{"id":4,"method":"mining.extranonce.subscribe","params":[]}"#;
+            assert_eq!(Kind::of(l), Some(Kind::ExtranonceSubscribe));
+            hs.keep(Kind::ExtranonceSubscribe, l);
+        }
+        // Mid-handshake: no replay possible.
+        assert!(hs.replay().is_none());
+        assert!(matches!(
+            hs.downstream(&sub_reply(&json!(2), "aa01", "0a0b0c0d", 8)),
+            Down::Forward
+        ));
+        assert!(hs.replay().is_none());
+        let auth = br#"{"id":3,"result":true,"error":null}"#;
+        assert!(matches!(hs.downstream(auth), Down::Forward));
+        hs
+    }
+
+    #[test]
+    fn submits_are_not_handshake_lines() {
+        let l = br#"{"id":9,"method":"mining.submit","params":["mining.subscribe","1","00","00","00"]}"#;
+        assert_eq!(Kind::of(l), None);
+        assert_eq!(
+            Kind::of(br#"{"id":9,"method":"mining.suggest_difficulty","params":[8]}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn replay_resumes_and_swallows_its_replies() {
+        let mut hs = handshaken(true);
+        let lines = hs.replay().unwrap();
+        let vs: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        let methods: Vec<&str> = vs.iter().map(|v| v["method"].as_str().unwrap()).collect();
+        assert_eq!(
+            methods,
+            [
+                "mining.configure",
+                "mining.subscribe",
+                "mining.authorize",
+                "mining.extranonce.subscribe"
+            ]
+        );
+        assert_eq!(vs[1]["params"], json!(["cgminer/4", "aa01"]));
+        assert_eq!(vs[2]["params"], json!(["u.w", "x"]));
+        for v in &vs {
+            assert!(v["id"].as_str().unwrap().starts_with(REPLAY_ID), "{v}");
+        }
+        // Same extranonce: every reply swallowed.
+        let conf = json!({"id": vs[0]["id"], "result": {"version-rolling": true}, "error": null});
+        assert!(matches!(
+            hs.downstream(conf.to_string().as_bytes()),
+            Down::Consume
+        ));
+        assert!(matches!(
+            hs.downstream(&sub_reply(&vs[1]["id"], "bb02", "0a0b0c0d", 8)),
+            Down::Consume
+        ));
+        let auth = json!({"id": vs[2]["id"], "result": true, "error": null});
+        assert!(matches!(
+            hs.downstream(auth.to_string().as_bytes()),
+            Down::Consume
+        ));
+        // Notifies and ordinary replies pass.
+        assert!(matches!(
+            hs.downstream(br#"{"id":null,"method":"mining.notify","params":[]}"#),
+            Down::Forward
+        ));
+        // The next replay resumes the new session.
+        let again = hs.replay().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&again[1]).unwrap();
+        assert_eq!(v["params"], json!(["cgminer/4", "bb02"]));
+        // Another extranonce: set_extranonce to a subscribed miner.
+        match hs.downstream(&sub_reply(&v["id"], "cc03", "01020304", 4)) {
+            Down::Replace(l) => {
+                let l: serde_json::Value = serde_json::from_slice(&l).unwrap();
+                assert_eq!(l["method"], "mining.set_extranonce");
+                assert_eq!(l["params"], json!(["01020304", 4]));
+            }
+            _ => panic!("expected set_extranonce"),
+        }
+    }
+
+    #[test]
+    fn changed_extranonce_without_subscription_reconnects_and_refusals_close() {
+        let mut hs = handshaken(false);
+        let lines = hs.replay().unwrap();
+        assert_eq!(lines.len(), 3);
+        let id = json!(format!("{REPLAY_ID}subscribe"));
+        match hs.downstream(&sub_reply(&id, "dd04", "ffffffff", 8)) {
+            Down::Replace(l) => assert!(find(&l, b"client.reconnect")),
+            _ => panic!("expected client.reconnect"),
+        }
+        let auth = json!({"id": format!("{REPLAY_ID}authorize"), "result": false, "error": null});
+        assert!(matches!(
+            hs.downstream(auth.to_string().as_bytes()),
+            Down::Close
+        ));
+        let refused = json!({"id": id, "result": null, "error": [20, "no", null]});
+        assert!(matches!(
+            hs.downstream(refused.to_string().as_bytes()),
+            Down::Close
+        ));
+    }
+
+    #[test]
+    fn replay_ids_are_looked_for_only_for_a_while() {
+        let mut hs = handshaken(false);
+        let t = Instant::now();
+        assert_eq!(hs.replay_at(t).unwrap().len(), 3);
+        let conf = json!({"id": format!("{REPLAY_ID}configure"), "result": true, "error": null});
+        let conf = conf.to_string().into_bytes();
+        assert!(matches!(hs.downstream_at(&conf, t), Down::Consume));
+        assert!(matches!(
+            hs.downstream_at(&conf, t + REPLAY_WINDOW),
+            Down::Forward
+        ));
+        assert_eq!(hs.replay_until, None);
+    }
+
+    #[test]
+    fn too_long_or_bad_lines_make_a_miner_unreplayable() {
+        let mut hs = Handshake::default();
+        let long = format!(
+            r#"{{"id":2,"method":"mining.subscribe","params":["{}"]}}"#,
+            "a".repeat(MAX_KEPT_LINE)
+        );
+        hs.keep(Kind::Subscribe, long.as_bytes());
+        assert!(hs.replay().is_none());
+        let mut hs = Handshake::default();
+        hs.keep(Kind::Authorize, b"not json \"mining.authorize\"");
+        assert!(hs.replay().is_none());
+        // Never subscribed: nothing to replay.
+        assert_eq!(Handshake::default().replay(), Some(Vec::new()));
+        // Awaiting ids stay bounded.
+        let mut hs = Handshake::default();
+        for i in 0..100 {
+            let l = format!(r#"{{"id":{i},"method":"mining.authorize","params":["u","x"]}}"#);
+            hs.keep(Kind::Authorize, l.as_bytes());
+        }
+        assert_eq!(hs.awaiting.len(), MAX_AWAITING);
+    }
 }

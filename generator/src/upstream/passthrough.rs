@@ -49,7 +49,7 @@ pub enum PassthroughEvent {
         url: String,
     },
     /// The active link went down. Miner lines sent while no link is active are dropped
-    /// (logged at debug), as ckpool drops its miners then.
+    /// (logged at debug); the owner should answer its miners itself until the next `Up`.
     Down {
         /// Index in `servers`.
         index: usize,
