@@ -1407,6 +1407,11 @@ async fn submit(ctx: &Ctx, m: &mut MinerState, now: Instant, out: &mut Vec<u8>) 
         return;
     };
     let now = Instant::now();
+    if now >= ctx.end {
+        // A grind on the blocking pool can outlast the run on a loaded machine: a share sent
+        // now could not be answered before the drain ends, so it is not sent at all.
+        return;
+    }
     let hold = now >= ctx.hold;
     let tag = Pending {
         kind,
