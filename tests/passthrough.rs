@@ -860,6 +860,7 @@ fn a_passthrough_cannot_reach_or_drop_another_ones_subclient() {
             && s["passthroughs"].as_array().map(Vec::len) == Some(2)
             && s["passthroughs"][0]["subclients"] == 1
             && s["passthroughs"][1]["subclients"] == 1
+            && s["passthroughs"][0]["agent"] == "ckpool/0.9.9"
     });
     // B's client 5 is alive and answered on B; nothing of A's reached B.
     b.send(&sub(3, "mining.configure", json!([[], {}])));
