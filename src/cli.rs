@@ -45,7 +45,7 @@ pub(crate) struct Cli {
     /// Node mode (not implemented yet). Also selected by running the binary as `cknode`.
     #[arg(short = 'N', long = "node")]
     pub(crate) node: bool,
-    /// Passthrough mode (not implemented yet). Also selected by running the binary as
+    /// Passthrough mode: every miner over one upstream connection. Also selected by running the binary as
     /// `ckpassthrough`.
     #[arg(short = 'P', long = "passthrough")]
     pub(crate) passthrough: bool,
@@ -55,7 +55,8 @@ pub(crate) struct Cli {
     /// Quiet: no periodic status line.
     #[arg(short = 'q', long = "quiet")]
     pub(crate) quiet: bool,
-    /// Redirector mode (not implemented yet). Also selected by running the binary as
+    /// Redirector mode: a passthrough that sends miners to a `redirecturl` entry once a share
+    /// of theirs is accepted upstream. Also selected by running the binary as
     /// `ckredirector`.
     #[arg(short = 'R', long = "redirector")]
     pub(crate) redirector: bool,

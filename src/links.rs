@@ -218,7 +218,12 @@ impl Links {
                 info!(%conn, %peer, agent, "passthrough connected");
                 let info = Arc::new(LinkInfo {
                     peer,
-                    agent: agent.chars().take(64).collect(),
+                    // As sent, JSON escapes undone (ckpool writes `ckpool\/0.9.9`).
+                    agent: serde_json::from_str::<String>(&format!("\"{agent}\""))
+                        .unwrap_or_else(|_| agent.to_owned())
+                        .chars()
+                        .take(64)
+                        .collect(),
                     subs: AtomicUsize::new(0),
                 });
                 self.registry.lock().insert(conn, Arc::clone(&info));

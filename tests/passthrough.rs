@@ -421,6 +421,13 @@ fn upstream_raw_commands_do_nothing_harmful() {
         "dropall".to_owned(),
         "passthrough=1".to_owned(),
         format!("dropclient={id1}x"),
+        "reconnect".to_owned(),
+        "reconnect:127.0.0.1,1".to_owned(),
+        format!("reconnclient={id1}"),
+        "accept".to_owned(),
+        format!("testclient={id1}"),
+        "getxfd0".to_owned(),
+        "ping".to_owned(),
     ] {
         link.send_raw(format!("{raw}\n").as_bytes());
     }
@@ -431,9 +438,25 @@ fn upstream_raw_commands_do_nothing_harmful() {
     );
     let r = m1.reply(1);
     assert_eq!(r, json!({"result": true, "error": null, "id": 1}));
+    link.send_raw(
+        format!("{{\"result\":true,\"error\":null,\"id\":1,\"node.method\":\"auth.result\",\"client_id\":{id2}}}\n")
+            .as_bytes(),
+    );
+    m2.reply(1);
     let stats = wait_stats(&pt, "the raw lines to be counted", WAIT, |s| {
-        s["ignored_commands"].as_u64() >= Some(6)
+        s["ignored_commands"].as_u64() >= Some(13)
     });
+    // None of them was run: nothing reached a miner before the replies that followed them
+    // on the link (no client.reconnect, no close).
+    assert!(
+        !m1.seen
+            .iter()
+            .chain(&m2.seen)
+            .any(|v| v.get("method").is_some()),
+        "an upstream command reached a miner: {:?} {:?}",
+        m1.seen,
+        m2.seen
+    );
     assert_eq!(stats["miners"], 2, "{stats}");
     assert_eq!(stats["dropclients"], 0, "{stats}");
     assert!(pt.admin("ping").as_deref() == Some("pong"));
@@ -643,4 +666,221 @@ fn passthrough_keeps_miners_through_an_upstream_outage() {
     );
     let r = mx.stop();
     assert_eq!(r.error, None, "{r:?}");
+}
+
+/// A raw stratum client connected to `to` from the loopback address `src` (stickiness is per
+/// source address).
+fn connect_from(src: std::net::IpAddr, to: SocketAddr) -> Client {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddr::new(src, 0)).unwrap();
+    connect(&fd, &to).unwrap();
+    let stream = std::net::TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    Client::from_stream(stream)
+}
+
+/// Submits shares on the client's latest job (every hash is a share at the pool) until one is
+/// accepted; returns the accepted submit's id. Rejected ones (a block found in between makes
+/// a job stale) are retried with the next job, a few times at most.
+fn submit_until_accepted(c: &mut Client, user: &str, n2: usize, first_id: u64) -> u64 {
+    for id in first_id..first_id + 10 {
+        let notify = c.wait_for("a job", WAIT, |v| v["method"] == "mining.notify");
+        let notify = c
+            .seen
+            .iter()
+            .rev()
+            .find(|v| v["method"] == "mining.notify")
+            .cloned()
+            .unwrap_or(notify);
+        c.send(&json!({"id": id, "method": "mining.submit", "params": [
+            user, notify["params"][0], format!("{:0w$x}", id, w = n2 * 2),
+            notify["params"][7], "00000000"]}));
+        if c.reply(id)["result"] == true {
+            return id;
+        }
+    }
+    panic!("no share accepted; seen {:?}", c.seen);
+}
+
+fn reconnects(c: &Client) -> Vec<Value> {
+    c.seen
+        .iter()
+        .filter(|v| v["method"] == "client.reconnect")
+        .cloned()
+        .collect()
+}
+
+/// Issue #14: a redirector (`-R`) in front of a ckpool-rs pool sends `client.reconnect` to a
+/// `redirecturl` entry after a miner's first accepted share and never before; a second miner
+/// from the same IP goes to the same entry at once; another IP gets the next entry.
+#[test]
+fn redirector_sends_miners_on_after_their_first_accepted_share() {
+    let Some(exe) = bitcoind_or_skip("redirector_sends_miners_on_after_their_first_accepted_share")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "rd-pool", &json!({}));
+    let (port, a, b) = (free_port(), free_port(), free_port());
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": link_addr.to_string(), "auth": "unused", "pass": "x"}],
+        "redirecturl": [format!("127.0.0.1:{a}"), format!("localhost:{b}")],
+        "threads": 2,
+        "zmqblock": null,
+    });
+    let rd = PoolProcess::start("rd-redirector", &config, &["-R"]);
+    let s = wait_upstream_up(&rd);
+    assert_eq!(s["mode"], "redirector", "{s}");
+    assert_eq!(s["upstream"]["url"], link_addr.to_string(), "{s}");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let first = json!(["127.0.0.1", a.to_string(), 0]);
+    let second = json!(["localhost", b.to_string(), 0]);
+
+    // Miner A: authorised, a job, a rejected share: no reconnect. Then an accepted share: the
+    // reconnect to the first entry comes right after its reply.
+    let mut ma = Client::connect(addr);
+    let (_, n2) = ma.login("rdA.1");
+    ma.wait_for("a job", WAIT, |v| v["method"] == "mining.notify");
+    ma.send(&json!({"id": 9, "method": "mining.submit",
+        "params": ["rdA.1", "ffffffff", "00", "00000000", "00000000"]}));
+    assert_eq!(ma.reply(9)["result"], false);
+    let ok = submit_until_accepted(&mut ma, "rdA.1", n2, 10);
+    let r = ma.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], first, "{r}");
+    assert_eq!(r["id"], Value::Null, "{r}");
+    let at = |c: &Client, pred: &dyn Fn(&Value) -> bool| c.seen.iter().position(pred).unwrap();
+    let reply_at = at(&ma, &|v| v["id"] == ok && v["result"] == true);
+    let reconnect_at = at(&ma, &|v| v["method"] == "client.reconnect");
+    assert!(reply_at < reconnect_at, "{:?}", ma.seen);
+    assert!(
+        !ma.seen[..reply_at]
+            .iter()
+            .any(|v| v["method"] == "client.reconnect"),
+        "a reconnect before the first accepted share: {:?}",
+        ma.seen
+    );
+    // Once only: a further accepted share brings none.
+    let again = submit_until_accepted(&mut ma, "rdA.1", n2, 100);
+    ma.send(&json!({"id": 200, "method": "mining.configure", "params": [[], {}]}));
+    ma.reply(200);
+    assert!(again > ok);
+    assert_eq!(reconnects(&ma).len(), 1, "{:?}", ma.seen);
+
+    // Miner B from the same IP: sent to the same entry as soon as it is authorised.
+    let mut mb = Client::connect(addr);
+    mb.login("rdB.1");
+    let r = mb.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], first, "{r}");
+
+    // Miner C from another IP: nothing at authorisation; the next entry after its share.
+    let mut mc = connect_from([127, 0, 0, 2].into(), addr);
+    let (_, n2c) = mc.login("rdC.1");
+    mc.wait_for("a job", WAIT, |v| v["method"] == "mining.notify");
+    assert!(reconnects(&mc).is_empty(), "{:?}", mc.seen);
+    submit_until_accepted(&mut mc, "rdC.1", n2c, 10);
+    let r = mc.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], second, "{r}");
+
+    // The admin view: where miners went, the upstream and its miners; at the pool, the link
+    // with its three sub-clients (nobody was disconnected: following the reconnect is the
+    // miner's business).
+    let s = wait_stats(&rd, "the redirects counted", WAIT, |s| {
+        s["redirect"]["redirected"] == 3
+    });
+    assert_eq!(s["redirect"]["targets"][0]["redirected"], 2, "{s}");
+    assert_eq!(s["redirect"]["targets"][1]["redirected"], 1, "{s}");
+    assert_eq!(s["redirect"]["targets"][1]["url"], format!("localhost:{b}"));
+    assert_eq!(s["redirect"]["by_ip"], 1, "{s}");
+    assert_eq!(s["redirect"]["ips"], 2, "{s}");
+    assert_eq!(s["miners"], 3, "{s}");
+    assert_eq!(s["upstream"]["state"], "up", "{s}");
+    wait_stats(
+        &pool,
+        "the redirector's link and its sub-clients",
+        WAIT,
+        |s| {
+            s["passthroughs"][0]["subclients"] == 3
+                && s["passthroughs"][0]["agent"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("ckpool-rs/"))
+        },
+    );
+}
+
+/// Issue #14: a passthrough that names another passthrough's `client_id` reaches only its own
+/// sub-client of that number: it can neither end nor talk to the other link's.
+#[test]
+fn a_passthrough_cannot_reach_or_drop_another_ones_subclient() {
+    let Some(exe) = bitcoind_or_skip("a_passthrough_cannot_reach_or_drop_another_ones_subclient")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-iso-pool", &json!({}));
+    let handshake = |c: &mut Client| {
+        c.send_raw(b"{\"method\": \"mining.passthrough\", \"params\": [\"ckpool\\/0.9.9\"]}\n");
+        c.wait_for("the handshake's answer", WAIT, |v| v["result"] == true);
+    };
+    let sub = |id: u64, method: &str, params: Value| {
+        json!({"id": id, "method": method, "params": params,
+            "client_id": 5, "address": "10.1.1.1", "server": 0})
+    };
+    let mut b = Client::connect(link_addr);
+    handshake(&mut b);
+    b.send(&sub(1, "mining.subscribe", json!(["b/1"])));
+    b.send(&sub(2, "mining.authorize", json!(["isob.1", "x"])));
+    link_wait(&mut b, "B's sub-client authorised", |m| {
+        m["client_id"] == 5 && m["node.method"] == "auth.result" && m["result"] == true
+    });
+
+    // Link A ends "its" client 5, then talks as client 5: only A's own sub-client 5 exists.
+    let mut a = Client::connect(link_addr);
+    handshake(&mut a);
+    a.send(&json!({"id": 42, "method": "mining.term", "params": [],
+        "client_id": 5, "address": "10.2.2.2", "server": 0}));
+    a.send(&sub(101, "mining.subscribe", json!(["a/1"])));
+    a.send(&sub(102, "mining.authorize", json!(["isoa.1", "x"])));
+    link_wait(&mut a, "A's own client 5 authorised", |m| {
+        m["client_id"] == 5 && m["id"] == 102 && m["result"] == true
+    });
+    wait_stats(&pool, "two links with one sub-client each", WAIT, |s| {
+        s["clients"] == 2
+            && s["passthroughs"].as_array().map(Vec::len) == Some(2)
+            && s["passthroughs"][0]["subclients"] == 1
+            && s["passthroughs"][1]["subclients"] == 1
+            && s["passthroughs"][0]["agent"] == "ckpool/0.9.9"
+    });
+    // B's client 5 is alive and answered on B; nothing of A's reached B.
+    b.send(&sub(3, "mining.configure", json!([[], {}])));
+    link_wait(&mut b, "B's sub-client still answered", |m| {
+        m["client_id"] == 5 && m["id"] == 3
+    });
+    assert!(
+        !b.seen.iter().any(|m| m["id"] == 101
+            || m["id"] == 102
+            || m.as_str().is_some_and(|s| s.starts_with("dropclient"))),
+        "A's lines reached B: {:?}",
+        b.seen
+    );
+    // A's link goes: only its sub-client ends.
+    drop_link(a);
+    wait_stats(&pool, "A's sub-client to end", WAIT, |s| {
+        s["clients"] == 1 && s["passthroughs"].as_array().map(Vec::len) == Some(1)
+    });
+    b.send(&sub(4, "mining.configure", json!([[], {}])));
+    link_wait(&mut b, "B's sub-client answered after A left", |m| {
+        m["client_id"] == 5 && m["id"] == 4
+    });
 }

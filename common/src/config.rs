@@ -109,6 +109,9 @@ pub struct Config {
     pub passthroughserver: Vec<String>,
     /// Upstream pools of the proxy and passthrough modes, best first (`proxy`).
     pub proxy: Vec<Proxy>,
+    /// Redirector mode: where miners are sent (`client.reconnect`) once they have had a share
+    /// accepted upstream, as `host:port` (`redirecturl`).
+    pub redirecturl: Vec<String>,
     /// Vardiff floor and floor for suggested difficulties.
     pub mindiff: Difficulty,
     /// Starting difficulty.
@@ -200,6 +203,7 @@ impl Default for Config {
             version_mask: 0x1fff_e000,
             serverurl: vec!["0.0.0.0:3333".into()],
             passthroughserver: Vec::new(),
+            redirecturl: Vec::new(),
             mindiff: Difficulty::ONE,
             startdiff: diff_const(42),
             highdiff: diff_const(1_000_000),
@@ -392,6 +396,12 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
         c.passthroughserver = match v {
             Value::String(s) => vec![s.clone()],
             other => typed::<Vec<String>>("passthroughserver", other)?,
+        };
+    }
+    if let Some(v) = map.get("redirecturl") {
+        c.redirecturl = match v {
+            Value::String(s) => vec![s.clone()],
+            other => typed::<Vec<String>>("redirecturl", other)?,
         };
     }
     if let Some(v) = map.get("mindiff") {
@@ -867,6 +877,26 @@ mod tests {
         assert!(parse(r#"{"proxy": [{"auth": "u"}]}"#).is_err());
         assert!(parse(r#"{"passthroughserver": 5}"#).is_err());
         assert!(Config::default().passthroughserver.is_empty());
+    }
+
+    #[test]
+    fn redirecturl_is_a_list_of_addresses() {
+        let c = parse(r#"{"redirecturl": ["a.example:3333", "10.0.0.2:3334"]}"#)
+            .unwrap()
+            .config;
+        assert_eq!(c.redirecturl, ["a.example:3333", "10.0.0.2:3334"]);
+        let c = parse(r#"{"redirecturl": "a.example:3333"}"#)
+            .unwrap()
+            .config;
+        assert_eq!(c.redirecturl, ["a.example:3333"]);
+        assert!(matches!(
+            parse(r#"{"redirecturl": [1]}"#),
+            Err(ConfigError::Type {
+                key: "redirecturl",
+                ..
+            })
+        ));
+        assert!(Config::default().redirecturl.is_empty());
     }
 
     #[test]

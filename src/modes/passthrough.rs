@@ -336,6 +336,8 @@ struct MinerSide {
     link: Arc<PassthroughLink>,
     shared: Arc<Shared>,
     miners: HashMap<ConnId, Miner>,
+    /// Redirector mode: the watch for accepted shares.
+    redirect: Option<super::redirector::Watcher>,
 }
 
 impl Handshake {
@@ -522,6 +524,9 @@ impl connector::Handler for MinerSide {
                 hs: None,
             },
         );
+        if let Some(r) = self.redirect.as_mut() {
+            r.open(conn, peer.ip());
+        }
     }
 
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
@@ -545,6 +550,9 @@ impl connector::Handler for MinerSide {
         if let Some(kind) = Kind::of(line) {
             m.hs.get_or_insert_default().keep(kind, line);
         }
+        if let Some(r) = self.redirect.as_mut() {
+            r.up(conn, line, now);
+        }
         let cmd = MinerLine::Line {
             client_id: u64::from(m.client_id),
             address: Arc::clone(&m.address),
@@ -559,6 +567,9 @@ impl connector::Handler for MinerSide {
             return;
         };
         self.shared.lock().remove(&m.client_id);
+        if let Some(r) = self.redirect.as_mut() {
+            r.close(conn);
+        }
         // Best effort: a full queue or no upstream loses only the notice (the upstream drops the
         // session with the link, or on its own timeout).
         let _ = self.link.try_send(MinerLine::Term {
@@ -580,7 +591,16 @@ impl connector::Handler for MinerSide {
                         .as_mut()
                         .map_or(Down::Forward, |hs| hs.downstream_at(&line, now))
                     {
-                        Down::Forward => out.send(conn, line),
+                        Down::Forward => {
+                            let redirect = self
+                                .redirect
+                                .as_mut()
+                                .and_then(|r| r.down(conn, &line, now));
+                            out.send(conn, line);
+                            if let Some(l) = redirect {
+                                out.send(conn, l);
+                            }
+                        }
                         Down::Consume => {}
                         Down::Replace(l) => {
                             info!(%conn, "miner's extranonce changed on the new upstream");
@@ -625,6 +645,15 @@ impl connector::Handler for MinerSide {
 
 /// Runs passthrough mode until `shutdown` is set.
 pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    run_with(settings, shutdown, None)
+}
+
+/// Runs passthrough mode, or redirector mode with `redirect`, until `shutdown` is set.
+pub(crate) fn run_with(
+    settings: &Settings,
+    shutdown: &Arc<AtomicBool>,
+    redirect: Option<Arc<super::redirector::Redirects>>,
+) -> anyhow::Result<()> {
     let servers: Vec<UpstreamServer> = settings
         .file
         .proxy
@@ -667,12 +696,15 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         rejected_down: AtomicU64::new(0),
     });
     let conns = {
-        let (link, shared) = (Arc::clone(&link), Arc::clone(&shared));
+        let (link, shared, redirect) = (Arc::clone(&link), Arc::clone(&shared), redirect.clone());
         connector::start(settings.connector(), move |thread| MinerSide {
             thread,
             link: Arc::clone(&link),
             shared: Arc::clone(&shared),
             miners: HashMap::new(),
+            redirect: redirect
+                .as_ref()
+                .map(|r| super::redirector::Watcher::new(Arc::clone(r))),
         })
         .context("starting the connector")?
     };
@@ -688,7 +720,14 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             Arc::clone(shutdown),
         );
         let urls = urls.clone();
-        let stats = move || stats_json(&shared, &link, &handle, &urls);
+        let stats = move || {
+            let mut s = stats_json(&shared, &link, &handle, &urls);
+            if let Some(r) = &redirect {
+                s["mode"] = json!("redirector");
+                s["redirect"] = r.stats();
+            }
+            s
+        };
         start_admin(&settings.admin_socket(), shutdown, stats)
     };
     let admin = match admin {
