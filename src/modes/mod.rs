@@ -1,5 +1,6 @@
 //! One runner per mode. Pool and solo mode run [`pool::run`], passthrough mode
-//! [`passthrough::run`], proxy mode [`proxy::run`]; userproxy, node and redirector have none yet.
+//! [`passthrough::run`], proxy and userproxy mode [`proxy::run`]; node and redirector have none
+//! yet.
 
 pub(crate) mod passthrough;
 pub(crate) mod pool;
@@ -12,9 +13,9 @@ use crate::settings::{ConfigError, Mode, Settings};
 /// names what is missing rather than a config key.
 pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
     match mode {
-        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Proxy => Ok(()),
-        Mode::UserProxy | Mode::Node | Mode::Redirector => Err(ConfigError(format!(
-            "{mode} mode is not implemented yet (only pool, solo, proxy and passthrough mode are)"
+        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Proxy | Mode::UserProxy => Ok(()),
+        Mode::Node | Mode::Redirector => Err(ConfigError(format!(
+            "{mode} mode is not implemented yet (only pool, solo, proxy, userproxy and passthrough mode are)"
         ))),
     }
 }
@@ -25,8 +26,9 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     match settings.mode {
         Mode::Pool | Mode::Solo => pool::run(settings, instance),
         Mode::Passthrough => passthrough::run(settings, &instance.shutdown),
-        Mode::Proxy => proxy::run(settings, &instance.shutdown),
-        Mode::UserProxy | Mode::Node | Mode::Redirector => {
+        Mode::Proxy => proxy::run(settings, &instance.shutdown, false),
+        Mode::UserProxy => proxy::run(settings, &instance.shutdown, true),
+        Mode::Node | Mode::Redirector => {
             Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
         }
     }
@@ -37,12 +39,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_pool_solo_proxy_and_passthrough_are_implemented() {
+    fn only_pool_solo_proxy_userproxy_and_passthrough_are_implemented() {
         assert!(check_implemented(Mode::Pool).is_ok());
         assert!(check_implemented(Mode::Solo).is_ok());
         assert!(check_implemented(Mode::Passthrough).is_ok());
         assert!(check_implemented(Mode::Proxy).is_ok());
-        for mode in [Mode::UserProxy, Mode::Node, Mode::Redirector] {
+        assert!(check_implemented(Mode::UserProxy).is_ok());
+        for mode in [Mode::Node, Mode::Redirector] {
             let err = check_implemented(mode).expect_err("not implemented");
             assert!(
                 err.0
