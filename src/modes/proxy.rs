@@ -1,5 +1,5 @@
-//! Proxy mode (`-p`, or the binary named `ckproxy`): miners connect here as to a pool, and the
-//! work comes from an upstream stratum pool (the `proxy` array, in priority order, with
+//! Proxy mode (`-p`, or the binary named `ckproxy`) and userproxy mode (`-u`): miners connect
+//! here as to a pool, and the work comes from an upstream stratum pool (the `proxy` array, in priority order, with
 //! failover: `generator::upstream::Pool`).
 //!
 //! - Each upstream subscription (and each upstream `mining.set_extranonce`) becomes a work
@@ -20,6 +20,16 @@
 //!   extranonce1), miners stay connected: with the new source's first job, every miner is moved
 //!   to it ([`stratifier::Shard::move_source`]): `mining.set_extranonce` and a clean notify for
 //!   those that sent `mining.extranonce.subscribe`, `client.reconnect` for the others.
+//!
+//! - More upstream connections: the main one (the `proxy` array with failover) is joined by
+//!   recruited ones (the main one's server and credentials) when 7/8 of the local extranonce1
+//!   values of every connection are taken; new connections open on the first with room. In
+//!   userproxy mode (`-u`) each user other than the `proxy` entry's gets a connection of its own
+//!   with its own credentials, opened at its first `mining.authorize`; the stratifier holds the
+//!   authorisation ([`stratifier::PoolConfig::external_auth`]) until that connection has work
+//!   (the miner is then moved to it) or refused it. Every connection is a source of its own;
+//!   a share goes to the connection whose work it is on. `maxupstreams` bounds them; user and
+//!   recruited connections with no miner for [`IDLE_LINK`] are closed.
 //!
 //! Version rolling: the upstream is asked for `version_mask` with `mining.configure`; the mask
 //! miners are offered is the intersection of its answer and `version_mask`, fixed when the
@@ -118,6 +128,8 @@ struct UserCounts {
 /// One upstream connection, for the admin `stats`.
 #[derive(Debug, Clone, Serialize)]
 struct ConnStats {
+    /// A number naming the connection while it lasts (the main one is 0).
+    id: u64,
     /// `main` (the `proxy` entries', with failover), `recruit` (another connection with the
     /// same credentials, for more miners) or `user` (userproxy: a user's own).
     role: &'static str,
@@ -588,14 +600,21 @@ impl Proxy {
         if !accepted {
             warn!(user = %user, reason = reason.unwrap_or(""), "share rejected upstream");
         }
-        if let Some(l) = self.links.iter_mut().find(|l| l.id == id) {
+        let counts = self.links.iter_mut().find(|l| l.id == id).map(|l| {
             match (accepted, lost) {
                 (true, _) => l.accepted += 1,
                 (false, true) => l.lost += 1,
                 (false, false) => l.rejected += 1,
             }
-        }
+            (l.accepted, l.rejected, l.lost)
+        });
         let mut st = self.stats();
+        // The connection's figures change with the users' under one lock: a reader sees both.
+        if let Some((a, r, l)) = counts
+            && let Some(c) = st.connections.iter_mut().find(|c| c.id == id)
+        {
+            (c.accepted, c.rejected, c.lost) = (a, r, l);
+        }
         if let Some(s) = index.and_then(|i| st.servers.get_mut(i)) {
             match (accepted, lost) {
                 (true, _) => s.accepted += 1,
@@ -832,6 +851,7 @@ impl Proxy {
             .links
             .iter()
             .map(|l| ConnStats {
+                id: l.id,
                 role: l.role.name(),
                 user: match &l.role {
                     Role::User(u) => Some(u.to_string()),
@@ -1068,6 +1088,9 @@ pub(crate) fn run(
                 if let Some(l) = proxy.links.get_mut(k) {
                     l.closing = true;
                 }
+                // Gone from the select before it fires again.
+                last_housekeeping = Instant::now();
+                proxy.housekeeping(last_housekeeping, &conns);
             }
             Wake::Timeout => {}
         }
@@ -1226,7 +1249,23 @@ fn first_job(
 
 #[cfg(test)]
 mod tests {
-    use super::local_len;
+    use super::{local_len, nearly_full, user_part};
+
+    #[test]
+    fn recruiting_threshold_and_user_names() {
+        // A 1-byte local part: 256 miners, another connection at 224.
+        assert!(!nearly_full(223, 256));
+        assert!(nearly_full(224, 256));
+        assert!(nearly_full(256, 256));
+        // 4 bytes: 7/8 of 2^32.
+        assert!(!nearly_full(1 << 20, 1 << 32));
+        assert!(nearly_full((1 << 32) - (1 << 29), 1 << 32));
+        // The user part of a worker name, as the stratifier takes it.
+        assert_eq!(user_part("alice.rig1"), "alice");
+        assert_eq!(user_part("bob_2"), "bob");
+        assert_eq!(user_part("carol"), "carol");
+        assert_eq!(user_part(""), "");
+    }
 
     #[test]
     fn nonce_split_follows_nonce2length_or_ckpools_rule() {
