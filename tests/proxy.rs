@@ -417,6 +417,20 @@ fn userproxy_gives_each_user_its_own_upstream_connection() {
     let mut want = vec![main_user.clone(), alice.clone(), bob.clone()];
     want.sort();
     assert_eq!(authorised, want, "{clients}");
+    // The connections' `miners` are counted every 200 ms.
+    wait_until(
+        "both user connections with a miner and shares",
+        WAIT,
+        || {
+            let c = connections(&proxy);
+            c.as_array().map(Vec::len) == Some(3)
+                && c.as_array()
+                    .unwrap()
+                    .iter()
+                    .skip(1)
+                    .all(|c| c["miners"].as_u64() >= Some(1) && c["accepted"].as_u64() >= Some(3))
+        },
+    );
     let conns = connections(&proxy);
     let roles: Vec<(&str, &str)> = conns
         .as_array()

@@ -847,6 +847,12 @@ impl Proxy {
             }
         }
         self.choose_open();
+        self.refresh_connections();
+    }
+
+    /// Rewrites `connections` in the stats (each event but a verdict, and every
+    /// [`MAIN_LOOP_WAKE`]: `miners` changes in the shards without an event here).
+    fn refresh_connections(&self) {
         let connections = self
             .links
             .iter()
@@ -998,7 +1004,9 @@ pub(crate) fn run(
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
         upstream: Some(upstream_sink(share_tx, Arc::clone(&overflow))),
         source: Some(Arc::clone(&proxy.open_source)),
-        auth: userproxy.then(|| auth_sink(auth_tx)),
+        // The loop's own sender keeps the queue open in proxy mode too (a closed queue would
+        // wake the select at once, every time).
+        auth: userproxy.then(|| auth_sink(auth_tx.clone())),
     };
     let stats_writer = status::start(
         Arc::clone(&pool),
@@ -1078,8 +1086,17 @@ pub(crate) fn run(
                     proxy.submit(&share);
                 }
             }
-            Wake::Auth(req) => proxy.authorise(&req, &conns),
-            Wake::Event(k, ev) => proxy.event(k, ev, &conns),
+            Wake::Auth(req) => {
+                proxy.authorise(&req, &conns);
+                proxy.refresh_connections();
+            }
+            Wake::Event(k, ev) => {
+                let verdict = matches!(ev, UpstreamEvent::Verdict { .. });
+                proxy.event(k, ev, &conns);
+                if !verdict {
+                    proxy.refresh_connections();
+                }
+            }
             Wake::Stopped(0) => {
                 error!("upstream link stopped");
                 break;
@@ -1127,6 +1144,7 @@ pub(crate) fn run(
             );
         }
     }
+    drop(auth_tx);
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
     conns.shutdown();
