@@ -63,7 +63,7 @@ pub(crate) struct Cli {
     /// Socket directory (default /tmp/<name>/).
     #[arg(short = 's', long = "sockdir")]
     pub(crate) sockdir: Option<PathBuf>,
-    /// User proxy mode (not implemented yet).
+    /// User proxy mode: proxy mode with an upstream connection of its own for each user.
     #[arg(short = 'u', long = "userproxy")]
     pub(crate) userproxy: bool,
     /// I/O backend: auto (io_uring where the kernel allows it, else epoll), uring or epoll.

@@ -247,6 +247,14 @@ pub(crate) enum ShardCmd {
         /// The new one.
         to: SourceId,
     },
+    /// Userproxy: the verdict on a miner's authorisation ([`Shard::finish_authorise`]), sent
+    /// to the thread that owns the miner.
+    Authorised {
+        /// The miner.
+        client: stratifier::ClientId,
+        /// The verdict.
+        verdict: stratifier::AuthVerdict,
+    },
     /// Admin `dropclient=ID` / `reconnclient=ID` ([`Shard::drop_client`]): sent to the thread
     /// that owns `conn`.
     Drop {
@@ -294,6 +302,11 @@ impl ShardCmd {
                     "miners moved to a new work source"
                 );
             }
+            Self::Authorised { client, verdict } => {
+                if !shard.finish_authorise(now, client, &verdict, out) {
+                    debug!(%client, "verdict for an authorisation no longer waiting");
+                }
+            }
             Self::Drop { conn, reconnect } => {
                 if !shard.drop_client(conn, reconnect.as_deref(), out) {
                     debug!(%conn, "admin: no such client to drop");
@@ -327,6 +340,8 @@ pub(crate) struct Sinks {
     pub(crate) upstream: Option<Arc<dyn Fn(UpstreamShare) + Send + Sync>>,
     /// Proxy modes: the work source new connections mine on (the pool's own when `None`).
     pub(crate) source: Option<Arc<AtomicU16>>,
+    /// Userproxy: authorisations for the daemon to decide.
+    pub(crate) auth: Option<Arc<dyn Fn(stratifier::AuthRequest) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -377,6 +392,12 @@ impl Sinks {
                 Some(sink) => sink(share),
                 None => {
                     debug!(client = %share.client, "share for an upstream with no upstream link; dropped")
+                }
+            },
+            stratifier::Event::Authorise(req) => match &self.auth {
+                Some(sink) => sink(req),
+                None => {
+                    warn!(client = %req.client, "authorisation for nobody to decide; it times out");
                 }
             },
         }
@@ -1118,6 +1139,7 @@ mod tests {
             shares: None,
             upstream: None,
             source: None,
+            auth: None,
         });
         out.hold = true;
         {
@@ -1170,6 +1192,7 @@ mod tests {
             shares: None,
             upstream: None,
             source: None,
+            auth: None,
         });
         assert!(!off.wants_shares());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1180,6 +1203,7 @@ mod tests {
             })),
             upstream: None,
             source: None,
+            auth: None,
         });
         assert!(on.wants_shares());
         on.event(stratifier::Event::Share(rec.clone()));
@@ -1199,6 +1223,7 @@ mod tests {
             shares: None,
             upstream: None,
             source: None,
+            auth: None,
         });
         let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());

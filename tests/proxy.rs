@@ -335,3 +335,288 @@ fn upstream_difficulty_below_a_miners_lowers_the_miner() {
     assert_eq!(up["difficulty"].as_f64(), Some(0.5), "{up}");
     assert_eq!(up["version_mask"], "1fffe000", "{up}");
 }
+
+/// Userproxy (`-u`) over a solo-mode ckpool-rs pool (user names must be addresses there, so
+/// any other name is refused): two users get an upstream connection each with their own
+/// credentials, and their shares are accepted at the pool as their own users; a name the pool
+/// refuses fails that miner's authorisation; `maxupstreams` bounds the connections; a miner
+/// that cannot take `mining.set_extranonce` is reconnected and resumes onto its user's
+/// connection.
+#[test]
+fn userproxy_gives_each_user_its_own_upstream_connection() {
+    let Some(exe) = bitcoind_or_skip("userproxy_gives_each_user_its_own_upstream_connection")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let pool = PoolProcess::start(
+        "upxpool",
+        &regtest_config(vec![btcd_entry(node)], None, free_port()),
+        &["-B"],
+    );
+    let (main_user, alice, bob) = (node.new_address(), node.new_address(), node.new_address());
+    let mut config = proxy_config(&[pool.addr.to_string()], TINY);
+    config["proxy"][0]["auth"] = json!(main_user);
+    // The main connection and two users.
+    config["maxupstreams"] = json!(3);
+    let proxy = PoolProcess::start("upx", &config, &["-u"]);
+    let connections = |p: &PoolProcess| upstreams(p)["connections"].clone();
+    wait_until("the main upstream connection", WAIT, || {
+        connections(&proxy)[0]["state"] == "active"
+    });
+
+    // Refused upstream: the miner's authorisation fails with the pool's reason, and the
+    // connection opened for it is closed.
+    let mut bad = Client::connect(proxy.addr);
+    bad.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}));
+    bad.reply(1);
+    bad.send(&json!({"id": 2, "method": "mining.authorize", "params": ["notanaddress.1", "x"]}));
+    let r = bad.reply(2);
+    assert_eq!(r["result"], false, "{r}");
+    assert_eq!(r["error"][0], 24, "{r}");
+    wait_until("the refused user's connection to close", WAIT, || {
+        connections(&proxy).as_array().map(Vec::len) == Some(1)
+    });
+
+    // Two users, each with a ckload miner taking mining.set_extranonce.
+    let miner = |user: &str| {
+        let mut cfg = MinerConfig::new(proxy.addr, format!("{user}.rig1"));
+        cfg.duration = Some(Duration::from_secs(60));
+        cfg.max_shares_per_sec = 10.0;
+        cfg.pause_after_block = false;
+        cfg.extranonce_subscribe = true;
+        Miner::start(cfg).unwrap()
+    };
+    let (ma, mb) = (miner(&alice), miner(&bob));
+    wait_until("both users' shares accepted upstream", WAIT, || {
+        let up = upstreams(&proxy);
+        up["users"][&alice]["accepted"].as_u64() >= Some(3)
+            && up["users"][&bob]["accepted"].as_u64() >= Some(3)
+    });
+    let stats = wait_stats(&pool, "both users' shares at the pool", WAIT, |s| {
+        [&alice, &bob].iter().all(|u| {
+            s["users"][u.as_str()]["workers"][u.as_str()]["accepted"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 3
+        })
+    });
+    // Shares are counted as each user (their connections authorise as the user name).
+    let users: Vec<&String> = stats["users"].as_object().unwrap().keys().collect();
+    assert!(!users.contains(&&"notanaddress".to_owned()), "{stats}");
+    // Three connections at the pool: the main one and one per user.
+    let clients: Value = serde_json::from_str(&pool.admin("clients").unwrap()).unwrap();
+    let mut authorised: Vec<String> = clients["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["user"].as_str().map(str::to_owned))
+        .collect();
+    authorised.sort();
+    let mut want = vec![main_user.clone(), alice.clone(), bob.clone()];
+    want.sort();
+    assert_eq!(authorised, want, "{clients}");
+    // The connections' `miners` are counted every 200 ms.
+    wait_until(
+        "both user connections with a miner and shares",
+        WAIT,
+        || {
+            let c = connections(&proxy);
+            c.as_array().map(Vec::len) == Some(3)
+                && c.as_array()
+                    .unwrap()
+                    .iter()
+                    .skip(1)
+                    .all(|c| c["miners"].as_u64() >= Some(1) && c["accepted"].as_u64() >= Some(3))
+        },
+    );
+    let conns = connections(&proxy);
+    let roles: Vec<(&str, &str)> = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["role"].as_str().unwrap(),
+                c["user"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(roles.len(), 3, "{conns}");
+    assert!(roles.contains(&("user", alice.as_str())), "{conns}");
+    assert!(roles.contains(&("user", bob.as_str())), "{conns}");
+    for c in conns.as_array().unwrap().iter().skip(1) {
+        assert_eq!(c["state"], "active", "{conns}");
+        assert!(c["accepted"].as_u64() >= Some(3), "{conns}");
+        assert!(c["miners"].as_u64() >= Some(1), "{conns}");
+    }
+
+    // maxupstreams reached: a third user is refused, and says why.
+    let carol = node.new_address();
+    let mut c = Client::connect(proxy.addr);
+    c.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}));
+    c.reply(1);
+    c.send(&json!({"id": 2, "method": "mining.authorize", "params": [carol, "x"]}));
+    let r = c.reply(2);
+    assert_eq!(r["result"], false, "{r}");
+    assert_eq!(r["error"][1], "Too many upstream connections", "{r}");
+
+    // A miner without mining.extranonce.subscribe: authorised, then reconnected; with its
+    // session id it resumes on bob's connection and its share is accepted there.
+    let mut c = Client::connect(proxy.addr);
+    c.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1"]}));
+    let sid = c.reply(1)["result"][0][0][1].as_str().unwrap().to_owned();
+    c.send(&json!({"id": 2, "method": "mining.authorize", "params": [format!("{bob}.raw"), "x"]}));
+    assert_eq!(c.reply(2)["result"], true);
+    c.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert!(
+        c.wait_closed(WAIT),
+        "not disconnected after client.reconnect"
+    );
+    let mut c = Client::connect(proxy.addr);
+    c.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw/1", sid]}));
+    let r = c.reply(1);
+    assert_eq!(r["result"][0][0][1], sid.as_str(), "session resumed: {r}");
+    let (en1, n2len) = (
+        hex::decode(r["result"][1].as_str().unwrap()).unwrap(),
+        r["result"][2].as_u64().unwrap() as usize,
+    );
+    c.send(&json!({"id": 2, "method": "mining.authorize", "params": [format!("{bob}.raw"), "x"]}));
+    assert_eq!(c.reply(2)["result"], true);
+    let bob_before = upstreams(&proxy)["users"][&bob]["accepted"]
+        .as_u64()
+        .unwrap();
+    // The other miners find blocks all the time (regtest): a share on a job a block made
+    // stale is refused, so submit on the newest job until one is taken.
+    let mut taken = false;
+    for id in 5..15u64 {
+        let job = latest_job(&mut c);
+        c.send(&json!({"id": id, "method": "mining.submit",
+            "params": [format!("{bob}.raw"), job.job_id, hex::encode(vec![9u8; n2len]),
+                       format!("{:08x}", job.ntime), "00000000"]}));
+        let r = c.reply(id);
+        if r["result"] == true {
+            taken = true;
+            break;
+        }
+        assert_eq!(r["error"][1], "Stale", "{r}");
+        c.seen.clear();
+    }
+    assert!(taken, "no share of the resumed miner accepted");
+    wait_stats(&pool, "the resumed miner's share at the pool", WAIT, |s| {
+        s["users"][bob.as_str()]["workers"][bob.as_str()]["accepted"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    assert!(!en1.is_empty());
+    wait_until("the resumed miner's upstream verdict", WAIT, || {
+        upstreams(&proxy)["users"][&bob]["accepted"].as_u64() > Some(bob_before)
+    });
+    for m in [ma, mb] {
+        let report = m.report();
+        assert!(report.error.is_none(), "{report:?}");
+        assert!(!m.is_finished(), "a miner was disconnected: {report:?}");
+        m.request_stop();
+    }
+}
+
+/// Recruiting: with a 1-byte local extranonce1 part (`nonce2length` 7 behind a pool giving 8
+/// bytes) a connection holds 256 miners; once 224 are subscribed on it, another upstream
+/// connection is recruited with the same credentials and new miners are placed on it, where
+/// their shares are accepted by the pool.
+#[test]
+fn proxy_recruits_another_upstream_connection_when_the_extranonce_space_fills() {
+    let Some(exe) = bitcoind_or_skip(
+        "proxy_recruits_another_upstream_connection_when_the_extranonce_space_fills",
+    ) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let pool = start_pool("pxrcpool", node);
+    let mut config = proxy_config(&[pool.addr.to_string()], TINY);
+    config["nonce2length"] = json!(7);
+    let proxy = start_proxy("pxrc", &config);
+    let connections = |p: &PoolProcess| upstreams(p)["connections"].clone();
+    wait_until("the main upstream connection", WAIT, || {
+        connections(&proxy)[0]["state"] == "active"
+    });
+
+    // Fill 7/8 of the first connection's 256 extranonce1 values with subscribed clients.
+    let mut fillers = Vec::new();
+    let mut prefix = None;
+    for _ in 0..224 {
+        let mut c = Client::connect(proxy.addr);
+        c.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["filler/1"]}));
+        let r = c.reply(1);
+        let en1 = r["result"][1].as_str().unwrap().to_owned();
+        assert_eq!(r["result"][2], 7, "{r}");
+        let p = en1[..en1.len() - 2].to_owned();
+        assert_eq!(
+            prefix.get_or_insert_with(|| p.clone()),
+            &p,
+            "all on one connection"
+        );
+        fillers.push(c);
+    }
+    let first_prefix = prefix.unwrap();
+    wait_until("a recruited connection with work", WAIT, || {
+        let c = connections(&proxy);
+        c.as_array().map(Vec::len) == Some(2)
+            && c[1]["role"] == "recruit"
+            && c[1]["state"] == "active"
+            && c[1]["difficulty"].is_number()
+    });
+    // New miners go to the recruited connection: another upstream extranonce1.
+    let mut probe = Client::connect(proxy.addr);
+    probe.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["probe/1"]}));
+    let en1 = probe.reply(1)["result"][1].as_str().unwrap().to_owned();
+    assert_ne!(
+        &en1[..en1.len() - 2],
+        first_prefix,
+        "a new miner still on the full connection"
+    );
+    let mut cfg = MinerConfig::new(proxy.addr, "farm.late");
+    cfg.duration = Some(Duration::from_secs(40));
+    cfg.max_shares_per_sec = 10.0;
+    cfg.pause_after_block = false;
+    let miner = Miner::start(cfg).unwrap();
+    wait_until(
+        "the late miner's shares accepted through the recruit",
+        WAIT,
+        || {
+            let c = connections(&proxy);
+            c[1]["accepted"].as_u64() >= Some(3) && miner.report().accepted >= 3
+        },
+    );
+    // `miners` is refreshed every 200 ms.
+    wait_until("the recruit's miners counted", WAIT, || {
+        connections(&proxy)[1]["miners"].as_u64() >= Some(2)
+    });
+    let c = connections(&proxy);
+    assert!(c[0]["miners"].as_u64() >= Some(224), "{c}");
+    assert_eq!(c[0]["accepted"], 0, "{c}");
+    // Two connections at the pool, both authorised as the proxy's user.
+    let clients: Value = serde_json::from_str(&pool.admin("clients").unwrap()).unwrap();
+    let users: Vec<&str> = clients["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["worker"].as_str())
+        .collect();
+    assert_eq!(users, ["proxyuser.0", "proxyuser.0"], "{clients}");
+    wait_stats(&pool, "the late miner's shares at the pool", WAIT, |s| {
+        s["users"]["proxyuser"]["workers"]["proxyuser.0"]["accepted"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3
+    });
+    let report = miner.report();
+    assert!(report.error.is_none(), "{report:?}");
+    miner.request_stop();
+    drop(fillers);
+}

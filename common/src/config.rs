@@ -178,6 +178,12 @@ pub struct Config {
     /// Address (`host:port`) of the read-only HTTP listener (`/metrics`, `/api/...`, the
     /// dashboard at `/`); `None` (the default): no HTTP listener.
     pub webserver: Option<String>,
+    /// Proxy modes: the most upstream connections open at once (the `proxy` entry's, recruited
+    /// ones and, in userproxy mode, one per user). Default 100.
+    pub maxupstreams: usize,
+    /// Proxy modes: hosts a `client.reconnect` from the upstream may send us to besides the
+    /// `proxy` entries' own (compared without case).
+    pub reconnectallow: Vec<String>,
 }
 
 impl Default for Config {
@@ -230,6 +236,8 @@ impl Default for Config {
             statsidle: Duration::from_secs(3 * 86_400),
             maxusersperip: 256,
             webserver: None,
+            maxupstreams: 100,
+            reconnectallow: Vec::new(),
         }
     }
 }
@@ -310,6 +318,8 @@ const KNOWN_KEYS: &[&str] = &[
     "statsidle",
     "maxusersperip",
     "webserver",
+    "maxupstreams",
+    "reconnectallow",
 ];
 
 /// A loaded configuration plus the warnings to log.
@@ -547,6 +557,12 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
         c.maxusersperip =
             usize::try_from(whole("maxusersperip", v, 0, 100_000_000)?).unwrap_or(usize::MAX);
     }
+    if let Some(v) = map.get("maxupstreams") {
+        c.maxupstreams = usize::try_from(whole("maxupstreams", v, 1, 10_000)?).unwrap_or(10_000);
+    }
+    if let Some(v) = map.get("reconnectallow") {
+        c.reconnectallow = typed::<Vec<String>>("reconnectallow", v)?;
+    }
     if let Some(v) = map.get("webserver") {
         let addr = typed::<String>("webserver", v)?;
         if addr.trim().is_empty() {
@@ -772,6 +788,26 @@ mod tests {
             parse(r#"{"handoff": 1}"#),
             Err(ConfigError::Type { key: "handoff", .. })
         ));
+    }
+
+    #[test]
+    fn maxupstreams_and_reconnectallow() {
+        let d = parse("{}").unwrap().config;
+        assert_eq!((d.maxupstreams, d.reconnectallow.len()), (100, 0));
+        let l = parse(r#"{"maxupstreams": 3, "reconnectallow": ["pool2.example.com"]}"#).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.maxupstreams, 3);
+        assert_eq!(
+            l.config.reconnectallow,
+            vec!["pool2.example.com".to_owned()]
+        );
+        for bad in [
+            r#"{"maxupstreams": 0}"#,
+            r#"{"maxupstreams": 1.5}"#,
+            r#"{"reconnectallow": "pool2"}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! One runner per mode. Pool and solo mode run [`pool::run`], passthrough mode
 //! [`passthrough::run`], redirector mode [`redirector::run`] (a passthrough with a watch),
-//! proxy mode [`proxy::run`]; userproxy and node have none yet.
+//! proxy and userproxy mode [`proxy::run`]; node has none yet.
 
 pub(crate) mod passthrough;
 pub(crate) mod pool;
@@ -14,9 +14,14 @@ use crate::settings::{ConfigError, Mode, Settings};
 /// names what is missing rather than a config key.
 pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
     match mode {
-        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Redirector | Mode::Proxy => Ok(()),
-        Mode::UserProxy | Mode::Node => Err(ConfigError(format!(
-            "{mode} mode is not implemented yet (only pool, solo, proxy, passthrough and redirector mode are)"
+        Mode::Pool
+        | Mode::Solo
+        | Mode::Passthrough
+        | Mode::Redirector
+        | Mode::Proxy
+        | Mode::UserProxy => Ok(()),
+        Mode::Node => Err(ConfigError(format!(
+            "{mode} mode is not implemented yet (only pool, solo, proxy, userproxy, passthrough and redirector mode are)"
         ))),
     }
 }
@@ -28,10 +33,9 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         Mode::Pool | Mode::Solo => pool::run(settings, instance),
         Mode::Passthrough => passthrough::run(settings, &instance.shutdown),
         Mode::Redirector => redirector::run(settings, &instance.shutdown),
-        Mode::Proxy => proxy::run(settings, &instance.shutdown),
-        Mode::UserProxy | Mode::Node => {
-            Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
-        }
+        Mode::Proxy => proxy::run(settings, &instance.shutdown, false),
+        Mode::UserProxy => proxy::run(settings, &instance.shutdown, true),
+        Mode::Node => Err(ConfigError(format!("{} mode has no runner", settings.mode)).into()),
     }
 }
 
@@ -40,13 +44,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_pool_solo_proxy_passthrough_and_redirector_are_implemented() {
+    fn only_node_is_not_implemented() {
         assert!(check_implemented(Mode::Pool).is_ok());
         assert!(check_implemented(Mode::Solo).is_ok());
         assert!(check_implemented(Mode::Passthrough).is_ok());
         assert!(check_implemented(Mode::Redirector).is_ok());
         assert!(check_implemented(Mode::Proxy).is_ok());
-        for mode in [Mode::UserProxy, Mode::Node] {
+        assert!(check_implemented(Mode::UserProxy).is_ok());
+        {
+            let mode = Mode::Node;
             let err = check_implemented(mode).expect_err("not implemented");
             assert!(
                 err.0

@@ -76,6 +76,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
         upstream: None,
         source: None,
+        auth: None,
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
     let hooks = PoolHooks(Arc::clone(&pool));

@@ -1,5 +1,5 @@
-//! Proxy mode (`-p`, or the binary named `ckproxy`): miners connect here as to a pool, and the
-//! work comes from an upstream stratum pool (the `proxy` array, in priority order, with
+//! Proxy mode (`-p`, or the binary named `ckproxy`) and userproxy mode (`-u`): miners connect
+//! here as to a pool, and the work comes from an upstream stratum pool (the `proxy` array, in priority order, with
 //! failover: `generator::upstream::Pool`).
 //!
 //! - Each upstream subscription (and each upstream `mining.set_extranonce`) becomes a work
@@ -21,6 +21,16 @@
 //!   to it ([`stratifier::Shard::move_source`]): `mining.set_extranonce` and a clean notify for
 //!   those that sent `mining.extranonce.subscribe`, `client.reconnect` for the others.
 //!
+//! - More upstream connections: the main one (the `proxy` array with failover) is joined by
+//!   recruited ones (the main one's server and credentials) when 7/8 of the local extranonce1
+//!   values of every connection are taken; new connections open on the first with room. In
+//!   userproxy mode (`-u`) each user other than the `proxy` entry's gets a connection of its own
+//!   with its own credentials, opened at its first `mining.authorize`; the stratifier holds the
+//!   authorisation ([`stratifier::PoolConfig::external_auth`]) until that connection has work
+//!   (the miner is then moved to it) or refused it. Every connection is a source of its own;
+//!   a share goes to the connection whose work it is on. `maxupstreams` bounds them; user and
+//!   recruited connections with no miner for [`IDLE_LINK`] are closed.
+//!
 //! Version rolling: the upstream is asked for `version_mask` with `mining.configure`; the mask
 //! miners are offered is the intersection of its answer and `version_mask`, fixed when the
 //! first upstream comes up (a later upstream granting less is logged).
@@ -38,7 +48,10 @@ use connector::Connector;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use generator::upstream::{self, Submit, UpstreamConfig, UpstreamEvent, UpstreamServer};
 use serde::Serialize;
-use stratifier::{ExtranonceLayout, Origin, Pool, SourceId, UpstreamShare, Work};
+use stratifier::{
+    AuthRequest, AuthVerdict, ClientId, ExtranonceLayout, Origin, Pool, SourceId, UpstreamShare,
+    Work,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, GenLink};
@@ -51,6 +64,8 @@ use crate::status;
 const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);
 /// Shares waiting for the main loop to submit them upstream; more are dropped (and counted).
 const SHARE_QUEUE: usize = 65_536;
+/// Userproxy authorisations waiting for the main loop.
+const AUTH_QUEUE: usize = 4096;
 
 /// The upstream link's configuration from the settings.
 pub(crate) fn upstream_config(settings: &Settings) -> UpstreamConfig {
@@ -63,6 +78,7 @@ pub(crate) fn upstream_config(settings: &Settings) -> UpstreamConfig {
             .collect(),
         version_rolling: (f.version_mask != 0).then_some(f.version_mask),
         extranonce_subscribe: true,
+        reconnect_allow: f.reconnectallow.clone(),
         ..UpstreamConfig::default()
     }
 }
@@ -109,6 +125,28 @@ struct UserCounts {
     rejected: u64,
 }
 
+/// One upstream connection, for the admin `stats`.
+#[derive(Debug, Clone, Serialize)]
+struct ConnStats {
+    /// A number naming the connection while it lasts (the main one is 0).
+    id: u64,
+    /// `main` (the `proxy` entries', with failover), `recruit` (another connection with the
+    /// same credentials, for more miners) or `user` (userproxy: a user's own).
+    role: &'static str,
+    /// The user it is authorised as, for `user` connections.
+    user: Option<String>,
+    url: String,
+    /// `connecting`, `active`, `down`, `failed` or `refused`.
+    state: &'static str,
+    difficulty: Option<f64>,
+    accepted: u64,
+    rejected: u64,
+    lost: u64,
+    /// Miners on its work (live sessions and those parked for resume); `None` when the local
+    /// extranonce1 part is wider than 4 bytes (not counted).
+    miners: Option<u64>,
+}
+
 /// What the admin `stats` shows as `upstreams`.
 #[derive(Debug, Clone, Serialize)]
 struct UpstreamStats {
@@ -122,31 +160,107 @@ struct UpstreamStats {
     users: HashMap<String, UserCounts>,
     /// Shares that could not be queued for the upstream (queue full, link gone, stale source).
     dropped: u64,
+    /// Every upstream connection open, the main one first.
+    connections: Vec<ConnStats>,
 }
 
-/// The proxy's view of its upstream, owned by the main loop.
-struct Proxy {
-    pool: Arc<Pool>,
-    /// The source new connections mine on (shared with the connector threads).
-    open_source: Arc<AtomicU16>,
+/// What an upstream connection is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// The `proxy` entries' connection, with failover (always `links[0]`).
+    Main,
+    /// Another connection to the main one's server with its credentials, recruited when the
+    /// local extranonce1 space of the others is nearly full.
+    Recruit,
+    /// Userproxy: a user's own connection, with the credentials of its first authorisation.
+    User(Arc<str>),
+}
+
+impl Role {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Recruit => "recruit",
+            Self::User(_) => "user",
+        }
+    }
+}
+
+/// One upstream connection and what the proxy knows of it.
+struct UpLink {
+    id: u64,
+    role: Role,
+    link: upstream::Pool,
+    rx: Receiver<UpstreamEvent>,
+    url: String,
+    state: &'static str,
     /// The source with work now.
     current: Option<SourceId>,
     /// A source subscribed but without work yet; becomes current with its first job.
     pending: Option<SourceId>,
-    /// Index of the entry the link is on.
-    active: Option<usize>,
-    /// The source of the active upstream connection's subscription: only its work is
-    /// submitted (another connection's job ids mean nothing to it).
+    /// The source of the live subscription: only its work is submitted on this connection
+    /// (another connection's job ids mean nothing to it).
     linked: Option<SourceId>,
+    /// Index of the server it is on (the `proxy` entry for the main connection).
+    active: Option<usize>,
+    difficulty: Option<f64>,
+    accepted: u64,
+    rejected: u64,
+    lost: u64,
+    /// Userproxy: miners whose authorisation waits for this connection's first work.
+    waiting: Vec<ClientId>,
+    started: Instant,
+    /// Since when it has had no miner (user and recruited connections are closed after
+    /// [`IDLE_LINK`]).
+    idle_since: Option<Instant>,
+    /// To be closed by the next housekeeping.
+    closing: bool,
+}
+
+/// A submit in flight: (connection id, `proxy` entry index for the main connection, user).
+type InFlight = (u64, Option<usize>, Arc<Box<str>>);
+
+/// The proxy's view of its upstream connections, owned by the main loop.
+struct Proxy {
+    pool: Arc<Pool>,
+    /// The source new connections mine on (shared with the connector threads).
+    open_source: Arc<AtomicU16>,
     nonce2length: Option<usize>,
-    /// Submits in flight: tag → (server index, user).
-    inflight: HashMap<u64, (usize, Arc<Box<str>>)>,
+    /// Submits in flight, by tag.
+    inflight: HashMap<u64, InFlight>,
     next_tag: u64,
     stats: Arc<Mutex<UpstreamStats>>,
     /// The mask miners were offered.
     miner_mask: u32,
     /// The mask asked of the upstream.
     asked_mask: u32,
+    /// Every connection; `links[0]` is the main one.
+    links: Vec<UpLink>,
+    next_link_id: u64,
+    /// The configuration new connections are made from (their one server put in).
+    base: UpstreamConfig,
+    /// The `proxy` entries.
+    servers: Vec<UpstreamServer>,
+    /// `maxupstreams`.
+    max_links: usize,
+}
+
+/// A userproxy authorisation whose user's connection has not given work by then is refused.
+const AUTH_WAIT: Duration = Duration::from_secs(10);
+/// The shards' own bound on a waiting authorisation (after the daemon's).
+const SHARD_AUTH_WAIT: Duration = Duration::from_secs(12);
+/// A user's or recruited connection with no miner this long is closed.
+const IDLE_LINK: Duration = Duration::from_secs(60);
+
+/// Whether a source with `used` of `space` extranonce1 values taken is full enough to place
+/// new miners elsewhere (7/8 of it: room is left for sessions that resume).
+fn nearly_full(used: u64, space: u64) -> bool {
+    used >= space - space / 8
+}
+
+/// The user part of a worker name (before the first `.` or `_`).
+fn user_part(worker: &str) -> &str {
+    worker.split(['.', '_']).next().unwrap_or(worker)
 }
 
 impl Proxy {
@@ -162,8 +276,61 @@ impl Proxy {
         }
     }
 
-    /// A new subscription (or extranonce) from the upstream: a new work source.
-    fn subscribed(&mut self, enonce1: &[u8], nonce2len: usize) {
+    /// Starts a connection for `role` to `server`; `None` when it cannot start.
+    fn open_link(&mut self, role: Role, server: UpstreamServer) -> Option<usize> {
+        let url = server.url.clone();
+        let cfg = UpstreamConfig {
+            servers: vec![server],
+            ..self.base.clone()
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1024);
+        let link = match upstream::Pool::start(cfg, tx) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error = %e, "cannot start an upstream connection");
+                return None;
+            }
+        };
+        self.next_link_id += 1;
+        info!(
+            id = self.next_link_id,
+            role = role.name(),
+            url,
+            "opening an upstream connection"
+        );
+        self.links.push(UpLink {
+            id: self.next_link_id,
+            role,
+            link,
+            rx,
+            url,
+            state: "connecting",
+            current: None,
+            pending: None,
+            linked: None,
+            active: None,
+            difficulty: None,
+            accepted: 0,
+            rejected: 0,
+            lost: 0,
+            waiting: Vec::new(),
+            started: Instant::now(),
+            idle_since: None,
+            closing: false,
+        });
+        Some(self.links.len() - 1)
+    }
+
+    /// The `proxy` entry the main connection is on (the first while none is).
+    fn main_server(&self) -> Option<&UpstreamServer> {
+        let active = self.links.first().and_then(|l| l.active);
+        active
+            .and_then(|i| self.servers.get(i))
+            .or_else(|| self.servers.first())
+    }
+
+    /// A new subscription (or extranonce) from connection `k`'s upstream: a new work source.
+    fn subscribed(&mut self, k: usize, enonce1: &[u8], nonce2len: usize) {
         let Some(local) = local_len(nonce2len, self.nonce2length) else {
             error!(
                 nonce2len,
@@ -182,27 +349,27 @@ impl Proxy {
             Ok(source) => {
                 info!(
                     source = source.0,
+                    link = self.links.get(k).map(|l| l.id),
                     enonce1 = %hex::encode(enonce1),
                     upstream_nonce2len = nonce2len,
                     local,
                     miner_nonce2len = nonce2len - local,
                     "new upstream work source"
                 );
-                self.pending = Some(source);
-                self.linked = Some(source);
+                if let Some(l) = self.links.get_mut(k) {
+                    l.pending = Some(source);
+                    l.linked = Some(source);
+                }
             }
             Err(e) => error!(error = %e, "cannot add a work source"),
         }
     }
 
-    /// The source an upstream message is about: the subscription being set up, else the
-    /// current one.
-    fn target(&self) -> Option<SourceId> {
-        self.pending.or(self.current)
-    }
-
-    fn job(&mut self, job: &decode::Job, conns: &Connector<Msg>) {
-        let Some(source) = self.target() else {
+    fn job(&mut self, k: usize, job: &decode::Job, conns: &Connector<Msg>) {
+        let Some(l) = self.links.get(k) else {
+            return;
+        };
+        let Some(source) = l.pending.or(l.current) else {
             warn!(job = %job.job_id, "upstream job with no subscription; ignored");
             return;
         };
@@ -228,39 +395,72 @@ impl Proxy {
             }
         };
         info!(job = %job.id_hex, upstream_job = %match &job.origin { Origin::Upstream { job_id } => job_id.as_str(), _ => "" }, source = source.0, clean = job.clean, "new job");
-        if self.pending == Some(source) {
-            self.pending = None;
-            let old = self.current.replace(source);
-            self.open_source.store(source.0, Ordering::Release);
-            if let Some(from) = old.filter(|&o| o != source) {
-                info!(
-                    from = from.0,
-                    to = source.0,
-                    "moving miners to the new upstream work source"
-                );
-                conns.broadcast(Msg::Cmd(ShardCmd::Move { from, to: source }));
-            }
-            if let Some(max) = self
-                .pool
-                .upstream_diff(source)
-                .and_then(Difficulty::from_f64)
-            {
-                conns.broadcast(Msg::Cmd(ShardCmd::LimitDiff { source, max }));
-            }
+        if l.pending == Some(source) {
+            self.became_current(k, source, conns);
         }
         conns.broadcast(Msg::Job(job));
     }
 
-    fn difficulty(&mut self, d: f64, conns: &Connector<Msg>) {
-        let Some(source) = self.target() else {
+    /// Connection `k`'s new subscription has work: its miners move to it, waiting
+    /// authorisations are answered, and new miners may be placed on it.
+    fn became_current(&mut self, k: usize, source: SourceId, conns: &Connector<Msg>) {
+        let Some(l) = self.links.get_mut(k) else {
             return;
         };
-        info!(diff = d, source = source.0, "upstream difficulty");
+        l.pending = None;
+        let old = l.current.replace(source);
+        let waiting = std::mem::take(&mut l.waiting);
+        let role = l.role.clone();
+        if let Some(from) = old.filter(|&o| o != source) {
+            info!(
+                from = from.0,
+                to = source.0,
+                "moving miners to the new upstream work source"
+            );
+            self.pool.set_source_joinable(from, false);
+            conns.broadcast(Msg::Cmd(ShardCmd::Move { from, to: source }));
+        }
+        if let Some(max) = self
+            .pool
+            .upstream_diff(source)
+            .and_then(Difficulty::from_f64)
+        {
+            conns.broadcast(Msg::Cmd(ShardCmd::LimitDiff { source, max }));
+        }
+        match role {
+            Role::User(user) => {
+                // Miners reconnected onto it resume their sessions here.
+                self.pool.set_source_joinable(source, true);
+                if !waiting.is_empty() {
+                    info!(user = %user, miners = waiting.len(), "user's upstream ready; authorising its miners");
+                }
+                for client in waiting {
+                    verdict(conns, client, AuthVerdict::Accept(source));
+                }
+            }
+            Role::Main | Role::Recruit => self.choose_open(),
+        }
+    }
+
+    fn difficulty(&mut self, k: usize, d: f64, conns: &Connector<Msg>) {
+        let Some(l) = self.links.get_mut(k) else {
+            return;
+        };
+        let Some(source) = l.pending.or(l.current) else {
+            return;
+        };
+        info!(
+            diff = d,
+            source = source.0,
+            link = l.id,
+            "upstream difficulty"
+        );
         if let Err(e) = self.pool.set_upstream_diff(source, d) {
             warn!(error = %e, "cannot set the upstream difficulty");
             return;
         }
-        if self.current == Some(source) {
+        l.difficulty = Some(d);
+        if k == 0 {
             self.stats().difficulty = Some(d);
         }
         if let Some(max) = Difficulty::from_f64(d) {
@@ -268,41 +468,86 @@ impl Proxy {
         }
     }
 
-    /// Handles one event of the upstream link.
-    fn event(&mut self, ev: UpstreamEvent, conns: &Connector<Msg>) {
+    /// Handles one event of connection `k`.
+    fn event(&mut self, k: usize, ev: UpstreamEvent, conns: &Connector<Msg>) {
+        let Some(l) = self.links.get_mut(k) else {
+            return;
+        };
+        let main = l.role == Role::Main;
         match ev {
             UpstreamEvent::Up { index, url } => {
-                info!(index, url, "upstream active");
-                if let Some(old) = self.active.replace(index)
-                    && old != index
-                {
-                    self.server_state(old, "down");
-                }
-                self.server_state(index, "active");
-                self.stats().active = Some(index);
+                info!(index, url, link = l.id, "upstream active");
+                let old = l.active.replace(index);
+                l.state = "active";
+                l.url = url;
                 // Its subscription follows; until then nothing is submitted.
-                self.linked = None;
+                l.linked = None;
+                if main {
+                    if let Some(old) = old
+                        && old != index
+                    {
+                        self.server_state(old, "down");
+                    }
+                    self.server_state(index, "active");
+                    self.stats().active = Some(index);
+                }
             }
             UpstreamEvent::Down { index, reason } => {
-                warn!(index, reason, "upstream down; miners stay connected");
-                self.server_state(index, "down");
-                if self.active == Some(index) {
-                    self.active = None;
-                    self.linked = None;
-                    self.stats().active = None;
+                warn!(
+                    index,
+                    reason,
+                    link = l.id,
+                    "upstream down; miners stay connected"
+                );
+                l.state = "down";
+                if l.active == Some(index) {
+                    l.active = None;
+                    l.linked = None;
+                    if main {
+                        self.stats().active = None;
+                    }
+                }
+                if main {
+                    self.server_state(index, "down");
                 }
             }
             UpstreamEvent::Failed { index, reason } => {
-                warn!(index, reason, "upstream connection failed");
-                self.server_state(index, "failed");
+                warn!(index, reason, link = l.id, "upstream connection failed");
+                if l.active.is_none() {
+                    l.state = "failed";
+                }
+                if main {
+                    self.server_state(index, "failed");
+                }
             }
             UpstreamEvent::Refused { index, reason } => {
-                warn!(index, reason, "upstream refused our credentials");
-                self.server_state(index, "refused");
+                warn!(
+                    index,
+                    reason,
+                    link = l.id,
+                    "upstream refused our credentials"
+                );
+                l.state = "refused";
+                if main {
+                    self.server_state(index, "refused");
+                } else {
+                    // A user's own credentials (or a recruit's): this connection is done.
+                    l.closing = true;
+                    let why: Arc<str> = Arc::from(if reason.is_empty() {
+                        "Upstream refused the user".to_owned()
+                    } else {
+                        reason
+                    });
+                    for client in std::mem::take(&mut l.waiting) {
+                        verdict(conns, client, AuthVerdict::Refuse(Arc::clone(&why)));
+                    }
+                }
             }
             UpstreamEvent::VersionRolling(mask) => {
                 let granted = mask.unwrap_or(0) & self.asked_mask;
-                self.stats().version_mask = mask.map(|m| format!("{m:08x}"));
+                if main {
+                    self.stats().version_mask = mask.map(|m| format!("{m:08x}"));
+                }
                 if self.miner_mask & !granted != 0 {
                     warn!(
                         granted = format_args!("{granted:08x}"),
@@ -313,11 +558,11 @@ impl Proxy {
             }
             UpstreamEvent::Subscribed { enonce1, nonce2len }
             | UpstreamEvent::Extranonce { enonce1, nonce2len } => {
-                self.subscribed(&enonce1, nonce2len);
+                self.subscribed(k, &enonce1, nonce2len);
             }
-            UpstreamEvent::Authorised => debug!("authorised upstream"),
-            UpstreamEvent::Job(job) => self.job(&job, conns),
-            UpstreamEvent::Difficulty(d) => self.difficulty(d, conns),
+            UpstreamEvent::Authorised => debug!(link = l.id, "authorised upstream"),
+            UpstreamEvent::Job(job) => self.job(k, &job, conns),
+            UpstreamEvent::Difficulty(d) => self.difficulty(k, d, conns),
             UpstreamEvent::VersionMask(m) => {
                 info!(
                     mask = format_args!("{m:08x}"),
@@ -328,7 +573,13 @@ impl Proxy {
                 host,
                 port,
                 honoured,
-            } => info!(?host, ?port, honoured, "upstream client.reconnect"),
+            } => info!(
+                ?host,
+                ?port,
+                honoured,
+                link = l.id,
+                "upstream client.reconnect"
+            ),
             UpstreamEvent::Verdict {
                 tag,
                 accepted,
@@ -338,7 +589,7 @@ impl Proxy {
     }
 
     fn verdict(&mut self, tag: u64, accepted: bool, reason: Option<&str>) {
-        let Some((index, user)) = self.inflight.remove(&tag) else {
+        let Some((id, index, user)) = self.inflight.remove(&tag) else {
             debug!(tag, "verdict for no submit");
             return;
         };
@@ -349,8 +600,22 @@ impl Proxy {
         if !accepted {
             warn!(user = %user, reason = reason.unwrap_or(""), "share rejected upstream");
         }
+        let counts = self.links.iter_mut().find(|l| l.id == id).map(|l| {
+            match (accepted, lost) {
+                (true, _) => l.accepted += 1,
+                (false, true) => l.lost += 1,
+                (false, false) => l.rejected += 1,
+            }
+            (l.accepted, l.rejected, l.lost)
+        });
         let mut st = self.stats();
-        if let Some(s) = st.servers.get_mut(index) {
+        // The connection's figures change with the users' under one lock: a reader sees both.
+        if let Some((a, r, l)) = counts
+            && let Some(c) = st.connections.iter_mut().find(|c| c.id == id)
+        {
+            (c.accepted, c.rejected, c.lost) = (a, r, l);
+        }
+        if let Some(s) = index.and_then(|i| st.servers.get_mut(i)) {
             match (accepted, lost) {
                 (true, _) => s.accepted += 1,
                 (false, true) => s.lost += 1,
@@ -365,21 +630,22 @@ impl Proxy {
         }
     }
 
-    /// A share from the shards for the upstream.
-    fn submit(&mut self, share: &UpstreamShare, link: &upstream::Pool) {
-        let (Some(index), Some(linked)) = (self.active, self.linked) else {
-            self.stats().dropped += 1;
-            return;
-        };
-        // Work of an earlier upstream connection is not valid on this one.
-        if share.job.source != linked {
+    /// A share from the shards for the upstream connection whose work it was made on.
+    fn submit(&mut self, share: &UpstreamShare) {
+        let source = share.job.source;
+        let Some(l) = self
+            .links
+            .iter()
+            .find(|l| l.linked == Some(source) && l.active.is_some())
+        else {
+            // Work of an earlier subscription is not valid on any connection now.
             debug!(
-                source = share.job.source.0,
-                "share on a previous upstream's work; not submitted"
+                source = source.0,
+                "share on work no upstream connection takes; not submitted"
             );
             self.stats().dropped += 1;
             return;
-        }
+        };
         let Origin::Upstream { job_id } = &share.job.origin else {
             return;
         };
@@ -395,9 +661,14 @@ impl Proxy {
         ) else {
             return;
         };
-        match link.try_submit(submit) {
+        let entry = (
+            l.id,
+            (l.role == Role::Main).then_some(l.active).flatten(),
+            Arc::clone(&share.user),
+        );
+        match l.link.try_submit(submit) {
             Ok(()) => {
-                self.inflight.insert(tag, (index, Arc::clone(&share.user)));
+                self.inflight.insert(tag, entry);
             }
             Err(e) => {
                 warn!(error = %e, "share not queued for the upstream");
@@ -405,11 +676,226 @@ impl Proxy {
             }
         }
     }
+
+    /// Userproxy: a miner's authorisation. The proxy entry's own credentials mine on the
+    /// main connection; any other user gets a connection of its own (opened at its first
+    /// authorisation, shared by its workers), and the answer waits for its first work.
+    fn authorise(&mut self, req: &AuthRequest, conns: &Connector<Msg>) {
+        let client = req.client;
+        if let Some(e) = self.main_server()
+            && user_part(&e.auth) == &*req.user
+            && e.pass == *req.pass
+        {
+            return verdict(conns, client, AuthVerdict::Here);
+        }
+        let user = &req.user;
+        if let Some(l) = self
+            .links
+            .iter_mut()
+            .find(|l| !l.closing && matches!(&l.role, Role::User(u) if u == user))
+        {
+            match l.current {
+                Some(source) if l.linked.is_some() => {
+                    verdict(conns, client, AuthVerdict::Accept(source));
+                }
+                _ => l.waiting.push(client),
+            }
+            return;
+        }
+        if self.links.iter().filter(|l| !l.closing).count() >= self.max_links {
+            warn!(user = %user, max = self.max_links, "maxupstreams reached: user not given an upstream connection");
+            return verdict(
+                conns,
+                client,
+                AuthVerdict::Refuse(Arc::from("Too many upstream connections")),
+            );
+        }
+        let Some(url) = self.main_server().map(|s| s.url.clone()) else {
+            return;
+        };
+        let server = UpstreamServer::new(url, user.to_string(), req.pass.to_string());
+        match self.open_link(Role::User(Arc::clone(user)), server) {
+            Some(k) => {
+                if let Some(l) = self.links.get_mut(k) {
+                    l.waiting.push(client);
+                }
+            }
+            None => verdict(
+                conns,
+                client,
+                AuthVerdict::Refuse(Arc::from("Upstream unavailable")),
+            ),
+        }
+    }
+
+    /// Places new miners on the first main or recruited connection with room (in order), and
+    /// recruits another connection when all are nearly full.
+    fn choose_open(&mut self) {
+        let mut all_full = true;
+        let mut recruiting = false;
+        let mut open = None;
+        for l in &self.links {
+            if !matches!(l.role, Role::Main | Role::Recruit) || l.closing {
+                continue;
+            }
+            let Some(source) = l.current.filter(|_| l.linked.is_some()) else {
+                recruiting |= l.role == Role::Recruit;
+                continue;
+            };
+            let full = self
+                .pool
+                .enonce1_usage(source)
+                .is_some_and(|(used, space)| nearly_full(used, space));
+            if !full {
+                open = Some(source);
+                all_full = false;
+                break;
+            }
+        }
+        if let Some(source) = open
+            && self.open_source.swap(source.0, Ordering::AcqRel) != source.0
+        {
+            info!(
+                source = source.0,
+                "new miners go to this upstream work source"
+            );
+        }
+        if !all_full || recruiting {
+            return;
+        }
+        if self.links.iter().filter(|l| !l.closing).count() >= self.max_links {
+            debug!(
+                max = self.max_links,
+                "every upstream connection is nearly full and maxupstreams is reached"
+            );
+            return;
+        }
+        let Some(server) = self
+            .links
+            .first()
+            .and_then(|m| m.active)
+            .and_then(|i| self.servers.get(i))
+            .cloned()
+        else {
+            return;
+        };
+        info!(
+            url = server.url,
+            "local extranonce space nearly full: recruiting another upstream connection"
+        );
+        self.open_link(Role::Recruit, server);
+    }
+
+    /// Periodic work: refuses authorisations whose connection gave no work in time, closes
+    /// connections that were refused or have had no miner for [`IDLE_LINK`], places new
+    /// miners, and refreshes the stats.
+    fn housekeeping(&mut self, now: Instant, conns: &Connector<Msg>) {
+        let open = SourceId(self.open_source.load(Ordering::Acquire));
+        for l in self.links.iter_mut().skip(1) {
+            if l.current.is_none() && now.saturating_duration_since(l.started) >= AUTH_WAIT {
+                if !l.waiting.is_empty() {
+                    let why: Arc<str> = Arc::from("Upstream did not answer");
+                    for client in std::mem::take(&mut l.waiting) {
+                        verdict(conns, client, AuthVerdict::Refuse(Arc::clone(&why)));
+                    }
+                }
+                l.closing = true;
+            }
+            let idle = l.waiting.is_empty()
+                && l.current.is_some_and(|s| {
+                    s != open
+                        && self
+                            .pool
+                            .enonce1_usage(s)
+                            .is_some_and(|(used, _)| used == 0)
+                });
+            if idle {
+                let since = *l.idle_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= IDLE_LINK {
+                    info!(
+                        link = l.id,
+                        role = l.role.name(),
+                        "upstream connection has no miner; closing it"
+                    );
+                    l.closing = true;
+                }
+            } else {
+                l.idle_since = None;
+            }
+        }
+        let mut k = 1;
+        while k < self.links.len() {
+            if self.links.get(k).is_some_and(|l| l.closing) {
+                let l = self.links.remove(k);
+                if let Some(s) = l.current {
+                    self.pool.set_source_joinable(s, false);
+                }
+                let id = l.id;
+                let before = self.inflight.len();
+                self.inflight.retain(|_, (lid, _, _)| *lid != id);
+                if before != self.inflight.len() {
+                    debug!(
+                        link = id,
+                        lost = before - self.inflight.len(),
+                        "shares in flight on a closed connection"
+                    );
+                }
+                // Dropping it stops its threads without waiting.
+                drop(l);
+            } else {
+                k += 1;
+            }
+        }
+        self.choose_open();
+        self.refresh_connections();
+    }
+
+    /// Rewrites `connections` in the stats (each event but a verdict, and every
+    /// [`MAIN_LOOP_WAKE`]: `miners` changes in the shards without an event here).
+    fn refresh_connections(&self) {
+        let connections = self
+            .links
+            .iter()
+            .map(|l| ConnStats {
+                id: l.id,
+                role: l.role.name(),
+                user: match &l.role {
+                    Role::User(u) => Some(u.to_string()),
+                    Role::Main | Role::Recruit => None,
+                },
+                url: l.url.clone(),
+                state: l.state,
+                difficulty: l.difficulty,
+                accepted: l.accepted,
+                rejected: l.rejected,
+                lost: l.lost,
+                miners: l
+                    .current
+                    .and_then(|s| self.pool.enonce1_usage(s))
+                    .map(|(used, _)| used),
+            })
+            .collect();
+        self.stats().connections = connections;
+    }
+}
+
+/// Sends the verdict on `client`'s authorisation to the connector thread that owns it.
+fn verdict(conns: &Connector<Msg>, client: ClientId, verdict: AuthVerdict) {
+    conns.send(
+        usize::from(client.conn().thread()),
+        Msg::Cmd(ShardCmd::Authorised { client, verdict }),
+    );
 }
 
 /// Proxy mode. Returns when `shutdown` is set, having stopped everything.
-pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+/// `userproxy`: `-u`, each user on an upstream connection of its own.
+pub(crate) fn run(
+    settings: &Settings,
+    shutdown: &Arc<AtomicBool>,
+    userproxy: bool,
+) -> anyhow::Result<()> {
     let cfg = upstream_config(settings);
+    let base = cfg.clone();
     if cfg.servers.is_empty() {
         bail!("proxy mode needs a \"proxy\" array in the config (url, auth, pass)");
     }
@@ -447,6 +933,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     // The network only matters for address checks, which proxy mode does not make.
     let mut pcfg = settings.pool(Network::Bitcoin)?;
     pcfg.version_mask &= granted;
+    pcfg.external_auth = userproxy.then_some(SHARD_AUTH_WAIT);
     info!(
         version_mask = format_args!("{:08x}", pcfg.version_mask),
         "version bits offered to miners"
@@ -463,14 +950,36 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         servers,
         users: HashMap::new(),
         dropped: 0,
+        connections: Vec::new(),
     }));
+    let main = UpLink {
+        id: 0,
+        role: Role::Main,
+        link,
+        rx: up_rx,
+        url: String::new(),
+        state: "connecting",
+        current: None,
+        pending: None,
+        linked: None,
+        active: None,
+        difficulty: None,
+        accepted: 0,
+        rejected: 0,
+        lost: 0,
+        waiting: Vec::new(),
+        started,
+        idle_since: None,
+        closing: false,
+    };
     let mut proxy = Proxy {
         pool: Arc::clone(&pool),
         open_source: Arc::new(AtomicU16::new(0)),
-        current: None,
-        pending: None,
-        active: None,
-        linked: None,
+        links: vec![main],
+        next_link_id: 0,
+        servers: base.servers.clone(),
+        base,
+        max_links: settings.file.maxupstreams,
         nonce2length: settings
             .file
             .nonce2length_given
@@ -489,11 +998,15 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     };
     let (share_tx, share_rx) = crossbeam_channel::bounded::<UpstreamShare>(SHARE_QUEUE);
     let overflow = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (auth_tx, auth_rx) = crossbeam_channel::bounded::<AuthRequest>(AUTH_QUEUE);
     let sinks = handoff::Sinks {
         blocks: None,
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
         upstream: Some(upstream_sink(share_tx, Arc::clone(&overflow))),
         source: Some(Arc::clone(&proxy.open_source)),
+        // The loop's own sender keeps the queue open in proxy mode too (a closed queue would
+        // wake the select at once, every time).
+        auth: userproxy.then(|| auth_sink(auth_tx.clone())),
     };
     let stats_writer = status::start(
         Arc::clone(&pool),
@@ -519,7 +1032,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     .context("starting the connector")?;
     // The work that came before the pool existed; the first source becomes current now.
     for ev in early {
-        proxy.event(ev, &conns);
+        proxy.event(0, ev, &conns);
     }
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
@@ -562,26 +1075,45 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     };
 
     let mut last_status = Instant::now();
+    let mut last_housekeeping = Instant::now();
     let mut reported_overflow = 0;
     while !shutdown.load(Ordering::Relaxed) {
-        crossbeam_channel::select! {
-            recv(up_rx) -> ev => match ev {
-                Ok(ev) => proxy.event(ev, &conns),
-                Err(_) => {
-                    error!("upstream link stopped");
-                    break;
+        match wait(&proxy.links, &share_rx, &auth_rx) {
+            Wake::Share(share) => {
+                proxy.submit(&share);
+                // Take what else is queued.
+                for share in share_rx.try_iter().take(1024) {
+                    proxy.submit(&share);
                 }
-            },
-            recv(share_rx) -> share => {
-                if let Ok(share) = share {
-                    proxy.submit(&share, &link);
-                    // Take what else is queued.
-                    for share in share_rx.try_iter().take(1024) {
-                        proxy.submit(&share, &link);
-                    }
+            }
+            Wake::Auth(req) => {
+                proxy.authorise(&req, &conns);
+                proxy.refresh_connections();
+            }
+            Wake::Event(k, ev) => {
+                let verdict = matches!(ev, UpstreamEvent::Verdict { .. });
+                proxy.event(k, ev, &conns);
+                if !verdict {
+                    proxy.refresh_connections();
                 }
-            },
-            default(MAIN_LOOP_WAKE) => {},
+            }
+            Wake::Stopped(0) => {
+                error!("upstream link stopped");
+                break;
+            }
+            Wake::Stopped(k) => {
+                if let Some(l) = proxy.links.get_mut(k) {
+                    l.closing = true;
+                }
+                // Gone from the select before it fires again.
+                last_housekeeping = Instant::now();
+                proxy.housekeeping(last_housekeeping, &conns);
+            }
+            Wake::Timeout => {}
+        }
+        if last_housekeeping.elapsed() >= MAIN_LOOP_WAKE {
+            last_housekeeping = Instant::now();
+            proxy.housekeeping(last_housekeeping, &conns);
         }
         let over = overflow.load(Ordering::Relaxed);
         if over != reported_overflow {
@@ -597,7 +1129,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             let s = pool.stats();
             let up = proxy.stats().clone();
             let (acc, rej) = up
-                .servers
+                .connections
                 .iter()
                 .fold((0, 0), |(a, r), s| (a + s.accepted, r + s.rejected));
             info!(
@@ -605,16 +1137,20 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
                 accepted = s.accepted,
                 rejected = s.rejected,
                 upstream = ?up.active,
+                upstream_connections = up.connections.len(),
                 upstream_accepted = acc,
                 upstream_rejected = rej,
                 "status"
             );
         }
     }
+    drop(auth_tx);
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
     conns.shutdown();
-    link.shutdown();
+    for l in proxy.links.drain(..) {
+        l.link.shutdown();
+    }
     if let Some(log) = share_log {
         log.stop();
     }
@@ -626,6 +1162,56 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     }
     info!("shutdown complete");
     Ok(())
+}
+
+/// What the main loop woke for.
+enum Wake {
+    Share(UpstreamShare),
+    Auth(AuthRequest),
+    /// An event of connection `.0`.
+    Event(usize, UpstreamEvent),
+    /// Connection `.0`'s link stopped.
+    Stopped(usize),
+    Timeout,
+}
+
+/// Waits up to [`MAIN_LOOP_WAKE`] for a share, an authorisation or an event of any
+/// upstream connection.
+fn wait(links: &[UpLink], shares: &Receiver<UpstreamShare>, auths: &Receiver<AuthRequest>) -> Wake {
+    let mut sel = crossbeam_channel::Select::new();
+    let i_share = sel.recv(shares);
+    let i_auth = sel.recv(auths);
+    for l in links {
+        sel.recv(&l.rx);
+    }
+    let Ok(op) = sel.select_timeout(MAIN_LOOP_WAKE) else {
+        return Wake::Timeout;
+    };
+    let i = op.index();
+    if i == i_share {
+        return op.recv(shares).map_or(Wake::Timeout, Wake::Share);
+    }
+    if i == i_auth {
+        return op.recv(auths).map_or(Wake::Timeout, Wake::Auth);
+    }
+    let k = i - 2;
+    match links.get(k) {
+        Some(l) => match op.recv(&l.rx) {
+            Ok(ev) => Wake::Event(k, ev),
+            Err(_) => Wake::Stopped(k),
+        },
+        None => Wake::Timeout,
+    }
+}
+
+/// The shards' sink for userproxy authorisations: a bounded queue to the main loop (a full
+/// queue leaves the authorisation to time out in its shard).
+fn auth_sink(tx: Sender<AuthRequest>) -> Arc<dyn Fn(AuthRequest) + Send + Sync> {
+    Arc::new(move |req| {
+        if tx.try_send(req).is_err() {
+            warn!("authorisation queue full; the miner's authorisation times out");
+        }
+    })
 }
 
 /// The shards' sink for upstream shares: a bounded queue to the main loop (never blocks a
@@ -681,7 +1267,23 @@ fn first_job(
 
 #[cfg(test)]
 mod tests {
-    use super::local_len;
+    use super::{local_len, nearly_full, user_part};
+
+    #[test]
+    fn recruiting_threshold_and_user_names() {
+        // A 1-byte local part: 256 miners, another connection at 224.
+        assert!(!nearly_full(223, 256));
+        assert!(nearly_full(224, 256));
+        assert!(nearly_full(256, 256));
+        // 4 bytes: 7/8 of 2^32.
+        assert!(!nearly_full(1 << 20, 1 << 32));
+        assert!(nearly_full((1 << 32) - (1 << 29), 1 << 32));
+        // The user part of a worker name, as the stratifier takes it.
+        assert_eq!(user_part("alice.rig1"), "alice");
+        assert_eq!(user_part("bob_2"), "bob");
+        assert_eq!(user_part("carol"), "carol");
+        assert_eq!(user_part(""), "");
+    }
 
     #[test]
     fn nonce_split_follows_nonce2length_or_ckpools_rule() {

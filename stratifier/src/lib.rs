@@ -82,6 +82,44 @@ pub enum Event {
     /// network target), accepted here or stale: to submit upstream. Always produced; no
     /// allocation (the job is shared, the worker name an interned string).
     Upstream(UpstreamShare),
+    /// Userproxy ([`PoolConfig::external_auth`]): a valid `mining.authorize` waiting for the
+    /// daemon's verdict ([`Shard::finish_authorise`]).
+    Authorise(AuthRequest),
+}
+
+/// A miner's authorisation for the daemon to decide ([`Event::Authorise`]). Its `Debug` leaves
+/// the password out.
+#[derive(Clone)]
+pub struct AuthRequest {
+    /// The miner.
+    pub client: ClientId,
+    /// The user name (the worker name before its first `.` or `_`).
+    pub user: Arc<str>,
+    /// The whole worker name.
+    pub worker: Arc<str>,
+    /// The password it gave.
+    pub pass: Arc<str>,
+}
+
+impl std::fmt::Debug for AuthRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthRequest")
+            .field("client", &self.client)
+            .field("user", &self.user)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The daemon's answer to an [`AuthRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// Authorised, mining on this work source (moved there if it is not its own).
+    Accept(SourceId),
+    /// Authorised on the work source it mines on now.
+    Here,
+    /// Refused, with the reason the miner is told.
+    Refuse(Arc<str>),
 }
 
 /// A share for the upstream pool ([`Event::Upstream`]): what its `mining.submit` carries.
@@ -194,7 +232,7 @@ impl RecordingOut {
                 blocks.push(b.clone());
                 false
             }
-            Event::Share(_) | Event::Upstream(_) => true,
+            Event::Share(_) | Event::Upstream(_) | Event::Authorise(_) => true,
         });
         blocks
     }
@@ -207,7 +245,7 @@ impl RecordingOut {
                 shares.push(s.clone());
                 false
             }
-            Event::Block(_) | Event::Upstream(_) => true,
+            Event::Block(_) | Event::Upstream(_) | Event::Authorise(_) => true,
         });
         shares
     }
@@ -220,9 +258,22 @@ impl RecordingOut {
                 shares.push(s.clone());
                 false
             }
-            Event::Block(_) | Event::Share(_) => true,
+            Event::Block(_) | Event::Share(_) | Event::Authorise(_) => true,
         });
         shares
+    }
+
+    /// The authorisations waiting for a verdict among the events, draining them.
+    pub fn take_authorise(&mut self) -> Vec<AuthRequest> {
+        let mut reqs = Vec::new();
+        self.events.retain(|e| match e {
+            Event::Authorise(r) => {
+                reqs.push(r.clone());
+                false
+            }
+            Event::Block(_) | Event::Share(_) | Event::Upstream(_) => true,
+        });
+        reqs
     }
 
     /// Lines sent to `conn`, parsed as JSON, draining them.

@@ -65,6 +65,11 @@ pub struct PoolConfig {
     pub name: String,
     /// Jobs are kept this long (at least the last few).
     pub job_lifetime: Duration,
+    /// Userproxy: authorisations are decided outside the stratifier. A valid
+    /// `mining.authorize` is not answered at once but leaves as [`crate::Event::Authorise`];
+    /// the answer comes with [`crate::Shard::finish_authorise`], or is a refusal when none
+    /// came within this long. `None` (the default): authorised here.
+    pub external_auth: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -97,6 +102,7 @@ impl PoolConfig {
             max_users_per_ip: 256,
             name: "ckpool-rs".into(),
             job_lifetime: Duration::from_secs(600),
+            external_auth: None,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct Pool {
     pub(crate) registry: StatsRegistry,
     /// The reference instant of every stamp kept (given by the caller: no clock is read here).
     pub(crate) epoch: Instant,
+    /// Sources whose parked sessions resume from a connection opened on another source.
+    joinable: parking_lot::Mutex<Vec<SourceId>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -211,6 +219,7 @@ impl Pool {
             cb_cfg,
             cfg,
             epoch,
+            joinable: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -237,6 +246,30 @@ impl Pool {
     /// The upstream difficulty of `source`, if set.
     pub fn upstream_diff(&self, source: SourceId) -> Option<f64> {
         self.books.upstream_diff(source)
+    }
+
+    /// Lets a session parked on `source` resume there from a connection that was opened on
+    /// another source (`true`), or not (`false`, the default). A userproxy moves a miner that
+    /// cannot take `mining.set_extranonce` to its user's upstream with `client.reconnect`; its
+    /// new connection opens on the shared source and resumes onto the user's.
+    pub fn set_source_joinable(&self, source: SourceId, joinable: bool) {
+        let mut j = self.joinable.lock();
+        j.retain(|&s| s != source);
+        if joinable {
+            j.push(source);
+        }
+    }
+
+    /// Whether sessions parked on `source` resume from connections of other sources.
+    pub(crate) fn source_joinable(&self, source: SourceId) -> bool {
+        self.joinable.lock().contains(&source)
+    }
+
+    /// Extranonce1 values of `source` in use by live and parked sessions, and how many there
+    /// are; `None` for an unknown source or a local part wider than 4 bytes (not tracked).
+    pub fn enonce1_usage(&self, source: SourceId) -> Option<(u64, u64)> {
+        let width = self.layout(source)?.local_len();
+        self.tables.enonce1_usage(source, width)
     }
 
     /// The extranonce layout of `source`.

@@ -1,6 +1,7 @@
 //! One shard of the stratifier: the sessions of one connector thread and every stratum method.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,7 @@ use crate::share::roll_version;
 use crate::stats::{Stripe, WorkerStatsRef};
 use crate::submit;
 use crate::vardiff::{Bounds, VarDiff};
-use crate::{ClientId, Event, Out, Reject, UpstreamShare};
+use crate::{AuthRequest, AuthVerdict, ClientId, Event, Out, Reject, UpstreamShare};
 
 mod admin;
 pub use admin::{ClientInfo, ReconnectTo};
@@ -51,6 +52,19 @@ struct State {
     last_prune: Option<Instant>,
     /// This thread's copy of the live jobs, for checking shares.
     jobs: JobView,
+    /// Userproxy: authorisations waiting for the daemon's verdict (few at a time; not in the
+    /// sessions, which stay as small as they are).
+    pending_auth: HashMap<ClientId, PendingAuth>,
+}
+
+/// A `mining.authorize` waiting for [`Shard::finish_authorise`].
+struct PendingAuth {
+    /// The request's id, as JSON.
+    id: Vec<u8>,
+    worker: Arc<str>,
+    pass: Arc<str>,
+    /// Refused if no verdict came by then.
+    by: Instant,
 }
 
 /// A solo user's coinbase tail and notify lines for one job.
@@ -435,6 +449,7 @@ impl Shard {
                 solo_work: HashMap::new(),
                 last_prune: None,
                 jobs: JobView::default(),
+                pending_auth: HashMap::new(),
             },
         }
     }
@@ -536,6 +551,9 @@ impl Shard {
     /// sub-client on it; a sub-client's, only that sub-client's.
     pub fn on_close(&mut self, now: Instant, conn: impl Into<ClientId>) {
         let conn = conn.into();
+        if !self.st.pending_auth.is_empty() {
+            self.st.pending_auth.remove(&conn);
+        }
         if let Some(s) = self.st.sessions.remove(conn) {
             self.st.closed(now, conn, s);
         }
@@ -622,6 +640,48 @@ impl Shard {
                 None
             }
         }
+    }
+
+    /// The daemon's verdict on an authorisation that left as [`Event::Authorise`]
+    /// ([`crate::PoolConfig::external_auth`]). Accepted: the miner mines on `source` from now
+    /// on; when that is not the source it subscribed on, it is moved there first: a miner that
+    /// sent `mining.extranonce.subscribe` gets `mining.set_extranonce`, the authorisation's
+    /// `true` and the new source's current job (clean); any other gets the `true`, then
+    /// `client.reconnect` and is disconnected, its session parked on `source` (resumed there
+    /// when it comes back with its session id, if the source is joinable:
+    /// [`Pool::set_source_joinable`]). Refused: the authorisation fails with the reason, and
+    /// the user name is refused for a while as after any failed authorisation. False when the
+    /// client has no authorisation waiting (gone, answered already, timed out).
+    pub fn finish_authorise(
+        &mut self,
+        now: Instant,
+        client: impl Into<ClientId>,
+        verdict: &AuthVerdict,
+        out: &mut impl Out,
+    ) -> bool {
+        let client = client.into();
+        let Some(p) = self.st.pending_auth.remove(&client) else {
+            return false;
+        };
+        if !self.st.sessions.contains(client) {
+            return false;
+        }
+        match verdict {
+            AuthVerdict::Refuse(reason) => self.st.refuse_pending(now, client, &p, reason, out),
+            AuthVerdict::Accept(source) => self.st.accept_pending(now, client, *source, &p, out),
+            AuthVerdict::Here => {
+                let source = self.st.sessions.get(client).map(|s| s.source);
+                if let Some(source) = source {
+                    self.st.accept_pending(now, client, source, &p, out);
+                }
+            }
+        }
+        true
+    }
+
+    /// Authorisations waiting for the daemon's verdict on this shard.
+    pub fn pending_authorisations(&self) -> usize {
+        self.st.pending_auth.len()
     }
 
     /// Lowers every session of `source` whose difficulty is above `max` to `max` at once
@@ -804,6 +864,19 @@ impl Shard {
 
     /// Periodic work: drop clients that did not authorise in time, prune caches.
     pub fn on_tick(&mut self, now: Instant, out: &mut impl Out) {
+        if !self.st.pending_auth.is_empty() {
+            let overdue: Vec<ClientId> = self
+                .st
+                .pending_auth
+                .iter()
+                .filter(|(_, p)| p.by <= now)
+                .map(|(&c, _)| c)
+                .collect();
+            let reason = AuthVerdict::Refuse(Arc::from("Upstream did not answer"));
+            for c in overdue {
+                self.finish_authorise(now, c, &reason, out);
+            }
+        }
         let now_stamp = Stamp::of(now, self.st.pool.epoch);
         while let Some(&(deadline, conn)) = self.st.auth_deadlines.front() {
             if deadline > now_stamp {
@@ -1066,6 +1139,7 @@ impl State {
             reply_err(out, conn, req, codes::OTHER, "Initialising");
             return;
         };
+        let (mut job, mut layout) = (job, layout);
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
@@ -1073,22 +1147,36 @@ impl State {
             s.agent = self
                 .names
                 .get(truncate(req.param_str(0).unwrap_or(""), MAX_AGENT_LEN));
-            // Resume is bound to the address the session came from (ckpool's is not).
+            // Resume is bound to the address the session came from (ckpool's is not). A
+            // session parked on a joinable source (a userproxy's user upstream) resumes there.
             let ip = s.peer.ip();
+            let pool = &self.pool;
             let resumed = req
                 .param_str(1)
                 .filter(|h| (1..=8).contains(&h.len()))
                 .and_then(|h| u32::from_str_radix(h, 16).ok())
                 .and_then(|sid| {
-                    self.pool
-                        .tables
-                        .resume_session(sid, source, ip, now)
-                        .map(|en1| (sid, en1))
+                    pool.tables
+                        .resume_session_in(sid, ip, now, |src| {
+                            src == source
+                                || (pool.source_joinable(src)
+                                    && pool.current_job_of(src).is_some()
+                                    && pool.layout(src).is_some())
+                        })
+                        .map(|(src, en1)| (sid, src, en1))
                 });
             let (sid, en1) = match resumed {
-                Some(r) => {
-                    debug!(%conn, session = r.0, "session resumed");
-                    r
+                Some((sid, src, en1)) => {
+                    if src != source
+                        && let (Some(j), Some(l)) = (pool.current_job_of(src), pool.layout(src))
+                    {
+                        debug!(%conn, session = sid, source = src.0, "session resumed on its own work source");
+                        s.source = src;
+                        job = j;
+                        layout = l;
+                    }
+                    debug!(%conn, session = sid, "session resumed");
+                    (sid, en1)
                 }
                 None => {
                     let Some(en1) = self.pool.tables.alloc_enonce1(source, layout.local_len())
@@ -1122,7 +1210,7 @@ impl State {
             }
             let mut diff = presentable(&self.pool.cfg, diff, floor);
             // Never above the upstream's difficulty (proxy modes).
-            if let Some(cap) = cap_diff(None, self.pool.upstream_diff(source)) {
+            if let Some(cap) = cap_diff(None, self.pool.upstream_diff(s.source)) {
                 diff = diff.min(cap);
             }
             s.diff = PackedDiff::new(diff);
@@ -1147,7 +1235,6 @@ impl State {
         let Some(s) = self.sessions.get_mut(conn) else {
             return;
         };
-        let source = s.source;
         if !s.subscribed {
             reply_auth_fail(out, conn, req, codes::NOT_SUBSCRIBED, "Not subscribed");
             return;
@@ -1223,6 +1310,55 @@ impl State {
             info!(%conn, peer = %s.peer, user, error = %e, refused_for_s = wait.as_secs(), "solo authorisation refused");
             return reply_auth_fail(out, conn, req, codes::UNAUTHORIZED, "Invalid address");
         }
+        if let Some(wait) = self.pool.cfg.external_auth {
+            // Userproxy: the daemon decides (the user's own upstream must take it first).
+            if self.pending_auth.contains_key(&conn) {
+                return reply_auth_fail(out, conn, req, codes::OTHER, "Authorisation in progress");
+            }
+            let mut id = Vec::with_capacity(16);
+            write::write_value(&mut id, &req.id);
+            let worker: Arc<str> = Arc::from(worker);
+            let pass: Arc<str> = Arc::from(req.param_str(1).unwrap_or(""));
+            debug!(%conn, peer = %s.peer, worker = %worker, "authorisation waits for the upstream");
+            self.pending_auth.insert(
+                conn,
+                PendingAuth {
+                    id,
+                    worker: Arc::clone(&worker),
+                    pass: Arc::clone(&pass),
+                    by: now + wait,
+                },
+            );
+            out.event(Event::Authorise(AuthRequest {
+                client: conn,
+                user: Arc::from(user),
+                worker,
+                pass,
+            }));
+            return;
+        }
+        let mut buf = Vec::with_capacity(128);
+        write::reply_true(&mut buf, &req.id);
+        let pass = req.param_str(1).unwrap_or("");
+        self.grant(now, conn, worker, pass, buf, out);
+    }
+
+    /// Authorises `conn` as `worker` (checked already): `reply` (the request's `true`) goes
+    /// out, then whatever the password's options bring.
+    fn grant(
+        &mut self,
+        now: Instant,
+        conn: ClientId,
+        worker: &str,
+        pass: &str,
+        mut buf: Vec<u8>,
+        out: &mut impl Out,
+    ) {
+        let Some(s) = self.sessions.get_mut(conn) else {
+            return;
+        };
+        let source = s.source;
+        let user = worker.split(['.', '_']).next().unwrap_or(worker);
         self.pool.tables.auth_succeeded(user);
         info!(%conn, peer = %s.peer, worker, agent = %s.agent, "authorised");
         s.auth = Some(Auth {
@@ -1230,8 +1366,6 @@ impl State {
             rest: ShortStr::new(worker.get(user.len()..).unwrap_or("")),
             stats: None,
         });
-        let mut buf = Vec::with_capacity(128);
-        write::reply_true(&mut buf, &req.id);
         if s.agent.contains("gminer") {
             let msg = format!("Authorised, welcome to {} {user}!", self.pool.cfg.name);
             write::show_message(&mut buf, &msg);
@@ -1239,7 +1373,7 @@ impl State {
         out.send(conn, buf);
         // Password options, as public-pool, BTCPool and p2poolv2 take them: `d=N` a minimum,
         // `fd=N` a fixed difficulty (rentals often can set nothing but the password).
-        let opts = PasswordOptions::parse(req.param_str(1).unwrap_or(""));
+        let opts = PasswordOptions::parse(pass);
         if let Some(fd) = opts.fixed {
             let fd = fd.max(s.floor());
             s.extras().fixed = Some(PackedDiff::new(fd));
@@ -1251,6 +1385,104 @@ impl State {
             && let Some(job) = self.pool.current_job_of(source)
         {
             self.send_job(conn, &job, out);
+        }
+    }
+
+    /// A waiting authorisation refused ([`Shard::finish_authorise`]).
+    fn refuse_pending(
+        &mut self,
+        now: Instant,
+        conn: ClientId,
+        p: &PendingAuth,
+        reason: &str,
+        out: &mut impl Out,
+    ) {
+        let user = p.worker.split(['.', '_']).next().unwrap_or(&p.worker);
+        let wait = self.pool.tables.auth_failed(user, now);
+        info!(%conn, user, %reason, refused_for_s = wait.as_secs(), "authorisation refused upstream");
+        let mut buf = Vec::with_capacity(96 + reason.len());
+        buf.extend_from_slice(b"{\"id\":");
+        buf.extend_from_slice(&p.id);
+        let _ = write!(buf, ",\"result\":false,\"error\":[{},", codes::UNAUTHORIZED);
+        write::write_str(&mut buf, reason);
+        buf.extend_from_slice(b",null]}\n");
+        out.send(conn, buf);
+    }
+
+    /// A waiting authorisation accepted on `source` ([`Shard::finish_authorise`]).
+    fn accept_pending(
+        &mut self,
+        now: Instant,
+        conn: ClientId,
+        source: SourceId,
+        p: &PendingAuth,
+        out: &mut impl Out,
+    ) {
+        let Some(from) = self.sessions.get(conn).map(|s| s.source) else {
+            return;
+        };
+        let mut moved = false;
+        let mut reconnect = false;
+        if from != source {
+            let (Some(old_layout), Some(layout), Some(_)) = (
+                self.pool.layout(from),
+                self.pool.layout(source),
+                self.pool.current_job_of(source),
+            ) else {
+                return self.refuse_pending(now, conn, p, "Upstream has no work", out);
+            };
+            let Some(s) = self.sessions.get_mut(conn) else {
+                return;
+            };
+            if s.subscribed {
+                let Some(en1) = self.pool.tables.alloc_enonce1(source, layout.local_len()) else {
+                    return self.refuse_pending(now, conn, p, "Upstream full", out);
+                };
+                self.pool
+                    .tables
+                    .release_enonce1(from, old_layout.local_len(), s.enonce1);
+                s.enonce1 = en1;
+                if let Some(e) = s.extras.as_mut() {
+                    e.enonce1_change_job = 0;
+                }
+                if s.extranonce_subscribed {
+                    let mut buf = Vec::with_capacity(96);
+                    write::set_extranonce(
+                        &mut buf,
+                        layout.enonce1(en1).as_ref(),
+                        layout.nonce2_len(),
+                    );
+                    out.send(conn, buf);
+                    moved = true;
+                } else {
+                    reconnect = true;
+                }
+            }
+            s.source = source;
+            debug!(%conn, from = from.0, to = source.0, reconnect, "miner moved to its user's upstream");
+        }
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(b"{\"id\":");
+        buf.extend_from_slice(&p.id);
+        buf.extend_from_slice(b",\"result\":true,\"error\":null}\n");
+        self.grant(now, conn, &p.worker, &p.pass, buf, out);
+        if reconnect {
+            let mut buf = Vec::with_capacity(64);
+            write::reconnect(&mut buf);
+            out.send(conn, buf);
+            out.close(conn);
+            return;
+        }
+        if moved {
+            // Never above the new upstream's difficulty; then its work, clean.
+            if let Some(cap) = cap_diff(None, self.pool.upstream_diff(source))
+                && self.sessions.get(conn).is_some_and(|s| s.diff() > cap)
+            {
+                self.set_diff(now, conn, cap, out);
+            }
+            if let Some(job) = self.pool.current_job_of(source) {
+                self.send_job_with(conn, &job, true, out);
+            }
         }
     }
 

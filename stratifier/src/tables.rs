@@ -424,6 +424,7 @@ impl SessionTables {
     /// was on `source` (another source's extranonce1 means nothing here) and was parked by a
     /// client from `ip`. A request from another address leaves the session parked: guessing
     /// ids neither takes nor evicts anybody's session.
+    #[cfg(test)]
     pub(crate) fn resume_session(
         &self,
         session: u32,
@@ -431,6 +432,19 @@ impl SessionTables {
         ip: IpAddr,
         now: Instant,
     ) -> Option<u64> {
+        self.resume_session_in(session, ip, now, |s| s == source)
+            .map(|(_, en1)| en1)
+    }
+
+    /// [`SessionTables::resume_session`] for a session parked on any source `source_ok`
+    /// accepts: returns that source and the extranonce1.
+    pub(crate) fn resume_session_in(
+        &self,
+        session: u32,
+        ip: IpAddr,
+        now: Instant,
+        source_ok: impl Fn(SourceId) -> bool,
+    ) -> Option<(SourceId, u64)> {
         let mut r = self.resume.lock();
         let p = *r.map.get(&session)?;
         if now.saturating_duration_since(p.parked) >= self.resume_window {
@@ -438,11 +452,22 @@ impl SessionTables {
             r.forget(p.parked, session, &mut in_use);
             return None;
         }
-        if p.source != source || p.ip != ip {
+        if !source_ok(p.source) || p.ip != ip {
             return None;
         }
         r.map.remove(&session);
-        Some(p.enonce1)
+        Some((p.source, p.enonce1))
+    }
+
+    /// Extranonce1 values of `source` in use (live and parked sessions) and how many there
+    /// are, for a local part of `width` bytes; `None` when values that wide are not tracked.
+    pub(crate) fn enonce1_usage(&self, source: SourceId, width: usize) -> Option<(u64, u64)> {
+        if width > TRACKED_WIDTH {
+            return None;
+        }
+        let space = 1u64 << (8 * width);
+        let mut in_use = self.in_use.lock();
+        Some((in_use.set(source).map_or(0, |s| s.len()), space))
     }
 
     /// Forgets the parked sessions past the resume window; returns how many are left.

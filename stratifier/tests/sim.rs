@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use ckpool_stratifier::share::{ShareInput, hash_share, roll_version};
 use ckpool_stratifier::{
-    ClientId, ExtranonceLayout, Origin, Pool, PoolConfig, RecordingOut, Shard, SourceId,
-    Work as SourceWork,
+    AuthVerdict, ClientId, ExtranonceLayout, Origin, Pool, PoolConfig, RecordingOut, Shard,
+    SourceId, Work as SourceWork,
 };
 use common::address::{Network, script_for_address};
 use common::template::{Template, TemplateTx};
@@ -1959,4 +1959,186 @@ fn upstream_shares_diff_cap_and_moving_miners_to_a_new_source() {
     absorb(&mut wa, &got);
     let share = good_share(&wa, "farm.a", &[1; 6]);
     assert_eq!(s.line(a, share)[0]["result"], true);
+}
+
+#[test]
+fn userproxy_authorisation_waits_for_the_upstream_and_moves_the_miner() {
+    let mut s = sim_with(false, HARD_BITS, |c| {
+        c.external_auth = Some(Duration::from_secs(10));
+    });
+    let global = s
+        .pool
+        .add_source(ExtranonceLayout::new(&[0xaa, 0xbb], 2, 6).unwrap())
+        .unwrap();
+    s.pool
+        .new_work(global, upstream_work("g-1", 9, true), s.now)
+        .unwrap();
+    let user = s
+        .pool
+        .add_source(ExtranonceLayout::new(&[0xcc, 0xdd, 0xee], 2, 6).unwrap())
+        .unwrap();
+    let uj = s
+        .pool
+        .new_work(user, upstream_work("u-1", 9, true), s.now)
+        .unwrap();
+    let open = |s: &mut Sim, n: u32| {
+        let c = ConnId::new(0, 0, n);
+        s.shard.on_open_in(s.now, c, peer(), 0, global);
+        c
+    };
+    let auth = |s: &mut Sim, c: ConnId, worker: &str| {
+        s.line(
+            c,
+            json!({"id":"a7","method":"mining.authorize","params":[worker,"secret"]}),
+        )
+    };
+
+    // A miner that takes mining.set_extranonce: no answer until the verdict, then it is moved.
+    let a = open(&mut s, 1);
+    assert_eq!(
+        s.line(
+            a,
+            json!({"id":4,"method":"mining.extranonce.subscribe","params":[]})
+        )[0]["result"],
+        true
+    );
+    let mut wa = Work::default();
+    absorb(
+        &mut wa,
+        &s.line(
+            a,
+            json!({"id":1,"method":"mining.subscribe","params":["t/1"]}),
+        ),
+    );
+    assert_eq!(&wa.en1[..2], &[0xaa, 0xbb]);
+    assert!(auth(&mut s, a, "alice.rig1").is_empty(), "no answer yet");
+    let reqs = s.out.take_authorise();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(
+        (&*reqs[0].user, &*reqs[0].worker, &*reqs[0].pass),
+        ("alice", "alice.rig1", "secret")
+    );
+    assert!(!format!("{:?}", reqs[0]).contains("secret"));
+    assert_eq!(s.shard.pending_authorisations(), 1);
+    assert!(
+        s.shard
+            .finish_authorise(s.now, a, &AuthVerdict::Accept(user), &mut s.out)
+    );
+    let got = s.out.take_json(a);
+    assert_eq!(got[0]["method"], "mining.set_extranonce");
+    let en1 = hex::decode(got[0]["params"][0].as_str().unwrap()).unwrap();
+    assert_eq!(&en1[..3], &[0xcc, 0xdd, 0xee]);
+    assert_eq!(
+        (&got[1]["id"], &got[1]["result"]),
+        (&json!("a7"), &json!(true))
+    );
+    let notify = got.iter().find(|m| m["method"] == "mining.notify").unwrap();
+    assert_eq!(notify["params"][0], uj.id_hex.as_str());
+    assert_eq!(notify["params"][8], true);
+    // Its shares on the user's work are accepted and leave for that work's upstream.
+    wa.en1 = en1;
+    absorb(&mut wa, &got);
+    assert_eq!(
+        s.line(a, good_share(&wa, "alice.rig1", &[1; 6]))[0]["result"],
+        true
+    );
+    // A second verdict finds nothing waiting.
+    assert!(
+        !s.shard
+            .finish_authorise(s.now, a, &AuthVerdict::Accept(user), &mut s.out)
+    );
+
+    // One that does not: authorised, then reconnected; it resumes onto the user's source
+    // with its session id once that source is joinable.
+    let b = open(&mut s, 2);
+    let r = s.line(
+        b,
+        json!({"id":1,"method":"mining.subscribe","params":["t/1"]}),
+    );
+    let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
+    assert!(auth(&mut s, b, "bob").is_empty());
+    s.shard
+        .finish_authorise(s.now, b, &AuthVerdict::Accept(user), &mut s.out);
+    let got = s.out.take_json(b);
+    assert_eq!(got[0]["result"], true);
+    assert_eq!(got[1]["method"], "client.reconnect");
+    assert!(s.out.closed.contains(&ClientId::Direct(b)));
+    s.shard.on_close(s.now, b);
+    s.pool.set_source_joinable(user, true);
+    let b2 = open(&mut s, 3);
+    let r = s.line(
+        b2,
+        json!({"id":1,"method":"mining.subscribe","params":["t/1", sid]}),
+    );
+    let en1 = hex::decode(r[0]["result"][1].as_str().unwrap()).unwrap();
+    assert_eq!(
+        &en1[..3],
+        &[0xcc, 0xdd, 0xee],
+        "resumed on the user's source"
+    );
+    assert_eq!(r[2]["params"][0], uj.id_hex.as_str());
+    // Not joinable: a resume stays on the source the connection opened on.
+    let c = open(&mut s, 4);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["t/1"]}),
+    );
+    let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
+    s.shard.on_close(s.now, c);
+    s.pool.set_source_joinable(user, false);
+    let c2 = open(&mut s, 5);
+    let r = s.line(
+        c2,
+        json!({"id":1,"method":"mining.subscribe","params":["t/1", sid]}),
+    );
+    assert_eq!(
+        &hex::decode(r[0]["result"][1].as_str().unwrap()).unwrap()[..2],
+        &[0xaa, 0xbb]
+    );
+
+    // Refused upstream: the miner is told why, and the name is refused for a while.
+    let d = open(&mut s, 6);
+    s.line(
+        d,
+        json!({"id":1,"method":"mining.subscribe","params":["t/1"]}),
+    );
+    assert!(auth(&mut s, d, "carol").is_empty());
+    assert_eq!(
+        s.out.take_authorise().last().map(|r| r.client),
+        Some(d.into())
+    );
+    s.shard.finish_authorise(
+        s.now,
+        d,
+        &AuthVerdict::Refuse(Arc::from("Invalid address")),
+        &mut s.out,
+    );
+    let got = s.out.take_json(d);
+    assert_eq!(got[0]["id"], "a7");
+    assert_eq!(got[0]["result"], false);
+    assert_eq!(got[0]["error"], json!([24, "Invalid address", null]));
+    let got = auth(&mut s, d, "carol");
+    assert_eq!(got[0]["error"][1], "Failed authorisation, retry later");
+    assert!(s.out.take_authorise().is_empty());
+
+    // No verdict in time: refused by the tick past the deadline, not before.
+    let e = open(&mut s, 7);
+    s.line(
+        e,
+        json!({"id":1,"method":"mining.subscribe","params":["t/1"]}),
+    );
+    assert!(auth(&mut s, e, "dave").is_empty());
+    assert_eq!(
+        auth(&mut s, e, "dave")[0]["error"][1],
+        "Authorisation in progress"
+    );
+    s.shard.on_tick(s.now + Duration::from_secs(9), &mut s.out);
+    assert!(s.out.take_json(e).is_empty());
+    s.shard.on_tick(s.now + Duration::from_secs(11), &mut s.out);
+    let got = s.out.take_json(e);
+    assert_eq!(
+        got[0]["error"],
+        json!([24, "Upstream did not answer", null])
+    );
+    assert_eq!(s.shard.pending_authorisations(), 0);
 }
