@@ -131,6 +131,8 @@ pub(crate) enum Msg {
     Release,
     /// A change to every shard's sessions (proxy modes).
     Cmd(ShardCmd),
+    /// A `block` message for every node link ([`crate::links::LinkRegistry::broadcast_block`]).
+    NodeBlock(Arc<[u8]>),
 }
 
 /// A handover's first step after the connector's quiesce: waits (until `deadline`) until every
@@ -327,6 +329,8 @@ pub(crate) struct Sinks {
     pub(crate) upstream: Option<Arc<dyn Fn(UpstreamShare) + Send + Sync>>,
     /// Proxy modes: the work source new connections mine on (the pool's own when `None`).
     pub(crate) source: Option<Arc<AtomicU16>>,
+    /// Pool mode: the links, whose node links are sent each block found.
+    pub(crate) nodes: Option<Arc<crate::links::LinkRegistry>>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -353,21 +357,27 @@ impl Sinks {
 
     fn event(&self, ev: stratifier::Event) {
         match ev {
-            stratifier::Event::Block(b) => match (&self.blocks, b.hex) {
-                (Some(blocks), Some(hex)) => blocks.submit(BlockSubmission {
-                    hash: b.hash,
-                    height: b.height,
-                    hex,
-                }),
-                // Upstream work (proxy mode): the share goes upstream, which has the
-                // transactions and submits the block.
-                (_, None) => {
-                    info!(hash = %b.hash, source = b.source.0, "block solved on upstream work; the share goes upstream");
+            stratifier::Event::Block(b) => {
+                // Nodes first, as ckpool: one of them may reach the network sooner.
+                if let (Some(nodes), Some(solve)) = (&self.nodes, &b.solve) {
+                    nodes.broadcast_block(solve);
                 }
-                (None, Some(hex)) => {
-                    error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
+                match (&self.blocks, b.hex) {
+                    (Some(blocks), Some(hex)) => blocks.submit(BlockSubmission {
+                        hash: b.hash,
+                        height: b.height,
+                        hex,
+                    }),
+                    // Upstream work (proxy mode): the share goes upstream, which has the
+                    // transactions and submits the block.
+                    (_, None) => {
+                        info!(hash = %b.hash, source = b.source.0, "block solved on upstream work; the share goes upstream");
+                    }
+                    (None, Some(hex)) => {
+                        error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
+                    }
                 }
-            },
+            }
             stratifier::Event::Share(rec) => {
                 if let Some(sink) = &self.shares {
                     sink(rec);
@@ -520,6 +530,10 @@ impl connector::Handler for StratumHandler {
                 Msg::Cmd(cmd) => {
                     let InlineHandler { shard, sinks, .. } = h;
                     cmd.run(now, shard, &mut OutboxOut { outbox: out, sinks });
+                }
+                Msg::NodeBlock(line) => {
+                    let InlineHandler { links, sinks, .. } = h;
+                    links.on_node_block(&line, &mut OutboxOut { outbox: out, sinks });
                 }
             },
             Self::Queue(h) => h.on_msg(now, msg, out),
@@ -715,6 +729,8 @@ enum Event {
         now: Instant,
         cmd: ShardCmd,
     },
+    /// See [`Msg::NodeBlock`].
+    NodeBlock(Arc<[u8]>),
 }
 
 /// Queue mode, connector side: collects events into a batch and applies the stratifier thread's
@@ -822,6 +838,7 @@ impl QueueHandler {
                 self.send_batch();
             }
             Msg::Cmd(cmd) => self.push(Event::Cmd { now, cmd }),
+            Msg::NodeBlock(line) => self.push(Event::NodeBlock(line)),
         }
     }
 
@@ -1006,6 +1023,7 @@ fn run_batch(
             }
             Event::Release => out.hold = false,
             Event::Cmd { now, cmd } => cmd.clone().run(*now, shard, out),
+            Event::NodeBlock(line) => links.on_node_block(line, out),
         }
     }
 }
@@ -1118,6 +1136,7 @@ mod tests {
             shares: None,
             upstream: None,
             source: None,
+            nodes: None,
         });
         out.hold = true;
         {
@@ -1170,6 +1189,7 @@ mod tests {
             shares: None,
             upstream: None,
             source: None,
+            nodes: None,
         });
         assert!(!off.wants_shares());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1180,6 +1200,7 @@ mod tests {
             })),
             upstream: None,
             source: None,
+            nodes: None,
         });
         assert!(on.wants_shares());
         on.event(stratifier::Event::Share(rec.clone()));
@@ -1199,6 +1220,7 @@ mod tests {
             shares: None,
             upstream: None,
             source: None,
+            nodes: None,
         });
         let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());

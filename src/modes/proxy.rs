@@ -494,6 +494,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
         upstream: Some(upstream_sink(share_tx, Arc::clone(&overflow))),
         source: Some(Arc::clone(&proxy.open_source)),
+        nodes: None,
     };
     let stats_writer = status::start(
         Arc::clone(&pool),
@@ -507,6 +508,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     // Passthrough links are not accepted in proxy mode (no `passthroughserver` listener).
     let links = crate::links::LinkConfig {
         allowed: Arc::from(vec![false; settings.connector().listen.len()]),
+        nodes: Arc::default(),
         registry: Arc::default(),
     };
     let conns = handoff::start(
