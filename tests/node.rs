@@ -16,6 +16,8 @@
 mod node;
 #[path = "support/pool.rs"]
 mod pool;
+#[path = "support/rpc_proxy.rs"]
+mod rpc_proxy;
 
 use std::net::SocketAddr;
 
@@ -229,4 +231,98 @@ fn pool_side_speaks_ckpool_node_messages() {
     wait_stats(&pool, "the node's miner in the pool's users", WAIT, |s| {
         s["users"].get("nodeuser").is_some()
     });
+}
+
+/// A ckpool-rs node (`-N`) with its own bitcoind `btcd` in front of the pool's `nodeserver`
+/// address `link`, taking miners on `miners`.
+fn start_node(tag: &str, btcd: &RegtestNode, link: SocketAddr, miners: u16) -> PoolProcess {
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{miners}")],
+        "proxy": [{"url": link.to_string(), "auth": "unused", "pass": "x"}],
+        "btcd": [btcd_entry(btcd)],
+        "blockpoll": 100,
+        "zmqblock": null,
+        "threads": 2,
+    });
+    PoolProcess::start(tag, &config, &["-N"])
+}
+
+#[test]
+fn a_node_submits_its_miners_blocks_to_its_own_bitcoind() {
+    let Some(exe) = bitcoind_or_skip("a_node_submits_its_miners_blocks_to_its_own_bitcoind") else {
+        return;
+    };
+    // The pool's bitcoind takes no submitblock from the pool (a proxy refuses it): a block
+    // reaches the chain only through the ckpool-rs node's own submission to its bitcoind.
+    let net = RegtestNet::start(&exe, 2);
+    let (pools_btcd, nodes_btcd) = (&net.nodes[0], &net.nodes[1]);
+    let base = nodes_btcd.height();
+    let proxy = rpc_proxy::RpcProxy::start(
+        pools_btcd
+            .rpc_url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/'),
+        true,
+    );
+    let payout = pools_btcd.new_address();
+    let link = free_port();
+    let link_addr = SocketAddr::from(([127, 0, 0, 1], link));
+    let mut btcd = btcd_entry(pools_btcd);
+    btcd["url"] = json!(proxy.addr.to_string());
+    let mut config = regtest_config(vec![btcd], Some(&payout), free_port());
+    config["nodeserver"] = json!([link_addr.to_string()]);
+    let pool = PoolProcess::start("node-chain-pool", &config, &[]);
+    let miner_port = free_port();
+    let nd = start_node("node-chain-node", nodes_btcd, link_addr, miner_port);
+    let s = wait_stats(&nd, "the node's link and first job", WAIT, |s| {
+        s["upstream"]["state"] == "up" && s["node"]["jobs"].as_u64() >= Some(1)
+    });
+    assert_eq!(s["mode"], "node");
+    wait_stats(&pool, "the node link at the pool", WAIT, |s| {
+        s["passthroughs"][0]["node"] == true
+    });
+
+    let mut cfg = loadtest::MinerConfig::new(
+        SocketAddr::from(([127, 0, 0, 1], miner_port)),
+        "nodeminer.rig",
+    );
+    cfg.duration = Some(std::time::Duration::from_secs(120));
+    cfg.max_shares_per_sec = 10.0;
+    let miner = loadtest::Miner::start(cfg).unwrap();
+    wait_until("a block on the node's own bitcoind", WAIT, || {
+        nodes_btcd.height() > base
+    });
+    wait_until("shares accepted through the node", WAIT, || {
+        miner.report().accepted >= 3
+    });
+    // The node found it itself, before the pool's `block` message for it came back.
+    let log = nd.log_text();
+    let solved: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("BLOCK SOLVED by a miner of this node"))
+        .collect();
+    assert!(!solved.is_empty(), "no local solve in the node's log");
+    let first_hash = nodes_btcd.rpc("getblockhash", json!([base + 1]));
+    let first_hash = first_hash.as_str().unwrap();
+    let line = solved
+        .iter()
+        .find(|l| l.contains(first_hash))
+        .unwrap_or_else(|| panic!("the node's bitcoind has block {first_hash}, which the node did not log as solved: {solved:?}"));
+    let local = log.find(line).unwrap();
+    if let Some(from_pool) = log.find("the pool found a block") {
+        assert!(
+            local < from_pool,
+            "the pool's block message came before the local solve"
+        );
+    }
+    // The node's statistics, and the pool's: the miner is a user there.
+    let s = wait_stats(&nd, "the node's worker figures", WAIT, |s| {
+        s["node"]["workers"]["nodeminer.rig"]["hashrate1m"].as_f64() > Some(0.0)
+    });
+    assert!(s["node"]["blocks_found"].as_u64() >= Some(1), "{s}");
+    assert!(s["node"]["shares"].as_u64() >= Some(3), "{s}");
+    wait_stats(&pool, "the node's miner in the pool's users", WAIT, |s| {
+        s["users"].get("nodeminer").is_some()
+    });
+    drop(miner);
 }

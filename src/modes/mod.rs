@@ -1,6 +1,8 @@
 //! One runner per mode. Pool and solo mode run [`pool::run`], passthrough mode
-//! [`passthrough::run`], proxy mode [`proxy::run`]; userproxy, node and redirector have none yet.
+//! [`passthrough::run`], node mode [`node::run`] (a passthrough with checks of its own), proxy
+//! mode [`proxy::run`]; userproxy and redirector have none yet.
 
+pub(crate) mod node;
 pub(crate) mod passthrough;
 pub(crate) mod pool;
 pub(crate) mod proxy;
@@ -12,9 +14,9 @@ use crate::settings::{ConfigError, Mode, Settings};
 /// names what is missing rather than a config key.
 pub(crate) fn check_implemented(mode: Mode) -> Result<(), ConfigError> {
     match mode {
-        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Proxy => Ok(()),
-        Mode::UserProxy | Mode::Node | Mode::Redirector => Err(ConfigError(format!(
-            "{mode} mode is not implemented yet (only pool, solo, proxy and passthrough mode are)"
+        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Proxy | Mode::Node => Ok(()),
+        Mode::UserProxy | Mode::Redirector => Err(ConfigError(format!(
+            "{mode} mode is not implemented yet (only pool, solo, proxy, passthrough and node mode are)"
         ))),
     }
 }
@@ -26,7 +28,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         Mode::Pool | Mode::Solo => pool::run(settings, instance),
         Mode::Passthrough => passthrough::run(settings, &instance.shutdown),
         Mode::Proxy => proxy::run(settings, &instance.shutdown),
-        Mode::UserProxy | Mode::Node | Mode::Redirector => {
+        Mode::Node => node::run(settings, &instance.shutdown),
+        Mode::UserProxy | Mode::Redirector => {
             Err(ConfigError(format!("{} mode has no runner", settings.mode)).into())
         }
     }
@@ -37,12 +40,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_pool_solo_proxy_and_passthrough_are_implemented() {
+    fn only_pool_solo_proxy_passthrough_and_node_are_implemented() {
         assert!(check_implemented(Mode::Pool).is_ok());
         assert!(check_implemented(Mode::Solo).is_ok());
         assert!(check_implemented(Mode::Passthrough).is_ok());
         assert!(check_implemented(Mode::Proxy).is_ok());
-        for mode in [Mode::UserProxy, Mode::Node, Mode::Redirector] {
+        assert!(check_implemented(Mode::Node).is_ok());
+        for mode in [Mode::UserProxy, Mode::Redirector] {
             let err = check_implemented(mode).expect_err("not implemented");
             assert!(
                 err.0

@@ -59,6 +59,7 @@ use generator::upstream::{
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
+use super::node::Node;
 use crate::settings::{ConfigError, Settings};
 
 /// How long a connector thread waits for room in the upstream queue before it drops the miner
@@ -336,6 +337,8 @@ struct MinerSide {
     link: Arc<PassthroughLink>,
     shared: Arc<Shared>,
     miners: HashMap<ConnId, Miner>,
+    /// Node mode: the local checks and statistics.
+    node: Option<Arc<Node>>,
 }
 
 impl Handshake {
@@ -544,6 +547,10 @@ impl connector::Handler for MinerSide {
         };
         if let Some(kind) = Kind::of(line) {
             m.hs.get_or_insert_default().keep(kind, line);
+        } else if let Some(node) = &self.node {
+            // A block is submitted to our bitcoind before the share goes upstream.
+            let en1 = m.hs.as_ref().and_then(|h| h.extranonce1.as_deref());
+            node.on_submit(m.client_id, en1, line, now);
         }
         let cmd = MinerLine::Line {
             client_id: u64::from(m.client_id),
@@ -559,6 +566,9 @@ impl connector::Handler for MinerSide {
             return;
         };
         self.shared.lock().remove(&m.client_id);
+        if let Some(node) = &self.node {
+            node.forget(m.client_id);
+        }
         // Best effort: a full queue or no upstream loses only the notice (the upstream drops the
         // session with the link, or on its own timeout).
         let _ = self.link.try_send(MinerLine::Term {
@@ -575,6 +585,9 @@ impl connector::Handler for MinerSide {
                     let Some(m) = self.miners.get_mut(&conn) else {
                         continue;
                     };
+                    if let Some(node) = &self.node {
+                        node.on_miner_downline(m.client_id, &line);
+                    }
                     match m
                         .hs
                         .as_mut()
@@ -625,6 +638,16 @@ impl connector::Handler for MinerSide {
 
 /// Runs passthrough mode until `shutdown` is set.
 pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    run_link(settings, shutdown, None)
+}
+
+/// Runs passthrough mode, or node mode with `node` (the link says `mining.node`), until
+/// `shutdown` is set.
+pub(crate) fn run_link(
+    settings: &Settings,
+    shutdown: &Arc<AtomicBool>,
+    node: Option<Arc<Node>>,
+) -> anyhow::Result<()> {
     let servers: Vec<UpstreamServer> = settings
         .file
         .proxy
@@ -646,8 +669,16 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
     };
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(EVENTS);
     let link = Arc::new(
-        PassthroughLink::start(cfg, Role::Passthrough, ev_tx)
-            .context("starting the upstream link")?,
+        PassthroughLink::start(
+            cfg,
+            if node.is_some() {
+                Role::Node
+            } else {
+                Role::Passthrough
+            },
+            ev_tx,
+        )
+        .context("starting the upstream link")?,
     );
     let threads = settings.threads;
     let shared = Arc::new(Shared {
@@ -667,12 +698,13 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         rejected_down: AtomicU64::new(0),
     });
     let conns = {
-        let (link, shared) = (Arc::clone(&link), Arc::clone(&shared));
+        let (link, shared, node) = (Arc::clone(&link), Arc::clone(&shared), node.clone());
         connector::start(settings.connector(), move |thread| MinerSide {
             thread,
             link: Arc::clone(&link),
             shared: Arc::clone(&shared),
             miners: HashMap::new(),
+            node: node.clone(),
         })
         .context("starting the connector")?
     };
@@ -688,7 +720,15 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
             Arc::clone(shutdown),
         );
         let urls = urls.clone();
-        let stats = move || stats_json(&shared, &link, &handle, &urls);
+        let node = node.clone();
+        let stats = move || {
+            let mut s = stats_json(&shared, &link, &handle, &urls);
+            if let Some(node) = &node {
+                s["mode"] = json!("node");
+                s["node"] = node.stats_json(Instant::now());
+            }
+            s
+        };
         start_admin(&settings.admin_socket(), shutdown, stats)
     };
     let admin = match admin {
@@ -699,7 +739,14 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         }
     };
 
-    route(&ev_rx, &handle, &shared, shutdown, settings.quiet);
+    route(
+        &ev_rx,
+        &handle,
+        &shared,
+        shutdown,
+        settings.quiet,
+        node.as_deref(),
+    );
 
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
@@ -722,6 +769,7 @@ fn route(
     shared: &Shared,
     shutdown: &AtomicBool,
     quiet: bool,
+    node: Option<&Node>,
 ) {
     let threads = shared.inflight.len();
     let mut batches: Vec<Batch> = (0..threads).map(|_| (Vec::new(), 0)).collect();
@@ -739,7 +787,7 @@ fn route(
             let mut n = 0;
             let mut next = Some(ev);
             while let Some(ev) = next.take() {
-                handle_event(ev, conns, shared, &mut batches);
+                handle_event(ev, conns, shared, &mut batches, node);
                 n += 1;
                 if n < ROUND {
                     next = events.try_recv().ok();
@@ -781,6 +829,7 @@ fn handle_event(
     conns: &ConnectorHandle<Msg>,
     shared: &Shared,
     batches: &mut [Batch],
+    node: Option<&Node>,
 ) {
     match ev {
         PassthroughEvent::Client { client_id, line } => {
@@ -854,9 +903,10 @@ fn handle_event(
         PassthroughEvent::Failed { index, reason } => {
             warn!(index, reason, "upstream connection failed");
         }
-        PassthroughEvent::Link { line } => {
-            debug!(len = line.len(), "link message from the upstream ignored");
-        }
+        PassthroughEvent::Link { line } => match node {
+            Some(node) => node.on_link(&line),
+            None => debug!(len = line.len(), "link message from the upstream ignored"),
+        },
     }
 }
 
