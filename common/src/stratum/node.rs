@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn reals_are_written_as_jansson_writes_them() {
-        assert_eq!(real(4.656_542_373_906_925e-10), "4.6565423739069247e-10");
+        assert_eq!(real(4.656_542_373_906_924_7e-10), "4.6565423739069247e-10");
         assert_eq!(real(0.001), "0.001");
         assert_eq!(real(1.0), "1.0");
         assert_eq!(real(42.0), "42.0");
