@@ -320,6 +320,10 @@ fn a_node_submits_its_miners_blocks_to_its_own_bitcoind() {
         s["node"]["workers"]["nodeminer.rig"]["hashrate1m"].as_f64() > Some(0.0)
     });
     assert!(s["node"]["blocks_found"].as_u64() >= Some(1), "{s}");
+    // The pool's own `block` messages reach the node too (it submits them as well).
+    wait_stats(&nd, "a block message from the pool", WAIT, |s| {
+        s["node"]["block_messages"].as_u64() >= Some(1)
+    });
     assert!(s["node"]["shares"].as_u64() >= Some(3), "{s}");
     wait_stats(&pool, "the node's miner in the pool's users", WAIT, |s| {
         s["users"].get("nodeminer").is_some()
