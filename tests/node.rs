@@ -315,6 +315,19 @@ fn a_node_submits_its_miners_blocks_to_its_own_bitcoind() {
             "the pool's block message came before the local solve"
         );
     }
+    // The pool's own submission was refused: the block reached the chain through the node.
+    assert!(proxy.refused() >= 1, "the pool never tried to submit");
+    // The node kept the block on disk (its generator's block file), settled once its bitcoind
+    // had it.
+    let blocks = nd.dir.join("logs").join("blocks");
+    wait_until("the node's block file, settled", WAIT, || {
+        std::fs::read_dir(&blocks).is_ok_and(|d| {
+            d.filter_map(Result::ok).any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.contains(first_hash) && name.ends_with(".hex.done")
+            })
+        })
+    });
     // The node's statistics, and the pool's: the miner is a user there.
     let s = wait_stats(&nd, "the node's worker figures", WAIT, |s| {
         s["node"]["workers"]["nodeminer.rig"]["hashrate1m"].as_f64() > Some(0.0)
