@@ -110,7 +110,10 @@ fn pool_side_speaks_ckpool_node_messages() {
     assert_eq!(txs.len(), wi.txids.len());
     assert!(txs.iter().all(|t| wi.txids.contains(&t.txid)));
     // The same job the direct client has, field for field.
-    let notify = plain.wait_for("a notify", WAIT, |v| v["method"] == "mining.notify");
+    let job_id = format!("{:016x}", wi.jobid);
+    let notify = plain.wait_for("the workinfo's job as a notify", WAIT, |v| {
+        v["method"] == "mining.notify" && v["params"][0] == job_id.as_str()
+    });
     let p = &notify["params"];
     assert_eq!(p[0], format!("{:016x}", wi.jobid));
     assert_eq!(p[2], hex::encode(&wi.coinb1));
