@@ -902,8 +902,8 @@ fn sigterm_right_after_a_block_still_submits_it_and_exits_0() {
     assert_eq!(shares, 1, "the block's share is in the share log");
 }
 
-/// The proxy modes but passthrough have no runner yet: a mode flag, or the binary run as ckproxy
-/// and the like, exits 2 naming the mode, before any config file is read.
+/// Userproxy and redirector mode have no runner yet: a mode flag, or the binary run as
+/// ckredirector, exits 2 naming the mode, before any config file is read.
 #[test]
 fn unimplemented_modes_exit_2_naming_the_mode() {
     let dir = pool::temp_dir("modes");
@@ -921,7 +921,7 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    for (flag, mode) in [("-u", "userproxy"), ("-N", "node"), ("-R", "redirector")] {
+    for (flag, mode) in [("-u", "userproxy"), ("-R", "redirector")] {
         let (code, err) = run(exe, &[flag]);
         assert_eq!(code, Some(2), "{flag}: {err}");
         assert!(
@@ -929,7 +929,7 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             "{flag}: {err}"
         );
     }
-    for (name, mode) in [("cknode", "node"), ("ckredirector", "redirector")] {
+    for (name, mode) in [("ckredirector", "redirector")] {
         let link = dir.join(name);
         std::os::unix::fs::symlink(exe, &link).unwrap();
         let (code, err) = run(&link, &[]);
@@ -953,6 +953,17 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
     )
     .unwrap();
     let link = dir.join("ckpassthrough");
+    std::os::unix::fs::symlink(exe, &link).unwrap();
+    let (code, err) = run(&link, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("\"proxy\" entry"), "{err}");
+    // So is node mode: -N reads cknode.conf, and cknode without a "proxy" entry exits 2 before
+    // it starts anything.
+    let (code, err) = run(exe, &["-N"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read config cknode.conf"), "{err}");
+    std::fs::write(dir.join("cknode.conf"), r#"{"serverurl": "127.0.0.1:0"}"#).unwrap();
+    let link = dir.join("cknode");
     std::os::unix::fs::symlink(exe, &link).unwrap();
     let (code, err) = run(&link, &[]);
     assert_eq!(code, Some(2), "{err}");

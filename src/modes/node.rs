@@ -34,7 +34,7 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
 use tracing::{debug, error, info, warn};
 
-use crate::settings::Settings;
+use crate::settings::{ConfigError, Settings};
 
 /// Jobs kept (ckpool keeps about 10 minutes' worth).
 const KEEP_JOBS: usize = 64;
@@ -510,6 +510,12 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// Runs node mode until `shutdown` is set: the generator on our bitcoind, then the passthrough
 /// link with the node's checks.
 pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    if settings.file.proxy.is_empty() {
+        return Err(ConfigError(
+            "node mode needs at least one \"proxy\" entry (the pool's nodeserver address)".into(),
+        )
+        .into());
+    }
     let (node, runtime) = Node::start(settings)?;
     let result = super::passthrough::run_link(settings, shutdown, Some(node));
     runtime.stop();
