@@ -929,7 +929,8 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             "{flag}: {err}"
         );
     }
-    for (name, mode) in [("ckredirector", "redirector")] {
+    {
+        let (name, mode) = ("ckredirector", "redirector");
         let link = dir.join(name);
         std::os::unix::fs::symlink(exe, &link).unwrap();
         let (code, err) = run(&link, &[]);
