@@ -42,7 +42,8 @@ pub(crate) struct Cli {
     /// ckproxy, ckpassthrough, cknode, ckredirector in those modes.
     #[arg(short = 'n', long = "name")]
     pub(crate) name: Option<String>,
-    /// Node mode (not implemented yet). Also selected by running the binary as `cknode`.
+    /// Node mode: a passthrough with its own bitcoind. Also selected by running the binary as
+    /// `cknode`.
     #[arg(short = 'N', long = "node")]
     pub(crate) node: bool,
     /// Passthrough mode: every miner over one upstream connection. Also selected by running the binary as

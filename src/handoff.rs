@@ -131,6 +131,8 @@ pub(crate) enum Msg {
     Release,
     /// A change to every shard's sessions (proxy modes).
     Cmd(ShardCmd),
+    /// A `block` message for every node link ([`crate::links::LinkRegistry::broadcast_block`]).
+    NodeBlock(Arc<[u8]>),
 }
 
 /// A handover's first step after the connector's quiesce: waits (until `deadline`) until every
@@ -342,6 +344,8 @@ pub(crate) struct Sinks {
     pub(crate) source: Option<Arc<AtomicU16>>,
     /// Userproxy: authorisations for the daemon to decide.
     pub(crate) auth: Option<Arc<dyn Fn(stratifier::AuthRequest) + Send + Sync>>,
+    /// Pool mode: the links, whose node links are sent each block found.
+    pub(crate) nodes: Option<Arc<crate::links::LinkRegistry>>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -368,21 +372,27 @@ impl Sinks {
 
     fn event(&self, ev: stratifier::Event) {
         match ev {
-            stratifier::Event::Block(b) => match (&self.blocks, b.hex) {
-                (Some(blocks), Some(hex)) => blocks.submit(BlockSubmission {
-                    hash: b.hash,
-                    height: b.height,
-                    hex,
-                }),
-                // Upstream work (proxy mode): the share goes upstream, which has the
-                // transactions and submits the block.
-                (_, None) => {
-                    info!(hash = %b.hash, source = b.source.0, "block solved on upstream work; the share goes upstream");
+            stratifier::Event::Block(b) => {
+                // Nodes first, as ckpool: one of them may reach the network sooner.
+                if let (Some(nodes), Some(solve)) = (&self.nodes, &b.solve) {
+                    nodes.broadcast_block(solve);
                 }
-                (None, Some(hex)) => {
-                    error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
+                match (&self.blocks, b.hex) {
+                    (Some(blocks), Some(hex)) => blocks.submit(BlockSubmission {
+                        hash: b.hash,
+                        height: b.height,
+                        hex,
+                    }),
+                    // Upstream work (proxy mode): the share goes upstream, which has the
+                    // transactions and submits the block.
+                    (_, None) => {
+                        info!(hash = %b.hash, source = b.source.0, "block solved on upstream work; the share goes upstream");
+                    }
+                    (None, Some(hex)) => {
+                        error!(hash = %b.hash, height = b.height, block_hex = %hex, "no block submitter; block NOT submitted");
+                    }
                 }
-            },
+            }
             stratifier::Event::Share(rec) => {
                 if let Some(sink) = &self.shares {
                     sink(rec);
@@ -541,6 +551,10 @@ impl connector::Handler for StratumHandler {
                 Msg::Cmd(cmd) => {
                     let InlineHandler { shard, sinks, .. } = h;
                     cmd.run(now, shard, &mut OutboxOut { outbox: out, sinks });
+                }
+                Msg::NodeBlock(line) => {
+                    let InlineHandler { links, sinks, .. } = h;
+                    links.on_node_block(&line, &mut OutboxOut { outbox: out, sinks });
                 }
             },
             Self::Queue(h) => h.on_msg(now, msg, out),
@@ -736,6 +750,8 @@ enum Event {
         now: Instant,
         cmd: ShardCmd,
     },
+    /// See [`Msg::NodeBlock`].
+    NodeBlock(Arc<[u8]>),
 }
 
 /// Queue mode, connector side: collects events into a batch and applies the stratifier thread's
@@ -843,6 +859,7 @@ impl QueueHandler {
                 self.send_batch();
             }
             Msg::Cmd(cmd) => self.push(Event::Cmd { now, cmd }),
+            Msg::NodeBlock(line) => self.push(Event::NodeBlock(line)),
         }
     }
 
@@ -1027,6 +1044,7 @@ fn run_batch(
             }
             Event::Release => out.hold = false,
             Event::Cmd { now, cmd } => cmd.clone().run(*now, shard, out),
+            Event::NodeBlock(line) => links.on_node_block(line, out),
         }
     }
 }
@@ -1140,6 +1158,7 @@ mod tests {
             upstream: None,
             source: None,
             auth: None,
+            nodes: None,
         });
         out.hold = true;
         {
@@ -1193,6 +1212,7 @@ mod tests {
             upstream: None,
             source: None,
             auth: None,
+            nodes: None,
         });
         assert!(!off.wants_shares());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1204,6 +1224,7 @@ mod tests {
             upstream: None,
             source: None,
             auth: None,
+            nodes: None,
         });
         assert!(on.wants_shares());
         on.event(stratifier::Event::Share(rec.clone()));
@@ -1224,6 +1245,7 @@ mod tests {
             upstream: None,
             source: None,
             auth: None,
+            nodes: None,
         });
         let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());

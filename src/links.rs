@@ -17,22 +17,34 @@
 //! link's sub-clients is written once per sub-client into one buffer per link (the notify's
 //! bytes, spliced, no other allocation), sent in chunks of at most [`CHUNK`] bytes.
 //!
+//! A connection on a `nodeserver` address whose first line is `{"method":"mining.node",…}`
+//! becomes a **node link** (ckpool.md §5.3): framed as a passthrough for its miners, and also
+//! sent the pool's work as ckpool sends it to its nodes ([`common::stratum::node`]): at once the
+//! transactions and the workinfo of the current job, then for each new job of the pool's own
+//! source the transactions the link has not had yet followed by the job's `workinfo`, both
+//! before the job's notify reaches the link's miners; and each block the pool finds as a
+//! `block` message ([`LinkRegistry::broadcast_block`]), for the node to submit to its own
+//! bitcoind. Node links are served in pool mode only (solo mode's coinbases are per user).
+//!
 //! Connections on other listeners never reach this code's branches: the shard refuses
-//! `mining.passthrough` and `mining.node` there with a stratum error. `mining.node` (ckpool's
-//! `nodeserver`) is not implemented and is refused on every listener.
+//! `mining.passthrough` and `mining.node` there with a stratum error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::mem;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use common::ConnId;
+use common::stratum::node::{self, BlockSolve, WorkInfo};
 use common::stratum::passthrough::{self, FromDownstream, Role};
 use common::stratum::write::write_u64;
-use stratifier::{ClientId, Event, Out, Shard};
+use connector::ConnectorHandle;
+use stratifier::{ClientId, Event, Job, Origin, Out, Shard, SourceId};
 use tracing::{debug, info, warn};
+
+use crate::handoff::Msg;
 
 /// A link's output is sent in pieces of about this many bytes (a job fanned out to 20,000
 /// sub-clients is about 14 MB).
@@ -45,6 +57,8 @@ pub(crate) const MAX_SUBS_PER_LINK: usize = 262_144;
 pub(crate) struct LinkConfig {
     /// Per listener index: whether it is a `passthroughserver` address.
     pub(crate) allowed: Arc<[bool]>,
+    /// Per listener index: whether it is a `nodeserver` address (empty: none is).
+    pub(crate) nodes: Arc<[bool]>,
     /// The open links of every shard, for the admin `stats`.
     pub(crate) registry: Arc<LinkRegistry>,
 }
@@ -54,12 +68,18 @@ pub(crate) struct LinkConfig {
 #[derive(Default)]
 pub(crate) struct LinkRegistry {
     links: Mutex<HashMap<ConnId, Arc<LinkInfo>>>,
+    /// Node links open now.
+    nodes: AtomicUsize,
+    /// Where a `block` message for the node links goes (set once the connector runs).
+    handle: OnceLock<ConnectorHandle<Msg>>,
 }
 
 /// One link as the registry shows it.
 struct LinkInfo {
     peer: SocketAddr,
     agent: String,
+    /// A node link (`mining.node`), not a passthrough.
+    node: bool,
     /// Its sub-clients now (written by its shard only).
     subs: AtomicUsize,
 }
@@ -71,9 +91,9 @@ impl LinkRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `[{"peer","agent","subclients"}…]`, by peer.
+    /// `[{"peer","agent","subclients"[,"node":true]}…]`, by peer.
     pub(crate) fn snapshot(&self) -> serde_json::Value {
-        let mut list: Vec<(String, String, usize)> = self
+        let mut list: Vec<(String, String, usize, bool)> = self
             .lock()
             .values()
             .map(|l| {
@@ -81,15 +101,44 @@ impl LinkRegistry {
                     l.peer.to_string(),
                     l.agent.clone(),
                     l.subs.load(Ordering::Relaxed),
+                    l.node,
                 )
             })
             .collect();
         list.sort();
         list.into_iter()
-            .map(|(peer, agent, subs)| {
-                serde_json::json!({"peer": peer, "agent": agent, "subclients": subs})
+            .map(|(peer, agent, subs, node)| {
+                let mut v = serde_json::json!({"peer": peer, "agent": agent, "subclients": subs});
+                if node {
+                    v["node"] = true.into();
+                }
+                v
             })
             .collect()
+    }
+
+    /// Where [`Self::broadcast_block`] sends: the running connector.
+    pub(crate) fn set_handle(&self, handle: ConnectorHandle<Msg>) {
+        let _ = self.handle.set(handle);
+    }
+
+    /// Sends a block the pool found to every node link, as ckpool's `block` message (before
+    /// the pool's own submission is queued: a node may reach the network first).
+    pub(crate) fn broadcast_block(&self, solve: &BlockSolve) {
+        if self.nodes.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let Some(handle) = self.handle.get() else {
+            return;
+        };
+        let mut line = Vec::with_capacity(512 + solve.coinbase.len() * 2);
+        solve.write(&mut line);
+        info!(
+            jobid = solve.jobid,
+            nodes = self.nodes.load(Ordering::Relaxed),
+            "block sent to the node links"
+        );
+        handle.broadcast(Msg::NodeBlock(line.into()));
     }
 }
 
@@ -97,8 +146,10 @@ impl LinkRegistry {
 pub(crate) struct Links {
     /// Per listener index: whether it is a `passthroughserver` address.
     allowed: Arc<[bool]>,
+    /// Per listener index: whether it is a `nodeserver` address.
+    nodes: Arc<[bool]>,
     registry: Arc<LinkRegistry>,
-    /// Connections on a passthrough listener that have not sent a line yet.
+    /// Connections on a passthrough or node listener that have not sent a line yet.
     candidates: HashMap<ConnId, (usize, SocketAddr)>,
     links: HashMap<ConnId, Link>,
     scratch: Vec<u8>,
@@ -110,6 +161,8 @@ struct Link {
     listener: usize,
     subs: usize,
     info: Arc<LinkInfo>,
+    /// A node link: the transactions it has been sent (by wtxid), of the last job only.
+    node: Option<HashSet<[u8; 32]>>,
 }
 
 impl Link {
@@ -163,6 +216,7 @@ impl Links {
     pub(crate) fn new(cfg: &LinkConfig) -> Self {
         Self {
             allowed: Arc::clone(&cfg.allowed),
+            nodes: Arc::clone(&cfg.nodes),
             registry: Arc::clone(&cfg.registry),
             candidates: HashMap::new(),
             links: HashMap::new(),
@@ -184,7 +238,9 @@ impl Links {
         listener: usize,
         source: stratifier::SourceId,
     ) {
-        if self.allowed.get(listener).copied().unwrap_or(false) {
+        if self.allowed.get(listener).copied().unwrap_or(false)
+            || self.nodes.get(listener).copied().unwrap_or(false)
+        {
             self.candidates.insert(conn, (listener, peer));
         }
         shard.on_open_in(now, conn, peer, listener, source);
@@ -205,42 +261,74 @@ impl Links {
         }
         if !self.candidates.is_empty()
             && let Some((listener, peer)) = self.candidates.remove(&conn)
-            && contains(line, b"\"mining.passthrough\"")
+            && (contains(line, b"\"mining.passthrough\"") || contains(line, b"\"mining.node\""))
         {
             self.scratch.clear();
-            if let FromDownstream::Handshake {
-                role: Role::Passthrough,
-                agent,
-            } = passthrough::decode_downstream(line, &mut self.scratch)
+            if let FromDownstream::Handshake { role, agent } =
+                passthrough::decode_downstream(line, &mut self.scratch)
             {
-                shard.on_close(now, conn);
-                let agent = agent.unwrap_or("");
-                info!(%conn, %peer, agent, "passthrough connected");
-                let info = Arc::new(LinkInfo {
-                    peer,
-                    // As sent, JSON escapes undone (ckpool writes `ckpool\/0.9.9`).
-                    agent: serde_json::from_str::<String>(&format!("\"{agent}\""))
-                        .unwrap_or_else(|_| agent.to_owned())
-                        .chars()
-                        .take(64)
-                        .collect(),
-                    subs: AtomicUsize::new(0),
-                });
-                self.registry.lock().insert(conn, Arc::clone(&info));
-                self.links.insert(
-                    conn,
-                    Link {
-                        peer,
-                        listener,
-                        subs: 0,
-                        info,
-                    },
-                );
-                out.send(ClientId::Direct(conn), passthrough::HANDSHAKE_OK.to_vec());
-                return;
+                let on = |list: &Arc<[bool]>| list.get(listener).copied().unwrap_or(false);
+                let accepted = match role {
+                    Role::Passthrough => on(&self.allowed),
+                    Role::Node => on(&self.nodes),
+                };
+                if accepted {
+                    let agent = agent.unwrap_or("").to_owned();
+                    self.open_link(shard, now, conn, peer, listener, role, &agent, out);
+                    return;
+                }
             }
         }
         shard.on_line(now, conn, line, out);
+    }
+
+    /// Makes connection `conn` a link: answers the handshake, and a node link is sent the
+    /// current job's transactions and workinfo.
+    #[expect(clippy::too_many_arguments, reason = "the handshake's facts")]
+    fn open_link(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        role: Role,
+        agent: &str,
+        out: &mut impl Out,
+    ) {
+        shard.on_close(now, conn);
+        let node = role == Role::Node;
+        if node {
+            info!(%conn, %peer, agent, "node connected");
+            self.registry.nodes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            info!(%conn, %peer, agent, "passthrough connected");
+        }
+        let info = Arc::new(LinkInfo {
+            peer,
+            // As sent, JSON escapes undone (ckpool writes `ckpool\/0.9.9`).
+            agent: serde_json::from_str::<String>(&format!("\"{agent}\""))
+                .unwrap_or_else(|_| agent.to_owned())
+                .chars()
+                .take(64)
+                .collect(),
+            node,
+            subs: AtomicUsize::new(0),
+        });
+        self.registry.lock().insert(conn, Arc::clone(&info));
+        let mut link = Link {
+            peer,
+            listener,
+            subs: 0,
+            info,
+            node: node.then(HashSet::new),
+        };
+        let mut reply = passthrough::HANDSHAKE_OK.to_vec();
+        if let Some(job) = shard.pool().current_job() {
+            node_work(shard, &job, &mut link, &mut reply);
+        }
+        self.links.insert(conn, link);
+        out.send(ClientId::Direct(conn), reply);
     }
 
     /// Whether `conn` is a passthrough link. A handover does not carry a link's sub-clients
@@ -258,6 +346,9 @@ impl Links {
             && let Some(link) = self.links.remove(&conn)
         {
             self.registry.lock().remove(&conn);
+            if link.node.is_some() {
+                self.registry.nodes.fetch_sub(1, Ordering::Relaxed);
+            }
             info!(%conn, peer = %link.peer, subs = link.subs, "passthrough disconnected; its sub-clients end");
         }
         shard.on_close(now, conn);
@@ -276,6 +367,17 @@ impl Links {
             return;
         }
         self.pending.reply = "error";
+        // A node gets the job's transactions and workinfo before its miners get the notify.
+        let mut work = Vec::new();
+        for (&conn, link) in &mut self.links {
+            if link.node.is_some() {
+                work.clear();
+                node_work(shard, job, link, &mut work);
+                if !work.is_empty() {
+                    self.pending.buf(conn).extend_from_slice(&work);
+                }
+            }
+        }
         shard.on_job(
             job,
             &mut Framer {
@@ -284,6 +386,15 @@ impl Links {
             },
         );
         self.finish(shard, now, out);
+    }
+
+    /// A `block` message for the node links of this shard.
+    pub(crate) fn on_node_block(&mut self, line: &Arc<[u8]>, out: &mut impl Out) {
+        for (&conn, link) in &self.links {
+            if link.node.is_some() {
+                out.send(ClientId::Direct(conn), line.to_vec());
+            }
+        }
     }
 
     /// The shard's periodic work.
@@ -484,6 +595,56 @@ fn frame(buf: &mut Vec<u8>, body: &[u8], kind: &str, id: u64) {
             }
         }
     }
+}
+
+/// For a node link, appends what it needs of `job` (a job of the pool's own source): the
+/// transactions it has not been sent yet, then the job's workinfo. Nothing for other jobs.
+fn node_work(shard: &Shard, job: &Job, link: &mut Link, buf: &mut Vec<u8>) {
+    let Some(sent) = &mut link.node else {
+        return;
+    };
+    let Some(wi) = workinfo(shard, job) else {
+        return;
+    };
+    let txs = job.transactions();
+    let fresh: Vec<_> = txs.iter().filter(|t| !sent.contains(&t.wtxid)).collect();
+    if !fresh.is_empty() {
+        node::write_transactions(buf, fresh);
+    }
+    // What the node keeps is its business; what it was sent is what the last job named.
+    *sent = txs.iter().map(|t| t.wtxid).collect();
+    wi.write(buf);
+}
+
+/// The workinfo of a template job of the pool's own source (`None` for any other, and in solo
+/// mode, whose jobs carry no common coinb2).
+fn workinfo(shard: &Shard, job: &Job) -> Option<WorkInfo> {
+    let Origin::Template(t) = &job.origin else {
+        return None;
+    };
+    if job.source != SourceId::TEMPLATE || job.coinb2.is_empty() {
+        return None;
+    }
+    let layout = shard.pool().layout(SourceId::TEMPLATE)?;
+    Some(WorkInfo {
+        jobid: job.id,
+        target: job.network_target.0.to_be_bytes::<32>(),
+        diff: job.network_target.difficulty_f64(),
+        version: job.version,
+        curtime: t.curtime,
+        prev_hash: job.prev_hash,
+        ntime: job.ntime,
+        bits: job.bits,
+        coinbase_value: t.coinbase_value,
+        height: job.height(),
+        flags: t.coinbase_flags.clone(),
+        txids: t.transactions.iter().map(|x| x.txid).collect(),
+        branch: job.branch.clone(),
+        coinb1: job.coinb1.clone(),
+        coinb2: job.coinb2.clone(),
+        enonce1varlen: layout.nonce1_len(),
+        enonce2varlen: layout.nonce2_len(),
+    })
 }
 
 /// The value of a compact line's `"method":"…"` member, if it has one.

@@ -51,7 +51,6 @@ fn main() -> ExitCode {
 fn run(cli: Cli, log: &mut Option<logging::LogGuard>) -> anyhow::Result<()> {
     let argv0 = std::env::args().next().unwrap_or_default();
     let mode = Mode::select(&cli, &argv0)?;
-    modes::check_implemented(mode)?;
     if cli.daemonise && std::env::var_os("CKPOOL_RS_DAEMONISED").is_none() {
         return daemonise(&argv0);
     }

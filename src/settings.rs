@@ -142,6 +142,8 @@ pub(crate) struct Listener {
     pub(crate) diff: ListenerDiff,
     /// Named in `passthroughserver`: clients on it may become passthroughs.
     pub(crate) passthrough: bool,
+    /// Named in `nodeserver`: clients on it may become nodes.
+    pub(crate) node: bool,
 }
 
 /// Everything the daemon was told, typed and checked.
@@ -277,6 +279,11 @@ impl Settings {
         self.file.webserver.as_deref()
     }
 
+    /// For each listener, whether clients on it may become nodes.
+    pub(crate) fn node_listeners(&self) -> Arc<[bool]> {
+        self.listeners.iter().map(|l| l.node).collect()
+    }
+
     /// For each listener, whether clients on it may become passthroughs.
     pub(crate) fn passthrough_listeners(&self) -> Arc<[bool]> {
         self.listeners.iter().map(|l| l.passthrough).collect()
@@ -395,8 +402,8 @@ fn first_of(cli: Option<&str>, env: Env<'_>, key: &str, file: &str) -> String {
         .unwrap_or_else(|| file.to_owned())
 }
 
-/// The listen addresses (`serverurl`, then each `listendiff` and `passthroughserver` address
-/// it lacks) with their rules.
+/// The listen addresses (`serverurl`, then each `listendiff`, `passthroughserver` and
+/// `nodeserver` address it lacks) with their rules.
 fn listeners(f: &Config) -> Result<Vec<Listener>, ConfigError> {
     let mut urls = f.serverurl.clone();
     for url in f
@@ -404,6 +411,7 @@ fn listeners(f: &Config) -> Result<Vec<Listener>, ConfigError> {
         .iter()
         .map(|r| &r.url)
         .chain(&f.passthroughserver)
+        .chain(&f.nodeserver)
     {
         if !urls.contains(url) {
             urls.push(url.clone());
@@ -432,11 +440,13 @@ fn listeners(f: &Config) -> Result<Vec<Listener>, ConfigError> {
                 None => ListenerDiff::default(),
             };
             let passthrough = f.passthroughserver.contains(&url);
+            let node = f.nodeserver.contains(&url);
             Ok(Listener {
                 url,
                 addr,
                 diff,
                 passthrough,
+                node,
             })
         })
         .collect()
@@ -549,7 +559,8 @@ mod tests {
         let s = settings(
             &["-B"],
             r#"{"serverurl": ["127.0.0.1:3333", "127.0.0.1:3334"],
-                "passthroughserver": ["127.0.0.1:3334", "127.0.0.1:3335"]}"#,
+                "passthroughserver": ["127.0.0.1:3334", "127.0.0.1:3335"],
+                "nodeserver": ["127.0.0.1:3336", "127.0.0.1:3333"]}"#,
         );
         let urls: Vec<(&str, bool)> = s
             .listeners
@@ -561,11 +572,13 @@ mod tests {
             [
                 ("127.0.0.1:3333", false),
                 ("127.0.0.1:3334", true),
-                ("127.0.0.1:3335", true)
+                ("127.0.0.1:3335", true),
+                ("127.0.0.1:3336", false)
             ]
         );
-        assert_eq!(&*s.passthrough_listeners(), &[false, true, true]);
-        assert_eq!(s.connector().listen.len(), 3);
+        assert_eq!(&*s.passthrough_listeners(), &[false, true, true, false]);
+        assert_eq!(&*s.node_listeners(), &[true, false, false, true]);
+        assert_eq!(s.connector().listen.len(), 4);
     }
 
     #[test]

@@ -902,10 +902,10 @@ fn sigterm_right_after_a_block_still_submits_it_and_exits_0() {
     assert_eq!(shares, 1, "the block's share is in the share log");
 }
 
-/// Node mode has no runner yet: a mode flag, or the binary run as cknode
-/// and the like, exits 2 naming the mode, before any config file is read.
+/// Every mode flag, and the binary run as ckproxy, ckpassthrough, cknode or ckredirector, reads
+/// its own config file and checks it before starting anything: exit 2 naming what is wrong.
 #[test]
-fn unimplemented_modes_exit_2_naming_the_mode() {
+fn each_mode_reads_and_checks_its_own_config() {
     let dir = pool::temp_dir("modes");
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ckpool-rs"));
     let run = |program: &std::path::Path, flags: &[&str]| {
@@ -921,21 +921,6 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    {
-        let (code, err) = run(exe, &["-N"]);
-        assert_eq!(code, Some(2), "-N: {err}");
-        assert!(err.contains("node mode is not implemented"), "-N: {err}");
-    }
-    {
-        let link = dir.join("cknode");
-        std::os::unix::fs::symlink(exe, &link).unwrap();
-        let (code, err) = run(&link, &[]);
-        assert_eq!(code, Some(2), "cknode: {err}");
-        assert!(
-            err.contains("node mode is not implemented"),
-            "cknode: {err}"
-        );
-    }
     // Passthrough mode is implemented: it goes on to read its config (absent here), and one
     // without a "proxy" entry is refused, exit 2.
     let (code, err) = run(exe, &["-P"]);
@@ -976,6 +961,17 @@ fn unimplemented_modes_exit_2_naming_the_mode() {
         assert_eq!(code, Some(2), "{redirect}: {err}");
         assert!(err.contains(want), "{redirect}: {err}");
     }
+    // Node mode is implemented: -N reads cknode.conf, and cknode without a "proxy" entry exits 2 before
+    // it starts anything.
+    let (code, err) = run(exe, &["-N"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot read config cknode.conf"), "{err}");
+    std::fs::write(dir.join("cknode.conf"), r#"{"serverurl": "127.0.0.1:0"}"#).unwrap();
+    let link = dir.join("cknode");
+    std::os::unix::fs::symlink(exe, &link).unwrap();
+    let (code, err) = run(&link, &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("\"proxy\" entry"), "{err}");
     // Two mode flags, or solo with a proxy mode, are refused too.
     for flags in [&["-p", "-P"][..], &["-B", "-p"][..]] {
         let (code, err) = run(exe, flags);

@@ -107,6 +107,9 @@ pub struct Config {
     /// Listen addresses on which a client may become a passthrough (`mining.passthrough`);
     /// each is listened on too (it may also be in `serverurl`). Empty: no passthroughs.
     pub passthroughserver: Vec<String>,
+    /// Listen addresses on which a client may become a node (`mining.node`); each is listened
+    /// on too. Empty: no nodes.
+    pub nodeserver: Vec<String>,
     /// Upstream pools of the proxy and passthrough modes, best first (`proxy`).
     pub proxy: Vec<Proxy>,
     /// Redirector mode: where miners are sent (`client.reconnect`) once they have had a share
@@ -210,6 +213,7 @@ impl Default for Config {
             serverurl: vec!["0.0.0.0:3333".into()],
             passthroughserver: Vec::new(),
             redirecturl: Vec::new(),
+            nodeserver: Vec::new(),
             mindiff: Difficulty::ONE,
             startdiff: diff_const(42),
             highdiff: diff_const(1_000_000),
@@ -412,6 +416,12 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
         c.redirecturl = match v {
             Value::String(s) => vec![s.clone()],
             other => typed::<Vec<String>>("redirecturl", other)?,
+        };
+    }
+    if let Some(v) = map.get("nodeserver") {
+        c.nodeserver = match v {
+            Value::String(s) => vec![s.clone()],
+            other => typed::<Vec<String>>("nodeserver", other)?,
         };
     }
     if let Some(v) = map.get("mindiff") {
@@ -913,6 +923,12 @@ mod tests {
         assert!(parse(r#"{"proxy": [{"auth": "u"}]}"#).is_err());
         assert!(parse(r#"{"passthroughserver": 5}"#).is_err());
         assert!(Config::default().passthroughserver.is_empty());
+        let c = parse(r#"{"nodeserver": ["127.0.0.1:3335"]}"#)
+            .unwrap()
+            .config;
+        assert_eq!(c.nodeserver, vec!["127.0.0.1:3335".to_string()]);
+        assert!(parse(r#"{"nodeserver": {}}"#).is_err());
+        assert!(Config::default().nodeserver.is_empty());
     }
 
     #[test]

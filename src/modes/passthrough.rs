@@ -59,6 +59,7 @@ use generator::upstream::{
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
+use super::node::Node;
 use crate::settings::{ConfigError, Settings};
 
 /// How long a connector thread waits for room in the upstream queue before it drops the miner
@@ -338,6 +339,8 @@ struct MinerSide {
     miners: HashMap<ConnId, Miner>,
     /// Redirector mode: the watch for accepted shares.
     redirect: Option<super::redirector::Watcher>,
+    /// Node mode: the local checks and statistics.
+    node: Option<Arc<Node>>,
 }
 
 impl Handshake {
@@ -549,6 +552,10 @@ impl connector::Handler for MinerSide {
         };
         if let Some(kind) = Kind::of(line) {
             m.hs.get_or_insert_default().keep(kind, line);
+        } else if let Some(node) = &self.node {
+            // A block is submitted to our bitcoind before the share goes upstream.
+            let en1 = m.hs.as_ref().and_then(|h| h.extranonce1.as_deref());
+            node.on_submit(m.client_id, en1, line, now);
         }
         if let Some(r) = self.redirect.as_mut() {
             r.up(conn, line, now);
@@ -570,6 +577,9 @@ impl connector::Handler for MinerSide {
         if let Some(r) = self.redirect.as_mut() {
             r.close(conn);
         }
+        if let Some(node) = &self.node {
+            node.forget(m.client_id);
+        }
         // Best effort: a full queue or no upstream loses only the notice (the upstream drops the
         // session with the link, or on its own timeout).
         let _ = self.link.try_send(MinerLine::Term {
@@ -586,6 +596,9 @@ impl connector::Handler for MinerSide {
                     let Some(m) = self.miners.get_mut(&conn) else {
                         continue;
                     };
+                    if let Some(node) = &self.node {
+                        node.on_miner_downline(m.client_id, &line);
+                    }
                     match m
                         .hs
                         .as_mut()
@@ -645,13 +658,15 @@ impl connector::Handler for MinerSide {
 
 /// Runs passthrough mode until `shutdown` is set.
 pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
-    run_with(settings, shutdown, None)
+    run_link(settings, shutdown, None, None)
 }
 
-/// Runs passthrough mode, or redirector mode with `redirect`, until `shutdown` is set.
-pub(crate) fn run_with(
+/// Runs passthrough mode; node mode with `node` (the link says `mining.node`); or redirector
+/// mode with `redirect`, until `shutdown` is set.
+pub(crate) fn run_link(
     settings: &Settings,
     shutdown: &Arc<AtomicBool>,
+    node: Option<Arc<Node>>,
     redirect: Option<Arc<super::redirector::Redirects>>,
 ) -> anyhow::Result<()> {
     let servers: Vec<UpstreamServer> = settings
@@ -675,8 +690,16 @@ pub(crate) fn run_with(
     };
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(EVENTS);
     let link = Arc::new(
-        PassthroughLink::start(cfg, Role::Passthrough, ev_tx)
-            .context("starting the upstream link")?,
+        PassthroughLink::start(
+            cfg,
+            if node.is_some() {
+                Role::Node
+            } else {
+                Role::Passthrough
+            },
+            ev_tx,
+        )
+        .context("starting the upstream link")?,
     );
     let threads = settings.threads;
     let shared = Arc::new(Shared {
@@ -696,7 +719,12 @@ pub(crate) fn run_with(
         rejected_down: AtomicU64::new(0),
     });
     let conns = {
-        let (link, shared, redirect) = (Arc::clone(&link), Arc::clone(&shared), redirect.clone());
+        let (link, shared, node, redirect) = (
+            Arc::clone(&link),
+            Arc::clone(&shared),
+            node.clone(),
+            redirect.clone(),
+        );
         connector::start(settings.connector(), move |thread| MinerSide {
             thread,
             link: Arc::clone(&link),
@@ -705,6 +733,7 @@ pub(crate) fn run_with(
             redirect: redirect
                 .as_ref()
                 .map(|r| super::redirector::Watcher::new(Arc::clone(r))),
+            node: node.clone(),
         })
         .context("starting the connector")?
     };
@@ -720,11 +749,16 @@ pub(crate) fn run_with(
             Arc::clone(shutdown),
         );
         let urls = urls.clone();
+        let node = node.clone();
         let stats = move || {
             let mut s = stats_json(&shared, &link, &handle, &urls);
             if let Some(r) = &redirect {
                 s["mode"] = json!("redirector");
                 s["redirect"] = r.stats();
+            }
+            if let Some(node) = &node {
+                s["mode"] = json!("node");
+                s["node"] = node.stats_json(Instant::now());
             }
             s
         };
@@ -738,7 +772,14 @@ pub(crate) fn run_with(
         }
     };
 
-    route(&ev_rx, &handle, &shared, shutdown, settings.quiet);
+    route(
+        &ev_rx,
+        &handle,
+        &shared,
+        shutdown,
+        settings.quiet,
+        node.as_deref(),
+    );
 
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
@@ -761,6 +802,7 @@ fn route(
     shared: &Shared,
     shutdown: &AtomicBool,
     quiet: bool,
+    node: Option<&Node>,
 ) {
     let threads = shared.inflight.len();
     let mut batches: Vec<Batch> = (0..threads).map(|_| (Vec::new(), 0)).collect();
@@ -778,7 +820,7 @@ fn route(
             let mut n = 0;
             let mut next = Some(ev);
             while let Some(ev) = next.take() {
-                handle_event(ev, conns, shared, &mut batches);
+                handle_event(ev, conns, shared, &mut batches, node);
                 n += 1;
                 if n < ROUND {
                     next = events.try_recv().ok();
@@ -820,6 +862,7 @@ fn handle_event(
     conns: &ConnectorHandle<Msg>,
     shared: &Shared,
     batches: &mut [Batch],
+    node: Option<&Node>,
 ) {
     match ev {
         PassthroughEvent::Client { client_id, line } => {
@@ -893,9 +936,10 @@ fn handle_event(
         PassthroughEvent::Failed { index, reason } => {
             warn!(index, reason, "upstream connection failed");
         }
-        PassthroughEvent::Link { line } => {
-            debug!(len = line.len(), "link message from the upstream ignored");
-        }
+        PassthroughEvent::Link { line } => match node {
+            Some(node) => node.on_link(&line),
+            None => debug!(len = line.len(), "link message from the upstream ignored"),
+        },
     }
 }
 

@@ -71,12 +71,14 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let link_registry: Arc<crate::links::LinkRegistry> = Arc::default();
     let sinks = handoff::Sinks {
         blocks: Some(generator.block_submitter()),
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
         upstream: None,
         source: None,
         auth: None,
+        nodes: Some(Arc::clone(&link_registry)),
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
     let hooks = PoolHooks(Arc::clone(&pool));
@@ -115,9 +117,20 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     // The connector threads, each with its stratifier shard.
     let handoff = settings.handoff;
     let threads = settings.threads;
+    // Node links need one coinbase for all (solo mode builds one per user).
+    let nodes = if settings.mode == crate::settings::Mode::Solo {
+        let nodes = settings.node_listeners();
+        if nodes.iter().any(|&n| n) {
+            warn!("nodeserver: nodes are not served in solo mode; mining.node is refused");
+        }
+        Arc::from(vec![false; nodes.len()])
+    } else {
+        settings.node_listeners()
+    };
     let links = LinkConfig {
         allowed: settings.passthrough_listeners(),
-        registry: Arc::default(),
+        nodes,
+        registry: link_registry,
     };
     info!(%handoff, threads, "stratifier handoff");
     let mut ccfg = settings.connector();
@@ -134,6 +147,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
             return Err(e).context("starting the connector");
         }
     };
+    links.registry.set_handle(conns.handle());
     let io_backend = conns.backend().to_string();
     for a in conns.local_addrs() {
         info!(addr = %a, threads, io = %io_backend, %handoff, "listening for miners");

@@ -1007,6 +1007,7 @@ pub(crate) fn run(
         // The loop's own sender keeps the queue open in proxy mode too (a closed queue would
         // wake the select at once, every time).
         auth: userproxy.then(|| auth_sink(auth_tx.clone())),
+        nodes: None,
     };
     let stats_writer = status::start(
         Arc::clone(&pool),
@@ -1020,6 +1021,7 @@ pub(crate) fn run(
     // Passthrough links are not accepted in proxy mode (no `passthroughserver` listener).
     let links = crate::links::LinkConfig {
         allowed: Arc::from(vec![false; settings.connector().listen.len()]),
+        nodes: Arc::default(),
         registry: Arc::default(),
     };
     let conns = handoff::start(

@@ -141,6 +141,9 @@ pub struct BlockCandidate {
     pub worker: String,
     /// Job id.
     pub job_id: u64,
+    /// The solution in the pool's `block` message to its nodes (ckpool.md §5.3): the header,
+    /// the coinbase and the share's fields. `None` for upstream work.
+    pub solve: Option<Box<common::stratum::node::BlockSolve>>,
 }
 
 /// One share for the share log.
@@ -600,6 +603,7 @@ mod tests {
             source: SourceId::TEMPLATE,
             worker: "dave".into(),
             job_id: 1,
+            solve: None,
         });
         pool.registry
             .record_share(&stripe, &w, Some(7.0), 7.0, false, None, t0);
@@ -645,6 +649,7 @@ mod tests {
             source: SourceId::TEMPLATE,
             worker: "erin.a".into(),
             job_id: 1,
+            solve: None,
         });
         pool.registry
             .record_share(&stripe, &w, Some(1.0), 9000.0, true, None, t0);
@@ -663,6 +668,7 @@ mod tests {
             source: SourceId::TEMPLATE,
             worker: "erin.b".into(),
             job_id: 2,
+            solve: None,
         });
         pool.registry
             .record_share(&stripe, &other, Some(1.0), 30.0, false, None, t0);

@@ -454,6 +454,11 @@ impl Shard {
         }
     }
 
+    /// The shared pool state this shard serves.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.st.pool
+    }
+
     /// Number of live sessions.
     pub fn sessions(&self) -> usize {
         self.st.sessions.len()
@@ -1862,8 +1867,17 @@ impl State {
             .is_met_by(&hashed.share.hash)
             .then(|| job.first_sighting(&hashed.share.hash));
         if first_sighting == Some(true) {
-            let candidate =
+            let mut candidate =
                 submit::block_candidate(job, &hashed.share, &self.scratch, auth.worker());
+            if job.can_assemble() {
+                candidate.solve = Some(Box::new(submit::block_solve(
+                    job,
+                    &hashed,
+                    &sub,
+                    &self.scratch,
+                    &candidate.worker,
+                )));
+            }
             info!(height = candidate.height, hash = %candidate.hash, worker = %candidate.worker, source = job.source.0, "BLOCK SOLVED, submitting");
             pool.registry.record_block(&candidate);
             out.event(Event::Block(candidate));

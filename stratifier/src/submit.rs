@@ -226,6 +226,30 @@ pub(crate) fn block_candidate(
         source: job.source,
         worker,
         job_id: job.id,
+        solve: None,
+    }
+}
+
+/// The solution of a block-solving share as the pool's `block` message to its nodes carries
+/// it: the header and coinbase it was hashed with and the share's own fields.
+pub(crate) fn block_solve(
+    job: &Job,
+    hashed: &Hashed,
+    sub: &Submission<'_>,
+    coinbase: &[u8],
+    worker: &str,
+) -> common::stratum::node::BlockSolve {
+    common::stratum::node::BlockSolve {
+        enonce1: hashed.enonce1.as_ref().to_vec(),
+        nonce: sub.nonce,
+        nonce2: hex::decode(sub.nonce2).unwrap_or_default(),
+        ntime: sub.ntime,
+        version_mask: sub.version_bits.unwrap_or(0),
+        jobid: job.id,
+        diff: hashed.sdiff,
+        name: worker.to_owned(),
+        coinbase: coinbase.to_vec(),
+        header: hashed.share.header,
     }
 }
 

@@ -14,6 +14,7 @@ use simd_json::prelude::*;
 
 pub mod client;
 pub mod decode;
+pub mod node;
 pub mod passthrough;
 pub mod write;
 
