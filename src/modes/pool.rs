@@ -206,6 +206,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
                     .map(|b| b.url.clone())
                     .collect(),
                 share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+                gen_stats: running.generator.stats(),
+                links: Arc::clone(&links.registry),
                 io: io_backend,
                 handoff: handoff.to_string(),
                 started,

@@ -67,6 +67,10 @@ pub(crate) struct WebCtx {
     pub(crate) servers: Vec<String>,
     /// The share log's counters (`-L`).
     pub(crate) share_log: Option<StatsHandle>,
+    /// The generator's figures (RPC and template latency, failovers, ZMQ, block verdicts).
+    pub(crate) gen_stats: Arc<generator::stats::GenStats>,
+    /// The passthrough links open at the pool.
+    pub(crate) links: Arc<crate::links::LinkRegistry>,
     /// The I/O backend's name.
     pub(crate) io: String,
     /// The handoff's name.
