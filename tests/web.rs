@@ -284,6 +284,64 @@ fn metrics_and_api_show_what_the_miner_did() {
     assert_eq!(http(web, "DELETE", "/metrics").0, 405);
 }
 
+/// `-H` with `webserver` set: the old instance holds the port until it has stopped, so the new
+/// one waits for it rather than failing (and dropping the miners it has just taken over); it then
+/// serves `/metrics`, which counts the handover it received.
+#[test]
+fn a_handover_moves_the_webserver_and_counts_itself() {
+    let Some(exe) = bitcoind_or_skip("a_handover_moves_the_webserver_and_counts_itself") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let mut config = regtest_config(
+        vec![btcd_entry(node)],
+        Some(&node.new_address()),
+        free_port(),
+    );
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config["webserver"] = web.to_string().into();
+    let mut old = PoolProcess::start("webho", &config, &[]);
+    let m = scrape(web);
+    assert_eq!(
+        metric(&m, "ckpool_handovers_total", &[("result", "received")]),
+        Some(0.0)
+    );
+    // A miner connected across the handover.
+    let mut miner = pool::Client::connect(old.addr);
+    miner.login("webho.rig");
+
+    let mut new = old.spawn_sibling(&["-H"], &[], "new.log");
+    let status = old.wait_exit(WAIT).unwrap_or_else(|| {
+        panic!(
+            "the old instance did not hand over: {}\nnew: {}",
+            old.log_text(),
+            new.log_text()
+        )
+    });
+    assert!(status.success(), "old instance: {status:?}");
+    node::wait_until("the new instance to serve /metrics", WAIT, || {
+        assert!(
+            new.is_running(),
+            "the new instance exited: {}",
+            new.log_text()
+        );
+        TcpStream::connect(web).is_ok()
+            && metric(
+                &scrape(web),
+                "ckpool_handovers_total",
+                &[("result", "received")],
+            ) == Some(1.0)
+    });
+    let m = scrape(web);
+    assert_eq!(
+        metric(&m, "ckpool_clients", &[]),
+        Some(1.0),
+        "the miner moved"
+    );
+    assert!(new.is_running(), "{}", new.log_text());
+}
+
 /// The pool process's listening TCP sockets (its fds matched against `/proc/net/tcp*`).
 fn listening_sockets(pid: u32) -> usize {
     let mut inodes = std::collections::HashSet::new();

@@ -145,6 +145,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         stats_writer,
     };
 
+    let handed_in = incoming.is_some();
     if let Some(incoming) = incoming {
         match incoming.adopt_all(&running.conns) {
             Ok(n) => info!(connections = n, "handover: took the running instance over"),
@@ -212,8 +213,19 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
                 handoff: handoff.to_string(),
                 started,
             };
-            match web::start(addr, ctx) {
+            // After a handover the old instance frees the port moments after the commit; the
+            // miners are ours by then, so a port still taken is no reason to drop them.
+            let wait = if handed_in {
+                WEB_HANDOVER_WAIT
+            } else {
+                Duration::ZERO
+            };
+            match web::start(addr, ctx, wait) {
                 Ok(w) => Some(w),
+                Err(e) if handed_in => {
+                    error!(addr, error = %e, "cannot bind the webserver after the handover; serving miners without it");
+                    None
+                }
                 Err(e) => {
                     shutdown.store(true, Ordering::Relaxed);
                     running.stop();
@@ -393,6 +405,9 @@ impl Running {
         self.stats_writer.stop();
     }
 }
+
+/// How long a new instance keeps trying to bind the webserver's port after a handover.
+const WEB_HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the main loop waits for an event before it looks at the shutdown flag again.
 const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);
