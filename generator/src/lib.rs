@@ -708,6 +708,11 @@ mod tests {
         }
         assert_eq!(generator.active_server(), Some(1));
         assert_eq!(generator.network(), Some(bitcoin::Network::Regtest));
+        // The first server up is no failover; its template is current and was timed.
+        let stats = generator.stats();
+        assert_eq!(stats.failovers(), 0);
+        assert!(stats.template_age().is_some());
+        assert!(stats.template_fetch().snapshot().count >= 1);
 
         // Server 0 answers but is behind: no fail-back.
         height0.store(5, Ordering::SeqCst);
@@ -730,6 +735,13 @@ mod tests {
             next_event(&rx),
             GenEvent::ServerUp { index: 1, .. }
         ));
+        // Fail-back to 0, then over to 1 again.
+        assert_eq!(stats.failovers(), 2);
+        let gbt = stats
+            .rpc()
+            .find(|(m, _)| *m == "getblocktemplate")
+            .map(|(_, h)| h.snapshot().count);
+        assert!(gbt.is_some_and(|n| n >= 2), "{gbt:?}");
         generator.shutdown();
     }
 
