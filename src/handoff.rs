@@ -56,6 +56,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use common::ConnId;
+use common::histogram::{Histogram, Snapshot};
 use connector::{Action, CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use generator::{BlockSubmission, BlockSubmitter};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -77,6 +78,34 @@ const KEEP_EVENTS: usize = 4096;
 const KEEP_ARENA: usize = 256 * 1024;
 /// Actions a recycled output vector keeps (a job notify to every miner may leave more).
 const KEEP_ACTIONS: usize = 4096;
+
+/// Submit latency slots: connector thread `t` writes slot `t % SUBMIT_SLOTS`.
+const SUBMIT_SLOTS: usize = 64;
+
+/// One thread's submit latency, on cache lines of its own.
+#[repr(align(128))]
+struct SubmitSlot(Histogram);
+
+/// The submit latency of every connector thread: the time from the start of the connector
+/// round that read a `mining.submit` line to the end of the shard's handling of that round
+/// (inline: the reply is in the outbox; queue: the stratifier thread has handled the batch).
+/// A process-wide figure, read by the metrics endpoint through [`submit_latency`].
+static SUBMIT_LATENCY: [SubmitSlot; SUBMIT_SLOTS] =
+    [const { SubmitSlot(Histogram::new()) }; SUBMIT_SLOTS];
+
+fn submit_latency_slot(thread: usize) -> &'static Histogram {
+    // `thread % SUBMIT_SLOTS < SUBMIT_SLOTS`, the array's length.
+    &SUBMIT_LATENCY[thread % SUBMIT_SLOTS].0
+}
+
+/// Every connector thread's submit latency together (see [`SUBMIT_LATENCY`]).
+pub(crate) fn submit_latency() -> Snapshot {
+    let mut total = Snapshot::default();
+    for slot in &SUBMIT_LATENCY {
+        total.merge(&slot.0.snapshot());
+    }
+    total
+}
 
 /// How connector threads hand events to the stratifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -437,15 +466,17 @@ pub(crate) fn start(
     links: LinkConfig,
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
-    let inline = move |pool: &Arc<Pool>, sinks: &Sinks, links: &LinkConfig| {
+    let inline = move |t: usize, pool: &Arc<Pool>, sinks: &Sinks, links: &LinkConfig| {
         StratumHandler::Inline(InlineHandler {
             shard: Shard::new(Arc::clone(pool)),
             links: Links::new(links),
             sinks: sinks.clone(),
+            thread: t,
+            timed: 0,
         })
     };
     let conns = connector::start(cfg, move |t| match handoff {
-        Handoff::Inline => inline(&pool, &sinks, &links),
+        Handoff::Inline => inline(t, &pool, &sinks, &links),
         Handoff::Queue => {
             let shard_links = Links::new(&links);
             match QueueHandler::new(
@@ -459,7 +490,7 @@ pub(crate) fn start(
                 Err(e) => {
                     // Only when the system is out of threads; this thread's miners are still served.
                     error!(thread = t, error = %e, "cannot start a stratifier thread; this connector thread runs its shard inline");
-                    inline(&pool, &sinks, &links)
+                    inline(t, &pool, &sinks, &links)
                 }
             }
         }
@@ -508,6 +539,7 @@ impl connector::Handler for StratumHandler {
                     shard,
                     links,
                     sinks,
+                    ..
                 } = h;
                 links.on_line(
                     shard,
@@ -536,6 +568,7 @@ impl connector::Handler for StratumHandler {
                         shard,
                         links,
                         sinks,
+                        ..
                     } = h;
                     let out = &mut OutboxOut { outbox: out, sinks };
                     links.on_job(shard, now, &job, out);
@@ -568,6 +601,7 @@ impl connector::Handler for StratumHandler {
                     shard,
                     links,
                     sinks,
+                    ..
                 } = h;
                 links.on_tick(shard, now, &mut OutboxOut { outbox: out, sinks });
             }
@@ -575,9 +609,10 @@ impl connector::Handler for StratumHandler {
         }
     }
 
-    fn on_batch_end(&mut self, _now: Instant, _out: &mut Outbox) {
-        if let Self::Queue(h) = self {
-            h.send_batch();
+    fn on_batch_end(&mut self, now: Instant, _out: &mut Outbox) {
+        match self {
+            Self::Inline(h) => h.time_replies(now),
+            Self::Queue(h) => h.send_batch(),
         }
     }
 
@@ -629,6 +664,23 @@ struct InlineHandler {
     shard: Shard,
     links: Links,
     sinks: Sinks,
+    /// The connector thread's index (its submit latency slot).
+    thread: usize,
+    /// The shard's [`Shard::submits`] as of the last round timed.
+    timed: u64,
+}
+
+impl InlineHandler {
+    /// The end of a connector round that started at `round`: the submits judged since the last
+    /// round have had their replies queued, so each took (at most) the round's time so far.
+    /// One clock read, and only in rounds with submits.
+    fn time_replies(&mut self, round: Instant) {
+        let n = self.shard.submits();
+        if n != self.timed {
+            submit_latency_slot(self.thread).observe_n(round.elapsed(), n - self.timed);
+            self.timed = n;
+        }
+    }
 }
 
 /// The shard's output written straight into the connector's outbox; events to the sinks.
@@ -954,7 +1006,19 @@ fn run_shard(
     let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while batches.next_round(DRAIN_BATCHES, |batch| {
+        let before = shard.submits();
         run_batch(thread, &mut shard, &mut links, batch, &mut out, &mut handle);
+        // The batch's lines were read in one connector round, at its first line's `now`; one
+        // clock read per batch with submits times their replies.
+        let judged = shard.submits() - before;
+        if judged > 0
+            && let Some(read) = batch.events.iter().find_map(|e| match e {
+                Event::Line { now, .. } => Some(*now),
+                _ => None,
+            })
+        {
+            submit_latency_slot(thread).observe_n(read.elapsed(), judged);
+        }
     }) {
         // One message per round; kept until the handle is known (connections can be accepted
         // before `connector::start` returns), and while a handover holds it.

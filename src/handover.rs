@@ -50,6 +50,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -72,6 +73,24 @@ pub(crate) const TEST_VERSION: &str = "CKPOOL_RS_HANDOVER_TEST_VERSION";
 /// The environment variable that makes a new instance exit on purpose once it has received the
 /// given number of batches, before adopting the last one (for tests of the failure path).
 pub(crate) const TEST_EXIT_AFTER_BATCHES: &str = "CKPOOL_RS_HANDOVER_TEST_EXIT_AFTER_BATCHES";
+
+/// Handovers this process took part in: (sent: committed as the old instance, received:
+/// committed as the new one, failed: either side).
+static SENT: AtomicU64 = AtomicU64::new(0);
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// Handovers this process took part in, for the metrics: `(sent, received, failed)`. Sent:
+/// this instance handed everything over (and is about to exit); received: it took a running
+/// instance over; failed: a handover it gave or took failed half way (on the taking side the
+/// process exits after it, so it is seen mostly on the giving side, which serves on).
+pub(crate) fn counts() -> (u64, u64, u64) {
+    (
+        SENT.load(Ordering::Relaxed),
+        RECEIVED.load(Ordering::Relaxed),
+        FAILED.load(Ordering::Relaxed),
+    )
+}
 
 /// What a handover carries besides sockets: the stratifier's pool state (connection sessions
 /// travel in `ConnState::user`, from the handler's `on_export` to `on_adopt`).
@@ -135,6 +154,7 @@ pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn Stat
         handoff::release(conns);
         conns.resume();
         error!(error = %e, "handover failed; serving on");
+        FAILED.fetch_add(1, Ordering::Relaxed);
         return Outcome::Failed(e);
     }
     let held: usize = reports.iter().map(|r| r.connections).sum();
@@ -152,6 +172,7 @@ pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn Stat
                 ms = started.elapsed().as_millis(),
                 "handover committed"
             );
+            SENT.fetch_add(1, Ordering::Relaxed);
             Outcome::Committed {
                 connections: handed,
             }
@@ -162,6 +183,7 @@ pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn Stat
             conns.resume();
             let back = take_back(conns, pending);
             error!(error = %format!("{e:#}"), handed_over = handed, taken_back = back, "handover failed; serving on");
+            FAILED.fetch_add(1, Ordering::Relaxed);
             Outcome::Failed(e)
         }
     }
@@ -379,6 +401,18 @@ impl Incoming {
     /// Adopts every batch into `conns` (spread over its threads), acking each, until the
     /// commit; returns the connections adopted.
     pub(crate) fn adopt_all<M: Send + Clone + 'static>(
+        self,
+        conns: &Connector<M>,
+    ) -> anyhow::Result<usize> {
+        let adopted = self.adopt_batches(conns);
+        match adopted {
+            Ok(_) => RECEIVED.fetch_add(1, Ordering::Relaxed),
+            Err(_) => FAILED.fetch_add(1, Ordering::Relaxed),
+        };
+        adopted
+    }
+
+    fn adopt_batches<M: Send + Clone + 'static>(
         self,
         conns: &Connector<M>,
     ) -> anyhow::Result<usize> {

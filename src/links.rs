@@ -91,6 +91,17 @@ impl LinkRegistry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// `(peer, sub-clients)` of every link open now, by peer.
+    pub(crate) fn subclients(&self) -> Vec<(String, usize)> {
+        let mut list: Vec<(String, usize)> = self
+            .lock()
+            .values()
+            .map(|l| (l.peer.to_string(), l.subs.load(Ordering::Relaxed)))
+            .collect();
+        list.sort();
+        list
+    }
+
     /// `[{"peer","agent","subclients"[,"node":true]}…]`, by peer.
     pub(crate) fn snapshot(&self) -> serde_json::Value {
         let mut list: Vec<(String, String, usize, bool)> = self

@@ -108,6 +108,8 @@ fn metrics_and_api_show_what_the_miner_did() {
     );
     let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     config["webserver"] = web.to_string().into();
+    let zmq = node.zmq_endpoint().expect("node 0 publishes hashblock");
+    config["zmqblock"] = zmq.into();
     let pool = PoolProcess::start("web", &config, &["-L"]);
 
     let report = mine_shares(&pool, "webuser.rig1", 10);
@@ -137,6 +139,30 @@ fn metrics_and_api_show_what_the_miner_did() {
         metric(&m, "ckpool_blocks_found_total", &[]),
         Some(found as f64)
     );
+    // Each found block is settled by the node's verdict: accepted ones are in its chain.
+    let in_chain = blocks["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| {
+            node.try_rpc("getblockheader", serde_json::json!([h]))
+                .is_ok_and(|b| b["confirmations"].as_i64().is_some_and(|c| c >= 1))
+        })
+        .count();
+    assert!(in_chain >= 1, "{blocks}");
+    node::wait_until("every found block to be settled", WAIT, || {
+        let m = scrape(web);
+        metric(&m, "ckpool_blocks_settled_total", &[]) == Some(found as f64)
+            && metric(
+                &m,
+                "ckpool_blocks_settled_total",
+                &[("verdict", "accepted")],
+            ) == Some(in_chain as f64)
+    });
+    // The node announced at least the pool's own blocks over ZMQ.
+    node::wait_until("a ZMQ hashblock to be counted", WAIT, || {
+        metric(&scrape(web), "ckpool_zmq_hashblock_total", &[]).is_some_and(|n| n >= 1.0)
+    });
     assert!(metric(&m, "ckpool_accepted_difficulty_total", &[]).unwrap() > 0.0);
     assert!(metric(&m, "ckpool_connections_accepted_total", &[]).unwrap() >= 1.0);
     assert_eq!(metric(&m, "ckpool_connector_threads", &[]), Some(2.0));
@@ -154,6 +180,39 @@ fn metrics_and_api_show_what_the_miner_did() {
     assert_eq!(metric(&m, "ckpool_users", &[]), Some(1.0));
     assert_eq!(metric(&m, "ckpool_workers", &[]), Some(1.0));
     assert!(metric(&m, "ckpool_sharelog_backlog", &[]).is_some());
+
+    // Every judged share was timed, once.
+    assert_eq!(
+        metric(&m, "ckpool_submit_seconds_count", &[]),
+        Some((report.accepted + report.rejected) as f64)
+    );
+    let sum = metric(&m, "ckpool_submit_seconds_sum", &[]).unwrap();
+    assert!(sum > 0.0 && sum < 60.0, "submit latency sum {sum}");
+    // The node's side: a fresh template, timed RPC calls and template fetches.
+    let age = metric(&m, "ckpool_template_age_seconds", &[]).expect("a template age");
+    assert!(
+        (0.0..=60.0).contains(&age),
+        "template age {age} s (update_interval is 30 s)"
+    );
+    assert!(metric(&m, "ckpool_templates_total", &[]).unwrap() >= 1.0);
+    assert!(metric(&m, "ckpool_template_fetch_seconds_count", &[]).unwrap() >= 1.0);
+    for method in ["getblocktemplate", "getblockchaininfo", "submitblock"] {
+        let n = metric(
+            &m,
+            "ckpool_bitcoind_rpc_seconds_count",
+            &[("method", method)],
+        );
+        assert!(n.is_some_and(|n| n >= 1.0), "{method}: {n:?} calls timed");
+    }
+    assert_eq!(
+        metric(&m, "ckpool_bitcoind_failovers_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(metric(&m, "ckpool_passthrough_links", &[]), Some(0.0));
+    assert_eq!(
+        metric(&m, "ckpool_handovers_total", &[("result", "received")]),
+        Some(0.0)
+    );
 
     // The JSON views.
     let p = get_json(web, "/api/pool");
@@ -223,6 +282,64 @@ fn metrics_and_api_show_what_the_miner_did() {
     assert_eq!(http(web, "GET", &long).0, 414);
     assert_eq!(http(web, "POST", "/api/pool").0, 405);
     assert_eq!(http(web, "DELETE", "/metrics").0, 405);
+}
+
+/// `-H` with `webserver` set: the old instance holds the port until it has stopped, so the new
+/// one waits for it rather than failing (and dropping the miners it has just taken over); it then
+/// serves `/metrics`, which counts the handover it received.
+#[test]
+fn a_handover_moves_the_webserver_and_counts_itself() {
+    let Some(exe) = bitcoind_or_skip("a_handover_moves_the_webserver_and_counts_itself") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let mut config = regtest_config(
+        vec![btcd_entry(node)],
+        Some(&node.new_address()),
+        free_port(),
+    );
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    config["webserver"] = web.to_string().into();
+    let mut old = PoolProcess::start("webho", &config, &[]);
+    let m = scrape(web);
+    assert_eq!(
+        metric(&m, "ckpool_handovers_total", &[("result", "received")]),
+        Some(0.0)
+    );
+    // A miner connected across the handover.
+    let mut miner = pool::Client::connect(old.addr);
+    miner.login("webho.rig");
+
+    let mut new = old.spawn_sibling(&["-H"], &[], "new.log");
+    let status = old.wait_exit(WAIT).unwrap_or_else(|| {
+        panic!(
+            "the old instance did not hand over: {}\nnew: {}",
+            old.log_text(),
+            new.log_text()
+        )
+    });
+    assert!(status.success(), "old instance: {status:?}");
+    node::wait_until("the new instance to serve /metrics", WAIT, || {
+        assert!(
+            new.is_running(),
+            "the new instance exited: {}",
+            new.log_text()
+        );
+        TcpStream::connect(web).is_ok()
+            && metric(
+                &scrape(web),
+                "ckpool_handovers_total",
+                &[("result", "received")],
+            ) == Some(1.0)
+    });
+    let m = scrape(web);
+    assert_eq!(
+        metric(&m, "ckpool_clients", &[]),
+        Some(1.0),
+        "the miner moved"
+    );
+    assert!(new.is_running(), "{}", new.log_text());
 }
 
 /// The pool process's listening TCP sockets (its fds matched against `/proc/net/tcp*`).

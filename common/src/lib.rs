@@ -13,6 +13,7 @@ pub mod block;
 pub mod coinbase;
 pub mod config;
 pub mod hash;
+pub mod histogram;
 pub mod merkle;
 pub mod stratum;
 pub mod target;

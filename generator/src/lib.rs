@@ -31,6 +31,7 @@ mod blockfile;
 #[cfg(test)]
 mod fake_node;
 pub mod rpc;
+pub mod stats;
 mod submit;
 mod template;
 pub mod upstream;
@@ -46,6 +47,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use parking_lot::Mutex;
 
 use crate::rpc::{RpcAuth, RpcClient, RpcError};
+use crate::stats::GenStats;
 
 /// One bitcoind, as in ckpool.conf's `btcd` array. Its `Debug` output leaves the password out.
 #[derive(Clone, PartialEq, Eq)]
@@ -283,6 +285,7 @@ impl Generator {
                 reason,
             })?;
         }
+        let stats = Arc::new(GenStats::new());
         // Each thread gets its own clients, hence its own connections.
         let clients = || -> Result<Vec<RpcClient>, GenError> {
             cfg.btcd
@@ -290,6 +293,7 @@ impl Generator {
                 .enumerate()
                 .map(|(index, b)| {
                     RpcClient::new(&b.url, auth_of(b), cfg.rpc_timeout)
+                        .map(|c| c.with_stats(Arc::clone(&stats)))
                         .map_err(|source| GenError::Server { index, source })
                 })
                 .collect()
@@ -305,6 +309,7 @@ impl Generator {
                 height: None,
             }),
             stop_deadline: OnceLock::new(),
+            stats,
         });
         let (commands, command_rx) = unbounded();
         let (submissions, submission_rx) = unbounded();
@@ -384,7 +389,10 @@ impl Generator {
 
         if let Some(endpoint) = cfg.zmqblock.clone() {
             let stop_rx = stop_rx.clone();
-            generator.spawn("gen-zmq", move || zmq::run(endpoint, commands, stop_rx))?;
+            let stats = Arc::clone(&shared.stats);
+            generator.spawn("gen-zmq", move || {
+                zmq::run(endpoint, commands, stop_rx, &stats);
+            })?;
         }
         Ok(generator)
     }
@@ -423,6 +431,12 @@ impl Generator {
     /// Index (in `btcd`) of the server templates currently come from.
     pub fn active_server(&self) -> Option<usize> {
         self.shared.state.lock().active
+    }
+
+    /// The generator's figures (RPC and template latency, template age, failovers, ZMQ
+    /// announcements, block verdicts), updated as it runs.
+    pub fn stats(&self) -> Arc<GenStats> {
+        Arc::clone(&self.shared.stats)
     }
 
     /// Stops every thread and waits for them, at most `shutdown_grace` plus a second. Blocks
@@ -513,6 +527,8 @@ struct Shared {
     state: Mutex<SharedState>,
     /// When stopping threads must give up (set once, just before the stop channel closes).
     stop_deadline: OnceLock<Instant>,
+    /// The figures for the metrics endpoint.
+    stats: Arc<GenStats>,
 }
 
 #[derive(Debug)]
@@ -692,6 +708,11 @@ mod tests {
         }
         assert_eq!(generator.active_server(), Some(1));
         assert_eq!(generator.network(), Some(bitcoin::Network::Regtest));
+        // The first server up is no failover; its template is current and was timed.
+        let stats = generator.stats();
+        assert_eq!(stats.failovers(), 0);
+        assert!(stats.template_age().is_some());
+        assert!(stats.template_fetch().snapshot().count >= 1);
 
         // Server 0 answers but is behind: no fail-back.
         height0.store(5, Ordering::SeqCst);
@@ -714,6 +735,13 @@ mod tests {
             next_event(&rx),
             GenEvent::ServerUp { index: 1, .. }
         ));
+        // Fail-back to 0, then over to 1 again.
+        assert_eq!(stats.failovers(), 2);
+        let gbt = stats
+            .rpc()
+            .find(|(m, _)| *m == "getblocktemplate")
+            .map(|(_, h)| h.snapshot().count);
+        assert!(gbt.is_some_and(|n| n >= 2), "{gbt:?}");
         generator.shutdown();
     }
 

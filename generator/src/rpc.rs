@@ -8,11 +8,14 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+
+use crate::stats::GenStats;
 
 /// Longest a TCP connect to bitcoind may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -118,6 +121,8 @@ pub struct RpcClient {
     auth_header: Mutex<Option<String>>,
     timeout: Duration,
     next_id: AtomicU64,
+    /// Where each call's latency goes, if anywhere.
+    stats: Option<Arc<GenStats>>,
 }
 
 impl RpcClient {
@@ -145,7 +150,15 @@ impl RpcClient {
             auth_header: Mutex::new(auth_header),
             timeout,
             next_id: AtomicU64::new(1),
+            stats: None,
         })
+    }
+
+    /// Records the latency of every call (answered or failed) in `stats`, per method.
+    #[must_use]
+    pub fn with_stats(mut self, stats: Arc<GenStats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// The normalised URL (`http://host:port/`).
@@ -166,6 +179,21 @@ impl RpcClient {
 
     /// As [`call`](Self::call), with a different timeout for this one call.
     pub fn call_with_timeout(
+        &self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Value, RpcError> {
+        let Some(stats) = &self.stats else {
+            return self.call_untimed(method, params, timeout);
+        };
+        let started = Instant::now();
+        let result = self.call_untimed(method, params, timeout);
+        stats.rpc_call(method, started.elapsed());
+        result
+    }
+
+    fn call_untimed(
         &self,
         method: &str,
         params: Value,

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::blockfile::{Files, Settled};
 use crate::rpc::{RpcClient, RpcError};
+use crate::stats::BlockVerdict;
 use crate::{BlockSubmission, Command, GenEvent, Shared};
 
 /// Wait before the second attempt; doubled after each failed attempt up to [`MAX_BACKOFF`].
@@ -503,6 +504,12 @@ impl Submitter {
                 return;
             }
         };
+        self.shared.stats.block(match (accepted, &file) {
+            (true, _) => BlockVerdict::Accepted,
+            (false, Settled::Rejected) => BlockVerdict::Refused,
+            (false, Settled::Stale) => BlockVerdict::Stale,
+            (false, _) => BlockVerdict::Inconclusive,
+        });
         if let Some(files) = &self.files {
             files.settle(block, file);
         }

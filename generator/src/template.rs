@@ -56,6 +56,21 @@ pub(crate) fn fetch_template(client: &RpcClient, chain: &str) -> Result<Template
     })
 }
 
+/// [`fetch_template`] for the template thread: its latency goes into the template fetch
+/// histogram.
+fn fetch_template_timed(
+    client: &RpcClient,
+    chain: &str,
+    shared: &Shared,
+) -> Result<Template, FetchError> {
+    let started = Instant::now();
+    let fetched = fetch_template(client, chain);
+    if fetched.is_ok() {
+        shared.stats.template_fetched(started.elapsed());
+    }
+    fetched
+}
+
 /// Asks `client` for its best block hash, checked to be 64 hex digits. This is the liveness
 /// check of the active server too, so it waits at most [`POLL_TIMEOUT`] for a hung node.
 fn fetch_best_hash(client: &RpcClient) -> Result<String, FetchError> {
@@ -261,7 +276,7 @@ impl TemplateWorker {
         let Some(client) = self.clients.get(index) else {
             return;
         };
-        match fetch_template(client, &chain) {
+        match fetch_template_timed(client, &chain, &self.shared) {
             Ok(template) => self.emit(template, index, now),
             Err(error) => self.server_failed(index, &error, now),
         }
@@ -279,6 +294,7 @@ impl TemplateWorker {
             "template"
         );
         self.shared.state.lock().height = Some(template.height);
+        self.shared.stats.template_current();
         let refresh = self.update_interval;
         let poll = self.poll_interval(index);
         if let Some(a) = self.active.as_mut() {
@@ -330,8 +346,9 @@ impl TemplateWorker {
         let Some(client) = self.clients.get(index) else {
             return false;
         };
+        let shared = &self.shared;
         let fetched = fetch_chain(client)
-            .and_then(|chain| fetch_template(client, &chain).map(|t| (chain, t)));
+            .and_then(|chain| fetch_template_timed(client, &chain, shared).map(|t| (chain, t)));
         let (chain, template) = match fetched {
             Ok(x) => x,
             Err(error) => {
@@ -364,6 +381,7 @@ impl TemplateWorker {
             next_poll: now,
         });
         self.reported_none = false;
+        self.shared.stats.server_up(index);
         let _ = self.events.send(GenEvent::ServerUp { index, url });
         self.emit(template, index, now);
         true

@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use zeromq::{Socket, SocketEvent, SocketOptions, SocketRecv, SubSocket, ZmqMessage};
 
 use crate::Command;
+use crate::stats::GenStats;
 
 /// How often the loop looks at the stop signal and the socket monitor while idle.
 const TICK: Duration = Duration::from_millis(100);
@@ -42,7 +43,12 @@ pub(crate) fn validate_endpoint(endpoint: &str) -> Result<(), &'static str> {
 
 /// Thread body: runs until `stop` is signalled (its sender dropped) or the template thread is
 /// gone.
-pub(crate) fn run(endpoint: String, commands: Sender<Command>, stop: Receiver<()>) {
+pub(crate) fn run(
+    endpoint: String,
+    commands: Sender<Command>,
+    stop: Receiver<()>,
+    stats: &GenStats,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -53,10 +59,15 @@ pub(crate) fn run(endpoint: String, commands: Sender<Command>, stop: Receiver<()
             return;
         }
     };
-    runtime.block_on(subscribe_loop(&endpoint, &commands, &stop));
+    runtime.block_on(subscribe_loop(&endpoint, &commands, &stop, stats));
 }
 
-async fn subscribe_loop(endpoint: &str, commands: &Sender<Command>, stop: &Receiver<()>) {
+async fn subscribe_loop(
+    endpoint: &str,
+    commands: &Sender<Command>,
+    stop: &Receiver<()>,
+    stats: &GenStats,
+) {
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
     let mut failures = 0u32;
@@ -108,6 +119,7 @@ async fn subscribe_loop(endpoint: &str, commands: &Sender<Command>, stop: &Recei
                 Ok(Ok(message)) => match block_hash(&message) {
                     Some(hash) => {
                         tracing::debug!(hash, "ZMQ hashblock");
+                        stats.zmq_block();
                         if commands.send(Command::NewBlock(hash)).is_err() {
                             return;
                         }

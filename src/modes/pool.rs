@@ -160,6 +160,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         stats_writer,
     };
 
+    let handed_in = incoming.is_some();
     if let Some(incoming) = incoming {
         match incoming.adopt_all(&running.conns) {
             Ok(n) => info!(connections = n, "handover: took the running instance over"),
@@ -221,12 +222,25 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
                     .map(|b| b.url.clone())
                     .collect(),
                 share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+                gen_stats: running.generator.stats(),
+                links: Arc::clone(&links.registry),
                 io: io_backend,
                 handoff: handoff.to_string(),
                 started,
             };
-            match web::start(addr, ctx) {
+            // After a handover the old instance frees the port moments after the commit; the
+            // miners are ours by then, so a port still taken is no reason to drop them.
+            let wait = if handed_in {
+                WEB_HANDOVER_WAIT
+            } else {
+                Duration::ZERO
+            };
+            match web::start(addr, ctx, wait) {
                 Ok(w) => Some(w),
+                Err(e) if handed_in => {
+                    error!(addr, error = %e, "cannot bind the webserver after the handover; serving miners without it");
+                    None
+                }
                 Err(e) => {
                     shutdown.store(true, Ordering::Relaxed);
                     running.stop();
@@ -406,6 +420,9 @@ impl Running {
         self.stats_writer.stop();
     }
 }
+
+/// How long a new instance keeps trying to bind the webserver's port after a handover.
+const WEB_HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the main loop waits for an event before it looks at the shutdown flag again.
 const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);

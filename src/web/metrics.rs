@@ -2,10 +2,14 @@
 //! snapshot of the pool's statistics and the connector threads' counters per scrape. Every metric
 //! is named `ckpool_...`.
 
+use common::histogram::Snapshot;
+use parking_lot::Mutex;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -251,6 +255,48 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
         up,
     );
 
+    node_metrics(&mut reg, ctx);
+
+    reg.register(
+        "submit_seconds",
+        "Time from the start of the connector round that read a mining.submit line to the end \
+         of the shard's handling of that round (its reply queued), per share",
+        ConstHistogram::new(crate::handoff::submit_latency()),
+    );
+
+    // Passthrough links at this pool.
+    let links = ctx.links.subclients();
+    reg.register(
+        "passthrough_links",
+        "Passthrough links connected to this pool",
+        ConstGauge::new(sat_i64(links.len() as u64)),
+    );
+    let subs = Family::<Labels, Gauge>::default();
+    for (peer, n) in links {
+        subs.get_or_create(&vec![("peer", peer)])
+            .set(sat_i64(n as u64));
+    }
+    reg.register(
+        "passthrough_subclients",
+        "Sub-clients of each passthrough link (they also count in clients)",
+        subs,
+    );
+
+    // Handovers.
+    let (sent, received, failed) = crate::handover::counts();
+    let handovers = CounterFamily::default();
+    for (result, n) in [("sent", sent), ("received", received), ("failed", failed)] {
+        handovers
+            .get_or_create(&vec![("result", result.into())])
+            .inc_by(n);
+    }
+    reg.register(
+        "handovers",
+        "Handovers (-H, restart) by result: sent (this instance handed over), received (it took \
+         over), failed (either side)",
+        handovers,
+    );
+
     // The share log.
     if let Some(log) = &ctx.share_log {
         let l = log.snapshot();
@@ -296,6 +342,91 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
     let mut out = String::with_capacity(16 * 1024);
     encode(&mut out, &reg).map_err(|_| ())?;
     Ok(out)
+}
+
+/// The generator's figures: RPC and template latency, template age, failovers, ZMQ, block
+/// verdicts.
+fn node_metrics(reg: &mut Registry, ctx: &WebCtx) {
+    let g = &ctx.gen_stats;
+    let verdicts = CounterFamily::default();
+    for (verdict, n) in g.blocks() {
+        verdicts
+            .get_or_create(&vec![("verdict", verdict.into())])
+            .inc_by(n);
+    }
+    reg.register(
+        "blocks_settled",
+        "Found blocks by the nodes' final verdict: accepted (in a node's best chain), refused \
+         (invalid), stale (the chain passed its height), inconclusive (a node has it off its \
+         best chain)",
+        verdicts,
+    );
+    if let Some(age) = g.template_age() {
+        reg.register(
+            "template_age_seconds",
+            "Seconds since the current block template was fetched",
+            ConstGauge::new(age.as_secs_f64()),
+        );
+    }
+    reg.register(
+        "templates",
+        "Block templates fetched and turned into jobs",
+        ConstCounter::new(g.templates()),
+    );
+    reg.register(
+        "template_fetch_seconds",
+        "Time to fetch a block template (getblocktemplate and decoding its reply)",
+        ConstHistogram::new(g.template_fetch().snapshot()),
+    );
+    let rpc = Family::<Labels, ConstHistogram>::default();
+    for (method, h) in g.rpc() {
+        rpc.get_or_create(&vec![("method", method.into())])
+            .set(h.snapshot());
+    }
+    reg.register(
+        "bitcoind_rpc_seconds",
+        "Time of each JSON-RPC call to a bitcoind (answered or failed), per method",
+        rpc,
+    );
+    reg.register(
+        "bitcoind_failovers",
+        "Times the active bitcoind changed to another one (failover or fail-back)",
+        ConstCounter::new(g.failovers()),
+    );
+    reg.register(
+        "zmq_hashblock",
+        "ZMQ hashblock notifications received",
+        ConstCounter::new(g.zmq_blocks()),
+    );
+}
+
+/// A histogram whose figures are kept elsewhere (atomics), encoded as they were at the scrape.
+#[derive(Debug, Default)]
+struct ConstHistogram(Mutex<Snapshot>);
+
+impl ConstHistogram {
+    fn new(s: Snapshot) -> Self {
+        Self(Mutex::new(s))
+    }
+
+    fn set(&self, s: Snapshot) {
+        *self.0.lock() = s;
+    }
+}
+
+impl TypedMetric for ConstHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ConstHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.lock();
+        encoder.encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 fn sat_i64(n: u64) -> i64 {

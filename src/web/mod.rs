@@ -48,6 +48,8 @@ pub(crate) const HISTORY_EVERY: Duration = Duration::from_secs(60);
 pub(crate) const HISTORY_LEN: usize = 24 * 60;
 /// How often the worker threads look at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
+/// How often binding the port is tried again (see [`start`]).
+const BIND_RETRY: Duration = Duration::from_millis(50);
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
@@ -67,6 +69,10 @@ pub(crate) struct WebCtx {
     pub(crate) servers: Vec<String>,
     /// The share log's counters (`-L`).
     pub(crate) share_log: Option<StatsHandle>,
+    /// The generator's figures (RPC and template latency, failovers, ZMQ, block verdicts).
+    pub(crate) gen_stats: Arc<generator::stats::GenStats>,
+    /// The passthrough links open at the pool.
+    pub(crate) links: Arc<crate::links::LinkRegistry>,
     /// The I/O backend's name.
     pub(crate) io: String,
     /// The handoff's name.
@@ -104,9 +110,21 @@ impl WebServer {
     }
 }
 
-/// Binds `addr` and starts the worker threads and the history sampler.
-pub(crate) fn start(addr: &str, ctx: WebCtx) -> io::Result<WebServer> {
-    let server = Server::http(addr).map_err(io::Error::other)?;
+/// Binds `addr` and starts the worker threads and the history sampler. `wait`: how long to
+/// keep trying to bind (after a handover the old instance holds the port until it has stopped
+/// its own web server, moments after the commit); zero: one try.
+pub(crate) fn start(addr: &str, ctx: WebCtx, wait: Duration) -> io::Result<WebServer> {
+    let deadline = Instant::now() + wait;
+    let server = loop {
+        match Server::http(addr) {
+            Ok(server) => break server,
+            Err(e) if Instant::now() >= deadline => return Err(io::Error::other(e)),
+            Err(e) => {
+                debug!(addr, error = %e, "web server port still taken; trying again");
+                thread::sleep(BIND_RETRY);
+            }
+        }
+    };
     let bound = server
         .server_addr()
         .to_ip()

@@ -52,6 +52,9 @@ struct State {
     last_prune: Option<Instant>,
     /// This thread's copy of the live jobs, for checking shares.
     jobs: JobView,
+    /// Shares judged (accepted or rejected) so far: a plain counter the daemon reads between
+    /// rounds to time replies, at no cost to the share path beyond an add.
+    submits: u64,
     /// Userproxy: authorisations waiting for the daemon's verdict (few at a time; not in the
     /// sessions, which stay as small as they are).
     pending_auth: HashMap<ClientId, PendingAuth>,
@@ -449,6 +452,7 @@ impl Shard {
                 solo_work: HashMap::new(),
                 last_prune: None,
                 jobs: JobView::default(),
+                submits: 0,
                 pending_auth: HashMap::new(),
             },
         }
@@ -462,6 +466,11 @@ impl Shard {
     /// Number of live sessions.
     pub fn sessions(&self) -> usize {
         self.st.sessions.len()
+    }
+
+    /// Shares this shard has judged (accepted or rejected, each answered), since it was made.
+    pub fn submits(&self) -> u64 {
+        self.st.submits
     }
 
     /// Whether `client` has a session here.
@@ -1713,6 +1722,7 @@ impl State {
     }
 
     fn submit(&mut self, now: Instant, conn: ClientId, req: &Request<'_>, out: &mut impl Out) {
+        self.submits += 1;
         let max = self.pool.cfg.max_invalid_shares;
         // A client past half its run of invalid shares has one share in 8 checked; the others
         // are refused unchecked (no parse, no hash), until a checked one is accepted.
