@@ -1140,7 +1140,10 @@ pub fn run(spec: &RunSpec, launcher: &Launcher) -> Result<Report, Error> {
     let mut reports: HashMap<u32, WorkerReport> = HashMap::new();
     let mut failures = Vec::new();
     let mut open = specs.len();
-    let hard_end = start + spec.duration + spec.drain + KILL_GRACE;
+    let mut hard_end = start + spec.duration + spec.drain + KILL_GRACE;
+    if spec.resume_at_end {
+        hard_end += crate::swarm::resume_budget(spec.miners);
+    }
     let mut next_tick = start.min(Instant::now() + Duration::from_secs(1));
     while open > 0 {
         let now = Instant::now();

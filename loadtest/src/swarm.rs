@@ -48,10 +48,21 @@ const EN2_STACK: usize = 32;
 /// Pause between a miner's close at the end of the run and its resume check
 /// (`--resume-at-end`): the pool parks a session when it notices the close.
 const RESUME_PAUSE: Duration = Duration::from_millis(500);
-/// The resume checks of a worker's miners are spread over this long.
-const RESUME_SPREAD: Duration = Duration::from_secs(2);
-/// Extra time a worker allows itself for the resume checks after the drain.
-const RESUME_BUDGET: Duration = Duration::from_secs(15);
+/// The resume checks of the run's miners connect at most this many per second.
+const RESUME_PER_SEC: f64 = 5000.0;
+/// Extra time a worker allows itself for the resume checks after the drain, besides their
+/// spread ([`resume_budget`]).
+const RESUME_SLACK: Duration = Duration::from_secs(15);
+
+/// How long the resume checks of `miners` miners are spread over.
+fn resume_spread(miners: u32) -> Duration {
+    Duration::from_secs_f64((f64::from(miners) / RESUME_PER_SEC).max(0.5))
+}
+
+/// The time the resume checks of a run of `miners` miners may take after the drain.
+pub fn resume_budget(miners: u32) -> Duration {
+    RESUME_PAUSE + resume_spread(miners) + RESUME_SLACK
+}
 
 /// Width of the buckets accepted replies are counted in ([`WorkerReport::accepts`]).
 pub const TIMELINE_BUCKET: Duration = Duration::from_millis(10);
@@ -435,7 +446,7 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
     let progress = tokio::spawn(progress_task(Arc::clone(&ctx), start, tx));
     let mut hard_end = ctx.drain_end + Duration::from_secs(5);
     if ctx.spec.resume_at_end {
-        hard_end += RESUME_BUDGET;
+        hard_end += resume_budget(ctx.spec.total_miners);
     }
     let deadline = sleep_until(hard_end);
     tokio::pin!(deadline);
@@ -686,7 +697,8 @@ async fn miner_task(ctx: Arc<Ctx>, g: u32, connect_at: Instant) {
     }
     if ctx.spec.resume_at_end && m.session.is_some() && !m.en1.is_empty() {
         let total = f64::from(ctx.spec.total_miners.max(1));
-        let at = Instant::now() + RESUME_PAUSE + RESUME_SPREAD.mul_f64(f64::from(g) / total);
+        let spread = resume_spread(ctx.spec.total_miners);
+        let at = Instant::now() + RESUME_PAUSE + spread.mul_f64(f64::from(g) / total);
         sleep_until(at).await;
         resume_check(&ctx, &m).await;
     }
