@@ -329,6 +329,7 @@ impl RunSpec {
     /// The workers' specs for a run whose miner 0 connects at `start_mono_ns`.
     pub fn worker_specs(&self, start_mono_ns: u64, in_process: bool) -> Vec<WorkerSpec> {
         let sources = self.effective_sources();
+        let n_sources = u32::try_from(sources.len()).unwrap_or(u32::MAX).max(1);
         (0..self.workers)
             .map(|w| WorkerSpec {
                 worker: w,
@@ -361,6 +362,8 @@ impl RunSpec {
                     .wrapping_add(u64::from(w)),
                 in_process,
                 resume_at_end: self.resume_at_end,
+                port_slot: w / n_sources,
+                port_slots: self.workers.div_ceil(n_sources),
             })
             .collect()
     }
@@ -2036,6 +2039,14 @@ mod tests {
         assert_eq!(ws.len(), 3);
         assert_eq!(ws.iter().map(WorkerSpec::miner_count).sum::<u32>(), 30_000);
         assert_eq!(ws[1].source, Some("127.0.0.3".parse().unwrap()));
+        // One worker per address: all take the same port numbers.
+        assert!(ws.iter().all(|w| (w.port_slot, w.port_slots) == (0, 1)));
+        // Two addresses for three workers: the two on 127.0.0.2 split the range.
+        s.sources = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+        let ws = s.worker_specs(5, false);
+        let slots: Vec<_> = ws.iter().map(|w| (w.port_slot, w.port_slots)).collect();
+        assert_eq!(slots, vec![(0, 2), (0, 2), (1, 2)]);
+        s.sources.clear();
         s.workers = 1;
         let err = s.validate().unwrap_err().to_string();
         assert!(

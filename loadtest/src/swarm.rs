@@ -47,7 +47,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 const EN2_STACK: usize = 32;
 /// Pause between a miner's close at the end of the run and its resume check
 /// (`--resume-at-end`): the pool parks a session when it notices the close.
-const RESUME_PAUSE: Duration = Duration::from_millis(500);
+const RESUME_PAUSE: Duration = Duration::from_secs(1);
 /// The resume checks of the run's miners connect at most this many per second.
 const RESUME_PER_SEC: f64 = 5000.0;
 /// Extra time a worker allows itself for the resume checks after the drain, besides their
@@ -130,6 +130,16 @@ pub struct WorkerSpec {
     /// extranonce1 comes back (counted in the `end_resume_*` counters).
     #[serde(default)]
     pub resume_at_end: bool,
+    /// This worker's place among the workers sharing its source address, and their number:
+    /// each takes its own part of the ephemeral port range. Workers on different addresses use
+    /// the same port numbers, so the run takes no more port numbers than one address needs
+    /// (a port bound on any address is one the kernel no longer picks for anyone's outgoing
+    /// connections, the pool's own to its node included).
+    #[serde(default)]
+    pub port_slot: u32,
+    /// See [`WorkerSpec::port_slot`] (0 is taken as 1).
+    #[serde(default)]
+    pub port_slots: u32,
 }
 
 impl WorkerSpec {
@@ -420,7 +430,7 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
         authorized: AtomicU64::new(0),
         cache: Mutex::new(VecDeque::new()),
         warned_skip: std::sync::atomic::AtomicBool::new(false),
-        ports: PortCursor::new(spec.worker, spec.workers),
+        ports: PortCursor::new(spec.port_slot, spec.port_slots),
         in_flight: AtomicU64::new(0),
         all_answered: tokio::sync::watch::Sender::new(false),
         client: Arc::new(client_config(&spec)),
@@ -1660,6 +1670,8 @@ mod tests {
             seed: 1,
             in_process: false,
             resume_at_end: false,
+            port_slot: 0,
+            port_slots: 1,
         }
     }
 
