@@ -100,14 +100,14 @@ for run in $(seq 1 "$RUNS"); do
 	moved=$(sed -n 's/.*took the running instance over connections=\([0-9]*\).*/\1/p' "$DIR/pool-run$run-new.log" | head -n 1)
 	# The old instance's own count: from quiescing (no more reading) to the commit.
 	paused=$(sed -n 's/.*handover committed.* ms=\([0-9]*\).*/\1/p' "$DIR/pool-run$run-old.log" | tail -n 1)
-	rows+=("$(jget "$J" "'| $IO | $MINERS | $run | ' + str(r['counters']['disconnects']) + ' | ' + (str(r['counters']['rejected']) + ' ' + str(r['rejected_by_reason']) if r['counters']['rejected'] else '0') + ' | ' + str(r['counters']['submitted']) + ' / ' + str(r['counters']['accepted'] + r['counters']['rejected']) + ' / ' + str(r['counters']['submitted'] - r['counters']['accepted'] - r['counters']['rejected']) + ' | ' + str(r['counters']['unknown_replies']) + ' / ' + str(r['rejected_by_reason'].get('Duplicate', 0)) + ' | ' + str(r['counters']['subscribed'] - r['miners']) + ' / ' + str(r['counters']['end_resume_ok']) + ' of ' + str(r['counters']['end_resume_attempts']) + ' | ' + str(r['accepts']['longest_gap_ms']) + ' ms at ' + str(r['accepts']['longest_gap_at_secs']) + ' s | ' + str(r['accepts']['longest_dip_ms']) + ' ms | ' + ' '.join(str(n) for n in r['accepts']['per_second'][max(0, int($at) - 2):int($at) + 4]) + ' | $at s, $took ms, ${paused:-?} ms, ${moved:-?} | $load_at |'")")
+	rows+=("$(jget "$J" "'| $IO | $MINERS | $run | ' + str(r['counters']['disconnects']) + ' | ' + (str(r['counters']['rejected']) + ' ' + str(r['rejected_by_reason']) if r['counters']['rejected'] else '0') + ' | ' + str(r['counters']['submitted']) + ' / ' + str(r['counters']['accepted'] + r['counters']['rejected']) + ' / ' + str(r['counters']['submitted'] - r['counters']['accepted'] - r['counters']['rejected']) + ' | ' + str(r['counters']['unknown_replies']) + ' / ' + str(r['rejected_by_reason'].get('Duplicate', 0)) + ' | ' + str(r['counters']['subscribed'] - r['miners']) + ' / ' + str(r['counters']['end_resume_ok']) + ' of ' + str(r['counters']['end_resume_attempts']) + ' | ' + str(r['accepts']['longest_gap_ms']) + ' ms at ' + str(r['accepts']['longest_gap_at_secs']) + ' s | ' + str(r['accepts']['longest_dip_ms']) + ' ms | ' + str(round(r['latency']['submit_window']['max_us'] / 1000)) + ' ms | ' + ' '.join(str(n) for n in r['accepts']['per_second'][max(0, int($at) - 2):int($at) + 4]) + ' | $at s, $took ms, ${paused:-?} ms, ${moved:-?} | $load_at |'")")
 	printf '%s\n' "${rows[-1]}" >&2
 done
 
 printf '\nhandover: %s; %s miners, %s shares/s in total, ramp %s s, upgrade %s s after it, load for %s s after\n' \
 	"$(machine)" "$MINERS" "$RATE" "$RAMP" "$BEFORE" "$AFTER"
-printf '| backend | miners | run | disconnects | rejects | submits sent / answered / not answered | replies to no request / Duplicate | re-subscribes / sessions resumed at the end | longest gap with no accepted share | longest dip below half the median rate | accepted per second around the upgrade | upgrade at (s into the run), -H start to old exit, old quiesced to commit, connections moved | load average |\n'
-printf '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n'
+printf '| backend | miners | run | disconnects | rejects | submits sent / answered / not answered | replies to no request / Duplicate | re-subscribes / sessions resumed at the end | longest gap with no accepted share | longest dip below half the median rate | slowest reply | accepted per second around the upgrade | upgrade at (s into the run), -H start to old exit, old quiesced to commit, connections moved | load average |\n'
+printf '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n'
 printf '%s\n' "${rows[@]}"
 python3 - "$DIR" "$RUNS" <<'PY'
 import json, statistics, sys
@@ -115,7 +115,8 @@ d, runs = sys.argv[1], int(sys.argv[2])
 rs = [json.load(open(f"{d}/run{i}.json")) for i in range(1, runs + 1)]
 gap = statistics.median(r["accepts"]["longest_gap_ms"] for r in rs)
 dip = statistics.median(r["accepts"]["longest_dip_ms"] for r in rs)
-print(f"\nmedian of {runs}: longest gap {gap:.0f} ms, longest dip {dip:.0f} ms; "
+slow = statistics.median(r["latency"]["submit_window"]["max_us"] / 1000 for r in rs)
+print(f"\nmedian of {runs}: longest gap {gap:.0f} ms, longest dip {dip:.0f} ms, slowest reply {slow:.0f} ms; "
       f"disconnects {sum(r['counters']['disconnects'] for r in rs)}, "
       f"rejects {sum(r['counters']['rejected'] for r in rs)}, "
       f"unanswered {sum(r['counters']['unanswered'] for r in rs)} in all runs")
