@@ -149,6 +149,10 @@ struct LoadArgs {
     /// Seed for the schedule's randomness.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// After the run, every miner reconnects once with its session id and checks that its
+    /// extranonce1 comes back.
+    #[arg(long)]
+    resume_at_end: bool,
 }
 
 #[derive(Args)]
@@ -264,6 +268,7 @@ fn plan(scenario: Scenario, a: &LoadArgs) -> Result<RunSpec> {
     spec.allow_blocks = a.allow_blocks;
     spec.progress = !a.quiet;
     spec.seed = a.seed;
+    spec.resume_at_end = a.resume_at_end;
     spec.validate()?;
     Ok(spec)
 }

@@ -33,8 +33,8 @@ use crate::Error;
 use crate::rpc::{RpcTarget, resolve};
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, LatencySummary, ShareKind};
 use crate::swarm::{
-    HISTOGRAMS, JobSeen, MAX_SECOND_HISTS, MAX_SLOW_SUBMITS, Progress, SLOW_SUBMIT_MS,
-    WorkerMessage, WorkerReport, WorkerSpec,
+    HISTOGRAMS, JobSeen, MAX_SECOND_HISTS, MAX_SLOW_SUBMITS, MAX_TIMELINE_BUCKETS, Progress,
+    SLOW_SUBMIT_MS, TIMELINE_BUCKET, WorkerMessage, WorkerReport, WorkerSpec,
 };
 use crate::sys::{
     MachineCpu, NetCounters, ProcSample, cpu_count, ephemeral_port_count, mono_ns, ms_per_tick,
@@ -152,6 +152,9 @@ pub struct RunSpec {
     pub progress: bool,
     /// Seed for the schedule's randomness.
     pub seed: u64,
+    /// After the run, every miner reconnects once with its session id and checks that its
+    /// extranonce1 comes back (the `end_resume_*` counters).
+    pub resume_at_end: bool,
 }
 
 impl RunSpec {
@@ -188,6 +191,7 @@ impl RunSpec {
             allow_blocks: false,
             progress: true,
             seed: 1,
+            resume_at_end: false,
         }
     }
 
@@ -325,6 +329,7 @@ impl RunSpec {
     /// The workers' specs for a run whose miner 0 connects at `start_mono_ns`.
     pub fn worker_specs(&self, start_mono_ns: u64, in_process: bool) -> Vec<WorkerSpec> {
         let sources = self.effective_sources();
+        let n_sources = u32::try_from(sources.len()).unwrap_or(u32::MAX).max(1);
         (0..self.workers)
             .map(|w| WorkerSpec {
                 worker: w,
@@ -356,6 +361,9 @@ impl RunSpec {
                     .wrapping_mul(0x9e37_79b9)
                     .wrapping_add(u64::from(w)),
                 in_process,
+                resume_at_end: self.resume_at_end,
+                port_slot: w / n_sources,
+                port_slots: self.workers.div_ceil(n_sources),
             })
             .collect()
     }
@@ -616,6 +624,107 @@ pub struct Report {
     pub slow_submits: SlowSubmits,
     /// Submit p99 of each second of the window.
     pub submit_seconds: SubmitSeconds,
+    /// Accepted replies over time, pool-wide: the longest stretch without one, and dips.
+    pub accepts: AcceptTimeline,
+}
+
+/// Accepted replies over the run, all miners together, by when ckload read them: how long the
+/// pool went without accepting anything (a stall, an upgrade), and how long its rate sagged.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AcceptTimeline {
+    /// Width of the buckets of `per_100ms`, ms.
+    pub bucket_ms: u64,
+    /// Accepted replies per 100 ms from the start of the run (miner 0's connect time), for the
+    /// first 600 s.
+    pub per_100ms: Vec<u32>,
+    /// Accepted replies per second from the start of the run.
+    pub per_second: Vec<u32>,
+    /// The longest stretch of the window with no accepted reply at all, ms: consecutive empty
+    /// 10-ms buckets, so exact to 10 ms (the true gap between two replies is at most 20 ms
+    /// longer).
+    pub longest_gap_ms: u64,
+    /// When it began, s from the start of the run.
+    pub longest_gap_at_secs: f64,
+    /// The window's median of `per_100ms`.
+    pub median_per_100ms: u32,
+    /// The longest stretch of the window in which every 100 ms had fewer than half the median
+    /// accepted replies, ms (0: none).
+    pub longest_dip_ms: u64,
+    /// When it began, s from the start of the run.
+    pub longest_dip_at_secs: f64,
+}
+
+impl AcceptTimeline {
+    /// From the merged [`TIMELINE_BUCKET`] counts (index 0 at the start of the run) and the
+    /// window's edges.
+    pub fn of(buckets: &[u32], window: (Duration, Duration)) -> Self {
+        let fine = u64::try_from(TIMELINE_BUCKET.as_millis())
+            .unwrap_or(10)
+            .max(1);
+        let per = |ms: u64| usize::try_from((ms / fine).max(1)).unwrap_or(1);
+        let coarse = |width: usize| -> Vec<u32> {
+            buckets
+                .chunks(width)
+                .map(|c| c.iter().fold(0u32, |a, n| a.saturating_add(*n)))
+                .collect()
+        };
+        let per_100ms = coarse(per(100));
+        let per_second = coarse(per(1000));
+        // The window's whole buckets only; the window may end past the recorded counts.
+        let edges = |w: u64| {
+            let (from, to) = (window.0.as_millis(), window.1.as_millis());
+            let w = u128::from(w);
+            (
+                usize::try_from(from.div_ceil(w)).unwrap_or(usize::MAX),
+                usize::try_from(to / w).unwrap_or(0),
+            )
+        };
+        let (lo, hi) = edges(fine);
+        let (gap, gap_at) = longest_run(buckets, lo, hi, |n| n == 0);
+        let (lo100, hi100) = edges(100);
+        let mut in_window: Vec<u32> = (lo100..hi100)
+            .map(|i| per_100ms.get(i).copied().unwrap_or(0))
+            .collect();
+        in_window.sort_unstable();
+        let median = in_window.get(in_window.len() / 2).copied().unwrap_or(0);
+        let (dip, dip_at) = if median == 0 {
+            (0, 0)
+        } else {
+            longest_run(&per_100ms, lo100, hi100, |n| {
+                u64::from(n) * 2 < u64::from(median)
+            })
+        };
+        Self {
+            bucket_ms: 100,
+            per_100ms,
+            per_second,
+            longest_gap_ms: gap as u64 * fine,
+            longest_gap_at_secs: (gap_at as u64 * fine) as f64 / 1000.0,
+            median_per_100ms: median,
+            longest_dip_ms: dip as u64 * 100,
+            longest_dip_at_secs: (dip_at as u64 * 100) as f64 / 1000.0,
+        }
+    }
+}
+
+/// The longest run of indices in `lo..hi` whose count (0 past the end of `v`) meets `f`: its
+/// length and first index.
+fn longest_run(v: &[u32], lo: usize, hi: usize, f: impl Fn(u32) -> bool) -> (usize, usize) {
+    let (mut best, mut best_at, mut run, mut at) = (0, 0, 0, 0);
+    for i in lo..hi {
+        if f(v.get(i).copied().unwrap_or(0)) {
+            if run == 0 {
+                at = i;
+            }
+            run += 1;
+            if run > best {
+                (best, best_at) = (run, at);
+            }
+        } else {
+            run = 0;
+        }
+    }
+    (best, best_at)
 }
 
 /// The window's submit latency second by second (by when each submit was sent): whether a
@@ -922,7 +1031,17 @@ impl Report {
             + c.disconnects
             + c.protocol_errors
             + c.unanswered
+            + c.end_resume_mismatch
+            + c.end_resume_failures
             + self.worker_failures.len() as u64
+    }
+
+    /// Submits neither answered nor counted unanswered: 0 when every submit got its reply or
+    /// was counted as lost (a worker killed at the deadline leaves some).
+    pub fn outstanding(&self) -> u64 {
+        let c = &self.counters;
+        c.submitted
+            .saturating_sub(c.accepted + c.rejected + c.unanswered)
     }
 }
 
@@ -1024,7 +1143,10 @@ pub fn run(spec: &RunSpec, launcher: &Launcher) -> Result<Report, Error> {
     let mut reports: HashMap<u32, WorkerReport> = HashMap::new();
     let mut failures = Vec::new();
     let mut open = specs.len();
-    let hard_end = start + spec.duration + spec.drain + KILL_GRACE;
+    let mut hard_end = start + spec.duration + spec.drain + KILL_GRACE;
+    if spec.resume_at_end {
+        hard_end += crate::swarm::resume_budget(spec.miners);
+    }
     let mut next_tick = start.min(Instant::now() + Duration::from_secs(1));
     while open > 0 {
         let now = Instant::now();
@@ -1362,6 +1484,7 @@ fn merge(
     let mut jobs: HashMap<String, JobSeen> = HashMap::new();
     let mut slow = Vec::new();
     let mut seconds: Vec<Hist> = Vec::new();
+    let mut accepts: Vec<u32> = Vec::new();
     let mut failures = failures;
     let mut ckload_cpu = 0.0;
     let mut ckload_window = 0.0;
@@ -1408,6 +1531,12 @@ fn merge(
                 }
                 Err(e) => failures.push(format!("worker {}: second {i}: {e}", w.worker)),
             }
+        }
+        if accepts.len() < r.accepts.len() {
+            accepts.resize(r.accepts.len().min(MAX_TIMELINE_BUCKETS), 0);
+        }
+        for (into, n) in accepts.iter_mut().zip(&r.accepts) {
+            *into = into.saturating_add(*n);
         }
         ckload_cpu += r.cpu_secs;
         ckload_window += r.cpu_secs_window;
@@ -1538,6 +1667,7 @@ fn merge(
         worker_failures: failures,
         histograms_v2,
         submit_seconds: SubmitSeconds::of(&seconds),
+        accepts: AcceptTimeline::of(&accepts, (spec.ramp, spec.duration)),
         slow_submits: {
             let mut s = slow_bursts(slow);
             add_steal(&mut s, &mon.steal_bursts);
@@ -1647,6 +1777,37 @@ pub fn summary(r: &Report) -> String {
         r.rates.submitted_per_sec,
         r.rates.accepted_per_sec
     ));
+    s.push_str(&format!(
+        "replies: {} submitted, {} answered ({} accepted, {} rejected), {} unanswered, {} \
+         outstanding, {} replies to no request in flight, {} rejected as Duplicate\n",
+        c.submitted,
+        c.accepted + c.rejected,
+        c.accepted,
+        c.rejected,
+        c.unanswered,
+        r.outstanding(),
+        c.unknown_replies,
+        r.rejected_by_reason.get("Duplicate").copied().unwrap_or(0),
+    ));
+    let a = &r.accepts;
+    if a.median_per_100ms > 0 || a.longest_gap_ms > 0 {
+        s.push_str(&format!(
+            "accepted replies pool-wide: longest gap {} ms at {:.2} s; median {} per 100 ms, \
+             longest dip below half of it {} ms at {:.2} s\n",
+            a.longest_gap_ms,
+            a.longest_gap_at_secs,
+            a.median_per_100ms,
+            a.longest_dip_ms,
+            a.longest_dip_at_secs
+        ));
+    }
+    if c.end_resume_attempts > 0 {
+        s.push_str(&format!(
+            "resume check at the end: {} miners reconnected with their session id: {} got \
+             their extranonce1 back, {} a different one, {} failed\n",
+            c.end_resume_attempts, c.end_resume_ok, c.end_resume_mismatch, c.end_resume_failures
+        ));
+    }
     for k in ShareKind::ALL {
         if let Some(st) = r.shares.get(k.as_str())
             && st.submitted > 0
@@ -1878,6 +2039,14 @@ mod tests {
         assert_eq!(ws.len(), 3);
         assert_eq!(ws.iter().map(WorkerSpec::miner_count).sum::<u32>(), 30_000);
         assert_eq!(ws[1].source, Some("127.0.0.3".parse().unwrap()));
+        // One worker per address: all take the same port numbers.
+        assert!(ws.iter().all(|w| (w.port_slot, w.port_slots) == (0, 1)));
+        // Two addresses for three workers: the two on 127.0.0.2 split the range.
+        s.sources = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+        let ws = s.worker_specs(5, false);
+        let slots: Vec<_> = ws.iter().map(|w| (w.port_slot, w.port_slots)).collect();
+        assert_eq!(slots, vec![(0, 2), (0, 2), (1, 2)]);
+        s.sources.clear();
         s.workers = 1;
         let err = s.validate().unwrap_err().to_string();
         assert!(
@@ -1964,6 +2133,47 @@ mod tests {
         );
         assert!(near(f.block_to_last.p50_us, 6000), "{:?}", f.block_to_last);
         assert_eq!(f.jobs[0].job_id, "a");
+    }
+
+    #[test]
+    fn accept_timeline_finds_the_gap_and_the_dip() {
+        // 10 ms buckets: 20 accepts each for 10 s, then none for 350 ms at 5.0 s, then 5 per
+        // bucket (a quarter of the rate) for 600 ms, then 20 again. The window is 1 s..9 s.
+        let mut b = vec![20u32; 1000];
+        for (i, n) in b.iter_mut().enumerate() {
+            if (500..535).contains(&i) {
+                *n = 0;
+            } else if (535..595).contains(&i) {
+                *n = 5;
+            }
+        }
+        // A longer gap outside the window does not count.
+        for n in b.iter_mut().take(80) {
+            *n = 0;
+        }
+        let t = AcceptTimeline::of(&b, (Duration::from_secs(1), Duration::from_secs(9)));
+        assert_eq!(t.longest_gap_ms, 350);
+        assert!((t.longest_gap_at_secs - 5.0).abs() < 1e-9, "{t:?}");
+        assert_eq!(t.median_per_100ms, 200);
+        // 100 ms buckets from 5.0 s: empty, then 5 empty and 5 of 5, then 10 of 5, and at
+        // 5.9 s five of 5 and five of 20: 125, not below half the median (100).
+        assert_eq!(
+            t.per_100ms[50..61],
+            [0, 0, 0, 25, 50, 50, 50, 50, 50, 125, 200]
+        );
+        assert_eq!(t.longest_dip_ms, 900);
+        assert!((t.longest_dip_at_secs - 5.0).abs() < 1e-9, "{t:?}");
+        assert_eq!(t.per_second.len(), 10);
+        assert_eq!(t.per_second[0], 20 * 20);
+        assert_eq!(t.per_second[5], 60 * 5 + 5 * 20);
+        // A window past the end of the counts: the missing buckets are empty.
+        let t = AcceptTimeline::of(&[3; 100], (Duration::ZERO, Duration::from_secs(2)));
+        assert_eq!(t.longest_gap_ms, 1000);
+        assert!((t.longest_gap_at_secs - 1.0).abs() < 1e-9, "{t:?}");
+        assert_eq!(
+            AcceptTimeline::of(&[], (Duration::ZERO, Duration::ZERO)).longest_gap_ms,
+            0
+        );
     }
 
     #[test]

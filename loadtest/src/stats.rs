@@ -202,6 +202,8 @@ counters! {
     churn_disconnects,
     /// Lines from the pool that could not be used (not JSON, bad notify, unknown reply id).
     protocol_errors,
+    /// Of those, replies to no request in flight: a second reply to one submit shows here.
+    unknown_replies,
     /// `mining.notify` messages.
     notifies,
     /// `mining.set_difficulty` messages.
@@ -238,6 +240,15 @@ counters! {
     /// Invalid-share knobs that fell back to a valid share (no older block's job yet, or no
     /// earlier share to duplicate).
     knob_fallbacks,
+    /// End-of-run resume checks (`--resume-at-end`): miners that reconnected once more after
+    /// the run, passing their session id.
+    end_resume_attempts,
+    /// Of those, the ones that got their extranonce1 back.
+    end_resume_ok,
+    /// Of those, the ones that got a different extranonce1.
+    end_resume_mismatch,
+    /// Of those, the ones whose check failed (no connect, no subscribe reply, an error).
+    end_resume_failures,
 }
 
 /// The kind of share a submit was meant to be.

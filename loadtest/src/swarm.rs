@@ -45,6 +45,29 @@ const RACE_WINDOW: Duration = Duration::from_secs(5);
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 /// Longest extranonce2 built on the stack for a submit (longer ones are built on the heap).
 const EN2_STACK: usize = 32;
+/// Pause between a miner's close at the end of the run and its resume check
+/// (`--resume-at-end`): the pool parks a session when it notices the close.
+const RESUME_PAUSE: Duration = Duration::from_secs(1);
+/// The resume checks of the run's miners connect at most this many per second.
+const RESUME_PER_SEC: f64 = 5000.0;
+/// Extra time a worker allows itself for the resume checks after the drain, besides their
+/// spread ([`resume_budget`]).
+const RESUME_SLACK: Duration = Duration::from_secs(15);
+
+/// How long the resume checks of `miners` miners are spread over.
+fn resume_spread(miners: u32) -> Duration {
+    Duration::from_secs_f64((f64::from(miners) / RESUME_PER_SEC).max(0.5))
+}
+
+/// The time the resume checks of a run of `miners` miners may take after the drain.
+pub fn resume_budget(miners: u32) -> Duration {
+    RESUME_PAUSE + resume_spread(miners) + RESUME_SLACK
+}
+
+/// Width of the buckets accepted replies are counted in ([`WorkerReport::accepts`]).
+pub const TIMELINE_BUCKET: Duration = Duration::from_millis(10);
+/// Buckets kept from the start of the run (the first 600 s).
+pub const MAX_TIMELINE_BUCKETS: usize = 60_000;
 
 /// What one worker does: its share of the miners and the common schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,6 +126,20 @@ pub struct WorkerSpec {
     /// (`/proc/thread-self`) instead of the process.
     #[serde(default)]
     pub in_process: bool,
+    /// After the run, every miner reconnects once passing its session id and checks that its
+    /// extranonce1 comes back (counted in the `end_resume_*` counters).
+    #[serde(default)]
+    pub resume_at_end: bool,
+    /// This worker's place among the workers sharing its source address, and their number:
+    /// each takes its own part of the ephemeral port range. Workers on different addresses use
+    /// the same port numbers, so the run takes no more port numbers than one address needs
+    /// (a port bound on any address is one the kernel no longer picks for anyone's outgoing
+    /// connections, the pool's own to its node included).
+    #[serde(default)]
+    pub port_slot: u32,
+    /// See [`WorkerSpec::port_slot`] (0 is taken as 1).
+    #[serde(default)]
+    pub port_slots: u32,
 }
 
 impl WorkerSpec {
@@ -212,6 +249,11 @@ pub struct WorkerReport {
     /// window's p99 can come from one bad second or from all of them.
     #[serde(default)]
     pub submit_seconds: Vec<String>,
+    /// Accepted replies by when they were read, in [`TIMELINE_BUCKET`]s from the start of the
+    /// run (miner 0's connect time, shared by every worker), for the first
+    /// [`MAX_TIMELINE_BUCKETS`]; trailing empty buckets left out.
+    #[serde(default)]
+    pub accepts: Vec<u32>,
 }
 
 /// Seconds of the window with a latency histogram of their own.
@@ -302,6 +344,8 @@ struct Agg {
     errors: ErrorCounts,
     slow: Vec<[u32; 2]>,
     jobs: HashMap<String, JobSeen>,
+    /// Accepted replies per [`TIMELINE_BUCKET`] from the start.
+    accepts: Vec<u32>,
 }
 
 #[derive(Clone, Copy)]
@@ -328,6 +372,8 @@ struct Ctx {
     spec: WorkerSpec,
     /// The stratum client settings every miner shares.
     client: Arc<ClientConfig>,
+    /// Miner 0's connect time: the timeline's zero.
+    start: Instant,
     hold: Instant,
     hold_ns: u64,
     end: Instant,
@@ -374,6 +420,7 @@ impl Ctx {
 async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync)) -> WorkerReport {
     let start = instant_at(spec.start_mono_ns);
     let ctx = Arc::new(Ctx {
+        start,
         hold: start + spec.ramp,
         hold_ns: spec.start_mono_ns + u64::try_from(spec.ramp.as_nanos()).unwrap_or(u64::MAX),
         end: start + spec.duration,
@@ -383,7 +430,7 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
         authorized: AtomicU64::new(0),
         cache: Mutex::new(VecDeque::new()),
         warned_skip: std::sync::atomic::AtomicBool::new(false),
-        ports: PortCursor::new(spec.worker, spec.workers),
+        ports: PortCursor::new(spec.port_slot, spec.port_slots),
         in_flight: AtomicU64::new(0),
         all_answered: tokio::sync::watch::Sender::new(false),
         client: Arc::new(client_config(&spec)),
@@ -407,7 +454,10 @@ async fn run_async(spec: WorkerSpec, sink: &(dyn Fn(WorkerMessage) + Send + Sync
     });
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<WorkerMessage>();
     let progress = tokio::spawn(progress_task(Arc::clone(&ctx), start, tx));
-    let hard_end = ctx.drain_end + Duration::from_secs(5);
+    let mut hard_end = ctx.drain_end + Duration::from_secs(5);
+    if ctx.spec.resume_at_end {
+        hard_end += resume_budget(ctx.spec.total_miners);
+    }
     let deadline = sleep_until(hard_end);
     tokio::pin!(deadline);
     let mut overran = false;
@@ -509,6 +559,10 @@ fn build_report(ctx: &Ctx) -> WorkerReport {
         errors: a.errors.clone(),
         slow_submits: a.slow.clone(),
         submit_seconds: a.seconds.iter().map(Hist::to_v2_hex).collect(),
+        accepts: {
+            let used = a.accepts.iter().rposition(|&n| n > 0).map_or(0, |i| i + 1);
+            a.accepts.get(..used).unwrap_or_default().to_vec()
+        },
         ..WorkerReport::default()
     }
 }
@@ -649,6 +703,81 @@ async fn miner_task(ctx: Arc<Ctx>, g: u32, connect_at: Instant) {
         if let Some(p) = pause {
             let until = (Instant::now() + p).min(ctx.end);
             sleep_until(until).await;
+        }
+    }
+    if ctx.spec.resume_at_end && m.session.is_some() && !m.en1.is_empty() {
+        let total = f64::from(ctx.spec.total_miners.max(1));
+        let spread = resume_spread(ctx.spec.total_miners);
+        let at = Instant::now() + RESUME_PAUSE + spread.mul_f64(f64::from(g) / total);
+        sleep_until(at).await;
+        resume_check(&ctx, &m).await;
+    }
+}
+
+/// The end-of-run resume check: a new connection subscribing with the miner's session id must
+/// get its extranonce1 back. It closes after the subscribe reply (no authorize).
+async fn resume_check(ctx: &Ctx, m: &MinerState) {
+    ctx.count(|c| c.end_resume_attempts += 1);
+    let limit = ctx.spec.connect_timeout + ctx.spec.handshake_timeout;
+    let outcome = match timeout(limit, resume_probe(ctx, m)).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out".to_owned()),
+    };
+    match outcome {
+        Ok(true) => ctx.count(|c| c.end_resume_ok += 1),
+        Ok(false) => ctx.count(|c| c.end_resume_mismatch += 1),
+        Err(e) => {
+            ctx.count(|c| c.end_resume_failures += 1);
+            ctx.error(&format!("resume check: {e}"));
+        }
+    }
+}
+
+/// Subscribes with the miner's session id; whether the extranonce1 that comes back is its own.
+async fn resume_probe(ctx: &Ctx, m: &MinerState) -> Result<bool, String> {
+    use tokio::io::AsyncWriteExt as _;
+
+    let mut stream = connect(ctx).await.map_err(|e| format!("connect: {e}"))?;
+    let mut client: Client<Pending> =
+        Client::new(Arc::clone(&ctx.client), &m.user, m.session.as_deref());
+    let mut out = Vec::with_capacity(256);
+    client.start(Instant::now().into_std(), &mut out);
+    let mut partial: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if !out.is_empty() {
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            out.clear();
+        }
+        stream.readable().await.map_err(|e| format!("read: {e}"))?;
+        let n = match stream.try_read(&mut buf) {
+            Ok(0) => return Err("closed by the pool".to_owned()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        };
+        partial.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if partial.len() > MAX_LINE {
+            return Err("line too long".to_owned());
+        }
+        while let Some(pos) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=pos).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            let now = Instant::now().into_std();
+            let event = PARSER.with_borrow_mut(|p| client.feed(p, line, now, &mut out));
+            match event {
+                Some(Event::Subscribed { extranonce1, .. }) => return Ok(extranonce1 == m.en1),
+                Some(Event::SubscribeFailed { reason }) => {
+                    return Err(format!("subscribe failed: {reason}"));
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -1066,7 +1195,10 @@ fn on_event(
             ctx.error("unparseable line from the pool");
         }
         Event::UnknownReply { id } => {
-            ctx.count(|c| c.protocol_errors += 1);
+            ctx.count(|c| {
+                c.protocol_errors += 1;
+                c.unknown_replies += 1;
+            });
             ctx.error("reply to an unknown request id");
             debug!(?id, "reply to an unknown request id");
         }
@@ -1178,6 +1310,9 @@ fn on_verdict(ctx: &Ctx, m: &mut MinerState, v: &Verdict<Pending>, now: Instant)
     let accepted = v.accepted;
     let latency = now.into_std().saturating_duration_since(v.sent);
     let mut a = ctx.agg();
+    if accepted {
+        count_accept(&mut a.accepts, now.saturating_duration_since(ctx.start));
+    }
     a.hists[H::Submit as usize].record(latency);
     if p.hold {
         a.hists[H::SubmitWindow as usize].record(latency);
@@ -1223,6 +1358,23 @@ fn on_verdict(ctx: &Ctx, m: &mut MinerState, v: &Verdict<Pending>, now: Instant)
         if let Some(k) = a.kinds.get_mut(p.kind.index()) {
             *k.rejected.entry(reason).or_default() += 1;
         }
+    }
+}
+
+/// Counts an accepted reply read `since` the start of the run in its [`TIMELINE_BUCKET`].
+fn count_accept(accepts: &mut Vec<u32>, since: Duration) {
+    let bucket = since.as_nanos() / TIMELINE_BUCKET.as_nanos();
+    let Ok(i) = usize::try_from(bucket) else {
+        return;
+    };
+    if i >= MAX_TIMELINE_BUCKETS {
+        return;
+    }
+    if accepts.len() <= i {
+        accepts.resize(i + 1, 0);
+    }
+    if let Some(n) = accepts.get_mut(i) {
+        *n = n.saturating_add(1);
     }
 }
 
@@ -1522,6 +1674,24 @@ mod tests {
             threads: 1,
             seed: 1,
             in_process: false,
+            resume_at_end: false,
+            port_slot: 0,
+            port_slots: 1,
         }
+    }
+
+    #[test]
+    fn accepts_are_counted_in_their_bucket() {
+        let mut v = Vec::new();
+        count_accept(&mut v, Duration::from_millis(5));
+        count_accept(&mut v, Duration::from_millis(9));
+        count_accept(&mut v, Duration::from_millis(35));
+        assert_eq!(v, vec![2, 0, 0, 1]);
+        // Beyond the kept buckets: not counted, and nothing grows.
+        count_accept(
+            &mut v,
+            TIMELINE_BUCKET * u32::try_from(MAX_TIMELINE_BUCKETS).unwrap(),
+        );
+        assert_eq!(v.len(), 4);
     }
 }
