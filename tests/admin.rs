@@ -408,3 +408,145 @@ fn foreign_socket_directory_is_refused() {
     assert_eq!(std::fs::read_dir(&sockdir).unwrap().count(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every admin command of the listener through the `ckpmsg` binary (commands on stdin, one per
+/// line, as an operator's script sends them): each gets its documented reply, and the JSON
+/// queries hold the figures this test set up (one miner's accepted shares, one raw client).
+/// `restart` and `handover` are exercised in tests/handover.rs; `shutdown` goes last here and
+/// the pool exits 0.
+#[test]
+fn ckpmsg_round_trips_every_admin_command() {
+    let Some(exe) = bitcoind_or_skip("ckpmsg_round_trips_every_admin_command") else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let mut pool = start_pool(node, "adminckpmsg", &[]);
+
+    let mut cfg = MinerConfig::new(pool.addr, "dave.rig");
+    cfg.duration = Some(Duration::from_secs(60));
+    cfg.max_shares_per_sec = 20.0;
+    let miner = Miner::start(cfg).unwrap();
+    wait_until("dave's shares", WAIT, || miner.report().accepted >= 3);
+    let accepted = miner.stop().accepted;
+    wait_until("dave's shares counted", WAIT, || {
+        json_of(&pool, "poolstats")["accepted"].as_u64() == Some(accepted)
+    });
+    let mut raw = Client::connect(pool.addr);
+    raw.login("erin.box");
+    let id = client_of(&pool, "erin.box").expect("erin listed")["id"]
+        .as_u64()
+        .unwrap();
+
+    let commands = [
+        "ping".to_owned(),
+        "stats".to_owned(),
+        "poolstats".to_owned(),
+        "users".to_owned(),
+        "workers".to_owned(),
+        "getuser={\"user\":\"dave\"}".to_owned(),
+        "getworker={\"worker\":\"dave.rig\"}".to_owned(),
+        "clients".to_owned(),
+        format!("getclient={{\"id\":{id}}}"),
+        "userclients={\"user\":\"erin\"}".to_owned(),
+        "workerclients={\"worker\":\"erin.box\"}".to_owned(),
+        "connectorstats".to_owned(),
+        "uptime".to_owned(),
+        "update".to_owned(),
+        "loglevel=6".to_owned(),
+        "loglevel=9".to_owned(),
+        "reject".to_owned(),
+        "accept".to_owned(),
+        "reconnect:not-a-url".to_owned(),
+        "resetshares".to_owned(),
+        format!("reconnclient={}", u64::MAX),
+        format!("dropclient={}", u64::MAX),
+        "nosuchcommand".to_owned(),
+        format!("dropclient={id}"),
+        "dropall".to_owned(),
+        "reconnect".to_owned(),
+        "shutdown".to_owned(),
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ckpmsg"))
+        .arg("-s")
+        .arg(&pool.sockdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "# every command, one per line").unwrap();
+        for c in &commands {
+            writeln!(stdin, "{c}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ckpmsg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<&str> = text.lines().collect();
+    assert_eq!(replies.len(), commands.len(), "{text}");
+    let reply = |cmd: &str| -> &str {
+        let i = commands.iter().position(|c| c == cmd).unwrap();
+        replies[i]
+    };
+    let json = |cmd: &str| -> Value {
+        serde_json::from_str(reply(cmd)).unwrap_or_else(|e| panic!("{cmd}: {e}: {text}"))
+    };
+
+    assert_eq!(reply("ping"), "pong");
+    assert_eq!(json("stats")["accepted"], accepted, "{text}");
+    assert_eq!(json("poolstats")["accepted"], accepted, "{text}");
+    assert_eq!(json("users")["users"]["dave"]["accepted"], accepted);
+    assert_eq!(json("workers")["workers"]["dave.rig"]["accepted"], accepted);
+    let user = json("getuser={\"user\":\"dave\"}");
+    assert_eq!(user["workers"]["dave.rig"]["accepted"], accepted, "{user}");
+    let worker = json("getworker={\"worker\":\"dave.rig\"}");
+    assert!(
+        worker
+            .to_string()
+            .contains(&format!("\"accepted\":{accepted}")),
+        "{worker}"
+    );
+    let clients = json("clients");
+    assert!(
+        clients["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["worker"] == "erin.box" && c["id"] == id),
+        "{clients}"
+    );
+    assert_eq!(
+        json(&format!("getclient={{\"id\":{id}}}"))["client"]["worker"],
+        "erin.box"
+    );
+    assert_eq!(json("userclients={\"user\":\"erin\"}")["count"], 1);
+    assert_eq!(json("workerclients={\"worker\":\"erin.box\"}")["count"], 1);
+    assert!(json("connectorstats")["clients"]["count"].as_u64().unwrap() >= 1);
+    assert!(json("uptime")["uptime"].is_u64(), "{text}");
+    assert_eq!(reply("update"), "updating");
+    assert_eq!(reply("loglevel=6"), "success");
+    assert_eq!(reply("loglevel=9"), "Invalid");
+    assert_eq!(reply("reject"), "rejecting");
+    assert_eq!(reply("accept"), "accepting");
+    assert_eq!(reply("reconnect:not-a-url"), "Invalid");
+    assert_eq!(reply("resetshares"), "resetting");
+    assert_eq!(reply(&format!("reconnclient={}", u64::MAX)), "(no reply)");
+    assert_eq!(reply(&format!("dropclient={}", u64::MAX)), "(no reply)");
+    assert_eq!(reply("nosuchcommand"), "unknown");
+    assert_eq!(reply(&format!("dropclient={id}")), "(no reply)");
+    assert_eq!(reply("dropall"), "(no reply)");
+    assert_eq!(reply("reconnect"), "reconnecting");
+    assert_eq!(reply("shutdown"), "exiting");
+    // The commands acted: erin was dropped, and the pool stops as on SIGTERM.
+    assert!(raw.wait_closed(WAIT), "erin's connection stayed open");
+    let status = pool.wait_exit(WAIT).expect("the pool exits after shutdown");
+    assert!(status.success(), "{status}");
+}
