@@ -4,6 +4,8 @@
 //! * [`run`]: the load scenarios (`storm`, `steady`, `fanout`, `churn`): plans a run, spreads the
 //!   miners over worker processes (or threads) and loopback source addresses, samples the pool's
 //!   CPU and memory, forces new blocks over RPC, and merges everything into one [`run::Report`];
+//! * [`hostile`]: hostile clients for soak runs (username flood, subscribe churn, never-reading
+//!   connections, oversize lines);
 //! * [`swarm`]: one worker: thousands of simulated miners on one tokio runtime, each grinding
 //!   real shares at the difficulty the pool set;
 //! * [`stats`]: latency histograms (hdrhistogram, merged exactly) and counters;
@@ -21,6 +23,7 @@
 //! address and RPC URL is checked, and every run has a duration and stops by itself.
 #![forbid(unsafe_code)]
 
+pub mod hostile;
 pub mod miner;
 pub mod rpc;
 pub mod run;

@@ -41,6 +41,9 @@ enum Command {
     /// Disconnect and reconnect `--churn` of the miners per second, resuming sessions, and check
     /// that the same extranonce1 comes back.
     Churn(LoadArgs),
+    /// Hostile clients for a soak run beside another scenario: a username flood, subscribe
+    /// churn, never-reading connections and oversize lines, each at its own rate.
+    Hostile(HostileArgs),
     /// Internal: run one worker (spec as JSON on stdin, JSON lines on stdout).
     #[command(hide = true)]
     Worker,
@@ -153,6 +156,63 @@ struct LoadArgs {
     /// extranonce1 comes back.
     #[arg(long)]
     resume_at_end: bool,
+}
+
+#[derive(Args)]
+struct HostileArgs {
+    /// Pool address, host:port (optionally stratum+tcp://); must be loopback.
+    #[arg(long, default_value = "127.0.0.1:3333")]
+    url: String,
+    /// Local address to bind (loopback).
+    #[arg(long)]
+    source_addr: Option<IpAddr>,
+    /// Seconds the hostile clients run.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Usernames are <user>flood<N>.w and <user>reader<N>.w.
+    #[arg(long, default_value = "hostile")]
+    user: String,
+    /// Connections per second that authorize a username never used before, then close.
+    #[arg(long, default_value_t = 0.0)]
+    user_flood: f64,
+    /// Connections per second that subscribe and close without authorizing.
+    #[arg(long, default_value_t = 0.0)]
+    subscribe_churn: f64,
+    /// Connections held that send requests and never read.
+    #[arg(long, default_value_t = 0)]
+    never_readers: u32,
+    /// Requests per second each never-reader sends.
+    #[arg(long, default_value_t = 200.0)]
+    never_reader_rate: f64,
+    /// Connections per second that send one line longer than the pool takes.
+    #[arg(long, default_value_t = 0.0)]
+    oversize: f64,
+    /// Bytes of an oversize line.
+    #[arg(long, default_value_t = 65536)]
+    oversize_bytes: usize,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn hostile(a: &HostileArgs) -> Result<()> {
+    let target = run::resolve_loopback(&a.url)?;
+    let mut spec = ckload::hostile::HostileSpec::new(target, secs("--duration", a.duration)?);
+    spec.source = a.source_addr;
+    spec.user_prefix.clone_from(&a.user);
+    spec.user_flood_per_sec = a.user_flood;
+    spec.subscribe_churn_per_sec = a.subscribe_churn;
+    spec.never_readers = a.never_readers;
+    spec.never_reader_lines_per_sec = a.never_reader_rate;
+    spec.oversize_per_sec = a.oversize;
+    spec.oversize_bytes = a.oversize_bytes;
+    let report = ckload::hostile::run(&spec)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = &a.json {
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -425,6 +485,7 @@ fn main() -> Result<()> {
         Command::Steady(a) => load(Scenario::Steady, &a)?,
         Command::Fanout(a) => load(Scenario::Fanout, &a)?,
         Command::Churn(a) => load(Scenario::Churn, &a)?,
+        Command::Hostile(a) => hostile(&a)?,
         Command::Worker => worker()?,
         Command::Mine(args) => {
             let json = args.json;
