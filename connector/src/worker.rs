@@ -55,6 +55,9 @@ const SLOW_WARN_EVERY: Duration = Duration::from_secs(10);
 /// pages are given back [`TRIM_DELAY`] later (once its sends have completed), at most once per
 /// [`TRIM_EVERY`] per thread.
 const BIG_ROUND: usize = 4096;
+/// A connection closed with this many unsent bytes (a client that stopped reading, closed at its
+/// queue limit) leaves a heap of freed send buffers behind: they are given back the same way.
+const BIG_QUEUE: u32 = 64 * 1024;
 
 /// Completions handled between two flushes of the outbox within one round
 /// ([`Worker::handle_round`]): ~1 ms of share checking.
@@ -1367,6 +1370,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.spare_pending.put(p);
         }
         self.forget(&conn);
+        if conn.queued >= BIG_QUEUE && self.trim_at.is_none() {
+            self.trim_at = Some(now + TRIM_DELAY);
+        }
         self.shared.counters.closed(reason);
         self.backend.close(id);
         debug!(conn = %id, peer = %conn.peer, listener = conn.listener(), ?reason, "connection closed");
