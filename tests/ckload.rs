@@ -23,7 +23,7 @@ use loadtest::rpc::RpcTarget;
 use loadtest::run::{Launcher, Report, RunSpec, Scenario, run, summary};
 use loadtest::stats::ShareKind;
 use node::{RPC_PASS, RPC_USER, RegtestNet, WAIT, bitcoind_or_skip};
-use pool::{PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
+use pool::{PoolProcess, btcd_entry, free_port, regtest_config, share_log_lines, wait_stats};
 use serde_json::json;
 
 /// 2^-32, the pool's lowest difficulty: every hash meets it but the top 2^-16 of the range.
@@ -32,14 +32,14 @@ const MIN_DIFF: f64 = 0.000_000_000_232_830_643_653_869_63;
 /// The tests load the machine; one at a time keeps the latencies meaningful.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn start_pool(net: &RegtestNet, tag: &str) -> PoolProcess {
+fn start_pool(net: &RegtestNet, tag: &str, flags: &[&str]) -> PoolProcess {
     let node = &net.nodes[0];
     let addr = node.new_address();
     let mut cfg = regtest_config(vec![btcd_entry(node)], Some(&addr), free_port());
     // Pin the difficulty: vardiff would raise it to the network difficulty, where every valid
     // share is a block.
     cfg["maxdiff"] = json!(MIN_DIFF);
-    PoolProcess::start(tag, &cfg, &[])
+    PoolProcess::start(tag, &cfg, flags)
 }
 
 fn base_spec(pool: &PoolProcess, scenario: Scenario, miners: u32) -> RunSpec {
@@ -66,7 +66,8 @@ fn steady_load_with_invalid_share_knobs_and_forced_blocks() {
     };
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let net = RegtestNet::start(&exe, 2);
-    let pool = start_pool(&net, "ckload-steady");
+    // With the share log (-L): after the run and a SIGTERM, its accepted lines are ckload's.
+    let mut pool = start_pool(&net, "ckload-steady", &["-L"]);
     let node = &net.nodes[0];
 
     let mut spec = base_spec(&pool, Scenario::Steady, 200);
@@ -142,6 +143,21 @@ fn steady_load_with_invalid_share_knobs_and_forced_blocks() {
     wait_stats(&pool, "pool counts to match ckload", WAIT, |s| {
         s["accepted"] == c.accepted && s["rejected"] == c.rejected
     });
+
+    // SIGTERM: the share log is flushed, and holds every accepted share (stale, duplicate and
+    // low-difficulty ones among the rejected, which may be summarised, never more than sent).
+    pool.signal(libc::SIGTERM);
+    let status = pool
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the pool still runs 5 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let (accepted, rejected) = share_log_lines(&pool.dir.join("logs"));
+    assert_eq!(accepted, c.accepted, "share log's accepted lines");
+    assert!(
+        rejected <= c.rejected,
+        "{rejected} rejected lines, {} rejects",
+        c.rejected
+    );
 }
 
 #[test]
@@ -151,7 +167,7 @@ fn churn_resumes_sessions_with_the_same_extranonce1() {
     };
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let net = RegtestNet::start(&exe, 2);
-    let pool = start_pool(&net, "ckload-churn");
+    let pool = start_pool(&net, "ckload-churn", &[]);
     let mut spec = base_spec(&pool, Scenario::Churn, 100);
     spec.ramp = Duration::from_secs(1);
     spec.duration = Duration::from_secs(8);

@@ -21,7 +21,10 @@ use std::time::Duration;
 
 use loadtest::{Miner, MinerConfig};
 use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
-use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, temp_dir, wait_stats};
+use pool::{
+    Client, PoolProcess, btcd_entry, free_port, regtest_config, share_log_lines, temp_dir,
+    wait_stats,
+};
 use serde_json::{Value, json};
 
 fn pool_config(node: &RegtestNode) -> Value {
@@ -149,37 +152,6 @@ fn start_miner(pool: &PoolProcess, user: &str, rate: f64) -> Miner {
     Miner::start(cfg).unwrap()
 }
 
-/// The share log's lines: (accepted, rejected), over every `<height>/<job>.sharelog` under
-/// `logdir`; every line must be whole JSON.
-fn share_log_lines(logdir: &Path) -> (u64, u64) {
-    let (mut accepted, mut rejected) = (0, 0);
-    for dir in std::fs::read_dir(logdir)
-        .unwrap()
-        .map(|d| d.unwrap().path())
-    {
-        let is_height = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.len() == 8 && u64::from_str_radix(n, 16).is_ok());
-        if !is_height || !dir.is_dir() {
-            continue;
-        }
-        for file in std::fs::read_dir(&dir).unwrap().map(|f| f.unwrap().path()) {
-            assert_eq!(file.extension().and_then(|e| e.to_str()), Some("sharelog"));
-            for line in read(&file).lines() {
-                let v: Value = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
-                match v["result"].as_bool() {
-                    Some(true) => accepted += 1,
-                    Some(false) => rejected += 1,
-                    None => panic!("no result in {line}"),
-                }
-            }
-        }
-    }
-    (accepted, rejected)
-}
-
 #[test]
 fn every_accepted_share_is_in_the_share_log_after_sigterm() {
     let Some(exe) = bitcoind_or_skip("every_accepted_share_is_in_the_share_log_after_sigterm")
@@ -217,7 +189,10 @@ fn an_unwritable_share_log_keeps_the_pool_mining_and_shows_in_stats() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let mut pool = PoolProcess::start("sharelogfail", &pool_config(node), &["-L"]);
+    let mut config = pool_config(node);
+    let web = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    config["webserver"] = json!(web.to_string());
+    let mut pool = PoolProcess::start("sharelogfail", &config, &["-L"]);
     let logdir = pool.dir.join("logs");
     let miner = start_miner(&pool, "sharelog.2", 20.0);
     wait_until("5 accepted shares", WAIT, || miner.report().accepted >= 5);
@@ -248,6 +223,9 @@ fn an_unwritable_share_log_keeps_the_pool_mining_and_shows_in_stats() {
         "retried every second: {s}"
     );
     assert!(node.height() > tip + 1, "no block found while failing");
+    // And in the metrics.
+    let errors = metric_value(web, "ckpool_sharelog_write_errors");
+    assert!(errors >= 2.0, "ckpool_sharelog_write_errors {errors}");
     wait_until("the failure in the log file", WAIT, || {
         read(&log_file(&pool, "sharelogfail")).contains("cannot write the share log")
     });
@@ -335,4 +313,24 @@ fn daemonised_the_pool_logs_to_its_file_only() {
     // The parent printed the pid; nothing was logged to the terminal.
     assert_eq!(read(&stderr), "");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The value of the first sample of `name` (a counter's `_total` included) in `/metrics`.
+fn metric_value(web: std::net::SocketAddr, name: &str) -> f64 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(web).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }

@@ -455,3 +455,34 @@ pub fn wait(what: &str, cond: impl FnMut() -> bool) {
 pub fn p(path: &Path) -> String {
     path.display().to_string()
 }
+
+/// The share log's lines: (accepted, rejected), over every `<height>/<job>.sharelog` under
+/// `logdir`; every line must be whole JSON.
+pub fn share_log_lines(logdir: &Path) -> (u64, u64) {
+    let (mut accepted, mut rejected) = (0, 0);
+    for dir in std::fs::read_dir(logdir)
+        .unwrap()
+        .map(|d| d.unwrap().path())
+    {
+        let is_height = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.len() == 8 && u64::from_str_radix(n, 16).is_ok());
+        if !is_height || !dir.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir).unwrap().map(|f| f.unwrap().path()) {
+            assert_eq!(file.extension().and_then(|e| e.to_str()), Some("sharelog"));
+            for line in std::fs::read_to_string(&file).unwrap().lines() {
+                let v: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
+                match v["result"].as_bool() {
+                    Some(true) => accepted += 1,
+                    Some(false) => rejected += 1,
+                    None => panic!("no result in {line}"),
+                }
+            }
+        }
+    }
+    (accepted, rejected)
+}
