@@ -21,6 +21,7 @@
 
 mod api;
 mod metrics;
+mod modes;
 
 use std::collections::VecDeque;
 use std::io;
@@ -57,8 +58,20 @@ const UPLOT_JS: &str = include_str!("assets/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("assets/uPlot.min.css");
 const UPLOT_LICENSE: &str = include_str!("assets/uPlot.LICENSE");
 
-/// What the web server reads.
-pub(crate) struct WebCtx {
+/// What the web server reads: a pool (pool, solo, proxy and userproxy modes) or a link without
+/// a pool of its own (passthrough, node and redirector modes).
+pub(crate) enum WebCtx {
+    Pool(PoolCtx),
+    Link(modes::LinkCtx),
+}
+
+pub(crate) use modes::LinkCtx;
+
+/// A JSON view kept by the mode (its admin `stats` or `upstreams`), rendered per request.
+pub(crate) type JsonView = std::sync::Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the web server reads in the modes with a stratifier pool.
+pub(crate) struct PoolCtx {
     /// The pool's statistics.
     pub(crate) pool: Arc<stratifier::Pool>,
     /// The connector threads' counters.
@@ -69,8 +82,12 @@ pub(crate) struct WebCtx {
     pub(crate) servers: Vec<String>,
     /// The share log's counters (`-L`).
     pub(crate) share_log: Option<StatsHandle>,
-    /// The generator's figures (RPC and template latency, failovers, ZMQ, block verdicts).
-    pub(crate) gen_stats: Arc<generator::stats::GenStats>,
+    /// The generator's figures (RPC and template latency, failovers, ZMQ, block verdicts);
+    /// `None` in proxy modes (no generator).
+    pub(crate) gen_stats: Option<Arc<generator::stats::GenStats>>,
+    /// Proxy and userproxy modes: the admin `upstreams` view (upstream connections and their
+    /// verdicts), behind `/api/upstreams` and the `ckpool_upstream_*` metrics.
+    pub(crate) upstreams: Option<JsonView>,
     /// The passthrough links open at the pool.
     pub(crate) links: Arc<crate::links::LinkRegistry>,
     /// The I/O backend's name.
@@ -192,7 +209,10 @@ fn history(shared: &Shared) {
     while !shared.stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= next {
-            let rate = shared.ctx.pool.stats().rates.hashrate5m;
+            let WebCtx::Pool(ctx) = &shared.ctx else {
+                return;
+            };
+            let rate = ctx.pool.stats().rates.hashrate5m;
             let mut h = shared.history.lock();
             if h.len() == HISTORY_LEN {
                 h.pop_front();
@@ -262,7 +282,10 @@ fn answer(req: Request, shared: &Shared) {
 /// The reply to a GET of `url` (path and optional query).
 fn route(url: &str, shared: &Shared) -> Reply {
     let path = url.split(['?', '#']).next().unwrap_or("");
-    let ctx = &shared.ctx;
+    let ctx = match &shared.ctx {
+        WebCtx::Pool(ctx) => ctx,
+        WebCtx::Link(ctx) => return modes::route(path, ctx),
+    };
     match path {
         "/" | "/index.html" => Reply::new(200, "text/html; charset=utf-8", INDEX_HTML),
         "/assets/dashboard.js" => Reply::new(200, "text/javascript; charset=utf-8", DASHBOARD_JS),
