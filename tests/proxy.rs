@@ -158,6 +158,7 @@ fn proxy_forwards_shares_and_blocks_with_version_bits_to_the_upstream_pool() {
     let api = scrape::get_json(web, "/api/upstreams");
     assert_eq!(api["servers"][0]["state"], "active", "{api}");
     assert_eq!(api["connections"][0]["url"], pool_url.as_str(), "{api}");
+    assert_eq!(scrape::get(web, "/").0, 200);
 
     // A version-rolling client: the mask it is offered is the pool's answer to the proxy
     // (ckpool-rs grants 1fffe000) within the proxy's own version_mask (the same by default).

@@ -37,6 +37,7 @@
 //!   closed at once, as ckpool.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
 //!   connector counters), `loglevel=N`, `shutdown`.
+//! * `webserver`: `/metrics` and `/api/upstreams` made of the same `stats` (see `crate::web`).
 
 use std::collections::HashMap;
 use std::io;

@@ -15,7 +15,8 @@
 //!   difficulty come out of the shards as [`stratifier::Event::Upstream`] and are submitted
 //!   upstream with the upstream user, the upstream job id, local extranonce1 part ‖ extranonce2,
 //!   ntime, nonce and (when version rolling was negotiated upstream) the version bits. The
-//!   upstream's verdicts are counted per user and shown in the admin `stats` (`upstreams`).
+//!   upstream's verdicts are counted per user and shown in the admin `stats` (`upstreams`),
+//!   and with `webserver` set in `/api/upstreams` and the `ckpool_upstream_*` metrics.
 //! - When the link fails over to another `proxy` entry (or the upstream changes its
 //!   extranonce1), miners stay connected: with the new source's first job, every miner is moved
 //!   to it ([`stratifier::Shard::move_source`]): `mining.set_extranonce` and a clean notify for

@@ -18,6 +18,10 @@
 //! `/api/workers/<name>`; `/api/clients`; `/api/blocks`; `/api/upstreams`; `/api/history` (the
 //! pool's 5-minute hashrate sampled every [`HISTORY_EVERY`], the last [`HISTORY_LEN`] samples);
 //! `/` and its assets. Anything else is 404.
+//!
+//! Proxy and userproxy modes serve the same over their local pool, with the upstream connections
+//! in `/api/upstreams` and the `ckpool_upstream_*` metrics (`PoolCtx::upstreams`); the modes
+//! without a pool (passthrough, node, redirector) serve a smaller set (see `modes.rs`).
 
 mod api;
 mod metrics;
