@@ -155,6 +155,10 @@ fn proxy_forwards_shares_and_blocks_with_version_bits_to_the_upstream_pool() {
     assert!(scrape::metric(&m, "ckpool_upstream_miners", &main).is_some());
     assert!(scrape::metric(&m, "ckpool_shares_total", &[("result", "accepted")]) >= Some(1.0));
     assert!(scrape::metric(&m, "ckpool_bitcoind_active", &[]).is_none());
+    assert_eq!(
+        scrape::metric(&m, "ckpool_upstream_failovers_total", &[]),
+        Some(0.0)
+    );
     let api = scrape::get_json(web, "/api/upstreams");
     assert_eq!(api["servers"][0]["state"], "active", "{api}");
     assert_eq!(api["connections"][0]["url"], pool_url.as_str(), "{api}");
@@ -247,6 +251,7 @@ fn proxy_fails_over_to_the_second_upstream_keeping_its_miners() {
     wait_until("shares accepted by the first upstream", WAIT, || {
         upstreams(&proxy)["servers"][0]["accepted"].as_u64() >= Some(3)
     });
+    assert_eq!(upstreams(&proxy)["failovers"], 0);
     first.shutdown();
     // The raw client hears of its new extranonce1 on the same connection.
     let set = c.wait_for("mining.set_extranonce", WAIT, |v| {
@@ -264,6 +269,7 @@ fn proxy_fails_over_to_the_second_upstream_keeping_its_miners() {
     wait_until("shares accepted by the second upstream", WAIT, || {
         upstreams(&proxy)["servers"][1]["accepted"].as_u64() >= Some(3)
     });
+    assert_eq!(upstreams(&proxy)["failovers"], 1);
     wait_until("the miner's shares accepted after the switch", WAIT, || {
         miner.report().accepted >= before + 3
     });

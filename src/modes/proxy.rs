@@ -163,6 +163,12 @@ struct UpstreamStats {
     dropped: u64,
     /// Every upstream connection open, the main one first.
     connections: Vec<ConnStats>,
+    /// Times the main connection came up on another `proxy` entry than the one it was last up
+    /// on (failover or fail-back).
+    failovers: u64,
+    /// The entry the main connection was last up on.
+    #[serde(skip)]
+    last_up: Option<usize>,
 }
 
 /// What an upstream connection is for.
@@ -490,7 +496,11 @@ impl Proxy {
                         self.server_state(old, "down");
                     }
                     self.server_state(index, "active");
-                    self.stats().active = Some(index);
+                    let mut st = self.stats();
+                    st.active = Some(index);
+                    if st.last_up.replace(index).is_some_and(|last| last != index) {
+                        st.failovers += 1;
+                    }
                 }
             }
             UpstreamEvent::Down { index, reason } => {
@@ -952,6 +962,8 @@ pub(crate) fn run(
         users: HashMap::new(),
         dropped: 0,
         connections: Vec::new(),
+        failovers: 0,
+        last_up: None,
     }));
     let main = UpLink {
         id: 0,

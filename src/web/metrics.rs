@@ -436,6 +436,12 @@ fn proxy_upstreams(reg: &mut Registry, v: &Value) {
         "Shares that could not be queued for an upstream (queue full, link gone, stale source)",
         ConstCounter::new(v["dropped"].as_u64().unwrap_or(0)),
     );
+    reg.register(
+        "upstream_failovers",
+        "Times the main upstream connection came up on another proxy entry than the one it was \
+         last up on (failover or fail-back)",
+        ConstCounter::new(v["failovers"].as_u64().unwrap_or(0)),
+    );
 }
 
 /// The generator's figures: RPC and template latency, template age, failovers, ZMQ, block
