@@ -15,6 +15,8 @@
 mod node;
 #[path = "support/pool.rs"]
 mod pool;
+#[path = "support/scrape.rs"]
+mod scrape;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -227,6 +229,16 @@ fn drop_link(link: Client) {
 
 /// A ckpool-rs passthrough (`-P`) with listeners `addrs` in front of `upstream`.
 fn start_passthrough(tag: &str, addrs: &[String], upstream: &[SocketAddr]) -> PoolProcess {
+    start_passthrough_web(tag, addrs, upstream, None)
+}
+
+/// [`start_passthrough`] with `webserver` at `web`.
+fn start_passthrough_web(
+    tag: &str,
+    addrs: &[String],
+    upstream: &[SocketAddr],
+    web: Option<SocketAddr>,
+) -> PoolProcess {
     let proxies: Vec<Value> = upstream
         .iter()
         .map(|a| json!({"url": a.to_string(), "auth": "unused", "pass": "x"}))
@@ -237,6 +249,10 @@ fn start_passthrough(tag: &str, addrs: &[String], upstream: &[SocketAddr]) -> Po
         "threads": 2,
         "zmqblock": null,
     });
+    let mut config = config;
+    if let Some(web) = web {
+        config["webserver"] = web.to_string().into();
+    }
     PoolProcess::start(tag, &config, &["-P"])
 }
 
@@ -262,10 +278,12 @@ fn miners_mine_through_a_ckpool_rs_passthrough() {
     let node = &net.nodes[0];
     let (pool, link_addr) = pool_with_passthrough_port(node, "pt-chain-pool", &json!({}));
     let (v4, v6) = (free_port(), free_port());
-    let pt = start_passthrough(
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pt = start_passthrough_web(
         "pt-chain-pt",
         &[format!("127.0.0.1:{v4}"), format!("[::1]:{v6}")],
         &[link_addr],
+        Some(web),
     );
     let up = wait_upstream_up(&pt);
     assert_eq!(up["upstream"]["url"], link_addr.to_string(), "{up}");
@@ -309,6 +327,31 @@ fn miners_mine_through_a_ckpool_rs_passthrough() {
     let pts = pt.stats();
     assert_eq!(pts["miners"], 3, "{pts}");
     assert_eq!(pts["ignored_commands"], 0, "{pts}");
+    // The webserver: the upstream is up, the miners carried and the lines forwarded.
+    let link_url = link_addr.to_string();
+    let m = scrape::scrape(web);
+    let up = |m: &prometheus_parse::Scrape| {
+        scrape::metric(m, "ckpool_upstream_up", &[("url", link_url.as_str())])
+    };
+    assert_eq!(up(&m), Some(1.0));
+    assert_eq!(
+        scrape::metric(&m, "ckpool_passthrough_miners", &[]),
+        Some(3.0)
+    );
+    assert!(scrape::metric(&m, "ckpool_passthrough_lines_up_total", &[]) >= Some(9.0));
+    assert!(scrape::metric(&m, "ckpool_passthrough_lines_down_total", &[]) >= Some(9.0));
+    assert_eq!(
+        scrape::metric(&m, "ckpool_passthrough_ignored_commands_total", &[]),
+        Some(0.0)
+    );
+    assert!(scrape::metric(&m, "ckpool_connections_open", &[]) >= Some(3.0));
+    let api = scrape::get_json(web, "/api/upstreams");
+    assert_eq!(api["upstream"]["state"], "up", "{api}");
+    assert_eq!(api["miners"], 3, "{api}");
+    let (status, index) = scrape::get(web, "/");
+    assert_eq!(status, 200, "{index}");
+    assert!(index.contains("/metrics"), "{index}");
+    assert_eq!(scrape::get(web, "/api/users").0, 404);
 
     // (b) One miner leaves: only its sub-client ends; the others keep mining.
     let ra = a.stop();

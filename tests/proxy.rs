@@ -15,9 +15,11 @@
 mod node;
 #[path = "support/pool.rs"]
 mod pool;
+#[path = "support/scrape.rs"]
+mod scrape;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use common::Target;
@@ -87,7 +89,10 @@ fn proxy_forwards_shares_and_blocks_with_version_bits_to_the_upstream_pool() {
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
     let pool = start_pool("pxup", node);
-    let proxy = start_proxy("pxa", &proxy_config(&[pool.addr.to_string()], TINY));
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut config = proxy_config(&[pool.addr.to_string()], TINY);
+    config["webserver"] = web.to_string().into();
+    let proxy = start_proxy("pxa", &config);
 
     // A plain miner through the proxy mines a block.
     let mut cfg = MinerConfig::new(proxy.addr, "farm.rig1");
@@ -117,6 +122,47 @@ fn proxy_forwards_shares_and_blocks_with_version_bits_to_the_upstream_pool() {
         "{up}"
     );
     assert_eq!(up["active"], 0, "{up}");
+
+    // The webserver: the upstream connection is up and its accepted count is what the
+    // upstream pool accepted from the proxy (the miner has stopped: the counts settle).
+    let pool_url = pool.addr.to_string();
+    let main = [("url", pool_url.as_str()), ("role", "main")];
+    wait_until(
+        "the upstream's verdicts in the proxy's metrics",
+        WAIT,
+        || {
+            let at_pool = pool.stats()["users"]["proxyuser"]["workers"]["proxyuser.0"]["accepted"]
+                .as_u64()
+                .unwrap_or(0);
+            let m = scrape::scrape(web);
+            let accepted = [main[0], main[1], ("result", "accepted")];
+            at_pool >= 1
+                && scrape::metric(&m, "ckpool_upstream_shares_total", &accepted)
+                    == Some(at_pool as f64)
+        },
+    );
+    let m = scrape::scrape(web);
+    assert_eq!(scrape::metric(&m, "ckpool_upstream_up", &main), Some(1.0));
+    assert_eq!(
+        scrape::metric(
+            &m,
+            "ckpool_upstream_shares_total",
+            &[("result", "rejected")]
+        ),
+        Some(0.0)
+    );
+    assert!(scrape::metric(&m, "ckpool_upstream_difficulty", &main).is_some());
+    assert!(scrape::metric(&m, "ckpool_upstream_miners", &main).is_some());
+    assert!(scrape::metric(&m, "ckpool_shares_total", &[("result", "accepted")]) >= Some(1.0));
+    assert!(scrape::metric(&m, "ckpool_bitcoind_active", &[]).is_none());
+    assert_eq!(
+        scrape::metric(&m, "ckpool_upstream_failovers_total", &[]),
+        Some(0.0)
+    );
+    let api = scrape::get_json(web, "/api/upstreams");
+    assert_eq!(api["servers"][0]["state"], "active", "{api}");
+    assert_eq!(api["connections"][0]["url"], pool_url.as_str(), "{api}");
+    assert_eq!(scrape::get(web, "/").0, 200);
 
     // A version-rolling client: the mask it is offered is the pool's answer to the proxy
     // (ckpool-rs grants 1fffe000) within the proxy's own version_mask (the same by default).
@@ -205,6 +251,7 @@ fn proxy_fails_over_to_the_second_upstream_keeping_its_miners() {
     wait_until("shares accepted by the first upstream", WAIT, || {
         upstreams(&proxy)["servers"][0]["accepted"].as_u64() >= Some(3)
     });
+    assert_eq!(upstreams(&proxy)["failovers"], 0);
     first.shutdown();
     // The raw client hears of its new extranonce1 on the same connection.
     let set = c.wait_for("mining.set_extranonce", WAIT, |v| {
@@ -222,6 +269,7 @@ fn proxy_fails_over_to_the_second_upstream_keeping_its_miners() {
     wait_until("shares accepted by the second upstream", WAIT, || {
         upstreams(&proxy)["servers"][1]["accepted"].as_u64() >= Some(3)
     });
+    assert_eq!(upstreams(&proxy)["failovers"], 1);
     wait_until("the miner's shares accepted after the switch", WAIT, || {
         miner.report().accepted >= before + 3
     });

@@ -37,6 +37,7 @@
 //!   closed at once, as ckpool.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
 //!   connector counters), `loglevel=N`, `shutdown`.
+//! * `webserver`: `/metrics` and `/api/upstreams` made of the same `stats` (see `crate::web`).
 
 use std::collections::HashMap;
 use std::io;
@@ -750,7 +751,7 @@ pub(crate) fn run_link(
         );
         let urls = urls.clone();
         let node = node.clone();
-        let stats = move || {
+        let stats: crate::web::JsonView = Arc::new(move || {
             let mut s = stats_json(&shared, &link, &handle, &urls);
             if let Some(r) = &redirect {
                 s["mode"] = json!("redirector");
@@ -761,14 +762,43 @@ pub(crate) fn run_link(
                 s["node"] = node.stats_json(Instant::now());
             }
             s
-        };
-        start_admin(&settings.admin_socket(), shutdown, stats)
+        });
+        (
+            Arc::clone(&stats),
+            start_admin(&settings.admin_socket(), shutdown, move || stats()),
+        )
     };
+    let (stats, admin) = admin;
     let admin = match admin {
         Ok(a) => a,
         Err(e) => {
             conns.shutdown();
             return Err(e).context("binding the admin socket");
+        }
+    };
+    // The read-only HTTP listener (`webserver`), if configured: the admin `stats` and metrics
+    // made of them.
+    let web = match settings.webserver() {
+        None => None,
+        Some(addr) => {
+            let counters = handle.clone();
+            let ctx = crate::web::WebCtx::Link(crate::web::LinkCtx {
+                stats,
+                counters: Arc::new(move || counters.counters()),
+                urls: urls.clone(),
+                started: Instant::now(),
+            });
+            match crate::web::start(addr, ctx, Duration::ZERO) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    shutdown.store(true, Ordering::Relaxed);
+                    conns.shutdown();
+                    if admin.join().is_err() {
+                        error!("the admin thread panicked");
+                    }
+                    return Err(e).with_context(|| format!("binding webserver {addr}"));
+                }
+            }
         }
     };
 
@@ -783,6 +813,9 @@ pub(crate) fn run_link(
 
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
+    if let Some(web) = web {
+        web.stop();
+    }
     conns.shutdown();
     match Arc::try_unwrap(link) {
         Ok(link) => link.shutdown(),

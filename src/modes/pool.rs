@@ -211,7 +211,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     let web = match settings.webserver() {
         None => None,
         Some(addr) => {
-            let ctx = web::WebCtx {
+            let ctx = web::WebCtx::Pool(web::PoolCtx {
                 pool: Arc::clone(&pool),
                 conns: running.conns.handle(),
                 generator: Arc::clone(&gen_link),
@@ -222,12 +222,13 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
                     .map(|b| b.url.clone())
                     .collect(),
                 share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
-                gen_stats: running.generator.stats(),
+                gen_stats: Some(running.generator.stats()),
+                upstreams: None,
                 links: Arc::clone(&links.registry),
                 io: io_backend,
                 handoff: handoff.to_string(),
                 started,
-            };
+            });
             // After a handover the old instance frees the port moments after the commit; the
             // miners are ours by then, so a port still taken is no reason to drop them.
             let wait = if handed_in {

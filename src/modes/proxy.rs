@@ -15,7 +15,8 @@
 //!   difficulty come out of the shards as [`stratifier::Event::Upstream`] and are submitted
 //!   upstream with the upstream user, the upstream job id, local extranonce1 part ‖ extranonce2,
 //!   ntime, nonce and (when version rolling was negotiated upstream) the version bits. The
-//!   upstream's verdicts are counted per user and shown in the admin `stats` (`upstreams`).
+//!   upstream's verdicts are counted per user and shown in the admin `stats` (`upstreams`),
+//!   and with `webserver` set in `/api/upstreams` and the `ckpool_upstream_*` metrics.
 //! - When the link fails over to another `proxy` entry (or the upstream changes its
 //!   extranonce1), miners stay connected: with the new source's first job, every miner is moved
 //!   to it ([`stratifier::Shard::move_source`]): `mining.set_extranonce` and a clean notify for
@@ -162,6 +163,12 @@ struct UpstreamStats {
     dropped: u64,
     /// Every upstream connection open, the main one first.
     connections: Vec<ConnStats>,
+    /// Times the main connection came up on another `proxy` entry than the one it was last up
+    /// on (failover or fail-back).
+    failovers: u64,
+    /// The entry the main connection was last up on.
+    #[serde(skip)]
+    last_up: Option<usize>,
 }
 
 /// What an upstream connection is for.
@@ -489,7 +496,11 @@ impl Proxy {
                         self.server_state(old, "down");
                     }
                     self.server_state(index, "active");
-                    self.stats().active = Some(index);
+                    let mut st = self.stats();
+                    st.active = Some(index);
+                    if st.last_up.replace(index).is_some_and(|last| last != index) {
+                        st.failovers += 1;
+                    }
                 }
             }
             UpstreamEvent::Down { index, reason } => {
@@ -951,6 +962,8 @@ pub(crate) fn run(
         users: HashMap::new(),
         dropped: 0,
         connections: Vec::new(),
+        failovers: 0,
+        last_up: None,
     }));
     let main = UpLink {
         id: 0,
@@ -1040,30 +1053,28 @@ pub(crate) fn run(
     for a in conns.local_addrs() {
         info!(addr = %a, threads = settings.threads, io = %io_backend, %handoff, "listening for miners");
     }
-    if settings.webserver().is_some() {
-        warn!("webserver is not served in proxy mode yet");
-    }
-
     let admin_path = settings.admin_socket();
     let (gen_link, _updates) = GenLink::new();
     let stats_view = Arc::clone(&stats);
+    // The admin `upstreams` view, shared by the admin socket and the web server.
+    let upstreams_view: crate::web::JsonView = Arc::new(move || {
+        let st = stats_view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        serde_json::to_value(&*st).unwrap_or_default()
+    });
     let admin = admin::start(
         &admin_path,
         admin::AdminCtx {
-            io: io_backend,
+            io: io_backend.clone(),
             handoff: handoff.to_string(),
             pool: Arc::clone(&pool),
-            generator: gen_link,
+            generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: share_log.as_ref().map(ShareLog::stats_handle),
             handover: None,
             links: Arc::default(),
-            upstreams: Some(Arc::new(move || {
-                let st = stats_view
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                serde_json::to_value(&*st).unwrap_or_default()
-            })),
+            upstreams: Some(Arc::clone(&upstreams_view)),
             conns: Some(conns.handle()),
         },
     );
@@ -1073,6 +1084,37 @@ pub(crate) fn run(
             error!(error = %e, path = %admin_path.display(), "cannot bind the admin socket");
             shutdown.store(true, Ordering::Relaxed);
             None
+        }
+    };
+    // The read-only HTTP listener (`webserver`), if configured: the pool's views plus the
+    // upstream connections.
+    let mut web_error = None;
+    let web = match settings.webserver() {
+        None => None,
+        Some(addr) => {
+            let ctx = crate::web::WebCtx::Pool(crate::web::PoolCtx {
+                pool: Arc::clone(&pool),
+                conns: conns.handle(),
+                generator: Arc::clone(&gen_link),
+                servers: Vec::new(),
+                share_log: share_log.as_ref().map(ShareLog::stats_handle),
+                gen_stats: None,
+                upstreams: Some(Arc::clone(&upstreams_view)),
+                links: Arc::default(),
+                io: io_backend,
+                handoff: handoff.to_string(),
+                started,
+            });
+            match crate::web::start(addr, ctx, Duration::ZERO) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    error!(addr, error = %e, "cannot bind the webserver");
+                    shutdown.store(true, Ordering::Relaxed);
+                    web_error =
+                        Some(anyhow::Error::from(e).context(format!("binding webserver {addr}")));
+                    None
+                }
+            }
         }
     };
 
@@ -1149,6 +1191,9 @@ pub(crate) fn run(
     drop(auth_tx);
     shutdown.store(true, Ordering::Relaxed);
     info!("shutting down");
+    if let Some(web) = web {
+        web.stop();
+    }
     conns.shutdown();
     for l in proxy.links.drain(..) {
         l.link.shutdown();
@@ -1161,6 +1206,9 @@ pub(crate) fn run(
         && a.join().is_err()
     {
         error!("the admin thread panicked");
+    }
+    if let Some(e) = web_error {
+        return Err(e);
     }
     info!("shutdown complete");
     Ok(())

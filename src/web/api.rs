@@ -2,10 +2,10 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Reply, WebCtx};
+use super::{PoolCtx, Reply};
 
 /// The reply for `/api/<rest>`; `None` for an unknown path or name.
-pub(super) fn route(rest: &str, ctx: &WebCtx) -> Option<Reply> {
+pub(super) fn route(rest: &str, ctx: &PoolCtx) -> Option<Reply> {
     let (what, name) = match rest.split_once('/') {
         Some((w, n)) => (w, Some(percent_decode(n)?)),
         None => (rest, None),
@@ -32,7 +32,7 @@ pub(super) fn history(h: &std::collections::VecDeque<(u64, f64)>) -> Reply {
 
 /// The pool's figures as the admin socket's `stats` gives them, without the users (see
 /// `/api/users`), plus the connections and the uptime.
-fn pool(ctx: &WebCtx) -> Value {
+fn pool(ctx: &PoolCtx) -> Value {
     let s = ctx.pool.stats();
     let users = s.users.len();
     let workers: usize = s.users.values().map(|u| u.workers.len()).sum();
@@ -59,7 +59,7 @@ fn pool(ctx: &WebCtx) -> Value {
 
 /// Users by name, each with its figures and the number of its workers (not the workers
 /// themselves: see `/api/users/<name>`).
-fn users(ctx: &WebCtx) -> Value {
+fn users(ctx: &PoolCtx) -> Value {
     let s = ctx.pool.stats();
     let mut out = Map::new();
     for (name, u) in &s.users {
@@ -72,7 +72,7 @@ fn users(ctx: &WebCtx) -> Value {
     Value::Object(out)
 }
 
-fn user(ctx: &WebCtx, name: &str) -> Option<Value> {
+fn user(ctx: &PoolCtx, name: &str) -> Option<Value> {
     let s = ctx.pool.stats();
     let u = s.users.get(name)?;
     let mut v = serde_json::to_value(u).unwrap_or_default();
@@ -83,7 +83,7 @@ fn user(ctx: &WebCtx, name: &str) -> Option<Value> {
 }
 
 /// Workers by full name, each with its figures and its user.
-fn workers(ctx: &WebCtx) -> Value {
+fn workers(ctx: &PoolCtx) -> Value {
     let s = ctx.pool.stats();
     let mut out = Map::new();
     for (uname, u) in &s.users {
@@ -98,7 +98,7 @@ fn workers(ctx: &WebCtx) -> Value {
     Value::Object(out)
 }
 
-fn worker(ctx: &WebCtx, name: &str) -> Option<Value> {
+fn worker(ctx: &PoolCtx, name: &str) -> Option<Value> {
     let s = ctx.pool.stats();
     s.users.iter().find_map(|(uname, u)| {
         let w = u.workers.get(name)?;
@@ -112,7 +112,7 @@ fn worker(ctx: &WebCtx, name: &str) -> Option<Value> {
 }
 
 /// Connections: the pool's client count and each connector thread's counters.
-fn clients(ctx: &WebCtx) -> Value {
+fn clients(ctx: &PoolCtx) -> Value {
     let s = ctx.pool.stats();
     let threads: Vec<Value> = ctx
         .conns
@@ -140,7 +140,7 @@ fn clients(ctx: &WebCtx) -> Value {
     })
 }
 
-fn blocks(ctx: &WebCtx) -> Value {
+fn blocks(ctx: &PoolCtx) -> Value {
     let s = ctx.pool.stats();
     json!({
         "count": s.blocks.len(),
@@ -150,8 +150,12 @@ fn blocks(ctx: &WebCtx) -> Value {
     })
 }
 
-/// The bitcoinds in priority order and which one is active.
-fn upstreams(ctx: &WebCtx) -> Value {
+/// The bitcoinds in priority order and which one is active; in proxy modes the admin
+/// `upstreams` view (the `proxy` entries and every upstream connection).
+fn upstreams(ctx: &PoolCtx) -> Value {
+    if let Some(view) = &ctx.upstreams {
+        return view();
+    }
     let active = ctx.generator.active();
     let servers: Vec<Value> = ctx
         .servers

@@ -13,7 +13,10 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use super::WebCtx;
+use connector::ThreadCounters;
+use serde_json::Value;
+
+use super::PoolCtx;
 
 type Labels = Vec<(&'static str, String)>;
 type CounterFamily = Family<Labels, Counter>;
@@ -23,12 +26,24 @@ type GaugeFamily = Family<Labels, Gauge<f64, AtomicU64>>;
 const WINDOWS: [&str; 7] = ["1m", "5m", "15m", "1h", "6h", "1d", "7d"];
 
 /// Renders every metric; `Err` only if the encoder fails.
-pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
+pub(super) fn render(ctx: &PoolCtx) -> Result<String, ()> {
     let s = ctx.pool.stats();
     let threads = ctx.conns.counters();
     let mut reg = Registry::with_prefix("ckpool");
+    connections(&mut reg, &threads);
+    pool_metrics(&mut reg, ctx, &s);
+    encode_registry(&reg)
+}
 
-    // Connections, per connector thread.
+/// Encodes a registry; `Err` only if the encoder fails.
+pub(super) fn encode_registry(reg: &Registry) -> Result<String, ()> {
+    let mut out = String::with_capacity(16 * 1024);
+    encode(&mut out, reg).map_err(|_| ())?;
+    Ok(out)
+}
+
+/// The connector threads' counters, per thread.
+pub(super) fn connections(reg: &mut Registry, threads: &[ThreadCounters]) {
     let open = Family::<Labels, Gauge>::default();
     let accepted = CounterFamily::default();
     let refused = CounterFamily::default();
@@ -115,7 +130,10 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
         "Connector threads",
         ConstGauge::new(sat_i64(threads.len() as u64)),
     );
+}
 
+/// Everything read from the pool, the generator, the share log and the process.
+fn pool_metrics(reg: &mut Registry, ctx: &PoolCtx, s: &stratifier::StatsSnapshot) {
     // Shares.
     let shares = CounterFamily::default();
     shares
@@ -242,20 +260,27 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
         );
     }
 
-    // bitcoinds.
-    let active = ctx.generator.active();
-    let up = Family::<Labels, Gauge>::default();
-    for (i, url) in ctx.servers.iter().enumerate() {
-        up.get_or_create(&vec![("server", i.to_string()), ("url", url.clone())])
-            .set(i64::from(active == Some(i)));
+    // bitcoinds (pool and solo modes).
+    if !ctx.servers.is_empty() {
+        let active = ctx.generator.active();
+        let up = Family::<Labels, Gauge>::default();
+        for (i, url) in ctx.servers.iter().enumerate() {
+            up.get_or_create(&vec![("server", i.to_string()), ("url", url.clone())])
+                .set(i64::from(active == Some(i)));
+        }
+        reg.register(
+            "bitcoind_active",
+            "1 for the bitcoind the generator uses now, 0 for the others",
+            up,
+        );
     }
-    reg.register(
-        "bitcoind_active",
-        "1 for the bitcoind the generator uses now, 0 for the others",
-        up,
-    );
-
-    node_metrics(&mut reg, ctx);
+    if let Some(g) = &ctx.gen_stats {
+        node_metrics(reg, g);
+    }
+    // Upstream pools (proxy and userproxy modes).
+    if let Some(view) = &ctx.upstreams {
+        proxy_upstreams(reg, &view());
+    }
 
     reg.register(
         "submit_seconds",
@@ -283,6 +308,18 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
     );
 
     // Handovers.
+    handovers(reg);
+
+    // The share log.
+    if let Some(log) = &ctx.share_log {
+        sharelog(reg, &log.snapshot());
+    }
+
+    process(reg, ctx.started);
+}
+
+/// Handovers by result.
+pub(super) fn handovers(reg: &mut Registry) {
     let (sent, received, failed) = crate::handover::counts();
     let handovers = CounterFamily::default();
     for (result, n) in [("sent", sent), ("received", received), ("failed", failed)] {
@@ -296,10 +333,10 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
          over), failed (either side)",
         handovers,
     );
+}
 
-    // The share log.
-    if let Some(log) = &ctx.share_log {
-        let l = log.snapshot();
+fn sharelog(reg: &mut Registry, l: &crate::sharelog::ShareLogStats) {
+    {
         reg.register(
             "sharelog_written",
             "Share-log records written",
@@ -321,8 +358,10 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
             ConstCounter::new(l.rejects_summarised),
         );
     }
+}
 
-    // The process.
+/// The process: log counters and uptime.
+pub(super) fn process(reg: &mut Registry, started: std::time::Instant) {
     reg.register(
         "log_dropped",
         "Log lines dropped (the log writer was behind)",
@@ -336,18 +375,78 @@ pub(super) fn render(ctx: &WebCtx) -> Result<String, ()> {
     reg.register(
         "uptime_seconds",
         "Seconds since the daemon started",
-        ConstGauge::new(sat_i64(ctx.started.elapsed().as_secs())),
+        ConstGauge::new(sat_i64(started.elapsed().as_secs())),
     );
+}
 
-    let mut out = String::with_capacity(16 * 1024);
-    encode(&mut out, &reg).map_err(|_| ())?;
-    Ok(out)
+/// `ckpool_upstream_*` from the proxy's admin `upstreams` view: each upstream connection open
+/// (labelled by url, role and user) with its state, difficulty, miners and share verdicts, and
+/// the shares that could not be queued for an upstream.
+fn proxy_upstreams(reg: &mut Registry, v: &Value) {
+    let up = Family::<Labels, Gauge>::default();
+    let diff = GaugeFamily::default();
+    let miners = Family::<Labels, Gauge>::default();
+    let shares = CounterFamily::default();
+    for c in v["connections"].as_array().into_iter().flatten() {
+        let labels = || {
+            vec![
+                ("url", c["url"].as_str().unwrap_or("").to_owned()),
+                ("role", c["role"].as_str().unwrap_or("").to_owned()),
+                ("user", c["user"].as_str().unwrap_or("").to_owned()),
+            ]
+        };
+        up.get_or_create(&labels())
+            .set(i64::from(c["state"].as_str() == Some("active")));
+        if let Some(d) = c["difficulty"].as_f64() {
+            diff.get_or_create(&labels()).set(d);
+        }
+        if let Some(n) = c["miners"].as_u64() {
+            miners.get_or_create(&labels()).set(sat_i64(n));
+        }
+        for result in ["accepted", "rejected", "lost"] {
+            let mut l = labels();
+            l.push(("result", result.into()));
+            shares
+                .get_or_create(&l)
+                .inc_by(c[result].as_u64().unwrap_or(0));
+        }
+    }
+    reg.register(
+        "upstream_up",
+        "1 for an upstream connection that is active (subscribed and authorised), 0 otherwise",
+        up,
+    );
+    reg.register(
+        "upstream_difficulty",
+        "The difficulty the upstream set on the connection",
+        diff,
+    );
+    reg.register(
+        "upstream_miners",
+        "Miners on the connection's work (live and parked for resume)",
+        miners,
+    );
+    reg.register(
+        "upstream_shares",
+        "Shares sent on the connection, by the upstream's verdict (lost: no verdict came)",
+        shares,
+    );
+    reg.register(
+        "upstream_shares_dropped",
+        "Shares that could not be queued for an upstream (queue full, link gone, stale source)",
+        ConstCounter::new(v["dropped"].as_u64().unwrap_or(0)),
+    );
+    reg.register(
+        "upstream_failovers",
+        "Times the main upstream connection came up on another proxy entry than the one it was \
+         last up on (failover or fail-back)",
+        ConstCounter::new(v["failovers"].as_u64().unwrap_or(0)),
+    );
 }
 
 /// The generator's figures: RPC and template latency, template age, failovers, ZMQ, block
 /// verdicts.
-fn node_metrics(reg: &mut Registry, ctx: &WebCtx) {
-    let g = &ctx.gen_stats;
+fn node_metrics(reg: &mut Registry, g: &generator::stats::GenStats) {
     let verdicts = CounterFamily::default();
     for (verdict, n) in g.blocks() {
         verdicts
@@ -429,6 +528,6 @@ impl EncodeMetric for ConstHistogram {
     }
 }
 
-fn sat_i64(n: u64) -> i64 {
+pub(super) fn sat_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

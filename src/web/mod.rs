@@ -24,9 +24,14 @@
 //! `/api/workers/<name>`; `/api/clients`; `/api/blocks`; `/api/upstreams`; `/api/history` (the
 //! pool's 5-minute hashrate sampled every [`HISTORY_EVERY`], the last [`HISTORY_LEN`] samples);
 //! `/` and its assets. Anything else is 404.
+//!
+//! Proxy and userproxy modes serve the same over their local pool, with the upstream connections
+//! in `/api/upstreams` and the `ckpool_upstream_*` metrics (`PoolCtx::upstreams`); the modes
+//! without a pool (passthrough, node, redirector) serve a smaller set (see `modes.rs`).
 
 mod api;
 mod metrics;
+mod modes;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -74,8 +79,20 @@ const UPLOT_JS: &str = include_str!("assets/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("assets/uPlot.min.css");
 const UPLOT_LICENSE: &str = include_str!("assets/uPlot.LICENSE");
 
-/// What the web server reads.
-pub(crate) struct WebCtx {
+/// What the web server reads: a pool (pool, solo, proxy and userproxy modes) or a link without
+/// a pool of its own (passthrough, node and redirector modes).
+pub(crate) enum WebCtx {
+    Pool(PoolCtx),
+    Link(modes::LinkCtx),
+}
+
+pub(crate) use modes::LinkCtx;
+
+/// A JSON view kept by the mode (its admin `stats` or `upstreams`), rendered per request.
+pub(crate) type JsonView = std::sync::Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the web server reads in the modes with a stratifier pool.
+pub(crate) struct PoolCtx {
     /// The pool's statistics.
     pub(crate) pool: Arc<stratifier::Pool>,
     /// The connector threads' counters.
@@ -86,8 +103,12 @@ pub(crate) struct WebCtx {
     pub(crate) servers: Vec<String>,
     /// The share log's counters (`-L`).
     pub(crate) share_log: Option<StatsHandle>,
-    /// The generator's figures (RPC and template latency, failovers, ZMQ, block verdicts).
-    pub(crate) gen_stats: Arc<generator::stats::GenStats>,
+    /// The generator's figures (RPC and template latency, failovers, ZMQ, block verdicts);
+    /// `None` in proxy modes (no generator).
+    pub(crate) gen_stats: Option<Arc<generator::stats::GenStats>>,
+    /// Proxy and userproxy modes: the admin `upstreams` view (upstream connections and their
+    /// verdicts), behind `/api/upstreams` and the `ckpool_upstream_*` metrics.
+    pub(crate) upstreams: Option<JsonView>,
     /// The passthrough links open at the pool.
     pub(crate) links: Arc<crate::links::LinkRegistry>,
     /// The I/O backend's name.
@@ -461,7 +482,10 @@ fn history(shared: &Shared, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now >= next {
-            let rate = shared.ctx.pool.stats().rates.hashrate5m;
+            let WebCtx::Pool(ctx) = &shared.ctx else {
+                return;
+            };
+            let rate = ctx.pool.stats().rates.hashrate5m;
             let mut h = shared.history.lock();
             if h.len() == HISTORY_LEN {
                 h.pop_front();
@@ -530,10 +554,13 @@ fn asset(path: &str) -> Option<Reply> {
 /// The reply to a GET of `url` (path and optional query).
 fn route(url: &str, shared: &Shared) -> Reply {
     let path = url_path(url);
+    let ctx = match &shared.ctx {
+        WebCtx::Pool(ctx) => ctx,
+        WebCtx::Link(ctx) => return modes::route(path, ctx),
+    };
     if let Some(reply) = asset(path) {
         return reply;
     }
-    let ctx = &shared.ctx;
     match path {
         "/metrics" => match metrics::render(ctx) {
             Ok(text) => Reply::new(

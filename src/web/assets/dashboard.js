@@ -68,7 +68,7 @@
         return [n, si(w.hashrate5m), si(w.hashrate1hr), w.accepted, w.rejected, Number(w.bestshare).toPrecision(4), ago(w.lastshare)];
       }));
       fill("blocks", blocks.blocks.slice().reverse().map(function (h) { return [h]; }));
-      fill("upstreams", ups.servers.map(function (s) { return [s.url, s.active ? "active" : "standby"]; }));
+      fill("upstreams", ups.servers.map(function (s) { return [s.url, s.state || (s.active ? "active" : "standby")]; }));
       fill("threads", cl.threads.map(function (t) { return [t.thread, t.open, t.accepted, t.refused, t.closed]; }));
       addPoint(Math.floor(Date.now() / 1000), pool.hashrate5m);
       if (plot) plot.setData([xs, ys]);
