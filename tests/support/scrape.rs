@@ -9,9 +9,14 @@ use serde_json::Value;
 
 /// One HTTP/1.0 GET; the status code and the body.
 pub(crate) fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path)
+}
+
+/// One HTTP/1.0 request with `method`; the status code and the body.
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -35,6 +40,9 @@ pub(crate) fn get_json(addr: SocketAddr, path: &str) -> Value {
 pub(crate) fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
     let (status, body) = get(addr, "/metrics");
     assert_eq!(status, 200, "{body}");
+    if std::env::var_os("WEB_TEST_PRINT").is_some() {
+        println!("{body}");
+    }
     let lines = body.lines().map(|l| Ok(l.to_owned()));
     prometheus_parse::Scrape::parse(lines).expect("Prometheus text")
 }
