@@ -668,3 +668,92 @@ fn proxy_recruits_another_upstream_connection_when_the_extranonce_space_fills() 
     miner.request_stop();
     drop(fillers);
 }
+
+/// Userproxy failover: a user's own upstream connection follows the `proxy` entries as the main
+/// one does. When the first pool goes, the user's connection comes up on the second, with the
+/// user's credentials; the user's miner stays connected (it takes `mining.set_extranonce`) and
+/// its shares are accepted there as the user's.
+#[test]
+fn userproxy_user_connections_fail_over_with_the_users_credentials() {
+    let Some(exe) =
+        bitcoind_or_skip("userproxy_user_connections_fail_over_with_the_users_credentials")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let solo = |tag: &str| {
+        PoolProcess::start(
+            tag,
+            &regtest_config(vec![btcd_entry(node)], None, free_port()),
+            &["-B"],
+        )
+    };
+    let mut first = solo("upfo1");
+    let second = solo("upfo2");
+    let (main_user, alice) = (node.new_address(), node.new_address());
+    let mut config = proxy_config(&[first.addr.to_string(), second.addr.to_string()], TINY);
+    config["proxy"][0]["auth"] = json!(main_user);
+    config["proxy"][1]["auth"] = json!(main_user);
+    let proxy = PoolProcess::start("upfo", &config, &["-u"]);
+    let connections = |p: &PoolProcess| upstreams(p)["connections"].clone();
+    let alice_conn = |p: &PoolProcess| {
+        connections(p)
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["user"] == alice.as_str()).cloned())
+    };
+    let mut cfg = MinerConfig::new(proxy.addr, format!("{alice}.rig1"));
+    cfg.duration = Some(Duration::from_secs(60));
+    cfg.max_shares_per_sec = 10.0;
+    cfg.pause_after_block = false;
+    cfg.extranonce_subscribe = true;
+    let miner = Miner::start(cfg).unwrap();
+    let accepted_at = |p: &PoolProcess| {
+        p.stats()["users"][alice.as_str()]["workers"][alice.as_str()]["accepted"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until("alice's shares accepted by the first pool", WAIT, || {
+        accepted_at(&first) >= 3
+    });
+    let conn = alice_conn(&proxy).unwrap();
+    assert_eq!(conn["url"], first.addr.to_string(), "{conn}");
+    assert_eq!(accepted_at(&second), 0);
+
+    first.shutdown();
+    wait_until("alice's connection up on the second pool", WAIT, || {
+        alice_conn(&proxy)
+            .is_some_and(|c| c["state"] == "active" && c["url"] == second.addr.to_string().as_str())
+    });
+    let before = miner.report().accepted;
+    wait_until(
+        "alice's shares accepted by the second pool, as alice",
+        WAIT,
+        || accepted_at(&second) >= 3,
+    );
+    wait_until("the miner's shares accepted after the switch", WAIT, || {
+        miner.report().accepted >= before + 3
+    });
+    // One connection for alice at the second pool, authorised as alice (not the main user).
+    let clients: Value = serde_json::from_str(&second.admin("clients").unwrap()).unwrap();
+    let users: Vec<&str> = clients["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["user"].as_str())
+        .collect();
+    assert_eq!(
+        users.iter().filter(|u| **u == alice.as_str()).count(),
+        1,
+        "{clients}"
+    );
+    let conns = connections(&proxy);
+    assert_eq!(conns.as_array().map(Vec::len), Some(2), "{conns}");
+    let report = miner.report();
+    assert!(report.error.is_none(), "{report:?}");
+    assert!(
+        !miner.is_finished(),
+        "the miner was disconnected: {report:?}"
+    );
+    miner.request_stop();
+}

@@ -23,10 +23,10 @@
 //!   those that sent `mining.extranonce.subscribe`, `client.reconnect` for the others.
 //!
 //! - More upstream connections: the main one (the `proxy` array with failover) is joined by
-//!   recruited ones (the main one's server and credentials) when 7/8 of the local extranonce1
+//!   recruited ones (the `proxy` entries and their credentials, with failover like the main one) when 7/8 of the local extranonce1
 //!   values of every connection are taken; new connections open on the first with room. In
 //!   userproxy mode (`-u`) each user other than the `proxy` entry's gets a connection of its own
-//!   with its own credentials, opened at its first `mining.authorize`; the stratifier holds the
+//!   with its own credentials (on every `proxy` entry in turn, with failover), opened at its first `mining.authorize`; the stratifier holds the
 //!   authorisation ([`stratifier::PoolConfig::external_auth`]) until that connection has work
 //!   (the miner is then moved to it) or refused it. Every connection is a source of its own;
 //!   a share goes to the connection whose work it is on. `maxupstreams` bounds them; user and
@@ -283,11 +283,26 @@ impl Proxy {
         }
     }
 
-    /// Starts a connection for `role` to `server`; `None` when it cannot start.
-    fn open_link(&mut self, role: Role, server: UpstreamServer) -> Option<usize> {
-        let url = server.url.clone();
+    /// The `proxy` entries as a recruited or user connection uses them: every entry, in the
+    /// same order (so such a connection fails over and back as the main one does, and its
+    /// `active` index names the same entry), with the user's credentials for a user's own.
+    fn link_servers(&self, role: &Role, pass: Option<&str>) -> Vec<UpstreamServer> {
+        let mut servers = self.servers.clone();
+        if let (Role::User(user), Some(pass)) = (role, pass) {
+            for s in &mut servers {
+                user.as_ref().clone_into(&mut s.auth);
+                pass.clone_into(&mut s.pass);
+            }
+        }
+        servers
+    }
+
+    /// Starts a connection for `role` over `servers` (best first, with failover); `None` when
+    /// it cannot start.
+    fn open_link(&mut self, role: Role, servers: Vec<UpstreamServer>) -> Option<usize> {
+        let url = servers.first().map(|s| s.url.clone()).unwrap_or_default();
         let cfg = UpstreamConfig {
-            servers: vec![server],
+            servers,
             ..self.base.clone()
         };
         let (tx, rx) = crossbeam_channel::bounded(1024);
@@ -721,11 +736,12 @@ impl Proxy {
                 AuthVerdict::Refuse(Arc::from("Too many upstream connections")),
             );
         }
-        let Some(url) = self.main_server().map(|s| s.url.clone()) else {
+        if self.servers.is_empty() {
             return;
-        };
-        let server = UpstreamServer::new(url, user.to_string(), req.pass.to_string());
-        match self.open_link(Role::User(Arc::clone(user)), server) {
+        }
+        let role = Role::User(Arc::clone(user));
+        let servers = self.link_servers(&role, Some(&req.pass));
+        match self.open_link(role, servers) {
             Some(k) => {
                 if let Some(l) = self.links.get_mut(k) {
                     l.waiting.push(client);
@@ -781,20 +797,21 @@ impl Proxy {
             );
             return;
         }
-        let Some(server) = self
+        let Some(url) = self
             .links
             .first()
             .and_then(|m| m.active)
             .and_then(|i| self.servers.get(i))
-            .cloned()
+            .map(|s| s.url.clone())
         else {
             return;
         };
         info!(
-            url = server.url,
+            url,
             "local extranonce space nearly full: recruiting another upstream connection"
         );
-        self.open_link(Role::Recruit, server);
+        let servers = self.link_servers(&Role::Recruit, None);
+        self.open_link(Role::Recruit, servers);
     }
 
     /// Periodic work: refuses authorisations whose connection gave no work in time, closes
