@@ -772,6 +772,61 @@ fn node_handshake() {
     link.shutdown();
 }
 
+/// A ckpool pool may send a node its transactions before the handshake's `{"result":true}`
+/// (ckpool-lhr does: its stratifier and connector race). The node link takes them, comes up at
+/// the answer and hands them on after its `Up`, in order; a passthrough link does not.
+#[test]
+fn node_messages_before_the_handshake_answer_are_kept_in_order() {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (tx, rx) = unbounded();
+    let link = PassthroughLink::start(
+        passthrough_cfg(vec![server(&listener, "", "")]),
+        Role::Node,
+        tx,
+    )
+    .unwrap();
+    let mut up = Peer::accept(&listener);
+    up.line();
+    let early = r#"{"node.method":"transactions","transaction":[]}"#;
+    up.send(early);
+    up.send(r#"{"result":true}"#);
+    let after = r#"{"node.method":"workinfo","jobid":1}"#;
+    up.send(after);
+    assert!(matches!(next(&rx), PassthroughEvent::Up { index: 0, .. }));
+    assert_eq!(
+        next(&rx),
+        PassthroughEvent::Link {
+            line: early.as_bytes().to_vec()
+        }
+    );
+    assert_eq!(
+        next(&rx),
+        PassthroughEvent::Link {
+            line: after.as_bytes().to_vec()
+        }
+    );
+    link.shutdown();
+
+    // A passthrough link still wants the answer first.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (tx, rx) = unbounded();
+    let link = PassthroughLink::start(
+        passthrough_cfg(vec![server(&listener, "", "")]),
+        Role::Passthrough,
+        tx,
+    )
+    .unwrap();
+    let mut up = Peer::accept(&listener);
+    up.line();
+    up.send(early);
+    assert!(matches!(
+        next(&rx),
+        PassthroughEvent::Failed { index: 0, .. }
+    ));
+    link.shutdown();
+}
+
 #[test]
 fn passthrough_back_pressure_is_bounded() {
     init_logs();

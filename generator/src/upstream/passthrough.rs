@@ -151,11 +151,16 @@ impl PassthroughLink {
     }
 }
 
+/// Node messages a node link takes before the handshake's answer (see `PassthroughSession::line`).
+const MAX_EARLY_NODE_LINES: usize = 16;
+
 pub(crate) struct PassthroughSession {
     index: usize,
     role: Role,
     agent: String,
     ready: bool,
+    /// Node messages taken before the handshake's answer.
+    early: usize,
 }
 
 impl Session for PassthroughSession {
@@ -170,6 +175,7 @@ impl Session for PassthroughSession {
             role: *role,
             agent: cfg.user_agent.clone(),
             ready: false,
+            early: 0,
         }
     }
 
@@ -194,6 +200,19 @@ impl Session for PassthroughSession {
             return match decoded {
                 FromUpstream::HandshakeOk => {
                     self.ready = true;
+                    Outcome::Continue
+                }
+                // A ckpool pool's stratifier may send a node its transactions before its
+                // connector's `{"result":true}` (seen with ckpool-lhr; 0.9.9's capture has
+                // them after). Kept in order: the engine holds a candidate's events and
+                // hands them on after its `Up`; bounded, the handshake has a deadline too.
+                FromUpstream::Link { .. }
+                    if self.role == Role::Node && self.early < MAX_EARLY_NODE_LINES =>
+                {
+                    self.early += 1;
+                    events.push(PassthroughEvent::Link {
+                        line: line.to_vec(),
+                    });
                     Outcome::Continue
                 }
                 _ => Outcome::Close(format!(
