@@ -19,17 +19,18 @@
 # p99 and p50 through the hop against direct and the p99 the hop adds.
 #
 # Difficulty: the proxy's miners work at 2^-32 (the proxy's own mindiff = startdiff = maxdiff:
-# every hash is a share, ckload skips the half that are regtest blocks), so the proxy checks
-# every share locally. Which of them it forwards is decided by the pool's difficulty (the
-# upstream's): PROXY_FORWARD, the fraction of the miners' shares that meets it, sets it
-# (2^-32 x 2 / (1 + PROXY_FORWARD), since the shares ckload sends have hashes spread evenly
-# between regtest's network target, ~2^255, and 2^256). The default 1 forwards every share:
-# the proxy's heaviest case, and the pool sees the same share rate in both legs. The pool's
-# difficulty and the forwarded fraction measured are printed.
+# every hash is a share, and ckload skips the half that are regtest blocks), so the proxy checks
+# every share locally; what it forwards is decided by the pool's difficulty (the upstream's).
+# The pool runs at 2^-32 too (lib.sh's BENCH_DIFF), so every share is forwarded: the proxy's
+# heaviest case, and the pool sees the same share rate in both legs. No fraction in between is
+# possible on regtest: difficulties are whole multiples of 2^-32, and the next one, 2^-31, has
+# regtest's network target (~2^255), which the shares ckload sends never meet (they are not
+# blocks), so nothing would be forwarded. The output says the pool's difficulty and the
+# forwarded fraction measured.
 #
 # Environment (defaults in brackets): PROXY_MINERS [10000], PROXY_RATE [10000], PROXY_SECONDS
 # [60], PROXY_RAMP [miners / 1500 + 5 s], PROXY_REPS [3], PROXY_WORKERS [one per 10,000 miners,
-# at least 2], PROXY_FORWARD [1], PROXY_PORT [3661]; BENCH_IO [$POOL_BACKEND, else epoll] for the
+# at least 2], PROXY_PORT [3661]; BENCH_IO [$POOL_BACKEND, else epoll] for the
 # pool and the proxy; the regtest nodes on their own ports (REGTEST_RPC_PORT1 [19943] and the
 # others 1500 above the defaults of scripts/regtest-node.sh), the pool on BENCH_PORT [3660]; and
 # those of lib.sh (BENCH_POOL_BIN, BENCH_CKPMSG_BIN, BENCH_CKLOAD_BIN, BENCH_NO_BUILD, ...).
@@ -37,14 +38,7 @@ set -euo pipefail
 SCENARIO=proxy
 : "${BENCH_IO:=${POOL_BACKEND:-epoll}}"
 : "${BENCH_PORT:=3660}"
-FORWARD=${PROXY_FORWARD:-1}
-if ! python3 -c "import sys; f = float(sys.argv[1]); sys.exit(0 if 0 < f <= 1 else 1)" "$FORWARD" 2>/dev/null; then
-	echo "proxy: PROXY_FORWARD must be a fraction in (0, 1]" >&2
-	exit 2
-fi
-# The pool's difficulty: the upstream's, which decides what the proxy forwards.
-BENCH_DIFF=$(python3 -c "import sys; print(repr(2.0 ** -32 * 2 / (1 + float(sys.argv[1]))))" "$FORWARD")
-export BENCH_IO BENCH_PORT BENCH_DIFF
+export BENCH_IO BENCH_PORT
 export REGTEST_RPC_PORT1=${REGTEST_RPC_PORT1:-19943} REGTEST_RPC_PORT2=${REGTEST_RPC_PORT2:-19953}
 export REGTEST_P2P_PORT1=${REGTEST_P2P_PORT1:-19944} REGTEST_P2P_PORT2=${REGTEST_P2P_PORT2:-19954}
 export REGTEST_ZMQ_PORT=${REGTEST_ZMQ_PORT:-29932}
@@ -204,8 +198,8 @@ for rep in $(seq 1 "$REPS"); do
 	done
 done
 
-printf '\nproxy: %s; %s miners, %s shares/s, %s s window, ramp %s s, %s ckload workers, io %s, %s connector threads; proxy miners at difficulty 2^-32, pool (upstream) difficulty %s (PROXY_FORWARD %s)\n\n' \
-	"$(machine)" "$MINERS" "$RATE" "$SECS" "$RAMP" "$WORKERS" "$IO" "$THREADS" "$BENCH_DIFF" "$FORWARD"
+printf '\nproxy: %s; %s miners, %s shares/s, %s s window, ramp %s s, %s ckload workers, io %s, %s connector threads; proxy miners at difficulty 2^-32, pool (upstream) difficulty %s\n\n' \
+	"$(machine)" "$MINERS" "$RATE" "$SECS" "$RAMP" "$WORKERS" "$IO" "$THREADS" "$POOL_DIFF"
 report_status=0
 python3 - "$DIR" "${names[@]}" <<'PY' || report_status=$?
 import json, os, statistics, sys
