@@ -37,8 +37,9 @@
 # when needed).
 #
 # Environment (defaults in brackets): FLEET_MINERS [100000] (through the passthroughs, in all),
-# FLEET_PASSTHROUGHS [7], FLEET_DIRECT [1000], FLEET_RATE [miners / 10: 0.1 share/s per
-# miner], FLEET_SECONDS [300], FLEET_IDLE [60], FLEET_RAMP [(miners + direct) / 1500 + 10 s],
+# FLEET_PASSTHROUGHS [7], FLEET_DIRECT [1000], FLEET_RATE [miners / 20: 0.05 share/s per
+# miner, 5,000 shares/s for 100,000; one passthrough with 14,300 miners at 1,430 shares/s took
+# 18 % of a core and its ckload 8 %, so 10,000 shares/s would fill both cores], FLEET_SECONDS [300], FLEET_IDLE [60], FLEET_RAMP [(miners + direct) / 1500 + 10 s],
 # FLEET_GRACE [30 s after the ramp for the counts to be right], FLEET_SETTLE [5 s between the
 # counts and the idle window], FLEET_WORKERS [2 per passthrough], FLEET_WORKER_MAX [9500],
 # FLEET_PHASES ["idle submit"], FLEET_PTS_PORT [3641], FLEET_PT_PORT [3651], FLEET_ADDR_BASE
@@ -63,7 +64,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MINERS=${FLEET_MINERS:-100000}
 NP=${FLEET_PASSTHROUGHS:-7}
 DIRECT=${FLEET_DIRECT:-1000}
-RATE=${FLEET_RATE:-$((MINERS / 10))}
+RATE=${FLEET_RATE:-$((MINERS / 20))}
 SECS=${FLEET_SECONDS:-300}
 IDLE=${FLEET_IDLE:-60}
 RAMP=${FLEET_RAMP:-$(((MINERS + DIRECT) / 1500 + 10))}
@@ -551,10 +552,12 @@ if "submit" in phases:
             "busy_pct": max(r["machine"]["busy_pct_window"] for r in reps.values())})
 
 ip = out["phases"].get("idle", {}).get("processes", {})
-# The same CPU less the process's idle cost over the window (from the idle phase): at a low rate
-# a process's fixed costs (timers, job broadcasts) are a large part of its CPU per share.
+# The servers' CPU less their idle cost over the window (from the idle phase): at a low rate a
+# process's fixed costs (timers, job broadcasts) are a large part of its CPU per share.
 roles_of = {"pool": "pool", **{p: p for p in pts}, "ckload-direct": "ckload0", **{f"ckload-{p}": f"ckload{i + 1}" for i, p in enumerate(pts)}}
 for key, v in sub.items():
+    if key.startswith("ckload"):
+        continue
     base = ip.get(roles_of.get(key, ""), {}).get("cpu_pct")
     if base is not None and "window_secs" in out["phases"].get("submit", {}):
         extra = v["cpu_secs"] - base / 100 * out["phases"]["submit"]["window_secs"]
@@ -578,6 +581,18 @@ for role in roles:
     tsv.append("\t".join(str(x) for x in (key, what, m, i_.get("rss_kib", ""), i_.get("cpu_pct", ""), s_.get("rss_kib", ""),
                                           s_.get("cpu_secs", ""), s_.get("accepted", ""), s_.get("us_per_share", ""),
                                           s_.get("us_per_share_above_idle", ""))))
+# Totals: the servers (pool + passthroughs) and the load generators, CPU per share over every
+# share accepted in the window.
+for label, keys in (("fleet (pool + passthroughs)", ["pool"] + pts), ("ckload (all)", ["ckload0"] + [f"ckload{i + 1}" for i in range(np_)])):
+    ik = [ip[k] for k in keys if k in ip]
+    sk = [sub[names.get(k, k)] for k in keys if names.get(k, k) in sub]
+    tot = {"rss_idle_kib": sum(v["rss_kib"] for v in ik) if ik else None, "cpu_idle_pct": sum(v["cpu_pct"] for v in ik) if ik else None,
+           "rss_submit_kib": sum(v["rss_kib"] for v in sk) if sk else None, "cpu_submit_secs": sum(v["cpu_secs"] for v in sk) if sk else None}
+    acc = sub["pool"]["accepted"] if "pool" in sub else None
+    tot["us_per_share"] = 1e6 * tot["cpu_submit_secs"] / max(1, acc) if acc is not None and tot["cpu_submit_secs"] is not None else None
+    out.setdefault("totals", {})[label] = tot
+    print(f"| **{label}** | total | {miners + direct} | {mib(tot['rss_idle_kib'])} | {f(tot['cpu_idle_pct'], '%.2f')} | "
+          f"{mib(tot['rss_submit_kib'])} | {f(tot['cpu_submit_secs'], '%.2f')} | {acc if acc is not None else '-'} | {f(tot['us_per_share'], '%.2f')} | - |")
 print()
 idl = out["phases"].get("idle", {})
 if "fleet_cpu_pct" in idl:
