@@ -77,6 +77,12 @@ PT_PORT=${FLEET_PT_PORT:-3651}
 ADDR_BASE=${FLEET_ADDR_BASE:-10}
 # ckload starts its miners this long after it is started (its START_DELAY).
 START_DELAY=1.5
+# nap SECONDS: sleep in the background and wait for it, so that ^C or TERM is handled at once
+# (bash runs a trap only once the foreground command is done).
+nap() {
+	sleep "$1" &
+	wait "$!"
+}
 
 for v in MINERS NP DIRECT SECS IDLE RAMP GRACE SETTLE WORKERS WORKER_MAX PT_PORT ADDR_BASE; do
 	if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
@@ -351,7 +357,7 @@ phase() {
 	local ramp_end deadline line="" now
 	ramp_end=$(python3 -c "print($t0 + $START_DELAY + $RAMP)")
 	deadline=$(python3 -c "print($ramp_end + $GRACE)")
-	sleep "$(python3 -c "import time; print(max(0.0, $ramp_end - 1 - time.time()))")"
+	nap "$(python3 -c "import time; print(max(0.0, $ramp_end - 1 - time.time()))")"
 	while :; do
 		line=$(counts)
 		now=$(date +%s.%N)
@@ -367,9 +373,9 @@ phase() {
 	log "$name: $line ($late s after the ramp)"
 	snapshot "$name"
 	if [[ $name == idle && $line == ok* ]]; then
-		sleep "$SETTLE"
+		nap "$SETTLE"
 		sample "$DIR/idle-cpu-0.json"
-		sleep "$IDLE"
+		nap "$IDLE"
 		sample "$DIR/idle-cpu-1.json"
 		snapshot idle-end
 	fi

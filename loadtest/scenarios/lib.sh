@@ -48,8 +48,10 @@ nodes_started=""
 
 log() { printf '== %s\n' "$*" >&2; }
 
+# bench_cleanup [STATUS]: the exit trap; STATUS (the signal's, for INT and TERM) or the script's.
 bench_cleanup() {
 	local status=$?
+	[[ -z ${1:-} ]] || status=$1
 	trap - EXIT INT TERM
 	if declare -F scenario_cleanup >/dev/null; then
 		scenario_cleanup || true
@@ -84,7 +86,9 @@ pool_stop() {
 # bench_setup: build, start the nodes and the pool; sets pool_pid, RPC_URL, RPC_USER, RPC_PASS.
 bench_setup() {
 	LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
-	trap bench_cleanup EXIT INT TERM
+	trap bench_cleanup EXIT
+	trap 'bench_cleanup 130' INT
+	trap 'bench_cleanup 143' TERM
 	mkdir -p "$DIR"
 	cd "$ROOT"
 	if [[ -z ${BENCH_NO_BUILD:-} ]]; then

@@ -55,6 +55,12 @@ WORKERS=${PROXY_WORKERS:-$(((MINERS + 9999) / 10000))}
 PROXY_PORT=${PROXY_PORT:-3661}
 # ckload starts its miners this long after it is started (its START_DELAY).
 START_DELAY=1.5
+# nap SECONDS: sleep in the background and wait for it, so that ^C or TERM is handled at once
+# (bash runs a trap only once the foreground command is done).
+nap() {
+	sleep "$1" &
+	wait "$!"
+}
 for v in MINERS SECS RAMP REPS WORKERS PROXY_PORT; do
 	if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
 		echo "proxy: $v must be a whole number (got '${!v}')" >&2
@@ -172,9 +178,9 @@ one_run() {
 		--rate "$RATE" --ramp "$RAMP" --duration "$((RAMP + SECS))" --pool-pid "$pid" --quiet \
 		--json "$DIR/$name.json" >"$DIR/$name.txt" 2>&1 &
 	ckload_pid=$!
-	sleep "$(python3 -c "import time; print(max(0.0, $t0 + $START_DELAY + $RAMP - time.time()))")"
+	nap "$(python3 -c "import time; print(max(0.0, $t0 + $START_DELAY + $RAMP - time.time()))")"
 	sample "$DIR/$name-w0.json"
-	sleep "$(python3 -c "import time; print(max(0.0, $t0 + $START_DELAY + $RAMP + $SECS - 0.3 - time.time()))")"
+	nap "$(python3 -c "import time; print(max(0.0, $t0 + $START_DELAY + $RAMP + $SECS - 0.3 - time.time()))")"
 	sample "$DIR/$name-w1.json"
 	local status=0
 	wait "$ckload_pid" || status=$?
