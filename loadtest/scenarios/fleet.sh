@@ -90,8 +90,8 @@ for v in MINERS NP DIRECT SECS IDLE RAMP GRACE SETTLE WORKERS WORKER_MAX PT_PORT
 		exit 2
 	fi
 done
-if ((NP < 1 || MINERS < NP || WORKERS < 1 || WORKER_MAX < 1)); then
-	echo "fleet: need at least one passthrough, one miner per passthrough and one worker" >&2
+if ((NP < 1 || MINERS < NP || DIRECT < 1 || WORKERS < 1 || WORKER_MAX < 1)); then
+	echo "fleet: need at least one passthrough, one miner per passthrough, one direct miner (the pool's CPU is sampled by its ckload) and one worker" >&2
 	exit 2
 fi
 
@@ -130,7 +130,6 @@ for ((i = 0; i < NP; i++)); do
 done
 DIRECT_SRC=127.0.0.$ADDR_BASE
 DIRECT_W=$(((DIRECT + WORKER_MAX - 1) / WORKER_MAX))
-((DIRECT_W >= 1)) || DIRECT_W=1
 
 pt_pids=()
 ck_pids=()
