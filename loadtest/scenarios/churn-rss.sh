@@ -40,6 +40,7 @@ rss_stop() {
 }
 
 bench_setup
+rss_status=0
 trap 'rss_status=$?; rss_stop; set +e; (exit "$rss_status"); bench_cleanup' EXIT INT TERM
 
 # Sampler: seconds since the start, VmRSS in KiB, every 5 s while the pool runs (bounded by

@@ -13,7 +13,12 @@
 #                          the server under test is not queued behind the load generator
 #   BENCH_SERVER_CPUS, BENCH_CKLOAD_CPUS  CPU lists (taskset -c) for the server and for ckload,
 #                          e.g. 0 and 1: the server on one core, the load generator on the other
-#   BENCH_POOL_BIN, BENCH_CKPMSG_BIN  other ckpool-rs/ckpmsg binaries to test (e.g. another build)
+#   BENCH_POOL_BIN, BENCH_CKPMSG_BIN, BENCH_CKLOAD_BIN  other ckpool-rs/ckpmsg/ckload binaries
+#                          (e.g. another build)
+#   BENCH_DIFF [2^-32]     the pool's mindiff = startdiff = maxdiff
+#   BENCH_EXTRA_CONF       more lines for the pool's config (each ending in a comma), e.g.
+#                          '"passthroughserver" : [ "127.0.0.1:3641" ],'
+# A scenario may define scenario_cleanup, which bench_cleanup calls first (its own processes).
 set -euo pipefail
 
 # Command prefixes: the CPUs the server and ckload may run on, and ckload's nice value.
@@ -31,9 +36,10 @@ IO=${BENCH_IO:-epoll}
 DIR=${BENCH_DIR:-$ROOT/.regtest/bench/$SCENARIO}
 POOL=${BENCH_POOL_BIN:-$ROOT/target/release/ckpool-rs}
 CKPMSG=${BENCH_CKPMSG_BIN:-$ROOT/target/release/ckpmsg}
-CKLOAD=$ROOT/target/release/ckload
+CKLOAD=${BENCH_CKLOAD_BIN:-$ROOT/target/release/ckload}
 # 2^-32, the lowest difficulty: every hash is a share (DESIGN.md, "Load-testing trick").
 MINDIFF=0.00000000023283064365386963
+POOL_DIFF=${BENCH_DIFF:-$MINDIFF}
 
 pool_pid=""
 ckload_pid=""
@@ -42,9 +48,14 @@ nodes_started=""
 
 log() { printf '== %s\n' "$*" >&2; }
 
+# bench_cleanup [STATUS]: the exit trap; STATUS (the signal's, for INT and TERM) or the script's.
 bench_cleanup() {
 	local status=$?
+	[[ -z ${1:-} ]] || status=$1
 	trap - EXIT INT TERM
+	if declare -F scenario_cleanup >/dev/null; then
+		scenario_cleanup || true
+	fi
 	if [[ -n $ckload_pid ]] && kill -0 "$ckload_pid" 2>/dev/null; then
 		kill "$ckload_pid" 2>/dev/null || true
 		wait "$ckload_pid" 2>/dev/null || true
@@ -75,7 +86,9 @@ pool_stop() {
 # bench_setup: build, start the nodes and the pool; sets pool_pid, RPC_URL, RPC_USER, RPC_PASS.
 bench_setup() {
 	LOAD_BEFORE=$(cut -d ' ' -f 1-3 /proc/loadavg)
-	trap bench_cleanup EXIT INT TERM
+	trap bench_cleanup EXIT
+	trap 'bench_cleanup 130' INT
+	trap 'bench_cleanup 143' TERM
 	mkdir -p "$DIR"
 	cd "$ROOT"
 	if [[ -z ${BENCH_NO_BUILD:-} ]]; then
@@ -100,9 +113,10 @@ bench_setup() {
 "btcaddress" : "$address",
 "btcsig" : "/ckpool-rs bench/",
 "serverurl" : [ "127.0.0.1:$PORT" ],
-"mindiff" : $MINDIFF,
-"startdiff" : $MINDIFF,
-"maxdiff" : $MINDIFF,
+${BENCH_EXTRA_CONF:-}
+"mindiff" : $POOL_DIFF,
+"startdiff" : $POOL_DIFF,
+"maxdiff" : $POOL_DIFF,
 "zmqblock" : "$zmq",
 "blockpoll" : 500,
 "update_interval" : 60,
@@ -110,7 +124,7 @@ bench_setup() {
 "threads" : $THREADS,
 "logdir" : "$DIR/logs"
 }
-Benchmark config: difficulty pinned at 2^-32 so every share ckload grinds is cheap and not a block.
+Benchmark config: difficulty pinned (2^-32 unless BENCH_DIFF says otherwise) so every share ckload grinds is cheap and not a block.
 CONF
 	pool_start --io "$IO"
 }
