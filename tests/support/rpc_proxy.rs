@@ -160,7 +160,7 @@ fn relay(mut client: TcpStream, mut upstream: TcpStream, st: &State) {
         tail.extend_from_slice(&buf[..n]);
         if st.garbage.load(Ordering::SeqCst) {
             let k = st.garbled.fetch_add(1, Ordering::SeqCst);
-            let reply: &[u8] = if k % 2 == 0 {
+            let reply: &[u8] = if k.is_multiple_of(2) {
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n<html>not json</htm"
             } else {
                 // Cut short: fewer bytes than Content-Length, then the connection closes.
