@@ -238,6 +238,12 @@ fn an_unwritable_share_log_keeps_the_pool_mining_and_shows_in_stats() {
     wait_stats(&pool, "the share log to catch up", WAIT, |s| {
         s["sharelog"]["pending"] == 0 && s["sharelog"]["written"].as_u64() >= Some(report.accepted)
     });
+    // The user's total counts every share the miner had accepted, the failing disk or not.
+    let users: Value = serde_json::from_str(&pool.admin("users").expect("users")).unwrap();
+    assert!(
+        users["users"]["sharelog"]["accepted"].as_u64() >= Some(report.accepted),
+        "{users} against {report:?}"
+    );
     pool.signal(libc::SIGTERM);
     let status = pool
         .wait_exit(Duration::from_secs(5))

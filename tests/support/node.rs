@@ -257,6 +257,15 @@ impl RegtestNode {
         let _ = child.wait();
     }
 
+    /// Kills the node with SIGKILL (no RPC `stop`, nothing flushed) and reaps it; it can be
+    /// started again with [`RegtestNode::start_again`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts the stopped node again with the same data directory and ports, and waits until
     /// it answers RPC.
     pub fn start_again(&mut self) {
