@@ -689,6 +689,12 @@ struct OutboxOut<'a> {
     sinks: &'a Sinks,
 }
 
+impl crate::links::LinkOut for OutboxOut<'_> {
+    fn trunk(&mut self, conn: ConnId) {
+        self.outbox.trunk(conn);
+    }
+}
+
 impl stratifier::Out for OutboxOut<'_> {
     fn send(&mut self, client: ClientId, bytes: Vec<u8>) {
         if let Some(conn) = direct(client) {
@@ -889,6 +895,7 @@ impl QueueHandler {
                     match action {
                         Action::Send(conn, buf) => out.send(conn, buf),
                         Action::Close(conn) => out.close(conn),
+                        Action::Trunk(conn) => out.trunk(conn),
                     }
                 }
                 self.spare_outputs.give(Actions(actions));
@@ -1148,10 +1155,17 @@ impl ShardOut {
                 close = true;
                 false
             }
+            Action::Trunk(c) if *c == conn => false,
             _ => true,
         });
         self.closing.remove(&conn);
         (bytes, close)
+    }
+}
+
+impl crate::links::LinkOut for ShardOut {
+    fn trunk(&mut self, conn: ConnId) {
+        self.actions.push(Action::Trunk(conn));
     }
 }
 
@@ -1326,6 +1340,7 @@ mod tests {
                     format!("{}:{}", c.slot(), String::from_utf8_lossy(buf.as_slice()))
                 }
                 Action::Close(c) => format!("{}:close", c.slot()),
+                Action::Trunk(c) => format!("{}:trunk", c.slot()),
             })
             .collect();
         assert_eq!(got, ["1:reply\n", "1:close", "2:notify\n"]);

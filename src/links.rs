@@ -52,6 +52,13 @@ pub(crate) const CHUNK: usize = 256 * 1024;
 /// Sub-clients one link may have at once; a line for a new one beyond it gets `dropclient`.
 pub(crate) const MAX_SUBS_PER_LINK: usize = 262_144;
 
+/// An [`Out`] that can also mark a connection as a link for the connector
+/// ([`connector::Outbox::trunk`]: a larger cap on its queued bytes).
+pub(crate) trait LinkOut: Out {
+    /// Marks `conn` as a link.
+    fn trunk(&mut self, conn: ConnId);
+}
+
 /// What every shard's [`Links`] share: which listeners take passthroughs, and the registry.
 #[derive(Clone, Default)]
 pub(crate) struct LinkConfig {
@@ -264,7 +271,7 @@ impl Links {
         now: Instant,
         conn: ConnId,
         line: &[u8],
-        out: &mut impl Out,
+        out: &mut impl LinkOut,
     ) {
         if !self.links.is_empty() && self.links.contains_key(&conn) {
             self.link_line(shard, now, conn, line, out);
@@ -305,7 +312,7 @@ impl Links {
         listener: usize,
         role: Role,
         agent: &str,
-        out: &mut impl Out,
+        out: &mut impl LinkOut,
     ) {
         shard.on_close(now, conn);
         let node = role == Role::Node;
@@ -339,6 +346,10 @@ impl Links {
             node_work(shard, &job, &mut link, &mut reply);
         }
         self.links.insert(conn, link);
+        // A job for each of its sub-clients goes down this one connection (about 14 MB for
+        // 20,000), and a node's first reply holds every transaction of the current job: it
+        // gets the connector's trunk cap instead of a miner's 1 MiB, before anything is queued.
+        out.trunk(conn);
         out.send(ClientId::Direct(conn), reply);
     }
 

@@ -927,3 +927,73 @@ fn a_passthrough_cannot_reach_or_drop_another_ones_subclient() {
         m["client_id"] == 5 && m["id"] == 4
     });
 }
+
+/// A link carries a job for each of its sub-clients down one connection, so the pool may queue
+/// far more for it than for a miner: a passthrough with 15,000 sub-clients that reads nothing
+/// while they log in (about 15 MB of replies and jobs, more than the sockets' buffers hold) gets
+/// every sub-client's subscribe reply and job instead of being closed at a miner's 1 MiB cap
+/// (seen in the fleet benchmark: the pool closed a 14,300-miner passthrough's link at its first
+/// job, and again at each reconnect; this test fails so at about 6,000 sub-clients without the
+/// fix).
+#[test]
+fn a_slow_reading_link_with_many_subclients_is_not_closed() {
+    let Some(exe) = bitcoind_or_skip("a_slow_reading_link_with_many_subclients_is_not_closed")
+    else {
+        return;
+    };
+    const SUBS: u32 = 15_000;
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-trunk", &json!({}));
+    let stream = std::net::TcpStream::connect(link_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut c = Client::from_stream(stream);
+    c.send_raw(b"{\"method\": \"mining.passthrough\", \"params\": [\"ckpool\\/0.9.9\"]}\n");
+    link_wait(&mut c, "the handshake's answer", |v| v["result"] == true);
+    c.seen.clear();
+    let mut lines = String::new();
+    for id in 1..=SUBS {
+        let address = format!("10.0.{}.{}", id / 256, id % 256);
+        lines.push_str(&format!(
+            "{{\"id\":1,\"method\":\"mining.subscribe\",\"params\":[\"pt/1\"],\"client_id\":{id},\"address\":\"{address}\",\"server\":0}}\n\
+             {{\"id\":2,\"method\":\"mining.authorize\",\"params\":[\"trunk.w{id}\",\"x\"],\"client_id\":{id},\"address\":\"{address}\",\"server\":0}}\n"
+        ));
+    }
+    c.send_raw(lines.as_bytes());
+    // Not read until the pool has every sub-client (and has queued their replies and jobs).
+    wait_until("the pool to have every sub-client", WAIT, || {
+        pool.stats()["passthroughs"][0]["subclients"].as_u64() == Some(u64::from(SUBS))
+    });
+    let (mut subscribed, mut notified) = (BTreeSet::new(), BTreeSet::new());
+    let end = std::time::Instant::now() + WAIT;
+    while (subscribed.len() as u32) < SUBS || (notified.len() as u32) < SUBS {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out: {} subscribe replies, {} jobs",
+            subscribed.len(),
+            notified.len()
+        );
+        match c.read_line() {
+            Ok(Some(v)) => {
+                let Some(id) = v["client_id"].as_u64() else {
+                    continue;
+                };
+                if v["node.method"] == "subscribe.result" {
+                    subscribed.insert(id);
+                } else if v["method"] == "mining.notify" {
+                    notified.insert(id);
+                }
+            }
+            Ok(None) => {}
+            Err(()) => panic!(
+                "the pool closed the link after {} subscribe replies and {} jobs",
+                subscribed.len(),
+                notified.len()
+            ),
+        }
+        c.seen.clear();
+    }
+    assert_eq!(pool.stats()["passthroughs"][0]["subclients"], SUBS);
+}

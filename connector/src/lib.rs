@@ -129,6 +129,11 @@ pub struct Config {
     /// Cap on the bytes queued and not yet written to one connection; exceeding it closes the
     /// connection ([`CloseReason::Outbound`]). Values above 4 GiB count as 4 GiB.
     pub max_outbound: usize,
+    /// The same cap for a connection the handler marked as a trunk ([`Outbox::trunk`]: a
+    /// passthrough or node link, whose one connection carries a job for each of its peers, about
+    /// 14 MB for 20,000 of them). Values above 4 GiB count as 4 GiB. Default
+    /// [`DEFAULT_MAX_OUTBOUND_TRUNK`].
+    pub max_outbound_trunk: usize,
     /// Listen backlog (the kernel caps it at `net.core.somaxconn`).
     pub backlog: i32,
     /// How often [`Handler::on_tick`] runs.
@@ -176,6 +181,10 @@ pub struct Config {
 /// pools raise it (`maxoutbound`).
 pub const DEFAULT_MAX_OUTBOUND_TOTAL: usize = 1 << 30;
 
+/// Default of [`Config::max_outbound_trunk`]: 256 MiB, room for a few jobs fanned out to
+/// 100,000 sub-clients behind one link while it is slow to read (each about 70 MB).
+pub const DEFAULT_MAX_OUTBOUND_TRUNK: usize = 256 << 20;
+
 /// Default of [`Config::idle_timeout`]: one hour. A miner under vardiff submits shares every few
 /// seconds to a minute; an hour without a complete line is a dead or hostile (slowloris) peer,
 /// while a slow miner on a high fixed difficulty (ckpool has no idle drop at all) still has
@@ -190,6 +199,7 @@ impl Default for Config {
             threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             max_line: 16 * 1024,
             max_outbound: 1024 * 1024,
+            max_outbound_trunk: DEFAULT_MAX_OUTBOUND_TRUNK,
             backlog: 4096,
             tick: Duration::from_secs(1),
             backend: BackendKind::Auto,
@@ -895,6 +905,7 @@ where
     let limits = Limits {
         max_line: cfg.max_line,
         max_outbound: cfg.max_outbound,
+        max_outbound_trunk: cfg.max_outbound_trunk,
         tick: cfg.tick,
         max_conns: cfg.max_conns,
         open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

@@ -65,6 +65,10 @@ pub enum Action {
     Send(ConnId, SendBuf),
     /// Close a connection once the bytes queued for it before this request are written.
     Close(ConnId),
+    /// The connection carries many peers' traffic (a passthrough or node link): from now on
+    /// its cap on queued bytes is [`Config::max_outbound_trunk`](crate::Config) instead of
+    /// [`Config::max_outbound`](crate::Config).
+    Trunk(ConnId),
 }
 
 /// Collects what a handler wants done; flushed by the connector after each callback batch, in
@@ -93,6 +97,12 @@ impl Outbox {
     /// time: a peer that does not read is closed anyway after a few seconds).
     pub fn close(&mut self, conn: ConnId) {
         self.actions.push(Action::Close(conn));
+    }
+
+    /// Marks `conn` as a trunk ([`Action::Trunk`]): it may queue up to
+    /// [`Config::max_outbound_trunk`](crate::Config) bytes.
+    pub fn trunk(&mut self, conn: ConnId) {
+        self.actions.push(Action::Trunk(conn));
     }
 
     /// Whether nothing is recorded.

@@ -253,6 +253,7 @@ impl Shared {
 pub(crate) struct Limits {
     pub(crate) max_line: usize,
     pub(crate) max_outbound: usize,
+    pub(crate) max_outbound_trunk: usize,
     pub(crate) tick: Duration,
     /// [`Config::max_conns`](crate::Config::max_conns).
     pub(crate) max_conns: Option<usize>,
@@ -1240,6 +1241,13 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             match action {
                 Action::Send(id, buf) => self.enqueue(now, id, buf),
                 Action::Close(id) => self.request_close(now, id),
+                Action::Trunk(id) => {
+                    if id.thread() == self.thread
+                        && let Some(c) = self.conns.get_mut(id)
+                    {
+                        c.flags |= TRUNK;
+                    }
+                }
             }
         }
         // A broadcast records a send per connection: do not keep that much room for good.
@@ -1259,7 +1267,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             return;
         }
         let len = buf.len();
-        let limit = self.limits.max_outbound.min(MAX_QUEUED);
+        let limit = if c.flags & TRUNK == 0 {
+            self.limits.max_outbound
+        } else {
+            self.limits.max_outbound_trunk
+        }
+        .min(MAX_QUEUED);
         let queued = usize::try_from(c.queued)
             .unwrap_or(MAX_QUEUED)
             .saturating_add(len);
@@ -1552,7 +1565,7 @@ struct Conn {
     peer: Peer,
     /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
     queued: u32,
-    /// [`SENDING`], [`DIRTY`] and the idle count ([`IDLE_MASK`]).
+    /// [`SENDING`], [`DIRTY`], the idle count ([`IDLE_MASK`]) and [`TRUNK`].
     flags: u8,
     /// The listener it came from, plus one (at most [`MAX_LISTENERS`] listeners; the niche also
     /// keeps `Option<Conn>` at 32 bytes).
@@ -1568,6 +1581,8 @@ const IDLE_SHIFT: u8 = 2;
 const IDLE_MASK: u8 = 0b111 << IDLE_SHIFT;
 /// The largest idle count.
 const IDLE_MAX: u8 = IDLE_MASK >> IDLE_SHIFT;
+/// [`Conn::flags`]: a trunk ([`Action::Trunk`]), capped at [`Limits::max_outbound_trunk`].
+const TRUNK: u8 = 1 << 5;
 
 impl Conn {
     fn new(peer: Peer, listener: usize) -> Self {
@@ -1951,6 +1966,7 @@ mod tests {
         let limits = Limits {
             max_line: 64,
             max_outbound,
+            max_outbound_trunk: max_outbound * 4,
             tick: Duration::from_secs(1),
             max_conns: None,
             open: Arc::new(AtomicUsize::new(0)),
@@ -2164,6 +2180,34 @@ mod tests {
         assert!(w.conns.get_mut(id).is_none());
         // The box of the closed connection is kept for reuse.
         assert_eq!(w.spare_pending.boxes.len(), 1);
+    }
+
+    #[test]
+    fn a_trunk_may_queue_up_to_its_own_cap() {
+        let now = Instant::now();
+        let mut w = worker(10);
+        let (trunk, other) = (w.accept(now), w.accept(now));
+        w.out.trunk(trunk);
+        w.apply_outbox(now);
+        w.queue(now, trunk, b"123456");
+        w.flush(now);
+        // 40 bytes for a trunk (four times the cap here), 10 for the others.
+        w.queue(now, trunk, b"78901234567890123456789012345678");
+        w.queue(now, trunk, b"12");
+        assert!(
+            w.handler.closed.is_empty(),
+            "exactly the trunk's cap is fine"
+        );
+        w.queue(now, other, b"12345678901");
+        assert_eq!(w.handler.closed, [(other, CloseReason::Outbound)]);
+        w.queue(now, trunk, b"x");
+        assert_eq!(
+            w.handler.closed,
+            [
+                (other, CloseReason::Outbound),
+                (trunk, CloseReason::Outbound)
+            ]
+        );
     }
 
     #[test]
