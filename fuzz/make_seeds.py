@@ -164,3 +164,44 @@ put("rpc_reply", "work-queue-503", bytes([3, 0]) + b"Work queue depth exceeded")
 put("rpc_reply", "no-result", bytes([7, 0]) + b'{"error":null,"id":1}')
 put("rpc_reply", "not-object", bytes([7, 0]) + b"[1,2,3]")
 put("rpc_reply", "error-string", bytes([7, 0]) + b'{"result":1,"error":"bad","id":1}')
+
+# ---- passthrough_frame: selector, client id, server, address, name, then one line -------------
+# (see bodies::passthrough_frame). Every kind of line of the ckpool 0.9.9 passthrough and node
+# captures (two of each), both directions, plus hand-made edge cases.
+def pt(sel, cid, server, address, name, line):
+    a, n = address.encode()[:255], name.encode()[:255]
+    if isinstance(line, str):
+        line = line.encode()
+    return (bytes([sel]) + struct.pack("<QQ", cid, server) + bytes([len(a)]) + a
+            + bytes([len(n)]) + n + line)
+
+kinds = {}
+for cap, sel in [("ckpool-0.9.9-passthrough-link.jsonl", 0), ("ckpool-0.9.9-node-link.jsonl", 2)]:
+    for rec in jsonl(os.path.join(CAPTURES, cap)):
+        line = rec["line"]
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = {}
+        kind = (cap, rec["dir"], obj.get("method"), obj.get("node.method"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kinds[kind] > 2:
+            continue
+        cid = obj.get("client_id", 1) if isinstance(obj.get("client_id"), int) else 1
+        name = obj.get("node.method") or "ckpool/0.9.9"
+        h = hashlib.sha1(line.encode()).hexdigest()[:12]
+        put("passthrough_frame", h, pt(sel, cid, 0, "127.0.0.1", name, line))
+for name, line in [
+    ("dropclient", "dropclient=3"),
+    ("forged-routing", '{"id":1,"client_id":99,"method":"mining.submit","address":"1.2.3.4","server":7,"params":[]}'),
+    ("escaped-key", '{"id":1,"client\\u005fid":99,"method":"mining.submit","params":[]}'),
+    ("duplicate-id", '{"id":1,"client_id":5,"method":"mining.submit","client_id":6}'),
+    ("big-id", '{"id":1,"client_id":18446744073709551615,"method":"x"}'),
+    ("handshake-escaped", '{"method":"mining.passthrough","params":["a\\/b \\u00e9"]}'),
+    ("term", '{"id":42,"client_id":7,"address":"::1","server":1,"method":"mining.term","params":[]}'),
+    ("deep", '{"a":' + "[" * 33 + "]" * 33 + "}"),
+    ("result-true", '{ "result" : true }'),
+]:
+    put("passthrough_frame", name, pt(0, 2**64 - 1 if name == "big-id" else 5, 3, "10.0.0.7", "share.result", line))
+put("passthrough_frame", "built-1", bytes([1]) + bytes(range(256)) * 2)
+put("passthrough_frame", "built-2", bytes([3]) + hashlib.sha512(b"workinfo").digest() * 8)

@@ -85,6 +85,11 @@ fn rpc_reply() {
 }
 
 #[test]
+fn passthrough_frame() {
+    replay("passthrough_frame", bodies::passthrough_frame);
+}
+
+#[test]
 fn config() {
     replay("config", bodies::config);
 }

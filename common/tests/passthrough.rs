@@ -331,3 +331,143 @@ proptest! {
         let _ = passthrough::decode_downstream(&bytes, &mut out);
     }
 }
+
+/// Found by the `passthrough_frame` fuzz target: a member name is compared as JSON reads it, so
+/// a miner cannot keep a routing member by escaping a letter of its name (ckpool, with jansson,
+/// reads `client\u005fid` as `client_id`).
+#[test]
+fn escaped_routing_names_are_routing() {
+    let mut out = Vec::new();
+    let forged =
+        br#"{"id":1,"client\u005fid":99,"addr\u0065ss":"1.2.3.4","method":"mining.submit"}"#;
+    passthrough::encode_miner_line(&mut out, forged, 5, "127.0.0.1", 0).unwrap();
+    assert_eq!(
+        String::from_utf8(out.clone()).unwrap(),
+        "{\"id\":1,\"method\":\"mining.submit\",\"client_id\":5,\"address\":\"127.0.0.1\",\"server\":0}\n"
+    );
+    let mut back = Vec::new();
+    assert_eq!(
+        passthrough::decode_downstream(br#"{"id":1,"client\u005fid":7,"method":"m"}"#, &mut back),
+        FromDownstream::Miner {
+            client_id: 7,
+            address: None,
+            server: None
+        }
+    );
+    assert_eq!(back, b"{\"id\":1,\"method\":\"m\"}\n");
+    back.clear();
+    assert_eq!(
+        passthrough::decode_upstream(
+            br#"{"id":1,"node\u002emethod":"diff","client_id":3}"#,
+            &mut back
+        ),
+        FromUpstream::Client {
+            client_id: 3,
+            node_method: Some("diff")
+        }
+    );
+    assert_eq!(back, b"{\"id\":1}\n");
+    assert_eq!(
+        passthrough::decode_upstream(br#"{"r\u0065sult":true}"#, &mut Vec::new()),
+        FromUpstream::HandshakeOk
+    );
+}
+
+/// Found by the `passthrough_frame` fuzz target: of members with the same name the last one
+/// counts, as for jansson (ckpool) and serde_json.
+#[test]
+fn the_last_member_of_a_name_counts() {
+    let mut back = Vec::new();
+    assert_eq!(
+        passthrough::decode_downstream(
+            br#"{"client_id":5,"id":1,"client_id":6,"server":1,"server":2}"#,
+            &mut back
+        ),
+        FromDownstream::Miner {
+            client_id: 6,
+            address: None,
+            server: Some(2)
+        }
+    );
+    assert_eq!(back, b"{\"id\":1}\n");
+    assert_eq!(
+        passthrough::decode_downstream(
+            br#"{"client_id":5,"method":"mining.submit","method":"mining.term"}"#,
+            &mut back
+        ),
+        FromDownstream::Term { client_id: 5 }
+    );
+}
+
+/// Found by the `passthrough_frame` fuzz target: every `u64` id round-trips, 20 digits too.
+#[test]
+fn every_u64_id_round_trips() {
+    for id in [
+        0,
+        9_999_999_999_999_999_999,
+        10_000_000_000_000_000_000,
+        u64::MAX,
+    ] {
+        let mut out = Vec::new();
+        passthrough::encode_miner_line(&mut out, b"{}", id, "::1", u64::MAX).unwrap();
+        assert_eq!(
+            passthrough::decode_downstream(out.trim_ascii(), &mut Vec::new()),
+            FromDownstream::Miner {
+                client_id: id,
+                address: Some("::1"),
+                server: Some(u64::MAX)
+            }
+        );
+        out.clear();
+        passthrough::encode_for_client(&mut out, b"{}", "diff", id).unwrap();
+        assert_eq!(
+            passthrough::decode_upstream(out.trim_ascii(), &mut Vec::new()),
+            FromUpstream::Client {
+                client_id: id,
+                node_method: Some("diff")
+            }
+        );
+        let drop = format!("dropclient={id}");
+        assert_eq!(
+            passthrough::decode_upstream(drop.as_bytes(), &mut Vec::new()).dropclient(),
+            Some(id)
+        );
+    }
+    // One past u64::MAX is no id.
+    assert_eq!(
+        passthrough::decode_downstream(br#"{"client_id":18446744073709551616}"#, &mut Vec::new()),
+        FromDownstream::Invalid
+    );
+}
+
+/// Found by the `passthrough_frame` fuzz target: a miner's line of 30 members became 33 with the
+/// routing members, more than the pool side reads, so the pool dropped what the passthrough
+/// sent. Such a line is now refused at the passthrough, and likewise a line for a miner.
+#[test]
+fn a_line_the_other_side_cannot_read_is_refused() {
+    let object = |n: usize| {
+        let members: Vec<String> = (0..n).map(|i| format!("\"m{i}\":{i}")).collect();
+        format!("{{{}}}", members.join(","))
+    };
+    let mut out = Vec::new();
+    passthrough::encode_miner_line(&mut out, object(29).as_bytes(), 1, "::1", 0).unwrap();
+    assert!(matches!(
+        passthrough::decode_downstream(out.trim_ascii(), &mut Vec::new()),
+        FromDownstream::Miner { client_id: 1, .. }
+    ));
+    out.clear();
+    assert!(passthrough::encode_miner_line(&mut out, object(30).as_bytes(), 1, "::1", 0).is_err());
+    assert!(out.is_empty());
+    // The miner's own routing members do not count: they are dropped.
+    let forged = object(29).replacen('{', "{\"client_id\":9,", 1);
+    passthrough::encode_miner_line(&mut out, forged.as_bytes(), 1, "::1", 0).unwrap();
+    out.clear();
+    passthrough::encode_for_client(&mut out, object(30).as_bytes(), "diff", 1).unwrap();
+    assert!(matches!(
+        passthrough::decode_upstream(out.trim_ascii(), &mut Vec::new()),
+        FromUpstream::Client { client_id: 1, .. }
+    ));
+    out.clear();
+    assert!(passthrough::encode_for_client(&mut out, object(31).as_bytes(), "diff", 1).is_err());
+    assert!(out.is_empty());
+}

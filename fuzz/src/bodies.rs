@@ -904,3 +904,541 @@ pub fn rpc_reply(data: &[u8]) {
         (Err(_), None, _) => {}
     }
 }
+
+// ---- passthrough_frame ------------------------------------------------------------------------
+
+/// The members a passthrough adds to a miner's line.
+const DOWN_ROUTING: [&str; 3] = ["client_id", "address", "server"];
+/// The members the upstream adds to a line for a miner.
+const UP_ROUTING: [&str; 2] = ["client_id", "node.method"];
+
+/// ckpool's passthrough/node framing (`common::stratum::passthrough` and
+/// `common::stratum::node`), both roles and both directions.
+///
+/// Input: a selector byte; when odd, a `workinfo` and a `block` built from the following bytes;
+/// when even, a client id, a server index, an address and a name (agent or `node.method`), then
+/// one line that goes through every decoder.
+///
+/// Asserts, besides "no panic": every decoder reads a line as a JSON reader (serde_json, last
+/// member of a name wins, escapes in names decoded) reads it whenever that reader takes it and
+/// it is within the codec's limits; what a decoder gives back (the miner's line, the line for a
+/// miner) is one compact JSON line without any routing member, which encoded again with the ids
+/// it came with gives the same bytes and decodes to the same ids; a miner's line keeps none of
+/// the routing members the miner supplied; ids, addresses and agents round-trip through
+/// `encode_miner_line`, `encode_for_client`, `term` and `handshake`; a node message read is
+/// written back and read again to the same value (`workinfo`, `transactions`, `block`) and is a
+/// link message with its `node.method` on the passthrough side.
+pub fn passthrough_frame(data: &[u8]) {
+    use common::stratum::passthrough::{self, FromDownstream, FromUpstream, Role};
+    let mut r = Reader::new(data);
+    let sel = r.u8();
+    if sel & 1 == 1 {
+        node_built(&mut r);
+        return;
+    }
+    let role = if sel & 2 == 0 {
+        Role::Passthrough
+    } else {
+        Role::Node
+    };
+    let id = r.u64();
+    let server = r.u64();
+    let address = r.string();
+    let name = r.string();
+    let line = r.take(usize::MAX);
+
+    // The lines the codec writes itself.
+    let mut h = Vec::new();
+    passthrough::handshake(&mut h, role, &name);
+    let mut scratch = Vec::new();
+    match passthrough::decode_downstream(one_line(&h), &mut scratch) {
+        FromDownstream::Handshake {
+            role: got,
+            agent: Some(a),
+        } => {
+            assert_eq!(got, role, "handshake role");
+            assert_eq!(unescape(a).as_deref(), Some(name.as_str()), "agent");
+        }
+        other => panic!("handshake {} read as {other:?}", lossy(&h)),
+    }
+    assert!(scratch.is_empty());
+    assert_eq!(
+        passthrough::decode_upstream(one_line(passthrough::HANDSHAKE_OK), &mut scratch),
+        FromUpstream::HandshakeOk
+    );
+    let mut t = Vec::new();
+    passthrough::term(&mut t, id, &address, server);
+    assert_eq!(
+        passthrough::decode_downstream(one_line(&t), &mut scratch),
+        FromDownstream::Term { client_id: id },
+        "term {}",
+        lossy(&t)
+    );
+    assert!(scratch.is_empty());
+    let drop = format!("dropclient={id}");
+    assert_eq!(
+        passthrough::decode_upstream(drop.as_bytes(), &mut scratch).dropclient(),
+        Some(id)
+    );
+
+    let json = json_object(line);
+    let shape = shape(line);
+    // Within the codec's limits, a line any JSON reader takes as an object is an object here.
+    let whole =
+        json.is_some() && shape.is_some_and(|(depth, members)| depth <= 33 && members <= 32);
+
+    check_downstream(line, json.as_ref(), whole);
+    check_upstream(line, json.as_ref(), whole, shape);
+
+    // A miner's line through the passthrough and back on the pool side.
+    let mut e = Vec::new();
+    let encoded = passthrough::encode_miner_line(&mut e, line, id, &address, server);
+    let text = matches!(
+        passthrough::decode_upstream(line, &mut Vec::new()),
+        FromUpstream::Text(_)
+    );
+    // Refused: what is no object, and what would have more members than the pool side reads.
+    let members = shape.map_or(usize::MAX, |(_, members)| members);
+    assert!(!text || encoded.is_err(), "text encoded: {}", lossy(line));
+    assert!(
+        text || members > 29 || encoded.is_ok(),
+        "an object refused: {}",
+        lossy(line)
+    );
+    assert!(
+        !whole || members > 29 || encoded.is_ok(),
+        "a JSON object refused: {}",
+        lossy(line)
+    );
+    if encoded.is_err() {
+        assert!(e.is_empty(), "a refused line was written");
+    } else {
+        let mut o = Vec::new();
+        match passthrough::decode_downstream(one_line(&e), &mut o) {
+            FromDownstream::Miner {
+                client_id,
+                address: a,
+                server: s,
+            } => {
+                assert_eq!(client_id, id, "client_id of {}", lossy(&e));
+                assert_eq!(a.and_then(unescape).as_deref(), Some(address.as_str()));
+                assert_eq!(s, Some(server));
+                let mut again = Vec::new();
+                passthrough::encode_miner_line(&mut again, one_line(&o), id, &address, server)
+                    .expect("a decoded miner line encodes");
+                assert_eq!(lossy(&again), lossy(&e), "re-encoded miner line differs");
+                if let Some(m) = &json {
+                    assert_eq!(
+                        json_object(&o).as_ref(),
+                        Some(&without(m, &DOWN_ROUTING)),
+                        "the miner's line as the pool reads it: {}",
+                        lossy(&o)
+                    );
+                }
+            }
+            FromDownstream::Term { client_id } => {
+                assert_eq!(client_id, id);
+                if let Some(m) = &json {
+                    assert_eq!(m.get("method").and_then(Value::as_str), Some("mining.term"));
+                }
+            }
+            other => panic!("miner line {} read back as {other:?}", lossy(&e)),
+        }
+    }
+
+    // A line for a miner from the upstream, and what the miner gets.
+    let mut e = Vec::new();
+    let encoded = passthrough::encode_for_client(&mut e, line, &name, id);
+    assert!(!text || encoded.is_err(), "text encoded: {}", lossy(line));
+    assert!(
+        text || members > 30 || encoded.is_ok(),
+        "an object refused: {}",
+        lossy(line)
+    );
+    if encoded.is_err() {
+        assert!(e.is_empty(), "a refused line was written");
+    } else {
+        let mut o = Vec::new();
+        let plain = !name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+        match passthrough::decode_upstream(one_line(&e), &mut o) {
+            FromUpstream::Client {
+                client_id,
+                node_method,
+            } => {
+                assert_eq!(client_id, id, "client_id of {}", lossy(&e));
+                assert_eq!(node_method, plain.then_some(name.as_str()), "node.method");
+            }
+            other => panic!("line for a miner {} read back as {other:?}", lossy(&e)),
+        }
+        let mut again = Vec::new();
+        passthrough::encode_for_client(&mut again, one_line(&o), &name, id)
+            .expect("a decoded line for a miner encodes");
+        assert_eq!(
+            lossy(&again),
+            lossy(&e),
+            "re-encoded line for a miner differs"
+        );
+        if let Some(m) = &json {
+            assert_eq!(
+                json_object(&o).as_ref(),
+                Some(&without(m, &UP_ROUTING)),
+                "the line the miner gets: {}",
+                lossy(&o)
+            );
+        }
+    }
+
+    node_lines(line);
+}
+
+/// `decode_downstream` on an arbitrary line (the pool side of a passthrough or node link).
+fn check_downstream(line: &[u8], json: Option<&serde_json::Map<String, Value>>, whole: bool) {
+    use common::stratum::passthrough::{self, FromDownstream, Role};
+    let mut out = Vec::new();
+    let got = passthrough::decode_downstream(line, &mut out);
+    let cid = json
+        .and_then(|m| m.get("client_id"))
+        .and_then(Value::as_u64);
+    let method = json.and_then(|m| m.get("method")).and_then(Value::as_str);
+    if whole && cid.is_some() {
+        assert!(
+            matches!(got, FromDownstream::Miner { client_id, .. } | FromDownstream::Term { client_id } if Some(client_id) == cid),
+            "{} read as {got:?}",
+            lossy(line)
+        );
+    }
+    match got {
+        FromDownstream::Invalid => assert!(out.is_empty()),
+        FromDownstream::Handshake { role, agent } => {
+            assert!(out.is_empty());
+            if let Some(m) = json {
+                assert_eq!(cid, None);
+                let want = match role {
+                    Role::Passthrough => "mining.passthrough",
+                    Role::Node => "mining.node",
+                };
+                assert_eq!(method, Some(want));
+                let first = m.get("params").and_then(|p| p.get(0));
+                if let Some(a) = agent {
+                    assert_eq!(unescape(a).as_deref(), first.and_then(Value::as_str));
+                }
+            }
+        }
+        FromDownstream::Term { client_id } => {
+            assert!(out.is_empty());
+            if json.is_some() {
+                assert_eq!(cid, Some(client_id));
+                assert_eq!(method, Some("mining.term"));
+            }
+        }
+        FromDownstream::Miner {
+            client_id,
+            address,
+            server,
+        } => {
+            let o = one_line(&out);
+            assert!(o.starts_with(b"{") && o.ends_with(b"}"), "{}", lossy(&out));
+            // No routing member is left for the pool to read from the miner's line.
+            assert!(
+                matches!(
+                    passthrough::decode_downstream(o, &mut Vec::new()),
+                    FromDownstream::Invalid | FromDownstream::Handshake { .. }
+                ),
+                "routing survives in {}",
+                lossy(&out)
+            );
+            if let Some(m) = json {
+                assert_eq!(cid, Some(client_id));
+                assert_eq!(json_object(o), Some(without(m, &DOWN_ROUTING)));
+                let addr = m.get("address").and_then(Value::as_str);
+                assert_eq!(address.is_some(), addr.is_some(), "address");
+                if let Some(a) = address {
+                    assert_eq!(unescape(a).as_deref(), addr);
+                }
+                assert_eq!(server, m.get("server").and_then(Value::as_u64), "server");
+            }
+            // The same line sent again by a passthrough reads the same.
+            let addr = address.and_then(unescape).unwrap_or_default();
+            let mut e = Vec::new();
+            passthrough::encode_miner_line(&mut e, o, client_id, &addr, server.unwrap_or(0))
+                .expect("a decoded miner line encodes");
+            let mut again = Vec::new();
+            match passthrough::decode_downstream(one_line(&e), &mut again) {
+                FromDownstream::Miner { client_id: c, .. }
+                | FromDownstream::Term { client_id: c } => {
+                    assert_eq!(c, client_id);
+                }
+                other => panic!("{} read back as {other:?}", lossy(&e)),
+            }
+            if !again.is_empty() {
+                assert_eq!(lossy(&again), lossy(&out), "the miner's line changed");
+            }
+        }
+    }
+}
+
+/// `decode_upstream` on an arbitrary line (the passthrough or node side).
+fn check_upstream(
+    line: &[u8],
+    json: Option<&serde_json::Map<String, Value>>,
+    whole: bool,
+    shape: Option<(usize, usize)>,
+) {
+    use common::stratum::passthrough::{self, FromUpstream};
+    let mut out = Vec::new();
+    let got = passthrough::decode_upstream(line, &mut out);
+    let cid = json
+        .and_then(|m| m.get("client_id"))
+        .and_then(Value::as_u64);
+    let nm = json
+        .and_then(|m| m.get("node.method"))
+        .and_then(Value::as_str);
+    if whole {
+        let handshake_ok = cid.is_none()
+            && shape.is_some_and(|(_, members)| members == 1)
+            && json.is_some_and(|m| m.len() == 1 && m.get("result") == Some(&Value::Bool(true)));
+        match got {
+            FromUpstream::Client { client_id, .. } => assert_eq!(Some(client_id), cid),
+            FromUpstream::HandshakeOk => assert!(handshake_ok, "{}", lossy(line)),
+            FromUpstream::Link { .. } => {
+                assert!(cid.is_none() && !handshake_ok, "{}", lossy(line));
+            }
+            FromUpstream::Text(_) => panic!("a JSON object read as text: {}", lossy(line)),
+        }
+    }
+    match got {
+        FromUpstream::Text(t) => {
+            assert_eq!(t, line);
+            assert!(out.is_empty());
+            let _ = got.dropclient();
+        }
+        FromUpstream::HandshakeOk | FromUpstream::Link { .. } => {
+            assert!(out.is_empty());
+            assert_eq!(got.dropclient(), None);
+            if let FromUpstream::Link {
+                node_method: Some(n),
+            } = got
+                && json.is_some()
+            {
+                assert_eq!(Some(n), nm);
+            }
+        }
+        FromUpstream::Client {
+            client_id,
+            node_method,
+        } => {
+            let o = one_line(&out);
+            assert!(o.starts_with(b"{") && o.ends_with(b"}"), "{}", lossy(&out));
+            // Nothing routes the line the miner gets anywhere.
+            assert!(
+                !matches!(
+                    passthrough::decode_upstream(o, &mut Vec::new()),
+                    FromUpstream::Client { .. }
+                ),
+                "routing survives in {}",
+                lossy(&out)
+            );
+            if let Some(m) = json {
+                assert_eq!(Some(client_id), cid);
+                if node_method.is_some() {
+                    assert_eq!(node_method, nm);
+                }
+                assert_eq!(json_object(o), Some(without(m, &UP_ROUTING)));
+            }
+            let mut e = Vec::new();
+            passthrough::encode_for_client(&mut e, o, node_method.unwrap_or("x"), client_id)
+                .expect("a decoded line for a miner encodes");
+            let mut again = Vec::new();
+            match passthrough::decode_upstream(one_line(&e), &mut again) {
+                FromUpstream::Client { client_id: c, .. } => assert_eq!(c, client_id),
+                other => panic!("{} read back as {other:?}", lossy(&e)),
+            }
+            assert_eq!(lossy(&again), lossy(&out), "the line for the miner changed");
+        }
+    }
+}
+
+/// The node messages' readers on an arbitrary line: what they read is written back and read
+/// again to the same value, and the written line is a link message with its `node.method`.
+fn node_lines(line: &[u8]) {
+    use common::stratum::node::{self, BlockSolve, WorkInfo};
+    if let Ok(w) = WorkInfo::parse(line) {
+        check_workinfo(&w);
+    }
+    if let Ok(txs) = node::parse_transactions(line) {
+        let mut out = Vec::new();
+        node::write_transactions(&mut out, &txs);
+        assert_eq!(
+            node::parse_transactions(&out),
+            Ok(txs),
+            "transactions round trip"
+        );
+        assert_link(&out, node::TRANSACTIONS);
+    }
+    if let Ok(b) = BlockSolve::parse(line) {
+        check_block_solve(&b);
+    }
+}
+
+/// A `workinfo` and a `block` made of fuzzed fields round-trip.
+fn node_built(r: &mut Reader<'_>) {
+    use common::stratum::node::{BlockSolve, NodeMsgError, WorkInfo};
+    let w = WorkInfo {
+        jobid: r.u64(),
+        target: hash32(r.take(32)),
+        diff: finite(r.u64()),
+        version: r.u32(),
+        curtime: r.u32(),
+        prev_hash: hash32(r.take(32)),
+        ntime: r.u32(),
+        bits: r.u32(),
+        coinbase_value: r.u64(),
+        height: r.u64(),
+        flags: r.bytes().to_vec(),
+        txids: hashes(r),
+        branch: hashes(r),
+        coinb1: r.bytes().to_vec(),
+        coinb2: r.bytes().to_vec(),
+        enonce1varlen: usize::from(r.u8()),
+        enonce2varlen: usize::from(r.u8()),
+    };
+    check_workinfo(&w);
+    let mut header = [0u8; 80];
+    let h = r.take(80);
+    header[..h.len()].copy_from_slice(h);
+    let b = BlockSolve {
+        enonce1: r.bytes().to_vec(),
+        nonce: r.u32(),
+        nonce2: r.bytes().to_vec(),
+        ntime: r.u32(),
+        version_mask: r.u32(),
+        jobid: r.u64(),
+        diff: finite(r.u64()),
+        name: r.string(),
+        coinbase: r.bytes().to_vec(),
+        header,
+    };
+    if b.coinbase.is_empty() {
+        let mut out = Vec::new();
+        b.write(&mut out);
+        assert_eq!(
+            BlockSolve::parse(&out),
+            Err(NodeMsgError::Field("coinbasehex"))
+        );
+    } else {
+        check_block_solve(&b);
+    }
+}
+
+fn check_workinfo(w: &common::stratum::node::WorkInfo) {
+    use common::stratum::node::{self, WorkInfo};
+    let mut out = Vec::new();
+    w.write(&mut out);
+    let back = WorkInfo::parse(&out).unwrap_or_else(|e| panic!("{e}: {}", lossy(&out)));
+    assert_eq!(&back, w, "workinfo round trip: {}", lossy(&out));
+    let mut again = Vec::new();
+    back.write(&mut again);
+    assert_eq!(lossy(&again), lossy(&out));
+    assert_link(&out, node::WORKINFO);
+}
+
+fn check_block_solve(b: &common::stratum::node::BlockSolve) {
+    use common::stratum::node::{self, BlockSolve};
+    let mut out = Vec::new();
+    b.write(&mut out);
+    let back = BlockSolve::parse(&out).unwrap_or_else(|e| panic!("{e}: {}", lossy(&out)));
+    assert_eq!(&back, b, "block round trip: {}", lossy(&out));
+    assert_link(&out, node::BLOCK);
+}
+
+/// A node message written by the pool reaches a passthrough or node as a link message.
+fn assert_link(written: &[u8], method: &str) {
+    use common::stratum::passthrough::{self, FromUpstream};
+    assert_eq!(
+        passthrough::decode_upstream(one_line(written), &mut Vec::new()),
+        FromUpstream::Link {
+            node_method: Some(method)
+        },
+        "{}",
+        lossy(written)
+    );
+}
+
+/// Up to 5 hashes.
+fn hashes(r: &mut Reader<'_>) -> Vec<[u8; 32]> {
+    (0..r.below(6)).map(|_| hash32(r.take(32))).collect()
+}
+
+/// Up to 32 bytes, zero-padded.
+fn hash32(b: &[u8]) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..b.len()].copy_from_slice(b);
+    h
+}
+
+/// A finite `f64` from its bits (0 otherwise: jansson cannot write the rest either).
+fn finite(bits: u64) -> f64 {
+    Some(f64::from_bits(bits))
+        .filter(|d| d.is_finite())
+        .unwrap_or(0.0)
+}
+
+/// A written line without its newline, which must be its only one.
+fn one_line(b: &[u8]) -> &[u8] {
+    let line = b
+        .strip_suffix(b"\n")
+        .unwrap_or_else(|| panic!("unterminated: {}", lossy(b)));
+    assert!(!line.contains(&b'\n'), "more than one line: {}", lossy(b));
+    line
+}
+
+/// The line as serde_json reads it, when it is an object.
+fn json_object(b: &[u8]) -> Option<serde_json::Map<String, Value>> {
+    match serde_json::from_slice::<Value>(b).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+fn without(m: &serde_json::Map<String, Value>, keys: &[&str]) -> serde_json::Map<String, Value> {
+    let mut m = m.clone();
+    for k in keys {
+        m.remove(*k);
+    }
+    m
+}
+
+/// A string's contents as written (escapes kept), decoded.
+fn unescape(raw: &str) -> Option<String> {
+    serde_json::from_str(&format!("\"{raw}\"")).ok()
+}
+
+/// For JSON text: the deepest nesting of arrays and objects (the line's object is 1) and the
+/// members of the outermost object (its commas plus one). `None` for unbalanced text.
+fn shape(b: &[u8]) -> Option<(usize, usize)> {
+    let (mut level, mut deepest, mut commas) = (0usize, 0usize, 0usize);
+    let (mut in_str, mut escaped) = (false, false);
+    for &c in b {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                level += 1;
+                deepest = deepest.max(level);
+            }
+            b'}' | b']' => level = level.checked_sub(1)?,
+            b',' if level == 1 => commas += 1,
+            _ => {}
+        }
+    }
+    Some((deepest, commas + 1))
+}

@@ -72,7 +72,8 @@ pub enum FrameError {
 
 /// Appends a miner's line for the upstream, compacted, with
 /// `"client_id":N,"address":"<address>","server":<server>` added last (members of those names
-/// the miner sent are dropped). Newline included.
+/// the miner sent are dropped). Newline included. A line that would have more members than
+/// [`decode_downstream`] reads is refused (nothing is appended).
 pub fn encode_miner_line(
     out: &mut Vec<u8>,
     line: &[u8],
@@ -81,7 +82,13 @@ pub fn encode_miner_line(
     server: u64,
 ) -> Result<(), FrameError> {
     let obj = Object::scan(line).ok_or(FrameError::NotObject)?;
-    if obj.write_without(out, &ROUTING) > 0 {
+    let mark = out.len();
+    let n = obj.write_without(out, &ROUTING);
+    if n + ROUTING.len() > MAX_MEMBERS {
+        out.truncate(mark);
+        return Err(FrameError::NotObject);
+    }
+    if n > 0 {
         out.push(b',');
     }
     out.extend_from_slice(b"\"client_id\":");
@@ -107,7 +114,8 @@ pub fn term(out: &mut Vec<u8>, client_id: u64, address: &str, server: u64) {
 }
 
 /// Appends a line for miner `client_id` as the upstream sends it down: compacted, with
-/// `"node.method":"<node_method>","client_id":N` added last. Newline included.
+/// `"node.method":"<node_method>","client_id":N` added last. Newline included. A line that
+/// would have more members than [`decode_upstream`] reads is refused (nothing is appended).
 pub fn encode_for_client(
     out: &mut Vec<u8>,
     line: &[u8],
@@ -115,7 +123,12 @@ pub fn encode_for_client(
     client_id: u64,
 ) -> Result<(), FrameError> {
     let obj = Object::scan(line).ok_or(FrameError::NotObject)?;
+    let mark = out.len();
     let n = obj.write_without(out, &FOR_CLIENT);
+    if n + FOR_CLIENT.len() > MAX_MEMBERS {
+        out.truncate(mark);
+        return Err(FrameError::NotObject);
+    }
     if n > 0 {
         out.push(b',');
     }
@@ -156,7 +169,7 @@ impl FromUpstream<'_> {
             return None;
         };
         let digits = t.trim_ascii().strip_prefix(b"dropclient=")?;
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
             return None;
         }
         std::str::from_utf8(digits).ok()?.parse().ok()
@@ -258,19 +271,25 @@ fn raw_string(v: &[u8]) -> Option<&str> {
     std::str::from_utf8(inner).ok()
 }
 
-/// A non-negative integer value.
+/// A non-negative integer value (any `u64`: `parse` refuses the 20-digit ones past its end).
 fn uint(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// The members of a JSON object line: spans of each key (without quotes) and value.
+///
+/// Names are compared as a JSON reader reads them (`client\u005fid` is `client_id`), and of
+/// members with the same name the last counts, as for jansson (ckpool) and serde_json: a miner
+/// can neither hide a routing member from the passthrough nor shadow the one it appends.
 struct Object<'a> {
     line: &'a [u8],
     members: [Member; MAX_MEMBERS],
     len: usize,
+    /// Some name has an escape (rare): names are then compared decoded.
+    escaped: bool,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -287,6 +306,7 @@ impl<'a> Object<'a> {
             line,
             members: [Member::default(); MAX_MEMBERS],
             len: 0,
+            escaped: false,
         };
         c.ws();
         c.expect(b'{')?;
@@ -296,7 +316,7 @@ impl<'a> Object<'a> {
         } else {
             loop {
                 let ks = c.i + 1;
-                c.string()?;
+                let escaped = c.string()?;
                 let ke = c.i - 1;
                 c.ws();
                 c.expect(b':')?;
@@ -308,6 +328,7 @@ impl<'a> Object<'a> {
                     key: (ks, ke),
                     value: (vs, ve),
                 };
+                obj.escaped |= escaped;
                 obj.len += 1;
                 c.ws();
                 match c.next()? {
@@ -325,16 +346,31 @@ impl<'a> Object<'a> {
         self.line.get(m.key.0..m.key.1).unwrap_or_default()
     }
 
+    /// Whether member `m` is named `name`, its escapes decoded.
+    fn named(&self, m: &Member, name: &[u8]) -> bool {
+        let key = self.key(m);
+        if !self.escaped || !key.contains(&b'\\') {
+            return key == name;
+        }
+        // The name with its quotes, which the scan checked are there.
+        let quoted = self
+            .line
+            .get(m.key.0.saturating_sub(1)..m.key.1.saturating_add(1))
+            .unwrap_or_default();
+        serde_json::from_slice::<String>(quoted).is_ok_and(|k| k.as_bytes() == name)
+    }
+
     fn value(&self, m: &Member) -> &'a [u8] {
         self.line.get(m.value.0..m.value.1).unwrap_or_default()
     }
 
-    /// The raw value of the first member named `key`.
+    /// The raw value of the last member named `key`.
     fn get(&self, key: &[u8]) -> Option<&'a [u8]> {
         self.members
             .get(..self.len)?
             .iter()
-            .find(|m| self.key(m) == key)
+            .rev()
+            .find(|m| self.named(m, key))
             .map(|m| self.value(m))
     }
 
@@ -344,7 +380,7 @@ impl<'a> Object<'a> {
         out.push(b'{');
         let mut n = 0;
         for m in self.members.get(..self.len).unwrap_or_default() {
-            if skip.contains(&self.key(m)) {
+            if skip.iter().any(|name| self.named(m, name)) {
                 continue;
             }
             if n > 0 {
@@ -420,30 +456,34 @@ impl Cursor<'_> {
     }
 
     /// A string (the cursor on its opening quote): escapes checked, control characters refused,
-    /// the bytes UTF-8.
-    fn string(&mut self) -> Option<()> {
+    /// the bytes UTF-8. Whether it has an escape.
+    fn string(&mut self) -> Option<bool> {
         self.expect(b'"')?;
         let start = self.i;
+        let mut escaped = false;
         loop {
             match self.next()? {
                 b'"' => break,
-                b'\\' => match self.next()? {
-                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                    b'u' => {
-                        for _ in 0..4 {
-                            if !self.next()?.is_ascii_hexdigit() {
-                                return None;
+                b'\\' => {
+                    escaped = true;
+                    match self.next()? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                        b'u' => {
+                            for _ in 0..4 {
+                                if !self.next()?.is_ascii_hexdigit() {
+                                    return None;
+                                }
                             }
                         }
+                        _ => return None,
                     }
-                    _ => return None,
-                },
+                }
                 c if c < 0x20 => return None,
                 _ => {}
             }
         }
         std::str::from_utf8(self.b.get(start..self.i)?).ok()?;
-        Some(())
+        Some(escaped)
     }
 
     /// A number by JSON's grammar.
@@ -493,7 +533,7 @@ impl Cursor<'_> {
             return None;
         }
         match self.peek()? {
-            b'"' => self.string(),
+            b'"' => self.string().map(drop),
             b'{' => {
                 self.i += 1;
                 self.ws();
