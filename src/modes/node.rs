@@ -517,7 +517,7 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         .into());
     }
     let (node, runtime) = Node::start(settings)?;
-    let result = super::passthrough::run_link(settings, shutdown, Some(node), None);
+    let result = super::passthrough::run_link(settings, shutdown, Some(node), None, None);
     runtime.stop();
     result
 }

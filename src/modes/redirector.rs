@@ -45,7 +45,7 @@ pub(crate) fn run(
 ) -> anyhow::Result<()> {
     let redirects = Arc::new(Redirects::new(&settings.file.redirecturl)?);
     info!(targets = ?redirects.urls(), "redirecting miners after their first accepted share");
-    super::passthrough::run_link(settings, shutdown, None, Some(redirects))
+    super::passthrough::run_link(settings, shutdown, None, Some(redirects), None)
 }
 
 /// One `redirecturl` entry.
