@@ -1704,6 +1704,78 @@ mod tests {
     }
 
     #[test]
+    fn a_miner_travels_whole_in_a_handover() {
+        let now = Instant::now();
+        let mut hs = handshaken(true);
+        hs.replay_at(now).unwrap();
+        hs.keep(
+            Kind::Authorize,
+            br#"{"id":9,"method":"mining.authorize","params":["u.x","x"]}"#,
+        );
+        let m = Miner {
+            client_id: 77,
+            epoch: 3,
+            address: Arc::from("10.0.0.9"),
+            server: 1,
+            hs: Some(Box::new(hs)),
+        };
+        let back = Miner::import(&m.export(now), 5, now).unwrap();
+        assert_eq!((back.client_id, back.epoch, back.server), (77, 5, 1));
+        assert_eq!(&*back.address, "10.0.0.9");
+        let (a, b) = (m.hs.unwrap(), back.hs.unwrap());
+        assert_eq!(a.configure, b.configure);
+        assert_eq!(a.subscribe, b.subscribe);
+        assert_eq!(a.authorize, b.authorize);
+        assert_eq!((a.xsub, a.unreplayable), (b.xsub, b.unreplayable));
+        assert_eq!(a.awaiting, b.awaiting);
+        assert_eq!(b.awaiting, vec![(json!(9), Kind::Authorize)]);
+        assert_eq!(a.session, b.session);
+        assert_eq!(a.extranonce1, b.extranonce1);
+        assert_eq!(a.nonce2_len, b.nonce2_len);
+        assert!(b.replay_until.is_some_and(|t| t > now));
+        // A miner with no handshake yet, and garbage.
+        let bare = Miner {
+            client_id: 1,
+            epoch: 0,
+            address: Arc::from("::1"),
+            server: 0,
+            hs: None,
+        };
+        assert!(
+            Miner::import(&bare.export(now), 0, now)
+                .unwrap()
+                .hs
+                .is_none()
+        );
+        assert!(Miner::import(b"{}", 0, now).is_none());
+        assert!(
+            Miner::import(
+                br#"{"client_id":4294967296,"address":"a","server":0,"hs":null}"#,
+                0,
+                now
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn the_link_state_travels_and_only_to_a_passthrough() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let h = LinkHandover {
+            fd: OwnedFd::from(a.try_clone().unwrap()),
+            index: 2,
+            partial: b"{\"client_id\":7,".to_vec(),
+        };
+        let blob = export_link_state(&h, 1234);
+        let (back, next_id) = import_link_state(&blob, OwnedFd::from(a)).unwrap();
+        assert_eq!((back.index, next_id), (2, 1234));
+        assert_eq!(back.partial, h.partial);
+        let (c, _d) = UnixStream::pair().unwrap();
+        let pool_state = [1u8, 2, 3];
+        assert!(import_link_state(&pool_state, OwnedFd::from(c)).is_err());
+    }
+
+    #[test]
     fn too_long_or_bad_lines_make_a_miner_unreplayable() {
         let mut hs = Handshake::default();
         let long = format!(
