@@ -158,17 +158,16 @@ fn exited(p: &mut PoolProcess, what: &str) -> std::process::ExitStatus {
         .unwrap_or_else(|| panic!("{what} did not exit; log:\n{}", p.log_text()))
 }
 
+/// What the pool saw of the passthrough: its links (`[(peer, subclients)]`) and its connector's
+/// counters.
+type PoolView = (Vec<(String, u64)>, (u64, u64));
+
 /// A pool, a passthrough in front of it with [`MINERS`] miners that got a share accepted, and
 /// the pool's view of the link once it counts them all.
 fn passthrough_with_miners(
     tag: &str,
     node: &RegtestNode,
-) -> (
-    PoolProcess,
-    PoolProcess,
-    Vec<RawMiner>,
-    (Vec<(String, u64)>, (u64, u64)),
-) {
+) -> (PoolProcess, PoolProcess, Vec<RawMiner>, PoolView) {
     let (pool, link_addr) = pool_with_passthrough_port(node, &format!("{tag}-pool"));
     let pt = start_passthrough(&format!("{tag}-pt"), link_addr);
     let mut ms: Vec<RawMiner> = (0..MINERS)
