@@ -42,7 +42,10 @@ struct RawMiner {
 
 impl RawMiner {
     fn connect(addr: SocketAddr, user: &str) -> Self {
-        let mut c = Client::connect(addr);
+        Self::login(Client::connect(addr), user)
+    }
+
+    fn login(mut c: Client, user: &str) -> Self {
         let (en1, n2) = c.login(user);
         let v = c.wait_for("a mining.notify", WAIT, |v| v["method"] == "mining.notify");
         let job = loadtest::work::Job::from_notify_params(&v["params"]).unwrap();
@@ -298,6 +301,114 @@ fn passthrough_new_instance_dying_mid_handover_leaves_the_old_serving() {
     assert_eq!(pool_links(&pool), links);
     let mut late = RawMiner::connect(old.addr, "mho-die.late");
     late.share_accepted();
+}
+
+/// A raw stratum client connected to `to` from the loopback address `src` (the redirector's
+/// stickiness is per source address).
+fn connect_from(src: std::net::IpAddr, to: SocketAddr) -> Client {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddr::new(src, 0)).unwrap();
+    connect(&fd, &to).unwrap();
+    let stream = std::net::TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    Client::from_stream(stream)
+}
+
+fn reconnects(c: &Client) -> Vec<Value> {
+    c.seen
+        .iter()
+        .filter(|v| v["method"] == "client.reconnect")
+        .cloned()
+        .collect()
+}
+
+/// A redirector (`-R`) hands over like a passthrough, with what it knows: a miner watched
+/// before the upgrade is redirected after it on its first accepted share, to the next address
+/// round-robin; an IP redirected before the upgrade sticks to its address after it; the pool
+/// sees the same link throughout.
+#[test]
+fn redirector_handover_keeps_its_watch_and_ip_table() {
+    let tag = "redirector_handover_keeps_its_watch_and_ip_table";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (pool, link_addr) = pool_with_passthrough_port(&net.nodes[0], "mho-rd-pool");
+    let (a, b) = (free_port(), free_port());
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": link_addr.to_string(), "auth": "unused", "pass": "x"}],
+        "redirecturl": [format!("127.0.0.1:{a}"), format!("localhost:{b}")],
+        "threads": 2,
+        "zmqblock": null,
+    });
+    let mut old = PoolProcess::start("mho-rd", &config, &["-R"]);
+    wait_stats(&old, "the redirector's upstream to be up", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+    });
+    let first = json!(["127.0.0.1", a.to_string(), 0]);
+    let second = json!(["localhost", b.to_string(), 0]);
+    // Miner A (127.0.0.1): redirected to the first address after its accepted share.
+    let mut ma = RawMiner::connect(old.addr, "rdA.1");
+    ma.share_accepted();
+    let r = ma.c.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], first, "{r}");
+    // Miner C (127.0.0.2): watched, no share yet.
+    let mut mc = RawMiner::login(connect_from([127, 0, 0, 2].into(), old.addr), "rdC.1");
+    assert!(reconnects(&mc.c).is_empty(), "{:?}", mc.c.seen);
+    wait_stats(&pool, "two sub-clients", WAIT, |s| {
+        s["passthroughs"][0]["subclients"] == 2
+    });
+    let (links, conns) = (pool_links(&pool), pool_connections(&pool));
+
+    let new = old.spawn_sibling(&["-R", "-H"], &[], "new.log");
+    let status = exited(&mut old, "the old redirector");
+    assert!(
+        status.success(),
+        "{status}; old log:
+{}
+new log:
+{}",
+        old.log_text(),
+        new.log_text()
+    );
+    wait_until("the new redirector's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    // C's first accepted share, after the upgrade: the next address.
+    mc.share_accepted();
+    let r = mc.c.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], second, "{r}");
+    assert_eq!(reconnects(&mc.c).len(), 1);
+    // A: redirected before, not again.
+    ma.share_accepted();
+    assert_eq!(reconnects(&ma.c).len(), 1, "{:?}", ma.c.seen);
+    // B from 127.0.0.1: sent where A went as soon as it is authorised.
+    let mut mb = Client::connect(new.addr);
+    mb.login("rdB.1");
+    let r = mb.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], first, "{r}");
+    let s = wait_stats(&new, "the redirects counted", WAIT, |s| {
+        s["redirect"]["redirected"] == 3
+    });
+    assert_eq!(s["mode"], "redirector", "{s}");
+    assert_eq!(s["redirect"]["by_ip"], 1, "{s}");
+    assert_eq!(s["redirect"]["ips"], 2, "{s}");
+    assert_eq!(s["replayed"], 0, "{s}");
+    // The same link at the pool, with B added.
+    assert_eq!(pool_connections(&pool), conns);
+    let now = pool_links(&pool);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].0, links[0].0);
 }
 
 /// Proxy mode cannot hand over yet: `-H` is refused with the reason (exit 2), and the running

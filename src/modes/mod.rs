@@ -15,8 +15,8 @@ use crate::settings::{ConfigError, Mode, Settings};
 pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
     if instance.pending_handover() && !handover_supported(settings.mode) {
         return Err(ConfigError(format!(
-            "-H: {} mode cannot take a running instance over yet (pool, solo and passthrough \
-             modes can); use -k instead of -H (the running instance's miners reconnect)",
+            "-H: {} mode cannot take a running instance over yet (pool, solo, passthrough \
+             and redirector modes can); use -k instead of -H (the running instance's miners reconnect)",
             settings.mode
         ))
         .into());
@@ -25,7 +25,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         Mode::Pool | Mode::Solo => pool::run(settings, instance),
         Mode::Passthrough => passthrough::run(settings, instance),
         Mode::Node => node::run(settings, &instance.shutdown),
-        Mode::Redirector => redirector::run(settings, &instance.shutdown),
+        Mode::Redirector => redirector::run(settings, instance),
         Mode::Proxy => proxy::run(settings, &instance.shutdown, false),
         Mode::UserProxy => proxy::run(settings, &instance.shutdown, true),
     }
@@ -33,5 +33,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
 
 /// Whether a mode hands its connections over on `-H` (the others refuse it: `crate::handover`).
 pub(crate) fn handover_supported(mode: Mode) -> bool {
-    matches!(mode, Mode::Pool | Mode::Solo | Mode::Passthrough)
+    matches!(
+        mode,
+        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Redirector
+    )
 }

@@ -403,21 +403,19 @@ impl Handshake {
 const REPLAY_WINDOW_MS: u64 = 60_000;
 
 impl Miner {
-    /// The miner as it travels in a handover (the connection's `ConnState::user`).
-    fn export(&self, now: Instant) -> Vec<u8> {
+    /// The miner as it travels in a handover (in the connection's `ConnState::user`, with the
+    /// redirector's `watch`).
+    fn export(&self, now: Instant) -> serde_json::Value {
         json!({
             "client_id": self.client_id,
             "address": &*self.address,
             "server": self.server,
             "hs": self.hs.as_ref().map(|h| h.export(now)),
         })
-        .to_string()
-        .into_bytes()
     }
 
     /// [`Miner::export`] back, in upstream epoch `epoch`.
-    fn import(bytes: &[u8], epoch: u64, now: Instant) -> Option<Self> {
-        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    fn import(v: &serde_json::Value, epoch: u64, now: Instant) -> Option<Self> {
         let client_id = u32::try_from(v.get("client_id")?.as_u64()?).ok()?;
         let hs = match v.get("hs")? {
             serde_json::Value::Null => None,
@@ -778,7 +776,11 @@ impl connector::Handler for MinerSide {
             return;
         };
         self.shared.lock().remove(&m.client_id);
-        state.extend_from_slice(&m.export(now));
+        let mut v = m.export(now);
+        if let Some(r) = self.redirect.as_mut() {
+            v["watch"] = r.export(conn, now);
+        }
+        state.extend_from_slice(v.to_string().as_bytes());
     }
 
     fn on_adopt(
@@ -791,8 +793,20 @@ impl connector::Handler for MinerSide {
         out: &mut Outbox,
     ) {
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
-        let Some(m) = Miner::import(state, epoch, now) else {
+        let v = serde_json::from_slice::<serde_json::Value>(state).unwrap_or_default();
+        let watched = match self.redirect.as_mut() {
+            Some(r) => r.adopt(
+                conn,
+                v.get("watch").unwrap_or(&serde_json::Value::Null),
+                now,
+            ),
+            None => true,
+        };
+        let Some(m) = Miner::import(&v, epoch, now).filter(|_| watched) else {
             warn!(%conn, %peer, "a handed-over miner's state is unreadable; closed");
+            if let Some(r) = self.redirect.as_mut() {
+                r.close(conn);
+            }
             out.close(conn);
             return;
         };
@@ -806,6 +820,9 @@ impl connector::Handler for MinerSide {
         };
         if taken {
             warn!(%conn, client_id = m.client_id, "a handed-over miner's client id is in use; closed");
+            if let Some(r) = self.redirect.as_mut() {
+                r.close(conn);
+            }
             out.close(conn);
             return;
         }
@@ -819,24 +836,39 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     run_link(settings, &instance.shutdown, None, None, Some(instance))
 }
 
-/// What the old instance's passthrough sends as its state, besides the link's socket.
-fn export_link_state(h: &LinkHandover, next_id: u32) -> Vec<u8> {
+/// What the old instance's passthrough (`mode`: `passthrough` or `redirector`) sends as its
+/// state, besides the link's socket; a redirector's IP table and counters in `redirect`.
+fn export_link_state(
+    h: &LinkHandover,
+    next_id: u32,
+    mode: &str,
+    redirect: Option<serde_json::Value>,
+) -> Vec<u8> {
     json!({
-        "mode": "passthrough",
+        "mode": mode,
         "index": h.index,
         "partial": hex::encode(&h.partial),
         "next_id": next_id,
+        "redirect": redirect,
     })
     .to_string()
     .into_bytes()
 }
 
-/// [`export_link_state`] back: the link (with `fd`) and the `client_id` counter.
-fn import_link_state(blob: &[u8], fd: OwnedFd) -> anyhow::Result<(LinkHandover, u32)> {
+/// The link state of the old instance (that must run `mode` too).
+type LinkState = (LinkHandover, u32, serde_json::Value);
+
+/// [`export_link_state`] back: the link (with `fd`), the `client_id` counter and the
+/// redirector's state (`null` in passthrough mode).
+fn import_link_state(blob: &[u8], fd: OwnedFd, mode: &str) -> anyhow::Result<LinkState> {
     let v: serde_json::Value = serde_json::from_slice(blob)
-        .map_err(|_| anyhow!("the running instance is not a passthrough (its state is not one)"))?;
-    if v.get("mode").and_then(serde_json::Value::as_str) != Some("passthrough") {
-        return Err(anyhow!("the running instance is not a passthrough"));
+        .map_err(|_| anyhow!("the running instance is not a {mode} (its state is not one)"))?;
+    let theirs = v.get("mode").and_then(serde_json::Value::as_str);
+    if theirs != Some(mode) {
+        return Err(anyhow!(
+            "the running instance is not a {mode} (it says {})",
+            theirs.unwrap_or("nothing")
+        ));
     }
     let field = |k: &str| v.get(k).ok_or_else(|| anyhow!("the link state has no {k}"));
     let index = field("index")?
@@ -851,7 +883,8 @@ fn import_link_state(blob: &[u8], fd: OwnedFd) -> anyhow::Result<(LinkHandover, 
         .as_u64()
         .and_then(|i| u32::try_from(i).ok())
         .ok_or_else(|| anyhow!("bad client id counter"))?;
-    Ok((LinkHandover { fd, index, partial }, next_id))
+    let redirect = v.get("redirect").cloned().unwrap_or_default();
+    Ok((LinkHandover { fd, index, partial }, next_id, redirect))
 }
 
 /// The old passthrough's side of a handover ([`handover::GiveHooks`]).
@@ -861,6 +894,8 @@ struct PtGive<'a> {
     events: &'a Receiver<PassthroughEvent>,
     shared: &'a Shared,
     shutdown: &'a AtomicBool,
+    /// Redirector mode: its IP table and counters go too.
+    redirect: Option<&'a super::redirector::Redirects>,
     /// The paused link, once settled.
     paused: RefCell<Option<LinkHandover>>,
 }
@@ -912,7 +947,14 @@ impl handover::GiveHooks for PtGive<'_> {
             h.fd.try_clone()
                 .context("duplicating the upstream link's socket")?;
         let next_id = self.shared.next_id.load(Ordering::Relaxed);
-        Ok((export_link_state(h, next_id), vec![fd]))
+        let blob = export_link_state(
+            h,
+            next_id,
+            link_mode(self.redirect.is_some()),
+            self.redirect
+                .map(super::redirector::Redirects::export_state),
+        );
+        Ok((blob, vec![fd]))
     }
 
     fn release(&self) {}
@@ -920,6 +962,15 @@ impl handover::GiveHooks for PtGive<'_> {
     fn taken_back(&self) {
         self.paused.borrow_mut().take();
         self.link.resume();
+    }
+}
+
+/// The mode's name in a handover's link state.
+fn link_mode(redirector: bool) -> &'static str {
+    if redirector {
+        "redirector"
+    } else {
+        "passthrough"
     }
 }
 
@@ -996,7 +1047,13 @@ pub(crate) fn run_link(
                     .into_iter()
                     .next()
                     .ok_or_else(|| anyhow!("the running instance sent no upstream link"))?;
-                import_link_state(&blob, fd)
+                let (adopted, next_id, state) =
+                    import_link_state(&blob, fd, link_mode(redirect.is_some()))?;
+                if let Some(r) = &redirect {
+                    r.import_state(&state)
+                        .map_err(|e| anyhow!("the redirector's state: {e}"))?;
+                }
+                Ok((adopted, next_id))
             });
             match state {
                 Ok(state) => Some((incoming, state)),
@@ -1117,6 +1174,7 @@ pub(crate) fn run_link(
         );
         let urls = urls.clone();
         let node = node.clone();
+        let redirect = redirect.clone();
         let stats: crate::web::JsonView = Arc::new(move || {
             let mut s = stats_json(&shared, &link, &handle, &urls);
             if let Some(r) = &redirect {
@@ -1188,6 +1246,7 @@ pub(crate) fn run_link(
         node.as_deref(),
         &handover_rx,
         &link,
+        redirect.as_deref(),
     );
 
     shutdown.store(true, Ordering::Relaxed);
@@ -1244,6 +1303,7 @@ fn route(
     node: Option<&Node>,
     handovers: &Receiver<UnixStream>,
     link: &PassthroughLink,
+    redirect: Option<&super::redirector::Redirects>,
 ) -> bool {
     let conns = &connector.handle();
     let threads = shared.inflight.len();
@@ -1260,7 +1320,18 @@ fn route(
             },
             recv(handovers) -> stream => {
                 if let Ok(stream) = stream
-                    && hand_over(&stream, connector, link, events, shared, shutdown)
+                    && hand_over(
+                        &stream,
+                        PtGive {
+                            conns: connector,
+                            link,
+                            events,
+                            shared,
+                            shutdown,
+                            redirect,
+                            paused: RefCell::new(None),
+                        },
+                    )
                 {
                     return true;
                 }
@@ -1298,29 +1369,14 @@ fn route(
 
 /// Answers a handover request `ok` and hands over on it; true once committed (false: this
 /// instance serves on, with every miner and its upstream link).
-fn hand_over(
-    stream: &UnixStream,
-    conns: &Connector<Msg>,
-    link: &PassthroughLink,
-    events: &Receiver<PassthroughEvent>,
-    shared: &Shared,
-    shutdown: &AtomicBool,
-) -> bool {
+fn hand_over(stream: &UnixStream, give: PtGive<'_>) -> bool {
     info!("handover requested by a new instance");
     let mut s = stream;
     if let Err(e) = common::admin::write_message(&mut s, b"ok") {
         warn!(error = %e, "handover: cannot answer the new instance");
         return false;
     }
-    let give = PtGive {
-        conns,
-        link,
-        events,
-        shared,
-        shutdown,
-        paused: RefCell::new(None),
-    };
-    match handover::give(conns, stream, &give) {
+    match handover::give(give.conns, stream, &give) {
         handover::Outcome::Committed { connections } => {
             info!(
                 miners = connections,
@@ -1747,10 +1803,10 @@ mod tests {
                 .hs
                 .is_none()
         );
-        assert!(Miner::import(b"{}", 0, now).is_none());
+        assert!(Miner::import(&json!({}), 0, now).is_none());
         assert!(
             Miner::import(
-                br#"{"client_id":4294967296,"address":"a","server":0,"hs":null}"#,
+                &json!({"client_id": 4_294_967_296_u64, "address": "a", "server": 0, "hs": null}),
                 0,
                 now
             )
@@ -1766,13 +1822,18 @@ mod tests {
             index: 2,
             partial: b"{\"client_id\":7,".to_vec(),
         };
-        let blob = export_link_state(&h, 1234);
-        let (back, next_id) = import_link_state(&blob, OwnedFd::from(a)).unwrap();
+        let blob = export_link_state(&h, 1234, "redirector", Some(json!({"next": 1})));
+        let (back, next_id, redirect) =
+            import_link_state(&blob, OwnedFd::from(a.try_clone().unwrap()), "redirector").unwrap();
         assert_eq!((back.index, next_id), (2, 1234));
         assert_eq!(back.partial, h.partial);
+        assert_eq!(redirect, json!({"next": 1}));
+        // Only to the same mode.
+        let err = import_link_state(&blob, OwnedFd::from(a), "passthrough").unwrap_err();
+        assert!(format!("{err}").contains("redirector"), "{err}");
         let (c, _d) = UnixStream::pair().unwrap();
         let pool_state = [1u8, 2, 3];
-        assert!(import_link_state(&pool_state, OwnedFd::from(c)).is_err());
+        assert!(import_link_state(&pool_state, OwnedFd::from(c), "passthrough").is_err());
     }
 
     #[test]
