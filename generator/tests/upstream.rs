@@ -801,6 +801,13 @@ fn passthrough_link_pauses_and_is_adopted_on_the_same_connection() {
     )
     .unwrap();
     link.release();
+    // The released link sends nothing more.
+    let late = MinerLine::Term {
+        client_id: 1,
+        address: Arc::from("10.0.0.1"),
+        server: 0,
+    };
+    assert!(matches!(link.send(late), Err(SendError::Closed(_))));
     up.writer.write_all(b":3,\"result\":true}\n").unwrap();
     // Nothing is read before the resume.
     assert!(rx2.recv_timeout(Duration::from_millis(300)).is_err());

@@ -1136,7 +1136,7 @@ pub(crate) fn run_link(
         Err(e) => {
             if let Some(incoming) = &incoming {
                 incoming.abort(&format!("the new instance cannot start its connector: {e}"));
-                release_link(link);
+                link.release();
             }
             return Err(e).context("starting the connector");
         }
@@ -1152,8 +1152,9 @@ pub(crate) fn run_link(
         match claimed {
             Ok(n) => info!(miners = n, "handover: took the running instance over"),
             Err(e) => {
-                // The link is the old instance's again: leave it open.
-                release_link(link);
+                // The link is the old instance's again: leave it open, and send nothing more on
+                // it (no `mining.term` for the miners closed here).
+                link.release();
                 conns.shutdown();
                 return Err(e).context("-H: the handover failed; the old instance serves on");
             }
@@ -1259,33 +1260,21 @@ pub(crate) fn run_link(
     if let Some(web) = web {
         web.stop();
     }
-    conns.shutdown();
     if handed_over {
-        release_link(link);
-    } else {
-        match Arc::try_unwrap(link) {
-            Ok(link) => link.shutdown(),
-            Err(_) => debug!("upstream link still shared at shutdown; dropped"),
-        }
+        // Stopped before the connector, so that nothing more goes up from here.
+        link.release();
     }
+    conns.shutdown();
     if admin.join().is_err() {
         error!("the admin thread panicked");
     }
+    match Arc::try_unwrap(link) {
+        Ok(link) if !handed_over => link.shutdown(),
+        Ok(_) => {}
+        Err(_) => debug!("upstream link still shared at shutdown; dropped"),
+    }
     info!("shutdown complete");
     Ok(())
-}
-
-/// Stops a link whose connection another instance holds, without closing the connection.
-fn release_link(link: Arc<PassthroughLink>) {
-    match Arc::try_unwrap(link) {
-        Ok(link) => link.release(),
-        // Dropping a `PassthroughLink` stops its engine, which would shut the socket down on
-        // the way out; the other holders are the connector's handlers, gone by now.
-        Err(link) => {
-            error!("upstream link still shared; leaking it so its connection stays open");
-            std::mem::forget(link);
-        }
-    }
 }
 
 /// The router: upstream events to the connector threads, until `shutdown`, or until a handover

@@ -47,8 +47,9 @@ pub(crate) enum Ctl {
     },
     /// Read again (a handover failed, or the adopting side is ready).
     Resume,
-    /// The connection belongs to another process now: stop without closing it (no shutdown).
-    Release,
+    /// The connection belongs to another process now: stop without closing it (no shutdown),
+    /// then say so on `done` (by dropping it).
+    Release { done: Sender<()> },
 }
 
 /// What a line (or the passing of time) does to a connection.
@@ -317,11 +318,13 @@ impl<C: Send + 'static> Handle<C> {
     }
 
     /// The paused connection belongs to another process now: stops the engine without closing
-    /// it, and waits for it.
-    pub(crate) fn release(mut self) {
-        let _ = self.ctl.send(Ctl::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// it, and waits (at most `wait`) until it has stopped: commands sent afterwards fail with
+    /// [`SendError::Closed`], so nothing more is written to the connection from here.
+    pub(crate) fn release(&self, wait: Duration) {
+        let (done, stopped) = bounded::<()>(0);
+        if self.ctl.send_timeout(Ctl::Release { done }, wait).is_ok() {
+            // The engine drops `done` once its loop is over.
+            let _ = stopped.recv_timeout(wait);
         }
     }
 
@@ -400,11 +403,20 @@ impl<S: Session> Engine<S> {
             let deadline = self.deadline();
             match self.wait(deadline) {
                 Wake::Stop | Wake::Cmd(None) => break,
-                Wake::Ctl(Ctl::Release) => {
+                Wake::Ctl(Ctl::Release { done }) => {
                     // Closing our descriptor leaves the connection to the other process.
                     if let Some(mut a) = self.active.take() {
                         a.stream = None;
                     }
+                    self.attempt = None;
+                    self.probe = None;
+                    // No command is taken from now on.
+                    let cmds = std::mem::replace(&mut self.cmds, never());
+                    while let Ok(cmd) = cmds.try_recv() {
+                        S::lose(cmd, "link handed over", &mut self.scratch);
+                    }
+                    drop(cmds);
+                    drop(done);
                     break;
                 }
                 Wake::Ctl(Ctl::Pause { deadline, reply }) => {

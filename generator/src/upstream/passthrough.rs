@@ -2,7 +2,7 @@
 //! failover along the server list.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::stratum::passthrough::{self, FromUpstream, Role};
 use crossbeam_channel::{Receiver, Sender};
@@ -100,6 +100,8 @@ impl PassthroughEvent {
 #[derive(Debug)]
 pub struct PassthroughLink {
     handle: Handle<MinerLine>,
+    /// How long [`PassthroughLink::release`] waits for the engine (a write may be under way).
+    release_wait: Duration,
 }
 
 impl PassthroughLink {
@@ -123,8 +125,12 @@ impl PassthroughLink {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
         };
+        let release_wait = cfg.write_timeout + Duration::from_secs(1);
         let handle = Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events)?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            release_wait,
+        })
     }
 
     /// Queues a line for the upstream, waiting at most `send_block` for room, then giving it
@@ -164,6 +170,7 @@ impl PassthroughLink {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
         };
+        let release_wait = cfg.write_timeout + Duration::from_secs(1);
         let handle = Handle::start_adopted::<PassthroughSession>(
             Arc::new(cfg),
             role,
@@ -171,7 +178,10 @@ impl PassthroughLink {
             events,
             adopted,
         )?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            release_wait,
+        })
     }
 
     /// The first step of handing the link over (`-H`): every queued line is written, reading
@@ -191,9 +201,11 @@ impl PassthroughLink {
     }
 
     /// The paused connection belongs to another process: stops the link without shutting the
-    /// connection down (the upstream sees nothing), and waits for its thread.
-    pub fn release(self) {
-        self.handle.release();
+    /// connection down (the upstream sees nothing); lines sent afterwards are refused
+    /// ([`SendError::Closed`]), so nothing more goes to the connection from this process. Waits
+    /// for the engine at most `write_timeout`.
+    pub fn release(&self) {
+        self.handle.release(self.release_wait);
     }
 }
 
