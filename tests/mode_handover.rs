@@ -411,6 +411,33 @@ new log:
     assert_eq!(now[0].0, links[0].0);
 }
 
+/// A passthrough whose upstream is down refuses to hand over (its link has no connection to
+/// give): the new instance exits 1 saying why, the old one keeps `main.pid` and serves on.
+#[test]
+fn a_passthrough_with_its_upstream_down_refuses_to_hand_over() {
+    // Nothing listens on the upstream's address; no node is needed.
+    let upstream = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": upstream.to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 2,
+        "zmqblock": null,
+    });
+    let mut old = PoolProcess::start("mho-down", &config, &["-P"]);
+    assert_eq!(old.stats()["upstream"]["state"], "down");
+    let mut new = old.spawn_sibling(&["-P", "-H"], &[], "new.log");
+    let status = exited(&mut new, "the -H passthrough");
+    assert_eq!(status.code(), Some(1), "log:\n{}", new.log_text());
+    let log = new.log_text();
+    assert!(log.contains("the upstream link is down"), "log:\n{log}");
+    wait_until("the old passthrough to serve on", WAIT, || {
+        old.log_text().contains("handover failed; serving on")
+    });
+    assert!(old.is_running());
+    assert_eq!(old.pidfile_pid(), Some(old.pid()));
+    assert_eq!(old.admin("ping").as_deref(), Some("pong"));
+}
+
 /// Proxy mode cannot hand over yet: `-H` is refused with the reason (exit 2), and the running
 /// proxy serves on.
 #[test]
