@@ -411,6 +411,83 @@ new log:
     assert_eq!(now[0].0, links[0].0);
 }
 
+/// A node (`-N`, with its own bitcoind) hands over like a passthrough, with the jobs and
+/// transactions it rebuilt from the pool's messages: the new node knows them at once (the pool
+/// sends each transaction once, and a job only on a new template), its miner carries on, and
+/// the pool sees the same link.
+#[test]
+fn node_handover_keeps_the_jobs_and_transactions_it_rebuilt() {
+    let tag = "node_handover_keeps_the_jobs_and_transactions_it_rebuilt";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (pools_btcd, nodes_btcd) = (&net.nodes[0], &net.nodes[1]);
+    // A transaction in the pool's template, so that the pool sends its node `transactions`.
+    pools_btcd.generate(101);
+    let to = pools_btcd.new_address();
+    pools_btcd.rpc("sendtoaddress", json!([to, 1.0]));
+    let payout = pools_btcd.new_address();
+    let link = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut config = regtest_config(vec![btcd_entry(pools_btcd)], Some(&payout), free_port());
+    config["nodeserver"] = json!([link.to_string()]);
+    let pool = PoolProcess::start("mho-node-pool", &config, &[]);
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": link.to_string(), "auth": "unused", "pass": "x"}],
+        "btcd": [btcd_entry(nodes_btcd)],
+        "blockpoll": 100,
+        "zmqblock": null,
+        "threads": 2,
+    });
+    let mut old = PoolProcess::start("mho-node", &config, &["-N"]);
+    wait_stats(&old, "the node's jobs and transactions", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+            && s["node"]["jobs"].as_u64() >= Some(1)
+            && s["node"]["transactions"].as_u64() >= Some(1)
+    });
+    let mut m = RawMiner::connect(old.addr, "mho-node.1");
+    m.share_accepted();
+    let before = wait_stats(&old, "the node counting the share", WAIT, |s| {
+        s["node"]["shares"].as_u64() >= Some(1)
+    })["node"]
+        .clone();
+    wait_stats(&pool, "the node's miner at the pool", WAIT, |s| {
+        s["passthroughs"][0]["subclients"] == 1
+    });
+    let (links, conns) = (pool_links(&pool), pool_connections(&pool));
+
+    let mut new = old.spawn_sibling(&["-N", "-H"], &[], "new.log");
+    let status = exited(&mut old, "the old node");
+    assert!(
+        status.success(),
+        "{status}; old log:\n{}\nnew log:\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    wait_until("the new node's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    let after = new.stats();
+    assert_eq!(after["mode"], "node", "{after}");
+    assert_eq!(after["upstream"]["state"], "up", "{after}");
+    for k in ["jobs", "transactions", "workinfos", "shares"] {
+        assert!(
+            after["node"][k].as_u64() >= before[k].as_u64(),
+            "{k}: before {before}, after {after}"
+        );
+    }
+    assert!(after["node"]["transactions"].as_u64() >= Some(1), "{after}");
+    m.share_accepted();
+    m.assert_same_session();
+    wait_stats(&new, "the new node counting the share", WAIT, |s| {
+        s["node"]["shares"].as_u64() > before["shares"].as_u64()
+    });
+    assert_eq!(pool_connections(&pool), conns);
+    assert_eq!(pool_links(&pool), links);
+    assert!(new.is_running(), "new log:\n{}", new.log_text());
+}
+
 /// A passthrough whose upstream is down refuses to hand over (its link has no connection to
 /// give): the new instance exits 1 saying why, the old one keeps `main.pid` and serves on.
 #[test]

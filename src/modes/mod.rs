@@ -15,8 +15,8 @@ use crate::settings::{ConfigError, Mode, Settings};
 pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
     if instance.pending_handover() && !handover_supported(settings.mode) {
         return Err(ConfigError(format!(
-            "-H: {} mode cannot take a running instance over yet (pool, solo, passthrough \
-             and redirector modes can); use -k instead of -H (the running instance's miners reconnect)",
+            "-H: {} mode cannot take a running instance over yet (pool, solo, passthrough, \
+             redirector and node modes can); use -k instead of -H (the running instance's miners reconnect)",
             settings.mode
         ))
         .into());
@@ -24,7 +24,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     match settings.mode {
         Mode::Pool | Mode::Solo => pool::run(settings, instance),
         Mode::Passthrough => passthrough::run(settings, instance),
-        Mode::Node => node::run(settings, &instance.shutdown),
+        Mode::Node => node::run(settings, instance),
         Mode::Redirector => redirector::run(settings, instance),
         Mode::Proxy => proxy::run(settings, &instance.shutdown, false),
         Mode::UserProxy => proxy::run(settings, &instance.shutdown, true),
@@ -35,6 +35,6 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
 pub(crate) fn handover_supported(mode: Mode) -> bool {
     matches!(
         mode,
-        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Redirector
+        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Redirector | Mode::Node
     )
 }

@@ -836,8 +836,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     run_link(settings, &instance.shutdown, None, None, Some(instance))
 }
 
-/// What the old instance's passthrough (`mode`: `passthrough` or `redirector`) sends as its
-/// state, besides the link's socket; a redirector's IP table and counters in `redirect`.
+/// What the old instance's passthrough (`mode`: `passthrough`, `redirector` or `node`) sends as
+/// its state, besides the link's socket; a redirector's or a node's own state in `redirect`.
 fn export_link_state(
     h: &LinkHandover,
     next_id: u32,
@@ -859,7 +859,7 @@ fn export_link_state(
 type LinkState = (LinkHandover, u32, serde_json::Value);
 
 /// [`export_link_state`] back: the link (with `fd`), the `client_id` counter and the
-/// redirector's state (`null` in passthrough mode).
+/// redirector's or node's state (`null` in passthrough mode).
 fn import_link_state(blob: &[u8], fd: OwnedFd, mode: &str) -> anyhow::Result<LinkState> {
     let v: serde_json::Value = serde_json::from_slice(blob)
         .map_err(|_| anyhow!("the running instance is not a {mode} (its state is not one)"))?;
@@ -896,6 +896,8 @@ struct PtGive<'a> {
     shutdown: &'a AtomicBool,
     /// Redirector mode: its IP table and counters go too.
     redirect: Option<&'a super::redirector::Redirects>,
+    /// Node mode: its jobs, transactions and figures go too.
+    node: Option<&'a Node>,
     /// The paused link, once settled.
     paused: RefCell<Option<LinkHandover>>,
 }
@@ -912,7 +914,7 @@ impl handover::GiveHooks for PtGive<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
                 recv(self.events) -> ev => match ev {
-                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, None),
+                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node),
                     Err(_) => break Err(anyhow!("the upstream link stopped")),
                 },
                 recv(answer) -> r => break match r {
@@ -923,7 +925,7 @@ impl handover::GiveHooks for PtGive<'_> {
             }
         };
         while let Ok(ev) = self.events.try_recv() {
-            handle_event(ev, &handle, self.shared, &mut batches, None);
+            handle_event(ev, &handle, self.shared, &mut batches, self.node);
         }
         send_batches(&handle, self.shared, &mut batches, self.shutdown);
         let paused = paused.context("pausing the upstream link")?;
@@ -947,12 +949,16 @@ impl handover::GiveHooks for PtGive<'_> {
             h.fd.try_clone()
                 .context("duplicating the upstream link's socket")?;
         let next_id = self.shared.next_id.load(Ordering::Relaxed);
+        let mode_state = match (self.redirect, self.node) {
+            (Some(r), _) => Some(r.export_state()),
+            (None, Some(n)) => Some(n.export_state()),
+            (None, None) => None,
+        };
         let blob = export_link_state(
             h,
             next_id,
-            link_mode(self.redirect.is_some()),
-            self.redirect
-                .map(super::redirector::Redirects::export_state),
+            link_mode(self.redirect.is_some(), self.node.is_some()),
+            mode_state,
         );
         Ok((blob, vec![fd]))
     }
@@ -966,11 +972,11 @@ impl handover::GiveHooks for PtGive<'_> {
 }
 
 /// The mode's name in a handover's link state.
-fn link_mode(redirector: bool) -> &'static str {
-    if redirector {
-        "redirector"
-    } else {
-        "passthrough"
+fn link_mode(redirector: bool, node: bool) -> &'static str {
+    match (redirector, node) {
+        (true, _) => "redirector",
+        (false, true) => "node",
+        (false, false) => "passthrough",
     }
 }
 
@@ -1048,10 +1054,14 @@ pub(crate) fn run_link(
                     .next()
                     .ok_or_else(|| anyhow!("the running instance sent no upstream link"))?;
                 let (adopted, next_id, state) =
-                    import_link_state(&blob, fd, link_mode(redirect.is_some()))?;
+                    import_link_state(&blob, fd, link_mode(redirect.is_some(), node.is_some()))?;
                 if let Some(r) = &redirect {
                     r.import_state(&state)
                         .map_err(|e| anyhow!("the redirector's state: {e}"))?;
+                }
+                if let Some(n) = &node {
+                    n.import_state(&state)
+                        .map_err(|e| anyhow!("the node's state: {e}"))?;
                 }
                 Ok((adopted, next_id))
             });
@@ -1318,6 +1328,7 @@ fn route(
                             shared,
                             shutdown,
                             redirect,
+                            node,
                             paused: RefCell::new(None),
                         },
                     )
