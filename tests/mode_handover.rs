@@ -1,7 +1,8 @@
 //! `-H` in the other modes, end to end against a real regtest node: a passthrough (`-P`) in
 //! front of a ckpool-rs pool hands its miners and its upstream link over, and the pool sees the
-//! same link throughout; a passthrough whose new instance dies half way serves on with both; the
-//! modes that cannot hand over yet refuse `-H` plainly. The suite runs again with
+//! same link throughout; a passthrough whose new instance dies half way serves on with both; a
+//! redirector (`-R`) and a node (`-N`) carry their own state along; a passthrough with its
+//! upstream down, and the proxy modes, refuse `-H` plainly. The suite runs again with
 //! `POOL_BACKEND=epoll`, which the processes inherit.
 #![allow(
     clippy::unwrap_used,

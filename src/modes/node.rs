@@ -17,6 +17,9 @@
 //! * Local statistics: shares seen, blocks found and submitted, and per worker the hashrate
 //!   (1 and 5 minute moving averages) from the difficulty the pool set each miner, in the
 //!   admin `stats` under `"node"`.
+//! * Handover (`-H`, as a passthrough's): the jobs and transactions rebuilt, the miners'
+//!   difficulties and the counters go with the link's state ([`Node::export_state`]); the
+//!   bitcoind link does not (the new instance starts its own).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

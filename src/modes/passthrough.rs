@@ -36,9 +36,9 @@
 //!   lines are dropped: nothing is buffered. Miners that connect while no upstream is up are
 //!   closed at once, as ckpool.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
-//!   connector counters), `loglevel=N`, `shutdown`; in passthrough and redirector mode also
-//!   `restart` and `handover <version>` (below).
-//! * Handover (`-H`, passthrough and redirector mode; `crate::handover` has the protocol): the old
+//!   connector counters), `loglevel=N`, `shutdown`, `restart` and `handover <version>`
+//!   (below).
+//! * Handover (`-H`, also in node and redirector mode; `crate::handover` has the protocol): the old
 //!   instance quiesces its connector, pauses the upstream link (every queued miner line
 //!   written, every line read routed and queued to its miner, reading stopped at a line
 //!   boundary), and sends, as its state, the link's socket (a duplicate, `SCM_RIGHTS`) with the
@@ -1004,8 +1004,8 @@ fn send_batches(
 }
 
 /// Runs passthrough mode; node mode with `node` (the link says `mining.node`); or redirector
-/// mode with `redirect`, until `shutdown` is set. With `instance` (passthrough and redirector
-/// mode), `-H` takes a running instance over and a new instance may take this one over.
+/// mode with `redirect`, until `shutdown` is set. With `instance`, `-H` takes a running
+/// instance over and a new instance may take this one over.
 pub(crate) fn run_link(
     settings: &Settings,
     shutdown: &Arc<AtomicBool>,
