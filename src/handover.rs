@@ -101,6 +101,45 @@ pub(crate) trait StateHooks {
     fn import_pool_state(&self, blob: &[u8]) -> anyhow::Result<()>;
 }
 
+/// What the old instance's mode does around the hand-over of its connections ([`give`]).
+pub(crate) trait GiveHooks {
+    /// Once the connector is quiesced: every line read is judged and its replies queued, and
+    /// nothing else will change the state sent next (before `deadline`).
+    fn settle(&self, deadline: Instant) -> anyhow::Result<()>;
+    /// The state to send as `PoolState`, with the descriptors that go with it.
+    fn export_state(&self) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>)>;
+    /// The handover failed: undo [`GiveHooks::settle`] before the connector resumes.
+    fn release(&self);
+    /// The handover failed and the connections not acked are back: serve on.
+    fn taken_back(&self) {}
+}
+
+/// Pool and solo mode's [`GiveHooks`]: the stratifier's shards settle, the pool state goes.
+pub(crate) struct PoolGive<'a> {
+    /// The connector, whose stratifier shards settle.
+    pub(crate) conns: &'a Connector<Msg>,
+    /// The pool.
+    pub(crate) hooks: &'a dyn StateHooks,
+}
+
+impl GiveHooks for PoolGive<'_> {
+    fn settle(&self, deadline: Instant) -> anyhow::Result<()> {
+        if handoff::settle(self.conns, deadline) {
+            Ok(())
+        } else {
+            Err(anyhow!("the stratifier did not settle in time"))
+        }
+    }
+
+    fn export_state(&self) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>)> {
+        Ok((self.hooks.export_pool_state(), Vec::new()))
+    }
+
+    fn release(&self) {
+        handoff::release(self.conns);
+    }
+}
+
 /// The daemon's [`StateHooks`]: the stratifier's pool.
 pub(crate) struct PoolHooks(pub(crate) Arc<stratifier::Pool>);
 
@@ -145,15 +184,19 @@ pub(crate) enum Outcome {
 
 /// Hands the connector's listeners and connections over on `stream` (whose `handover` request
 /// has been answered `ok`). Blocks until the commit or the failure.
-pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn StateHooks) -> Outcome {
+pub(crate) fn give<M: Send + Clone + 'static>(
+    conns: &Connector<M>,
+    stream: &UnixStream,
+    hooks: &dyn GiveHooks,
+) -> Outcome {
     let started = Instant::now();
     let reports = conns.quiesce(Instant::now() + FLUSH_TIMEOUT);
-    if !handoff::settle(conns, Instant::now() + FLUSH_TIMEOUT) {
-        let e = anyhow!("the stratifier did not settle in time");
+    if let Err(e) = hooks.settle(Instant::now() + FLUSH_TIMEOUT) {
         let _ = wire::send(stream, Kind::Abort, format!("{e:#}").as_bytes(), &[]);
-        handoff::release(conns);
+        hooks.release();
         conns.resume();
-        error!(error = %e, "handover failed; serving on");
+        hooks.taken_back();
+        error!(error = %format!("{e:#}"), "handover failed; serving on");
         FAILED.fetch_add(1, Ordering::Relaxed);
         return Outcome::Failed(e);
     }
@@ -179,9 +222,10 @@ pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn Stat
         }
         Err((e, pending)) => {
             let _ = wire::send(stream, Kind::Abort, format!("{e:#}").as_bytes(), &[]);
-            handoff::release(conns);
+            hooks.release();
             conns.resume();
             let back = take_back(conns, pending);
+            hooks.taken_back();
             error!(error = %format!("{e:#}"), handed_over = handed, taken_back = back, "handover failed; serving on");
             FAILED.fetch_add(1, Ordering::Relaxed);
             Outcome::Failed(e)
@@ -190,10 +234,10 @@ pub(crate) fn give(conns: &Connector<Msg>, stream: &UnixStream, hooks: &dyn Stat
 }
 
 /// The old side's steps; on failure, the error and the connections exported and not acked.
-fn give_all(
-    conns: &Connector<Msg>,
+fn give_all<M: Send + Clone + 'static>(
+    conns: &Connector<M>,
     stream: &UnixStream,
-    hooks: &dyn StateHooks,
+    hooks: &dyn GiveHooks,
     handed: &mut usize,
 ) -> Result<(), (anyhow::Error, Vec<ExportedConn>)> {
     let fail = |e: anyhow::Error| (e, Vec::new());
@@ -216,9 +260,13 @@ fn give_all(
         .map_err(fail)?;
     drop(fds);
     drop(listeners);
-    wire::send(stream, Kind::PoolState, &hooks.export_pool_state(), &[])
+    let (state, state_fds) = hooks.export_state().map_err(fail)?;
+    let fds: Vec<BorrowedFd<'_>> = state_fds.iter().map(AsFd::as_fd).collect();
+    wire::send(stream, Kind::PoolState, &state, &fds)
         .context("sending the pool state")
         .map_err(fail)?;
+    drop(fds);
+    drop(state_fds);
     // The new instance says when its connector runs, and after each batch, how many
     // descriptors it can take next (its open-files limit): a batch never exceeds it.
     let (_, mut room) = expect_ack(stream)
@@ -391,6 +439,13 @@ impl Incoming {
         hooks
             .import_pool_state(&frame.payload)
             .inspect_err(|e| self.abort(&format!("{e:#}")))
+    }
+
+    /// Receives the old instance's state (a mode's own, opaque here) with the descriptors that
+    /// came with it (before the connector starts).
+    pub(crate) fn recv_state(&self) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let frame = recv_kind(&self.stream, Kind::PoolState)?;
+        Ok((frame.payload, frame.fds))
     }
 
     /// Tells the old instance the handover is off (it keeps serving).

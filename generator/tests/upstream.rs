@@ -747,6 +747,97 @@ fn passthrough_handshake_routing_and_failover() {
     link.shutdown();
 }
 
+/// A handover of a passthrough link (`-H`): the paused link gives its socket and the bytes it
+/// read of the next line; a link started on them sends no handshake and no `Up`, reads nothing
+/// until resumed, then completes that line; the upstream sees one connection throughout, and
+/// the released old link does not close it. A pause can also be taken back (resume).
+#[test]
+fn passthrough_link_pauses_and_is_adopted_on_the_same_connection() {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (tx, rx) = unbounded();
+    let link = PassthroughLink::start(
+        passthrough_cfg(vec![server(&listener, "", "")]),
+        Role::Passthrough,
+        tx,
+    )
+    .unwrap();
+    let mut up = Peer::accept(&listener);
+    up.line();
+    up.send(r#"{"result":true}"#);
+    assert!(matches!(next(&rx), PassthroughEvent::Up { index: 0, .. }));
+
+    // A pause taken back: the link reads again.
+    let first = link.pause(Instant::now() + WAIT).recv().unwrap().unwrap();
+    assert_eq!(first.index, 0);
+    drop(first);
+    link.resume();
+    up.send(r#"{"client_id":5,"id":1,"result":true}"#);
+    expect(&rx, "a line for client 5", |e| {
+        matches!(e, PassthroughEvent::Client { client_id: 5, .. })
+    });
+
+    // A line and the start of the next before the pause: the whole line is an event, the start
+    // travels.
+    up.send(r#"{"client_id":6,"id":2,"result":true}"#);
+    up.writer.write_all(br#"{"client_id":7,"id""#).unwrap();
+    let answer = link.pause(Instant::now() + WAIT);
+    expect(&rx, "the line before the pause", |e| {
+        matches!(e, PassthroughEvent::Client { client_id: 6, .. })
+    });
+    let handed = answer.recv_timeout(WAIT).unwrap().unwrap();
+    // What the reader had of the next line travels (the rest is still in the socket).
+    assert!(
+        br#"{"client_id":7,"id""#.starts_with(&handed.partial),
+        "{:?}",
+        String::from_utf8_lossy(&handed.partial)
+    );
+    let (tx2, rx2) = unbounded();
+    let adopted = PassthroughLink::start_adopted(
+        passthrough_cfg(vec![server(&listener, "", "")]),
+        Role::Passthrough,
+        tx2,
+        handed,
+    )
+    .unwrap();
+    link.release();
+    // The released link sends nothing more.
+    let late = MinerLine::Term {
+        client_id: 1,
+        address: Arc::from("10.0.0.1"),
+        server: 0,
+    };
+    assert!(matches!(link.send(late), Err(SendError::Closed(_))));
+    up.writer.write_all(b":3,\"result\":true}\n").unwrap();
+    // Nothing is read before the resume.
+    assert!(rx2.recv_timeout(Duration::from_millis(300)).is_err());
+    adopted.resume();
+    let ev = next(&rx2);
+    assert_eq!(
+        ev,
+        PassthroughEvent::Client {
+            client_id: 7,
+            line: b"{\"id\":3,\"result\":true}\n".to_vec()
+        },
+        "{ev:?}"
+    );
+    // Lines go up on the same connection, with no new handshake.
+    adopted
+        .send(MinerLine::Term {
+            client_id: 7,
+            address: Arc::from("10.0.0.1"),
+            server: 0,
+        })
+        .unwrap();
+    let v = up.json();
+    assert_eq!(v["method"], "mining.term", "{v}");
+    assert_eq!(v["client_id"], 7, "{v}");
+    // No other connection was made.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err());
+    adopted.shutdown();
+}
+
 #[test]
 fn node_handshake() {
     init_logs();

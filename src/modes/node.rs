@@ -17,6 +17,9 @@
 //! * Local statistics: shares seen, blocks found and submitted, and per worker the hashrate
 //!   (1 and 5 minute moving averages) from the difficulty the pool set each miner, in the
 //!   admin `stats` under `"node"`.
+//! * Handover (`-H`, as a passthrough's): the jobs and transactions rebuilt, the miners'
+//!   difficulties and the counters go with the link's state ([`Node::export_state`]); the
+//!   bitcoind link does not (the new instance starts its own).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
 use tracing::{debug, error, info, warn};
 
+use crate::instance::Instance;
 use crate::settings::{ConfigError, Settings};
 
 /// Jobs kept (ckpool keeps about 10 minutes' worth).
@@ -309,6 +313,98 @@ impl Node {
         }
     }
 
+    /// What a handover carries of the node (`-H`, with the passthrough's state): every
+    /// transaction the pool sent and is still kept, the kept jobs as the pool's `workinfo`
+    /// lines (oldest first), each miner's difficulty and the counters. The per-worker hashrates
+    /// are not carried (they start again).
+    pub(crate) fn export_state(&self) -> Value {
+        let jobs = self.jobs.read();
+        let mut txs = Vec::new();
+        node::write_transactions(&mut txs, jobs.txs.values());
+        let workinfos: Vec<String> = jobs
+            .order
+            .iter()
+            .filter_map(|id| jobs.by_id.get(id))
+            .map(|j| {
+                let mut o = Vec::new();
+                j.wi.write(&mut o);
+                String::from_utf8_lossy(&o).into_owned()
+            })
+            .collect();
+        let diffs: Vec<Value> = self
+            .diffs
+            .lock()
+            .iter()
+            .map(|(c, d)| json!([c, d]))
+            .collect();
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "transactions": String::from_utf8_lossy(&txs),
+            "workinfos": workinfos,
+            "diffs": diffs,
+            "counters": [n(&self.shares), n(&self.unknown_job), n(&self.blocks_found),
+                n(&self.block_messages), n(&self.workinfos), n(&self.incomplete_jobs),
+                n(&self.txs_dropped)],
+        })
+    }
+
+    /// Takes [`Node::export_state`] of the old instance, before any miner is served (the
+    /// transactions are not sent to our bitcoind again).
+    pub(crate) fn import_state(&self, v: &Value) -> Result<(), String> {
+        let txs = v
+            .get("transactions")
+            .and_then(Value::as_str)
+            .ok_or("no transactions")?;
+        let txs = node::parse_transactions(txs.as_bytes()).map_err(|e| e.to_string())?;
+        {
+            let mut jobs = self.jobs.write();
+            for t in txs {
+                jobs.txs.entry(t.txid).or_insert(t);
+            }
+        }
+        let workinfos = v
+            .get("workinfos")
+            .and_then(Value::as_array)
+            .ok_or("no workinfos")?;
+        for w in workinfos.iter().rev().take(KEEP_JOBS).rev() {
+            let line = w.as_str().ok_or("bad workinfo")?;
+            let wi = WorkInfo::parse(line.as_bytes()).map_err(|e| e.to_string())?;
+            self.add_job(wi);
+        }
+        let diffs = v.get("diffs").and_then(Value::as_array).ok_or("no diffs")?;
+        {
+            let mut d = self.diffs.lock();
+            for e in diffs {
+                let c = e
+                    .get(0)
+                    .and_then(Value::as_u64)
+                    .and_then(|c| u32::try_from(c).ok())
+                    .ok_or("bad client id")?;
+                let diff = e.get(1).and_then(Value::as_f64).ok_or("bad difficulty")?;
+                d.insert(c, diff);
+            }
+        }
+        let counters = v
+            .get("counters")
+            .and_then(Value::as_array)
+            .ok_or("no counters")?;
+        for (c, x) in [
+            &self.shares,
+            &self.unknown_job,
+            &self.blocks_found,
+            &self.block_messages,
+            &self.workinfos,
+            &self.incomplete_jobs,
+            &self.txs_dropped,
+        ]
+        .into_iter()
+        .zip(counters)
+        {
+            c.store(x.as_u64().ok_or("bad counter")?, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// A line the pool sent miner `client_id`: its difficulty is noted for the statistics.
     pub(crate) fn on_miner_downline(&self, client_id: u32, line: &[u8]) {
         if !contains(line, b"\"mining.set_difficulty\"") {
@@ -509,7 +605,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// Runs node mode until `shutdown` is set: the generator on our bitcoind, then the passthrough
 /// link with the node's checks.
-pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
     if settings.file.proxy.is_empty() {
         return Err(ConfigError(
             "node mode needs at least one \"proxy\" entry (the pool's nodeserver address)".into(),
@@ -517,7 +613,13 @@ pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Re
         .into());
     }
     let (node, runtime) = Node::start(settings)?;
-    let result = super::passthrough::run_link(settings, shutdown, Some(node), None);
+    let result = super::passthrough::run_link(
+        settings,
+        &instance.shutdown,
+        Some(node),
+        None,
+        Some(instance),
+    );
     runtime.stop();
     result
 }

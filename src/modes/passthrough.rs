@@ -36,12 +36,27 @@
 //!   lines are dropped: nothing is buffered. Miners that connect while no upstream is up are
 //!   closed at once, as ckpool.
 //! * Admin socket (`<sockdir>/listener`): `ping`, `stats` (upstream state, miners, queues,
-//!   connector counters), `loglevel=N`, `shutdown`.
+//!   connector counters), `loglevel=N`, `shutdown`, `restart` and `handover <version>`
+//!   (below).
+//! * Handover (`-H`, also in node and redirector mode; `crate::handover` has the protocol): the old
+//!   instance quiesces its connector, pauses the upstream link (every queued miner line
+//!   written, every line read routed and queued to its miner, reading stopped at a line
+//!   boundary), and sends, as its state, the link's socket (a duplicate, `SCM_RIGHTS`) with the
+//!   `proxy` entry it is on, the bytes read of the next line and the `client_id` counter;
+//!   each miner goes with its `client_id`, address, server and kept handshake
+//!   ([`MinerSide::on_export`]). The new instance starts the link on that socket, active and
+//!   paused (no handshake, no `Up`, no replay), adopts the miners, and only then reads from
+//!   the upstream: the upstream pool sees the same connection, no `mining.term` and no new
+//!   handshake, and replies to lines sent before the switch reach their miners. If the
+//!   handover fails half way the old instance takes back the miners not acked and reads from
+//!   the link again.
 //! * `webserver`: `/metrics` and `/api/upstreams` made of the same `stats` (see `crate::web`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -49,18 +64,21 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
 use common::ConnId;
 use common::stratum::passthrough::Role;
-use connector::{CloseReason, ConnectorHandle, Outbox};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use connector::{CloseReason, Connector, ConnectorHandle, Outbox};
+use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
-    MinerLine, PassthroughEvent, PassthroughLink, SendError, UpstreamConfig, UpstreamServer,
+    LinkHandover, MinerLine, PassthroughEvent, PassthroughLink, SendError, UpstreamConfig,
+    UpstreamServer,
 };
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use super::node::Node;
+use crate::handover;
+use crate::instance::Instance;
 use crate::settings::{ConfigError, Settings};
 
 /// How long a connector thread waits for room in the upstream queue before it drops the miner
@@ -144,6 +162,8 @@ enum Msg {
     Drop(ConnId),
     /// The link is up on a (new) upstream since this epoch: replay every miner older than it.
     Replay(u64),
+    /// A handover settles: answer once every message before this one is handled.
+    Sync(Sender<()>),
 }
 
 struct Miner {
@@ -192,6 +212,17 @@ impl Kind {
             Self::Authorize => "authorize",
             Self::ExtranonceSubscribe => "xsubscribe",
         }
+    }
+
+    fn from_tag(tag: &str) -> Option<Self> {
+        [
+            Self::Configure,
+            Self::Subscribe,
+            Self::Authorize,
+            Self::ExtranonceSubscribe,
+        ]
+        .into_iter()
+        .find(|k| k.tag() == tag)
     }
 }
 
@@ -317,6 +348,86 @@ impl Handshake {
             );
         }
         Some(lines.iter().map(|v| v.to_string().into_bytes()).collect())
+    }
+}
+
+impl Handshake {
+    /// The handshake as it travels in a handover (JSON; `replay_until` as milliseconds left).
+    fn export(&self, now: Instant) -> serde_json::Value {
+        json!({
+            "configure": self.configure,
+            "subscribe": self.subscribe,
+            "authorize": self.authorize,
+            "xsub": self.xsub,
+            "unreplayable": self.unreplayable,
+            "awaiting": self.awaiting.iter().map(|(id, k)| json!([id, k.tag()])).collect::<Vec<_>>(),
+            "replay_ms": self.replay_until.map(|t| {
+                u64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            }),
+            "session": self.session,
+            "extranonce1": self.extranonce1,
+            "nonce2_len": self.nonce2_len,
+        })
+    }
+
+    /// [`Handshake::export`] back; `None` if `v` is not one.
+    fn import(v: &serde_json::Value, now: Instant) -> Option<Self> {
+        let obj = |k: &str| v.get(k).filter(|x| x.is_object()).cloned();
+        let text = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        };
+        let mut awaiting = Vec::new();
+        for a in v.get("awaiting")?.as_array()?.iter().take(MAX_AWAITING) {
+            let kind = Kind::from_tag(a.get(1)?.as_str()?)?;
+            awaiting.push((a.get(0)?.clone(), kind));
+        }
+        let replay_ms = v.get("replay_ms").and_then(serde_json::Value::as_u64);
+        Some(Self {
+            configure: obj("configure"),
+            subscribe: obj("subscribe"),
+            authorize: obj("authorize"),
+            xsub: v.get("xsub")?.as_bool()?,
+            unreplayable: v.get("unreplayable")?.as_bool()?,
+            awaiting,
+            replay_until: replay_ms.map(|ms| now + Duration::from_millis(ms.min(REPLAY_WINDOW_MS))),
+            session: text("session"),
+            extranonce1: text("extranonce1"),
+            nonce2_len: v.get("nonce2_len").and_then(serde_json::Value::as_u64),
+        })
+    }
+}
+
+/// [`REPLAY_WINDOW`] in milliseconds (an imported replay window is no longer).
+const REPLAY_WINDOW_MS: u64 = 60_000;
+
+impl Miner {
+    /// The miner as it travels in a handover (in the connection's `ConnState::user`, with the
+    /// redirector's `watch`).
+    fn export(&self, now: Instant) -> serde_json::Value {
+        json!({
+            "client_id": self.client_id,
+            "address": &*self.address,
+            "server": self.server,
+            "hs": self.hs.as_ref().map(|h| h.export(now)),
+        })
+    }
+
+    /// [`Miner::export`] back, in upstream epoch `epoch`.
+    fn import(v: &serde_json::Value, epoch: u64, now: Instant) -> Option<Self> {
+        let client_id = u32::try_from(v.get("client_id")?.as_u64()?).ok()?;
+        let hs = match v.get("hs")? {
+            serde_json::Value::Null => None,
+            h => Some(Box::new(Handshake::import(h, now)?)),
+        };
+        Some(Self {
+            client_id,
+            epoch,
+            address: Arc::from(v.get("address")?.as_str()?),
+            server: v.get("server")?.as_u64()?,
+            hs,
+        })
     }
 }
 
@@ -636,6 +747,9 @@ impl connector::Handler for MinerSide {
                     out.close(conn);
                 }
             }
+            Msg::Sync(done) => {
+                let _ = done.send(());
+            }
             Msg::Replay(epoch) => {
                 if !self.up() || self.shared.epoch.load(Ordering::SeqCst) != epoch {
                     // Down again, or a newer switch whose own message follows.
@@ -655,20 +769,249 @@ impl connector::Handler for MinerSide {
     }
 
     fn on_tick(&mut self, _now: Instant, _out: &mut Outbox) {}
+
+    fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        // The miner goes on at the new instance, under the same client id: no `mining.term`.
+        let Some(m) = self.miners.remove(&conn) else {
+            return;
+        };
+        self.shared.lock().remove(&m.client_id);
+        let mut v = m.export(now);
+        if let Some(r) = self.redirect.as_mut() {
+            v["watch"] = r.export(conn, now);
+        }
+        state.extend_from_slice(v.to_string().as_bytes());
+    }
+
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        _listener: usize,
+        state: &[u8],
+        out: &mut Outbox,
+    ) {
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        let v = serde_json::from_slice::<serde_json::Value>(state).unwrap_or_default();
+        let watched = match self.redirect.as_mut() {
+            Some(r) => r.adopt(
+                conn,
+                v.get("watch").unwrap_or(&serde_json::Value::Null),
+                now,
+            ),
+            None => true,
+        };
+        let Some(m) = Miner::import(&v, epoch, now).filter(|_| watched) else {
+            warn!(%conn, %peer, "a handed-over miner's state is unreadable; closed");
+            if let Some(r) = self.redirect.as_mut() {
+                r.close(conn);
+            }
+            out.close(conn);
+            return;
+        };
+        let taken = {
+            let mut table = self.shared.lock();
+            let taken = table.contains_key(&m.client_id);
+            if !taken {
+                table.insert(m.client_id, (self.thread, conn));
+            }
+            taken
+        };
+        if taken {
+            warn!(%conn, client_id = m.client_id, "a handed-over miner's client id is in use; closed");
+            if let Some(r) = self.redirect.as_mut() {
+                r.close(conn);
+            }
+            out.close(conn);
+            return;
+        }
+        self.miners.insert(conn, m);
+    }
 }
 
-/// Runs passthrough mode until `shutdown` is set.
-pub(crate) fn run(settings: &Settings, shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
-    run_link(settings, shutdown, None, None)
+/// Runs passthrough mode until `instance.shutdown` is set, or until it handed itself over to a
+/// new instance (`-H`); with `-H`, takes the running instance over first.
+pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
+    run_link(settings, &instance.shutdown, None, None, Some(instance))
+}
+
+/// What the old instance's passthrough (`mode`: `passthrough`, `redirector` or `node`) sends as
+/// its state, besides the link's socket; a redirector's or a node's own state in `redirect`.
+fn export_link_state(
+    h: &LinkHandover,
+    next_id: u32,
+    mode: &str,
+    redirect: Option<serde_json::Value>,
+) -> Vec<u8> {
+    json!({
+        "mode": mode,
+        "index": h.index,
+        "partial": hex::encode(&h.partial),
+        "next_id": next_id,
+        "redirect": redirect,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The link state of the old instance (that must run `mode` too).
+type LinkState = (LinkHandover, u32, serde_json::Value);
+
+/// [`export_link_state`] back: the link (with `fd`), the `client_id` counter and the
+/// redirector's or node's state (`null` in passthrough mode).
+fn import_link_state(blob: &[u8], fd: OwnedFd, mode: &str) -> anyhow::Result<LinkState> {
+    let v: serde_json::Value = serde_json::from_slice(blob)
+        .map_err(|_| anyhow!("the running instance is not a {mode} (its state is not one)"))?;
+    let theirs = v.get("mode").and_then(serde_json::Value::as_str);
+    if theirs != Some(mode) {
+        return Err(anyhow!(
+            "the running instance is not a {mode} (it says {})",
+            theirs.unwrap_or("nothing")
+        ));
+    }
+    let field = |k: &str| v.get(k).ok_or_else(|| anyhow!("the link state has no {k}"));
+    let index = field("index")?
+        .as_u64()
+        .and_then(|i| usize::try_from(i).ok())
+        .ok_or_else(|| anyhow!("bad link index"))?;
+    let partial = field("partial")?
+        .as_str()
+        .and_then(|p| hex::decode(p).ok())
+        .ok_or_else(|| anyhow!("bad partial line"))?;
+    let next_id = field("next_id")?
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| anyhow!("bad client id counter"))?;
+    let redirect = v.get("redirect").cloned().unwrap_or_default();
+    Ok((LinkHandover { fd, index, partial }, next_id, redirect))
+}
+
+/// The old passthrough's side of a handover ([`handover::GiveHooks`]).
+struct PtGive<'a> {
+    conns: &'a Connector<Msg>,
+    link: &'a PassthroughLink,
+    events: &'a Receiver<PassthroughEvent>,
+    shared: &'a Shared,
+    shutdown: &'a AtomicBool,
+    /// Redirector mode: its IP table and counters go too.
+    redirect: Option<&'a super::redirector::Redirects>,
+    /// Node mode: its jobs, transactions and figures go too.
+    node: Option<&'a Node>,
+    /// The paused link, once settled.
+    paused: RefCell<Option<LinkHandover>>,
+}
+
+impl handover::GiveHooks for PtGive<'_> {
+    fn settle(&self, deadline: Instant) -> anyhow::Result<()> {
+        let handle = self.conns.handle();
+        let threads = self.shared.inflight.len();
+        let mut batches: Vec<Batch> = (0..threads).map(|_| (Vec::new(), 0)).collect();
+        // The link writes what miners sent and hands on what it reads, then stops reading;
+        // its events come before its answer.
+        let answer = self.link.pause(deadline);
+        let paused = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            crossbeam_channel::select! {
+                recv(self.events) -> ev => match ev {
+                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node),
+                    Err(_) => break Err(anyhow!("the upstream link stopped")),
+                },
+                recv(answer) -> r => break match r {
+                    Ok(r) => r.map_err(|e| anyhow!(e)),
+                    Err(_) => Err(anyhow!("the upstream link stopped")),
+                },
+                default(left) => break Err(anyhow!("the upstream link did not pause in time")),
+            }
+        };
+        while let Ok(ev) = self.events.try_recv() {
+            handle_event(ev, &handle, self.shared, &mut batches, self.node);
+        }
+        send_batches(&handle, self.shared, &mut batches, self.shutdown);
+        let paused = paused.context("pausing the upstream link")?;
+        *self.paused.borrow_mut() = Some(paused);
+        // Every line routed is queued on its miner's socket (it travels as unsent bytes).
+        let (tx, rx) = crossbeam_channel::bounded(threads);
+        self.conns.broadcast(Msg::Sync(tx));
+        if (0..threads).all(|_| rx.recv_deadline(deadline).is_ok()) {
+            Ok(())
+        } else {
+            Err(anyhow!("the connector threads did not settle in time"))
+        }
+    }
+
+    fn export_state(&self) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let paused = self.paused.borrow();
+        let h = paused
+            .as_ref()
+            .ok_or_else(|| anyhow!("the upstream link is not paused"))?;
+        let fd =
+            h.fd.try_clone()
+                .context("duplicating the upstream link's socket")?;
+        let next_id = self.shared.next_id.load(Ordering::Relaxed);
+        let mode_state = match (self.redirect, self.node) {
+            (Some(r), _) => Some(r.export_state()),
+            (None, Some(n)) => Some(n.export_state()),
+            (None, None) => None,
+        };
+        let blob = export_link_state(
+            h,
+            next_id,
+            link_mode(self.redirect.is_some(), self.node.is_some()),
+            mode_state,
+        );
+        Ok((blob, vec![fd]))
+    }
+
+    fn release(&self) {}
+
+    fn taken_back(&self) {
+        self.paused.borrow_mut().take();
+        self.link.resume();
+    }
+}
+
+/// The mode's name in a handover's link state.
+fn link_mode(redirector: bool, node: bool) -> &'static str {
+    match (redirector, node) {
+        (true, _) => "redirector",
+        (false, true) => "node",
+        (false, false) => "passthrough",
+    }
+}
+
+/// Sends the routed lines to their connector threads (waiting while a thread has too much not
+/// yet queued, unless `shutdown`).
+fn send_batches(
+    conns: &ConnectorHandle<Msg>,
+    shared: &Shared,
+    batches: &mut [Batch],
+    shutdown: &AtomicBool,
+) {
+    for (t, (lines, bytes)) in batches.iter_mut().enumerate() {
+        if lines.is_empty() {
+            continue;
+        }
+        // Back-pressure towards the upstream: wait while this thread has a lot unsent.
+        if let Some(f) = shared.inflight.get(t) {
+            while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            f.fetch_add(*bytes, Ordering::Relaxed);
+        }
+        conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
+    }
 }
 
 /// Runs passthrough mode; node mode with `node` (the link says `mining.node`); or redirector
-/// mode with `redirect`, until `shutdown` is set.
+/// mode with `redirect`, until `shutdown` is set. With `instance`, `-H` takes a running
+/// instance over and a new instance may take this one over.
 pub(crate) fn run_link(
     settings: &Settings,
     shutdown: &Arc<AtomicBool>,
     node: Option<Arc<Node>>,
     redirect: Option<Arc<super::redirector::Redirects>>,
+    instance: Option<&Instance>,
 ) -> anyhow::Result<()> {
     let servers: Vec<UpstreamServer> = settings
         .file
@@ -689,19 +1032,50 @@ pub(crate) fn run_link(
         idle_timeout: None,
         ..UpstreamConfig::default()
     };
+    let role = if node.is_some() {
+        Role::Node
+    } else {
+        Role::Passthrough
+    };
+    let admin_path = settings.admin_socket();
+    // -H: the running instance's listeners, then its link (socket and state).
+    let incoming = match instance {
+        Some(i) if i.pending_handover() => {
+            let incoming = handover::request(&admin_path)?.ok_or_else(|| {
+                anyhow!(
+                    "-H: the running instance does not answer on {}",
+                    admin_path.display()
+                )
+            })?;
+            info!(listeners = ?incoming.addrs, "handover: listeners received");
+            let state = incoming.recv_state().and_then(|(blob, fds)| {
+                let fd = fds
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow!("the running instance sent no upstream link"))?;
+                let (adopted, next_id, state) =
+                    import_link_state(&blob, fd, link_mode(redirect.is_some(), node.is_some()))?;
+                if let Some(r) = &redirect {
+                    r.import_state(&state)
+                        .map_err(|e| anyhow!("the redirector's state: {e}"))?;
+                }
+                if let Some(n) = &node {
+                    n.import_state(&state)
+                        .map_err(|e| anyhow!("the node's state: {e}"))?;
+                }
+                Ok((adopted, next_id))
+            });
+            match state {
+                Ok(state) => Some((incoming, state)),
+                Err(e) => {
+                    incoming.abort(&format!("{e:#}"));
+                    return Err(e).context("-H: the handover failed; the old instance serves on");
+                }
+            }
+        }
+        _ => None,
+    };
     let (ev_tx, ev_rx) = crossbeam_channel::bounded(EVENTS);
-    let link = Arc::new(
-        PassthroughLink::start(
-            cfg,
-            if node.is_some() {
-                Role::Node
-            } else {
-                Role::Passthrough
-            },
-            ev_tx,
-        )
-        .context("starting the upstream link")?,
-    );
     let threads = settings.threads;
     let shared = Arc::new(Shared {
         table: Mutex::new(HashMap::new()),
@@ -719,14 +1093,44 @@ pub(crate) fn run_link(
         replay_closed: AtomicU64::new(0),
         rejected_down: AtomicU64::new(0),
     });
-    let conns = {
+    let (link, incoming) = match incoming {
+        None => (
+            PassthroughLink::start(cfg, role, ev_tx).context("starting the upstream link")?,
+            None,
+        ),
+        Some((incoming, (adopted, next_id))) => {
+            // Up on the old instance's entry from the start: its miners come in this epoch and
+            // are not replayed; the link reads once they are all here.
+            let index = adopted.index;
+            shared.next_id.store(next_id, Ordering::Relaxed);
+            shared.active.store(index, Ordering::Relaxed);
+            shared.state.store(UP, Ordering::SeqCst);
+            match PassthroughLink::start_adopted(cfg, role, ev_tx, adopted) {
+                Ok(link) => {
+                    info!(index, next_id, "handover: upstream link taken over");
+                    (link, Some(incoming))
+                }
+                Err(e) => {
+                    incoming.abort(&format!("cannot start the upstream link: {e}"));
+                    return Err(e).context("-H: the handover failed; the old instance serves on");
+                }
+            }
+        }
+    };
+    let link = Arc::new(link);
+    let mut ccfg = settings.connector();
+    if let Some(incoming) = &incoming {
+        ccfg.listen.clear();
+        ccfg.inherited.clone_from(&incoming.listeners);
+    }
+    let started = {
         let (link, shared, node, redirect) = (
             Arc::clone(&link),
             Arc::clone(&shared),
             node.clone(),
             redirect.clone(),
         );
-        connector::start(settings.connector(), move |thread| MinerSide {
+        connector::start(ccfg, move |thread| MinerSide {
             thread,
             link: Arc::clone(&link),
             shared: Arc::clone(&shared),
@@ -736,12 +1140,42 @@ pub(crate) fn run_link(
                 .map(|r| super::redirector::Watcher::new(Arc::clone(r))),
             node: node.clone(),
         })
-        .context("starting the connector")?
     };
+    let conns = match started {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(incoming) = &incoming {
+                incoming.abort(&format!("the new instance cannot start its connector: {e}"));
+                link.release();
+            }
+            return Err(e).context("starting the connector");
+        }
+    };
+    let handed_in = incoming.is_some();
+    if let Some(incoming) = incoming {
+        let adopted = incoming.adopt_all(&conns);
+        let claimed = adopted.and_then(|n| {
+            instance
+                .map_or(Ok(()), |i| i.take_over(settings))
+                .map(|()| n)
+        });
+        match claimed {
+            Ok(n) => info!(miners = n, "handover: took the running instance over"),
+            Err(e) => {
+                // The link is the old instance's again: leave it open, and send nothing more on
+                // it (no `mining.term` for the miners closed here).
+                link.release();
+                conns.shutdown();
+                return Err(e).context("-H: the handover failed; the old instance serves on");
+            }
+        }
+        link.resume();
+    }
     for a in conns.local_addrs() {
         info!(addr = %a, threads, upstreams = ?urls, "passthrough listening for miners");
     }
     let handle = conns.handle();
+    let (handover_tx, handover_rx) = crossbeam_channel::bounded(1);
     let admin = {
         let (shared, link, handle, shutdown) = (
             Arc::clone(&shared),
@@ -751,6 +1185,7 @@ pub(crate) fn run_link(
         );
         let urls = urls.clone();
         let node = node.clone();
+        let redirect = redirect.clone();
         let stats: crate::web::JsonView = Arc::new(move || {
             let mut s = stats_json(&shared, &link, &handle, &urls);
             if let Some(r) = &redirect {
@@ -763,9 +1198,10 @@ pub(crate) fn run_link(
             }
             s
         });
+        let handover = instance.is_some().then_some(handover_tx);
         (
             Arc::clone(&stats),
-            start_admin(&settings.admin_socket(), shutdown, move || stats()),
+            start_admin(&admin_path, shutdown, handover, move || stats()),
         )
     };
     let (stats, admin) = admin;
@@ -788,8 +1224,18 @@ pub(crate) fn run_link(
                 urls: urls.clone(),
                 started: Instant::now(),
             });
-            match crate::web::start(addr, ctx, Duration::ZERO) {
+            // After a handover the old instance frees the port moments after the commit.
+            let wait = if handed_in {
+                super::pool::WEB_HANDOVER_WAIT
+            } else {
+                Duration::ZERO
+            };
+            match crate::web::start(addr, ctx, wait) {
                 Ok(w) => Some(w),
+                Err(e) if handed_in => {
+                    error!(addr, error = %e, "cannot bind the webserver after the handover; serving miners without it");
+                    None
+                }
                 Err(e) => {
                     shutdown.store(true, Ordering::Relaxed);
                     conns.shutdown();
@@ -802,52 +1248,96 @@ pub(crate) fn run_link(
         }
     };
 
-    route(
+    let handed_over = route(
         &ev_rx,
-        &handle,
+        &conns,
         &shared,
         shutdown,
         settings.quiet,
         node.as_deref(),
+        &handover_rx,
+        &link,
+        redirect.as_deref(),
     );
 
     shutdown.store(true, Ordering::Relaxed);
+    if handed_over && let Some(i) = instance {
+        // The pid file and the admin socket are the new instance's now.
+        i.disown();
+        info!("handed over to the new instance; exiting");
+    }
     info!("shutting down");
     if let Some(web) = web {
         web.stop();
     }
-    conns.shutdown();
-    match Arc::try_unwrap(link) {
-        Ok(link) => link.shutdown(),
-        Err(_) => debug!("upstream link still shared at shutdown; dropped"),
+    if handed_over {
+        // Stopped before the connector, so that nothing more goes up from here.
+        link.release();
     }
+    conns.shutdown();
     if admin.join().is_err() {
         error!("the admin thread panicked");
+    }
+    match Arc::try_unwrap(link) {
+        Ok(link) if !handed_over => link.shutdown(),
+        Ok(_) => {}
+        Err(_) => debug!("upstream link still shared at shutdown; dropped"),
     }
     info!("shutdown complete");
     Ok(())
 }
 
-/// The router: upstream events to the connector threads, until `shutdown`.
+/// The router: upstream events to the connector threads, until `shutdown`, or until a handover
+/// committed (then true).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the router's context, passed once"
+)]
 fn route(
     events: &Receiver<PassthroughEvent>,
-    conns: &ConnectorHandle<Msg>,
+    connector: &Connector<Msg>,
     shared: &Shared,
     shutdown: &AtomicBool,
     quiet: bool,
     node: Option<&Node>,
-) {
+    handovers: &Receiver<UnixStream>,
+    link: &PassthroughLink,
+    redirect: Option<&super::redirector::Redirects>,
+) -> bool {
+    let conns = &connector.handle();
     let threads = shared.inflight.len();
     let mut batches: Vec<Batch> = (0..threads).map(|_| (Vec::new(), 0)).collect();
     let mut last_status = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
-        let first = match events.recv_timeout(Duration::from_millis(200)) {
-            Ok(ev) => Some(ev),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                error!("upstream link stopped");
-                return;
-            }
+        let first = crossbeam_channel::select! {
+            recv(events) -> ev => match ev {
+                Ok(ev) => Some(ev),
+                Err(_) => {
+                    error!("upstream link stopped");
+                    return false;
+                }
+            },
+            recv(handovers) -> stream => {
+                if let Ok(stream) = stream
+                    && hand_over(
+                        &stream,
+                        PtGive {
+                            conns: connector,
+                            link,
+                            events,
+                            shared,
+                            shutdown,
+                            redirect,
+                            node,
+                            paused: RefCell::new(None),
+                        },
+                    )
+                {
+                    return true;
+                }
+                None
+            },
+            default(Duration::from_millis(200)) => None,
         };
         if let Some(ev) = first {
             let mut n = 0;
@@ -859,21 +1349,7 @@ fn route(
                     next = events.try_recv().ok();
                 }
             }
-            for (t, (lines, bytes)) in batches.iter_mut().enumerate() {
-                if lines.is_empty() {
-                    continue;
-                }
-                // Back-pressure towards the upstream: wait while this thread has a lot unsent.
-                if let Some(f) = shared.inflight.get(t) {
-                    while f.load(Ordering::Relaxed) > MAX_INFLIGHT
-                        && !shutdown.load(Ordering::Relaxed)
-                    {
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                    f.fetch_add(*bytes, Ordering::Relaxed);
-                }
-                conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
-            }
+            send_batches(conns, shared, &mut batches, shutdown);
         }
         if !quiet && last_status.elapsed() >= Duration::from_secs(5) {
             last_status = Instant::now();
@@ -886,6 +1362,31 @@ fn route(
                 },
                 "status"
             );
+        }
+    }
+    false
+}
+
+/// Answers a handover request `ok` and hands over on it; true once committed (false: this
+/// instance serves on, with every miner and its upstream link).
+fn hand_over(stream: &UnixStream, give: PtGive<'_>) -> bool {
+    info!("handover requested by a new instance");
+    let mut s = stream;
+    if let Err(e) = common::admin::write_message(&mut s, b"ok") {
+        warn!(error = %e, "handover: cannot answer the new instance");
+        return false;
+    }
+    match handover::give(give.conns, stream, &give) {
+        handover::Outcome::Committed { connections } => {
+            info!(
+                miners = connections,
+                "handover: the new instance has every miner and the upstream link"
+            );
+            true
+        }
+        handover::Outcome::Failed(e) => {
+            warn!(reason = %format!("{e:#}"), "handover failed; this instance serves on");
+            false
         }
     }
 }
@@ -1009,10 +1510,12 @@ fn stats_json(
 }
 
 /// The admin socket of this mode, in the pool's framing: `ping`, `stats`, `loglevel=N`,
-/// `shutdown`; anything else is `unknown`.
+/// `shutdown`; with `handover` (passthrough mode) also `restart` and `handover <version>`,
+/// whose connection goes to the router. Anything else is `unknown`.
 fn start_admin(
     path: &Path,
     shutdown: Arc<AtomicBool>,
+    handover: Option<Sender<UnixStream>>,
     stats: impl Fn() -> serde_json::Value + Send + 'static,
 ) -> io::Result<JoinHandle<()>> {
     let _ = std::fs::remove_file(path);
@@ -1022,7 +1525,7 @@ fn start_admin(
         while !shutdown.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = serve_admin(stream, &shutdown, &stats) {
+                    if let Err(e) = serve_admin(stream, &shutdown, handover.as_ref(), &stats) {
                         debug!(error = %e, "admin request failed");
                     }
                 }
@@ -1041,6 +1544,7 @@ fn start_admin(
 fn serve_admin(
     mut stream: UnixStream,
     shutdown: &AtomicBool,
+    handover: Option<&Sender<UnixStream>>,
     stats: &impl Fn() -> serde_json::Value,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -1060,6 +1564,41 @@ fn serve_admin(
         "shutdown" => {
             shutdown.store(true, Ordering::Relaxed);
             b"exiting".to_vec()
+        }
+        "restart" | "handover" if handover.is_none() => {
+            b"refused: this mode cannot hand over yet".to_vec()
+        }
+        _ if cmd.starts_with("handover ") && handover.is_none() => {
+            warn!("handover request refused: this mode cannot hand over yet");
+            b"refused: this mode cannot hand over yet".to_vec()
+        }
+        "restart" => match handover::restart() {
+            Ok(pid) => format!("restarting {pid}").into_bytes(),
+            Err(e) => format!("failed: {e}").into_bytes(),
+        },
+        _ if cmd.starts_with("handover ") => {
+            match handover::version_refusal(cmd.trim_start_matches("handover ")) {
+                Some(refusal) => {
+                    warn!(%refusal, "handover request refused");
+                    refusal.into_bytes()
+                }
+                None => {
+                    // The router answers on this connection and hands over on it.
+                    stream.set_read_timeout(None)?;
+                    stream.set_write_timeout(None)?;
+                    return match handover.map(|h| h.try_send(stream)) {
+                        Some(Ok(())) => Ok(()),
+                        Some(Err(e)) => {
+                            let mut stream = e.into_inner();
+                            common::admin::write_message(
+                                &mut stream,
+                                b"refused: a handover is already under way",
+                            )
+                        }
+                        None => Ok(()),
+                    };
+                }
+            }
         }
         _ => b"unknown".to_vec(),
     };
@@ -1218,6 +1757,83 @@ mod tests {
             Down::Forward
         ));
         assert_eq!(hs.replay_until, None);
+    }
+
+    #[test]
+    fn a_miner_travels_whole_in_a_handover() {
+        let now = Instant::now();
+        let mut hs = handshaken(true);
+        hs.replay_at(now).unwrap();
+        hs.keep(
+            Kind::Authorize,
+            br#"{"id":9,"method":"mining.authorize","params":["u.x","x"]}"#,
+        );
+        let m = Miner {
+            client_id: 77,
+            epoch: 3,
+            address: Arc::from("10.0.0.9"),
+            server: 1,
+            hs: Some(Box::new(hs)),
+        };
+        let back = Miner::import(&m.export(now), 5, now).unwrap();
+        assert_eq!((back.client_id, back.epoch, back.server), (77, 5, 1));
+        assert_eq!(&*back.address, "10.0.0.9");
+        let (a, b) = (m.hs.unwrap(), back.hs.unwrap());
+        assert_eq!(a.configure, b.configure);
+        assert_eq!(a.subscribe, b.subscribe);
+        assert_eq!(a.authorize, b.authorize);
+        assert_eq!((a.xsub, a.unreplayable), (b.xsub, b.unreplayable));
+        assert_eq!(a.awaiting, b.awaiting);
+        assert_eq!(b.awaiting, vec![(json!(9), Kind::Authorize)]);
+        assert_eq!(a.session, b.session);
+        assert_eq!(a.extranonce1, b.extranonce1);
+        assert_eq!(a.nonce2_len, b.nonce2_len);
+        assert!(b.replay_until.is_some_and(|t| t > now));
+        // A miner with no handshake yet, and garbage.
+        let bare = Miner {
+            client_id: 1,
+            epoch: 0,
+            address: Arc::from("::1"),
+            server: 0,
+            hs: None,
+        };
+        assert!(
+            Miner::import(&bare.export(now), 0, now)
+                .unwrap()
+                .hs
+                .is_none()
+        );
+        assert!(Miner::import(&json!({}), 0, now).is_none());
+        assert!(
+            Miner::import(
+                &json!({"client_id": 4_294_967_296_u64, "address": "a", "server": 0, "hs": null}),
+                0,
+                now
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn the_link_state_travels_and_only_to_a_passthrough() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let h = LinkHandover {
+            fd: OwnedFd::from(a.try_clone().unwrap()),
+            index: 2,
+            partial: b"{\"client_id\":7,".to_vec(),
+        };
+        let blob = export_link_state(&h, 1234, "redirector", Some(json!({"next": 1})));
+        let (back, next_id, redirect) =
+            import_link_state(&blob, OwnedFd::from(a.try_clone().unwrap()), "redirector").unwrap();
+        assert_eq!((back.index, next_id), (2, 1234));
+        assert_eq!(back.partial, h.partial);
+        assert_eq!(redirect, json!({"next": 1}));
+        // Only to the same mode.
+        let err = import_link_state(&blob, OwnedFd::from(a), "passthrough").unwrap_err();
+        assert!(format!("{err}").contains("redirector"), "{err}");
+        let (c, _d) = UnixStream::pair().unwrap();
+        let pool_state = [1u8, 2, 3];
+        assert!(import_link_state(&pool_state, OwnedFd::from(c), "passthrough").is_err());
     }
 
     #[test]

@@ -396,7 +396,11 @@ impl Running {
             warn!(error = %e, "handover: cannot answer the new instance");
             return false;
         }
-        match handover::give(&self.conns, stream, hooks) {
+        let give = handover::PoolGive {
+            conns: &self.conns,
+            hooks,
+        };
+        match handover::give(&self.conns, stream, &give) {
             handover::Outcome::Committed { connections } => {
                 info!(connections, "handover: the new instance has everything");
                 true
@@ -423,7 +427,7 @@ impl Running {
 }
 
 /// How long a new instance keeps trying to bind the webserver's port after a handover.
-const WEB_HANDOVER_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const WEB_HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the main loop waits for an event before it looks at the shutdown flag again.
 const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);

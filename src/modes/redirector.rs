@@ -16,6 +16,9 @@
 //!   accepted, without waiting for a share (as ckpool).
 //! * The watch is per connector thread (no lock on the line path); only the IP table is
 //!   shared, and locked once per redirect or authorisation.
+//! * Handover (`-H`, as a passthrough's): each miner's watch travels with it
+//!   ([`Watcher::export`]), the IP table, the round-robin position and the counters with the
+//!   link's state ([`Redirects::export_state`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, ToSocketAddrs};
@@ -25,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use common::ConnId;
 use serde_json::{Value, json};
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::instance::Instance;
 use crate::settings::{ConfigError, Settings};
 
 /// How long a submit's id is looked for in the upstream's replies (ckpool: 120 s).
@@ -38,14 +42,18 @@ const MAX_AUTHS: usize = 4;
 /// IP addresses remembered for stickiness, at most.
 pub(crate) const MAX_IPS: usize = 65_536;
 
-/// Runs redirector mode until `shutdown` is set: passthrough mode with the redirect watch.
-pub(crate) fn run(
-    settings: &Settings,
-    shutdown: &Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<()> {
+/// Runs redirector mode until `instance.shutdown` is set (or it handed itself over, `-H`):
+/// passthrough mode with the redirect watch.
+pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()> {
     let redirects = Arc::new(Redirects::new(&settings.file.redirecturl)?);
     info!(targets = ?redirects.urls(), "redirecting miners after their first accepted share");
-    super::passthrough::run_link(settings, shutdown, None, Some(redirects))
+    super::passthrough::run_link(
+        settings,
+        &instance.shutdown,
+        None,
+        Some(redirects),
+        Some(instance),
+    )
 }
 
 /// One `redirecturl` entry.
@@ -184,6 +192,70 @@ impl Redirects {
         Some((&target.url, target.reconnect_line()))
     }
 
+    /// The IP table, the round-robin position and the counters as they travel in a handover.
+    pub(crate) fn export_state(&self) -> Value {
+        let s = self.lock();
+        let ips: Vec<Value> = s
+            .order
+            .iter()
+            .filter_map(|ip| Some(json!([ip.to_string(), s.map.get(ip)?])))
+            .collect();
+        json!({
+            "targets": self.urls(),
+            "next": self.next.load(Ordering::Relaxed),
+            "sent": self.sent.iter().map(|n| n.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            "by_ip": self.by_ip.load(Ordering::Relaxed),
+            "ips": ips,
+        })
+    }
+
+    /// Takes [`Redirects::export_state`] of the old instance (before any miner is served). With
+    /// other `redirecturl` entries than the old instance's, its IP table and counters would name
+    /// other addresses: they are left out (logged).
+    pub(crate) fn import_state(&self, v: &Value) -> Result<(), String> {
+        let targets: Vec<&str> = v
+            .get("targets")
+            .and_then(Value::as_array)
+            .ok_or("no targets")?
+            .iter()
+            .map(|t| t.as_str().ok_or("bad target"))
+            .collect::<Result<_, _>>()?;
+        if targets != self.urls() {
+            warn!(old = ?targets, new = ?self.urls(), "redirecturl changed: the old instance's IP table and counters are not taken over");
+            return Ok(());
+        }
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).ok_or(format!("bad {k}"));
+        self.next.store(
+            usize::try_from(n("next")?).map_err(|_| "bad next")?,
+            Ordering::Relaxed,
+        );
+        self.by_ip.store(n("by_ip")?, Ordering::Relaxed);
+        let sent = v.get("sent").and_then(Value::as_array).ok_or("bad sent")?;
+        for (c, x) in self.sent.iter().zip(sent) {
+            c.store(x.as_u64().ok_or("bad sent")?, Ordering::Relaxed);
+        }
+        let ips = v.get("ips").and_then(Value::as_array).ok_or("bad ips")?;
+        let skip = ips.len().saturating_sub(MAX_IPS);
+        let mut s = self.lock();
+        for e in ips.iter().skip(skip) {
+            let ip: IpAddr = e
+                .get(0)
+                .and_then(Value::as_str)
+                .and_then(|i| i.parse().ok())
+                .ok_or("bad ip")?;
+            let t = e
+                .get(1)
+                .and_then(Value::as_u64)
+                .and_then(|t| usize::try_from(t).ok())
+                .filter(|&t| t < self.targets.len())
+                .ok_or("bad target index")?;
+            if s.map.insert(ip, t).is_none() {
+                s.order.push_back(ip);
+            }
+        }
+        Ok(())
+    }
+
     /// For the admin `stats`: `{"targets":[{"url","redirected"}…],"by_ip","ips"}`.
     pub(crate) fn stats(&self) -> Value {
         let targets: Vec<Value> = self
@@ -239,6 +311,62 @@ impl Watcher {
     /// The miner left.
     pub(crate) fn close(&mut self, conn: ConnId) {
         self.miners.remove(&conn);
+    }
+
+    /// The miner's watch as it travels in a handover (`null`: it was redirected already, so it
+    /// is not watched); it is not watched here any more.
+    pub(crate) fn export(&mut self, conn: ConnId, now: Instant) -> Value {
+        let Some(w) = self.miners.remove(&conn) else {
+            return Value::Null;
+        };
+        let submits: Vec<Value> = w
+            .submits
+            .iter()
+            .map(|(id, t)| {
+                let age = u64::try_from(now.saturating_duration_since(*t).as_millis())
+                    .unwrap_or(u64::MAX);
+                json!([id, age])
+            })
+            .collect();
+        json!({"ip": w.ip.to_string(), "auths": w.auths, "submits": submits})
+    }
+
+    /// Watches a miner handed over with the watch [`Watcher::export`] gave (`null`: not
+    /// watched). False if `v` is not one.
+    pub(crate) fn adopt(&mut self, conn: ConnId, v: &Value, now: Instant) -> bool {
+        if v.is_null() {
+            return true;
+        }
+        let Some(ip) = v
+            .get("ip")
+            .and_then(Value::as_str)
+            .and_then(|i| i.parse::<IpAddr>().ok())
+        else {
+            return false;
+        };
+        let (Some(auths), Some(submits)) = (
+            v.get("auths").and_then(Value::as_array),
+            v.get("submits").and_then(Value::as_array),
+        ) else {
+            return false;
+        };
+        let submits = submits
+            .iter()
+            .take(MAX_SUBMITS)
+            .filter_map(|s| {
+                let age = Duration::from_millis(s.get(1)?.as_u64()?);
+                Some((s.get(0)?.clone(), now.checked_sub(age)?))
+            })
+            .collect();
+        self.miners.insert(
+            conn,
+            Watch {
+                ip,
+                auths: auths.iter().take(MAX_AUTHS).cloned().collect(),
+                submits,
+            },
+        );
+        true
     }
 
     /// A line the miner sent (on its way upstream): notes authorize and submit ids.
@@ -438,6 +566,48 @@ mod tests {
         let s = w.shared.stats();
         assert_eq!(s["by_ip"], 1, "{s}");
         assert_eq!(s["ips"], 2, "{s}");
+    }
+
+    #[test]
+    fn watches_and_the_ip_table_travel_in_a_handover() {
+        let urls = ["127.0.0.1:4001", "127.0.0.1:4002"];
+        let mut w = watcher(&urls);
+        let now = Instant::now();
+        let (a, b) = (conn(1), conn(2));
+        w.open(a, "10.0.0.1".parse().unwrap());
+        w.up(a, &submit(1), now);
+        assert!(w.down(a, &reply(1, true), now).is_some());
+        // b: an authorisation and a submit pending.
+        w.open(b, "10.0.0.2".parse().unwrap());
+        w.up(
+            b,
+            br#"{"id":2,"method":"mining.authorize","params":["u.w","x"]}"#,
+            now,
+        );
+        w.up(b, &submit(3), now);
+        let (xa, xb) = (w.export(a, now), w.export(b, now));
+        assert!(xa.is_null(), "a was redirected: not watched");
+        assert!(w.miners.is_empty());
+        let state = w.shared.export_state();
+
+        let mut n = watcher(&urls);
+        n.shared.import_state(&state).unwrap();
+        assert_eq!(n.shared.stats(), w.shared.stats());
+        let (a2, b2) = (conn(7), conn(8));
+        assert!(n.adopt(a2, &xa, now) && n.adopt(b2, &xb, now));
+        assert!(!n.miners.contains_key(&a2));
+        // b's share reply, after the handover: redirected to the next address.
+        let l = n.down(b2, &reply(3, true), now).unwrap();
+        assert!(find(&l, b"\"4002\""), "{l:?}");
+        // 10.0.0.1 sticks to the first address in the new instance too.
+        let c = conn(9);
+        n.open(c, "10.0.0.1".parse().unwrap());
+        assert!(find(&authorize(&mut n, c, now).unwrap(), b"\"4001\""));
+        assert!(!n.adopt(conn(10), &json!({"ip": "x"}), now));
+        // Other addresses: the table is not taken.
+        let other = watcher(&["127.0.0.1:4003"]);
+        other.shared.import_state(&state).unwrap();
+        assert_eq!(other.shared.stats()["ips"], 0);
     }
 
     #[test]

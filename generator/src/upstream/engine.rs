@@ -1,8 +1,11 @@
 //! The failover engine shared by [`super::Pool`] and [`super::PassthroughLink`]: connections,
 //! reader threads, the active link and the fail-back probe. The protocol is a [`Session`].
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,38 @@ pub(crate) const MAX_LINE: usize = 16 << 20;
 /// Lines a connection's thread reads ahead of the engine. With [`MAX_LINE`] this bounds the
 /// memory a connection holds; usual lines are a few hundred bytes.
 const READ_AHEAD: usize = 16;
+/// How often a connection's reader looks at its pause flag while the upstream is silent (its
+/// socket's receive timeout).
+const READ_POLL: Duration = Duration::from_millis(100);
+
+/// The active connection of a link, taken out of a paused engine to be handed over to another
+/// process (`-H`): its socket and what was read from it and not yet made into lines. The
+/// connection's handshake is done; a link adopting it ([`Handle::start_adopted`]) sends nothing
+/// to the upstream that it would not have sent anyway.
+#[derive(Debug)]
+pub struct LinkHandover {
+    /// A duplicate of the connection's socket.
+    pub fd: OwnedFd,
+    /// Index in `servers` of the entry it is connected to.
+    pub index: usize,
+    /// Bytes read from the socket that do not yet form a line (the start of the next one).
+    pub partial: Vec<u8>,
+}
+
+/// Controls of a link beyond commands (a handover).
+pub(crate) enum Ctl {
+    /// Write every queued command, stop reading (after handing on every line read), drop the
+    /// candidates, and answer with the active connection (or why not).
+    Pause {
+        deadline: Instant,
+        reply: Sender<Result<LinkHandover, String>>,
+    },
+    /// Read again (a handover failed, or the adopting side is ready).
+    Resume,
+    /// The connection belongs to another process now: stop without closing it (no shutdown),
+    /// then say so on `done` (by dropping it).
+    Release { done: Sender<()> },
+}
 
 /// What a line (or the passing of time) does to a connection.
 pub(crate) enum Outcome {
@@ -48,6 +83,9 @@ pub(crate) trait Session: Send + Sized + 'static {
     fn new(cfg: &Shared, params: &Self::Params, index: usize) -> Self;
     /// Writes the first lines of the handshake.
     fn start(&mut self, now: Instant, out: &mut Vec<u8>);
+    /// The session's connection was handed over by another process with its handshake done
+    /// ([`Handle::start_adopted`]): it is ready without one.
+    fn adopted(&mut self) {}
     /// The handshake is complete: the connection may become active.
     fn ready(&self) -> bool;
     /// Handles one line (without its newline).
@@ -101,6 +139,8 @@ enum ReadMsg {
     Connected(TcpStream),
     Line(Vec<u8>),
     Closed(String),
+    /// The reader stopped as asked (its pause flag), with the bytes read and not yet a line.
+    Paused(Vec<u8>),
 }
 
 /// One TCP connection to an upstream.
@@ -116,7 +156,11 @@ struct Conn<S: Session> {
     /// Events held until the connection becomes active.
     held: Vec<<S as Session>::Event>,
     out: Vec<u8>,
-    _reader: JoinHandle<()>,
+    /// Tells the reader to stop ([`ReadMsg::Paused`]).
+    pause: Arc<AtomicBool>,
+    /// While paused: what the reader had read and not made into lines.
+    partial: Vec<u8>,
+    _reader: Option<JoinHandle<()>>,
 }
 
 impl<S: Session> Drop for Conn<S> {
@@ -133,6 +177,7 @@ impl<S: Session> Drop for Conn<S> {
 #[derive(Debug)]
 pub(crate) struct Handle<C> {
     cmds: Sender<C>,
+    ctl: Sender<Ctl>,
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
     block: Duration,
@@ -146,23 +191,69 @@ impl<C: Send + 'static> Handle<C> {
         name: &str,
         events: Sender<S::Event>,
     ) -> Result<Self, UpstreamError> {
+        Self::spawn::<S>(cfg, params, name, events, None)
+    }
+
+    /// Starts the engine on a connection another process handed over ([`LinkHandover`]),
+    /// active and paused: nothing is read from it until [`Handle::resume`] (lines for miners the
+    /// owner has not taken over yet wait in the socket). No `Up` event is sent: the owner
+    /// knows the link is up on entry `adopted.index`.
+    pub(crate) fn start_adopted<S: Session<Cmd = C>>(
+        cfg: Shared,
+        params: S::Params,
+        name: &str,
+        events: Sender<S::Event>,
+        adopted: LinkHandover,
+    ) -> Result<Self, UpstreamError> {
+        Self::spawn::<S>(cfg, params, name, events, Some(adopted))
+    }
+
+    fn spawn<S: Session<Cmd = C>>(
+        cfg: Shared,
+        params: S::Params,
+        name: &str,
+        events: Sender<S::Event>,
+        adopted: Option<LinkHandover>,
+    ) -> Result<Self, UpstreamError> {
         check(&cfg)?;
         let (cmds, cmd_rx) = bounded(cfg.queue);
+        let (ctl, ctl_rx) = bounded(1);
         let (stop, stop_rx) = bounded(0);
         let block = cfg.send_block;
+        let now = Instant::now();
+        let paused = adopted.is_some();
+        let active = adopted.map(|a| {
+            let mut session = S::new(&cfg, &params, a.index);
+            session.adopted();
+            Conn {
+                index: a.index,
+                stream: Some(TcpStream::from(a.fd)),
+                lines: never(),
+                session,
+                last_line: now,
+                handshake_by: now,
+                held: Vec::new(),
+                out: Vec::with_capacity(1024),
+                pause: Arc::new(AtomicBool::new(true)),
+                partial: a.partial,
+                _reader: None,
+            }
+        });
         let engine = Engine::<S> {
+            probe_at: now + cfg.failback_interval,
             cfg,
             params,
             events,
             cmds: cmd_rx,
+            ctl: ctl_rx,
             stop: stop_rx,
-            active: None,
+            active,
+            paused,
             attempt: None,
             probe: None,
             next_try: 0,
             tried: 0,
-            retry_at: Instant::now(),
-            probe_at: Instant::now(),
+            retry_at: now,
             probe_next: 0,
             redirect: None,
             scratch: Vec::new(),
@@ -174,6 +265,7 @@ impl<C: Send + 'static> Handle<C> {
             .map_err(UpstreamError::Spawn)?;
         Ok(Self {
             cmds,
+            ctl,
             stop: Some(stop),
             thread: Some(thread),
             block,
@@ -205,6 +297,37 @@ impl<C: Send + 'static> Handle<C> {
         self.cmds.len()
     }
 
+    /// Asks the engine to pause for a handover (see [`Ctl::Pause`]); the answer comes on the
+    /// returned channel. Meanwhile the engine hands on what it reads: keep taking its events.
+    pub(crate) fn pause(&self, deadline: Instant) -> Receiver<Result<LinkHandover, String>> {
+        let (reply, rx) = bounded(1);
+        let sent = self
+            .ctl
+            .send_deadline(Ctl::Pause { deadline, reply }, deadline);
+        if let Err(e) = sent
+            && let Ctl::Pause { reply, .. } = e.into_inner()
+        {
+            let _ = reply.send(Err("the link's engine does not answer".to_owned()));
+        }
+        rx
+    }
+
+    /// Reads again after [`Handle::pause`], or on an adopted connection.
+    pub(crate) fn resume(&self) {
+        let _ = self.ctl.send(Ctl::Resume);
+    }
+
+    /// The paused connection belongs to another process now: stops the engine without closing
+    /// it, and waits (at most `wait`) until it has stopped: commands sent afterwards fail with
+    /// [`SendError::Closed`], so nothing more is written to the connection from here.
+    pub(crate) fn release(&self, wait: Duration) {
+        let (done, stopped) = bounded::<()>(0);
+        if self.ctl.send_timeout(Ctl::Release { done }, wait).is_ok() {
+            // The engine drops `done` once its loop is over.
+            let _ = stopped.recv_timeout(wait);
+        }
+    }
+
     /// Stops the engine and waits for it (at most a connect or a write timeout when it is in
     /// one).
     pub(crate) fn shutdown(mut self) {
@@ -227,7 +350,10 @@ struct Engine<S: Session> {
     params: S::Params,
     events: Sender<S::Event>,
     cmds: Receiver<S::Cmd>,
+    ctl: Receiver<Ctl>,
     stop: Receiver<()>,
+    /// Paused for a handover: the active connection is not read, nothing else is connected.
+    paused: bool,
     /// The link in use: its handshake is complete.
     active: Option<Conn<S>>,
     /// A failover attempt (no active link) still in its handshake.
@@ -263,6 +389,7 @@ const CANDIDATES: [Slot; 2] = [Slot::Attempt, Slot::Probe];
 /// What the select woke for.
 enum Wake<C> {
     Stop,
+    Ctl(Ctl),
     Cmd(Option<C>),
     Read(Slot, ReadMsg),
     Timer,
@@ -276,6 +403,26 @@ impl<S: Session> Engine<S> {
             let deadline = self.deadline();
             match self.wait(deadline) {
                 Wake::Stop | Wake::Cmd(None) => break,
+                Wake::Ctl(Ctl::Release { done }) => {
+                    // Closing our descriptor leaves the connection to the other process.
+                    if let Some(mut a) = self.active.take() {
+                        a.stream = None;
+                    }
+                    self.attempt = None;
+                    self.probe = None;
+                    // No command is taken from now on.
+                    let cmds = std::mem::replace(&mut self.cmds, never());
+                    while let Ok(cmd) = cmds.try_recv() {
+                        S::lose(cmd, "link handed over", &mut self.scratch);
+                    }
+                    drop(cmds);
+                    drop(done);
+                    break;
+                }
+                Wake::Ctl(Ctl::Pause { deadline, reply }) => {
+                    let _ = reply.send(self.pause(deadline));
+                }
+                Wake::Ctl(Ctl::Resume) => self.resume(),
                 Wake::Cmd(Some(cmd)) => {
                     self.command(cmd);
                     // Take what else is queued now, then write once.
@@ -327,6 +474,7 @@ impl<S: Session> Engine<S> {
         ];
         let mut sel = Select::new();
         let i_stop = sel.recv(&self.stop);
+        let i_ctl = sel.recv(&self.ctl);
         let i_cmd = sel.recv(&self.cmds);
         let first_reader = readers.map(|(_, rx)| sel.recv(rx))[0];
         let op = match deadline {
@@ -340,6 +488,12 @@ impl<S: Session> Engine<S> {
         if i == i_stop {
             let _ = op.recv(&self.stop);
             return Wake::Stop;
+        }
+        if i == i_ctl {
+            return match op.recv(&self.ctl) {
+                Ok(c) => Wake::Ctl(c),
+                Err(_) => Wake::Stop,
+            };
         }
         if i == i_cmd {
             return Wake::Cmd(op.recv(&self.cmds).ok());
@@ -355,6 +509,9 @@ impl<S: Session> Engine<S> {
     }
 
     fn deadline(&self) -> Option<Instant> {
+        if self.paused {
+            return None;
+        }
         let mut d: Option<Instant> = None;
         let mut at = |t: Option<Instant>| {
             if let Some(t) = t {
@@ -381,6 +538,9 @@ impl<S: Session> Engine<S> {
 
     /// Starts a failover attempt or a fail-back probe when one is due.
     fn maybe_connect(&mut self, now: Instant) {
+        if self.paused {
+            return;
+        }
         let n = self.cfg.servers.len();
         match &self.active {
             None if self.attempt.is_none() && now >= self.retry_at => {
@@ -416,9 +576,13 @@ impl<S: Session> Engine<S> {
         };
         let (tx, lines) = bounded(READ_AHEAD);
         let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
+        let pause = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&pause);
         let spawned = std::thread::Builder::new()
             .name(format!("up-read-{index}"))
-            .spawn(move || connect_and_read(&host, port, connect_timeout, write_timeout, &tx));
+            .spawn(move || {
+                connect_and_read(&host, port, connect_timeout, write_timeout, &flag, &tx);
+            });
         let reader = match spawned {
             Ok(r) => r,
             Err(e) => {
@@ -436,8 +600,110 @@ impl<S: Session> Engine<S> {
             handshake_by: now + connect_timeout + self.cfg.handshake_timeout,
             held: Vec::new(),
             out: Vec::with_capacity(1024),
-            _reader: reader,
+            pause,
+            partial: Vec::new(),
+            _reader: Some(reader),
         })
+    }
+
+    /// [`Ctl::Pause`]: see there. On failure the engine goes on as before (reading again).
+    fn pause(&mut self, deadline: Instant) -> Result<LinkHandover, String> {
+        if self.paused {
+            return Err("the link is paused already".to_owned());
+        }
+        while let Ok(cmd) = self.cmds.try_recv() {
+            self.command(cmd);
+        }
+        // Candidates are dropped (closed): the new process starts its own probes.
+        self.attempt = None;
+        self.probe = None;
+        self.flush();
+        self.emit_scratch();
+        let Some(a) = self.active.as_ref() else {
+            return Err("the upstream link is down".to_owned());
+        };
+        a.pause.store(true, Ordering::SeqCst);
+        loop {
+            let Some(a) = self.active.as_mut() else {
+                return Err("the upstream link went down while pausing".to_owned());
+            };
+            let Ok(msg) = a.lines.recv_deadline(deadline) else {
+                // The reader goes on (or its `Paused` restarts it, see `read`).
+                a.pause.store(false, Ordering::SeqCst);
+                return Err("the upstream link's reader did not stop in time".to_owned());
+            };
+            if let ReadMsg::Paused(partial) = msg {
+                a.partial = partial;
+                a.lines = never();
+                a._reader = None;
+                break;
+            }
+            self.read(Slot::Active, msg);
+            self.flush();
+            self.emit_scratch();
+        }
+        let Some(a) = self.active.as_ref() else {
+            return Err("the upstream link went down while pausing".to_owned());
+        };
+        let fd = a
+            .stream
+            .as_ref()
+            .ok_or_else(|| "the upstream link has no socket".to_owned())
+            .and_then(|s| {
+                s.try_clone()
+                    .map_err(|e| format!("duplicating its socket: {e}"))
+            })
+            .map(OwnedFd::from);
+        match fd {
+            Ok(fd) => {
+                self.paused = true;
+                tracing::info!(
+                    index = a.index,
+                    partial = a.partial.len(),
+                    "upstream link paused for a handover"
+                );
+                Ok(LinkHandover {
+                    fd,
+                    index: a.index,
+                    partial: a.partial.clone(),
+                })
+            }
+            Err(e) => {
+                self.paused = true;
+                self.resume();
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Ctl::Resume`]: a reader for the active connection again, starting with the bytes the
+    /// last one left.
+    fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        let now = Instant::now();
+        self.retry_at = now;
+        self.probe_at = now + self.cfg.failback_interval;
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        a.last_line = now;
+        let started = match a.stream.as_ref().map(TcpStream::try_clone) {
+            Some(Ok(stream)) => spawn_reader(a.index, stream, std::mem::take(&mut a.partial)),
+            Some(Err(e)) => Err(e),
+            None => Err(std::io::Error::other("no socket")),
+        };
+        match started {
+            Ok((lines, pause, reader)) => {
+                a.lines = lines;
+                a.pause = pause;
+                a._reader = Some(reader);
+                tracing::info!(index = a.index, "upstream link reading again");
+            }
+            Err(e) => self.close(Slot::Active, format!("restarting its reader: {e}"), false),
+        }
     }
 
     fn command(&mut self, cmd: S::Cmd) {
@@ -478,6 +744,13 @@ impl<S: Session> Engine<S> {
                 conn.session.line(&line, now, &mut conn.out, events)
             }
             ReadMsg::Closed(reason) => Outcome::Close(reason),
+            ReadMsg::Paused(partial) => {
+                // A pause that timed out: the reader stopped after all; start another.
+                conn.partial = partial;
+                self.paused = true;
+                self.resume();
+                return;
+            }
         };
         self.outcome(slot, outcome);
         self.switch_if_ready(slot);
@@ -605,6 +878,9 @@ impl<S: Session> Engine<S> {
     }
 
     fn timers(&mut self, now: Instant) {
+        if self.paused {
+            return;
+        }
         if let Some(a) = &mut self.active {
             let mut outcome = Outcome::Continue;
             if a.session.deadline().is_some_and(|d| d <= now) {
@@ -719,17 +995,20 @@ fn connect_one(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result
 }
 
 /// A connection's thread: connects, hands a clone of the stream over, then sends lines
-/// (without newline) to `tx` until the stream ends or the engine drops the connection.
+/// (without newline) to `tx` until the stream ends, the engine drops the connection, or
+/// `pause` is set ([`read_lines`]).
 fn connect_and_read(
     host: &str,
     port: u16,
     connect_timeout: Duration,
     write_timeout: Duration,
+    pause: &AtomicBool,
     tx: &Sender<ReadMsg>,
 ) {
     let opened = open(host, port, connect_timeout).and_then(|stream| {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(write_timeout))?;
+        stream.set_read_timeout(Some(READ_POLL))?;
         let writer = stream.try_clone()?;
         Ok((stream, writer))
     });
@@ -747,28 +1026,79 @@ fn connect_and_read(
             return;
         }
     };
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    read_lines(stream, Vec::new(), pause, tx);
+}
+
+/// A reader thread for a connection that is connected already (a resumed or adopted one),
+/// starting with the bytes `partial`: its channel, its pause flag and its thread.
+fn spawn_reader(
+    index: usize,
+    stream: TcpStream,
+    partial: Vec<u8>,
+) -> std::io::Result<(Receiver<ReadMsg>, Arc<AtomicBool>, JoinHandle<()>)> {
+    stream.set_read_timeout(Some(READ_POLL))?;
+    let (tx, lines) = bounded(READ_AHEAD);
+    let pause = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&pause);
+    let reader = std::thread::Builder::new()
+        .name(format!("up-read-{index}"))
+        .spawn(move || read_lines(stream, partial, &flag, &tx))?;
+    Ok((lines, pause, reader))
+}
+
+/// Reads `stream` (whose receive timeout is [`READ_POLL`]) and sends its lines, without
+/// newline (and a trailing `\r`), to `tx`, the first ones made of `buf` (bytes read before).
+/// Stops when the stream ends or fails ([`ReadMsg::Closed`]), when the engine is gone, or, once
+/// every complete line read is sent, when `pause` is set: then [`ReadMsg::Paused`] carries what
+/// was read of the next line.
+fn read_lines(mut stream: TcpStream, mut buf: Vec<u8>, pause: &AtomicBool, tx: &Sender<ReadMsg>) {
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let mut line = Vec::new();
-        let res = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line);
-        let msg = match res {
-            Ok(0) => ReadMsg::Closed("connection closed by upstream".to_owned()),
-            Ok(_) if line.last() == Some(&b'\n') => {
+        let mut start = 0;
+        while let Some(i) = buf
+            .get(start..)
+            .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+        {
+            let mut line = buf.get(start..start + i).unwrap_or_default().to_vec();
+            start += i + 1;
+            if line.last() == Some(&b'\r') {
                 line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                ReadMsg::Line(line)
             }
-            Ok(_) if line.len() > MAX_LINE => ReadMsg::Closed("line too long".to_owned()),
-            Ok(_) => ReadMsg::Closed("connection closed by upstream mid-line".to_owned()),
-            Err(e) => ReadMsg::Closed(format!("read: {e}")),
-        };
-        let end = matches!(msg, ReadMsg::Closed(_));
-        if tx.send(msg).is_err() || end {
+            if tx.send(ReadMsg::Line(line)).is_err() {
+                return;
+            }
+        }
+        buf.drain(..start);
+        if buf.len() > MAX_LINE {
+            let _ = tx.send(ReadMsg::Closed("line too long".to_owned()));
             return;
+        }
+        if pause.load(Ordering::SeqCst) {
+            let _ = tx.send(ReadMsg::Paused(buf));
+            return;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                let why = if buf.is_empty() {
+                    "connection closed by upstream"
+                } else {
+                    "connection closed by upstream mid-line"
+                };
+                let _ = tx.send(ReadMsg::Closed(why.to_owned()));
+                return;
+            }
+            Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                let _ = tx.send(ReadMsg::Closed(format!("read: {e}")));
+                return;
+            }
         }
     }
 }

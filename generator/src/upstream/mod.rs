@@ -27,6 +27,7 @@ mod stratum;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use engine::LinkHandover;
 pub use passthrough::{MinerLine, PassthroughEvent, PassthroughLink};
 pub use stratum::{Link, MAX_EXTRANONCE2, Pool, Submit, UpstreamEvent};
 

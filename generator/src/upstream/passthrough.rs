@@ -2,12 +2,12 @@
 //! failover along the server list.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::stratum::passthrough::{self, FromUpstream, Role};
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
-use super::engine::{Handle, Outcome, Session};
+use super::engine::{Handle, LinkHandover, Outcome, Session};
 use super::{SendError, Shared, UpstreamConfig, UpstreamError};
 
 /// What the passthrough sends up.
@@ -100,6 +100,8 @@ impl PassthroughEvent {
 #[derive(Debug)]
 pub struct PassthroughLink {
     handle: Handle<MinerLine>,
+    /// How long [`PassthroughLink::release`] waits for the engine (a write may be under way).
+    release_wait: Duration,
 }
 
 impl PassthroughLink {
@@ -123,8 +125,12 @@ impl PassthroughLink {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
         };
+        let release_wait = cfg.write_timeout + Duration::from_secs(1);
         let handle = Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events)?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            release_wait,
+        })
     }
 
     /// Queues a line for the upstream, waiting at most `send_block` for room, then giving it
@@ -148,6 +154,58 @@ impl PassthroughLink {
     /// blocked).
     pub fn shutdown(self) {
         self.handle.shutdown();
+    }
+
+    /// Starts a link on a connection another process handed over (`-H`), whose handshake is
+    /// done: active on entry `adopted.index`, with no `Up` event, and paused: nothing is read
+    /// from it until [`PassthroughLink::resume`] (so lines for miners not yet taken over wait
+    /// in the socket). Miner lines sent meanwhile go up at once.
+    pub fn start_adopted(
+        cfg: UpstreamConfig,
+        role: Role,
+        events: Sender<PassthroughEvent>,
+        adopted: LinkHandover,
+    ) -> Result<Self, UpstreamError> {
+        let name = match role {
+            Role::Passthrough => "passthrough",
+            Role::Node => "node-link",
+        };
+        let release_wait = cfg.write_timeout + Duration::from_secs(1);
+        let handle = Handle::start_adopted::<PassthroughSession>(
+            Arc::new(cfg),
+            role,
+            name,
+            events,
+            adopted,
+        )?;
+        Ok(Self {
+            handle,
+            release_wait,
+        })
+    }
+
+    /// The first step of handing the link over (`-H`): every queued line is written, reading
+    /// stops once every line read has become an event (keep taking events meanwhile: the answer
+    /// comes after them), probes of other entries are dropped, and the answer is the active
+    /// connection (a duplicate of its socket, its entry, its unread partial line), or why not
+    /// (no active link, a reader that did not stop by `deadline`). After a failed handover,
+    /// [`PassthroughLink::resume`]; after a committed one, [`PassthroughLink::release`].
+    pub fn pause(&self, deadline: Instant) -> Receiver<Result<LinkHandover, String>> {
+        self.handle.pause(deadline)
+    }
+
+    /// Reads from the upstream again (after [`PassthroughLink::pause`], or on an adopted
+    /// connection once its miners are there).
+    pub fn resume(&self) {
+        self.handle.resume();
+    }
+
+    /// The paused connection belongs to another process: stops the link without shutting the
+    /// connection down (the upstream sees nothing); lines sent afterwards are refused
+    /// ([`SendError::Closed`]), so nothing more goes to the connection from this process. Waits
+    /// for the engine at most `write_timeout`.
+    pub fn release(&self) {
+        self.handle.release(self.release_wait);
     }
 }
 
@@ -181,6 +239,10 @@ impl Session for PassthroughSession {
 
     fn start(&mut self, _now: Instant, out: &mut Vec<u8>) {
         passthrough::handshake(out, self.role, &self.agent);
+    }
+
+    fn adopted(&mut self) {
+        self.ready = true;
     }
 
     fn ready(&self) -> bool {

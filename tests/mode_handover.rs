@@ -1,0 +1,551 @@
+//! `-H` in the other modes, end to end against a real regtest node: a passthrough (`-P`) in
+//! front of a ckpool-rs pool hands its miners and its upstream link over, and the pool sees the
+//! same link throughout; a passthrough whose new instance dies half way serves on with both; a
+//! redirector (`-R`) and a node (`-N`) carry their own state along; a passthrough with its
+//! upstream down, and the proxy modes, refuse `-H` plainly. The suite runs again with
+//! `POOL_BACKEND=epoll`, which the processes inherit.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs,
+    reason = "test code"
+)]
+
+#[path = "support/node.rs"]
+mod node;
+#[path = "support/pool.rs"]
+mod pool;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{Difficulty, Target};
+use node::{RegtestNet, RegtestNode, WAIT, bitcoind_or_skip, wait_until};
+use pool::{Client, PoolProcess, btcd_entry, free_port, regtest_config, wait_stats};
+use serde_json::{Value, json};
+
+/// Miners behind the passthrough.
+const MINERS: usize = 6;
+
+/// A raw miner behind the passthrough: its connection, session and the job it works on. Its
+/// shares never meet the network target, so the chain (and the job) stays put.
+struct RawMiner {
+    c: Client,
+    user: String,
+    en1: String,
+    n2: usize,
+    job: loadtest::work::Job,
+    next: u64,
+    next_id: u64,
+}
+
+impl RawMiner {
+    fn connect(addr: SocketAddr, user: &str) -> Self {
+        Self::login(Client::connect(addr), user)
+    }
+
+    fn login(mut c: Client, user: &str) -> Self {
+        let (en1, n2) = c.login(user);
+        let v = c.wait_for("a mining.notify", WAIT, |v| v["method"] == "mining.notify");
+        let job = loadtest::work::Job::from_notify_params(&v["params"]).unwrap();
+        Self {
+            c,
+            user: user.to_owned(),
+            en1,
+            n2,
+            job,
+            next: 1,
+            next_id: 100,
+        }
+    }
+
+    /// Sends a fresh share on its job (without waiting); returns its id.
+    fn send_share(&mut self) -> u64 {
+        let job = self.job.clone();
+        let en1 = hex::decode(&self.en1).unwrap();
+        let en2 = loadtest::work::extranonce2_bytes(self.next, self.n2);
+        self.next += 1;
+        let net = Target::from_compact(job.nbits);
+        let want: Target = Difficulty::MIN.target();
+        let nonce = (0u32..)
+            .find(|&n| {
+                let h = job.share_hash(&en1, &en2, job.version, n);
+                want.is_met_by(&h) && !net.is_met_by(&h)
+            })
+            .unwrap();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.c.send(&json!({"id": id, "method": "mining.submit",
+            "params": [self.user, job.job_id, hex::encode(&en2), format!("{:08x}", job.ntime), format!("{nonce:08x}")]}));
+        id
+    }
+
+    /// Submits a fresh share and asserts it is accepted.
+    fn share_accepted(&mut self) {
+        let id = self.send_share();
+        let r = self.c.reply(id);
+        assert_eq!(r["result"], true, "{}: {r}", self.user);
+    }
+
+    /// The connection is open, and the session is the one it had (no new subscribe answer, no
+    /// reconnect or extranonce change was sent to it).
+    fn assert_same_session(&mut self) {
+        assert!(
+            self.c.read_line().is_ok(),
+            "{}: the connection was closed",
+            self.user
+        );
+        for v in &self.c.seen {
+            assert!(
+                v["method"] != "mining.set_extranonce" && v["method"] != "client.reconnect",
+                "{}: {v}",
+                self.user
+            );
+        }
+    }
+}
+
+/// A pool on `node` with a `passthroughserver` listener (returned).
+fn pool_with_passthrough_port(node: &RegtestNode, tag: &str) -> (PoolProcess, SocketAddr) {
+    let payout = node.new_address();
+    let (direct, link) = (free_port(), free_port());
+    let mut config = regtest_config(vec![btcd_entry(node)], Some(&payout), direct);
+    config["passthroughserver"] = json!([format!("127.0.0.1:{link}")]);
+    let pool = PoolProcess::start(tag, &config, &[]);
+    (pool, SocketAddr::from(([127, 0, 0, 1], link)))
+}
+
+/// A passthrough (`-P`) in front of `upstream`, once its link is up.
+fn start_passthrough(tag: &str, upstream: SocketAddr) -> PoolProcess {
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": upstream.to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 2,
+        "zmqblock": null,
+    });
+    let pt = PoolProcess::start(tag, &config, &["-P"]);
+    wait_stats(&pt, "the passthrough's upstream to be up", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+    });
+    pt
+}
+
+/// The pool's connector counters: (connections accepted ever, closed ever).
+fn pool_connections(pool: &PoolProcess) -> (u64, u64) {
+    let v: Value = serde_json::from_str(&pool.admin("connectorstats").unwrap()).unwrap();
+    (
+        v["clients"]["generated"].as_u64().unwrap(),
+        v["dead"]["generated"].as_u64().unwrap(),
+    )
+}
+
+/// The pool's passthrough links: `[(peer, subclients)]`. (The pool's connector counts the
+/// link and the start-up probe of its ordinary port.)
+fn pool_links(pool: &PoolProcess) -> Vec<(String, u64)> {
+    pool.stats()["passthroughs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["peer"].as_str().unwrap().to_owned(),
+                l["subclients"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn exited(p: &mut PoolProcess, what: &str) -> std::process::ExitStatus {
+    p.wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("{what} did not exit; log:\n{}", p.log_text()))
+}
+
+/// What the pool saw of the passthrough: its links (`[(peer, subclients)]`) and its connector's
+/// counters.
+type PoolView = (Vec<(String, u64)>, (u64, u64));
+
+/// A pool, a passthrough in front of it with [`MINERS`] miners that got a share accepted, and
+/// the pool's view of the link once it counts them all.
+fn passthrough_with_miners(
+    tag: &str,
+    node: &RegtestNode,
+) -> (PoolProcess, PoolProcess, Vec<RawMiner>, PoolView) {
+    let (pool, link_addr) = pool_with_passthrough_port(node, &format!("{tag}-pool"));
+    let pt = start_passthrough(&format!("{tag}-pt"), link_addr);
+    let mut ms: Vec<RawMiner> = (0..MINERS)
+        .map(|i| RawMiner::connect(pt.addr, &format!("{tag}.{i}")))
+        .collect();
+    for m in &mut ms {
+        m.share_accepted();
+    }
+    wait_stats(&pool, "the miners as the link's sub-clients", WAIT, |s| {
+        s["passthroughs"][0]["subclients"] == MINERS && s["clients"] == MINERS
+    });
+    let links = pool_links(&pool);
+    assert_eq!(links.len(), 1, "{links:?}");
+    let conns = pool_connections(&pool);
+    (pool, pt, ms, (links, conns))
+}
+
+/// The passthrough is upgraded with `-H` while its miners submit: every miner keeps its
+/// connection and session, every share sent across the upgrade is answered and accepted, and
+/// the pool saw the same link throughout (one connection ever, the same peer, no sub-client
+/// ended).
+#[test]
+fn passthrough_handover_keeps_the_miners_and_the_upstream_link() {
+    let tag = "passthrough_handover_keeps_the_miners_and_the_upstream_link";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (pool, mut old, mut ms, (links, conns)) = passthrough_with_miners("mho-pt", &net.nodes[0]);
+
+    let t0 = Instant::now();
+    let mut new = old.spawn_sibling(&["-P", "-H"], &[], "new.log");
+    let mut pending: Vec<Vec<u64>> = vec![Vec::new(); ms.len()];
+    while old.is_running() {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the old passthrough did not hand over; old log:\n{}\nnew log:\n{}",
+            old.log_text(),
+            new.log_text()
+        );
+        for (m, p) in ms.iter_mut().zip(&mut pending) {
+            if p.len() < 30 {
+                p.push(m.send_share());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = exited(&mut old, "the old passthrough");
+    assert!(status.success(), "{status}; log:\n{}", old.log_text());
+    assert!(new.is_running(), "new log:\n{}", new.log_text());
+    wait_until("the new passthrough's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    assert_eq!(new.admin("ping").as_deref(), Some("pong"));
+
+    // Every share sent across the upgrade was answered, and accepted, on the same connection.
+    for (m, ids) in ms.iter_mut().zip(&pending) {
+        for id in ids {
+            let r = m.c.reply(*id);
+            assert_eq!(r["result"], true, "{}: {r}", m.user);
+        }
+    }
+    // And after it.
+    for m in &mut ms {
+        m.share_accepted();
+        m.assert_same_session();
+    }
+    let across: usize = pending.iter().map(Vec::len).sum();
+    assert!(across >= MINERS, "only {across} shares across the upgrade");
+
+    // The pool saw nothing: the same link (no connection accepted or closed since, the same
+    // peer), and every sub-client still there.
+    assert_eq!(pool_connections(&pool), conns);
+    assert_eq!(pool_links(&pool), links);
+    let stats = pool.stats();
+    assert_eq!(stats["clients"], MINERS, "{stats}");
+    let log = old.log_text();
+    assert!(log.contains("handover committed"), "old log:\n{log}");
+    let newlog = new.log_text();
+    assert!(
+        newlog.contains(&format!(
+            "handover: took the running instance over miners={MINERS}"
+        )),
+        "new log:\n{newlog}"
+    );
+    // No replay: the new instance did not re-establish anyone.
+    let s = new.stats();
+    assert_eq!(s["upstream"]["state"], "up", "{s}");
+    assert_eq!(s["miners"], MINERS, "{s}");
+    assert_eq!(s["replayed"], 0, "{s}");
+    // A miner that comes now is served by the new instance through the same link.
+    let mut late = RawMiner::connect(new.addr, "mho-pt.late");
+    late.share_accepted();
+    assert_eq!(pool_connections(&pool), conns);
+}
+
+/// The new passthrough dies after the link and the first batch reached it: the old one takes
+/// its miners back, reads from the same link again, and serves on.
+#[test]
+fn passthrough_new_instance_dying_mid_handover_leaves_the_old_serving() {
+    let tag = "passthrough_new_instance_dying_mid_handover_leaves_the_old_serving";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (pool, old, mut ms, (links, conns)) = passthrough_with_miners("mho-die", &net.nodes[0]);
+    let mut new = old.spawn_sibling(
+        &["-P", "-H"],
+        &[("CKPOOL_RS_HANDOVER_TEST_EXIT_AFTER_BATCHES", "1")],
+        "new.log",
+    );
+    let status = exited(&mut new, "the dying passthrough");
+    assert_eq!(status.code(), Some(86), "new log:\n{}", new.log_text());
+    wait_until("the old passthrough to take its miners back", WAIT, || {
+        old.log_text().contains("handover failed; serving on")
+    });
+    let log = old.log_text();
+    assert!(
+        log.contains(&format!("taken_back={MINERS}")),
+        "old log:\n{log}"
+    );
+    assert_eq!(old.pidfile_pid(), Some(old.pid()));
+    for m in &mut ms {
+        m.share_accepted();
+        m.assert_same_session();
+    }
+    assert_eq!(pool_connections(&pool), conns);
+    assert_eq!(pool_links(&pool), links);
+    let mut late = RawMiner::connect(old.addr, "mho-die.late");
+    late.share_accepted();
+}
+
+/// A raw stratum client connected to `to` from the loopback address `src` (the redirector's
+/// stickiness is per source address).
+fn connect_from(src: std::net::IpAddr, to: SocketAddr) -> Client {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddr::new(src, 0)).unwrap();
+    connect(&fd, &to).unwrap();
+    let stream = std::net::TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    Client::from_stream(stream)
+}
+
+fn reconnects(c: &Client) -> Vec<Value> {
+    c.seen
+        .iter()
+        .filter(|v| v["method"] == "client.reconnect")
+        .cloned()
+        .collect()
+}
+
+/// A redirector (`-R`) hands over like a passthrough, with what it knows: a miner watched
+/// before the upgrade is redirected after it on its first accepted share, to the next address
+/// round-robin; an IP redirected before the upgrade sticks to its address after it; the pool
+/// sees the same link throughout.
+#[test]
+fn redirector_handover_keeps_its_watch_and_ip_table() {
+    let tag = "redirector_handover_keeps_its_watch_and_ip_table";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (pool, link_addr) = pool_with_passthrough_port(&net.nodes[0], "mho-rd-pool");
+    let (a, b) = (free_port(), free_port());
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": link_addr.to_string(), "auth": "unused", "pass": "x"}],
+        "redirecturl": [format!("127.0.0.1:{a}"), format!("localhost:{b}")],
+        "threads": 2,
+        "zmqblock": null,
+    });
+    let mut old = PoolProcess::start("mho-rd", &config, &["-R"]);
+    wait_stats(&old, "the redirector's upstream to be up", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+    });
+    let first = json!(["127.0.0.1", a.to_string(), 0]);
+    let second = json!(["localhost", b.to_string(), 0]);
+    // Miner A (127.0.0.1): redirected to the first address after its accepted share.
+    let mut ma = RawMiner::connect(old.addr, "rdA.1");
+    ma.share_accepted();
+    let r = ma.c.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], first, "{r}");
+    // Miner C (127.0.0.2): watched, no share yet.
+    let mut mc = RawMiner::login(connect_from([127, 0, 0, 2].into(), old.addr), "rdC.1");
+    assert!(reconnects(&mc.c).is_empty(), "{:?}", mc.c.seen);
+    wait_stats(&pool, "two sub-clients", WAIT, |s| {
+        s["passthroughs"][0]["subclients"] == 2
+    });
+    let (links, conns) = (pool_links(&pool), pool_connections(&pool));
+
+    let new = old.spawn_sibling(&["-R", "-H"], &[], "new.log");
+    let status = exited(&mut old, "the old redirector");
+    assert!(
+        status.success(),
+        "{status}; old log:
+{}
+new log:
+{}",
+        old.log_text(),
+        new.log_text()
+    );
+    wait_until("the new redirector's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    // C's first accepted share, after the upgrade: the next address.
+    mc.share_accepted();
+    let r = mc.c.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], second, "{r}");
+    assert_eq!(reconnects(&mc.c).len(), 1);
+    // A: redirected before, not again.
+    ma.share_accepted();
+    assert_eq!(reconnects(&ma.c).len(), 1, "{:?}", ma.c.seen);
+    // B from 127.0.0.1: sent where A went as soon as it is authorised.
+    let mut mb = Client::connect(new.addr);
+    mb.login("rdB.1");
+    let r = mb.wait_for("client.reconnect", WAIT, |v| {
+        v["method"] == "client.reconnect"
+    });
+    assert_eq!(r["params"], first, "{r}");
+    let s = wait_stats(&new, "the redirects counted", WAIT, |s| {
+        s["redirect"]["redirected"] == 3
+    });
+    assert_eq!(s["mode"], "redirector", "{s}");
+    assert_eq!(s["redirect"]["by_ip"], 1, "{s}");
+    assert_eq!(s["redirect"]["ips"], 2, "{s}");
+    assert_eq!(s["replayed"], 0, "{s}");
+    // The same link at the pool, with B added.
+    assert_eq!(pool_connections(&pool), conns);
+    let now = pool_links(&pool);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].0, links[0].0);
+}
+
+/// A node (`-N`, with its own bitcoind) hands over like a passthrough, with the jobs and
+/// transactions it rebuilt from the pool's messages: the new node knows them at once (the pool
+/// sends each transaction once, and a job only on a new template), its miner carries on, and
+/// the pool sees the same link.
+#[test]
+fn node_handover_keeps_the_jobs_and_transactions_it_rebuilt() {
+    let tag = "node_handover_keeps_the_jobs_and_transactions_it_rebuilt";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (pools_btcd, nodes_btcd) = (&net.nodes[0], &net.nodes[1]);
+    // A transaction in the pool's template, so that the pool sends its node `transactions`.
+    pools_btcd.generate(101);
+    let to = pools_btcd.new_address();
+    pools_btcd.rpc("sendtoaddress", json!([to, 1.0]));
+    let payout = pools_btcd.new_address();
+    let link = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut config = regtest_config(vec![btcd_entry(pools_btcd)], Some(&payout), free_port());
+    config["nodeserver"] = json!([link.to_string()]);
+    let pool = PoolProcess::start("mho-node-pool", &config, &[]);
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": link.to_string(), "auth": "unused", "pass": "x"}],
+        "btcd": [btcd_entry(nodes_btcd)],
+        "blockpoll": 100,
+        "zmqblock": null,
+        "threads": 2,
+    });
+    let mut old = PoolProcess::start("mho-node", &config, &["-N"]);
+    wait_stats(&old, "the node's jobs and transactions", WAIT, |s| {
+        s["upstream"]["state"] == "up"
+            && s["node"]["jobs"].as_u64() >= Some(1)
+            && s["node"]["transactions"].as_u64() >= Some(1)
+    });
+    let mut m = RawMiner::connect(old.addr, "mho-node.1");
+    m.share_accepted();
+    let before = wait_stats(&old, "the node counting the share", WAIT, |s| {
+        s["node"]["shares"].as_u64() >= Some(1)
+    })["node"]
+        .clone();
+    wait_stats(&pool, "the node's miner at the pool", WAIT, |s| {
+        s["passthroughs"][0]["subclients"] == 1
+    });
+    let (links, conns) = (pool_links(&pool), pool_connections(&pool));
+
+    let mut new = old.spawn_sibling(&["-N", "-H"], &[], "new.log");
+    let status = exited(&mut old, "the old node");
+    assert!(
+        status.success(),
+        "{status}; old log:\n{}\nnew log:\n{}",
+        old.log_text(),
+        new.log_text()
+    );
+    wait_until("the new node's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    let after = new.stats();
+    assert_eq!(after["mode"], "node", "{after}");
+    assert_eq!(after["upstream"]["state"], "up", "{after}");
+    for k in ["jobs", "transactions", "workinfos", "shares"] {
+        assert!(
+            after["node"][k].as_u64() >= before[k].as_u64(),
+            "{k}: before {before}, after {after}"
+        );
+    }
+    assert!(after["node"]["transactions"].as_u64() >= Some(1), "{after}");
+    m.share_accepted();
+    m.assert_same_session();
+    wait_stats(&new, "the new node counting the share", WAIT, |s| {
+        s["node"]["shares"].as_u64() > before["shares"].as_u64()
+    });
+    assert_eq!(pool_connections(&pool), conns);
+    assert_eq!(pool_links(&pool), links);
+    assert!(new.is_running(), "new log:\n{}", new.log_text());
+}
+
+/// A passthrough whose upstream is down refuses to hand over (its link has no connection to
+/// give): the new instance exits 1 saying why, the old one keeps `main.pid` and serves on.
+#[test]
+fn a_passthrough_with_its_upstream_down_refuses_to_hand_over() {
+    // Nothing listens on the upstream's address; no node is needed.
+    let upstream = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "proxy": [{"url": upstream.to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 2,
+        "zmqblock": null,
+    });
+    let mut old = PoolProcess::start("mho-down", &config, &["-P"]);
+    assert_eq!(old.stats()["upstream"]["state"], "down");
+    let mut new = old.spawn_sibling(&["-P", "-H"], &[], "new.log");
+    let status = exited(&mut new, "the -H passthrough");
+    assert_eq!(status.code(), Some(1), "log:\n{}", new.log_text());
+    let log = new.log_text();
+    assert!(log.contains("the upstream link is down"), "log:\n{log}");
+    wait_until("the old passthrough to serve on", WAIT, || {
+        old.log_text().contains("handover failed; serving on")
+    });
+    assert!(old.is_running());
+    assert_eq!(old.pidfile_pid(), Some(old.pid()));
+    assert_eq!(old.admin("ping").as_deref(), Some("pong"));
+}
+
+/// Proxy mode cannot hand over yet: `-H` is refused with the reason (exit 2), and the running
+/// proxy serves on.
+#[test]
+fn proxy_mode_refuses_h() {
+    let tag = "proxy_mode_refuses_h";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let addr = node.new_address();
+    let pool = PoolProcess::start(
+        "mho-px-pool",
+        &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()),
+        &[],
+    );
+    let config = json!({
+        "proxy": [{"url": pool.addr.to_string(), "auth": "proxyuser", "pass": "x"}],
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "threads": 2,
+    });
+    let proxy = PoolProcess::start("mho-px", &config, &["-p"]);
+    let mut new = proxy.spawn_sibling(&["-p", "-H"], &[], "new.log");
+    let status = exited(&mut new, "the -H proxy");
+    assert_eq!(status.code(), Some(2), "log:\n{}", new.log_text());
+    let log = new.log_text();
+    assert!(
+        log.contains("cannot take a running instance over"),
+        "log:\n{log}"
+    );
+    assert_eq!(proxy.pidfile_pid(), Some(proxy.pid()));
+    assert_eq!(proxy.admin("ping").as_deref(), Some("pong"));
+}
