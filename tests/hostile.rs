@@ -83,11 +83,14 @@ fn an_honest_miner_keeps_mining_beside_hostile_clients() {
     let honest = start_honest_miner(pool.addr, "honest.1");
     let accepted_at_start = honest.report().accepted;
 
-    // 1. A session-id sweep from another address takes nothing. The victim subscribes and
-    // leaves; once the pool has parked its session, the attacker (on ::1) tries its exact id
-    // and its neighbours, each more than once.
+    // 1. A session-id sweep from another address takes nothing. The victim subscribes,
+    // authorises (only authorised sessions are kept for resume) and leaves; once the pool has
+    // parked its session, the attacker (on ::1) tries its exact id and its neighbours, each
+    // more than once.
     let mut victim = Client::connect(pool.addr);
     let (sid, en1) = subscribe(&mut victim, None);
+    victim.send(&json!({"id": 2, "method": "mining.authorize", "params": ["victim.1", "x"]}));
+    assert_eq!(victim.reply(2)["result"], true);
     drop(victim);
     wait_stats(&pool, "the victim's session to be parked", WAIT, |s| {
         s["disconnected"].as_u64().unwrap_or(0) >= 1

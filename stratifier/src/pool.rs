@@ -616,12 +616,12 @@ mod tests {
 
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         pool.tables
-            .park_session(1, SourceId::TEMPLATE, (11, 4), ip, t0);
+            .park_session(1, SourceId::TEMPLATE, (11, 4), (ip, false), t0);
         pool.tables.park_session(
             2,
             SourceId::TEMPLATE,
             (12, 4),
-            ip,
+            (ip, false),
             t0 + Duration::from_secs(300),
         );
         pool.sample_rates(t0 + Duration::from_secs(400));

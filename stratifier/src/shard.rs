@@ -1057,8 +1057,20 @@ fn closed(pool: &Pool, now: Instant, client: ClientId, mut s: Session) {
     forget_stats(pool, &mut s);
     if s.subscribed {
         let width = pool.layout(s.source).map_or(8, |l| l.local_len());
-        pool.tables
-            .park_session(s.session_id, s.source, (s.enonce1, width), s.peer.ip(), now);
+        if s.auth.is_some() {
+            // As ckpool: only an authorised client's session is kept for resume; one that
+            // never had an accepted share only for the short window.
+            let short = !s.vardiff.had_share();
+            pool.tables.park_session(
+                s.session_id,
+                s.source,
+                (s.enonce1, width),
+                (s.peer.ip(), short),
+                now,
+            );
+        } else {
+            pool.tables.release_enonce1(s.source, width, s.enonce1);
+        }
     }
     debug!(%client, peer = %s.peer, "session closed");
 }

@@ -41,7 +41,18 @@ pub(crate) struct ParkedSession {
     /// The address it connected from (without the port): only a client from there resumes it.
     ip: IpAddr,
     parked: Instant,
+    /// Parked for the short window: its session never had an accepted share.
+    short: bool,
 }
+
+/// How long a session that never had an accepted share stays parked for resume (at most the
+/// resume window). Its miner had nothing accepted to keep working on, and a real miner comes
+/// back within seconds; a flood of throw-away sessions (authorise and leave) is forgotten after
+/// this, not after the whole window.
+pub(crate) const SHORT_RESUME_WINDOW: Duration = Duration::from_secs(60);
+
+/// [`SessionTables::save`]: the top bit of a parked session's width byte says it is short.
+const SHORT_FLAG: u8 = 0x80;
 
 /// Disconnected sessions kept for resume, by session id, and the same ids in the order parked:
 /// expiry pops from the front, so forgetting expired sessions costs what expired, and a full
@@ -52,6 +63,8 @@ pub(crate) struct Parked {
     /// (when parked, session id), oldest first. An id resumed or parked again leaves a stale
     /// entry here (its time no longer matches the map's), skipped when it reaches the front.
     order: VecDeque<(Instant, u32)>,
+    /// The same for the sessions parked for the short window ([`ParkedSession::short`]).
+    short_order: VecDeque<(Instant, u32)>,
     /// Sessions forgotten because the table was full.
     pub(crate) evicted: u64,
     /// Entries looked at by expiry and eviction so far (a test's measure of their cost).
@@ -173,14 +186,24 @@ fn masked(en1: u64, width: usize) -> u32 {
 impl Parked {
     /// Forgets the sessions parked `window` or longer before `now`, oldest first, stopping at
     /// the first still within the window: the cost is the number expired (plus stale entries).
-    fn expire(&mut self, now: Instant, window: Duration, in_use: &mut InUse) {
-        while let Some(&(t, sid)) = self.order.front() {
-            if now.saturating_duration_since(t) < window {
-                break;
+    /// Sessions of the short window expire after `short` (at most `window`).
+    fn expire(&mut self, now: Instant, (window, short): (Duration, Duration), in_use: &mut InUse) {
+        for (order, window) in [(Order::Long, window), (Order::Short, short.min(window))] {
+            while let Some(&(t, sid)) = self.queue(order).front() {
+                if now.saturating_duration_since(t) < window {
+                    break;
+                }
+                self.queue(order).pop_front();
+                self.visited += 1;
+                self.forget(t, sid, in_use);
             }
-            self.order.pop_front();
-            self.visited += 1;
-            self.forget(t, sid, in_use);
+        }
+    }
+
+    fn queue(&mut self, order: Order) -> &mut VecDeque<(Instant, u32)> {
+        match order {
+            Order::Long => &mut self.order,
+            Order::Short => &mut self.short_order,
         }
     }
 
@@ -196,9 +219,14 @@ impl Parked {
     }
 
     /// Forgets the oldest sessions until fewer than `cap` are left.
+    /// Those of the short window go first: they never had an accepted share.
     fn evict(&mut self, cap: usize, in_use: &mut InUse) {
         while self.map.len() >= cap.max(1) {
-            let Some((t, sid)) = self.order.pop_front() else {
+            let Some((t, sid)) = self
+                .short_order
+                .pop_front()
+                .or_else(|| self.order.pop_front())
+            else {
                 break;
             };
             self.visited += 1;
@@ -211,12 +239,28 @@ impl Parked {
     /// Drops the stale entries of `order` once they outnumber the live ones (amortised: each
     /// pass at least halves the queue).
     fn compact(&mut self) {
-        if self.order.len() > 2 * self.map.len() + 1024 {
+        if self.order.len() + self.short_order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.order
-                .retain(|(t, sid)| map.get(sid).is_some_and(|p| p.parked == *t));
+            for order in [&mut self.order, &mut self.short_order] {
+                order.retain(|(t, sid)| map.get(sid).is_some_and(|p| p.parked == *t));
+            }
         }
     }
+
+    /// Remembers `p` as parked under `sid`, at the back of its window's queue.
+    fn push(&mut self, sid: u32, p: ParkedSession) -> Option<ParkedSession> {
+        let old = self.map.insert(sid, p);
+        let order = if p.short { Order::Short } else { Order::Long };
+        self.queue(order).push_back((p.parked, sid));
+        old
+    }
+}
+
+/// Which of [`Parked`]'s queues.
+#[derive(Clone, Copy)]
+enum Order {
+    Long,
+    Short,
 }
 
 /// A keyed permutation of `u32` (a four-round Feistel network on 16-bit halves with SipHash-2-4
@@ -280,6 +324,8 @@ pub(crate) struct SessionTables {
     in_use: Mutex<InUse>,
     /// How long a parked session can be resumed.
     resume_window: Duration,
+    /// How long one that never had an accepted share can ([`SHORT_RESUME_WINDOW`]).
+    short_window: Duration,
     /// The most sessions parked at once.
     max_parked: usize,
     /// Usernames whose authorisation failed, and until when they are refused (ckpool's back-off).
@@ -300,6 +346,7 @@ impl SessionTables {
             resume: Mutex::new(Parked::default()),
             in_use: Mutex::new(InUse::default()),
             resume_window,
+            short_window: SHORT_RESUME_WINDOW.min(resume_window),
             max_parked,
             auth_backoff: Mutex::new(HashMap::new()),
             auth_backoff_pruned: Mutex::new(None),
@@ -387,19 +434,21 @@ impl SessionTables {
     }
 
     /// Remembers a session for resume from `ip` (its extranonce1 stays in use until it is
-    /// resumed or forgotten). Expired sessions are forgotten first, then the oldest while the
+    /// resumed or forgotten) for the resume window, or for the short one
+    /// ([`SHORT_RESUME_WINDOW`]) when `short` (a session that never had an accepted share).
+    /// Expired sessions are forgotten first, then the oldest (short ones first) while the
     /// table is full.
     pub(crate) fn park_session(
         &self,
         session: u32,
         source: SourceId,
         (enonce1, width): (u64, usize),
-        ip: IpAddr,
+        (ip, short): (IpAddr, bool),
         now: Instant,
     ) {
         let mut r = self.resume.lock();
         let mut in_use = self.in_use.lock();
-        r.expire(now, self.resume_window, &mut in_use);
+        r.expire(now, self.windows(), &mut in_use);
         if self.max_parked == 0 {
             in_use.release(source, width, enonce1);
             return;
@@ -411,13 +460,18 @@ impl SessionTables {
             width: u8::try_from(width).unwrap_or(u8::MAX),
             ip,
             parked: now,
+            short,
         };
-        if let Some(old) = r.map.insert(session, entry) {
+        if let Some(old) = r.push(session, entry) {
             // An id seen again only after the counter wrapped: the older session goes.
             in_use.release(old.source, usize::from(old.width), old.enonce1);
         }
-        r.order.push_back((now, session));
         r.compact();
+    }
+
+    /// The resume window and the short one.
+    fn windows(&self) -> (Duration, Duration) {
+        (self.resume_window, self.short_window)
     }
 
     /// Takes a parked session's extranonce1 number if it is still within the resume window,
@@ -447,7 +501,12 @@ impl SessionTables {
     ) -> Option<(SourceId, u64)> {
         let mut r = self.resume.lock();
         let p = *r.map.get(&session)?;
-        if now.saturating_duration_since(p.parked) >= self.resume_window {
+        let window = if p.short {
+            self.short_window
+        } else {
+            self.resume_window
+        };
+        if now.saturating_duration_since(p.parked) >= window {
             let mut in_use = self.in_use.lock();
             r.forget(p.parked, session, &mut in_use);
             return None;
@@ -474,7 +533,7 @@ impl SessionTables {
     pub(crate) fn prune_parked(&self, now: Instant) -> usize {
         let mut r = self.resume.lock();
         let mut in_use = self.in_use.lock();
-        r.expire(now, self.resume_window, &mut in_use);
+        r.expire(now, self.windows(), &mut in_use);
         r.compact();
         r.map.len()
     }
@@ -513,7 +572,8 @@ impl SessionTables {
                 w.u32(sid);
                 w.u16(p.source.0);
                 w.u64(p.enonce1);
-                w.u8(p.width);
+                // The short window's flag in the width's top bit (widths are at most 8).
+                w.u8(p.width | if p.short { SHORT_FLAG } else { 0 });
                 w.ip(p.ip);
                 w.age(p.parked, now);
             }
@@ -542,12 +602,16 @@ impl SessionTables {
         let mut parked = Vec::with_capacity(n);
         for _ in 0..n {
             let sid = r.u32()?;
+            let source = SourceId(r.u16()?);
+            let enonce1 = r.u64()?;
+            let width = r.u8()?;
             let p = ParkedSession {
-                source: SourceId(r.u16()?),
-                enonce1: r.u64()?,
-                width: r.u8()?,
+                source,
+                enonce1,
+                width: width & !SHORT_FLAG,
                 ip: r.ip()?,
                 parked: r.age(now)?,
+                short: width & SHORT_FLAG != 0,
             };
             parked.push((sid, p));
         }
@@ -605,10 +669,9 @@ impl SessionTables {
                 );
                 continue;
             }
-            if let Some(old) = r.map.insert(sid, p) {
+            if let Some(old) = r.push(sid, p) {
                 in_use.release(old.source, usize::from(old.width), old.enonce1);
             }
-            r.order.push_back((p.parked, sid));
         }
         drop((r, in_use));
         let mut b = self.auth_backoff.lock();
@@ -699,7 +762,7 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..100_000u32 {
             let t = t0 + Duration::from_millis(u64::from(i));
-            p.park_session(i, SourceId::TEMPLATE, (u64::from(i), 8), IP, t);
+            p.park_session(i, SourceId::TEMPLATE, (u64::from(i), 8), (IP, false), t);
         }
         {
             let r = p.resume.lock();
@@ -732,7 +795,7 @@ mod tests {
         for i in 0..5000u32 {
             let t = t0 + Duration::from_millis(u64::from(i));
             let en1 = p.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
-            p.park_session(i, SourceId::TEMPLATE, (en1, 2), IP, t);
+            p.park_session(i, SourceId::TEMPLATE, (en1, 2), (IP, false), t);
             assert!(p.resume.lock().map.len() <= 1000);
         }
         let r = p.resume.lock();
@@ -750,7 +813,7 @@ mod tests {
     fn resume_is_bound_to_the_parking_address() {
         let p = tables();
         let t0 = Instant::now();
-        p.park_session(42, SourceId::TEMPLATE, (4242, 4), IP, t0);
+        p.park_session(42, SourceId::TEMPLATE, (4242, 4), (IP, false), t0);
         // From elsewhere: nothing, and the session stays parked for its owner.
         for _ in 0..3 {
             assert_eq!(p.resume_session(42, SourceId::TEMPLATE, OTHER, t0), None);
@@ -764,6 +827,48 @@ mod tests {
     }
 
     #[test]
+    fn shareless_sessions_expire_after_the_short_window_and_are_evicted_first() {
+        let p = tables();
+        let t0 = Instant::now();
+        let short = p.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
+        let long = p.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
+        p.park_session(1, SourceId::TEMPLATE, (short, 2), (IP, true), t0);
+        p.park_session(2, SourceId::TEMPLATE, (long, 2), (IP, false), t0);
+        let late = t0 + SHORT_RESUME_WINDOW;
+        assert_eq!(p.prune_parked(late), 1);
+        assert_eq!(p.resume_session(1, SourceId::TEMPLATE, IP, late), None);
+        // Its extranonce1 is free again; the other's is still held.
+        assert!(p.claim_enonce1(SourceId::TEMPLATE, 2, short));
+        assert!(!p.claim_enonce1(SourceId::TEMPLATE, 2, long));
+        assert_eq!(
+            p.resume_session(2, SourceId::TEMPLATE, IP, late),
+            Some(long)
+        );
+
+        // A full table forgets a short session before an older long one.
+        let p = SessionTables::new(1, Duration::from_secs(600), 2);
+        p.park_session(3, SourceId::TEMPLATE, (3, 8), (IP, false), t0);
+        p.park_session(4, SourceId::TEMPLATE, (4, 8), (IP, true), t0);
+        p.park_session(5, SourceId::TEMPLATE, (5, 8), (IP, false), t0);
+        assert_eq!(p.resume_session(4, SourceId::TEMPLATE, IP, t0), None);
+        assert_eq!(p.resume_session(3, SourceId::TEMPLATE, IP, t0), Some(3));
+
+        // The short window survives a handover.
+        let old = tables();
+        old.park_session(6, SourceId::TEMPLATE, (6, 8), (IP, true), t0);
+        old.park_session(7, SourceId::TEMPLATE, (7, 8), (IP, false), t0);
+        let mut w = Writer::default();
+        w.u8(9);
+        old.save(&mut w, t0);
+        let new = tables();
+        let mut r = Reader::new(&w.buf, 9).unwrap();
+        new.restore(SessionTables::load(&mut r, t0).unwrap(), 1);
+        let late = t0 + SHORT_RESUME_WINDOW + Duration::from_secs(1);
+        assert_eq!(new.resume_session(6, SourceId::TEMPLATE, IP, late), None);
+        assert_eq!(new.resume_session(7, SourceId::TEMPLATE, IP, late), Some(7));
+    }
+
+    #[test]
     fn handed_over_tables_continue_the_ids_parked_sessions_and_back_offs() {
         let old = tables();
         let t0 = Instant::now();
@@ -771,7 +876,7 @@ mod tests {
             old.alloc_session();
         }
         let en1 = old.alloc_enonce1(SourceId::TEMPLATE, 2).unwrap();
-        old.park_session(77, SourceId::TEMPLATE, (en1, 2), IP, t0);
+        old.park_session(77, SourceId::TEMPLATE, (en1, 2), (IP, false), t0);
         old.auth_failed("bob", t0);
         let mut w = Writer::default();
         w.u8(9);

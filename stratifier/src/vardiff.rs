@@ -47,6 +47,11 @@ pub struct Bounds {
 }
 
 impl VarDiff {
+    /// Whether an accepted share was ever counted.
+    pub fn had_share(&self) -> bool {
+        self.first_share != Stamp::NEVER
+    }
+
     /// Writes its state for a handover, its times as ages before `now`.
     pub(crate) fn save(&self, w: &mut Writer, epoch: Instant, now: Instant) {
         w.u32(self.dsps.to_bits());

@@ -533,17 +533,40 @@ fn never_authorising_client_dropped_after_60s() {
     assert!(!s.out.closed.contains(&good.into()));
 }
 
-#[test]
-fn session_resume_reuses_enonce1() {
-    let mut s = sim();
-    let c = s.open(1);
+/// Sessions parked for resume now (the pool's `disconnected`, after a sampling round).
+fn parked(s: &mut Sim) -> u64 {
+    s.pool.sample_rates(s.now);
+    s.pool.stats().disconnected
+}
+
+/// Subscribes and authorises `c` as `user`: (session id, extranonce1 as sent, work).
+fn login_with_session(s: &mut Sim, c: ConnId, user: &str) -> (String, Value, Work) {
+    let mut w = Work::default();
     let r = s.line(
         c,
         json!({"id":1,"method":"mining.subscribe","params":["x"]}),
     );
     let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
     let en1 = r[0]["result"][1].clone();
+    absorb(&mut w, &r);
+    let r = s.line(
+        c,
+        json!({"id":2,"method":"mining.authorize","params":[user,"x"]}),
+    );
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    absorb(&mut w, &r);
+    (sid, en1, w)
+}
+
+#[test]
+fn session_resume_reuses_enonce1() {
+    let mut s = sim();
+    let c = s.open(1);
+    let (sid, en1, w) = login_with_session(&mut s, c, "alice.1");
+    let r = s.line(c, good_share(&w, "alice.1", &[1; 8]));
+    assert_eq!(r[0]["result"], true, "{r:?}");
     s.shard.on_close(s.now, c);
+    // A session with an accepted share is kept for the whole resume window.
     s.now += Duration::from_secs(100);
     let c2 = s.open(2);
     let r = s.line(
@@ -558,6 +581,55 @@ fn session_resume_reuses_enonce1() {
         json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
     );
     assert_ne!(r[0]["result"][1], en1);
+}
+
+/// As ckpool, only an authorised client's session is kept for resume; one that never had an
+/// accepted share only for the short window (60 s), so throw-away sessions (subscribe and
+/// leave, or authorise a new name and leave) do not fill the table for 10 minutes.
+#[test]
+fn only_authorised_sessions_are_parked_and_shareless_ones_briefly() {
+    let mut s = sim();
+    // Subscribed, never authorised: nothing parked, its extranonce1 is free again.
+    let c = s.open(1);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["x"]}),
+    );
+    let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
+    let en1 = r[0]["result"][1].clone();
+    s.shard.on_close(s.now, c);
+    assert_eq!(parked(&mut s), 0);
+    let c = s.open(2);
+    let r = s.line(
+        c,
+        json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
+    );
+    assert_ne!(
+        r[0]["result"][1], en1,
+        "an unauthorised session was resumed"
+    );
+    s.shard.on_close(s.now, c);
+
+    // Authorised, no share: resumable within the short window, not after it.
+    let resumes_after = |s: &mut Sim, n: u32, wait: u64| {
+        let c = s.open(n);
+        let (sid, en1, _) = login_with_session(s, c, "bob.1");
+        s.shard.on_close(s.now, c);
+        assert_eq!(parked(s), 1);
+        s.now += Duration::from_secs(wait);
+        let c = s.open(n + 1);
+        let r = s.line(
+            c,
+            json!({"id":1,"method":"mining.subscribe","params":["x", sid]}),
+        );
+        let resumed = r[0]["result"][1] == en1;
+        s.shard.on_close(s.now, c);
+        s.now += Duration::from_secs(700);
+        assert_eq!(parked(s), 0);
+        resumed
+    };
+    assert!(resumes_after(&mut s, 10, 30));
+    assert!(!resumes_after(&mut s, 20, 61));
 }
 
 #[test]
@@ -1229,6 +1301,13 @@ fn compat_new_extranonce1_reconnects_miners_that_did_not_subscribe_to_it() {
     );
     let sid = r[0]["result"][0][0][1].as_str().unwrap().to_owned();
     let old_en1 = r[0]["result"][1].as_str().unwrap().to_owned();
+    // Authorised (only an authorised session is kept for resume).
+    let r = s.line(
+        c,
+        json!({"id":2,"method":"mining.authorize","params":["carol.1","x"]}),
+    );
+    assert_eq!(r[0]["result"], true, "{r:?}");
+    s.out.take_json(c);
 
     let en1 = s.shard.renew_extranonce1(s.now, c, &mut s.out).unwrap();
     let r = s.out.take_json(c);
@@ -1610,6 +1689,12 @@ fn a_session_id_sweep_from_another_address_resumes_nothing() {
     for i in 0..5u32 {
         let c = open_from(&mut s, i, [10, 0, 0, 1 + i as u8]);
         let (sid, en1) = subscribe_as(&mut s, c, None);
+        // Authorised: only such sessions are kept for resume.
+        let r = s.line(
+            c,
+            json!({"id":2,"method":"mining.authorize","params":[format!("v{i}.1"),"x"]}),
+        );
+        assert_eq!(r[0]["result"], true, "{r:?}");
         s.shard.on_close(s.now, c);
         victims.push((sid, en1));
     }
