@@ -16,6 +16,7 @@
 //! The admin thread never holds the generator: the daemon must own it alone to shut it down
 //! (which submits the blocks still queued). It reaches it through a [`GenLink`] instead.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -231,6 +232,37 @@ fn restrict(path: &Path) {
 /// Users listed in an admin `stats` reply (the busiest, by 1-minute hashrate); `users_total`
 /// counts them all.
 const STATS_MAX_USERS: usize = 1_000;
+/// Workers listed for each user in an admin `stats` reply (the busiest); the user's
+/// `workers_total` counts them all. A farm user with 100,000 workers made a 30 MB reply that
+/// did not come back in time under load.
+const STATS_MAX_WORKERS: usize = 1_000;
+
+/// Keeps each user's `max` busiest workers (by 1-minute hashrate, then accepted difficulty,
+/// then name); returns every user's worker count before.
+fn busiest_workers(
+    users: &mut BTreeMap<String, stratifier::UserStats>,
+    max: usize,
+) -> Vec<(String, usize)> {
+    users
+        .iter_mut()
+        .map(|(name, u)| {
+            let total = u.workers.len();
+            if total > max {
+                let mut ranked: Vec<_> = std::mem::take(&mut u.workers).into_iter().collect();
+                ranked.sort_by(|(an, a), (bn, b)| {
+                    b.hashrate
+                        .hashrate1m
+                        .total_cmp(&a.hashrate.hashrate1m)
+                        .then(b.accepted_diff.total_cmp(&a.accepted_diff))
+                        .then(an.cmp(bn))
+                });
+                ranked.truncate(max);
+                u.workers = ranked.into_iter().collect();
+            }
+            (name.clone(), total)
+        })
+        .collect()
+}
 
 fn serve(mut stream: UnixStream, ctx: &AdminCtx, started: Instant, role: Role) -> io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -249,8 +281,16 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx, started: Instant, role: Role) -
             // Bounded: the busiest users only, with the total count, so a pool with a million
             // throw-away names still answers in a small reply.
             let registry = ctx.pool.registry();
-            let mut stats =
-                serde_json::to_value(registry.snapshot_top(STATS_MAX_USERS)).unwrap_or_default();
+            let mut snap = registry.snapshot_top(STATS_MAX_USERS);
+            let totals = busiest_workers(&mut snap.users, STATS_MAX_WORKERS);
+            let mut stats = serde_json::to_value(snap).unwrap_or_default();
+            if let Some(users) = stats.get_mut("users").and_then(|u| u.as_object_mut()) {
+                for (name, total) in totals {
+                    if let Some(u) = users.get_mut(&name).and_then(|u| u.as_object_mut()) {
+                        u.insert("workers_total".into(), total.into());
+                    }
+                }
+            }
             if let Some(obj) = stats.as_object_mut() {
                 obj.insert("users_total".into(), registry.users().into());
                 obj.insert("server".into(), ctx.generator.active().into());
@@ -340,6 +380,23 @@ pub(crate) fn loglevel(arg: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_lists_each_users_busiest_workers_and_counts_them_all() {
+        let mut users = BTreeMap::new();
+        let mut u = stratifier::UserStats::default();
+        for (i, rate) in [3.0, 9.0, 1.0, 7.0, 5.0].into_iter().enumerate() {
+            let mut w = stratifier::WorkerStats::default();
+            w.hashrate.hashrate1m = rate;
+            u.workers.insert(format!("u.{i}"), w);
+        }
+        users.insert("u".to_owned(), u);
+        users.insert("small".to_owned(), stratifier::UserStats::default());
+        let totals = busiest_workers(&mut users, 2);
+        assert_eq!(totals, [("small".to_owned(), 0), ("u".to_owned(), 5)]);
+        let kept: Vec<&String> = users["u"].workers.keys().collect();
+        assert_eq!(kept, ["u.1", "u.3"]);
+    }
 
     #[test]
     fn gen_link_records_the_active_server_and_coalesces_updates() {
