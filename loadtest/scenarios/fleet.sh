@@ -180,9 +180,13 @@ scenario_cleanup() {
 	pt_stop_all
 }
 
-# admin SOCKDIR: the admin `stats` of the pool or a passthrough, or {}.
+# admin SOCKDIR: the admin `stats` of the pool or a passthrough, or {} (also when the reply is
+# not a JSON object, such as ckpmsg's "(no reply)" from a process too busy to answer in time).
 admin() {
-	"$CKPMSG" -s "$1" stats 2>/dev/null || echo '{}'
+	local out
+	out=$("$CKPMSG" -s "$1" stats 2>/dev/null) || out=""
+	[[ $out == "{"* ]] || out='{}'
+	printf '%s\n' "$out"
 }
 
 # pt_start_all: passthrough i on 127.0.0.1:PT_PORT+i, its upstream the pool's passthroughserver
