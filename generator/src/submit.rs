@@ -28,6 +28,11 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest wait for a look-up (`getblockheader`, `getblockcount`, `getblockhash`), instant calls
 /// unless the node is hung.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// With more than one node, the longest wait for `submitblock` on each but the last offered: a
+/// node that hangs holds a block this long, not its whole RPC timeout, before the next node has
+/// it. `submitblock` takes well under a second on a working node; one slower than this still
+/// processes the block, and the next node having it too does no harm.
+const SUBMIT_HEDGE: Duration = Duration::from_secs(5);
 /// bitcoind's `RPC_IN_WARMUP`: the node is starting (loading its block index); try again.
 const RPC_IN_WARMUP: i64 = -28;
 
@@ -334,13 +339,14 @@ impl Submitter {
         tracing::info!(hash, height, "submitting block");
         let order = self.order();
         let mut last_error = "no server".to_owned();
-        for &server in &order {
+        for (i, &server) in order.iter().enumerate() {
             // Blocks found meanwhile get on disk without waiting for this attempt.
             self.take_queued();
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 return Attempt::Retry("shutdown deadline passed".to_owned());
             }
-            match self.call(server, "submitblock", json!([block.hex]), None) {
+            let cap = (i + 1 < order.len()).then_some(SUBMIT_HEDGE);
+            match self.call(server, "submitblock", json!([block.hex]), cap) {
                 Ok(reply) => {
                     return match verdict(&reply) {
                         Verdict::Accepted => Attempt::Landed {
