@@ -327,6 +327,11 @@ fn miners_mine_through_a_ckpool_rs_passthrough() {
     let pts = pt.stats();
     assert_eq!(pts["miners"], 3, "{pts}");
     assert_eq!(pts["ignored_commands"], 0, "{pts}");
+    // A ckpool-rs passthrough asks for multicast, and the blocks' jobs came that way.
+    assert_eq!(stats["passthroughs"][0]["multicast"], true, "{stats}");
+    wait_stats(&pt, "a multicast job", WAIT, |s| {
+        s["multicasts"].as_u64() >= Some(1)
+    });
     // The webserver: the upstream is up, the miners carried and the lines forwarded.
     let link_url = link_addr.to_string();
     let m = scrape::scrape(web);
@@ -996,4 +1001,174 @@ fn a_slow_reading_link_with_many_subclients_is_not_closed() {
         c.seen.clear();
     }
     assert_eq!(pool.stats()["passthroughs"][0]["subclients"], SUBS);
+}
+
+/// The pool side of multicast (a ckpool-rs extension): a link whose handshake asks for it gets
+/// a job's notify once with `client_ids` naming its authorised sub-clients, not once per
+/// sub-client; a link that did not ask (ckpool's handshake, as above) keeps ckpool's framing.
+#[test]
+fn a_multicast_link_gets_each_job_once_for_all_its_subclients() {
+    let Some(exe) = bitcoind_or_skip("a_multicast_link_gets_each_job_once_for_all_its_subclients")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-mc-pool", &json!({}));
+    let mut links = Vec::new();
+    for multicast in [true, false] {
+        let mut link = Client::connect(link_addr);
+        let hs = if multicast {
+            "{\"method\": \"mining.passthrough\", \"params\": [\"ckpool-rs\\/t\"], \"multicast\": true}\n"
+        } else {
+            "{\"method\": \"mining.passthrough\", \"params\": [\"ckpool\\/0.9.9\"]}\n"
+        };
+        link.send_raw(hs.as_bytes());
+        link.wait_for("the handshake's answer", WAIT, |v| {
+            v == &json!({"result": true})
+        });
+        for cid in 1..=3u64 {
+            link.send(
+                &json!({"id": 1, "method": "mining.subscribe", "params": ["mc/1"],
+                "client_id": cid, "address": "10.0.0.1", "server": 0}),
+            );
+            link.send(&json!({"id": 2, "method": "mining.authorize", "params": [format!("mc{cid}.w"), "x"],
+                "client_id": cid, "address": "10.0.0.1", "server": 0}));
+            link.wait_for("the sub-client's authorisation", WAIT, |m| {
+                m["client_id"] == cid && m["node.method"] == "auth.result" && m["result"] == true
+            });
+        }
+        links.push(link);
+    }
+    let stats = wait_stats(&pool, "both links with their sub-clients", WAIT, |s| {
+        s["passthroughs"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2 && l.iter().all(|p| p["subclients"] == 3))
+    });
+    let flagged: Vec<bool> = stats["passthroughs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["multicast"] == true)
+        .collect();
+    assert_eq!(flagged.iter().filter(|f| **f).count(), 1, "{stats}");
+
+    // A new block: a clean job for every sub-client.
+    let before: Vec<usize> = links.iter().map(|l| l.seen.len()).collect();
+    node.generate(1);
+    let mc = links[0].wait_for("a multicast notify", WAIT, |m| {
+        m["method"] == "mining.notify" && m.get("client_ids").is_some()
+    });
+    assert_eq!(mc["node.method"], "update", "{mc}");
+    assert!(mc.get("client_id").is_none(), "{mc}");
+    let mut ids: Vec<u64> = mc["client_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2, 3], "{mc}");
+    let job = mc["params"][0].clone();
+    for cid in 1..=3u64 {
+        let n = links[1].wait_for("the plain link's notify per sub-client", WAIT, |m| {
+            m["method"] == "mining.notify" && m["client_id"] == cid && m["params"][0] == job
+        });
+        assert!(n.get("client_ids").is_none(), "{n}");
+    }
+    // The multicast link got that job once, and no per-client copy of it.
+    let copies = links[0].seen[before[0]..]
+        .iter()
+        .filter(|m| m["method"] == "mining.notify" && m["params"][0] == job)
+        .count();
+    assert_eq!(copies, 1, "{:?}", &links[0].seen[before[0]..]);
+}
+
+/// The passthrough side of multicast: it asks for it in its handshake, and gives a multicast
+/// line to each miner it names that is its own, without the routing members; a bad list is
+/// dropped whole.
+#[test]
+fn a_multicast_line_reaches_each_named_miner_once() {
+    let up = FakeUpstream::start();
+    let port = free_port();
+    let pt = start_passthrough("pt-mc", &[format!("127.0.0.1:{port}")], &[up.addr()]);
+    let (stream, _) = up.listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut link = Client::from_stream(stream);
+    let hs = link.wait_for("the handshake", WAIT, |v| {
+        v["method"] == "mining.passthrough"
+    });
+    assert_eq!(hs["multicast"], true, "{hs}");
+    link.send_raw(b"{\"result\":true}\n");
+    wait_upstream_up(&pt);
+    let pt_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut miners = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut m = Client::connect(pt_addr);
+        m.send(&json!({"id": 1, "method": "mining.subscribe", "params": [format!("mc/{i}")]}));
+        let got = link.wait_for("a subscribe", WAIT, |v| {
+            v["method"] == "mining.subscribe"
+                && !ids.contains(&v["client_id"].as_u64().unwrap_or(0))
+        });
+        ids.push(got["client_id"].as_u64().unwrap());
+        miners.push(m);
+    }
+    let notify = json!({"params": ["j7", "00", "01", "02", [], "20000000", "1d00ffff", "5f5e1000", true],
+        "id": null, "method": "mining.notify"});
+    // Miners 0 and 2, and an id that is nobody's.
+    let mut line = notify.clone();
+    line["node.method"] = "update".into();
+    line["client_ids"] = json!([ids[0], ids[2], 999_999]);
+    link.send(&line);
+    // A bad list: dropped whole.
+    let mut bad = notify.clone();
+    bad["params"][0] = "bad".into();
+    bad["node.method"] = "update".into();
+    bad["client_ids"] = json!([ids[1], "x"]);
+    link.send(&bad);
+    // Then a reply for miner 1, to know the lines before it were handled.
+    link.send_raw(
+        format!("{{\"result\":true,\"error\":null,\"id\":1,\"node.method\":\"auth.result\",\"client_id\":{}}}\n", ids[1])
+            .as_bytes(),
+    );
+    miners[1].reply(1);
+    for i in [0, 2] {
+        let got = miners[i].wait_for("the multicast notify", WAIT, |v| {
+            v["method"] == "mining.notify"
+        });
+        assert_eq!(got, notify, "miner {i}");
+    }
+    assert!(
+        !miners[1]
+            .seen
+            .iter()
+            .any(|v| v["method"] == "mining.notify"),
+        "miner 1 got a notify: {:?}",
+        miners[1].seen
+    );
+    let stats = wait_stats(&pt, "the multicast lines counted", WAIT, |s| {
+        s["multicasts"].as_u64() >= Some(2)
+    });
+    assert_eq!(stats["miners"], 3, "{stats}");
+    // Each of the two got it once.
+    for i in [0, 2] {
+        miners[i].send(&json!({"id": 9, "method": "mining.authorize", "params": ["u.1", "x"]}));
+        let cid = ids[i];
+        link.wait_for("the authorize", WAIT, |v| {
+            v["method"] == "mining.authorize" && v["client_id"] == cid
+        });
+        link.send_raw(
+            format!("{{\"result\":true,\"error\":null,\"id\":9,\"node.method\":\"auth.result\",\"client_id\":{cid}}}\n").as_bytes(),
+        );
+        miners[i].reply(9);
+        let n = miners[i]
+            .seen
+            .iter()
+            .filter(|v| v["method"] == "mining.notify")
+            .count();
+        assert_eq!(n, 1, "miner {i}: {:?}", miners[i].seen);
+    }
 }

@@ -162,6 +162,10 @@ pub struct Config {
     /// Pin connector thread t (and its stratifier thread) to the t-th CPU the process may use.
     /// Turn off when several processes share the CPUs without `taskset` masks of their own.
     pub pin: bool,
+    /// Passthrough, node and redirector modes: ask the upstream for multicast lines (one line
+    /// for a job's notify to many miners instead of one per miner; a ckpool-rs pool honours it,
+    /// ckpool ignores it). Default true.
+    pub multicast: bool,
     /// How often `<logdir>/pool/pool.status` and `<logdir>/users/*` are rewritten (ckpool's
     /// `statsupdate`, 60 s by default).
     pub statsupdate: Duration,
@@ -234,6 +238,7 @@ impl Default for Config {
             useragentdiff: Vec::new(),
             diffpow2: false,
             pin: true,
+            multicast: true,
             statsupdate: Duration::from_secs(60),
             maxparked: 100_000,
             maxinvalidshares: 100,
@@ -316,6 +321,7 @@ const KNOWN_KEYS: &[&str] = &[
     "useragentdiff",
     "diffpow2",
     "pin",
+    "multicast",
     "statsupdate",
     "maxparked",
     "maxinvalidshares",
@@ -550,6 +556,9 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("pin") {
         c.pin = typed::<bool>("pin", v)?;
     }
+    if let Some(v) = map.get("multicast") {
+        c.multicast = typed::<bool>("multicast", v)?;
+    }
     if let Some(v) = map.get("statsupdate") {
         c.statsupdate = Duration::from_secs(whole("statsupdate", v, 1, 3600)?);
     }
@@ -731,6 +740,8 @@ mod tests {
         assert!(c.diffpow2);
         assert!(c.pin);
         assert!(!parse(r#"{"pin": false}"#).unwrap().config.pin);
+        assert!(!parse(r#"{"multicast": false}"#).unwrap().config.multicast);
+        assert!(parse("{}").unwrap().config.multicast);
         assert!(parse(r#"{"useragentdiff": [{"match": "x"}]}"#).is_err());
         assert!(parse(r#"{"listendiff": {"url": "x"}}"#).is_err());
         assert!(matches!(

@@ -45,8 +45,13 @@ fn replay(text: &str, role: Role) -> Tally {
         let mut stripped = Vec::new();
         if rec.to_pool {
             match passthrough::decode_downstream(line, &mut stripped) {
-                FromDownstream::Handshake { role: r, agent } => {
+                FromDownstream::Handshake {
+                    role: r,
+                    agent,
+                    multicast,
+                } => {
                     assert_eq!(r, role);
+                    assert!(!multicast, "ckpool does not ask for multicast");
                     assert_eq!(agent, Some("ckpool\\/0.9.9"));
                     let mut out = Vec::new();
                     passthrough::handshake(&mut out, role, "ckpool/0.9.9");
@@ -114,6 +119,7 @@ fn replay(text: &str, role: Role) -> Tally {
                     assert!(matches!(node_method, Some("workinfo" | "transactions")));
                     t.link_lines += 1;
                 }
+                FromUpstream::Clients { .. } => panic!("ckpool sent a multicast: {}", rec.line),
                 FromUpstream::Text(raw) => panic!("text: {}", String::from_utf8_lossy(raw)),
             }
         }

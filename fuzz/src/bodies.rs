@@ -910,7 +910,7 @@ pub fn rpc_reply(data: &[u8]) {
 /// The members a passthrough adds to a miner's line.
 const DOWN_ROUTING: [&str; 3] = ["client_id", "address", "server"];
 /// The members the upstream adds to a line for a miner.
-const UP_ROUTING: [&str; 2] = ["client_id", "node.method"];
+const UP_ROUTING: [&str; 3] = ["client_id", "node.method", "client_ids"];
 
 /// ckpool's passthrough/node framing (`common::stratum::passthrough` and
 /// `common::stratum::node`), both roles and both directions.
@@ -955,6 +955,7 @@ pub fn passthrough_frame(data: &[u8]) {
         FromDownstream::Handshake {
             role: got,
             agent: Some(a),
+            multicast: false,
         } => {
             assert_eq!(got, role, "handshake role");
             assert_eq!(unescape(a).as_deref(), Some(name.as_str()), "agent");
@@ -1109,10 +1110,20 @@ fn check_downstream(line: &[u8], json: Option<&serde_json::Map<String, Value>>, 
     }
     match got {
         FromDownstream::Invalid => assert!(out.is_empty()),
-        FromDownstream::Handshake { role, agent } => {
+        FromDownstream::Handshake {
+            role,
+            agent,
+            multicast,
+        } => {
             assert!(out.is_empty());
             if let Some(m) = json {
                 assert_eq!(cid, None);
+                assert_eq!(
+                    multicast,
+                    m.get("multicast") == Some(&Value::Bool(true)),
+                    "multicast of {}",
+                    lossy(line)
+                );
                 let want = match role {
                     Role::Passthrough => "mining.passthrough",
                     Role::Node => "mining.node",
@@ -1199,6 +1210,14 @@ fn check_upstream(
             && json.is_some_and(|m| m.len() == 1 && m.get("result") == Some(&Value::Bool(true)));
         match got {
             FromUpstream::Client { client_id, .. } => assert_eq!(Some(client_id), cid),
+            FromUpstream::Clients { .. } => {
+                assert!(cid.is_none(), "{}", lossy(line));
+                assert!(
+                    json.is_some_and(|m| m.get("client_ids").is_some_and(Value::is_array)),
+                    "{}",
+                    lossy(line)
+                );
+            }
             FromUpstream::HandshakeOk => assert!(handshake_ok, "{}", lossy(line)),
             FromUpstream::Link { .. } => {
                 assert!(cid.is_none() && !handshake_ok, "{}", lossy(line));
@@ -1221,6 +1240,52 @@ fn check_upstream(
                 && json.is_some()
             {
                 assert_eq!(Some(n), nm);
+            }
+        }
+        FromUpstream::Clients { ids, node_method } => {
+            let o = one_line(&out);
+            assert!(o.starts_with(b"{") && o.ends_with(b"}"), "{}", lossy(&out));
+            assert!(
+                matches!(
+                    passthrough::decode_upstream(o, &mut Vec::new()),
+                    FromUpstream::Link { .. } | FromUpstream::HandshakeOk
+                ),
+                "routing survives in {}",
+                lossy(&out)
+            );
+            let mut list = Vec::new();
+            let read = passthrough::client_ids(ids, &mut list);
+            if let Some(m) = json {
+                assert_eq!(json_object(o), Some(without(m, &UP_ROUTING)));
+                if node_method.is_some() {
+                    assert_eq!(node_method, nm);
+                }
+                let want: Option<Vec<u64>> = m
+                    .get("client_ids")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().map(Value::as_u64).collect());
+                if read {
+                    assert_eq!(Some(&list), want.as_ref(), "{}", lossy(line));
+                }
+            }
+            if read {
+                let mut e = Vec::new();
+                passthrough::encode_for_clients(&mut e, o, node_method.unwrap_or("x"), &list)
+                    .expect("a decoded multicast line encodes");
+                let mut again = Vec::new();
+                match passthrough::decode_upstream(one_line(&e), &mut again) {
+                    FromUpstream::Clients { ids: i, .. } => {
+                        let mut back = Vec::new();
+                        assert!(passthrough::client_ids(i, &mut back));
+                        assert_eq!(back, list);
+                    }
+                    other => panic!("{} read back as {other:?}", lossy(&e)),
+                }
+                assert_eq!(
+                    lossy(&again),
+                    lossy(&out),
+                    "the line for the miners changed"
+                );
             }
         }
         FromUpstream::Client {

@@ -632,6 +632,8 @@ fn reconnect_policy() {
 fn passthrough_cfg(servers: Vec<UpstreamServer>) -> UpstreamConfig {
     UpstreamConfig {
         user_agent: "ckpool/0.9.9".to_owned(),
+        // ckpool's handshake, byte for byte.
+        multicast: false,
         ..steady(servers)
     }
 }

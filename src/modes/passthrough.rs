@@ -67,7 +67,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use common::ConnId;
 use common::stratum::passthrough::Role;
-use connector::{CloseReason, Connector, ConnectorHandle, Outbox};
+use connector::{CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
     LinkHandover, MinerLine, PassthroughEvent, PassthroughLink, SendError, UpstreamConfig,
@@ -119,6 +119,8 @@ struct Shared {
     active: AtomicUsize,
     lines_up: AtomicU64,
     lines_down: AtomicU64,
+    /// Multicast lines from the upstream (each counted in `lines_down` once per miner).
+    multicasts: AtomicU64,
     ignored_commands: AtomicU64,
     dropclients: AtomicU64,
     dropped_slow_upstream: AtomicU64,
@@ -151,13 +153,14 @@ impl Shared {
 }
 
 /// Lines for one connector thread's miners, with their total size.
-type Batch = (Vec<(ConnId, Vec<u8>)>, usize);
+type Batch = (Vec<(ConnId, SendBuf)>, usize);
 
 /// Messages to a connector thread.
 #[derive(Clone)]
 enum Msg {
-    /// Lines for miners of this thread, with their total size.
-    Lines(Vec<(ConnId, Vec<u8>)>, usize),
+    /// Lines for miners of this thread, with their total size (a multicast line is one
+    /// shared buffer for each of its miners).
+    Lines(Vec<(ConnId, SendBuf)>, usize),
     /// Close this miner (the upstream sent `dropclient`).
     Drop(ConnId),
     /// The link is up on a (new) upstream since this epoch: replay every miner older than it.
@@ -709,18 +712,18 @@ impl connector::Handler for MinerSide {
                         continue;
                     };
                     if let Some(node) = &self.node {
-                        node.on_miner_downline(m.client_id, &line);
+                        node.on_miner_downline(m.client_id, line.as_slice());
                     }
                     match m
                         .hs
                         .as_mut()
-                        .map_or(Down::Forward, |hs| hs.downstream_at(&line, now))
+                        .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
                     {
                         Down::Forward => {
                             let redirect = self
                                 .redirect
                                 .as_mut()
-                                .and_then(|r| r.down(conn, &line, now));
+                                .and_then(|r| r.down(conn, line.as_slice(), now));
                             out.send(conn, line);
                             if let Some(l) = redirect {
                                 out.send(conn, l);
@@ -1030,6 +1033,7 @@ pub(crate) fn run_link(
         servers,
         // A ckpool upstream is silent on a link with no miners.
         idle_timeout: None,
+        multicast: settings.file.multicast,
         ..UpstreamConfig::default()
     };
     let role = if node.is_some() {
@@ -1086,6 +1090,7 @@ pub(crate) fn run_link(
         active: AtomicUsize::new(0),
         lines_up: AtomicU64::new(0),
         lines_down: AtomicU64::new(0),
+        multicasts: AtomicU64::new(0),
         ignored_commands: AtomicU64::new(0),
         dropclients: AtomicU64::new(0),
         dropped_slow_upstream: AtomicU64::new(0),
@@ -1407,9 +1412,38 @@ fn handle_event(
                 Some(((lines, bytes), conn)) => {
                     shared.lines_down.fetch_add(1, Ordering::Relaxed);
                     *bytes += line.len();
-                    lines.push((conn, line));
+                    lines.push((conn, SendBuf::Owned(line)));
                 }
                 None => debug!(client_id, "line for an unknown miner dropped"),
+            }
+        }
+        PassthroughEvent::Clients { client_ids, line } => {
+            // One lookup of the table for the whole list.
+            let table = shared.lock();
+            let client_ids_len = client_ids.len();
+            let mut unknown = 0usize;
+            for id in client_ids {
+                let target = u32::try_from(id)
+                    .ok()
+                    .and_then(|id| table.get(&id).copied());
+                match target.and_then(|(t, conn)| Some((batches.get_mut(t)?, conn))) {
+                    Some(((lines, bytes), conn)) => {
+                        *bytes += line.len();
+                        lines.push((conn, SendBuf::Shared(Arc::clone(&line))));
+                    }
+                    None => unknown += 1,
+                }
+            }
+            drop(table);
+            shared
+                .lines_down
+                .fetch_add((client_ids_len - unknown) as u64, Ordering::Relaxed);
+            shared.multicasts.fetch_add(1, Ordering::Relaxed);
+            if unknown > 0 {
+                debug!(
+                    unknown,
+                    "multicast line for miners no longer here: those dropped"
+                );
             }
         }
         PassthroughEvent::Text { ref line } => match ev.dropclient() {
@@ -1499,6 +1533,7 @@ fn stats_json(
         "accepted": counters.iter().map(|c| c.accepted).sum::<u64>(),
         "lines_up": shared.lines_up.load(Ordering::Relaxed),
         "lines_down": shared.lines_down.load(Ordering::Relaxed),
+        "multicasts": shared.multicasts.load(Ordering::Relaxed),
         "dropclients": shared.dropclients.load(Ordering::Relaxed),
         "ignored_commands": shared.ignored_commands.load(Ordering::Relaxed),
         "dropped_slow_upstream": shared.dropped_slow_upstream.load(Ordering::Relaxed),

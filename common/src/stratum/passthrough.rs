@@ -9,6 +9,13 @@
 //! * Each line for a miner comes back with `"node.method":"…","client_id":N` appended
 //!   ([`encode_for_client`]); the passthrough routes it by `client_id` and gives the miner the
 //!   line without those two members ([`decode_upstream`]).
+//! * **Multicast** (ckpool-rs only, not in ckpool): a passthrough may add `"multicast":true` to
+//!   its handshake ([`handshake_ext`]; ckpool's pool ignores members it does not know). A
+//!   ckpool-rs pool then sends a line that goes to many of its miners alike (a job's
+//!   `mining.notify`) once, with `"node.method":"…","client_ids":[N,…]` appended
+//!   ([`encode_for_clients`]) instead of once per miner; the passthrough gives each miner named
+//!   the line without those two members ([`FromUpstream::Clients`], [`client_ids`]). A pool
+//!   never sends it to a link that did not ask, so ckpool's passthroughs see ckpool's framing.
 //! * Lines that are not JSON objects (ckpool's upstream sends connector commands such as
 //!   `dropclient=N` raw) are [`FromUpstream::Text`]: data for the caller to judge, never a
 //!   command this module runs.
@@ -32,8 +39,10 @@ pub const HANDSHAKE_OK: &[u8] = b"{\"result\":true}\n";
 
 /// The members a passthrough adds to a miner's line (any the miner sent are dropped).
 const ROUTING: [&[u8]; 3] = [b"client_id", b"address", b"server"];
-/// The members the upstream adds to a line for a miner.
-const FOR_CLIENT: [&[u8]; 2] = [b"client_id", b"node.method"];
+/// The members the upstream adds to a line for a miner (or for several: `client_ids`).
+const FOR_CLIENT: [&[u8]; 3] = [b"client_id", b"node.method", b"client_ids"];
+/// Most miners one multicast line names (its `client_ids`); a pool splits longer lists.
+pub const MAX_MULTICAST_IDS: usize = 4096;
 /// Most members an object may have here.
 const MAX_MEMBERS: usize = 32;
 /// Deepest nesting of arrays and objects accepted.
@@ -42,6 +51,12 @@ const MAX_DEPTH: usize = 32;
 /// `{"method": "mining.passthrough", "params": ["<agent>"]}\n`, as ckpool writes it: with
 /// spaces, and `/` escaped as `\/`.
 pub fn handshake(out: &mut Vec<u8>, role: Role, agent: &str) {
+    handshake_ext(out, role, agent, false);
+}
+
+/// [`handshake`], with `, "multicast": true` before its closing brace when `multicast`: the
+/// passthrough reads multicast lines (module docs).
+pub fn handshake_ext(out: &mut Vec<u8>, role: Role, agent: &str, multicast: bool) {
     out.extend_from_slice(match role {
         Role::Passthrough => b"{\"method\": \"mining.passthrough\", \"params\": [".as_slice(),
         Role::Node => b"{\"method\": \"mining.node\", \"params\": [".as_slice(),
@@ -59,7 +74,11 @@ pub fn handshake(out: &mut Vec<u8>, role: Role, agent: &str) {
         }
         out.push(b);
     }
-    out.extend_from_slice(b"]}\n");
+    out.extend_from_slice(if multicast {
+        b"], \"multicast\": true}\n".as_slice()
+    } else {
+        b"]}\n"
+    });
 }
 
 /// Why a line cannot be framed.
@@ -125,7 +144,7 @@ pub fn encode_for_client(
     let obj = Object::scan(line).ok_or(FrameError::NotObject)?;
     let mark = out.len();
     let n = obj.write_without(out, &FOR_CLIENT);
-    if n + FOR_CLIENT.len() > MAX_MEMBERS {
+    if n + 2 > MAX_MEMBERS {
         out.truncate(mark);
         return Err(FrameError::NotObject);
     }
@@ -140,6 +159,68 @@ pub fn encode_for_client(
     Ok(())
 }
 
+/// Appends a line for every miner in `client_ids` (a multicast line, see the module docs):
+/// compacted, with `"node.method":"<node_method>","client_ids":[N,…]` added last. Newline
+/// included. The caller keeps lists at most [`MAX_MULTICAST_IDS`] long. A line that would have
+/// more members than [`decode_upstream`] reads is refused (nothing is appended).
+pub fn encode_for_clients(
+    out: &mut Vec<u8>,
+    line: &[u8],
+    node_method: &str,
+    client_ids: &[u64],
+) -> Result<(), FrameError> {
+    let obj = Object::scan(line).ok_or(FrameError::NotObject)?;
+    let mark = out.len();
+    let n = obj.write_without(out, &FOR_CLIENT);
+    if n + 2 > MAX_MEMBERS {
+        out.truncate(mark);
+        return Err(FrameError::NotObject);
+    }
+    if n > 0 {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"node.method\":");
+    write_str(out, node_method);
+    write_client_ids(out, client_ids);
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// Appends `,"client_ids":[N,…]`.
+pub fn write_client_ids(out: &mut Vec<u8>, client_ids: &[u64]) {
+    out.extend_from_slice(b",\"client_ids\":[");
+    for (i, id) in client_ids.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_u64(out, *id);
+    }
+    out.push(b']');
+}
+
+/// Reads the raw `client_ids` array of a [`FromUpstream::Clients`] into `out` (cleared first):
+/// `false` (and `out` holding what was read before the fault) unless it is an array of
+/// non-negative integers, at most [`MAX_MULTICAST_IDS`] of them.
+pub fn client_ids(raw: &[u8], out: &mut Vec<u64>) -> bool {
+    out.clear();
+    let Some(inner) = raw.strip_prefix(b"[").and_then(|r| r.strip_suffix(b"]")) else {
+        return false;
+    };
+    if inner.trim_ascii().is_empty() {
+        return true;
+    }
+    for item in inner.split(|&b| b == b',') {
+        if out.len() >= MAX_MULTICAST_IDS {
+            return false;
+        }
+        match uint(item.trim_ascii()) {
+            Some(id) => out.push(id),
+            None => return false,
+        }
+    }
+    true
+}
+
 /// A line a passthrough received from its upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FromUpstream<'a> {
@@ -150,6 +231,14 @@ pub enum FromUpstream<'a> {
         /// The miner's id on this passthrough.
         client_id: u64,
         /// The upstream's message type (`share.result`, `update`, `diff`, …), if given.
+        node_method: Option<&'a str>,
+    },
+    /// For each miner in `client_ids` (a multicast line): the line they get was appended to
+    /// `out`. Read the list with [`client_ids`].
+    Clients {
+        /// The raw JSON array of miner ids.
+        ids: &'a [u8],
+        /// The upstream's message type, if given.
         node_method: Option<&'a str>,
     },
     /// A message for the passthrough (or node) itself, with no `client_id`: the line as it
@@ -193,6 +282,12 @@ pub fn decode_upstream<'a>(line: &'a [u8], out: &mut Vec<u8>) -> FromUpstream<'a
             }
         }
         None if obj.len == 1 && obj.get(b"result") == Some(b"true") => FromUpstream::HandshakeOk,
+        None if obj.get(b"client_ids").is_some_and(|v| v.starts_with(b"[")) => {
+            let ids = obj.get(b"client_ids").unwrap_or_default();
+            obj.write_without(out, &FOR_CLIENT);
+            out.extend_from_slice(b"}\n");
+            FromUpstream::Clients { ids, node_method }
+        }
         None => FromUpstream::Link { node_method },
     }
 }
@@ -206,6 +301,8 @@ pub enum FromDownstream<'a> {
         role: Role,
         /// The first param (ckpool sends `"ckpool/0.9.9"`), as written (escapes kept).
         agent: Option<&'a str>,
+        /// It sent `"multicast":true`: it reads multicast lines (module docs).
+        multicast: bool,
     },
     /// `mining.term`: miner `client_id` left.
     Term {
@@ -242,7 +339,12 @@ pub fn decode_downstream<'a>(line: &'a [u8], out: &mut Vec<u8>) -> FromDownstrea
             .get(b"params")
             .and_then(|p| Object::first_element(p))
             .and_then(raw_string);
-        return FromDownstream::Handshake { role, agent };
+        let multicast = obj.get(b"multicast") == Some(b"true");
+        return FromDownstream::Handshake {
+            role,
+            agent,
+            multicast,
+        };
     };
     if method == Some("mining.term") {
         return FromDownstream::Term { client_id };
@@ -592,5 +694,83 @@ mod tests {
             String::from_utf8(out).unwrap_or_default(),
             "{\"method\": \"mining.node\", \"params\": [\"a\\/b\\\\\\/c\\\"\\/\"]}\n"
         );
+    }
+
+    #[test]
+    fn multicast_is_asked_for_in_the_handshake_and_seen_by_the_pool() {
+        let mut out = Vec::new();
+        handshake_ext(&mut out, Role::Passthrough, "ckpool-rs/1", true);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap_or_default(),
+            "{\"method\": \"mining.passthrough\", \"params\": [\"ckpool-rs\\/1\"], \"multicast\": true}\n"
+        );
+        let mut scratch = Vec::new();
+        let line = out.strip_suffix(b"\n").unwrap_or(&out);
+        assert_eq!(
+            decode_downstream(line, &mut scratch),
+            FromDownstream::Handshake {
+                role: Role::Passthrough,
+                agent: Some("ckpool-rs\\/1"),
+                multicast: true
+            }
+        );
+        out.clear();
+        handshake(&mut out, Role::Passthrough, "ckpool/0.9.9");
+        let line = out.strip_suffix(b"\n").unwrap_or(&out);
+        assert!(matches!(
+            decode_downstream(line, &mut scratch),
+            FromDownstream::Handshake {
+                multicast: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_multicast_line_round_trips_and_bad_lists_are_refused() {
+        let notify = br#"{"params":["1a",true],"id":null,"method":"mining.notify"}"#;
+        let mut line = Vec::new();
+        encode_for_clients(&mut line, notify, "update", &[3, 7, 4_294_967_295]).unwrap_or_default();
+        assert_eq!(
+            String::from_utf8(line.clone()).unwrap_or_default(),
+            "{\"params\":[\"1a\",true],\"id\":null,\"method\":\"mining.notify\",\"node.method\":\"update\",\"client_ids\":[3,7,4294967295]}\n"
+        );
+        let mut body = Vec::new();
+        let got = decode_upstream(line.strip_suffix(b"\n").unwrap_or(&line), &mut body);
+        let FromUpstream::Clients { ids, node_method } = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(node_method, Some("update"));
+        assert_eq!(body, [notify.as_slice(), b"\n"].concat());
+        let mut list = Vec::new();
+        assert!(client_ids(ids, &mut list));
+        assert_eq!(list, [3, 7, 4_294_967_295]);
+        assert!(client_ids(b"[]", &mut list) && list.is_empty());
+        assert!(client_ids(b"[ 1 , 2 ]", &mut list) && list == [1, 2]);
+        for bad in [
+            &b"[1,-2]"[..],
+            b"[1,,2]",
+            b"[\"1\"]",
+            b"[1.5]",
+            b"1",
+            b"[1,2",
+        ] {
+            assert!(
+                !client_ids(bad, &mut list),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long: Vec<u64> = (0..=MAX_MULTICAST_IDS as u64).collect();
+        let mut raw = Vec::new();
+        write_client_ids(&mut raw, &long);
+        let raw = raw.strip_prefix(b",\"client_ids\":").unwrap_or_default();
+        assert!(!client_ids(raw, &mut list), "longer than the cap");
+        // `client_ids` that is no array is no multicast: the line is the link's.
+        let mut body = Vec::new();
+        assert!(matches!(
+            decode_upstream(br#"{"method":"x","client_ids":7}"#, &mut body),
+            FromUpstream::Link { .. }
+        ));
     }
 }

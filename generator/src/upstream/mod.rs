@@ -107,6 +107,9 @@ pub struct UpstreamConfig {
     /// here (compared case-insensitively); any other is refused and logged. A reconnect without
     /// a host (reconnect to the same server) is always honoured.
     pub reconnect_allow: Vec<String>,
+    /// Passthrough links: ask for multicast lines (`"multicast":true` in the handshake, see
+    /// `common::stratum::passthrough`). Default true.
+    pub multicast: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -126,6 +129,7 @@ impl Default for UpstreamConfig {
             queue: 1024,
             send_block: Duration::from_millis(50),
             reconnect_allow: Vec::new(),
+            multicast: true,
         }
     }
 }

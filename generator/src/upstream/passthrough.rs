@@ -71,6 +71,14 @@ pub enum PassthroughEvent {
         /// The line to write to the miner.
         line: Vec<u8>,
     },
+    /// One line for several miners (a multicast line): what each miner in `client_ids` gets
+    /// (without `client_ids` and `node.method`), newline included, shared.
+    Clients {
+        /// The miners' ids on this passthrough.
+        client_ids: Vec<u64>,
+        /// The line to write to each.
+        line: Arc<[u8]>,
+    },
     /// A JSON object for the link itself (no `client_id`: a node's `workinfo`, …), as it came
     /// (without newline).
     Link {
@@ -216,6 +224,7 @@ pub(crate) struct PassthroughSession {
     index: usize,
     role: Role,
     agent: String,
+    multicast: bool,
     ready: bool,
     /// Node messages taken before the handshake's answer.
     early: usize,
@@ -232,13 +241,14 @@ impl Session for PassthroughSession {
             index,
             role: *role,
             agent: cfg.user_agent.clone(),
+            multicast: cfg.multicast,
             ready: false,
             early: 0,
         }
     }
 
     fn start(&mut self, _now: Instant, out: &mut Vec<u8>) {
-        passthrough::handshake(out, self.role, &self.agent);
+        passthrough::handshake_ext(out, self.role, &self.agent, self.multicast);
     }
 
     fn adopted(&mut self) {
@@ -288,6 +298,20 @@ impl Session for PassthroughSession {
                 client_id,
                 line: for_miner,
             },
+            FromUpstream::Clients { ids, .. } => {
+                let mut client_ids = Vec::new();
+                if !passthrough::client_ids(ids, &mut client_ids) {
+                    tracing::debug!(
+                        len = line.len(),
+                        "multicast line with a bad client_ids list dropped"
+                    );
+                    client_ids.clear();
+                }
+                PassthroughEvent::Clients {
+                    client_ids,
+                    line: for_miner.into(),
+                }
+            }
             FromUpstream::HandshakeOk | FromUpstream::Link { .. } => PassthroughEvent::Link {
                 line: line.to_vec(),
             },
