@@ -42,7 +42,8 @@
 # 18 % of a core and its ckload 8 %, so 10,000 shares/s would fill both cores], FLEET_SECONDS [300], FLEET_IDLE [60], FLEET_RAMP [(miners + direct) / 1500 + 10 s],
 # FLEET_GRACE [30 s after the ramp for the counts to be right], FLEET_SETTLE [5 s between the
 # counts and the idle window], FLEET_WORKERS [2 per passthrough], FLEET_WORKER_MAX [9500],
-# FLEET_PHASES ["idle submit"], FLEET_PTS_PORT [3641], FLEET_PT_PORT [3651], FLEET_ADDR_BASE
+# FLEET_PHASES ["idle submit"], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
+# false: ckpool's framing, a notify per miner], FLEET_PTS_PORT [3641], FLEET_PT_PORT [3651], FLEET_ADDR_BASE
 # [10: the direct group from 127.0.0.10, the passthroughs' ckload workers from .11 on];
 # BENCH_IO [$POOL_BACKEND, else epoll] for the pool and the passthroughs; the regtest nodes on
 # their own ports (REGTEST_RPC_PORT1 [19843] and the others 1400 above the defaults of
@@ -74,6 +75,7 @@ WORKERS=${FLEET_WORKERS:-2}
 WORKER_MAX=${FLEET_WORKER_MAX:-9500}
 PHASES=${FLEET_PHASES:-idle submit}
 PT_PORT=${FLEET_PT_PORT:-3651}
+MULTICAST=${FLEET_MULTICAST:-true}
 ADDR_BASE=${FLEET_ADDR_BASE:-10}
 # ckload starts its miners this long after it is started (its START_DELAY).
 START_DELAY=1.5
@@ -201,6 +203,7 @@ pt_start_all() {
 "proxy" : [ { "url" : "127.0.0.1:$PTS_PORT", "auth" : "unused", "pass" : "x" } ],
 "threads" : $THREADS,
 "maxlinelength" : 4096,
+"multicast" : $MULTICAST,
 "logdir" : "$DIR/logs-pt$i"
 }
 CONF
