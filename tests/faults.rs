@@ -231,8 +231,8 @@ fn stalled_rpc_fails_over_and_blocks_reach_the_other_node_without_stalling_share
     );
     assert!(proxy.stalled() >= 1, "no submitblock held");
 
-    // 2. Node 0 hangs on getblocktemplate: the next block needs a template, which times out:
-    //    failover to node 1. `steady` never pauses, so shares keep coming on the current job
+    // 2. Node 0 hangs on getblocktemplate: the next block needs a template, which times out
+    //    after 10 s: failover to node 1. `steady` never pauses, so shares keep coming on the current job
     //    meanwhile, and their replies must not wait for the node.
     proxy.set_stall(&["getblocktemplate"]);
     let steady = start_miner(&pool, "stallsteady", false);
@@ -252,6 +252,13 @@ fn stalled_rpc_fails_over_and_blocks_reach_the_other_node_without_stalling_share
         "failover {:?} into the template stall ({} requests held in all)",
         t1.elapsed(),
         proxy.stalled()
+    );
+    // With another node to ask, a template waits at most 10 s on a hung one, not the 30 s RPC
+    // timeout.
+    assert!(
+        t1.elapsed() < Duration::from_secs(25),
+        "a hung node held the template for {:?}",
+        t1.elapsed()
     );
     let steady_during = steady.report();
     assert!(

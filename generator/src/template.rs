@@ -13,6 +13,10 @@ use crate::{BtcdConfig, Command, GenEvent, GeneratorConfig, Shared};
 /// Longest wait for `getbestblockhash`, an instant call unless the node is hung or busy
 /// validating a block.
 const POLL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for `getblocktemplate` when another server could give one instead: a hung node
+/// holds the pool's work this long, not the whole RPC timeout (30 s by default). Bitcoin Core
+/// answers in well under a second, a few seconds with a very large mempool.
+const GBT_HEDGE: Duration = Duration::from_secs(10);
 
 /// Why a server could not give a template.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +48,21 @@ pub(crate) fn fetch_chain(client: &RpcClient) -> Result<String, FetchError> {
 
 /// Fetches and parses a template from a server on `chain`.
 pub(crate) fn fetch_template(client: &RpcClient, chain: &str) -> Result<Template, FetchError> {
+    fetch_template_within(client, chain, client.timeout())
+}
+
+/// [`fetch_template`], waiting at most `timeout`.
+fn fetch_template_within(
+    client: &RpcClient,
+    chain: &str,
+    timeout: Duration,
+) -> Result<Template, FetchError> {
     let mut rules = vec!["segwit"];
     if chain == "signet" {
         // bitcoind refuses signet templates unless the client says it knows the rule.
         rules.push("signet");
     }
-    let gbt = client.call("getblocktemplate", json!([{ "rules": rules }]))?;
+    let gbt = client.call_with_timeout("getblocktemplate", json!([{ "rules": rules }]), timeout)?;
     Template::from_gbt(&gbt).map_err(|e| FetchError::Reply {
         method: "getblocktemplate",
         reason: e.to_string(),
@@ -57,14 +70,21 @@ pub(crate) fn fetch_template(client: &RpcClient, chain: &str) -> Result<Template
 }
 
 /// [`fetch_template`] for the template thread: its latency goes into the template fetch
-/// histogram.
+/// histogram. With `others` (another server could answer instead) it waits at most
+/// [`GBT_HEDGE`].
 fn fetch_template_timed(
     client: &RpcClient,
     chain: &str,
     shared: &Shared,
+    others: bool,
 ) -> Result<Template, FetchError> {
     let started = Instant::now();
-    let fetched = fetch_template(client, chain);
+    let timeout = if others {
+        client.timeout().min(GBT_HEDGE)
+    } else {
+        client.timeout()
+    };
+    let fetched = fetch_template_within(client, chain, timeout);
     if fetched.is_ok() {
         shared.stats.template_fetched(started.elapsed());
     }
@@ -276,7 +296,8 @@ impl TemplateWorker {
         let Some(client) = self.clients.get(index) else {
             return;
         };
-        match fetch_template_timed(client, &chain, &self.shared) {
+        let others = self.clients.len() > 1;
+        match fetch_template_timed(client, &chain, &self.shared, others) {
             Ok(template) => self.emit(template, index, now),
             Err(error) => self.server_failed(index, &error, now),
         }
@@ -347,8 +368,10 @@ impl TemplateWorker {
             return false;
         };
         let shared = &self.shared;
-        let fetched = fetch_chain(client)
-            .and_then(|chain| fetch_template_timed(client, &chain, shared).map(|t| (chain, t)));
+        let others = self.clients.len() > 1;
+        let fetched = fetch_chain(client).and_then(|chain| {
+            fetch_template_timed(client, &chain, shared, others).map(|t| (chain, t))
+        });
         let (chain, template) = match fetched {
             Ok(x) => x,
             Err(error) => {
