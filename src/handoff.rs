@@ -188,11 +188,21 @@ const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// ([`Shard::export_session`]), then the bytes the shard had written for it and the connector
 /// had not yet taken (queue variant), to send first. Empty for a connection with no session.
 fn wrap_session(state: &mut Vec<u8>, session: Option<&[u8]>, extra: &[u8], close: bool) {
-    if session.is_none() && extra.is_empty() && !close {
+    wrap_state(state, session, extra, if close { CLOSE_AFTER } else { 0 });
+}
+
+/// [`wrap_session`] for a passthrough link: `link` is [`Links::export_link`]'s bytes, in the
+/// session's place, flagged [`LINK`].
+fn wrap_link(state: &mut Vec<u8>, link: &[u8], extra: &[u8]) {
+    wrap_state(state, Some(link), extra, LINK);
+}
+
+fn wrap_state(state: &mut Vec<u8>, session: Option<&[u8]>, extra: &[u8], flags: u8) {
+    if session.is_none() && extra.is_empty() && flags == 0 {
         return;
     }
     let session = session.unwrap_or_default();
-    state.push(if close { CLOSE_AFTER } else { 0 });
+    state.push(flags);
     state.extend_from_slice(
         &u32::try_from(session.len())
             .unwrap_or(u32::MAX)
@@ -204,14 +214,17 @@ fn wrap_session(state: &mut Vec<u8>, session: Option<&[u8]>, extra: &[u8], close
 
 /// Flag of [`wrap_session`]: the shard had closed the connection (close it after the bytes).
 const CLOSE_AFTER: u8 = 1;
+/// Flag of [`wrap_link`]: the connection is a passthrough link; the session is its state.
+const LINK: u8 = 2;
 
-/// A handed-over connection's state read back: (session, bytes to send first, close after).
-type Wrapped<'a> = (Option<&'a [u8]>, &'a [u8], bool);
+/// A handed-over connection's state read back: (session, or a link's state with [`LINK`];
+/// bytes to send first; flags).
+type Wrapped<'a> = (Option<&'a [u8]>, &'a [u8], u8);
 
 /// Reads what [`wrap_session`] wrote (`None`: malformed).
 fn unwrap_session(state: &[u8]) -> Option<Wrapped<'_>> {
     if state.is_empty() {
-        return Some((None, &[], false));
+        return Some((None, &[], 0));
     }
     let (&flags, rest) = state.split_first()?;
     let (len, rest) = rest.split_first_chunk::<4>()?;
@@ -220,11 +233,7 @@ fn unwrap_session(state: &[u8]) -> Option<Wrapped<'_>> {
         return None;
     }
     let (session, extra) = rest.split_at(len);
-    Some((
-        (len > 0).then_some(session),
-        extra,
-        flags & CLOSE_AFTER != 0,
-    ))
+    Some(((len > 0).then_some(session), extra, flags))
 }
 
 /// Adopts a handed-over session into `shard` for connection `conn`; on failure (another
@@ -619,12 +628,12 @@ impl connector::Handler for StratumHandler {
     fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
         match self {
             Self::Inline(h) => {
-                let session = h.shard.export_session(now, conn);
-                let close = h.links.is_link(conn);
-                if close {
-                    warn!(%conn, "handover: a passthrough link's sub-clients are not carried; the link is closed");
+                if let Some(link) = h.links.export_link(&mut h.shard, now, conn) {
+                    wrap_link(state, &link, &[]);
+                } else {
+                    let session = h.shard.export_session(now, conn);
+                    wrap_session(state, session.as_deref(), &[], false);
                 }
-                wrap_session(state, session.as_deref(), &[], close);
             }
             Self::Queue(h) => h.on_export(now, conn, state),
         }
@@ -639,7 +648,7 @@ impl connector::Handler for StratumHandler {
         state: &[u8],
         out: &mut Outbox,
     ) {
-        let Some((session, extra, close)) = unwrap_session(state) else {
+        let Some((session, extra, flags)) = unwrap_session(state) else {
             warn!(%conn, %peer, "malformed handed-over connection state; closing the connection");
             self.on_open(now, conn, peer, listener, out);
             out.close(conn);
@@ -648,13 +657,28 @@ impl connector::Handler for StratumHandler {
         if !extra.is_empty() {
             out.send(conn, extra.to_vec());
         }
+        let (close, link) = (flags & CLOSE_AFTER != 0, flags & LINK != 0);
         match self {
             Self::Inline(h) => {
-                let InlineHandler { shard, sinks, .. } = h;
+                let InlineHandler {
+                    shard,
+                    sinks,
+                    links,
+                    ..
+                } = h;
                 let mut o = OutboxOut { outbox: out, sinks };
-                adopt_into(shard, now, conn, peer, listener, session, close, &mut o);
+                if link {
+                    let state = session.unwrap_or_default();
+                    if !links.adopt_link(shard, now, conn, peer, listener, state, &mut o) {
+                        warn!(%conn, %peer, "malformed handed-over passthrough link; closing it");
+                        shard.on_open(now, conn, peer, listener);
+                        stratifier::Out::close(&mut o, ClientId::Direct(conn));
+                    }
+                } else {
+                    adopt_into(shard, now, conn, peer, listener, session, close, &mut o);
+                }
             }
-            Self::Queue(h) => h.on_adopt(now, conn, peer, listener, session, close, out),
+            Self::Queue(h) => h.on_adopt(now, conn, peer, listener, session, flags, out),
         }
     }
 }
@@ -792,7 +816,8 @@ enum Event {
         peer: SocketAddr,
         listener: usize,
         range: Option<Range<usize>>,
-        close: bool,
+        /// [`CLOSE_AFTER`], [`LINK`].
+        flags: u8,
     },
     /// Export the connection's session (and take its held output) and answer on the sender.
     Export {
@@ -947,7 +972,7 @@ impl QueueHandler {
         peer: SocketAddr,
         listener: usize,
         session: Option<&[u8]>,
-        close: bool,
+        flags: u8,
         out: &mut Outbox,
     ) {
         if self.shard_gone {
@@ -966,7 +991,7 @@ impl QueueHandler {
             peer,
             listener,
             range,
-            close,
+            flags,
         });
     }
 
@@ -1082,20 +1107,39 @@ fn run_batch(
                 peer,
                 listener,
                 range,
-                close,
+                flags,
             } => {
                 let session = range.as_ref().and_then(|r| batch.arena.get(r.clone()));
-                adopt_into(shard, *now, *conn, *peer, *listener, session, *close, out);
+                if flags & LINK != 0 {
+                    let state = session.unwrap_or_default();
+                    if !links.adopt_link(shard, *now, *conn, *peer, *listener, state, out) {
+                        warn!(%conn, %peer, "malformed handed-over passthrough link; closing it");
+                        shard.on_open(*now, *conn, *peer, *listener);
+                        stratifier::Out::close(out, ClientId::Direct(*conn));
+                    }
+                } else {
+                    adopt_into(
+                        shard,
+                        *now,
+                        *conn,
+                        *peer,
+                        *listener,
+                        session,
+                        flags & CLOSE_AFTER != 0,
+                        out,
+                    );
+                }
             }
             Event::Export { now, conn, reply } => {
-                let session = shard.export_session(*now, *conn);
-                let (extra, mut close) = out.take_held(*conn);
-                if links.is_link(*conn) {
-                    warn!(%conn, "handover: a passthrough link's sub-clients are not carried; the link is closed");
-                    close = true;
-                }
+                let (extra, close) = out.take_held(*conn);
                 let mut state = Vec::new();
-                wrap_session(&mut state, session.as_deref(), &extra, close);
+                match links.export_link(shard, *now, *conn) {
+                    Some(link) if !close => wrap_link(&mut state, &link, &extra),
+                    _ => {
+                        let session = shard.export_session(*now, *conn);
+                        wrap_session(&mut state, session.as_deref(), &extra, close);
+                    }
+                }
                 let _ = reply.send(state);
             }
             Event::Settle(tx) => {
@@ -1209,11 +1253,11 @@ mod tests {
         let mut state = Vec::new();
         wrap_session(&mut state, None, &[], false);
         assert!(state.is_empty(), "nothing to carry: nothing written");
-        assert_eq!(unwrap_session(&state), Some((None, &[][..], false)));
+        assert_eq!(unwrap_session(&state), Some((None, &[][..], 0)));
         wrap_session(&mut state, Some(b"session"), b"{\"id\":1}\n", true);
         assert_eq!(
             unwrap_session(&state),
-            Some((Some(&b"session"[..]), &b"{\"id\":1}\n"[..], true))
+            Some((Some(&b"session"[..]), &b"{\"id\":1}\n"[..], CLOSE_AFTER))
         );
         // Truncated inside the session, or inside its length: refused, never a panic.
         for n in 1..8 {
@@ -1221,9 +1265,12 @@ mod tests {
         }
         let mut only_extra = Vec::new();
         wrap_session(&mut only_extra, None, b"x\n", false);
+        assert_eq!(unwrap_session(&only_extra), Some((None, &b"x\n"[..], 0)));
+        let mut link = Vec::new();
+        wrap_link(&mut link, b"link-state", b"y\n");
         assert_eq!(
-            unwrap_session(&only_extra),
-            Some((None, &b"x\n"[..], false))
+            unwrap_session(&link),
+            Some((Some(&b"link-state"[..]), &b"y\n"[..], LINK))
         );
     }
 

@@ -38,7 +38,10 @@
 //! books with their duplicate sets, the extranonce1 and session-id counters and keys, the
 //! parked sessions, the share totals and the users' and workers' figures) and each
 //! connection's session (`crate::handoff`'s handler: `Shard::export_session` in `on_export`,
-//! `adopt_session` in `on_adopt`). Before the pool state is taken, the old instance settles
+//! `adopt_session` in `on_adopt`); a passthrough or node link goes with every sub-client's
+//! session and what the link is (`crate::links::Links::export_link` / `adopt_link`; version 2),
+//! so the passthrough behind it sees the same connection and its miners keep their sessions.
+//! Before the pool state is taken, the old instance settles
 //! (`crate::handoff::settle`): every line it read has been judged and its reply queued, so the
 //! totals are final and no reply is lost. The generator is not handed over: the new instance
 //! starts its own (blocks waiting on disk are resubmitted as at every start).
@@ -61,8 +64,9 @@ use self::wire::{Frame, Kind};
 use crate::handoff::{self, Msg};
 
 /// Version of the state a handover carries (frames, connection states, pool state, sessions).
-/// Two builds hand over only when they agree on it.
-pub(crate) const VERSION: u32 = 1;
+/// Two builds hand over only when they agree on it. 2: passthrough links carry their
+/// sub-clients.
+pub(crate) const VERSION: u32 = 2;
 /// How long either side waits for the other's next frame.
 pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the old instance tries to write what it owes before it exports the rest.

@@ -449,10 +449,104 @@ impl Links {
         out.send(ClientId::Direct(conn), reply);
     }
 
-    /// Whether `conn` is a passthrough link. A handover does not carry a link's sub-clients
-    /// yet: such a connection is handed over to be closed, and its passthrough reconnects.
-    pub(crate) fn is_link(&self, conn: ConnId) -> bool {
-        !self.links.is_empty() && self.links.contains_key(&conn)
+    /// Hands link `conn` over to another instance (`-H`): it stops being a link here, and its
+    /// sub-clients' sessions leave `shard` and travel in the bytes returned, with what the link
+    /// is ([`Links::adopt_link`] reads them). `None` if `conn` is no link.
+    pub(crate) fn export_link(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        conn: ConnId,
+    ) -> Option<Vec<u8>> {
+        if self.links.is_empty() {
+            return None;
+        }
+        let link = self.links.remove(&conn)?;
+        self.registry.lock().remove(&conn);
+        self.pending.multicast.retain(|c| *c != conn);
+        if link.node.is_some() {
+            self.registry.nodes.fetch_sub(1, Ordering::Relaxed);
+        }
+        let subs = shard.export_subs(now, conn);
+        let mut out = Vec::with_capacity(64 + subs.iter().map(|s| s.2.len() + 48).sum::<usize>());
+        out.push(LINK_STATE_FORMAT);
+        out.push(u8::from(link.node.is_some()) | (u8::from(link.info.multicast) << 1));
+        put_bytes(&mut out, link.info.agent.as_bytes());
+        out.extend_from_slice(&u32::try_from(subs.len()).unwrap_or(u32::MAX).to_le_bytes());
+        for (remote, peer, session) in &subs {
+            out.extend_from_slice(&remote.to_le_bytes());
+            put_bytes(&mut out, peer.ip().to_string().as_bytes());
+            put_bytes(&mut out, session);
+        }
+        info!(%conn, peer = %link.peer, subs = subs.len(), "handover: passthrough link exported with its sub-clients");
+        Some(out)
+    }
+
+    /// Takes over a link another instance exported ([`Links::export_link`]) as connection
+    /// `conn`: a link again, with its sub-clients' sessions in `shard`. A sub-client whose
+    /// session cannot be adopted gets `dropclient` (its passthrough ends it; the miner
+    /// reconnects); `false` (and nothing kept) if the bytes cannot be read.
+    #[expect(clippy::too_many_arguments, reason = "the adoption's own facts")]
+    pub(crate) fn adopt_link(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        state: &[u8],
+        out: &mut impl LinkOut,
+    ) -> bool {
+        let Some((flags, agent, subs)) = read_link_state(state) else {
+            return false;
+        };
+        let node = flags & 1 != 0;
+        let multicast = flags & 2 != 0;
+        if node {
+            self.registry.nodes.fetch_add(1, Ordering::Relaxed);
+        }
+        if multicast {
+            self.pending.multicast.push(conn);
+        }
+        let info = Arc::new(LinkInfo {
+            peer,
+            agent: agent.chars().take(64).collect(),
+            node,
+            multicast,
+            subs: AtomicUsize::new(0),
+        });
+        self.registry.lock().insert(conn, Arc::clone(&info));
+        let mut link = Link {
+            peer,
+            listener,
+            subs: 0,
+            info,
+            // What a node was sent is not carried: the next job sends it every transaction.
+            node: node.then(HashSet::new),
+        };
+        out.trunk(conn);
+        let mut dropped = Vec::new();
+        let (mut adopted, mut refused) = (0, 0);
+        for (remote, ip, session) in subs {
+            let at = SocketAddr::new(ip.unwrap_or(peer.ip()), 0);
+            match shard.adopt_session(now, ClientId::Sub(conn, remote), at, listener, session) {
+                Ok(()) => adopted += 1,
+                Err(e) => {
+                    refused += 1;
+                    warn!(%conn, client_id = remote, error = %e, "handover: a sub-client's session refused; dropped");
+                    dropped.extend_from_slice(b"dropclient=");
+                    write_u64(&mut dropped, remote);
+                    dropped.push(b'\n');
+                }
+            }
+        }
+        link.set_subs(adopted);
+        info!(%conn, %peer, subs = adopted, refused, "handover: passthrough link adopted with its sub-clients");
+        self.links.insert(conn, link);
+        if !dropped.is_empty() {
+            out.send(ClientId::Direct(conn), dropped);
+        }
+        true
     }
 
     /// A connection closed: a link takes its sub-clients with it.
@@ -721,6 +815,59 @@ fn frame(buf: &mut Vec<u8>, body: &[u8], kind: &str, id: u64) {
     }
 }
 
+/// Format of a link's handover state ([`Links::export_link`]).
+const LINK_STATE_FORMAT: u8 = 1;
+
+/// Appends `b` with its length (`u32`, little-endian) first.
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// One sub-client in a link's handover state: (remote id, address if readable, session).
+type SubState<'a> = (u64, Option<IpAddr>, &'a [u8]);
+
+/// Reads what [`Links::export_link`] wrote: (flags, agent, sub-clients); `None` if malformed.
+fn read_link_state(state: &[u8]) -> Option<(u8, String, Vec<SubState<'_>>)> {
+    fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if r.len() < n {
+            return None;
+        }
+        let (head, rest) = r.split_at(n);
+        *r = rest;
+        Some(head)
+    }
+    fn u32_le(r: &mut &[u8]) -> Option<usize> {
+        let b = take(r, 4)?;
+        usize::try_from(u32::from_le_bytes(b.try_into().ok()?)).ok()
+    }
+    fn bytes<'a>(r: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let n = u32_le(r)?;
+        take(r, n)
+    }
+    let mut r = state;
+    let head = take(&mut r, 2)?;
+    if head.first() != Some(&LINK_STATE_FORMAT) {
+        return None;
+    }
+    let flags = *head.get(1)?;
+    let agent = String::from_utf8_lossy(bytes(&mut r)?).into_owned();
+    let n = u32_le(&mut r)?;
+    // Each sub-client takes at least 16 bytes: a count beyond that is a lie.
+    if n > r.len() / 16 {
+        return None;
+    }
+    let mut subs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let remote = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
+        let ip = std::str::from_utf8(bytes(&mut r)?)
+            .ok()
+            .and_then(|s| s.parse().ok());
+        subs.push((remote, ip, bytes(&mut r)?));
+    }
+    r.is_empty().then_some((flags, agent, subs))
+}
+
 /// Appends `body` (one compact JSON object, no newline) for every sub-client in `ids`, with
 /// `"node.method":"<kind>","client_ids":[…]` added last (a multicast line).
 fn frame_multi(buf: &mut Vec<u8>, body: &[u8], kind: &str, ids: &[u64]) {
@@ -978,5 +1125,43 @@ mod tests {
             .filter_map(|x| x.as_u64())
             .collect();
         assert_eq!(all, (0..n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_links_handover_state_reads_back_and_bad_state_is_refused() {
+        let mut b = vec![LINK_STATE_FORMAT, 3];
+        put_bytes(&mut b, b"ckpool-rs/1");
+        b.extend_from_slice(&2u32.to_le_bytes());
+        for (id, ip, session) in [
+            (7u64, "10.0.0.1", &b"s7-session-bytes"[..]),
+            (9, "::1", b"s9"),
+        ] {
+            b.extend_from_slice(&id.to_le_bytes());
+            put_bytes(&mut b, ip.as_bytes());
+            put_bytes(&mut b, session);
+        }
+        let (flags, agent, subs) = read_link_state(&b).expect("reads");
+        assert_eq!((flags, agent.as_str()), (3, "ckpool-rs/1"));
+        assert_eq!(subs.len(), 2);
+        assert_eq!(
+            subs[0],
+            (7, "10.0.0.1".parse().ok(), &b"s7-session-bytes"[..])
+        );
+        assert_eq!(subs[1], (9, "::1".parse().ok(), &b"s9"[..]));
+        // Truncated anywhere, with bytes left over, another format, or a count it cannot hold:
+        // refused, never a panic.
+        for n in 0..b.len() {
+            assert!(read_link_state(&b[..n]).is_none(), "{n} bytes");
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(read_link_state(&longer).is_none());
+        let mut other = b.clone();
+        other[0] = LINK_STATE_FORMAT + 1;
+        assert!(read_link_state(&other).is_none());
+        let mut lying = vec![LINK_STATE_FORMAT, 0];
+        put_bytes(&mut lying, b"");
+        lying.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_link_state(&lying).is_none());
     }
 }

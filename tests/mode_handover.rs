@@ -109,10 +109,20 @@ impl RawMiner {
 
 /// A pool on `node` with a `passthroughserver` listener (returned).
 fn pool_with_passthrough_port(node: &RegtestNode, tag: &str) -> (PoolProcess, SocketAddr) {
+    pool_with_passthrough_port_in(node, tag, "inline")
+}
+
+/// [`pool_with_passthrough_port`] with the `handoff` variant given.
+fn pool_with_passthrough_port_in(
+    node: &RegtestNode,
+    tag: &str,
+    handoff: &str,
+) -> (PoolProcess, SocketAddr) {
     let payout = node.new_address();
     let (direct, link) = (free_port(), free_port());
     let mut config = regtest_config(vec![btcd_entry(node)], Some(&payout), direct);
     config["passthroughserver"] = json!([format!("127.0.0.1:{link}")]);
+    config["handoff"] = json!(handoff);
     let pool = PoolProcess::start(tag, &config, &[]);
     (pool, SocketAddr::from(([127, 0, 0, 1], link)))
 }
@@ -172,7 +182,16 @@ fn passthrough_with_miners(
     tag: &str,
     node: &RegtestNode,
 ) -> (PoolProcess, PoolProcess, Vec<RawMiner>, PoolView) {
-    let (pool, link_addr) = pool_with_passthrough_port(node, &format!("{tag}-pool"));
+    passthrough_with_miners_in(tag, node, "inline")
+}
+
+/// [`passthrough_with_miners`] with the pool's `handoff` variant given.
+fn passthrough_with_miners_in(
+    tag: &str,
+    node: &RegtestNode,
+    handoff: &str,
+) -> (PoolProcess, PoolProcess, Vec<RawMiner>, PoolView) {
+    let (pool, link_addr) = pool_with_passthrough_port_in(node, &format!("{tag}-pool"), handoff);
     let pt = start_passthrough(&format!("{tag}-pt"), link_addr);
     let mut ms: Vec<RawMiner> = (0..MINERS)
         .map(|i| RawMiner::connect(pt.addr, &format!("{tag}.{i}")))
@@ -266,6 +285,102 @@ fn passthrough_handover_keeps_the_miners_and_the_upstream_link() {
     let mut late = RawMiner::connect(new.addr, "mho-pt.late");
     late.share_accepted();
     assert_eq!(pool_connections(&pool), conns);
+}
+
+/// The pool behind a passthrough is upgraded with `-H` while the passthrough's miners submit:
+/// the link is handed over with every sub-client's session, so the passthrough's upstream
+/// never goes down (no failover, no replay), every miner keeps its session, every share sent
+/// across the upgrade is answered and accepted, and the new pool lists the link with all its
+/// sub-clients.
+#[test]
+fn pool_handover_carries_a_passthrough_link_with_its_subclients() {
+    pool_handover_with_a_link(
+        "pool_handover_carries_a_passthrough_link_with_its_subclients",
+        "inline",
+    );
+}
+
+/// The same with the pool's stratifier on threads of its own (`handoff` `queue`).
+#[test]
+fn pool_handover_carries_a_passthrough_link_with_its_subclients_queue() {
+    pool_handover_with_a_link(
+        "pool_handover_carries_a_passthrough_link_with_its_subclients_queue",
+        "queue",
+    );
+}
+
+fn pool_handover_with_a_link(tag: &str, handoff: &str) {
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let (mut old, pt, mut ms, (links, _)) =
+        passthrough_with_miners_in(&format!("mho-pl-{handoff}"), &net.nodes[0], handoff);
+    let pt_before = pt.stats();
+    assert_eq!(pt_before["replayed"], 0, "{pt_before}");
+
+    let t0 = Instant::now();
+    let mut new = old.spawn_sibling(&["-H"], &[], "new.log");
+    let mut pending: Vec<Vec<u64>> = vec![Vec::new(); ms.len()];
+    while old.is_running() {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the old pool did not hand over; old log:\n{}\nnew log:\n{}",
+            old.log_text(),
+            new.log_text()
+        );
+        for (m, p) in ms.iter_mut().zip(&mut pending) {
+            if p.len() < 30 {
+                p.push(m.send_share());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = exited(&mut old, "the old pool");
+    assert!(status.success(), "{status}; log:\n{}", old.log_text());
+    assert!(new.is_running(), "new log:\n{}", new.log_text());
+    wait_until("the new pool's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    // Every share sent across the upgrade was answered, and accepted.
+    for (m, ids) in ms.iter_mut().zip(&pending) {
+        for id in ids {
+            let r = m.c.reply(*id);
+            assert_eq!(r["result"], true, "{}: {r}", m.user);
+        }
+    }
+    for m in &mut ms {
+        m.share_accepted();
+        m.assert_same_session();
+    }
+    let across: usize = pending.iter().map(Vec::len).sum();
+    assert!(across >= MINERS, "only {across} shares across the upgrade");
+    // The new pool has the same link with every sub-client.
+    assert_eq!(pool_links(&new), links);
+    let stats = new.stats();
+    assert_eq!(stats["clients"], MINERS, "{stats}");
+    let newlog = new.log_text();
+    assert!(
+        newlog.contains("handover: passthrough link adopted with its sub-clients"),
+        "new log:\n{newlog}"
+    );
+    // The passthrough saw nothing: its upstream never went down and nobody was replayed.
+    let s = pt.stats();
+    assert_eq!(s["upstream"]["state"], "up", "{s}");
+    assert_eq!(s["replayed"], 0, "{s}");
+    assert_eq!(s["replay_closed"], 0, "{s}");
+    assert_eq!(s["miners"], MINERS, "{s}");
+    assert!(
+        !pt.log_text().contains("upstream down"),
+        "passthrough log:\n{}",
+        pt.log_text()
+    );
+    // A miner that comes now is served through the same link.
+    let mut late = RawMiner::connect(pt.addr, &format!("mho-pl-{handoff}.late"));
+    late.share_accepted();
+    wait_stats(&new, "the late miner as a sub-client", WAIT, |s| {
+        s["passthroughs"][0]["subclients"] == MINERS + 1
+    });
 }
 
 /// The new passthrough dies after the link and the first batch reached it: the old one takes

@@ -824,6 +824,31 @@ impl Shard {
         Some(w.buf)
     }
 
+    /// [`Shard::export_session`] for every sub-client of connection `conn` (a passthrough link
+    /// handed over whole): `(remote id, peer, session)` each, in one pass.
+    pub fn export_subs(&mut self, now: Instant, conn: ConnId) -> Vec<(u64, SocketAddr, Vec<u8>)> {
+        let st = &mut self.st;
+        let pool = &st.pool;
+        let mut out = Vec::new();
+        st.sessions.remove_subs(conn, |client, mut s| {
+            pool.registry.clients.fetch_sub(1, Ordering::Relaxed);
+            if s.subscribed {
+                let width = pool.layout(s.source).map_or(8, |l| l.local_len());
+                pool.tables.release_enonce1(s.source, width, s.enonce1);
+            }
+            if let Some(a) = s.auth.as_mut() {
+                a.stats = None;
+            }
+            let mut w = Writer::default();
+            save_session(&mut w, &s, pool.epoch, now);
+            if let ClientId::Sub(_, remote) = client {
+                out.push((remote, s.peer.addr(), w.buf));
+            }
+        });
+        debug!(%conn, subs = out.len(), "sub-client sessions exported");
+        out
+    }
+
     /// Recreates a session [`Shard::export_session`] wrote in another process, for `client` (a
     /// connection of this process, handed over) from `peer` on `listener`, as it was: the next
     /// share on a job it had is judged as the old process would have. Its extranonce1 is
