@@ -757,3 +757,138 @@ fn userproxy_user_connections_fail_over_with_the_users_credentials() {
     );
     miner.request_stop();
 }
+
+/// An upstream that stops reading while miners submit fast: the proxy holds the shares its
+/// link's queue has no room for and sends them once the upstream reads again, so every share
+/// the proxy accepted reaches the upstream (none dropped), in order.
+#[test]
+fn a_stalled_upstream_loses_no_accepted_share() {
+    const SHARES: u64 = 30_000;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap().to_string();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let (count_tx, count_rx) = std::sync::mpsc::channel::<(u64, u64)>();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        let notify = json!({"id": null, "method": "mining.notify", "params": [
+            "j1", "00".repeat(32), "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff20020a00",
+            "ffffffff0100f2052a010000001600146f16fe7c495ba8261016383a1d4b5bf0e185c85100000000",
+            [], "20000000", "17034219", "6553f100", true]});
+        let (mut submits, mut in_order, mut last) = (0u64, 0u64, 0u64);
+        let mut stalled = false;
+        let end = std::time::Instant::now() + Duration::from_secs(240);
+        while std::time::Instant::now() < end {
+            if stalled {
+                // Not reading: the proxy's writes fill the socket, then its link's queue.
+                if resume_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                    stalled = false;
+                }
+                continue;
+            }
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+                    let result = match v["method"].as_str() {
+                        Some("mining.configure") => json!({"version-rolling": false}),
+                        Some("mining.subscribe") => {
+                            json!([[["mining.notify", "1"]], "aabbccdd", 8])
+                        }
+                        Some("mining.submit") => {
+                            submits += 1;
+                            // The extranonce2's local part and the miner's counter: in order?
+                            let n = v["params"][4]
+                                .as_str()
+                                .map_or(0, |h| u64::from_str_radix(h, 16).unwrap_or(0));
+                            if n == last + 1 {
+                                in_order += 1;
+                            }
+                            last = n;
+                            let _ = count_tx.send((submits, in_order));
+                            json!(true)
+                        }
+                        _ => json!(true),
+                    };
+                    let reply = json!({"id": v["id"], "result": result, "error": null});
+                    if w.write_all(format!("{reply}\n").as_bytes()).is_err() {
+                        return;
+                    }
+                    if v["method"] == "mining.authorize" {
+                        let diff = json!({"id": null, "method": "mining.set_difficulty",
+                            "params": [TINY]});
+                        let _ = w.write_all(format!("{diff}\n{notify}\n").as_bytes());
+                        stalled = true;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    let proxy = start_proxy("pxstall", &proxy_config(&[upstream], TINY));
+    // The proxy takes miners once the upstream gave work, which the upstream gives and then
+    // stops reading.
+    let mut c = Client::connect(proxy.addr);
+    let (_, n2) = c.login("farm.rig1");
+    let job = latest_job(&mut c);
+    let mut stream = c.stream.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(c.stream);
+        r.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let (mut accepted, mut other) = (0u64, 0u64);
+        while accepted + other < SHARES {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let v: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+                    if v["id"].as_u64().is_some_and(|id| id >= 1000) {
+                        if v["result"] == true {
+                            accepted += 1;
+                        } else {
+                            other += 1;
+                        }
+                    }
+                }
+            }
+        }
+        (accepted, other)
+    });
+    // Every hash is a share at 2^-32, and at the upstream's 2^-32 every share goes up.
+    let mut batch = String::new();
+    for i in 1..=SHARES {
+        let en2 = format!("{:0w$x}", i, w = n2 * 2);
+        let line = json!({"id": 999 + i, "method": "mining.submit",
+            "params": ["farm.rig1", job.job_id, en2, format!("{:08x}", job.ntime), format!("{i:08x}")]});
+        batch.push_str(&format!("{line}\n"));
+        if i % 500 == 0 {
+            stream.write_all(batch.as_bytes()).unwrap();
+            batch.clear();
+        }
+    }
+    let (accepted, other) = reader.join().unwrap();
+    assert_eq!((accepted, other), (SHARES, 0), "the proxy's answers");
+    // The upstream has read nothing yet: the shares are in the socket, the link's queue and
+    // the proxy's backlog. Now it reads.
+    resume_tx.send(()).unwrap();
+    let mut got = (0, 0);
+    let end = std::time::Instant::now() + Duration::from_secs(120);
+    while got.0 < SHARES && std::time::Instant::now() < end {
+        if let Ok(c) = count_rx.recv_timeout(Duration::from_millis(500)) {
+            got = c;
+        }
+    }
+    assert_eq!(got.0, SHARES, "shares that reached the upstream");
+    assert_eq!(got.1, SHARES, "in the order the miner sent them");
+    let up = wait_stats(&proxy, "every verdict counted", WAIT, |s| {
+        s["upstreams"]["servers"][0]["accepted"].as_u64() == Some(SHARES)
+    });
+    assert_eq!(up["upstreams"]["dropped"], 0, "{}", up["upstreams"]);
+}

@@ -47,7 +47,7 @@ use common::address::Network;
 use common::stratum::decode;
 use connector::Connector;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use generator::upstream::{self, Submit, UpstreamConfig, UpstreamEvent, UpstreamServer};
+use generator::upstream::{self, SendError, Submit, UpstreamConfig, UpstreamEvent, UpstreamServer};
 use serde::Serialize;
 use stratifier::{
     AuthRequest, AuthVerdict, ClientId, ExtranonceLayout, Origin, Pool, SourceId, UpstreamShare,
@@ -67,6 +67,12 @@ const MAIN_LOOP_WAKE: Duration = Duration::from_millis(200);
 const SHARE_QUEUE: usize = 65_536;
 /// Userproxy authorisations waiting for the main loop.
 const AUTH_QUEUE: usize = 4096;
+/// Shares one upstream connection may hold back while its link's queue is full (the upstream
+/// reads slower than the miners submit), in order, before the next ones are dropped: about
+/// 20 MB. An accepted share is never dropped short of that.
+const BACKLOG_MAX: usize = 131_072;
+/// How soon the main loop tries again to queue shares held back.
+const BACKLOG_RETRY: Duration = Duration::from_millis(2);
 
 /// The upstream link's configuration from the settings.
 pub(crate) fn upstream_config(settings: &Settings) -> UpstreamConfig {
@@ -222,6 +228,9 @@ struct UpLink {
     idle_since: Option<Instant>,
     /// To be closed by the next housekeeping.
     closing: bool,
+    /// Shares for it that its link's queue had no room for yet, in order, with the source they
+    /// are on and their in-flight entry.
+    backlog: std::collections::VecDeque<(Submit, SourceId, InFlight)>,
 }
 
 /// A submit in flight: (connection id, `proxy` entry index for the main connection, user).
@@ -250,6 +259,9 @@ struct Proxy {
     servers: Vec<UpstreamServer>,
     /// `maxupstreams`.
     max_links: usize,
+    /// Shares dropped because a connection's backlog was at [`BACKLOG_MAX`] (warned about by
+    /// the main loop).
+    dropped_backlog: u64,
 }
 
 /// A userproxy authorisation whose user's connection has not given work by then is refused.
@@ -336,6 +348,7 @@ impl Proxy {
             rejected: 0,
             lost: 0,
             waiting: Vec::new(),
+            backlog: std::collections::VecDeque::new(),
             started: Instant::now(),
             idle_since: None,
             closing: false,
@@ -692,15 +705,67 @@ impl Proxy {
             (l.role == Role::Main).then_some(l.active).flatten(),
             Arc::clone(&share.user),
         );
-        match l.link.try_submit(submit) {
-            Ok(()) => {
-                self.inflight.insert(tag, entry);
-            }
-            Err(e) => {
-                warn!(error = %e, "share not queued for the upstream");
+        let id = l.id;
+        let _ = tag;
+        if let Some(l) = self.links.iter_mut().find(|l| l.id == id) {
+            if l.backlog.len() >= BACKLOG_MAX {
+                self.dropped_backlog += 1;
                 self.stats().dropped += 1;
+                return;
+            }
+            l.backlog.push_back((submit, source, entry));
+        }
+        self.flush_backlog(id);
+    }
+
+    /// Queues what connection `id` holds back, in order, until its link's queue is full. A
+    /// share whose work is no longer that connection's (it failed over or its upstream changed
+    /// the extranonce) cannot be judged there: dropped and counted, as a share in flight at
+    /// the switch.
+    fn flush_backlog(&mut self, id: u64) {
+        let Some(l) = self.links.iter_mut().find(|l| l.id == id) else {
+            return;
+        };
+        let mut stale = 0;
+        while let Some((submit, source, entry)) = l.backlog.pop_front() {
+            if l.linked != Some(source) || l.active.is_none() {
+                stale += 1;
+                continue;
+            }
+            let tag = submit.tag;
+            match l.link.try_submit(submit) {
+                Ok(()) => {
+                    self.inflight.insert(tag, entry);
+                }
+                Err(SendError::Full(submit)) => {
+                    l.backlog.push_front((submit, source, entry));
+                    break;
+                }
+                Err(SendError::Closed(_)) => stale += 1,
             }
         }
+        if stale > 0 {
+            debug!(
+                connection = id,
+                stale, "shares held back for a connection whose work changed; dropped"
+            );
+            self.stats().dropped += stale;
+        }
+    }
+
+    /// [`Proxy::flush_backlog`] for every connection holding shares back; whether any still
+    /// does.
+    fn flush_backlogs(&mut self) -> bool {
+        let ids: Vec<u64> = self
+            .links
+            .iter()
+            .filter(|l| !l.backlog.is_empty())
+            .map(|l| l.id)
+            .collect();
+        for id in ids {
+            self.flush_backlog(id);
+        }
+        self.links.iter().any(|l| !l.backlog.is_empty())
     }
 
     /// Userproxy: a miner's authorisation. The proxy entry's own credentials mine on the
@@ -998,6 +1063,7 @@ pub(crate) fn run(
         rejected: 0,
         lost: 0,
         waiting: Vec::new(),
+        backlog: std::collections::VecDeque::new(),
         started,
         idle_since: None,
         closing: false,
@@ -1010,6 +1076,7 @@ pub(crate) fn run(
         servers: base.servers.clone(),
         base,
         max_links: settings.file.maxupstreams,
+        dropped_backlog: 0,
         nonce2length: settings
             .file
             .nonce2length_given
@@ -1138,8 +1205,18 @@ pub(crate) fn run(
     let mut last_status = Instant::now();
     let mut last_housekeeping = Instant::now();
     let mut reported_overflow = 0;
+    let mut reported_backlog_drops = 0;
+    let mut last_backlog_warn = Instant::now()
+        .checked_sub(Duration::from_secs(5))
+        .unwrap_or_else(Instant::now);
+    let mut backlogged = false;
     while !shutdown.load(Ordering::Relaxed) {
-        match wait(&proxy.links, &share_rx, &auth_rx) {
+        let timeout = if backlogged {
+            BACKLOG_RETRY
+        } else {
+            MAIN_LOOP_WAKE
+        };
+        match wait(&proxy.links, &share_rx, &auth_rx, timeout) {
             Wake::Share(share) => {
                 proxy.submit(&share);
                 // Take what else is queued.
@@ -1175,6 +1252,18 @@ pub(crate) fn run(
         if last_housekeeping.elapsed() >= MAIN_LOOP_WAKE {
             last_housekeeping = Instant::now();
             proxy.housekeeping(last_housekeeping, &conns);
+        }
+        backlogged = proxy.flush_backlogs();
+        if proxy.dropped_backlog != reported_backlog_drops
+            && last_backlog_warn.elapsed() >= Duration::from_secs(5)
+        {
+            last_backlog_warn = Instant::now();
+            warn!(
+                dropped = proxy.dropped_backlog - reported_backlog_drops,
+                held = BACKLOG_MAX,
+                "an upstream connection holds back as many shares as it may; shares dropped"
+            );
+            reported_backlog_drops = proxy.dropped_backlog;
         }
         let over = overflow.load(Ordering::Relaxed);
         if over != reported_overflow {
@@ -1242,16 +1331,21 @@ enum Wake {
     Timeout,
 }
 
-/// Waits up to [`MAIN_LOOP_WAKE`] for a share, an authorisation or an event of any
-/// upstream connection.
-fn wait(links: &[UpLink], shares: &Receiver<UpstreamShare>, auths: &Receiver<AuthRequest>) -> Wake {
+/// Waits up to `timeout` for a share, an authorisation or an event of any upstream
+/// connection.
+fn wait(
+    links: &[UpLink],
+    shares: &Receiver<UpstreamShare>,
+    auths: &Receiver<AuthRequest>,
+    timeout: Duration,
+) -> Wake {
     let mut sel = crossbeam_channel::Select::new();
     let i_share = sel.recv(shares);
     let i_auth = sel.recv(auths);
     for l in links {
         sel.recv(&l.rx);
     }
-    let Ok(op) = sel.select_timeout(MAIN_LOOP_WAKE) else {
+    let Ok(op) = sel.select_timeout(timeout) else {
         return Wake::Timeout;
     };
     let i = op.index();
