@@ -806,7 +806,7 @@ fn a_stalled_upstream_loses_no_accepted_share() {
                             let n = v["params"][4]
                                 .as_str()
                                 .map_or(0, |h| u64::from_str_radix(h, 16).unwrap_or(0));
-                            if n == last + 1 {
+                            if n > last {
                                 in_order += 1;
                             }
                             last = n;
@@ -842,8 +842,8 @@ fn a_stalled_upstream_loses_no_accepted_share() {
         r.get_ref()
             .set_read_timeout(Some(Duration::from_secs(60)))
             .unwrap();
-        let (mut accepted, mut other) = (0u64, 0u64);
-        while accepted + other < SHARES {
+        let (mut accepted, mut above, mut other) = (0u64, 0u64, 0u64);
+        while accepted + above + other < SHARES {
             let mut line = String::new();
             match r.read_line(&mut line) {
                 Ok(0) | Err(_) => break,
@@ -852,6 +852,9 @@ fn a_stalled_upstream_loses_no_accepted_share() {
                     if v["id"].as_u64().is_some_and(|id| id >= 1000) {
                         if v["result"] == true {
                             accepted += 1;
+                        } else if v["reject-reason"] == "Above target" {
+                            // 2^-32 is not quite every hash: one in 65,536 misses it.
+                            above += 1;
                         } else {
                             other += 1;
                         }
@@ -859,7 +862,7 @@ fn a_stalled_upstream_loses_no_accepted_share() {
                 }
             }
         }
-        (accepted, other)
+        (accepted, above, other)
     });
     // Every hash is a share at 2^-32, and at the upstream's 2^-32 every share goes up.
     let mut batch = String::new();
@@ -873,22 +876,24 @@ fn a_stalled_upstream_loses_no_accepted_share() {
             batch.clear();
         }
     }
-    let (accepted, other) = reader.join().unwrap();
-    assert_eq!((accepted, other), (SHARES, 0), "the proxy's answers");
+    let (accepted, above, other) = reader.join().unwrap();
+    assert_eq!(accepted + above, SHARES, "the proxy's answers");
+    assert_eq!(other, 0, "unexpected answers");
+    assert!(above <= 5, "{above} above target");
     // The upstream has read nothing yet: the shares are in the socket, the link's queue and
     // the proxy's backlog. Now it reads.
     resume_tx.send(()).unwrap();
     let mut got = (0, 0);
     let end = std::time::Instant::now() + Duration::from_secs(120);
-    while got.0 < SHARES && std::time::Instant::now() < end {
+    while got.0 < accepted && std::time::Instant::now() < end {
         if let Ok(c) = count_rx.recv_timeout(Duration::from_millis(500)) {
             got = c;
         }
     }
-    assert_eq!(got.0, SHARES, "shares that reached the upstream");
-    assert_eq!(got.1, SHARES, "in the order the miner sent them");
+    assert_eq!(got.0, accepted, "shares that reached the upstream");
+    assert_eq!(got.1, accepted, "in the order the miner sent them");
     let up = wait_stats(&proxy, "every verdict counted", WAIT, |s| {
-        s["upstreams"]["servers"][0]["accepted"].as_u64() == Some(SHARES)
+        s["upstreams"]["servers"][0]["accepted"].as_u64() == Some(accepted)
     });
     assert_eq!(up["upstreams"]["dropped"], 0, "{}", up["upstreams"]);
 }
