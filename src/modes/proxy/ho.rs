@@ -362,3 +362,68 @@ impl Proxy {
         stats.failovers = st.failovers;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    fn state(mode: &str) -> ProxyState {
+        ProxyState {
+            mode: mode.to_owned(),
+            links: vec![LinkState {
+                id: 0,
+                role: "main".into(),
+                user: None,
+                servers: vec![("127.0.0.1:3333".into(), "u".into(), "p".into())],
+                url: "127.0.0.1:3333".into(),
+                current: Some(1),
+                pending: None,
+                linked: Some(1),
+                active: Some(0),
+                difficulty: Some(0.5),
+                accepted: 7,
+                rejected: 1,
+                lost: 0,
+                index: 0,
+                partial: hex::encode(b"{\"id\":5,"),
+                session: hex::encode(b"{}"),
+            }],
+            inflight: vec![(9, 0, Some(0), "alice".into())],
+            next_tag: 9,
+            next_link_id: 0,
+            miner_mask: 0x1fff_e000,
+            asked_mask: 0x1fff_e000,
+            open_source: 1,
+            users: HashMap::new(),
+            servers: vec![("active".into(), 7, 1, 0)],
+            active: Some(0),
+            difficulty: Some(0.5),
+            version_mask: None,
+            dropped: 0,
+            failovers: 0,
+        }
+    }
+
+    #[test]
+    fn the_state_travels_whole_and_only_to_the_same_mode() {
+        let json = serde_json::to_vec(&state("userproxy")).unwrap();
+        let blob = join(b"pool-state", &json);
+        let (pool, st) = split(&blob, true).unwrap();
+        assert_eq!(pool, b"pool-state");
+        assert_eq!(st.links.len(), 1);
+        assert_eq!(st.links[0].linked, Some(1));
+        assert_eq!(st.inflight, vec![(9, 0, Some(0), "alice".to_owned())]);
+        assert_eq!(st.miner_mask, 0x1fff_e000);
+        // A userproxy's state is refused by a proxy, and the other way round.
+        let e = split(&blob, false).unwrap_err().to_string();
+        assert!(e.contains("userproxy mode"), "{e}");
+        // A pool's or passthrough's state is not a proxy's.
+        assert!(split(b"{\"mode\":\"passthrough\"}", false).is_err());
+        assert!(split(&join(b"x", b"{\"mode\":\"passthrough\"}"), false).is_err());
+        let mut short = blob.clone();
+        short.truncate(12);
+        assert!(split(&short, true).is_err());
+    }
+}
