@@ -41,6 +41,8 @@
 //! `adopt_session` in `on_adopt`); a passthrough or node link goes with every sub-client's
 //! session and what the link is (`crate::links::Links::export_link` / `adopt_link`; version 2),
 //! so the passthrough behind it sees the same connection and its miners keep their sessions.
+//! In proxy and userproxy mode every upstream connection goes too, as its socket and its
+//! stratum client state, beside the pool state (`crate::modes::proxy`'s `ho` module).
 //! Before the pool state is taken, the old instance settles
 //! (`crate::handoff::settle`): every line it read has been judged and its reply queued, so the
 //! totals are final and no reply is lost. The generator is not handed over: the new instance

@@ -2,7 +2,8 @@
 //! front of a ckpool-rs pool hands its miners and its upstream link over, and the pool sees the
 //! same link throughout; a passthrough whose new instance dies half way serves on with both; a
 //! redirector (`-R`) and a node (`-N`) carry their own state along; a passthrough with its
-//! upstream down, and the proxy modes, refuse `-H` plainly. The suite runs again with
+//! upstream down refuses `-H` plainly; a proxy (`-p`) and a userproxy (`-u`) hand their
+//! miners and every upstream connection over, the upstream pool seeing the same connections. The suite runs again with
 //! `POOL_BACKEND=epoll`, which the processes inherit.
 #![allow(
     clippy::unwrap_used,
@@ -55,6 +56,38 @@ impl RawMiner {
             user: user.to_owned(),
             en1,
             n2,
+            job,
+            next: 1,
+            next_id: 100,
+        }
+    }
+
+    /// A userproxy miner: it takes `mining.set_extranonce`, so its authorisation moves it to
+    /// its user's own upstream connection; it works on what it is given there.
+    fn connect_moving(addr: SocketAddr, user: &str) -> Self {
+        let mut c = Client::connect(addr);
+        c.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["raw-test/1"]}));
+        c.reply(1);
+        c.send(&json!({"id": 3, "method": "mining.extranonce.subscribe", "params": []}));
+        c.send(&json!({"id": 2, "method": "mining.authorize", "params": [user, "x"]}));
+        assert_eq!(c.reply(2)["result"], true);
+        let se = c.wait_for("mining.set_extranonce", WAIT, |v| {
+            v["method"] == "mining.set_extranonce"
+        });
+        let pos = c
+            .seen
+            .iter()
+            .position(|v| v["method"] == "mining.set_extranonce")
+            .unwrap();
+        // Only what came after the move counts from now on.
+        c.seen = c.seen.split_off(pos + 1);
+        let v = c.wait_for("a mining.notify", WAIT, |v| v["method"] == "mining.notify");
+        let job = loadtest::work::Job::from_notify_params(&v["params"]).unwrap();
+        Self {
+            c,
+            user: user.to_owned(),
+            en1: se["params"][0].as_str().unwrap().to_owned(),
+            n2: se["params"][1].as_u64().unwrap() as usize,
             job,
             next: 1,
             next_id: 100,
@@ -631,36 +664,249 @@ fn a_passthrough_with_its_upstream_down_refuses_to_hand_over() {
     assert_eq!(old.admin("ping").as_deref(), Some("pong"));
 }
 
-/// Proxy mode cannot hand over yet: `-H` is refused with the reason (exit 2), and the running
-/// proxy serves on.
-#[test]
-fn proxy_mode_refuses_h() {
-    let tag = "proxy_mode_refuses_h";
+/// Difficulty 2^-32: every hash is a share.
+const TINY: f64 = 0.000_000_000_232_830_643_653_869_63;
+
+/// The proxy's upstream connections from its admin stats.
+fn up_conns(proxy: &PoolProcess) -> Vec<Value> {
+    proxy.stats()["upstreams"]["connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Upstream-accepted shares over every connection of the proxy.
+fn up_accepted(proxy: &PoolProcess) -> u64 {
+    up_conns(proxy)
+        .iter()
+        .map(|c| c["accepted"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// What the upstream pool saw of the proxy: its connector's counters and the connections
+/// it lists (`[(id, user)]`, sorted).
+fn upstream_view(pool: &PoolProcess) -> ((u64, u64), Vec<(u64, String)>) {
+    let clients: Value = serde_json::from_str(&pool.admin("clients").unwrap()).unwrap();
+    let mut list: Vec<(u64, String)> = clients["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap_or(0),
+                c["user"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    list.sort();
+    (pool_connections(pool), list)
+}
+
+/// A regtest pool and a proxy (`-p`, or `-u` with `userproxy`) in front of it, with a raw
+/// miner per name in `users` that got a share accepted, once the upstream accepted one share
+/// per miner.
+fn proxy_with_miners(
+    tag: &str,
+    node: &RegtestNode,
+    userproxy: bool,
+    users: &[String],
+) -> (PoolProcess, PoolProcess, Vec<RawMiner>) {
+    let main_user = node.new_address();
+    let pool = PoolProcess::start(
+        &format!("{tag}-pool"),
+        &regtest_config(vec![btcd_entry(node)], None, free_port()),
+        &["-B"],
+    );
+    let config = json!({
+        "proxy": [{"url": pool.addr.to_string(), "auth": main_user, "pass": "x"}],
+        "serverurl": [format!("127.0.0.1:{}", free_port())],
+        "mindiff": TINY,
+        "startdiff": TINY,
+        "maxupstreams": 3,
+        "threads": 2,
+    });
+    let flag = if userproxy { "-u" } else { "-p" };
+    let proxy = PoolProcess::start(&format!("{tag}-px"), &config, &[flag]);
+    wait_until("the main upstream connection", WAIT, || {
+        up_conns(&proxy).first().map(|c| c["state"].clone()) == Some(json!("active"))
+    });
+    let mut ms: Vec<RawMiner> = users
+        .iter()
+        .map(|u| {
+            if userproxy {
+                RawMiner::connect_moving(proxy.addr, u)
+            } else {
+                RawMiner::connect(proxy.addr, u)
+            }
+        })
+        .collect();
+    for m in &mut ms {
+        m.share_accepted();
+    }
+    let want = ms.len() as u64;
+    wait_until("the miners' shares accepted upstream", WAIT, || {
+        up_accepted(&proxy) >= want
+    });
+    (pool, proxy, ms)
+}
+
+/// The proxy is upgraded with `-H` while its miners submit; every miner keeps its connection
+/// and session, every share sent across the upgrade is answered and accepted, the upstream
+/// pool saw the same connections throughout (no connection accepted or closed, the same ids
+/// and users: no new subscribe or authorize), and the new proxy's upstream counters go on from
+/// the old one's.
+fn proxy_handover(tag: &str, userproxy: bool) {
     let Some(exe) = bitcoind_or_skip(tag) else {
         return;
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let addr = node.new_address();
-    let pool = PoolProcess::start(
-        "mho-px-pool",
-        &regtest_config(vec![btcd_entry(node)], Some(&addr), free_port()),
-        &[],
-    );
-    let config = json!({
-        "proxy": [{"url": pool.addr.to_string(), "auth": "proxyuser", "pass": "x"}],
-        "serverurl": [format!("127.0.0.1:{}", free_port())],
-        "threads": 2,
+    let users: Vec<String> = if userproxy {
+        let (alice, bob) = (node.new_address(), node.new_address());
+        vec![
+            format!("{alice}.1"),
+            format!("{alice}.2"),
+            format!("{bob}.1"),
+            format!("{bob}.2"),
+        ]
+    } else {
+        (0..4).map(|i| format!("{tag}.{i}")).collect()
+    };
+    let (pool, mut old, mut ms) = proxy_with_miners(tag, node, userproxy, &users);
+    let want_conns = if userproxy { 3 } else { 1 };
+    wait_until("the proxy's upstream connections", WAIT, || {
+        let c = up_conns(&old);
+        c.len() == want_conns && c.iter().all(|c| c["state"] == "active")
     });
-    let proxy = PoolProcess::start("mho-px", &config, &["-p"]);
-    let mut new = proxy.spawn_sibling(&["-p", "-H"], &[], "new.log");
-    let status = exited(&mut new, "the -H proxy");
-    assert_eq!(status.code(), Some(2), "log:\n{}", new.log_text());
-    let log = new.log_text();
+    let before = upstream_view(&pool);
+    assert_eq!(before.1.len(), want_conns, "{before:?}");
+    let accepted_before = up_accepted(&old);
+
+    let flag = if userproxy { "-u" } else { "-p" };
+    let t0 = Instant::now();
+    let mut new = old.spawn_sibling(&[flag, "-H"], &[], "new.log");
+    let mut pending: Vec<Vec<u64>> = vec![Vec::new(); ms.len()];
+    while old.is_running() {
+        assert!(
+            t0.elapsed() < WAIT,
+            "the old proxy did not hand over; old log:\n{}\nnew log:\n{}",
+            old.log_text(),
+            new.log_text()
+        );
+        for (m, p) in ms.iter_mut().zip(&mut pending) {
+            if p.len() < 30 {
+                p.push(m.send_share());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = exited(&mut old, "the old proxy");
+    assert!(status.success(), "{status}; log:\n{}", old.log_text());
+    assert!(new.is_running(), "new log:\n{}", new.log_text());
+    wait_until("the new proxy's pid file", WAIT, || {
+        new.pidfile_pid() == Some(new.pid())
+    });
+    for (m, ids) in ms.iter_mut().zip(&pending) {
+        for id in ids {
+            let r = m.c.reply(*id);
+            assert_eq!(r["result"], true, "{}: {r}", m.user);
+        }
+    }
+    for m in &mut ms {
+        m.share_accepted();
+        m.assert_same_session();
+    }
+    let across: usize = pending.iter().map(Vec::len).sum();
+    // Every share is at least the upstream's difficulty: all of them go up, and are accepted
+    // there through the connections handed over.
+    let total = accepted_before + across as u64 + ms.len() as u64;
+    let end = Instant::now() + WAIT;
+    while up_accepted(&new) < total {
+        assert!(
+            Instant::now() < end,
+            "upstream accepted {} of {total} (before {accepted_before}, across {across}); upstreams {}; old log:\n{}\nnew log:\n{}",
+            up_accepted(&new),
+            new.stats()["upstreams"],
+            old.log_text(),
+            new.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conns = up_conns(&new);
+    assert_eq!(conns.len(), want_conns, "{conns:?}");
+    assert!(conns.iter().all(|c| c["state"] == "active"), "{conns:?}");
+    // The upstream pool saw nothing.
+    assert_eq!(upstream_view(&pool), before);
+    let newlog = new.log_text();
     assert!(
-        log.contains("cannot take a running instance over"),
-        "log:\n{log}"
+        newlog.contains(&format!(
+            "handover: took the running instance over miners={}",
+            ms.len()
+        )),
+        "new log:\n{newlog}"
     );
-    assert_eq!(proxy.pidfile_pid(), Some(proxy.pid()));
-    assert_eq!(proxy.admin("ping").as_deref(), Some("pong"));
+    // A miner that comes now is served by the new instance.
+    let late_user = users[0].replace(".1", ".late");
+    let mut late = if userproxy {
+        RawMiner::connect_moving(new.addr, &late_user)
+    } else {
+        RawMiner::connect(new.addr, &late_user)
+    };
+    late.share_accepted();
+    assert_eq!(upstream_view(&pool).0, before.0);
+}
+
+#[test]
+fn proxy_handover_keeps_the_miners_and_the_upstream_connection() {
+    proxy_handover("mho-pxho", false);
+}
+
+#[test]
+fn userproxy_handover_keeps_every_users_upstream_connection() {
+    proxy_handover("mho-upxho", true);
+}
+
+/// The new proxy dies after the state and the first batch reached it: the old one takes its
+/// miners back, reads from the same upstream connection again, and serves on: its miners'
+/// shares are accepted, locally and upstream, and the upstream pool saw nothing.
+#[test]
+fn proxy_new_instance_dying_mid_handover_leaves_the_old_serving() {
+    let tag = "mho-pxdie";
+    let Some(exe) = bitcoind_or_skip(tag) else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let users: Vec<String> = (0..4).map(|i| format!("mho-pxdie.{i}")).collect();
+    let (pool, old, mut ms) = proxy_with_miners(tag, &net.nodes[0], false, &users);
+    let before = upstream_view(&pool);
+    let mut new = old.spawn_sibling(
+        &["-p", "-H"],
+        &[("CKPOOL_RS_HANDOVER_TEST_EXIT_AFTER_BATCHES", "1")],
+        "new.log",
+    );
+    let status = exited(&mut new, "the dying proxy");
+    assert_eq!(status.code(), Some(86), "new log:\n{}", new.log_text());
+    wait_until("the old proxy to take its miners back", WAIT, || {
+        old.log_text().contains("handover failed; serving on")
+    });
+    let log = old.log_text();
+    assert!(
+        log.contains(&format!("taken_back={}", ms.len())),
+        "old log:\n{log}"
+    );
+    assert_eq!(old.pidfile_pid(), Some(old.pid()));
+    let accepted = up_accepted(&old);
+    for m in &mut ms {
+        m.share_accepted();
+        m.assert_same_session();
+    }
+    let want = accepted + ms.len() as u64;
+    wait_until(
+        "the shares after the failure accepted upstream",
+        WAIT,
+        || up_accepted(&old) >= want,
+    );
+    assert_eq!(upstream_view(&pool), before);
+    let mut late = RawMiner::connect(old.addr, "mho-pxdie.late");
+    late.share_accepted();
 }

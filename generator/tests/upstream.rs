@@ -1105,3 +1105,102 @@ fn an_endless_line_takes_the_link_down() {
     );
     link.shutdown();
 }
+
+/// A handover of a stratum link (`-H`, proxy modes): the paused link gives its socket, the
+/// bytes of the next line and its client state; a link started on them sends no configure,
+/// subscribe or authorize and no `Up`, matches the verdict of a submit sent before the switch
+/// to its tag, submits with the next request id and the negotiated version bits, and the
+/// upstream sees one connection throughout.
+#[test]
+fn stratum_link_pauses_and_is_adopted_with_its_pending_submits() {
+    init_logs();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (tx, rx) = unbounded();
+    let cfg = UpstreamConfig {
+        version_rolling: Some(0x1fff_e000),
+        ..steady(vec![server(&listener, "user.w", "x")])
+    };
+    let link = Pool::start(cfg.clone(), tx).unwrap();
+    let mut up = Peer::accept(&listener);
+    assert_eq!(up.json()["method"], "mining.configure");
+    up.send(r#"{"id":1,"result":{"version-rolling":true,"version-rolling.mask":"00ffe000"},"error":null}"#);
+    assert_eq!(up.json()["method"], "mining.subscribe");
+    up.send(r#"{"id":2,"result":[[["mining.notify","ab"]],"1f47126b",8],"error":null}"#);
+    assert_eq!(up.json()["method"], "mining.authorize");
+    up.send(r#"{"id":3,"result":true,"error":null}"#);
+    up.send(NOTIFY);
+    expect(&rx, "the link up", |e| {
+        matches!(e, UpstreamEvent::Up { .. })
+    });
+    expect(&rx, "the job", |e| matches!(e, UpstreamEvent::Job(_)));
+
+    // A pause taken back: the link reads again.
+    let first = link.pause(Instant::now() + WAIT).recv().unwrap().unwrap();
+    assert!(!first.session.is_empty());
+    drop(first);
+    link.resume();
+    up.send(r#"{"id":null,"method":"mining.set_difficulty","params":[2]}"#);
+    assert_eq!(next(&rx), UpstreamEvent::Difficulty(2.0));
+
+    // Two submits in flight; one answered before the pause, the other after the switch.
+    link.submit(submit(200, 1)).unwrap();
+    link.submit(submit(201, 2)).unwrap();
+    assert_eq!(up.json()["id"], 4);
+    assert_eq!(up.json()["id"], 5);
+    up.send(r#"{"id":4,"result":true,"error":null}"#);
+    up.writer.write_all(br#"{"id":5,"res"#).unwrap();
+    let answer = link.pause(Instant::now() + WAIT);
+    let v = expect(&rx, "the verdict before the pause", |e| {
+        matches!(e, UpstreamEvent::Verdict { .. })
+    });
+    assert_eq!(
+        v,
+        UpstreamEvent::Verdict {
+            tag: 200,
+            accepted: true,
+            reason: None
+        }
+    );
+    let handed = answer.recv_timeout(WAIT).unwrap().unwrap();
+    assert!(br#"{"id":5,"res"#.starts_with(&handed.partial));
+    let (tx2, rx2) = unbounded();
+    let adopted = Pool::start_adopted(cfg, tx2, handed).unwrap();
+    link.release();
+    assert!(matches!(
+        link.submit(submit(300, 3)),
+        Err(SendError::Closed(_))
+    ));
+    up.writer
+        .write_all(b"ult\":false,\"error\":null,\"reject-reason\":\"Stale\"}\n")
+        .unwrap();
+    // Nothing is read before the resume.
+    assert!(rx2.recv_timeout(Duration::from_millis(300)).is_err());
+    adopted.resume();
+    assert_eq!(
+        next(&rx2),
+        UpstreamEvent::Verdict {
+            tag: 201,
+            accepted: false,
+            reason: Some("Stale".into())
+        }
+    );
+    // The next submit goes on the same connection, no handshake before it, with the next id
+    // and the version bits negotiated before the switch.
+    adopted.submit(submit(202, 0xc0ee_2000)).unwrap();
+    assert_eq!(
+        up.line(),
+        r#"{"id":6,"method":"mining.submit","params":["user.w","6b12471e00000001","0000000000000007","6b124731","c0ee2000","00002000"]}"#
+    );
+    up.send(r#"{"id":6,"result":true,"error":null}"#);
+    assert_eq!(
+        next(&rx2),
+        UpstreamEvent::Verdict {
+            tag: 202,
+            accepted: true,
+            reason: None
+        }
+    );
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err());
+    adopted.shutdown();
+}

@@ -16,7 +16,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     if instance.pending_handover() && !handover_supported(settings.mode) {
         return Err(ConfigError(format!(
             "-H: {} mode cannot take a running instance over yet (pool, solo, passthrough, \
-             redirector and node modes can); use -k instead of -H (the running instance's miners reconnect)",
+             redirector, node, proxy and userproxy modes can); use -k instead of -H (the running instance's miners reconnect)",
             settings.mode
         ))
         .into());
@@ -26,8 +26,8 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         Mode::Passthrough => passthrough::run(settings, instance),
         Mode::Node => node::run(settings, instance),
         Mode::Redirector => redirector::run(settings, instance),
-        Mode::Proxy => proxy::run(settings, &instance.shutdown, false),
-        Mode::UserProxy => proxy::run(settings, &instance.shutdown, true),
+        Mode::Proxy => proxy::run(settings, instance, false),
+        Mode::UserProxy => proxy::run(settings, instance, true),
     }
 }
 
@@ -35,6 +35,12 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
 pub(crate) fn handover_supported(mode: Mode) -> bool {
     matches!(
         mode,
-        Mode::Pool | Mode::Solo | Mode::Passthrough | Mode::Redirector | Mode::Node
+        Mode::Pool
+            | Mode::Solo
+            | Mode::Passthrough
+            | Mode::Redirector
+            | Mode::Node
+            | Mode::Proxy
+            | Mode::UserProxy
     )
 }

@@ -887,7 +887,16 @@ fn import_link_state(blob: &[u8], fd: OwnedFd, mode: &str) -> anyhow::Result<Lin
         .and_then(|i| u32::try_from(i).ok())
         .ok_or_else(|| anyhow!("bad client id counter"))?;
     let redirect = v.get("redirect").cloned().unwrap_or_default();
-    Ok((LinkHandover { fd, index, partial }, next_id, redirect))
+    Ok((
+        LinkHandover {
+            fd,
+            index,
+            partial,
+            session: Vec::new(),
+        },
+        next_id,
+        redirect,
+    ))
 }
 
 /// The old passthrough's side of a handover ([`handover::GiveHooks`]).
@@ -1856,6 +1865,7 @@ mod tests {
             fd: OwnedFd::from(a.try_clone().unwrap()),
             index: 2,
             partial: b"{\"client_id\":7,".to_vec(),
+            session: Vec::new(),
         };
         let blob = export_link_state(&h, 1234, "redirector", Some(json!({"next": 1})));
         let (back, next_id, redirect) =

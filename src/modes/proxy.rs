@@ -55,8 +55,12 @@ use stratifier::{
 };
 use tracing::{debug, error, info, warn};
 
+mod ho;
+
 use crate::admin::{self, GenLink};
 use crate::handoff::{self, Msg, ShardCmd};
+use crate::handover;
+use crate::instance::Instance;
 use crate::settings::Settings;
 use crate::sharelog::ShareLog;
 use crate::status;
@@ -205,6 +209,8 @@ struct UpLink {
     role: Role,
     link: upstream::Pool,
     rx: Receiver<UpstreamEvent>,
+    /// The entries it fails over along (with a user's own credentials for a user's).
+    servers: Vec<UpstreamServer>,
     url: String,
     state: &'static str,
     /// The source with work now.
@@ -314,7 +320,7 @@ impl Proxy {
     fn open_link(&mut self, role: Role, servers: Vec<UpstreamServer>) -> Option<usize> {
         let url = servers.first().map(|s| s.url.clone()).unwrap_or_default();
         let cfg = UpstreamConfig {
-            servers,
+            servers: servers.clone(),
             ..self.base.clone()
         };
         let (tx, rx) = crossbeam_channel::bounded(1024);
@@ -337,6 +343,7 @@ impl Proxy {
             role,
             link,
             rx,
+            servers,
             url,
             state: "connecting",
             current: None,
@@ -982,16 +989,41 @@ fn verdict(conns: &Connector<Msg>, client: ClientId, verdict: AuthVerdict) {
 
 /// Proxy mode. Returns when `shutdown` is set, having stopped everything.
 /// `userproxy`: `-u`, each user on an upstream connection of its own.
-pub(crate) fn run(
-    settings: &Settings,
-    shutdown: &Arc<AtomicBool>,
-    userproxy: bool,
-) -> anyhow::Result<()> {
+pub(crate) fn run(settings: &Settings, instance: &Instance, userproxy: bool) -> anyhow::Result<()> {
+    let shutdown = &instance.shutdown;
     let cfg = upstream_config(settings);
     let base = cfg.clone();
     if cfg.servers.is_empty() {
         bail!("proxy mode needs a \"proxy\" array in the config (url, auth, pass)");
     }
+    let admin_path = settings.admin_socket();
+    // -H: the running instance's listeners, then its state: the pool's, and every upstream
+    // connection (socket and client state) with the proxy's bookkeeping.
+    let incoming = if instance.pending_handover() {
+        let incoming = handover::request(&admin_path)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "-H: the running instance does not answer on {}",
+                admin_path.display()
+            )
+        })?;
+        info!(listeners = ?incoming.addrs, "handover: listeners received");
+        let state = incoming.recv_state().and_then(|(blob, fds)| {
+            let (pool, st) = ho::split(&blob, userproxy)?;
+            if st.links.len() != fds.len() || st.links.first().is_none_or(|l| l.role != "main") {
+                bail!("the running instance's upstream connections do not match its state");
+            }
+            Ok((pool.to_vec(), st, fds))
+        });
+        match state {
+            Ok(state) => Some((incoming, state)),
+            Err(e) => {
+                incoming.abort(&format!("{e:#}"));
+                return Err(e).context("-H: the handover failed; the old instance serves on");
+            }
+        }
+    } else {
+        None
+    };
     let servers: Vec<ServerStats> = cfg
         .servers
         .iter()
@@ -1004,28 +1036,66 @@ pub(crate) fn run(
         })
         .collect();
     let asked_mask = cfg.version_rolling.unwrap_or(0);
-    let (up_tx, up_rx) = crossbeam_channel::bounded(4096);
-    let link = upstream::Pool::start(cfg, up_tx).context("starting the upstream link")?;
-
-    // No miner is accepted before the upstream has given work.
     let started = Instant::now();
-    let Some(early) = first_job(&up_rx, shutdown, started)? else {
-        info!("shutdown before any upstream gave work");
-        link.shutdown();
-        return Ok(());
+    let (mut links, early, granted) = match &incoming {
+        None => {
+            let main_servers = cfg.servers.clone();
+            let (up_tx, up_rx) = crossbeam_channel::bounded(4096);
+            let link = upstream::Pool::start(cfg, up_tx).context("starting the upstream link")?;
+            // No miner is accepted before the upstream has given work.
+            let Some(early) = first_job(&up_rx, shutdown, started)? else {
+                info!("shutdown before any upstream gave work");
+                link.shutdown();
+                return Ok(());
+            };
+            let granted = early
+                .iter()
+                .rev()
+                .find_map(|e| match e {
+                    UpstreamEvent::VersionRolling(m) => Some(m.unwrap_or(0)),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            let main = UpLink {
+                id: 0,
+                role: Role::Main,
+                link,
+                rx: up_rx,
+                servers: main_servers,
+                url: String::new(),
+                state: "connecting",
+                current: None,
+                pending: None,
+                linked: None,
+                active: None,
+                difficulty: None,
+                accepted: 0,
+                rejected: 0,
+                lost: 0,
+                waiting: Vec::new(),
+                backlog: std::collections::VecDeque::new(),
+                started,
+                idle_since: None,
+                closing: false,
+            };
+            (vec![main], early, granted)
+        }
+        Some((incoming, (_, st, fds))) => match adopt_links(st, fds, &base, started) {
+            Ok(links) => (links, Vec::new(), st.miner_mask),
+            Err(e) => {
+                incoming.abort(&format!("{e:#}"));
+                return Err(e).context("-H: the handover failed; the old instance serves on");
+            }
+        },
     };
-    let granted = early
-        .iter()
-        .rev()
-        .find_map(|e| match e {
-            UpstreamEvent::VersionRolling(m) => Some(m.unwrap_or(0)),
-            _ => None,
-        })
-        .unwrap_or(0);
 
     // The network only matters for address checks, which proxy mode does not make.
     let mut pcfg = settings.pool(Network::Bitcoin)?;
     pcfg.version_mask &= granted;
+    if let Some((_, (_, st, _))) = &incoming {
+        // The mask the miners were offered stays theirs.
+        pcfg.version_mask = st.miner_mask;
+    }
     pcfg.external_auth = userproxy.then_some(SHARD_AUTH_WAIT);
     info!(
         version_mask = format_args!("{:08x}", pcfg.version_mask),
@@ -1036,6 +1106,16 @@ pub(crate) fn run(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let pool = Pool::new(pcfg, seed, Instant::now());
+    if let Some((incoming, (blob, _, _))) = &incoming
+        && let Err(e) = pool.import_state(Instant::now(), blob)
+    {
+        incoming.abort(&format!("the pool state: {e}"));
+        for l in links.drain(..) {
+            l.link.release();
+        }
+        return Err(anyhow::Error::from(e))
+            .context("-H: the handover failed; the old instance serves on");
+    }
     let stats = Arc::new(Mutex::new(UpstreamStats {
         active: None,
         difficulty: None,
@@ -1047,31 +1127,10 @@ pub(crate) fn run(
         failovers: 0,
         last_up: None,
     }));
-    let main = UpLink {
-        id: 0,
-        role: Role::Main,
-        link,
-        rx: up_rx,
-        url: String::new(),
-        state: "connecting",
-        current: None,
-        pending: None,
-        linked: None,
-        active: None,
-        difficulty: None,
-        accepted: 0,
-        rejected: 0,
-        lost: 0,
-        waiting: Vec::new(),
-        backlog: std::collections::VecDeque::new(),
-        started,
-        idle_since: None,
-        closing: false,
-    };
     let mut proxy = Proxy {
         pool: Arc::clone(&pool),
         open_source: Arc::new(AtomicU16::new(0)),
-        links: vec![main],
+        links: std::mem::take(&mut links),
         next_link_id: 0,
         servers: base.servers.clone(),
         base,
@@ -1087,6 +1146,9 @@ pub(crate) fn run(
         miner_mask,
         asked_mask,
     };
+    if let Some((_, (_, st, _))) = &incoming {
+        proxy.restore(st);
+    }
 
     let share_log = if settings.log_shares {
         Some(ShareLog::start(settings, shutdown).context("starting the share log")?)
@@ -1121,14 +1183,43 @@ pub(crate) fn run(
         nodes: Arc::default(),
         registry: Arc::default(),
     };
-    let conns = handoff::start(
-        handoff,
-        settings.connector(),
-        Arc::clone(&pool),
-        sinks,
-        links,
-    )
-    .context("starting the connector")?;
+    let mut ccfg = settings.connector();
+    if let Some((incoming, _)) = &incoming {
+        ccfg.listen.clear();
+        ccfg.inherited.clone_from(&incoming.listeners);
+    }
+    let conns = match handoff::start(handoff, ccfg, Arc::clone(&pool), sinks, links) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some((incoming, _)) = &incoming {
+                incoming.abort(&format!("the new instance cannot start its connector: {e}"));
+                ho::release_links(&proxy);
+            }
+            return Err(e).context("starting the connector");
+        }
+    };
+    if let Some((incoming, _)) = incoming {
+        let claimed = incoming
+            .adopt_all(&conns)
+            .and_then(|n| instance.take_over(settings).map(|()| n));
+        match claimed {
+            Ok(n) => info!(
+                miners = n,
+                upstreams = proxy.links.len(),
+                "handover: took the running instance over"
+            ),
+            Err(e) => {
+                // The upstream connections are the old instance's again: leave them open.
+                ho::release_links(&proxy);
+                conns.shutdown();
+                return Err(e).context("-H: the handover failed; the old instance serves on");
+            }
+        }
+        for l in &proxy.links {
+            l.link.resume();
+        }
+        proxy.refresh_connections();
+    }
     // The work that came before the pool existed; the first source becomes current now.
     for ev in early {
         proxy.event(0, ev, &conns);
@@ -1137,8 +1228,8 @@ pub(crate) fn run(
     for a in conns.local_addrs() {
         info!(addr = %a, threads = settings.threads, io = %io_backend, %handoff, "listening for miners");
     }
-    let admin_path = settings.admin_socket();
     let (gen_link, _updates) = GenLink::new();
+    let (handover_tx, handover_rx) = crossbeam_channel::bounded(1);
     let stats_view = Arc::clone(&stats);
     // The admin `upstreams` view, shared by the admin socket and the web server.
     let upstreams_view: crate::web::JsonView = Arc::new(move || {
@@ -1156,7 +1247,7 @@ pub(crate) fn run(
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: share_log.as_ref().map(ShareLog::stats_handle),
-            handover: None,
+            handover: Some(handover_tx),
             links: Arc::default(),
             upstreams: Some(Arc::clone(&upstreams_view)),
             conns: Some(conns.handle()),
@@ -1216,7 +1307,17 @@ pub(crate) fn run(
         } else {
             MAIN_LOOP_WAKE
         };
-        match wait(&proxy.links, &share_rx, &auth_rx, timeout) {
+        match wait(&proxy.links, &share_rx, &auth_rx, &handover_rx, timeout) {
+            Wake::Handover(stream) => {
+                if hand_over(&conns, &mut proxy, &share_rx, userproxy, &stream) {
+                    ho::release_links(&proxy);
+                    proxy.links.clear();
+                    // The pid file and the admin socket are the new instance's now.
+                    instance.disown();
+                    info!("handed over to the new instance; exiting");
+                    break;
+                }
+            }
             Wake::Share(share) => {
                 proxy.submit(&share);
                 // Take what else is queued.
@@ -1322,6 +1423,8 @@ pub(crate) fn run(
 
 /// What the main loop woke for.
 enum Wake {
+    /// A new instance asks for a handover (`-H`).
+    Handover(std::os::unix::net::UnixStream),
     Share(UpstreamShare),
     Auth(AuthRequest),
     /// An event of connection `.0`.
@@ -1337,11 +1440,13 @@ fn wait(
     links: &[UpLink],
     shares: &Receiver<UpstreamShare>,
     auths: &Receiver<AuthRequest>,
+    handovers: &Receiver<std::os::unix::net::UnixStream>,
     timeout: Duration,
 ) -> Wake {
     let mut sel = crossbeam_channel::Select::new();
     let i_share = sel.recv(shares);
     let i_auth = sel.recv(auths);
+    let i_handover = sel.recv(handovers);
     for l in links {
         sel.recv(&l.rx);
     }
@@ -1355,7 +1460,10 @@ fn wait(
     if i == i_auth {
         return op.recv(auths).map_or(Wake::Timeout, Wake::Auth);
     }
-    let k = i - 2;
+    if i == i_handover {
+        return op.recv(handovers).map_or(Wake::Timeout, Wake::Handover);
+    }
+    let k = i - 3;
     match links.get(k) {
         Some(l) => match op.recv(&l.rx) {
             Ok(ev) => Wake::Event(k, ev),
@@ -1363,6 +1471,105 @@ fn wait(
         },
         None => Wake::Timeout,
     }
+}
+
+/// Answers a handover request `ok` and hands over on it (miners, listeners, pool state and
+/// every upstream connection); true once committed (false: this instance serves on, with
+/// everything it had).
+fn hand_over(
+    conns: &Connector<Msg>,
+    proxy: &mut Proxy,
+    shares: &Receiver<UpstreamShare>,
+    userproxy: bool,
+    stream: &std::os::unix::net::UnixStream,
+) -> bool {
+    info!("handover requested by a new instance");
+    let mut s = stream;
+    if let Err(e) = common::admin::write_message(&mut s, b"ok") {
+        warn!(error = %e, "handover: cannot answer the new instance");
+        return false;
+    }
+    let give = ho::ProxyGive {
+        conns,
+        proxy: std::cell::RefCell::new(proxy),
+        shares,
+        userproxy,
+        paused: std::cell::RefCell::new(Vec::new()),
+    };
+    match handover::give(conns, stream, &give) {
+        handover::Outcome::Committed { connections } => {
+            info!(
+                connections,
+                "handover: the new instance has every miner and upstream connection"
+            );
+            true
+        }
+        handover::Outcome::Failed(e) => {
+            warn!(reason = %format!("{e:#}"), "handover failed; this instance serves on");
+            false
+        }
+    }
+}
+
+/// Starts every upstream connection of the old instance's state on its socket (paused until
+/// the miners are here), with the bookkeeping it had.
+fn adopt_links(
+    st: &ho::ProxyState,
+    fds: &[std::os::fd::OwnedFd],
+    base: &UpstreamConfig,
+    now: Instant,
+) -> anyhow::Result<Vec<UpLink>> {
+    let mut links: Vec<UpLink> = Vec::with_capacity(st.links.len());
+    for (l, fd) in st.links.iter().zip(fds) {
+        let servers = ho::servers_in(&l.servers);
+        let cfg = UpstreamConfig {
+            servers: servers.clone(),
+            ..base.clone()
+        };
+        let adopted = fd
+            .try_clone()
+            .context("duplicating an upstream socket")
+            .and_then(|fd| ho::link_handover(l, fd));
+        let started = adopted.and_then(|h| {
+            let (tx, rx) = crossbeam_channel::bounded(4096);
+            upstream::Pool::start_adopted(cfg, tx, h)
+                .map(|link| (link, rx))
+                .map_err(anyhow::Error::from)
+        });
+        let (link, rx) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                for l in &links {
+                    l.link.release();
+                }
+                return Err(e).context("starting an upstream connection handed over");
+            }
+        };
+        info!(id = l.id, role = %l.role, url = %l.url, "handover: upstream connection taken over");
+        links.push(UpLink {
+            id: l.id,
+            role: ho::role(l),
+            link,
+            rx,
+            servers,
+            url: l.url.clone(),
+            state: "active",
+            current: ho::source(l.current),
+            pending: ho::source(l.pending),
+            linked: ho::source(l.linked),
+            active: l.active,
+            difficulty: l.difficulty,
+            accepted: l.accepted,
+            rejected: l.rejected,
+            lost: l.lost,
+            waiting: Vec::new(),
+            backlog: std::collections::VecDeque::new(),
+            started: now,
+            idle_since: None,
+            closing: false,
+        });
+    }
+    Ok(links)
 }
 
 /// The shards' sink for userproxy authorisations: a bounded queue to the main loop (a full

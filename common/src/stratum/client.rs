@@ -205,6 +205,19 @@ struct PendingSubmit<T> {
     tag: T,
 }
 
+/// A ready client's protocol state as it travels to another process (`-H`): the connection
+/// stays open and its handshake done, so the adopting client sends no new subscribe or
+/// authorize, and the answers to submits sent before the switch are still matched.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientHandover<T> {
+    /// The next request id to use.
+    pub next_id: u64,
+    /// The version mask negotiated with `mining.configure`, if any.
+    pub mask: Option<u32>,
+    /// Submits waiting for their answer, oldest first: (request id, caller's tag).
+    pub submits: Vec<(u64, T)>,
+}
+
 /// One client's protocol state. `T` is what the caller keeps with each submit.
 #[derive(Debug)]
 pub struct Client<T> {
@@ -237,6 +250,37 @@ impl<T: Copy> Client<T> {
         }
     }
 
+    /// The state of a ready client for a handover ([`Client::adopt`]); `None` when the
+    /// handshake is not complete (such a connection is not handed over).
+    pub fn handover_state(&self) -> Option<ClientHandover<T>> {
+        (self.phase == Phase::Ready).then(|| ClientHandover {
+            next_id: self.next_id,
+            mask: self.mask,
+            submits: self.submits.iter().map(|s| (s.id, s.tag)).collect(),
+        })
+    }
+
+    /// A ready client on a connection another process handed over with `state`
+    /// ([`Client::handover_state`]): nothing is sent, the pending submits' timeouts start
+    /// again at `now`.
+    pub fn adopt(
+        cfg: Arc<ClientConfig>,
+        user: &str,
+        state: ClientHandover<T>,
+        now: Instant,
+    ) -> Self {
+        let mut c = Self::new(cfg, user, None);
+        c.phase = Phase::Ready;
+        c.next_id = state.next_id;
+        c.mask = state.mask;
+        c.submits = state
+            .submits
+            .into_iter()
+            .map(|(id, tag)| PendingSubmit { id, sent: now, tag })
+            .collect();
+        c
+    }
+
     /// Starts the handshake: `mining.configure` or `mining.subscribe`.
     pub fn start(&mut self, now: Instant, out: &mut Vec<u8>) {
         match self.cfg.version_rolling {
@@ -252,6 +296,11 @@ impl<T: Copy> Client<T> {
     /// The handshake phase.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// The configuration it was made with.
+    pub fn config(&self) -> &Arc<ClientConfig> {
+        &self.cfg
     }
 
     /// The worker name.

@@ -35,6 +35,9 @@ pub struct LinkHandover {
     pub index: usize,
     /// Bytes read from the socket that do not yet form a line (the start of the next one).
     pub partial: Vec<u8>,
+    /// The session's protocol state, opaque (empty for a link whose session keeps none: a
+    /// passthrough); a stratum link's client state ([`crate::upstream::Pool::pause`]).
+    pub session: Vec<u8>,
 }
 
 /// Controls of a link beyond commands (a handover).
@@ -86,6 +89,16 @@ pub(crate) trait Session: Send + Sized + 'static {
     /// The session's connection was handed over by another process with its handshake done
     /// ([`Handle::start_adopted`]): it is ready without one.
     fn adopted(&mut self) {}
+    /// The session's protocol state for a handover (see [`LinkHandover::session`]), taken
+    /// once every line read is handled.
+    fn export(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes the state [`Session::export`] wrote on the other side (before
+    /// [`Session::adopted`]).
+    fn import(&mut self, _state: &[u8], _now: Instant) -> Result<(), String> {
+        Ok(())
+    }
     /// The handshake is complete: the connection may become active.
     fn ready(&self) -> bool;
     /// Handles one line (without its newline).
@@ -224,6 +237,9 @@ impl<C: Send + 'static> Handle<C> {
         let paused = adopted.is_some();
         let active = adopted.map(|a| {
             let mut session = S::new(&cfg, &params, a.index);
+            if let Err(e) = session.import(&a.session, now) {
+                tracing::warn!(index = a.index, error = %e, "adopted link's session state unusable");
+            }
             session.adopted();
             Conn {
                 index: a.index,
@@ -666,6 +682,7 @@ impl<S: Session> Engine<S> {
                     fd,
                     index: a.index,
                     partial: a.partial.clone(),
+                    session: a.session.export(),
                 })
             }
             Err(e) => {

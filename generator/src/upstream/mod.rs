@@ -154,6 +154,9 @@ pub enum UpstreamError {
     /// A thread could not be started.
     #[error("cannot start an upstream thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// A connection handed over by another process cannot be taken (`-H`).
+    #[error("handover: {0}")]
+    Handover(&'static str),
 }
 
 /// Why a command was not queued; the command comes back.

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::stratum::Parser;
-use common::stratum::client::{Client, ClientConfig, Event, Phase, RequestKind};
+use common::stratum::client::{Client, ClientConfig, ClientHandover, Event, Phase, RequestKind};
 use common::stratum::decode::Job;
 use common::stratum::write;
 use crossbeam_channel::Sender;
 
-use super::engine::{Handle, Outcome, Session};
+use super::engine::{Handle, LinkHandover, Outcome, Session};
 use super::{SendError, Shared, UpstreamConfig, UpstreamError, UpstreamServer};
 
 /// Longest extranonce2 a [`Submit`] carries.
@@ -153,6 +153,8 @@ pub enum UpstreamEvent {
 #[derive(Debug)]
 pub struct Pool {
     handle: Handle<Submit>,
+    /// How long [`Pool::release`] waits for the engine.
+    release_wait: std::time::Duration,
 }
 
 impl Pool {
@@ -165,8 +167,12 @@ impl Pool {
         cfg: UpstreamConfig,
         events: Sender<UpstreamEvent>,
     ) -> Result<Self, UpstreamError> {
+        let release_wait = cfg.write_timeout + std::time::Duration::from_secs(1);
         let handle = Handle::start::<StratumSession>(Arc::new(cfg), (), "upstream", events)?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            release_wait,
+        })
     }
 
     /// Queues a submit for the active link. Waits at most `send_block` for room in the queue
@@ -190,6 +196,62 @@ impl Pool {
     /// with reason `shutdown`.
     pub fn shutdown(self) {
         self.handle.shutdown();
+    }
+
+    /// Starts a link on a connection another process handed over (`-H`,
+    /// [`Pool::pause`] there): active on entry `adopted.index` with the client state it had
+    /// (negotiated version mask, request ids, submits waiting for their verdict, which still
+    /// come here), with no `Up` event and no new subscribe or authorize, so the upstream sees
+    /// the same connection and session. Paused: nothing is read until [`Pool::resume`]. A
+    /// session state that does not parse is refused.
+    pub fn start_adopted(
+        cfg: UpstreamConfig,
+        events: Sender<UpstreamEvent>,
+        adopted: LinkHandover,
+    ) -> Result<Self, UpstreamError> {
+        if serde_json::from_slice::<ClientHandover<u64>>(&adopted.session).is_err() {
+            return Err(UpstreamError::Handover(
+                "the upstream connection's client state is unusable",
+            ));
+        }
+        let release_wait = cfg.write_timeout + std::time::Duration::from_secs(1);
+        let handle = Handle::start_adopted::<StratumSession>(
+            Arc::new(cfg),
+            (),
+            "upstream",
+            events,
+            adopted,
+        )?;
+        Ok(Self {
+            handle,
+            release_wait,
+        })
+    }
+
+    /// The first step of handing the link over (`-H`): every queued submit is written,
+    /// reading stops once every line read has become an event (keep taking events meanwhile:
+    /// the answer comes after them), probes of other entries are dropped, and the answer is
+    /// the active connection (a duplicate of its socket, its entry, its unread partial line,
+    /// its client state), or why not (no active link, a handshake not complete, a reader that
+    /// did not stop by `deadline`). After a failed handover, [`Pool::resume`]; after a
+    /// committed one, [`Pool::release`].
+    pub fn pause(
+        &self,
+        deadline: Instant,
+    ) -> crossbeam_channel::Receiver<Result<LinkHandover, String>> {
+        self.handle.pause(deadline)
+    }
+
+    /// Reads from the upstream again (after [`Pool::pause`], or on an adopted connection).
+    pub fn resume(&self) {
+        self.handle.resume();
+    }
+
+    /// The paused connection belongs to another process: stops the link without shutting the
+    /// connection down (the upstream sees nothing); submits afterwards are refused
+    /// ([`SendError::Closed`]). Waits for the engine at most `write_timeout` and a second.
+    pub fn release(&self) {
+        self.handle.release(self.release_wait);
     }
 }
 
@@ -345,6 +407,24 @@ impl Session for StratumSession {
 
     fn start(&mut self, now: Instant, out: &mut Vec<u8>) {
         self.client.start(now, out);
+    }
+
+    fn export(&self) -> Vec<u8> {
+        // A link is paused only once active, so ready; an unready one carries nothing and
+        // is refused by the adopting side.
+        self.client
+            .handover_state()
+            .and_then(|st| serde_json::to_vec(&st).ok())
+            .unwrap_or_default()
+    }
+
+    fn import(&mut self, state: &[u8], now: Instant) -> Result<(), String> {
+        let st: ClientHandover<u64> =
+            serde_json::from_slice(state).map_err(|e| format!("client state: {e}"))?;
+        let cfg = Arc::clone(self.client.config());
+        let user = self.client.user().to_owned();
+        self.client = Client::adopt(cfg, &user, st, now);
+        Ok(())
     }
 
     fn ready(&self) -> bool {
