@@ -1148,8 +1148,8 @@ fn stratum_link_pauses_and_is_adopted_with_its_pending_submits() {
     assert_eq!(up.json()["id"], 4);
     assert_eq!(up.json()["id"], 5);
     up.send(r#"{"id":4,"result":true,"error":null}"#);
-    up.writer.write_all(br#"{"id":5,"res"#).unwrap();
-    let answer = link.pause(Instant::now() + WAIT);
+    // (Waited for before the pause: a line still in the socket at the pause is the adopting
+    // side's to read, which would be right too, but is not what this part tests.)
     let v = expect(&rx, "the verdict before the pause", |e| {
         matches!(e, UpstreamEvent::Verdict { .. })
     });
@@ -1161,6 +1161,8 @@ fn stratum_link_pauses_and_is_adopted_with_its_pending_submits() {
             reason: None
         }
     );
+    up.writer.write_all(br#"{"id":5,"res"#).unwrap();
+    let answer = link.pause(Instant::now() + WAIT);
     let handed = answer.recv_timeout(WAIT).unwrap().unwrap();
     assert!(br#"{"id":5,"res"#.starts_with(&handed.partial));
     let (tx2, rx2) = unbounded();
