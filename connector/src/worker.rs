@@ -120,8 +120,12 @@ pub(crate) struct Counters {
     handler_panics: AtomicU64,
     /// Bytes queued and not written, published once per round.
     queued: AtomicU64,
+    /// Connections whose reads are paused for back-pressure now.
+    paused: AtomicU64,
+    /// Times reads were paused for back-pressure.
+    pauses: AtomicU64,
     /// By [`close_index`].
-    closed: [AtomicU64; 9],
+    closed: [AtomicU64; 10],
 }
 
 /// Adds one to a counter that only the calling thread writes.
@@ -150,6 +154,7 @@ fn close_index(reason: CloseReason) -> Option<usize> {
         CloseReason::OutboundBudget => 6,
         CloseReason::Idle => 7,
         CloseReason::HandlerPanic => 8,
+        CloseReason::Stalled => 9,
         CloseReason::Exported => return None,
     })
 }
@@ -168,6 +173,7 @@ impl Counters {
             outbound_budget,
             idle,
             handler_panic,
+            stalled,
         ] = &self.closed;
         ThreadCounters {
             open: get(&self.open),
@@ -178,6 +184,8 @@ impl Counters {
             slow_rounds: get(&self.slow_rounds),
             handler_panics: get(&self.handler_panics),
             queued: get(&self.queued),
+            paused: get(&self.paused),
+            pauses: get(&self.pauses),
             closed: ClosedCounters {
                 peer: get(peer),
                 error: get(error),
@@ -188,6 +196,7 @@ impl Counters {
                 outbound_budget: get(outbound_budget),
                 idle: get(idle),
                 handler_panic: get(handler_panic),
+                stalled: get(stalled),
             },
         }
     }
@@ -265,6 +274,11 @@ pub(crate) struct Limits {
     pub(crate) outbound_share: usize,
     /// [`Config::idle_timeout`](crate::Config), `None` when off.
     pub(crate) idle_timeout: Option<Duration>,
+    /// [`Config::pause_reads_at`](crate::Config): reads of a connection (not a trunk) stop
+    /// above this many unsent bytes (`usize::MAX`: never), and start again at half of it.
+    pub(crate) pause_at: usize,
+    /// [`Config::stall_timeout`](crate::Config), `None` when off.
+    pub(crate) stall_timeout: Option<Duration>,
 }
 
 /// Shards of [`IpCounts`] (a power of two).
@@ -426,6 +440,10 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     budget_warned: Option<Instant>,
     /// The idle sweeps, when [`Limits::idle_timeout`] is set.
     idle: Option<IdleSweep>,
+    /// Connections whose reads were paused for back-pressure ([`PAUSED`]), each with when it
+    /// last made progress (a byte written) as of the last tick: checked on ticks against
+    /// [`Limits::stall_timeout`]. Entries of connections no longer paused leave at the next tick.
+    stalled: Vec<(ConnId, Instant)>,
     spare_pending: SparePending,
     /// Emptied vectors from finished sends, to queue a second buffer without allocating (at
     /// most [`SPARE_ROOMS`]).
@@ -482,6 +500,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             budget_closed: 0,
             budget_warned: None,
             idle,
+            stalled: Vec::new(),
             spare_pending: SparePending::default(),
             spare_rooms: Vec::new(),
             trim_at: None,
@@ -815,6 +834,18 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                         .queued
                         .saturating_sub(usize::try_from(c.queued - left).unwrap_or(0));
                     c.queued = left;
+                    if c.flags & PAUSED != 0 {
+                        if n > 0 {
+                            c.flags |= PROGRESS;
+                        }
+                        if left as usize <= self.limits.pause_at / 2 {
+                            c.flags &= !PAUSED;
+                            drop_one(&self.shared.counters.paused);
+                            if !self.stopped {
+                                self.backend.resume_recv(conn);
+                            }
+                        }
+                    }
                     if !op.is_done() {
                         // A short send: put the rest back in front, in order, before what was
                         // queued meanwhile.
@@ -1007,7 +1038,13 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
         }
         for id in self.conns.ids(self.thread) {
-            self.backend.recv(id);
+            if self
+                .conns
+                .get_mut(id)
+                .is_some_and(|c| c.flags & PAUSED == 0)
+            {
+                self.backend.recv(id);
+            }
         }
         debug!(thread = self.thread, "resumed");
     }
@@ -1204,6 +1241,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             let limit = sweep.limit;
             self.sweep_idle(now, limit);
         }
+        if !self.stalled.is_empty() {
+            self.check_stalled(now);
+        }
         if self.trim_at.is_some_and(|t| now >= t)
             && self
                 .trimmed
@@ -1246,6 +1286,14 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                         && let Some(c) = self.conns.get_mut(id)
                     {
                         c.flags |= TRUNK;
+                        if c.flags & PAUSED != 0 {
+                            // A trunk is never paused (see `TRUNK`).
+                            c.flags &= !PAUSED;
+                            drop_one(&self.shared.counters.paused);
+                            if !self.stopped {
+                                self.backend.resume_recv(id);
+                            }
+                        }
                     }
                 }
             }
@@ -1290,6 +1338,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         }
         // At most `limit`, which fits.
         c.queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        // Back-pressure: a peer that does not read what it asks for is not read either (a
+        // compare per queued send, on a value just written; the read path has no check at all).
+        let pause = queued > self.limits.pause_at && c.flags & (PAUSED | TRUNK) == 0;
+        if pause {
+            c.flags |= PAUSED;
+        }
         self.queued = self.queued.saturating_add(len);
         if self.queued > self.limits.outbound_share {
             self.over_budget = true;
@@ -1304,6 +1358,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         if !c.dirty() {
             c.set_dirty(true);
             self.dirty.push(id);
+        }
+        if pause {
+            self.pause(now, id);
         }
     }
 
@@ -1405,6 +1462,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     /// bytes, connections per IP address.
     fn forget(&mut self, conn: &Conn) {
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        if conn.flags & PAUSED != 0 {
+            drop_one(&self.shared.counters.paused);
+        }
         self.queued = self
             .queued
             .saturating_sub(usize::try_from(conn.queued).unwrap_or(0));
@@ -1455,6 +1515,60 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             );
             self.budget_warned = Some(now);
             self.budget_closed = 0;
+        }
+    }
+
+    /// Stops reading `id` (its [`PAUSED`] flag is set): its unsent bytes went over
+    /// [`Limits::pause_at`].
+    fn pause(&mut self, now: Instant, id: ConnId) {
+        bump(&self.shared.counters.paused);
+        bump(&self.shared.counters.pauses);
+        if !self.stopped {
+            self.backend.pause_recv(id);
+        }
+        if self.limits.stall_timeout.is_some() && !self.stalled.iter().any(|&(c, _)| c == id) {
+            self.stalled.push((id, now));
+        }
+    }
+
+    /// On ticks: forgets the connections that are no longer paused, and closes those paused
+    /// with no byte written for [`Limits::stall_timeout`].
+    fn check_stalled(&mut self, now: Instant) {
+        let Some(timeout) = self.limits.stall_timeout else {
+            self.stalled.clear();
+            return;
+        };
+        let mut stalled = Vec::new();
+        let conns = &mut self.conns;
+        self.stalled.retain_mut(|(id, since)| {
+            let Some(c) = conns.get_mut(*id) else {
+                return false;
+            };
+            if c.flags & PAUSED == 0 {
+                c.flags &= !PROGRESS;
+                return false;
+            }
+            if c.flags & PROGRESS != 0 {
+                c.flags &= !PROGRESS;
+                *since = now;
+            } else if now.duration_since(*since) >= timeout {
+                stalled.push((*id, c.queued, c.peer));
+                return false;
+            }
+            true
+        });
+        if self.stalled.capacity() > KEEP_LIST && self.stalled.len() < KEEP_LIST / 2 {
+            self.stalled.shrink_to(KEEP_LIST);
+        }
+        for (id, queued, peer) in stalled {
+            warn!(
+                conn = %id,
+                %peer,
+                queued,
+                timeout_s = timeout.as_secs_f64(),
+                "reads paused and nothing written for the stall timeout (the peer does not read); closing"
+            );
+            self.close(now, id, CloseReason::Stalled);
         }
     }
 
@@ -1565,7 +1679,8 @@ struct Conn {
     peer: Peer,
     /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
     queued: u32,
-    /// [`SENDING`], [`DIRTY`], the idle count ([`IDLE_MASK`]) and [`TRUNK`].
+    /// [`SENDING`], [`DIRTY`], the idle count ([`IDLE_MASK`]), [`TRUNK`], [`PAUSED`] and
+    /// [`PROGRESS`].
     flags: u8,
     /// The listener it came from, plus one (at most [`MAX_LISTENERS`] listeners; the niche also
     /// keeps `Option<Conn>` at 32 bytes).
@@ -1582,7 +1697,12 @@ const IDLE_MASK: u8 = 0b111 << IDLE_SHIFT;
 /// The largest idle count.
 const IDLE_MAX: u8 = IDLE_MASK >> IDLE_SHIFT;
 /// [`Conn::flags`]: a trunk ([`Action::Trunk`]), capped at [`Limits::max_outbound_trunk`].
+/// Never paused: its reads carry many peers' shares.
 const TRUNK: u8 = 1 << 5;
+/// [`Conn::flags`]: reads paused for back-pressure (see [`Limits::pause_at`]).
+const PAUSED: u8 = 1 << 6;
+/// [`Conn::flags`]: while paused, bytes were written since the last stall check.
+const PROGRESS: u8 = 1 << 7;
 
 impl Conn {
     fn new(peer: Peer, listener: usize) -> Self {
@@ -1861,6 +1981,9 @@ mod tests {
         closed: Vec<ConnId>,
         /// Sends started before each `submit_now`.
         submits: Vec<usize>,
+        /// `pause_recv` and `resume_recv` calls.
+        paused: Vec<ConnId>,
+        resumed: Vec<ConnId>,
     }
 
     impl Backend for Fake {
@@ -1896,6 +2019,14 @@ mod tests {
         fn stop_accepts(&mut self) {}
 
         fn stop_recv(&mut self, _: ConnId) {}
+
+        fn pause_recv(&mut self, conn: ConnId) {
+            self.paused.push(conn);
+        }
+
+        fn resume_recv(&mut self, conn: ConnId) {
+            self.resumed.push(conn);
+        }
 
         fn cancel_send(&mut self, _: ConnId) {}
 
@@ -1973,6 +2104,8 @@ mod tests {
             per_ip: None,
             outbound_share: usize::MAX,
             idle_timeout: None,
+            pause_at: usize::MAX,
+            stall_timeout: None,
         };
         Worker::new(
             0,
@@ -2208,6 +2341,58 @@ mod tests {
                 (trunk, CloseReason::Outbound)
             ]
         );
+    }
+
+    #[test]
+    fn reads_pause_above_the_threshold_resume_at_half_and_a_stall_closes() {
+        let start = Instant::now();
+        let mut w = worker(1000);
+        w.limits.pause_at = 100;
+        w.limits.stall_timeout = Some(Duration::from_secs(30));
+        w.handler.echo = true;
+        let (slow, trunk) = (w.accept(start), w.accept(start));
+        w.out.trunk(trunk);
+        w.apply_outbox(start);
+        // 60 bytes, then 120: over the threshold, reads stop (the trunk's never do).
+        w.receive(start, slow, &[b'a'; 60]);
+        w.receive(start, slow, b"\n");
+        w.flush(start);
+        w.receive(start, slow, &[b'b'; 60]);
+        w.receive(start, slow, b"\n");
+        let mut two = [b'c'; 122];
+        two[60] = b'\n';
+        two[121] = b'\n';
+        w.receive(start, trunk, &two);
+        assert_eq!(w.backend.paused, [slow]);
+        assert_eq!(w.shared.counters.snapshot().paused, 1);
+        // Writing the first 60 leaves 60, over half of it: still paused.
+        w.flush(start);
+        assert_eq!(w.finish_send(start, None), [b'a'; 60]);
+        assert!(w.backend.resumed.is_empty());
+        // Down to 40: reads again.
+        w.flush(start);
+        let _trunk_bytes = w.finish_send(start, None);
+        w.finish_send(start, Some(20));
+        assert_eq!(w.backend.resumed, [slow]);
+        assert_eq!(w.shared.counters.snapshot().paused, 0);
+        // Paused again; a byte written within the timeout keeps it, none for 30 s closes it.
+        w.flush(start);
+        w.receive(start, slow, &[b'd'; 62]);
+        w.receive(start, slow, b"\n");
+        assert_eq!(w.backend.paused, [slow, slow]);
+        w.tick(start + Duration::from_secs(1));
+        w.finish_send(start, Some(1));
+        w.tick(start + Duration::from_secs(29));
+        w.tick(start + Duration::from_secs(31));
+        assert!(
+            w.handler.closed.is_empty(),
+            "progress at 29 s restarts the clock"
+        );
+        w.tick(start + Duration::from_secs(59));
+        assert_eq!(w.handler.closed, [(slow, CloseReason::Stalled)]);
+        let c = w.shared.counters.snapshot();
+        assert_eq!((c.paused, c.pauses, c.closed.stalled), (0, 2, 1));
+        assert!(w.stalled.is_empty());
     }
 
     #[test]
