@@ -59,6 +59,10 @@ const BIG_ROUND: usize = 4096;
 /// queue limit) leaves a heap of freed send buffers behind: they are given back the same way.
 const BIG_QUEUE: u32 = 64 * 1024;
 
+/// The largest owned send buffer that queued replies are merged into (see
+/// [`SendBufs::push_merged`]).
+const MERGE_MAX: usize = 16 * 1024;
+
 /// Completions handled between two flushes of the outbox within one round
 /// ([`Worker::handle_round`]): ~1 ms of share checking.
 const ROUND_FLUSH: usize = 64;
@@ -1368,13 +1372,21 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         if self.queued > self.limits.outbound_share {
             self.over_budget = true;
         }
+        let backlog = c.flags & (SENDING | PAUSED) != 0;
         let p = c.pending_mut(&mut self.spare_pending);
         if !p.queue.has_room()
             && let Some(room) = self.spare_rooms.pop()
         {
             p.queue.give_room(room);
         }
-        p.queue.push(buf);
+        if !backlog {
+            p.queue.push(buf);
+        } else {
+            // A backlog (a send in flight, or reads paused): small replies are merged, so the
+            // queue of a peer that does not read costs about its bytes. A connection that keeps
+            // up queues onto an idle connection and never comes here.
+            p.queue.push_merged(buf, MERGE_MAX);
+        }
         if !c.dirty() {
             c.set_dirty(true);
             self.dirty.push(id);
