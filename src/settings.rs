@@ -301,6 +301,8 @@ impl Settings {
             max_conns_per_ip: self.file.maxclientsperip,
             max_outbound_total: self.file.maxoutbound,
             idle_timeout: self.file.idletimeout,
+            pause_reads_at: self.file.pausereads,
+            stall_timeout: self.file.stalltimeout,
             ..connector::Config::default()
         }
     }
@@ -730,6 +732,7 @@ mod tests {
                 "blockpoll": 250, "update_interval": 20, "zmqblock": null,
                 "threads": 3, "maxlinelength": 4096, "maxclients": 10, "pin": false,
                 "maxclientsperip": 4, "maxoutbound": 256, "idletimeout": 90,
+                "pausereads": 128, "stalltimeout": 12,
                 "btcsig": "/sig/", "nonce1length": 6, "nonce2length": 4,
                 "mindiff": 2, "startdiff": 4, "maxdiff": 64, "diffpow2": true,
                 "version_mask": "1fff0000", "authtimeout": 7,
@@ -761,6 +764,10 @@ mod tests {
         assert_eq!(
             (c.max_conns_per_ip, c.max_outbound_total, c.idle_timeout),
             (Some(4), 256 << 20, Some(Duration::from_secs(90)))
+        );
+        assert_eq!(
+            (c.pause_reads_at, c.stall_timeout),
+            (Some(128 << 10), Some(Duration::from_secs(12)))
         );
 
         let p = s.pool(Network::Bitcoin).expect("pool config");

@@ -139,6 +139,13 @@ pub struct Config {
     /// Connections that send no complete line for this long are closed (`idletimeout`, in
     /// seconds; 3600 by default, 0 turns it off: `None`).
     pub idletimeout: Option<Duration>,
+    /// Back-pressure: a connection with more than this many bytes queued and not yet sent is not
+    /// read until they drain to half of it (`pausereads`, in KiB; 64 by default, 0 turns it off:
+    /// `None`).
+    pub pausereads: Option<usize>,
+    /// A connection paused by `pausereads` to which nothing could be sent for this long is
+    /// closed (`stalltimeout`, in seconds; 30 by default, 0 turns it off: `None`).
+    pub stalltimeout: Option<Duration>,
     /// bitcoind ZMQ hashblock endpoint.
     pub zmqblock: Option<String>,
     /// Longest accepted stratum line in bytes (ckpool: 1024; here 16 KiB by default).
@@ -228,6 +235,8 @@ impl Default for Config {
             maxclientsperip: None,
             maxoutbound: 1024 << 20,
             idletimeout: Some(Duration::from_secs(3600)),
+            pausereads: Some(64 << 10),
+            stalltimeout: Some(Duration::from_secs(30)),
             zmqblock: Some("tcp://127.0.0.1:28332".into()),
             maxlinelength: 16 * 1024,
             threads: None,
@@ -310,6 +319,8 @@ const KNOWN_KEYS: &[&str] = &[
     "maxclientsperip",
     "maxoutbound",
     "idletimeout",
+    "pausereads",
+    "stalltimeout",
     "zmqblock",
     "redirecturl",
     "maxlinelength",
@@ -464,6 +475,14 @@ pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
     if let Some(v) = map.get("idletimeout") {
         let secs = whole("idletimeout", v, 0, 7 * 86_400)?;
         c.idletimeout = (secs > 0).then(|| Duration::from_secs(secs));
+    }
+    if let Some(v) = map.get("pausereads") {
+        let kib = whole("pausereads", v, 0, 1 << 20)?;
+        c.pausereads = (kib > 0).then(|| usize::try_from(kib << 10).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = map.get("stalltimeout") {
+        let secs = whole("stalltimeout", v, 0, 7 * 86_400)?;
+        c.stalltimeout = (secs > 0).then(|| Duration::from_secs(secs));
     }
     if let Some(v) = map.get("zmqblock") {
         c.zmqblock = match v {
@@ -904,12 +923,29 @@ mod tests {
             parse(r#"{"idletimeout": 0}"#).unwrap().config.idletimeout,
             None
         );
+        assert_eq!(
+            (d.pausereads, d.stalltimeout),
+            (Some(64 << 10), Some(Duration::from_secs(30)))
+        );
+        let b = parse(r#"{"pausereads": 256, "stalltimeout": 5}"#).unwrap();
+        assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+        assert_eq!(
+            (b.config.pausereads, b.config.stalltimeout),
+            (Some(256 << 10), Some(Duration::from_secs(5)))
+        );
+        let off = parse(r#"{"pausereads": 0, "stalltimeout": 0}"#)
+            .unwrap()
+            .config;
+        assert_eq!((off.pausereads, off.stalltimeout), (None, None));
         for (bad, key) in [
             (r#"{"maxclientsperip": 0}"#, "maxclientsperip"),
             (r#"{"maxoutbound": 0}"#, "maxoutbound"),
             (r#"{"maxoutbound": -1}"#, "maxoutbound"),
             (r#"{"idletimeout": 1.5}"#, "idletimeout"),
             (r#"{"idletimeout": 604801}"#, "idletimeout"),
+            (r#"{"pausereads": -1}"#, "pausereads"),
+            (r#"{"pausereads": 1048577}"#, "pausereads"),
+            (r#"{"stalltimeout": 604801}"#, "stalltimeout"),
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Invalid { key: k, .. }) if k == key),

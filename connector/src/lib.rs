@@ -171,7 +171,31 @@ pub struct Config {
     /// that is longer), so a connection is closed between the timeout and a quarter of it (or
     /// a tick) later. Connections with a handler-requested close pending are left to it.
     pub idle_timeout: Option<Duration>,
+    /// Back-pressure (`pausereads`): while more than this many bytes are queued and not yet
+    /// written to a connection, it is not read (what the peer sends waits in the kernel, and
+    /// TCP's flow control stops the peer); reading starts again once its unsent bytes fall to
+    /// half of it. A peer that asks and never reads then holds about this much queued (plus
+    /// the replies to one read's worth of lines) instead of [`Config::max_outbound`]. Bytes the
+    /// handler queues without a request (a broadcast) still go up to that cap. Trunks
+    /// ([`Outbox::trunk`]) are never paused: their reads carry many peers' shares. Checked
+    /// when bytes are queued and when a send completes, never per read. `None` (or zero): off.
+    /// Default [`DEFAULT_PAUSE_READS_AT`].
+    pub pause_reads_at: Option<usize>,
+    /// A connection whose reads are paused ([`Config::pause_reads_at`]) and to which no byte
+    /// could be written for this long is closed ([`CloseReason::Stalled`], logged at `warn`):
+    /// checked on ticks, so the close comes up to a tick late. `None` (or zero): never (the
+    /// peer then stays until [`Config::idle_timeout`] or a broadcast fills its queue). Default
+    /// [`DEFAULT_STALL_TIMEOUT`].
+    pub stall_timeout: Option<Duration>,
 }
+
+/// Default of [`Config::pause_reads_at`]: 64 KiB, about 600 replies to shares, far more than a
+/// miner that reads ever has queued, and a few times a notify.
+pub const DEFAULT_PAUSE_READS_AT: usize = 64 * 1024;
+
+/// Default of [`Config::stall_timeout`]: 30 s, long enough for a slow link's hiccup, short
+/// enough that peers that never read do not pile up.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default of [`Config::max_outbound_total`]: 1 GiB. A pool that keeps up queues about one
 /// `mining.notify` (a few KiB) per connection, so 100,000 miners need a few hundred MiB at the
@@ -209,6 +233,8 @@ impl Default for Config {
             max_conns_per_ip: None,
             max_outbound_total: DEFAULT_MAX_OUTBOUND_TOTAL,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            pause_reads_at: Some(DEFAULT_PAUSE_READS_AT),
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         }
     }
 }
@@ -440,6 +466,9 @@ pub enum CloseReason {
     /// goes on serving its other connections), logged at `error` and counted
     /// ([`ThreadCounters::handler_panics`]); the close is immediate.
     HandlerPanic,
+    /// Its reads were paused ([`Config::pause_reads_at`]) and no byte could be written to it
+    /// for [`Config::stall_timeout`]: the peer does not read. The close is immediate.
+    Stalled,
     /// The connection was handed over ([`Connector::export`]): its socket lives on elsewhere and
     /// the peer saw no close. Given to [`Handler::on_close`] by the default
     /// [`Handler::on_export`].
@@ -473,6 +502,10 @@ pub struct ThreadCounters {
     /// Bytes queued for the thread's connections and not yet written, as of the end of the
     /// thread's last loop round (at most its share of [`Config::max_outbound_total`] then).
     pub queued: u64,
+    /// Connections whose reads are paused for back-pressure now ([`Config::pause_reads_at`]).
+    pub paused: u64,
+    /// Times a connection's reads were paused for back-pressure.
+    pub pauses: u64,
     /// Connections closed, by reason (those refused at once are not counted here).
     pub closed: ClosedCounters,
 }
@@ -498,6 +531,8 @@ pub struct ClosedCounters {
     pub idle: u64,
     /// [`CloseReason::HandlerPanic`].
     pub handler_panic: u64,
+    /// [`CloseReason::Stalled`].
+    pub stalled: u64,
 }
 
 impl ClosedCounters {
@@ -512,6 +547,7 @@ impl ClosedCounters {
             + self.outbound_budget
             + self.idle
             + self.handler_panic
+            + self.stalled
     }
 }
 
@@ -912,6 +948,8 @@ where
         per_ip: cfg.max_conns_per_ip.map(|max| Arc::new(IpCounts::new(max))),
         outbound_share: (cfg.max_outbound_total / cfg.threads).max(1),
         idle_timeout: cfg.idle_timeout.filter(|t| !t.is_zero()),
+        pause_at: cfg.pause_reads_at.filter(|&n| n > 0).unwrap_or(usize::MAX),
+        stall_timeout: cfg.stall_timeout.filter(|t| !t.is_zero()),
     };
     let listen_count = cfg.listen.len() + cfg.inherited.len();
     // A descriptor of each listener kept here, to hand over ([`Connector::listeners`]).

@@ -50,6 +50,25 @@ impl SendBufs {
         }
     }
 
+    /// Appends `buf`, or copies it onto the end of the last buffer when both are owned and the
+    /// result stays within `max` bytes: a backlog of small replies (to a peer that does not
+    /// read) then costs about its bytes, not an allocation and an entry per reply.
+    pub(crate) fn push_merged(&mut self, buf: SendBuf, max: usize) {
+        if let SendBuf::Owned(new) = &buf {
+            let last = match self.tail.last_mut() {
+                Some(last) => Some(last),
+                None => self.head.as_mut(),
+            };
+            if let Some(SendBuf::Owned(last)) = last
+                && last.len().saturating_add(new.len()) <= max
+            {
+                last.extend_from_slice(new);
+                return;
+            }
+        }
+        self.push(buf);
+    }
+
     /// Moves the buffers from `at` on into a new list; the first `at` stay.
     pub(crate) fn split_off(&mut self, at: usize) -> Self {
         match at.checked_sub(1) {
@@ -168,6 +187,23 @@ mod tests {
         l.append(&mut list(&["x", "y"]));
         l.append(&mut SendBufs::default());
         assert_eq!(contents(&l), [b"x", b"y"]);
+    }
+
+    #[test]
+    fn owned_buffers_merge_up_to_the_limit_shared_ones_never() {
+        let mut l = SendBufs::default();
+        l.push_merged(SendBuf::from(b"ab".to_vec()), 4);
+        l.push_merged(SendBuf::from(b"cd".to_vec()), 4);
+        assert_eq!(contents(&l), [b"abcd"]);
+        // Over the limit: a new buffer, into which the next merges.
+        l.push_merged(SendBuf::from(b"e".to_vec()), 4);
+        l.push_merged(SendBuf::from(b"f".to_vec()), 4);
+        assert_eq!(contents(&l), [&b"abcd"[..], b"ef"]);
+        // A shared buffer is never copied, nor copied into.
+        l.push_merged(SendBuf::from(Arc::<[u8]>::from(&b"n"[..])), 4);
+        l.push_merged(SendBuf::from(b"g".to_vec()), 4);
+        assert_eq!(contents(&l), [&b"abcd"[..], b"ef", b"n", b"g"]);
+        assert!(matches!(l.get(2), Some(SendBuf::Shared(_))));
     }
 
     #[test]

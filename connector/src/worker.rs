@@ -59,6 +59,10 @@ const BIG_ROUND: usize = 4096;
 /// queue limit) leaves a heap of freed send buffers behind: they are given back the same way.
 const BIG_QUEUE: u32 = 64 * 1024;
 
+/// The largest owned send buffer that queued replies are merged into (see
+/// [`SendBufs::push_merged`]).
+const MERGE_MAX: usize = 16 * 1024;
+
 /// Completions handled between two flushes of the outbox within one round
 /// ([`Worker::handle_round`]): ~1 ms of share checking.
 const ROUND_FLUSH: usize = 64;
@@ -66,6 +70,12 @@ const ROUND_FLUSH: usize = 64;
 const KEEP_LIST: usize = 4096;
 const TRIM_DELAY: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(10);
+/// Thread 0 also gives free heap pages back this often, whatever the rounds: churn (sessions,
+/// usernames, replies of every size allocated and freed by several threads) leaves free pages
+/// scattered in the heaps that glibc returns only from a heap's top. `malloc_trim(0)` walks the
+/// free lists and `madvise`s whole free pages: well under a millisecond for a heap of tens of
+/// MiB (logged at `debug` with target `ckpool_connector::heap`).
+const TRIM_PERIOD: Duration = Duration::from_secs(60);
 
 /// How long after a quiesce's deadline a thread waits for its cancelled sends to come back.
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
@@ -120,8 +130,12 @@ pub(crate) struct Counters {
     handler_panics: AtomicU64,
     /// Bytes queued and not written, published once per round.
     queued: AtomicU64,
+    /// Connections whose reads are paused for back-pressure now.
+    paused: AtomicU64,
+    /// Times reads were paused for back-pressure.
+    pauses: AtomicU64,
     /// By [`close_index`].
-    closed: [AtomicU64; 9],
+    closed: [AtomicU64; 10],
 }
 
 /// Adds one to a counter that only the calling thread writes.
@@ -150,6 +164,7 @@ fn close_index(reason: CloseReason) -> Option<usize> {
         CloseReason::OutboundBudget => 6,
         CloseReason::Idle => 7,
         CloseReason::HandlerPanic => 8,
+        CloseReason::Stalled => 9,
         CloseReason::Exported => return None,
     })
 }
@@ -168,6 +183,7 @@ impl Counters {
             outbound_budget,
             idle,
             handler_panic,
+            stalled,
         ] = &self.closed;
         ThreadCounters {
             open: get(&self.open),
@@ -178,6 +194,8 @@ impl Counters {
             slow_rounds: get(&self.slow_rounds),
             handler_panics: get(&self.handler_panics),
             queued: get(&self.queued),
+            paused: get(&self.paused),
+            pauses: get(&self.pauses),
             closed: ClosedCounters {
                 peer: get(peer),
                 error: get(error),
@@ -188,6 +206,7 @@ impl Counters {
                 outbound_budget: get(outbound_budget),
                 idle: get(idle),
                 handler_panic: get(handler_panic),
+                stalled: get(stalled),
             },
         }
     }
@@ -265,6 +284,11 @@ pub(crate) struct Limits {
     pub(crate) outbound_share: usize,
     /// [`Config::idle_timeout`](crate::Config), `None` when off.
     pub(crate) idle_timeout: Option<Duration>,
+    /// [`Config::pause_reads_at`](crate::Config): reads of a connection (not a trunk) stop
+    /// above this many unsent bytes (`usize::MAX`: never), and start again at half of it.
+    pub(crate) pause_at: usize,
+    /// [`Config::stall_timeout`](crate::Config), `None` when off.
+    pub(crate) stall_timeout: Option<Duration>,
 }
 
 /// Shards of [`IpCounts`] (a power of two).
@@ -426,6 +450,10 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     budget_warned: Option<Instant>,
     /// The idle sweeps, when [`Limits::idle_timeout`] is set.
     idle: Option<IdleSweep>,
+    /// Connections whose reads were paused for back-pressure ([`PAUSED`]), each with when it
+    /// last made progress (a byte written) as of the last tick: checked on ticks against
+    /// [`Limits::stall_timeout`]. Entries of connections no longer paused leave at the next tick.
+    stalled: Vec<(ConnId, Instant)>,
     spare_pending: SparePending,
     /// Emptied vectors from finished sends, to queue a second buffer without allocating (at
     /// most [`SPARE_ROOMS`]).
@@ -433,6 +461,8 @@ pub(crate) struct Worker<B: Backend, H: Handler> {
     /// When to give free heap pages back after a big round, and when that was last done.
     trim_at: Option<Instant>,
     trimmed: Option<Instant>,
+    /// The next periodic trim ([`TRIM_PERIOD`]; thread 0 only).
+    periodic_trim: Instant,
     /// Accepting and reading are stopped (a quiesce).
     stopped: bool,
     /// Nothing is written: queued bytes are kept for an export (a quiesce past its deadline or
@@ -482,10 +512,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             budget_closed: 0,
             budget_warned: None,
             idle,
+            stalled: Vec::new(),
             spare_pending: SparePending::default(),
             spare_rooms: Vec::new(),
             trim_at: None,
             trimmed: None,
+            periodic_trim: Instant::now() + TRIM_PERIOD,
             stopped: false,
             hold: false,
             quiescing: None,
@@ -815,6 +847,18 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                         .queued
                         .saturating_sub(usize::try_from(c.queued - left).unwrap_or(0));
                     c.queued = left;
+                    if c.flags & PAUSED != 0 {
+                        if n > 0 {
+                            c.flags |= PROGRESS;
+                        }
+                        if left as usize <= self.limits.pause_at / 2 {
+                            c.flags &= !PAUSED;
+                            drop_one(&self.shared.counters.paused);
+                            if !self.stopped {
+                                self.backend.resume_recv(conn);
+                            }
+                        }
+                    }
                     if !op.is_done() {
                         // A short send: put the rest back in front, in order, before what was
                         // queued meanwhile.
@@ -1007,7 +1051,13 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             }
         }
         for id in self.conns.ids(self.thread) {
-            self.backend.recv(id);
+            if self
+                .conns
+                .get_mut(id)
+                .is_some_and(|c| c.flags & PAUSED == 0)
+            {
+                self.backend.recv(id);
+            }
         }
         debug!(thread = self.thread, "resumed");
     }
@@ -1204,6 +1254,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             let limit = sweep.limit;
             self.sweep_idle(now, limit);
         }
+        if !self.stalled.is_empty() {
+            self.check_stalled(now);
+        }
         if self.trim_at.is_some_and(|t| now >= t)
             && self
                 .trimmed
@@ -1213,6 +1266,17 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             self.trimmed = Some(now);
             crate::sys::release_free_heap();
             debug!(thread = self.thread, took = ?now.elapsed(), "free heap given back after a big round");
+        }
+        if self.thread == 0 && now >= self.periodic_trim {
+            self.periodic_trim = now + TRIM_PERIOD;
+            self.trimmed = Some(now);
+            let started = Instant::now();
+            crate::sys::release_free_heap();
+            debug!(
+                target: "ckpool_connector::heap",
+                took_us = started.elapsed().as_micros(),
+                "periodic heap trim"
+            );
         }
         let mut closing = mem::take(&mut self.closing);
         closing.retain(
@@ -1246,6 +1310,14 @@ impl<B: Backend, H: Handler> Worker<B, H> {
                         && let Some(c) = self.conns.get_mut(id)
                     {
                         c.flags |= TRUNK;
+                        if c.flags & PAUSED != 0 {
+                            // A trunk is never paused (see `TRUNK`).
+                            c.flags &= !PAUSED;
+                            drop_one(&self.shared.counters.paused);
+                            if !self.stopped {
+                                self.backend.resume_recv(id);
+                            }
+                        }
                     }
                 }
             }
@@ -1290,20 +1362,37 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         }
         // At most `limit`, which fits.
         c.queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        // Back-pressure: a peer that does not read what it asks for is not read either (a
+        // compare per queued send, on a value just written; the read path has no check at all).
+        let pause = queued > self.limits.pause_at && c.flags & (PAUSED | TRUNK) == 0;
+        if pause {
+            c.flags |= PAUSED;
+        }
         self.queued = self.queued.saturating_add(len);
         if self.queued > self.limits.outbound_share {
             self.over_budget = true;
         }
+        let backlog = c.flags & (SENDING | PAUSED) != 0;
         let p = c.pending_mut(&mut self.spare_pending);
         if !p.queue.has_room()
             && let Some(room) = self.spare_rooms.pop()
         {
             p.queue.give_room(room);
         }
-        p.queue.push(buf);
+        if !backlog {
+            p.queue.push(buf);
+        } else {
+            // A backlog (a send in flight, or reads paused): small replies are merged, so the
+            // queue of a peer that does not read costs about its bytes. A connection that keeps
+            // up queues onto an idle connection and never comes here.
+            p.queue.push_merged(buf, MERGE_MAX);
+        }
         if !c.dirty() {
             c.set_dirty(true);
             self.dirty.push(id);
+        }
+        if pause {
+            self.pause(now, id);
         }
     }
 
@@ -1405,6 +1494,9 @@ impl<B: Backend, H: Handler> Worker<B, H> {
     /// bytes, connections per IP address.
     fn forget(&mut self, conn: &Conn) {
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        if conn.flags & PAUSED != 0 {
+            drop_one(&self.shared.counters.paused);
+        }
         self.queued = self
             .queued
             .saturating_sub(usize::try_from(conn.queued).unwrap_or(0));
@@ -1455,6 +1547,60 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             );
             self.budget_warned = Some(now);
             self.budget_closed = 0;
+        }
+    }
+
+    /// Stops reading `id` (its [`PAUSED`] flag is set): its unsent bytes went over
+    /// [`Limits::pause_at`].
+    fn pause(&mut self, now: Instant, id: ConnId) {
+        bump(&self.shared.counters.paused);
+        bump(&self.shared.counters.pauses);
+        if !self.stopped {
+            self.backend.pause_recv(id);
+        }
+        if self.limits.stall_timeout.is_some() && !self.stalled.iter().any(|&(c, _)| c == id) {
+            self.stalled.push((id, now));
+        }
+    }
+
+    /// On ticks: forgets the connections that are no longer paused, and closes those paused
+    /// with no byte written for [`Limits::stall_timeout`].
+    fn check_stalled(&mut self, now: Instant) {
+        let Some(timeout) = self.limits.stall_timeout else {
+            self.stalled.clear();
+            return;
+        };
+        let mut stalled = Vec::new();
+        let conns = &mut self.conns;
+        self.stalled.retain_mut(|(id, since)| {
+            let Some(c) = conns.get_mut(*id) else {
+                return false;
+            };
+            if c.flags & PAUSED == 0 {
+                c.flags &= !PROGRESS;
+                return false;
+            }
+            if c.flags & PROGRESS != 0 {
+                c.flags &= !PROGRESS;
+                *since = now;
+            } else if now.duration_since(*since) >= timeout {
+                stalled.push((*id, c.queued, c.peer));
+                return false;
+            }
+            true
+        });
+        if self.stalled.capacity() > KEEP_LIST && self.stalled.len() < KEEP_LIST / 2 {
+            self.stalled.shrink_to(KEEP_LIST);
+        }
+        for (id, queued, peer) in stalled {
+            warn!(
+                conn = %id,
+                %peer,
+                queued,
+                timeout_s = timeout.as_secs_f64(),
+                "reads paused and nothing written for the stall timeout (the peer does not read); closing"
+            );
+            self.close(now, id, CloseReason::Stalled);
         }
     }
 
@@ -1565,7 +1711,8 @@ struct Conn {
     peer: Peer,
     /// Bytes not yet written, including those of the send in flight (at most [`MAX_QUEUED`]).
     queued: u32,
-    /// [`SENDING`], [`DIRTY`], the idle count ([`IDLE_MASK`]) and [`TRUNK`].
+    /// [`SENDING`], [`DIRTY`], the idle count ([`IDLE_MASK`]), [`TRUNK`], [`PAUSED`] and
+    /// [`PROGRESS`].
     flags: u8,
     /// The listener it came from, plus one (at most [`MAX_LISTENERS`] listeners; the niche also
     /// keeps `Option<Conn>` at 32 bytes).
@@ -1582,7 +1729,12 @@ const IDLE_MASK: u8 = 0b111 << IDLE_SHIFT;
 /// The largest idle count.
 const IDLE_MAX: u8 = IDLE_MASK >> IDLE_SHIFT;
 /// [`Conn::flags`]: a trunk ([`Action::Trunk`]), capped at [`Limits::max_outbound_trunk`].
+/// Never paused: its reads carry many peers' shares.
 const TRUNK: u8 = 1 << 5;
+/// [`Conn::flags`]: reads paused for back-pressure (see [`Limits::pause_at`]).
+const PAUSED: u8 = 1 << 6;
+/// [`Conn::flags`]: while paused, bytes were written since the last stall check.
+const PROGRESS: u8 = 1 << 7;
 
 impl Conn {
     fn new(peer: Peer, listener: usize) -> Self {
@@ -1861,6 +2013,9 @@ mod tests {
         closed: Vec<ConnId>,
         /// Sends started before each `submit_now`.
         submits: Vec<usize>,
+        /// `pause_recv` and `resume_recv` calls.
+        paused: Vec<ConnId>,
+        resumed: Vec<ConnId>,
     }
 
     impl Backend for Fake {
@@ -1896,6 +2051,14 @@ mod tests {
         fn stop_accepts(&mut self) {}
 
         fn stop_recv(&mut self, _: ConnId) {}
+
+        fn pause_recv(&mut self, conn: ConnId) {
+            self.paused.push(conn);
+        }
+
+        fn resume_recv(&mut self, conn: ConnId) {
+            self.resumed.push(conn);
+        }
 
         fn cancel_send(&mut self, _: ConnId) {}
 
@@ -1973,6 +2136,8 @@ mod tests {
             per_ip: None,
             outbound_share: usize::MAX,
             idle_timeout: None,
+            pause_at: usize::MAX,
+            stall_timeout: None,
         };
         Worker::new(
             0,
@@ -2208,6 +2373,58 @@ mod tests {
                 (trunk, CloseReason::Outbound)
             ]
         );
+    }
+
+    #[test]
+    fn reads_pause_above_the_threshold_resume_at_half_and_a_stall_closes() {
+        let start = Instant::now();
+        let mut w = worker(1000);
+        w.limits.pause_at = 100;
+        w.limits.stall_timeout = Some(Duration::from_secs(30));
+        w.handler.echo = true;
+        let (slow, trunk) = (w.accept(start), w.accept(start));
+        w.out.trunk(trunk);
+        w.apply_outbox(start);
+        // 60 bytes, then 120: over the threshold, reads stop (the trunk's never do).
+        w.receive(start, slow, &[b'a'; 60]);
+        w.receive(start, slow, b"\n");
+        w.flush(start);
+        w.receive(start, slow, &[b'b'; 60]);
+        w.receive(start, slow, b"\n");
+        let mut two = [b'c'; 122];
+        two[60] = b'\n';
+        two[121] = b'\n';
+        w.receive(start, trunk, &two);
+        assert_eq!(w.backend.paused, [slow]);
+        assert_eq!(w.shared.counters.snapshot().paused, 1);
+        // Writing the first 60 leaves 60, over half of it: still paused.
+        w.flush(start);
+        assert_eq!(w.finish_send(start, None), [b'a'; 60]);
+        assert!(w.backend.resumed.is_empty());
+        // Down to 40: reads again.
+        w.flush(start);
+        let _trunk_bytes = w.finish_send(start, None);
+        w.finish_send(start, Some(20));
+        assert_eq!(w.backend.resumed, [slow]);
+        assert_eq!(w.shared.counters.snapshot().paused, 0);
+        // Paused again; a byte written within the timeout keeps it, none for 30 s closes it.
+        w.flush(start);
+        w.receive(start, slow, &[b'd'; 62]);
+        w.receive(start, slow, b"\n");
+        assert_eq!(w.backend.paused, [slow, slow]);
+        w.tick(start + Duration::from_secs(1));
+        w.finish_send(start, Some(1));
+        w.tick(start + Duration::from_secs(29));
+        w.tick(start + Duration::from_secs(31));
+        assert!(
+            w.handler.closed.is_empty(),
+            "progress at 29 s restarts the clock"
+        );
+        w.tick(start + Duration::from_secs(59));
+        assert_eq!(w.handler.closed, [(slow, CloseReason::Stalled)]);
+        let c = w.shared.counters.snapshot();
+        assert_eq!((c.paused, c.pauses, c.closed.stalled), (0, 2, 1));
+        assert!(w.stalled.is_empty());
     }
 
     #[test]

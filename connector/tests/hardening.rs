@@ -45,7 +45,8 @@ backend_tests!(
     a_handler_panic_closes_only_its_connection,
     the_outbound_budget_closes_peers_that_do_not_read,
     the_idle_timeout_closes_silent_and_trickling_peers,
-    the_per_ip_limit_refuses_the_excess_of_one_address
+    the_per_ip_limit_refuses_the_excess_of_one_address,
+    a_peer_that_never_reads_is_paused_then_closed_when_stalled
 );
 
 /// Whether the io_uring variant of a test can run (see `tests/loopback.rs`).
@@ -227,6 +228,10 @@ fn sum(per_thread: &[ThreadCounters]) -> ThreadCounters {
         t.closed.handler_panic += c.closed.handler_panic;
         t.closed.outbound_budget += c.closed.outbound_budget;
         t.closed.idle += c.closed.idle;
+        t.closed.outbound += c.closed.outbound;
+        t.closed.stalled += c.closed.stalled;
+        t.paused += c.paused;
+        t.pauses += c.pauses;
     }
     t
 }
@@ -412,5 +417,96 @@ fn the_per_ip_limit_refuses_the_excess_of_one_address(backend: BackendKind) {
     opened(&events, &again);
     echo(&again, "room again");
     assert_eq!(sum(&connector.counters()).refused, 2);
+    connector.shutdown();
+}
+
+/// Back-pressure: a peer that sends requests as fast as it can and never reads the replies is
+/// no longer read once [`Config::pause_reads_at`] bytes are queued for it, so the connector holds
+/// about that much for it (plus the replies to one read's worth of lines), not the 1 MiB cap;
+/// a peer that reads is served all along; the stalled one is closed after the stall timeout.
+fn a_peer_that_never_reads_is_paused_then_closed_when_stalled(backend: BackendKind) {
+    const PAUSE_AT: usize = 64 * 1024;
+    // The replies to the reads of the round that paused: epoll reads up to 32 KiB of a
+    // connection per round (plus the line that crossed the threshold); io_uring's multishot
+    // receive fills 2 KiB buffers until its cancellation lands, and a receive re-armed on a
+    // socket with megabytes waiting fills dozens at once (about 140 KiB seen). Either way far
+    // below the 1 MiB cap that the queue reaches without back-pressure.
+    let one_batch: usize = match backend {
+        BackendKind::Epoll => 40 * 1024,
+        _ => 448 * 1024,
+    };
+    let stall = Duration::from_secs(2);
+    let (connector, events, addr) = start(backend, |cfg| {
+        cfg.pause_reads_at = Some(PAUSE_AT);
+        cfg.stall_timeout = Some(stall);
+        cfg.tick = Duration::from_millis(50);
+    });
+    let reader = connect(addr);
+    opened(&events, &reader);
+    echo(&reader, "hello");
+    let hog = connect_from(addr, None, Some(4096));
+    let hog_id = opened(&events, &hog);
+    // 100-byte requests, each echoed: 16 MiB of them, 16 times the outbound cap.
+    let writer = {
+        let hog = hog.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let line = [b"x".repeat(99), b"\n".to_vec()].concat();
+            let batch = line.repeat(100);
+            let mut w = &hog;
+            let mut written = 0usize;
+            while written < 16 << 20 {
+                if w.write_all(&batch).is_err() {
+                    break;
+                }
+                written += batch.len();
+            }
+            written
+        })
+    };
+    let paused_at = Instant::now();
+    // Paused, and resumed as long as the kernel takes its replies into the socket's send buffer
+    // (a send completes once copied there); paused for good once that is full.
+    wait_counters(&connector, "the never-reader paused", |c| c.paused == 1);
+    // Until the stall timeout closes it, the queue stays near the threshold, and the reader is
+    // served.
+    let mut most = 0;
+    let mut pings = 0;
+    let reason = loop {
+        let c = sum(&connector.counters());
+        most = most.max(c.queued);
+        if let Ok(Event::Closed(conn, reason)) = events.try_recv() {
+            assert_eq!(conn, hog_id, "{reason:?}");
+            break reason;
+        }
+        assert!(
+            paused_at.elapsed() < stall + WAIT,
+            "the never-reader was not closed: {c:?}"
+        );
+        echo(&reader, &format!("ping {pings}"));
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(reason, CloseReason::Stalled);
+    assert!(
+        paused_at.elapsed() >= stall,
+        "closed after {:?}",
+        paused_at.elapsed()
+    );
+    assert!(
+        most <= (PAUSE_AT + one_batch) as u64,
+        "{most} bytes queued for a peer that does not read"
+    );
+    assert!(most >= PAUSE_AT as u64 / 2, "only {most} bytes queued");
+    let c = sum(&connector.counters());
+    assert_eq!((c.closed.stalled, c.closed.outbound, c.paused), (1, 0, 0));
+    expect_closed(&hog);
+    let written = writer.join().unwrap();
+    assert!(written < 16 << 20, "the peer was read all along");
+    echo(&reader, "still served");
+    eprintln!(
+        "{backend:?}: at most {most} bytes queued; {} pauses; {pings} pings served meanwhile; \
+         {written} bytes written by the peer",
+        c.pauses
+    );
     connector.shutdown();
 }

@@ -9,8 +9,9 @@
 #
 # Environment: RSS_SECONDS [600], RSS_MINERS [1000], RSS_CHURN [0.02], RSS_RATE [200],
 # RSS_FLOOD [20] usernames/s, RSS_SUBCHURN [20] subscribes/s, RSS_READERS [8] never-readers,
-# RSS_READER_RATE [1500] requests/s each (fast enough that their 1 MiB queues fill and are closed
-# within the first minute, and again every half minute or so after), RSS_OVERSIZE [2] oversize lines/s, RSS_TOLERANCE [0.10];
+# RSS_READER_RATE [1500] requests/s each (fast enough that the pool pauses their reads within a
+# second, at `pausereads`, and closes them `stalltimeout` (30 s) later; before back-pressure their
+# 1 MiB queues filled and were closed), RSS_OVERSIZE [2] oversize lines/s, RSS_TOLERANCE [0.10];
 # and those of lib.sh (BENCH_CKLOAD_NICE=10 suits a shared machine).
 # Exit status 1 when a sample after the first minute is off by more than the tolerance.
 set -euo pipefail

@@ -74,6 +74,7 @@ pub(super) fn connections(reg: &mut Registry, threads: &[ThreadCounters]) {
             ("outbound_budget", k.outbound_budget),
             ("idle", k.idle),
             ("handler_panic", k.handler_panic),
+            ("stalled", k.stalled),
         ] {
             closed
                 .get_or_create(&vec![("thread", i.to_string()), ("reason", reason.into())])

@@ -412,6 +412,15 @@ impl Backend for Epoll {
         }
     }
 
+    fn pause_recv(&mut self, conn: ConnId) {
+        // Receives are per connection here: the same as a handover's stop.
+        self.stop_recv(conn);
+    }
+
+    fn resume_recv(&mut self, conn: ConnId) {
+        self.recv(conn);
+    }
+
     fn cancel_send(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(conn) else {
             return;

@@ -236,6 +236,15 @@ pub(crate) trait Backend: Sized {
     /// [`Backend::settled`]. Received bytes not yet read stay in the socket.
     fn stop_recv(&mut self, conn: ConnId);
 
+    /// Pauses `conn`'s receive for back-pressure (its peer does not read what it asked for):
+    /// like [`Backend::stop_recv`] for this one connection, without touching the others or a
+    /// handover's state; bytes received before the pause took effect are still reported. The
+    /// kernel's receive buffer then fills and the peer's sends block: TCP's own flow control.
+    fn pause_recv(&mut self, conn: ConnId);
+
+    /// Undoes [`Backend::pause_recv`]: `conn` is read again.
+    fn resume_recv(&mut self, conn: ConnId);
+
     /// Ends `conn`'s send in flight early: its [`Completion::Send`] comes back with `Ok(n)`, `n`
     /// the bytes written so far (possibly 0), and the rest of the operation unwritten.
     fn cancel_send(&mut self, conn: ConnId);

@@ -193,10 +193,35 @@ struct UConn {
     /// Generation of the connection's [`ConnId`] (see [`ConnTable`]).
     generation: u16,
     file: u32,
-    /// A multishot receive is in flight.
-    recv: bool,
+    /// [`RECV_ARMED`] and [`RECV_PAUSED`] (one byte with `sending`'s niche keeps
+    /// `Option<UConn>` at 8 bytes).
+    recv_flags: u8,
     /// A send is in flight.
     sending: bool,
+}
+
+/// [`UConn::recv_flags`]: a multishot receive is in flight.
+const RECV_ARMED: u8 = 1;
+/// [`UConn::recv_flags`]: reads paused for back-pressure ([`Backend::pause_recv`]): a receive
+/// that ends is not re-armed.
+const RECV_PAUSED: u8 = 2;
+
+impl UConn {
+    fn recv(&self) -> bool {
+        self.recv_flags & RECV_ARMED != 0
+    }
+
+    fn paused(&self) -> bool {
+        self.recv_flags & RECV_PAUSED != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.recv_flags |= flag;
+        } else {
+            self.recv_flags &= !flag;
+        }
+    }
 }
 
 impl ConnEntry for UConn {
@@ -347,7 +372,7 @@ impl Uring {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if c.recv {
+        if c.recv() {
             return;
         }
         let entry = opcode::RecvMulti::new(types::Fixed(c.file), BGID)
@@ -358,7 +383,7 @@ impl Uring {
         match unsafe { self.push(&entry, true) } {
             Ok(()) => {
                 if let Some(c) = self.conns.get_mut(id) {
-                    c.recv = true;
+                    c.set(RECV_ARMED, true);
                 }
             }
             Err(e) => self.ready.push(Completion::RecvEnd {
@@ -622,8 +647,9 @@ impl Uring {
             return;
         };
         if !more {
-            c.recv = false;
+            c.set(RECV_ARMED, false);
         }
+        let rearm = !more && !self.reads_stopped && !c.paused();
         if let Ok(len @ 1..) = u32::try_from(res) {
             let Some(bid) = bid else {
                 out.push(Completion::RecvEnd {
@@ -636,7 +662,7 @@ impl Uring {
                 conn: id,
                 buf: UringBuf { bid, len },
             });
-            if !more && !self.reads_stopped {
+            if rearm {
                 self.arm_recv(id);
             }
             return;
@@ -652,9 +678,10 @@ impl Uring {
             // The buffer ring ran dry: the loop gives buffers back before the re-armed receive
             // is submitted (by the next `complete`).
             //
-            // `ECANCELED`: stopped for a handover (`stop_recv`); the connection stays open (a
-            // closed one has left the table), and reads again if it was resumed meanwhile.
-            libc::ENOBUFS | libc::ECANCELED if !more && !self.reads_stopped => self.arm_recv(id),
+            // `ECANCELED`: stopped for a handover (`stop_recv`) or paused (`pause_recv`); the
+            // connection stays open (a closed one has left the table), and reads again if it
+            // was resumed meanwhile.
+            libc::ENOBUFS | libc::ECANCELED if rearm => self.arm_recv(id),
             libc::ENOBUFS | libc::ECANCELED => {}
             _ => out.push(Completion::RecvEnd {
                 conn: id,
@@ -906,7 +933,7 @@ impl Backend for Uring {
             UConn {
                 generation: conn.generation(),
                 file: sock.file,
-                recv: false,
+                recv_flags: 0,
                 sending: false,
             },
         )?;
@@ -924,6 +951,9 @@ impl Backend for Uring {
         // Reading again (a handover taken back, or a connection opened after): receives that
         // end are re-armed again.
         self.reads_stopped = false;
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.set(RECV_PAUSED, false);
+        }
         self.arm_recv(conn);
     }
 
@@ -1018,7 +1048,7 @@ impl Backend for Uring {
 
     fn close(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(conn) {
-            self.release_file(c.file, c.recv || c.sending);
+            self.release_file(c.file, c.recv() || c.sending);
         }
     }
 
@@ -1053,7 +1083,7 @@ impl Backend for Uring {
         let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
-        if !c.recv {
+        if !c.recv() {
             return;
         }
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv_data(conn)))
@@ -1063,6 +1093,36 @@ impl Backend for Uring {
         // SAFETY: a cancellation refers to no memory of ours.
         if let Err(e) = unsafe { self.push(&entry, false) } {
             error!(conn = %conn, error = %e, "could not stop a receive");
+        }
+    }
+
+    fn pause_recv(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        c.set(RECV_PAUSED, true);
+        if !c.recv() {
+            return;
+        }
+        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(recv_data(conn)))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(TAG_UNTRACKED << TAG_SHIFT);
+        // SAFETY: a cancellation refers to no memory of ours.
+        if let Err(e) = unsafe { self.push(&entry, false) } {
+            // Still reading: the outbound cap bounds the connection's queue anyway.
+            debug!(conn = %conn, error = %e, "could not pause a receive");
+        }
+    }
+
+    fn resume_recv(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        c.set(RECV_PAUSED, false);
+        // A receive being cancelled re-arms itself when its end comes back (`on_recv`).
+        if !self.reads_stopped {
+            self.arm_recv(conn);
         }
     }
 
