@@ -338,6 +338,13 @@ impl Conn {
             let mut st = self.state.lock().unwrap();
             if reply["result"] == json!(true) {
                 st.accepted += 1;
+                // Recorded before the reply goes out: once the miner has its answer, the test
+                // may look (it raced, seen once in CI).
+                if self.mode != Mode::RejectCycle
+                    && let Ok((hash, true)) = checked
+                {
+                    st.blocks.push(to_rpc(&hash));
+                }
             } else {
                 let reason = reply["error"][1]
                     .as_str()
@@ -350,7 +357,6 @@ impl Conn {
         if self.mode != Mode::RejectCycle
             && let Ok((hash, true)) = checked
         {
-            self.state.lock().unwrap().blocks.push(to_rpc(&hash));
             self.prev = hash;
             self.notify(true);
         }
