@@ -618,6 +618,9 @@ fn proxy_recruits_another_upstream_connection_when_the_extranonce_space_fills() 
             && c[1]["role"] == "recruit"
             && c[1]["state"] == "active"
             && c[1]["difficulty"].is_number()
+            // Its first job came (its work is counted from then on, and new miners placed there);
+            // its difficulty alone comes before that (raced once in CI).
+            && c[1]["miners"].is_number()
     });
     // New miners go to the recruited connection: another upstream extranonce1.
     let mut probe = Client::connect(proxy.addr);
