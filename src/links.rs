@@ -410,33 +410,13 @@ impl Links {
         let node = role == Role::Node;
         if node {
             info!(%conn, %peer, agent, "node connected");
-            self.registry.nodes.fetch_add(1, Ordering::Relaxed);
         } else {
             info!(%conn, %peer, agent, multicast, "passthrough connected");
         }
-        if multicast {
-            self.pending.multicast.push(conn);
-        }
-        let info = Arc::new(LinkInfo {
-            peer,
-            // As sent, JSON escapes undone (ckpool writes `ckpool\/0.9.9`).
-            agent: serde_json::from_str::<String>(&format!("\"{agent}\""))
-                .unwrap_or_else(|_| agent.to_owned())
-                .chars()
-                .take(64)
-                .collect(),
-            node,
-            multicast,
-            subs: AtomicUsize::new(0),
-        });
-        self.registry.lock().insert(conn, Arc::clone(&info));
-        let mut link = Link {
-            peer,
-            listener,
-            subs: 0,
-            info,
-            node: node.then(HashSet::new),
-        };
+        // As sent, JSON escapes undone (ckpool writes `ckpool\/0.9.9`).
+        let agent = serde_json::from_str::<String>(&format!("\"{agent}\""))
+            .unwrap_or_else(|_| agent.to_owned());
+        let mut link = self.register(conn, peer, listener, &agent, node, multicast);
         let mut reply = passthrough::HANDSHAKE_OK.to_vec();
         if let Some(job) = shard.pool().current_job() {
             node_work(shard, &job, &mut link, &mut reply);
@@ -447,6 +427,51 @@ impl Links {
         // gets the connector's trunk cap instead of a miner's 1 MiB, before anything is queued.
         out.trunk(conn);
         out.send(ClientId::Direct(conn), reply);
+    }
+
+    /// Makes `conn` a link in the registry (and a multicast one, and a node), not yet in
+    /// `self.links`: the caller inserts the returned link once it has sent what it must.
+    fn register(
+        &mut self,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        agent: &str,
+        node: bool,
+        multicast: bool,
+    ) -> Link {
+        if node {
+            self.registry.nodes.fetch_add(1, Ordering::Relaxed);
+        }
+        if multicast {
+            self.pending.multicast.push(conn);
+        }
+        let info = Arc::new(LinkInfo {
+            peer,
+            agent: agent.chars().take(64).collect(),
+            node,
+            multicast,
+            subs: AtomicUsize::new(0),
+        });
+        self.registry.lock().insert(conn, Arc::clone(&info));
+        Link {
+            peer,
+            listener,
+            subs: 0,
+            info,
+            node: node.then(HashSet::new),
+        }
+    }
+
+    /// Undoes [`Links::register`] and takes `conn` out of `self.links`; `None` if it is no link.
+    fn unregister(&mut self, conn: ConnId) -> Option<Link> {
+        let link = self.links.remove(&conn)?;
+        self.registry.lock().remove(&conn);
+        self.pending.multicast.retain(|c| *c != conn);
+        if link.node.is_some() {
+            self.registry.nodes.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(link)
     }
 
     /// Hands link `conn` over to another instance (`-H`): it stops being a link here, and its
@@ -461,12 +486,7 @@ impl Links {
         if self.links.is_empty() {
             return None;
         }
-        let link = self.links.remove(&conn)?;
-        self.registry.lock().remove(&conn);
-        self.pending.multicast.retain(|c| *c != conn);
-        if link.node.is_some() {
-            self.registry.nodes.fetch_sub(1, Ordering::Relaxed);
-        }
+        let link = self.unregister(conn)?;
         let subs = shard.export_subs(now, conn);
         let mut out = Vec::with_capacity(64 + subs.iter().map(|s| s.2.len() + 48).sum::<usize>());
         out.push(LINK_STATE_FORMAT);
@@ -500,30 +520,8 @@ impl Links {
         let Some((flags, agent, subs)) = read_link_state(state) else {
             return false;
         };
-        let node = flags & 1 != 0;
-        let multicast = flags & 2 != 0;
-        if node {
-            self.registry.nodes.fetch_add(1, Ordering::Relaxed);
-        }
-        if multicast {
-            self.pending.multicast.push(conn);
-        }
-        let info = Arc::new(LinkInfo {
-            peer,
-            agent: agent.chars().take(64).collect(),
-            node,
-            multicast,
-            subs: AtomicUsize::new(0),
-        });
-        self.registry.lock().insert(conn, Arc::clone(&info));
-        let mut link = Link {
-            peer,
-            listener,
-            subs: 0,
-            info,
-            // What a node was sent is not carried: the next job sends it every transaction.
-            node: node.then(HashSet::new),
-        };
+        // What a node was sent is not carried: the next job sends it every transaction.
+        let mut link = self.register(conn, peer, listener, &agent, flags & 1 != 0, flags & 2 != 0);
         out.trunk(conn);
         let mut dropped = Vec::new();
         let (mut adopted, mut refused) = (0, 0);
@@ -555,13 +553,8 @@ impl Links {
             self.candidates.remove(&conn);
         }
         if !self.links.is_empty()
-            && let Some(link) = self.links.remove(&conn)
+            && let Some(link) = self.unregister(conn)
         {
-            self.registry.lock().remove(&conn);
-            self.pending.multicast.retain(|c| *c != conn);
-            if link.node.is_some() {
-                self.registry.nodes.fetch_sub(1, Ordering::Relaxed);
-            }
             info!(%conn, peer = %link.peer, subs = link.subs, "passthrough disconnected; its sub-clients end");
         }
         shard.on_close(now, conn);

@@ -141,22 +141,10 @@ pub fn encode_for_client(
     node_method: &str,
     client_id: u64,
 ) -> Result<(), FrameError> {
-    let obj = Object::scan(line).ok_or(FrameError::NotObject)?;
-    let mark = out.len();
-    let n = obj.write_without(out, &FOR_CLIENT);
-    if n + 2 > MAX_MEMBERS {
-        out.truncate(mark);
-        return Err(FrameError::NotObject);
-    }
-    if n > 0 {
-        out.push(b',');
-    }
-    out.extend_from_slice(b"\"node.method\":");
-    write_str(out, node_method);
-    out.extend_from_slice(b",\"client_id\":");
-    write_u64(out, client_id);
-    out.extend_from_slice(b"}\n");
-    Ok(())
+    encode_down(out, line, node_method, |out| {
+        out.extend_from_slice(b",\"client_id\":");
+        write_u64(out, client_id);
+    })
 }
 
 /// Appends a line for every miner in `client_ids` (a multicast line, see the module docs):
@@ -168,6 +156,20 @@ pub fn encode_for_clients(
     line: &[u8],
     node_method: &str,
     client_ids: &[u64],
+) -> Result<(), FrameError> {
+    encode_down(out, line, node_method, |out| {
+        write_client_ids(out, client_ids)
+    })
+}
+
+/// `line` compacted without the members the upstream adds, then `"node.method":"<node_method>"`
+/// and what `routing` writes (`,"client_id":N` or `,"client_ids":[…]`), newline included;
+/// refused (nothing appended) beyond what [`decode_upstream`] reads.
+fn encode_down(
+    out: &mut Vec<u8>,
+    line: &[u8],
+    node_method: &str,
+    routing: impl FnOnce(&mut Vec<u8>),
 ) -> Result<(), FrameError> {
     let obj = Object::scan(line).ok_or(FrameError::NotObject)?;
     let mark = out.len();
@@ -181,7 +183,7 @@ pub fn encode_for_clients(
     }
     out.extend_from_slice(b"\"node.method\":");
     write_str(out, node_method);
-    write_client_ids(out, client_ids);
+    routing(out);
     out.extend_from_slice(b"}\n");
     Ok(())
 }
