@@ -95,6 +95,8 @@ pub(crate) struct AdminCtx {
     pub(crate) shutdown: Arc<AtomicBool>,
     /// The share log's counters (`-L`), shown as `sharelog` in `stats`.
     pub(crate) share_log: Option<crate::sharelog::StatsHandle>,
+    /// The share journal (pool and solo modes), shown as `journal` in `stats`.
+    pub(crate) journal: Option<Arc<crate::journal::Journal>>,
     /// Where a `handover` request's connection goes (to the main loop; bounded to one);
     /// `None` in the modes that cannot hand over yet (`restart` and `handover` are refused).
     pub(crate) handover: Option<Sender<UnixStream>>,
@@ -309,6 +311,13 @@ fn serve(mut stream: UnixStream, ctx: &AdminCtx, started: Instant, role: Role) -
                     obj.insert(
                         "sharelog".into(),
                         serde_json::to_value(log.snapshot()).unwrap_or_default(),
+                    );
+                }
+                if let Some(j) = &ctx.journal {
+                    let (lines, errors) = j.counts();
+                    obj.insert(
+                        "journal".into(),
+                        serde_json::json!({"lines": lines, "write_errors": errors}),
                     );
                 }
             }

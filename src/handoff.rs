@@ -64,6 +64,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use stratifier::{ClientId, Job, Pool, Shard, ShareRecord, SourceId, UpstreamShare};
 use tracing::{debug, error, info, warn};
 
+use crate::journal::JournalWriter;
 use crate::links::{LinkConfig, Links};
 use crate::relay::{self, Consumer, Producer, Recycle, SpareReturn, SpareTake};
 
@@ -384,6 +385,9 @@ pub(crate) struct Sinks {
     pub(crate) auth: Option<Arc<dyn Fn(stratifier::AuthRequest) + Send + Sync>>,
     /// Pool mode: the links, whose node links are sent each block found.
     pub(crate) nodes: Option<Arc<crate::links::LinkRegistry>>,
+    /// The share journal (pool and solo modes): each shard's thread writes its accepted shares
+    /// there at the end of each round, before the round's replies go out.
+    pub(crate) journal: Option<Arc<crate::journal::Journal>>,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -476,12 +480,15 @@ pub(crate) fn start(
 ) -> io::Result<Connector<Msg>> {
     let pin = cfg.pin;
     let inline = move |t: usize, pool: &Arc<Pool>, sinks: &Sinks, links: &LinkConfig| {
+        let mut shard = Shard::new(Arc::clone(pool));
+        let journal = journal_for(&mut shard, sinks, t);
         StratumHandler::Inline(InlineHandler {
-            shard: Shard::new(Arc::clone(pool)),
+            shard,
             links: Links::new(links),
             sinks: sinks.clone(),
             thread: t,
             timed: 0,
+            journal,
         })
     };
     let conns = connector::start(cfg, move |t| match handoff {
@@ -508,6 +515,22 @@ pub(crate) fn start(
         conns.broadcast(Msg::Start(conns.handle()));
     }
     Ok(conns)
+}
+
+/// Turns on `shard`'s journal lines and gives thread `t` its journal writer, if the pool keeps
+/// a journal.
+fn journal_for(shard: &mut Shard, sinks: &Sinks, t: usize) -> Option<JournalWriter> {
+    sinks.journal.as_ref().map(|j| {
+        shard.enable_journal();
+        j.writer(t)
+    })
+}
+
+/// Writes what `shard` journaled this round (before the round's replies go out).
+fn flush_journal(shard: &mut Shard, journal: &mut Option<JournalWriter>) {
+    if let (Some(w), Some(lines)) = (journal.as_mut(), shard.journal()) {
+        w.flush(lines);
+    }
 }
 
 /// The connector thread's handler: one of the two variants (a predictable branch per callback).
@@ -620,7 +643,10 @@ impl connector::Handler for StratumHandler {
 
     fn on_batch_end(&mut self, now: Instant, _out: &mut Outbox) {
         match self {
-            Self::Inline(h) => h.time_replies(now),
+            Self::Inline(h) => {
+                flush_journal(&mut h.shard, &mut h.journal);
+                h.time_replies(now);
+            }
             Self::Queue(h) => h.send_batch(),
         }
     }
@@ -692,6 +718,8 @@ struct InlineHandler {
     thread: usize,
     /// The shard's [`Shard::submits`] as of the last round timed.
     timed: u64,
+    /// This thread's share journal writer, if the pool keeps one.
+    journal: Option<JournalWriter>,
 }
 
 impl InlineHandler {
@@ -1035,6 +1063,7 @@ fn run_shard(
     spare_outputs: &SpareTake<Actions>,
 ) {
     let mut handle: Option<ConnectorHandle<Msg>> = None;
+    let mut journal = journal_for(&mut shard, &sinks, thread);
     let mut out = ShardOut::new(sinks);
     // Blocks (parked, not spinning) until the connector thread sends or goes away.
     while batches.next_round(DRAIN_BATCHES, |batch| {
@@ -1052,6 +1081,8 @@ fn run_shard(
             submit_latency_slot(thread).observe_n(read.elapsed(), judged);
         }
     }) {
+        // Accepted shares on disk before their replies leave.
+        flush_journal(&mut shard, &mut journal);
         // One message per round; kept until the handle is known (connections can be accepted
         // before `connector::start` returns), and while a handover holds it.
         if let Some(h) = &handle
@@ -1284,6 +1315,7 @@ mod tests {
             source: None,
             auth: None,
             nodes: None,
+            journal: None,
         });
         out.hold = true;
         {
@@ -1338,6 +1370,7 @@ mod tests {
             source: None,
             auth: None,
             nodes: None,
+            journal: None,
         });
         assert!(!off.wants_shares());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1350,6 +1383,7 @@ mod tests {
             source: None,
             auth: None,
             nodes: None,
+            journal: None,
         });
         assert!(on.wants_shares());
         on.event(stratifier::Event::Share(rec.clone()));
@@ -1371,6 +1405,7 @@ mod tests {
             source: None,
             auth: None,
             nodes: None,
+            journal: None,
         });
         let (a, b) = (ClientId::Direct(a), ClientId::Direct(b));
         out.send(a, b"reply\n".to_vec());

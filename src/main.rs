@@ -7,6 +7,7 @@ mod cli;
 mod handoff;
 mod handover;
 mod instance;
+mod journal;
 mod links;
 mod logging;
 mod modes;

@@ -289,6 +289,100 @@ fn run(mut w: Writer, rx: &Receiver<ShareRecord>, stopped: &Receiver<()>, shutdo
     w.finish();
 }
 
+/// After a crash (start-up, before the writer starts): appends to their job files the accepted
+/// shares the share journal has and the share log does not (`crate::journal`: each accepted
+/// share's record is journaled before its reply leaves, while the writer's last lines die with
+/// the process). A share is known by its hash; lines already in a file are left alone, so a
+/// second recovery writes nothing. `createdate` is the journal's time for the share's round.
+/// Returns (lines written, lines already there).
+pub(crate) fn recover(settings: &Settings) -> (u64, u64) {
+    let inet = settings
+        .listeners
+        .first()
+        .map(|l| l.url.clone())
+        .unwrap_or_default();
+    let (written, present) = recover_in(settings.logdir(), &inet);
+    if written > 0 {
+        info!(
+            written,
+            present, "share log: {written} accepted shares written back from the share journal"
+        );
+    }
+    (written, present)
+}
+
+fn recover_in(logdir: &std::path::Path, inet: &str) -> (u64, u64) {
+    use std::collections::{BTreeMap, HashSet};
+    let mut by_job: BTreeMap<(u64, u64), Vec<(u64, serde_json::Value)>> = BTreeMap::new();
+    for (time, rec) in crate::journal::share_records(logdir) {
+        let (Some(height), Some(job)) = (rec["height"].as_u64(), rec["workinfoid"].as_u64()) else {
+            continue;
+        };
+        by_job.entry((height, job)).or_default().push((time, rec));
+    }
+    let (mut written, mut present) = (0u64, 0u64);
+    for ((height, job), recs) in by_job {
+        let dir = logdir.join(format!("{height:08x}"));
+        let path = dir.join(format!("{job:016x}.sharelog"));
+        let mut have: HashSet<String> = HashSet::new();
+        if let Ok(text) = fs::read(&path) {
+            for line in text.split(|&b| b == b'\n') {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line)
+                    && let Some(h) = v["hash"].as_str()
+                {
+                    have.insert(h.to_owned());
+                }
+            }
+        }
+        let mut buf = Vec::new();
+        for (time, rec) in &recs {
+            let str_of = |k: &str| rec[k].as_str().unwrap_or("");
+            let hash = str_of("hash");
+            if hash.is_empty() || !have.insert(hash.to_owned()) {
+                present += 1;
+                continue;
+            }
+            let createdate = format!("{time},0");
+            let line = Line {
+                workinfoid: job,
+                enonce1: str_of("enonce1"),
+                nonce2: str_of("nonce2"),
+                nonce: str_of("nonce"),
+                ntime: str_of("ntime"),
+                diff: rec["diff"].as_f64().unwrap_or(0.0),
+                sdiff: rec["sdiff"].as_f64().unwrap_or(0.0),
+                hash,
+                result: true,
+                reject_reason: None,
+                error: None,
+                errn: Some(0),
+                createdate: &createdate,
+                createby: "code",
+                createcode: "parse_submit",
+                createinet: inet,
+                workername: str_of("workername"),
+                username: str_of("username"),
+                address: str_of("address"),
+                agent: str_of("agent"),
+            };
+            if serde_json::to_writer(&mut buf, &line).is_ok() {
+                buf.push(b'\n');
+                written += 1;
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        let result = fs::create_dir_all(&dir)
+            .and_then(|()| OpenOptions::new().create(true).append(true).open(&path))
+            .and_then(|mut f| f.write_all(&buf));
+        if let Err(e) = result {
+            warn!(path = %path.display(), error = %e, "cannot write recovered share-log lines");
+        }
+    }
+    (written, present)
+}
+
 /// `createdate` as ckpool writes it: `"secs,nsecs"`.
 struct CreateDate(String);
 
@@ -614,6 +708,47 @@ mod tests {
             address: "127.0.0.1".into(),
             agent: "test".into(),
         }
+    }
+
+    #[test]
+    fn recovery_writes_the_journaled_shares_the_log_lacks_once() {
+        let dir = temp_dir("recover");
+        let rec = |nonce: u32| {
+            let mut r = record(7, nonce);
+            r.hash = format!("{nonce:064x}");
+            r
+        };
+        // The share log has shares 1 and 2; the journal has 1, 2 and 3 (3 was lost).
+        let log = start(&dir);
+        let sink = log.sink();
+        sink(rec(1));
+        sink(rec(2));
+        log.stop();
+        let journal = crate::journal::Journal::open(&dir).expect("journal");
+        let mut w = journal.writer(0);
+        let mut lines = Vec::new();
+        for (n, nonce) in [(1u64, 1u32), (2, 2), (3, 3)] {
+            let share = serde_json::to_string(&rec(nonce)).expect("json");
+            lines.extend(format!("[{n},1.0,2.0,\"u\",\".w\",{share}]\n").into_bytes());
+        }
+        w.flush(&mut lines);
+        assert_eq!(recover_in(&dir, "inet"), (1, 2));
+        let file = dir.join("00000065").join(format!("{:016x}.sharelog", 7));
+        let text = fs::read_to_string(&file).expect("file");
+        let got: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("whole line"))
+            .collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2]["hash"], format!("{:064x}", 3));
+        assert_eq!(got[2]["nonce"], "00000003");
+        assert_eq!(got[2]["workername"], "u.w");
+        assert_eq!(got[2]["result"], true);
+        assert_eq!(got[2]["createinet"], "inet");
+        // Again: nothing more.
+        assert_eq!(recover_in(&dir, "inet"), (0, 3));
+        assert_eq!(fs::read_to_string(&file).expect("file").lines().count(), 3);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     fn temp_dir(tag: &str) -> PathBuf {

@@ -13,7 +13,7 @@
 //! logged and skipped, never fatal; user files are capped in number, size and total bytes, and
 //! users idle for longer than `statsidle` (which the pool would forget at once) are not read.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +26,12 @@ use serde::Serialize;
 use serde_json::Value;
 use stratifier::{Pool, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats};
 use tracing::{info, warn};
+
+use crate::journal::Journal;
+
+/// How long a stats write waits for every shard thread to move to a new journal generation
+/// (each does within a round; a round ends at least every tick).
+const JOURNAL_ROTATE_WAIT: Duration = Duration::from_secs(3);
 
 /// How often the moving averages are sampled.
 pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
@@ -65,15 +71,23 @@ pub(crate) fn start(
     logdir: PathBuf,
     every: Duration,
     started: Instant,
+    journal: Option<Arc<Journal>>,
 ) -> io::Result<StatusWriter> {
     let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-    let thread = thread::Builder::new()
-        .name("stats".into())
-        .spawn(move || run(&pool, &logdir, every, started, &stopped))?;
+    let thread = thread::Builder::new().name("stats".into()).spawn(move || {
+        run(&pool, &logdir, every, started, journal.as_deref(), &stopped);
+    })?;
     Ok(StatusWriter { stop, thread })
 }
 
-fn run(pool: &Pool, logdir: &Path, every: Duration, started: Instant, stopped: &Receiver<()>) {
+fn run(
+    pool: &Pool,
+    logdir: &Path,
+    every: Duration,
+    started: Instant,
+    journal: Option<&Journal>,
+    stopped: &Receiver<()>,
+) {
     let mut writer = Writer {
         logdir: logdir.to_owned(),
         errors: ErrorLog::default(),
@@ -91,7 +105,7 @@ fn run(pool: &Pool, logdir: &Path, every: Duration, started: Instant, stopped: &
                 // The files end with the pool's final figures.
                 let now = Instant::now();
                 sample(pool, now);
-                writer.write_all(pool, now.saturating_duration_since(started), now);
+                writer.write_journaled(pool, now.saturating_duration_since(started), now, journal);
                 break;
             }
         }
@@ -101,7 +115,7 @@ fn run(pool: &Pool, logdir: &Path, every: Duration, started: Instant, stopped: &
             next_sample = next_after(next_sample, SAMPLE_INTERVAL, now);
         }
         if now >= next_write {
-            writer.write_all(pool, now.saturating_duration_since(started), now);
+            writer.write_journaled(pool, now.saturating_duration_since(started), now, journal);
             next_write = next_after(next_write, every, now);
         }
     }
@@ -132,9 +146,26 @@ struct Writer {
 }
 
 impl Writer {
-    fn write_all(&mut self, pool: &Pool, runtime: Duration, now: Instant) {
+    /// Writes the files; with a share journal, moves it to a new generation first and, once
+    /// every file is written, deletes the segments the files now cover.
+    fn write_journaled(
+        &mut self,
+        pool: &Pool,
+        runtime: Duration,
+        now: Instant,
+        journal: Option<&Journal>,
+    ) {
+        let generation = journal.and_then(|j| j.rotate(Instant::now() + JOURNAL_ROTATE_WAIT));
+        let complete = self.write_all(pool, runtime, now);
+        if let (Some(j), Some(g), true) = (journal, generation, complete) {
+            j.prune(g);
+        }
+    }
+
+    /// Whether every file was written.
+    fn write_all(&mut self, pool: &Pool, runtime: Duration, now: Instant) -> bool {
         let snap = pool.stats();
-        self.write_snapshot(&snap, runtime, unix_now().as_secs(), now);
+        self.write_snapshot(&snap, runtime, unix_now().as_secs(), now)
     }
 
     fn write_snapshot(
@@ -143,7 +174,8 @@ impl Writer {
         runtime: Duration,
         lastupdate: u64,
         now: Instant,
-    ) {
+    ) -> bool {
+        let mut complete = true;
         let lines = pool_status_lines(snap, runtime.as_secs(), lastupdate);
         for line in &lines {
             info!("Pool:{line}");
@@ -153,6 +185,7 @@ impl Writer {
         text.push('\n');
         if let Err(e) = write_atomic(&dir, "pool.status", text.as_bytes()) {
             self.errors.log(now, &dir.join("pool.status"), &e);
+            complete = false;
         }
         let dir = self.logdir.join("users");
         for (name, user) in &snap.users {
@@ -173,13 +206,16 @@ impl Writer {
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot encode user stats");
+                    complete = false;
                     continue;
                 }
             };
             if let Err(e) = write_atomic(&dir, name, &json) {
                 self.errors.log(now, &dir.join(name), &e);
+                complete = false;
             }
         }
+        complete
     }
 }
 
@@ -279,6 +315,9 @@ pub(crate) fn restore(pool: &Pool, logdir: &Path) -> Restored {
     r
 }
 
+/// A user's workers to seed, with when their file was saved (unix seconds).
+type UserSeed = (String, Vec<(String, SeedWorker)>, u64);
+
 fn restore_at(
     registry: &StatsRegistry,
     logdir: &Path,
@@ -292,36 +331,38 @@ fn restore_at(
     let status_path = logdir.join("pool").join("pool.status");
     // When the files were written: pool.status's `lastupdate`, else each file's own time.
     let mut saved = None;
+    let mut pool_seed = None;
     match read_bounded(&status_path) {
         Ok(None) => {}
         Ok(Some((text, _))) => match parse_pool_status(&text, network_diff) {
             Ok((lastupdate, seed)) => {
                 saved = Some(lastupdate);
-                let clock = SeedClock {
-                    now,
-                    since_epoch,
-                    saved: lastupdate,
-                };
-                registry.seed_pool(&seed, &clock);
-                out.pool = true;
+                pool_seed = Some(seed);
             }
             Err(why) => skips.skip(&mut out, &status_path, &why),
         },
         Err(why) => skips.skip(&mut out, &status_path, &why),
     }
+    let clock_at = |saved: u64| SeedClock {
+        now,
+        since_epoch,
+        saved,
+    };
 
+    // Each user's workers to seed, with when their file was saved.
+    let mut users: Vec<UserSeed> = Vec::new();
     let dir = logdir.join("users");
     let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return out,
+        Ok(e) => Some(e),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => {
             warn!(path = %dir.display(), error = %e, "cannot list the user stats files; none read back");
-            return out;
+            None
         }
     };
     let oldest = since_epoch.as_secs().saturating_sub(stats_idle.as_secs());
     let (mut files, mut total) = (0usize, 0u64);
-    for entry in entries {
+    for entry in entries.into_iter().flatten() {
         let Ok(entry) = entry else { continue };
         let path = entry.path();
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
@@ -347,34 +388,24 @@ fn restore_at(
             }
         };
         total += u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        let workers = match parse_user_file(&name, &bytes) {
+        let mut workers = match parse_user_file(&name, &bytes) {
             Ok(w) => w,
             Err(why) => {
                 skips.skip(&mut out, &path, &why);
                 continue;
             }
         };
-        let clock = SeedClock {
-            now,
-            since_epoch,
-            saved: saved.or(mtime).unwrap_or(since_epoch.as_secs()),
-        };
-        let mut seeded = 0;
-        for (wname, w) in &workers {
-            // The pool would forget it at once.
-            if w.lastshare < oldest {
-                continue;
-            }
-            if registry.seed_worker(&name, wname, w, &clock) {
-                seeded += 1;
-            }
-        }
-        if seeded > 0 {
-            out.users += 1;
-            out.workers += seeded;
-        } else {
+        // The pool would forget it at once.
+        workers.retain(|(_, w)| w.lastshare >= oldest);
+        if workers.is_empty() {
             out.left += 1;
+            continue;
         }
+        users.push((
+            name,
+            workers,
+            saved.or(mtime).unwrap_or(since_epoch.as_secs()),
+        ));
     }
     if out.left > 0 && (files >= MAX_USER_FILES || total >= MAX_TOTAL_BYTES) {
         warn!(
@@ -386,6 +417,78 @@ fn restore_at(
     }
     if skips.quiet > 0 {
         warn!("{} more stats files skipped", skips.quiet);
+    }
+
+    // Shares accepted after the files were written: the share journal has them.
+    let counts: HashMap<(String, String), u64> = users
+        .iter()
+        .flat_map(|(u, ws, _)| ws.iter().map(|(w, s)| ((u.clone(), w.clone()), s.accepted)))
+        .collect();
+    let mut added = crate::journal::added_since(logdir, |u, w| {
+        counts
+            .get(&(u.to_owned(), w.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    });
+    let (mut pool_diff, mut pool_best) = (0.0f64, 0.0f64);
+    let mut add = |seed: &mut SeedWorker, a: &crate::journal::Added| {
+        seed.accepted_diff += a.diff;
+        seed.bestshare = seed.bestshare.max(a.best);
+        seed.bestever = seed.bestever.max(a.best);
+        seed.lastshare = seed.lastshare.max(a.last);
+        seed.accepted = seed.accepted.max(a.n);
+        pool_diff += a.diff;
+        pool_best = pool_best.max(a.best);
+    };
+    for (user, workers, _) in &mut users {
+        for (worker, seed) in workers.iter_mut() {
+            if let Some(a) = added.remove(&(user.clone(), worker.clone())) {
+                add(seed, &a);
+            }
+        }
+    }
+    // Workers whose first shares came after the files: seeded from the journal alone.
+    let mut fresh: std::collections::BTreeMap<String, Vec<(String, SeedWorker)>> =
+        std::collections::BTreeMap::new();
+    for ((user, worker), a) in added {
+        if !user_name_ok(&user) || !worker_name_ok(&user, &worker) {
+            continue;
+        }
+        let mut seed = SeedWorker::default();
+        add(&mut seed, &a);
+        fresh.entry(user).or_default().push((worker, seed));
+    }
+    for (user, workers) in fresh {
+        match users.iter_mut().find(|(u, _, _)| *u == user) {
+            Some((_, ws, _)) => ws.extend(workers),
+            None => users.push((user, workers, since_epoch.as_secs())),
+        }
+    }
+    if pool_diff > 0.0 || pool_best > 0.0 {
+        let seed = pool_seed.get_or_insert_with(SeedPool::default);
+        seed.accepted_diff += pool_diff;
+        seed.round_diff += pool_diff;
+        seed.bestshare = seed.bestshare.max(pool_best);
+    }
+
+    if let Some(seed) = &pool_seed {
+        registry.seed_pool(seed, &clock_at(saved.unwrap_or(since_epoch.as_secs())));
+        out.pool = saved.is_some();
+    }
+    for (name, workers, saved) in &users {
+        let clock = clock_at(*saved);
+        let mut seeded = 0;
+        for (wname, w) in workers {
+            if registry.seed_worker(name, wname, w, &clock) {
+                seeded += 1;
+            }
+        }
+        if seeded > 0 {
+            out.users += 1;
+            out.workers += seeded;
+        } else {
+            out.left += 1;
+        }
     }
     out
 }
@@ -567,6 +670,7 @@ fn parse_user_file(user: &str, bytes: &[u8]) -> Result<Vec<(String, SeedWorker)>
         bestshare: get(o, "bestshare"),
         bestever: get(o, "bestever"),
         lastshare: get_secs(o, "lastshare"),
+        accepted: o.get("accepted").and_then(Value::as_u64).unwrap_or(0),
     };
     let mut out = Vec::new();
     if let Some(list) = v.get("worker").and_then(Value::as_array) {
@@ -736,6 +840,9 @@ struct WorkerEntry<'a> {
     shares: Amount,
     bestshare: f64,
     bestever: Amount,
+    /// Its count of accepted shares (not in ckpool's files): the share journal's lines above
+    /// it are shares this file does not have yet (`crate::journal`).
+    accepted: u64,
 }
 
 fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
@@ -757,6 +864,7 @@ fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
             shares: Amount::of(w.accepted_diff),
             bestshare: w.bestshare,
             bestever: Amount::of(w.bestever),
+            accepted: w.accepted,
         })
         .collect();
     let active = u
@@ -1145,6 +1253,65 @@ mod tests {
         assert!(!user_name_ok("alice.rig1"));
         assert!(!user_name_ok("alice.tmp"));
         assert!(user_name_ok("bc1qexample"));
+    }
+
+    #[test]
+    fn journaled_shares_beyond_the_files_are_added_once() {
+        let dir = std::env::temp_dir().join(format!("ckpool-rs-restore-j-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let saved = 1_700_000_100u64;
+        fs::create_dir_all(dir.join("users")).unwrap();
+        // fred.rig: 3 shares of difficulty 2 in its file.
+        fs::write(
+            dir.join("users/fred"),
+            format!(
+                r#"{{"shares": 6, "worker": [{{"workername": "fred.rig", "shares": 6, "lastshare": {}, "bestshare": 5.0, "bestever": 5.0, "accepted": 3}}]}}"#,
+                saved - 5
+            ),
+        )
+        .unwrap();
+        let journal = crate::journal::Journal::open(&dir).unwrap();
+        let mut w = journal.writer(0);
+        // Shares 1-5 of fred.rig (1-3 are in the file), 1-2 of fred.new (not in any file).
+        let mut lines = Vec::new();
+        for n in 1..=5u64 {
+            lines.extend(format!("[{n},2.0,{}.0,\"fred\",\".rig\"]\n", n * 3).into_bytes());
+        }
+        for n in 1..=2u64 {
+            lines.extend(format!("[{n},0.5,1.0,\"fred\",\".new\"]\n").into_bytes());
+        }
+        w.flush(&mut lines);
+        let restore = || {
+            let registry = StatsRegistry::default();
+            let now = Instant::now();
+            let since_epoch = Duration::from_secs(saved + 60);
+            restore_at(
+                &registry,
+                &dir,
+                Duration::from_secs(86_400),
+                0.0,
+                now,
+                since_epoch,
+            );
+            registry.set_wall_clock(now, since_epoch);
+            registry.snapshot()
+        };
+        let back = restore();
+        let fred = &back.users["fred"];
+        assert_eq!(fred.workers["fred.rig"].accepted_diff, 10.0);
+        assert_eq!(fred.workers["fred.rig"].accepted, 5);
+        assert_eq!(fred.workers["fred.rig"].bestever, 15.0);
+        assert_eq!(fred.workers["fred.new"].accepted_diff, 1.0);
+        assert_eq!(fred.workers["fred.new"].accepted, 2);
+        assert_eq!(fred.accepted_diff, 11.0);
+        assert_eq!(
+            back.accepted_diff, 5.0,
+            "the pool gets the journaled shares"
+        );
+        // Read again (a second crash before any write): the same.
+        let again = restore();
+        assert_eq!(again.users["fred"].accepted_diff, 11.0);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -554,3 +554,114 @@ fn sigkill_with_a_block_pending_then_restart_resubmits_it_once_and_keeps_the_tot
     );
     check_accounting(&mut pool2, user, &report, lines);
 }
+
+/// SIGKILL while a miner mines, with the stats files never rewritten in the run (`statsupdate`
+/// an hour): the share journal alone brings every share the pool answered `true` back into the
+/// user's totals and the share log (`-L`) at the restart, and replaying it again after a second SIGKILL counts nothing
+/// twice; a clean stop after that writes the files, and a third start reads the same totals
+/// from them.
+#[test]
+fn sigkill_mid_mining_loses_no_accepted_share_from_the_totals() {
+    let Some(exe) = bitcoind_or_skip("sigkill_mid_mining_loses_no_accepted_share_from_the_totals")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let addr = node.new_address();
+    let mut c = config(vec![btcd_entry(node)], &addr);
+    c["statsupdate"] = json!(3600);
+    let mut pool = PoolProcess::start("fjournal", &c, &["-L"]);
+    let logdir = pool.dir.join("logs");
+    let user = "journal";
+    let miner = start_miner(&pool, user, true);
+    wait_until("40 accepted shares", WAIT, || miner.report().accepted >= 40);
+    pool.signal(libc::SIGKILL);
+    pool.wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the pool survived SIGKILL"));
+    let killed = miner.stop();
+    assert_eq!(
+        stats_file_diff(&logdir, user),
+        0.0,
+        "a stats file was written: the test would not show the journal"
+    );
+    let totals = |p: &PoolProcess| {
+        let u = user_stats(p, user);
+        (
+            u["accepted_diff"].as_f64().unwrap_or(0.0),
+            u["accepted"].as_u64().unwrap_or(0),
+        )
+    };
+    let start = |p: &PoolProcess, log: &str| {
+        let p2 = p.spawn_sibling(&["-L"], &[], log);
+        wait_until("the restarted pool to answer", WAIT, || {
+            p2.admin("ping").as_deref() == Some("pong")
+        });
+        p2
+    };
+
+    let mut pool2 = start(&pool, "pool2.log");
+    let (diff, count) = totals(&pool2);
+    println!(
+        "ckload: {} accepted of {} submitted ({} unanswered); restored: {count} shares, {} x DIFF",
+        killed.accepted,
+        killed.submitted,
+        killed.unanswered,
+        diff / DIFF
+    );
+    assert!(
+        diff >= killed.accepted as f64 * DIFF,
+        "restored {} x DIFF < {} accepted",
+        diff / DIFF,
+        killed.accepted
+    );
+    assert!(
+        diff <= killed.submitted as f64 * DIFF,
+        "restored {} x DIFF > {} submitted: counted twice",
+        diff / DIFF,
+        killed.submitted
+    );
+    assert!(
+        count >= killed.accepted && count <= killed.submitted,
+        "{count}"
+    );
+    // The share log too: the lines its writer had not written came back from the journal,
+    // each once.
+    let (lines, _) = share_log_lines(&logdir);
+    println!("share log: {lines} accepted lines after the restart");
+    assert_eq!(lines, count, "share log lines against the restored count");
+
+    // Killed again before any stats write: the same journal, read again, gives the same.
+    pool2.signal(libc::SIGKILL);
+    pool2
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the pool survived SIGKILL"));
+    let mut pool3 = start(&pool2, "pool3.log");
+    assert_eq!(
+        totals(&pool3),
+        (diff, count),
+        "a second replay changed the totals"
+    );
+    assert_eq!(
+        share_log_lines(&logdir).0,
+        lines,
+        "a second recovery wrote lines again"
+    );
+
+    // A clean stop writes the stats files (and prunes the journal); the next start reads
+    // them, with nothing counted twice.
+    pool3.signal(libc::SIGTERM);
+    let status = pool3
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the pool still runs 15 s after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_eq!(stats_file_diff(&logdir, user), diff);
+    let left = std::fs::read_dir(logdir.join("pool").join("journal"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "journal segments left after a clean stop");
+    let mut pool4 = start(&pool3, "pool4.log");
+    assert_eq!(totals(&pool4).0, diff, "the files read back differ");
+    pool4.signal(libc::SIGTERM);
+    let _ = pool4.wait_exit(Duration::from_secs(15));
+}

@@ -72,6 +72,15 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let link_registry: Arc<crate::links::LinkRegistry> = Arc::default();
+    // Accepted shares on disk before their replies go out (replayed over the stats files at
+    // the next start after a crash).
+    let journal = match crate::journal::Journal::open(settings.logdir()) {
+        Ok(j) => Some(j),
+        Err(e) => {
+            warn!(error = %e, "cannot open the share journal under {}: a crash loses the shares accepted since the last stats write", settings.logdir().display());
+            None
+        }
+    };
     let sinks = handoff::Sinks {
         blocks: Some(generator.block_submitter()),
         shares: share_log.as_ref().map(|l| Arc::from(l.sink())),
@@ -79,6 +88,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         source: None,
         auth: None,
         nodes: Some(Arc::clone(&link_registry)),
+        journal: journal.clone(),
     };
     let pool = Pool::new(pcfg, seed, Instant::now());
     let hooks = PoolHooks(Arc::clone(&pool));
@@ -101,8 +111,13 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
     } else {
         pool.new_template(Arc::clone(&first), Instant::now())
             .context("building the first job")?;
-        // The figures the stats files saved (decayed since), before anyone is served.
+        // The figures the stats files saved (decayed since), before anyone is served; the
+        // share journal adds what was accepted after them (a crash), and gives the share log
+        // the lines its writer had not written.
         status::restore(&pool, settings.logdir());
+        if settings.log_shares {
+            crate::sharelog::recover(settings);
+        }
         None
     };
     // Hashrate sampling and the stats files (pool.status, users/<name>).
@@ -111,6 +126,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
         settings.logdir().to_owned(),
         settings.statsupdate(),
         started,
+        journal.clone(),
     )
     .context("starting the stats writer")?;
 
@@ -191,6 +207,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance) -> anyhow::Result<()
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: running.share_log.as_ref().map(ShareLog::stats_handle),
+            journal: journal.clone(),
             handover: Some(handover_tx),
             links: Arc::clone(&links.registry),
             upstreams: None,

@@ -1167,12 +1167,15 @@ pub(crate) fn run(settings: &Settings, instance: &Instance, userproxy: bool) -> 
         // wake the select at once, every time).
         auth: userproxy.then(|| auth_sink(auth_tx.clone())),
         nodes: None,
+        // Proxy modes read no stats files back at start: nothing would replay a journal.
+        journal: None,
     };
     let stats_writer = status::start(
         Arc::clone(&pool),
         settings.logdir().to_owned(),
         settings.statsupdate(),
         started,
+        None,
     )
     .context("starting the stats writer")?;
 
@@ -1247,6 +1250,7 @@ pub(crate) fn run(settings: &Settings, instance: &Instance, userproxy: bool) -> 
             generator: Arc::clone(&gen_link),
             shutdown: Arc::clone(shutdown),
             share_log: share_log.as_ref().map(ShareLog::stats_handle),
+            journal: None,
             handover: Some(handover_tx),
             links: Arc::default(),
             upstreams: Some(Arc::clone(&upstreams_view)),

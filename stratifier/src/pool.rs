@@ -726,6 +726,7 @@ mod tests {
             bestshare: 800.0,
             bestever: 4000.0,
             lastshare: 1_700_000_000 - 125,
+            accepted: 0,
         };
         assert!(pool.registry.seed_worker("fred", "fred.1", &rig, &clock));
         assert!(pool.registry.seed_worker("fred", "fred.2", &rig, &clock));

@@ -58,6 +58,11 @@ struct State {
     /// Userproxy: authorisations waiting for the daemon's verdict (few at a time; not in the
     /// sessions, which stay as small as they are).
     pending_auth: HashMap<ClientId, PendingAuth>,
+    /// The share journal's lines not yet taken ([`Shard::enable_journal`]): one per accepted
+    /// share, `[number, diff, sdiff, "user", "rest of the worker name"]` (the number is the
+    /// worker's count of accepted shares after it). The daemon writes them out before the
+    /// round's replies go out.
+    journal: Option<Vec<u8>>,
 }
 
 /// A `mining.authorize` waiting for [`Shard::finish_authorise`].
@@ -437,6 +442,28 @@ fn slab_entry(chunks: &mut [Box<[Option<Session>]>], i: u32) -> Option<&mut Sess
     chunks.get_mut(i / CHUNK)?.get_mut(i % CHUNK)?.as_mut()
 }
 
+/// Appends a share journal line (see [`Shard::journal`]).
+fn journal_line(
+    j: &mut Vec<u8>,
+    n: u64,
+    (diff, sdiff): (f64, f64),
+    (user, rest): (&str, &str),
+    logged: Option<&[u8]>,
+) {
+    use std::io::Write as _;
+    let finite = |x: f64| if x.is_finite() { x } else { 0.0 };
+    // Writing to a Vec cannot fail; the names are JSON strings (escaped).
+    let _ = write!(j, "[{n},{:?},{:?},", finite(diff), finite(sdiff));
+    let _ = serde_json::to_writer(&mut *j, user);
+    j.push(b',');
+    let _ = serde_json::to_writer(&mut *j, rest);
+    if let Some(rec) = logged {
+        j.push(b',');
+        j.extend_from_slice(rec);
+    }
+    j.extend_from_slice(b"]\n");
+}
+
 impl Shard {
     /// A shard using the shared pool state.
     pub fn new(pool: Arc<Pool>) -> Self {
@@ -454,6 +481,7 @@ impl Shard {
                 jobs: JobView::default(),
                 submits: 0,
                 pending_auth: HashMap::new(),
+                journal: None,
             },
         }
     }
@@ -466,6 +494,23 @@ impl Shard {
     /// Number of live sessions.
     pub fn sessions(&self) -> usize {
         self.st.sessions.len()
+    }
+
+    /// Keeps a line per accepted share for the share journal (see [`Shard::journal`]).
+    pub fn enable_journal(&mut self) {
+        self.st
+            .journal
+            .get_or_insert_with(|| Vec::with_capacity(4096));
+    }
+
+    /// The share journal's lines written since the caller last emptied this buffer (`None`
+    /// unless [`Shard::enable_journal`] was called). Each is a JSON array: `[n, diff, sdiff,
+    /// user, rest]`, where `n` is the worker's count of accepted shares after this one and the
+    /// worker's full name is `user` followed by `rest`; when share records are wanted
+    /// ([`Out::wants_shares`]) the share's [`crate::ShareRecord`] follows as a sixth element. The caller must write them out (and
+    /// clear the buffer) before the replies of the same round reach the miners.
+    pub fn journal(&mut self) -> Option<&mut Vec<u8>> {
+        self.st.journal.as_mut()
     }
 
     /// Shares this shard has judged (accepted or rejected, each answered), since it was made.
@@ -1962,6 +2007,10 @@ impl State {
                 stale,
             )));
         }
+        // With the share log on, an accepted share's journal line carries its share-log
+        // record, so that a restart after a crash can write the lines the share log's thread
+        // had not written yet.
+        let mut logged = None;
         if out.wants_shares() {
             let from = submit::Submitter {
                 worker: auth.worker(),
@@ -1969,16 +2018,18 @@ impl State {
                 address: s.peer.ip().to_string(),
                 agent: &s.agent,
             };
-            out.event(Event::Share(submit::share_record(
-                job, &sub, &hashed, judged, verdict, from,
-            )));
+            let rec = submit::share_record(job, &sub, &hashed, judged, verdict, from);
+            if self.journal.is_some() && verdict.is_ok() {
+                logged = serde_json::to_vec(&rec).ok();
+            }
+            out.event(Event::Share(rec));
         }
         verdict?;
         let mut buf = Vec::with_capacity(96);
         write::reply_true(&mut buf, &req.id);
         let ip = s.peer.ip();
         if let Some(a) = s.auth.as_mut() {
-            pool.registry.record_share(
+            let n = pool.registry.record_share(
                 &self.stripe,
                 a.stats(pool, ip),
                 Some(judged.to_f64()),
@@ -1987,6 +2038,15 @@ impl State {
                 None,
                 now,
             );
+            if let Some(j) = self.journal.as_mut() {
+                journal_line(
+                    j,
+                    n,
+                    (judged.to_f64(), hashed.sdiff),
+                    (&a.user, a.rest.as_str()),
+                    logged.as_deref(),
+                );
+            }
         }
         let network = self
             .jobs

@@ -384,6 +384,9 @@ pub struct SeedWorker {
     pub bestever: f64,
     /// Time of its last accepted share, unix seconds (0: none).
     pub lastshare: u64,
+    /// Its count of accepted shares as saved (0 when the file does not say: ckpool's do not).
+    /// Shares the pool accepts after the seed are numbered from it.
+    pub accepted: u64,
 }
 
 /// When seeded figures were saved and what time it is now, to decay them by the gap and place
@@ -647,7 +650,9 @@ impl StatsRegistry {
 
     /// Counts a share in `stripe`: accepted at difficulty `accepted`, or rejected for `reason`.
     /// `solved`: it found a block (recorded first with [`StatsRegistry::record_block`]); it
-    /// counts in the best ever but not in the best of the round it started.
+    /// counts in the best ever but not in the best of the round it started. Returns the
+    /// worker's count of accepted shares after it: an accepted share's number, which the share
+    /// journal records so that a replay after a crash counts each share once.
     #[expect(
         clippy::too_many_arguments,
         reason = "the share path: no struct to build"
@@ -661,7 +666,7 @@ impl StatsRegistry {
         solved: bool,
         reason: Option<Reject>,
         now: Instant,
-    ) {
+    ) -> u64 {
         let round = self.round.0.load(Ordering::Relaxed);
         {
             let mut t = stripe.0.lock();
@@ -670,10 +675,9 @@ impl StatsRegistry {
                 None => t.reject(reason),
             }
         }
-        w.worker
-            .counters
-            .lock()
-            .add(accepted, sdiff, now, round, solved);
+        let mut c = w.worker.counters.lock();
+        c.add(accepted, sdiff, now, round, solved);
+        c.accepted
     }
 
     /// Counts a rejected submission from a client that is not authorised (no user to charge).
@@ -1021,7 +1025,7 @@ impl StatsRegistry {
         let bestever = finite(seed.bestever).max(bestshare);
         let w = WorkerCell {
             counters: Mutex::new(Counters {
-                accepted: 0,
+                accepted: seed.accepted,
                 rejected: 0,
                 accepted_diff,
                 bestshare,
