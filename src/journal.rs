@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +91,7 @@ impl Journal {
             ack,
             file: None,
             last_warn: None,
+            dated: 0,
         }
     }
 
@@ -182,8 +183,166 @@ pub(crate) struct JournalWriter {
     thread: usize,
     generation: u64,
     ack: Arc<AtomicU64>,
-    file: Option<File>,
+    file: Option<Segment>,
     last_warn: Option<Instant>,
+    /// The unix second of the last time line written to `file`.
+    dated: u64,
+}
+
+/// Bytes of a segment mapped at a time (small: the pages touched count in the RSS until unmapped).
+const WINDOW: usize = 64 << 10;
+
+/// An open segment file. Lines are copied into a window of the file mapped shared (no system
+/// call a round: a `write` a round cost about 1.5 µs a share at 20,000 shares/s); the bytes
+/// are in the page cache as soon as they are copied, so a killed process loses nothing that a
+/// `write` would have kept. Each window's blocks are allocated (`fallocate`) before it is
+/// mapped, so a full disk is an error here and never a `SIGBUS` at a page fault. Where the file
+/// system cannot allocate or map, lines are written with `write` instead. A segment closed in
+/// order is cut to its length; one left by a crash ends in zeros, which [`replay`] stops at.
+struct Segment {
+    file: File,
+    map: Option<Window>,
+    /// File offset of the mapped window, and bytes of it used.
+    window_at: u64,
+    used: usize,
+}
+
+/// A mapped window of a segment file.
+struct Window(std::ptr::NonNull<u8>);
+
+// SAFETY: the mapping is owned by one `Segment`, used by the thread that owns it only, and
+// unmapped once (in `Drop`); moving it between threads moves that ownership.
+unsafe impl Send for Window {}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("mapped", &self.map.is_some())
+            .field("at", &(self.window_at + self.used as u64))
+            .finish()
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is the start of a live mapping of `WINDOW` bytes made in
+        // `Segment::map_next` and not unmapped elsewhere.
+        unsafe {
+            libc::munmap(self.0.as_ptr().cast(), WINDOW);
+        }
+    }
+}
+
+impl Segment {
+    fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(path)?;
+        let end = file.metadata()?.len();
+        let mut seg = Self {
+            file,
+            map: None,
+            window_at: end,
+            used: 0,
+        };
+        // A file that is not mappable is written with `write`, at its end.
+        if seg.map_next(end).is_err() {
+            seg.file.seek(io::SeekFrom::End(0))?;
+        }
+        Ok(seg)
+    }
+
+    /// Allocates and maps the window at `at`, in place of the one mapped (which stays if this
+    /// fails, so that the segment's length is still known).
+    fn map_next(&mut self, at: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let off = libc::off_t::try_from(at).map_err(|_| io::Error::other("segment too large"))?;
+        let len = libc::off_t::try_from(WINDOW).unwrap_or(0);
+        // SAFETY: a plain system call on a file descriptor this segment owns.
+        let r = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), off, len) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        // SAFETY: maps `WINDOW` bytes of the file at `off`, just allocated; the result is
+        // checked before use, and the mapping is owned by the `Window` made of it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                WINDOW,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap gave a null pointer"))?;
+        // The window before (if any) is unmapped here; its bytes stay in the file.
+        self.map = Some(Window(ptr));
+        self.window_at = at;
+        self.used = 0;
+        Ok(())
+    }
+
+    /// Appends `a` then `b`.
+    fn append(&mut self, a: &[u8], b: &[u8]) -> io::Result<()> {
+        if self.map.is_none() {
+            return write_both(&mut self.file, a, b);
+        }
+        for mut data in [a, b] {
+            while !data.is_empty() {
+                if self.used == WINDOW {
+                    let next = self.window_at + WINDOW as u64;
+                    self.map_next(next)?;
+                }
+                let Some(w) = &self.map else {
+                    return Err(io::Error::other("segment not mapped"));
+                };
+                let n = data.len().min(WINDOW - self.used);
+                // SAFETY: the window is `WINDOW` bytes, `used + n <= WINDOW`, so the offset
+                // and the `n` bytes from it are inside the mapping.
+                let to = unsafe { w.0.as_ptr().add(self.used) };
+                // SAFETY: `to..to + n` is inside the mapping (above), which nothing else refers
+                // to; `data` has at least `n` bytes and is not in the mapping.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), to, n) };
+                self.used += n;
+                data = data.get(n..).unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if self.map.take().is_some() {
+            // The zeros of the window's unused end go.
+            let _ = self.file.set_len(self.window_at + self.used as u64);
+        }
+    }
+}
+
+/// Writes `a` then `b` with one `writev` in the usual case.
+fn write_both(f: &mut File, a: &[u8], b: &[u8]) -> io::Result<()> {
+    if a.is_empty() {
+        return f.write_all(b);
+    }
+    let total = a.len() + b.len();
+    let mut done = f.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
+    if done == total {
+        return Ok(());
+    }
+    if done < a.len() {
+        f.write_all(a.get(done..).unwrap_or_default())?;
+        done = a.len();
+    }
+    f.write_all(b.get(done - a.len()..).unwrap_or_default())
 }
 
 impl JournalWriter {
@@ -205,12 +364,21 @@ impl JournalWriter {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let mut head = Vec::with_capacity(24);
-        let _ = writeln!(head, "[\"t\",{secs}]");
-        let result = self.file().and_then(|f| {
-            f.write_all(&head)?;
-            f.write_all(lines)
-        });
+        // The time line only when the second changed (or a new file starts): one `write` a
+        // round either way.
+        let mut head = [0u8; 32];
+        let head_len = if self.file.is_none() || self.dated != secs {
+            let mut cur = io::Cursor::new(&mut head[..]);
+            let _ = writeln!(cur, "[\"t\",{secs}]");
+            usize::try_from(cur.position()).unwrap_or(0)
+        } else {
+            0
+        };
+        let head = head.get(..head_len).unwrap_or_default();
+        let result = self.file().and_then(|f| f.append(head, lines));
+        if result.is_ok() {
+            self.dated = secs;
+        }
         match result {
             Ok(()) => {
                 self.journal
@@ -234,17 +402,17 @@ impl JournalWriter {
         lines.clear();
     }
 
-    fn file(&mut self) -> io::Result<&mut File> {
+    fn file(&mut self) -> io::Result<&mut Segment> {
+        if self.file.is_none() {
+            // A new file starts with its time line.
+            self.dated = 0;
+        }
         if self.file.is_none() {
             let name = format!(
                 "{}-{}-{}.{EXT}",
                 self.journal.pid, self.generation, self.thread
             );
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.journal.dir.join(name))?;
-            self.file = Some(f);
+            self.file = Some(Segment::open(&self.journal.dir.join(name))?);
         }
         // Set just above.
         self.file
@@ -309,6 +477,10 @@ pub(crate) fn replay(logdir: &Path, mut f: impl FnMut(Entry)) -> (usize, u64, u6
                     warn!(path = %path.display(), error = %e, "error reading a share journal segment; the rest skipped");
                     break;
                 }
+            }
+            if line.first() == Some(&0) {
+                // The zeros after the last line of a segment a crash left mapped.
+                break;
             }
             if line.last() != Some(&b'\n') {
                 // Too long (skip to its end) or cut short by the crash.
@@ -475,6 +647,56 @@ mod tests {
         assert!(fred.last > 1_700_000_000);
         let odd = added[&("o\"dd".to_owned(), "o\"dd".to_owned())];
         assert_eq!((odd.shares, odd.diff), (1, 0.25));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lines_across_mapped_windows_read_back_after_a_crash_and_after_a_close() {
+        let dir = tmp("windows");
+        let j = Journal::open(&dir).expect("open");
+        let mut w = j.writer(0);
+        // About 10 windows, in rounds of 100 lines.
+        let mut n = 0u64;
+        while n < 12_000 {
+            let mut buf = Vec::new();
+            for _ in 0..100 {
+                n += 1;
+                buf.extend(line(n, 1.0, "someone", ".with-a-longer-worker-name"));
+            }
+            w.flush(&mut buf);
+        }
+        let size = |d: &Path| -> u64 {
+            fs::read_dir(d.join("pool/journal"))
+                .expect("dir")
+                .flatten()
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum()
+        };
+        assert!(size(&dir) > 2 * WINDOW as u64, "{}", size(&dir));
+        // As a SIGKILL leaves it: mapped, never cut (the writer forgotten, not dropped).
+        let mut seen = 0u64;
+        let (_, read, skipped) = replay(&dir, |e| {
+            seen += 1;
+            assert_eq!(e.n, seen);
+        });
+        assert_eq!((read, skipped), (n, 0));
+        let zeros = size(&dir);
+        std::mem::forget(w);
+        // Closed in order, the zeros go.
+        let mut w2 = j.writer(1);
+        w2.flush(&mut line(1, 1.0, "x", ""));
+        drop(w2);
+        let lines_bytes: u64 = fs::read_dir(dir.join("pool/journal"))
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.path().to_string_lossy().ends_with("-1.journal"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum();
+        assert!(lines_bytes < 100, "{lines_bytes}");
+        assert!(
+            zeros % WINDOW as u64 == 0,
+            "a mapped segment is whole windows long"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -528,14 +528,23 @@ fn sigkill_with_a_block_pending_then_restart_resubmits_it_once_and_keeps_the_tot
         "each pending block submitted once"
     );
 
+    // The share journal gave the share log back what its writer had not written: every share
+    // ckload saw accepted is there now.
+    let (lines, _) = share_log_lines(&logdir);
+    assert!(
+        lines >= killed.accepted,
+        "{lines} share-log lines after the restart, {} accepted",
+        killed.accepted
+    );
+
     // The user's totals were read back: at least what was on disk before the kill.
     let restored = user_stats(&pool2, user);
     let restored_diff = restored["accepted_diff"].as_f64().unwrap_or(0.0);
     println!("restored {restored}");
     assert!(
-        restored_diff >= seen.accepted as f64 * DIFF,
+        restored_diff >= killed.accepted as f64 * DIFF,
         "restored {restored}, {} accepted before the kill",
-        seen.accepted
+        killed.accepted
     );
 
     // And mining goes on, every share counted on top.
