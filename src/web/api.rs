@@ -130,6 +130,8 @@ fn clients(ctx: &PoolCtx) -> Value {
                 "closed": c.closed.total(),
                 "slow_rounds": c.slow_rounds,
                 "queued": c.queued,
+                "paused": c.paused,
+                "pauses": c.pauses,
             })
         })
         .collect();

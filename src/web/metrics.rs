@@ -53,6 +53,8 @@ pub(super) fn connections(reg: &mut Registry, threads: &[ThreadCounters]) {
     let slow = CounterFamily::default();
     let panics = CounterFamily::default();
     let queued = Family::<Labels, Gauge>::default();
+    let paused = Family::<Labels, Gauge>::default();
+    let pauses = CounterFamily::default();
     for (i, c) in threads.iter().enumerate() {
         let t = || vec![("thread", i.to_string())];
         open.get_or_create(&t()).set(sat_i64(c.open));
@@ -63,6 +65,8 @@ pub(super) fn connections(reg: &mut Registry, threads: &[ThreadCounters]) {
         slow.get_or_create(&t()).inc_by(c.slow_rounds);
         panics.get_or_create(&t()).inc_by(c.handler_panics);
         queued.get_or_create(&t()).set(sat_i64(c.queued));
+        paused.get_or_create(&t()).set(sat_i64(c.paused));
+        pauses.get_or_create(&t()).inc_by(c.pauses);
         let k = &c.closed;
         for (reason, n) in [
             ("peer", k.peer),
@@ -125,6 +129,16 @@ pub(super) fn connections(reg: &mut Registry, threads: &[ThreadCounters]) {
         "connector_queued_bytes",
         "Bytes queued for the thread's connections and not yet written",
         queued,
+    );
+    reg.register(
+        "connector_paused_connections",
+        "Connections whose reads are paused now for back-pressure (pausereads), per connector thread",
+        paused,
+    );
+    reg.register(
+        "connector_read_pauses",
+        "Times a connection's reads were paused for back-pressure, per connector thread",
+        pauses,
     );
     reg.register(
         "connector_threads",
@@ -531,4 +545,31 @@ impl EncodeMetric for ConstHistogram {
 
 pub(super) fn sat_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connector_counters_include_back_pressure() {
+        let t = ThreadCounters {
+            open: 3,
+            paused: 2,
+            pauses: 5,
+            queued: 70_000,
+            ..ThreadCounters::default()
+        };
+        let mut reg = Registry::with_prefix("ckpool");
+        connections(&mut reg, &[t]);
+        let text = encode_registry(&reg).expect("encodes");
+        for line in [
+            "ckpool_connections_open{thread=\"0\"} 3",
+            "ckpool_connector_paused_connections{thread=\"0\"} 2",
+            "ckpool_connector_read_pauses_total{thread=\"0\"} 5",
+            "ckpool_connector_queued_bytes{thread=\"0\"} 70000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
 }
