@@ -60,7 +60,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -70,8 +70,8 @@ use common::stratum::passthrough::Role;
 use connector::{CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
-    LinkHandover, MinerLine, PassthroughEvent, PassthroughLink, SendError, UpstreamConfig,
-    UpstreamServer,
+    LinkHandover, MinerLine, MinerRouter, PassthroughEvent, PassthroughLink, SendError,
+    UpstreamConfig, UpstreamServer,
 };
 use serde_json::json;
 use tracing::{debug, error, info, warn};
@@ -926,7 +926,7 @@ impl handover::GiveHooks for PtGive<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
                 recv(self.events) -> ev => match ev {
-                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node),
+                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node, self.shutdown),
                     Err(_) => break Err(anyhow!("the upstream link stopped")),
                 },
                 recv(answer) -> r => break match r {
@@ -937,7 +937,14 @@ impl handover::GiveHooks for PtGive<'_> {
             }
         };
         while let Ok(ev) = self.events.try_recv() {
-            handle_event(ev, &handle, self.shared, &mut batches, self.node);
+            handle_event(
+                ev,
+                &handle,
+                self.shared,
+                &mut batches,
+                self.node,
+                self.shutdown,
+            );
         }
         send_batches(&handle, self.shared, &mut batches, self.shutdown);
         let paused = paused.context("pausing the upstream link")?;
@@ -1000,18 +1007,80 @@ fn send_batches(
     batches: &mut [Batch],
     shutdown: &AtomicBool,
 ) {
-    for (t, (lines, bytes)) in batches.iter_mut().enumerate() {
-        if lines.is_empty() {
-            continue;
+    for (t, batch) in batches.iter_mut().enumerate() {
+        send_batch(conns, shared, t, batch, shutdown);
+    }
+}
+
+/// [`send_batches`] for thread `t` alone.
+fn send_batch(
+    conns: &ConnectorHandle<Msg>,
+    shared: &Shared,
+    t: usize,
+    (lines, bytes): &mut Batch,
+    shutdown: &AtomicBool,
+) {
+    if lines.is_empty() {
+        return;
+    }
+    // Back-pressure towards the upstream: wait while this thread has a lot unsent.
+    if let Some(f) = shared.inflight.get(t) {
+        while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(1));
         }
-        // Back-pressure towards the upstream: wait while this thread has a lot unsent.
-        if let Some(f) = shared.inflight.get(t) {
-            while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
-                thread::sleep(Duration::from_millis(1));
+        f.fetch_add(*bytes, Ordering::Relaxed);
+    }
+    conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
+}
+
+/// The link's [`MinerRouter`] (passthrough and redirector modes): lines for miners go from the
+/// thread that reads them from the upstream straight to their connector threads, one message
+/// per thread per read, skipping the link's engine thread and the router.
+///
+/// Ordering: a connector thread's messages are handled in the order they are sent. The link
+/// hands every line of a connection to this router before it emits that connection's `Down`
+/// or another connection's `Up`, so the router's `Msg::Replay` for a new upstream (sent once
+/// it has the `Up`) comes after every line of the old one, as when they all went through the
+/// router; lines of the new upstream for a miner answer what the miner sent after that
+/// replay. A `dropclient` closes its miner after the lines read before it (its thread's batch
+/// goes first).
+struct DirectRouter {
+    shared: Arc<Shared>,
+    /// Set once the connector is started (no miner, so no line to route, before).
+    conns: OnceLock<ConnectorHandle<Msg>>,
+    shutdown: Arc<AtomicBool>,
+    batches: Mutex<Vec<Batch>>,
+}
+
+impl DirectRouter {
+    /// The connector's handle. A miner may connect (and get a reply) in the moment between the
+    /// connector's start and the handle being set here: wait for it then (it is set right
+    /// after the start returns; `None` only when shutting down).
+    fn connector(&self) -> Option<&ConnectorHandle<Msg>> {
+        loop {
+            if let Some(c) = self.conns.get() {
+                return Some(c);
             }
-            f.fetch_add(*bytes, Ordering::Relaxed);
+            if self.shutdown.load(Ordering::Relaxed) {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(1));
         }
-        conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
+    }
+
+    fn route(&self, events: &mut Vec<PassthroughEvent>) {
+        let Some(conns) = self.connector() else {
+            events.clear();
+            return;
+        };
+        let mut batches = self
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ev in events.drain(..) {
+            handle_event(ev, conns, &self.shared, &mut batches, None, &self.shutdown);
+        }
+        send_batches(conns, &self.shared, &mut batches, &self.shutdown);
     }
 }
 
@@ -1107,9 +1176,25 @@ pub(crate) fn run_link(
         replay_closed: AtomicU64::new(0),
         rejected_down: AtomicU64::new(0),
     });
+    // Node mode keeps every line on the router: a node's `workinfo` (a link line) must be
+    // handled before the notifies after it reach miners.
+    let direct = node.is_none().then(|| {
+        Arc::new(DirectRouter {
+            shared: Arc::clone(&shared),
+            conns: OnceLock::new(),
+            shutdown: Arc::clone(shutdown),
+            batches: Mutex::new((0..threads).map(|_| (Vec::new(), 0)).collect()),
+        })
+    });
+    let router = direct.as_ref().map(|d| {
+        let d = Arc::clone(d);
+        let r: MinerRouter = Arc::new(move |evs: &mut Vec<PassthroughEvent>| d.route(evs));
+        r
+    });
     let (link, incoming) = match incoming {
         None => (
-            PassthroughLink::start(cfg, role, ev_tx).context("starting the upstream link")?,
+            PassthroughLink::start_routed(cfg, role, ev_tx, router)
+                .context("starting the upstream link")?,
             None,
         ),
         Some((incoming, (adopted, next_id))) => {
@@ -1119,7 +1204,7 @@ pub(crate) fn run_link(
             shared.next_id.store(next_id, Ordering::Relaxed);
             shared.active.store(index, Ordering::Relaxed);
             shared.state.store(UP, Ordering::SeqCst);
-            match PassthroughLink::start_adopted(cfg, role, ev_tx, adopted) {
+            match PassthroughLink::start_adopted_routed(cfg, role, ev_tx, router, adopted) {
                 Ok(link) => {
                     info!(index, next_id, "handover: upstream link taken over");
                     (link, Some(incoming))
@@ -1165,6 +1250,10 @@ pub(crate) fn run_link(
             return Err(e).context("starting the connector");
         }
     };
+    if let Some(d) = &direct {
+        // Before the adopted link reads (`resume` below) and before any miner connects.
+        let _ = d.conns.set(conns.handle());
+    }
     let handed_in = incoming.is_some();
     if let Some(incoming) = incoming {
         let adopted = incoming.adopt_all(&conns);
@@ -1357,7 +1446,7 @@ fn route(
             let mut n = 0;
             let mut next = Some(ev);
             while let Some(ev) = next.take() {
-                handle_event(ev, conns, shared, &mut batches, node);
+                handle_event(ev, conns, shared, &mut batches, node, shutdown);
                 n += 1;
                 if n < ROUND {
                     next = events.try_recv().ok();
@@ -1411,6 +1500,7 @@ fn handle_event(
     shared: &Shared,
     batches: &mut [Batch],
     node: Option<&Node>,
+    shutdown: &AtomicBool,
 ) {
     match ev {
         PassthroughEvent::Client { client_id, line } => {
@@ -1464,6 +1554,10 @@ fn handle_event(
                     Some((t, conn)) => {
                         shared.dropclients.fetch_add(1, Ordering::Relaxed);
                         info!(client_id = id, %conn, "upstream dropped a miner");
+                        // The lines read before it go first.
+                        if let Some(batch) = batches.get_mut(t) {
+                            send_batch(conns, shared, t, batch, shutdown);
+                        }
                         conns.send(t, Msg::Drop(conn));
                     }
                     None => debug!(

@@ -23,6 +23,38 @@ const READ_AHEAD: usize = 16;
 /// socket's receive timeout).
 const READ_POLL: Duration = Duration::from_millis(100);
 
+/// Where the reader thread of the active connection hands the events of the lines it routes
+/// itself ([`Session::direct`]), one call per read: the owner's router, run on that thread.
+pub(crate) type DirectSink<E> = Arc<dyn Fn(&mut Vec<E>) + Send + Sync>;
+
+/// A connection's direct path (see [`Session::direct`]): open while it is the active link. Its
+/// reader holds the lock while it classifies and hands on the lines of one read, so closing it
+/// ([`Gate::shut`]) waits for the lines being routed: once the engine has shut it, no line of
+/// this connection reaches the owner except through the engine, and an event the engine emits
+/// afterwards (`Down`, the `Up` of another connection) comes after every line routed directly.
+struct Gate<E> {
+    open: parking_lot::Mutex<bool>,
+    /// A line was routed since the engine last looked (its idle timer).
+    seen: AtomicBool,
+    sink: DirectSink<E>,
+    classify: fn(&[u8]) -> Option<E>,
+}
+
+impl<E> Gate<E> {
+    fn new(sink: &DirectSink<E>, classify: fn(&[u8]) -> Option<E>, open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            open: parking_lot::Mutex::new(open),
+            seen: AtomicBool::new(false),
+            sink: Arc::clone(sink),
+            classify,
+        })
+    }
+
+    fn set(&self, open: bool) {
+        *self.open.lock() = open;
+    }
+}
+
 /// The active connection of a link, taken out of a paused engine to be handed over to another
 /// process (`-H`): its socket and what was read from it and not yet made into lines. The
 /// connection's handshake is done; a link adopting it ([`Handle::start_adopted`]) sends nothing
@@ -86,6 +118,16 @@ pub(crate) trait Session: Send + Sized + 'static {
     fn new(cfg: &Shared, params: &Self::Params, index: usize) -> Self;
     /// Writes the first lines of the handshake.
     fn start(&mut self, now: Instant, out: &mut Vec<u8>);
+    /// A line that the reader thread of the active connection may hand on to the owner itself
+    /// (through the link's [`DirectSink`], when it has one), skipping the engine: its event.
+    /// `None` (the default) sends the line to the engine ([`Session::line`]). Only for lines
+    /// whose handling needs no session state once the handshake is done, and whose order
+    /// against lines sent to the engine does not matter to the owner (lines sent to the engine
+    /// may be overtaken by later ones routed directly).
+    fn direct(line: &[u8]) -> Option<Self::Event> {
+        let _ = line;
+        None
+    }
     /// The session's connection was handed over by another process with its handshake done
     /// ([`Handle::start_adopted`]): it is ready without one.
     fn adopted(&mut self) {}
@@ -173,13 +215,25 @@ struct Conn<S: Session> {
     pause: Arc<AtomicBool>,
     /// While paused: what the reader had read and not made into lines.
     partial: Vec<u8>,
+    /// The direct path of its reader, when the link has a [`DirectSink`].
+    gate: Option<Arc<Gate<<S as Session>::Event>>>,
     _reader: Option<JoinHandle<()>>,
+}
+
+impl<S: Session> Conn<S> {
+    /// Opens or shuts its direct path (shutting waits for the lines being routed).
+    fn set_direct(&self, open: bool) {
+        if let Some(g) = &self.gate {
+            g.set(open);
+        }
+    }
 }
 
 impl<S: Session> Drop for Conn<S> {
     fn drop(&mut self) {
         // Ends the reader thread (its read fails) and tells the upstream we are gone. A thread
         // still connecting finds the engine gone when it connects and closes the stream.
+        self.set_direct(false);
         if let Some(s) = &self.stream {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -203,8 +257,9 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
+        direct: Option<DirectSink<S::Event>>,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, None)
+        Self::spawn::<S>(cfg, params, name, events, direct, None)
     }
 
     /// Starts the engine on a connection another process handed over ([`LinkHandover`]),
@@ -216,9 +271,10 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
+        direct: Option<DirectSink<S::Event>>,
         adopted: LinkHandover,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, Some(adopted))
+        Self::spawn::<S>(cfg, params, name, events, direct, Some(adopted))
     }
 
     fn spawn<S: Session<Cmd = C>>(
@@ -226,6 +282,7 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
+        direct: Option<DirectSink<S::Event>>,
         adopted: Option<LinkHandover>,
     ) -> Result<Self, UpstreamError> {
         check(&cfg)?;
@@ -252,6 +309,8 @@ impl<C: Send + 'static> Handle<C> {
                 out: Vec::with_capacity(1024),
                 pause: Arc::new(AtomicBool::new(true)),
                 partial: a.partial,
+                // Active and ready from the start.
+                gate: direct.as_ref().map(|d| Gate::new(d, S::direct, true)),
                 _reader: None,
             }
         });
@@ -274,6 +333,7 @@ impl<C: Send + 'static> Handle<C> {
             redirect: None,
             scratch: Vec::new(),
             stopping: false,
+            direct,
         };
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
@@ -390,6 +450,8 @@ struct Engine<S: Session> {
     scratch: Vec<S::Event>,
     /// Shutting down: events are no longer waited for.
     stopping: bool,
+    /// The owner's router for lines the readers hand on themselves ([`Session::direct`]).
+    direct: Option<DirectSink<S::Event>>,
 }
 
 /// Which connection.
@@ -422,6 +484,7 @@ impl<S: Session> Engine<S> {
                 Wake::Ctl(Ctl::Release { done }) => {
                     // Closing our descriptor leaves the connection to the other process.
                     if let Some(mut a) = self.active.take() {
+                        a.set_direct(false);
                         a.stream = None;
                     }
                     self.attempt = None;
@@ -594,10 +657,21 @@ impl<S: Session> Engine<S> {
         let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
         let pause = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&pause);
+        // Shut until the connection is the active link.
+        let gate = self.direct.as_ref().map(|d| Gate::new(d, S::direct, false));
+        let reader_gate = gate.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("up-read-{index}"))
             .spawn(move || {
-                connect_and_read(&host, port, connect_timeout, write_timeout, &flag, &tx);
+                connect_and_read(
+                    &host,
+                    port,
+                    connect_timeout,
+                    write_timeout,
+                    &flag,
+                    &tx,
+                    reader_gate.as_deref(),
+                );
             });
         let reader = match spawned {
             Ok(r) => r,
@@ -618,6 +692,7 @@ impl<S: Session> Engine<S> {
             out: Vec::with_capacity(1024),
             pause,
             partial: Vec::new(),
+            gate,
             _reader: Some(reader),
         })
     }
@@ -708,7 +783,12 @@ impl<S: Session> Engine<S> {
         };
         a.last_line = now;
         let started = match a.stream.as_ref().map(TcpStream::try_clone) {
-            Some(Ok(stream)) => spawn_reader(a.index, stream, std::mem::take(&mut a.partial)),
+            Some(Ok(stream)) => spawn_reader(
+                a.index,
+                stream,
+                std::mem::take(&mut a.partial),
+                a.gate.clone(),
+            ),
             Some(Err(e)) => Err(e),
             None => Err(std::io::Error::other("no socket")),
         };
@@ -836,6 +916,8 @@ impl<S: Session> Engine<S> {
             return;
         };
         if slot == Slot::Active {
+            // Every line its reader routes itself is with the owner before `Down`.
+            c.set_direct(false);
             tracing::warn!(index = c.index, %reason, "upstream down");
             c.session.drain("upstream down", &mut self.scratch);
             self.scratch.push(S::down_event(c.index, reason));
@@ -862,6 +944,8 @@ impl<S: Session> Engine<S> {
             return;
         };
         if let Some(mut old) = self.active.take() {
+            // Every line the old reader routes itself is with the owner before the new `Up`.
+            old.set_direct(false);
             tracing::info!(from = old.index, to = c.index, "upstream fail-back");
             old.session.drain("upstream switched", &mut self.scratch);
             if S::LOSE_QUEUED_ON_SWITCH {
@@ -891,6 +975,10 @@ impl<S: Session> Engine<S> {
         self.probe_next = 0;
         self.probe_at = Instant::now() + self.cfg.failback_interval;
         self.tried = 0;
+        // Before its `Up` is emitted: the lines that answer what miners send once they see
+        // it are read with the path open (none come for them before: they have no sessions
+        // on this connection yet).
+        c.set_direct(true);
         self.active = Some(c);
     }
 
@@ -899,6 +987,12 @@ impl<S: Session> Engine<S> {
             return;
         }
         if let Some(a) = &mut self.active {
+            if a.gate
+                .as_ref()
+                .is_some_and(|g| g.seen.swap(false, Ordering::Relaxed))
+            {
+                a.last_line = now;
+            }
             let mut outcome = Outcome::Continue;
             if a.session.deadline().is_some_and(|d| d <= now) {
                 outcome = a.session.poll(now, &mut a.out, &mut self.scratch);
@@ -973,6 +1067,16 @@ impl<S: Session> Engine<S> {
     }
 }
 
+/// Hands `routed` (lines of the active connection, in order) to the gate's sink.
+fn route<E>(gate: &Gate<E>, routed: &mut Vec<E>) {
+    if routed.is_empty() {
+        return;
+    }
+    (gate.sink)(routed);
+    routed.clear();
+    gate.seen.store(true, Ordering::Relaxed);
+}
+
 /// Connects to `host:port` (each address it resolves to in turn) within `timeout` each.
 fn open(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
@@ -1014,13 +1118,14 @@ fn connect_one(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result
 /// A connection's thread: connects, hands a clone of the stream over, then sends lines
 /// (without newline) to `tx` until the stream ends, the engine drops the connection, or
 /// `pause` is set ([`read_lines`]).
-fn connect_and_read(
+fn connect_and_read<E>(
     host: &str,
     port: u16,
     connect_timeout: Duration,
     write_timeout: Duration,
     pause: &AtomicBool,
     tx: &Sender<ReadMsg>,
+    gate: Option<&Gate<E>>,
 ) {
     let opened = open(host, port, connect_timeout).and_then(|stream| {
         stream.set_nodelay(true)?;
@@ -1043,15 +1148,16 @@ fn connect_and_read(
             return;
         }
     };
-    read_lines(stream, Vec::new(), pause, tx);
+    read_lines(stream, Vec::new(), pause, tx, gate);
 }
 
 /// A reader thread for a connection that is connected already (a resumed or adopted one),
 /// starting with the bytes `partial`: its channel, its pause flag and its thread.
-fn spawn_reader(
+fn spawn_reader<E: Send + 'static>(
     index: usize,
     stream: TcpStream,
     partial: Vec<u8>,
+    gate: Option<Arc<Gate<E>>>,
 ) -> std::io::Result<(Receiver<ReadMsg>, Arc<AtomicBool>, JoinHandle<()>)> {
     stream.set_read_timeout(Some(READ_POLL))?;
     let (tx, lines) = bounded(READ_AHEAD);
@@ -1059,7 +1165,7 @@ fn spawn_reader(
     let flag = Arc::clone(&pause);
     let reader = std::thread::Builder::new()
         .name(format!("up-read-{index}"))
-        .spawn(move || read_lines(stream, partial, &flag, &tx))?;
+        .spawn(move || read_lines(stream, partial, &flag, &tx, gate.as_deref()))?;
     Ok((lines, pause, reader))
 }
 
@@ -1068,23 +1174,53 @@ fn spawn_reader(
 /// Stops when the stream ends or fails ([`ReadMsg::Closed`]), when the engine is gone, or, once
 /// every complete line read is sent, when `pause` is set: then [`ReadMsg::Paused`] carries what
 /// was read of the next line.
-fn read_lines(mut stream: TcpStream, mut buf: Vec<u8>, pause: &AtomicBool, tx: &Sender<ReadMsg>) {
+///
+/// With a `gate` that is open, the lines [`Session::direct`] takes go to its sink instead, one
+/// call per read (and before any later line goes to the engine), under its lock.
+fn read_lines<E>(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    pause: &AtomicBool,
+    tx: &Sender<ReadMsg>,
+    gate: Option<&Gate<E>>,
+) {
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut routed: Vec<E> = Vec::new();
     loop {
         let mut start = 0;
+        // Held while lines of this read are classified and routed (see `Gate`); never while
+        // sending to the engine, which may be waiting for it.
+        let mut open = gate.map(|g| g.open.lock());
         while let Some(i) = buf
             .get(start..)
             .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
         {
-            let mut line = buf.get(start..start + i).unwrap_or_default().to_vec();
+            let mut line = buf.get(start..start + i).unwrap_or_default();
             start += i + 1;
             if line.last() == Some(&b'\r') {
-                line.pop();
+                line = line.get(..line.len() - 1).unwrap_or_default();
             }
-            if tx.send(ReadMsg::Line(line)).is_err() {
+            if let (Some(g), Some(true)) = (gate, open.as_deref().copied())
+                && let Some(ev) = (g.classify)(line)
+            {
+                routed.push(ev);
+                continue;
+            }
+            if let Some(g) = gate {
+                route(g, &mut routed);
+            }
+            let unlocked = open.take().is_some();
+            if tx.send(ReadMsg::Line(line.to_vec())).is_err() {
                 return;
             }
+            if unlocked {
+                open = gate.map(|g| g.open.lock());
+            }
         }
+        if let Some(g) = gate {
+            route(g, &mut routed);
+        }
+        drop(open);
         buf.drain(..start);
         if buf.len() > MAX_LINE {
             let _ = tx.send(ReadMsg::Closed("line too long".to_owned()));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::stratum::passthrough::{self, FromUpstream, Role};
 use crossbeam_channel::{Receiver, Sender};
 
-use super::engine::{Handle, LinkHandover, Outcome, Session};
+use super::engine::{DirectSink, Handle, LinkHandover, Outcome, Session};
 use super::{SendError, Shared, UpstreamConfig, UpstreamError};
 
 /// What the passthrough sends up.
@@ -103,6 +103,14 @@ impl PassthroughEvent {
     }
 }
 
+/// The owner's router of lines for miners, run on the thread that reads them from the active
+/// upstream connection ([`PassthroughLink::start_routed`]): each call gets the events of one
+/// read, in order, all of them [`PassthroughEvent::Client`], [`PassthroughEvent::Clients`] or a
+/// `dropclient` [`PassthroughEvent::Text`]; it takes them out of the vector (what is left is
+/// dropped). It may block (back-pressure: the link stops reading), but must not wait for the
+/// link's engine or its events.
+pub type MinerRouter = Arc<dyn Fn(&mut Vec<PassthroughEvent>) + Send + Sync>;
+
 /// A passthrough link (see the module docs). Dropping it stops its threads without waiting;
 /// [`PassthroughLink::shutdown`] waits.
 #[derive(Debug)]
@@ -129,12 +137,29 @@ impl PassthroughLink {
         role: Role,
         events: Sender<PassthroughEvent>,
     ) -> Result<Self, UpstreamError> {
+        Self::start_routed(cfg, role, events, None)
+    }
+
+    /// [`PassthroughLink::start`], with lines for miners (and `dropclient`) routed by `router`
+    /// on the thread that reads them from the active connection instead of coming as events:
+    /// two thread hops fewer per line. Ordering: every line routed this way is handed to the
+    /// router before the link emits the `Down` of its connection or the `Up` of another (the
+    /// link waits for the router's call under way before it emits them), and after the `Up`
+    /// of its own connection has been decided. Lines sent as events (any other line, and lines
+    /// read before the connection became active) may be overtaken by later routed ones.
+    pub fn start_routed(
+        cfg: UpstreamConfig,
+        role: Role,
+        events: Sender<PassthroughEvent>,
+        router: Option<MinerRouter>,
+    ) -> Result<Self, UpstreamError> {
         let name = match role {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
         };
         let release_wait = cfg.write_timeout + Duration::from_secs(1);
-        let handle = Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events)?;
+        let handle =
+            Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events, sink(router))?;
         Ok(Self {
             handle,
             release_wait,
@@ -174,6 +199,17 @@ impl PassthroughLink {
         events: Sender<PassthroughEvent>,
         adopted: LinkHandover,
     ) -> Result<Self, UpstreamError> {
+        Self::start_adopted_routed(cfg, role, events, None, adopted)
+    }
+
+    /// [`PassthroughLink::start_adopted`] with a router ([`PassthroughLink::start_routed`]).
+    pub fn start_adopted_routed(
+        cfg: UpstreamConfig,
+        role: Role,
+        events: Sender<PassthroughEvent>,
+        router: Option<MinerRouter>,
+        adopted: LinkHandover,
+    ) -> Result<Self, UpstreamError> {
         let name = match role {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
@@ -184,6 +220,7 @@ impl PassthroughLink {
             role,
             name,
             events,
+            sink(router),
             adopted,
         )?;
         Ok(Self {
@@ -214,6 +251,39 @@ impl PassthroughLink {
     /// for the engine at most `write_timeout`.
     pub fn release(&self) {
         self.handle.release(self.release_wait);
+    }
+}
+
+fn sink(router: Option<MinerRouter>) -> Option<DirectSink<PassthroughEvent>> {
+    router.map(|r| -> DirectSink<PassthroughEvent> { r })
+}
+
+/// The event of a line for miners (or a `dropclient`), if `line` is one.
+fn miner_event(line: &[u8]) -> Option<PassthroughEvent> {
+    let mut for_miner = Vec::with_capacity(line.len() + 1);
+    match passthrough::decode_upstream(line, &mut for_miner) {
+        FromUpstream::Client { client_id, .. } => Some(PassthroughEvent::Client {
+            client_id,
+            line: for_miner,
+        }),
+        FromUpstream::Clients { ids, .. } => {
+            let mut client_ids = Vec::new();
+            if !passthrough::client_ids(ids, &mut client_ids) {
+                tracing::debug!(
+                    len = line.len(),
+                    "multicast line with a bad client_ids list dropped"
+                );
+                client_ids.clear();
+            }
+            Some(PassthroughEvent::Clients {
+                client_ids,
+                line: for_miner.into(),
+            })
+        }
+        t @ FromUpstream::Text(_) if t.dropclient().is_some() => Some(PassthroughEvent::Text {
+            line: line.to_vec(),
+        }),
+        FromUpstream::HandshakeOk | FromUpstream::Link { .. } | FromUpstream::Text(_) => None,
     }
 }
 
@@ -266,10 +336,9 @@ impl Session for PassthroughSession {
         _out: &mut Vec<u8>,
         events: &mut Vec<PassthroughEvent>,
     ) -> Outcome {
-        let mut for_miner = Vec::with_capacity(line.len() + 1);
-        let decoded = passthrough::decode_upstream(line, &mut for_miner);
         if !self.ready {
-            return match decoded {
+            let mut for_miner = Vec::new();
+            return match passthrough::decode_upstream(line, &mut for_miner) {
                 FromUpstream::HandshakeOk => {
                     self.ready = true;
                     Outcome::Continue
@@ -293,31 +362,21 @@ impl Session for PassthroughSession {
                 )),
             };
         }
-        events.push(match decoded {
-            FromUpstream::Client { client_id, .. } => PassthroughEvent::Client {
-                client_id,
-                line: for_miner,
-            },
-            FromUpstream::Clients { ids, .. } => {
-                let mut client_ids = Vec::new();
-                if !passthrough::client_ids(ids, &mut client_ids) {
-                    tracing::debug!(
-                        len = line.len(),
-                        "multicast line with a bad client_ids list dropped"
-                    );
-                    client_ids.clear();
-                }
-                PassthroughEvent::Clients {
-                    client_ids,
-                    line: for_miner.into(),
-                }
+        let ev = miner_event(line).unwrap_or_else(|| {
+            let mut scratch = Vec::new();
+            match passthrough::decode_upstream(line, &mut scratch) {
+                FromUpstream::Text(t) => PassthroughEvent::Text { line: t.to_vec() },
+                _ => PassthroughEvent::Link {
+                    line: line.to_vec(),
+                },
             }
-            FromUpstream::HandshakeOk | FromUpstream::Link { .. } => PassthroughEvent::Link {
-                line: line.to_vec(),
-            },
-            FromUpstream::Text(t) => PassthroughEvent::Text { line: t.to_vec() },
         });
+        events.push(ev);
         Outcome::Continue
+    }
+
+    fn direct(line: &[u8]) -> Option<PassthroughEvent> {
+        miner_event(line)
     }
 
     fn deadline(&self) -> Option<Instant> {
