@@ -71,7 +71,7 @@ use connector::{CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
     LinkHandover, MinerLine, MinerRouter, PassthroughEvent, PassthroughLink, SendError,
-    UpstreamConfig, UpstreamServer,
+    UpstreamConfig, UpstreamServer, WriteError,
 };
 use serde_json::json;
 use tracing::{debug, error, info, warn};
@@ -99,6 +99,9 @@ const REPLAY_ID: &str = "ckrs.replay.";
 const EVENTS: usize = 4096;
 /// Events the router handles before it sends what it has.
 const ROUND: usize = 1024;
+/// A connector thread writes its miners' lines to the upstream at the end of each round, or
+/// once it has this many bytes of them.
+const UP_FLUSH: usize = 64 << 10;
 
 /// Upstream state as the admin socket shows it.
 const DOWN: usize = 0;
@@ -456,6 +459,16 @@ struct MinerSide {
     redirect: Option<super::redirector::Watcher>,
     /// Node mode: the local checks and statistics.
     node: Option<Arc<Node>>,
+    /// Lines for the upstream are written by this thread ([`PassthroughLink::write`]), once per
+    /// round, rather than queued for the link's engine one by one (not in node mode: its
+    /// link has no direct path).
+    direct_up: bool,
+    /// This round's lines for the upstream, framed.
+    up: Vec<u8>,
+    /// Their miners (closed if the upstream does not take them).
+    up_conns: Vec<ConnId>,
+    /// How many lines `up` holds.
+    up_lines: u64,
 }
 
 impl Handshake {
@@ -561,6 +574,87 @@ impl MinerSide {
         }
     }
 
+    /// Sends a miner's line up: queued for the link's engine, or (`direct_up`) added to this
+    /// round's bytes, written at its end ([`MinerSide::flush_up`]). False if the miner was
+    /// closed.
+    fn line_up(
+        &mut self,
+        conn: ConnId,
+        client_id: u64,
+        address: &Arc<str>,
+        server: u64,
+        line: &[u8],
+        out: &mut Outbox,
+    ) -> bool {
+        if !self.direct_up {
+            let cmd = MinerLine::Line {
+                client_id,
+                address: Arc::clone(address),
+                server,
+                line: line.to_vec(),
+            };
+            return self.send_up(cmd, conn, out);
+        }
+        let mark = self.up.len();
+        if common::stratum::passthrough::encode_miner_line(
+            &mut self.up,
+            line,
+            client_id,
+            address,
+            server,
+        )
+        .is_err()
+        {
+            self.up.truncate(mark);
+            debug!(%conn, client_id, "miner line is not a JSON object: not sent up");
+            return true;
+        }
+        self.up_conns.push(conn);
+        self.up_lines += 1;
+        if self.up.len() >= UP_FLUSH {
+            self.flush_up(out);
+        }
+        true
+    }
+
+    /// Writes this round's lines to the upstream. If it does not take them within
+    /// [`UPSTREAM_BLOCK`], their miners are closed; with no upstream link they are dropped.
+    fn flush_up(&mut self, out: &mut Outbox) {
+        if self.up.is_empty() {
+            return;
+        }
+        match self.link.write(&self.up, UPSTREAM_BLOCK) {
+            Ok(()) => {
+                self.shared
+                    .lines_up
+                    .fetch_add(self.up_lines, Ordering::Relaxed);
+            }
+            Err(WriteError::Full) => {
+                self.up_conns.sort_unstable();
+                self.up_conns.dedup();
+                self.shared
+                    .dropped_slow_upstream
+                    .fetch_add(self.up_conns.len() as u64, Ordering::Relaxed);
+                warn!(
+                    miners = self.up_conns.len(),
+                    "upstream not reading; miners dropped"
+                );
+                for &conn in &self.up_conns {
+                    out.close(conn);
+                }
+            }
+            Err(WriteError::NoLink) => {
+                debug!(
+                    lines = self.up_lines,
+                    "no upstream link: miner lines dropped"
+                );
+            }
+        }
+        self.up.clear();
+        self.up_conns.clear();
+        self.up_lines = 0;
+    }
+
     /// Re-establishes the miner's session on the upstream of `epoch`; false if it was closed.
     fn replay(&mut self, conn: ConnId, epoch: u64, now: Instant, out: &mut Outbox) -> bool {
         let Some(m) = self.miners.get_mut(&conn) else {
@@ -583,13 +677,7 @@ impl MinerSide {
         let (client_id, address, server) =
             (u64::from(m.client_id), Arc::clone(&m.address), m.server);
         for line in lines {
-            let cmd = MinerLine::Line {
-                client_id,
-                address: Arc::clone(&address),
-                server,
-                line,
-            };
-            if !self.send_up(cmd, conn, out) {
+            if !self.line_up(conn, client_id, &address, server, &line, out) {
                 return false;
             }
         }
@@ -672,16 +760,12 @@ impl connector::Handler for MinerSide {
             let en1 = m.hs.as_ref().and_then(|h| h.extranonce1.as_deref());
             node.on_submit(m.client_id, en1, line, now);
         }
+        let (client_id, address, server) =
+            (u64::from(m.client_id), Arc::clone(&m.address), m.server);
         if let Some(r) = self.redirect.as_mut() {
             r.up(conn, line, now);
         }
-        let cmd = MinerLine::Line {
-            client_id: u64::from(m.client_id),
-            address: Arc::clone(&m.address),
-            server: m.server,
-            line: line.to_vec(),
-        };
-        self.send_up(cmd, conn, out);
+        self.line_up(conn, client_id, &address, server, line, out);
     }
 
     fn on_close(&mut self, _now: Instant, conn: ConnId, _reason: CloseReason) {
@@ -697,6 +781,17 @@ impl connector::Handler for MinerSide {
         }
         // Best effort: a full queue or no upstream loses only the notice (the upstream drops the
         // session with the link, or on its own timeout).
+        if self.direct_up {
+            // After the miner's last lines, at the round's end.
+            common::stratum::passthrough::term(
+                &mut self.up,
+                u64::from(m.client_id),
+                &m.address,
+                m.server,
+            );
+            self.up_lines += 1;
+            return;
+        }
         let _ = self.link.try_send(MinerLine::Term {
             client_id: u64::from(m.client_id),
             address: m.address,
@@ -772,6 +867,10 @@ impl connector::Handler for MinerSide {
     }
 
     fn on_tick(&mut self, _now: Instant, _out: &mut Outbox) {}
+
+    fn on_batch_end(&mut self, _now: Instant, out: &mut Outbox) {
+        self.flush_up(out);
+    }
 
     fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
         // The miner goes on at the new instance, under the same client id: no `mining.term`.
@@ -1217,6 +1316,7 @@ pub(crate) fn run_link(
         }
     };
     let link = Arc::new(link);
+    let direct_up = direct.is_some();
     let mut ccfg = settings.connector();
     if let Some(incoming) = &incoming {
         ccfg.listen.clear();
@@ -1238,6 +1338,10 @@ pub(crate) fn run_link(
                 .as_ref()
                 .map(|r| super::redirector::Watcher::new(Arc::clone(r))),
             node: node.clone(),
+            direct_up,
+            up: Vec::new(),
+            up_conns: Vec::new(),
+            up_lines: 0,
         })
     };
     let conns = match started {

@@ -55,6 +55,47 @@ impl<E> Gate<E> {
     }
 }
 
+/// Bytes the owner's direct writes may leave unwritten for the engine, at most (on top of the
+/// socket's own buffer): past that, [`Handle::write`] waits.
+const MAX_PENDING: usize = 1 << 20;
+
+/// Why [`Handle::write`] did not take the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteError {
+    /// The engine has not written what is pending for that long: the upstream is not reading.
+    Full,
+    /// No active connection may be written directly (down, or handed over): the bytes are
+    /// not sent.
+    NoLink,
+}
+
+/// The owner's direct path to the active connection's socket ([`Handle::write`]): written under
+/// this lock, without waiting (what the socket does not take is left in `pending` for the
+/// engine, which writes it with blocking writes; meanwhile writers append to it). One lock, so
+/// lines are never interleaved and each writer's lines go out in the order it wrote them.
+pub(crate) struct Writer {
+    state: parking_lot::Mutex<WriterState>,
+    /// Signalled when `pending` was written (or dropped).
+    drained: parking_lot::Condvar,
+    /// Asks the engine to write `pending`.
+    kick: Sender<()>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+struct WriterState {
+    /// A duplicate of the active connection's socket, while it may be written directly.
+    stream: Option<TcpStream>,
+    /// Bytes to write after what the socket has, in order.
+    pending: Vec<u8>,
+    /// `pending` is the engine's to write: nobody writes to the socket meanwhile.
+    busy: bool,
+}
+
 /// The active connection of a link, taken out of a paused engine to be handed over to another
 /// process (`-H`): its socket and what was read from it and not yet made into lines. The
 /// connection's handshake is done; a link adopting it ([`Handle::start_adopted`]) sends nothing
@@ -243,6 +284,8 @@ impl<S: Session> Drop for Conn<S> {
 /// The owner's handle: a bounded command queue and the engine thread.
 #[derive(Debug)]
 pub(crate) struct Handle<C> {
+    /// Direct writes (links with a [`DirectSink`] only).
+    writer: Option<Arc<Writer>>,
     cmds: Sender<C>,
     ctl: Sender<Ctl>,
     stop: Option<Sender<()>>,
@@ -289,6 +332,18 @@ impl<C: Send + 'static> Handle<C> {
         let (cmds, cmd_rx) = bounded(cfg.queue);
         let (ctl, ctl_rx) = bounded(1);
         let (stop, stop_rx) = bounded(0);
+        let (kick, kick_rx) = bounded(1);
+        let writer = direct.as_ref().map(|_| {
+            Arc::new(Writer {
+                state: parking_lot::Mutex::new(WriterState {
+                    stream: None,
+                    pending: Vec::new(),
+                    busy: false,
+                }),
+                drained: parking_lot::Condvar::new(),
+                kick,
+            })
+        });
         let block = cfg.send_block;
         let now = Instant::now();
         let paused = adopted.is_some();
@@ -334,12 +389,18 @@ impl<C: Send + 'static> Handle<C> {
             scratch: Vec::new(),
             stopping: false,
             direct,
+            writer: writer.clone(),
+            kick: kick_rx,
         };
+        if let Some(a) = &engine.active {
+            engine.attach_writer(a.stream.as_ref());
+        }
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || engine.run())
             .map_err(UpstreamError::Spawn)?;
         Ok(Self {
+            writer,
             cmds,
             ctl,
             stop: Some(stop),
@@ -356,6 +417,52 @@ impl<C: Send + 'static> Handle<C> {
             Err(SendTimeoutError::Timeout(c)) => Err(SendError::Full(c)),
             Err(SendTimeoutError::Disconnected(c)) => Err(SendError::Closed(c)),
         }
+    }
+
+    /// Writes `bytes` (whole lines) to the active connection from the calling thread, without
+    /// the engine unless the socket is full (then what it did not take is left for the
+    /// engine); waits at most `wait` while more than [`MAX_PENDING`] bytes are left. Lines
+    /// queued with [`Handle::send`] are not ordered with these.
+    pub(crate) fn write(&self, bytes: &[u8], wait: Duration) -> Result<(), WriteError> {
+        use std::ops::DerefMut;
+        let Some(w) = self.writer.as_deref() else {
+            return Err(WriteError::NoLink);
+        };
+        let until = Instant::now() + wait;
+        let mut st = w.state.lock();
+        while st.stream.is_some() && st.pending.len() > MAX_PENDING {
+            if w.drained.wait_until(&mut st, until).timed_out() {
+                return Err(WriteError::Full);
+            }
+        }
+        let WriterState {
+            stream,
+            pending,
+            busy,
+        } = st.deref_mut();
+        let Some(stream) = stream.as_ref() else {
+            return Err(WriteError::NoLink);
+        };
+        let mut done = 0;
+        if !*busy {
+            let sock = socket2::SockRef::from(stream);
+            while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+                match sock.send_with_flags(rest, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+                    Ok(n) if n > 0 => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Full, or failed: the engine writes the rest (and sees the error).
+                    Ok(_) | Err(_) => break,
+                }
+            }
+        }
+        if let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+            pending.extend_from_slice(rest);
+            if !*busy {
+                *busy = true;
+                let _ = w.kick.try_send(());
+            }
+        }
+        Ok(())
     }
 
     /// Queues `cmd` if there is room now.
@@ -452,6 +559,10 @@ struct Engine<S: Session> {
     stopping: bool,
     /// The owner's router for lines the readers hand on themselves ([`Session::direct`]).
     direct: Option<DirectSink<S::Event>>,
+    /// The owner's direct writes to the active connection.
+    writer: Option<Arc<Writer>>,
+    /// A direct write left bytes for the engine.
+    kick: Receiver<()>,
 }
 
 /// Which connection.
@@ -470,6 +581,8 @@ enum Wake<C> {
     Ctl(Ctl),
     Cmd(Option<C>),
     Read(Slot, ReadMsg),
+    /// Direct writes left bytes to write.
+    Kick,
     Timer,
 }
 
@@ -483,7 +596,10 @@ impl<S: Session> Engine<S> {
                 Wake::Stop | Wake::Cmd(None) => break,
                 Wake::Ctl(Ctl::Release { done }) => {
                     // Closing our descriptor leaves the connection to the other process.
-                    if let Some(mut a) = self.active.take() {
+                    // What direct writes left goes first: it may end a line.
+                    let active = self.active.take();
+                    self.detach_writer(active.as_ref().and_then(|a| a.stream.as_ref()));
+                    if let Some(mut a) = active {
                         a.set_direct(false);
                         a.stream = None;
                     }
@@ -513,6 +629,7 @@ impl<S: Session> Engine<S> {
                     }
                 }
                 Wake::Read(slot, msg) => self.read(slot, msg),
+                Wake::Kick => self.write_pending(),
                 Wake::Timer => {}
             }
             self.timers(Instant::now());
@@ -521,6 +638,7 @@ impl<S: Session> Engine<S> {
         }
         // Shutdown: report what was in flight and what is still queued.
         self.stopping = true;
+        self.detach_writer(None);
         if let Some(mut a) = self.active.take() {
             a.session.drain("shutdown", &mut self.scratch);
         }
@@ -555,6 +673,7 @@ impl<S: Session> Engine<S> {
         let i_stop = sel.recv(&self.stop);
         let i_ctl = sel.recv(&self.ctl);
         let i_cmd = sel.recv(&self.cmds);
+        let i_kick = sel.recv(&self.kick);
         let first_reader = readers.map(|(_, rx)| sel.recv(rx))[0];
         let op = match deadline {
             Some(d) => match sel.select_deadline(d) {
@@ -576,6 +695,10 @@ impl<S: Session> Engine<S> {
         }
         if i == i_cmd {
             return Wake::Cmd(op.recv(&self.cmds).ok());
+        }
+        if i == i_kick {
+            let _ = op.recv(&self.kick);
+            return Wake::Kick;
         }
         match readers.get(i.wrapping_sub(first_reader)) {
             Some(&(slot, rx)) => Wake::Read(
@@ -709,6 +832,7 @@ impl<S: Session> Engine<S> {
         self.attempt = None;
         self.probe = None;
         self.flush();
+        self.write_pending();
         self.emit_scratch();
         let Some(a) = self.active.as_ref() else {
             return Err("the upstream link is down".to_owned());
@@ -918,6 +1042,7 @@ impl<S: Session> Engine<S> {
         if slot == Slot::Active {
             // Every line its reader routes itself is with the owner before `Down`.
             c.set_direct(false);
+            self.detach_writer(None);
             tracing::warn!(index = c.index, %reason, "upstream down");
             c.session.drain("upstream down", &mut self.scratch);
             self.scratch.push(S::down_event(c.index, reason));
@@ -944,8 +1069,10 @@ impl<S: Session> Engine<S> {
             return;
         };
         if let Some(mut old) = self.active.take() {
-            // Every line the old reader routes itself is with the owner before the new `Up`.
+            // Every line the old reader routes itself is with the owner before the new `Up`;
+            // what direct writes left goes to the old connection (it may end a line).
             old.set_direct(false);
+            self.detach_writer(old.stream.as_ref());
             tracing::info!(from = old.index, to = c.index, "upstream fail-back");
             old.session.drain("upstream switched", &mut self.scratch);
             if S::LOSE_QUEUED_ON_SWITCH {
@@ -979,7 +1106,79 @@ impl<S: Session> Engine<S> {
         // it are read with the path open (none come for them before: they have no sessions
         // on this connection yet).
         c.set_direct(true);
+        self.attach_writer(c.stream.as_ref());
         self.active = Some(c);
+    }
+
+    /// Lets the owner write to `stream` (the new active connection) directly.
+    fn attach_writer(&self, stream: Option<&TcpStream>) {
+        let Some(w) = self.writer.as_deref() else {
+            return;
+        };
+        let dup = stream.map(TcpStream::try_clone);
+        let mut st = w.state.lock();
+        st.pending.clear();
+        st.busy = false;
+        st.stream = match dup {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "upstream link: no direct writes (cannot duplicate its socket)");
+                None
+            }
+            None => None,
+        };
+        w.drained.notify_all();
+    }
+
+    /// Ends direct writes to the active connection; what they left is written to `flush_to`
+    /// first (the connection they were for), or dropped.
+    fn detach_writer(&self, flush_to: Option<&TcpStream>) {
+        let Some(w) = self.writer.as_deref() else {
+            return;
+        };
+        let mut st = w.state.lock();
+        if let Some(mut s) = flush_to
+            && !st.pending.is_empty()
+            && let Err(e) = s.write_all(&st.pending)
+        {
+            tracing::debug!(error = %e, "upstream link: the last direct writes were not written");
+        }
+        st.pending.clear();
+        st.busy = false;
+        st.stream = None;
+        w.drained.notify_all();
+    }
+
+    /// Writes what direct writes left ([`Handle::write`]), with blocking writes, until none is
+    /// left; a failed write closes the active connection.
+    fn write_pending(&mut self) {
+        let Some(w) = self.writer.clone() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        loop {
+            {
+                let mut st = w.state.lock();
+                if st.pending.is_empty() || st.stream.is_none() {
+                    st.pending.clear();
+                    st.busy = false;
+                    w.drained.notify_all();
+                    return;
+                }
+                // Still busy: writers append while this is written.
+                std::mem::swap(&mut buf, &mut st.pending);
+                w.drained.notify_all();
+            }
+            let res = match self.active.as_mut().and_then(|a| a.stream.as_mut()) {
+                Some(s) => s.write_all(&buf),
+                None => Err(std::io::Error::other("no active connection")),
+            };
+            buf.clear();
+            if let Err(e) = res {
+                self.close(Slot::Active, format!("write: {e}"), false);
+                return;
+            }
+        }
     }
 
     fn timers(&mut self, now: Instant) {
@@ -1022,16 +1221,42 @@ impl<S: Session> Engine<S> {
 
     /// Writes what the sessions produced; a failed write closes its connection.
     fn flush(&mut self) {
+        let writer = self.writer.clone();
         for slot in [Slot::Active, Slot::Attempt, Slot::Probe] {
+            let Some(c) = self.slot(slot).as_mut() else {
+                continue;
+            };
+            if c.stream.is_none() || c.out.is_empty() {
+                continue;
+            }
+            if slot == Slot::Active
+                && let Some(w) = writer.as_deref()
+            {
+                // Behind what direct writes left, by the same path.
+                let mut out = std::mem::take(&mut c.out);
+                let queued = {
+                    let mut st = w.state.lock();
+                    let attached = st.stream.is_some();
+                    if attached {
+                        st.pending.append(&mut out);
+                        st.busy = true;
+                    }
+                    attached
+                };
+                if let Some(c) = self.active.as_mut() {
+                    c.out = out;
+                }
+                if queued {
+                    self.write_pending();
+                    continue;
+                }
+            }
             let Some(c) = self.slot(slot).as_mut() else {
                 continue;
             };
             let Some(stream) = &mut c.stream else {
                 continue;
             };
-            if c.out.is_empty() {
-                continue;
-            }
             let res = stream.write_all(&c.out);
             c.out.clear();
             if let Err(e) = res {

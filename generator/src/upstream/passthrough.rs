@@ -173,6 +173,18 @@ impl PassthroughLink {
         self.handle.send(line)
     }
 
+    /// Writes `bytes`, whole lines already framed for the upstream
+    /// (`common::stratum::passthrough::encode_miner_line`, `term`), to the active connection
+    /// from the calling thread: no thread hop unless the socket is full (then the link's engine
+    /// writes what it did not take). Waits at most `wait` while the engine has more than 1 MiB
+    /// of such bytes left to write. Only on a link started with a router
+    /// ([`PassthroughLink::start_routed`]); [`crate::upstream::WriteError::NoLink`] when no
+    /// connection is active (the bytes are dropped, as queued lines are then). Lines sent with
+    /// [`PassthroughLink::send`] are not ordered with these: use one or the other.
+    pub fn write(&self, bytes: &[u8], wait: Duration) -> Result<(), super::WriteError> {
+        self.handle.write(bytes, wait)
+    }
+
     /// [`PassthroughLink::send`] without waiting.
     pub fn try_send(&self, line: MinerLine) -> Result<(), SendError<MinerLine>> {
         self.handle.try_send(line)
