@@ -6,18 +6,32 @@
 //! * The connector threads accept miners. Each miner gets a `client_id` (32 bits, as a ckpool
 //!   upstream keeps only the low 32) and its lines go to the [`PassthroughLink`] with
 //!   `client_id`/`address`/`server` added; when it leaves, the upstream gets `mining.term`.
+//!   Passthrough and redirector modes: each connector thread frames its miners' lines itself
+//!   and writes them to the upstream socket at the end of its round
+//!   ([`PassthroughLink::write`], a non-blocking write under the link's writer lock; what the
+//!   socket does not take is left to the link's engine thread). Node mode queues each line for
+//!   the engine.
 //! * The link (`generator::upstream`) holds the upstream connection, with failover along the
-//!   `proxy` list. Its events come to the router (this mode's main thread) through a bounded
-//!   channel; the router looks each `client_id` up in the shared table and sends the line to
-//!   the miner's connector thread, one message per thread per round.
+//!   `proxy` list. Passthrough and redirector modes: lines for miners (and `dropclient`) are
+//!   routed by the link's reader thread itself ([`DirectRouter`]): it looks each `client_id` up
+//!   in the shared table and sends the line to the miner's connector thread, one message per
+//!   thread per read. The link's other events (up, down, other lines; in node mode every
+//!   line) come to the router (this mode's main thread) through a bounded channel, which
+//!   routes the same way, one message per thread per round. So a share crosses two threads:
+//!   the miner's connector thread (read, write upstream) and the link's reader (read the
+//!   verdict, hand it to the connector thread, which writes it). Ordering: see
+//!   [`DirectRouter`].
 //! * From the upstream, `dropclient=N` closes miner `N` if it is one of ours (ids are ours, so
 //!   nobody else's miner can be named), and any other raw line is logged and ignored: no
 //!   upstream line is ever run as a command (ckpool runs any connector command it gets).
-//! * Back-pressure: the link's queue is bounded; a connector thread whose send finds it full
-//!   waits (so it stops reading from its miners) for at most [`UPSTREAM_BLOCK`], then drops
-//!   that miner. Towards miners, the router stops taking upstream events while a connector
-//!   thread has more than [`MAX_INFLIGHT`] bytes from it not yet queued on its sockets, which
-//!   in turn stops the link reading from the upstream. Memory stays bounded both ways.
+//! * Back-pressure: the link's queue is bounded, and so are the bytes a connector thread's
+//!   direct writes may leave to the link's engine (1 MiB beyond the socket's buffer); a
+//!   connector thread whose send or write finds no room waits (so it stops reading from its
+//!   miners) for at most [`UPSTREAM_BLOCK`], then drops that miner (with direct writes: the
+//!   miners whose lines that round's write held). Towards miners, the router stops taking
+//!   upstream events while a connector thread has more than [`MAX_INFLIGHT`] bytes from it not
+//!   yet queued on its sockets (so does the link's reader when it routes), which in turn stops
+//!   the link reading from the upstream. Memory stays bounded both ways.
 //! * Upstream loss (ckpool drops every miner; we keep them, see [`Handshake`]): each miner's
 //!   last `mining.configure`, `mining.subscribe`, `mining.authorize` (and whether it sent
 //!   `mining.extranonce.subscribe`) are kept, at most [`MAX_KEPT_LINE`] bytes each, with the
