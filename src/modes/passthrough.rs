@@ -481,7 +481,7 @@ struct MinerSide {
     up: Vec<u8>,
     /// Their miners (closed if the upstream does not take them).
     up_conns: Vec<ConnId>,
-    /// How many lines `up` holds.
+    /// How many miner lines `up` holds (its `mining.term`s aside, as `lines_up` counts).
     up_lines: u64,
 }
 
@@ -803,7 +803,6 @@ impl connector::Handler for MinerSide {
                 &m.address,
                 m.server,
             );
-            self.up_lines += 1;
             return;
         }
         let _ = self.link.try_send(MinerLine::Term {
