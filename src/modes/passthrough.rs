@@ -1747,6 +1747,7 @@ fn stats_json(
             "index": up.then_some(active),
             "url": if up { urls.get(active).cloned() } else { None },
             "queued": link.queued(),
+            "unwritten": link.unwritten(),
         },
         "miners": shared.lock().len(),
         "connections": counters.iter().map(|c| c.open).sum::<u64>(),

@@ -465,6 +465,13 @@ impl<C: Send + 'static> Handle<C> {
         Ok(())
     }
 
+    /// Bytes direct writes left for the engine that it has not written yet.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.writer
+            .as_deref()
+            .map_or(0, |w| w.state.lock().pending.len())
+    }
+
     /// Queues `cmd` if there is room now.
     pub(crate) fn try_send(&self, cmd: C) -> Result<(), SendError<C>> {
         use crossbeam_channel::TrySendError;

@@ -190,6 +190,12 @@ impl PassthroughLink {
         self.handle.try_send(line)
     }
 
+    /// Bytes of [`PassthroughLink::write`]s the socket did not take and the link has not
+    /// written yet (a slow upstream shows here; with direct writes the queue stays empty).
+    pub fn unwritten(&self) -> usize {
+        self.handle.unwritten()
+    }
+
     /// Lines waiting in the queue.
     pub fn queued(&self) -> usize {
         self.handle.queued()
