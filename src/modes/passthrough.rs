@@ -6,18 +6,32 @@
 //! * The connector threads accept miners. Each miner gets a `client_id` (32 bits, as a ckpool
 //!   upstream keeps only the low 32) and its lines go to the [`PassthroughLink`] with
 //!   `client_id`/`address`/`server` added; when it leaves, the upstream gets `mining.term`.
+//!   Passthrough and redirector modes: each connector thread frames its miners' lines itself
+//!   and writes them to the upstream socket at the end of its round
+//!   ([`PassthroughLink::write`], a non-blocking write under the link's writer lock; what the
+//!   socket does not take is left to the link's engine thread). Node mode queues each line for
+//!   the engine.
 //! * The link (`generator::upstream`) holds the upstream connection, with failover along the
-//!   `proxy` list. Its events come to the router (this mode's main thread) through a bounded
-//!   channel; the router looks each `client_id` up in the shared table and sends the line to
-//!   the miner's connector thread, one message per thread per round.
+//!   `proxy` list. Passthrough and redirector modes: lines for miners (and `dropclient`) are
+//!   routed by the link's reader thread itself ([`DirectRouter`]): it looks each `client_id` up
+//!   in the shared table and sends the line to the miner's connector thread, one message per
+//!   thread per read. The link's other events (up, down, other lines; in node mode every
+//!   line) come to the router (this mode's main thread) through a bounded channel, which
+//!   routes the same way, one message per thread per round. So a share crosses two threads:
+//!   the miner's connector thread (read, write upstream) and the link's reader (read the
+//!   verdict, hand it to the connector thread, which writes it). Ordering: see
+//!   [`DirectRouter`].
 //! * From the upstream, `dropclient=N` closes miner `N` if it is one of ours (ids are ours, so
 //!   nobody else's miner can be named), and any other raw line is logged and ignored: no
 //!   upstream line is ever run as a command (ckpool runs any connector command it gets).
-//! * Back-pressure: the link's queue is bounded; a connector thread whose send finds it full
-//!   waits (so it stops reading from its miners) for at most [`UPSTREAM_BLOCK`], then drops
-//!   that miner. Towards miners, the router stops taking upstream events while a connector
-//!   thread has more than [`MAX_INFLIGHT`] bytes from it not yet queued on its sockets, which
-//!   in turn stops the link reading from the upstream. Memory stays bounded both ways.
+//! * Back-pressure: the link's queue is bounded, and so are the bytes a connector thread's
+//!   direct writes may leave to the link's engine (1 MiB beyond the socket's buffer); a
+//!   connector thread whose send or write finds no room waits (so it stops reading from its
+//!   miners) for at most [`UPSTREAM_BLOCK`], then drops that miner (with direct writes: the
+//!   miners whose lines that round's write held). Towards miners, the router stops taking
+//!   upstream events while a connector thread has more than [`MAX_INFLIGHT`] bytes from it not
+//!   yet queued on its sockets (so does the link's reader when it routes), which in turn stops
+//!   the link reading from the upstream. Memory stays bounded both ways.
 //! * Upstream loss (ckpool drops every miner; we keep them, see [`Handshake`]): each miner's
 //!   last `mining.configure`, `mining.subscribe`, `mining.authorize` (and whether it sent
 //!   `mining.extranonce.subscribe`) are kept, at most [`MAX_KEPT_LINE`] bytes each, with the
@@ -60,7 +74,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -70,8 +84,8 @@ use common::stratum::passthrough::Role;
 use connector::{CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
-    LinkHandover, MinerLine, PassthroughEvent, PassthroughLink, SendError, UpstreamConfig,
-    UpstreamServer,
+    LinkHandover, MinerLine, MinerRouter, PassthroughEvent, PassthroughLink, SendError,
+    UpstreamConfig, UpstreamServer, WriteError,
 };
 use serde_json::json;
 use tracing::{debug, error, info, warn};
@@ -99,6 +113,9 @@ const REPLAY_ID: &str = "ckrs.replay.";
 const EVENTS: usize = 4096;
 /// Events the router handles before it sends what it has.
 const ROUND: usize = 1024;
+/// A connector thread writes its miners' lines to the upstream at the end of each round, or
+/// once it has this many bytes of them.
+const UP_FLUSH: usize = 64 << 10;
 
 /// Upstream state as the admin socket shows it.
 const DOWN: usize = 0;
@@ -456,6 +473,16 @@ struct MinerSide {
     redirect: Option<super::redirector::Watcher>,
     /// Node mode: the local checks and statistics.
     node: Option<Arc<Node>>,
+    /// Lines for the upstream are written by this thread ([`PassthroughLink::write`]), once per
+    /// round, rather than queued for the link's engine one by one (not in node mode: its
+    /// link has no direct path).
+    direct_up: bool,
+    /// This round's lines for the upstream, framed.
+    up: Vec<u8>,
+    /// Their miners (closed if the upstream does not take them).
+    up_conns: Vec<ConnId>,
+    /// How many miner lines `up` holds (its `mining.term`s aside, as `lines_up` counts).
+    up_lines: u64,
 }
 
 impl Handshake {
@@ -561,6 +588,87 @@ impl MinerSide {
         }
     }
 
+    /// Sends a miner's line up: queued for the link's engine, or (`direct_up`) added to this
+    /// round's bytes, written at its end ([`MinerSide::flush_up`]). False if the miner was
+    /// closed.
+    fn line_up(
+        &mut self,
+        conn: ConnId,
+        client_id: u64,
+        address: &Arc<str>,
+        server: u64,
+        line: &[u8],
+        out: &mut Outbox,
+    ) -> bool {
+        if !self.direct_up {
+            let cmd = MinerLine::Line {
+                client_id,
+                address: Arc::clone(address),
+                server,
+                line: line.to_vec(),
+            };
+            return self.send_up(cmd, conn, out);
+        }
+        let mark = self.up.len();
+        if common::stratum::passthrough::encode_miner_line(
+            &mut self.up,
+            line,
+            client_id,
+            address,
+            server,
+        )
+        .is_err()
+        {
+            self.up.truncate(mark);
+            debug!(%conn, client_id, "miner line is not a JSON object: not sent up");
+            return true;
+        }
+        self.up_conns.push(conn);
+        self.up_lines += 1;
+        if self.up.len() >= UP_FLUSH {
+            self.flush_up(out);
+        }
+        true
+    }
+
+    /// Writes this round's lines to the upstream. If it does not take them within
+    /// [`UPSTREAM_BLOCK`], their miners are closed; with no upstream link they are dropped.
+    fn flush_up(&mut self, out: &mut Outbox) {
+        if self.up.is_empty() {
+            return;
+        }
+        match self.link.write(&self.up, UPSTREAM_BLOCK) {
+            Ok(()) => {
+                self.shared
+                    .lines_up
+                    .fetch_add(self.up_lines, Ordering::Relaxed);
+            }
+            Err(WriteError::Full) => {
+                self.up_conns.sort_unstable();
+                self.up_conns.dedup();
+                self.shared
+                    .dropped_slow_upstream
+                    .fetch_add(self.up_conns.len() as u64, Ordering::Relaxed);
+                warn!(
+                    miners = self.up_conns.len(),
+                    "upstream not reading; miners dropped"
+                );
+                for &conn in &self.up_conns {
+                    out.close(conn);
+                }
+            }
+            Err(WriteError::NoLink) => {
+                debug!(
+                    lines = self.up_lines,
+                    "no upstream link: miner lines dropped"
+                );
+            }
+        }
+        self.up.clear();
+        self.up_conns.clear();
+        self.up_lines = 0;
+    }
+
     /// Re-establishes the miner's session on the upstream of `epoch`; false if it was closed.
     fn replay(&mut self, conn: ConnId, epoch: u64, now: Instant, out: &mut Outbox) -> bool {
         let Some(m) = self.miners.get_mut(&conn) else {
@@ -583,13 +691,7 @@ impl MinerSide {
         let (client_id, address, server) =
             (u64::from(m.client_id), Arc::clone(&m.address), m.server);
         for line in lines {
-            let cmd = MinerLine::Line {
-                client_id,
-                address: Arc::clone(&address),
-                server,
-                line,
-            };
-            if !self.send_up(cmd, conn, out) {
+            if !self.line_up(conn, client_id, &address, server, &line, out) {
                 return false;
             }
         }
@@ -672,16 +774,12 @@ impl connector::Handler for MinerSide {
             let en1 = m.hs.as_ref().and_then(|h| h.extranonce1.as_deref());
             node.on_submit(m.client_id, en1, line, now);
         }
+        let (client_id, address, server) =
+            (u64::from(m.client_id), Arc::clone(&m.address), m.server);
         if let Some(r) = self.redirect.as_mut() {
             r.up(conn, line, now);
         }
-        let cmd = MinerLine::Line {
-            client_id: u64::from(m.client_id),
-            address: Arc::clone(&m.address),
-            server: m.server,
-            line: line.to_vec(),
-        };
-        self.send_up(cmd, conn, out);
+        self.line_up(conn, client_id, &address, server, line, out);
     }
 
     fn on_close(&mut self, _now: Instant, conn: ConnId, _reason: CloseReason) {
@@ -697,6 +795,16 @@ impl connector::Handler for MinerSide {
         }
         // Best effort: a full queue or no upstream loses only the notice (the upstream drops the
         // session with the link, or on its own timeout).
+        if self.direct_up {
+            // After the miner's last lines, at the round's end.
+            common::stratum::passthrough::term(
+                &mut self.up,
+                u64::from(m.client_id),
+                &m.address,
+                m.server,
+            );
+            return;
+        }
         let _ = self.link.try_send(MinerLine::Term {
             client_id: u64::from(m.client_id),
             address: m.address,
@@ -772,6 +880,10 @@ impl connector::Handler for MinerSide {
     }
 
     fn on_tick(&mut self, _now: Instant, _out: &mut Outbox) {}
+
+    fn on_batch_end(&mut self, _now: Instant, out: &mut Outbox) {
+        self.flush_up(out);
+    }
 
     fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
         // The miner goes on at the new instance, under the same client id: no `mining.term`.
@@ -926,7 +1038,7 @@ impl handover::GiveHooks for PtGive<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
                 recv(self.events) -> ev => match ev {
-                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node),
+                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node, self.shutdown),
                     Err(_) => break Err(anyhow!("the upstream link stopped")),
                 },
                 recv(answer) -> r => break match r {
@@ -937,7 +1049,14 @@ impl handover::GiveHooks for PtGive<'_> {
             }
         };
         while let Ok(ev) = self.events.try_recv() {
-            handle_event(ev, &handle, self.shared, &mut batches, self.node);
+            handle_event(
+                ev,
+                &handle,
+                self.shared,
+                &mut batches,
+                self.node,
+                self.shutdown,
+            );
         }
         send_batches(&handle, self.shared, &mut batches, self.shutdown);
         let paused = paused.context("pausing the upstream link")?;
@@ -1000,18 +1119,80 @@ fn send_batches(
     batches: &mut [Batch],
     shutdown: &AtomicBool,
 ) {
-    for (t, (lines, bytes)) in batches.iter_mut().enumerate() {
-        if lines.is_empty() {
-            continue;
+    for (t, batch) in batches.iter_mut().enumerate() {
+        send_batch(conns, shared, t, batch, shutdown);
+    }
+}
+
+/// [`send_batches`] for thread `t` alone.
+fn send_batch(
+    conns: &ConnectorHandle<Msg>,
+    shared: &Shared,
+    t: usize,
+    (lines, bytes): &mut Batch,
+    shutdown: &AtomicBool,
+) {
+    if lines.is_empty() {
+        return;
+    }
+    // Back-pressure towards the upstream: wait while this thread has a lot unsent.
+    if let Some(f) = shared.inflight.get(t) {
+        while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(1));
         }
-        // Back-pressure towards the upstream: wait while this thread has a lot unsent.
-        if let Some(f) = shared.inflight.get(t) {
-            while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
-                thread::sleep(Duration::from_millis(1));
+        f.fetch_add(*bytes, Ordering::Relaxed);
+    }
+    conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
+}
+
+/// The link's [`MinerRouter`] (passthrough and redirector modes): lines for miners go from the
+/// thread that reads them from the upstream straight to their connector threads, one message
+/// per thread per read, skipping the link's engine thread and the router.
+///
+/// Ordering: a connector thread's messages are handled in the order they are sent. The link
+/// hands every line of a connection to this router before it emits that connection's `Down`
+/// or another connection's `Up`, so the router's `Msg::Replay` for a new upstream (sent once
+/// it has the `Up`) comes after every line of the old one, as when they all went through the
+/// router; lines of the new upstream for a miner answer what the miner sent after that
+/// replay. A `dropclient` closes its miner after the lines read before it (its thread's batch
+/// goes first).
+struct DirectRouter {
+    shared: Arc<Shared>,
+    /// Set once the connector is started (no miner, so no line to route, before).
+    conns: OnceLock<ConnectorHandle<Msg>>,
+    shutdown: Arc<AtomicBool>,
+    batches: Mutex<Vec<Batch>>,
+}
+
+impl DirectRouter {
+    /// The connector's handle. A miner may connect (and get a reply) in the moment between the
+    /// connector's start and the handle being set here: wait for it then (it is set right
+    /// after the start returns; `None` only when shutting down).
+    fn connector(&self) -> Option<&ConnectorHandle<Msg>> {
+        loop {
+            if let Some(c) = self.conns.get() {
+                return Some(c);
             }
-            f.fetch_add(*bytes, Ordering::Relaxed);
+            if self.shutdown.load(Ordering::Relaxed) {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(1));
         }
-        conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
+    }
+
+    fn route(&self, events: &mut Vec<PassthroughEvent>) {
+        let Some(conns) = self.connector() else {
+            events.clear();
+            return;
+        };
+        let mut batches = self
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ev in events.drain(..) {
+            handle_event(ev, conns, &self.shared, &mut batches, None, &self.shutdown);
+        }
+        send_batches(conns, &self.shared, &mut batches, &self.shutdown);
     }
 }
 
@@ -1107,9 +1288,25 @@ pub(crate) fn run_link(
         replay_closed: AtomicU64::new(0),
         rejected_down: AtomicU64::new(0),
     });
+    // Node mode keeps every line on the router: a node's `workinfo` (a link line) must be
+    // handled before the notifies after it reach miners.
+    let direct = node.is_none().then(|| {
+        Arc::new(DirectRouter {
+            shared: Arc::clone(&shared),
+            conns: OnceLock::new(),
+            shutdown: Arc::clone(shutdown),
+            batches: Mutex::new((0..threads).map(|_| (Vec::new(), 0)).collect()),
+        })
+    });
+    let router = direct.as_ref().map(|d| {
+        let d = Arc::clone(d);
+        let r: MinerRouter = Arc::new(move |evs: &mut Vec<PassthroughEvent>| d.route(evs));
+        r
+    });
     let (link, incoming) = match incoming {
         None => (
-            PassthroughLink::start(cfg, role, ev_tx).context("starting the upstream link")?,
+            PassthroughLink::start_routed(cfg, role, ev_tx, router)
+                .context("starting the upstream link")?,
             None,
         ),
         Some((incoming, (adopted, next_id))) => {
@@ -1119,7 +1316,7 @@ pub(crate) fn run_link(
             shared.next_id.store(next_id, Ordering::Relaxed);
             shared.active.store(index, Ordering::Relaxed);
             shared.state.store(UP, Ordering::SeqCst);
-            match PassthroughLink::start_adopted(cfg, role, ev_tx, adopted) {
+            match PassthroughLink::start_adopted_routed(cfg, role, ev_tx, router, adopted) {
                 Ok(link) => {
                     info!(index, next_id, "handover: upstream link taken over");
                     (link, Some(incoming))
@@ -1132,6 +1329,7 @@ pub(crate) fn run_link(
         }
     };
     let link = Arc::new(link);
+    let direct_up = direct.is_some();
     let mut ccfg = settings.connector();
     if let Some(incoming) = &incoming {
         ccfg.listen.clear();
@@ -1153,6 +1351,10 @@ pub(crate) fn run_link(
                 .as_ref()
                 .map(|r| super::redirector::Watcher::new(Arc::clone(r))),
             node: node.clone(),
+            direct_up,
+            up: Vec::new(),
+            up_conns: Vec::new(),
+            up_lines: 0,
         })
     };
     let conns = match started {
@@ -1165,6 +1367,10 @@ pub(crate) fn run_link(
             return Err(e).context("starting the connector");
         }
     };
+    if let Some(d) = &direct {
+        // Before the adopted link reads (`resume` below) and before any miner connects.
+        let _ = d.conns.set(conns.handle());
+    }
     let handed_in = incoming.is_some();
     if let Some(incoming) = incoming {
         let adopted = incoming.adopt_all(&conns);
@@ -1357,7 +1563,7 @@ fn route(
             let mut n = 0;
             let mut next = Some(ev);
             while let Some(ev) = next.take() {
-                handle_event(ev, conns, shared, &mut batches, node);
+                handle_event(ev, conns, shared, &mut batches, node, shutdown);
                 n += 1;
                 if n < ROUND {
                     next = events.try_recv().ok();
@@ -1411,6 +1617,7 @@ fn handle_event(
     shared: &Shared,
     batches: &mut [Batch],
     node: Option<&Node>,
+    shutdown: &AtomicBool,
 ) {
     match ev {
         PassthroughEvent::Client { client_id, line } => {
@@ -1464,6 +1671,10 @@ fn handle_event(
                     Some((t, conn)) => {
                         shared.dropclients.fetch_add(1, Ordering::Relaxed);
                         info!(client_id = id, %conn, "upstream dropped a miner");
+                        // The lines read before it go first.
+                        if let Some(batch) = batches.get_mut(t) {
+                            send_batch(conns, shared, t, batch, shutdown);
+                        }
                         conns.send(t, Msg::Drop(conn));
                     }
                     None => debug!(
@@ -1536,6 +1747,7 @@ fn stats_json(
             "index": up.then_some(active),
             "url": if up { urls.get(active).cloned() } else { None },
             "queued": link.queued(),
+            "unwritten": link.unwritten(),
         },
         "miners": shared.lock().len(),
         "connections": counters.iter().map(|c| c.open).sum::<u64>(),

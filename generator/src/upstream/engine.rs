@@ -23,6 +23,79 @@ const READ_AHEAD: usize = 16;
 /// socket's receive timeout).
 const READ_POLL: Duration = Duration::from_millis(100);
 
+/// Where the reader thread of the active connection hands the events of the lines it routes
+/// itself ([`Session::direct`]), one call per read: the owner's router, run on that thread.
+pub(crate) type DirectSink<E> = Arc<dyn Fn(&mut Vec<E>) + Send + Sync>;
+
+/// A connection's direct path (see [`Session::direct`]): open while it is the active link. Its
+/// reader holds the lock while it classifies and hands on the lines of one read, so closing it
+/// ([`Gate::shut`]) waits for the lines being routed: once the engine has shut it, no line of
+/// this connection reaches the owner except through the engine, and an event the engine emits
+/// afterwards (`Down`, the `Up` of another connection) comes after every line routed directly.
+struct Gate<E> {
+    open: parking_lot::Mutex<bool>,
+    /// A line was routed since the engine last looked (its idle timer).
+    seen: AtomicBool,
+    sink: DirectSink<E>,
+    classify: fn(&[u8]) -> Option<E>,
+}
+
+impl<E> Gate<E> {
+    fn new(sink: &DirectSink<E>, classify: fn(&[u8]) -> Option<E>, open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            open: parking_lot::Mutex::new(open),
+            seen: AtomicBool::new(false),
+            sink: Arc::clone(sink),
+            classify,
+        })
+    }
+
+    fn set(&self, open: bool) {
+        *self.open.lock() = open;
+    }
+}
+
+/// Bytes the owner's direct writes may leave unwritten for the engine, at most (on top of the
+/// socket's own buffer): past that, [`Handle::write`] waits.
+const MAX_PENDING: usize = 1 << 20;
+
+/// Why [`Handle::write`] did not take the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteError {
+    /// The engine has not written what is pending for that long: the upstream is not reading.
+    Full,
+    /// No active connection may be written directly (down, or handed over): the bytes are
+    /// not sent.
+    NoLink,
+}
+
+/// The owner's direct path to the active connection's socket ([`Handle::write`]): written under
+/// this lock, without waiting (what the socket does not take is left in `pending` for the
+/// engine, which writes it with blocking writes; meanwhile writers append to it). One lock, so
+/// lines are never interleaved and each writer's lines go out in the order it wrote them.
+pub(crate) struct Writer {
+    state: parking_lot::Mutex<WriterState>,
+    /// Signalled when `pending` was written (or dropped).
+    drained: parking_lot::Condvar,
+    /// Asks the engine to write `pending`.
+    kick: Sender<()>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+struct WriterState {
+    /// A duplicate of the active connection's socket, while it may be written directly.
+    stream: Option<TcpStream>,
+    /// Bytes to write after what the socket has, in order.
+    pending: Vec<u8>,
+    /// `pending` is the engine's to write: nobody writes to the socket meanwhile.
+    busy: bool,
+}
+
 /// The active connection of a link, taken out of a paused engine to be handed over to another
 /// process (`-H`): its socket and what was read from it and not yet made into lines. The
 /// connection's handshake is done; a link adopting it ([`Handle::start_adopted`]) sends nothing
@@ -86,6 +159,16 @@ pub(crate) trait Session: Send + Sized + 'static {
     fn new(cfg: &Shared, params: &Self::Params, index: usize) -> Self;
     /// Writes the first lines of the handshake.
     fn start(&mut self, now: Instant, out: &mut Vec<u8>);
+    /// A line that the reader thread of the active connection may hand on to the owner itself
+    /// (through the link's [`DirectSink`], when it has one), skipping the engine: its event.
+    /// `None` (the default) sends the line to the engine ([`Session::line`]). Only for lines
+    /// whose handling needs no session state once the handshake is done, and whose order
+    /// against lines sent to the engine does not matter to the owner (lines sent to the engine
+    /// may be overtaken by later ones routed directly).
+    fn direct(line: &[u8]) -> Option<Self::Event> {
+        let _ = line;
+        None
+    }
     /// The session's connection was handed over by another process with its handshake done
     /// ([`Handle::start_adopted`]): it is ready without one.
     fn adopted(&mut self) {}
@@ -173,13 +256,25 @@ struct Conn<S: Session> {
     pause: Arc<AtomicBool>,
     /// While paused: what the reader had read and not made into lines.
     partial: Vec<u8>,
+    /// The direct path of its reader, when the link has a [`DirectSink`].
+    gate: Option<Arc<Gate<<S as Session>::Event>>>,
     _reader: Option<JoinHandle<()>>,
+}
+
+impl<S: Session> Conn<S> {
+    /// Opens or shuts its direct path (shutting waits for the lines being routed).
+    fn set_direct(&self, open: bool) {
+        if let Some(g) = &self.gate {
+            g.set(open);
+        }
+    }
 }
 
 impl<S: Session> Drop for Conn<S> {
     fn drop(&mut self) {
         // Ends the reader thread (its read fails) and tells the upstream we are gone. A thread
         // still connecting finds the engine gone when it connects and closes the stream.
+        self.set_direct(false);
         if let Some(s) = &self.stream {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -189,6 +284,8 @@ impl<S: Session> Drop for Conn<S> {
 /// The owner's handle: a bounded command queue and the engine thread.
 #[derive(Debug)]
 pub(crate) struct Handle<C> {
+    /// Direct writes (links with a [`DirectSink`] only).
+    writer: Option<Arc<Writer>>,
     cmds: Sender<C>,
     ctl: Sender<Ctl>,
     stop: Option<Sender<()>>,
@@ -203,8 +300,9 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
+        direct: Option<DirectSink<S::Event>>,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, None)
+        Self::spawn::<S>(cfg, params, name, events, direct, None)
     }
 
     /// Starts the engine on a connection another process handed over ([`LinkHandover`]),
@@ -216,9 +314,10 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
+        direct: Option<DirectSink<S::Event>>,
         adopted: LinkHandover,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, Some(adopted))
+        Self::spawn::<S>(cfg, params, name, events, direct, Some(adopted))
     }
 
     fn spawn<S: Session<Cmd = C>>(
@@ -226,12 +325,25 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
+        direct: Option<DirectSink<S::Event>>,
         adopted: Option<LinkHandover>,
     ) -> Result<Self, UpstreamError> {
         check(&cfg)?;
         let (cmds, cmd_rx) = bounded(cfg.queue);
         let (ctl, ctl_rx) = bounded(1);
         let (stop, stop_rx) = bounded(0);
+        let (kick, kick_rx) = bounded(1);
+        let writer = direct.as_ref().map(|_| {
+            Arc::new(Writer {
+                state: parking_lot::Mutex::new(WriterState {
+                    stream: None,
+                    pending: Vec::new(),
+                    busy: false,
+                }),
+                drained: parking_lot::Condvar::new(),
+                kick,
+            })
+        });
         let block = cfg.send_block;
         let now = Instant::now();
         let paused = adopted.is_some();
@@ -252,6 +364,8 @@ impl<C: Send + 'static> Handle<C> {
                 out: Vec::with_capacity(1024),
                 pause: Arc::new(AtomicBool::new(true)),
                 partial: a.partial,
+                // Active and ready from the start.
+                gate: direct.as_ref().map(|d| Gate::new(d, S::direct, true)),
                 _reader: None,
             }
         });
@@ -274,12 +388,19 @@ impl<C: Send + 'static> Handle<C> {
             redirect: None,
             scratch: Vec::new(),
             stopping: false,
+            direct,
+            writer: writer.clone(),
+            kick: kick_rx,
         };
+        if let Some(a) = &engine.active {
+            engine.attach_writer(a.stream.as_ref());
+        }
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || engine.run())
             .map_err(UpstreamError::Spawn)?;
         Ok(Self {
+            writer,
             cmds,
             ctl,
             stop: Some(stop),
@@ -296,6 +417,59 @@ impl<C: Send + 'static> Handle<C> {
             Err(SendTimeoutError::Timeout(c)) => Err(SendError::Full(c)),
             Err(SendTimeoutError::Disconnected(c)) => Err(SendError::Closed(c)),
         }
+    }
+
+    /// Writes `bytes` (whole lines) to the active connection from the calling thread, without
+    /// the engine unless the socket is full (then what it did not take is left for the
+    /// engine); waits at most `wait` while more than [`MAX_PENDING`] bytes are left. Lines
+    /// queued with [`Handle::send`] are not ordered with these.
+    pub(crate) fn write(&self, bytes: &[u8], wait: Duration) -> Result<(), WriteError> {
+        use std::ops::DerefMut;
+        let Some(w) = self.writer.as_deref() else {
+            return Err(WriteError::NoLink);
+        };
+        let until = Instant::now() + wait;
+        let mut st = w.state.lock();
+        while st.stream.is_some() && st.pending.len() > MAX_PENDING {
+            if w.drained.wait_until(&mut st, until).timed_out() {
+                return Err(WriteError::Full);
+            }
+        }
+        let WriterState {
+            stream,
+            pending,
+            busy,
+        } = st.deref_mut();
+        let Some(stream) = stream.as_ref() else {
+            return Err(WriteError::NoLink);
+        };
+        let mut done = 0;
+        if !*busy {
+            let sock = socket2::SockRef::from(stream);
+            while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+                match sock.send_with_flags(rest, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+                    Ok(n) if n > 0 => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Full, or failed: the engine writes the rest (and sees the error).
+                    Ok(_) | Err(_) => break,
+                }
+            }
+        }
+        if let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+            pending.extend_from_slice(rest);
+            if !*busy {
+                *busy = true;
+                let _ = w.kick.try_send(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes direct writes left for the engine that it has not written yet.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.writer
+            .as_deref()
+            .map_or(0, |w| w.state.lock().pending.len())
     }
 
     /// Queues `cmd` if there is room now.
@@ -390,6 +564,12 @@ struct Engine<S: Session> {
     scratch: Vec<S::Event>,
     /// Shutting down: events are no longer waited for.
     stopping: bool,
+    /// The owner's router for lines the readers hand on themselves ([`Session::direct`]).
+    direct: Option<DirectSink<S::Event>>,
+    /// The owner's direct writes to the active connection.
+    writer: Option<Arc<Writer>>,
+    /// A direct write left bytes for the engine.
+    kick: Receiver<()>,
 }
 
 /// Which connection.
@@ -408,6 +588,8 @@ enum Wake<C> {
     Ctl(Ctl),
     Cmd(Option<C>),
     Read(Slot, ReadMsg),
+    /// Direct writes left bytes to write.
+    Kick,
     Timer,
 }
 
@@ -421,7 +603,11 @@ impl<S: Session> Engine<S> {
                 Wake::Stop | Wake::Cmd(None) => break,
                 Wake::Ctl(Ctl::Release { done }) => {
                     // Closing our descriptor leaves the connection to the other process.
-                    if let Some(mut a) = self.active.take() {
+                    // What direct writes left goes first: it may end a line.
+                    let active = self.active.take();
+                    self.detach_writer(active.as_ref().and_then(|a| a.stream.as_ref()));
+                    if let Some(mut a) = active {
+                        a.set_direct(false);
                         a.stream = None;
                     }
                     self.attempt = None;
@@ -450,6 +636,7 @@ impl<S: Session> Engine<S> {
                     }
                 }
                 Wake::Read(slot, msg) => self.read(slot, msg),
+                Wake::Kick => self.write_pending(),
                 Wake::Timer => {}
             }
             self.timers(Instant::now());
@@ -458,6 +645,7 @@ impl<S: Session> Engine<S> {
         }
         // Shutdown: report what was in flight and what is still queued.
         self.stopping = true;
+        self.detach_writer(None);
         if let Some(mut a) = self.active.take() {
             a.session.drain("shutdown", &mut self.scratch);
         }
@@ -492,6 +680,7 @@ impl<S: Session> Engine<S> {
         let i_stop = sel.recv(&self.stop);
         let i_ctl = sel.recv(&self.ctl);
         let i_cmd = sel.recv(&self.cmds);
+        let i_kick = sel.recv(&self.kick);
         let first_reader = readers.map(|(_, rx)| sel.recv(rx))[0];
         let op = match deadline {
             Some(d) => match sel.select_deadline(d) {
@@ -513,6 +702,10 @@ impl<S: Session> Engine<S> {
         }
         if i == i_cmd {
             return Wake::Cmd(op.recv(&self.cmds).ok());
+        }
+        if i == i_kick {
+            let _ = op.recv(&self.kick);
+            return Wake::Kick;
         }
         match readers.get(i.wrapping_sub(first_reader)) {
             Some(&(slot, rx)) => Wake::Read(
@@ -594,10 +787,21 @@ impl<S: Session> Engine<S> {
         let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
         let pause = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&pause);
+        // Shut until the connection is the active link.
+        let gate = self.direct.as_ref().map(|d| Gate::new(d, S::direct, false));
+        let reader_gate = gate.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("up-read-{index}"))
             .spawn(move || {
-                connect_and_read(&host, port, connect_timeout, write_timeout, &flag, &tx);
+                connect_and_read(
+                    &host,
+                    port,
+                    connect_timeout,
+                    write_timeout,
+                    &flag,
+                    &tx,
+                    reader_gate.as_deref(),
+                );
             });
         let reader = match spawned {
             Ok(r) => r,
@@ -618,6 +822,7 @@ impl<S: Session> Engine<S> {
             out: Vec::with_capacity(1024),
             pause,
             partial: Vec::new(),
+            gate,
             _reader: Some(reader),
         })
     }
@@ -634,6 +839,7 @@ impl<S: Session> Engine<S> {
         self.attempt = None;
         self.probe = None;
         self.flush();
+        self.write_pending();
         self.emit_scratch();
         let Some(a) = self.active.as_ref() else {
             return Err("the upstream link is down".to_owned());
@@ -708,7 +914,12 @@ impl<S: Session> Engine<S> {
         };
         a.last_line = now;
         let started = match a.stream.as_ref().map(TcpStream::try_clone) {
-            Some(Ok(stream)) => spawn_reader(a.index, stream, std::mem::take(&mut a.partial)),
+            Some(Ok(stream)) => spawn_reader(
+                a.index,
+                stream,
+                std::mem::take(&mut a.partial),
+                a.gate.clone(),
+            ),
             Some(Err(e)) => Err(e),
             None => Err(std::io::Error::other("no socket")),
         };
@@ -836,6 +1047,9 @@ impl<S: Session> Engine<S> {
             return;
         };
         if slot == Slot::Active {
+            // Every line its reader routes itself is with the owner before `Down`.
+            c.set_direct(false);
+            self.detach_writer(None);
             tracing::warn!(index = c.index, %reason, "upstream down");
             c.session.drain("upstream down", &mut self.scratch);
             self.scratch.push(S::down_event(c.index, reason));
@@ -862,6 +1076,10 @@ impl<S: Session> Engine<S> {
             return;
         };
         if let Some(mut old) = self.active.take() {
+            // Every line the old reader routes itself is with the owner before the new `Up`;
+            // what direct writes left goes to the old connection (it may end a line).
+            old.set_direct(false);
+            self.detach_writer(old.stream.as_ref());
             tracing::info!(from = old.index, to = c.index, "upstream fail-back");
             old.session.drain("upstream switched", &mut self.scratch);
             if S::LOSE_QUEUED_ON_SWITCH {
@@ -891,7 +1109,83 @@ impl<S: Session> Engine<S> {
         self.probe_next = 0;
         self.probe_at = Instant::now() + self.cfg.failback_interval;
         self.tried = 0;
+        // Before its `Up` is emitted: the lines that answer what miners send once they see
+        // it are read with the path open (none come for them before: they have no sessions
+        // on this connection yet).
+        c.set_direct(true);
+        self.attach_writer(c.stream.as_ref());
         self.active = Some(c);
+    }
+
+    /// Lets the owner write to `stream` (the new active connection) directly.
+    fn attach_writer(&self, stream: Option<&TcpStream>) {
+        let Some(w) = self.writer.as_deref() else {
+            return;
+        };
+        let dup = stream.map(TcpStream::try_clone);
+        let mut st = w.state.lock();
+        st.pending.clear();
+        st.busy = false;
+        st.stream = match dup {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "upstream link: no direct writes (cannot duplicate its socket)");
+                None
+            }
+            None => None,
+        };
+        w.drained.notify_all();
+    }
+
+    /// Ends direct writes to the active connection; what they left is written to `flush_to`
+    /// first (the connection they were for), or dropped.
+    fn detach_writer(&self, flush_to: Option<&TcpStream>) {
+        let Some(w) = self.writer.as_deref() else {
+            return;
+        };
+        let mut st = w.state.lock();
+        if let Some(mut s) = flush_to
+            && !st.pending.is_empty()
+            && let Err(e) = s.write_all(&st.pending)
+        {
+            tracing::debug!(error = %e, "upstream link: the last direct writes were not written");
+        }
+        st.pending.clear();
+        st.busy = false;
+        st.stream = None;
+        w.drained.notify_all();
+    }
+
+    /// Writes what direct writes left ([`Handle::write`]), with blocking writes, until none is
+    /// left; a failed write closes the active connection.
+    fn write_pending(&mut self) {
+        let Some(w) = self.writer.clone() else {
+            return;
+        };
+        let mut buf = Vec::new();
+        loop {
+            {
+                let mut st = w.state.lock();
+                if st.pending.is_empty() || st.stream.is_none() {
+                    st.pending.clear();
+                    st.busy = false;
+                    w.drained.notify_all();
+                    return;
+                }
+                // Still busy: writers append while this is written.
+                std::mem::swap(&mut buf, &mut st.pending);
+                w.drained.notify_all();
+            }
+            let res = match self.active.as_mut().and_then(|a| a.stream.as_mut()) {
+                Some(s) => s.write_all(&buf),
+                None => Err(std::io::Error::other("no active connection")),
+            };
+            buf.clear();
+            if let Err(e) = res {
+                self.close(Slot::Active, format!("write: {e}"), false);
+                return;
+            }
+        }
     }
 
     fn timers(&mut self, now: Instant) {
@@ -899,6 +1193,12 @@ impl<S: Session> Engine<S> {
             return;
         }
         if let Some(a) = &mut self.active {
+            if a.gate
+                .as_ref()
+                .is_some_and(|g| g.seen.swap(false, Ordering::Relaxed))
+            {
+                a.last_line = now;
+            }
             let mut outcome = Outcome::Continue;
             if a.session.deadline().is_some_and(|d| d <= now) {
                 outcome = a.session.poll(now, &mut a.out, &mut self.scratch);
@@ -928,16 +1228,42 @@ impl<S: Session> Engine<S> {
 
     /// Writes what the sessions produced; a failed write closes its connection.
     fn flush(&mut self) {
+        let writer = self.writer.clone();
         for slot in [Slot::Active, Slot::Attempt, Slot::Probe] {
+            let Some(c) = self.slot(slot).as_mut() else {
+                continue;
+            };
+            if c.stream.is_none() || c.out.is_empty() {
+                continue;
+            }
+            if slot == Slot::Active
+                && let Some(w) = writer.as_deref()
+            {
+                // Behind what direct writes left, by the same path.
+                let mut out = std::mem::take(&mut c.out);
+                let queued = {
+                    let mut st = w.state.lock();
+                    let attached = st.stream.is_some();
+                    if attached {
+                        st.pending.append(&mut out);
+                        st.busy = true;
+                    }
+                    attached
+                };
+                if let Some(c) = self.active.as_mut() {
+                    c.out = out;
+                }
+                if queued {
+                    self.write_pending();
+                    continue;
+                }
+            }
             let Some(c) = self.slot(slot).as_mut() else {
                 continue;
             };
             let Some(stream) = &mut c.stream else {
                 continue;
             };
-            if c.out.is_empty() {
-                continue;
-            }
             let res = stream.write_all(&c.out);
             c.out.clear();
             if let Err(e) = res {
@@ -971,6 +1297,16 @@ impl<S: Session> Engine<S> {
             );
         }
     }
+}
+
+/// Hands `routed` (lines of the active connection, in order) to the gate's sink.
+fn route<E>(gate: &Gate<E>, routed: &mut Vec<E>) {
+    if routed.is_empty() {
+        return;
+    }
+    (gate.sink)(routed);
+    routed.clear();
+    gate.seen.store(true, Ordering::Relaxed);
 }
 
 /// Connects to `host:port` (each address it resolves to in turn) within `timeout` each.
@@ -1014,13 +1350,14 @@ fn connect_one(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result
 /// A connection's thread: connects, hands a clone of the stream over, then sends lines
 /// (without newline) to `tx` until the stream ends, the engine drops the connection, or
 /// `pause` is set ([`read_lines`]).
-fn connect_and_read(
+fn connect_and_read<E>(
     host: &str,
     port: u16,
     connect_timeout: Duration,
     write_timeout: Duration,
     pause: &AtomicBool,
     tx: &Sender<ReadMsg>,
+    gate: Option<&Gate<E>>,
 ) {
     let opened = open(host, port, connect_timeout).and_then(|stream| {
         stream.set_nodelay(true)?;
@@ -1043,15 +1380,16 @@ fn connect_and_read(
             return;
         }
     };
-    read_lines(stream, Vec::new(), pause, tx);
+    read_lines(stream, Vec::new(), pause, tx, gate);
 }
 
 /// A reader thread for a connection that is connected already (a resumed or adopted one),
 /// starting with the bytes `partial`: its channel, its pause flag and its thread.
-fn spawn_reader(
+fn spawn_reader<E: Send + 'static>(
     index: usize,
     stream: TcpStream,
     partial: Vec<u8>,
+    gate: Option<Arc<Gate<E>>>,
 ) -> std::io::Result<(Receiver<ReadMsg>, Arc<AtomicBool>, JoinHandle<()>)> {
     stream.set_read_timeout(Some(READ_POLL))?;
     let (tx, lines) = bounded(READ_AHEAD);
@@ -1059,7 +1397,7 @@ fn spawn_reader(
     let flag = Arc::clone(&pause);
     let reader = std::thread::Builder::new()
         .name(format!("up-read-{index}"))
-        .spawn(move || read_lines(stream, partial, &flag, &tx))?;
+        .spawn(move || read_lines(stream, partial, &flag, &tx, gate.as_deref()))?;
     Ok((lines, pause, reader))
 }
 
@@ -1068,23 +1406,53 @@ fn spawn_reader(
 /// Stops when the stream ends or fails ([`ReadMsg::Closed`]), when the engine is gone, or, once
 /// every complete line read is sent, when `pause` is set: then [`ReadMsg::Paused`] carries what
 /// was read of the next line.
-fn read_lines(mut stream: TcpStream, mut buf: Vec<u8>, pause: &AtomicBool, tx: &Sender<ReadMsg>) {
+///
+/// With a `gate` that is open, the lines [`Session::direct`] takes go to its sink instead, one
+/// call per read (and before any later line goes to the engine), under its lock.
+fn read_lines<E>(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    pause: &AtomicBool,
+    tx: &Sender<ReadMsg>,
+    gate: Option<&Gate<E>>,
+) {
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut routed: Vec<E> = Vec::new();
     loop {
         let mut start = 0;
+        // Held while lines of this read are classified and routed (see `Gate`); never while
+        // sending to the engine, which may be waiting for it.
+        let mut open = gate.map(|g| g.open.lock());
         while let Some(i) = buf
             .get(start..)
             .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
         {
-            let mut line = buf.get(start..start + i).unwrap_or_default().to_vec();
+            let mut line = buf.get(start..start + i).unwrap_or_default();
             start += i + 1;
             if line.last() == Some(&b'\r') {
-                line.pop();
+                line = line.get(..line.len() - 1).unwrap_or_default();
             }
-            if tx.send(ReadMsg::Line(line)).is_err() {
+            if let (Some(g), Some(true)) = (gate, open.as_deref().copied())
+                && let Some(ev) = (g.classify)(line)
+            {
+                routed.push(ev);
+                continue;
+            }
+            if let Some(g) = gate {
+                route(g, &mut routed);
+            }
+            let unlocked = open.take().is_some();
+            if tx.send(ReadMsg::Line(line.to_vec())).is_err() {
                 return;
             }
+            if unlocked {
+                open = gate.map(|g| g.open.lock());
+            }
         }
+        if let Some(g) = gate {
+            route(g, &mut routed);
+        }
+        drop(open);
         buf.drain(..start);
         if buf.len() > MAX_LINE {
             let _ = tx.send(ReadMsg::Closed("line too long".to_owned()));

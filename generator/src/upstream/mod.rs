@@ -27,8 +27,8 @@ mod stratum;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use engine::LinkHandover;
-pub use passthrough::{MinerLine, PassthroughEvent, PassthroughLink};
+pub use engine::{LinkHandover, WriteError};
+pub use passthrough::{MinerLine, MinerRouter, PassthroughEvent, PassthroughLink};
 pub use stratum::{Link, MAX_EXTRANONCE2, Pool, Submit, UpstreamEvent};
 
 /// One upstream pool, as in ckpool.conf's `proxy` array. Its `Debug` output leaves the
