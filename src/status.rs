@@ -199,18 +199,14 @@ impl Writer {
                 continue;
             }
             let file = user_file(user, lastupdate);
-            let json = match serde_json::to_vec_pretty(&file) {
-                Ok(mut j) => {
-                    j.push(b'\n');
-                    j
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot encode user stats");
-                    complete = false;
-                    continue;
-                }
-            };
-            if let Err(e) = write_atomic(&dir, name, &json) {
+            // Streamed to the file: a user with thousands of workers would otherwise take a
+            // buffer of several hundred KiB once a minute, which the allocator keeps until the
+            // next trim (about 0.5 MiB of RSS after every write in the churn soak).
+            let written = write_atomic_with(&dir, name, |f| {
+                serde_json::to_writer_pretty(&mut *f, &file).map_err(io::Error::other)?;
+                f.write_all(b"\n")
+            });
+            if let Err(e) = written {
                 self.errors.log(now, &dir.join(name), &e);
                 complete = false;
             }
@@ -248,12 +244,21 @@ fn file_name_ok(name: &str) -> bool {
 
 /// Writes `dir/name` through `dir/name.tmp` and a rename, creating `dir` if needed.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(dir, name, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] with the contents written by `write`, through an 8 KiB buffer.
+fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
+) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    drop(f);
+    let mut f = io::BufWriter::new(fs::File::create(&tmp)?);
+    write(&mut f)?;
+    f.into_inner().map_err(io::IntoInnerError::into_error)?;
     fs::rename(&tmp, &path)
 }
 
@@ -1138,6 +1143,11 @@ mod tests {
         let file: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.join("users/alice")).unwrap()).unwrap();
         assert_eq!(file["worker"][0]["workername"], "alice.rig1");
+        // Streamed to the file, byte for byte what the encoder gives in one buffer.
+        let mut whole =
+            serde_json::to_vec_pretty(&user_file(&snap.users["alice"], 1_700_000_101)).unwrap();
+        whole.push(b'\n');
+        assert_eq!(fs::read(dir.join("users/alice")).unwrap(), whole);
 
         // A directory in the way of the status file is an error, logged, not a panic.
         fs::remove_file(dir.join("pool/pool.status")).unwrap();

@@ -235,6 +235,30 @@ impl JobBooks {
         Ok(job)
     }
 
+    /// Seals the duplicate sets of the jobs no longer the newest of their source
+    /// ([`Job::seal_seen`]). The table's lock is held only to list them: the sealing itself
+    /// takes only the locks of the sealed jobs' own sets, which the current jobs' checks
+    /// never need. Returns the number of jobs sealed. Called by the housekeeping thread.
+    pub(crate) fn seal_superseded(&self) -> usize {
+        let old: Vec<Arc<Job>> = {
+            let t = self.table.read();
+            t.books
+                .iter()
+                .flat_map(|b| {
+                    let current = b.current.as_ref().map(|c| c.id);
+                    b.jobs
+                        .values()
+                        .filter(move |j| Some(j.id) != current && !j.seen_sealed())
+                })
+                .cloned()
+                .collect()
+        };
+        for j in &old {
+            j.seal_seen();
+        }
+        old.len()
+    }
+
     /// Brings `view` up to date with the live jobs: a load of one atomic when nothing changed.
     pub(crate) fn refresh(&self, view: &mut JobView) {
         if self.generation.load(Ordering::Acquire) == view.generation {
@@ -309,6 +333,11 @@ impl JobBooks {
                 let j = Job::load(r, now)?;
                 if j.source.index() != i {
                     return Err(HandoverError::Malformed("job source"));
+                }
+                // Sealed here, before the pool serves any share: the new process's
+                // housekeeping would do it anyway.
+                if j.id != current {
+                    j.seal_seen();
                 }
                 jobs.insert(j.id, Arc::new(j));
             }

@@ -490,6 +490,17 @@ impl Job {
         self.seen.first_sighting(hash)
     }
 
+    /// Compacts the job's duplicate set once a newer job exists ([`Seen::seal`]): off the
+    /// share path, it sorts every key. Duplicates are still found.
+    pub(crate) fn seal_seen(&self) {
+        self.seen.seal();
+    }
+
+    /// Whether [`Job::seal_seen`] was called.
+    pub(crate) fn seen_sealed(&self) -> bool {
+        self.seen.is_sealed()
+    }
+
     /// Height of the block this job builds (0 when unknown).
     pub fn height(&self) -> u64 {
         self.height

@@ -394,9 +394,11 @@ impl Pool {
 
     /// Folds the shares accepted since the previous call into the moving averages of the pool
     /// and every worker, forgets parked sessions past the resume window, and users and workers
-    /// idle for [`PoolConfig::stats_idle`] (at most once a minute). Called every few
+    /// idle for [`PoolConfig::stats_idle`] (at most once a minute), and compacts the duplicate
+    /// sets of the jobs a newer one superseded ([`crate::seen::Seen::seal`]). Called every few
     /// seconds from one thread (calls are serialised); the first call only records a baseline.
     pub fn sample_rates(&self, now: Instant) {
+        self.books.seal_superseded();
         let parked = self.tables.prune_parked(now);
         self.registry.sample(now, parked);
         self.registry.forget_idle(now, self.cfg.stats_idle);
@@ -693,6 +695,42 @@ mod tests {
             (0.0, 9000.0)
         );
         assert_eq!(erin.workers["erin.b"].bestshare, 30.0);
+    }
+
+    #[test]
+    fn superseded_jobs_are_sealed_and_still_find_duplicates_also_after_a_handover() {
+        let pool = pool();
+        let t0 = Instant::now();
+        let hash = |i: u64| common::hash::sha256d(&i.to_le_bytes());
+        let a = pool.new_template(template(1), t0).unwrap();
+        for i in 0..5_000 {
+            assert!(a.first_sighting(&hash(i)));
+        }
+        // The newest job is never sealed.
+        pool.sample_rates(t0);
+        assert!(!a.seen_sealed());
+        let b = pool.new_template(template(1), t0).unwrap();
+        for i in 0..100 {
+            assert!(b.first_sighting(&hash(i)));
+        }
+        pool.sample_rates(t0);
+        assert!(a.seen_sealed());
+        assert!(!b.seen_sealed());
+        assert!((0..5_000).all(|i| !a.first_sighting(&hash(i))));
+        assert!(a.first_sighting(&hash(5_000)));
+        assert!(b.first_sighting(&hash(100)));
+        // Both sets travel, each exact; the superseded one arrives sealed.
+        let blob = pool.export_state(t0);
+        let next = Pool::new(PoolConfig::new(Network::Regtest, None), 2, t0);
+        next.import_state(t0, &blob).unwrap();
+        let (a2, _) = next.books.job(SourceId::TEMPLATE, a.id).unwrap();
+        let (b2, _) = next.books.job(SourceId::TEMPLATE, b.id).unwrap();
+        assert!(a2.seen_sealed());
+        assert!(!b2.seen_sealed());
+        assert!((0..=5_000).all(|i| !a2.first_sighting(&hash(i))));
+        assert!((0..=100).all(|i| !b2.first_sighting(&hash(i))));
+        assert!(a2.first_sighting(&hash(5_001)));
+        assert!(b2.first_sighting(&hash(101)));
     }
 
     #[test]

@@ -45,8 +45,11 @@ struct State {
     names: Interner,
     /// This shard's stripe of the pool totals.
     stripe: Arc<Stripe>,
-    /// When each connection must have authorised by (16 bytes an entry, gone once past).
+    /// When each connection must have authorised by (16 bytes an entry, gone once past, or
+    /// at the next compaction once its connection authorised or left).
     auth_deadlines: VecDeque<(Stamp, ClientId)>,
+    /// Length of `auth_deadlines` at which its next compaction runs.
+    auth_compact_at: usize,
     scratch: Vec<u8>,
     solo_work: HashMap<(u64, Name), Arc<SoloWork>>,
     last_prune: Option<Instant>,
@@ -218,6 +221,9 @@ struct Sessions {
 /// A connection id whose slot is beyond [`MAX_SLOT`], or a slab that is full.
 #[derive(Debug)]
 struct SlotOutOfRange;
+
+/// The authorisation-deadline queue is compacted at this length at the least (4 KiB).
+const AUTH_COMPACT_MIN: usize = 256;
 
 /// Sessions per chunk of the slab (about 42 KiB).
 const CHUNK: usize = 256;
@@ -475,6 +481,7 @@ impl Shard {
                 sessions: Sessions::default(),
                 names: Interner::default(),
                 auth_deadlines: VecDeque::new(),
+                auth_compact_at: AUTH_COMPACT_MIN,
                 scratch: Vec::with_capacity(512),
                 solo_work: HashMap::new(),
                 last_prune: None,
@@ -601,9 +608,8 @@ impl Shard {
             .registry
             .clients
             .fetch_add(1, Ordering::Relaxed);
-        self.st
-            .auth_deadlines
-            .push_back((Stamp::of(now + auth_timeout, self.st.pool.epoch), conn));
+        let deadline = Stamp::of(now + auth_timeout, self.st.pool.epoch);
+        self.st.push_auth_deadline(deadline, conn);
     }
 
     /// A client went away. A connection's close ends its direct session and every
@@ -940,7 +946,7 @@ impl Shard {
         st.pool.registry.clients.fetch_add(1, Ordering::Relaxed);
         if !authorised {
             let deadline = Stamp::of(now + st.pool.cfg.auth_timeout, epoch);
-            st.auth_deadlines.push_back((deadline, client));
+            st.push_auth_deadline(deadline, client);
         }
         debug!(%client, %peer, listener, "session adopted");
         Ok(())
@@ -1156,6 +1162,27 @@ fn forget_stats(pool: &Pool, s: &mut Session) {
 }
 
 impl State {
+    /// Queues `client`'s authorisation deadline (its session already in the table). An entry
+    /// stays until its deadline whatever becomes of its connection, so a churn of connections
+    /// that authorise or leave at once (tens a second, each queued for `auth_timeout`) would
+    /// keep thousands, and the queue's capacity would double at each new peak. Instead, each
+    /// time the queue has doubled since the last pass, the entries of connections that
+    /// authorised or left are dropped: the queue stays about twice the connections still
+    /// unauthorised, and each entry is looked at about twice (amortised O(1) a connection).
+    fn push_auth_deadline(&mut self, deadline: Stamp, client: ClientId) {
+        self.auth_deadlines.push_back((deadline, client));
+        if self.auth_deadlines.len() < self.auth_compact_at {
+            return;
+        }
+        let sessions = &self.sessions;
+        self.auth_deadlines
+            .retain(|&(_, c)| sessions.get(c).is_some_and(|s| s.auth.is_none()));
+        self.auth_compact_at = (2 * self.auth_deadlines.len()).max(AUTH_COMPACT_MIN);
+        if self.auth_deadlines.capacity() > 2 * self.auth_compact_at {
+            self.auth_deadlines.shrink_to(self.auth_compact_at);
+        }
+    }
+
     fn closed(&self, now: Instant, client: ClientId, s: Session) {
         closed(&self.pool, now, client, s);
     }
@@ -2388,6 +2415,56 @@ mod tests {
             assert!(!a.is_worker(&format!("{worker}2")));
             assert!(!a.is_worker(""));
         }
+    }
+
+    #[test]
+    fn the_auth_deadline_queue_keeps_only_connections_still_unauthorised() {
+        let payout = address::script_for_address(
+            "mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ",
+            common::address::Network::Regtest,
+        )
+        .unwrap();
+        let cfg = crate::PoolConfig::new(common::address::Network::Regtest, Some(payout));
+        let now = Instant::now();
+        let pool = Pool::new(cfg, 1, now);
+        pool.new_template(
+            Arc::new(common::template::Template::empty([1; 32], 0x207f_ffff)),
+            now,
+        )
+        .unwrap();
+        let mut shard = Shard::new(Arc::clone(&pool));
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut out = crate::RecordingOut::default();
+        // One connection that never authorises, then a churn of 10,000 that authorise (even
+        // ones) or subscribe and leave (odd ones), all within the timeout.
+        let idle = ConnId::new(0, 0, 0);
+        shard.on_open(now, idle, peer, 0);
+        let sub = br#"{"id":1,"method":"mining.subscribe","params":[]}"#;
+        let mut longest = 0;
+        for i in 1..=10_000u32 {
+            let c = ConnId::new(0, 0, i);
+            shard.on_open(now, c, peer, 0);
+            shard.on_line(now, c, sub, &mut out);
+            if i % 2 == 0 {
+                let auth = format!(
+                    r#"{{"id":2,"method":"mining.authorize","params":["mnNghRjeAKbTqkvMYaE6kzkpsfWVdt3TRZ.w{i}","x"]}}"#
+                );
+                shard.on_line(now, c, auth.as_bytes(), &mut out);
+            } else {
+                shard.on_close(now, c);
+            }
+            longest = longest.max(shard.st.auth_deadlines.len());
+        }
+        // Without the compaction: 10,001 entries (160 KB, in a 256 KiB buffer).
+        assert!(longest <= 2 * AUTH_COMPACT_MIN, "{longest} entries queued");
+        assert!(shard.st.auth_deadlines.capacity() <= 4 * AUTH_COMPACT_MIN);
+        assert!(out.closed.is_empty());
+        // The one that never authorised is still dropped at its deadline, and only it.
+        shard.on_tick(
+            now + pool.cfg.auth_timeout + Duration::from_secs(1),
+            &mut out,
+        );
+        assert_eq!(out.closed, [ClientId::Direct(idle)]);
     }
 
     #[test]
