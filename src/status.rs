@@ -24,7 +24,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use serde_json::Value;
-use stratifier::{Pool, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats};
+use stratifier::{
+    Pool, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats, UserView,
+    WorkerStats,
+};
 use tracing::{info, warn};
 
 use crate::journal::Journal;
@@ -162,12 +165,31 @@ impl Writer {
         }
     }
 
-    /// Whether every file was written.
+    /// Whether every file was written. The users are read one at a time
+    /// ([`StatsRegistry::visit_users`]), so the writer never holds a copy of every worker.
     fn write_all(&mut self, pool: &Pool, runtime: Duration, now: Instant) -> bool {
-        let snap = pool.stats();
-        self.write_snapshot(&snap, runtime, unix_now().as_secs(), now)
+        self.write_registry(pool.registry(), runtime, unix_now().as_secs(), now)
     }
 
+    fn write_registry(
+        &mut self,
+        registry: &StatsRegistry,
+        runtime: Duration,
+        lastupdate: u64,
+        now: Instant,
+    ) -> bool {
+        let snap = registry.snapshot_pool();
+        self.write_files(
+            &snap,
+            |f| registry.visit_users(|name, user: &UserView<'_>| f(name, user)),
+            runtime,
+            lastupdate,
+            now,
+        )
+    }
+
+    /// [`Writer::write_all`] from a snapshot with its users.
+    #[cfg(test)]
     fn write_snapshot(
         &mut self,
         snap: &StatsSnapshot,
@@ -175,8 +197,58 @@ impl Writer {
         lastupdate: u64,
         now: Instant,
     ) -> bool {
+        self.write_files(
+            snap,
+            |f| {
+                for (name, user) in &snap.users {
+                    f(name, user);
+                }
+            },
+            runtime,
+            lastupdate,
+            now,
+        )
+    }
+
+    /// Writes each user's file as `users` visits it (the users of `snap` are not read), then
+    /// `pool.status` from `snap` and the worker counts of the visit.
+    fn write_files(
+        &mut self,
+        snap: &StatsSnapshot,
+        users: impl FnOnce(&mut dyn FnMut(&str, &dyn UserRecord)),
+        runtime: Duration,
+        lastupdate: u64,
+        now: Instant,
+    ) -> bool {
         let mut complete = true;
-        let lines = pool_status_lines(snap, runtime.as_secs(), lastupdate);
+        let mut counts = WorkerCounts::default();
+        let dir = self.logdir.join("users");
+        users(&mut |name, user| {
+            counts.add(user, lastupdate);
+            let totals = user.totals();
+            if totals.accepted == 0 && totals.accepted_diff <= 0.0 {
+                return;
+            }
+            if !file_name_ok(name) {
+                if self.refused.len() < MAX_REFUSED_NAMES && self.refused.insert(name.to_owned()) {
+                    warn!(user = %name.escape_debug(), "user name cannot be a file name; no stats file for it");
+                }
+                return;
+            }
+            let file = user_file(user, lastupdate);
+            // Streamed to the file, each worker's entry made as it is written: a user with
+            // thousands of workers would otherwise take buffers of several hundred KiB once a
+            // minute, which the allocator keeps until the next trim.
+            let written = write_atomic_with(&dir, name, |f| {
+                serde_json::to_writer_pretty(&mut *f, &file).map_err(io::Error::other)?;
+                f.write_all(b"\n")
+            });
+            if let Err(e) = written {
+                self.errors.log(now, &dir.join(name), &e);
+                complete = false;
+            }
+        });
+        let lines = pool_status_lines(snap, &counts, runtime.as_secs(), lastupdate);
         for line in &lines {
             info!("Pool:{line}");
         }
@@ -187,32 +259,69 @@ impl Writer {
             self.errors.log(now, &dir.join("pool.status"), &e);
             complete = false;
         }
-        let dir = self.logdir.join("users");
-        for (name, user) in &snap.users {
-            if user.accepted == 0 && user.accepted_diff <= 0.0 {
-                continue;
-            }
-            if !file_name_ok(name) {
-                if self.refused.len() < MAX_REFUSED_NAMES && self.refused.insert(name.clone()) {
-                    warn!(user = %name.escape_debug(), "user name cannot be a file name; no stats file for it");
-                }
-                continue;
-            }
-            let file = user_file(user, lastupdate);
-            // Streamed to the file: a user with thousands of workers would otherwise take a
-            // buffer of several hundred KiB once a minute, which the allocator keeps until the
-            // next trim (about 0.5 MiB of RSS after every write in the churn soak).
-            let written = write_atomic_with(&dir, name, |f| {
-                serde_json::to_writer_pretty(&mut *f, &file).map_err(io::Error::other)?;
-                f.write_all(b"\n")
-            });
-            if let Err(e) = written {
-                self.errors.log(now, &dir.join(name), &e);
-                complete = false;
-            }
-        }
         complete
     }
+}
+
+/// One user as the stats files need it: its figures and its workers, walked as often as
+/// needed (a [`UserStats`] of a snapshot, or a [`UserView`] of the registry, which reads each
+/// worker as it is reached).
+trait UserRecord {
+    /// Its figures (their `workers` not read).
+    fn totals(&self) -> &UserStats;
+    /// Its workers by full name, in name order.
+    fn workers(&self) -> Box<dyn Iterator<Item = (&str, WorkerStats)> + '_>;
+}
+
+impl UserRecord for UserStats {
+    fn totals(&self) -> &UserStats {
+        self
+    }
+
+    fn workers(&self) -> Box<dyn Iterator<Item = (&str, WorkerStats)> + '_> {
+        Box::new(self.workers.iter().map(|(n, w)| (n.as_str(), w.clone())))
+    }
+}
+
+impl UserRecord for UserView<'_> {
+    fn totals(&self) -> &UserStats {
+        &self.stats
+    }
+
+    fn workers(&self) -> Box<dyn Iterator<Item = (&str, WorkerStats)> + '_> {
+        Box::new(UserView::workers(self))
+    }
+}
+
+/// `pool.status`'s counts of users and workers.
+#[derive(Debug, Default)]
+struct WorkerCounts {
+    /// Users with an active worker.
+    users: u64,
+    /// Workers with a share in the last [`IDLE_SECS`].
+    workers: u64,
+    /// The other workers.
+    idle: u64,
+}
+
+impl WorkerCounts {
+    fn add(&mut self, user: &dyn UserRecord, lastupdate: u64) {
+        let mut user_active = false;
+        for (_, w) in user.workers() {
+            if active(w.lastshare, lastupdate) {
+                self.workers += 1;
+                user_active = true;
+            } else {
+                self.idle += 1;
+            }
+        }
+        self.users += u64::from(user_active);
+    }
+}
+
+/// Whether a worker whose last share was at `lastshare` counts as active at `lastupdate`.
+fn active(lastshare: u64, lastupdate: u64) -> bool {
+    lastshare > 0 && lastupdate.saturating_sub(lastshare) <= IDLE_SECS
 }
 
 /// Rate-limited logging of write errors.
@@ -751,22 +860,12 @@ struct PoolLine3 {
 }
 
 /// The three lines of `pool.status`, without newlines.
-fn pool_status_lines(s: &StatsSnapshot, runtime: u64, lastupdate: u64) -> Vec<String> {
-    let active =
-        |lastshare: u64| lastshare > 0 && lastupdate.saturating_sub(lastshare) <= IDLE_SECS;
-    let (mut users, mut workers, mut idle) = (0u64, 0u64, 0u64);
-    for u in s.users.values() {
-        let mut user_active = false;
-        for w in u.workers.values() {
-            if active(w.lastshare) {
-                workers += 1;
-                user_active = true;
-            } else {
-                idle += 1;
-            }
-        }
-        users += u64::from(user_active);
-    }
+fn pool_status_lines(
+    s: &StatsSnapshot,
+    counts: &WorkerCounts,
+    runtime: u64,
+    lastupdate: u64,
+) -> Vec<String> {
     let network_diff = s.job.as_ref().map_or(0.0, |j| j.2);
     let diff = if network_diff > 0.0 {
         round_to(s.round_diff / network_diff * 100.0, 1)
@@ -777,9 +876,9 @@ fn pool_status_lines(s: &StatsSnapshot, runtime: u64, lastupdate: u64) -> Vec<St
     let line1 = PoolLine1 {
         runtime,
         lastupdate,
-        users,
-        workers,
-        idle,
+        users: counts.users,
+        workers: counts.workers,
+        idle: counts.idle,
         disconnected: s.disconnected,
     };
     let line2 = PoolLine2 {
@@ -830,7 +929,40 @@ struct UserFile<'a> {
     bestever: Amount,
     /// Time of the user's first authorisation in ckpool; not tracked here, so 0.
     authorised: u64,
-    worker: Vec<WorkerEntry<'a>>,
+    worker: WorkerEntries<'a>,
+}
+
+/// A user file's workers, each entry made as the encoder reaches it.
+struct WorkerEntries<'a> {
+    user: &'a dyn UserRecord,
+    lastupdate: u64,
+}
+
+impl Serialize for WorkerEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(None)?;
+        for (name, w) in self.user.workers() {
+            if (w.accepted > 0 || w.accepted_diff > 0.0)
+                && self.lastupdate.saturating_sub(w.lastshare) <= STALE_WORKER_SECS
+            {
+                seq.serialize_element(&WorkerEntry {
+                    workername: name,
+                    hashrate1m: suffix_string(w.hashrate.hashrate1m),
+                    hashrate5m: suffix_string(w.hashrate.hashrate5m),
+                    hashrate1hr: suffix_string(w.hashrate.hashrate1hr),
+                    hashrate1d: suffix_string(w.hashrate.hashrate1d),
+                    hashrate7d: suffix_string(w.hashrate.hashrate7d),
+                    lastshare: w.lastshare,
+                    shares: Amount::of(w.accepted_diff),
+                    bestshare: w.bestshare,
+                    bestever: Amount::of(w.bestever),
+                    accepted: w.accepted,
+                })?;
+            }
+        }
+        seq.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -850,33 +982,12 @@ struct WorkerEntry<'a> {
     accepted: u64,
 }
 
-fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
-    let worker: Vec<WorkerEntry<'_>> = u
-        .workers
-        .iter()
-        .filter(|(_, w)| {
-            (w.accepted > 0 || w.accepted_diff > 0.0)
-                && lastupdate.saturating_sub(w.lastshare) <= STALE_WORKER_SECS
-        })
-        .map(|(name, w)| WorkerEntry {
-            workername: name,
-            hashrate1m: suffix_string(w.hashrate.hashrate1m),
-            hashrate5m: suffix_string(w.hashrate.hashrate5m),
-            hashrate1hr: suffix_string(w.hashrate.hashrate1hr),
-            hashrate1d: suffix_string(w.hashrate.hashrate1d),
-            hashrate7d: suffix_string(w.hashrate.hashrate7d),
-            lastshare: w.lastshare,
-            shares: Amount::of(w.accepted_diff),
-            bestshare: w.bestshare,
-            bestever: Amount::of(w.bestever),
-            accepted: w.accepted,
-        })
-        .collect();
-    let active = u
-        .workers
-        .values()
-        .filter(|w| w.lastshare > 0 && lastupdate.saturating_sub(w.lastshare) <= IDLE_SECS)
+fn user_file(user: &dyn UserRecord, lastupdate: u64) -> UserFile<'_> {
+    let active = user
+        .workers()
+        .filter(|(_, w)| active(w.lastshare, lastupdate))
         .count();
+    let u = user.totals();
     UserFile {
         hashrate1m: suffix_string(u.hashrate.hashrate1m),
         hashrate5m: suffix_string(u.hashrate.hashrate5m),
@@ -889,7 +1000,7 @@ fn user_file(u: &UserStats, lastupdate: u64) -> UserFile<'_> {
         bestshare: u.bestshare,
         bestever: Amount::of(u.bestever),
         authorised: 0,
-        worker,
+        worker: WorkerEntries { user, lastupdate },
     }
 }
 
@@ -1017,7 +1128,11 @@ mod tests {
         let mut s = snapshot();
         s.round_diff = 50.0;
         s.job = Some(("00".into(), 100, 200.0));
-        let lines = pool_status_lines(&s, 42, 1_700_000_100);
+        let mut counts = WorkerCounts::default();
+        for u in s.users.values() {
+            counts.add(u, 1_700_000_100);
+        }
+        let lines = pool_status_lines(&s, &counts, 42, 1_700_000_100);
         assert_eq!(lines.len(), 3);
         let keys = |l: &str| -> Vec<String> {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -1399,6 +1514,20 @@ mod tests {
             assert_eq!(old[k], new[k], "{k}");
         }
         assert_eq!(new["hashrate1m"], suffix_string(want));
+        // Written from the registry user by user (as the stats thread does), the same bytes.
+        let mut w3 = Writer {
+            logdir: dir.join("visited"),
+            errors: ErrorLog::default(),
+            refused: HashSet::new(),
+        };
+        assert!(w3.write_registry(&registry, Duration::from_secs(1), saved + 300, now));
+        for f in ["users/alice", "pool/pool.status"] {
+            assert_eq!(
+                fs::read(dir.join("visited").join(f)).unwrap(),
+                fs::read(dir.join("again").join(f)).unwrap(),
+                "{f}"
+            );
+        }
 
         // Users idle past statsidle are not read at all.
         let registry = StatsRegistry::default();

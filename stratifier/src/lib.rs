@@ -66,7 +66,7 @@ pub use reject::Reject;
 pub use shard::{ClientInfo, ReconnectTo, Shard};
 pub use stats::{
     Hashrates, PoolRates, SeedClock, SeedPool, SeedWorker, StatsRegistry, StatsSnapshot, UserStats,
-    WorkerStats,
+    UserView, WorkerStats,
 };
 
 /// Something the stratifier produced for the rest of the daemon (not for a miner).
