@@ -140,7 +140,7 @@ pub struct Config {
     /// seconds; 3600 by default, 0 turns it off: `None`).
     pub idletimeout: Option<Duration>,
     /// Back-pressure: a connection with more than this many bytes queued and not yet sent is not
-    /// read until they drain to half of it (`pausereads`, in KiB; 64 by default, 0 turns it off:
+    /// read until they drain to half of it (`pausereads`, in KiB; 16 by default, 0 turns it off:
     /// `None`).
     pub pausereads: Option<usize>,
     /// A connection paused by `pausereads` to which nothing could be sent for this long is
@@ -235,7 +235,7 @@ impl Default for Config {
             maxclientsperip: None,
             maxoutbound: 1024 << 20,
             idletimeout: Some(Duration::from_secs(3600)),
-            pausereads: Some(64 << 10),
+            pausereads: Some(16 << 10),
             stalltimeout: Some(Duration::from_secs(30)),
             zmqblock: Some("tcp://127.0.0.1:28332".into()),
             maxlinelength: 16 * 1024,
@@ -925,7 +925,7 @@ mod tests {
         );
         assert_eq!(
             (d.pausereads, d.stalltimeout),
-            (Some(64 << 10), Some(Duration::from_secs(30)))
+            (Some(16 << 10), Some(Duration::from_secs(30)))
         );
         let b = parse(r#"{"pausereads": 256, "stalltimeout": 5}"#).unwrap();
         assert!(b.warnings.is_empty(), "{:?}", b.warnings);

@@ -189,9 +189,10 @@ pub struct Config {
     pub stall_timeout: Option<Duration>,
 }
 
-/// Default of [`Config::pause_reads_at`]: 64 KiB, about 600 replies to shares, far more than a
-/// miner that reads ever has queued, and a few times a notify.
-pub const DEFAULT_PAUSE_READS_AT: usize = 64 * 1024;
+/// Default of [`Config::pause_reads_at`]: 16 KiB, about 150 replies to shares, far more than a
+/// miner that reads ever has queued, and several notifies. (It was 64 KiB: a peer that never
+/// reads then held four times as much, for `stall_timeout`, for nothing.)
+pub const DEFAULT_PAUSE_READS_AT: usize = 16 * 1024;
 
 /// Default of [`Config::stall_timeout`]: 30 s, long enough for a slow link's hiccup, short
 /// enough that peers that never read do not pile up.
