@@ -236,13 +236,18 @@ impl Parked {
         }
     }
 
-    /// Drops the stale entries of `order` once they outnumber the live ones (amortised: each
-    /// pass at least halves the queue).
+    /// Drops the stale entries of the queues once they are half as many as the live ones
+    /// (amortised: each pass drops at least a third of the queues, so an entry is looked at
+    /// about three times), and gives back room beyond twice what is left. The queues then stay
+    /// within 1.5 times the parked sessions (plus 256), where letting the stale entries reach
+    /// the live ones' number doubled their buffers once more at each new peak of the churn.
     fn compact(&mut self) {
-        if self.order.len() + self.short_order.len() > 2 * self.map.len() + 1024 {
+        let live = self.map.len();
+        if self.order.len() + self.short_order.len() > live + live / 2 + 256 {
             let map = &self.map;
             for order in [&mut self.order, &mut self.short_order] {
                 order.retain(|(t, sid)| map.get(sid).is_some_and(|p| p.parked == *t));
+                order.shrink_to(2 * order.len().max(64));
             }
         }
     }
