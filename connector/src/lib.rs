@@ -761,6 +761,13 @@ pub struct ExportedConn {
     pub state: ConnState,
 }
 
+/// Gives the allocator's free heap pages back to the kernel (`malloc_trim(0)` with glibc, a
+/// no-op with other C libraries): for a thread that has just freed a burst of transient
+/// buffers, which glibc would otherwise keep resident until the connector's next periodic trim.
+pub fn release_free_heap() {
+    sys::release_free_heap();
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
     sys::raise_nofile_limit()

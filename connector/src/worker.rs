@@ -54,7 +54,7 @@ const SLOW_WARN_EVERY: Duration = Duration::from_secs(10);
 /// A round with this many completions (a broadcast) leaves freed buffers behind: the heap's free
 /// pages are given back [`TRIM_DELAY`] later (once its sends have completed), at most once per
 /// [`TRIM_EVERY`] per thread.
-const BIG_ROUND: usize = 4096;
+const BIG_ROUND: usize = 512;
 /// A connection closed with this many unsent bytes (a client that stopped reading, closed at its
 /// queue limit) leaves a heap of freed send buffers behind: they are given back the same way.
 const BIG_QUEUE: u32 = 64 * 1024;
