@@ -236,11 +236,12 @@ impl JobBooks {
     }
 
     /// Seals the duplicate sets of the jobs no longer the newest of their source
-    /// ([`Job::seal_seen`]). The table's lock is held only to list them: the sealing itself
-    /// takes only the locks of the sealed jobs' own sets, which the current jobs' checks
-    /// never need. Returns the number of jobs sealed. Called by the housekeeping thread.
+    /// ([`Job::seal_seen`]), and packs the keys waiting in the others' hash sets when they are
+    /// many ([`Job::pack_seen_if_due`]). The table's lock is held only to list the jobs: the
+    /// packing takes each of a job's 64 sets' locks in turn, briefly. Returns the number of
+    /// jobs sealed. Called by the housekeeping thread.
     pub(crate) fn seal_superseded(&self) -> usize {
-        let old: Vec<Arc<Job>> = {
+        let (old, live): (Vec<Arc<Job>>, Vec<Arc<Job>>) = {
             let t = self.table.read();
             t.books
                 .iter()
@@ -248,13 +249,21 @@ impl JobBooks {
                     let current = b.current.as_ref().map(|c| c.id);
                     b.jobs
                         .values()
-                        .filter(move |j| Some(j.id) != current && !j.seen_sealed())
+                        .map(move |j| (Some(j.id) != current && !j.seen_sealed(), j))
                 })
-                .cloned()
-                .collect()
+                .fold(
+                    (Vec::new(), Vec::new()),
+                    |(mut old, mut live), (seal, j)| {
+                        if seal { &mut old } else { &mut live }.push(Arc::clone(j));
+                        (old, live)
+                    },
+                )
         };
         for j in &old {
             j.seal_seen();
+        }
+        for j in &live {
+            j.pack_seen_if_due();
         }
         old.len()
     }

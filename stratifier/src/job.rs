@@ -496,6 +496,12 @@ impl Job {
         self.seen.seal();
     }
 
+    /// Packs the keys waiting in the job's duplicate hash sets when they are many
+    /// ([`Seen::pack_if_due`]): off the share path, every few seconds.
+    pub(crate) fn pack_seen_if_due(&self) {
+        self.seen.pack_if_due();
+    }
+
     /// Whether [`Job::seal_seen`] was called.
     pub(crate) fn seen_sealed(&self) -> bool {
         self.seen.is_sealed()

@@ -9,17 +9,20 @@
 //! meet, and a set doubles in steps 64 times smaller than one set would (a set of a million
 //! entries doubling under one lock stalls every thread for milliseconds).
 //!
-//! Once a newer job exists, a job's sets rarely get a new key: [`Seen::seal`] (called off the
-//! share path, by the pool's housekeeping) packs every key of the job into one [`Packed`] set
-//! (Elias-Fano: each key's low bits packed, its high bits as unary gaps; about 6.6 bytes a key
-//! for a job of 12,000 shares, 6.0 for 600,000, against 8 in a sorted slice and about 13 in a
-//! hash set at its usual load), shared by the 64 sets, each of which keeps a small hash set of
-//! the keys that arrive after it. Every key keeps all its 64 bits, so packing adds no false
-//! duplicate; the byte that picked a key's set no longer separates it from the same 64 bits in
-//! another set (a false duplicate then needs 64 random bits to agree, not 70). Each set is
-//! switched to the packed keys under its own lock, after they are built, and keeps in its late
-//! set the keys it took meanwhile: a check never misses a key and never sees a set half
-//! converted; the current job's checks never take a lock the sealing holds.
+//! The keys are packed, off the share path, into one [`Packed`] set per job (Elias-Fano:
+//! each key's low bits packed, its high bits as unary gaps; about 6.6 bytes a key for a job of
+//! 12,000 shares, 6.0 for 600,000, against 8 in a sorted slice and about 13 in a hash set at its
+//! usual load), shared by the job's 64 sets; each set keeps in its hash set only the keys it
+//! took since. The pool's housekeeping packs a job when a newer one exists ([`Seen::seal`]),
+//! and the current job whenever its hash sets hold at least [`PACK_MIN`] keys and a quarter
+//! of those packed ([`Seen::pack_if_due`]), so a job is packed a few times over its life and
+//! most of its keys live at the packed size. A check then looks in the packed keys (a few
+//! words read) before its set's hash set. Every key keeps all its 64 bits, so packing adds no
+//! false duplicate; the byte that picked a key's set no longer separates it from the same 64
+//! bits in another set (a false duplicate then needs 64 random bits to agree, not 70). Each
+//! set switches to new packed keys under its own lock, after they are built, and keeps in its
+//! hash set the keys it took meanwhile: a check never misses a key and never sees a set half
+//! converted.
 //!
 //! An open-addressing table of our own (linear probing over the keys, one cache line per new
 //! key instead of the standard set's two) was measured no faster than the standard set:
@@ -36,12 +39,17 @@ use parking_lot::Mutex;
 /// Number of sets per job.
 pub const STRIPES: usize = 64;
 
+/// [`Seen::pack_if_due`] packs once at least this many keys wait in the hash sets.
+const PACK_MIN: usize = 2048;
+
 /// A job's set of share hashes.
 #[derive(Debug)]
 pub struct Seen {
     stripes: Box<[Stripe]>,
     /// Set once [`Seen::seal`] started: a second call has nothing to do.
     sealed: AtomicBool,
+    /// Held by a packing ([`Seen::pack`]) and by [`Seen::keys`].
+    packing: Mutex<()>,
 }
 
 /// One set, on its own cache line so the locks of sets used by different threads do not share
@@ -52,40 +60,23 @@ struct Stripe(Mutex<Keys>);
 
 type OpenSet = HashSet<u64, BuildHasherDefault<PrehashedU64>>;
 
-/// The keys of one set.
-#[derive(Debug)]
-enum Keys {
-    /// While the job is the newest: a hash set.
-    Open(OpenSet),
-    /// After [`Seen::seal`]: the job's packed keys (shared by every set of the job), of which
-    /// `own` came from this set, and the keys this set took after they were packed.
-    Sealed {
-        packed: Arc<Packed>,
-        own: usize,
-        late: OpenSet,
-    },
-}
-
-impl Default for Keys {
-    fn default() -> Self {
-        Self::Open(OpenSet::default())
-    }
+/// The keys of one set: those packed so far (the job's [`Packed`] keys, shared by its 64 sets,
+/// of which `own` came from this set) and those it took since (`open`).
+#[derive(Debug, Default)]
+struct Keys {
+    packed: Option<Arc<Packed>>,
+    own: usize,
+    open: OpenSet,
 }
 
 impl Keys {
     /// Records `key`; false when it was recorded before.
     fn insert(&mut self, key: u64) -> bool {
-        match self {
-            Self::Open(set) => set.insert(key),
-            Self::Sealed { packed, late, .. } => !packed.contains(key) && late.insert(key),
-        }
+        !self.packed.as_ref().is_some_and(|p| p.contains(key)) && self.open.insert(key)
     }
 
     fn len(&self) -> usize {
-        match self {
-            Self::Open(set) => set.len(),
-            Self::Sealed { own, late, .. } => own + late.len(),
-        }
+        self.own + self.open.len()
     }
 }
 
@@ -280,6 +271,7 @@ impl Default for Seen {
         Self {
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             sealed: AtomicBool::new(false),
+            packing: Mutex::new(()),
         }
     }
 }
@@ -296,42 +288,77 @@ impl Seen {
             .is_none_or(|s| s.0.lock().insert(key))
     }
 
-    /// Packs every key of a job that is no longer the newest (see the module's header): about
-    /// 6.6 bytes a key instead of 13, the hash sets freed. Checks stay exact and may run
-    /// meanwhile: the keys are copied set by set, packed, and then each set is switched to the
-    /// packed keys under its own lock, keeping the keys it took since its copy. Call it off the
-    /// share path: it sorts every key. Only the first call does anything.
+    /// Packs every key of a job that is no longer the newest (see the module's header): the
+    /// rest of its life it takes few. Only the first call does anything. Call it off the share
+    /// path, as [`Seen::pack`].
     pub fn seal(&self) {
         if self.sealed.swap(true, Ordering::Relaxed) {
             return;
         }
-        let mut all: Vec<u64> = Vec::new();
-        for s in &self.stripes {
-            if let Keys::Open(set) = &*s.0.lock() {
-                all.extend(set.iter().copied());
-            }
+        self.pack();
+    }
+
+    /// Packs the keys taken since the last packing when they are many: at least
+    /// [`PACK_MIN`] and a quarter of those already packed, so a job's keys are packed a few
+    /// times over its life (each packing costs all its keys) and at most about a fifth of
+    /// them wait in hash sets. Returns whether it packed. Call it off the share path, every
+    /// few seconds, for the current job too.
+    pub fn pack_if_due(&self) -> bool {
+        let packed = self
+            .stripes
+            .first()
+            .and_then(|s| s.0.lock().packed.as_ref().map(|p| p.n))
+            .unwrap_or(0);
+        let open: usize = self.stripes.iter().map(|s| s.0.lock().open.len()).sum();
+        if open < PACK_MIN.max(packed / 4) {
+            return false;
         }
-        all.sort_unstable();
-        all.dedup();
+        self.pack();
+        true
+    }
+
+    /// Packs every key taken so far: the packed ones and each set's open ones (copied set by
+    /// set, under its lock), merged and packed anew; then each set, under its lock, drops from
+    /// its hash set the keys now packed and takes the new packed set. A check never misses a
+    /// key: before its set switches it sees the old packed keys and its whole hash set, after,
+    /// the new packed keys and what its hash set took since the copy. Calls are serialised.
+    fn pack(&self) {
+        let _one = self.packing.lock();
+        let old = self
+            .stripes
+            .first()
+            .and_then(|s| s.0.lock().packed.clone())
+            .unwrap_or_default();
+        let mut fresh: Vec<u64> = Vec::new();
+        for s in &self.stripes {
+            fresh.extend(s.0.lock().open.iter().copied());
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        fresh.sort_unstable();
+        fresh.dedup();
+        let mut all = Vec::with_capacity(old.n + fresh.len());
+        let mut fresh_iter = fresh.iter().copied().peekable();
+        old.for_each(|k| {
+            while let Some(f) = fresh_iter.next_if(|&f| f < k) {
+                all.push(f);
+            }
+            // A key both packed and in a hash set cannot happen (insert checks the packed
+            // keys first); keep one copy if it ever did.
+            fresh_iter.next_if_eq(&k);
+            all.push(k);
+        });
+        all.extend(fresh_iter);
         let packed = Arc::new(Packed::new(&all));
+        drop(all);
         for s in &self.stripes {
             let mut keys = s.0.lock();
-            if let Keys::Open(set) = &mut *keys {
-                let mut late = OpenSet::default();
-                let mut own = 0;
-                for &k in set.iter() {
-                    if all.binary_search(&k).is_ok() {
-                        own += 1;
-                    } else {
-                        late.insert(k);
-                    }
-                }
-                *keys = Keys::Sealed {
-                    packed: Arc::clone(&packed),
-                    own,
-                    late,
-                };
-            }
+            let before = keys.open.len();
+            keys.open.retain(|k| fresh.binary_search(k).is_err());
+            keys.own += before - keys.open.len();
+            keys.open.shrink_to_fit();
+            keys.packed = Some(Arc::clone(&packed));
         }
     }
 
@@ -340,24 +367,18 @@ impl Seen {
         self.sealed.load(Ordering::Relaxed)
     }
 
-    /// Every key recorded, with its set's index (for a handover). The packed keys of a sealed
-    /// job are given once, under set 0 (they no longer say which set took them; any set will
-    /// do for a job that is sealed again where it is read).
+    /// Every key recorded, with its set's index (for a handover). The packed keys are given
+    /// once, under set 0: they no longer say which set took them, and any set will do, since
+    /// a set's check looks at every packed key.
     pub(crate) fn keys(&self) -> Vec<(u8, u64)> {
         let mut out = Vec::new();
-        let mut packed_done = false;
+        let _one = self.packing.lock();
+        if let Some(packed) = self.stripes.first().and_then(|s| s.0.lock().packed.clone()) {
+            packed.for_each(|k| out.push((0, k)));
+        }
         for (i, s) in self.stripes.iter().enumerate() {
             let i = u8::try_from(i).unwrap_or(u8::MAX);
-            match &*s.0.lock() {
-                Keys::Open(set) => out.extend(set.iter().map(|&k| (i, k))),
-                Keys::Sealed { packed, late, .. } => {
-                    if !packed_done {
-                        packed.for_each(|k| out.push((0, k)));
-                        packed_done = true;
-                    }
-                    out.extend(late.iter().map(|&k| (i, k)));
-                }
-            }
+            out.extend(s.0.lock().open.iter().map(|&k| (i, k)));
         }
         out
     }
@@ -451,11 +472,10 @@ mod tests {
         }
         seen.seal();
         assert!(seen.is_sealed());
-        assert!(
-            seen.stripes
-                .iter()
-                .all(|s| matches!(&*s.0.lock(), Keys::Sealed { .. }))
-        );
+        assert!(seen.stripes.iter().all(|s| {
+            let k = s.0.lock();
+            k.packed.is_some() && k.open.is_empty()
+        }));
         for i in (0..50_000).step_by(7) {
             assert!(!seen.first_sighting(&hash_of(i)), "{i} seen before sealing");
         }
@@ -488,25 +508,15 @@ mod tests {
         for i in 10_000..10_100 {
             seen.first_sighting(&hash_of(i));
         }
-        let first = match &*seen.stripes[0].0.lock() {
-            Keys::Sealed { packed, .. } => Arc::clone(packed),
-            Keys::Open(_) => panic!("not sealed"),
-        };
+        let first = seen.stripes[0].0.lock().packed.clone().expect("packed");
         assert_eq!(first.len(), 10_000);
         let (mut own, mut late_keys) = (0, 0);
         for s in &seen.stripes {
-            let Keys::Sealed {
-                packed,
-                own: o,
-                late,
-            } = &*s.0.lock()
-            else {
-                panic!("not sealed");
-            };
-            assert!(Arc::ptr_eq(packed, &first));
-            assert!(late.iter().all(|&k| !packed.contains(k)));
-            own += o;
-            late_keys += late.len();
+            let k = s.0.lock();
+            assert!(Arc::ptr_eq(k.packed.as_ref().expect("packed"), &first));
+            assert!(k.open.iter().all(|&x| !first.contains(x)));
+            own += k.own;
+            late_keys += k.open.len();
         }
         assert_eq!((own, late_keys), (10_000, 100));
         // Under 6.7 bytes a key at this size (8 in a sorted slice).
@@ -515,6 +525,71 @@ mod tests {
             "{}",
             first.heap_bytes()
         );
+    }
+
+    #[test]
+    fn packing_over_and_over_while_threads_check_loses_no_key() {
+        // As the sealing test, with the current job's packing run again and again meanwhile.
+        const N: u64 = 40_000;
+        let seen = Seen::default();
+        let done = AtomicBool::new(false);
+        let (firsts, packings) = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let seen = &seen;
+                    s.spawn(move || {
+                        (0..N)
+                            .map(|i| (i * (2 * t + 1) + 3) % N)
+                            .filter(|&i| seen.first_sighting(&hash_of(i)))
+                            .count()
+                    })
+                })
+                .collect();
+            let packer = s.spawn(|| {
+                let mut n = 0;
+                while !done.load(Ordering::Relaxed) {
+                    seen.pack();
+                    n += 1;
+                }
+                n
+            });
+            let firsts: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+            done.store(true, Ordering::Relaxed);
+            (firsts, packer.join().unwrap())
+        });
+        assert!(packings > 1, "{packings}");
+        assert_eq!(firsts, usize::try_from(N).unwrap());
+        assert_eq!(seen.len(), usize::try_from(N).unwrap());
+        assert!((0..N).all(|i| !seen.first_sighting(&hash_of(i))));
+        let mut keys = seen.keys();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), usize::try_from(N).unwrap());
+    }
+
+    #[test]
+    fn packing_is_due_at_a_quarter_of_the_packed_keys() {
+        let seen = Seen::default();
+        let mut i = 0;
+        let mut add = |n: u64| {
+            for _ in 0..n {
+                assert!(seen.first_sighting(&hash_of(i)));
+                i += 1;
+            }
+        };
+        add(PACK_MIN as u64 - 1);
+        assert!(!seen.pack_if_due());
+        add(1);
+        assert!(seen.pack_if_due());
+        add(10_000);
+        assert!(seen.pack_if_due());
+        // 12,048 packed: due again at 3,012 new keys.
+        add(3_011);
+        assert!(!seen.pack_if_due());
+        add(1);
+        assert!(seen.pack_if_due());
+        assert_eq!(seen.len(), 15_060);
+        assert!(seen.stripes.iter().all(|s| s.0.lock().open.is_empty()));
     }
 
     /// A small deterministic generator (xorshift) for the packed-set tests.
