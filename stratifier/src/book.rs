@@ -239,7 +239,7 @@ impl JobBooks {
     /// ([`Job::seal_seen`]), and packs the keys waiting in the others' hash sets when they are
     /// many ([`Job::pack_seen_if_due`]). The table's lock is held only to list the jobs: the
     /// packing takes each of a job's 64 sets' locks in turn, briefly. Returns the number of
-    /// jobs sealed. Called by the housekeeping thread.
+    /// jobs sealed or packed. Called by the housekeeping thread.
     pub(crate) fn seal_superseded(&self) -> usize {
         let (old, live): (Vec<Arc<Job>>, Vec<Arc<Job>>) = {
             let t = self.table.read();
@@ -262,10 +262,8 @@ impl JobBooks {
         for j in &old {
             j.seal_seen();
         }
-        for j in &live {
-            j.pack_seen_if_due();
-        }
-        old.len()
+        let packed = live.iter().filter(|j| j.pack_seen_if_due()).count();
+        old.len() + packed
     }
 
     /// Brings `view` up to date with the live jobs: a load of one atomic when nothing changed.

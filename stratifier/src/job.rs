@@ -498,8 +498,8 @@ impl Job {
 
     /// Packs the keys waiting in the job's duplicate hash sets when they are many
     /// ([`Seen::pack_if_due`]): off the share path, every few seconds.
-    pub(crate) fn pack_seen_if_due(&self) {
-        self.seen.pack_if_due();
+    pub(crate) fn pack_seen_if_due(&self) -> bool {
+        self.seen.pack_if_due()
     }
 
     /// Whether [`Job::seal_seen`] was called.

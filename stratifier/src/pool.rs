@@ -395,13 +395,17 @@ impl Pool {
     /// Folds the shares accepted since the previous call into the moving averages of the pool
     /// and every worker, forgets parked sessions past the resume window, and users and workers
     /// idle for [`PoolConfig::stats_idle`] (at most once a minute), and compacts the duplicate
-    /// sets of the jobs a newer one superseded ([`crate::seen::Seen::seal`]). Called every few
-    /// seconds from one thread (calls are serialised); the first call only records a baseline.
-    pub fn sample_rates(&self, now: Instant) {
-        self.books.seal_superseded();
+    /// sets of the jobs a newer one superseded ([`crate::seen::Seen::seal`]) and packs the
+    /// others' when due ([`crate::seen::Seen::pack_if_due`]). Called every few seconds from one
+    /// thread (calls are serialised); the first call only records a baseline. Returns whether
+    /// a duplicate set was packed (its old buffers freed: the caller may give them back to the
+    /// kernel).
+    pub fn sample_rates(&self, now: Instant) -> bool {
+        let repacked = self.books.seal_superseded() > 0;
         let parked = self.tables.prune_parked(now);
         self.registry.sample(now, parked);
         self.registry.forget_idle(now, self.cfg.stats_idle);
+        repacked
     }
 }
 

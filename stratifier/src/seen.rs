@@ -102,8 +102,13 @@ const ZERO_SAMPLE: usize = 256;
 
 impl Packed {
     /// Packs `keys`, which must be sorted and distinct.
+    #[cfg(test)]
     fn new(keys: &[u64]) -> Self {
-        let n = keys.len();
+        Self::from_sorted(keys.len(), keys.iter().copied())
+    }
+
+    /// Packs the `n` keys `keys` gives, which must be sorted and distinct.
+    fn from_sorted(n: usize, keys: impl Iterator<Item = u64>) -> Self {
         if n == 0 {
             return Self::default();
         }
@@ -115,7 +120,7 @@ impl Packed {
         let mut lows = vec![0u64; (n * low_bits as usize).div_ceil(64)];
         let mut highs = vec![0u64; high_len.div_ceil(64)];
         let mask = low_mask(low_bits);
-        for (i, &k) in keys.iter().enumerate() {
+        for (i, k) in keys.take(n).enumerate() {
             let h = usize::try_from(k.checked_shr(low_bits).unwrap_or(0)).unwrap_or(usize::MAX);
             let pos = h + i;
             if let Some(w) = highs.get_mut(pos / 64) {
@@ -212,17 +217,17 @@ impl Packed {
     }
 
     /// Every key, in order.
-    fn for_each(&self, mut f: impl FnMut(u64)) {
-        let mut i = 0;
-        for (w, &word) in self.highs.iter().enumerate() {
-            let mut ones = word;
-            while ones != 0 && i < self.n {
-                let pos = w * 64 + ones.trailing_zeros() as usize;
-                let h = (pos - i) as u64;
-                f(h.checked_shl(self.low_bits).unwrap_or(0) | self.low(i));
-                i += 1;
-                ones &= ones - 1;
-            }
+    fn for_each(&self, f: impl FnMut(u64)) {
+        self.iter().for_each(f);
+    }
+
+    /// Every key, in order.
+    fn iter(&self) -> PackedIter<'_> {
+        PackedIter {
+            packed: self,
+            word: 0,
+            ones: self.highs.first().copied().unwrap_or(0),
+            i: 0,
         }
     }
 
@@ -231,6 +236,59 @@ impl Packed {
     fn heap_bytes(&self) -> usize {
         (self.lows.len() + self.highs.len()) * 8 + self.zeros.len() * 4
     }
+}
+
+/// [`Packed::iter`].
+struct PackedIter<'a> {
+    packed: &'a Packed,
+    /// Index in `highs` of `ones`.
+    word: usize,
+    /// The ones of that word not yet read.
+    ones: u64,
+    /// Keys read so far.
+    i: usize,
+}
+
+impl Iterator for PackedIter<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        let p = self.packed;
+        if self.i >= p.n {
+            return None;
+        }
+        while self.ones == 0 {
+            self.word += 1;
+            self.ones = *p.highs.get(self.word)?;
+        }
+        let pos = self.word * 64 + self.ones.trailing_zeros() as usize;
+        let h = (pos - self.i) as u64;
+        let key = h.checked_shl(p.low_bits).unwrap_or(0) | p.low(self.i);
+        self.i += 1;
+        self.ones &= self.ones - 1;
+        Some(key)
+    }
+}
+
+/// The sorted union of two sorted iterators, each key once.
+fn union(a: impl Iterator<Item = u64>, b: impl Iterator<Item = u64>) -> impl Iterator<Item = u64> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek().copied(), b.peek().copied()) {
+        (Some(x), Some(y)) => {
+            if x <= y {
+                a.next();
+                if x == y {
+                    b.next();
+                }
+                Some(x)
+            } else {
+                b.next();
+                Some(y)
+            }
+        }
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 fn low_mask(bits: u32) -> u64 {
@@ -338,20 +396,13 @@ impl Seen {
         }
         fresh.sort_unstable();
         fresh.dedup();
-        let mut all = Vec::with_capacity(old.n + fresh.len());
-        let mut fresh_iter = fresh.iter().copied().peekable();
-        old.for_each(|k| {
-            while let Some(f) = fresh_iter.next_if(|&f| f < k) {
-                all.push(f);
-            }
-            // A key both packed and in a hash set cannot happen (insert checks the packed
-            // keys first); keep one copy if it ever did.
-            fresh_iter.next_if_eq(&k);
-            all.push(k);
-        });
-        all.extend(fresh_iter);
-        let packed = Arc::new(Packed::new(&all));
-        drop(all);
+        // Built from the merged keys as they are read, twice (to count, then to pack), so
+        // that no list of every key is allocated beside the two packed sets.
+        let n = union(old.iter(), fresh.iter().copied()).count();
+        let packed = Arc::new(Packed::from_sorted(
+            n,
+            union(old.iter(), fresh.iter().copied()),
+        ));
         for s in &self.stripes {
             let mut keys = s.0.lock();
             let before = keys.open.len();
@@ -590,6 +641,17 @@ mod tests {
         assert!(seen.pack_if_due());
         assert_eq!(seen.len(), 15_060);
         assert!(seen.stripes.iter().all(|s| s.0.lock().open.is_empty()));
+    }
+
+    #[test]
+    fn union_is_sorted_and_takes_each_key_once() {
+        let u = |a: &[u64], b: &[u64]| -> Vec<u64> {
+            union(a.iter().copied(), b.iter().copied()).collect()
+        };
+        assert_eq!(u(&[1, 4, 9], &[2, 4, 10, 11]), [1, 2, 4, 9, 10, 11]);
+        assert_eq!(u(&[], &[5]), [5]);
+        assert_eq!(u(&[5], &[]), [5]);
+        assert!(u(&[], &[]).is_empty());
     }
 
     /// A small deterministic generator (xorshift) for the packed-set tests.
