@@ -777,6 +777,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
+        // A trunk (a passthrough or node link) carries lines for many peers at once.
+        let max_line = if c.flags & TRUNK == 0 {
+            self.limits.max_line
+        } else {
+            self.limits.max_line.max(TRUNK_MAX_LINE)
+        };
         let mut partial = match c.pending.as_deref_mut() {
             // Closing: input is read (so the close does not reset the connection) and dropped.
             Some(p) if p.close_by.is_some() => return,
@@ -788,7 +794,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let out = &mut self.out;
         let mut lines = false;
         let mut panicked = None;
-        let result = framing::feed(&mut partial, data, self.limits.max_line, |line| {
+        let result = framing::feed(&mut partial, data, max_line, |line| {
             lines = true;
             let before = out.len();
             // Zero-cost unless it panics (no clock, no allocation, no lock).
@@ -1731,6 +1737,9 @@ const IDLE_MAX: u8 = IDLE_MASK >> IDLE_SHIFT;
 /// [`Conn::flags`]: a trunk ([`Action::Trunk`]), capped at [`Limits::max_outbound_trunk`].
 /// Never paused: its reads carry many peers' shares.
 const TRUNK: u8 = 1 << 5;
+/// A trunk's lines may be this long (or [`Limits::max_line`] if longer): an upstream's multicast
+/// line names every miner it is for, a node's link lines carry whole blocks.
+const TRUNK_MAX_LINE: usize = 16 << 20;
 /// [`Conn::flags`]: reads paused for back-pressure (see [`Limits::pause_at`]).
 const PAUSED: u8 = 1 << 6;
 /// [`Conn::flags`]: while paused, bytes were written since the last stall check.

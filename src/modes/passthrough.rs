@@ -81,11 +81,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use common::ConnId;
 use common::stratum::passthrough::Role;
-use connector::{CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
+use connector::{CloseReason, ConnState, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
-    LinkHandover, MinerLine, MinerRouter, PassthroughEvent, PassthroughLink, SendError,
-    UpstreamConfig, UpstreamServer, WriteError,
+    LinkHandover, LinkOwner, MinerLine, MinerRouter, OwnedLink, PassthroughEvent, PassthroughLink,
+    SendError, UpstreamConfig, UpstreamServer, WriteError,
 };
 use serde_json::json;
 use tracing::{debug, error, info, warn};
@@ -147,6 +147,15 @@ struct Shared {
     replay_closed: AtomicU64,
     /// Miner lines that came while no upstream was up (answered with an error or dropped).
     rejected_down: AtomicU64,
+    /// Lines from the upstream queued on their miner's socket by the connector thread that read
+    /// them (no hop), and lines handed to another connector thread in a message.
+    routed_in_place: AtomicU64,
+    routed_by_message: AtomicU64,
+    /// Upstream link connections held by the connector (an owned link), not miners.
+    link_conns: AtomicUsize,
+    /// The owned link's connection came with a handover, as connection `N - 1` (0: it did
+    /// not).
+    link_adopted: AtomicU64,
 }
 
 impl Shared {
@@ -184,6 +193,8 @@ enum Msg {
     Replay(u64),
     /// A handover settles: answer once every message before this one is handled.
     Sync(Sender<()>),
+    /// Every handed-over miner is here: the link's lines held meanwhile may be routed.
+    LinkGo,
 }
 
 struct Miner {
@@ -483,6 +494,17 @@ struct MinerSide {
     up_conns: Vec<ConnId>,
     /// How many miner lines `up` holds (its `mining.term`s aside, as `lines_up` counts).
     up_lines: u64,
+    /// An owned link (see the module docs): the upstream connections this thread reads, with
+    /// their numbers ([`OwnedLink::serial`]).
+    links: HashMap<ConnId, u64>,
+    /// This round's lines from the upstream, per connector thread (this one's are queued on
+    /// their sockets at the round's end, the others' sent in one message each).
+    batches: Vec<Batch>,
+    /// The connector's handle (set once it is started), for those messages.
+    conns: Arc<OnceLock<ConnectorHandle<Msg>>>,
+    shutdown: Arc<AtomicBool>,
+    /// Handed in (`-H`): the link's lines read before every miner is here ([`Msg::LinkGo`]).
+    hold: Option<Vec<Vec<u8>>>,
 }
 
 impl Handshake {
@@ -751,6 +773,9 @@ impl connector::Handler for MinerSide {
 
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         if !self.miners.contains_key(&conn) {
+            if self.links.contains_key(&conn) {
+                self.link_line(line);
+            }
             return;
         }
         if !self.up() {
@@ -782,7 +807,13 @@ impl connector::Handler for MinerSide {
         self.line_up(conn, client_id, &address, server, line, out);
     }
 
-    fn on_close(&mut self, _now: Instant, conn: ConnId, _reason: CloseReason) {
+    fn on_close(&mut self, _now: Instant, conn: ConnId, reason: CloseReason) {
+        if let Some(serial) = self.links.remove(&conn) {
+            self.shared.link_conns.fetch_sub(1, Ordering::Relaxed);
+            self.link
+                .lost(serial, format!("connection closed ({reason:?})"));
+            return;
+        }
         let Some(m) = self.miners.remove(&conn) else {
             return;
         };
@@ -815,42 +846,14 @@ impl connector::Handler for MinerSide {
     fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Lines(lines, bytes) => {
-                for (conn, line) in lines {
-                    let Some(m) = self.miners.get_mut(&conn) else {
-                        continue;
-                    };
-                    if let Some(node) = &self.node {
-                        node.on_miner_downline(m.client_id, line.as_slice());
-                    }
-                    match m
-                        .hs
-                        .as_mut()
-                        .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
-                    {
-                        Down::Forward => {
-                            let redirect = self
-                                .redirect
-                                .as_mut()
-                                .and_then(|r| r.down(conn, line.as_slice(), now));
-                            out.send(conn, line);
-                            if let Some(l) = redirect {
-                                out.send(conn, l);
-                            }
-                        }
-                        Down::Consume => {}
-                        Down::Replace(l) => {
-                            info!(%conn, "miner's extranonce changed on the new upstream");
-                            out.send(conn, l);
-                        }
-                        Down::Close => {
-                            self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
-                            info!(%conn, "new upstream refused the miner's replayed session; closed");
-                            out.close(conn);
-                        }
-                    }
-                }
+                self.deliver(now, lines, out);
                 if let Some(f) = self.shared.inflight.get(self.thread) {
                     f.fetch_sub(bytes, Ordering::Relaxed);
+                }
+            }
+            Msg::LinkGo => {
+                for line in self.hold.take().unwrap_or_default() {
+                    self.link_line(&line);
                 }
             }
             Msg::Drop(conn) => {
@@ -881,11 +884,129 @@ impl connector::Handler for MinerSide {
 
     fn on_tick(&mut self, _now: Instant, _out: &mut Outbox) {}
 
-    fn on_batch_end(&mut self, _now: Instant, out: &mut Outbox) {
+    fn on_batch_end(&mut self, now: Instant, out: &mut Outbox) {
+        self.route_link(now, out);
         self.flush_up(out);
     }
 
     fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        if let Some(serial) = self.links.remove(&conn) {
+            // The link's connection travels too (with the bytes read of its next line).
+            self.shared.link_conns.fetch_sub(1, Ordering::Relaxed);
+            state.extend_from_slice(json!({ "link": serial }).to_string().as_bytes());
+            return;
+        }
+        self.export_miner(now, conn, state);
+    }
+
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        state: &[u8],
+        out: &mut Outbox,
+    ) {
+        let v = serde_json::from_slice::<serde_json::Value>(state).unwrap_or_default();
+        if let Some(serial) = v.get("link").and_then(serde_json::Value::as_u64) {
+            debug!(%conn, %peer, serial, "upstream link connection adopted");
+            self.links.insert(conn, serial);
+            self.shared.link_conns.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .link_adopted
+                .store(serial.saturating_add(1), Ordering::SeqCst);
+            out.trunk(conn);
+            return;
+        }
+        self.adopt_miner(now, conn, peer, listener, &v, out);
+    }
+}
+
+impl MinerSide {
+    /// A line the upstream sent (an owned link): routed at the round's end
+    /// ([`MinerSide::route_link`]), or held while handed-over miners are coming.
+    fn link_line(&mut self, line: &[u8]) {
+        if let Some(held) = self.hold.as_mut() {
+            held.push(line.to_vec());
+            return;
+        }
+        let Some(conns) = self.conns.get() else {
+            return;
+        };
+        let ev = PassthroughLink::classify(line);
+        handle_event(
+            ev,
+            conns,
+            &self.shared,
+            &mut self.batches,
+            None,
+            &self.shutdown,
+        );
+    }
+
+    /// Queues this round's lines from the upstream: this thread's miners' on their sockets now,
+    /// the others' sent to their threads, one message each.
+    fn route_link(&mut self, now: Instant, out: &mut Outbox) {
+        let own = self
+            .batches
+            .get_mut(self.thread)
+            .map(|(lines, _)| std::mem::take(lines))
+            .unwrap_or_default();
+        if let Some((_, bytes)) = self.batches.get_mut(self.thread) {
+            *bytes = 0;
+        }
+        if !own.is_empty() {
+            self.shared
+                .routed_in_place
+                .fetch_add(own.len() as u64, Ordering::Relaxed);
+            self.deliver(now, own, out);
+        }
+        if let Some(conns) = self.conns.get() {
+            send_batches(conns, &self.shared, &mut self.batches, &self.shutdown);
+        }
+    }
+
+    /// Queues lines from the upstream on their miners' sockets (after the replay's filters).
+    fn deliver(&mut self, now: Instant, lines: Vec<(ConnId, SendBuf)>, out: &mut Outbox) {
+        for (conn, line) in lines {
+            let Some(m) = self.miners.get_mut(&conn) else {
+                continue;
+            };
+            if let Some(node) = &self.node {
+                node.on_miner_downline(m.client_id, line.as_slice());
+            }
+            match m
+                .hs
+                .as_mut()
+                .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
+            {
+                Down::Forward => {
+                    let redirect = self
+                        .redirect
+                        .as_mut()
+                        .and_then(|r| r.down(conn, line.as_slice(), now));
+                    out.send(conn, line);
+                    if let Some(l) = redirect {
+                        out.send(conn, l);
+                    }
+                }
+                Down::Consume => {}
+                Down::Replace(l) => {
+                    info!(%conn, "miner's extranonce changed on the new upstream");
+                    out.send(conn, l);
+                }
+                Down::Close => {
+                    self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+                    info!(%conn, "new upstream refused the miner's replayed session; closed");
+                    out.close(conn);
+                }
+            }
+        }
+    }
+
+    /// A miner goes to the new instance ([`connector::Handler::on_export`]).
+    fn export_miner(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
         // The miner goes on at the new instance, under the same client id: no `mining.term`.
         let Some(m) = self.miners.remove(&conn) else {
             return;
@@ -898,17 +1019,17 @@ impl connector::Handler for MinerSide {
         state.extend_from_slice(v.to_string().as_bytes());
     }
 
-    fn on_adopt(
+    /// A miner came from the old instance ([`connector::Handler::on_adopt`]).
+    fn adopt_miner(
         &mut self,
         now: Instant,
         conn: ConnId,
         peer: SocketAddr,
         _listener: usize,
-        state: &[u8],
+        v: &serde_json::Value,
         out: &mut Outbox,
     ) {
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
-        let v = serde_json::from_slice::<serde_json::Value>(state).unwrap_or_default();
         let watched = match self.redirect.as_mut() {
             Some(r) => r.adopt(
                 conn,
@@ -917,7 +1038,7 @@ impl connector::Handler for MinerSide {
             ),
             None => true,
         };
-        let Some(m) = Miner::import(&v, epoch, now).filter(|_| watched) else {
+        let Some(m) = Miner::import(v, epoch, now).filter(|_| watched) else {
             warn!(%conn, %peer, "a handed-over miner's state is unreadable; closed");
             if let Some(r) = self.redirect.as_mut() {
                 r.close(conn);
@@ -1142,6 +1263,9 @@ fn send_batch(
         }
         f.fetch_add(*bytes, Ordering::Relaxed);
     }
+    shared
+        .routed_by_message
+        .fetch_add(lines.len() as u64, Ordering::Relaxed);
     conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
 }
 
@@ -1287,10 +1411,23 @@ pub(crate) fn run_link(
         replayed: AtomicU64::new(0),
         replay_closed: AtomicU64::new(0),
         rejected_down: AtomicU64::new(0),
+        routed_in_place: AtomicU64::new(0),
+        routed_by_message: AtomicU64::new(0),
+        link_conns: AtomicUsize::new(0),
+        link_adopted: AtomicU64::new(0),
+    });
+    // Passthrough and redirector modes: the link's connection is read by a connector thread
+    // (an owned link, see the module docs). Node mode keeps the link's reader thread and every
+    // line on the router: a node's `workinfo` (a link line) must be handled before the
+    // notifies after it reach miners.
+    let owned = node.is_none();
+    let (own_tx, own_rx) = crossbeam_channel::unbounded::<OwnedLink>();
+    let owner: LinkOwner = Arc::new(move |l: OwnedLink| {
+        let _ = own_tx.send(l);
     });
     // Node mode keeps every line on the router: a node's `workinfo` (a link line) must be
     // handled before the notifies after it reach miners.
-    let direct = node.is_none().then(|| {
+    let direct = (node.is_none() && !owned).then(|| {
         Arc::new(DirectRouter {
             shared: Arc::clone(&shared),
             conns: OnceLock::new(),
@@ -1304,6 +1441,11 @@ pub(crate) fn run_link(
         r
     });
     let (link, incoming) = match incoming {
+        None if owned => (
+            PassthroughLink::start_owned(cfg, role, ev_tx, owner, None)
+                .context("starting the upstream link")?,
+            None,
+        ),
         None => (
             PassthroughLink::start_routed(cfg, role, ev_tx, router)
                 .context("starting the upstream link")?,
@@ -1316,7 +1458,12 @@ pub(crate) fn run_link(
             shared.next_id.store(next_id, Ordering::Relaxed);
             shared.active.store(index, Ordering::Relaxed);
             shared.state.store(UP, Ordering::SeqCst);
-            match PassthroughLink::start_adopted_routed(cfg, role, ev_tx, router, adopted) {
+            let started = if owned {
+                PassthroughLink::start_owned(cfg, role, ev_tx, owner, Some(adopted))
+            } else {
+                PassthroughLink::start_adopted_routed(cfg, role, ev_tx, router, adopted)
+            };
+            match started {
                 Ok(link) => {
                     info!(index, next_id, "handover: upstream link taken over");
                     (link, Some(incoming))
@@ -1329,18 +1476,22 @@ pub(crate) fn run_link(
         }
     };
     let link = Arc::new(link);
-    let direct_up = direct.is_some();
+    let direct_up = node.is_none();
+    let conns_cell: Arc<OnceLock<ConnectorHandle<Msg>>> = Arc::new(OnceLock::new());
+    let handed_in = incoming.is_some();
     let mut ccfg = settings.connector();
     if let Some(incoming) = &incoming {
         ccfg.listen.clear();
         ccfg.inherited.clone_from(&incoming.listeners);
     }
     let started = {
-        let (link, shared, node, redirect) = (
+        let (link, shared, node, redirect, cell, shutdown) = (
             Arc::clone(&link),
             Arc::clone(&shared),
             node.clone(),
             redirect.clone(),
+            Arc::clone(&conns_cell),
+            Arc::clone(shutdown),
         );
         connector::start(ccfg, move |thread| MinerSide {
             thread,
@@ -1355,6 +1506,11 @@ pub(crate) fn run_link(
             up: Vec::new(),
             up_conns: Vec::new(),
             up_lines: 0,
+            links: HashMap::new(),
+            batches: (0..threads).map(|_| (Vec::new(), 0)).collect(),
+            conns: Arc::clone(&cell),
+            shutdown: Arc::clone(&shutdown),
+            hold: handed_in.then(Vec::new),
         })
     };
     let conns = match started {
@@ -1371,7 +1527,7 @@ pub(crate) fn run_link(
         // Before the adopted link reads (`resume` below) and before any miner connects.
         let _ = d.conns.set(conns.handle());
     }
-    let handed_in = incoming.is_some();
+    let _ = conns_cell.set(conns.handle());
     if let Some(incoming) = incoming {
         let adopted = incoming.adopt_all(&conns);
         let claimed = adopted.and_then(|n| {
@@ -1380,7 +1536,14 @@ pub(crate) fn run_link(
                 .map(|()| n)
         });
         match claimed {
-            Ok(n) => info!(miners = n, "handover: took the running instance over"),
+            Ok(n) => {
+                // An owned link's connection came with the miners.
+                let link = usize::from(shared.link_adopted.load(Ordering::SeqCst) > 0);
+                info!(
+                    miners = n.saturating_sub(link),
+                    "handover: took the running instance over"
+                );
+            }
             Err(e) => {
                 // The link is the old instance's again: leave it open, and send nothing more on
                 // it (no `mining.term` for the miners closed here).
@@ -1389,7 +1552,14 @@ pub(crate) fn run_link(
                 return Err(e).context("-H: the handover failed; the old instance serves on");
             }
         }
-        link.resume();
+        // The lines the link's connection brought (an owned link) go to the miners now here.
+        conns.broadcast(Msg::LinkGo);
+        match shared.link_adopted.load(Ordering::SeqCst) {
+            // The old instance's connector read it: ours does now.
+            n if n > 0 && owned => link.resume_owned(n - 1),
+            // Its reader thread read it: ours (or the link's, in node mode) takes it over.
+            _ => link.resume(),
+        }
     }
     for a in conns.local_addrs() {
         info!(addr = %a, threads, upstreams = ?urls, "passthrough listening for miners");
@@ -1470,6 +1640,7 @@ pub(crate) fn run_link(
 
     let handed_over = route(
         &ev_rx,
+        &own_rx,
         &conns,
         &shared,
         shutdown,
@@ -1515,6 +1686,7 @@ pub(crate) fn run_link(
 )]
 fn route(
     events: &Receiver<PassthroughEvent>,
+    owned: &Receiver<OwnedLink>,
     connector: &Connector<Msg>,
     shared: &Shared,
     shutdown: &AtomicBool,
@@ -1536,6 +1708,12 @@ fn route(
                     error!("upstream link stopped");
                     return false;
                 }
+            },
+            recv(owned) -> l => {
+                if let Ok(l) = l {
+                    adopt_link(connector, link, l);
+                }
+                None
             },
             recv(handovers) -> stream => {
                 if let Ok(stream) = stream
@@ -1587,6 +1765,33 @@ fn route(
     false
 }
 
+/// Hands the link's new connection to connector thread 0, which reads it from now on (an owned
+/// link); if it cannot, the link goes down (and fails over).
+fn adopt_link(connector: &Connector<Msg>, link: &PassthroughLink, l: OwnedLink) {
+    let stream = std::net::TcpStream::from(l.fd);
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let state = ConnState {
+        peer,
+        listener: 0,
+        partial: l.partial,
+        unsent: Vec::new(),
+        user: json!({ "link": l.serial }).to_string().into_bytes(),
+    };
+    let adopted = connector.adopt(0, vec![(OwnedFd::from(stream), state)]);
+    match adopted.into_iter().next() {
+        Some(Ok(conn)) => {
+            debug!(%conn, index = l.index, serial = l.serial, "upstream link read by connector thread 0");
+        }
+        Some(Err(e)) => {
+            warn!(error = %e, "the connector cannot take the upstream link's connection");
+            link.lost(l.serial, format!("connector: {e}"));
+        }
+        None => link.lost(l.serial, "connector: no answer".to_owned()),
+    }
+}
+
 /// Answers a handover request `ok` and hands over on it; true once committed (false: this
 /// instance serves on, with every miner and its upstream link).
 fn hand_over(stream: &UnixStream, give: PtGive<'_>) -> bool {
@@ -1599,7 +1804,7 @@ fn hand_over(stream: &UnixStream, give: PtGive<'_>) -> bool {
     match handover::give(give.conns, stream, &give) {
         handover::Outcome::Committed { connections } => {
             info!(
-                miners = connections,
+                connections,
                 "handover: the new instance has every miner and the upstream link"
             );
             true
@@ -1750,7 +1955,13 @@ fn stats_json(
             "unwritten": link.unwritten(),
         },
         "miners": shared.lock().len(),
-        "connections": counters.iter().map(|c| c.open).sum::<u64>(),
+        "connections": counters
+            .iter()
+            .map(|c| c.open)
+            .sum::<u64>()
+            .saturating_sub(shared.link_conns.load(Ordering::Relaxed) as u64),
+        "link_routed_in_place": shared.routed_in_place.load(Ordering::Relaxed),
+        "link_routed_by_message": shared.routed_by_message.load(Ordering::Relaxed),
         "accepted": counters.iter().map(|c| c.accepted).sum::<u64>(),
         "lines_up": shared.lines_up.load(Ordering::Relaxed),
         "lines_down": shared.lines_down.load(Ordering::Relaxed),
