@@ -269,6 +269,52 @@ fn miner(addr: SocketAddr, user: &str) -> Miner {
     Miner::start(cfg).unwrap()
 }
 
+/// With one connector thread a share's whole path is on that thread: the thread that reads the
+/// upstream link's connection queues the lines for its miners on their sockets itself (no
+/// message to another thread), and the upstream still sees one connection.
+#[test]
+fn a_one_thread_passthrough_routes_the_links_lines_in_place() {
+    let Some(exe) = bitcoind_or_skip("a_one_thread_passthrough_routes_the_links_lines_in_place")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-1t-pool", &json!({}));
+    let port = free_port();
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": link_addr.to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 1,
+        "zmqblock": null,
+    });
+    let pt = PoolProcess::start("pt-1t-pt", &config, &["-P"]);
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (a, b) = (miner(addr, "pt1tA.1"), miner(addr, "pt1tB.1"));
+    for m in [&a, &b] {
+        wait_until("shares accepted through the passthrough", WAIT, || {
+            m.report().accepted >= 3
+        });
+    }
+    let s = pt.stats();
+    let down = s["lines_down"].as_u64().unwrap_or(0);
+    assert!(down >= 6, "{s}");
+    // Every line for a miner (subscribe and authorise replies, jobs, share verdicts) was queued
+    // by the thread that read it; none took a hop.
+    assert!(
+        s["link_routed_in_place"].as_u64().unwrap_or(0) >= down,
+        "lines for the miners took a hop: {s}"
+    );
+    assert_eq!(s["link_routed_by_message"], 0, "{s}");
+    // The link's connection is not counted as a miner's.
+    assert_eq!(s["connections"], 2, "{s}");
+    let ps = wait_stats(&pool, "the passthrough's miners at the pool", WAIT, |p| {
+        p["passthroughs"][0]["subclients"] == 2
+    });
+    assert_eq!(ps["passthroughs"].as_array().map(Vec::len), Some(1), "{ps}");
+}
+
 #[test]
 fn miners_mine_through_a_ckpool_rs_passthrough() {
     let Some(exe) = bitcoind_or_skip("miners_mine_through_a_ckpool_rs_passthrough") else {
