@@ -12,15 +12,30 @@
 //!   socket does not take is left to the link's engine thread). Node mode queues each line for
 //!   the engine.
 //! * The link (`generator::upstream`) holds the upstream connection, with failover along the
-//!   `proxy` list. Passthrough and redirector modes: lines for miners (and `dropclient`) are
-//!   routed by the link's reader thread itself ([`DirectRouter`]): it looks each `client_id` up
-//!   in the shared table and sends the line to the miner's connector thread, one message per
-//!   thread per read. The link's other events (up, down, other lines; in node mode every
-//!   line) come to the router (this mode's main thread) through a bounded channel, which
-//!   routes the same way, one message per thread per round. So a share crosses two threads:
-//!   the miner's connector thread (read, write upstream) and the link's reader (read the
-//!   verdict, hand it to the connector thread, which writes it). Ordering: see
-//!   [`DirectRouter`].
+//!   `proxy` list: its threads connect and do the handshake. Passthrough and redirector modes
+//!   (an owned link, [`PassthroughLink::start_owned`]): once a connection is ready, the link
+//!   stops its reader thread at a line boundary and hands the socket over; the router adopts it
+//!   on connector thread 0 as a connection of its own (marked as the link: [`MinerSide::links`],
+//!   a trunk, whose lines may be up to 16 MiB). That thread reads the upstream's lines: those
+//!   for its own miners are queued on their sockets at the end of the round that read them (no
+//!   hop; counted in `stats` as `link_routed_in_place`), those for other threads' miners go one
+//!   message per thread per round (`link_routed_by_message`); `dropclient` closes its miner
+//!   after the lines before it. With one connector thread (`"threads": 1`) a share's whole path
+//!   is on that thread: read the miner, write upstream, read the verdict, write the miner.
+//!   Writes: the connector never writes to the link's connection; every byte up goes through
+//!   the link's writer lock ([`PassthroughLink::write`]; what the socket does not take, the
+//!   link's engine writes, with later writers queueing behind it under the same lock), so lines
+//!   never interleave and each thread's lines keep their order. Link loss: the connection's
+//!   close reaches [`PassthroughLink::lost`] and the link fails over (its `Down`, then `Up` and
+//!   the replay, come as events); when the link itself drops a connection (a write error, a
+//!   fail-back) it shuts the socket down and the connector sees it close. Lines of an old
+//!   connection still in its socket after a fail-back's `Up` may reach miners after their
+//!   replay (verdicts for shares sent there: forwarded as they come). The link's other events
+//!   (up, down, failures, lines read during the handshake) come to the router (this mode's
+//!   main thread) through a bounded channel, which routes them one message per thread per
+//!   round. Node mode keeps the link's reader thread with every line on the router (a node's
+//!   `workinfo` must be handled before the notifies after it reach miners); a link started
+//!   without an owner routes through [`DirectRouter`] (see there for its ordering).
 //! * From the upstream, `dropclient=N` closes miner `N` if it is one of ours (ids are ours, so
 //!   nobody else's miner can be named), and any other raw line is logged and ignored: no
 //!   upstream line is ever run as a command (ckpool runs any connector command it gets).
@@ -28,10 +43,11 @@
 //!   direct writes may leave to the link's engine (1 MiB beyond the socket's buffer); a
 //!   connector thread whose send or write finds no room waits (so it stops reading from its
 //!   miners) for at most [`UPSTREAM_BLOCK`], then drops that miner (with direct writes: the
-//!   miners whose lines that round's write held). Towards miners, the router stops taking
-//!   upstream events while a connector thread has more than [`MAX_INFLIGHT`] bytes from it not
-//!   yet queued on its sockets (so does the link's reader when it routes), which in turn stops
-//!   the link reading from the upstream. Memory stays bounded both ways.
+//!   miners whose lines that round's write held). Towards miners, the thread reading the link
+//!   (and the router) waits while another connector thread has more than [`MAX_INFLIGHT`]
+//!   bytes from it not yet queued on its sockets, which stops reading from the upstream; lines
+//!   queued in place are bounded by each miner's outbound cap. Memory stays bounded both
+//!   ways.
 //! * Upstream loss (ckpool drops every miner; we keep them, see [`Handshake`]): each miner's
 //!   last `mining.configure`, `mining.subscribe`, `mining.authorize` (and whether it sent
 //!   `mining.extranonce.subscribe`) are kept, at most [`MAX_KEPT_LINE`] bytes each, with the
@@ -56,7 +72,10 @@
 //!   instance quiesces its connector, pauses the upstream link (every queued miner line
 //!   written, every line read routed and queued to its miner, reading stopped at a line
 //!   boundary), and sends, as its state, the link's socket (a duplicate, `SCM_RIGHTS`) with the
-//!   `proxy` entry it is on, the bytes read of the next line and the `client_id` counter;
+//!   `proxy` entry it is on, the bytes read of the next line and the `client_id` counter (an
+//!   owned link's connection is quiesced and exported with the miners instead, the bytes read
+//!   of its next line with it, marked as the link; the new instance adopts it as its link and
+//!   holds what it reads until every miner is there, [`Msg::LinkGo`]);
 //!   each miner goes with its `client_id`, address, server and kept handshake
 //!   ([`MinerSide::on_export`]). The new instance starts the link on that socket, active and
 //!   paused (no handshake, no `Up`, no replay), adopts the miners, and only then reads from

@@ -947,7 +947,9 @@ impl<S: Session> Engine<S> {
         if !owned {
             a.pause.store(true, Ordering::SeqCst);
         }
-        while !owned {
+        // An owned connection has no reader here to stop.
+        let mut stopped = owned;
+        while !stopped {
             let Some(a) = self.active.as_mut() else {
                 return Err("the upstream link went down while pausing".to_owned());
             };
@@ -960,7 +962,8 @@ impl<S: Session> Engine<S> {
                 a.partial = partial;
                 a.lines = never();
                 a._reader = None;
-                break;
+                stopped = true;
+                continue;
             }
             self.read(Slot::Active, msg);
             self.flush();
