@@ -34,8 +34,7 @@
 //!   (up, down, failures, lines read during the handshake) come to the router (this mode's
 //!   main thread) through a bounded channel, which routes them one message per thread per
 //!   round. Node mode keeps the link's reader thread with every line on the router (a node's
-//!   `workinfo` must be handled before the notifies after it reach miners); a link started
-//!   without an owner routes through [`DirectRouter`] (see there for its ordering).
+//!   `workinfo` must be handled before the notifies after it reach miners).
 //! * From the upstream, `dropclient=N` closes miner `N` if it is one of ours (ids are ours, so
 //!   nobody else's miner can be named), and any other raw line is logged and ignored: no
 //!   upstream line is ever run as a command (ckpool runs any connector command it gets).
@@ -103,8 +102,8 @@ use common::stratum::passthrough::Role;
 use connector::{CloseReason, ConnState, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
-    LinkHandover, LinkOwner, MinerLine, MinerRouter, OwnedLink, PassthroughEvent, PassthroughLink,
-    SendError, UpstreamConfig, UpstreamServer, WriteError,
+    LinkHandover, LinkOwner, MinerLine, OwnedLink, PassthroughEvent, PassthroughLink, SendError,
+    UpstreamConfig, UpstreamServer, WriteError,
 };
 use serde_json::json;
 use tracing::{debug, error, info, warn};
@@ -1288,57 +1287,6 @@ fn send_batch(
     conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
 }
 
-/// The link's [`MinerRouter`] (passthrough and redirector modes): lines for miners go from the
-/// thread that reads them from the upstream straight to their connector threads, one message
-/// per thread per read, skipping the link's engine thread and the router.
-///
-/// Ordering: a connector thread's messages are handled in the order they are sent. The link
-/// hands every line of a connection to this router before it emits that connection's `Down`
-/// or another connection's `Up`, so the router's `Msg::Replay` for a new upstream (sent once
-/// it has the `Up`) comes after every line of the old one, as when they all went through the
-/// router; lines of the new upstream for a miner answer what the miner sent after that
-/// replay. A `dropclient` closes its miner after the lines read before it (its thread's batch
-/// goes first).
-struct DirectRouter {
-    shared: Arc<Shared>,
-    /// Set once the connector is started (no miner, so no line to route, before).
-    conns: OnceLock<ConnectorHandle<Msg>>,
-    shutdown: Arc<AtomicBool>,
-    batches: Mutex<Vec<Batch>>,
-}
-
-impl DirectRouter {
-    /// The connector's handle. A miner may connect (and get a reply) in the moment between the
-    /// connector's start and the handle being set here: wait for it then (it is set right
-    /// after the start returns; `None` only when shutting down).
-    fn connector(&self) -> Option<&ConnectorHandle<Msg>> {
-        loop {
-            if let Some(c) = self.conns.get() {
-                return Some(c);
-            }
-            if self.shutdown.load(Ordering::Relaxed) {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn route(&self, events: &mut Vec<PassthroughEvent>) {
-        let Some(conns) = self.connector() else {
-            events.clear();
-            return;
-        };
-        let mut batches = self
-            .batches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for ev in events.drain(..) {
-            handle_event(ev, conns, &self.shared, &mut batches, None, &self.shutdown);
-        }
-        send_batches(conns, &self.shared, &mut batches, &self.shutdown);
-    }
-}
-
 /// Runs passthrough mode; node mode with `node` (the link says `mining.node`); or redirector
 /// mode with `redirect`, until `shutdown` is set. With `instance`, `-H` takes a running
 /// instance over and a new instance may take this one over.
@@ -1444,21 +1392,6 @@ pub(crate) fn run_link(
     let owner: LinkOwner = Arc::new(move |l: OwnedLink| {
         let _ = own_tx.send(l);
     });
-    // Node mode keeps every line on the router: a node's `workinfo` (a link line) must be
-    // handled before the notifies after it reach miners.
-    let direct = (node.is_none() && !owned).then(|| {
-        Arc::new(DirectRouter {
-            shared: Arc::clone(&shared),
-            conns: OnceLock::new(),
-            shutdown: Arc::clone(shutdown),
-            batches: Mutex::new((0..threads).map(|_| (Vec::new(), 0)).collect()),
-        })
-    });
-    let router = direct.as_ref().map(|d| {
-        let d = Arc::clone(d);
-        let r: MinerRouter = Arc::new(move |evs: &mut Vec<PassthroughEvent>| d.route(evs));
-        r
-    });
     let (link, incoming) = match incoming {
         None if owned => (
             PassthroughLink::start_owned(cfg, role, ev_tx, owner, None)
@@ -1466,8 +1399,7 @@ pub(crate) fn run_link(
             None,
         ),
         None => (
-            PassthroughLink::start_routed(cfg, role, ev_tx, router)
-                .context("starting the upstream link")?,
+            PassthroughLink::start(cfg, role, ev_tx).context("starting the upstream link")?,
             None,
         ),
         Some((incoming, (adopted, next_id))) => {
@@ -1480,7 +1412,7 @@ pub(crate) fn run_link(
             let started = if owned {
                 PassthroughLink::start_owned(cfg, role, ev_tx, owner, Some(adopted))
             } else {
-                PassthroughLink::start_adopted_routed(cfg, role, ev_tx, router, adopted)
+                PassthroughLink::start_adopted(cfg, role, ev_tx, adopted)
             };
             match started {
                 Ok(link) => {
@@ -1542,10 +1474,7 @@ pub(crate) fn run_link(
             return Err(e).context("starting the connector");
         }
     };
-    if let Some(d) = &direct {
-        // Before the adopted link reads (`resume` below) and before any miner connects.
-        let _ = d.conns.set(conns.handle());
-    }
+    // Before the adopted link is read (`resume` below) and before any miner connects.
     let _ = conns_cell.set(conns.handle());
     if let Some(incoming) = incoming {
         let adopted = incoming.adopt_all(&conns);
