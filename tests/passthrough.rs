@@ -577,6 +577,48 @@ fn upstream_raw_commands_do_nothing_harmful() {
     wait_stats(&pt, "one miner left", WAIT, |s| s["miners"] == 1);
 }
 
+/// On a one-thread passthrough the link's lines for its miners are queued in place at the end
+/// of the round that read them; a `dropclient` in the middle of a round must not reorder the
+/// lines around it for the miners that stay.
+#[test]
+fn a_dropclient_keeps_the_order_of_the_lines_around_it() {
+    let up = FakeUpstream::start();
+    let port = free_port();
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": up.addr().to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 1,
+        "zmqblock": null,
+    });
+    let pt = PoolProcess::start("pt-dropord", &config, &["-P"]);
+    let mut link = up.accept();
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut m1 = Client::connect(addr);
+    m1.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["ord/1"]}));
+    let id1 = link.wait_for("the first subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe"
+    })["client_id"]
+        .as_u64()
+        .unwrap();
+    let mut m2 = Client::connect(addr);
+    m2.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["ord/2"]}));
+    let id2 = link.wait_for("the second subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe" && v["client_id"] != id1
+    })["client_id"]
+        .as_u64()
+        .unwrap();
+    // In one write: a line for miner 1, miner 2 dropped, another line for miner 1.
+    let line =
+        |id: u64| format!("{{\"result\":true,\"error\":null,\"id\":{id},\"client_id\":{id1}}}\n");
+    link.send_raw(format!("{}dropclient={id2}\n{}", line(10), line(11)).as_bytes());
+    assert!(m2.wait_closed(WAIT), "miner 2 was not dropped");
+    m1.reply(11);
+    let order: Vec<&Value> = m1.seen.iter().map(|v| &v["id"]).collect();
+    assert_eq!(order, [&json!(10), &json!(11)], "{:?}", m1.seen);
+    wait_stats(&pt, "the drop counted", WAIT, |s| s["dropclients"] == 1);
+}
+
 #[test]
 fn passthrough_fails_over_to_the_next_upstream() {
     let Some(exe) = bitcoind_or_skip("passthrough_fails_over_to_the_next_upstream") else {

@@ -792,7 +792,7 @@ impl connector::Handler for MinerSide {
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         if !self.miners.contains_key(&conn) {
             if self.links.contains_key(&conn) {
-                self.link_line(line);
+                self.link_line(now, line, out);
             }
             return;
         }
@@ -871,7 +871,7 @@ impl connector::Handler for MinerSide {
             }
             Msg::LinkGo => {
                 for line in self.hold.take().unwrap_or_default() {
-                    self.link_line(&line);
+                    self.link_line(now, &line, out);
                 }
             }
             Msg::Drop(conn) => {
@@ -944,7 +944,7 @@ impl connector::Handler for MinerSide {
 impl MinerSide {
     /// A line the upstream sent (an owned link): routed at the round's end
     /// ([`MinerSide::route_link`]), or held while handed-over miners are coming.
-    fn link_line(&mut self, line: &[u8]) {
+    fn link_line(&mut self, now: Instant, line: &[u8], out: &mut Outbox) {
         if let Some(held) = self.hold.as_mut() {
             held.push(line.to_vec());
             return;
@@ -953,6 +953,25 @@ impl MinerSide {
             return;
         };
         let ev = PassthroughLink::classify(line);
+        // `dropclient` for one of this thread's miners: the lines read before it are queued in
+        // place first (as they would be at the round's end), then it is closed, so that every
+        // line for this thread's miners keeps its order.
+        if let Some(id) = ev.dropclient() {
+            let target = u32::try_from(id)
+                .ok()
+                .and_then(|id| self.shared.lock().get(&id).copied());
+            if let Some((t, conn)) = target
+                && t == self.thread
+            {
+                self.route_link(now, out);
+                if self.miners.contains_key(&conn) {
+                    self.shared.dropclients.fetch_add(1, Ordering::Relaxed);
+                    info!(client_id = id, %conn, "upstream dropped a miner");
+                    out.close(conn);
+                }
+                return;
+            }
+        }
         handle_event(
             ev,
             conns,
@@ -960,6 +979,7 @@ impl MinerSide {
             &mut self.batches,
             None,
             &self.shutdown,
+            Some(self.thread),
         );
     }
 
@@ -981,7 +1001,13 @@ impl MinerSide {
             self.deliver(now, own, out);
         }
         if let Some(conns) = self.conns.get() {
-            send_batches(conns, &self.shared, &mut self.batches, &self.shutdown);
+            send_batches(
+                conns,
+                &self.shared,
+                &mut self.batches,
+                &self.shutdown,
+                Some(self.thread),
+            );
         }
     }
 
@@ -1177,7 +1203,7 @@ impl handover::GiveHooks for PtGive<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
                 recv(self.events) -> ev => match ev {
-                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node, self.shutdown),
+                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node, self.shutdown, None),
                     Err(_) => break Err(anyhow!("the upstream link stopped")),
                 },
                 recv(answer) -> r => break match r {
@@ -1195,9 +1221,10 @@ impl handover::GiveHooks for PtGive<'_> {
                 &mut batches,
                 self.node,
                 self.shutdown,
+                None,
             );
         }
-        send_batches(&handle, self.shared, &mut batches, self.shutdown);
+        send_batches(&handle, self.shared, &mut batches, self.shutdown, None);
         let paused = paused.context("pausing the upstream link")?;
         *self.paused.borrow_mut() = Some(paused);
         // Every line routed is queued on its miner's socket (it travels as unsent bytes).
@@ -1257,9 +1284,10 @@ fn send_batches(
     shared: &Shared,
     batches: &mut [Batch],
     shutdown: &AtomicBool,
+    me: Option<usize>,
 ) {
     for (t, batch) in batches.iter_mut().enumerate() {
-        send_batch(conns, shared, t, batch, shutdown);
+        send_batch(conns, shared, t, batch, shutdown, me);
     }
 }
 
@@ -1270,13 +1298,18 @@ fn send_batch(
     t: usize,
     (lines, bytes): &mut Batch,
     shutdown: &AtomicBool,
+    me: Option<usize>,
 ) {
     if lines.is_empty() {
         return;
     }
-    // Back-pressure towards the upstream: wait while this thread has a lot unsent.
+    // Back-pressure towards the upstream: wait while this thread has a lot unsent (unless it
+    // is the calling connector thread itself, `me`: it would wait for itself).
     if let Some(f) = shared.inflight.get(t) {
-        while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
+        while me != Some(t)
+            && f.load(Ordering::Relaxed) > MAX_INFLIGHT
+            && !shutdown.load(Ordering::Relaxed)
+        {
             thread::sleep(Duration::from_millis(1));
         }
         f.fetch_add(*bytes, Ordering::Relaxed);
@@ -1689,13 +1722,13 @@ fn route(
             let mut n = 0;
             let mut next = Some(ev);
             while let Some(ev) = next.take() {
-                handle_event(ev, conns, shared, &mut batches, node, shutdown);
+                handle_event(ev, conns, shared, &mut batches, node, shutdown, None);
                 n += 1;
                 if n < ROUND {
                     next = events.try_recv().ok();
                 }
             }
-            send_batches(conns, shared, &mut batches, shutdown);
+            send_batches(conns, shared, &mut batches, shutdown, None);
         }
         if !quiet && last_status.elapsed() >= Duration::from_secs(5) {
             last_status = Instant::now();
@@ -1771,6 +1804,7 @@ fn handle_event(
     batches: &mut [Batch],
     node: Option<&Node>,
     shutdown: &AtomicBool,
+    me: Option<usize>,
 ) {
     match ev {
         PassthroughEvent::Client { client_id, line } => {
@@ -1826,7 +1860,7 @@ fn handle_event(
                         info!(client_id = id, %conn, "upstream dropped a miner");
                         // The lines read before it go first.
                         if let Some(batch) = batches.get_mut(t) {
-                            send_batch(conns, shared, t, batch, shutdown);
+                            send_batch(conns, shared, t, batch, shutdown, me);
                         }
                         conns.send(t, Msg::Drop(conn));
                     }
