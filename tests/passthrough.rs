@@ -269,6 +269,52 @@ fn miner(addr: SocketAddr, user: &str) -> Miner {
     Miner::start(cfg).unwrap()
 }
 
+/// With one connector thread a share's whole path is on that thread: the thread that reads the
+/// upstream link's connection queues the lines for its miners on their sockets itself (no
+/// message to another thread), and the upstream still sees one connection.
+#[test]
+fn a_one_thread_passthrough_routes_the_links_lines_in_place() {
+    let Some(exe) = bitcoind_or_skip("a_one_thread_passthrough_routes_the_links_lines_in_place")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-1t-pool", &json!({}));
+    let port = free_port();
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": link_addr.to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 1,
+        "zmqblock": null,
+    });
+    let pt = PoolProcess::start("pt-1t-pt", &config, &["-P"]);
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (a, b) = (miner(addr, "pt1tA.1"), miner(addr, "pt1tB.1"));
+    for m in [&a, &b] {
+        wait_until("shares accepted through the passthrough", WAIT, || {
+            m.report().accepted >= 3
+        });
+    }
+    let s = pt.stats();
+    let down = s["lines_down"].as_u64().unwrap_or(0);
+    assert!(down >= 6, "{s}");
+    // Every line for a miner (subscribe and authorise replies, jobs, share verdicts) was queued
+    // by the thread that read it; none took a hop.
+    assert!(
+        s["link_routed_in_place"].as_u64().unwrap_or(0) >= down,
+        "lines for the miners took a hop: {s}"
+    );
+    assert_eq!(s["link_routed_by_message"], 0, "{s}");
+    // The link's connection is not counted as a miner's.
+    assert_eq!(s["connections"], 2, "{s}");
+    let ps = wait_stats(&pool, "the passthrough's miners at the pool", WAIT, |p| {
+        p["passthroughs"][0]["subclients"] == 2
+    });
+    assert_eq!(ps["passthroughs"].as_array().map(Vec::len), Some(1), "{ps}");
+}
+
 #[test]
 fn miners_mine_through_a_ckpool_rs_passthrough() {
     let Some(exe) = bitcoind_or_skip("miners_mine_through_a_ckpool_rs_passthrough") else {
@@ -529,6 +575,48 @@ fn upstream_raw_commands_do_nothing_harmful() {
         v["method"] == "mining.authorize" && v["client_id"] == id1
     });
     wait_stats(&pt, "one miner left", WAIT, |s| s["miners"] == 1);
+}
+
+/// On a one-thread passthrough the link's lines for its miners are queued in place at the end
+/// of the round that read them; a `dropclient` in the middle of a round must not reorder the
+/// lines around it for the miners that stay.
+#[test]
+fn a_dropclient_keeps_the_order_of_the_lines_around_it() {
+    let up = FakeUpstream::start();
+    let port = free_port();
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": up.addr().to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 1,
+        "zmqblock": null,
+    });
+    let pt = PoolProcess::start("pt-dropord", &config, &["-P"]);
+    let mut link = up.accept();
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut m1 = Client::connect(addr);
+    m1.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["ord/1"]}));
+    let id1 = link.wait_for("the first subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe"
+    })["client_id"]
+        .as_u64()
+        .unwrap();
+    let mut m2 = Client::connect(addr);
+    m2.send(&json!({"id": 1, "method": "mining.subscribe", "params": ["ord/2"]}));
+    let id2 = link.wait_for("the second subscribe", WAIT, |v| {
+        v["method"] == "mining.subscribe" && v["client_id"] != id1
+    })["client_id"]
+        .as_u64()
+        .unwrap();
+    // In one write: a line for miner 1, miner 2 dropped, another line for miner 1.
+    let line =
+        |id: u64| format!("{{\"result\":true,\"error\":null,\"id\":{id},\"client_id\":{id1}}}\n");
+    link.send_raw(format!("{}dropclient={id2}\n{}", line(10), line(11)).as_bytes());
+    assert!(m2.wait_closed(WAIT), "miner 2 was not dropped");
+    m1.reply(11);
+    let order: Vec<&Value> = m1.seen.iter().map(|v| &v["id"]).collect();
+    assert_eq!(order, [&json!(10), &json!(11)], "{:?}", m1.seen);
+    wait_stats(&pt, "the drop counted", WAIT, |s| s["dropclients"] == 1);
 }
 
 #[test]

@@ -169,7 +169,8 @@ pub struct Config {
     /// (slowloris), holds its slot no longer. `None` (or zero): never. Checked on ticks by a
     /// sweep over the thread's connections every quarter of the timeout (or every tick, if
     /// that is longer), so a connection is closed between the timeout and a quarter of it (or
-    /// a tick) later. Connections with a handler-requested close pending are left to it.
+    /// a tick) later. Connections with a handler-requested close pending are left to it, and
+    /// trunks ([`Outbox::trunk`]) are never closed as idle.
     pub idle_timeout: Option<Duration>,
     /// Back-pressure (`pausereads`): while more than this many bytes are queued and not yet
     /// written to a connection, it is not read (what the peer sends waits in the kernel, and

@@ -67,7 +67,9 @@ pub enum Action {
     Close(ConnId),
     /// The connection carries many peers' traffic (a passthrough or node link): from now on
     /// its cap on queued bytes is [`Config::max_outbound_trunk`](crate::Config) instead of
-    /// [`Config::max_outbound`](crate::Config).
+    /// [`Config::max_outbound`](crate::Config), its lines may be 16 MiB long (or
+    /// [`Config::max_line`](crate::Config) if longer), its reads are never paused and it is never
+    /// closed as idle (a link with no peers behind it may be silent).
     Trunk(ConnId),
 }
 
@@ -100,7 +102,8 @@ impl Outbox {
     }
 
     /// Marks `conn` as a trunk ([`Action::Trunk`]): it may queue up to
-    /// [`Config::max_outbound_trunk`](crate::Config) bytes.
+    /// [`Config::max_outbound_trunk`](crate::Config) bytes, send long lines, and is never
+    /// closed as idle.
     pub fn trunk(&mut self, conn: ConnId) {
         self.actions.push(Action::Trunk(conn));
     }

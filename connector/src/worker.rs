@@ -777,6 +777,12 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
+        // A trunk (a passthrough or node link) carries lines for many peers at once.
+        let max_line = if c.flags & TRUNK == 0 {
+            self.limits.max_line
+        } else {
+            self.limits.max_line.max(TRUNK_MAX_LINE)
+        };
         let mut partial = match c.pending.as_deref_mut() {
             // Closing: input is read (so the close does not reset the connection) and dropped.
             Some(p) if p.close_by.is_some() => return,
@@ -788,7 +794,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
         let out = &mut self.out;
         let mut lines = false;
         let mut panicked = None;
-        let result = framing::feed(&mut partial, data, self.limits.max_line, |line| {
+        let result = framing::feed(&mut partial, data, max_line, |line| {
             lines = true;
             let before = out.len();
             // Zero-cost unless it panics (no clock, no allocation, no lock).
@@ -1612,7 +1618,8 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            if c.close_by().is_some() {
+            // A trunk (a passthrough or node link) with no peers behind it may be silent.
+            if c.close_by().is_some() || c.flags & TRUNK != 0 {
                 continue;
             }
             let n = c.idle().saturating_add(1).min(IDLE_MAX);
@@ -1729,8 +1736,12 @@ const IDLE_MASK: u8 = 0b111 << IDLE_SHIFT;
 /// The largest idle count.
 const IDLE_MAX: u8 = IDLE_MASK >> IDLE_SHIFT;
 /// [`Conn::flags`]: a trunk ([`Action::Trunk`]), capped at [`Limits::max_outbound_trunk`].
-/// Never paused: its reads carry many peers' shares.
+/// Never paused: its reads carry many peers' shares. Never closed as idle, and its lines may be
+/// [`TRUNK_MAX_LINE`] long.
 const TRUNK: u8 = 1 << 5;
+/// A trunk's lines may be this long (or [`Limits::max_line`] if longer): an upstream's multicast
+/// line names every miner it is for, a node's link lines carry whole blocks.
+const TRUNK_MAX_LINE: usize = 16 << 20;
 /// [`Conn::flags`]: reads paused for back-pressure (see [`Limits::pause_at`]).
 const PAUSED: u8 = 1 << 6;
 /// [`Conn::flags`]: while paused, bytes were written since the last stall check.
@@ -2569,6 +2580,32 @@ mod tests {
         // Sweeps take a tick at least, and the limit keeps the timeout.
         let coarse = IdleSweep::new(start, Duration::from_secs(2), Duration::from_secs(1));
         assert_eq!((coarse.period, coarse.limit), (Duration::from_secs(1), 3));
+    }
+
+    #[test]
+    fn a_trunk_takes_long_lines_and_is_never_closed_as_idle() {
+        let start = Instant::now();
+        let mut w = worker(1024);
+        w.idle = Some(IdleSweep::new(
+            start,
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+        ));
+        let (trunk, other) = (w.accept(start), w.accept(start));
+        w.out.trunk(trunk);
+        w.apply_outbox(start);
+        // Longer than `max_line` (64 here): a trunk's line, another's close.
+        let long = [vec![b'a'; 200], b"\n".to_vec()].concat();
+        w.receive(start, trunk, &long);
+        w.receive(start, other, &long);
+        assert_eq!(w.handler.lines, [vec![b'a'; 200]]);
+        assert_eq!(w.handler.closed, [(other, CloseReason::LineTooLong)]);
+        // Silent for three idle timeouts: still open.
+        for s in 1..=12 {
+            w.tick(start + Duration::from_secs(s));
+        }
+        assert_eq!(w.handler.closed, [(other, CloseReason::LineTooLong)]);
+        assert!(w.conns.get_mut(trunk).is_some());
     }
 
     #[test]

@@ -42,7 +42,9 @@
 # 18 % of a core and its ckload 8 %, so 10,000 shares/s would fill both cores], FLEET_SECONDS [300], FLEET_IDLE [60], FLEET_RAMP [(miners + direct) / 1500 + 10 s],
 # FLEET_GRACE [30 s after the ramp for the counts to be right], FLEET_SETTLE [5 s between the
 # counts and the idle window], FLEET_WORKERS [2 per passthrough], FLEET_WORKER_MAX [9500],
-# FLEET_PHASES ["idle submit"], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
+# FLEET_PHASES ["idle submit"], FLEET_PT_THREADS [1: connector threads of each passthrough
+# (its `threads`); seven passthroughs on two cores gain nothing from more, and with one a
+# share's path stays on fewer threads; the pool keeps BENCH_THREADS], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
 # false: ckpool's framing, a notify per miner], FLEET_PTS_PORT [3641], FLEET_PT_PORT [3651], FLEET_ADDR_BASE
 # [10: the direct group from 127.0.0.10, the passthroughs' ckload workers from .11 on];
 # BENCH_IO [$POOL_BACKEND, else epoll] for the pool and the passthroughs; the regtest nodes on
@@ -76,6 +78,7 @@ WORKER_MAX=${FLEET_WORKER_MAX:-9500}
 PHASES=${FLEET_PHASES:-idle submit}
 PT_PORT=${FLEET_PT_PORT:-3651}
 MULTICAST=${FLEET_MULTICAST:-true}
+PT_THREADS=${FLEET_PT_THREADS:-1}
 ADDR_BASE=${FLEET_ADDR_BASE:-10}
 # ckload starts its miners this long after it is started (its START_DELAY).
 START_DELAY=1.5
@@ -86,13 +89,13 @@ nap() {
 	wait "$!"
 }
 
-for v in MINERS NP DIRECT SECS IDLE RAMP GRACE SETTLE WORKERS WORKER_MAX PT_PORT ADDR_BASE; do
+for v in MINERS NP DIRECT SECS IDLE RAMP GRACE SETTLE WORKERS WORKER_MAX PT_PORT ADDR_BASE PT_THREADS; do
 	if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
 		echo "fleet: $v must be a whole number (got '${!v}')" >&2
 		exit 2
 	fi
 done
-if ((NP < 1 || MINERS < NP || DIRECT < 1 || WORKERS < 1 || WORKER_MAX < 1)); then
+if ((NP < 1 || MINERS < NP || DIRECT < 1 || WORKERS < 1 || WORKER_MAX < 1 || PT_THREADS < 1)); then
 	echo "fleet: need at least one passthrough, one miner per passthrough, one direct miner (the pool's CPU is sampled by its ckload) and one worker" >&2
 	exit 2
 fi
@@ -201,7 +204,7 @@ pt_start_all() {
 {
 "serverurl" : [ "127.0.0.1:$((PT_PORT + i))" ],
 "proxy" : [ { "url" : "127.0.0.1:$PTS_PORT", "auth" : "unused", "pass" : "x" } ],
-"threads" : $THREADS,
+"threads" : $PT_THREADS,
 "maxlinelength" : 4096,
 "multicast" : $MULTICAST,
 "logdir" : "$DIR/logs-pt$i"
@@ -279,6 +282,34 @@ snapshot() {
 		done
 		printf '}\n'
 	} >"$DIR/$1-stats.json"
+}
+
+# ctxt OUT: context switches (voluntary and not, over every thread) of the pool and every
+# passthrough, with the time, as JSON.
+ctxt() {
+	local args=(pool "$pool_pid")
+	for ((i = 0; i < NP; i++)); do
+		args+=("pt$i" "${pt_pids[$i]}")
+	done
+	python3 - "$1" "${args[@]}" <<'PY'
+import json, os, sys, time
+out, a = sys.argv[1], sys.argv[2:]
+res = {"t": time.time()}
+for role, pid in zip(a[::2], a[1::2]):
+    n = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                for l in open(f"/proc/{pid}/task/{t}/status"):
+                    if l.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        n += int(l.split()[1])
+            except OSError:
+                pass
+    except OSError:
+        pass
+    res[role] = n
+json.dump(res, open(out, "w"))
+PY
 }
 
 # sample OUT: CPU ticks and RSS of the pool, every passthrough and every ckload (with its
@@ -378,6 +409,7 @@ phase() {
 	printf '%s (%s s after the ramp)\n' "$line" "$late" >"$DIR/$name-counts.txt"
 	log "$name: $line ($late s after the ramp)"
 	snapshot "$name"
+	[[ $name == submit ]] && ctxt "$DIR/submit-ctxt-0.json"
 	if [[ $name == idle && $line == ok* ]]; then
 		nap "$SETTLE"
 		sample "$DIR/idle-cpu-0.json"
@@ -390,6 +422,7 @@ phase() {
 		wait "$pid" || status=1
 	done
 	ck_pids=()
+	[[ $name == submit ]] && ctxt "$DIR/submit-ctxt-1.json"
 	((status == 0)) || log "$name: a ckload exited with an error (see $DIR/$name-*.txt)"
 	snapshot "$name-after"
 	pt_stop_all
@@ -408,8 +441,8 @@ for ph in $PHASES; do
 done
 pool_stop
 
-printf '\nfleet: %s; %s miners over %s passthroughs (%s), %s direct; %s shares/s; %s s window; ramp %s s; io %s, %s connector threads per process\n\n' \
-	"$(machine)" "$MINERS" "$NP" "${PT_N[*]}" "$DIRECT" "$RATE" "$SECS" "$RAMP" "$IO" "$THREADS"
+printf '\nfleet: %s; %s miners over %s passthroughs (%s), %s direct; %s shares/s; %s s window; ramp %s s; io %s, %s connector threads in the pool, %s per passthrough\n\n' \
+	"$(machine)" "$MINERS" "$NP" "${PT_N[*]}" "$DIRECT" "$RATE" "$SECS" "$RAMP" "$IO" "$THREADS" "$PT_THREADS"
 report_status=0
 python3 - "$DIR" "$NP" "$MINERS" "$DIRECT" "$PHASES" <<'PY' || report_status=$?
 import json, math, os, struct, sys
@@ -562,6 +595,14 @@ if "submit" in phases:
             "pt_to_pool_cpu_ratio": med_pt / max(1e-9, sub["pool"]["us_per_share"]),
             "steal_pct": max(r["machine"]["steal_pct_window"] for r in reps.values()),
             "busy_pct": max(r["machine"]["busy_pct_window"] for r in reps.values())})
+        # Context switches per share: over the window from the count check to ckload's end
+        # (about FLEET_SECONDS), per share at each process's accepted rate.
+        c0, c1 = load("submit-ctxt-0.json"), load("submit-ctxt-1.json")
+        if c0 and c1 and c1["t"] > c0["t"]:
+            dt = c1["t"] - c0["t"]
+            for p in ["pool"] + pts:
+                r = rate if p == "pool" else reps[p]["rates"]["accepted_per_sec"]
+                sub[p]["ctxt_per_share"] = (c1[p] - c0[p]) / dt / max(1e-9, r)
 
 ip = out["phases"].get("idle", {}).get("processes", {})
 # The servers' CPU less their idle cost over the window (from the idle phase): at a low rate a
@@ -621,6 +662,9 @@ if "p99_ratio" in s:
 for ph in phases:
     print(f"{ph} counts: {out['phases'][ph]['counts']}")
 out["errors"] = bad
+if "submit" in out["phases"] and "ctxt_per_share" in out["phases"]["submit"].get("processes", {}).get("pool", {}):
+    sp = out["phases"]["submit"]["processes"]
+    print("context switches per share: " + ", ".join(f"{k} {v['ctxt_per_share']:.2f}" for k, v in sp.items() if "ctxt_per_share" in v))
 print(f"errors: {len(bad)}" + "".join(f"\n  - {b}" for b in bad))
 json.dump(out, open(os.path.join(d, "fleet.json"), "w"), indent=1)
 open(os.path.join(d, "fleet.tsv"), "w").write("\n".join(tsv) + "\n")

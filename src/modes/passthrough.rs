@@ -12,15 +12,29 @@
 //!   socket does not take is left to the link's engine thread). Node mode queues each line for
 //!   the engine.
 //! * The link (`generator::upstream`) holds the upstream connection, with failover along the
-//!   `proxy` list. Passthrough and redirector modes: lines for miners (and `dropclient`) are
-//!   routed by the link's reader thread itself ([`DirectRouter`]): it looks each `client_id` up
-//!   in the shared table and sends the line to the miner's connector thread, one message per
-//!   thread per read. The link's other events (up, down, other lines; in node mode every
-//!   line) come to the router (this mode's main thread) through a bounded channel, which
-//!   routes the same way, one message per thread per round. So a share crosses two threads:
-//!   the miner's connector thread (read, write upstream) and the link's reader (read the
-//!   verdict, hand it to the connector thread, which writes it). Ordering: see
-//!   [`DirectRouter`].
+//!   `proxy` list: its threads connect and do the handshake. Passthrough and redirector modes
+//!   (an owned link, [`PassthroughLink::start_owned`]): once a connection is ready, the link
+//!   stops its reader thread at a line boundary and hands the socket over; the router adopts it
+//!   on connector thread 0 as a connection of its own (marked as the link: [`MinerSide::links`],
+//!   a trunk, whose lines may be up to 16 MiB). That thread reads the upstream's lines: those
+//!   for its own miners are queued on their sockets at the end of the round that read them (no
+//!   hop; counted in `stats` as `link_routed_in_place`), those for other threads' miners go one
+//!   message per thread per round (`link_routed_by_message`); `dropclient` closes its miner
+//!   after the lines before it. With one connector thread (`"threads": 1`) a share's whole path
+//!   is on that thread: read the miner, write upstream, read the verdict, write the miner.
+//!   Writes: the connector never writes to the link's connection; every byte up goes through
+//!   the link's writer lock ([`PassthroughLink::write`]; what the socket does not take, the
+//!   link's engine writes, with later writers queueing behind it under the same lock), so lines
+//!   never interleave and each thread's lines keep their order. Link loss: the connection's
+//!   close reaches [`PassthroughLink::lost`] and the link fails over (its `Down`, then `Up` and
+//!   the replay, come as events); when the link itself drops a connection (a write error, a
+//!   fail-back) it shuts the socket down and the connector sees it close. Lines of an old
+//!   connection still in its socket after a fail-back's `Up` may reach miners after their
+//!   replay (verdicts for shares sent there: forwarded as they come). The link's other events
+//!   (up, down, failures, lines read during the handshake) come to the router (this mode's
+//!   main thread) through a bounded channel, which routes them one message per thread per
+//!   round. Node mode keeps the link's reader thread with every line on the router (a node's
+//!   `workinfo` must be handled before the notifies after it reach miners).
 //! * From the upstream, `dropclient=N` closes miner `N` if it is one of ours (ids are ours, so
 //!   nobody else's miner can be named), and any other raw line is logged and ignored: no
 //!   upstream line is ever run as a command (ckpool runs any connector command it gets).
@@ -28,10 +42,11 @@
 //!   direct writes may leave to the link's engine (1 MiB beyond the socket's buffer); a
 //!   connector thread whose send or write finds no room waits (so it stops reading from its
 //!   miners) for at most [`UPSTREAM_BLOCK`], then drops that miner (with direct writes: the
-//!   miners whose lines that round's write held). Towards miners, the router stops taking
-//!   upstream events while a connector thread has more than [`MAX_INFLIGHT`] bytes from it not
-//!   yet queued on its sockets (so does the link's reader when it routes), which in turn stops
-//!   the link reading from the upstream. Memory stays bounded both ways.
+//!   miners whose lines that round's write held). Towards miners, the thread reading the link
+//!   (and the router) waits while another connector thread has more than [`MAX_INFLIGHT`]
+//!   bytes from it not yet queued on its sockets, which stops reading from the upstream; lines
+//!   queued in place are bounded by each miner's outbound cap. Memory stays bounded both
+//!   ways.
 //! * Upstream loss (ckpool drops every miner; we keep them, see [`Handshake`]): each miner's
 //!   last `mining.configure`, `mining.subscribe`, `mining.authorize` (and whether it sent
 //!   `mining.extranonce.subscribe`) are kept, at most [`MAX_KEPT_LINE`] bytes each, with the
@@ -56,7 +71,10 @@
 //!   instance quiesces its connector, pauses the upstream link (every queued miner line
 //!   written, every line read routed and queued to its miner, reading stopped at a line
 //!   boundary), and sends, as its state, the link's socket (a duplicate, `SCM_RIGHTS`) with the
-//!   `proxy` entry it is on, the bytes read of the next line and the `client_id` counter;
+//!   `proxy` entry it is on, the bytes read of the next line and the `client_id` counter (an
+//!   owned link's connection is quiesced and exported with the miners instead, the bytes read
+//!   of its next line with it, marked as the link; the new instance adopts it as its link and
+//!   holds what it reads until every miner is there, [`Msg::LinkGo`]);
 //!   each miner goes with its `client_id`, address, server and kept handshake
 //!   ([`MinerSide::on_export`]). The new instance starts the link on that socket, active and
 //!   paused (no handshake, no `Up`, no replay), adopts the miners, and only then reads from
@@ -81,10 +99,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use common::ConnId;
 use common::stratum::passthrough::Role;
-use connector::{CloseReason, Connector, ConnectorHandle, Outbox, SendBuf};
+use connector::{CloseReason, ConnState, Connector, ConnectorHandle, Outbox, SendBuf};
 use crossbeam_channel::{Receiver, Sender};
 use generator::upstream::{
-    LinkHandover, MinerLine, MinerRouter, PassthroughEvent, PassthroughLink, SendError,
+    LinkHandover, LinkOwner, MinerLine, OwnedLink, PassthroughEvent, PassthroughLink, SendError,
     UpstreamConfig, UpstreamServer, WriteError,
 };
 use serde_json::json;
@@ -147,6 +165,15 @@ struct Shared {
     replay_closed: AtomicU64,
     /// Miner lines that came while no upstream was up (answered with an error or dropped).
     rejected_down: AtomicU64,
+    /// Lines from the upstream queued on their miner's socket by the connector thread that read
+    /// them (no hop), and lines handed to another connector thread in a message.
+    routed_in_place: AtomicU64,
+    routed_by_message: AtomicU64,
+    /// Upstream link connections held by the connector (an owned link), not miners.
+    link_conns: AtomicUsize,
+    /// The owned link's connection came with a handover, as connection `N - 1` (0: it did
+    /// not).
+    link_adopted: AtomicU64,
 }
 
 impl Shared {
@@ -184,6 +211,8 @@ enum Msg {
     Replay(u64),
     /// A handover settles: answer once every message before this one is handled.
     Sync(Sender<()>),
+    /// Every handed-over miner is here: the link's lines held meanwhile may be routed.
+    LinkGo,
 }
 
 struct Miner {
@@ -483,6 +512,17 @@ struct MinerSide {
     up_conns: Vec<ConnId>,
     /// How many miner lines `up` holds (its `mining.term`s aside, as `lines_up` counts).
     up_lines: u64,
+    /// An owned link (see the module docs): the upstream connections this thread reads, with
+    /// their numbers ([`OwnedLink::serial`]).
+    links: HashMap<ConnId, u64>,
+    /// This round's lines from the upstream, per connector thread (this one's are queued on
+    /// their sockets at the round's end, the others' sent in one message each).
+    batches: Vec<Batch>,
+    /// The connector's handle (set once it is started), for those messages.
+    conns: Arc<OnceLock<ConnectorHandle<Msg>>>,
+    shutdown: Arc<AtomicBool>,
+    /// Handed in (`-H`): the link's lines read before every miner is here ([`Msg::LinkGo`]).
+    hold: Option<Vec<Vec<u8>>>,
 }
 
 impl Handshake {
@@ -751,6 +791,9 @@ impl connector::Handler for MinerSide {
 
     fn on_line(&mut self, now: Instant, conn: ConnId, line: &[u8], out: &mut Outbox) {
         if !self.miners.contains_key(&conn) {
+            if self.links.contains_key(&conn) {
+                self.link_line(now, line, out);
+            }
             return;
         }
         if !self.up() {
@@ -782,7 +825,13 @@ impl connector::Handler for MinerSide {
         self.line_up(conn, client_id, &address, server, line, out);
     }
 
-    fn on_close(&mut self, _now: Instant, conn: ConnId, _reason: CloseReason) {
+    fn on_close(&mut self, _now: Instant, conn: ConnId, reason: CloseReason) {
+        if let Some(serial) = self.links.remove(&conn) {
+            self.shared.link_conns.fetch_sub(1, Ordering::Relaxed);
+            self.link
+                .lost(serial, format!("connection closed ({reason:?})"));
+            return;
+        }
         let Some(m) = self.miners.remove(&conn) else {
             return;
         };
@@ -815,42 +864,14 @@ impl connector::Handler for MinerSide {
     fn on_msg(&mut self, now: Instant, msg: Msg, out: &mut Outbox) {
         match msg {
             Msg::Lines(lines, bytes) => {
-                for (conn, line) in lines {
-                    let Some(m) = self.miners.get_mut(&conn) else {
-                        continue;
-                    };
-                    if let Some(node) = &self.node {
-                        node.on_miner_downline(m.client_id, line.as_slice());
-                    }
-                    match m
-                        .hs
-                        .as_mut()
-                        .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
-                    {
-                        Down::Forward => {
-                            let redirect = self
-                                .redirect
-                                .as_mut()
-                                .and_then(|r| r.down(conn, line.as_slice(), now));
-                            out.send(conn, line);
-                            if let Some(l) = redirect {
-                                out.send(conn, l);
-                            }
-                        }
-                        Down::Consume => {}
-                        Down::Replace(l) => {
-                            info!(%conn, "miner's extranonce changed on the new upstream");
-                            out.send(conn, l);
-                        }
-                        Down::Close => {
-                            self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
-                            info!(%conn, "new upstream refused the miner's replayed session; closed");
-                            out.close(conn);
-                        }
-                    }
-                }
+                self.deliver(now, lines, out);
                 if let Some(f) = self.shared.inflight.get(self.thread) {
                     f.fetch_sub(bytes, Ordering::Relaxed);
+                }
+            }
+            Msg::LinkGo => {
+                for line in self.hold.take().unwrap_or_default() {
+                    self.link_line(now, &line, out);
                 }
             }
             Msg::Drop(conn) => {
@@ -881,11 +902,155 @@ impl connector::Handler for MinerSide {
 
     fn on_tick(&mut self, _now: Instant, _out: &mut Outbox) {}
 
-    fn on_batch_end(&mut self, _now: Instant, out: &mut Outbox) {
+    fn on_batch_end(&mut self, now: Instant, out: &mut Outbox) {
+        self.route_link(now, out);
         self.flush_up(out);
     }
 
     fn on_export(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
+        if let Some(serial) = self.links.remove(&conn) {
+            // The link's connection travels too (with the bytes read of its next line).
+            self.shared.link_conns.fetch_sub(1, Ordering::Relaxed);
+            state.extend_from_slice(json!({ "link": serial }).to_string().as_bytes());
+            return;
+        }
+        self.export_miner(now, conn, state);
+    }
+
+    fn on_adopt(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+        state: &[u8],
+        out: &mut Outbox,
+    ) {
+        let v = serde_json::from_slice::<serde_json::Value>(state).unwrap_or_default();
+        if let Some(serial) = v.get("link").and_then(serde_json::Value::as_u64) {
+            debug!(%conn, %peer, serial, "upstream link connection adopted");
+            self.links.insert(conn, serial);
+            self.shared.link_conns.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .link_adopted
+                .store(serial.saturating_add(1), Ordering::SeqCst);
+            out.trunk(conn);
+            return;
+        }
+        self.adopt_miner(now, conn, peer, listener, &v, out);
+    }
+}
+
+impl MinerSide {
+    /// A line the upstream sent (an owned link): routed at the round's end
+    /// ([`MinerSide::route_link`]), or held while handed-over miners are coming.
+    fn link_line(&mut self, now: Instant, line: &[u8], out: &mut Outbox) {
+        if let Some(held) = self.hold.as_mut() {
+            held.push(line.to_vec());
+            return;
+        }
+        let Some(conns) = self.conns.get() else {
+            return;
+        };
+        let ev = PassthroughLink::classify(line);
+        // `dropclient` for one of this thread's miners: the lines read before it are queued in
+        // place first (as they would be at the round's end), then it is closed, so that every
+        // line for this thread's miners keeps its order.
+        if let Some(id) = ev.dropclient() {
+            let target = u32::try_from(id)
+                .ok()
+                .and_then(|id| self.shared.lock().get(&id).copied());
+            if let Some((t, conn)) = target
+                && t == self.thread
+            {
+                self.route_link(now, out);
+                if self.miners.contains_key(&conn) {
+                    self.shared.dropclients.fetch_add(1, Ordering::Relaxed);
+                    info!(client_id = id, %conn, "upstream dropped a miner");
+                    out.close(conn);
+                }
+                return;
+            }
+        }
+        handle_event(
+            ev,
+            conns,
+            &self.shared,
+            &mut self.batches,
+            None,
+            &self.shutdown,
+            Some(self.thread),
+        );
+    }
+
+    /// Queues this round's lines from the upstream: this thread's miners' on their sockets now,
+    /// the others' sent to their threads, one message each.
+    fn route_link(&mut self, now: Instant, out: &mut Outbox) {
+        let own = self
+            .batches
+            .get_mut(self.thread)
+            .map(|(lines, _)| std::mem::take(lines))
+            .unwrap_or_default();
+        if let Some((_, bytes)) = self.batches.get_mut(self.thread) {
+            *bytes = 0;
+        }
+        if !own.is_empty() {
+            self.shared
+                .routed_in_place
+                .fetch_add(own.len() as u64, Ordering::Relaxed);
+            self.deliver(now, own, out);
+        }
+        if let Some(conns) = self.conns.get() {
+            send_batches(
+                conns,
+                &self.shared,
+                &mut self.batches,
+                &self.shutdown,
+                Some(self.thread),
+            );
+        }
+    }
+
+    /// Queues lines from the upstream on their miners' sockets (after the replay's filters).
+    fn deliver(&mut self, now: Instant, lines: Vec<(ConnId, SendBuf)>, out: &mut Outbox) {
+        for (conn, line) in lines {
+            let Some(m) = self.miners.get_mut(&conn) else {
+                continue;
+            };
+            if let Some(node) = &self.node {
+                node.on_miner_downline(m.client_id, line.as_slice());
+            }
+            match m
+                .hs
+                .as_mut()
+                .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
+            {
+                Down::Forward => {
+                    let redirect = self
+                        .redirect
+                        .as_mut()
+                        .and_then(|r| r.down(conn, line.as_slice(), now));
+                    out.send(conn, line);
+                    if let Some(l) = redirect {
+                        out.send(conn, l);
+                    }
+                }
+                Down::Consume => {}
+                Down::Replace(l) => {
+                    info!(%conn, "miner's extranonce changed on the new upstream");
+                    out.send(conn, l);
+                }
+                Down::Close => {
+                    self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+                    info!(%conn, "new upstream refused the miner's replayed session; closed");
+                    out.close(conn);
+                }
+            }
+        }
+    }
+
+    /// A miner goes to the new instance ([`connector::Handler::on_export`]).
+    fn export_miner(&mut self, now: Instant, conn: ConnId, state: &mut Vec<u8>) {
         // The miner goes on at the new instance, under the same client id: no `mining.term`.
         let Some(m) = self.miners.remove(&conn) else {
             return;
@@ -898,17 +1063,17 @@ impl connector::Handler for MinerSide {
         state.extend_from_slice(v.to_string().as_bytes());
     }
 
-    fn on_adopt(
+    /// A miner came from the old instance ([`connector::Handler::on_adopt`]).
+    fn adopt_miner(
         &mut self,
         now: Instant,
         conn: ConnId,
         peer: SocketAddr,
         _listener: usize,
-        state: &[u8],
+        v: &serde_json::Value,
         out: &mut Outbox,
     ) {
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
-        let v = serde_json::from_slice::<serde_json::Value>(state).unwrap_or_default();
         let watched = match self.redirect.as_mut() {
             Some(r) => r.adopt(
                 conn,
@@ -917,7 +1082,7 @@ impl connector::Handler for MinerSide {
             ),
             None => true,
         };
-        let Some(m) = Miner::import(&v, epoch, now).filter(|_| watched) else {
+        let Some(m) = Miner::import(v, epoch, now).filter(|_| watched) else {
             warn!(%conn, %peer, "a handed-over miner's state is unreadable; closed");
             if let Some(r) = self.redirect.as_mut() {
                 r.close(conn);
@@ -1038,7 +1203,7 @@ impl handover::GiveHooks for PtGive<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             crossbeam_channel::select! {
                 recv(self.events) -> ev => match ev {
-                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node, self.shutdown),
+                    Ok(ev) => handle_event(ev, &handle, self.shared, &mut batches, self.node, self.shutdown, None),
                     Err(_) => break Err(anyhow!("the upstream link stopped")),
                 },
                 recv(answer) -> r => break match r {
@@ -1056,9 +1221,10 @@ impl handover::GiveHooks for PtGive<'_> {
                 &mut batches,
                 self.node,
                 self.shutdown,
+                None,
             );
         }
-        send_batches(&handle, self.shared, &mut batches, self.shutdown);
+        send_batches(&handle, self.shared, &mut batches, self.shutdown, None);
         let paused = paused.context("pausing the upstream link")?;
         *self.paused.borrow_mut() = Some(paused);
         // Every line routed is queued on its miner's socket (it travels as unsent bytes).
@@ -1118,9 +1284,10 @@ fn send_batches(
     shared: &Shared,
     batches: &mut [Batch],
     shutdown: &AtomicBool,
+    me: Option<usize>,
 ) {
     for (t, batch) in batches.iter_mut().enumerate() {
-        send_batch(conns, shared, t, batch, shutdown);
+        send_batch(conns, shared, t, batch, shutdown, me);
     }
 }
 
@@ -1131,69 +1298,26 @@ fn send_batch(
     t: usize,
     (lines, bytes): &mut Batch,
     shutdown: &AtomicBool,
+    me: Option<usize>,
 ) {
     if lines.is_empty() {
         return;
     }
-    // Back-pressure towards the upstream: wait while this thread has a lot unsent.
+    // Back-pressure towards the upstream: wait while this thread has a lot unsent (unless it
+    // is the calling connector thread itself, `me`: it would wait for itself).
     if let Some(f) = shared.inflight.get(t) {
-        while f.load(Ordering::Relaxed) > MAX_INFLIGHT && !shutdown.load(Ordering::Relaxed) {
+        while me != Some(t)
+            && f.load(Ordering::Relaxed) > MAX_INFLIGHT
+            && !shutdown.load(Ordering::Relaxed)
+        {
             thread::sleep(Duration::from_millis(1));
         }
         f.fetch_add(*bytes, Ordering::Relaxed);
     }
+    shared
+        .routed_by_message
+        .fetch_add(lines.len() as u64, Ordering::Relaxed);
     conns.send(t, Msg::Lines(std::mem::take(lines), std::mem::take(bytes)));
-}
-
-/// The link's [`MinerRouter`] (passthrough and redirector modes): lines for miners go from the
-/// thread that reads them from the upstream straight to their connector threads, one message
-/// per thread per read, skipping the link's engine thread and the router.
-///
-/// Ordering: a connector thread's messages are handled in the order they are sent. The link
-/// hands every line of a connection to this router before it emits that connection's `Down`
-/// or another connection's `Up`, so the router's `Msg::Replay` for a new upstream (sent once
-/// it has the `Up`) comes after every line of the old one, as when they all went through the
-/// router; lines of the new upstream for a miner answer what the miner sent after that
-/// replay. A `dropclient` closes its miner after the lines read before it (its thread's batch
-/// goes first).
-struct DirectRouter {
-    shared: Arc<Shared>,
-    /// Set once the connector is started (no miner, so no line to route, before).
-    conns: OnceLock<ConnectorHandle<Msg>>,
-    shutdown: Arc<AtomicBool>,
-    batches: Mutex<Vec<Batch>>,
-}
-
-impl DirectRouter {
-    /// The connector's handle. A miner may connect (and get a reply) in the moment between the
-    /// connector's start and the handle being set here: wait for it then (it is set right
-    /// after the start returns; `None` only when shutting down).
-    fn connector(&self) -> Option<&ConnectorHandle<Msg>> {
-        loop {
-            if let Some(c) = self.conns.get() {
-                return Some(c);
-            }
-            if self.shutdown.load(Ordering::Relaxed) {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn route(&self, events: &mut Vec<PassthroughEvent>) {
-        let Some(conns) = self.connector() else {
-            events.clear();
-            return;
-        };
-        let mut batches = self
-            .batches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for ev in events.drain(..) {
-            handle_event(ev, conns, &self.shared, &mut batches, None, &self.shutdown);
-        }
-        send_batches(conns, &self.shared, &mut batches, &self.shutdown);
-    }
 }
 
 /// Runs passthrough mode; node mode with `node` (the link says `mining.node`); or redirector
@@ -1287,26 +1411,28 @@ pub(crate) fn run_link(
         replayed: AtomicU64::new(0),
         replay_closed: AtomicU64::new(0),
         rejected_down: AtomicU64::new(0),
+        routed_in_place: AtomicU64::new(0),
+        routed_by_message: AtomicU64::new(0),
+        link_conns: AtomicUsize::new(0),
+        link_adopted: AtomicU64::new(0),
     });
-    // Node mode keeps every line on the router: a node's `workinfo` (a link line) must be
-    // handled before the notifies after it reach miners.
-    let direct = node.is_none().then(|| {
-        Arc::new(DirectRouter {
-            shared: Arc::clone(&shared),
-            conns: OnceLock::new(),
-            shutdown: Arc::clone(shutdown),
-            batches: Mutex::new((0..threads).map(|_| (Vec::new(), 0)).collect()),
-        })
-    });
-    let router = direct.as_ref().map(|d| {
-        let d = Arc::clone(d);
-        let r: MinerRouter = Arc::new(move |evs: &mut Vec<PassthroughEvent>| d.route(evs));
-        r
+    // Passthrough and redirector modes: the link's connection is read by a connector thread
+    // (an owned link, see the module docs). Node mode keeps the link's reader thread and every
+    // line on the router: a node's `workinfo` (a link line) must be handled before the
+    // notifies after it reach miners.
+    let owned = node.is_none();
+    let (own_tx, own_rx) = crossbeam_channel::unbounded::<OwnedLink>();
+    let owner: LinkOwner = Arc::new(move |l: OwnedLink| {
+        let _ = own_tx.send(l);
     });
     let (link, incoming) = match incoming {
-        None => (
-            PassthroughLink::start_routed(cfg, role, ev_tx, router)
+        None if owned => (
+            PassthroughLink::start_owned(cfg, role, ev_tx, owner, None)
                 .context("starting the upstream link")?,
+            None,
+        ),
+        None => (
+            PassthroughLink::start(cfg, role, ev_tx).context("starting the upstream link")?,
             None,
         ),
         Some((incoming, (adopted, next_id))) => {
@@ -1316,7 +1442,12 @@ pub(crate) fn run_link(
             shared.next_id.store(next_id, Ordering::Relaxed);
             shared.active.store(index, Ordering::Relaxed);
             shared.state.store(UP, Ordering::SeqCst);
-            match PassthroughLink::start_adopted_routed(cfg, role, ev_tx, router, adopted) {
+            let started = if owned {
+                PassthroughLink::start_owned(cfg, role, ev_tx, owner, Some(adopted))
+            } else {
+                PassthroughLink::start_adopted(cfg, role, ev_tx, adopted)
+            };
+            match started {
                 Ok(link) => {
                     info!(index, next_id, "handover: upstream link taken over");
                     (link, Some(incoming))
@@ -1329,18 +1460,22 @@ pub(crate) fn run_link(
         }
     };
     let link = Arc::new(link);
-    let direct_up = direct.is_some();
+    let direct_up = node.is_none();
+    let conns_cell: Arc<OnceLock<ConnectorHandle<Msg>>> = Arc::new(OnceLock::new());
+    let handed_in = incoming.is_some();
     let mut ccfg = settings.connector();
     if let Some(incoming) = &incoming {
         ccfg.listen.clear();
         ccfg.inherited.clone_from(&incoming.listeners);
     }
     let started = {
-        let (link, shared, node, redirect) = (
+        let (link, shared, node, redirect, cell, shutdown) = (
             Arc::clone(&link),
             Arc::clone(&shared),
             node.clone(),
             redirect.clone(),
+            Arc::clone(&conns_cell),
+            Arc::clone(shutdown),
         );
         connector::start(ccfg, move |thread| MinerSide {
             thread,
@@ -1355,6 +1490,11 @@ pub(crate) fn run_link(
             up: Vec::new(),
             up_conns: Vec::new(),
             up_lines: 0,
+            links: HashMap::new(),
+            batches: (0..threads).map(|_| (Vec::new(), 0)).collect(),
+            conns: Arc::clone(&cell),
+            shutdown: Arc::clone(&shutdown),
+            hold: handed_in.then(Vec::new),
         })
     };
     let conns = match started {
@@ -1367,11 +1507,8 @@ pub(crate) fn run_link(
             return Err(e).context("starting the connector");
         }
     };
-    if let Some(d) = &direct {
-        // Before the adopted link reads (`resume` below) and before any miner connects.
-        let _ = d.conns.set(conns.handle());
-    }
-    let handed_in = incoming.is_some();
+    // Before the adopted link is read (`resume` below) and before any miner connects.
+    let _ = conns_cell.set(conns.handle());
     if let Some(incoming) = incoming {
         let adopted = incoming.adopt_all(&conns);
         let claimed = adopted.and_then(|n| {
@@ -1380,7 +1517,14 @@ pub(crate) fn run_link(
                 .map(|()| n)
         });
         match claimed {
-            Ok(n) => info!(miners = n, "handover: took the running instance over"),
+            Ok(n) => {
+                // An owned link's connection came with the miners.
+                let link = usize::from(shared.link_adopted.load(Ordering::SeqCst) > 0);
+                info!(
+                    miners = n.saturating_sub(link),
+                    "handover: took the running instance over"
+                );
+            }
             Err(e) => {
                 // The link is the old instance's again: leave it open, and send nothing more on
                 // it (no `mining.term` for the miners closed here).
@@ -1389,7 +1533,14 @@ pub(crate) fn run_link(
                 return Err(e).context("-H: the handover failed; the old instance serves on");
             }
         }
-        link.resume();
+        // The lines the link's connection brought (an owned link) go to the miners now here.
+        conns.broadcast(Msg::LinkGo);
+        match shared.link_adopted.load(Ordering::SeqCst) {
+            // The old instance's connector read it: ours does now.
+            n if n > 0 && owned => link.resume_owned(n - 1),
+            // Its reader thread read it: ours (or the link's, in node mode) takes it over.
+            _ => link.resume(),
+        }
     }
     for a in conns.local_addrs() {
         info!(addr = %a, threads, upstreams = ?urls, "passthrough listening for miners");
@@ -1470,6 +1621,7 @@ pub(crate) fn run_link(
 
     let handed_over = route(
         &ev_rx,
+        &own_rx,
         &conns,
         &shared,
         shutdown,
@@ -1515,6 +1667,7 @@ pub(crate) fn run_link(
 )]
 fn route(
     events: &Receiver<PassthroughEvent>,
+    owned: &Receiver<OwnedLink>,
     connector: &Connector<Msg>,
     shared: &Shared,
     shutdown: &AtomicBool,
@@ -1536,6 +1689,12 @@ fn route(
                     error!("upstream link stopped");
                     return false;
                 }
+            },
+            recv(owned) -> l => {
+                if let Ok(l) = l {
+                    adopt_link(connector, link, l);
+                }
+                None
             },
             recv(handovers) -> stream => {
                 if let Ok(stream) = stream
@@ -1563,13 +1722,13 @@ fn route(
             let mut n = 0;
             let mut next = Some(ev);
             while let Some(ev) = next.take() {
-                handle_event(ev, conns, shared, &mut batches, node, shutdown);
+                handle_event(ev, conns, shared, &mut batches, node, shutdown, None);
                 n += 1;
                 if n < ROUND {
                     next = events.try_recv().ok();
                 }
             }
-            send_batches(conns, shared, &mut batches, shutdown);
+            send_batches(conns, shared, &mut batches, shutdown, None);
         }
         if !quiet && last_status.elapsed() >= Duration::from_secs(5) {
             last_status = Instant::now();
@@ -1587,6 +1746,33 @@ fn route(
     false
 }
 
+/// Hands the link's new connection to connector thread 0, which reads it from now on (an owned
+/// link); if it cannot, the link goes down (and fails over).
+fn adopt_link(connector: &Connector<Msg>, link: &PassthroughLink, l: OwnedLink) {
+    let stream = std::net::TcpStream::from(l.fd);
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let state = ConnState {
+        peer,
+        listener: 0,
+        partial: l.partial,
+        unsent: Vec::new(),
+        user: json!({ "link": l.serial }).to_string().into_bytes(),
+    };
+    let adopted = connector.adopt(0, vec![(OwnedFd::from(stream), state)]);
+    match adopted.into_iter().next() {
+        Some(Ok(conn)) => {
+            debug!(%conn, index = l.index, serial = l.serial, "upstream link read by connector thread 0");
+        }
+        Some(Err(e)) => {
+            warn!(error = %e, "the connector cannot take the upstream link's connection");
+            link.lost(l.serial, format!("connector: {e}"));
+        }
+        None => link.lost(l.serial, "connector: no answer".to_owned()),
+    }
+}
+
 /// Answers a handover request `ok` and hands over on it; true once committed (false: this
 /// instance serves on, with every miner and its upstream link).
 fn hand_over(stream: &UnixStream, give: PtGive<'_>) -> bool {
@@ -1599,7 +1785,7 @@ fn hand_over(stream: &UnixStream, give: PtGive<'_>) -> bool {
     match handover::give(give.conns, stream, &give) {
         handover::Outcome::Committed { connections } => {
             info!(
-                miners = connections,
+                connections,
                 "handover: the new instance has every miner and the upstream link"
             );
             true
@@ -1618,6 +1804,7 @@ fn handle_event(
     batches: &mut [Batch],
     node: Option<&Node>,
     shutdown: &AtomicBool,
+    me: Option<usize>,
 ) {
     match ev {
         PassthroughEvent::Client { client_id, line } => {
@@ -1673,7 +1860,7 @@ fn handle_event(
                         info!(client_id = id, %conn, "upstream dropped a miner");
                         // The lines read before it go first.
                         if let Some(batch) = batches.get_mut(t) {
-                            send_batch(conns, shared, t, batch, shutdown);
+                            send_batch(conns, shared, t, batch, shutdown, me);
                         }
                         conns.send(t, Msg::Drop(conn));
                     }
@@ -1750,7 +1937,13 @@ fn stats_json(
             "unwritten": link.unwritten(),
         },
         "miners": shared.lock().len(),
-        "connections": counters.iter().map(|c| c.open).sum::<u64>(),
+        "connections": counters
+            .iter()
+            .map(|c| c.open)
+            .sum::<u64>()
+            .saturating_sub(shared.link_conns.load(Ordering::Relaxed) as u64),
+        "link_routed_in_place": shared.routed_in_place.load(Ordering::Relaxed),
+        "link_routed_by_message": shared.routed_by_message.load(Ordering::Relaxed),
         "accepted": counters.iter().map(|c| c.accepted).sum::<u64>(),
         "lines_up": shared.lines_up.load(Ordering::Relaxed),
         "lines_down": shared.lines_down.load(Ordering::Relaxed),

@@ -55,6 +55,28 @@ impl<E> Gate<E> {
     }
 }
 
+/// The owner's reader of the active connection (an owned link, see [`OwnedLink`]): called on
+/// the engine thread once a connection has completed its handshake and its reader thread has
+/// stopped at a line boundary, before its `Up` is emitted. Must not block for long.
+pub type LinkOwner = Arc<dyn Fn(OwnedLink) + Send + Sync>;
+
+/// The active connection, handed to the owner to read ([`LinkOwner`]): from then on the link's
+/// engine has no reader thread for it; the owner reads its lines (starting with `partial`) and
+/// reports its end with [`Handle::lost`] and `serial`. Every write still goes through the link
+/// (direct writes under its writer lock, and the engine): the owner must never write to `fd`.
+#[derive(Debug)]
+pub struct OwnedLink {
+    /// A duplicate of the connection's socket (the same open file: the owner may make it
+    /// non-blocking; the engine's writes cope).
+    pub fd: OwnedFd,
+    /// Index in `servers` of the entry it is connected to.
+    pub index: usize,
+    /// Bytes read from the socket that do not yet form a line (the start of the next one).
+    pub partial: Vec<u8>,
+    /// This connection's number, for [`Handle::lost`].
+    pub serial: u64,
+}
+
 /// Bytes the owner's direct writes may leave unwritten for the engine, at most (on top of the
 /// socket's own buffer): past that, [`Handle::write`] waits.
 const MAX_PENDING: usize = 1 << 20;
@@ -121,8 +143,10 @@ pub(crate) enum Ctl {
         deadline: Instant,
         reply: Sender<Result<LinkHandover, String>>,
     },
-    /// Read again (a handover failed, or the adopting side is ready).
-    Resume,
+    /// Read again (a handover failed, or the adopting side is ready). With an owner: `Some(serial)`
+    /// when the owner reads the connection already (it came with the handover, as connection
+    /// `serial`); `None`: hand it to the owner unless it has it.
+    Resume(Option<u64>),
     /// The connection belongs to another process now: stop without closing it (no shutdown),
     /// then say so on `done` (by dropping it).
     Release { done: Sender<()> },
@@ -259,6 +283,10 @@ struct Conn<S: Session> {
     /// The direct path of its reader, when the link has a [`DirectSink`].
     gate: Option<Arc<Gate<<S as Session>::Event>>>,
     _reader: Option<JoinHandle<()>>,
+    /// The owner reads it ([`LinkOwner`]): no reader thread here.
+    owned: bool,
+    /// Its number, as the owner knows it ([`OwnedLink::serial`]).
+    serial: u64,
 }
 
 impl<S: Session> Conn<S> {
@@ -291,6 +319,8 @@ pub(crate) struct Handle<C> {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
     block: Duration,
+    /// The owner's reports of owned connections that ended ([`Handle::lost`]).
+    lost: Sender<(u64, String)>,
 }
 
 impl<C: Send + 'static> Handle<C> {
@@ -302,7 +332,21 @@ impl<C: Send + 'static> Handle<C> {
         events: Sender<S::Event>,
         direct: Option<DirectSink<S::Event>>,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, direct, None)
+        Self::spawn::<S>(cfg, params, name, events, direct, None, None)
+    }
+
+    /// [`Handle::start`] for an owner that reads the active connection itself ([`LinkOwner`]):
+    /// no reader thread once a connection is active, no [`DirectSink`]; direct writes
+    /// ([`Handle::write`]) as with one.
+    pub(crate) fn start_owned<S: Session<Cmd = C>>(
+        cfg: Shared,
+        params: S::Params,
+        name: &str,
+        events: Sender<S::Event>,
+        owner: LinkOwner,
+        adopted: Option<LinkHandover>,
+    ) -> Result<Self, UpstreamError> {
+        Self::spawn::<S>(cfg, params, name, events, None, Some(owner), adopted)
     }
 
     /// Starts the engine on a connection another process handed over ([`LinkHandover`]),
@@ -317,7 +361,7 @@ impl<C: Send + 'static> Handle<C> {
         direct: Option<DirectSink<S::Event>>,
         adopted: LinkHandover,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, direct, Some(adopted))
+        Self::spawn::<S>(cfg, params, name, events, direct, None, Some(adopted))
     }
 
     fn spawn<S: Session<Cmd = C>>(
@@ -326,14 +370,16 @@ impl<C: Send + 'static> Handle<C> {
         name: &str,
         events: Sender<S::Event>,
         direct: Option<DirectSink<S::Event>>,
+        owner: Option<LinkOwner>,
         adopted: Option<LinkHandover>,
     ) -> Result<Self, UpstreamError> {
         check(&cfg)?;
         let (cmds, cmd_rx) = bounded(cfg.queue);
+        let (lost, lost_rx) = crossbeam_channel::unbounded();
         let (ctl, ctl_rx) = bounded(1);
         let (stop, stop_rx) = bounded(0);
         let (kick, kick_rx) = bounded(1);
-        let writer = direct.as_ref().map(|_| {
+        let writer = (direct.is_some() || owner.is_some()).then(|| {
             Arc::new(Writer {
                 state: parking_lot::Mutex::new(WriterState {
                     stream: None,
@@ -367,6 +413,8 @@ impl<C: Send + 'static> Handle<C> {
                 // Active and ready from the start.
                 gate: direct.as_ref().map(|d| Gate::new(d, S::direct, true)),
                 _reader: None,
+                owned: false,
+                serial: 0,
             }
         });
         let engine = Engine::<S> {
@@ -391,6 +439,9 @@ impl<C: Send + 'static> Handle<C> {
             direct,
             writer: writer.clone(),
             kick: kick_rx,
+            owner,
+            lost: lost_rx,
+            serial: 0,
         };
         if let Some(a) = &engine.active {
             engine.attach_writer(a.stream.as_ref());
@@ -406,7 +457,14 @@ impl<C: Send + 'static> Handle<C> {
             stop: Some(stop),
             thread: Some(thread),
             block,
+            lost,
         })
+    }
+
+    /// The owner's connection `serial` ([`OwnedLink`]) ended (closed by the upstream, a read
+    /// error): if it is still the active one, the link goes down and fails over.
+    pub(crate) fn lost(&self, serial: u64, reason: String) {
+        let _ = self.lost.send((serial, reason));
     }
 
     /// Queues `cmd`, waiting at most `send_block` for room.
@@ -504,7 +562,13 @@ impl<C: Send + 'static> Handle<C> {
 
     /// Reads again after [`Handle::pause`], or on an adopted connection.
     pub(crate) fn resume(&self) {
-        let _ = self.ctl.send(Ctl::Resume);
+        let _ = self.ctl.send(Ctl::Resume(None));
+    }
+
+    /// [`Handle::resume`] on an owned link whose owner reads the connection already (it came
+    /// with a handover as connection `serial`).
+    pub(crate) fn resume_owned(&self, serial: u64) {
+        let _ = self.ctl.send(Ctl::Resume(Some(serial)));
     }
 
     /// The paused connection belongs to another process now: stops the engine without closing
@@ -570,6 +634,12 @@ struct Engine<S: Session> {
     writer: Option<Arc<Writer>>,
     /// A direct write left bytes for the engine.
     kick: Receiver<()>,
+    /// The owner that reads active connections itself.
+    owner: Option<LinkOwner>,
+    /// Its reports of owned connections that ended.
+    lost: Receiver<(u64, String)>,
+    /// The last [`OwnedLink::serial`] given.
+    serial: u64,
 }
 
 /// Which connection.
@@ -590,6 +660,8 @@ enum Wake<C> {
     Read(Slot, ReadMsg),
     /// Direct writes left bytes to write.
     Kick,
+    /// The owner's connection ended.
+    Lost(u64, String),
     Timer,
 }
 
@@ -624,7 +696,23 @@ impl<S: Session> Engine<S> {
                 Wake::Ctl(Ctl::Pause { deadline, reply }) => {
                     let _ = reply.send(self.pause(deadline));
                 }
-                Wake::Ctl(Ctl::Resume) => self.resume(),
+                Wake::Ctl(Ctl::Resume(taken)) => {
+                    if let (Some(serial), Some(a)) = (taken, self.active.as_mut()) {
+                        a.owned = true;
+                        a.serial = serial;
+                        self.serial = self.serial.max(serial);
+                    }
+                    self.resume();
+                }
+                Wake::Lost(serial, reason) => {
+                    if self
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.owned && a.serial == serial)
+                    {
+                        self.close(Slot::Active, reason, false);
+                    }
+                }
                 Wake::Cmd(Some(cmd)) => {
                     self.command(cmd);
                     // Take what else is queued now, then write once.
@@ -681,6 +769,7 @@ impl<S: Session> Engine<S> {
         let i_ctl = sel.recv(&self.ctl);
         let i_cmd = sel.recv(&self.cmds);
         let i_kick = sel.recv(&self.kick);
+        let i_lost = sel.recv(&self.lost);
         let first_reader = readers.map(|(_, rx)| sel.recv(rx))[0];
         let op = match deadline {
             Some(d) => match sel.select_deadline(d) {
@@ -706,6 +795,12 @@ impl<S: Session> Engine<S> {
         if i == i_kick {
             let _ = op.recv(&self.kick);
             return Wake::Kick;
+        }
+        if i == i_lost {
+            return match op.recv(&self.lost) {
+                Ok((serial, reason)) => Wake::Lost(serial, reason),
+                Err(_) => Wake::Timer,
+            };
         }
         match readers.get(i.wrapping_sub(first_reader)) {
             Some(&(slot, rx)) => Wake::Read(
@@ -824,6 +919,8 @@ impl<S: Session> Engine<S> {
             partial: Vec::new(),
             gate,
             _reader: Some(reader),
+            owned: false,
+            serial: 0,
         })
     }
 
@@ -844,8 +941,15 @@ impl<S: Session> Engine<S> {
         let Some(a) = self.active.as_ref() else {
             return Err("the upstream link is down".to_owned());
         };
-        a.pause.store(true, Ordering::SeqCst);
-        loop {
+        // An owned connection is read by the owner, which stopped reading it (its connector
+        // is quiesced) and hands the bytes read over itself.
+        let owned = a.owned;
+        if !owned {
+            a.pause.store(true, Ordering::SeqCst);
+        }
+        // An owned connection has no reader here to stop.
+        let mut stopped = owned;
+        while !stopped {
             let Some(a) = self.active.as_mut() else {
                 return Err("the upstream link went down while pausing".to_owned());
             };
@@ -858,7 +962,8 @@ impl<S: Session> Engine<S> {
                 a.partial = partial;
                 a.lines = never();
                 a._reader = None;
-                break;
+                stopped = true;
+                continue;
             }
             self.read(Slot::Active, msg);
             self.flush();
@@ -913,6 +1018,13 @@ impl<S: Session> Engine<S> {
             return;
         };
         a.last_line = now;
+        if self.owner.is_some() {
+            if !a.owned {
+                let partial = std::mem::take(&mut a.partial);
+                self.hand_to_owner(partial);
+            }
+            return;
+        }
         let started = match a.stream.as_ref().map(TcpStream::try_clone) {
             Some(Ok(stream)) => spawn_reader(
                 a.index,
@@ -1075,6 +1187,17 @@ impl<S: Session> Engine<S> {
         let Some(mut c) = self.slot(slot).take() else {
             return;
         };
+        // An owner reads the connection from here on: its reader stops at a line boundary
+        // first (the lines it reads meanwhile are held, as the handshake's).
+        let partial = match self.owner.is_some().then(|| stop_reader(&mut c)) {
+            None => None,
+            Some(Ok(partial)) => Some(partial),
+            Some(Err(reason)) => {
+                tracing::warn!(index = c.index, %reason, "upstream handshake failed");
+                self.scratch.push(S::failed_event(c.index, reason));
+                return;
+            }
+        };
         if let Some(mut old) = self.active.take() {
             // Every line the old reader routes itself is with the owner before the new `Up`;
             // what direct writes left goes to the old connection (it may end a line).
@@ -1115,6 +1238,50 @@ impl<S: Session> Engine<S> {
         c.set_direct(true);
         self.attach_writer(c.stream.as_ref());
         self.active = Some(c);
+        if let Some(partial) = partial {
+            self.hand_to_owner(partial);
+        }
+    }
+
+    /// Hands the active connection to the owner ([`LinkOwner`]), `partial` the start of its
+    /// input; its reader thread has stopped.
+    fn hand_to_owner(&mut self, partial: Vec<u8>) {
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let dup = match a.stream.as_ref() {
+            // The owner's reads wait on their own (and SO_RCVTIMEO is the socket's).
+            Some(s) => s.set_read_timeout(None).and_then(|()| s.try_clone()),
+            None => Err(std::io::Error::other("no socket")),
+        };
+        match dup {
+            Ok(s) => {
+                self.serial += 1;
+                a.owned = true;
+                a.serial = self.serial;
+                a.lines = never();
+                a._reader = None;
+                tracing::debug!(
+                    index = a.index,
+                    serial = a.serial,
+                    "upstream connection handed to its reader"
+                );
+                owner(OwnedLink {
+                    fd: OwnedFd::from(s),
+                    index: a.index,
+                    partial,
+                    serial: self.serial,
+                });
+            }
+            Err(e) => self.close(
+                Slot::Active,
+                format!("handing it to its reader: {e}"),
+                false,
+            ),
+        }
     }
 
     /// Lets the owner write to `stream` (the new active connection) directly.
@@ -1144,9 +1311,9 @@ impl<S: Session> Engine<S> {
             return;
         };
         let mut st = w.state.lock();
-        if let Some(mut s) = flush_to
+        if let Some(s) = flush_to
             && !st.pending.is_empty()
-            && let Err(e) = s.write_all(&st.pending)
+            && let Err(e) = write_all(s, &st.pending, self.cfg.write_timeout)
         {
             tracing::debug!(error = %e, "upstream link: the last direct writes were not written");
         }
@@ -1176,8 +1343,8 @@ impl<S: Session> Engine<S> {
                 std::mem::swap(&mut buf, &mut st.pending);
                 w.drained.notify_all();
             }
-            let res = match self.active.as_mut().and_then(|a| a.stream.as_mut()) {
-                Some(s) => s.write_all(&buf),
+            let res = match self.active.as_ref().and_then(|a| a.stream.as_ref()) {
+                Some(s) => write_all(s, &buf, self.cfg.write_timeout),
                 None => Err(std::io::Error::other("no active connection")),
             };
             buf.clear();
@@ -1204,6 +1371,7 @@ impl<S: Session> Engine<S> {
                 outcome = a.session.poll(now, &mut a.out, &mut self.scratch);
             }
             if let (Outcome::Continue, Some(idle)) = (&outcome, self.cfg.idle_timeout)
+                && !a.owned
                 && now.saturating_duration_since(a.last_line) >= idle
             {
                 outcome = Outcome::Close(format!("no line for {} s", idle.as_secs_f64()));
@@ -1229,6 +1397,7 @@ impl<S: Session> Engine<S> {
     /// Writes what the sessions produced; a failed write closes its connection.
     fn flush(&mut self) {
         let writer = self.writer.clone();
+        let timeout = self.cfg.write_timeout;
         for slot in [Slot::Active, Slot::Attempt, Slot::Probe] {
             let Some(c) = self.slot(slot).as_mut() else {
                 continue;
@@ -1261,10 +1430,10 @@ impl<S: Session> Engine<S> {
             let Some(c) = self.slot(slot).as_mut() else {
                 continue;
             };
-            let Some(stream) = &mut c.stream else {
+            let Some(stream) = &c.stream else {
                 continue;
             };
-            let res = stream.write_all(&c.out);
+            let res = write_all(stream, &c.out, timeout);
             c.out.clear();
             if let Err(e) = res {
                 self.close(slot, format!("write: {e}"), false);
@@ -1297,6 +1466,66 @@ impl<S: Session> Engine<S> {
             );
         }
     }
+}
+
+/// Stops the reader thread of `c` at a line boundary (see [`read_lines`]); the lines it read
+/// meanwhile go to its session (their events held). What it read of the next line, or why the
+/// connection is unusable.
+fn stop_reader<S: Session>(c: &mut Conn<S>) -> Result<Vec<u8>, String> {
+    c.pause.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + READ_POLL * 20;
+    loop {
+        match c.lines.recv_deadline(deadline) {
+            Ok(ReadMsg::Paused(partial)) => {
+                c.lines = never();
+                c._reader = None;
+                return Ok(partial);
+            }
+            Ok(ReadMsg::Line(line)) => {
+                let now = Instant::now();
+                c.last_line = now;
+                match c.session.line(&line, now, &mut c.out, &mut c.held) {
+                    Outcome::Continue => {}
+                    Outcome::Close(r) | Outcome::Refused(r) => return Err(r),
+                    Outcome::Redirect { .. } => {
+                        return Err("client.reconnect while taking the connection over".to_owned());
+                    }
+                }
+            }
+            Ok(ReadMsg::Closed(r)) => return Err(r),
+            Ok(ReadMsg::Connected(_)) => {}
+            Err(_) => return Err("its reader did not stop in time".to_owned()),
+        }
+    }
+}
+
+/// Writes all of `buf` to `s`, which may be non-blocking (an owned connection's socket is
+/// shared with its owner, whose connector makes it so): while the socket is full it waits in
+/// short naps (1 to 10 ms; this crate has no `poll`), failing once no byte went for `timeout`.
+fn write_all(s: &TcpStream, mut buf: &[u8], timeout: Duration) -> std::io::Result<()> {
+    let mut w = s;
+    let mut until = Instant::now() + timeout;
+    let mut nap = Duration::from_millis(1);
+    while !buf.is_empty() {
+        match w.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = buf.get(n..).unwrap_or_default();
+                until = Instant::now() + timeout;
+                nap = Duration::from_millis(1);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= until {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Hands `routed` (lines of the active connection, in order) to the gate's sink.

@@ -27,7 +27,7 @@ mod stratum;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use engine::{LinkHandover, WriteError};
+pub use engine::{LinkHandover, LinkOwner, OwnedLink, WriteError};
 pub use passthrough::{MinerLine, MinerRouter, PassthroughEvent, PassthroughLink};
 pub use stratum::{Link, MAX_EXTRANONCE2, Pool, Submit, UpstreamEvent};
 

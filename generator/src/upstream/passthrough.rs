@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::stratum::passthrough::{self, FromUpstream, Role};
 use crossbeam_channel::{Receiver, Sender};
 
-use super::engine::{DirectSink, Handle, LinkHandover, Outcome, Session};
+use super::engine::{DirectSink, Handle, LinkHandover, LinkOwner, Outcome, Session};
 use super::{SendError, Shared, UpstreamConfig, UpstreamError};
 
 /// What the passthrough sends up.
@@ -164,6 +164,68 @@ impl PassthroughLink {
             handle,
             release_wait,
         })
+    }
+
+    /// [`PassthroughLink::start`] for an owner that reads the active connection itself: once a
+    /// connection has completed its handshake, its socket goes to `owner` ([`LinkOwner`],
+    /// before the connection's `Up`), which reads its lines (classify them with
+    /// [`PassthroughLink::classify`]) and reports its end with [`PassthroughLink::lost`]. No
+    /// line of an owned connection comes as an event. Every write goes through the link
+    /// ([`PassthroughLink::write`], [`PassthroughLink::send`]): the owner never writes to the
+    /// socket, so one lock orders every byte sent. With `adopted` (`-H`), as
+    /// [`PassthroughLink::start_adopted`]: the connection goes to the owner at
+    /// [`PassthroughLink::resume`] (or the owner has it already: [`PassthroughLink::resume_owned`]).
+    pub fn start_owned(
+        cfg: UpstreamConfig,
+        role: Role,
+        events: Sender<PassthroughEvent>,
+        owner: LinkOwner,
+        adopted: Option<LinkHandover>,
+    ) -> Result<Self, UpstreamError> {
+        let name = match role {
+            Role::Passthrough => "passthrough",
+            Role::Node => "node-link",
+        };
+        let release_wait = cfg.write_timeout + Duration::from_secs(1);
+        let handle = Handle::start_owned::<PassthroughSession>(
+            Arc::new(cfg),
+            role,
+            name,
+            events,
+            owner,
+            adopted,
+        )?;
+        Ok(Self {
+            handle,
+            release_wait,
+        })
+    }
+
+    /// What a line read from an owned connection (without its newline) is: a line for miners
+    /// ([`PassthroughEvent::Client`], [`PassthroughEvent::Clients`]), a
+    /// [`PassthroughEvent::Text`] (such as `dropclient`) or a [`PassthroughEvent::Link`].
+    pub fn classify(line: &[u8]) -> PassthroughEvent {
+        miner_event(line).unwrap_or_else(|| {
+            let mut scratch = Vec::new();
+            match passthrough::decode_upstream(line, &mut scratch) {
+                FromUpstream::Text(t) => PassthroughEvent::Text { line: t.to_vec() },
+                _ => PassthroughEvent::Link {
+                    line: line.to_vec(),
+                },
+            }
+        })
+    }
+
+    /// The owner's connection `serial` ([`crate::upstream::OwnedLink::serial`]) ended: if it is the
+    /// active one the link goes down (`Down`) and fails over.
+    pub fn lost(&self, serial: u64, reason: String) {
+        self.handle.lost(serial, reason);
+    }
+
+    /// [`PassthroughLink::resume`] on an owned link whose owner already reads the connection
+    /// (it came with a handover, as connection `serial`).
+    pub fn resume_owned(&self, serial: u64) {
+        self.handle.resume_owned(serial);
     }
 
     /// Queues a line for the upstream, waiting at most `send_block` for room, then giving it
@@ -380,16 +442,7 @@ impl Session for PassthroughSession {
                 )),
             };
         }
-        let ev = miner_event(line).unwrap_or_else(|| {
-            let mut scratch = Vec::new();
-            match passthrough::decode_upstream(line, &mut scratch) {
-                FromUpstream::Text(t) => PassthroughEvent::Text { line: t.to_vec() },
-                _ => PassthroughEvent::Link {
-                    line: line.to_vec(),
-                },
-            }
-        });
-        events.push(ev);
+        events.push(PassthroughLink::classify(line));
         Outcome::Continue
     }
 
