@@ -43,8 +43,9 @@
 # FLEET_GRACE [30 s after the ramp for the counts to be right], FLEET_SETTLE [5 s between the
 # counts and the idle window], FLEET_WORKERS [2 per passthrough], FLEET_WORKER_MAX [9500],
 # FLEET_PHASES ["idle submit"], FLEET_PT_THREADS [1: connector threads of each passthrough
-# (its `threads`); seven passthroughs on two cores gain nothing from more, and with one a
-# share's path stays on fewer threads; the pool keeps BENCH_THREADS], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
+# (its `threads`); with one a share's whole path is on one thread: the least CPU per share, but
+# at full size a job's fan-out to ~14,300 miners holds that thread and the p99 through the hop
+# rises (BENCHMARKS G10: 27x direct with one, 3.5x with two); the pool keeps BENCH_THREADS], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
 # false: ckpool's framing, a notify per miner], FLEET_PTS_PORT [3641], FLEET_PT_PORT [3651], FLEET_ADDR_BASE
 # [10: the direct group from 127.0.0.10, the passthroughs' ckload workers from .11 on];
 # BENCH_IO [$POOL_BACKEND, else epoll] for the pool and the passthroughs; the regtest nodes on
