@@ -16,6 +16,7 @@
 #   BENCH_POOL_BIN, BENCH_CKPMSG_BIN, BENCH_CKLOAD_BIN  other ckpool-rs/ckpmsg/ckload binaries
 #                          (e.g. another build)
 #   BENCH_DIFF [2^-32]     the pool's mindiff = startdiff = maxdiff
+#   BENCH_UPDATE_INTERVAL  the pool's `update_interval` (seconds between jobs) [60]
 #   BENCH_EXTRA_CONF       more lines for the pool's config (each ending in a comma), e.g.
 #                          '"passthroughserver" : [ "127.0.0.1:3641" ],'
 # A scenario may define scenario_cleanup, which bench_cleanup calls first (its own processes).
@@ -119,7 +120,7 @@ ${BENCH_EXTRA_CONF:-}
 "maxdiff" : $POOL_DIFF,
 "zmqblock" : "$zmq",
 "blockpoll" : 500,
-"update_interval" : 60,
+"update_interval" : ${BENCH_UPDATE_INTERVAL:-60},
 "maxlinelength" : 4096,
 "threads" : $THREADS,
 "logdir" : "$DIR/logs"
