@@ -232,6 +232,17 @@ fn start_passthrough(tag: &str, addrs: &[String], upstream: &[SocketAddr]) -> Po
     start_passthrough_web(tag, addrs, upstream, None)
 }
 
+/// A passthrough with one connector thread, listening on 127.0.0.1:`port`.
+fn start_one_thread_passthrough(tag: &str, port: u16, upstream: SocketAddr) -> PoolProcess {
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": upstream.to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 1,
+        "zmqblock": null,
+    });
+    PoolProcess::start(tag, &config, &["-P"])
+}
+
 /// [`start_passthrough`] with `webserver` at `web`.
 fn start_passthrough_web(
     tag: &str,
@@ -282,13 +293,7 @@ fn a_one_thread_passthrough_routes_the_links_lines_in_place() {
     let node = &net.nodes[0];
     let (pool, link_addr) = pool_with_passthrough_port(node, "pt-1t-pool", &json!({}));
     let port = free_port();
-    let config = json!({
-        "serverurl": [format!("127.0.0.1:{port}")],
-        "proxy": [{"url": link_addr.to_string(), "auth": "unused", "pass": "x"}],
-        "threads": 1,
-        "zmqblock": null,
-    });
-    let pt = PoolProcess::start("pt-1t-pt", &config, &["-P"]);
+    let pt = start_one_thread_passthrough("pt-1t-pt", port, link_addr);
     wait_upstream_up(&pt);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let (a, b) = (miner(addr, "pt1tA.1"), miner(addr, "pt1tB.1"));
@@ -584,13 +589,7 @@ fn upstream_raw_commands_do_nothing_harmful() {
 fn a_dropclient_keeps_the_order_of_the_lines_around_it() {
     let up = FakeUpstream::start();
     let port = free_port();
-    let config = json!({
-        "serverurl": [format!("127.0.0.1:{port}")],
-        "proxy": [{"url": up.addr().to_string(), "auth": "unused", "pass": "x"}],
-        "threads": 1,
-        "zmqblock": null,
-    });
-    let pt = PoolProcess::start("pt-dropord", &config, &["-P"]);
+    let pt = start_one_thread_passthrough("pt-dropord", port, up.addr());
     let mut link = up.accept();
     wait_upstream_up(&pt);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
