@@ -478,7 +478,7 @@ pub(crate) fn start(
     sinks: Sinks,
     links: LinkConfig,
 ) -> io::Result<Connector<Msg>> {
-    let pin = cfg.pin;
+    let pin = connector::pins(cfg.pin, cfg.threads);
     let inline = move |t: usize, pool: &Arc<Pool>, sinks: &Sinks, links: &LinkConfig| {
         let mut shard = Shard::new(Arc::clone(pool));
         let journal = journal_for(&mut shard, sinks, t);

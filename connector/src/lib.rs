@@ -144,7 +144,9 @@ pub struct Config {
     pub uring: UringConfig,
     /// Pin connector thread `t` to one CPU: the `t`-th of the CPUs this process may run on
     /// (wrapping around when there are more threads than CPUs); see [`pin_current_thread`]. A
-    /// failure to pin is logged once, at `warn`, and the thread runs unpinned.
+    /// failure to pin is logged once, at `warn`, and the thread runs unpinned. Only when there
+    /// are at least as many threads as CPUs ([`pins`]): with fewer, every process would pin its
+    /// threads to the same first CPUs.
     pub pin: bool,
     /// The most connections all threads hold at once (`maxclients`); `None`: only the tables
     /// and the open-files limit bound them. A connection accepted beyond it is closed at once
@@ -786,6 +788,22 @@ pub fn pin_current_thread(index: usize) -> io::Result<usize> {
     sys::pin_current_thread(index)
 }
 
+/// Whether [`Config::pin`] pins a process's `threads` connector threads (and the threads that
+/// follow them): only when there are at least as many of them as CPUs the process may run on.
+/// With fewer, each process would put its threads on the same first CPUs (thread 0 on the first
+/// CPU in every process), so several processes on one machine (passthroughs sharing a host, say)
+/// would crowd one CPU while another idles; those threads run unpinned and the scheduler spreads
+/// them. A mask of the process's own (`taskset`) counts: one thread in a one-CPU mask is pinned.
+/// `false` when the mask cannot be read.
+pub fn pins(pin: bool, threads: usize) -> bool {
+    pin && sys::process_cpus().is_ok_and(|cpus| pins_for(threads, cpus))
+}
+
+/// [`pins`] for a process with `cpus` CPUs.
+fn pins_for(threads: usize, cpus: usize) -> bool {
+    cpus > 0 && threads >= cpus
+}
+
 /// [`pin_current_thread`] for a thread playing `role` (e.g. `"connector"`), logging the CPU at
 /// `debug`; a failure is a warning, once per process, and the thread runs unpinned.
 pub fn pin_current_thread_or_warn(index: usize, role: &str) {
@@ -966,7 +984,13 @@ where
         .first()
         .map(|socks| socks.iter().map(|l| l.sock.try_clone()).collect())
         .unwrap_or_else(|| Ok(Vec::new()))?;
-    let pin = cfg.pin;
+    let pin = pins(cfg.pin, cfg.threads);
+    if cfg.pin && !pin {
+        info!(
+            threads = cfg.threads,
+            "fewer connector threads than CPUs: not pinned (every process would pin to the same first CPUs)"
+        );
+    }
     let mut connector = Connector {
         threads: Vec::with_capacity(cfg.threads),
         addrs,
@@ -1361,6 +1385,12 @@ fn broadcast_to<T, M: Clone>(threads: &[T], msg: M, parts: impl Fn(&T) -> (&Send
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_fewer_than_cpus_are_not_pinned() {
+        assert!(pins_for(2, 2) && pins_for(3, 2) && pins_for(1, 1));
+        assert!(!pins_for(1, 2) && !pins_for(7, 8) && !pins_for(1, 0));
+    }
 
     #[test]
     fn backend_names_round_trip() {

@@ -208,6 +208,13 @@ pub(crate) fn pin_current_thread(index: usize) -> io::Result<usize> {
     Ok(cpu)
 }
 
+/// How many CPUs the process may run on (the main thread's mask).
+pub(crate) fn process_cpus() -> io::Result<usize> {
+    // SAFETY: getpid has no preconditions and cannot fail.
+    let pid = unsafe { libc::getpid() };
+    affinity(pid).map(|cpus| cpus.len())
+}
+
 /// The CPUs thread `tid` may run on (0: the calling thread), in increasing order.
 pub(crate) fn affinity(tid: libc::pid_t) -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set.
