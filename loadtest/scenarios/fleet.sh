@@ -43,9 +43,9 @@
 # FLEET_GRACE [30 s after the ramp for the counts to be right], FLEET_SETTLE [5 s between the
 # counts and the idle window], FLEET_WORKERS [2 per passthrough], FLEET_WORKER_MAX [9500],
 # FLEET_PHASES ["idle submit"], FLEET_PT_THREADS [1: connector threads of each passthrough
-# (its `threads`); with one a share's whole path is on one thread: the least CPU per share, but
-# at full size a job's fan-out to ~14,300 miners holds that thread and the p99 through the hop
-# rises (BENCHMARKS G10: 27x direct with one, 3.5x with two); the pool keeps BENCH_THREADS], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
+# (its `threads`); with one a share's whole path is on one thread, and the least CPU per share
+# and p99 here (BENCHMARKS G10); the pool keeps BENCH_THREADS], FLEET_PT_PIN [true: the
+# passthroughs' `pin`, which pins only as many threads as CPUs (one thread: unpinned)], FLEET_MULTICAST [true: the passthroughs ask for multicast jobs;
 # false: ckpool's framing, a notify per miner], FLEET_PTS_PORT [3641], FLEET_PT_PORT [3651], FLEET_ADDR_BASE
 # [10: the direct group from 127.0.0.10, the passthroughs' ckload workers from .11 on];
 # BENCH_IO [$POOL_BACKEND, else epoll] for the pool and the passthroughs; the regtest nodes on
@@ -80,6 +80,7 @@ PHASES=${FLEET_PHASES:-idle submit}
 PT_PORT=${FLEET_PT_PORT:-3651}
 MULTICAST=${FLEET_MULTICAST:-true}
 PT_THREADS=${FLEET_PT_THREADS:-1}
+PT_PIN=${FLEET_PT_PIN:-true}
 ADDR_BASE=${FLEET_ADDR_BASE:-10}
 # ckload starts its miners this long after it is started (its START_DELAY).
 START_DELAY=1.5
@@ -96,6 +97,10 @@ for v in MINERS NP DIRECT SECS IDLE RAMP GRACE SETTLE WORKERS WORKER_MAX PT_PORT
 		exit 2
 	fi
 done
+if [[ $PT_PIN != true && $PT_PIN != false ]]; then
+	echo "fleet: FLEET_PT_PIN must be true or false (got '$PT_PIN')" >&2
+	exit 2
+fi
 if ((NP < 1 || MINERS < NP || DIRECT < 1 || WORKERS < 1 || WORKER_MAX < 1 || PT_THREADS < 1)); then
 	echo "fleet: need at least one passthrough, one miner per passthrough, one direct miner (the pool's CPU is sampled by its ckload) and one worker" >&2
 	exit 2
@@ -206,6 +211,7 @@ pt_start_all() {
 "serverurl" : [ "127.0.0.1:$((PT_PORT + i))" ],
 "proxy" : [ { "url" : "127.0.0.1:$PTS_PORT", "auth" : "unused", "pass" : "x" } ],
 "threads" : $PT_THREADS,
+"pin" : $PT_PIN,
 "maxlinelength" : 4096,
 "multicast" : $MULTICAST,
 "logdir" : "$DIR/logs-pt$i"
