@@ -8,21 +8,12 @@
     reason = "test code"
 )]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::time::Instant;
 
-use ckpool_connector::{BackendKind, CloseReason, Config, ConnId, Handler, Outbox};
-
-struct Silent;
-
-impl Handler for Silent {
-    type Msg = ();
-    fn on_open(&mut self, _: Instant, _: ConnId, _: SocketAddr, _: usize, _: &mut Outbox) {}
-    fn on_line(&mut self, _: Instant, _: ConnId, _: &[u8], _: &mut Outbox) {}
-    fn on_close(&mut self, _: Instant, _: ConnId, _: CloseReason) {}
-    fn on_msg(&mut self, _: Instant, (): (), _: &mut Outbox) {}
-    fn on_tick(&mut self, _: Instant, _: &mut Outbox) {}
-}
+use ckpool_connector::{BackendKind, Config};
+use common::Silent;
 
 fn config(addr: SocketAddr, backend: BackendKind) -> Config {
     Config {

@@ -10,26 +10,10 @@
 //! other such process would. Read from `/proc/self/task/*/status` (its own test binary, so no
 //! other test's connector threads are about).
 
-use std::net::SocketAddr;
-use std::time::Instant;
+mod common;
 
-use ckpool_connector::{BackendKind, CloseReason, Config, ConnId, Handler, Outbox};
-
-struct Quiet;
-
-impl Handler for Quiet {
-    type Msg = ();
-
-    fn on_open(&mut self, _: Instant, _: ConnId, _: SocketAddr, _: usize, _: &mut Outbox) {}
-
-    fn on_line(&mut self, _: Instant, _: ConnId, _: &[u8], _: &mut Outbox) {}
-
-    fn on_close(&mut self, _: Instant, _: ConnId, _: CloseReason) {}
-
-    fn on_msg(&mut self, _: Instant, (): (), _: &mut Outbox) {}
-
-    fn on_tick(&mut self, _: Instant, _: &mut Outbox) {}
-}
+use ckpool_connector::{BackendKind, Config};
+use common::Silent;
 
 /// `Cpus_allowed_list` of a status file, as written (`0-1`, `0,2-3`, …).
 fn allowed(status: &str) -> String {
@@ -77,7 +61,7 @@ fn start(threads: usize) -> ckpool_connector::Connector<()> {
         pin: true,
         ..Config::default()
     };
-    ckpool_connector::start(cfg, |_| Quiet).unwrap()
+    ckpool_connector::start(cfg, |_| Silent).unwrap()
 }
 
 #[test]
