@@ -776,6 +776,21 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     sys::raise_nofile_limit()
 }
 
+/// Asks the kernel to stamp what a socket receives with its arrival time (`SO_TIMESTAMPNS`),
+/// which [`recv_stamped`] then returns. (For ckload, which measures a reply from when it arrived
+/// in the socket as well as from when it read it.)
+pub fn enable_rx_timestamps(fd: BorrowedFd<'_>) -> io::Result<()> {
+    sys::enable_rx_timestamps(fd)
+}
+
+/// Reads what a socket has into `buf` without blocking (`recvmsg` with `MSG_DONTWAIT`): the byte
+/// count (0 at the end of the stream), and when the socket stamps what it receives
+/// ([`enable_rx_timestamps`]) the kernel's arrival time of the last segment read, in
+/// nanoseconds on `CLOCK_REALTIME`.
+pub fn recv_stamped(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    sys::recv_stamped(fd, buf)
+}
+
 /// Pins the calling thread to one CPU: the `index`-th (counting from 0, wrapping around) of the
 /// CPUs this process may run on (its main thread's `sched_getaffinity` set, so `taskset` and
 /// cpusets are respected). Returns the CPU chosen.

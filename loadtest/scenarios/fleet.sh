@@ -591,6 +591,13 @@ if "submit" in phases:
         dirh = hist(reps["direct"]["histograms_v2"].get("submit_window", ""))
         hop99, dir99 = quantile_us(hop, 0.99), quantile_us(dirh, 0.99)
         hop50, dir50 = quantile_us(hop, 0.5), quantile_us(dirh, 0.5)
+        # The same submits to their reply's arrival in the miner's socket (kernel stamp):
+        # without the time a reply waited for its ckload worker, busy reading the lines of the
+        # worker's other miners (a job's fan-out: 7,000 miners a worker behind a passthrough,
+        # 1,000 in the direct group).
+        hops = merge([hist(reps[p]["histograms_v2"].get("submit_socket", "")) for p in pts])
+        dirs = hist(reps["direct"]["histograms_v2"].get("submit_socket", ""))
+        hops99, dirs99 = quantile_us(hops, 0.99), quantile_us(dirs, 0.99)
         pt_us = sorted(sub[p]["us_per_share"] for p in pts)
         med_pt = pt_us[len(pt_us) // 2] if len(pt_us) % 2 else (pt_us[len(pt_us) // 2 - 1] + pt_us[len(pt_us) // 2]) / 2
         rate = sum(r["rates"]["accepted_per_sec"] for r in reps.values())
@@ -599,6 +606,7 @@ if "submit" in phases:
             "accepted_per_sec": rate, "accepted_per_sec_hop": sum(reps[p]["rates"]["accepted_per_sec"] for p in pts),
             "submit_p99_us_hop": hop99, "submit_p99_us_direct": dir99, "submit_p50_us_hop": hop50, "submit_p50_us_direct": dir50,
             "p99_ratio": hop99 / max(1, dir99), "pt_us_per_share_median": med_pt,
+            "socket_p99_us_hop": hops99, "socket_p99_us_direct": dirs99, "socket_p99_ratio": hops99 / max(1, dirs99),
             "pt_to_pool_cpu_ratio": med_pt / max(1e-9, sub["pool"]["us_per_share"]),
             "steal_pct": max(r["machine"]["steal_pct_window"] for r in reps.values()),
             "busy_pct": max(r["machine"]["busy_pct_window"] for r in reps.values())})
@@ -666,6 +674,8 @@ if "p99_ratio" in s:
           f"{s['pt_to_pool_cpu_ratio']:.2f}x (goal <= 0.5x)")
     print(f"submit p99 through the hop {s['submit_p99_us_hop'] / 1000:.2f} ms, direct {s['submit_p99_us_direct'] / 1000:.2f} ms: "
           f"{s['p99_ratio']:.2f}x (goal <= 1.5x); p50 {s['submit_p50_us_hop'] / 1000:.2f} / {s['submit_p50_us_direct'] / 1000:.2f} ms")
+    print(f"  to the reply's arrival in the socket (ckload's own wait left out): hop {s['socket_p99_us_hop'] / 1000:.2f} ms, "
+          f"direct {s['socket_p99_us_direct'] / 1000:.2f} ms: {s['socket_p99_ratio']:.2f}x")
 for ph in phases:
     print(f"{ph} counts: {out['phases'][ph]['counts']}")
 out["errors"] = bad

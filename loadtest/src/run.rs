@@ -604,7 +604,9 @@ pub struct Report {
     /// Achieved rates.
     pub rates: Rates,
     /// Latencies (µs): `connect`, `subscribe`, `authorize`, `login` (connect start to authorize
-    /// reply), `submit` (all submits), `submit_window` (submits sent after the ramp).
+    /// reply), `submit` (all submits), `submit_window` (submits sent after the ramp),
+    /// `submit_socket` (the window's submits to their reply's arrival in the socket; see
+    /// [`crate::swarm::HISTOGRAMS`]).
     pub latency: BTreeMap<String, LatencySummary>,
     /// Notify fan-out.
     pub fanout: Fanout,

@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -23,14 +24,16 @@ use std::time::Duration;
 use common::stratum::Parser;
 use common::stratum::client::{self, Client, ClientConfig, Event, RequestKind, Verdict};
 use common::{Difficulty, Target};
+use connector::{enable_rx_timestamps, recv_stamped};
 use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, warn};
 
 use crate::stats::{Counters, ErrorCounts, Hist, KindStats, ShareKind};
-use crate::sys::{ProcSample, mono_ns, raise_nofile_limit};
+use crate::sys::{ProcSample, mono_ns, raise_nofile_limit, real_ns};
 use crate::work::{self, Job, SearchCursor, SearchMiss, VersionRoller, Want};
 
 /// Longest line accepted from the pool.
@@ -222,7 +225,8 @@ pub struct WorkerReport {
     pub shares: BTreeMap<String, KindStats>,
     /// Latency histograms (µs) by name, hdrhistogram V2 in hex: `connect`, `subscribe`,
     /// `authorize`, `login` (connect start to authorize reply), `submit`, `submit_window`
-    /// (submits sent after the ramp).
+    /// (submits sent after the ramp), `submit_socket` (those, to the reply's arrival in the
+    /// socket: see [`HISTOGRAMS`]).
     pub histograms: BTreeMap<String, String>,
     /// Jobs seen after the ramp, with first and last arrival.
     pub jobs: Vec<JobSeen>,
@@ -265,14 +269,20 @@ pub const SLOW_SUBMIT_MS: u32 = 20;
 pub const MAX_SLOW_SUBMITS: usize = 20_000;
 
 /// Names of the histograms a worker keeps: `submit_window` holds only the submits sent after
-/// the ramp (the steady state), `submit` all of them.
-pub const HISTOGRAMS: [&str; 6] = [
+/// the ramp (the steady state), `submit` all of them; both run to when the worker read the
+/// reply. `submit_socket` holds the window's submits again, to when the reply arrived in the
+/// miner's socket (the kernel's receive timestamp, `SO_TIMESTAMPNS`): without the time the
+/// reply waited for the worker itself, busy with its other miners' lines (a job's fan-out to
+/// thousands of miners of one worker is read ahead of a reply that came after it). A real
+/// miner reads its one connection at once; the difference between the two is ckload's.
+pub const HISTOGRAMS: [&str; 7] = [
     "connect",
     "subscribe",
     "authorize",
     "login",
     "submit",
     "submit_window",
+    "submit_socket",
 ];
 
 /// Runs a worker to the end of its schedule, calling `sink` with progress every second and the
@@ -337,7 +347,7 @@ fn instant_at(mono: u64) -> Instant {
 struct Agg {
     counters: Counters,
     kinds: [KindStats; 4],
-    hists: [Hist; 6],
+    hists: [Hist; 7],
     interval_submit: Hist,
     /// Submits of the window by the second they were sent in.
     seconds: Vec<Hist>,
@@ -356,6 +366,7 @@ enum H {
     Login = 3,
     Submit = 4,
     SubmitWindow = 5,
+    SubmitSocket = 6,
 }
 
 /// A job as the pool sent it, shared by the miners of a worker.
@@ -865,6 +876,10 @@ async fn connect(ctx: &Ctx) -> io::Result<TcpStream> {
         }
     };
     stream.set_nodelay(true)?;
+    // Without the stamps, a reply's arrival is taken to be when it was read.
+    if let Err(e) = enable_rx_timestamps(stream.as_fd()) {
+        debug!("no receive timestamps: {e}");
+    }
     Ok(stream)
 }
 
@@ -1052,15 +1067,22 @@ fn handshake_timeout(
 fn read_lines(ctx: &Ctx, m: &mut MinerState, stream: &TcpStream, out: &mut Vec<u8>) -> Step {
     SCRATCH_BUF.with_borrow_mut(|scratch| {
         loop {
-            match stream.try_read(scratch) {
-                Ok(0) => return Step::Eof,
-                Ok(n) => {
+            let read = stream.try_io(Interest::READABLE, || {
+                recv_stamped(stream.as_fd(), scratch.as_mut_slice())
+            });
+            match read {
+                Ok((0, _)) => return Step::Eof,
+                Ok((n, stamp)) => {
                     let ts = mono_ns();
                     let now = Instant::now();
+                    let at = Arrival {
+                        now,
+                        socket: stamp.map_or(now, |at| arrived_at(now, at)),
+                    };
                     let Some(chunk) = scratch.get(..n) else {
                         return Step::Continue;
                     };
-                    if let Some(step) = split_lines(ctx, m, chunk, ts, now, out) {
+                    if let Some(step) = split_lines(ctx, m, chunk, ts, at, out) {
                         return step;
                     }
                     if n < scratch.len() {
@@ -1075,23 +1097,38 @@ fn read_lines(ctx: &Ctx, m: &mut MinerState, stream: &TcpStream, out: &mut Vec<u
     })
 }
 
+/// When a read's bytes were read (`now`) and when they arrived in the socket (`socket`: the
+/// kernel's stamp of the last segment read, else `now`).
+#[derive(Clone, Copy)]
+struct Arrival {
+    now: Instant,
+    socket: Instant,
+}
+
+/// The instant a segment stamped `stamp` (`CLOCK_REALTIME` ns) arrived, read at `now`: never
+/// after `now`.
+fn arrived_at(now: Instant, stamp: u64) -> Instant {
+    let age = Duration::from_nanos(real_ns().saturating_sub(stamp));
+    now.checked_sub(age).unwrap_or(now)
+}
+
 fn split_lines(
     ctx: &Ctx,
     m: &mut MinerState,
     mut chunk: &[u8],
     ts: u64,
-    now: Instant,
+    at: Arrival,
     out: &mut Vec<u8>,
 ) -> Option<Step> {
     while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
         let (line, rest) = chunk.split_at(pos);
         chunk = rest.get(1..).unwrap_or_default();
         let step = if m.partial.is_empty() {
-            handle_line(ctx, m, line, ts, now, out)
+            handle_line(ctx, m, line, ts, at, out)
         } else {
             let mut whole = std::mem::take(&mut m.partial);
             whole.extend_from_slice(line);
-            handle_line(ctx, m, &whole, ts, now, out)
+            handle_line(ctx, m, &whole, ts, at, out)
         };
         if let Some(s) = step {
             return Some(s);
@@ -1111,9 +1148,10 @@ fn handle_line(
     m: &mut MinerState,
     line: &[u8],
     ts: u64,
-    now: Instant,
+    at: Arrival,
     out: &mut Vec<u8>,
 ) -> Option<Step> {
+    let now = at.now;
     let line = line.trim_ascii();
     if line.is_empty() {
         return None;
@@ -1128,7 +1166,7 @@ fn handle_line(
     }
     let event =
         PARSER.with_borrow_mut(|parser| m.client.feed(parser, line, now.into_std(), out))?;
-    on_event(ctx, m, event, line, ts, now)
+    on_event(ctx, m, event, line, ts, at)
 }
 
 /// What the stratum client made of a line.
@@ -1138,8 +1176,9 @@ fn on_event(
     event: Event<Pending>,
     raw: &[u8],
     ts: u64,
-    now: Instant,
+    at: Arrival,
 ) -> Option<Step> {
+    let now = at.now;
     match event {
         Event::Job(job) => {
             let job = *job;
@@ -1246,7 +1285,7 @@ fn on_event(
             ctx.count(|c| c.authorize_failures += 1);
             return Some(Step::Lost(format!("authorize refused: {reason}")));
         }
-        Event::Verdict(v) => on_verdict(ctx, m, &v, now),
+        Event::Verdict(v) => on_verdict(ctx, m, &v, at),
         Event::TimedOut(kind @ (RequestKind::Subscribe | RequestKind::Authorize)) => {
             ctx.count(|c| c.handshake_timeouts += 1);
             return Some(Step::Lost(format!("no reply to {kind:?}")));
@@ -1304,7 +1343,8 @@ fn on_notify(ctx: &Ctx, m: &mut MinerState, job: Arc<SharedJob>, ts: u64, now: I
 }
 
 /// The pool's answer to one of this miner's submits.
-fn on_verdict(ctx: &Ctx, m: &mut MinerState, v: &Verdict<Pending>, now: Instant) {
+fn on_verdict(ctx: &Ctx, m: &mut MinerState, v: &Verdict<Pending>, at: Arrival) {
+    let now = at.now;
     let p = v.tag;
     ctx.answered(1, now);
     let accepted = v.accepted;
@@ -1316,6 +1356,8 @@ fn on_verdict(ctx: &Ctx, m: &mut MinerState, v: &Verdict<Pending>, now: Instant)
     a.hists[H::Submit as usize].record(latency);
     if p.hold {
         a.hists[H::SubmitWindow as usize].record(latency);
+        let in_socket = at.socket.into_std().saturating_duration_since(v.sent);
+        a.hists[H::SubmitSocket as usize].record(in_socket.min(latency));
         let ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
         let sent = v.sent.saturating_duration_since(ctx.hold.into_std());
         if ms >= SLOW_SUBMIT_MS && a.slow.len() < MAX_SLOW_SUBMITS {

@@ -18,6 +18,16 @@ pub fn mono_ns() -> u64 {
         .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
 }
 
+/// Nanoseconds on `CLOCK_REALTIME` (the clock of the kernel's receive timestamps,
+/// `connector::recv_stamped`).
+pub fn real_ns() -> u64 {
+    let t = clock_gettime(ClockId::Realtime);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+}
+
 /// Raises the soft open-files limit to the hard one; returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
     let lim = getrlimit(Resource::Nofile);

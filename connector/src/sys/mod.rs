@@ -61,8 +61,9 @@ use crate::sendbufs::SendBufs;
 use crate::{BackendKind, UringConfig};
 
 pub(crate) use os::{
-    Waker, ensure_port_free, fix_mmap_threshold, inherited_listener, listener_socket,
-    pin_current_thread, process_cpus, raise_nofile_limit, release_free_heap,
+    Waker, enable_rx_timestamps, ensure_port_free, fix_mmap_threshold, inherited_listener,
+    listener_socket, pin_current_thread, process_cpus, raise_nofile_limit, recv_stamped,
+    release_free_heap,
 };
 
 /// Environment variable that, set to anything but `""` or `"0"`, makes [`probe_uring`] fail as if

@@ -1,10 +1,10 @@
 //! OS helpers shared by every backend: the eventfd waker, listener sockets, RLIMIT_NOFILE, CPU
-//! affinity.
+//! affinity; and receive timestamps, for ckload.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -231,6 +231,80 @@ pub(crate) fn affinity(tid: libc::pid_t) -> io::Result<Vec<usize>> {
         .collect())
 }
 
+/// Asks the kernel to stamp what a socket receives with its arrival time (`SO_TIMESTAMPNS`),
+/// which `recv_stamped` then returns.
+pub(crate) fn enable_rx_timestamps(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `fd` is an open socket for the call's length (borrowed), and the option value is
+    // a live `c_int` whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads what a socket has into `buf` without blocking (`recvmsg` with `MSG_DONTWAIT`): the byte
+/// count, and the kernel's arrival time (`CLOCK_REALTIME` ns, `CLOCK_REALTIME`) of the last
+/// segment read when the socket stamps them (`enable_rx_timestamps`).
+pub(crate) fn recv_stamped(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    // Room for one `SCM_TIMESTAMPNS` (a 16-byte header and a 16-byte timespec) and more,
+    // 8-byte aligned as a `cmsghdr` needs.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `msghdr` is plain data for which all zeroes is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at `iov` (covering `buf`, writable for its length) and at `control`
+    // (writable for `msg_controllen` bytes), all alive across the call; `fd` is open (borrowed).
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
+    let Ok(n) = usize::try_from(n) else {
+        return Err(io::Error::last_os_error());
+    };
+    let mut stamp = None;
+    // SAFETY: `CMSG_LEN` is arithmetic on its argument.
+    let whole = unsafe { libc::CMSG_LEN(std::mem::size_of::<libc::timespec>() as u32) } as usize;
+    // SAFETY: `msg` was filled by a successful `recvmsg`: its control fields describe the
+    // messages the kernel wrote into `control`, which `CMSG_FIRSTHDR`/`CMSG_NXTHDR` walk within
+    // `msg_controllen` bytes.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is non-null and points at a header inside `control` (above).
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_SOCKET
+            && h.cmsg_type == libc::SCM_TIMESTAMPNS
+            && h.cmsg_len as usize >= whole
+        {
+            // SAFETY: `c` is a header of this `msg` (above); `CMSG_DATA` is arithmetic on it.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<libc::timespec>();
+            // SAFETY: the header says its data holds a whole `timespec`; it may be unaligned.
+            let ts = unsafe { std::ptr::read_unaligned(data) };
+            stamp = u64::try_from(ts.tv_sec).ok().map(|s| {
+                s.saturating_mul(1_000_000_000)
+                    .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+            });
+        }
+        // SAFETY: as for `CMSG_FIRSTHDR`: `c` is a header of this `msg`.
+        c = unsafe { libc::CMSG_NXTHDR(&raw const msg, c) };
+    }
+    Ok((n, stamp))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +333,56 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn received_bytes_carry_their_arrival_time() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (rx, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        // Loopback delivers at once; the deadline only keeps a broken kernel from hanging us.
+        let read = |rx: &TcpStream, buf: &mut [u8]| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match recv_stamped(rx.as_fd(), buf) {
+                    Ok(r) => return r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "nothing to read");
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        // Nothing yet: a non-blocking read says so.
+        let e = recv_stamped(rx.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        // Unstamped until asked.
+        tx.write_all(b"one\n").unwrap();
+        let n = read(&rx, &mut buf);
+        assert_eq!(n, (4, None));
+        enable_rx_timestamps(rx.as_fd()).unwrap();
+        let real = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        };
+        let before = real();
+        tx.write_all(b"two\n").unwrap();
+        let (n, stamp) = read(&rx, &mut buf);
+        let after = real();
+        assert_eq!(&buf[..n], b"two\n");
+        let stamp = stamp.expect("a stamp once asked for");
+        assert!(
+            (before..=after).contains(&stamp),
+            "{before} <= {stamp} <= {after}"
+        );
+        // The end of the stream reads as 0 bytes.
+        drop(tx);
+        let n = read(&rx, &mut buf).0;
+        assert_eq!(n, 0);
     }
 }
