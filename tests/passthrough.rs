@@ -618,6 +618,97 @@ fn a_dropclient_keeps_the_order_of_the_lines_around_it() {
     wait_stats(&pt, "the drop counted", WAIT, |s| s["dropclients"] == 1);
 }
 
+/// A job's fan-out to more miners than one round writes (16 on a thread) is written over
+/// several rounds: a reply the upstream sent after the job overtakes the part of the fan-out still
+/// waiting, while notifications keep their order (a difficulty sent after the job arrives after
+/// it), and every miner gets the job once.
+#[test]
+fn a_reply_overtakes_a_long_fan_out_and_notifications_keep_their_order() {
+    const MINERS: usize = 300;
+    let limit = connector::raise_nofile_limit().unwrap_or(1024);
+    assert!(limit >= 2 * MINERS as u64 + 100, "open-files limit {limit}");
+    let up = FakeUpstream::start();
+    let port = free_port();
+    let config = json!({
+        "serverurl": [format!("127.0.0.1:{port}")],
+        "proxy": [{"url": up.addr().to_string(), "auth": "unused", "pass": "x"}],
+        "threads": 1,
+        "zmqblock": null,
+    });
+    let pt = PoolProcess::start("pt-fanout", &config, &["-P"]);
+    let mut link = up.accept();
+    wait_upstream_up(&pt);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut miners = Vec::with_capacity(MINERS);
+    for i in 0..MINERS {
+        let mut m = Client::connect(addr);
+        m.send(&json!({"id": 1, "method": "mining.subscribe", "params": [format!("fan/{i}")]}));
+        miners.push(m);
+    }
+    // Each miner's client id, from its subscribe's `params` (its index).
+    let mut ids = vec![0u64; MINERS];
+    let mut got = 0;
+    let end = std::time::Instant::now() + WAIT;
+    while got < MINERS {
+        assert!(
+            std::time::Instant::now() < end,
+            "{got} subscribes of {MINERS} upstream"
+        );
+        if let Ok(Some(v)) = link.read_line()
+            && v["method"] == "mining.subscribe"
+            && let Some(i) = v["params"][0]
+                .as_str()
+                .and_then(|a| a.strip_prefix("fan/"))
+                .and_then(|i| i.parse::<usize>().ok())
+            && ids[i] == 0
+        {
+            ids[i] = v["client_id"].as_u64().unwrap();
+            got += 1;
+        }
+    }
+    link.seen.clear();
+    let notify = json!({"params": ["j9", "00", "01", "02", [], "20000000", "1d00ffff", "5f5e1000", true],
+        "id": null, "method": "mining.notify"});
+    let mut job = notify.clone();
+    job["node.method"] = "update".into();
+    job["client_ids"] = json!(ids);
+    let last = ids[MINERS - 1];
+    let diff = json!({"params": [64], "id": null, "method": "mining.set_difficulty"});
+    let mut diff_line = diff.clone();
+    diff_line["client_id"] = last.into();
+    // One write: the job for everyone, a reply for the last miner, a difficulty for it.
+    link.send_raw(
+        format!(
+            "{job}\n{{\"result\":true,\"error\":null,\"id\":1,\"client_id\":{last}}}\n{diff_line}\n"
+        )
+        .as_bytes(),
+    );
+    let m = &mut miners[MINERS - 1];
+    m.wait_for("the difficulty", WAIT, |v| {
+        v["method"] == "mining.set_difficulty"
+    });
+    let order: Vec<String> = m
+        .seen
+        .iter()
+        .map(|v| match v["method"].as_str() {
+            Some(method) => method.to_owned(),
+            None => format!("reply {}", v["id"]),
+        })
+        .collect();
+    assert_eq!(
+        order,
+        ["reply 1", "mining.notify", "mining.set_difficulty"],
+        "the last miner's lines"
+    );
+    assert_eq!(m.seen[1], notify);
+    for (i, m) in miners.iter_mut().enumerate().take(MINERS - 1) {
+        let got = m.wait_for("the job", WAIT, |v| v["method"] == "mining.notify");
+        assert_eq!(got, notify, "miner {i}");
+    }
+    let s = pt.stats();
+    assert_eq!(s["miners"], MINERS, "{s}");
+}
+
 #[test]
 fn passthrough_fails_over_to_the_next_upstream() {
     let Some(exe) = bitcoind_or_skip("passthrough_fails_over_to_the_next_upstream") else {

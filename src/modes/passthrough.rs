@@ -35,6 +35,15 @@
 //!   main thread) through a bounded channel, which routes them one message per thread per
 //!   round. Node mode keeps the link's reader thread with every line on the router (a node's
 //!   `workinfo` must be handled before the notifies after it reach miners).
+//! * Fan-out: a connector thread queues at most [`FANOUT_ROUND`] notifications from the
+//!   upstream (`"method"` lines: jobs, difficulties) on its miners' sockets a round of its loop
+//!   ([`FanBudget`]); the rest wait in [`MinerSide::later`], in order, for the next rounds, so a
+//!   job for 14,000 miners does
+//!   not hold the thread (and the shares and verdicts behind it) for its whole length. Replies
+//!   are never held: a verdict read meanwhile overtakes the notifications still waiting (a
+//!   stratum miner takes a reply whatever came before it; notifications keep their order). A
+//!   drop, a replay, a handover's settling and the handed-in lines' release queue everything
+//!   waiting first; past [`MAX_LATER`] waiting, everything is queued at once.
 //! * From the upstream, `dropclient=N` closes miner `N` if it is one of ours (ids are ours, so
 //!   nobody else's miner can be named), and any other raw line is logged and ignored: no
 //!   upstream line is ever run as a command (ckpool runs any connector command it gets).
@@ -85,7 +94,7 @@
 //! * `webserver`: `/metrics` and `/api/upstreams` made of the same `stats` (see `crate::web`).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -121,6 +130,16 @@ pub(crate) const MAX_INFLIGHT: usize = 8 << 20;
 /// A kept handshake line longer than this is not kept (the miner cannot be replayed and is
 /// closed on failover).
 pub(crate) const MAX_KEPT_LINE: usize = 4096;
+/// Notifications from the upstream queued on miners' sockets by one connector thread in one round,
+/// at most (see [`MinerSide::later`]): a job's fan-out to many miners is written over several
+/// rounds, so that the thread reads its miners' shares and the upstream's verdicts in between.
+/// On a busy host, where the thread gets a tenth of a CPU, 1,024 a round held shares for
+/// 60-70 ms, 64 a round left 10-18 ms between two polls of the miners' sockets; 16 did not
+/// cost CPU per share that the fleet could see (BENCHMARKS G10).
+const FANOUT_ROUND: usize = 16;
+/// Notifications waiting for a later round ([`MinerSide::later`]), at most: past it they are all
+/// queued at once (an upstream sending faster than they can be written is not held in memory).
+const MAX_LATER: usize = 1 << 18;
 /// Unanswered handshake requests tracked per miner, at most.
 const MAX_AWAITING: usize = 4;
 /// How long after a replay its replies are looked for.
@@ -213,6 +232,8 @@ enum Msg {
     Sync(Sender<()>),
     /// Every handed-over miner is here: the link's lines held meanwhile may be routed.
     LinkGo,
+    /// Wakes the thread to go on with notifications left for later ([`MinerSide::later`]).
+    More,
 }
 
 struct Miner {
@@ -523,6 +544,21 @@ struct MinerSide {
     shutdown: Arc<AtomicBool>,
     /// Handed in (`-H`): the link's lines read before every miner is here ([`Msg::LinkGo`]).
     hold: Option<Vec<Vec<u8>>>,
+    /// Notifications from the upstream for this thread's miners (jobs, difficulty) not yet
+    /// queued on their sockets: each round queues at most [`FANOUT_ROUND`] of them, in order,
+    /// so a job's fan-out to thousands of miners does not hold the thread for its whole length.
+    /// Replies (share verdicts and the other answers) are never held: they are queued at once,
+    /// ahead of notifications still waiting (a reply answers a request, and a stratum miner
+    /// takes it whatever notification came before it; notifications keep their order among
+    /// themselves, since a difficulty applies to the jobs after it).
+    later: VecDeque<(ConnId, SendBuf)>,
+    /// Notifications this round may still queue.
+    fan: FanBudget,
+    /// A [`Msg::More`] is on its way to this thread.
+    more_sent: bool,
+    /// Cleared once a handover starts ([`Msg::Sync`]): from then on every line is queued at
+    /// once, so that none is left behind when the miners go.
+    defer: bool,
 }
 
 impl Handshake {
@@ -869,20 +905,28 @@ impl connector::Handler for MinerSide {
                     f.fetch_sub(bytes, Ordering::Relaxed);
                 }
             }
+            Msg::More => self.more_sent = false,
             Msg::LinkGo => {
+                self.flush_later(now, out);
                 for line in self.hold.take().unwrap_or_default() {
                     self.link_line(now, &line, out);
                 }
             }
             Msg::Drop(conn) => {
+                // The lines before it go first.
+                self.flush_later(now, out);
                 if self.miners.contains_key(&conn) {
                     out.close(conn);
                 }
             }
             Msg::Sync(done) => {
+                self.defer = false;
+                self.flush_later(now, out);
                 let _ = done.send(());
             }
             Msg::Replay(epoch) => {
+                // The old upstream's lines go before the replay.
+                self.flush_later(now, out);
                 if !self.up() || self.shared.epoch.load(Ordering::SeqCst) != epoch {
                     // Down again, or a newer switch whose own message follows.
                     return;
@@ -904,6 +948,7 @@ impl connector::Handler for MinerSide {
 
     fn on_batch_end(&mut self, now: Instant, out: &mut Outbox) {
         self.route_link(now, out);
+        self.fan_out(now, out);
         self.flush_up(out);
     }
 
@@ -964,6 +1009,7 @@ impl MinerSide {
                 && t == self.thread
             {
                 self.route_link(now, out);
+                self.flush_later(now, out);
                 if self.miners.contains_key(&conn) {
                     self.shared.dropclients.fetch_add(1, Ordering::Relaxed);
                     info!(client_id = id, %conn, "upstream dropped a miner");
@@ -1013,38 +1059,89 @@ impl MinerSide {
 
     /// Queues lines from the upstream on their miners' sockets (after the replay's filters).
     fn deliver(&mut self, now: Instant, lines: Vec<(ConnId, SendBuf)>, out: &mut Outbox) {
+        // A multicast line is one buffer for all its miners: looked at once.
+        let mut last: (*const u8, usize, bool) = (std::ptr::null(), 0, false);
         for (conn, line) in lines {
-            let Some(m) = self.miners.get_mut(&conn) else {
-                continue;
+            let b = line.as_slice();
+            let note = if (b.as_ptr(), b.len()) == (last.0, last.1) {
+                last.2
+            } else {
+                let n = is_notification(b);
+                last = (b.as_ptr(), b.len(), n);
+                n
             };
-            if let Some(node) = &self.node {
-                node.on_miner_downline(m.client_id, line.as_slice());
+            if note && self.defer && (!self.later.is_empty() || !self.fan.take(now)) {
+                self.later.push_back((conn, line));
+                continue;
             }
-            match m
-                .hs
-                .as_mut()
-                .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
-            {
-                Down::Forward => {
-                    let redirect = self
-                        .redirect
-                        .as_mut()
-                        .and_then(|r| r.down(conn, line.as_slice(), now));
-                    out.send(conn, line);
-                    if let Some(l) = redirect {
-                        out.send(conn, l);
-                    }
-                }
-                Down::Consume => {}
-                Down::Replace(l) => {
-                    info!(%conn, "miner's extranonce changed on the new upstream");
+            self.deliver_one(now, conn, line, out);
+        }
+        if self.later.len() > MAX_LATER {
+            self.flush_later(now, out);
+        }
+    }
+
+    /// The round's end: queues notifications left for later, up to [`FANOUT_ROUND`] a round,
+    /// and asks for another round while some are left.
+    fn fan_out(&mut self, now: Instant, out: &mut Outbox) {
+        while !self.later.is_empty() && self.fan.take(now) {
+            let Some((conn, line)) = self.later.pop_front() else {
+                break;
+            };
+            self.deliver_one(now, conn, line, out);
+        }
+        if self.later.is_empty() {
+            if self.later.capacity() > FANOUT_ROUND {
+                self.later = VecDeque::new();
+            }
+        } else if !self.more_sent
+            && let Some(conns) = self.conns.get()
+        {
+            self.more_sent = true;
+            conns.send(self.thread, Msg::More);
+        }
+    }
+
+    /// Queues every notification left for later now (before a control message, a drop, a
+    /// handover: what came before them goes first).
+    fn flush_later(&mut self, now: Instant, out: &mut Outbox) {
+        while let Some((conn, line)) = self.later.pop_front() {
+            self.deliver_one(now, conn, line, out);
+        }
+    }
+
+    /// Queues one line from the upstream on its miner's socket (after the replay's filters).
+    fn deliver_one(&mut self, now: Instant, conn: ConnId, line: SendBuf, out: &mut Outbox) {
+        let Some(m) = self.miners.get_mut(&conn) else {
+            return;
+        };
+        if let Some(node) = &self.node {
+            node.on_miner_downline(m.client_id, line.as_slice());
+        }
+        match m
+            .hs
+            .as_mut()
+            .map_or(Down::Forward, |hs| hs.downstream_at(line.as_slice(), now))
+        {
+            Down::Forward => {
+                let redirect = self
+                    .redirect
+                    .as_mut()
+                    .and_then(|r| r.down(conn, line.as_slice(), now));
+                out.send(conn, line);
+                if let Some(l) = redirect {
                     out.send(conn, l);
                 }
-                Down::Close => {
-                    self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
-                    info!(%conn, "new upstream refused the miner's replayed session; closed");
-                    out.close(conn);
-                }
+            }
+            Down::Consume => {}
+            Down::Replace(l) => {
+                info!(%conn, "miner's extranonce changed on the new upstream");
+                out.send(conn, l);
+            }
+            Down::Close => {
+                self.shared.replay_closed.fetch_add(1, Ordering::Relaxed);
+                info!(%conn, "new upstream refused the miner's replayed session; closed");
+                out.close(conn);
             }
         }
     }
@@ -1277,6 +1374,39 @@ fn link_mode(redirector: bool, node: bool) -> &'static str {
     }
 }
 
+/// The notifications a connector thread may still queue in the current round of its loop
+/// ([`FANOUT_ROUND`] a round). A round is told by the connector's `now`, the same for every
+/// callback of one round of its loop, which may call `on_batch_end` several times (every 64
+/// completions): counted per call, a round of many sends' completions would queue that many
+/// more, and the rounds of a big fan-out would grow until they held the thread for most of it.
+#[derive(Default)]
+struct FanBudget {
+    round: Option<Instant>,
+    used: usize,
+}
+
+impl FanBudget {
+    /// Takes one notification's place in the round `now`: `false` once the round has none left.
+    fn take(&mut self, now: Instant) -> bool {
+        if self.round != Some(now) {
+            self.round = Some(now);
+            self.used = 0;
+        }
+        if self.used >= FANOUT_ROUND {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+}
+
+/// Whether a line from the upstream for a miner is a notification (`"method"`: a job, a
+/// difficulty, a reconnect) rather than a reply. A reply naming `"method"` in its result is taken
+/// for a notification, which only keeps it in order.
+fn is_notification(line: &[u8]) -> bool {
+    line.windows(8).any(|w| w == b"\"method\"")
+}
+
 /// Sends the routed lines to their connector threads (waiting while a thread has too much not
 /// yet queued, unless `shutdown`).
 fn send_batches(
@@ -1495,6 +1625,10 @@ pub(crate) fn run_link(
             conns: Arc::clone(&cell),
             shutdown: Arc::clone(&shutdown),
             hold: handed_in.then(Vec::new),
+            later: VecDeque::new(),
+            fan: FanBudget::default(),
+            more_sent: false,
+            defer: true,
         })
     };
     let conns = match started {
@@ -2059,6 +2193,21 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "test code")]
 
     use super::*;
+
+    /// However often a round asks (the connector calls `on_batch_end` every 64 completions, and
+    /// a thread's lines may come in several batches), it queues [`FANOUT_ROUND`] notifications;
+    /// the next round, told by a new `now`, as many again.
+    #[test]
+    fn a_round_queues_at_most_its_share_of_a_fan_out() {
+        let mut fan = FanBudget::default();
+        let round = Instant::now();
+        let taken = (0..10 * FANOUT_ROUND).filter(|_| fan.take(round)).count();
+        assert_eq!(taken, FANOUT_ROUND);
+        assert!(!fan.take(round));
+        let next = round + Duration::from_micros(1);
+        let taken = (0..10 * FANOUT_ROUND).filter(|_| fan.take(next)).count();
+        assert_eq!(taken, FANOUT_ROUND);
+    }
 
     fn sub_reply(id: &serde_json::Value, sid: &str, en1: &str, n2: u64) -> Vec<u8> {
         json!({"id": id, "result": [[["mining.notify", sid]], en1, n2], "error": null})
