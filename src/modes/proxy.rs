@@ -831,14 +831,17 @@ impl Proxy {
     /// recruits another connection when all are nearly full.
     fn choose_open(&mut self) {
         let mut all_full = true;
-        let mut recruiting = false;
+        let mut coming_up = false;
         let mut open = None;
         for l in &self.links {
             if !matches!(l.role, Role::Main | Role::Recruit) || l.closing {
                 continue;
             }
             let Some(source) = l.current.filter(|_| l.linked.is_some()) else {
-                recruiting |= l.role == Role::Recruit;
+                // Coming up (a recruit's first job) or failing over (the main one, between
+                // upstreams): not full, and no reason for another connection to the same
+                // servers (one used to be recruited at every failover).
+                coming_up = true;
                 continue;
             };
             let full = self
@@ -859,7 +862,7 @@ impl Proxy {
                 "new miners go to this upstream work source"
             );
         }
-        if !all_full || recruiting {
+        if !all_full || coming_up {
             return;
         }
         if self.links.iter().filter(|l| !l.closing).count() >= self.max_links {
