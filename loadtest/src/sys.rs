@@ -11,17 +11,18 @@ use serde::{Deserialize, Serialize};
 
 /// Nanoseconds on `CLOCK_MONOTONIC`: the same clock in every process on the machine.
 pub fn mono_ns() -> u64 {
-    let t = clock_gettime(ClockId::Monotonic);
-    u64::try_from(t.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+    clock_ns(ClockId::Monotonic)
 }
 
 /// Nanoseconds on `CLOCK_REALTIME` (the clock of the kernel's receive timestamps,
 /// `connector::recv_stamped`).
 pub fn real_ns() -> u64 {
-    let t = clock_gettime(ClockId::Realtime);
+    clock_ns(ClockId::Realtime)
+}
+
+/// Nanoseconds on `clock`.
+fn clock_ns(clock: ClockId) -> u64 {
+    let t = clock_gettime(clock);
     u64::try_from(t.tv_sec)
         .unwrap_or(0)
         .saturating_mul(1_000_000_000)
