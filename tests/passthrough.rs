@@ -51,6 +51,13 @@ fn pool_with_passthrough_port(
     tag: &str,
     extra: &Value,
 ) -> (PoolProcess, SocketAddr) {
+    let (config, link) = passthrough_pool_config(node, extra);
+    (PoolProcess::start(tag, &config, &[]), link)
+}
+
+/// [`pool_with_passthrough_port`]'s configuration (to start the pool again on the same
+/// addresses), and its `passthroughserver` address.
+fn passthrough_pool_config(node: &RegtestNode, extra: &Value) -> (Value, SocketAddr) {
     let payout = node.new_address();
     let (direct, link) = (free_port(), free_port());
     let mut config = regtest_config(vec![btcd_entry(node)], Some(&payout), direct);
@@ -60,8 +67,7 @@ fn pool_with_passthrough_port(
             config[k] = v.clone();
         }
     }
-    let pool = PoolProcess::start(tag, &config, &[]);
-    (pool, SocketAddr::from(([127, 0, 0, 1], link)))
+    (config, SocketAddr::from(([127, 0, 0, 1], link)))
 }
 
 /// Reads lines from a link until `pred` holds for one; returns it.
@@ -709,6 +715,73 @@ fn a_reply_overtakes_a_long_fan_out_and_notifications_keep_their_order() {
     assert_eq!(s["miners"], MINERS, "{s}");
 }
 
+/// Two ckpool-rs passthroughs in front of one pool, two miners each: one passthrough goes (its
+/// process killed), and only its sub-clients end at the pool; the other's miners keep their
+/// connections and go on getting shares accepted.
+#[test]
+fn two_passthroughs_one_dropped_the_others_miners_mine_on() {
+    let Some(exe) = bitcoind_or_skip("two_passthroughs_one_dropped_the_others_miners_mine_on")
+    else {
+        return;
+    };
+    let net = RegtestNet::start(&exe, 2);
+    let node = &net.nodes[0];
+    let (pool, link_addr) = pool_with_passthrough_port(node, "pt-two-pool", &json!({}));
+    let (pa, pb) = (free_port(), free_port());
+    let pt_a = start_passthrough("pt-two-a", &[format!("127.0.0.1:{pa}")], &[link_addr]);
+    let pt_b = start_passthrough("pt-two-b", &[format!("127.0.0.1:{pb}")], &[link_addr]);
+    wait_upstream_up(&pt_a);
+    wait_upstream_up(&pt_b);
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let a: Vec<Miner> = (0..2).map(|i| miner(at(pa), &format!("ta.{i}"))).collect();
+    let b: Vec<Miner> = (0..2).map(|i| miner(at(pb), &format!("tb.{i}"))).collect();
+    wait_until("every miner's shares accepted", WAIT, || {
+        a.iter().chain(&b).all(|m| m.report().accepted >= 3)
+    });
+    let ps = wait_stats(
+        &pool,
+        "two passthroughs with two sub-clients each",
+        WAIT,
+        |s| {
+            s["clients"].as_u64() == Some(4)
+                && s["passthroughs"].as_array().is_some_and(|l| {
+                    l.len() == 2 && l.iter().all(|p| p["subclients"].as_u64() == Some(2))
+                })
+        },
+    );
+    assert!(
+        ps["users"].get("ta").is_some() && ps["users"].get("tb").is_some(),
+        "{ps}"
+    );
+
+    // Passthrough A goes: its two sub-clients end; B's link and sub-clients stay.
+    drop(pt_a);
+    wait_stats(&pool, "only B's link and sub-clients left", WAIT, |s| {
+        s["clients"].as_u64() == Some(2)
+            && s["passthroughs"].as_array().is_some_and(|l| {
+                l.len() == 1 && l.iter().all(|p| p["subclients"].as_u64() == Some(2))
+            })
+    });
+    let before: Vec<u64> = b.iter().map(|m| m.report().accepted).collect();
+    wait_until("B's miners to keep getting shares accepted", WAIT, || {
+        b.iter()
+            .zip(&before)
+            .all(|(m, n)| m.report().accepted >= n + 3)
+    });
+    assert_eq!(pt_b.stats()["miners"], 2, "B's miners are still connected");
+    for m in b {
+        assert!(!m.is_finished(), "a miner of B lost its connection");
+        let r = m.stop();
+        assert_eq!(r.error, None, "{r:?}");
+        assert_eq!(
+            r.rejected,
+            r.reject_reasons.get("Stale").copied().unwrap_or(0),
+            "{r:?}"
+        );
+    }
+    drop(a);
+}
+
 #[test]
 fn passthrough_fails_over_to_the_next_upstream() {
     let Some(exe) = bitcoind_or_skip("passthrough_fails_over_to_the_next_upstream") else {
@@ -716,7 +789,8 @@ fn passthrough_fails_over_to_the_next_upstream() {
     };
     let net = RegtestNet::start(&exe, 2);
     let node = &net.nodes[0];
-    let (first, first_link) = pool_with_passthrough_port(node, "pt-fo-1", &json!({}));
+    let (first_config, first_link) = passthrough_pool_config(node, &json!({}));
+    let first = PoolProcess::start("pt-fo-1", &first_config, &[]);
     let (second, second_link) = pool_with_passthrough_port(node, "pt-fo-2", &json!({}));
     let port = free_port();
     let pt = start_passthrough(
@@ -808,6 +882,42 @@ fn passthrough_fails_over_to_the_next_upstream() {
         "raw miners kept their connections"
     );
     assert!(!mx.is_finished(), "the miner kept its connection");
+
+    // Fail-back: the first upstream returns (a new process on the same addresses); the link's
+    // probe of the better entry (every 30 s) finds it, the link switches back and every live
+    // miner's session is replayed there again, still without a miner's connection ending.
+    let first = PoolProcess::start("pt-fo-1b", &first_config, &[]);
+    wait_stats(
+        &pt,
+        "the first upstream to be active again",
+        2 * WAIT,
+        |s| {
+            s["upstream"]["state"] == "up"
+                && s["upstream"]["index"] == 0
+                && s["replayed"].as_u64() >= Some(6)
+        },
+    );
+    let accepted = mx.report().accepted;
+    wait_until(
+        "shares accepted through the first upstream again",
+        WAIT,
+        || mx.report().accepted >= accepted + 3,
+    );
+    wait_stats(&first, "the miners back at the first pool", WAIT, |s| {
+        s["users"].get("fo").is_some()
+    });
+    assert!(!mx.is_finished(), "the miner kept its connection");
+    assert!(
+        !mx_events
+            .try_iter()
+            .any(|e| e == loadtest::MinerEvent::Disconnected),
+        "the miner kept its connection through the fail-back"
+    );
+    assert!(
+        !xsub.wait_closed(Duration::from_millis(300))
+            && !plain.wait_closed(Duration::from_millis(300)),
+        "raw miners kept their connections through the fail-back"
+    );
     let r = mx.stop();
     assert_eq!(r.error, None, "{r:?}");
     drop(direct);
