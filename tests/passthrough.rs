@@ -884,13 +884,14 @@ fn passthrough_fails_over_to_the_next_upstream() {
     assert!(!mx.is_finished(), "the miner kept its connection");
 
     // Fail-back: the first upstream returns (a new process on the same addresses); the link's
-    // probe of the better entry (every 30 s) finds it, the link switches back and every live
-    // miner's session is replayed there again, still without a miner's connection ending.
+    // probe of the better entry (every 30 s: a second one if the first came before the pool
+    // was up) finds it, the link switches back and every live miner's session is replayed
+    // there again, still without a miner's connection ending.
     let first = PoolProcess::start("pt-fo-1b", &first_config, &[]);
     wait_stats(
         &pt,
         "the first upstream to be active again",
-        2 * WAIT,
+        3 * WAIT,
         |s| {
             s["upstream"]["state"] == "up"
                 && s["upstream"]["index"] == 0
