@@ -1049,6 +1049,7 @@ impl<B: Backend, H: Handler> Worker<B, H> {
             return;
         }
         self.stopped = false;
+        self.backend.reads_resumed();
         self.any_paused = false;
         for (l, paused) in self.paused.iter_mut().enumerate() {
             *paused = false;

@@ -52,6 +52,7 @@ macro_rules! backend_tests {
 backend_tests!(
     inherited_listener_is_served_by_every_thread,
     quiesce_stops_reading_and_accepting_until_resumed,
+    a_paused_connection_is_read_again_after_a_resume,
     exported_connections_live_on_in_another_connector,
 );
 
@@ -507,6 +508,38 @@ fn quiesce_stops_reading_and_accepting_until_resumed(backend: BackendKind) {
     let c = s.connector.counters();
     assert_eq!(c.iter().map(|c| c.open).sum::<u64>(), 3);
     assert_eq!(c.iter().map(|c| c.closed.total()).sum::<u64>(), 1);
+}
+
+/// A connection whose reads were paused for back-pressure (its peer reads nothing) when a
+/// quiesce came is read again once it drains after the resume, also when it is its thread's only
+/// connection. io_uring kept a thread's reads stopped after a resume until some connection was
+/// armed anew, so such a connection was never read again (CI saw the quiesce test's flooded
+/// client go unanswered when it had a thread to itself).
+fn a_paused_connection_is_read_again_after_a_resume(backend: BackendKind) {
+    let mut s = server("A", backend, 1, |_| {});
+    let addr = s.connector.local_addrs()[0];
+    let (mut stuck, mut stuck_reader) = connect_small(addr);
+    stuck.write_all(b"flood\n").unwrap();
+    s.wait_for(
+        "the flood",
+        |ev| matches!(ev, Event::Line { line, .. } if line == b"flood"),
+    );
+    let paused = || s.connector.counters().iter().map(|c| c.paused).sum::<u64>();
+    let deadline = Instant::now() + WAIT;
+    while paused() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the flooded connection was not paused"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reports = s
+        .connector
+        .quiesce(Instant::now() + Duration::from_millis(200));
+    assert!(!reports[0].flushed, "{reports:?}");
+    s.connector.resume();
+    read_flood(&mut stuck_reader, "A");
+    assert_eq!(ask(&mut stuck, &mut stuck_reader, "done"), "A:done\n");
 }
 
 fn exported_connections_live_on_in_another_connector(backend: BackendKind) {

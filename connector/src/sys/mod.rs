@@ -241,6 +241,12 @@ pub(crate) trait Backend: Sized {
     /// [`Backend::settled`]. Received bytes not yet read stay in the socket.
     fn stop_recv(&mut self, conn: ConnId);
 
+    /// A quiesce is taken back ([`Backend::stop_recv`] was called for every connection): the
+    /// thread reads again. The caller arms each connection to be read with [`Backend::recv`];
+    /// one paused for back-pressure meanwhile is armed by [`Backend::resume_recv`] when it
+    /// unpauses, whether or not any connection was armed since.
+    fn reads_resumed(&mut self) {}
+
     /// Pauses `conn`'s receive for back-pressure (its peer does not read what it asked for):
     /// like [`Backend::stop_recv`] for this one connection, without touching the others or a
     /// handover's state; bytes received before the pause took effect are still reported. The

@@ -1096,6 +1096,12 @@ impl Backend for Uring {
         }
     }
 
+    fn reads_resumed(&mut self) {
+        // Cleared here and not only by `recv`: a thread whose connections are all paused for
+        // back-pressure arms none at the resume, and `resume_recv` would then never arm them.
+        self.reads_stopped = false;
+    }
+
     fn pause_recv(&mut self, conn: ConnId) {
         let Some(c) = self.conns.get_mut(conn) else {
             return;
