@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use common::stratum::passthrough::{FromDownstream, Role, decode_downstream};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use generator::upstream::{
-    Link, MinerLine, MinerRouter, PassthroughEvent, PassthroughLink, Pool, SendError, Submit,
-    UpstreamConfig, UpstreamEvent, UpstreamServer, WriteError,
+    Link, LinkOwner, MinerLine, OwnedLink, PassthroughEvent, PassthroughLink, Pool, SendError,
+    Submit, UpstreamConfig, UpstreamEvent, UpstreamServer, WriteError,
 };
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -840,133 +840,41 @@ fn passthrough_link_pauses_and_is_adopted_on_the_same_connection() {
     adopted.shutdown();
 }
 
-/// A routed passthrough link (`start_routed`): lines for miners and `dropclient` go to the
-/// router on the link's reader thread, not to the events; other lines still come as events;
-/// the owner's `write` reaches the upstream as it is. A line being routed when the link goes
-/// down (here: idle) is with the router before the `Down` comes: the link waits for the
-/// router's call. After the `Down`, `write` says there is no link.
-#[test]
-fn routed_passthrough_link_routes_on_its_reader_and_keeps_lines_before_down() {
-    init_logs();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (tx, rx) = unbounded();
-    // What the router got: (its thread's name, the event), in order.
-    let routed: Arc<Mutex<Vec<(String, PassthroughEvent)>>> = Arc::default();
-    // While `hold` is set, the router's next call says so on `entered` and waits for `release`.
-    let hold = Arc::new(AtomicBool::new(false));
-    let (entered_tx, entered) = unbounded::<()>();
-    let (release, release_rx) = unbounded::<()>();
-    let router: MinerRouter = {
-        let (routed, hold) = (Arc::clone(&routed), Arc::clone(&hold));
-        Arc::new(move |evs: &mut Vec<PassthroughEvent>| {
-            if hold.swap(false, Ordering::SeqCst) {
-                entered_tx.send(()).unwrap();
-                release_rx.recv_timeout(WAIT).unwrap();
-            }
-            let name = std::thread::current().name().unwrap_or("").to_owned();
-            routed
-                .lock()
-                .extend(evs.drain(..).map(|e| (name.clone(), e)));
-        })
-    };
-    let cfg = UpstreamConfig {
-        idle_timeout: Some(Duration::from_secs(1)),
-        ..passthrough_cfg(vec![server(&listener, "", "")])
-    };
-    let link = PassthroughLink::start_routed(cfg, Role::Passthrough, tx, Some(router)).unwrap();
-    let mut up = Peer::accept(&listener);
-    up.line();
-    // Nothing may be written directly before the link is up.
-    assert_eq!(link.write(b"{}\n", Duration::ZERO), Err(WriteError::NoLink));
-    up.send(r#"{"result":true}"#);
-    assert!(matches!(next(&rx), PassthroughEvent::Up { index: 0, .. }));
-
-    // Up: the owner's bytes go as they are.
-    let framed = b"{\"id\":1,\"method\":\"mining.submit\",\"params\":[],\"client_id\":5,\"address\":\"10.0.0.5\",\"server\":0}\n";
-    link.write(framed, WAIT).unwrap();
-    assert_eq!(format!("{}\n", up.line()).as_bytes(), framed);
-
-    // Down: a verdict and a dropclient go to the router, on the reader thread; a link line is
-    // an event.
-    up.send(r#"{"client_id":5,"id":1,"result":true}"#);
-    up.send("dropclient=5");
-    up.send(r#"{"node.method":"workinfo","jobid":1}"#);
-    assert_eq!(
-        next(&rx),
-        PassthroughEvent::Link {
-            line: br#"{"node.method":"workinfo","jobid":1}"#.to_vec()
-        }
-    );
-    {
-        let got = routed.lock();
-        assert_eq!(
-            got.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
-            [
-                PassthroughEvent::Client {
-                    client_id: 5,
-                    line: b"{\"id\":1,\"result\":true}\n".to_vec()
-                },
-                PassthroughEvent::Text {
-                    line: b"dropclient=5".to_vec()
-                }
-            ]
-        );
-        assert!(got.iter().all(|(t, _)| t == "up-read-0"), "{got:?}");
-    }
-
-    // A line is being routed (the router holds it) when the link goes idle: no `Down` until the
-    // router has it.
-    hold.store(true, Ordering::SeqCst);
-    up.send(r#"{"client_id":6,"id":2,"result":true}"#);
-    entered.recv_timeout(WAIT).expect("the router called");
-    // The idle timeout (1 s after the last line) passes while the router holds the line.
-    let early = rx.recv_timeout(Duration::from_secs(3));
-    assert!(
-        early.is_err(),
-        "an event while a routed line was being handed on: {early:?}"
-    );
-    release.send(()).unwrap();
-    let down = next(&rx);
-    assert!(
-        matches!(&down, PassthroughEvent::Down { index: 0, reason } if reason.contains("no line")),
-        "{down:?}"
-    );
-    assert!(
-        routed
-            .lock()
-            .iter()
-            .any(|(_, e)| matches!(e, PassthroughEvent::Client { client_id: 6, .. })),
-        "the routed line came after the Down"
-    );
-    assert_eq!(link.write(b"{}\n", Duration::ZERO), Err(WriteError::NoLink));
-    link.shutdown();
-}
-
 /// Direct writes (`PassthroughLink::write`) from two threads at once to an upstream that does
 /// not read: once the socket is full the rest waits for the link's engine, and past its bound
 /// `write` says `Full` (nothing of that call is taken). The writers go on (retrying) while the
 /// upstream reads again: it gets every line, whole, and each writer's in the order written
 /// (no direct write slips in while the engine has bytes left to write).
 #[test]
-fn routed_link_direct_writes_keep_lines_whole_and_in_order_under_backpressure() {
+fn owned_link_direct_writes_keep_lines_whole_and_in_order_under_backpressure() {
     const LINES: u64 = 16_000;
     init_logs();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let (tx, rx) = unbounded();
-    let router: MinerRouter = Arc::new(|evs: &mut Vec<PassthroughEvent>| evs.clear());
+    // The owner keeps the connection (and reads nothing: the upstream sends nothing more).
+    let (owned_tx, owned) = unbounded::<OwnedLink>();
+    let owner: LinkOwner = Arc::new(move |l: OwnedLink| {
+        let _ = owned_tx.send(l);
+    });
     let link = Arc::new(
-        PassthroughLink::start_routed(
+        PassthroughLink::start_owned(
             passthrough_cfg(vec![server(&listener, "", "")]),
             Role::Passthrough,
             tx,
-            Some(router),
+            owner,
+            None,
         )
         .unwrap(),
     );
     let mut up = Peer::accept(&listener);
     up.line();
+    // Nothing may be written directly before the link is up.
+    assert_eq!(link.write(b"{}\n", Duration::ZERO), Err(WriteError::NoLink));
     up.send(r#"{"result":true}"#);
     assert!(matches!(next(&rx), PassthroughEvent::Up { index: 0, .. }));
+    let _held = owned
+        .recv_timeout(WAIT)
+        .expect("the owner gets the connection");
 
     // Each writer says once whether it was pushed back before it had written everything.
     let (pushed_tx, pushed) = unbounded::<bool>();

@@ -23,38 +23,6 @@ const READ_AHEAD: usize = 16;
 /// socket's receive timeout).
 const READ_POLL: Duration = Duration::from_millis(100);
 
-/// Where the reader thread of the active connection hands the events of the lines it routes
-/// itself ([`Session::direct`]), one call per read: the owner's router, run on that thread.
-pub(crate) type DirectSink<E> = Arc<dyn Fn(&mut Vec<E>) + Send + Sync>;
-
-/// A connection's direct path (see [`Session::direct`]): open while it is the active link. Its
-/// reader holds the lock while it classifies and hands on the lines of one read, so closing it
-/// ([`Gate::shut`]) waits for the lines being routed: once the engine has shut it, no line of
-/// this connection reaches the owner except through the engine, and an event the engine emits
-/// afterwards (`Down`, the `Up` of another connection) comes after every line routed directly.
-struct Gate<E> {
-    open: parking_lot::Mutex<bool>,
-    /// A line was routed since the engine last looked (its idle timer).
-    seen: AtomicBool,
-    sink: DirectSink<E>,
-    classify: fn(&[u8]) -> Option<E>,
-}
-
-impl<E> Gate<E> {
-    fn new(sink: &DirectSink<E>, classify: fn(&[u8]) -> Option<E>, open: bool) -> Arc<Self> {
-        Arc::new(Self {
-            open: parking_lot::Mutex::new(open),
-            seen: AtomicBool::new(false),
-            sink: Arc::clone(sink),
-            classify,
-        })
-    }
-
-    fn set(&self, open: bool) {
-        *self.open.lock() = open;
-    }
-}
-
 /// The owner's reader of the active connection (an owned link, see [`OwnedLink`]): called on
 /// the engine thread once a connection has completed its handshake and its reader thread has
 /// stopped at a line boundary, before its `Up` is emitted. Must not block for long.
@@ -183,16 +151,6 @@ pub(crate) trait Session: Send + Sized + 'static {
     fn new(cfg: &Shared, params: &Self::Params, index: usize) -> Self;
     /// Writes the first lines of the handshake.
     fn start(&mut self, now: Instant, out: &mut Vec<u8>);
-    /// A line that the reader thread of the active connection may hand on to the owner itself
-    /// (through the link's [`DirectSink`], when it has one), skipping the engine: its event.
-    /// `None` (the default) sends the line to the engine ([`Session::line`]). Only for lines
-    /// whose handling needs no session state once the handshake is done, and whose order
-    /// against lines sent to the engine does not matter to the owner (lines sent to the engine
-    /// may be overtaken by later ones routed directly).
-    fn direct(line: &[u8]) -> Option<Self::Event> {
-        let _ = line;
-        None
-    }
     /// The session's connection was handed over by another process with its handshake done
     /// ([`Handle::start_adopted`]): it is ready without one.
     fn adopted(&mut self) {}
@@ -280,8 +238,6 @@ struct Conn<S: Session> {
     pause: Arc<AtomicBool>,
     /// While paused: what the reader had read and not made into lines.
     partial: Vec<u8>,
-    /// The direct path of its reader, when the link has a [`DirectSink`].
-    gate: Option<Arc<Gate<<S as Session>::Event>>>,
     _reader: Option<JoinHandle<()>>,
     /// The owner reads it ([`LinkOwner`]): no reader thread here.
     owned: bool,
@@ -289,20 +245,10 @@ struct Conn<S: Session> {
     serial: u64,
 }
 
-impl<S: Session> Conn<S> {
-    /// Opens or shuts its direct path (shutting waits for the lines being routed).
-    fn set_direct(&self, open: bool) {
-        if let Some(g) = &self.gate {
-            g.set(open);
-        }
-    }
-}
-
 impl<S: Session> Drop for Conn<S> {
     fn drop(&mut self) {
         // Ends the reader thread (its read fails) and tells the upstream we are gone. A thread
         // still connecting finds the engine gone when it connects and closes the stream.
-        self.set_direct(false);
         if let Some(s) = &self.stream {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -312,7 +258,7 @@ impl<S: Session> Drop for Conn<S> {
 /// The owner's handle: a bounded command queue and the engine thread.
 #[derive(Debug)]
 pub(crate) struct Handle<C> {
-    /// Direct writes (links with a [`DirectSink`] only).
+    /// Direct writes (owned links only, see [`LinkOwner`]).
     writer: Option<Arc<Writer>>,
     cmds: Sender<C>,
     ctl: Sender<Ctl>,
@@ -330,14 +276,13 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
-        direct: Option<DirectSink<S::Event>>,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, direct, None, None)
+        Self::spawn::<S>(cfg, params, name, events, None, None)
     }
 
     /// [`Handle::start`] for an owner that reads the active connection itself ([`LinkOwner`]):
-    /// no reader thread once a connection is active, no [`DirectSink`]; direct writes
-    /// ([`Handle::write`]) as with one.
+    /// no reader thread once a connection is active; the owner writes to it directly
+    /// ([`Handle::write`]).
     pub(crate) fn start_owned<S: Session<Cmd = C>>(
         cfg: Shared,
         params: S::Params,
@@ -346,7 +291,7 @@ impl<C: Send + 'static> Handle<C> {
         owner: LinkOwner,
         adopted: Option<LinkHandover>,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, None, Some(owner), adopted)
+        Self::spawn::<S>(cfg, params, name, events, Some(owner), adopted)
     }
 
     /// Starts the engine on a connection another process handed over ([`LinkHandover`]),
@@ -358,10 +303,9 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
-        direct: Option<DirectSink<S::Event>>,
         adopted: LinkHandover,
     ) -> Result<Self, UpstreamError> {
-        Self::spawn::<S>(cfg, params, name, events, direct, None, Some(adopted))
+        Self::spawn::<S>(cfg, params, name, events, None, Some(adopted))
     }
 
     fn spawn<S: Session<Cmd = C>>(
@@ -369,7 +313,6 @@ impl<C: Send + 'static> Handle<C> {
         params: S::Params,
         name: &str,
         events: Sender<S::Event>,
-        direct: Option<DirectSink<S::Event>>,
         owner: Option<LinkOwner>,
         adopted: Option<LinkHandover>,
     ) -> Result<Self, UpstreamError> {
@@ -379,7 +322,7 @@ impl<C: Send + 'static> Handle<C> {
         let (ctl, ctl_rx) = bounded(1);
         let (stop, stop_rx) = bounded(0);
         let (kick, kick_rx) = bounded(1);
-        let writer = (direct.is_some() || owner.is_some()).then(|| {
+        let writer = owner.is_some().then(|| {
             Arc::new(Writer {
                 state: parking_lot::Mutex::new(WriterState {
                     stream: None,
@@ -410,8 +353,6 @@ impl<C: Send + 'static> Handle<C> {
                 out: Vec::with_capacity(1024),
                 pause: Arc::new(AtomicBool::new(true)),
                 partial: a.partial,
-                // Active and ready from the start.
-                gate: direct.as_ref().map(|d| Gate::new(d, S::direct, true)),
                 _reader: None,
                 owned: false,
                 serial: 0,
@@ -436,7 +377,6 @@ impl<C: Send + 'static> Handle<C> {
             redirect: None,
             scratch: Vec::new(),
             stopping: false,
-            direct,
             writer: writer.clone(),
             kick: kick_rx,
             owner,
@@ -628,8 +568,6 @@ struct Engine<S: Session> {
     scratch: Vec<S::Event>,
     /// Shutting down: events are no longer waited for.
     stopping: bool,
-    /// The owner's router for lines the readers hand on themselves ([`Session::direct`]).
-    direct: Option<DirectSink<S::Event>>,
     /// The owner's direct writes to the active connection.
     writer: Option<Arc<Writer>>,
     /// A direct write left bytes for the engine.
@@ -679,7 +617,6 @@ impl<S: Session> Engine<S> {
                     let active = self.active.take();
                     self.detach_writer(active.as_ref().and_then(|a| a.stream.as_ref()));
                     if let Some(mut a) = active {
-                        a.set_direct(false);
                         a.stream = None;
                     }
                     self.attempt = None;
@@ -882,21 +819,10 @@ impl<S: Session> Engine<S> {
         let (connect_timeout, write_timeout) = (self.cfg.connect_timeout, self.cfg.write_timeout);
         let pause = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&pause);
-        // Shut until the connection is the active link.
-        let gate = self.direct.as_ref().map(|d| Gate::new(d, S::direct, false));
-        let reader_gate = gate.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("up-read-{index}"))
             .spawn(move || {
-                connect_and_read(
-                    &host,
-                    port,
-                    connect_timeout,
-                    write_timeout,
-                    &flag,
-                    &tx,
-                    reader_gate.as_deref(),
-                );
+                connect_and_read(&host, port, connect_timeout, write_timeout, &flag, &tx);
             });
         let reader = match spawned {
             Ok(r) => r,
@@ -917,7 +843,6 @@ impl<S: Session> Engine<S> {
             out: Vec::with_capacity(1024),
             pause,
             partial: Vec::new(),
-            gate,
             _reader: Some(reader),
             owned: false,
             serial: 0,
@@ -1026,12 +951,7 @@ impl<S: Session> Engine<S> {
             return;
         }
         let started = match a.stream.as_ref().map(TcpStream::try_clone) {
-            Some(Ok(stream)) => spawn_reader(
-                a.index,
-                stream,
-                std::mem::take(&mut a.partial),
-                a.gate.clone(),
-            ),
+            Some(Ok(stream)) => spawn_reader(a.index, stream, std::mem::take(&mut a.partial)),
             Some(Err(e)) => Err(e),
             None => Err(std::io::Error::other("no socket")),
         };
@@ -1159,8 +1079,6 @@ impl<S: Session> Engine<S> {
             return;
         };
         if slot == Slot::Active {
-            // Every line its reader routes itself is with the owner before `Down`.
-            c.set_direct(false);
             self.detach_writer(None);
             tracing::warn!(index = c.index, %reason, "upstream down");
             c.session.drain("upstream down", &mut self.scratch);
@@ -1199,9 +1117,7 @@ impl<S: Session> Engine<S> {
             }
         };
         if let Some(mut old) = self.active.take() {
-            // Every line the old reader routes itself is with the owner before the new `Up`;
-            // what direct writes left goes to the old connection (it may end a line).
-            old.set_direct(false);
+            // What direct writes left goes to the old connection (it may end a line).
             self.detach_writer(old.stream.as_ref());
             tracing::info!(from = old.index, to = c.index, "upstream fail-back");
             old.session.drain("upstream switched", &mut self.scratch);
@@ -1232,10 +1148,6 @@ impl<S: Session> Engine<S> {
         self.probe_next = 0;
         self.probe_at = Instant::now() + self.cfg.failback_interval;
         self.tried = 0;
-        // Before its `Up` is emitted: the lines that answer what miners send once they see
-        // it are read with the path open (none come for them before: they have no sessions
-        // on this connection yet).
-        c.set_direct(true);
         self.attach_writer(c.stream.as_ref());
         self.active = Some(c);
         if let Some(partial) = partial {
@@ -1360,12 +1272,6 @@ impl<S: Session> Engine<S> {
             return;
         }
         if let Some(a) = &mut self.active {
-            if a.gate
-                .as_ref()
-                .is_some_and(|g| g.seen.swap(false, Ordering::Relaxed))
-            {
-                a.last_line = now;
-            }
             let mut outcome = Outcome::Continue;
             if a.session.deadline().is_some_and(|d| d <= now) {
                 outcome = a.session.poll(now, &mut a.out, &mut self.scratch);
@@ -1528,16 +1434,6 @@ fn write_all(s: &TcpStream, mut buf: &[u8], timeout: Duration) -> std::io::Resul
     Ok(())
 }
 
-/// Hands `routed` (lines of the active connection, in order) to the gate's sink.
-fn route<E>(gate: &Gate<E>, routed: &mut Vec<E>) {
-    if routed.is_empty() {
-        return;
-    }
-    (gate.sink)(routed);
-    routed.clear();
-    gate.seen.store(true, Ordering::Relaxed);
-}
-
 /// Connects to `host:port` (each address it resolves to in turn) within `timeout` each.
 fn open(host: &str, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
@@ -1579,14 +1475,13 @@ fn connect_one(addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result
 /// A connection's thread: connects, hands a clone of the stream over, then sends lines
 /// (without newline) to `tx` until the stream ends, the engine drops the connection, or
 /// `pause` is set ([`read_lines`]).
-fn connect_and_read<E>(
+fn connect_and_read(
     host: &str,
     port: u16,
     connect_timeout: Duration,
     write_timeout: Duration,
     pause: &AtomicBool,
     tx: &Sender<ReadMsg>,
-    gate: Option<&Gate<E>>,
 ) {
     let opened = open(host, port, connect_timeout).and_then(|stream| {
         stream.set_nodelay(true)?;
@@ -1609,16 +1504,15 @@ fn connect_and_read<E>(
             return;
         }
     };
-    read_lines(stream, Vec::new(), pause, tx, gate);
+    read_lines(stream, Vec::new(), pause, tx);
 }
 
 /// A reader thread for a connection that is connected already (a resumed or adopted one),
 /// starting with the bytes `partial`: its channel, its pause flag and its thread.
-fn spawn_reader<E: Send + 'static>(
+fn spawn_reader(
     index: usize,
     stream: TcpStream,
     partial: Vec<u8>,
-    gate: Option<Arc<Gate<E>>>,
 ) -> std::io::Result<(Receiver<ReadMsg>, Arc<AtomicBool>, JoinHandle<()>)> {
     stream.set_read_timeout(Some(READ_POLL))?;
     let (tx, lines) = bounded(READ_AHEAD);
@@ -1626,7 +1520,7 @@ fn spawn_reader<E: Send + 'static>(
     let flag = Arc::clone(&pause);
     let reader = std::thread::Builder::new()
         .name(format!("up-read-{index}"))
-        .spawn(move || read_lines(stream, partial, &flag, &tx, gate.as_deref()))?;
+        .spawn(move || read_lines(stream, partial, &flag, &tx))?;
     Ok((lines, pause, reader))
 }
 
@@ -1635,23 +1529,10 @@ fn spawn_reader<E: Send + 'static>(
 /// Stops when the stream ends or fails ([`ReadMsg::Closed`]), when the engine is gone, or, once
 /// every complete line read is sent, when `pause` is set: then [`ReadMsg::Paused`] carries what
 /// was read of the next line.
-///
-/// With a `gate` that is open, the lines [`Session::direct`] takes go to its sink instead, one
-/// call per read (and before any later line goes to the engine), under its lock.
-fn read_lines<E>(
-    mut stream: TcpStream,
-    mut buf: Vec<u8>,
-    pause: &AtomicBool,
-    tx: &Sender<ReadMsg>,
-    gate: Option<&Gate<E>>,
-) {
+fn read_lines(mut stream: TcpStream, mut buf: Vec<u8>, pause: &AtomicBool, tx: &Sender<ReadMsg>) {
     let mut chunk = vec![0u8; 64 * 1024];
-    let mut routed: Vec<E> = Vec::new();
     loop {
         let mut start = 0;
-        // Held while lines of this read are classified and routed (see `Gate`); never while
-        // sending to the engine, which may be waiting for it.
-        let mut open = gate.map(|g| g.open.lock());
         while let Some(i) = buf
             .get(start..)
             .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
@@ -1661,27 +1542,10 @@ fn read_lines<E>(
             if line.last() == Some(&b'\r') {
                 line = line.get(..line.len() - 1).unwrap_or_default();
             }
-            if let (Some(g), Some(true)) = (gate, open.as_deref().copied())
-                && let Some(ev) = (g.classify)(line)
-            {
-                routed.push(ev);
-                continue;
-            }
-            if let Some(g) = gate {
-                route(g, &mut routed);
-            }
-            let unlocked = open.take().is_some();
             if tx.send(ReadMsg::Line(line.to_vec())).is_err() {
                 return;
             }
-            if unlocked {
-                open = gate.map(|g| g.open.lock());
-            }
         }
-        if let Some(g) = gate {
-            route(g, &mut routed);
-        }
-        drop(open);
         buf.drain(..start);
         if buf.len() > MAX_LINE {
             let _ = tx.send(ReadMsg::Closed("line too long".to_owned()));

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use engine::{LinkHandover, LinkOwner, OwnedLink, WriteError};
-pub use passthrough::{MinerLine, MinerRouter, PassthroughEvent, PassthroughLink};
+pub use passthrough::{MinerLine, PassthroughEvent, PassthroughLink};
 pub use stratum::{Link, MAX_EXTRANONCE2, Pool, Submit, UpstreamEvent};
 
 /// One upstream pool, as in ckpool.conf's `proxy` array. Its `Debug` output leaves the

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::stratum::passthrough::{self, FromUpstream, Role};
 use crossbeam_channel::{Receiver, Sender};
 
-use super::engine::{DirectSink, Handle, LinkHandover, LinkOwner, Outcome, Session};
+use super::engine::{Handle, LinkHandover, LinkOwner, Outcome, Session};
 use super::{SendError, Shared, UpstreamConfig, UpstreamError};
 
 /// What the passthrough sends up.
@@ -103,14 +103,6 @@ impl PassthroughEvent {
     }
 }
 
-/// The owner's router of lines for miners, run on the thread that reads them from the active
-/// upstream connection ([`PassthroughLink::start_routed`]): each call gets the events of one
-/// read, in order, all of them [`PassthroughEvent::Client`], [`PassthroughEvent::Clients`] or a
-/// `dropclient` [`PassthroughEvent::Text`]; it takes them out of the vector (what is left is
-/// dropped). It may block (back-pressure: the link stops reading), but must not wait for the
-/// link's engine or its events.
-pub type MinerRouter = Arc<dyn Fn(&mut Vec<PassthroughEvent>) + Send + Sync>;
-
 /// A passthrough link (see the module docs). Dropping it stops its threads without waiting;
 /// [`PassthroughLink::shutdown`] waits.
 #[derive(Debug)]
@@ -137,29 +129,12 @@ impl PassthroughLink {
         role: Role,
         events: Sender<PassthroughEvent>,
     ) -> Result<Self, UpstreamError> {
-        Self::start_routed(cfg, role, events, None)
-    }
-
-    /// [`PassthroughLink::start`], with lines for miners (and `dropclient`) routed by `router`
-    /// on the thread that reads them from the active connection instead of coming as events:
-    /// two thread hops fewer per line. Ordering: every line routed this way is handed to the
-    /// router before the link emits the `Down` of its connection or the `Up` of another (the
-    /// link waits for the router's call under way before it emits them), and after the `Up`
-    /// of its own connection has been decided. Lines sent as events (any other line, and lines
-    /// read before the connection became active) may be overtaken by later routed ones.
-    pub fn start_routed(
-        cfg: UpstreamConfig,
-        role: Role,
-        events: Sender<PassthroughEvent>,
-        router: Option<MinerRouter>,
-    ) -> Result<Self, UpstreamError> {
         let name = match role {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
         };
         let release_wait = cfg.write_timeout + Duration::from_secs(1);
-        let handle =
-            Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events, sink(router))?;
+        let handle = Handle::start::<PassthroughSession>(Arc::new(cfg), role, name, events)?;
         Ok(Self {
             handle,
             release_wait,
@@ -239,8 +214,8 @@ impl PassthroughLink {
     /// (`common::stratum::passthrough::encode_miner_line`, `term`), to the active connection
     /// from the calling thread: no thread hop unless the socket is full (then the link's engine
     /// writes what it did not take). Waits at most `wait` while the engine has more than 1 MiB
-    /// of such bytes left to write. Only on a link started with a router
-    /// ([`PassthroughLink::start_routed`]); [`crate::upstream::WriteError::NoLink`] when no
+    /// of such bytes left to write. Only on an owned link
+    /// ([`PassthroughLink::start_owned`]); [`crate::upstream::WriteError::NoLink`] when no
     /// connection is active (the bytes are dropped, as queued lines are then). Lines sent with
     /// [`PassthroughLink::send`] are not ordered with these: use one or the other.
     pub fn write(&self, bytes: &[u8], wait: Duration) -> Result<(), super::WriteError> {
@@ -279,17 +254,6 @@ impl PassthroughLink {
         events: Sender<PassthroughEvent>,
         adopted: LinkHandover,
     ) -> Result<Self, UpstreamError> {
-        Self::start_adopted_routed(cfg, role, events, None, adopted)
-    }
-
-    /// [`PassthroughLink::start_adopted`] with a router ([`PassthroughLink::start_routed`]).
-    pub fn start_adopted_routed(
-        cfg: UpstreamConfig,
-        role: Role,
-        events: Sender<PassthroughEvent>,
-        router: Option<MinerRouter>,
-        adopted: LinkHandover,
-    ) -> Result<Self, UpstreamError> {
         let name = match role {
             Role::Passthrough => "passthrough",
             Role::Node => "node-link",
@@ -300,7 +264,6 @@ impl PassthroughLink {
             role,
             name,
             events,
-            sink(router),
             adopted,
         )?;
         Ok(Self {
@@ -332,10 +295,6 @@ impl PassthroughLink {
     pub fn release(&self) {
         self.handle.release(self.release_wait);
     }
-}
-
-fn sink(router: Option<MinerRouter>) -> Option<DirectSink<PassthroughEvent>> {
-    router.map(|r| -> DirectSink<PassthroughEvent> { r })
 }
 
 /// The event of a line for miners (or a `dropclient`), if `line` is one.
@@ -444,10 +403,6 @@ impl Session for PassthroughSession {
         }
         events.push(PassthroughLink::classify(line));
         Outcome::Continue
-    }
-
-    fn direct(line: &[u8]) -> Option<PassthroughEvent> {
-        miner_event(line)
     }
 
     fn deadline(&self) -> Option<Instant> {

@@ -168,7 +168,7 @@ impl Pool {
         events: Sender<UpstreamEvent>,
     ) -> Result<Self, UpstreamError> {
         let release_wait = cfg.write_timeout + std::time::Duration::from_secs(1);
-        let handle = Handle::start::<StratumSession>(Arc::new(cfg), (), "upstream", events, None)?;
+        let handle = Handle::start::<StratumSession>(Arc::new(cfg), (), "upstream", events)?;
         Ok(Self {
             handle,
             release_wait,
@@ -220,7 +220,6 @@ impl Pool {
             (),
             "upstream",
             events,
-            None,
             adopted,
         )?;
         Ok(Self {
