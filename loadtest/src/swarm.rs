@@ -1323,21 +1323,25 @@ fn on_notify(ctx: &Ctx, m: &mut MinerState, job: Arc<SharedJob>, ts: u64, now: I
     }
     // Fan-out counts broadcasts only: a miner that already had a job when this one came (the
     // job sent right after authorize is part of the login, not of a broadcast).
+    // Looked up before inserting: the job id is cloned once a job, not once a notify.
     if ts >= ctx.hold_ns && broadcast {
-        let seen = a
-            .jobs
-            .entry(job.job.job_id.clone())
-            .or_insert_with(|| JobSeen {
-                job_id: job.job.job_id.clone(),
-                prevhash: job.prevhash_rpc.clone(),
-                clean: job.job.clean,
-                first_ns: ts,
-                last_ns: ts,
-                count: 0,
-            });
-        seen.first_ns = seen.first_ns.min(ts);
-        seen.last_ns = seen.last_ns.max(ts);
-        seen.count += 1;
+        if let Some(seen) = a.jobs.get_mut(job.job.job_id.as_str()) {
+            seen.first_ns = seen.first_ns.min(ts);
+            seen.last_ns = seen.last_ns.max(ts);
+            seen.count += 1;
+        } else {
+            a.jobs.insert(
+                job.job.job_id.clone(),
+                JobSeen {
+                    job_id: job.job.job_id.clone(),
+                    prevhash: job.prevhash_rpc.clone(),
+                    clean: job.job.clean,
+                    first_ns: ts,
+                    last_ns: ts,
+                    count: 1,
+                },
+            );
+        }
     }
     m.job = Some(job);
 }
